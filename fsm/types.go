@@ -1,0 +1,258 @@
+package fsm
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+)
+
+// CommandType identifies a command in the Raft log. The numbers are written to
+// disk: they are explicit and never reused.
+type CommandType uint8
+
+// Command types. Add new ones at the end with a new number.
+const (
+	CommandRegisterJob         CommandType = 1
+	CommandJobRestarted        CommandType = 2
+	CommandJobStatus           CommandType = 3
+	CommandCheckpointTriggered CommandType = 4
+	CommandCheckpointCompleted CommandType = 5
+	CommandCheckpointAborted   CommandType = 6
+	CommandJobCancelled        CommandType = 7
+)
+
+// JobStatus is the lifecycle state of a job as users see it.
+type JobStatus string
+
+// Job statuses, as shown by the HTTP API.
+const (
+	// JobPending: registered, waiting for free worker slots.
+	JobPending JobStatus = "pending"
+	// JobRunning: the current attempt's tasks are deployed.
+	JobRunning JobStatus = "running"
+	// JobRestarting: a restart is scheduled (backoff) or tasks are being redeployed.
+	JobRestarting JobStatus = "restarting"
+	// JobFailing: the job cannot run (broker unreachable, topic missing); retried with backoff.
+	JobFailing JobStatus = "failing"
+	// JobCancelled: stopped for good by the user.
+	JobCancelled JobStatus = "cancelled"
+)
+
+// TaskKind says what a task does.
+type TaskKind string
+
+// Task kinds.
+const (
+	TaskSource TaskKind = "source"
+	TaskMap    TaskKind = "map"
+)
+
+// CheckpointStatus is the outcome of a checkpoint.
+type CheckpointStatus string
+
+// Checkpoint statuses.
+const (
+	CheckpointPending   CheckpointStatus = "pending"
+	CheckpointCompleted CheckpointStatus = "completed"
+	CheckpointAborted   CheckpointStatus = "aborted"
+)
+
+// Duration is a time.Duration that reads and writes Go duration strings ("500ms") in JSON.
+type Duration time.Duration
+
+// MarshalJSON writes the duration as a Go duration string.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}
+
+// UnmarshalJSON reads a Go duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration must be a string such as \"500ms\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// JobSpec is what a user submits: one pipeline Kafka source -> keyBy -> map
+// operator -> optional Kafka sink. See docs/architecture.md for every field.
+type JobSpec struct {
+	Name       string         `json:"name"`
+	Source     SourceSpec     `json:"source"`
+	Operator   OperatorSpec   `json:"operator"`
+	Sink       *SinkSpec      `json:"sink,omitempty"`
+	Checkpoint CheckpointSpec `json:"checkpoint"`
+	Restart    RestartSpec    `json:"restart"`
+}
+
+// SourceSpec says which topic a job reads and with how many source tasks.
+type SourceSpec struct {
+	Brokers     []string `json:"brokers"`
+	Topic       string   `json:"topic"`
+	Start       string   `json:"start"` // "earliest" or "latest"
+	Parallelism int      `json:"parallelism"`
+	Group       string   `json:"group"` // consumer group for offset commits; default coordflow-<name>
+}
+
+// OperatorSpec names the operator and its parallelism.
+type OperatorSpec struct {
+	Name           string `json:"name"`
+	Parallelism    int    `json:"parallelism"`
+	MaxParallelism int    `json:"max_parallelism"` // number of key groups; default 128
+}
+
+// SinkSpec is the optional Kafka topic each map task writes its output to.
+type SinkSpec struct {
+	Brokers []string `json:"brokers"`
+	Topic   string   `json:"topic"`
+}
+
+// CheckpointSpec configures the checkpoint coordinator for one job.
+type CheckpointSpec struct {
+	Interval          Duration `json:"interval"`
+	Timeout           Duration `json:"timeout"`
+	MinPause          Duration `json:"min_pause"`
+	Retained          int      `json:"retained"`
+	TolerableFailures int      `json:"tolerable_failures"`
+}
+
+// RestartSpec configures the exponential backoff between job restarts.
+type RestartSpec struct {
+	Initial    Duration `json:"initial"`
+	Max        Duration `json:"max"`
+	ResetAfter Duration `json:"reset_after"`
+}
+
+// Task is one task of one attempt, placed on a worker.
+type Task struct {
+	ID       string   `json:"id"` // "source-0", "map-1"
+	Kind     TaskKind `json:"kind"`
+	Index    int      `json:"index"`
+	Worker   string   `json:"worker"`
+	DataAddr string   `json:"data_addr"`
+	// Partitions is set for source tasks: p with p mod S == Index.
+	Partitions []int32 `json:"partitions,omitempty"`
+	// KeyGroups is set for map tasks: the range [Start, End).
+	KeyGroups *KeyGroupRange `json:"key_groups,omitempty"`
+}
+
+// KeyGroupRange is the half-open range [Start, End) of key groups a map task owns.
+type KeyGroupRange struct {
+	Start int `json:"start"`
+	End   int `json:"end"`
+}
+
+// TaskState is one task's acknowledged snapshot for a checkpoint.
+type TaskState struct {
+	TaskID  string   `json:"task_id"`
+	Kind    TaskKind `json:"kind"`
+	Worker  string   `json:"worker"`
+	AckedAt int64    `json:"acked_at"` // unix nanoseconds, from the leader's clock when the ack arrived
+	// Offsets (sources): next offset to read, per partition.
+	Offsets map[int32]int64 `json:"offsets,omitempty"`
+	// Keyed (map tasks): the encoded transport.KeyedState and its SHA-256 (hex).
+	Keyed       []byte `json:"keyed,omitempty"`
+	KeyedSHA256 string `json:"keyed_sha256,omitempty"`
+}
+
+// Checkpoint is one checkpoint of one job attempt.
+type Checkpoint struct {
+	ID          uint64               `json:"id"`
+	Attempt     uint64               `json:"attempt"`
+	Status      CheckpointStatus     `json:"status"`
+	TriggeredAt int64                `json:"triggered_at"`
+	EndedAt     int64                `json:"ended_at,omitempty"` // completed or aborted
+	Reason      string               `json:"reason,omitempty"`   // why it was aborted
+	Tasks       map[string]TaskState `json:"tasks,omitempty"`
+}
+
+// Job is the replicated record of one job.
+type Job struct {
+	ID          string    `json:"id"`
+	Spec        JobSpec   `json:"spec"`
+	Status      JobStatus `json:"status"`
+	Reason      string    `json:"reason,omitempty"`
+	Attempt     uint64    `json:"attempt"` // 0 until first deployed
+	Tasks       []Task    `json:"tasks"`
+	SubmittedAt int64     `json:"submitted_at"`
+	UpdatedAt   int64     `json:"updated_at"`
+	// LastCheckpointID is the highest checkpoint id ever issued for the job; ids only grow.
+	LastCheckpointID uint64 `json:"last_checkpoint_id"`
+	// Pending is the checkpoint in flight, if any (at most one).
+	Pending *Checkpoint `json:"pending,omitempty"`
+	// Completed holds the retained completed checkpoints, oldest first; never empty once one completed.
+	Completed []Checkpoint `json:"completed"`
+	// Aborted holds the most recent aborted checkpoints, oldest first, bounded by MaxAbortedHistory.
+	Aborted []Checkpoint `json:"aborted"`
+	// ConsecutiveAborts counts aborts since the last completed checkpoint or restart.
+	ConsecutiveAborts int `json:"consecutive_aborts"`
+	// Restarts counts attempts after the first.
+	Restarts int `json:"restarts"`
+}
+
+// MaxAbortedHistory bounds how many aborted checkpoints a job remembers.
+const MaxAbortedHistory = 20
+
+// RegisterJobCmd adds a new job in status pending.
+type RegisterJobCmd struct {
+	ID   string  `json:"id"`
+	Spec JobSpec `json:"spec"`
+	Time int64   `json:"time"`
+}
+
+// JobRestartedCmd starts attempt Attempt (exactly the job's attempt + 1) with a
+// new assignment; any pending checkpoint of the old attempt is aborted.
+type JobRestartedCmd struct {
+	JobID   string `json:"job_id"`
+	Attempt uint64 `json:"attempt"`
+	Tasks   []Task `json:"tasks"`
+	Reason  string `json:"reason"`
+	Time    int64  `json:"time"`
+}
+
+// JobStatusCmd sets a job's status and reason (pending, restarting, failing,
+// running) without changing its attempt.
+type JobStatusCmd struct {
+	JobID  string    `json:"job_id"`
+	Status JobStatus `json:"status"`
+	Reason string    `json:"reason"`
+	Time   int64     `json:"time"`
+}
+
+// CheckpointTriggeredCmd takes the next checkpoint id of a running job's current
+// attempt; Apply returns the new id (uint64).
+type CheckpointTriggeredCmd struct {
+	JobID   string `json:"job_id"`
+	Attempt uint64 `json:"attempt"`
+	Time    int64  `json:"time"`
+}
+
+// CheckpointCompletedCmd commits a pending checkpoint with the state of every
+// task of its attempt.
+type CheckpointCompletedCmd struct {
+	JobID        string               `json:"job_id"`
+	Attempt      uint64               `json:"attempt"`
+	CheckpointID uint64               `json:"checkpoint_id"`
+	States       map[string]TaskState `json:"states"`
+	Time         int64                `json:"time"`
+}
+
+// CheckpointAbortedCmd aborts a pending checkpoint with a reason.
+type CheckpointAbortedCmd struct {
+	JobID        string `json:"job_id"`
+	CheckpointID uint64 `json:"checkpoint_id"`
+	Reason       string `json:"reason"`
+	Time         int64  `json:"time"`
+}
+
+// JobCancelledCmd stops a job for good.
+type JobCancelledCmd struct {
+	JobID  string `json:"job_id"`
+	Reason string `json:"reason"`
+	Time   int64  `json:"time"`
+}

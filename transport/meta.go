@@ -1,0 +1,51 @@
+package transport
+
+import (
+	"encoding/json"
+	"fmt"
+)
+
+// Roles a gossip member can have.
+const (
+	RoleCoordinator = "coordinator"
+	RoleWorker      = "worker"
+)
+
+// NodeMeta is the metadata every member of the shared memberlist pool
+// advertises: its role and the addresses others need to reach it. It travels
+// in memberlist's node meta, which is limited to 512 bytes.
+type NodeMeta struct {
+	Role string `json:"role"`
+	// Coordinators.
+	RaftAddr string `json:"raft_addr,omitempty"`
+	RPCAddr  string `json:"rpc_addr,omitempty"`
+	HTTPAddr string `json:"http_addr,omitempty"`
+	Voter    bool   `json:"voter,omitempty"`
+	// Workers.
+	DataAddr string `json:"data_addr,omitempty"`
+	Slots    int    `json:"slots,omitempty"`
+}
+
+// Encode returns the metadata as memberlist node meta.
+func (m NodeMeta) Encode() ([]byte, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("encode node meta: %w", err)
+	}
+	if len(b) > 512 {
+		return nil, fmt.Errorf("encode node meta: %d bytes exceeds memberlist's 512-byte limit", len(b))
+	}
+	return b, nil
+}
+
+// DecodeNodeMeta parses memberlist node meta written by NodeMeta.Encode.
+func DecodeNodeMeta(b []byte) (NodeMeta, error) {
+	var m NodeMeta
+	if len(b) == 0 {
+		return m, fmt.Errorf("decode node meta: empty")
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("decode node meta: %w", err)
+	}
+	return m, nil
+}
