@@ -2,22 +2,319 @@ package coordinator
 
 import (
 	"context"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
 
+	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 )
+
+// The leader's work is split over four files:
+//
+//   - leader.go: the leader goroutine, its state and its event loop;
+//   - session.go: the Control service and one session per worker;
+//   - scheduler.go: assignment, deployment and restarts with backoff;
+//   - checkpoint.go: the checkpoint coordinator.
+//
+// One goroutine, started by runLeader, owns every piece of leader state: the
+// sessions by worker, what each worker reported about each task, and per job
+// the restart backoff and the pending checkpoint. Sessions hand it what workers
+// send over a channel; it never blocks on a worker (sending is a non-blocking
+// enqueue on the session). Everything it holds is rebuilt from the FSM and from
+// the workers' Hello messages each time this node gains leadership.
+
+// Leader timings that are not worth a Config field.
+const (
+	// maxReconnectGrace bounds how long a new leader waits for workers to
+	// reconnect and report their tasks before it judges tasks missing.
+	maxReconnectGrace = 3 * time.Second
+	// applyTimeout bounds one Raft write of the leader loop.
+	applyTimeout = 10 * time.Second
+	// eventQueue is how many session events may wait for the leader loop
+	// before sessions block (backpressure, not loss).
+	eventQueue = 1024
+	// defaultLease and defaultReconcile are used when Config leaves the
+	// corresponding field at zero.
+	defaultLease     = 10 * time.Second
+	defaultReconcile = time.Second
+)
+
+// leaderEnv is what the leader loop needs from the rest of coordd. runLeader
+// fills it from the Server; tests fill it with an in-memory FSM, fake
+// membership and a fake clock, so that the loop's decisions can be checked
+// step by step without Raft or gossip.
+type leaderEnv struct {
+	// apply commits one command through Raft and returns the FSM's result.
+	apply func(ctx context.Context, t fsm.CommandType, cmd any) (any, error)
+	// jobs and job read the local FSM (deep copies).
+	jobs func() []fsm.Job
+	job  func(id string) (fsm.Job, bool)
+	// members is every gossip member; aliveWorkers the workers that are alive.
+	members      func() []Member
+	aliveWorkers func() []Member
+	// partitions asks Kafka how many partitions topic has.
+	partitions func(ctx context.Context, brokers []string, topic string) (int, error)
+	// leaderID and term describe this node for Welcome.
+	leaderID string
+	term     func() uint64
+	now      func() time.Time
+	// jitter returns a uniform random number in [0, 1).
+	jitter func() float64
+}
+
+// serverEnv returns the leaderEnv of a running Server.
+func serverEnv(s *Server) leaderEnv {
+	return leaderEnv{
+		apply:        s.raftApply,
+		jobs:         s.fsm.Jobs,
+		job:          s.fsm.Job,
+		members:      s.Members,
+		aliveWorkers: s.aliveWorkers,
+		partitions:   kafkaPartitions,
+		leaderID:     s.cfg.ID,
+		term:         s.raft.CurrentTerm,
+		now:          time.Now,
+		jitter:       rand.Float64,
+	}
+}
+
+// leader is the state of one term of leadership. Only its run goroutine
+// touches its fields, except ctx, events, wake and the immutable settings,
+// which sessions use to reach it.
+type leader struct {
+	env     leaderEnv
+	ctx     context.Context
+	logger  *slog.Logger
+	metrics *metrics
+
+	lease          time.Duration // worker lease, sent in Welcome
+	heartbeat      time.Duration // worker heartbeat interval, sent in Welcome
+	reconcileEvery time.Duration
+
+	// events carries what sessions and lookups report; wake asks for a
+	// reconcile pass (buffered 1, sends never block).
+	events chan leaderEvent
+	wake   chan struct{}
+	// lookups tracks the partition lookups in flight, so that run returns
+	// only after they have.
+	lookups sync.WaitGroup
+
+	started  time.Time // when this term's loop started
+	graceEnd time.Time // before it, tasks are not judged missing and nothing is deployed
+
+	sessions map[string]*session // open session by worker id
+	// noSessionSince is when a worker's last session closed; a worker with no
+	// entry and no session has had none since started.
+	noSessionSince map[string]time.Time
+	jobs           map[string]*jobState
+	// inherited holds, per job, the pending checkpoint this term found in the
+	// FSM when it started: it is aborted as "leader changed".
+	inherited map[string]uint64
+
+	// schedDue and ckptDue are the earliest instants at which a reconcile pass
+	// or a checkpoint pass has work (a backoff, lease or grace expiring; a
+	// trigger or timeout due). Zero means nothing scheduled.
+	schedDue time.Time
+	ckptDue  time.Time
+}
+
+// leaderEvent is something a session or a lookup reports to the leader loop.
+type leaderEvent interface{ leaderEvent() }
+
+func (sessionOpened) leaderEvent()    {}
+func (sessionClosed) leaderEvent()    {}
+func (workerMessage) leaderEvent()    {}
+func (partitionsResult) leaderEvent() {}
+
+// activeLeaders maps each Server to the leader of its current term, so that
+// sessions accepted by the Control service find it. It is keyed by Server so
+// that several coordinators can run in one process.
+var activeLeaders sync.Map // *Server -> *leader
+
+// currentLeader returns the leader state of this node's current term, or nil
+// when this node is not running as leader.
+func (s *Server) currentLeader() *leader {
+	l, ok := activeLeaders.Load(s)
+	if !ok {
+		return nil
+	}
+	return l.(*leader)
+}
 
 // runLeader runs every leader-only loop (scheduler, checkpoint coordinators,
 // worker sessions) until ctx is cancelled on loss of leadership. C1 calls it
 // in its own goroutine after a raft Barrier on gaining leadership, and waits
-// for it to return before leadership can be gained again. [C2: placeholder]
-func (s *Server) runLeader(ctx context.Context) { <-ctx.Done() }
+// for it to return before leadership can be gained again. Every session of
+// the term ends with it, so that workers reconnect to the next leader.
+func (s *Server) runLeader(ctx context.Context) {
+	l := newLeader(ctx, serverEnv(s), s.cfg, s.logger, s.metrics)
+	activeLeaders.Store(s, l)
+	defer activeLeaders.CompareAndDelete(s, l)
+	l.run()
+}
 
 // memberChanged is called by the gossip event delegate on every join, leave,
-// failure or update. It must not block. [C2: placeholder]
-func (s *Server) memberChanged() {}
+// failure or update. It only wakes the leader loop, if this node runs one.
+func (s *Server) memberChanged() {
+	if l := s.currentLeader(); l != nil {
+		l.poke()
+	}
+}
 
 // newControlService returns the gRPC Control service registered on -rpc-addr
-// by C1. On a follower, Session answers NotLeader and returns. [C2: placeholder]
+// by C1. On a follower, Session answers NotLeader and returns.
 func newControlService(s *Server) transport.ControlServer {
-	return transport.UnimplementedControlServer{}
+	return &controlService{s: s}
+}
+
+// newLeader returns the state of a new term of leadership; call run to start it.
+func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logger, m *metrics) *leader {
+	l := &leader{
+		env:            env,
+		ctx:            ctx,
+		logger:         logger.With("leader", env.leaderID),
+		metrics:        m,
+		lease:          orDefault(cfg.WorkerLease, defaultLease),
+		heartbeat:      orDefault(cfg.WorkerHeartbeat, orDefault(cfg.WorkerLease, defaultLease)/4),
+		reconcileEvery: orDefault(cfg.ReconcileInterval, defaultReconcile),
+		events:         make(chan leaderEvent, eventQueue),
+		wake:           make(chan struct{}, 1),
+		sessions:       make(map[string]*session),
+		noSessionSince: make(map[string]time.Time),
+		jobs:           make(map[string]*jobState),
+		inherited:      make(map[string]uint64),
+	}
+	l.started = env.now()
+	l.graceEnd = l.started.Add(min(l.lease, maxReconnectGrace))
+	return l
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// run is the leader loop. It returns when ctx is cancelled, after the
+// partition lookups it started have returned.
+func (l *leader) run() {
+	defer l.lookups.Wait()
+	l.logger.Info("leader loop started", "grace", l.graceEnd.Sub(l.started))
+	defer l.logger.Info("leader loop stopped")
+
+	l.abortInherited()
+	l.reconcile()
+
+	ticker := time.NewTicker(l.reconcileEvery)
+	defer ticker.Stop()
+	timer := time.NewTimer(l.reconcileEvery)
+	defer timer.Stop()
+	for {
+		l.checkpointPass()
+		timer.Reset(l.untilDue())
+		select {
+		case <-l.ctx.Done():
+			return
+		case ev := <-l.events:
+			l.handle(ev)
+		case <-l.wake:
+			l.reconcile()
+		case <-ticker.C:
+			l.reconcile()
+		case <-timer.C:
+			if due := l.schedDue; !due.IsZero() && !l.env.now().Before(due) {
+				l.reconcile()
+			}
+		}
+	}
+}
+
+// untilDue returns how long the loop may sleep before a scheduled deadline.
+func (l *leader) untilDue() time.Duration {
+	next := l.env.now().Add(l.reconcileEvery)
+	for _, t := range []time.Time{l.schedDue, l.ckptDue} {
+		if !t.IsZero() && t.Before(next) {
+			next = t
+		}
+	}
+	return max(next.Sub(l.env.now()), time.Millisecond)
+}
+
+// scheduleAt asks for a reconcile pass at t at the latest.
+func (l *leader) scheduleAt(t time.Time) {
+	if l.schedDue.IsZero() || t.Before(l.schedDue) {
+		l.schedDue = t
+	}
+}
+
+// poke asks the loop for a reconcile pass without blocking; it may be called
+// from any goroutine.
+func (l *leader) poke() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// handle dispatches one event to its handler.
+func (l *leader) handle(ev leaderEvent) {
+	switch ev := ev.(type) {
+	case sessionOpened:
+		l.openSession(ev.sess, ev.hello)
+	case sessionClosed:
+		l.closeSession(ev.sess, ev.err)
+	case workerMessage:
+		l.onWorkerMessage(ev.sess, ev.msg)
+	case partitionsResult:
+		l.onPartitions(ev)
+	}
+}
+
+// post hands an event to the loop, blocking while the loop is busy. It
+// returns false if ctx ended first; ctx is the sender's own context (a
+// session's, or the term's), which ends at the latest with the term.
+func (l *leader) post(ctx context.Context, ev leaderEvent) bool {
+	select {
+	case l.events <- ev:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// apply commits one command through Raft with the loop's deadline.
+func (l *leader) apply(t fsm.CommandType, cmd any) (any, error) {
+	ctx, cancel := context.WithTimeout(l.ctx, applyTimeout)
+	defer cancel()
+	return l.env.apply(ctx, t, cmd)
+}
+
+// sendTo enqueues msg on worker's session. It returns false when the worker
+// has no open session or its queue overflowed (which closes the session).
+func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
+	sess := l.sessions[worker]
+	if sess == nil {
+		return false
+	}
+	return sess.send(msg)
+}
+
+// sessionSince returns since when worker has had no open session, and false
+// if it has one.
+func (l *leader) sessionlessSince(worker string) (time.Time, bool) {
+	if l.sessions[worker] != nil {
+		return time.Time{}, false
+	}
+	if t, ok := l.noSessionSince[worker]; ok {
+		return t, true
+	}
+	return l.started, true
+}
+
+// jobLogger returns a logger with the job and attempt attributes.
+func (l *leader) jobLogger(js *jobState) *slog.Logger {
+	return l.logger.With("job", js.id, "attempt", js.attempt)
 }

@@ -1,6 +1,10 @@
 package coordinator
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
 
 // metrics are one coordd's Prometheus metrics, in a registry of its own so
 // that several coordinators can run in one process (coordd dev, tests).
@@ -12,6 +16,7 @@ type metrics struct {
 	checkpointDuration   *prometheus.HistogramVec // job
 	jobRestarts          *prometheus.CounterVec   // job
 	workerSessions       prometheus.Gauge
+	raftApplyDuration    *prometheus.HistogramVec // command
 }
 
 func newMetrics() *metrics {
@@ -33,8 +38,31 @@ func newMetrics() *metrics {
 		workerSessions: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "coordflow_worker_sessions", Help: "Worker control sessions open on this node.",
 		}),
+		raftApplyDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "coordflow_raft_apply_duration_seconds", Help: "Raft Apply to FSM result of commands applied by this node as leader.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}, []string{"command"}),
 	}
 	m.registry.MustRegister(m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		m.raftApplyDuration,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// registerRaft adds gauges read from the Raft node at scrape time.
+func (m *metrics) registerRaft(r *raft.Raft) {
+	m.registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "coordflow_raft_state", Help: "Raft state of this node: 0 follower, 1 candidate, 2 leader, 3 shutdown.",
+		}, func() float64 { return float64(r.State()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "coordflow_raft_term", Help: "Current Raft term of this node.",
+		}, func() float64 { return float64(r.CurrentTerm()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "coordflow_raft_last_index", Help: "Last index in this node's Raft log.",
+		}, func() float64 { return float64(r.LastIndex()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "coordflow_raft_applied_index", Help: "Last Raft index applied to this node's FSM.",
+		}, func() float64 { return float64(r.AppliedIndex()) }),
+	)
 }

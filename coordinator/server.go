@@ -1,36 +1,73 @@
 // Package coordinator is coordd: a Raft node holding the fsm, gossip
 // membership shared with the workers, the leader's scheduler and checkpoint
 // coordinator, the worker control sessions, and the HTTP API.
+//
+// One Server owns, and starts in this order: the Raft stores and node
+// (raft.go), the gRPC Control service and the HTTP API (http.go), and the
+// memberlist pool (membership.go). Background goroutines (join retries,
+// bootstrap, the leadership monitor and, while leader, the leader loops) are
+// all children of Server.ctx and stop in Shutdown before the components they
+// use are closed.
 package coordinator
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"google.golang.org/grpc"
 
 	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
 )
 
 // Config configures one coordd. DefaultConfig gives LAN-tuned defaults; tests
 // tighten timings through the same fields.
 type Config struct {
-	ID              string
-	DataDir         string
-	RaftAddr        string
-	RPCAddr         string
-	HTTPAddr        string
-	GossipAddr      string
-	Join            []string
+	ID      string
+	DataDir string
+	// RaftAddr, RPCAddr, HTTPAddr and GossipAddr are host:port to bind and
+	// advertise. Port 0 binds a free port (tests); the accessors of Server
+	// report the port actually bound.
+	RaftAddr   string
+	RPCAddr    string
+	HTTPAddr   string
+	GossipAddr string
+	// Join lists gossip addresses of members to join; retried until one answers.
+	Join []string
+	// BootstrapExpect is how many voting coordinators must be visible in
+	// gossip before a node with no Raft state bootstraps the cluster with
+	// all of them; 0 never bootstraps (the node waits to be added).
 	BootstrapExpect int
-	Voter           bool
+	// Voter says whether this node asks to be a Raft voter (or a nonvoter
+	// that only replicates and serves reads).
+	Voter bool
 
 	RaftHeartbeatTimeout   time.Duration
 	RaftElectionTimeout    time.Duration
 	RaftLeaderLeaseTimeout time.Duration
-	SnapshotThreshold      uint64
+	// SnapshotThreshold is how many log entries since the last snapshot
+	// trigger a new one; TrailingLogs is how many entries a snapshot leaves
+	// in the log for slow followers. Both keep the log, and so the catch-up
+	// of a restarted node, small.
+	SnapshotThreshold uint64
+	TrailingLogs      uint64
+	// SnapshotInterval is how often Raft checks SnapshotThreshold.
+	SnapshotInterval time.Duration
+	// RaftReconcileInterval is how often the leader compares the Raft
+	// configuration with the coordinators in gossip (it also does on every
+	// member event).
+	RaftReconcileInterval time.Duration
 
 	ProbeInterval  time.Duration
 	ProbeTimeout   time.Duration
@@ -45,10 +82,61 @@ type Config struct {
 	// ReconcileInterval is how often the leader compares jobs with what runs.
 	ReconcileInterval time.Duration
 
-	// Operators are the operator names job specs may use.
+	// Operators are the operator names job specs may use; empty accepts any
+	// name (the workers then fail the tasks of an unknown operator).
 	Operators []string
 
+	// Logger receives every log line of this node, Raft's and memberlist's
+	// included; nil means slog.Default().
 	Logger *slog.Logger
+}
+
+// DefaultConfig returns the LAN tuning of docs/design: 300 ms Raft timeouts
+// (fast failover without spurious elections on a loaded 2-core machine) and
+// memberlist timings that see a dead member in about one second.
+func DefaultConfig() Config {
+	return Config{
+		Voter:                  true,
+		RaftHeartbeatTimeout:   300 * time.Millisecond,
+		RaftElectionTimeout:    300 * time.Millisecond,
+		RaftLeaderLeaseTimeout: 300 * time.Millisecond,
+		SnapshotThreshold:      1024,
+		TrailingLogs:           512,
+		SnapshotInterval:       30 * time.Second,
+		RaftReconcileInterval:  3 * time.Second,
+		ProbeInterval:          200 * time.Millisecond,
+		ProbeTimeout:           100 * time.Millisecond,
+		SuspicionMult:          3,
+		GossipInterval:         50 * time.Millisecond,
+		WorkerLease:            5 * time.Second,
+		WorkerHeartbeat:        500 * time.Millisecond,
+		ReconcileInterval:      200 * time.Millisecond,
+	}
+}
+
+// validate reports the first unusable field of c.
+func (c Config) validate() error {
+	switch {
+	case c.ID == "":
+		return errors.New("id is required")
+	case c.DataDir == "":
+		return errors.New("data dir is required")
+	case c.RaftAddr == "", c.RPCAddr == "", c.HTTPAddr == "", c.GossipAddr == "":
+		return errors.New("raft, rpc, http and gossip addresses are required")
+	case c.BootstrapExpect < 0:
+		return fmt.Errorf("bootstrap-expect must not be negative, not %d", c.BootstrapExpect)
+	case c.BootstrapExpect > 0 && !c.Voter:
+		return errors.New("a nonvoter cannot bootstrap: set bootstrap-expect 0 or make it a voter")
+	case c.RaftHeartbeatTimeout <= 0, c.RaftElectionTimeout <= 0, c.RaftLeaderLeaseTimeout <= 0:
+		return errors.New("raft timeouts must be positive")
+	case c.RaftReconcileInterval <= 0, c.ReconcileInterval <= 0:
+		return errors.New("reconcile intervals must be positive")
+	case c.ProbeInterval <= 0, c.ProbeTimeout <= 0, c.GossipInterval <= 0, c.SuspicionMult < 1:
+		return errors.New("memberlist timings must be positive")
+	case c.WorkerLease <= 0, c.WorkerHeartbeat <= 0 || c.WorkerHeartbeat >= c.WorkerLease:
+		return errors.New("worker heartbeat must be positive and shorter than the worker lease")
+	}
+	return nil
 }
 
 // Member is one member of the gossip pool as coordd sees it.
@@ -60,9 +148,18 @@ type Member struct {
 	RaftAddr   string `json:"raft_addr,omitempty"`
 	RPCAddr    string `json:"rpc_addr,omitempty"`
 	HTTPAddr   string `json:"http_addr,omitempty"`
+	Voter      bool   `json:"voter,omitempty"`
 	DataAddr   string `json:"data_addr,omitempty"`
 	Slots      int    `json:"slots,omitempty"`
 }
+
+// Member statuses.
+const (
+	StatusAlive   = "alive"
+	StatusSuspect = "suspect"
+	StatusDead    = "dead"
+	StatusLeft    = "left"
+)
 
 // Server is one running coordd.
 type Server struct {
@@ -72,24 +169,262 @@ type Server struct {
 	fsm     *fsm.FSM
 	members *memberlist.Memberlist
 	metrics *metrics
+
+	// ctx is cancelled first in Shutdown; every background goroutine is
+	// derived from it and counted in wg.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	// serveWG counts the HTTP and gRPC Serve goroutines, which end when
+	// their servers stop, after the loops in wg.
+	serveWG sync.WaitGroup
+
+	store         *raftboltdb.BoltStore
+	raftTransport *raft.NetworkTransport
+	// raftHadState says the stores held Raft state at startup: such a node
+	// rejoins with its data and never bootstraps.
+	raftHadState bool
+
+	grpc     *grpc.Server
+	http     *http.Server
+	rpcAddr  string // bound address of the gRPC listener
+	httpAddr string // bound address of the HTTP listener
+
+	memberMu    sync.Mutex
+	memberState map[string]*memberRecord // every member ever seen, by id
+	// memberEvents wakes the bootstrap loop and the leader's Raft membership
+	// reconciliation; buffered 1, written without blocking.
+	memberEvents chan struct{}
+	// leaving is set just before the memberlist Leave so that peers can
+	// tell a graceful leave from a failure.
+	leaving atomic.Bool
+
+	shutdownOnce sync.Once
+	shutdownErr  error
 }
 
-// raftApply encodes cmd, applies it through Raft on this node (which must be
-// the leader) and returns the FSM's result, or the FSM's error. [C1]
-func (s *Server) raftApply(ctx context.Context, t fsm.CommandType, cmd any) (any, error) {
-	panic("TODO C1")
+// NewServer starts a coordd: Raft on its stores under cfg.DataDir, the gRPC
+// and HTTP servers, and gossip. It returns once everything listens; joining
+// peers and bootstrapping continue in the background. On error, whatever was
+// started is stopped again.
+func NewServer(cfg Config) (_ *Server, err error) {
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("coordd config: %w", err)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Server{
+		cfg:          cfg,
+		logger:       cfg.Logger.With("node", cfg.ID),
+		fsm:          fsm.New(),
+		metrics:      newMetrics(),
+		memberState:  make(map[string]*memberRecord),
+		memberEvents: make(chan struct{}, 1),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if serr := s.Shutdown(ctx); serr != nil {
+				s.logger.Warn("cleanup after failed start", "err", serr)
+			}
+		}
+	}()
+
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	if err := s.setupRaft(); err != nil {
+		return nil, err
+	}
+	s.metrics.registerRaft(s.raft)
+
+	rpcLis, err := net.Listen("tcp", cfg.RPCAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen rpc %s: %w", cfg.RPCAddr, err)
+	}
+	s.rpcAddr = rpcLis.Addr().String()
+	s.grpc = grpc.NewServer()
+	transport.RegisterControlServer(s.grpc, newControlService(s))
+	s.serveWG.Go(func() {
+		if err := s.grpc.Serve(rpcLis); err != nil {
+			s.logger.Error("grpc server stopped", "err", err)
+		}
+	})
+
+	httpLis, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen http %s: %w", cfg.HTTPAddr, err)
+	}
+	s.httpAddr = httpLis.Addr().String()
+	s.http = s.newHTTPServer()
+	s.serveWG.Go(func() {
+		if err := s.http.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.logger.Error("http server stopped", "err", err)
+		}
+	})
+
+	if err := s.setupMemberlist(); err != nil {
+		return nil, err
+	}
+
+	s.wg.Go(s.joinLoop)
+	s.wg.Go(s.monitorLeadership)
+	if !s.raftHadState && cfg.BootstrapExpect > 0 {
+		s.wg.Go(s.bootstrapLoop)
+	}
+	s.logger.Info("coordd started", "raft_addr", s.RaftAddr(), "rpc_addr", s.rpcAddr,
+		"http_addr", s.httpAddr, "gossip_addr", s.GossipAddr(), "existing_state", s.raftHadState,
+		"bootstrap_expect", cfg.BootstrapExpect, "voter", cfg.Voter)
+	return s, nil
 }
+
+// waitGroup waits for wg, or returns ctx's error once ctx is done.
+func waitGroup(ctx context.Context, wg *sync.WaitGroup) error {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Shutdown stops the node in order: leader loops and background goroutines,
+// HTTP, gRPC, gossip (leaving gracefully), Raft (handing leadership over
+// first), and the Raft store. It is safe to call more than once; later calls
+// return the first call's result. ctx bounds the waits that can block.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.shutdownOnce.Do(func() { s.shutdownErr = s.shutdown(ctx) })
+	return s.shutdownErr
+}
+
+func (s *Server) shutdown(ctx context.Context) error {
+	s.logger.Info("coordd shutting down")
+	var errs []error
+	s.cancel()
+	if err := waitGroup(ctx, &s.wg); err != nil {
+		errs = append(errs, fmt.Errorf("wait for background loops (leader loop?): %w", err))
+	}
+	if s.http != nil {
+		if err := s.http.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
+			_ = s.http.Close()
+		}
+	}
+	if s.grpc != nil {
+		s.stopGRPC(ctx)
+	}
+	if err := waitGroup(ctx, &s.serveWG); err != nil {
+		errs = append(errs, fmt.Errorf("wait for http and grpc servers: %w", err))
+	}
+	if s.members != nil {
+		if err := s.leaveGossip(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.raft != nil {
+		if s.raft.State() == raft.Leader {
+			// Hand leadership over so the cluster need not wait for an
+			// election timeout; best effort.
+			if err := s.raft.LeadershipTransfer().Error(); err != nil {
+				s.logger.Info("leadership transfer before shutdown failed", "err", err)
+			}
+		}
+		if err := s.raft.Shutdown().Error(); err != nil {
+			errs = append(errs, fmt.Errorf("shutdown raft: %w", err))
+		}
+	}
+	if s.raftTransport != nil {
+		if err := s.raftTransport.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft transport: %w", err))
+		}
+	}
+	if s.store != nil {
+		if err := s.store.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft store: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// stopGRPC stops the gRPC server gracefully, and forcibly once ctx is done or
+// a second has passed: worker sessions are long-lived streams that the
+// leader loop ends, but a straggler must not hold up the shutdown.
+func (s *Server) stopGRPC(ctx context.Context) {
+	stopped := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(stopped)
+	}()
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	select {
+	case <-stopped:
+		return
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	s.grpc.Stop()
+	<-stopped
+}
+
+// ID returns this node's id: its Raft server id and gossip name.
+func (s *Server) ID() string { return s.cfg.ID }
+
+// HTTPAddr returns the bound address of the HTTP API (host:port).
+func (s *Server) HTTPAddr() string { return s.httpAddr }
+
+// RPCAddr returns the bound address of the gRPC Control service.
+func (s *Server) RPCAddr() string { return s.rpcAddr }
+
+// RaftAddr returns the bound and advertised Raft address.
+func (s *Server) RaftAddr() string {
+	if s.raftTransport == nil {
+		return ""
+	}
+	return string(s.raftTransport.LocalAddr())
+}
+
+// GossipAddr returns the advertised memberlist address (host:port).
+func (s *Server) GossipAddr() string {
+	if s.members == nil {
+		return ""
+	}
+	return s.members.LocalNode().Address()
+}
+
+// IsLeader reports whether this node is the Raft leader.
+func (s *Server) IsLeader() bool { return s.isLeader() }
+
+// Digest returns the digest of this node's FSM state, equal on replicas
+// that applied the same log.
+func (s *Server) Digest() (string, error) { return s.fsm.Digest() }
 
 // isLeader reports whether this node is the Raft leader. [C1]
-func (s *Server) isLeader() bool { panic("TODO C1") }
+func (s *Server) isLeader() bool { return s.raft.State() == raft.Leader }
 
 // leaderInfo returns the current leader's id and its RPC and HTTP addresses
 // (from gossip metadata); empty when unknown. [C1]
-func (s *Server) leaderInfo() (id, rpcAddr, httpAddr string) { panic("TODO C1") }
-
-// Members returns every gossip member this node knows, including dead and left
-// ones, sorted by id. [C1]
-func (s *Server) Members() []Member { panic("TODO C1") }
-
-// aliveWorkers returns the workers memberlist considers alive (alive or suspect). [C1]
-func (s *Server) aliveWorkers() []Member { panic("TODO C1") }
+func (s *Server) leaderInfo() (id, rpcAddr, httpAddr string) {
+	_, lid := s.raft.LeaderWithID()
+	if lid == "" {
+		return "", "", ""
+	}
+	id = string(lid)
+	if id == s.cfg.ID {
+		return id, s.rpcAddr, s.httpAddr
+	}
+	s.memberMu.Lock()
+	defer s.memberMu.Unlock()
+	if m, ok := s.memberState[id]; ok && m.Role == transport.RoleCoordinator {
+		return id, m.RPCAddr, m.HTTPAddr
+	}
+	return id, "", ""
+}

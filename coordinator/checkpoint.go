@@ -1,0 +1,348 @@
+package coordinator
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// The checkpoint coordinator, in the vocabulary of Flink's
+// CheckpointCoordinator: per running job at most one pending checkpoint,
+// triggered through Raft (which allocates its id) and sent to the source
+// tasks; every task acks (or declines) it; once all have acked it is
+// completed through Raft and the sources are notified. Acks are fenced by
+// attempt, checkpoint id, task and worker.
+
+// checkpointState is the leader's checkpoint bookkeeping for one job.
+type checkpointState struct {
+	pending        *pendingCheckpoint
+	lastTrigger    time.Time // when this term last triggered (or tried to)
+	lastCompletion time.Time // when this term last completed one
+}
+
+// pendingCheckpoint is a checkpoint in flight and the acks it has collected.
+type pendingCheckpoint struct {
+	id          uint64
+	attempt     uint64
+	triggeredAt time.Time
+	deadline    time.Time
+	acks        map[string]fsm.TaskState // by task id
+}
+
+func newPendingCheckpoint(id, attempt uint64, now time.Time, timeout time.Duration) *pendingCheckpoint {
+	return &pendingCheckpoint{
+		id: id, attempt: attempt, triggeredAt: now, deadline: now.Add(timeout),
+		acks: make(map[string]fsm.TaskState),
+	}
+}
+
+// check returns why a message about checkpoint id from task ref, sent by
+// worker, does not belong to p, or nil if it does: another attempt, another
+// checkpoint, a task not of the attempt, or a task placed on another worker.
+func (p *pendingCheckpoint) check(ref *transport.TaskRef, id uint64, worker string, tasks map[string]*trackedTask) error {
+	switch {
+	case ref.GetAttempt() != p.attempt:
+		return fmt.Errorf("attempt %d, pending checkpoint %d is of attempt %d", ref.GetAttempt(), p.id, p.attempt)
+	case id != p.id:
+		return fmt.Errorf("checkpoint %d, pending is %d", id, p.id)
+	}
+	tv := tasks[ref.GetTaskId()]
+	switch {
+	case tv == nil:
+		return fmt.Errorf("task %q is not in attempt %d", ref.GetTaskId(), p.attempt)
+	case tv.task.Worker != worker:
+		return fmt.Errorf("from worker %s, task %s runs on %s", worker, tv.task.ID, tv.task.Worker)
+	}
+	return nil
+}
+
+// add records an ack received at now from worker, after checking it belongs
+// to p. It returns why the ack was dropped, or nil.
+func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tasks map[string]*trackedTask, now time.Time) error {
+	ref := ack.GetTask()
+	if err := p.check(ref, ack.GetCheckpointId(), worker, tasks); err != nil {
+		return err
+	}
+	t := tasks[ref.GetTaskId()].task
+	if _, dup := p.acks[t.ID]; dup {
+		return fmt.Errorf("task %s already acked", t.ID)
+	}
+	st := ack.GetState()
+	if k := st.GetKind(); k != transport.TaskKind_TASK_KIND_UNSPECIFIED && k != protoKind(t.Kind) {
+		return fmt.Errorf("state of kind %s for %s task %s", k, t.Kind, t.ID)
+	}
+	p.acks[t.ID] = fsm.TaskState{
+		TaskID:      t.ID,
+		Kind:        t.Kind,
+		Worker:      worker,
+		AckedAt:     now.UnixNano(),
+		Offsets:     maps.Clone(st.GetOffsets()),
+		Keyed:       st.GetKeyed(),
+		KeyedSHA256: st.GetKeyedSha256(),
+	}
+	return nil
+}
+
+// complete reports whether every one of the attempt's tasks has acked.
+func (p *pendingCheckpoint) complete(tasks []*trackedTask) bool {
+	for _, tv := range tasks {
+		if _, ok := p.acks[tv.task.ID]; !ok {
+			return false
+		}
+	}
+	return len(tasks) > 0
+}
+
+// missing lists the tasks that have not acked, in assignment order.
+func (p *pendingCheckpoint) missing(tasks []*trackedTask) []string {
+	var ids []string
+	for _, tv := range tasks {
+		if _, ok := p.acks[tv.task.ID]; !ok {
+			ids = append(ids, tv.task.ID)
+		}
+	}
+	return ids
+}
+
+// timeoutReason is the abort reason of a checkpoint that timed out.
+func (p *pendingCheckpoint) timeoutReason(tasks []*trackedTask) string {
+	return fmt.Sprintf("timed out after %v waiting for acks from %s",
+		p.deadline.Sub(p.triggeredAt), strings.Join(p.missing(tasks), ", "))
+}
+
+// checkpointPass triggers due checkpoints and aborts those that timed out.
+// It only reads the leader's memory, so the loop runs it after every event.
+func (l *leader) checkpointPass() {
+	now := l.env.now()
+	l.ckptDue = time.Time{}
+	for _, id := range slices.Sorted(maps.Keys(l.jobs)) {
+		js := l.jobs[id]
+		if p := js.ckpt.pending; p != nil {
+			if now.Before(p.deadline) {
+				l.checkpointAt(p.deadline)
+			} else {
+				l.abortCheckpoint(js, p.timeoutReason(js.order), "timeout", true)
+			}
+			continue
+		}
+		if !allRunning(js) {
+			continue
+		}
+		c := js.spec.Checkpoint
+		due := later(js.ckpt.lastTrigger.Add(time.Duration(c.Interval)), js.ckpt.lastCompletion.Add(time.Duration(c.MinPause)))
+		if now.Before(due) {
+			l.checkpointAt(due)
+			continue
+		}
+		l.triggerCheckpoint(js, now)
+	}
+}
+
+func (l *leader) checkpointAt(t time.Time) {
+	if l.ckptDue.IsZero() || t.Before(l.ckptDue) {
+		l.ckptDue = t
+	}
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// allRunning reports whether a job is running and every task of its current
+// attempt has reported RUNNING: only then can a checkpoint be taken.
+func allRunning(js *jobState) bool {
+	if js.status != fsm.JobRunning || js.attempt == 0 || len(js.order) == 0 {
+		return false
+	}
+	for _, tv := range js.order {
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
+			return false
+		}
+	}
+	return true
+}
+
+// triggerCheckpoint takes the next checkpoint id through Raft and sends
+// TriggerCheckpoint to every source task.
+func (l *leader) triggerCheckpoint(js *jobState, now time.Time) {
+	js.ckpt.lastTrigger = now
+	log := l.jobLogger(js)
+	res, err := l.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{
+		JobID: js.id, Attempt: js.attempt, Time: now.UnixNano(),
+	})
+	if err != nil {
+		log.Warn("trigger checkpoint", "err", err)
+		return
+	}
+	id, ok := res.(uint64)
+	if !ok {
+		log.Error("trigger checkpoint: the FSM returned no checkpoint id", "result", fmt.Sprintf("%T", res))
+		return
+	}
+	p := newPendingCheckpoint(id, js.attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
+	js.ckpt.pending = p
+	l.checkpointAt(p.deadline)
+	for _, tv := range js.order {
+		if tv.task.Kind != fsm.TaskSource {
+			continue
+		}
+		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
+			Task: taskRef(js, tv.task), CheckpointId: id,
+		}}}
+		if !l.sendTo(tv.task.Worker, msg) {
+			log.Warn("no session to trigger checkpoint on", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
+		}
+	}
+	log.Debug("checkpoint triggered", "checkpoint", id)
+}
+
+// onAck records a task's ack of the pending checkpoint and completes the
+// checkpoint once every task has acked. Acks of other attempts, other
+// checkpoints, unknown tasks or other workers are dropped.
+func (l *leader) onAck(worker string, ack *transport.CheckpointAck) {
+	ref := ack.GetTask()
+	js := l.jobs[ref.GetJobId()]
+	if js == nil || js.ckpt.pending == nil {
+		l.logger.Debug("dropping ack: no pending checkpoint", "job", ref.GetJobId(), "attempt", ref.GetAttempt(),
+			"checkpoint", ack.GetCheckpointId(), "task", ref.GetTaskId(), "worker", worker)
+		return
+	}
+	p := js.ckpt.pending
+	if err := p.add(ack, worker, js.tasks, l.env.now()); err != nil {
+		l.jobLogger(js).Debug("dropping ack", "checkpoint", ack.GetCheckpointId(), "task", ref.GetTaskId(),
+			"ack_attempt", ref.GetAttempt(), "worker", worker, "why", err)
+		return
+	}
+	if p.complete(js.order) {
+		l.completeCheckpoint(js)
+	}
+}
+
+// onDecline aborts the pending checkpoint a task of the attempt declined.
+func (l *leader) onDecline(worker string, d *transport.CheckpointDecline) {
+	ref := d.GetTask()
+	js := l.jobs[ref.GetJobId()]
+	if js == nil || js.ckpt.pending == nil {
+		return
+	}
+	if err := js.ckpt.pending.check(ref, d.GetCheckpointId(), worker, js.tasks); err != nil {
+		l.jobLogger(js).Debug("dropping decline", "checkpoint", d.GetCheckpointId(), "task", ref.GetTaskId(),
+			"worker", worker, "why", err)
+		return
+	}
+	reason := fmt.Sprintf("declined by task %s on worker %s: %s", ref.GetTaskId(), worker, d.GetReason())
+	l.abortCheckpoint(js, reason, "declined", true)
+}
+
+// completeCheckpoint commits the pending checkpoint with every task's state
+// and notifies the source tasks, which then commit their offsets to Kafka.
+// A commit the FSM or Raft refuses aborts the checkpoint.
+func (l *leader) completeCheckpoint(js *jobState) {
+	p := js.ckpt.pending
+	now := l.env.now()
+	log := l.jobLogger(js).With("checkpoint", p.id)
+	_, err := l.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
+		JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: p.acks, Time: now.UnixNano(),
+	})
+	if err != nil {
+		log.Error("commit checkpoint", "err", err)
+		// States the FSM rejects come from the tasks and count as a failed
+		// checkpoint; a Raft failure does not.
+		l.abortCheckpoint(js, "commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
+		return
+	}
+	js.ckpt.pending = nil
+	js.ckpt.lastCompletion = now
+	took := now.Sub(p.triggeredAt)
+	l.metrics.checkpointDuration.WithLabelValues(js.id).Observe(took.Seconds())
+	l.metrics.checkpointsCompleted.WithLabelValues(js.id).Inc()
+	if time.Duration(js.spec.Checkpoint.Interval) < time.Second {
+		log.Debug("checkpoint completed", "duration", took)
+	} else {
+		log.Info("checkpoint completed", "duration", took)
+	}
+	for _, tv := range js.order {
+		if tv.task.Kind != fsm.TaskSource {
+			continue
+		}
+		l.sendTo(tv.task.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
+			Task: taskRef(js, tv.task), CheckpointId: p.id, Offsets: p.acks[tv.task.ID].Offsets,
+		}}})
+	}
+}
+
+// abortCheckpoint aborts the pending checkpoint through Raft with reason
+// (class labels the metric). If judge is set, the abort was the tasks' doing
+// and the attempt is restarted once the job's consecutive aborts exceed
+// tolerable_failures.
+func (l *leader) abortCheckpoint(js *jobState, reason, class string, judge bool) {
+	p := js.ckpt.pending
+	if p == nil {
+		return
+	}
+	js.ckpt.pending = nil
+	if err := l.commitAbort(js, p.id, reason, class); err != nil || !judge {
+		return
+	}
+	job, ok := l.env.job(js.id)
+	if !ok || job.Status != fsm.JobRunning || job.Attempt != js.attempt {
+		return
+	}
+	if tolerable := job.Spec.Checkpoint.TolerableFailures; job.ConsecutiveAborts > tolerable {
+		l.beginRestart(js, fmt.Sprintf("%d consecutive checkpoint aborts exceed tolerable_failures %d; last: %s",
+			job.ConsecutiveAborts, tolerable, reason), "checkpoint", p.id)
+	}
+}
+
+// abortUntracked aborts a pending checkpoint of the FSM that this term does
+// not track: one its predecessor started (a new leader never completes
+// those), or one whose trigger reported an error yet was committed.
+func (l *leader) abortUntracked(js *jobState, pending *fsm.Checkpoint) {
+	if pending == nil {
+		return
+	}
+	if p := js.ckpt.pending; p != nil && p.id == pending.ID {
+		return
+	}
+	reason, class := "not tracked by the leader", "untracked"
+	if l.inherited[js.id] == pending.ID {
+		reason, class = "leader changed", "leader_changed"
+	}
+	if l.commitAbort(js, pending.ID, reason, class) == nil {
+		delete(l.inherited, js.id)
+	}
+}
+
+// abortInherited notes the pending checkpoints of the predecessor, which the
+// first reconcile pass aborts as "leader changed".
+func (l *leader) abortInherited() {
+	for _, job := range l.env.jobs() {
+		if job.Pending != nil {
+			l.inherited[job.ID] = job.Pending.ID
+		}
+	}
+}
+
+// commitAbort commits CheckpointAborted and logs the outcome.
+func (l *leader) commitAbort(js *jobState, id uint64, reason, class string) error {
+	log := l.jobLogger(js).With("checkpoint", id)
+	_, err := l.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{
+		JobID: js.id, CheckpointID: id, Reason: reason, Time: l.env.now().UnixNano(),
+	})
+	if err != nil {
+		log.Warn("abort checkpoint", "reason", reason, "err", err)
+		return err
+	}
+	l.metrics.checkpointsAborted.WithLabelValues(js.id, class).Inc()
+	log.Warn("checkpoint aborted", "reason", reason)
+	return nil
+}

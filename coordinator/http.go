@@ -1,0 +1,442 @@
+package coordinator
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// maxSpecBytes bounds a submitted job spec.
+const maxSpecBytes = 1 << 20
+
+// newHTTPServer builds the HTTP API of docs/design ("User contract"). Reads
+// answer from the local FSM on any node; writes run on the leader, and a
+// follower forwards them there (forward.go).
+func (s *Server) newHTTPServer() *http.Server {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", s.handleStatus)
+	mux.HandleFunc("GET /v1/members", s.handleMembers)
+	mux.Handle("POST /v1/jobs", s.leaderOnly(s.handleSubmitJob))
+	mux.HandleFunc("GET /v1/jobs", s.handleListJobs)
+	mux.HandleFunc("GET /v1/jobs/{id}", s.handleGetJob)
+	mux.Handle("DELETE /v1/jobs/{id}", s.leaderOnly(s.handleCancelJob))
+	mux.HandleFunc("GET /v1/jobs/{id}/checkpoints", s.handleCheckpoints)
+	mux.HandleFunc("GET /v1/jobs/{id}/state", s.handleState)
+	mux.HandleFunc("GET /v1/raft/peers", s.handleRaftPeers)
+	mux.HandleFunc("GET /v1/fsm/digest", s.handleDigest)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
+	})
+	return &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout:       time.Minute,
+		ErrorLog:          log.New(&levelWriter{logger: s.logger.With("component", "http"), def: slog.LevelDebug, max: slog.LevelWarn}, "", 0),
+	}
+}
+
+// apiStatus is GET /v1/status.
+type apiStatus struct {
+	ID             string `json:"id"`
+	State          string `json:"state"` // Leader, Follower, Candidate (Shutdown while stopping)
+	Term           uint64 `json:"term"`
+	LastIndex      uint64 `json:"last_index"`
+	AppliedIndex   uint64 `json:"applied_index"`
+	LeaderID       string `json:"leader_id"`
+	LeaderHTTPAddr string `json:"leader_http_addr"`
+}
+
+func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
+	id, _, httpAddr := s.leaderInfo()
+	writeJSON(w, http.StatusOK, apiStatus{
+		ID:             s.cfg.ID,
+		State:          s.raft.State().String(),
+		Term:           s.raft.CurrentTerm(),
+		LastIndex:      s.raft.LastIndex(),
+		AppliedIndex:   s.raft.AppliedIndex(),
+		LeaderID:       id,
+		LeaderHTTPAddr: httpAddr,
+	})
+}
+
+func (s *Server) handleMembers(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, s.Members())
+}
+
+// handleSubmitJob registers a job: the spec is parsed and validated here,
+// with this node's operator list, and the id and time are chosen here, so
+// the FSM stays deterministic.
+func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxSpecBytes))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("job spec exceeds %d bytes", tooBig.Limit))
+			return
+		}
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("read job spec: %v", err))
+		return
+	}
+	spec, err := fsm.ParseJobSpec(body, s.knownOperator())
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
+	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano()}
+	if _, err := s.raftApply(r.Context(), fsm.CommandRegisterJob, cmd); err != nil {
+		s.writeApplyError(w, err)
+		return
+	}
+	s.logger.Info("job submitted", "job", id, "operator", spec.Operator.Name, "topic", spec.Source.Topic)
+	writeJSON(w, http.StatusCreated, map[string]string{"id": id})
+}
+
+// knownOperator returns the check ParseJobSpec applies to operator names:
+// nil (any name) when the config lists none.
+func (s *Server) knownOperator() func(string) bool {
+	if len(s.cfg.Operators) == 0 {
+		return nil
+	}
+	return func(name string) bool { return slices.Contains(s.cfg.Operators, name) }
+}
+
+func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	job, ok := s.fsm.Job(id)
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
+		return
+	}
+	if job.Status == fsm.JobCancelled {
+		writeError(w, http.StatusConflict, fmt.Sprintf("job %s is already cancelled", id))
+		return
+	}
+	cmd := fsm.JobCancelledCmd{JobID: id, Reason: "cancelled by user", Time: time.Now().UnixNano()}
+	if _, err := s.raftApply(r.Context(), fsm.CommandJobCancelled, cmd); err != nil {
+		s.writeApplyError(w, err)
+		return
+	}
+	s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
+	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": string(fsm.JobCancelled)})
+}
+
+// writeApplyError answers a failed raftApply with the status its cause calls for.
+func (s *Server) writeApplyError(w http.ResponseWriter, err error) {
+	status := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, fsm.ErrNoSuchJob):
+		status = http.StatusNotFound
+	case errors.Is(err, fsm.ErrJobCancelled), errors.Is(err, fsm.ErrJobExists):
+		status = http.StatusConflict
+	case errors.Is(err, fsm.ErrInvalidSpec), errors.Is(err, fsm.ErrMalformedCommand):
+		status = http.StatusBadRequest
+	case errors.Is(err, ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
+		errors.Is(err, raft.ErrEnqueueTimeout), errors.Is(err, raft.ErrRaftShutdown),
+		errors.Is(err, context.DeadlineExceeded):
+		status = http.StatusServiceUnavailable
+	case errors.Is(err, context.Canceled):
+		return // the client went away
+	}
+	if status == http.StatusInternalServerError || status == http.StatusServiceUnavailable {
+		s.logger.Warn("write request failed", "err", err)
+	}
+	writeError(w, status, err.Error())
+}
+
+// apiJob is one job as GET /v1/jobs and /v1/jobs/{id} show it.
+type apiJob struct {
+	ID             string            `json:"id"`
+	Name           string            `json:"name"`
+	Status         fsm.JobStatus     `json:"status"`
+	Reason         string            `json:"reason,omitempty"`
+	Attempt        uint64            `json:"attempt"`
+	Restarts       int               `json:"restarts"`
+	Tasks          []apiTask         `json:"tasks"`
+	LastCheckpoint *apiCheckpointRef `json:"last_checkpoint"`
+	SubmittedAt    string            `json:"submitted_at"`
+	UpdatedAt      string            `json:"updated_at"`
+	Spec           fsm.JobSpec       `json:"spec"`
+}
+
+// apiTask is one task of a job's current attempt.
+type apiTask struct {
+	ID         string             `json:"id"`
+	Kind       fsm.TaskKind       `json:"kind"`
+	Worker     string             `json:"worker"`
+	Partitions []int32            `json:"partitions,omitempty"`
+	KeyGroups  *fsm.KeyGroupRange `json:"key_groups,omitempty"`
+}
+
+// apiCheckpointRef names a job's newest completed checkpoint.
+type apiCheckpointRef struct {
+	ID          uint64 `json:"id"`
+	CompletedAt string `json:"completed_at"`
+}
+
+func newAPIJob(j fsm.Job) apiJob {
+	v := apiJob{
+		ID:          j.ID,
+		Name:        j.Spec.Name,
+		Status:      j.Status,
+		Reason:      j.Reason,
+		Attempt:     j.Attempt,
+		Restarts:    j.Restarts,
+		Tasks:       make([]apiTask, 0, len(j.Tasks)),
+		SubmittedAt: formatTime(j.SubmittedAt),
+		UpdatedAt:   formatTime(j.UpdatedAt),
+		Spec:        j.Spec,
+	}
+	for _, t := range j.Tasks {
+		v.Tasks = append(v.Tasks, apiTask{ID: t.ID, Kind: t.Kind, Worker: t.Worker, Partitions: t.Partitions, KeyGroups: t.KeyGroups})
+	}
+	if n := len(j.Completed); n > 0 {
+		cp := j.Completed[n-1]
+		v.LastCheckpoint = &apiCheckpointRef{ID: cp.ID, CompletedAt: formatTime(cp.EndedAt)}
+	}
+	return v
+}
+
+func (s *Server) handleListJobs(w http.ResponseWriter, _ *http.Request) {
+	jobs := s.fsm.Jobs()
+	views := make([]apiJob, 0, len(jobs))
+	for _, j := range jobs {
+		views = append(views, newAPIJob(j))
+	}
+	writeJSON(w, http.StatusOK, views)
+}
+
+// lookupJob looks up the job named in the path, answering 404 if there is none.
+func (s *Server) lookupJob(w http.ResponseWriter, r *http.Request) (fsm.Job, bool) {
+	id := r.PathValue("id")
+	j, ok := s.fsm.Job(id)
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
+	}
+	return j, ok
+}
+
+func (s *Server) handleGetJob(w http.ResponseWriter, r *http.Request) {
+	if j, ok := s.lookupJob(w, r); ok {
+		writeJSON(w, http.StatusOK, newAPIJob(j))
+	}
+}
+
+// apiCheckpoint is one checkpoint in GET /v1/jobs/{id}/checkpoints.
+type apiCheckpoint struct {
+	ID          uint64               `json:"id"`
+	Attempt     uint64               `json:"attempt"`
+	Status      fsm.CheckpointStatus `json:"status"`
+	TriggerTime string               `json:"trigger_time"`
+	EndTime     string               `json:"end_time,omitempty"`
+	// DurationMS is trigger to completion or abort; absent while pending.
+	DurationMS *float64            `json:"duration_ms,omitempty"`
+	Reason     string              `json:"reason,omitempty"`
+	Tasks      []apiCheckpointTask `json:"tasks"`
+}
+
+// apiCheckpointTask is one task's acknowledgement of a checkpoint.
+type apiCheckpointTask struct {
+	ID      string       `json:"id"`
+	Kind    fsm.TaskKind `json:"kind"`
+	Worker  string       `json:"worker"`
+	AckTime string       `json:"ack_time"`
+	// StateSize is the size in bytes of a map task's keyed state (0 for sources).
+	StateSize int `json:"state_size"`
+	// Offsets are a source task's next offsets, keyed "topic/partition".
+	Offsets map[string]int64 `json:"offsets,omitempty"`
+}
+
+func newAPICheckpoint(topic string, cp fsm.Checkpoint) apiCheckpoint {
+	v := apiCheckpoint{
+		ID:          cp.ID,
+		Attempt:     cp.Attempt,
+		Status:      cp.Status,
+		TriggerTime: formatTime(cp.TriggeredAt),
+		EndTime:     formatTime(cp.EndedAt),
+		Reason:      cp.Reason,
+		Tasks:       make([]apiCheckpointTask, 0, len(cp.Tasks)),
+	}
+	if cp.EndedAt != 0 {
+		ms := float64(cp.EndedAt-cp.TriggeredAt) / float64(time.Millisecond)
+		v.DurationMS = &ms
+	}
+	for _, id := range slices.Sorted(maps.Keys(cp.Tasks)) {
+		st := cp.Tasks[id]
+		tv := apiCheckpointTask{ID: id, Kind: st.Kind, Worker: st.Worker, AckTime: formatTime(st.AckedAt), StateSize: len(st.Keyed)}
+		if len(st.Offsets) > 0 {
+			tv.Offsets = make(map[string]int64, len(st.Offsets))
+			for p, off := range st.Offsets {
+				tv.Offsets[partitionKey(topic, p)] = off
+			}
+		}
+		v.Tasks = append(v.Tasks, tv)
+	}
+	return v
+}
+
+// handleCheckpoints lists a job's pending, retained completed and recent
+// aborted checkpoints, newest first.
+func (s *Server) handleCheckpoints(w http.ResponseWriter, r *http.Request) {
+	j, ok := s.lookupJob(w, r)
+	if !ok {
+		return
+	}
+	all := slices.Concat(j.Completed, j.Aborted)
+	if j.Pending != nil {
+		all = append(all, *j.Pending)
+	}
+	slices.SortFunc(all, func(a, b fsm.Checkpoint) int { return cmp.Compare(b.ID, a.ID) })
+	views := make([]apiCheckpoint, 0, len(all))
+	for _, cp := range all {
+		views = append(views, newAPICheckpoint(j.Spec.Source.Topic, cp))
+	}
+	writeJSON(w, http.StatusOK, views)
+}
+
+// apiState is GET /v1/jobs/{id}/state: the job's state as of its last
+// completed checkpoint.
+type apiState struct {
+	CheckpointID uint64 `json:"checkpoint_id"`
+	Attempt      uint64 `json:"attempt"`
+	CompletedAt  string `json:"completed_at"`
+	// Offsets are the next offsets to read, keyed "topic/partition".
+	Offsets map[string]int64 `json:"offsets"`
+	// Keyed is every key's state, merged over the map tasks' key groups.
+	Keyed map[string]int64 `json:"keyed"`
+}
+
+func (s *Server) handleState(w http.ResponseWriter, r *http.Request) {
+	j, ok := s.lookupJob(w, r)
+	if !ok {
+		return
+	}
+	cp, ok := s.fsm.LastCompleted(j.ID)
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("job %s has no completed checkpoint yet", j.ID))
+		return
+	}
+	v := apiState{
+		CheckpointID: cp.ID,
+		Attempt:      cp.Attempt,
+		CompletedAt:  formatTime(cp.EndedAt),
+		Offsets:      make(map[string]int64),
+		Keyed:        make(map[string]int64),
+	}
+	for _, id := range slices.Sorted(maps.Keys(cp.Tasks)) {
+		st := cp.Tasks[id]
+		for p, off := range st.Offsets {
+			v.Offsets[partitionKey(j.Spec.Source.Topic, p)] = off
+		}
+		if st.Kind != fsm.TaskMap || len(st.Keyed) == 0 {
+			continue
+		}
+		var ks transport.KeyedState
+		if err := proto.Unmarshal(st.Keyed, &ks); err != nil {
+			s.logger.Error("undecodable keyed state in completed checkpoint", "job", j.ID, "checkpoint", cp.ID, "task", id, "err", err)
+			writeError(w, http.StatusInternalServerError, fmt.Sprintf("checkpoint %d: keyed state of task %s: %v", cp.ID, id, err))
+			return
+		}
+		for _, g := range ks.GetGroups() {
+			for k, val := range g.GetValues() {
+				v.Keyed[k] = val
+			}
+		}
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+// apiPeer is one server of the Raft configuration.
+type apiPeer struct {
+	ID       string `json:"id"`
+	Address  string `json:"address"`
+	Suffrage string `json:"suffrage"` // voter, nonvoter, staging
+	Leader   bool   `json:"leader"`
+}
+
+func (s *Server) handleRaftPeers(w http.ResponseWriter, _ *http.Request) {
+	f := s.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("raft configuration: %v", err))
+		return
+	}
+	_, leader := s.raft.LeaderWithID()
+	servers := make([]apiPeer, 0, len(f.Configuration().Servers))
+	for _, srv := range f.Configuration().Servers {
+		servers = append(servers, apiPeer{
+			ID:       string(srv.ID),
+			Address:  string(srv.Address),
+			Suffrage: suffrageName(srv.Suffrage),
+			Leader:   srv.ID == leader,
+		})
+	}
+	slices.SortFunc(servers, func(a, b apiPeer) int { return cmp.Compare(a.ID, b.ID) })
+	writeJSON(w, http.StatusOK, map[string]any{"servers": servers})
+}
+
+func suffrageName(sf raft.ServerSuffrage) string {
+	switch sf {
+	case raft.Voter:
+		return "voter"
+	case raft.Nonvoter:
+		return "nonvoter"
+	case raft.Staging:
+		return "staging"
+	}
+	return sf.String()
+}
+
+// handleDigest answers the digest of this replica's FSM, for tests and
+// operators comparing replicas.
+func (s *Server) handleDigest(w http.ResponseWriter, _ *http.Request) {
+	applied := s.raft.AppliedIndex()
+	d, err := s.fsm.Digest()
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"id": s.cfg.ID, "digest": d, "applied_index": applied})
+}
+
+func partitionKey(topic string, p int32) string {
+	return topic + "/" + strconv.Itoa(int(p))
+}
+
+// formatTime renders unix nanoseconds as RFC 3339 in UTC; 0 is "".
+func formatTime(ns int64) string {
+	if ns == 0 {
+		return ""
+	}
+	return time.Unix(0, ns).UTC().Format(time.RFC3339Nano)
+}
+
+// writeJSON answers v as JSON with the given status.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v) // the client may have gone; nothing to do
+}
+
+// writeError answers {"error": msg} with the given status.
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]string{"error": msg})
+}

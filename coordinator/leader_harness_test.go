@@ -1,0 +1,347 @@
+package coordinator
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// leaderHarness drives one leader's state step by step, on a fake clock,
+// against a real FSM applied in memory (no Raft), fake gossip membership and
+// fake sessions whose outgoing queues the test reads. The test goroutine
+// plays the leader loop: it calls reconcile, checkpointPass and handle.
+type leaderHarness struct {
+	t      *testing.T
+	l      *leader
+	env    leaderEnv
+	f      *fsm.FSM
+	cancel context.CancelFunc
+	clock  time.Time
+	index  uint64
+
+	mu         sync.Mutex // guards members, partitions and partErr (read by lookup goroutines)
+	members    map[string]Member
+	partitions int
+	partErr    error
+
+	sessions map[string]*session
+}
+
+func newLeaderHarness(t *testing.T) *leaderHarness {
+	t.Helper()
+	h := &leaderHarness{
+		t:          t,
+		f:          fsm.New(),
+		clock:      time.Unix(1_700_000_000, 0),
+		members:    make(map[string]Member),
+		partitions: 4,
+	}
+	h.env = leaderEnv{
+		apply: func(_ context.Context, ct fsm.CommandType, cmd any) (any, error) {
+			data, err := fsm.Encode(ct, cmd)
+			if err != nil {
+				return nil, err
+			}
+			h.index++
+			return fsm.Result(h.f.Apply(&raft.Log{Index: h.index, Term: 1, Type: raft.LogCommand, Data: data}))
+		},
+		jobs:         h.f.Jobs,
+		job:          h.f.Job,
+		members:      h.memberList,
+		aliveWorkers: h.aliveWorkers,
+		partitions: func(context.Context, []string, string) (int, error) {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			return h.partitions, h.partErr
+		},
+		leaderID: "c1",
+		term:     func() uint64 { return 1 },
+		now:      func() time.Time { return h.clock },
+		jitter:   func() float64 { return 0.5 }, // no jitter: delays are exact
+	}
+	h.newTerm()
+	t.Cleanup(h.endTerm)
+	return h
+}
+
+// newTerm ends the current leader's term, if any, and starts a new one on
+// the same FSM at the current time: no sessions, and a new grace period.
+func (h *leaderHarness) newTerm() {
+	if h.l != nil {
+		h.endTerm()
+	}
+	cfg := Config{WorkerLease: 2 * time.Second, WorkerHeartbeat: 500 * time.Millisecond, ReconcileInterval: time.Second}
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		logger = slog.New(slog.NewTextHandler(testWriter{h.t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	var ctx context.Context
+	ctx, h.cancel = context.WithCancel(context.Background())
+	h.l = newLeader(ctx, h.env, cfg, logger, newMetrics())
+	h.sessions = make(map[string]*session)
+}
+
+func (h *leaderHarness) endTerm() {
+	h.cancel()
+	h.l.lookups.Wait()
+}
+
+// testWriter sends log lines to t.Log.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(string(p))
+	return len(p), nil
+}
+
+func (h *leaderHarness) memberList() []Member {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []Member
+	for _, m := range h.members {
+		out = append(out, m)
+	}
+	return out
+}
+
+func (h *leaderHarness) aliveWorkers() []Member {
+	var out []Member
+	for _, m := range h.memberList() {
+		if m.Role == transport.RoleWorker && (m.Status == StatusAlive || m.Status == StatusSuspect) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func (h *leaderHarness) setMember(id, status string, slots int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.members[id] = Member{ID: id, Role: transport.RoleWorker, Status: status, Slots: slots, DataAddr: id + ":7401"}
+}
+
+func (h *leaderHarness) setPartitions(n int, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.partitions, h.partErr = n, err
+}
+
+func (h *leaderHarness) advance(d time.Duration) { h.clock = h.clock.Add(d) }
+
+// apply commits cmd as the leader would and fails the test on error.
+func (h *leaderHarness) apply(ct fsm.CommandType, cmd any) any {
+	h.t.Helper()
+	res, err := h.l.env.apply(context.Background(), ct, cmd)
+	if err != nil {
+		h.t.Fatalf("apply %v: %v", ct, err)
+	}
+	return res
+}
+
+func (h *leaderHarness) register(id string, spec fsm.JobSpec) {
+	h.t.Helper()
+	h.apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: id, Spec: spec, Time: h.clock.UnixNano()})
+}
+
+func (h *leaderHarness) job(id string) fsm.Job {
+	h.t.Helper()
+	j, ok := h.f.Job(id)
+	if !ok {
+		h.t.Fatalf("job %s not in the FSM", id)
+	}
+	return j
+}
+
+// connect opens a session for worker reporting running, as the Session
+// handler would, and makes the worker an alive gossip member.
+func (h *leaderHarness) connect(worker string, slots int, running ...*transport.TaskStatus) *session {
+	h.t.Helper()
+	h.setMember(worker, StatusAlive, slots)
+	hello := &transport.Hello{WorkerId: worker, DataAddr: worker + ":7401", Slots: int32(slots), Running: running}
+	sess := newSession(h.l.ctx, hello)
+	h.sessions[worker] = sess
+	h.l.handle(sessionOpened{sess: sess, hello: hello})
+	return sess
+}
+
+// pastGrace moves the clock past the reconnect grace period.
+func (h *leaderHarness) pastGrace() {
+	if d := h.l.graceEnd.Sub(h.clock); d >= 0 {
+		h.advance(d + time.Millisecond)
+	}
+}
+
+// step runs one loop iteration's work: a reconcile pass, any partition
+// lookup it started, and a checkpoint pass.
+func (h *leaderHarness) step() {
+	h.t.Helper()
+	h.l.reconcile()
+	for h.lookupsPending() {
+		select {
+		case ev := <-h.l.events:
+			h.l.handle(ev)
+		case <-time.After(10 * time.Second):
+			h.t.Fatalf("partition lookup did not report within 10s")
+		}
+	}
+	h.l.checkpointPass()
+}
+
+func (h *leaderHarness) lookupsPending() bool {
+	for _, js := range h.l.jobs {
+		if js.lookup {
+			return true
+		}
+	}
+	return false
+}
+
+// drain returns and removes every message queued for worker.
+func (h *leaderHarness) drain(worker string) []*transport.CoordinatorMessage {
+	sess := h.sessions[worker]
+	var msgs []*transport.CoordinatorMessage
+	for {
+		select {
+		case m := <-sess.out:
+			msgs = append(msgs, m)
+		default:
+			return msgs
+		}
+	}
+}
+
+// deploys returns the DeployTask messages among msgs, by task id.
+func deploys(msgs []*transport.CoordinatorMessage) map[string]*transport.DeployTask {
+	out := make(map[string]*transport.DeployTask)
+	for _, m := range msgs {
+		if d := m.GetDeploy(); d != nil {
+			out[d.GetTask().GetTaskId()] = d
+		}
+	}
+	return out
+}
+
+// report sends a TaskStatus from worker for one task.
+func (h *leaderHarness) report(worker string, ref *transport.TaskRef, phase transport.TaskPhase, reason string) {
+	h.l.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{
+		Status: &transport.TaskStatus{Task: ref, Phase: phase, Reason: reason},
+	}}})
+}
+
+// runAll reports every task of job's current attempt RUNNING from its worker.
+func (h *leaderHarness) runAll(jobID string) {
+	h.t.Helper()
+	job := h.job(jobID)
+	for _, t := range job.Tasks {
+		h.report(t.Worker, ref(job, t), transport.TaskPhase_TASK_PHASE_RUNNING, "")
+	}
+}
+
+func ref(job fsm.Job, t fsm.Task) *transport.TaskRef {
+	return &transport.TaskRef{JobId: job.ID, Attempt: job.Attempt, TaskId: t.ID}
+}
+
+// ack sends worker's ack of checkpoint id for task t, with a valid state.
+func (h *leaderHarness) ack(worker string, r *transport.TaskRef, t fsm.Task, id uint64) {
+	h.l.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
+		Ack: &transport.CheckpointAck{Task: r, CheckpointId: id, State: validState(t, id)},
+	}}})
+}
+
+// ackAll acks checkpoint id for every task of job's current attempt.
+func (h *leaderHarness) ackAll(jobID string, id uint64) {
+	job := h.job(jobID)
+	for _, t := range job.Tasks {
+		h.ack(t.Worker, ref(job, t), t, id)
+	}
+}
+
+// validState is a state the FSM accepts for t: an offset per partition for a
+// source, a keyed blob with its SHA-256 for a map task.
+func validState(t fsm.Task, id uint64) *transport.TaskState {
+	if t.Kind == fsm.TaskSource {
+		offsets := make(map[int32]int64)
+		for _, p := range t.Partitions {
+			offsets[p] = int64(id)*100 + int64(p)
+		}
+		return &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_SOURCE, Offsets: offsets}
+	}
+	blob := fmt.Appendf(nil, "%s@%d", t.ID, id)
+	sum := sha256.Sum256(blob)
+	return &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_MAP, Keyed: blob, KeyedSha256: hex.EncodeToString(sum[:])}
+}
+
+// triggers returns the checkpoint ids of the TriggerCheckpoint messages in msgs, by task.
+func triggers(msgs []*transport.CoordinatorMessage) map[string]uint64 {
+	out := make(map[string]uint64)
+	for _, m := range msgs {
+		if tr := m.GetTrigger(); tr != nil {
+			out[tr.GetTask().GetTaskId()] = tr.GetCheckpointId()
+		}
+	}
+	return out
+}
+
+// cancels returns the task refs of the CancelTask messages in msgs.
+func cancels(msgs []*transport.CoordinatorMessage) []*transport.TaskRef {
+	var out []*transport.TaskRef
+	for _, m := range msgs {
+		if c := m.GetCancel(); c != nil {
+			out = append(out, c.GetTask())
+		}
+	}
+	return out
+}
+
+// startJob registers job id with spec on workers w1 and w2 (4 slots each),
+// deploys it and reports every task RUNNING, and returns the job.
+func (h *leaderHarness) startJob(id string, spec fsm.JobSpec) fsm.Job {
+	h.t.Helper()
+	h.register(id, spec)
+	for _, w := range []string{"w1", "w2"} {
+		if h.sessions[w] == nil {
+			h.connect(w, 4)
+		}
+	}
+	h.pastGrace()
+	h.step()
+	job := h.job(id)
+	if job.Attempt != 1 || job.Status != fsm.JobRunning {
+		h.t.Fatalf("job %s not deployed: attempt %d status %s reason %q", id, job.Attempt, job.Status, job.Reason)
+	}
+	h.drain("w1")
+	h.drain("w2")
+	h.runAll(id)
+	return job
+}
+
+// completeCheckpoint triggers the next checkpoint of job id, acks it from
+// every task and returns its id.
+func (h *leaderHarness) completeCheckpoint(id string) uint64 {
+	h.t.Helper()
+	h.advance(time.Duration(h.job(id).Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	p := h.job(id).Pending
+	if p == nil {
+		h.t.Fatalf("no checkpoint triggered for job %s", id)
+	}
+	h.ackAll(id, p.ID)
+	if last, ok := h.f.LastCompleted(id); !ok || last.ID != p.ID {
+		h.t.Fatalf("checkpoint %d not completed", p.ID)
+	}
+	h.drain("w1")
+	h.drain("w2")
+	return p.ID
+}

@@ -1,0 +1,266 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+func TestLeaderAssignSpreadsTasksOverFreeSlots(t *testing.T) {
+	spec := testJobSpec(2, 3)
+	workers := []workerSlots{
+		{id: "w2", dataAddr: "w2:7401", free: 2},
+		{id: "w1", dataAddr: "w1:7401", free: 4},
+		{id: "w3", dataAddr: "w3:7401", free: 2},
+	}
+	tasks, err := assign(spec, 5, workers)
+	if err != nil {
+		t.Fatalf("assign: %v", err)
+	}
+	// Most free first, then by id: w1, w2, w3, w1, w2.
+	want := []struct {
+		id, worker string
+	}{{"source-0", "w1"}, {"source-1", "w2"}, {"map-0", "w3"}, {"map-1", "w1"}, {"map-2", "w2"}}
+	if len(tasks) != len(want) {
+		t.Fatalf("got %d tasks, want %d", len(tasks), len(want))
+	}
+	for i, w := range want {
+		if tasks[i].ID != w.id || tasks[i].Worker != w.worker || tasks[i].DataAddr != w.worker+":7401" {
+			t.Errorf("task %d = %s on %s (%s), want %s on %s", i, tasks[i].ID, tasks[i].Worker, tasks[i].DataAddr, w.id, w.worker)
+		}
+	}
+	if got := tasks[0].Partitions; !slices.Equal(got, []int32{0, 2, 4}) {
+		t.Errorf("source-0 partitions = %v, want [0 2 4]", got)
+	}
+	if got := tasks[1].Partitions; !slices.Equal(got, []int32{1, 3}) {
+		t.Errorf("source-1 partitions = %v, want [1 3]", got)
+	}
+	wantKG := fsm.KeyGroupRanges(spec.Operator.MaxParallelism, 3)
+	for i := range 3 {
+		if kg := tasks[2+i].KeyGroups; kg == nil || *kg != wantKG[i] {
+			t.Errorf("map-%d key groups = %v, want %v", i, kg, wantKG[i])
+		}
+	}
+	if workers[1].free != 4 {
+		t.Errorf("assign changed its input: w1 free = %d", workers[1].free)
+	}
+}
+
+func TestLeaderAssignWithoutEnoughSlotsSaysHowMany(t *testing.T) {
+	_, err := assign(testJobSpec(2, 3), 4, []workerSlots{{id: "w1", free: 2}, {id: "w2", free: 1}})
+	var slots *slotsError
+	if !errors.As(err, &slots) {
+		t.Fatalf("assign error = %v, want a *slotsError", err)
+	}
+	if got, want := err.Error(), "waiting for 5 free slots (3 free)"; got != want {
+		t.Fatalf("reason = %q, want %q", got, want)
+	}
+}
+
+func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
+	workers := []Member{
+		{ID: "w1", Slots: 4, DataAddr: "w1:1"},
+		{ID: "w2", Slots: 2, DataAddr: "w2:1"},
+		{ID: "w3", Slots: 1, DataAddr: "w3:1"},
+	}
+	jobs := []fsm.Job{
+		{ID: "a", Status: fsm.JobRunning, Tasks: []fsm.Task{{Worker: "w1"}, {Worker: "w2"}, {Worker: "w3"}}},
+		{ID: "b", Status: fsm.JobRestarting, Tasks: []fsm.Task{{Worker: "w1"}}},
+		{ID: "c", Status: fsm.JobCancelled, Tasks: []fsm.Task{{Worker: "w1"}}},
+		{ID: "self", Status: fsm.JobRunning, Tasks: []fsm.Task{{Worker: "w2"}}},
+	}
+	got := freeSlots(workers, jobs, "self")
+	want := []workerSlots{{id: "w1", dataAddr: "w1:1", free: 3}, {id: "w2", dataAddr: "w2:1", free: 1}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("freeSlots = %+v, want %+v", got, want)
+	}
+}
+
+func TestLeaderRestoreOffsetsFollowPartitionsAcrossParallelism(t *testing.T) {
+	// Checkpointed with 3 sources over 6 partitions; restored with 2 sources.
+	ck := &fsm.Checkpoint{ID: 7, Tasks: map[string]fsm.TaskState{
+		"source-0": {Kind: fsm.TaskSource, Offsets: map[int32]int64{0: 100, 3: 130}},
+		"source-1": {Kind: fsm.TaskSource, Offsets: map[int32]int64{1: 110, 4: 140}},
+		"source-2": {Kind: fsm.TaskSource, Offsets: map[int32]int64{2: 120, 5: 150}},
+		"map-0":    {Kind: fsm.TaskMap, Keyed: []byte("a"), KeyedSHA256: "x"},
+	}}
+	got0 := restoreOffsets(ck, fsm.SourcePartitions(6, 2, 0))
+	want0 := map[int32]int64{0: 100, 2: 120, 4: 140}
+	got1 := restoreOffsets(ck, fsm.SourcePartitions(6, 2, 1))
+	want1 := map[int32]int64{1: 110, 3: 130, 5: 150}
+	if !maps.Equal(got0, want0) || !maps.Equal(got1, want1) {
+		t.Fatalf("restore offsets = %v and %v, want %v and %v", got0, got1, want0, want1)
+	}
+	// A partition added since the checkpoint has no offset: the source starts it from spec.start.
+	if got := restoreOffsets(ck, []int32{0, 6}); !maps.Equal(got, map[int32]int64{0: 100}) {
+		t.Fatalf("restore offsets with a new partition = %v", got)
+	}
+}
+
+func TestLeaderBuildDeployCarriesRestoreState(t *testing.T) {
+	spec := testJobSpec(2, 2)
+	tasks, err := assign(spec, 4, []workerSlots{{id: "w1", dataAddr: "w1:7401", free: 2}, {id: "w2", dataAddr: "w2:7401", free: 2}})
+	if err != nil {
+		t.Fatalf("assign: %v", err)
+	}
+	job := fsm.Job{ID: "j1", Spec: spec, Attempt: 3, Tasks: tasks}
+	ck := &fsm.Checkpoint{ID: 9, Tasks: map[string]fsm.TaskState{
+		"source-0": {Kind: fsm.TaskSource, Offsets: map[int32]int64{0: 5, 2: 6}},
+		"source-1": {Kind: fsm.TaskSource, Offsets: map[int32]int64{1: 7, 3: 8}},
+		"map-1":    {Kind: fsm.TaskMap, Keyed: []byte("b"), KeyedSHA256: "hb"},
+		"map-0":    {Kind: fsm.TaskMap, Keyed: []byte("a"), KeyedSHA256: "ha"},
+	}}
+	src := buildDeploy(job, tasks[1], ck)
+	if src.GetTask().GetAttempt() != 3 || src.GetKind() != transport.TaskKind_TASK_KIND_SOURCE || src.GetIndex() != 1 {
+		t.Fatalf("source deploy header = %v", src)
+	}
+	if src.GetSource().GetGroup() != "coordflow-wc" || !slices.Equal(src.GetSource().GetPartitions(), []int32{1, 3}) {
+		t.Fatalf("source spec = %v", src.GetSource())
+	}
+	if src.GetRestoreCheckpointId() != 9 || !maps.Equal(src.GetRestoreOffsets(), map[int32]int64{1: 7, 3: 8}) {
+		t.Fatalf("source restore = %d %v", src.GetRestoreCheckpointId(), src.GetRestoreOffsets())
+	}
+	if src.GetNumSources() != 2 || len(src.GetMapTasks()) != 2 || src.GetMapTasks()[1].GetDataAddr() != tasks[3].DataAddr {
+		t.Fatalf("source routing = %d sources, map tasks %v", src.GetNumSources(), src.GetMapTasks())
+	}
+	m := buildDeploy(job, tasks[2], ck)
+	blobs := m.GetRestoreKeyed()
+	if len(blobs) != 2 || blobs[0].GetTaskId() != "map-0" || string(blobs[1].GetData()) != "b" || blobs[1].GetSha256() != "hb" {
+		t.Fatalf("map restore blobs = %v", blobs)
+	}
+	if len(m.GetRestoreOffsets()) != 0 || m.GetSink().GetTopic() != "counts" {
+		t.Fatalf("map deploy = %v", m)
+	}
+	if fresh := buildDeploy(job, tasks[0], nil); fresh.GetRestoreCheckpointId() != 0 || len(fresh.GetRestoreOffsets()) != 0 {
+		t.Fatalf("fresh deploy restores: %v", fresh)
+	}
+}
+
+func TestLeaderChooseRestoreSkipsBadCheckpoints(t *testing.T) {
+	completed := []fsm.Checkpoint{{ID: 3}, {ID: 5}, {ID: 8}}
+	ck, note, err := chooseRestore(completed, map[uint64]string{})
+	if err != nil || ck.ID != 8 || note != "" {
+		t.Fatalf("no bad: %v %q %v", ck, note, err)
+	}
+	ck, note, err = chooseRestore(completed, map[uint64]string{8: "task map-0: checksum mismatch"})
+	if err != nil || ck.ID != 5 || !strings.Contains(note, "checkpoint 8: task map-0: checksum mismatch") {
+		t.Fatalf("8 bad: %v %q %v", ck, note, err)
+	}
+	_, _, err = chooseRestore(completed, map[uint64]string{3: "x", 5: "y", 8: "z"})
+	if err == nil || !strings.Contains(err.Error(), "every retained checkpoint failed verification") {
+		t.Fatalf("all bad: err = %v", err)
+	}
+	if ck, _, err := chooseRestore(nil, nil); ck != nil || err != nil {
+		t.Fatalf("none: %v %v", ck, err)
+	}
+}
+
+func TestLeaderRestartDelayGrowsWithJitterAndCaps(t *testing.T) {
+	spec := fsm.RestartSpec{Initial: fsm.Duration(100 * time.Millisecond), Max: fsm.Duration(time.Second)}
+	mid := []time.Duration{100, 200, 400, 800, 1000, 1000}
+	for failures, base := range mid {
+		base *= time.Millisecond
+		lo := restartDelay(spec, failures, 0)
+		hi := restartDelay(spec, failures, 0.999)
+		if got := restartDelay(spec, failures, 0.5); got != base {
+			t.Errorf("failures %d: delay without jitter = %v, want %v", failures, got, base)
+		}
+		if want := time.Duration(float64(base) * 0.8); lo != want {
+			t.Errorf("failures %d: lowest delay = %v, want %v", failures, lo, want)
+		}
+		if hi <= base && base < time.Second {
+			t.Errorf("failures %d: highest delay %v not above %v", failures, hi, base)
+		}
+		if hi > time.Second {
+			t.Errorf("failures %d: delay %v exceeds the cap", failures, hi)
+		}
+	}
+	if got := restartDelay(spec, 1000, 0.5); got != time.Second {
+		t.Errorf("many failures: delay %v, want the cap", got)
+	}
+}
+
+func TestLeaderBackoffResetsAfterALongRun(t *testing.T) {
+	h := newLeaderHarness(t)
+	js := &jobState{id: "j", bad: map[uint64]string{}, spec: testJobSpec(1, 1)}
+	js.spec.Restart = fsm.RestartSpec{
+		Initial: fsm.Duration(time.Second), Max: fsm.Duration(time.Minute), ResetAfter: fsm.Duration(10 * time.Second),
+	}
+	h.l.jobs["j"] = js
+	js.deployedAt = h.clock
+	for range 3 {
+		h.l.beginRestart(js, "boom")
+	}
+	if js.failures != 3 || js.retryAt.Sub(h.clock) != 4*time.Second {
+		t.Fatalf("after 3 quick failures: failures %d, retry in %v; want 3 and 4s", js.failures, js.retryAt.Sub(h.clock))
+	}
+	js.deployedAt = h.clock
+	h.advance(11 * time.Second)
+	h.l.beginRestart(js, "boom")
+	if js.failures != 1 || js.retryAt.Sub(h.clock) != time.Second {
+		t.Fatalf("after a long run: failures %d, retry in %v; want 1 and 1s", js.failures, js.retryAt.Sub(h.clock))
+	}
+}
+
+func TestLeaderKafkaPartitions(t *testing.T) {
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(6, "words"))
+	if err != nil {
+		t.Fatalf("kfake: %v", err)
+	}
+	defer cluster.Close()
+	brokers := cluster.ListenAddrs()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	if n, err := kafkaPartitions(ctx, brokers, "words"); err != nil || n != 6 {
+		t.Fatalf("words: %d partitions, err %v; want 6", n, err)
+	}
+	_, err = kafkaPartitions(ctx, brokers, "nope")
+	if want := `source topic "nope" does not exist on ` + brokers[0]; err == nil || err.Error() != want {
+		t.Fatalf("missing topic: err %v, want %q", err, want)
+	}
+	if _, err := kafkaPartitions(ctx, brokers, "nope"); err == nil {
+		t.Fatalf("the lookup created the topic")
+	}
+
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	closed := lis.Addr().String()
+	if err := lis.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	_, err = kafkaPartitions(ctx, []string{closed}, "words")
+	if err == nil || !strings.HasPrefix(err.Error(), "source brokers "+closed+" unreachable") {
+		t.Fatalf("unreachable broker: err %v", err)
+	}
+}
+
+// testJobSpec is a valid spec with the given parallelism over 8 key groups.
+func testJobSpec(sources, maps int) fsm.JobSpec {
+	s := fsm.JobSpec{
+		Name:     "wc",
+		Source:   fsm.SourceSpec{Brokers: []string{"127.0.0.1:9092"}, Topic: "words", Parallelism: sources},
+		Operator: fsm.OperatorSpec{Name: "wordcount", Parallelism: maps, MaxParallelism: 8},
+		Sink:     &fsm.SinkSpec{Brokers: []string{"127.0.0.1:9092"}, Topic: "counts"},
+		Checkpoint: fsm.CheckpointSpec{
+			Interval: fsm.Duration(time.Second), Timeout: fsm.Duration(10 * time.Second), Retained: 2, TolerableFailures: 1,
+		},
+		Restart: fsm.RestartSpec{
+			Initial: fsm.Duration(time.Second), Max: fsm.Duration(8 * time.Second), ResetAfter: fsm.Duration(time.Minute),
+		},
+	}
+	s.ApplyDefaults()
+	return s
+}

@@ -1,0 +1,285 @@
+package coordinator
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/coordflow/coordflow/transport"
+)
+
+const (
+	// joinBackoffMin and joinBackoffMax bound the retry delay of -join:
+	// nodes start at the same time, so the first attempts often fail.
+	joinBackoffMin = 100 * time.Millisecond
+	joinBackoffMax = 5 * time.Second
+	// gossipLeaveTimeout bounds each of the two broadcasts of a graceful
+	// leave (the leaving mark, then the leave itself).
+	gossipLeaveTimeout = time.Second
+	// roleUnknown is shown for a member whose meta cannot be decoded.
+	roleUnknown = "unknown"
+)
+
+// gossipMeta is the node meta coordd advertises: transport.NodeMeta, whose
+// decoders ignore unknown fields, plus Leaving. memberlist v0.7.0 does not
+// tell an event delegate whether a member left or died (memberlist.Node.State
+// is never set), so a coordinator marks itself leaving, gossips that, and
+// only then leaves; peers that saw the mark report "left" instead of "dead".
+// Leaving belongs in transport.NodeMeta, where workers could set it too.
+type gossipMeta struct {
+	transport.NodeMeta
+	Leaving bool `json:"leaving,omitempty"`
+}
+
+// memberRecord is what this node remembers of one gossip member.
+type memberRecord struct {
+	Member
+	leaving bool
+}
+
+// setupMemberlist creates the memberlist on GossipAddr, tuned by Config. Its
+// delegates update memberState from then on; joining happens in joinLoop.
+func (s *Server) setupMemberlist() error {
+	host, portStr, err := net.SplitHostPort(s.cfg.GossipAddr)
+	if err != nil {
+		return fmt.Errorf("gossip addr %q: %w", s.cfg.GossipAddr, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil || port < 0 || port > 65535 {
+		return fmt.Errorf("gossip addr %q: bad port", s.cfg.GossipAddr)
+	}
+	ip := net.ParseIP(host)
+	if host != "" && ip == nil {
+		return fmt.Errorf("gossip addr %q: host must be an IP address", s.cfg.GossipAddr)
+	}
+
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = s.cfg.ID
+	mc.BindAddr, mc.BindPort = "0.0.0.0", port
+	if ip != nil {
+		mc.BindAddr = ip.String()
+	}
+	if ip != nil && !ip.IsUnspecified() {
+		// Otherwise memberlist picks a private address to advertise.
+		mc.AdvertiseAddr, mc.AdvertisePort = ip.String(), port
+	}
+	mc.ProbeInterval = s.cfg.ProbeInterval
+	mc.ProbeTimeout = s.cfg.ProbeTimeout
+	mc.SuspicionMult = s.cfg.SuspicionMult
+	mc.GossipInterval = s.cfg.GossipInterval
+	mc.Delegate = gossipDelegate{s}
+	mc.Events = eventDelegate{s}
+	// memberlist's own lines go to debug; membership changes are logged at
+	// info by the event delegate.
+	mc.Logger = log.New(&levelWriter{logger: s.logger.With("component", "memberlist"), def: slog.LevelDebug, max: slog.LevelDebug}, "", 0)
+
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return fmt.Errorf("start gossip on %s: %w", s.cfg.GossipAddr, err)
+	}
+	s.members = ml
+	return nil
+}
+
+// joinLoop joins the pool through cfg.Join, retrying with backoff until one
+// peer answers or the server shuts down. The node's own address is skipped,
+// since contacting only oneself would count as success.
+func (s *Server) joinLoop() {
+	peers := s.joinPeers()
+	if len(peers) == 0 {
+		return
+	}
+	backoff := joinBackoffMin
+	for {
+		n, err := s.members.Join(peers)
+		if n > 0 {
+			s.logger.Info("joined gossip pool", "contacted", n, "of", peers)
+			return
+		}
+		s.logger.Info("join gossip pool failed; retrying", "peers", peers, "err", err, "backoff", backoff)
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, joinBackoffMax)
+	}
+}
+
+// joinPeers returns cfg.Join without this node's own gossip address.
+func (s *Server) joinPeers() []string {
+	self := s.members.LocalNode()
+	var peers []string
+	for _, p := range s.cfg.Join {
+		if a, err := net.ResolveTCPAddr("tcp", p); err == nil && a.IP.Equal(self.Addr) && a.Port == int(self.Port) {
+			continue
+		}
+		peers = append(peers, p)
+	}
+	return peers
+}
+
+// leaveGossip marks this node leaving, leaves the pool gracefully and shuts
+// memberlist down. Called once, from Shutdown.
+func (s *Server) leaveGossip() error {
+	var errs []error
+	s.leaving.Store(true)
+	if err := s.members.UpdateNode(gossipLeaveTimeout); err != nil {
+		// Peers will report this node dead rather than left; not fatal.
+		s.logger.Info("gossip leaving mark not confirmed", "err", err)
+	}
+	if err := s.members.Leave(gossipLeaveTimeout); err != nil {
+		errs = append(errs, fmt.Errorf("leave gossip pool: %w", err))
+	}
+	if err := s.members.Shutdown(); err != nil {
+		errs = append(errs, fmt.Errorf("shutdown gossip: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// Members returns every gossip member this node knows, including dead and left
+// ones, sorted by id. [C1]
+func (s *Server) Members() []Member {
+	s.memberMu.Lock()
+	defer s.memberMu.Unlock()
+	out := make([]Member, 0, len(s.memberState))
+	for _, r := range s.memberState {
+		out = append(out, r.Member)
+	}
+	slices.SortFunc(out, func(a, b Member) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
+
+// aliveWorkers returns the workers memberlist considers alive (alive or
+// suspect), sorted by id. memberlist v0.7.0 reports no suspicion to its
+// delegates, so suspect members show as alive. [C1]
+func (s *Server) aliveWorkers() []Member {
+	var out []Member
+	for _, m := range s.Members() {
+		if m.Role == transport.RoleWorker && (m.Status == StatusAlive || m.Status == StatusSuspect) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// observeMember records a member event. leave is true for NotifyLeave, which
+// memberlist sends for a member that died or left.
+func (s *Server) observeMember(n *memberlist.Node, leave bool) {
+	meta, metaErr := decodeGossipMeta(n.Meta)
+
+	s.memberMu.Lock()
+	rec, ok := s.memberState[n.Name]
+	if !ok {
+		rec = &memberRecord{}
+		s.memberState[n.Name] = rec
+	}
+	prev := rec.Member
+	rec.ID = n.Name
+	rec.GossipAddr = n.Address()
+	if metaErr == nil {
+		rec.Role = meta.Role
+		rec.RaftAddr, rec.RPCAddr, rec.HTTPAddr, rec.Voter = meta.RaftAddr, meta.RPCAddr, meta.HTTPAddr, meta.Voter
+		rec.DataAddr, rec.Slots = meta.DataAddr, meta.Slots
+		rec.leaving = meta.Leaving
+	} else if rec.Role == "" {
+		rec.Role = roleUnknown
+	}
+	switch {
+	case !leave:
+		rec.Status = StatusAlive
+	case rec.leaving || n.State == memberlist.StateLeft:
+		rec.Status = StatusLeft
+	default:
+		rec.Status = StatusDead
+	}
+	cur := rec.Member
+	s.memberMu.Unlock()
+
+	if metaErr != nil {
+		s.logger.Warn("gossip member with unreadable meta", "member", n.Name, "addr", cur.GossipAddr, "err", metaErr)
+	}
+	if prev.Status != cur.Status {
+		s.logger.Info("gossip member "+cur.Status, "member", cur.ID, "role", cur.Role, "addr", cur.GossipAddr, "was", prev.Status)
+	} else if prev != cur {
+		s.logger.Debug("gossip member updated", "member", cur.ID, "role", cur.Role, "addr", cur.GossipAddr)
+	}
+	select {
+	case s.memberEvents <- struct{}{}:
+	default:
+	}
+	s.memberChanged()
+}
+
+func decodeGossipMeta(b []byte) (gossipMeta, error) {
+	var m gossipMeta
+	if len(b) == 0 {
+		return m, errors.New("decode node meta: empty")
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("decode node meta: %w", err)
+	}
+	return m, nil
+}
+
+// gossipDelegate gives memberlist this node's meta. memberlist calls it from
+// its own goroutines; it must not call back into memberlist.
+type gossipDelegate struct{ s *Server }
+
+// NodeMeta returns this coordinator's role and addresses.
+func (d gossipDelegate) NodeMeta(limit int) []byte {
+	s := d.s
+	b, err := json.Marshal(gossipMeta{
+		NodeMeta: transport.NodeMeta{
+			Role:     transport.RoleCoordinator,
+			RaftAddr: s.RaftAddr(),
+			RPCAddr:  s.rpcAddr,
+			HTTPAddr: s.httpAddr,
+			Voter:    s.cfg.Voter,
+		},
+		Leaving: s.leaving.Load(),
+	})
+	if err == nil && len(b) > limit {
+		err = fmt.Errorf("%d bytes exceed memberlist's limit of %d", len(b), limit)
+	}
+	if err != nil {
+		s.logger.Error("encode gossip meta", "err", err)
+		return nil
+	}
+	return b
+}
+
+// NotifyMsg ignores user messages: coordd sends none.
+func (gossipDelegate) NotifyMsg([]byte) {}
+
+// GetBroadcasts has no user broadcasts to offer.
+func (gossipDelegate) GetBroadcasts(int, int) [][]byte { return nil }
+
+// LocalState has no state to push: the meta says everything.
+func (gossipDelegate) LocalState(bool) []byte { return nil }
+
+// MergeRemoteState ignores remote state.
+func (gossipDelegate) MergeRemoteState([]byte, bool) {}
+
+// eventDelegate keeps memberState current. memberlist calls it one event at
+// a time while holding its node lock: it must neither block nor call
+// memberlist.
+type eventDelegate struct{ s *Server }
+
+// NotifyJoin records a member that joined, or came back.
+func (d eventDelegate) NotifyJoin(n *memberlist.Node) { d.s.observeMember(n, false) }
+
+// NotifyUpdate records a member's new meta.
+func (d eventDelegate) NotifyUpdate(n *memberlist.Node) { d.s.observeMember(n, false) }
+
+// NotifyLeave records a member that died or left.
+func (d eventDelegate) NotifyLeave(n *memberlist.Node) { d.s.observeMember(n, true) }

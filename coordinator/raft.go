@@ -1,0 +1,534 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+const (
+	// raftDBFile holds the Raft log and stable store under the data dir.
+	raftDBFile = "raft.db"
+	// boltOpenTimeout bounds the wait for bolt's file lock: a data dir in
+	// use by another process fails the start instead of hanging it.
+	boltOpenTimeout = 2 * time.Second
+	// snapshotsRetained is how many Raft snapshots stay on disk.
+	snapshotsRetained = 2
+	// raftMaxPool and raftIOTimeout configure the Raft TCP transport.
+	raftMaxPool   = 3
+	raftIOTimeout = 10 * time.Second
+	// defaultApplyTimeout bounds raftApply when its ctx has no deadline.
+	defaultApplyTimeout = 10 * time.Second
+	// barrierTimeout bounds the Barrier a new leader waits for before it
+	// starts its loops; a failed Barrier is retried after barrierRetry.
+	barrierTimeout = 30 * time.Second
+	barrierRetry   = time.Second
+	// membershipChangeTimeout bounds AddVoter and AddNonvoter.
+	membershipChangeTimeout = 10 * time.Second
+	// bootstrapPoll is how often a node waiting to bootstrap looks at gossip.
+	bootstrapPoll = 200 * time.Millisecond
+	// peerStatusTimeout bounds the status query of a peer before bootstrap.
+	peerStatusTimeout = time.Second
+	// slowLeaderLoop is how long the monitor waits for the leader loops to
+	// return before it warns, and then warns again.
+	slowLeaderLoop = 5 * time.Second
+)
+
+// ErrNotLeader is returned (wrapped) by raftApply on a node that is not the
+// Raft leader: the command was not appended. HTTP answers it by forwarding
+// to the leader or with 503.
+var ErrNotLeader = errors.New("not the raft leader")
+
+// errPeerHasState says a peer already holds Raft state, so the cluster
+// exists and this node must wait to be added instead of bootstrapping.
+var errPeerHasState = errors.New("a peer already holds raft state")
+
+// setupRaft opens the stores under the data dir, binds the Raft transport and
+// starts the Raft node.
+func (s *Server) setupRaft() error {
+	hl := newHCLogger(s.logger.With("component", "raft"), "raft")
+	store, err := openBoltStore(filepath.Join(s.cfg.DataDir, raftDBFile))
+	if err != nil {
+		return err
+	}
+	s.store = store
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(s.cfg.DataDir, snapshotsRetained, hl.Named("snapshots"))
+	if err != nil {
+		return fmt.Errorf("open raft snapshot store in %s: %w", s.cfg.DataDir, err)
+	}
+	trans, err := raft.NewTCPTransportWithLogger(s.cfg.RaftAddr, nil, raftMaxPool, raftIOTimeout, hl.Named("transport"))
+	if err != nil {
+		return fmt.Errorf("raft transport on %s: %w", s.cfg.RaftAddr, err)
+	}
+	s.raftTransport = trans
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(s.cfg.ID)
+	rc.HeartbeatTimeout = s.cfg.RaftHeartbeatTimeout
+	rc.ElectionTimeout = s.cfg.RaftElectionTimeout
+	rc.LeaderLeaseTimeout = s.cfg.RaftLeaderLeaseTimeout
+	if s.cfg.SnapshotThreshold > 0 {
+		rc.SnapshotThreshold = s.cfg.SnapshotThreshold
+	}
+	if s.cfg.TrailingLogs > 0 {
+		rc.TrailingLogs = s.cfg.TrailingLogs
+	}
+	if s.cfg.SnapshotInterval > 0 {
+		rc.SnapshotInterval = s.cfg.SnapshotInterval
+	}
+	rc.Logger = hl
+	if err := raft.ValidateConfig(rc); err != nil {
+		return fmt.Errorf("raft config: %w", err)
+	}
+
+	s.raftHadState, err = raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		return fmt.Errorf("inspect raft state in %s: %w", s.cfg.DataDir, err)
+	}
+	r, err := raft.NewRaft(rc, s.fsm, store, store, snaps, trans)
+	if err != nil {
+		return fmt.Errorf("start raft: %w", err)
+	}
+	s.raft = r
+	return nil
+}
+
+// openBoltStore opens the Raft log and stable store, failing after
+// boltOpenTimeout with a clear error when another process holds its lock.
+func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path:        path,
+		BoltOptions: &bbolt.Options{Timeout: boltOpenTimeout},
+	})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("open raft store %s: locked by another process (is another coordd running with this data dir?): gave up after %v: %w",
+			path, boltOpenTimeout, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open raft store %s: %w", path, err)
+	}
+	return store, nil
+}
+
+// raftApply encodes cmd, applies it through Raft on this node (which must be
+// the leader) and returns the FSM's result, or the FSM's error. It waits until
+// ctx's deadline, or defaultApplyTimeout without one. An error wrapping
+// ErrNotLeader means the command was not appended; raft.ErrLeadershipLost
+// means it may or may not commit. [C1]
+func (s *Server) raftApply(ctx context.Context, t fsm.CommandType, cmd any) (any, error) {
+	data, err := fsm.Encode(t, cmd)
+	if err != nil {
+		return nil, fmt.Errorf("raft apply: %w", err)
+	}
+	timeout := defaultApplyTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	if err := ctx.Err(); err != nil || timeout <= 0 {
+		return nil, fmt.Errorf("raft apply %v: %w", t, context.Cause(ctx))
+	}
+	start := time.Now()
+	f := s.raft.Apply(data, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			return nil, fmt.Errorf("raft apply %v: %w: %w", t, ErrNotLeader, err)
+		}
+		return nil, fmt.Errorf("raft apply %v: %w", t, err)
+	}
+	s.metrics.raftApplyDuration.WithLabelValues(t.String()).Observe(time.Since(start).Seconds())
+	res, err := fsm.Result(f.Response())
+	if err != nil {
+		return nil, fmt.Errorf("raft apply %v at index %d: %w", t, f.Index(), err)
+	}
+	return res, nil
+}
+
+// monitorLeadership runs the leader loops while this node leads: it starts
+// them on gaining leadership and cancels them, waiting for them to return,
+// on losing it. Runs until Server.ctx is cancelled.
+func (s *Server) monitorLeadership() {
+	type term struct {
+		cancel context.CancelFunc
+		done   chan struct{}
+	}
+	var cur *term
+	stopLeader := func() {
+		if cur == nil {
+			return
+		}
+		cur.cancel()
+		s.waitLeaderLoops(cur.done)
+		cur = nil
+	}
+	defer stopLeader()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case leader := <-s.raft.LeaderCh():
+			// LeaderCh keeps only the latest transition: true while loops
+			// run means leadership was lost and regained, so always stop
+			// the old loops first.
+			stopLeader()
+			if !leader {
+				s.logger.Info("lost raft leadership")
+				continue
+			}
+			ctx, cancel := context.WithCancel(s.ctx)
+			cur = &term{cancel: cancel, done: make(chan struct{})}
+			go func(done chan struct{}) {
+				defer close(done)
+				s.leaderLoop(ctx)
+			}(cur.done)
+		}
+	}
+}
+
+// waitLeaderLoops waits for the leader loops to close done, warning while
+// they take long: the next leadership term must not start beside them.
+func (s *Server) waitLeaderLoops(done <-chan struct{}) {
+	t := time.NewTicker(slowLeaderLoop)
+	defer t.Stop()
+	start := time.Now()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			s.logger.Warn("leader loops still running after loss of leadership", "waited", time.Since(start).Round(time.Millisecond))
+		}
+	}
+}
+
+// leaderLoop is one term of leadership: a Barrier so that the FSM holds every
+// entry of earlier terms, then the Raft membership reconciliation and C2's
+// runLeader until ctx is cancelled.
+func (s *Server) leaderLoop(ctx context.Context) {
+	for {
+		err := s.raft.Barrier(barrierTimeout).Error()
+		if err == nil {
+			break
+		}
+		s.logger.Warn("raft barrier after gaining leadership failed", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(barrierRetry):
+		}
+	}
+	s.logger.Info("gained raft leadership", "term", s.raft.CurrentTerm(), "applied_index", s.raft.AppliedIndex())
+
+	reconciled := make(chan struct{})
+	go func() {
+		defer close(reconciled)
+		s.reconcileRaftMembers(ctx)
+	}()
+	s.runLeader(ctx)
+	if ctx.Err() == nil {
+		s.logger.Error("leader loop returned while still leader; leader duties stop until the next term")
+	}
+	<-reconciled
+}
+
+// reconcileRaftMembers adds coordinators seen in gossip to the Raft
+// configuration, every RaftReconcileInterval and on member events, until ctx
+// is cancelled. Only the leader runs it.
+func (s *Server) reconcileRaftMembers(ctx context.Context) {
+	t := time.NewTicker(s.cfg.RaftReconcileInterval)
+	defer t.Stop()
+	for {
+		if err := s.reconcileRaftOnce(ctx); err != nil && ctx.Err() == nil {
+			s.logger.Warn("reconcile raft configuration with gossip", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.memberEvents:
+		}
+	}
+}
+
+// reconcileRaftOnce adds every alive coordinator missing from the Raft
+// configuration (as voter or nonvoter, as its gossip meta asks), updates
+// changed addresses and promotes nonvoters that ask to vote. It never removes
+// a server: a coordinator that is down keeps its seat until an operator
+// removes it.
+func (s *Server) reconcileRaftOnce(ctx context.Context) error {
+	f := s.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return fmt.Errorf("get raft configuration: %w", err)
+	}
+	index := f.Index()
+	current := make(map[raft.ServerID]raft.Server)
+	for _, srv := range f.Configuration().Servers {
+		current[srv.ID] = srv
+	}
+	for _, m := range s.Members() {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if m.Role != transport.RoleCoordinator || m.Status != StatusAlive || m.RaftAddr == "" || m.ID == s.cfg.ID {
+			continue
+		}
+		id, addr := raft.ServerID(m.ID), raft.ServerAddress(m.RaftAddr)
+		srv, known := current[id]
+		var change raft.IndexFuture
+		switch {
+		case m.Voter && (!known || srv.Address != addr || srv.Suffrage != raft.Voter):
+			change = s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
+		case !m.Voter && (!known || srv.Address != addr):
+			change = s.raft.AddNonvoter(id, addr, index, membershipChangeTimeout)
+		default:
+			continue
+		}
+		if err := change.Error(); err != nil {
+			return fmt.Errorf("add coordinator %s (%s, voter %t) to raft configuration: %w", m.ID, m.RaftAddr, m.Voter, err)
+		}
+		index = change.Index()
+		s.logger.Info("added coordinator to raft configuration", "member", m.ID, "raft_addr", m.RaftAddr,
+			"voter", m.Voter, "was_known", known, "index", index)
+	}
+	return nil
+}
+
+// bootstrapLoop bootstraps the Raft cluster once BootstrapExpect voting
+// coordinators are visible in gossip (the Consul and Nomad convention), and
+// stops when this node is bootstrapped, has been added to a cluster, or
+// finds that peers already hold Raft state. Runs only on a node that had no
+// Raft state at start.
+func (s *Server) bootstrapLoop() {
+	t := time.NewTicker(bootstrapPoll)
+	defer t.Stop()
+	seen := -1
+	for {
+		done, voters, err := s.tryBootstrap()
+		switch {
+		case done:
+			return
+		case err != nil:
+			s.logger.Info("bootstrap: not yet", "reason", err)
+		case len(voters) != seen:
+			seen = len(voters)
+			s.logger.Info("bootstrap: waiting for voting coordinators in gossip", "seen", seen, "expect", s.cfg.BootstrapExpect)
+		}
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// tryBootstrap makes one bootstrap attempt. Every node computes the same
+// configuration, all the voters it sees sorted by id, so several nodes
+// bootstrapping at once agree, as long as no more than BootstrapExpect fresh
+// coordinators start together.
+func (s *Server) tryBootstrap() (done bool, voters []Member, err error) {
+	if s.raft.LastIndex() > 0 {
+		return true, nil, nil // added by a leader, or bootstrapped
+	}
+	for _, m := range s.Members() {
+		if m.Role == transport.RoleCoordinator && m.Status == StatusAlive && m.Voter && m.RaftAddr != "" {
+			voters = append(voters, m)
+		}
+	}
+	if len(voters) < s.cfg.BootstrapExpect {
+		return false, voters, nil
+	}
+	if err := s.checkPeersFresh(voters); err != nil {
+		if errors.Is(err, errPeerHasState) {
+			s.logger.Info("bootstrap: cluster exists already; waiting for its leader to add this node", "reason", err)
+			return true, voters, nil
+		}
+		return false, voters, err
+	}
+	servers := make([]raft.Server, 0, len(voters))
+	for _, m := range voters { // Members is sorted by id
+		servers = append(servers, raft.Server{Suffrage: raft.Voter, ID: raft.ServerID(m.ID), Address: raft.ServerAddress(m.RaftAddr)})
+	}
+	err = s.raft.BootstrapCluster(raft.Configuration{Servers: servers}).Error()
+	if errors.Is(err, raft.ErrCantBootstrap) {
+		return true, voters, nil
+	}
+	if err != nil {
+		return false, voters, fmt.Errorf("bootstrap raft cluster: %w", err)
+	}
+	ids := make([]string, len(servers))
+	for i, srv := range servers {
+		ids[i] = string(srv.ID)
+	}
+	s.logger.Info("bootstrapped raft cluster", "servers", ids)
+	return true, voters, nil
+}
+
+// checkPeersFresh asks every other voter in the list for its Raft status and
+// returns errPeerHasState if one already holds a log: a node started with
+// -bootstrap-expect after the cluster formed (a replacement or a fourth
+// coordinator) must join it, not bootstrap a second one.
+func (s *Server) checkPeersFresh(voters []Member) error {
+	client := &http.Client{Timeout: peerStatusTimeout}
+	for _, m := range voters {
+		if m.ID == s.cfg.ID {
+			continue
+		}
+		if m.HTTPAddr == "" {
+			return fmt.Errorf("coordinator %s advertises no http address", m.ID)
+		}
+		st, err := fetchStatus(s.ctx, client, m.HTTPAddr)
+		if err != nil {
+			return fmt.Errorf("status of coordinator %s: %w", m.ID, err)
+		}
+		if st.LastIndex > 0 || st.LeaderID != "" {
+			return fmt.Errorf("%w: coordinator %s is at index %d, leader %q", errPeerHasState, m.ID, st.LastIndex, st.LeaderID)
+		}
+	}
+	return nil
+}
+
+// fetchStatus reads GET /v1/status of the coordinator at httpAddr.
+func fetchStatus(ctx context.Context, client *http.Client, httpAddr string) (apiStatus, error) {
+	var st apiStatus
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+httpAddr+"/v1/status", nil)
+	if err != nil {
+		return st, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return st, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return st, fmt.Errorf("GET /v1/status: %s", resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return st, fmt.Errorf("decode /v1/status: %w", err)
+	}
+	return st, nil
+}
+
+// hclogAdapter is an hclog.Logger that writes into slog, so Raft's logs
+// carry the node's attributes and obey its level.
+type hclogAdapter struct {
+	logger *slog.Logger
+	name   string
+	args   []any
+}
+
+var _ hclog.Logger = (*hclogAdapter)(nil)
+
+func newHCLogger(l *slog.Logger, name string) *hclogAdapter {
+	return &hclogAdapter{logger: l, name: name}
+}
+
+// slogTrace is the slog level of hclog's Trace, below Debug.
+const slogTrace = slog.LevelDebug - 4
+
+func slogLevel(l hclog.Level) slog.Level {
+	switch l {
+	case hclog.Trace:
+		return slogTrace
+	case hclog.Debug:
+		return slog.LevelDebug
+	case hclog.Warn:
+		return slog.LevelWarn
+	case hclog.Error:
+		return slog.LevelError
+	}
+	return slog.LevelInfo
+}
+
+func (h *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
+	if level == hclog.Off {
+		return
+	}
+	h.logger.Log(context.Background(), slogLevel(level), msg, args...)
+}
+func (h *hclogAdapter) Trace(msg string, args ...any) { h.Log(hclog.Trace, msg, args...) }
+func (h *hclogAdapter) Debug(msg string, args ...any) { h.Log(hclog.Debug, msg, args...) }
+func (h *hclogAdapter) Info(msg string, args ...any)  { h.Log(hclog.Info, msg, args...) }
+func (h *hclogAdapter) Warn(msg string, args ...any)  { h.Log(hclog.Warn, msg, args...) }
+func (h *hclogAdapter) Error(msg string, args ...any) { h.Log(hclog.Error, msg, args...) }
+func (h *hclogAdapter) enabled(l slog.Level) bool {
+	return h.logger.Enabled(context.Background(), l)
+}
+func (h *hclogAdapter) IsTrace() bool         { return h.enabled(slogTrace) }
+func (h *hclogAdapter) IsDebug() bool         { return h.enabled(slog.LevelDebug) }
+func (h *hclogAdapter) IsInfo() bool          { return h.enabled(slog.LevelInfo) }
+func (h *hclogAdapter) IsWarn() bool          { return h.enabled(slog.LevelWarn) }
+func (h *hclogAdapter) IsError() bool         { return h.enabled(slog.LevelError) }
+func (h *hclogAdapter) ImpliedArgs() []any    { return h.args }
+func (h *hclogAdapter) Name() string          { return h.name }
+func (h *hclogAdapter) SetLevel(hclog.Level)  {} // the slog handler owns the level
+func (h *hclogAdapter) GetLevel() hclog.Level { return hclog.NoLevel }
+func (h *hclogAdapter) With(args ...any) hclog.Logger {
+	return &hclogAdapter{logger: h.logger.With(args...), name: h.name, args: append(slices.Clone(h.args), args...)}
+}
+func (h *hclogAdapter) Named(name string) hclog.Logger {
+	if h.name != "" {
+		name = h.name + "." + name
+	}
+	return h.ResetNamed(name)
+}
+func (h *hclogAdapter) ResetNamed(name string) hclog.Logger {
+	return &hclogAdapter{logger: h.logger.With("logger", name), name: name, args: h.args}
+}
+func (h *hclogAdapter) StandardLogger(*hclog.StandardLoggerOptions) *log.Logger {
+	return log.New(h.StandardWriter(nil), "", 0)
+}
+func (h *hclogAdapter) StandardWriter(*hclog.StandardLoggerOptions) io.Writer {
+	return &levelWriter{logger: h.logger, def: slog.LevelInfo, max: slog.LevelError}
+}
+
+// levelWriter is the io.Writer behind a standard *log.Logger (memberlist's,
+// net/http's, hclog's StandardLogger): each line becomes one slog record, at
+// the level its "[LEVEL]" prefix names (else at def), lowered to max.
+type levelWriter struct {
+	logger *slog.Logger
+	def    slog.Level
+	max    slog.Level
+}
+
+var levelPrefixes = []struct {
+	prefix string
+	level  slog.Level
+}{
+	{"[TRACE]", slogTrace}, {"[DEBUG]", slog.LevelDebug}, {"[INFO]", slog.LevelInfo},
+	{"[WARN]", slog.LevelWarn}, {"[ERR]", slog.LevelError}, {"[ERROR]", slog.LevelError},
+}
+
+func (w *levelWriter) Write(p []byte) (int, error) {
+	for line := range strings.Lines(string(p)) {
+		line = strings.TrimSpace(line)
+		if line == "" {
+			continue
+		}
+		level := w.def
+		for _, lp := range levelPrefixes {
+			if rest, ok := strings.CutPrefix(line, lp.prefix); ok {
+				line, level = strings.TrimSpace(rest), lp.level
+				break
+			}
+		}
+		w.logger.Log(context.Background(), min(level, w.max), line)
+	}
+	return len(p), nil
+}

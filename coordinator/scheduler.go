@@ -1,0 +1,653 @@
+package coordinator
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/IBM/sarama"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// lookupTimeout bounds one partition-count lookup against Kafka.
+const lookupTimeout = 5 * time.Second
+
+// jobState is the leader's memory of one job: the FSM's view of it as last
+// read, what the workers reported about the tasks of its current attempt, and
+// what only this term knows (restart backoff, bad checkpoints, the pending
+// checkpoint's acks).
+type jobState struct {
+	id      string
+	spec    fsm.JobSpec
+	status  fsm.JobStatus
+	reason  string
+	attempt uint64
+	// tasks are the current attempt's tasks by id; order lists them in
+	// assignment order, for deterministic iteration.
+	tasks map[string]*trackedTask
+	order []*trackedTask
+
+	deployedAt   time.Time // when the current attempt was deployed (or first seen by this term)
+	restoredFrom uint64    // checkpoint this term deployed the current attempt from; 0 if fresh or unknown
+	// bad holds checkpoints a map task failed to verify, with the reason;
+	// deploys restore from an older retained checkpoint instead.
+	bad map[uint64]string
+
+	failures   int       // consecutive failed attempts since the backoff last reset
+	retryAt    time.Time // no deploy before then
+	cause      string    // why the job is being restarted, for the next deploy's reason
+	lookup     bool      // a partition lookup is in flight
+	cancelSent bool      // CancelTask sent for the tasks of a cancelled job
+
+	ckpt checkpointState
+}
+
+// trackedTask is one task of a job's current attempt: where the FSM placed it
+// and what its worker last said about it.
+type trackedTask struct {
+	task   fsm.Task
+	phase  transport.TaskPhase // UNSPECIFIED until the worker reports
+	reason string
+	// missing is set when the worker opened a session without listing the task.
+	missing bool
+}
+
+// partitionsResult is the outcome of a partition lookup for a job's deploy.
+type partitionsResult struct {
+	jobID   string
+	attempt uint64 // the job's attempt when the lookup started
+	n       int
+	err     error
+}
+
+// observe updates the leader's memory of job from an FSM copy and returns it.
+// A new attempt resets the task views and voids the pending checkpoint.
+func (l *leader) observe(job fsm.Job) *jobState {
+	js := l.jobs[job.ID]
+	if js == nil {
+		js = &jobState{id: job.ID, bad: make(map[uint64]string)}
+		l.jobs[job.ID] = js
+	}
+	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
+	if js.tasks == nil || js.attempt != job.Attempt {
+		js.attempt = job.Attempt
+		js.tasks = make(map[string]*trackedTask, len(job.Tasks))
+		js.order = make([]*trackedTask, 0, len(job.Tasks))
+		for _, t := range job.Tasks {
+			tv := &trackedTask{task: t}
+			js.tasks[t.ID] = tv
+			js.order = append(js.order, tv)
+		}
+		js.deployedAt = l.env.now()
+		js.restoredFrom = 0
+		js.cancelSent = false
+		js.ckpt.pending = nil
+	}
+	if p := js.ckpt.pending; p != nil && (job.Pending == nil || job.Pending.ID != p.id) {
+		js.ckpt.pending = nil // aborted or completed behind this loop's back (job restarted or cancelled)
+	}
+	return js
+}
+
+// reconcile compares every job in the FSM with what runs and acts: cancels
+// the tasks of cancelled jobs, deploys pending and restarting jobs, and
+// restarts running jobs whose tasks failed or were lost.
+func (l *leader) reconcile() {
+	now := l.env.now()
+	l.schedDue = time.Time{}
+	graceOver := !now.Before(l.graceEnd)
+	if !graceOver {
+		l.scheduleAt(l.graceEnd)
+	}
+	jobs := l.env.jobs()
+	members := memberStatus(l.env.members())
+	seen := make(map[string]bool, len(jobs))
+	for _, job := range jobs {
+		seen[job.ID] = true
+		js := l.observe(job)
+		l.abortUntracked(js, job.Pending)
+		switch {
+		case js.status == fsm.JobCancelled:
+			l.cancelJob(js)
+		case !graceOver:
+		case needsDeploy(js):
+			l.tryDeploy(js, jobs, now)
+		default:
+			if reason, task := l.taskFailure(js, members, now); reason != "" {
+				l.beginRestart(js, reason, "task", task)
+			}
+		}
+	}
+	for id := range l.jobs {
+		if !seen[id] {
+			delete(l.jobs, id)
+		}
+	}
+}
+
+// needsDeploy reports whether a job waits for a new attempt: never deployed,
+// or pending, restarting or failing after a failure.
+func needsDeploy(js *jobState) bool {
+	return js.attempt == 0 || js.status != fsm.JobRunning
+}
+
+// memberStatus maps member id to gossip status.
+func memberStatus(members []Member) map[string]string {
+	m := make(map[string]string, len(members))
+	for _, mem := range members {
+		m[mem.ID] = mem.Status
+	}
+	return m
+}
+
+// taskFailure returns why the current attempt of a running job cannot go
+// on, and the task concerned, or "" if it can. A worker that is dead or
+// left in gossip, a task reported failed or cancelled, a worker without a
+// session for longer than the lease, and a task its worker does not report
+// running all fail the attempt. A session lost for less than the lease is not
+// a failure: gossip decides, and the worker stops its tasks by lease.
+func (l *leader) taskFailure(js *jobState, members map[string]string, now time.Time) (reason, task string) {
+	for _, tv := range js.order {
+		id, w := tv.task.ID, tv.task.Worker
+		switch tv.phase {
+		case transport.TaskPhase_TASK_PHASE_FAILED:
+			return fmt.Sprintf("task %s failed on worker %s: %s", id, w, tv.reason), id
+		case transport.TaskPhase_TASK_PHASE_CANCELLED:
+			return fmt.Sprintf("task %s was cancelled on worker %s", id, w), id
+		}
+		switch st := members[w]; st {
+		case "":
+			return fmt.Sprintf("worker %s of task %s is not a gossip member", w, id), id
+		case "dead", "left":
+			return fmt.Sprintf("worker %s of task %s is %s", w, id, st), id
+		}
+		if since, none := l.sessionlessSince(w); none {
+			if gone := now.Sub(since); gone > l.lease {
+				return fmt.Sprintf("worker %s of task %s has had no control session for %v (lease %v)",
+					w, id, gone.Round(time.Millisecond), l.lease), id
+			}
+			l.scheduleAt(since.Add(l.lease + time.Millisecond))
+		} else if tv.missing {
+			return fmt.Sprintf("worker %s does not run task %s", w, id), id
+		}
+	}
+	return "", ""
+}
+
+// beginRestart fails the current attempt of a running job: it aborts its
+// pending checkpoint, cancels its tasks, sets the job restarting and
+// schedules the next attempt after the backoff.
+func (l *leader) beginRestart(js *jobState, reason string, attrs ...any) {
+	now := l.env.now()
+	if now.Sub(js.deployedAt) >= time.Duration(js.spec.Restart.ResetAfter) {
+		js.failures = 0 // the attempt ran long enough: start the backoff over
+	}
+	delay := restartDelay(js.spec.Restart, js.failures, l.env.jitter())
+	js.failures++
+	js.retryAt = now.Add(delay)
+	js.cause = reason
+	l.scheduleAt(js.retryAt)
+	l.jobLogger(js).With(attrs...).Warn("restarting job", "reason", reason, "retry_in", delay)
+
+	if js.ckpt.pending != nil {
+		l.abortCheckpoint(js, "job restarting: "+reason, "restart", false)
+	}
+	for _, tv := range js.order {
+		if live(tv.phase) {
+			l.sendTo(tv.task.Worker, cancelMsg(taskRef(js, tv.task), "job restarting: "+reason))
+		}
+	}
+	l.setStatus(js, fsm.JobRestarting, reason)
+}
+
+// jobFailing marks a job that cannot be deployed for a reason of its own
+// (missing topic, unreachable broker, no usable checkpoint) and schedules a
+// retry after the backoff.
+func (l *leader) jobFailing(js *jobState, reason string) {
+	delay := restartDelay(js.spec.Restart, js.failures, l.env.jitter())
+	js.failures++
+	js.retryAt = l.env.now().Add(delay)
+	l.scheduleAt(js.retryAt)
+	if js.status != fsm.JobFailing || js.reason != reason {
+		l.jobLogger(js).Warn("job failing", "reason", reason, "retry_in", delay)
+	}
+	l.setStatus(js, fsm.JobFailing, reason)
+}
+
+// restartDelay is the backoff before the next attempt after failures
+// consecutive failures: Initial doubled per failure up to Max, with ±20%
+// jitter (jitter in [0, 1)), and never above Max.
+func restartDelay(spec fsm.RestartSpec, failures int, jitter float64) time.Duration {
+	initial := time.Duration(cmp.Or(spec.Initial, fsm.DefaultRestartInitial))
+	ceiling := max(time.Duration(cmp.Or(spec.Max, fsm.DefaultRestartMax)), initial)
+	d := initial
+	for i := 0; i < failures && d < ceiling; i++ {
+		d *= 2
+	}
+	d = time.Duration(float64(min(d, ceiling)) * (0.8 + 0.4*jitter))
+	return min(d, ceiling)
+}
+
+// setStatus commits a job's status and reason unless they are already set.
+func (l *leader) setStatus(js *jobState, status fsm.JobStatus, reason string) {
+	if js.status == status && js.reason == reason {
+		return
+	}
+	_, err := l.apply(fsm.CommandJobStatus, fsm.JobStatusCmd{
+		JobID: js.id, Status: status, Reason: reason, Time: l.env.now().UnixNano(),
+	})
+	if err != nil {
+		l.jobLogger(js).Warn("set job status", "status", status, "reason", reason, "err", err)
+		return
+	}
+	js.status, js.reason = status, reason
+}
+
+// cancelJob sends CancelTask for every task of a cancelled job, once per
+// term; workers that reconnect later are reconciled by their Hello.
+func (l *leader) cancelJob(js *jobState) {
+	if js.cancelSent {
+		return
+	}
+	js.cancelSent = true
+	js.ckpt.pending = nil
+	for _, tv := range js.order {
+		if live(tv.phase) {
+			l.sendTo(tv.task.Worker, cancelMsg(taskRef(js, tv.task), "job cancelled"))
+		}
+	}
+	l.jobLogger(js).Info("job cancelled; tasks stopped", "tasks", len(js.order))
+}
+
+// tryDeploy starts deploying a job that waits for an attempt, once its
+// backoff has passed and enough worker slots are free: it first asks Kafka for
+// the topic's partition count, in the background; onPartitions goes on.
+func (l *leader) tryDeploy(js *jobState, jobs []fsm.Job, now time.Time) {
+	if now.Before(js.retryAt) {
+		l.scheduleAt(js.retryAt)
+		return
+	}
+	if js.lookup {
+		return
+	}
+	workers := l.placeable(jobs, js.id)
+	if need, free := numTasks(js.spec), totalFree(workers); free < need {
+		l.setStatus(js, fsm.JobPending, slotsReason(need, free))
+		return
+	}
+	js.lookup = true
+	src, id, attempt := js.spec.Source, js.id, js.attempt
+	l.lookups.Add(1)
+	go func() {
+		defer l.lookups.Done()
+		ctx, cancel := context.WithTimeout(l.ctx, lookupTimeout)
+		defer cancel()
+		n, err := l.env.partitions(ctx, src.Brokers, src.Topic)
+		l.post(l.ctx, partitionsResult{jobID: id, attempt: attempt, n: n, err: err})
+	}()
+}
+
+// onPartitions goes on with a deploy once the partition count is known:
+// assign the tasks, commit the new attempt, and send DeployTask to each.
+func (l *leader) onPartitions(r partitionsResult) {
+	if js := l.jobs[r.jobID]; js != nil {
+		js.lookup = false
+	}
+	job, ok := l.env.job(r.jobID)
+	if !ok {
+		return
+	}
+	js := l.observe(job)
+	if js.status == fsm.JobCancelled || !needsDeploy(js) || js.attempt != r.attempt {
+		return // the job moved on while Kafka was asked
+	}
+	if r.err != nil {
+		l.jobFailing(js, r.err.Error())
+		return
+	}
+	l.deploy(js, job, r.n)
+}
+
+// deploy assigns job's tasks over the placeable workers, commits attempt+1
+// and sends the deployments.
+func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
+	now := l.env.now()
+	tasks, err := assign(js.spec, numPartitions, l.placeable(l.env.jobs(), js.id))
+	var slots *slotsError
+	if errors.As(err, &slots) {
+		l.setStatus(js, fsm.JobPending, slots.Error())
+		return
+	}
+	if err != nil {
+		l.jobFailing(js, err.Error())
+		return
+	}
+	restore, note, err := chooseRestore(job.Completed, js.bad)
+	if err != nil {
+		l.jobFailing(js, err.Error())
+		return
+	}
+	reason := cmp.Or(js.cause, "first deployment")
+	if js.attempt > 0 && js.cause == "" {
+		reason = "restart: " + js.reason
+	}
+	if note != "" {
+		reason += "; " + note
+	}
+	attempt := js.attempt + 1
+	_, err = l.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{
+		JobID: js.id, Attempt: attempt, Tasks: tasks, Reason: reason, Time: now.UnixNano(),
+	})
+	if err != nil {
+		l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
+		js.retryAt = now.Add(restartDelay(js.spec.Restart, js.failures, l.env.jitter()))
+		l.scheduleAt(js.retryAt)
+		return
+	}
+	job, ok := l.env.job(js.id)
+	if !ok || job.Attempt != attempt {
+		return
+	}
+	js = l.observe(job)
+	js.deployedAt, js.cause = now, ""
+	if restore != nil {
+		js.restoredFrom = restore.ID
+	}
+	if attempt > 1 {
+		l.metrics.jobRestarts.WithLabelValues(js.id).Inc()
+	}
+	log := l.jobLogger(js)
+	if note != "" {
+		log.Warn("deploying from an older checkpoint", "note", note)
+	}
+	log.Info("deploying job", "tasks", len(tasks), "partitions", numPartitions, "restore_checkpoint", js.restoredFrom, "reason", reason)
+	for _, t := range job.Tasks {
+		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore)}}
+		if !l.sendTo(t.Worker, msg) {
+			log.Warn("no session to deploy task to", "task", t.ID, "worker", t.Worker)
+		}
+	}
+}
+
+// workerSlots is a worker tasks can be placed on.
+type workerSlots struct {
+	id       string
+	dataAddr string
+	free     int
+}
+
+// placeable returns the workers that are alive in gossip and have an open
+// session, with their free slots, leaving out the tasks of job exclude (which
+// is being redeployed).
+func (l *leader) placeable(jobs []fsm.Job, exclude string) []workerSlots {
+	var alive []Member
+	for _, m := range l.env.aliveWorkers() {
+		if l.sessions[m.ID] != nil {
+			alive = append(alive, m)
+		}
+	}
+	return freeSlots(alive, jobs, exclude)
+}
+
+// freeSlots returns each worker's slots minus the tasks of running jobs
+// placed on it (one slot per task), leaving out job exclude and workers with
+// no free slot.
+func freeSlots(workers []Member, jobs []fsm.Job, exclude string) []workerSlots {
+	used := make(map[string]int)
+	for _, j := range jobs {
+		if j.ID == exclude || j.Status != fsm.JobRunning {
+			continue
+		}
+		for _, t := range j.Tasks {
+			used[t.Worker]++
+		}
+	}
+	var out []workerSlots
+	for _, w := range workers {
+		if free := w.Slots - used[w.ID]; free > 0 {
+			out = append(out, workerSlots{id: w.ID, dataAddr: w.DataAddr, free: free})
+		}
+	}
+	return out
+}
+
+func totalFree(workers []workerSlots) int {
+	n := 0
+	for _, w := range workers {
+		n += w.free
+	}
+	return n
+}
+
+func numTasks(spec fsm.JobSpec) int {
+	return spec.Source.Parallelism + spec.Operator.Parallelism
+}
+
+// slotsError says a job needs more free slots than the workers have.
+type slotsError struct{ need, free int }
+
+func (e *slotsError) Error() string { return slotsReason(e.need, e.free) }
+
+func slotsReason(need, free int) string {
+	return fmt.Sprintf("waiting for %d free slots (%d free)", need, free)
+}
+
+// assign places the source and map tasks of spec on workers: source task s
+// reads the partitions p with p mod S == s, map task i owns key-group range i
+// of max_parallelism, and tasks are dealt round robin over the workers sorted
+// by free slots (most first), then id. It returns a *slotsError when the
+// workers have fewer free slots than the job has tasks.
+func assign(spec fsm.JobSpec, numPartitions int, workers []workerSlots) ([]fsm.Task, error) {
+	numSources, numMaps := spec.Source.Parallelism, spec.Operator.Parallelism
+	if need, free := numSources+numMaps, totalFree(workers); free < need {
+		return nil, &slotsError{need: need, free: free}
+	}
+	ranges := fsm.KeyGroupRanges(spec.Operator.MaxParallelism, numMaps)
+	if ranges == nil {
+		return nil, fmt.Errorf("cannot split %d key groups over %d map tasks", spec.Operator.MaxParallelism, numMaps)
+	}
+	order := slices.Clone(workers)
+	slices.SortFunc(order, func(a, b workerSlots) int {
+		return cmp.Or(cmp.Compare(b.free, a.free), cmp.Compare(a.id, b.id))
+	})
+	next := 0
+	place := func(t fsm.Task) fsm.Task {
+		for order[next%len(order)].free == 0 {
+			next++
+		}
+		w := &order[next%len(order)]
+		next++
+		w.free--
+		t.Worker, t.DataAddr = w.id, w.dataAddr
+		return t
+	}
+	tasks := make([]fsm.Task, 0, numSources+numMaps)
+	for i := range numSources {
+		tasks = append(tasks, place(fsm.Task{
+			ID: fsm.TaskID(fsm.TaskSource, i), Kind: fsm.TaskSource, Index: i,
+			Partitions: fsm.SourcePartitions(numPartitions, numSources, i),
+		}))
+	}
+	for i := range numMaps {
+		kg := ranges[i]
+		tasks = append(tasks, place(fsm.Task{
+			ID: fsm.TaskID(fsm.TaskMap, i), Kind: fsm.TaskMap, Index: i, KeyGroups: &kg,
+		}))
+	}
+	return tasks, nil
+}
+
+// chooseRestore picks the newest retained completed checkpoint not marked
+// bad (nil if the job has none: start fresh). note explains any newer
+// checkpoint skipped; an error means every retained checkpoint is bad.
+func chooseRestore(completed []fsm.Checkpoint, bad map[uint64]string) (ck *fsm.Checkpoint, note string, err error) {
+	var skipped []string
+	for i := len(completed) - 1; i >= 0; i-- {
+		c := &completed[i]
+		if why, isBad := bad[c.ID]; isBad {
+			skipped = append(skipped, fmt.Sprintf("checkpoint %d: %s", c.ID, why))
+			continue
+		}
+		if len(skipped) > 0 {
+			note = fmt.Sprintf("restoring from checkpoint %d because newer ones failed verification (%s)",
+				c.ID, strings.Join(skipped, "; "))
+		}
+		return c, note, nil
+	}
+	if len(skipped) > 0 {
+		return nil, "", fmt.Errorf("every retained checkpoint failed verification (%s)", strings.Join(skipped, "; "))
+	}
+	return nil, "", nil
+}
+
+// noteFailure marks the checkpoint the current attempt restored from as bad
+// when a map task failed verifying its state, so the next deploy falls back to
+// an older retained checkpoint. The worker names a checksum or SHA-256
+// mismatch in the reason (docs/protocol.md, Restore).
+func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
+	if tv.task.Kind != fsm.TaskMap || js.restoredFrom == 0 || !checksumFailure(tv.reason) {
+		return
+	}
+	js.bad[js.restoredFrom] = fmt.Sprintf("task %s: %s", tv.task.ID, tv.reason)
+	l.jobLogger(js).Warn("checkpoint state failed verification; it will not be restored again",
+		"checkpoint", js.restoredFrom, "task", tv.task.ID, "reason", tv.reason)
+}
+
+func checksumFailure(reason string) bool {
+	r := strings.ToLower(reason)
+	return strings.Contains(r, "checksum") || strings.Contains(r, "sha256") || strings.Contains(r, "sha-256")
+}
+
+// buildDeploy returns the DeployTask of task t of job's current attempt,
+// restoring from checkpoint restore (nil: start fresh).
+func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint) *transport.DeployTask {
+	spec := job.Spec
+	d := &transport.DeployTask{
+		Task:           &transport.TaskRef{JobId: job.ID, Attempt: job.Attempt, TaskId: t.ID},
+		Kind:           protoKind(t.Kind),
+		Index:          int32(t.Index),
+		JobName:        spec.Name,
+		Operator:       spec.Operator.Name,
+		MaxParallelism: int32(spec.Operator.MaxParallelism),
+		Source: &transport.SourceSpec{
+			Brokers:    slices.Clone(spec.Source.Brokers),
+			Topic:      spec.Source.Topic,
+			Partitions: slices.Clone(t.Partitions),
+			Start:      cmp.Or(spec.Source.Start, fsm.DefaultStart),
+			Group:      cmp.Or(spec.Source.Group, fsm.DefaultGroupPrefix+spec.Name),
+		},
+		NumSources: int32(spec.Source.Parallelism),
+	}
+	if spec.Sink != nil {
+		d.Sink = &transport.SinkSpec{Brokers: slices.Clone(spec.Sink.Brokers), Topic: spec.Sink.Topic}
+	}
+	for _, m := range job.Tasks {
+		if m.Kind != fsm.TaskMap || m.KeyGroups == nil {
+			continue
+		}
+		d.MapTasks = append(d.MapTasks, &transport.MapTaskRef{
+			TaskId: m.ID, Index: int32(m.Index), WorkerId: m.Worker, DataAddr: m.DataAddr,
+			KeyGroupStart: int32(m.KeyGroups.Start), KeyGroupEnd: int32(m.KeyGroups.End),
+		})
+	}
+	if restore == nil {
+		return d
+	}
+	d.RestoreCheckpointId = restore.ID
+	switch t.Kind {
+	case fsm.TaskSource:
+		d.RestoreOffsets = restoreOffsets(restore, t.Partitions)
+	case fsm.TaskMap:
+		d.RestoreKeyed = restoreKeyed(restore)
+	}
+	return d
+}
+
+// restoreOffsets returns the checkpointed next offset of each of partitions,
+// gathered from every source state of ck: partitions move between source
+// tasks when the source parallelism changes.
+func restoreOffsets(ck *fsm.Checkpoint, partitions []int32) map[int32]int64 {
+	all := make(map[int32]int64)
+	for _, st := range ck.Tasks {
+		if st.Kind == fsm.TaskSource {
+			maps.Copy(all, st.Offsets)
+		}
+	}
+	out := make(map[int32]int64, len(partitions))
+	for _, p := range partitions {
+		if off, ok := all[p]; ok {
+			out[p] = off
+		}
+	}
+	return out
+}
+
+// restoreKeyed returns every map task's keyed blob of ck, sorted by task id:
+// each map task keeps the key groups of its own range.
+func restoreKeyed(ck *fsm.Checkpoint) []*transport.KeyedBlob {
+	var blobs []*transport.KeyedBlob
+	for _, id := range slices.Sorted(maps.Keys(ck.Tasks)) {
+		st := ck.Tasks[id]
+		if st.Kind == fsm.TaskMap {
+			blobs = append(blobs, &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256})
+		}
+	}
+	return blobs
+}
+
+func protoKind(k fsm.TaskKind) transport.TaskKind {
+	switch k {
+	case fsm.TaskSource:
+		return transport.TaskKind_TASK_KIND_SOURCE
+	case fsm.TaskMap:
+		return transport.TaskKind_TASK_KIND_MAP
+	}
+	return transport.TaskKind_TASK_KIND_UNSPECIFIED
+}
+
+func taskRef(js *jobState, t fsm.Task) *transport.TaskRef {
+	return &transport.TaskRef{JobId: js.id, Attempt: js.attempt, TaskId: t.ID}
+}
+
+// kafkaPartitions asks the brokers how many partitions topic has, with short
+// timeouts so that an unreachable broker fails the lookup quickly. Its errors
+// are shown to users as the job's reason.
+func kafkaPartitions(ctx context.Context, brokers []string, topic string) (int, error) {
+	addrs := strings.Join(brokers, ",")
+	cfg := sarama.NewConfig()
+	cfg.ClientID = "coordd"
+	cfg.Net.DialTimeout = 2 * time.Second
+	cfg.Net.ReadTimeout = 3 * time.Second
+	cfg.Net.WriteTimeout = 3 * time.Second
+	cfg.Metadata.Full = false
+	cfg.Metadata.AllowAutoTopicCreation = false
+	cfg.Metadata.RefreshFrequency = 0
+	cfg.Metadata.Retry.Max = 1
+	cfg.Metadata.Retry.Backoff = 100 * time.Millisecond
+	cfg.Metadata.Timeout = lookupTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		cfg.Metadata.Timeout = max(time.Until(dl), time.Millisecond)
+	}
+	client, err := sarama.NewClient(brokers, cfg)
+	if err != nil {
+		return 0, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
+	}
+	defer client.Close()
+	parts, err := client.Partitions(topic)
+	switch {
+	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || (err == nil && len(parts) == 0):
+		return 0, fmt.Errorf("source topic %q does not exist on %s", topic, addrs)
+	case errors.Is(err, sarama.ErrOutOfBrokers):
+		return 0, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
+	case err != nil:
+		return 0, fmt.Errorf("list partitions of source topic %q on %s: %w", topic, addrs, err)
+	}
+	return len(parts), nil
+}

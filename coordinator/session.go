@@ -1,0 +1,376 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// Session limits.
+const (
+	// helloTimeout is how long a new stream may take to send its Hello.
+	helloTimeout = 10 * time.Second
+	// sessionQueue bounds the messages waiting to be sent to one worker; a
+	// worker that falls this far behind loses its session and reconnects.
+	sessionQueue = 512
+)
+
+// Reasons a session ends, as its context's cause.
+var (
+	errLeadershipLost  = errors.New("leadership lost")
+	errSessionReplaced = errors.New("replaced by a newer session of the same worker")
+	errQueueFull       = errors.New("outgoing queue full: worker too slow")
+	errProtocol        = errors.New("protocol violation")
+)
+
+// controlService is the Control gRPC service. Every coordd serves it; only
+// the leader keeps sessions.
+type controlService struct {
+	transport.UnimplementedControlServer
+	s *Server
+}
+
+// session is one worker's open control stream. The leader loop and the
+// session's receive goroutine enqueue on out; the Session handler goroutine
+// alone calls stream.Send. The session ends when ctx ends, which a newer
+// session, a full queue, a broken stream or the end of the leader's term
+// (ctx derives from the term's context) causes.
+type session struct {
+	worker   string
+	dataAddr string
+	out      chan *transport.CoordinatorMessage
+	ctx      context.Context
+	close    context.CancelCauseFunc
+}
+
+func newSession(parent context.Context, hello *transport.Hello) *session {
+	ctx, cancel := context.WithCancelCause(parent)
+	return &session{
+		worker:   hello.GetWorkerId(),
+		dataAddr: hello.GetDataAddr(),
+		out:      make(chan *transport.CoordinatorMessage, sessionQueue),
+		ctx:      ctx,
+		close:    cancel,
+	}
+}
+
+// send enqueues msg without blocking. A full queue closes the session; send
+// returns false then and once the session has ended.
+func (s *session) send(msg *transport.CoordinatorMessage) bool {
+	if s.ctx.Err() != nil {
+		return false
+	}
+	select {
+	case s.out <- msg:
+		return true
+	default:
+		s.close(errQueueFull)
+		return false
+	}
+}
+
+// cause says why the session ended, mapping the end of the term's context to
+// errLeadershipLost.
+func (s *session) cause() error {
+	err := context.Cause(s.ctx)
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return errLeadershipLost
+	}
+	return err
+}
+
+// sessionOpened registers a new session with the leader loop.
+type sessionOpened struct {
+	sess  *session
+	hello *transport.Hello
+}
+
+// sessionClosed tells the leader loop that a session has ended.
+type sessionClosed struct {
+	sess *session
+	err  error
+}
+
+// workerMessage carries a status, ack or decline from a session.
+type workerMessage struct {
+	sess *session
+	msg  *transport.WorkerMessage
+}
+
+// Session serves one worker's control stream: Hello first, then NotLeader on
+// a follower, or Welcome and the session on the leader. It returns when the
+// session ends; the error tells the worker why.
+func (c *controlService) Session(stream transport.Control_SessionServer) error {
+	hello, err := recvHello(stream)
+	if err != nil {
+		return err
+	}
+	l := c.s.currentLeader()
+	if l == nil || !c.s.isLeader() {
+		return c.redirect(stream)
+	}
+	sess := newSession(l.ctx, hello)
+	sess.send(welcome(l))
+	if !l.post(sess.ctx, sessionOpened{sess: sess, hello: hello}) {
+		return c.redirect(stream)
+	}
+	c.s.metrics.workerSessions.Inc()
+	defer c.s.metrics.workerSessions.Dec()
+
+	// The receive goroutine ends when the stream does, which is at the latest
+	// when this handler returns.
+	go receive(stream, sess, l)
+	err = sendLoop(stream, sess)
+	l.post(l.ctx, sessionClosed{sess: sess, err: err})
+	return err
+}
+
+// recvHello reads the first message of a stream, which must be a Hello with
+// a worker id, within helloTimeout.
+func recvHello(stream transport.Control_SessionServer) (*transport.Hello, error) {
+	type result struct {
+		msg *transport.WorkerMessage
+		err error
+	}
+	first := make(chan result, 1)
+	go func() {
+		m, err := stream.Recv()
+		first <- result{m, err}
+	}()
+	timer := time.NewTimer(helloTimeout)
+	defer timer.Stop()
+	var r result
+	select {
+	case r = <-first:
+	case <-timer.C:
+		return nil, status.Errorf(codes.DeadlineExceeded, "no Hello within %v", helloTimeout)
+	case <-stream.Context().Done():
+		return nil, status.FromContextError(stream.Context().Err()).Err()
+	}
+	if r.err != nil {
+		return nil, fmt.Errorf("receive hello: %w", r.err)
+	}
+	hello := r.msg.GetHello()
+	if hello == nil {
+		return nil, status.Errorf(codes.InvalidArgument, "the first message of a session must be Hello, not %T", r.msg.GetMsg())
+	}
+	if hello.GetWorkerId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "Hello without worker_id")
+	}
+	return hello, nil
+}
+
+// redirect answers NotLeader with the leader this node knows, if any.
+func (c *controlService) redirect(stream transport.Control_SessionServer) error {
+	id, rpcAddr, _ := c.s.leaderInfo()
+	if id == c.s.cfg.ID {
+		// This node is the leader but its loop is not (or no longer) running:
+		// the worker should retry rather than be sent back here.
+		id, rpcAddr = "", ""
+	}
+	err := stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{
+		NotLeader: &transport.NotLeader{LeaderId: id, LeaderRpcAddr: rpcAddr},
+	}})
+	if err != nil {
+		return fmt.Errorf("send NotLeader: %w", err)
+	}
+	return nil
+}
+
+func welcome(l *leader) *transport.CoordinatorMessage {
+	return &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Welcome{Welcome: &transport.Welcome{
+		LeaderId:    l.env.leaderID,
+		Term:        l.env.term(),
+		LeaseMs:     l.lease.Milliseconds(),
+		HeartbeatMs: l.heartbeat.Milliseconds(),
+	}}}
+}
+
+// sendLoop sends the session's queue on the stream until the session ends
+// or a send fails. It is the only caller of stream.Send for the session.
+func sendLoop(stream transport.Control_SessionServer, sess *session) error {
+	for {
+		select {
+		case <-sess.ctx.Done():
+			return sessionError(sess.cause())
+		case msg := <-sess.out:
+			if err := stream.Send(msg); err != nil {
+				err = fmt.Errorf("send to worker %s: %w", sess.worker, err)
+				sess.close(err)
+				return err
+			}
+		}
+	}
+}
+
+// sessionError is the gRPC status a worker sees when its session ends.
+func sessionError(cause error) error {
+	switch {
+	case errors.Is(cause, errLeadershipLost):
+		return status.Error(codes.Unavailable, "leadership lost; reconnect to the new leader")
+	case errors.Is(cause, errSessionReplaced):
+		return status.Error(codes.Aborted, cause.Error())
+	case errors.Is(cause, errQueueFull):
+		return status.Error(codes.ResourceExhausted, cause.Error())
+	case errors.Is(cause, errProtocol):
+		return status.Error(codes.InvalidArgument, cause.Error())
+	}
+	return status.Error(codes.Unavailable, cause.Error())
+}
+
+// receive reads the worker's messages until the stream or the session ends.
+// Heartbeats are answered here; everything else goes to the leader loop.
+func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			sess.close(fmt.Errorf("receive from worker %s: %w", sess.worker, err))
+			return
+		}
+		switch m := msg.GetMsg().(type) {
+		case *transport.WorkerMessage_Heartbeat:
+			sess.send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{
+				Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()},
+			}})
+		case *transport.WorkerMessage_Status, *transport.WorkerMessage_Ack, *transport.WorkerMessage_Decline:
+			if !l.post(sess.ctx, workerMessage{sess: sess, msg: msg}) {
+				return
+			}
+		default:
+			sess.close(fmt.Errorf("%w: worker %s sent %T on an open session", errProtocol, sess.worker, m))
+			return
+		}
+	}
+}
+
+// openSession registers a new session, replacing an older one of the same
+// worker, and reconciles the tasks the worker reports against the FSM: tasks
+// of a job's current attempt on the worker the FSM assigns them to are kept,
+// anything else is cancelled, and tasks the FSM places on the worker that it
+// does not report are marked missing.
+func (l *leader) openSession(sess *session, hello *transport.Hello) {
+	if old := l.sessions[sess.worker]; old != nil {
+		old.close(errSessionReplaced)
+	}
+	l.sessions[sess.worker] = sess
+	delete(l.noSessionSince, sess.worker)
+	l.logger.Info("worker session opened", "worker", sess.worker, "data_addr", sess.dataAddr,
+		"slots", hello.GetSlots(), "running", len(hello.GetRunning()))
+
+	for _, job := range l.env.jobs() {
+		l.observe(job)
+	}
+	reported := make(map[*trackedTask]bool)
+	for _, st := range hello.GetRunning() {
+		if tv := l.onTaskStatus(sess, st); tv != nil {
+			reported[tv] = true
+		}
+	}
+	for _, js := range l.jobs {
+		for _, tv := range js.tasks {
+			if tv.task.Worker == sess.worker && !reported[tv] {
+				tv.missing = true
+			}
+		}
+	}
+	l.poke()
+}
+
+// closeSession forgets a session that ended, unless a newer one replaced it.
+func (l *leader) closeSession(sess *session, err error) {
+	if l.sessions[sess.worker] != sess {
+		return
+	}
+	delete(l.sessions, sess.worker)
+	l.noSessionSince[sess.worker] = l.env.now()
+	l.logger.Info("worker session closed", "worker", sess.worker, "err", err)
+	l.poke()
+}
+
+// onWorkerMessage handles a status, ack or decline from an open session.
+func (l *leader) onWorkerMessage(sess *session, msg *transport.WorkerMessage) {
+	if l.sessions[sess.worker] != sess {
+		return // from a session that has since been replaced
+	}
+	switch m := msg.GetMsg().(type) {
+	case *transport.WorkerMessage_Status:
+		l.onTaskStatus(sess, m.Status)
+	case *transport.WorkerMessage_Ack:
+		l.onAck(sess.worker, m.Ack)
+	case *transport.WorkerMessage_Decline:
+		l.onDecline(sess.worker, m.Decline)
+	}
+}
+
+// onTaskStatus records a task's phase if the task belongs to its job's
+// current attempt on this worker, and returns its view. A task that does not
+// and still runs is cancelled.
+func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedTask {
+	ref := st.GetTask()
+	js, tv, stale := l.classify(sess.worker, ref)
+	if stale != "" {
+		if live(st.GetPhase()) {
+			l.logger.Info("cancelling stale task", "job", ref.GetJobId(), "attempt", ref.GetAttempt(),
+				"task", ref.GetTaskId(), "worker", sess.worker, "reason", stale)
+			sess.send(cancelMsg(ref, stale))
+		}
+		return nil
+	}
+	if tv.phase != st.GetPhase() {
+		l.jobLogger(js).Debug("task phase", "task", ref.GetTaskId(), "worker", sess.worker,
+			"phase", st.GetPhase().String(), "reason", st.GetReason())
+	}
+	tv.phase, tv.reason, tv.missing = st.GetPhase(), st.GetReason(), false
+	if st.GetPhase() == transport.TaskPhase_TASK_PHASE_FAILED {
+		l.noteFailure(js, tv)
+		l.poke()
+	}
+	return tv
+}
+
+// classify finds the view of the task ref names as reported by worker. It
+// returns a non-empty reason when the task is not a task of its job's
+// current attempt placed on worker.
+func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *trackedTask, string) {
+	js := l.jobs[ref.GetJobId()]
+	if js == nil || js.attempt < ref.GetAttempt() {
+		// Unknown here, or newer than what this loop has seen: read the FSM.
+		if job, ok := l.env.job(ref.GetJobId()); ok {
+			js = l.observe(job)
+		}
+	}
+	switch {
+	case js == nil:
+		return nil, nil, "unknown job"
+	case js.status == fsm.JobCancelled:
+		return nil, nil, "job cancelled"
+	case ref.GetAttempt() != js.attempt:
+		return nil, nil, fmt.Sprintf("attempt %d is not the job's current attempt %d", ref.GetAttempt(), js.attempt)
+	}
+	tv := js.tasks[ref.GetTaskId()]
+	switch {
+	case tv == nil:
+		return nil, nil, fmt.Sprintf("attempt %d has no task %q", js.attempt, ref.GetTaskId())
+	case tv.task.Worker != worker:
+		return nil, nil, fmt.Sprintf("task is assigned to worker %s", tv.task.Worker)
+	}
+	return js, tv, ""
+}
+
+// live reports whether a task in phase p may still be running.
+func live(p transport.TaskPhase) bool {
+	return p != transport.TaskPhase_TASK_PHASE_FAILED && p != transport.TaskPhase_TASK_PHASE_CANCELLED
+}
+
+func cancelMsg(ref *transport.TaskRef, reason string) *transport.CoordinatorMessage {
+	return &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{
+		Task: &transport.TaskRef{JobId: ref.GetJobId(), Attempt: ref.GetAttempt(), TaskId: ref.GetTaskId()}, Reason: reason,
+	}}}
+}

@@ -1,0 +1,373 @@
+package fsm
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"maps"
+	"regexp"
+	"slices"
+)
+
+// Every applyX below validates the whole command before it changes anything,
+// so a rejected command leaves the state exactly as it was: the same on every
+// replica, whatever the error. None reads a clock or a random source.
+
+// jobIDPattern is what job ids may look like: they appear in URL paths and
+// in Kafka consumer-group names.
+var jobIDPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
+
+// TaskID is the canonical id of task index of the given kind ("source-0",
+// "map-1"); JobRestarted accepts no other.
+func TaskID(kind TaskKind, index int) string {
+	return fmt.Sprintf("%s-%d", kind, index)
+}
+
+// liveJob returns the job a command names, refusing unknown and cancelled jobs.
+func (s *State) liveJob(id string) (*Job, error) {
+	j, ok := s.Jobs[id]
+	if !ok {
+		return nil, fmt.Errorf("%w %q", ErrNoSuchJob, id)
+	}
+	if j.Status == JobCancelled {
+		return nil, ErrJobCancelled
+	}
+	return j, nil
+}
+
+func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
+	if !jobIDPattern.MatchString(c.ID) {
+		return fmt.Errorf("register job %q: %w: id must be 1-128 characters of A-Z a-z 0-9 . _ -", c.ID, ErrMalformedCommand)
+	}
+	if _, ok := s.Jobs[c.ID]; ok {
+		return fmt.Errorf("register job %s: %w", c.ID, ErrJobExists)
+	}
+	if err := c.Spec.Validate(nil); err != nil {
+		return fmt.Errorf("register job %s: %w: %w", c.ID, ErrInvalidSpec, err)
+	}
+	s.Jobs[c.ID] = &Job{
+		ID:          c.ID,
+		Spec:        c.Spec,
+		Status:      JobPending,
+		Tasks:       []Task{},
+		SubmittedAt: c.Time,
+		UpdatedAt:   c.Time,
+		Completed:   []Checkpoint{},
+		Aborted:     []Checkpoint{},
+	}
+	return nil
+}
+
+func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
+	fail := func(err error) error {
+		return fmt.Errorf("restart job %s as attempt %d: %w", c.JobID, c.Attempt, err)
+	}
+	j, err := s.liveJob(c.JobID)
+	if err != nil {
+		return fail(err)
+	}
+	if c.Attempt != j.Attempt+1 {
+		return fail(fmt.Errorf("%w: job is at attempt %d, the next is %d", ErrStaleAttempt, j.Attempt, j.Attempt+1))
+	}
+	if err := checkAssignment(j.Spec, c.Tasks); err != nil {
+		return fail(err)
+	}
+	if j.Pending != nil {
+		j.abortPending("job restarted: "+c.Reason, c.Time)
+	}
+	if c.Attempt > 1 {
+		j.Restarts++
+	}
+	j.Attempt = c.Attempt
+	j.Tasks = c.Tasks
+	j.Status = JobRunning
+	j.Reason = c.Reason
+	j.ConsecutiveAborts = 0
+	j.UpdatedAt = c.Time
+	return nil
+}
+
+// checkAssignment verifies that tasks are exactly the source and map tasks of
+// spec: canonical ids, every index once, a worker each, source partitions
+// following p mod S == index, and map key-group ranges that tile
+// [0, max_parallelism) in index order.
+func checkAssignment(spec JobSpec, tasks []Task) error {
+	numSources, numMaps := spec.Source.Parallelism, spec.Operator.Parallelism
+	if len(tasks) != numSources+numMaps {
+		return fmt.Errorf("%w: %d tasks for %d source and %d map tasks", ErrInvalidAssignment, len(tasks), numSources, numMaps)
+	}
+	sources := make([]*Task, numSources)
+	mapTasks := make([]*Task, numMaps)
+	for i := range tasks {
+		t := &tasks[i]
+		var slot []*Task
+		switch t.Kind {
+		case TaskSource:
+			slot = sources
+		case TaskMap:
+			slot = mapTasks
+		default:
+			return fmt.Errorf("%w: task %q has unknown kind %q", ErrInvalidAssignment, t.ID, t.Kind)
+		}
+		if t.Index < 0 || t.Index >= len(slot) {
+			return fmt.Errorf("%w: task %q: %s index %d out of range [0,%d)", ErrInvalidAssignment, t.ID, t.Kind, t.Index, len(slot))
+		}
+		if slot[t.Index] != nil {
+			return fmt.Errorf("%w: task %q: %s index %d assigned twice", ErrInvalidAssignment, t.ID, t.Kind, t.Index)
+		}
+		slot[t.Index] = t
+		if want := TaskID(t.Kind, t.Index); t.ID != want {
+			return fmt.Errorf("%w: task %q should have id %q", ErrInvalidAssignment, t.ID, want)
+		}
+		if t.Worker == "" {
+			return fmt.Errorf("%w: task %s has no worker", ErrInvalidAssignment, t.ID)
+		}
+	}
+	seen := make(map[int32]bool)
+	for _, t := range sources {
+		if t.KeyGroups != nil {
+			return fmt.Errorf("%w: source task %s has key groups", ErrInvalidAssignment, t.ID)
+		}
+		for _, p := range t.Partitions {
+			if p < 0 || int(p)%numSources != t.Index {
+				return fmt.Errorf("%w: source task %s cannot read partition %d (p mod %d must be %d)", ErrInvalidAssignment, t.ID, p, numSources, t.Index)
+			}
+			if seen[p] {
+				return fmt.Errorf("%w: source task %s lists partition %d twice", ErrInvalidAssignment, t.ID, p)
+			}
+			seen[p] = true
+		}
+	}
+	next := 0
+	for _, t := range mapTasks {
+		if len(t.Partitions) > 0 {
+			return fmt.Errorf("%w: map task %s has partitions", ErrInvalidAssignment, t.ID)
+		}
+		kg := t.KeyGroups
+		if kg == nil {
+			return fmt.Errorf("%w: map task %s has no key groups", ErrInvalidAssignment, t.ID)
+		}
+		if kg.Start != next || kg.End <= kg.Start {
+			return fmt.Errorf("%w: map task %s owns key groups [%d,%d), expected a non-empty range starting at %d", ErrInvalidAssignment, t.ID, kg.Start, kg.End, next)
+		}
+		next = kg.End
+	}
+	if groups := spec.Operator.MaxParallelism; next != groups {
+		return fmt.Errorf("%w: map tasks cover key groups [0,%d), not [0,%d)", ErrInvalidAssignment, next, groups)
+	}
+	return nil
+}
+
+func (s *State) applyJobStatus(c *JobStatusCmd) error {
+	fail := func(err error) error {
+		return fmt.Errorf("set status of job %s to %q: %w", c.JobID, c.Status, err)
+	}
+	j, err := s.liveJob(c.JobID)
+	if err != nil {
+		return fail(err)
+	}
+	switch c.Status {
+	case JobPending, JobRestarting, JobFailing:
+	case JobRunning:
+		if j.Attempt == 0 {
+			return fail(ErrNotDeployed)
+		}
+	case JobCancelled:
+		return fail(fmt.Errorf("%w: cancel with JobCancelled", ErrInvalidStatus))
+	default:
+		return fail(ErrInvalidStatus)
+	}
+	j.Status = c.Status
+	j.Reason = c.Reason
+	j.UpdatedAt = c.Time
+	return nil
+}
+
+// runningAttempt returns the job a checkpoint command names if it is running
+// the command's attempt.
+func (s *State) runningAttempt(jobID string, attempt uint64) (*Job, error) {
+	j, err := s.liveJob(jobID)
+	if err != nil {
+		return nil, err
+	}
+	if j.Status != JobRunning {
+		return nil, fmt.Errorf("%w: status is %s", ErrJobNotRunning, j.Status)
+	}
+	if attempt != j.Attempt {
+		return nil, fmt.Errorf("%w: job is at attempt %d", ErrStaleAttempt, j.Attempt)
+	}
+	return j, nil
+}
+
+func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, error) {
+	fail := func(err error) error {
+		return fmt.Errorf("trigger checkpoint of job %s attempt %d: %w", c.JobID, c.Attempt, err)
+	}
+	j, err := s.runningAttempt(c.JobID, c.Attempt)
+	if err != nil {
+		return 0, fail(err)
+	}
+	if j.Pending != nil {
+		return 0, fail(fmt.Errorf("%w: checkpoint %d", ErrCheckpointPending, j.Pending.ID))
+	}
+	j.LastCheckpointID++
+	j.Pending = &Checkpoint{
+		ID:          j.LastCheckpointID,
+		Attempt:     j.Attempt,
+		Status:      CheckpointPending,
+		TriggeredAt: c.Time,
+	}
+	j.UpdatedAt = c.Time
+	return j.LastCheckpointID, nil
+}
+
+// pendingCheckpoint returns j's pending checkpoint if its id is id.
+func (j *Job) pendingCheckpoint(id uint64) (*Checkpoint, error) {
+	if j.Pending == nil {
+		return nil, ErrNoPendingCheckpoint
+	}
+	if j.Pending.ID != id {
+		return nil, fmt.Errorf("%w: pending is %d", ErrCheckpointMismatch, j.Pending.ID)
+	}
+	return j.Pending, nil
+}
+
+func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
+	fail := func(err error) error {
+		return fmt.Errorf("complete checkpoint %d of job %s attempt %d: %w", c.CheckpointID, c.JobID, c.Attempt, err)
+	}
+	j, err := s.runningAttempt(c.JobID, c.Attempt)
+	if err != nil {
+		return fail(err)
+	}
+	cp, err := j.pendingCheckpoint(c.CheckpointID)
+	if err != nil {
+		return fail(err)
+	}
+	if err := checkStates(j.Tasks, c.States); err != nil {
+		return fail(err)
+	}
+	done := *cp
+	done.Status = CheckpointCompleted
+	done.EndedAt = c.Time
+	done.Tasks = c.States
+	j.Completed = append(j.Completed, done)
+	if drop := len(j.Completed) - max(j.Spec.Checkpoint.Retained, 1); drop > 0 {
+		j.Completed = slices.Delete(j.Completed, 0, drop)
+	}
+	j.Pending = nil
+	j.ConsecutiveAborts = 0
+	j.UpdatedAt = c.Time
+	return nil
+}
+
+// checkStates verifies that states holds exactly one valid state per task,
+// keyed by task id. Tasks are checked in assignment order and extra keys in
+// sorted order, so the error is the same on every replica.
+func checkStates(tasks []Task, states map[string]TaskState) error {
+	for _, t := range tasks {
+		st, ok := states[t.ID]
+		if !ok {
+			return fmt.Errorf("%w: no state for task %s", ErrIncompleteStates, t.ID)
+		}
+		if err := checkState(t, st); err != nil {
+			return fmt.Errorf("task %s: %w", t.ID, err)
+		}
+	}
+	if len(states) != len(tasks) {
+		for _, id := range slices.Sorted(maps.Keys(states)) {
+			if !slices.ContainsFunc(tasks, func(t Task) bool { return t.ID == id }) {
+				return fmt.Errorf("%w: state for task %q, which is not in the attempt", ErrIncompleteStates, id)
+			}
+		}
+	}
+	return nil
+}
+
+func checkState(t Task, st TaskState) error {
+	if st.TaskID != t.ID {
+		return fmt.Errorf("%w: state names task %q", ErrIncompleteStates, st.TaskID)
+	}
+	if st.Kind != t.Kind {
+		return fmt.Errorf("%w: state of kind %q for a %s task", ErrIncompleteStates, st.Kind, t.Kind)
+	}
+	if st.Worker != "" && st.Worker != t.Worker {
+		return fmt.Errorf("%w: state from worker %q, task runs on %q", ErrIncompleteStates, st.Worker, t.Worker)
+	}
+	switch t.Kind {
+	case TaskSource:
+		if len(st.Keyed) > 0 || st.KeyedSHA256 != "" {
+			return fmt.Errorf("%w: source state has keyed state", ErrIncompleteStates)
+		}
+		if len(st.Offsets) != len(t.Partitions) {
+			return fmt.Errorf("%w: offsets for %d partitions, task reads %d", ErrIncompleteStates, len(st.Offsets), len(t.Partitions))
+		}
+		for _, p := range t.Partitions {
+			off, ok := st.Offsets[p]
+			if !ok {
+				return fmt.Errorf("%w: no offset for partition %d", ErrIncompleteStates, p)
+			}
+			if off < 0 {
+				return fmt.Errorf("%w: negative offset %d for partition %d", ErrIncompleteStates, off, p)
+			}
+		}
+	case TaskMap:
+		if len(st.Offsets) > 0 {
+			return fmt.Errorf("%w: map state has offsets", ErrIncompleteStates)
+		}
+		want, err := hex.DecodeString(st.KeyedSHA256)
+		if err != nil || len(want) != sha256.Size {
+			return fmt.Errorf("%w: keyed_sha256 %q is not a SHA-256 in hex", ErrIncompleteStates, st.KeyedSHA256)
+		}
+		if got := sha256.Sum256(st.Keyed); !bytes.Equal(got[:], want) {
+			return fmt.Errorf("%w: %d bytes hash to %x, ack says %s", ErrStateChecksum, len(st.Keyed), got, st.KeyedSHA256)
+		}
+	}
+	return nil
+}
+
+func (s *State) applyCheckpointAborted(c *CheckpointAbortedCmd) error {
+	fail := func(err error) error {
+		return fmt.Errorf("abort checkpoint %d of job %s: %w", c.CheckpointID, c.JobID, err)
+	}
+	j, err := s.liveJob(c.JobID)
+	if err != nil {
+		return fail(err)
+	}
+	if _, err := j.pendingCheckpoint(c.CheckpointID); err != nil {
+		return fail(err)
+	}
+	j.abortPending(c.Reason, c.Time)
+	j.ConsecutiveAborts++
+	j.UpdatedAt = c.Time
+	return nil
+}
+
+// abortPending moves j's pending checkpoint to the aborted history, keeping
+// at most MaxAbortedHistory entries. j.Pending must not be nil.
+func (j *Job) abortPending(reason string, at int64) {
+	cp := *j.Pending
+	cp.Status = CheckpointAborted
+	cp.Reason = reason
+	cp.EndedAt = at
+	j.Aborted = append(j.Aborted, cp)
+	if drop := len(j.Aborted) - MaxAbortedHistory; drop > 0 {
+		j.Aborted = slices.Delete(j.Aborted, 0, drop)
+	}
+	j.Pending = nil
+}
+
+func (s *State) applyJobCancelled(c *JobCancelledCmd) error {
+	j, err := s.liveJob(c.JobID)
+	if err != nil {
+		return fmt.Errorf("cancel job %s: %w", c.JobID, err)
+	}
+	if j.Pending != nil {
+		j.abortPending("job cancelled", c.Time)
+	}
+	j.Status = JobCancelled
+	j.Reason = c.Reason
+	j.UpdatedAt = c.Time
+	return nil
+}

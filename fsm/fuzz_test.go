@@ -1,0 +1,108 @@
+package fsm
+
+import (
+	"testing"
+)
+
+// fuzzHarness is the state every FuzzApply input is applied to: a running job
+// with a pending checkpoint and one completed, so that seeds of every command
+// type can succeed.
+func fuzzHarness(t testing.TB) *harness {
+	h := newHarness(t)
+	h.runningJob("j1")
+	h.checkpointed("j1")
+	h.triggered("j1")
+	return h
+}
+
+// fuzzSeeds returns a valid encoding of every command type against fuzzHarness.
+func fuzzSeeds(t testing.TB) [][]byte {
+	h := fuzzHarness(t)
+	j := h.job("j1")
+	spec := testSpec()
+	cmds := []struct {
+		ct  CommandType
+		cmd any
+	}{
+		{CommandRegisterJob, h.register("j2", spec)},
+		{CommandJobRestarted, h.restart("j1", 2, assignment(spec, "w9"), "lost")},
+		{CommandJobStatus, JobStatusCmd{JobID: "j1", Status: JobFailing, Time: h.tick()}},
+		{CommandCheckpointTriggered, h.trigger("j1", 1)},
+		{CommandCheckpointCompleted, h.complete("j1", 1, j.Pending.ID, statesFor(j.Tasks, 3))},
+		{CommandCheckpointAborted, h.abort("j1", j.Pending.ID, "timeout")},
+		{CommandJobCancelled, JobCancelledCmd{JobID: "j1", Time: h.tick()}},
+	}
+	var seeds [][]byte
+	for _, c := range cmds {
+		data, err := Encode(c.ct, c.cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seeds = append(seeds, data)
+	}
+	return append(seeds, nil, []byte{0}, []byte{255, '{'}, []byte{byte(CommandJobStatus), 'n', 'u', 'l', 'l'})
+}
+
+// FuzzApply checks that Apply never panics, that a rejected entry leaves the
+// state untouched, and that whatever state an accepted entry leads to
+// survives a snapshot round trip.
+func FuzzApply(f *testing.F) {
+	for _, s := range fuzzSeeds(f) {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		h := fuzzHarness(t)
+		before := h.digest()
+		_, err := h.applyRaw(data)
+		after := h.digest()
+		if err != nil {
+			if after != before {
+				t.Fatalf("rejected entry (%v) changed the state", err)
+			}
+			return
+		}
+		restored := New()
+		if err := restored.Restore(readCloser(persist(t, h.f))); err != nil {
+			t.Fatalf("restore a snapshot of a reachable state: %v", err)
+		}
+		if mustDigest(t, restored) != after {
+			t.Fatal("snapshot round trip changed the digest")
+		}
+	})
+}
+
+// FuzzRestore checks that Restore never panics and either succeeds or keeps
+// the state in place.
+func FuzzRestore(f *testing.F) {
+	f.Add(persist(f, fuzzHarness(f).f))
+	f.Add([]byte(`{"format":"coordflow-fsm","version":1,"state":{"jobs":{}}}`))
+	f.Add([]byte(`{"format":"coordflow-fsm","version":1,"state":{"jobs":{"a":{"id":"a","status":"running","pending":{"id":3,"status":"pending"}}}}}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		h := fuzzHarness(t)
+		before := h.digest()
+		if err := h.f.Restore(readCloser(data)); err != nil && h.digest() != before {
+			t.Fatalf("failed restore (%v) changed the state", err)
+		}
+	})
+}
+
+// FuzzParseJobSpec checks that parsing never panics and that every accepted
+// spec is valid and survives a JSON round trip.
+func FuzzParseJobSpec(f *testing.F) {
+	f.Add([]byte(designSpec))
+	f.Add([]byte(minimalSpec))
+	f.Add([]byte(`{"checkpoint": {"interval": null}}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		spec, err := ParseJobSpec(data, nil)
+		if err != nil {
+			return
+		}
+		if err := spec.Validate(nil); err != nil {
+			t.Fatalf("accepted spec fails Validate: %v", err)
+		}
+		h := newHarness(t)
+		if _, err := h.apply(CommandRegisterJob, h.register("j1", spec)); err != nil {
+			t.Fatalf("accepted spec rejected by RegisterJob: %v", err)
+		}
+	})
+}

@@ -1,0 +1,232 @@
+package fsm
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func readCloser(b []byte) io.ReadCloser { return io.NopCloser(bytes.NewReader(b)) }
+
+// richState builds a state with every kind of record: a running job with
+// completed, aborted and pending checkpoints, a restarted job, a cancelled
+// job and a job never deployed.
+func richState(t testing.TB) *harness {
+	h := newHarness(t)
+	spec := testSpec()
+	h.runningJob("running")
+	h.checkpointed("running")
+	h.must(CommandCheckpointAborted, h.abort("running", h.triggered("running"), "timeout"))
+	h.checkpointed("running")
+	h.triggered("running")
+
+	h.runningJob("restarted")
+	h.checkpointed("restarted")
+	h.must(CommandJobRestarted, h.restart("restarted", 2, assignment(spec, "w3"), "lost w1"))
+	h.must(CommandJobStatus, JobStatusCmd{JobID: "restarted", Status: JobFailing, Reason: "topic missing", Time: h.tick()})
+
+	h.runningJob("cancelled")
+	h.checkpointed("cancelled")
+	h.must(CommandJobCancelled, JobCancelledCmd{JobID: "cancelled", Reason: "user", Time: h.tick()})
+
+	noSink := spec
+	noSink.Sink = nil
+	h.must(CommandRegisterJob, h.register("waiting", noSink))
+	return h
+}
+
+func TestSnapshotRestoreRoundTrip(t *testing.T) {
+	h := richState(t)
+	want := h.digest()
+	wantJSON, err := h.f.StateJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	restored := New()
+	restored.state.Jobs["stale"] = &Job{ID: "stale"} // Restore must discard prior state
+	if err := restored.Restore(readCloser(persist(t, h.f))); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if got := mustDigest(t, restored); got != want {
+		gotJSON, _ := restored.StateJSON()
+		t.Fatalf("digest after restore %s, want %s\ngot  %s\nwant %s", got, want, gotJSON, wantJSON)
+	}
+	// The restored FSM goes on exactly like the original.
+	for _, r := range []*harness{h, {t: t, f: restored, index: h.index, now: h.now}} {
+		r.must(CommandCheckpointCompleted, r.complete("running", 1, 4, statesFor(r.job("running").Tasks, 4)))
+	}
+	if mustDigest(t, restored) != h.digest() {
+		t.Fatal("original and restored FSM diverged after the same command")
+	}
+}
+
+// A snapshot is a point-in-time copy: commands applied after Snapshot (while
+// Persist runs) do not leak into it.
+func TestSnapshotIsPointInTime(t *testing.T) {
+	h := richState(t)
+	want := h.digest()
+	snap, err := h.f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Release()
+	h.must(CommandCheckpointCompleted, h.complete("running", 1, 4, statesFor(h.job("running").Tasks, 4)))
+	h.must(CommandJobCancelled, JobCancelledCmd{JobID: "restarted", Time: h.tick()})
+
+	var sink fakeSink
+	if err := snap.Persist(&sink); err != nil {
+		t.Fatal(err)
+	}
+	restored := New()
+	if err := restored.Restore(readCloser(sink.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	if mustDigest(t, restored) != want {
+		t.Fatal("snapshot holds changes applied after it was taken")
+	}
+}
+
+// Persist runs concurrently with Apply and reads; the race detector checks
+// that nothing is shared unsafely.
+func TestPersistConcurrentWithApply(t *testing.T) {
+	h := richState(t)
+	h.runningJob("running2")
+	snap, err := h.f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Release()
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		var sink fakeSink
+		errs <- snap.Persist(&sink)
+	}()
+	go func() {
+		defer wg.Done()
+		for range 20 {
+			if _, err := h.f.Digest(); err != nil {
+				errs <- err
+				return
+			}
+			_ = h.f.Jobs()
+		}
+		errs <- nil
+	}()
+	for range 10 {
+		h.checkpointed("running2")
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestPersistCancelsSinkOnError(t *testing.T) {
+	h := richState(t)
+	snap, err := h.f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Release()
+	sink := &fakeSink{failWrite: true}
+	err = snap.Persist(sink)
+	if err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("persist error = %v, want the write error", err)
+	}
+	if !sink.cancelled || sink.closed {
+		t.Fatalf("sink cancelled=%v closed=%v, want cancelled only", sink.cancelled, sink.closed)
+	}
+}
+
+func TestRestoreCorruptKeepsState(t *testing.T) {
+	h := richState(t)
+	good := persist(t, h.f)
+	edit := func(f func(doc map[string]any)) []byte {
+		var doc map[string]any
+		if err := json.Unmarshal(good, &doc); err != nil {
+			t.Fatal(err)
+		}
+		f(doc)
+		b, err := json.Marshal(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	job := func(doc map[string]any, id string) map[string]any {
+		return doc["state"].(map[string]any)["jobs"].(map[string]any)[id].(map[string]any)
+	}
+	tests := []struct {
+		name string
+		data []byte
+		text string
+	}{
+		{"empty", nil, "decode"},
+		{"garbage", []byte("\x00\x01garbage"), "decode"},
+		{"truncated", good[:len(good)/2], "decode"},
+		{"trailing data", append(append([]byte{}, good...), `{}`...), "data after"},
+		{"wrong format", edit(func(d map[string]any) { d["format"] = "other" }), `format "other"`},
+		{"future version", edit(func(d map[string]any) { d["version"] = 99 }), "version 99"},
+		{"no state", edit(func(d map[string]any) { delete(d, "state") }), "no state"},
+		{"no jobs", edit(func(d map[string]any) { d["state"] = map[string]any{} }), "no jobs"},
+		{"null job", edit(func(d map[string]any) { d["state"].(map[string]any)["jobs"].(map[string]any)["x"] = nil }), "null job"},
+		{"job under wrong key", edit(func(d map[string]any) { job(d, "running")["id"] = "other" }), `job "running"`},
+		{"unknown status", edit(func(d map[string]any) { job(d, "running")["status"] = "zombie" }), "zombie"},
+		{"pending id behind last id", edit(func(d map[string]any) { job(d, "running")["last_checkpoint_id"] = 1 }), "last issued"},
+		{"pending not pending", edit(func(d map[string]any) { job(d, "running")["pending"].(map[string]any)["status"] = "completed" }), "pending checkpoint"},
+		{"completed out of order", edit(func(d map[string]any) {
+			cps := job(d, "running")["completed"].([]any)
+			cps[0], cps[1] = cps[1], cps[0]
+		}), "out of order"},
+		{"wrong field type", edit(func(d map[string]any) { job(d, "running")["attempt"] = "one" }), "decode"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := New()
+			if err := f.Restore(readCloser(good)); err != nil {
+				t.Fatal(err)
+			}
+			before := mustDigest(t, f)
+			err := f.Restore(readCloser(tc.data))
+			wantErr(t, err, ErrCorruptSnapshot)
+			if !strings.Contains(err.Error(), tc.text) {
+				t.Fatalf("error %q does not mention %q", err, tc.text)
+			}
+			if mustDigest(t, f) != before {
+				t.Fatal("a failed restore changed the state")
+			}
+		})
+	}
+}
+
+// The canonical JSON does not depend on map iteration order or on copies.
+func TestDigestStable(t *testing.T) {
+	h := richState(t)
+	d := h.digest()
+	for range 5 {
+		if h.digest() != d {
+			t.Fatal("digest changed without a command")
+		}
+	}
+	clone := &FSM{state: h.f.state.clone(false)}
+	if mustDigest(t, clone) != d {
+		t.Fatal("a deep copy has another digest")
+	}
+	if mustDigest(t, New()) == d {
+		t.Fatal("empty state has the same digest as a full one")
+	}
+	if _, err := h.f.StateJSON(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,151 @@
+package fsm
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+)
+
+// State is the whole replicated state: every job ever registered, keyed by
+// job id. Only Apply and Restore change it, under the FSM's write lock.
+type State struct {
+	Jobs map[string]*Job `json:"jobs"`
+}
+
+// newState returns an empty state.
+func newState() *State {
+	return &State{Jobs: make(map[string]*Job)}
+}
+
+// clone returns a deep copy of s. With shareBlobs, keyed state blobs are
+// shared instead of copied: the FSM never mutates a blob once applied, so a
+// snapshot may share them, while copies handed to callers (who may mutate
+// what they get) must not.
+func (s *State) clone(shareBlobs bool) *State {
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs))}
+	for id, j := range s.Jobs {
+		cj := j.clone(shareBlobs)
+		c.Jobs[id] = &cj
+	}
+	return c
+}
+
+// check verifies the invariants a restored state must hold, so that a
+// snapshot that decodes but is nonsense is refused rather than served.
+func (s *State) check() error {
+	if s.Jobs == nil {
+		return fmt.Errorf("%w: no jobs map", ErrCorruptSnapshot)
+	}
+	for _, id := range slices.Sorted(maps.Keys(s.Jobs)) {
+		if err := s.Jobs[id].check(id); err != nil {
+			return fmt.Errorf("%w: job %q: %v", ErrCorruptSnapshot, id, err)
+		}
+	}
+	return nil
+}
+
+func (j *Job) check(key string) error {
+	switch {
+	case j == nil:
+		return fmt.Errorf("null job")
+	case j.ID != key:
+		return fmt.Errorf("holds job id %q", j.ID)
+	case !validJobStatus(j.Status):
+		return fmt.Errorf("unknown status %q", j.Status)
+	}
+	if p := j.Pending; p != nil {
+		if p.Status != CheckpointPending {
+			return fmt.Errorf("pending checkpoint %d has status %q", p.ID, p.Status)
+		}
+		if p.ID != j.LastCheckpointID {
+			return fmt.Errorf("pending checkpoint %d is not the last issued id %d", p.ID, j.LastCheckpointID)
+		}
+	}
+	var prev uint64
+	for _, cp := range j.Completed {
+		if cp.Status != CheckpointCompleted {
+			return fmt.Errorf("completed checkpoint %d has status %q", cp.ID, cp.Status)
+		}
+		if cp.ID <= prev || cp.ID > j.LastCheckpointID {
+			return fmt.Errorf("completed checkpoint %d out of order (previous %d, last issued %d)", cp.ID, prev, j.LastCheckpointID)
+		}
+		prev = cp.ID
+	}
+	return nil
+}
+
+func validJobStatus(s JobStatus) bool {
+	switch s {
+	case JobPending, JobRunning, JobRestarting, JobFailing, JobCancelled:
+		return true
+	}
+	return false
+}
+
+func (j *Job) clone(shareBlobs bool) Job {
+	c := *j
+	c.Spec = j.Spec.clone()
+	c.Tasks = cloneSlice(j.Tasks, Task.clone)
+	if j.Pending != nil {
+		p := j.Pending.clone(shareBlobs)
+		c.Pending = &p
+	}
+	cloneCP := func(cp Checkpoint) Checkpoint { return cp.clone(shareBlobs) }
+	c.Completed = cloneSlice(j.Completed, cloneCP)
+	c.Aborted = cloneSlice(j.Aborted, cloneCP)
+	return c
+}
+
+func (s JobSpec) clone() JobSpec {
+	c := s
+	c.Source.Brokers = slices.Clone(s.Source.Brokers)
+	if s.Sink != nil {
+		sink := *s.Sink
+		sink.Brokers = slices.Clone(s.Sink.Brokers)
+		c.Sink = &sink
+	}
+	return c
+}
+
+func (t Task) clone() Task {
+	c := t
+	c.Partitions = slices.Clone(t.Partitions)
+	if t.KeyGroups != nil {
+		kg := *t.KeyGroups
+		c.KeyGroups = &kg
+	}
+	return c
+}
+
+func (cp Checkpoint) clone(shareBlobs bool) Checkpoint {
+	c := cp
+	if cp.Tasks != nil {
+		c.Tasks = make(map[string]TaskState, len(cp.Tasks))
+		for id, ts := range cp.Tasks {
+			c.Tasks[id] = ts.clone(shareBlobs)
+		}
+	}
+	return c
+}
+
+func (ts TaskState) clone(shareBlobs bool) TaskState {
+	c := ts
+	c.Offsets = maps.Clone(ts.Offsets)
+	if !shareBlobs {
+		c.Keyed = slices.Clone(ts.Keyed)
+	}
+	return c
+}
+
+// cloneSlice copies s element by element, keeping nil as nil and empty as
+// empty so that the JSON (and so the Digest) of a copy equals the original's.
+func cloneSlice[T any](s []T, cloneElem func(T) T) []T {
+	if s == nil {
+		return nil
+	}
+	c := make([]T, len(s))
+	for i, e := range s {
+		c[i] = cloneElem(e)
+	}
+	return c
+}

@@ -1,0 +1,198 @@
+package integration
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBadJobSpecs: bad specs are refused with a 400 that names the field; a
+// job on a missing topic says so and crashes nothing; a sum job skips the
+// values that are not integers and counts them in a metric. The sum job goes
+// through the CLI (`coordd job run`), which the test checks on the way, with
+// `coordd job status`, `job checkpoints`, `job state` and `members`.
+func TestBadJobSpecs(t *testing.T) {
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 1, topics: map[string]int32{"numbers": 2}})
+	leader := c.leader(t)
+	var follower *coordProc
+	for _, cp := range c.coords {
+		if cp.id != leader {
+			follower = cp
+			break
+		}
+	}
+
+	t.Run("refused with the field named", func(t *testing.T) {
+		for i, tc := range []struct {
+			name  string
+			spec  func(*jobSpec)
+			raw   string   // used instead of spec when set
+			words []string // the error must name these
+		}{
+			{name: "unknown operator", spec: func(s *jobSpec) { s.Operator.Name = "no-such-operator" }, words: []string{"operator", "no-such-operator"}},
+			{name: "operator parallelism 0", spec: func(s *jobSpec) { s.Operator.Parallelism = 0 }, words: []string{"operator", "parallelism"}},
+			{name: "source parallelism 0", spec: func(s *jobSpec) { s.Source.Parallelism = 0 }, words: []string{"source", "parallelism"}},
+			{name: "no topic", spec: func(s *jobSpec) { s.Source.Topic = "" }, words: []string{"topic"}},
+			{name: "unknown field", raw: `{"name": "x", "source": {"brokers": ["127.0.0.1:1"], "topic": "numbers", "parallelism": 1}, "operator": {"name": "sum", "parallelism": 1}, "surprise": true}`, words: []string{"surprise"}},
+			{name: "unknown nested field", raw: `{"name": "x", "source": {"brokers": ["127.0.0.1:1"], "topic": "numbers", "parallelism": 1, "partitions": 3}, "operator": {"name": "sum", "parallelism": 1}}`, words: []string{"partitions"}},
+			{name: "bad duration", spec: func(s *jobSpec) { s.Checkpoint.Interval = "soon" }, words: []string{"interval"}},
+		} {
+			var body any
+			if tc.raw != "" {
+				body = []byte(tc.raw)
+			} else {
+				s := wordcountSpec(c.brokers(), "numbers")
+				tc.spec(&s)
+				body = s
+			}
+			// Alternate between the leader and a follower (which forwards).
+			addr := c.coordinator(t, leader).httpAddr
+			if i%2 == 1 {
+				addr = follower.httpAddr
+			}
+			id, err := c.postJob(addr, body)
+			var ae *apiError
+			switch {
+			case err == nil:
+				t.Errorf("%s: accepted as job %s, want 400", tc.name, id)
+			case !errors.As(err, &ae):
+				t.Errorf("%s: %v, want a 400 answer", tc.name, err)
+			case ae.status != http.StatusBadRequest:
+				t.Errorf("%s: %v, want status 400", tc.name, err)
+			default:
+				for _, w := range tc.words {
+					if !strings.Contains(strings.ToLower(ae.message), w) {
+						t.Errorf("%s: error %q does not name %q", tc.name, ae.message, w)
+					}
+				}
+			}
+		}
+	})
+
+	t.Run("missing topic", func(t *testing.T) {
+		s := wordcountSpec(c.brokers(), "no-such-topic")
+		s.Name = "ghost"
+		s.Source.Parallelism, s.Operator.Parallelism = 1, 1
+		id := c.submitJob(t, s)
+		c.waitFor(t, time.Minute, "job "+id+" to give a reason naming the missing topic", func() (bool, error) {
+			j, err := c.getJob(t, id)
+			if err != nil {
+				return false, err
+			}
+			return strings.Contains(j.Reason, "no-such-topic"), fmt.Errorf("status %s, reason %q", j.Status, j.Reason)
+		})
+		c.checkAlive(t)
+		if err := c.call("DELETE", c.api(t), "/v1/jobs/"+id, nil, nil); err != nil {
+			t.Fatalf("cancel job %s: %v", id, err)
+		}
+		c.waitFor(t, 30*time.Second, "job "+id+" to be cancelled", func() (bool, error) {
+			j, err := c.getJob(t, id)
+			if err != nil {
+				return false, err
+			}
+			return j.Status == "cancelled", fmt.Errorf("status %s", j.Status)
+		})
+	})
+
+	t.Run("sum skips values that are not integers, through the CLI", func(t *testing.T) {
+		values := []string{"5", "-3", "abc", "", "1.5", "12x", "0", "--3", "40", "+7", "x1", "1e3"}
+		var recs []record
+		want := map[string]int64{}
+		var skipped int
+		for i := range 600 {
+			key := fmt.Sprintf("k%d", i%7)
+			v := values[i%len(values)]
+			recs = append(recs, record{key: key, value: v, partition: anyPartition})
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				skipped++
+				continue
+			}
+			want[key] += n
+		}
+		produce(t, c.brokers(), "numbers", recs)
+		end := topicEndOffsets(t, c.brokers(), "numbers")
+		if sumOffsets(end) != int64(len(recs)) {
+			t.Fatalf("numbers holds %d records, want %d", sumOffsets(end), len(recs))
+		}
+
+		s := jobSpec{
+			Name:       "sum-it",
+			Source:     sourceSpec{Brokers: c.brokers(), Topic: "numbers", Start: "earliest", Parallelism: 2},
+			Operator:   operatorSpec{Name: "sum", Parallelism: 1},
+			Checkpoint: checkpointSpec{Interval: "300ms"},
+		}
+		b, err := json.MarshalIndent(s, "", "  ")
+		if err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(t.TempDir(), "sum.json")
+		if err := os.WriteFile(file, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		id := strings.TrimSpace(c.cli(t, follower.httpAddr, "job", "run", file))
+		if id == "" || strings.ContainsAny(id, " \n") {
+			t.Fatalf("coordd job run printed %q, want the job id alone", id)
+		}
+		if _, err := c.getJob(t, id); err != nil {
+			t.Fatalf("job %q printed by coordd job run: %v", id, err)
+		}
+
+		final := c.waitCaughtUp(t, 2*time.Minute, id, "numbers", end)
+		if diff := diffCounts(final.Keyed, want); diff != "" {
+			t.Errorf("sum state differs from the sums of the integer values:\n%s", diff)
+		}
+		j, err := c.getJob(t, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.waitFor(t, 30*time.Second, "coordflow_records_skipped_total to count the unparsable values", func() (bool, error) {
+			var total float64
+			for _, w := range c.workers {
+				text, err := c.workerMetrics(w)
+				if err != nil {
+					return false, err
+				}
+				n, _ := metricSum(text, "coordflow_records_skipped_total")
+				total += n
+			}
+			// A restarted attempt reads some records again, and counts them again.
+			if j.Attempt <= 1 {
+				return total == float64(skipped), fmt.Errorf("coordflow_records_skipped_total is %v, want %d", total, skipped)
+			}
+			return total >= float64(skipped), fmt.Errorf("coordflow_records_skipped_total is %v, want at least %d (attempt %d)", total, skipped, j.Attempt)
+		})
+
+		out := c.cli(t, c.api(t), "job", "status", id)
+		if !strings.Contains(out, id) && !strings.Contains(out, j.Status) {
+			t.Errorf("coordd job status %s printed neither the id nor its status %q:\n%s", id, j.Status, out)
+		}
+		if out := c.cli(t, c.api(t), "job", "checkpoints", id); !strings.Contains(out, fmt.Sprint(final.CheckpointID)) {
+			t.Errorf("coordd job checkpoints %s does not show completed checkpoint %d:\n%s", id, final.CheckpointID, out)
+		}
+		if out := c.cli(t, c.api(t), "job", "state", id); !strings.Contains(out, "k3") {
+			t.Errorf("coordd job state %s does not show key k3:\n%s", id, out)
+		}
+		if out := c.cli(t, c.api(t), "job", "list"); !strings.Contains(out, id) {
+			t.Errorf("coordd job list does not show job %s:\n%s", id, out)
+		}
+	})
+
+	t.Run("members lists both roles", func(t *testing.T) {
+		out := c.cli(t, c.api(t), "members")
+		for _, want := range []string{"coordinator", "worker", "c1", "c2", "c3", "w1"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("coordd members does not show %q:\n%s", want, out)
+			}
+		}
+	})
+
+	c.checkAlive(t)
+}

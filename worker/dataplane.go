@@ -1,0 +1,226 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/coordflow/coordflow/transport"
+)
+
+// channelAcceptedKey is the gRPC response-header key the data server sets
+// once it has accepted a channel's header. A client-streaming RPC has no other
+// way to say "accepted" before it ends, and the source must know, before it
+// sends items, that the map task will read them: a channel rejected because
+// its map task is still deploying is retried, with nothing lost.
+const channelAcceptedKey = "coordflow-channel"
+
+// dataService is the Data service of a worker: it connects each incoming
+// channel to the local map task its header names.
+type dataService struct {
+	transport.UnimplementedDataServer
+	tasks      *taskManager
+	acceptWait time.Duration
+	logger     *slog.Logger
+}
+
+// Channel reads the header, waits (up to acceptWait) for the named map task to
+// be running here, rejects stale attempts, and then feeds the stream to the
+// map task as one of its inputs until the source closes it.
+func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	h := first.GetHeader()
+	if h == nil {
+		return status.Error(codes.InvalidArgument, "first data message must carry the channel header")
+	}
+	log := s.logger.With("job", h.GetJobId(), "attempt", h.GetAttempt(), "task", h.GetMapTaskId(), "source", h.GetSourceIndex())
+	mt, err := s.tasks.awaitMap(stream.Context(), h.GetJobId(), h.GetAttempt(), h.GetMapTaskId(), s.acceptWait)
+	switch {
+	case errors.Is(err, errStaleAttempt):
+		log.Info("rejecting data channel of a stale attempt", "err", err)
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, errMapNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case err != nil:
+		return status.FromContextError(err).Err()
+	}
+	in, err := mt.attach(int(h.GetSourceIndex()))
+	if errors.Is(err, errMapStopped) {
+		return status.Error(codes.Unavailable, err.Error())
+	} else if err != nil {
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	if err := stream.SendHeader(metadata.Pairs(channelAcceptedKey, "accepted")); err != nil {
+		mt.forward(inputEvent{input: in.idx, closed: true, err: err})
+		return err
+	}
+	log.Debug("data channel accepted")
+
+	var pending *transport.DataMessage
+	if first.GetPayload() != nil {
+		pending = &transport.DataMessage{Payload: first.GetPayload()}
+	}
+	recv := func(context.Context) (*transport.DataMessage, error) {
+		if m := pending; m != nil {
+			pending = nil
+			return m, nil
+		}
+		return stream.Recv()
+	}
+	// The handler goroutine is the input's goroutine. When the map task
+	// stops while it waits in Recv, it returns at the source's next message
+	// or when the source or the server closes the stream.
+	switch err := mt.readInput(in, recv); {
+	case err == nil:
+		return stream.SendAndClose(&transport.ChannelClosed{})
+	case errors.Is(err, errMapStopped):
+		return status.Error(codes.Aborted, "map task stopped")
+	default:
+		return err
+	}
+}
+
+// connPool shares one gRPC client connection per remote data address among
+// the worker's source tasks.
+type connPool struct {
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn
+}
+
+func newConnPool() *connPool { return &connPool{conns: make(map[string]*grpc.ClientConn)} }
+
+func (p *connPool) get(addr string) (*grpc.ClientConn, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.conns[addr]; ok {
+		return c, nil
+	}
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("data connection to %s: %w", addr, err)
+	}
+	p.conns[addr] = c
+	return c, nil
+}
+
+func (p *connPool) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for addr, c := range p.conns {
+		_ = c.Close()
+		delete(p.conns, addr)
+	}
+}
+
+// output is one data channel of a source task to one map task. Only the
+// source task loop uses it.
+type output interface {
+	send(ctx context.Context, msg *transport.DataMessage) error
+	close()
+}
+
+// remoteOutput is a Data.Channel stream to another worker.
+type remoteOutput struct {
+	stream grpc.ClientStreamingClient[transport.DataMessage, transport.ChannelClosed]
+	cancel context.CancelFunc
+}
+
+// send writes msg; when the stream has broken it returns the server's status.
+func (o *remoteOutput) send(_ context.Context, msg *transport.DataMessage) error {
+	if err := o.stream.Send(msg); err != nil {
+		// Send reports io.EOF for a stream the server ended; the reason is
+		// in the status RecvMsg returns.
+		if _, rerr := o.stream.CloseAndRecv(); rerr != nil {
+			return rerr
+		}
+		return err
+	}
+	return nil
+}
+
+func (o *remoteOutput) close() { o.cancel() }
+
+// openOutput opens the channel from a source task to the map task mt: in
+// process when mt runs on this worker, else a gRPC stream to its data address.
+// While the map task deploys (not found yet) it retries with backoff, for up
+// to ChannelOpenTimeout; a stale attempt or a malformed header fails at once.
+func openOutput(ctx context.Context, env *taskEnv, header *transport.ChannelHeader, mt *transport.MapTaskRef) (output, error) {
+	timeout := env.cfg.ChannelOpenTimeout
+	if mt.GetWorkerId() == env.workerID {
+		t, err := env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), timeout)
+		if err != nil {
+			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
+		}
+		lc, err := t.attachLocal(int(header.GetSourceIndex()))
+		if err != nil {
+			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
+		}
+		return lc, nil
+	}
+	if mt.GetDataAddr() == "" {
+		return nil, fmt.Errorf("map task %s on worker %s has no data address", mt.GetTaskId(), mt.GetWorkerId())
+	}
+	conn, err := env.conns.get(mt.GetDataAddr())
+	if err != nil {
+		return nil, err
+	}
+	client := transport.NewDataClient(conn)
+	deadline := time.Now().Add(timeout)
+	bo := newBackoff(50*time.Millisecond, time.Second)
+	for attempt := 1; ; attempt++ {
+		out, err := openRemote(ctx, client, header, time.Until(deadline))
+		if err == nil {
+			return out, nil
+		}
+		switch status.Code(err) {
+		case codes.FailedPrecondition, codes.InvalidArgument, codes.Unimplemented:
+			return nil, fmt.Errorf("data channel to %s at %s rejected: %w", mt.GetTaskId(), mt.GetDataAddr(), err)
+		}
+		wait := bo.next()
+		if ctx.Err() != nil || time.Now().Add(wait).After(deadline) {
+			return nil, fmt.Errorf("open data channel to %s at %s: gave up after %d attempts in %s: %w", mt.GetTaskId(), mt.GetDataAddr(), attempt, timeout, err)
+		}
+		env.logger.Debug("data channel not accepted yet; retrying", "task", mt.GetTaskId(), "addr", mt.GetDataAddr(), "err", err)
+		if !sleepCtx(ctx, wait) {
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// openRemote makes one attempt: open the stream, send the header, wait (up to
+// limit) for the server to accept it.
+func openRemote(ctx context.Context, client transport.DataClient, header *transport.ChannelHeader, limit time.Duration) (*remoteOutput, error) {
+	if limit <= 0 {
+		return nil, status.Error(codes.DeadlineExceeded, "channel open timeout reached")
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	timer := time.AfterFunc(limit, cancel)
+	stream, err := client.Channel(sctx)
+	if err == nil {
+		if err = stream.Send(&transport.DataMessage{Header: header}); err == nil {
+			md, _ := stream.Header()
+			if len(md.Get(channelAcceptedKey)) > 0 && timer.Stop() {
+				return &remoteOutput{stream: stream, cancel: cancel}, nil
+			}
+		}
+		// The reason for a rejection is the status the stream ended with.
+		if _, err = stream.CloseAndRecv(); err == nil {
+			err = status.Error(codes.Internal, "data server closed the channel without accepting it")
+		}
+	}
+	timer.Stop()
+	cancel()
+	return nil, err
+}

@@ -1,0 +1,399 @@
+package worker
+
+import (
+	"context"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/IBM/sarama"
+	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"google.golang.org/grpc"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// waitTimeout bounds every wait in these tests; generous for a loaded
+// 2-core machine running with -race.
+const waitTimeout = 20 * time.Second
+
+// waitFor polls cond until it holds or waitTimeout passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", waitTimeout, what)
+		}
+		time.Sleep(5 * time.Millisecond) // poll interval, not a synchronisation
+	}
+}
+
+// testLogger logs to t until the test ends (later lines are dropped: the
+// testing package panics on Log after a test completed).
+func testLogger(t *testing.T) *slog.Logger {
+	w := &testLogWriter{t: t}
+	t.Cleanup(func() { w.mu.Lock(); w.done = true; w.mu.Unlock() })
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type testLogWriter struct {
+	mu   sync.Mutex
+	t    *testing.T
+	done bool
+}
+
+func (w *testLogWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimSpace(string(p)))
+	}
+	return len(p), nil
+}
+
+// metricValue sums the samples of counter or gauge name whose labels include
+// want.
+func metricValue(t *testing.T, g prometheus.Gatherer, name string, want map[string]string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatalf("gather metrics: %v", err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	next:
+		for _, m := range mf.GetMetric() {
+			have := map[string]string{}
+			for _, l := range m.GetLabel() {
+				have[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if have[k] != v {
+					continue next
+				}
+			}
+			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return sum
+}
+
+func ref(job string, attempt uint64, task string) *transport.TaskRef {
+	return &transport.TaskRef{JobId: job, Attempt: attempt, TaskId: task}
+}
+
+// mapRefs places map tasks of parallelism len(workers) over maxPar key
+// groups: map-i on workers[i].
+func mapRefs(maxPar int, workers ...*Worker) []*transport.MapTaskRef {
+	var refs []*transport.MapTaskRef
+	for i, w := range workers {
+		s, e := operator.KeyGroupRange(i, len(workers), maxPar)
+		refs = append(refs, &transport.MapTaskRef{
+			TaskId: "map-" + string(rune('0'+i)), Index: int32(i), WorkerId: w.ID(), DataAddr: w.DataAddr(),
+			KeyGroupStart: s, KeyGroupEnd: e,
+		})
+	}
+	return refs
+}
+
+// received is one message the fake coordinator got, with the sending worker.
+type received struct {
+	worker string
+	msg    *transport.WorkerMessage
+}
+
+// fakeCoord is an in-test coordd leader: a Control server that welcomes every
+// worker, answers heartbeats, records everything workers send, and lets the
+// test send leader messages. With redirect set it acts as a follower instead.
+type fakeCoord struct {
+	transport.UnimplementedControlServer
+	t          *testing.T
+	rpcAddr    string
+	gossipAddr string
+	leaseMs    int64
+	hbMs       int64
+	redirect   string      // if set: answer NotLeader naming this leader
+	silent     atomic.Bool // stop answering heartbeats
+
+	mu       sync.Mutex
+	log      []received
+	sessions map[string]chan *transport.CoordinatorMessage
+	hellos   map[string]int
+}
+
+// newFakeCoord starts a fake coordinator; withGossip also starts a memberlist
+// member advertising it, for workers to join.
+func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
+	t.Helper()
+	f := &fakeCoord{t: t, leaseMs: 5000, hbMs: 50, redirect: redirect,
+		sessions: make(map[string]chan *transport.CoordinatorMessage), hellos: make(map[string]int)}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.rpcAddr = lis.Addr().String()
+	srv := grpc.NewServer()
+	transport.RegisterControlServer(srv, f)
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+	if !withGossip {
+		return f
+	}
+	meta, err := transport.NodeMeta{Role: transport.RoleCoordinator, RPCAddr: f.rpcAddr}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = "c-" + strings.ReplaceAll(f.rpcAddr, ":", "-")
+	mc.BindAddr, mc.BindPort = "127.0.0.1", 0
+	mc.ProbeInterval, mc.ProbeTimeout, mc.GossipInterval = 200*time.Millisecond, 100*time.Millisecond, 50*time.Millisecond
+	mc.Delegate = metaDelegate{meta: meta}
+	mc.Logger = log.New(io.Discard, "", 0)
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ml.Shutdown() })
+	f.gossipAddr = ml.LocalNode().Address()
+	return f
+}
+
+func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	hello := first.GetHello()
+	if hello == nil {
+		f.t.Errorf("fake coordinator: first message %v is not hello", first)
+		return nil
+	}
+	if f.redirect != "" {
+		return stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{NotLeader: &transport.NotLeader{LeaderId: "leader", LeaderRpcAddr: f.redirect}}})
+	}
+	if err := stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Welcome{Welcome: &transport.Welcome{
+		LeaderId: "fake", Term: 1, LeaseMs: f.leaseMs, HeartbeatMs: f.hbMs,
+	}}}); err != nil {
+		return err
+	}
+	out := make(chan *transport.CoordinatorMessage, 256)
+	f.mu.Lock()
+	f.sessions[hello.GetWorkerId()] = out
+	f.hellos[hello.GetWorkerId()]++
+	f.log = append(f.log, received{hello.GetWorkerId(), first})
+	f.mu.Unlock()
+
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			if m.GetHeartbeat() != nil {
+				if !f.silent.Load() {
+					select {
+					case out <- &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{Heartbeat: &transport.Heartbeat{}}}:
+					default:
+					}
+				}
+				continue
+			}
+			f.mu.Lock()
+			f.log = append(f.log, received{hello.GetWorkerId(), m})
+			f.mu.Unlock()
+		}
+	}()
+	for {
+		select {
+		case m := <-out:
+			if err := stream.Send(m); err != nil {
+				return err
+			}
+		case err := <-recvErr:
+			return err
+		case <-stream.Context().Done():
+			return nil
+		}
+	}
+}
+
+// awaitSession waits until worker has a welcomed session.
+func (f *fakeCoord) awaitSession(t *testing.T, worker string) {
+	t.Helper()
+	waitFor(t, "session of "+worker, func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.sessions[worker] != nil
+	})
+}
+
+// send queues a leader message for worker's current session.
+func (f *fakeCoord) send(t *testing.T, worker string, m *transport.CoordinatorMessage) {
+	t.Helper()
+	f.awaitSession(t, worker)
+	f.mu.Lock()
+	out := f.sessions[worker]
+	f.mu.Unlock()
+	select {
+	case out <- m:
+	case <-time.After(waitTimeout):
+		t.Fatalf("fake coordinator: send queue of %s full", worker)
+	}
+}
+
+func (f *fakeCoord) deploy(t *testing.T, worker string, d *transport.DeployTask) {
+	t.Helper()
+	f.send(t, worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: d}})
+}
+
+func (f *fakeCoord) trigger(t *testing.T, worker string, r *transport.TaskRef, id uint64) {
+	t.Helper()
+	f.send(t, worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{Task: r, CheckpointId: id}}})
+}
+
+// await waits for the first message that satisfies match and returns it.
+func (f *fakeCoord) await(t *testing.T, what string, match func(received) bool) *transport.WorkerMessage {
+	t.Helper()
+	var found *transport.WorkerMessage
+	waitFor(t, what, func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for _, r := range f.log {
+			if match(r) {
+				found = r.msg
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+// messages returns a copy of everything received so far.
+func (f *fakeCoord) messages() []received {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]received(nil), f.log...)
+}
+
+// awaitStatus waits for a status of task r in phase and returns its reason.
+func (f *fakeCoord) awaitStatus(t *testing.T, r *transport.TaskRef, phase transport.TaskPhase) string {
+	t.Helper()
+	m := f.await(t, r.String()+" "+phase.String(), func(rc received) bool {
+		st := rc.msg.GetStatus()
+		return st != nil && sameTask(st.GetTask(), r) && st.GetPhase() == phase
+	})
+	return m.GetStatus().GetReason()
+}
+
+// awaitAck waits for the ack of checkpoint id by task r.
+func (f *fakeCoord) awaitAck(t *testing.T, r *transport.TaskRef, id uint64) *transport.CheckpointAck {
+	t.Helper()
+	return f.await(t, "ack of checkpoint "+r.GetTaskId(), func(rc received) bool {
+		a := rc.msg.GetAck()
+		return a != nil && sameTask(a.GetTask(), r) && a.GetCheckpointId() == id
+	}).GetAck()
+}
+
+func sameTask(a, b *transport.TaskRef) bool {
+	return a.GetJobId() == b.GetJobId() && a.GetAttempt() == b.GetAttempt() && a.GetTaskId() == b.GetTaskId()
+}
+
+// startWorker runs a worker that joins f's gossip member and waits for its
+// session; the worker stops when the test ends.
+func startWorker(t *testing.T, id string, f *fakeCoord, tune func(*Config)) *Worker {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.ID = id
+	cfg.DataAddr = "127.0.0.1:0"
+	cfg.GossipAddr = "127.0.0.1:0"
+	cfg.Join = []string{f.gossipAddr}
+	cfg.Logger = testLogger(t)
+	cfg.KafkaTimeout = 3 * time.Second
+	if tune != nil {
+		tune(&cfg)
+	}
+	w, err := New(cfg)
+	if err != nil {
+		t.Fatalf("new worker: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("worker %s: Run: %v", id, err)
+			}
+		case <-time.After(waitTimeout):
+			t.Errorf("worker %s did not stop within %s", id, waitTimeout)
+		}
+	})
+	return w
+}
+
+// newKafka starts an in-process kfake broker with the given topics
+// (name -> partitions).
+func newKafka(t *testing.T, topics map[string]int32) []string {
+	t.Helper()
+	opts := []kfake.Opt{kfake.NumBrokers(1)}
+	for name, parts := range topics {
+		opts = append(opts, kfake.SeedTopics(parts, name))
+	}
+	c, err := kfake.NewCluster(opts...)
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	t.Cleanup(c.Close)
+	return c.ListenAddrs()
+}
+
+// record is one record to produce to a given partition.
+type record struct {
+	partition int32
+	key       string
+	value     string
+}
+
+// produce writes records, in order, to their partitions.
+func produce(t *testing.T, brokers []string, topic string, recs []record) {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V2_8_0_0
+	cfg.Producer.Return.Successes = true
+	cfg.Producer.RequiredAcks = sarama.WaitForAll
+	cfg.Producer.Partitioner = sarama.NewManualPartitioner
+	p, err := sarama.NewSyncProducer(brokers, cfg)
+	if err != nil {
+		t.Fatalf("producer: %v", err)
+	}
+	defer p.Close()
+	msgs := make([]*sarama.ProducerMessage, 0, len(recs))
+	for _, r := range recs {
+		m := &sarama.ProducerMessage{Topic: topic, Partition: r.partition, Value: sarama.StringEncoder(r.value)}
+		if r.key != "" {
+			m.Key = sarama.StringEncoder(r.key)
+		}
+		msgs = append(msgs, m)
+	}
+	if err := p.SendMessages(msgs); err != nil {
+		t.Fatalf("produce: %v", err)
+	}
+}

@@ -1,0 +1,74 @@
+package worker
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Task kinds as metric labels.
+const (
+	kindSource = "source"
+	kindMap    = "map"
+)
+
+// metrics are one worker's Prometheus metrics, in a registry of its own so that
+// several workers can run in one process (coordd dev, tests).
+type metrics struct {
+	registry *prometheus.Registry
+
+	recordsIn        *prometheus.CounterVec   // job, kind: Kafka records read (source), items applied (map)
+	recordsOut       *prometheus.CounterVec   // job, kind: items sent to map tasks (source), records written to the sink (map)
+	recordsSkipped   *prometheus.CounterVec   // job, operator: records whose Split failed
+	checkpointsAcked *prometheus.CounterVec   // job, kind
+	checkpointsDecl  *prometheus.CounterVec   // job, kind
+	taskFailures     *prometheus.CounterVec   // job, kind
+	alignment        *prometheus.HistogramVec // job
+	tasks            prometheus.Gauge
+	sessionOpen      prometheus.Gauge
+	leaseExpiries    prometheus.Counter
+	outboxDropped    prometheus.Counter
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		registry: prometheus.NewRegistry(),
+		recordsIn: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map).",
+		}, []string{"job", "kind"}),
+		recordsOut: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_records_out_total", Help: "Items sent to map tasks by source tasks (kind=source) and records written to the sink by map tasks (kind=map).",
+		}, []string{"job", "kind"}),
+		recordsSkipped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_records_skipped_total", Help: "Malformed records the operator's split step rejected; they are skipped.",
+		}, []string{"job", "operator"}),
+		checkpointsAcked: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_checkpoints_acked_total", Help: "Checkpoint acks sent by this worker's tasks.",
+		}, []string{"job", "kind"}),
+		checkpointsDecl: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_checkpoints_declined_total", Help: "Checkpoint declines sent by this worker's tasks.",
+		}, []string{"job", "kind"}),
+		taskFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_task_failures_total", Help: "Tasks of this worker that ended FAILED.",
+		}, []string{"job", "kind"}),
+		alignment: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "coordflow_barrier_alignment_seconds", Help: "Time from the first to the last Barrier(N) of a map task's inputs.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, []string{"job"}),
+		tasks: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coordflow_worker_tasks", Help: "Tasks deploying or running on this worker.",
+		}),
+		sessionOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coordflow_worker_session_open", Help: "1 while the worker has a control session with a leader.",
+		}),
+		leaseExpiries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coordflow_worker_lease_expiries_total", Help: "Times the worker stopped all its tasks because no leader was heard within the lease.",
+		}),
+		outboxDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coordflow_worker_outbox_dropped_total", Help: "Messages to the leader dropped because the send queue was full.",
+		}),
+	}
+	m.registry.MustRegister(m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaseExpiries, m.outboxDropped,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}

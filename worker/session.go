@@ -1,0 +1,357 @@
+package worker
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/coordflow/coordflow/transport"
+)
+
+const (
+	// helloTimeout bounds the wait for the answer to Hello.
+	helloTimeout = 5 * time.Second
+	// drainTimeout bounds how long a closing session keeps sending what is
+	// queued (the CANCELLED statuses of a shutdown).
+	drainTimeout = 2 * time.Second
+	// defaultLease and the heartbeat derived from it apply when a leader's
+	// Welcome leaves them zero.
+	defaultLease = 10 * time.Second
+	// leaseCheckInterval is how often watchLease looks at the lease.
+	leaseCheckInterval = 25 * time.Millisecond
+	// maxOutbox bounds the messages queued for the leader.
+	maxOutbox = 8192
+)
+
+// outbox queues the messages tasks send to the leader. Tasks push from any
+// goroutine without blocking; only the session goroutine takes and sends.
+type outbox struct {
+	mu      sync.Mutex
+	q       []*transport.WorkerMessage
+	wake    chan struct{} // capacity 1: "the queue is not empty"
+	dropped prometheus.Counter
+}
+
+func newOutbox(dropped prometheus.Counter) *outbox {
+	return &outbox{wake: make(chan struct{}, 1), dropped: dropped}
+}
+
+// push queues m for the leader. When the queue is full m is dropped: the
+// leader times out the checkpoint an ack was for, and re-learns task phases
+// from the next Hello.
+func (o *outbox) push(m *transport.WorkerMessage) {
+	o.mu.Lock()
+	if len(o.q) >= maxOutbox {
+		o.mu.Unlock()
+		o.dropped.Inc()
+		return
+	}
+	o.q = append(o.q, m)
+	o.mu.Unlock()
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+// take removes and returns everything queued.
+func (o *outbox) take() []*transport.WorkerMessage {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	q := o.q
+	o.q = nil
+	return q
+}
+
+// requeue puts back messages a broken session could not send, ahead of
+// anything queued since.
+func (o *outbox) requeue(ms []*transport.WorkerMessage) {
+	if len(ms) == 0 {
+		return
+	}
+	o.mu.Lock()
+	o.q = append(append([]*transport.WorkerMessage(nil), ms...), o.q...)
+	o.mu.Unlock()
+}
+
+// prune drops what a new session must not send: acks and declines belong to
+// checkpoints a new leader has aborted, and non-terminal statuses are
+// superseded by Hello.running. Terminal statuses (FAILED, CANCELLED) stay:
+// Hello does not list ended tasks, so this is how the leader learns of them.
+func (o *outbox) prune() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	kept := o.q[:0]
+	for _, m := range o.q {
+		if st := m.GetStatus(); st != nil && isTerminal(st.GetPhase()) {
+			kept = append(kept, m)
+		}
+	}
+	clear(o.q[len(kept):])
+	o.q = kept
+}
+
+func isTerminal(p transport.TaskPhase) bool {
+	return p == transport.TaskPhase_TASK_PHASE_FAILED || p == transport.TaskPhase_TASK_PHASE_CANCELLED
+}
+
+// session keeps the worker's control session with the leader
+// (docs/protocol.md "Control session") and enforces the lease: a worker that
+// hears from no leader for lease_ms stops all its tasks.
+type session struct {
+	w      *Worker
+	logger *slog.Logger
+
+	// lastHeard is when a leader last sent anything (unix nanoseconds; 0 =
+	// never) and lease the lease of the last Welcome (nanoseconds). Written by
+	// the session goroutines, read by watchLease.
+	lastHeard atomic.Int64
+	lease     atomic.Int64
+}
+
+func newSession(w *Worker) *session {
+	return &session{w: w, logger: w.logger.With("component", "session")}
+}
+
+// run opens sessions until ctx ends: to the leader a follower named, else to
+// the last leader, else to the coordinators gossip knows in turn, with capped
+// exponential backoff between attempts. Tasks keep running while it looks,
+// until the lease expires.
+func (s *session) run(ctx context.Context) {
+	bo := newBackoff(s.w.cfg.SessionBackoffMin, s.w.cfg.SessionBackoffMax)
+	var redirect, lastLeader string
+	turn := 0
+	for ctx.Err() == nil {
+		addr := redirect
+		redirect = ""
+		if addr == "" && lastLeader != "" {
+			addr, lastLeader = lastLeader, ""
+		}
+		if addr == "" {
+			coords := s.w.coordinators()
+			if len(coords) > 0 {
+				addr = coords[turn%len(coords)]
+				turn++
+			}
+		}
+		if addr == "" {
+			s.logger.Debug("no coordinator known yet")
+		} else {
+			next, welcomed, err := s.runOnce(ctx, addr)
+			if welcomed {
+				bo.reset()
+				lastLeader = addr
+			}
+			if next != "" && next != addr {
+				redirect = next
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			s.logger.Info("control session ended", "coordinator", addr, "redirect", next, "err", err)
+		}
+		if !sleepCtx(ctx, bo.next()) {
+			return
+		}
+	}
+}
+
+// runOnce runs one session with the coordinator at addr until it breaks or
+// ctx ends. It returns the leader's address when addr redirected with
+// NotLeader, and whether the session was welcomed.
+func (s *session) runOnce(ctx context.Context, addr string) (redirect string, welcomed bool, err error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return "", false, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer conn.Close()
+	// The stream outlives ctx by up to drainTimeout so that a stopping worker
+	// can still send what it queued; cancel ends it on every return path.
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	// Until the Welcome, the attempt is bounded by helloTimeout and by ctx.
+	helloTimer := time.AfterFunc(helloTimeout, cancel)
+	stopOnCtx := context.AfterFunc(ctx, cancel)
+	first, err := s.hello(sctx, conn, addr)
+	stopOnCtx()
+	if !helloTimer.Stop() {
+		return "", false, fmt.Errorf("no answer to hello within %s", helloTimeout)
+	}
+	if err != nil {
+		return "", false, err
+	}
+	stream := first.stream
+	if nl := first.msg.GetNotLeader(); nl != nil {
+		return nl.GetLeaderRpcAddr(), false, fmt.Errorf("not the leader (leader %q at %q)", nl.GetLeaderId(), nl.GetLeaderRpcAddr())
+	}
+	wel := first.msg.GetWelcome()
+	if wel == nil {
+		return "", false, fmt.Errorf("protocol error: first answer to hello is %T, want welcome or not_leader", first.msg.GetMsg())
+	}
+
+	lease := time.Duration(wel.GetLeaseMs()) * time.Millisecond
+	if lease <= 0 {
+		lease = defaultLease
+	}
+	hb := time.Duration(wel.GetHeartbeatMs()) * time.Millisecond
+	if hb <= 0 || hb >= lease {
+		hb = lease / 3
+	}
+	s.lease.Store(int64(lease))
+	now := time.Now().UnixNano()
+	s.lastHeard.Store(now)
+	var lastRecv atomic.Int64
+	lastRecv.Store(now)
+	log := s.logger.With("leader", wel.GetLeaderId(), "term", wel.GetTerm())
+	log.Info("control session open", "coordinator", addr, "lease", lease, "heartbeat", hb, "running", first.running)
+	s.w.metrics.sessionOpen.Set(1)
+	defer s.w.metrics.sessionOpen.Set(0)
+
+	// The receiver is the only goroutine that calls Recv; runOnce is the only
+	// one that calls Send.
+	recvErr := make(chan error, 1)
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			t := time.Now().UnixNano()
+			s.lastHeard.Store(t)
+			lastRecv.Store(t)
+			if nl := m.GetNotLeader(); nl != nil {
+				recvErr <- fmt.Errorf("leader stepped down (new leader %q)", nl.GetLeaderId())
+				return
+			}
+			s.dispatch(log, m)
+		}
+	}()
+	defer func() { cancel(); <-recvDone }()
+
+	send := func(ms []*transport.WorkerMessage) error {
+		for i, m := range ms {
+			if err := stream.Send(m); err != nil {
+				s.w.outbox.requeue(ms[i:])
+				return fmt.Errorf("send: %w", err)
+			}
+		}
+		return nil
+	}
+	ticker := time.NewTicker(hb)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			drain := time.AfterFunc(drainTimeout, cancel)
+			err := send(s.w.outbox.take())
+			drain.Stop()
+			if err == nil {
+				_ = stream.CloseSend()
+			}
+			return "", true, ctx.Err()
+		case err := <-recvErr:
+			return "", true, fmt.Errorf("receive: %w", err)
+		case <-ticker.C:
+			if silent := time.Since(time.Unix(0, lastRecv.Load())); silent > lease {
+				return "", true, fmt.Errorf("leader silent for %s (lease %s)", silent.Round(time.Millisecond), lease)
+			}
+			hbMsg := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Heartbeat{Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()}}}
+			if err := stream.Send(hbMsg); err != nil {
+				return "", true, fmt.Errorf("send heartbeat: %w", err)
+			}
+		case <-s.w.outbox.wake:
+			if err := send(s.w.outbox.take()); err != nil {
+				return "", true, err
+			}
+		}
+	}
+}
+
+// helloAnswer is the stream of a new session and the leader's first message.
+type helloAnswer struct {
+	stream  grpc.BidiStreamingClient[transport.WorkerMessage, transport.CoordinatorMessage]
+	msg     *transport.CoordinatorMessage
+	running int
+}
+
+// hello opens the session stream on conn, sends Hello with the tasks the
+// worker runs now and reads the first answer.
+func (s *session) hello(ctx context.Context, conn *grpc.ClientConn, addr string) (helloAnswer, error) {
+	stream, err := transport.NewControlClient(conn).Session(ctx)
+	if err != nil {
+		return helloAnswer{}, fmt.Errorf("open session to %s: %w", addr, err)
+	}
+	s.w.outbox.prune()
+	hello := &transport.Hello{
+		WorkerId: s.w.cfg.ID,
+		DataAddr: s.w.DataAddr(),
+		Slots:    int32(s.w.cfg.Slots),
+		Running:  s.w.tasks.running(),
+	}
+	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: hello}}); err != nil {
+		return helloAnswer{}, fmt.Errorf("send hello: %w", err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		return helloAnswer{}, fmt.Errorf("await welcome: %w", err)
+	}
+	return helloAnswer{stream: stream, msg: first, running: len(hello.Running)}, nil
+}
+
+// dispatch hands one leader message to the task manager. It runs on the
+// session's receive goroutine and must not block: the task manager only
+// records, starts or signals tasks.
+func (s *session) dispatch(log *slog.Logger, m *transport.CoordinatorMessage) {
+	switch msg := m.GetMsg().(type) {
+	case *transport.CoordinatorMessage_Heartbeat:
+	case *transport.CoordinatorMessage_Deploy:
+		s.w.tasks.deploy(msg.Deploy)
+	case *transport.CoordinatorMessage_Cancel:
+		s.w.tasks.cancel(msg.Cancel)
+	case *transport.CoordinatorMessage_Trigger:
+		s.w.tasks.trigger(msg.Trigger)
+	case *transport.CoordinatorMessage_Complete:
+		s.w.tasks.complete(msg.Complete)
+	case *transport.CoordinatorMessage_Welcome:
+		log.Warn("ignoring a second welcome on an open session")
+	default:
+		log.Warn("ignoring unknown message from leader", "type", fmt.Sprintf("%T", m.GetMsg()))
+	}
+}
+
+// watchLease stops every task once no leader has been heard for the lease, so
+// that a partitioned worker never goes on as a zombie while the leader
+// restarts its job elsewhere. It returns when ctx ends.
+func (s *session) watchLease(ctx context.Context) {
+	t := time.NewTicker(leaseCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		last, lease := s.lastHeard.Load(), time.Duration(s.lease.Load())
+		if last == 0 || lease == 0 {
+			continue // no leader ever: no task can have been deployed
+		}
+		silent := time.Since(time.Unix(0, last))
+		if silent <= lease {
+			continue
+		}
+		if n := s.w.tasks.stopLive(fmt.Sprintf("lease expired: no leader heard for %s", silent.Round(time.Millisecond))); n > 0 {
+			s.w.metrics.leaseExpiries.Inc()
+			s.logger.Error("LEASE EXPIRED: no leader heard within the lease; stopped all tasks", "silent", silent, "lease", lease, "tasks", n)
+		}
+	}
+}

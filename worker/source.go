@@ -1,0 +1,401 @@
+package worker
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/IBM/sarama"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// maxUnconfirmed bounds how many acked checkpoints a source remembers while
+// it waits for their completion (older ones are aborted or superseded).
+const maxUnconfirmed = 16
+
+// sourceTask reads its Kafka partitions, splits each record into keyed items
+// with the operator, and sends the items to the map task owning their key
+// group, with checkpoint barriers in-band. Everything but the partition pumps
+// and the offset committer runs on one goroutine, the task loop, so a
+// barrier always falls between two records.
+type sourceTask struct {
+	env       *taskEnv
+	key       taskKey
+	log       *slog.Logger
+	index     int32
+	opName    string
+	op        operator.Operator
+	spec      *transport.SourceSpec
+	group     string
+	maxPar    int
+	mapTasks  []*transport.MapTaskRef // by index; output i goes to mapTasks[i]
+	route     []int                   // key group -> output
+	restore   map[int32]int64
+	restoreID uint64
+	control   <-chan control
+
+	// Task loop only.
+	outputs     []output
+	batches     [][]*transport.Item
+	offsets     map[int32]int64 // next offset to read, per own partition
+	lastBarrier uint64
+	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
+	scratch     []operator.Item
+	in          prometheus.Counter
+	out         prometheus.Counter
+	skipped     prometheus.Counter
+	acked       prometheus.Counter
+}
+
+func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, log *slog.Logger) (*sourceTask, error) {
+	k := keyOf(d.GetTask())
+	op, ok := env.operators.Lookup(d.GetOperator())
+	if !ok {
+		return nil, fmt.Errorf("unknown operator %q (this worker has %s)", d.GetOperator(), strings.Join(env.operators.Names(), ", "))
+	}
+	spec := d.GetSource()
+	if spec.GetTopic() == "" {
+		return nil, fmt.Errorf("deploy of source task %s: no source topic", k.id)
+	}
+	maxPar := int(d.GetMaxParallelism())
+	if maxPar <= 0 {
+		maxPar = operator.DefaultMaxParallelism
+	}
+	mapTasks, route, err := routeTable(d.GetMapTasks(), maxPar)
+	if err != nil {
+		return nil, fmt.Errorf("deploy of source task %s: %w", k.id, err)
+	}
+	group := spec.GetGroup()
+	if group == "" {
+		name := d.GetJobName()
+		if name == "" {
+			name = k.job
+		}
+		group = "coordflow-" + name
+	}
+	s := &sourceTask{
+		env:         env,
+		key:         k,
+		log:         log.With("kind", kindSource, "topic", spec.GetTopic(), "partitions", spec.GetPartitions()),
+		index:       d.GetIndex(),
+		opName:      d.GetOperator(),
+		op:          op,
+		spec:        spec,
+		group:       group,
+		maxPar:      maxPar,
+		mapTasks:    mapTasks,
+		route:       route,
+		restore:     d.GetRestoreOffsets(),
+		restoreID:   d.GetRestoreCheckpointId(),
+		control:     ctl,
+		batches:     make([][]*transport.Item, len(mapTasks)),
+		offsets:     make(map[int32]int64),
+		unconfirmed: make(map[uint64]map[int32]int64),
+		in:          env.metrics.recordsIn.WithLabelValues(k.job, kindSource),
+		out:         env.metrics.recordsOut.WithLabelValues(k.job, kindSource),
+		skipped:     env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
+		acked:       env.metrics.checkpointsAcked.WithLabelValues(k.job, kindSource),
+	}
+	return s, nil
+}
+
+// routeTable sorts the map tasks by index and maps every key group to the
+// task owning it; the ranges must cover [0, maxPar) exactly once.
+func routeTable(refs []*transport.MapTaskRef, maxPar int) ([]*transport.MapTaskRef, []int, error) {
+	if len(refs) == 0 {
+		return nil, nil, fmt.Errorf("map_tasks is empty")
+	}
+	sorted := slices.Clone(refs)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i].GetIndex() < sorted[j].GetIndex() })
+	route := make([]int, maxPar)
+	for i := range route {
+		route[i] = -1
+	}
+	for i, mt := range sorted {
+		start, end := int(mt.GetKeyGroupStart()), int(mt.GetKeyGroupEnd())
+		if start < 0 || end > maxPar || start >= end {
+			return nil, nil, fmt.Errorf("map task %s: key-group range [%d, %d) is not within [0, %d)", mt.GetTaskId(), start, end, maxPar)
+		}
+		for kg := start; kg < end; kg++ {
+			if route[kg] != -1 {
+				return nil, nil, fmt.Errorf("key group %d belongs to both %s and %s", kg, sorted[route[kg]].GetTaskId(), mt.GetTaskId())
+			}
+			route[kg] = i
+		}
+	}
+	for kg, o := range route {
+		if o == -1 {
+			return nil, nil, fmt.Errorf("key group %d belongs to no map task", kg)
+		}
+	}
+	return sorted, route, nil
+}
+
+func (s *sourceTask) run(ctx context.Context, running func()) error {
+	client, topicParts, err := connectKafka(s.env.cfg, "coordflow-"+s.env.workerID, s.spec.GetBrokers(), s.spec.GetTopic(), "source")
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	if err := s.resolveOffsets(client, topicParts); err != nil {
+		return err
+	}
+
+	defer func() {
+		for _, o := range s.outputs {
+			o.close()
+		}
+	}()
+	for _, mt := range s.mapTasks {
+		header := &transport.ChannelHeader{JobId: s.key.job, Attempt: s.key.attempt, SourceIndex: s.index, MapTaskId: mt.GetTaskId()}
+		o, err := openOutput(ctx, s.env, header, mt)
+		if err != nil {
+			return err
+		}
+		s.outputs = append(s.outputs, o)
+	}
+
+	consumer, err := sarama.NewConsumerFromClient(client)
+	if err != nil {
+		return fmt.Errorf("source: create consumer: %w", err)
+	}
+	defer consumer.Close()
+	loopCtx, stopLoop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	var pcs []sarama.PartitionConsumer
+	// Stop the pumps and the committer, then the partition consumers, before
+	// the consumer and the client close.
+	defer func() {
+		stopLoop()
+		wg.Wait()
+		for _, pc := range pcs {
+			_ = pc.Close()
+		}
+	}()
+
+	merged := make(chan *sarama.ConsumerMessage)
+	pumpErr := make(chan error, len(s.spec.GetPartitions()))
+	for _, p := range s.spec.GetPartitions() {
+		pc, err := consumer.ConsumePartition(s.spec.GetTopic(), p, s.offsets[p])
+		if err != nil {
+			return fmt.Errorf("source: consume %s/%d from offset %d: %w", s.spec.GetTopic(), p, s.offsets[p], err)
+		}
+		pcs = append(pcs, pc)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.pump(loopCtx, p, pc, merged, pumpErr)
+		}()
+	}
+	committer := newOffsetCommitter(client, client.Config(), s.group, s.spec.GetTopic(), s.log)
+	wg.Add(1)
+	go func() { defer wg.Done(); committer.run(loopCtx) }()
+
+	s.log.Info("source running", "offsets", s.offsets, "outputs", len(s.outputs), "group", s.group)
+	running()
+	return s.loop(ctx, merged, pumpErr, committer)
+}
+
+// resolveOffsets sets the start offset of every own partition: the restored
+// one, or the start policy resolved to a concrete offset now, so that an ack
+// names a next offset even for a partition without records yet.
+func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) error {
+	topic := s.spec.GetTopic()
+	for _, p := range s.spec.GetPartitions() {
+		if !slices.Contains(topicParts, p) {
+			return fmt.Errorf("source topic %q has no partition %d (it has %d partitions)", topic, p, len(topicParts))
+		}
+		if off, ok := s.restore[p]; ok {
+			s.offsets[p] = off
+			continue
+		}
+		var at int64
+		switch s.spec.GetStart() {
+		case "", "earliest":
+			at = sarama.OffsetOldest
+		case "latest":
+			at = sarama.OffsetNewest
+		default:
+			return fmt.Errorf("source start %q: want \"earliest\" or \"latest\"", s.spec.GetStart())
+		}
+		off, err := client.GetOffset(topic, p, at)
+		if err != nil {
+			return fmt.Errorf("source: resolve %s offset of %s/%d: %w", s.spec.GetStart(), topic, p, err)
+		}
+		s.offsets[p] = off
+	}
+	return nil
+}
+
+// pump forwards one partition's records to the task loop until ctx ends. A
+// partition consumer that stops by itself fails the task.
+func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- *sarama.ConsumerMessage, failed chan<- error) {
+	errs := pc.Errors()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case msg, ok := <-pc.Messages():
+			if !ok {
+				failed <- fmt.Errorf("source: consumer of %s/%d stopped", s.spec.GetTopic(), p)
+				return
+			}
+			select {
+			case merged <- msg:
+			case <-ctx.Done():
+				return
+			}
+		case err, ok := <-errs:
+			if !ok {
+				errs = nil
+				continue
+			}
+			s.log.Warn("kafka consumer error", "partition", p, "err", err)
+		}
+	}
+}
+
+// loop is the task loop: records, flush ticks and leader control messages,
+// one at a time.
+func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMessage, pumpErr <-chan error, committer *offsetCommitter) error {
+	flush := time.NewTicker(s.env.cfg.FlushInterval)
+	defer flush.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-pumpErr:
+			return err
+		case msg := <-merged:
+			if err := s.process(ctx, msg); err != nil {
+				return err
+			}
+		case <-flush.C:
+			if err := s.flushAll(ctx); err != nil {
+				return err
+			}
+		case c := <-s.control:
+			if c.trigger != 0 {
+				if err := s.checkpoint(ctx, c.trigger); err != nil {
+					return err
+				}
+			} else if c.complete != 0 {
+				s.completed(c.complete, c.offsets, committer)
+			}
+		}
+	}
+}
+
+// process splits one record and routes its items.
+func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) error {
+	s.in.Inc()
+	s.offsets[msg.Partition] = msg.Offset + 1
+	s.scratch = s.scratch[:0]
+	rec := operator.Record{Key: msg.Key, Value: msg.Value, Partition: msg.Partition, Offset: msg.Offset}
+	if err := s.op.Split(rec, func(it operator.Item) { s.scratch = append(s.scratch, it) }); err != nil {
+		s.skipped.Inc()
+		s.log.Debug("skipping malformed record", "partition", msg.Partition, "offset", msg.Offset, "err", err)
+		return nil
+	}
+	for _, it := range s.scratch {
+		kg := operator.KeyGroup(it.Key, s.maxPar)
+		o := s.route[kg]
+		s.batches[o] = append(s.batches[o], &transport.Item{Key: it.Key, Num: it.Num, Raw: it.Raw, KeyGroup: kg})
+		if len(s.batches[o]) >= s.env.cfg.BatchSize {
+			if err := s.flush(ctx, o); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// flush sends output o's pending batch. The batch slice is handed over (an
+// in-process map task reads it later), never reused.
+func (s *sourceTask) flush(ctx context.Context, o int) error {
+	items := s.batches[o]
+	if len(items) == 0 {
+		return nil
+	}
+	s.batches[o] = nil
+	msg := &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Items: items}}}
+	if err := s.outputs[o].send(ctx, msg); err != nil {
+		return fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err)
+	}
+	s.out.Add(float64(len(items)))
+	return nil
+}
+
+func (s *sourceTask) flushAll(ctx context.Context) error {
+	for o := range s.outputs {
+		if err := s.flush(ctx, o); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkpoint takes checkpoint id between two records: flush every batch, put
+// Barrier(id) on every output, ack with the next offset of each partition.
+func (s *sourceTask) checkpoint(ctx context.Context, id uint64) error {
+	if id <= s.lastBarrier {
+		s.log.Info("ignoring trigger of an old checkpoint", "checkpoint", id, "last", s.lastBarrier)
+		return nil
+	}
+	if err := s.flushAll(ctx); err != nil {
+		return err
+	}
+	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id}}}
+	for o, out := range s.outputs {
+		if err := out.send(ctx, barrier); err != nil {
+			return fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err)
+		}
+	}
+	s.lastBarrier = id
+	offsets := maps.Clone(s.offsets)
+	if offsets == nil {
+		offsets = map[int32]int64{}
+	}
+	s.unconfirmed[id] = offsets
+	if len(s.unconfirmed) > maxUnconfirmed {
+		delete(s.unconfirmed, slices.Min(slices.Collect(maps.Keys(s.unconfirmed))))
+	}
+	s.acked.Inc()
+	s.log.Debug("checkpoint acked", "checkpoint", id, "offsets", offsets)
+	s.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
+		Task: s.key.ref(), CheckpointId: id,
+		State: &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_SOURCE, Offsets: maps.Clone(offsets)},
+	}}})
+	return nil
+}
+
+// completed hands the offsets of completed checkpoint id to the committer:
+// those the leader sent for this task's partitions, else those it acked.
+func (s *sourceTask) completed(id uint64, sent map[int32]int64, committer *offsetCommitter) {
+	offsets := make(map[int32]int64)
+	for _, p := range s.spec.GetPartitions() {
+		if off, ok := sent[p]; ok {
+			offsets[p] = off
+		}
+	}
+	if len(offsets) == 0 {
+		offsets = s.unconfirmed[id]
+	}
+	for c := range s.unconfirmed {
+		if c <= id {
+			delete(s.unconfirmed, c)
+		}
+	}
+	if len(offsets) > 0 {
+		committer.offer(offsetCommit{checkpoint: id, offsets: offsets})
+	}
+}

@@ -1,0 +1,480 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// errStaleAttempt marks a message for an attempt older than the one the
+// worker runs for that job (fencing).
+var errStaleAttempt = errors.New("stale attempt")
+
+// taskEnv is what every task needs from its worker.
+type taskEnv struct {
+	workerID  string
+	cfg       *Config
+	logger    *slog.Logger
+	metrics   *metrics
+	operators *operator.Registry
+	// send queues a message for the leader; it never blocks.
+	send func(*transport.WorkerMessage)
+	// maps finds the map tasks running on this worker, for in-process channels.
+	maps mapLocator
+	// conns holds the gRPC connections to other workers' data servers.
+	conns *connPool
+}
+
+// mapLocator finds a running map task of this worker; see
+// taskManager.awaitMap.
+type mapLocator interface {
+	awaitMap(ctx context.Context, job string, attempt uint64, taskID string, wait time.Duration) (*mapTask, error)
+}
+
+// taskKey names one task of one attempt.
+type taskKey struct {
+	job     string
+	attempt uint64
+	id      string
+}
+
+func keyOf(ref *transport.TaskRef) taskKey {
+	return taskKey{job: ref.GetJobId(), attempt: ref.GetAttempt(), id: ref.GetTaskId()}
+}
+
+func (k taskKey) ref() *transport.TaskRef {
+	return &transport.TaskRef{JobId: k.job, Attempt: k.attempt, TaskId: k.id}
+}
+
+// control is a leader message for a running source task: a trigger (trigger
+// != 0) or a completion (complete != 0, with its offsets).
+type control struct {
+	trigger  uint64
+	complete uint64
+	offsets  map[int32]int64
+}
+
+// controlQueue is how many control messages may wait for a busy source task;
+// a trigger beyond that is declined.
+const controlQueue = 16
+
+// taskHandle is the task manager's record of one task.
+type taskHandle struct {
+	key     taskKey
+	kind    transport.TaskKind
+	control chan control // sources only
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when the task goroutine has returned
+
+	// Guarded by taskManager.mu.
+	phase      transport.TaskPhase
+	stopReason string // non-empty once stopped on purpose: the task ends CANCELLED
+}
+
+// runner is one task's body. run returns when the task fails or ctx ends; it
+// calls running once it is ready (docs/protocol.md "Tasks").
+type runner interface {
+	run(ctx context.Context, running func()) error
+}
+
+// taskManager owns the worker's tasks: it starts them on DeployTask with
+// fencing and slot accounting, stops them, routes control messages to them,
+// and reports every phase change to the leader.
+type taskManager struct {
+	env *taskEnv
+	ctx context.Context // parent of every task; set by start
+	wg  sync.WaitGroup
+
+	mu       sync.Mutex
+	tasks    map[taskKey]*taskHandle
+	attempts map[string]uint64 // highest attempt seen per job: the fence
+	maps     map[mapKey]*mapTask
+	// mapsChanged is closed and replaced whenever a map task registers, to
+	// wake awaitMap.
+	mapsChanged chan struct{}
+	closed      bool
+}
+
+// mapKey finds a map task for the data plane; the attempt is checked apart.
+type mapKey struct{ job, id string }
+
+func newTaskManager(env *taskEnv) *taskManager {
+	return &taskManager{
+		env:         env,
+		ctx:         context.Background(),
+		tasks:       make(map[taskKey]*taskHandle),
+		attempts:    make(map[string]uint64),
+		maps:        make(map[mapKey]*mapTask),
+		mapsChanged: make(chan struct{}),
+	}
+}
+
+// start sets the context every task runs under; call it before the first
+// deploy.
+func (m *taskManager) start(ctx context.Context) {
+	m.mu.Lock()
+	m.ctx = ctx
+	m.mu.Unlock()
+}
+
+func statusMsg(k taskKey, kind transport.TaskKind, phase transport.TaskPhase, reason string) *transport.WorkerMessage {
+	return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{
+		Task: k.ref(), Kind: kind, Phase: phase, Reason: reason,
+	}}}
+}
+
+func kindLabel(k transport.TaskKind) string {
+	if k == transport.TaskKind_TASK_KIND_SOURCE {
+		return kindSource
+	}
+	return kindMap
+}
+
+// deploy starts the task d describes, after fencing: a deploy for an attempt
+// below the job's highest is ignored; one above it stops the job's older
+// tasks first. A deploy that finds every slot taken fails at once. It does
+// not block: the task starts in its own goroutine.
+func (m *taskManager) deploy(d *transport.DeployTask) {
+	k := keyOf(d.GetTask())
+	log := m.env.logger.With("job", k.job, "attempt", k.attempt, "task", k.id)
+	if k.job == "" || k.id == "" {
+		log.Warn("ignoring deploy without job or task id")
+		return
+	}
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return
+	}
+	if cur := m.attempts[k.job]; k.attempt < cur {
+		m.mu.Unlock()
+		log.Info("ignoring deploy of a stale attempt", "current_attempt", cur)
+		return
+	}
+	if h, ok := m.tasks[k]; ok {
+		// The leader repeats a deploy it is unsure of; report where it is.
+		msg := statusMsg(k, h.kind, h.phase, "")
+		m.mu.Unlock()
+		m.env.send(msg)
+		return
+	}
+	var older []*taskHandle
+	if k.attempt > m.attempts[k.job] {
+		m.attempts[k.job] = k.attempt
+		for _, h := range m.tasks {
+			if h.key.job == k.job && h.key.attempt < k.attempt {
+				m.stopLocked(h, fmt.Sprintf("superseded by attempt %d", k.attempt))
+				older = append(older, h)
+			}
+		}
+	}
+	busy := 0
+	for _, h := range m.tasks {
+		if h.stopReason == "" {
+			busy++
+		}
+	}
+	if busy >= m.env.cfg.Slots {
+		m.mu.Unlock()
+		reason := fmt.Sprintf("no free slot on worker %s: %d of %d slots in use", m.env.workerID, busy, m.env.cfg.Slots)
+		log.Warn("deploy refused", "reason", reason)
+		m.env.metrics.taskFailures.WithLabelValues(k.job, kindLabel(d.GetKind())).Inc()
+		m.env.send(statusMsg(k, d.GetKind(), transport.TaskPhase_TASK_PHASE_FAILED, reason))
+		return
+	}
+	ctx, cancel := context.WithCancel(m.ctx)
+	h := &taskHandle{
+		key:    k,
+		kind:   d.GetKind(),
+		cancel: cancel,
+		done:   make(chan struct{}),
+		phase:  transport.TaskPhase_TASK_PHASE_DEPLOYING,
+	}
+	if h.kind == transport.TaskKind_TASK_KIND_SOURCE {
+		h.control = make(chan control, controlQueue)
+	}
+	m.tasks[k] = h
+	m.env.metrics.tasks.Inc()
+	m.wg.Add(1)
+	m.mu.Unlock()
+
+	log.Info("deploying task", "kind", kindLabel(h.kind), "operator", d.GetOperator(), "restore_checkpoint", d.GetRestoreCheckpointId())
+	m.env.send(statusMsg(k, h.kind, h.phase, ""))
+	go m.runTask(ctx, h, d, older, log)
+}
+
+// runTask is the goroutine of one task: it waits for the job's older
+// attempts to stop (they may hold this worker's map inboxes or Kafka
+// clients), runs the task and reports how it ended.
+func (m *taskManager) runTask(ctx context.Context, h *taskHandle, d *transport.DeployTask, older []*taskHandle, log *slog.Logger) {
+	defer m.wg.Done()
+	defer close(h.done)
+	err := m.awaitStopped(ctx, older)
+	if err == nil {
+		err = m.runBody(ctx, h, d, log)
+	}
+	h.cancel()
+
+	m.mu.Lock()
+	delete(m.tasks, h.key)
+	phase, reason := transport.TaskPhase_TASK_PHASE_CANCELLED, h.stopReason
+	if reason == "" {
+		phase = transport.TaskPhase_TASK_PHASE_FAILED
+		if err == nil {
+			err = errors.New("task ended without error or cancellation")
+		}
+		reason = err.Error()
+	}
+	h.phase = phase
+	m.mu.Unlock()
+
+	m.env.metrics.tasks.Dec()
+	if phase == transport.TaskPhase_TASK_PHASE_FAILED {
+		m.env.metrics.taskFailures.WithLabelValues(h.key.job, kindLabel(h.kind)).Inc()
+		log.Error("task failed", "reason", reason)
+	} else {
+		log.Info("task cancelled", "reason", reason)
+	}
+	m.env.send(statusMsg(h.key, h.kind, phase, reason))
+}
+
+// awaitStopped waits, up to StopTimeout, for the older tasks to return.
+func (m *taskManager) awaitStopped(ctx context.Context, older []*taskHandle) error {
+	if len(older) == 0 {
+		return nil
+	}
+	t := time.NewTimer(m.env.cfg.StopTimeout)
+	defer t.Stop()
+	for _, o := range older {
+		select {
+		case <-o.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			return fmt.Errorf("task %s of attempt %d did not stop within %s", o.key.id, o.key.attempt, m.env.cfg.StopTimeout)
+		}
+	}
+	return nil
+}
+
+// runBody builds and runs the task, turning a panic in it (operator code is
+// user code) into a task failure instead of a worker crash.
+func (m *taskManager) runBody(ctx context.Context, h *taskHandle, d *transport.DeployTask, log *slog.Logger) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			log.Error("task panicked", "panic", p, "stack", string(debug.Stack()))
+			err = fmt.Errorf("task panicked: %v", p)
+		}
+	}()
+	var r runner
+	switch h.kind {
+	case transport.TaskKind_TASK_KIND_SOURCE:
+		r, err = newSourceTask(m.env, d, h.control, log)
+	case transport.TaskKind_TASK_KIND_MAP:
+		r, err = newMapTask(m.env, d, m, log)
+	default:
+		err = fmt.Errorf("unknown task kind %v", h.kind)
+	}
+	if err != nil {
+		return err
+	}
+	return r.run(ctx, func() { m.setRunning(h) })
+}
+
+// setRunning moves a deploying task to RUNNING and reports it.
+func (m *taskManager) setRunning(h *taskHandle) {
+	m.mu.Lock()
+	if h.stopReason != "" || h.phase != transport.TaskPhase_TASK_PHASE_DEPLOYING {
+		m.mu.Unlock()
+		return
+	}
+	h.phase = transport.TaskPhase_TASK_PHASE_RUNNING
+	m.mu.Unlock()
+	m.env.logger.Info("task running", "job", h.key.job, "attempt", h.key.attempt, "task", h.key.id)
+	m.env.send(statusMsg(h.key, h.kind, h.phase, ""))
+}
+
+// stopLocked cancels h with reason; its goroutine reports CANCELLED when it
+// returns. Callers hold m.mu.
+func (m *taskManager) stopLocked(h *taskHandle, reason string) {
+	if h.stopReason != "" {
+		return
+	}
+	h.stopReason = reason
+	h.cancel()
+}
+
+// cancel handles CancelTask. A cancel for a task the worker does not run is
+// answered CANCELLED so that the leader's reconciliation converges.
+func (m *taskManager) cancel(c *transport.CancelTask) {
+	k := keyOf(c.GetTask())
+	reason := "cancelled by leader"
+	if c.GetReason() != "" {
+		reason += ": " + c.GetReason()
+	}
+	m.mu.Lock()
+	if k.attempt < m.attempts[k.job] {
+		m.mu.Unlock()
+		return // fenced: that attempt's tasks are stopped already
+	}
+	h, ok := m.tasks[k]
+	if ok {
+		m.stopLocked(h, reason)
+	}
+	m.mu.Unlock()
+	if !ok {
+		m.env.send(statusMsg(k, transport.TaskKind_TASK_KIND_UNSPECIFIED, transport.TaskPhase_TASK_PHASE_CANCELLED, "not running on worker "+m.env.workerID))
+	}
+}
+
+// trigger hands TriggerCheckpoint to its source task, or declines it when the
+// task cannot take it.
+func (m *taskManager) trigger(t *transport.TriggerCheckpoint) {
+	k := keyOf(t.GetTask())
+	if reason := m.toSource(k, control{trigger: t.GetCheckpointId()}); reason != "" {
+		m.env.metrics.checkpointsDecl.WithLabelValues(k.job, kindSource).Inc()
+		m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
+			Task: k.ref(), CheckpointId: t.GetCheckpointId(), Reason: reason,
+		}}})
+	}
+}
+
+// complete hands CheckpointComplete to its source task; a completion for a
+// task that is gone is dropped (offset commits are for monitoring only).
+func (m *taskManager) complete(c *transport.CheckpointComplete) {
+	m.toSource(keyOf(c.GetTask()), control{complete: c.GetCheckpointId(), offsets: c.GetOffsets()})
+}
+
+// toSource queues c for the running source task k without blocking. It
+// returns why it could not, or "" (also for fenced messages, which are
+// dropped silently).
+func (m *taskManager) toSource(k taskKey, c control) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if k.attempt < m.attempts[k.job] {
+		return ""
+	}
+	h, ok := m.tasks[k]
+	if !ok || h.stopReason != "" {
+		return fmt.Sprintf("task %s is not running on worker %s", k.id, m.env.workerID)
+	}
+	if h.control == nil {
+		return fmt.Sprintf("task %s is not a source task", k.id)
+	}
+	select {
+	case h.control <- c:
+		return ""
+	default:
+		return fmt.Sprintf("task %s has %d control messages queued", k.id, controlQueue)
+	}
+}
+
+// running lists the tasks that are deploying or running, for Hello.
+func (m *taskManager) running() []*transport.TaskStatus {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]*transport.TaskStatus, 0, len(m.tasks))
+	for _, h := range m.tasks {
+		if h.stopReason == "" {
+			out = append(out, &transport.TaskStatus{Task: h.key.ref(), Kind: h.kind, Phase: h.phase})
+		}
+	}
+	return out
+}
+
+// stopLive stops every task with reason and returns how many it stopped. It
+// does not wait for them.
+func (m *taskManager) stopLive(reason string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, h := range m.tasks {
+		if h.stopReason == "" {
+			m.stopLocked(h, reason)
+			n++
+		}
+	}
+	return n
+}
+
+// shutdown stops every task, refuses further deploys and waits (up to
+// StopTimeout) for the task goroutines to return.
+func (m *taskManager) shutdown(reason string) {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.stopLive(reason)
+	done := make(chan struct{})
+	go func() { m.wg.Wait(); close(done) }()
+	t := time.NewTimer(m.env.cfg.StopTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		m.env.logger.Error("tasks did not stop in time; abandoning them", "timeout", m.env.cfg.StopTimeout)
+	}
+}
+
+// registerMap makes a ready map task reachable for data channels.
+func (m *taskManager) registerMap(t *mapTask) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.maps[mapKey{t.key.job, t.key.id}] = t
+	close(m.mapsChanged)
+	m.mapsChanged = make(chan struct{})
+}
+
+// unregisterMap removes t, if it is still the registered one.
+func (m *taskManager) unregisterMap(t *mapTask) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	k := mapKey{t.key.job, t.key.id}
+	if m.maps[k] == t {
+		delete(m.maps, k)
+	}
+}
+
+// errMapNotFound says a data channel names a map task this worker does not run.
+var errMapNotFound = errors.New("map task not running here")
+
+// awaitMap returns the map task (job, taskID) of attempt, waiting up to wait
+// while it deploys. It fails with errStaleAttempt when the worker runs a newer
+// attempt of the job, and errMapNotFound when the task does not show up.
+func (m *taskManager) awaitMap(ctx context.Context, job string, attempt uint64, taskID string, wait time.Duration) (*mapTask, error) {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		m.mu.Lock()
+		mt := m.maps[mapKey{job, taskID}]
+		cur := m.attempts[job]
+		changed := m.mapsChanged
+		m.mu.Unlock()
+		switch {
+		case mt != nil && mt.key.attempt == attempt:
+			return mt, nil
+		case attempt < cur || (mt != nil && mt.key.attempt > attempt):
+			return nil, fmt.Errorf("map task %s of job %s: attempt %d, worker runs attempt %d: %w", taskID, job, attempt, max(cur, attemptOf(mt)), errStaleAttempt)
+		}
+		select {
+		case <-changed:
+		case <-t.C:
+			return nil, fmt.Errorf("map task %s of job %s attempt %d on worker %s (waited %s): %w", taskID, job, attempt, m.env.workerID, wait, errMapNotFound)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func attemptOf(t *mapTask) uint64 {
+	if t == nil {
+		return 0
+	}
+	return t.key.attempt
+}

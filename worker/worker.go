@@ -1,0 +1,329 @@
+// Package worker is workerd: it joins the gossip pool, keeps a control session
+// with the coordd leader, and runs the tasks the leader deploys: Kafka source
+// tasks that split records into keyed items, and map tasks that hold keyed
+// state, align checkpoint barriers, snapshot and write to an optional sink.
+//
+// The package imports transport only; the wire contract is docs/protocol.md.
+// Layout: worker.go (config, lifecycle), gossip.go (memberlist), session.go
+// (control session, lease), tasks.go (task manager, fencing, slots),
+// source.go, maptask.go and align.go (the two task kinds), dataplane.go (data
+// channels), sink.go and offsets.go (Kafka writes), metrics.go.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// Config configures one workerd. DefaultConfig gives LAN-tuned defaults; New
+// replaces zero tunables with them, so tests set only what they tighten.
+type Config struct {
+	// ID is the worker's gossip name and the worker id tasks are placed on.
+	ID string
+	// DataAddr is where the Data service listens; it is advertised to other
+	// workers as is, so it must be dialable (not 0.0.0.0). Port 0 picks a free
+	// port; DataAddr() then returns the bound address.
+	DataAddr string
+	// GossipAddr is memberlist's bind and advertise address; port 0 picks one.
+	GossipAddr string
+	// Join lists gossip addresses of existing members.
+	Join []string
+	// Slots is how many tasks the worker runs at once.
+	Slots int
+	// MetricsAddr, if set, serves Prometheus metrics on /metrics.
+	MetricsAddr string
+
+	// Gossip failure detection; see design.md "Raft and membership".
+	ProbeInterval  time.Duration
+	ProbeTimeout   time.Duration
+	SuspicionMult  int
+	GossipInterval time.Duration
+
+	// Operators resolves the operator names of deployed tasks.
+	Operators *operator.Registry
+	Logger    *slog.Logger
+
+	// ChannelOpenTimeout bounds how long a source task keeps retrying to open
+	// a data channel while the map task it feeds deploys.
+	ChannelOpenTimeout time.Duration
+	// ChannelAcceptWait is how long the data server holds a channel whose map
+	// task is not (yet) running here before rejecting it.
+	ChannelAcceptWait time.Duration
+	// KafkaTimeout bounds each dial, request and metadata refresh to a broker,
+	// so a missing broker fails a task instead of hanging it.
+	KafkaTimeout time.Duration
+	// StopTimeout bounds how long a stopping task may take to release its
+	// resources (fencing, lease expiry, shutdown).
+	StopTimeout time.Duration
+	// BatchSize and FlushInterval shape the item batches a source sends on
+	// each data channel: a batch goes out when full or when it is that old.
+	BatchSize     int
+	FlushInterval time.Duration
+	// SessionBackoffMin and SessionBackoffMax bound the wait between attempts
+	// to open a control session.
+	SessionBackoffMin time.Duration
+	SessionBackoffMax time.Duration
+}
+
+// DefaultConfig returns the defaults for every tunable; identity and
+// addresses are left for the caller.
+func DefaultConfig() Config {
+	return Config{
+		Slots:              4,
+		ProbeInterval:      200 * time.Millisecond,
+		ProbeTimeout:       100 * time.Millisecond,
+		SuspicionMult:      3,
+		GossipInterval:     50 * time.Millisecond,
+		Operators:          operator.Builtins(),
+		Logger:             slog.Default(),
+		ChannelOpenTimeout: 15 * time.Second,
+		ChannelAcceptWait:  5 * time.Second,
+		KafkaTimeout:       5 * time.Second,
+		StopTimeout:        10 * time.Second,
+		BatchSize:          500,
+		FlushInterval:      10 * time.Millisecond,
+		SessionBackoffMin:  50 * time.Millisecond,
+		SessionBackoffMax:  time.Second,
+	}
+}
+
+// withDefaults validates cfg and fills zero tunables from DefaultConfig.
+func (cfg Config) withDefaults() (Config, error) {
+	if cfg.ID == "" {
+		return cfg, errors.New("worker config: ID is required")
+	}
+	if cfg.DataAddr == "" || cfg.GossipAddr == "" {
+		return cfg, errors.New("worker config: DataAddr and GossipAddr are required")
+	}
+	if cfg.Slots < 0 {
+		return cfg, fmt.Errorf("worker config: Slots must not be negative, got %d", cfg.Slots)
+	}
+	d := DefaultConfig()
+	setDur := func(v *time.Duration, def time.Duration) {
+		if *v <= 0 {
+			*v = def
+		}
+	}
+	setDur(&cfg.ProbeInterval, d.ProbeInterval)
+	setDur(&cfg.ProbeTimeout, d.ProbeTimeout)
+	setDur(&cfg.GossipInterval, d.GossipInterval)
+	setDur(&cfg.ChannelOpenTimeout, d.ChannelOpenTimeout)
+	setDur(&cfg.ChannelAcceptWait, d.ChannelAcceptWait)
+	setDur(&cfg.KafkaTimeout, d.KafkaTimeout)
+	setDur(&cfg.StopTimeout, d.StopTimeout)
+	setDur(&cfg.FlushInterval, d.FlushInterval)
+	setDur(&cfg.SessionBackoffMin, d.SessionBackoffMin)
+	setDur(&cfg.SessionBackoffMax, d.SessionBackoffMax)
+	if cfg.Slots == 0 {
+		cfg.Slots = d.Slots
+	}
+	if cfg.SuspicionMult <= 0 {
+		cfg.SuspicionMult = d.SuspicionMult
+	}
+	if cfg.BatchSize <= 0 {
+		cfg.BatchSize = d.BatchSize
+	}
+	if cfg.Operators == nil {
+		cfg.Operators = d.Operators
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = d.Logger
+	}
+	return cfg, nil
+}
+
+// Worker is one running workerd. New binds its listeners; Run serves until
+// its context ends and then releases everything.
+type Worker struct {
+	cfg     Config
+	logger  *slog.Logger
+	metrics *metrics
+
+	dataLis    net.Listener
+	dataSrv    *grpc.Server
+	metricsLis net.Listener
+	members    *memberlist.Memberlist
+	gossipAddr string
+
+	conns   *connPool
+	outbox  *outbox
+	tasks   *taskManager
+	session *session
+
+	runOnce sync.Once
+}
+
+// New validates cfg, binds the data, metrics and gossip listeners and returns
+// a worker ready to Run. On error nothing is left open. A worker that is never
+// Run must still be released by calling Run with a cancelled context.
+func New(cfg Config) (*Worker, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	logger := cfg.Logger.With("worker", cfg.ID)
+	w := &Worker{cfg: cfg, logger: logger, metrics: newMetrics()}
+
+	if host, _, err := net.SplitHostPort(cfg.DataAddr); err != nil {
+		return nil, fmt.Errorf("worker config: data addr %q: %w", cfg.DataAddr, err)
+	} else if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return nil, fmt.Errorf("worker config: data addr %q: other workers dial it, so it must name a host", cfg.DataAddr)
+	}
+	w.dataLis, err = net.Listen("tcp", cfg.DataAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on data addr: %w", err)
+	}
+	if cfg.MetricsAddr != "" {
+		w.metricsLis, err = net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			w.dataLis.Close()
+			return nil, fmt.Errorf("listen on metrics addr: %w", err)
+		}
+	}
+
+	w.outbox = newOutbox(w.metrics.outboxDropped)
+	w.conns = newConnPool()
+	w.tasks = newTaskManager(&taskEnv{
+		workerID:  cfg.ID,
+		cfg:       &w.cfg,
+		logger:    logger,
+		metrics:   w.metrics,
+		operators: cfg.Operators,
+		send:      w.outbox.push,
+		conns:     w.conns,
+	})
+	w.tasks.env.maps = w.tasks
+	w.dataSrv = grpc.NewServer()
+	transport.RegisterDataServer(w.dataSrv, &dataService{tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger})
+
+	meta := transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots}
+	w.members, err = newMemberlist(cfg, meta, logger)
+	if err != nil {
+		w.closeListeners()
+		return nil, err
+	}
+	node := w.members.LocalNode()
+	w.gossipAddr = net.JoinHostPort(node.Addr.String(), fmt.Sprint(node.Port))
+
+	w.session = newSession(w)
+	return w, nil
+}
+
+// ID returns the worker's id.
+func (w *Worker) ID() string { return w.cfg.ID }
+
+// DataAddr returns the bound, advertised data address.
+func (w *Worker) DataAddr() string { return w.dataLis.Addr().String() }
+
+// GossipAddr returns the bound, advertised gossip address, for others to join.
+func (w *Worker) GossipAddr() string { return w.gossipAddr }
+
+// MetricsAddr returns the bound metrics address, or "" when not serving.
+func (w *Worker) MetricsAddr() string {
+	if w.metricsLis == nil {
+		return ""
+	}
+	return w.metricsLis.Addr().String()
+}
+
+// Gatherer returns the worker's metrics, for embedding processes that serve
+// them themselves.
+func (w *Worker) Gatherer() prometheus.Gatherer { return w.metrics.registry }
+
+// Run serves until ctx ends, then stops every task (reporting CANCELLED to the
+// leader while the session lasts), leaves the gossip pool gracefully and
+// closes the listeners. It returns nil after a clean stop. Run may be called
+// once; later calls return an error at once.
+func (w *Worker) Run(ctx context.Context) error {
+	err := errors.New("worker: Run called twice")
+	w.runOnce.Do(func() { err = w.run(ctx) })
+	return err
+}
+
+func (w *Worker) run(ctx context.Context) error {
+	w.logger.Info("worker starting", "data_addr", w.DataAddr(), "gossip_addr", w.GossipAddr(), "slots", w.cfg.Slots)
+
+	// bg outlives ctx so that shutdown can run in order below.
+	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBg()
+	var wg sync.WaitGroup
+	goFn := func(fn func()) {
+		wg.Add(1)
+		go func() { defer wg.Done(); fn() }()
+	}
+
+	w.tasks.start(bg)
+	goFn(func() {
+		if err := w.dataSrv.Serve(w.dataLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			w.logger.Error("data server stopped", "err", err)
+		}
+	})
+	var httpSrv *http.Server
+	if w.metricsLis != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(w.metrics.registry, promhttp.HandlerOpts{Registry: w.metrics.registry}))
+		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		goFn(func() {
+			if err := httpSrv.Serve(w.metricsLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				w.logger.Error("metrics server stopped", "err", err)
+			}
+		})
+	}
+	sessCtx, stopSession := context.WithCancel(bg)
+	defer stopSession()
+	goFn(func() { w.joinLoop(sessCtx) })
+	goFn(func() { w.session.run(sessCtx) })
+	goFn(func() { w.session.watchLease(sessCtx) })
+
+	<-ctx.Done()
+	w.logger.Info("worker stopping")
+
+	// Tasks first, so their CANCELLED statuses are queued before the session
+	// stops: it sends what is queued (for a bounded time) before it closes.
+	w.tasks.shutdown("worker shutting down")
+	stopSession()
+
+	if err := w.members.Leave(2 * time.Second); err != nil {
+		w.logger.Warn("leave gossip pool", "err", err)
+	}
+	if err := w.members.Shutdown(); err != nil {
+		w.logger.Warn("shut down gossip", "err", err)
+	}
+	// Stop, not GracefulStop: a channel handler may be blocked reading a
+	// stream whose source never closes it; closing the connections ends it.
+	w.dataSrv.Stop()
+	if httpSrv != nil {
+		shutCtx, cancel := context.WithTimeout(bg, 2*time.Second)
+		if err := httpSrv.Shutdown(shutCtx); err != nil {
+			w.logger.Warn("shut down metrics server", "err", err)
+		}
+		cancel()
+	}
+	stopBg()
+	wg.Wait()
+	w.conns.close()
+	w.logger.Info("worker stopped")
+	return nil
+}
+
+// closeListeners releases what New bound when New fails or Run never serves.
+func (w *Worker) closeListeners() {
+	w.dataLis.Close()
+	if w.metricsLis != nil {
+		w.metricsLis.Close()
+	}
+}
