@@ -460,6 +460,17 @@ func (h *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
 	if level == hclog.Off {
 		return
 	}
+	if !h.enabled(slogLevel(level)) {
+		return
+	}
+	for i, a := range args {
+		// Raft passes hclog.Fmt values: a format and its arguments.
+		if f, ok := a.(hclog.Format); ok && len(f) > 0 {
+			if format, ok := f[0].(string); ok {
+				args[i] = fmt.Sprintf(format, f[1:]...)
+			}
+		}
+	}
 	h.logger.Log(context.Background(), slogLevel(level), msg, args...)
 }
 func (h *hclogAdapter) Trace(msg string, args ...any) { h.Log(hclog.Trace, msg, args...) }

@@ -69,6 +69,14 @@ func Start(ctx context.Context, cfg Config) (*Broker, error) {
 	if err != nil || port < 0 || port > 65535 {
 		return nil, fmt.Errorf("devbroker: listen address %q: %w: bad port", cfg.Addr, ErrConfig)
 	}
+	for name, n := range cfg.Topics {
+		if err := validTopicName(name); err != nil {
+			return nil, fmt.Errorf("devbroker: %w: %w", ErrConfig, err)
+		}
+		if n < 1 {
+			return nil, fmt.Errorf("devbroker: topic %q: %w: partition count %d, want at least 1", name, ErrConfig, n)
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("devbroker: start on %s: %w", cfg.Addr, err)
 	}
@@ -127,7 +135,7 @@ func Start(ctx context.Context, cfg Config) (*Broker, error) {
 }
 
 // ensureTopics creates the topics that do not exist yet, in name order so
-// that logs and errors are stable.
+// that logs and errors are stable. Start has validated names and counts.
 func (b *Broker) ensureTopics(topics map[string]int32, logger *slog.Logger) error {
 	names := make([]string, 0, len(topics))
 	for name := range topics {
@@ -136,9 +144,6 @@ func (b *Broker) ensureTopics(topics map[string]int32, logger *slog.Logger) erro
 	sort.Strings(names)
 	for _, name := range names {
 		want := topics[name]
-		if want < 1 {
-			return fmt.Errorf("devbroker: topic %q: %w: partition count %d, want at least 1", name, ErrConfig, want)
-		}
 		if have := len(b.cluster.PartitionInfos(name)); have > 0 {
 			if int32(have) != want {
 				logger.Warn("topic exists with another partition count; keeping it", "topic", name, "partitions", have, "requested", want)

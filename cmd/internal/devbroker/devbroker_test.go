@@ -42,6 +42,7 @@ func TestStartRejectsBadConfig(t *testing.T) {
 		{Addr: "127.0.0.1"},
 		{Addr: "127.0.0.1:99999"},
 		{Addr: "127.0.0.1:0", Topics: map[string]int32{"t": 0}},
+		{Addr: "127.0.0.1:0", Topics: map[string]int32{"a b": 1}},
 	} {
 		b, err := Start(context.Background(), cfg)
 		if !errors.Is(err, ErrConfig) {

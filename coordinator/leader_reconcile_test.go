@@ -1,0 +1,286 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+func TestLeaderWaitsForSlotsThenDeploys(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.register("j1", testJobSpec(2, 2))
+	h.connect("w1", 2)
+	h.step()
+	if j := h.job("j1"); j.Attempt != 0 || j.Reason != "" {
+		t.Fatalf("deployed or judged during the grace period: %+v", j)
+	}
+	h.pastGrace()
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobPending || j.Reason != "waiting for 4 free slots (2 free)" {
+		t.Fatalf("status %s reason %q, want pending waiting for slots", j.Status, j.Reason)
+	}
+	// A worker that is alive in gossip but has no session does not count.
+	h.setMember("w2", StatusAlive, 2)
+	h.step()
+	if j := h.job("j1"); j.Attempt != 0 {
+		t.Fatalf("deployed on a worker without a session")
+	}
+	h.connect("w2", 2)
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobRunning || j.Attempt != 1 || j.Reason != "first deployment" {
+		t.Fatalf("not deployed once slots freed: status %s attempt %d reason %q", j.Status, j.Attempt, j.Reason)
+	}
+	d1, d2 := deploys(h.drain("w1")), deploys(h.drain("w2"))
+	if len(d1) != 2 || len(d2) != 2 {
+		t.Fatalf("deploys: w1 %d, w2 %d; want 2 each", len(d1), len(d2))
+	}
+	for id, d := range d1 {
+		if d.GetTask().GetAttempt() != 1 || d.GetRestoreCheckpointId() != 0 || d.GetOperator() != "wordcount" {
+			t.Errorf("deploy %s = %v", id, d)
+		}
+	}
+}
+
+func TestLeaderMissingTopicFailsJobAndRecovers(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.setPartitions(0, errors.New(`source topic "words" does not exist on 127.0.0.1:9092`))
+	h.register("j1", testJobSpec(1, 1)) // restart initial 1s, max 8s
+	h.connect("w1", 4)
+	h.pastGrace()
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobFailing || j.Reason != `source topic "words" does not exist on 127.0.0.1:9092` {
+		t.Fatalf("status %s reason %q, want failing with the lookup error", j.Status, j.Reason)
+	}
+	retry := h.l.jobs["j1"].retryAt
+	if got := retry.Sub(h.clock); got != time.Second {
+		t.Fatalf("first retry in %v, want 1s", got)
+	}
+	h.advance(999 * time.Millisecond)
+	h.step()
+	if h.l.jobs["j1"].retryAt != retry {
+		t.Fatalf("retried before the backoff elapsed")
+	}
+	h.advance(time.Millisecond)
+	h.step()
+	if got := h.l.jobs["j1"].retryAt.Sub(h.clock); got != 2*time.Second {
+		t.Fatalf("second retry in %v, want 2s", got)
+	}
+	h.setPartitions(3, nil) // the topic appears
+	h.advance(2 * time.Second)
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+		t.Fatalf("job did not recover: status %s attempt %d reason %q", j.Status, j.Attempt, j.Reason)
+	}
+}
+
+func TestLeaderRestartsOnDeadWorkerFromLastCheckpoint(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	job := h.startJob("j1", testJobSpec(2, 2))
+	h.drain("w3")
+	ck := h.completeCheckpoint("j1")
+	lost := job.Tasks[0].Worker
+
+	h.setMember(lost, StatusDead, 4)
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobRestarting || j.Attempt != 1 || !strings.Contains(j.Reason, "worker "+lost+" of task source-0 is dead") {
+		t.Fatalf("status %s attempt %d reason %q, want restarting because %s is dead", j.Status, j.Attempt, j.Reason, lost)
+	}
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.step()
+	j = h.job("j1")
+	if j.Status != fsm.JobRunning || j.Attempt != 2 {
+		t.Fatalf("not redeployed: status %s attempt %d reason %q", j.Status, j.Attempt, j.Reason)
+	}
+	var n int
+	for _, w := range []string{"w1", "w2", "w3"} {
+		for id, d := range deploys(h.drain(w)) {
+			n++
+			if w == lost {
+				t.Errorf("task %s deployed on dead worker %s", id, w)
+			}
+			if d.GetTask().GetAttempt() != 2 || d.GetRestoreCheckpointId() != ck {
+				t.Errorf("deploy %s: attempt %d restore %d, want 2 and %d", id, d.GetTask().GetAttempt(), d.GetRestoreCheckpointId(), ck)
+			}
+			if d.GetKind() == transport.TaskKind_TASK_KIND_SOURCE && len(d.GetRestoreOffsets()) == 0 {
+				t.Errorf("source %s restored without offsets", id)
+			}
+			if d.GetKind() == transport.TaskKind_TASK_KIND_MAP && len(d.GetRestoreKeyed()) != 2 {
+				t.Errorf("map %s restored with %d blobs, want 2", id, len(d.GetRestoreKeyed()))
+			}
+		}
+	}
+	if n != 4 {
+		t.Fatalf("%d tasks deployed, want 4", n)
+	}
+	var restarts dto.Metric
+	if err := h.l.metrics.jobRestarts.WithLabelValues("j1").Write(&restarts); err != nil {
+		t.Fatalf("read job restarts metric: %v", err)
+	}
+	if got := restarts.GetCounter().GetValue(); got != 1 {
+		t.Fatalf("job restarts metric = %v, want 1", got)
+	}
+}
+
+func TestLeaderRestartsOnFailedTaskWithGrowingBackoff(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 1))
+	for _, want := range []struct {
+		attempt uint64
+		delay   time.Duration
+	}{{1, time.Second}, {2, 2 * time.Second}, {3, 4 * time.Second}} {
+		job := h.job("j1")
+		m := job.Tasks[1]
+		h.report(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "operator panicked")
+		h.step()
+		j := h.job("j1")
+		wantReason := "task map-0 failed on worker " + m.Worker + ": operator panicked"
+		if j.Status != fsm.JobRestarting || j.Reason != wantReason {
+			t.Fatalf("attempt %d: status %s reason %q, want restarting %q", want.attempt, j.Status, j.Reason, wantReason)
+		}
+		if got := h.l.jobs["j1"].retryAt.Sub(h.clock); got != want.delay {
+			t.Fatalf("attempt %d: backoff %v, want %v", want.attempt, got, want.delay)
+		}
+		h.advance(want.delay)
+		h.step()
+		if j := h.job("j1"); j.Attempt != want.attempt+1 || j.Status != fsm.JobRunning {
+			t.Fatalf("attempt %d: not redeployed: %+v", want.attempt, j)
+		}
+		h.drain("w1")
+		h.drain("w2")
+		h.runAll("j1")
+	}
+}
+
+func TestLeaderLostSessionRestartsOnlyAfterLease(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	w := job.Tasks[0].Worker
+	sess := h.sessions[w]
+	sess.close(errors.New("network blip"))
+	h.l.handle(sessionClosed{sess: sess, err: errors.New("network blip")})
+
+	h.advance(h.l.lease)
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+		t.Fatalf("restarted within the lease: %s %q", j.Status, j.Reason)
+	}
+	h.advance(time.Millisecond)
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task source-0 has had no control session for") {
+		t.Fatalf("status %s reason %q, want restarting for the lost session", j.Status, j.Reason)
+	}
+}
+
+func TestLeaderRestartsWhenWorkerNoLongerRunsTask(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	w := job.Tasks[1].Worker
+	old := h.sessions[w]
+	// The worker restarted with the same id: a new session without tasks.
+	h.connect(w, 4)
+	if !errors.Is(context.Cause(old.ctx), errSessionReplaced) {
+		t.Fatalf("older session not closed as replaced: %v", context.Cause(old.ctx))
+	}
+	// The older session's end must not unregister the newer one.
+	h.l.handle(sessionClosed{sess: old})
+	if h.l.sessions[w] != h.sessions[w] {
+		t.Fatalf("the replaced session's end removed the new session")
+	}
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobRestarting || j.Reason != "worker "+w+" does not run task map-0" {
+		t.Fatalf("status %s reason %q, want restarting because the task is gone", j.Status, j.Reason)
+	}
+}
+
+func TestLeaderCancelsWhatTheFSMDoesNotPlace(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	src := job.Tasks[0] // placed on w1
+	running := transport.TaskPhase_TASK_PHASE_RUNNING
+	status := func(jobID string, attempt uint64, task string) *transport.TaskStatus {
+		return &transport.TaskStatus{Task: &transport.TaskRef{JobId: jobID, Attempt: attempt, TaskId: task}, Phase: running}
+	}
+	h.newTerm()
+	h.connect("w1", 4,
+		status("j1", 1, src.ID),     // kept
+		status("j1", 0, src.ID),     // older attempt
+		status("gone", 1, "map-0"),  // unknown job
+		status("j1", 1, "map-0"),    // placed on w2
+		status("j1", 1, "source-7"), // not in the attempt
+		&transport.TaskStatus{Task: &transport.TaskRef{JobId: "j1", Attempt: 0, TaskId: "map-0"}, Phase: transport.TaskPhase_TASK_PHASE_CANCELLED},
+	)
+	got := cancels(h.drain("w1"))
+	if len(got) != 4 {
+		t.Fatalf("%d cancels, want 4: %v", len(got), got)
+	}
+	for _, c := range got {
+		if c.GetJobId() == "j1" && c.GetAttempt() == 1 && c.GetTaskId() == src.ID {
+			t.Fatalf("the current attempt's task was cancelled")
+		}
+	}
+	if tv := h.l.jobs["j1"].tasks[src.ID]; tv.phase != running {
+		t.Fatalf("reported phase not recorded: %v", tv.phase)
+	}
+
+	// A cancelled job's tasks are cancelled once.
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	if got := cancels(h.drain("w1")); len(got) != 1 || got[0].GetTaskId() != src.ID {
+		t.Fatalf("cancelled job: cancels %v, want %s", got, src.ID)
+	}
+	h.step()
+	if got := cancels(h.drain("w1")); len(got) != 0 {
+		t.Fatalf("cancels sent again: %v", got)
+	}
+}
+
+func TestLeaderFallsBackFromCorruptCheckpoint(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 2))
+	first := h.completeCheckpoint("j1")
+	second := h.completeCheckpoint("j1")
+
+	job := h.job("j1")
+	h.report(job.Tasks[0].Worker, ref(job, job.Tasks[0]), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone")
+	h.step()
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.step()
+	job = h.job("j1")
+	if job.Attempt != 2 || h.l.jobs["j1"].restoredFrom != second {
+		t.Fatalf("attempt %d restored from %d, want 2 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, second)
+	}
+	m := job.Tasks[1]
+	h.report(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "restore: blob map-1: checksum mismatch")
+	h.step()
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.drain("w1")
+	h.drain("w2")
+	h.step()
+	job = h.job("j1")
+	if job.Attempt != 3 || h.l.jobs["j1"].restoredFrom != first {
+		t.Fatalf("attempt %d restored from %d, want 3 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, first)
+	}
+	if !strings.Contains(job.Reason, "restoring from checkpoint 1 because newer ones failed verification (checkpoint 2: task map-0") {
+		t.Fatalf("reason does not say it fell back: %q", job.Reason)
+	}
+	for _, w := range []string{"w1", "w2"} {
+		for id, d := range deploys(h.drain(w)) {
+			if d.GetRestoreCheckpointId() != first {
+				t.Errorf("%s restores %d, want %d", id, d.GetRestoreCheckpointId(), first)
+			}
+		}
+	}
+}
