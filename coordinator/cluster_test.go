@@ -89,6 +89,12 @@ func TestClusterAPI(t *testing.T) {
 		if !strings.HasPrefix(jobID, "wordcount-") {
 			t.Errorf("job id %q, want wordcount-<hex>", jobID)
 		}
+		// Read your writes: the follower answers the forwarded POST only
+		// once it has applied the job itself.
+		var job apiJob
+		if code := apiCall(t, follower, http.MethodGet, "/v1/jobs/"+jobID, nil, &job); code != http.StatusOK {
+			t.Errorf("GET /v1/jobs/%s on %s right after the POST: %d", jobID, follower.ID(), code)
+		}
 		for _, s := range servers {
 			waitFor(t, 10*time.Second, func() error {
 				var job apiJob
@@ -155,16 +161,30 @@ func TestClusterAPI(t *testing.T) {
 		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+jobID, nil, &out); code != http.StatusOK || out.Status != "cancelled" {
 			t.Fatalf("DELETE /v1/jobs/%s = %d %+v, want 200 cancelled", jobID, code, out)
 		}
-		// The follower may not have applied the cancel yet, but the leader,
-		// which answers the forwarded DELETE, has.
 		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+jobID, nil, &out); code != http.StatusConflict {
 			t.Errorf("second DELETE /v1/jobs/%s = %d %+v, want 409", jobID, code, out)
 		}
-		waitForEqualDigests(t, servers...)
 		var job apiJob
 		apiCall(t, follower, http.MethodGet, "/v1/jobs/"+jobID, nil, &job)
 		if job.Status != fsm.JobCancelled {
 			t.Errorf("job status on %s = %q, want cancelled", follower.ID(), job.Status)
+		}
+		waitForEqualDigests(t, servers...)
+	})
+
+	t.Run("a forwarded write is not forwarded again", func(t *testing.T) {
+		req, err := http.NewRequest(http.MethodPost, "http://"+follower.HTTPAddr()+"/v1/jobs", strings.NewReader(wordcountSpec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set(forwardedHeader, "c9")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("POST marked forwarded to follower %s: %d, want 503", follower.ID(), resp.StatusCode)
 		}
 	})
 
@@ -266,6 +286,27 @@ func TestFourthCoordinatorJoins(t *testing.T) {
 	waitForEqualDigests(t, servers...)
 	if n := len(fourth.fsm.Jobs()); n != 1 {
 		t.Errorf("c4 holds %d jobs, want 1", n)
+	}
+}
+
+// TestNoLeader runs a coordinator that never bootstraps: reads work from
+// its own (empty) FSM, writes answer 503 "no leader".
+func TestNoLeader(t *testing.T) {
+	s := startServer(t, testConfig(t, testLogger(t), "c1"))
+	var st apiStatus
+	if code := apiCall(t, s, http.MethodGet, "/v1/status", nil, &st); code != http.StatusOK || st.State != "Follower" || st.LeaderID != "" || st.LeaderHTTPAddr != "" {
+		t.Errorf("GET /v1/status = %d %+v, want a follower with no leader", code, st)
+	}
+	var jobs []apiJob
+	if code := apiCall(t, s, http.MethodGet, "/v1/jobs", nil, &jobs); code != http.StatusOK || len(jobs) != 0 {
+		t.Errorf("GET /v1/jobs = %d %+v, want 200 and no jobs", code, jobs)
+	}
+	var out struct{ Error string }
+	if code := apiCall(t, s, http.MethodPost, "/v1/jobs", wordcountSpec, &out); code != http.StatusServiceUnavailable || out.Error != "no leader" {
+		t.Errorf("POST /v1/jobs = %d %q, want 503 \"no leader\"", code, out.Error)
+	}
+	if code := apiCall(t, s, http.MethodGet, "/v1/nothing", nil, &out); code != http.StatusNotFound || out.Error == "" {
+		t.Errorf("GET /v1/nothing = %d %q, want a JSON 404", code, out.Error)
 	}
 }
 

@@ -1,10 +1,12 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"time"
 )
 
@@ -13,6 +15,15 @@ import (
 // answers 503 instead of forwarding again, so requests never loop, even
 // while nodes disagree on who leads.
 const forwardedHeader = "X-Coordflow-Forwarded-By"
+
+// indexHeader is the Raft index of the command a write applied. A follower
+// that forwarded the write waits until it has applied that index before it
+// relays the answer: a client then reads its own write from that follower.
+const indexHeader = "X-Coordflow-Raft-Index"
+
+// readYourWritesTimeout bounds that wait; past it the answer is relayed
+// anyway (the write did commit) and the follower's reads lag behind.
+const readYourWritesTimeout = 5 * time.Second
 
 // forwardTransport carries forwarded writes; a write waits for a Raft apply
 // (at most defaultApplyTimeout) on the leader.
@@ -59,6 +70,18 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 			pr.Out.Header.Set(forwardedHeader, s.cfg.ID)
 		},
 		Transport: forwardTransport,
+		ModifyResponse: func(resp *http.Response) error {
+			index, err := strconv.ParseUint(resp.Header.Get(indexHeader), 10, 64)
+			if err != nil {
+				return nil // no write committed
+			}
+			ctx, cancel := context.WithTimeout(resp.Request.Context(), readYourWritesTimeout)
+			defer cancel()
+			if err := s.waitApplied(ctx, index); err != nil {
+				s.logger.Warn("forwarded write committed, but this node lags behind", "err", err)
+			}
+			return nil
+		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			s.logger.Warn("forward to leader failed", "leader", id, "leader_http_addr", httpAddr, "method", r.Method, "path", r.URL.Path, "err", err)
 			writeError(w, http.StatusBadGateway, fmt.Sprintf("forward to leader %s at %s: %v", id, httpAddr, err))

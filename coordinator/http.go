@@ -103,7 +103,9 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	}
 	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
 	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano()}
-	if _, err := s.raftApply(r.Context(), fsm.CommandRegisterJob, cmd); err != nil {
+	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandRegisterJob, cmd)
+	setIndexHeader(w, index)
+	if err != nil {
 		s.writeApplyError(w, err)
 		return
 	}
@@ -132,12 +134,22 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	cmd := fsm.JobCancelledCmd{JobID: id, Reason: "cancelled by user", Time: time.Now().UnixNano()}
-	if _, err := s.raftApply(r.Context(), fsm.CommandJobCancelled, cmd); err != nil {
+	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandJobCancelled, cmd)
+	setIndexHeader(w, index)
+	if err != nil {
 		s.writeApplyError(w, err)
 		return
 	}
 	s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
 	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": string(fsm.JobCancelled)})
+}
+
+// setIndexHeader tells a forwarding follower which Raft index to wait for
+// before it answers, so that a client reads its own write on that follower.
+func setIndexHeader(w http.ResponseWriter, index uint64) {
+	if index > 0 {
+		w.Header().Set(indexHeader, strconv.FormatUint(index, 10))
+	}
 }
 
 // writeApplyError answers a failed raftApply with the status its cause calls for.

@@ -5,8 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
-	"log/slog"
 	"sync"
 	"testing"
 	"time"
@@ -82,28 +80,15 @@ func (h *leaderHarness) newTerm() {
 		h.endTerm()
 	}
 	cfg := Config{WorkerLease: 2 * time.Second, WorkerHeartbeat: 500 * time.Millisecond, ReconcileInterval: time.Second}
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	if testing.Verbose() {
-		logger = slog.New(slog.NewTextHandler(testWriter{h.t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
 	var ctx context.Context
 	ctx, h.cancel = context.WithCancel(context.Background())
-	h.l = newLeader(ctx, h.env, cfg, logger, newMetrics())
+	h.l = newLeader(ctx, h.env, cfg, testLogger(h.t), newMetrics())
 	h.sessions = make(map[string]*session)
 }
 
 func (h *leaderHarness) endTerm() {
 	h.cancel()
 	h.l.lookups.Wait()
-}
-
-// testWriter sends log lines to t.Log.
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(string(p))
-	return len(p), nil
 }
 
 func (h *leaderHarness) memberList() []Member {

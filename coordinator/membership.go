@@ -197,7 +197,7 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 	switch {
 	case !leave:
 		rec.Status = StatusAlive
-	case rec.leaving || n.State == memberlist.StateLeft:
+	case rec.leaving:
 		rec.Status = StatusLeft
 	default:
 		rec.Status = StatusDead

@@ -134,31 +134,54 @@ func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
 // ErrNotLeader means the command was not appended; raft.ErrLeadershipLost
 // means it may or may not commit. [C1]
 func (s *Server) raftApply(ctx context.Context, t fsm.CommandType, cmd any) (any, error) {
+	res, _, err := s.raftApplyAt(ctx, t, cmd)
+	return res, err
+}
+
+// raftApplyAt is raftApply that also returns the command's log index, also
+// when the FSM rejected it.
+func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (res any, index uint64, err error) {
 	data, err := fsm.Encode(t, cmd)
 	if err != nil {
-		return nil, fmt.Errorf("raft apply: %w", err)
+		return nil, 0, fmt.Errorf("raft apply: %w", err)
 	}
 	timeout := defaultApplyTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = time.Until(dl)
 	}
 	if err := ctx.Err(); err != nil || timeout <= 0 {
-		return nil, fmt.Errorf("raft apply %v: %w", t, context.Cause(ctx))
+		return nil, 0, fmt.Errorf("raft apply %v: %w", t, context.Cause(ctx))
 	}
 	start := time.Now()
 	f := s.raft.Apply(data, timeout)
 	if err := f.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
-			return nil, fmt.Errorf("raft apply %v: %w: %w", t, ErrNotLeader, err)
+			return nil, 0, fmt.Errorf("raft apply %v: %w: %w", t, ErrNotLeader, err)
 		}
-		return nil, fmt.Errorf("raft apply %v: %w", t, err)
+		return nil, 0, fmt.Errorf("raft apply %v: %w", t, err)
 	}
 	s.metrics.raftApplyDuration.WithLabelValues(t.String()).Observe(time.Since(start).Seconds())
-	res, err := fsm.Result(f.Response())
+	res, err = fsm.Result(f.Response())
 	if err != nil {
-		return nil, fmt.Errorf("raft apply %v at index %d: %w", t, f.Index(), err)
+		return nil, f.Index(), fmt.Errorf("raft apply %v at index %d: %w", t, f.Index(), err)
 	}
-	return res, nil
+	return res, f.Index(), nil
+}
+
+// waitApplied waits until this node's FSM has applied index, or ctx is done.
+// Raft offers no notification for this; the wait is usually one commit
+// round (at most raft's CommitTimeout, 50 ms), so polling is cheap.
+func (s *Server) waitApplied(ctx context.Context, index uint64) error {
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for s.raft.AppliedIndex() < index {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for raft index %d (applied %d): %w", index, s.raft.AppliedIndex(), ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
 }
 
 // monitorLeadership runs the leader loops while this node leads: it starts
@@ -428,15 +451,16 @@ func fetchStatus(ctx context.Context, client *http.Client, httpAddr string) (api
 // hclogAdapter is an hclog.Logger that writes into slog, so Raft's logs
 // carry the node's attributes and obey its level.
 type hclogAdapter struct {
-	logger *slog.Logger
+	base   *slog.Logger // the node's logger plus With args, without the name
+	logger *slog.Logger // base plus the name
 	name   string
 	args   []any
 }
 
 var _ hclog.Logger = (*hclogAdapter)(nil)
 
-func newHCLogger(l *slog.Logger, name string) *hclogAdapter {
-	return &hclogAdapter{logger: l, name: name}
+func newHCLogger(base *slog.Logger, name string) *hclogAdapter {
+	return &hclogAdapter{base: base, logger: base, name: name}
 }
 
 // slogTrace is the slog level of hclog's Trace, below Debug.
@@ -457,10 +481,7 @@ func slogLevel(l hclog.Level) slog.Level {
 }
 
 func (h *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
-	if level == hclog.Off {
-		return
-	}
-	if !h.enabled(slogLevel(level)) {
+	if level == hclog.Off || !h.enabled(slogLevel(level)) {
 		return
 	}
 	for i, a := range args {
@@ -491,7 +512,9 @@ func (h *hclogAdapter) Name() string          { return h.name }
 func (h *hclogAdapter) SetLevel(hclog.Level)  {} // the slog handler owns the level
 func (h *hclogAdapter) GetLevel() hclog.Level { return hclog.NoLevel }
 func (h *hclogAdapter) With(args ...any) hclog.Logger {
-	return &hclogAdapter{logger: h.logger.With(args...), name: h.name, args: append(slices.Clone(h.args), args...)}
+	c := &hclogAdapter{base: h.base.With(args...), name: h.name, args: append(slices.Clone(h.args), args...)}
+	c.logger = c.base.With("logger", c.name)
+	return c
 }
 func (h *hclogAdapter) Named(name string) hclog.Logger {
 	if h.name != "" {
@@ -500,7 +523,7 @@ func (h *hclogAdapter) Named(name string) hclog.Logger {
 	return h.ResetNamed(name)
 }
 func (h *hclogAdapter) ResetNamed(name string) hclog.Logger {
-	return &hclogAdapter{logger: h.logger.With("logger", name), name: name, args: h.args}
+	return &hclogAdapter{base: h.base, logger: h.base.With("logger", name), name: name, args: h.args}
 }
 func (h *hclogAdapter) StandardLogger(*hclog.StandardLoggerOptions) *log.Logger {
 	return log.New(h.StandardWriter(nil), "", 0)

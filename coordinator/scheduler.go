@@ -165,7 +165,7 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 		switch st := members[w]; st {
 		case "":
 			return fmt.Sprintf("worker %s of task %s is not a gossip member", w, id), id
-		case "dead", "left":
+		case StatusDead, StatusLeft:
 			return fmt.Sprintf("worker %s of task %s is %s", w, id, st), id
 		}
 		if since, none := l.sessionlessSince(w); none {

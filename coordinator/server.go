@@ -26,6 +26,7 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
@@ -192,8 +193,8 @@ type Server struct {
 
 	memberMu    sync.Mutex
 	memberState map[string]*memberRecord // every member ever seen, by id
-	// memberEvents wakes the bootstrap loop and the leader's Raft membership
-	// reconciliation; buffered 1, written without blocking.
+	// memberEvents wakes the leader's Raft membership reconciliation on
+	// gossip events; buffered 1, written without blocking.
 	memberEvents chan struct{}
 	// leaving is set just before the memberlist Leave so that peers can
 	// tell a graceful leave from a failure.
@@ -246,7 +247,12 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		return nil, fmt.Errorf("listen rpc %s: %w", cfg.RPCAddr, err)
 	}
 	s.rpcAddr = rpcLis.Addr().String()
-	s.grpc = grpc.NewServer()
+	s.grpc = grpc.NewServer(
+		// Find worker connections that died without a FIN, and let workers
+		// ping to keep their session's connection alive.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+	)
 	transport.RegisterControlServer(s.grpc, newControlService(s))
 	s.serveWG.Go(func() {
 		if err := s.grpc.Serve(rpcLis); err != nil {

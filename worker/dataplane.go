@@ -24,6 +24,10 @@ import (
 // its map task is still deploying is retried, with nothing lost.
 const channelAcceptedKey = "coordflow-channel"
 
+// maxDataMessage is the largest data message a worker accepts: a batch is cut
+// at maxBatchBytes, but one item may carry a whole Kafka record.
+const maxDataMessage = 64 << 20
+
 // dataService is the Data service of a worker: it connects each incoming
 // channel to the local map task its header names.
 type dataService struct {

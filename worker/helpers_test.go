@@ -17,6 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
@@ -130,8 +132,13 @@ type fakeCoord struct {
 
 	mu       sync.Mutex
 	log      []received
-	sessions map[string]chan *transport.CoordinatorMessage
-	hellos   map[string]int
+	sessions map[string]*fakeSession
+}
+
+// fakeSession is one worker's open session with the fake coordinator.
+type fakeSession struct {
+	out  chan *transport.CoordinatorMessage
+	kick chan struct{} // closed to end the session from the leader's side
 }
 
 // newFakeCoord starts a fake coordinator; withGossip also starts a memberlist
@@ -139,7 +146,7 @@ type fakeCoord struct {
 func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 	t.Helper()
 	f := &fakeCoord{t: t, leaseMs: 5000, hbMs: 50, redirect: redirect,
-		sessions: make(map[string]chan *transport.CoordinatorMessage), hellos: make(map[string]int)}
+		sessions: make(map[string]*fakeSession)}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -189,10 +196,10 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 	}}}); err != nil {
 		return err
 	}
-	out := make(chan *transport.CoordinatorMessage, 256)
+	sess := &fakeSession{out: make(chan *transport.CoordinatorMessage, 256), kick: make(chan struct{})}
+	out := sess.out
 	f.mu.Lock()
-	f.sessions[hello.GetWorkerId()] = out
-	f.hellos[hello.GetWorkerId()]++
+	f.sessions[hello.GetWorkerId()] = sess
 	f.log = append(f.log, received{hello.GetWorkerId(), first})
 	f.mu.Unlock()
 
@@ -226,9 +233,22 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 			}
 		case err := <-recvErr:
 			return err
+		case <-sess.kick:
+			return status.Error(codes.Unavailable, "fake coordinator ended the session")
 		case <-stream.Context().Done():
 			return nil
 		}
+	}
+}
+
+// kick ends worker's session from the leader's side, as a leader that steps
+// down does.
+func (f *fakeCoord) kick(worker string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if s := f.sessions[worker]; s != nil {
+		close(s.kick)
+		delete(f.sessions, worker)
 	}
 }
 
@@ -247,10 +267,13 @@ func (f *fakeCoord) send(t *testing.T, worker string, m *transport.CoordinatorMe
 	t.Helper()
 	f.awaitSession(t, worker)
 	f.mu.Lock()
-	out := f.sessions[worker]
+	sess := f.sessions[worker]
 	f.mu.Unlock()
+	if sess == nil {
+		t.Fatalf("fake coordinator: no session of %s", worker)
+	}
 	select {
-	case out <- m:
+	case sess.out <- m:
 	case <-time.After(waitTimeout):
 		t.Fatalf("fake coordinator: send queue of %s full", worker)
 	}
@@ -314,9 +337,16 @@ func sameTask(a, b *transport.TaskRef) bool {
 	return a.GetJobId() == b.GetJobId() && a.GetAttempt() == b.GetAttempt() && a.GetTaskId() == b.GetTaskId()
 }
 
-// startWorker runs a worker that joins f's gossip member and waits for its
-// session; the worker stops when the test ends.
+// startWorker runs a worker that joins f's gossip member; it stops when the
+// test ends.
 func startWorker(t *testing.T, id string, f *fakeCoord, tune func(*Config)) *Worker {
+	w, _ := startStoppableWorker(t, id, f, tune)
+	return w
+}
+
+// startStoppableWorker is startWorker that also returns a function that stops
+// the worker and waits for Run to return.
+func startStoppableWorker(t *testing.T, id string, f *fakeCoord, tune func(*Config)) (*Worker, func()) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.ID = id
@@ -335,18 +365,22 @@ func startWorker(t *testing.T, id string, f *fakeCoord, tune func(*Config)) *Wor
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("worker %s: Run: %v", id, err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("worker %s: Run: %v", id, err)
+				}
+			case <-time.After(waitTimeout):
+				t.Errorf("worker %s did not stop within %s", id, waitTimeout)
 			}
-		case <-time.After(waitTimeout):
-			t.Errorf("worker %s did not stop within %s", id, waitTimeout)
-		}
-	})
-	return w
+		})
+	}
+	t.Cleanup(stop)
+	return w, stop
 }
 
 // newKafka starts an in-process kfake broker with the given topics

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/coordflow/coordflow/transport"
@@ -206,7 +208,7 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 func (m *mapTask) handle(ev inputEvent) error {
 	switch {
 	case ev.closed:
-		if ev.err != nil {
+		if ev.err != nil && status.Code(ev.err) != codes.Canceled {
 			m.log.Warn("input closed with an error", "source", ev.input, "err", ev.err)
 		} else {
 			m.log.Info("input closed", "source", ev.input)

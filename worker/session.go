@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -28,6 +29,10 @@ const (
 	leaseCheckInterval = 25 * time.Millisecond
 	// maxOutbox bounds the messages queued for the leader.
 	maxOutbox = 8192
+	// maxControlMessage is the largest leader message a worker accepts: a
+	// DeployTask of a map task carries every keyed blob of the checkpoint it
+	// restores.
+	maxControlMessage = 256 << 20
 )
 
 // outbox queues the messages tasks send to the leader. Tasks push from any
@@ -167,7 +172,8 @@ func (s *session) run(ctx context.Context) {
 // ctx ends. It returns the leader's address when addr redirected with
 // NotLeader, and whether the session was welcomed.
 func (s *session) runOnce(ctx context.Context, addr string) (redirect string, welcomed bool, err error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxControlMessage)))
 	if err != nil {
 		return "", false, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -189,7 +195,7 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 	}
 	stream := first.stream
 	if nl := first.msg.GetNotLeader(); nl != nil {
-		return nl.GetLeaderRpcAddr(), false, fmt.Errorf("not the leader (leader %q at %q)", nl.GetLeaderId(), nl.GetLeaderRpcAddr())
+		return nl.GetLeaderRpcAddr(), false, &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
 	}
 	wel := first.msg.GetWelcome()
 	if wel == nil {
@@ -226,13 +232,13 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 				recvErr <- err
 				return
 			}
+			if nl := m.GetNotLeader(); nl != nil {
+				recvErr <- &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
+				return
+			}
 			t := time.Now().UnixNano()
 			s.lastHeard.Store(t)
 			lastRecv.Store(t)
-			if nl := m.GetNotLeader(); nl != nil {
-				recvErr <- fmt.Errorf("leader stepped down (new leader %q)", nl.GetLeaderId())
-				return
-			}
 			s.dispatch(log, m)
 		}
 	}()
@@ -260,6 +266,10 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 			}
 			return "", true, ctx.Err()
 		case err := <-recvErr:
+			var nl *notLeaderError
+			if errors.As(err, &nl) {
+				return nl.addr, true, err
+			}
 			return "", true, fmt.Errorf("receive: %w", err)
 		case <-ticker.C:
 			if silent := time.Since(time.Unix(0, lastRecv.Load())); silent > lease {
@@ -275,6 +285,14 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 			}
 		}
 	}
+}
+
+// notLeaderError is a coordinator's NotLeader answer: at the start of a
+// session from a follower, or later from a leader that stepped down.
+type notLeaderError struct{ id, addr string }
+
+func (e *notLeaderError) Error() string {
+	return fmt.Sprintf("not the leader (leader %q at %q)", e.id, e.addr)
 }
 
 // helloAnswer is the stream of a new session and the leader's first message.

@@ -54,6 +54,10 @@ func connectKafka(cfg *Config, clientID string, brokers []string, topic, role st
 		client.Close()
 		return nil, nil, fmt.Errorf("%s topic %q does not exist", role, topic)
 	}
+	if errors.Is(err, sarama.ErrOutOfBrokers) {
+		client.Close()
+		return nil, nil, fmt.Errorf("%s: cannot reach brokers %v: %w", role, brokers, err)
+	}
 	if err != nil {
 		client.Close()
 		return nil, nil, fmt.Errorf("%s topic %q: read partitions: %w", role, topic, err)

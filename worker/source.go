@@ -18,6 +18,15 @@ import (
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
+// A batch is also sent once its items take about maxBatchBytes, so that a
+// message stays well below the data server's maxDataMessage whatever the
+// record sizes; itemOverhead approximates an item's encoding beyond its key
+// and raw bytes.
+const (
+	maxBatchBytes = 1 << 20
+	itemOverhead  = 24
+)
+
 // maxUnconfirmed bounds how many acked checkpoints a source remembers while
 // it waits for their completion (older ones are aborted or superseded).
 const maxUnconfirmed = 16
@@ -46,6 +55,7 @@ type sourceTask struct {
 	// Task loop only.
 	outputs     []output
 	batches     [][]*transport.Item
+	batchBytes  []int           // approximate encoded size of each batch
 	offsets     map[int32]int64 // next offset to read, per own partition
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
@@ -98,6 +108,7 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		restoreID:   d.GetRestoreCheckpointId(),
 		control:     ctl,
 		batches:     make([][]*transport.Item, len(mapTasks)),
+		batchBytes:  make([]int, len(mapTasks)),
 		offsets:     make(map[int32]int64),
 		unconfirmed: make(map[uint64]map[int32]int64),
 		in:          env.metrics.recordsIn.WithLabelValues(k.job, kindSource),
@@ -310,7 +321,8 @@ func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) e
 		kg := operator.KeyGroup(it.Key, s.maxPar)
 		o := s.route[kg]
 		s.batches[o] = append(s.batches[o], &transport.Item{Key: it.Key, Num: it.Num, Raw: it.Raw, KeyGroup: kg})
-		if len(s.batches[o]) >= s.env.cfg.BatchSize {
+		s.batchBytes[o] += len(it.Key) + len(it.Raw) + itemOverhead
+		if len(s.batches[o]) >= s.env.cfg.BatchSize || s.batchBytes[o] >= maxBatchBytes {
 			if err := s.flush(ctx, o); err != nil {
 				return err
 			}
@@ -326,7 +338,7 @@ func (s *sourceTask) flush(ctx context.Context, o int) error {
 	if len(items) == 0 {
 		return nil
 	}
-	s.batches[o] = nil
+	s.batches[o], s.batchBytes[o] = nil, 0
 	msg := &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Items: items}}}
 	if err := s.outputs[o].send(ctx, msg); err != nil {
 		return fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err)

@@ -42,7 +42,8 @@ type Config struct {
 	GossipAddr string
 	// Join lists gossip addresses of existing members.
 	Join []string
-	// Slots is how many tasks the worker runs at once.
+	// Slots is how many tasks the worker runs at once; a deploy beyond them
+	// fails. Zero means DefaultConfig's.
 	Slots int
 	// MetricsAddr, if set, serves Prometheus metrics on /metrics.
 	MetricsAddr string
@@ -207,7 +208,7 @@ func New(cfg Config) (*Worker, error) {
 		conns:     w.conns,
 	})
 	w.tasks.env.maps = w.tasks
-	w.dataSrv = grpc.NewServer()
+	w.dataSrv = grpc.NewServer(grpc.MaxRecvMsgSize(maxDataMessage))
 	transport.RegisterDataServer(w.dataSrv, &dataService{tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger})
 
 	meta := transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots}

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/coordflow/coordflow/coordinator"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// shutdownTimeout bounds a clean stop after SIGINT or SIGTERM; a second
+// signal kills the process at once.
+const shutdownTimeout = 30 * time.Second
+
+// runAgent runs one coordinator until SIGINT or SIGTERM.
+func runAgent(args []string, stderr io.Writer) error {
+	cfg := coordinator.DefaultConfig()
+	fs := flag.NewFlagSet("coordd agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.ID, "id", "", "`ID` of this coordinator: its Raft server id and gossip name (required)")
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "`DIR` for the Raft log, stable store and snapshots (required)")
+	fs.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:7001", "`host:port` for Raft traffic")
+	fs.StringVar(&cfg.RPCAddr, "rpc-addr", "127.0.0.1:7101", "`host:port` for the gRPC Control service workers use")
+	fs.StringVar(&cfg.HTTPAddr, "http-addr", "127.0.0.1:7201", "`host:port` for the HTTP API")
+	fs.StringVar(&cfg.GossipAddr, "gossip-addr", "127.0.0.1:7301", "`ip:port` for gossip (memberlist, TCP and UDP)")
+	fs.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "bootstrap the Raft cluster once `N` voting coordinators are in gossip (0: never, join an existing one)")
+	join := fs.String("join", "", "comma-separated gossip `addresses` to join, retried until one answers")
+	fs.BoolVar(&cfg.Voter, "voter", cfg.Voter, "take part in Raft votes (false: replicate and serve reads only)")
+	operators := fs.String("operators", strings.Join(operator.Builtins().Names(), ","), "comma-separated operator `names` job specs may use (empty: any)")
+	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
+	logFormat := fs.String("log-format", "text", "log `FORMAT`: text or json")
+
+	fs.DurationVar(&cfg.RaftHeartbeatTimeout, "raft-heartbeat-timeout", cfg.RaftHeartbeatTimeout, "Raft heartbeat timeout")
+	fs.DurationVar(&cfg.RaftElectionTimeout, "raft-election-timeout", cfg.RaftElectionTimeout, "Raft election timeout")
+	fs.DurationVar(&cfg.RaftLeaderLeaseTimeout, "raft-leader-lease-timeout", cfg.RaftLeaderLeaseTimeout, "Raft leader lease timeout (at most the heartbeat timeout)")
+	fs.Uint64Var(&cfg.SnapshotThreshold, "raft-snapshot-threshold", cfg.SnapshotThreshold, "Raft log entries between snapshots")
+	fs.Uint64Var(&cfg.TrailingLogs, "raft-trailing-logs", cfg.TrailingLogs, "Raft log entries kept after a snapshot")
+	fs.DurationVar(&cfg.SnapshotInterval, "raft-snapshot-interval", cfg.SnapshotInterval, "how often Raft checks -raft-snapshot-threshold")
+	fs.DurationVar(&cfg.RaftReconcileInterval, "raft-reconcile-interval", cfg.RaftReconcileInterval, "how often the leader adds coordinators seen in gossip to Raft")
+	fs.DurationVar(&cfg.ProbeInterval, "gossip-probe-interval", cfg.ProbeInterval, "memberlist probe interval")
+	fs.DurationVar(&cfg.ProbeTimeout, "gossip-probe-timeout", cfg.ProbeTimeout, "memberlist probe timeout")
+	fs.IntVar(&cfg.SuspicionMult, "gossip-suspicion-mult", cfg.SuspicionMult, "memberlist suspicion multiplier")
+	fs.DurationVar(&cfg.GossipInterval, "gossip-interval", cfg.GossipInterval, "memberlist gossip interval")
+	fs.DurationVar(&cfg.WorkerLease, "worker-lease", cfg.WorkerLease, "how long a worker runs tasks without hearing from a leader")
+	fs.DurationVar(&cfg.WorkerHeartbeat, "worker-heartbeat", cfg.WorkerHeartbeat, "how often workers heartbeat to the leader")
+	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", cfg.ReconcileInterval, "how often the leader compares jobs with what runs")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n\nRuns one coordinator until SIGINT or SIGTERM.\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	if fs.NArg() > 0 {
+		return usageError(fs, "unexpected argument %q", fs.Arg(0))
+	}
+	if cfg.ID == "" || cfg.DataDir == "" {
+		return usageError(fs, "-id and -data-dir are required")
+	}
+	cfg.Join = splitList(*join)
+	cfg.Operators = splitList(*operators)
+	logger, err := newLogger(stderr, *logLevel, *logFormat)
+	if err != nil {
+		return usageError(fs, "%v", err)
+	}
+	cfg.Logger = logger
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	srv, err := coordinator.NewServer(cfg)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	stop() // a second signal now kills the process the default way
+	logger.Info("signal received; shutting down", "timeout", shutdownTimeout)
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	return srv.Shutdown(sctx)
+}
+
+// usageError prints msg and the flags of fs, and returns errUsage.
+func usageError(fs *flag.FlagSet, format string, args ...any) error {
+	fmt.Fprintf(fs.Output(), "%s: %s\n", fs.Name(), fmt.Sprintf(format, args...))
+	fs.Usage()
+	return errUsage
+}
+
+// newLogger returns the slog logger of -log-level and -log-format.
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("-log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("-log-format %q: want text or json", format)
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}

@@ -1,0 +1,318 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"text/tabwriter"
+	"time"
+)
+
+// The CLI commands: each parses its flags (-addr) and arguments, makes one
+// or two requests to the HTTP API and prints the answer: job ids and tables
+// for scripts and people, indented JSON where the structure matters.
+
+const jobUsage = `Usage: coordd job <command> [-addr URL] [arguments]
+
+  job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
+  job list              list jobs
+  job status ID         show a job
+  job cancel ID         cancel a job
+  job checkpoints ID    list a job's checkpoints, newest first
+  job state ID          show the state of a job's last completed checkpoint
+`
+
+// runJob dispatches `coordd job <command>`.
+func runJob(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, jobUsage)
+		return errUsage
+	}
+	sub, rest := args[0], args[1:]
+	type command struct {
+		args string // the positional argument, if any
+		run  func(ctx context.Context, c *apiClient, arg string) error
+	}
+	commands := map[string]command{
+		"run": {"FILE", func(ctx context.Context, c *apiClient, file string) error {
+			return jobRun(ctx, c, file, stdout)
+		}},
+		"list": {"", func(ctx context.Context, c *apiClient, _ string) error { return jobList(ctx, c, stdout) }},
+		"status": {"ID", func(ctx context.Context, c *apiClient, id string) error {
+			return printJSON(ctx, c, "/v1/jobs/"+url.PathEscape(id), stdout)
+		}},
+		"cancel": {"ID", func(ctx context.Context, c *apiClient, id string) error {
+			if _, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "job %s cancelled\n", id)
+			return nil
+		}},
+		"checkpoints": {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobCheckpoints(ctx, c, id, stdout) }},
+		"state": {"ID", func(ctx context.Context, c *apiClient, id string) error {
+			return printJSON(ctx, c, "/v1/jobs/"+url.PathEscape(id)+"/state", stdout)
+		}},
+	}
+	cmd, ok := commands[sub]
+	if !ok {
+		fmt.Fprintf(stderr, "coordd job: unknown command %q\n\n%s", sub, jobUsage)
+		return errUsage
+	}
+	c, arg, err := parseCLI("job "+sub, cmd.args, rest, stderr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	return cmd.run(ctx, c, arg)
+}
+
+// runMembers prints `coordd members`.
+func runMembers(args []string, stdout, stderr io.Writer) error {
+	c, _, err := parseCLI("members", "", args, stderr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	var members []struct {
+		ID         string `json:"id"`
+		Role       string `json:"role"`
+		GossipAddr string `json:"gossip_addr"`
+		Status     string `json:"status"`
+		RaftAddr   string `json:"raft_addr"`
+		RPCAddr    string `json:"rpc_addr"`
+		HTTPAddr   string `json:"http_addr"`
+		Voter      bool   `json:"voter"`
+		DataAddr   string `json:"data_addr"`
+		Slots      int    `json:"slots"`
+	}
+	if err := c.getJSON(ctx, "/v1/members", &members); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tROLE\tSTATUS\tGOSSIP\tADDRESSES")
+	for _, m := range members {
+		var addrs string
+		switch m.Role {
+		case "coordinator":
+			addrs = fmt.Sprintf("raft=%s rpc=%s http=%s", m.RaftAddr, m.RPCAddr, m.HTTPAddr)
+			if !m.Voter {
+				addrs += " nonvoter"
+			}
+		case "worker":
+			addrs = fmt.Sprintf("data=%s slots=%d", m.DataAddr, m.Slots)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.Role, m.Status, m.GossipAddr, addrs)
+	}
+	return tw.Flush()
+}
+
+// runRaft prints `coordd raft peers`.
+func runRaft(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "peers" {
+		fmt.Fprint(stderr, "Usage: coordd raft peers [-addr URL]\n")
+		return errUsage
+	}
+	c, _, err := parseCLI("raft peers", "", args[1:], stderr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	var peers struct {
+		Servers []struct {
+			ID       string `json:"id"`
+			Address  string `json:"address"`
+			Suffrage string `json:"suffrage"`
+			Leader   bool   `json:"leader"`
+		} `json:"servers"`
+	}
+	if err := c.getJSON(ctx, "/v1/raft/peers", &peers); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tADDRESS\tSUFFRAGE\tLEADER")
+	for _, p := range peers.Servers {
+		leader := ""
+		if p.Leader {
+			leader = "*"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.ID, p.Address, p.Suffrage, leader)
+	}
+	return tw.Flush()
+}
+
+// parseCLI parses the -addr flag (anywhere among args) and the positional
+// argument a command takes (argName, or none when empty), and returns the
+// API client and that argument.
+func parseCLI(name, argName string, args []string, stderr io.Writer) (*apiClient, string, error) {
+	fs := flag.NewFlagSet("coordd "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", defaultAPIAddr(), "`URL` of any coordinator's HTTP API; defaults to $COORD_ADDR, else "+defaultAddr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: coordd %s [-addr URL] %s\n\n", name, argName)
+		fs.PrintDefaults()
+	}
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, "", err
+			}
+			return nil, "", errUsage
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+	want := 0
+	if argName != "" {
+		want = 1
+	}
+	if len(pos) != want {
+		return nil, "", usageError(fs, "want %d argument(s), got %d", want, len(pos))
+	}
+	c, err := newAPIClient(*addr)
+	if err != nil {
+		return nil, "", usageError(fs, "%v", err)
+	}
+	arg := ""
+	if want == 1 {
+		arg = pos[0]
+	}
+	return c, arg, nil
+}
+
+// defaultAPIAddr is $COORD_ADDR, else defaultAddr.
+func defaultAPIAddr() string {
+	if a := os.Getenv("COORD_ADDR"); a != "" {
+		return a
+	}
+	return defaultAddr
+}
+
+// jobRun submits the spec in file ("-": stdin) and prints the new job's id
+// alone on a line, so that scripts can capture it.
+func jobRun(ctx context.Context, c *apiClient, file string, stdout io.Writer) error {
+	var spec []byte
+	var err error
+	if file == "-" {
+		spec, err = io.ReadAll(os.Stdin)
+	} else {
+		spec, err = os.ReadFile(file)
+	}
+	if err != nil {
+		return fmt.Errorf("read job spec: %w", err)
+	}
+	data, err := c.do(ctx, http.MethodPost, "/v1/jobs", spec)
+	if err != nil {
+		return err
+	}
+	var out struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal(data, &out); err != nil || out.ID == "" {
+		return fmt.Errorf("POST /v1/jobs: unexpected answer %q", data)
+	}
+	fmt.Fprintln(stdout, out.ID)
+	return nil
+}
+
+// jobList prints one line per job.
+func jobList(ctx context.Context, c *apiClient, stdout io.Writer) error {
+	var jobs []struct {
+		ID             string     `json:"id"`
+		Name           string     `json:"name"`
+		Status         string     `json:"status"`
+		Reason         string     `json:"reason"`
+		Attempt        uint64     `json:"attempt"`
+		Tasks          []struct{} `json:"tasks"`
+		LastCheckpoint *struct {
+			ID          uint64 `json:"id"`
+			CompletedAt string `json:"completed_at"`
+		} `json:"last_checkpoint"`
+	}
+	if err := c.getJSON(ctx, "/v1/jobs", &jobs); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tATTEMPT\tTASKS\tLAST CHECKPOINT\tREASON")
+	for _, j := range jobs {
+		last := "-"
+		if cp := j.LastCheckpoint; cp != nil {
+			last = fmt.Sprintf("%d (%s ago)", cp.ID, age(cp.CompletedAt))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", j.ID, j.Name, j.Status, j.Attempt, len(j.Tasks), last, j.Reason)
+	}
+	return tw.Flush()
+}
+
+// jobCheckpoints prints one line per checkpoint, newest first.
+func jobCheckpoints(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
+	var cps []struct {
+		ID          uint64   `json:"id"`
+		Attempt     uint64   `json:"attempt"`
+		Status      string   `json:"status"`
+		TriggerTime string   `json:"trigger_time"`
+		DurationMS  *float64 `json:"duration_ms"`
+		Reason      string   `json:"reason"`
+		Tasks       []struct {
+			StateSize int `json:"state_size"`
+		} `json:"tasks"`
+	}
+	if err := c.getJSON(ctx, "/v1/jobs/"+url.PathEscape(id)+"/checkpoints", &cps); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tATTEMPT\tSTATUS\tTRIGGERED\tDURATION\tACKS\tSTATE BYTES\tREASON")
+	for _, cp := range cps {
+		dur := "-"
+		if cp.DurationMS != nil {
+			dur = time.Duration(*cp.DurationMS * float64(time.Millisecond)).Round(time.Millisecond / 10).String()
+		}
+		size := 0
+		for _, t := range cp.Tasks {
+			size += t.StateSize
+		}
+		triggered := cp.TriggerTime
+		if t, err := time.Parse(time.RFC3339Nano, cp.TriggerTime); err == nil {
+			triggered = t.Local().Format("2006-01-02 15:04:05.000")
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%d\t%d\t%s\n", cp.ID, cp.Attempt, cp.Status, triggered, dur, len(cp.Tasks), size, cp.Reason)
+	}
+	return tw.Flush()
+}
+
+// printJSON GETs path and prints the answer as indented JSON.
+func printJSON(ctx context.Context, c *apiClient, path string, stdout io.Writer) error {
+	data, err := c.do(ctx, http.MethodGet, path, nil)
+	if err != nil {
+		return err
+	}
+	var out bytes.Buffer
+	if err := json.Indent(&out, data, "", "  "); err != nil {
+		return fmt.Errorf("GET %s: answer is not JSON: %w", path, err)
+	}
+	out.WriteByte('\n')
+	_, err = out.WriteTo(stdout)
+	return err
+}
+
+// age renders how long ago an RFC 3339 time was, to the second.
+func age(ts string) string {
+	t, err := time.Parse(time.RFC3339Nano, ts)
+	if err != nil {
+		return "?"
+	}
+	return time.Since(t).Round(time.Second).String()
+}

@@ -1,0 +1,85 @@
+// Command coordd is coordflow's coordinator: `coordd agent` runs one node of
+// the Raft group (job and checkpoint metadata, the leader's scheduler and
+// checkpoint coordinator, the HTTP API); the other commands are a CLI for
+// that HTTP API.
+//
+// Exit status: 0 on success, 1 when the command fails (the error goes to
+// stderr), 2 on bad usage.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// errUsage reports bad arguments after the usage was printed; it exits 2.
+var errUsage = errors.New("bad usage")
+
+const usageText = `Usage: coordd <command> [flags] [arguments]
+
+Server:
+  agent                 run a coordinator: Raft node, gossip member, gRPC and HTTP API
+  dev                   run a broker, 3 coordinators, 2 workers and a sample job in one process
+
+Jobs:
+  job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
+  job list              list jobs
+  job status ID         show a job, its tasks and its last checkpoint
+  job cancel ID         cancel a job
+  job checkpoints ID    list a job's checkpoints, newest first
+  job state ID          show the offsets and keyed state of a job's last completed checkpoint
+
+Cluster:
+  members               list coordinators and workers with their state
+  raft peers            list the Raft servers, marking the leader
+
+The job, members and raft commands talk to the HTTP API of any coordinator,
+named by -addr (default $COORD_ADDR, else http://127.0.0.1:7201).
+Run 'coordd <command> -h' for the flags of a command.
+`
+
+// run is main without the exit: it dispatches to one command.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usageText)
+		return 2
+	}
+	var err error
+	switch cmd, rest := args[0], args[1:]; cmd {
+	case "agent":
+		err = runAgent(rest, stderr)
+	case "dev":
+		err = runDev(rest)
+	case "job":
+		err = runJob(rest, stdout, stderr)
+	case "members":
+		err = runMembers(rest, stdout, stderr)
+	case "raft":
+		err = runRaft(rest, stdout, stderr)
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usageText)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "coordd: unknown command %q\n\n%s", cmd, usageText)
+		return 2
+	}
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
+	}
+	name := args[0]
+	if (name == "job" || name == "raft") && len(args) > 1 {
+		name += " " + args[1]
+	}
+	fmt.Fprintf(stderr, "coordd %s: %v\n", name, err)
+	return 1
+}

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coordflow/coordflow/coordinator"
+)
+
+// TestCLI runs the CLI commands against a real single-node coordinator.
+func TestCLI(t *testing.T) {
+	cfg := coordinator.DefaultConfig()
+	cfg.ID, cfg.DataDir, cfg.BootstrapExpect = "c1", t.TempDir(), 1
+	cfg.RaftAddr, cfg.RPCAddr, cfg.HTTPAddr, cfg.GossipAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Operators = []string{"wordcount"}
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	srv, err := coordinator.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Error(err)
+		}
+	})
+	for deadline := time.Now().Add(10 * time.Second); !srv.IsLeader(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("single coordinator did not become leader")
+		}
+	}
+	t.Setenv("COORD_ADDR", srv.HTTPAddr())
+
+	cli := func(args ...string) (code int, stdout, stderr string) {
+		var out, errOut bytes.Buffer
+		code = run(args, &out, &errOut)
+		return code, out.String(), errOut.String()
+	}
+	spec := filepath.Join(t.TempDir(), "job.json")
+	if err := os.WriteFile(spec, []byte(`{"name": "wc", "source": {"brokers": ["127.0.0.1:9092"], "topic": "words", "parallelism": 1},
+		"operator": {"name": "wordcount", "parallelism": 1}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	code, id, stderr := cli("job", "run", spec)
+	id = strings.TrimSpace(id)
+	if code != 0 || !strings.HasPrefix(id, "wc-") || strings.Contains(id, "\n") {
+		t.Fatalf("job run = %d %q %q, want 0 and the job id alone", code, id, stderr)
+	}
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"job", "list"}, []string{"ID", "STATUS", id}},
+		{[]string{"job", "status", id}, []string{`"id": "` + id + `"`, `"last_checkpoint": null`}},
+		{[]string{"job", "checkpoints", "-addr", "http://" + srv.HTTPAddr(), id}, []string{"ID", "TRIGGERED"}},
+		{[]string{"members"}, []string{"c1", "coordinator", "alive", "raft="}},
+		{[]string{"raft", "peers"}, []string{"c1", "voter", "*"}},
+		{[]string{"job", "cancel", id}, []string{"cancelled"}},
+	} {
+		code, out, stderr := cli(tc.args...)
+		if code != 0 {
+			t.Errorf("%v = %d, stderr %q", tc.args, code, stderr)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%v printed %q, want %q in it", tc.args, out, w)
+			}
+		}
+	}
+
+	for _, tc := range []struct {
+		args   []string
+		code   int
+		stderr string
+	}{
+		{[]string{"job", "state", id}, 1, "no completed checkpoint"},
+		{[]string{"job", "cancel", id}, 1, "already cancelled"},
+		{[]string{"job", "status", "nope"}, 1, `no job "nope"`},
+		{[]string{"job", "status"}, 2, "want 1 argument"},
+		{[]string{"job", "frob"}, 2, "unknown command"},
+		{[]string{"frob"}, 2, "unknown command"},
+		{[]string{"agent", "-id", "c9"}, 2, "-data-dir are required"},
+	} {
+		code, _, stderr := cli(tc.args...)
+		if code != tc.code || !strings.Contains(stderr, tc.stderr) {
+			t.Errorf("%v = %d %q, want %d and %q", tc.args, code, stderr, tc.code, tc.stderr)
+		}
+	}
+}

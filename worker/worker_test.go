@@ -1,0 +1,446 @@
+package worker
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/IBM/sarama"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+func sourceDeploy(job string, attempt uint64, index int32, op string, brokers []string, topic string, parts []int32, refs []*transport.MapTaskRef) *transport.DeployTask {
+	return &transport.DeployTask{
+		Task: ref(job, attempt, fmt.Sprintf("source-%d", index)), Kind: transport.TaskKind_TASK_KIND_SOURCE, Index: index,
+		JobName: job, Operator: op, MaxParallelism: 128, MapTasks: refs,
+		Source: &transport.SourceSpec{Brokers: brokers, Topic: topic, Partitions: parts, Start: "earliest"},
+	}
+}
+
+// checkpointUntil triggers checkpoints 1, 2, ... on the sources until one
+// acks offsets equal to want (every record consumed), waits for every task's
+// ack of it and returns its id and the acks by task id. check, if not nil,
+// sees every checkpoint's acks and the offsets they cover.
+func checkpointUntil(t *testing.T, f *fakeCoord, sources map[string]*transport.TaskRef, mapTasks []*transport.TaskRef, want map[int32]int64,
+	check func(id uint64, offsets map[int32]int64, acks map[string]*transport.CheckpointAck)) (uint64, map[string]*transport.CheckpointAck) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for id := uint64(1); ; id++ {
+		acks := map[string]*transport.CheckpointAck{}
+		got := map[int32]int64{}
+		for worker, r := range sources {
+			f.trigger(t, worker, r, id)
+		}
+		for _, r := range sources {
+			a := f.awaitAck(t, r, id)
+			acks[r.GetTaskId()] = a
+			maps.Copy(got, a.GetState().GetOffsets())
+		}
+		for _, r := range mapTasks {
+			acks[r.GetTaskId()] = f.awaitAck(t, r, id)
+		}
+		if check != nil {
+			check(id, got, acks)
+		}
+		if reflect.DeepEqual(got, want) {
+			return id, acks
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("checkpoint %d acked offsets %v, want %v", id, got, want)
+		}
+	}
+}
+
+// TestSourceToMapEndToEnd runs a wordcount job over kfake on two workers:
+// two sources and two map tasks, so that every source has one in-process and
+// one gRPC channel. Checkpoints are taken while records flow; each one must
+// hold exactly the fold of the records below its offsets (invariant 1), each
+// map task only its own key groups. Completing one commits its offsets to
+// Kafka.
+func TestSourceToMapEndToEnd(t *testing.T) {
+	const n, parts = 4000, 4
+	brokers := newKafka(t, map[string]int32{"words": parts})
+	var recs []record
+	for i := 0; i < n; i++ {
+		line := fmt.Sprintf("the quick fox %d jumps over the dog %d", i%7, i%13)
+		recs = append(recs, record{partition: int32(i % parts), value: line})
+	}
+	// Record i is at offset i/parts of partition i%parts.
+	fold := func(offsets map[int32]int64) map[string]int64 {
+		state := map[string]int64{}
+		for i, r := range recs {
+			if int64(i/parts) < offsets[r.partition] {
+				for _, w := range strings.Fields(r.value) {
+					state[w]++
+				}
+			}
+		}
+		return state
+	}
+	produce(t, brokers, "words", recs)
+
+	f := newFakeCoord(t, true, "")
+	w1 := startWorker(t, "w1", f, nil)
+	w2 := startWorker(t, "w2", f, nil)
+	refs := mapRefs(128, w1, w2)
+	m0, m1 := ref("wc", 1, "map-0"), ref("wc", 1, "map-1")
+	f.deploy(t, "w1", mapDeploy("wc", 1, operator.WordCount, 2, 128, refs, 0))
+	f.deploy(t, "w2", mapDeploy("wc", 1, operator.WordCount, 2, 128, refs, 1))
+	s0 := sourceDeploy("wc", 1, 0, operator.WordCount, brokers, "words", []int32{0, 2}, refs)
+	s1 := sourceDeploy("wc", 1, 1, operator.WordCount, brokers, "words", []int32{1, 3}, refs)
+	s0.Source.Group = "wc-group"
+	s1.Source.Group = "wc-group"
+	f.deploy(t, "w1", s0)
+	f.deploy(t, "w2", s1)
+	for _, r := range []*transport.TaskRef{m0, m1, s0.Task, s1.Task} {
+		f.awaitStatus(t, r, transport.TaskPhase_TASK_PHASE_RUNNING)
+	}
+
+	end := map[int32]int64{0: n / parts, 1: n / parts, 2: n / parts, 3: n / parts}
+	partial := 0
+	check := func(id uint64, offsets map[int32]int64, acks map[string]*transport.CheckpointAck) {
+		got := map[string]int64{}
+		for i, r := range []*transport.TaskRef{m0, m1} {
+			vals, groups := decodeKeyed(t, acks[r.GetTaskId()].GetState())
+			for k, kg := range groups {
+				if kg < refs[i].GetKeyGroupStart() || kg >= refs[i].GetKeyGroupEnd() {
+					t.Fatalf("%s holds key %q of key group %d outside its range", r.GetTaskId(), k, kg)
+				}
+				if kg != operator.KeyGroup(k, 128) {
+					t.Fatalf("key %q stored in key group %d, want %d", k, kg, operator.KeyGroup(k, 128))
+				}
+			}
+			maps.Copy(got, vals)
+		}
+		if want := fold(offsets); !reflect.DeepEqual(got, want) {
+			t.Fatalf("keyed state of checkpoint %d = %v, want the fold of the records below %v: %v", id, got, offsets, want)
+		}
+		if !reflect.DeepEqual(offsets, end) {
+			partial++
+		}
+	}
+	id, _ := checkpointUntil(t, f, map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task}, []*transport.TaskRef{m0, m1}, end, check)
+	t.Logf("checkpoint %d covers every record; %d checkpoints before it were taken mid-stream", id, partial)
+
+	// Completion commits the offsets under the job's group (monitoring only).
+	for w, r := range map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task} {
+		f.send(t, w, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
+			Task: r, CheckpointId: id, Offsets: end,
+		}}})
+	}
+	waitFor(t, "offsets committed to Kafka", func() bool {
+		return reflect.DeepEqual(committedOffsets(t, brokers, "wc-group", "words", 4), end)
+	})
+}
+
+// committedOffsets fetches the group's committed offsets of topic.
+func committedOffsets(t *testing.T, brokers []string, group, topic string, parts int32) map[int32]int64 {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V2_8_0_0
+	client, err := sarama.NewClient(brokers, cfg)
+	if err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	defer client.Close()
+	coord, err := client.Coordinator(group)
+	if err != nil {
+		return nil
+	}
+	req := &sarama.OffsetFetchRequest{Version: 1, ConsumerGroup: group}
+	for p := int32(0); p < parts; p++ {
+		req.AddPartition(topic, p)
+	}
+	resp, err := coord.FetchOffset(req)
+	if err != nil {
+		return nil
+	}
+	out := map[int32]int64{}
+	for p := int32(0); p < parts; p++ {
+		if b := resp.GetBlock(topic, p); b != nil && b.Err == sarama.ErrNoError && b.Offset >= 0 {
+			out[p] = b.Offset
+		}
+	}
+	return out
+}
+
+// TestSumSkipsMalformedAndSinks runs sum with malformed values: they are
+// skipped and counted, the state holds the sum of the rest, and every update
+// reached the sink before the checkpoint was acked.
+func TestSumSkipsMalformedAndSinks(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"nums": 2, "sums": 1})
+	produce(t, brokers, "nums", []record{
+		{0, "a", "1"}, {0, "a", "x"}, {0, "b", " 10 "}, {1, "a", "2"}, {1, "b", "1.5"}, {1, "b", "5"}, {1, "", "7"},
+	})
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	refs := mapRefs(128, w)
+	md := mapDeploy("sum", 1, operator.Sum, 1, 128, refs, 0)
+	md.Sink = &transport.SinkSpec{Brokers: brokers, Topic: "sums"}
+	f.deploy(t, "w1", md)
+	sd := sourceDeploy("sum", 1, 0, operator.Sum, brokers, "nums", []int32{0, 1}, refs)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	_, acks := checkpointUntil(t, f, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 3, 1: 4}, nil)
+	got, _ := decodeKeyed(t, acks["map-0"].GetState())
+	if want := map[string]int64{"a": 3, "b": 15, "": 7}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("sums = %v, want %v", got, want)
+	}
+	if n := metricValue(t, w.Gatherer(), "coordflow_records_skipped_total", map[string]string{"job": "sum", "operator": operator.Sum}); n != 2 {
+		t.Fatalf("skipped records = %v, want 2", n)
+	}
+	// The sink holds one record per applied item, acknowledged before the ack.
+	sunk := readTopic(t, brokers, "sums", 0)
+	last := map[string]string{}
+	for _, m := range sunk {
+		last[string(m.Key)] = string(m.Value)
+	}
+	if len(sunk) != 5 || !reflect.DeepEqual(last, map[string]string{"a": "3", "b": "15", "": "7"}) {
+		t.Fatalf("sink has %d records ending in %v, want 5 ending in a=3 b=15 \"\"=7", len(sunk), last)
+	}
+}
+
+// readTopic reads what one partition of topic holds now.
+func readTopic(t *testing.T, brokers []string, topic string, p int32) []*sarama.ConsumerMessage {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V2_8_0_0
+	client, err := sarama.NewClient(brokers, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	end, err := client.GetOffset(topic, p, sarama.OffsetNewest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumer, err := sarama.NewConsumerFromClient(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer consumer.Close()
+	pc, err := consumer.ConsumePartition(topic, p, sarama.OffsetOldest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	var out []*sarama.ConsumerMessage
+	for int64(len(out)) < end {
+		select {
+		case m := <-pc.Messages():
+			out = append(out, m)
+		case <-time.After(waitTimeout):
+			t.Fatalf("read %s/%d: got %d of %d records", topic, p, len(out), end)
+		}
+	}
+	return out
+}
+
+// TestSourceMissingTopic fails the source with a reason that names the topic.
+func TestSourceMissingTopic(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "nope", []int32{0}, mapRefs(128, w))
+	f.deploy(t, "w1", sd)
+	if reason := f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, `source topic "nope" does not exist`) {
+		t.Fatalf("failure reason %q does not say the topic is missing", reason)
+	}
+	// So does a source whose brokers cannot be reached, within the timeouts.
+	unreachable := sourceDeploy("j3", 1, 0, operator.WordCount, []string{"127.0.0.1:1"}, "words", []int32{0}, mapRefs(128, w))
+	f.deploy(t, "w1", unreachable)
+	if reason := f.awaitStatus(t, unreachable.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, "source: cannot reach brokers [127.0.0.1:1]") {
+		t.Fatalf("failure reason %q does not say the brokers are unreachable", reason)
+	}
+	// An unknown operator fails too, without touching Kafka.
+	bad := sourceDeploy("j2", 1, 0, "nosuchop", brokers, "words", []int32{0}, mapRefs(128, w))
+	f.deploy(t, "w1", bad)
+	if reason := f.awaitStatus(t, bad.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, `unknown operator "nosuchop"`) {
+		t.Fatalf("failure reason %q does not name the operator", reason)
+	}
+}
+
+// openChannel opens a data channel to addr with header and reports the
+// status it ended with, or codes.OK when the server accepted it.
+func openChannel(t *testing.T, addr string, h *transport.ChannelHeader) codes.Code {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	out, err := openRemote(context.Background(), transport.NewDataClient(conn), h, waitTimeout)
+	if err != nil {
+		return status.Code(err)
+	}
+	out.close()
+	return codes.OK
+}
+
+// TestFencing: a deploy of attempt 2 stops attempt 1's tasks; a late deploy
+// of attempt 1 is ignored; data channels of attempt 1 are rejected.
+func TestFencing(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelAcceptWait = 200 * time.Millisecond })
+	refs := mapRefs(128, w)
+	old := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+	f.deploy(t, "w1", old)
+	f.awaitStatus(t, old.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	hdr := func(attempt uint64, task string) *transport.ChannelHeader {
+		return &transport.ChannelHeader{JobId: "job", Attempt: attempt, SourceIndex: 0, MapTaskId: task}
+	}
+
+	cur := mapDeploy("job", 2, operator.Count, 1, 128, refs, 0)
+	f.deploy(t, "w1", cur)
+	if reason := f.awaitStatus(t, old.Task, transport.TaskPhase_TASK_PHASE_CANCELLED); !strings.Contains(reason, "superseded by attempt 2") {
+		t.Fatalf("attempt 1 cancelled with reason %q", reason)
+	}
+	f.awaitStatus(t, cur.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	// Deploys are handled in order: once the answer to the cancel below is
+	// in, the stale deploy before it has been handled, and ignored.
+	f.deploy(t, "w1", old)
+	marker := ref("job", 2, "no-such-task")
+	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: marker}}})
+	f.awaitStatus(t, marker, transport.TaskPhase_TASK_PHASE_CANCELLED)
+	deploying := 0
+	for _, r := range f.messages() {
+		if st := r.msg.GetStatus(); st != nil && sameTask(st.GetTask(), old.Task) && st.GetPhase() == transport.TaskPhase_TASK_PHASE_DEPLOYING {
+			deploying++
+		}
+	}
+	if deploying != 1 {
+		t.Fatalf("attempt 1 reported DEPLOYING %d times, want once: the stale deploy must be ignored", deploying)
+	}
+
+	if c := openChannel(t, w.DataAddr(), hdr(1, "map-0")); c != codes.FailedPrecondition {
+		t.Fatalf("channel of stale attempt 1: %v, want FailedPrecondition", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr(3, "map-0")); c != codes.NotFound {
+		t.Fatalf("channel of attempt 3 that is not deployed: %v, want NotFound", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr(2, "map-0")); c != codes.OK {
+		t.Fatalf("channel of current attempt 2: %v, want accepted", c)
+	}
+	if c := openChannel(t, w.DataAddr(), &transport.ChannelHeader{JobId: "job", Attempt: 2, SourceIndex: 5, MapTaskId: "map-0"}); c != codes.FailedPrecondition {
+		t.Fatalf("channel of source index 5 of 1: %v, want FailedPrecondition", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr(2, "map-9")); c != codes.NotFound {
+		t.Fatalf("channel of an unknown map task: %v, want NotFound", c)
+	}
+}
+
+// TestSlots fails a deploy beyond the worker's slots with a reason.
+func TestSlots(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.Slots = 1 })
+	refs := mapRefs(128, w)
+	first := mapDeploy("j1", 1, operator.Count, 1, 128, refs, 0)
+	f.deploy(t, "w1", first)
+	f.awaitStatus(t, first.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	second := mapDeploy("j2", 1, operator.Count, 1, 128, refs, 0)
+	f.deploy(t, "w1", second)
+	if reason := f.awaitStatus(t, second.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, "no free slot") {
+		t.Fatalf("reason %q does not say the slots are full", reason)
+	}
+	// Cancelling the first frees its slot.
+	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: first.Task, Reason: "test"}}})
+	if reason := f.awaitStatus(t, first.Task, transport.TaskPhase_TASK_PHASE_CANCELLED); reason != "cancelled by leader: test" {
+		t.Fatalf("cancel reason %q", reason)
+	}
+	third := mapDeploy("j3", 1, operator.Count, 1, 128, refs, 0)
+	f.deploy(t, "w1", third)
+	f.awaitStatus(t, third.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+}
+
+// TestLeaseExpiry: when the leader goes silent, the worker stops its tasks
+// after the lease and tells the leader once it is back.
+func TestLeaseExpiry(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	f.leaseMs, f.hbMs = 400, 50
+	w := startWorker(t, "w1", f, nil)
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	f.silent.Store(true)
+	reason := f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_CANCELLED)
+	if !strings.Contains(reason, "lease expired") {
+		t.Fatalf("cancel reason %q does not mention the lease", reason)
+	}
+	if n := metricValue(t, w.Gatherer(), "coordflow_worker_lease_expiries_total", nil); n < 1 {
+		t.Fatalf("lease expiries = %v, want at least 1", n)
+	}
+}
+
+// TestRedirect: a follower's NotLeader sends the worker to the leader, and
+// the worker's Hello reports its running tasks.
+func TestRedirect(t *testing.T) {
+	leader := newFakeCoord(t, false, "")
+	follower := newFakeCoord(t, true, leader.rpcAddr)
+	startWorker(t, "w1", follower, nil)
+	leader.awaitSession(t, "w1")
+	hello := leader.await(t, "hello", func(r received) bool { return r.msg.GetHello() != nil }).GetHello()
+	if hello.GetWorkerId() != "w1" || hello.GetSlots() != 4 || hello.GetDataAddr() == "" {
+		t.Fatalf("hello = %v", hello)
+	}
+}
+
+// TestReconnectKeepsTasks: when the leader ends the session (it stepped
+// down), the worker keeps its tasks, reconnects and lists them in Hello.
+func TestReconnectKeepsTasks(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	f.kick("w1")
+	hello := f.await(t, "a second hello", func(r received) bool {
+		return r.msg.GetHello() != nil && len(r.msg.GetHello().GetRunning()) > 0
+	}).GetHello()
+	if len(hello.GetRunning()) != 1 || !sameTask(hello.GetRunning()[0].GetTask(), d.Task) || hello.GetRunning()[0].GetPhase() != transport.TaskPhase_TASK_PHASE_RUNNING {
+		t.Fatalf("hello after reconnect lists %v, want the running map task", hello.GetRunning())
+	}
+	for _, r := range f.messages() {
+		if st := r.msg.GetStatus(); st != nil && isTerminal(st.GetPhase()) {
+			t.Fatalf("task ended on reconnect: %v", st)
+		}
+	}
+}
+
+// TestShutdownReportsCancelled: a stopping worker cancels its tasks and
+// reports it before its session closes; its metrics were served meanwhile.
+func TestShutdownReportsCancelled(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w, stop := startStoppableWorker(t, "w1", f, func(c *Config) { c.MetricsAddr = "127.0.0.1:0" })
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	resp, err := http.Get("http://" + w.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatalf("get metrics: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || !strings.Contains(string(body), "coordflow_worker_tasks 1") {
+		t.Fatalf("metrics page (err %v) does not show one task:\n%s", err, body)
+	}
+
+	stop()
+	if reason := f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_CANCELLED); reason != "worker shutting down" {
+		t.Fatalf("cancel reason %q", reason)
+	}
+}
