@@ -223,7 +223,7 @@ func TestFollowerRestartRejoins(t *testing.T) {
 
 	restarted := startServer(t, restartConfig(stopped, leader.GossipAddr()))
 	servers[i] = restarted
-	if restarted.raftHadState == false {
+	if !restarted.raftHadState {
 		t.Errorf("restarted %s found no raft state in %s", restarted.ID(), restarted.cfg.DataDir)
 	}
 	if got := waitForLeader(t, servers...); got == restarted {

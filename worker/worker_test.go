@@ -29,15 +29,15 @@ func sourceDeploy(job string, attempt uint64, index int32, op string, brokers []
 	}
 }
 
-// checkpointUntil triggers checkpoints 1, 2, ... on the sources until one
+// checkpointUntil triggers checkpoints first, first+1, ... on the sources until one
 // acks offsets equal to want (every record consumed), waits for every task's
 // ack of it and returns its id and the acks by task id. check, if not nil,
 // sees every checkpoint's acks and the offsets they cover.
-func checkpointUntil(t *testing.T, f *fakeCoord, sources map[string]*transport.TaskRef, mapTasks []*transport.TaskRef, want map[int32]int64,
+func checkpointUntil(t *testing.T, f *fakeCoord, first uint64, sources map[string]*transport.TaskRef, mapTasks []*transport.TaskRef, want map[int32]int64,
 	check func(id uint64, offsets map[int32]int64, acks map[string]*transport.CheckpointAck)) (uint64, map[string]*transport.CheckpointAck) {
 	t.Helper()
 	deadline := time.Now().Add(waitTimeout)
-	for id := uint64(1); ; id++ {
+	for id := first; ; id++ {
 		acks := map[string]*transport.CheckpointAck{}
 		got := map[int32]int64{}
 		for worker, r := range sources {
@@ -109,29 +109,37 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 	}
 
 	end := map[int32]int64{0: n / parts, 1: n / parts, 2: n / parts, 3: n / parts}
+	var restoreFrom map[string]*transport.CheckpointAck // a checkpoint taken mid-stream, if any
+	var restoreID uint64
 	partial := 0
-	check := func(id uint64, offsets map[int32]int64, acks map[string]*transport.CheckpointAck) {
-		got := map[string]int64{}
-		for i, r := range []*transport.TaskRef{m0, m1} {
-			vals, groups := decodeKeyed(t, acks[r.GetTaskId()].GetState())
-			for k, kg := range groups {
-				if kg < refs[i].GetKeyGroupStart() || kg >= refs[i].GetKeyGroupEnd() {
-					t.Fatalf("%s holds key %q of key group %d outside its range", r.GetTaskId(), k, kg)
+	// verify checks invariant 1 and key-group ownership on every checkpoint.
+	verify := func(refs []*transport.MapTaskRef) func(uint64, map[int32]int64, map[string]*transport.CheckpointAck) {
+		return func(id uint64, offsets map[int32]int64, acks map[string]*transport.CheckpointAck) {
+			got := map[string]int64{}
+			for _, mr := range refs {
+				vals, groups := decodeKeyed(t, acks[mr.GetTaskId()].GetState())
+				for k, kg := range groups {
+					if kg < mr.GetKeyGroupStart() || kg >= mr.GetKeyGroupEnd() {
+						t.Fatalf("%s holds key %q of key group %d outside its range", mr.GetTaskId(), k, kg)
+					}
+					if kg != operator.KeyGroup(k, 128) {
+						t.Fatalf("key %q stored in key group %d, want %d", k, kg, operator.KeyGroup(k, 128))
+					}
 				}
-				if kg != operator.KeyGroup(k, 128) {
-					t.Fatalf("key %q stored in key group %d, want %d", k, kg, operator.KeyGroup(k, 128))
+				maps.Copy(got, vals)
+			}
+			if want := fold(offsets); !reflect.DeepEqual(got, want) {
+				t.Fatalf("keyed state of checkpoint %d = %v, want the fold of the records below %v: %v", id, got, offsets, want)
+			}
+			if !reflect.DeepEqual(offsets, end) {
+				partial++
+				if restoreFrom == nil && len(got) > 0 {
+					restoreFrom, restoreID = acks, id
 				}
 			}
-			maps.Copy(got, vals)
-		}
-		if want := fold(offsets); !reflect.DeepEqual(got, want) {
-			t.Fatalf("keyed state of checkpoint %d = %v, want the fold of the records below %v: %v", id, got, offsets, want)
-		}
-		if !reflect.DeepEqual(offsets, end) {
-			partial++
 		}
 	}
-	id, _ := checkpointUntil(t, f, map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task}, []*transport.TaskRef{m0, m1}, end, check)
+	id, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task}, []*transport.TaskRef{m0, m1}, end, verify(refs))
 	t.Logf("checkpoint %d covers every record; %d checkpoints before it were taken mid-stream", id, partial)
 
 	// Completion commits the offsets under the job's group (monitoring only).
@@ -143,6 +151,41 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 	waitFor(t, "offsets committed to Kafka", func() bool {
 		return reflect.DeepEqual(committedOffsets(t, brokers, "wc-group", "words", 4), end)
 	})
+
+	// Attempt 2 restores a mid-stream checkpoint (the last one if none was)
+	// with three map tasks instead of two, and must end with every record
+	// counted exactly once.
+	if restoreFrom == nil {
+		restoreFrom, restoreID = acks, id
+	}
+	var blobs []*transport.KeyedBlob
+	for _, r := range []*transport.TaskRef{m0, m1} {
+		st := restoreFrom[r.GetTaskId()].GetState()
+		blobs = append(blobs, &transport.KeyedBlob{TaskId: r.GetTaskId(), Data: st.GetKeyed(), Sha256: st.GetKeyedSha256()})
+	}
+	refs2 := mapRefs(128, w1, w2, w1)
+	var maps2 []*transport.TaskRef
+	for i, mr := range refs2 {
+		d := mapDeploy("wc", 2, operator.WordCount, 2, 128, refs2, i)
+		d.RestoreCheckpointId, d.RestoreKeyed = restoreID, blobs
+		f.deploy(t, mr.GetWorkerId(), d)
+		maps2 = append(maps2, d.Task)
+	}
+	sources2 := map[string]*transport.TaskRef{}
+	for i, w := range []string{"w1", "w2"} {
+		d := sourceDeploy("wc", 2, int32(i), operator.WordCount, brokers, "words", []int32{int32(i), int32(i + 2)}, refs2)
+		d.RestoreCheckpointId = restoreID
+		d.RestoreOffsets = restoreFrom["source-"+fmt.Sprint(i)].GetState().GetOffsets()
+		f.deploy(t, w, d)
+		sources2[w] = d.Task
+	}
+	for _, r := range []*transport.TaskRef{m0, m1, s0.Task, s1.Task} {
+		if reason := f.awaitStatus(t, r, transport.TaskPhase_TASK_PHASE_CANCELLED); !strings.Contains(reason, "superseded by attempt 2") {
+			t.Fatalf("attempt 1 task %s cancelled with reason %q", r.GetTaskId(), reason)
+		}
+	}
+	id2, _ := checkpointUntil(t, f, id+1, sources2, maps2, end, verify(refs2))
+	t.Logf("attempt 2 restored checkpoint %d (source-0 at %v) and reached every record at checkpoint %d", restoreID, restoreFrom["source-0"].GetState().GetOffsets(), id2)
 }
 
 // committedOffsets fetches the group's committed offsets of topic.
@@ -194,7 +237,7 @@ func TestSumSkipsMalformedAndSinks(t *testing.T) {
 	f.deploy(t, "w1", sd)
 	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
 
-	_, acks := checkpointUntil(t, f, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 3, 1: 4}, nil)
+	_, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 3, 1: 4}, nil)
 	got, _ := decodeKeyed(t, acks["map-0"].GetState())
 	if want := map[string]int64{"a": 3, "b": 15, "": 7}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("sums = %v, want %v", got, want)

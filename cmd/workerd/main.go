@@ -50,6 +50,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -62,7 +63,9 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:]); err != nil {
+	if err := run(os.Args[1:]); errors.Is(err, flag.ErrHelp) {
+		os.Exit(2) // the usage is printed already
+	} else if err != nil {
 		fmt.Fprintln(os.Stderr, "workerd:", err)
 		os.Exit(1)
 	}
