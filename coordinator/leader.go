@@ -128,20 +128,9 @@ func (sessionClosed) leaderEvent()    {}
 func (workerMessage) leaderEvent()    {}
 func (partitionsResult) leaderEvent() {}
 
-// activeLeaders maps each Server to the leader of its current term, so that
-// sessions accepted by the Control service find it. It is keyed by Server so
-// that several coordinators can run in one process.
-var activeLeaders sync.Map // *Server -> *leader
-
 // currentLeader returns the leader state of this node's current term, or nil
 // when this node is not running as leader.
-func (s *Server) currentLeader() *leader {
-	l, ok := activeLeaders.Load(s)
-	if !ok {
-		return nil
-	}
-	return l.(*leader)
-}
+func (s *Server) currentLeader() *leader { return s.leader.Load() }
 
 // runLeader runs every leader-only loop (scheduler, checkpoint coordinators,
 // worker sessions) until ctx is cancelled on loss of leadership. C1 calls it
@@ -150,8 +139,8 @@ func (s *Server) currentLeader() *leader {
 // the term ends with it, so that workers reconnect to the next leader.
 func (s *Server) runLeader(ctx context.Context) {
 	l := newLeader(ctx, serverEnv(s), s.cfg, s.logger, s.metrics)
-	activeLeaders.Store(s, l)
-	defer activeLeaders.CompareAndDelete(s, l)
+	s.leader.Store(l)
+	defer s.leader.CompareAndSwap(l, nil)
 	l.run()
 }
 

@@ -171,6 +171,10 @@ type Server struct {
 	members *memberlist.Memberlist
 	metrics *metrics
 
+	// leader is the state of this node's current term of leadership, nil
+	// when it is not leader; sessions accepted by the Control service find it here.
+	leader atomic.Pointer[leader]
+
 	// ctx is cancelled first in Shutdown; every background goroutine is
 	// derived from it and counted in wg.
 	ctx    context.Context
