@@ -1,0 +1,95 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncBuffer is an io.Writer whose contents can be read while dev writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestDev runs `coordd dev` on free ports and checks that the sample job
+// reads records and completes checkpoints whose state counts them, and that
+// the whole cluster stops when its context ends.
+func TestDev(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a whole cluster")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	out := &syncBuffer{}
+	var api, jobID string
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out,
+			ready: func(a, id string) { api, jobID = a, id; close(ready) }})
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("dev stopped before the sample job ran: %v\n%s", err, out.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("sample job not submitted within 60s\n%s", out.String())
+	}
+
+	// Wait for a checkpoint whose state has read records and counted words:
+	// every sample line has at least one word, so the counts must add up to
+	// at least the number of records read.
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var state struct {
+			CheckpointID uint64           `json:"checkpoint_id"`
+			Offsets      map[string]int64 `json:"offsets"`
+			Keyed        map[string]int64 `json:"keyed"`
+		}
+		err := getJSON(ctx, api+"/v1/jobs/"+jobID+"/state", &state)
+		if err == nil {
+			var records, words int64
+			for _, o := range state.Offsets {
+				records += o
+			}
+			for _, n := range state.Keyed {
+				words += n
+			}
+			if records > 0 && words >= records && len(state.Offsets) == 4 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no checkpoint with counted records within 90s (last error: %v)\n%s", err, out.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("dev returned %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("dev did not stop within 60s of its context ending")
+	}
+	if !strings.Contains(out.String(), "checkpoint") {
+		t.Errorf("dev printed no checkpoint progress:\n%s", out.String())
+	}
+}
