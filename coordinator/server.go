@@ -140,6 +140,10 @@ func (c Config) validate() error {
 	return nil
 }
 
+// maxControlMessage bounds one control-session message (an ack with state, a
+// deployment with restore blobs). Larger state belongs in checkpoint storage.
+const maxControlMessage = 256 << 20
+
 // Member is one member of the gossip pool as coordd sees it.
 type Member struct {
 	ID         string `json:"id"`
@@ -252,6 +256,10 @@ func NewServer(cfg Config) (_ *Server, err error) {
 	}
 	s.rpcAddr = rpcLis.Addr().String()
 	s.grpc = grpc.NewServer(
+		// Acks carry a map task's keyed state and deployments carry every
+		// blob of a checkpoint: both can exceed gRPC's 4 MiB default.
+		grpc.MaxRecvMsgSize(maxControlMessage),
+		grpc.MaxSendMsgSize(maxControlMessage),
 		// Find worker connections that died without a FIN, and let workers
 		// ping to keep their session's connection alive.
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
