@@ -278,8 +278,10 @@ func startCluster(t *testing.T, opts clusterOpts) *cluster {
 		opts.slots = 4
 	}
 	c := &cluster{dir: t.TempDir(), opts: opts, client: &http.Client{Timeout: httpTimeout}}
-	// Cleanups run last-registered first: processes are killed, then logs printed.
+	// Cleanups run last-registered first: processes are killed, their logs
+	// checked for data races, then printed if the test failed.
 	t.Cleanup(func() { c.printLogsIfFailed(t) })
+	t.Cleanup(func() { c.checkLogsForRaces(t) })
 	t.Cleanup(c.killAll)
 
 	c.startBroker(t)
@@ -310,6 +312,32 @@ func (c *cluster) killAll() {
 	}
 }
 
+// checkLogsForRaces fails the test if a process built with -race
+// (COORDFLOW_IT_RACE=1) reported a data race: the harness kills processes
+// with SIGKILL, so the race detector's exit status is never seen.
+func (c *cluster) checkLogsForRaces(t *testing.T) {
+	for _, path := range c.logFiles() {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		if i := bytes.Index(b, []byte("WARNING: DATA RACE")); i >= 0 {
+			t.Errorf("%s reported a data race:\n%s", filepath.Base(path), truncate(string(b[i:]), 4000))
+		}
+	}
+}
+
+// logFiles returns the log file of every process started, once each.
+func (c *cluster) logFiles() []string {
+	var paths []string
+	for _, p := range c.all {
+		if !slices.Contains(paths, p.logPath) {
+			paths = append(paths, p.logPath)
+		}
+	}
+	return paths
+}
+
 // printLogsIfFailed prints the tail of every process's log if the test
 // failed, and keeps the whole logs in a directory that outlives the test.
 func (c *cluster) printLogsIfFailed(t *testing.T) {
@@ -320,21 +348,16 @@ func (c *cluster) printLogsIfFailed(t *testing.T) {
 	if err := os.MkdirAll(keep, 0o755); err != nil {
 		keep = ""
 	}
-	seen := map[string]bool{}
-	for _, p := range c.all {
-		if seen[p.logPath] {
-			continue
-		}
-		seen[p.logPath] = true
-		b, err := os.ReadFile(p.logPath)
+	for _, path := range c.logFiles() {
+		b, err := os.ReadFile(path)
 		if err != nil {
-			t.Logf("log of %s: %v", p.name, err)
+			t.Logf("log %s: %v", path, err)
 			continue
 		}
 		if keep != "" {
-			_ = os.WriteFile(filepath.Join(keep, filepath.Base(p.logPath)), b, 0o644)
+			_ = os.WriteFile(filepath.Join(keep, filepath.Base(path)), b, 0o644)
 		}
-		t.Logf("---- last %d lines of %s ----\n%s", logTailLines, filepath.Base(p.logPath), tail(string(b), logTailLines))
+		t.Logf("---- last %d lines of %s ----\n%s", logTailLines, filepath.Base(path), tail(string(b), logTailLines))
 	}
 	if keep != "" {
 		t.Logf("whole logs kept in %s", keep)
@@ -1155,6 +1178,51 @@ func (recordPartitioner) RequiresConsistency() bool { return true }
 // record lands exactly once, and fails the test on any error.
 func produce(t *testing.T, brokers []string, topic string, recs []record) {
 	t.Helper()
+	if err := produceRecords(context.Background(), brokers, topic, recs, 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// produceInBackground produces recs in a goroutine at about perSecond records
+// a second, so that input keeps arriving while a scenario kills processes.
+// The returned wait blocks until all are produced and fails the test on an
+// error; the goroutine is stopped when the test ends in any case.
+func produceInBackground(t *testing.T, brokers []string, topic string, recs []record, perSecond int) (wait func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- produceRecords(ctx, brokers, topic, recs, perSecond) }()
+	var once sync.Once
+	var err error
+	finish := func(timeout time.Duration) error {
+		once.Do(func() {
+			select {
+			case err = <-done:
+			case <-time.After(timeout):
+				cancel()
+				err = fmt.Errorf("background producer to %s: not done after %v", topic, timeout)
+				<-done
+			}
+			cancel()
+		})
+		return err
+	}
+	t.Cleanup(func() { cancel(); _ = finish(stopTimeout) })
+	budget := 2 * time.Minute
+	if perSecond > 0 {
+		budget += time.Duration(len(recs)/perSecond) * time.Second
+	}
+	return func() {
+		t.Helper()
+		if err := finish(budget); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// produceRecords writes recs with an idempotent producer in chunks; with
+// perSecond > 0 it paces the chunks to about that rate.
+func produceRecords(ctx context.Context, brokers []string, topic string, recs []record, perSecond int) error {
 	cfg := saramaConfig()
 	cfg.Producer.RequiredAcks = sarama.WaitForAll
 	cfg.Producer.Idempotent = true
@@ -1167,12 +1235,27 @@ func produce(t *testing.T, brokers []string, topic string, recs []record) {
 	}
 	p, err := sarama.NewSyncProducer(brokers, cfg)
 	if err != nil {
-		t.Fatalf("produce to %s: new producer: %v", topic, err)
+		return fmt.Errorf("produce to %s: new producer: %w", topic, err)
 	}
 	defer p.Close()
-	const chunk = 20000
+	const tick = 50 * time.Millisecond
+	chunk := 20000
+	var pace <-chan time.Time
+	if perSecond > 0 {
+		chunk = max(1, perSecond*int(tick/time.Millisecond)/1000)
+		ticker := time.NewTicker(tick)
+		defer ticker.Stop()
+		pace = ticker.C
+	}
 	msgs := make([]*sarama.ProducerMessage, 0, chunk)
 	for start := 0; start < len(recs); start += chunk {
+		if pace != nil && start > 0 {
+			select {
+			case <-pace:
+			case <-ctx.Done():
+				return fmt.Errorf("produce to %s: stopped after %d of %d records: %w", topic, start, len(recs), ctx.Err())
+			}
+		}
 		msgs = msgs[:0]
 		for _, r := range recs[start:min(start+chunk, len(recs))] {
 			m := &sarama.ProducerMessage{Topic: topic, Partition: r.partition, Value: sarama.StringEncoder(r.value)}
@@ -1184,11 +1267,12 @@ func produce(t *testing.T, brokers []string, topic string, recs []record) {
 		if err := p.SendMessages(msgs); err != nil {
 			var perrs sarama.ProducerErrors
 			if errors.As(err, &perrs) && len(perrs) > 0 {
-				t.Fatalf("produce to %s: %d of %d records failed, first: %v", topic, len(perrs), len(msgs), perrs[0].Err)
+				return fmt.Errorf("produce to %s: %d of %d records failed, first: %w", topic, len(perrs), len(msgs), perrs[0].Err)
 			}
-			t.Fatalf("produce to %s: %v", topic, err)
+			return fmt.Errorf("produce to %s: %w", topic, err)
 		}
 	}
+	return nil
 }
 
 // topicEndOffsets returns the end offset (next offset to be written) of
@@ -1213,9 +1297,10 @@ func topicEndOffsets(t *testing.T, brokers []string, topic string) map[int32]int
 	return end
 }
 
-// sumOffsets adds up per-partition offsets: the record count of a topic
-// that starts at offset 0.
-func sumOffsets(m map[int32]int64) int64 {
+// sumOffsets adds up offsets by partition (topicEndOffsets) or by
+// "topic/partition" (job state): the record count below them, as every topic
+// here starts at offset 0.
+func sumOffsets[K comparable](m map[K]int64) int64 {
 	var n int64
 	for _, v := range m {
 		n += v

@@ -67,6 +67,7 @@ func TestBadJobSpecs(t *testing.T) {
 			case ae.status != http.StatusBadRequest:
 				t.Errorf("%s: %v, want status 400", tc.name, err)
 			default:
+				t.Logf("%s: 400 %q", tc.name, ae.message)
 				for _, w := range tc.words {
 					if !strings.Contains(strings.ToLower(ae.message), w) {
 						t.Errorf("%s: error %q does not name %q", tc.name, ae.message, w)
