@@ -84,19 +84,23 @@ func Result(resp any) (any, error) {
 	return resp, nil
 }
 
-// Jobs returns a copy of every job, sorted by id.
+// Jobs returns a copy of every job, sorted by id. The keyed-state blobs in
+// the copies are shared with the FSM, which never modifies a blob once
+// applied: callers must not modify them either. Sharing them keeps this read
+// cheap enough for the leader's reconcile loop, which calls it several times
+// a second.
 func (f *FSM) Jobs() []Job {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	jobs := make([]Job, 0, len(f.state.Jobs))
 	for _, j := range f.state.Jobs {
-		jobs = append(jobs, j.clone(false))
+		jobs = append(jobs, j.clone(true))
 	}
 	slices.SortFunc(jobs, func(a, b Job) int { return cmp.Compare(a.ID, b.ID) })
 	return jobs
 }
 
-// Job returns a copy of one job.
+// Job returns a copy of one job; its keyed-state blobs are shared, as in Jobs.
 func (f *FSM) Job(id string) (Job, bool) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
@@ -104,11 +108,11 @@ func (f *FSM) Job(id string) (Job, bool) {
 	if !ok {
 		return Job{}, false
 	}
-	return j.clone(false), true
+	return j.clone(true), true
 }
 
 // LastCompleted returns a copy of the newest completed checkpoint of a job,
-// the one a restart restores from.
+// the one a restart restores from; its keyed-state blobs are shared, as in Jobs.
 func (f *FSM) LastCompleted(jobID string) (Checkpoint, bool) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
@@ -116,7 +120,7 @@ func (f *FSM) LastCompleted(jobID string) (Checkpoint, bool) {
 	if !ok || len(j.Completed) == 0 {
 		return Checkpoint{}, false
 	}
-	return j.Completed[len(j.Completed)-1].clone(false), true
+	return j.Completed[len(j.Completed)-1].clone(true), true
 }
 
 // StateJSON returns the canonical JSON of the whole state (map keys sorted),
