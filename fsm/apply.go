@@ -73,6 +73,9 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 	if err := checkAssignment(j.Spec, c.Tasks); err != nil {
 		return fail(err)
 	}
+	if c.RestoreFrom != 0 && !slices.ContainsFunc(j.Completed, func(cp Checkpoint) bool { return cp.ID == c.RestoreFrom }) {
+		return fail(fmt.Errorf("%w: restore from checkpoint %d, which is not a retained completed checkpoint", ErrInvalidAssignment, c.RestoreFrom))
+	}
 	if j.Pending != nil {
 		j.abortPending("job restarted: "+c.Reason, c.Time)
 	}
@@ -81,6 +84,7 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 	}
 	j.Attempt = c.Attempt
 	j.Tasks = c.Tasks
+	j.RestoredFrom = c.RestoreFrom
 	j.Status = JobRunning
 	j.Reason = c.Reason
 	j.ConsecutiveAborts = 0
@@ -316,6 +320,12 @@ func checkState(t Task, st TaskState) error {
 		if len(st.Offsets) > 0 {
 			return fmt.Errorf("%w: map state has offsets", ErrIncompleteStates)
 		}
+		if len(st.Keyed) > MaxInlineStateBytes {
+			return fmt.Errorf("%w: %d bytes of keyed state exceed the inline limit of %d bytes per task", ErrStateTooLarge, len(st.Keyed), MaxInlineStateBytes)
+		}
+		if st.KeyGroups != nil && (t.KeyGroups == nil || *st.KeyGroups != *t.KeyGroups) {
+			return fmt.Errorf("%w: state covers key groups %v, task owns %v", ErrIncompleteStates, *st.KeyGroups, t.KeyGroups)
+		}
 		want, err := hex.DecodeString(st.KeyedSHA256)
 		if err != nil || len(want) != sha256.Size {
 			return fmt.Errorf("%w: keyed_sha256 %q is not a SHA-256 in hex", ErrIncompleteStates, st.KeyedSHA256)
@@ -339,7 +349,9 @@ func (s *State) applyCheckpointAborted(c *CheckpointAbortedCmd) error {
 		return fail(err)
 	}
 	j.abortPending(c.Reason, c.Time)
-	j.ConsecutiveAborts++
+	if !c.NotCounted {
+		j.ConsecutiveAborts++
+	}
 	j.UpdatedAt = c.Time
 	return nil
 }

@@ -45,6 +45,9 @@ var (
 	// ErrStateChecksum: a map task's keyed state does not match its SHA-256.
 	// It wraps ErrIncompleteStates, so either sentinel matches.
 	ErrStateChecksum = fmt.Errorf("%w: keyed state checksum mismatch", ErrIncompleteStates)
+	// ErrStateTooLarge: a map task's keyed state exceeds MaxInlineStateBytes.
+	// It wraps ErrIncompleteStates: the checkpoint is the tasks' failure.
+	ErrStateTooLarge = fmt.Errorf("%w: keyed state too large", ErrIncompleteStates)
 	// ErrJobCancelled: any command for a job that was cancelled.
 	ErrJobCancelled = errors.New("job cancelled")
 	// ErrCorruptSnapshot: Restore read a snapshot it cannot decode or whose

@@ -162,6 +162,11 @@ type TaskState struct {
 	// Keyed (map tasks): the encoded transport.KeyedState and its SHA-256 (hex).
 	Keyed       []byte `json:"keyed,omitempty"`
 	KeyedSHA256 string `json:"keyed_sha256,omitempty"`
+	// KeyGroups (map tasks) is the range the state covers, the task's range
+	// in its attempt. It makes a checkpoint self-describing: a restore with
+	// another parallelism sends each new map task only the blobs that overlap
+	// its own range. Optional for entries written before it existed.
+	KeyGroups *KeyGroupRange `json:"key_groups,omitempty"`
 }
 
 // Checkpoint is one checkpoint of one job attempt.
@@ -197,7 +202,17 @@ type Job struct {
 	ConsecutiveAborts int `json:"consecutive_aborts"`
 	// Restarts counts attempts after the first.
 	Restarts int `json:"restarts"`
+	// RestoredFrom is the completed checkpoint the current attempt restored
+	// from (0: started fresh). Replicated so that a new leader knows which
+	// checkpoint a failing restore used and can fall back past it.
+	RestoredFrom uint64 `json:"restored_from,omitempty"`
 }
+
+// MaxInlineStateBytes bounds one map task's keyed state in a checkpoint.
+// State travels in the ack and is stored in the Raft log and snapshots, and a
+// restore sends it back in deployments: a checkpoint whose state could not be
+// restored within the control plane's message limit must never complete.
+const MaxInlineStateBytes = 64 << 20
 
 // MaxAbortedHistory bounds how many aborted checkpoints a job remembers.
 const MaxAbortedHistory = 20
@@ -217,6 +232,9 @@ type JobRestartedCmd struct {
 	Tasks   []Task `json:"tasks"`
 	Reason  string `json:"reason"`
 	Time    int64  `json:"time"`
+	// RestoreFrom is the completed checkpoint the new attempt restores from;
+	// 0 starts fresh. It must be one of the job's retained checkpoints.
+	RestoreFrom uint64 `json:"restore_from,omitempty"`
 }
 
 // JobStatusCmd sets a job's status and reason (pending, restarting, failing,
@@ -252,6 +270,9 @@ type CheckpointAbortedCmd struct {
 	CheckpointID uint64 `json:"checkpoint_id"`
 	Reason       string `json:"reason"`
 	Time         int64  `json:"time"`
+	// NotCounted marks an abort that is not the tasks' doing (a leader
+	// change, a Raft error): it does not count toward tolerable_failures.
+	NotCounted bool `json:"not_counted,omitempty"`
 }
 
 // JobCancelledCmd stops a job for good.
