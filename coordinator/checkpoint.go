@@ -211,6 +211,10 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time) {
 func (l *leader) onAck(worker string, ack *transport.CheckpointAck) {
 	ref := ack.GetTask()
 	js := l.jobs[ref.GetJobId()]
+	if js != nil && ref.GetAttempt() != js.attempt {
+		l.fenced(js, "ack", worker, ref, "checkpoint", ack.GetCheckpointId())
+		return
+	}
 	if js == nil || js.ckpt.pending == nil {
 		l.logger.Debug("dropping ack: no pending checkpoint", "job", ref.GetJobId(), "attempt", ref.GetAttempt(),
 			"checkpoint", ack.GetCheckpointId(), "task", ref.GetTaskId(), "worker", worker)
@@ -231,6 +235,10 @@ func (l *leader) onAck(worker string, ack *transport.CheckpointAck) {
 func (l *leader) onDecline(worker string, d *transport.CheckpointDecline) {
 	ref := d.GetTask()
 	js := l.jobs[ref.GetJobId()]
+	if js != nil && ref.GetAttempt() != js.attempt {
+		l.fenced(js, "decline", worker, ref, "checkpoint", d.GetCheckpointId())
+		return
+	}
 	if js == nil || js.ckpt.pending == nil {
 		return
 	}

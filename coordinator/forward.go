@@ -8,6 +8,8 @@ import (
 	"net/url"
 	"strconv"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // forwardedHeader marks a request a follower forwarded to the leader, with
@@ -46,6 +48,25 @@ func (s *Server) leaderOnly(h http.HandlerFunc) http.Handler {
 	})
 }
 
+// noLeaderError explains a write refused for want of a leader: this node's
+// Raft state and the quorum an election needs, so that an operator can tell
+// an election in progress from a lost majority.
+func (s *Server) noLeaderError() string {
+	voters := 0
+	if f := s.raft.GetConfiguration(); f.Error() == nil {
+		for _, srv := range f.Configuration().Servers {
+			if srv.Suffrage == raft.Voter {
+				voters++
+			}
+		}
+	}
+	if voters == 0 {
+		return fmt.Sprintf("no leader: coordinator %s is not part of a raft cluster yet (not bootstrapped, or not added by a leader)", s.cfg.ID)
+	}
+	return fmt.Sprintf("no leader: coordinator %s is %s in term %d and knows no raft leader; electing one needs a quorum of %d of the %d voters (coordd raft peers): if they are down, writes stay refused until enough of them are back",
+		s.cfg.ID, s.raft.State(), s.raft.CurrentTerm(), voters/2+1, voters)
+}
+
 // forwardToLeader proxies r to the leader's HTTP API: one hop only.
 func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 	if by := r.Header.Get(forwardedHeader); by != "" {
@@ -55,7 +76,7 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 	}
 	id, _, httpAddr := s.leaderInfo()
 	if id == "" {
-		writeError(w, http.StatusServiceUnavailable, "no leader")
+		writeError(w, http.StatusServiceUnavailable, s.noLeaderError())
 		return
 	}
 	if httpAddr == "" {

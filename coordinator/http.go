@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -41,6 +42,7 @@ func (s *Server) newHTTPServer() *http.Server {
 	mux.HandleFunc("GET /v1/jobs/{id}/checkpoints", s.handleCheckpoints)
 	mux.HandleFunc("GET /v1/jobs/{id}/state", s.handleState)
 	mux.HandleFunc("GET /v1/raft/peers", s.handleRaftPeers)
+	mux.Handle("DELETE /v1/raft/peers/{id}", s.leaderOnly(s.handleRemovePeer))
 	mux.HandleFunc("GET /v1/fsm/digest", s.handleDigest)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -403,6 +405,54 @@ func (s *Server) handleRaftPeers(w http.ResponseWriter, _ *http.Request) {
 	}
 	slices.SortFunc(servers, func(a, b apiPeer) int { return cmp.Compare(a.ID, b.ID) })
 	writeJSON(w, http.StatusOK, map[string]any{"servers": servers})
+}
+
+// handleRemovePeer removes a coordinator from the Raft configuration: the
+// way to retire a coordinator that is gone for good, so that it no longer
+// counts toward the quorum. It refuses to remove the leader itself (stop it
+// first: a stopping leader hands leadership over) and a coordinator that
+// gossip shows alive (the leader would add it back at once).
+func (s *Server) handleRemovePeer(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	f := s.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("raft configuration: %v", err))
+		return
+	}
+	var ids []string
+	found := false
+	for _, srv := range f.Configuration().Servers {
+		ids = append(ids, string(srv.ID))
+		found = found || string(srv.ID) == id
+	}
+	slices.Sort(ids)
+	switch {
+	case !found:
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no raft peer %q (peers: %s)", id, strings.Join(ids, ", ")))
+		return
+	case id == s.cfg.ID:
+		writeError(w, http.StatusConflict, fmt.Sprintf("%s is the raft leader and cannot remove itself: stop it first "+
+			"(a stopping coordinator hands leadership to another voter), then remove it through any other coordinator", id))
+		return
+	}
+	for _, m := range s.Members() {
+		if m.ID == id && m.Role == transport.RoleCoordinator && m.Status == StatusAlive {
+			writeError(w, http.StatusConflict, fmt.Sprintf("coordinator %s is alive in gossip, and the leader adds alive coordinators "+
+				"to the raft configuration: stop it first, then remove it", id))
+			return
+		}
+	}
+	future := s.raft.RemoveServer(raft.ServerID(id), f.Index(), membershipChangeTimeout)
+	if err := future.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			err = fmt.Errorf("%w: %w", ErrNotLeader, err)
+		}
+		s.writeApplyError(w, fmt.Errorf("remove raft peer %s: %w", id, err))
+		return
+	}
+	setIndexHeader(w, future.Index())
+	s.logger.Info("removed coordinator from the raft configuration", "member", id, "index", future.Index())
+	writeJSON(w, http.StatusOK, map[string]any{"id": id, "removed": true})
 }
 
 func suffrageName(sf raft.ServerSuffrage) string {

@@ -56,6 +56,9 @@ type leaderEnv struct {
 	aliveWorkers func() []Member
 	// partitions asks Kafka how many partitions topic has.
 	partitions func(ctx context.Context, brokers []string, topic string) (int, error)
+	// probe pings a gossip member once, directly, and returns the round
+	// trip; it blocks for at most the gossip probe timeout. Nil skips probes.
+	probe func(member string) (time.Duration, error)
 	// leaderID and term describe this node for Welcome.
 	leaderID string
 	term     func() uint64
@@ -73,6 +76,7 @@ func serverEnv(s *Server) leaderEnv {
 		members:      s.Members,
 		aliveWorkers: s.aliveWorkers,
 		partitions:   kafkaPartitions,
+		probe:        s.probeMember,
 		leaderID:     s.cfg.ID,
 		term:         s.raft.CurrentTerm,
 		now:          time.Now,
@@ -97,9 +101,11 @@ type leader struct {
 	// reconcile pass (buffered 1, sends never block).
 	events chan leaderEvent
 	wake   chan struct{}
-	// lookups tracks the partition lookups in flight, so that run returns
-	// only after they have.
+	// lookups tracks the partition lookups in flight, and probes the direct
+	// probes of workers whose session broke, so that run returns only after
+	// they have.
 	lookups sync.WaitGroup
+	probes  sync.WaitGroup
 
 	started  time.Time // when this term's loop started
 	graceEnd time.Time // before it, tasks are not judged missing and nothing is deployed
@@ -190,6 +196,7 @@ func orDefault(d, def time.Duration) time.Duration {
 // run is the leader loop. It returns when ctx is cancelled, after the
 // partition lookups it started have returned.
 func (l *leader) run() {
+	defer l.probes.Wait()
 	defer l.lookups.Wait()
 	l.logger.Info("leader loop started", "grace", l.graceEnd.Sub(l.started))
 	defer l.logger.Info("leader loop stopped")

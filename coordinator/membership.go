@@ -2,7 +2,6 @@ package coordinator
 
 import (
 	"cmp"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log"
@@ -29,18 +28,9 @@ const (
 	roleUnknown = "unknown"
 )
 
-// gossipMeta is the node meta coordd advertises: transport.NodeMeta, whose
-// decoders ignore unknown fields, plus Leaving. memberlist v0.7.0 does not
-// tell an event delegate whether a member left or died (memberlist.Node.State
-// is never set), so a coordinator marks itself leaving, gossips that, and
-// only then leaves; peers that saw the mark report "left" instead of "dead".
-// Leaving belongs in transport.NodeMeta, where workers could set it too.
-type gossipMeta struct {
-	transport.NodeMeta
-	Leaving bool `json:"leaving,omitempty"`
-}
-
-// memberRecord is what this node remembers of one gossip member.
+// memberRecord is what this node remembers of one gossip member. leaving is
+// the member's transport.NodeMeta.Leaving as last gossiped: a member that
+// goes away with it set has left; without it, it died.
 type memberRecord struct {
 	Member
 	leaving bool
@@ -146,6 +136,31 @@ func (s *Server) leaveGossip() error {
 	return errors.Join(errs...)
 }
 
+// probeMember pings gossip member id once, directly, the way memberlist's
+// failure detector does, and returns the round trip. It blocks for at most
+// the gossip probe timeout. A failed probe is only a hint: memberlist's
+// indirect probes and suspicion decide whether a member is dead. [C2]
+func (s *Server) probeMember(id string) (time.Duration, error) {
+	s.memberMu.Lock()
+	var addr string
+	if rec, ok := s.memberState[id]; ok {
+		addr = rec.GossipAddr
+	}
+	s.memberMu.Unlock()
+	if addr == "" {
+		return 0, fmt.Errorf("probe %s: not a known gossip member", id)
+	}
+	udp, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return 0, fmt.Errorf("probe %s: gossip address %q: %w", id, addr, err)
+	}
+	rtt, err := s.members.Ping(id, udp)
+	if err != nil {
+		return 0, fmt.Errorf("probe %s at %s: %w", id, addr, err)
+	}
+	return rtt, nil
+}
+
 // Members returns every gossip member this node knows, including dead and left
 // ones, sorted by id. [C1]
 func (s *Server) Members() []Member {
@@ -175,7 +190,7 @@ func (s *Server) aliveWorkers() []Member {
 // observeMember records a member event. leave is true for NotifyLeave, which
 // memberlist sends for a member that died or left.
 func (s *Server) observeMember(n *memberlist.Node, leave bool) {
-	meta, metaErr := decodeGossipMeta(n.Meta)
+	meta, metaErr := transport.DecodeNodeMeta(n.Meta)
 
 	s.memberMu.Lock()
 	rec, ok := s.memberState[n.Name]
@@ -220,17 +235,6 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 	s.memberChanged()
 }
 
-func decodeGossipMeta(b []byte) (gossipMeta, error) {
-	var m gossipMeta
-	if len(b) == 0 {
-		return m, errors.New("decode node meta: empty")
-	}
-	if err := json.Unmarshal(b, &m); err != nil {
-		return m, fmt.Errorf("decode node meta: %w", err)
-	}
-	return m, nil
-}
-
 // gossipDelegate gives memberlist this node's meta. memberlist calls it from
 // its own goroutines; it must not call back into memberlist.
 type gossipDelegate struct{ s *Server }
@@ -238,16 +242,14 @@ type gossipDelegate struct{ s *Server }
 // NodeMeta returns this coordinator's role and addresses.
 func (d gossipDelegate) NodeMeta(limit int) []byte {
 	s := d.s
-	b, err := json.Marshal(gossipMeta{
-		NodeMeta: transport.NodeMeta{
-			Role:     transport.RoleCoordinator,
-			RaftAddr: s.RaftAddr(),
-			RPCAddr:  s.rpcAddr,
-			HTTPAddr: s.httpAddr,
-			Voter:    s.cfg.Voter,
-		},
-		Leaving: s.leaving.Load(),
-	})
+	b, err := transport.NodeMeta{
+		Role:     transport.RoleCoordinator,
+		RaftAddr: s.RaftAddr(),
+		RPCAddr:  s.rpcAddr,
+		HTTPAddr: s.httpAddr,
+		Voter:    s.cfg.Voter,
+		Leaving:  s.leaving.Load(),
+	}.Encode()
 	if err == nil && len(b) > limit {
 		err = fmt.Errorf("%d bytes exceed memberlist's limit of %d", len(b), limit)
 	}

@@ -16,6 +16,9 @@ type metrics struct {
 	checkpointDuration   *prometheus.HistogramVec // job
 	jobRestarts          *prometheus.CounterVec   // job
 	workerSessions       prometheus.Gauge
+	leaderlessStreams    prometheus.Gauge
+	workerProbes         *prometheus.CounterVec // result: answered, failed
+	fencedMessages       *prometheus.CounterVec // job, message: ack, decline, status
 	raftApplyDuration    *prometheus.HistogramVec // command
 }
 
@@ -38,13 +41,22 @@ func newMetrics() *metrics {
 		workerSessions: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "coordflow_worker_sessions", Help: "Worker control sessions open on this node.",
 		}),
+		leaderlessStreams: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coordflow_leaderless_worker_streams", Help: "Worker streams this node holds while it knows no leader (each heartbeat answered renews the worker's lease).",
+		}),
+		workerProbes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_worker_probes_total", Help: "Direct gossip probes of workers whose control session broke, by result.",
+		}, []string{"result"}),
+		fencedMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_fenced_messages_total", Help: "Acks, declines and task statuses dropped by the leader because they came from another attempt than the job's current one.",
+		}, []string{"job", "message"}),
 		raftApplyDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "coordflow_raft_apply_duration_seconds", Help: "Raft Apply to FSM result of commands applied by this node as leader.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"command"}),
 	}
 	m.registry.MustRegister(m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
-		m.raftApplyDuration,
+		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

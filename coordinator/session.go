@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -114,12 +115,12 @@ func (c *controlService) Session(stream transport.Control_SessionServer) error {
 	}
 	l := c.s.currentLeader()
 	if l == nil || !c.s.isLeader() {
-		return c.redirect(stream)
+		return c.redirect(stream, hello.GetWorkerId())
 	}
 	sess := newSession(l.ctx, hello)
 	sess.send(welcome(l))
 	if !l.post(sess.ctx, sessionOpened{sess: sess, hello: hello}) {
-		return c.redirect(stream)
+		return c.redirect(stream, hello.GetWorkerId())
 	}
 	c.s.metrics.workerSessions.Inc()
 	defer c.s.metrics.workerSessions.Dec()
@@ -167,14 +168,35 @@ func recvHello(stream transport.Control_SessionServer) (*transport.Hello, error)
 	return hello, nil
 }
 
-// redirect answers NotLeader with the leader this node knows, if any.
-func (c *controlService) redirect(stream transport.Control_SessionServer) error {
-	id, rpcAddr, _ := c.s.leaderInfo()
-	if id == c.s.cfg.ID {
-		// This node is the leader but its loop is not (or no longer) running:
-		// the worker should retry rather than be sent back here.
-		id, rpcAddr = "", ""
+// redirect answers NotLeader with the leader this node knows. When it
+// knows none, the cluster has no leader (lost quorum, or an election in
+// progress): it then holds the stream (holdLeaderless) until one is known.
+func (c *controlService) redirect(stream transport.Control_SessionServer, worker string) error {
+	id, rpcAddr := c.knownLeader()
+	if err := sendNotLeader(stream, id, rpcAddr); err != nil {
+		return err
 	}
+	if id != "" {
+		return nil
+	}
+	return c.holdLeaderless(stream, worker)
+}
+
+// knownLeader returns the leader a worker should be sent to: its id and RPC
+// address, the id alone when its address is not known (yet), or nothing when
+// this node knows no leader.
+func (c *controlService) knownLeader() (id, rpcAddr string) {
+	id, rpcAddr, _ = c.s.leaderInfo()
+	if id == c.s.cfg.ID && c.s.currentLeader() == nil {
+		// This node leads, but its loop is not (or no longer) running: name
+		// it without an address so that the worker retries shortly, rather
+		// than being told that there is no leader.
+		rpcAddr = ""
+	}
+	return id, rpcAddr
+}
+
+func sendNotLeader(stream transport.Control_SessionServer, id, rpcAddr string) error {
 	err := stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{
 		NotLeader: &transport.NotLeader{LeaderId: id, LeaderRpcAddr: rpcAddr},
 	}})
@@ -182,6 +204,64 @@ func (c *controlService) redirect(stream transport.Control_SessionServer) error 
 		return fmt.Errorf("send NotLeader: %w", err)
 	}
 	return nil
+}
+
+// leaderlessPoll is how often a held leaderless stream looks for a leader.
+const leaderlessPoll = 50 * time.Millisecond
+
+// holdLeaderless keeps the stream of a worker that reached this coordinator
+// while it knows no leader. Every heartbeat of the worker is answered with
+// NotLeader naming no leader, which renews the worker's lease: with no leader
+// nobody can commit a new attempt of its jobs, so its tasks may run on
+// (checkpoints cannot complete meanwhile). As soon as a leader is known, the
+// worker gets NotLeader naming it and the stream ends. It returns when the
+// stream, the worker or this node ends.
+func (c *controlService) holdLeaderless(stream transport.Control_SessionServer, worker string) error {
+	c.s.metrics.leaderlessStreams.Inc()
+	defer c.s.metrics.leaderlessStreams.Dec()
+	c.s.logger.Debug("no leader known: holding worker stream until one is elected", "worker", worker)
+	// The receiver ends with the stream, at the latest when this handler returns.
+	recvErr := make(chan error, 1)
+	beats := make(chan struct{}, 1)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			if m.GetHeartbeat() != nil {
+				select {
+				case beats <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	poll := time.NewTicker(leaderlessPoll)
+	defer poll.Stop()
+	for {
+		select {
+		case <-c.s.ctx.Done():
+			return status.Error(codes.Unavailable, "coordinator shutting down")
+		case <-stream.Context().Done():
+			return status.FromContextError(stream.Context().Err()).Err()
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("receive from worker %s: %w", worker, err)
+		case <-beats:
+			id, rpcAddr := c.knownLeader()
+			if err := sendNotLeader(stream, id, rpcAddr); err != nil || id != "" {
+				return err
+			}
+		case <-poll.C:
+			if id, rpcAddr := c.knownLeader(); id != "" {
+				return sendNotLeader(stream, id, rpcAddr)
+			}
+		}
+	}
 }
 
 func welcome(l *leader) *transport.CoordinatorMessage {
@@ -290,8 +370,47 @@ func (l *leader) closeSession(sess *session, err error) {
 	}
 	delete(l.sessions, sess.worker)
 	l.noSessionSince[sess.worker] = l.env.now()
-	l.logger.Info("worker session closed", "worker", sess.worker, "err", err)
+	cause := sess.cause()
+	if cause == nil {
+		cause = err
+	}
+	l.logger.Info("worker session closed", "worker", sess.worker, "err", cause)
+	if !errors.Is(cause, errSessionReplaced) && !errors.Is(cause, errLeadershipLost) {
+		l.probeWorker(sess.worker, cause)
+	}
 	l.poke()
+}
+
+// probeWorker pings a worker whose control session broke, at once and
+// directly, instead of waiting for memberlist's next probe round to reach
+// it, and logs what it found. A broken session is an early hint, never a
+// failure on its own: a worker that answers is left to reconnect, and one
+// that does not is declared dead (or not) by gossip's indirect probes and
+// suspicion, which then restarts its jobs.
+func (l *leader) probeWorker(worker string, cause error) {
+	if l.env.probe == nil {
+		return
+	}
+	l.probes.Go(func() {
+		rtt, err := l.env.probe(worker)
+		if err != nil {
+			l.metrics.workerProbes.WithLabelValues("failed").Inc()
+			l.logger.Warn("worker did not answer a direct probe after its session broke; gossip decides whether it is dead",
+				"worker", worker, "session_err", cause, "probe_err", err)
+			return
+		}
+		l.metrics.workerProbes.WithLabelValues("answered").Inc()
+		l.logger.Info("worker answered a direct probe after its session broke; waiting for it to reconnect",
+			"worker", worker, "rtt", rtt, "session_err", cause)
+	})
+}
+
+// fenced counts and logs a message of a job's other attempt that the leader
+// drops: a resumed zombie or a worker that has not yet seen the restart.
+func (l *leader) fenced(js *jobState, message, worker string, ref *transport.TaskRef, attrs ...any) {
+	l.metrics.fencedMessages.WithLabelValues(js.id, message).Inc()
+	l.jobLogger(js).With(attrs...).Info("dropping "+message+" of a stale attempt", "message_attempt", ref.GetAttempt(),
+		"task", ref.GetTaskId(), "worker", worker)
 }
 
 // onWorkerMessage handles a status, ack or decline from an open session.
@@ -316,6 +435,9 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 	ref := st.GetTask()
 	js, tv, stale := l.classify(sess.worker, ref)
 	if stale != "" {
+		if js != nil && ref.GetAttempt() != js.attempt {
+			l.fenced(js, "status", sess.worker, ref, "phase", st.GetPhase().String())
+		}
 		if live(st.GetPhase()) {
 			l.logger.Info("cancelling stale task", "job", ref.GetJobId(), "attempt", ref.GetAttempt(),
 				"task", ref.GetTaskId(), "worker", sess.worker, "reason", stale)
@@ -337,7 +459,8 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 
 // classify finds the view of the task ref names as reported by worker. It
 // returns a non-empty reason when the task is not a task of its job's
-// current attempt placed on worker.
+// current attempt placed on worker; the job's state is returned with it when
+// the attempt is what differs.
 func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *trackedTask, string) {
 	js := l.jobs[ref.GetJobId()]
 	if js == nil || js.attempt < ref.GetAttempt() {
@@ -352,7 +475,7 @@ func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *tr
 	case js.status == fsm.JobCancelled:
 		return nil, nil, "job cancelled"
 	case ref.GetAttempt() != js.attempt:
-		return nil, nil, fmt.Sprintf("attempt %d is not the job's current attempt %d", ref.GetAttempt(), js.attempt)
+		return js, nil, fmt.Sprintf("attempt %d is not the job's current attempt %d", ref.GetAttempt(), js.attempt)
 	}
 	tv := js.tasks[ref.GetTaskId()]
 	switch {

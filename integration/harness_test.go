@@ -127,6 +127,8 @@ type proc struct {
 	// stopping is set before the harness signals the process, so that its
 	// exit is not reported as a crash.
 	stopping atomic.Bool
+	// paused is set while the process is stopped with SIGSTOP.
+	paused atomic.Bool
 }
 
 // startProc starts bin in its own process group with stdout and stderr
@@ -187,6 +189,25 @@ func (p *proc) signal(sig syscall.Signal, timeout time.Duration) error {
 	}
 }
 
+// pause freezes the process group with SIGSTOP: the process keeps its
+// sockets open but answers nothing, like a machine that stalls.
+func (p *proc) pause() error {
+	if err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+		return fmt.Errorf("%s: SIGSTOP: %w", p.name, err)
+	}
+	p.paused.Store(true)
+	return nil
+}
+
+// resume lets a paused process group go on with SIGCONT.
+func (p *proc) resume() error {
+	if err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGCONT); err != nil {
+		return fmt.Errorf("%s: SIGCONT: %w", p.name, err)
+	}
+	p.paused.Store(false)
+	return nil
+}
+
 // output returns what this run has written to the log so far.
 func (p *proc) output() string {
 	b, err := os.ReadFile(p.logPath)
@@ -236,6 +257,10 @@ type clusterOpts struct {
 	workers      int              // workerd processes, w1..wN
 	slots        int              // task slots per worker; default 4
 	topics       map[string]int32 // devkafka topics and their partition counts
+	// coordFlags and workerFlags are added to every coordd agent and workerd
+	// command line (tighter timings, for instance).
+	coordFlags  []string
+	workerFlags []string
 }
 
 // cluster is one test's set of processes: one devkafka, coordd agents c1..cN
@@ -261,12 +286,15 @@ type coordProc struct {
 	id                                      string
 	dataDir                                 string
 	raftAddr, rpcAddr, httpAddr, gossipAddr string
-	p                                       *proc // current run; nil before the first start
+	flags                                   []string // added to this coordinator's command line
+	p                                       *proc    // current run; nil before the first start
 }
 
 type workerProc struct {
 	id                                string
 	dataAddr, gossipAddr, metricsAddr string
+	slots                             int
+	flags                             []string // added to this worker's command line
 	p                                 *proc
 }
 
@@ -339,9 +367,13 @@ func (c *cluster) logFiles() []string {
 }
 
 // printLogsIfFailed prints the tail of every process's log if the test
-// failed, and keeps the whole logs in a directory that outlives the test.
+// failed, and keeps the whole logs in a directory that outlives the test;
+// with COORDFLOW_IT_KEEP_LOGS=1 it keeps them for passed tests too.
 func (c *cluster) printLogsIfFailed(t *testing.T) {
 	if !t.Failed() {
+		if os.Getenv("COORDFLOW_IT_KEEP_LOGS") == "1" {
+			c.keepLogs(t)
+		}
 		return
 	}
 	keep := filepath.Join(os.TempDir(), "coordflow-it-logs", strings.ReplaceAll(t.Name(), "/", "_")+"-"+time.Now().Format("150405"))
@@ -362,6 +394,21 @@ func (c *cluster) printLogsIfFailed(t *testing.T) {
 	if keep != "" {
 		t.Logf("whole logs kept in %s", keep)
 	}
+}
+
+// keepLogs copies every process's log to a directory that outlives the test.
+func (c *cluster) keepLogs(t *testing.T) {
+	keep := filepath.Join(os.TempDir(), "coordflow-it-logs", strings.ReplaceAll(t.Name(), "/", "_")+"-"+time.Now().Format("150405"))
+	if err := os.MkdirAll(keep, 0o755); err != nil {
+		t.Logf("keep logs: %v", err)
+		return
+	}
+	for _, path := range c.logFiles() {
+		if b, err := os.ReadFile(path); err == nil {
+			_ = os.WriteFile(filepath.Join(keep, filepath.Base(path)), b, 0o644)
+		}
+	}
+	t.Logf("logs kept in %s", keep)
 }
 
 // launch starts a process and waits until ready reports true. If the process
@@ -540,7 +587,7 @@ func (c *cluster) coordArgs(cp *coordProc) []string {
 	for _, o := range c.coords {
 		join = append(join, o.gossipAddr)
 	}
-	return []string{"agent",
+	return slices.Concat([]string{"agent",
 		"-id", cp.id,
 		"-data-dir", cp.dataDir,
 		"-raft-addr", cp.raftAddr,
@@ -549,7 +596,7 @@ func (c *cluster) coordArgs(cp *coordProc) []string {
 		"-gossip-addr", cp.gossipAddr,
 		"-bootstrap-expect", fmt.Sprint(c.opts.coordinators),
 		"-join", strings.Join(join, ","),
-	}
+	}, c.opts.coordFlags, cp.flags)
 }
 
 // launchCoordinator starts cp and waits until its /v1/status answers.
@@ -580,11 +627,12 @@ func (c *cluster) coordinator(t *testing.T, id string) *coordProc {
 	return nil
 }
 
-// liveCoordinators returns the coordinators the harness has not stopped.
+// liveCoordinators returns the coordinators the harness has not stopped or
+// paused.
 func (c *cluster) liveCoordinators() []*coordProc {
 	var live []*coordProc
 	for _, cp := range c.coords {
-		if cp.p != nil && !cp.p.stopping.Load() {
+		if cp.p != nil && !cp.p.stopping.Load() && !cp.p.paused.Load() {
 			live = append(live, cp)
 		}
 	}
@@ -656,40 +704,110 @@ func (c *cluster) restartCoordinator(t *testing.T, id string) {
 	t.Logf("restarted coordd %s", id)
 }
 
+// pauseCoordinator freezes a coordinator with SIGSTOP. A paused coordinator
+// is not live: api, leader and memberStatusIs leave it out.
+func (c *cluster) pauseCoordinator(t *testing.T, id string) {
+	t.Helper()
+	if err := c.coordinator(t, id).p.pause(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("paused coordd %s (SIGSTOP)", id)
+}
+
+// resumeCoordinator lets a paused coordinator go on (SIGCONT).
+func (c *cluster) resumeCoordinator(t *testing.T, id string) {
+	t.Helper()
+	if err := c.coordinator(t, id).p.resume(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("resumed coordd %s (SIGCONT)", id)
+}
+
+// addCoordinator starts a new coordinator with a fresh data dir, joining the
+// others through gossip with the cluster's -bootstrap-expect (so it must join
+// the existing cluster, not bootstrap one) and extra flags, and waits until
+// its HTTP API answers.
+func (c *cluster) addCoordinator(t *testing.T, id string, flags ...string) *coordProc {
+	t.Helper()
+	cp := &coordProc{id: id, dataDir: filepath.Join(c.dir, id), flags: flags}
+	c.pickCoordAddrs(t, cp)
+	c.coords = append(c.coords, cp)
+	c.launchCoordinator(t, cp, true)
+	t.Logf("added coordd %s %s", id, strings.Join(flags, " "))
+	return cp
+}
+
+// coordLog returns everything coordinator id has logged, over all its runs.
+func (c *cluster) coordLog(t *testing.T, id string) string {
+	t.Helper()
+	b, err := os.ReadFile(c.coordinator(t, id).p.logPath)
+	if err != nil {
+		t.Fatalf("log of coordd %s: %v", id, err)
+	}
+	return string(b)
+}
+
+// coordMetrics returns the Prometheus text a coordinator serves on /metrics.
+func (c *cluster) coordMetrics(cp *coordProc) (string, error) {
+	resp, err := c.client.Get("http://" + cp.httpAddr + "/metrics")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", fmt.Errorf("read %s metrics: %w", cp.id, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET %s/metrics: %s", cp.httpAddr, resp.Status)
+	}
+	return string(b), nil
+}
+
 // ---- workerd ----
 
 // startWorker starts a new worker with fresh addresses, joining through the
 // live coordinators, and waits until the leader sees it alive.
 func (c *cluster) startWorker(t *testing.T, id string) {
 	t.Helper()
-	w := &workerProc{id: id}
+	c.startWorkerWith(t, id, c.opts.slots)
+}
+
+// startWorkerWith is startWorker with the worker's own slot count and extra
+// command-line flags (after the cluster's workerFlags).
+func (c *cluster) startWorkerWith(t *testing.T, id string, slots int, flags ...string) {
+	t.Helper()
+	w := &workerProc{id: id, slots: slots, flags: flags}
 	c.workers = append(c.workers, w)
 	pick := func() {
 		a := freeAddrs(t, 3)
 		w.dataAddr, w.gossipAddr, w.metricsAddr = a[0], a[1], a[2]
 	}
 	pick()
-	args := func() []string {
-		join := make([]string, 0, len(c.coords))
-		for _, cp := range c.liveCoordinators() {
-			join = append(join, cp.gossipAddr)
-		}
-		return []string{
-			"-id", w.id,
-			"-data-addr", w.dataAddr,
-			"-gossip-addr", w.gossipAddr,
-			"-join", strings.Join(join, ","),
-			"-slots", fmt.Sprint(c.opts.slots),
-			"-metrics-addr", w.metricsAddr,
-		}
-	}
-	w.p = c.launch(t, "workerd "+id, "workerd-"+id+".log", pick, args, func(*proc) (bool, error) {
+	w.p = c.launch(t, "workerd "+id, "workerd-"+id+".log", pick, func() []string { return c.workerArgs(w) }, func(*proc) (bool, error) {
 		_, err := c.workerMetrics(w)
 		return err == nil, err
 	})
 	c.waitFor(t, startTimeout, "coordinators to see worker "+id+" alive", func() (bool, error) {
 		return c.memberStatusIs(id, "alive")
 	})
+}
+
+// workerArgs is the workerd command line of w, joining through the live
+// coordinators.
+func (c *cluster) workerArgs(w *workerProc) []string {
+	join := make([]string, 0, len(c.coords))
+	for _, cp := range c.liveCoordinators() {
+		join = append(join, cp.gossipAddr)
+	}
+	return slices.Concat([]string{
+		"-id", w.id,
+		"-data-addr", w.dataAddr,
+		"-gossip-addr", w.gossipAddr,
+		"-join", strings.Join(join, ","),
+		"-slots", fmt.Sprint(w.slots),
+		"-metrics-addr", w.metricsAddr,
+	}, c.opts.workerFlags, w.flags)
 }
 
 // worker returns the worker with the given id.
@@ -711,6 +829,50 @@ func (c *cluster) killWorker(t *testing.T, id string) {
 		t.Fatal(err)
 	}
 	t.Logf("killed workerd %s (SIGKILL)", id)
+}
+
+// stopWorker stops a worker with SIGTERM, as an operator does, and checks
+// that it exits cleanly: it cancels its tasks and leaves the gossip pool.
+func (c *cluster) stopWorker(t *testing.T, id string) {
+	t.Helper()
+	p := c.worker(t, id).p
+	if err := p.signal(syscall.SIGTERM, stopTimeout); err != nil {
+		t.Fatal(err)
+	}
+	if p.err != nil {
+		t.Fatalf("workerd %s exited with %v after SIGTERM; last lines:\n%s", id, p.err, tail(p.output(), 20))
+	}
+	t.Logf("stopped workerd %s (SIGTERM)", id)
+}
+
+// pauseWorker freezes a worker with SIGSTOP: its connections stay open but
+// it answers neither gossip probes nor its control session.
+func (c *cluster) pauseWorker(t *testing.T, id string) {
+	t.Helper()
+	if err := c.worker(t, id).p.pause(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("paused workerd %s (SIGSTOP)", id)
+}
+
+// resumeWorker lets a paused worker go on (SIGCONT).
+func (c *cluster) resumeWorker(t *testing.T, id string) {
+	t.Helper()
+	if err := c.worker(t, id).p.resume(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("resumed workerd %s (SIGCONT)", id)
+}
+
+// workerMetric returns the sum of the named metric of a worker (0 if absent).
+func (c *cluster) workerMetric(t *testing.T, id, name string) (float64, error) {
+	t.Helper()
+	text, err := c.workerMetrics(c.worker(t, id))
+	if err != nil {
+		return 0, err
+	}
+	v, _ := metricSum(text, name)
+	return v, nil
 }
 
 // workerMetrics returns the Prometheus text a worker serves on -metrics-addr.
@@ -781,6 +943,7 @@ type (
 		Status         string     `json:"status"`
 		Reason         string     `json:"reason"`
 		Attempt        uint64     `json:"attempt"`
+		Restarts       int        `json:"restarts"`
 		Tasks          []taskView `json:"tasks"`
 		LastCheckpoint *struct {
 			ID uint64 `json:"id"`
@@ -796,6 +959,13 @@ type (
 		Offsets      map[string]int64 `json:"offsets"`
 		Keyed        map[string]int64 `json:"keyed"`
 	}
+	// checkpointView is one entry of GET /v1/jobs/{id}/checkpoints.
+	checkpointView struct {
+		ID      uint64 `json:"id"`
+		Attempt uint64 `json:"attempt"`
+		Status  string `json:"status"` // pending, completed, aborted
+		Reason  string `json:"reason"`
+	}
 )
 
 // jobSpec is the job spec of the user contract (design.md), declared here
@@ -807,6 +977,12 @@ type (
 		Operator   operatorSpec   `json:"operator"`
 		Sink       *sinkSpec      `json:"sink,omitempty"`
 		Checkpoint checkpointSpec `json:"checkpoint"`
+		Restart    *restartSpec   `json:"restart,omitempty"`
+	}
+	restartSpec struct {
+		Initial    string `json:"initial,omitempty"`
+		Max        string `json:"max,omitempty"`
+		ResetAfter string `json:"reset_after,omitempty"`
 	}
 	sourceSpec struct {
 		Brokers     []string `json:"brokers"`
@@ -998,6 +1174,33 @@ func (c *cluster) getJobState(t *testing.T, id string) (stateView, error) {
 	return s, err
 }
 
+// getCheckpoints reads GET /v1/jobs/{id}/checkpoints (newest first) from the
+// coordinator at addr.
+func (c *cluster) getCheckpoints(addr, id string) ([]checkpointView, error) {
+	var cps []checkpointView
+	err := c.call("GET", addr, "/v1/jobs/"+id+"/checkpoints", nil, &cps)
+	return cps, err
+}
+
+// waitJob polls GET /v1/jobs/{id} until cond returns nil and returns that
+// view; cond's error says why not yet.
+func (c *cluster) waitJob(t *testing.T, timeout time.Duration, id, what string, cond func(jobView) error) jobView {
+	t.Helper()
+	var last jobView
+	c.waitFor(t, timeout, what, func() (bool, error) {
+		j, err := c.getJob(t, id)
+		if err != nil {
+			return false, err
+		}
+		last = j
+		if err := cond(j); err != nil {
+			return false, fmt.Errorf("attempt %d, %s %q, last checkpoint %d: %w", j.Attempt, j.Status, j.Reason, j.lastCheckpointID(), err)
+		}
+		return true, nil
+	})
+	return last
+}
+
 // jobState returns the job's last completed checkpoint, failing the test if
 // it cannot be read.
 func (c *cluster) jobState(t *testing.T, id string) stateView {
@@ -1049,6 +1252,26 @@ func (c *cluster) sameFSM() (bool, error) {
 	}
 	for _, cp := range c.coords[1:] {
 		if digests[cp.id] != digests[c.coords[0].id] {
+			return false, fmt.Errorf("digests differ: %v", digests)
+		}
+	}
+	return true, nil
+}
+
+// sameLiveFSM reports whether every live coordinator answers and all report
+// the same FSM digest.
+func (c *cluster) sameLiveFSM() (bool, error) {
+	digests := map[string]string{}
+	var first string
+	for _, cp := range c.liveCoordinators() {
+		d, err := c.digest(cp)
+		if err != nil {
+			return false, err
+		}
+		digests[cp.id] = d
+		if first == "" {
+			first = d
+		} else if d != first {
 			return false, fmt.Errorf("digests differ: %v", digests)
 		}
 	}
@@ -1133,6 +1356,28 @@ func (c *cluster) cli(t *testing.T, addr string, args ...string) string {
 		t.Fatalf("coordd %s: %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
 	}
 	return stdout.String()
+}
+
+// cliResult runs `coordd ARGS...` against the HTTP API at addr and returns
+// its exit code, stdout and stderr, for commands expected to fail.
+func (c *cluster) cliResult(t *testing.T, addr string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary(t, "coordd"), args...)
+	cmd.Env = append(os.Environ(), "COORD_ADDR=http://"+addr)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &exit):
+		code = exit.ExitCode()
+	default:
+		t.Fatalf("coordd %s: %v", strings.Join(args, " "), err)
+	}
+	return code, out.String(), errOut.String()
 }
 
 // ---- Kafka ----
@@ -1295,6 +1540,34 @@ func topicEndOffsets(t *testing.T, brokers []string, topic string) map[int32]int
 		}
 	}
 	return end
+}
+
+// deleteTopic deletes topic from the brokers.
+func deleteTopic(t *testing.T, brokers []string, topic string) {
+	t.Helper()
+	adm, err := sarama.NewClusterAdmin(brokers, saramaConfig())
+	if err != nil {
+		t.Fatalf("delete topic %s: %v", topic, err)
+	}
+	defer adm.Close()
+	if err := adm.DeleteTopic(topic); err != nil {
+		t.Fatalf("delete topic %s: %v", topic, err)
+	}
+	t.Logf("deleted topic %s", topic)
+}
+
+// createTopic creates topic with the given number of partitions.
+func createTopic(t *testing.T, brokers []string, topic string, partitions int32) {
+	t.Helper()
+	adm, err := sarama.NewClusterAdmin(brokers, saramaConfig())
+	if err != nil {
+		t.Fatalf("create topic %s: %v", topic, err)
+	}
+	defer adm.Close()
+	if err := adm.CreateTopic(topic, &sarama.TopicDetail{NumPartitions: partitions, ReplicationFactor: 1}, false); err != nil {
+		t.Fatalf("create topic %s: %v", topic, err)
+	}
+	t.Logf("created topic %s with %d partitions", topic, partitions)
 }
 
 // sumOffsets adds up offsets by partition (topicEndOffsets) or by

@@ -24,6 +24,11 @@ type NodeMeta struct {
 	// Workers.
 	DataAddr string `json:"data_addr,omitempty"`
 	Slots    int    `json:"slots,omitempty"`
+	// Leaving is set and gossiped by a member just before it leaves the pool
+	// gracefully. memberlist v0.7.0 reports a graceful leave and a failure
+	// alike to event delegates (memberlist.Node.State is never set), so this
+	// mark is how peers tell "left" from "dead".
+	Leaving bool `json:"leaving,omitempty"`
 }
 
 // Encode returns the metadata as memberlist node meta.

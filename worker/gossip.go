@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -17,13 +19,9 @@ import (
 )
 
 // newMemberlist creates the worker's gossip member, named cfg.ID and
-// advertising meta. It binds cfg.GossipAddr (port 0 picks a free port) but
-// joins nobody yet: joinLoop does.
-func newMemberlist(cfg Config, meta transport.NodeMeta, logger *slog.Logger) (*memberlist.Memberlist, error) {
-	encoded, err := meta.Encode()
-	if err != nil {
-		return nil, err
-	}
+// advertising what meta holds. It binds cfg.GossipAddr (port 0 picks a free
+// port) but joins nobody yet: joinLoop does.
+func newMemberlist(cfg Config, meta *metaDelegate, events memberlist.EventDelegate, logger *slog.Logger) (*memberlist.Memberlist, error) {
 	host, portStr, err := net.SplitHostPort(cfg.GossipAddr)
 	if err != nil {
 		return nil, fmt.Errorf("worker config: gossip addr %q: %w", cfg.GossipAddr, err)
@@ -41,7 +39,8 @@ func newMemberlist(cfg Config, meta transport.NodeMeta, logger *slog.Logger) (*m
 	mc.ProbeTimeout = cfg.ProbeTimeout
 	mc.SuspicionMult = cfg.SuspicionMult
 	mc.GossipInterval = cfg.GossipInterval
-	mc.Delegate = metaDelegate{meta: encoded}
+	mc.Delegate = meta
+	mc.Events = events
 	mc.Logger = log.New(memberlistLogWriter{logger: logger.With("component", "memberlist")}, "", 0)
 	ml, err := memberlist.Create(mc)
 	if err != nil {
@@ -50,19 +49,42 @@ func newMemberlist(cfg Config, meta transport.NodeMeta, logger *slog.Logger) (*m
 	return ml, nil
 }
 
-// metaDelegate advertises the worker's node meta; workers gossip nothing else.
-type metaDelegate struct{ meta []byte }
+// metaDelegate advertises the worker's node meta; workers gossip nothing
+// else. The meta changes once, when the worker marks itself leaving;
+// memberlist reads it from its own goroutines.
+type metaDelegate struct{ meta atomic.Pointer[[]byte] }
 
-func (d metaDelegate) NodeMeta(limit int) []byte {
-	if len(d.meta) > limit {
+// newMetaDelegate returns a delegate advertising meta.
+func newMetaDelegate(meta transport.NodeMeta) (*metaDelegate, error) {
+	d := &metaDelegate{}
+	if err := d.set(meta); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// set replaces the advertised meta; memberlist gossips it on the next
+// UpdateNode.
+func (d *metaDelegate) set(meta transport.NodeMeta) error {
+	b, err := meta.Encode()
+	if err != nil {
+		return err
+	}
+	d.meta.Store(&b)
+	return nil
+}
+
+func (d *metaDelegate) NodeMeta(limit int) []byte {
+	b := *d.meta.Load()
+	if len(b) > limit {
 		return nil // Encode already enforces memberlist's limit
 	}
-	return d.meta
+	return b
 }
-func (metaDelegate) NotifyMsg([]byte)                           {}
-func (metaDelegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
-func (metaDelegate) LocalState(join bool) []byte                { return nil }
-func (metaDelegate) MergeRemoteState(buf []byte, join bool)     {}
+func (*metaDelegate) NotifyMsg([]byte)                           {}
+func (*metaDelegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (*metaDelegate) LocalState(join bool) []byte                { return nil }
+func (*metaDelegate) MergeRemoteState(buf []byte, join bool)     {}
 
 var memberlistLevels = []struct {
 	prefix string
@@ -124,15 +146,44 @@ func (w *Worker) joinLoop(ctx context.Context) {
 }
 
 // coordinators returns the RPC addresses of the coordinators gossip knows
-// alive (or suspect), sorted.
-func (w *Worker) coordinators() []string {
-	var addrs []string
-	for _, n := range w.members.Members() {
-		meta, err := transport.DecodeNodeMeta(n.Meta)
-		if err != nil || meta.Role != transport.RoleCoordinator || meta.RPCAddr == "" {
-			continue
-		}
-		addrs = append(addrs, meta.RPCAddr)
+// alive (or suspect) and not leaving, sorted.
+func (w *Worker) coordinators() []string { return w.coords.addrs() }
+
+// coordDirectory keeps the RPC address of every coordinator gossip knows
+// alive and not leaving, from memberlist's event delegate. Reading the Meta of
+// the nodes memberlist.Members returns would race with gossip: they point
+// into memberlist's own state, which it rewrites on every meta update.
+type coordDirectory struct {
+	mu  sync.Mutex
+	rpc map[string]string // gossip name -> RPC address
+}
+
+func newCoordDirectory() *coordDirectory { return &coordDirectory{rpc: make(map[string]string)} }
+
+// NotifyJoin, NotifyUpdate and NotifyLeave are called by memberlist one at a
+// time, holding its node lock: they copy what they need and never call back.
+func (d *coordDirectory) NotifyJoin(n *memberlist.Node)   { d.observe(n, true) }
+func (d *coordDirectory) NotifyUpdate(n *memberlist.Node) { d.observe(n, true) }
+func (d *coordDirectory) NotifyLeave(n *memberlist.Node)  { d.observe(n, false) }
+
+func (d *coordDirectory) observe(n *memberlist.Node, alive bool) {
+	meta, err := transport.DecodeNodeMeta(n.Meta)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !alive || err != nil || meta.Role != transport.RoleCoordinator || meta.RPCAddr == "" || meta.Leaving {
+		delete(d.rpc, n.Name)
+		return
+	}
+	d.rpc[n.Name] = meta.RPCAddr
+}
+
+// addrs returns the RPC addresses, sorted.
+func (d *coordDirectory) addrs() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	addrs := make([]string, 0, len(d.rpc))
+	for _, a := range d.rpc {
+		addrs = append(addrs, a)
 	}
 	sort.Strings(addrs)
 	return addrs

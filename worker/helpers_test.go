@@ -159,7 +159,7 @@ func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 	if !withGossip {
 		return f
 	}
-	meta, err := transport.NodeMeta{Role: transport.RoleCoordinator, RPCAddr: f.rpcAddr}.Encode()
+	meta, err := newMetaDelegate(transport.NodeMeta{Role: transport.RoleCoordinator, RPCAddr: f.rpcAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 	mc.Name = "c-" + strings.ReplaceAll(f.rpcAddr, ":", "-")
 	mc.BindAddr, mc.BindPort = "127.0.0.1", 0
 	mc.ProbeInterval, mc.ProbeTimeout, mc.GossipInterval = 200*time.Millisecond, 100*time.Millisecond, 50*time.Millisecond
-	mc.Delegate = metaDelegate{meta: meta}
+	mc.Delegate = meta
 	mc.Logger = log.New(io.Discard, "", 0)
 	ml, err := memberlist.Create(mc)
 	if err != nil {

@@ -25,6 +25,7 @@ type metrics struct {
 	alignment        *prometheus.HistogramVec // job
 	tasks            prometheus.Gauge
 	sessionOpen      prometheus.Gauge
+	leaderless       prometheus.Gauge
 	leaseExpiries    prometheus.Counter
 	outboxDropped    prometheus.Counter
 }
@@ -60,6 +61,9 @@ func newMetrics() *metrics {
 		sessionOpen: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "coordflow_worker_session_open", Help: "1 while the worker has a control session with a leader.",
 		}),
+		leaderless: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coordflow_worker_leaderless", Help: "1 while a coordinator that knows no leader (lost quorum, election) renews the worker's lease: tasks run on, checkpoints wait.",
+		}),
 		leaseExpiries: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "coordflow_worker_lease_expiries_total", Help: "Times the worker stopped all its tasks because no leader was heard within the lease.",
 		}),
@@ -68,7 +72,7 @@ func newMetrics() *metrics {
 		}),
 	}
 	m.registry.MustRegister(m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
-		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaseExpiries, m.outboxDropped,
+		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -22,9 +23,10 @@ const (
 	// drainTimeout bounds how long a closing session keeps sending what is
 	// queued (the CANCELLED statuses of a shutdown).
 	drainTimeout = 2 * time.Second
-	// defaultLease and the heartbeat derived from it apply when a leader's
-	// Welcome leaves them zero.
-	defaultLease = 10 * time.Second
+	// defaultLease applies when a leader's Welcome leaves it zero;
+	// defaultHeartbeat before any Welcome.
+	defaultLease     = 10 * time.Second
+	defaultHeartbeat = time.Second
 	// leaseCheckInterval is how often watchLease looks at the lease.
 	leaseCheckInterval = 25 * time.Millisecond
 	// maxOutbox bounds the messages queued for the leader.
@@ -114,11 +116,13 @@ type session struct {
 	w      *Worker
 	logger *slog.Logger
 
-	// lastHeard is when a leader last sent anything (unix nanoseconds; 0 =
-	// never) and lease the lease of the last Welcome (nanoseconds). Written by
-	// the session goroutines, read by watchLease.
+	// lastHeard is when a leader last sent anything, or a coordinator that
+	// knows no leader last answered (unix nanoseconds; 0 = never); lease and
+	// heartbeat are those of the last Welcome (nanoseconds). Written by the
+	// session goroutines, read by watchLease.
 	lastHeard atomic.Int64
 	lease     atomic.Int64
+	heartbeat atomic.Int64
 }
 
 func newSession(w *Worker) *session {
@@ -149,18 +153,20 @@ func (s *session) run(ctx context.Context) {
 		if addr == "" {
 			s.logger.Debug("no coordinator known yet")
 		} else {
-			next, welcomed, err := s.runOnce(ctx, addr)
-			if welcomed {
+			end, err := s.runOnce(ctx, addr)
+			if end.welcomed || end.held {
 				bo.reset()
+			}
+			if end.welcomed {
 				lastLeader = addr
 			}
-			if next != "" && next != addr {
-				redirect = next
+			if end.redirect != "" && end.redirect != addr {
+				redirect = end.redirect
 			}
 			if ctx.Err() != nil {
 				return
 			}
-			s.logger.Info("control session ended", "coordinator", addr, "redirect", next, "err", err)
+			s.logger.Info("control session ended", "coordinator", addr, "redirect", end.redirect, "err", err)
 		}
 		if !sleepCtx(ctx, bo.next()) {
 			return
@@ -168,14 +174,24 @@ func (s *session) run(ctx context.Context) {
 	}
 }
 
+// sessionEnd says how one session with a coordinator ended.
+type sessionEnd struct {
+	// redirect is the leader's RPC address a coordinator named.
+	redirect string
+	// welcomed: the coordinator was the leader and opened a session.
+	welcomed bool
+	// held: the coordinator knew no leader and kept the worker's lease
+	// renewed until it ended (see leaderless).
+	held bool
+}
+
 // runOnce runs one session with the coordinator at addr until it breaks or
-// ctx ends. It returns the leader's address when addr redirected with
-// NotLeader, and whether the session was welcomed.
-func (s *session) runOnce(ctx context.Context, addr string) (redirect string, welcomed bool, err error) {
+// ctx ends, and says how it ended.
+func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxControlMessage)))
 	if err != nil {
-		return "", false, fmt.Errorf("dial %s: %w", addr, err)
+		return sessionEnd{}, fmt.Errorf("dial %s: %w", addr, err)
 	}
 	defer conn.Close()
 	// The stream outlives ctx by up to drainTimeout so that a stopping worker
@@ -188,18 +204,21 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 	first, err := s.hello(sctx, conn, addr)
 	stopOnCtx()
 	if !helloTimer.Stop() {
-		return "", false, fmt.Errorf("no answer to hello within %s", helloTimeout)
+		return sessionEnd{}, fmt.Errorf("no answer to hello within %s", helloTimeout)
 	}
 	if err != nil {
-		return "", false, err
+		return sessionEnd{}, err
 	}
 	stream := first.stream
 	if nl := first.msg.GetNotLeader(); nl != nil {
-		return nl.GetLeaderRpcAddr(), false, &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
+		if noLeader(nl) {
+			return s.leaderless(ctx, cancel, stream, addr, first.running)
+		}
+		return sessionEnd{redirect: nl.GetLeaderRpcAddr()}, &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
 	}
 	wel := first.msg.GetWelcome()
 	if wel == nil {
-		return "", false, fmt.Errorf("protocol error: first answer to hello is %T, want welcome or not_leader", first.msg.GetMsg())
+		return sessionEnd{}, fmt.Errorf("protocol error: first answer to hello is %T, want welcome or not_leader", first.msg.GetMsg())
 	}
 
 	lease := time.Duration(wel.GetLeaseMs()) * time.Millisecond
@@ -211,6 +230,7 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 		hb = lease / 3
 	}
 	s.lease.Store(int64(lease))
+	s.heartbeat.Store(int64(hb))
 	now := time.Now().UnixNano()
 	s.lastHeard.Store(now)
 	var lastRecv atomic.Int64
@@ -264,27 +284,122 @@ func (s *session) runOnce(ctx context.Context, addr string) (redirect string, we
 			if err == nil {
 				_ = stream.CloseSend()
 			}
-			return "", true, ctx.Err()
+			return sessionEnd{welcomed: true}, ctx.Err()
 		case err := <-recvErr:
 			var nl *notLeaderError
 			if errors.As(err, &nl) {
-				return nl.addr, true, err
+				return sessionEnd{redirect: nl.addr, welcomed: true}, err
 			}
-			return "", true, fmt.Errorf("receive: %w", err)
+			return sessionEnd{welcomed: true}, fmt.Errorf("receive: %w", err)
 		case <-ticker.C:
 			if silent := time.Since(time.Unix(0, lastRecv.Load())); silent > lease {
-				return "", true, fmt.Errorf("leader silent for %s (lease %s)", silent.Round(time.Millisecond), lease)
+				return sessionEnd{welcomed: true}, fmt.Errorf("leader silent for %s (lease %s)", silent.Round(time.Millisecond), lease)
 			}
-			hbMsg := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Heartbeat{Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()}}}
-			if err := stream.Send(hbMsg); err != nil {
-				return "", true, fmt.Errorf("send heartbeat: %w", err)
+			if err := stream.Send(heartbeatMsg()); err != nil {
+				return sessionEnd{welcomed: true}, fmt.Errorf("send heartbeat: %w", err)
 			}
 		case <-s.w.outbox.wake:
 			if err := send(s.w.outbox.take()); err != nil {
-				return "", true, err
+				return sessionEnd{welcomed: true}, err
 			}
 		}
 	}
+}
+
+func heartbeatMsg() *transport.WorkerMessage {
+	return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Heartbeat{Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()}}}
+}
+
+// noLeader reports whether a NotLeader answer says that the coordinator knows
+// no leader at all (rather than naming one, with or without its address).
+func noLeader(nl *transport.NotLeader) bool {
+	return nl.GetLeaderId() == "" && nl.GetLeaderRpcAddr() == ""
+}
+
+// leaderless keeps the stream of a coordinator that answered Hello with
+// NotLeader naming no leader: the cluster has lost its quorum or is electing.
+// With no leader nobody can commit a new attempt of a job, so it is safe to
+// run on: each such answer renews the lease, and tasks keep running while no
+// checkpoint can complete. The worker heartbeats at the last leader's
+// interval; the coordinator answers each with NotLeader, naming no leader
+// (a renewal) or the leader once there is one, which ends the stream with
+// that redirect. A coordinator silent for the lease ends it too; the lease
+// then runs out unless another coordinator renews it. Messages queued for
+// the leader wait for the next session.
+func (s *session) leaderless(ctx context.Context, cancel context.CancelFunc, stream grpc.BidiStreamingClient[transport.WorkerMessage, transport.CoordinatorMessage], addr string, running int) (sessionEnd, error) {
+	s.renew()
+	lastRecv := time.Now()
+	lease := orDefault(time.Duration(s.lease.Load()), defaultLease)
+	hb := orDefault(time.Duration(s.heartbeat.Load()), defaultHeartbeat)
+	s.w.metrics.leaderless.Set(1)
+	defer s.w.metrics.leaderless.Set(0)
+	s.logger.Warn("coordinator knows no leader: its answers renew the lease until one is elected; checkpoints wait",
+		"coordinator", addr, "running", running, "heartbeat", hb)
+
+	// The receiver is the only goroutine that calls Recv; it ends with the
+	// stream, which cancel ends on every return path.
+	answers := make(chan *transport.NotLeader, 1)
+	recvErr := make(chan error, 1)
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			nl := m.GetNotLeader()
+			if nl == nil {
+				recvErr <- fmt.Errorf("protocol error: %T from a coordinator that knows no leader, want not_leader", m.GetMsg())
+				return
+			}
+			select {
+			case answers <- nl:
+			case <-stream.Context().Done():
+				return
+			}
+		}
+	}()
+	defer func() { cancel(); <-recvDone }()
+
+	ticker := time.NewTicker(hb)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return sessionEnd{held: true}, ctx.Err()
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return sessionEnd{held: true}, errors.New("coordinator ended the stream")
+			}
+			return sessionEnd{held: true}, fmt.Errorf("receive: %w", err)
+		case nl := <-answers:
+			if !noLeader(nl) {
+				s.logger.Info("leader known again", "leader", nl.GetLeaderId(), "leader_rpc_addr", nl.GetLeaderRpcAddr())
+				return sessionEnd{redirect: nl.GetLeaderRpcAddr(), held: true}, &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
+			}
+			s.renew()
+			lastRecv = time.Now()
+		case <-ticker.C:
+			if silent := time.Since(lastRecv); silent > lease {
+				return sessionEnd{held: true}, fmt.Errorf("coordinator without leader silent for %s (lease %s)", silent.Round(time.Millisecond), lease)
+			}
+			if err := stream.Send(heartbeatMsg()); err != nil {
+				return sessionEnd{held: true}, fmt.Errorf("send heartbeat: %w", err)
+			}
+		}
+	}
+}
+
+// renew renews the lease: a leader, or a coordinator that knows none, answered.
+func (s *session) renew() { s.lastHeard.Store(time.Now().UnixNano()) }
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
 }
 
 // notLeaderError is a coordinator's NotLeader answer: at the start of a

@@ -31,6 +31,9 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 	c.Metadata.Full = false
 	c.Metadata.AllowAutoTopicCreation = false
 	c.Consumer.Return.Errors = true
+	// Retry a failing partition often enough that a source sees an outage
+	// as a steady stream of errors within KafkaTimeout (see sourceTask.pump).
+	c.Consumer.Retry.Backoff = 500 * time.Millisecond
 	c.Consumer.MaxWaitTime = 250 * time.Millisecond
 	c.Producer.RequiredAcks = sarama.WaitForAll
 	c.Producer.Return.Successes = true

@@ -218,25 +218,40 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 
 // resolveOffsets sets the start offset of every own partition: the restored
 // one, or the start policy resolved to a concrete offset now, so that an ack
-// names a next offset even for a partition without records yet.
+// names a next offset even for a partition without records yet. A restored
+// offset outside the partition's records (the topic was deleted and
+// recreated, or records expired before they were read) is replaced by the
+// start policy, as Kafka's auto.offset.reset does, and logged.
 func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) error {
 	topic := s.spec.GetTopic()
+	var at int64
+	switch s.spec.GetStart() {
+	case "", "earliest":
+		at = sarama.OffsetOldest
+	case "latest":
+		at = sarama.OffsetNewest
+	default:
+		return fmt.Errorf("source start %q: want \"earliest\" or \"latest\"", s.spec.GetStart())
+	}
 	for _, p := range s.spec.GetPartitions() {
 		if !slices.Contains(topicParts, p) {
 			return fmt.Errorf("source topic %q has no partition %d (it has %d partitions)", topic, p, len(topicParts))
 		}
 		if off, ok := s.restore[p]; ok {
-			s.offsets[p] = off
-			continue
-		}
-		var at int64
-		switch s.spec.GetStart() {
-		case "", "earliest":
-			at = sarama.OffsetOldest
-		case "latest":
-			at = sarama.OffsetNewest
-		default:
-			return fmt.Errorf("source start %q: want \"earliest\" or \"latest\"", s.spec.GetStart())
+			oldest, newest, err := partitionBounds(client, topic, p)
+			if err != nil {
+				return err
+			}
+			if off >= oldest && off <= newest {
+				s.offsets[p] = off
+				continue
+			}
+			log := s.log.With("partition", p, "restored_offset", off, "oldest", oldest, "newest", newest, "start", s.spec.GetStart())
+			if off > newest {
+				log.Warn("restored offset is beyond the end of the partition (topic deleted and recreated?): reading from the start policy")
+			} else {
+				log.Error("restored offset is below the oldest record (records expired before they were read): reading from the start policy")
+			}
 		}
 		off, err := client.GetOffset(topic, p, at)
 		if err != nil {
@@ -247,10 +262,28 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 	return nil
 }
 
+// partitionBounds returns the oldest offset and the end offset (next to be
+// written) of topic/p.
+func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newest int64, err error) {
+	if oldest, err = client.GetOffset(topic, p, sarama.OffsetOldest); err != nil {
+		return 0, 0, fmt.Errorf("source: oldest offset of %s/%d: %w", topic, p, err)
+	}
+	if newest, err = client.GetOffset(topic, p, sarama.OffsetNewest); err != nil {
+		return 0, 0, fmt.Errorf("source: end offset of %s/%d: %w", topic, p, err)
+	}
+	return oldest, newest, nil
+}
+
 // pump forwards one partition's records to the task loop until ctx ends. A
-// partition consumer that stops by itself fails the task.
+// partition consumer that stops by itself fails the task, and so does one
+// that reports nothing but errors for KafkaTimeout (broker unreachable, topic
+// deleted): the leader then restarts the job with backoff and shows why,
+// instead of the job looking healthy while it reads nothing. Errors further
+// apart than KafkaTimeout are transient and only logged.
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- *sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
+	window := s.env.cfg.KafkaTimeout
+	var failingSince, lastErr time.Time // both zero while records flow
 	for {
 		select {
 		case <-ctx.Done():
@@ -260,6 +293,7 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				failed <- fmt.Errorf("source: consumer of %s/%d stopped", s.spec.GetTopic(), p)
 				return
 			}
+			failingSince, lastErr = time.Time{}, time.Time{}
 			select {
 			case merged <- msg:
 			case <-ctx.Done():
@@ -270,7 +304,17 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				errs = nil
 				continue
 			}
-			s.log.Warn("kafka consumer error", "partition", p, "err", err)
+			now := time.Now()
+			if lastErr.IsZero() || now.Sub(lastErr) > window {
+				failingSince = now
+			}
+			lastErr = now
+			if d := now.Sub(failingSince); d >= window {
+				failed <- fmt.Errorf("source: %s/%d: only errors from Kafka for %s (kafka timeout %s): %w",
+					s.spec.GetTopic(), p, d.Round(time.Millisecond), window, err)
+				return
+			}
+			s.log.Warn("kafka consumer error", "partition", p, "err", err, "failing_for", now.Sub(failingSince).Round(time.Millisecond))
 		}
 	}
 }

@@ -158,6 +158,9 @@ type Worker struct {
 	dataSrv    *grpc.Server
 	metricsLis net.Listener
 	members    *memberlist.Memberlist
+	meta       *metaDelegate
+	coords     *coordDirectory
+	nodeMeta   transport.NodeMeta // as advertised while running
 	gossipAddr string
 
 	conns   *connPool
@@ -211,8 +214,12 @@ func New(cfg Config) (*Worker, error) {
 	w.dataSrv = grpc.NewServer(grpc.MaxRecvMsgSize(maxDataMessage))
 	transport.RegisterDataServer(w.dataSrv, &dataService{tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger})
 
-	meta := transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots}
-	w.members, err = newMemberlist(cfg, meta, logger)
+	w.nodeMeta = transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots}
+	w.coords = newCoordDirectory()
+	w.meta, err = newMetaDelegate(w.nodeMeta)
+	if err == nil {
+		w.members, err = newMemberlist(cfg, w.meta, w.coords, logger)
+	}
 	if err != nil {
 		w.closeListeners()
 		return nil, err
@@ -298,9 +305,7 @@ func (w *Worker) run(ctx context.Context) error {
 	w.tasks.shutdown("worker shutting down")
 	stopSession()
 
-	if err := w.members.Leave(2 * time.Second); err != nil {
-		w.logger.Warn("leave gossip pool", "err", err)
-	}
+	w.leaveGossip()
 	if err := w.members.Shutdown(); err != nil {
 		w.logger.Warn("shut down gossip", "err", err)
 	}
@@ -319,6 +324,26 @@ func (w *Worker) run(ctx context.Context) error {
 	w.conns.close()
 	w.logger.Info("worker stopped")
 	return nil
+}
+
+// gossipLeaveTimeout bounds each of the two broadcasts of a graceful leave.
+const gossipLeaveTimeout = time.Second
+
+// leaveGossip marks the worker leaving in its node meta, gossips that, and
+// then leaves the pool: peers that saw the mark report it "left", not
+// "dead", and the leader restarts its jobs without waiting for a failure
+// detector. Either broadcast may time out; peers then see a failure.
+func (w *Worker) leaveGossip() {
+	leaving := w.nodeMeta
+	leaving.Leaving = true
+	if err := w.meta.set(leaving); err != nil {
+		w.logger.Warn("mark leaving in gossip meta", "err", err)
+	} else if err := w.members.UpdateNode(gossipLeaveTimeout); err != nil {
+		w.logger.Info("gossip leaving mark not confirmed; peers may report this worker dead", "err", err)
+	}
+	if err := w.members.Leave(gossipLeaveTimeout); err != nil {
+		w.logger.Warn("leave gossip pool", "err", err)
+	}
 }
 
 // closeListeners releases what New bound when New fails or Run never serves.

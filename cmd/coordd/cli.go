@@ -115,13 +115,47 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 	return tw.Flush()
 }
 
-// runRaft prints `coordd raft peers`.
+const raftUsage = `Usage: coordd raft <command> [-addr URL] [arguments]
+
+  raft peers            list the Raft servers, marking the leader
+  raft remove-peer ID   remove a coordinator that is gone for good from the Raft configuration
+`
+
+// runRaft dispatches `coordd raft peers` and `coordd raft remove-peer ID`.
 func runRaft(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] != "peers" {
-		fmt.Fprint(stderr, "Usage: coordd raft peers [-addr URL]\n")
+	if len(args) == 0 {
+		fmt.Fprint(stderr, raftUsage)
 		return errUsage
 	}
-	c, _, err := parseCLI("raft peers", "", args[1:], stderr)
+	switch args[0] {
+	case "peers":
+		return raftPeers(args[1:], stdout, stderr)
+	case "remove-peer":
+		return raftRemovePeer(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "coordd raft: unknown command %q\n\n%s", args[0], raftUsage)
+	return errUsage
+}
+
+// raftRemovePeer removes coordinator ID from the Raft configuration through
+// any coordinator (a follower forwards to the leader).
+func raftRemovePeer(args []string, stdout, stderr io.Writer) error {
+	c, id, err := parseCLI("raft remove-peer", "ID", args, stderr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	if _, err := c.do(ctx, http.MethodDelete, "/v1/raft/peers/"+url.PathEscape(id), nil); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "removed %s from the raft configuration\n", id)
+	return nil
+}
+
+// raftPeers prints `coordd raft peers`.
+func raftPeers(args []string, stdout, stderr io.Writer) error {
+	c, _, err := parseCLI("raft peers", "", args, stderr)
 	if err != nil {
 		return err
 	}

@@ -39,6 +39,7 @@ Jobs:
 Cluster:
   members               list coordinators and workers with their state
   raft peers            list the Raft servers, marking the leader
+  raft remove-peer ID   remove a coordinator that is gone for good from the Raft configuration
 
 The job, members and raft commands talk to the HTTP API of any coordinator,
 named by -addr (default $COORD_ADDR, else http://127.0.0.1:7201).

@@ -4,6 +4,8 @@
 //
 //	workerd -id w1 -data-addr 127.0.0.1:7401 -gossip-addr 127.0.0.1:7501 -join 127.0.0.1:7301 -slots 4
 //
+// Every timing flag and its default is in docs/operations.md.
+//
 // SIGINT or SIGTERM stops it gracefully: its tasks are cancelled and reported,
 // and it leaves the gossip pool before it exits.
 //
@@ -58,6 +60,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/coordflow/coordflow/worker"
 )
@@ -72,46 +75,47 @@ func main() {
 }
 
 func run(args []string) error {
-	def := worker.DefaultConfig()
+	cfg := worker.DefaultConfig()
 	fs := flag.NewFlagSet("workerd", flag.ContinueOnError)
-	id := fs.String("id", "", "worker id: gossip name and placement target (required)")
-	dataAddr := fs.String("data-addr", "127.0.0.1:7401", "address of the data server that other workers dial")
-	gossipAddr := fs.String("gossip-addr", "127.0.0.1:7501", "gossip bind and advertise address")
-	join := fs.String("join", "", "comma-separated gossip addresses of existing members")
-	slots := fs.Int("slots", def.Slots, "number of tasks this worker runs at once")
-	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics on this address at /metrics (off when empty)")
-	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
-	probeInterval := fs.Duration("probe-interval", def.ProbeInterval, "gossip failure-detector probe interval")
-	probeTimeout := fs.Duration("probe-timeout", def.ProbeTimeout, "gossip probe timeout")
-	suspicionMult := fs.Int("suspicion-mult", def.SuspicionMult, "gossip suspicion multiplier")
-	gossipInterval := fs.Duration("gossip-interval", def.GossipInterval, "gossip interval")
+	fs.StringVar(&cfg.ID, "id", "", "worker `ID`: gossip name and placement target (required)")
+	fs.StringVar(&cfg.DataAddr, "data-addr", "127.0.0.1:7401", "`host:port` of the data server that other workers dial")
+	fs.StringVar(&cfg.GossipAddr, "gossip-addr", "127.0.0.1:7501", "`ip:port` for gossip (memberlist, TCP and UDP)")
+	join := fs.String("join", "", "comma-separated gossip `addresses` of existing members, retried until one answers")
+	fs.IntVar(&cfg.Slots, "slots", cfg.Slots, "number of tasks this worker runs at once")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this `host:port` at /metrics (off when empty)")
+	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
+
+	// Failure detection: the same flags, with the same defaults, as coordd's.
+	durationFlag(fs, &cfg.ProbeInterval, "gossip-probe-interval", "probe-interval", "memberlist probe interval: how often each member probes another")
+	durationFlag(fs, &cfg.ProbeTimeout, "gossip-probe-timeout", "probe-timeout", "memberlist probe timeout: how long a probe waits for its ack before indirect probes")
+	fs.IntVar(&cfg.SuspicionMult, "gossip-suspicion-mult", cfg.SuspicionMult, "memberlist suspicion multiplier: a suspect is declared dead after about mult x log10(members) x probe interval")
+	fs.IntVar(&cfg.SuspicionMult, "suspicion-mult", cfg.SuspicionMult, "alias of -gossip-suspicion-mult")
+	durationFlag(fs, &cfg.GossipInterval, "gossip-interval", "", "memberlist gossip interval: how often state changes are pushed to peers")
+
+	// Task runtime.
+	fs.DurationVar(&cfg.KafkaTimeout, "kafka-timeout", cfg.KafkaTimeout, "bound of each Kafka dial, request and metadata refresh; a source whose partitions see only errors for this long fails")
+	fs.DurationVar(&cfg.StopTimeout, "stop-timeout", cfg.StopTimeout, "how long a stopping task may take to release its resources")
+	fs.DurationVar(&cfg.ChannelOpenTimeout, "channel-open-timeout", cfg.ChannelOpenTimeout, "how long a source keeps retrying to open a data channel to a deploying map task")
+	fs.DurationVar(&cfg.ChannelAcceptWait, "channel-accept-wait", cfg.ChannelAcceptWait, "how long the data server holds a channel whose map task is not running yet")
+	fs.IntVar(&cfg.BatchSize, "batch-size", cfg.BatchSize, "items per data-channel batch")
+	fs.DurationVar(&cfg.FlushInterval, "flush-interval", cfg.FlushInterval, "how long a partial batch waits before it is sent")
+	fs.DurationVar(&cfg.SessionBackoffMin, "session-backoff-min", cfg.SessionBackoffMin, "first wait between attempts to open a control session")
+	fs.DurationVar(&cfg.SessionBackoffMax, "session-backoff-max", cfg.SessionBackoffMax, "longest wait between attempts to open a control session")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	if *id == "" {
+	if cfg.ID == "" {
 		return fmt.Errorf("-id is required")
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		return fmt.Errorf("-log-level: %w", err)
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-
-	cfg := def
-	cfg.ID = *id
-	cfg.DataAddr = *dataAddr
-	cfg.GossipAddr = *gossipAddr
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Join = splitList(*join)
-	cfg.Slots = *slots
-	cfg.MetricsAddr = *metricsAddr
-	cfg.ProbeInterval = *probeInterval
-	cfg.ProbeTimeout = *probeTimeout
-	cfg.SuspicionMult = *suspicionMult
-	cfg.GossipInterval = *gossipInterval
-	cfg.Logger = logger
 
 	w, err := worker.New(cfg)
 	if err != nil {
@@ -120,6 +124,15 @@ func run(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return w.Run(ctx)
+}
+
+// durationFlag defines a duration flag name, and alias (if not empty) as a
+// second name for it: workerd's first gossip flags lacked coordd's prefix.
+func durationFlag(fs *flag.FlagSet, v *time.Duration, name, alias, usage string) {
+	fs.DurationVar(v, name, *v, usage)
+	if alias != "" {
+		fs.DurationVar(v, alias, *v, "alias of -"+name)
+	}
 }
 
 // splitList splits a comma-separated flag value, dropping empty entries.
