@@ -371,6 +371,22 @@ func TestMemberStatus(t *testing.T) {
 	if err := memberStatusIs(s, "w2", StatusAlive); err != nil {
 		t.Error(err)
 	}
+	// A leaving notice counts even when gossip delivers the leave before
+	// the leaving mark.
+	notice, err := transport.LeavingNotice{Leaving: "w2"}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gossipDelegate{s}.NotifyMsg(notice)
+	ev.NotifyLeave(node("w2", worker))
+	if err := memberStatusIs(s, "w2", StatusLeft); err != nil {
+		t.Error(err)
+	}
+	ev.NotifyJoin(node("w2", worker))
+	ev.NotifyLeave(node("w2", worker))
+	if err := memberStatusIs(s, "w2", StatusDead); err != nil {
+		t.Errorf("after a comeback: %v", err)
+	}
 	ev.NotifyJoin(&memberlist.Node{Name: "x", Meta: []byte("{")})
 	if m := s.Members(); len(m) != 3 || m[2].Role != roleUnknown {
 		t.Errorf("members %+v, want x with role %q", m, roleUnknown)

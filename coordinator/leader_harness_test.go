@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -28,10 +30,11 @@ type leaderHarness struct {
 	clock  time.Time
 	index  uint64
 
-	mu         sync.Mutex // guards members, partitions and partErr (read by lookup goroutines)
+	mu         sync.Mutex // guards members, partitions, partErr and probed (read by lookup and probe goroutines)
 	members    map[string]Member
 	partitions int
 	partErr    error
+	probed     []string // workers probed, in order
 
 	sessions map[string]*session
 }
@@ -63,6 +66,15 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 			defer h.mu.Unlock()
 			return h.partitions, h.partErr
 		},
+		probe: func(member string) (time.Duration, error) {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			h.probed = append(h.probed, member)
+			if m, ok := h.members[member]; ok && m.Status == StatusAlive {
+				return time.Millisecond, nil
+			}
+			return 0, errors.New("no ack")
+		},
 		leaderID: "c1",
 		term:     func() uint64 { return 1 },
 		now:      func() time.Time { return h.clock },
@@ -89,6 +101,16 @@ func (h *leaderHarness) newTerm() {
 func (h *leaderHarness) endTerm() {
 	h.cancel()
 	h.l.lookups.Wait()
+	h.l.probes.Wait()
+}
+
+// probes waits for the probes the leader started and returns the workers
+// probed so far.
+func (h *leaderHarness) probes() []string {
+	h.l.probes.Wait()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.probed)
 }
 
 func (h *leaderHarness) memberList() []Member {

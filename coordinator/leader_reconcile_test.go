@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -180,6 +181,88 @@ func TestLeaderLostSessionRestartsOnlyAfterLease(t *testing.T) {
 	j := h.job("j1")
 	if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task source-0 has had no control session for") {
 		t.Fatalf("status %s reason %q, want restarting for the lost session", j.Status, j.Reason)
+	}
+}
+
+// TestLeaderProbesWorkerWhoseSessionBroke: a session that breaks makes the
+// leader probe its worker at once, but restarts nothing by itself; a session
+// replaced by a newer one, or ended with the term, is not probed.
+func TestLeaderProbesWorkerWhoseSessionBroke(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	w := job.Tasks[0].Worker
+	sess := h.sessions[w]
+	sess.close(errors.New("receive from worker: connection reset"))
+	h.l.handle(sessionClosed{sess: sess})
+	if got := h.probes(); !slices.Equal(got, []string{w}) {
+		t.Fatalf("probed %v after %s's session broke, want [%s]", got, w, w)
+	}
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+		t.Fatalf("a broken session restarted the job: %s %q", j.Status, j.Reason)
+	}
+	var answered dto.Metric
+	if err := h.l.metrics.workerProbes.WithLabelValues("answered").Write(&answered); err != nil || answered.GetCounter().GetValue() != 1 {
+		t.Fatalf("answered probes = %v (%v), want 1", answered.GetCounter().GetValue(), err)
+	}
+
+	// A reconnect replaces the session: the old one's end is no failure.
+	h.connect(w, 4, &transport.TaskStatus{Task: ref(job, job.Tasks[0]), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+	old := h.sessions[w]
+	h.connect(w, 4, &transport.TaskStatus{Task: ref(job, job.Tasks[0]), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+	h.l.handle(sessionClosed{sess: old})
+	if got := h.probes(); len(got) != 1 {
+		t.Fatalf("probed %v, want no probe for a replaced session", got)
+	}
+}
+
+// TestLeaderFencesMessagesOfAnOldAttempt: after a restart, an ack and a
+// status of the old attempt (a worker that comes back from a freeze) are
+// dropped and counted, and a task of the old attempt reported running is
+// cancelled.
+func TestLeaderFencesMessagesOfAnOldAttempt(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	first := h.startJob("j1", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+	zombie := first.Tasks[0].Worker
+	h.setMember(zombie, StatusDead, 4)
+	h.step()
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.step()
+	second := h.job("j1")
+	if second.Attempt != 2 {
+		t.Fatalf("attempt %d, want 2", second.Attempt)
+	}
+	h.runAll("j1")
+	h.advance(time.Duration(second.Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	pending := h.job("j1").Pending
+	if pending == nil {
+		t.Fatalf("no checkpoint pending for attempt 2")
+	}
+
+	// The zombie is back: alive in gossip, with its old session.
+	h.setMember(zombie, StatusAlive, 4)
+	h.drain(zombie)
+	old := first.Tasks[0]
+	h.ack(zombie, ref(first, old), old, pending.ID)
+	h.report(zombie, ref(first, old), transport.TaskPhase_TASK_PHASE_RUNNING, "")
+	if got := cancels(h.drain(zombie)); len(got) != 1 || got[0].GetAttempt() != 1 || got[0].GetTaskId() != old.ID {
+		t.Fatalf("cancels sent to %s: %v, want attempt 1's %s", zombie, got, old.ID)
+	}
+	for _, msg := range []string{"ack", "status"} {
+		var m dto.Metric
+		if err := h.l.metrics.fencedMessages.WithLabelValues("j1", msg).Write(&m); err != nil || m.GetCounter().GetValue() != 1 {
+			t.Errorf("fenced %s messages = %v (%v), want 1", msg, m.GetCounter().GetValue(), err)
+		}
+	}
+	if p := h.l.jobs["j1"].ckpt.pending; p == nil || len(p.acks) != 0 {
+		t.Fatalf("the old attempt's ack was recorded: %+v", p)
+	}
+	h.ackAll("j1", pending.ID)
+	if last, ok := h.f.LastCompleted("j1"); !ok || last.ID != pending.ID || last.Attempt != 2 {
+		t.Fatalf("checkpoint %d of attempt 2 not completed: %+v", pending.ID, last)
 	}
 }
 

@@ -118,14 +118,25 @@ func (s *Server) joinPeers() []string {
 	return peers
 }
 
-// leaveGossip marks this node leaving, leaves the pool gracefully and shuts
-// memberlist down. Called once, from Shutdown.
+// leaveGossip marks this node leaving, gossips that and tells the other
+// coordinators directly (see transport.LeavingNotice), leaves the pool
+// gracefully and shuts memberlist down. Called once, from Shutdown.
 func (s *Server) leaveGossip() error {
 	var errs []error
 	s.leaving.Store(true)
 	if err := s.members.UpdateNode(gossipLeaveTimeout); err != nil {
 		// Peers will report this node dead rather than left; not fatal.
 		s.logger.Info("gossip leaving mark not confirmed", "err", err)
+	}
+	if notice, err := (transport.LeavingNotice{Leaving: s.cfg.ID}).Encode(); err == nil {
+		for _, m := range s.Members() {
+			if m.Role != transport.RoleCoordinator || m.ID == s.cfg.ID || m.Status != StatusAlive {
+				continue
+			}
+			if err := s.members.SendToAddress(memberlist.Address{Addr: m.GossipAddr, Name: m.ID}, notice); err != nil {
+				s.logger.Info("leaving notice not sent", "coordinator", m.ID, "err", err)
+			}
+		}
 	}
 	if err := s.members.Leave(gossipLeaveTimeout); err != nil {
 		errs = append(errs, fmt.Errorf("leave gossip pool: %w", err))
@@ -205,7 +216,9 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 		rec.Role = meta.Role
 		rec.RaftAddr, rec.RPCAddr, rec.HTTPAddr, rec.Voter = meta.RaftAddr, meta.RPCAddr, meta.HTTPAddr, meta.Voter
 		rec.DataAddr, rec.Slots = meta.DataAddr, meta.Slots
-		rec.leaving = meta.Leaving
+		// A leave keeps a mark set by a LeavingNotice that gossip has
+		// not yet delivered; a join or update (a comeback) resets it.
+		rec.leaving = meta.Leaving || (leave && rec.leaving)
 	} else if rec.Role == "" {
 		rec.Role = roleUnknown
 	}
@@ -260,8 +273,21 @@ func (d gossipDelegate) NodeMeta(limit int) []byte {
 	return b
 }
 
-// NotifyMsg ignores user messages: coordd sends none.
-func (gossipDelegate) NotifyMsg([]byte) {}
+// NotifyMsg handles the user messages members send: a transport.LeavingNotice
+// marks its member leaving, so that its leave shows as "left" even when
+// gossip delivers the leave before the member's leaving mark.
+func (d gossipDelegate) NotifyMsg(b []byte) {
+	n, err := transport.DecodeLeavingNotice(b)
+	if err != nil {
+		d.s.logger.Debug("ignoring gossip user message", "err", err)
+		return
+	}
+	d.s.memberMu.Lock()
+	defer d.s.memberMu.Unlock()
+	if rec, ok := d.s.memberState[n.Leaving]; ok {
+		rec.leaving = true
+	}
+}
 
 // GetBroadcasts has no user broadcasts to offer.
 func (gossipDelegate) GetBroadcasts(int, int) [][]byte { return nil }

@@ -17,8 +17,8 @@ type metrics struct {
 	jobRestarts          *prometheus.CounterVec   // job
 	workerSessions       prometheus.Gauge
 	leaderlessStreams    prometheus.Gauge
-	workerProbes         *prometheus.CounterVec // result: answered, failed
-	fencedMessages       *prometheus.CounterVec // job, message: ack, decline, status
+	workerProbes         *prometheus.CounterVec   // result: answered, failed
+	fencedMessages       *prometheus.CounterVec   // job, message: ack, decline, status
 	raftApplyDuration    *prometheus.HistogramVec // command
 }
 

@@ -77,6 +77,7 @@ type benchThroughputResult struct {
 	Checkpoints            int     `json:"checkpoints"` // completed until the covering one, inclusive
 	Aborted                int     `json:"aborted"`
 	StateBytes             int     `json:"state_bytes"` // keyed state of the covering checkpoint, all map tasks
+	LoadAvg                string  `json:"loadavg"`     // /proc/loadavg before the cluster started
 }
 
 // BenchmarkWordcountThroughput compares, in one run on one cluster (devkafka,
@@ -94,10 +95,10 @@ func BenchmarkWordcountThroughput(b *testing.B) {
 		b.Logf("run %d: %d records (%d words, %.1f MB): produce %.1fs; plain consumer %.2fs = %.0f records/s; "+
 			"job: first record %.2fs, all applied %.2fs = %.0f records/s, covered by checkpoint %.2fs = %.0f records/s; "+
 			"first checkpoint %.2fs, first that has read records %.2fs; checkpoint duration median %.0f ms, max %.0f ms over %d (%d aborted); state %d bytes; "+
-			"in-process count %.2fs",
+			"in-process count %.2fs; load average before: %s",
 			i+1, r.Records, r.Words, float64(r.ValueBytes)/1e6, r.ProduceSeconds, r.ConsumerSeconds, n/r.ConsumerSeconds,
 			r.FirstRecordSeconds, r.AppliedSeconds, n/r.AppliedSeconds, r.CheckpointedSeconds, n/r.CheckpointedSeconds,
-			r.FirstCheckpointSeconds, r.FirstProgressSeconds, r.CheckpointMedianMS, r.CheckpointMaxMS, r.Checkpoints, r.Aborted, r.StateBytes, r.CountSeconds)
+			r.FirstCheckpointSeconds, r.FirstProgressSeconds, r.CheckpointMedianMS, r.CheckpointMaxMS, r.Checkpoints, r.Aborted, r.StateBytes, r.CountSeconds, r.LoadAvg)
 	}
 	med := func(f func(benchThroughputResult) float64) float64 {
 		vs := make([]float64, 0, len(runs))
@@ -120,7 +121,8 @@ type benchFailoverResult struct {
 	Kills []benchKill `json:"kills"`
 	// Records is the input of the whole scenario, checked word by word
 	// against the job's final checkpoint.
-	Records int64 `json:"records"`
+	Records int64  `json:"records"`
+	LoadAvg string `json:"loadavg"` // /proc/loadavg before the cluster started
 }
 
 // benchKill is one kill. Times are milliseconds from the SIGKILL; -1 where a
@@ -163,7 +165,7 @@ func BenchmarkFailover(b *testing.B) {
 				b.Logf("leader kill %d (%s): new leader %4.0f ms, its loop %4.0f ms, all worker sessions %4.0f ms, checkpoint triggered %4.0f ms, completed %4.0f ms; attempt +%d, FSM restarts +%d, coordflow_job_restarts_total +%.0f, tasks started %d",
 					i+1, k.Victim, k.ElectedMS, k.LoopMS, k.SessionsMS, k.TriggerMS, k.CheckpointMS, k.AttemptDelta, k.RestartDelta, k.MetricDelta, k.TaskStarts)
 			}
-			b.Logf("%d records, final state exact", r.Records)
+			b.Logf("%d records, final state exact; load average before: %s", r.Records, r.LoadAvg)
 		}
 		ms := func(f func(benchKill) float64) float64 { return benchMedian(benchMap(kills, f)) }
 		elected := ms(func(k benchKill) float64 { return k.ElectedMS })
@@ -189,7 +191,7 @@ func BenchmarkFailover(b *testing.B) {
 				b.Logf("worker kill %d (%s): attempt seen %4.0f ms, deploy %4.0f ms, running %4.0f ms, first record %4.0f ms, checkpoint with progress %4.0f ms (old attempt applied %.0f items after the kill)",
 					i+1, k.Victim, k.AttemptSeenMS, k.DeployMS, k.RunningMS, k.FirstRecordMS, k.ProgressMS, k.Residual)
 			}
-			b.Logf("%d records, final state exact", r.Records)
+			b.Logf("%d records, final state exact; load average before: %s", r.Records, r.LoadAvg)
 		}
 		ms := func(f func(benchKill) float64) float64 { return benchMedian(benchMap(kills, f)) }
 		first := ms(func(k benchKill) float64 { return k.FirstRecordMS })
@@ -283,8 +285,9 @@ func benchMap[T any](xs []T, f func(T) float64) []float64 {
 func TestBenchScenarioThroughput(t *testing.T) {
 	resultPath := benchScenario(t, "BenchmarkWordcountThroughput")
 	const partitions = 4
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions}})
 	var res benchThroughputResult
+	res.LoadAvg = benchLoadAvg()
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions}})
 
 	corpus := newCorpus(20261128)
 	recs := make([]record, benchThroughputRecords)
@@ -528,8 +531,8 @@ func benchSteady(t *testing.T, c *cluster, job string, from time.Time) {
 
 func TestBenchScenarioLeaderKill(t *testing.T) {
 	resultPath := benchScenario(t, "BenchmarkFailover/LeaderKill")
+	res := benchFailoverResult{LoadAvg: benchLoadAvg()}
 	c, stream, job := benchFailoverCluster(t, nil)
-	var res benchFailoverResult
 	for i := range benchKills {
 		benchSteady(t, c, job, time.Now())
 		leader := c.leader(t)
@@ -618,9 +621,9 @@ const benchResetAfter = 4 * time.Second
 
 func TestBenchScenarioWorkerKill(t *testing.T) {
 	resultPath := benchScenario(t, "BenchmarkFailover/WorkerKill")
+	res := benchFailoverResult{LoadAvg: benchLoadAvg()}
 	c, stream, job := benchFailoverCluster(t, &chaosRestartSpec{Initial: "100ms", Max: "30s", ResetAfter: benchResetAfter.String()})
 	rng := rand.New(rand.NewPCG(20261128, 1))
-	var res benchFailoverResult
 	deployed := time.Now()
 	for i := range benchKills {
 		c.waitFor(t, time.Minute, "the attempt to have run for restart.reset_after", func() (bool, error) {
@@ -717,6 +720,17 @@ func TestBenchScenarioWorkerKill(t *testing.T) {
 	}
 	res.Records = benchFinish(t, c, stream, job)
 	benchWriteResult(t, resultPath, res)
+}
+
+// benchLoadAvg returns the first three fields of /proc/loadavg: how busy the
+// machine was before a scenario started.
+func benchLoadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 func benchMS(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -36,8 +36,8 @@ import (
 const (
 	chaosSeedEnv = "COORDFLOW_CHAOS_SEED"
 	// chaosDuration is how long the schedule disturbs the cluster. With
-	// start-up and the final catch-up the test takes about 90 s.
-	chaosDuration = 60 * time.Second
+	// start-up and the final catch-up the test takes about 100 s.
+	chaosDuration = 90 * time.Second
 	// chaosRate is the steady input, in records a second (about 6.5 words each).
 	chaosRate = 1000
 	// chaosCheckEvery is how often the newest completed checkpoint is checked
@@ -47,7 +47,7 @@ const (
 
 func TestChaos(t *testing.T) {
 	if testing.Short() {
-		t.Skip("chaos test: about 90 s of real processes being killed; skipped with -short")
+		t.Skip("chaos test: about 100 s of real processes being killed; skipped with -short")
 	}
 	seed := chaosSeed(t)
 	t.Logf("chaos seed: %d (replay: %s=%d go test ./integration -run TestChaos)", seed, chaosSeedEnv, seed)

@@ -86,7 +86,7 @@ func TestCoordinatorMembership(t *testing.T) {
 		t.Errorf("c4 lists %d jobs (%v), want 40", len(jobs), err)
 	}
 
-	c.addCoordinator(t, "c5", "-voter=false")
+	c.addCoordinator(t, "c5", "-voter=false", "-bootstrap-expect", "0") // a nonvoter never bootstraps
 	c.waitFor(t, 30*time.Second, "c5 to be a nonvoter", func() (bool, error) {
 		return c.peersAre(t, map[string]string{"c1": "voter", "c2": "voter", "c3": "voter", "c4": "voter", "c5": "nonvoter"})
 	})

@@ -54,3 +54,34 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 	}
 	return m, nil
 }
+
+// LeavingNotice is the memberlist user message a member sends straight to
+// every coordinator just before it leaves the pool gracefully, besides
+// gossiping NodeMeta.Leaving: gossip can deliver the leave itself to a
+// coordinator before the mark, which would then show a clean stop as a
+// failure.
+type LeavingNotice struct {
+	// Leaving is the gossip name of the member that leaves.
+	Leaving string `json:"leaving"`
+}
+
+// Encode returns the notice as a memberlist user message.
+func (n LeavingNotice) Encode() ([]byte, error) {
+	b, err := json.Marshal(n)
+	if err != nil {
+		return nil, fmt.Errorf("encode leaving notice: %w", err)
+	}
+	return b, nil
+}
+
+// DecodeLeavingNotice parses a user message written by LeavingNotice.Encode.
+func DecodeLeavingNotice(b []byte) (LeavingNotice, error) {
+	var n LeavingNotice
+	if err := json.Unmarshal(b, &n); err != nil {
+		return n, fmt.Errorf("decode leaving notice: %w", err)
+	}
+	if n.Leaving == "" {
+		return n, fmt.Errorf("decode leaving notice: no member named")
+	}
+	return n, nil
+}

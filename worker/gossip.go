@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"maps"
 	"net"
 	"sort"
 	"strconv"
@@ -154,11 +155,14 @@ func (w *Worker) coordinators() []string { return w.coords.addrs() }
 // the nodes memberlist.Members returns would race with gossip: they point
 // into memberlist's own state, which it rewrites on every meta update.
 type coordDirectory struct {
-	mu  sync.Mutex
-	rpc map[string]string // gossip name -> RPC address
+	mu     sync.Mutex
+	rpc    map[string]string // gossip name -> RPC address
+	gossip map[string]string // gossip name -> gossip address
 }
 
-func newCoordDirectory() *coordDirectory { return &coordDirectory{rpc: make(map[string]string)} }
+func newCoordDirectory() *coordDirectory {
+	return &coordDirectory{rpc: make(map[string]string), gossip: make(map[string]string)}
+}
 
 // NotifyJoin, NotifyUpdate and NotifyLeave are called by memberlist one at a
 // time, holding its node lock: they copy what they need and never call back.
@@ -172,9 +176,18 @@ func (d *coordDirectory) observe(n *memberlist.Node, alive bool) {
 	defer d.mu.Unlock()
 	if !alive || err != nil || meta.Role != transport.RoleCoordinator || meta.RPCAddr == "" || meta.Leaving {
 		delete(d.rpc, n.Name)
+		delete(d.gossip, n.Name)
 		return
 	}
 	d.rpc[n.Name] = meta.RPCAddr
+	d.gossip[n.Name] = n.Address()
+}
+
+// gossipAddrs returns the gossip address of every coordinator, by name.
+func (d *coordDirectory) gossipAddrs() map[string]string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return maps.Clone(d.gossip)
 }
 
 // addrs returns the RPC addresses, sorted.

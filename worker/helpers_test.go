@@ -129,6 +129,12 @@ type fakeCoord struct {
 	hbMs       int64
 	redirect   string      // if set: answer NotLeader naming this leader
 	silent     atomic.Bool // stop answering heartbeats
+	// leaderless makes the fake a coordinator that knows no leader: it
+	// answers Hello and heartbeats with an empty NotLeader (counted in
+	// leaderlessAnswers) until elected names a leader's address.
+	leaderless        atomic.Bool
+	elected           atomic.Pointer[string]
+	leaderlessAnswers atomic.Int64
 
 	mu       sync.Mutex
 	log      []received
@@ -191,6 +197,9 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 	if f.redirect != "" {
 		return stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{NotLeader: &transport.NotLeader{LeaderId: "leader", LeaderRpcAddr: f.redirect}}})
 	}
+	if f.leaderless.Load() {
+		return f.holdLeaderless(stream)
+	}
 	if err := stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Welcome{Welcome: &transport.Welcome{
 		LeaderId: "fake", Term: 1, LeaseMs: f.leaseMs, HeartbeatMs: f.hbMs,
 	}}}); err != nil {
@@ -236,6 +245,35 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 		case <-sess.kick:
 			return status.Error(codes.Unavailable, "fake coordinator ended the session")
 		case <-stream.Context().Done():
+			return nil
+		}
+	}
+}
+
+// holdLeaderless plays a coordinator without a leader: an empty NotLeader for
+// the Hello and for each heartbeat (unless silent), and NotLeader naming
+// elected once it is set.
+func (f *fakeCoord) holdLeaderless(stream transport.Control_SessionServer) error {
+	answer := func() (bool, error) {
+		if addr := f.elected.Load(); addr != nil {
+			return true, stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{NotLeader: &transport.NotLeader{LeaderId: "leader", LeaderRpcAddr: *addr}}})
+		}
+		if f.silent.Load() {
+			return false, nil
+		}
+		f.leaderlessAnswers.Add(1)
+		return false, stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{NotLeader: &transport.NotLeader{}}})
+	}
+	for {
+		if done, err := answer(); done || err != nil {
+			return err
+		}
+		m, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if m.GetHeartbeat() == nil {
+			f.t.Errorf("fake coordinator without leader: got %T, want heartbeats only", m.GetMsg())
 			return nil
 		}
 	}

@@ -329,10 +329,11 @@ func (w *Worker) run(ctx context.Context) error {
 // gossipLeaveTimeout bounds each of the two broadcasts of a graceful leave.
 const gossipLeaveTimeout = time.Second
 
-// leaveGossip marks the worker leaving in its node meta, gossips that, and
-// then leaves the pool: peers that saw the mark report it "left", not
-// "dead", and the leader restarts its jobs without waiting for a failure
-// detector. Either broadcast may time out; peers then see a failure.
+// leaveGossip marks the worker leaving in its node meta, gossips that, tells
+// every coordinator directly, and then leaves the pool: coordinators report
+// it "left", not "dead", and the leader restarts its jobs without waiting for
+// a failure detector. A mark or notice that is lost only makes a coordinator
+// report the worker dead.
 func (w *Worker) leaveGossip() {
 	leaving := w.nodeMeta
 	leaving.Leaving = true
@@ -340,6 +341,13 @@ func (w *Worker) leaveGossip() {
 		w.logger.Warn("mark leaving in gossip meta", "err", err)
 	} else if err := w.members.UpdateNode(gossipLeaveTimeout); err != nil {
 		w.logger.Info("gossip leaving mark not confirmed; peers may report this worker dead", "err", err)
+	}
+	if notice, err := (transport.LeavingNotice{Leaving: w.cfg.ID}).Encode(); err == nil {
+		for name, addr := range w.coords.gossipAddrs() {
+			if err := w.members.SendToAddress(memberlist.Address{Addr: addr, Name: name}, notice); err != nil {
+				w.logger.Info("leaving notice not sent", "coordinator", name, "err", err)
+			}
+		}
 	}
 	if err := w.members.Leave(gossipLeaveTimeout); err != nil {
 		w.logger.Warn("leave gossip pool", "err", err)

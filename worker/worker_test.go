@@ -8,10 +8,12 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/IBM/sarama"
+	"github.com/twmb/franz-go/pkg/kfake"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -316,6 +318,52 @@ func TestSourceMissingTopic(t *testing.T) {
 	}
 }
 
+// TestSourceFailsOnKafkaOutage: a source whose partitions get nothing but
+// errors from Kafka for KafkaTimeout (the broker is gone) fails with the
+// reason, so that the leader restarts the job with backoff and shows why,
+// instead of the job looking healthy while it reads nothing.
+func TestSourceFailsOnKafkaOutage(t *testing.T) {
+	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	var closeOnce sync.Once
+	stopKafka := func() { closeOnce.Do(kc.Close) }
+	t.Cleanup(stopKafka)
+	brokers := kc.ListenAddrs()
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = time.Second })
+	refs := mapRefs(128, w)
+	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
+	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	f.deploy(t, "w1", md)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	stopKafka()
+	if reason := f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, "only errors from Kafka") {
+		t.Fatalf("failure reason %q does not say that Kafka answers only errors", reason)
+	}
+}
+
+// TestSourceResetsOffsetBeyondEnd: a restored offset beyond the end of its
+// partition (the topic was deleted and recreated) is replaced by the start
+// policy, earliest here: the source reads the new topic from its start.
+func TestSourceResetsOffsetBeyondEnd(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	produce(t, brokers, "words", []record{{0, "", "a b"}, {0, "", "c"}, {0, "", "a"}})
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	refs := mapRefs(128, w)
+	md := mapDeploy("j", 2, operator.WordCount, 1, 128, refs, 0)
+	sd := sourceDeploy("j", 2, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	sd.RestoreCheckpointId, sd.RestoreOffsets = 9, map[int32]int64{0: 5000}
+	f.deploy(t, "w1", md)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	checkpointUntil(t, f, 10, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 3}, nil)
+}
+
 // openChannel opens a data channel to addr with header and reports the
 // status it ended with, or codes.OK when the server accepted it.
 func openChannel(t *testing.T, addr string, h *transport.ChannelHeader) codes.Code {
@@ -425,6 +473,56 @@ func TestLeaseExpiry(t *testing.T) {
 	}
 	if n := metricValue(t, w.Gatherer(), "coordflow_worker_lease_expiries_total", nil); n < 1 {
 		t.Fatalf("lease expiries = %v, want at least 1", n)
+	}
+}
+
+// TestLeaderlessCoordinatorRenewsLease: when the cluster has no leader, a
+// coordinator that says so renews the worker's lease at every heartbeat, so
+// tasks run on for many leases; once it names a leader, the worker goes there
+// and reports its tasks; when nobody answers, the lease runs out.
+func TestLeaderlessCoordinatorRenewsLease(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	f.leaseMs, f.hbMs = 300, 30
+	w := startWorker(t, "w1", f, func(c *Config) { c.MetricsAddr = "127.0.0.1:0" })
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	// The leader steps down and no other is elected.
+	f.leaderless.Store(true)
+	f.kick("w1")
+	// 40 answers at the 30 ms heartbeat span four 300 ms leases.
+	waitFor(t, "40 answers without a leader", func() bool { return f.leaderlessAnswers.Load() >= 40 })
+	for _, r := range f.messages() {
+		if st := r.msg.GetStatus(); st != nil && isTerminal(st.GetPhase()) {
+			t.Fatalf("task ended without a leader while a coordinator renewed the lease: %v", st)
+		}
+	}
+	if n := metricValue(t, w.Gatherer(), "coordflow_worker_leaderless", nil); n != 1 {
+		t.Fatalf("leaderless gauge = %v, want 1", n)
+	}
+	if n := metricValue(t, w.Gatherer(), "coordflow_worker_lease_expiries_total", nil); n != 0 {
+		t.Fatalf("lease expiries = %v, want 0", n)
+	}
+
+	// A leader is elected: the held stream names it and the worker reports
+	// its running task there.
+	leader := newFakeCoord(t, false, "")
+	leader.leaseMs, leader.hbMs = 300, 30
+	f.elected.Store(&leader.rpcAddr)
+	hello := leader.await(t, "hello at the new leader", func(r received) bool { return r.msg.GetHello() != nil }).GetHello()
+	if len(hello.GetRunning()) != 1 || !sameTask(hello.GetRunning()[0].GetTask(), d.Task) {
+		t.Fatalf("hello at the new leader lists %v, want the running map task", hello.GetRunning())
+	}
+
+	// Every coordinator falls silent (the leaderless one answers no
+	// heartbeat either): nothing renews the lease, and the task stops.
+	f.elected.Store(nil)
+	f.silent.Store(true)
+	leader.silent.Store(true)
+	leader.kick("w1")
+	if reason := leader.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_CANCELLED); !strings.Contains(reason, "lease expired") {
+		t.Fatalf("cancel reason %q does not mention the lease", reason)
 	}
 }
 

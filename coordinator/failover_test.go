@@ -1,0 +1,169 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/coordflow/coordflow/transport"
+)
+
+// TestLeaderlessCoordinatorHoldsWorkerStreams: a coordinator that knows no
+// leader (two of three are down) answers a worker's Hello and every heartbeat
+// with NotLeader naming no leader, which renews the worker's lease, and keeps
+// the stream open; once quorum is back and a leader is elected, it names the
+// leader on the held stream and ends it.
+func TestLeaderlessCoordinatorHoldsWorkerStreams(t *testing.T) {
+	servers := startCluster(t, 3)
+	leader := waitForLeader(t, servers...)
+	rest := followers(leader, servers)
+	survivor, down := rest[0], []*Server{leader, rest[1]}
+	for _, s := range down {
+		stopServer(t, s)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		if id, _, _ := survivor.leaderInfo(); id != "" {
+			return fmt.Errorf("%s still names leader %s", survivor.ID(), id)
+		}
+		return nil
+	})
+
+	var out struct{ Error string }
+	if code := apiCall(t, survivor, http.MethodPost, "/v1/jobs", wordcountSpec, &out); code != http.StatusServiceUnavailable ||
+		!strings.Contains(out.Error, "no leader") || !strings.Contains(out.Error, "quorum of 2 of the 3 voters") {
+		t.Errorf("POST /v1/jobs without quorum = %d %q, want 503 naming the quorum", code, out.Error)
+	}
+
+	conn, err := grpc.NewClient(survivor.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	stream, err := transport.NewControlClient(conn).Session(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(m *transport.WorkerMessage) {
+		t.Helper()
+		if err := stream.Send(m); err != nil {
+			t.Fatalf("send %T: %v", m.GetMsg(), err)
+		}
+	}
+	notLeader := func() *transport.NotLeader {
+		t.Helper()
+		m, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("receive: %v", err)
+		}
+		nl := m.GetNotLeader()
+		if nl == nil {
+			t.Fatalf("got %T, want NotLeader", m.GetMsg())
+		}
+		return nl
+	}
+	heartbeat := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Heartbeat{Heartbeat: &transport.Heartbeat{}}}
+	send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: &transport.Hello{WorkerId: "w1", DataAddr: "127.0.0.1:1", Slots: 4}}})
+	for i := range 4 {
+		if nl := notLeader(); nl.GetLeaderId() != "" || nl.GetLeaderRpcAddr() != "" {
+			t.Fatalf("answer %d names leader %q at %q, want none", i, nl.GetLeaderId(), nl.GetLeaderRpcAddr())
+		}
+		send(heartbeat)
+	}
+	var held dto.Metric
+	if err := survivor.metrics.leaderlessStreams.Write(&held); err != nil || held.GetGauge().GetValue() != 1 {
+		t.Errorf("leaderless streams = %v (%v), want 1", held.GetGauge().GetValue(), err)
+	}
+
+	for i, s := range down {
+		down[i] = startServer(t, restartConfig(s, survivor.GossipAddr()))
+	}
+	newLeader := waitForLeader(t, survivor, down[0], down[1])
+	for {
+		nl := notLeader()
+		if nl.GetLeaderId() == "" {
+			continue // an answer to a heartbeat sent before the election
+		}
+		if nl.GetLeaderId() != newLeader.ID() || nl.GetLeaderRpcAddr() != newLeader.RPCAddr() {
+			t.Fatalf("NotLeader names %s at %s, want %s at %s", nl.GetLeaderId(), nl.GetLeaderRpcAddr(), newLeader.ID(), newLeader.RPCAddr())
+		}
+		break
+	}
+	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("after naming the leader the stream should end, got %v", err)
+	}
+}
+
+// TestRemovePeer: DELETE /v1/raft/peers/{id} through a follower removes a
+// coordinator that is gone, and refuses to remove the leader, a coordinator
+// that is alive, or one that is not a peer.
+func TestRemovePeer(t *testing.T) {
+	servers := startCluster(t, 3)
+	leader := waitForLeader(t, servers...)
+	cfg := testConfig(t, leader.cfg.Logger, "c4")
+	cfg.BootstrapExpect = 3
+	cfg.Join = []string{leader.GossipAddr()}
+	fourth := startServer(t, cfg)
+	waitFor(t, 15*time.Second, func() error { return hasPeer(leader, "c4", true) })
+	follower := followers(leader, servers)[0]
+
+	for _, tc := range []struct {
+		id   string
+		code int
+		want string
+	}{
+		{leader.ID(), http.StatusConflict, "cannot remove itself"},
+		{"c4", http.StatusConflict, "is alive in gossip"},
+		{"c9", http.StatusNotFound, `no raft peer "c9"`},
+	} {
+		var out struct{ Error string }
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/raft/peers/"+tc.id, nil, &out); code != tc.code || !strings.Contains(out.Error, tc.want) {
+			t.Errorf("DELETE /v1/raft/peers/%s = %d %q, want %d and %q", tc.id, code, out.Error, tc.code, tc.want)
+		}
+	}
+
+	stopServer(t, fourth)
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(leader, "c4", StatusLeft) })
+	if code := apiCall(t, follower, http.MethodDelete, "/v1/raft/peers/c4", nil, nil); code != http.StatusOK {
+		t.Fatalf("DELETE /v1/raft/peers/c4 = %d, want 200", code)
+	}
+	waitFor(t, 10*time.Second, func() error {
+		var errs []error
+		for _, s := range servers {
+			errs = append(errs, hasPeer(s, "c4", false))
+		}
+		return errors.Join(errs...)
+	})
+	submitJob(t, follower, wordcountSpec)
+	waitForEqualDigests(t, servers...)
+}
+
+// hasPeer reports whether s's Raft configuration holds id (want) or not.
+func hasPeer(s *Server, id string, want bool) error {
+	f := s.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return err
+	}
+	for _, srv := range f.Configuration().Servers {
+		if string(srv.ID) == id {
+			if !want {
+				return fmt.Errorf("%s still has %s in its raft configuration", s.ID(), id)
+			}
+			return nil
+		}
+	}
+	if want {
+		return fmt.Errorf("%s has no %s in its raft configuration", s.ID(), id)
+	}
+	return nil
+}
