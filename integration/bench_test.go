@@ -78,6 +78,13 @@ type benchThroughputResult struct {
 	Aborted                int     `json:"aborted"`
 	StateBytes             int     `json:"state_bytes"` // keyed state of the covering checkpoint, all map tasks
 	LoadAvg                string  `json:"loadavg"`     // /proc/loadavg before the cluster started
+	// CPU seconds used during the plain consumer's read and during the
+	// job's run (submission until the covering checkpoint was seen), by
+	// process group (benchCPUSnapshot), and the wall time of each.
+	ConsumerCPU     map[string]float64 `json:"consumer_cpu"`
+	ConsumerCPUWall float64            `json:"consumer_cpu_wall_s"`
+	JobCPU          map[string]float64 `json:"job_cpu"`
+	JobCPUWall      float64            `json:"job_cpu_wall_s"`
 }
 
 // BenchmarkWordcountThroughput compares, in one run on one cluster (devkafka,
@@ -99,14 +106,10 @@ func BenchmarkWordcountThroughput(b *testing.B) {
 			i+1, r.Records, r.Words, float64(r.ValueBytes)/1e6, r.ProduceSeconds, r.ConsumerSeconds, n/r.ConsumerSeconds,
 			r.FirstRecordSeconds, r.AppliedSeconds, n/r.AppliedSeconds, r.CheckpointedSeconds, n/r.CheckpointedSeconds,
 			r.FirstCheckpointSeconds, r.FirstProgressSeconds, r.CheckpointMedianMS, r.CheckpointMaxMS, r.Checkpoints, r.Aborted, r.StateBytes, r.CountSeconds, r.LoadAvg)
+		b.Logf("run %d CPU seconds (2 cores): plain consumer phase %.1fs wall: %s; job phase %.1fs wall: %s",
+			i+1, r.ConsumerCPUWall, benchFormatCPU(r.ConsumerCPU), r.JobCPUWall, benchFormatCPU(r.JobCPU))
 	}
-	med := func(f func(benchThroughputResult) float64) float64 {
-		vs := make([]float64, 0, len(runs))
-		for _, r := range runs {
-			vs = append(vs, f(r))
-		}
-		return benchMedian(vs)
-	}
+	med := func(f func(benchThroughputResult) float64) float64 { return benchMedian(benchMap(runs, f)) }
 	b.ReportMetric(0, "ns/op")
 	b.ReportMetric(med(func(r benchThroughputResult) float64 { return float64(r.Records) / r.ConsumerSeconds }), "consumer-records/s")
 	b.ReportMetric(med(func(r benchThroughputResult) float64 { return float64(r.Records) / r.AppliedSeconds }), "job-applied-records/s")
@@ -318,12 +321,14 @@ func TestBenchScenarioThroughput(t *testing.T) {
 	t.Logf("produced %d records (%d words) in %.1fs", res.Records, res.Words, res.ProduceSeconds)
 
 	// (a) A plain consumer: every partition from the oldest offset to the end.
+	cpu0 := benchCPUSnapshot(t, c)
 	consumed, elapsed := benchConsumeAll(t, c.brokers(), "words", end)
 	if consumed != res.Records {
 		t.Fatalf("plain consumer read %d records, want %d", consumed, res.Records)
 	}
+	res.ConsumerCPU, res.ConsumerCPUWall = benchCPUSnapshot(t, c).since(cpu0)
 	res.ConsumerSeconds = elapsed.Seconds()
-	t.Logf("plain consumer: %d records in %.2fs", consumed, res.ConsumerSeconds)
+	t.Logf("plain consumer: %d records in %.2fs; CPU seconds: %s", consumed, res.ConsumerSeconds, benchFormatCPU(res.ConsumerCPU))
 
 	// (b) The checkpointed job, from its submission until a completed
 	// checkpoint covers every partition's end.
@@ -331,6 +336,7 @@ func TestBenchScenarioThroughput(t *testing.T) {
 	spec.Source.Parallelism = 2
 	spec.Operator.Parallelism = 2
 	spec.Checkpoint.Interval = "1s"
+	cpu0 = benchCPUSnapshot(t, c)
 	submitted := time.Now()
 	job := c.submitJob(t, spec)
 	since := func(at time.Time) float64 { return at.Sub(submitted).Seconds() }
@@ -369,6 +375,8 @@ func TestBenchScenarioThroughput(t *testing.T) {
 		}
 		return true, nil
 	})
+	res.JobCPU, res.JobCPUWall = benchCPUSnapshot(t, c).since(cpu0)
+	t.Logf("job: CPU seconds over %.1fs: %s", res.JobCPUWall, benchFormatCPU(res.JobCPU))
 	final := c.jobState(t, job)
 	if diff := diffCounts(final.Keyed, want); diff != "" {
 		t.Fatalf("checkpoint %d's state differs from the counts of the input:\n%s", final.CheckpointID, diff)
@@ -468,6 +476,84 @@ func benchConsumeAll(t *testing.T, brokers []string, topic string, end map[int32
 		t.Fatalf("consume %s: %v", topic, errs)
 	}
 	return total, elapsed
+}
+
+// benchCPU is the CPU time used so far by each group of processes: the
+// cluster's daemons by kind, this test process ("test": the plain consumer,
+// the producer and the polling), and the machine as a whole ("machine").
+type benchCPU struct {
+	at      time.Time
+	seconds map[string]float64
+}
+
+// benchClockTick is USER_HZ, the unit of /proc/stat and /proc/PID/stat
+// times: 100 on every Linux this runs on.
+const benchClockTick = 100
+
+// benchCPUSnapshot reads /proc for the CPU time of every current process of
+// the cluster, this process and the machine.
+func benchCPUSnapshot(t *testing.T, c *cluster) benchCPU {
+	t.Helper()
+	snap := benchCPU{at: time.Now(), seconds: map[string]float64{}}
+	procTime := func(pid string) float64 {
+		b, err := os.ReadFile("/proc/" + pid + "/stat")
+		if err != nil {
+			t.Fatalf("CPU time of %s: %v", pid, err)
+		}
+		// The fields after the command name (in parentheses): state is
+		// field 3, utime 14 and stime 15 (man 5 proc).
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		ut, _ := strconv.ParseFloat(f[11], 64)
+		st, _ := strconv.ParseFloat(f[12], 64)
+		return (ut + st) / benchClockTick
+	}
+	for _, p := range c.current() {
+		if !p.hasExited() {
+			snap.seconds[strings.Fields(p.name)[0]] += procTime(strconv.Itoa(p.cmd.Process.Pid))
+		}
+	}
+	snap.seconds["test"] = procTime("self")
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		t.Fatalf("CPU time of the machine: %v", err)
+	}
+	// cpu user nice system idle iowait irq softirq steal ...: busy is all
+	// but idle and iowait.
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:min(9, len(f))] {
+		if i == 3 || i == 4 {
+			continue
+		}
+		n, _ := strconv.ParseFloat(v, 64)
+		snap.seconds["machine"] += n / benchClockTick
+	}
+	return snap
+}
+
+// benchFormatCPU lists CPU seconds by group, in a fixed order.
+func benchFormatCPU(m map[string]float64) string {
+	var parts []string
+	for _, k := range []string{"workerd", "devkafka", "coordd", "test", "other", "machine"} {
+		parts = append(parts, fmt.Sprintf("%s %.1f", k, m[k]))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// since returns the CPU seconds each group used between from and s, with
+// "other" for the machine's busy time that none of the groups used, and the
+// wall time between them.
+func (s benchCPU) since(from benchCPU) (map[string]float64, float64) {
+	d := map[string]float64{}
+	var ours float64
+	for k, v := range s.seconds {
+		d[k] = v - from.seconds[k]
+		if k != "machine" {
+			ours += d[k]
+		}
+	}
+	d["other"] = d["machine"] - ours
+	return d, s.at.Sub(from.at).Seconds()
 }
 
 // ---- failover scenarios ----

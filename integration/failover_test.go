@@ -89,35 +89,54 @@ func workersOf(j jobView) []string {
 	return ws
 }
 
-// pauseUntilPending pauses worker, which runs tasks of job, and waits until
-// the leader shows a pending checkpoint triggered after the pause: one that
-// cannot complete while the worker is paused. It returns that checkpoint's id
-// with the worker still paused. The pause lasts about one checkpoint
-// interval, well below gossip's failure detection.
-func (c *cluster) pauseUntilPending(t *testing.T, job, worker string, leader *coordProc) uint64 {
+// pauseUntilPending pauses worker, which runs tasks of job, right after one
+// of the job's checkpoints has completed, and then waits until the leader
+// triggers the next one: a checkpoint that cannot complete while the worker
+// is paused. It returns that checkpoint's id, the worker still paused. The
+// leader triggers a checkpoint no sooner than interval after the previous
+// trigger, so pausing early in that interval leaves no trigger in flight; the
+// pause lasts under one interval, well below gossip's failure detection.
+func (c *cluster) pauseUntilPending(t *testing.T, job, worker string, leader *coordProc, interval time.Duration) uint64 {
 	t.Helper()
-	c.pauseWorker(t, worker)
-	cps, err := c.getCheckpoints(leader.httpAddr, job)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var highest uint64
-	for _, cp := range cps {
-		highest = max(highest, cp.ID)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	const poll = 5 * time.Millisecond // poll fast: this wait decides how long a worker stays frozen
+	checkpoints := func() []checkpointView {
+		t.Helper()
 		cps, err := c.getCheckpoints(leader.httpAddr, job)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(cps) > 0 && cps[0].Status == "pending" && cps[0].ID > highest {
-			return cps[0].ID
+		return cps
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	var completed uint64
+	for completed == 0 {
+		if cps := checkpoints(); len(cps) > 0 && cps[0].Status == "completed" {
+			triggered, err := time.Parse(time.RFC3339Nano, cps[0].TriggerTime)
+			if err != nil {
+				t.Fatalf("checkpoint %d: trigger time %q: %v", cps[0].ID, cps[0].TriggerTime, err)
+			}
+			if time.Until(triggered.Add(interval)) > interval/3 {
+				c.pauseWorker(t, worker)
+				completed = cps[0].ID
+				break
+			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no checkpoint above %d pending within 5s of pausing %s: %+v", highest, worker, cps)
+			t.Fatalf("found no moment early in a checkpoint interval to pause %s within 30s", worker)
 		}
-		time.Sleep(10 * time.Millisecond) // poll interval: this wait keeps a worker frozen, so it polls fast
+		time.Sleep(poll)
+	}
+	pausedAt := time.Now()
+	for {
+		cps := checkpoints()
+		if cps[0].Status == "pending" && cps[0].ID > completed {
+			t.Logf("checkpoint %d pending %v after pausing %s", cps[0].ID, time.Since(pausedAt).Round(time.Millisecond), worker)
+			return cps[0].ID
+		}
+		if time.Since(pausedAt) > 5*interval {
+			t.Fatalf("no checkpoint above %d pending within %v of pausing %s: %+v", completed, 5*interval, worker, cps[:min(3, len(cps))])
+		}
+		time.Sleep(poll)
 	}
 }
 
@@ -130,7 +149,8 @@ func TestLeaderKillKeepsTasksRunning(t *testing.T) {
 	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": 4}})
 	in := newWordInput(101, 60_000, 4)
 	produce(t, c.brokers(), "words", in.recs[:20_000])
-	job := c.submitJob(t, failoverSpec(c.brokers(), "200ms"))
+	const interval = 300 * time.Millisecond
+	job := c.submitJob(t, failoverSpec(c.brokers(), interval.String()))
 	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[20_000:], 10_000)
 	before := c.waitCheckpointed(t, job)
 
@@ -138,7 +158,7 @@ func TestLeaderKillKeepsTasksRunning(t *testing.T) {
 	// and kill the leader while it is.
 	oldLeader := c.coordinator(t, c.leader(t))
 	victim := before.Tasks[0].Worker
-	pending := c.pauseUntilPending(t, job, victim, oldLeader)
+	pending := c.pauseUntilPending(t, job, victim, oldLeader, interval)
 	c.killCoordinator(t, oldLeader.id)
 	c.resumeWorker(t, victim)
 	t.Logf("killed leader %s with checkpoint %d pending (attempt %d)", oldLeader.id, pending, before.Attempt)

@@ -961,10 +961,11 @@ type (
 	}
 	// checkpointView is one entry of GET /v1/jobs/{id}/checkpoints.
 	checkpointView struct {
-		ID      uint64 `json:"id"`
-		Attempt uint64 `json:"attempt"`
-		Status  string `json:"status"` // pending, completed, aborted
-		Reason  string `json:"reason"`
+		ID          uint64 `json:"id"`
+		Attempt     uint64 `json:"attempt"`
+		Status      string `json:"status"` // pending, completed, aborted
+		Reason      string `json:"reason"`
+		TriggerTime string `json:"trigger_time"` // RFC 3339
 	}
 )
 

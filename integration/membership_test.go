@@ -62,7 +62,9 @@ func TestCoordinatorMembership(t *testing.T) {
 	for i := range 40 {
 		spec := wordcountSpec(c.brokers(), "words")
 		spec.Name = fmt.Sprintf("job%02d", i)
-		c.submitJob(t, spec)
+		if _, err := c.postJob(c.api(t), spec); err != nil {
+			t.Fatalf("submit job %d: %v", i, err)
+		}
 	}
 	c.waitFor(t, 30*time.Second, "every coordinator to snapshot its log", func() (bool, error) {
 		for _, cp := range c.coords {
