@@ -77,7 +77,7 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 	if k := st.GetKind(); k != transport.TaskKind_TASK_KIND_UNSPECIFIED && k != protoKind(t.Kind) {
 		return fmt.Errorf("state of kind %s for %s task %s", k, t.Kind, t.ID)
 	}
-	p.acks[t.ID] = fsm.TaskState{
+	state := fsm.TaskState{
 		TaskID:      t.ID,
 		Kind:        t.Kind,
 		Worker:      worker,
@@ -86,6 +86,11 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 		Keyed:       st.GetKeyed(),
 		KeyedSHA256: st.GetKeyedSha256(),
 	}
+	if t.Kind == fsm.TaskMap && t.KeyGroups != nil {
+		kg := *t.KeyGroups // the range the map task's snapshot covers
+		state.KeyGroups = &kg
+	}
+	p.acks[t.ID] = state
 	return nil
 }
 
@@ -289,16 +294,16 @@ func (l *leader) completeCheckpoint(js *jobState) {
 }
 
 // abortCheckpoint aborts the pending checkpoint through Raft with reason
-// (class labels the metric). If judge is set, the abort was the tasks' doing
-// and the attempt is restarted once the job's consecutive aborts exceed
-// tolerable_failures.
+// (class labels the metric). If judge is set, the abort was the tasks' doing:
+// it counts toward tolerable_failures, and the attempt is restarted once the
+// job's consecutive aborts exceed them. Other aborts are not counted.
 func (l *leader) abortCheckpoint(js *jobState, reason, class string, judge bool) {
 	p := js.ckpt.pending
 	if p == nil {
 		return
 	}
 	js.ckpt.pending = nil
-	if err := l.commitAbort(js, p.id, reason, class); err != nil || !judge {
+	if err := l.commitAbort(js, p.id, reason, class, judge); err != nil || !judge {
 		return
 	}
 	job, ok := l.env.job(js.id)
@@ -325,7 +330,7 @@ func (l *leader) abortUntracked(js *jobState, pending *fsm.Checkpoint) {
 	if l.inherited[js.id] == pending.ID {
 		reason, class = "leader changed", "leader_changed"
 	}
-	if l.commitAbort(js, pending.ID, reason, class) == nil {
+	if l.commitAbort(js, pending.ID, reason, class, false) == nil {
 		delete(l.inherited, js.id)
 	}
 }
@@ -340,11 +345,13 @@ func (l *leader) abortInherited() {
 	}
 }
 
-// commitAbort commits CheckpointAborted and logs the outcome.
-func (l *leader) commitAbort(js *jobState, id uint64, reason, class string) error {
+// commitAbort commits CheckpointAborted and logs the outcome. counted says
+// whether the abort counts toward the job's tolerable_failures: only the
+// tasks' failures do, not a leader change or a restart.
+func (l *leader) commitAbort(js *jobState, id uint64, reason, class string, counted bool) error {
 	log := l.jobLogger(js).With("checkpoint", id)
 	_, err := l.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{
-		JobID: js.id, CheckpointID: id, Reason: reason, Time: l.env.now().UnixNano(),
+		JobID: js.id, CheckpointID: id, Reason: reason, Time: l.env.now().UnixNano(), NotCounted: !counted,
 	})
 	if err != nil {
 		log.Warn("abort checkpoint", "reason", reason, "err", err)

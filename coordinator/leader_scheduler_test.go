@@ -146,6 +146,40 @@ func TestLeaderBuildDeployCarriesRestoreState(t *testing.T) {
 	}
 }
 
+// TestLeaderRestoreKeyedSendsOverlappingBlobs: a map task is sent the blobs
+// whose key groups overlap its own range, and every blob that names none.
+func TestLeaderRestoreKeyedSendsOverlappingBlobs(t *testing.T) {
+	ck := &fsm.Checkpoint{ID: 4, Tasks: map[string]fsm.TaskState{
+		"map-0":    {Kind: fsm.TaskMap, KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 64}},
+		"map-1":    {Kind: fsm.TaskMap, KeyGroups: &fsm.KeyGroupRange{Start: 64, End: 128}},
+		"source-0": {Kind: fsm.TaskSource, Offsets: map[int32]int64{0: 1}},
+	}}
+	ids := func(own *fsm.KeyGroupRange) []string {
+		var out []string
+		for _, b := range restoreKeyed(ck, own) {
+			out = append(out, b.GetTaskId())
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		own  *fsm.KeyGroupRange
+		want []string
+	}{
+		{&fsm.KeyGroupRange{Start: 0, End: 42}, []string{"map-0"}},
+		{&fsm.KeyGroupRange{Start: 42, End: 85}, []string{"map-0", "map-1"}},
+		{&fsm.KeyGroupRange{Start: 64, End: 128}, []string{"map-1"}},
+		{nil, []string{"map-0", "map-1"}},
+	} {
+		if got := ids(tc.own); !slices.Equal(got, tc.want) {
+			t.Errorf("own %v: blobs of %v, want %v", tc.own, got, tc.want)
+		}
+	}
+	ck.Tasks["map-2"] = fsm.TaskState{Kind: fsm.TaskMap} // written before states named their range
+	if got := ids(&fsm.KeyGroupRange{Start: 0, End: 10}); !slices.Equal(got, []string{"map-0", "map-2"}) {
+		t.Errorf("blobs %v, want map-0 and the unranged map-2", got)
+	}
+}
+
 func TestLeaderChooseRestoreSkipsBadCheckpoints(t *testing.T) {
 	completed := []fsm.Checkpoint{{ID: 3}, {ID: 5}, {ID: 8}}
 	ck, note, err := chooseRestore(completed, map[uint64]string{})

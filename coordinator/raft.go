@@ -11,7 +11,9 @@ import (
 	"net/http"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -103,7 +105,8 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("inspect raft state in %s: %w", s.cfg.DataDir, err)
 	}
-	r, err := raft.NewRaft(rc, s.fsm, store, store, snaps, trans)
+	s.applied = &indexedFSM{FSM: s.fsm}
+	r, err := raft.NewRaft(rc, s.applied, store, store, snaps, trans)
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
@@ -168,13 +171,46 @@ func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (r
 	return res, f.Index(), nil
 }
 
+// indexedFSM is the raft.FSM coordd gives Raft: the fsm, plus the index of
+// the last entry it has applied. raft.AppliedIndex runs ahead of the FSM (it
+// moves when entries are handed to the FSM goroutine, before they are
+// applied), so a follower that must read its own forwarded write waits on
+// this index instead.
+type indexedFSM struct {
+	*fsm.FSM
+	applied atomic.Uint64
+}
+
+// Apply applies l and then records its index. Raft calls it from its FSM
+// goroutine only.
+func (f *indexedFSM) Apply(l *raft.Log) any {
+	res := f.FSM.Apply(l)
+	f.applied.Store(l.Index)
+	return res
+}
+
+// hasApplied reports whether this node's FSM reflects log index: applied it,
+// or restored a snapshot that covers it.
+func (s *Server) hasApplied(index uint64) bool {
+	if s.applied.applied.Load() >= index {
+		return true
+	}
+	if s.raft.AppliedIndex() < index {
+		return false
+	}
+	// Raft has handed index over: the FSM goroutine is applying it (a
+	// moment), or a snapshot restored since covers it.
+	snap, err := strconv.ParseUint(s.raft.Stats()["last_snapshot_index"], 10, 64)
+	return err == nil && snap >= index
+}
+
 // waitApplied waits until this node's FSM has applied index, or ctx is done.
 // Raft offers no notification for this; the wait is usually one commit
 // round (at most raft's CommitTimeout, 50 ms), so polling is cheap.
 func (s *Server) waitApplied(ctx context.Context, index uint64) error {
 	t := time.NewTicker(2 * time.Millisecond)
 	defer t.Stop()
-	for s.raft.AppliedIndex() < index {
+	for !s.hasApplied(index) {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("wait for raft index %d (applied %d): %w", index, s.raft.AppliedIndex(), ctx.Err())

@@ -35,7 +35,7 @@ type jobState struct {
 	order []*trackedTask
 
 	deployedAt   time.Time // when the current attempt was deployed (or first seen by this term)
-	restoredFrom uint64    // checkpoint this term deployed the current attempt from; 0 if fresh or unknown
+	restoredFrom uint64    // checkpoint the current attempt restored from (replicated in the FSM); 0 if fresh
 	// bad holds checkpoints a map task failed to verify, with the reason;
 	// deploys restore from an older retained checkpoint instead.
 	bad map[uint64]string
@@ -76,6 +76,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		l.jobs[job.ID] = js
 	}
 	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
+	js.restoredFrom = job.RestoredFrom
 	if js.tasks == nil || js.attempt != job.Attempt {
 		js.attempt = job.Attempt
 		js.tasks = make(map[string]*trackedTask, len(job.Tasks))
@@ -86,7 +87,6 @@ func (l *leader) observe(job fsm.Job) *jobState {
 			js.order = append(js.order, tv)
 		}
 		js.deployedAt = l.env.now()
-		js.restoredFrom = 0
 		js.cancelSent = false
 		js.ckpt.pending = nil
 	}
@@ -342,8 +342,12 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 		reason += "; " + note
 	}
 	attempt := js.attempt + 1
+	var restoreFrom uint64
+	if restore != nil {
+		restoreFrom = restore.ID
+	}
 	_, err = l.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{
-		JobID: js.id, Attempt: attempt, Tasks: tasks, Reason: reason, Time: now.UnixNano(),
+		JobID: js.id, Attempt: attempt, Tasks: tasks, Reason: reason, Time: now.UnixNano(), RestoreFrom: restoreFrom,
 	})
 	if err != nil {
 		l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
@@ -357,9 +361,6 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	}
 	js = l.observe(job)
 	js.deployedAt, js.cause = now, ""
-	if restore != nil {
-		js.restoredFrom = restore.ID
-	}
 	if attempt > 1 {
 		l.metrics.jobRestarts.WithLabelValues(js.id).Inc()
 	}
@@ -565,7 +566,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint) *transport.De
 	case fsm.TaskSource:
 		d.RestoreOffsets = restoreOffsets(restore, t.Partitions)
 	case fsm.TaskMap:
-		d.RestoreKeyed = restoreKeyed(restore)
+		d.RestoreKeyed = restoreKeyed(restore, t.KeyGroups)
 	}
 	return d
 }
@@ -589,15 +590,21 @@ func restoreOffsets(ck *fsm.Checkpoint, partitions []int32) map[int32]int64 {
 	return out
 }
 
-// restoreKeyed returns every map task's keyed blob of ck, sorted by task id:
-// each map task keeps the key groups of its own range.
-func restoreKeyed(ck *fsm.Checkpoint) []*transport.KeyedBlob {
+// restoreKeyed returns the keyed blobs of ck a map task owning key groups
+// own needs, sorted by task id: those whose range overlaps own, and every
+// blob that does not name its range (written before states did). The task
+// keeps the key groups of its own range. A nil own gets every blob.
+func restoreKeyed(ck *fsm.Checkpoint, own *fsm.KeyGroupRange) []*transport.KeyedBlob {
 	var blobs []*transport.KeyedBlob
 	for _, id := range slices.Sorted(maps.Keys(ck.Tasks)) {
 		st := ck.Tasks[id]
-		if st.Kind == fsm.TaskMap {
-			blobs = append(blobs, &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256})
+		if st.Kind != fsm.TaskMap {
+			continue
 		}
+		if own != nil && st.KeyGroups != nil && (st.KeyGroups.End <= own.Start || own.End <= st.KeyGroups.Start) {
+			continue // no key group in common
+		}
+		blobs = append(blobs, &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256})
 	}
 	return blobs
 }

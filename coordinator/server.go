@@ -172,6 +172,7 @@ type Server struct {
 	logger  *slog.Logger
 	raft    *raft.Raft
 	fsm     *fsm.FSM
+	applied *indexedFSM // fsm as Raft sees it, with the last index applied
 	members *memberlist.Memberlist
 	metrics *metrics
 

@@ -105,9 +105,11 @@ type workerMessage struct {
 	msg  *transport.WorkerMessage
 }
 
-// Session serves one worker's control stream: Hello first, then NotLeader on
-// a follower, or Welcome and the session on the leader. It returns when the
-// session ends; the error tells the worker why.
+// Session serves one worker's control stream: Hello first, then on the leader
+// Welcome and the session; elsewhere NotLeader naming the leader, or, while
+// no leader is known, NotLeader naming none, held until one is (see
+// holdLeaderless). It returns when the stream ends; the error tells the
+// worker why.
 func (c *controlService) Session(stream transport.Control_SessionServer) error {
 	hello, err := recvHello(stream)
 	if err != nil {
@@ -238,6 +240,16 @@ func (c *controlService) holdLeaderless(stream transport.Control_SessionServer, 
 			}
 		}
 	}()
+	// named ends the hold once a leader is known: NotLeader names it. When
+	// this node itself has just won, it waits for its leader loop, so that
+	// the worker is sent here with an address rather than told to retry.
+	named := func() (bool, error) {
+		id, rpcAddr := c.knownLeader()
+		if id == "" || (id == c.s.cfg.ID && rpcAddr == "") {
+			return false, nil
+		}
+		return true, sendNotLeader(stream, id, rpcAddr)
+	}
 	poll := time.NewTicker(leaderlessPoll)
 	defer poll.Stop()
 	for {
@@ -252,13 +264,18 @@ func (c *controlService) holdLeaderless(stream transport.Control_SessionServer, 
 			}
 			return fmt.Errorf("receive from worker %s: %w", worker, err)
 		case <-beats:
-			id, rpcAddr := c.knownLeader()
-			if err := sendNotLeader(stream, id, rpcAddr); err != nil || id != "" {
+			if done, err := named(); done || err != nil {
 				return err
 			}
+			if id, _ := c.knownLeader(); id == "" {
+				// Still no leader: this answer renews the worker's lease.
+				if err := sendNotLeader(stream, "", ""); err != nil {
+					return err
+				}
+			}
 		case <-poll.C:
-			if id, rpcAddr := c.knownLeader(); id != "" {
-				return sendNotLeader(stream, id, rpcAddr)
+			if done, err := named(); done || err != nil {
+				return err
 			}
 		}
 	}
