@@ -12,7 +12,9 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/coordflow/coordflow/transport"
 )
@@ -101,6 +103,32 @@ func TestLeaderlessCoordinatorHoldsWorkerStreams(t *testing.T) {
 	}
 	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("after naming the leader the stream should end, got %v", err)
+	}
+}
+
+// TestCoordinatorOutsideTheClusterRenewsNoLease: a coordinator that is in no
+// Raft configuration (never bootstrapped, not yet added) knows nothing about
+// the cluster's leader: it refuses a worker's stream instead of answering
+// NotLeader naming none, which would renew the worker's lease.
+func TestCoordinatorOutsideTheClusterRenewsNoLease(t *testing.T) {
+	s := startServer(t, testConfig(t, testLogger(t), "c1"))
+	conn, err := grpc.NewClient(s.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	stream, err := transport.NewControlClient(conn).Session(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: &transport.Hello{WorkerId: "w1"}}}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := stream.Recv()
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "not in the raft configuration") {
+		t.Fatalf("answer to hello: %v, %v; want Unavailable, not in the raft configuration", m, err)
 	}
 }
 

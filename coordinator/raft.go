@@ -189,8 +189,8 @@ func (f *indexedFSM) Apply(l *raft.Log) any {
 	return res
 }
 
-// hasApplied reports whether this node's FSM reflects log index: applied it,
-// or restored a snapshot that covers it.
+// hasApplied reports whether this node's FSM reflects log index, the index of
+// an FSM command: applied it, or restored a snapshot that covers it.
 func (s *Server) hasApplied(index uint64) bool {
 	if s.applied.applied.Load() >= index {
 		return true
@@ -202,6 +202,21 @@ func (s *Server) hasApplied(index uint64) bool {
 	// moment), or a snapshot restored since covers it.
 	snap, err := strconv.ParseUint(s.raft.Stats()["last_snapshot_index"], 10, 64)
 	return err == nil && snap >= index
+}
+
+// inRaftConfiguration reports whether this node is in the latest Raft
+// configuration it knows, as a voter or a nonvoter.
+func (s *Server) inRaftConfiguration() bool {
+	f := s.raft.GetConfiguration()
+	if f.Error() != nil {
+		return false
+	}
+	for _, srv := range f.Configuration().Servers {
+		if string(srv.ID) == s.cfg.ID {
+			return true
+		}
+	}
+	return false
 }
 
 // waitApplied waits until this node's FSM has applied index, or ctx is done.

@@ -172,9 +172,15 @@ func recvHello(stream transport.Control_SessionServer) (*transport.Hello, error)
 
 // redirect answers NotLeader with the leader this node knows. When it
 // knows none, the cluster has no leader (lost quorum, or an election in
-// progress): it then holds the stream (holdLeaderless) until one is known.
+// progress): it then holds the stream (holdLeaderless) until one is known. A
+// node outside the Raft configuration (not yet added, or removed) knows
+// nothing about the cluster's leadership: it refuses the stream instead, so
+// that its silence renews no lease.
 func (c *controlService) redirect(stream transport.Control_SessionServer, worker string) error {
 	id, rpcAddr := c.knownLeader()
+	if id == "" && !c.s.inRaftConfiguration() {
+		return status.Errorf(codes.Unavailable, "coordinator %s is not in the raft configuration and knows no leader", c.s.cfg.ID)
+	}
 	if err := sendNotLeader(stream, id, rpcAddr); err != nil {
 		return err
 	}

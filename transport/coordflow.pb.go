@@ -959,7 +959,8 @@ func (*CoordinatorMessage_Trigger) isCoordinatorMessage_Msg() {}
 func (*CoordinatorMessage_Complete) isCoordinatorMessage_Msg() {}
 
 // Welcome accepts a session. lease_ms is how long the worker may run tasks
-// without hearing from a leader before it must stop them.
+// without hearing from a leader (or from a coordinator that knows no leader,
+// see NotLeader) before it must stop them.
 type Welcome struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	LeaderId      string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
@@ -1028,7 +1029,12 @@ func (x *Welcome) GetHeartbeatMs() int64 {
 	return 0
 }
 
-// NotLeader redirects a worker; leader_rpc_addr is empty when no leader is known.
+// NotLeader redirects a worker to the leader. With leader_id empty the
+// coordinator knows no leader (lost quorum, election): it keeps the stream
+// open and answers each Heartbeat with another NotLeader, naming no leader,
+// which renews the worker's lease (nobody can commit a new attempt then), and
+// names the leader as soon as one is known, ending the stream. A NotLeader
+// that names a leader (even without its address) renews nothing.
 type NotLeader struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	LeaderId      string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`

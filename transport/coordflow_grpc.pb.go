@@ -30,7 +30,8 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // Control is served by every coordd on -rpc-addr. Only the Raft leader accepts
-// sessions; a follower answers the first message with NotLeader and closes.
+// sessions; another coordinator answers the first message with NotLeader and
+// closes, or, while it knows no leader, holds the stream (see NotLeader).
 type ControlClient interface {
 	// Session is the one long-lived stream between a worker and the leader. The
 	// worker opens it with Hello and then sends heartbeats, task status and acks;
@@ -64,7 +65,8 @@ type Control_SessionClient = grpc.BidiStreamingClient[WorkerMessage, Coordinator
 // for forward compatibility.
 //
 // Control is served by every coordd on -rpc-addr. Only the Raft leader accepts
-// sessions; a follower answers the first message with NotLeader and closes.
+// sessions; another coordinator answers the first message with NotLeader and
+// closes, or, while it knows no leader, holds the stream (see NotLeader).
 type ControlServer interface {
 	// Session is the one long-lived stream between a worker and the leader. The
 	// worker opens it with Hello and then sends heartbeats, task status and acks;

@@ -49,11 +49,11 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.ProbeTimeout, "gossip-probe-timeout", cfg.ProbeTimeout, "memberlist probe timeout")
 	fs.IntVar(&cfg.SuspicionMult, "gossip-suspicion-mult", cfg.SuspicionMult, "memberlist suspicion multiplier")
 	fs.DurationVar(&cfg.GossipInterval, "gossip-interval", cfg.GossipInterval, "memberlist gossip interval")
-	fs.DurationVar(&cfg.WorkerLease, "worker-lease", cfg.WorkerLease, "how long a worker runs tasks without hearing from a leader")
+	fs.DurationVar(&cfg.WorkerLease, "worker-lease", cfg.WorkerLease, "how long a worker runs tasks without hearing from a leader (or from a coordinator that knows no leader); see docs/operations.md")
 	fs.DurationVar(&cfg.WorkerHeartbeat, "worker-heartbeat", cfg.WorkerHeartbeat, "how often workers heartbeat to the leader")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", cfg.ReconcileInterval, "how often the leader compares jobs with what runs")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n\nRuns one coordinator until SIGINT or SIGTERM.\n\n")
+		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n\nRuns one coordinator until SIGINT or SIGTERM. What every timing flag trades: docs/operations.md.\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
