@@ -45,6 +45,7 @@ const (
 	chaosCheckEvery = 1500 * time.Millisecond
 )
 
+// TestChaos is the chaos test of issue 3: see the top of this file.
 func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos test: about 100 s of real processes being killed; skipped with -short")
@@ -72,7 +73,7 @@ func TestChaos(t *testing.T) {
 		return j.lastCheckpointID() > 0, fmt.Errorf("job is %s (attempt %d) %s", j.Status, j.Attempt, j.Reason)
 	})
 
-	ch := newChaos(t, c, rng, job, stream)
+	ch := newChaos(t, c, seed, rng, job, stream)
 	ch.run(chaosDuration)
 	stream.stop(t)
 	ch.restoreAll()
@@ -129,6 +130,7 @@ type chaosJobSpec struct {
 	Restart *chaosRestartSpec `json:"restart,omitempty"`
 }
 
+// chaosRestartSpec is the job spec's restart backoff ("restart" in design.md).
 type chaosRestartSpec struct {
 	Initial    string `json:"initial"`
 	Max        string `json:"max"`
@@ -166,6 +168,7 @@ func (tg *chaosTarget) String() string {
 type chaos struct {
 	t       *testing.T
 	c       *cluster
+	seed    uint64 // named in the schedule's failures
 	rng     *rand.Rand
 	job     string
 	stream  *chaosStream
@@ -178,8 +181,8 @@ type chaos struct {
 	mismatches     int
 }
 
-func newChaos(t *testing.T, c *cluster, rng *rand.Rand, job string, stream *chaosStream) *chaos {
-	ch := &chaos{t: t, c: c, rng: rng, job: job, stream: stream, kills: map[string]int{}, freezes: map[string]int{}}
+func newChaos(t *testing.T, c *cluster, seed uint64, rng *rand.Rand, job string, stream *chaosStream) *chaos {
+	ch := &chaos{t: t, c: c, seed: seed, rng: rng, job: job, stream: stream, kills: map[string]int{}, freezes: map[string]int{}}
 	for _, cp := range c.coords {
 		ch.targets = append(ch.targets, &chaosTarget{coordinator: true, id: cp.id})
 	}
@@ -205,7 +208,7 @@ func (ch *chaos) run(d time.Duration) {
 	nextCheck := ch.start.Add(chaosCheckEvery)
 	for now := time.Now(); now.Before(end); now = time.Now() {
 		if err := ch.c.unexpectedExits(); err != nil {
-			ch.t.Fatalf("chaos seed: a process crashed: %v", err)
+			ch.t.Fatalf("chaos seed %d, +%.1fs: a process crashed: %v", ch.seed, time.Since(ch.start).Seconds(), err)
 		}
 		for _, tg := range ch.targets {
 			if tg.state != chaosUp && !now.Before(tg.until) {
@@ -417,8 +420,8 @@ func (ch *chaos) checkNewestCheckpoint() {
 	ch.checked++
 	if diff := diffCounts(st.Keyed, want); diff != "" {
 		ch.mismatches++
-		ch.t.Errorf("chaos +%.1fs: checkpoint %d (offsets %v) differs from the counts of the input below its offsets:\n%s",
-			time.Since(ch.start).Seconds(), st.CheckpointID, st.Offsets, diff)
+		ch.t.Errorf("chaos seed %d, +%.1fs: checkpoint %d (offsets %v) differs from the counts of the input below its offsets:\n%s",
+			ch.seed, time.Since(ch.start).Seconds(), st.CheckpointID, st.Offsets, diff)
 	}
 }
 
