@@ -39,6 +39,8 @@ const (
 	// corresponding field at zero.
 	defaultLease     = 10 * time.Second
 	defaultReconcile = time.Second
+	// defaultDeployTimeout is Config.DeployTimeout's default.
+	defaultDeployTimeout = 45 * time.Second
 )
 
 // leaderEnv is what the leader loop needs from the rest of coordd. runLeader
@@ -96,6 +98,7 @@ type leader struct {
 	lease          time.Duration // worker lease, sent in Welcome
 	heartbeat      time.Duration // worker heartbeat interval, sent in Welcome
 	reconcileEvery time.Duration
+	deployTimeout  time.Duration // see Config.DeployTimeout
 
 	// events carries what sessions and lookups report; wake asks for a
 	// reconcile pass (buffered 1, sends never block).
@@ -174,6 +177,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		lease:          orDefault(cfg.WorkerLease, defaultLease),
 		heartbeat:      orDefault(cfg.WorkerHeartbeat, orDefault(cfg.WorkerLease, defaultLease)/4),
 		reconcileEvery: orDefault(cfg.ReconcileInterval, defaultReconcile),
+		deployTimeout:  orDefault(cfg.DeployTimeout, defaultDeployTimeout),
 		events:         make(chan leaderEvent, eventQueue),
 		wake:           make(chan struct{}, 1),
 		sessions:       make(map[string]*session),

@@ -368,3 +368,45 @@ func TestLeaderFallsBackFromCorruptCheckpoint(t *testing.T) {
 		}
 	}
 }
+
+func TestLeaderRestartsTaskThatNeverRuns(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.register("j1", testJobSpec(1, 1))
+	h.connect("w1", 4)
+	h.connect("w2", 4)
+	h.pastGrace()
+	h.step()
+	job := h.job("j1")
+	if job.Attempt != 1 || job.Status != fsm.JobRunning {
+		t.Fatalf("job not deployed: attempt %d status %s reason %q", job.Attempt, job.Status, job.Reason)
+	}
+	// Every task runs but map-0, which stays DEPLOYING (its RUNNING was lost).
+	var stuck fsm.Task
+	for _, tk := range job.Tasks {
+		phase := transport.TaskPhase_TASK_PHASE_RUNNING
+		if tk.ID == "map-0" {
+			stuck, phase = tk, transport.TaskPhase_TASK_PHASE_DEPLOYING
+		}
+		h.report(tk.Worker, ref(job, tk), phase, "")
+	}
+	if stuck.ID == "" {
+		t.Fatalf("job has no task map-0: %+v", job.Tasks)
+	}
+	h.step()
+	deadline := h.l.jobs["j1"].deployedAt.Add(defaultDeployTimeout)
+	if due := h.l.schedDue; due.IsZero() || due.After(deadline.Add(time.Millisecond)) {
+		t.Fatalf("next reconcile due %v, want by the deploy deadline %v", due, deadline)
+	}
+	h.advance(deadline.Sub(h.clock))
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRunning {
+		t.Fatalf("restarted at the deadline, before it passed: status %s reason %q", j.Status, j.Reason)
+	}
+	h.advance(time.Millisecond)
+	h.step()
+	j := h.job("j1")
+	want := "task map-0 on worker " + stuck.Worker + " has not reported RUNNING within 45s of its deploy (phase TASK_PHASE_DEPLOYING)"
+	if j.Status != fsm.JobRestarting || j.Reason != want {
+		t.Fatalf("status %s reason %q, want restarting with %q", j.Status, j.Reason, want)
+	}
+}

@@ -150,9 +150,10 @@ func memberStatus(members []Member) map[string]string {
 // taskFailure returns why the current attempt of a running job cannot go
 // on, and the task concerned, or "" if it can. A worker that is dead or
 // left in gossip, a task reported failed or cancelled, a worker without a
-// session for longer than the lease, and a task its worker does not report
-// running all fail the attempt. A session lost for less than the lease is not
-// a failure: gossip decides, and the worker stops its tasks by lease.
+// session for longer than the lease, a task its worker does not report
+// running, and a task that has not reported RUNNING within the deploy timeout
+// all fail the attempt. A session lost for less than the lease is not a
+// failure: gossip decides, and the worker stops its tasks by lease.
 func (l *leader) taskFailure(js *jobState, members map[string]string, now time.Time) (reason, task string) {
 	for _, tv := range js.order {
 		id, w := tv.task.ID, tv.task.Worker
@@ -176,6 +177,14 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 			l.scheduleAt(since.Add(l.lease + time.Millisecond))
 		} else if tv.missing {
 			return fmt.Sprintf("worker %s does not run task %s", w, id), id
+		}
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
+			deadline := js.deployedAt.Add(l.deployTimeout)
+			if now.After(deadline) {
+				return fmt.Sprintf("task %s on worker %s has not reported RUNNING within %v of its deploy (phase %s)",
+					id, w, l.deployTimeout, tv.phase), id
+			}
+			l.scheduleAt(deadline.Add(time.Millisecond))
 		}
 	}
 	return "", ""

@@ -82,6 +82,13 @@ type Config struct {
 	WorkerHeartbeat time.Duration
 	// ReconcileInterval is how often the leader compares jobs with what runs.
 	ReconcileInterval time.Duration
+	// DeployTimeout is how long a task of a job's current attempt may take to
+	// report RUNNING after the deploy (or after a new leader first sees the
+	// attempt) before the leader restarts the job: a task stuck deploying, or
+	// whose RUNNING status was lost, would otherwise block checkpoints for
+	// ever. The default, 45 s, covers the worker's wait for its data
+	// channels and for the previous attempt's tasks to stop, with a margin.
+	DeployTimeout time.Duration
 
 	// Operators are the operator names job specs may use; empty accepts any
 	// name (the workers then fail the tasks of an unknown operator).
@@ -112,6 +119,7 @@ func DefaultConfig() Config {
 		WorkerLease:            5 * time.Second,
 		WorkerHeartbeat:        500 * time.Millisecond,
 		ReconcileInterval:      200 * time.Millisecond,
+		DeployTimeout:          defaultDeployTimeout,
 	}
 }
 
@@ -132,6 +140,8 @@ func (c Config) validate() error {
 		return errors.New("raft timeouts must be positive")
 	case c.RaftReconcileInterval <= 0, c.ReconcileInterval <= 0:
 		return errors.New("reconcile intervals must be positive")
+	case c.DeployTimeout <= 0:
+		return errors.New("deploy timeout must be positive")
 	case c.ProbeInterval <= 0, c.ProbeTimeout <= 0, c.GossipInterval <= 0, c.SuspicionMult < 1:
 		return errors.New("memberlist timings must be positive")
 	case c.WorkerLease <= 0, c.WorkerHeartbeat <= 0 || c.WorkerHeartbeat >= c.WorkerLease:

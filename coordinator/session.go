@@ -21,6 +21,11 @@ const (
 	// sessionQueue bounds the messages waiting to be sent to one worker; a
 	// worker that falls this far behind loses its session and reconnects.
 	sessionQueue = 512
+	// sessionInbox bounds the worker messages a session has read and the
+	// leader loop has not taken yet; a worker that gets this far ahead of a
+	// stalled leader loop (a slow Raft write) loses its session and
+	// reconnects.
+	sessionInbox = 1024
 )
 
 // Reasons a session ends, as its context's cause.
@@ -28,6 +33,7 @@ var (
 	errLeadershipLost  = errors.New("leadership lost")
 	errSessionReplaced = errors.New("replaced by a newer session of the same worker")
 	errQueueFull       = errors.New("outgoing queue full: worker too slow")
+	errInboxFull       = errors.New("incoming queue full: leader loop stalled")
 	errProtocol        = errors.New("protocol violation")
 )
 
@@ -320,7 +326,7 @@ func sessionError(cause error) error {
 		return status.Error(codes.Unavailable, "leadership lost; reconnect to the new leader")
 	case errors.Is(cause, errSessionReplaced):
 		return status.Error(codes.Aborted, cause.Error())
-	case errors.Is(cause, errQueueFull):
+	case errors.Is(cause, errQueueFull), errors.Is(cause, errInboxFull):
 		return status.Error(codes.ResourceExhausted, cause.Error())
 	case errors.Is(cause, errProtocol):
 		return status.Error(codes.InvalidArgument, cause.Error())
@@ -329,8 +335,13 @@ func sessionError(cause error) error {
 }
 
 // receive reads the worker's messages until the stream or the session ends.
-// Heartbeats are answered here; everything else goes to the leader loop.
+// Heartbeats are answered here, at once; everything else is queued for
+// forward, so that a leader loop stalled on a slow Raft write delays acks and
+// statuses but never the heartbeat answers that keep the worker's lease.
 func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
+	inbox := make(chan leaderEvent, sessionInbox)
+	defer close(inbox)
+	go forward(sess, l, inbox)
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
@@ -343,11 +354,24 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 				Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()},
 			}})
 		case *transport.WorkerMessage_Status, *transport.WorkerMessage_Ack, *transport.WorkerMessage_Decline:
-			if !l.post(sess.ctx, workerMessage{sess: sess, msg: msg}) {
+			select {
+			case inbox <- workerMessage{sess: sess, msg: msg}:
+			default:
+				sess.close(fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sessionInbox))
 				return
 			}
 		default:
 			sess.close(fmt.Errorf("%w: worker %s sent %T on an open session", errProtocol, sess.worker, m))
+			return
+		}
+	}
+}
+
+// forward posts a session's worker messages to the leader loop, in order. It
+// is owned by receive and ends when receive closes inbox or the session ends.
+func forward(sess *session, l *leader, inbox <-chan leaderEvent) {
+	for ev := range inbox {
+		if !l.post(sess.ctx, ev) {
 			return
 		}
 	}

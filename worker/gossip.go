@@ -6,6 +6,7 @@ import (
 	"log"
 	"log/slog"
 	"maps"
+	"math/rand/v2"
 	"net"
 	"sort"
 	"strconv"
@@ -209,13 +210,26 @@ type backoff struct {
 
 func newBackoff(lo, hi time.Duration) *backoff { return &backoff{min: lo, max: hi} }
 
-// next returns the wait before the next attempt and doubles it, up to max.
+// next returns the wait before the next attempt, drawn at random from the
+// upper half of the current step so that workers that lost the same leader do
+// not retry in lockstep, and doubles the step, up to max.
 func (b *backoff) next() time.Duration {
 	if b.cur < b.min {
 		b.cur = b.min
 	}
 	d := b.cur
 	b.cur = min(b.cur*2, b.max)
+	return jitter(d)
+}
+
+// first returns the shortest wait, jittered, without growing the backoff.
+func (b *backoff) first() time.Duration { return jitter(b.min) }
+
+// jitter returns a random duration in the upper half of d.
+func jitter(d time.Duration) time.Duration {
+	if half := d / 2; half > 0 {
+		return half + rand.N(d-half)
+	}
 	return d
 }
 

@@ -223,13 +223,28 @@ func (m *mapTask) handle(ev inputEvent) error {
 
 // apply folds a batch into the keyed state.
 func (m *mapTask) apply(items []*transport.Item) error {
+	// Without a sink, outputs would only be dropped: use the operator's fast
+	// path that builds none, if it has one.
+	stateOnly, _ := m.op.(operator.StateUpdater)
+	if m.sink != nil {
+		stateOnly = nil
+	}
 	for _, it := range items {
 		kg := it.GetKeyGroup()
 		if kg < m.kgStart || kg >= m.kgEnd {
 			return fmt.Errorf("item with key %q has key group %d, outside this task's range [%d, %d): source and map task disagree on the assignment", it.GetKey(), kg, m.kgStart, m.kgEnd)
 		}
 		vals := m.groups[kg]
-		state, keep, out := m.op.Update(vals[it.GetKey()], operator.Item{Key: it.GetKey(), Num: it.GetNum(), Raw: it.GetRaw()})
+		var (
+			state int64
+			keep  bool
+			out   *operator.Output
+		)
+		if oi := (operator.Item{Key: it.GetKey(), Num: it.GetNum(), Raw: it.GetRaw()}); stateOnly != nil {
+			state, keep = stateOnly.UpdateState(vals[it.GetKey()], oi)
+		} else {
+			state, keep, out = m.op.Update(vals[it.GetKey()], oi)
+		}
 		switch {
 		case keep && vals == nil:
 			m.groups[kg] = map[string]int64{it.GetKey(): state}

@@ -29,6 +29,12 @@ const (
 	defaultHeartbeat = time.Second
 	// leaseCheckInterval is how often watchLease looks at the lease.
 	leaseCheckInterval = 25 * time.Millisecond
+	// directoryPoll is how often run looks for a coordinator in the gossip
+	// directory while it knows none.
+	directoryPoll = 50 * time.Millisecond
+	// maxRedirectHops bounds the redirects run follows in a row without
+	// backing off.
+	maxRedirectHops = 3
 	// maxOutbox bounds the messages queued for the leader.
 	maxOutbox = 8192
 	// maxControlMessage is the largest leader message a worker accepts: a
@@ -86,23 +92,32 @@ func (o *outbox) requeue(ms []*transport.WorkerMessage) {
 	o.mu.Lock()
 	o.q = append(append([]*transport.WorkerMessage(nil), ms...), o.q...)
 	o.mu.Unlock()
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
 }
 
-// prune drops what a new session must not send: acks and declines belong to
-// checkpoints a new leader has aborted, and non-terminal statuses are
-// superseded by Hello.running. Terminal statuses (FAILED, CANCELLED) stay:
-// Hello does not list ended tasks, so this is how the leader learns of them.
-func (o *outbox) prune() {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	kept := o.q[:0]
-	for _, m := range o.q {
-		if st := m.GetStatus(); st != nil && isTerminal(st.GetPhase()) {
-			kept = append(kept, m)
+// carried returns which of held, the messages queued before a Hello, the
+// session that Hello opened may still send. Terminal statuses (FAILED,
+// CANCELLED) always stay: Hello does not list ended tasks, so this is how the
+// leader learns of them. Other statuses are superseded by Hello.running. Acks
+// and declines stay only when the session is with the same leader in the same
+// term as the previous one (sameLeader): a new leader has aborted the
+// checkpoints they belong to.
+func carried(held []*transport.WorkerMessage, sameLeader bool) []*transport.WorkerMessage {
+	kept := held[:0]
+	for _, m := range held {
+		switch {
+		case m.GetStatus() != nil && isTerminal(m.GetStatus().GetPhase()):
+		case sameLeader && (m.GetAck() != nil || m.GetDecline() != nil):
+		default:
+			continue
 		}
+		kept = append(kept, m)
 	}
-	clear(o.q[len(kept):])
-	o.q = kept
+	clear(held[len(kept):])
+	return kept
 }
 
 func isTerminal(p transport.TaskPhase) bool {
@@ -123,6 +138,11 @@ type session struct {
 	lastHeard atomic.Int64
 	lease     atomic.Int64
 	heartbeat atomic.Int64
+
+	// leaderID and term are those of the last Welcome; only the session
+	// goroutine uses them.
+	leaderID string
+	term     uint64
 }
 
 func newSession(w *Worker) *session {
@@ -130,13 +150,18 @@ func newSession(w *Worker) *session {
 }
 
 // run opens sessions until ctx ends: to the leader a follower named, else to
-// the last leader, else to the coordinators gossip knows in turn, with capped
-// exponential backoff between attempts. Tasks keep running while it looks,
-// until the lease expires.
+// the last leader, else to the coordinators gossip knows in turn. Between
+// attempts it waits a capped exponential backoff with jitter, reset by every
+// Welcome, except that a leader a coordinator names is dialled at once (up to
+// maxRedirectHops in a row, so that coordinators with stale views cannot
+// make it spin), unless it is the leader whose session just failed; a
+// coordinator that names that one has not seen the election yet, and is asked
+// again after the shortest wait. Tasks keep running while it looks, until the
+// lease expires.
 func (s *session) run(ctx context.Context) {
 	bo := newBackoff(s.w.cfg.SessionBackoffMin, s.w.cfg.SessionBackoffMax)
-	var redirect, lastLeader string
-	turn := 0
+	var redirect, lastLeader, failed string
+	turn, hops := 0, 0
 	for ctx.Err() == nil {
 		addr := redirect
 		redirect = ""
@@ -145,30 +170,53 @@ func (s *session) run(ctx context.Context) {
 		}
 		if addr == "" {
 			coords := s.w.coordinators()
-			if len(coords) > 0 {
+			if len(coords) == 0 {
+				// Only the local gossip directory is asked: no need to back off.
+				s.logger.Debug("no coordinator known yet")
+				if !sleepCtx(ctx, directoryPoll) {
+					return
+				}
+				continue
+			}
+			addr = coords[turn%len(coords)]
+			turn++
+			if addr == failed && len(coords) > 1 {
+				// Gossip may not have seen it die yet: ask another first.
 				addr = coords[turn%len(coords)]
 				turn++
 			}
 		}
-		if addr == "" {
-			s.logger.Debug("no coordinator known yet")
-		} else {
-			end, err := s.runOnce(ctx, addr)
-			if end.welcomed || end.held {
-				bo.reset()
-			}
-			if end.welcomed {
-				lastLeader = addr
-			}
-			if end.redirect != "" && end.redirect != addr {
-				redirect = end.redirect
-			}
-			if ctx.Err() != nil {
-				return
-			}
-			s.logger.Info("control session ended", "coordinator", addr, "redirect", end.redirect, "err", err)
+		end, err := s.runOnce(ctx, addr)
+		if end.welcomed || end.held {
+			bo.reset()
+			hops = 0
 		}
-		if !sleepCtx(ctx, bo.next()) {
+		switch {
+		case end.welcomed:
+			lastLeader = addr
+			failed = addr // its session ended: do not rush back to it
+		case end.redirect == "":
+			failed = addr
+		}
+		if end.redirect != "" && end.redirect != addr {
+			redirect = end.redirect
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.logger.Info("control session ended", "coordinator", addr, "redirect", end.redirect, "err", err)
+		if redirect != "" && redirect != failed && hops < maxRedirectHops {
+			hops++
+			continue
+		}
+		hops = 0
+		wait := bo.next
+		if end.redirect != "" {
+			// A live coordinator answered, naming a leader that just failed:
+			// it will know the new one within an election, so retry soon.
+			wait = bo.first
+		}
+		if !sleepCtx(ctx, wait()) {
 			return
 		}
 	}
@@ -203,7 +251,13 @@ func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) 
 	stopOnCtx := context.AfterFunc(ctx, cancel)
 	first, err := s.hello(sctx, conn, addr)
 	stopOnCtx()
-	if !helloTimer.Stop() {
+	timedOut := !helloTimer.Stop()
+	wel := first.msg.GetWelcome()
+	if err != nil || timedOut || wel == nil {
+		// No leader took the session: what was queued waits for the next one.
+		s.w.outbox.requeue(first.held)
+	}
+	if timedOut {
 		return sessionEnd{}, fmt.Errorf("no answer to hello within %s", helloTimeout)
 	}
 	if err != nil {
@@ -216,10 +270,12 @@ func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) 
 		}
 		return sessionEnd{redirect: nl.GetLeaderRpcAddr()}, &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
 	}
-	wel := first.msg.GetWelcome()
 	if wel == nil {
 		return sessionEnd{}, fmt.Errorf("protocol error: first answer to hello is %T, want welcome or not_leader", first.msg.GetMsg())
 	}
+	sameLeader := wel.GetLeaderId() == s.leaderID && wel.GetTerm() == s.term
+	s.leaderID, s.term = wel.GetLeaderId(), wel.GetTerm()
+	s.w.outbox.requeue(carried(first.held, sameLeader))
 
 	lease := time.Duration(wel.GetLeaseMs()) * time.Millisecond
 	if lease <= 0 {
@@ -410,21 +466,26 @@ func (e *notLeaderError) Error() string {
 	return fmt.Sprintf("not the leader (leader %q at %q)", e.id, e.addr)
 }
 
-// helloAnswer is the stream of a new session and the leader's first message.
+// helloAnswer is the stream of a new session and the leader's first message,
+// with the messages queued before the Hello (set on every path: the caller
+// decides which of them to send or keep).
 type helloAnswer struct {
 	stream  grpc.BidiStreamingClient[transport.WorkerMessage, transport.CoordinatorMessage]
 	msg     *transport.CoordinatorMessage
 	running int
+	held    []*transport.WorkerMessage
 }
 
-// hello opens the session stream on conn, sends Hello with the tasks the
-// worker runs now and reads the first answer.
+// hello opens the session stream on conn, takes what is queued for the
+// leader, sends Hello with the tasks the worker runs now and reads the first
+// answer. What was queued is taken before the task list is read, so Hello is
+// at least as new as any status held back.
 func (s *session) hello(ctx context.Context, conn *grpc.ClientConn, addr string) (helloAnswer, error) {
 	stream, err := transport.NewControlClient(conn).Session(ctx)
 	if err != nil {
 		return helloAnswer{}, fmt.Errorf("open session to %s: %w", addr, err)
 	}
-	s.w.outbox.prune()
+	held := s.w.outbox.take()
 	hello := &transport.Hello{
 		WorkerId: s.w.cfg.ID,
 		DataAddr: s.w.DataAddr(),
@@ -432,13 +493,13 @@ func (s *session) hello(ctx context.Context, conn *grpc.ClientConn, addr string)
 		Running:  s.w.tasks.running(),
 	}
 	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: hello}}); err != nil {
-		return helloAnswer{}, fmt.Errorf("send hello: %w", err)
+		return helloAnswer{held: held}, fmt.Errorf("send hello: %w", err)
 	}
 	first, err := stream.Recv()
 	if err != nil {
-		return helloAnswer{}, fmt.Errorf("await welcome: %w", err)
+		return helloAnswer{held: held}, fmt.Errorf("await welcome: %w", err)
 	}
-	return helloAnswer{stream: stream, msg: first, running: len(hello.Running)}, nil
+	return helloAnswer{stream: stream, msg: first, running: len(hello.Running), held: held}, nil
 }
 
 // dispatch hands one leader message to the task manager. It runs on the

@@ -539,6 +539,17 @@ func TestRedirect(t *testing.T) {
 	}
 }
 
+// TestRedirectSkipsBackoff: a leader a follower names is dialled at once,
+// not after the session backoff, which here outlasts the test's deadline.
+func TestRedirectSkipsBackoff(t *testing.T) {
+	leader := newFakeCoord(t, false, "")
+	follower := newFakeCoord(t, true, leader.rpcAddr)
+	startWorker(t, "w1", follower, func(c *Config) {
+		c.SessionBackoffMin, c.SessionBackoffMax = 10*time.Minute, 10*time.Minute
+	})
+	leader.awaitSession(t, "w1")
+}
+
 // TestReconnectKeepsTasks: when the leader ends the session (it stepped
 // down), the worker keeps its tasks, reconnects and lists them in Hello.
 func TestReconnectKeepsTasks(t *testing.T) {
@@ -583,5 +594,28 @@ func TestShutdownReportsCancelled(t *testing.T) {
 	stop()
 	if reason := f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_CANCELLED); reason != "worker shutting down" {
 		t.Fatalf("cancel reason %q", reason)
+	}
+}
+
+// TestCarriedAcrossSessions: a new session keeps terminal statuses, keeps
+// acks and declines only with the same leader and term, and drops
+// non-terminal statuses, which Hello supersedes.
+func TestCarriedAcrossSessions(t *testing.T) {
+	r := &transport.TaskRef{JobId: "job", Attempt: 1, TaskId: "map-0"}
+	queued := func() []*transport.WorkerMessage {
+		return []*transport.WorkerMessage{
+			{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{Task: r, Phase: transport.TaskPhase_TASK_PHASE_RUNNING}}},
+			{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{Task: r, CheckpointId: 7}}},
+			{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{Task: r, CheckpointId: 8}}},
+			{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{Task: r, Phase: transport.TaskPhase_TASK_PHASE_FAILED}}},
+		}
+	}
+	same := carried(queued(), true)
+	if len(same) != 3 || same[0].GetAck() == nil || same[1].GetDecline() == nil || same[2].GetStatus().GetPhase() != transport.TaskPhase_TASK_PHASE_FAILED {
+		t.Fatalf("same leader: carried %v, want ack, decline, FAILED", same)
+	}
+	other := carried(queued(), false)
+	if len(other) != 1 || other[0].GetStatus().GetPhase() != transport.TaskPhase_TASK_PHASE_FAILED {
+		t.Fatalf("new leader: carried %v, want FAILED only", other)
 	}
 }

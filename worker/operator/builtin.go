@@ -53,6 +53,8 @@ func (wordCount) Update(state int64, it Item) (int64, bool, *Output) {
 	return state, true, decimalOutput(it.Key, state)
 }
 
+func (wordCount) UpdateState(state int64, _ Item) (int64, bool) { return state + 1, true }
+
 // count counts records per record key; a record without a key counts under "".
 type count struct{}
 
@@ -65,6 +67,8 @@ func (count) Update(state int64, it Item) (int64, bool, *Output) {
 	state++
 	return state, true, decimalOutput(it.Key, state)
 }
+
+func (count) UpdateState(state int64, _ Item) (int64, bool) { return state + 1, true }
 
 // sum sums record values, parsed as base-10 int64, per record key.
 type sum struct{}
@@ -84,6 +88,8 @@ func (sum) Update(state int64, it Item) (int64, bool, *Output) {
 	return state, true, decimalOutput(it.Key, state)
 }
 
+func (sum) UpdateState(state int64, it Item) (int64, bool) { return state + it.Num, true }
+
 // passthrough forwards every record unchanged to the sink, partitioned by its
 // key, and keeps no state. A record with a nil key comes out with a nil key.
 type passthrough struct{}
@@ -100,6 +106,8 @@ func (passthrough) Update(_ int64, it Item) (int64, bool, *Output) {
 	}
 	return 0, false, &Output{Key: key, Value: it.Raw}
 }
+
+func (passthrough) UpdateState(int64, Item) (int64, bool) { return 0, false }
 
 // truncate bounds a malformed value quoted in an error message.
 func truncate(b []byte, n int) string {

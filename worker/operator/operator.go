@@ -57,6 +57,13 @@ type Operator interface {
 	Update(state int64, it Item) (newState int64, keep bool, out *Output)
 }
 
+// StateUpdater is an optional fast path for an Operator: map tasks of a job
+// without a sink call UpdateState instead of Update, so that no Output is
+// built only to be dropped. It must fold state exactly as Update does.
+type StateUpdater interface {
+	UpdateState(state int64, it Item) (newState int64, keep bool)
+}
+
 // Registry maps operator names, as job specs use them, to operators. It is
 // safe for concurrent use.
 type Registry struct {

@@ -195,3 +195,28 @@ func TestKeyGroupRange(t *testing.T) {
 		t.Fatalf("range 1 of 3 = [%d, %d), want [42, 85)", s, e)
 	}
 }
+
+// TestUpdateStateMatchesUpdate: every builtin has the sink-less fast path,
+// and it folds state exactly as Update does.
+func TestUpdateStateMatchesUpdate(t *testing.T) {
+	items := []Item{{Key: "a", Num: 3, Raw: []byte("x")}, {Key: "b", Num: -1}, {Key: "a", Num: 4, Raw: []byte("y")}, {Key: "", Num: 2}}
+	for _, name := range []string{WordCount, Count, Sum, Passthrough} {
+		op := mustLookup(t, name)
+		su, ok := op.(StateUpdater)
+		if !ok {
+			t.Fatalf("builtin %q has no UpdateState", name)
+		}
+		want, _ := fold(op, items)
+		got := make(map[string]int64)
+		for _, it := range items {
+			if v, keep := su.UpdateState(got[it.Key], it); keep {
+				got[it.Key] = v
+			} else {
+				delete(got, it.Key)
+			}
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("%s: UpdateState folds to %v, Update to %v", name, got, want)
+		}
+	}
+}
