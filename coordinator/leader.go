@@ -30,7 +30,9 @@ const (
 	// maxReconnectGrace bounds how long a new leader waits for workers to
 	// reconnect and report their tasks before it judges tasks missing.
 	maxReconnectGrace = 3 * time.Second
-	// applyTimeout bounds one Raft write of the leader loop.
+	// applyTimeout bounds one Raft write of the leader loop; apply also keeps
+	// it under half the worker lease, so that a stalled write cannot hold the
+	// loop (and the acks and statuses queued behind it) past a lease.
 	applyTimeout = 10 * time.Second
 	// eventQueue is how many session events may wait for the leader loop
 	// before sessions block (backpressure, not loss).
@@ -285,9 +287,10 @@ func (l *leader) post(ctx context.Context, ev leaderEvent) bool {
 	}
 }
 
-// apply commits one command through Raft with the loop's deadline.
+// apply commits one command through Raft with the loop's deadline: the
+// shorter of applyTimeout and half the worker lease.
 func (l *leader) apply(t fsm.CommandType, cmd any) (any, error) {
-	ctx, cancel := context.WithTimeout(l.ctx, applyTimeout)
+	ctx, cancel := context.WithTimeout(l.ctx, min(applyTimeout, l.lease/2))
 	defer cancel()
 	return l.env.apply(ctx, t, cmd)
 }
