@@ -305,7 +305,7 @@ func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
 	return sess.send(msg)
 }
 
-// sessionSince returns since when worker has had no open session, and false
+// sessionlessSince returns since when worker has had no open session, and false
 // if it has one.
 func (l *leader) sessionlessSince(worker string) (time.Time, bool) {
 	if l.sessions[worker] != nil {

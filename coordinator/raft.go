@@ -535,10 +535,15 @@ func (h *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
 	if level == hclog.Off || !h.enabled(slogLevel(level)) {
 		return
 	}
+	copied := false
 	for i, a := range args {
-		// Raft passes hclog.Fmt values: a format and its arguments.
+		// Raft passes hclog.Fmt values: a format and its arguments. The
+		// caller's slice is copied before the first rewrite: it may reuse it.
 		if f, ok := a.(hclog.Format); ok && len(f) > 0 {
 			if format, ok := f[0].(string); ok {
+				if !copied {
+					args, copied = slices.Clone(args), true
+				}
 				args[i] = fmt.Sprintf(format, f[1:]...)
 			}
 		}
