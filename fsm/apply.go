@@ -320,6 +320,9 @@ func checkState(t Task, st TaskState) error {
 		if len(st.Offsets) > 0 {
 			return fmt.Errorf("%w: map state has offsets", ErrIncompleteStates)
 		}
+		if len(st.Files) > 0 {
+			return checkFiles(t, st)
+		}
 		if len(st.Keyed) > MaxInlineStateBytes {
 			return fmt.Errorf("%w: %d bytes of keyed state exceed the inline limit of %d bytes per task", ErrStateTooLarge, len(st.Keyed), MaxInlineStateBytes)
 		}
@@ -335,6 +338,42 @@ func checkState(t Task, st TaskState) error {
 		}
 	}
 	return nil
+}
+
+// checkFiles verifies the file chain of a map task's state: handles that
+// name a file, a size and a SHA-256, key groups that meet the task's own, a
+// chain that starts with a full file, and no inline state beside it.
+func checkFiles(t Task, st TaskState) error {
+	if len(st.Keyed) > 0 || st.KeyedSHA256 != "" {
+		return fmt.Errorf("%w: state has both inline data and files", ErrIncompleteStates)
+	}
+	if len(st.Files) > MaxStateFiles {
+		return fmt.Errorf("%w: %d state files, at most %d", ErrIncompleteStates, len(st.Files), MaxStateFiles)
+	}
+	if !st.Files[0].Full {
+		return fmt.Errorf("%w: state file chain starts with delta %s", ErrIncompleteStates, st.Files[0].Path)
+	}
+	for _, f := range st.Files {
+		switch {
+		case f.Path == "" || len(f.Path) > 1024:
+			return fmt.Errorf("%w: state file path %q", ErrIncompleteStates, f.Path)
+		case f.Size <= 0:
+			return fmt.Errorf("%w: state file %s has size %d", ErrIncompleteStates, f.Path, f.Size)
+		case !isSHA256Hex(f.SHA256):
+			return fmt.Errorf("%w: state file %s: sha256 %q is not a SHA-256 in hex", ErrIncompleteStates, f.Path, f.SHA256)
+		case f.KeyGroups.Start < 0 || f.KeyGroups.End <= f.KeyGroups.Start:
+			return fmt.Errorf("%w: state file %s covers key groups [%d,%d)", ErrIncompleteStates, f.Path, f.KeyGroups.Start, f.KeyGroups.End)
+		case t.KeyGroups != nil && (f.KeyGroups.End <= t.KeyGroups.Start || t.KeyGroups.End <= f.KeyGroups.Start):
+			return fmt.Errorf("%w: state file %s covers key groups [%d,%d), none of the task's [%d,%d)", ErrIncompleteStates,
+				f.Path, f.KeyGroups.Start, f.KeyGroups.End, t.KeyGroups.Start, t.KeyGroups.End)
+		}
+	}
+	return nil
+}
+
+func isSHA256Hex(s string) bool {
+	b, err := hex.DecodeString(s)
+	return err == nil && len(b) == sha256.Size
 }
 
 func (s *State) applyCheckpointAborted(c *CheckpointAbortedCmd) error {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"reflect"
 	"regexp"
 	"strconv"
@@ -25,6 +26,15 @@ const (
 	DefaultMaxParallelism = 128
 	// MaxKeyGroups bounds operator.max_parallelism (as in Flink) and source.parallelism.
 	MaxKeyGroups = 32768
+	// DefaultStateBackend is where map tasks keep state unless the spec says.
+	DefaultStateBackend = "memory"
+	// DefaultInlineThreshold is the state size below which a map task's
+	// state stays inline in Raft rather than in a file (Flink's
+	// state.storage.fs.memory-threshold is 20 KiB).
+	DefaultInlineThreshold = 16 << 10
+	// MaxInlineThreshold bounds checkpoint.inline_threshold: inline state
+	// goes through Raft, which must stay small.
+	MaxInlineThreshold = 1 << 20
 	// DefaultCheckpointInterval is the default time between checkpoint triggers.
 	DefaultCheckpointInterval = Duration(time.Second)
 	// MinCheckpointInterval is the shortest checkpoint interval a spec may ask for.
@@ -166,7 +176,9 @@ func (s *JobSpec) applyDefaults() {
 	setDefault(&s.Source.Start, DefaultStart)
 	setDefault(&s.Source.Group, DefaultGroupPrefix+s.Name)
 	setDefault(&s.Operator.MaxParallelism, DefaultMaxParallelism)
+	setDefault(&s.State.Backend, DefaultStateBackend)
 	c := &s.Checkpoint
+	setDefault(&c.InlineThreshold, DefaultInlineThreshold)
 	setDefault(&c.Interval, DefaultCheckpointInterval)
 	setDefault(&c.Timeout, DefaultCheckpointTimeout)
 	setDefault(&c.Retained, DefaultRetained)
@@ -236,8 +248,16 @@ func (s JobSpec) Validate(knownOperator func(string) bool) error {
 			return err
 		}
 	}
+	if b := s.State.Backend; b != "memory" && b != "disk" {
+		return fieldErr("state.backend", "must be \"memory\" or \"disk\", not %q", b)
+	}
 	c := s.Checkpoint
+	if err := ValidateStorageURL(c.Storage); err != nil {
+		return fieldErr("checkpoint.storage", "%v", err)
+	}
 	switch {
+	case c.InlineThreshold < 0 || c.InlineThreshold > MaxInlineThreshold:
+		return fieldErr("checkpoint.inline_threshold", "must be between 0 and %d bytes, not %d", MaxInlineThreshold, c.InlineThreshold)
 	case c.Interval < MinCheckpointInterval:
 		return fieldErr("checkpoint.interval", "must be at least %v, not %v", time.Duration(MinCheckpointInterval), time.Duration(c.Interval))
 	case c.Timeout <= 0:
@@ -300,6 +320,35 @@ func validateTopic(field, topic string) error {
 	}
 	if !topicPattern.MatchString(topic) {
 		return fieldErr(field, "%q is not a Kafka topic name (1-249 characters of A-Z a-z 0-9 . _ -)", topic)
+	}
+	return nil
+}
+
+// ValidateStorageURL checks the form of a checkpoint storage URL: empty (no
+// storage), file:///absolute/dir, or s3://bucket with query options. It does
+// not contact the storage.
+func ValidateStorageURL(raw string) error {
+	if raw == "" {
+		return nil
+	}
+	if len(raw) > 2048 {
+		return fmt.Errorf("URL is %d characters long; at most 2048", len(raw))
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("%q is not a URL: %v", raw, err)
+	}
+	switch u.Scheme {
+	case "file":
+		if u.Host != "" || !strings.HasPrefix(u.Path, "/") {
+			return fmt.Errorf("%q: a file URL names an absolute directory, as file:///var/lib/coordflow/checkpoints", raw)
+		}
+	case "s3":
+		if u.Host == "" {
+			return fmt.Errorf("%q: an s3 URL names a bucket, as s3://bucket?region=us-east-1", raw)
+		}
+	default:
+		return fmt.Errorf("%q: scheme must be file or s3", raw)
 	}
 	return nil
 }

@@ -25,7 +25,7 @@ const minimalSpec = `{
 
 func knownOps(name string) bool {
 	switch name {
-	case "wordcount", "count", "sum", "passthrough":
+	case "wordcount", "count", "sum", "passthrough", "latest", "distinct":
 		return true
 	}
 	return false
@@ -43,7 +43,9 @@ func TestParseJobSpecDesignExample(t *testing.T) {
 		Sink:     &SinkSpec{Brokers: []string{"127.0.0.1:9092"}, Topic: "counts"},
 		Checkpoint: CheckpointSpec{
 			Interval: Duration(time.Second), Timeout: Duration(30 * time.Second), Retained: 3, TolerableFailures: 3,
+			InlineThreshold: DefaultInlineThreshold,
 		},
+		State:   StateSpec{Backend: "memory"},
 		Restart: RestartSpec{Initial: DefaultRestartInitial, Max: DefaultRestartMax, ResetAfter: DefaultRestartResetAfter},
 	}
 	if !reflect.DeepEqual(spec, want) {
@@ -63,7 +65,9 @@ func TestParseJobSpecDefaults(t *testing.T) {
 		Checkpoint: CheckpointSpec{
 			Interval: DefaultCheckpointInterval, Timeout: DefaultCheckpointTimeout, MinPause: 0,
 			Retained: DefaultRetained, TolerableFailures: DefaultTolerableFailures,
+			InlineThreshold: DefaultInlineThreshold,
 		},
+		State:   StateSpec{Backend: DefaultStateBackend},
 		Restart: RestartSpec{Initial: DefaultRestartInitial, Max: DefaultRestartMax, ResetAfter: DefaultRestartResetAfter},
 	}
 	if !reflect.DeepEqual(spec, want) {
@@ -150,6 +154,11 @@ func TestParseJobSpecErrors(t *testing.T) {
 		{"negative tolerable failures", edit(`"tolerable_failures": 3`, `"tolerable_failures": -1`), "checkpoint.tolerable_failures: must not be negative, not -1", "checkpoint.tolerable_failures"},
 		{"restart initial above max", edit(`"tolerable_failures": 3}`, `"tolerable_failures": 3}, "restart": {"initial": "1m", "max": "10s"}`), "restart.initial: must not exceed restart.max (10s), not 1m0s", "restart.initial"},
 		{"negative restart max", edit(`"tolerable_failures": 3}`, `"tolerable_failures": 3}, "restart": {"max": "-1s"}`), "restart.max: must be positive, not -1s", "restart.max"},
+		{"bad backend", edit(`"tolerable_failures": 3}`, `"tolerable_failures": 3}, "state": {"backend": "rocksdb"}`), `state.backend: must be "memory" or "disk", not "rocksdb"`, "state.backend"},
+		{"storage scheme", edit(`"retained": 3`, `"retained": 3, "storage": "hdfs://nn/ck"`), `checkpoint.storage: "hdfs://nn/ck": scheme must be file or s3`, "checkpoint.storage"},
+		{"relative file storage", edit(`"retained": 3`, `"retained": 3, "storage": "file://ck"`), `checkpoint.storage: "file://ck": a file URL names an absolute directory, as file:///var/lib/coordflow/checkpoints`, "checkpoint.storage"},
+		{"s3 without bucket", edit(`"retained": 3`, `"retained": 3, "storage": "s3://?region=x"`), `checkpoint.storage: "s3://?region=x": an s3 URL names a bucket, as s3://bucket?region=us-east-1`, "checkpoint.storage"},
+		{"inline threshold too big", edit(`"retained": 3`, `"retained": 3, "inline_threshold": 100000000`), "checkpoint.inline_threshold: must be between 0 and 1048576 bytes, not 100000000", "checkpoint.inline_threshold"},
 		{"bad duration", edit(`"timeout": "30s"`, `"timeout": "30 seconds"`), `checkpoint.timeout: must be a duration string such as "500ms", not "30 seconds"`, "checkpoint.timeout"},
 		{"duration as number", edit(`"interval": "1s"`, `"interval": 1000`), `checkpoint.interval: must be a duration string such as "500ms", not 1000`, "checkpoint.interval"},
 		{"number as string", edit(`"parallelism": 2}`, `"parallelism": "2"}`), "source.parallelism: must be a number, not a JSON string", "source.parallelism"},

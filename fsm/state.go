@@ -131,6 +131,12 @@ func (cp Checkpoint) clone(shareBlobs bool) Checkpoint {
 func (ts TaskState) clone(shareBlobs bool) TaskState {
 	c := ts
 	c.Offsets = maps.Clone(ts.Offsets)
+	c.Applied = maps.Clone(ts.Applied)
+	c.Files = slices.Clone(ts.Files)
+	if ts.KeyGroups != nil {
+		kg := *ts.KeyGroups
+		c.KeyGroups = &kg
+	}
 	if !shareBlobs {
 		c.Keyed = slices.Clone(ts.Keyed)
 	}

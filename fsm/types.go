@@ -90,8 +90,16 @@ type JobSpec struct {
 	Source     SourceSpec     `json:"source"`
 	Operator   OperatorSpec   `json:"operator"`
 	Sink       *SinkSpec      `json:"sink,omitempty"`
+	State      StateSpec      `json:"state"`
 	Checkpoint CheckpointSpec `json:"checkpoint"`
 	Restart    RestartSpec    `json:"restart"`
+}
+
+// StateSpec says where map tasks keep their keyed state while they run.
+type StateSpec struct {
+	// Backend is "memory" (hash maps; the default) or "disk" (an LSM on the
+	// worker's local disk, for state larger than memory).
+	Backend string `json:"backend"`
 }
 
 // SourceSpec says which topic a job reads and with how many source tasks.
@@ -123,6 +131,14 @@ type CheckpointSpec struct {
 	MinPause          Duration `json:"min_pause"`
 	Retained          int      `json:"retained"`
 	TolerableFailures int      `json:"tolerable_failures"`
+	// Storage is the checkpoint storage URL (file:///dir or s3://bucket?...)
+	// where map tasks write their state files. Empty: the coordinator's
+	// -checkpoint-storage, filled in when the job is submitted; if that is
+	// empty too, state stays inline in Raft, bounded by MaxInlineStateBytes.
+	Storage string `json:"storage,omitempty"`
+	// InlineThreshold: a map task whose state is smaller than this many bytes
+	// sends it inline instead of writing a file. Default 16 KiB.
+	InlineThreshold int64 `json:"inline_threshold"`
 }
 
 // RestartSpec configures the exponential backoff between job restarts.
@@ -159,14 +175,40 @@ type TaskState struct {
 	AckedAt int64    `json:"acked_at"` // unix nanoseconds, from the leader's clock when the ack arrived
 	// Offsets (sources): next offset to read, per partition.
 	Offsets map[int32]int64 `json:"offsets,omitempty"`
-	// Keyed (map tasks): the encoded transport.KeyedState and its SHA-256 (hex).
+	// Keyed (map tasks): a whole full state file (transport/statefile) held
+	// inline, and its SHA-256 (hex). Empty when Files is set.
 	Keyed       []byte `json:"keyed,omitempty"`
 	KeyedSHA256 string `json:"keyed_sha256,omitempty"`
+	// Files (map tasks): the chain of state files in checkpoint storage that
+	// make up the state, oldest first: full files, then deltas. Raft holds
+	// only these handles, never the state itself.
+	Files []StateFile `json:"files,omitempty"`
+	// Applied (map tasks): per source partition, the offset of the last
+	// record whose items the task had applied at the snapshot.
+	Applied map[int32]int64 `json:"applied,omitempty"`
+	// ValueEncoding (map tasks) is how values are encoded: int64, json or bytes.
+	ValueEncoding string `json:"value_encoding,omitempty"`
+	// Keys is the number of keys in the state; StateBytes the bytes this
+	// checkpoint wrote for it (inline or new files).
+	Keys       int64 `json:"keys,omitempty"`
+	StateBytes int64 `json:"state_bytes,omitempty"`
 	// KeyGroups (map tasks) is the range the state covers, the task's range
 	// in its attempt. It makes a checkpoint self-describing: a restore with
-	// another parallelism sends each new map task only the blobs that overlap
-	// its own range. Optional for entries written before it existed.
+	// another parallelism sends each new map task only the state that
+	// overlaps its own range.
 	KeyGroups *KeyGroupRange `json:"key_groups,omitempty"`
+}
+
+// StateFile is a handle on one immutable state file in checkpoint storage.
+type StateFile struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+	// KeyGroups is the range of key groups the file may hold.
+	KeyGroups KeyGroupRange `json:"key_groups"`
+	// Full marks a full snapshot of its key groups; a delta holds changes
+	// over the files before it in a chain.
+	Full bool `json:"full,omitempty"`
 }
 
 // Checkpoint is one checkpoint of one job attempt.
@@ -208,11 +250,16 @@ type Job struct {
 	RestoredFrom uint64 `json:"restored_from,omitempty"`
 }
 
-// MaxInlineStateBytes bounds one map task's keyed state in a checkpoint.
-// State travels in the ack and is stored in the Raft log and snapshots, and a
-// restore sends it back in deployments: a checkpoint whose state could not be
-// restored within the control plane's message limit must never complete.
+// MaxInlineStateBytes bounds one map task's inline keyed state in a
+// checkpoint, for jobs without checkpoint storage. Inline state travels in
+// the ack and is stored in the Raft log and snapshots, and a restore sends it
+// back in deployments: a checkpoint whose state could not be restored within
+// the control plane's message limit must never complete.
 const MaxInlineStateBytes = 64 << 20
+
+// MaxStateFiles bounds the chain of state files of one map task in one
+// checkpoint, so that Raft's bytes per checkpoint stay O(tasks + files).
+const MaxStateFiles = 1024
 
 // MaxAbortedHistory bounds how many aborted checkpoints a job remembers.
 const MaxAbortedHistory = 20

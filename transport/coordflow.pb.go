@@ -628,14 +628,31 @@ func (x *CheckpointDecline) GetReason() string {
 }
 
 // TaskState is one task's snapshot. Sources fill offsets (next offset to read
-// per partition); map tasks fill keyed, an encoded KeyedState, with its
-// SHA-256 so a corrupt blob is never loaded.
+// per partition). Map tasks describe their keyed state: a state file
+// (transport/statefile) either inline in keyed, or as a chain of files in
+// checkpoint storage (a full file, then deltas, oldest first). docs/state.md
+// has the rules.
 type TaskState struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          TaskKind               `protobuf:"varint,1,opt,name=kind,proto3,enum=coordflow.v1.TaskKind" json:"kind,omitempty"`
-	Offsets       map[int32]int64        `protobuf:"bytes,2,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	Keyed         []byte                 `protobuf:"bytes,3,opt,name=keyed,proto3" json:"keyed,omitempty"`
-	KeyedSha256   string                 `protobuf:"bytes,4,opt,name=keyed_sha256,json=keyedSha256,proto3" json:"keyed_sha256,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Kind    TaskKind               `protobuf:"varint,1,opt,name=kind,proto3,enum=coordflow.v1.TaskKind" json:"kind,omitempty"`
+	Offsets map[int32]int64        `protobuf:"bytes,2,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// keyed is a whole full state file, inline, with its SHA-256 (hex).
+	Keyed       []byte `protobuf:"bytes,3,opt,name=keyed,proto3" json:"keyed,omitempty"`
+	KeyedSha256 string `protobuf:"bytes,4,opt,name=keyed_sha256,json=keyedSha256,proto3" json:"keyed_sha256,omitempty"`
+	// files is the chain of state files in checkpoint storage, oldest first;
+	// empty when the state is inline.
+	Files []*StateFile `protobuf:"bytes,5,rep,name=files,proto3" json:"files,omitempty"`
+	// applied holds, per source partition, the offset of the last record whose
+	// items this map task had applied when it took the snapshot. A replay after
+	// a partial restore drops items at or below it.
+	Applied map[int32]int64 `protobuf:"bytes,6,rep,name=applied,proto3" json:"applied,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// value_encoding says how to read values: "int64" (8 bytes big-endian),
+	// "json" or "bytes". It lets the coordinator show values it did not write.
+	ValueEncoding string `protobuf:"bytes,7,opt,name=value_encoding,json=valueEncoding,proto3" json:"value_encoding,omitempty"`
+	// keys is the number of keys in the snapshot; state_bytes the bytes the
+	// snapshot added to checkpoint storage (or inline).
+	Keys          int64 `protobuf:"varint,8,opt,name=keys,proto3" json:"keys,omitempty"`
+	StateBytes    int64 `protobuf:"varint,9,opt,name=state_bytes,json=stateBytes,proto3" json:"state_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -698,102 +715,126 @@ func (x *TaskState) GetKeyedSha256() string {
 	return ""
 }
 
-// KeyedState is the encoding of a map task's state: one entry per key group,
-// so state can be redistributed to another map parallelism.
-type KeyedState struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Groups        []*KeyGroupState       `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *KeyedState) Reset() {
-	*x = KeyedState{}
-	mi := &file_coordflow_proto_msgTypes[8]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *KeyedState) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*KeyedState) ProtoMessage() {}
-
-func (x *KeyedState) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[8]
+func (x *TaskState) GetFiles() []*StateFile {
 	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use KeyedState.ProtoReflect.Descriptor instead.
-func (*KeyedState) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{8}
-}
-
-func (x *KeyedState) GetGroups() []*KeyGroupState {
-	if x != nil {
-		return x.Groups
+		return x.Files
 	}
 	return nil
 }
 
-type KeyGroupState struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	KeyGroup      int32                  `protobuf:"varint,1,opt,name=key_group,json=keyGroup,proto3" json:"key_group,omitempty"`
-	Values        map[string]int64       `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *KeyGroupState) Reset() {
-	*x = KeyGroupState{}
-	mi := &file_coordflow_proto_msgTypes[9]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *KeyGroupState) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*KeyGroupState) ProtoMessage() {}
-
-func (x *KeyGroupState) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[9]
+func (x *TaskState) GetApplied() map[int32]int64 {
 	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
+		return x.Applied
 	}
-	return mi.MessageOf(x)
+	return nil
 }
 
-// Deprecated: Use KeyGroupState.ProtoReflect.Descriptor instead.
-func (*KeyGroupState) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{9}
-}
-
-func (x *KeyGroupState) GetKeyGroup() int32 {
+func (x *TaskState) GetValueEncoding() string {
 	if x != nil {
-		return x.KeyGroup
+		return x.ValueEncoding
+	}
+	return ""
+}
+
+func (x *TaskState) GetKeys() int64 {
+	if x != nil {
+		return x.Keys
 	}
 	return 0
 }
 
-func (x *KeyGroupState) GetValues() map[string]int64 {
+func (x *TaskState) GetStateBytes() int64 {
 	if x != nil {
-		return x.Values
+		return x.StateBytes
 	}
-	return nil
+	return 0
+}
+
+// StateFile is a handle on one immutable state file in checkpoint storage.
+type StateFile struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Path   string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Size   int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	Sha256 string                 `protobuf:"bytes,3,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// The file holds key groups within [key_group_start, key_group_end).
+	KeyGroupStart int32 `protobuf:"varint,4,opt,name=key_group_start,json=keyGroupStart,proto3" json:"key_group_start,omitempty"`
+	KeyGroupEnd   int32 `protobuf:"varint,5,opt,name=key_group_end,json=keyGroupEnd,proto3" json:"key_group_end,omitempty"`
+	// full is set for a full snapshot of its key groups, clear for a delta.
+	Full          bool `protobuf:"varint,6,opt,name=full,proto3" json:"full,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StateFile) Reset() {
+	*x = StateFile{}
+	mi := &file_coordflow_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateFile) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateFile) ProtoMessage() {}
+
+func (x *StateFile) ProtoReflect() protoreflect.Message {
+	mi := &file_coordflow_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateFile.ProtoReflect.Descriptor instead.
+func (*StateFile) Descriptor() ([]byte, []int) {
+	return file_coordflow_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *StateFile) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *StateFile) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *StateFile) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *StateFile) GetKeyGroupStart() int32 {
+	if x != nil {
+		return x.KeyGroupStart
+	}
+	return 0
+}
+
+func (x *StateFile) GetKeyGroupEnd() int32 {
+	if x != nil {
+		return x.KeyGroupEnd
+	}
+	return 0
+}
+
+func (x *StateFile) GetFull() bool {
+	if x != nil {
+		return x.Full
+	}
+	return false
 }
 
 type CoordinatorMessage struct {
@@ -814,7 +855,7 @@ type CoordinatorMessage struct {
 
 func (x *CoordinatorMessage) Reset() {
 	*x = CoordinatorMessage{}
-	mi := &file_coordflow_proto_msgTypes[10]
+	mi := &file_coordflow_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +867,7 @@ func (x *CoordinatorMessage) String() string {
 func (*CoordinatorMessage) ProtoMessage() {}
 
 func (x *CoordinatorMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[10]
+	mi := &file_coordflow_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +880,7 @@ func (x *CoordinatorMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CoordinatorMessage.ProtoReflect.Descriptor instead.
 func (*CoordinatorMessage) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{10}
+	return file_coordflow_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CoordinatorMessage) GetMsg() isCoordinatorMessage_Msg {
@@ -973,7 +1014,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_coordflow_proto_msgTypes[11]
+	mi := &file_coordflow_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -985,7 +1026,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[11]
+	mi := &file_coordflow_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -998,7 +1039,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{11}
+	return file_coordflow_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Welcome) GetLeaderId() string {
@@ -1045,7 +1086,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_coordflow_proto_msgTypes[12]
+	mi := &file_coordflow_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +1098,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[12]
+	mi := &file_coordflow_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +1111,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{12}
+	return file_coordflow_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *NotLeader) GetLeaderId() string {
@@ -1109,16 +1150,19 @@ type DeployTask struct {
 	RestoreCheckpointId uint64 `protobuf:"varint,11,opt,name=restore_checkpoint_id,json=restoreCheckpointId,proto3" json:"restore_checkpoint_id,omitempty"`
 	// restore_offsets: for a source, the next offset per partition of its own.
 	RestoreOffsets map[int32]int64 `protobuf:"bytes,12,rep,name=restore_offsets,json=restoreOffsets,proto3" json:"restore_offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	// restore_keyed: for a map task, the keyed blobs of every map task of the
-	// checkpoint; the task loads only its own key groups.
-	RestoreKeyed  []*KeyedBlob `protobuf:"bytes,13,rep,name=restore_keyed,json=restoreKeyed,proto3" json:"restore_keyed,omitempty"`
+	// restore_keyed: for a map task, the keyed state of every map task of the
+	// checkpoint whose key groups overlap its own; the task loads only its own
+	// key groups.
+	RestoreKeyed []*KeyedBlob `protobuf:"bytes,13,rep,name=restore_keyed,json=restoreKeyed,proto3" json:"restore_keyed,omitempty"`
+	// state configures the map task's state backend and checkpoint storage.
+	State         *StateSpec `protobuf:"bytes,14,opt,name=state,proto3" json:"state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeployTask) Reset() {
 	*x = DeployTask{}
-	mi := &file_coordflow_proto_msgTypes[13]
+	mi := &file_coordflow_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1130,7 +1174,7 @@ func (x *DeployTask) String() string {
 func (*DeployTask) ProtoMessage() {}
 
 func (x *DeployTask) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[13]
+	mi := &file_coordflow_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1143,7 +1187,7 @@ func (x *DeployTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeployTask.ProtoReflect.Descriptor instead.
 func (*DeployTask) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{13}
+	return file_coordflow_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DeployTask) GetTask() *TaskRef {
@@ -1235,6 +1279,77 @@ func (x *DeployTask) GetRestoreKeyed() []*KeyedBlob {
 		return x.RestoreKeyed
 	}
 	return nil
+}
+
+func (x *DeployTask) GetState() *StateSpec {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
+// StateSpec is how a map task keeps and checkpoints its keyed state.
+type StateSpec struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// backend is "memory" or "disk".
+	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	// storage is the checkpoint storage URL; empty keeps state inline.
+	Storage string `protobuf:"bytes,2,opt,name=storage,proto3" json:"storage,omitempty"`
+	// inline_threshold: state smaller than this stays inline in the ack.
+	InlineThreshold int64 `protobuf:"varint,3,opt,name=inline_threshold,json=inlineThreshold,proto3" json:"inline_threshold,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *StateSpec) Reset() {
+	*x = StateSpec{}
+	mi := &file_coordflow_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateSpec) ProtoMessage() {}
+
+func (x *StateSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_coordflow_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateSpec.ProtoReflect.Descriptor instead.
+func (*StateSpec) Descriptor() ([]byte, []int) {
+	return file_coordflow_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *StateSpec) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *StateSpec) GetStorage() string {
+	if x != nil {
+		return x.Storage
+	}
+	return ""
+}
+
+func (x *StateSpec) GetInlineThreshold() int64 {
+	if x != nil {
+		return x.InlineThreshold
+	}
+	return 0
 }
 
 type SourceSpec struct {
@@ -1451,11 +1566,18 @@ func (x *MapTaskRef) GetKeyGroupEnd() int32 {
 	return 0
 }
 
+// KeyedBlob is the keyed state one map task of a checkpoint acked: inline
+// data, or a chain of files, covering key groups [key_group_start,
+// key_group_end).
 type KeyedBlob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
 	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
 	Sha256        string                 `protobuf:"bytes,3,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	Files         []*StateFile           `protobuf:"bytes,4,rep,name=files,proto3" json:"files,omitempty"`
+	KeyGroupStart int32                  `protobuf:"varint,5,opt,name=key_group_start,json=keyGroupStart,proto3" json:"key_group_start,omitempty"`
+	KeyGroupEnd   int32                  `protobuf:"varint,6,opt,name=key_group_end,json=keyGroupEnd,proto3" json:"key_group_end,omitempty"`
+	Applied       map[int32]int64        `protobuf:"bytes,7,rep,name=applied,proto3" json:"applied,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1509,6 +1631,34 @@ func (x *KeyedBlob) GetSha256() string {
 		return x.Sha256
 	}
 	return ""
+}
+
+func (x *KeyedBlob) GetFiles() []*StateFile {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+func (x *KeyedBlob) GetKeyGroupStart() int32 {
+	if x != nil {
+		return x.KeyGroupStart
+	}
+	return 0
+}
+
+func (x *KeyedBlob) GetKeyGroupEnd() int32 {
+	if x != nil {
+		return x.KeyGroupEnd
+	}
+	return 0
+}
+
+func (x *KeyedBlob) GetApplied() map[int32]int64 {
+	if x != nil {
+		return x.Applied
+	}
+	return nil
 }
 
 type CancelTask struct {
@@ -1565,9 +1715,12 @@ func (x *CancelTask) GetReason() string {
 
 // TriggerCheckpoint asks a source task to emit Barrier(checkpoint_id).
 type TriggerCheckpoint struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Task          *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
-	CheckpointId  uint64                 `protobuf:"varint,2,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Task         *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
+	CheckpointId uint64                 `protobuf:"varint,2,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	// last_completed is the job's newest completed checkpoint when this one
+	// was triggered; sources pass it on in the barrier.
+	LastCompleted uint64 `protobuf:"varint,3,opt,name=last_completed,json=lastCompleted,proto3" json:"last_completed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1616,8 +1769,16 @@ func (x *TriggerCheckpoint) GetCheckpointId() uint64 {
 	return 0
 }
 
+func (x *TriggerCheckpoint) GetLastCompleted() uint64 {
+	if x != nil {
+		return x.LastCompleted
+	}
+	return 0
+}
+
 // CheckpointComplete tells a task that checkpoint_id is committed; sources then
-// commit their offsets to Kafka for monitoring.
+// commit their offsets to Kafka for monitoring, and map tasks take its state
+// files as the base of their next incremental checkpoint.
 type CheckpointComplete struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Task          *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
@@ -1839,11 +2000,16 @@ func (x *ChannelHeader) GetMapTaskId() string {
 
 // Item is one keyed item produced by an operator's split step.
 type Item struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Num           int64                  `protobuf:"varint,2,opt,name=num,proto3" json:"num,omitempty"`
-	Raw           []byte                 `protobuf:"bytes,3,opt,name=raw,proto3" json:"raw,omitempty"`
-	KeyGroup      int32                  `protobuf:"varint,4,opt,name=key_group,json=keyGroup,proto3" json:"key_group,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// key is any bytes: Kafka keys and words need not be UTF-8.
+	Key      []byte `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Num      int64  `protobuf:"varint,2,opt,name=num,proto3" json:"num,omitempty"`
+	Raw      []byte `protobuf:"bytes,3,opt,name=raw,proto3" json:"raw,omitempty"`
+	KeyGroup int32  `protobuf:"varint,4,opt,name=key_group,json=keyGroup,proto3" json:"key_group,omitempty"`
+	// partition and offset name the source record the item came from, so a
+	// map task can record what it applied (TaskState.applied).
+	Partition     int32 `protobuf:"varint,5,opt,name=partition,proto3" json:"partition,omitempty"`
+	Offset        int64 `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1878,11 +2044,11 @@ func (*Item) Descriptor() ([]byte, []int) {
 	return file_coordflow_proto_rawDescGZIP(), []int{23}
 }
 
-func (x *Item) GetKey() string {
+func (x *Item) GetKey() []byte {
 	if x != nil {
 		return x.Key
 	}
-	return ""
+	return nil
 }
 
 func (x *Item) GetNum() int64 {
@@ -1902,6 +2068,20 @@ func (x *Item) GetRaw() []byte {
 func (x *Item) GetKeyGroup() int32 {
 	if x != nil {
 		return x.KeyGroup
+	}
+	return 0
+}
+
+func (x *Item) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *Item) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
 	}
 	return 0
 }
@@ -1951,8 +2131,12 @@ func (x *ItemBatch) GetItems() []*Item {
 }
 
 type Barrier struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	CheckpointId  uint64                 `protobuf:"varint,1,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	CheckpointId uint64                 `protobuf:"varint,1,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	// last_completed is the job's newest completed checkpoint when the barrier
+	// was triggered: a map task bases an incremental snapshot only on the files
+	// of that checkpoint, which the coordinator keeps (docs/state.md).
+	LastCompleted uint64 `protobuf:"varint,2,opt,name=last_completed,json=lastCompleted,proto3" json:"last_completed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1990,6 +2174,13 @@ func (*Barrier) Descriptor() ([]byte, []int) {
 func (x *Barrier) GetCheckpointId() uint64 {
 	if x != nil {
 		return x.CheckpointId
+	}
+	return 0
+}
+
+func (x *Barrier) GetLastCompleted() uint64 {
+	if x != nil {
+		return x.LastCompleted
 	}
 	return 0
 }
@@ -2074,24 +2265,31 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x11CheckpointDecline\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xec\x01\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xf3\x03\n" +
 	"\tTaskState\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12>\n" +
 	"\aoffsets\x18\x02 \x03(\v2$.coordflow.v1.TaskState.OffsetsEntryR\aoffsets\x12\x14\n" +
 	"\x05keyed\x18\x03 \x01(\fR\x05keyed\x12!\n" +
-	"\fkeyed_sha256\x18\x04 \x01(\tR\vkeyedSha256\x1a:\n" +
+	"\fkeyed_sha256\x18\x04 \x01(\tR\vkeyedSha256\x12-\n" +
+	"\x05files\x18\x05 \x03(\v2\x17.coordflow.v1.StateFileR\x05files\x12>\n" +
+	"\aapplied\x18\x06 \x03(\v2$.coordflow.v1.TaskState.AppliedEntryR\aapplied\x12%\n" +
+	"\x0evalue_encoding\x18\a \x01(\tR\rvalueEncoding\x12\x12\n" +
+	"\x04keys\x18\b \x01(\x03R\x04keys\x12\x1f\n" +
+	"\vstate_bytes\x18\t \x01(\x03R\n" +
+	"stateBytes\x1a:\n" +
 	"\fOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"A\n" +
-	"\n" +
-	"KeyedState\x123\n" +
-	"\x06groups\x18\x01 \x03(\v2\x1b.coordflow.v1.KeyGroupStateR\x06groups\"\xa8\x01\n" +
-	"\rKeyGroupState\x12\x1b\n" +
-	"\tkey_group\x18\x01 \x01(\x05R\bkeyGroup\x12?\n" +
-	"\x06values\x18\x02 \x03(\v2'.coordflow.v1.KeyGroupState.ValuesEntryR\x06values\x1a9\n" +
-	"\vValuesEntry\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xa6\x03\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a:\n" +
+	"\fAppliedEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xab\x01\n" +
+	"\tStateFile\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
+	"\x06sha256\x18\x03 \x01(\tR\x06sha256\x12&\n" +
+	"\x0fkey_group_start\x18\x04 \x01(\x05R\rkeyGroupStart\x12\"\n" +
+	"\rkey_group_end\x18\x05 \x01(\x05R\vkeyGroupEnd\x12\x12\n" +
+	"\x04full\x18\x06 \x01(\bR\x04full\"\xa6\x03\n" +
 	"\x12CoordinatorMessage\x121\n" +
 	"\awelcome\x18\x01 \x01(\v2\x15.coordflow.v1.WelcomeH\x00R\awelcome\x128\n" +
 	"\n" +
@@ -2109,7 +2307,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\fheartbeat_ms\x18\x04 \x01(\x03R\vheartbeatMs\"P\n" +
 	"\tNotLeader\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12&\n" +
-	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\x9b\x05\n" +
+	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\xca\x05\n" +
 	"\n" +
 	"DeployTask\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12*\n" +
@@ -2126,10 +2324,15 @@ const file_coordflow_proto_rawDesc = "" +
 	"numSources\x122\n" +
 	"\x15restore_checkpoint_id\x18\v \x01(\x04R\x13restoreCheckpointId\x12U\n" +
 	"\x0frestore_offsets\x18\f \x03(\v2,.coordflow.v1.DeployTask.RestoreOffsetsEntryR\x0erestoreOffsets\x12<\n" +
-	"\rrestore_keyed\x18\r \x03(\v2\x17.coordflow.v1.KeyedBlobR\frestoreKeyed\x1aA\n" +
+	"\rrestore_keyed\x18\r \x03(\v2\x17.coordflow.v1.KeyedBlobR\frestoreKeyed\x12-\n" +
+	"\x05state\x18\x0e \x01(\v2\x17.coordflow.v1.StateSpecR\x05state\x1aA\n" +
 	"\x13RestoreOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x88\x01\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"j\n" +
+	"\tStateSpec\x12\x18\n" +
+	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
+	"\astorage\x18\x02 \x01(\tR\astorage\x12)\n" +
+	"\x10inline_threshold\x18\x03 \x01(\x03R\x0finlineThreshold\"\x88\x01\n" +
 	"\n" +
 	"SourceSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
@@ -2149,18 +2352,26 @@ const file_coordflow_proto_rawDesc = "" +
 	"\tworker_id\x18\x03 \x01(\tR\bworkerId\x12\x1b\n" +
 	"\tdata_addr\x18\x04 \x01(\tR\bdataAddr\x12&\n" +
 	"\x0fkey_group_start\x18\x05 \x01(\x05R\rkeyGroupStart\x12\"\n" +
-	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\"P\n" +
+	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\"\xc7\x02\n" +
 	"\tKeyedBlob\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x16\n" +
-	"\x06sha256\x18\x03 \x01(\tR\x06sha256\"O\n" +
+	"\x06sha256\x18\x03 \x01(\tR\x06sha256\x12-\n" +
+	"\x05files\x18\x04 \x03(\v2\x17.coordflow.v1.StateFileR\x05files\x12&\n" +
+	"\x0fkey_group_start\x18\x05 \x01(\x05R\rkeyGroupStart\x12\"\n" +
+	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\x12>\n" +
+	"\aapplied\x18\a \x03(\v2$.coordflow.v1.KeyedBlob.AppliedEntryR\aapplied\x1a:\n" +
+	"\fAppliedEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"O\n" +
 	"\n" +
 	"CancelTask\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"c\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x8a\x01\n" +
 	"\x11TriggerCheckpoint\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
-	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\"\xe9\x01\n" +
+	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12%\n" +
+	"\x0elast_completed\x18\x03 \x01(\x04R\rlastCompleted\"\xe9\x01\n" +
 	"\x12CheckpointComplete\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12G\n" +
@@ -2177,16 +2388,19 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x18\n" +
 	"\aattempt\x18\x02 \x01(\x04R\aattempt\x12!\n" +
 	"\fsource_index\x18\x03 \x01(\x05R\vsourceIndex\x12\x1e\n" +
-	"\vmap_task_id\x18\x04 \x01(\tR\tmapTaskId\"Y\n" +
+	"\vmap_task_id\x18\x04 \x01(\tR\tmapTaskId\"\x8f\x01\n" +
 	"\x04Item\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\tR\x03key\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\x12\x10\n" +
 	"\x03num\x18\x02 \x01(\x03R\x03num\x12\x10\n" +
 	"\x03raw\x18\x03 \x01(\fR\x03raw\x12\x1b\n" +
-	"\tkey_group\x18\x04 \x01(\x05R\bkeyGroup\"5\n" +
+	"\tkey_group\x18\x04 \x01(\x05R\bkeyGroup\x12\x1c\n" +
+	"\tpartition\x18\x05 \x01(\x05R\tpartition\x12\x16\n" +
+	"\x06offset\x18\x06 \x01(\x03R\x06offset\"5\n" +
 	"\tItemBatch\x12(\n" +
-	"\x05items\x18\x01 \x03(\v2\x12.coordflow.v1.ItemR\x05items\".\n" +
+	"\x05items\x18\x01 \x03(\v2\x12.coordflow.v1.ItemR\x05items\"U\n" +
 	"\aBarrier\x12#\n" +
-	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\"'\n" +
+	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\x12%\n" +
+	"\x0elast_completed\x18\x02 \x01(\x04R\rlastCompleted\"'\n" +
 	"\rChannelClosed\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason*N\n" +
 	"\bTaskKind\x12\x19\n" +
@@ -2217,7 +2431,7 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 }
 
 var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
@@ -2229,12 +2443,12 @@ var file_coordflow_proto_goTypes = []any{
 	(*CheckpointAck)(nil),      // 7: coordflow.v1.CheckpointAck
 	(*CheckpointDecline)(nil),  // 8: coordflow.v1.CheckpointDecline
 	(*TaskState)(nil),          // 9: coordflow.v1.TaskState
-	(*KeyedState)(nil),         // 10: coordflow.v1.KeyedState
-	(*KeyGroupState)(nil),      // 11: coordflow.v1.KeyGroupState
-	(*CoordinatorMessage)(nil), // 12: coordflow.v1.CoordinatorMessage
-	(*Welcome)(nil),            // 13: coordflow.v1.Welcome
-	(*NotLeader)(nil),          // 14: coordflow.v1.NotLeader
-	(*DeployTask)(nil),         // 15: coordflow.v1.DeployTask
+	(*StateFile)(nil),          // 10: coordflow.v1.StateFile
+	(*CoordinatorMessage)(nil), // 11: coordflow.v1.CoordinatorMessage
+	(*Welcome)(nil),            // 12: coordflow.v1.Welcome
+	(*NotLeader)(nil),          // 13: coordflow.v1.NotLeader
+	(*DeployTask)(nil),         // 14: coordflow.v1.DeployTask
+	(*StateSpec)(nil),          // 15: coordflow.v1.StateSpec
 	(*SourceSpec)(nil),         // 16: coordflow.v1.SourceSpec
 	(*SinkSpec)(nil),           // 17: coordflow.v1.SinkSpec
 	(*MapTaskRef)(nil),         // 18: coordflow.v1.MapTaskRef
@@ -2249,9 +2463,10 @@ var file_coordflow_proto_goTypes = []any{
 	(*Barrier)(nil),            // 27: coordflow.v1.Barrier
 	(*ChannelClosed)(nil),      // 28: coordflow.v1.ChannelClosed
 	nil,                        // 29: coordflow.v1.TaskState.OffsetsEntry
-	nil,                        // 30: coordflow.v1.KeyGroupState.ValuesEntry
+	nil,                        // 30: coordflow.v1.TaskState.AppliedEntry
 	nil,                        // 31: coordflow.v1.DeployTask.RestoreOffsetsEntry
-	nil,                        // 32: coordflow.v1.CheckpointComplete.OffsetsEntry
+	nil,                        // 32: coordflow.v1.KeyedBlob.AppliedEntry
+	nil,                        // 33: coordflow.v1.CheckpointComplete.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
 	4,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
@@ -2268,12 +2483,12 @@ var file_coordflow_proto_depIdxs = []int32{
 	2,  // 11: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
 	0,  // 12: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
 	29, // 13: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
-	11, // 14: coordflow.v1.KeyedState.groups:type_name -> coordflow.v1.KeyGroupState
-	30, // 15: coordflow.v1.KeyGroupState.values:type_name -> coordflow.v1.KeyGroupState.ValuesEntry
-	13, // 16: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
-	14, // 17: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
+	10, // 14: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
+	30, // 15: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
+	12, // 16: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
+	13, // 17: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
 	5,  // 18: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
-	15, // 19: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
+	14, // 19: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
 	20, // 20: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
 	21, // 21: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
 	22, // 22: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
@@ -2284,23 +2499,26 @@ var file_coordflow_proto_depIdxs = []int32{
 	18, // 27: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
 	31, // 28: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
 	19, // 29: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
-	2,  // 30: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
-	2,  // 31: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
-	2,  // 32: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
-	32, // 33: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
-	24, // 34: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
-	26, // 35: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
-	27, // 36: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	25, // 37: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
-	3,  // 38: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	23, // 39: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	12, // 40: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	28, // 41: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	40, // [40:42] is the sub-list for method output_type
-	38, // [38:40] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	15, // 30: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
+	10, // 31: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
+	32, // 32: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
+	2,  // 33: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
+	2,  // 34: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
+	2,  // 35: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
+	33, // 36: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
+	24, // 37: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
+	26, // 38: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
+	27, // 39: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
+	25, // 40: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
+	3,  // 41: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	23, // 42: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	11, // 43: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	28, // 44: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	43, // [43:45] is the sub-list for method output_type
+	41, // [41:43] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -2315,7 +2533,7 @@ func file_coordflow_proto_init() {
 		(*WorkerMessage_Ack)(nil),
 		(*WorkerMessage_Decline)(nil),
 	}
-	file_coordflow_proto_msgTypes[10].OneofWrappers = []any{
+	file_coordflow_proto_msgTypes[9].OneofWrappers = []any{
 		(*CoordinatorMessage_Welcome)(nil),
 		(*CoordinatorMessage_NotLeader)(nil),
 		(*CoordinatorMessage_Heartbeat)(nil),
@@ -2334,7 +2552,7 @@ func file_coordflow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"strconv"
-	"strings"
 )
 
 // Names of the built-in operators.
@@ -13,6 +12,8 @@ const (
 	Count       = "count"
 	Sum         = "sum"
 	Passthrough = "passthrough"
+	Latest      = "latest"
+	Distinct    = "distinct"
 )
 
 // Builtins returns a new registry holding the built-in operators. Callers may
@@ -24,6 +25,8 @@ func Builtins() *Registry {
 		Count:       count{},
 		Sum:         sum{},
 		Passthrough: passthrough{},
+		Latest:      latest{},
+		Distinct:    distinct{},
 	} {
 		// Cannot fail: the names are distinct and non-empty.
 		_ = r.Register(name, op)
@@ -31,83 +34,143 @@ func Builtins() *Registry {
 	return r
 }
 
-// decimalOutput is the sink record of the counting operators: key -> state as
-// a base-10 number.
-func decimalOutput(key string, v int64) *Output {
-	return &Output{Key: []byte(key), Value: strconv.AppendInt(nil, v, 10)}
+// addInt64 adds n to the current key's int64 state and emits the new total,
+// as a base-10 number, when the job has a sink: the update step of the
+// counting operators. Sums wrap on overflow, as int64 addition does, so a
+// replay gives the same result.
+func addInt64(ctx Context, n int64) error {
+	v, _, err := GetInt64(ctx)
+	if err != nil {
+		return err
+	}
+	v += n
+	if err := PutInt64(ctx, v); err != nil {
+		return err
+	}
+	if ctx.HasSink() {
+		ctx.Emit(Output{Key: ctx.Key(), Value: strconv.AppendInt(nil, v, 10)})
+	}
+	return nil
 }
 
+// counting is embedded by the operators whose state is an int64.
+type counting struct{}
+
+func (counting) StateEncoding() Encoding { return EncodingInt64 }
+
 // wordCount counts words: one item per white-space separated word of the
-// record value, keyed by the word.
-type wordCount struct{}
+// record value, keyed by the word's bytes. Words are split on ASCII and
+// Unicode white space as strings.Fields does; bytes that are not valid UTF-8
+// are part of a word like any other.
+type wordCount struct{ counting }
 
 func (wordCount) Split(r Record, emit func(Item)) error {
-	for _, w := range strings.Fields(string(r.Value)) {
+	for _, w := range bytes.Fields(r.Value) {
 		emit(Item{Key: w, Num: 1})
 	}
 	return nil
 }
 
-func (wordCount) Update(state int64, it Item) (int64, bool, *Output) {
-	state++
-	return state, true, decimalOutput(it.Key, state)
-}
+func (wordCount) Process(ctx Context, it Item) error { return addInt64(ctx, 1) }
 
-func (wordCount) UpdateState(state int64, _ Item) (int64, bool) { return state + 1, true }
-
-// count counts records per record key; a record without a key counts under "".
-type count struct{}
+// count counts records per record key; a record without a key counts under
+// the empty key.
+type count struct{ counting }
 
 func (count) Split(r Record, emit func(Item)) error {
-	emit(Item{Key: string(r.Key), Num: 1})
+	emit(Item{Key: r.Key, Num: 1})
 	return nil
 }
 
-func (count) Update(state int64, it Item) (int64, bool, *Output) {
-	state++
-	return state, true, decimalOutput(it.Key, state)
-}
-
-func (count) UpdateState(state int64, _ Item) (int64, bool) { return state + 1, true }
+func (count) Process(ctx Context, it Item) error { return addInt64(ctx, 1) }
 
 // sum sums record values, parsed as base-10 int64, per record key.
-type sum struct{}
+type sum struct{ counting }
 
 func (sum) Split(r Record, emit func(Item)) error {
 	v, err := strconv.ParseInt(string(bytes.TrimSpace(r.Value)), 10, 64)
 	if err != nil {
 		return fmt.Errorf("sum: value %q is not a base-10 int64", truncate(r.Value, 32))
 	}
-	emit(Item{Key: string(r.Key), Num: v})
+	emit(Item{Key: r.Key, Num: v})
 	return nil
 }
 
-func (sum) Update(state int64, it Item) (int64, bool, *Output) {
-	// Overflow wraps, as int64 addition does; deterministic across replays.
-	state += it.Num
-	return state, true, decimalOutput(it.Key, state)
-}
-
-func (sum) UpdateState(state int64, it Item) (int64, bool) { return state + it.Num, true }
+func (sum) Process(ctx Context, it Item) error { return addInt64(ctx, it.Num) }
 
 // passthrough forwards every record unchanged to the sink, partitioned by its
 // key, and keeps no state. A record with a nil key comes out with a nil key.
 type passthrough struct{}
 
 func (passthrough) Split(r Record, emit func(Item)) error {
-	emit(Item{Key: string(r.Key), Raw: r.Value})
+	emit(Item{Key: r.Key, Raw: r.Value})
 	return nil
 }
 
-func (passthrough) Update(_ int64, it Item) (int64, bool, *Output) {
-	var key []byte
-	if it.Key != "" {
-		key = []byte(it.Key)
+func (passthrough) Process(ctx Context, it Item) error {
+	if ctx.HasSink() {
+		ctx.Emit(Output{Key: nilIfEmpty(it.Key), Value: it.Raw})
 	}
-	return 0, false, &Output{Key: key, Value: it.Raw}
+	return nil
 }
 
-func (passthrough) UpdateState(int64, Item) (int64, bool) { return 0, false }
+// latest keeps the latest value per record key: a changelog topic
+// materialized as a table. A record with an empty (or null) value is a
+// tombstone, as in a compacted Kafka topic: it deletes the key. Every change
+// is forwarded to the sink.
+type latest struct{}
+
+func (latest) Split(r Record, emit func(Item)) error {
+	emit(Item{Key: r.Key, Raw: r.Value})
+	return nil
+}
+
+func (latest) Process(ctx Context, it Item) error {
+	var err error
+	if len(it.Raw) == 0 {
+		err = ctx.Delete()
+	} else {
+		err = ctx.Put(it.Raw)
+	}
+	if err == nil && ctx.HasSink() {
+		ctx.Emit(Output{Key: nilIfEmpty(it.Key), Value: it.Raw})
+	}
+	return err
+}
+
+// distinct passes a record on the first time its key is seen and drops
+// repeats: deduplication by id. Its state per key is the offset-free marker
+// of having been seen (one byte), so the state is the set of keys seen.
+type distinct struct{}
+
+// seenMarker is distinct's state value.
+var seenMarker = []byte{1}
+
+func (distinct) Split(r Record, emit func(Item)) error {
+	emit(Item{Key: r.Key, Raw: r.Value})
+	return nil
+}
+
+func (distinct) Process(ctx Context, it Item) error {
+	_, seen, err := ctx.Get()
+	if err != nil || seen {
+		return err
+	}
+	if err := ctx.Put(seenMarker); err != nil {
+		return err
+	}
+	if ctx.HasSink() {
+		ctx.Emit(Output{Key: nilIfEmpty(it.Key), Value: it.Raw})
+	}
+	return nil
+}
+
+func nilIfEmpty(b []byte) []byte {
+	if len(b) == 0 {
+		return nil
+	}
+	return b
+}
 
 // truncate bounds a malformed value quoted in an error message.
 func truncate(b []byte, n int) string {

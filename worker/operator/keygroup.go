@@ -1,7 +1,5 @@
 package operator
 
-import "hash/fnv"
-
 // DefaultMaxParallelism is the number of key groups of a job that does not
 // set max_parallelism.
 const DefaultMaxParallelism = 128
@@ -11,21 +9,17 @@ const DefaultMaxParallelism = 128
 // the same in every process and version, so snapshots stored per key group can
 // be restored with another parallelism. maxParallelism must be positive; for
 // any other value KeyGroup returns 0 rather than panicking.
-func KeyGroup(key string, maxParallelism int) int32 {
+func KeyGroup(key []byte, maxParallelism int) int32 {
 	if maxParallelism <= 0 {
 		return 0
 	}
-	h := fnv.New64a()
-	_, _ = h.Write([]byte(key)) // a hash.Hash never returns an error
-	return int32(h.Sum64() % uint64(maxParallelism))
+	// FNV-1a 64 inline: hash/fnv's Hash would allocate per call on this hot
+	// path. The constants are FNV's offset basis and prime.
+	h := uint64(14695981039346656037)
+	for _, c := range key {
+		h ^= uint64(c)
+		h *= 1099511628211
+	}
+	return int32(h % uint64(maxParallelism))
 }
 
-// KeyGroupRange returns the key groups [start, end) map task index of
-// parallelism owns, Flink's contiguous ranges as docs/protocol.md defines them.
-// The ranges of indexes 0..parallelism-1 partition [0, maxParallelism).
-func KeyGroupRange(index, parallelism, maxParallelism int) (start, end int32) {
-	if parallelism <= 0 || index < 0 || index >= parallelism {
-		return 0, 0
-	}
-	return int32(index * maxParallelism / parallelism), int32((index + 1) * maxParallelism / parallelism)
-}

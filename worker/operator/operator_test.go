@@ -2,9 +2,64 @@ package operator
 
 import (
 	"errors"
+	"hash/fnv"
+	"maps"
 	"reflect"
+	"slices"
+	"strconv"
 	"testing"
 )
+
+// memContext is a Context over a map, the way a map task drives Process,
+// with every output recorded.
+type memContext struct {
+	state map[string][]byte
+	key   []byte
+	sink  bool
+	outs  []Output
+}
+
+func newMemContext(sink bool) *memContext {
+	return &memContext{state: make(map[string][]byte), sink: sink}
+}
+
+func (c *memContext) Key() []byte { return c.key }
+func (c *memContext) Get() ([]byte, bool, error) {
+	v, ok := c.state[string(c.key)]
+	return v, ok, nil
+}
+func (c *memContext) Put(v []byte) error {
+	c.state[string(c.key)] = append([]byte(nil), v...)
+	return nil
+}
+func (c *memContext) Delete() error   { delete(c.state, string(c.key)); return nil }
+func (c *memContext) Emit(out Output) { c.outs = append(c.outs, out) }
+func (c *memContext) HasSink() bool   { return c.sink }
+
+// process runs op.Process for each item in order, as a map task does.
+func (c *memContext) process(t *testing.T, op Operator, items []Item) {
+	t.Helper()
+	for _, it := range items {
+		c.key = it.Key
+		if err := op.Process(c, it); err != nil {
+			t.Fatalf("process %q: %v", it.Key, err)
+		}
+	}
+}
+
+// ints decodes every value of an int64-state operator.
+func (c *memContext) ints(t *testing.T) map[string]int64 {
+	t.Helper()
+	out := make(map[string]int64, len(c.state))
+	for k, v := range c.state {
+		n, err := DecodeInt64(v)
+		if err != nil {
+			t.Fatalf("state of %q: %v", k, err)
+		}
+		out[k] = n
+	}
+	return out
+}
 
 // split runs op.Split on a record and returns the items it emitted.
 func split(t *testing.T, op Operator, r Record) ([]Item, error) {
@@ -12,25 +67,6 @@ func split(t *testing.T, op Operator, r Record) ([]Item, error) {
 	var items []Item
 	err := op.Split(r, func(it Item) { items = append(items, it) })
 	return items, err
-}
-
-// fold applies Update for each item in order over a fresh state map, the way
-// a map task does, and returns the state and the outputs.
-func fold(op Operator, items []Item) (map[string]int64, []Output) {
-	state := make(map[string]int64)
-	var outs []Output
-	for _, it := range items {
-		v, keep, out := op.Update(state[it.Key], it)
-		if keep {
-			state[it.Key] = v
-		} else {
-			delete(state, it.Key)
-		}
-		if out != nil {
-			outs = append(outs, *out)
-		}
-	}
-	return state, outs
 }
 
 func mustLookup(t *testing.T, name string) Operator {
@@ -42,66 +78,110 @@ func mustLookup(t *testing.T, name string) Operator {
 	return op
 }
 
+func keys(ss ...string) []Item {
+	items := make([]Item, len(ss))
+	for i, s := range ss {
+		items[i] = Item{Key: []byte(s), Num: 1}
+	}
+	return items
+}
+
 func TestWordCount(t *testing.T) {
 	op := mustLookup(t, WordCount)
 	items, err := split(t, op, Record{Value: []byte("  the cat\tsaw\nthe  dog ")})
 	if err != nil {
 		t.Fatalf("split: %v", err)
 	}
-	want := []Item{{Key: "the", Num: 1}, {Key: "cat", Num: 1}, {Key: "saw", Num: 1}, {Key: "the", Num: 1}, {Key: "dog", Num: 1}}
-	if !reflect.DeepEqual(items, want) {
+	if want := keys("the", "cat", "saw", "the", "dog"); !reflect.DeepEqual(items, want) {
 		t.Fatalf("items = %v, want %v", items, want)
 	}
-	state, outs := fold(op, items)
-	if want := map[string]int64{"the": 2, "cat": 1, "saw": 1, "dog": 1}; !reflect.DeepEqual(state, want) {
-		t.Fatalf("state = %v, want %v", state, want)
+	c := newMemContext(true)
+	c.process(t, op, items)
+	if want := map[string]int64{"the": 2, "cat": 1, "saw": 1, "dog": 1}; !reflect.DeepEqual(c.ints(t), want) {
+		t.Fatalf("state = %v, want %v", c.ints(t), want)
 	}
-	if last := outs[len(outs)-2]; string(last.Key) != "the" || string(last.Value) != "2" {
+	if last := c.outs[len(c.outs)-2]; string(last.Key) != "the" || string(last.Value) != "2" {
 		t.Fatalf("output for second \"the\" = %q -> %q, want the -> 2", last.Key, last.Value)
 	}
 	if items, _ := split(t, op, Record{Value: []byte(" \t\n")}); len(items) != 0 {
 		t.Fatalf("blank value split into %v, want nothing", items)
 	}
+	if EncodingOf(op) != EncodingInt64 {
+		t.Fatalf("wordcount state encoding = %q, want int64", EncodingOf(op))
+	}
+}
+
+// TestBinaryKeys: words and keys that are not UTF-8 are keys like any other.
+func TestBinaryKeys(t *testing.T) {
+	op := mustLookup(t, WordCount)
+	bad := []byte{0xff, 0xfe, 'x', 0x80}
+	value := append(append([]byte("ok "), bad...), []byte(" \x00\x01 ok")...)
+	items, err := split(t, op, Record{Value: value})
+	if err != nil {
+		t.Fatalf("split: %v", err)
+	}
+	c := newMemContext(false)
+	c.process(t, op, items)
+	want := map[string]int64{"ok": 2, string(bad): 1, "\x00\x01": 1}
+	if !reflect.DeepEqual(c.ints(t), want) {
+		t.Fatalf("state = %v, want %v", c.ints(t), want)
+	}
+	if len(c.outs) != 0 {
+		t.Fatalf("without a sink wordcount emitted %d outputs", len(c.outs))
+	}
 }
 
 func TestCount(t *testing.T) {
 	op := mustLookup(t, Count)
-	var all []Item
+	c := newMemContext(true)
 	for _, k := range [][]byte{[]byte("a"), nil, []byte("a"), []byte("")} {
 		items, err := split(t, op, Record{Key: k, Value: []byte("ignored")})
 		if err != nil {
 			t.Fatalf("split: %v", err)
 		}
-		all = append(all, items...)
+		c.process(t, op, items)
 	}
-	state, outs := fold(op, all)
-	if want := map[string]int64{"a": 2, "": 2}; !reflect.DeepEqual(state, want) {
-		t.Fatalf("state = %v, want %v", state, want)
+	if want := map[string]int64{"a": 2, "": 2}; !reflect.DeepEqual(c.ints(t), want) {
+		t.Fatalf("state = %v, want %v", c.ints(t), want)
 	}
-	if string(outs[3].Value) != "2" {
-		t.Fatalf("last output = %q, want 2", outs[3].Value)
+	if string(c.outs[3].Value) != "2" {
+		t.Fatalf("last output = %q, want 2", c.outs[3].Value)
 	}
 }
 
 func TestSum(t *testing.T) {
 	op := mustLookup(t, Sum)
-	var all []Item
-	for _, v := range []string{"5", " 7\n", "-3", "9223372036854775807"} {
+	c := newMemContext(false)
+	for _, v := range []string{"5", " 7\n", "-3"} {
 		items, err := split(t, op, Record{Key: []byte("k"), Value: []byte(v)})
 		if err != nil {
 			t.Fatalf("split %q: %v", v, err)
 		}
-		all = append(all, items...)
+		c.process(t, op, items)
 	}
-	state, _ := fold(op, all[:3])
-	if state["k"] != 9 {
-		t.Fatalf("sum = %d, want 9", state["k"])
+	if got := c.ints(t)["k"]; got != 9 {
+		t.Fatalf("sum = %d, want 9", got)
 	}
 	for _, bad := range []string{"", "x", "1.5", "12abc", "99999999999999999999"} {
 		items, err := split(t, op, Record{Key: []byte("k"), Value: []byte(bad)})
 		if err == nil || len(items) != 0 {
 			t.Fatalf("split %q = %v, %v; want an error and no items", bad, items, err)
 		}
+	}
+}
+
+// TestCorruptInt64State: a counting operator given a state value that is not
+// 8 bytes returns an error naming the key, and leaves the value alone.
+func TestCorruptInt64State(t *testing.T) {
+	c := newMemContext(true)
+	c.state["w"] = []byte("abc")
+	c.key = []byte("w")
+	err := mustLookup(t, WordCount).Process(c, Item{Key: []byte("w"), Num: 1})
+	if err == nil {
+		t.Fatal("Process over a 3-byte int64 state succeeded")
+	}
+	if string(c.state["w"]) != "abc" || len(c.outs) != 0 {
+		t.Fatalf("failed Process changed state to %q or emitted %v", c.state["w"], c.outs)
 	}
 }
 
@@ -112,19 +192,93 @@ func TestPassthrough(t *testing.T) {
 		if err != nil || len(items) != 1 {
 			t.Fatalf("split = %v, %v; want one item", items, err)
 		}
-		state, outs := fold(op, items)
-		if len(state) != 0 {
-			t.Fatalf("passthrough kept state %v", state)
+		c := newMemContext(true)
+		c.process(t, op, items)
+		if len(c.state) != 0 {
+			t.Fatalf("passthrough kept state %v", c.state)
 		}
-		if !reflect.DeepEqual(outs, []Output{{Key: r.Key, Value: r.Value}}) {
-			t.Fatalf("outputs = %v, want the record %v", outs, r)
+		if !reflect.DeepEqual(c.outs, []Output{{Key: r.Key, Value: r.Value}}) {
+			t.Fatalf("outputs = %v, want the record %v", c.outs, r)
 		}
+	}
+}
+
+// TestLatest: the latest value per key, an empty value deletes the key, and
+// every change reaches the sink.
+func TestLatest(t *testing.T) {
+	op := mustLookup(t, Latest)
+	c := newMemContext(true)
+	for _, r := range []Record{
+		{Key: []byte("a"), Value: []byte("1")},
+		{Key: []byte("b"), Value: []byte{0xff, 0x00}},
+		{Key: []byte("a"), Value: []byte("2")},
+		{Key: []byte("c"), Value: []byte("x")},
+		{Key: []byte("c"), Value: nil},
+	} {
+		items, err := split(t, op, r)
+		if err != nil {
+			t.Fatalf("split: %v", err)
+		}
+		c.process(t, op, items)
+	}
+	want := map[string][]byte{"a": []byte("2"), "b": {0xff, 0x00}}
+	if !reflect.DeepEqual(c.state, want) {
+		t.Fatalf("state = %q, want %q", c.state, want)
+	}
+	if len(c.outs) != 5 || c.outs[4].Value != nil || string(c.outs[4].Key) != "c" {
+		t.Fatalf("outputs = %q, want 5 ending with the tombstone of c", c.outs)
+	}
+}
+
+// TestDistinct: the first record of a key passes, repeats are dropped.
+func TestDistinct(t *testing.T) {
+	op := mustLookup(t, Distinct)
+	c := newMemContext(true)
+	var passed []string
+	for i, k := range []string{"id1", "id2", "id1", "id3", "id2", "id1"} {
+		items, err := split(t, op, Record{Key: []byte(k), Value: []byte(strconv.Itoa(i))})
+		if err != nil {
+			t.Fatalf("split: %v", err)
+		}
+		c.process(t, op, items)
+	}
+	for _, o := range c.outs {
+		passed = append(passed, string(o.Key)+"="+string(o.Value))
+	}
+	if want := []string{"id1=0", "id2=1", "id3=3"}; !reflect.DeepEqual(passed, want) {
+		t.Fatalf("passed %v, want %v", passed, want)
+	}
+	if got := slices.Sorted(maps.Keys(c.state)); !reflect.DeepEqual(got, []string{"id1", "id2", "id3"}) {
+		t.Fatalf("state keys = %v", got)
+	}
+}
+
+func TestJSONHelpers(t *testing.T) {
+	type rec struct {
+		N int      `json:"n"`
+		S []string `json:"s"`
+	}
+	c := newMemContext(false)
+	c.key = []byte("k")
+	var got rec
+	if ok, err := GetJSON(c, &got); ok || err != nil {
+		t.Fatalf("GetJSON of a missing key = %v, %v", ok, err)
+	}
+	if err := PutJSON(c, rec{N: 3, S: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := GetJSON(c, &got); !ok || err != nil || got.N != 3 || got.S[0] != "a" {
+		t.Fatalf("GetJSON = %+v, %v, %v", got, ok, err)
+	}
+	c.state["k"] = []byte("{not json")
+	if _, err := GetJSON(c, &got); err == nil {
+		t.Fatal("GetJSON of bad JSON succeeded")
 	}
 }
 
 func TestRegistry(t *testing.T) {
 	r := Builtins()
-	if got, want := r.Names(), []string{Count, Passthrough, Sum, WordCount}; !reflect.DeepEqual(got, want) {
+	if got, want := r.Names(), []string{Count, Distinct, Latest, Passthrough, Sum, WordCount}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("Names = %v, want %v", got, want)
 	}
 	if err := r.Register(Sum, count{}); !errors.Is(err, ErrDuplicate) {
@@ -160,7 +314,7 @@ func TestKeyGroupStable(t *testing.T) {
 	}
 	for _, v := range vectors {
 		for _, max := range []int{1, 7, 128, 1 << 15} {
-			if got, want := KeyGroup(v.key, max), int32(v.hash%uint64(max)); got != want {
+			if got, want := KeyGroup([]byte(v.key), max), int32(v.hash%uint64(max)); got != want {
 				t.Errorf("KeyGroup(%q, %d) = %d, want %d", v.key, max, got, want)
 			}
 		}
@@ -168,55 +322,21 @@ func TestKeyGroupStable(t *testing.T) {
 	// Hard-coded results for the default 128 key groups: a change here breaks
 	// every stored snapshot.
 	for key, want := range map[string]int32{"": 37, "a": 12, "foobar": 104} {
-		if got := KeyGroup(key, DefaultMaxParallelism); got != want {
+		if got := KeyGroup([]byte(key), DefaultMaxParallelism); got != want {
 			t.Errorf("KeyGroup(%q, 128) = %d, want %d", key, got, want)
 		}
 	}
-	if got := KeyGroup("a", 0); got != 0 {
+	if got := KeyGroup([]byte("a"), 0); got != 0 {
 		t.Errorf("KeyGroup with max 0 = %d, want 0", got)
 	}
-}
-
-func TestKeyGroupRange(t *testing.T) {
-	for _, par := range []int{1, 2, 3, 5, 128} {
-		next := int32(0)
-		for i := 0; i < par; i++ {
-			s, e := KeyGroupRange(i, par, 128)
-			if s != next || e <= s {
-				t.Fatalf("parallelism %d: range %d = [%d, %d), want start %d and non-empty", par, i, s, e, next)
-			}
-			next = e
+	// The inline hash equals hash/fnv's on binary keys too.
+	for i := range 300 {
+		key := []byte{byte(i), byte(i >> 3), 0xff, byte(i * 7)}[:i%5]
+		h := fnv.New64a()
+		h.Write(key)
+		if got, want := KeyGroup(key, 1000), int32(h.Sum64()%1000); got != want {
+			t.Fatalf("KeyGroup(%x) = %d, hash/fnv gives %d", key, got, want)
 		}
-		if next != 128 {
-			t.Fatalf("parallelism %d: ranges end at %d, want 128", par, next)
-		}
-	}
-	if s, e := KeyGroupRange(1, 3, 128); s != 42 || e != 85 {
-		t.Fatalf("range 1 of 3 = [%d, %d), want [42, 85)", s, e)
 	}
 }
 
-// TestUpdateStateMatchesUpdate: every builtin has the sink-less fast path,
-// and it folds state exactly as Update does.
-func TestUpdateStateMatchesUpdate(t *testing.T) {
-	items := []Item{{Key: "a", Num: 3, Raw: []byte("x")}, {Key: "b", Num: -1}, {Key: "a", Num: 4, Raw: []byte("y")}, {Key: "", Num: 2}}
-	for _, name := range []string{WordCount, Count, Sum, Passthrough} {
-		op := mustLookup(t, name)
-		su, ok := op.(StateUpdater)
-		if !ok {
-			t.Fatalf("builtin %q has no UpdateState", name)
-		}
-		want, _ := fold(op, items)
-		got := make(map[string]int64)
-		for _, it := range items {
-			if v, keep := su.UpdateState(got[it.Key], it); keep {
-				got[it.Key] = v
-			} else {
-				delete(got, it.Key)
-			}
-		}
-		if !reflect.DeepEqual(got, want) {
-			t.Fatalf("%s: UpdateState folds to %v, Update to %v", name, got, want)
-		}
-	}
-}
