@@ -82,9 +82,14 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 		Kind:        t.Kind,
 		Worker:      worker,
 		AckedAt:     now.UnixNano(),
-		Offsets:     maps.Clone(st.GetOffsets()),
-		Keyed:       st.GetKeyed(),
-		KeyedSHA256: st.GetKeyedSha256(),
+		Offsets:       maps.Clone(st.GetOffsets()),
+		Keyed:         st.GetKeyed(),
+		KeyedSHA256:   st.GetKeyedSha256(),
+		Files:         fsmFiles(st.GetFiles()),
+		Applied:       maps.Clone(st.GetApplied()),
+		ValueEncoding: st.GetValueEncoding(),
+		Keys:          st.GetKeys(),
+		StateBytes:    st.GetStateBytes(),
 	}
 	if t.Kind == fsm.TaskMap && t.KeyGroups != nil {
 		kg := *t.KeyGroups // the range the map task's snapshot covers
@@ -92,6 +97,33 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 	}
 	p.acks[t.ID] = state
 	return nil
+}
+
+// fsmFiles converts the file handles of an ack.
+func fsmFiles(files []*transport.StateFile) []fsm.StateFile {
+	if len(files) == 0 {
+		return nil
+	}
+	out := make([]fsm.StateFile, len(files))
+	for i, f := range files {
+		out[i] = fsm.StateFile{
+			Path: f.GetPath(), Size: f.GetSize(), SHA256: f.GetSha256(), Full: f.GetFull(),
+			KeyGroups: fsm.KeyGroupRange{Start: int(f.GetKeyGroupStart()), End: int(f.GetKeyGroupEnd())},
+		}
+	}
+	return out
+}
+
+// protoFiles is the reverse of fsmFiles, for deployments.
+func protoFiles(files []fsm.StateFile) []*transport.StateFile {
+	out := make([]*transport.StateFile, len(files))
+	for i, f := range files {
+		out[i] = &transport.StateFile{
+			Path: f.Path, Size: f.Size, Sha256: f.SHA256, Full: f.Full,
+			KeyGroupStart: int32(f.KeyGroups.Start), KeyGroupEnd: int32(f.KeyGroups.End),
+		}
+	}
+	return out
 }
 
 // complete reports whether every one of the attempt's tasks has acked.
@@ -201,7 +233,7 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time) {
 			continue
 		}
 		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
-			Task: taskRef(js, tv.task), CheckpointId: id,
+			Task: taskRef(js, tv.task), CheckpointId: id, LastCompleted: js.lastCompleted,
 		}}}
 		if !l.sendTo(tv.task.Worker, msg) {
 			log.Warn("no session to trigger checkpoint on", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
@@ -275,6 +307,7 @@ func (l *leader) completeCheckpoint(js *jobState) {
 	}
 	js.ckpt.pending = nil
 	js.ckpt.lastCompletion = now
+	js.lastCompleted = p.id
 	took := now.Sub(p.triggeredAt)
 	l.metrics.checkpointDuration.WithLabelValues(js.id).Observe(took.Seconds())
 	l.metrics.checkpointsCompleted.WithLabelValues(js.id).Inc()
@@ -283,13 +316,21 @@ func (l *leader) completeCheckpoint(js *jobState) {
 	} else {
 		log.Info("checkpoint completed", "duration", took)
 	}
+	// Sources commit their offsets to Kafka; map tasks take the checkpoint's
+	// files as the base of their next incremental snapshot.
 	for _, tv := range js.order {
-		if tv.task.Kind != fsm.TaskSource {
-			continue
-		}
 		l.sendTo(tv.task.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
 			Task: taskRef(js, tv.task), CheckpointId: p.id, Offsets: p.acks[tv.task.ID].Offsets,
 		}}})
+	}
+	l.collectGarbage(js)
+}
+
+// collectGarbage asks for the job's unreferenced checkpoint files to be
+// deleted; the collector rate-limits and runs it off the loop.
+func (l *leader) collectGarbage(js *jobState) {
+	if l.env.collect != nil && js.spec.Checkpoint.Storage != "" {
+		l.env.collect(l.ctx, js.id)
 	}
 }
 

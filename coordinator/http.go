@@ -41,6 +41,7 @@ func (s *Server) newHTTPServer() *http.Server {
 	mux.Handle("DELETE /v1/jobs/{id}", s.leaderOnly(s.handleCancelJob))
 	mux.HandleFunc("GET /v1/jobs/{id}/checkpoints", s.handleCheckpoints)
 	mux.HandleFunc("GET /v1/jobs/{id}/state", s.handleState)
+	mux.HandleFunc("GET /v1/jobs/{id}/state/export", s.handleStateExport)
 	mux.HandleFunc("GET /v1/raft/peers", s.handleRaftPeers)
 	mux.Handle("DELETE /v1/raft/peers/{id}", s.leaderOnly(s.handleRemovePeer))
 	mux.HandleFunc("GET /v1/fsm/digest", s.handleDigest)
@@ -102,6 +103,11 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
+	}
+	if spec.Checkpoint.Storage == "" {
+		// The cluster default, fixed into the spec now so that every later
+		// leader uses the storage the job started with.
+		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
 	}
 	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
 	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano()}
@@ -274,8 +280,13 @@ type apiCheckpointTask struct {
 	Kind    fsm.TaskKind `json:"kind"`
 	Worker  string       `json:"worker"`
 	AckTime string       `json:"ack_time"`
-	// StateSize is the size in bytes of a map task's keyed state (0 for sources).
-	StateSize int `json:"state_size"`
+	// StateSize is the bytes a map task's snapshot wrote: its inline state,
+	// or its new files in checkpoint storage (0 for sources).
+	StateSize int64 `json:"state_size"`
+	// Keys is the number of keys in a map task's state; Files the number of
+	// state files its snapshot references.
+	Keys  int64 `json:"keys,omitempty"`
+	Files int   `json:"files,omitempty"`
 	// Offsets are a source task's next offsets, keyed "topic/partition".
 	Offsets map[string]int64 `json:"offsets,omitempty"`
 }
@@ -296,7 +307,11 @@ func newAPICheckpoint(topic string, cp fsm.Checkpoint) apiCheckpoint {
 	}
 	for _, id := range slices.Sorted(maps.Keys(cp.Tasks)) {
 		st := cp.Tasks[id]
-		tv := apiCheckpointTask{ID: id, Kind: st.Kind, Worker: st.Worker, AckTime: formatTime(st.AckedAt), StateSize: len(st.Keyed)}
+		tv := apiCheckpointTask{ID: id, Kind: st.Kind, Worker: st.Worker, AckTime: formatTime(st.AckedAt),
+			StateSize: st.StateBytes, Keys: st.Keys, Files: len(st.Files)}
+		if tv.StateSize == 0 {
+			tv.StateSize = int64(len(st.Keyed))
+		}
 		if len(st.Offsets) > 0 {
 			tv.Offsets = make(map[string]int64, len(st.Offsets))
 			for p, off := range st.Offsets {
@@ -325,58 +340,6 @@ func (s *Server) handleCheckpoints(w http.ResponseWriter, r *http.Request) {
 		views = append(views, newAPICheckpoint(j.Spec.Source.Topic, cp))
 	}
 	writeJSON(w, http.StatusOK, views)
-}
-
-// apiState is GET /v1/jobs/{id}/state: the job's state as of its last
-// completed checkpoint.
-type apiState struct {
-	CheckpointID uint64 `json:"checkpoint_id"`
-	Attempt      uint64 `json:"attempt"`
-	CompletedAt  string `json:"completed_at"`
-	// Offsets are the next offsets to read, keyed "topic/partition".
-	Offsets map[string]int64 `json:"offsets"`
-	// Keyed is every key's state, merged over the map tasks' key groups.
-	Keyed map[string]int64 `json:"keyed"`
-}
-
-func (s *Server) handleState(w http.ResponseWriter, r *http.Request) {
-	j, ok := s.lookupJob(w, r)
-	if !ok {
-		return
-	}
-	cp, ok := s.fsm.LastCompleted(j.ID)
-	if !ok {
-		writeError(w, http.StatusNotFound, fmt.Sprintf("job %s has no completed checkpoint yet", j.ID))
-		return
-	}
-	v := apiState{
-		CheckpointID: cp.ID,
-		Attempt:      cp.Attempt,
-		CompletedAt:  formatTime(cp.EndedAt),
-		Offsets:      make(map[string]int64),
-		Keyed:        make(map[string]int64),
-	}
-	for _, id := range slices.Sorted(maps.Keys(cp.Tasks)) {
-		st := cp.Tasks[id]
-		for p, off := range st.Offsets {
-			v.Offsets[partitionKey(j.Spec.Source.Topic, p)] = off
-		}
-		if st.Kind != fsm.TaskMap || len(st.Keyed) == 0 {
-			continue
-		}
-		var ks transport.KeyedState
-		if err := proto.Unmarshal(st.Keyed, &ks); err != nil {
-			s.logger.Error("undecodable keyed state in completed checkpoint", "job", j.ID, "checkpoint", cp.ID, "task", id, "err", err)
-			writeError(w, http.StatusInternalServerError, fmt.Sprintf("checkpoint %d: keyed state of task %s: %v", cp.ID, id, err))
-			return
-		}
-		for _, g := range ks.GetGroups() {
-			for k, val := range g.GetValues() {
-				v.Keyed[k] = val
-			}
-		}
-	}
-	writeJSON(w, http.StatusOK, v)
 }
 
 // apiPeer is one server of the Raft configuration.

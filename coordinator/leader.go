@@ -69,6 +69,9 @@ type leaderEnv struct {
 	now      func() time.Time
 	// jitter returns a uniform random number in [0, 1).
 	jitter func() float64
+	// collect starts, in the background, a garbage collection of a job's
+	// checkpoint files; nil never collects.
+	collect func(ctx context.Context, jobID string)
 }
 
 // serverEnv returns the leaderEnv of a running Server.
@@ -85,6 +88,7 @@ func serverEnv(s *Server) leaderEnv {
 		term:         s.raft.CurrentTerm,
 		now:          time.Now,
 		jitter:       rand.Float64,
+		collect:      s.collector.collect,
 	}
 }
 

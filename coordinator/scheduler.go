@@ -34,8 +34,9 @@ type jobState struct {
 	tasks map[string]*trackedTask
 	order []*trackedTask
 
-	deployedAt   time.Time // when the current attempt was deployed (or first seen by this term)
-	restoredFrom uint64    // checkpoint the current attempt restored from (replicated in the FSM); 0 if fresh
+	deployedAt    time.Time // when the current attempt was deployed (or first seen by this term)
+	restoredFrom  uint64    // checkpoint the current attempt restored from (replicated in the FSM); 0 if fresh
+	lastCompleted uint64    // the job's newest completed checkpoint, which triggers name
 	// bad holds checkpoints a map task failed to verify, with the reason;
 	// deploys restore from an older retained checkpoint instead.
 	bad map[uint64]string
@@ -55,6 +56,7 @@ type trackedTask struct {
 	task   fsm.Task
 	phase  transport.TaskPhase // UNSPECIFIED until the worker reports
 	reason string
+	cause  transport.FailureCause // of a failure
 	// missing is set when the worker opened a session without listing the task.
 	missing bool
 }
@@ -77,6 +79,9 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	}
 	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
 	js.restoredFrom = job.RestoredFrom
+	if n := len(job.Completed); n > 0 {
+		js.lastCompleted = job.Completed[n-1].ID
+	}
 	if js.tasks == nil || js.attempt != job.Attempt {
 		js.attempt = job.Attempt
 		js.tasks = make(map[string]*trackedTask, len(job.Tasks))
@@ -518,21 +523,16 @@ func chooseRestore(completed []fsm.Checkpoint, bad map[uint64]string) (ck *fsm.C
 }
 
 // noteFailure marks the checkpoint the current attempt restored from as bad
-// when a map task failed verifying its state, so the next deploy falls back to
-// an older retained checkpoint. The worker names a checksum or SHA-256
-// mismatch in the reason (docs/protocol.md, Restore).
+// when a map task failed verifying or reading its state (the worker says so
+// in the status's cause, docs/protocol.md, Restore), so the next deploy
+// falls back to an older retained checkpoint.
 func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
-	if tv.task.Kind != fsm.TaskMap || js.restoredFrom == 0 || !checksumFailure(tv.reason) {
+	if tv.task.Kind != fsm.TaskMap || js.restoredFrom == 0 || tv.cause != transport.FailureCause_FAILURE_CAUSE_STATE_CORRUPT {
 		return
 	}
 	js.bad[js.restoredFrom] = fmt.Sprintf("task %s: %s", tv.task.ID, tv.reason)
 	l.jobLogger(js).Warn("checkpoint state failed verification; it will not be restored again",
 		"checkpoint", js.restoredFrom, "task", tv.task.ID, "reason", tv.reason)
-}
-
-func checksumFailure(reason string) bool {
-	r := strings.ToLower(reason)
-	return strings.Contains(r, "checksum") || strings.Contains(r, "sha256") || strings.Contains(r, "sha-256")
 }
 
 // buildDeploy returns the DeployTask of task t of job's current attempt,
@@ -557,6 +557,13 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint) *transport.De
 	}
 	if spec.Sink != nil {
 		d.Sink = &transport.SinkSpec{Brokers: slices.Clone(spec.Sink.Brokers), Topic: spec.Sink.Topic}
+	}
+	if t.Kind == fsm.TaskMap {
+		d.State = &transport.StateSpec{
+			Backend:         spec.State.Backend,
+			Storage:         spec.Checkpoint.Storage,
+			InlineThreshold: spec.Checkpoint.InlineThreshold,
+		}
 	}
 	for _, m := range job.Tasks {
 		if m.Kind != fsm.TaskMap || m.KeyGroups == nil {
@@ -613,7 +620,14 @@ func restoreKeyed(ck *fsm.Checkpoint, own *fsm.KeyGroupRange) []*transport.Keyed
 		if own != nil && st.KeyGroups != nil && (st.KeyGroups.End <= own.Start || own.End <= st.KeyGroups.Start) {
 			continue // no key group in common
 		}
-		blobs = append(blobs, &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256})
+		b := &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256, Applied: maps.Clone(st.Applied)}
+		if len(st.Files) > 0 {
+			b.Files = protoFiles(st.Files)
+		}
+		if st.KeyGroups != nil {
+			b.KeyGroupStart, b.KeyGroupEnd = int32(st.KeyGroups.Start), int32(st.KeyGroups.End)
+		}
+		blobs = append(blobs, b)
 	}
 	return blobs
 }

@@ -30,6 +30,7 @@ import (
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/storage"
 )
 
 // Config configures one coordd. DefaultConfig gives LAN-tuned defaults; tests
@@ -50,6 +51,9 @@ type Config struct {
 	// gossip before a node with no Raft state bootstraps the cluster with
 	// all of them; 0 never bootstraps (the node waits to be added).
 	BootstrapExpect int
+	// CheckpointStorage is the checkpoint storage URL of jobs whose spec
+	// names none (checkpoint.storage); empty keeps their state inline.
+	CheckpointStorage string
 	// Voter says whether this node asks to be a Raft voter (or a nonvoter
 	// that only replicates and serves reads).
 	Voter bool
@@ -130,6 +134,8 @@ func (c Config) validate() error {
 		return errors.New("id is required")
 	case c.DataDir == "":
 		return errors.New("data dir is required")
+	case fsm.ValidateStorageURL(c.CheckpointStorage) != nil:
+		return fmt.Errorf("checkpoint storage: %w", fsm.ValidateStorageURL(c.CheckpointStorage))
 	case c.RaftAddr == "", c.RPCAddr == "", c.HTTPAddr == "", c.GossipAddr == "":
 		return errors.New("raft, rpc, http and gossip addresses are required")
 	case c.BootstrapExpect < 0:
@@ -205,6 +211,12 @@ type Server struct {
 	// rejoins with its data and never bootstraps.
 	raftHadState bool
 
+	// stores are the checkpoint storages the state API and the garbage
+	// collector read; state reads checkpoints' keyed state through them.
+	stores    *storage.Pool
+	state     *stateReader
+	collector *collector
+
 	grpc     *grpc.Server
 	http     *http.Server
 	rpcAddr  string // bound address of the gRPC listener
@@ -241,7 +253,10 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		metrics:      newMetrics(),
 		memberState:  make(map[string]*memberRecord),
 		memberEvents: make(chan struct{}, 1),
+		stores:       storage.NewPool(),
 	}
+	s.state = &stateReader{stores: s.stores}
+	s.collector = newCollector(s.stores, s.fsm.Job, s.logger, s.metrics)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -341,6 +356,7 @@ func (s *Server) shutdown(ctx context.Context) error {
 	if err := waitGroup(ctx, &s.wg); err != nil {
 		errs = append(errs, fmt.Errorf("wait for background loops (leader loop?): %w", err))
 	}
+	s.collector.wait()
 	if s.http != nil {
 		if err := s.http.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
@@ -369,6 +385,9 @@ func (s *Server) shutdown(ctx context.Context) error {
 		if err := s.raft.Shutdown().Error(); err != nil {
 			errs = append(errs, fmt.Errorf("shutdown raft: %w", err))
 		}
+	}
+	if err := s.stores.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close checkpoint storage: %w", err))
 	}
 	if s.raftTransport != nil {
 		if err := s.raftTransport.Close(); err != nil {

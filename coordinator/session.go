@@ -496,7 +496,7 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 		l.jobLogger(js).Debug("task phase", "task", ref.GetTaskId(), "worker", sess.worker,
 			"phase", st.GetPhase().String(), "reason", st.GetReason())
 	}
-	tv.phase, tv.reason, tv.missing = st.GetPhase(), st.GetReason(), false
+	tv.phase, tv.reason, tv.cause, tv.missing = st.GetPhase(), st.GetReason(), st.GetCause(), false
 	if st.GetPhase() == transport.TaskPhase_TASK_PHASE_FAILED {
 		l.noteFailure(js, tv)
 		l.poke()

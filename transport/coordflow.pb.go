@@ -132,6 +132,60 @@ func (TaskPhase) EnumDescriptor() ([]byte, []int) {
 	return file_coordflow_proto_rawDescGZIP(), []int{1}
 }
 
+// FailureCause says why a task failed, where the leader acts on it.
+type FailureCause int32
+
+const (
+	FailureCause_FAILURE_CAUSE_UNSPECIFIED FailureCause = 0
+	// STATE_CORRUPT: restored state failed verification (SHA-256, format) or
+	// a state file of the checkpoint is missing: the leader restores from an
+	// older retained checkpoint next.
+	FailureCause_FAILURE_CAUSE_STATE_CORRUPT FailureCause = 1
+	// DISK_FULL: the worker's local state directory is out of space.
+	FailureCause_FAILURE_CAUSE_DISK_FULL FailureCause = 2
+)
+
+// Enum value maps for FailureCause.
+var (
+	FailureCause_name = map[int32]string{
+		0: "FAILURE_CAUSE_UNSPECIFIED",
+		1: "FAILURE_CAUSE_STATE_CORRUPT",
+		2: "FAILURE_CAUSE_DISK_FULL",
+	}
+	FailureCause_value = map[string]int32{
+		"FAILURE_CAUSE_UNSPECIFIED":   0,
+		"FAILURE_CAUSE_STATE_CORRUPT": 1,
+		"FAILURE_CAUSE_DISK_FULL":     2,
+	}
+)
+
+func (x FailureCause) Enum() *FailureCause {
+	p := new(FailureCause)
+	*p = x
+	return p
+}
+
+func (x FailureCause) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FailureCause) Descriptor() protoreflect.EnumDescriptor {
+	return file_coordflow_proto_enumTypes[2].Descriptor()
+}
+
+func (FailureCause) Type() protoreflect.EnumType {
+	return &file_coordflow_proto_enumTypes[2]
+}
+
+func (x FailureCause) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FailureCause.Descriptor instead.
+func (FailureCause) EnumDescriptor() ([]byte, []int) {
+	return file_coordflow_proto_rawDescGZIP(), []int{2}
+}
+
 // TaskRef names one task of one attempt of one job.
 type TaskRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -438,11 +492,13 @@ func (x *Heartbeat) GetUnixNano() int64 {
 }
 
 type TaskStatus struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Task          *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
-	Kind          TaskKind               `protobuf:"varint,2,opt,name=kind,proto3,enum=coordflow.v1.TaskKind" json:"kind,omitempty"`
-	Phase         TaskPhase              `protobuf:"varint,3,opt,name=phase,proto3,enum=coordflow.v1.TaskPhase" json:"phase,omitempty"`
-	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Task   *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
+	Kind   TaskKind               `protobuf:"varint,2,opt,name=kind,proto3,enum=coordflow.v1.TaskKind" json:"kind,omitempty"`
+	Phase  TaskPhase              `protobuf:"varint,3,opt,name=phase,proto3,enum=coordflow.v1.TaskPhase" json:"phase,omitempty"`
+	Reason string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	// cause classifies a failure, so the leader need not read reason's text.
+	Cause         FailureCause `protobuf:"varint,5,opt,name=cause,proto3,enum=coordflow.v1.FailureCause" json:"cause,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -503,6 +559,13 @@ func (x *TaskStatus) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *TaskStatus) GetCause() FailureCause {
+	if x != nil {
+		return x.Cause
+	}
+	return FailureCause_FAILURE_CAUSE_UNSPECIFIED
 }
 
 // CheckpointAck reports that a task has taken its snapshot for checkpoint_id.
@@ -2251,13 +2314,14 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x05slots\x18\x03 \x01(\x05R\x05slots\x122\n" +
 	"\arunning\x18\x04 \x03(\v2\x18.coordflow.v1.TaskStatusR\arunning\"(\n" +
 	"\tHeartbeat\x12\x1b\n" +
-	"\tunix_nano\x18\x01 \x01(\x03R\bunixNano\"\xaa\x01\n" +
+	"\tunix_nano\x18\x01 \x01(\x03R\bunixNano\"\xdc\x01\n" +
 	"\n" +
 	"TaskStatus\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12*\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12-\n" +
 	"\x05phase\x18\x03 \x01(\x0e2\x17.coordflow.v1.TaskPhaseR\x05phase\x12\x16\n" +
-	"\x06reason\x18\x04 \x01(\tR\x06reason\"\x8e\x01\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x120\n" +
+	"\x05cause\x18\x05 \x01(\x0e2\x1a.coordflow.v1.FailureCauseR\x05cause\"\x8e\x01\n" +
 	"\rCheckpointAck\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12-\n" +
@@ -2412,7 +2476,11 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x14TASK_PHASE_DEPLOYING\x10\x01\x12\x16\n" +
 	"\x12TASK_PHASE_RUNNING\x10\x02\x12\x15\n" +
 	"\x11TASK_PHASE_FAILED\x10\x03\x12\x18\n" +
-	"\x14TASK_PHASE_CANCELLED\x10\x042W\n" +
+	"\x14TASK_PHASE_CANCELLED\x10\x04*k\n" +
+	"\fFailureCause\x12\x1d\n" +
+	"\x19FAILURE_CAUSE_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bFAILURE_CAUSE_STATE_CORRUPT\x10\x01\x12\x1b\n" +
+	"\x17FAILURE_CAUSE_DISK_FULL\x10\x022W\n" +
 	"\aControl\x12L\n" +
 	"\aSession\x12\x1b.coordflow.v1.WorkerMessage\x1a .coordflow.v1.CoordinatorMessage(\x010\x012K\n" +
 	"\x04Data\x12C\n" +
@@ -2430,95 +2498,97 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 	return file_coordflow_proto_rawDescData
 }
 
-var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
-	(*TaskRef)(nil),            // 2: coordflow.v1.TaskRef
-	(*WorkerMessage)(nil),      // 3: coordflow.v1.WorkerMessage
-	(*Hello)(nil),              // 4: coordflow.v1.Hello
-	(*Heartbeat)(nil),          // 5: coordflow.v1.Heartbeat
-	(*TaskStatus)(nil),         // 6: coordflow.v1.TaskStatus
-	(*CheckpointAck)(nil),      // 7: coordflow.v1.CheckpointAck
-	(*CheckpointDecline)(nil),  // 8: coordflow.v1.CheckpointDecline
-	(*TaskState)(nil),          // 9: coordflow.v1.TaskState
-	(*StateFile)(nil),          // 10: coordflow.v1.StateFile
-	(*CoordinatorMessage)(nil), // 11: coordflow.v1.CoordinatorMessage
-	(*Welcome)(nil),            // 12: coordflow.v1.Welcome
-	(*NotLeader)(nil),          // 13: coordflow.v1.NotLeader
-	(*DeployTask)(nil),         // 14: coordflow.v1.DeployTask
-	(*StateSpec)(nil),          // 15: coordflow.v1.StateSpec
-	(*SourceSpec)(nil),         // 16: coordflow.v1.SourceSpec
-	(*SinkSpec)(nil),           // 17: coordflow.v1.SinkSpec
-	(*MapTaskRef)(nil),         // 18: coordflow.v1.MapTaskRef
-	(*KeyedBlob)(nil),          // 19: coordflow.v1.KeyedBlob
-	(*CancelTask)(nil),         // 20: coordflow.v1.CancelTask
-	(*TriggerCheckpoint)(nil),  // 21: coordflow.v1.TriggerCheckpoint
-	(*CheckpointComplete)(nil), // 22: coordflow.v1.CheckpointComplete
-	(*DataMessage)(nil),        // 23: coordflow.v1.DataMessage
-	(*ChannelHeader)(nil),      // 24: coordflow.v1.ChannelHeader
-	(*Item)(nil),               // 25: coordflow.v1.Item
-	(*ItemBatch)(nil),          // 26: coordflow.v1.ItemBatch
-	(*Barrier)(nil),            // 27: coordflow.v1.Barrier
-	(*ChannelClosed)(nil),      // 28: coordflow.v1.ChannelClosed
-	nil,                        // 29: coordflow.v1.TaskState.OffsetsEntry
-	nil,                        // 30: coordflow.v1.TaskState.AppliedEntry
-	nil,                        // 31: coordflow.v1.DeployTask.RestoreOffsetsEntry
-	nil,                        // 32: coordflow.v1.KeyedBlob.AppliedEntry
-	nil,                        // 33: coordflow.v1.CheckpointComplete.OffsetsEntry
+	(FailureCause)(0),          // 2: coordflow.v1.FailureCause
+	(*TaskRef)(nil),            // 3: coordflow.v1.TaskRef
+	(*WorkerMessage)(nil),      // 4: coordflow.v1.WorkerMessage
+	(*Hello)(nil),              // 5: coordflow.v1.Hello
+	(*Heartbeat)(nil),          // 6: coordflow.v1.Heartbeat
+	(*TaskStatus)(nil),         // 7: coordflow.v1.TaskStatus
+	(*CheckpointAck)(nil),      // 8: coordflow.v1.CheckpointAck
+	(*CheckpointDecline)(nil),  // 9: coordflow.v1.CheckpointDecline
+	(*TaskState)(nil),          // 10: coordflow.v1.TaskState
+	(*StateFile)(nil),          // 11: coordflow.v1.StateFile
+	(*CoordinatorMessage)(nil), // 12: coordflow.v1.CoordinatorMessage
+	(*Welcome)(nil),            // 13: coordflow.v1.Welcome
+	(*NotLeader)(nil),          // 14: coordflow.v1.NotLeader
+	(*DeployTask)(nil),         // 15: coordflow.v1.DeployTask
+	(*StateSpec)(nil),          // 16: coordflow.v1.StateSpec
+	(*SourceSpec)(nil),         // 17: coordflow.v1.SourceSpec
+	(*SinkSpec)(nil),           // 18: coordflow.v1.SinkSpec
+	(*MapTaskRef)(nil),         // 19: coordflow.v1.MapTaskRef
+	(*KeyedBlob)(nil),          // 20: coordflow.v1.KeyedBlob
+	(*CancelTask)(nil),         // 21: coordflow.v1.CancelTask
+	(*TriggerCheckpoint)(nil),  // 22: coordflow.v1.TriggerCheckpoint
+	(*CheckpointComplete)(nil), // 23: coordflow.v1.CheckpointComplete
+	(*DataMessage)(nil),        // 24: coordflow.v1.DataMessage
+	(*ChannelHeader)(nil),      // 25: coordflow.v1.ChannelHeader
+	(*Item)(nil),               // 26: coordflow.v1.Item
+	(*ItemBatch)(nil),          // 27: coordflow.v1.ItemBatch
+	(*Barrier)(nil),            // 28: coordflow.v1.Barrier
+	(*ChannelClosed)(nil),      // 29: coordflow.v1.ChannelClosed
+	nil,                        // 30: coordflow.v1.TaskState.OffsetsEntry
+	nil,                        // 31: coordflow.v1.TaskState.AppliedEntry
+	nil,                        // 32: coordflow.v1.DeployTask.RestoreOffsetsEntry
+	nil,                        // 33: coordflow.v1.KeyedBlob.AppliedEntry
+	nil,                        // 34: coordflow.v1.CheckpointComplete.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
-	4,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
-	5,  // 1: coordflow.v1.WorkerMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
-	6,  // 2: coordflow.v1.WorkerMessage.status:type_name -> coordflow.v1.TaskStatus
-	7,  // 3: coordflow.v1.WorkerMessage.ack:type_name -> coordflow.v1.CheckpointAck
-	8,  // 4: coordflow.v1.WorkerMessage.decline:type_name -> coordflow.v1.CheckpointDecline
-	6,  // 5: coordflow.v1.Hello.running:type_name -> coordflow.v1.TaskStatus
-	2,  // 6: coordflow.v1.TaskStatus.task:type_name -> coordflow.v1.TaskRef
+	5,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
+	6,  // 1: coordflow.v1.WorkerMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
+	7,  // 2: coordflow.v1.WorkerMessage.status:type_name -> coordflow.v1.TaskStatus
+	8,  // 3: coordflow.v1.WorkerMessage.ack:type_name -> coordflow.v1.CheckpointAck
+	9,  // 4: coordflow.v1.WorkerMessage.decline:type_name -> coordflow.v1.CheckpointDecline
+	7,  // 5: coordflow.v1.Hello.running:type_name -> coordflow.v1.TaskStatus
+	3,  // 6: coordflow.v1.TaskStatus.task:type_name -> coordflow.v1.TaskRef
 	0,  // 7: coordflow.v1.TaskStatus.kind:type_name -> coordflow.v1.TaskKind
 	1,  // 8: coordflow.v1.TaskStatus.phase:type_name -> coordflow.v1.TaskPhase
-	2,  // 9: coordflow.v1.CheckpointAck.task:type_name -> coordflow.v1.TaskRef
-	9,  // 10: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
-	2,  // 11: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
-	0,  // 12: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
-	29, // 13: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
-	10, // 14: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
-	30, // 15: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
-	12, // 16: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
-	13, // 17: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
-	5,  // 18: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
-	14, // 19: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
-	20, // 20: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
-	21, // 21: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
-	22, // 22: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
-	2,  // 23: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
-	0,  // 24: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
-	16, // 25: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
-	17, // 26: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
-	18, // 27: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
-	31, // 28: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
-	19, // 29: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
-	15, // 30: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
-	10, // 31: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
-	32, // 32: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
-	2,  // 33: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
-	2,  // 34: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
-	2,  // 35: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
-	33, // 36: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
-	24, // 37: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
-	26, // 38: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
-	27, // 39: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	25, // 40: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
-	3,  // 41: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	23, // 42: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	11, // 43: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	28, // 44: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	43, // [43:45] is the sub-list for method output_type
-	41, // [41:43] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	2,  // 9: coordflow.v1.TaskStatus.cause:type_name -> coordflow.v1.FailureCause
+	3,  // 10: coordflow.v1.CheckpointAck.task:type_name -> coordflow.v1.TaskRef
+	10, // 11: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
+	3,  // 12: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
+	0,  // 13: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
+	30, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
+	11, // 15: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
+	31, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
+	13, // 17: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
+	14, // 18: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
+	6,  // 19: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
+	15, // 20: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
+	21, // 21: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
+	22, // 22: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
+	23, // 23: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
+	3,  // 24: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
+	0,  // 25: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
+	17, // 26: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
+	18, // 27: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
+	19, // 28: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
+	32, // 29: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
+	20, // 30: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
+	16, // 31: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
+	11, // 32: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
+	33, // 33: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
+	3,  // 34: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
+	3,  // 35: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
+	3,  // 36: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
+	34, // 37: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
+	25, // 38: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
+	27, // 39: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
+	28, // 40: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
+	26, // 41: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
+	4,  // 42: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	24, // 43: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	12, // 44: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	29, // 45: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	44, // [44:46] is the sub-list for method output_type
+	42, // [42:44] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -2551,7 +2621,7 @@ func file_coordflow_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      3,
 			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   2,

@@ -2,12 +2,14 @@ package worker
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -15,10 +17,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
+	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
+	"github.com/coordflow/coordflow/worker/state"
 )
 
 const (
@@ -43,6 +46,8 @@ type mapRegistry interface {
 // only goroutine that touches the state; one goroutine per input (a Data
 // server handler, or a local one for in-process channels) reads the input and
 // forwards to the loop, and after a barrier waits for the loop to release it.
+// A snapshot is captured on the loop (a consistent view of the backend) and
+// written by the task's snapshot goroutine while the loop goes on.
 type mapTask struct {
 	env        *taskEnv
 	key        taskKey
@@ -54,7 +59,9 @@ type mapTask struct {
 	restoreID  uint64
 	blobs      []*transport.KeyedBlob
 	sinkSpec   *transport.SinkSpec
+	stateSpec  *transport.StateSpec
 	reg        mapRegistry
+	control    <-chan control
 
 	// ctx is the task's context: set by run before the task is registered,
 	// read by input goroutines.
@@ -67,15 +74,39 @@ type mapTask struct {
 	wg      sync.WaitGroup // in-process input goroutines
 
 	// Task loop only.
-	groups   map[int32]map[string]int64
+	keyed    *keyedState
+	item     itemContext
+	writer   *snapshotWriter
+	snaps    chan *snapshotJob    // to the snapshot goroutine
+	results  chan snapshotResult  // from it
+	acked    map[uint64]chainInfo // acked snapshots not known complete
+	baseID   uint64               // the completed checkpoint base describes
+	base     chainInfo            // what the next delta builds on
+	fullSize int64                // bytes of the last full snapshot
+	// barrierLast is the last_completed the barriers of checkpoint id carry.
+	barrierLast struct{ id, last uint64 }
 	align    *aligner
 	sink     *sink
 	in       prometheus.Counter
 	out      prometheus.Counter
-	acked    prometheus.Counter
+	skipped  prometheus.Counter
+	ackedN   prometheus.Counter
 	declined prometheus.Counter
 	aligned  prometheus.Observer
 }
+
+// chainInfo describes the state files of one snapshot: the chain a delta can
+// build on. An inline snapshot has no files and is no base for a delta.
+type chainInfo struct {
+	files      []*transport.StateFile
+	fullBytes  int64
+	deltaBytes int64
+	deltas     int
+}
+
+// maxAcked bounds the acked snapshots a map task remembers while it waits
+// to learn which completed.
+const maxAcked = 16
 
 // input is one connected source of a map task.
 type input struct {
@@ -86,14 +117,15 @@ type input struct {
 // inputEvent is what an input goroutine forwards to the task loop: a batch, a
 // barrier (barrier != 0) or the end of the input (closed).
 type inputEvent struct {
-	input   int
-	items   []*transport.Item
-	barrier uint64
-	closed  bool
-	err     error
+	input         int
+	items         []*transport.Item
+	barrier       uint64
+	lastCompleted uint64 // with barrier
+	closed        bool
+	err           error
 }
 
-func newMapTask(env *taskEnv, d *transport.DeployTask, reg mapRegistry, log *slog.Logger) (*mapTask, error) {
+func newMapTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, reg mapRegistry, log *slog.Logger) (*mapTask, error) {
 	k := keyOf(d.GetTask())
 	op, ok := env.operators.Lookup(d.GetOperator())
 	if !ok {
@@ -103,8 +135,8 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, reg mapRegistry, log *slo
 		return nil, fmt.Errorf("deploy of map task %s: num_sources is %d, want at least 1", k.id, d.GetNumSources())
 	}
 	maxPar := d.GetMaxParallelism()
-	if maxPar <= 0 {
-		maxPar = operator.DefaultMaxParallelism
+	if maxPar <= 0 || maxPar > fsm.MaxKeyGroups {
+		return nil, fmt.Errorf("deploy of map task %s: max_parallelism %d is not within [1, %d]", k.id, maxPar, fsm.MaxKeyGroups)
 	}
 	var own *transport.MapTaskRef
 	for _, mt := range d.GetMapTasks() {
@@ -123,6 +155,15 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, reg mapRegistry, log *slo
 	if d.GetSink().GetTopic() != "" {
 		sinkSpec = d.GetSink()
 	}
+	stateSpec := d.GetState()
+	if stateSpec == nil {
+		stateSpec = &transport.StateSpec{Backend: fsm.DefaultStateBackend, InlineThreshold: fsm.DefaultInlineThreshold}
+	}
+	switch stateSpec.GetBackend() {
+	case "memory", "disk":
+	default:
+		return nil, fmt.Errorf("deploy of map task %s: state backend %q: want \"memory\" or \"disk\"", k.id, stateSpec.GetBackend())
+	}
 	m := &mapTask{
 		env:        env,
 		key:        k,
@@ -134,22 +175,52 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, reg mapRegistry, log *slo
 		restoreID:  d.GetRestoreCheckpointId(),
 		blobs:      d.GetRestoreKeyed(),
 		sinkSpec:   sinkSpec,
+		stateSpec:  stateSpec,
 		reg:        reg,
+		control:    ctl,
 		events:     make(chan inputEvent),
 		inputs:     make([]*input, d.GetNumSources()),
+		snaps:      make(chan *snapshotJob, 1),
+		results:    make(chan snapshotResult, 1),
+		acked:      make(map[uint64]chainInfo),
 		align:      newAligner(int(d.GetNumSources())),
 		in:         env.metrics.recordsIn.WithLabelValues(k.job, kindMap),
 		out:        env.metrics.recordsOut.WithLabelValues(k.job, kindMap),
-		acked:      env.metrics.checkpointsAcked.WithLabelValues(k.job, kindMap),
+		skipped:    env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
+		ackedN:     env.metrics.checkpointsAcked.WithLabelValues(k.job, kindMap),
 		declined:   env.metrics.checkpointsDecl.WithLabelValues(k.job, kindMap),
 		aligned:    env.metrics.alignment.WithLabelValues(k.job),
 	}
 	return m, nil
 }
 
+// openBackend opens the task's state backend: memory, or a fresh disk
+// database in a directory of its own under the worker's state directory,
+// removed again when the task ends.
+func (m *mapTask) openBackend() (state.Backend, func(), error) {
+	if m.stateSpec.GetBackend() != "disk" {
+		b := state.NewMemory()
+		return b, func() { _ = b.Close() }, nil
+	}
+	dir := filepath.Join(m.env.cfg.StateDir, "db", m.key.job, fmt.Sprintf("%s-a%d", m.key.id, m.key.attempt))
+	b, err := state.OpenDisk(dir, state.DiskOptions{Logger: m.log})
+	if err != nil {
+		return nil, nil, localError(fmt.Errorf("open disk state backend: %w", err))
+	}
+	return b, func() {
+		if err := b.Close(); err != nil {
+			m.log.Warn("close disk state backend", "dir", dir, "err", err)
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			m.log.Warn("remove disk state directory", "dir", dir, "err", err)
+		}
+	}, nil
+}
+
 func (m *mapTask) run(ctx context.Context, running func()) error {
 	ctx, cancel := context.WithCancel(ctx)
 	m.ctx = ctx
+	var writers sync.WaitGroup
 	defer func() {
 		m.reg.unregisterMap(m)
 		cancel()
@@ -157,19 +228,26 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		m.stopped = true
 		m.mu.Unlock()
 		m.wg.Wait()
+		writers.Wait()
 	}()
 
-	groups, err := restoreKeyed(m.blobs, m.kgStart, m.kgEnd)
+	backend, closeBackend, err := m.openBackend()
 	if err != nil {
-		return fmt.Errorf("restore checkpoint %d: %w", m.restoreID, err)
+		return err
 	}
-	m.groups = groups
-	if len(m.blobs) > 0 {
-		keys := 0
-		for _, g := range groups {
-			keys += len(g)
+	defer closeBackend()
+	m.keyed = newKeyedState(backend)
+	m.writer = &snapshotWriter{job: m.key.job, task: m.key.id, attempt: m.key.attempt}
+	if url := m.stateSpec.GetStorage(); url != "" {
+		if m.writer.store, err = m.env.stores.Get(ctx, url); err != nil {
+			return fmt.Errorf("open checkpoint storage: %w", err)
 		}
-		m.log.Info("restored keyed state", "checkpoint", m.restoreID, "blobs", len(m.blobs), "keys", keys)
+		if m.env.cfg.StateDir != "" {
+			m.writer.cache = filepath.Join(m.env.cfg.StateDir, "cache")
+		}
+	}
+	if err := m.restore(ctx); err != nil {
+		return fmt.Errorf("restore checkpoint %d: %w", m.restoreID, err)
 	}
 	if m.sinkSpec != nil {
 		m.sink, err = openSink(m.env.cfg, m.env.workerID, m.sinkSpec)
@@ -178,6 +256,13 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		}
 		defer m.sink.close()
 	}
+	m.item = itemContext{s: m.keyed, sink: m.sink != nil, emit: m.emit}
+
+	writers.Add(1)
+	go func() {
+		defer writers.Done()
+		m.writeSnapshots(ctx)
+	}()
 
 	m.reg.registerMap(m)
 	running()
@@ -200,8 +285,90 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 			if err := m.handle(ev); err != nil {
 				return err
 			}
+		case r := <-m.results:
+			if err := m.snapshotDone(r); err != nil {
+				return err
+			}
+		case c := <-m.control:
+			if c.complete != 0 {
+				m.completed(c.complete)
+			}
 		}
 	}
+}
+
+// restore loads the task's key groups from the restored checkpoint's state
+// and takes its files as the base of the next incremental snapshot when they
+// are exactly this task's (same key groups: no rescale).
+func (m *mapTask) restore(ctx context.Context) error {
+	if len(m.blobs) == 0 {
+		return nil
+	}
+	src := &restoreSource{store: m.writer.store, cache: m.writer.cache}
+	began := time.Now()
+	for _, b := range m.blobs {
+		n, err := src.restoreBlob(ctx, b, m.keyed.backend, m.kgStart, m.kgEnd)
+		if err != nil {
+			return err
+		}
+		m.keyed.keys += n
+		for p, off := range b.GetApplied() {
+			if cur, ok := m.keyed.applied[p]; !ok || off > cur {
+				m.keyed.applied[p] = off
+			}
+		}
+	}
+	if len(m.blobs) == 1 {
+		b := m.blobs[0]
+		if files := b.GetFiles(); len(files) > 0 && b.GetKeyGroupStart() == m.kgStart && b.GetKeyGroupEnd() == m.kgEnd {
+			m.baseID, m.base = m.restoreID, chainOf(files)
+			m.fullSize = m.base.fullBytes
+		}
+	}
+	m.log.Info("restored keyed state", "checkpoint", m.restoreID, "blobs", len(m.blobs), "keys", m.keyed.keys,
+		"files_local", src.local, "files_downloaded", src.remote, "took", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
+// chainOf describes an existing chain of files.
+func chainOf(files []*transport.StateFile) chainInfo {
+	c := chainInfo{files: files}
+	for _, f := range files {
+		if f.GetFull() {
+			c.fullBytes += f.GetSize()
+		} else {
+			c.deltaBytes += f.GetSize()
+			c.deltas++
+		}
+	}
+	return c
+}
+
+// writeSnapshots is the snapshot goroutine: it writes captured snapshots in
+// order and hands the results to the task loop.
+func (m *mapTask) writeSnapshots(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case job := <-m.snaps:
+			r := m.writer.write(ctx, job)
+			select {
+			case m.results <- r:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}
+}
+
+// emit writes one operator output to the sink.
+func (m *mapTask) emit(out operator.Output) {
+	if err := m.sink.add(&out); err != nil {
+		m.item.emitErr = err
+		return
+	}
+	m.out.Inc()
 }
 
 // handle applies one input event on the task loop.
@@ -215,50 +382,35 @@ func (m *mapTask) handle(ev inputEvent) error {
 		}
 		return m.carry(m.align.inputClosed(ev.input))
 	case ev.barrier != 0:
+		if m.barrierLast.id != ev.barrier {
+			m.barrierLast.id, m.barrierLast.last = ev.barrier, ev.lastCompleted
+		}
 		return m.carry(m.align.barrier(ev.input, ev.barrier, time.Now()))
 	default:
 		return m.apply(ev.items)
 	}
 }
 
-// apply folds a batch into the keyed state.
+// apply runs the operator on every item of a batch.
 func (m *mapTask) apply(items []*transport.Item) error {
-	// Without a sink, outputs would only be dropped: use the operator's fast
-	// path that builds none, if it has one.
-	stateOnly, _ := m.op.(operator.StateUpdater)
-	if m.sink != nil {
-		stateOnly = nil
-	}
 	for _, it := range items {
 		kg := it.GetKeyGroup()
 		if kg < m.kgStart || kg >= m.kgEnd {
 			return fmt.Errorf("item with key %q has key group %d, outside this task's range [%d, %d): source and map task disagree on the assignment", it.GetKey(), kg, m.kgStart, m.kgEnd)
 		}
-		vals := m.groups[kg]
-		var (
-			state int64
-			keep  bool
-			out   *operator.Output
-		)
-		if oi := (operator.Item{Key: it.GetKey(), Num: it.GetNum(), Raw: it.GetRaw()}); stateOnly != nil {
-			state, keep = stateOnly.UpdateState(vals[it.GetKey()], oi)
-		} else {
-			state, keep, out = m.op.Update(vals[it.GetKey()], oi)
+		m.item.reset(kg, it.GetKey())
+		err := m.op.Process(&m.item, operator.Item{Key: it.GetKey(), Num: it.GetNum(), Raw: it.GetRaw()})
+		if err := m.item.takeEmitErr(); err != nil {
+			return err
 		}
-		switch {
-		case keep && vals == nil:
-			m.groups[kg] = map[string]int64{it.GetKey(): state}
-		case keep:
-			vals[it.GetKey()] = state
-		default:
-			delete(vals, it.GetKey())
-		}
-		if out != nil && m.sink != nil {
-			if err := m.sink.add(out); err != nil {
-				return err
+		if err != nil {
+			if isBackendError(err) {
+				return fmt.Errorf("state backend: %w", err)
 			}
-			m.out.Inc()
+			m.skipped.Inc()
+			m.log.Debug("operator rejected an item", "key_group", kg, "partition", it.GetPartition(), "offset", it.GetOffset(), "err", err)
 		}
+		m.keyed.applied[it.GetPartition()] = it.GetOffset()
 	}
 	m.in.Add(float64(len(items)))
 	return nil
@@ -268,29 +420,17 @@ func (m *mapTask) apply(items []*transport.Item) error {
 // then releases.
 func (m *mapTask) carry(step alignStep) error {
 	for _, a := range step.abandoned {
-		m.log.Warn("declining checkpoint", "checkpoint", a.id, "reason", a.reason)
-		m.declined.Inc()
-		m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
-			Task: m.key.ref(), CheckpointId: a.id, Reason: a.reason,
-		}}})
+		m.decline(a.id, a.reason)
 	}
 	if id := step.snapshot; id != 0 {
-		blob, sum, err := m.snapshot()
-		if err != nil {
+		last := uint64(0)
+		if m.barrierLast.id == id {
+			last = m.barrierLast.last
+		}
+		if err := m.capture(id, last); err != nil {
 			return fmt.Errorf("snapshot for checkpoint %d: %w", id, err)
 		}
-		if m.sink != nil {
-			if err := m.sink.flush(); err != nil {
-				return fmt.Errorf("flush sink for checkpoint %d: %w", id, err)
-			}
-		}
 		m.aligned.Observe(step.aligned.Seconds())
-		m.acked.Inc()
-		m.log.Debug("checkpoint acked", "checkpoint", id, "bytes", len(blob), "alignment", step.aligned)
-		m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
-			Task: m.key.ref(), CheckpointId: id,
-			State: &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_MAP, Keyed: blob, KeyedSha256: sum},
-		}}})
 	}
 	m.mu.Lock()
 	inputs := m.inputs
@@ -306,51 +446,120 @@ func (m *mapTask) carry(step alignStep) error {
 	return nil
 }
 
-// snapshot encodes the keyed state of every key group the task owns, in key
-// group order and deterministically, with its SHA-256 (hex).
-func (m *mapTask) snapshot() ([]byte, string, error) {
-	ks := &transport.KeyedState{Groups: make([]*transport.KeyGroupState, 0, m.kgEnd-m.kgStart)}
-	for kg := m.kgStart; kg < m.kgEnd; kg++ {
-		ks.Groups = append(ks.Groups, &transport.KeyGroupState{KeyGroup: kg, Values: m.groups[kg]})
+// capture takes snapshot id at the barrier: flush the sink, take a view of
+// the backend, close the epoch of changed keys, and hand the rest to the
+// snapshot goroutine. lastCompleted is the job's newest completed checkpoint
+// as the barrier carried it: a delta builds only on that one's files.
+func (m *mapTask) capture(id, lastCompleted uint64) error {
+	if m.sink != nil {
+		if err := m.sink.flush(); err != nil {
+			return fmt.Errorf("flush sink: %w", err)
+		}
 	}
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(ks)
+	m.adoptBase(lastCompleted)
+	view, err := m.keyed.backend.Snapshot()
 	if err != nil {
-		return nil, "", err
+		return fmt.Errorf("state backend: %w", err)
 	}
-	sum := sha256.Sum256(b)
-	return b, hex.EncodeToString(sum[:]), nil
+	m.keyed.closeEpoch(id)
+	job := &snapshotJob{
+		id: id, view: view, kgStart: m.kgStart, kgEnd: m.kgEnd,
+		applied:  maps.Clone(m.keyed.applied),
+		keys:     m.keyed.keys,
+		encoding: string(operator.EncodingOf(m.op)),
+	}
+	threshold := m.stateSpec.GetInlineThreshold()
+	switch {
+	case m.writer.store == nil:
+		job.mode, job.inlineLimit = modeInline, fsm.MaxInlineStateBytes
+	case m.fullSize < threshold:
+		job.mode, job.inlineLimit = modeInline, threshold
+	case m.baseID == 0 || len(m.base.files) == 0 || m.base.deltas >= maxChainDeltas || m.base.deltaBytes >= m.base.fullBytes:
+		job.mode = modeFull
+	default:
+		changed, ok := m.keyed.changedSince(m.baseID)
+		if ok {
+			job.mode, job.changed, job.base = modeDelta, changed, m.base.files
+		} else {
+			job.mode = modeFull
+		}
+	}
+	select {
+	case m.snaps <- job:
+		return nil
+	default:
+		// The previous snapshot is still being written: with one checkpoint
+		// pending at a time that only happens after it was aborted. Decline
+		// rather than queue without bound.
+		view.Release()
+		m.decline(id, "the previous snapshot is still being written")
+		return nil
+	}
 }
 
-// restoreKeyed decodes every blob of a checkpoint, verifying its SHA-256
-// first, and keeps the key groups in [start, end): blobs written with another
-// parallelism split or merge cleanly because state is stored per key group.
-func restoreKeyed(blobs []*transport.KeyedBlob, start, end int32) (map[int32]map[string]int64, error) {
-	groups := make(map[int32]map[string]int64)
-	seen := make(map[int32]string)
-	for _, b := range blobs {
-		sum := sha256.Sum256(b.GetData())
-		if got := hex.EncodeToString(sum[:]); !strings.EqualFold(got, b.GetSha256()) {
-			return nil, fmt.Errorf("keyed state blob of task %q: sha256 mismatch (computed %s, recorded %s)", b.GetTaskId(), got, b.GetSha256())
-		}
-		var ks transport.KeyedState
-		if err := proto.Unmarshal(b.GetData(), &ks); err != nil {
-			return nil, fmt.Errorf("keyed state blob of task %q: decode: %w", b.GetTaskId(), err)
-		}
-		for _, g := range ks.GetGroups() {
-			kg := g.GetKeyGroup()
-			if kg < start || kg >= end {
-				continue
-			}
-			if other, dup := seen[kg]; dup {
-				return nil, fmt.Errorf("key group %d is in the blobs of both task %q and task %q", kg, other, b.GetTaskId())
-			}
-			seen[kg] = b.GetTaskId()
-			if len(g.GetValues()) > 0 {
-				groups[kg] = g.GetValues()
-			}
+// adoptBase makes checkpoint id, the job's newest completed one, the base
+// of incremental snapshots if this task acked it, and forgets what it covers.
+func (m *mapTask) adoptBase(id uint64) {
+	if id == 0 || id == m.baseID {
+		return
+	}
+	c, ok := m.acked[id]
+	if !ok {
+		// Completed without this task's files (another attempt) or with a
+		// snapshot this task no longer remembers: start the chain over.
+		m.baseID, m.base = 0, chainInfo{}
+		return
+	}
+	m.baseID, m.base = id, c
+	m.keyed.forget(id)
+	for a := range m.acked {
+		if a <= id {
+			delete(m.acked, a)
 		}
 	}
-	return groups, nil
+}
+
+// completed handles the leader's notice that checkpoint id completed.
+func (m *mapTask) completed(id uint64) {
+	if id > m.baseID {
+		m.adoptBase(id)
+	}
+}
+
+// snapshotDone acks a written snapshot, or declines it.
+func (m *mapTask) snapshotDone(r snapshotResult) error {
+	if r.err != nil {
+		if errors.Is(r.err, errDiskFull) {
+			return r.err
+		}
+		m.decline(r.id, r.err.Error())
+		return nil
+	}
+	c := chainInfo{}
+	if files := r.state.GetFiles(); len(files) > 0 {
+		c = chainOf(files)
+	}
+	if r.full {
+		m.fullSize = r.state.GetStateBytes()
+	}
+	m.acked[r.id] = c
+	if len(m.acked) > maxAcked {
+		delete(m.acked, slices.Min(slices.Collect(maps.Keys(m.acked))))
+	}
+	m.ackedN.Inc()
+	m.log.Debug("checkpoint acked", "checkpoint", r.id, "bytes", r.state.GetStateBytes(), "files", len(r.state.GetFiles()), "keys", r.state.GetKeys())
+	m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
+		Task: m.key.ref(), CheckpointId: r.id, State: r.state,
+	}}})
+	return nil
+}
+
+func (m *mapTask) decline(id uint64, reason string) {
+	m.log.Warn("declining checkpoint", "checkpoint", id, "reason", reason)
+	m.declined.Inc()
+	m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
+		Task: m.key.ref(), CheckpointId: id, Reason: reason,
+	}}})
 }
 
 // attach connects source idx; each source connects once per attempt.
@@ -423,7 +632,7 @@ func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.Da
 			return ev.err
 		}
 		if b := msg.GetBarrier(); b != nil {
-			if !m.forward(inputEvent{input: in.idx, barrier: b.GetCheckpointId()}) {
+			if !m.forward(inputEvent{input: in.idx, barrier: b.GetCheckpointId(), lastCompleted: b.GetLastCompleted()}) {
 				return errMapStopped
 			}
 			select {

@@ -340,7 +340,7 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 			}
 		case c := <-s.control:
 			if c.trigger != 0 {
-				if err := s.checkpoint(ctx, c.trigger); err != nil {
+				if err := s.checkpoint(ctx, c.trigger, c.lastCompleted); err != nil {
 					return err
 				}
 			} else if c.complete != 0 {
@@ -364,7 +364,11 @@ func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) e
 	for _, it := range s.scratch {
 		kg := operator.KeyGroup(it.Key, s.maxPar)
 		o := s.route[kg]
-		s.batches[o] = append(s.batches[o], &transport.Item{Key: it.Key, Num: it.Num, Raw: it.Raw, KeyGroup: kg})
+		// The record's bytes belong to sarama's message, which is not reused:
+		// the item may share them.
+		s.batches[o] = append(s.batches[o], &transport.Item{
+			Key: it.Key, Num: it.Num, Raw: it.Raw, KeyGroup: kg, Partition: msg.Partition, Offset: msg.Offset,
+		})
 		s.batchBytes[o] += len(it.Key) + len(it.Raw) + itemOverhead
 		if len(s.batches[o]) >= s.env.cfg.BatchSize || s.batchBytes[o] >= maxBatchBytes {
 			if err := s.flush(ctx, o); err != nil {
@@ -402,7 +406,7 @@ func (s *sourceTask) flushAll(ctx context.Context) error {
 
 // checkpoint takes checkpoint id between two records: flush every batch, put
 // Barrier(id) on every output, ack with the next offset of each partition.
-func (s *sourceTask) checkpoint(ctx context.Context, id uint64) error {
+func (s *sourceTask) checkpoint(ctx context.Context, id, lastCompleted uint64) error {
 	if id <= s.lastBarrier {
 		s.log.Info("ignoring trigger of an old checkpoint", "checkpoint", id, "last", s.lastBarrier)
 		return nil
@@ -410,7 +414,7 @@ func (s *sourceTask) checkpoint(ctx context.Context, id uint64) error {
 	if err := s.flushAll(ctx); err != nil {
 		return err
 	}
-	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id}}}
+	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id, LastCompleted: lastCompleted}}}
 	for o, out := range s.outputs {
 		if err := out.send(ctx, barrier); err != nil {
 			return fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/storage"
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
@@ -30,6 +31,8 @@ type taskEnv struct {
 	maps mapLocator
 	// conns holds the gRPC connections to other workers' data servers.
 	conns *connPool
+	// stores holds the checkpoint storages map tasks write to.
+	stores *storage.Pool
 }
 
 // mapLocator finds a running map task of this worker; see
@@ -53,12 +56,13 @@ func (k taskKey) ref() *transport.TaskRef {
 	return &transport.TaskRef{JobId: k.job, Attempt: k.attempt, TaskId: k.id}
 }
 
-// control is a leader message for a running source task: a trigger (trigger
-// != 0) or a completion (complete != 0, with its offsets).
+// control is a leader message for a running task: a trigger (trigger != 0,
+// sources only) or a completion (complete != 0, with a source's offsets).
 type control struct {
-	trigger  uint64
-	complete uint64
-	offsets  map[int32]int64
+	trigger       uint64
+	lastCompleted uint64 // with trigger
+	complete      uint64
+	offsets       map[int32]int64
 }
 
 // controlQueue is how many control messages may wait for a busy source task;
@@ -69,7 +73,7 @@ const controlQueue = 16
 type taskHandle struct {
 	key     taskKey
 	kind    transport.TaskKind
-	control chan control // sources only
+	control chan control
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when the task goroutine has returned
 
@@ -197,9 +201,7 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 		done:   make(chan struct{}),
 		phase:  transport.TaskPhase_TASK_PHASE_DEPLOYING,
 	}
-	if h.kind == transport.TaskKind_TASK_KIND_SOURCE {
-		h.control = make(chan control, controlQueue)
-	}
+	h.control = make(chan control, controlQueue)
 	m.tasks[k] = h
 	m.env.metrics.tasks.Inc()
 	m.wg.Add(1)
@@ -225,12 +227,14 @@ func (m *taskManager) runTask(ctx context.Context, h *taskHandle, d *transport.D
 	m.mu.Lock()
 	delete(m.tasks, h.key)
 	phase, reason := transport.TaskPhase_TASK_PHASE_CANCELLED, h.stopReason
+	cause := transport.FailureCause_FAILURE_CAUSE_UNSPECIFIED
 	if reason == "" {
 		phase = transport.TaskPhase_TASK_PHASE_FAILED
 		if err == nil {
 			err = errors.New("task ended without error or cancellation")
 		}
 		reason = err.Error()
+		cause = failureCause(err)
 	}
 	h.phase = phase
 	m.mu.Unlock()
@@ -242,7 +246,20 @@ func (m *taskManager) runTask(ctx context.Context, h *taskHandle, d *transport.D
 	} else {
 		log.Info("task cancelled", "reason", reason)
 	}
-	m.env.send(statusMsg(h.key, h.kind, phase, reason))
+	msg := statusMsg(h.key, h.kind, phase, reason)
+	msg.GetStatus().Cause = cause
+	m.env.send(msg)
+}
+
+// failureCause classifies a task's error for the leader.
+func failureCause(err error) transport.FailureCause {
+	switch {
+	case errors.Is(err, errStateCorrupt):
+		return transport.FailureCause_FAILURE_CAUSE_STATE_CORRUPT
+	case errors.Is(err, errDiskFull):
+		return transport.FailureCause_FAILURE_CAUSE_DISK_FULL
+	}
+	return transport.FailureCause_FAILURE_CAUSE_UNSPECIFIED
 }
 
 // awaitStopped waits, up to StopTimeout, for the older tasks to return.
@@ -278,7 +295,7 @@ func (m *taskManager) runBody(ctx context.Context, h *taskHandle, d *transport.D
 	case transport.TaskKind_TASK_KIND_SOURCE:
 		r, err = newSourceTask(m.env, d, h.control, log)
 	case transport.TaskKind_TASK_KIND_MAP:
-		r, err = newMapTask(m.env, d, m, log)
+		r, err = newMapTask(m.env, d, h.control, m, log)
 	default:
 		err = fmt.Errorf("unknown task kind %v", h.kind)
 	}
@@ -338,7 +355,7 @@ func (m *taskManager) cancel(c *transport.CancelTask) {
 // task cannot take it.
 func (m *taskManager) trigger(t *transport.TriggerCheckpoint) {
 	k := keyOf(t.GetTask())
-	if reason := m.toSource(k, control{trigger: t.GetCheckpointId()}); reason != "" {
+	if reason := m.toSource(k, control{trigger: t.GetCheckpointId(), lastCompleted: t.GetLastCompleted()}); reason != "" {
 		m.env.metrics.checkpointsDecl.WithLabelValues(k.job, kindSource).Inc()
 		m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
 			Task: k.ref(), CheckpointId: t.GetCheckpointId(), Reason: reason,
@@ -346,16 +363,30 @@ func (m *taskManager) trigger(t *transport.TriggerCheckpoint) {
 	}
 }
 
-// complete hands CheckpointComplete to its source task; a completion for a
-// task that is gone is dropped (offset commits are for monitoring only).
+// complete hands CheckpointComplete to its task; a completion for a task
+// that is gone is dropped (sources commit offsets for monitoring only; map
+// tasks learn the same from the next barrier).
 func (m *taskManager) complete(c *transport.CheckpointComplete) {
-	m.toSource(keyOf(c.GetTask()), control{complete: c.GetCheckpointId(), offsets: c.GetOffsets()})
+	m.toTask(keyOf(c.GetTask()), control{complete: c.GetCheckpointId(), offsets: c.GetOffsets()})
 }
 
-// toSource queues c for the running source task k without blocking. It
-// returns why it could not, or "" (also for fenced messages, which are
-// dropped silently).
+// toSource queues a trigger for the running source task k without
+// blocking. It returns why it could not, or "" (also for fenced messages,
+// which are dropped silently).
 func (m *taskManager) toSource(k taskKey, c control) string {
+	m.mu.Lock()
+	h, ok := m.tasks[k]
+	m.mu.Unlock()
+	if ok && h.kind != transport.TaskKind_TASK_KIND_SOURCE {
+		return fmt.Sprintf("task %s is not a source task", k.id)
+	}
+	return m.toTask(k, c)
+}
+
+// toTask queues c for the running task k without blocking. It returns why
+// it could not, or "" (also for fenced messages, which are dropped
+// silently).
+func (m *taskManager) toTask(k taskKey, c control) string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if k.attempt < m.attempts[k.job] {
@@ -364,9 +395,6 @@ func (m *taskManager) toSource(k taskKey, c control) string {
 	h, ok := m.tasks[k]
 	if !ok || h.stopReason != "" {
 		return fmt.Sprintf("task %s is not running on worker %s", k.id, m.env.workerID)
-	}
-	if h.control == nil {
-		return fmt.Sprintf("task %s is not a source task", k.id)
 	}
 	select {
 	case h.control <- c:

@@ -17,6 +17,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -26,6 +28,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/storage"
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
@@ -47,6 +50,11 @@ type Config struct {
 	Slots int
 	// MetricsAddr, if set, serves Prometheus metrics on /metrics.
 	MetricsAddr string
+	// StateDir is where map tasks keep local state: the databases of the
+	// disk backend (db/) and copies of the state files they wrote (cache/),
+	// for local recovery. Empty: a directory named after the worker id
+	// under the system's temporary directory.
+	StateDir string
 
 	// Gossip failure detection; see design.md "Raft and membership".
 	ProbeInterval  time.Duration
@@ -138,6 +146,12 @@ func (cfg Config) withDefaults() (Config, error) {
 	if cfg.BatchSize <= 0 {
 		cfg.BatchSize = d.BatchSize
 	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(os.TempDir(), "coordflow-worker-"+cfg.ID, "state")
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		return cfg, fmt.Errorf("worker config: state dir: %w", err)
+	}
 	if cfg.Operators == nil {
 		cfg.Operators = d.Operators
 	}
@@ -164,6 +178,7 @@ type Worker struct {
 	gossipAddr string
 
 	conns   *connPool
+	stores  *storage.Pool
 	outbox  *outbox
 	tasks   *taskManager
 	session *session
@@ -201,7 +216,9 @@ func New(cfg Config) (*Worker, error) {
 
 	w.outbox = newOutbox(w.metrics.outboxDropped)
 	w.conns = newConnPool()
+	w.stores = storage.NewPool()
 	w.tasks = newTaskManager(&taskEnv{
+		stores:    w.stores,
 		workerID:  cfg.ID,
 		cfg:       &w.cfg,
 		logger:    logger,
@@ -322,6 +339,9 @@ func (w *Worker) run(ctx context.Context) error {
 	stopBg()
 	wg.Wait()
 	w.conns.close()
+	if err := w.stores.Close(); err != nil {
+		w.logger.Warn("close checkpoint storage", "err", err)
+	}
 	w.logger.Info("worker stopped")
 	return nil
 }

@@ -58,6 +58,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -82,6 +83,8 @@ func run(args []string) error {
 	fs.StringVar(&cfg.GossipAddr, "gossip-addr", "127.0.0.1:7501", "`ip:port` for gossip (memberlist, TCP and UDP)")
 	join := fs.String("join", "", "comma-separated gossip `addresses` of existing members, retried until one answers")
 	fs.IntVar(&cfg.Slots, "slots", cfg.Slots, "number of tasks this worker runs at once")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "`DIR` for local state: disk-backend databases and local copies of checkpoint files (default: <data-dir>/state)")
+	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: coordflow-worker-<id> under the system's temporary directory)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this `host:port` at /metrics (off when empty)")
 	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
 
@@ -116,6 +119,9 @@ func run(args []string) error {
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Join = splitList(*join)
+	if cfg.StateDir == "" && *dataDir != "" {
+		cfg.StateDir = filepath.Join(*dataDir, "state")
+	}
 
 	w, err := worker.New(cfg)
 	if err != nil {

@@ -1,0 +1,186 @@
+package coordinator
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/statefile"
+	"github.com/coordflow/coordflow/transport/storage"
+)
+
+// stateReader reads the keyed state of completed checkpoints, inline or from
+// checkpoint storage, for the state API. It never holds the FSM's lock: it
+// works on copies of checkpoints.
+type stateReader struct {
+	stores *storage.Pool
+}
+
+// read calls fn for every live key of st in key groups [start, end), in
+// (key group, key) order.
+func (r *stateReader) read(ctx context.Context, url string, st fsm.TaskState, start, end int32, fn func(kg int32, key, value []byte) error) error {
+	if st.KeyGroups != nil {
+		start = max(start, int32(st.KeyGroups.Start))
+		end = min(end, int32(st.KeyGroups.End))
+	}
+	if start >= end {
+		return nil
+	}
+	var sources []statefile.Source
+	switch {
+	case len(st.Files) > 0:
+		store, err := r.stores.Get(ctx, url)
+		if err != nil {
+			return fmt.Errorf("open checkpoint storage: %w", err)
+		}
+		for _, f := range st.Files {
+			if int32(f.KeyGroups.End) <= start || end <= int32(f.KeyGroups.Start) {
+				continue
+			}
+			ra, err := store.ReaderAt(ctx, f.Path, f.Size)
+			if err != nil {
+				return fmt.Errorf("state file %s: %w", f.Path, err)
+			}
+			defer ra.Close()
+			rd, err := statefile.NewReader(ra, f.Size)
+			if err != nil {
+				return fmt.Errorf("state file %s: %w", f.Path, err)
+			}
+			sources = append(sources, rd)
+		}
+	case len(st.Keyed) > 0:
+		sum := sha256.Sum256(st.Keyed)
+		if got := hex.EncodeToString(sum[:]); !strings.EqualFold(got, st.KeyedSHA256) {
+			return fmt.Errorf("inline state of task %s: sha256 mismatch (computed %s, recorded %s)", st.TaskID, got, st.KeyedSHA256)
+		}
+		rd, err := statefile.NewReader(bytes.NewReader(st.Keyed), int64(len(st.Keyed)))
+		if err != nil {
+			return fmt.Errorf("inline state of task %s: %w", st.TaskID, err)
+		}
+		sources = append(sources, rd)
+	default:
+		return nil
+	}
+	return statefile.Merge(sources, start, end, fn)
+}
+
+// gcInterval is the least time between two garbage collections of one
+// job's checkpoint files.
+const gcInterval = 10 * time.Second
+
+// collector deletes the checkpoint files of a job that no retained
+// checkpoint references (docs/state.md, Garbage collection). It runs one
+// collection per job at a time, in the background, so the leader loop never
+// waits for storage.
+type collector struct {
+	stores  *storage.Pool
+	job     func(id string) (fsm.Job, bool)
+	logger  *slog.Logger
+	metrics *metrics
+
+	mu      sync.Mutex
+	running map[string]bool
+	last    map[string]time.Time
+	wg      sync.WaitGroup
+}
+
+func newCollector(stores *storage.Pool, job func(string) (fsm.Job, bool), logger *slog.Logger, m *metrics) *collector {
+	return &collector{stores: stores, job: job, logger: logger, metrics: m,
+		running: make(map[string]bool), last: make(map[string]time.Time)}
+}
+
+// collect starts a collection of job's files unless one is running or one
+// ran in the last gcInterval. It does not block.
+func (c *collector) collect(ctx context.Context, jobID string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.running[jobID] || time.Since(c.last[jobID]) < gcInterval {
+		return
+	}
+	c.running[jobID] = true
+	c.last[jobID] = time.Now()
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		ctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		n, err := c.run(ctx, jobID)
+		log := c.logger.With("job", jobID)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			log.Warn("collect checkpoint files", "deleted", n, "err", err)
+		case n > 0:
+			log.Debug("collected checkpoint files", "deleted", n)
+		}
+		c.mu.Lock()
+		delete(c.running, jobID)
+		c.mu.Unlock()
+	}()
+}
+
+// wait waits for the collections in flight.
+func (c *collector) wait() { c.wg.Wait() }
+
+// run deletes the files under the job's checkpoint prefix that belong to a
+// checkpoint at or below the newest completed one and that no retained
+// completed checkpoint references. Files of newer checkpoints may still be
+// being written; a pending checkpoint's chain only references files that the
+// newest completed checkpoint references too, so nothing a future
+// completion needs is deleted.
+func (c *collector) run(ctx context.Context, jobID string) (int, error) {
+	job, ok := c.job(jobID)
+	if !ok || job.Spec.Checkpoint.Storage == "" || len(job.Completed) == 0 {
+		return 0, nil
+	}
+	newest := job.Completed[len(job.Completed)-1].ID
+	live := referencedFiles(job)
+	store, err := c.stores.Get(ctx, job.Spec.Checkpoint.Storage)
+	if err != nil {
+		return 0, err
+	}
+	var doomed []string
+	err = store.List(ctx, transport.CheckpointPrefix+jobID+"/", func(path string, _ int64, _ time.Time) error {
+		j, id, ok := transport.ParseCheckpointPath(path)
+		if ok && j == jobID && id <= newest && !live[path] {
+			doomed = append(doomed, path)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	deleted := 0
+	var errs []error
+	for _, p := range doomed {
+		if err := store.Delete(ctx, p); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		deleted++
+	}
+	c.metrics.stateFilesDeleted.WithLabelValues(jobID).Add(float64(deleted))
+	return deleted, errors.Join(errs...)
+}
+
+// referencedFiles is the set of state file paths the job's retained
+// completed checkpoints reference.
+func referencedFiles(job fsm.Job) map[string]bool {
+	live := make(map[string]bool)
+	for _, cp := range job.Completed {
+		for _, st := range cp.Tasks {
+			for _, f := range st.Files {
+				live[f.Path] = true
+			}
+		}
+	}
+	return live
+}

@@ -1,0 +1,369 @@
+package worker
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/statefile"
+	"github.com/coordflow/coordflow/transport/storage"
+	"github.com/coordflow/coordflow/worker/state"
+)
+
+// How a map task snapshots its keyed state (docs/state.md): inline in the ack
+// while it is small, else as files in checkpoint storage. A file chain is a
+// full file followed by deltas; a snapshot writes a full file again once the
+// deltas would outweigh it or the chain grows long, so that a restore reads a
+// bounded number of files.
+const (
+	// maxChainDeltas bounds the deltas after the full files of a chain.
+	maxChainDeltas = 16
+)
+
+// errStateCorrupt marks restored state that failed verification or could
+// not be read whole: the leader falls back to an older checkpoint.
+var errStateCorrupt = errors.New("checkpoint state corrupt or missing")
+
+// errDiskFull marks a failure to write the local state directory for lack
+// of space.
+var errDiskFull = errors.New("no space left on the state directory")
+
+// snapshotMode is what kind of snapshot a capture writes.
+type snapshotMode int
+
+const (
+	modeInline snapshotMode = iota // a full file, inline in the ack
+	modeFull                       // a full file in storage
+	modeDelta                      // the changed keys, in storage, over a base chain
+)
+
+// snapshotJob is one captured snapshot on its way to storage: the view
+// taken at the barrier and everything needed to describe it. The map task's
+// loop builds it; the snapshot writer goroutine consumes it.
+type snapshotJob struct {
+	id       uint64
+	view     state.View
+	kgStart  int32
+	kgEnd    int32
+	mode     snapshotMode
+	changed  []string // modeDelta: sorted dirty keys
+	base     []*transport.StateFile
+	applied  map[int32]int64
+	keys     int64
+	encoding string
+	// inlineLimit is the most bytes an inline snapshot may take; past it a
+	// job with storage writes a full file instead, one without fails.
+	inlineLimit int64
+}
+
+// snapshotResult is what the writer reports back to the task loop.
+type snapshotResult struct {
+	id    uint64
+	state *transport.TaskState
+	full  bool // the chain starts over with this snapshot's file
+	err   error
+}
+
+// errInlineTooBig stops an inline snapshot that outgrew its limit.
+var errInlineTooBig = errors.New("state outgrew the inline limit")
+
+// snapshotWriter writes captured snapshots: inline, or as files in
+// checkpoint storage, with a copy in the worker's local cache for local
+// recovery.
+type snapshotWriter struct {
+	store *storage.Store // nil: no checkpoint storage, inline only
+	cache string         // local copies of written files; "" for none
+	job   string
+	task  string
+	// attempt names files so that no other attempt can produce the same name.
+	attempt uint64
+}
+
+// write turns job into a task state. The view is released when it returns.
+func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotResult {
+	defer job.view.Release()
+	st := &transport.TaskState{
+		Kind:          transport.TaskKind_TASK_KIND_MAP,
+		Applied:       job.applied,
+		ValueEncoding: job.encoding,
+		Keys:          job.keys,
+	}
+	mode := job.mode
+	if mode == modeInline {
+		data, sum, err := w.inline(job)
+		switch {
+		case err == nil:
+			st.Keyed, st.KeyedSha256, st.StateBytes = data, sum, int64(len(data))
+			return snapshotResult{id: job.id, state: st, full: true}
+		case errors.Is(err, errInlineTooBig) && w.store != nil:
+			mode = modeFull
+		case errors.Is(err, errInlineTooBig):
+			return snapshotResult{id: job.id, err: fmt.Errorf("keyed state is larger than %d bytes and the job has no checkpoint storage: set checkpoint.storage in the job spec or -checkpoint-storage on coordd", job.inlineLimit)}
+		default:
+			return snapshotResult{id: job.id, err: err}
+		}
+	}
+	file, err := w.file(ctx, job, mode)
+	if err != nil {
+		return snapshotResult{id: job.id, err: err}
+	}
+	st.StateBytes = file.GetSize()
+	if mode == modeFull {
+		st.Files = []*transport.StateFile{file}
+	} else {
+		st.Files = append(append([]*transport.StateFile(nil), job.base...), file)
+	}
+	return snapshotResult{id: job.id, state: st, full: mode == modeFull}
+}
+
+// limitWriter fails once more than n bytes were written to it.
+type limitWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (l *limitWriter) Write(p []byte) (int, error) {
+	if int64(len(p)) > l.n {
+		return 0, errInlineTooBig
+	}
+	l.n -= int64(len(p))
+	return l.w.Write(p)
+}
+
+// inline encodes the whole state as one full state file in memory.
+func (w *snapshotWriter) inline(job *snapshotJob) ([]byte, string, error) {
+	var buf bytes.Buffer
+	sum, err := writeState(&limitWriter{w: &buf, n: job.inlineLimit}, job, modeFull)
+	if err != nil {
+		return nil, "", err
+	}
+	return buf.Bytes(), hex.EncodeToString(sum.SHA256[:]), nil
+}
+
+// writeState writes the state file of job in mode (full or delta) to out.
+func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.Summary, error) {
+	kind := statefile.Full
+	if mode == modeDelta {
+		kind = statefile.Delta
+	}
+	fw, err := statefile.NewWriter(out, kind)
+	if err != nil {
+		return statefile.Summary{}, err
+	}
+	if mode == modeDelta {
+		for _, k := range job.changed {
+			kg, key := splitDirtyKey(k)
+			v, ok, err := job.view.Get(kg, key)
+			switch {
+			case err != nil:
+				return statefile.Summary{}, fmt.Errorf("read key group %d: %w", kg, err)
+			case ok:
+				err = fw.Add(kg, key, v)
+			default:
+				err = fw.Delete(kg, key)
+			}
+			if err != nil {
+				return statefile.Summary{}, err
+			}
+		}
+	} else if err := job.view.Range(job.kgStart, job.kgEnd, fw.Add); err != nil {
+		return statefile.Summary{}, err
+	}
+	return fw.Close()
+}
+
+// path names the file of checkpoint id in storage: unique per job,
+// checkpoint, task and attempt, so no two writers ever produce one name. The
+// coordinator's garbage collector reads the checkpoint id back from it.
+func (w *snapshotWriter) path(id uint64, mode snapshotMode) string {
+	kind := "full"
+	if mode == modeDelta {
+		kind = "delta"
+	}
+	return fmt.Sprintf("%s%s-a%d-%s.cfs", transport.CheckpointDir(w.job, id), w.task, w.attempt, kind)
+}
+
+// file writes job as a state file: first to the local cache (when there is
+// one), then to checkpoint storage from there.
+func (w *snapshotWriter) file(ctx context.Context, job *snapshotJob, mode snapshotMode) (*transport.StateFile, error) {
+	path := w.path(job.id, mode)
+	var (
+		h   storage.Handle
+		err error
+	)
+	if w.cache != "" {
+		h, err = w.viaCache(ctx, job, mode, path)
+	} else {
+		h, err = w.store.Create(ctx, path, func(out io.Writer) error {
+			_, err := writeState(out, job, mode)
+			return err
+		})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("write state file %s to %s: %w", path, w.store.URL(), err)
+	}
+	return &transport.StateFile{
+		Path: h.Path, Size: h.Size, Sha256: h.SHA256,
+		KeyGroupStart: job.kgStart, KeyGroupEnd: job.kgEnd, Full: mode == modeFull,
+	}, nil
+}
+
+// viaCache writes the file locally, then uploads the local copy, which stays
+// for local recovery.
+func (w *snapshotWriter) viaCache(ctx context.Context, job *snapshotJob, mode snapshotMode, path string) (storage.Handle, error) {
+	local := filepath.Join(w.cache, filepath.FromSlash(path))
+	if err := os.MkdirAll(filepath.Dir(local), 0o755); err != nil {
+		return storage.Handle{}, localError(err)
+	}
+	f, err := os.Create(local)
+	if err != nil {
+		return storage.Handle{}, localError(err)
+	}
+	sum, err := writeState(f, job, mode)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(local)
+		return storage.Handle{}, localError(err)
+	}
+	h, err := w.store.Create(ctx, path, func(out io.Writer) error {
+		in, err := os.Open(local)
+		if err != nil {
+			return err
+		}
+		defer in.Close()
+		_, err = io.Copy(out, in)
+		return err
+	})
+	if err != nil {
+		_ = os.Remove(local)
+		return h, err
+	}
+	if want := hex.EncodeToString(sum.SHA256[:]); !strings.EqualFold(h.SHA256, want) {
+		_ = os.Remove(local)
+		return h, fmt.Errorf("uploaded %s hashes to %s, the local file to %s", path, h.SHA256, want)
+	}
+	return h, nil
+}
+
+// localError marks a full disk as such, keeping the error's text.
+func localError(err error) error {
+	if errors.Is(err, syscall.ENOSPC) {
+		return fmt.Errorf("%w: %w", errDiskFull, err)
+	}
+	return err
+}
+
+// restoreSource opens the state files of one restored blob for reading,
+// preferring a verified local copy over a download.
+type restoreSource struct {
+	store  *storage.Store
+	cache  string
+	local  int // files read from the local cache
+	remote int // files read from storage
+}
+
+// open returns a reader over f, and a function that releases it.
+func (r *restoreSource) open(ctx context.Context, f *transport.StateFile) (*statefile.Reader, func(), error) {
+	if r.cache != "" {
+		if rd, closeFn, ok := r.openLocal(f); ok {
+			r.local++
+			return rd, closeFn, nil
+		}
+	}
+	if r.store == nil {
+		return nil, nil, fmt.Errorf("%w: state file %s is in checkpoint storage, but the task has none configured", errStateCorrupt, f.GetPath())
+	}
+	ra, err := r.store.ReaderAt(ctx, f.GetPath(), f.GetSize())
+	if err != nil {
+		if errors.Is(err, storage.ErrNotExist) {
+			return nil, nil, fmt.Errorf("%w: state file %s: %w", errStateCorrupt, f.GetPath(), err)
+		}
+		return nil, nil, fmt.Errorf("open state file %s: %w", f.GetPath(), err)
+	}
+	rd, err := statefile.NewReader(ra, f.GetSize())
+	if err != nil {
+		_ = ra.Close()
+		return nil, nil, fmt.Errorf("%w: state file %s: %w", errStateCorrupt, f.GetPath(), err)
+	}
+	r.remote++
+	return rd, func() { _ = ra.Close() }, nil
+}
+
+// openLocal opens the cached copy of f if it is there and its SHA-256 is
+// the recorded one.
+func (r *restoreSource) openLocal(f *transport.StateFile) (*statefile.Reader, func(), bool) {
+	file, err := os.Open(filepath.Join(r.cache, filepath.FromSlash(f.GetPath())))
+	if err != nil {
+		return nil, nil, false
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, file)
+	if err != nil || n != f.GetSize() || !strings.EqualFold(hex.EncodeToString(h.Sum(nil)), f.GetSha256()) {
+		_ = file.Close()
+		return nil, nil, false
+	}
+	rd, err := statefile.NewReader(file, n)
+	if err != nil {
+		_ = file.Close()
+		return nil, nil, false
+	}
+	return rd, func() { _ = file.Close() }, true
+}
+
+// restoreBlob loads the key groups [start, end) of one restored task state
+// into b and returns how many keys it put.
+func (r *restoreSource) restoreBlob(ctx context.Context, blob *transport.KeyedBlob, b state.Backend, start, end int32) (int64, error) {
+	if s := blob.GetKeyGroupStart(); s > start {
+		start = s
+	}
+	if e := blob.GetKeyGroupEnd(); e != 0 && e < end {
+		end = e
+	}
+	var sources []statefile.Source
+	if files := blob.GetFiles(); len(files) > 0 {
+		for _, f := range files {
+			if f.GetKeyGroupEnd() <= start || end <= f.GetKeyGroupStart() {
+				continue // none of our key groups
+			}
+			rd, release, err := r.open(ctx, f)
+			if err != nil {
+				return 0, err
+			}
+			defer release()
+			sources = append(sources, rd)
+		}
+	} else {
+		sum := sha256.Sum256(blob.GetData())
+		if got := hex.EncodeToString(sum[:]); !strings.EqualFold(got, blob.GetSha256()) {
+			return 0, fmt.Errorf("%w: inline state of task %q: sha256 mismatch (computed %s, recorded %s)", errStateCorrupt, blob.GetTaskId(), got, blob.GetSha256())
+		}
+		rd, err := statefile.NewReader(bytes.NewReader(blob.GetData()), int64(len(blob.GetData())))
+		if err != nil {
+			return 0, fmt.Errorf("%w: inline state of task %q: %w", errStateCorrupt, blob.GetTaskId(), err)
+		}
+		sources = append(sources, rd)
+	}
+	var keys int64
+	err := statefile.Merge(sources, start, end, func(kg int32, key, value []byte) error {
+		keys++
+		return b.Put(kg, key, value)
+	})
+	if err != nil && errors.Is(err, statefile.ErrCorrupt) {
+		return 0, fmt.Errorf("%w: state of task %q: %w", errStateCorrupt, blob.GetTaskId(), err)
+	}
+	return keys, err
+}
