@@ -46,6 +46,11 @@ func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
 	if err := c.Spec.Validate(nil); err != nil {
 		return fmt.Errorf("register job %s: %w: %w", c.ID, ErrInvalidSpec, err)
 	}
+	if sp := c.FromSavepoint; sp != nil {
+		if err := checkRestorable(c.Spec, sp); err != nil {
+			return fmt.Errorf("register job %s from savepoint %s: %w", c.ID, sp.ID, err)
+		}
+	}
 	s.Jobs[c.ID] = &Job{
 		ID:          c.ID,
 		Spec:        c.Spec,
@@ -55,6 +60,25 @@ func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
 		UpdatedAt:   c.Time,
 		Completed:   []Checkpoint{},
 		Aborted:     []Checkpoint{},
+	}
+	if c.FromSavepoint != nil {
+		sp := c.FromSavepoint.clone(false)
+		s.Jobs[c.ID].FromSavepoint = &sp
+	}
+	return nil
+}
+
+// checkRestorable verifies that a job of spec can restore sp: the same
+// source topic (offsets are per partition of it) and the same number of key
+// groups (state is per key group); operator and parallelism may differ.
+func checkRestorable(spec JobSpec, sp *Savepoint) error {
+	switch {
+	case sp.Topic != spec.Source.Topic:
+		return fmt.Errorf("%w: savepoint reads topic %q, the job reads %q", ErrInvalidSpec, sp.Topic, spec.Source.Topic)
+	case sp.MaxParallelism != spec.Operator.MaxParallelism:
+		return fmt.Errorf("%w: operator.max_parallelism: savepoint has %d key groups, the job %d", ErrInvalidSpec, sp.MaxParallelism, spec.Operator.MaxParallelism)
+	case len(sp.Tasks) == 0:
+		return fmt.Errorf("%w: savepoint has no task states", ErrInvalidSpec)
 	}
 	return nil
 }
@@ -215,12 +239,17 @@ func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, err
 	if j.Pending != nil {
 		return 0, fail(fmt.Errorf("%w: checkpoint %d", ErrCheckpointPending, j.Pending.ID))
 	}
+	if c.Stop && !c.Savepoint {
+		return 0, fail(fmt.Errorf("%w: stop without savepoint", ErrMalformedCommand))
+	}
 	j.LastCheckpointID++
 	j.Pending = &Checkpoint{
 		ID:          j.LastCheckpointID,
 		Attempt:     j.Attempt,
 		Status:      CheckpointPending,
 		TriggeredAt: c.Time,
+		Savepoint:   c.Savepoint,
+		Stop:        c.Stop,
 	}
 	j.UpdatedAt = c.Time
 	return j.LastCheckpointID, nil
@@ -251,6 +280,9 @@ func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
 	}
 	if err := checkStates(j.Tasks, c.States); err != nil {
 		return fail(err)
+	}
+	if cp.Savepoint {
+		return s.completeSavepoint(j, c)
 	}
 	done := *cp
 	done.Status = CheckpointCompleted
@@ -374,6 +406,44 @@ func checkFiles(t Task, st TaskState) error {
 func isSHA256Hex(s string) bool {
 	b, err := hex.DecodeString(s)
 	return err == nil && len(b) == sha256.Size
+}
+
+// completeSavepoint turns j's pending savepoint into a Savepoint; a final
+// one cancels the job.
+func (s *State) completeSavepoint(j *Job, c *CheckpointCompletedCmd) error {
+	if len(s.Savepoints) >= MaxSavepoints {
+		return fmt.Errorf("complete savepoint %d of job %s: %w: %d kept; delete some", c.CheckpointID, j.ID, ErrTooManySavepoints, len(s.Savepoints))
+	}
+	sp := &Savepoint{
+		ID:             SavepointID(j.ID, c.CheckpointID),
+		JobID:          j.ID,
+		JobName:        j.Spec.Name,
+		CheckpointID:   c.CheckpointID,
+		Attempt:        c.Attempt,
+		CreatedAt:      c.Time,
+		Location:       c.Location,
+		Topic:          j.Spec.Source.Topic,
+		Operator:       j.Spec.Operator.Name,
+		MaxParallelism: j.Spec.Operator.MaxParallelism,
+		Tasks:          c.States,
+	}
+	s.Savepoints[sp.ID] = sp
+	stop := j.Pending.Stop
+	j.Pending = nil
+	j.UpdatedAt = c.Time
+	if stop {
+		j.Status = JobCancelled
+		j.Reason = "stopped with savepoint " + sp.ID
+	}
+	return nil
+}
+
+func (s *State) applySavepointDeleted(c *SavepointDeletedCmd) error {
+	if _, ok := s.Savepoints[c.ID]; !ok {
+		return fmt.Errorf("delete savepoint %q: %w", c.ID, ErrNoSuchSavepoint)
+	}
+	delete(s.Savepoints, c.ID)
+	return nil
 }
 
 func (s *State) applyCheckpointAborted(c *CheckpointAbortedCmd) error {

@@ -3,48 +3,95 @@ package fsm
 import (
 	"encoding/json"
 	"fmt"
+	"reflect"
 )
+
+// command describes one command type: its name in errors and logs, the Go
+// type of its body, and how Apply applies it. The table below is the one
+// place a command type is listed.
+type command struct {
+	name   string
+	body   reflect.Type // the command struct, such as RegisterJobCmd
+	decode func(t CommandType, body []byte) (any, error)
+	apply  func(s *State, cmd any) any
+}
+
+// def builds the table entry of command struct C applied by apply.
+func def[C any](name string, apply func(s *State, c *C) any) command {
+	return command{
+		name: name,
+		body: reflect.TypeFor[C](),
+		decode: func(t CommandType, body []byte) (any, error) {
+			return decodeBody[C](t, body)
+		},
+		apply: func(s *State, cmd any) any {
+			c := cmd.(C) // decode made it
+			return apply(s, &c)
+		},
+	}
+}
+
+// errResult turns an applyX's error into Apply's response: the error, or
+// nil (an untyped nil, not a nil error in an interface).
+func errResult(err error) any {
+	if err != nil {
+		return err
+	}
+	return nil
+}
+
+// commands is every command type by number. Numbers are written to disk:
+// add new ones at the end of the const block in types.go, never reuse one.
+var commands = map[CommandType]command{
+	CommandRegisterJob: def("RegisterJob", func(s *State, c *RegisterJobCmd) any { return errResult(s.applyRegisterJob(c)) }),
+	CommandJobRestarted: def("JobRestarted", func(s *State, c *JobRestartedCmd) any {
+		return errResult(s.applyJobRestarted(c))
+	}),
+	CommandJobStatus: def("JobStatus", func(s *State, c *JobStatusCmd) any { return errResult(s.applyJobStatus(c)) }),
+	CommandCheckpointTriggered: def("CheckpointTriggered", func(s *State, c *CheckpointTriggeredCmd) any {
+		id, err := s.applyCheckpointTriggered(c)
+		if err != nil {
+			return err
+		}
+		return id
+	}),
+	CommandCheckpointCompleted: def("CheckpointCompleted", func(s *State, c *CheckpointCompletedCmd) any {
+		return errResult(s.applyCheckpointCompleted(c))
+	}),
+	CommandCheckpointAborted: def("CheckpointAborted", func(s *State, c *CheckpointAbortedCmd) any {
+		return errResult(s.applyCheckpointAborted(c))
+	}),
+	CommandJobCancelled: def("JobCancelled", func(s *State, c *JobCancelledCmd) any { return errResult(s.applyJobCancelled(c)) }),
+	CommandSavepointDeleted: def("SavepointDeleted", func(s *State, c *SavepointDeletedCmd) any {
+		return errResult(s.applySavepointDeleted(c))
+	}),
+}
+
+// commandTypes finds a command's type from its Go type.
+var commandTypes = func() map[reflect.Type]CommandType {
+	m := make(map[reflect.Type]CommandType, len(commands))
+	for t, c := range commands {
+		m[c.body] = t
+	}
+	return m
+}()
 
 // String names a command type in errors and logs.
 func (t CommandType) String() string {
-	switch t {
-	case CommandRegisterJob:
-		return "RegisterJob"
-	case CommandJobRestarted:
-		return "JobRestarted"
-	case CommandJobStatus:
-		return "JobStatus"
-	case CommandCheckpointTriggered:
-		return "CheckpointTriggered"
-	case CommandCheckpointCompleted:
-		return "CheckpointCompleted"
-	case CommandCheckpointAborted:
-		return "CheckpointAborted"
-	case CommandJobCancelled:
-		return "JobCancelled"
+	if c, ok := commands[t]; ok {
+		return c.name
 	}
 	return fmt.Sprintf("CommandType(%d)", uint8(t))
 }
 
 // commandTypeOf returns the command type of a command struct or a pointer to one.
 func commandTypeOf(cmd any) (CommandType, bool) {
-	switch cmd.(type) {
-	case RegisterJobCmd, *RegisterJobCmd:
-		return CommandRegisterJob, true
-	case JobRestartedCmd, *JobRestartedCmd:
-		return CommandJobRestarted, true
-	case JobStatusCmd, *JobStatusCmd:
-		return CommandJobStatus, true
-	case CheckpointTriggeredCmd, *CheckpointTriggeredCmd:
-		return CommandCheckpointTriggered, true
-	case CheckpointCompletedCmd, *CheckpointCompletedCmd:
-		return CommandCheckpointCompleted, true
-	case CheckpointAbortedCmd, *CheckpointAbortedCmd:
-		return CommandCheckpointAborted, true
-	case JobCancelledCmd, *JobCancelledCmd:
-		return CommandJobCancelled, true
+	rt := reflect.TypeOf(cmd)
+	if rt != nil && rt.Kind() == reflect.Pointer {
+		rt = rt.Elem()
 	}
-	return 0, false
+	t, ok := commandTypes[rt]
+	return t, ok
 }
 
 // Encode builds the Raft log payload of a command: one type byte, then the
@@ -69,41 +116,19 @@ func Encode(t CommandType, cmd any) ([]byte, error) {
 // command struct (a value, such as RegisterJobCmd). It never panics on bad
 // input; errors match ErrMalformedCommand or ErrUnknownCommand.
 func Decode(data []byte) (CommandType, any, error) {
-	t, body, err := splitCommand(data)
-	if err != nil {
-		return 0, nil, err
+	if len(data) == 0 {
+		return 0, nil, fmt.Errorf("decode command: %w: empty log entry", ErrMalformedCommand)
 	}
-	var cmd any
-	switch t {
-	case CommandRegisterJob:
-		cmd, err = decodeBody[RegisterJobCmd](t, body)
-	case CommandJobRestarted:
-		cmd, err = decodeBody[JobRestartedCmd](t, body)
-	case CommandJobStatus:
-		cmd, err = decodeBody[JobStatusCmd](t, body)
-	case CommandCheckpointTriggered:
-		cmd, err = decodeBody[CheckpointTriggeredCmd](t, body)
-	case CommandCheckpointCompleted:
-		cmd, err = decodeBody[CheckpointCompletedCmd](t, body)
-	case CommandCheckpointAborted:
-		cmd, err = decodeBody[CheckpointAbortedCmd](t, body)
-	case CommandJobCancelled:
-		cmd, err = decodeBody[JobCancelledCmd](t, body)
-	default:
+	t, body := CommandType(data[0]), data[1:]
+	c, ok := commands[t]
+	if !ok {
 		return t, nil, fmt.Errorf("decode command: %w %d", ErrUnknownCommand, uint8(t))
 	}
+	cmd, err := c.decode(t, body)
 	if err != nil {
 		return t, nil, err
 	}
 	return t, cmd, nil
-}
-
-// splitCommand separates the type byte from the JSON body.
-func splitCommand(data []byte) (CommandType, []byte, error) {
-	if len(data) == 0 {
-		return 0, nil, fmt.Errorf("decode command: %w: empty log entry", ErrMalformedCommand)
-	}
-	return CommandType(data[0]), data[1:], nil
 }
 
 // decodeBody decodes the JSON body of a command of type t. Unknown fields are

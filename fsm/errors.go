@@ -48,6 +48,10 @@ var (
 	// ErrStateTooLarge: a map task's keyed state exceeds MaxInlineStateBytes.
 	// It wraps ErrIncompleteStates: the checkpoint is the tasks' failure.
 	ErrStateTooLarge = fmt.Errorf("%w: keyed state too large", ErrIncompleteStates)
+	// ErrNoSuchSavepoint: the command names a savepoint the state does not hold.
+	ErrNoSuchSavepoint = errors.New("no such savepoint")
+	// ErrTooManySavepoints: a savepoint would exceed MaxSavepoints.
+	ErrTooManySavepoints = errors.New("too many savepoints")
 	// ErrJobCancelled: any command for a job that was cancelled.
 	ErrJobCancelled = errors.New("job cancelled")
 	// ErrCorruptSnapshot: Restore read a snapshot it cannot decode or whose

@@ -13,9 +13,12 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/raft"
 )
@@ -26,14 +29,22 @@ import (
 type FSM struct {
 	mu    sync.RWMutex // guards state; Apply and Restore take it for writing
 	state *State
+
+	logger  *slog.Logger
+	unknown atomic.Uint64
 }
 
 var _ raft.FSM = (*FSM)(nil)
 
-// New returns an FSM with no jobs.
+// New returns an FSM with no jobs that logs to slog's default logger; see
+// SetLogger.
 func New() *FSM {
-	return &FSM{state: newState()}
+	return &FSM{state: newState(), logger: slog.Default()}
 }
+
+// SetLogger sets where Apply logs what it must not drop silently. Call it
+// before Raft starts.
+func (f *FSM) SetLogger(l *slog.Logger) { f.logger = l }
 
 // Apply applies one committed log entry. It returns an error value for a
 // command it rejects (never panicking, whatever the bytes), the new checkpoint
@@ -44,36 +55,25 @@ func (f *FSM) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
 	}
-	_, cmd, err := Decode(l.Data)
+	t, cmd, err := Decode(l.Data)
 	if err != nil {
+		// Every replica rejects the entry alike. An unknown type may be a
+		// command of a newer version that this replica cannot apply: say so
+		// loudly, since a rolling upgrade must not skip one silently.
+		if errors.Is(err, ErrUnknownCommand) {
+			f.unknown.Add(1)
+			f.logger.Error("raft log entry of an unknown command type: is a newer coordd leading?", "index", l.Index, "type", uint8(t))
+		}
 		return fmt.Errorf("apply log index %d: %w", l.Index, err)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	s := f.state
-	switch c := cmd.(type) {
-	case RegisterJobCmd:
-		return s.applyRegisterJob(&c)
-	case JobRestartedCmd:
-		return s.applyJobRestarted(&c)
-	case JobStatusCmd:
-		return s.applyJobStatus(&c)
-	case CheckpointTriggeredCmd:
-		id, err := s.applyCheckpointTriggered(&c)
-		if err != nil {
-			return err
-		}
-		return id
-	case CheckpointCompletedCmd:
-		return s.applyCheckpointCompleted(&c)
-	case CheckpointAbortedCmd:
-		return s.applyCheckpointAborted(&c)
-	case JobCancelledCmd:
-		return s.applyJobCancelled(&c)
-	}
-	// Unreachable: Decode returns one of the types above or an error.
-	return fmt.Errorf("apply log index %d: %w: %T", l.Index, ErrUnknownCommand, cmd)
+	return commands[t].apply(f.state, cmd)
 }
+
+// UnknownCommands counts the log entries of an unknown command type this
+// replica has rejected, for a metric.
+func (f *FSM) UnknownCommands() uint64 { return f.unknown.Load() }
 
 // Result interprets a raft ApplyFuture's Response: an error the FSM returned
 // becomes the error, anything else is the command's result.
@@ -144,4 +144,27 @@ func (f *FSM) Digest() (string, error) {
 	}
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:]), nil
+}
+
+// Savepoints returns a copy of every savepoint, sorted by id.
+func (f *FSM) Savepoints() []Savepoint {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	out := make([]Savepoint, 0, len(f.state.Savepoints))
+	for _, sp := range f.state.Savepoints {
+		out = append(out, sp.clone(true))
+	}
+	slices.SortFunc(out, func(a, b Savepoint) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Savepoint returns a copy of one savepoint.
+func (f *FSM) Savepoint(id string) (Savepoint, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	sp, ok := f.state.Savepoints[id]
+	if !ok {
+		return Savepoint{}, false
+	}
+	return sp.clone(true), true
 }

@@ -35,6 +35,15 @@ func richState(t testing.TB) *harness {
 	noSink := spec
 	noSink.Sink = nil
 	h.must(CommandRegisterJob, h.register("waiting", noSink))
+
+	// A job with state in files, a savepoint of it, and a job started from
+	// that savepoint: every snapshot type round-trips.
+	h.runningJob("files")
+	h.checkpointedWithFiles("files")
+	sp := h.savepointed("files", false)
+	from := h.register("from-savepoint", spec)
+	from.FromSavepoint = &sp
+	h.must(CommandRegisterJob, from)
 	return h
 }
 

@@ -10,11 +10,13 @@ import (
 // job id. Only Apply and Restore change it, under the FSM's write lock.
 type State struct {
 	Jobs map[string]*Job `json:"jobs"`
+	// Savepoints holds every savepoint not deleted, by id.
+	Savepoints map[string]*Savepoint `json:"savepoints,omitempty"`
 }
 
 // newState returns an empty state.
 func newState() *State {
-	return &State{Jobs: make(map[string]*Job)}
+	return &State{Jobs: make(map[string]*Job), Savepoints: make(map[string]*Savepoint)}
 }
 
 // clone returns a deep copy of s. With shareBlobs, keyed state blobs are
@@ -22,10 +24,14 @@ func newState() *State {
 // snapshot may share them, while copies handed to callers (who may mutate
 // what they get) must not.
 func (s *State) clone(shareBlobs bool) *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs))}
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints))}
 	for id, j := range s.Jobs {
 		cj := j.clone(shareBlobs)
 		c.Jobs[id] = &cj
+	}
+	for id, sp := range s.Savepoints {
+		csp := sp.clone(shareBlobs)
+		c.Savepoints[id] = &csp
 	}
 	return c
 }
@@ -35,6 +41,14 @@ func (s *State) clone(shareBlobs bool) *State {
 func (s *State) check() error {
 	if s.Jobs == nil {
 		return fmt.Errorf("%w: no jobs map", ErrCorruptSnapshot)
+	}
+	if s.Savepoints == nil {
+		s.Savepoints = make(map[string]*Savepoint) // snapshots before savepoints existed
+	}
+	for id, sp := range s.Savepoints {
+		if sp == nil || sp.ID != id {
+			return fmt.Errorf("%w: savepoint %q is null or holds another id", ErrCorruptSnapshot, id)
+		}
 	}
 	for _, id := range slices.Sorted(maps.Keys(s.Jobs)) {
 		if err := s.Jobs[id].check(id); err != nil {
@@ -93,6 +107,19 @@ func (j *Job) clone(shareBlobs bool) Job {
 	cloneCP := func(cp Checkpoint) Checkpoint { return cp.clone(shareBlobs) }
 	c.Completed = cloneSlice(j.Completed, cloneCP)
 	c.Aborted = cloneSlice(j.Aborted, cloneCP)
+	if j.FromSavepoint != nil {
+		sp := j.FromSavepoint.clone(shareBlobs)
+		c.FromSavepoint = &sp
+	}
+	return c
+}
+
+func (sp Savepoint) clone(shareBlobs bool) Savepoint {
+	c := sp
+	c.Tasks = make(map[string]TaskState, len(sp.Tasks))
+	for id, ts := range sp.Tasks {
+		c.Tasks[id] = ts.clone(shareBlobs)
+	}
 	return c
 }
 

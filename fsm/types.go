@@ -19,6 +19,7 @@ const (
 	CommandCheckpointCompleted CommandType = 5
 	CommandCheckpointAborted   CommandType = 6
 	CommandJobCancelled        CommandType = 7
+	CommandSavepointDeleted    CommandType = 8
 )
 
 // JobStatus is the lifecycle state of a job as users see it.
@@ -220,7 +221,42 @@ type Checkpoint struct {
 	EndedAt     int64                `json:"ended_at,omitempty"` // completed or aborted
 	Reason      string               `json:"reason,omitempty"`   // why it was aborted
 	Tasks       map[string]TaskState `json:"tasks,omitempty"`
+	// Savepoint marks a savepoint: self-contained, kept until deleted, and
+	// not a checkpoint the job restores from by itself. Stop marks the final
+	// savepoint of a job that is stopped with it.
+	Savepoint bool `json:"savepoint,omitempty"`
+	Stop      bool `json:"stop,omitempty"`
 }
+
+// Savepoint is a self-contained snapshot of a job, taken on request and kept
+// until deleted: the state of every task of one attempt, with state files
+// that no checkpoint shares. Its file paths are relative to Location.
+type Savepoint struct {
+	ID           string `json:"id"`
+	JobID        string `json:"job_id"`
+	JobName      string `json:"job_name"`
+	CheckpointID uint64 `json:"checkpoint_id"`
+	Attempt      uint64 `json:"attempt"`
+	CreatedAt    int64  `json:"created_at"`
+	// Location is the checkpoint storage URL of the savepoint's directory
+	// (its files and a _metadata document); empty when its state is inline.
+	Location string `json:"location,omitempty"`
+	// Topic, Operator and MaxParallelism are what a job restored from the
+	// savepoint must match: offsets are per partition of the topic, state per
+	// key group of max_parallelism.
+	Topic          string               `json:"topic"`
+	Operator       string               `json:"operator"`
+	MaxParallelism int                  `json:"max_parallelism"`
+	Tasks          map[string]TaskState `json:"tasks"`
+}
+
+// SavepointID is the id of the savepoint of checkpoint id of job.
+func SavepointID(job string, id uint64) string {
+	return fmt.Sprintf("%s-sp-%d", job, id)
+}
+
+// MaxSavepoints bounds the savepoints the cluster keeps at once.
+const MaxSavepoints = 1000
 
 // Job is the replicated record of one job.
 type Job struct {
@@ -248,6 +284,9 @@ type Job struct {
 	// from (0: started fresh). Replicated so that a new leader knows which
 	// checkpoint a failing restore used and can fall back past it.
 	RestoredFrom uint64 `json:"restored_from,omitempty"`
+	// FromSavepoint is the savepoint the job was started from: attempts
+	// restore from it until the job has a completed checkpoint of its own.
+	FromSavepoint *Savepoint `json:"from_savepoint,omitempty"`
 }
 
 // MaxInlineStateBytes bounds one map task's inline keyed state in a
@@ -269,6 +308,8 @@ type RegisterJobCmd struct {
 	ID   string  `json:"id"`
 	Spec JobSpec `json:"spec"`
 	Time int64   `json:"time"`
+	// FromSavepoint, if set, is the savepoint the job starts from.
+	FromSavepoint *Savepoint `json:"from_savepoint,omitempty"`
 }
 
 // JobRestartedCmd starts attempt Attempt (exactly the job's attempt + 1) with a
@@ -299,6 +340,10 @@ type CheckpointTriggeredCmd struct {
 	JobID   string `json:"job_id"`
 	Attempt uint64 `json:"attempt"`
 	Time    int64  `json:"time"`
+	// Savepoint takes a savepoint instead of a checkpoint; Stop (with
+	// Savepoint) cancels the job when it completes.
+	Savepoint bool `json:"savepoint,omitempty"`
+	Stop      bool `json:"stop,omitempty"`
 }
 
 // CheckpointCompletedCmd commits a pending checkpoint with the state of every
@@ -309,6 +354,14 @@ type CheckpointCompletedCmd struct {
 	CheckpointID uint64               `json:"checkpoint_id"`
 	States       map[string]TaskState `json:"states"`
 	Time         int64                `json:"time"`
+	// Location is a savepoint's directory URL (see Savepoint.Location).
+	Location string `json:"location,omitempty"`
+}
+
+// SavepointDeletedCmd forgets a savepoint; its files are deleted after.
+type SavepointDeletedCmd struct {
+	ID   string `json:"id"`
+	Time int64  `json:"time"`
 }
 
 // CheckpointAbortedCmd aborts a pending checkpoint with a reason.
