@@ -78,10 +78,10 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 		return fmt.Errorf("state of kind %s for %s task %s", k, t.Kind, t.ID)
 	}
 	state := fsm.TaskState{
-		TaskID:      t.ID,
-		Kind:        t.Kind,
-		Worker:      worker,
-		AckedAt:     now.UnixNano(),
+		TaskID:        t.ID,
+		Kind:          t.Kind,
+		Worker:        worker,
+		AckedAt:       now.UnixNano(),
 		Offsets:       maps.Clone(st.GetOffsets()),
 		Keyed:         st.GetKeyed(),
 		KeyedSHA256:   st.GetKeyedSha256(),

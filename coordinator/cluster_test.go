@@ -1,8 +1,7 @@
 package coordinator
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,10 +19,10 @@ import (
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/raft"
 	"go.etcd.io/bbolt"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/storage"
 )
 
 // TestClusterAPI bootstraps three coordinators with -bootstrap-expect 3 and
@@ -417,13 +416,10 @@ func TestJobViews(t *testing.T) {
 	sec := func(n int64) int64 {
 		return time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC).UnixNano() + n*int64(time.Second)
 	}
-	keyed := func(groups ...*transport.KeyGroupState) ([]byte, string) {
-		b, err := proto.Marshal(&transport.KeyedState{Groups: groups})
-		if err != nil {
-			t.Fatal(err)
-		}
-		sum := sha256.Sum256(b)
-		return b, hex.EncodeToString(sum[:])
+	keyed := func(entries ...kgEntry) ([]byte, string) {
+		var buf bytes.Buffer
+		sum := writeStateFile(t, &buf, entries...)
+		return buf.Bytes(), sum
 	}
 	tasks := []fsm.Task{
 		{ID: "source-0", Kind: fsm.TaskSource, Index: 0, Worker: "w1", Partitions: []int32{0, 2}},
@@ -431,8 +427,8 @@ func TestJobViews(t *testing.T) {
 		{ID: "map-0", Kind: fsm.TaskMap, Index: 0, Worker: "w1", KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 64}},
 		{ID: "map-1", Kind: fsm.TaskMap, Index: 1, Worker: "w2", KeyGroups: &fsm.KeyGroupRange{Start: 64, End: 128}},
 	}
-	k0, sum0 := keyed(&transport.KeyGroupState{KeyGroup: 3, Values: map[string]int64{"a": 2, "b": 1}})
-	k1, sum1 := keyed(&transport.KeyGroupState{KeyGroup: 70, Values: map[string]int64{"c": 5}}, &transport.KeyGroupState{KeyGroup: 99, Values: map[string]int64{"d": 1}})
+	k0, sum0 := keyed(kgEntry{3, "a", 2}, kgEntry{3, "b", 1})
+	k1, sum1 := keyed(kgEntry{70, "c", 5}, kgEntry{99, "d", 1})
 
 	apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: job, Spec: spec, Time: sec(0)})
 	apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: job, Attempt: 1, Tasks: tasks, Reason: "deployed", Time: sec(1)})
@@ -440,14 +436,18 @@ func TestJobViews(t *testing.T) {
 	apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 1, Time: sec(3), States: map[string]fsm.TaskState{
 		"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Worker: "w1", AckedAt: sec(2), Offsets: map[int32]int64{0: 10, 2: 20}},
 		"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Worker: "w2", AckedAt: sec(2), Offsets: map[int32]int64{1: 11}},
-		"map-0":    {TaskID: "map-0", Kind: fsm.TaskMap, Worker: "w1", AckedAt: sec(3), Keyed: k0, KeyedSHA256: sum0},
-		"map-1":    {TaskID: "map-1", Kind: fsm.TaskMap, Worker: "w2", AckedAt: sec(3), Keyed: k1, KeyedSHA256: sum1},
+		"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Worker: "w1", AckedAt: sec(3), Keyed: k0, KeyedSHA256: sum0,
+			ValueEncoding: "int64", Keys: 2, KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 64}},
+		"map-1": {TaskID: "map-1", Kind: fsm.TaskMap, Worker: "w2", AckedAt: sec(3), Keyed: k1, KeyedSHA256: sum1,
+			ValueEncoding: "int64", Keys: 2, KeyGroups: &fsm.KeyGroupRange{Start: 64, End: 128}},
 	}})
 	apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: sec(4)})
 	apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: 2, Reason: "timeout", Time: sec(34)})
 	apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: sec(35)})
 
-	s := &Server{cfg: Config{ID: "c1"}, logger: slog.New(slog.DiscardHandler), fsm: f, metrics: newMetrics()}
+	s := &Server{cfg: Config{ID: "c1"}, logger: slog.New(slog.DiscardHandler), fsm: f, metrics: newMetrics(), stores: storage.NewPool()}
+	s.state = &stateReader{stores: s.stores}
+	defer s.stores.Close()
 	h := s.newHTTPServer().Handler
 	get := func(path string, out any) int {
 		t.Helper()
@@ -494,7 +494,7 @@ func TestJobViews(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("checkpoints\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
-	if tv := cps[2].Tasks[0]; tv.ID != "map-0" || tv.StateSize != len(k0) || tv.AckTime != "2025-01-02T03:04:08Z" {
+	if tv := cps[2].Tasks[0]; tv.ID != "map-0" || tv.StateSize != int64(len(k0)) || tv.AckTime != "2025-01-02T03:04:08Z" {
 		t.Errorf("checkpoint task view %+v", tv)
 	}
 
@@ -503,8 +503,8 @@ func TestJobViews(t *testing.T) {
 		t.Fatalf("GET state: %d", code)
 	}
 	wantOffsets := map[string]int64{"words/0": 10, "words/1": 11, "words/2": 20}
-	wantKeyed := map[string]int64{"a": 2, "b": 1, "c": 5, "d": 1}
-	if st.CheckpointID != 1 || !maps.Equal(st.Offsets, wantOffsets) || !maps.Equal(st.Keyed, wantKeyed) {
+	wantKeyed := map[string]any{"a": 2.0, "b": 1.0, "c": 5.0, "d": 1.0}
+	if st.CheckpointID != 1 || !maps.Equal(st.Offsets, wantOffsets) || !maps.Equal(st.Keyed, wantKeyed) || st.Keys != 4 {
 		t.Errorf("state %+v, want checkpoint 1, offsets %v, keyed %v", st, wantOffsets, wantKeyed)
 	}
 }

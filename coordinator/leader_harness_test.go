@@ -242,8 +242,13 @@ func deploys(msgs []*transport.CoordinatorMessage) map[string]*transport.DeployT
 
 // report sends a TaskStatus from worker for one task.
 func (h *leaderHarness) report(worker string, ref *transport.TaskRef, phase transport.TaskPhase, reason string) {
+	h.reportCause(worker, ref, phase, reason, transport.FailureCause_FAILURE_CAUSE_UNSPECIFIED)
+}
+
+// reportCause is report with a failure cause.
+func (h *leaderHarness) reportCause(worker string, ref *transport.TaskRef, phase transport.TaskPhase, reason string, cause transport.FailureCause) {
 	h.l.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{
-		Status: &transport.TaskStatus{Task: ref, Phase: phase, Reason: reason},
+		Status: &transport.TaskStatus{Task: ref, Phase: phase, Reason: reason, Cause: cause},
 	}}})
 }
 

@@ -347,15 +347,28 @@ func TestLeaderFallsBackFromCorruptCheckpoint(t *testing.T) {
 		t.Fatalf("attempt %d restored from %d, want 2 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, second)
 	}
 	m := job.Tasks[1]
+	// The reason's text does not matter; the cause does.
 	h.report(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "restore: blob map-1: checksum mismatch")
+	h.step()
+	if job := h.job("j1"); h.l.jobs["j1"].bad[second] != "" {
+		t.Fatalf("a failure without the STATE_CORRUPT cause marked checkpoint %d bad (attempt %d)", second, job.Attempt)
+	}
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.drain("w1")
+	h.drain("w2")
+	h.step()
+	job = h.job("j1")
+	m = job.Tasks[1]
+	h.reportCause(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "restore: blob map-1: checksum mismatch",
+		transport.FailureCause_FAILURE_CAUSE_STATE_CORRUPT)
 	h.step()
 	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
 	h.drain("w1")
 	h.drain("w2")
 	h.step()
 	job = h.job("j1")
-	if job.Attempt != 3 || h.l.jobs["j1"].restoredFrom != first {
-		t.Fatalf("attempt %d restored from %d, want 3 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, first)
+	if job.Attempt != 4 || h.l.jobs["j1"].restoredFrom != first {
+		t.Fatalf("attempt %d restored from %d, want 4 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, first)
 	}
 	if !strings.Contains(job.Reason, "restoring from checkpoint 1 because newer ones failed verification (checkpoint 2: task map-0") {
 		t.Fatalf("reason does not say it fell back: %q", job.Reason)

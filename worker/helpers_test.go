@@ -20,8 +20,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
-	"github.com/coordflow/coordflow/worker/operator"
 )
 
 // waitTimeout bounds every wait in these tests; generous for a loaded
@@ -101,11 +101,11 @@ func ref(job string, attempt uint64, task string) *transport.TaskRef {
 // groups: map-i on workers[i].
 func mapRefs(maxPar int, workers ...*Worker) []*transport.MapTaskRef {
 	var refs []*transport.MapTaskRef
-	for i, w := range workers {
-		s, e := operator.KeyGroupRange(i, len(workers), maxPar)
+	for i, r := range fsm.KeyGroupRanges(maxPar, len(workers)) {
+		w := workers[i]
 		refs = append(refs, &transport.MapTaskRef{
 			TaskId: "map-" + string(rune('0'+i)), Index: int32(i), WorkerId: w.ID(), DataAddr: w.DataAddr(),
-			KeyGroupStart: s, KeyGroupEnd: e,
+			KeyGroupStart: int32(r.Start), KeyGroupEnd: int32(r.End),
 		})
 	}
 	return refs

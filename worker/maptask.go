@@ -83,16 +83,19 @@ type mapTask struct {
 	baseID   uint64               // the completed checkpoint base describes
 	base     chainInfo            // what the next delta builds on
 	fullSize int64                // bytes of the last full snapshot
+	// restoredLocal and restoredRemote count the state files the restore
+	// read from the local cache and from checkpoint storage.
+	restoredLocal, restoredRemote int
 	// barrierLast is the last_completed the barriers of checkpoint id carry.
 	barrierLast struct{ id, last uint64 }
-	align    *aligner
-	sink     *sink
-	in       prometheus.Counter
-	out      prometheus.Counter
-	skipped  prometheus.Counter
-	ackedN   prometheus.Counter
-	declined prometheus.Counter
-	aligned  prometheus.Observer
+	align       *aligner
+	sink        *sink
+	in          prometheus.Counter
+	out         prometheus.Counter
+	skipped     prometheus.Counter
+	ackedN      prometheus.Counter
+	declined    prometheus.Counter
+	aligned     prometheus.Observer
 }
 
 // chainInfo describes the state files of one snapshot: the chain a delta can
@@ -325,6 +328,7 @@ func (m *mapTask) restore(ctx context.Context) error {
 			m.fullSize = m.base.fullBytes
 		}
 	}
+	m.restoredLocal, m.restoredRemote = src.local, src.remote
 	m.log.Info("restored keyed state", "checkpoint", m.restoreID, "blobs", len(m.blobs), "keys", m.keyed.keys,
 		"files_local", src.local, "files_downloaded", src.remote, "took", time.Since(began).Round(time.Millisecond))
 	return nil

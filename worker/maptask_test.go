@@ -1,18 +1,20 @@
 package worker
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
+	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/statefile"
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
@@ -39,7 +41,14 @@ func unitEnv(t *testing.T) (*taskEnv, chan *transport.WorkerMessage) {
 // when the test ends.
 func runMapTask(t *testing.T, env *taskEnv, d *transport.DeployTask) *mapTask {
 	t.Helper()
-	mt, err := newMapTask(env, d, nopRegistry{}, env.logger)
+	return runMapTaskCtl(t, env, d, make(chan control))
+}
+
+// runMapTaskCtl is runMapTask with the channel the task reads leader
+// messages (completions) from.
+func runMapTaskCtl(t *testing.T, env *taskEnv, d *transport.DeployTask, ctl chan control) *mapTask {
+	t.Helper()
+	mt, err := newMapTask(env, d, ctl, nopRegistry{}, env.logger)
 	if err != nil {
 		t.Fatalf("new map task: %v", err)
 	}
@@ -75,7 +84,7 @@ func mapDeploy(job string, attempt uint64, op string, numSources int32, maxPar i
 func batchMsg(maxPar int, keys ...string) *transport.DataMessage {
 	items := make([]*transport.Item, len(keys))
 	for i, k := range keys {
-		items[i] = &transport.Item{Key: k, Num: 1, KeyGroup: operator.KeyGroup(k, maxPar)}
+		items[i] = &transport.Item{Key: []byte(k), Num: 1, KeyGroup: operator.KeyGroup([]byte(k), maxPar)}
 	}
 	return &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Items: items}}}
 }
@@ -84,24 +93,29 @@ func barrierMsg(id uint64) *transport.DataMessage {
 	return &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id}}}
 }
 
-// decodeKeyed checks an ack's checksum and returns its state as key -> value,
-// and key -> key group.
+// decodeKeyed checks an inline ack's checksum and returns its int64 state
+// as key -> value, and key -> key group.
 func decodeKeyed(t *testing.T, st *transport.TaskState) (map[string]int64, map[string]int32) {
 	t.Helper()
 	sum := sha256.Sum256(st.GetKeyed())
 	if hex.EncodeToString(sum[:]) != st.GetKeyedSha256() {
-		t.Fatalf("ack checksum %s does not match its blob", st.GetKeyedSha256())
+		t.Fatalf("ack checksum %s does not match its inline state", st.GetKeyedSha256())
 	}
-	var ks transport.KeyedState
-	if err := proto.Unmarshal(st.GetKeyed(), &ks); err != nil {
+	rd, err := statefile.NewReader(bytes.NewReader(st.GetKeyed()), int64(len(st.GetKeyed())))
+	if err != nil {
 		t.Fatalf("decode keyed state: %v", err)
 	}
 	vals, groups := map[string]int64{}, map[string]int32{}
-	for _, g := range ks.GetGroups() {
-		for k, v := range g.GetValues() {
-			vals[k] = v
-			groups[k] = g.GetKeyGroup()
-		}
+	err = rd.Range(0, statefile.MaxKeyGroups, func(kg int32, key, value []byte, _ bool) error {
+		n, err := operator.DecodeInt64(value)
+		vals[string(key)], groups[string(key)] = n, kg
+		return err
+	})
+	if err != nil {
+		t.Fatalf("read keyed state: %v", err)
+	}
+	if int64(len(vals)) != st.GetKeys() {
+		t.Fatalf("ack says %d keys, its state holds %d", st.GetKeys(), len(vals))
 	}
 	return vals, groups
 }
@@ -225,35 +239,47 @@ func TestAlignerAbandons(t *testing.T) {
 	}
 }
 
-// keyedBlobs builds a checkpoint's blobs: state spread over parallelism map
-// tasks of maxPar key groups, as those tasks would have snapshotted it.
+// keyedBlobs builds a checkpoint's inline blobs: int64 state spread over
+// parallelism map tasks of maxPar key groups, as those tasks would have
+// snapshotted it.
 func keyedBlobs(t *testing.T, state map[string]int64, parallelism, maxPar int) []*transport.KeyedBlob {
 	t.Helper()
 	var blobs []*transport.KeyedBlob
-	for i := 0; i < parallelism; i++ {
-		start, end := operator.KeyGroupRange(i, parallelism, maxPar)
-		ks := &transport.KeyedState{}
-		for kg := start; kg < end; kg++ {
-			g := &transport.KeyGroupState{KeyGroup: kg, Values: map[string]int64{}}
-			for k, v := range state {
-				if operator.KeyGroup(k, maxPar) == kg {
-					g.Values[k] = v
-				}
-			}
-			ks.Groups = append(ks.Groups, g)
-		}
-		b, err := proto.Marshal(ks)
+	for i, r := range fsm.KeyGroupRanges(maxPar, parallelism) {
+		var buf bytes.Buffer
+		w, err := statefile.NewWriter(&buf, statefile.Full)
 		if err != nil {
 			t.Fatal(err)
 		}
-		sum := sha256.Sum256(b)
-		blobs = append(blobs, &transport.KeyedBlob{TaskId: fmt.Sprintf("map-%d", i), Data: b, Sha256: hex.EncodeToString(sum[:])})
+		for kg := int32(r.Start); kg < int32(r.End); kg++ {
+			var keys []string
+			for k := range state {
+				if operator.KeyGroup([]byte(k), maxPar) == kg {
+					keys = append(keys, k)
+				}
+			}
+			slices.Sort(keys)
+			for _, k := range keys {
+				if err := w.Add(kg, []byte(k), operator.AppendInt64(nil, state[k])); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		sum, err := w.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs = append(blobs, &transport.KeyedBlob{
+			TaskId: fmt.Sprintf("map-%d", i), Data: buf.Bytes(), Sha256: hex.EncodeToString(sum.SHA256[:]),
+			KeyGroupStart: int32(r.Start), KeyGroupEnd: int32(r.End),
+		})
 	}
 	return blobs
 }
 
 // TestRestoreOtherParallelism restores state written by 4 map tasks into map
-// task 1 of 3: it must load exactly the keys of key groups [42, 85).
+// task 1 of 3: it must load exactly the keys of key groups [42, 85), and
+// snapshot them again in its own range only.
 func TestRestoreOtherParallelism(t *testing.T) {
 	const maxPar = 128
 	state := map[string]int64{}
@@ -261,31 +287,14 @@ func TestRestoreOtherParallelism(t *testing.T) {
 		state[fmt.Sprintf("key-%d", i)] = int64(i)
 	}
 	blobs := keyedBlobs(t, state, 4, maxPar)
-	start, end := operator.KeyGroupRange(1, 3, maxPar)
-	groups, err := restoreKeyed(blobs, start, end)
-	if err != nil {
-		t.Fatalf("restore: %v", err)
-	}
+	r := fsm.KeyGroupRanges(maxPar, 3)[1]
+	start, end := int32(r.Start), int32(r.End)
 	want := map[string]int64{}
 	for k, v := range state {
-		if kg := operator.KeyGroup(k, maxPar); kg >= start && kg < end {
+		if kg := operator.KeyGroup([]byte(k), maxPar); kg >= start && kg < end {
 			want[k] = v
 		}
 	}
-	got := map[string]int64{}
-	for kg, vals := range groups {
-		for k, v := range vals {
-			if operator.KeyGroup(k, maxPar) != kg {
-				t.Fatalf("key %q restored into key group %d", k, kg)
-			}
-			got[k] = v
-		}
-	}
-	if len(want) == 0 || !reflect.DeepEqual(got, want) {
-		t.Fatalf("restored %d keys, want the %d keys of key groups [%d, %d)", len(got), len(want), start, end)
-	}
-
-	// The restored task snapshots them again, in its own range only.
 	env, sent := unitEnv(t)
 	refs := []*transport.MapTaskRef{
 		{TaskId: "map-0", Index: 0, KeyGroupStart: 0, KeyGroupEnd: start},
@@ -301,41 +310,41 @@ func TestRestoreOtherParallelism(t *testing.T) {
 	}
 	send(t, lc, barrierMsg(8))
 	snap, groupsOf := decodeKeyed(t, awaitSent(t, sent).GetAck().GetState())
-	if !reflect.DeepEqual(snap, want) {
-		t.Fatalf("snapshot after restore has %d keys, want %d", len(snap), len(want))
+	if len(want) == 0 || !reflect.DeepEqual(snap, want) {
+		t.Fatalf("snapshot after restore has %d keys, want the %d keys of key groups [%d, %d)", len(snap), len(want), start, end)
 	}
 	for k, kg := range groupsOf {
-		if kg < start || kg >= end {
-			t.Fatalf("snapshot holds key %q of foreign key group %d", k, kg)
+		if kg < start || kg >= end || operator.KeyGroup([]byte(k), maxPar) != kg {
+			t.Fatalf("snapshot holds key %q in key group %d", k, kg)
 		}
 	}
 	// An item of a foreign key group fails the task instead of being applied.
-	if err := mt.apply([]*transport.Item{{Key: "x", KeyGroup: end}}); err == nil || !strings.Contains(err.Error(), "outside this task's range") {
+	if err := mt.apply([]*transport.Item{{Key: []byte("x"), KeyGroup: end}}); err == nil || !strings.Contains(err.Error(), "outside this task's range") {
 		t.Fatalf("apply of a foreign key group: %v, want an error", err)
 	}
 }
 
-// TestRestoreCorruptBlob fails the restore, naming the blob's task.
+// TestRestoreCorruptBlob fails the restore, naming the blob's task, as a
+// corrupt-state failure the leader falls back from.
 func TestRestoreCorruptBlob(t *testing.T) {
 	blobs := keyedBlobs(t, map[string]int64{"a": 1, "b": 2}, 2, 128)
 	blobs[1].Data = append([]byte(nil), blobs[1].Data...)
 	blobs[1].Data[0] ^= 0xff
-	_, err := restoreKeyed(blobs, 0, 128)
-	if err == nil || !strings.Contains(err.Error(), `task "map-1"`) || !strings.Contains(err.Error(), "sha256 mismatch") {
-		t.Fatalf("restore of a corrupt blob: %v, want a sha256 mismatch naming map-1", err)
-	}
-
 	env, _ := unitEnv(t)
 	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
 	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
 	d.RestoreCheckpointId, d.RestoreKeyed = 3, blobs
-	mt, err := newMapTask(env, d, nopRegistry{}, env.logger)
+	mt, err := newMapTask(env, d, make(chan control), nopRegistry{}, env.logger)
 	if err != nil {
 		t.Fatal(err)
 	}
 	err = mt.run(context.Background(), func() { t.Error("a map task with a corrupt blob reported running") })
-	if err == nil || !strings.Contains(err.Error(), "restore checkpoint 3") || !strings.Contains(err.Error(), "map-1") {
-		t.Fatalf("run with a corrupt blob: %v, want a restore failure naming map-1", err)
+	if err == nil || !strings.Contains(err.Error(), "restore checkpoint 3") || !strings.Contains(err.Error(), `task "map-1"`) ||
+		!strings.Contains(err.Error(), "sha256 mismatch") {
+		t.Fatalf("run with a corrupt blob: %v, want a sha256 mismatch naming map-1", err)
+	}
+	if failureCause(err) != transport.FailureCause_FAILURE_CAUSE_STATE_CORRUPT {
+		t.Fatalf("cause of %v = %v, want STATE_CORRUPT", err, failureCause(err))
 	}
 }
 
@@ -352,7 +361,7 @@ func TestRouteTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, key := range []string{"", "a", "the", "foobar", "zebra", "key-17"} {
-		kg := operator.KeyGroup(key, 128)
+		kg := operator.KeyGroup([]byte(key), 128)
 		owner := sorted[route[kg]]
 		if kg < owner.GetKeyGroupStart() || kg >= owner.GetKeyGroupEnd() {
 			t.Fatalf("key %q (group %d) routed to %s owning [%d, %d)", key, kg, owner.GetTaskId(), owner.GetKeyGroupStart(), owner.GetKeyGroupEnd())

@@ -124,8 +124,8 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 					if kg < mr.GetKeyGroupStart() || kg >= mr.GetKeyGroupEnd() {
 						t.Fatalf("%s holds key %q of key group %d outside its range", mr.GetTaskId(), k, kg)
 					}
-					if kg != operator.KeyGroup(k, 128) {
-						t.Fatalf("key %q stored in key group %d, want %d", k, kg, operator.KeyGroup(k, 128))
+					if kg != operator.KeyGroup([]byte(k), 128) {
+						t.Fatalf("key %q stored in key group %d, want %d", k, kg, operator.KeyGroup([]byte(k), 128))
 					}
 				}
 				maps.Copy(got, vals)

@@ -51,7 +51,10 @@ type GroupInfo struct {
 var ErrCorrupt = errors.New("statefile: corrupt state file")
 
 // corruptError is an error about the content of a file. It matches ErrCorrupt.
-type corruptError struct{ msg string }
+type corruptError struct {
+	msg      string
+	checksum bool // the whole-file checksum did not match
+}
 
 func (e *corruptError) Error() string        { return "statefile: corrupt state file: " + e.msg }
 func (e *corruptError) Is(target error) bool { return target == ErrCorrupt }
@@ -62,8 +65,9 @@ func corruptf(format string, args ...any) error {
 
 // Layout constants; see the package documentation.
 const (
-	headerLen     = len(magic) + 1
-	trailerLen    = 8 + 8 + 32 + len(magic)
+	magicLen      = 8
+	headerLen     = magicLen + 1
+	trailerLen    = 8 + 8 + 32 + magicLen
 	endOfDataLen  = 4
 	endOfData     = 0xFFFFFFFF
 	recValue      = 0x00
@@ -82,7 +86,7 @@ const (
 	maxIndexLen = 1 + 3 + MaxKeyGroups*maxIndexEntryLen
 )
 
-var magic = [8]byte{'C', 'F', 'S', 'T', 'A', 'T', 'E', 0x01}
+var magic = [magicLen]byte{'C', 'F', 'S', 'T', 'A', 'T', 'E', 0x01}
 
 // appendIndex appends the index of a file of the given kind with the given
 // sections and section checksums.

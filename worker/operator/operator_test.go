@@ -339,4 +339,3 @@ func TestKeyGroupStable(t *testing.T) {
 		}
 	}
 }
-

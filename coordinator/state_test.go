@@ -1,0 +1,288 @@
+package coordinator
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/statefile"
+	"github.com/coordflow/coordflow/transport/storage"
+)
+
+// kgEntry is one int64 state entry of a test state file.
+type kgEntry struct {
+	kg    int32
+	key   string
+	value int64
+}
+
+// writeStateFile writes a full state file of int64 entries (in order) to w
+// and returns its SHA-256 in hex.
+func writeStateFile(t *testing.T, w io.Writer, entries ...kgEntry) string {
+	t.Helper()
+	fw, err := statefile.NewWriter(w, statefile.Full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		var v [8]byte
+		for i := range 8 {
+			v[i] = byte(uint64(e.value) >> (56 - 8*i))
+		}
+		if err := fw.Add(e.kg, []byte(e.key), v[:]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sum, err := fw.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(sum.SHA256[:])
+}
+
+// applier applies commands to an FSM the way Raft would.
+type applier struct {
+	t     *testing.T
+	f     *fsm.FSM
+	index uint64
+}
+
+func (a *applier) apply(ct fsm.CommandType, cmd any) {
+	a.t.Helper()
+	data, err := fsm.Encode(ct, cmd)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	a.index++
+	if _, err := fsm.Result(a.f.Apply(&raft.Log{Index: a.index, Type: raft.LogCommand, Data: data})); err != nil {
+		a.t.Fatalf("apply %v: %v", ct, err)
+	}
+}
+
+// TestStateAPIFromFiles serves a checkpoint whose map state is a chain of
+// files in file:// checkpoint storage, with keys and values that are not
+// UTF-8: the whole state, one key, and the NDJSON export agree, and a state
+// over maxStateKeys keys is summarized instead of listed.
+func TestStateAPIFromFiles(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	url := "file://" + dir
+	store, err := storage.Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+
+	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Checkpoint.Storage = url
+	spec.Operator.Parallelism = 1
+	spec.Operator.Name = "latest"
+	const job = "latest-1"
+	binKey := "\xff\xfekey"
+	binVal := []byte{0x00, 0xff, 0x80}
+	// A full file with a, b and the binary key, then a delta that changes a,
+	// deletes b and adds c.
+	var full, delta bytes.Buffer
+	fw, _ := statefile.NewWriter(&full, statefile.Full)
+	kgA, kgB := fsm.KeyGroup([]byte("a"), 128), fsm.KeyGroup([]byte("b"), 128)
+	kgBin, kgC := fsm.KeyGroup([]byte(binKey), 128), fsm.KeyGroup([]byte("c"), 128)
+	type e struct {
+		kg  int32
+		key string
+		val []byte
+	}
+	entries := []e{{kgA, "a", []byte("1")}, {kgB, "b", []byte("2")}, {kgBin, binKey, binVal}}
+	slices.SortFunc(entries, func(x, y e) int {
+		if x.kg != y.kg {
+			return int(x.kg - y.kg)
+		}
+		return strings.Compare(x.key, y.key)
+	})
+	for _, en := range entries {
+		if err := fw.Add(en.kg, []byte(en.key), en.val); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dw, _ := statefile.NewWriter(&delta, statefile.Delta)
+	changes := []e{{kgA, "a", []byte("3")}, {kgB, "b", nil}, {kgC, "c", []byte(`x`)}}
+	slices.SortFunc(changes, func(x, y e) int { return int(x.kg - y.kg) })
+	for _, c := range changes {
+		if c.val == nil {
+			err = dw.Delete(c.kg, []byte(c.key))
+		} else {
+			err = dw.Add(c.kg, []byte(c.key), c.val)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := dw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var files []fsm.StateFile
+	for i, b := range [][]byte{full.Bytes(), delta.Bytes()} {
+		path := transport.CheckpointDir(job, 1) + []string{"map-0-a1-full.cfs", "map-0-a1-delta.cfs"}[i]
+		h, err := store.Create(ctx, path, func(w io.Writer) error { _, err := w.Write(b); return err })
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, Full: i == 0, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}})
+	}
+
+	a := &applier{t: t, f: fsm.New()}
+	tasks := []fsm.Task{
+		{ID: "source-0", Kind: fsm.TaskSource, Index: 0, Worker: "w1", Partitions: []int32{0}},
+		{ID: "source-1", Kind: fsm.TaskSource, Index: 1, Worker: "w1", Partitions: []int32{}},
+		{ID: "map-0", Kind: fsm.TaskMap, Index: 0, Worker: "w1", KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+	}
+	now := time.Now().UnixNano()
+	a.apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: job, Spec: spec, Time: now})
+	a.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: job, Attempt: 1, Tasks: tasks, Time: now})
+	a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
+	a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 1, Time: now, States: map[string]fsm.TaskState{
+		"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: 7}},
+		"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Offsets: map[int32]int64{}},
+		"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Files: files, Keys: 3, ValueEncoding: "bytes",
+			KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+	}})
+
+	s := &Server{cfg: Config{ID: "c1"}, logger: slog.New(slog.DiscardHandler), fsm: a.f, metrics: newMetrics(), stores: storage.NewPool()}
+	s.state = &stateReader{stores: s.stores}
+	defer s.stores.Close()
+	h := s.newHTTPServer().Handler
+	get := func(path string) (int, []byte) {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+		return rec.Code, rec.Body.Bytes()
+	}
+
+	code, body := get("/v1/jobs/" + job + "/state")
+	var st apiState
+	if err := json.Unmarshal(body, &st); err != nil || code != http.StatusOK {
+		t.Fatalf("GET state: %d %s %v", code, body, err)
+	}
+	binB64 := base64.StdEncoding.EncodeToString([]byte(binKey))
+	if st.Keyed["a"] != "3" || st.Keyed["c"] != "x" || st.Keyed["b"] != nil || len(st.Keyed) != 2 || st.Offsets["words/0"] != 7 {
+		t.Fatalf("state %s: want a=3, c=x, no b, offset 7", body)
+	}
+	if v, ok := st.KeyedBase64[binB64].(map[string]any); !ok || v["value_base64"] != base64.StdEncoding.EncodeToString(binVal) {
+		t.Fatalf("state %s: want the binary key under keyed_base64 with its value in base64", body)
+	}
+
+	for _, q := range []string{"key=a", "key_base64=" + url2(binB64), "key=b"} {
+		code, body := get("/v1/jobs/" + job + "/state?" + q)
+		var ks apiKeyState
+		if err := json.Unmarshal(body, &ks); err != nil || code != http.StatusOK {
+			t.Fatalf("GET state?%s: %d %s %v", q, code, body, err)
+		}
+		switch q {
+		case "key=a":
+			if !ks.Found || ks.Value != "3" {
+				t.Fatalf("key a: %s", body)
+			}
+		case "key=b":
+			if ks.Found {
+				t.Fatalf("deleted key b found: %s", body)
+			}
+		default:
+			if !ks.Found || ks.KeyBase64 != binB64 || ks.ValueBase64 != base64.StdEncoding.EncodeToString(binVal) {
+				t.Fatalf("binary key: %s", body)
+			}
+		}
+	}
+
+	code, body = get("/v1/jobs/" + job + "/state/export")
+	if code != http.StatusOK {
+		t.Fatalf("export: %d %s", code, body)
+	}
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	var lines []map[string]any
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatalf("export line %q: %v", sc.Text(), err)
+		}
+		lines = append(lines, m)
+	}
+	if len(lines) != 4 || lines[0]["checkpoint_id"] != 1.0 {
+		t.Fatalf("export has %d lines (%s), want a header and 3 keys", len(lines), body)
+	}
+	got := map[string]any{}
+	for _, l := range lines[1:] {
+		k, _ := l["key"].(string)
+		if k == "" {
+			k = "b64:" + l["key_base64"].(string)
+		}
+		v := l["value"]
+		if v == nil {
+			v = "b64:" + l["value_base64"].(string)
+		}
+		got[k] = v
+	}
+	want := map[string]any{"a": "3", "c": "x", "b64:" + binB64: "b64:" + base64.StdEncoding.EncodeToString(binVal)}
+	if len(got) != len(want) || got["a"] != want["a"] || got["c"] != want["c"] || got["b64:"+binB64] != want["b64:"+binB64] {
+		t.Fatalf("export keys %v, want %v", got, want)
+	}
+
+	// A missing file is an error naming the task, not an empty answer.
+	if err := store.Delete(ctx, files[1].Path); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get("/v1/jobs/" + job + "/state"); code != http.StatusInternalServerError || !strings.Contains(string(body), "map-0") {
+		t.Fatalf("state with a missing file: %d %s, want 500 naming map-0", code, body)
+	}
+}
+
+func url2(s string) string { return url.QueryEscape(s) }
+
+// TestRenderValue shows each encoding, and base64 for what does not fit it.
+func TestRenderValue(t *testing.T) {
+	for _, c := range []struct {
+		v        []byte
+		enc      string
+		want     any
+		wantB64  bool
+		describe string
+	}{
+		{[]byte{0, 0, 0, 0, 0, 0, 0, 42}, "int64", int64(42), false, "int64"},
+		{[]byte{1, 2}, "int64", nil, true, "short int64"},
+		{[]byte(`{"a":1}`), "json", json.RawMessage(`{"a":1}`), false, "json"},
+		{[]byte(`{bad`), "json", nil, true, "bad json"},
+		{[]byte("héllo"), "bytes", "héllo", false, "utf8"},
+		{[]byte{0xff}, "bytes", nil, true, "binary"},
+	} {
+		got, b64 := renderValue(c.v, c.enc)
+		if (b64 != "") != c.wantB64 {
+			t.Errorf("%s: base64 %q", c.describe, b64)
+		}
+		if gb, ok := got.(json.RawMessage); ok {
+			if string(gb) != string(c.want.(json.RawMessage)) {
+				t.Errorf("%s: %s", c.describe, gb)
+			}
+		} else if got != c.want {
+			t.Errorf("%s: got %v, want %v", c.describe, got, c.want)
+		}
+	}
+}

@@ -1,0 +1,194 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func openTemp(t *testing.T) (*Store, string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "new", "store")
+	s, err := Open(context.Background(), "file://"+dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, dir
+}
+
+func TestFileContract(t *testing.T) {
+	s, dir := openTemp(t)
+	if err := s.Check(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing is left behind: no temporary files, no sidecar files. (This
+	// cleanup runs after those of testContract.)
+	t.Cleanup(func() {
+		filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				t.Errorf("file %s left behind", path)
+			}
+			return nil
+		})
+	})
+	testContract(t, s)
+}
+
+func TestFileLayout(t *testing.T) {
+	ctx := context.Background()
+	s, dir := openTemp(t)
+	h, err := s.Create(ctx, "cp/7/map-0", func(w io.Writer) error {
+		_, err := io.WriteString(w, "state")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(filepath.Join(dir, "cp", "7"))
+	if err != nil || len(entries) != 1 || entries[0].Name() != "map-0" {
+		t.Fatalf("directory holds %v, %v; want just map-0 (no sidecar)", entries, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "cp", "7", "map-0")); err != nil || string(b) != "state" || h.Size != 5 {
+		t.Errorf("file holds %q, %v", b, err)
+	}
+
+	// prefix= confines a store to a subdirectory.
+	sub, err := Open(ctx, "file://"+dir+"?prefix=cp/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if got, err := sub.ReadVerified(ctx, Handle{Path: "7/map-0", Size: h.Size, SHA256: h.SHA256}); err != nil || string(got) != "state" {
+		t.Errorf("through prefix: %q, %v", got, err)
+	}
+
+	// A stranded temporary file of an interrupted write is not listed.
+	tmp := filepath.Join(dir, "cp", "7", "map-1.18f3a2b4c5d6e7f8.tmp")
+	if err := os.WriteFile(tmp, []byte("partial"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var listed []string
+	s.List(ctx, "", func(path string, _ int64, _ time.Time) error {
+		listed = append(listed, path)
+		return nil
+	})
+	if fmt.Sprint(listed) != "[cp/7/map-0]" {
+		t.Errorf("List = %v, want [cp/7/map-0]", listed)
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	ctx := context.Background()
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ url, want string }{
+		{"", "has no scheme"},
+		{"/some/dir", "has no scheme"},
+		{"gs://bucket", `unsupported scheme "gs"`},
+		{"file://", "names no directory"},
+		{"file:///x/y?bogus=1", `opening store file:///x/y?bogus=1: open bucket file:///x/y?bogus=1: invalid query parameter "bogus"`},
+		{"file://" + file, "is not a directory"},
+		{"s3://", "names no bucket"},
+		{"s3://bucket?bogus=1", `unknown query parameter "bogus"`},
+		{"s3://bucket?use_path_style=maybe", `invalid value for "use_path_style"`},
+		{"file://user:hunter2@host/%zz", "invalid store URL"},
+	} {
+		s, err := Open(ctx, tc.url)
+		if err == nil {
+			s.Close()
+			t.Errorf("Open(%q) succeeded", tc.url)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Open(%q): error %q, want %q", tc.url, err, tc.want)
+		}
+		if strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("Open(%q): error %q shows the password", tc.url, err)
+		}
+	}
+}
+
+func TestS3OpenNoNetwork(t *testing.T) {
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	ctx := context.Background()
+	// Nothing listens on port 1: Open succeeds, Check fails.
+	u := "s3://bucket?endpoint=http://127.0.0.1:1&region=us-east-1&use_path_style=true&disable_https=true&prefix=dir/"
+	s, err := Open(ctx, u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.URL() != u {
+		t.Errorf("URL() = %q, want %q", s.URL(), u)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	err = s.Check(cctx)
+	if err == nil || !strings.Contains(err.Error(), "storage: check in "+u+": ") {
+		t.Errorf("Check: %v", err)
+	}
+}
+
+func TestRedactedURL(t *testing.T) {
+	s, err := Open(context.Background(), "s3://user:hunter2@bucket?region=us-east-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if strings.Contains(s.URL(), "hunter2") {
+		t.Errorf("URL() = %q shows the password", s.URL())
+	}
+}
+
+// apiError mimics an S3 error of the AWS SDK.
+type apiError struct {
+	code   string
+	status int
+}
+
+func (e apiError) Error() string       { return "api error " + e.code }
+func (e apiError) ErrorCode() string   { return e.code }
+func (e apiError) HTTPStatusCode() int { return e.status }
+
+func TestErrorKinds(t *testing.T) {
+	s := &Store{url: "file:///data"}
+	for _, tc := range []struct {
+		cause   error
+		noSpace bool
+	}{
+		{&fs.PathError{Op: "write", Path: "/data/x.1.tmp", Err: syscall.ENOSPC}, true},
+		{fmt.Errorf("upload: %w", &fs.PathError{Op: "write", Path: "/x", Err: syscall.EDQUOT}), true},
+		{apiError{"XMinioStorageFull", 500}, true},
+		{apiError{"InternalError", 507}, true},
+		{errors.New("We encountered an internal error: write /gw/bucket/x: no space left on device"), true},
+		{apiError{"InternalError", 500}, false},
+		{syscall.EIO, false},
+	} {
+		err := s.wrap("create", "cp/1/x", tc.cause)
+		if errors.Is(err, ErrNoSpace) != tc.noSpace {
+			t.Errorf("%v: errors.Is(ErrNoSpace) = %v, want %v", err, !tc.noSpace, tc.noSpace)
+		}
+		if !errors.Is(err, tc.cause) || !strings.Contains(err.Error(), tc.cause.Error()) {
+			t.Errorf("%v does not wrap %v", err, tc.cause)
+		}
+		if want := `storage: create "cp/1/x" in file:///data: `; !strings.HasPrefix(err.Error(), want) {
+			t.Errorf("error %q, want prefix %q", err, want)
+		}
+		if errors.Is(err, ErrNotExist) {
+			t.Errorf("%v matches ErrNotExist", err)
+		}
+	}
+}

@@ -1,0 +1,261 @@
+package worker
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/statefile"
+	"github.com/coordflow/coordflow/transport/storage"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// fileEnv is unitEnv with file:// checkpoint storage and a state directory.
+func fileEnv(t *testing.T) (*taskEnv, chan *transport.WorkerMessage, string) {
+	env, sent := unitEnv(t)
+	env.cfg.StateDir = t.TempDir()
+	env.stores = storage.NewPool()
+	t.Cleanup(func() { env.stores.Close() })
+	return env, sent, "file://" + t.TempDir()
+}
+
+// barrierAfter is a barrier that names the job's newest completed checkpoint.
+func barrierAfter(id, lastCompleted uint64) *transport.DataMessage {
+	return &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id, LastCompleted: lastCompleted}}}
+}
+
+// readChain merges a chain of state files from storage into key -> int64.
+func readChain(t *testing.T, url string, files []*transport.StateFile) map[string]int64 {
+	t.Helper()
+	store, err := storage.Open(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	src := &restoreSource{store: store}
+	var sources []statefile.Source
+	for _, f := range files {
+		rd, release, err := src.open(context.Background(), f)
+		if err != nil {
+			t.Fatalf("open %s: %v", f.GetPath(), err)
+		}
+		defer release()
+		sources = append(sources, rd)
+	}
+	out := map[string]int64{}
+	err = statefile.Merge(sources, 0, statefile.MaxKeyGroups, func(_ int32, k, v []byte) error {
+		n, err := operator.DecodeInt64(v)
+		out[string(k)] = n
+		return err
+	})
+	if err != nil {
+		t.Fatalf("merge chain: %v", err)
+	}
+	return out
+}
+
+// deltaKeys returns the keys a delta file holds (values and tombstones).
+func deltaKeys(t *testing.T, url string, f *transport.StateFile) []string {
+	t.Helper()
+	store, err := storage.Open(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	rd, release, err := (&restoreSource{store: store}).open(context.Background(), f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	var keys []string
+	err = rd.Range(0, statefile.MaxKeyGroups, func(_ int32, k, _ []byte, _ bool) error {
+		keys = append(keys, string(k))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sortedKeys(keys...)
+}
+
+// TestIncrementalCheckpoints runs a map task on each backend with file
+// storage: the first snapshot is a full file, later ones are deltas of the
+// keys changed since the newest completed checkpoint (including those of an
+// aborted one in between), and a restore from the chain gives back the state
+// exactly, from the local copies the task wrote.
+func TestIncrementalCheckpoints(t *testing.T) {
+	for _, backend := range []string{"memory", "disk"} {
+		t.Run(backend, func(t *testing.T) {
+			env, sent, url := fileEnv(t)
+			refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+			d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+			d.State = &transport.StateSpec{Backend: backend, Storage: url, InlineThreshold: 64}
+			ctl := make(chan control, 4)
+			mt := runMapTaskCtl(t, env, d, ctl)
+			lc, err := mt.attachLocal(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var keys []string
+			for i := range 200 {
+				keys = append(keys, fmt.Sprintf("key-%03d", i))
+			}
+			want := map[string]int64{}
+			feed := func(ks ...string) {
+				send(t, lc, batchMsg(128, ks...))
+				for _, k := range ks {
+					want[k]++
+				}
+			}
+			ack := func(id, last uint64) *transport.TaskState {
+				t.Helper()
+				send(t, lc, barrierAfter(id, last))
+				m := awaitSent(t, sent)
+				if m.GetAck().GetCheckpointId() != id {
+					t.Fatalf("got %v, want the ack of checkpoint %d", m, id)
+				}
+				return m.GetAck().GetState()
+			}
+
+			feed(keys...)
+			st1 := ack(1, 0)
+			if len(st1.GetFiles()) != 1 || !st1.GetFiles()[0].GetFull() || len(st1.GetKeyed()) != 0 || st1.GetKeys() != 200 {
+				t.Fatalf("snapshot 1 = %v, want one full file of 200 keys", st1)
+			}
+			if got := readChain(t, url, st1.GetFiles()); !reflect.DeepEqual(got, want) {
+				t.Fatalf("snapshot 1 holds %d keys, want %d", len(got), len(want))
+			}
+			ctl <- control{complete: 1}
+
+			feed("key-001", "key-002", "new-1")
+			st2 := ack(2, 1)
+			if f := st2.GetFiles(); len(f) != 2 || f[0].GetPath() != st1.GetFiles()[0].GetPath() || f[1].GetFull() {
+				t.Fatalf("snapshot 2 files %v, want the full file of 1 and a delta", f)
+			}
+			if got := deltaKeys(t, url, st2.GetFiles()[1]); !reflect.DeepEqual(got, sortedKeys("key-001", "key-002", "new-1")) {
+				t.Fatalf("delta 2 holds %v, want only the changed keys", got)
+			}
+			// Checkpoint 2 is never completed (aborted); 3 builds on 1 again
+			// and so carries the changes of 2 as well.
+			feed("key-003", "new-2")
+			st3 := ack(3, 1)
+			if f := st3.GetFiles(); len(f) != 2 || f[0].GetPath() != st1.GetFiles()[0].GetPath() {
+				t.Fatalf("snapshot 3 files %v, want the full file of 1 and one delta", f)
+			}
+			if got := deltaKeys(t, url, st3.GetFiles()[1]); !reflect.DeepEqual(got, sortedKeys("key-001", "key-002", "key-003", "new-1", "new-2")) {
+				t.Fatalf("delta 3 holds %v, want the changes since checkpoint 1", got)
+			}
+			if got := readChain(t, url, st3.GetFiles()); !reflect.DeepEqual(got, want) {
+				t.Fatalf("chain 3 holds %d keys, want %d", len(got), len(want))
+			}
+			if st3.GetKeys() != int64(len(want)) {
+				t.Fatalf("snapshot 3 counts %d keys, want %d", st3.GetKeys(), len(want))
+			}
+
+			// Restore from chain 3 into attempt 2 on this worker: the local
+			// copies are used, and the next snapshot goes on from the chain.
+			d2 := mapDeploy("job", 2, operator.Count, 1, 128, refs, 0)
+			d2.State = d.State
+			d2.RestoreCheckpointId = 3
+			d2.RestoreKeyed = []*transport.KeyedBlob{{TaskId: "map-0", Files: st3.GetFiles(), KeyGroupStart: 0, KeyGroupEnd: 128}}
+			mt2 := runMapTaskCtl(t, env, d2, make(chan control, 1))
+			lc2, err := mt2.attachLocal(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if mt2.restoredLocal != 2 || mt2.keyed.keys != int64(len(want)) {
+				t.Fatalf("restore read %d files locally and %d keys, want 2 and %d", mt2.restoredLocal, mt2.keyed.keys, len(want))
+			}
+			send(t, lc2, batchMsg(128, "key-004"))
+			want["key-004"]++
+			send(t, lc2, barrierAfter(4, 3))
+			st4 := awaitSent(t, sent).GetAck().GetState()
+			if f := st4.GetFiles(); len(f) != 3 || f[1].GetPath() != st3.GetFiles()[1].GetPath() {
+				t.Fatalf("snapshot 4 files %v, want chain 3 and one more delta", f)
+			}
+			if got := readChain(t, url, st4.GetFiles()); !reflect.DeepEqual(got, want) {
+				t.Fatalf("chain 4 holds %v keys, want %d", len(got), len(want))
+			}
+		})
+	}
+}
+
+func sortedKeys(ks ...string) []string {
+	return slices.Sorted(slices.Values(ks))
+}
+
+// TestSmallStateStaysInline: below the inline threshold the state goes in
+// the ack, and without storage it always does.
+func TestSmallStateStaysInline(t *testing.T) {
+	env, sent, url := fileEnv(t)
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+	d.State = &transport.StateSpec{Backend: "memory", Storage: url, InlineThreshold: 16 << 10}
+	mt := runMapTask(t, env, d)
+	lc, err := mt.attachLocal(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send(t, lc, batchMsg(128, "a", "b", "a"))
+	send(t, lc, barrierAfter(1, 0))
+	st := awaitSent(t, sent).GetAck().GetState()
+	if len(st.GetFiles()) != 0 {
+		t.Fatalf("small state written to %d files, want inline", len(st.GetFiles()))
+	}
+	if got, _ := decodeKeyed(t, st); !maps.Equal(got, map[string]int64{"a": 2, "b": 1}) {
+		t.Fatalf("inline state %v", got)
+	}
+}
+
+// TestStorageUnreachableDeclines: a snapshot that cannot be written is
+// declined with the reason, and the task keeps running.
+func TestStorageUnreachableDeclines(t *testing.T) {
+	env, sent, _ := fileEnv(t)
+	blocked := filepath.Join(t.TempDir(), "not-a-dir")
+	if err := os.WriteFile(blocked, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+	// A file where the storage directory should be: every write fails.
+	d.State = &transport.StateSpec{Backend: "memory", Storage: "file://" + blocked, InlineThreshold: 1}
+	env.cfg.StateDir = ""
+	mt, err := newMapTask(env, d, make(chan control), nopRegistry{}, env.logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	running := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- mt.run(ctx, func() { close(running) }) }()
+	select {
+	case <-running:
+	case err := <-done:
+		// Opening storage on a file may already fail: that is a clear
+		// task failure naming the storage, which is fine too.
+		if err == nil || !strings.Contains(err.Error(), "checkpoint storage") {
+			t.Fatalf("run: %v, want an error naming the checkpoint storage", err)
+		}
+		return
+	}
+	lc, err := mt.attachLocal(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send(t, lc, batchMsg(128, "a", "b"))
+	send(t, lc, barrierAfter(1, 0))
+	dec := awaitSent(t, sent).GetDecline()
+	if dec.GetCheckpointId() != 1 || !strings.Contains(dec.GetReason(), "write state file") {
+		t.Fatalf("got decline %v, want checkpoint 1 declined naming the write", dec)
+	}
+	cancel()
+	<-done
+}

@@ -1,0 +1,556 @@
+package state
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// Defaults of DiskOptions.
+const (
+	// DefaultMemTableSize is the default DiskOptions.MemTableSize.
+	DefaultMemTableSize = 64 << 20
+	// DefaultCacheSize is the default DiskOptions.CacheSize.
+	DefaultCacheSize = 32 << 20
+)
+
+// DiskOptions configures a Disk backend. The zero value is ready to use.
+//
+// However many keys it holds, a Disk uses about 2*MemTableSize+CacheSize
+// bytes of memory (one memtable taking writes, one being flushed, and the
+// block cache, which also holds index and filter blocks), and at most about
+// 3*MemTableSize+CacheSize while flushes fall behind: 160 MiB and 224 MiB
+// with the defaults.
+type DiskOptions struct {
+	// MemTableSize is the size of one Pebble memtable, the in-memory write
+	// buffer that is flushed to a table on disk when full. Larger memtables
+	// mean fewer, larger flushes. Zero means DefaultMemTableSize.
+	MemTableSize uint64
+
+	// CacheSize is the size of the block cache, which caches the data,
+	// index and filter blocks read from tables. Zero means DefaultCacheSize.
+	CacheSize int64
+
+	// Logger receives Pebble's log messages and the backend's own, with the
+	// directory as attribute "dir". Nil discards them.
+	Logger *slog.Logger
+}
+
+// Disk is a Backend that keeps the state in a Pebble database in a private
+// directory on local disk.
+//
+// A key is stored under its key group as 4 big-endian bytes followed by the
+// key's bytes, so the keys of a range of key groups form one contiguous range
+// of Pebble keys, in the order View.Range promises. A View is a Pebble
+// snapshot.
+//
+// The database is scratch space, not a durable store: durability comes from
+// checkpoints, and a restarted task restores its state from its last
+// checkpoint into a fresh Disk. So the database has no write-ahead log
+// (writes go to memtables and reach files only when a memtable is flushed),
+// writes are not synced, OpenDisk deletes whatever an earlier run left in
+// the directory, and Close does not flush.
+//
+// # Failures and write throttling
+//
+// Writes only fill memtables, so a full disk shows itself as a failed flush
+// or compaction in one of Pebble's goroutines. Such a failure, or data
+// corruption detected by Pebble, does not stop the process: the first one is
+// logged and then returned, wrapped with the directory, by every later call
+// of Get, Put, Delete, DropRange and Snapshot, so the task fails with that
+// reason and restarts from its checkpoint.
+//
+// Writes must also wait while flushes or compactions fall behind, lest
+// memtables pile up in memory. Pebble's own write stall cannot be ended by a
+// failure: a write stalled behind a flush that keeps failing would block
+// forever. So Disk turns Pebble's stall off and throttles writes itself, in
+// the writer's goroutine, before they reach Pebble: a write waits while two
+// full memtables are waiting to be flushed or level 0 is as deep as Pebble's
+// default stall threshold, and returns the failure as soon as one is
+// recorded.
+//
+// Pebble treats a few failures as fatal, such as a failed write of its
+// MANIFEST; it reports those through its logger's Fatalf and expects Fatalf
+// not to return. Disk logs such a message at error level and then panics
+// with it (Pebble's default logger would exit the process).
+type Disk struct {
+	dir string
+	db  *pebble.DB
+	log *slog.Logger
+
+	// failure holds the first background error Pebble reported, wrapped.
+	// Pebble's goroutines store it; the writer loads it.
+	failure atomic.Pointer[error]
+
+	// progress is signalled, without blocking, when a flush or compaction
+	// ends or the backend fails; a write waiting in admit wakes on it.
+	progress chan struct{}
+
+	// Used only by the writer goroutine.
+	keyBuf     []byte // the encoded key of the current call
+	getBuf     []byte // the value Get last returned
+	unchecked  int    // bytes written since admit last checked Pebble
+	checkEvery int    // bytes written between checks in admit
+
+	// mu guards views and closed, which Release changes or reads from other
+	// goroutines. Only the writer changes closed, so it reads it without mu.
+	mu     sync.Mutex
+	views  int  // views not yet released
+	closed bool // Close was called
+}
+
+var _ Backend = (*Disk)(nil)
+
+const (
+	// lockFile is the name of Pebble's lock file in a database directory.
+	lockFile = "LOCK"
+
+	// maxMemTables is the number of memtables, the one taking writes
+	// included, at which writes wait for a flush: two full memtables are
+	// waiting to be flushed.
+	maxMemTables = 3
+	// maxL0Sublevels is the read amplification of level 0 at which writes
+	// wait for compactions, Pebble's default L0StopWritesThreshold.
+	maxL0Sublevels = 12
+	// entryOverhead estimates the memtable bytes of a write beyond its key
+	// and value.
+	entryOverhead = 32
+	// stallPoll is the longest a waiting write sleeps between checks.
+	stallPoll = 50 * time.Millisecond
+)
+
+// OpenDisk opens a Disk backend in dir, the task's private working
+// directory, creating dir if needed.
+//
+// OpenDisk always starts from an empty database: it deletes everything dir
+// holds, such as the database of an earlier run, because state is restored
+// from checkpoints and never from local disk. It fails, and deletes nothing,
+// if a Disk of this process still has dir open.
+func OpenDisk(dir string, opts DiskOptions) (*Disk, error) {
+	return openDisk(dir, opts, vfs.Default)
+}
+
+// openDisk is OpenDisk on file system fs, which tests use to inject errors.
+func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
+	if dir == "" {
+		return nil, errors.New("state: open disk backend: empty directory name")
+	}
+	dir = filepath.Clean(dir)
+	if opts.MemTableSize == 0 {
+		opts.MemTableSize = DefaultMemTableSize
+	}
+	if opts.CacheSize == 0 {
+		opts.CacheSize = DefaultCacheSize
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	d := &Disk{
+		dir:      dir,
+		log:      logger.With("dir", dir),
+		progress: make(chan struct{}, 1),
+		// Checking 8 times per memtable bounds the overshoot past
+		// maxMemTables to an eighth of a memtable, and costs little.
+		checkEvery: int(opts.MemTableSize / 8),
+	}
+
+	if err := clearDir(fs, dir); err != nil {
+		return nil, fmt.Errorf("state: open disk backend %s: %w", dir, err)
+	}
+	po := &pebble.Options{
+		FS:                 fs,
+		FormatMajorVersion: pebble.FormatNewest,
+		// No crash recovery is needed: the directory is wiped on open.
+		DisableWAL:   true,
+		MemTableSize: opts.MemTableSize,
+		// admit throttles writes instead of Pebble; see Disk.
+		MemTableStopWritesThreshold: 1000,
+		L0StopWritesThreshold:       1000,
+		CacheSize:                   opts.CacheSize,
+		Logger:                      pebbleLogger{log: d.log, dir: dir},
+		EventListener: &pebble.EventListener{
+			BackgroundError: func(err error) { d.fail(fmt.Errorf("background error: %w", err)) },
+			DataCorruption:  func(info pebble.DataCorruptionInfo) { d.fail(errors.New(info.String())) },
+			FlushEnd:        func(pebble.FlushInfo) { d.signalProgress() },
+			CompactionEnd:   func(pebble.CompactionInfo) { d.signalProgress() },
+		},
+	}
+	// Bloom filters let Get of a missing key, the first Get of every new
+	// key, skip reading most tables.
+	for i := range po.Levels {
+		po.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	db, err := pebble.Open(dir, po)
+	if err != nil {
+		return nil, fmt.Errorf("state: open disk backend %s: %w", dir, err)
+	}
+	d.db = db
+	return d, nil
+}
+
+// clearDir creates dir if needed and deletes everything in it. It holds
+// Pebble's lock file meanwhile, so it fails rather than delete the files of a
+// database open in this process.
+func clearDir(fs vfs.FS, dir string) (err error) {
+	if err := fs.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create directory: %w", err)
+	}
+	lock, err := fs.Lock(fs.PathJoin(dir, lockFile))
+	if err != nil {
+		return fmt.Errorf("lock directory (still in use?): %w", err)
+	}
+	defer func() {
+		if cerr := lock.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("unlock directory: %w", cerr)
+		}
+	}()
+	names, err := fs.List(dir)
+	if err != nil {
+		return fmt.Errorf("list directory: %w", err)
+	}
+	for _, name := range names {
+		if name == lockFile {
+			continue
+		}
+		if err := fs.RemoveAll(fs.PathJoin(dir, name)); err != nil {
+			return fmt.Errorf("remove earlier contents: %w", err)
+		}
+	}
+	return nil
+}
+
+// Get returns the value of key in key group kg. The returned slice is a
+// buffer of the Disk, valid until the next call of a method of the Disk.
+func (d *Disk) Get(kg int32, key []byte) ([]byte, bool, error) {
+	if err := d.check(kg); err != nil {
+		return nil, false, err
+	}
+	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	val, closer, err := d.db.Get(d.keyBuf)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, d.errorf("get", err)
+	}
+	d.getBuf = append(d.getBuf[:0], val...)
+	if err := closer.Close(); err != nil {
+		return nil, false, d.errorf("get", err)
+	}
+	return slices.Clip(d.getBuf), true, nil
+}
+
+// Put sets the value of key in key group kg. Pebble copies key and value.
+// The write is not synced: see the type's documentation.
+func (d *Disk) Put(kg int32, key, value []byte) error {
+	if err := checkKeyGroup(kg); err != nil {
+		return err
+	}
+	if err := d.admit(len(key) + len(value)); err != nil {
+		return err
+	}
+	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	if err := d.db.Set(d.keyBuf, value, pebble.NoSync); err != nil {
+		return d.errorf("put", err)
+	}
+	return nil
+}
+
+// Delete removes key from key group kg.
+func (d *Disk) Delete(kg int32, key []byte) error {
+	if err := checkKeyGroup(kg); err != nil {
+		return err
+	}
+	if err := d.admit(len(key)); err != nil {
+		return err
+	}
+	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	if err := d.db.Delete(d.keyBuf, pebble.NoSync); err != nil {
+		return d.errorf("delete", err)
+	}
+	return nil
+}
+
+// DropRange removes every key of the key groups [start, end) with one Pebble
+// range deletion, whatever the number of keys.
+func (d *Disk) DropRange(start, end int32) error {
+	if err := checkRange(start, end); err != nil {
+		return err
+	}
+	if err := d.admit(0); err != nil {
+		return err
+	}
+	if start == end {
+		return nil
+	}
+	if err := d.db.DeleteRange(groupPrefix(start), groupPrefix(end), pebble.NoSync); err != nil {
+		return d.errorf("drop key groups", err)
+	}
+	return nil
+}
+
+// Snapshot returns a view of the state as of the call, backed by a Pebble
+// snapshot. An open view keeps Pebble from discarding the versions of keys
+// it can see, so views should be short-lived.
+func (d *Disk) Snapshot() (View, error) {
+	if err := d.usable(); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	d.views++
+	d.mu.Unlock()
+	return &diskView{d: d, snap: d.db.NewSnapshot()}, nil
+}
+
+// Close closes the database, or, if views are still open, has the last of
+// them close it when released. Close does not delete the directory's files;
+// the next OpenDisk of the directory does.
+func (d *Disk) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	open := d.views
+	d.mu.Unlock()
+	if open > 0 {
+		d.log.Warn("disk state backend closed with views open; the last view released closes it", "views", open)
+		return nil
+	}
+	return d.closeDB()
+}
+
+// closeDB closes the database. It is called once, by Close or by the Release
+// of the last view after Close.
+func (d *Disk) closeDB() error {
+	if err := d.db.Close(); err != nil {
+		return d.errorf("close", err)
+	}
+	return nil
+}
+
+// releaseView records that a view was released, closing the database if it
+// was the last view and Close was called.
+func (d *Disk) releaseView() {
+	d.mu.Lock()
+	d.views--
+	last := d.closed && d.views == 0
+	d.mu.Unlock()
+	if last {
+		if err := d.closeDB(); err != nil {
+			d.log.Error("close disk state backend", "err", err)
+		}
+	}
+}
+
+// check returns an error if the backend is closed or failed, or kg is not a
+// valid key group.
+func (d *Disk) check(kg int32) error {
+	if err := d.usable(); err != nil {
+		return err
+	}
+	return checkKeyGroup(kg)
+}
+
+// usable returns ErrClosed after Close, the background error that failed the
+// backend if any, and nil otherwise.
+func (d *Disk) usable() error {
+	if d.closed {
+		return ErrClosed
+	}
+	if p := d.failure.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// admit returns nil when a write of about n bytes of keys and values may go
+// to Pebble. Every checkEvery bytes it checks whether Pebble is behind with
+// flushes or level-0 compactions and if so waits until it catches up. It
+// returns ErrClosed after Close and the failure of the backend, if any, as
+// soon as it is recorded, waiting or not.
+func (d *Disk) admit(n int) error {
+	if err := d.usable(); err != nil {
+		return err
+	}
+	d.unchecked += n + entryOverhead
+	if d.unchecked < d.checkEvery {
+		return nil
+	}
+	d.unchecked = 0
+	for {
+		m := d.db.Metrics()
+		if m.MemTable.Count < maxMemTables && m.Levels[0].Sublevels < maxL0Sublevels {
+			return nil
+		}
+		select {
+		case <-d.progress:
+		case <-time.After(stallPoll):
+		}
+		if err := d.usable(); err != nil {
+			return err
+		}
+	}
+}
+
+// signalProgress wakes a write waiting in admit, if any. Pebble calls it
+// from its own goroutines, possibly holding its mutex, so it never blocks.
+func (d *Disk) signalProgress() {
+	select {
+	case d.progress <- struct{}{}:
+	default:
+	}
+}
+
+// fail records err as the error that failed the backend, unless one is
+// already recorded, and wakes a waiting write. Pebble calls it from its own
+// goroutines.
+func (d *Disk) fail(err error) {
+	wrapped := fmt.Errorf("state: disk backend %s: %w", d.dir, err)
+	if d.failure.CompareAndSwap(nil, &wrapped) {
+		d.log.Error("disk state backend failed; every later call returns this error", "err", err)
+		d.signalProgress()
+	}
+}
+
+// errorf wraps err, returned by Pebble from op, with the directory.
+func (d *Disk) errorf(op string, err error) error {
+	return fmt.Errorf("state: disk backend %s: %s: %w", d.dir, op, err)
+}
+
+// diskView is the View of a Disk: a Pebble snapshot.
+type diskView struct {
+	d        *Disk
+	snap     *pebble.Snapshot
+	released atomic.Bool
+	keyBuf   []byte // the encoded key of the current Get
+	valBuf   []byte // the value Get last returned
+}
+
+// Get returns the value of key in key group kg as of the snapshot. The
+// returned slice is a buffer of the view, valid until the next call of a
+// method of the view.
+func (v *diskView) Get(kg int32, key []byte) ([]byte, bool, error) {
+	if v.released.Load() {
+		return nil, false, ErrReleased
+	}
+	if err := checkKeyGroup(kg); err != nil {
+		return nil, false, err
+	}
+	v.keyBuf = appendKey(v.keyBuf[:0], kg, key)
+	val, closer, err := v.snap.Get(v.keyBuf)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, v.d.errorf("snapshot get", err)
+	}
+	v.valBuf = append(v.valBuf[:0], val...)
+	if err := closer.Close(); err != nil {
+		return nil, false, v.d.errorf("snapshot get", err)
+	}
+	return slices.Clip(v.valBuf), true, nil
+}
+
+// Range calls fn for every key of the key groups [start, end), iterating the
+// snapshot over the contiguous range of encoded keys they form.
+func (v *diskView) Range(start, end int32, fn func(kg int32, key, value []byte) error) (err error) {
+	if v.released.Load() {
+		return ErrReleased
+	}
+	if err := checkRange(start, end); err != nil {
+		return err
+	}
+	if start == end {
+		return nil
+	}
+	iter, err := v.snap.NewIter(&pebble.IterOptions{
+		LowerBound: groupPrefix(start),
+		UpperBound: groupPrefix(end),
+	})
+	if err != nil {
+		return v.d.errorf("snapshot range", err)
+	}
+	defer func() {
+		// Close reports any error the iteration met; fn's error comes first.
+		if cerr := iter.Close(); cerr != nil && err == nil {
+			err = v.d.errorf("snapshot range", cerr)
+		}
+	}()
+	for ok := iter.First(); ok; ok = iter.Next() {
+		k := iter.Key()
+		if len(k) < 4 {
+			return v.d.errorf("snapshot range", fmt.Errorf("stored key %x has no key group", k))
+		}
+		val, err := iter.ValueAndErr()
+		if err != nil {
+			return v.d.errorf("snapshot range", err)
+		}
+		if err := fn(int32(binary.BigEndian.Uint32(k)), k[4:], val); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Release closes the snapshot.
+func (v *diskView) Release() {
+	if !v.released.CompareAndSwap(false, true) {
+		return
+	}
+	if err := v.snap.Close(); err != nil {
+		v.d.log.Error("release disk state view", "err", err)
+	}
+	v.snap = nil
+	v.d.releaseView()
+}
+
+// appendKey appends the Pebble key of key in key group kg to dst.
+func appendKey(dst []byte, kg int32, key []byte) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, uint32(kg))
+	return append(dst, key...)
+}
+
+// groupPrefix returns the Pebble key that every key of key group kg starts
+// with and sorts at or after. groupPrefix(kg+1) bounds key group kg above.
+func groupPrefix(kg int32) []byte {
+	return binary.BigEndian.AppendUint32(nil, uint32(kg))
+}
+
+// pebbleLogger passes Pebble's log messages to a slog.Logger.
+type pebbleLogger struct {
+	log *slog.Logger
+	dir string
+}
+
+// Infof logs an informational message of Pebble.
+func (l pebbleLogger) Infof(format string, args ...any) {
+	l.log.Info("pebble: " + fmt.Sprintf(format, args...))
+}
+
+// Errorf logs an error Pebble met and handled.
+func (l pebbleLogger) Errorf(format string, args ...any) {
+	l.log.Error("pebble: " + fmt.Sprintf(format, args...))
+}
+
+// Fatalf logs an error Pebble cannot continue after, then panics with it.
+// Pebble expects Fatalf not to return. A panic, unlike the os.Exit of
+// Pebble's default logger, prints where the failure happened and runs the
+// deferred functions of the goroutine it happens on.
+func (l pebbleLogger) Fatalf(format string, args ...any) {
+	msg := "pebble: fatal: " + fmt.Sprintf(format, args...)
+	l.log.Error(msg)
+	panic(fmt.Sprintf("state: disk backend %s: %s", l.dir, msg))
+}

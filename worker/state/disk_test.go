@@ -1,0 +1,199 @@
+package state
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+)
+
+func TestOpenDiskStartsEmpty(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "task")
+	d, err := OpenDisk(dir, DiskOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustPut(t, d, 1, "k", "v")
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "stray"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "sub", "dir"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	d, err = OpenDisk(dir, DiskOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	checkBackend(t, d, model{})
+	for _, name := range []string{"stray", "sub"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind by OpenDisk: stat: %v", name, err)
+		}
+	}
+}
+
+func TestOpenDiskInUse(t *testing.T) {
+	dir := t.TempDir()
+	d, err := OpenDisk(dir, DiskOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	mustPut(t, d, 0, "k", "v")
+
+	if d2, err := OpenDisk(dir, DiskOptions{}); err == nil {
+		d2.Close()
+		t.Fatal("second OpenDisk of an open directory succeeded")
+	} else if !strings.Contains(err.Error(), dir) {
+		t.Errorf("OpenDisk error %q does not name the directory", err)
+	}
+	// The open backend lost nothing.
+	checkBackend(t, d, model{0: {"k": "v"}})
+}
+
+func TestOpenDiskEmptyName(t *testing.T) {
+	if d, err := OpenDisk("", DiskOptions{}); err == nil {
+		d.Close()
+		t.Fatal(`OpenDisk("") succeeded`)
+	}
+}
+
+// TestDiskFullDisk fills the disk under a Disk and checks that writes then
+// fail with the file system's error and the directory.
+func TestDiskFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	var full atomic.Bool
+	fs := errorfs.Wrap(vfs.Default, errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if !full.Load() || !strings.HasSuffix(op.Path, ".sst") {
+			return nil
+		}
+		switch op.Kind {
+		case errorfs.OpCreate, errorfs.OpFileWrite, errorfs.OpFileWriteAt:
+			return syscall.ENOSPC
+		}
+		return nil
+	}))
+	var logs syncWriter
+	d, err := openDisk(dir, DiskOptions{
+		MemTableSize: 256 << 10,
+		Logger:       slog.New(slog.NewTextHandler(&logs, nil)),
+	}, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustPut(t, d, 0, "before", "v")
+
+	full.Store(true)
+	value := make([]byte, 4<<10)
+	deadline := time.Now().Add(5 * time.Second)
+	var putErr error
+	for i := 0; putErr == nil; i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("Put still succeeds after %d writes to a full disk", i)
+		}
+		putErr = d.Put(0, fmt.Appendf(nil, "key%d", i), value)
+	}
+	if !errors.Is(putErr, syscall.ENOSPC) || !strings.Contains(putErr.Error(), dir) {
+		t.Errorf("Put on a full disk = %v; want ENOSPC naming %s", putErr, dir)
+	}
+	// The failure is sticky, for every method that touches the database.
+	if err := d.Delete(0, []byte("before")); !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("Delete after the failure = %v; want ENOSPC", err)
+	}
+	if _, err := d.Snapshot(); !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("Snapshot after the failure = %v; want ENOSPC", err)
+	}
+	if _, _, err := d.Get(0, []byte("before")); !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("Get after the failure = %v; want ENOSPC", err)
+	}
+
+	full.Store(false)
+	if err := d.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if !strings.Contains(logs.String(), "no space left on device") {
+		t.Errorf("failure not logged; log:\n%s", logs.String())
+	}
+}
+
+// TestDiskThrottlesWrites slows flushes down and checks that writes wait for
+// them instead of piling up memtables, and lose nothing.
+func TestDiskThrottlesWrites(t *testing.T) {
+	fs := errorfs.Wrap(vfs.Default, errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if strings.HasSuffix(op.Path, ".sst") && op.Kind == errorfs.OpFileWrite {
+			time.Sleep(time.Millisecond)
+		}
+		return nil
+	}))
+	d, err := openDisk(t.TempDir(), DiskOptions{MemTableSize: 256 << 10}, fs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	m := model{}
+	value := strings.Repeat("v", 4<<10)
+	maxSeen := int64(0)
+	for i := range 1000 {
+		k := fmt.Sprint(i)
+		mustPut(t, d, int32(i%16), k, value)
+		m.put(int32(i%16), k, value)
+		maxSeen = max(maxSeen, d.db.Metrics().MemTable.Count)
+	}
+	if maxSeen > maxMemTables {
+		t.Errorf("%d memtables at once; want at most %d", maxSeen, maxMemTables)
+	}
+	if flushes := d.db.Metrics().Flush.Count; flushes < 5 {
+		t.Errorf("%d flushes; the test wants writes to outrun several", flushes)
+	}
+	checkBackend(t, d, m)
+}
+
+func TestPebbleLoggerFatalfPanics(t *testing.T) {
+	var logs bytes.Buffer
+	l := pebbleLogger{log: slog.New(slog.NewTextHandler(&logs, nil)), dir: "/x"}
+	defer func() {
+		r := recover()
+		if msg, _ := r.(string); !strings.Contains(msg, "MANIFEST sync failed: boom") || !strings.Contains(msg, "/x") {
+			t.Errorf("Fatalf panicked with %v; want the message and the directory", r)
+		}
+		if !strings.Contains(logs.String(), "MANIFEST sync failed: boom") {
+			t.Errorf("Fatalf did not log the message; log:\n%s", logs.String())
+		}
+	}()
+	l.Fatalf("MANIFEST sync failed: %v", "boom")
+	t.Error("Fatalf returned")
+}
+
+// syncWriter is a log destination safe for Pebble's goroutines to write to.
+type syncWriter struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.Write(p)
+}
+
+func (s *syncWriter) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.buf.String()
+}

@@ -1,0 +1,122 @@
+package state
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+)
+
+// TestRandomOpsAgainstModel applies random operations to a backend and to a
+// model, taking snapshots at random points, and checks that the backend and
+// every open view always agree with the model as it was when they were
+// taken.
+func TestRandomOpsAgainstModel(t *testing.T) {
+	for _, seed := range []uint64{1, 2, 3} {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			forEachBackend(t, func(t *testing.T, b Backend) {
+				runModel(t, b, rand.New(rand.NewPCG(seed, seed)), 2000)
+			})
+		})
+	}
+}
+
+// snapshotCase is a view under test and the model it must match.
+type snapshotCase struct {
+	view View
+	want model
+}
+
+// runModel applies ops random operations to b and checks b against a model.
+func runModel(t *testing.T, b Backend, rng *rand.Rand, ops int) {
+	kgs := []int32{0, 1, 2, 3, 100, MaxKeyGroups - 2, MaxKeyGroups - 1}
+	randKG := func() int32 { return kgs[rng.IntN(len(kgs))] }
+	// Keys of up to 3 bytes over a 3-letter binary alphabet: 40 keys per key
+	// group, so puts, deletes and gets hit each other often.
+	alphabet := []byte{0x00, 'a', 0xff}
+	randKey := func() string {
+		k := make([]byte, rng.IntN(4))
+		for i := range k {
+			k[i] = alphabet[rng.IntN(len(alphabet))]
+		}
+		return string(k)
+	}
+	// Mostly short values; a few large ones make the disk backend flush its
+	// small memtable to tables.
+	randValue := func() string {
+		n := rng.IntN(16)
+		if rng.IntN(10) == 0 {
+			n = 16 << 10
+		}
+		v := make([]byte, n)
+		for i := range v {
+			v[i] = byte(rng.Uint32())
+		}
+		return string(v)
+	}
+
+	m := model{}
+	var snaps []snapshotCase
+	defer func() {
+		for _, s := range snaps {
+			s.view.Release()
+		}
+	}()
+	release := func(i int) {
+		checkView(t, snaps[i].view, snaps[i].want)
+		snaps[i].view.Release()
+		snaps = slices.Delete(snaps, i, i+1)
+	}
+
+	for op := range ops {
+		switch r := rng.IntN(100); {
+		case r < 45:
+			kg, k, v := randKG(), randKey(), randValue()
+			mustPut(t, b, kg, k, v)
+			m.put(kg, k, v)
+		case r < 63:
+			kg, k := randKG(), randKey()
+			mustDelete(t, b, kg, k)
+			m.delete(kg, k)
+		case r < 78:
+			kg, k := randKG(), randKey()
+			want, ok := m[kg][k]
+			checkGet(t, b, kg, k, want, ok)
+		case r < 80:
+			start, end := randKG(), randKG()
+			if start > end {
+				start, end = end, start
+			}
+			if err := b.DropRange(start, end); err != nil {
+				t.Fatalf("op %d: DropRange(%d, %d): %v", op, start, end, err)
+			}
+			m.dropRange(start, end)
+		case r < 86:
+			if len(snaps) == 8 {
+				release(rng.IntN(len(snaps)))
+			}
+			snaps = append(snaps, snapshotCase{mustSnapshot(t, b), m.clone()})
+		case r < 90:
+			if len(snaps) > 0 {
+				release(rng.IntN(len(snaps)))
+			}
+		default:
+			if len(snaps) == 0 {
+				continue
+			}
+			s := snaps[rng.IntN(len(snaps))]
+			kg, k := randKG(), randKey()
+			want, ok := s.want[kg][k]
+			checkGet(t, s.view, kg, k, want, ok)
+			start := randKG()
+			end := start + int32(rng.IntN(int(MaxKeyGroups-start)+1))
+			if got, want := collect(t, s.view, start, end), s.want.entries(start, end); !slices.Equal(got, want) {
+				t.Fatalf("op %d: view Range(%d, %d) =\n%v\nwant\n%v", op, start, end, got, want)
+			}
+		}
+	}
+	for len(snaps) > 0 {
+		release(len(snaps) - 1)
+	}
+	checkBackend(t, b, m)
+}
