@@ -33,6 +33,10 @@ type pendingCheckpoint struct {
 	triggeredAt time.Time
 	deadline    time.Time
 	acks        map[string]fsm.TaskState // by task id
+	// savepoint and stop say what was triggered; savepointWaiters are the
+	// requests its outcome answers.
+	savepoint, stop  bool
+	savepointWaiters []savepointRequest
 }
 
 func newPendingCheckpoint(id, attempt uint64, now time.Time, timeout time.Duration) *pendingCheckpoint {
@@ -171,13 +175,17 @@ func (l *leader) checkpointPass() {
 		if !allRunning(js) {
 			continue
 		}
+		if want, stop := js.wantsSavepoint(); want {
+			l.triggerCheckpoint(js, now, true, stop)
+			continue
+		}
 		c := js.spec.Checkpoint
 		due := later(js.ckpt.lastTrigger.Add(time.Duration(c.Interval)), js.ckpt.lastCompletion.Add(time.Duration(c.MinPause)))
 		if now.Before(due) {
 			l.checkpointAt(due)
 			continue
 		}
-		l.triggerCheckpoint(js, now)
+		l.triggerCheckpoint(js, now, false, false)
 	}
 }
 
@@ -209,23 +217,36 @@ func allRunning(js *jobState) bool {
 }
 
 // triggerCheckpoint takes the next checkpoint id through Raft and sends
-// TriggerCheckpoint to every source task.
-func (l *leader) triggerCheckpoint(js *jobState, now time.Time) {
+// TriggerCheckpoint to every source task. A savepoint takes the job's
+// waiting savepoint requests along, and answers them if it cannot start.
+func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop bool) {
 	js.ckpt.lastTrigger = now
 	log := l.jobLogger(js)
+	var waiters []savepointRequest
+	if savepoint {
+		waiters, js.savepoints = js.savepoints, nil
+	}
+	fail := func(err error) {
+		for _, r := range waiters {
+			r.reply <- savepointReply{err: fmt.Errorf("trigger savepoint: %w", err)}
+		}
+	}
 	res, err := l.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{
-		JobID: js.id, Attempt: js.attempt, Time: now.UnixNano(),
+		JobID: js.id, Attempt: js.attempt, Time: now.UnixNano(), Savepoint: savepoint, Stop: stop,
 	})
 	if err != nil {
-		log.Warn("trigger checkpoint", "err", err)
+		log.Warn("trigger checkpoint", "savepoint", savepoint, "err", err)
+		fail(err)
 		return
 	}
 	id, ok := res.(uint64)
 	if !ok {
 		log.Error("trigger checkpoint: the FSM returned no checkpoint id", "result", fmt.Sprintf("%T", res))
+		fail(errors.New("the FSM returned no checkpoint id"))
 		return
 	}
 	p := newPendingCheckpoint(id, js.attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
+	p.savepoint, p.stop, p.savepointWaiters = savepoint, stop, waiters
 	js.ckpt.pending = p
 	l.checkpointAt(p.deadline)
 	for _, tv := range js.order {
@@ -233,7 +254,7 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time) {
 			continue
 		}
 		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
-			Task: taskRef(js, tv.task), CheckpointId: id, LastCompleted: js.lastCompleted,
+			Task: taskRef(js, tv.task), CheckpointId: id, LastCompleted: js.lastCompleted, Savepoint: savepoint, Stop: stop,
 		}}}
 		if !l.sendTo(tv.task.Worker, msg) {
 			log.Warn("no session to trigger checkpoint on", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
@@ -293,6 +314,10 @@ func (l *leader) onDecline(worker string, d *transport.CheckpointDecline) {
 // A commit the FSM or Raft refuses aborts the checkpoint.
 func (l *leader) completeCheckpoint(js *jobState) {
 	p := js.ckpt.pending
+	if p.savepoint {
+		l.completeSavepoint(js, p)
+		return
+	}
 	now := l.env.now()
 	log := l.jobLogger(js).With("checkpoint", p.id)
 	_, err := l.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
@@ -344,7 +369,12 @@ func (l *leader) abortCheckpoint(js *jobState, reason, class string, judge bool)
 		return
 	}
 	js.ckpt.pending = nil
-	if err := l.commitAbort(js, p.id, reason, class, judge); err != nil || !judge {
+	err := l.commitAbort(js, p.id, reason, class, judge)
+	if p.savepoint {
+		l.abortedSavepoint(js, p, reason)
+		return
+	}
+	if err != nil || !judge {
 		return
 	}
 	job, ok := l.env.job(js.id)

@@ -28,12 +28,13 @@ const indexHeader = "X-Coordflow-Raft-Index"
 const readYourWritesTimeout = 5 * time.Second
 
 // forwardTransport carries forwarded writes; a write waits for a Raft apply
-// (at most defaultApplyTimeout) on the leader.
+// (at most defaultApplyTimeout) on the leader, a savepoint for the job's
+// checkpoint timeout (bounded by maxSavepointWait).
 var forwardTransport = &http.Transport{
 	Proxy:                 nil,
 	MaxIdleConnsPerHost:   4,
 	IdleConnTimeout:       30 * time.Second,
-	ResponseHeaderTimeout: defaultApplyTimeout + 5*time.Second,
+	ResponseHeaderTimeout: max(defaultApplyTimeout, maxSavepointWait) + 5*time.Second,
 }
 
 // leaderOnly serves h on the leader and forwards the request to the leader

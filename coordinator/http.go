@@ -41,6 +41,10 @@ func (s *Server) newHTTPServer() *http.Server {
 	mux.HandleFunc("GET /v1/jobs/{id}/checkpoints", s.handleCheckpoints)
 	mux.HandleFunc("GET /v1/jobs/{id}/state", s.handleState)
 	mux.HandleFunc("GET /v1/jobs/{id}/state/export", s.handleStateExport)
+	mux.Handle("POST /v1/jobs/{id}/savepoints", s.leaderOnly(s.handleTakeSavepoint))
+	mux.HandleFunc("GET /v1/savepoints", s.handleListSavepoints)
+	mux.HandleFunc("GET /v1/savepoints/{id}", s.handleGetSavepoint)
+	mux.Handle("DELETE /v1/savepoints/{id}", s.leaderOnly(s.handleDeleteSavepoint))
 	mux.HandleFunc("GET /v1/raft/peers", s.handleRaftPeers)
 	mux.Handle("DELETE /v1/raft/peers/{id}", s.leaderOnly(s.handleRemovePeer))
 	mux.HandleFunc("GET /v1/fsm/digest", s.handleDigest)
@@ -108,8 +112,15 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		// leader uses the storage the job started with.
 		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
 	}
+	var from *fsm.Savepoint
+	if ref := r.URL.Query().Get("from_savepoint"); ref != "" {
+		if from, err = s.resolveSavepoint(r.Context(), ref); err != nil {
+			writeError(w, http.StatusBadRequest, "from_savepoint: "+err.Error())
+			return
+		}
+	}
 	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
-	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano()}
+	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano(), FromSavepoint: from}
 	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandRegisterJob, cmd)
 	setIndexHeader(w, index)
 	if err != nil {
@@ -140,6 +151,10 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, fmt.Sprintf("job %s is already cancelled", id))
 		return
 	}
+	if r.URL.Query().Get("savepoint") == "true" {
+		s.stopWithSavepoint(w, r, job)
+		return
+	}
 	cmd := fsm.JobCancelledCmd{JobID: id, Reason: "cancelled by user", Time: time.Now().UnixNano()}
 	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandJobCancelled, cmd)
 	setIndexHeader(w, index)
@@ -163,7 +178,7 @@ func setIndexHeader(w http.ResponseWriter, index uint64) {
 func (s *Server) writeApplyError(w http.ResponseWriter, err error) {
 	status := http.StatusInternalServerError
 	switch {
-	case errors.Is(err, fsm.ErrNoSuchJob):
+	case errors.Is(err, fsm.ErrNoSuchJob), errors.Is(err, fsm.ErrNoSuchSavepoint):
 		status = http.StatusNotFound
 	case errors.Is(err, fsm.ErrJobCancelled), errors.Is(err, fsm.ErrJobExists):
 		status = http.StatusConflict

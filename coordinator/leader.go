@@ -72,6 +72,11 @@ type leaderEnv struct {
 	// collect starts, in the background, a garbage collection of a job's
 	// checkpoint files; nil never collects.
 	collect func(ctx context.Context, jobID string)
+	// savepoint reads one savepoint of the local FSM.
+	savepoint func(id string) (fsm.Savepoint, bool)
+	// writeSavepointMetadata writes a savepoint's _metadata document in the
+	// background; nil writes none.
+	writeSavepointMetadata func(ctx context.Context, sp fsm.Savepoint)
 }
 
 // serverEnv returns the leaderEnv of a running Server.
@@ -89,6 +94,9 @@ func serverEnv(s *Server) leaderEnv {
 		now:          time.Now,
 		jitter:       rand.Float64,
 		collect:      s.collector.collect,
+		savepoint:    s.fsm.Savepoint,
+
+		writeSavepointMetadata: s.writeMetadata,
 	}
 }
 
@@ -276,6 +284,8 @@ func (l *leader) handle(ev leaderEvent) {
 		l.onWorkerMessage(ev.sess, ev.msg)
 	case partitionsResult:
 		l.onPartitions(ev)
+	case savepointRequest:
+		l.onSavepointRequest(ev)
 	}
 }
 

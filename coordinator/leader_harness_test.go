@@ -59,6 +59,7 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 		},
 		jobs:         h.f.Jobs,
 		job:          h.f.Job,
+		savepoint:    h.f.Savepoint,
 		members:      h.memberList,
 		aliveWorkers: h.aliveWorkers,
 		partitions: func(context.Context, []string, string) (int, error) {

@@ -48,6 +48,9 @@ type jobState struct {
 	cancelSent bool      // CancelTask sent for the tasks of a cancelled job
 
 	ckpt checkpointState
+	// savepoints are the savepoint requests waiting for the job's next
+	// checkpoint slot.
+	savepoints []savepointRequest
 }
 
 // trackedTask is one task of a job's current attempt: where the FSM placed it
@@ -357,8 +360,12 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	}
 	attempt := js.attempt + 1
 	var restoreFrom uint64
+	var restoreStorage string // where restored files are, if not in the job's storage
 	if restore != nil {
 		restoreFrom = restore.ID
+	} else if sp := job.FromSavepoint; sp != nil {
+		restore, restoreStorage = savepointRestore(sp), sp.Location
+		reason += "; restoring savepoint " + sp.ID
 	}
 	_, err = l.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{
 		JobID: js.id, Attempt: attempt, Tasks: tasks, Reason: reason, Time: now.UnixNano(), RestoreFrom: restoreFrom,
@@ -384,7 +391,7 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	}
 	log.Info("deploying job", "tasks", len(tasks), "partitions", numPartitions, "restore_checkpoint", js.restoredFrom, "reason", reason)
 	for _, t := range job.Tasks {
-		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore)}}
+		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore, restoreStorage)}}
 		if !l.sendTo(t.Worker, msg) {
 			log.Warn("no session to deploy task to", "task", t.ID, "worker", t.Worker)
 		}
@@ -536,8 +543,9 @@ func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
 }
 
 // buildDeploy returns the DeployTask of task t of job's current attempt,
-// restoring from checkpoint restore (nil: start fresh).
-func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint) *transport.DeployTask {
+// restoring from checkpoint restore (nil: start fresh), whose files are in
+// restoreStorage when that is not empty (a savepoint's directory).
+func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorage string) *transport.DeployTask {
 	spec := job.Spec
 	d := &transport.DeployTask{
 		Task:           &transport.TaskRef{JobId: job.ID, Attempt: job.Attempt, TaskId: t.ID},
@@ -563,6 +571,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint) *transport.De
 			Backend:         spec.State.Backend,
 			Storage:         spec.Checkpoint.Storage,
 			InlineThreshold: spec.Checkpoint.InlineThreshold,
+			RestoreStorage:  restoreStorage,
 		}
 	}
 	for _, m := range job.Tasks {

@@ -1360,8 +1360,12 @@ type StateSpec struct {
 	Storage string `protobuf:"bytes,2,opt,name=storage,proto3" json:"storage,omitempty"`
 	// inline_threshold: state smaller than this stays inline in the ack.
 	InlineThreshold int64 `protobuf:"varint,3,opt,name=inline_threshold,json=inlineThreshold,proto3" json:"inline_threshold,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// restore_storage is where the restored state files are, when not in
+	// storage: a savepoint's directory. Files restored from there never become
+	// the base of an incremental snapshot.
+	RestoreStorage string `protobuf:"bytes,4,opt,name=restore_storage,json=restoreStorage,proto3" json:"restore_storage,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StateSpec) Reset() {
@@ -1413,6 +1417,13 @@ func (x *StateSpec) GetInlineThreshold() int64 {
 		return x.InlineThreshold
 	}
 	return 0
+}
+
+func (x *StateSpec) GetRestoreStorage() string {
+	if x != nil {
+		return x.RestoreStorage
+	}
+	return ""
 }
 
 type SourceSpec struct {
@@ -1784,6 +1795,11 @@ type TriggerCheckpoint struct {
 	// last_completed is the job's newest completed checkpoint when this one
 	// was triggered; sources pass it on in the barrier.
 	LastCompleted uint64 `protobuf:"varint,3,opt,name=last_completed,json=lastCompleted,proto3" json:"last_completed,omitempty"`
+	// savepoint asks for a savepoint: every map task writes a full,
+	// self-contained snapshot. stop (with savepoint) also stops the source:
+	// it reads nothing after the barrier.
+	Savepoint     bool `protobuf:"varint,4,opt,name=savepoint,proto3" json:"savepoint,omitempty"`
+	Stop          bool `protobuf:"varint,5,opt,name=stop,proto3" json:"stop,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1837,6 +1853,20 @@ func (x *TriggerCheckpoint) GetLastCompleted() uint64 {
 		return x.LastCompleted
 	}
 	return 0
+}
+
+func (x *TriggerCheckpoint) GetSavepoint() bool {
+	if x != nil {
+		return x.Savepoint
+	}
+	return false
+}
+
+func (x *TriggerCheckpoint) GetStop() bool {
+	if x != nil {
+		return x.Stop
+	}
+	return false
 }
 
 // CheckpointComplete tells a task that checkpoint_id is committed; sources then
@@ -2200,6 +2230,8 @@ type Barrier struct {
 	// was triggered: a map task bases an incremental snapshot only on the files
 	// of that checkpoint, which the coordinator keeps (docs/state.md).
 	LastCompleted uint64 `protobuf:"varint,2,opt,name=last_completed,json=lastCompleted,proto3" json:"last_completed,omitempty"`
+	// savepoint marks the barrier of a savepoint (TriggerCheckpoint.savepoint).
+	Savepoint     bool `protobuf:"varint,3,opt,name=savepoint,proto3" json:"savepoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2246,6 +2278,13 @@ func (x *Barrier) GetLastCompleted() uint64 {
 		return x.LastCompleted
 	}
 	return 0
+}
+
+func (x *Barrier) GetSavepoint() bool {
+	if x != nil {
+		return x.Savepoint
+	}
+	return false
 }
 
 type ChannelClosed struct {
@@ -2392,11 +2431,12 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x05state\x18\x0e \x01(\v2\x17.coordflow.v1.StateSpecR\x05state\x1aA\n" +
 	"\x13RestoreOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"j\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x93\x01\n" +
 	"\tStateSpec\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
 	"\astorage\x18\x02 \x01(\tR\astorage\x12)\n" +
-	"\x10inline_threshold\x18\x03 \x01(\x03R\x0finlineThreshold\"\x88\x01\n" +
+	"\x10inline_threshold\x18\x03 \x01(\x03R\x0finlineThreshold\x12'\n" +
+	"\x0frestore_storage\x18\x04 \x01(\tR\x0erestoreStorage\"\x88\x01\n" +
 	"\n" +
 	"SourceSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
@@ -2431,11 +2471,13 @@ const file_coordflow_proto_rawDesc = "" +
 	"\n" +
 	"CancelTask\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x8a\x01\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xbc\x01\n" +
 	"\x11TriggerCheckpoint\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12%\n" +
-	"\x0elast_completed\x18\x03 \x01(\x04R\rlastCompleted\"\xe9\x01\n" +
+	"\x0elast_completed\x18\x03 \x01(\x04R\rlastCompleted\x12\x1c\n" +
+	"\tsavepoint\x18\x04 \x01(\bR\tsavepoint\x12\x12\n" +
+	"\x04stop\x18\x05 \x01(\bR\x04stop\"\xe9\x01\n" +
 	"\x12CheckpointComplete\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12G\n" +
@@ -2461,10 +2503,11 @@ const file_coordflow_proto_rawDesc = "" +
 	"\tpartition\x18\x05 \x01(\x05R\tpartition\x12\x16\n" +
 	"\x06offset\x18\x06 \x01(\x03R\x06offset\"5\n" +
 	"\tItemBatch\x12(\n" +
-	"\x05items\x18\x01 \x03(\v2\x12.coordflow.v1.ItemR\x05items\"U\n" +
+	"\x05items\x18\x01 \x03(\v2\x12.coordflow.v1.ItemR\x05items\"s\n" +
 	"\aBarrier\x12#\n" +
 	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\x12%\n" +
-	"\x0elast_completed\x18\x02 \x01(\x04R\rlastCompleted\"'\n" +
+	"\x0elast_completed\x18\x02 \x01(\x04R\rlastCompleted\x12\x1c\n" +
+	"\tsavepoint\x18\x03 \x01(\bR\tsavepoint\"'\n" +
 	"\rChannelClosed\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason*N\n" +
 	"\bTaskKind\x12\x19\n" +

@@ -20,6 +20,17 @@ func CheckpointDir(job string, id uint64) string {
 	return CheckpointPrefix + job + "/chk-" + strconv.FormatUint(id, 10) + "/"
 }
 
+// SavepointDir is the storage prefix of the files of the savepoint taken as
+// checkpoint id of job.
+func SavepointDir(job string, id uint64) string {
+	return SavepointPrefix + job + "/sp-" + strconv.FormatUint(id, 10) + "/"
+}
+
+// SavepointMetadata is the name of the document in a savepoint's directory
+// that describes it (an fsm.Savepoint as JSON, file paths relative to the
+// directory), so that a savepoint can be restored from its URL alone.
+const SavepointMetadata = "_metadata"
+
 // ParseCheckpointPath returns the job and checkpoint id of a state file path
 // under CheckpointPrefix; ok is false for any other path.
 func ParseCheckpointPath(path string) (job string, id uint64, ok bool) {

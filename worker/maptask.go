@@ -87,7 +87,10 @@ type mapTask struct {
 	// read from the local cache and from checkpoint storage.
 	restoredLocal, restoredRemote int
 	// barrierLast is the last_completed the barriers of checkpoint id carry.
-	barrierLast struct{ id, last uint64 }
+	barrierLast struct {
+		id, last  uint64
+		savepoint bool
+	}
 	align       *aligner
 	sink        *sink
 	in          prometheus.Counter
@@ -124,6 +127,7 @@ type inputEvent struct {
 	items         []*transport.Item
 	barrier       uint64
 	lastCompleted uint64 // with barrier
+	savepoint     bool   // with barrier
 	closed        bool
 	err           error
 }
@@ -308,6 +312,16 @@ func (m *mapTask) restore(ctx context.Context) error {
 		return nil
 	}
 	src := &restoreSource{store: m.writer.store, cache: m.writer.cache}
+	fromSavepoint := m.stateSpec.GetRestoreStorage() != ""
+	if fromSavepoint {
+		// A savepoint's files are read where it lives and are never a base
+		// for this job's incremental snapshots: the first one is full.
+		store, err := m.env.stores.Get(ctx, m.stateSpec.GetRestoreStorage())
+		if err != nil {
+			return fmt.Errorf("open savepoint storage: %w", err)
+		}
+		src.store, src.cache = store, ""
+	}
 	began := time.Now()
 	for _, b := range m.blobs {
 		n, err := src.restoreBlob(ctx, b, m.keyed.backend, m.kgStart, m.kgEnd)
@@ -321,7 +335,7 @@ func (m *mapTask) restore(ctx context.Context) error {
 			}
 		}
 	}
-	if len(m.blobs) == 1 {
+	if len(m.blobs) == 1 && !fromSavepoint {
 		b := m.blobs[0]
 		if files := b.GetFiles(); len(files) > 0 && b.GetKeyGroupStart() == m.kgStart && b.GetKeyGroupEnd() == m.kgEnd {
 			m.baseID, m.base = m.restoreID, chainOf(files)
@@ -387,7 +401,7 @@ func (m *mapTask) handle(ev inputEvent) error {
 		return m.carry(m.align.inputClosed(ev.input))
 	case ev.barrier != 0:
 		if m.barrierLast.id != ev.barrier {
-			m.barrierLast.id, m.barrierLast.last = ev.barrier, ev.lastCompleted
+			m.barrierLast.id, m.barrierLast.last, m.barrierLast.savepoint = ev.barrier, ev.lastCompleted, ev.savepoint
 		}
 		return m.carry(m.align.barrier(ev.input, ev.barrier, time.Now()))
 	default:
@@ -427,11 +441,14 @@ func (m *mapTask) carry(step alignStep) error {
 		m.decline(a.id, a.reason)
 	}
 	if id := step.snapshot; id != 0 {
-		last := uint64(0)
+		var (
+			last      uint64
+			savepoint bool
+		)
 		if m.barrierLast.id == id {
-			last = m.barrierLast.last
+			last, savepoint = m.barrierLast.last, m.barrierLast.savepoint
 		}
-		if err := m.capture(id, last); err != nil {
+		if err := m.capture(id, last, savepoint); err != nil {
 			return fmt.Errorf("snapshot for checkpoint %d: %w", id, err)
 		}
 		m.aligned.Observe(step.aligned.Seconds())
@@ -454,7 +471,7 @@ func (m *mapTask) carry(step alignStep) error {
 // the backend, close the epoch of changed keys, and hand the rest to the
 // snapshot goroutine. lastCompleted is the job's newest completed checkpoint
 // as the barrier carried it: a delta builds only on that one's files.
-func (m *mapTask) capture(id, lastCompleted uint64) error {
+func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 	if m.sink != nil {
 		if err := m.sink.flush(); err != nil {
 			return fmt.Errorf("flush sink: %w", err)
@@ -465,15 +482,25 @@ func (m *mapTask) capture(id, lastCompleted uint64) error {
 	if err != nil {
 		return fmt.Errorf("state backend: %w", err)
 	}
-	m.keyed.closeEpoch(id)
 	job := &snapshotJob{
 		id: id, view: view, kgStart: m.kgStart, kgEnd: m.kgEnd,
 		applied:  maps.Clone(m.keyed.applied),
 		keys:     m.keyed.keys,
 		encoding: string(operator.EncodingOf(m.op)),
 	}
+	job.savepoint = savepoint
 	threshold := m.stateSpec.GetInlineThreshold()
+	if !savepoint {
+		m.keyed.closeEpoch(id)
+	}
 	switch {
+	case savepoint && m.writer.store == nil:
+		// Self-contained all the same: the state is in the savepoint itself.
+		job.mode, job.inlineLimit = modeInline, fsm.MaxInlineStateBytes
+	case savepoint:
+		// Changes since the last checkpoint stay in the current epoch: the
+		// next checkpoint's delta builds on a checkpoint, never on this.
+		job.mode = modeSavepoint
 	case m.writer.store == nil:
 		job.mode, job.inlineLimit = modeInline, fsm.MaxInlineStateBytes
 	case m.fullSize < threshold:
@@ -543,6 +570,10 @@ func (m *mapTask) snapshotDone(r snapshotResult) error {
 	if files := r.state.GetFiles(); len(files) > 0 {
 		c = chainOf(files)
 	}
+	if r.savepoint {
+		m.sendAck(r)
+		return nil
+	}
 	if r.full {
 		m.fullSize = r.state.GetStateBytes()
 	}
@@ -550,12 +581,17 @@ func (m *mapTask) snapshotDone(r snapshotResult) error {
 	if len(m.acked) > maxAcked {
 		delete(m.acked, slices.Min(slices.Collect(maps.Keys(m.acked))))
 	}
+	m.sendAck(r)
+	return nil
+}
+
+func (m *mapTask) sendAck(r snapshotResult) {
 	m.ackedN.Inc()
-	m.log.Debug("checkpoint acked", "checkpoint", r.id, "bytes", r.state.GetStateBytes(), "files", len(r.state.GetFiles()), "keys", r.state.GetKeys())
+	m.log.Debug("checkpoint acked", "checkpoint", r.id, "savepoint", r.savepoint, "bytes", r.state.GetStateBytes(),
+		"files", len(r.state.GetFiles()), "keys", r.state.GetKeys())
 	m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
 		Task: m.key.ref(), CheckpointId: r.id, State: r.state,
 	}}})
-	return nil
 }
 
 func (m *mapTask) decline(id uint64, reason string) {
@@ -636,7 +672,7 @@ func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.Da
 			return ev.err
 		}
 		if b := msg.GetBarrier(); b != nil {
-			if !m.forward(inputEvent{input: in.idx, barrier: b.GetCheckpointId(), lastCompleted: b.GetLastCompleted()}) {
+			if !m.forward(inputEvent{input: in.idx, barrier: b.GetCheckpointId(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}) {
 				return errMapStopped
 			}
 			select {

@@ -44,6 +44,7 @@ const (
 	modeInline snapshotMode = iota // a full file, inline in the ack
 	modeFull                       // a full file in storage
 	modeDelta                      // the changed keys, in storage, over a base chain
+	modeSavepoint                  // a full file in the savepoint's own directory
 )
 
 // snapshotJob is one captured snapshot on its way to storage: the view
@@ -63,14 +64,17 @@ type snapshotJob struct {
 	// inlineLimit is the most bytes an inline snapshot may take; past it a
 	// job with storage writes a full file instead, one without fails.
 	inlineLimit int64
+	// savepoint marks a savepoint's snapshot.
+	savepoint bool
 }
 
 // snapshotResult is what the writer reports back to the task loop.
 type snapshotResult struct {
-	id    uint64
-	state *transport.TaskState
-	full  bool // the chain starts over with this snapshot's file
-	err   error
+	id        uint64
+	state     *transport.TaskState
+	full      bool // the chain starts over with this snapshot's file
+	savepoint bool // a savepoint: no base for later snapshots
+	err       error
 }
 
 // errInlineTooBig stops an inline snapshot that outgrew its limit.
@@ -103,7 +107,7 @@ func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotRe
 		switch {
 		case err == nil:
 			st.Keyed, st.KeyedSha256, st.StateBytes = data, sum, int64(len(data))
-			return snapshotResult{id: job.id, state: st, full: true}
+			return snapshotResult{id: job.id, state: st, full: true, savepoint: job.savepoint}
 		case errors.Is(err, errInlineTooBig) && w.store != nil:
 			mode = modeFull
 		case errors.Is(err, errInlineTooBig):
@@ -117,12 +121,12 @@ func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotRe
 		return snapshotResult{id: job.id, err: err}
 	}
 	st.StateBytes = file.GetSize()
-	if mode == modeFull {
-		st.Files = []*transport.StateFile{file}
-	} else {
+	if mode == modeDelta {
 		st.Files = append(append([]*transport.StateFile(nil), job.base...), file)
+	} else {
+		st.Files = []*transport.StateFile{file}
 	}
-	return snapshotResult{id: job.id, state: st, full: mode == modeFull}
+	return snapshotResult{id: job.id, state: st, full: mode == modeFull, savepoint: mode == modeSavepoint}
 }
 
 // limitWriter fails once more than n bytes were written to it.
@@ -185,6 +189,9 @@ func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.S
 // checkpoint, task and attempt, so no two writers ever produce one name. The
 // coordinator's garbage collector reads the checkpoint id back from it.
 func (w *snapshotWriter) path(id uint64, mode snapshotMode) string {
+	if mode == modeSavepoint {
+		return fmt.Sprintf("%s%s-a%d.cfs", transport.SavepointDir(w.job, id), w.task, w.attempt)
+	}
 	kind := "full"
 	if mode == modeDelta {
 		kind = "delta"
@@ -200,7 +207,7 @@ func (w *snapshotWriter) file(ctx context.Context, job *snapshotJob, mode snapsh
 		h   storage.Handle
 		err error
 	)
-	if w.cache != "" {
+	if w.cache != "" && mode != modeSavepoint {
 		h, err = w.viaCache(ctx, job, mode, path)
 	} else {
 		h, err = w.store.Create(ctx, path, func(out io.Writer) error {
@@ -213,7 +220,7 @@ func (w *snapshotWriter) file(ctx context.Context, job *snapshotJob, mode snapsh
 	}
 	return &transport.StateFile{
 		Path: h.Path, Size: h.Size, Sha256: h.SHA256,
-		KeyGroupStart: job.kgStart, KeyGroupEnd: job.kgEnd, Full: mode == modeFull,
+		KeyGroupStart: job.kgStart, KeyGroupEnd: job.kgEnd, Full: mode != modeDelta,
 	}, nil
 }
 

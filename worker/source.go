@@ -59,6 +59,7 @@ type sourceTask struct {
 	offsets     map[int32]int64 // next offset to read, per own partition
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
+	halted      bool                       // stopped at a final savepoint: reads no more records
 	scratch     []operator.Item
 	in          prometheus.Counter
 	out         prometheus.Counter
@@ -325,12 +326,16 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 	flush := time.NewTicker(s.env.cfg.FlushInterval)
 	defer flush.Stop()
 	for {
+		records := merged
+		if s.halted {
+			records = nil
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case err := <-pumpErr:
 			return err
-		case msg := <-merged:
+		case msg := <-records:
 			if err := s.process(ctx, msg); err != nil {
 				return err
 			}
@@ -340,7 +345,7 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 			}
 		case c := <-s.control:
 			if c.trigger != 0 {
-				if err := s.checkpoint(ctx, c.trigger, c.lastCompleted); err != nil {
+				if err := s.checkpoint(ctx, c); err != nil {
 					return err
 				}
 			} else if c.complete != 0 {
@@ -406,7 +411,8 @@ func (s *sourceTask) flushAll(ctx context.Context) error {
 
 // checkpoint takes checkpoint id between two records: flush every batch, put
 // Barrier(id) on every output, ack with the next offset of each partition.
-func (s *sourceTask) checkpoint(ctx context.Context, id, lastCompleted uint64) error {
+func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
+	id := c.trigger
 	if id <= s.lastBarrier {
 		s.log.Info("ignoring trigger of an old checkpoint", "checkpoint", id, "last", s.lastBarrier)
 		return nil
@@ -414,13 +420,22 @@ func (s *sourceTask) checkpoint(ctx context.Context, id, lastCompleted uint64) e
 	if err := s.flushAll(ctx); err != nil {
 		return err
 	}
-	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id, LastCompleted: lastCompleted}}}
+	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{
+		CheckpointId: id, LastCompleted: c.lastCompleted, Savepoint: c.savepoint,
+	}}}
 	for o, out := range s.outputs {
 		if err := out.send(ctx, barrier); err != nil {
 			return fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err)
 		}
 	}
 	s.lastBarrier = id
+	if c.stop {
+		// Stop with a savepoint: nothing after the barrier is read, so the
+		// savepoint is the job's last state. The leader cancels the job once
+		// it completes, or restarts it from its last checkpoint if it fails.
+		s.halted = true
+		s.log.Info("source stopped at savepoint barrier", "checkpoint", id)
+	}
 	offsets := maps.Clone(s.offsets)
 	if offsets == nil {
 		offsets = map[int32]int64{}

@@ -61,6 +61,8 @@ func (k taskKey) ref() *transport.TaskRef {
 type control struct {
 	trigger       uint64
 	lastCompleted uint64 // with trigger
+	savepoint     bool   // with trigger
+	stop          bool   // with trigger and savepoint
 	complete      uint64
 	offsets       map[int32]int64
 }
@@ -355,7 +357,9 @@ func (m *taskManager) cancel(c *transport.CancelTask) {
 // task cannot take it.
 func (m *taskManager) trigger(t *transport.TriggerCheckpoint) {
 	k := keyOf(t.GetTask())
-	if reason := m.toSource(k, control{trigger: t.GetCheckpointId(), lastCompleted: t.GetLastCompleted()}); reason != "" {
+	if reason := m.toSource(k, control{
+		trigger: t.GetCheckpointId(), lastCompleted: t.GetLastCompleted(), savepoint: t.GetSavepoint(), stop: t.GetStop(),
+	}); reason != "" {
 		m.env.metrics.checkpointsDecl.WithLabelValues(k.job, kindSource).Inc()
 		m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
 			Task: k.ref(), CheckpointId: t.GetCheckpointId(), Reason: reason,

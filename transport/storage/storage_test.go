@@ -192,3 +192,42 @@ func TestErrorKinds(t *testing.T) {
 		}
 	}
 }
+
+func TestSubURL(t *testing.T) {
+	for _, c := range []struct{ base, dir, want string }{
+		{"file:///ck", "savepoints/j/sp-3/", "file:///ck?prefix=savepoints%2Fj%2Fsp-3%2F"},
+		{"s3://b?endpoint=http://127.0.0.1:9000&prefix=p", "savepoints/j/sp-3/", "s3://b?endpoint=http%3A%2F%2F127.0.0.1%3A9000&prefix=p%2Fsavepoints%2Fj%2Fsp-3%2F"},
+		{"s3://b?prefix=p/", "/x/", "s3://b?prefix=p%2Fx%2F"},
+	} {
+		got, err := SubURL(c.base, c.dir)
+		if err != nil || got != c.want {
+			t.Errorf("SubURL(%q, %q) = %q, %v; want %q", c.base, c.dir, got, err, c.want)
+		}
+	}
+	if _, err := SubURL("no-scheme", "x/"); err == nil {
+		t.Error("SubURL of a URL without scheme succeeded")
+	}
+	// A store opened on the sub-URL sees the directory's objects by their
+	// names relative to it.
+	ctx := context.Background()
+	base := "file://" + t.TempDir()
+	s, err := Open(ctx, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Create(ctx, "savepoints/j/sp-3/map-0.cfs", func(w io.Writer) error { _, err := w.Write([]byte("x")); return err }); err != nil {
+		t.Fatal(err)
+	}
+	sub, _ := SubURL(base, "savepoints/j/sp-3/")
+	ss, err := Open(ctx, sub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ss.Close()
+	rc, err := ss.Open(ctx, "map-0.cfs")
+	if err != nil {
+		t.Fatalf("open through the sub-URL: %v", err)
+	}
+	rc.Close()
+}

@@ -1,0 +1,137 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+)
+
+// maxSavepointWait bounds how long a savepoint request waits for the
+// savepoint; the job's checkpoint timeout bounds it first.
+const maxSavepointWait = 10 * time.Minute
+
+// apiSavepoint is one savepoint as the API shows it.
+type apiSavepoint struct {
+	ID           string `json:"id"`
+	JobID        string `json:"job_id"`
+	JobName      string `json:"job_name"`
+	CheckpointID uint64 `json:"checkpoint_id"`
+	CreatedAt    string `json:"created_at"`
+	// Location is the URL of the savepoint's directory, which
+	// `coordd job run -from-savepoint` takes as well as the id.
+	Location       string `json:"location,omitempty"`
+	Topic          string `json:"topic"`
+	Operator       string `json:"operator"`
+	MaxParallelism int    `json:"max_parallelism"`
+	Tasks          int    `json:"tasks"`
+	StateBytes     int64  `json:"state_bytes"`
+	Keys           int64  `json:"keys"`
+}
+
+func newAPISavepoint(sp fsm.Savepoint) apiSavepoint {
+	v := apiSavepoint{
+		ID: sp.ID, JobID: sp.JobID, JobName: sp.JobName, CheckpointID: sp.CheckpointID, CreatedAt: formatTime(sp.CreatedAt),
+		Location: sp.Location, Topic: sp.Topic, Operator: sp.Operator, MaxParallelism: sp.MaxParallelism, Tasks: len(sp.Tasks),
+	}
+	for _, st := range sp.Tasks {
+		v.StateBytes += st.StateBytes
+		v.Keys += st.Keys
+	}
+	return v
+}
+
+// takeSavepoint asks this node's leader loop for a savepoint of job and
+// waits for it, at most the job's checkpoint timeout plus a margin.
+func (s *Server) takeSavepoint(ctx context.Context, job fsm.Job, stop bool) (fsm.Savepoint, int, error) {
+	l := s.currentLeader()
+	if l == nil {
+		return fsm.Savepoint{}, http.StatusServiceUnavailable, ErrNotLeader
+	}
+	wait := min(time.Duration(job.Spec.Checkpoint.Timeout)+10*time.Second, maxSavepointWait)
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	req := savepointRequest{jobID: job.ID, stop: stop, reply: make(chan savepointReply, 1)}
+	if !l.post(ctx, req) {
+		return fsm.Savepoint{}, http.StatusServiceUnavailable, fmt.Errorf("savepoint of job %s: the leader loop did not take the request", job.ID)
+	}
+	select {
+	case rep := <-req.reply:
+		switch {
+		case errors.Is(rep.err, errSavepointState):
+			return rep.sp, http.StatusConflict, rep.err
+		case rep.err != nil:
+			return rep.sp, http.StatusInternalServerError, rep.err
+		}
+		return rep.sp, http.StatusOK, nil
+	case <-l.ctx.Done():
+		return fsm.Savepoint{}, http.StatusServiceUnavailable, fmt.Errorf("savepoint of job %s: leadership lost; ask again", job.ID)
+	case <-ctx.Done():
+		return fsm.Savepoint{}, http.StatusGatewayTimeout, fmt.Errorf("savepoint of job %s: not completed within %v", job.ID, wait)
+	}
+}
+
+func (s *Server) handleTakeSavepoint(w http.ResponseWriter, r *http.Request) {
+	job, ok := s.lookupJob(w, r)
+	if !ok {
+		return
+	}
+	sp, status, err := s.takeSavepoint(r.Context(), job, false)
+	if err != nil {
+		writeError(w, status, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusCreated, newAPISavepoint(sp))
+}
+
+// stopWithSavepoint answers DELETE /v1/jobs/{id}?savepoint=true: the job
+// stops with a final savepoint, and nothing is processed after it.
+func (s *Server) stopWithSavepoint(w http.ResponseWriter, r *http.Request, job fsm.Job) {
+	sp, status, err := s.takeSavepoint(r.Context(), job, true)
+	if err != nil {
+		writeError(w, status, err.Error())
+		return
+	}
+	s.logger.Info("job stopped with savepoint", "job", job.ID, "savepoint", sp.ID)
+	writeJSON(w, http.StatusOK, map[string]any{"id": job.ID, "status": fsm.JobCancelled, "savepoint": newAPISavepoint(sp)})
+}
+
+func (s *Server) handleListSavepoints(w http.ResponseWriter, _ *http.Request) {
+	sps := s.fsm.Savepoints()
+	out := make([]apiSavepoint, 0, len(sps))
+	for _, sp := range sps {
+		out = append(out, newAPISavepoint(sp))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleGetSavepoint(w http.ResponseWriter, r *http.Request) {
+	sp, ok := s.fsm.Savepoint(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no savepoint %q", r.PathValue("id")))
+		return
+	}
+	writeJSON(w, http.StatusOK, newAPISavepoint(sp))
+}
+
+// handleDeleteSavepoint forgets a savepoint through Raft, then deletes its
+// files in the background.
+func (s *Server) handleDeleteSavepoint(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	sp, ok := s.fsm.Savepoint(id)
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no savepoint %q", id))
+		return
+	}
+	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandSavepointDeleted, fsm.SavepointDeletedCmd{ID: id, Time: time.Now().UnixNano()})
+	setIndexHeader(w, index)
+	if err != nil {
+		s.writeApplyError(w, err)
+		return
+	}
+	s.deleteSavepointFiles(sp)
+	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": "deleted"})
+}

@@ -1,0 +1,254 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"strings"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/storage"
+)
+
+// Savepoints, as in Flink: a checkpoint taken on request whose map tasks
+// write full, self-contained snapshots into the savepoint's own directory,
+// kept until deleted. The leader loop triggers it like a checkpoint (the
+// next one, without waiting for the interval) and answers the request once
+// it is completed or aborted. Stop-with-savepoint also stops the sources at
+// the barrier and cancels the job with the same Raft command that records
+// the savepoint; if it fails, the job restarts from its last checkpoint.
+
+// savepointRequest asks the leader loop for a savepoint of a job.
+type savepointRequest struct {
+	jobID string
+	stop  bool
+	reply chan savepointReply // buffered 1
+}
+
+// savepointReply is the outcome of a savepoint request.
+type savepointReply struct {
+	sp  fsm.Savepoint
+	err error
+}
+
+func (savepointRequest) leaderEvent() {}
+
+// errSavepointState is a savepoint request the job's state refuses.
+var errSavepointState = errors.New("job cannot take a savepoint")
+
+// onSavepointRequest queues a request until the job's next checkpoint slot.
+func (l *leader) onSavepointRequest(r savepointRequest) {
+	js := l.jobs[r.jobID]
+	if js == nil || js.status != fsm.JobRunning {
+		status := "unknown"
+		if js != nil {
+			status = string(js.status)
+		}
+		r.reply <- savepointReply{err: fmt.Errorf("%w: job %s is %s, not running", errSavepointState, r.jobID, status)}
+		return
+	}
+	js.savepoints = append(js.savepoints, r)
+	l.checkpointAt(l.env.now())
+}
+
+// wantsSavepoint reports whether js has savepoint requests waiting, and
+// whether one of them stops the job.
+func (js *jobState) wantsSavepoint() (want, stop bool) {
+	for _, r := range js.savepoints {
+		stop = stop || r.stop
+	}
+	return len(js.savepoints) > 0, stop
+}
+
+// answerSavepoint answers every request the pending checkpoint p carries.
+func answerSavepoint(p *pendingCheckpoint, rep savepointReply) {
+	for _, r := range p.savepointWaiters {
+		r.reply <- rep
+	}
+	p.savepointWaiters = nil
+}
+
+// savepointLocation is the URL of the directory of savepoint id of job in
+// storage, or "" without storage (the savepoint's state is then inline).
+func savepointLocation(storageURL, job string, id uint64) (string, error) {
+	if storageURL == "" {
+		return "", nil
+	}
+	return storage.SubURL(storageURL, transport.SavepointDir(job, id))
+}
+
+// relativeStates returns states with every file path made relative to the
+// savepoint's directory, so that the savepoint can be read from its URL.
+func relativeStates(states map[string]fsm.TaskState, dir string) (map[string]fsm.TaskState, error) {
+	out := make(map[string]fsm.TaskState, len(states))
+	for id, st := range states {
+		st.Files = append([]fsm.StateFile(nil), st.Files...)
+		for i, f := range st.Files {
+			rel, ok := strings.CutPrefix(f.Path, dir)
+			if !ok || rel == "" {
+				return nil, fmt.Errorf("task %s wrote savepoint file %s outside %s", id, f.Path, dir)
+			}
+			st.Files[i].Path = rel
+		}
+		out[id] = st
+	}
+	return out, nil
+}
+
+// completeSavepoint commits the pending savepoint p of js and answers its
+// requests; a refused commit aborts it.
+func (l *leader) completeSavepoint(js *jobState, p *pendingCheckpoint) {
+	log := l.jobLogger(js).With("checkpoint", p.id)
+	location, err := savepointLocation(js.spec.Checkpoint.Storage, js.id, p.id)
+	states := p.acks
+	if err == nil && location != "" {
+		states, err = relativeStates(p.acks, transport.SavepointDir(js.id, p.id))
+	}
+	if err == nil {
+		_, err = l.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
+			JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: states, Time: l.env.now().UnixNano(), Location: location,
+		})
+	}
+	if err != nil {
+		log.Error("commit savepoint", "err", err)
+		l.abortCheckpoint(js, "savepoint commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
+		return
+	}
+	js.ckpt.pending = nil
+	js.ckpt.lastCompletion = l.env.now()
+	sp, ok := l.env.savepoint(fsm.SavepointID(js.id, p.id))
+	if !ok {
+		answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d committed but not found", p.id)})
+		return
+	}
+	log.Info("savepoint completed", "savepoint", sp.ID, "stop", p.stop, "location", sp.Location)
+	if l.env.writeSavepointMetadata != nil && sp.Location != "" {
+		l.env.writeSavepointMetadata(l.ctx, sp)
+	}
+	answerSavepoint(p, savepointReply{sp: sp})
+	if p.stop {
+		l.poke() // the job is cancelled now: cancel its tasks
+	}
+}
+
+// abortedSavepoint answers the requests of an aborted savepoint; a failed
+// stop-with-savepoint restarts the job, whose sources stopped at the barrier.
+func (l *leader) abortedSavepoint(js *jobState, p *pendingCheckpoint, reason string) {
+	answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d aborted: %s", p.id, reason)})
+	if p.stop {
+		l.beginRestart(js, "stop with savepoint failed, restarting from the last checkpoint: "+reason, "checkpoint", p.id)
+	}
+}
+
+// savepointMetadata is the document at a savepoint's SavepointMetadata.
+type savepointMetadata struct {
+	Format    string        `json:"format"`
+	Savepoint fsm.Savepoint `json:"savepoint"`
+}
+
+const savepointMetadataFormat = "coordflow-savepoint-1"
+
+// writeMetadata writes sp's _metadata into its directory, so that a job can
+// be started from the savepoint's URL alone (on another cluster too).
+func (s *Server) writeMetadata(ctx context.Context, sp fsm.Savepoint) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		ctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		err := func() error {
+			store, err := storage.Open(ctx, sp.Location)
+			if err != nil {
+				return err
+			}
+			defer store.Close()
+			sp.Location = "" // the reader knows where it read it
+			body, err := json.MarshalIndent(savepointMetadata{Format: savepointMetadataFormat, Savepoint: sp}, "", "  ")
+			if err != nil {
+				return err
+			}
+			_, err = store.Create(ctx, transport.SavepointMetadata, func(w io.Writer) error {
+				_, err := w.Write(body)
+				return err
+			})
+			return err
+		}()
+		if err != nil {
+			s.logger.Error("write savepoint metadata", "savepoint", sp.ID, "location", sp.Location, "err", err)
+		}
+	}()
+}
+
+// resolveSavepoint finds the savepoint a job is to start from: the id of a
+// savepoint this cluster keeps, or the URL of a savepoint's directory.
+func (s *Server) resolveSavepoint(ctx context.Context, ref string) (*fsm.Savepoint, error) {
+	if sp, ok := s.fsm.Savepoint(ref); ok {
+		return &sp, nil
+	}
+	if !strings.Contains(ref, "://") {
+		return nil, fmt.Errorf("no savepoint %q: give the id of a savepoint in /v1/savepoints or the URL of a savepoint's directory", ref)
+	}
+	if err := fsm.ValidateStorageURL(ref); err != nil {
+		return nil, fmt.Errorf("savepoint URL: %w", err)
+	}
+	store, err := storage.Open(ctx, ref)
+	if err != nil {
+		return nil, fmt.Errorf("open savepoint %s: %w", ref, err)
+	}
+	defer store.Close()
+	rc, err := store.Open(ctx, transport.SavepointMetadata)
+	if err != nil {
+		return nil, fmt.Errorf("read savepoint %s: %w", ref, err)
+	}
+	defer rc.Close()
+	var md savepointMetadata
+	if err := json.NewDecoder(io.LimitReader(rc, 64<<20)).Decode(&md); err != nil {
+		return nil, fmt.Errorf("savepoint %s: %s: %w", ref, transport.SavepointMetadata, err)
+	}
+	if md.Format != savepointMetadataFormat || md.Savepoint.ID == "" {
+		return nil, fmt.Errorf("savepoint %s: %s is not a coordflow savepoint (format %q)", ref, transport.SavepointMetadata, md.Format)
+	}
+	sp := md.Savepoint
+	sp.Location = ref
+	return &sp, nil
+}
+
+// deleteSavepointFiles deletes the files of a deleted savepoint, in the
+// background.
+func (s *Server) deleteSavepointFiles(sp fsm.Savepoint) {
+	if sp.Location == "" {
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		ctx, cancel := context.WithTimeout(s.ctx, time.Minute)
+		defer cancel()
+		store, err := storage.Open(ctx, sp.Location)
+		if err == nil {
+			defer store.Close()
+			var paths []string
+			err = store.List(ctx, "", func(p string, _ int64, _ time.Time) error {
+				paths = append(paths, p)
+				return nil
+			})
+			for _, p := range paths {
+				err = errors.Join(err, store.Delete(ctx, p))
+			}
+		}
+		if err != nil {
+			s.logger.Warn("delete savepoint files", "savepoint", sp.ID, "location", sp.Location, "err", err)
+		}
+	}()
+}
+
+// savepointRestore returns the checkpoint a job's first attempts restore
+// from when it started from a savepoint and has no checkpoint of its own.
+func savepointRestore(sp *fsm.Savepoint) *fsm.Checkpoint {
+	return &fsm.Checkpoint{ID: sp.CheckpointID, Status: fsm.CheckpointCompleted, Tasks: maps.Clone(sp.Tasks)}
+}
