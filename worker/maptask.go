@@ -91,14 +91,14 @@ type mapTask struct {
 		id, last  uint64
 		savepoint bool
 	}
-	align       *aligner
-	sink        *sink
-	in          prometheus.Counter
-	out         prometheus.Counter
-	skipped     prometheus.Counter
-	ackedN      prometheus.Counter
-	declined    prometheus.Counter
-	aligned     prometheus.Observer
+	align    *aligner
+	sink     *sink
+	in       prometheus.Counter
+	out      prometheus.Counter
+	skipped  prometheus.Counter
+	ackedN   prometheus.Counter
+	declined prometheus.Counter
+	aligned  prometheus.Observer
 }
 
 // chainInfo describes the state files of one snapshot: the chain a delta can

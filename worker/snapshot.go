@@ -41,10 +41,10 @@ var errDiskFull = errors.New("no space left on the state directory")
 type snapshotMode int
 
 const (
-	modeInline snapshotMode = iota // a full file, inline in the ack
-	modeFull                       // a full file in storage
-	modeDelta                      // the changed keys, in storage, over a base chain
-	modeSavepoint                  // a full file in the savepoint's own directory
+	modeInline    snapshotMode = iota // a full file, inline in the ack
+	modeFull                          // a full file in storage
+	modeDelta                         // the changed keys, in storage, over a base chain
+	modeSavepoint                     // a full file in the savepoint's own directory
 )
 
 // snapshotJob is one captured snapshot on its way to storage: the view
