@@ -19,14 +19,18 @@ import (
 // or two requests to the HTTP API and prints the answer: job ids and tables
 // for scripts and people, indented JSON where the structure matters.
 
-const jobUsage = `Usage: coordd job <command> [-addr URL] [arguments]
+const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
 
-  job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
+  job run FILE [-from-savepoint ID_OR_URL]
+                        submit the job spec in FILE ("-" for stdin); prints the job id
   job list              list jobs
   job status ID         show a job
-  job cancel ID         cancel a job
+  job cancel ID [-savepoint]
+                        cancel a job; with -savepoint, stop it with a final savepoint
   job checkpoints ID    list a job's checkpoints, newest first
-  job state ID          show the state of a job's last completed checkpoint
+  job state ID [-key K | -key-base64 B | -export FILE]
+                        show the state of a job's last completed checkpoint
+  job savepoint ID      take a savepoint of a running job
 `
 
 // runJob dispatches `coordd job <command>`.
@@ -40,15 +44,35 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		args string // the positional argument, if any
 		run  func(ctx context.Context, c *apiClient, arg string) error
 	}
+	var (
+		fromSavepoint, key, keyB64, export string
+		withSavepoint                      bool
+	)
+	flags := map[string]func(fs *flag.FlagSet){
+		"run": func(fs *flag.FlagSet) {
+			fs.StringVar(&fromSavepoint, "from-savepoint", "", "start the job from the savepoint with this `ID` or directory URL")
+		},
+		"cancel": func(fs *flag.FlagSet) {
+			fs.BoolVar(&withSavepoint, "savepoint", false, "stop the job with a final savepoint: nothing is processed after it")
+		},
+		"state": func(fs *flag.FlagSet) {
+			fs.StringVar(&key, "key", "", "show only this `key`")
+			fs.StringVar(&keyB64, "key-base64", "", "show only the key with these `base64` bytes (a key that is not UTF-8)")
+			fs.StringVar(&export, "export", "", "write every key as NDJSON to `FILE` (\"-\" for stdout)")
+		},
+	}
 	commands := map[string]command{
 		"run": {"FILE", func(ctx context.Context, c *apiClient, file string) error {
-			return jobRun(ctx, c, file, stdout)
+			return jobRun(ctx, c, file, fromSavepoint, stdout)
 		}},
 		"list": {"", func(ctx context.Context, c *apiClient, _ string) error { return jobList(ctx, c, stdout) }},
 		"status": {"ID", func(ctx context.Context, c *apiClient, id string) error {
 			return printJSON(ctx, c, "/v1/jobs/"+url.PathEscape(id), stdout)
 		}},
 		"cancel": {"ID", func(ctx context.Context, c *apiClient, id string) error {
+			if withSavepoint {
+				return jobStopWithSavepoint(ctx, c, id, stdout)
+			}
 			if _, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil); err != nil {
 				return err
 			}
@@ -57,26 +81,40 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		}},
 		"checkpoints": {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobCheckpoints(ctx, c, id, stdout) }},
 		"state": {"ID", func(ctx context.Context, c *apiClient, id string) error {
-			return printJSON(ctx, c, "/v1/jobs/"+url.PathEscape(id)+"/state", stdout)
+			path := "/v1/jobs/" + url.PathEscape(id) + "/state"
+			switch {
+			case export != "":
+				return jobExport(ctx, c, path+"/export", export, stdout)
+			case key != "":
+				path += "?key=" + url.QueryEscape(key)
+			case keyB64 != "":
+				path += "?key_base64=" + url.QueryEscape(keyB64)
+			}
+			return printJSON(ctx, c, path, stdout)
 		}},
+		"savepoint": {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobSavepoint(ctx, c, id, stdout) }},
 	}
 	cmd, ok := commands[sub]
 	if !ok {
 		fmt.Fprintf(stderr, "coordd job: unknown command %q\n\n%s", sub, jobUsage)
 		return errUsage
 	}
-	c, arg, err := parseCLI("job "+sub, cmd.args, rest, stderr)
+	c, arg, err := parseCLI("job "+sub, cmd.args, rest, stderr, flags[sub])
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	timeout := requestTimeout
+	if sub == "savepoint" || withSavepoint || export != "" {
+		timeout = longRequestTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	return cmd.run(ctx, c, arg)
 }
 
 // runMembers prints `coordd members`.
 func runMembers(args []string, stdout, stderr io.Writer) error {
-	c, _, err := parseCLI("members", "", args, stderr)
+	c, _, err := parseCLI("members", "", args, stderr, nil)
 	if err != nil {
 		return err
 	}
@@ -140,7 +178,7 @@ func runRaft(args []string, stdout, stderr io.Writer) error {
 // raftRemovePeer removes coordinator ID from the Raft configuration through
 // any coordinator (a follower forwards to the leader).
 func raftRemovePeer(args []string, stdout, stderr io.Writer) error {
-	c, id, err := parseCLI("raft remove-peer", "ID", args, stderr)
+	c, id, err := parseCLI("raft remove-peer", "ID", args, stderr, nil)
 	if err != nil {
 		return err
 	}
@@ -155,7 +193,7 @@ func raftRemovePeer(args []string, stdout, stderr io.Writer) error {
 
 // raftPeers prints `coordd raft peers`.
 func raftPeers(args []string, stdout, stderr io.Writer) error {
-	c, _, err := parseCLI("raft peers", "", args, stderr)
+	c, _, err := parseCLI("raft peers", "", args, stderr, nil)
 	if err != nil {
 		return err
 	}
@@ -184,13 +222,17 @@ func raftPeers(args []string, stdout, stderr io.Writer) error {
 	return tw.Flush()
 }
 
-// parseCLI parses the -addr flag (anywhere among args) and the positional
-// argument a command takes (argName, or none when empty), and returns the
-// API client and that argument.
-func parseCLI(name, argName string, args []string, stderr io.Writer) (*apiClient, string, error) {
+// parseCLI parses the -addr flag and the command's own flags (which define,
+// if not nil, adds), anywhere among args, and the positional argument a
+// command takes (argName, or none when empty), and returns the API client
+// and that argument.
+func parseCLI(name, argName string, args []string, stderr io.Writer, define func(*flag.FlagSet)) (*apiClient, string, error) {
 	fs := flag.NewFlagSet("coordd "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", defaultAPIAddr(), "`URL` of any coordinator's HTTP API; defaults to $COORD_ADDR, else "+defaultAddr)
+	if define != nil {
+		define(fs)
+	}
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: coordd %s [-addr URL] %s\n\n", name, argName)
 		fs.PrintDefaults()
@@ -235,9 +277,10 @@ func defaultAPIAddr() string {
 	return defaultAddr
 }
 
-// jobRun submits the spec in file ("-": stdin) and prints the new job's id
-// alone on a line, so that scripts can capture it.
-func jobRun(ctx context.Context, c *apiClient, file string, stdout io.Writer) error {
+// jobRun submits the spec in file ("-": stdin), from a savepoint if
+// fromSavepoint is set, and prints the new job's id alone on a line, so that
+// scripts can capture it.
+func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdout io.Writer) error {
 	var spec []byte
 	var err error
 	if file == "-" {
@@ -248,7 +291,11 @@ func jobRun(ctx context.Context, c *apiClient, file string, stdout io.Writer) er
 	if err != nil {
 		return fmt.Errorf("read job spec: %w", err)
 	}
-	data, err := c.do(ctx, http.MethodPost, "/v1/jobs", spec)
+	path := "/v1/jobs"
+	if fromSavepoint != "" {
+		path += "?from_savepoint=" + url.QueryEscape(fromSavepoint)
+	}
+	data, err := c.do(ctx, http.MethodPost, path, spec)
 	if err != nil {
 		return err
 	}
@@ -349,4 +396,124 @@ func age(ts string) string {
 		return "?"
 	}
 	return time.Since(t).Round(time.Second).String()
+}
+
+// savepointView is what the CLI shows of a savepoint.
+type savepointView struct {
+	ID           string `json:"id"`
+	JobID        string `json:"job_id"`
+	CheckpointID uint64 `json:"checkpoint_id"`
+	CreatedAt    string `json:"created_at"`
+	Location     string `json:"location"`
+	StateBytes   int64  `json:"state_bytes"`
+	Keys         int64  `json:"keys"`
+}
+
+// printSavepoint prints a savepoint's id alone on the first line, for
+// scripts, then where it is.
+func printSavepoint(stdout io.Writer, sp savepointView) {
+	fmt.Fprintln(stdout, sp.ID)
+	if sp.Location != "" {
+		fmt.Fprintf(stdout, "location: %s\n", sp.Location)
+	}
+	fmt.Fprintf(stdout, "checkpoint %d, %d keys, %d bytes of state\n", sp.CheckpointID, sp.Keys, sp.StateBytes)
+}
+
+// jobSavepoint takes a savepoint of job id and waits for it.
+func jobSavepoint(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
+	data, err := c.do(ctx, http.MethodPost, "/v1/jobs/"+url.PathEscape(id)+"/savepoints", nil)
+	if err != nil {
+		return err
+	}
+	var sp savepointView
+	if err := json.Unmarshal(data, &sp); err != nil || sp.ID == "" {
+		return fmt.Errorf("POST savepoint: unexpected answer %q", data)
+	}
+	printSavepoint(stdout, sp)
+	return nil
+}
+
+// jobStopWithSavepoint stops job id with a final savepoint.
+func jobStopWithSavepoint(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
+	data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id)+"?savepoint=true", nil)
+	if err != nil {
+		return err
+	}
+	var out struct {
+		Savepoint savepointView `json:"savepoint"`
+	}
+	if err := json.Unmarshal(data, &out); err != nil || out.Savepoint.ID == "" {
+		return fmt.Errorf("stop with savepoint: unexpected answer %q", data)
+	}
+	printSavepoint(stdout, out.Savepoint)
+	fmt.Fprintf(stdout, "job %s stopped\n", id)
+	return nil
+}
+
+// jobExport streams the NDJSON export at path to file ("-": stdout).
+func jobExport(ctx context.Context, c *apiClient, path, file string, stdout io.Writer) error {
+	out := stdout
+	if file != "-" {
+		f, err := os.Create(file)
+		if err != nil {
+			return fmt.Errorf("export: %w", err)
+		}
+		defer f.Close()
+		out = f
+	}
+	n, err := c.stream(ctx, path, out)
+	if err != nil {
+		return err
+	}
+	if file != "-" {
+		fmt.Fprintf(stdout, "wrote %d bytes to %s\n", n, file)
+	}
+	return nil
+}
+
+const savepointUsage = `Usage: coordd savepoint <command> [-addr URL] [arguments]
+
+  savepoint list        list savepoints
+  savepoint delete ID   delete a savepoint and its files
+`
+
+// runSavepoint dispatches `coordd savepoint list` and `coordd savepoint delete ID`.
+func runSavepoint(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, savepointUsage)
+		return errUsage
+	}
+	switch args[0] {
+	case "list":
+		c, _, err := parseCLI("savepoint list", "", args[1:], stderr, nil)
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+		defer cancel()
+		var sps []savepointView
+		if err := c.getJSON(ctx, "/v1/savepoints", &sps); err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tJOB\tCHECKPOINT\tCREATED\tKEYS\tSTATE BYTES\tLOCATION")
+		for _, sp := range sps {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%d\t%s\n", sp.ID, sp.JobID, sp.CheckpointID, sp.CreatedAt, sp.Keys, sp.StateBytes, sp.Location)
+		}
+		return tw.Flush()
+	case "delete":
+		c, id, err := parseCLI("savepoint delete", "ID", args[1:], stderr, nil)
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+		defer cancel()
+		if _, err := c.do(ctx, http.MethodDelete, "/v1/savepoints/"+url.PathEscape(id), nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "savepoint %s deleted\n", id)
+		return nil
+	}
+	fmt.Fprintf(stderr, "coordd savepoint: unknown command %q\n\n%s", args[0], savepointUsage)
+	return errUsage
 }

@@ -18,6 +18,10 @@ const defaultAddr = "http://127.0.0.1:7201"
 // requestTimeout bounds one CLI request; a write waits for a Raft apply.
 const requestTimeout = 30 * time.Second
 
+// longRequestTimeout bounds the requests that wait for a savepoint or
+// stream a whole state.
+const longRequestTimeout = 15 * time.Minute
+
 // apiClient calls the HTTP API of one coordinator.
 type apiClient struct {
 	base string // scheme://host:port, no trailing slash
@@ -33,7 +37,8 @@ func newAPIClient(addr string) (*apiClient, error) {
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 		return nil, fmt.Errorf("-addr %q: want http://host:port", addr)
 	}
-	return &apiClient{base: strings.TrimRight(u.String(), "/"), hc: &http.Client{Timeout: requestTimeout}}, nil
+	// No client-wide timeout: each command's context bounds its requests.
+	return &apiClient{base: strings.TrimRight(u.String(), "/"), hc: &http.Client{}}, nil
 }
 
 // apiError is an error answer of the API: its status and {"error"} text.
@@ -91,4 +96,32 @@ func (c *apiClient) getJSON(ctx context.Context, path string, out any) error {
 		return fmt.Errorf("GET %s: decode answer: %w", path, err)
 	}
 	return nil
+}
+
+// stream GETs path and copies a 2xx answer's body to w as it arrives.
+func (c *apiClient) stream(ctx context.Context, path string, w io.Writer) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("GET %s: %w", c.base+path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(data, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(data))
+		}
+		return 0, &apiError{Status: resp.StatusCode, Message: e.Error}
+	}
+	n, err := io.Copy(w, resp.Body)
+	if err != nil {
+		return n, fmt.Errorf("GET %s: %w", c.base+path, err)
+	}
+	return n, nil
 }

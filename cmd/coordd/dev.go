@@ -108,6 +108,9 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		}
 		defer os.RemoveAll(dir)
 	}
+	if dir, err = filepath.Abs(dir); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
 	ports := contractPorts()
 	if o.freePorts {
 		ports = freePorts()
@@ -143,6 +146,9 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		cfg.RaftAddr, cfg.RPCAddr, cfg.HTTPAddr, cfg.GossipAddr = ports.raft[i], ports.rpc[i], ports.http[i], ports.gossip[i]
 		cfg.BootstrapExpect = 3
 		cfg.Join = join
+		// Checkpoint files go to a directory every node of this process sees,
+		// as a shared file system or an object store would in production.
+		cfg.CheckpointStorage = "file://" + filepath.Join(dir, "checkpoints")
 		cfg.Operators = operator.Builtins().Names()
 		cfg.Logger = logger.With("component", "coordd")
 		c, err := coordinator.NewServer(cfg)
@@ -168,6 +174,7 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		cfg.DataAddr, cfg.GossipAddr = ports.workerData[i], ports.workerGossip[i]
 		cfg.Join = join
 		cfg.Slots = 4
+		cfg.StateDir = filepath.Join(dir, cfg.ID, "state")
 		cfg.Logger = logger.With("component", "workerd")
 		w, err := worker.New(cfg)
 		if err != nil {

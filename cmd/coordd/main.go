@@ -30,11 +30,18 @@ Server:
 
 Jobs:
   job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
+                        (-from-savepoint ID_OR_URL starts it from a savepoint)
   job list              list jobs
   job status ID         show a job, its tasks and its last checkpoint
-  job cancel ID         cancel a job
+  job cancel ID         cancel a job (-savepoint: stop it with a final savepoint)
   job checkpoints ID    list a job's checkpoints, newest first
   job state ID          show the offsets and keyed state of a job's last completed checkpoint
+                        (-key K: one key; -export FILE: every key as NDJSON)
+  job savepoint ID      take a savepoint of a running job; prints its id and location
+
+Savepoints:
+  savepoint list        list savepoints
+  savepoint delete ID   delete a savepoint and its files
 
 Cluster:
   members               list coordinators and workers with their state
@@ -64,6 +71,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runMembers(rest, stdout, stderr)
 	case "raft":
 		err = runRaft(rest, stdout, stderr)
+	case "savepoint":
+		err = runSavepoint(rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)
 		return 0
