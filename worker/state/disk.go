@@ -99,8 +99,9 @@ type Disk struct {
 	// Used only by the writer goroutine.
 	keyBuf     []byte // the encoded key of the current call
 	getBuf     []byte // the value Get last returned
-	unchecked  int    // bytes written since admit last checked Pebble
-	checkEvery int    // bytes written between checks in admit
+	unchecked    int    // bytes written since admit last checked Pebble
+	checkEvery   int    // bytes written between checks in admit
+	memTableSize uint64 // DiskOptions.MemTableSize
 
 	// mu guards views and closed, which Release changes or reads from other
 	// goroutines. Only the writer changes closed, so it reads it without mu.
@@ -115,9 +116,11 @@ const (
 	// lockFile is the name of Pebble's lock file in a database directory.
 	lockFile = "LOCK"
 
-	// maxMemTables is the number of memtables, the one taking writes
-	// included, at which writes wait for a flush: two full memtables are
-	// waiting to be flushed.
+	// maxMemTables is the size of the memtables, the one taking writes
+	// included, in units of DiskOptions.MemTableSize, at which writes wait
+	// for a flush: about two full memtables are waiting to be flushed.
+	// (Pebble flushes once half a MemTableSize waits, so this is never
+	// reached while memtables still grow towards MemTableSize after Open.)
 	maxMemTables = 3
 	// maxL0Sublevels is the read amplification of level 0 at which writes
 	// wait for compactions, Pebble's default L0StopWritesThreshold.
@@ -162,7 +165,8 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		progress: make(chan struct{}, 1),
 		// Checking 8 times per memtable bounds the overshoot past
 		// maxMemTables to an eighth of a memtable, and costs little.
-		checkEvery: int(opts.MemTableSize / 8),
+		checkEvery:   int(opts.MemTableSize / 8),
+		memTableSize: opts.MemTableSize,
 	}
 
 	if err := clearDir(fs, dir); err != nil {
@@ -392,7 +396,7 @@ func (d *Disk) admit(n int) error {
 	d.unchecked = 0
 	for {
 		m := d.db.Metrics()
-		if m.MemTable.Count < maxMemTables && m.Levels[0].Sublevels < maxL0Sublevels {
+		if m.MemTable.Size < maxMemTables*d.memTableSize && m.Levels[0].Sublevels < maxL0Sublevels {
 			return nil
 		}
 		select {

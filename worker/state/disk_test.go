@@ -148,15 +148,15 @@ func TestDiskThrottlesWrites(t *testing.T) {
 	defer d.Close()
 	m := model{}
 	value := strings.Repeat("v", 4<<10)
-	maxSeen := int64(0)
+	var maxSeen uint64
 	for i := range 1000 {
 		k := fmt.Sprint(i)
 		mustPut(t, d, int32(i%16), k, value)
 		m.put(int32(i%16), k, value)
-		maxSeen = max(maxSeen, d.db.Metrics().MemTable.Count)
+		maxSeen = max(maxSeen, d.db.Metrics().MemTable.Size)
 	}
-	if maxSeen > maxMemTables {
-		t.Errorf("%d memtables at once; want at most %d", maxSeen, maxMemTables)
+	if limit := maxMemTables * d.memTableSize; maxSeen > limit {
+		t.Errorf("memtables of %d bytes at once; want at most %d", maxSeen, limit)
 	}
 	if flushes := d.db.Metrics().Flush.Count; flushes < 5 {
 		t.Errorf("%d flushes; the test wants writes to outrun several", flushes)
