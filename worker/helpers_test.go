@@ -389,6 +389,7 @@ func startStoppableWorker(t *testing.T, id string, f *fakeCoord, tune func(*Conf
 	cfg := DefaultConfig()
 	cfg.ID = id
 	cfg.DataAddr = "127.0.0.1:0"
+	cfg.StateDir = t.TempDir()
 	cfg.GossipAddr = "127.0.0.1:0"
 	cfg.Join = []string{f.gossipAddr}
 	cfg.Logger = testLogger(t)

@@ -83,6 +83,8 @@ type mapTask struct {
 	baseID   uint64               // the completed checkpoint base describes
 	base     chainInfo            // what the next delta builds on
 	fullSize int64                // bytes of the last full snapshot
+	// cached lists the local copies of state files this task wrote.
+	cached []string
 	// restoredLocal and restoredRemote count the state files the restore
 	// read from the local cache and from checkpoint storage.
 	restoredLocal, restoredRemote int
@@ -340,6 +342,13 @@ func (m *mapTask) restore(ctx context.Context) error {
 		if files := b.GetFiles(); len(files) > 0 && b.GetKeyGroupStart() == m.kgStart && b.GetKeyGroupEnd() == m.kgEnd {
 			m.baseID, m.base = m.restoreID, chainOf(files)
 			m.fullSize = m.base.fullBytes
+			if src.local > 0 {
+				// Local copies an earlier attempt wrote are this task's to
+				// prune once the chain moves on.
+				for _, f := range files {
+					m.cached = append(m.cached, f.GetPath())
+				}
+			}
 		}
 	}
 	m.restoredLocal, m.restoredRemote = src.local, src.remote
@@ -548,6 +557,36 @@ func (m *mapTask) adoptBase(id uint64) {
 			delete(m.acked, a)
 		}
 	}
+	m.pruneCache()
+}
+
+// pruneCache deletes the local copies this task wrote that neither the base
+// chain nor a snapshot still waiting for completion references: the cache
+// keeps what a local recovery could need, no more.
+func (m *mapTask) pruneCache() {
+	if m.writer.cache == "" {
+		return
+	}
+	keep := make(map[string]bool)
+	for _, f := range m.base.files {
+		keep[f.GetPath()] = true
+	}
+	for _, c := range m.acked {
+		for _, f := range c.files {
+			keep[f.GetPath()] = true
+		}
+	}
+	kept := m.cached[:0]
+	for _, p := range m.cached {
+		if keep[p] {
+			kept = append(kept, p)
+			continue
+		}
+		if err := os.Remove(filepath.Join(m.writer.cache, filepath.FromSlash(p))); err != nil && !errors.Is(err, os.ErrNotExist) {
+			m.log.Warn("remove local copy of a state file", "path", p, "err", err)
+		}
+	}
+	m.cached = kept
 }
 
 // completed handles the leader's notice that checkpoint id completed.
@@ -576,6 +615,9 @@ func (m *mapTask) snapshotDone(r snapshotResult) error {
 	}
 	if r.full {
 		m.fullSize = r.state.GetStateBytes()
+	}
+	if m.writer.cache != "" && len(c.files) > 0 {
+		m.cached = append(m.cached, c.files[len(c.files)-1].GetPath())
 	}
 	m.acked[r.id] = c
 	if len(m.acked) > maxAcked {

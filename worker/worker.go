@@ -52,8 +52,8 @@ type Config struct {
 	MetricsAddr string
 	// StateDir is where map tasks keep local state: the databases of the
 	// disk backend (db/) and copies of the state files they wrote (cache/),
-	// for local recovery. Empty: a directory named after the worker id
-	// under the system's temporary directory.
+	// for local recovery. Both are emptied when the worker starts. Empty: a
+	// new directory under the system's temporary directory.
 	StateDir string
 
 	// Gossip failure detection; see design.md "Raft and membership".
@@ -147,10 +147,23 @@ func (cfg Config) withDefaults() (Config, error) {
 		cfg.BatchSize = d.BatchSize
 	}
 	if cfg.StateDir == "" {
-		cfg.StateDir = filepath.Join(os.TempDir(), "coordflow-worker-"+cfg.ID, "state")
+		// A directory of this process's own: two workers on one machine
+		// must never share one.
+		dir, err := os.MkdirTemp("", "coordflow-worker-"+cfg.ID+"-")
+		if err != nil {
+			return cfg, fmt.Errorf("worker config: state dir: %w", err)
+		}
+		cfg.StateDir = filepath.Join(dir, "state")
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
 		return cfg, fmt.Errorf("worker config: state dir: %w", err)
+	}
+	// Local copies of state files serve the recovery of tasks this process
+	// ran; what an earlier process left is no use and would only grow.
+	for _, sub := range []string{"cache", "db"} {
+		if err := os.RemoveAll(filepath.Join(cfg.StateDir, sub)); err != nil {
+			return cfg, fmt.Errorf("worker config: clean state dir: %w", err)
+		}
 	}
 	if cfg.Operators == nil {
 		cfg.Operators = d.Operators

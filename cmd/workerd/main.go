@@ -84,7 +84,7 @@ func run(args []string) error {
 	join := fs.String("join", "", "comma-separated gossip `addresses` of existing members, retried until one answers")
 	fs.IntVar(&cfg.Slots, "slots", cfg.Slots, "number of tasks this worker runs at once")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "`DIR` for local state: disk-backend databases and local copies of checkpoint files (default: <data-dir>/state)")
-	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: coordflow-worker-<id> under the system's temporary directory)")
+	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: a new coordflow-worker-<id>-* directory under the system's temporary directory)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this `host:port` at /metrics (off when empty)")
 	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
 

@@ -97,8 +97,8 @@ type Disk struct {
 	progress chan struct{}
 
 	// Used only by the writer goroutine.
-	keyBuf     []byte // the encoded key of the current call
-	getBuf     []byte // the value Get last returned
+	keyBuf       []byte // the encoded key of the current call
+	getBuf       []byte // the value Get last returned
 	unchecked    int    // bytes written since admit last checked Pebble
 	checkEvery   int    // bytes written between checks in admit
 	memTableSize uint64 // DiskOptions.MemTableSize
@@ -116,11 +116,11 @@ const (
 	// lockFile is the name of Pebble's lock file in a database directory.
 	lockFile = "LOCK"
 
-	// maxMemTables is the size of the memtables, the one taking writes
-	// included, in units of DiskOptions.MemTableSize, at which writes wait
-	// for a flush: about two full memtables are waiting to be flushed.
-	// (Pebble flushes once half a MemTableSize waits, so this is never
-	// reached while memtables still grow towards MemTableSize after Open.)
+	// maxMemTables bounds the memtables: writes wait for a flush while the
+	// memtables, the one taking writes included, add up to maxMemTables
+	// times DiskOptions.MemTableSize, that is while about two full
+	// memtables wait to be flushed. Pebble starts a flush once half a
+	// MemTableSize waits, so a flush is always under way to end the wait.
 	maxMemTables = 3
 	// maxL0Sublevels is the read amplification of level 0 at which writes
 	// wait for compactions, Pebble's default L0StopWritesThreshold.
