@@ -21,6 +21,7 @@ type metrics struct {
 	fencedMessages       *prometheus.CounterVec   // job, message: ack, decline, status
 	raftApplyDuration    *prometheus.HistogramVec // command
 	stateFilesDeleted    *prometheus.CounterVec   // job
+	raftApplyBytes       *prometheus.CounterVec   // command
 }
 
 func newMetrics() *metrics {
@@ -55,11 +56,14 @@ func newMetrics() *metrics {
 			Name: "coordflow_raft_apply_duration_seconds", Help: "Raft Apply to FSM result of commands applied by this node as leader.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"command"}),
+		raftApplyBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_raft_apply_bytes_total", Help: "Bytes of the commands this node as leader committed through Raft, by command: what checkpoints cost the Raft log.",
+		}, []string{"command"}),
 		stateFilesDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them.",
 		}, []string{"job"}),
 	}
-	m.registry.MustRegister(m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
+	m.registry.MustRegister(m.raftApplyBytes, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -164,6 +164,7 @@ func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (r
 		return nil, 0, fmt.Errorf("raft apply %v: %w", t, err)
 	}
 	s.metrics.raftApplyDuration.WithLabelValues(t.String()).Observe(time.Since(start).Seconds())
+	s.metrics.raftApplyBytes.WithLabelValues(t.String()).Add(float64(len(data)))
 	res, err = fsm.Result(f.Response())
 	if err != nil {
 		return nil, f.Index(), fmt.Errorf("raft apply %v at index %d: %w", t, f.Index(), err)
