@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -493,7 +494,12 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 		return nil
 	}
 	if tv.phase != st.GetPhase() {
-		l.jobLogger(js).Debug("task phase", "task", ref.GetTaskId(), "worker", sess.worker,
+		log := l.jobLogger(js)
+		level := slog.LevelDebug
+		if st.GetReason() != "" && st.GetPhase() == transport.TaskPhase_TASK_PHASE_RUNNING {
+			level = slog.LevelInfo // how a restored task got its state
+		}
+		log.Log(l.ctx, level, "task phase", "task", ref.GetTaskId(), "worker", sess.worker,
 			"phase", st.GetPhase().String(), "reason", st.GetReason())
 	}
 	tv.phase, tv.reason, tv.cause, tv.missing = st.GetPhase(), st.GetReason(), st.GetCause(), false

@@ -286,3 +286,82 @@ func TestRenderValue(t *testing.T) {
 		}
 	}
 }
+
+// TestGarbageCollection: the collector deletes exactly the files of
+// checkpoints at or below the newest completed one that no retained
+// checkpoint references, and never a file of a newer checkpoint, which may
+// still be being written.
+func TestGarbageCollection(t *testing.T) {
+	ctx := context.Background()
+	url := "file://" + t.TempDir()
+	store, err := storage.Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	put := func(path string) fsm.StateFile {
+		t.Helper()
+		h, err := store.Create(ctx, path, func(w io.Writer) error { _, err := w.Write([]byte(path)); return err })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}}
+	}
+	const job = "j"
+	dir := func(id uint64) string { return transport.CheckpointDir(job, id) }
+
+	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Checkpoint.Storage, spec.Checkpoint.Retained = url, 2
+	spec.Operator.Parallelism = 1
+	a := &applier{t: t, f: fsm.New()}
+	tasks := []fsm.Task{
+		{ID: "source-0", Kind: fsm.TaskSource, Index: 0, Worker: "w1", Partitions: []int32{0}},
+		{ID: "source-1", Kind: fsm.TaskSource, Index: 1, Worker: "w1", Partitions: []int32{}},
+		{ID: "map-0", Kind: fsm.TaskMap, Index: 0, Worker: "w1", KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+	}
+	now := time.Now().UnixNano()
+	a.apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: job, Spec: spec, Time: now})
+	a.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: job, Attempt: 1, Tasks: tasks, Time: now})
+	complete := func(id uint64, files ...fsm.StateFile) {
+		a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
+		a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: id, Time: now, States: map[string]fsm.TaskState{
+			"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: int64(id)}},
+			"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Offsets: map[int32]int64{}},
+			"map-0":    {TaskID: "map-0", Kind: fsm.TaskMap, Files: files, KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+		}})
+	}
+	full1 := put(dir(1) + "map-0-a1-full.cfs")
+	full1.Full = true
+	complete(1, full1)
+	delta2 := put(dir(2) + "map-0-a1-delta.cfs")
+	complete(2, full1, delta2)
+	orphan3 := put(dir(3) + "map-0-a1-full.cfs") // checkpoint 3 aborted after the upload
+	a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
+	a.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: 3, Reason: "timeout", Time: now})
+	full4 := put(dir(4) + "map-0-a1-full.cfs")
+	full4.Full = true
+	complete(4, full4) // retained: 2 and 4; 1's full file stays, 2 references it
+	dead := put(dir(4) + "map-0-a0-full.cfs") // a dead attempt's upload
+	inFlight := put(dir(5) + "map-0-a1-delta.cfs")
+	foreign := put("checkpoints/other-job/chk-1/map-0-a1-full.cfs")
+
+	c := newCollector(storage.NewPool(), a.f.Job, slog.New(slog.DiscardHandler), newMetrics())
+	defer c.stores.Close()
+	n, err := c.run(ctx, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	if err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(left)
+	want := []string{foreign.Path, full1.Path, delta2.Path, full4.Path, inFlight.Path}
+	slices.Sort(want)
+	if n != 2 || !slices.Equal(left, want) {
+		t.Fatalf("deleted %d, left %v; want the orphan %s and the dead attempt's %s deleted, leaving %v", n, left, orphan3.Path, dead.Path, want)
+	}
+}

@@ -357,6 +357,23 @@ func (m *mapTask) restore(ctx context.Context) error {
 	return nil
 }
 
+// runningNote says how the task restored its state, for the RUNNING status:
+// in particular whether it used its local copies (local recovery).
+func (m *mapTask) runningNote() string {
+	if len(m.blobs) == 0 {
+		return ""
+	}
+	if m.restoredLocal+m.restoredRemote == 0 {
+		return fmt.Sprintf("restored checkpoint %d from inline state", m.restoreID)
+	}
+	how := "from checkpoint storage"
+	if m.restoredRemote == 0 {
+		how = "locally"
+	}
+	return fmt.Sprintf("restored checkpoint %d %s: %d files from local copies, %d downloaded",
+		m.restoreID, how, m.restoredLocal, m.restoredRemote)
+}
+
 // chainOf describes an existing chain of files.
 func chainOf(files []*transport.StateFile) chainInfo {
 	c := chainInfo{files: files}

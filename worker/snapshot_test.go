@@ -173,6 +173,9 @@ func TestIncrementalCheckpoints(t *testing.T) {
 			if mt2.restoredLocal != 2 || mt2.keyed.keys != int64(len(want)) {
 				t.Fatalf("restore read %d files locally and %d keys, want 2 and %d", mt2.restoredLocal, mt2.keyed.keys, len(want))
 			}
+			if note := mt2.runningNote(); !strings.Contains(note, "restored checkpoint 3 locally") {
+				t.Fatalf("running note %q does not say the restore was local", note)
+			}
 			send(t, lc2, batchMsg(128, "key-004"))
 			want["key-004"]++
 			send(t, lc2, barrierAfter(4, 3))
@@ -258,4 +261,56 @@ func TestStorageUnreachableDeclines(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// TestChainCompaction: once the deltas of a chain weigh as much as its full
+// file, the next snapshot is full again, so restores read a bounded chain.
+func TestChainCompaction(t *testing.T) {
+	env, sent, url := fileEnv(t)
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+	d.State = &transport.StateSpec{Backend: "memory", Storage: url, InlineThreshold: 1}
+	mt := runMapTask(t, env, d)
+	lc, err := mt.attachLocal(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for i := range 100 {
+		keys = append(keys, fmt.Sprintf("key-%03d", i))
+	}
+	want := map[string]int64{}
+	var last uint64
+	snap := func() *transport.TaskState {
+		t.Helper()
+		send(t, lc, batchMsg(128, keys...))
+		for _, k := range keys {
+			want[k]++
+		}
+		send(t, lc, barrierAfter(last+1, last))
+		st := awaitSent(t, sent).GetAck().GetState()
+		last++
+		return st
+	}
+	// Every snapshot changes every key: the first delta is as large as the
+	// full file, so the one after it starts a new chain.
+	shapes := []string{}
+	for range 4 {
+		st := snap()
+		shape := ""
+		for _, f := range st.GetFiles() {
+			if f.GetFull() {
+				shape += "F"
+			} else {
+				shape += "d"
+			}
+		}
+		shapes = append(shapes, shape)
+		if got := readChain(t, url, st.GetFiles()); !reflect.DeepEqual(got, want) {
+			t.Fatalf("snapshot %d (%s) holds %d keys, want %d", last, shape, len(got), len(want))
+		}
+	}
+	if !reflect.DeepEqual(shapes, []string{"F", "Fd", "F", "Fd"}) {
+		t.Fatalf("chains %v, want a full file again once the delta outweighs it", shapes)
+	}
 }

@@ -304,11 +304,17 @@ func (m *taskManager) runBody(ctx context.Context, h *taskHandle, d *transport.D
 	if err != nil {
 		return err
 	}
-	return r.run(ctx, func() { m.setRunning(h) })
+	return r.run(ctx, func() {
+		note := ""
+		if n, ok := r.(interface{ runningNote() string }); ok {
+			note = n.runningNote()
+		}
+		m.setRunning(h, note)
+	})
 }
 
 // setRunning moves a deploying task to RUNNING and reports it.
-func (m *taskManager) setRunning(h *taskHandle) {
+func (m *taskManager) setRunning(h *taskHandle, note string) {
 	m.mu.Lock()
 	if h.stopReason != "" || h.phase != transport.TaskPhase_TASK_PHASE_DEPLOYING {
 		m.mu.Unlock()
@@ -316,8 +322,8 @@ func (m *taskManager) setRunning(h *taskHandle) {
 	}
 	h.phase = transport.TaskPhase_TASK_PHASE_RUNNING
 	m.mu.Unlock()
-	m.env.logger.Info("task running", "job", h.key.job, "attempt", h.key.attempt, "task", h.key.id)
-	m.env.send(statusMsg(h.key, h.kind, h.phase, ""))
+	m.env.logger.Info("task running", "job", h.key.job, "attempt", h.key.attempt, "task", h.key.id, "note", note)
+	m.env.send(statusMsg(h.key, h.kind, h.phase, note))
 }
 
 // stopLocked cancels h with reason; its goroutine reports CANCELLED when it
