@@ -63,6 +63,36 @@ type applier struct {
 	index uint64
 }
 
+// oneMapTaskJob registers job with spec (one map task over 128 key groups,
+// two sources) and deploys attempt 1 on one worker.
+func oneMapTaskJob(t *testing.T, job string, spec fsm.JobSpec) *applier {
+	t.Helper()
+	a := &applier{t: t, f: fsm.New()}
+	tasks := []fsm.Task{
+		{ID: "source-0", Kind: fsm.TaskSource, Index: 0, Worker: "w1", Partitions: []int32{0}},
+		{ID: "source-1", Kind: fsm.TaskSource, Index: 1, Worker: "w1", Partitions: []int32{}},
+		{ID: "map-0", Kind: fsm.TaskMap, Index: 0, Worker: "w1", KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+	}
+	now := time.Now().UnixNano()
+	a.apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: job, Spec: spec, Time: now})
+	a.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: job, Attempt: 1, Tasks: tasks, Time: now})
+	return a
+}
+
+// completeWithFiles triggers and completes checkpoint id of job with the map
+// task's state in files and offset id for partition 0.
+func (a *applier) completeWithFiles(job string, id uint64, files ...fsm.StateFile) {
+	a.t.Helper()
+	now := time.Now().UnixNano()
+	a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
+	a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: id, Time: now, States: map[string]fsm.TaskState{
+		"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: int64(id)}},
+		"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Offsets: map[int32]int64{}},
+		"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Files: files, Keys: 3, ValueEncoding: "bytes",
+			KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+	}})
+}
+
 func (a *applier) apply(ct fsm.CommandType, cmd any) {
 	a.t.Helper()
 	data, err := fsm.Encode(ct, cmd)
@@ -151,22 +181,8 @@ func TestStateAPIFromFiles(t *testing.T) {
 		files = append(files, fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, Full: i == 0, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}})
 	}
 
-	a := &applier{t: t, f: fsm.New()}
-	tasks := []fsm.Task{
-		{ID: "source-0", Kind: fsm.TaskSource, Index: 0, Worker: "w1", Partitions: []int32{0}},
-		{ID: "source-1", Kind: fsm.TaskSource, Index: 1, Worker: "w1", Partitions: []int32{}},
-		{ID: "map-0", Kind: fsm.TaskMap, Index: 0, Worker: "w1", KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
-	}
-	now := time.Now().UnixNano()
-	a.apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: job, Spec: spec, Time: now})
-	a.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: job, Attempt: 1, Tasks: tasks, Time: now})
-	a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
-	a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 1, Time: now, States: map[string]fsm.TaskState{
-		"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: 7}},
-		"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Offsets: map[int32]int64{}},
-		"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Files: files, Keys: 3, ValueEncoding: "bytes",
-			KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
-	}})
+	a := oneMapTaskJob(t, job, spec)
+	a.completeWithFiles(job, 1, files...)
 
 	s := &Server{cfg: Config{ID: "c1"}, logger: slog.New(slog.DiscardHandler), fsm: a.f, metrics: newMetrics(), stores: storage.NewPool()}
 	s.state = &stateReader{stores: s.stores}
@@ -184,8 +200,8 @@ func TestStateAPIFromFiles(t *testing.T) {
 		t.Fatalf("GET state: %d %s %v", code, body, err)
 	}
 	binB64 := base64.StdEncoding.EncodeToString([]byte(binKey))
-	if st.Keyed["a"] != "3" || st.Keyed["c"] != "x" || st.Keyed["b"] != nil || len(st.Keyed) != 2 || st.Offsets["words/0"] != 7 {
-		t.Fatalf("state %s: want a=3, c=x, no b, offset 7", body)
+	if st.Keyed["a"] != "3" || st.Keyed["c"] != "x" || st.Keyed["b"] != nil || len(st.Keyed) != 2 || st.Offsets["words/0"] != 1 {
+		t.Fatalf("state %s: want a=3, c=x, no b, offset 1", body)
 	}
 	if v, ok := st.KeyedBase64[binB64].(map[string]any); !ok || v["value_base64"] != base64.StdEncoding.EncodeToString(binVal) {
 		t.Fatalf("state %s: want the binary key under keyed_base64 with its value in base64", body)
@@ -316,29 +332,15 @@ func TestGarbageCollection(t *testing.T) {
 	}
 	spec.Checkpoint.Storage, spec.Checkpoint.Retained = url, 2
 	spec.Operator.Parallelism = 1
-	a := &applier{t: t, f: fsm.New()}
-	tasks := []fsm.Task{
-		{ID: "source-0", Kind: fsm.TaskSource, Index: 0, Worker: "w1", Partitions: []int32{0}},
-		{ID: "source-1", Kind: fsm.TaskSource, Index: 1, Worker: "w1", Partitions: []int32{}},
-		{ID: "map-0", Kind: fsm.TaskMap, Index: 0, Worker: "w1", KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
-	}
-	now := time.Now().UnixNano()
-	a.apply(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: job, Spec: spec, Time: now})
-	a.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: job, Attempt: 1, Tasks: tasks, Time: now})
-	complete := func(id uint64, files ...fsm.StateFile) {
-		a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
-		a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: id, Time: now, States: map[string]fsm.TaskState{
-			"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: int64(id)}},
-			"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Offsets: map[int32]int64{}},
-			"map-0":    {TaskID: "map-0", Kind: fsm.TaskMap, Files: files, KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
-		}})
-	}
+	a := oneMapTaskJob(t, job, spec)
+	complete := func(id uint64, files ...fsm.StateFile) { a.completeWithFiles(job, id, files...) }
 	full1 := put(dir(1) + "map-0-a1-full.cfs")
 	full1.Full = true
 	complete(1, full1)
 	delta2 := put(dir(2) + "map-0-a1-delta.cfs")
 	complete(2, full1, delta2)
 	orphan3 := put(dir(3) + "map-0-a1-full.cfs") // checkpoint 3 aborted after the upload
+	now := time.Now().UnixNano()
 	a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now})
 	a.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: 3, Reason: "timeout", Time: now})
 	full4 := put(dir(4) + "map-0-a1-full.cfs")
