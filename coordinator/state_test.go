@@ -345,7 +345,7 @@ func TestGarbageCollection(t *testing.T) {
 	a.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: 3, Reason: "timeout", Time: now})
 	full4 := put(dir(4) + "map-0-a1-full.cfs")
 	full4.Full = true
-	complete(4, full4) // retained: 2 and 4; 1's full file stays, 2 references it
+	complete(4, full4)                        // retained: 2 and 4; 1's full file stays, 2 references it
 	dead := put(dir(4) + "map-0-a0-full.cfs") // a dead attempt's upload
 	inFlight := put(dir(5) + "map-0-a1-delta.cfs")
 	foreign := put("checkpoints/other-job/chk-1/map-0-a1-full.cfs")

@@ -55,11 +55,22 @@ type (
 	}
 	// checkpointView is one entry of GET /v1/jobs/{id}/checkpoints.
 	checkpointView struct {
-		ID          uint64 `json:"id"`
-		Attempt     uint64 `json:"attempt"`
-		Status      string `json:"status"` // pending, completed, aborted
-		Reason      string `json:"reason"`
-		TriggerTime string `json:"trigger_time"` // RFC 3339
+		ID          uint64               `json:"id"`
+		Attempt     uint64               `json:"attempt"`
+		Status      string               `json:"status"` // pending, completed, aborted
+		Reason      string               `json:"reason"`
+		TriggerTime string               `json:"trigger_time"` // RFC 3339
+		Tasks       []checkpointTaskView `json:"tasks"`
+	}
+	// checkpointTaskView is one task's acknowledgement of a checkpoint.
+	checkpointTaskView struct {
+		ID        string           `json:"id"`
+		Kind      string           `json:"kind"` // source, map
+		Worker    string           `json:"worker"`
+		StateSize int64            `json:"state_size"` // bytes a map task's snapshot wrote
+		Keys      int64            `json:"keys"`
+		Files     int              `json:"files"` // state files in checkpoint storage it references
+		Offsets   map[string]int64 `json:"offsets"`
 	}
 )
 
@@ -71,6 +82,7 @@ type (
 		Source     sourceSpec     `json:"source"`
 		Operator   operatorSpec   `json:"operator"`
 		Sink       *sinkSpec      `json:"sink,omitempty"`
+		State      *stateSpec     `json:"state,omitempty"`
 		Checkpoint checkpointSpec `json:"checkpoint"`
 		Restart    *restartSpec   `json:"restart,omitempty"`
 	}
@@ -95,12 +107,21 @@ type (
 		Brokers []string `json:"brokers"`
 		Topic   string   `json:"topic"`
 	}
+	// stateSpec is where map tasks keep keyed state: "memory" or "disk".
+	stateSpec struct {
+		Backend string `json:"backend"`
+	}
 	checkpointSpec struct {
 		Interval          string `json:"interval,omitempty"`
 		Timeout           string `json:"timeout,omitempty"`
 		MinPause          string `json:"min_pause,omitempty"`
 		Retained          int    `json:"retained,omitempty"`
 		TolerableFailures int    `json:"tolerable_failures,omitempty"`
+		// Storage is the checkpoint storage URL (file:///dir, s3://...);
+		// empty: the cluster's -checkpoint-storage.
+		Storage string `json:"storage,omitempty"`
+		// InlineThreshold: state smaller than this stays inline in Raft.
+		InlineThreshold int64 `json:"inline_threshold,omitempty"`
 	}
 )
 
@@ -140,6 +161,12 @@ func (e *apiError) Error() string {
 // call makes one API request to addr and decodes a 2xx JSON answer into out
 // (if not nil). Other answers are an *apiError.
 func (c *cluster) call(method, addr, path string, body []byte, out any) error {
+	return c.callWith(c.client, method, addr, path, body, out)
+}
+
+// callWith is call with another client, such as one with a longer timeout
+// for a request that waits (a savepoint).
+func (c *cluster) callWith(client *http.Client, method, addr, path string, body []byte, out any) error {
 	url := "http://" + addr + path
 	req, err := http.NewRequest(method, url, bytes.NewReader(body))
 	if err != nil {
@@ -148,7 +175,7 @@ func (c *cluster) call(method, addr, path string, body []byte, out any) error {
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := c.client.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -14,9 +15,14 @@ import (
 type workerProc struct {
 	id                                string
 	dataAddr, gossipAddr, metricsAddr string
-	slots                             int
-	flags                             []string // added to this worker's command line
-	p                                 *proc
+	// dataDir is the worker's -data-dir, in the test's temp dir: without it
+	// workerd keeps its state under $TMPDIR by worker id, which parallel
+	// tests with the same ids would share. Its state dir (disk-backend
+	// databases, local copies of checkpoint files) is dataDir/state.
+	dataDir string
+	slots   int
+	flags   []string // added to this worker's command line
+	p       *proc
 }
 
 // startWorker starts a new worker with fresh addresses, joining through the
@@ -30,7 +36,9 @@ func (c *cluster) startWorker(t *testing.T, id string) {
 // command-line flags (after the cluster's workerFlags).
 func (c *cluster) startWorkerWith(t *testing.T, id string, slots int, flags ...string) {
 	t.Helper()
-	w := &workerProc{id: id, slots: slots, flags: flags}
+	// A worker started again under an id keeps that id's data dir, as a
+	// restarted machine keeps its disk.
+	w := &workerProc{id: id, dataDir: filepath.Join(c.dir, "workerd-"+id+"-data"), slots: slots, flags: flags}
 	c.workers = append(c.workers, w)
 	pick := func() {
 		a := freeAddrs(t, 3)
@@ -55,6 +63,7 @@ func (c *cluster) workerArgs(w *workerProc) []string {
 	}
 	return slices.Concat([]string{
 		"-id", w.id,
+		"-data-dir", w.dataDir,
 		"-data-addr", w.dataAddr,
 		"-gossip-addr", w.gossipAddr,
 		"-join", strings.Join(join, ","),
@@ -62,6 +71,10 @@ func (c *cluster) workerArgs(w *workerProc) []string {
 		"-metrics-addr", w.metricsAddr,
 	}, c.opts.workerFlags, w.flags)
 }
+
+// stateDir is the worker's local state dir: <data-dir>/state, workerd's
+// default when -state-dir is not given.
+func (w *workerProc) stateDir() string { return filepath.Join(w.dataDir, "state") }
 
 // worker returns the worker with the given id.
 func (c *cluster) worker(t *testing.T, id string) *workerProc {
