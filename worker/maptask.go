@@ -229,7 +229,6 @@ func (m *mapTask) openBackend() (state.Backend, func(), error) {
 func (m *mapTask) run(ctx context.Context, running func()) error {
 	ctx, cancel := context.WithCancel(ctx)
 	m.ctx = ctx
-	var writers sync.WaitGroup
 	defer func() {
 		m.reg.unregisterMap(m)
 		cancel()
@@ -237,7 +236,6 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		m.stopped = true
 		m.mu.Unlock()
 		m.wg.Wait()
-		writers.Wait()
 	}()
 
 	backend, closeBackend, err := m.openBackend()
@@ -245,6 +243,21 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		return err
 	}
 	defer closeBackend()
+	// The snapshot goroutine reads views of the backend: it stops, and the
+	// views it did not get to are released, before the backend closes.
+	var writers sync.WaitGroup
+	defer func() {
+		cancel()
+		writers.Wait()
+		for {
+			select {
+			case job := <-m.snaps:
+				job.view.Release()
+			default:
+				return
+			}
+		}
+	}()
 	m.keyed = newKeyedState(backend)
 	m.writer = &snapshotWriter{job: m.key.job, task: m.key.id, attempt: m.key.attempt}
 	if url := m.stateSpec.GetStorage(); url != "" {
