@@ -1,0 +1,120 @@
+package coordinator
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// requestSavepoint hands a savepoint request to the leader loop and returns
+// the channel its answer comes on.
+func (h *leaderHarness) requestSavepoint(job string, stop bool) chan savepointReply {
+	r := savepointRequest{jobID: job, stop: stop, reply: make(chan savepointReply, 1)}
+	h.l.handle(r)
+	return r.reply
+}
+
+// savepointTriggers returns the savepoint triggers among msgs, by task.
+func savepointTriggers(msgs []*transport.CoordinatorMessage) map[string]*transport.TriggerCheckpoint {
+	out := make(map[string]*transport.TriggerCheckpoint)
+	for _, m := range msgs {
+		if tr := m.GetTrigger(); tr != nil {
+			out[tr.GetTask().GetTaskId()] = tr
+		}
+	}
+	return out
+}
+
+// TestLeaderSavepoint: a savepoint is triggered at once, carries the
+// savepoint flag (and stop) to the sources, is recorded with file paths
+// relative to its own directory, and answers the request; a final one
+// cancels the job; an aborted one answers with the reason and, when it was
+// to stop the job, restarts it from its last checkpoint.
+func TestLeaderSavepoint(t *testing.T) {
+	h := newLeaderHarness(t)
+	spec := testJobSpec(1, 2)
+	spec.Checkpoint.Storage = "file:///ck"
+	h.startJob("j1", spec)
+	last := h.completeCheckpoint("j1")
+
+	reply := h.requestSavepoint("j1", false)
+	h.l.checkpointPass() // no interval wait for a savepoint
+	job := h.job("j1")
+	if job.Pending == nil || !job.Pending.Savepoint || job.Pending.Stop {
+		t.Fatalf("pending %+v, want a savepoint", job.Pending)
+	}
+	id := job.Pending.ID
+	msgs := append(h.drain("w1"), h.drain("w2")...)
+	for task, tr := range savepointTriggers(msgs) {
+		if !tr.GetSavepoint() || tr.GetStop() || tr.GetLastCompleted() != last {
+			t.Fatalf("trigger to %s = %v, want a savepoint naming checkpoint %d", task, tr, last)
+		}
+	}
+	dir := transport.SavepointDir("j1", id)
+	for _, task := range job.Tasks {
+		st := validState(task, id)
+		if task.Kind == fsm.TaskMap {
+			st = &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_MAP, Files: []*transport.StateFile{{
+				Path: dir + task.ID + "-a1.cfs", Size: 10, Sha256: strings.Repeat("ab", 32), Full: true,
+				KeyGroupStart: int32(task.KeyGroups.Start), KeyGroupEnd: int32(task.KeyGroups.End),
+			}}}
+		}
+		h.l.handle(workerMessage{sess: h.sessions[task.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
+			Ack: &transport.CheckpointAck{Task: ref(job, task), CheckpointId: id, State: st},
+		}}})
+	}
+	var rep savepointReply
+	select {
+	case rep = <-reply:
+	default:
+		t.Fatal("savepoint request not answered after every task acked")
+	}
+	if rep.err != nil {
+		t.Fatal(rep.err)
+	}
+	sp := rep.sp
+	if sp.ID != fsm.SavepointID("j1", id) || !strings.Contains(sp.Location, "prefix=savepoints%2Fj1%2Fsp-") {
+		t.Fatalf("savepoint %+v, want id %s located in its own directory", sp, fsm.SavepointID("j1", id))
+	}
+	if f := sp.Tasks["map-0"].Files[0].Path; f != "map-0-a1.cfs" {
+		t.Fatalf("savepoint file path %q, want it relative to the savepoint's directory", f)
+	}
+	if got, _ := h.f.LastCompleted("j1"); got.ID != last {
+		t.Fatalf("newest completed checkpoint %d, want %d: a savepoint is not a checkpoint", got.ID, last)
+	}
+	// CheckpointComplete is not sent for a savepoint.
+	for _, m := range append(h.drain("w1"), h.drain("w2")...) {
+		if m.GetComplete() != nil {
+			t.Fatalf("CheckpointComplete sent for a savepoint: %v", m)
+		}
+	}
+
+	// A stop-with-savepoint that times out restarts the job.
+	reply = h.requestSavepoint("j1", true)
+	h.l.checkpointPass()
+	if p := h.job("j1").Pending; p == nil || !p.Stop {
+		t.Fatalf("pending %+v, want a final savepoint", p)
+	}
+	h.advance(10*time.Second + time.Millisecond)
+	h.l.checkpointPass()
+	select {
+	case rep = <-reply:
+	default:
+		t.Fatal("aborted savepoint not answered")
+	}
+	if rep.err == nil || !strings.Contains(rep.err.Error(), "aborted") {
+		t.Fatalf("answer %v, want the abort", rep.err)
+	}
+	if j := h.job("j1"); j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "stop with savepoint failed") {
+		t.Fatalf("job %s (%q), want a restart after the failed stop", j.Status, j.Reason)
+	}
+
+	// Requests for a job that is not running are refused at once.
+	reply = h.requestSavepoint("nope", false)
+	if rep := <-reply; rep.err == nil {
+		t.Fatal("savepoint of an unknown job accepted")
+	}
+}
