@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"github.com/coordflow/coordflow/fsm"
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -85,4 +86,12 @@ func (m *metrics) registerRaft(r *raft.Raft) {
 			Name: "coordflow_raft_applied_index", Help: "Last Raft index applied to this node's FSM.",
 		}, func() float64 { return float64(r.AppliedIndex()) }),
 	)
+}
+
+// registerFSM exports what the FSM counts itself.
+func (m *metrics) registerFSM(f *fsm.FSM) {
+	m.registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "coordflow_fsm_unknown_commands_total",
+		Help: "Raft log entries of a command type this coordd does not know, rejected: a newer coordd is leading; upgrade this one.",
+	}, func() float64 { return float64(f.UnknownCommands()) }))
 }

@@ -255,6 +255,8 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		memberEvents: make(chan struct{}, 1),
 		stores:       storage.NewPool(),
 	}
+	s.fsm.SetLogger(s.logger.With("component", "fsm"))
+	s.metrics.registerFSM(s.fsm)
 	s.state = &stateReader{stores: s.stores}
 	s.collector = newCollector(s.stores, s.fsm.Job, s.logger, s.metrics)
 	s.ctx, s.cancel = context.WithCancel(context.Background())

@@ -56,7 +56,7 @@ type Config struct {
 	// new directory under the system's temporary directory.
 	StateDir string
 
-	// Gossip failure detection; see design.md "Raft and membership".
+	// Gossip failure detection; see docs/operations.md "Timing settings".
 	ProbeInterval  time.Duration
 	ProbeTimeout   time.Duration
 	SuspicionMult  int
