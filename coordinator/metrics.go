@@ -1,10 +1,11 @@
 package coordinator
 
 import (
-	"github.com/coordflow/coordflow/fsm"
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/coordflow/coordflow/fsm"
 )
 
 // metrics are one coordd's Prometheus metrics, in a registry of its own so
