@@ -365,6 +365,8 @@ func (m *mapTask) restore(ctx context.Context) error {
 		}
 	}
 	m.restoredLocal, m.restoredRemote = src.local, src.remote
+	m.env.metrics.restoredFiles.WithLabelValues(m.key.job, "local").Add(float64(src.local))
+	m.env.metrics.restoredFiles.WithLabelValues(m.key.job, "storage").Add(float64(src.remote))
 	m.log.Info("restored keyed state", "checkpoint", m.restoreID, "blobs", len(m.blobs), "keys", m.keyed.keys,
 		"files_local", src.local, "files_downloaded", src.remote, "took", time.Since(began).Round(time.Millisecond))
 	return nil
@@ -522,7 +524,7 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 		return fmt.Errorf("state backend: %w", err)
 	}
 	job := &snapshotJob{
-		id: id, view: view, kgStart: m.kgStart, kgEnd: m.kgEnd,
+		id: id, began: time.Now(), view: view, kgStart: m.kgStart, kgEnd: m.kgEnd,
 		applied:  maps.Clone(m.keyed.applied),
 		keys:     m.keyed.keys,
 		encoding: string(operator.EncodingOf(m.op)),
@@ -659,6 +661,8 @@ func (m *mapTask) snapshotDone(r snapshotResult) error {
 
 func (m *mapTask) sendAck(r snapshotResult) {
 	m.ackedN.Inc()
+	m.env.metrics.snapshotBytes.WithLabelValues(m.key.job, r.mode.String()).Add(float64(r.state.GetStateBytes()))
+	m.env.metrics.snapshotDuration.WithLabelValues(m.key.job).Observe(time.Since(r.began).Seconds())
 	m.log.Debug("checkpoint acked", "checkpoint", r.id, "savepoint", r.savepoint, "bytes", r.state.GetStateBytes(),
 		"files", len(r.state.GetFiles()), "keys", r.state.GetKeys())
 	m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{

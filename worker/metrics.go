@@ -28,6 +28,9 @@ type metrics struct {
 	leaderless       prometheus.Gauge
 	leaseExpiries    prometheus.Counter
 	outboxDropped    prometheus.Counter
+	snapshotBytes    *prometheus.CounterVec   // job, mode: inline, full, delta, savepoint
+	snapshotDuration *prometheus.HistogramVec // job: barrier to ack of a map task's snapshot
+	restoredFiles    *prometheus.CounterVec   // job, from: local, storage
 }
 
 func newMetrics() *metrics {
@@ -70,8 +73,18 @@ func newMetrics() *metrics {
 		outboxDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "coordflow_worker_outbox_dropped_total", Help: "Messages to the leader dropped because the send queue was full.",
 		}),
+		snapshotBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_state_snapshot_bytes_total", Help: "Bytes of keyed state map tasks wrote for checkpoints, by mode: inline, full, delta, savepoint.",
+		}, []string{"job", "mode"}),
+		snapshotDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "coordflow_state_snapshot_duration_seconds", Help: "From a map task's aligned barrier to its ack: writing its state out.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}, []string{"job"}),
+		restoredFiles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
+		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

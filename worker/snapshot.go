@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/statefile"
@@ -52,6 +53,7 @@ const (
 // loop builds it; the snapshot writer goroutine consumes it.
 type snapshotJob struct {
 	id       uint64
+	began    time.Time // when the barrier was aligned
 	view     state.View
 	kgStart  int32
 	kgEnd    int32
@@ -71,6 +73,8 @@ type snapshotJob struct {
 // snapshotResult is what the writer reports back to the task loop.
 type snapshotResult struct {
 	id        uint64
+	began     time.Time
+	mode      snapshotMode // what was written
 	state     *transport.TaskState
 	full      bool // the chain starts over with this snapshot's file
 	savepoint bool // a savepoint: no base for later snapshots
@@ -94,6 +98,27 @@ type snapshotWriter struct {
 
 // write turns job into a task state. The view is released when it returns.
 func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotResult {
+	r := w.writeMode(ctx, job)
+	r.began = job.began
+	return r
+}
+
+// String names a mode in metrics.
+func (m snapshotMode) String() string {
+	switch m {
+	case modeInline:
+		return "inline"
+	case modeFull:
+		return "full"
+	case modeDelta:
+		return "delta"
+	case modeSavepoint:
+		return "savepoint"
+	}
+	return "unknown"
+}
+
+func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapshotResult {
 	defer job.view.Release()
 	st := &transport.TaskState{
 		Kind:          transport.TaskKind_TASK_KIND_MAP,
@@ -107,7 +132,7 @@ func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotRe
 		switch {
 		case err == nil:
 			st.Keyed, st.KeyedSha256, st.StateBytes = data, sum, int64(len(data))
-			return snapshotResult{id: job.id, state: st, full: true, savepoint: job.savepoint}
+			return snapshotResult{id: job.id, state: st, full: true, savepoint: job.savepoint, mode: modeInline}
 		case errors.Is(err, errInlineTooBig) && w.store != nil:
 			mode = modeFull
 		case errors.Is(err, errInlineTooBig):
@@ -126,7 +151,7 @@ func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotRe
 	} else {
 		st.Files = []*transport.StateFile{file}
 	}
-	return snapshotResult{id: job.id, state: st, full: mode == modeFull, savepoint: mode == modeSavepoint}
+	return snapshotResult{id: job.id, state: st, full: mode == modeFull, savepoint: mode == modeSavepoint, mode: mode}
 }
 
 // limitWriter fails once more than n bytes were written to it.
