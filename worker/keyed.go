@@ -1,7 +1,6 @@
 package worker
 
 import (
-	"encoding/binary"
 	"errors"
 	"maps"
 	"slices"
@@ -18,12 +17,16 @@ type keyedState struct {
 
 	// keys is the number of keys held, kept exact by the writes below.
 	keys int64
-	// current holds the keys changed since the last snapshot (kg + key, as
-	// dirtyKey encodes them); closed holds the change sets of earlier
-	// snapshots that no completed checkpoint has covered yet, by checkpoint
-	// id.
-	current map[string]struct{}
-	closed  map[uint64]changeSet
+	// track says whether changed keys are recorded: only incremental
+	// snapshots (a job with checkpoint storage) need them.
+	track bool
+	// current holds the keys changed since the last snapshot, by key
+	// group; closed holds the change sets of earlier snapshots that no
+	// completed checkpoint has covered yet, by checkpoint id. A closed set
+	// is never modified again, so the snapshot goroutine may read it.
+	current  changes
+	currentN int
+	closed   map[uint64]changeSet
 	// overflow is set once more keys changed than maxDirtyKeys since the
 	// last snapshot: tracking stops, so that memory does not grow with the
 	// state, and no delta can be built over that span.
@@ -33,63 +36,70 @@ type keyedState struct {
 	applied map[int32]int64
 }
 
+// changes is a set of changed keys by key group.
+type changes map[int32]map[string]struct{}
+
 // maxDirtyKeys bounds the changed keys remembered between two snapshots.
 const maxDirtyKeys = 4 << 20
 
-func newKeyedState(b state.Backend) *keyedState {
+func newKeyedState(b state.Backend, track bool) *keyedState {
 	return &keyedState{
 		backend: b,
-		current: make(map[string]struct{}),
+		track:   track,
+		current: make(changes),
 		closed:  make(map[uint64]changeSet),
 		applied: make(map[int32]int64),
 	}
 }
 
-// dirtyKey encodes a key group and a key as one map key: 4 bytes big-endian
-// of the key group, then the key.
-func dirtyKey(kg int32, key []byte) string {
-	b := make([]byte, 4, 4+len(key))
-	binary.BigEndian.PutUint32(b, uint32(kg))
-	return string(append(b, key...))
-}
-
-func splitDirtyKey(k string) (int32, []byte) {
-	return int32(binary.BigEndian.Uint32([]byte(k[:4]))), []byte(k[4:])
-}
-
-// touch records that key changed.
+// touch records that key changed. It allocates only for a key not yet
+// recorded since the last snapshot.
 func (s *keyedState) touch(kg int32, key []byte) {
-	if s.overflow {
+	if !s.track || s.overflow {
 		return
 	}
-	if len(s.current) >= maxDirtyKeys {
+	g := s.current[kg]
+	if _, ok := g[string(key)]; ok {
+		return
+	}
+	if s.currentN >= maxDirtyKeys {
 		s.overflow = true
-		clear(s.current)
+		s.current, s.currentN = make(changes), 0
 		return
 	}
-	s.current[dirtyKey(kg, key)] = struct{}{}
+	if g == nil {
+		g = make(map[string]struct{})
+		s.current[kg] = g
+	}
+	g[string(key)] = struct{}{}
+	s.currentN++
 }
 
 // changeSet is the keys changed between two snapshots, or the mark that
 // they are not all known.
 type changeSet struct {
-	keys     map[string]struct{}
+	keys     changes
 	overflow bool
 }
 
 // closeEpoch ends the changes of checkpoint id: those made since the last
 // snapshot now belong to it, and tracking starts over.
 func (s *keyedState) closeEpoch(id uint64) {
+	if !s.track {
+		return
+	}
 	s.closed[id] = changeSet{keys: s.current, overflow: s.overflow}
-	s.current = make(map[string]struct{})
-	s.overflow = false
+	s.current, s.currentN, s.overflow = make(changes), 0, false
 }
 
-// changedSince returns, sorted, the keys changed after checkpoint base up to
-// the last closed epoch; ok is false when they are not all known (tracking
-// overflowed in between), so only a full snapshot is right.
-func (s *keyedState) changedSince(base uint64) (keys []string, ok bool) {
-	union := make(map[string]struct{})
+// changedSince returns the change sets of the snapshots after checkpoint
+// base; ok is false when they do not hold every change (tracking was off or
+// overflowed in between), so only a full snapshot is right. The sets are
+// closed: the caller may read them from another goroutine.
+func (s *keyedState) changedSince(base uint64) (sets []changes, ok bool) {
+	if !s.track {
+		return nil, false
+	}
 	for id, set := range s.closed {
 		if id <= base {
 			continue
@@ -97,9 +107,9 @@ func (s *keyedState) changedSince(base uint64) (keys []string, ok bool) {
 		if set.overflow {
 			return nil, false
 		}
-		maps.Copy(union, set.keys)
+		sets = append(sets, set.keys)
 	}
-	return slices.Sorted(maps.Keys(union)), true
+	return sets, true
 }
 
 // forget drops the change sets of checkpoints at or below id, which a
@@ -110,6 +120,29 @@ func (s *keyedState) forget(id uint64) {
 			delete(s.closed, c)
 		}
 	}
+}
+
+// mergeChanges returns the union of sets in (key group, key) order, calling
+// fn for each changed key once.
+func mergeChanges(sets []changes, fn func(kg int32, key []byte) error) error {
+	groups := make(map[int32]struct{})
+	for _, set := range sets {
+		for kg := range set {
+			groups[kg] = struct{}{}
+		}
+	}
+	for _, kg := range slices.Sorted(maps.Keys(groups)) {
+		union := make(map[string]struct{})
+		for _, set := range sets {
+			maps.Copy(union, set[kg])
+		}
+		for _, k := range slices.Sorted(maps.Keys(union)) {
+			if err := fn(kg, []byte(k)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // itemContext is the operator.Context of one Process call. The map task

@@ -258,7 +258,6 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 			}
 		}
 	}()
-	m.keyed = newKeyedState(backend)
 	m.writer = &snapshotWriter{job: m.key.job, task: m.key.id, attempt: m.key.attempt}
 	if url := m.stateSpec.GetStorage(); url != "" {
 		if m.writer.store, err = m.env.stores.Get(ctx, url); err != nil {
@@ -268,6 +267,8 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 			m.writer.cache = filepath.Join(m.env.cfg.StateDir, "cache")
 		}
 	}
+	// Only incremental snapshots, which need storage, read the changed keys.
+	m.keyed = newKeyedState(backend, m.writer.store != nil)
 	if err := m.restore(ctx); err != nil {
 		return fmt.Errorf("restore checkpoint %d: %w", m.restoreID, err)
 	}

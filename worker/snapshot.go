@@ -58,7 +58,7 @@ type snapshotJob struct {
 	kgStart  int32
 	kgEnd    int32
 	mode     snapshotMode
-	changed  []string // modeDelta: sorted dirty keys
+	changed  []changes // modeDelta: the keys changed since the base
 	base     []*transport.StateFile
 	applied  map[int32]int64
 	keys     int64
@@ -189,20 +189,19 @@ func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.S
 		return statefile.Summary{}, err
 	}
 	if mode == modeDelta {
-		for _, k := range job.changed {
-			kg, key := splitDirtyKey(k)
+		err := mergeChanges(job.changed, func(kg int32, key []byte) error {
 			v, ok, err := job.view.Get(kg, key)
 			switch {
 			case err != nil:
-				return statefile.Summary{}, fmt.Errorf("read key group %d: %w", kg, err)
+				return fmt.Errorf("read key group %d: %w", kg, err)
 			case ok:
-				err = fw.Add(kg, key, v)
+				return fw.Add(kg, key, v)
 			default:
-				err = fw.Delete(kg, key)
+				return fw.Delete(kg, key)
 			}
-			if err != nil {
-				return statefile.Summary{}, err
-			}
+		})
+		if err != nil {
+			return statefile.Summary{}, err
 		}
 	} else if err := job.view.Range(job.kgStart, job.kgEnd, fw.Add); err != nil {
 		return statefile.Summary{}, err
