@@ -27,7 +27,10 @@ type keyedState struct {
 	current  changes
 	currentN int
 	closed   map[uint64]changeSet
-	// overflow is set once more keys changed than maxDirtyKeys since the
+	// maxDirty is the most changed keys remembered between two snapshots
+	// (maxDirtyKeys; tests lower it).
+	maxDirty int
+	// overflow is set once more keys changed than maxDirty since the
 	// last snapshot: tracking stops, so that memory does not grow with the
 	// state, and no delta can be built over that span.
 	overflow bool
@@ -45,8 +48,9 @@ const maxDirtyKeys = 4 << 20
 func newKeyedState(b state.Backend, track bool) *keyedState {
 	return &keyedState{
 		backend: b,
-		track:   track,
-		current: make(changes),
+		track:    track,
+		maxDirty: maxDirtyKeys,
+		current:  make(changes),
 		closed:  make(map[uint64]changeSet),
 		applied: make(map[int32]int64),
 	}
@@ -62,7 +66,7 @@ func (s *keyedState) touch(kg int32, key []byte) {
 	if _, ok := g[string(key)]; ok {
 		return
 	}
-	if s.currentN >= maxDirtyKeys {
+	if s.currentN >= s.maxDirty {
 		s.overflow = true
 		s.current, s.currentN = make(changes), 0
 		return
