@@ -42,7 +42,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 // testLogger logs to t until the test ends (later lines are dropped: the
 // testing package panics on Log after a test completed).
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	w := &testLogWriter{t: t}
 	t.Cleanup(func() { w.mu.Lock(); w.done = true; w.mu.Unlock() })
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -50,7 +50,7 @@ func testLogger(t *testing.T) *slog.Logger {
 
 type testLogWriter struct {
 	mu   sync.Mutex
-	t    *testing.T
+	t    testing.TB
 	done bool
 }
 

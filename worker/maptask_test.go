@@ -26,7 +26,7 @@ func (nopRegistry) unregisterMap(*mapTask) {}
 
 // unitEnv is a task environment without a worker: messages to the leader go
 // to the returned channel.
-func unitEnv(t *testing.T) (*taskEnv, chan *transport.WorkerMessage) {
+func unitEnv(t testing.TB) (*taskEnv, chan *transport.WorkerMessage) {
 	cfg := DefaultConfig()
 	cfg.ID = "w-unit"
 	sent := make(chan *transport.WorkerMessage, 1024)
