@@ -281,15 +281,29 @@ func sumOffsets[K comparable](m map[K]int64) int64 {
 // partition, in offset order.
 func readTopic(t *testing.T, brokers []string, topic string) map[int32][]string {
 	t.Helper()
+	out := make(map[int32][]string)
+	for p, recs := range readTopicRecords(t, brokers, topic) {
+		out[p] = make([]string, len(recs))
+		for i, r := range recs {
+			out[p][i] = r.value
+		}
+	}
+	return out
+}
+
+// readTopicRecords is readTopic with the records' keys: it returns the
+// records of every partition in offset order.
+func readTopicRecords(t *testing.T, brokers []string, topic string) map[int32][]record {
+	t.Helper()
 	end := topicEndOffsets(t, brokers, topic)
 	cons, err := sarama.NewConsumer(brokers, saramaConfig())
 	if err != nil {
 		t.Fatalf("read %s: new consumer: %v", topic, err)
 	}
 	defer cons.Close()
-	out := make(map[int32][]string, len(end))
+	out := make(map[int32][]record, len(end))
 	for p, last := range end {
-		out[p] = []string{}
+		out[p] = []record{}
 		if last == 0 {
 			continue
 		}
@@ -304,7 +318,7 @@ func readTopic(t *testing.T, brokers []string, topic string) map[int32][]string 
 				if m.Offset != int64(len(out[p])) {
 					t.Fatalf("read %s/%d: got offset %d after %d records", topic, p, m.Offset, len(out[p]))
 				}
-				out[p] = append(out[p], string(m.Value))
+				out[p] = append(out[p], record{key: string(m.Key), value: string(m.Value), partition: p})
 			case err := <-pc.Errors():
 				t.Fatalf("read %s/%d: %v", topic, p, err)
 			case <-timeout:

@@ -47,12 +47,12 @@ const maxDirtyKeys = 4 << 20
 
 func newKeyedState(b state.Backend, track bool) *keyedState {
 	return &keyedState{
-		backend: b,
+		backend:  b,
 		track:    track,
 		maxDirty: maxDirtyKeys,
 		current:  make(changes),
-		closed:  make(map[uint64]changeSet),
-		applied: make(map[int32]int64),
+		closed:   make(map[uint64]changeSet),
+		applied:  make(map[int32]int64),
 	}
 }
 
