@@ -26,6 +26,8 @@ package integration
 //	harness_api_test.go      the HTTP API: views, job specs, calls, waits on jobs and digests
 //	harness_cli_test.go      the coordd CLI
 //	harness_s3_test.go       an S3 server (versitygw) for checkpoint storage
+//	harness_state_test.go    keyed state through the API (export, single keys),
+//	                         savepoints, file:// storage and its files
 
 import (
 	"context"

@@ -342,7 +342,7 @@ func (m *mapTask) restore(ctx context.Context) error {
 	for _, b := range m.blobs {
 		n, err := src.restoreBlob(ctx, b, m.keyed.backend, m.kgStart, m.kgEnd)
 		if err != nil {
-			return err
+			return localError(err)
 		}
 		m.keyed.keys += n
 		for p, off := range b.GetApplied() {
@@ -465,7 +465,7 @@ func (m *mapTask) apply(items []*transport.Item) error {
 		}
 		if err != nil {
 			if isBackendError(err) {
-				return fmt.Errorf("state backend: %w", err)
+				return fmt.Errorf("state backend: %w", localError(err))
 			}
 			m.skipped.Inc()
 			m.log.Debug("operator rejected an item", "key_group", kg, "partition", it.GetPartition(), "offset", it.GetOffset(), "err", err)

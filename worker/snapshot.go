@@ -290,9 +290,9 @@ func (w *snapshotWriter) viaCache(ctx context.Context, job *snapshotJob, mode sn
 	return h, nil
 }
 
-// localError marks a full disk as such, keeping the error's text.
+// localError marks a full local disk as such, keeping the error's text.
 func localError(err error) error {
-	if errors.Is(err, syscall.ENOSPC) {
+	if errors.Is(err, syscall.ENOSPC) && !errors.Is(err, errDiskFull) {
 		return fmt.Errorf("%w: %w", errDiskFull, err)
 	}
 	return err
