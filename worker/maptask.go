@@ -390,6 +390,15 @@ func (m *mapTask) runningNote() string {
 		m.restoreID, how, m.restoredLocal, m.restoredRemote)
 }
 
+// fullFiles and deltaFiles split a chain into its full files and its deltas.
+func fullFiles(chain []*transport.StateFile) []*transport.StateFile {
+	return slices.DeleteFunc(slices.Clone(chain), func(f *transport.StateFile) bool { return !f.GetFull() })
+}
+
+func deltaFiles(chain []*transport.StateFile) []*transport.StateFile {
+	return slices.DeleteFunc(slices.Clone(chain), func(f *transport.StateFile) bool { return f.GetFull() })
+}
+
 // chainOf describes an existing chain of files.
 func chainOf(files []*transport.StateFile) chainInfo {
 	c := chainInfo{files: files}
@@ -547,14 +556,23 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 		job.mode, job.inlineLimit = modeInline, fsm.MaxInlineStateBytes
 	case m.fullSize < threshold:
 		job.mode, job.inlineLimit = modeInline, threshold
-	case m.baseID == 0 || len(m.base.files) == 0 || m.base.deltas >= maxChainDeltas || m.base.deltaBytes >= m.base.fullBytes:
+	case m.baseID == 0 || len(m.base.files) == 0 || m.base.deltaBytes >= m.base.fullBytes/2:
+		// The changes since the full files weigh as much as half of them: a
+		// new full file costs little more than carrying them on.
 		job.mode = modeFull
 	default:
 		changed, ok := m.keyed.changedSince(m.baseID)
-		if ok {
-			job.mode, job.changed, job.base = modeDelta, changed, m.base.files
-		} else {
+		switch {
+		case !ok:
 			job.mode = modeFull
+		case m.base.deltas >= maxChainDeltas:
+			// Compact: one delta of every key changed since the full files,
+			// read from the deltas it replaces, so a restore reads a bounded
+			// chain without a full file being rewritten.
+			job.mode, job.changed = modeDelta, changed
+			job.base, job.compact = fullFiles(m.base.files), deltaFiles(m.base.files)
+		default:
+			job.mode, job.changed, job.base = modeDelta, changed, m.base.files
 		}
 	}
 	select {

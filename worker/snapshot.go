@@ -26,8 +26,9 @@ import (
 // deltas would outweigh it or the chain grows long, so that a restore reads a
 // bounded number of files.
 const (
-	// maxChainDeltas bounds the deltas after the full files of a chain.
-	maxChainDeltas = 16
+	// maxChainDeltas bounds the deltas after the full files of a chain: a
+	// snapshot over that many writes one delta in place of them all.
+	maxChainDeltas = 8
 )
 
 // errStateCorrupt marks restored state that failed verification or could
@@ -59,6 +60,9 @@ type snapshotJob struct {
 	kgEnd    int32
 	mode     snapshotMode
 	changed  []changes // modeDelta: the keys changed since the base
+	// compact (modeDelta) lists deltas the new delta replaces: their keys
+	// are written again, with their values as of this snapshot.
+	compact []*transport.StateFile
 	base     []*transport.StateFile
 	applied  map[int32]int64
 	keys     int64
@@ -141,6 +145,13 @@ func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapsh
 			return snapshotResult{id: job.id, err: err}
 		}
 	}
+	if len(job.compact) > 0 {
+		keys, err := w.deltaKeys(ctx, job.compact)
+		if err != nil {
+			return snapshotResult{id: job.id, err: fmt.Errorf("compact %d deltas: %w", len(job.compact), err)}
+		}
+		job.changed = append(job.changed, keys)
+	}
 	file, err := w.file(ctx, job, mode)
 	if err != nil {
 		return snapshotResult{id: job.id, err: err}
@@ -152,6 +163,33 @@ func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapsh
 		st.Files = []*transport.StateFile{file}
 	}
 	return snapshotResult{id: job.id, state: st, full: mode == modeFull, savepoint: mode == modeSavepoint, mode: mode}
+}
+
+// deltaKeys returns every key the delta files hold (values and tombstones
+// alike), reading the local copies where they are.
+func (w *snapshotWriter) deltaKeys(ctx context.Context, files []*transport.StateFile) (changes, error) {
+	src := &restoreSource{store: w.store, cache: w.cache}
+	keys := make(changes)
+	for _, f := range files {
+		rd, release, err := src.open(ctx, f)
+		if err != nil {
+			return nil, err
+		}
+		err = rd.Range(0, statefile.MaxKeyGroups, func(kg int32, key, _ []byte, _ bool) error {
+			g := keys[kg]
+			if g == nil {
+				g = make(map[string]struct{})
+				keys[kg] = g
+			}
+			g[string(key)] = struct{}{}
+			return nil
+		})
+		release()
+		if err != nil {
+			return nil, fmt.Errorf("state file %s: %w", f.GetPath(), err)
+		}
+	}
+	return keys, nil
 }
 
 // limitWriter fails once more than n bytes were written to it.

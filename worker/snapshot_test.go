@@ -314,3 +314,60 @@ func TestChainCompaction(t *testing.T) {
 		t.Fatalf("chains %v, want a full file again once the delta outweighs it", shapes)
 	}
 }
+
+// TestDeltaCompaction: small changes grow a chain of deltas up to
+// maxChainDeltas; the next snapshot writes one delta in place of them all
+// (every key they changed, as of now), on the same full file.
+func TestDeltaCompaction(t *testing.T) {
+	env, sent, url := fileEnv(t)
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+	d.State = &transport.StateSpec{Backend: "disk", Storage: url, InlineThreshold: 1}
+	mt := runMapTask(t, env, d)
+	lc, err := mt.attachLocal(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int64{}
+	feed := func(ks ...string) {
+		send(t, lc, batchMsg(128, ks...))
+		for _, k := range ks {
+			want[k]++
+		}
+	}
+	var all []string
+	for i := range 1000 {
+		all = append(all, fmt.Sprintf("key-%04d", i))
+	}
+	feed(all...)
+	var last uint64
+	var st *transport.TaskState
+	for i := range maxChainDeltas + 2 {
+		if i > 0 {
+			feed(fmt.Sprintf("key-%04d", i), fmt.Sprintf("new-%d", i))
+		}
+		send(t, lc, barrierAfter(last+1, last))
+		st = awaitSent(t, sent).GetAck().GetState()
+		last++
+		files := st.GetFiles()
+		switch {
+		case i == 0 && (len(files) != 1 || !files[0].GetFull()):
+			t.Fatalf("snapshot 1: %v, want one full file", files)
+		case i > 0 && i <= maxChainDeltas && len(files) != 1+i:
+			t.Fatalf("snapshot %d: %d files, want the full file and %d deltas", last, len(files), i)
+		case i == maxChainDeltas+1 && (len(files) != 2 || !files[0].GetFull() || files[1].GetFull()):
+			t.Fatalf("snapshot %d: %d files, want the full file and one compacted delta", last, len(files))
+		}
+		if got := readChain(t, url, files); !reflect.DeepEqual(got, want) {
+			t.Fatalf("snapshot %d holds %d keys, want %d", last, len(got), len(want))
+		}
+	}
+	// The compacted delta holds every key the replaced deltas held.
+	var changed []string
+	for i := 1; i <= maxChainDeltas+1; i++ {
+		changed = append(changed, fmt.Sprintf("key-%04d", i), fmt.Sprintf("new-%d", i))
+	}
+	if got := deltaKeys(t, url, st.GetFiles()[1]); !reflect.DeepEqual(got, sortedKeys(changed...)) {
+		t.Fatalf("compacted delta holds %v, want %v", got, sortedKeys(changed...))
+	}
+}
