@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
 )
 
 // maxSavepointWait bounds how long a savepoint request waits for the
@@ -66,6 +67,13 @@ func (s *Server) takeSavepoint(ctx context.Context, job fsm.Job, stop bool) (fsm
 		case rep.err != nil:
 			return rep.sp, http.StatusInternalServerError, rep.err
 		}
+		// Written here, not by the leader loop (which must not wait for
+		// storage), and before the answer: a client may start a job from
+		// the savepoint's URL as soon as it has it.
+		if err := s.writeMetadata(ctx, rep.sp); err != nil {
+			return rep.sp, http.StatusInternalServerError, fmt.Errorf("savepoint %s taken, but its %s could not be written, so it can be started from by id only: %w",
+				rep.sp.ID, transport.SavepointMetadata, err)
+		}
 		return rep.sp, http.StatusOK, nil
 	case <-l.ctx.Done():
 		return fsm.Savepoint{}, http.StatusServiceUnavailable, fmt.Errorf("savepoint of job %s: leadership lost; ask again", job.ID)
@@ -80,6 +88,7 @@ func (s *Server) handleTakeSavepoint(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sp, status, err := s.takeSavepoint(r.Context(), job, false)
+	s.setAppliedIndexHeader(w)
 	if err != nil {
 		writeError(w, status, err.Error())
 		return
@@ -91,12 +100,21 @@ func (s *Server) handleTakeSavepoint(w http.ResponseWriter, r *http.Request) {
 // stops with a final savepoint, and nothing is processed after it.
 func (s *Server) stopWithSavepoint(w http.ResponseWriter, r *http.Request, job fsm.Job) {
 	sp, status, err := s.takeSavepoint(r.Context(), job, true)
+	s.setAppliedIndexHeader(w)
 	if err != nil {
 		writeError(w, status, err.Error())
 		return
 	}
 	s.logger.Info("job stopped with savepoint", "job", job.ID, "savepoint", sp.ID)
 	writeJSON(w, http.StatusOK, map[string]any{"id": job.ID, "status": fsm.JobCancelled, "savepoint": newAPISavepoint(sp)})
+}
+
+// setAppliedIndexHeader names the index this leader has applied, which
+// covers the savepoint's commands (the leader loop commits them before it
+// answers): a forwarding follower waits for it, so the client reads its own
+// savepoint there.
+func (s *Server) setAppliedIndexHeader(w http.ResponseWriter) {
+	setIndexHeader(w, s.applied.applied.Load())
 }
 
 func (s *Server) handleListSavepoints(w http.ResponseWriter, _ *http.Request) {

@@ -74,9 +74,6 @@ type leaderEnv struct {
 	collect func(ctx context.Context, jobID string)
 	// savepoint reads one savepoint of the local FSM.
 	savepoint func(id string) (fsm.Savepoint, bool)
-	// writeSavepointMetadata writes a savepoint's _metadata document in the
-	// background; nil writes none.
-	writeSavepointMetadata func(ctx context.Context, sp fsm.Savepoint)
 }
 
 // serverEnv returns the leaderEnv of a running Server.
@@ -95,8 +92,6 @@ func serverEnv(s *Server) leaderEnv {
 		jitter:       rand.Float64,
 		collect:      s.collector.collect,
 		savepoint:    s.fsm.Savepoint,
-
-		writeSavepointMetadata: s.writeMetadata,
 	}
 }
 

@@ -127,9 +127,6 @@ func (l *leader) completeSavepoint(js *jobState, p *pendingCheckpoint) {
 		return
 	}
 	log.Info("savepoint completed", "savepoint", sp.ID, "stop", p.stop, "location", sp.Location)
-	if l.env.writeSavepointMetadata != nil && sp.Location != "" {
-		l.env.writeSavepointMetadata(l.ctx, sp)
-	}
 	answerSavepoint(p, savepointReply{sp: sp})
 	if p.stop {
 		l.poke() // the job is cancelled now: cancel its tasks
@@ -154,34 +151,29 @@ type savepointMetadata struct {
 const savepointMetadataFormat = "coordflow-savepoint-1"
 
 // writeMetadata writes sp's _metadata into its directory, so that a job can
-// be started from the savepoint's URL alone (on another cluster too).
-func (s *Server) writeMetadata(ctx context.Context, sp fsm.Savepoint) {
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		ctx, cancel := context.WithTimeout(ctx, time.Minute)
-		defer cancel()
-		err := func() error {
-			store, err := storage.Open(ctx, sp.Location)
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			sp.Location = "" // the reader knows where it read it
-			body, err := json.MarshalIndent(savepointMetadata{Format: savepointMetadataFormat, Savepoint: sp}, "", "  ")
-			if err != nil {
-				return err
-			}
-			_, err = store.Create(ctx, transport.SavepointMetadata, func(w io.Writer) error {
-				_, err := w.Write(body)
-				return err
-			})
-			return err
-		}()
-		if err != nil {
-			s.logger.Error("write savepoint metadata", "savepoint", sp.ID, "location", sp.Location, "err", err)
-		}
-	}()
+// be started from the savepoint's URL alone (on another cluster too). A
+// savepoint without storage (inline state) has none.
+func (s *Server) writeMetadata(ctx context.Context, sp fsm.Savepoint) error {
+	if sp.Location == "" {
+		return nil
+	}
+	// Opened for this write alone: the pool keeps stores by URL, and every
+	// savepoint has a URL of its own.
+	store, err := storage.Open(ctx, sp.Location)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	sp.Location = "" // the reader knows where it read it
+	body, err := json.MarshalIndent(savepointMetadata{Format: savepointMetadataFormat, Savepoint: sp}, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = store.Create(ctx, transport.SavepointMetadata, func(w io.Writer) error {
+		_, err := w.Write(body)
+		return err
+	})
+	return err
 }
 
 // resolveSavepoint finds the savepoint a job is to start from: the id of a
