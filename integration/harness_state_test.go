@@ -259,24 +259,6 @@ func (cp checkpointView) mapTasks() []checkpointTaskView {
 	return out
 }
 
-// takeSavepoint takes a savepoint of a running job through the API of the
-// coordinator at addr (POST /v1/jobs/{id}/savepoints, which answers once it
-// is completed).
-func (c *cluster) takeSavepoint(t *testing.T, addr, job string) savepointView {
-	t.Helper()
-	var sp savepointView
-	client := *c.client
-	client.Timeout = longTimeout
-	if err := c.callWith(&client, "POST", addr, "/v1/jobs/"+job+"/savepoints", nil, &sp); err != nil {
-		t.Fatalf("savepoint of job %s: %v", job, err)
-	}
-	if sp.ID == "" || sp.JobID != job || sp.CheckpointID == 0 {
-		t.Fatalf("savepoint of job %s: answer %+v lacks an id, its job or its checkpoint", job, sp)
-	}
-	t.Logf("savepoint %s of job %s: checkpoint %d, %d keys, %d bytes, at %s", sp.ID, job, sp.CheckpointID, sp.Keys, sp.StateBytes, sp.Location)
-	return sp
-}
-
 // stopWithSavepoint stops a job with a final savepoint (DELETE
 // /v1/jobs/{id}?savepoint=true to the coordinator at addr) and returns the
 // savepoint.

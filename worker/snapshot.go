@@ -53,16 +53,16 @@ const (
 // taken at the barrier and everything needed to describe it. The map task's
 // loop builds it; the snapshot writer goroutine consumes it.
 type snapshotJob struct {
-	id       uint64
-	began    time.Time // when the barrier was aligned
-	view     state.View
-	kgStart  int32
-	kgEnd    int32
-	mode     snapshotMode
-	changed  []changes // modeDelta: the keys changed since the base
+	id      uint64
+	began   time.Time // when the barrier was aligned
+	view    state.View
+	kgStart int32
+	kgEnd   int32
+	mode    snapshotMode
+	changed []changes // modeDelta: the keys changed since the base
 	// compact (modeDelta) lists deltas the new delta replaces: their keys
 	// are written again, with their values as of this snapshot.
-	compact []*transport.StateFile
+	compact  []*transport.StateFile
 	base     []*transport.StateFile
 	applied  map[int32]int64
 	keys     int64
