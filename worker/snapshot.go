@@ -22,9 +22,9 @@ import (
 
 // How a map task snapshots its keyed state (docs/state.md): inline in the ack
 // while it is small, else as files in checkpoint storage. A file chain is a
-// full file followed by deltas; a snapshot writes a full file again once the
-// deltas would outweigh it or the chain grows long, so that a restore reads a
-// bounded number of files.
+// full file followed by deltas; a long chain's deltas are compacted into one,
+// and a full file is written again once the deltas weigh half as much as it,
+// so that a restore reads a bounded number of files.
 const (
 	// maxChainDeltas bounds the deltas after the full files of a chain: a
 	// snapshot over that many writes one delta in place of them all.
@@ -100,7 +100,7 @@ type snapshotWriter struct {
 	attempt uint64
 }
 
-// write turns job into a task state. The view is released when it returns.
+// write turns job into a task state, and releases its view.
 func (w *snapshotWriter) write(ctx context.Context, job *snapshotJob) snapshotResult {
 	r := w.writeMode(ctx, job)
 	r.began = job.began
@@ -122,6 +122,8 @@ func (m snapshotMode) String() string {
 	return "unknown"
 }
 
+// writeMode writes job inline or as a file, as its mode (and the inline
+// limit) says.
 func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapshotResult {
 	defer job.view.Release()
 	st := &transport.TaskState{
