@@ -126,27 +126,30 @@ func (s *keyedState) forget(id uint64) {
 	}
 }
 
-// mergeChanges returns the union of sets in (key group, key) order, calling
-// fn for each changed key once.
-func mergeChanges(sets []changes, fn func(kg int32, key []byte) error) error {
+// changedGroup is the changed keys of one key group, sorted.
+type changedGroup struct {
+	kg   int32
+	keys []string
+}
+
+// changedGroups returns the union of sets by key group, in (key group, key)
+// order.
+func changedGroups(sets []changes) []changedGroup {
 	groups := make(map[int32]struct{})
 	for _, set := range sets {
 		for kg := range set {
 			groups[kg] = struct{}{}
 		}
 	}
+	out := make([]changedGroup, 0, len(groups))
 	for _, kg := range slices.Sorted(maps.Keys(groups)) {
 		union := make(map[string]struct{})
 		for _, set := range sets {
 			maps.Copy(union, set[kg])
 		}
-		for _, k := range slices.Sorted(maps.Keys(union)) {
-			if err := fn(kg, []byte(k)); err != nil {
-				return err
-			}
-		}
+		out = append(out, changedGroup{kg: kg, keys: slices.Sorted(maps.Keys(union))})
 	}
-	return nil
+	return out
 }
 
 // itemContext is the operator.Context of one Process call. The map task

@@ -1,22 +1,23 @@
 package worker
 
 import (
+	"bytes"
 	"fmt"
 	"reflect"
 	"testing"
 
+	"github.com/coordflow/coordflow/transport/statefile"
 	"github.com/coordflow/coordflow/worker/state"
 )
 
-// changedKeys lists what mergeChanges yields, as "kg/key".
+// changedKeys lists what changedGroups yields, as "kg/key".
 func changedKeys(t *testing.T, sets []changes) []string {
 	t.Helper()
 	var out []string
-	if err := mergeChanges(sets, func(kg int32, key []byte) error {
-		out = append(out, fmt.Sprintf("%d/%s", kg, key))
-		return nil
-	}); err != nil {
-		t.Fatal(err)
+	for _, g := range changedGroups(sets) {
+		for _, k := range g.keys {
+			out = append(out, fmt.Sprintf("%d/%s", g.kg, k))
+		}
 	}
 	return out
 }
@@ -66,5 +67,76 @@ func TestChangeTracking(t *testing.T) {
 	off.closeEpoch(1)
 	if _, ok := off.changedSince(0); ok {
 		t.Fatal("a state without tracking allowed a delta")
+	}
+}
+
+// TestWriteDelta: whether a key group is scanned (many changes) or looked up
+// key by key (few), the delta holds every changed key once, with its value
+// as of the view or a tombstone.
+func TestWriteDelta(t *testing.T) {
+	b := state.NewMemory()
+	const perGroup = 100
+	for kg := int32(0); kg < 4; kg++ {
+		for i := range perGroup {
+			if err := b.Put(kg, []byte(fmt.Sprintf("k%03d", i)), []byte(fmt.Sprintf("v%d-%d", kg, i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	set := changes{
+		0: {"k005": {}, "k050": {}, "gone-0": {}}, // few: lookups
+		1: {},                                    // many: a scan
+		3: {"zz-gone": {}},                       // only a deleted key
+	}
+	for i := range 60 {
+		set[1][fmt.Sprintf("k%03d", i*3%perGroup)] = struct{}{}
+	}
+	set[1]["a-gone"], set[1]["k500-gone"] = struct{}{}, struct{}{}
+	view, err := b.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Release()
+	var buf bytes.Buffer
+	fw, err := statefile.NewWriter(&buf, statefile.Delta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := &snapshotJob{view: view, kgStart: 0, kgEnd: 4, keys: 4 * perGroup, changed: []changes{set}}
+	if err := writeDelta(fw, job); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	rd, err := statefile.NewReader(bytes.NewReader(buf.Bytes()), int64(buf.Len()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	err = rd.Range(0, 4, func(kg int32, key, value []byte, tomb bool) error {
+		v := string(value)
+		if tomb {
+			v = "<deleted>"
+		}
+		got[fmt.Sprintf("%d/%s", kg, key)] = v
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{}
+	for kg, keys := range set {
+		for k := range keys {
+			v, ok, _ := view.Get(kg, []byte(k))
+			if ok {
+				want[fmt.Sprintf("%d/%s", kg, k)] = string(v)
+			} else {
+				want[fmt.Sprintf("%d/%s", kg, k)] = "<deleted>"
+			}
+		}
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("delta has %d entries, want %d:\ngot  %v\nwant %v", len(got), len(want), got, want)
 	}
 }

@@ -229,24 +229,64 @@ func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.S
 		return statefile.Summary{}, err
 	}
 	if mode == modeDelta {
-		err := mergeChanges(job.changed, func(kg int32, key []byte) error {
-			v, ok, err := job.view.Get(kg, key)
-			switch {
-			case err != nil:
-				return fmt.Errorf("read key group %d: %w", kg, err)
-			case ok:
-				return fw.Add(kg, key, v)
-			default:
-				return fw.Delete(kg, key)
-			}
-		})
-		if err != nil {
+		if err := writeDelta(fw, job); err != nil {
 			return statefile.Summary{}, err
 		}
 	} else if err := job.view.Range(job.kgStart, job.kgEnd, fw.Add); err != nil {
 		return statefile.Summary{}, err
 	}
 	return fw.Close()
+}
+
+// writeDelta writes the changed keys of job with their values as of its
+// view, and tombstones for those deleted. A key group where many keys
+// changed is read in one ordered scan merged with its changed keys; one
+// where few did, by a lookup per key: on the disk backend a lookup costs a
+// few microseconds, a scan a fraction of that per key.
+func writeDelta(fw *statefile.Writer, job *snapshotJob) error {
+	perGroup := job.keys / int64(max(1, job.kgEnd-job.kgStart))
+	for _, g := range changedGroups(job.changed) {
+		kg, keys := g.kg, g.keys
+		if int64(len(keys))*8 < perGroup {
+			for _, k := range keys {
+				v, ok, err := job.view.Get(kg, []byte(k))
+				switch {
+				case err != nil:
+					return fmt.Errorf("read key group %d: %w", kg, err)
+				case ok:
+					err = fw.Add(kg, []byte(k), v)
+				default:
+					err = fw.Delete(kg, []byte(k))
+				}
+				if err != nil {
+					return err
+				}
+			}
+			continue
+		}
+		i := 0
+		err := job.view.Range(kg, kg+1, func(_ int32, key, value []byte) error {
+			for ; i < len(keys) && keys[i] < string(key); i++ {
+				if err := fw.Delete(kg, []byte(keys[i])); err != nil {
+					return err
+				}
+			}
+			if i < len(keys) && keys[i] == string(key) {
+				i++
+				return fw.Add(kg, key, value)
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("read key group %d: %w", kg, err)
+		}
+		for ; i < len(keys); i++ {
+			if err := fw.Delete(kg, []byte(keys[i])); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // path names the file of checkpoint id in storage: unique per job,
