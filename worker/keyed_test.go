@@ -85,8 +85,8 @@ func TestWriteDelta(t *testing.T) {
 	}
 	set := changes{
 		0: {"k005": {}, "k050": {}, "gone-0": {}}, // few: lookups
-		1: {},                                    // many: a scan
-		3: {"zz-gone": {}},                       // only a deleted key
+		1: {},                                     // many: a scan
+		3: {"zz-gone": {}},                        // only a deleted key
 	}
 	for i := range 60 {
 		set[1][fmt.Sprintf("k%03d", i*3%perGroup)] = struct{}{}
