@@ -406,7 +406,15 @@ func TestLeaderRestartsTaskThatNeverRuns(t *testing.T) {
 		t.Fatalf("job has no task map-0: %+v", job.Tasks)
 	}
 	h.step()
-	deadline := h.l.jobs["j1"].deployedAt.Add(defaultDeployTimeout)
+	// A restore that reports progress holds the deadline off: 40 s in, a
+	// progress report moves it 45 s past the report.
+	h.advance(40 * time.Second)
+	h.report(stuck.Worker, ref(job, stuck), transport.TaskPhase_TASK_PHASE_DEPLOYING, "restoring checkpoint 3: 16384 keys loaded")
+	h.step()
+	deadline := h.clock.Add(defaultDeployTimeout)
+	if got := h.l.jobs["j1"].deployProgress; !got.Equal(h.clock) {
+		t.Fatalf("deploy progress at %v, want the report's %v", got, h.clock)
+	}
 	if due := h.l.schedDue; due.IsZero() || due.After(deadline.Add(time.Millisecond)) {
 		t.Fatalf("next reconcile due %v, want by the deploy deadline %v", due, deadline)
 	}
@@ -418,7 +426,7 @@ func TestLeaderRestartsTaskThatNeverRuns(t *testing.T) {
 	h.advance(time.Millisecond)
 	h.step()
 	j := h.job("j1")
-	want := "task map-0 on worker " + stuck.Worker + " has not reported RUNNING within 45s of its deploy (phase TASK_PHASE_DEPLOYING)"
+	want := "task map-0 on worker " + stuck.Worker + " has not reported RUNNING within 45s of its deploy or its last progress (phase TASK_PHASE_DEPLOYING)"
 	if j.Status != fsm.JobRestarting || j.Reason != want {
 		t.Fatalf("status %s reason %q, want restarting with %q", j.Status, j.Reason, want)
 	}

@@ -34,9 +34,12 @@ type jobState struct {
 	tasks map[string]*trackedTask
 	order []*trackedTask
 
-	deployedAt    time.Time // when the current attempt was deployed (or first seen by this term)
-	restoredFrom  uint64    // checkpoint the current attempt restored from (replicated in the FSM); 0 if fresh
-	lastCompleted uint64    // the job's newest completed checkpoint, which triggers name
+	deployedAt time.Time // when the current attempt was deployed (or first seen by this term)
+	// deployProgress is when a task of the current attempt last reported
+	// progress while deploying (a restore that goes on).
+	deployProgress time.Time
+	restoredFrom   uint64 // checkpoint the current attempt restored from (replicated in the FSM); 0 if fresh
+	lastCompleted  uint64 // the job's newest completed checkpoint, which triggers name
 	// bad holds checkpoints a map task failed to verify, with the reason;
 	// deploys restore from an older retained checkpoint instead.
 	bad map[uint64]string
@@ -94,7 +97,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 			js.tasks[t.ID] = tv
 			js.order = append(js.order, tv)
 		}
-		js.deployedAt = l.env.now()
+		js.deployedAt, js.deployProgress = l.env.now(), time.Time{}
 		js.cancelSent = false
 		js.ckpt.pending = nil
 	}
@@ -187,9 +190,11 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 			return fmt.Sprintf("worker %s does not run task %s", w, id), id
 		}
 		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
-			deadline := js.deployedAt.Add(l.deployTimeout)
+			// A task restoring a large state reports its progress; the
+			// deploy times out only once the attempt stops progressing.
+			deadline := later(js.deployedAt, js.deployProgress).Add(l.deployTimeout)
 			if now.After(deadline) {
-				return fmt.Sprintf("task %s on worker %s has not reported RUNNING within %v of its deploy (phase %s)",
+				return fmt.Sprintf("task %s on worker %s has not reported RUNNING within %v of its deploy or its last progress (phase %s)",
 					id, w, l.deployTimeout, tv.phase), id
 			}
 			l.scheduleAt(deadline.Add(time.Millisecond))

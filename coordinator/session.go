@@ -503,6 +503,9 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 			"phase", st.GetPhase().String(), "reason", st.GetReason())
 	}
 	tv.phase, tv.reason, tv.cause, tv.missing = st.GetPhase(), st.GetReason(), st.GetCause(), false
+	if st.GetPhase() == transport.TaskPhase_TASK_PHASE_DEPLOYING && st.GetReason() != "" {
+		js.deployProgress = l.env.now()
+	}
 	if st.GetPhase() == transport.TaskPhase_TASK_PHASE_FAILED {
 		l.noteFailure(js, tv)
 		l.poke()

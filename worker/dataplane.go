@@ -57,6 +57,10 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, errMapNotFound):
 		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, errMapDeploying):
+		// The source retries at once and without spending its open timeout:
+		// a restore takes as long as the state is large.
+		return status.Error(codes.Aborted, err.Error())
 	case err != nil:
 		return status.FromContextError(err).Err()
 	}
@@ -164,6 +168,10 @@ func openOutput(ctx context.Context, env *taskEnv, header *transport.ChannelHead
 	timeout := env.cfg.ChannelOpenTimeout
 	if mt.GetWorkerId() == env.workerID {
 		t, err := env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), timeout)
+		for errors.Is(err, errMapDeploying) {
+			// Restoring: wait on; the leader's deploy timeout bounds it.
+			t, err = env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), timeout)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
 		}
@@ -191,6 +199,10 @@ func openOutput(ctx context.Context, env *taskEnv, header *transport.ChannelHead
 		switch status.Code(err) {
 		case codes.FailedPrecondition, codes.InvalidArgument, codes.Unimplemented:
 			return nil, fmt.Errorf("data channel to %s at %s rejected: %w", mt.GetTaskId(), mt.GetDataAddr(), err)
+		case codes.Aborted:
+			// The map task is there but still restoring: the open timeout
+			// starts over (the leader's deploy timeout bounds the wait).
+			deadline = time.Now().Add(timeout)
 		}
 		wait := bo.next()
 		if ctx.Err() != nil || time.Now().Add(wait).After(deadline) {

@@ -2,10 +2,14 @@ package worker
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"reflect"
 	"testing"
+	"time"
 
+	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/statefile"
 	"github.com/coordflow/coordflow/worker/state"
 )
@@ -138,5 +142,24 @@ func TestWriteDelta(t *testing.T) {
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("delta has %d entries, want %d:\ngot  %v\nwant %v", len(got), len(want), got, want)
+	}
+}
+
+// TestAwaitMapWhileRestoring: a data channel to a map task that is deployed
+// but still restoring its state is told to wait on (errMapDeploying, which
+// does not spend the source's open timeout); one to a task the worker does
+// not have is refused.
+func TestAwaitMapWhileRestoring(t *testing.T) {
+	env, _ := unitEnv(t)
+	m := newTaskManager(env)
+	k := taskKey{job: "j", attempt: 2, id: "map-0"}
+	m.tasks[k] = &taskHandle{key: k, kind: transport.TaskKind_TASK_KIND_MAP, phase: transport.TaskPhase_TASK_PHASE_DEPLOYING}
+	m.attempts["j"] = 2
+	if _, err := m.awaitMap(context.Background(), "j", 2, "map-0", time.Millisecond); !errors.Is(err, errMapDeploying) {
+		t.Fatalf("await a restoring map task: %v, want errMapDeploying", err)
+	}
+	delete(m.tasks, k)
+	if _, err := m.awaitMap(context.Background(), "j", 2, "map-0", time.Millisecond); !errors.Is(err, errMapNotFound) {
+		t.Fatalf("await a map task that is gone: %v, want errMapNotFound", err)
 	}
 }

@@ -116,6 +116,11 @@ type chainInfo struct {
 // to learn which completed.
 const maxAcked = 16
 
+// restoreReportEvery is how often a restoring map task tells the leader it
+// progresses (a DEPLOYING status), so that a long restore is not taken for a
+// stuck deploy.
+const restoreReportEvery = 2 * time.Second
+
 // input is one connected source of a map task.
 type input struct {
 	idx     int
@@ -339,12 +344,22 @@ func (m *mapTask) restore(ctx context.Context) error {
 		src.store, src.cache = store, ""
 	}
 	began := time.Now()
+	var loaded int64 // keys of the blobs before the one being loaded
+	lastReport := began
+	src.progress = func(keys int64) {
+		if now := time.Now(); now.Sub(lastReport) >= restoreReportEvery {
+			lastReport = now
+			m.env.send(statusMsg(m.key, transport.TaskKind_TASK_KIND_MAP, transport.TaskPhase_TASK_PHASE_DEPLOYING,
+				fmt.Sprintf("restoring checkpoint %d: %d keys loaded", m.restoreID, loaded+keys)))
+		}
+	}
 	for _, b := range m.blobs {
 		n, err := src.restoreBlob(ctx, b, m.keyed.backend, m.kgStart, m.kgEnd)
 		if err != nil {
 			return localError(err)
 		}
 		m.keyed.keys += n
+		loaded += n
 		for p, off := range b.GetApplied() {
 			if cur, ok := m.keyed.applied[p]; !ok || off > cur {
 				m.keyed.applied[p] = off

@@ -385,7 +385,13 @@ type restoreSource struct {
 	cache  string
 	local  int // files read from the local cache
 	remote int // files read from storage
+	// progress, if set, is called now and then with the keys loaded so far.
+	progress func(keys int64)
 }
+
+// restoreCheckEvery is how many keys a restore loads between two checks of
+// its context and two progress reports.
+const restoreCheckEvery = 1 << 14
 
 // open returns a reader over f, and a function that releases it.
 func (r *restoreSource) open(ctx context.Context, f *transport.StateFile) (*statefile.Reader, func(), error) {
@@ -471,6 +477,16 @@ func (r *restoreSource) restoreBlob(ctx context.Context, blob *transport.KeyedBl
 	var keys int64
 	err := statefile.Merge(sources, start, end, func(kg int32, key, value []byte) error {
 		keys++
+		if keys%restoreCheckEvery == 0 {
+			// A restore of a large state takes a while: a superseded task
+			// must stop promptly, and the leader must see it progress.
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if r.progress != nil {
+				r.progress(keys)
+			}
+		}
 		return b.Put(kg, key, value)
 	})
 	if err != nil && errors.Is(err, statefile.ErrCorrupt) {

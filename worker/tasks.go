@@ -482,6 +482,10 @@ func (m *taskManager) unregisterMap(t *mapTask) {
 // errMapNotFound says a data channel names a map task this worker does not run.
 var errMapNotFound = errors.New("map task not running here")
 
+// errMapDeploying says the map task a data channel names is deployed here
+// but not running yet (it is restoring its state): the source waits on.
+var errMapDeploying = errors.New("map task still deploying (restoring its state)")
+
 // awaitMap returns the map task (job, taskID) of attempt, waiting up to wait
 // while it deploys. It fails with errStaleAttempt when the worker runs a newer
 // attempt of the job, and errMapNotFound when the task does not show up.
@@ -503,11 +507,22 @@ func (m *taskManager) awaitMap(ctx context.Context, job string, attempt uint64, 
 		select {
 		case <-changed:
 		case <-t.C:
+			if m.deploying(taskKey{job: job, attempt: attempt, id: taskID}) {
+				return nil, fmt.Errorf("map task %s of job %s attempt %d on worker %s: %w", taskID, job, attempt, m.env.workerID, errMapDeploying)
+			}
 			return nil, fmt.Errorf("map task %s of job %s attempt %d on worker %s (waited %s): %w", taskID, job, attempt, m.env.workerID, wait, errMapNotFound)
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// deploying reports whether task k is deployed here and not yet running.
+func (m *taskManager) deploying(k taskKey) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	h, ok := m.tasks[k]
+	return ok && h.stopReason == "" && h.phase == transport.TaskPhase_TASK_PHASE_DEPLOYING
 }
 
 func attemptOf(t *mapTask) uint64 {
