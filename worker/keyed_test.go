@@ -107,7 +107,7 @@ func TestWriteDelta(t *testing.T) {
 		t.Fatal(err)
 	}
 	job := &snapshotJob{view: view, kgStart: 0, kgEnd: 4, keys: 4 * perGroup, changed: []changes{set}}
-	if err := writeDelta(fw, job); err != nil {
+	if err := writeDelta(context.Background(), fw, job); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := fw.Close(); err != nil {

@@ -134,7 +134,7 @@ func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapsh
 	}
 	mode := job.mode
 	if mode == modeInline {
-		data, sum, err := w.inline(job)
+		data, sum, err := w.inline(ctx, job)
 		switch {
 		case err == nil:
 			st.Keyed, st.KeyedSha256, st.StateBytes = data, sum, int64(len(data))
@@ -209,9 +209,9 @@ func (l *limitWriter) Write(p []byte) (int, error) {
 }
 
 // inline encodes the whole state as one full state file in memory.
-func (w *snapshotWriter) inline(job *snapshotJob) ([]byte, string, error) {
+func (w *snapshotWriter) inline(ctx context.Context, job *snapshotJob) ([]byte, string, error) {
 	var buf bytes.Buffer
-	sum, err := writeState(&limitWriter{w: &buf, n: job.inlineLimit}, job, modeFull)
+	sum, err := writeState(ctx, &limitWriter{w: &buf, n: job.inlineLimit}, job, modeFull)
 	if err != nil {
 		return nil, "", err
 	}
@@ -219,7 +219,7 @@ func (w *snapshotWriter) inline(job *snapshotJob) ([]byte, string, error) {
 }
 
 // writeState writes the state file of job in mode (full or delta) to out.
-func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.Summary, error) {
+func writeState(ctx context.Context, out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.Summary, error) {
 	kind := statefile.Full
 	if mode == modeDelta {
 		kind = statefile.Delta
@@ -228,11 +228,21 @@ func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.S
 	if err != nil {
 		return statefile.Summary{}, err
 	}
+	// A stopping task must not wait for a large snapshot to be written out.
+	var n int
+	add := func(kg int32, key, value []byte) error {
+		if n++; n%restoreCheckEvery == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
+		return fw.Add(kg, key, value)
+	}
 	if mode == modeDelta {
-		if err := writeDelta(fw, job); err != nil {
+		if err := writeDelta(ctx, fw, job); err != nil {
 			return statefile.Summary{}, err
 		}
-	} else if err := job.view.Range(job.kgStart, job.kgEnd, fw.Add); err != nil {
+	} else if err := job.view.Range(job.kgStart, job.kgEnd, add); err != nil {
 		return statefile.Summary{}, err
 	}
 	return fw.Close()
@@ -243,9 +253,12 @@ func writeState(out io.Writer, job *snapshotJob, mode snapshotMode) (statefile.S
 // changed is read in one ordered scan merged with its changed keys; one
 // where few did, by a lookup per key: on the disk backend a lookup costs a
 // few microseconds, a scan a fraction of that per key.
-func writeDelta(fw *statefile.Writer, job *snapshotJob) error {
+func writeDelta(ctx context.Context, fw *statefile.Writer, job *snapshotJob) error {
 	perGroup := job.keys / int64(max(1, job.kgEnd-job.kgStart))
 	for _, g := range changedGroups(job.changed) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		kg, keys := g.kg, g.keys
 		if int64(len(keys))*8 < perGroup {
 			for _, k := range keys {
@@ -315,7 +328,7 @@ func (w *snapshotWriter) file(ctx context.Context, job *snapshotJob, mode snapsh
 		h, err = w.viaCache(ctx, job, mode, path)
 	} else {
 		h, err = w.store.Create(ctx, path, func(out io.Writer) error {
-			_, err := writeState(out, job, mode)
+			_, err := writeState(ctx, out, job, mode)
 			return err
 		})
 	}
@@ -339,7 +352,7 @@ func (w *snapshotWriter) viaCache(ctx context.Context, job *snapshotJob, mode sn
 	if err != nil {
 		return storage.Handle{}, localError(err)
 	}
-	sum, err := writeState(f, job, mode)
+	sum, err := writeState(ctx, f, job, mode)
 	if err == nil {
 		err = f.Sync()
 	}
