@@ -1,14 +1,10 @@
 package coordinator
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"sync"
 	"time"
 
@@ -58,11 +54,7 @@ func (r *stateReader) read(ctx context.Context, url string, st fsm.TaskState, st
 			sources = append(sources, rd)
 		}
 	case len(st.Keyed) > 0:
-		sum := sha256.Sum256(st.Keyed)
-		if got := hex.EncodeToString(sum[:]); !strings.EqualFold(got, st.KeyedSHA256) {
-			return fmt.Errorf("inline state of task %s: sha256 mismatch (computed %s, recorded %s)", st.TaskID, got, st.KeyedSHA256)
-		}
-		rd, err := statefile.NewReader(bytes.NewReader(st.Keyed), int64(len(st.Keyed)))
+		rd, err := statefile.OpenInline(st.Keyed, st.KeyedSHA256)
 		if err != nil {
 			return fmt.Errorf("inline state of task %s: %w", st.TaskID, err)
 		}

@@ -477,7 +477,9 @@ func (m *mapTask) handle(ev inputEvent) error {
 
 // apply runs the operator on every item of a batch.
 func (m *mapTask) apply(items []*transport.Item) error {
-	for _, it := range items {
+	// Applied offsets are noted once per run of items of one partition, not
+	// per item: a batch comes from one source, in offset order per partition.
+	for i, it := range items {
 		kg := it.GetKeyGroup()
 		if kg < m.kgStart || kg >= m.kgEnd {
 			return fmt.Errorf("item with key %q has key group %d, outside this task's range [%d, %d): source and map task disagree on the assignment", it.GetKey(), kg, m.kgStart, m.kgEnd)
@@ -494,7 +496,9 @@ func (m *mapTask) apply(items []*transport.Item) error {
 			m.skipped.Inc()
 			m.log.Debug("operator rejected an item", "key_group", kg, "partition", it.GetPartition(), "offset", it.GetOffset(), "err", err)
 		}
-		m.keyed.applied[it.GetPartition()] = it.GetOffset()
+		if i+1 == len(items) || items[i+1].GetPartition() != it.GetPartition() {
+			m.keyed.applied[it.GetPartition()] = it.GetOffset()
+		}
 	}
 	m.in.Add(float64(len(items)))
 	return nil

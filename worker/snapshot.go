@@ -477,11 +477,7 @@ func (r *restoreSource) restoreBlob(ctx context.Context, blob *transport.KeyedBl
 			sources = append(sources, rd)
 		}
 	} else {
-		sum := sha256.Sum256(blob.GetData())
-		if got := hex.EncodeToString(sum[:]); !strings.EqualFold(got, blob.GetSha256()) {
-			return 0, fmt.Errorf("%w: inline state of task %q: sha256 mismatch (computed %s, recorded %s)", errStateCorrupt, blob.GetTaskId(), got, blob.GetSha256())
-		}
-		rd, err := statefile.NewReader(bytes.NewReader(blob.GetData()), int64(len(blob.GetData())))
+		rd, err := statefile.OpenInline(blob.GetData(), blob.GetSha256())
 		if err != nil {
 			return 0, fmt.Errorf("%w: inline state of task %q: %w", errStateCorrupt, blob.GetTaskId(), err)
 		}

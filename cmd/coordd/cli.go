@@ -461,9 +461,17 @@ func jobExport(ctx context.Context, c *apiClient, path, file string, stdout io.W
 		defer f.Close()
 		out = f
 	}
-	n, err := c.stream(ctx, path, out)
+	last := &lastLine{w: out}
+	n, err := c.stream(ctx, path, last)
 	if err != nil {
 		return err
+	}
+	// The server ends a stream it could not finish with an {"error"} line.
+	var tail struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(last.line, &tail) == nil && tail.Error != "" {
+		return fmt.Errorf("export incomplete after %d bytes: %s", n, tail.Error)
 	}
 	if file != "-" {
 		fmt.Fprintf(stdout, "wrote %d bytes to %s\n", n, file)
@@ -516,4 +524,23 @@ func runSavepoint(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stderr, "coordd savepoint: unknown command %q\n\n%s", args[0], savepointUsage)
 	return errUsage
+}
+
+// lastLine passes writes on to w and keeps the last complete line (up to
+// 64 KiB), so that a stream's final line can be checked after copying it.
+type lastLine struct {
+	w    io.Writer
+	cur  []byte
+	line []byte
+}
+
+func (l *lastLine) Write(p []byte) (int, error) {
+	for _, b := range p {
+		if b == '\n' {
+			l.line, l.cur = append(l.line[:0], l.cur...), l.cur[:0]
+		} else if len(l.cur) < 64<<10 {
+			l.cur = append(l.cur, b)
+		}
+	}
+	return l.w.Write(p)
 }

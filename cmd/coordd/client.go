@@ -75,15 +75,20 @@ func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([
 		return nil, fmt.Errorf("%s %s: read answer: %w", method, c.base+path, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return nil, &apiError{Status: resp.StatusCode, Message: e.Error}
+		return nil, newAPIError(resp.StatusCode, data)
 	}
 	return data, nil
+}
+
+// newAPIError reads an error answer: its {"error"} text, else the body.
+func newAPIError(status int, body []byte) *apiError {
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(body, &e) != nil || e.Error == "" {
+		e.Error = strings.TrimSpace(string(body))
+	}
+	return &apiError{Status: status, Message: e.Error}
 }
 
 // getJSON GETs path and decodes the answer into out.
@@ -111,13 +116,7 @@ func (c *apiClient) stream(ctx context.Context, path string, w io.Writer) (int64
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return 0, &apiError{Status: resp.StatusCode, Message: e.Error}
+		return 0, newAPIError(resp.StatusCode, data)
 	}
 	n, err := io.Copy(w, resp.Body)
 	if err != nil {

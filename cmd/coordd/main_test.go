@@ -99,3 +99,17 @@ func TestCLI(t *testing.T) {
 		}
 	}
 }
+
+// TestLastLine keeps the last complete line of a stream written in pieces.
+func TestLastLine(t *testing.T) {
+	var sink strings.Builder
+	l := &lastLine{w: &sink}
+	for _, p := range []string{"{\"a\":1}\n{\"err", "or\":\"boom\"}", "\n"} {
+		if _, err := l.Write([]byte(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if string(l.line) != `{"error":"boom"}` || sink.String() != "{\"a\":1}\n{\"error\":\"boom\"}\n" {
+		t.Fatalf("last line %q, passed on %q", l.line, sink.String())
+	}
+}
