@@ -26,10 +26,27 @@ func def[C any](name string, apply func(s *State, c *C) any) command {
 		},
 		apply: func(s *State, cmd any) any {
 			c := cmd.(C) // decode made it
-			return apply(s, &c)
+			res := apply(s, &c)
+			if j, ok := any(&c).(jobCommand); ok {
+				if _, failed := res.(error); !failed && j.job() != "" {
+					s.touched = append(s.touched, j.job())
+				}
+			}
+			return res
 		},
 	}
 }
+
+// jobCommand is a command that changes one job.
+type jobCommand interface{ job() string }
+
+func (c *RegisterJobCmd) job() string         { return c.ID }
+func (c *JobRestartedCmd) job() string        { return c.JobID }
+func (c *JobStatusCmd) job() string           { return c.JobID }
+func (c *CheckpointTriggeredCmd) job() string { return c.JobID }
+func (c *CheckpointCompletedCmd) job() string { return c.JobID }
+func (c *CheckpointAbortedCmd) job() string   { return c.JobID }
+func (c *JobCancelledCmd) job() string        { return c.JobID }
 
 // errResult turns an applyX's error into Apply's response: the error, or
 // nil (an untyped nil, not a nil error in an interface).
@@ -67,14 +84,17 @@ var commands = map[CommandType]command{
 	}),
 }
 
-// commandTypes finds a command's type from its Go type.
-var commandTypes = func() map[reflect.Type]CommandType {
-	m := make(map[reflect.Type]CommandType, len(commands))
+// The batch command applies commands from the table, so it joins the table
+// at init, which Go's initialization order otherwise calls a cycle.
+func init() {
+	commands[CommandBatch] = def("Batch", func(s *State, c *BatchCmd) any { return s.applyBatch(c) })
 	for t, c := range commands {
-		m[c.body] = t
+		commandTypes[c.body] = t
 	}
-	return m
-}()
+}
+
+// commandTypes finds a command's type from its Go type.
+var commandTypes = make(map[reflect.Type]CommandType)
 
 // String names a command type in errors and logs.
 func (t CommandType) String() string {

@@ -32,6 +32,8 @@ type FSM struct {
 
 	logger  *slog.Logger
 	unknown atomic.Uint64
+	// onChange is called after Apply with the jobs it changed; see OnJobChange.
+	onChange func(jobs []string)
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -48,7 +50,8 @@ func (f *FSM) SetLogger(l *slog.Logger) { f.logger = l }
 
 // Apply applies one committed log entry. It returns an error value for a
 // command it rejects (never panicking, whatever the bytes), the new checkpoint
-// id (uint64) for CheckpointTriggered, and nil otherwise. Entries other than
+// id (uint64) for CheckpointTriggered, a BatchResult for a batch, and nil
+// otherwise. Entries other than
 // raft.LogCommand are skipped. The entry is decoded before the write lock is
 // taken, so readers wait only for the state change itself.
 func (f *FSM) Apply(l *raft.Log) any {
@@ -67,9 +70,26 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return fmt.Errorf("apply log index %d: %w", l.Index, err)
 	}
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	return commands[t].apply(f.state, cmd)
+	res := commands[t].apply(f.state, cmd)
+	touched := f.state.touched
+	f.state.touched = nil
+	f.mu.Unlock()
+	if n := unknownIn(res); n > 0 {
+		f.unknown.Add(uint64(n))
+		f.logger.Error("raft log entry batches commands of an unknown type: is a newer coordd leading?", "index", l.Index, "unknown", n)
+	}
+	if len(touched) > 0 && f.onChange != nil {
+		f.onChange(touched)
+	}
+	return res
 }
+
+// OnJobChange sets fn to be called, from Raft's FSM goroutine after each
+// applied entry, with the ids of the jobs its commands changed (a job may
+// repeat). It is a notification, not state: the leader uses it to look at
+// only the jobs that changed instead of every job. fn must not block. Call it
+// before Raft starts.
+func (f *FSM) OnJobChange(fn func(jobs []string)) { f.onChange = fn }
 
 // UnknownCommands counts the log entries of an unknown command type this
 // replica has rejected, for a metric.

@@ -250,3 +250,10 @@ func persist(t testing.TB, f *FSM) []byte {
 	}
 	return sink.Bytes()
 }
+
+// rawLog returns data as h's next log entry, for tests that look at Apply's
+// raw answer.
+func rawLog(h *harness, data []byte) *raft.Log {
+	h.index++
+	return &raft.Log{Index: h.index, Term: 1, Type: raft.LogCommand, Data: data}
+}

@@ -12,6 +12,10 @@ type State struct {
 	Jobs map[string]*Job `json:"jobs"`
 	// Savepoints holds every savepoint not deleted, by id.
 	Savepoints map[string]*Savepoint `json:"savepoints,omitempty"`
+
+	// touched lists the jobs the commands of the current Apply changed, for
+	// FSM.OnJobChange. It is scratch, not state: never encoded, never cloned.
+	touched []string
 }
 
 // newState returns an empty state.

@@ -20,6 +20,8 @@ const (
 	CommandCheckpointAborted   CommandType = 6
 	CommandJobCancelled        CommandType = 7
 	CommandSavepointDeleted    CommandType = 8
+	// CommandBatch is a group commit of commands of other types (batch.go).
+	CommandBatch CommandType = 9
 )
 
 // JobStatus is the lifecycle state of a job as users see it.
