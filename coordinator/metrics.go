@@ -24,6 +24,7 @@ type metrics struct {
 	raftApplyDuration    *prometheus.HistogramVec // command
 	stateFilesDeleted    *prometheus.CounterVec   // job
 	raftApplyBytes       *prometheus.CounterVec   // command
+	raftBatchCommands    prometheus.Histogram
 }
 
 func newMetrics() *metrics {
@@ -61,11 +62,15 @@ func newMetrics() *metrics {
 		raftApplyBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_raft_apply_bytes_total", Help: "Bytes of the commands this node as leader committed through Raft, by command: what checkpoints cost the Raft log.",
 		}, []string{"command"}),
+		raftBatchCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "coordflow_raft_batch_commands", Help: "Commands per Raft entry committed by this node as leader (group commit).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
+		}),
 		stateFilesDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them.",
 		}, []string{"job"}),
 	}
-	m.registry.MustRegister(m.raftApplyBytes, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
+	m.registry.MustRegister(m.raftApplyBytes, m.raftBatchCommands, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -111,6 +111,7 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("start raft: %w", err)
 	}
 	s.raft = r
+	s.committer = newCommitter(r, s.metrics)
 	return nil
 }
 
@@ -131,45 +132,45 @@ func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
 	return store, nil
 }
 
-// raftApply encodes cmd, applies it through Raft on this node (which must be
-// the leader) and returns the FSM's result, or the FSM's error. It waits until
-// ctx's deadline, or defaultApplyTimeout without one. An error wrapping
-// ErrNotLeader means the command was not appended; raft.ErrLeadershipLost
-// means it may or may not commit. [C1]
+// raftApply encodes cmd, commits it through the committer on this node
+// (which must be the leader) and returns the FSM's result, or the FSM's
+// error. It waits until ctx ends, or defaultApplyTimeout without a deadline.
+// An error wrapping ErrNotLeader means the command was not appended;
+// raft.ErrLeadershipLost means it may or may not commit. [C1]
 func (s *Server) raftApply(ctx context.Context, t fsm.CommandType, cmd any) (any, error) {
 	res, _, err := s.raftApplyAt(ctx, t, cmd)
 	return res, err
 }
 
 // raftApplyAt is raftApply that also returns the command's log index, also
-// when the FSM rejected it.
+// when the FSM rejected it. A caller that gives up leaves the command in
+// flight: it may still commit.
 func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (res any, index uint64, err error) {
 	data, err := fsm.Encode(t, cmd)
 	if err != nil {
 		return nil, 0, fmt.Errorf("raft apply: %w", err)
 	}
-	timeout := defaultApplyTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		timeout = time.Until(dl)
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, defaultApplyTimeout)
+		defer cancel()
 	}
-	if err := ctx.Err(); err != nil || timeout <= 0 {
+	if err := ctx.Err(); err != nil {
 		return nil, 0, fmt.Errorf("raft apply %v: %w", t, context.Cause(ctx))
 	}
-	start := time.Now()
-	f := s.raft.Apply(data, timeout)
-	if err := f.Error(); err != nil {
-		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
-			return nil, 0, fmt.Errorf("raft apply %v: %w: %w", t, ErrNotLeader, err)
-		}
-		return nil, 0, fmt.Errorf("raft apply %v: %w", t, err)
+	type result struct {
+		res   any
+		index uint64
+		err   error
 	}
-	s.metrics.raftApplyDuration.WithLabelValues(t.String()).Observe(time.Since(start).Seconds())
-	s.metrics.raftApplyBytes.WithLabelValues(t.String()).Add(float64(len(data)))
-	res, err = fsm.Result(f.Response())
-	if err != nil {
-		return nil, f.Index(), fmt.Errorf("raft apply %v at index %d: %w", t, f.Index(), err)
+	out := make(chan result, 1)
+	s.committer.submit(t, data, func(res any, index uint64, err error) { out <- result{res, index, err} })
+	select {
+	case r := <-out:
+		return r.res, r.index, r.err
+	case <-ctx.Done():
+		return nil, 0, fmt.Errorf("raft apply %v: %w", t, context.Cause(ctx))
 	}
-	return res, f.Index(), nil
 }
 
 // indexedFSM is the raft.FSM coordd gives Raft: the fsm, plus the index of

@@ -216,6 +216,7 @@ type Server struct {
 	stores    *storage.Pool
 	state     *stateReader
 	collector *collector
+	committer *committer // the write path of this node as leader (commit.go)
 
 	grpc     *grpc.Server
 	http     *http.Server
@@ -316,6 +317,7 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 
+	s.wg.Go(func() { s.committer.run(s.ctx) })
 	s.wg.Go(s.joinLoop)
 	s.wg.Go(s.monitorLeadership)
 	if !s.raftHadState && cfg.BootstrapExpect > 0 {
