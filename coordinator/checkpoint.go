@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"slices"
 	"strings"
 	"time"
 
@@ -157,42 +156,40 @@ func (p *pendingCheckpoint) timeoutReason(tasks []*trackedTask) string {
 		p.deadline.Sub(p.triggeredAt), strings.Join(p.missing(tasks), ", "))
 }
 
-// checkpointPass triggers due checkpoints and aborts those that timed out.
-// It only reads the leader's memory, so the loop runs it after every event.
-func (l *leader) checkpointPass() {
-	now := l.env.now()
-	l.ckptDue = time.Time{}
-	for _, id := range slices.Sorted(maps.Keys(l.jobs)) {
-		js := l.jobs[id]
-		if p := js.ckpt.pending; p != nil {
-			if now.Before(p.deadline) {
-				l.checkpointAt(p.deadline)
-			} else {
-				l.abortCheckpoint(js, p.timeoutReason(js.order), "timeout", true)
-			}
-			continue
-		}
-		if !allRunning(js) {
-			continue
-		}
-		if want, stop := js.wantsSavepoint(); want {
-			l.triggerCheckpoint(js, now, true, stop)
-			continue
-		}
-		c := js.spec.Checkpoint
-		due := later(js.ckpt.lastTrigger.Add(time.Duration(c.Interval)), js.ckpt.lastCompletion.Add(time.Duration(c.MinPause)))
-		if now.Before(due) {
-			l.checkpointAt(due)
-			continue
-		}
-		l.triggerCheckpoint(js, now, false, false)
-	}
-}
+// checkpointPass runs the checkpoint step of every job whose checkpoint
+// timer is due. The loop does this in settle; tests call it after moving
+// their clock.
+func (l *leader) checkpointPass() { l.runTimers() }
 
-func (l *leader) checkpointAt(t time.Time) {
-	if l.ckptDue.IsZero() || t.Before(l.ckptDue) {
-		l.ckptDue = t
+// checkpointStep triggers js's checkpoint if one is due, aborts its pending
+// checkpoint if it timed out, and otherwise sets the job's checkpoint timer
+// to when there is something to do. It reads only the leader's memory.
+func (l *leader) checkpointStep(js *jobState, now time.Time) {
+	if l.busy(js.id) {
+		return // the write's result looks at the job again
 	}
+	if p := js.ckpt.pending; p != nil {
+		if now.Before(p.deadline) {
+			l.checkpointAt(js, p.deadline)
+		} else {
+			l.abortCheckpoint(js, p.timeoutReason(js.order), "timeout", true)
+		}
+		return
+	}
+	if !allRunning(js) {
+		return // a task's RUNNING status touches the job again
+	}
+	if want, stop := js.wantsSavepoint(); want {
+		l.triggerCheckpoint(js, now, true, stop)
+		return
+	}
+	c := js.spec.Checkpoint
+	due := later(js.ckpt.lastTrigger.Add(time.Duration(c.Interval)), js.ckpt.lastCompletion.Add(time.Duration(c.MinPause)))
+	if now.Before(due) {
+		l.checkpointAt(js, due)
+		return
+	}
+	l.triggerCheckpoint(js, now, false, false)
 }
 
 func later(a, b time.Time) time.Time {
@@ -231,36 +228,42 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 			r.reply <- savepointReply{err: fmt.Errorf("trigger savepoint: %w", err)}
 		}
 	}
-	res, err := l.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{
-		JobID: js.id, Attempt: js.attempt, Time: now.UnixNano(), Savepoint: savepoint, Stop: stop,
+	attempt := js.attempt
+	l.write(js, fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{
+		JobID: js.id, Attempt: attempt, Time: now.UnixNano(), Savepoint: savepoint, Stop: stop,
+	}, func(res any, err error) {
+		if err != nil {
+			log.Warn("trigger checkpoint", "savepoint", savepoint, "err", err)
+			fail(err)
+			return
+		}
+		id, ok := res.(uint64)
+		if !ok {
+			log.Error("trigger checkpoint: the FSM returned no checkpoint id", "result", fmt.Sprintf("%T", res))
+			fail(errors.New("the FSM returned no checkpoint id"))
+			return
+		}
+		if js.attempt != attempt || l.jobs[js.id] != js {
+			fail(fmt.Errorf("attempt %d ended", attempt)) // the next reconcile aborts it as untracked
+			return
+		}
+		p := newPendingCheckpoint(id, attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
+		p.savepoint, p.stop, p.savepointWaiters = savepoint, stop, waiters
+		js.ckpt.pending = p
+		l.checkpointAt(js, p.deadline)
+		for _, tv := range js.order {
+			if tv.task.Kind != fsm.TaskSource {
+				continue
+			}
+			msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
+				Task: taskRef(js, tv.task), CheckpointId: id, LastCompleted: js.lastCompleted, Savepoint: savepoint, Stop: stop,
+			}}}
+			if !l.sendTo(tv.task.Worker, msg) {
+				log.Warn("no session to trigger checkpoint on", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
+			}
+		}
+		log.Debug("checkpoint triggered", "checkpoint", id)
 	})
-	if err != nil {
-		log.Warn("trigger checkpoint", "savepoint", savepoint, "err", err)
-		fail(err)
-		return
-	}
-	id, ok := res.(uint64)
-	if !ok {
-		log.Error("trigger checkpoint: the FSM returned no checkpoint id", "result", fmt.Sprintf("%T", res))
-		fail(errors.New("the FSM returned no checkpoint id"))
-		return
-	}
-	p := newPendingCheckpoint(id, js.attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
-	p.savepoint, p.stop, p.savepointWaiters = savepoint, stop, waiters
-	js.ckpt.pending = p
-	l.checkpointAt(p.deadline)
-	for _, tv := range js.order {
-		if tv.task.Kind != fsm.TaskSource {
-			continue
-		}
-		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
-			Task: taskRef(js, tv.task), CheckpointId: id, LastCompleted: js.lastCompleted, Savepoint: savepoint, Stop: stop,
-		}}}
-		if !l.sendTo(tv.task.Worker, msg) {
-			log.Warn("no session to trigger checkpoint on", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
-		}
-	}
-	log.Debug("checkpoint triggered", "checkpoint", id)
 }
 
 // onAck records a task's ack of the pending checkpoint and completes the
@@ -318,18 +321,28 @@ func (l *leader) completeCheckpoint(js *jobState) {
 		l.completeSavepoint(js, p)
 		return
 	}
+	log := l.jobLogger(js).With("checkpoint", p.id)
+	l.write(js, fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
+		JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: p.acks, Time: l.env.now().UnixNano(),
+	}, func(_ any, err error) {
+		if js.ckpt.pending != p {
+			return // the job moved on (cancelled, restarted) while the commit was in flight
+		}
+		if err != nil {
+			log.Error("commit checkpoint", "err", err)
+			// States the FSM rejects come from the tasks and count as a failed
+			// checkpoint; a Raft failure does not.
+			l.abortCheckpoint(js, "commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
+			return
+		}
+		l.checkpointCompleted(js, p)
+	})
+}
+
+// checkpointCompleted records that p committed and tells every task.
+func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	now := l.env.now()
 	log := l.jobLogger(js).With("checkpoint", p.id)
-	_, err := l.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
-		JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: p.acks, Time: now.UnixNano(),
-	})
-	if err != nil {
-		log.Error("commit checkpoint", "err", err)
-		// States the FSM rejects come from the tasks and count as a failed
-		// checkpoint; a Raft failure does not.
-		l.abortCheckpoint(js, "commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
-		return
-	}
 	js.ckpt.pending = nil
 	js.ckpt.lastCompletion = now
 	js.lastCompleted = p.id
@@ -369,22 +382,23 @@ func (l *leader) abortCheckpoint(js *jobState, reason, class string, judge bool)
 		return
 	}
 	js.ckpt.pending = nil
-	err := l.commitAbort(js, p.id, reason, class, judge)
-	if p.savepoint {
-		l.abortedSavepoint(js, p, reason)
-		return
-	}
-	if err != nil || !judge {
-		return
-	}
-	job, ok := l.env.job(js.id)
-	if !ok || job.Status != fsm.JobRunning || job.Attempt != js.attempt {
-		return
-	}
-	if tolerable := job.Spec.Checkpoint.TolerableFailures; job.ConsecutiveAborts > tolerable {
-		l.beginRestart(js, fmt.Sprintf("%d consecutive checkpoint aborts exceed tolerable_failures %d; last: %s",
-			job.ConsecutiveAborts, tolerable, reason), "checkpoint", p.id)
-	}
+	l.commitAbort(js, p.id, reason, class, judge, func(err error) {
+		if p.savepoint {
+			l.abortedSavepoint(js, p, reason)
+			return
+		}
+		if err != nil || !judge {
+			return
+		}
+		job, ok := l.env.job(js.id)
+		if !ok || job.Status != fsm.JobRunning || job.Attempt != js.attempt {
+			return
+		}
+		if tolerable := job.Spec.Checkpoint.TolerableFailures; job.ConsecutiveAborts > tolerable {
+			l.beginRestart(js, fmt.Sprintf("%d consecutive checkpoint aborts exceed tolerable_failures %d; last: %s",
+				job.ConsecutiveAborts, tolerable, reason), "checkpoint", p.id)
+		}
+	})
 }
 
 // abortUntracked aborts a pending checkpoint of the FSM that this term does
@@ -401,9 +415,11 @@ func (l *leader) abortUntracked(js *jobState, pending *fsm.Checkpoint) {
 	if l.inherited[js.id] == pending.ID {
 		reason, class = "leader changed", "leader_changed"
 	}
-	if l.commitAbort(js, pending.ID, reason, class, false) == nil {
-		delete(l.inherited, js.id)
-	}
+	l.commitAbort(js, pending.ID, reason, class, false, func(err error) {
+		if err == nil {
+			delete(l.inherited, js.id)
+		}
+	})
 }
 
 // abortInherited notes the pending checkpoints of the predecessor, which the
@@ -416,19 +432,21 @@ func (l *leader) abortInherited() {
 	}
 }
 
-// commitAbort commits CheckpointAborted and logs the outcome. counted says
-// whether the abort counts toward the job's tolerable_failures: only the
-// tasks' failures do, not a leader change or a restart.
-func (l *leader) commitAbort(js *jobState, id uint64, reason, class string, counted bool) error {
+// commitAbort commits CheckpointAborted, logs the outcome and then calls
+// then with it. counted says whether the abort counts toward the job's
+// tolerable_failures: only the tasks' failures do, not a leader change or a
+// restart.
+func (l *leader) commitAbort(js *jobState, id uint64, reason, class string, counted bool, then func(error)) {
 	log := l.jobLogger(js).With("checkpoint", id)
-	_, err := l.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{
+	l.write(js, fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{
 		JobID: js.id, CheckpointID: id, Reason: reason, Time: l.env.now().UnixNano(), NotCounted: !counted,
+	}, func(_ any, err error) {
+		if err != nil {
+			log.Warn("abort checkpoint", "reason", reason, "err", err)
+		} else {
+			l.metrics.checkpointsAborted.WithLabelValues(js.id, class).Inc()
+			log.Warn("checkpoint aborted", "reason", reason)
+		}
+		then(err)
 	})
-	if err != nil {
-		log.Warn("abort checkpoint", "reason", reason, "err", err)
-		return err
-	}
-	l.metrics.checkpointsAborted.WithLabelValues(js.id, class).Inc()
-	log.Warn("checkpoint aborted", "reason", reason)
-	return nil
 }

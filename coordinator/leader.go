@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"container/heap"
 	"context"
 	"log/slog"
 	"math/rand/v2"
@@ -30,17 +31,13 @@ const (
 	// maxReconnectGrace bounds how long a new leader waits for workers to
 	// reconnect and report their tasks before it judges tasks missing.
 	maxReconnectGrace = 3 * time.Second
-	// applyTimeout bounds one Raft write of the leader loop; apply also keeps
-	// it under half the worker lease, so that a stalled write cannot hold the
-	// loop (and the acks and statuses queued behind it) past a lease.
-	applyTimeout = 10 * time.Second
 	// eventQueue is how many session events may wait for the leader loop
 	// before sessions block (backpressure, not loss).
 	eventQueue = 1024
 	// defaultLease and defaultReconcile are used when Config leaves the
 	// corresponding field at zero.
 	defaultLease     = 10 * time.Second
-	defaultReconcile = time.Second
+	defaultReconcile = 30 * time.Second
 	// defaultDeployTimeout is Config.DeployTimeout's default.
 	defaultDeployTimeout = 45 * time.Second
 )
@@ -50,9 +47,11 @@ const (
 // membership and a fake clock, so that the loop's decisions can be checked
 // step by step without Raft or gossip.
 type leaderEnv struct {
-	// apply commits one command through Raft and returns the FSM's result.
-	apply func(ctx context.Context, t fsm.CommandType, cmd any) (any, error)
-	// jobs and job read the local FSM (deep copies).
+	// submit hands an encoded command to the write path without blocking;
+	// done is called, from another goroutine, with the FSM's result.
+	submit func(t fsm.CommandType, data []byte, done func(res any, err error))
+	// jobs and job read the local FSM (deep copies); the loop reads every
+	// job only when a term starts.
 	jobs func() []fsm.Job
 	job  func(id string) (fsm.Job, bool)
 	// members is every gossip member; aliveWorkers the workers that are alive.
@@ -79,7 +78,9 @@ type leaderEnv struct {
 // serverEnv returns the leaderEnv of a running Server.
 func serverEnv(s *Server) leaderEnv {
 	return leaderEnv{
-		apply:        s.raftApply,
+		submit: func(t fsm.CommandType, data []byte, done func(any, error)) {
+			s.committer.submit(t, data, func(res any, _ uint64, err error) { done(res, err) })
+		},
 		jobs:         s.fsm.Jobs,
 		job:          s.fsm.Job,
 		members:      s.Members,
@@ -131,11 +132,21 @@ type leader struct {
 	// FSM when it started: it is aborted as "leader changed".
 	inherited map[string]uint64
 
-	// schedDue and ckptDue are the earliest instants at which a reconcile pass
-	// or a checkpoint pass has work (a backoff, lease or grace expiring; a
-	// trigger or timeout due). Zero means nothing scheduled.
-	schedDue time.Time
-	ckptDue  time.Time
+	// timers holds every job's next deadline; dirty the jobs to reconcile
+	// in this iteration; byWorker the jobs with tasks on each worker;
+	// waiting the jobs that wait for a deploy; writes each job's queue of
+	// commands, the first in flight (leader_work.go).
+	timers   timerHeap
+	dirty    map[string]struct{}
+	byWorker map[string]map[string]struct{}
+	waiting  map[string]struct{}
+	writes   map[string][]*write
+
+	// notedJobs and notedWorkers are what other goroutines (the FSM,
+	// gossip) report, under notesMu, until the loop takes them.
+	notesMu      sync.Mutex
+	notedJobs    map[string]struct{}
+	notedWorkers map[string]struct{}
 }
 
 // leaderEvent is something a session or a lookup reports to the leader loop.
@@ -163,10 +174,19 @@ func (s *Server) runLeader(ctx context.Context) {
 }
 
 // memberChanged is called by the gossip event delegate on every join, leave,
-// failure or update. It only wakes the leader loop, if this node runs one.
-func (s *Server) memberChanged() {
+// failure or update of member id. It only tells the leader loop, if this node
+// runs one.
+func (s *Server) memberChanged(id string) {
 	if l := s.currentLeader(); l != nil {
-		l.poke()
+		l.noteWorker(id)
+	}
+}
+
+// jobsChanged is called by the FSM after each applied entry with the jobs it
+// changed. It only tells the leader loop, if this node runs one.
+func (s *Server) jobsChanged(ids []string) {
+	if l := s.currentLeader(); l != nil {
+		l.noteJobs(ids)
 	}
 }
 
@@ -193,9 +213,16 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		noSessionSince: make(map[string]time.Time),
 		jobs:           make(map[string]*jobState),
 		inherited:      make(map[string]uint64),
+		dirty:          make(map[string]struct{}),
+		byWorker:       make(map[string]map[string]struct{}),
+		waiting:        make(map[string]struct{}),
+		writes:         make(map[string][]*write),
+		notedJobs:      make(map[string]struct{}),
+		notedWorkers:   make(map[string]struct{}),
 	}
 	l.started = env.now()
 	l.graceEnd = l.started.Add(min(l.lease, maxReconnectGrace))
+	heap.Push(&l.timers, timer{at: l.graceEnd, kind: timerGraceEnd})
 	return l
 }
 
@@ -217,12 +244,12 @@ func (l *leader) run() {
 	l.abortInherited()
 	l.reconcile()
 
-	ticker := time.NewTicker(l.reconcileEvery)
-	defer ticker.Stop()
-	timer := time.NewTimer(l.reconcileEvery)
+	sweep := time.NewTicker(l.reconcileEvery)
+	defer sweep.Stop()
+	timer := time.NewTimer(l.untilDue())
 	defer timer.Stop()
 	for {
-		l.checkpointPass()
+		l.settle()
 		timer.Reset(l.untilDue())
 		select {
 		case <-l.ctx.Done():
@@ -230,32 +257,10 @@ func (l *leader) run() {
 		case ev := <-l.events:
 			l.handle(ev)
 		case <-l.wake:
-			l.reconcile()
-		case <-ticker.C:
-			l.reconcile()
 		case <-timer.C:
-			if due := l.schedDue; !due.IsZero() && !l.env.now().Before(due) {
-				l.reconcile()
-			}
+		case <-sweep.C:
+			l.reconcile()
 		}
-	}
-}
-
-// untilDue returns how long the loop may sleep before a scheduled deadline.
-func (l *leader) untilDue() time.Duration {
-	next := l.env.now().Add(l.reconcileEvery)
-	for _, t := range []time.Time{l.schedDue, l.ckptDue} {
-		if !t.IsZero() && t.Before(next) {
-			next = t
-		}
-	}
-	return max(next.Sub(l.env.now()), time.Millisecond)
-}
-
-// scheduleAt asks for a reconcile pass at t at the latest.
-func (l *leader) scheduleAt(t time.Time) {
-	if l.schedDue.IsZero() || t.Before(l.schedDue) {
-		l.schedDue = t
 	}
 }
 
@@ -281,6 +286,8 @@ func (l *leader) handle(ev leaderEvent) {
 		l.onPartitions(ev)
 	case savepointRequest:
 		l.onSavepointRequest(ev)
+	case writeResult:
+		l.onWriteResult(ev)
 	}
 }
 
@@ -294,14 +301,6 @@ func (l *leader) post(ctx context.Context, ev leaderEvent) bool {
 	case <-ctx.Done():
 		return false
 	}
-}
-
-// apply commits one command through Raft with the loop's deadline: the
-// shorter of applyTimeout and half the worker lease.
-func (l *leader) apply(t fsm.CommandType, cmd any) (any, error) {
-	ctx, cancel := context.WithTimeout(l.ctx, min(applyTimeout, l.lease/2))
-	defer cancel()
-	return l.env.apply(ctx, t, cmd)
 }
 
 // sendTo enqueues msg on worker's session. It returns false when the worker

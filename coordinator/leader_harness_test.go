@@ -37,6 +37,8 @@ type leaderHarness struct {
 	probed     []string // workers probed, in order
 
 	sessions map[string]*session
+	// results are the write results the leader has yet to see, in order.
+	results []func()
 }
 
 func newLeaderHarness(t *testing.T) *leaderHarness {
@@ -49,13 +51,11 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 		partitions: 4,
 	}
 	h.env = leaderEnv{
-		apply: func(_ context.Context, ct fsm.CommandType, cmd any) (any, error) {
-			data, err := fsm.Encode(ct, cmd)
-			if err != nil {
-				return nil, err
-			}
-			h.index++
-			return fsm.Result(h.f.Apply(&raft.Log{Index: h.index, Term: 1, Type: raft.LogCommand, Data: data}))
+		// The write path applies at once, as Raft would, but the result
+		// waits in results until the test's loop takes it (flush).
+		submit: func(_ fsm.CommandType, data []byte, done func(any, error)) {
+			res, err := h.applyData(data)
+			h.results = append(h.results, func() { done(res, err) })
 		},
 		jobs:         h.f.Jobs,
 		job:          h.f.Job,
@@ -81,9 +81,67 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 		now:      func() time.Time { return h.clock },
 		jitter:   func() float64 { return 0.5 }, // no jitter: delays are exact
 	}
+	h.f.OnJobChange(func(ids []string) {
+		if h.l != nil {
+			h.l.noteJobs(ids)
+		}
+	})
 	h.newTerm()
 	t.Cleanup(h.endTerm)
 	return h
+}
+
+// applyData applies an encoded command as the next log entry.
+func (h *leaderHarness) applyData(data []byte) (any, error) {
+	h.index++
+	return fsm.Result(h.f.Apply(&raft.Log{Index: h.index, Term: 1, Type: raft.LogCommand, Data: data}))
+}
+
+// flush plays the leader loop until it has nothing left to do: it hands the
+// leader every write result (in order) and lets it settle after each.
+func (h *leaderHarness) flush() {
+	h.t.Helper()
+	for i := 0; ; i++ {
+		if i > 10000 {
+			h.t.Fatal("the leader keeps writing: no fixed point after 10000 results")
+		}
+		for len(h.l.events) > 0 {
+			h.l.handle(<-h.l.events)
+			h.l.settle()
+		}
+		if len(h.results) == 0 {
+			h.l.settle()
+			if len(h.results) == 0 && len(h.l.events) == 0 {
+				return
+			}
+			continue
+		}
+		next := h.results[0]
+		h.results = h.results[1:]
+		next() // posts a writeResult event
+	}
+}
+
+// handle hands the leader one event and plays the loop until it settles.
+func (h *leaderHarness) handle(ev leaderEvent) {
+	h.t.Helper()
+	h.l.handle(ev)
+	h.flush()
+}
+
+// reconcile runs a full reconcile pass and plays the loop until it settles.
+func (h *leaderHarness) reconcile() {
+	h.t.Helper()
+	h.l.reconcile()
+	h.flush()
+}
+
+// checkpointPass fires the due checkpoint timers and plays the loop until
+// it settles.
+func (h *leaderHarness) checkpointPass() {
+	h.t.Helper()
+	h.l.checkpointPass()
+	h.flush()
 }
 
 // newTerm ends the current leader's term, if any, and starts a new one on
@@ -151,7 +209,11 @@ func (h *leaderHarness) advance(d time.Duration) { h.clock = h.clock.Add(d) }
 // apply commits cmd as the leader would and fails the test on error.
 func (h *leaderHarness) apply(ct fsm.CommandType, cmd any) any {
 	h.t.Helper()
-	res, err := h.l.env.apply(context.Background(), ct, cmd)
+	data, err := fsm.Encode(ct, cmd)
+	if err != nil {
+		h.t.Fatalf("encode %v: %v", ct, err)
+	}
+	res, err := h.applyData(data)
 	if err != nil {
 		h.t.Fatalf("apply %v: %v", ct, err)
 	}
@@ -180,7 +242,7 @@ func (h *leaderHarness) connect(worker string, slots int, running ...*transport.
 	hello := &transport.Hello{WorkerId: worker, DataAddr: worker + ":7401", Slots: int32(slots), Running: running}
 	sess := newSession(h.l.ctx, hello)
 	h.sessions[worker] = sess
-	h.l.handle(sessionOpened{sess: sess, hello: hello})
+	h.handle(sessionOpened{sess: sess, hello: hello})
 	return sess
 }
 
@@ -195,16 +257,16 @@ func (h *leaderHarness) pastGrace() {
 // lookup it started, and a checkpoint pass.
 func (h *leaderHarness) step() {
 	h.t.Helper()
-	h.l.reconcile()
+	h.reconcile()
 	for h.lookupsPending() {
 		select {
 		case ev := <-h.l.events:
-			h.l.handle(ev)
+			h.handle(ev)
 		case <-time.After(10 * time.Second):
 			h.t.Fatalf("partition lookup did not report within 10s")
 		}
 	}
-	h.l.checkpointPass()
+	h.checkpointPass()
 }
 
 func (h *leaderHarness) lookupsPending() bool {
@@ -248,7 +310,7 @@ func (h *leaderHarness) report(worker string, ref *transport.TaskRef, phase tran
 
 // reportCause is report with a failure cause.
 func (h *leaderHarness) reportCause(worker string, ref *transport.TaskRef, phase transport.TaskPhase, reason string, cause transport.FailureCause) {
-	h.l.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{
+	h.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{
 		Status: &transport.TaskStatus{Task: ref, Phase: phase, Reason: reason, Cause: cause},
 	}}})
 }
@@ -268,7 +330,7 @@ func ref(job fsm.Job, t fsm.Task) *transport.TaskRef {
 
 // ack sends worker's ack of checkpoint id for task t, with a valid state.
 func (h *leaderHarness) ack(worker string, r *transport.TaskRef, t fsm.Task, id uint64) {
-	h.l.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
+	h.handle(workerMessage{sess: h.sessions[worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
 		Ack: &transport.CheckpointAck{Task: r, CheckpointId: id, State: validState(t, id)},
 	}}})
 }
@@ -340,13 +402,16 @@ func (h *leaderHarness) startJob(id string, spec fsm.JobSpec) fsm.Job {
 	return job
 }
 
-// completeCheckpoint triggers the next checkpoint of job id, acks it from
-// every task and returns its id.
+// completeCheckpoint acks the pending checkpoint of job id from every task,
+// triggering the next one first if none is pending, and returns its id.
 func (h *leaderHarness) completeCheckpoint(id string) uint64 {
 	h.t.Helper()
-	h.advance(time.Duration(h.job(id).Spec.Checkpoint.Interval))
-	h.l.checkpointPass()
-	p := h.job(id).Pending
+	p := h.job(id).Pending // the loop triggers one as soon as one is due
+	if p == nil {
+		h.advance(time.Duration(h.job(id).Spec.Checkpoint.Interval))
+		h.checkpointPass()
+		p = h.job(id).Pending
+	}
 	if p == nil {
 		h.t.Fatalf("no checkpoint triggered for job %s", id)
 	}

@@ -170,7 +170,7 @@ func TestLeaderLostSessionRestartsOnlyAfterLease(t *testing.T) {
 	w := job.Tasks[0].Worker
 	sess := h.sessions[w]
 	sess.close(errors.New("network blip"))
-	h.l.handle(sessionClosed{sess: sess, err: errors.New("network blip")})
+	h.handle(sessionClosed{sess: sess, err: errors.New("network blip")})
 
 	h.advance(h.l.lease)
 	h.step()
@@ -194,7 +194,7 @@ func TestLeaderProbesWorkerWhoseSessionBroke(t *testing.T) {
 	w := job.Tasks[0].Worker
 	sess := h.sessions[w]
 	sess.close(errors.New("receive from worker: connection reset"))
-	h.l.handle(sessionClosed{sess: sess})
+	h.handle(sessionClosed{sess: sess})
 	if got := h.probes(); !slices.Equal(got, []string{w}) {
 		t.Fatalf("probed %v after %s's session broke, want [%s]", got, w, w)
 	}
@@ -211,7 +211,7 @@ func TestLeaderProbesWorkerWhoseSessionBroke(t *testing.T) {
 	h.connect(w, 4, &transport.TaskStatus{Task: ref(job, job.Tasks[0]), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
 	old := h.sessions[w]
 	h.connect(w, 4, &transport.TaskStatus{Task: ref(job, job.Tasks[0]), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-	h.l.handle(sessionClosed{sess: old})
+	h.handle(sessionClosed{sess: old})
 	if got := h.probes(); len(got) != 1 {
 		t.Fatalf("probed %v, want no probe for a replaced session", got)
 	}
@@ -237,7 +237,7 @@ func TestLeaderFencesMessagesOfAnOldAttempt(t *testing.T) {
 	}
 	h.runAll("j1")
 	h.advance(time.Duration(second.Spec.Checkpoint.Interval))
-	h.l.checkpointPass()
+	h.checkpointPass()
 	pending := h.job("j1").Pending
 	if pending == nil {
 		t.Fatalf("no checkpoint pending for attempt 2")
@@ -278,7 +278,7 @@ func TestLeaderRestartsWhenWorkerNoLongerRunsTask(t *testing.T) {
 		t.Fatalf("older session not closed as replaced: %v", context.Cause(old.ctx))
 	}
 	// The older session's end must not unregister the newer one.
-	h.l.handle(sessionClosed{sess: old})
+	h.handle(sessionClosed{sess: old})
 	if h.l.sessions[w] != h.sessions[w] {
 		t.Fatalf("the replaced session's end removed the new session")
 	}
@@ -415,7 +415,7 @@ func TestLeaderRestartsTaskThatNeverRuns(t *testing.T) {
 	if got := h.l.jobs["j1"].deployProgress; !got.Equal(h.clock) {
 		t.Fatalf("deploy progress at %v, want the report's %v", got, h.clock)
 	}
-	if due := h.l.schedDue; due.IsZero() || due.After(deadline.Add(time.Millisecond)) {
+	if due := h.l.jobs["j1"].reconcileAt; due.IsZero() || due.After(deadline.Add(time.Millisecond)) {
 		t.Fatalf("next reconcile due %v, want by the deploy deadline %v", due, deadline)
 	}
 	h.advance(deadline.Sub(h.clock))

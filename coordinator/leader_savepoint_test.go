@@ -13,7 +13,7 @@ import (
 // the channel its answer comes on.
 func (h *leaderHarness) requestSavepoint(job string, stop bool) chan savepointReply {
 	r := savepointRequest{jobID: job, stop: stop, reply: make(chan savepointReply, 1)}
-	h.l.handle(r)
+	h.handle(r)
 	return r.reply
 }
 
@@ -41,7 +41,7 @@ func TestLeaderSavepoint(t *testing.T) {
 	last := h.completeCheckpoint("j1")
 
 	reply := h.requestSavepoint("j1", false)
-	h.l.checkpointPass() // no interval wait for a savepoint
+	h.checkpointPass() // no interval wait for a savepoint
 	job := h.job("j1")
 	if job.Pending == nil || !job.Pending.Savepoint || job.Pending.Stop {
 		t.Fatalf("pending %+v, want a savepoint", job.Pending)
@@ -62,7 +62,7 @@ func TestLeaderSavepoint(t *testing.T) {
 				KeyGroupStart: int32(task.KeyGroups.Start), KeyGroupEnd: int32(task.KeyGroups.End),
 			}}}
 		}
-		h.l.handle(workerMessage{sess: h.sessions[task.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
+		h.handle(workerMessage{sess: h.sessions[task.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
 			Ack: &transport.CheckpointAck{Task: ref(job, task), CheckpointId: id, State: st},
 		}}})
 	}
@@ -94,12 +94,12 @@ func TestLeaderSavepoint(t *testing.T) {
 
 	// A stop-with-savepoint that times out restarts the job.
 	reply = h.requestSavepoint("j1", true)
-	h.l.checkpointPass()
+	h.checkpointPass()
 	if p := h.job("j1").Pending; p == nil || !p.Stop {
 		t.Fatalf("pending %+v, want a final savepoint", p)
 	}
 	h.advance(10*time.Second + time.Millisecond)
-	h.l.checkpointPass()
+	h.checkpointPass()
 	select {
 	case rep = <-reply:
 	default:

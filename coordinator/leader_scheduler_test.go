@@ -72,17 +72,28 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 		{ID: "w1", Slots: 4, DataAddr: "w1:1"},
 		{ID: "w2", Slots: 2, DataAddr: "w2:1"},
 		{ID: "w3", Slots: 1, DataAddr: "w3:1"},
+		{ID: "w4", Slots: 8, DataAddr: "w4:1"}, // no session: not placeable
 	}
-	jobs := []fsm.Job{
-		{ID: "a", Status: fsm.JobRunning, Tasks: []fsm.Task{{Worker: "w1"}, {Worker: "w2"}, {Worker: "w3"}}},
-		{ID: "b", Status: fsm.JobRestarting, Tasks: []fsm.Task{{Worker: "w1"}}},
-		{ID: "c", Status: fsm.JobCancelled, Tasks: []fsm.Task{{Worker: "w1"}}},
-		{ID: "self", Status: fsm.JobRunning, Tasks: []fsm.Task{{Worker: "w2"}}},
+	env := leaderEnv{aliveWorkers: func() []Member { return workers }, now: time.Now}
+	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics())
+	for _, w := range []string{"w1", "w2", "w3"} {
+		l.sessions[w] = &session{worker: w}
 	}
-	got := freeSlots(workers, jobs, "self")
+	job := func(id string, status fsm.JobStatus, on ...string) {
+		js := &jobState{id: id, status: status}
+		for _, w := range on {
+			js.order = append(js.order, &trackedTask{task: fsm.Task{Worker: w}})
+		}
+		l.jobs[id] = js
+	}
+	job("a", fsm.JobRunning, "w1", "w2", "w3")
+	job("b", fsm.JobRestarting, "w1")
+	job("c", fsm.JobCancelled, "w1")
+	job("self", fsm.JobRunning, "w2")
+	got := l.placeable("self")
 	want := []workerSlots{{id: "w1", dataAddr: "w1:1", free: 3}, {id: "w2", dataAddr: "w2:1", free: 1}}
 	if !slices.Equal(got, want) {
-		t.Fatalf("freeSlots = %+v, want %+v", got, want)
+		t.Fatalf("placeable = %+v, want %+v", got, want)
 	}
 }
 

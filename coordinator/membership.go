@@ -245,7 +245,7 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 	case s.memberEvents <- struct{}{}:
 	default:
 	}
-	s.memberChanged()
+	s.memberChanged(cur.ID)
 }
 
 // gossipDelegate gives memberlist this node's meta. memberlist calls it from

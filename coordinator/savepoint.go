@@ -53,7 +53,7 @@ func (l *leader) onSavepointRequest(r savepointRequest) {
 		return
 	}
 	js.savepoints = append(js.savepoints, r)
-	l.checkpointAt(l.env.now())
+	l.touchCheckpoint(js)
 }
 
 // wantsSavepoint reports whether js has savepoint requests waiting, and
@@ -109,28 +109,33 @@ func (l *leader) completeSavepoint(js *jobState, p *pendingCheckpoint) {
 	if err == nil && location != "" {
 		states, err = relativeStates(p.acks, transport.SavepointDir(js.id, p.id))
 	}
-	if err == nil {
-		_, err = l.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
-			JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: states, Time: l.env.now().UnixNano(), Location: location,
-		})
-	}
 	if err != nil {
 		log.Error("commit savepoint", "err", err)
-		l.abortCheckpoint(js, "savepoint commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
+		l.abortCheckpoint(js, "savepoint commit failed: "+err.Error(), "commit_failed", false)
 		return
 	}
-	js.ckpt.pending = nil
-	js.ckpt.lastCompletion = l.env.now()
-	sp, ok := l.env.savepoint(fsm.SavepointID(js.id, p.id))
-	if !ok {
-		answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d committed but not found", p.id)})
-		return
-	}
-	log.Info("savepoint completed", "savepoint", sp.ID, "stop", p.stop, "location", sp.Location)
-	answerSavepoint(p, savepointReply{sp: sp})
-	if p.stop {
-		l.poke() // the job is cancelled now: cancel its tasks
-	}
+	l.write(js, fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
+		JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: states, Time: l.env.now().UnixNano(), Location: location,
+	}, func(_ any, err error) {
+		if js.ckpt.pending != p {
+			answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d: the job moved on while it was committed", p.id)})
+			return
+		}
+		if err != nil {
+			log.Error("commit savepoint", "err", err)
+			l.abortCheckpoint(js, "savepoint commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
+			return
+		}
+		js.ckpt.pending = nil
+		js.ckpt.lastCompletion = l.env.now()
+		sp, ok := l.env.savepoint(fsm.SavepointID(js.id, p.id))
+		if !ok {
+			answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d committed but not found", p.id)})
+			return
+		}
+		log.Info("savepoint completed", "savepoint", sp.ID, "stop", p.stop, "location", sp.Location)
+		answerSavepoint(p, savepointReply{sp: sp})
+	})
 }
 
 // abortedSavepoint answers the requests of an aborted savepoint; a failed

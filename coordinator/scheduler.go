@@ -54,6 +54,10 @@ type jobState struct {
 	// savepoints are the savepoint requests waiting for the job's next
 	// checkpoint slot.
 	savepoints []savepointRequest
+
+	// reconcileAt and checkpointAt are the job's earliest timers in the
+	// leader's heap (zero: none).
+	reconcileAt, checkpointAt time.Time
 }
 
 // trackedTask is one task of a job's current attempt: where the FSM placed it
@@ -83,12 +87,16 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		js = &jobState{id: job.ID, bad: make(map[uint64]string)}
 		l.jobs[job.ID] = js
 	}
+	if js.status == fsm.JobRunning && job.Status != fsm.JobRunning {
+		l.slotsChanged() // its tasks no longer hold their slots
+	}
 	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
 	js.restoredFrom = job.RestoredFrom
 	if n := len(job.Completed); n > 0 {
 		js.lastCompleted = job.Completed[n-1].ID
 	}
 	if js.tasks == nil || js.attempt != job.Attempt {
+		l.unindex(js)
 		js.attempt = job.Attempt
 		js.tasks = make(map[string]*trackedTask, len(job.Tasks))
 		js.order = make([]*trackedTask, 0, len(job.Tasks))
@@ -100,6 +108,12 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		js.deployedAt, js.deployProgress = l.env.now(), time.Time{}
 		js.cancelSent = false
 		js.ckpt.pending = nil
+		l.index(js)
+	}
+	if needsDeploy(js) && js.status != fsm.JobCancelled {
+		l.waiting[js.id] = struct{}{}
+	} else {
+		delete(l.waiting, js.id)
 	}
 	if p := js.ckpt.pending; p != nil && (job.Pending == nil || job.Pending.ID != p.id) {
 		js.ckpt.pending = nil // aborted or completed behind this loop's back (job restarted or cancelled)
@@ -107,40 +121,76 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	return js
 }
 
-// reconcile compares every job in the FSM with what runs and acts: cancels
-// the tasks of cancelled jobs, deploys pending and restarting jobs, and
-// restarts running jobs whose tasks failed or were lost.
+// index records the workers js's tasks run on, so that a worker's events
+// reach its jobs; unindex forgets them.
+func (l *leader) index(js *jobState) {
+	for _, tv := range js.order {
+		set := l.byWorker[tv.task.Worker]
+		if set == nil {
+			set = make(map[string]struct{})
+			l.byWorker[tv.task.Worker] = set
+		}
+		set[js.id] = struct{}{}
+	}
+}
+
+func (l *leader) unindex(js *jobState) {
+	for _, tv := range js.order {
+		if set := l.byWorker[tv.task.Worker]; set != nil {
+			delete(set, js.id)
+			if len(set) == 0 {
+				delete(l.byWorker, tv.task.Worker)
+			}
+		}
+	}
+}
+
+// reconcile compares every job in the FSM with what runs and acts on each
+// (reconcileJob). The loop runs it when a term starts, when its reconnect
+// grace ends, and as a slow safety net; events reconcile single jobs.
 func (l *leader) reconcile() {
 	now := l.env.now()
-	l.schedDue = time.Time{}
-	graceOver := !now.Before(l.graceEnd)
-	if !graceOver {
-		l.scheduleAt(l.graceEnd)
-	}
 	jobs := l.env.jobs()
 	members := memberStatus(l.env.members())
 	seen := make(map[string]bool, len(jobs))
 	for _, job := range jobs {
 		seen[job.ID] = true
-		js := l.observe(job)
-		l.abortUntracked(js, job.Pending)
-		switch {
-		case js.status == fsm.JobCancelled:
-			l.cancelJob(js)
-		case !graceOver:
-		case needsDeploy(js):
-			l.tryDeploy(js, jobs, now)
-		default:
-			if reason, task := l.taskFailure(js, members, now); reason != "" {
-				l.beginRestart(js, reason, "task", task)
-			}
+		delete(l.dirty, job.ID)
+		if l.busy(job.ID) {
+			continue
 		}
+		l.reconcileJob(job, members, now)
 	}
-	for id := range l.jobs {
+	for id, js := range l.jobs {
 		if !seen[id] {
+			l.unindex(js)
 			delete(l.jobs, id)
+			delete(l.waiting, id)
 		}
 	}
+}
+
+// reconcileJob compares one job of the FSM with what runs and acts: cancels
+// the tasks of a cancelled job, deploys a pending or restarting job, and
+// restarts a running job whose tasks failed or were lost. members is every
+// gossip member's status. The caller has checked the job has no write in
+// flight.
+func (l *leader) reconcileJob(job fsm.Job, members map[string]string, now time.Time) {
+	graceOver := !now.Before(l.graceEnd)
+	js := l.observe(job)
+	l.abortUntracked(js, job.Pending)
+	switch {
+	case js.status == fsm.JobCancelled:
+		l.cancelJob(js)
+	case !graceOver:
+	case needsDeploy(js):
+		l.tryDeploy(js, now)
+	default:
+		if reason, task := l.taskFailure(js, members, now); reason != "" {
+			l.beginRestart(js, reason, "task", task)
+		}
+	}
+	l.touchCheckpoint(js)
 }
 
 // needsDeploy reports whether a job waits for a new attempt: never deployed,
@@ -185,7 +235,7 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 				return fmt.Sprintf("worker %s of task %s has had no control session for %v (lease %v)",
 					w, id, gone.Round(time.Millisecond), l.lease), id
 			}
-			l.scheduleAt(since.Add(l.lease + time.Millisecond))
+			l.scheduleJob(js, since.Add(l.lease+time.Millisecond))
 		} else if tv.missing {
 			return fmt.Sprintf("worker %s does not run task %s", w, id), id
 		}
@@ -197,7 +247,7 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 				return fmt.Sprintf("task %s on worker %s has not reported RUNNING within %v of its deploy or its last progress (phase %s)",
 					id, w, l.deployTimeout, tv.phase), id
 			}
-			l.scheduleAt(deadline.Add(time.Millisecond))
+			l.scheduleJob(js, deadline.Add(time.Millisecond))
 		}
 	}
 	return "", ""
@@ -215,7 +265,7 @@ func (l *leader) beginRestart(js *jobState, reason string, attrs ...any) {
 	js.failures++
 	js.retryAt = now.Add(delay)
 	js.cause = reason
-	l.scheduleAt(js.retryAt)
+	l.scheduleJob(js, js.retryAt)
 	l.jobLogger(js).With(attrs...).Warn("restarting job", "reason", reason, "retry_in", delay)
 
 	if js.ckpt.pending != nil {
@@ -236,7 +286,7 @@ func (l *leader) jobFailing(js *jobState, reason string) {
 	delay := restartDelay(js.spec.Restart, js.failures, l.env.jitter())
 	js.failures++
 	js.retryAt = l.env.now().Add(delay)
-	l.scheduleAt(js.retryAt)
+	l.scheduleJob(js, js.retryAt)
 	if js.status != fsm.JobFailing || js.reason != reason {
 		l.jobLogger(js).Warn("job failing", "reason", reason, "retry_in", delay)
 	}
@@ -258,18 +308,23 @@ func restartDelay(spec fsm.RestartSpec, failures int, jitter float64) time.Durat
 }
 
 // setStatus commits a job's status and reason unless they are already set.
+// The leader's memory of them changes once the write is committed.
 func (l *leader) setStatus(js *jobState, status fsm.JobStatus, reason string) {
 	if js.status == status && js.reason == reason {
 		return
 	}
-	_, err := l.apply(fsm.CommandJobStatus, fsm.JobStatusCmd{
+	l.write(js, fsm.CommandJobStatus, fsm.JobStatusCmd{
 		JobID: js.id, Status: status, Reason: reason, Time: l.env.now().UnixNano(),
+	}, func(_ any, err error) {
+		if err != nil {
+			l.jobLogger(js).Warn("set job status", "status", status, "reason", reason, "err", err)
+			return
+		}
+		if status != fsm.JobRunning && js.status == fsm.JobRunning {
+			l.slotsChanged() // its tasks no longer hold their slots
+		}
+		js.status, js.reason = status, reason
 	})
-	if err != nil {
-		l.jobLogger(js).Warn("set job status", "status", status, "reason", reason, "err", err)
-		return
-	}
-	js.status, js.reason = status, reason
 }
 
 // cancelJob sends CancelTask for every task of a cancelled job, once per
@@ -291,15 +346,15 @@ func (l *leader) cancelJob(js *jobState) {
 // tryDeploy starts deploying a job that waits for an attempt, once its
 // backoff has passed and enough worker slots are free: it first asks Kafka for
 // the topic's partition count, in the background; onPartitions goes on.
-func (l *leader) tryDeploy(js *jobState, jobs []fsm.Job, now time.Time) {
+func (l *leader) tryDeploy(js *jobState, now time.Time) {
 	if now.Before(js.retryAt) {
-		l.scheduleAt(js.retryAt)
+		l.scheduleJob(js, js.retryAt)
 		return
 	}
 	if js.lookup {
 		return
 	}
-	workers := l.placeable(jobs, js.id)
+	workers := l.placeable(js.id)
 	if need, free := numTasks(js.spec), totalFree(workers); free < need {
 		l.setStatus(js, fsm.JobPending, slotsReason(need, free))
 		return
@@ -322,6 +377,10 @@ func (l *leader) onPartitions(r partitionsResult) {
 	if js := l.jobs[r.jobID]; js != nil {
 		js.lookup = false
 	}
+	if l.busy(r.jobID) {
+		l.dirty[r.jobID] = struct{}{} // decide again once its write is in
+		return
+	}
 	job, ok := l.env.job(r.jobID)
 	if !ok {
 		return
@@ -341,7 +400,7 @@ func (l *leader) onPartitions(r partitionsResult) {
 // and sends the deployments.
 func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	now := l.env.now()
-	tasks, err := assign(js.spec, numPartitions, l.placeable(l.env.jobs(), js.id))
+	tasks, err := assign(js.spec, numPartitions, l.placeable(js.id))
 	var slots *slotsError
 	if errors.As(err, &slots) {
 		l.setStatus(js, fsm.JobPending, slots.Error())
@@ -372,15 +431,22 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 		restore, restoreStorage = savepointRestore(sp), sp.Location
 		reason += "; restoring savepoint " + sp.ID
 	}
-	_, err = l.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{
+	l.write(js, fsm.CommandJobRestarted, fsm.JobRestartedCmd{
 		JobID: js.id, Attempt: attempt, Tasks: tasks, Reason: reason, Time: now.UnixNano(), RestoreFrom: restoreFrom,
+	}, func(_ any, err error) {
+		if err != nil {
+			l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
+			js.retryAt = l.env.now().Add(restartDelay(js.spec.Restart, js.failures, l.env.jitter()))
+			l.scheduleJob(js, js.retryAt)
+			return
+		}
+		l.deployed(js, attempt, now, numPartitions, note, reason, restore, restoreStorage)
 	})
-	if err != nil {
-		l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
-		js.retryAt = now.Add(restartDelay(js.spec.Restart, js.failures, l.env.jitter()))
-		l.scheduleAt(js.retryAt)
-		return
-	}
+}
+
+// deployed sends the deployments of the attempt deploy committed.
+func (l *leader) deployed(js *jobState, attempt uint64, now time.Time, numPartitions int, note, reason string,
+	restore *fsm.Checkpoint, restoreStorage string) {
 	job, ok := l.env.job(js.id)
 	if !ok || job.Attempt != attempt {
 		return
@@ -394,7 +460,7 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	if note != "" {
 		log.Warn("deploying from an older checkpoint", "note", note)
 	}
-	log.Info("deploying job", "tasks", len(tasks), "partitions", numPartitions, "restore_checkpoint", js.restoredFrom, "reason", reason)
+	log.Info("deploying job", "tasks", len(job.Tasks), "partitions", numPartitions, "restore_checkpoint", js.restoredFrom, "reason", reason)
 	for _, t := range job.Tasks {
 		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore, restoreStorage)}}
 		if !l.sendTo(t.Worker, msg) {
@@ -412,30 +478,30 @@ type workerSlots struct {
 
 // placeable returns the workers that are alive in gossip and have an open
 // session, with their free slots, leaving out the tasks of job exclude (which
-// is being redeployed).
-func (l *leader) placeable(jobs []fsm.Job, exclude string) []workerSlots {
+// is being redeployed). Slots in use are counted from the leader's memory of
+// the jobs, not from a copy of the FSM.
+func (l *leader) placeable(exclude string) []workerSlots {
 	var alive []Member
 	for _, m := range l.env.aliveWorkers() {
 		if l.sessions[m.ID] != nil {
 			alive = append(alive, m)
 		}
 	}
-	return freeSlots(alive, jobs, exclude)
-}
-
-// freeSlots returns each worker's slots minus the tasks of running jobs
-// placed on it (one slot per task), leaving out job exclude and workers with
-// no free slot.
-func freeSlots(workers []Member, jobs []fsm.Job, exclude string) []workerSlots {
 	used := make(map[string]int)
-	for _, j := range jobs {
-		if j.ID == exclude || j.Status != fsm.JobRunning {
+	for id, js := range l.jobs {
+		if id == exclude || js.status != fsm.JobRunning {
 			continue
 		}
-		for _, t := range j.Tasks {
-			used[t.Worker]++
+		for _, tv := range js.order {
+			used[tv.task.Worker]++
 		}
 	}
+	return freeSlots(alive, used)
+}
+
+// freeSlots returns each worker's slots minus those used (one per task of a
+// running job), leaving out workers with no free slot.
+func freeSlots(workers []Member, used map[string]int) []workerSlots {
 	var out []workerSlots
 	for _, w := range workers {
 		if free := w.Slots - used[w.ID]; free > 0 {

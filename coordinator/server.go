@@ -84,7 +84,9 @@ type Config struct {
 	WorkerLease time.Duration
 	// WorkerHeartbeat is how often workers heartbeat on their session.
 	WorkerHeartbeat time.Duration
-	// ReconcileInterval is how often the leader compares jobs with what runs.
+	// ReconcileInterval is how often the leader re-reads every job from the
+	// FSM and compares it with what runs: a safety net only, since events
+	// and per-job timers do that work as it comes (leader_work.go).
 	ReconcileInterval time.Duration
 	// DeployTimeout is how long a task of a job's current attempt may take to
 	// report RUNNING after the deploy (or after a new leader first sees the
@@ -122,7 +124,7 @@ func DefaultConfig() Config {
 		GossipInterval:         50 * time.Millisecond,
 		WorkerLease:            5 * time.Second,
 		WorkerHeartbeat:        500 * time.Millisecond,
-		ReconcileInterval:      200 * time.Millisecond,
+		ReconcileInterval:      30 * time.Second,
 		DeployTimeout:          defaultDeployTimeout,
 	}
 }
@@ -257,6 +259,7 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		stores:       storage.NewPool(),
 	}
 	s.fsm.SetLogger(s.logger.With("component", "fsm"))
+	s.fsm.OnJobChange(s.jobsChanged)
 	s.metrics.registerFSM(s.fsm)
 	s.state = &stateReader{stores: s.stores}
 	s.collector = newCollector(s.stores, s.fsm.Job, s.logger, s.metrics)

@@ -392,23 +392,20 @@ func (l *leader) openSession(sess *session, hello *transport.Hello) {
 	l.logger.Info("worker session opened", "worker", sess.worker, "data_addr", sess.dataAddr,
 		"slots", hello.GetSlots(), "running", len(hello.GetRunning()))
 
-	for _, job := range l.env.jobs() {
-		l.observe(job)
-	}
 	reported := make(map[*trackedTask]bool)
 	for _, st := range hello.GetRunning() {
 		if tv := l.onTaskStatus(sess, st); tv != nil {
 			reported[tv] = true
 		}
 	}
-	for _, js := range l.jobs {
-		for _, tv := range js.tasks {
+	for id := range l.byWorker[sess.worker] {
+		for _, tv := range l.jobs[id].order {
 			if tv.task.Worker == sess.worker && !reported[tv] {
 				tv.missing = true
 			}
 		}
 	}
-	l.poke()
+	l.workerChanged(sess.worker)
 }
 
 // closeSession forgets a session that ended, unless a newer one replaced it.
@@ -426,7 +423,7 @@ func (l *leader) closeSession(sess *session, err error) {
 	if !errors.Is(cause, errSessionReplaced) && !errors.Is(cause, errLeadershipLost) {
 		l.probeWorker(sess.worker, cause)
 	}
-	l.poke()
+	l.workerChanged(sess.worker)
 }
 
 // probeWorker pings a worker whose control session broke, at once and
@@ -508,8 +505,11 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 	}
 	if st.GetPhase() == transport.TaskPhase_TASK_PHASE_FAILED {
 		l.noteFailure(js, tv)
-		l.poke()
 	}
+	if !live(st.GetPhase()) {
+		l.dirty[js.id] = struct{}{}
+	}
+	l.touchCheckpoint(js)
 	return tv
 }
 

@@ -52,7 +52,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.GossipInterval, "gossip-interval", cfg.GossipInterval, "memberlist gossip interval")
 	fs.DurationVar(&cfg.WorkerLease, "worker-lease", cfg.WorkerLease, "how long a worker runs tasks without hearing from a leader (or from a coordinator that knows no leader); see docs/operations.md")
 	fs.DurationVar(&cfg.WorkerHeartbeat, "worker-heartbeat", cfg.WorkerHeartbeat, "how often workers heartbeat to the leader")
-	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", cfg.ReconcileInterval, "how often the leader compares jobs with what runs")
+	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", cfg.ReconcileInterval, "how often the leader re-reads every job as a safety net (events do the work as it comes)")
 	fs.DurationVar(&cfg.DeployTimeout, "deploy-timeout", cfg.DeployTimeout, "how long a deployed task may take to report RUNNING before the leader restarts its job")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n\nRuns one coordinator until SIGINT or SIGTERM. What every timing flag trades: docs/operations.md.\n\n")
