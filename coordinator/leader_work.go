@@ -136,13 +136,13 @@ func (l *leader) noteWorker(id string) {
 
 // takeNotes turns the notes of other goroutines into dirty jobs.
 func (l *leader) takeNotes() {
+	var jobs, workers map[string]struct{}
 	l.notesMu.Lock()
-	jobs, workers := l.notedJobs, l.notedWorkers
-	if len(jobs) > 0 {
-		l.notedJobs = make(map[string]struct{})
+	if len(l.notedJobs) > 0 {
+		jobs, l.notedJobs = l.notedJobs, make(map[string]struct{})
 	}
-	if len(workers) > 0 {
-		l.notedWorkers = make(map[string]struct{})
+	if len(l.notedWorkers) > 0 {
+		workers, l.notedWorkers = l.notedWorkers, make(map[string]struct{})
 	}
 	l.notesMu.Unlock()
 	for id := range jobs {
