@@ -72,11 +72,15 @@ type committer struct {
 	stopped bool
 	ready   chan struct{} // buffered 1: the queue is not empty
 
+	// slots holds a token per entry in Raft's pipeline; inflight carries
+	// those entries, in order, to report.
+	slots    chan struct{}
 	inflight chan entry
 }
 
 func newCommitter(r raftApplier, m *metrics) *committer {
-	return &committer{raft: r, metrics: m, ready: make(chan struct{}, 1), inflight: make(chan entry, maxEntriesInFlight)}
+	return &committer{raft: r, metrics: m, ready: make(chan struct{}, 1),
+		slots: make(chan struct{}, maxEntriesInFlight), inflight: make(chan entry, maxEntriesInFlight)}
 }
 
 // errCommitterStopped answers commands submitted after the node shut down.
@@ -136,19 +140,21 @@ func (c *committer) run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
-			c.mu.Lock()
-			c.stopped = true
-			left := c.queue
-			c.queue = nil
-			c.mu.Unlock()
-			for _, p := range left {
-				p.done(nil, 0, fmt.Errorf("raft apply %v: %w", p.t, errCommitterStopped))
-			}
+			c.stop()
 			return
 		case <-c.ready:
 		}
+		// Wait for room in the pipeline before taking the batch, so that
+		// what arrives meanwhile goes into it.
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			c.stop()
+			return
+		}
 		batch := c.take()
 		if len(batch) == 0 {
+			<-c.slots
 			continue
 		}
 		payloads := make([][]byte, len(batch))
@@ -164,7 +170,19 @@ func (c *committer) run(ctx context.Context) {
 		} else {
 			e.future = c.raft.Apply(data, enqueueTimeout)
 		}
-		c.inflight <- e // blocks while maxEntriesInFlight are in flight: the queue batches meanwhile
+		c.inflight <- e
+	}
+}
+
+// stop fails what waits and every later submit.
+func (c *committer) stop() {
+	c.mu.Lock()
+	c.stopped = true
+	left := c.queue
+	c.queue = nil
+	c.mu.Unlock()
+	for _, p := range left {
+		p.done(nil, 0, fmt.Errorf("raft apply %v: %w", p.t, errCommitterStopped))
 	}
 }
 
@@ -181,6 +199,7 @@ func (c *committer) report() {
 			}
 		}
 		answer(e, err)
+		<-c.slots
 	}
 }
 
