@@ -31,11 +31,15 @@ type metrics struct {
 	snapshotBytes    *prometheus.CounterVec   // job, mode: inline, full, delta, savepoint
 	snapshotDuration *prometheus.HistogramVec // job: barrier to ack of a map task's snapshot
 	restoredFiles    *prometheus.CounterVec   // job, from: local, storage
+	offsetCommits    *prometheus.CounterVec   // result: ok, failed
 }
 
 func newMetrics() *metrics {
 	m := &metrics{
 		registry: prometheus.NewRegistry(),
+		offsetCommits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_kafka_offset_commits_total", Help: "OffsetCommit requests sent for completed checkpoints (one per consumer group and interval), by result.",
+		}, []string{"result"}),
 		recordsIn: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map).",
 		}, []string{"job", "kind"}),
@@ -84,7 +88,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
 		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.offsetCommits, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -34,8 +34,9 @@ const maxUnconfirmed = 16
 // sourceTask reads its Kafka partitions, splits each record into keyed items
 // with the operator, and sends the items to the map task owning their key
 // group, with checkpoint barriers in-band. Everything but the partition pumps
-// and the offset committer runs on one goroutine, the task loop, so a
-// barrier always falls between two records.
+// runs on one goroutine, the task loop, so a barrier always falls between
+// two records. Its Kafka client is shared with the worker's other source
+// tasks (kafkaPool).
 type sourceTask struct {
 	env       *taskEnv
 	key       taskKey
@@ -153,12 +154,12 @@ func routeTable(refs []*transport.MapTaskRef, maxPar int) ([]*transport.MapTaskR
 }
 
 func (s *sourceTask) run(ctx context.Context, running func()) error {
-	client, topicParts, err := connectKafka(s.env.cfg, "coordflow-"+s.env.workerID, s.spec.GetBrokers(), s.spec.GetTopic(), "source")
+	lease, topicParts, err := s.env.kafka.acquire(s.spec.GetBrokers(), s.spec.GetTopic(), "source")
 	if err != nil {
 		return err
 	}
-	defer client.Close()
-	if err := s.resolveOffsets(client, topicParts); err != nil {
+	defer lease.release()
+	if err := s.resolveOffsets(lease.client, topicParts); err != nil {
 		return err
 	}
 
@@ -176,45 +177,32 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		s.outputs = append(s.outputs, o)
 	}
 
-	consumer, err := sarama.NewConsumerFromClient(client)
-	if err != nil {
-		return fmt.Errorf("source: create consumer: %w", err)
-	}
-	defer consumer.Close()
 	loopCtx, stopLoop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	var pcs []sarama.PartitionConsumer
-	// Stop the pumps and the committer, then the partition consumers, before
-	// the consumer and the client close.
+	var closers []func()
+	// Stop the pumps, then the partition consumers, before the lease goes.
 	defer func() {
 		stopLoop()
 		wg.Wait()
-		for _, pc := range pcs {
-			_ = pc.Close()
+		for _, c := range closers {
+			c()
 		}
 	}()
 
 	merged := make(chan *sarama.ConsumerMessage)
 	pumpErr := make(chan error, len(s.spec.GetPartitions()))
 	for _, p := range s.spec.GetPartitions() {
-		pc, err := consumer.ConsumePartition(s.spec.GetTopic(), p, s.offsets[p])
+		pc, closePC, err := lease.consume(s.spec.GetTopic(), p, s.offsets[p])
 		if err != nil {
 			return fmt.Errorf("source: consume %s/%d from offset %d: %w", s.spec.GetTopic(), p, s.offsets[p], err)
 		}
-		pcs = append(pcs, pc)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			s.pump(loopCtx, p, pc, merged, pumpErr)
-		}()
+		closers = append(closers, closePC)
+		wg.Go(func() { s.pump(loopCtx, p, pc, merged, pumpErr) })
 	}
-	committer := newOffsetCommitter(client, client.Config(), s.group, s.spec.GetTopic(), s.log)
-	wg.Add(1)
-	go func() { defer wg.Done(); committer.run(loopCtx) }()
 
 	s.log.Info("source running", "offsets", s.offsets, "outputs", len(s.outputs), "group", s.group)
 	running()
-	return s.loop(ctx, merged, pumpErr, committer)
+	return s.loop(ctx, merged, pumpErr, lease)
 }
 
 // resolveOffsets sets the start offset of every own partition: the restored
@@ -322,7 +310,7 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 
 // loop is the task loop: records, flush ticks and leader control messages,
 // one at a time.
-func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMessage, pumpErr <-chan error, committer *offsetCommitter) error {
+func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMessage, pumpErr <-chan error, lease *kafkaLease) error {
 	flush := time.NewTicker(s.env.cfg.FlushInterval)
 	defer flush.Stop()
 	for {
@@ -349,7 +337,7 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 					return err
 				}
 			} else if c.complete != 0 {
-				s.completed(c.complete, c.offsets, committer)
+				s.completed(c.complete, c.offsets, lease)
 			}
 		}
 	}
@@ -453,9 +441,10 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	return nil
 }
 
-// completed hands the offsets of completed checkpoint id to the committer:
-// those the leader sent for this task's partitions, else those it acked.
-func (s *sourceTask) completed(id uint64, sent map[int32]int64, committer *offsetCommitter) {
+// completed queues the offsets of completed checkpoint id for the shared
+// client's next offset commit: those the leader sent for this task's
+// partitions, else those it acked.
+func (s *sourceTask) completed(id uint64, sent map[int32]int64, lease *kafkaLease) {
 	offsets := make(map[int32]int64)
 	for _, p := range s.spec.GetPartitions() {
 		if off, ok := sent[p]; ok {
@@ -471,6 +460,6 @@ func (s *sourceTask) completed(id uint64, sent map[int32]int64, committer *offse
 		}
 	}
 	if len(offsets) > 0 {
-		committer.offer(offsetCommit{checkpoint: id, offsets: offsets})
+		lease.commit(s.group, s.spec.GetTopic(), id, offsets)
 	}
 }

@@ -33,6 +33,8 @@ type taskEnv struct {
 	conns *connPool
 	// stores holds the checkpoint storages map tasks write to.
 	stores *storage.Pool
+	// kafka holds the Kafka clients source tasks share.
+	kafka *kafkaPool
 }
 
 // mapLocator finds a running map task of this worker; see

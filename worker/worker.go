@@ -82,6 +82,10 @@ type Config struct {
 	// each data channel: a batch goes out when full or when it is that old.
 	BatchSize     int
 	FlushInterval time.Duration
+	// OffsetCommitInterval is how often the offsets of completed
+	// checkpoints are committed to Kafka (for monitoring only), in one
+	// request per consumer group.
+	OffsetCommitInterval time.Duration
 	// SessionBackoffMin and SessionBackoffMax bound the wait between attempts
 	// to open a control session.
 	SessionBackoffMin time.Duration
@@ -92,21 +96,22 @@ type Config struct {
 // addresses are left for the caller.
 func DefaultConfig() Config {
 	return Config{
-		Slots:              4,
-		ProbeInterval:      200 * time.Millisecond,
-		ProbeTimeout:       100 * time.Millisecond,
-		SuspicionMult:      3,
-		GossipInterval:     50 * time.Millisecond,
-		Operators:          operator.Builtins(),
-		Logger:             slog.Default(),
-		ChannelOpenTimeout: 15 * time.Second,
-		ChannelAcceptWait:  5 * time.Second,
-		KafkaTimeout:       5 * time.Second,
-		StopTimeout:        10 * time.Second,
-		BatchSize:          500,
-		FlushInterval:      10 * time.Millisecond,
-		SessionBackoffMin:  50 * time.Millisecond,
-		SessionBackoffMax:  time.Second,
+		Slots:                4,
+		ProbeInterval:        200 * time.Millisecond,
+		ProbeTimeout:         100 * time.Millisecond,
+		SuspicionMult:        3,
+		GossipInterval:       50 * time.Millisecond,
+		Operators:            operator.Builtins(),
+		Logger:               slog.Default(),
+		ChannelOpenTimeout:   15 * time.Second,
+		ChannelAcceptWait:    5 * time.Second,
+		KafkaTimeout:         5 * time.Second,
+		StopTimeout:          10 * time.Second,
+		BatchSize:            500,
+		FlushInterval:        10 * time.Millisecond,
+		OffsetCommitInterval: time.Second,
+		SessionBackoffMin:    50 * time.Millisecond,
+		SessionBackoffMax:    time.Second,
 	}
 }
 
@@ -135,6 +140,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	setDur(&cfg.KafkaTimeout, d.KafkaTimeout)
 	setDur(&cfg.StopTimeout, d.StopTimeout)
 	setDur(&cfg.FlushInterval, d.FlushInterval)
+	setDur(&cfg.OffsetCommitInterval, d.OffsetCommitInterval)
 	setDur(&cfg.SessionBackoffMin, d.SessionBackoffMin)
 	setDur(&cfg.SessionBackoffMax, d.SessionBackoffMax)
 	if cfg.Slots == 0 {
@@ -239,6 +245,7 @@ func New(cfg Config) (*Worker, error) {
 		operators: cfg.Operators,
 		send:      w.outbox.push,
 		conns:     w.conns,
+		kafka:     newKafkaPool(&w.cfg, cfg.ID, logger, w.metrics),
 	})
 	w.tasks.env.maps = w.tasks
 	w.dataSrv = grpc.NewServer(grpc.MaxRecvMsgSize(maxDataMessage))

@@ -1,0 +1,331 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/IBM/sarama"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// kafkaPool shares Kafka clients among this worker's source tasks, so that a
+// thousand lightly loaded tasks cost about what one consumer of a thousand
+// partitions costs: one sarama client (broker connections, metadata) per
+// broker set, and on it consumers whose fetch loop per broker serves every
+// partition consumed through them. A consumer serves a topic partition once,
+// so a second task reading the same partition (another job, or the next
+// attempt overlapping the last) gets another consumer on the same client.
+//
+// Offset commits of completed checkpoints, which are for monitoring only, are
+// coalesced per consumer group and sent on a timer: one OffsetCommit request
+// per group and interval, whatever the number of tasks and checkpoints, and
+// never on a task's path.
+type kafkaPool struct {
+	cfg      *Config
+	clientID string
+	log      *slog.Logger
+	commits  *prometheus.CounterVec // result
+
+	mu      sync.Mutex
+	clients map[string]*kafkaClient // by broker set
+}
+
+func newKafkaPool(cfg *Config, workerID string, log *slog.Logger, m *metrics) *kafkaPool {
+	return &kafkaPool{
+		cfg: cfg, clientID: "coordflow-" + workerID, log: log, commits: m.offsetCommits,
+		clients: make(map[string]*kafkaClient),
+	}
+}
+
+// kafkaClient is one shared client and what hangs on it.
+type kafkaClient struct {
+	pool   *kafkaPool
+	key    string
+	client sarama.Client
+	refs   int // under pool.mu
+
+	mu        sync.Mutex
+	consumers []*sharedConsumer
+	offsets   map[string]map[string]map[int32]pendingCommit // group -> topic -> partition
+
+	stop context.CancelFunc
+	done chan struct{}
+}
+
+// sharedConsumer is a sarama consumer and the partitions it serves.
+type sharedConsumer struct {
+	consumer sarama.Consumer
+	active   map[topicPartition]bool
+}
+
+type topicPartition struct {
+	topic     string
+	partition int32
+}
+
+// pendingCommit is the newest offset of a partition not yet committed.
+type pendingCommit struct {
+	offset     int64
+	checkpoint uint64
+}
+
+// kafkaLease is one task's use of a shared client; release it once.
+type kafkaLease struct {
+	kc     *kafkaClient
+	client sarama.Client
+}
+
+func brokerSetKey(brokers []string) string {
+	s := slices.Clone(brokers)
+	sort.Strings(s)
+	return strings.Join(slices.Compact(s), ",")
+}
+
+// acquire leases the shared client of brokers, creating it if needed, and
+// checks that topic exists, returning its partitions. Errors name the role
+// and what is wrong, as the job's reason shows them.
+func (p *kafkaPool) acquire(brokers []string, topic, role string) (*kafkaLease, []int32, error) {
+	if len(brokers) == 0 {
+		return nil, nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
+	}
+	key := brokerSetKey(brokers)
+	p.mu.Lock()
+	kc := p.clients[key]
+	if kc != nil {
+		kc.refs++
+	}
+	p.mu.Unlock()
+	if kc == nil {
+		// Dial without the pool's lock: an unreachable broker set must not
+		// hold up the tasks of another.
+		client, err := sarama.NewClient(brokers, kafkaConfig(p.cfg, p.clientID))
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
+		}
+		p.mu.Lock()
+		if kc = p.clients[key]; kc != nil {
+			kc.refs++
+			p.mu.Unlock()
+			client.Close() // another task won the race
+		} else {
+			kc = p.start(key, client)
+			p.mu.Unlock()
+		}
+	}
+	lease := &kafkaLease{kc: kc, client: kc.client}
+	parts, err := topicPartitions(kc.client, topic, role, brokers)
+	if err != nil {
+		lease.release()
+		return nil, nil, err
+	}
+	return lease, parts, nil
+}
+
+// start registers a new shared client with one reference and starts its
+// committer; p.mu is held.
+func (p *kafkaPool) start(key string, client sarama.Client) *kafkaClient {
+	ctx, stop := context.WithCancel(context.Background())
+	kc := &kafkaClient{
+		pool: p, key: key, client: client, refs: 1,
+		offsets: make(map[string]map[string]map[int32]pendingCommit),
+		stop:    stop, done: make(chan struct{}),
+	}
+	p.clients[key] = kc
+	go kc.commitLoop(ctx)
+	return kc
+}
+
+// topicPartitions refreshes topic's metadata (a shared client may hold it
+// from before the topic was deleted or created) and returns its partitions.
+func topicPartitions(client sarama.Client, topic, role string, brokers []string) ([]int32, error) {
+	err := client.RefreshMetadata(topic)
+	var parts []int32
+	if err == nil {
+		parts, err = client.Partitions(topic)
+	}
+	switch {
+	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || (err == nil && len(parts) == 0):
+		return nil, fmt.Errorf("%s topic %q does not exist", role, topic)
+	case errors.Is(err, sarama.ErrOutOfBrokers):
+		return nil, fmt.Errorf("%s: cannot reach brokers %v: %w", role, brokers, err)
+	case err != nil:
+		return nil, fmt.Errorf("%s topic %q: read partitions: %w", role, topic, err)
+	}
+	return parts, nil
+}
+
+// consume starts consuming topic/partition at offset on a consumer of the
+// shared client that does not serve that partition yet. Close the returned
+// partition consumer with the returned func, not directly.
+func (l *kafkaLease) consume(topic string, partition int32, offset int64) (sarama.PartitionConsumer, func(), error) {
+	kc := l.kc
+	tp := topicPartition{topic, partition}
+	kc.mu.Lock()
+	defer kc.mu.Unlock()
+	var sc *sharedConsumer
+	for _, c := range kc.consumers {
+		if !c.active[tp] {
+			sc = c
+			break
+		}
+	}
+	if sc == nil {
+		consumer, err := sarama.NewConsumerFromClient(kc.client)
+		if err != nil {
+			return nil, nil, fmt.Errorf("source: create consumer: %w", err)
+		}
+		sc = &sharedConsumer{consumer: consumer, active: make(map[topicPartition]bool)}
+		kc.consumers = append(kc.consumers, sc)
+	}
+	pc, err := sc.consumer.ConsumePartition(topic, partition, offset)
+	if err != nil {
+		return nil, nil, err
+	}
+	sc.active[tp] = true
+	var once sync.Once
+	closeFn := func() {
+		once.Do(func() {
+			_ = pc.Close()
+			kc.mu.Lock()
+			delete(sc.active, tp)
+			kc.mu.Unlock()
+		})
+	}
+	return pc, closeFn, nil
+}
+
+// commit queues the offsets of completed checkpoint id for group; a newer
+// checkpoint's offset of a partition replaces an older one not yet sent.
+func (l *kafkaLease) commit(group, topic string, id uint64, offsets map[int32]int64) {
+	kc := l.kc
+	kc.mu.Lock()
+	defer kc.mu.Unlock()
+	byTopic := kc.offsets[group]
+	if byTopic == nil {
+		byTopic = make(map[string]map[int32]pendingCommit)
+		kc.offsets[group] = byTopic
+	}
+	parts := byTopic[topic]
+	if parts == nil {
+		parts = make(map[int32]pendingCommit)
+		byTopic[topic] = parts
+	}
+	for p, off := range offsets {
+		if cur, ok := parts[p]; !ok || cur.checkpoint <= id {
+			parts[p] = pendingCommit{offset: off, checkpoint: id}
+		}
+	}
+}
+
+// release gives the lease back; the last one closes the client, after a
+// last offset commit.
+func (l *kafkaLease) release() {
+	kc := l.kc
+	p := kc.pool
+	p.mu.Lock()
+	kc.refs--
+	last := kc.refs == 0
+	if last {
+		delete(p.clients, kc.key)
+	}
+	p.mu.Unlock()
+	if !last {
+		return
+	}
+	kc.stop()
+	<-kc.done
+	kc.mu.Lock()
+	consumers := kc.consumers
+	kc.consumers = nil
+	kc.mu.Unlock()
+	for _, c := range consumers {
+		_ = c.consumer.Close()
+	}
+	_ = kc.client.Close()
+}
+
+// commitLoop sends the queued offsets every OffsetCommitInterval until ctx
+// ends, and once more then.
+func (kc *kafkaClient) commitLoop(ctx context.Context) {
+	defer close(kc.done)
+	t := time.NewTicker(kc.pool.cfg.OffsetCommitInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			kc.commitAll()
+			return
+		case <-t.C:
+			kc.commitAll()
+		}
+	}
+}
+
+// commitAll sends one OffsetCommit per group with everything queued for it.
+// Failures are logged and counted; the offsets are put back unless a newer
+// checkpoint's replaced them meanwhile.
+func (kc *kafkaClient) commitAll() {
+	kc.mu.Lock()
+	queued := kc.offsets
+	kc.offsets = make(map[string]map[string]map[int32]pendingCommit)
+	kc.mu.Unlock()
+	for _, group := range slices.Sorted(maps.Keys(queued)) {
+		byTopic := queued[group]
+		if err := kc.commitGroup(group, byTopic); err != nil {
+			kc.pool.commits.WithLabelValues("failed").Inc()
+			kc.pool.log.Warn("commit offsets to Kafka failed (monitoring only)", "group", group, "err", err)
+			_ = kc.client.RefreshCoordinator(group)
+			l := &kafkaLease{kc: kc}
+			for topic, parts := range byTopic {
+				for p, pc := range parts {
+					l.commit(group, topic, pc.checkpoint, map[int32]int64{p: pc.offset})
+				}
+			}
+			continue
+		}
+		kc.pool.commits.WithLabelValues("ok").Inc()
+	}
+}
+
+// commitGroup commits offsets for group with a standalone OffsetCommit
+// (generation -1, as Kafka allows for a group without members) sent to the
+// group's coordinator. sarama's OffsetManager is not used: it fetches the
+// group's offsets first, which kfake answers with GROUP_ID_NOT_FOUND for a
+// group it has never seen.
+func (kc *kafkaClient) commitGroup(group string, byTopic map[string]map[int32]pendingCommit) error {
+	broker, err := kc.client.Coordinator(group)
+	if err != nil {
+		return fmt.Errorf("find coordinator of group %q: %w", group, err)
+	}
+	req := sarama.NewOffsetCommitRequest(kc.client.Config(), group)
+	for topic, parts := range byTopic {
+		for p, pc := range parts {
+			req.AddBlock(topic, p, pc.offset, sarama.ReceiveTime, fmt.Sprintf("coordflow checkpoint %d", pc.checkpoint))
+		}
+	}
+	resp, err := broker.CommitOffset(req)
+	if err != nil {
+		return fmt.Errorf("offset commit request: %w", err)
+	}
+	var bad []string
+	for topic, parts := range resp.Errors {
+		for p, kerr := range parts {
+			if kerr != sarama.ErrNoError {
+				bad = append(bad, fmt.Sprintf("%s/%d: %v", topic, p, kerr))
+			}
+		}
+	}
+	if len(bad) > 0 {
+		sort.Strings(bad)
+		return fmt.Errorf("offset commit rejected: %s", strings.Join(bad, "; "))
+	}
+	return nil
+}

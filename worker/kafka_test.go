@@ -1,0 +1,97 @@
+package worker
+
+import (
+	"fmt"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestKafkaPoolSharesClients: source tasks of one worker share one client per
+// broker set; two tasks may read the same partition (on two consumers of that
+// client) and both see every record; completed checkpoints' offsets go out
+// in one commit per group; the last release closes the client.
+func TestKafkaPoolSharesClients(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 2})
+	var recs []record
+	for i := range 10 {
+		recs = append(recs, record{partition: int32(i % 2), value: fmt.Sprint(i)})
+	}
+	produce(t, brokers, "words", recs)
+	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMetrics()
+	pool := newKafkaPool(&cfg, "w1", testLogger(t), m)
+
+	a, parts, err := pool.acquire(brokers, "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(parts) != 2 {
+		t.Fatalf("partitions %v, want 2", parts)
+	}
+	b, _, err := pool.acquire([]string{brokers[0], brokers[0]}, "words", "source") // same set, written otherwise
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.client != b.client || len(pool.clients) != 1 {
+		t.Fatalf("two leases of one broker set got %d clients", len(pool.clients))
+	}
+	if _, _, err := pool.acquire(brokers, "nope", "source"); err == nil || !strings.Contains(err.Error(), `source topic "nope" does not exist`) {
+		t.Fatalf("missing topic: %v", err)
+	}
+	if refs := pool.clients[brokerSetKey(brokers)].refs; refs != 2 {
+		t.Fatalf("refs %d after a failed acquire, want 2", refs)
+	}
+
+	// Both leases read partition 0 from the start: two consumers, one client.
+	for _, l := range []*kafkaLease{a, b} {
+		pc, closePC, err := l.consume("words", 0, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for want := 0; want < 10; want += 2 {
+			select {
+			case msg := <-pc.Messages():
+				if string(msg.Value) != fmt.Sprint(want) {
+					t.Fatalf("read %q, want %d", msg.Value, want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("no record %d within 10s", want)
+			}
+		}
+		defer closePC()
+	}
+	if n := len(a.kc.consumers); n != 2 {
+		t.Fatalf("%d consumers for two readers of one partition, want 2", n)
+	}
+
+	// Offsets of several checkpoints and tasks: the newest per partition,
+	// one request per group.
+	a.commit("g1", "words", 3, map[int32]int64{0: 4, 1: 3})
+	b.commit("g1", "words", 5, map[int32]int64{0: 6})
+	a.commit("g1", "words", 4, map[int32]int64{0: 5}) // older than 5: ignored for partition 0
+	b.commit("g2", "words", 1, map[int32]int64{0: 1, 1: 1})
+	a.kc.commitAll()
+	if got, want := committedOffsets(t, brokers, "g1", "words", 2), map[int32]int64{0: 6, 1: 3}; !reflect.DeepEqual(got, want) {
+		t.Errorf("g1 committed %v, want %v", got, want)
+	}
+	if got, want := committedOffsets(t, brokers, "g2", "words", 2), map[int32]int64{0: 1, 1: 1}; !reflect.DeepEqual(got, want) {
+		t.Errorf("g2 committed %v, want %v", got, want)
+	}
+	if n := metricValue(t, m.registry, "coordflow_kafka_offset_commits_total", map[string]string{"result": "ok"}); n != 2 {
+		t.Errorf("%v offset commit requests, want 2 (one per group)", n)
+	}
+
+	a.release()
+	if len(pool.clients) != 1 {
+		t.Fatal("client closed while a lease holds it")
+	}
+	b.release()
+	if len(pool.clients) != 0 {
+		t.Fatal("client kept after the last release")
+	}
+}
