@@ -58,7 +58,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -267,36 +266,11 @@ func (r benchStateResult) summary() string {
 		r.ExportCheckpoint, r.ExportKeys, r.ExportSeconds, r.Missing, r.Extra, r.Wrong, r.Duplicates, r.CoorddPeakRSSAfterExpMB, r.LoadAvg)
 }
 
-// benchStateRunScenario is benchRunScenario with extra environment for the
-// child and a longer timeout.
+// benchStateRunScenario runs TestBenchScenarioState with the combination in
+// env and a longer timeout.
 func benchStateRunScenario(b *testing.B, env []string, out any) {
 	b.Helper()
-	if os.Getenv("COORDFLOW_IT_RACE") == "1" {
-		b.Log("COORDFLOW_IT_RACE=1: the daemons are built with the race detector; these are not performance figures")
-	}
-	resultPath := filepath.Join(b.TempDir(), "result.json")
-	ctx, cancel := context.WithTimeout(context.Background(), benchStateScenarioTimeout)
-	defer cancel()
-	const name = "TestBenchScenarioState"
-	cmd := exec.CommandContext(ctx, os.Args[0],
-		"-test.run=^"+name+"$", "-test.count=1", "-test.v=true", "-test.timeout="+benchStateScenarioTimeout.String())
-	cmd.Env = append(append(os.Environ(), env...), benchResultEnv+"="+resultPath)
-	var buf bytes.Buffer
-	w := io.Writer(&buf)
-	if testing.Verbose() {
-		w = io.MultiWriter(&buf, os.Stdout)
-	}
-	cmd.Stdout, cmd.Stderr = w, w
-	if err := cmd.Run(); err != nil {
-		b.Fatalf("scenario %s (%s): %v; last lines of its output:\n%s", name, strings.Join(env, " "), err, tail(buf.String(), 150))
-	}
-	data, err := os.ReadFile(resultPath)
-	if err != nil {
-		b.Fatalf("scenario %s wrote no figures (%v); last lines of its output:\n%s", name, err, tail(buf.String(), 150))
-	}
-	if err := json.Unmarshal(data, out); err != nil {
-		b.Fatalf("scenario %s: decode figures: %v", name, err)
-	}
+	benchRunScenarioWith(b, "TestBenchScenarioState", env, benchStateScenarioTimeout, out)
 }
 
 // benchStateParseCount reads a key count: 200000, 200k, 1M.

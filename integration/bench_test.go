@@ -213,16 +213,22 @@ func BenchmarkFailover(b *testing.B) {
 // streamed with -v and printed on failure.
 func benchRunScenario(b *testing.B, name string, out any) {
 	b.Helper()
+	benchRunScenarioWith(b, name, nil, benchScenarioTimeout, out)
+}
+
+// benchRunScenarioWith is benchRunScenario with extra environment for the
+// child (the scenario's parameters) and its own timeout.
+func benchRunScenarioWith(b *testing.B, name string, env []string, timeout time.Duration, out any) {
+	b.Helper()
 	if os.Getenv("COORDFLOW_IT_RACE") == "1" {
 		b.Log("COORDFLOW_IT_RACE=1: the daemons are built with the race detector; these are not performance figures")
 	}
-	dir := b.TempDir()
-	resultPath := filepath.Join(dir, "result.json")
-	ctx, cancel := context.WithTimeout(context.Background(), benchScenarioTimeout)
+	resultPath := filepath.Join(b.TempDir(), "result.json")
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, os.Args[0],
-		"-test.run=^"+name+"$", "-test.count=1", "-test.v=true", "-test.timeout="+benchScenarioTimeout.String())
-	cmd.Env = append(os.Environ(), benchResultEnv+"="+resultPath)
+		"-test.run=^"+name+"$", "-test.count=1", "-test.v=true", "-test.timeout="+timeout.String())
+	cmd.Env = append(append(os.Environ(), env...), benchResultEnv+"="+resultPath)
 	var buf bytes.Buffer
 	w := io.Writer(&buf)
 	if testing.Verbose() {
@@ -230,7 +236,7 @@ func benchRunScenario(b *testing.B, name string, out any) {
 	}
 	cmd.Stdout, cmd.Stderr = w, w
 	if err := cmd.Run(); err != nil {
-		b.Fatalf("scenario %s: %v; last lines of its output:\n%s", name, err, tail(buf.String(), 150))
+		b.Fatalf("scenario %s (%s): %v; last lines of its output:\n%s", name, strings.Join(env, " "), err, tail(buf.String(), 150))
 	}
 	data, err := os.ReadFile(resultPath)
 	if err != nil {

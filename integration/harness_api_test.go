@@ -60,6 +60,7 @@ type (
 		Status      string               `json:"status"` // pending, completed, aborted
 		Reason      string               `json:"reason"`
 		TriggerTime string               `json:"trigger_time"` // RFC 3339
+		DurationMS  *float64             `json:"duration_ms"`  // of a completed checkpoint
 		Tasks       []checkpointTaskView `json:"tasks"`
 	}
 	// checkpointTaskView is one task's acknowledgement of a checkpoint.

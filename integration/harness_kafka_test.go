@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -90,10 +91,13 @@ func saramaConfig() *sarama.Config {
 }
 
 // record is one Kafka record to produce. partition < 0 (anyPartition) lets
-// the key's hash choose, as sarama's default partitioner does.
+// the key's hash choose, as sarama's default partitioner does. topic, when
+// set, overrides the topic the producer was given (one producer for many
+// topics).
 type record struct {
 	key, value string
 	partition  int32
+	topic      string
 }
 
 const anyPartition = -1
@@ -198,7 +202,7 @@ func produceRecords(ctx context.Context, brokers []string, topic string, recs []
 		}
 		msgs = msgs[:0]
 		for _, r := range recs[start:min(start+chunk, len(recs))] {
-			m := &sarama.ProducerMessage{Topic: topic, Partition: r.partition, Value: sarama.StringEncoder(r.value)}
+			m := &sarama.ProducerMessage{Topic: cmp.Or(r.topic, topic), Partition: r.partition, Value: sarama.StringEncoder(r.value)}
 			if r.key != "" {
 				m.Key = sarama.StringEncoder(r.key)
 			}

@@ -1,0 +1,208 @@
+package integration
+
+// BenchmarkManyJobs measures one Raft group coordinating many small jobs, as
+// docs/benchmarks.md reports it ("Many jobs"). Run one combination at a
+// time, with nothing else on the machine:
+//
+//	flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench 'BenchmarkManyJobs/jobs=1000/input=idle$' -benchtime 1x -timeout 1h -v
+//
+// The scenario: devkafka, 3 coordd, 2 workerd; n jobs of one source and one
+// map task (count), each on a topic of its own with one partition,
+// checkpoints every second; idle topics, or a light steady input of 100
+// records a second per job. Once every job has completed a checkpoint and
+// a warm-up has passed, a 30 s window is measured: checkpoints completed per
+// job, the duration of each checkpoint triggered in the window (from the
+// API), the leader's Raft entries, commands and bytes, and the CPU of every
+// process.
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+)
+
+const (
+	benchJobsEnv      = "COORDFLOW_BENCH_JOBS"
+	benchJobsInputEnv = "COORDFLOW_BENCH_INPUT"
+	benchJobsWindow   = 30 * time.Second
+	benchJobsWarmUp   = 10 * time.Second
+	benchJobsRate     = 100 // records a second per job with input=light
+	benchJobsTimeout  = 40 * time.Minute
+)
+
+// benchJobsResult is what TestBenchScenarioManyJobs measures.
+type benchJobsResult struct {
+	Jobs  int    `json:"jobs"`
+	Input string `json:"input"`
+	// StartSeconds is from the first submission until every job has
+	// completed a checkpoint.
+	StartSeconds float64 `json:"start_s"`
+	// Per job, over the window: checkpoints completed per second.
+	RateMin, RateMean float64
+	JobsBelow09       int // jobs below 0.9 checkpoints a second
+	// Checkpoints triggered in the window (all jobs).
+	Checkpoints, Aborted        int
+	P50MS, P99MS, MaxMS         float64
+	EntriesPerS, CommandsPerS   float64 // the leader's Raft log
+	CommandsPerEntry, BytesPerS float64
+	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
+	CPU                         map[string]float64 // cores, by process group
+	Restarts                    int                // job attempts beyond the first, at the end
+	RecordsPerS                 float64            // produced, all jobs
+	LoadAvg                     string
+}
+
+func BenchmarkManyJobs(b *testing.B) {
+	for _, n := range []int{100, 300, 1000} {
+		for _, input := range []string{"idle", "light"} {
+			b.Run(fmt.Sprintf("jobs=%d/input=%s", n, input), func(b *testing.B) {
+				var r benchJobsResult
+				for range b.N {
+					benchRunScenarioWith(b, "TestBenchScenarioManyJobs",
+						[]string{benchJobsEnv + "=" + strconv.Itoa(n), benchJobsInputEnv + "=" + input}, benchJobsTimeout, &r)
+					b.Logf("%d jobs, input %s (%.0f records/s): all checkpointed %.1fs after the first submission; over %v: "+
+						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints (%d aborted), duration p50 %.0f ms p99 %.0f ms max %.0f ms; "+
+						"Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
+						r.Jobs, r.Input, r.RecordsPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
+						r.P50MS, r.P99MS, r.MaxMS, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+				}
+				b.ReportMetric(0, "ns/op")
+				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
+				b.ReportMetric(r.P99MS, "checkpoint-p99-ms")
+				b.ReportMetric(r.EntriesPerS, "raft-entries/s")
+			})
+		}
+	}
+}
+
+func TestBenchScenarioManyJobs(t *testing.T) {
+	resultPath := benchScenario(t, "BenchmarkManyJobs")
+	n, err := strconv.Atoi(os.Getenv(benchJobsEnv))
+	if err != nil || n <= 0 {
+		t.Fatalf("%s=%q: want a number of jobs", benchJobsEnv, os.Getenv(benchJobsEnv))
+	}
+	input := os.Getenv(benchJobsInputEnv)
+	if input != "idle" && input != "light" {
+		t.Fatalf("%s=%q: want idle or light", benchJobsInputEnv, input)
+	}
+	res := benchJobsResult{Jobs: n, Input: input, LoadAvg: benchLoadAvg()}
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, slots: n + 2, topics: manyTopics(n, 1)})
+
+	specs := make([]jobSpec, n)
+	for i := range specs {
+		specs[i] = smallJobSpec(c.brokers(), fmt.Sprintf("job-%04d", i), manyTopic(i), time.Second)
+	}
+	start := time.Now()
+	ids := c.submitJobs(t, specs)
+	c.waitJobsCheckpointed(t, 10*time.Minute, ids, nil)
+	res.StartSeconds = time.Since(start).Seconds()
+	t.Logf("%d jobs checkpointed after %.1fs", n, res.StartSeconds)
+
+	if input == "light" {
+		// A steady 100 records a second per job, keys k0..k9, from one
+		// producer, for longer than the scenario lasts.
+		const seconds = 120
+		recs := make([]record, 0, n*benchJobsRate*seconds)
+		for i := range benchJobsRate * seconds {
+			for j := range n {
+				recs = append(recs, record{topic: manyTopic(j), key: fmt.Sprintf("k%d", i%10), value: "1", partition: 0})
+			}
+		}
+		produceInBackground(t, c.brokers(), manyTopic(0), recs, n*benchJobsRate)
+		res.RecordsPerS = float64(n * benchJobsRate)
+	}
+	time.Sleep(benchJobsWarmUp) // the only sleep: a warm-up before a measured window
+
+	leader := c.coordinator(t, c.leader(t))
+	type snap struct {
+		at        time.Time
+		status    statusView
+		metrics   string
+		cpu       benchCPU
+		completed map[string]float64
+	}
+	take := func() snap {
+		s := snap{cpu: benchCPUSnapshot(t, c), completed: make(map[string]float64, n)}
+		var err error
+		if s.status, err = c.status(leader); err != nil {
+			t.Fatal(err)
+		}
+		if s.metrics, err = c.coordMetrics(leader); err != nil {
+			t.Fatal(err)
+		}
+		s.at = time.Now()
+		for _, id := range ids {
+			s.completed[id] = benchMetric(s.metrics, "coordflow_checkpoints_completed_total", `job="`+id+`"`)
+		}
+		return s
+	}
+	s0 := take()
+	time.Sleep(benchJobsWindow)
+	s1 := take()
+	if s0.status.LeaderID != s1.status.LeaderID || s0.status.Term != s1.status.Term {
+		t.Fatalf("the leader changed during the window: %s (term %d) to %s (term %d)",
+			s0.status.LeaderID, s0.status.Term, s1.status.LeaderID, s1.status.Term)
+	}
+	window := s1.at.Sub(s0.at).Seconds()
+
+	res.RateMin = math.Inf(1)
+	for _, id := range ids {
+		rate := (s1.completed[id] - s0.completed[id]) / window
+		res.RateMin = min(res.RateMin, rate)
+		res.RateMean += rate / float64(n)
+		if rate < 0.9 {
+			res.JobsBelow09++
+		}
+	}
+	var durations []float64
+	for _, id := range ids {
+		cps, err := c.getCheckpoints(leader.httpAddr, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, cp := range cps {
+			at, err := time.Parse(time.RFC3339Nano, cp.TriggerTime)
+			if err != nil || at.Before(s0.at) || at.After(s1.at) {
+				continue
+			}
+			switch {
+			case cp.Status == "aborted":
+				res.Aborted++
+			case cp.Status == "completed" && cp.DurationMS != nil:
+				durations = append(durations, *cp.DurationMS)
+			}
+		}
+	}
+	res.Checkpoints = len(durations) + res.Aborted
+	slices.Sort(durations)
+	if len(durations) > 0 {
+		q := func(p float64) float64 { return durations[min(len(durations)-1, int(p*float64(len(durations))))] }
+		res.P50MS, res.P99MS, res.MaxMS = q(0.5), q(0.99), durations[len(durations)-1]
+	}
+	entries := float64(s1.status.LastIndex - s0.status.LastIndex)
+	unlabeled := func(text, name string) float64 { v, _ := metricSum(text, name); return v }
+	commands := unlabeled(s1.metrics, "coordflow_raft_batch_commands_sum") - unlabeled(s0.metrics, "coordflow_raft_batch_commands_sum")
+	res.EntriesPerS, res.CommandsPerS = entries/window, commands/window
+	if entries > 0 {
+		res.CommandsPerEntry = commands / entries
+	}
+	res.BytesPerS = (benchMetric(s1.metrics, "coordflow_raft_apply_bytes_total") - benchMetric(s0.metrics, "coordflow_raft_apply_bytes_total")) / window
+	res.LeaderCPU = (unlabeled(s1.metrics, "process_cpu_seconds_total") - unlabeled(s0.metrics, "process_cpu_seconds_total")) / window
+	cpu, wall := s1.cpu.since(s0.cpu)
+	res.CPU = make(map[string]float64, len(cpu))
+	for k, v := range cpu {
+		res.CPU[k] = v / wall
+	}
+	jobs, err := c.listJobs(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		res.Restarts += int(jobs[id].Attempt) - 1
+	}
+	benchWriteResult(t, resultPath, res)
+}
