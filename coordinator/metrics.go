@@ -38,7 +38,7 @@ func newMetrics() *metrics {
 		}, []string{"job", "reason"}),
 		checkpointDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "coordflow_checkpoint_duration_seconds", Help: "Trigger to commit of completed checkpoints.",
-			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
+			Buckets: prometheus.ExponentialBuckets(0.005, 1.5, 24), // 5 ms to 56 s, fine enough for a p99 target
 		}, []string{"job"}),
 		jobRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_job_restarts_total", Help: "Job attempts started after the first by this node as leader.",

@@ -168,38 +168,51 @@ func topicPartitions(client sarama.Client, topic, role string, brokers []string)
 func (l *kafkaLease) consume(topic string, partition int32, offset int64) (sarama.PartitionConsumer, func(), error) {
 	kc := l.kc
 	tp := topicPartition{topic, partition}
-	kc.mu.Lock()
-	defer kc.mu.Unlock()
-	var sc *sharedConsumer
-	for _, c := range kc.consumers {
-		if !c.active[tp] {
-			sc = c
-			break
-		}
-	}
-	if sc == nil {
-		consumer, err := sarama.NewConsumerFromClient(kc.client)
-		if err != nil {
-			return nil, nil, fmt.Errorf("source: create consumer: %w", err)
-		}
-		sc = &sharedConsumer{consumer: consumer, active: make(map[topicPartition]bool)}
-		kc.consumers = append(kc.consumers, sc)
-	}
-	pc, err := sc.consumer.ConsumePartition(topic, partition, offset)
+	sc, err := kc.reserve(tp)
 	if err != nil {
 		return nil, nil, err
 	}
-	sc.active[tp] = true
+	unreserve := func() {
+		kc.mu.Lock()
+		delete(sc.active, tp)
+		kc.mu.Unlock()
+	}
+	// Not under kc.mu: sarama adds a partition to a running fetch loop
+	// between two fetches (up to Consumer.MaxWaitTime), and the tasks that
+	// start together must wait for that together, not one after the other.
+	pc, err := sc.consumer.ConsumePartition(topic, partition, offset)
+	if err != nil {
+		unreserve()
+		return nil, nil, err
+	}
 	var once sync.Once
 	closeFn := func() {
 		once.Do(func() {
 			_ = pc.Close()
-			kc.mu.Lock()
-			delete(sc.active, tp)
-			kc.mu.Unlock()
+			unreserve()
 		})
 	}
 	return pc, closeFn, nil
+}
+
+// reserve picks (or creates) a consumer of kc that does not serve tp and
+// marks tp as served by it.
+func (kc *kafkaClient) reserve(tp topicPartition) (*sharedConsumer, error) {
+	kc.mu.Lock()
+	defer kc.mu.Unlock()
+	for _, c := range kc.consumers {
+		if !c.active[tp] {
+			c.active[tp] = true
+			return c, nil
+		}
+	}
+	consumer, err := sarama.NewConsumerFromClient(kc.client)
+	if err != nil {
+		return nil, fmt.Errorf("source: create consumer: %w", err)
+	}
+	sc := &sharedConsumer{consumer: consumer, active: map[topicPartition]bool{tp: true}}
+	kc.consumers = append(kc.consumers, sc)
+	return sc, nil
 }
 
 // commit queues the offsets of completed checkpoint id for group; a newer
