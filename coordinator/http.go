@@ -12,6 +12,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/http"
+	"net/http/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,6 +33,11 @@ const maxSpecBytes = 1 << 20
 // follower forwards them there (forward.go).
 func (s *Server) newHTTPServer() *http.Server {
 	mux := http.NewServeMux()
+	if s.cfg.EnableDebug {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.HandleFunc("GET /v1/status", s.handleStatus)
 	mux.HandleFunc("GET /v1/members", s.handleMembers)
 	mux.Handle("POST /v1/jobs", s.leaderOnly(s.handleSubmitJob))

@@ -100,6 +100,11 @@ type Config struct {
 	// name (the workers then fail the tasks of an unknown operator).
 	Operators []string
 
+	// EnableDebug serves Go's profiler under /debug/pprof/ on the HTTP
+	// address, as Consul's enable_debug does. Off by default: a profile
+	// reveals much and costs CPU.
+	EnableDebug bool
+
 	// Logger receives every log line of this node, Raft's and memberlist's
 	// included; nil means slog.Default().
 	Logger *slog.Logger

@@ -308,12 +308,20 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 	}
 }
 
-// loop is the task loop: records, flush ticks and leader control messages,
-// one at a time.
+// loop is the task loop: records, flushes of batches that waited
+// FlushInterval, and leader control messages, one at a time.
 func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMessage, pumpErr <-chan error, lease *kafkaLease) error {
-	flush := time.NewTicker(s.env.cfg.FlushInterval)
+	// The flush timer runs only while items wait in a batch: an idle
+	// source costs nothing, however many there are on the worker.
+	flush := time.NewTimer(s.env.cfg.FlushInterval)
+	flush.Stop()
+	armed := false
 	defer flush.Stop()
 	for {
+		if !armed && s.buffered() {
+			flush.Reset(s.env.cfg.FlushInterval)
+			armed = true
+		}
 		records := merged
 		if s.halted {
 			records = nil
@@ -328,6 +336,7 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 				return err
 			}
 		case <-flush.C:
+			armed = false
 			if err := s.flushAll(ctx); err != nil {
 				return err
 			}
@@ -341,6 +350,16 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 			}
 		}
 	}
+}
+
+// buffered reports whether an item waits in a batch.
+func (s *sourceTask) buffered() bool {
+	for _, b := range s.batches {
+		if len(b) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // process splits one record and routes its items.
