@@ -180,7 +180,7 @@ func setIndexHeader(w http.ResponseWriter, index uint64) {
 	}
 }
 
-// writeApplyError answers a failed raftApply with the status its cause calls for.
+// writeApplyError answers a failed raftApplyAt with the status its cause calls for.
 func (s *Server) writeApplyError(w http.ResponseWriter, err error) {
 	status := http.StatusInternalServerError
 	switch {

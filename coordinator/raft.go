@@ -37,7 +37,7 @@ const (
 	// raftMaxPool and raftIOTimeout configure the Raft TCP transport.
 	raftMaxPool   = 3
 	raftIOTimeout = 10 * time.Second
-	// defaultApplyTimeout bounds raftApply when its ctx has no deadline.
+	// defaultApplyTimeout bounds raftApplyAt when its ctx has no deadline.
 	defaultApplyTimeout = 10 * time.Second
 	// barrierTimeout bounds the Barrier a new leader waits for before it
 	// starts its loops; a failed Barrier is retried after barrierRetry.
@@ -54,7 +54,7 @@ const (
 	slowLeaderLoop = 5 * time.Second
 )
 
-// ErrNotLeader is returned (wrapped) by raftApply on a node that is not the
+// ErrNotLeader is returned (wrapped) by raftApplyAt on a node that is not the
 // Raft leader: the command was not appended. HTTP answers it by forwarding
 // to the leader or with 503.
 var ErrNotLeader = errors.New("not the raft leader")
@@ -132,19 +132,13 @@ func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
 	return store, nil
 }
 
-// raftApply encodes cmd, commits it through the committer on this node
+// raftApplyAt encodes cmd, commits it through the committer on this node
 // (which must be the leader) and returns the FSM's result, or the FSM's
-// error. It waits until ctx ends, or defaultApplyTimeout without a deadline.
-// An error wrapping ErrNotLeader means the command was not appended;
+// error, and the entry's log index, also when the FSM rejected it. It waits
+// until ctx ends, or defaultApplyTimeout without a deadline; a caller that
+// gives up leaves the command in flight: it may still commit. An error
+// wrapping ErrNotLeader means the command was not appended;
 // raft.ErrLeadershipLost means it may or may not commit. [C1]
-func (s *Server) raftApply(ctx context.Context, t fsm.CommandType, cmd any) (any, error) {
-	res, _, err := s.raftApplyAt(ctx, t, cmd)
-	return res, err
-}
-
-// raftApplyAt is raftApply that also returns the command's log index, also
-// when the FSM rejected it. A caller that gives up leaves the command in
-// flight: it may still commit.
 func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (res any, index uint64, err error) {
 	data, err := fsm.Encode(t, cmd)
 	if err != nil {
