@@ -30,6 +30,10 @@ type pendingCheckpoint struct {
 	id          uint64
 	attempt     uint64
 	triggeredAt time.Time
+	// sentAt is when the trigger was committed and sent to the sources;
+	// ackedAt when the last task acked. With triggeredAt and the commit
+	// they split a checkpoint's duration into its phases (metrics).
+	sentAt, ackedAt time.Time
 	deadline    time.Time
 	acks        map[string]fsm.TaskState // by task id
 	// savepoint and stop say what was triggered; savepointWaiters are the
@@ -249,6 +253,7 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		}
 		p := newPendingCheckpoint(id, attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
 		p.savepoint, p.stop, p.savepointWaiters = savepoint, stop, waiters
+		p.sentAt = l.env.now()
 		js.ckpt.pending = p
 		l.checkpointAt(js, p.deadline)
 		for _, tv := range js.order {
@@ -288,6 +293,7 @@ func (l *leader) onAck(worker string, ack *transport.CheckpointAck) {
 		return
 	}
 	if p.complete(js.order) {
+		p.ackedAt = l.env.now()
 		l.completeCheckpoint(js)
 	}
 }
@@ -348,6 +354,9 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	js.lastCompleted = p.id
 	took := now.Sub(p.triggeredAt)
 	l.metrics.checkpointDuration.WithLabelValues(js.id).Observe(took.Seconds())
+	l.metrics.checkpointPhase.WithLabelValues("trigger").Observe(p.sentAt.Sub(p.triggeredAt).Seconds())
+	l.metrics.checkpointPhase.WithLabelValues("acks").Observe(p.ackedAt.Sub(p.sentAt).Seconds())
+	l.metrics.checkpointPhase.WithLabelValues("commit").Observe(now.Sub(p.ackedAt).Seconds())
 	l.metrics.checkpointsCompleted.WithLabelValues(js.id).Inc()
 	if time.Duration(js.spec.Checkpoint.Interval) < time.Second {
 		log.Debug("checkpoint completed", "duration", took)

@@ -25,6 +25,7 @@ type metrics struct {
 	stateFilesDeleted    *prometheus.CounterVec   // job
 	raftApplyBytes       *prometheus.CounterVec   // command
 	raftBatchCommands    prometheus.Histogram
+	checkpointPhase      *prometheus.HistogramVec // phase: trigger, acks, commit
 }
 
 func newMetrics() *metrics {
@@ -62,6 +63,11 @@ func newMetrics() *metrics {
 		raftApplyBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_raft_apply_bytes_total", Help: "Bytes of the commands this node as leader committed through Raft, by command: what checkpoints cost the Raft log.",
 		}, []string{"command"}),
+		checkpointPhase: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "coordflow_checkpoint_phase_seconds",
+			Help:    "Phases of completed checkpoints, all jobs: trigger (Raft commit of the trigger), acks (trigger sent to the last task's ack), commit (Raft commit of the completion).",
+			Buckets: prometheus.ExponentialBuckets(0.001, 1.5, 26),
+		}, []string{"phase"}),
 		raftBatchCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "coordflow_raft_batch_commands", Help: "Commands per Raft entry committed by this node as leader (group commit).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
@@ -70,7 +76,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them.",
 		}, []string{"job"}),
 	}
-	m.registry.MustRegister(m.raftApplyBytes, m.raftBatchCommands, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
+	m.registry.MustRegister(m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

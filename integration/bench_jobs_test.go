@@ -60,7 +60,10 @@ type benchJobsResult struct {
 	// histogram_quantile does).
 	HistP50MS, HistP99MS float64
 	// Quantiles of the leader's Raft writes (submission to FSM result).
-	RaftP50MS, RaftP99MS        float64
+	RaftP50MS, RaftP99MS float64
+	// Quantiles of each phase of a checkpoint: the trigger's commit, the
+	// tasks' acks, the completion's commit.
+	Phases                      map[string][2]float64
 	EntriesPerS, CommandsPerS   float64 // the leader's Raft log
 	CommandsPerEntry, BytesPerS float64
 	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
@@ -80,9 +83,9 @@ func BenchmarkManyJobs(b *testing.B) {
 						[]string{benchJobsEnv + "=" + strconv.Itoa(n), benchJobsInputEnv + "=" + input}, benchJobsTimeout, &r)
 					b.Logf("%d jobs, input %s (%.0f records/s): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
-						"Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
+						"phases p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
-						r.HistP50MS, r.HistP99MS, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+						r.HistP50MS, r.HistP99MS, r.Phases, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
@@ -194,6 +197,14 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	res.HistP99MS = 1000 * histogramQuantile(0.99, s0.metrics, s1.metrics, "coordflow_checkpoint_duration_seconds")
 	res.RaftP50MS = 1000 * histogramQuantile(0.5, s0.metrics, s1.metrics, "coordflow_raft_apply_duration_seconds")
 	res.RaftP99MS = 1000 * histogramQuantile(0.99, s0.metrics, s1.metrics, "coordflow_raft_apply_duration_seconds")
+	res.Phases = make(map[string][2]float64)
+	for _, phase := range []string{"trigger", "acks", "commit"} {
+		sel := func(text string) string { return benchSelect(text, `phase="`+phase+`"`) }
+		res.Phases[phase] = [2]float64{
+			1000 * histogramQuantile(0.5, sel(s0.metrics), sel(s1.metrics), "coordflow_checkpoint_phase_seconds"),
+			1000 * histogramQuantile(0.99, sel(s0.metrics), sel(s1.metrics), "coordflow_checkpoint_phase_seconds"),
+		}
+	}
 	entries := float64(s1.status.LastIndex - s0.status.LastIndex)
 	unlabeled := func(text, name string) float64 { v, _ := metricSum(text, name); return v }
 	commands := unlabeled(s1.metrics, "coordflow_raft_batch_commands_sum") - unlabeled(s0.metrics, "coordflow_raft_batch_commands_sum")
@@ -271,4 +282,16 @@ func histogramQuantile(q float64, before, after, name string) float64 {
 		prevBound, prevCount = ub, c
 	}
 	return prevBound
+}
+
+// benchSelect keeps the lines of a metrics text that contain sel, so that a
+// histogram of one label set can be read alone.
+func benchSelect(text, sel string) string {
+	var b strings.Builder
+	for line := range strings.Lines(text) {
+		if strings.Contains(line, sel) {
+			b.WriteString(line)
+		}
+	}
+	return b.String()
 }

@@ -121,6 +121,13 @@ func TestManyJobsThroughLeaderAndWorkerKill(t *testing.T) {
 	if restarted < onVictim {
 		t.Errorf("%d jobs restarted, but %d had tasks on the killed worker", restarted, onVictim)
 	}
+	// Cancelled, the jobs stop writing, and every replica must come to the
+	// same state.
+	for _, id := range ids {
+		if err := c.call("DELETE", c.api(t), "/v1/jobs/"+id, nil, nil); err != nil {
+			t.Fatalf("cancel job %s: %v", id, err)
+		}
+	}
 	c.waitFor(t, time.Minute, "the live coordinators' FSMs to be equal", c.sameLiveFSM)
 }
 
