@@ -33,7 +33,12 @@ func (s *State) liveJob(id string) (*Job, error) {
 	if j.Status == JobCancelled {
 		return nil, ErrJobCancelled
 	}
-	return j, nil
+	// Copy on write: the job an apply changes is a copy that replaces the
+	// stored one, so that a snapshot may share every stored job instead of
+	// copying the whole state while Apply waits (FSM.Snapshot).
+	c := j.clone(true)
+	s.Jobs[id] = &c
+	return &c, nil
 }
 
 func (s *State) applyRegisterJob(c *RegisterJobCmd) error {

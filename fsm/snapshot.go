@@ -29,12 +29,15 @@ type fsmSnapshot struct {
 	state *State
 }
 
-// Snapshot copies the state under the read lock; the copy shares only the
-// immutable keyed-state blobs, so it is cheap and Persist needs no lock.
+// Snapshot takes a view of the state under the read lock that shares every
+// job: Apply replaces a job it changes with a changed copy and never changes
+// a stored one (copy on write), so the view stays as it was while Persist
+// encodes it without a lock. Its cost is one map copy, whatever the jobs
+// hold, so Raft's snapshots do not stall Apply.
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	return &fsmSnapshot{state: f.state.clone(true)}, nil
+	return &fsmSnapshot{state: f.state.share()}, nil
 }
 
 // Persist writes the snapshot as one JSON document with a format and version

@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"fmt"
 	"bytes"
 	"encoding/json"
 	"io"
@@ -237,5 +238,46 @@ func TestDigestStable(t *testing.T) {
 	}
 	if _, err := h.f.StateJSON(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Persist runs while Apply goes on (Raft does this): the snapshot shares the
+// stored jobs, and Apply changes only copies, so the snapshot is the state at
+// Snapshot and the race detector sees no write to what Persist reads.
+func TestSnapshotPersistsWhileApplying(t *testing.T) {
+	h := newHarness(t)
+	var ids []string
+	for i := range 20 {
+		id := fmt.Sprintf("job-%02d", i)
+		h.runningJob(id)
+		h.checkpointed(id)
+		ids = append(ids, id)
+	}
+	want := h.digest()
+	snap, err := h.f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snap.Release()
+	var sink fakeSink
+	done := make(chan error, 1)
+	go func() { done <- snap.Persist(&sink) }()
+	for range 3 {
+		for _, id := range ids {
+			h.checkpointed(id) // changes Completed, Pending and more of every job
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	restored := New()
+	if err := restored.Restore(readCloser(sink.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	if mustDigest(t, restored) != want {
+		t.Fatal("the snapshot holds changes applied after it was taken")
+	}
+	if h.digest() == want {
+		t.Fatal("the commands after the snapshot changed nothing")
 	}
 }

@@ -40,6 +40,13 @@ func (s *State) clone(shareBlobs bool) *State {
 	return c
 }
 
+// share returns a copy of s that shares every job and savepoint with s. It
+// is a consistent view as long as s is only changed by Apply, which never
+// changes a stored job or savepoint in place (liveJob copies on write).
+func (s *State) share() *State {
+	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints)}
+}
+
 // check verifies the invariants a restored state must hold, so that a
 // snapshot that decodes but is nonsense is refused rather than served.
 func (s *State) check() error {
