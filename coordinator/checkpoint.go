@@ -34,11 +34,13 @@ type pendingCheckpoint struct {
 	// ackedAt when the last task acked. With triggeredAt and the commit
 	// they split a checkpoint's duration into its phases (metrics).
 	sentAt, ackedAt time.Time
-	deadline    time.Time
-	acks        map[string]fsm.TaskState // by task id
-	// savepoint and stop say what was triggered; savepointWaiters are the
-	// requests its outcome answers.
+	deadline        time.Time
+	acks            map[string]fsm.TaskState // by task id
+	// savepoint and stop say what was triggered, lastCompleted the
+	// checkpoint the trigger named as the base of incremental snapshots;
+	// savepointWaiters are the requests its outcome answers.
 	savepoint, stop  bool
+	lastCompleted    uint64
 	savepointWaiters []savepointRequest
 }
 
@@ -256,19 +258,43 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		p.sentAt = l.env.now()
 		js.ckpt.pending = p
 		l.checkpointAt(js, p.deadline)
+		p.lastCompleted = js.lastCompleted
 		for _, tv := range js.order {
 			if tv.task.Kind != fsm.TaskSource {
 				continue
 			}
-			msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
-				Task: taskRef(js, tv.task), CheckpointId: id, LastCompleted: js.lastCompleted, Savepoint: savepoint, Stop: stop,
-			}}}
-			if !l.sendTo(tv.task.Worker, msg) {
-				log.Warn("no session to trigger checkpoint on", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
+			if !l.sendTo(tv.task.Worker, triggerMsg(js, tv, p)) {
+				log.Warn("no session to trigger checkpoint on; sent when the worker reconnects", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
 			}
 		}
 		log.Debug("checkpoint triggered", "checkpoint", id)
 	})
+}
+
+// triggerMsg is the TriggerCheckpoint of p for source task tv of js.
+func triggerMsg(js *jobState, tv *trackedTask, p *pendingCheckpoint) *transport.CoordinatorMessage {
+	return &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Trigger{Trigger: &transport.TriggerCheckpoint{
+		Task: taskRef(js, tv.task), CheckpointId: p.id, LastCompleted: p.lastCompleted, Savepoint: p.savepoint, Stop: p.stop,
+	}}}
+}
+
+// retrigger sends the pending checkpoints' triggers again to the source
+// tasks on worker that have not acked them: a worker whose session was lost
+// (its queue overflowed, its stream broke) may never have got them, and a
+// source ignores a trigger it has already taken.
+func (l *leader) retrigger(worker string) {
+	for id := range l.byWorker[worker] {
+		js := l.jobs[id]
+		p := js.ckpt.pending
+		if p == nil || p.attempt != js.attempt {
+			continue
+		}
+		for _, tv := range js.order {
+			if _, acked := p.acks[tv.task.ID]; tv.task.Kind == fsm.TaskSource && tv.task.Worker == worker && !acked {
+				l.sendTo(worker, triggerMsg(js, tv, p))
+			}
+		}
+	}
 }
 
 // onAck records a task's ack of the pending checkpoint and completes the

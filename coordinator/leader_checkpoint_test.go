@@ -243,3 +243,70 @@ func TestLeaderAbortsPredecessorsCheckpointWithoutRestarting(t *testing.T) {
 		t.Fatalf("checkpoint 2 not completed")
 	}
 }
+
+// TestLeaderRetriggersOnReconnect: a worker whose session broke may have
+// lost the trigger of the pending checkpoint; when it reconnects, its source
+// tasks that have not acked get the trigger again, and the checkpoint
+// completes instead of timing out.
+func TestLeaderRetriggersOnReconnect(t *testing.T) {
+	h := newLeaderHarness(t)
+	spec := testJobSpec(2, 1)
+	job := h.startJob("j1", spec)
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil {
+		t.Fatal("no checkpoint triggered")
+	}
+	h.drain("w1")
+	h.drain("w2") // the triggers are lost with the sessions
+	var acked fsm.Task
+	for _, task := range job.Tasks {
+		if task.Kind == fsm.TaskSource {
+			acked = task
+			break
+		}
+	}
+	h.ack(acked.Worker, ref(job, acked), acked, p.ID) // one source got it before
+	for _, w := range []string{"w1", "w2"} {
+		var running []*transport.TaskStatus
+		for _, task := range job.Tasks {
+			if task.Worker == w {
+				running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+			}
+		}
+		h.connect(w, 4, running...)
+	}
+	got := triggers(append(h.drain("w1"), h.drain("w2")...))
+	for _, task := range job.Tasks {
+		_, sent := got[task.ID]
+		want := task.Kind == fsm.TaskSource && task.ID != acked.ID
+		if sent != want {
+			t.Errorf("task %s (%s): trigger re-sent %v, want %v", task.ID, task.Kind, sent, want)
+		}
+		if sent && got[task.ID] != p.ID {
+			t.Errorf("task %s: re-sent trigger of checkpoint %d, want %d", task.ID, got[task.ID], p.ID)
+		}
+	}
+	for _, task := range job.Tasks {
+		if task.ID != acked.ID {
+			h.ack(task.Worker, ref(job, task), task, p.ID)
+		}
+	}
+	if last, ok := h.f.LastCompleted("j1"); !ok || last.ID != p.ID {
+		t.Fatalf("checkpoint %d not completed after the re-sent triggers", p.ID)
+	}
+}
+
+// TestSessionQueuesGrowWithSlots: a worker with many slots gets queues that
+// hold a message per task and more, so that a checkpoint of every job at
+// once does not overflow its session.
+func TestSessionQueuesGrowWithSlots(t *testing.T) {
+	small := newSession(t.Context(), &transport.Hello{WorkerId: "w1", Slots: 4})
+	big := newSession(t.Context(), &transport.Hello{WorkerId: "w2", Slots: 1000})
+	if cap(small.out) != sessionQueue || small.inbox != sessionInbox {
+		t.Errorf("4 slots: queue %d inbox %d, want the minimums %d and %d", cap(small.out), small.inbox, sessionQueue, sessionInbox)
+	}
+	if cap(big.out) < 2000 || big.inbox < 2000 {
+		t.Errorf("1000 slots: queue %d inbox %d, want room for two messages per task", cap(big.out), big.inbox)
+	}
+}

@@ -21,12 +21,18 @@ const (
 	helloTimeout = 10 * time.Second
 	// sessionQueue bounds the messages waiting to be sent to one worker; a
 	// worker that falls this far behind loses its session and reconnects.
+	// The bound grows with the worker's slots (queuePerSlot): a checkpoint
+	// of every job at once sends each task a message.
 	sessionQueue = 512
 	// sessionInbox bounds the worker messages a session has read and the
 	// leader loop has not taken yet; a worker that gets this far ahead of a
-	// stalled leader loop (a slow Raft write) loses its session and
-	// reconnects.
+	// stalled leader loop loses its session and reconnects. It grows with
+	// the slots too.
 	sessionInbox = 1024
+	// queuePerSlot is how many messages per task slot either queue holds
+	// at least: a trigger or completion and a deploy or cancel per task,
+	// with room to spare.
+	queuePerSlot = 4
 )
 
 // Reasons a session ends, as its context's cause.
@@ -53,6 +59,7 @@ type controlService struct {
 type session struct {
 	worker   string
 	dataAddr string
+	inbox    int // capacity of receive's queue
 	out      chan *transport.CoordinatorMessage
 	ctx      context.Context
 	close    context.CancelCauseFunc
@@ -60,10 +67,12 @@ type session struct {
 
 func newSession(parent context.Context, hello *transport.Hello) *session {
 	ctx, cancel := context.WithCancelCause(parent)
+	slots := int(min(max(hello.GetSlots(), 0), 1<<16))
 	return &session{
 		worker:   hello.GetWorkerId(),
 		dataAddr: hello.GetDataAddr(),
-		out:      make(chan *transport.CoordinatorMessage, sessionQueue),
+		inbox:    max(sessionInbox, queuePerSlot*slots),
+		out:      make(chan *transport.CoordinatorMessage, max(sessionQueue, queuePerSlot*slots)),
 		ctx:      ctx,
 		close:    cancel,
 	}
@@ -340,7 +349,7 @@ func sessionError(cause error) error {
 // forward, so that a leader loop stalled on a slow Raft write delays acks and
 // statuses but never the heartbeat answers that keep the worker's lease.
 func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
-	inbox := make(chan leaderEvent, sessionInbox)
+	inbox := make(chan leaderEvent, sess.inbox)
 	defer close(inbox)
 	go forward(sess, l, inbox)
 	for {
@@ -358,7 +367,7 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 			select {
 			case inbox <- workerMessage{sess: sess, msg: msg}:
 			default:
-				sess.close(fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sessionInbox))
+				sess.close(fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sess.inbox))
 				return
 			}
 		default:
@@ -405,6 +414,7 @@ func (l *leader) openSession(sess *session, hello *transport.Hello) {
 			}
 		}
 	}
+	l.retrigger(sess.worker)
 	l.workerChanged(sess.worker)
 }
 
