@@ -190,6 +190,12 @@ func (l *leader) checkpointStep(js *jobState, now time.Time) {
 		return
 	}
 	c := js.spec.Checkpoint
+	if js.ckpt.lastTrigger.IsZero() {
+		// The first checkpoint of this term: at a random point of the
+		// first interval, so that jobs started (or inherited) together do
+		// not all checkpoint in the same instant, every interval.
+		js.ckpt.lastTrigger = now.Add(-time.Duration(float64(c.Interval) * (1 - l.env.jitter())))
+	}
 	due := later(js.ckpt.lastTrigger.Add(time.Duration(c.Interval)), js.ckpt.lastCompletion.Add(time.Duration(c.MinPause)))
 	if now.Before(due) {
 		l.checkpointAt(js, due)

@@ -70,8 +70,7 @@ func TestLeaderCheckpointsCompleteWithGrowingIDs(t *testing.T) {
 	h := newLeaderHarness(t)
 	job := h.startJob("j1", testJobSpec(2, 2))
 
-	h.checkpointPass()
-	p := h.job("j1").Pending
+	p := h.firstCheckpoint("j1")
 	if p == nil || p.ID != 1 {
 		t.Fatalf("no checkpoint 1 pending: %+v", p)
 	}
@@ -173,7 +172,7 @@ func TestLeaderCheckpointTimeoutAbortsAndRestartsPastTolerance(t *testing.T) {
 func TestLeaderDeclineAbortsCheckpoint(t *testing.T) {
 	h := newLeaderHarness(t)
 	job := h.startJob("j1", testJobSpec(1, 1))
-	h.checkpointPass()
+	h.firstCheckpoint("j1")
 	m := job.Tasks[1]
 	decline := func(attempt uint64) {
 		h.handle(workerMessage{sess: h.sessions[m.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{
@@ -204,7 +203,7 @@ func TestLeaderAbortsPredecessorsCheckpointWithoutRestarting(t *testing.T) {
 	spec := testJobSpec(1, 1)
 	spec.Checkpoint.TolerableFailures = 0
 	job := h.startJob("j1", spec)
-	h.checkpointPass() // checkpoint 1 pending when "leadership is lost"
+	h.firstCheckpoint("j1") // checkpoint 1 pending when "leadership is lost"
 
 	// A new term on the same FSM: workers reconnect and report their tasks.
 	h.newTerm()
@@ -252,11 +251,7 @@ func TestLeaderRetriggersOnReconnect(t *testing.T) {
 	h := newLeaderHarness(t)
 	spec := testJobSpec(2, 1)
 	job := h.startJob("j1", spec)
-	h.checkpointPass()
-	p := h.job("j1").Pending
-	if p == nil {
-		t.Fatal("no checkpoint triggered")
-	}
+	p := h.firstCheckpoint("j1")
 	h.drain("w1")
 	h.drain("w2") // the triggers are lost with the sessions
 	var acked fsm.Task

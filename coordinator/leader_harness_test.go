@@ -402,6 +402,24 @@ func (h *leaderHarness) startJob(id string, spec fsm.JobSpec) fsm.Job {
 	return job
 }
 
+// firstCheckpoint moves the clock through job id's first interval, at a
+// random point of which (the harness's jitter: the middle) the leader
+// triggers its first checkpoint, and returns that checkpoint.
+func (h *leaderHarness) firstCheckpoint(id string) *fsm.Checkpoint {
+	h.t.Helper()
+	h.checkpointPass()
+	if p := h.job(id).Pending; p != nil {
+		h.t.Fatalf("checkpoint %d triggered at once; the first waits for a random part of the interval", p.ID)
+	}
+	h.advance(time.Duration(h.job(id).Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job(id).Pending
+	if p == nil {
+		h.t.Fatalf("no checkpoint of job %s triggered within its first interval", id)
+	}
+	return p
+}
+
 // completeCheckpoint acks the pending checkpoint of job id from every task,
 // triggering the next one first if none is pending, and returns its id.
 func (h *leaderHarness) completeCheckpoint(id string) uint64 {
