@@ -3,6 +3,7 @@ package coordinator
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"strings"
 	"time"
@@ -23,6 +24,7 @@ type checkpointState struct {
 	pending        *pendingCheckpoint
 	lastTrigger    time.Time // when this term last triggered (or tried to)
 	lastCompletion time.Time // when this term last completed one
+	aborts         int       // aborted since the last completion, in this term
 }
 
 // pendingCheckpoint is a checkpoint in flight and the acks it has collected.
@@ -390,11 +392,16 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	l.metrics.checkpointPhase.WithLabelValues("acks").Observe(p.ackedAt.Sub(p.sentAt).Seconds())
 	l.metrics.checkpointPhase.WithLabelValues("commit").Observe(now.Sub(p.ackedAt).Seconds())
 	l.metrics.checkpointsCompleted.WithLabelValues(js.id).Inc()
-	if time.Duration(js.spec.Checkpoint.Interval) < time.Second {
-		log.Debug("checkpoint completed", "duration", took)
-	} else {
-		log.Info("checkpoint completed", "duration", took)
+	// One line per checkpoint of every job would drown the log of a leader
+	// of many jobs (the metrics count them all): a completion is logged at
+	// Info only when it took longer than the interval or ends a run of
+	// aborts.
+	level := slog.LevelDebug
+	if took > time.Duration(js.spec.Checkpoint.Interval) || js.ckpt.aborts > 0 {
+		level = slog.LevelInfo
 	}
+	log.Log(l.ctx, level, "checkpoint completed", "duration", took, "aborts_before", js.ckpt.aborts)
+	js.ckpt.aborts = 0
 	// Sources commit their offsets to Kafka; map tasks take the checkpoint's
 	// files as the base of their next incremental snapshot.
 	for _, tv := range js.order {
@@ -485,6 +492,7 @@ func (l *leader) commitAbort(js *jobState, id uint64, reason, class string, coun
 		if err != nil {
 			log.Warn("abort checkpoint", "reason", reason, "err", err)
 		} else {
+			js.ckpt.aborts++
 			l.metrics.checkpointsAborted.WithLabelValues(js.id, class).Inc()
 			log.Warn("checkpoint aborted", "reason", reason)
 		}
