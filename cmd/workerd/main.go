@@ -102,6 +102,7 @@ func run(args []string) error {
 	fs.DurationVar(&cfg.ChannelAcceptWait, "channel-accept-wait", cfg.ChannelAcceptWait, "how long the data server holds a channel whose map task is not running yet")
 	fs.IntVar(&cfg.BatchSize, "batch-size", cfg.BatchSize, "items per data-channel batch")
 	fs.DurationVar(&cfg.FlushInterval, "flush-interval", cfg.FlushInterval, "how long a partial batch waits before it is sent")
+	fs.DurationVar(&cfg.OffsetCommitInterval, "offset-commit-interval", cfg.OffsetCommitInterval, "how often the offsets of completed checkpoints are committed to Kafka, one request per consumer group (monitoring only)")
 	fs.DurationVar(&cfg.SessionBackoffMin, "session-backoff-min", cfg.SessionBackoffMin, "first wait between attempts to open a control session")
 	fs.DurationVar(&cfg.SessionBackoffMax, "session-backoff-max", cfg.SessionBackoffMax, "longest wait between attempts to open a control session")
 	if err := fs.Parse(args); err != nil {
