@@ -421,21 +421,21 @@ func (l *leader) collectGarbage(js *jobState) {
 }
 
 // abortCheckpoint aborts the pending checkpoint through Raft with reason
-// (class labels the metric). If judge is set, the abort was the tasks' doing:
+// (class labels the metric). If counted is set, the abort was the tasks' doing:
 // it counts toward tolerable_failures, and the attempt is restarted once the
 // job's consecutive aborts exceed them. Other aborts are not counted.
-func (l *leader) abortCheckpoint(js *jobState, reason, class string, judge bool) {
+func (l *leader) abortCheckpoint(js *jobState, reason, class string, counted bool) {
 	p := js.ckpt.pending
 	if p == nil {
 		return
 	}
 	js.ckpt.pending = nil
-	l.commitAbort(js, p.id, reason, class, judge, func(err error) {
+	l.commitAbort(js, p.id, reason, class, counted, func(err error) {
 		if p.savepoint {
 			l.abortedSavepoint(js, p, reason)
 			return
 		}
-		if err != nil || !judge {
+		if err != nil || !counted {
 			return
 		}
 		job, ok := l.env.job(js.id)

@@ -36,7 +36,7 @@ const (
 	eventQueue = 1024
 	// defaultLease and defaultReconcile are used when Config leaves the
 	// corresponding field at zero.
-	defaultLease     = 10 * time.Second
+	defaultLease     = 5 * time.Second
 	defaultReconcile = 30 * time.Second
 	// defaultDeployTimeout is Config.DeployTimeout's default.
 	defaultDeployTimeout = 45 * time.Second
