@@ -226,6 +226,9 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	for _, id := range ids {
 		res.Restarts += int(jobs[id].Attempt) - 1
 	}
+	if res.Restarts > 0 || res.Aborted > 0 {
+		c.keepLogs(t) // to see why
+	}
 	benchWriteResult(t, resultPath, res)
 }
 
