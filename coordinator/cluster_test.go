@@ -35,17 +35,21 @@ func TestClusterAPI(t *testing.T) {
 
 	t.Run("status names the leader everywhere", func(t *testing.T) {
 		for _, s := range servers {
-			var st apiStatus
-			if code := apiCall(t, s, http.MethodGet, "/v1/status", nil, &st); code != http.StatusOK {
-				t.Fatalf("GET /v1/status on %s: %d", s.ID(), code)
-			}
 			wantState := "Follower"
 			if s == leader {
 				wantState = "Leader"
 			}
-			if st.ID != s.ID() || st.State != wantState || st.LeaderID != leader.ID() || st.LeaderHTTPAddr != leader.HTTPAddr() || st.Term == 0 || st.LastIndex == 0 {
-				t.Errorf("GET /v1/status on %s = %+v, want state %s, leader %s at %s", s.ID(), st, wantState, leader.ID(), leader.HTTPAddr())
-			}
+			// A follower may not have the leader's first entries yet.
+			waitFor(t, 10*time.Second, func() error {
+				var st apiStatus
+				if code := apiCall(t, s, http.MethodGet, "/v1/status", nil, &st); code != http.StatusOK {
+					return fmt.Errorf("GET /v1/status on %s: %d", s.ID(), code)
+				}
+				if st.ID != s.ID() || st.State != wantState || st.LeaderID != leader.ID() || st.LeaderHTTPAddr != leader.HTTPAddr() || st.Term == 0 || st.LastIndex == 0 {
+					return fmt.Errorf("GET /v1/status on %s = %+v, want state %s, leader %s at %s", s.ID(), st, wantState, leader.ID(), leader.HTTPAddr())
+				}
+				return nil
+			})
 		}
 	})
 

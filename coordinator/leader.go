@@ -134,12 +134,14 @@ type leader struct {
 
 	// timers holds every job's next deadline; dirty the jobs to reconcile
 	// in this iteration; byWorker the jobs with tasks on each worker;
-	// waiting the jobs that wait for a deploy; writes each job's queue of
-	// commands, the first in flight (leader_work.go).
+	// waiting the jobs that wait for a deploy; used the slots in use per
+	// worker; writes each job's queue of commands, the first in flight
+	// (leader_work.go).
 	timers   timerHeap
 	dirty    map[string]struct{}
 	byWorker map[string]map[string]struct{}
 	waiting  map[string]struct{}
+	used     map[string]int // slots in use per worker (account)
 	writes   map[string][]*write
 
 	// notedJobs and notedWorkers are what other goroutines (the FSM,
@@ -216,6 +218,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		dirty:          make(map[string]struct{}),
 		byWorker:       make(map[string]map[string]struct{}),
 		waiting:        make(map[string]struct{}),
+		used:           make(map[string]int),
 		writes:         make(map[string][]*write),
 		notedJobs:      make(map[string]struct{}),
 		notedWorkers:   make(map[string]struct{}),

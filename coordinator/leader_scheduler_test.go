@@ -85,6 +85,7 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 			js.order = append(js.order, &trackedTask{task: fsm.Task{Worker: w}})
 		}
 		l.jobs[id] = js
+		l.account(js)
 	}
 	job("a", fsm.JobRunning, "w1", "w2", "w3")
 	job("b", fsm.JobRestarting, "w1")
@@ -94,6 +95,14 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 	want := []workerSlots{{id: "w1", dataAddr: "w1:1", free: 3}, {id: "w2", dataAddr: "w2:1", free: 1}}
 	if !slices.Equal(got, want) {
 		t.Fatalf("placeable = %+v, want %+v", got, want)
+	}
+	// Job a stops running: its slots are free again, and the count follows.
+	l.jobs["a"].status = fsm.JobRestarting
+	l.account(l.jobs["a"])
+	got = l.placeable("self")
+	want = []workerSlots{{id: "w1", dataAddr: "w1:1", free: 4}, {id: "w2", dataAddr: "w2:1", free: 2}, {id: "w3", dataAddr: "w3:1", free: 1}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("after a stops: placeable = %+v, want %+v", got, want)
 	}
 }
 

@@ -58,6 +58,9 @@ type jobState struct {
 	// reconcileAt and checkpointAt are the job's earliest timers in the
 	// leader's heap (zero: none).
 	reconcileAt, checkpointAt time.Time
+	// holds lists the worker of each task while the job is running: the
+	// slots it counts in leader.used.
+	holds []string
 }
 
 // trackedTask is one task of a job's current attempt: where the FSM placed it
@@ -87,9 +90,6 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		js = &jobState{id: job.ID, bad: make(map[uint64]string)}
 		l.jobs[job.ID] = js
 	}
-	if js.status == fsm.JobRunning && job.Status != fsm.JobRunning {
-		l.slotsChanged() // its tasks no longer hold their slots
-	}
 	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
 	js.restoredFrom = job.RestoredFrom
 	if n := len(job.Completed); n > 0 {
@@ -115,10 +115,36 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	} else {
 		delete(l.waiting, js.id)
 	}
+	l.account(js)
 	if p := js.ckpt.pending; p != nil && (job.Pending == nil || job.Pending.ID != p.id) {
 		js.ckpt.pending = nil // aborted or completed behind this loop's back (job restarted or cancelled)
 	}
 	return js
+}
+
+// account keeps l.used, the slots in use per worker, in step with js: a
+// running job holds a slot per task on its task's worker, any other job
+// none. Slots freed wake the jobs waiting for a deploy.
+func (l *leader) account(js *jobState) {
+	var holds []string
+	if js.status == fsm.JobRunning {
+		for _, tv := range js.order {
+			holds = append(holds, tv.task.Worker)
+		}
+	}
+	for _, w := range js.holds {
+		if l.used[w]--; l.used[w] <= 0 {
+			delete(l.used, w)
+		}
+	}
+	for _, w := range holds {
+		l.used[w]++
+	}
+	freed := len(holds) < len(js.holds)
+	js.holds = holds
+	if freed {
+		l.slotsChanged()
+	}
 }
 
 // index records the workers js's tasks run on, so that a worker's events
@@ -164,6 +190,8 @@ func (l *leader) reconcile() {
 	for id, js := range l.jobs {
 		if !seen[id] {
 			l.unindex(js)
+			js.status = ""
+			l.account(js)
 			delete(l.jobs, id)
 			delete(l.waiting, id)
 		}
@@ -320,10 +348,8 @@ func (l *leader) setStatus(js *jobState, status fsm.JobStatus, reason string) {
 			l.jobLogger(js).Warn("set job status", "status", status, "reason", reason, "err", err)
 			return
 		}
-		if status != fsm.JobRunning && js.status == fsm.JobRunning {
-			l.slotsChanged() // its tasks no longer hold their slots
-		}
 		js.status, js.reason = status, reason
+		l.account(js)
 	})
 }
 
@@ -478,8 +504,8 @@ type workerSlots struct {
 
 // placeable returns the workers that are alive in gossip and have an open
 // session, with their free slots, leaving out the tasks of job exclude (which
-// is being redeployed). Slots in use are counted from the leader's memory of
-// the jobs, not from a copy of the FSM.
+// is being redeployed). Slots in use come from l.used, kept by account: the
+// cost is in the number of workers, not of jobs.
 func (l *leader) placeable(exclude string) []workerSlots {
 	var alive []Member
 	for _, m := range l.env.aliveWorkers() {
@@ -487,13 +513,10 @@ func (l *leader) placeable(exclude string) []workerSlots {
 			alive = append(alive, m)
 		}
 	}
-	used := make(map[string]int)
-	for id, js := range l.jobs {
-		if id == exclude || js.status != fsm.JobRunning {
-			continue
-		}
-		for _, tv := range js.order {
-			used[tv.task.Worker]++
+	used := maps.Clone(l.used)
+	if js := l.jobs[exclude]; js != nil {
+		for _, w := range js.holds {
+			used[w]--
 		}
 	}
 	return freeSlots(alive, used)
