@@ -70,7 +70,9 @@ func TestDev(t *testing.T) {
 			for _, n := range state.Keyed {
 				words += n
 			}
-			if records > 0 && words >= records && len(state.Offsets) == 4 {
+			// dev reports each new checkpoint on its own (1 s) tick: wait
+			// for its line too.
+			if records > 0 && words >= records && len(state.Offsets) == 4 && strings.Contains(out.String(), "completed:") {
 				break
 			}
 		}
@@ -89,7 +91,7 @@ func TestDev(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("dev did not stop within 60s of its context ending")
 	}
-	if !strings.Contains(out.String(), "checkpoint") {
+	if !strings.Contains(out.String(), "checkpoint") || !strings.Contains(out.String(), "completed:") {
 		t.Errorf("dev printed no checkpoint progress:\n%s", out.String())
 	}
 }
