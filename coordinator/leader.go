@@ -12,9 +12,12 @@ import (
 	"github.com/coordflow/coordflow/transport"
 )
 
-// The leader's work is split over four files:
+// The leader's work is split over these files:
 //
 //   - leader.go: the leader goroutine, its state and its event loop;
+//   - leader_work.go: what the loop does per event (dirty jobs, the timer
+//     heap, writes in order per job);
+//   - commit.go: the write path all of this node's Raft writes take;
 //   - session.go: the Control service and one session per worker;
 //   - scheduler.go: assignment, deployment and restarts with backoff;
 //   - checkpoint.go: the checkpoint coordinator.
@@ -23,7 +26,7 @@ import (
 // sessions by worker, what each worker reported about each task, and per job
 // the restart backoff and the pending checkpoint. Sessions hand it what workers
 // send over a channel; it never blocks on a worker (sending is a non-blocking
-// enqueue on the session). Everything it holds is rebuilt from the FSM and from
+// enqueue on the session) nor on Raft (writes come back as events). Everything it holds is rebuilt from the FSM and from
 // the workers' Hello messages each time this node gains leadership.
 
 // Leader timings that are not worth a Config field.
