@@ -69,6 +69,12 @@ func (r *stateReader) read(ctx context.Context, url string, st fsm.TaskState, st
 // job's checkpoint files.
 const gcInterval = 10 * time.Second
 
+// gcGrace is how long a file stays after the collector first finds it
+// unreferenced: a reader of a checkpoint just dropped (a state export or
+// query that began while it was the newest, on any coordinator) keeps its
+// files for that long.
+const gcGrace = 2 * time.Minute
+
 // collector deletes the checkpoint files of a job that no retained
 // checkpoint references (docs/state.md, Garbage collection). It runs one
 // collection per job at a time, in the background, so the leader loop never
@@ -82,12 +88,18 @@ type collector struct {
 	mu      sync.Mutex
 	running map[string]bool
 	last    map[string]time.Time
-	wg      sync.WaitGroup
+	// unreferenced holds, per job, when each unreferenced file was first
+	// found so; it is forgotten with leadership (the next leader waits the
+	// grace again: later, never sooner).
+	unreferenced map[string]map[string]time.Time
+	now          func() time.Time
+	wg           sync.WaitGroup
 }
 
 func newCollector(stores *storage.Pool, job func(string) (fsm.Job, bool), logger *slog.Logger, m *metrics) *collector {
 	return &collector{stores: stores, job: job, logger: logger, metrics: m,
-		running: make(map[string]bool), last: make(map[string]time.Time)}
+		running: make(map[string]bool), last: make(map[string]time.Time), unreferenced: make(map[string]map[string]time.Time),
+		now: time.Now}
 }
 
 // collect starts a collection of job's files unless one is running or one
@@ -123,8 +135,8 @@ func (c *collector) collect(ctx context.Context, jobID string) {
 func (c *collector) wait() { c.wg.Wait() }
 
 // run deletes the files under the job's checkpoint prefix that belong to a
-// checkpoint at or below the newest completed one and that no retained
-// completed checkpoint references. Files of newer checkpoints may still be
+// checkpoint at or below the newest completed one, that no retained
+// completed checkpoint references, and that were found so gcGrace ago. Files of newer checkpoints may still be
 // being written; a pending checkpoint's chain only references files that the
 // newest completed checkpoint references too, so nothing a future
 // completion needs is deleted.
@@ -139,17 +151,34 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	c.mu.Lock()
+	since := c.unreferenced[jobID]
+	c.mu.Unlock()
+	now := c.now()
+	still := make(map[string]time.Time) // unreferenced and kept, for the next run
 	var doomed []string
 	err = store.List(ctx, transport.CheckpointPrefix+jobID+"/", func(path string, _ int64, _ time.Time) error {
 		j, id, ok := transport.ParseCheckpointPath(path)
-		if ok && j == jobID && id <= newest && !live[path] {
+		if !ok || j != jobID || id > newest || live[path] {
+			return nil
+		}
+		first, seen := since[path]
+		if !seen {
+			first = now
+		}
+		if now.Sub(first) >= gcGrace {
 			doomed = append(doomed, path)
+		} else {
+			still[path] = first
 		}
 		return nil
 	})
 	if err != nil {
 		return 0, err
 	}
+	c.mu.Lock()
+	c.unreferenced[jobID] = still
+	c.mu.Unlock()
 	deleted := 0
 	var errs []error
 	for _, p := range doomed {

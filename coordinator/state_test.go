@@ -305,8 +305,8 @@ func TestRenderValue(t *testing.T) {
 
 // TestGarbageCollection: the collector deletes exactly the files of
 // checkpoints at or below the newest completed one that no retained
-// checkpoint references, and never a file of a newer checkpoint, which may
-// still be being written.
+// checkpoint references, once they have been so for gcGrace, and never a
+// file of a newer checkpoint, which may still be being written.
 func TestGarbageCollection(t *testing.T) {
 	ctx := context.Background()
 	url := "file://" + t.TempDir()
@@ -352,15 +352,32 @@ func TestGarbageCollection(t *testing.T) {
 
 	c := newCollector(storage.NewPool(), a.f.Job, slog.New(slog.DiscardHandler), newMetrics())
 	defer c.stores.Close()
+	clock := time.Unix(1_700_000_000, 0)
+	c.now = func() time.Time { return clock }
+	listAll := func() []string {
+		var left []string
+		if err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(left)
+		return left
+	}
+	// The first run finds the unreferenced files and keeps them: a reader
+	// of a checkpoint just dropped may still need them.
+	all := listAll()
+	if n, err := c.run(ctx, job); err != nil || n != 0 {
+		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
+	}
+	clock = clock.Add(gcGrace - time.Second)
+	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(listAll(), all) {
+		t.Fatalf("run within the grace deleted %d (%v)", n, err)
+	}
+	clock = clock.Add(time.Second)
 	n, err := c.run(ctx, job)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var left []string
-	if err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil }); err != nil {
-		t.Fatal(err)
-	}
-	slices.Sort(left)
+	left := listAll()
 	want := []string{foreign.Path, full1.Path, delta2.Path, full4.Path, inFlight.Path}
 	slices.Sort(want)
 	if n != 2 || !slices.Equal(left, want) {
