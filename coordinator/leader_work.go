@@ -3,6 +3,8 @@ package coordinator
 import (
 	"container/heap"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/coordflow/coordflow/fsm"
@@ -174,22 +176,28 @@ func (l *leader) slotsChanged() {
 func (l *leader) settle() {
 	l.takeNotes()
 	l.runTimers()
-	if len(l.dirty) == 0 {
-		return
-	}
-	now := l.env.now()
-	members := memberStatus(l.env.members())
-	dirty := l.dirty
-	l.dirty = make(map[string]struct{})
-	for id := range dirty {
-		if l.busy(id) {
-			continue // the write's result marks it dirty again
+	// Reconciling a job may mark others dirty (slots it frees): go on until
+	// none is, a few rounds at most, and then come back after the events
+	// that wait.
+	for round := 0; len(l.dirty) > 0; round++ {
+		if round == 3 {
+			l.poke()
+			return
 		}
-		job, ok := l.env.job(id)
-		if !ok {
-			continue
+		now := l.env.now()
+		members := memberStatus(l.env.members())
+		dirty := slices.Sorted(maps.Keys(l.dirty)) // in job id order, as a full pass goes
+		clear(l.dirty)
+		for _, id := range dirty {
+			if l.busy(id) {
+				continue // the write's result marks it dirty again
+			}
+			job, ok := l.env.job(id)
+			if !ok {
+				continue
+			}
+			l.reconcileJob(job, members, now)
 		}
-		l.reconcileJob(job, members, now)
 	}
 }
 
