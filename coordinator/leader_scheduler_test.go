@@ -318,3 +318,38 @@ func testJobSpec(sources, maps int) fsm.JobSpec {
 	s.ApplyDefaults()
 	return s
 }
+
+// TestLeaderDeploysWaitingJobWhenSlotsFree: a job waiting for slots is
+// deployed as soon as another job gives its slots back, from the event that
+// freed them, without a full reconcile pass.
+func TestLeaderDeploysWaitingJobWhenSlotsFree(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w1", 2)
+	h.register("a", testJobSpec(1, 1))
+	h.pastGrace()
+	h.step()
+	if j := h.job("a"); j.Status != fsm.JobRunning {
+		t.Fatalf("job a is %s (%s), want running", j.Status, j.Reason)
+	}
+	h.runAll("a")
+	h.register("b", testJobSpec(1, 1))
+	h.step()
+	if j := h.job("b"); j.Status != fsm.JobPending || j.Attempt != 0 {
+		t.Fatalf("job b is %s at attempt %d (%s), want pending for slots", j.Status, j.Attempt, j.Reason)
+	}
+
+	// Cancelling a (as the HTTP API does) frees w1's slots.
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "a", Reason: "user", Time: h.clock.UnixNano()})
+	h.flush()
+	for h.lookupsPending() {
+		select {
+		case ev := <-h.l.events:
+			h.handle(ev)
+		case <-time.After(10 * time.Second):
+			t.Fatal("partition lookup did not report within 10s")
+		}
+	}
+	if j := h.job("b"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+		t.Fatalf("job b is %s at attempt %d (%s) once a's slots are free, want running at attempt 1", j.Status, j.Attempt, j.Reason)
+	}
+}
