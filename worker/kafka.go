@@ -218,7 +218,12 @@ func (kc *kafkaClient) reserve(tp topicPartition) (*sharedConsumer, error) {
 // commit queues the offsets of completed checkpoint id for group; a newer
 // checkpoint's offset of a partition replaces an older one not yet sent.
 func (l *kafkaLease) commit(group, topic string, id uint64, offsets map[int32]int64) {
-	kc := l.kc
+	l.kc.queue(group, topic, id, offsets)
+}
+
+// queue is commit, for the lease's client; a commit that failed is queued
+// again through it.
+func (kc *kafkaClient) queue(group, topic string, id uint64, offsets map[int32]int64) {
 	kc.mu.Lock()
 	defer kc.mu.Unlock()
 	byTopic := kc.offsets[group]
@@ -296,10 +301,9 @@ func (kc *kafkaClient) commitAll() {
 			kc.pool.commits.WithLabelValues("failed").Inc()
 			kc.pool.log.Warn("commit offsets to Kafka failed (monitoring only)", "group", group, "err", err)
 			_ = kc.client.RefreshCoordinator(group)
-			l := &kafkaLease{kc: kc}
 			for topic, parts := range byTopic {
 				for p, pc := range parts {
-					l.commit(group, topic, pc.checkpoint, map[int32]int64{p: pc.offset})
+					kc.queue(group, topic, pc.checkpoint, map[int32]int64{p: pc.offset})
 				}
 			}
 			continue

@@ -57,6 +57,7 @@ type sourceTask struct {
 	outputs     []output
 	batches     [][]*transport.Item
 	batchBytes  []int           // approximate encoded size of each batch
+	batched     int             // items in all batches, so that the loop knows at once whether any waits
 	offsets     map[int32]int64 // next offset to read, per own partition
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
@@ -318,7 +319,7 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 	armed := false
 	defer flush.Stop()
 	for {
-		if !armed && s.buffered() {
+		if !armed && s.batched > 0 {
 			flush.Reset(s.env.cfg.FlushInterval)
 			armed = true
 		}
@@ -352,16 +353,6 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 	}
 }
 
-// buffered reports whether an item waits in a batch.
-func (s *sourceTask) buffered() bool {
-	for _, b := range s.batches {
-		if len(b) > 0 {
-			return true
-		}
-	}
-	return false
-}
-
 // process splits one record and routes its items.
 func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) error {
 	s.in.Inc()
@@ -382,6 +373,7 @@ func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) e
 			Key: it.Key, Num: it.Num, Raw: it.Raw, KeyGroup: kg, Partition: msg.Partition, Offset: msg.Offset,
 		})
 		s.batchBytes[o] += len(it.Key) + len(it.Raw) + itemOverhead
+		s.batched++
 		if len(s.batches[o]) >= s.env.cfg.BatchSize || s.batchBytes[o] >= maxBatchBytes {
 			if err := s.flush(ctx, o); err != nil {
 				return err
@@ -399,6 +391,7 @@ func (s *sourceTask) flush(ctx context.Context, o int) error {
 		return nil
 	}
 	s.batches[o], s.batchBytes[o] = nil, 0
+	s.batched -= len(items)
 	msg := &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Items: items}}}
 	if err := s.outputs[o].send(ctx, msg); err != nil {
 		return fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err)
