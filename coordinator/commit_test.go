@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -222,5 +223,24 @@ func TestLeaderWritesInOrderPerJob(t *testing.T) {
 		if l.busy(id) {
 			t.Errorf("job %s still busy after every result", id)
 		}
+	}
+}
+
+// TestCommitterStopped: once the node shuts down, what waits and what is
+// submitted later is answered with an error at once, never left hanging.
+func TestCommitterStopped(t *testing.T) {
+	c := newCommitter(newGatedRaft(), newMetrics())
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	c.run(ctx) // returns at once: its context has ended
+	got := make(chan error, 1)
+	c.submit(fsm.CommandJobCancelled, []byte{byte(fsm.CommandJobCancelled)}, func(_ any, _ uint64, err error) { got <- err })
+	select {
+	case err := <-got:
+		if !errors.Is(err, errCommitterStopped) {
+			t.Fatalf("submit after stop: %v, want errCommitterStopped", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("submit after stop was not answered")
 	}
 }

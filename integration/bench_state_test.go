@@ -301,29 +301,6 @@ func benchStateCountName(n int) string {
 
 // ---- the scenario ----
 
-// benchStateJobSpec is the job spec with the state and checkpoint fields of
-// docs/state.md, declared here so that this file does not depend on how the
-// harness's jobSpec grows (the outer fields win over the embedded ones).
-type benchStateJobSpec struct {
-	jobSpec
-	State      benchStateBackendSpec    `json:"state"`
-	Checkpoint benchStateCheckpointSpec `json:"checkpoint"`
-}
-
-type benchStateBackendSpec struct {
-	Backend string `json:"backend"`
-}
-
-type benchStateCheckpointSpec struct {
-	Interval          string `json:"interval,omitempty"`
-	Timeout           string `json:"timeout,omitempty"`
-	MinPause          string `json:"min_pause,omitempty"`
-	Retained          int    `json:"retained,omitempty"`
-	TolerableFailures int    `json:"tolerable_failures,omitempty"`
-	Storage           string `json:"storage,omitempty"`
-	InlineThreshold   int64  `json:"inline_threshold,omitempty"`
-}
-
 func TestBenchScenarioState(t *testing.T) {
 	resultPath := benchScenario(t, "BenchmarkState")
 	n, err := benchStateParseCount(os.Getenv(benchStateKeysEnv))
@@ -371,14 +348,12 @@ func TestBenchScenarioState(t *testing.T) {
 	t.Logf("produced %d records (%d-byte keys, %d-byte values) in %.1fs = %.0f records/s",
 		n, benchStateKeyBytes, benchStateValueBytes, res.ProduceSeconds, float64(n)/res.ProduceSeconds)
 
-	spec := benchStateJobSpec{
-		jobSpec: jobSpec{
-			Name:     "state-" + backend,
-			Source:   sourceSpec{Brokers: c.brokers(), Topic: benchStateTopic, Start: "earliest", Parallelism: 2},
-			Operator: operatorSpec{Name: "latest", Parallelism: 2, MaxParallelism: 128},
-		},
-		State: benchStateBackendSpec{Backend: backend},
-		Checkpoint: benchStateCheckpointSpec{
+	spec := jobSpec{
+		Name:     "state-" + backend,
+		Source:   sourceSpec{Brokers: c.brokers(), Topic: benchStateTopic, Start: "earliest", Parallelism: 2},
+		Operator: operatorSpec{Name: "latest", Parallelism: 2, MaxParallelism: 128},
+		State:    &stateSpec{Backend: backend},
+		Checkpoint: checkpointSpec{
 			Interval: "1s", Timeout: "60s", MinPause: "0s", Retained: 3, TolerableFailures: 3,
 			Storage: "file://" + storeDir, InlineThreshold: 16384,
 		},
@@ -769,20 +744,6 @@ func benchStateValue(dst []byte, i int, v uint16) []byte {
 	return dst
 }
 
-// benchStateProducer is the producer configuration of produceRecords:
-// idempotent, every record acknowledged by the broker.
-func benchStateProducer(brokers []string) (sarama.SyncProducer, error) {
-	cfg := saramaConfig()
-	cfg.Producer.RequiredAcks = sarama.WaitForAll
-	cfg.Producer.Idempotent = true
-	cfg.Net.MaxOpenRequests = 1
-	cfg.Producer.Return.Successes = true
-	cfg.Producer.Flush.Messages = 1000
-	cfg.Producer.Flush.Frequency = 5 * time.Millisecond
-	cfg.Producer.Partitioner = sarama.NewManualPartitioner
-	return sarama.NewSyncProducer(brokers, cfg)
-}
-
 // send produces the records of keys at their current versions to partition
 // p, in order, and waits until the broker has acknowledged all of them.
 func (in *benchStateInput) send(pr sarama.SyncProducer, p int32, keys []int) error {
@@ -809,7 +770,7 @@ func (in *benchStateInput) load(brokers []string) error {
 	errs := make([]error, benchStatePartitions)
 	for p := range int32(benchStatePartitions) {
 		wg.Go(func() {
-			pr, err := benchStateProducer(brokers)
+			pr, err := idempotentProducer(brokers, sarama.NewManualPartitioner)
 			if err != nil {
 				errs[p] = err
 				return
@@ -856,7 +817,7 @@ func (in *benchStateInput) startChurn(brokers []string, perSecond float64, seed 
 	rate := perSecond / benchStatePartitions
 	for p := range int32(benchStatePartitions) {
 		ch.wg.Go(func() {
-			pr, err := benchStateProducer(brokers)
+			pr, err := idempotentProducer(brokers, sarama.NewManualPartitioner)
 			if err != nil {
 				ch.fail(err)
 				return

@@ -164,9 +164,10 @@ func produceInBackground(t *testing.T, brokers []string, topic string, recs []re
 	}
 }
 
-// produceRecords writes recs with an idempotent producer in chunks; with
-// perSecond > 0 it paces the chunks to about that rate.
-func produceRecords(ctx context.Context, brokers []string, topic string, recs []record, perSecond int) error {
+// idempotentProducer is the producer every test input goes through:
+// idempotent, every record acknowledged by all replicas, so that each lands
+// exactly once; partitioner places the records.
+func idempotentProducer(brokers []string, partitioner sarama.PartitionerConstructor) (sarama.SyncProducer, error) {
 	cfg := saramaConfig()
 	cfg.Producer.RequiredAcks = sarama.WaitForAll
 	cfg.Producer.Idempotent = true
@@ -174,10 +175,16 @@ func produceRecords(ctx context.Context, brokers []string, topic string, recs []
 	cfg.Producer.Return.Successes = true
 	cfg.Producer.Flush.Messages = 1000
 	cfg.Producer.Flush.Frequency = 5 * time.Millisecond
-	cfg.Producer.Partitioner = func(string) sarama.Partitioner {
+	cfg.Producer.Partitioner = partitioner
+	return sarama.NewSyncProducer(brokers, cfg)
+}
+
+// produceRecords writes recs with an idempotent producer in chunks; with
+// perSecond > 0 it paces the chunks to about that rate.
+func produceRecords(ctx context.Context, brokers []string, topic string, recs []record, perSecond int) error {
+	p, err := idempotentProducer(brokers, func(string) sarama.Partitioner {
 		return recordPartitioner{hash: sarama.NewHashPartitioner("")}
-	}
-	p, err := sarama.NewSyncProducer(brokers, cfg)
+	})
 	if err != nil {
 		return fmt.Errorf("produce to %s: new producer: %w", topic, err)
 	}

@@ -42,30 +42,22 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 	return c
 }
 
-// connectKafka opens a client and checks that topic exists, so that the task
-// can fail with a reason an operator understands.
-func connectKafka(cfg *Config, clientID string, brokers []string, topic, role string) (sarama.Client, []int32, error) {
+// connectKafka opens a client of its own (a sink's producer is not shared,
+// unlike the sources' clients in kafkaPool) and checks that topic exists, so
+// that the task can fail with a reason an operator understands.
+func connectKafka(cfg *Config, clientID string, brokers []string, topic, role string) (sarama.Client, error) {
 	if len(brokers) == 0 {
-		return nil, nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
+		return nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
 	}
 	client, err := sarama.NewClient(brokers, kafkaConfig(cfg, clientID))
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
+		return nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
 	}
-	parts, err := client.Partitions(topic)
-	if errors.Is(err, sarama.ErrUnknownTopicOrPartition) || (err == nil && len(parts) == 0) {
+	if _, err := topicPartitions(client, topic, role, brokers); err != nil {
 		client.Close()
-		return nil, nil, fmt.Errorf("%s topic %q does not exist", role, topic)
+		return nil, err
 	}
-	if errors.Is(err, sarama.ErrOutOfBrokers) {
-		client.Close()
-		return nil, nil, fmt.Errorf("%s: cannot reach brokers %v: %w", role, brokers, err)
-	}
-	if err != nil {
-		client.Close()
-		return nil, nil, fmt.Errorf("%s topic %q: read partitions: %w", role, topic, err)
-	}
-	return client, parts, nil
+	return client, nil
 }
 
 // sink writes a map task's outputs to the job's sink topic. Outputs are
@@ -81,7 +73,7 @@ type sink struct {
 }
 
 func openSink(cfg *Config, workerID string, spec *transport.SinkSpec) (*sink, error) {
-	client, _, err := connectKafka(cfg, "coordflow-"+workerID, spec.GetBrokers(), spec.GetTopic(), "sink")
+	client, err := connectKafka(cfg, "coordflow-"+workerID, spec.GetBrokers(), spec.GetTopic(), "sink")
 	if err != nil {
 		return nil, err
 	}
