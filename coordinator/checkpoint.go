@@ -98,6 +98,7 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 		KeyedSHA256:   st.GetKeyedSha256(),
 		Files:         fsmFiles(st.GetFiles()),
 		Applied:       maps.Clone(st.GetApplied()),
+		SinkTxns:      fsmSinkTxns(st.GetSinkTxns()),
 		ValueEncoding: st.GetValueEncoding(),
 		Keys:          st.GetKeys(),
 		StateBytes:    st.GetStateBytes(),
@@ -402,14 +403,24 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	}
 	log.Log(l.ctx, level, "checkpoint completed", "duration", took, "aborts_before", js.ckpt.aborts)
 	js.ckpt.aborts = 0
-	// Sources commit their offsets to Kafka; map tasks take the checkpoint's
-	// files as the base of their next incremental snapshot.
+	l.notifyCompleted(js, p)
+	l.collectGarbage(js)
+}
+
+// notifyCompleted tells every task of the attempt that p completed. Sources
+// commit their offsets to Kafka; map tasks commit their sink transactions
+// and take the checkpoint's files as the base of their next incremental
+// snapshot. A notice that is lost (a leader dies first) is made up for by
+// the next barrier, which names the newest completed checkpoint.
+func (l *leader) notifyCompleted(js *jobState, p *pendingCheckpoint) {
 	for _, tv := range js.order {
+		if p.savepoint && tv.task.Kind != fsm.TaskMap {
+			continue // a savepoint's offsets are not the group's: sources commit a checkpoint's
+		}
 		l.sendTo(tv.task.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
-			Task: taskRef(js, tv.task), CheckpointId: p.id, Offsets: p.acks[tv.task.ID].Offsets,
+			Task: taskRef(js, tv.task), CheckpointId: p.id, Offsets: p.acks[tv.task.ID].Offsets, Savepoint: p.savepoint,
 		}}})
 	}
-	l.collectGarbage(js)
 }
 
 // collectGarbage asks for the job's unreferenced checkpoint files to be

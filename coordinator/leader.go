@@ -62,6 +62,9 @@ type leaderEnv struct {
 	aliveWorkers func() []Member
 	// partitions asks Kafka how many partitions topic has.
 	partitions func(ctx context.Context, brokers []string, topic string) (int, error)
+	// checkSink asks an exactly-once sink's brokers whether they support
+	// transactions; nil checks nothing.
+	checkSink func(ctx context.Context, brokers []string) error
 	// probe pings a gossip member once, directly, and returns the round
 	// trip; it blocks for at most the gossip probe timeout. Nil skips probes.
 	probe func(member string) (time.Duration, error)
@@ -89,6 +92,7 @@ func serverEnv(s *Server) leaderEnv {
 		members:      s.Members,
 		aliveWorkers: s.aliveWorkers,
 		partitions:   kafkaPartitions,
+		checkSink:    kafkaSinkCheck,
 		probe:        s.probeMember,
 		leaderID:     s.cfg.ID,
 		term:         s.raft.CurrentTerm,

@@ -85,11 +85,21 @@ func TestLeaderSavepoint(t *testing.T) {
 	if got, _ := h.f.LastCompleted("j1"); got.ID != last {
 		t.Fatalf("newest completed checkpoint %d, want %d: a savepoint is not a checkpoint", got.ID, last)
 	}
-	// CheckpointComplete is not sent for a savepoint.
+	// CheckpointComplete goes to map tasks only, marked as a savepoint: they
+	// commit its sink transactions; sources commit no offsets for it.
+	var toMaps int
 	for _, m := range append(h.drain("w1"), h.drain("w2")...) {
-		if m.GetComplete() != nil {
-			t.Fatalf("CheckpointComplete sent for a savepoint: %v", m)
+		c := m.GetComplete()
+		switch {
+		case c == nil:
+		case !strings.HasPrefix(c.GetTask().GetTaskId(), "map-") || !c.GetSavepoint() || c.GetCheckpointId() != id:
+			t.Fatalf("savepoint completion %v, want one marked savepoint %d to a map task", c, id)
+		default:
+			toMaps++
 		}
+	}
+	if toMaps != 2 {
+		t.Fatalf("savepoint completions sent to %d map tasks, want 2", toMaps)
 	}
 
 	// A stop-with-savepoint that times out restarts the job.

@@ -371,7 +371,8 @@ func (l *leader) cancelJob(js *jobState) {
 
 // tryDeploy starts deploying a job that waits for an attempt, once its
 // backoff has passed and enough worker slots are free: it first asks Kafka for
-// the topic's partition count, in the background; onPartitions goes on.
+// the topic's partition count (and whether an exactly-once sink's brokers
+// support transactions), in the background; onPartitions goes on.
 func (l *leader) tryDeploy(js *jobState, now time.Time) {
 	if now.Before(js.retryAt) {
 		l.scheduleJob(js, js.retryAt)
@@ -386,13 +387,16 @@ func (l *leader) tryDeploy(js *jobState, now time.Time) {
 		return
 	}
 	js.lookup = true
-	src, id, attempt := js.spec.Source, js.id, js.attempt
+	src, sink, id, attempt := js.spec.Source, js.spec.Sink, js.id, js.attempt
 	l.lookups.Add(1)
 	go func() {
 		defer l.lookups.Done()
 		ctx, cancel := context.WithTimeout(l.ctx, lookupTimeout)
 		defer cancel()
 		n, err := l.env.partitions(ctx, src.Brokers, src.Topic)
+		if err == nil && sink != nil && sink.Delivery != fsm.DeliveryAtLeastOnce && l.env.checkSink != nil {
+			err = l.env.checkSink(ctx, sink.Brokers)
+		}
 		l.post(l.ctx, partitionsResult{jobID: id, attempt: attempt, n: n, err: err})
 	}()
 }
@@ -658,7 +662,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 		NumSources: int32(spec.Source.Parallelism),
 	}
 	if spec.Sink != nil {
-		d.Sink = &transport.SinkSpec{Brokers: slices.Clone(spec.Sink.Brokers), Topic: spec.Sink.Topic}
+		d.Sink = deploySink(job.ID, &spec)
 	}
 	if t.Kind == fsm.TaskMap {
 		d.State = &transport.StateSpec{
@@ -723,7 +727,8 @@ func restoreKeyed(ck *fsm.Checkpoint, own *fsm.KeyGroupRange) []*transport.Keyed
 		if own != nil && st.KeyGroups != nil && (st.KeyGroups.End <= own.Start || own.End <= st.KeyGroups.Start) {
 			continue // no key group in common
 		}
-		b := &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256, Applied: maps.Clone(st.Applied)}
+		b := &transport.KeyedBlob{TaskId: id, Data: st.Keyed, Sha256: st.KeyedSHA256, Applied: maps.Clone(st.Applied),
+			SinkTxns: protoSinkTxns(st.SinkTxns)}
 		if len(st.Files) > 0 {
 			b.Files = protoFiles(st.Files)
 		}

@@ -41,6 +41,13 @@ const (
 	MinCheckpointInterval = Duration(10 * time.Millisecond)
 	// DefaultCheckpointTimeout is how long a checkpoint may stay pending by default.
 	DefaultCheckpointTimeout = Duration(30 * time.Second)
+	// DefaultTransactionTimeoutCheckpoints: an exactly-once sink's
+	// transaction timeout defaults to the checkpoint interval plus this many
+	// checkpoint timeouts (see MinTransactionTimeout for why).
+	DefaultTransactionTimeoutCheckpoints = 3
+	// MaxTransactionTimeout is Kafka's default transaction.max.timeout.ms: a
+	// broker refuses producers that ask for more.
+	MaxTransactionTimeout = Duration(15 * time.Minute)
 	// DefaultRetained is how many completed checkpoints a job keeps by default.
 	DefaultRetained = 3
 	// DefaultTolerableFailures is how many consecutive aborts a job tolerates by
@@ -54,6 +61,23 @@ const (
 	// backoff starts over from Initial.
 	DefaultRestartResetAfter = Duration(10 * time.Minute)
 )
+
+// DefaultTransactionTimeout is the transaction timeout of an exactly-once
+// sink whose spec names none: the checkpoint interval plus three checkpoint
+// timeouts (91 s with the defaults), at most MaxTransactionTimeout.
+func DefaultTransactionTimeout(c CheckpointSpec) Duration {
+	return min(c.Interval+DefaultTransactionTimeoutCheckpoints*c.Timeout, MaxTransactionTimeout)
+}
+
+// MinTransactionTimeout is the shortest transaction timeout an exactly-once
+// sink may have with checkpoint settings c. A map task pre-commits a
+// transaction at a barrier only if it has two checkpoint timeouts left
+// before the broker would abort it: one for the checkpoint to complete, one
+// for the commit to reach the broker (through a leader failover or a
+// restore). A transaction is about one interval old at its barrier.
+func MinTransactionTimeout(c CheckpointSpec) Duration {
+	return c.Interval + 2*c.Timeout
+}
 
 // FieldError says which field of a job spec is wrong and why; the HTTP API
 // shows its text to the user as is.
@@ -186,6 +210,12 @@ func (s *JobSpec) applyDefaults() {
 	setDefault(&r.Initial, DefaultRestartInitial)
 	setDefault(&r.Max, DefaultRestartMax)
 	setDefault(&r.ResetAfter, DefaultRestartResetAfter)
+	if s.Sink != nil {
+		setDefault(&s.Sink.Delivery, DeliveryExactlyOnce)
+		if s.Sink.Delivery == DeliveryExactlyOnce {
+			setDefault(&s.Sink.TransactionTimeout, DefaultTransactionTimeout(*c))
+		}
+	}
 }
 
 func setDefault[T comparable](field *T, def T) {
@@ -198,6 +228,9 @@ func setDefault[T comparable](field *T, def T) {
 var (
 	namePattern  = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
 	topicPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,249}$`)
+	// txnPrefixPattern leaves room in Kafka's 32 KiB transactional id for
+	// the task id and slot that follow.
+	txnPrefixPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
 )
 
 // Validate checks a spec (after defaults) and returns a *FieldError for the
@@ -269,6 +302,12 @@ func (s JobSpec) Validate(knownOperator func(string) bool) error {
 	case c.TolerableFailures < 0:
 		return fieldErr("checkpoint.tolerable_failures", "must not be negative, not %d", c.TolerableFailures)
 	}
+	// Checked after checkpoint: the transaction timeout's bounds depend on it.
+	if s.Sink != nil {
+		if err := validateDelivery(*s.Sink, c); err != nil {
+			return err
+		}
+	}
 	r := s.Restart
 	switch {
 	case r.Initial <= 0:
@@ -279,6 +318,39 @@ func (s JobSpec) Validate(knownOperator func(string) bool) error {
 		return fieldErr("restart.initial", "must not exceed restart.max (%v), not %v", time.Duration(r.Max), time.Duration(r.Initial))
 	case r.ResetAfter <= 0:
 		return fieldErr("restart.reset_after", "must be positive, not %v", time.Duration(r.ResetAfter))
+	}
+	return nil
+}
+
+// validateDelivery checks a sink's delivery settings against the
+// checkpoint settings they depend on.
+func validateDelivery(sink SinkSpec, c CheckpointSpec) error {
+	switch sink.Delivery {
+	case DeliveryAtLeastOnce:
+		if sink.TransactionTimeout != 0 || sink.TransactionalIDPrefix != "" {
+			return fieldErr("sink.delivery", "an at_least_once sink writes no transactions: remove transaction_timeout and transactional_id_prefix, or use exactly_once")
+		}
+		return nil
+	case DeliveryExactlyOnce:
+	default:
+		return fieldErr("sink.delivery", "must be %q or %q, not %q", DeliveryExactlyOnce, DeliveryAtLeastOnce, sink.Delivery)
+	}
+	t := sink.TransactionTimeout
+	switch {
+	case MinTransactionTimeout(c) >= MaxTransactionTimeout:
+		return fieldErr("sink.transaction_timeout", "must exceed checkpoint.interval + 2 x checkpoint.timeout (%v), longer than Kafka allows a transaction by default (%v): lower checkpoint.timeout, or use at_least_once",
+			time.Duration(MinTransactionTimeout(c)), time.Duration(MaxTransactionTimeout))
+	case t > MaxTransactionTimeout:
+		return fieldErr("sink.transaction_timeout", "must not exceed %v (Kafka's default transaction.max.timeout.ms), not %v; with checkpoint.timeout %v the default would be %v: lower checkpoint.timeout",
+			time.Duration(MaxTransactionTimeout), time.Duration(t), time.Duration(c.Timeout), time.Duration(c.Interval+DefaultTransactionTimeoutCheckpoints*c.Timeout))
+	case t <= MinTransactionTimeout(c):
+		return fieldErr("sink.transaction_timeout", "must exceed checkpoint.interval + 2 x checkpoint.timeout (%v), not %v: a transaction must outlive its checkpoint and the commit after it",
+			time.Duration(MinTransactionTimeout(c)), time.Duration(t))
+	case t%Duration(time.Millisecond) != 0:
+		return fieldErr("sink.transaction_timeout", "must be whole milliseconds, not %v", time.Duration(t))
+	}
+	if p := sink.TransactionalIDPrefix; p != "" && !txnPrefixPattern.MatchString(p) {
+		return fieldErr("sink.transactional_id_prefix", "must be 1-128 characters of A-Z a-z 0-9 . _ -")
 	}
 	return nil
 }

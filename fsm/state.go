@@ -171,6 +171,7 @@ func (ts TaskState) clone(shareBlobs bool) TaskState {
 	c.Offsets = maps.Clone(ts.Offsets)
 	c.Applied = maps.Clone(ts.Applied)
 	c.Files = slices.Clone(ts.Files)
+	c.SinkTxns = slices.Clone(ts.SinkTxns)
 	if ts.KeyGroups != nil {
 		kg := *ts.KeyGroups
 		c.KeyGroups = &kg

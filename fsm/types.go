@@ -125,6 +125,38 @@ type OperatorSpec struct {
 type SinkSpec struct {
 	Brokers []string `json:"brokers"`
 	Topic   string   `json:"topic"`
+	// Delivery is DeliveryExactlyOnce (the default: each map task writes in
+	// Kafka transactions that checkpoints commit) or DeliveryAtLeastOnce.
+	Delivery string `json:"delivery"`
+	// TransactionTimeout is the Kafka transaction timeout of an exactly-once
+	// sink: how long the broker keeps a transaction open before it aborts
+	// it, and so the longest a read_committed consumer can be held back by
+	// a transaction nobody finishes. Default: DefaultTransactionTimeout.
+	TransactionTimeout Duration `json:"transaction_timeout,omitempty"`
+	// TransactionalIDPrefix starts every transactional id of the job's
+	// producers (for brokers with ACLs on transactional ids). Default:
+	// "coordflow-" and the job id.
+	TransactionalIDPrefix string `json:"transactional_id_prefix,omitempty"`
+}
+
+// Delivery guarantees of a sink.
+const (
+	DeliveryExactlyOnce = "exactly_once"
+	DeliveryAtLeastOnce = "at_least_once"
+)
+
+// SinkTxn is a Kafka transaction a map task pre-committed at a checkpoint's
+// barrier and had not committed when it took its snapshot: a restore from
+// the checkpoint commits it with the producer id and epoch recorded here.
+type SinkTxn struct {
+	TransactionalID string `json:"transactional_id"`
+	ProducerID      int64  `json:"producer_id"`
+	ProducerEpoch   int16  `json:"producer_epoch"`
+	// CheckpointID is the checkpoint whose barrier pre-committed it.
+	CheckpointID uint64 `json:"checkpoint_id"`
+	// ProtocolVersion is the transaction protocol the producer spoke (1, or
+	// 2 for KIP-890).
+	ProtocolVersion int `json:"protocol_version"`
 }
 
 // CheckpointSpec configures the checkpoint coordinator for one job.
@@ -189,6 +221,10 @@ type TaskState struct {
 	// Applied (map tasks): per source partition, the offset of the last
 	// record whose items the task had applied at the snapshot.
 	Applied map[int32]int64 `json:"applied,omitempty"`
+	// SinkTxns (map tasks with an exactly-once sink) are the transactions
+	// the task had pre-committed and not committed at the snapshot, oldest
+	// first; a restore from this checkpoint commits them.
+	SinkTxns []SinkTxn `json:"sink_txns,omitempty"`
 	// ValueEncoding (map tasks) is how values are encoded: int64, json or bytes.
 	ValueEncoding string `json:"value_encoding,omitempty"`
 	// Keys is the number of keys in the state; StateBytes the bytes this

@@ -714,8 +714,13 @@ type TaskState struct {
 	ValueEncoding string `protobuf:"bytes,7,opt,name=value_encoding,json=valueEncoding,proto3" json:"value_encoding,omitempty"`
 	// keys is the number of keys in the snapshot; state_bytes the bytes the
 	// snapshot added to checkpoint storage (or inline).
-	Keys          int64 `protobuf:"varint,8,opt,name=keys,proto3" json:"keys,omitempty"`
-	StateBytes    int64 `protobuf:"varint,9,opt,name=state_bytes,json=stateBytes,proto3" json:"state_bytes,omitempty"`
+	Keys       int64 `protobuf:"varint,8,opt,name=keys,proto3" json:"keys,omitempty"`
+	StateBytes int64 `protobuf:"varint,9,opt,name=state_bytes,json=stateBytes,proto3" json:"state_bytes,omitempty"`
+	// sink_txns (map tasks with an exactly-once sink) lists the Kafka
+	// transactions the task had pre-committed and not yet committed when it
+	// took the snapshot, oldest first: a restore from this checkpoint commits
+	// them (docs/protocol.md, "Exactly-once sink").
+	SinkTxns      []*SinkTxn `protobuf:"bytes,10,rep,name=sink_txns,json=sinkTxns,proto3" json:"sink_txns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -813,6 +818,98 @@ func (x *TaskState) GetStateBytes() int64 {
 	return 0
 }
 
+func (x *TaskState) GetSinkTxns() []*SinkTxn {
+	if x != nil {
+		return x.SinkTxns
+	}
+	return nil
+}
+
+// SinkTxn is one Kafka transaction a map task pre-committed at a barrier:
+// its records are written and flushed, and it is still open on the broker.
+// It holds what is needed to commit it without the producer that wrote it.
+type SinkTxn struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	TransactionalId string                 `protobuf:"bytes,1,opt,name=transactional_id,json=transactionalId,proto3" json:"transactional_id,omitempty"`
+	ProducerId      int64                  `protobuf:"varint,2,opt,name=producer_id,json=producerId,proto3" json:"producer_id,omitempty"`
+	ProducerEpoch   int32                  `protobuf:"varint,3,opt,name=producer_epoch,json=producerEpoch,proto3" json:"producer_epoch,omitempty"`
+	// checkpoint_id is the checkpoint at whose barrier the transaction was
+	// pre-committed; it is committed once that checkpoint (or a later one)
+	// completes.
+	CheckpointId uint64 `protobuf:"varint,4,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	// protocol_version is the transaction protocol the producer spoke: 1
+	// (EndTxn up to v4, the epoch stays across transactions) or 2 (KIP-890,
+	// the broker bumps the epoch when a transaction ends).
+	ProtocolVersion int32 `protobuf:"varint,5,opt,name=protocol_version,json=protocolVersion,proto3" json:"protocol_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *SinkTxn) Reset() {
+	*x = SinkTxn{}
+	mi := &file_coordflow_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SinkTxn) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SinkTxn) ProtoMessage() {}
+
+func (x *SinkTxn) ProtoReflect() protoreflect.Message {
+	mi := &file_coordflow_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SinkTxn.ProtoReflect.Descriptor instead.
+func (*SinkTxn) Descriptor() ([]byte, []int) {
+	return file_coordflow_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SinkTxn) GetTransactionalId() string {
+	if x != nil {
+		return x.TransactionalId
+	}
+	return ""
+}
+
+func (x *SinkTxn) GetProducerId() int64 {
+	if x != nil {
+		return x.ProducerId
+	}
+	return 0
+}
+
+func (x *SinkTxn) GetProducerEpoch() int32 {
+	if x != nil {
+		return x.ProducerEpoch
+	}
+	return 0
+}
+
+func (x *SinkTxn) GetCheckpointId() uint64 {
+	if x != nil {
+		return x.CheckpointId
+	}
+	return 0
+}
+
+func (x *SinkTxn) GetProtocolVersion() int32 {
+	if x != nil {
+		return x.ProtocolVersion
+	}
+	return 0
+}
+
 // StateFile is a handle on one immutable state file in checkpoint storage.
 type StateFile struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -830,7 +927,7 @@ type StateFile struct {
 
 func (x *StateFile) Reset() {
 	*x = StateFile{}
-	mi := &file_coordflow_proto_msgTypes[8]
+	mi := &file_coordflow_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -842,7 +939,7 @@ func (x *StateFile) String() string {
 func (*StateFile) ProtoMessage() {}
 
 func (x *StateFile) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[8]
+	mi := &file_coordflow_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -855,7 +952,7 @@ func (x *StateFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateFile.ProtoReflect.Descriptor instead.
 func (*StateFile) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{8}
+	return file_coordflow_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StateFile) GetPath() string {
@@ -918,7 +1015,7 @@ type CoordinatorMessage struct {
 
 func (x *CoordinatorMessage) Reset() {
 	*x = CoordinatorMessage{}
-	mi := &file_coordflow_proto_msgTypes[9]
+	mi := &file_coordflow_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1027,7 @@ func (x *CoordinatorMessage) String() string {
 func (*CoordinatorMessage) ProtoMessage() {}
 
 func (x *CoordinatorMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[9]
+	mi := &file_coordflow_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1040,7 @@ func (x *CoordinatorMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CoordinatorMessage.ProtoReflect.Descriptor instead.
 func (*CoordinatorMessage) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{9}
+	return file_coordflow_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CoordinatorMessage) GetMsg() isCoordinatorMessage_Msg {
@@ -1077,7 +1174,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_coordflow_proto_msgTypes[10]
+	mi := &file_coordflow_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1089,7 +1186,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[10]
+	mi := &file_coordflow_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1102,7 +1199,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{10}
+	return file_coordflow_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Welcome) GetLeaderId() string {
@@ -1149,7 +1246,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_coordflow_proto_msgTypes[11]
+	mi := &file_coordflow_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1258,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[11]
+	mi := &file_coordflow_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1271,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{11}
+	return file_coordflow_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NotLeader) GetLeaderId() string {
@@ -1225,7 +1322,7 @@ type DeployTask struct {
 
 func (x *DeployTask) Reset() {
 	*x = DeployTask{}
-	mi := &file_coordflow_proto_msgTypes[12]
+	mi := &file_coordflow_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1237,7 +1334,7 @@ func (x *DeployTask) String() string {
 func (*DeployTask) ProtoMessage() {}
 
 func (x *DeployTask) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[12]
+	mi := &file_coordflow_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1250,7 +1347,7 @@ func (x *DeployTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeployTask.ProtoReflect.Descriptor instead.
 func (*DeployTask) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{12}
+	return file_coordflow_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DeployTask) GetTask() *TaskRef {
@@ -1370,7 +1467,7 @@ type StateSpec struct {
 
 func (x *StateSpec) Reset() {
 	*x = StateSpec{}
-	mi := &file_coordflow_proto_msgTypes[13]
+	mi := &file_coordflow_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1382,7 +1479,7 @@ func (x *StateSpec) String() string {
 func (*StateSpec) ProtoMessage() {}
 
 func (x *StateSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[13]
+	mi := &file_coordflow_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1395,7 +1492,7 @@ func (x *StateSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateSpec.ProtoReflect.Descriptor instead.
 func (*StateSpec) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{13}
+	return file_coordflow_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StateSpec) GetBackend() string {
@@ -1440,7 +1537,7 @@ type SourceSpec struct {
 
 func (x *SourceSpec) Reset() {
 	*x = SourceSpec{}
-	mi := &file_coordflow_proto_msgTypes[14]
+	mi := &file_coordflow_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1452,7 +1549,7 @@ func (x *SourceSpec) String() string {
 func (*SourceSpec) ProtoMessage() {}
 
 func (x *SourceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[14]
+	mi := &file_coordflow_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1465,7 +1562,7 @@ func (x *SourceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceSpec.ProtoReflect.Descriptor instead.
 func (*SourceSpec) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{14}
+	return file_coordflow_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SourceSpec) GetBrokers() []string {
@@ -1504,16 +1601,29 @@ func (x *SourceSpec) GetGroup() string {
 }
 
 type SinkSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Brokers       []string               `protobuf:"bytes,1,rep,name=brokers,proto3" json:"brokers,omitempty"`
-	Topic         string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Brokers []string               `protobuf:"bytes,1,rep,name=brokers,proto3" json:"brokers,omitempty"`
+	Topic   string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
+	// delivery is "exactly_once" (transactions committed by checkpoints) or
+	// "at_least_once".
+	Delivery string `protobuf:"bytes,3,opt,name=delivery,proto3" json:"delivery,omitempty"`
+	// transaction_timeout_ms is the Kafka transaction timeout of an
+	// exactly-once sink's producers.
+	TransactionTimeoutMs int64 `protobuf:"varint,4,opt,name=transaction_timeout_ms,json=transactionTimeoutMs,proto3" json:"transaction_timeout_ms,omitempty"`
+	// transactional_id_prefix starts the transactional id of every producer of
+	// the sink; the map task id and a slot number follow it.
+	TransactionalIdPrefix string `protobuf:"bytes,5,opt,name=transactional_id_prefix,json=transactionalIdPrefix,proto3" json:"transactional_id_prefix,omitempty"`
+	// checkpoint_timeout_ms is the job's checkpoint timeout: a map task uses
+	// it to tell whether a transaction it would pre-commit can still be
+	// committed before the broker aborts it.
+	CheckpointTimeoutMs int64 `protobuf:"varint,6,opt,name=checkpoint_timeout_ms,json=checkpointTimeoutMs,proto3" json:"checkpoint_timeout_ms,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *SinkSpec) Reset() {
 	*x = SinkSpec{}
-	mi := &file_coordflow_proto_msgTypes[15]
+	mi := &file_coordflow_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1525,7 +1635,7 @@ func (x *SinkSpec) String() string {
 func (*SinkSpec) ProtoMessage() {}
 
 func (x *SinkSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[15]
+	mi := &file_coordflow_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1538,7 +1648,7 @@ func (x *SinkSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SinkSpec.ProtoReflect.Descriptor instead.
 func (*SinkSpec) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{15}
+	return file_coordflow_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SinkSpec) GetBrokers() []string {
@@ -1553,6 +1663,34 @@ func (x *SinkSpec) GetTopic() string {
 		return x.Topic
 	}
 	return ""
+}
+
+func (x *SinkSpec) GetDelivery() string {
+	if x != nil {
+		return x.Delivery
+	}
+	return ""
+}
+
+func (x *SinkSpec) GetTransactionTimeoutMs() int64 {
+	if x != nil {
+		return x.TransactionTimeoutMs
+	}
+	return 0
+}
+
+func (x *SinkSpec) GetTransactionalIdPrefix() string {
+	if x != nil {
+		return x.TransactionalIdPrefix
+	}
+	return ""
+}
+
+func (x *SinkSpec) GetCheckpointTimeoutMs() int64 {
+	if x != nil {
+		return x.CheckpointTimeoutMs
+	}
+	return 0
 }
 
 type MapTaskRef struct {
@@ -1570,7 +1708,7 @@ type MapTaskRef struct {
 
 func (x *MapTaskRef) Reset() {
 	*x = MapTaskRef{}
-	mi := &file_coordflow_proto_msgTypes[16]
+	mi := &file_coordflow_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1582,7 +1720,7 @@ func (x *MapTaskRef) String() string {
 func (*MapTaskRef) ProtoMessage() {}
 
 func (x *MapTaskRef) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[16]
+	mi := &file_coordflow_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1595,7 +1733,7 @@ func (x *MapTaskRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MapTaskRef.ProtoReflect.Descriptor instead.
 func (*MapTaskRef) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{16}
+	return file_coordflow_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *MapTaskRef) GetTaskId() string {
@@ -1652,13 +1790,16 @@ type KeyedBlob struct {
 	KeyGroupStart int32                  `protobuf:"varint,5,opt,name=key_group_start,json=keyGroupStart,proto3" json:"key_group_start,omitempty"`
 	KeyGroupEnd   int32                  `protobuf:"varint,6,opt,name=key_group_end,json=keyGroupEnd,proto3" json:"key_group_end,omitempty"`
 	Applied       map[int32]int64        `protobuf:"bytes,7,rep,name=applied,proto3" json:"applied,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// sink_txns are the transactions the task pre-committed and the
+	// checkpoint promises: the restored task commits them.
+	SinkTxns      []*SinkTxn `protobuf:"bytes,8,rep,name=sink_txns,json=sinkTxns,proto3" json:"sink_txns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *KeyedBlob) Reset() {
 	*x = KeyedBlob{}
-	mi := &file_coordflow_proto_msgTypes[17]
+	mi := &file_coordflow_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1670,7 +1811,7 @@ func (x *KeyedBlob) String() string {
 func (*KeyedBlob) ProtoMessage() {}
 
 func (x *KeyedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[17]
+	mi := &file_coordflow_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1683,7 +1824,7 @@ func (x *KeyedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyedBlob.ProtoReflect.Descriptor instead.
 func (*KeyedBlob) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{17}
+	return file_coordflow_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *KeyedBlob) GetTaskId() string {
@@ -1735,6 +1876,13 @@ func (x *KeyedBlob) GetApplied() map[int32]int64 {
 	return nil
 }
 
+func (x *KeyedBlob) GetSinkTxns() []*SinkTxn {
+	if x != nil {
+		return x.SinkTxns
+	}
+	return nil
+}
+
 type CancelTask struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Task          *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
@@ -1745,7 +1893,7 @@ type CancelTask struct {
 
 func (x *CancelTask) Reset() {
 	*x = CancelTask{}
-	mi := &file_coordflow_proto_msgTypes[18]
+	mi := &file_coordflow_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1757,7 +1905,7 @@ func (x *CancelTask) String() string {
 func (*CancelTask) ProtoMessage() {}
 
 func (x *CancelTask) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[18]
+	mi := &file_coordflow_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1770,7 +1918,7 @@ func (x *CancelTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTask.ProtoReflect.Descriptor instead.
 func (*CancelTask) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{18}
+	return file_coordflow_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CancelTask) GetTask() *TaskRef {
@@ -1806,7 +1954,7 @@ type TriggerCheckpoint struct {
 
 func (x *TriggerCheckpoint) Reset() {
 	*x = TriggerCheckpoint{}
-	mi := &file_coordflow_proto_msgTypes[19]
+	mi := &file_coordflow_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1818,7 +1966,7 @@ func (x *TriggerCheckpoint) String() string {
 func (*TriggerCheckpoint) ProtoMessage() {}
 
 func (x *TriggerCheckpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[19]
+	mi := &file_coordflow_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1831,7 +1979,7 @@ func (x *TriggerCheckpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TriggerCheckpoint.ProtoReflect.Descriptor instead.
 func (*TriggerCheckpoint) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{19}
+	return file_coordflow_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TriggerCheckpoint) GetTask() *TaskRef {
@@ -1870,20 +2018,24 @@ func (x *TriggerCheckpoint) GetStop() bool {
 }
 
 // CheckpointComplete tells a task that checkpoint_id is committed; sources then
-// commit their offsets to Kafka for monitoring, and map tasks take its state
-// files as the base of their next incremental checkpoint.
+// commit their offsets to Kafka for monitoring, and map tasks commit the sink
+// transactions it covers and take its state files as the base of their next
+// incremental checkpoint.
 type CheckpointComplete struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Task          *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
-	CheckpointId  uint64                 `protobuf:"varint,2,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
-	Offsets       map[int32]int64        `protobuf:"bytes,3,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Task         *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
+	CheckpointId uint64                 `protobuf:"varint,2,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	Offsets      map[int32]int64        `protobuf:"bytes,3,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// savepoint: checkpoint_id was a savepoint. Map tasks commit the sink
+	// transactions it covers but build no incremental snapshot on it.
+	Savepoint     bool `protobuf:"varint,4,opt,name=savepoint,proto3" json:"savepoint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckpointComplete) Reset() {
 	*x = CheckpointComplete{}
-	mi := &file_coordflow_proto_msgTypes[20]
+	mi := &file_coordflow_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1895,7 +2047,7 @@ func (x *CheckpointComplete) String() string {
 func (*CheckpointComplete) ProtoMessage() {}
 
 func (x *CheckpointComplete) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[20]
+	mi := &file_coordflow_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1908,7 +2060,7 @@ func (x *CheckpointComplete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointComplete.ProtoReflect.Descriptor instead.
 func (*CheckpointComplete) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{20}
+	return file_coordflow_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CheckpointComplete) GetTask() *TaskRef {
@@ -1932,6 +2084,13 @@ func (x *CheckpointComplete) GetOffsets() map[int32]int64 {
 	return nil
 }
 
+func (x *CheckpointComplete) GetSavepoint() bool {
+	if x != nil {
+		return x.Savepoint
+	}
+	return false
+}
+
 type DataMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// header is set on the first message of a channel only.
@@ -1947,7 +2106,7 @@ type DataMessage struct {
 
 func (x *DataMessage) Reset() {
 	*x = DataMessage{}
-	mi := &file_coordflow_proto_msgTypes[21]
+	mi := &file_coordflow_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1959,7 +2118,7 @@ func (x *DataMessage) String() string {
 func (*DataMessage) ProtoMessage() {}
 
 func (x *DataMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[21]
+	mi := &file_coordflow_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1972,7 +2131,7 @@ func (x *DataMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DataMessage.ProtoReflect.Descriptor instead.
 func (*DataMessage) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{21}
+	return file_coordflow_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DataMessage) GetHeader() *ChannelHeader {
@@ -2035,7 +2194,7 @@ type ChannelHeader struct {
 
 func (x *ChannelHeader) Reset() {
 	*x = ChannelHeader{}
-	mi := &file_coordflow_proto_msgTypes[22]
+	mi := &file_coordflow_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2047,7 +2206,7 @@ func (x *ChannelHeader) String() string {
 func (*ChannelHeader) ProtoMessage() {}
 
 func (x *ChannelHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[22]
+	mi := &file_coordflow_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2060,7 +2219,7 @@ func (x *ChannelHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelHeader.ProtoReflect.Descriptor instead.
 func (*ChannelHeader) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{22}
+	return file_coordflow_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ChannelHeader) GetJobId() string {
@@ -2109,7 +2268,7 @@ type Item struct {
 
 func (x *Item) Reset() {
 	*x = Item{}
-	mi := &file_coordflow_proto_msgTypes[23]
+	mi := &file_coordflow_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2121,7 +2280,7 @@ func (x *Item) String() string {
 func (*Item) ProtoMessage() {}
 
 func (x *Item) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[23]
+	mi := &file_coordflow_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2134,7 +2293,7 @@ func (x *Item) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Item.ProtoReflect.Descriptor instead.
 func (*Item) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{23}
+	return file_coordflow_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Item) GetKey() []byte {
@@ -2188,7 +2347,7 @@ type ItemBatch struct {
 
 func (x *ItemBatch) Reset() {
 	*x = ItemBatch{}
-	mi := &file_coordflow_proto_msgTypes[24]
+	mi := &file_coordflow_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2200,7 +2359,7 @@ func (x *ItemBatch) String() string {
 func (*ItemBatch) ProtoMessage() {}
 
 func (x *ItemBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[24]
+	mi := &file_coordflow_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2213,7 +2372,7 @@ func (x *ItemBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemBatch.ProtoReflect.Descriptor instead.
 func (*ItemBatch) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{24}
+	return file_coordflow_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ItemBatch) GetItems() []*Item {
@@ -2238,7 +2397,7 @@ type Barrier struct {
 
 func (x *Barrier) Reset() {
 	*x = Barrier{}
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2250,7 +2409,7 @@ func (x *Barrier) String() string {
 func (*Barrier) ProtoMessage() {}
 
 func (x *Barrier) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2263,7 +2422,7 @@ func (x *Barrier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Barrier.ProtoReflect.Descriptor instead.
 func (*Barrier) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{25}
+	return file_coordflow_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Barrier) GetCheckpointId() uint64 {
@@ -2296,7 +2455,7 @@ type ChannelClosed struct {
 
 func (x *ChannelClosed) Reset() {
 	*x = ChannelClosed{}
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2308,7 +2467,7 @@ func (x *ChannelClosed) String() string {
 func (*ChannelClosed) ProtoMessage() {}
 
 func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2321,7 +2480,7 @@ func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelClosed.ProtoReflect.Descriptor instead.
 func (*ChannelClosed) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{26}
+	return file_coordflow_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ChannelClosed) GetReason() string {
@@ -2368,7 +2527,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x11CheckpointDecline\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xf3\x03\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xa7\x04\n" +
 	"\tTaskState\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12>\n" +
 	"\aoffsets\x18\x02 \x03(\v2$.coordflow.v1.TaskState.OffsetsEntryR\aoffsets\x12\x14\n" +
@@ -2379,13 +2538,22 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x0evalue_encoding\x18\a \x01(\tR\rvalueEncoding\x12\x12\n" +
 	"\x04keys\x18\b \x01(\x03R\x04keys\x12\x1f\n" +
 	"\vstate_bytes\x18\t \x01(\x03R\n" +
-	"stateBytes\x1a:\n" +
+	"stateBytes\x122\n" +
+	"\tsink_txns\x18\n" +
+	" \x03(\v2\x15.coordflow.v1.SinkTxnR\bsinkTxns\x1a:\n" +
 	"\fOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a:\n" +
 	"\fAppliedEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xab\x01\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xcc\x01\n" +
+	"\aSinkTxn\x12)\n" +
+	"\x10transactional_id\x18\x01 \x01(\tR\x0ftransactionalId\x12\x1f\n" +
+	"\vproducer_id\x18\x02 \x01(\x03R\n" +
+	"producerId\x12%\n" +
+	"\x0eproducer_epoch\x18\x03 \x01(\x05R\rproducerEpoch\x12#\n" +
+	"\rcheckpoint_id\x18\x04 \x01(\x04R\fcheckpointId\x12)\n" +
+	"\x10protocol_version\x18\x05 \x01(\x05R\x0fprotocolVersion\"\xab\x01\n" +
 	"\tStateFile\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
@@ -2445,10 +2613,14 @@ const file_coordflow_proto_rawDesc = "" +
 	"partitions\x18\x03 \x03(\x05R\n" +
 	"partitions\x12\x14\n" +
 	"\x05start\x18\x04 \x01(\tR\x05start\x12\x14\n" +
-	"\x05group\x18\x05 \x01(\tR\x05group\":\n" +
+	"\x05group\x18\x05 \x01(\tR\x05group\"\xf8\x01\n" +
 	"\bSinkSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
-	"\x05topic\x18\x02 \x01(\tR\x05topic\"\xc1\x01\n" +
+	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x1a\n" +
+	"\bdelivery\x18\x03 \x01(\tR\bdelivery\x124\n" +
+	"\x16transaction_timeout_ms\x18\x04 \x01(\x03R\x14transactionTimeoutMs\x126\n" +
+	"\x17transactional_id_prefix\x18\x05 \x01(\tR\x15transactionalIdPrefix\x122\n" +
+	"\x15checkpoint_timeout_ms\x18\x06 \x01(\x03R\x13checkpointTimeoutMs\"\xc1\x01\n" +
 	"\n" +
 	"MapTaskRef\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n" +
@@ -2456,7 +2628,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\tworker_id\x18\x03 \x01(\tR\bworkerId\x12\x1b\n" +
 	"\tdata_addr\x18\x04 \x01(\tR\bdataAddr\x12&\n" +
 	"\x0fkey_group_start\x18\x05 \x01(\x05R\rkeyGroupStart\x12\"\n" +
-	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\"\xc7\x02\n" +
+	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\"\xfb\x02\n" +
 	"\tKeyedBlob\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x16\n" +
@@ -2464,7 +2636,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x05files\x18\x04 \x03(\v2\x17.coordflow.v1.StateFileR\x05files\x12&\n" +
 	"\x0fkey_group_start\x18\x05 \x01(\x05R\rkeyGroupStart\x12\"\n" +
 	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\x12>\n" +
-	"\aapplied\x18\a \x03(\v2$.coordflow.v1.KeyedBlob.AppliedEntryR\aapplied\x1a:\n" +
+	"\aapplied\x18\a \x03(\v2$.coordflow.v1.KeyedBlob.AppliedEntryR\aapplied\x122\n" +
+	"\tsink_txns\x18\b \x03(\v2\x15.coordflow.v1.SinkTxnR\bsinkTxns\x1a:\n" +
 	"\fAppliedEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"O\n" +
@@ -2477,11 +2650,12 @@ const file_coordflow_proto_rawDesc = "" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12%\n" +
 	"\x0elast_completed\x18\x03 \x01(\x04R\rlastCompleted\x12\x1c\n" +
 	"\tsavepoint\x18\x04 \x01(\bR\tsavepoint\x12\x12\n" +
-	"\x04stop\x18\x05 \x01(\bR\x04stop\"\xe9\x01\n" +
+	"\x04stop\x18\x05 \x01(\bR\x04stop\"\x87\x02\n" +
 	"\x12CheckpointComplete\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12G\n" +
-	"\aoffsets\x18\x03 \x03(\v2-.coordflow.v1.CheckpointComplete.OffsetsEntryR\aoffsets\x1a:\n" +
+	"\aoffsets\x18\x03 \x03(\v2-.coordflow.v1.CheckpointComplete.OffsetsEntryR\aoffsets\x12\x1c\n" +
+	"\tsavepoint\x18\x04 \x01(\bR\tsavepoint\x1a:\n" +
 	"\fOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xb1\x01\n" +
@@ -2542,7 +2716,7 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 }
 
 var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
@@ -2555,30 +2729,31 @@ var file_coordflow_proto_goTypes = []any{
 	(*CheckpointAck)(nil),      // 8: coordflow.v1.CheckpointAck
 	(*CheckpointDecline)(nil),  // 9: coordflow.v1.CheckpointDecline
 	(*TaskState)(nil),          // 10: coordflow.v1.TaskState
-	(*StateFile)(nil),          // 11: coordflow.v1.StateFile
-	(*CoordinatorMessage)(nil), // 12: coordflow.v1.CoordinatorMessage
-	(*Welcome)(nil),            // 13: coordflow.v1.Welcome
-	(*NotLeader)(nil),          // 14: coordflow.v1.NotLeader
-	(*DeployTask)(nil),         // 15: coordflow.v1.DeployTask
-	(*StateSpec)(nil),          // 16: coordflow.v1.StateSpec
-	(*SourceSpec)(nil),         // 17: coordflow.v1.SourceSpec
-	(*SinkSpec)(nil),           // 18: coordflow.v1.SinkSpec
-	(*MapTaskRef)(nil),         // 19: coordflow.v1.MapTaskRef
-	(*KeyedBlob)(nil),          // 20: coordflow.v1.KeyedBlob
-	(*CancelTask)(nil),         // 21: coordflow.v1.CancelTask
-	(*TriggerCheckpoint)(nil),  // 22: coordflow.v1.TriggerCheckpoint
-	(*CheckpointComplete)(nil), // 23: coordflow.v1.CheckpointComplete
-	(*DataMessage)(nil),        // 24: coordflow.v1.DataMessage
-	(*ChannelHeader)(nil),      // 25: coordflow.v1.ChannelHeader
-	(*Item)(nil),               // 26: coordflow.v1.Item
-	(*ItemBatch)(nil),          // 27: coordflow.v1.ItemBatch
-	(*Barrier)(nil),            // 28: coordflow.v1.Barrier
-	(*ChannelClosed)(nil),      // 29: coordflow.v1.ChannelClosed
-	nil,                        // 30: coordflow.v1.TaskState.OffsetsEntry
-	nil,                        // 31: coordflow.v1.TaskState.AppliedEntry
-	nil,                        // 32: coordflow.v1.DeployTask.RestoreOffsetsEntry
-	nil,                        // 33: coordflow.v1.KeyedBlob.AppliedEntry
-	nil,                        // 34: coordflow.v1.CheckpointComplete.OffsetsEntry
+	(*SinkTxn)(nil),            // 11: coordflow.v1.SinkTxn
+	(*StateFile)(nil),          // 12: coordflow.v1.StateFile
+	(*CoordinatorMessage)(nil), // 13: coordflow.v1.CoordinatorMessage
+	(*Welcome)(nil),            // 14: coordflow.v1.Welcome
+	(*NotLeader)(nil),          // 15: coordflow.v1.NotLeader
+	(*DeployTask)(nil),         // 16: coordflow.v1.DeployTask
+	(*StateSpec)(nil),          // 17: coordflow.v1.StateSpec
+	(*SourceSpec)(nil),         // 18: coordflow.v1.SourceSpec
+	(*SinkSpec)(nil),           // 19: coordflow.v1.SinkSpec
+	(*MapTaskRef)(nil),         // 20: coordflow.v1.MapTaskRef
+	(*KeyedBlob)(nil),          // 21: coordflow.v1.KeyedBlob
+	(*CancelTask)(nil),         // 22: coordflow.v1.CancelTask
+	(*TriggerCheckpoint)(nil),  // 23: coordflow.v1.TriggerCheckpoint
+	(*CheckpointComplete)(nil), // 24: coordflow.v1.CheckpointComplete
+	(*DataMessage)(nil),        // 25: coordflow.v1.DataMessage
+	(*ChannelHeader)(nil),      // 26: coordflow.v1.ChannelHeader
+	(*Item)(nil),               // 27: coordflow.v1.Item
+	(*ItemBatch)(nil),          // 28: coordflow.v1.ItemBatch
+	(*Barrier)(nil),            // 29: coordflow.v1.Barrier
+	(*ChannelClosed)(nil),      // 30: coordflow.v1.ChannelClosed
+	nil,                        // 31: coordflow.v1.TaskState.OffsetsEntry
+	nil,                        // 32: coordflow.v1.TaskState.AppliedEntry
+	nil,                        // 33: coordflow.v1.DeployTask.RestoreOffsetsEntry
+	nil,                        // 34: coordflow.v1.KeyedBlob.AppliedEntry
+	nil,                        // 35: coordflow.v1.CheckpointComplete.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
 	5,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
@@ -2595,43 +2770,45 @@ var file_coordflow_proto_depIdxs = []int32{
 	10, // 11: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
 	3,  // 12: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
 	0,  // 13: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
-	30, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
-	11, // 15: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
-	31, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
-	13, // 17: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
-	14, // 18: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
-	6,  // 19: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
-	15, // 20: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
-	21, // 21: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
-	22, // 22: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
-	23, // 23: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
-	3,  // 24: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
-	0,  // 25: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
-	17, // 26: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
-	18, // 27: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
-	19, // 28: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
-	32, // 29: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
-	20, // 30: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
-	16, // 31: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
-	11, // 32: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
-	33, // 33: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
-	3,  // 34: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
-	3,  // 35: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
-	3,  // 36: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
-	34, // 37: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
-	25, // 38: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
-	27, // 39: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
-	28, // 40: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	26, // 41: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
-	4,  // 42: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	24, // 43: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	12, // 44: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	29, // 45: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	44, // [44:46] is the sub-list for method output_type
-	42, // [42:44] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	31, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
+	12, // 15: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
+	32, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
+	11, // 17: coordflow.v1.TaskState.sink_txns:type_name -> coordflow.v1.SinkTxn
+	14, // 18: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
+	15, // 19: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
+	6,  // 20: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
+	16, // 21: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
+	22, // 22: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
+	23, // 23: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
+	24, // 24: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
+	3,  // 25: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
+	0,  // 26: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
+	18, // 27: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
+	19, // 28: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
+	20, // 29: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
+	33, // 30: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
+	21, // 31: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
+	17, // 32: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
+	12, // 33: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
+	34, // 34: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
+	11, // 35: coordflow.v1.KeyedBlob.sink_txns:type_name -> coordflow.v1.SinkTxn
+	3,  // 36: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
+	3,  // 37: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
+	3,  // 38: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
+	35, // 39: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
+	26, // 40: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
+	28, // 41: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
+	29, // 42: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
+	27, // 43: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
+	4,  // 44: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	25, // 45: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	13, // 46: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	30, // 47: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	46, // [46:48] is the sub-list for method output_type
+	44, // [44:46] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -2646,7 +2823,7 @@ func file_coordflow_proto_init() {
 		(*WorkerMessage_Ack)(nil),
 		(*WorkerMessage_Decline)(nil),
 	}
-	file_coordflow_proto_msgTypes[9].OneofWrappers = []any{
+	file_coordflow_proto_msgTypes[10].OneofWrappers = []any{
 		(*CoordinatorMessage_Welcome)(nil),
 		(*CoordinatorMessage_NotLeader)(nil),
 		(*CoordinatorMessage_Heartbeat)(nil),
@@ -2655,7 +2832,7 @@ func file_coordflow_proto_init() {
 		(*CoordinatorMessage_Trigger)(nil),
 		(*CoordinatorMessage_Complete)(nil),
 	}
-	file_coordflow_proto_msgTypes[21].OneofWrappers = []any{
+	file_coordflow_proto_msgTypes[22].OneofWrappers = []any{
 		(*DataMessage_Batch)(nil),
 		(*DataMessage_Barrier)(nil),
 	}
@@ -2665,7 +2842,7 @@ func file_coordflow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -278,11 +278,17 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		return fmt.Errorf("restore checkpoint %d: %w", m.restoreID, err)
 	}
 	if m.sinkSpec != nil {
-		m.sink, err = openSink(m.env.cfg, m.env.workerID, m.sinkSpec)
+		m.sink, err = openSink(m.env, m.key, m.sinkSpec, m.log)
 		if err != nil {
 			return err
 		}
 		defer m.sink.close()
+		if m.sink.txn != nil {
+			restored, tasks := m.restoredTxns()
+			if err := m.sink.txn.recover(restored, tasks); err != nil {
+				return fmt.Errorf("recover sink transactions of checkpoint %d: %w", m.restoreID, err)
+			}
+		}
 	}
 	m.item = itemContext{s: m.keyed, sink: m.sink != nil, emit: m.emit}
 
@@ -304,6 +310,7 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 	for {
 		select {
 		case <-ctx.Done():
+			m.lastCompletions()
 			return ctx.Err()
 		case <-flush:
 			if err := m.sink.flush(); err != nil {
@@ -319,10 +326,47 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 			}
 		case c := <-m.control:
 			if c.complete != 0 {
-				m.completed(c.complete)
+				if err := m.completed(c.complete, c.savepoint); err != nil {
+					return err
+				}
 			}
 		}
 	}
+}
+
+// lastCompletions handles the completion notices still queued when the task
+// is stopped: the one of a stop-with-savepoint comes just before the stop,
+// and its sink transactions are best committed now rather than at the next
+// restore.
+func (m *mapTask) lastCompletions() {
+	for {
+		select {
+		case c := <-m.control:
+			if c.complete != 0 {
+				if err := m.completed(c.complete, c.savepoint); err != nil {
+					m.log.Warn("completion notice after stop", "checkpoint", c.complete, "err", err)
+				}
+			}
+		default:
+			return
+		}
+	}
+}
+
+// restoredTxns returns the sink transactions the restored checkpoint
+// promises, and the tasks of that checkpoint whose transactional ids this
+// task fences: its own, and (after a rescale) those of the old tasks whose
+// key groups begin in its range, so that each old task has one owner.
+func (m *mapTask) restoredTxns() ([]*transport.SinkTxn, []string) {
+	var txns []*transport.SinkTxn
+	tasks := []string{m.key.id}
+	for _, b := range m.blobs {
+		txns = append(txns, b.GetSinkTxns()...)
+		if id := b.GetTaskId(); id != m.key.id && b.GetKeyGroupStart() >= m.kgStart && b.GetKeyGroupStart() < m.kgEnd && b.GetKeyGroupEnd() > 0 {
+			tasks = append(tasks, id)
+		}
+	}
+	return txns, tasks
 }
 
 // restore loads the task's key groups from the restored checkpoint's state
@@ -542,9 +586,29 @@ func (m *mapTask) carry(step alignStep) error {
 // snapshot goroutine. lastCompleted is the job's newest completed checkpoint
 // as the barrier carried it: a delta builds only on that one's files.
 func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
+	var txns []*transport.SinkTxn
 	if m.sink != nil {
 		if err := m.sink.flush(); err != nil {
+			m.decline(id, "sink: "+err.Error())
 			return fmt.Errorf("flush sink: %w", err)
+		}
+		if m.sink.txn != nil {
+			// The barrier names the newest completed checkpoint: its notice
+			// may have been lost with a leader.
+			if err := m.sink.txn.completed(lastCompleted); err != nil {
+				m.decline(id, "sink: "+err.Error())
+				return err
+			}
+			var err error
+			txns, err = m.sink.txn.preCommit(id)
+			if errors.Is(err, errNoFreeTxn) {
+				m.decline(id, "sink: "+err.Error())
+				return nil
+			}
+			if err != nil {
+				m.decline(id, "sink: "+err.Error())
+				return err
+			}
 		}
 	}
 	m.adoptBase(lastCompleted)
@@ -557,6 +621,7 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 		applied:  maps.Clone(m.keyed.applied),
 		keys:     m.keyed.keys,
 		encoding: string(operator.EncodingOf(m.op)),
+		sinkTxns: txns,
 	}
 	job.savepoint = savepoint
 	threshold := m.stateSpec.GetInlineThreshold()
@@ -659,11 +724,19 @@ func (m *mapTask) pruneCache() {
 	m.cached = kept
 }
 
-// completed handles the leader's notice that checkpoint id completed.
-func (m *mapTask) completed(id uint64) {
-	if id > m.baseID {
+// completed handles the leader's notice that checkpoint (or savepoint) id
+// completed: its sink transactions are committed, and a checkpoint's files
+// become the base of the next incremental snapshot.
+func (m *mapTask) completed(id uint64, savepoint bool) error {
+	if m.sink != nil && m.sink.txn != nil {
+		if err := m.sink.txn.completed(id); err != nil {
+			return err
+		}
+	}
+	if !savepoint && id > m.baseID {
 		m.adoptBase(id)
 	}
+	return nil
 }
 
 // snapshotDone acks a written snapshot, or declines it.

@@ -32,6 +32,8 @@ type metrics struct {
 	snapshotDuration *prometheus.HistogramVec // job: barrier to ack of a map task's snapshot
 	restoredFiles    *prometheus.CounterVec   // job, from: local, storage
 	offsetCommits    *prometheus.CounterVec   // result: ok, failed
+	sinkTxns         *prometheus.CounterVec   // job, outcome: committed, recovered, ended_before, aborted_stale
+	sinkFenced       *prometheus.CounterVec   // job
 }
 
 func newMetrics() *metrics {
@@ -40,6 +42,13 @@ func newMetrics() *metrics {
 		offsetCommits: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_kafka_offset_commits_total", Help: "OffsetCommit requests sent for completed checkpoints (one per consumer group and interval), by result.",
 		}, []string{"result"}),
+		sinkTxns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_sink_transactions_total",
+			Help: "Kafka transactions of exactly-once sinks by outcome: committed (after their checkpoint completed), recovered (committed by a restored task), ended_before (a restored task found it already ended), aborted_stale (an older attempt's, aborted at restore).",
+		}, []string{"job", "outcome"}),
+		sinkFenced: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_sink_fenced_total", Help: "Exactly-once sink producers of this worker that Kafka fenced because a newer attempt took their transactional id: a zombie stopped.",
+		}, []string{"job"}),
 		recordsIn: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map).",
 		}, []string{"job", "kind"}),
@@ -88,7 +97,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
 		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.offsetCommits, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -3,10 +3,12 @@ package worker
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/IBM/sarama"
 
+	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
 )
@@ -45,11 +47,11 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 // connectKafka opens a client of its own (a sink's producer is not shared,
 // unlike the sources' clients in kafkaPool) and checks that topic exists, so
 // that the task can fail with a reason an operator understands.
-func connectKafka(cfg *Config, clientID string, brokers []string, topic, role string) (sarama.Client, error) {
+func connectKafka(conf *sarama.Config, brokers []string, topic, role string) (sarama.Client, error) {
 	if len(brokers) == 0 {
 		return nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
 	}
-	client, err := sarama.NewClient(brokers, kafkaConfig(cfg, clientID))
+	client, err := sarama.NewClient(brokers, conf)
 	if err != nil {
 		return nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
 	}
@@ -62,27 +64,48 @@ func connectKafka(cfg *Config, clientID string, brokers []string, topic, role st
 
 // sink writes a map task's outputs to the job's sink topic. Outputs are
 // buffered and sent synchronously in batches; flush returns only once the
-// broker has acknowledged everything added before it, which is what makes the
-// sink at least once: a map task flushes before it acks a checkpoint. Only
-// the map task loop calls it.
+// broker has acknowledged everything added before it. At least once, that is
+// all: a map task flushes before it acks a checkpoint. Exactly once, the
+// records go into Kafka transactions that checkpoints commit (txnPool).
+// Only the map task loop calls it.
 type sink struct {
 	client   sarama.Client
-	producer sarama.SyncProducer
+	producer sarama.SyncProducer // at least once
+	txn      *txnPool            // exactly once
 	topic    string
 	buf      []*sarama.ProducerMessage
 }
 
-func openSink(cfg *Config, workerID string, spec *transport.SinkSpec) (*sink, error) {
-	client, err := connectKafka(cfg, "coordflow-"+workerID, spec.GetBrokers(), spec.GetTopic(), "sink")
+// openSink connects the sink of map task key. Exactly once, the caller
+// must then recover the transactions of the restored checkpoint
+// (txnPool.recover) before it adds anything.
+func openSink(env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
+	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)
+	if spec.GetDelivery() != fsm.DeliveryAtLeastOnce {
+		conf.Version = txnKafkaVersion
+	}
+	client, err := connectKafka(conf, spec.GetBrokers(), spec.GetTopic(), "sink")
 	if err != nil {
 		return nil, err
 	}
-	producer, err := sarama.NewSyncProducerFromClient(client)
-	if err != nil {
+	s := &sink{client: client, topic: spec.GetTopic()}
+	switch spec.GetDelivery() {
+	case fsm.DeliveryAtLeastOnce:
+		if s.producer, err = sarama.NewSyncProducerFromClient(client); err != nil {
+			client.Close()
+			return nil, fmt.Errorf("sink topic %q: create producer: %w", spec.GetTopic(), err)
+		}
+	case fsm.DeliveryExactlyOnce, "":
+		if spec.GetTransactionalIdPrefix() == "" || spec.GetTransactionTimeoutMs() <= 0 || spec.GetCheckpointTimeoutMs() <= 0 {
+			client.Close()
+			return nil, fmt.Errorf("deploy of map task %s: exactly-once sink without transactional_id_prefix, transaction_timeout_ms or checkpoint_timeout_ms", key.id)
+		}
+		s.txn = newTxnPool(env, key.job, key.id, spec, client, log)
+	default:
 		client.Close()
-		return nil, fmt.Errorf("sink topic %q: create producer: %w", spec.GetTopic(), err)
+		return nil, fmt.Errorf("deploy of map task %s: sink delivery %q: want %q or %q", key.id, spec.GetDelivery(), fsm.DeliveryExactlyOnce, fsm.DeliveryAtLeastOnce)
 	}
-	return &sink{client: client, producer: producer, topic: spec.GetTopic()}, nil
+	return s, nil
 }
 
 // add buffers out, sending the buffer when it is full.
@@ -105,6 +128,9 @@ func (s *sink) flush() error {
 	}
 	msgs := s.buf
 	s.buf = nil
+	if s.txn != nil {
+		return s.txn.send(msgs)
+	}
 	if err := s.producer.SendMessages(msgs); err != nil {
 		var perrs sarama.ProducerErrors
 		if errors.As(err, &perrs) && len(perrs) > 0 {
@@ -116,8 +142,12 @@ func (s *sink) flush() error {
 }
 
 // close drops unflushed outputs (they belong to no completed checkpoint and
-// are produced again after a restore) and releases the producer and client.
+// are produced again after a restore) and releases the producers and client.
 func (s *sink) close() {
-	_ = s.producer.Close()
+	if s.txn != nil {
+		s.txn.close()
+	} else {
+		_ = s.producer.Close()
+	}
 	_ = s.client.Close()
 }

@@ -67,6 +67,8 @@ type snapshotJob struct {
 	applied  map[int32]int64
 	keys     int64
 	encoding string
+	// sinkTxns are the sink transactions pre-committed and not committed.
+	sinkTxns []*transport.SinkTxn
 	// inlineLimit is the most bytes an inline snapshot may take; past it a
 	// job with storage writes a full file instead, one without fails.
 	inlineLimit int64
@@ -129,6 +131,7 @@ func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapsh
 	st := &transport.TaskState{
 		Kind:          transport.TaskKind_TASK_KIND_MAP,
 		Applied:       job.applied,
+		SinkTxns:      job.sinkTxns,
 		ValueEncoding: job.encoding,
 		Keys:          job.keys,
 	}

@@ -63,7 +63,7 @@ func (k taskKey) ref() *transport.TaskRef {
 type control struct {
 	trigger       uint64
 	lastCompleted uint64 // with trigger
-	savepoint     bool   // with trigger
+	savepoint     bool   // with trigger or complete
 	stop          bool   // with trigger and savepoint
 	complete      uint64
 	offsets       map[int32]int64
@@ -379,7 +379,7 @@ func (m *taskManager) trigger(t *transport.TriggerCheckpoint) {
 // that is gone is dropped (sources commit offsets for monitoring only; map
 // tasks learn the same from the next barrier).
 func (m *taskManager) complete(c *transport.CheckpointComplete) {
-	m.toTask(keyOf(c.GetTask()), control{complete: c.GetCheckpointId(), offsets: c.GetOffsets()})
+	m.toTask(keyOf(c.GetTask()), control{complete: c.GetCheckpointId(), offsets: c.GetOffsets(), savepoint: c.GetSavepoint()})
 }
 
 // toSource queues a trigger for the running source task k without

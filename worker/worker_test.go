@@ -233,7 +233,7 @@ func TestSumSkipsMalformedAndSinks(t *testing.T) {
 	w := startWorker(t, "w1", f, nil)
 	refs := mapRefs(128, w)
 	md := mapDeploy("sum", 1, operator.Sum, 1, 128, refs, 0)
-	md.Sink = &transport.SinkSpec{Brokers: brokers, Topic: "sums"}
+	md.Sink = &transport.SinkSpec{Brokers: brokers, Topic: "sums", Delivery: "at_least_once"}
 	f.deploy(t, "w1", md)
 	sd := sourceDeploy("sum", 1, 0, operator.Sum, brokers, "nums", []int32{0, 1}, refs)
 	f.deploy(t, "w1", sd)
