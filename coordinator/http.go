@@ -48,6 +48,8 @@ func (s *Server) newHTTPServer() *http.Server {
 	mux.HandleFunc("GET /v1/jobs/{id}/state", s.handleState)
 	mux.HandleFunc("GET /v1/jobs/{id}/state/export", s.handleStateExport)
 	mux.Handle("POST /v1/jobs/{id}/savepoints", s.leaderOnly(s.handleTakeSavepoint))
+	mux.HandleFunc("GET /v1/jobs/{id}/transactions", s.handleTransactions)
+	mux.Handle("POST /v1/jobs/{id}/transactions/abort", s.leaderOnly(s.handleTransactions))
 	mux.HandleFunc("GET /v1/savepoints", s.handleListSavepoints)
 	mux.HandleFunc("GET /v1/savepoints/{id}", s.handleGetSavepoint)
 	mux.Handle("DELETE /v1/savepoints/{id}", s.leaderOnly(s.handleDeleteSavepoint))

@@ -1,9 +1,11 @@
 package coordinator
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"maps"
+	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -94,29 +96,220 @@ func kafkaSinkCheck(ctx context.Context, brokers []string) error {
 		return fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
 	}
 	defer client.Close()
-	for _, b := range client.Brokers() {
-		if err := b.Open(client.Config()); err != nil && err != sarama.ErrAlreadyConnected {
-			continue
+	b := client.LeastLoadedBroker()
+	if b == nil {
+		return fmt.Errorf("sink brokers %s unreachable: no broker connected", addrs)
+	}
+	resp, err := b.ApiVersions(&sarama.ApiVersionsRequest{})
+	if err != nil {
+		return fmt.Errorf("sink brokers %s: ApiVersions: %w", addrs, err)
+	}
+	have := make(map[int16]bool)
+	for _, k := range resp.ApiKeys {
+		have[k.ApiKey] = true
+	}
+	var missing []string
+	for _, key := range slices.Sorted(maps.Keys(txnAPIs)) {
+		if !have[key] {
+			missing = append(missing, txnAPIs[key])
 		}
-		resp, err := b.ApiVersions(&sarama.ApiVersionsRequest{})
-		if err != nil {
-			continue
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("sink brokers %s do not support Kafka transactions (no %s): an exactly_once sink needs them; use \"delivery\": \"at_least_once\" or a broker that has them",
+			addrs, strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+// apiSinkTxn is one open transaction of a job's exactly-once sink in GET
+// /v1/jobs/{id}/transactions, as the broker describes it.
+type apiSinkTxn struct {
+	TransactionalID string   `json:"transactional_id"`
+	State           string   `json:"state"`
+	ProducerID      int64    `json:"producer_id"`
+	ProducerEpoch   int16    `json:"producer_epoch"`
+	StartedAt       string   `json:"started_at,omitempty"` // RFC 3339, the broker's clock
+	AgeMS           int64    `json:"age_ms"`
+	TimeoutMS       int64    `json:"timeout_ms"`
+	Partitions      []string `json:"partitions,omitempty"` // topic/partition
+	// NeededBy says who will finish the transaction: the completed
+	// checkpoint that promises it (a restore commits it), or the job's task
+	// whose transactional id it is. Empty: nobody; -abort ends it.
+	NeededBy string `json:"needed_by,omitempty"`
+	Aborted  bool   `json:"aborted,omitempty"`
+}
+
+// openTxnStates are the transaction states that hold back read_committed
+// consumers.
+var openTxnStates = []string{sarama.TransactionStateOngoing, sarama.TransactionStatePrepareCommit,
+	sarama.TransactionStatePrepareAbort, sarama.TransactionStatePrepareEpochFence}
+
+// sinkTransactions lists the open transactions of job's exactly-once sink
+// from its brokers (ListTransactions and DescribeTransactions, KIP-664),
+// and with abort ends those nobody needs by initialising their
+// transactional ids, which aborts them.
+func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Time) ([]apiSinkTxn, error) {
+	sink := job.Spec.Sink
+	if sink == nil || sink.Delivery == fsm.DeliveryAtLeastOnce {
+		return nil, fmt.Errorf("job %s has no exactly-once sink", job.ID)
+	}
+	prefix := cmp.Or(sink.TransactionalIDPrefix, sinkTxnPrefix(job.ID)) + "-"
+	addrs := strings.Join(sink.Brokers, ",")
+	cfg := sarama.NewConfig()
+	cfg.ClientID = "coordd"
+	cfg.Version = sarama.V3_0_0_0
+	cfg.Net.DialTimeout = 2 * time.Second
+	cfg.Net.ReadTimeout = 5 * time.Second
+	cfg.Net.WriteTimeout = 3 * time.Second
+	cfg.Metadata.Retry.Max = 1
+	if dl, ok := ctx.Deadline(); ok {
+		cfg.Metadata.Timeout = max(time.Until(dl), time.Millisecond)
+	}
+	admin, err := sarama.NewClusterAdmin(sink.Brokers, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
+	}
+	defer admin.Close()
+	tadmin, ok := admin.(sarama.TransactionClusterAdmin)
+	if !ok {
+		return nil, fmt.Errorf("sink brokers %s: this sarama has no transaction admin", addrs)
+	}
+	listed, err := tadmin.ListTransactions(openTxnStates, nil, -1)
+	if err != nil {
+		return nil, fmt.Errorf("list transactions on %s: %w", addrs, err)
+	}
+	var ids []string
+	for _, l := range listed {
+		if strings.HasPrefix(l.TransactionalID, prefix) {
+			ids = append(ids, l.TransactionalID)
 		}
-		have := make(map[int16]bool)
-		for _, k := range resp.ApiKeys {
-			have[k.ApiKey] = true
-		}
-		var missing []string
-		for _, key := range slices.Sorted(maps.Keys(txnAPIs)) {
-			if !have[key] {
-				missing = append(missing, txnAPIs[key])
+	}
+	slices.Sort(ids)
+	if len(ids) == 0 {
+		return []apiSinkTxn{}, nil
+	}
+	states, err := tadmin.DescribeTransactions(ids)
+	if err != nil {
+		return nil, fmt.Errorf("describe transactions on %s: %w", addrs, err)
+	}
+	promised := make(map[string]fsm.SinkTxn)
+	if n := len(job.Completed); n > 0 {
+		for _, st := range job.Completed[n-1].Tasks {
+			for _, t := range st.SinkTxns {
+				promised[t.TransactionalID] = t
 			}
 		}
-		if len(missing) > 0 {
-			return fmt.Errorf("sink brokers %s do not support Kafka transactions (no %s): an exactly_once sink needs them; use \"delivery\": \"at_least_once\" or a broker that has them",
-				addrs, strings.Join(missing, ", "))
-		}
-		return nil
 	}
-	return fmt.Errorf("sink brokers %s: no broker answered ApiVersions", addrs)
+	var lastCompleted uint64
+	if n := len(job.Completed); n > 0 {
+		lastCompleted = job.Completed[n-1].ID
+	}
+	out := make([]apiSinkTxn, 0, len(ids))
+	for _, id := range ids {
+		st, ok := states[id]
+		if !ok || !slices.Contains(openTxnStates, st.TransactionState) {
+			continue // ended since it was listed
+		}
+		v := apiSinkTxn{
+			TransactionalID: id, State: st.TransactionState, ProducerID: st.ProducerID, ProducerEpoch: st.ProducerEpoch,
+			TimeoutMS: st.TransactionTimeout.Milliseconds(),
+		}
+		if st.TransactionStartTime > 0 {
+			started := time.UnixMilli(st.TransactionStartTime)
+			v.StartedAt, v.AgeMS = started.UTC().Format(time.RFC3339Nano), max(now.Sub(started).Milliseconds(), 0)
+		}
+		for _, tp := range st.Topics {
+			for _, p := range tp.Partitions {
+				v.Partitions = append(v.Partitions, fmt.Sprintf("%s/%d", tp.Topic, p))
+			}
+		}
+		if t, ok := promised[id]; ok && t.ProducerID == st.ProducerID && t.ProducerEpoch == st.ProducerEpoch {
+			v.NeededBy = fmt.Sprintf("checkpoint %d (completed; a restore commits it)", lastCompleted)
+		} else if task := poolOwner(job, prefix, id); task != "" {
+			v.NeededBy = fmt.Sprintf("task %s of attempt %d", task, job.Attempt)
+		}
+		out = append(out, v)
+	}
+	if !abort {
+		return out, nil
+	}
+	client, err := sarama.NewClient(sink.Brokers, cfg)
+	if err != nil {
+		return out, fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
+	}
+	defer client.Close()
+	for i := range out {
+		if out[i].NeededBy != "" {
+			continue
+		}
+		if err := abortTxn(client, out[i].TransactionalID, time.Duration(out[i].TimeoutMS)*time.Millisecond); err != nil {
+			return out, err
+		}
+		out[i].Aborted = true
+	}
+	return out, nil
+}
+
+// poolOwner returns the map task of job's current attempt whose
+// transactional ids include id, if the job still runs tasks.
+func poolOwner(job fsm.Job, prefix, id string) string {
+	if job.Status == fsm.JobCancelled {
+		return ""
+	}
+	rest := strings.TrimPrefix(id, prefix)
+	for _, t := range job.Tasks {
+		if t.Kind == fsm.TaskMap && strings.HasPrefix(rest, t.ID+"-") {
+			return t.ID
+		}
+	}
+	return ""
+}
+
+// abortTxn initialises transactional id id without a producer behind it:
+// the broker aborts its open transaction and fences its producer.
+func abortTxn(client sarama.Client, id string, timeout time.Duration) error {
+	if timeout <= 0 {
+		timeout = time.Minute
+	}
+	b, err := client.TransactionCoordinator(id)
+	if err != nil {
+		return fmt.Errorf("abort transaction %s: find its coordinator: %w", id, err)
+	}
+	resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
+		Version: 4, TransactionalID: &id, TransactionTimeout: timeout, ProducerID: -1, ProducerEpoch: -1,
+	})
+	if err == nil && resp.Err != sarama.ErrNoError {
+		err = resp.Err
+	}
+	if err != nil {
+		return fmt.Errorf("abort transaction %s: %w", id, err)
+	}
+	return nil
+}
+
+// txnRequestTimeout bounds a transactions request to the sink's brokers.
+const txnRequestTimeout = 15 * time.Second
+
+// handleTransactions answers GET /v1/jobs/{id}/transactions with the open
+// transactions of the job's exactly-once sink, and POST
+// /v1/jobs/{id}/transactions/abort by aborting those nobody needs (on the
+// leader, whose FSM is current: a follower could take a transaction a new
+// checkpoint promises for one nobody needs).
+func (s *Server) handleTransactions(w http.ResponseWriter, r *http.Request) {
+	j, ok := s.lookupJob(w, r)
+	if !ok {
+		return
+	}
+	if j.Spec.Sink == nil || j.Spec.Sink.Delivery == fsm.DeliveryAtLeastOnce {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("job %s has no exactly-once sink: it writes no transactions", j.ID))
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), txnRequestTimeout)
+	defer cancel()
+	txns, err := sinkTransactions(ctx, j, r.Method == http.MethodPost, time.Now())
+	if err != nil {
+		writeError(w, http.StatusBadGateway, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, txns)
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -31,6 +33,10 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
   job state ID [-key K | -key-base64 B | -export FILE]
                         show the state of a job's last completed checkpoint
   job savepoint ID      take a savepoint of a running job
+  job transactions ID [-abort] [-json]
+                        list the open Kafka transactions of a job's exactly-once
+                        sink with their age and who needs them; -abort ends the
+                        ones nobody needs
 `
 
 // runJob dispatches `coordd job <command>`.
@@ -46,9 +52,13 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	}
 	var (
 		fromSavepoint, key, keyB64, export string
-		withSavepoint                      bool
+		withSavepoint, abortTxns, asJSON   bool
 	)
 	flags := map[string]func(fs *flag.FlagSet){
+		"transactions": func(fs *flag.FlagSet) {
+			fs.BoolVar(&abortTxns, "abort", false, "abort the open transactions no checkpoint and no task of the job needs")
+			fs.BoolVar(&asJSON, "json", false, "print the API's JSON instead of a table")
+		},
 		"run": func(fs *flag.FlagSet) {
 			fs.StringVar(&fromSavepoint, "from-savepoint", "", "start the job from the savepoint with this `ID` or directory URL")
 		},
@@ -93,6 +103,9 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			return printJSON(ctx, c, path, stdout)
 		}},
 		"savepoint": {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobSavepoint(ctx, c, id, stdout) }},
+		"transactions": {"ID", func(ctx context.Context, c *apiClient, id string) error {
+			return jobTransactions(ctx, c, id, abortTxns, asJSON, stdout)
+		}},
 	}
 	cmd, ok := commands[sub]
 	if !ok {
@@ -339,6 +352,51 @@ func jobList(ctx context.Context, c *apiClient, stdout io.Writer) error {
 }
 
 // jobCheckpoints prints one line per checkpoint, newest first.
+// jobTransactions prints `coordd job transactions`.
+func jobTransactions(ctx context.Context, c *apiClient, id string, abort, asJSON bool, stdout io.Writer) error {
+	path := "/v1/jobs/" + url.PathEscape(id) + "/transactions"
+	method := http.MethodGet
+	if abort {
+		path, method = path+"/abort", http.MethodPost
+	}
+	data, err := c.do(ctx, method, path, nil)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		_, err := stdout.Write(data)
+		return err
+	}
+	var txns []struct {
+		TransactionalID string   `json:"transactional_id"`
+		State           string   `json:"state"`
+		AgeMS           int64    `json:"age_ms"`
+		TimeoutMS       int64    `json:"timeout_ms"`
+		Partitions      []string `json:"partitions"`
+		NeededBy        string   `json:"needed_by"`
+		Aborted         bool     `json:"aborted"`
+	}
+	if err := json.Unmarshal(data, &txns); err != nil {
+		return fmt.Errorf("transactions: unexpected answer %q", data)
+	}
+	if len(txns) == 0 {
+		fmt.Fprintf(stdout, "job %s has no open transactions\n", id)
+		return nil
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "TRANSACTIONAL ID\tSTATE\tAGE\tTIMEOUT\tPARTITIONS\tNEEDED BY")
+	for _, t := range txns {
+		needed := cmp.Or(t.NeededBy, "nobody")
+		if t.Aborted {
+			needed = "nobody: aborted now"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", t.TransactionalID, t.State,
+			(time.Duration(t.AgeMS) * time.Millisecond).Round(time.Millisecond), time.Duration(t.TimeoutMS)*time.Millisecond,
+			strings.Join(t.Partitions, ","), needed)
+	}
+	return tw.Flush()
+}
+
 func jobCheckpoints(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
 	var cps []struct {
 		ID          uint64   `json:"id"`

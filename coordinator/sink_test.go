@@ -1,0 +1,155 @@
+package coordinator
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/IBM/sarama"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kversion"
+
+	"github.com/coordflow/coordflow/fsm"
+)
+
+// TestKafkaSinkCheck: a broker without transactions (or without the
+// DescribeTransactions of Kafka 3.0) fails an exactly-once job's deploy with
+// a reason that says what is missing and what to do.
+func TestKafkaSinkCheck(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		version *kversion.Versions
+		missing string
+	}{
+		{"current", nil, ""},
+		{"kafka 2.8", kversion.V2_8_0(), "(no DescribeTransactions)"},
+		{"kafka 0.10", kversion.V0_10_2(), "(no InitProducerId, AddPartitionsToTxn, EndTxn, DescribeTransactions)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			opts := []kfake.Opt{kfake.NumBrokers(1), kfake.SeedTopics(1, "out")}
+			if tc.version != nil {
+				opts = append(opts, kfake.MaxVersions(tc.version))
+			}
+			c, err := kfake.NewCluster(opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			err = kafkaSinkCheck(ctx, c.ListenAddrs())
+			switch {
+			case tc.missing == "" && err != nil:
+				t.Fatalf("check: %v", err)
+			case tc.missing != "" && (err == nil || !strings.Contains(err.Error(), tc.missing) || !strings.Contains(err.Error(), `"at_least_once"`)):
+				t.Fatalf("check: %v, want an error naming %s and at_least_once", err, tc.missing)
+			}
+		})
+	}
+}
+
+// openTxn leaves a transaction open on transactional id id with one record.
+func openTxn(t *testing.T, brokers []string, id string) (pid int64, epoch int16) {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V3_0_0_0
+	cfg.Producer.Idempotent = true
+	cfg.Producer.RequiredAcks = sarama.WaitForAll
+	cfg.Producer.Return.Successes = true
+	cfg.Net.MaxOpenRequests = 1
+	cfg.Producer.Transaction.ID = id
+	p, err := sarama.NewSyncProducer(brokers, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	if err := p.BeginTxn(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := p.SendMessage(&sarama.ProducerMessage{Topic: "out", Value: sarama.StringEncoder(id)}); err != nil {
+		t.Fatal(err)
+	}
+	admin, err := sarama.NewClusterAdmin(brokers, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	states, err := admin.(sarama.TransactionClusterAdmin).DescribeTransactions([]string{id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return states[id].ProducerID, states[id].ProducerEpoch
+}
+
+// TestSinkTransactions lists a job's open transactions with who needs each,
+// and aborts only those nobody needs: not the one its last completed
+// checkpoint promises, not those of its running map tasks.
+func TestSinkTransactions(t *testing.T) {
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	brokers := c.ListenAddrs()
+	pid, epoch := openTxn(t, brokers, "coordflow-j1-map-0-0") // promised by checkpoint 7
+	openTxn(t, brokers, "coordflow-j1-map-0-1")               // map-0's open transaction
+	openTxn(t, brokers, "coordflow-j1-map-3-0")               // a task of a larger parallelism, gone
+	openTxn(t, brokers, "coordflow-j2-map-0-0")               // another job's
+
+	job := fsm.Job{
+		ID: "j1", Status: fsm.JobRunning, Attempt: 4,
+		Spec:  fsm.JobSpec{Sink: &fsm.SinkSpec{Brokers: brokers, Topic: "out", Delivery: fsm.DeliveryExactlyOnce}},
+		Tasks: []fsm.Task{{ID: "source-0", Kind: fsm.TaskSource}, {ID: "map-0", Kind: fsm.TaskMap}},
+		Completed: []fsm.Checkpoint{{ID: 7, Tasks: map[string]fsm.TaskState{"map-0": {SinkTxns: []fsm.SinkTxn{
+			{TransactionalID: "coordflow-j1-map-0-0", ProducerID: pid, ProducerEpoch: epoch, CheckpointID: 7},
+		}}}}},
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	neededBy := func(txns []apiSinkTxn) map[string]string {
+		out := map[string]string{}
+		for _, tx := range txns {
+			out[tx.TransactionalID] = tx.NeededBy
+			if tx.State != "Ongoing" || len(tx.Partitions) != 1 || tx.Partitions[0] != "out/0" {
+				t.Errorf("transaction %+v: want Ongoing on out/0", tx)
+			}
+		}
+		return out
+	}
+	txns, err := sinkTransactions(ctx, job, false, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{
+		"coordflow-j1-map-0-0": "checkpoint 7 (completed; a restore commits it)",
+		"coordflow-j1-map-0-1": "task map-0 of attempt 4",
+		"coordflow-j1-map-3-0": "",
+	}
+	if got := neededBy(txns); len(got) != 3 || got["coordflow-j1-map-0-0"] != want["coordflow-j1-map-0-0"] ||
+		got["coordflow-j1-map-0-1"] != want["coordflow-j1-map-0-1"] || got["coordflow-j1-map-3-0"] != "" {
+		t.Fatalf("transactions of j1: %v, want %v", got, want)
+	}
+
+	aborted, err := sinkTransactions(ctx, job, true, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tx := range aborted {
+		if tx.Aborted != (tx.TransactionalID == "coordflow-j1-map-3-0") {
+			t.Errorf("abort: %s aborted=%v", tx.TransactionalID, tx.Aborted)
+		}
+	}
+	txns, err = sinkTransactions(ctx, job, false, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := neededBy(txns); len(got) != 2 {
+		t.Fatalf("after -abort: %v, want the two needed transactions left", got)
+	}
+
+	job.Spec.Sink.Delivery = fsm.DeliveryAtLeastOnce
+	if _, err := sinkTransactions(ctx, job, false, time.Now()); err == nil || !strings.Contains(err.Error(), "no exactly-once sink") {
+		t.Fatalf("at-least-once job: %v", err)
+	}
+}
