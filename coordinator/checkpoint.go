@@ -403,6 +403,9 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	}
 	log.Log(l.ctx, level, "checkpoint completed", "duration", took, "aborts_before", js.ckpt.aborts)
 	js.ckpt.aborts = 0
+	if l.env.failpoint != nil {
+		l.env.failpoint("leader-before-complete-notice")
+	}
 	l.notifyCompleted(js, p)
 	l.collectGarbage(js)
 }

@@ -65,6 +65,8 @@ type leaderEnv struct {
 	// checkSink asks an exactly-once sink's brokers whether they support
 	// transactions; nil checks nothing.
 	checkSink func(ctx context.Context, brokers []string) error
+	// failpoint is Config.Failpoint.
+	failpoint func(name string)
 	// probe pings a gossip member once, directly, and returns the round
 	// trip; it blocks for at most the gossip probe timeout. Nil skips probes.
 	probe func(member string) (time.Duration, error)
@@ -93,6 +95,7 @@ func serverEnv(s *Server) leaderEnv {
 		aliveWorkers: s.aliveWorkers,
 		partitions:   kafkaPartitions,
 		checkSink:    kafkaSinkCheck,
+		failpoint:    s.cfg.Failpoint,
 		probe:        s.probeMember,
 		leaderID:     s.cfg.ID,
 		term:         s.raft.CurrentTerm,

@@ -108,6 +108,10 @@ type Config struct {
 	// Logger receives every log line of this node, Raft's and memberlist's
 	// included; nil means slog.Default().
 	Logger *slog.Logger
+	// Failpoint, if set, is called at named points of the protocol so that
+	// tests can crash the process exactly there (cmd/internal/failpoint).
+	// Points: "leader-before-complete-notice".
+	Failpoint func(name string)
 }
 
 // DefaultConfig returns the LAN tuning of docs/design: 300 ms Raft timeouts

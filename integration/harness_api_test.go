@@ -105,8 +105,12 @@ type (
 		MaxParallelism int    `json:"max_parallelism,omitempty"`
 	}
 	sinkSpec struct {
-		Brokers []string `json:"brokers"`
-		Topic   string   `json:"topic"`
+		Brokers  []string `json:"brokers"`
+		Topic    string   `json:"topic"`
+		Delivery string   `json:"delivery,omitempty"` // exactly_once (default), at_least_once
+		// TransactionTimeout is the exactly-once sink's Kafka transaction
+		// timeout, such as "90s"; empty: the default.
+		TransactionTimeout string `json:"transaction_timeout,omitempty"`
 	}
 	// stateSpec is where map tasks keep keyed state: "memory" or "disk".
 	stateSpec struct {

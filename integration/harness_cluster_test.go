@@ -50,6 +50,7 @@ func startCluster(t *testing.T, opts clusterOpts) *cluster {
 		opts.slots = 4
 	}
 	c := &cluster{dir: t.TempDir(), opts: opts, client: &http.Client{Timeout: httpTimeout}}
+	c.armFailpoints(t)
 	// Cleanups run last-registered first: processes are killed, their logs
 	// checked for data races, then printed if the test failed.
 	t.Cleanup(func() { c.printLogsIfFailed(t) })

@@ -450,6 +450,9 @@ func (p *txnPool) completed(id uint64) error {
 		if s.state != slotPending || s.ckpt > id {
 			continue
 		}
+		if p.cfg.Failpoint != nil {
+			p.cfg.Failpoint("worker-before-sink-commit")
+		}
 		if err := s.producer.CommitTxn(); err != nil {
 			return p.producerErr(s, fmt.Sprintf("commit the transaction of checkpoint %d", s.ckpt), err)
 		}

@@ -65,6 +65,10 @@ type Config struct {
 	// Operators resolves the operator names of deployed tasks.
 	Operators *operator.Registry
 	Logger    *slog.Logger
+	// Failpoint, if set, is called at named points of the protocol so that
+	// tests can crash the process exactly there (cmd/internal/failpoint).
+	// Points: "worker-before-sink-commit".
+	Failpoint func(name string)
 
 	// ChannelOpenTimeout bounds how long a source task keeps retrying to open
 	// a data channel while the map task it feeds deploys.

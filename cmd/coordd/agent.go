@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/coordinator"
 	"github.com/coordflow/coordflow/worker/operator"
 )
@@ -72,6 +73,7 @@ func runAgent(args []string, stderr io.Writer) error {
 		return usageError(fs, "-id and -data-dir are required")
 	}
 	cfg.Join = splitList(*join)
+	cfg.Failpoint = failpoint.FromEnv()
 	cfg.Operators = splitList(*operators)
 	logger, err := newLogger(stderr, *logLevel, *logFormat)
 	if err != nil {

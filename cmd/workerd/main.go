@@ -63,6 +63,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/worker"
 )
 
@@ -120,6 +121,7 @@ func run(args []string) error {
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Join = splitList(*join)
+	cfg.Failpoint = failpoint.FromEnv()
 	if cfg.StateDir == "" && *dataDir != "" {
 		cfg.StateDir = filepath.Join(*dataDir, "state")
 	}
