@@ -22,7 +22,9 @@ import (
 // schedule SIGKILLs and restarts coordinators and workers and SIGSTOPs and
 // SIGCONTs one process at a time. Every checkpoint seen during the chaos, and
 // the final one, must hold exactly the counts of the records below its
-// offsets (invariant 1 of design.md).
+// offsets (invariant 1 of design.md), and the job's exactly-once sink, read
+// with kcat in read_committed mode, must show every word's counts 1, 2, ...,
+// n once and in order.
 //
 // A failing run logs "chaos seed: N"; the same schedule of decisions runs
 // again with
@@ -55,10 +57,12 @@ func TestChaos(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed^0x5851f42d4c957f2d))
 
 	const partitions = 4
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions}})
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions, "counts": partitions}})
 	stream := chaosStartStream(t, c.brokers(), "words", partitions, seed, chaosRate)
 
 	spec := chaosJobSpec{jobSpec: wordcountSpec(c.brokers(), "words")}
+	// An exactly-once sink: its read_committed output is checked at the end.
+	spec.Sink = &sinkSpec{Brokers: c.brokers(), Topic: "counts"}
 	spec.Checkpoint.Interval = "300ms"
 	// A short backoff cap and reset: the schedule fails the job every few
 	// seconds, and with the default cap (30 s) the job would spend the
@@ -107,6 +111,12 @@ func TestChaos(t *testing.T) {
 	}
 	t.Logf("final checkpoint %d holds the exact counts of %d records; job %s attempt %d; %d checkpoints checked during the chaos",
 		final.CheckpointID, stream.produced(), j.Status, j.Attempt, ch.checked)
+
+	got := c.waitOutput(t, "counts", true, stream.wantAll())
+	if problems := exactlyOnceProblems(got, stream.wantAll()); len(problems) > 0 {
+		t.Fatalf("chaos seed %d: the read_committed output is not exactly once (%d problems):\n%s", seed, len(problems), strings.Join(problems[:min(20, len(problems))], "\n"))
+	}
+	t.Logf("kcat read_committed shows every word's counts once and in order")
 
 	c.waitFor(t, time.Minute, "every coordinator to hold the same FSM", c.sameFSM)
 }

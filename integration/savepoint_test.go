@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -223,41 +222,17 @@ func TestSavepointRescaleBackend(t *testing.T) {
 		t.Errorf("job %s after the stop: %s %q, want cancelled naming savepoint %s", jobA, j.Status, j.Reason, final.ID)
 	}
 
-	// The sink: A emitted every word's running total up to its count below
-	// the savepoint's offsets, and no total past it. Outputs are flushed
-	// before a task acks a barrier, so the highest total of a word is its
-	// state in the savepoint; at least once, a total may repeat.
-	emitted := map[string]map[int64]bool{}
-	for _, recs := range readTopicRecords(t, c.brokers(), "out") {
-		for _, r := range recs {
-			n, err := strconv.ParseInt(r.value, 10, 64)
-			if err != nil {
-				t.Fatalf("sink record %q = %q: %v", r.key, r.value, err)
-			}
-			if emitted[r.key] == nil {
-				emitted[r.key] = map[int64]bool{}
-			}
-			emitted[r.key][n] = true
-		}
-	}
-	t.Logf("job %s's sink holds running totals of %d words; the input below the savepoint has %d", jobA, len(emitted), len(wantFinal))
-	var problems []string
-	for w, totals := range emitted {
-		want := wantFinal[w]
-		if int64(len(totals)) != want || !totals[1] || !totals[want] {
-			problems = append(problems, fmt.Sprintf("%q: %d distinct totals up to %d, want 1 to %d", w, len(totals), slices.Max(slices.Collect(maps.Keys(totals))), want))
-		}
-	}
-	for w, want := range wantFinal {
-		if emitted[w] == nil {
-			problems = append(problems, fmt.Sprintf("%q: no output, want totals 1 to %d", w, want))
-		}
-	}
-	if len(problems) > 0 {
-		slices.Sort(problems)
-		t.Errorf("job %s's sink differs from the running totals of the input below the final savepoint (%d words): %s",
+	// The sink, exactly once (the default), read_committed: A emitted every
+	// word's running totals 1, 2, ... up to its count below the savepoint's
+	// offsets, once each, and no total past it. The savepoint's completion
+	// reached the map tasks before the stop, and they committed its
+	// transactions.
+	emitted := c.waitOutput(t, "out", true, wantFinal)
+	if problems := exactlyOnceProblems(emitted, wantFinal); len(problems) > 0 {
+		t.Errorf("job %s's read_committed sink differs from the running totals of the input below the final savepoint (%d problems): %s",
 			jobA, len(problems), strings.Join(problems[:min(10, len(problems))], "; "))
 	}
+	t.Logf("job %s's sink holds the running totals of %d words once each, up to the savepoint", jobA, len(emitted))
 
 	// Another job from the same savepoint, by id, on one map task.
 	specC := stateJobSpec(c.brokers(), "words", "wordcount", "memory", "500ms")
