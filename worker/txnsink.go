@@ -186,9 +186,21 @@ func (p *txnPool) commitRestored(t *transport.SinkTxn) error {
 		return nil
 	case sarama.ErrProducerFenced, sarama.ErrInvalidProducerEpoch, sarama.ErrInvalidProducerIDMapping, sarama.ErrInvalidTxnState:
 		p.counts.WithLabelValues("ended_before").Inc()
-		log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
-			"or aborted by the broker after the transaction timeout, in which case the checkpoint's output to this partition set is lost",
-			"err", kerr, "transaction_timeout", p.timeout)
+		// The id has moved on. The broker may still say how its last
+		// transaction ended (Kafka does; kfake reports only Empty).
+		st, derr := p.describe(id)
+		switch {
+		case derr == nil && st.TransactionState == sarama.TransactionStateCompleteCommit && st.ProducerID == t.GetProducerId():
+			log.Info("a transaction of the restored checkpoint was committed before", "state", st.TransactionState, "epoch_now", st.ProducerEpoch)
+		case derr == nil && st.TransactionState == sarama.TransactionStateCompleteAbort && st.ProducerID == t.GetProducerId() &&
+			st.ProducerEpoch == int16(t.GetProducerEpoch())+1:
+			log.Error("a transaction of the restored checkpoint was aborted by the broker, most likely at its timeout: the checkpoint's output in it is lost",
+				"transaction_timeout", p.timeout)
+		default:
+			log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
+				"or aborted by the broker after the transaction timeout, in which case the checkpoint's output in it is lost",
+				"err", kerr, "state_now", st.TransactionState, "epoch_now", st.ProducerEpoch, "transaction_timeout", p.timeout)
+		}
 		return nil
 	default:
 		return fmt.Errorf("commit transaction %s of checkpoint %d: %w", id, t.GetCheckpointId(), kerr)
@@ -463,6 +475,11 @@ func (p *txnPool) completed(id uint64) error {
 	for _, s := range p.slots {
 		if s.state == slotCommitted && s.freeAfter != 0 && s.freeAfter <= id {
 			s.state = slotFree
+			// A new epoch now, off the barrier's path: the next barrier
+			// opens a transaction on it at once.
+			if err := p.initSlot(s); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -18,9 +18,15 @@ import (
 // as an attempt of job "j" would, and recovers restored first.
 func txnTestSink(t *testing.T, env *taskEnv, brokers []string, task string, restored []*transport.SinkTxn) *sink {
 	t.Helper()
+	return txnTestSinkWith(t, env, brokers, task, restored, 60*time.Second, 10*time.Second)
+}
+
+// txnTestSinkWith is txnTestSink with the transaction and checkpoint timeouts.
+func txnTestSinkWith(t *testing.T, env *taskEnv, brokers []string, task string, restored []*transport.SinkTxn, txnTimeout, ckptTimeout time.Duration) *sink {
+	t.Helper()
 	spec := &transport.SinkSpec{
 		Brokers: brokers, Topic: "out", Delivery: "exactly_once",
-		TransactionTimeoutMs: 60_000, CheckpointTimeoutMs: 10_000, TransactionalIdPrefix: "coordflow-j",
+		TransactionTimeoutMs: txnTimeout.Milliseconds(), CheckpointTimeoutMs: ckptTimeout.Milliseconds(), TransactionalIdPrefix: "coordflow-j",
 	}
 	s, err := openSink(env, taskKey{job: "j", attempt: 1, id: task}, spec, testLogger(t))
 	if err != nil {
@@ -200,6 +206,31 @@ func TestExactlyOnceSinkRecoveryCommitsAndFences(t *testing.T) {
 		t.Fatalf("after a second restore: read_committed saw %v", got)
 	}
 	_ = restored
+}
+
+// TestExactlyOnceSinkRestoreReportsATimedOutTransaction: a transaction the
+// broker aborted at its timeout before anyone committed it cannot be
+// committed by a restore; the restore says so rather than pretend.
+func TestExactlyOnceSinkRestoreReportsATimedOutTransaction(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"out": 1})
+	s := txnTestSinkWith(t, txnTestEnv(), brokers, "map-0", nil, 1500*time.Millisecond, 100*time.Millisecond)
+	write(t, s, "a", 2)
+	txns, err := s.txn.preCommit(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the broker to abort the transaction at its timeout", func() bool {
+		st, err := s.txn.describe(txns[0].GetTransactionalId())
+		return err == nil && st.ProducerEpoch != int16(txns[0].GetProducerEpoch())
+	})
+	env := txnTestEnv()
+	txnTestSinkWith(t, env, brokers, "map-0", txns, 1500*time.Millisecond, 100*time.Millisecond)
+	if n := metricValue(t, env.metrics.registry, "coordflow_sink_transactions_total", map[string]string{"outcome": "ended_before"}); n != 1 {
+		t.Fatalf("ended_before transactions: %v, want 1", n)
+	}
+	if got := readCommittedFor(t, brokers, "out", 1, time.Second); len(got) != 0 {
+		t.Fatalf("read_committed saw %v of an aborted transaction", got)
+	}
 }
 
 // TestExactlyOnceSinkDeclinesWhenEveryIdIsTaken: with no checkpoint
