@@ -198,7 +198,8 @@ func dev(ctx context.Context, o devOptions) (err error) {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(o.out, "  sample job: %s (wordcount over topic words, sink counts)\n  press Ctrl-C to stop\n\n", jobID)
+	fmt.Fprintf(o.out, "  sample job: %s (wordcount over topic words, exactly-once sink counts)\n", jobID)
+	fmt.Fprintf(o.out, "  output:     kcat -b %s -C -t counts -X isolation.level=read_committed -f '%%k %%s\\n'\n  press Ctrl-C to stop\n\n", broker.Addr())
 	if o.ready != nil {
 		o.ready(api, jobID)
 	}
