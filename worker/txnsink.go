@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -450,7 +451,7 @@ func (p *txnPool) pending() []*transport.SinkTxn {
 			})
 		}
 	}
-	slices.SortFunc(out, func(a, b *transport.SinkTxn) int { return int(a.GetCheckpointId()) - int(b.GetCheckpointId()) })
+	slices.SortFunc(out, func(a, b *transport.SinkTxn) int { return cmp.Compare(a.GetCheckpointId(), b.GetCheckpointId()) })
 	return out
 }
 
