@@ -94,10 +94,46 @@ func (c *cluster) checkLogsForRaces(t *testing.T) {
 		if err != nil {
 			continue
 		}
-		if i := bytes.Index(b, []byte("WARNING: DATA RACE")); i >= 0 {
-			t.Errorf("%s reported a data race:\n%s", filepath.Base(path), truncate(string(b[i:]), 4000))
+		for rest := b; ; {
+			i := bytes.Index(rest, []byte("WARNING: DATA RACE"))
+			if i < 0 {
+				break
+			}
+			rest = rest[i:]
+			report := rest
+			if j := bytes.Index(rest[1:], []byte("WARNING: DATA RACE")); j >= 0 {
+				report = rest[:j+1]
+			}
+			rest = rest[len(report):]
+			if known := knownRace(report); known != "" {
+				t.Logf("%s reported a known data race in a dependency (%s); not ours to fix", filepath.Base(path), known)
+				continue
+			}
+			t.Errorf("%s reported a data race:\n%s", filepath.Base(path), truncate(string(report), 4000))
+			break
 		}
 	}
+}
+
+// knownRaces are data races inside dependencies, by the two functions of
+// the report: each is documented where it is listed and reported upstream.
+var knownRaces = []struct{ why, write, read string }{
+	// sarama v1.61.1: transactionManager.transitionTo writes lastError
+	// under statusLock, publishTxnPartitions reads it under another lock.
+	// It happens when a transactional producer is fenced while it sends
+	// (a zombie of an exactly-once sink); the value read is an error the
+	// producer fails with either way.
+	{"sarama transactionManager.lastError", "sarama.(*transactionManager).transitionTo", "sarama.(*transactionManager).publishTxnPartitions"},
+}
+
+// knownRace names the known race report is, or returns "".
+func knownRace(report []byte) string {
+	for _, k := range knownRaces {
+		if bytes.Contains(report, []byte(k.write)) && bytes.Contains(report, []byte(k.read)) {
+			return k.why
+		}
+	}
+	return ""
 }
 
 // logFiles returns the log file of every process started, once each.
