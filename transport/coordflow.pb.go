@@ -1315,7 +1315,11 @@ type DeployTask struct {
 	// key groups.
 	RestoreKeyed []*KeyedBlob `protobuf:"bytes,13,rep,name=restore_keyed,json=restoreKeyed,proto3" json:"restore_keyed,omitempty"`
 	// state configures the map task's state backend and checkpoint storage.
-	State         *StateSpec `protobuf:"bytes,14,opt,name=state,proto3" json:"state,omitempty"`
+	State *StateSpec `protobuf:"bytes,14,opt,name=state,proto3" json:"state,omitempty"`
+	// channel_token is the attempt's data-channel credential: sources present
+	// it when they open a channel and map tasks accept only channels that do,
+	// so nothing but the attempt's own sources can feed its map tasks.
+	ChannelToken  string `protobuf:"bytes,15,opt,name=channel_token,json=channelToken,proto3" json:"channel_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1448,6 +1452,13 @@ func (x *DeployTask) GetState() *StateSpec {
 	return nil
 }
 
+func (x *DeployTask) GetChannelToken() string {
+	if x != nil {
+		return x.ChannelToken
+	}
+	return ""
+}
+
 // StateSpec is how a map task keeps and checkpoints its keyed state.
 type StateSpec struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1529,10 +1540,13 @@ type SourceSpec struct {
 	Topic      string                 `protobuf:"bytes,2,opt,name=topic,proto3" json:"topic,omitempty"`
 	Partitions []int32                `protobuf:"varint,3,rep,packed,name=partitions,proto3" json:"partitions,omitempty"`
 	// start is "earliest" or "latest"; used for partitions without restore offsets.
-	Start         string `protobuf:"bytes,4,opt,name=start,proto3" json:"start,omitempty"`
-	Group         string `protobuf:"bytes,5,opt,name=group,proto3" json:"group,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Start string `protobuf:"bytes,4,opt,name=start,proto3" json:"start,omitempty"`
+	Group string `protobuf:"bytes,5,opt,name=group,proto3" json:"group,omitempty"`
+	// partition_discovery_ms is how often the source looks for partitions
+	// added to the topic (0: never).
+	PartitionDiscoveryMs int64 `protobuf:"varint,6,opt,name=partition_discovery_ms,json=partitionDiscoveryMs,proto3" json:"partition_discovery_ms,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *SourceSpec) Reset() {
@@ -1598,6 +1612,13 @@ func (x *SourceSpec) GetGroup() string {
 		return x.Group
 	}
 	return ""
+}
+
+func (x *SourceSpec) GetPartitionDiscoveryMs() int64 {
+	if x != nil {
+		return x.PartitionDiscoveryMs
+	}
+	return 0
 }
 
 type SinkSpec struct {
@@ -2183,11 +2204,13 @@ func (*DataMessage_Batch) isDataMessage_Payload() {}
 func (*DataMessage_Barrier) isDataMessage_Payload() {}
 
 type ChannelHeader struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	JobId         string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Attempt       uint64                 `protobuf:"varint,2,opt,name=attempt,proto3" json:"attempt,omitempty"`
-	SourceIndex   int32                  `protobuf:"varint,3,opt,name=source_index,json=sourceIndex,proto3" json:"source_index,omitempty"`
-	MapTaskId     string                 `protobuf:"bytes,4,opt,name=map_task_id,json=mapTaskId,proto3" json:"map_task_id,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	JobId       string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Attempt     uint64                 `protobuf:"varint,2,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	SourceIndex int32                  `protobuf:"varint,3,opt,name=source_index,json=sourceIndex,proto3" json:"source_index,omitempty"`
+	MapTaskId   string                 `protobuf:"bytes,4,opt,name=map_task_id,json=mapTaskId,proto3" json:"map_task_id,omitempty"`
+	// channel_token is DeployTask.channel_token of the source's attempt.
+	ChannelToken  string `protobuf:"bytes,5,opt,name=channel_token,json=channelToken,proto3" json:"channel_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2246,6 +2269,13 @@ func (x *ChannelHeader) GetSourceIndex() int32 {
 func (x *ChannelHeader) GetMapTaskId() string {
 	if x != nil {
 		return x.MapTaskId
+	}
+	return ""
+}
+
+func (x *ChannelHeader) GetChannelToken() string {
+	if x != nil {
+		return x.ChannelToken
 	}
 	return ""
 }
@@ -2578,7 +2608,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\fheartbeat_ms\x18\x04 \x01(\x03R\vheartbeatMs\"P\n" +
 	"\tNotLeader\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12&\n" +
-	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\xca\x05\n" +
+	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\xef\x05\n" +
 	"\n" +
 	"DeployTask\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12*\n" +
@@ -2596,7 +2626,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x15restore_checkpoint_id\x18\v \x01(\x04R\x13restoreCheckpointId\x12U\n" +
 	"\x0frestore_offsets\x18\f \x03(\v2,.coordflow.v1.DeployTask.RestoreOffsetsEntryR\x0erestoreOffsets\x12<\n" +
 	"\rrestore_keyed\x18\r \x03(\v2\x17.coordflow.v1.KeyedBlobR\frestoreKeyed\x12-\n" +
-	"\x05state\x18\x0e \x01(\v2\x17.coordflow.v1.StateSpecR\x05state\x1aA\n" +
+	"\x05state\x18\x0e \x01(\v2\x17.coordflow.v1.StateSpecR\x05state\x12#\n" +
+	"\rchannel_token\x18\x0f \x01(\tR\fchannelToken\x1aA\n" +
 	"\x13RestoreOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x93\x01\n" +
@@ -2604,7 +2635,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
 	"\astorage\x18\x02 \x01(\tR\astorage\x12)\n" +
 	"\x10inline_threshold\x18\x03 \x01(\x03R\x0finlineThreshold\x12'\n" +
-	"\x0frestore_storage\x18\x04 \x01(\tR\x0erestoreStorage\"\x88\x01\n" +
+	"\x0frestore_storage\x18\x04 \x01(\tR\x0erestoreStorage\"\xbe\x01\n" +
 	"\n" +
 	"SourceSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
@@ -2613,7 +2644,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"partitions\x18\x03 \x03(\x05R\n" +
 	"partitions\x12\x14\n" +
 	"\x05start\x18\x04 \x01(\tR\x05start\x12\x14\n" +
-	"\x05group\x18\x05 \x01(\tR\x05group\"\xf8\x01\n" +
+	"\x05group\x18\x05 \x01(\tR\x05group\x124\n" +
+	"\x16partition_discovery_ms\x18\x06 \x01(\x03R\x14partitionDiscoveryMs\"\xf8\x01\n" +
 	"\bSinkSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x1a\n" +
@@ -2663,12 +2695,13 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x06header\x18\x01 \x01(\v2\x1b.coordflow.v1.ChannelHeaderR\x06header\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x17.coordflow.v1.ItemBatchH\x00R\x05batch\x121\n" +
 	"\abarrier\x18\x03 \x01(\v2\x15.coordflow.v1.BarrierH\x00R\abarrierB\t\n" +
-	"\apayload\"\x83\x01\n" +
+	"\apayload\"\xa8\x01\n" +
 	"\rChannelHeader\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x18\n" +
 	"\aattempt\x18\x02 \x01(\x04R\aattempt\x12!\n" +
 	"\fsource_index\x18\x03 \x01(\x05R\vsourceIndex\x12\x1e\n" +
-	"\vmap_task_id\x18\x04 \x01(\tR\tmapTaskId\"\x8f\x01\n" +
+	"\vmap_task_id\x18\x04 \x01(\tR\tmapTaskId\x12#\n" +
+	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\"\x8f\x01\n" +
 	"\x04Item\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\x12\x10\n" +
 	"\x03num\x18\x02 \x01(\x03R\x03num\x12\x10\n" +
