@@ -31,6 +31,7 @@ import (
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/storage"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 // Config configures one coordd. DefaultConfig gives LAN-tuned defaults; tests
@@ -104,6 +105,12 @@ type Config struct {
 	// address, as Consul's enable_debug does. Off by default: a profile
 	// reveals much and costs CPU.
 	EnableDebug bool
+
+	// TLS, if set, turns on mutual TLS on every listener and dialer: Raft
+	// and the Control service take only coordinator and worker certificates
+	// as docs/security.md describes, and the HTTP API is served over TLS.
+	// Its certificate must be a coordinator certificate.
+	TLS *tlsutil.Config
 
 	// Logger receives every log line of this node, Raft's and memberlist's
 	// included; nil means slog.Default().

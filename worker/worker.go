@@ -29,6 +29,7 @@ import (
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/storage"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
@@ -36,7 +37,13 @@ import (
 // replaces zero tunables with them, so tests set only what they tighten.
 type Config struct {
 	// ID is the worker's gossip name and the worker id tasks are placed on.
+	// With TLS it must be the id in the worker's certificate.
 	ID string
+	// TLS, if set, turns on mutual TLS: the control session presents this
+	// worker certificate and accepts only coordinators, and the data server
+	// accepts only workers (docs/security.md). Its certificate must be a
+	// worker certificate.
+	TLS *tlsutil.Config
 	// DataAddr is where the Data service listens; it is advertised to other
 	// workers as is, so it must be dialable (not 0.0.0.0). Port 0 picks a free
 	// port; DataAddr() then returns the bound address.
