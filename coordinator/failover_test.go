@@ -123,7 +123,7 @@ func TestCoordinatorOutsideTheClusterRenewsNoLease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: &transport.Hello{WorkerId: "w1"}}}); err != nil {
+	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: &transport.Hello{WorkerId: "w1", DataAddr: "127.0.0.1:1", Slots: 1}}}); err != nil {
 		t.Fatal(err)
 	}
 	m, err := stream.Recv()

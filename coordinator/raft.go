@@ -76,7 +76,7 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("open raft snapshot store in %s: %w", s.cfg.DataDir, err)
 	}
-	trans, err := raft.NewTCPTransportWithLogger(s.cfg.RaftAddr, nil, raftMaxPool, raftIOTimeout, hl.Named("transport"))
+	trans, err := newRaftTransport(s.cfg.RaftAddr, s.cfg.TLS, hl.Named("transport"))
 	if err != nil {
 		return fmt.Errorf("raft transport on %s: %w", s.cfg.RaftAddr, err)
 	}

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"cmp"
+	"crypto/rand"
 	"context"
 	"errors"
 	"fmt"
@@ -463,6 +464,9 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	}
 	l.write(js, fsm.CommandJobRestarted, fsm.JobRestartedCmd{
 		JobID: js.id, Attempt: attempt, Tasks: tasks, Reason: reason, Time: now.UnixNano(), RestoreFrom: restoreFrom,
+		// Random, so that nobody can open data channels for an attempt
+		// before its deployments name it (docs/security.md).
+		ChannelToken: rand.Text(),
 	}, func(_ any, err error) {
 		if err != nil {
 			l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
@@ -659,7 +663,8 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 			Start:      cmp.Or(spec.Source.Start, fsm.DefaultStart),
 			Group:      cmp.Or(spec.Source.Group, fsm.DefaultGroupPrefix+spec.Name),
 		},
-		NumSources: int32(spec.Source.Parallelism),
+		NumSources:   int32(spec.Source.Parallelism),
+		ChannelToken: job.ChannelToken,
 	}
 	if spec.Sink != nil {
 		d.Sink = deploySink(job.ID, &spec)

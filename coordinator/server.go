@@ -26,6 +26,8 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/coordflow/coordflow/fsm"
@@ -79,6 +81,10 @@ type Config struct {
 	ProbeTimeout   time.Duration
 	SuspicionMult  int
 	GossipInterval time.Duration
+	// GossipKeys, if set, encrypt gossip (memberlist's keyring: 16, 24 or
+	// 32 bytes each): the first encrypts, all decrypt, and members without
+	// a matching key are refused. transport.LoadGossipKeys reads them.
+	GossipKeys [][]byte
 
 	// WorkerLease is how long a worker may run tasks without hearing from a
 	// leader; sent to workers in Welcome.
@@ -178,6 +184,19 @@ func (c Config) validate() error {
 // deployment with restore blobs). Larger state belongs in checkpoint storage.
 const maxControlMessage = 256 << 20
 
+// maxControlStreams bounds the concurrent streams of one client connection
+// to the Control service: a worker needs one session.
+const maxControlStreams = 16
+
+// serverCredentials returns the gRPC credentials of a listener: mutual TLS
+// accepting only accept's certificates, or none without TLS.
+func serverCredentials(tc *tlsutil.Config, accept ...tlsutil.Role) credentials.TransportCredentials {
+	if tc == nil {
+		return insecure.NewCredentials()
+	}
+	return credentials.NewTLS(tc.ServerConfig(accept...))
+}
+
 // Member is one member of the gossip pool as coordd sees it.
 type Member struct {
 	ID         string `json:"id"`
@@ -190,6 +209,9 @@ type Member struct {
 	Voter      bool   `json:"voter,omitempty"`
 	DataAddr   string `json:"data_addr,omitempty"`
 	Slots      int    `json:"slots,omitempty"`
+	// Problem says why the member is ignored (its gossip meta is invalid);
+	// its role is then "unknown".
+	Problem string `json:"problem,omitempty"`
 }
 
 // Member statuses.
@@ -304,6 +326,13 @@ func NewServer(cfg Config) (_ *Server, err error) {
 	}
 	s.rpcAddr = rpcLis.Addr().String()
 	s.grpc = grpc.NewServer(
+		// Only workers open control sessions; with TLS they prove it, and
+		// the id they claim in Hello, with their certificate.
+		grpc.Creds(serverCredentials(cfg.TLS, tlsutil.RoleWorker)),
+		// Sessions are one stream per worker; this bounds what a client can
+		// open on one connection.
+		grpc.MaxConcurrentStreams(maxControlStreams),
+		grpc.ConnectionTimeout(handshakeTimeout),
 		// Acks carry a map task's keyed state and deployments carry every
 		// blob of a checkpoint: both can exceed gRPC's 4 MiB default.
 		grpc.MaxRecvMsgSize(maxControlMessage),

@@ -6,13 +6,17 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 // Session limits.
@@ -131,6 +135,10 @@ func (c *controlService) Session(stream transport.Control_SessionServer) error {
 	if err != nil {
 		return err
 	}
+	if err := c.authenticate(stream.Context(), hello); err != nil {
+		c.s.logger.Warn("refusing control session", "worker", hello.GetWorkerId(), "err", err)
+		return err
+	}
 	l := c.s.currentLeader()
 	if l == nil || !c.s.isLeader() {
 		return c.redirect(stream, hello.GetWorkerId())
@@ -149,6 +157,31 @@ func (c *controlService) Session(stream transport.Control_SessionServer) error {
 	err = sendLoop(stream, sess)
 	l.post(l.ctx, sessionClosed{sess: sess, err: err})
 	return err
+}
+
+// authenticate checks, with TLS, that the stream's client holds the
+// certificate of the worker its Hello names: a session is a worker's
+// identity, and another worker's id would take over its tasks.
+func (c *controlService) authenticate(ctx context.Context, hello *transport.Hello) error {
+	if c.s.cfg.TLS == nil {
+		return nil
+	}
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return status.Error(codes.Unauthenticated, "no peer information on the stream")
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return status.Error(codes.Unauthenticated, "the stream is not mutual TLS")
+	}
+	ident, err := tlsutil.PeerIdentity(info.State)
+	if err != nil {
+		return status.Errorf(codes.Unauthenticated, "%v", err)
+	}
+	if ident.Role != tlsutil.RoleWorker || ident.ID != hello.GetWorkerId() {
+		return status.Errorf(codes.PermissionDenied, "Hello names worker %q, but the certificate is %s", hello.GetWorkerId(), ident)
+	}
+	return nil
 }
 
 // recvHello reads the first message of a stream, which must be a Hello with
@@ -180,8 +213,8 @@ func recvHello(stream transport.Control_SessionServer) (*transport.Hello, error)
 	if hello == nil {
 		return nil, status.Errorf(codes.InvalidArgument, "the first message of a session must be Hello, not %T", r.msg.GetMsg())
 	}
-	if hello.GetWorkerId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "Hello without worker_id")
+	if err := validateHello(hello); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "Hello: %v", err)
 	}
 	return hello, nil
 }
@@ -562,4 +595,25 @@ func cancelMsg(ref *transport.TaskRef, reason string) *transport.CoordinatorMess
 	return &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{
 		Task: &transport.TaskRef{JobId: ref.GetJobId(), Attempt: ref.GetAttempt(), TaskId: ref.GetTaskId()}, Reason: reason,
 	}}}
+}
+
+// maxHelloSlots bounds the slots and running tasks a Hello may report.
+const maxHelloSlots = 1024
+
+// validateHello checks what a worker claims about itself, so that nothing
+// from the network reaches placement unchecked.
+func validateHello(h *transport.Hello) error {
+	if !tlsutil.ValidID(h.GetWorkerId()) {
+		return fmt.Errorf("worker_id %.64q: use 1 to 128 letters, digits, '.', '_' or '-'", h.GetWorkerId())
+	}
+	if _, port, err := net.SplitHostPort(h.GetDataAddr()); err != nil || port == "" || port == "0" {
+		return fmt.Errorf("data_addr %.64q is not host:port", h.GetDataAddr())
+	}
+	if h.GetSlots() < 1 || h.GetSlots() > maxHelloSlots {
+		return fmt.Errorf("slots must be between 1 and %d, not %d", maxHelloSlots, h.GetSlots())
+	}
+	if len(h.GetRunning()) > maxHelloSlots {
+		return fmt.Errorf("reports %d running tasks, more than any worker may run", len(h.GetRunning()))
+	}
+	return nil
 }

@@ -102,6 +102,9 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 	if err := checkAssignment(j.Spec, c.Tasks); err != nil {
 		return fail(err)
 	}
+	if len(c.ChannelToken) > MaxChannelToken {
+		return fail(fmt.Errorf("%w: channel token of %d bytes, at most %d", ErrInvalidAssignment, len(c.ChannelToken), MaxChannelToken))
+	}
 	if c.RestoreFrom != 0 && !slices.ContainsFunc(j.Completed, func(cp Checkpoint) bool { return cp.ID == c.RestoreFrom }) {
 		return fail(fmt.Errorf("%w: restore from checkpoint %d, which is not a retained completed checkpoint", ErrInvalidAssignment, c.RestoreFrom))
 	}
@@ -114,6 +117,7 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 	j.Attempt = c.Attempt
 	j.Tasks = c.Tasks
 	j.RestoredFrom = c.RestoreFrom
+	j.ChannelToken = c.ChannelToken
 	j.Status = JobRunning
 	j.Reason = c.Reason
 	j.ConsecutiveAborts = 0

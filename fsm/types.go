@@ -325,6 +325,10 @@ type Job struct {
 	// FromSavepoint is the savepoint the job was started from: attempts
 	// restore from it until the job has a completed checkpoint of its own.
 	FromSavepoint *Savepoint `json:"from_savepoint,omitempty"`
+	// ChannelToken is the current attempt's data-channel credential: every
+	// leader puts it in the attempt's deployments, and map tasks accept only
+	// data channels that present it. Never shown by the API.
+	ChannelToken string `json:"channel_token,omitempty"`
 }
 
 // MaxInlineStateBytes bounds one map task's inline keyed state in a
@@ -333,6 +337,9 @@ type Job struct {
 // back in deployments: a checkpoint whose state could not be restored within
 // the control plane's message limit must never complete.
 const MaxInlineStateBytes = 64 << 20
+
+// MaxChannelToken bounds an attempt's data-channel credential.
+const MaxChannelToken = 128
 
 // MaxStateFiles bounds the chain of state files of one map task in one
 // checkpoint, so that Raft's bytes per checkpoint stay O(tasks + files).
@@ -361,6 +368,9 @@ type JobRestartedCmd struct {
 	// RestoreFrom is the completed checkpoint the new attempt restores from;
 	// 0 starts fresh. It must be one of the job's retained checkpoints.
 	RestoreFrom uint64 `json:"restore_from,omitempty"`
+	// ChannelToken is the new attempt's data-channel credential, chosen at
+	// random by the leader (docs/security.md).
+	ChannelToken string `json:"channel_token,omitempty"`
 }
 
 // JobStatusCmd sets a job's status and reason (pending, restarting, failing,

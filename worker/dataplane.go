@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,11 +11,14 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 // channelAcceptedKey is the gRPC response-header key the data server sets
@@ -35,12 +39,33 @@ type dataService struct {
 	tasks      *taskManager
 	acceptWait time.Duration
 	logger     *slog.Logger
+	// waiting bounds the channels between their first message and being
+	// accepted or refused: each holds a goroutine and its first message.
+	waiting chan struct{}
+}
+
+// maxOpeningChannels bounds the data channels a worker holds while they wait
+// for their map task; real attempts need sources x map tasks of them.
+const maxOpeningChannels = 1024
+
+// peerAddr is the remote address of a stream, for logs.
+func peerAddr(ctx context.Context) string {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return p.Addr.String()
+	}
+	return "unknown"
 }
 
 // Channel reads the header, waits (up to acceptWait) for the named map task to
 // be running here, rejects stale attempts, and then feeds the stream to the
 // map task as one of its inputs until the source closes it.
 func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
+	select {
+	case s.waiting <- struct{}{}:
+		defer func() { <-s.waiting }()
+	default:
+		return status.Errorf(codes.ResourceExhausted, "data server: %d channels are already opening", cap(s.waiting))
+	}
 	first, err := stream.Recv()
 	if err != nil {
 		return err
@@ -63,6 +88,12 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 		return status.Error(codes.Aborted, err.Error())
 	case err != nil:
 		return status.FromContextError(err).Err()
+	}
+	if subtle.ConstantTimeCompare([]byte(h.GetChannelToken()), []byte(mt.token)) != 1 {
+		// An early or forged channel must not take a source's place: it is
+		// refused here, before attach, and the real source still gets in.
+		log.Warn("refusing data channel without the attempt's credential", "peer", peerAddr(stream.Context()))
+		return status.Error(codes.PermissionDenied, "data channel: wrong or missing channel credential for this attempt")
 	}
 	in, err := mt.attach(int(h.GetSourceIndex()))
 	if errors.Is(err, errMapStopped) {
@@ -105,9 +136,30 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 type connPool struct {
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
+	creds credentials.TransportCredentials
 }
 
-func newConnPool() *connPool { return &connPool{conns: make(map[string]*grpc.ClientConn)} }
+func newConnPool(tc *tlsutil.Config) *connPool {
+	return &connPool{conns: make(map[string]*grpc.ClientConn), creds: clientCredentials(tc, tlsutil.RoleWorker)}
+}
+
+// clientCredentials returns the gRPC credentials of a dialer to a server of
+// role want: mutual TLS with this worker's certificate, or none without TLS.
+func clientCredentials(tc *tlsutil.Config, want tlsutil.Role) credentials.TransportCredentials {
+	if tc == nil {
+		return insecure.NewCredentials()
+	}
+	return credentials.NewTLS(tc.ClientConfig(want, ""))
+}
+
+// serverCredentials returns the gRPC credentials of the data server: mutual
+// TLS that accepts only workers, or none without TLS.
+func serverCredentials(tc *tlsutil.Config) credentials.TransportCredentials {
+	if tc == nil {
+		return insecure.NewCredentials()
+	}
+	return credentials.NewTLS(tc.ServerConfig(tlsutil.RoleWorker))
+}
 
 func (p *connPool) get(addr string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
@@ -115,7 +167,7 @@ func (p *connPool) get(addr string) (*grpc.ClientConn, error) {
 	if c, ok := p.conns[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(p.creds))
 	if err != nil {
 		return nil, fmt.Errorf("data connection to %s: %w", addr, err)
 	}

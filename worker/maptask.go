@@ -54,14 +54,17 @@ type mapTask struct {
 	log        *slog.Logger
 	op         operator.Operator
 	numSources int
-	kgStart    int32
-	kgEnd      int32
-	restoreID  uint64
-	blobs      []*transport.KeyedBlob
-	sinkSpec   *transport.SinkSpec
-	stateSpec  *transport.StateSpec
-	reg        mapRegistry
-	control    <-chan control
+	// token is the attempt's data-channel credential: a channel that does
+	// not present it is refused before it can attach as an input.
+	token     string
+	kgStart   int32
+	kgEnd     int32
+	restoreID uint64
+	blobs     []*transport.KeyedBlob
+	sinkSpec  *transport.SinkSpec
+	stateSpec *transport.StateSpec
+	reg       mapRegistry
+	control   <-chan control
 
 	// ctx is the task's context: set by run before the task is registered,
 	// read by input goroutines.
@@ -184,6 +187,7 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, reg m
 		log:        log.With("kind", kindMap, "key_groups", fmt.Sprintf("[%d,%d)", start, end)),
 		op:         op,
 		numSources: int(d.GetNumSources()),
+		token:      d.GetChannelToken(),
 		kgStart:    start,
 		kgEnd:      end,
 		restoreID:  d.GetRestoreCheckpointId(),

@@ -12,9 +12,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 const (
@@ -236,7 +236,7 @@ type sessionEnd struct {
 // runOnce runs one session with the coordinator at addr until it breaks or
 // ctx ends, and says how it ended.
 func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(clientCredentials(s.w.cfg.TLS, tlsutil.RoleCoordinator)),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxControlMessage)))
 	if err != nil {
 		return sessionEnd{}, fmt.Errorf("dial %s: %w", addr, err)

@@ -38,13 +38,16 @@ const maxUnconfirmed = 16
 // two records. Its Kafka client is shared with the worker's other source
 // tasks (kafkaPool).
 type sourceTask struct {
-	env       *taskEnv
-	key       taskKey
-	log       *slog.Logger
-	index     int32
-	opName    string
-	op        operator.Operator
-	spec      *transport.SourceSpec
+	env    *taskEnv
+	key    taskKey
+	log    *slog.Logger
+	index  int32
+	opName string
+	op     operator.Operator
+	spec   *transport.SourceSpec
+	// token is the attempt's data-channel credential, sent in each
+	// channel's header.
+	token     string
 	group     string
 	maxPar    int
 	mapTasks  []*transport.MapTaskRef // by index; output i goes to mapTasks[i]
@@ -103,6 +106,7 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		opName:      d.GetOperator(),
 		op:          op,
 		spec:        spec,
+		token:       d.GetChannelToken(),
 		group:       group,
 		maxPar:      maxPar,
 		mapTasks:    mapTasks,
@@ -170,7 +174,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		}
 	}()
 	for _, mt := range s.mapTasks {
-		header := &transport.ChannelHeader{JobId: s.key.job, Attempt: s.key.attempt, SourceIndex: s.index, MapTaskId: mt.GetTaskId()}
+		header := &transport.ChannelHeader{JobId: s.key.job, Attempt: s.key.attempt, SourceIndex: s.index, MapTaskId: mt.GetTaskId(), ChannelToken: s.token}
 		o, err := openOutput(ctx, s.env, header, mt)
 		if err != nil {
 			return err

@@ -200,6 +200,7 @@ type Worker struct {
 
 	dataLis    net.Listener
 	dataSrv    *grpc.Server
+	data       *dataService
 	metricsLis net.Listener
 	members    *memberlist.Memberlist
 	meta       *metaDelegate
@@ -245,7 +246,7 @@ func New(cfg Config) (*Worker, error) {
 	}
 
 	w.outbox = newOutbox(w.metrics.outboxDropped)
-	w.conns = newConnPool()
+	w.conns = newConnPool(cfg.TLS)
 	w.stores = storage.NewPool()
 	w.tasks = newTaskManager(&taskEnv{
 		stores:    w.stores,
@@ -259,8 +260,16 @@ func New(cfg Config) (*Worker, error) {
 		kafka:     newKafkaPool(&w.cfg, cfg.ID, logger, w.metrics),
 	})
 	w.tasks.env.maps = w.tasks
-	w.dataSrv = grpc.NewServer(grpc.MaxRecvMsgSize(maxDataMessage))
-	transport.RegisterDataServer(w.dataSrv, &dataService{tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger})
+	w.dataSrv = grpc.NewServer(
+		grpc.Creds(serverCredentials(cfg.TLS)),
+		grpc.ConnectionTimeout(handshakeTimeout),
+		grpc.MaxRecvMsgSize(maxDataMessage),
+	)
+	w.data = &dataService{
+		tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger,
+		waiting: make(chan struct{}, maxOpeningChannels),
+	}
+	transport.RegisterDataServer(w.dataSrv, w.data)
 
 	w.nodeMeta = transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots}
 	w.coords = newCoordDirectory()
@@ -379,6 +388,10 @@ func (w *Worker) run(ctx context.Context) error {
 
 // gossipLeaveTimeout bounds each of the two broadcasts of a graceful leave.
 const gossipLeaveTimeout = time.Second
+
+// handshakeTimeout bounds the connection handshake (TLS included) of a
+// client of the data server: a peer that connects and says nothing is cut.
+const handshakeTimeout = 5 * time.Second
 
 // leaveGossip marks the worker leaving in its node meta, gossips that, tells
 // every coordinator directly, and then leaves the pool: coordinators report

@@ -619,3 +619,40 @@ func TestCarriedAcrossSessions(t *testing.T) {
 		t.Fatalf("new leader: carried %v, want FAILED only", other)
 	}
 }
+
+// TestChannelCredential: a data channel must present its attempt's channel
+// token. One opened early, before the map task is deployed, waits and is then
+// refused; the real source, which comes later, is not locked out by it.
+func TestChannelCredential(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelAcceptWait = 10 * time.Second })
+	refs := mapRefs(128, w)
+	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
+	d.ChannelToken = "attempt-1-secret"
+	hdr := func(token string) *transport.ChannelHeader {
+		return &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0", ChannelToken: token}
+	}
+
+	early := make(chan codes.Code, 1)
+	go func() { early <- openChannel(t, w.DataAddr(), hdr("guessed")) }()
+	// The early channel is waiting for the map task once the data server
+	// holds it; deploy only then, so that it is first in line.
+	deadline := time.Now().Add(waitTimeout)
+	for len(w.data.waiting) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("early channel never reached the data server")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	if c := <-early; c != codes.PermissionDenied {
+		t.Fatalf("early channel with a wrong token: %v, want PermissionDenied", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr("")); c != codes.PermissionDenied {
+		t.Fatalf("channel without a token: %v, want PermissionDenied", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr("attempt-1-secret")); c != codes.OK {
+		t.Fatalf("channel of the real source: %v, want accepted", c)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/coordinator"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
@@ -38,6 +40,10 @@ func runAgent(args []string, stderr io.Writer) error {
 	join := fs.String("join", "", "comma-separated gossip `addresses` to join, retried until one answers")
 	fs.BoolVar(&cfg.Voter, "voter", cfg.Voter, "take part in Raft votes (false: replicate and serve reads only)")
 	operators := fs.String("operators", strings.Join(operator.Builtins().Names(), ","), "comma-separated operator `names` job specs may use (empty: any)")
+	var tlsFiles tlsutil.Files
+	fs.StringVar(&tlsFiles.CA, "tls-ca", "", "CA certificate `FILE` (PEM): with -tls-cert and -tls-key, every listener requires mutual TLS (docs/security.md)")
+	fs.StringVar(&tlsFiles.Cert, "tls-cert", "", "this coordinator's certificate `FILE` (coordd tls cert create -coordinator ID); reread on SIGHUP")
+	fs.StringVar(&tlsFiles.Key, "tls-key", "", "the certificate's key `FILE`")
 	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "log `FORMAT`: text or json")
 
@@ -74,6 +80,13 @@ func runAgent(args []string, stderr io.Writer) error {
 	}
 	cfg.Join = splitList(*join)
 	cfg.Failpoint = failpoint.FromEnv()
+	if tlsFiles.Enabled() {
+		tc, err := loadTLS(tlsFiles, tlsutil.RoleCoordinator, cfg.ID)
+		if err != nil {
+			return usageError(fs, "%v", err)
+		}
+		cfg.TLS = tc
+	}
 	cfg.Operators = splitList(*operators)
 	logger, err := newLogger(stderr, *logLevel, *logFormat)
 	if err != nil {
@@ -86,6 +99,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	srv, err := coordinator.NewServer(cfg)
 	if err != nil {
 		return err
+	}
+	if cfg.TLS != nil {
+		go onSIGHUP(ctx, logger, "tls certificates", cfg.TLS.Reload)
 	}
 	<-ctx.Done()
 	stop() // a second signal now kills the process the default way
@@ -127,4 +143,38 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// loadTLS loads the TLS files of a daemon whose certificate must be of role
+// and name id: a node started with another node's certificate would be
+// refused by every peer, so it fails at start instead.
+func loadTLS(f tlsutil.Files, role tlsutil.Role, id string) (*tlsutil.Config, error) {
+	tc, err := tlsutil.Load(f, role)
+	if err != nil {
+		return nil, err
+	}
+	if got := tc.Identity().ID; got != id {
+		return nil, fmt.Errorf("tls: certificate %s is for %s %s, not -id %s", f.Cert, role, got, id)
+	}
+	return tc, nil
+}
+
+// onSIGHUP calls reload on every SIGHUP until ctx ends, logging the result:
+// the way to rotate certificates without a restart.
+func onSIGHUP(ctx context.Context, logger *slog.Logger, what string, reload func() error) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			if err := reload(); err != nil {
+				logger.Error("reload failed; keeping the old "+what, "err", err)
+			} else {
+				logger.Info("reloaded " + what)
+			}
+		}
+	}
 }

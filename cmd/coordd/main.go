@@ -27,6 +27,11 @@ const usageText = `Usage: coordd <command> [flags] [arguments]
 Server:
   agent                 run a coordinator: Raft node, gossip member, gRPC and HTTP API
   dev                   run a broker, 3 coordinators, 2 workers and a sample job in one process
+                        (-secure: with TLS, gossip encryption and an API token)
+
+Security:
+  tls ca create         create a CA for the cluster's certificates (-dir DIR)
+  tls cert create       issue a certificate: -coordinator ID, -worker ID or -client NAME
 
 Jobs:
   job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
@@ -73,6 +78,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runRaft(rest, stdout, stderr)
 	case "savepoint":
 		err = runSavepoint(rest, stdout, stderr)
+	case "tls":
+		err = runTLS(rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)
 		return 0
@@ -87,7 +94,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	name := args[0]
-	if (name == "job" || name == "raft") && len(args) > 1 {
+	if (name == "job" || name == "raft" || name == "tls") && len(args) > 1 {
 		name += " " + args[1]
 	}
 	fmt.Fprintf(stderr, "coordd %s: %v\n", name, err)

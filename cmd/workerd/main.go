@@ -64,6 +64,7 @@ import (
 	"time"
 
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker"
 )
 
@@ -87,6 +88,10 @@ func run(args []string) error {
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "`DIR` for local state: disk-backend databases and local copies of checkpoint files (default: <data-dir>/state)")
 	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: a new coordflow-worker-<id>-* directory under the system's temporary directory)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this `host:port` at /metrics (off when empty)")
+	var tlsFiles tlsutil.Files
+	fs.StringVar(&tlsFiles.CA, "tls-ca", "", "CA certificate `FILE` (PEM): with -tls-cert and -tls-key, the control session and data channels use mutual TLS (docs/security.md)")
+	fs.StringVar(&tlsFiles.Cert, "tls-cert", "", "this worker's certificate `FILE` (coordd tls cert create -worker ID); reread on SIGHUP")
+	fs.StringVar(&tlsFiles.Key, "tls-key", "", "the certificate's key `FILE`")
 	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
 
 	// Failure detection: the same flags, with the same defaults, as coordd's.
@@ -126,12 +131,26 @@ func run(args []string) error {
 		cfg.StateDir = filepath.Join(*dataDir, "state")
 	}
 
+	if tlsFiles.Enabled() {
+		tc, err := tlsutil.Load(tlsFiles, tlsutil.RoleWorker)
+		if err != nil {
+			return err
+		}
+		if got := tc.Identity().ID; got != cfg.ID {
+			return fmt.Errorf("tls: certificate %s is for worker %s, not -id %s", tlsFiles.Cert, got, cfg.ID)
+		}
+		cfg.TLS = tc
+	}
+
 	w, err := worker.New(cfg)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if cfg.TLS != nil {
+		go reloadOnSIGHUP(ctx, cfg.Logger, cfg.TLS.Reload)
+	}
 	return w.Run(ctx)
 }
 
@@ -153,4 +172,24 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// reloadOnSIGHUP rereads the TLS files on every SIGHUP until ctx ends, so
+// that certificates rotate without a restart.
+func reloadOnSIGHUP(ctx context.Context, logger *slog.Logger, reload func() error) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			if err := reload(); err != nil {
+				logger.Error("tls reload failed; keeping the old certificates", "err", err)
+			} else {
+				logger.Info("reloaded tls certificates")
+			}
+		}
+	}
 }

@@ -158,6 +158,10 @@ func CreateCert(r CertRequest) (certPath, keyPath string, err error) {
 	return certPath, keyPath, nil
 }
 
+// ValidID reports whether id may name a coordinator, worker or client: 1 to
+// 128 letters, digits, '.', '_' or '-', starting with a letter or digit.
+func ValidID(id string) bool { return validID.MatchString(id) }
+
 func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	certPEM, err := os.ReadFile(filepath.Join(dir, CAFile))
 	if err != nil {
