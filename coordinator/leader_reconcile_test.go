@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -429,5 +430,20 @@ func TestLeaderRestartsTaskThatNeverRuns(t *testing.T) {
 	want := "task map-0 on worker " + stuck.Worker + " has not reported RUNNING within 45s of its deploy or its last progress (phase TASK_PHASE_DEPLOYING)"
 	if j.Status != fsm.JobRestarting || j.Reason != want {
 		t.Fatalf("status %s reason %q, want restarting with %q", j.Status, j.Reason, want)
+	}
+}
+
+// TestSessionsOfMadeUpWorkersLeaveNothing: Hellos with ever new worker ids
+// (an intruder without TLS) leave no record once their sessions close, so
+// the leader's maps stay bounded by the real workers.
+func TestSessionsOfMadeUpWorkersLeaveNothing(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.newTerm()
+	for i := range 500 {
+		sess := h.connect(fmt.Sprintf("ghost-%d", i), 1)
+		h.handle(sessionClosed{sess: sess, err: errors.New("gone")})
+	}
+	if n := len(h.l.sessions) + len(h.l.noSessionSince); n != 0 {
+		t.Fatalf("leader keeps %d sessions and %d session-less records of workers that never ran a task", len(h.l.sessions), len(h.l.noSessionSince))
 	}
 }

@@ -457,7 +457,12 @@ func (l *leader) closeSession(sess *session, err error) {
 		return
 	}
 	delete(l.sessions, sess.worker)
-	l.noSessionSince[sess.worker] = l.env.now()
+	// Only a worker with tasks needs the time: it bounds how long they may
+	// wait for it. Recording every id would let Hellos with made-up ids
+	// grow the map without bound.
+	if len(l.byWorker[sess.worker]) > 0 {
+		l.noSessionSince[sess.worker] = l.env.now()
+	}
 	cause := sess.cause()
 	if cause == nil {
 		cause = err
