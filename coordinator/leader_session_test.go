@@ -43,7 +43,7 @@ func TestLeaderSessionCheckpointsThroughRaft(t *testing.T) {
 	  "name": "wc",
 	  "source": {"brokers": [%q], "topic": "words", "parallelism": 2},
 	  "operator": {"name": "wordcount", "parallelism": 2, "max_parallelism": 16},
-	  "checkpoint": {"interval": "50ms", "timeout": "10s", "retained": 1000, "tolerable_failures": 3}
+	  "checkpoint": {"interval": "50ms", "timeout": "10s", "retained": 100, "tolerable_failures": 3}
 	}`, kafka.ListenAddrs()[0])
 	id := submitJob(t, servers[1], spec)
 

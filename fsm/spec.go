@@ -10,9 +10,12 @@ import (
 	"net/url"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Job spec defaults and limits. They are part of the user contract
@@ -62,6 +65,61 @@ const (
 	DefaultRestartResetAfter = Duration(10 * time.Minute)
 )
 
+// Limits of a job spec that ParseJobSpec applies to every submission, on top
+// of the rules of Validate. The FSM does not check them (see Validate): a
+// limit may be lowered in a later version without making Raft logs that hold
+// specs accepted before replay differently. They are part of the user
+// contract (docs/operations.md): change them only with the docs.
+const (
+	// MaxNameLength bounds the job name, and operator.name: the name also
+	// starts the job id and the default consumer group.
+	MaxNameLength = 64
+	// MaxTopicLength is Kafka's own limit on a topic name.
+	MaxTopicLength = 249
+	// MaxBrokers bounds source.brokers and sink.brokers: they are bootstrap
+	// addresses, and a client needs only a few of the cluster's brokers.
+	MaxBrokers = 64
+	// MaxGroupLength bounds source.group, in bytes (Kafka itself allows
+	// 32 KiB; tools and ACLs expect far less).
+	MaxGroupLength = 255
+	// MaxTransactionalIDPrefixLength bounds sink.transactional_id_prefix,
+	// leaving room in Kafka's transactional id for the task and slot after it.
+	MaxTransactionalIDPrefixLength = 128
+	// MaxTaskParallelism caps source.parallelism and operator.parallelism
+	// whatever operator.max_parallelism is: every task is a deployment, a
+	// data channel per source and map task pair, and an entry in every
+	// checkpoint's Raft record. Both must also not exceed
+	// operator.max_parallelism.
+	MaxTaskParallelism = 1024
+	// MaxCheckpointInterval bounds checkpoint.interval from above: a
+	// failure replays up to one interval of input, and the offsets committed
+	// to the consumer group lag by as much.
+	MaxCheckpointInterval = Duration(time.Hour)
+	// MinCheckpointTimeout bounds checkpoint.timeout from below: a barrier
+	// must cross every task, and the completion a Raft write, in that time.
+	MinCheckpointTimeout = Duration(100 * time.Millisecond)
+	// MaxCheckpointTimeout bounds checkpoint.timeout from above (Flink's
+	// default is 10 minutes). An exactly-once sink bounds it further: its
+	// transaction timeout must exceed interval + 2 x timeout and stay within
+	// MaxTransactionTimeout.
+	MaxCheckpointTimeout = Duration(time.Hour)
+	// MaxMinPause bounds checkpoint.min_pause, like MaxCheckpointInterval.
+	MaxMinPause = Duration(time.Hour)
+	// MaxRetained bounds checkpoint.retained: every retained checkpoint
+	// stays in the Raft state and its snapshots, with its inline state.
+	MaxRetained = 100
+	// MaxTolerableFailures bounds checkpoint.tolerable_failures.
+	MaxTolerableFailures = 1000
+	// MinRestartBackoff bounds restart.initial and restart.max from below,
+	// so that a failing job cannot redeploy in a tight loop.
+	MinRestartBackoff = Duration(10 * time.Millisecond)
+	// MaxRestartBackoff bounds restart.initial and restart.max from above.
+	MaxRestartBackoff = Duration(time.Hour)
+	// MinRestartResetAfter and MaxRestartResetAfter bound restart.reset_after.
+	MinRestartResetAfter = Duration(time.Second)
+	MaxRestartResetAfter = Duration(24 * time.Hour)
+)
+
 // DefaultTransactionTimeout is the transaction timeout of an exactly-once
 // sink whose spec names none: the checkpoint interval plus three checkpoint
 // timeouts (91 s with the defaults), at most MaxTransactionTimeout.
@@ -94,10 +152,15 @@ func fieldErr(field, format string, args ...any) *FieldError {
 }
 
 // ParseJobSpec reads a job spec as users submit it: strict JSON (an unknown
-// field is an error naming it), then ApplyDefaults, then Validate. A
-// tolerable_failures absent from the document defaults to
-// DefaultTolerableFailures, while an explicit 0 is kept (it means: restart on
-// the first abort). knownOperator may be nil to accept any operator name.
+// field is an error naming it), then the defaults of ApplyDefaults, then
+// Validate together with the limits of new submissions (MaxRetained and the
+// others of that block), in document order. Defaults fill only fields absent
+// from the document (or null): a field the user gives keeps its value, so an
+// explicit zero such as "interval": "0s" or "retained": 0 is an error naming
+// the field and its bounds, never the default in disguise. Where zero is
+// meaningful it is kept: tolerable_failures 0 restarts on the first abort,
+// min_pause "0s" is no pause, inline_threshold 0 writes every state to a
+// file (given checkpoint storage). knownOperator may be nil to accept any operator name.
 func ParseJobSpec(data []byte, knownOperator func(name string) bool) (JobSpec, error) {
 	// Fields present in the document overwrite this preset; absent ones keep it.
 	spec := JobSpec{Checkpoint: CheckpointSpec{TolerableFailures: DefaultTolerableFailures}}
@@ -112,12 +175,65 @@ func ParseJobSpec(data []byte, knownOperator func(name string) bool) (JobSpec, e
 	if _, err := dec.Token(); err != io.EOF {
 		return JobSpec{}, errors.New("parse job spec: data after the JSON object")
 	}
-	spec.applyDefaults()
-	if err := spec.Validate(knownOperator); err != nil {
+	given := givenFields(data)
+	spec.applyDefaults(given)
+	if err := spec.validate(knownOperator, &submission{given: given}); err != nil {
 		return JobSpec{}, err
 	}
 	return spec, nil
 }
+
+// specFields lists the fields a job spec document gives a value other than
+// null, as "name", "source" or "source.group", duplicates included.
+type specFields []string
+
+// givenFields lists the fields data gives. Data must already have decoded
+// into a JobSpec: it is then an object whose sections, if given, are objects.
+func givenFields(data []byte) specFields {
+	var fields specFields
+	forEachMember(data, func(key string, val json.RawMessage) {
+		if isNull(val) {
+			return
+		}
+		fields = append(fields, key)
+		forEachMember(val, func(inner string, v json.RawMessage) {
+			if !isNull(v) {
+				fields = append(fields, key+"."+inner)
+			}
+		})
+	})
+	return fields
+}
+
+// has reports whether the document gives field. Names compare as
+// encoding/json matches keys to fields: without regard to case.
+func (f specFields) has(field string) bool {
+	return slices.ContainsFunc(f, func(g string) bool { return strings.EqualFold(g, field) })
+}
+
+// forEachMember calls fn with every member of the JSON object data, in order
+// and duplicates included (encoding/json decodes each of them into the
+// struct). It does nothing if data is not an object.
+func forEachMember(data []byte, fn func(key string, val json.RawMessage)) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		key, ok := tok.(string)
+		if err != nil || !ok {
+			return
+		}
+		var val json.RawMessage
+		if dec.Decode(&val) != nil {
+			return
+		}
+		fn(key, val)
+	}
+}
+
+func isNull(raw json.RawMessage) bool { return bytes.Equal(bytes.TrimSpace(raw), []byte("null")) }
 
 // specDecodeError turns a JSON decoding error into one that names the field
 // or the position, without the "json: " prefix of encoding/json.
@@ -132,7 +248,12 @@ func specDecodeError(err error) error {
 	case errors.As(err, &syntaxErr):
 		return fmt.Errorf("parse job spec: invalid JSON at byte %d: %v", syntaxErr.Offset, err)
 	}
-	return fmt.Errorf("parse job spec: %s", strings.TrimPrefix(err.Error(), "json: "))
+	// Such as an unknown field, named in full: cut a long name short.
+	msg := strings.TrimPrefix(err.Error(), "json: ")
+	if len(msg) > 4*maxQuoted {
+		msg = cutString(msg, 4*maxQuoted) + "..."
+	}
+	return fmt.Errorf("parse job spec: %s", msg)
 }
 
 // jsonKind names the JSON value a Go type is decoded from.
@@ -141,8 +262,9 @@ func jsonKind(t reflect.Type) string {
 	case reflect.Bool:
 		return "true or false"
 	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
-		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64,
-		reflect.Float32, reflect.Float64:
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
 		return "a number"
 	case reflect.String:
 		return "a string"
@@ -177,7 +299,7 @@ func durationFieldError(data []byte) error {
 		}
 		var d Duration
 		if err := d.UnmarshalJSON(raw); err != nil {
-			return fieldErr(f.section+"."+f.key, "must be a duration string such as \"500ms\", not %s", raw)
+			return fieldErr(f.section+"."+f.key, "must be a duration string such as \"500ms\", not %s", clip(string(raw)))
 		}
 	}
 	return nil
@@ -192,27 +314,53 @@ func (s *JobSpec) ApplyDefaults() {
 	if s.Checkpoint == (CheckpointSpec{}) {
 		s.Checkpoint.TolerableFailures = DefaultTolerableFailures
 	}
-	s.applyDefaults()
+	s.applyDefaults(nil)
 }
 
-// applyDefaults is ApplyDefaults without the TolerableFailures rule.
-func (s *JobSpec) applyDefaults() {
-	setDefault(&s.Source.Start, DefaultStart)
-	setDefault(&s.Source.Group, DefaultGroupPrefix+s.Name)
-	setDefault(&s.Operator.MaxParallelism, DefaultMaxParallelism)
-	setDefault(&s.State.Backend, DefaultStateBackend)
+// applyDefaults is ApplyDefaults without the TolerableFailures rule, and
+// without touching the fields given lists (nil: none).
+func (s *JobSpec) applyDefaults(given specFields) {
+	absent := func(field string) bool { return !given.has(field) }
+	if absent("source.start") {
+		setDefault(&s.Source.Start, DefaultStart)
+	}
+	if absent("source.group") {
+		setDefault(&s.Source.Group, DefaultGroupPrefix+s.Name)
+	}
+	if absent("operator.max_parallelism") {
+		setDefault(&s.Operator.MaxParallelism, DefaultMaxParallelism)
+	}
+	if absent("state.backend") {
+		setDefault(&s.State.Backend, DefaultStateBackend)
+	}
 	c := &s.Checkpoint
-	setDefault(&c.InlineThreshold, DefaultInlineThreshold)
-	setDefault(&c.Interval, DefaultCheckpointInterval)
-	setDefault(&c.Timeout, DefaultCheckpointTimeout)
-	setDefault(&c.Retained, DefaultRetained)
+	if absent("checkpoint.inline_threshold") {
+		setDefault(&c.InlineThreshold, DefaultInlineThreshold)
+	}
+	if absent("checkpoint.interval") {
+		setDefault(&c.Interval, DefaultCheckpointInterval)
+	}
+	if absent("checkpoint.timeout") {
+		setDefault(&c.Timeout, DefaultCheckpointTimeout)
+	}
+	if absent("checkpoint.retained") {
+		setDefault(&c.Retained, DefaultRetained)
+	}
 	r := &s.Restart
-	setDefault(&r.Initial, DefaultRestartInitial)
-	setDefault(&r.Max, DefaultRestartMax)
-	setDefault(&r.ResetAfter, DefaultRestartResetAfter)
+	if absent("restart.initial") {
+		setDefault(&r.Initial, DefaultRestartInitial)
+	}
+	if absent("restart.max") {
+		setDefault(&r.Max, DefaultRestartMax)
+	}
+	if absent("restart.reset_after") {
+		setDefault(&r.ResetAfter, DefaultRestartResetAfter)
+	}
 	if s.Sink != nil {
-		setDefault(&s.Sink.Delivery, DeliveryExactlyOnce)
-		if s.Sink.Delivery == DeliveryExactlyOnce {
+		if absent("sink.delivery") {
+			setDefault(&s.Sink.Delivery, DeliveryExactlyOnce)
+		}
+		if s.Sink.Delivery == DeliveryExactlyOnce && absent("sink.transaction_timeout") {
 			setDefault(&s.Sink.TransactionTimeout, DefaultTransactionTimeout(*c))
 		}
 	}
@@ -226,114 +374,215 @@ func setDefault[T comparable](field *T, def T) {
 }
 
 var (
-	namePattern  = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
-	topicPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,249}$`)
+	namePattern  = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9._-]{1,%d}$`, MaxNameLength))
+	topicPattern = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9._-]{1,%d}$`, MaxTopicLength))
 	// txnPrefixPattern leaves room in Kafka's 32 KiB transactional id for
 	// the task id and slot that follow.
-	txnPrefixPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
+	txnPrefixPattern = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9._-]{1,%d}$`, MaxTransactionalIDPrefixLength))
+	// hostPattern is a DNS name of at most 253 characters (with the
+	// underscore some internal names carry).
+	hostPattern = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$`)
 )
 
 // Validate checks a spec (after defaults) and returns a *FieldError for the
 // first field that is wrong, in document order. knownOperator may be nil to
 // accept any operator name: the FSM validates that way, because operator
 // registries belong to the workers, not to the replicated state.
+//
+// Validate is what the FSM checks when it applies RegisterJob, so it must
+// keep accepting every spec an earlier version accepted: a replica that
+// replays its log with a newer version, or runs one in a rolling upgrade,
+// must reach the state the others reach. It therefore leaves out the limits
+// of new submissions (MaxRetained and the others of that block), which only
+// ParseJobSpec applies; a new rule belongs there.
 func (s JobSpec) Validate(knownOperator func(string) bool) error {
+	return s.validate(knownOperator, nil)
+}
+
+// submission is what ParseJobSpec checks beyond Validate: the limits of new
+// submissions, and which fields the document gives, so that an empty string
+// the user wrote is an error rather than a field left out for a default
+// applied later (the transactional id prefix, the checkpoint storage).
+type submission struct{ given specFields }
+
+// gives reports whether the submitted document gives field; false for a
+// stored spec (sub nil).
+func (sub *submission) gives(field string) bool { return sub != nil && sub.given.has(field) }
+
+// validate is Validate, plus the limits of a submission when sub is not nil.
+func (s JobSpec) validate(knownOperator func(string) bool, sub *submission) error {
+	strict := sub != nil
 	if s.Name == "" {
 		return fieldErr("name", "required")
 	}
 	if !namePattern.MatchString(s.Name) {
-		return fieldErr("name", "must be 1-64 characters of A-Z a-z 0-9 . _ -")
+		return fieldErr("name", "must be 1-%d characters of A-Z a-z 0-9 . _ -", MaxNameLength)
 	}
-	if err := validateBrokers("source.brokers", s.Source.Brokers); err != nil {
+	if err := validateBrokers("source.brokers", s.Source.Brokers, strict); err != nil {
 		return err
 	}
-	if err := validateTopic("source.topic", s.Source.Topic); err != nil {
+	if err := validateTopic("source.topic", s.Source.Topic, strict); err != nil {
 		return err
 	}
 	if s.Source.Start != "earliest" && s.Source.Start != "latest" {
-		return fieldErr("source.start", "must be \"earliest\" or \"latest\", not %q", s.Source.Start)
+		return fieldErr("source.start", "must be \"earliest\" or \"latest\", not %s", brief(s.Source.Start))
 	}
-	if err := validateParallelism("source.parallelism", s.Source.Parallelism, MaxKeyGroups, strconv.Itoa(MaxKeyGroups)); err != nil {
+	limit, limitName := MaxKeyGroups, strconv.Itoa(MaxKeyGroups)
+	if strict {
+		limit, limitName = taskLimit(s.Operator.MaxParallelism)
+	}
+	if err := validateParallelism("source.parallelism", s.Source.Parallelism, limit, limitName); err != nil {
 		return err
 	}
-	if s.Source.Group == "" {
-		return fieldErr("source.group", "required")
+	if err := validateGroup(s.Source.Group, strict); err != nil {
+		return err
 	}
 	op := s.Operator
 	if op.Name == "" {
 		return fieldErr("operator.name", "required")
 	}
+	if strict && !namePattern.MatchString(op.Name) {
+		return fieldErr("operator.name", "must be 1-%d characters of A-Z a-z 0-9 . _ -", MaxNameLength)
+	}
 	if knownOperator != nil && !knownOperator(op.Name) {
-		return fieldErr("operator.name", "unknown operator %q", op.Name)
+		return fieldErr("operator.name", "unknown operator %s", brief(op.Name))
 	}
 	if op.MaxParallelism < 1 || op.MaxParallelism > MaxKeyGroups {
 		return fieldErr("operator.max_parallelism", "must be between 1 and %d, not %d", MaxKeyGroups, op.MaxParallelism)
 	}
-	if err := validateParallelism("operator.parallelism", op.Parallelism, op.MaxParallelism,
-		fmt.Sprintf("operator.max_parallelism (%d)", op.MaxParallelism)); err != nil {
+	limit, limitName = op.MaxParallelism, fmt.Sprintf("operator.max_parallelism (%d)", op.MaxParallelism)
+	if strict {
+		limit, limitName = taskLimit(op.MaxParallelism)
+	}
+	if err := validateParallelism("operator.parallelism", op.Parallelism, limit, limitName); err != nil {
 		return err
 	}
 	if s.Sink != nil {
-		if err := validateBrokers("sink.brokers", s.Sink.Brokers); err != nil {
+		if err := validateBrokers("sink.brokers", s.Sink.Brokers, strict); err != nil {
 			return err
 		}
-		if err := validateTopic("sink.topic", s.Sink.Topic); err != nil {
+		if err := validateTopic("sink.topic", s.Sink.Topic, strict); err != nil {
 			return err
 		}
 	}
 	if b := s.State.Backend; b != "memory" && b != "disk" {
-		return fieldErr("state.backend", "must be \"memory\" or \"disk\", not %q", b)
+		return fieldErr("state.backend", "must be \"memory\" or \"disk\", not %s", brief(b))
 	}
 	c := s.Checkpoint
+	if c.Storage == "" && sub.gives("checkpoint.storage") {
+		return fieldErr("checkpoint.storage", "must be a file or s3 URL, not empty (leave it out for coordd's -checkpoint-storage)")
+	}
 	if err := ValidateStorageURL(c.Storage); err != nil {
 		return fieldErr("checkpoint.storage", "%v", err)
 	}
-	switch {
-	case c.InlineThreshold < 0 || c.InlineThreshold > MaxInlineThreshold:
+	if c.InlineThreshold < 0 || c.InlineThreshold > MaxInlineThreshold {
 		return fieldErr("checkpoint.inline_threshold", "must be between 0 and %d bytes, not %d", MaxInlineThreshold, c.InlineThreshold)
-	case c.Interval < MinCheckpointInterval:
-		return fieldErr("checkpoint.interval", "must be at least %v, not %v", time.Duration(MinCheckpointInterval), time.Duration(c.Interval))
-	case c.Timeout <= 0:
-		return fieldErr("checkpoint.timeout", "must be positive, not %v", time.Duration(c.Timeout))
-	case c.MinPause < 0:
-		return fieldErr("checkpoint.min_pause", "must not be negative, not %v", time.Duration(c.MinPause))
-	case c.Retained < 1:
-		return fieldErr("checkpoint.retained", "must be at least 1, not %d", c.Retained)
-	case c.TolerableFailures < 0:
-		return fieldErr("checkpoint.tolerable_failures", "must not be negative, not %d", c.TolerableFailures)
+	}
+	// The third bound of each is the one Validate has always had.
+	if err := firstError(
+		inRange("checkpoint.interval", c.Interval, MinCheckpointInterval, MaxCheckpointInterval, MinCheckpointInterval, strict),
+		inRange("checkpoint.timeout", c.Timeout, MinCheckpointTimeout, MaxCheckpointTimeout, 1, strict),
+		inRange("checkpoint.min_pause", c.MinPause, 0, MaxMinPause, 0, strict),
+		inRange("checkpoint.retained", c.Retained, 1, MaxRetained, 1, strict),
+		inRange("checkpoint.tolerable_failures", c.TolerableFailures, 0, MaxTolerableFailures, 0, strict),
+	); err != nil {
+		return err
 	}
 	// Checked after checkpoint: the transaction timeout's bounds depend on it.
 	if s.Sink != nil {
-		if err := validateDelivery(*s.Sink, c); err != nil {
+		if err := validateDelivery(*s.Sink, c, sub); err != nil {
 			return err
 		}
 	}
 	r := s.Restart
-	switch {
-	case r.Initial <= 0:
-		return fieldErr("restart.initial", "must be positive, not %v", time.Duration(r.Initial))
-	case r.Max <= 0:
-		return fieldErr("restart.max", "must be positive, not %v", time.Duration(r.Max))
-	case r.Initial > r.Max:
+	if err := firstError(
+		inRange("restart.initial", r.Initial, MinRestartBackoff, MaxRestartBackoff, 1, strict),
+		inRange("restart.max", r.Max, MinRestartBackoff, MaxRestartBackoff, 1, strict),
+	); err != nil {
+		return err
+	}
+	if r.Initial > r.Max {
 		return fieldErr("restart.initial", "must not exceed restart.max (%v), not %v", time.Duration(r.Max), time.Duration(r.Initial))
-	case r.ResetAfter <= 0:
-		return fieldErr("restart.reset_after", "must be positive, not %v", time.Duration(r.ResetAfter))
+	}
+	return inRange("restart.reset_after", r.ResetAfter, MinRestartResetAfter, MaxRestartResetAfter, 1, strict)
+}
+
+// inRange checks lo <= v <= hi for a submission (strict). A stored spec
+// only has to reach floor, the bound Validate has always had; the error
+// names lo and hi all the same, which v is outside of too.
+func inRange[T int | int64 | Duration](field string, v, lo, hi, floor T, strict bool) error {
+	if v < floor || strict && (v < lo || v > hi) {
+		return fieldErr(field, "must be between %s and %s, not %s", show(lo), show(hi), show(v))
+	}
+	return nil
+}
+
+// show formats a bound: a Duration as a Go duration string without zero
+// units at the end ("1h", not "1h0m0s").
+func show[T int | int64 | Duration](v T) string {
+	d, ok := any(v).(Duration)
+	if !ok {
+		return fmt.Sprint(v)
+	}
+	s := time.Duration(d).String()
+	if t, ok := strings.CutSuffix(s, "m0s"); ok {
+		s = t + "m"
+	}
+	if t, ok := strings.CutSuffix(s, "h0m"); ok {
+		s = t + "h"
+	}
+	return s
+}
+
+func firstError(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// taskLimit is the most tasks a submitted source or operator may have, and
+// the name of that bound: operator.max_parallelism or MaxTaskParallelism,
+// whichever is lower. A max_parallelism out of its own bounds (checked on
+// its own) counts as MaxTaskParallelism.
+func taskLimit(maxParallelism int) (int, string) {
+	if maxParallelism >= 1 && maxParallelism <= MaxTaskParallelism {
+		return maxParallelism, fmt.Sprintf("operator.max_parallelism (%d)", maxParallelism)
+	}
+	return MaxTaskParallelism, strconv.Itoa(MaxTaskParallelism)
+}
+
+// validateGroup checks source.group. Kafka allows any string up to 32 KiB;
+// a submission is held to MaxGroupLength bytes of text.
+func validateGroup(g string, strict bool) error {
+	switch {
+	case g == "":
+		return fieldErr("source.group", "must not be empty (leave it out for %s<name>)", DefaultGroupPrefix)
+	case !strict:
+		return nil
+	case len(g) > MaxGroupLength:
+		return fieldErr("source.group", "must be at most %d bytes, not %d", MaxGroupLength, len(g))
+	case !utf8.ValidString(g) || strings.ContainsFunc(g, unicode.IsControl):
+		return fieldErr("source.group", "must be UTF-8 text without control characters")
 	}
 	return nil
 }
 
 // validateDelivery checks a sink's delivery settings against the
 // checkpoint settings they depend on.
-func validateDelivery(sink SinkSpec, c CheckpointSpec) error {
+func validateDelivery(sink SinkSpec, c CheckpointSpec, sub *submission) error {
 	switch sink.Delivery {
 	case DeliveryAtLeastOnce:
-		if sink.TransactionTimeout != 0 || sink.TransactionalIDPrefix != "" {
+		if sink.TransactionTimeout != 0 || sink.TransactionalIDPrefix != "" ||
+			sub.gives("sink.transaction_timeout") || sub.gives("sink.transactional_id_prefix") {
 			return fieldErr("sink.delivery", "an at_least_once sink writes no transactions: remove transaction_timeout and transactional_id_prefix, or use exactly_once")
 		}
 		return nil
 	case DeliveryExactlyOnce:
 	default:
-		return fieldErr("sink.delivery", "must be %q or %q, not %q", DeliveryExactlyOnce, DeliveryAtLeastOnce, sink.Delivery)
+		return fieldErr("sink.delivery", "must be %q or %q, not %s", DeliveryExactlyOnce, DeliveryAtLeastOnce, brief(sink.Delivery))
 	}
 	t := sink.TransactionTimeout
 	switch {
@@ -349,8 +598,8 @@ func validateDelivery(sink SinkSpec, c CheckpointSpec) error {
 	case t%Duration(time.Millisecond) != 0:
 		return fieldErr("sink.transaction_timeout", "must be whole milliseconds, not %v", time.Duration(t))
 	}
-	if p := sink.TransactionalIDPrefix; p != "" && !txnPrefixPattern.MatchString(p) {
-		return fieldErr("sink.transactional_id_prefix", "must be 1-128 characters of A-Z a-z 0-9 . _ -")
+	if p := sink.TransactionalIDPrefix; (p != "" || sub.gives("sink.transactional_id_prefix")) && !txnPrefixPattern.MatchString(p) {
+		return fieldErr("sink.transactional_id_prefix", "must be 1-%d characters of A-Z a-z 0-9 . _ -", MaxTransactionalIDPrefixLength)
 	}
 	return nil
 }
@@ -365,14 +614,22 @@ func validateParallelism(field string, p, limit int, limitName string) error {
 	return nil
 }
 
-func validateBrokers(field string, brokers []string) error {
+// validateBrokers checks a list of bootstrap brokers; a submission may
+// list at most MaxBrokers, each a DNS name or IP address and a port.
+func validateBrokers(field string, brokers []string, strict bool) error {
 	if len(brokers) == 0 {
 		return fieldErr(field, "required")
+	}
+	if strict && len(brokers) > MaxBrokers {
+		return fieldErr(field, "must list at most %d brokers, not %d", MaxBrokers, len(brokers))
 	}
 	for i, b := range brokers {
 		host, port, err := net.SplitHostPort(b)
 		if err == nil && host == "" {
 			err = errors.New("no host")
+		}
+		if err == nil && strict && net.ParseIP(host) == nil && !hostPattern.MatchString(host) {
+			err = errors.New("bad host")
 		}
 		if err == nil {
 			if n, perr := strconv.Atoi(port); perr != nil || n < 1 || n > 65535 {
@@ -380,20 +637,54 @@ func validateBrokers(field string, brokers []string) error {
 			}
 		}
 		if err != nil {
-			return fieldErr(fmt.Sprintf("%s[%d]", field, i), "%q is not host:port", b)
+			return fieldErr(fmt.Sprintf("%s[%d]", field, i), "%s is not host:port", brief(b))
 		}
 	}
 	return nil
 }
 
-func validateTopic(field, topic string) error {
+// validateTopic checks a topic name by Kafka's rules; a stored spec is not
+// held to the rule against "." and "..", which came later.
+func validateTopic(field, topic string, strict bool) error {
 	if topic == "" {
 		return fieldErr(field, "required")
 	}
-	if !topicPattern.MatchString(topic) {
-		return fieldErr(field, "%q is not a Kafka topic name (1-249 characters of A-Z a-z 0-9 . _ -)", topic)
+	if !topicPattern.MatchString(topic) || strict && (topic == "." || topic == "..") {
+		return fieldErr(field, "%s is not a Kafka topic name (1-%d characters of A-Z a-z 0-9 . _ -, not . or ..)", brief(topic), MaxTopicLength)
 	}
 	return nil
+}
+
+// maxQuoted bounds how much of a value an error message repeats: the HTTP
+// API sends the message back to whoever sent a megabyte of it.
+const maxQuoted = 64
+
+// brief quotes s for an error message, cut after maxQuoted bytes.
+func brief(s string) string {
+	if len(s) <= maxQuoted {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(cutString(s, maxQuoted)) + "..."
+}
+
+// clip is s, or its first maxQuoted bytes and "...".
+func clip(s string) string {
+	if len(s) <= maxQuoted {
+		return s
+	}
+	return cutString(s, maxQuoted) + "..."
+}
+
+// cutString is the longest prefix of s of at most n bytes that does not
+// split a UTF-8 sequence.
+func cutString(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // ValidateStorageURL checks the form of a checkpoint storage URL: empty (no
