@@ -2,8 +2,8 @@ package coordinator
 
 import (
 	"cmp"
-	"crypto/rand"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"maps"
@@ -662,6 +662,9 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 			Partitions: slices.Clone(t.Partitions),
 			Start:      cmp.Or(spec.Source.Start, fsm.DefaultStart),
 			Group:      cmp.Or(spec.Source.Group, fsm.DefaultGroupPrefix+spec.Name),
+			// The source reads partitions added to the topic after this
+			// assignment itself (docs/protocol.md, Partition discovery).
+			PartitionDiscoveryMs: spec.Source.PartitionDiscoveryInterval().Milliseconds(),
 		},
 		NumSources:   int32(spec.Source.Parallelism),
 		ChannelToken: job.ChannelToken,
@@ -692,7 +695,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 	d.RestoreCheckpointId = restore.ID
 	switch t.Kind {
 	case fsm.TaskSource:
-		d.RestoreOffsets = restoreOffsets(restore, t.Partitions)
+		d.RestoreOffsets = restoreOffsets(restore, restorePartitions(restore, t, spec.Source.Parallelism))
 	case fsm.TaskMap:
 		d.RestoreKeyed = restoreKeyed(restore, t.KeyGroups)
 	}
@@ -716,6 +719,31 @@ func restoreOffsets(ck *fsm.Checkpoint, partitions []int32) map[int32]int64 {
 		}
 	}
 	return out
+}
+
+// restorePartitions returns the partitions source task t restores offsets
+// of: its assignment and every other partition it owns (p mod numSources ==
+// index) that ck has an offset for. A source discovers partitions added to
+// the topic while it runs, so a checkpoint can hold partitions the next
+// assignment lacks (the leader's partition lookup saw an older metadata):
+// the source must resume those from the checkpoint, not from the start.
+func restorePartitions(ck *fsm.Checkpoint, t fsm.Task, numSources int) []int32 {
+	parts := slices.Clone(t.Partitions)
+	if numSources < 1 {
+		return parts
+	}
+	for _, st := range ck.Tasks {
+		if st.Kind != fsm.TaskSource {
+			continue
+		}
+		for p := range st.Offsets {
+			if p >= 0 && int(p)%numSources == t.Index && !slices.Contains(parts, p) {
+				parts = append(parts, p)
+			}
+		}
+	}
+	slices.Sort(parts)
+	return parts
 }
 
 // restoreKeyed returns the keyed blobs of ck a map task owning key groups

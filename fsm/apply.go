@@ -287,7 +287,7 @@ func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
 	if err != nil {
 		return fail(err)
 	}
-	if err := checkStates(j.Tasks, c.States); err != nil {
+	if err := checkStates(j.Tasks, c.States, j.Spec.Source.Parallelism); err != nil {
 		return fail(err)
 	}
 	if cp.Savepoint {
@@ -309,14 +309,18 @@ func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
 
 // checkStates verifies that states holds exactly one valid state per task,
 // keyed by task id. Tasks are checked in assignment order and extra keys in
-// sorted order, so the error is the same on every replica.
-func checkStates(tasks []Task, states map[string]TaskState) error {
+// sorted order, so the error is the same on every replica. numSources is the
+// attempt's source parallelism.
+func checkStates(tasks []Task, states map[string]TaskState, numSources int) error {
 	for _, t := range tasks {
 		st, ok := states[t.ID]
 		if !ok {
 			return fmt.Errorf("%w: no state for task %s", ErrIncompleteStates, t.ID)
 		}
 		if err := checkState(t, st); err != nil {
+			return fmt.Errorf("task %s: %w", t.ID, err)
+		}
+		if err := checkOwnership(t, st, numSources); err != nil {
 			return fmt.Errorf("task %s: %w", t.ID, err)
 		}
 	}
@@ -330,6 +334,8 @@ func checkStates(tasks []Task, states map[string]TaskState) error {
 	return nil
 }
 
+// checkState checks one task's state. A source's offsets cover every
+// partition of its assignment and may name more: checkOwnership checks those.
 func checkState(t Task, st TaskState) error {
 	if st.TaskID != t.ID {
 		return fmt.Errorf("%w: state names task %q", ErrIncompleteStates, st.TaskID)
@@ -345,15 +351,13 @@ func checkState(t Task, st TaskState) error {
 		if len(st.Keyed) > 0 || st.KeyedSHA256 != "" {
 			return fmt.Errorf("%w: source state has keyed state", ErrIncompleteStates)
 		}
-		if len(st.Offsets) != len(t.Partitions) {
-			return fmt.Errorf("%w: offsets for %d partitions, task reads %d", ErrIncompleteStates, len(st.Offsets), len(t.Partitions))
-		}
 		for _, p := range t.Partitions {
-			off, ok := st.Offsets[p]
-			if !ok {
+			if _, ok := st.Offsets[p]; !ok {
 				return fmt.Errorf("%w: no offset for partition %d", ErrIncompleteStates, p)
 			}
-			if off < 0 {
+		}
+		for _, p := range slices.Sorted(maps.Keys(st.Offsets)) {
+			if off := st.Offsets[p]; off < 0 {
 				return fmt.Errorf("%w: negative offset %d for partition %d", ErrIncompleteStates, off, p)
 			}
 		}
@@ -376,6 +380,21 @@ func checkState(t Task, st TaskState) error {
 		}
 		if got := sha256.Sum256(st.Keyed); !bytes.Equal(got[:], want) {
 			return fmt.Errorf("%w: %d bytes hash to %x, ack says %s", ErrStateChecksum, len(st.Keyed), got, st.KeyedSHA256)
+		}
+	}
+	return nil
+}
+
+// checkOwnership verifies that a source state names offsets only for
+// partitions the task owns, p mod numSources == index: its assignment and
+// those it discovered while running (source.partition_discovery).
+func checkOwnership(t Task, st TaskState, numSources int) error {
+	if t.Kind != TaskSource {
+		return nil
+	}
+	for _, p := range slices.Sorted(maps.Keys(st.Offsets)) {
+		if p < 0 || numSources < 1 || int(p)%numSources != t.Index {
+			return fmt.Errorf("%w: offset for partition %d, which the task does not own (p mod %d must be %d)", ErrIncompleteStates, p, numSources, t.Index)
 		}
 	}
 	return nil

@@ -23,6 +23,14 @@ import (
 const (
 	// DefaultStart is where a source starts on a partition with no checkpointed offset.
 	DefaultStart = "earliest"
+	// DefaultPartitionDiscovery is how often a source task looks for
+	// partitions added to its topic unless the spec says.
+	DefaultPartitionDiscovery = Duration(10 * time.Second)
+	// MinPartitionDiscovery and MaxPartitionDiscovery bound
+	// source.partition_discovery: each look is a metadata request per topic
+	// and worker, and a partition waits up to one interval to be read.
+	MinPartitionDiscovery = Duration(time.Second)
+	MaxPartitionDiscovery = Duration(time.Hour)
 	// DefaultGroupPrefix prefixes the job name to form the default consumer group.
 	DefaultGroupPrefix = "coordflow-"
 	// DefaultMaxParallelism is the default number of key groups.
@@ -276,6 +284,7 @@ func jsonKind(t reflect.Type) string {
 
 // durationFields lists the spec's Duration fields in document order.
 var durationFields = []struct{ section, key string }{
+	{"source", "partition_discovery"},
 	{"checkpoint", "interval"}, {"checkpoint", "timeout"}, {"checkpoint", "min_pause"},
 	{"restart", "initial"}, {"restart", "max"}, {"restart", "reset_after"},
 }
@@ -366,6 +375,18 @@ func (s *JobSpec) applyDefaults(given specFields) {
 	}
 }
 
+// PartitionDiscoveryInterval is how often the source tasks look for
+// partitions added to the topic: PartitionDiscovery, or
+// DefaultPartitionDiscovery when that is zero (left out). The default is
+// resolved here rather than by applyDefaults so that specs stored before the
+// field existed, and their JSON, stay as they were.
+func (s SourceSpec) PartitionDiscoveryInterval() time.Duration {
+	if s.PartitionDiscovery == 0 {
+		return time.Duration(DefaultPartitionDiscovery)
+	}
+	return time.Duration(s.PartitionDiscovery)
+}
+
 func setDefault[T comparable](field *T, def T) {
 	var zero T
 	if *field == zero {
@@ -436,6 +457,13 @@ func (s JobSpec) validate(knownOperator func(string) bool, sub *submission) erro
 	}
 	if err := validateGroup(s.Source.Group, strict); err != nil {
 		return err
+	}
+	// Zero is the field left out (the default, PartitionDiscoveryInterval),
+	// in stored specs too; given as zero it is an error like any other.
+	if d := s.Source.PartitionDiscovery; d != 0 || sub.gives("source.partition_discovery") {
+		if err := inRange("source.partition_discovery", d, MinPartitionDiscovery, MaxPartitionDiscovery, MinPartitionDiscovery, strict); err != nil {
+			return err
+		}
 	}
 	op := s.Operator
 	if op.Name == "" {

@@ -112,6 +112,12 @@ type SourceSpec struct {
 	Start       string   `json:"start"` // "earliest" or "latest"
 	Parallelism int      `json:"parallelism"`
 	Group       string   `json:"group"` // consumer group for offset commits; default coordflow-<name>
+	// PartitionDiscovery is how often each source task looks for partitions
+	// added to the topic while it runs (MinPartitionDiscovery to
+	// MaxPartitionDiscovery). Zero, the field left out (also in specs stored
+	// before it existed), means DefaultPartitionDiscovery: see
+	// PartitionDiscoveryInterval.
+	PartitionDiscovery Duration `json:"partition_discovery,omitempty"`
 }
 
 // OperatorSpec names the operator and its parallelism.

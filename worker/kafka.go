@@ -56,6 +56,11 @@ type kafkaClient struct {
 	consumers []*sharedConsumer
 	offsets   map[string]map[string]map[int32]pendingCommit // group -> topic -> partition
 
+	// metaMu serialises the metadata refreshes of partition discovery, so
+	// that the tasks looking at one topic at once share one refresh.
+	metaMu    sync.Mutex
+	refreshed map[string]time.Time // topic -> time of its last refresh, under metaMu
+
 	stop context.CancelFunc
 	done chan struct{}
 }
@@ -135,8 +140,9 @@ func (p *kafkaPool) start(key string, client sarama.Client) *kafkaClient {
 	ctx, stop := context.WithCancel(context.Background())
 	kc := &kafkaClient{
 		pool: p, key: key, client: client, refs: 1,
-		offsets: make(map[string]map[string]map[int32]pendingCommit),
-		stop:    stop, done: make(chan struct{}),
+		offsets:   make(map[string]map[string]map[int32]pendingCommit),
+		refreshed: make(map[string]time.Time),
+		stop:      stop, done: make(chan struct{}),
 	}
 	p.clients[key] = kc
 	go kc.commitLoop(ctx)
@@ -159,6 +165,26 @@ func topicPartitions(client sarama.Client, topic, role string, brokers []string)
 	case err != nil:
 		return nil, fmt.Errorf("%s topic %q: read partitions: %w", role, topic, err)
 	}
+	return parts, nil
+}
+
+// partitions returns topic's partitions as of a metadata refresh at most
+// maxAge old, refreshing if the last one is older: the source tasks of this
+// client that discover partitions of one topic share a refresh per maxAge
+// instead of sending one each. It blocks for the refresh (up to the client's
+// metadata timeout); never call it on a task loop.
+func (l *kafkaLease) partitions(topic string, maxAge time.Duration) ([]int32, error) {
+	kc := l.kc
+	kc.metaMu.Lock()
+	defer kc.metaMu.Unlock()
+	if at, ok := kc.refreshed[topic]; ok && time.Since(at) < maxAge {
+		return kc.client.Partitions(topic)
+	}
+	parts, err := topicPartitions(kc.client, topic, "source", strings.Split(kc.key, ","))
+	if err != nil {
+		return nil, err
+	}
+	kc.refreshed[topic] = time.Now()
 	return parts, nil
 }
 

@@ -55,12 +55,19 @@ type sourceTask struct {
 	restore   map[int32]int64
 	restoreID uint64
 	control   <-chan control
+	// numSources is the job's source parallelism: the task owns the
+	// partitions p with p mod numSources == index (0: unknown, so only those
+	// of spec). discovery is how often it looks for partitions added to the
+	// topic (0: never; see discover).
+	numSources int32
+	discovery  time.Duration
 
 	// Task loop only.
 	outputs     []output
 	batches     [][]*transport.Item
 	batchBytes  []int           // approximate encoded size of each batch
 	batched     int             // items in all batches, so that the loop knows at once whether any waits
+	partitions  []int32         // read, sorted: the assignment, restored and discovered ones
 	offsets     map[int32]int64 // next offset to read, per own partition
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
@@ -114,6 +121,8 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		restore:     d.GetRestoreOffsets(),
 		restoreID:   d.GetRestoreCheckpointId(),
 		control:     ctl,
+		numSources:  d.GetNumSources(),
+		discovery:   time.Duration(spec.GetPartitionDiscoveryMs()) * time.Millisecond,
 		batches:     make([][]*transport.Item, len(mapTasks)),
 		batchBytes:  make([]int, len(mapTasks)),
 		offsets:     make(map[int32]int64),
@@ -122,6 +131,9 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		out:         env.metrics.recordsOut.WithLabelValues(k.job, kindSource),
 		skipped:     env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
 		acked:       env.metrics.checkpointsAcked.WithLabelValues(k.job, kindSource),
+	}
+	if s.numSources <= 0 {
+		s.discovery = 0 // ownership unknown
 	}
 	return s, nil
 }
@@ -183,54 +195,202 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	}
 
 	loopCtx, stopLoop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	var closers []func()
-	// Stop the pumps, then the partition consumers, before the lease goes.
+	r := &partitionReaders{
+		ctx: loopCtx, lease: lease,
+		merged: make(chan *sarama.ConsumerMessage), failed: make(chan error, 1),
+	}
+	// Stop the pumps and the discovery, then the partition consumers, before
+	// the lease goes. A metadata refresh of the discovery in flight is
+	// waited for (at most the client's metadata timeout).
 	defer func() {
 		stopLoop()
-		wg.Wait()
-		for _, c := range closers {
+		r.wg.Wait()
+		for _, c := range r.closers {
 			c()
 		}
 	}()
-
-	merged := make(chan *sarama.ConsumerMessage)
-	pumpErr := make(chan error, len(s.spec.GetPartitions()))
-	for _, p := range s.spec.GetPartitions() {
-		pc, closePC, err := lease.consume(s.spec.GetTopic(), p, s.offsets[p])
-		if err != nil {
-			return fmt.Errorf("source: consume %s/%d from offset %d: %w", s.spec.GetTopic(), p, s.offsets[p], err)
+	for _, p := range s.partitions {
+		if err := s.read(r, p); err != nil {
+			return err
 		}
-		closers = append(closers, closePC)
-		wg.Go(func() { s.pump(loopCtx, p, pc, merged, pumpErr) })
+	}
+	var found chan []discovered
+	if s.discovery > 0 {
+		found = make(chan []discovered)
+		known := slices.Clone(s.partitions)
+		r.wg.Go(func() { s.discover(loopCtx, lease, known, found) })
 	}
 
-	s.log.Info("source running", "offsets", s.offsets, "outputs", len(s.outputs), "group", s.group)
+	s.log.Info("source running", "offsets", s.offsets, "outputs", len(s.outputs), "group", s.group, "partition_discovery", s.discovery)
 	running()
-	return s.loop(ctx, merged, pumpErr, lease)
+	return s.loop(ctx, r, found)
 }
 
-// resolveOffsets sets the start offset of every own partition: the restored
-// one, or the start policy resolved to a concrete offset now, so that an ack
-// names a next offset even for a partition without records yet. A restored
+// partitionReaders are a source task's partition consumers and the pumps
+// that forward their records to the task loop. Only the task goroutine adds
+// to them.
+type partitionReaders struct {
+	ctx     context.Context // ends the pumps and the discovery
+	lease   *kafkaLease
+	merged  chan *sarama.ConsumerMessage
+	failed  chan error // a pump or consumer that failed the task
+	wg      sync.WaitGroup
+	closers []func()
+}
+
+// read starts reading partition p at s.offsets[p]. It may block up to
+// Consumer.MaxWaitTime while sarama adds p to a running fetch loop.
+func (s *sourceTask) read(r *partitionReaders, p int32) error {
+	pc, closePC, err := r.lease.consume(s.spec.GetTopic(), p, s.offsets[p])
+	if err != nil {
+		return fmt.Errorf("source: consume %s/%d from offset %d: %w", s.spec.GetTopic(), p, s.offsets[p], err)
+	}
+	r.closers = append(r.closers, closePC)
+	r.wg.Go(func() { s.pump(r.ctx, p, pc, r.merged, r.failed) })
+	return nil
+}
+
+// owns reports whether partition p is this task's: p mod S == index.
+func (s *sourceTask) owns(p int32) bool {
+	return s.numSources > 0 && p >= 0 && p%s.numSources == s.index
+}
+
+// discovered is a partition added to the topic that the source owns, with
+// the earliest offset it starts reading at.
+type discovered struct {
+	partition int32
+	offset    int64
+}
+
+// discover runs beside the task loop until ctx ends. Every half discovery
+// interval it looks at the topic's partitions (sharing metadata refreshes
+// with the worker's other tasks on the topic, kafkaLease.partitions, so a
+// partition is seen within one interval of its creation), and hands the
+// loop the partitions it owns that are not in known, each with its earliest
+// offset: everything written to a new partition is the job's input, also
+// what came before the source saw it. Errors are logged and the look is
+// retried: a topic that went away fails the task through its pumps.
+func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []int32, found chan<- []discovered) {
+	topic := s.spec.GetTopic()
+	every := s.discovery / 2
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		parts, err := lease.partitions(topic, every)
+		if err != nil {
+			s.log.Warn("partition discovery: reading the topic's partitions failed; retrying", "err", err)
+			continue
+		}
+		var batch []discovered
+		for _, p := range slices.Sorted(slices.Values(parts)) {
+			if !s.owns(p) || slices.Contains(known, p) {
+				continue
+			}
+			off, err := lease.client.GetOffset(topic, p, sarama.OffsetOldest)
+			if err != nil {
+				s.log.Warn("partition discovery: earliest offset of a new partition failed; retrying", "partition", p, "err", err)
+				continue
+			}
+			batch = append(batch, discovered{partition: p, offset: off})
+		}
+		if len(batch) == 0 {
+			continue
+		}
+		select {
+		case found <- batch:
+		case <-ctx.Done():
+			return
+		}
+		for _, d := range batch {
+			known = append(known, d.partition)
+		}
+	}
+}
+
+// readDiscovered starts reading partitions discover found. From here on
+// every ack names their offsets; a checkpoint taken before has none, and a
+// restore from it starts them at their earliest offset again, before
+// anything of theirs is in the restored state.
+func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) error {
+	for _, d := range batch {
+		if _, ok := s.offsets[d.partition]; ok {
+			continue
+		}
+		s.offsets[d.partition] = d.offset
+		s.partitions = append(s.partitions, d.partition)
+		slices.Sort(s.partitions)
+		if err := s.read(r, d.partition); err != nil {
+			return err
+		}
+		s.log.Info("reading a partition added to the topic", "partition", d.partition, "offset", d.offset)
+	}
+	return nil
+}
+
+// resolveOffsets chooses the partitions to read and sets the start offset
+// of each: the restored one, or one resolved to a concrete offset now, so
+// that an ack names a next offset even for a partition without records yet.
+//
+// The partitions are the assignment, every partition the task owns that the
+// restored checkpoint has an offset for (discovered by an earlier attempt:
+// the leader's lookup may not list it yet), and with discovery on, every
+// partition the task owns that the topic has now.
+//
+// A partition without a restored offset starts at the start policy, except
+// when the task restores a checkpoint with discovery on: then it starts at
+// the earliest offset, because a partition the checkpoint lacks was added to
+// the topic after it, and is read from its start as discover does; an
+// earlier attempt may have read it, but no state restored has. A restored
 // offset outside the partition's records (the topic was deleted and
 // recreated, or records expired before they were read) is replaced by the
 // start policy, as Kafka's auto.offset.reset does, and logged.
 func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) error {
 	topic := s.spec.GetTopic()
-	var at int64
+	var policy int64
 	switch s.spec.GetStart() {
 	case "", "earliest":
-		at = sarama.OffsetOldest
+		policy = sarama.OffsetOldest
 	case "latest":
-		at = sarama.OffsetNewest
+		policy = sarama.OffsetNewest
 	default:
 		return fmt.Errorf("source start %q: want \"earliest\" or \"latest\"", s.spec.GetStart())
 	}
-	for _, p := range s.spec.GetPartitions() {
+	parts := slices.Clone(s.spec.GetPartitions())
+	for _, p := range parts {
 		if !slices.Contains(topicParts, p) {
 			return fmt.Errorf("source topic %q has no partition %d (it has %d partitions)", topic, p, len(topicParts))
 		}
+	}
+	for _, p := range slices.Sorted(maps.Keys(s.restore)) {
+		if slices.Contains(parts, p) || !s.owns(p) {
+			continue
+		}
+		if !slices.Contains(topicParts, p) {
+			s.log.Warn("the restored checkpoint has an offset of a partition the topic does not have (topic recreated with fewer partitions?): not reading it",
+				"partition", p, "restored_offset", s.restore[p], "topic_partitions", len(topicParts))
+			continue
+		}
+		parts = append(parts, p)
+	}
+	if s.discovery > 0 {
+		for _, p := range topicParts {
+			if s.owns(p) && !slices.Contains(parts, p) {
+				parts = append(parts, p)
+			}
+		}
+	}
+	slices.Sort(parts)
+	if len(parts) > len(s.spec.GetPartitions()) {
+		s.log.Info("reading partitions beyond the assignment (restored or added to the topic)", "read", parts)
+	}
+	s.partitions = parts
+	for _, p := range parts {
+		at := policy
 		if off, ok := s.restore[p]; ok {
 			oldest, newest, err := partitionBounds(client, topic, p)
 			if err != nil {
@@ -246,6 +406,8 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			} else {
 				log.Error("restored offset is below the oldest record (records expired before they were read): reading from the start policy")
 			}
+		} else if s.restoreID != 0 && s.discovery > 0 {
+			at = sarama.OffsetOldest // added after the checkpoint
 		}
 		off, err := client.GetOffset(topic, p, at)
 		if err != nil {
@@ -284,7 +446,7 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 			return
 		case msg, ok := <-pc.Messages():
 			if !ok {
-				failed <- fmt.Errorf("source: consumer of %s/%d stopped", s.spec.GetTopic(), p)
+				fail(ctx, failed, fmt.Errorf("source: consumer of %s/%d stopped", s.spec.GetTopic(), p))
 				return
 			}
 			failingSince, lastErr = time.Time{}, time.Time{}
@@ -304,8 +466,8 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 			}
 			lastErr = now
 			if d := now.Sub(failingSince); d >= window {
-				failed <- fmt.Errorf("source: %s/%d: only errors from Kafka for %s (kafka timeout %s): %w",
-					s.spec.GetTopic(), p, d.Round(time.Millisecond), window, err)
+				fail(ctx, failed, fmt.Errorf("source: %s/%d: only errors from Kafka for %s (kafka timeout %s): %w",
+					s.spec.GetTopic(), p, d.Round(time.Millisecond), window, err))
 				return
 			}
 			s.log.Warn("kafka consumer error", "partition", p, "err", err, "failing_for", now.Sub(failingSince).Round(time.Millisecond))
@@ -313,9 +475,19 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 	}
 }
 
+// fail reports a pump's error to the task loop, unless the task is ending
+// (the loop may have returned on another pump's error).
+func fail(ctx context.Context, failed chan<- error, err error) {
+	select {
+	case failed <- err:
+	case <-ctx.Done():
+	}
+}
+
 // loop is the task loop: records, flushes of batches that waited
-// FlushInterval, and leader control messages, one at a time.
-func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMessage, pumpErr <-chan error, lease *kafkaLease) error {
+// FlushInterval, partitions discovered, and leader control messages, one at
+// a time. found is nil without discovery.
+func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan []discovered) error {
 	// The flush timer runs only while items wait in a batch: an idle
 	// source costs nothing, however many there are on the worker.
 	flush := time.NewTimer(s.env.cfg.FlushInterval)
@@ -327,15 +499,19 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 			flush.Reset(s.env.cfg.FlushInterval)
 			armed = true
 		}
-		records := merged
+		records := r.merged
 		if s.halted {
 			records = nil
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case err := <-pumpErr:
+		case err := <-r.failed:
 			return err
+		case batch := <-found:
+			if err := s.readDiscovered(r, batch); err != nil {
+				return err
+			}
 		case msg := <-records:
 			if err := s.process(ctx, msg); err != nil {
 				return err
@@ -351,7 +527,7 @@ func (s *sourceTask) loop(ctx context.Context, merged <-chan *sarama.ConsumerMes
 					return err
 				}
 			} else if c.complete != 0 {
-				s.completed(c.complete, c.offsets, lease)
+				s.completed(c.complete, c.offsets, r.lease)
 			}
 		}
 	}
@@ -459,11 +635,11 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 
 // completed queues the offsets of completed checkpoint id for the shared
 // client's next offset commit: those the leader sent for this task's
-// partitions, else those it acked.
+// partitions (discovered ones included), else those it acked.
 func (s *sourceTask) completed(id uint64, sent map[int32]int64, lease *kafkaLease) {
 	offsets := make(map[int32]int64)
-	for _, p := range s.spec.GetPartitions() {
-		if off, ok := sent[p]; ok {
+	for p, off := range sent {
+		if _, own := s.offsets[p]; own {
 			offsets[p] = off
 		}
 	}

@@ -1,0 +1,62 @@
+package coordinator
+
+import (
+	"maps"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+)
+
+// TestLeaderDeployCarriesPartitionDiscovery: a source's deployment names the
+// job's discovery interval (the default when the spec has none), and
+// restores every checkpointed partition the task owns, also those beyond its
+// assignment: partitions an earlier attempt discovered, which the leader's
+// partition lookup may not list yet.
+func TestLeaderDeployCarriesPartitionDiscovery(t *testing.T) {
+	spec := testJobSpec(2, 2)
+	workers := []workerSlots{{id: "w1", dataAddr: "w1:7401", free: 4}, {id: "w2", dataAddr: "w2:7401", free: 4}}
+	tasks, err := assign(spec, 2, workers)
+	if err != nil {
+		t.Fatalf("assign: %v", err)
+	}
+	job := fsm.Job{ID: "j1", Spec: spec, Attempt: 2, Tasks: tasks}
+	// Checkpointed when the topic had grown to 5 partitions.
+	ck := &fsm.Checkpoint{ID: 4, Tasks: map[string]fsm.TaskState{
+		"source-0": {Kind: fsm.TaskSource, Offsets: map[int32]int64{0: 10, 2: 3, 4: 0}},
+		"source-1": {Kind: fsm.TaskSource, Offsets: map[int32]int64{1: 11, 3: 5}},
+		"map-0":    {Kind: fsm.TaskMap, Keyed: []byte("a"), KeyedSHA256: "x"},
+	}}
+	for i, want := range []map[int32]int64{{0: 10, 2: 3, 4: 0}, {1: 11, 3: 5}} {
+		d := buildDeploy(job, tasks[i], ck, "")
+		if got := d.GetSource().GetPartitionDiscoveryMs(); got != int64(fsm.DefaultPartitionDiscovery/fsm.Duration(time.Millisecond)) {
+			t.Fatalf("source-%d: partition_discovery_ms %d, want the default", i, got)
+		}
+		if got := d.GetSource().GetPartitions(); !slices.Equal(got, []int32{int32(i)}) {
+			t.Fatalf("source-%d: partitions %v, want its assignment [%d]", i, got, i)
+		}
+		if got := d.GetRestoreOffsets(); !maps.Equal(got, want) {
+			t.Fatalf("source-%d: restore offsets %v, want %v", i, got, want)
+		}
+	}
+
+	// Restored with 3 sources: each takes the checkpointed partitions it
+	// owns now, p mod 3 == index.
+	spec3 := testJobSpec(3, 2)
+	spec3.Source.PartitionDiscovery = fsm.Duration(2 * time.Second)
+	tasks3, err := assign(spec3, 2, workers)
+	if err != nil {
+		t.Fatalf("assign: %v", err)
+	}
+	job3 := fsm.Job{ID: "j1", Spec: spec3, Attempt: 3, Tasks: tasks3}
+	for i, want := range []map[int32]int64{{0: 10, 3: 5}, {1: 11, 4: 0}, {2: 3}} {
+		d := buildDeploy(job3, tasks3[i], ck, "")
+		if got := d.GetRestoreOffsets(); !maps.Equal(got, want) {
+			t.Fatalf("3 sources: source-%d: restore offsets %v, want %v", i, got, want)
+		}
+		if got := d.GetSource().GetPartitionDiscoveryMs(); got != 2000 {
+			t.Fatalf("source-%d: partition_discovery_ms %d, want 2000", i, got)
+		}
+	}
+}
