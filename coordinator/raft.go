@@ -67,7 +67,7 @@ var errPeerHasState = errors.New("a peer already holds raft state")
 // starts the Raft node.
 func (s *Server) setupRaft() error {
 	hl := newHCLogger(s.logger.With("component", "raft"), "raft")
-	store, err := openBoltStore(filepath.Join(s.cfg.DataDir, raftDBFile))
+	store, err := openCheckedBoltStore(filepath.Join(s.cfg.DataDir, raftDBFile))
 	if err != nil {
 		return err
 	}
@@ -105,8 +105,11 @@ func (s *Server) setupRaft() error {
 	if err != nil {
 		return fmt.Errorf("inspect raft state in %s: %w", s.cfg.DataDir, err)
 	}
+	if err := checkRaftData(s.cfg.DataDir, store, snaps, s.logger); err != nil {
+		return err
+	}
 	s.applied = &indexedFSM{FSM: s.fsm}
-	r, err := raft.NewRaft(rc, s.applied, store, store, snaps, trans)
+	r, err := newRaft(s.cfg.DataDir, rc, s.applied, store, store, snaps, trans)
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
