@@ -170,9 +170,13 @@ const raftUsage = `Usage: coordd raft <command> [-addr URL] [arguments]
 
   raft peers            list the Raft servers, marking the leader
   raft remove-peer ID   remove a coordinator that is gone for good from the Raft configuration
+  raft recover -data-dir DIR -peers FILE
+                        offline, on a stopped coordinator: replace the Raft configuration
+                        after a quorum loss (talks to no coordinator)
 `
 
-// runRaft dispatches `coordd raft peers` and `coordd raft remove-peer ID`.
+// runRaft dispatches `coordd raft peers`, `coordd raft remove-peer ID` and
+// `coordd raft recover` (raft_recover.go).
 func runRaft(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, raftUsage)
@@ -183,6 +187,8 @@ func runRaft(args []string, stdout, stderr io.Writer) error {
 		return raftPeers(args[1:], stdout, stderr)
 	case "remove-peer":
 		return raftRemovePeer(args[1:], stdout, stderr)
+	case "recover":
+		return raftRecover(args[1:], stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "coordd raft: unknown command %q\n\n%s", args[0], raftUsage)
 	return errUsage

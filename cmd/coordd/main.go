@@ -1,7 +1,8 @@
 // Command coordd is coordflow's coordinator: `coordd agent` runs one node of
 // the Raft group (job and checkpoint metadata, the leader's scheduler and
 // checkpoint coordinator, the HTTP API); the other commands are a CLI for
-// that HTTP API.
+// that HTTP API, except `coordd raft recover`, which works offline on the
+// data dir of a stopped coordinator.
 //
 // Exit status: 0 on success, 1 when the command fails (the error goes to
 // stderr), 2 on bad usage.
@@ -52,9 +53,13 @@ Cluster:
   members               list coordinators and workers with their state
   raft peers            list the Raft servers, marking the leader
   raft remove-peer ID   remove a coordinator that is gone for good from the Raft configuration
+  raft recover -data-dir DIR -peers FILE
+                        offline, on a stopped coordinator: replace the Raft configuration
+                        after a quorum loss (docs/operations.md "Recovering a node / a lost quorum")
 
-The job, members and raft commands talk to the HTTP API of any coordinator,
-named by -addr (default $COORD_ADDR, else http://127.0.0.1:7201).
+The job, members and raft commands (all but raft recover, which works offline)
+talk to the HTTP API of any coordinator, named by -addr (default $COORD_ADDR,
+else http://127.0.0.1:7201).
 Run 'coordd <command> -h' for the flags of a command.
 `
 
