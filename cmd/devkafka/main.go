@@ -4,6 +4,9 @@
 //
 //	devkafka -addr 127.0.0.1:9092 -topic words:4 -topic counts:4 [-data-dir DIR] [-sync]
 //
+// A -data-dir another devkafka (or `coordd dev`) is using is refused: "devkafka:
+// data dir DIR is in use by another devkafka (pid N)", status 1.
+//
 // Once it accepts connections it prints exactly one line to stdout,
 // "devkafka listening on ADDR"; scripts and tests wait for it. Logs go to
 // stderr. SIGINT or SIGTERM stops it cleanly. Bad flags exit with status 2.
@@ -97,6 +100,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if errors.Is(err, devbroker.ErrConfig) {
 		fmt.Fprintf(stderr, "devkafka: %v\n", err)
 		return 2
+	}
+	if errors.Is(err, devbroker.ErrDataDirInUse) {
+		fmt.Fprintf(stderr, "devkafka: %v\n", err)
+		return 1
 	}
 	if err != nil {
 		logger.Error("broker did not start", "err", err)

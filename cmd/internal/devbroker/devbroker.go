@@ -39,7 +39,9 @@ type Config struct {
 	// keeps its partitions, with a warning if the count differs.
 	Topics map[string]int32
 	// DataDir, when set, keeps records, topics and committed offsets on disk
-	// across restarts. Empty keeps everything in memory.
+	// across restarts. Empty keeps everything in memory. A broker holds an
+	// exclusive lock on DataDir/LOCK while it runs: a second one on the same
+	// directory fails with ErrDataDirInUse.
 	DataDir string
 	// SyncWrites fsyncs every write to DataDir: durable across machine
 	// crashes, slower. Process kills are survived without it.
@@ -52,6 +54,7 @@ type Config struct {
 type Broker struct {
 	cluster *kfake.Cluster
 	addr    string
+	lock    *dirLock // of Config.DataDir; nil without one
 }
 
 // Start starts a broker and returns once it accepts connections and every
@@ -92,7 +95,12 @@ func Start(ctx context.Context, cfg Config) (*Broker, error) {
 		kfake.ListenFn(func(network, _ string) (net.Listener, error) { return net.Listen(network, cfg.Addr) }),
 		kfake.WithLogger(kfakeLogger{logger}),
 	}
+	var lock *dirLock
 	if cfg.DataDir != "" {
+		// Before kfake reads the directory: another broker may be writing it.
+		if lock, err = lockDataDir(cfg.DataDir); err != nil {
+			return nil, err
+		}
 		opts = append(opts, kfake.DataDir(cfg.DataDir))
 		if cfg.SyncWrites {
 			opts = append(opts, kfake.SyncWrites())
@@ -112,23 +120,26 @@ func Start(ctx context.Context, cfg Config) (*Broker, error) {
 	select {
 	case s := <-ch:
 		if s.err != nil {
+			lock.unlock()
 			return nil, fmt.Errorf("devbroker: start on %s: %w", cfg.Addr, s.err)
 		}
 		c = s.c
 	case <-ctx.Done():
 		// The start goroutine owns the cluster from here: close it once it
-		// exists so that its listener and files are released.
+		// exists so that its listener and files are released, and the
+		// data dir's lock after that.
 		go func() {
 			if s := <-ch; s.err == nil {
 				s.c.Close()
 			}
+			lock.unlock()
 		}()
 		return nil, fmt.Errorf("devbroker: start on %s: %w", cfg.Addr, ctx.Err())
 	}
 
-	b := &Broker{cluster: c, addr: c.ListenAddrs()[0]}
+	b := &Broker{cluster: c, addr: c.ListenAddrs()[0], lock: lock}
 	if err := b.ensureTopics(cfg.Topics, logger); err != nil {
-		c.Close()
+		b.Close()
 		return nil, err
 	}
 	return b, nil
@@ -164,9 +175,12 @@ func (b *Broker) Addr() string { return b.addr }
 
 // Close stops the broker. With a data directory it first writes what it keeps
 // only in memory (partition snapshots, session state) so the next start is
-// fast; records and committed offsets are on disk already. Close is safe to
-// call more than once.
-func (b *Broker) Close() { b.cluster.Close() }
+// fast; records and committed offsets are on disk already; then it releases
+// the directory's lock. Close is safe to call more than once.
+func (b *Broker) Close() {
+	b.cluster.Close()
+	b.lock.unlock()
+}
 
 // kfakeLogger adapts kfake's printf logger to slog. kfake logs every request
 // at its info level, so its info and debug go to slog's debug levels.
