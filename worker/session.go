@@ -131,8 +131,11 @@ type session struct {
 	w      *Worker
 	logger *slog.Logger
 
+	// now reads the clock every lease deadline is measured on: monotonic,
+	// never the wall clock (leaseclock.go). Tests may replace it before run.
+	now leaseClock
 	// lastHeard is when a leader last sent anything, or a coordinator that
-	// knows no leader last answered (unix nanoseconds; 0 = never); lease and
+	// knows no leader last answered (a reading of now; 0 = never); lease and
 	// heartbeat are those of the last Welcome (nanoseconds). Written by the
 	// session goroutines, read by watchLease.
 	lastHeard atomic.Int64
@@ -146,7 +149,7 @@ type session struct {
 }
 
 func newSession(w *Worker) *session {
-	return &session{w: w, logger: w.logger.With("component", "session")}
+	return &session{w: w, logger: w.logger.With("component", "session"), now: monotonicClock()}
 }
 
 // run opens sessions until ctx ends: to the leader a follower named, else to
@@ -287,9 +290,9 @@ func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) 
 	}
 	s.lease.Store(int64(lease))
 	s.heartbeat.Store(int64(hb))
-	now := time.Now().UnixNano()
+	now := int64(s.now())
 	s.lastHeard.Store(now)
-	var lastRecv atomic.Int64
+	var lastRecv atomic.Int64 // a reading of s.now
 	lastRecv.Store(now)
 	log := s.logger.With("leader", wel.GetLeaderId(), "term", wel.GetTerm())
 	log.Info("control session open", "coordinator", addr, "lease", lease, "heartbeat", hb, "running", first.running)
@@ -312,7 +315,7 @@ func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) 
 				recvErr <- &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
 				return
 			}
-			t := time.Now().UnixNano()
+			t := int64(s.now())
 			s.lastHeard.Store(t)
 			lastRecv.Store(t)
 			s.dispatch(log, m)
@@ -348,7 +351,7 @@ func (s *session) runOnce(ctx context.Context, addr string) (sessionEnd, error) 
 			}
 			return sessionEnd{welcomed: true}, fmt.Errorf("receive: %w", err)
 		case <-ticker.C:
-			if silent := time.Since(time.Unix(0, lastRecv.Load())); silent > lease {
+			if silent := s.now() - time.Duration(lastRecv.Load()); silent > lease {
 				return sessionEnd{welcomed: true}, fmt.Errorf("leader silent for %s (lease %s)", silent.Round(time.Millisecond), lease)
 			}
 			if err := stream.Send(heartbeatMsg()); err != nil {
@@ -384,7 +387,7 @@ func noLeader(nl *transport.NotLeader) bool {
 // the leader wait for the next session.
 func (s *session) leaderless(ctx context.Context, cancel context.CancelFunc, stream grpc.BidiStreamingClient[transport.WorkerMessage, transport.CoordinatorMessage], addr string, running int) (sessionEnd, error) {
 	s.renew()
-	lastRecv := time.Now()
+	lastRecv := s.now()
 	lease := orDefault(time.Duration(s.lease.Load()), defaultLease)
 	hb := orDefault(time.Duration(s.heartbeat.Load()), defaultHeartbeat)
 	s.w.metrics.leaderless.Set(1)
@@ -436,9 +439,9 @@ func (s *session) leaderless(ctx context.Context, cancel context.CancelFunc, str
 				return sessionEnd{redirect: nl.GetLeaderRpcAddr(), held: true}, &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
 			}
 			s.renew()
-			lastRecv = time.Now()
+			lastRecv = s.now()
 		case <-ticker.C:
-			if silent := time.Since(lastRecv); silent > lease {
+			if silent := s.now() - lastRecv; silent > lease {
 				return sessionEnd{held: true}, fmt.Errorf("coordinator without leader silent for %s (lease %s)", silent.Round(time.Millisecond), lease)
 			}
 			if err := stream.Send(heartbeatMsg()); err != nil {
@@ -449,7 +452,7 @@ func (s *session) leaderless(ctx context.Context, cancel context.CancelFunc, str
 }
 
 // renew renews the lease: a leader, or a coordinator that knows none, answered.
-func (s *session) renew() { s.lastHeard.Store(time.Now().UnixNano()) }
+func (s *session) renew() { s.lastHeard.Store(int64(s.now())) }
 
 func orDefault(d, def time.Duration) time.Duration {
 	if d <= 0 {
@@ -523,6 +526,19 @@ func (s *session) dispatch(log *slog.Logger, m *transport.CoordinatorMessage) {
 	}
 }
 
+// leaseExpired reports whether no leader has been heard for longer than the
+// lease, measured on s.now, and for how long none has. Before any leader was
+// heard it is false: no task can have been deployed.
+func (s *session) leaseExpired() (silent, lease time.Duration, expired bool) {
+	last := s.lastHeard.Load()
+	lease = time.Duration(s.lease.Load())
+	if last == 0 || lease == 0 {
+		return 0, lease, false
+	}
+	silent = s.now() - time.Duration(last)
+	return silent, lease, silent > lease
+}
+
 // watchLease stops every task once no leader has been heard for the lease, so
 // that a partitioned worker never goes on as a zombie while the leader
 // restarts its job elsewhere. It returns when ctx ends.
@@ -535,12 +551,8 @@ func (s *session) watchLease(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		last, lease := s.lastHeard.Load(), time.Duration(s.lease.Load())
-		if last == 0 || lease == 0 {
-			continue // no leader ever: no task can have been deployed
-		}
-		silent := time.Since(time.Unix(0, last))
-		if silent <= lease {
+		silent, lease, expired := s.leaseExpired()
+		if !expired {
 			continue
 		}
 		if n := s.w.tasks.stopLive(fmt.Sprintf("lease expired: no leader heard for %s", silent.Round(time.Millisecond))); n > 0 {
