@@ -292,19 +292,24 @@ func TestFourthCoordinatorJoins(t *testing.T) {
 	}
 }
 
-// TestNoLeader runs a coordinator that never bootstraps: reads work from
-// its own (empty) FSM, writes answer 503 "no leader".
+// TestNoLeader runs a coordinator that never bootstraps: reads of its own
+// (empty) FSM need ?stale=true, since it never heard from a leader; writes
+// answer 503 "no leader".
 func TestNoLeader(t *testing.T) {
 	s := startServer(t, testConfig(t, testLogger(t), "c1"))
 	var st apiStatus
-	if code := apiCall(t, s, http.MethodGet, "/v1/status", nil, &st); code != http.StatusOK || st.State != "Follower" || st.LeaderID != "" || st.LeaderHTTPAddr != "" {
-		t.Errorf("GET /v1/status = %d %+v, want a follower with no leader", code, st)
-	}
-	var jobs []apiJob
-	if code := apiCall(t, s, http.MethodGet, "/v1/jobs", nil, &jobs); code != http.StatusOK || len(jobs) != 0 {
-		t.Errorf("GET /v1/jobs = %d %+v, want 200 and no jobs", code, jobs)
+	if code := apiCall(t, s, http.MethodGet, "/v1/status", nil, &st); code != http.StatusOK || st.State != "Follower" || st.LeaderID != "" || st.LeaderHTTPAddr != "" ||
+		st.LastContactMS != -1 || st.KnownLeader || st.ServesReads {
+		t.Errorf("GET /v1/status = %d %+v, want a follower with no leader, never contacted, serving no reads", code, st)
 	}
 	var out struct{ Error string }
+	if code := apiCall(t, s, http.MethodGet, "/v1/jobs", nil, &out); code != http.StatusServiceUnavailable || !strings.Contains(out.Error, "?stale=true") {
+		t.Errorf("GET /v1/jobs = %d %q, want 503 naming ?stale=true", code, out.Error)
+	}
+	var jobs []apiJob
+	if code := apiCall(t, s, http.MethodGet, "/v1/jobs?stale=true", nil, &jobs); code != http.StatusOK || len(jobs) != 0 {
+		t.Errorf("GET /v1/jobs?stale=true = %d %+v, want 200 and no jobs", code, jobs)
+	}
 	if code := apiCall(t, s, http.MethodPost, "/v1/jobs", wordcountSpec, &out); code != http.StatusServiceUnavailable || !strings.HasPrefix(out.Error, "no leader: ") {
 		t.Errorf("POST /v1/jobs = %d %q, want 503 \"no leader: ...\"", code, out.Error)
 	}

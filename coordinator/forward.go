@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 // forwardedHeader marks a request a follower forwarded to the leader, with
@@ -34,7 +36,32 @@ var forwardTransport = &http.Transport{
 	Proxy:                 nil,
 	MaxIdleConnsPerHost:   4,
 	IdleConnTimeout:       30 * time.Second,
+	TLSHandshakeTimeout:   handshakeTimeout,
 	ResponseHeaderTimeout: max(defaultApplyTimeout, maxSavepointWait) + 5*time.Second,
+}
+
+// forwardWriteTimeout is the write deadline of a forwarded request's
+// answer: the leader's answer may take forwardTransport's
+// ResponseHeaderTimeout, and the wait for this node to apply the write
+// readYourWritesTimeout more.
+var forwardWriteTimeout = forwardTransport.ResponseHeaderTimeout + readYourWritesTimeout + time.Minute
+
+// leaderTransport returns the transport to forward requests to leader id:
+// forwardTransport without TLS; with TLS one per leader id, presenting this
+// node's certificate and accepting only coordinator id's.
+func (s *Server) leaderTransport(id string) http.RoundTripper {
+	if s.cfg.TLS == nil {
+		return forwardTransport
+	}
+	s.api.forwardMu.Lock()
+	defer s.api.forwardMu.Unlock()
+	t, ok := s.api.forward[id]
+	if !ok {
+		t = forwardTransport.Clone()
+		t.TLSClientConfig = s.cfg.TLS.ClientConfig(tlsutil.RoleCoordinator, id)
+		s.api.forward[id] = t
+	}
+	return t
 }
 
 // leaderOnly serves h on the leader and forwards the request to the leader
@@ -68,7 +95,10 @@ func (s *Server) noLeaderError() string {
 		s.cfg.ID, s.raft.State(), s.raft.CurrentTerm(), voters/2+1, voters)
 }
 
-// forwardToLeader proxies r to the leader's HTTP API: one hop only.
+// forwardToLeader proxies r to the leader's HTTP API: one hop only. This
+// node has authorized r already (guard); the Authorization header goes along,
+// and with TLS the leader sees this node's coordinator certificate, which it
+// takes as operator: it trusts the follower's check.
 func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 	if by := r.Header.Get(forwardedHeader); by != "" {
 		writeError(w, http.StatusServiceUnavailable,
@@ -84,14 +114,14 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("no leader: the http address of leader %s is not known yet", id))
 		return
 	}
-	target := &url.URL{Scheme: "http", Host: httpAddr}
+	target := &url.URL{Scheme: s.apiScheme(), Host: httpAddr}
 	proxy := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
 			pr.SetXForwarded()
 			pr.Out.Header.Set(forwardedHeader, s.cfg.ID)
 		},
-		Transport: forwardTransport,
+		Transport: s.leaderTransport(id),
 		ModifyResponse: func(resp *http.Response) error {
 			index, err := strconv.ParseUint(resp.Header.Get(indexHeader), 10, 64)
 			if err != nil {
@@ -110,5 +140,6 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 		},
 	}
 	s.logger.Debug("forwarding write to leader", "leader", id, "method", r.Method, "path", r.URL.Path)
+	extendWrite(w, forwardWriteTimeout)
 	proxy.ServeHTTP(w, r)
 }

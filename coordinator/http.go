@@ -29,40 +29,49 @@ import (
 const maxSpecBytes = 1 << 20
 
 // newHTTPServer builds the HTTP API of docs/design ("User contract"). Reads
-// answer from the local FSM on any node; writes run on the leader, and a
-// follower forwards them there (forward.go).
+// answer from the local FSM on any node (the stale-read rule of
+// http_guard.go permitting); writes run on the leader, and a follower
+// forwards them there (forward.go). Every endpoint names the role it needs
+// (acl.go) and its bounds (routeOpts).
 func (s *Server) newHTTPServer() *http.Server {
-	mux := http.NewServeMux()
-	if s.cfg.EnableDebug {
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	if s.api == nil {
+		s.api = newHTTPAPI() // handler tests build a bare Server
 	}
-	mux.HandleFunc("GET /v1/status", s.handleStatus)
-	mux.HandleFunc("GET /v1/members", s.handleMembers)
-	mux.Handle("POST /v1/jobs", s.leaderOnly(s.handleSubmitJob))
-	mux.HandleFunc("GET /v1/jobs", s.handleListJobs)
-	mux.HandleFunc("GET /v1/jobs/{id}", s.handleGetJob)
-	mux.Handle("DELETE /v1/jobs/{id}", s.leaderOnly(s.handleCancelJob))
-	mux.HandleFunc("GET /v1/jobs/{id}/checkpoints", s.handleCheckpoints)
-	mux.HandleFunc("GET /v1/jobs/{id}/state", s.handleState)
-	mux.HandleFunc("GET /v1/jobs/{id}/state/export", s.handleStateExport)
-	mux.Handle("POST /v1/jobs/{id}/savepoints", s.leaderOnly(s.handleTakeSavepoint))
-	mux.HandleFunc("GET /v1/jobs/{id}/transactions", s.handleTransactions)
-	mux.Handle("POST /v1/jobs/{id}/transactions/abort", s.leaderOnly(s.handleTransactions))
-	mux.HandleFunc("GET /v1/savepoints", s.handleListSavepoints)
-	mux.HandleFunc("GET /v1/savepoints/{id}", s.handleGetSavepoint)
-	mux.Handle("DELETE /v1/savepoints/{id}", s.leaderOnly(s.handleDeleteSavepoint))
-	mux.HandleFunc("GET /v1/raft/peers", s.handleRaftPeers)
-	mux.Handle("DELETE /v1/raft/peers/{id}", s.leaderOnly(s.handleRemovePeer))
-	mux.HandleFunc("GET /v1/fsm/digest", s.handleDigest)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	mux := http.NewServeMux()
+	read := routeOpts{fsmRead: true}
+	long := routeOpts{writeFor: maxSavepointWait + time.Minute}
+	if s.cfg.EnableDebug {
+		debug := routeOpts{writeFor: debugWriteTimeout}
+		s.handle(mux, "/debug/pprof/", roleOperator, debug, http.HandlerFunc(pprof.Index))
+		s.handle(mux, "/debug/pprof/profile", roleOperator, debug, http.HandlerFunc(pprof.Profile))
+		s.handle(mux, "/debug/pprof/trace", roleOperator, debug, http.HandlerFunc(pprof.Trace))
+	}
+	s.handle(mux, "GET /v1/status", roleNone, routeOpts{}, http.HandlerFunc(s.handleStatus))
+	s.handle(mux, "GET /v1/members", roleRead, routeOpts{}, http.HandlerFunc(s.handleMembers))
+	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes}, s.leaderOnly(s.handleSubmitJob))
+	s.handle(mux, "GET /v1/jobs", roleRead, read, http.HandlerFunc(s.handleListJobs))
+	s.handle(mux, "GET /v1/jobs/{id}", roleRead, read, http.HandlerFunc(s.handleGetJob))
+	s.handle(mux, "DELETE /v1/jobs/{id}", roleWrite, long, s.leaderOnly(s.handleCancelJob))
+	s.handle(mux, "GET /v1/jobs/{id}/checkpoints", roleRead, read, http.HandlerFunc(s.handleCheckpoints))
+	s.handle(mux, "GET /v1/jobs/{id}/state", roleRead, routeOpts{fsmRead: true, writeFor: stateWriteTimeout}, http.HandlerFunc(s.handleState))
+	s.handle(mux, "GET /v1/jobs/{id}/state/export", roleRead, read, http.HandlerFunc(s.handleStateExport))
+	s.handle(mux, "POST /v1/jobs/{id}/savepoints", roleWrite, long, s.leaderOnly(s.handleTakeSavepoint))
+	s.handle(mux, "GET /v1/jobs/{id}/transactions", roleRead, read, http.HandlerFunc(s.handleTransactions))
+	s.handle(mux, "POST /v1/jobs/{id}/transactions/abort", roleWrite, routeOpts{}, s.leaderOnly(s.handleTransactions))
+	s.handle(mux, "GET /v1/savepoints", roleRead, read, http.HandlerFunc(s.handleListSavepoints))
+	s.handle(mux, "GET /v1/savepoints/{id}", roleRead, read, http.HandlerFunc(s.handleGetSavepoint))
+	s.handle(mux, "DELETE /v1/savepoints/{id}", roleWrite, routeOpts{}, s.leaderOnly(s.handleDeleteSavepoint))
+	s.handle(mux, "GET /v1/raft/peers", roleRead, routeOpts{}, http.HandlerFunc(s.handleRaftPeers))
+	s.handle(mux, "DELETE /v1/raft/peers/{id}", roleOperator, routeOpts{}, s.leaderOnly(s.handleRemovePeer))
+	s.handle(mux, "GET /v1/fsm/digest", roleRead, read, http.HandlerFunc(s.handleDigest))
+	s.handle(mux, "GET /metrics", roleRead, routeOpts{}, promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
+	s.handle(mux, "/", roleRead, routeOpts{}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
-	})
+	}))
 	return &http.Server{
 		Handler:           mux,
-		ReadHeaderTimeout: 5 * time.Second,
+		ReadHeaderTimeout: headerTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       time.Minute,
 		ErrorLog:          log.New(&levelWriter{logger: s.logger.With("component", "http"), def: slog.LevelDebug, max: slog.LevelWarn}, "", 0),
 	}
@@ -77,10 +86,25 @@ type apiStatus struct {
 	AppliedIndex   uint64 `json:"applied_index"`
 	LeaderID       string `json:"leader_id"`
 	LeaderHTTPAddr string `json:"leader_http_addr"`
+	// LastContactMS is the milliseconds since this node last heard from
+	// the leader: 0 on the leader, -1 if never (X-Coordflow-Last-Contact).
+	LastContactMS int64 `json:"last_contact_ms"`
+	KnownLeader   bool  `json:"known_leader"`
+	// CanApply is false when this node cannot apply the Raft log, for
+	// ApplyError's reason (its log store failed: a full disk; or the log
+	// holds commands it does not know).
+	CanApply   bool   `json:"can_apply"`
+	ApplyError string `json:"apply_error,omitempty"`
+	// ServesReads is false when reads of the FSM need ?stale=true here,
+	// for StaleReason's reason (http_guard.go).
+	ServesReads bool   `json:"serves_reads"`
+	StaleReason string `json:"stale_reason,omitempty"`
 }
 
 func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
 	id, _, httpAddr := s.leaderInfo()
+	c := s.contact()
+	stale := s.staleReason(c)
 	writeJSON(w, http.StatusOK, apiStatus{
 		ID:             s.cfg.ID,
 		State:          s.raft.State().String(),
@@ -89,6 +113,12 @@ func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
 		AppliedIndex:   s.raft.AppliedIndex(),
 		LeaderID:       id,
 		LeaderHTTPAddr: httpAddr,
+		LastContactMS:  c.lastContactMS(),
+		KnownLeader:    c.knownLeader,
+		CanApply:       c.applyProblem == "",
+		ApplyError:     c.applyProblem,
+		ServesReads:    stale == "",
+		StaleReason:    stale,
 	})
 }
 
@@ -103,11 +133,15 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxSpecBytes))
 	if err != nil {
 		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
+		switch {
+		case errors.As(err, &tooBig):
 			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("job spec exceeds %d bytes", tooBig.Limit))
-			return
+		case isTimeout(err):
+			w.Header().Set("Connection", "close")
+			writeError(w, http.StatusRequestTimeout, fmt.Sprintf("job spec not received within %v", bodyTimeout))
+		default:
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("read job spec: %v", err))
 		}
-		writeError(w, http.StatusBadRequest, fmt.Sprintf("read job spec: %v", err))
 		return
 	}
 	spec, err := fsm.ParseJobSpec(body, s.knownOperator())
@@ -455,11 +489,14 @@ func suffrageName(sf raft.ServerSuffrage) string {
 }
 
 // handleDigest answers the digest of this replica's FSM, for tests and
-// operators comparing replicas.
-func (s *Server) handleDigest(w http.ResponseWriter, _ *http.Request) {
-	applied := s.raft.AppliedIndex()
-	d, err := s.fsm.Digest()
+// operators comparing replicas. It is computed once per applied index, by
+// one caller at a time (digestCache).
+func (s *Server) handleDigest(w http.ResponseWriter, r *http.Request) {
+	d, applied, err := s.digest(r.Context())
 	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return // the client went away
+		}
 		writeError(w, http.StatusInternalServerError, err.Error())
 		return
 	}

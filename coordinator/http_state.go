@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net/http"
 	"slices"
+	"time"
 	"unicode/utf8"
 
 	"github.com/coordflow/coordflow/fsm"
@@ -134,6 +135,11 @@ func (s *Server) handleState(w http.ResponseWriter, r *http.Request) {
 		s.handleStateKey(w, r)
 		return
 	}
+	release, ok := s.admitStateRead(w)
+	if !ok {
+		return
+	}
+	defer release()
 	j, cp, ok := s.lastCheckpoint(w, r)
 	if !ok {
 		return
@@ -236,14 +242,21 @@ func (s *Server) handleStateKey(w http.ResponseWriter, r *http.Request) {
 // handleStateExport streams the whole state of the last completed
 // checkpoint as NDJSON: a first line with the checkpoint id and offsets,
 // then one line per key, in key-group order. An error after the first line
-// ends the stream with a line {"error": "..."}.
+// ends the stream with a line {"error": "..."}. The stream may last long: the
+// write deadline moves on with every write, so only a client that stops
+// reading is cut off.
 func (s *Server) handleStateExport(w http.ResponseWriter, r *http.Request) {
+	release, ok := s.admitStateRead(w)
+	if !ok {
+		return
+	}
+	defer release()
 	j, cp, ok := s.lastCheckpoint(w, r)
 	if !ok {
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-ndjson")
-	bw := bufio.NewWriterSize(w, 64<<10)
+	bw := bufio.NewWriterSize(&streamWriter{w: w}, 64<<10)
 	enc := json.NewEncoder(bw)
 	_ = enc.Encode(map[string]any{"checkpoint_id": cp.ID, "offsets": stateOffsets(j, cp)})
 	for _, st := range mapStates(cp) {
@@ -257,4 +270,19 @@ func (s *Server) handleStateExport(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	_ = bw.Flush()
+}
+
+// streamWriter writes a streamed answer, moving the write deadline to
+// defaultWriteTimeout from now before each write (at most once a second).
+type streamWriter struct {
+	w        http.ResponseWriter
+	extended time.Time
+}
+
+func (sw *streamWriter) Write(p []byte) (int, error) {
+	if now := time.Now(); now.Sub(sw.extended) >= time.Second {
+		extendWrite(sw.w, defaultWriteTimeout)
+		sw.extended = now
+	}
+	return sw.w.Write(p)
 }

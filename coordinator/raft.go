@@ -109,7 +109,7 @@ func (s *Server) setupRaft() error {
 		return err
 	}
 	s.applied = &indexedFSM{FSM: s.fsm}
-	r, err := newRaft(s.cfg.DataDir, rc, s.applied, store, store, snaps, trans)
+	r, err := newRaft(s.cfg.DataDir, rc, s.applied, s.watchLogStore(store), store, snaps, trans)
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
 	}
@@ -458,7 +458,6 @@ func (s *Server) tryBootstrap() (done bool, voters []Member, err error) {
 // -bootstrap-expect after the cluster formed (a replacement or a fourth
 // coordinator) must join it, not bootstrap a second one.
 func (s *Server) checkPeersFresh(voters []Member) error {
-	client := &http.Client{Timeout: peerStatusTimeout}
 	for _, m := range voters {
 		if m.ID == s.cfg.ID {
 			continue
@@ -466,7 +465,7 @@ func (s *Server) checkPeersFresh(voters []Member) error {
 		if m.HTTPAddr == "" {
 			return fmt.Errorf("coordinator %s advertises no http address", m.ID)
 		}
-		st, err := fetchStatus(s.ctx, client, m.HTTPAddr)
+		st, err := fetchStatus(s.ctx, s.peerClient(m.ID, peerStatusTimeout), s.apiScheme()+"://"+m.HTTPAddr)
 		if err != nil {
 			return fmt.Errorf("status of coordinator %s: %w", m.ID, err)
 		}
@@ -477,10 +476,10 @@ func (s *Server) checkPeersFresh(voters []Member) error {
 	return nil
 }
 
-// fetchStatus reads GET /v1/status of the coordinator at httpAddr.
-func fetchStatus(ctx context.Context, client *http.Client, httpAddr string) (apiStatus, error) {
+// fetchStatus reads GET /v1/status of the coordinator at base (scheme://host:port).
+func fetchStatus(ctx context.Context, client *http.Client, base string) (apiStatus, error) {
 	var st apiStatus
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+httpAddr+"/v1/status", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/v1/status", nil)
 	if err != nil {
 		return st, err
 	}

@@ -118,6 +118,16 @@ type Config struct {
 	// Its certificate must be a coordinator certificate.
 	TLS *tlsutil.Config
 
+	// ACLTokensFile, if set, names the API tokens file (JSON: [{"name",
+	// "token", "role"}], role read, write or operator): requests then need
+	// a token or a client certificate (acl.go, docs/operations.md). Reread
+	// by Server.ReloadACL.
+	ACLTokensFile string
+	// MaxStale is how long a follower may go without hearing from the
+	// Raft leader and still answer reads of its FSM; past it, or when it
+	// cannot apply the log, reads need ?stale=true (Consul's convention).
+	MaxStale time.Duration
+
 	// Logger receives every log line of this node, Raft's and memberlist's
 	// included; nil means slog.Default().
 	Logger *slog.Logger
@@ -148,6 +158,7 @@ func DefaultConfig() Config {
 		WorkerHeartbeat:        500 * time.Millisecond,
 		ReconcileInterval:      30 * time.Second,
 		DeployTimeout:          defaultDeployTimeout,
+		MaxStale:               5 * time.Second,
 	}
 }
 
@@ -170,6 +181,8 @@ func (c Config) validate() error {
 		return errors.New("raft timeouts must be positive")
 	case c.RaftReconcileInterval <= 0, c.ReconcileInterval <= 0:
 		return errors.New("reconcile intervals must be positive")
+	case c.MaxStale <= 0:
+		return errors.New("max stale must be positive")
 	case c.DeployTimeout <= 0:
 		return errors.New("deploy timeout must be positive")
 	case c.ProbeInterval <= 0, c.ProbeTimeout <= 0, c.GossipInterval <= 0, c.SuspicionMult < 1:
@@ -257,6 +270,7 @@ type Server struct {
 	state     *stateReader
 	collector *collector
 	committer *committer // the write path of this node as leader (commit.go)
+	api       *httpAPI   // what the HTTP API keeps: tokens, caches (http_guard.go)
 
 	grpc     *grpc.Server
 	http     *http.Server
@@ -292,6 +306,7 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		logger:       cfg.Logger.With("node", cfg.ID),
 		fsm:          fsm.New(),
 		metrics:      newMetrics(),
+		api:          newHTTPAPI(),
 		memberState:  make(map[string]*memberRecord),
 		memberEvents: make(chan struct{}, 1),
 		stores:       storage.NewPool(),
@@ -349,17 +364,9 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		}
 	})
 
-	httpLis, err := net.Listen("tcp", cfg.HTTPAddr)
-	if err != nil {
-		return nil, fmt.Errorf("listen http %s: %w", cfg.HTTPAddr, err)
+	if err := s.startHTTP(); err != nil {
+		return nil, err
 	}
-	s.httpAddr = httpLis.Addr().String()
-	s.http = s.newHTTPServer()
-	s.serveWG.Go(func() {
-		if err := s.http.Serve(httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			s.logger.Error("http server stopped", "err", err)
-		}
-	})
 
 	if err := s.setupMemberlist(); err != nil {
 		return nil, err

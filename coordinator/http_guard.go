@@ -1,0 +1,460 @@
+package coordinator
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/transport/tlsutil"
+)
+
+// Every API request passes guard before its handler: deadlines and a body
+// cap, authentication and the role the endpoint needs (acl.go), and for
+// reads of the FSM the stale-read rule.
+
+// Bounds of one HTTP request.
+const (
+	// headerTimeout bounds reading a request's headers (and the TLS
+	// handshake before them).
+	headerTimeout = 5 * time.Second
+	// bodyTimeout bounds reading a request's body: a client that announces
+	// a body and never sends it holds its connection this long at most.
+	bodyTimeout = 5 * time.Second
+	// maxHeaderBytes bounds a request's headers.
+	maxHeaderBytes = 64 << 10
+	// maxSmallBody bounds the body of every endpoint but POST /v1/jobs
+	// (maxSpecBytes): none of them reads one.
+	maxSmallBody = 64 << 10
+	// defaultWriteTimeout bounds writing an answer: a client that stops
+	// reading loses its connection. Endpoints that wait longer before they
+	// answer, or stream, extend it (routeOpts.writeFor, extendWrite).
+	defaultWriteTimeout = time.Minute
+	// stateWriteTimeout is the write deadline of GET /v1/jobs/{id}/state,
+	// which reads every state file of a checkpoint before it answers.
+	stateWriteTimeout = 5 * time.Minute
+	// debugWriteTimeout is the write deadline of /debug/pprof/ (a CPU
+	// profile or a trace runs for ?seconds= before it answers).
+	debugWriteTimeout = 10 * time.Minute
+	// maxStateReads bounds the full-state reads (GET .../state without
+	// ?key, and .../state/export) running at once on one coordinator; more
+	// are answered 429 with Retry-After.
+	maxStateReads = 2
+	// stateReadRetryAfter is the Retry-After of that 429, in seconds.
+	stateReadRetryAfter = 2
+)
+
+// Headers of every read answer, as Consul's X-Consul-LastContact and
+// X-Consul-KnownLeader: how stale this node's FSM may be.
+const (
+	// lastContactHeader is the milliseconds since this node last heard
+	// from the Raft leader: 0 on the leader, -1 when it never has.
+	lastContactHeader = "X-Coordflow-Last-Contact"
+	// knownLeaderHeader is "true" when this node knows a Raft leader.
+	knownLeaderHeader = "X-Coordflow-Known-Leader"
+)
+
+// httpAPI is what the HTTP API keeps beside the Server.
+type httpAPI struct {
+	// acl is the parsed -acl-tokens-file; nil without one.
+	acl atomic.Pointer[aclTokens]
+	// logs watches writes to the Raft log (nil in handler tests without
+	// Raft).
+	logs *logStoreHealth
+	// digest caches GET /v1/fsm/digest per applied index.
+	digest digestCache
+	// stateReads admits maxStateReads full-state reads at a time.
+	stateReads chan struct{}
+	// forward holds the transports that forward writes to a leader over
+	// TLS, by leader id (forward.go).
+	forwardMu sync.Mutex
+	forward   map[string]*http.Transport
+}
+
+func newHTTPAPI() *httpAPI {
+	return &httpAPI{stateReads: make(chan struct{}, maxStateReads), forward: make(map[string]*http.Transport)}
+}
+
+// routeOpts are an endpoint's bounds and rules.
+type routeOpts struct {
+	// maxBody caps the request body (0: maxSmallBody).
+	maxBody int64
+	// fsmRead marks a read of the FSM: the stale-read rule applies.
+	fsmRead bool
+	// writeFor is the write deadline (0: defaultWriteTimeout).
+	writeFor time.Duration
+}
+
+// handle registers h for pattern behind guard.
+func (s *Server) handle(mux *http.ServeMux, pattern string, need apiRole, o routeOpts, h http.Handler) {
+	mux.Handle(pattern, s.guard(need, o, h))
+}
+
+// guard runs the checks every request passes before h; see the comment at
+// the top of this file.
+func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
+	limit := cmp.Or(o.maxBody, maxSmallBody)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		// Errors are ignored: only a ResponseWriter without a connection
+		// (handler tests) cannot set deadlines.
+		_ = rc.SetWriteDeadline(time.Now().Add(cmp.Or(o.writeFor, defaultWriteTimeout)))
+		if r.Body != nil && r.Body != http.NoBody {
+			// Without a read deadline a request whose body never comes
+			// holds the connection for ever: net/http's ReadTimeout
+			// would do, but it also cancels the request's context of a
+			// handler that runs past it (a savepoint, a forwarded
+			// write), so the deadline covers the body only.
+			_ = rc.SetReadDeadline(time.Now().Add(bodyTimeout))
+			r.Body = &deadlineBody{ReadCloser: http.MaxBytesReader(w, r.Body, limit), rc: rc}
+		}
+		p, aerr := s.authorize(r, need)
+		if aerr != nil {
+			s.refuse(w, r, p, aerr)
+			return
+		}
+		if r.ContentLength > limit {
+			w.Header().Set("Connection", "close")
+			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body of %d bytes: %s %s takes at most %d", r.ContentLength, r.Method, r.URL.Path, limit))
+			return
+		}
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			c := s.contact()
+			c.setHeaders(w)
+			if o.fsmRead && !staleAllowed(r) {
+				if reason := s.staleReason(c); reason != "" {
+					w.Header().Set("Retry-After", "1")
+					writeError(w, http.StatusServiceUnavailable, reason+": read another coordinator, or add ?stale=true to read this one anyway")
+					return
+				}
+			}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// deadlineBody is a request body read under bodyTimeout; the deadline is
+// lifted at its end, so that it cannot cancel the handler's context (net/http
+// reads on in the background once the body is consumed).
+type deadlineBody struct {
+	io.ReadCloser
+	rc *http.ResponseController
+}
+
+func (b *deadlineBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if errors.Is(err, io.EOF) {
+		_ = b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
+
+// isTimeout reports whether err is a read deadline passing: the client did
+// not send its body in time.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
+// extendWrite moves w's write deadline to d from now: for answers that are
+// written long after the request (a savepoint) or streamed.
+func extendWrite(w http.ResponseWriter, d time.Duration) {
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+}
+
+// staleAllowed reports whether the request asks for a read whatever this
+// node's staleness: ?stale or ?stale=true (Consul's convention).
+func staleAllowed(r *http.Request) bool {
+	q := r.URL.Query()
+	if !q.Has("stale") {
+		return false
+	}
+	v := q.Get("stale")
+	return v == "" || v == "true" || v == "1"
+}
+
+// contactInfo is how current this node's FSM is.
+type contactInfo struct {
+	leader      bool
+	knownLeader bool
+	// lastContact is the time since this node last heard from the leader:
+	// 0 on the leader, -1 if never.
+	lastContact time.Duration
+	// applyProblem says why this node cannot apply the log, if it cannot.
+	applyProblem string
+}
+
+// contact reads this node's contactInfo from Raft.
+func (s *Server) contact() contactInfo {
+	c := contactInfo{applyProblem: s.applyProblem()}
+	if s.raft == nil {
+		// Handler tests on a bare FSM: serve it as it is.
+		c.leader, c.knownLeader = true, true
+		return c
+	}
+	_, id := s.raft.LeaderWithID()
+	c.knownLeader = id != ""
+	c.leader = s.raft.State() == raft.Leader
+	switch last := s.raft.LastContact(); {
+	case c.leader:
+	case last.IsZero():
+		c.lastContact = -1
+	default:
+		c.lastContact = time.Since(last)
+	}
+	return c
+}
+
+// lastContactMS is lastContact in milliseconds, -1 for never.
+func (c contactInfo) lastContactMS() int64 {
+	if c.lastContact < 0 {
+		return -1
+	}
+	return c.lastContact.Milliseconds()
+}
+
+func (c contactInfo) setHeaders(w http.ResponseWriter) {
+	w.Header().Set(lastContactHeader, strconv.FormatInt(c.lastContactMS(), 10))
+	w.Header().Set(knownLeaderHeader, strconv.FormatBool(c.knownLeader))
+}
+
+// staleReason says why this node must not answer a read of its FSM without
+// ?stale=true, or "" if it may: it cannot apply the log, or it has not heard
+// from a leader for longer than Config.MaxStale. A node that lost its leader
+// a moment ago (an election) still answers: its state is at most MaxStale
+// old.
+func (s *Server) staleReason(c contactInfo) string {
+	switch {
+	case c.applyProblem != "":
+		return fmt.Sprintf("coordinator %s cannot apply the raft log (%s), so its state may be stale", s.cfg.ID, c.applyProblem)
+	case c.leader:
+		return ""
+	case c.lastContact < 0:
+		return fmt.Sprintf("coordinator %s has not heard from a raft leader since it started, so its state may be stale", s.cfg.ID)
+	case c.lastContact > s.cfg.MaxStale:
+		return fmt.Sprintf("coordinator %s last heard from the raft leader %v ago (more than -max-stale %v), so its state may be stale",
+			s.cfg.ID, c.lastContact.Round(time.Millisecond), s.cfg.MaxStale)
+	}
+	return ""
+}
+
+// applyProblem says why this node cannot apply the Raft log, or "": the
+// last write to its Raft log failed (a full disk), or it has rejected
+// entries of command types it does not know (a newer coordd leads).
+func (s *Server) applyProblem() string {
+	if s.api != nil {
+		if at, err := s.api.logs.lastError(); err != nil {
+			return fmt.Sprintf("writing its raft log failed %v ago: %v", time.Since(at).Round(time.Millisecond), err)
+		}
+	}
+	if n := s.fsm.UnknownCommands(); n > 0 {
+		return fmt.Sprintf("it rejected %d raft log entries of command types it does not know: a newer coordd leads, upgrade this one", n)
+	}
+	return ""
+}
+
+// logStoreHealth is the Raft log store as Raft sees it: the bolt store,
+// plus the error of the last write if it failed. Raft only logs a follower's
+// failed append and goes on answering heartbeats, so without this a
+// follower whose disk is full would look current while it falls behind.
+// (It forwards only raft.LogStore: the bolt store implements none of Raft's
+// optional log store interfaces.)
+type logStoreHealth struct {
+	raft.LogStore
+
+	mu  sync.Mutex
+	err error // of the last write; nil once one succeeds
+	at  time.Time
+}
+
+// watchLogStore wraps store into the logStoreHealth the API reports.
+func (s *Server) watchLogStore(store raft.LogStore) raft.LogStore {
+	l := &logStoreHealth{LogStore: store}
+	s.api.logs = l
+	return l
+}
+
+func (l *logStoreHealth) record(err error) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err != nil && l.err == nil {
+		l.at = time.Now()
+	}
+	l.err = err
+	return err
+}
+
+// lastError returns the error of the last write, nil if it succeeded, and
+// since when writes fail.
+func (l *logStoreHealth) lastError() (since time.Time, err error) {
+	if l == nil {
+		return time.Time{}, nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.at, l.err
+}
+
+func (l *logStoreHealth) StoreLog(log *raft.Log) error {
+	return l.record(l.LogStore.StoreLog(log))
+}
+
+func (l *logStoreHealth) StoreLogs(logs []*raft.Log) error {
+	return l.record(l.LogStore.StoreLogs(logs))
+}
+
+func (l *logStoreHealth) DeleteRange(lo, hi uint64) error {
+	return l.record(l.LogStore.DeleteRange(lo, hi))
+}
+
+// digestCache computes the FSM digest at most once per applied index, and
+// never twice at once: concurrent callers wait for the one computation
+// running (encoding the whole state under the FSM's read lock costs memory
+// and holds off Apply, so a burst of digest calls must not multiply it).
+type digestCache struct {
+	mu       sync.Mutex
+	valid    bool
+	index    uint64
+	digest   string
+	inflight *digestCall
+	// compute is the computation, fsm.Digest unless a test sets it.
+	compute func() (string, error)
+	// computed counts computations, for tests.
+	computed atomic.Uint64
+}
+
+type digestCall struct {
+	done   chan struct{}
+	digest string
+	index  uint64
+	err    error
+}
+
+// appliedIndex is the index of the last entry this node's FSM applied (0 in
+// handler tests without Raft).
+func (s *Server) appliedIndex() uint64 {
+	if s.applied == nil {
+		return 0
+	}
+	return s.applied.applied.Load()
+}
+
+// digest returns the FSM digest and the applied index it was taken at.
+func (s *Server) digest(ctx context.Context) (string, uint64, error) {
+	c := &s.api.digest
+	c.mu.Lock()
+	index := s.appliedIndex()
+	if c.valid && c.index == index && s.applied != nil {
+		d := c.digest
+		c.mu.Unlock()
+		return d, index, nil
+	}
+	call := c.inflight
+	if call == nil {
+		call = &digestCall{done: make(chan struct{})}
+		c.inflight = call
+		c.mu.Unlock()
+		compute := s.fsm.Digest
+		if c.compute != nil {
+			compute = c.compute
+		}
+		call.digest, call.err = compute()
+		c.computed.Add(1)
+		after := s.appliedIndex()
+		call.index = after
+		c.mu.Lock()
+		c.inflight = nil
+		if call.err == nil && after == index {
+			c.valid, c.index, c.digest = true, index, call.digest
+		}
+		c.mu.Unlock()
+		close(call.done)
+	} else {
+		c.mu.Unlock()
+	}
+	select {
+	case <-call.done:
+		return call.digest, call.index, call.err
+	case <-ctx.Done():
+		return "", 0, ctx.Err()
+	}
+}
+
+// admitStateRead takes one of the maxStateReads slots for a full-state
+// read, or answers 429 and returns false. The caller calls the returned
+// release when done.
+func (s *Server) admitStateRead(w http.ResponseWriter) (release func(), ok bool) {
+	select {
+	case s.api.stateReads <- struct{}{}:
+		return func() { <-s.api.stateReads }, true
+	default:
+		w.Header().Set("Retry-After", strconv.Itoa(stateReadRetryAfter))
+		writeError(w, http.StatusTooManyRequests, fmt.Sprintf("%d full-state reads are running on coordinator %s; retry later, or read one key with ?key=K", maxStateReads, s.cfg.ID))
+		return nil, false
+	}
+}
+
+// startHTTP loads the API tokens, binds the HTTP listener (over TLS when
+// Config.TLS is set) and serves the API.
+func (s *Server) startHTTP() error {
+	if s.cfg.ACLTokensFile != "" {
+		if err := s.ReloadACL(); err != nil {
+			return err
+		}
+	}
+	lis, err := net.Listen("tcp", s.cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("listen http %s: %w", s.cfg.HTTPAddr, err)
+	}
+	s.httpAddr = lis.Addr().String()
+	s.warnOpenAPI()
+	s.http = s.newHTTPServer()
+	if s.cfg.TLS != nil {
+		// A client certificate is optional (tokens also authenticate);
+		// one that is sent must be a client's or a coordinator's (a
+		// follower forwarding a write). HTTP/1.1 only: no HTTP/2 streams
+		// to bound.
+		tc := s.cfg.TLS.OptionalClientCertConfig(tlsutil.RoleClient, tlsutil.RoleCoordinator)
+		tc.NextProtos = []string{"http/1.1"}
+		lis = tls.NewListener(lis, tc)
+	}
+	s.serveWG.Go(func() {
+		if err := s.http.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.logger.Error("http server stopped", "err", err)
+		}
+	})
+	return nil
+}
+
+// apiScheme is the scheme of every coordinator's HTTP API: all of a
+// cluster's coordinators run with TLS or all without.
+func (s *Server) apiScheme() string {
+	if s.cfg.TLS != nil {
+		return "https"
+	}
+	return "http"
+}
+
+// peerClient returns a client for the HTTP API of coordinator id: over TLS,
+// presenting this node's certificate and checking that the peer holds
+// coordinator id's, when TLS is on.
+func (s *Server) peerClient(id string, timeout time.Duration) *http.Client {
+	c := &http.Client{Timeout: timeout}
+	if s.cfg.TLS != nil {
+		// One-off calls (the peers' status before bootstrap): no idle
+		// connections to keep.
+		c.Transport = &http.Transport{Proxy: nil, DisableKeepAlives: true, TLSClientConfig: s.cfg.TLS.ClientConfig(tlsutil.RoleCoordinator, id)}
+	}
+	return c
+}

@@ -1,0 +1,282 @@
+package coordinator
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/fsm"
+)
+
+// TestHTTPBodyNeverArrives sends the headers of a POST /v1/jobs that
+// announce a body and never sends it: the connection is cut within the body
+// deadline, not held.
+func TestHTTPBodyNeverArrives(t *testing.T) {
+	s := startClusterWith(t, 1, func(*Config) {})[0]
+	for _, path := range []string{"/v1/jobs", "/v1/jobs/nope/savepoints"} {
+		conn, err := net.Dial("tcp", s.HTTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_ = conn.SetDeadline(start.Add(bodyTimeout + 10*time.Second))
+		fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{", path)
+		// The answer comes (408 when the handler reads the body, at
+		// once otherwise), and then the connection closes.
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("%s: no answer: %v", path, err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		_, err = conn.Read(make([]byte, 1))
+		took := time.Since(start)
+		conn.Close()
+		if !errors.Is(err, io.EOF) && !isConnReset(err) {
+			t.Errorf("%s: connection not closed after the answer: %v", path, err)
+		}
+		if took > bodyTimeout+2*time.Second {
+			t.Errorf("%s: connection held %v, want at most %v", path, took, bodyTimeout)
+		}
+		if path == "/v1/jobs" && resp.StatusCode != http.StatusRequestTimeout {
+			t.Errorf("%s: answer %d, want 408", path, resp.StatusCode)
+		}
+		t.Logf("%s: %d, closed after %v", path, resp.StatusCode, took.Round(time.Millisecond))
+	}
+}
+
+func isConnReset(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "connection reset")
+}
+
+// TestHTTPBounds checks the caps on bodies and headers and the limit on
+// concurrent full-state reads.
+func TestHTTPBounds(t *testing.T) {
+	s := startClusterWith(t, 1, func(*Config) {})[0]
+	base := "http://" + s.HTTPAddr()
+
+	a := request(t, http.DefaultClient, base, "POST", "/v1/jobs/x/savepoints", "", strings.Repeat("x", maxSmallBody+1))
+	if a.code != http.StatusRequestEntityTooLarge {
+		t.Errorf("savepoint request with a %d-byte body: %d %s, want 413", maxSmallBody+1, a.code, a.body)
+	}
+	a = request(t, http.DefaultClient, base, "POST", "/v1/jobs", "", "{"+strings.Repeat(" ", maxSpecBytes)+"}")
+	if a.code != http.StatusRequestEntityTooLarge {
+		t.Errorf("job spec of %d bytes: %d %s, want 413", maxSpecBytes+2, a.code, a.body)
+	}
+	req, _ := http.NewRequest("GET", base+"/v1/jobs", nil)
+	req.Header.Set("X-Big", strings.Repeat("x", 2*maxHeaderBytes))
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("headers of %d bytes: %v %v, want 431", 2*maxHeaderBytes, resp, err)
+	} else {
+		resp.Body.Close()
+	}
+
+	// Full-state reads beyond maxStateReads are answered 429.
+	for range maxStateReads {
+		s.api.stateReads <- struct{}{}
+	}
+	for _, path := range []string{"/v1/jobs/x/state", "/v1/jobs/x/state/export"} {
+		a := request(t, http.DefaultClient, base, "GET", path, "", "")
+		if a.code != http.StatusTooManyRequests || a.header.Get("Retry-After") == "" {
+			t.Errorf("GET %s with every slot taken: %d %s (Retry-After %q), want 429 with Retry-After", path, a.code, a.body, a.header.Get("Retry-After"))
+		}
+	}
+	if a := request(t, http.DefaultClient, base, "GET", "/v1/jobs/x/state?key=a", "", ""); a.code != http.StatusNotFound {
+		t.Errorf("GET one key with every slot taken: %d, want 404 (no job): one key is cheap", a.code)
+	}
+	for range maxStateReads {
+		<-s.api.stateReads
+	}
+	if a := request(t, http.DefaultClient, base, "GET", "/v1/jobs/x/state/export", "", ""); a.code != http.StatusNotFound {
+		t.Errorf("GET export with free slots: %d %s, want 404 (no job)", a.code, a.body)
+	}
+}
+
+// TestHTTPDigestComputedOnce sends concurrent GET /v1/fsm/digest: they are
+// answered by one computation, and a later call at the same applied index
+// by the cache.
+func TestHTTPDigestComputedOnce(t *testing.T) {
+	s := startClusterWith(t, 1, func(*Config) {})[0]
+	release := make(chan struct{})
+	s.api.digest.compute = func() (string, error) {
+		<-release
+		return s.fsm.Digest()
+	}
+	const n = 16
+	var wg sync.WaitGroup
+	answers := make([]httpAnswer, n)
+	for i := range n {
+		wg.Go(func() {
+			answers[i] = request(t, http.DefaultClient, "http://"+s.HTTPAddr(), "GET", "/v1/fsm/digest", "", "")
+		})
+	}
+	time.Sleep(300 * time.Millisecond) // let them all arrive
+	close(release)
+	wg.Wait()
+	for i, a := range answers {
+		if a.code != http.StatusOK || string(a.body) != string(answers[0].body) {
+			t.Errorf("answer %d: %d %s, want 200 and %s", i, a.code, a.body, answers[0].body)
+		}
+	}
+	if got := s.api.digest.computed.Load(); got != 1 {
+		t.Errorf("%d concurrent digest calls computed it %d times, want once", n, got)
+	}
+	before := s.appliedIndex()
+	request(t, http.DefaultClient, "http://"+s.HTTPAddr(), "GET", "/v1/fsm/digest", "", "")
+	if got := s.api.digest.computed.Load(); got != 1 && s.appliedIndex() == before {
+		t.Errorf("a digest call at the same applied index computed it again (%d computations)", got)
+	}
+}
+
+// TestHTTPStaleReads cuts a follower off from the leader (the other two
+// coordinators stop): past MaxStale it refuses reads of its FSM with 503
+// unless ?stale=true, and every read answer says how stale it is.
+func TestHTTPStaleReads(t *testing.T) {
+	const maxStale = time.Second
+	servers := startClusterWith(t, 3, func(c *Config) { c.MaxStale = maxStale })
+	leader := waitForLeader(t, servers...)
+	fs := followers(leader, servers)
+	f := fs[0]
+	base := "http://" + f.HTTPAddr()
+	submitJob(t, leader, wordcountSpec)
+
+	a := request(t, http.DefaultClient, base, "GET", "/v1/jobs", "", "")
+	ms, err := strconv.ParseInt(a.header.Get(lastContactHeader), 10, 64)
+	if a.code != http.StatusOK || err != nil || ms < 0 || ms > maxStale.Milliseconds() || a.header.Get(knownLeaderHeader) != "true" {
+		t.Errorf("GET /v1/jobs on follower %s: %d, %s %q, %s %q; want 200 with a recent contact and a known leader",
+			f.ID(), a.code, lastContactHeader, a.header.Get(lastContactHeader), knownLeaderHeader, a.header.Get(knownLeaderHeader))
+	}
+	a = request(t, http.DefaultClient, "http://"+leader.HTTPAddr(), "GET", "/v1/jobs", "", "")
+	if a.header.Get(lastContactHeader) != "0" || a.header.Get(knownLeaderHeader) != "true" {
+		t.Errorf("leader's headers: %s %q, %s %q; want 0 and true", lastContactHeader, a.header.Get(lastContactHeader), knownLeaderHeader, a.header.Get(knownLeaderHeader))
+	}
+
+	stopServer(t, fs[1])
+	stopServer(t, leader)
+	waitFor(t, 15*time.Second, func() error {
+		a := request(t, http.DefaultClient, base, "GET", "/v1/jobs", "", "")
+		if a.code != http.StatusServiceUnavailable {
+			return fmt.Errorf("GET /v1/jobs on %s: %d", f.ID(), a.code)
+		}
+		if !strings.Contains(a.errorText(), "?stale=true") || a.header.Get("Retry-After") == "" {
+			t.Fatalf("refusal %q (Retry-After %q): want the reason, ?stale=true and Retry-After", a.body, a.header.Get("Retry-After"))
+		}
+		return nil
+	})
+	var jobs []apiJob
+	if code := apiCall(t, f, "GET", "/v1/jobs?stale=true", nil, &jobs); code != http.StatusOK || len(jobs) != 1 {
+		t.Errorf("GET /v1/jobs?stale=true on the cut-off follower: %d %+v, want 200 and the job", code, jobs)
+	}
+	a = request(t, http.DefaultClient, base, "GET", "/v1/jobs/"+jobs[0].ID+"?stale", "", "")
+	ms, _ = strconv.ParseInt(a.header.Get(lastContactHeader), 10, 64)
+	if a.code != http.StatusOK || ms <= maxStale.Milliseconds() {
+		t.Errorf("GET /v1/jobs/ID?stale: %d, last contact %q; want 200 and more than %v", a.code, a.header.Get(lastContactHeader), maxStale)
+	}
+	var st apiStatus
+	if code := apiCall(t, f, "GET", "/v1/status", nil, &st); code != http.StatusOK || st.ServesReads || st.LastContactMS <= maxStale.Milliseconds() ||
+		!strings.Contains(st.StaleReason, "last heard from the raft leader") || !st.CanApply {
+		t.Errorf("GET /v1/status on the cut-off follower: %d %+v; want serves_reads false, the last contact and why", code, st)
+	}
+	// Endpoints that do not read the FSM answer anyway.
+	if code := apiCall(t, f, "GET", "/v1/members", nil, nil); code != http.StatusOK {
+		t.Errorf("GET /v1/members on the cut-off follower: %d, want 200", code)
+	}
+}
+
+// failingLogStore fails every write while fail is set.
+type failingLogStore struct {
+	raft.LogStore
+	mu   sync.Mutex
+	fail error
+}
+
+func (f *failingLogStore) StoreLogs(logs []*raft.Log) error {
+	f.mu.Lock()
+	err := f.fail
+	f.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return f.LogStore.StoreLogs(logs)
+}
+
+// TestHTTPCannotApply checks that a node whose Raft log writes fail (a full
+// disk) says so in /v1/status and refuses reads without ?stale=true until a
+// write succeeds again.
+func TestHTTPCannotApply(t *testing.T) {
+	store := &failingLogStore{LogStore: raft.NewInmemStore()}
+	health := &logStoreHealth{LogStore: store}
+	logs := []*raft.Log{{Index: 1, Term: 1, Data: []byte("x")}}
+	store.fail = errors.New("write raft.db: no space left on device")
+	if err := health.StoreLogs(logs); err == nil {
+		t.Fatal("the failing store stored")
+	}
+	if _, err := health.lastError(); err == nil {
+		t.Fatal("a failed write was not recorded")
+	}
+	store.fail = nil
+	if err := health.StoreLogs(logs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := health.lastError(); err != nil {
+		t.Fatalf("a good write did not clear the error: %v", err)
+	}
+
+	s := startClusterWith(t, 1, func(*Config) {})[0]
+	submitJob(t, s, wordcountSpec)
+	s.api.logs.record(errors.New("write raft.db: no space left on device"))
+	var out struct{ Error string }
+	if code := apiCall(t, s, "GET", "/v1/jobs", nil, &out); code != http.StatusServiceUnavailable || !strings.Contains(out.Error, "no space left on device") {
+		t.Errorf("GET /v1/jobs while the log store fails: %d %q, want 503 naming the error", code, out.Error)
+	}
+	var st apiStatus
+	if apiCall(t, s, "GET", "/v1/status", nil, &st); st.CanApply || !strings.Contains(st.ApplyError, "no space left") || st.ServesReads {
+		t.Errorf("status while the log store fails: %+v, want can_apply false with the error", st)
+	}
+	if code := apiCall(t, s, "GET", "/v1/jobs?stale=true", nil, nil); code != http.StatusOK {
+		t.Errorf("GET /v1/jobs?stale=true while the log store fails: %d, want 200", code)
+	}
+	// The next write succeeds (the disk has room again): reads are back.
+	submitJob(t, s, wordcountSpec)
+	if code := apiCall(t, s, "GET", "/v1/jobs", nil, nil); code != http.StatusOK {
+		t.Errorf("GET /v1/jobs after a good write: %d, want 200", code)
+	}
+}
+
+// TestHTTPBodyDeadlineSparesLongHandlers checks that the body deadline does
+// not cancel a handler that runs past it after reading its body (net/http
+// cancels a request's context when a read deadline passes while it reads on
+// in the background): forwarded writes and savepoints run that long.
+func TestHTTPBodyDeadlineSparesLongHandlers(t *testing.T) {
+	s := &Server{cfg: Config{ID: "c1", MaxStale: time.Second}, logger: testLogger(t), fsm: fsm.New(), metrics: newMetrics(), api: newHTTPAPI()}
+	h := s.guard(roleNone, routeOpts{}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, err := io.ReadAll(r.Body); err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		select {
+		case <-r.Context().Done():
+			writeError(w, http.StatusInternalServerError, "context cancelled: "+context.Cause(r.Context()).Error())
+		case <-time.After(bodyTimeout + time.Second):
+			writeJSON(w, http.StatusOK, "done")
+		}
+	}))
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	a := request(t, srv.Client(), srv.URL, "POST", "/", "", `{"a": 1}`)
+	if a.code != http.StatusOK {
+		t.Errorf("handler running past the body deadline: %d %s, want 200", a.code, a.body)
+	}
+}
