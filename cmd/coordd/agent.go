@@ -33,7 +33,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:7001", "`host:port` for Raft traffic")
 	fs.StringVar(&cfg.RPCAddr, "rpc-addr", "127.0.0.1:7101", "`host:port` for the gRPC Control service workers use")
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", "127.0.0.1:7201", "`host:port` for the HTTP API")
-	fs.BoolVar(&cfg.EnableDebug, "enable-debug", false, "serve Go's profiler under /debug/pprof/ on the HTTP address")
+	fs.BoolVar(&cfg.EnableDebug, "enable-debug", false, "serve Go's profiler under /debug/pprof/ on the HTTP address (operator role)")
+	fs.StringVar(&cfg.ACLTokensFile, "acl-tokens-file", "", "API tokens `FILE`: JSON [{\"name\": \"ci\", \"token\": \"...\", \"role\": \"read|write|operator\"}]; requests then need a token (Authorization: Bearer) or a client certificate; reread on SIGHUP (docs/operations.md)")
+	fs.DurationVar(&cfg.MaxStale, "max-stale", cfg.MaxStale, "how long a follower may go without hearing from the Raft leader and still answer reads; past it reads need ?stale=true")
 	fs.StringVar(&cfg.CheckpointStorage, "checkpoint-storage", "", "checkpoint storage `URL` for jobs whose spec names none: file:///dir or s3://bucket?endpoint=...&region=...&use_path_style=true&prefix=p/ (empty: state inline in Raft)")
 	fs.StringVar(&cfg.GossipAddr, "gossip-addr", "127.0.0.1:7301", "`ip:port` for gossip (memberlist, TCP and UDP)")
 	fs.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "bootstrap the Raft cluster once `N` voting coordinators are in gossip (0: never, join an existing one)")
@@ -102,6 +104,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	}
 	if cfg.TLS != nil {
 		go onSIGHUP(ctx, logger, "tls certificates", cfg.TLS.Reload)
+	}
+	if cfg.ACLTokensFile != "" {
+		go onSIGHUP(ctx, logger, "api tokens", srv.ReloadACL)
 	}
 	<-ctx.Done()
 	stop() // a second signal now kills the process the default way

@@ -241,19 +241,28 @@ func raftPeers(args []string, stdout, stderr io.Writer) error {
 	return tw.Flush()
 }
 
-// parseCLI parses the -addr flag and the command's own flags (which define,
-// if not nil, adds), anywhere among args, and the positional argument a
-// command takes (argName, or none when empty), and returns the API client
+// parseCLI parses the connection flags (-addr, -token, -ca-file,
+// -client-cert, -client-key, -stale) and the command's own flags (which
+// define, if not nil, adds), anywhere among args, and the positional argument
+// a command takes (argName, or none when empty), and returns the API client
 // and that argument.
 func parseCLI(name, argName string, args []string, stderr io.Writer, define func(*flag.FlagSet)) (*apiClient, string, error) {
 	fs := flag.NewFlagSet("coordd "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	addr := fs.String("addr", defaultAPIAddr(), "`URL` of any coordinator's HTTP API; defaults to $COORD_ADDR, else "+defaultAddr)
+	var o clientOptions
+	fs.StringVar(&o.addr, "addr", defaultAPIAddr(), "`URL` of any coordinator's HTTP API; defaults to $COORD_ADDR, else "+defaultAddr)
+	// The defaults come from the environment after parsing, so that -h
+	// never prints a token.
+	fs.StringVar(&o.token, "token", "", "API `TOKEN`, sent as Authorization: Bearer (default $COORD_TOKEN)")
+	fs.StringVar(&o.caFile, "ca-file", "", "CA certificate `FILE` of the cluster: speak https and check the coordinator's certificate against it (default $COORD_CACERT)")
+	fs.StringVar(&o.clientCert, "client-cert", "", "client certificate `FILE` (coordd tls cert create -client NAME), over https (default $COORD_CLIENT_CERT)")
+	fs.StringVar(&o.clientKey, "client-key", "", "the client certificate's key `FILE` (default $COORD_CLIENT_KEY)")
+	fs.BoolVar(&o.stale, "stale", false, "read from a coordinator even if it has lost touch with the Raft leader (?stale=true): the answer may be old")
 	if define != nil {
 		define(fs)
 	}
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: coordd %s [-addr URL] %s\n\n", name, argName)
+		fmt.Fprintf(fs.Output(), "Usage: coordd %s [-addr URL] [-token TOKEN] [-ca-file FILE] %s\n\n", name, argName)
 		fs.PrintDefaults()
 	}
 	var pos []string
@@ -277,7 +286,11 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 	if len(pos) != want {
 		return nil, "", usageError(fs, "want %d argument(s), got %d", want, len(pos))
 	}
-	c, err := newAPIClient(*addr)
+	fromEnv(&o.token, "COORD_TOKEN")
+	fromEnv(&o.caFile, "COORD_CACERT")
+	fromEnv(&o.clientCert, "COORD_CLIENT_CERT")
+	fromEnv(&o.clientKey, "COORD_CLIENT_KEY")
+	c, err := newAPIClient(o)
 	if err != nil {
 		return nil, "", usageError(fs, "%v", err)
 	}
@@ -286,6 +299,13 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 		arg = pos[0]
 	}
 	return c, arg, nil
+}
+
+// fromEnv sets *v to $name when no flag set it.
+func fromEnv(v *string, name string) {
+	if *v == "" {
+		*v = os.Getenv(name)
+	}
 }
 
 // defaultAPIAddr is $COORD_ADDR, else defaultAddr.

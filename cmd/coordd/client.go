@@ -3,13 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"time"
+
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 // defaultAddr is the coordinator the CLI talks to without -addr or COORD_ADDR.
@@ -24,31 +30,168 @@ const longRequestTimeout = 15 * time.Minute
 
 // apiClient calls the HTTP API of one coordinator.
 type apiClient struct {
-	base string // scheme://host:port, no trailing slash
-	hc   *http.Client
+	base  string // scheme://host:port, no trailing slash
+	hc    *http.Client
+	token string // API token, sent as Authorization: Bearer
+	// stale adds ?stale=true to reads: a coordinator that lost touch with
+	// the leader answers anyway.
+	stale bool
+	// clientCert says a client certificate is configured (for hints).
+	clientCert bool
 }
 
-// newAPIClient returns a client for addr, a URL or a bare host:port.
-func newAPIClient(addr string) (*apiClient, error) {
+// clientOptions are the connection flags every API command takes.
+type clientOptions struct {
+	addr                  string // a URL or a bare host:port
+	token                 string
+	caFile                string // CA of the cluster: verify the server against it, over https
+	clientCert, clientKey string // a client certificate (coordd tls cert create -client NAME)
+	stale                 bool
+}
+
+// newAPIClient returns a client for o.addr. With a CA or a client
+// certificate it speaks https, whatever scheme the address names.
+func newAPIClient(o clientOptions) (*apiClient, error) {
+	addr := o.addr
 	if !strings.Contains(addr, "://") {
 		addr = "http://" + addr
 	}
 	u, err := url.Parse(addr)
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
-		return nil, fmt.Errorf("-addr %q: want http://host:port", addr)
+		return nil, fmt.Errorf("-addr %q: want http://host:port or https://host:port", o.addr)
+	}
+	if (o.clientCert == "") != (o.clientKey == "") {
+		return nil, errors.New("-client-cert and -client-key (COORD_CLIENT_CERT, COORD_CLIENT_KEY) go together")
 	}
 	// No client-wide timeout: each command's context bounds its requests.
-	return &apiClient{base: strings.TrimRight(u.String(), "/"), hc: &http.Client{}}, nil
+	c := &apiClient{hc: &http.Client{}, token: o.token, stale: o.stale, clientCert: o.clientCert != ""}
+	if o.caFile != "" || o.clientCert != "" || u.Scheme == "https" {
+		u.Scheme = "https"
+		tc, err := cliTLSConfig(o.caFile, o.clientCert, o.clientKey)
+		if err != nil {
+			return nil, err
+		}
+		c.hc.Transport = &http.Transport{Proxy: http.ProxyFromEnvironment, TLSClientConfig: tc, TLSHandshakeTimeout: 10 * time.Second}
+	}
+	c.base = strings.TrimRight(u.String(), "/")
+	return c, nil
+}
+
+// cliTLSConfig is the TLS configuration of the CLI. With a CA file the
+// server must hold a coordinator certificate of that CA: like coordinators
+// among themselves (transport/tlsutil), the CLI checks the certificate's
+// chain and role rather than the host name, so any coordinator's address
+// works, also one that gossip advertises. Without a CA file, the system's
+// roots and the host name are checked, as for any https site.
+func cliTLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pemData, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("-ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pemData) {
+			return nil, fmt.Errorf("-ca-file %s holds no PEM certificate", caFile)
+		}
+		tc.RootCAs = pool
+		tc.InsecureSkipVerify = true //nolint:gosec // verified in VerifyConnection, by chain and role
+		tc.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("the server sent no certificate")
+			}
+			inter := x509.NewCertPool()
+			for _, ic := range cs.PeerCertificates[1:] {
+				inter.AddCert(ic)
+			}
+			leaf := cs.PeerCertificates[0]
+			if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+				return fmt.Errorf("server certificate is not from the CA in %s: %w", caFile, err)
+			}
+			ident, err := tlsutil.IdentityOf(leaf)
+			if err != nil {
+				return fmt.Errorf("server certificate: %w", err)
+			}
+			if ident.Role != tlsutil.RoleCoordinator {
+				return fmt.Errorf("the server is %s, not a coordinator", ident)
+			}
+			return nil
+		}
+	}
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("-client-cert %s and -client-key %s: %w", certFile, keyFile, err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
 }
 
 // apiError is an error answer of the API: its status and {"error"} text.
 type apiError struct {
 	Status  int
 	Message string
+	// Hint says what to change, for 401 answers.
+	Hint string
 }
 
 func (e *apiError) Error() string {
+	switch e.Status {
+	case http.StatusUnauthorized, http.StatusForbidden:
+		msg := fmt.Sprintf("%d %s: %s", e.Status, http.StatusText(e.Status), e.Message)
+		if e.Hint != "" {
+			msg += " (" + e.Hint + ")"
+		}
+		return msg
+	}
 	return fmt.Sprintf("%s (HTTP %d %s)", e.Message, e.Status, http.StatusText(e.Status))
+}
+
+// newRequest builds a request to path with the client's credentials; reads
+// (GET) ask for ?stale=true when the client is stale.
+func (c *apiClient) newRequest(ctx context.Context, method, path string, body io.Reader) (*http.Request, error) {
+	if c.stale && method == http.MethodGet {
+		sep := "?"
+		if strings.Contains(path, "?") {
+			sep = "&"
+		}
+		path += sep + "stale=true"
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	return req, nil
+}
+
+// sendError explains a failed request, with a hint when the server's
+// certificate could not be verified.
+func (c *apiClient) sendError(method, path string, err error) error {
+	var verr *tls.CertificateVerificationError
+	if errors.As(err, &verr) {
+		return fmt.Errorf("%s %s: %w (set -ca-file or COORD_CACERT to the cluster's ca.pem)", method, c.base+path, err)
+	}
+	return fmt.Errorf("%s %s: %w", method, c.base+path, err)
+}
+
+// answerError reads an error answer of status with body.
+func (c *apiClient) answerError(status int, body []byte) *apiError {
+	e := newAPIError(status, body)
+	if status == http.StatusUnauthorized {
+		switch {
+		case c.token != "":
+			e.Hint = "the token of -token or COORD_TOKEN was refused"
+		case c.clientCert:
+			e.Hint = "set -token or COORD_TOKEN"
+		default:
+			e.Hint = "set -token or COORD_TOKEN, or -client-cert and -client-key"
+		}
+	}
+	return e
 }
 
 // do sends one request and returns the body of a 2xx answer, or an
@@ -58,7 +201,7 @@ func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([
 	if body != nil {
 		r = bytes.NewReader(body)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, r)
+	req, err := c.newRequest(ctx, method, path, r)
 	if err != nil {
 		return nil, err
 	}
@@ -67,7 +210,7 @@ func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", method, c.base+path, err)
+		return nil, c.sendError(method, path, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(resp.Body)
@@ -75,7 +218,7 @@ func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([
 		return nil, fmt.Errorf("%s %s: read answer: %w", method, c.base+path, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		return nil, newAPIError(resp.StatusCode, data)
+		return nil, c.answerError(resp.StatusCode, data)
 	}
 	return data, nil
 }
@@ -105,18 +248,18 @@ func (c *apiClient) getJSON(ctx context.Context, path string, out any) error {
 
 // stream GETs path and copies a 2xx answer's body to w as it arrives.
 func (c *apiClient) stream(ctx context.Context, path string, w io.Writer) (int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	req, err := c.newRequest(ctx, http.MethodGet, path, nil)
 	if err != nil {
 		return 0, err
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("GET %s: %w", c.base+path, err)
+		return 0, c.sendError(http.MethodGet, path, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		return 0, newAPIError(resp.StatusCode, data)
+		return 0, c.answerError(resp.StatusCode, data)
 	}
 	n, err := io.Copy(w, resp.Body)
 	if err != nil {
