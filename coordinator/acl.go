@@ -253,17 +253,19 @@ func (s *Server) authenticate(r *http.Request) (principal, *authError) {
 	if cert != nil && cert.Role == tlsutil.RoleCoordinator {
 		return principal{name: "coordinator " + cert.ID, role: roleOperator, credentials: true}, nil
 	}
-	if h := r.Header.Get("Authorization"); h != "" {
+	if s.openAPI() {
+		// Nothing to check a token against; the API is open anyway.
+		return principal{name: "anonymous", role: roleOperator}, nil
+	}
+	tokens := s.api.acl.Load()
+	if h := r.Header.Get("Authorization"); h != "" && (tokens != nil || cert == nil) {
+		// Without a tokens file the header is ignored when a client
+		// certificate comes along (a CLI with COORD_TOKEN set).
 		scheme, token, _ := strings.Cut(h, " ")
 		token = strings.TrimSpace(token)
 		if !strings.EqualFold(scheme, "Bearer") || token == "" {
 			return principal{name: "anonymous"}, &authError{http.StatusUnauthorized, "Authorization header: want Bearer TOKEN"}
 		}
-		if s.openAPI() {
-			// Nothing to check a token against; the API is open anyway.
-			return principal{name: "anonymous", role: roleOperator}, nil
-		}
-		tokens := s.api.acl.Load()
 		if tokens == nil {
 			return principal{name: "anonymous"}, &authError{http.StatusUnauthorized,
 				"this coordinator has no API tokens (-acl-tokens-file): authenticate with a client certificate"}
@@ -282,9 +284,6 @@ func (s *Server) authenticate(r *http.Request) (principal, *authError) {
 		}
 		p.role = role
 		return p, nil
-	}
-	if s.openAPI() {
-		return principal{name: "anonymous", role: roleOperator}, nil
 	}
 	return principal{name: "anonymous"}, nil
 }

@@ -375,6 +375,9 @@ func TestTLSWithoutTokens(t *testing.T) {
 	if a := request(t, op, base, "POST", "/v1/jobs", "", wordcountSpec); a.code != http.StatusCreated {
 		t.Errorf("POST /v1/jobs with an operator certificate: %d %s, want 201", a.code, a.body)
 	}
+	if a := request(t, op, base, "GET", "/v1/jobs", readToken, ""); a.code != http.StatusOK {
+		t.Errorf("GET /v1/jobs with a certificate and a token nobody checks: %d %s, want 200", a.code, a.body)
+	}
 }
 
 // TestOpenAPI checks that a coordinator without tokens file and TLS takes
@@ -387,5 +390,12 @@ func TestOpenAPI(t *testing.T) {
 	}
 	if a := request(t, http.DefaultClient, base, "GET", "/v1/jobs", "whatever-token-0123", ""); a.code != http.StatusOK {
 		t.Errorf("GET /v1/jobs with a token on an open API: %d %s, want 200", a.code, a.body)
+	}
+	req, _ := http.NewRequest("GET", base+"/v1/jobs", nil)
+	req.Header.Set("Authorization", "Basic dXNlcjpwYXNz")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /v1/jobs with Basic auth on an open API: %v %v, want 200 (the header is ignored)", resp, err)
+	} else {
+		resp.Body.Close()
 	}
 }
