@@ -3,6 +3,10 @@ package transport
 import (
 	"encoding/json"
 	"fmt"
+	"net"
+	"regexp"
+	"strconv"
+	"strings"
 )
 
 // Roles a gossip member can have.
@@ -31,28 +35,160 @@ type NodeMeta struct {
 	Leaving bool `json:"leaving,omitempty"`
 }
 
-// Encode returns the metadata as memberlist node meta.
+// Bounds of gossip metadata. Gossip is not authenticated without an
+// encryption key, and even with one a member's meta is only what it says of
+// itself: every member checks the meta of every other against these bounds
+// and ignores a member whose meta is out of them.
+const (
+	// MaxMetaSize is memberlist's limit on node meta (memberlist.MetaMaxSize).
+	MaxMetaSize = 512
+	// MaxSlots bounds a worker's slots: far above what one process runs, far
+	// below what could overflow the sums of placement.
+	MaxSlots = 1024
+	// maxHostLen bounds the host of an advertised address (a DNS name is at
+	// most 253 bytes).
+	maxHostLen = 253
+)
+
+// validID is what a member id (its gossip name, its Raft server id, the id
+// in its certificate) may look like: the pattern of transport/tlsutil.
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// ValidateID checks a member id: 1 to 128 letters, digits, '.', '_' or '-',
+// starting with a letter or digit.
+func ValidateID(id string) error {
+	if !validID.MatchString(id) {
+		return &MetaError{Field: "id", Reason: fmt.Sprintf("%.140q is not 1 to 128 letters, digits, '.', '_' or '-' starting with a letter or digit", id)}
+	}
+	return nil
+}
+
+// ValidateHostPort checks an advertised address: host:port with a non-empty
+// host of printable characters and a port in 1..65535. It does not resolve
+// the host.
+func ValidateHostPort(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%.300q is not host:port: %w", addr, err)
+	}
+	if host == "" || len(host) > maxHostLen || strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
+		return fmt.Errorf("%.300q: bad host", addr)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("%.300q: port must be 1 to 65535", addr)
+	}
+	return nil
+}
+
+// MetaError says which field of a member's gossip metadata is unusable.
+type MetaError struct {
+	Field  string // JSON name of the field; "id" for the gossip name, "meta" for the whole
+	Reason string
+}
+
+func (e *MetaError) Error() string { return "node meta: " + e.Field + ": " + e.Reason }
+
+// Validate checks m as a member advertises it: a known role, the addresses of
+// that role well-formed (a worker's data address is required), a worker's
+// slots within 1..MaxSlots, and no field of the other role set. The error is
+// a *MetaError naming the field.
+func (m NodeMeta) Validate() error {
+	addr := func(field, v string, required bool) error {
+		if v == "" {
+			if required {
+				return &MetaError{Field: field, Reason: "missing"}
+			}
+			return nil
+		}
+		if err := ValidateHostPort(v); err != nil {
+			return &MetaError{Field: field, Reason: err.Error()}
+		}
+		return nil
+	}
+	unset := func(field string, set bool) error {
+		if set {
+			return &MetaError{Field: field, Reason: "set on a " + m.Role}
+		}
+		return nil
+	}
+	switch m.Role {
+	case RoleCoordinator:
+		return firstError(
+			addr("raft_addr", m.RaftAddr, false),
+			addr("rpc_addr", m.RPCAddr, false),
+			addr("http_addr", m.HTTPAddr, false),
+			unset("data_addr", m.DataAddr != ""),
+			unset("slots", m.Slots != 0),
+		)
+	case RoleWorker:
+		var slots error
+		if m.Slots < 1 || m.Slots > MaxSlots {
+			slots = &MetaError{Field: "slots", Reason: fmt.Sprintf("%d is outside 1..%d", m.Slots, MaxSlots)}
+		}
+		return firstError(
+			addr("data_addr", m.DataAddr, true),
+			slots,
+			unset("raft_addr", m.RaftAddr != ""),
+			unset("rpc_addr", m.RPCAddr != ""),
+			unset("http_addr", m.HTTPAddr != ""),
+			unset("voter", m.Voter),
+		)
+	}
+	return &MetaError{Field: "role", Reason: fmt.Sprintf("unknown role %.40q (want %s or %s)", m.Role, RoleCoordinator, RoleWorker)}
+}
+
+// firstError returns the first error that is not nil.
+func firstError(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Encode validates the metadata and returns it as memberlist node meta.
 func (m NodeMeta) Encode() ([]byte, error) {
+	if err := m.Validate(); err != nil {
+		return nil, fmt.Errorf("encode %w", err)
+	}
 	b, err := json.Marshal(m)
 	if err != nil {
 		return nil, fmt.Errorf("encode node meta: %w", err)
 	}
-	if len(b) > 512 {
-		return nil, fmt.Errorf("encode node meta: %d bytes exceeds memberlist's 512-byte limit", len(b))
+	if len(b) > MaxMetaSize {
+		return nil, fmt.Errorf("encode node meta: %d bytes exceeds memberlist's %d-byte limit", len(b), MaxMetaSize)
 	}
 	return b, nil
 }
 
-// DecodeNodeMeta parses memberlist node meta written by NodeMeta.Encode.
+// DecodeNodeMeta parses memberlist node meta written by NodeMeta.Encode and
+// validates it (NodeMeta.Validate). Unknown fields are ignored, so that a
+// newer version may add some. The error wraps a *MetaError naming the field.
 func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 	var m NodeMeta
-	if len(b) == 0 {
-		return m, fmt.Errorf("decode node meta: empty")
+	switch {
+	case len(b) == 0:
+		return m, fmt.Errorf("decode %w", &MetaError{Field: "meta", Reason: "empty"})
+	case len(b) > MaxMetaSize:
+		return m, fmt.Errorf("decode %w", &MetaError{Field: "meta", Reason: fmt.Sprintf("%d bytes exceed %d", len(b), MaxMetaSize)})
 	}
 	if err := json.Unmarshal(b, &m); err != nil {
-		return m, fmt.Errorf("decode node meta: %w", err)
+		return NodeMeta{}, fmt.Errorf("decode %w", &MetaError{Field: "meta", Reason: err.Error()})
+	}
+	if err := m.Validate(); err != nil {
+		return NodeMeta{}, fmt.Errorf("decode %w", err)
 	}
 	return m, nil
+}
+
+// DecodeMember validates a gossip member's name and decodes its meta: what
+// every delegate does before it uses a member for anything.
+func DecodeMember(name string, meta []byte) (NodeMeta, error) {
+	if err := ValidateID(name); err != nil {
+		return NodeMeta{}, err
+	}
+	return DecodeNodeMeta(meta)
 }
 
 // LeavingNotice is the memberlist user message a member sends straight to
