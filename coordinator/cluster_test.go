@@ -256,7 +256,10 @@ func memberStatusIs(s *Server, id, status string) error {
 
 // TestFourthCoordinatorJoins starts a fourth coordinator with the same
 // -bootstrap-expect 3 after the cluster formed: it must not bootstrap a
-// second cluster but be added to the existing one as a voter.
+// second cluster, and `coordd raft add-peer` (POST /v1/raft/peers, sent to
+// a follower, which forwards it) adds it to the existing one as a voter:
+// without TLS the leader adds no coordinator from gossip
+// (TestPeerNotAddedFromGossipWithoutTLS).
 func TestFourthCoordinatorJoins(t *testing.T) {
 	servers := startCluster(t, 3)
 	leader := waitForLeader(t, servers...)
@@ -266,6 +269,15 @@ func TestFourthCoordinatorJoins(t *testing.T) {
 	cfg.BootstrapExpect = 3
 	cfg.Join = []string{servers[1].GossipAddr()}
 	fourth := startServer(t, cfg)
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(leader, "c4", StatusAlive) })
+	if fourth.raft.LastIndex() != 0 {
+		t.Fatalf("c4 has raft entries before it was added: it bootstrapped a cluster of its own")
+	}
+	var added apiAddedPeer
+	if code := apiCall(t, followers(leader, servers)[0], http.MethodPost, "/v1/raft/peers",
+		map[string]any{"id": "c4", "address": fourth.RaftAddr(), "voter": true}, &added); code != http.StatusOK || !added.Changed {
+		t.Fatalf("POST /v1/raft/peers c4 = %d %+v", code, added)
+	}
 	servers = append(servers, fourth)
 
 	waitFor(t, 15*time.Second, func() error {

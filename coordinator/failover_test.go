@@ -133,8 +133,9 @@ func TestCoordinatorOutsideTheClusterRenewsNoLease(t *testing.T) {
 }
 
 // TestRemovePeer: DELETE /v1/raft/peers/{id} through a follower removes a
-// coordinator that is gone, and refuses to remove the leader, a coordinator
-// that is alive, or one that is not a peer.
+// coordinator that is gone (added with POST /v1/raft/peers: without TLS the
+// leader adds none from gossip), and refuses to remove the leader, a
+// coordinator that is alive, or one that is not a peer.
 func TestRemovePeer(t *testing.T) {
 	servers := startCluster(t, 3)
 	leader := waitForLeader(t, servers...)
@@ -142,8 +143,12 @@ func TestRemovePeer(t *testing.T) {
 	cfg.BootstrapExpect = 3
 	cfg.Join = []string{leader.GossipAddr()}
 	fourth := startServer(t, cfg)
-	waitFor(t, 15*time.Second, func() error { return hasPeer(leader, "c4", true) })
 	follower := followers(leader, servers)[0]
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(leader, "c4", StatusAlive) })
+	if code := apiCall(t, follower, http.MethodPost, "/v1/raft/peers", map[string]any{"id": "c4", "address": fourth.RaftAddr()}, nil); code != http.StatusOK {
+		t.Fatalf("POST /v1/raft/peers c4 = %d", code)
+	}
+	waitFor(t, 15*time.Second, func() error { return hasPeer(leader, "c4", true) })
 
 	for _, tc := range []struct {
 		id   string

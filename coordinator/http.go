@@ -62,6 +62,7 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "GET /v1/savepoints/{id}", roleRead, read, http.HandlerFunc(s.handleGetSavepoint))
 	s.handle(mux, "DELETE /v1/savepoints/{id}", roleWrite, routeOpts{}, s.leaderOnly(s.handleDeleteSavepoint))
 	s.handle(mux, "GET /v1/raft/peers", roleRead, routeOpts{}, http.HandlerFunc(s.handleRaftPeers))
+	s.handle(mux, "POST /v1/raft/peers", roleOperator, routeOpts{maxBody: maxAddPeerBody}, s.leaderOnly(s.handleAddPeer))
 	s.handle(mux, "DELETE /v1/raft/peers/{id}", roleOperator, routeOpts{}, s.leaderOnly(s.handleRemovePeer))
 	s.handle(mux, "GET /v1/fsm/digest", roleRead, read, http.HandlerFunc(s.handleDigest))
 	s.handle(mux, "GET /metrics", roleRead, routeOpts{}, promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))

@@ -30,7 +30,10 @@ const (
 
 // memberRecord is what this node remembers of one gossip member. leaving is
 // the member's transport.NodeMeta.Leaving as last gossiped: a member that
-// goes away with it set has left; without it, it died.
+// goes away with it set has left; without it, it died. A member whose name or
+// meta is invalid has Problem set and role unknown, and no addresses: the
+// scheduler and the Raft reconciliation, which select members by role, never
+// use it.
 type memberRecord struct {
 	Member
 	leaving bool
@@ -68,6 +71,16 @@ func (s *Server) setupMemberlist() error {
 	mc.GossipInterval = s.cfg.GossipInterval
 	mc.Delegate = gossipDelegate{s}
 	mc.Events = eventDelegate{s}
+	if len(s.cfg.GossipKeys) > 0 {
+		kr, err := gossipKeyring(s.cfg.GossipKeys)
+		if err != nil {
+			return err
+		}
+		mc.Keyring = kr
+		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	} else {
+		s.logger.Info("gossip is not encrypted: anyone who reaches the gossip port can join the pool (coordd agent -encrypt; docs/operations.md)")
+	}
 	// memberlist's own lines go to debug; membership changes are logged at
 	// info by the event delegate.
 	mc.Logger = log.New(&levelWriter{logger: s.logger.With("component", "memberlist"), def: slog.LevelDebug, max: slog.LevelDebug}, "", 0)
@@ -78,6 +91,16 @@ func (s *Server) setupMemberlist() error {
 	}
 	s.members = ml
 	return nil
+}
+
+// gossipKeyring returns memberlist's keyring of keys: keys[0] encrypts
+// (the primary), every key decrypts.
+func gossipKeyring(keys [][]byte) (*memberlist.Keyring, error) {
+	kr, err := memberlist.NewKeyring(keys, keys[0])
+	if err != nil {
+		return nil, fmt.Errorf("gossip encryption keys: %w", err)
+	}
+	return kr, nil
 }
 
 // joinLoop joins the pool through cfg.Join, retrying with backoff until one
@@ -201,7 +224,7 @@ func (s *Server) aliveWorkers() []Member {
 // observeMember records a member event. leave is true for NotifyLeave, which
 // memberlist sends for a member that died or left.
 func (s *Server) observeMember(n *memberlist.Node, leave bool) {
-	meta, metaErr := transport.DecodeNodeMeta(n.Meta)
+	meta, metaErr := transport.DecodeMember(n.Name, n.Meta)
 
 	s.memberMu.Lock()
 	rec, ok := s.memberState[n.Name]
@@ -216,11 +239,14 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 		rec.Role = meta.Role
 		rec.RaftAddr, rec.RPCAddr, rec.HTTPAddr, rec.Voter = meta.RaftAddr, meta.RPCAddr, meta.HTTPAddr, meta.Voter
 		rec.DataAddr, rec.Slots = meta.DataAddr, meta.Slots
+		rec.Problem = ""
 		// A leave keeps a mark set by a LeavingNotice that gossip has
 		// not yet delivered; a join or update (a comeback) resets it.
 		rec.leaving = meta.Leaving || (leave && rec.leaving)
-	} else if rec.Role == "" {
-		rec.Role = roleUnknown
+	} else {
+		// Nothing of an invalid meta is kept, not even what the member
+		// advertised before: it would go on being used.
+		rec.Member = Member{ID: n.Name, Role: roleUnknown, GossipAddr: n.Address(), Status: rec.Status, Problem: metaErr.Error()}
 	}
 	switch {
 	case !leave:
@@ -233,8 +259,14 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 	cur := rec.Member
 	s.memberMu.Unlock()
 
-	if metaErr != nil {
-		s.logger.Warn("gossip member with unreadable meta", "member", n.Name, "addr", cur.GossipAddr, "err", metaErr)
+	if metaErr != nil && cur.Problem != prev.Problem {
+		// Once per member and problem: memberlist repeats the events.
+		field := "meta"
+		if me := (*transport.MetaError)(nil); errors.As(metaErr, &me) {
+			field = me.Field
+		}
+		s.logger.Warn("ignoring gossip member with invalid meta: no tasks, no raft membership", "member", n.Name,
+			"addr", cur.GossipAddr, "field", field, "err", metaErr)
 	}
 	if prev.Status != cur.Status {
 		s.logger.Info("gossip member "+cur.Status, "member", cur.ID, "role", cur.Role, "addr", cur.GossipAddr, "was", prev.Status)

@@ -321,14 +321,17 @@ func (s *Server) leaderLoop(ctx context.Context) {
 	<-reconciled
 }
 
-// reconcileRaftMembers adds coordinators seen in gossip to the Raft
-// configuration, every RaftReconcileInterval and on member events, until ctx
-// is cancelled. Only the leader runs it.
+// reconcileRaftMembers keeps the Raft configuration in step with the
+// coordinators in gossip, every RaftReconcileInterval and on member events,
+// until ctx is cancelled. Only the leader runs it. Gossip alone never changes
+// the configuration: with TLS a coordinator is added once its certificate
+// proved its id, without TLS an operator adds it (peers.go).
 func (s *Server) reconcileRaftMembers(ctx context.Context) {
+	rc := newRaftReconciler(s)
 	t := time.NewTicker(s.cfg.RaftReconcileInterval)
 	defer t.Stop()
 	for {
-		if err := s.reconcileRaftOnce(ctx); err != nil && ctx.Err() == nil {
+		if err := rc.once(ctx); err != nil && ctx.Err() == nil {
 			s.logger.Warn("reconcile raft configuration with gossip", "err", err)
 		}
 		select {
@@ -340,60 +343,20 @@ func (s *Server) reconcileRaftMembers(ctx context.Context) {
 	}
 }
 
-// reconcileRaftOnce adds every alive coordinator missing from the Raft
-// configuration (as voter or nonvoter, as its gossip meta asks), updates
-// changed addresses and promotes nonvoters that ask to vote. It never removes
-// a server: a coordinator that is down keeps its seat until an operator
-// removes it.
-func (s *Server) reconcileRaftOnce(ctx context.Context) error {
-	f := s.raft.GetConfiguration()
-	if err := f.Error(); err != nil {
-		return fmt.Errorf("get raft configuration: %w", err)
-	}
-	index := f.Index()
-	current := make(map[raft.ServerID]raft.Server)
-	for _, srv := range f.Configuration().Servers {
-		current[srv.ID] = srv
-	}
-	for _, m := range s.Members() {
-		if ctx.Err() != nil {
-			return nil
-		}
-		if m.Role != transport.RoleCoordinator || m.Status != StatusAlive || m.RaftAddr == "" || m.ID == s.cfg.ID {
-			continue
-		}
-		id, addr := raft.ServerID(m.ID), raft.ServerAddress(m.RaftAddr)
-		srv, known := current[id]
-		var change raft.IndexFuture
-		switch {
-		case m.Voter && (!known || srv.Address != addr || srv.Suffrage != raft.Voter):
-			change = s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
-		case !m.Voter && (!known || srv.Address != addr):
-			change = s.raft.AddNonvoter(id, addr, index, membershipChangeTimeout)
-		default:
-			continue
-		}
-		if err := change.Error(); err != nil {
-			return fmt.Errorf("add coordinator %s (%s, voter %t) to raft configuration: %w", m.ID, m.RaftAddr, m.Voter, err)
-		}
-		index = change.Index()
-		s.logger.Info("added coordinator to raft configuration", "member", m.ID, "raft_addr", m.RaftAddr,
-			"voter", m.Voter, "was_known", known, "index", index)
-	}
-	return nil
-}
-
 // bootstrapLoop bootstraps the Raft cluster once BootstrapExpect voting
 // coordinators are visible in gossip (the Consul and Nomad convention), and
 // stops when this node is bootstrapped, has been added to a cluster, or
 // finds that peers already hold Raft state. Runs only on a node that had no
-// Raft state at start.
+// Raft state at start. With TLS a coordinator counts only once its
+// certificate proved its id; without TLS whoever is in gossip counts: the
+// first formation trusts the network (docs/operations.md).
 func (s *Server) bootstrapLoop() {
 	t := time.NewTicker(bootstrapPoll)
 	defer t.Stop()
+	auth := newPeerAuth(s)
 	seen := -1
 	for {
-		done, voters, err := s.tryBootstrap()
+		done, voters, err := s.tryBootstrap(auth)
 		switch {
 		case done:
 			return
@@ -401,7 +364,8 @@ func (s *Server) bootstrapLoop() {
 			s.logger.Info("bootstrap: not yet", "reason", err)
 		case len(voters) != seen:
 			seen = len(voters)
-			s.logger.Info("bootstrap: waiting for voting coordinators in gossip", "seen", seen, "expect", s.cfg.BootstrapExpect)
+			s.logger.Info("bootstrap: waiting for voting coordinators in gossip", "seen", seen, "expect", s.cfg.BootstrapExpect,
+				"authenticated", s.cfg.TLS != nil)
 		}
 		select {
 		case <-s.ctx.Done():
@@ -412,24 +376,33 @@ func (s *Server) bootstrapLoop() {
 }
 
 // tryBootstrap makes one bootstrap attempt. Every node computes the same
-// configuration, all the voters it sees sorted by id, so several nodes
-// bootstrapping at once agree, as long as no more than BootstrapExpect fresh
-// coordinators start together.
-func (s *Server) tryBootstrap() (done bool, voters []Member, err error) {
+// configuration, all the voters it sees (and, with TLS, has authenticated
+// through auth) sorted by id, so several nodes bootstrapping at once agree,
+// as long as no more than BootstrapExpect fresh coordinators start together.
+func (s *Server) tryBootstrap(auth *peerAuth) (done bool, voters []Member, err error) {
 	if s.raft.LastIndex() > 0 {
 		return true, nil, nil // added by a leader, or bootstrapped
 	}
 	for _, m := range s.Members() {
-		if m.Role == transport.RoleCoordinator && m.Status == StatusAlive && m.Voter && m.RaftAddr != "" {
-			voters = append(voters, m)
+		if m.Role != transport.RoleCoordinator || m.Status != StatusAlive || !m.Voter || m.RaftAddr == "" {
+			continue
 		}
+		if s.cfg.TLS != nil && m.ID != s.cfg.ID && auth.check(s.ctx, m.ID, m.RaftAddr) != nil {
+			continue
+		}
+		voters = append(voters, m)
 	}
 	if len(voters) < s.cfg.BootstrapExpect {
 		return false, voters, nil
 	}
 	if err := s.checkPeersFresh(voters); err != nil {
 		if errors.Is(err, errPeerHasState) {
-			s.logger.Info("bootstrap: cluster exists already; waiting for its leader to add this node", "reason", err)
+			how := "an operator adds it (coordd raft add-peer -id " + s.cfg.ID + " -raft-addr " + s.RaftAddr() + ")"
+			if s.cfg.TLS != nil {
+				how = "the leader adds it once it has authenticated this node's certificate"
+			}
+			s.logger.Info("bootstrap: a peer holds raft state already, so this node does not bootstrap; it joins once the configuration has it: "+
+				"it may be in the peers' bootstrap configuration already, else "+how, "reason", err)
 			return true, voters, nil
 		}
 		return false, voters, err

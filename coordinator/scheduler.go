@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -542,9 +543,15 @@ func freeSlots(workers []Member, used map[string]int) []workerSlots {
 	return out
 }
 
+// totalFree sums the free slots, saturating instead of overflowing: slots
+// come from gossip, and a wrapped sum would make every job wait.
+// (transport.NodeMeta.Validate caps each worker's slots anyway.)
 func totalFree(workers []workerSlots) int {
 	n := 0
 	for _, w := range workers {
+		if w.free > math.MaxInt-n {
+			return math.MaxInt
+		}
 		n += w.free
 	}
 	return n

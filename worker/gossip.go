@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log"
 	"log/slog"
@@ -42,14 +43,79 @@ func newMemberlist(cfg Config, meta *metaDelegate, events memberlist.EventDelega
 	mc.SuspicionMult = cfg.SuspicionMult
 	mc.GossipInterval = cfg.GossipInterval
 	mc.Delegate = meta
-	mc.Events = events
+	mc.Events = &validatingEvents{next: events, logger: logger, bad: make(map[string]string)}
 	mc.Logger = log.New(memberlistLogWriter{logger: logger.With("component", "memberlist")}, "", 0)
+	if len(cfg.GossipKeys) > 0 {
+		kr, err := memberlist.NewKeyring(cfg.GossipKeys, cfg.GossipKeys[0])
+		if err != nil {
+			return nil, fmt.Errorf("worker config: gossip encryption keys: %w", err)
+		}
+		// Members without one of the keys are refused, in both directions.
+		mc.Keyring = kr
+		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	} else {
+		logger.Info("gossip is not encrypted: anyone who reaches the gossip port can join the pool (workerd -encrypt; docs/operations.md)")
+	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
 		return nil, fmt.Errorf("start gossip on %s: %w", cfg.GossipAddr, err)
 	}
 	return ml, nil
 }
+
+// validatingEvents passes memberlist's events on to next for members whose
+// name and meta are valid (transport.DecodeMember). A member with an invalid
+// one is passed on as having left, so that nothing it advertised is used,
+// and logged once per member and problem. memberlist calls it one event at a
+// time, holding its node lock.
+type validatingEvents struct {
+	next   memberlist.EventDelegate
+	logger *slog.Logger
+	bad    map[string]string // member name -> the problem last logged
+}
+
+func (v *validatingEvents) NotifyJoin(n *memberlist.Node) {
+	if v.valid(n) {
+		v.next.NotifyJoin(n)
+	}
+}
+
+func (v *validatingEvents) NotifyUpdate(n *memberlist.Node) {
+	if v.valid(n) {
+		v.next.NotifyUpdate(n)
+	}
+}
+
+func (v *validatingEvents) NotifyLeave(n *memberlist.Node) {
+	delete(v.bad, n.Name)
+	v.next.NotifyLeave(n)
+}
+
+// valid reports whether n's name and meta are valid; if not, it forgets n
+// downstream and logs why, once.
+func (v *validatingEvents) valid(n *memberlist.Node) bool {
+	_, err := transport.DecodeMember(n.Name, n.Meta)
+	if err == nil {
+		delete(v.bad, n.Name)
+		return true
+	}
+	if v.bad[n.Name] != err.Error() {
+		if len(v.bad) < maxBadMembers {
+			v.bad[n.Name] = err.Error()
+		}
+		field := "meta"
+		if me := (*transport.MetaError)(nil); errors.As(err, &me) {
+			field = me.Field
+		}
+		v.logger.Warn("ignoring gossip member with invalid meta", "member", n.Name, "addr", n.Address(), "field", field, "err", err)
+	}
+	v.next.NotifyLeave(n)
+	return false
+}
+
+// maxBadMembers bounds the members with invalid meta remembered (to log each
+// once); beyond it, each event of another one is logged.
+const maxBadMembers = 1024
 
 // metaDelegate advertises the worker's node meta; workers gossip nothing
 // else. The meta changes once, when the worker marks itself leaving;

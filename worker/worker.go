@@ -68,6 +68,10 @@ type Config struct {
 	ProbeTimeout   time.Duration
 	SuspicionMult  int
 	GossipInterval time.Duration
+	// GossipKeys, if set, encrypt gossip (memberlist's keyring: 16, 24 or
+	// 32 bytes each): the first encrypts, all decrypt, and members without
+	// a matching key are refused. transport.LoadGossipKeys reads them.
+	GossipKeys [][]byte
 
 	// Operators resolves the operator names of deployed tasks.
 	Operators *operator.Registry
