@@ -25,6 +25,10 @@ type clusterOpts struct {
 	// command line (tighter timings, for instance).
 	coordFlags  []string
 	workerFlags []string
+	// net, when set, runs every process in a network of its own (such as a
+	// namespace of newTestNet, harness_netns_test.go), bound to addresses
+	// net gives instead of free loopback ports.
+	net procNet
 	// env is added to the environment of every process the cluster starts
 	// ("KEY=value"), such as the credentials of s3Server.Env.
 	env []string
@@ -193,17 +197,19 @@ func (c *cluster) keepLogs(t *testing.T) {
 }
 
 // launch starts a process of the cluster with launchProc and waits until
-// ready reports true: the command named by name's first word, its log
-// logName in the cluster's dir, opts.env added to its environment. repick
-// nil means the ports are fixed (a restart).
+// ready reports true: the command named by name's first word (in its
+// node's network with opts.net: c.command), its log logName in the
+// cluster's dir, opts.env added to its environment. repick nil means the
+// ports are fixed (a restart).
 func (c *cluster) launch(t *testing.T, name, logName string, repick func(), args func() []string, ready func(*proc) (bool, error)) *proc {
 	t.Helper()
+	bin, argv := c.command(t, name, args)
 	return launchProc(t, launchSpec{
 		name:    name,
-		bin:     binary(t, strings.Fields(name)[0]),
+		bin:     bin,
 		logPath: filepath.Join(c.dir, logName),
 		env:     c.opts.env,
-		args:    args,
+		args:    argv,
 		ready:   ready,
 		repick:  repick,
 		started: func(p *proc) { c.all = append(c.all, p) },

@@ -18,10 +18,14 @@ type coordProc struct {
 	raftAddr, rpcAddr, httpAddr, gossipAddr string
 	flags                                   []string // added to this coordinator's command line
 	p                                       *proc    // current run; nil before the first start
+	// isolated is set while a network partition cuts the coordinator off
+	// from the others (partition_test.go): like a paused one it is not
+	// live, so that cluster-wide views ask the majority.
+	isolated bool
 }
 
 func (c *cluster) pickCoordAddrs(t *testing.T, cp *coordProc) {
-	a := freeAddrs(t, 4)
+	a := c.addrs(t, cp.id, 4)
 	cp.raftAddr, cp.rpcAddr, cp.httpAddr, cp.gossipAddr = a[0], a[1], a[2], a[3]
 }
 
@@ -71,12 +75,12 @@ func (c *cluster) coordinator(t *testing.T, id string) *coordProc {
 	return nil
 }
 
-// liveCoordinators returns the coordinators the harness has not stopped or
-// paused.
+// liveCoordinators returns the coordinators the harness has not stopped,
+// paused or isolated.
 func (c *cluster) liveCoordinators() []*coordProc {
 	var live []*coordProc
 	for _, cp := range c.coords {
-		if cp.p != nil && !cp.p.stopping.Load() && !cp.p.paused.Load() {
+		if cp.p != nil && !cp.p.stopping.Load() && !cp.p.paused.Load() && !cp.isolated {
 			live = append(live, cp)
 		}
 	}

@@ -28,7 +28,7 @@ func (c *cluster) startBroker(t *testing.T) {
 	t.Helper()
 	b := &brokerProc{dataDir: filepath.Join(c.dir, "devkafka-data"), topics: c.opts.topics}
 	c.broker = b
-	pick := func() { b.addr = freeAddrs(t, 1)[0] }
+	pick := func() { b.addr = c.addrs(t, "devkafka", 1)[0] }
 	pick()
 	b.p = c.launch(t, "devkafka", "devkafka.log", pick, b.argv, brokerReady)
 }

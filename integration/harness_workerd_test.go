@@ -41,7 +41,7 @@ func (c *cluster) startWorkerWith(t *testing.T, id string, slots int, flags ...s
 	w := &workerProc{id: id, dataDir: filepath.Join(c.dir, "workerd-"+id+"-data"), slots: slots, flags: flags}
 	c.workers = append(c.workers, w)
 	pick := func() {
-		a := freeAddrs(t, 3)
+		a := c.addrs(t, id, 3)
 		w.dataAddr, w.gossipAddr, w.metricsAddr = a[0], a[1], a[2]
 	}
 	pick()
