@@ -15,6 +15,7 @@ import (
 
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/coordinator"
+	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker/operator"
 )
@@ -46,6 +47,8 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.StringVar(&tlsFiles.CA, "tls-ca", "", "CA certificate `FILE` (PEM): with -tls-cert and -tls-key, every listener requires mutual TLS (docs/security.md)")
 	fs.StringVar(&tlsFiles.Cert, "tls-cert", "", "this coordinator's certificate `FILE` (coordd tls cert create -coordinator ID); reread on SIGHUP")
 	fs.StringVar(&tlsFiles.Key, "tls-key", "", "the certificate's key `FILE`")
+	encrypt := fs.String("encrypt", "", "gossip encryption `KEYS`: base64 keys of 16, 24 or 32 bytes (coordd keygen), comma-separated, the first encrypts; members without one are refused (default $"+transport.GossipKeyEnv+")")
+	encryptFile := fs.String("encrypt-file", "", "`FILE` holding the -encrypt keys (comma- or line-separated): keeps them out of ps")
 	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "log `FORMAT`: text or json")
 
@@ -89,6 +92,11 @@ func runAgent(args []string, stderr io.Writer) error {
 		}
 		cfg.TLS = tc
 	}
+	gossipKeys, err := transport.LoadGossipKeys(*encrypt, *encryptFile)
+	if err != nil {
+		return usageError(fs, "%v", err)
+	}
+	cfg.GossipKeys = gossipKeys
 	cfg.Operators = splitList(*operators)
 	logger, err := newLogger(stderr, *logLevel, *logFormat)
 	if err != nil {

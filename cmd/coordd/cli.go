@@ -144,9 +144,24 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 		Voter      bool   `json:"voter"`
 		DataAddr   string `json:"data_addr"`
 		Slots      int    `json:"slots"`
+		Problem    string `json:"problem"`
 	}
 	if err := c.getJSON(ctx, "/v1/members", &members); err != nil {
 		return err
+	}
+	// Coordinators alive in gossip but not in the Raft configuration wait
+	// for coordd raft add-peer (or, with TLS, for authentication); a
+	// failed read only leaves the mark out.
+	var peers struct {
+		Servers []struct {
+			ID string `json:"id"`
+		} `json:"servers"`
+	}
+	inRaft := make(map[string]bool)
+	if err := c.getJSON(ctx, "/v1/raft/peers", &peers); err == nil {
+		for _, p := range peers.Servers {
+			inRaft[p.ID] = true
+		}
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tROLE\tSTATUS\tGOSSIP\tADDRESSES")
@@ -158,8 +173,13 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 			if !m.Voter {
 				addrs += " nonvoter"
 			}
+			if len(inRaft) > 0 && !inRaft[m.ID] && m.Status == "alive" {
+				addrs += " not-in-raft (coordd raft add-peer)"
+			}
 		case "worker":
 			addrs = fmt.Sprintf("data=%s slots=%d", m.DataAddr, m.Slots)
+		default:
+			addrs = "ignored: " + m.Problem
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.Role, m.Status, m.GossipAddr, addrs)
 	}
@@ -169,6 +189,8 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 const raftUsage = `Usage: coordd raft <command> [-addr URL] [arguments]
 
   raft peers            list the Raft servers, marking the leader
+  raft add-peer -id ID -raft-addr ADDR [-non-voter]
+                        add a running coordinator to the Raft configuration
   raft remove-peer ID   remove a coordinator that is gone for good from the Raft configuration
   raft recover -data-dir DIR -peers FILE
                         offline, on a stopped coordinator: replace the Raft configuration
@@ -185,6 +207,8 @@ func runRaft(args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "peers":
 		return raftPeers(args[1:], stdout, stderr)
+	case "add-peer":
+		return raftAddPeer(args[1:], stdout, stderr)
 	case "remove-peer":
 		return raftRemovePeer(args[1:], stdout, stderr)
 	case "recover":

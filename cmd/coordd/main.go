@@ -33,6 +33,7 @@ Server:
 Security:
   tls ca create         create a CA for the cluster's certificates (-dir DIR)
   tls cert create       issue a certificate: -coordinator ID, -worker ID or -client NAME
+  keygen                print a new gossip encryption key for -encrypt (base64, 32 bytes)
 
 Jobs:
   job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
@@ -52,6 +53,9 @@ Savepoints:
 Cluster:
   members               list coordinators and workers with their state
   raft peers            list the Raft servers, marking the leader
+  raft add-peer -id ID -raft-addr ADDR [-non-voter]
+                        add a running coordinator to the Raft configuration (without TLS the
+                        only way; docs/operations.md "Coordinator membership")
   raft remove-peer ID   remove a coordinator that is gone for good from the Raft configuration
   raft recover -data-dir DIR -peers FILE
                         offline, on a stopped coordinator: replace the Raft configuration
@@ -85,6 +89,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runSavepoint(rest, stdout, stderr)
 	case "tls":
 		err = runTLS(rest, stdout, stderr)
+	case "keygen":
+		err = runKeygen(rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)
 		return 0

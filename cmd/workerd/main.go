@@ -64,6 +64,7 @@ import (
 	"time"
 
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
+	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker"
 )
@@ -92,6 +93,8 @@ func run(args []string) error {
 	fs.StringVar(&tlsFiles.CA, "tls-ca", "", "CA certificate `FILE` (PEM): with -tls-cert and -tls-key, the control session and data channels use mutual TLS (docs/security.md)")
 	fs.StringVar(&tlsFiles.Cert, "tls-cert", "", "this worker's certificate `FILE` (coordd tls cert create -worker ID); reread on SIGHUP")
 	fs.StringVar(&tlsFiles.Key, "tls-key", "", "the certificate's key `FILE`")
+	encrypt := fs.String("encrypt", "", "gossip encryption `KEYS`: base64 keys of 16, 24 or 32 bytes (coordd keygen), comma-separated, the first encrypts; the same as the coordinators' (default $"+transport.GossipKeyEnv+")")
+	encryptFile := fs.String("encrypt-file", "", "`FILE` holding the -encrypt keys (comma- or line-separated): keeps them out of ps")
 	logLevel := fs.String("log-level", "info", "`LEVEL` of logs: debug, info, warn or error")
 
 	// Failure detection: the same flags, with the same defaults, as coordd's.
@@ -141,6 +144,11 @@ func run(args []string) error {
 		}
 		cfg.TLS = tc
 	}
+	gossipKeys, err := transport.LoadGossipKeys(*encrypt, *encryptFile)
+	if err != nil {
+		return err
+	}
+	cfg.GossipKeys = gossipKeys
 
 	w, err := worker.New(cfg)
 	if err != nil {
