@@ -49,8 +49,9 @@ func snapshotCount(cp *coordProc) int {
 }
 
 // TestCoordinatorMembership: a fourth coordinator started after the cluster
-// has compacted its log joins as a voter and catches up from a snapshot; a
-// fifth started with -voter=false joins as a nonvoter; `coordd raft
+// has compacted its log is not added from gossip (no TLS); `coordd raft
+// add-peer` adds it as a voter and it catches up from a snapshot; a fifth
+// started with -voter=false is added with add-peer -non-voter; `coordd raft
 // remove-peer` removes a dead coordinator (through a follower, which forwards
 // to the leader) and refuses to remove the leader or a live coordinator.
 func TestCoordinatorMembership(t *testing.T) {
@@ -75,7 +76,29 @@ func TestCoordinatorMembership(t *testing.T) {
 		return true, nil
 	})
 
+	before := c.coordinator(t, c.leader(t)) // c.leader waits for c4 too once it runs
 	c4 := c.addCoordinator(t, "c4")
+	// Without TLS the leader adds no coordinator it sees in gossip: c4
+	// waits for an operator, and both coordd members and the leader's log
+	// say so.
+	c.waitFor(t, 15*time.Second, "coordd members to show c4 waiting for add-peer", func() (bool, error) {
+		out := c.cli(t, c.api(t), "members")
+		for line := range strings.Lines(out) {
+			if strings.HasPrefix(line, "c4 ") && strings.Contains(line, "not-in-raft (coordd raft add-peer)") {
+				return true, nil
+			}
+		}
+		return false, fmt.Errorf("coordd members:\n%s", out)
+	})
+	if log := c.coordLog(t, before.id); !strings.Contains(log, "run coordd raft add-peer -id c4 -raft-addr "+c4.raftAddr) {
+		t.Errorf("the leader's log does not tell the operator to add c4")
+	}
+	if peers, err := c.raftPeers(before.httpAddr); err != nil || len(peers) != 3 {
+		t.Errorf("raft peers %+v (%v): want c1, c2 and c3 only; c4 must not be added from gossip alone", peers, err)
+	}
+	if out := c.cli(t, c.api(t), "raft", "add-peer", "-id", "c4", "-raft-addr", c4.raftAddr); !strings.Contains(out, "added c4 as a voter") {
+		t.Errorf("raft add-peer c4 printed %q", out)
+	}
 	c.waitFor(t, 30*time.Second, "c4 to be a voter", func() (bool, error) {
 		return c.peersAre(t, map[string]string{"c1": "voter", "c2": "voter", "c3": "voter", "c4": "voter"})
 	})
@@ -88,7 +111,9 @@ func TestCoordinatorMembership(t *testing.T) {
 		t.Errorf("c4 lists %d jobs (%v), want 40", len(jobs), err)
 	}
 
-	c.addCoordinator(t, "c5", "-voter=false", "-bootstrap-expect", "0") // a nonvoter never bootstraps
+	c5 := c.addCoordinator(t, "c5", "-voter=false", "-bootstrap-expect", "0") // a nonvoter never bootstraps
+	c.waitFor(t, 15*time.Second, "c5 to be alive in gossip", func() (bool, error) { return c.memberStatusIs("c5", "alive") })
+	c.cli(t, c.api(t), "raft", "add-peer", "-id", "c5", "-raft-addr", c5.raftAddr, "-non-voter")
 	c.waitFor(t, 30*time.Second, "c5 to be a nonvoter", func() (bool, error) {
 		return c.peersAre(t, map[string]string{"c1": "voter", "c2": "voter", "c3": "voter", "c4": "voter", "c5": "nonvoter"})
 	})

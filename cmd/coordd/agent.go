@@ -58,7 +58,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.Uint64Var(&cfg.SnapshotThreshold, "raft-snapshot-threshold", cfg.SnapshotThreshold, "Raft log entries between snapshots")
 	fs.Uint64Var(&cfg.TrailingLogs, "raft-trailing-logs", cfg.TrailingLogs, "Raft log entries kept after a snapshot")
 	fs.DurationVar(&cfg.SnapshotInterval, "raft-snapshot-interval", cfg.SnapshotInterval, "how often Raft checks -raft-snapshot-threshold")
-	fs.DurationVar(&cfg.RaftReconcileInterval, "raft-reconcile-interval", cfg.RaftReconcileInterval, "how often the leader adds coordinators seen in gossip to Raft")
+	fs.DurationVar(&cfg.RaftReconcileInterval, "raft-reconcile-interval", cfg.RaftReconcileInterval, "how often the leader compares coordinators seen in gossip with the Raft configuration (with TLS it adds those whose certificate proves their id)")
 	fs.DurationVar(&cfg.ProbeInterval, "gossip-probe-interval", cfg.ProbeInterval, "memberlist probe interval")
 	fs.DurationVar(&cfg.ProbeTimeout, "gossip-probe-timeout", cfg.ProbeTimeout, "memberlist probe timeout")
 	fs.IntVar(&cfg.SuspicionMult, "gossip-suspicion-mult", cfg.SuspicionMult, "memberlist suspicion multiplier")
