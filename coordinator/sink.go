@@ -79,19 +79,7 @@ var txnAPIs = map[int16]string{22: "InitProducerId", 24: "AddPartitionsToTxn", 2
 // time with a reason rather than each map task at its first write.
 func kafkaSinkCheck(ctx context.Context, brokers []string) error {
 	addrs := strings.Join(brokers, ",")
-	cfg := sarama.NewConfig()
-	cfg.ClientID = "coordd"
-	cfg.Version = sarama.V2_8_0_0
-	cfg.Net.DialTimeout = 2 * time.Second
-	cfg.Net.ReadTimeout = 3 * time.Second
-	cfg.Net.WriteTimeout = 3 * time.Second
-	cfg.Metadata.Full = false
-	cfg.Metadata.Retry.Max = 1
-	cfg.Metadata.Timeout = lookupTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		cfg.Metadata.Timeout = max(time.Until(dl), time.Millisecond)
-	}
-	client, err := sarama.NewClient(brokers, cfg)
+	client, err := sarama.NewClient(brokers, lookupConfig(ctx, sarama.V2_8_0_0))
 	if err != nil {
 		return fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
 	}
@@ -119,6 +107,36 @@ func kafkaSinkCheck(ctx context.Context, brokers []string) error {
 			addrs, strings.Join(missing, ", "))
 	}
 	return nil
+}
+
+// lookupConfig is the sarama configuration of the leader's requests to a
+// job's sink brokers (the deploy check, the transactions listing and its
+// aborts): requests of Kafka version, and timeouts short enough that an
+// unreachable broker fails the lookup rather than the caller's request,
+// each bounded by what is left of ctx's deadline (of lookupTimeout without
+// one). sarama takes no context: a request under way when ctx ends runs to
+// its timeout.
+func lookupConfig(ctx context.Context, version sarama.KafkaVersion) *sarama.Config {
+	left := lookupTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		left = max(time.Until(dl), time.Millisecond)
+	}
+	cfg := sarama.NewConfig()
+	cfg.ClientID = "coordd"
+	cfg.Version = version
+	cfg.Net.DialTimeout = min(2*time.Second, left)
+	cfg.Net.ReadTimeout = min(5*time.Second, left)
+	cfg.Net.WriteTimeout = min(3*time.Second, left)
+	cfg.Metadata.Full = false
+	cfg.Metadata.AllowAutoTopicCreation = false
+	cfg.Metadata.RefreshFrequency = 0
+	cfg.Metadata.Retry.Max = 1
+	cfg.Metadata.Retry.Backoff = 100 * time.Millisecond
+	cfg.Metadata.Timeout = left
+	// Each request's version is then the highest both ends know
+	// (abortTxn relies on it).
+	cfg.ApiVersionsRequest = true
+	return cfg
 }
 
 // apiSinkTxn is one open transaction of a job's exactly-once sink in GET
@@ -155,21 +173,19 @@ func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Tim
 	}
 	prefix := cmp.Or(sink.TransactionalIDPrefix, sinkTxnPrefix(job.ID)) + "-"
 	addrs := strings.Join(sink.Brokers, ",")
-	cfg := sarama.NewConfig()
-	cfg.ClientID = "coordd"
-	cfg.Version = sarama.V3_0_0_0
-	cfg.Net.DialTimeout = 2 * time.Second
-	cfg.Net.ReadTimeout = 5 * time.Second
-	cfg.Net.WriteTimeout = 3 * time.Second
-	cfg.Metadata.Retry.Max = 1
-	if dl, ok := ctx.Deadline(); ok {
-		cfg.Metadata.Timeout = max(time.Until(dl), time.Millisecond)
-	}
-	admin, err := sarama.NewClusterAdmin(sink.Brokers, cfg)
+	// Kafka 3.0: ListTransactions and DescribeTransactions (KIP-664).
+	cfg := lookupConfig(ctx, sarama.V3_0_0_0)
+	cfg.Metadata.Full = true // the cluster admin's first refresh names no topic
+	client, err := sarama.NewClient(sink.Brokers, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
 	}
-	defer admin.Close()
+	admin, err := sarama.NewClusterAdminFromClient(client)
+	if err != nil {
+		client.Close()
+		return nil, fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
+	}
+	defer admin.Close() // and client
 	tadmin, ok := admin.(sarama.TransactionClusterAdmin)
 	if !ok {
 		return nil, fmt.Errorf("sink brokers %s: this sarama has no transaction admin", addrs)
@@ -233,14 +249,12 @@ func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Tim
 	if !abort {
 		return out, nil
 	}
-	client, err := sarama.NewClient(sink.Brokers, cfg)
-	if err != nil {
-		return out, fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
-	}
-	defer client.Close()
 	for i := range out {
 		if out[i].NeededBy != "" {
 			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return out, fmt.Errorf("abort transaction %s: %w", out[i].TransactionalID, err)
 		}
 		if err := abortTxn(client, out[i].TransactionalID, time.Duration(out[i].TimeoutMS)*time.Millisecond); err != nil {
 			return out, err
@@ -266,7 +280,10 @@ func poolOwner(job fsm.Job, prefix, id string) string {
 }
 
 // abortTxn initialises transactional id id without a producer behind it:
-// the broker aborts its open transaction and fences its producer.
+// the broker aborts its open transaction and fences its producer. The
+// request asks for the highest InitProducerId version sarama encodes, and
+// sarama lowers it to the highest the coordinator named in its ApiVersions
+// answer when the connection opened (lookupConfig asks for it).
 func abortTxn(client sarama.Client, id string, timeout time.Duration) error {
 	if timeout <= 0 {
 		timeout = time.Minute
@@ -276,7 +293,7 @@ func abortTxn(client sarama.Client, id string, timeout time.Duration) error {
 		return fmt.Errorf("abort transaction %s: find its coordinator: %w", id, err)
 	}
 	resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
-		Version: 4, TransactionalID: &id, TransactionTimeout: timeout, ProducerID: -1, ProducerEpoch: -1,
+		Version: saramaInitProducerIDVersion, TransactionalID: &id, TransactionTimeout: timeout, ProducerID: -1, ProducerEpoch: -1,
 	})
 	if err == nil && resp.Err != sarama.ErrNoError {
 		err = resp.Err
@@ -286,6 +303,10 @@ func abortTxn(client sarama.Client, id string, timeout time.Duration) error {
 	}
 	return nil
 }
+
+// saramaInitProducerIDVersion is the highest InitProducerId version sarama
+// encodes; abortTxn's requests are lowered from it to the broker's.
+const saramaInitProducerIDVersion = 4
 
 // txnRequestTimeout bounds a transactions request to the sink's brokers.
 const txnRequestTimeout = 15 * time.Second

@@ -52,8 +52,14 @@ func TestKafkaSinkCheck(t *testing.T) {
 // openTxn leaves a transaction open on transactional id id with one record.
 func openTxn(t *testing.T, brokers []string, id string) (pid int64, epoch int16) {
 	t.Helper()
+	return openTxnAt(t, brokers, id, sarama.V3_0_0_0)
+}
+
+// openTxnAt is openTxn with a producer of Kafka version v.
+func openTxnAt(t *testing.T, brokers []string, id string, v sarama.KafkaVersion) (pid int64, epoch int16) {
+	t.Helper()
 	cfg := sarama.NewConfig()
-	cfg.Version = sarama.V3_0_0_0
+	cfg.Version = v
 	cfg.Producer.Idempotent = true
 	cfg.Producer.RequiredAcks = sarama.WaitForAll
 	cfg.Producer.Return.Successes = true
@@ -70,7 +76,9 @@ func openTxn(t *testing.T, brokers []string, id string) (pid int64, epoch int16)
 	if _, _, err := p.SendMessage(&sarama.ProducerMessage{Topic: "out", Value: sarama.StringEncoder(id)}); err != nil {
 		t.Fatal(err)
 	}
-	admin, err := sarama.NewClusterAdmin(brokers, cfg)
+	acfg := sarama.NewConfig()
+	acfg.Version = sarama.V3_0_0_0 // DescribeTransactions
+	admin, err := sarama.NewClusterAdmin(brokers, acfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,5 +159,62 @@ func TestSinkTransactions(t *testing.T) {
 	job.Spec.Sink.Delivery = fsm.DeliveryAtLeastOnce
 	if _, err := sinkTransactions(ctx, job, false, time.Now()); err == nil || !strings.Contains(err.Error(), "no exactly-once sink") {
 		t.Fatalf("at-least-once job: %v", err)
+	}
+}
+
+// TestLookupConfig: the leader's requests to sink brokers time out within
+// what is left of the caller's deadline, and within lookupTimeout without
+// one.
+func TestLookupConfig(t *testing.T) {
+	cfg := lookupConfig(context.Background(), sarama.V3_0_0_0)
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Metadata.Timeout != lookupTimeout || cfg.Net.ReadTimeout > lookupTimeout || !cfg.Version.IsAtLeast(sarama.V3_0_0_0) {
+		t.Fatalf("without a deadline: metadata %v, read %v, version %v", cfg.Metadata.Timeout, cfg.Net.ReadTimeout, cfg.Version)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	cfg = lookupConfig(ctx, sarama.V2_8_0_0)
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for name, d := range map[string]time.Duration{"dial": cfg.Net.DialTimeout, "read": cfg.Net.ReadTimeout,
+		"write": cfg.Net.WriteTimeout, "metadata": cfg.Metadata.Timeout} {
+		if d <= 0 || d > time.Second {
+			t.Errorf("%s timeout %v with 1s left", name, d)
+		}
+	}
+}
+
+// TestSinkTransactionsAbortOnABrokerWithAnOlderInitProducerId: -abort
+// speaks the InitProducerId version the broker has, not the newest sarama
+// knows.
+func TestSinkTransactionsAbortOnABrokerWithAnOlderInitProducerId(t *testing.T) {
+	versions := kversion.Stable()
+	versions.SetMaxKeyVersion(22, 2) // InitProducerId v2, Kafka 2.4's
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "out"), kfake.MaxVersions(versions))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	brokers := c.ListenAddrs()
+	openTxnAt(t, brokers, "coordflow-j1-map-3-0", sarama.V2_4_0_0) // nobody's
+	job := fsm.Job{
+		ID: "j1", Status: fsm.JobRunning, Attempt: 1,
+		Spec:  fsm.JobSpec{Sink: &fsm.SinkSpec{Brokers: brokers, Topic: "out", Delivery: fsm.DeliveryExactlyOnce}},
+		Tasks: []fsm.Task{{ID: "map-0", Kind: fsm.TaskMap}},
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	txns, err := sinkTransactions(ctx, job, true, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(txns) != 1 || !txns[0].Aborted {
+		t.Fatalf("abort: %+v, want the one transaction aborted", txns)
+	}
+	if txns, err = sinkTransactions(ctx, job, false, time.Now()); err != nil || len(txns) != 0 {
+		t.Fatalf("after the abort: %+v, %v", txns, err)
 	}
 }
