@@ -282,7 +282,7 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		return fmt.Errorf("restore checkpoint %d: %w", m.restoreID, err)
 	}
 	if m.sinkSpec != nil {
-		m.sink, err = openSink(m.env, m.key, m.sinkSpec, m.log)
+		m.sink, err = openSink(ctx, m.env, m.key, m.sinkSpec, m.log)
 		if err != nil {
 			return err
 		}

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -78,8 +79,9 @@ type sink struct {
 
 // openSink connects the sink of map task key. Exactly once, the caller
 // must then recover the transactions of the restored checkpoint
-// (txnPool.recover) before it adds anything.
-func openSink(env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
+// (txnPool.recover) before it adds anything; ctx is the task's, and the
+// sink's retries stop when it ends.
+func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
 	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)
 	if spec.GetDelivery() != fsm.DeliveryAtLeastOnce {
 		conf.Version = txnKafkaVersion
@@ -100,7 +102,7 @@ func openSink(env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Log
 			client.Close()
 			return nil, fmt.Errorf("deploy of map task %s: exactly-once sink without transactional_id_prefix, transaction_timeout_ms or checkpoint_timeout_ms", key.id)
 		}
-		s.txn = newTxnPool(env, key.job, key.id, spec, client, log)
+		s.txn = newTxnPool(ctx, env, key.job, key.id, spec, client, log)
 	default:
 		client.Close()
 		return nil, fmt.Errorf("deploy of map task %s: sink delivery %q: want %q or %q", key.id, spec.GetDelivery(), fsm.DeliveryExactlyOnce, fsm.DeliveryAtLeastOnce)

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,6 +11,9 @@ import (
 
 	"github.com/IBM/sarama"
 	"github.com/prometheus/client_golang/prometheus"
+	kerrors "github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/coordflow/coordflow/transport"
 )
@@ -22,11 +26,29 @@ import (
 // completion notices.
 const txnSlots = 5
 
-// txnProtocolVersion is the transaction protocol sarama's producer speaks:
-// EndTxn up to v3, under which a producer keeps its epoch across
-// transactions and the broker bumps it only at InitProducerId or when it
-// aborts a transaction at its timeout.
-const txnProtocolVersion = 1
+// Transaction protocol versions, as a snapshot records them
+// (SinkTxn.protocol_version). A restore must end a transaction with the
+// rules of the version that wrote it: the same EndTxn means different
+// things under each (docs/protocol.md, "Exactly-once sink").
+const (
+	// txnProtocolV1 is what sarama's producer speaks (EndTxn up to v3,
+	// Produce up to v10): a producer keeps its epoch across transactions;
+	// the broker bumps it only at InitProducerId or when it aborts a
+	// transaction at its timeout. A second commit with the same epoch is a
+	// retry. Every transaction this worker writes is version 1; 0 (not
+	// recorded) means version 1 too.
+	txnProtocolV1 = 1
+	// txnProtocolV2 is KIP-890's (EndTxn v5, Produce v12, on brokers whose
+	// transaction.version is 2): the broker bumps the epoch at every
+	// EndTxn, and answers a commit that carries the epoch before the bump
+	// as the retry it is: NONE if that transaction was committed,
+	// INVALID_TXN_STATE if it was aborted. sarama cannot send EndTxn v5;
+	// a restore ends such a transaction through franz-go (endTxnV2).
+	txnProtocolV2 = 2
+)
+
+// txnProtocolVersion is the version of the transactions this worker writes.
+const txnProtocolVersion = txnProtocolV1
 
 // txnKafkaVersion is the Kafka version an exactly-once sink assumes: 3.0
 // brought DescribeTransactions (KIP-664), from which a task learns the
@@ -80,6 +102,10 @@ type txnSlot struct {
 // transactional ids, which every attempt of the task shares, stops a zombie
 // of an older attempt. docs/protocol.md, "Exactly-once sink", has the rules.
 type txnPool struct {
+	// ctx is the map task's: every retry stops when it ends. Only the
+	// task's goroutine calls the pool, and a call blocks it, for up to
+	// twice cfg.KafkaTimeout per request retried (retry).
+	ctx         context.Context
 	log         *slog.Logger
 	cfg         *Config
 	brokers     []string
@@ -90,7 +116,10 @@ type txnPool struct {
 	ckptTimeout time.Duration
 	// admin is a plain client for the requests the producers cannot make:
 	// committing a restored transaction, fencing ids nobody produces with.
-	admin  sarama.Client
+	admin sarama.Client
+	// tv2 sends what sarama cannot: EndTxn v5 for a restored transaction
+	// of protocol version 2. Opened at the first such transaction.
+	tv2    *kgo.Client
 	slots  []*txnSlot
 	cur    *txnSlot
 	counts *prometheus.CounterVec // outcome
@@ -102,8 +131,9 @@ type txnPool struct {
 // so that a new attempt fences the producers of the old one.
 func txnID(prefix, task string, i int) string { return fmt.Sprintf("%s-%s-%d", prefix, task, i) }
 
-func newTxnPool(env *taskEnv, job, task string, spec *transport.SinkSpec, admin sarama.Client, log *slog.Logger) *txnPool {
+func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *transport.SinkSpec, admin sarama.Client, log *slog.Logger) *txnPool {
 	p := &txnPool{
+		ctx:         ctx,
 		log:         log,
 		cfg:         env.cfg,
 		brokers:     spec.GetBrokers(),
@@ -159,60 +189,130 @@ func (p *txnPool) recover(restored []*transport.SinkTxn, tasks []string) error {
 
 // commitRestored commits a transaction a restored checkpoint lists, with
 // its producer id and epoch and without its producer (EndTxn, as the
-// producer would send it). Committing a transaction that was committed
-// already succeeds. If the id has moved on to another epoch, the
-// transaction ended some other way: committed by an attempt that then
-// reused the id, or aborted by the broker at its timeout.
+// producer would send it), by the rules of the protocol version that wrote
+// it. Committing a transaction that was committed already succeeds: under
+// version 1 the epoch is unchanged, under version 2 the broker recognises
+// the retry of a commit that bumped it. Otherwise the id has moved on and
+// the transaction ended some other way: committed by an attempt that then
+// reused the id, or aborted by the broker at its timeout. Nothing a restore
+// could commit is then left on the id, so it is fenced: a zombie's newer
+// transaction on it would otherwise hold read_committed consumers back
+// until its timeout.
 func (p *txnPool) commitRestored(t *transport.SinkTxn) error {
-	id := t.GetTransactionalId()
+	id, version := t.GetTransactionalId(), t.GetProtocolVersion()
+	pid, epoch := t.GetProducerId(), int16(t.GetProducerEpoch())
 	log := p.log.With("transactional_id", id, "checkpoint", t.GetCheckpointId(),
-		"producer_id", t.GetProducerId(), "producer_epoch", t.GetProducerEpoch())
-	kerr, err := p.retry(id, func(b *sarama.Broker) (sarama.KError, error) {
-		resp, err := b.EndTxn(&sarama.EndTxnRequest{
-			Version: endTxnVersion(p.admin), TransactionalID: id,
-			ProducerID: t.GetProducerId(), ProducerEpoch: int16(t.GetProducerEpoch()), TransactionResult: true,
-		})
-		if err != nil {
-			return 0, err
-		}
-		return resp.Err, nil
-	})
+		"producer_id", pid, "producer_epoch", epoch, "protocol_version", version)
+	var kerr sarama.KError
+	var err error
+	switch version {
+	case 0, txnProtocolV1:
+		kerr, err = p.endTxn(id, pid, epoch)
+	case txnProtocolV2:
+		kerr, err = p.endTxnV2(id, pid, epoch)
+	default:
+		return fmt.Errorf("commit transaction %s of checkpoint %d: transaction protocol version %d is unknown to this worker (it knows 1 and 2)",
+			id, t.GetCheckpointId(), version)
+	}
 	if err != nil {
 		return fmt.Errorf("commit transaction %s of checkpoint %d: %w", id, t.GetCheckpointId(), err)
 	}
 	switch kerr {
 	case sarama.ErrNoError:
 		p.counts.WithLabelValues("recovered").Inc()
-		log.Info("committed a transaction of the restored checkpoint")
+		log.Info("committed a transaction of the restored checkpoint (now, or before the restore)")
 		return nil
 	case sarama.ErrProducerFenced, sarama.ErrInvalidProducerEpoch, sarama.ErrInvalidProducerIDMapping, sarama.ErrInvalidTxnState:
 		p.counts.WithLabelValues("ended_before").Inc()
-		// The id has moved on. The broker may still say how its last
-		// transaction ended (Kafka does; kfake reports only Empty).
-		st, derr := p.describe(id)
-		switch {
-		case derr == nil && st.TransactionState == sarama.TransactionStateCompleteCommit && st.ProducerID == t.GetProducerId():
-			log.Info("a transaction of the restored checkpoint was committed before", "state", st.TransactionState, "epoch_now", st.ProducerEpoch)
-		case derr == nil && st.TransactionState == sarama.TransactionStateCompleteAbort && st.ProducerID == t.GetProducerId() &&
-			st.ProducerEpoch == int16(t.GetProducerEpoch())+1:
-			log.Error("a transaction of the restored checkpoint was aborted by the broker, most likely at its timeout: the checkpoint's output in it is lost",
-				"transaction_timeout", p.timeout)
-		default:
-			log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
-				"or aborted by the broker after the transaction timeout, in which case the checkpoint's output in it is lost",
-				"err", kerr, "state_now", st.TransactionState, "epoch_now", st.ProducerEpoch, "transaction_timeout", p.timeout)
-		}
-		return nil
+		p.explainEnded(log, t, kerr)
+		return p.fence(id)
 	default:
 		return fmt.Errorf("commit transaction %s of checkpoint %d: %w", id, t.GetCheckpointId(), kerr)
 	}
+}
+
+// explainEnded logs how a restored transaction that could not be committed
+// ended, as far as the broker's answer kerr and its description of the id
+// tell (Kafka's do; kfake's describe every ended transaction as Empty).
+func (p *txnPool) explainEnded(log *slog.Logger, t *transport.SinkTxn, kerr sarama.KError) {
+	pid, epoch := t.GetProducerId(), int16(t.GetProducerEpoch())
+	lost := "the checkpoint's output in it is lost"
+	if t.GetProtocolVersion() == txnProtocolV2 && kerr == sarama.ErrInvalidTxnState {
+		// The retry rule of version 2: the epoch after this transaction's
+		// EndTxn, which ended it with the other result.
+		log.Error("a transaction of the restored checkpoint was aborted, most likely by the broker at its timeout: "+lost,
+			"err", kafkaErr(kerr), "transaction_timeout", p.timeout)
+		return
+	}
+	st, derr := p.describe(t.GetTransactionalId())
+	switch {
+	case derr == nil && t.GetProtocolVersion() == txnProtocolV2 && st.TransactionState == sarama.TransactionStateCompleteCommit &&
+		st.ProducerID == pid && st.ProducerEpoch == epoch+1:
+		// Version 2's commit bumped the epoch once.
+		log.Info("a transaction of the restored checkpoint was committed before", "state", st.TransactionState, "epoch_now", st.ProducerEpoch)
+	case derr == nil && st.TransactionState == sarama.TransactionStateCompleteAbort && st.ProducerID == pid && st.ProducerEpoch == epoch+1:
+		log.Error("a transaction of the restored checkpoint was aborted by the broker, most likely at its timeout: "+lost,
+			"transaction_timeout", p.timeout)
+	default:
+		log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
+			"or aborted by the broker after the transaction timeout, in which case "+lost,
+			"err", kafkaErr(kerr), "state_now", st.TransactionState, "epoch_now", st.ProducerEpoch, "transaction_timeout", p.timeout)
+	}
+}
+
+// kafkaErr names Kafka error code k as Kafka does (sarama has no text
+// for the newer codes, such as PRODUCER_FENCED).
+func kafkaErr(k sarama.KError) error { return kerrors.ErrorForCode(int16(k)) }
+
+// endTxn commits transaction id of protocol version 1 with producer id pid
+// and epoch epoch, from the admin client.
+func (p *txnPool) endTxn(id string, pid int64, epoch int16) (sarama.KError, error) {
+	return p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
+		resp, err := b.EndTxn(&sarama.EndTxnRequest{
+			Version: endTxnVersion(p.admin), TransactionalID: id,
+			ProducerID: pid, ProducerEpoch: epoch, TransactionResult: true,
+		})
+		if err != nil {
+			return 0, err
+		}
+		return resp.Err, nil
+	}))
+}
+
+// endTxnV2 commits transaction id of protocol version 2 with EndTxn v5
+// (KIP-890), which sarama cannot encode: franz-go's client, which sends it
+// to id's transaction coordinator at the highest version both ends know.
+// A broker that has lost EndTxn v5 since (transaction.version lowered)
+// gets an older version, and answers by version 1's rules.
+func (p *txnPool) endTxnV2(id string, pid int64, epoch int16) (sarama.KError, error) {
+	if p.tv2 == nil {
+		cl, err := kgo.NewClient(kgo.SeedBrokers(p.brokers...), kgo.ClientID("coordflow-"+p.task),
+			kgo.DialTimeout(p.cfg.KafkaTimeout), kgo.RequestTimeoutOverhead(p.cfg.KafkaTimeout), kgo.RetryTimeout(2*p.cfg.KafkaTimeout))
+		if err != nil {
+			return 0, fmt.Errorf("connect to brokers %v: %w", p.brokers, err)
+		}
+		p.tv2 = cl
+	}
+	return p.retry(func(ctx context.Context) (sarama.KError, error) {
+		req := kmsg.NewPtrEndTxnRequest()
+		req.TransactionalID, req.ProducerID, req.ProducerEpoch, req.Commit = id, pid, epoch, true
+		resp, err := req.RequestWith(ctx, p.tv2)
+		if err != nil {
+			return 0, err
+		}
+		if resp.Version < 5 {
+			p.log.Warn("the broker no longer speaks EndTxn v5: a transaction of protocol version 2 is ended by version 1's rules",
+				"transactional_id", id, "end_txn_version", resp.Version)
+		}
+		return sarama.KError(resp.ErrorCode), nil
+	})
 }
 
 // fence initialises transactional id id with no producer behind it: the
 // broker aborts its open transaction, if any, and bumps its epoch, fencing
 // whoever held it.
 func (p *txnPool) fence(id string) error {
-	kerr, err := p.retry(id, func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
 			Version: initProducerIDVersion(p.admin), TransactionalID: &id, TransactionTimeout: p.timeout,
 			ProducerID: -1, ProducerEpoch: -1,
@@ -221,7 +321,7 @@ func (p *txnPool) fence(id string) error {
 			return 0, err
 		}
 		return resp.Err, nil
-	})
+	}))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
@@ -232,33 +332,68 @@ func (p *txnPool) fence(id string) error {
 	return nil
 }
 
-// retry sends a request to id's transaction coordinator until it answers
-// with anything but a retriable error, for up to KafkaTimeout.
-func (p *txnPool) retry(id string, do func(*sarama.Broker) (sarama.KError, error)) (sarama.KError, error) {
-	deadline := p.now().Add(2 * p.cfg.KafkaTimeout)
+// retry calls do until it answers with anything but a transport error or a
+// retriable Kafka error, backing off between calls, for up to twice
+// cfg.KafkaTimeout; it returns the last error then. It stops at once when
+// the task's context ends. do gets a context that ends with the retries.
+func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
+	ctx, cancel := context.WithTimeout(p.ctx, 2*p.cfg.KafkaTimeout)
+	defer cancel()
 	backoff := 50 * time.Millisecond
 	for {
-		b, err := p.admin.TransactionCoordinator(id)
-		var kerr sarama.KError
-		if err == nil {
-			kerr, err = do(b)
-		}
-		retriable := err != nil || kerr == sarama.ErrNotCoordinatorForConsumer || kerr == sarama.ErrConsumerCoordinatorNotAvailable ||
-			kerr == sarama.ErrOffsetsLoadInProgress || kerr == sarama.ErrConcurrentTransactions
-		if !retriable {
+		kerr, err := do(ctx)
+		if err == nil && !retriableTxnErr(kerr) {
 			return kerr, nil
 		}
 		if err == nil {
 			err = kerr
 		}
-		if p.now().Add(backoff).After(deadline) {
+		if p.ctx.Err() != nil {
+			return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", p.ctx.Err(), err)
+		}
+		wait := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			wait.Stop()
+			if p.ctx.Err() != nil {
+				return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", p.ctx.Err(), err)
+			}
+			return 0, err
+		case <-wait.C:
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+// retriableTxnErr reports whether a transaction request that failed with
+// kerr may succeed when sent again.
+func retriableTxnErr(kerr sarama.KError) bool {
+	switch kerr {
+	case sarama.ErrNotCoordinatorForConsumer, sarama.ErrConsumerCoordinatorNotAvailable,
+		sarama.ErrOffsetsLoadInProgress, sarama.ErrConcurrentTransactions, sarama.ErrRequestTimedOut:
+		return true
+	}
+	return false
+}
+
+// atCoordinator turns a request to id's transaction coordinator into a
+// step for retry: it finds the coordinator through the admin client, and
+// after a transport error or a coordinator's "not me" looks it up again
+// (dropping the broken connection, as sarama's transaction manager does).
+func (p *txnPool) atCoordinator(id string, req func(*sarama.Broker) (sarama.KError, error)) func(context.Context) (sarama.KError, error) {
+	return func(context.Context) (sarama.KError, error) {
+		b, err := p.admin.TransactionCoordinator(id)
+		if err != nil {
 			return 0, err
 		}
-		if kerr == sarama.ErrNotCoordinatorForConsumer || kerr == sarama.ErrConsumerCoordinatorNotAvailable || b == nil {
+		kerr, err := req(b)
+		if err != nil {
+			_ = b.Close()
+		}
+		if err != nil || kerr == sarama.ErrNotCoordinatorForConsumer || kerr == sarama.ErrConsumerCoordinatorNotAvailable {
 			_ = p.admin.RefreshTransactionCoordinator(id)
 		}
-		time.Sleep(backoff)
-		backoff = min(2*backoff, time.Second)
+		return kerr, err
 	}
 }
 
@@ -367,7 +502,7 @@ func (p *txnPool) initSlot(s *txnSlot) error {
 // describe asks id's transaction coordinator for its state.
 func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 	var st sarama.TransactionState
-	kerr, err := p.retry(id, func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.DescribeTransactions(&sarama.DescribeTransactionsRequest{TransactionalIDs: []string{id}})
 		if err != nil {
 			return 0, err
@@ -377,7 +512,7 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 		}
 		st = resp.TransactionStates[0]
 		return st.ErrorCode, nil
-	})
+	}))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
@@ -467,7 +602,9 @@ func (p *txnPool) completed(id uint64) error {
 			p.cfg.Failpoint("worker-before-sink-commit")
 		}
 		if err := s.producer.CommitTxn(); err != nil {
-			return p.producerErr(s, fmt.Sprintf("commit the transaction of checkpoint %d", s.ckpt), err)
+			if err := p.commitAgain(s, err); err != nil {
+				return err
+			}
 		}
 		p.counts.WithLabelValues("committed").Inc()
 		p.log.Debug("committed sink transaction", "checkpoint", s.ckpt, "transactional_id", s.id)
@@ -484,6 +621,36 @@ func (p *txnPool) completed(id uint64) error {
 		}
 	}
 	return nil
+}
+
+// commitAgain finishes the commit of pending slot s after its producer's
+// CommitTxn failed with err (sarama's transaction manager retried it for a
+// while): unless Kafka fenced the producer, it sends EndTxn with the
+// transaction's producer id and epoch from the admin client, as a restore
+// would, retrying while the broker is unreachable (retry). The producer is
+// not used again: a committed slot gets a new one before reuse. If the
+// broker stays away the task fails, and the restore from the last completed
+// checkpoint, which lists the transaction, commits it.
+func (p *txnPool) commitAgain(s *txnSlot, err error) error {
+	what := fmt.Sprintf("commit the transaction of checkpoint %d", s.ckpt)
+	if isFenced(err) {
+		return p.producerErr(s, what, err)
+	}
+	p.log.Warn("sink commit failed; committing again with the transaction's producer id and epoch",
+		"checkpoint", s.ckpt, "transactional_id", s.id, "err", err)
+	kerr, rerr := p.endTxn(s.id, s.pid, s.epoch)
+	switch {
+	case rerr != nil:
+		return fmt.Errorf("sink topic %q, transactional id %s: %s: %w (and again from the admin client: %w); "+
+			"the task restarts from the last completed checkpoint, whose restore commits it", p.topic, s.id, what, err, rerr)
+	case kerr == sarama.ErrNoError:
+		p.log.Info("committed sink transaction on a second try", "checkpoint", s.ckpt, "transactional_id", s.id)
+		return nil
+	case kerr == sarama.ErrProducerFenced || kerr == sarama.ErrInvalidProducerEpoch || kerr == sarama.ErrInvalidProducerIDMapping:
+		return p.producerErr(s, what, kerr)
+	default:
+		return fmt.Errorf("sink topic %q, transactional id %s: %s: %w", p.topic, s.id, what, kerr)
+	}
 }
 
 // producerErr wraps err from slot s's producer, and counts and logs it when
@@ -531,6 +698,9 @@ func isFenced(err error) bool {
 // close releases the producers. Their open transactions are left to the
 // next attempt, which aborts them, or to the broker's timeout.
 func (p *txnPool) close() {
+	if p.tv2 != nil {
+		p.tv2.Close()
+	}
 	for _, s := range p.slots {
 		if s.producer != nil {
 			_ = s.producer.Close()

@@ -1,14 +1,21 @@
 package worker
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"reflect"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/IBM/sarama"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
@@ -24,11 +31,17 @@ func txnTestSink(t *testing.T, env *taskEnv, brokers []string, task string, rest
 // txnTestSinkWith is txnTestSink with the transaction and checkpoint timeouts.
 func txnTestSinkWith(t *testing.T, env *taskEnv, brokers []string, task string, restored []*transport.SinkTxn, txnTimeout, ckptTimeout time.Duration) *sink {
 	t.Helper()
+	return txnTestSinkLog(t, env, brokers, task, restored, txnTimeout, ckptTimeout, testLogger(t))
+}
+
+// txnTestSinkLog is txnTestSinkWith with the task's logger.
+func txnTestSinkLog(t *testing.T, env *taskEnv, brokers []string, task string, restored []*transport.SinkTxn, txnTimeout, ckptTimeout time.Duration, log *slog.Logger) *sink {
+	t.Helper()
 	spec := &transport.SinkSpec{
 		Brokers: brokers, Topic: "out", Delivery: "exactly_once",
 		TransactionTimeoutMs: txnTimeout.Milliseconds(), CheckpointTimeoutMs: ckptTimeout.Milliseconds(), TransactionalIdPrefix: "coordflow-j",
 	}
-	s, err := openSink(env, taskKey{job: "j", attempt: 1, id: task}, spec, testLogger(t))
+	s, err := openSink(t.Context(), env, taskKey{job: "j", attempt: 1, id: task}, spec, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -393,3 +406,347 @@ func readCommittedFor(t *testing.T, brokers []string, topic string, want int, wa
 		}
 	}
 }
+
+// tv2Txn plays an attempt of map task map-0 whose sink writes with
+// transaction protocol version 2 (KIP-890): franz-go's transactional
+// producer, which speaks it (Produce v12 adds the partition to the
+// transaction, EndTxn v5 bumps the epoch) against kfake, whose
+// transaction.version is 2. It writes values in one transaction on the
+// task's first transactional id and returns what the pre-commit at
+// checkpoint 1 records, and the producer, its transaction still open.
+func tv2Txn(t *testing.T, brokers []string, values []string, timeout time.Duration) (*transport.SinkTxn, *kgo.Client) {
+	t.Helper()
+	id := txnID("coordflow-j", "map-0", 0)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.TransactionalID(id), kgo.TransactionTimeout(timeout),
+		kgo.DefaultProduceTopic("out"), kgo.RequiredAcks(kgo.AllISRAcks()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cl.Close)
+	if err := cl.BeginTransaction(); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range values {
+		if err := cl.ProduceSync(t.Context(), &kgo.Record{Key: []byte(v), Value: []byte(v)}).FirstErr(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := describeTxn(t, brokers, id)
+	if st.State != "Ongoing" {
+		t.Fatalf("transaction %s after the writes: %s, want Ongoing", id, st.State)
+	}
+	return &transport.SinkTxn{TransactionalId: id, ProducerId: st.ProducerID, ProducerEpoch: int32(st.ProducerEpoch),
+		CheckpointId: 1, ProtocolVersion: txnProtocolV2}, cl
+}
+
+// describeTxn asks the broker for transactional id id's state.
+func describeTxn(t *testing.T, brokers []string, id string) kmsg.DescribeTransactionsResponseTransactionState {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	req := kmsg.NewPtrDescribeTransactionsRequest()
+	req.TransactionalIDs = []string{id}
+	resp, err := req.RequestWith(t.Context(), cl)
+	if err != nil || len(resp.TransactionStates) != 1 || resp.TransactionStates[0].ErrorCode != 0 {
+		t.Fatalf("describe transaction %s: %v %+v", id, err, resp)
+	}
+	return resp.TransactionStates[0]
+}
+
+// TestExactlyOnceSinkRestoresTV2Transactions: a transaction written under
+// transaction protocol version 2, whose every EndTxn bumps the producer
+// epoch (the case of FLINK-40689), is finished by a restore exactly once,
+// whether the old attempt committed it before it crashed (the restore's
+// commit carries the epoch before the bump, and must be taken as done) or
+// crashed before EndTxn (the restore commits it); and a second restore from
+// the same checkpoint is harmless.
+func TestExactlyOnceSinkRestoresTV2Transactions(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		commit bool // the old attempt committed before it crashed
+	}{
+		{"committed before the crash", true},
+		{"crashed before EndTxn", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			brokers := newKafka(t, map[string]int32{"out": 1})
+			txn, old := tv2Txn(t, brokers, seq("a", 3), time.Minute)
+			if tc.commit {
+				if err := old.EndTransaction(t.Context(), kgo.TryCommit); err != nil {
+					t.Fatal(err)
+				}
+				if st := describeTxn(t, brokers, txn.GetTransactionalId()); st.ProducerEpoch != int16(txn.GetProducerEpoch())+1 {
+					t.Fatalf("epoch after a commit: %d, want %d: the broker did not speak transaction protocol version 2",
+						st.ProducerEpoch, txn.GetProducerEpoch()+1)
+				}
+			}
+			old.Close() // the crash
+
+			for restore := 1; restore <= 2; restore++ {
+				env := txnTestEnv()
+				s := txnTestSink(t, env, brokers, "map-0", []*transport.SinkTxn{txn})
+				recovered := metricValue(t, env.metrics.registry, "coordflow_sink_transactions_total", map[string]string{"outcome": "recovered"})
+				ended := metricValue(t, env.metrics.registry, "coordflow_sink_transactions_total", map[string]string{"outcome": "ended_before"})
+				if recovered != 1 || ended != 0 {
+					t.Fatalf("restore %d: recovered %v, ended_before %v; want the transaction taken as committed", restore, recovered, ended)
+				}
+				// One bump, by whichever EndTxn v5 committed it.
+				if st := describeTxn(t, brokers, txn.GetTransactionalId()); st.State == "Ongoing" || st.ProducerEpoch != int16(txn.GetProducerEpoch())+1 {
+					t.Fatalf("restore %d: the id is %s at epoch %d, want ended at epoch %d", restore, st.State, st.ProducerEpoch, txn.GetProducerEpoch()+1)
+				}
+				if got := readCommitted(t, brokers, "out", 3); !slices.Equal(got, seq("a", 3)) {
+					t.Fatalf("restore %d: read_committed saw %v, want %v once", restore, got, seq("a", 3))
+				}
+				if restore == 2 {
+					// The restored task goes on writing.
+					write(t, s, "b", 1)
+					if _, err := s.txn.preCommit(2); err != nil {
+						t.Fatal(err)
+					}
+					if err := s.txn.completed(2); err != nil {
+						t.Fatal(err)
+					}
+					if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
+						t.Fatalf("after the restored task's checkpoint: read_committed saw %v", got)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestExactlyOnceSinkRestoresTV2TransactionsThatMovedOn: under protocol
+// version 2 a producer that committed goes on with the bumped epoch. If
+// the old attempt opened its next transaction on the same id before it
+// died, the broker answers the restore's commit with PRODUCER_FENCED (it
+// never commits a transaction of another epoch), and the zombie's open
+// transaction must not hold read_committed consumers back: the restore
+// aborts it. And a transaction the broker aborted at its timeout is
+// reported as such (INVALID_TXN_STATE, by the retry rule), not committed.
+func TestExactlyOnceSinkRestoresTV2TransactionsThatMovedOn(t *testing.T) {
+	t.Run("a newer transaction open", func(t *testing.T) {
+		brokers := newKafka(t, map[string]int32{"out": 1})
+		txn, old := tv2Txn(t, brokers, seq("a", 3), time.Minute)
+		if err := old.EndTransaction(t.Context(), kgo.TryCommit); err != nil {
+			t.Fatal(err)
+		}
+		if err := old.BeginTransaction(); err != nil {
+			t.Fatal(err)
+		}
+		if err := old.ProduceSync(t.Context(), &kgo.Record{Value: []byte("zombie")}).FirstErr(); err != nil {
+			t.Fatal(err)
+		}
+		old.Close()
+
+		env := txnTestEnv()
+		s := txnTestSink(t, env, brokers, "map-0", []*transport.SinkTxn{txn})
+		if n := metricValue(t, env.metrics.registry, "coordflow_sink_transactions_total", map[string]string{"outcome": "ended_before"}); n != 1 {
+			t.Fatalf("ended_before: %v, want 1", n)
+		}
+		if st := describeTxn(t, brokers, txn.GetTransactionalId()); st.State == "Ongoing" {
+			t.Fatalf("the zombie's transaction is still open after the restore: %+v", st)
+		}
+		write(t, s, "b", 1)
+		if _, err := s.txn.preCommit(2); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.txn.completed(2); err != nil {
+			t.Fatal(err)
+		}
+		if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
+			t.Fatalf("read_committed saw %v, want a0 a1 a2 b0", got)
+		}
+	})
+	t.Run("aborted at its timeout", func(t *testing.T) {
+		brokers := newKafka(t, map[string]int32{"out": 1})
+		txn, old := tv2Txn(t, brokers, seq("a", 2), 1500*time.Millisecond)
+		waitFor(t, "the broker to abort the transaction at its timeout", func() bool {
+			return describeTxn(t, brokers, txn.GetTransactionalId()).State != "Ongoing"
+		})
+		old.Close()
+		env := txnTestEnv()
+		txnTestSinkWith(t, env, brokers, "map-0", []*transport.SinkTxn{txn}, 1500*time.Millisecond, 100*time.Millisecond)
+		if n := metricValue(t, env.metrics.registry, "coordflow_sink_transactions_total", map[string]string{"outcome": "ended_before"}); n != 1 {
+			t.Fatalf("ended_before: %v, want 1", n)
+		}
+		if got := readCommittedFor(t, brokers, "out", 1, time.Second); len(got) != 0 {
+			t.Fatalf("read_committed saw %v of an aborted transaction", got)
+		}
+	})
+}
+
+// outage makes kfake cluster c look like a dead broker while down is set:
+// every request's connection is closed before an answer.
+type outage struct{ down atomic.Bool }
+
+func newOutage(c *kfake.Cluster) *outage {
+	o := &outage{}
+	c.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if o.down.Load() {
+			return nil, errors.New("broker down"), true
+		}
+		return nil, nil, false
+	})
+	return o
+}
+
+// newKafkaCluster is newKafka with the cluster, for tests that break it.
+func newKafkaCluster(t *testing.T, topic string) *kfake.Cluster {
+	t.Helper()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, topic))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// TestExactlyOnceSinkCommitThroughABrokerOutage: the broker goes away as
+// a checkpoint's completion commits its transaction. Back within the
+// sink's retries, the commit completes and the task goes on; away for
+// longer, the task fails with a reason, and the restore from the
+// checkpoint commits the transaction once the broker is back.
+func TestExactlyOnceSinkCommitThroughABrokerOutage(t *testing.T) {
+	t.Run("back within the retries", func(t *testing.T) {
+		c := newKafkaCluster(t, "out")
+		brokers := c.ListenAddrs()
+		o := newOutage(c)
+		s := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
+		write(t, s, "a", 3)
+		if _, err := s.txn.preCommit(1); err != nil {
+			t.Fatal(err)
+		}
+		o.down.Store(true)
+		back := time.AfterFunc(1500*time.Millisecond, func() { o.down.Store(false) })
+		defer back.Stop()
+		start := time.Now()
+		if err := s.txn.completed(1); err != nil {
+			t.Fatalf("commit through a %v outage: %v", 1500*time.Millisecond, err)
+		}
+		t.Logf("committed after %v", time.Since(start).Round(time.Millisecond))
+		if got := readCommitted(t, brokers, "out", 3); !slices.Equal(got, seq("a", 3)) {
+			t.Fatalf("read_committed saw %v, want %v", got, seq("a", 3))
+		}
+		write(t, s, "b", 1)
+		if _, err := s.txn.preCommit(2); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.txn.completed(2); err != nil {
+			t.Fatal(err)
+		}
+		if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
+			t.Fatalf("after the next checkpoint: read_committed saw %v", got)
+		}
+	})
+	t.Run("back when the sink commits again", func(t *testing.T) {
+		// The outage outlasts the retries of sarama's producer and ends
+		// as the sink sends EndTxn itself.
+		c := newKafkaCluster(t, "out")
+		brokers := c.ListenAddrs()
+		o := newOutage(c)
+		var again atomic.Bool
+		log := slog.New(onLog{testLogger(t).Handler(), func(msg string) {
+			switch msg {
+			case "sink commit failed; committing again with the transaction's producer id and epoch":
+				o.down.Store(false)
+			case "committed sink transaction on a second try":
+				again.Store(true)
+			}
+		}})
+		env := &taskEnv{workerID: "w1", cfg: &Config{KafkaTimeout: 500 * time.Millisecond}, metrics: newMetrics()}
+		s := txnTestSinkLog(t, env, brokers, "map-0", nil, time.Minute, 10*time.Second, log)
+		write(t, s, "a", 3)
+		if _, err := s.txn.preCommit(1); err != nil {
+			t.Fatal(err)
+		}
+		o.down.Store(true)
+		if err := s.txn.completed(1); err != nil || !again.Load() {
+			t.Fatalf("commit when the broker is back: %v (committed on the second try: %v)", err, again.Load())
+		}
+		if got := readCommitted(t, brokers, "out", 3); !slices.Equal(got, seq("a", 3)) {
+			t.Fatalf("read_committed saw %v, want %v", got, seq("a", 3))
+		}
+		// The slot's producer is replaced before its id is used again.
+		for id := uint64(2); id <= txnSlots+2; id++ {
+			write(t, s, fmt.Sprintf("c%d-", id), 1)
+			if _, err := s.txn.preCommit(id); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.txn.completed(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := readCommitted(t, brokers, "out", 3+txnSlots+1); len(got) != 3+txnSlots+1 {
+			t.Fatalf("after %d more checkpoints: read_committed saw %v", txnSlots+1, got)
+		}
+	})
+	t.Run("away for longer", func(t *testing.T) {
+		c := newKafkaCluster(t, "out")
+		brokers := c.ListenAddrs()
+		o := newOutage(c)
+		env := &taskEnv{workerID: "w1", cfg: &Config{KafkaTimeout: 500 * time.Millisecond}, metrics: newMetrics()}
+		s := txnTestSink(t, env, brokers, "map-0", nil)
+		write(t, s, "a", 3)
+		txns, err := s.txn.preCommit(1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.down.Store(true)
+		start := time.Now()
+		err = s.txn.completed(1)
+		if err == nil || !strings.Contains(err.Error(), "checkpoint 1") || !strings.Contains(err.Error(), "restore commits it") {
+			t.Fatalf("commit while the broker is down: %v, want an error naming the checkpoint and the restore", err)
+		}
+		t.Logf("gave up after %v: %v", time.Since(start).Round(time.Millisecond), err)
+		o.down.Store(false)
+		env2 := txnTestEnv()
+		txnTestSink(t, env2, brokers, "map-0", txns)
+		if n := metricValue(t, env2.metrics.registry, "coordflow_sink_transactions_total", map[string]string{"outcome": "recovered"}); n != 1 {
+			t.Fatalf("recovered: %v, want 1", n)
+		}
+		if got := readCommitted(t, brokers, "out", 3); !slices.Equal(got, seq("a", 3)) {
+			t.Fatalf("after the restore: read_committed saw %v, want %v once", got, seq("a", 3))
+		}
+	})
+}
+
+// TestExactlyOnceSinkRetriesStopWithTheTask: a request the sink retries
+// while the broker is away gives up as soon as the task's context ends,
+// not at the end of its retries.
+func TestExactlyOnceSinkRetriesStopWithTheTask(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	o := newOutage(c)
+	env := &taskEnv{workerID: "w1", cfg: &Config{KafkaTimeout: 5 * time.Second}, metrics: newMetrics()}
+	s := txnTestSink(t, env, c.ListenAddrs(), "map-0", nil)
+	ctx, cancel := context.WithCancel(t.Context())
+	s.txn.ctx = ctx
+	o.down.Store(true)
+	time.AfterFunc(200*time.Millisecond, cancel)
+	start := time.Now()
+	_, err := s.txn.describe(txnID("coordflow-j", "map-0", 0))
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("describe while the broker is down and the task stops: %v, want context.Canceled", err)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("describe returned %v after the task stopped; its retries run for %v", d, 2*env.cfg.KafkaTimeout)
+	}
+}
+
+// onLog is a slog.Handler that calls fn with the message of each record it
+// passes on to the Handler it wraps.
+type onLog struct {
+	slog.Handler
+	fn func(msg string)
+}
+
+func (h onLog) Handle(ctx context.Context, r slog.Record) error {
+	h.fn(r.Message)
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h onLog) WithAttrs(as []slog.Attr) slog.Handler { return onLog{h.Handler.WithAttrs(as), h.fn} }
+func (h onLog) WithGroup(name string) slog.Handler    { return onLog{h.Handler.WithGroup(name), h.fn} }
