@@ -472,7 +472,17 @@ func TestQuorumLossKeepsTasksRunning(t *testing.T) {
 	}
 	t.Logf("write refused: %v", apiErr)
 
-	frozen := c.jobState(t, job).CheckpointID
+	// Without a leader the survivor serves reads only when asked for stale
+	// ones (Consul's convention): its state is as old as its last contact.
+	staleState := func() stateView {
+		t.Helper()
+		var st stateView
+		if err := c.call("GET", survivor.httpAddr, "/v1/jobs/"+job+"/state?stale=true", nil, &st); err != nil {
+			t.Fatalf("stale read of job %s on %s: %v", job, survivor.id, err)
+		}
+		return st
+	}
+	frozen := staleState().CheckpointID
 	readBefore := c.sourceRecordsIn(t)
 	produce(t, c.brokers(), "words", in.recs[20_000:40_000])
 	// Hold the outage for three leases, checking all along that the tasks
@@ -494,7 +504,7 @@ func TestQuorumLossKeepsTasksRunning(t *testing.T) {
 		if tasks != float64(len(before.Tasks)) {
 			t.Fatalf("workers run %v tasks without quorum, want %d", tasks, len(before.Tasks))
 		}
-		if id := c.jobState(t, job).CheckpointID; id != frozen {
+		if id := staleState().CheckpointID; id != frozen {
 			t.Fatalf("checkpoint %d completed without quorum (last was %d)", id, frozen)
 		}
 		if since := time.Since(lostAt); since < 3*lease {
@@ -511,6 +521,10 @@ func TestQuorumLossKeepsTasksRunning(t *testing.T) {
 		return true, nil
 	})
 
+	// Three leases (6 s) exceed -max-stale (5 s): a plain read is refused.
+	if err := c.call("GET", survivor.httpAddr, "/v1/jobs/"+job+"/state", nil, nil); !errors.As(err, &apiErr) || apiErr.status != http.StatusServiceUnavailable {
+		t.Errorf("a read without ?stale=true on %s, leaderless for %v: %v; want 503", survivor.id, time.Since(lostAt).Round(time.Millisecond), err)
+	}
 	for _, id := range killed {
 		c.restartCoordinator(t, id)
 	}

@@ -172,11 +172,12 @@ func (c *cluster) call(method, addr, path string, body []byte, out any) error {
 // callWith is call with another client, such as one with a longer timeout
 // for a request that waits (a savepoint).
 func (c *cluster) callWith(client *http.Client, method, addr, path string, body []byte, out any) error {
-	url := "http://" + addr + path
+	url := c.scheme() + addr + path
 	req, err := http.NewRequest(method, url, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
+	c.authorize(req)
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -17,7 +16,7 @@ func (c *cluster) cli(t *testing.T, addr string, args ...string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, binary(t, "coordd"), args...)
-	cmd.Env = append(os.Environ(), "COORD_ADDR=http://"+addr)
+	cmd.Env = c.cliEnv(addr)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -33,7 +32,7 @@ func (c *cluster) cliResult(t *testing.T, addr string, args ...string) (code int
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, binary(t, "coordd"), args...)
-	cmd.Env = append(os.Environ(), "COORD_ADDR=http://"+addr)
+	cmd.Env = c.cliEnv(addr)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()

@@ -32,6 +32,10 @@ type clusterOpts struct {
 	// env is added to the environment of every process the cluster starts
 	// ("KEY=value"), such as the credentials of s3Server.Env.
 	env []string
+	// secure turns on mutual TLS, gossip encryption and API tokens on every
+	// process (harness_security_test.go); the harness's API calls then use
+	// https and the operator token.
+	secure bool
 }
 
 // cluster is one test's set of processes: one devkafka, coordd agents c1..cN
@@ -44,6 +48,7 @@ type cluster struct {
 	workers []*workerProc
 	all     []*proc // every run ever started, for cleanup and log tails
 	client  *http.Client
+	sec     *clusterSecurity // nil unless opts.secure
 }
 
 // startCluster starts devkafka, then the coordinators, waits for a leader,
@@ -54,6 +59,10 @@ func startCluster(t *testing.T, opts clusterOpts) *cluster {
 		opts.slots = 4
 	}
 	c := &cluster{dir: t.TempDir(), opts: opts, client: &http.Client{Timeout: httpTimeout}}
+	if opts.secure {
+		c.sec = newClusterSecurity(t, c.dir)
+		c.client = c.sec.httpClient(httpTimeout)
+	}
 	c.armFailpoints(t)
 	// Cleanups run last-registered first: processes are killed, their logs
 	// checked for data races, then printed if the test failed.

@@ -44,7 +44,7 @@ func (c *cluster) coordArgs(cp *coordProc) []string {
 		"-gossip-addr", cp.gossipAddr,
 		"-bootstrap-expect", fmt.Sprint(c.opts.coordinators),
 		"-join", strings.Join(join, ","),
-	}, c.opts.coordFlags, cp.flags)
+	}, c.secFlags("coordinator", cp.id), c.opts.coordFlags, cp.flags)
 }
 
 // launchCoordinator starts cp and waits until its /v1/status answers.
@@ -197,7 +197,7 @@ func (c *cluster) coordLog(t *testing.T, id string) string {
 
 // coordMetrics returns the Prometheus text a coordinator serves on /metrics.
 func (c *cluster) coordMetrics(cp *coordProc) (string, error) {
-	resp, err := c.client.Get("http://" + cp.httpAddr + "/metrics")
+	resp, err := c.get(c.client, c.scheme()+cp.httpAddr+"/metrics")
 	if err != nil {
 		return "", err
 	}

@@ -132,10 +132,10 @@ func (l exportLineJSON) entry() (stateEntry, error) {
 // malformed line is an error.
 func (c *cluster) exportState(addr, job string, fn func(stateEntry) error) (exportHeader, error) {
 	var h exportHeader
-	u := "http://" + addr + "/v1/jobs/" + job + "/state/export"
+	u := c.scheme() + addr + "/v1/jobs/" + job + "/state/export"
 	client := *c.client
 	client.Timeout = longTimeout
-	resp, err := client.Get(u)
+	resp, err := c.get(&client, u)
 	if err != nil {
 		return h, err
 	}

@@ -69,7 +69,7 @@ func (c *cluster) workerArgs(w *workerProc) []string {
 		"-join", strings.Join(join, ","),
 		"-slots", fmt.Sprint(w.slots),
 		"-metrics-addr", w.metricsAddr,
-	}, c.opts.workerFlags, w.flags)
+	}, c.secFlags("worker", w.id), c.opts.workerFlags, w.flags)
 }
 
 // stateDir is the worker's local state dir: <data-dir>/state, workerd's

@@ -22,6 +22,7 @@ import (
 
 	"github.com/coordflow/coordflow/cmd/internal/devbroker"
 	"github.com/coordflow/coordflow/coordinator"
+	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker"
 	"github.com/coordflow/coordflow/worker/operator"
 )
@@ -70,10 +71,12 @@ type devOptions struct {
 	logLevel  slog.Level
 	rate      int // sample records produced per second
 	freePorts bool
-	out       io.Writer
-	// ready, if set, is called once the sample job runs, with c1's HTTP
-	// address and the job id (tests).
-	ready func(httpAddr, jobID string)
+	// secure runs the cluster with TLS, gossip encryption and an API token.
+	secure bool
+	out    io.Writer
+	// ready, if set, is called once the sample job runs, with a client of
+	// c1's HTTP API and the job id (tests).
+	ready func(api *devAPI, jobID string)
 }
 
 func runDev(args []string) error {
@@ -82,6 +85,7 @@ func runDev(args []string) error {
 	logLevel := fs.String("log-level", "warn", "log level of the embedded nodes: debug, info, warn or error")
 	rate := fs.Int("rate", 200, "sample records produced per second")
 	free := fs.Bool("free-ports", false, "bind every listener to a free port instead of the default 7001-7503 and 9092")
+	secure := fs.Bool("secure", false, "generate a CA, certificates, a gossip key and an operator token in the data dir and run everything with them (docs/security.md)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -94,7 +98,7 @@ func runDev(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return dev(ctx, devOptions{dataDir: *dataDir, logLevel: level, rate: *rate, freePorts: *free, out: os.Stdout})
+	return dev(ctx, devOptions{dataDir: *dataDir, logLevel: level, rate: *rate, freePorts: *free, secure: *secure, out: os.Stdout})
 }
 
 // dev runs the whole system in one process until ctx ends: an embedded broker,
@@ -116,6 +120,12 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		ports = freePorts()
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	var sec *devSecurity
+	if o.secure {
+		if sec, err = newDevSecurity(dir); err != nil {
+			return err
+		}
+	}
 
 	broker, err := devbroker.Start(ctx, devbroker.Config{
 		Addr:    ports.broker,
@@ -151,6 +161,13 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		cfg.CheckpointStorage = "file://" + filepath.Join(dir, "checkpoints")
 		cfg.Operators = operator.Builtins().Names()
 		cfg.Logger = logger.With("component", "coordd")
+		if sec != nil {
+			if cfg.TLS, err = sec.issue(tlsutil.RoleCoordinator, cfg.ID); err != nil {
+				return err
+			}
+			cfg.GossipKeys = [][]byte{sec.gossipKey}
+			cfg.ACLTokensFile = sec.tokensFile
+		}
 		c, err := coordinator.NewServer(cfg)
 		if err != nil {
 			return fmt.Errorf("start coordinator %s: %w", cfg.ID, err)
@@ -176,6 +193,16 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		cfg.Slots = 4
 		cfg.StateDir = filepath.Join(dir, cfg.ID, "state")
 		cfg.Logger = logger.With("component", "workerd")
+		if sec != nil {
+			if cfg.TLS, err = sec.issue(tlsutil.RoleWorker, cfg.ID); err != nil {
+				workersDone <- nil
+				if i == 0 {
+					workersDone <- nil
+				}
+				return err
+			}
+			cfg.GossipKeys = [][]byte{sec.gossipKey}
+		}
 		w, err := worker.New(cfg)
 		if err != nil {
 			workersDone <- nil
@@ -187,9 +214,19 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		go func() { workersDone <- w.Run(workerCtx) }()
 	}
 
-	api := "http://" + coords[0].HTTPAddr()
+	api := &devAPI{base: "http://" + coords[0].HTTPAddr(), client: http.DefaultClient}
+	if sec != nil {
+		if api.client, err = sec.httpClient(); err != nil {
+			return err
+		}
+		api.base, api.token = "https://"+coords[0].HTTPAddr(), sec.token
+	}
 	fmt.Fprintf(o.out, "coordflow dev cluster\n  HTTP API:   %s (also %s, %s)\n  broker:     %s (topics words, counts)\n  data:       %s\n",
-		api, coords[1].HTTPAddr(), coords[2].HTTPAddr(), broker.Addr(), dir)
+		api.base, coords[1].HTTPAddr(), coords[2].HTTPAddr(), broker.Addr(), dir)
+	if sec != nil {
+		fmt.Fprintf(o.out, "  secure:     mutual TLS (CA %s), encrypted gossip, API token %q\n  CLI:        export COORD_ADDR=%s COORD_CACERT=%s COORD_TOKEN=%s\n",
+			sec.caFile(), devTokenName, api.base, sec.caFile(), sec.token)
+	}
 	if !o.freePorts {
 		fmt.Fprintf(o.out, "  try:        go run ./cmd/coordd job list; go run ./cmd/coordd raft peers\n")
 	}
@@ -216,7 +253,7 @@ func dev(ctx context.Context, o devOptions) (err error) {
 
 // submitSampleJob posts the sample wordcount job, retrying until the cluster
 // has elected a leader.
-func submitSampleJob(ctx context.Context, api, broker string) (string, error) {
+func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, error) {
 	spec := fmt.Sprintf(`{
   "name": "wordcount",
   "source": {"brokers": [%q], "topic": "words", "start": "earliest", "parallelism": 2},
@@ -227,9 +264,9 @@ func submitSampleJob(ctx context.Context, api, broker string) (string, error) {
 	deadline := time.Now().Add(30 * time.Second)
 	var lastErr error
 	for time.Now().Before(deadline) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api+"/v1/jobs", strings.NewReader(spec))
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api.base+"/v1/jobs", strings.NewReader(spec))
 		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := api.do(req)
 		if err == nil {
 			var body struct {
 				ID    string `json:"id"`
@@ -299,7 +336,7 @@ func produceSample(ctx context.Context, broker string, rate int) error {
 }
 
 // reportProgress prints one line per newly completed checkpoint until ctx ends.
-func reportProgress(ctx context.Context, out io.Writer, api, jobID string) {
+func reportProgress(ctx context.Context, out io.Writer, api *devAPI, jobID string) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	var last uint64
@@ -318,7 +355,7 @@ func reportProgress(ctx context.Context, out io.Writer, api, jobID string) {
 				ID uint64 `json:"id"`
 			} `json:"last_checkpoint"`
 		}
-		if err := getJSON(ctx, api+"/v1/jobs/"+jobID, &job); err != nil {
+		if err := api.getJSON(ctx, "/v1/jobs/"+jobID, &job); err != nil {
 			continue
 		}
 		if s := job.Status + job.Reason; s != lastStatus {
@@ -333,7 +370,7 @@ func reportProgress(ctx context.Context, out io.Writer, api, jobID string) {
 			Offsets map[string]int64 `json:"offsets"`
 			Keyed   map[string]int64 `json:"keyed"`
 		}
-		if err := getJSON(ctx, api+"/v1/jobs/"+jobID+"/state", &state); err != nil {
+		if err := api.getJSON(ctx, "/v1/jobs/"+jobID+"/state", &state); err != nil {
 			continue
 		}
 		var records int64
@@ -345,14 +382,16 @@ func reportProgress(ctx context.Context, out io.Writer, api, jobID string) {
 	}
 }
 
-func getJSON(ctx context.Context, url string, v any) error {
+// getJSON decodes the answer to GET path into v.
+func (a *devAPI) getJSON(ctx context.Context, path string, v any) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	url := a.base + path
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := a.do(req)
 	if err != nil {
 		return err
 	}
@@ -362,7 +401,15 @@ func getJSON(ctx context.Context, url string, v any) error {
 		return err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s: %s", url, resp.Status, bytes.TrimSpace(body))
+		return &devHTTPError{status: resp.StatusCode, msg: fmt.Sprintf("GET %s: %s: %s", url, resp.Status, bytes.TrimSpace(body))}
 	}
 	return json.Unmarshal(body, v)
 }
+
+// devHTTPError is an answer other than 200 OK.
+type devHTTPError struct {
+	status int
+	msg    string
+}
+
+func (e *devHTTPError) Error() string { return e.msg }

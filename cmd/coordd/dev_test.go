@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -30,18 +32,33 @@ func (s *syncBuffer) String() string {
 // reads records and completes checkpoints whose state counts them, and that
 // the whole cluster stops when its context ends.
 func TestDev(t *testing.T) {
+	testDev(t, false)
+}
+
+// TestDevSecure is TestDev with -secure: the same job runs with TLS, gossip
+// encryption and tokens, the API refuses a request without the token, and
+// plain HTTP gets no answer.
+func TestDevSecure(t *testing.T) {
+	api := testDev(t, true)
+	if !strings.HasPrefix(api.base, "https://") || api.token == "" {
+		t.Fatalf("secure dev API %s with token %q", api.base, api.token)
+	}
+}
+
+func testDev(t *testing.T, secure bool) *devAPI {
 	if testing.Short() {
 		t.Skip("starts a whole cluster")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	out := &syncBuffer{}
-	var api, jobID string
+	var api *devAPI
+	var jobID string
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out,
-			ready: func(a, id string) { api, jobID = a, id; close(ready) }})
+		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out, secure: secure, dataDir: t.TempDir(),
+			ready: func(a *devAPI, id string) { api, jobID = a, id; close(ready) }})
 	}()
 	select {
 	case <-ready:
@@ -61,7 +78,7 @@ func TestDev(t *testing.T) {
 			Offsets      map[string]int64 `json:"offsets"`
 			Keyed        map[string]int64 `json:"keyed"`
 		}
-		err := getJSON(ctx, api+"/v1/jobs/"+jobID+"/state", &state)
+		err := api.getJSON(ctx, "/v1/jobs/"+jobID+"/state", &state)
 		if err == nil {
 			var records, words int64
 			for _, o := range state.Offsets {
@@ -82,6 +99,21 @@ func TestDev(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 
+	if secure {
+		anon := &devAPI{base: api.base, client: api.client}
+		var ae *devHTTPError
+		if err := anon.getJSON(ctx, "/v1/jobs", &[]any{}); !errors.As(err, &ae) || ae.status != http.StatusUnauthorized {
+			t.Errorf("GET /v1/jobs without a token: %v, want 401", err)
+		}
+		plain := &devAPI{base: "http://" + strings.TrimPrefix(api.base, "https://"), client: http.DefaultClient}
+		if err := plain.getJSON(ctx, "/v1/status", &map[string]any{}); err == nil {
+			t.Error("plain HTTP answered by a secure coordinator")
+		}
+		if !strings.Contains(out.String(), "COORD_TOKEN="+api.token) {
+			t.Errorf("dev -secure did not print how to point the CLI at it:\n%s", out.String())
+		}
+	}
+
 	cancel()
 	select {
 	case err := <-done:
@@ -94,4 +126,5 @@ func TestDev(t *testing.T) {
 	if !strings.Contains(out.String(), "checkpoint") || !strings.Contains(out.String(), "completed:") {
 		t.Errorf("dev printed no checkpoint progress:\n%s", out.String())
 	}
+	return api
 }
