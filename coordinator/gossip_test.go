@@ -688,3 +688,31 @@ func TestPeerAuthenticatedWithTLS(t *testing.T) {
 		t.Log(strings.Join(logs.lines("authenticat"), ""))
 	}
 }
+
+// TestGoneMembersPruned: dead and left members stay listed for a while, but
+// not for ever, and never more than maxGone of them.
+func TestGoneMembersPruned(t *testing.T) {
+	s := &Server{memberState: make(map[string]*memberRecord)}
+	now := time.Now()
+	s.memberState["alive"] = &memberRecord{Member: Member{ID: "alive", Status: StatusAlive}}
+	s.memberState["old"] = &memberRecord{Member: Member{ID: "old", Status: StatusDead}, goneAt: now.Add(-goneRetention - time.Second)}
+	for i := range maxGone + 10 {
+		id := fmt.Sprintf("ghost-%04d", i)
+		s.memberState[id] = &memberRecord{Member: Member{ID: id, Status: StatusLeft}, goneAt: now.Add(time.Duration(i) * time.Millisecond)}
+	}
+	s.pruneGone(now.Add(time.Hour))
+	if _, ok := s.memberState["alive"]; !ok {
+		t.Fatal("an alive member was pruned")
+	}
+	if _, ok := s.memberState["old"]; ok {
+		t.Error("a member gone for longer than the retention is still listed")
+	}
+	if got := len(s.memberState) - 1; got != maxGone {
+		t.Errorf("%d gone members listed, want %d", got, maxGone)
+	}
+	for i := range 10 {
+		if _, ok := s.memberState[fmt.Sprintf("ghost-%04d", i)]; ok {
+			t.Errorf("ghost-%04d, one of the oldest, is still listed", i)
+		}
+	}
+}

@@ -37,6 +37,39 @@ const (
 type memberRecord struct {
 	Member
 	leaving bool
+	// goneAt is when the member died or left (zero while alive): dead and
+	// left records are pruned after goneRetention, and beyond maxGone.
+	goneAt time.Time
+}
+
+// goneRetention is how long a dead or left member stays listed, as Consul's
+// reconnect_timeout; maxGone bounds how many are listed at once, so that
+// members that come and go under ever new names cannot grow the map.
+const (
+	goneRetention = 72 * time.Hour
+	maxGone       = 1024
+)
+
+// pruneGone forgets dead and left members past goneRetention, and the
+// oldest beyond maxGone. The caller holds memberMu.
+func (s *Server) pruneGone(now time.Time) {
+	var gone []*memberRecord
+	for id, r := range s.memberState {
+		switch {
+		case r.goneAt.IsZero():
+		case now.Sub(r.goneAt) > goneRetention:
+			delete(s.memberState, id)
+		default:
+			gone = append(gone, r)
+		}
+	}
+	if len(gone) <= maxGone {
+		return
+	}
+	slices.SortFunc(gone, func(a, b *memberRecord) int { return a.goneAt.Compare(b.goneAt) })
+	for _, r := range gone[:len(gone)-maxGone] {
+		delete(s.memberState, r.ID)
+	}
 }
 
 // setupMemberlist creates the memberlist on GossipAddr, tuned by Config. Its
@@ -255,6 +288,12 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 		rec.Status = StatusLeft
 	default:
 		rec.Status = StatusDead
+	}
+	if !leave {
+		rec.goneAt = time.Time{}
+	} else if rec.goneAt.IsZero() {
+		rec.goneAt = time.Now()
+		s.pruneGone(rec.goneAt)
 	}
 	cur := rec.Member
 	s.memberMu.Unlock()
