@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
+	"github.com/coordflow/coordflow/cmd/internal/reload"
 	"github.com/coordflow/coordflow/coordinator"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
@@ -110,12 +110,14 @@ func runAgent(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	var reloads []reload.Func
 	if cfg.TLS != nil {
-		go onSIGHUP(ctx, logger, "tls certificates", cfg.TLS.Reload)
+		reloads = append(reloads, reload.Func{What: "tls certificates", Reload: cfg.TLS.Reload})
 	}
 	if cfg.ACLTokensFile != "" {
-		go onSIGHUP(ctx, logger, "api tokens", srv.ReloadACL)
+		reloads = append(reloads, reload.Func{What: "api tokens", Reload: srv.ReloadACL})
 	}
+	go reload.OnSIGHUP(ctx, logger, reloads...)
 	<-ctx.Done()
 	stop() // a second signal now kills the process the default way
 	logger.Info("signal received; shutting down", "timeout", shutdownTimeout)
@@ -170,24 +172,4 @@ func loadTLS(f tlsutil.Files, role tlsutil.Role, id string) (*tlsutil.Config, er
 		return nil, fmt.Errorf("tls: certificate %s is for %s %s, not -id %s", f.Cert, role, got, id)
 	}
 	return tc, nil
-}
-
-// onSIGHUP calls reload on every SIGHUP until ctx ends, logging the result:
-// the way to rotate certificates without a restart.
-func onSIGHUP(ctx context.Context, logger *slog.Logger, what string, reload func() error) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			if err := reload(); err != nil {
-				logger.Error("reload failed; keeping the old "+what, "err", err)
-			} else {
-				logger.Info("reloaded " + what)
-			}
-		}
-	}
 }

@@ -64,6 +64,7 @@ import (
 	"time"
 
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
+	"github.com/coordflow/coordflow/cmd/internal/reload"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker"
@@ -157,7 +158,7 @@ func run(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if cfg.TLS != nil {
-		go reloadOnSIGHUP(ctx, cfg.Logger, cfg.TLS.Reload)
+		go reload.OnSIGHUP(ctx, cfg.Logger, reload.Func{What: "tls certificates", Reload: cfg.TLS.Reload})
 	}
 	return w.Run(ctx)
 }
@@ -180,24 +181,4 @@ func splitList(s string) []string {
 		}
 	}
 	return out
-}
-
-// reloadOnSIGHUP rereads the TLS files on every SIGHUP until ctx ends, so
-// that certificates rotate without a restart.
-func reloadOnSIGHUP(ctx context.Context, logger *slog.Logger, reload func() error) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			if err := reload(); err != nil {
-				logger.Error("tls reload failed; keeping the old certificates", "err", err)
-			} else {
-				logger.Info("reloaded tls certificates")
-			}
-		}
-	}
 }

@@ -1,0 +1,43 @@
+// Package reload rereads a daemon's files (certificates, API tokens) on
+// SIGHUP, the way to rotate them without a restart.
+package reload
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// Func is one thing a daemon rereads; What names it in logs.
+type Func struct {
+	What   string
+	Reload func() error
+}
+
+// OnSIGHUP calls every f on each SIGHUP until ctx ends, logging each result.
+// A failed reload keeps what was loaded before: the callee must only swap
+// in new material once it has all of it.
+func OnSIGHUP(ctx context.Context, logger *slog.Logger, fs ...Func) {
+	if len(fs) == 0 {
+		return
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			for _, f := range fs {
+				if err := f.Reload(); err != nil {
+					logger.Error("reload failed; keeping the old "+f.What, "err", err)
+				} else {
+					logger.Info("reloaded " + f.What)
+				}
+			}
+		}
+	}
+}
