@@ -44,13 +44,9 @@ func CreateCA(dir string, validity time.Duration) (certPath, keyPath string, err
 			return "", "", fmt.Errorf("create CA: %s exists; remove it to create a new CA (every certificate must then be reissued)", p)
 		}
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, serial, err := newKey()
 	if err != nil {
 		return "", "", fmt.Errorf("create CA: %w", err)
-	}
-	serial, err := newSerial()
-	if err != nil {
-		return "", "", err
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
@@ -115,13 +111,9 @@ func CreateCert(r CertRequest) (certPath, keyPath string, err error) {
 	if len(hosts) == 0 {
 		hosts = []string{"localhost", "127.0.0.1"}
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, serial, err := newKey()
 	if err != nil {
 		return "", "", fmt.Errorf("create certificate: %w", err)
-	}
-	serial, err := newSerial()
-	if err != nil {
-		return "", "", err
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
@@ -219,12 +211,17 @@ func writeNew(path string, data []byte, mode os.FileMode) error {
 	return f.Close()
 }
 
-func newSerial() (*big.Int, error) {
-	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+// newKey returns a new P-256 key and a random serial for its certificate.
+func newKey() (*ecdsa.PrivateKey, *big.Int, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("certificate serial: %w", err)
+		return nil, nil, err
 	}
-	return n, nil
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, nil, fmt.Errorf("certificate serial: %w", err)
+	}
+	return key, serial, nil
 }
 
 func keyID(pub *ecdsa.PublicKey) []byte {
