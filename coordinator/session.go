@@ -46,6 +46,7 @@ var (
 	errQueueFull       = errors.New("outgoing queue full: worker too slow")
 	errInboxFull       = errors.New("incoming queue full: leader loop stalled")
 	errProtocol        = errors.New("protocol violation")
+	errSilent          = errors.New("worker silent")
 )
 
 // controlService is the Control gRPC service. Every coordd serves it; only
@@ -385,12 +386,18 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 	inbox := make(chan leaderEvent, sess.inbox)
 	defer close(inbox)
 	go forward(sess, l, inbox)
+	silence := l.silenceLimit()
+	watchdog := time.AfterFunc(silence, func() {
+		sess.close(fmt.Errorf("%w: nothing from worker %s for %v", errSilent, sess.worker, silence))
+	})
+	defer watchdog.Stop()
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
 			sess.close(fmt.Errorf("receive from worker %s: %w", sess.worker, err))
 			return
 		}
+		watchdog.Reset(silence)
 		switch m := msg.GetMsg().(type) {
 		case *transport.WorkerMessage_Heartbeat:
 			sess.send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{
@@ -408,6 +415,17 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 			return
 		}
 	}
+}
+
+// silenceLimit is how long a session may go without a message from its
+// worker before the leader closes it. Workers heartbeat every l.heartbeat,
+// so four missed heartbeats mean the worker or the path to it is gone: a
+// partition sends no FIN, and TCP's keepalive takes far longer. Without the
+// session the worker gets no new tasks, and its tasks are restarted a lease
+// after the close, as for any lost session: by then the worker, which has
+// heard nothing either, has stopped them.
+func (l *leader) silenceLimit() time.Duration {
+	return max(min(4*l.heartbeat, l.lease/2), time.Millisecond)
 }
 
 // forward posts a session's worker messages to the leader loop, in order. It

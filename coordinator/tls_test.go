@@ -187,3 +187,83 @@ func TestHelloValidated(t *testing.T) {
 		t.Errorf("valid Hello refused: %v", err)
 	}
 }
+
+// TestSilentSessionClosed: the leader closes a control session whose worker
+// sends nothing for four heartbeats (a partition sends no FIN), and keeps one
+// that heartbeats.
+func TestSilentSessionClosed(t *testing.T) {
+	logger := testLogger(t)
+	cfg := testConfig(t, logger, "c1")
+	cfg.BootstrapExpect = 1
+	cfg.WorkerHeartbeat, cfg.WorkerLease = 100*time.Millisecond, 2*time.Second
+	s := startServer(t, cfg)
+	waitForLeader(t, s)
+
+	conn, err := grpc.NewClient(s.RPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// open retries until the leader loop, which starts just after the
+	// election, welcomes the worker.
+	open := func(worker string) (stream transport.Control_SessionClient) {
+		waitFor(t, 10*time.Second, func() error {
+			var err error
+			if stream, err = transport.NewControlClient(conn).Session(t.Context()); err != nil {
+				return err
+			}
+			h := &transport.Hello{WorkerId: worker, DataAddr: "127.0.0.1:1", Slots: 1}
+			if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: h}}); err != nil {
+				return err
+			}
+			if m, err := stream.Recv(); err != nil || m.GetWelcome() == nil {
+				return fmt.Errorf("%s: want Welcome, got %v, %v", worker, m, err)
+			}
+			return nil
+		})
+		return stream
+	}
+	silent, alive := open("w-silent"), open("w-alive")
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		tick := time.NewTicker(cfg.WorkerHeartbeat)
+		defer tick.Stop()
+		hb := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Heartbeat{Heartbeat: &transport.Heartbeat{}}}
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				if alive.Send(hb) != nil {
+					return
+				}
+			}
+		}
+	}()
+	aliveErr := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := alive.Recv(); err != nil {
+				aliveErr <- err
+				return
+			}
+		}
+	}()
+
+	start := time.Now()
+	for {
+		if _, err := silent.Recv(); err != nil {
+			t.Logf("silent session ended after %v: %v", time.Since(start).Round(time.Millisecond), err)
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatal("a session silent for 10s is still open")
+		}
+	}
+	select {
+	case err := <-aliveErr:
+		t.Fatalf("the heartbeating session ended too: %v", err)
+	default:
+	}
+}
