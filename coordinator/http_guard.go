@@ -193,6 +193,10 @@ type contactInfo struct {
 	lastContact time.Duration
 	// applyProblem says why this node cannot apply the log, if it cannot.
 	applyProblem string
+	// catchingUp says how far a follower that has heard from the leader
+	// since it started is from having applied what the leader committed:
+	// a restarted node replays the log after its first contact.
+	catchingUp string
 }
 
 // contact reads this node's contactInfo from Raft.
@@ -213,7 +217,53 @@ func (s *Server) contact() contactInfo {
 	default:
 		c.lastContact = time.Since(last)
 	}
+	if !c.leader && !s.caughtUp.Load() {
+		c.catchingUp = "it has not yet applied what the leader had when it asked"
+	}
 	return c
+}
+
+// catchUpPoll is how often a starting node looks at the leader's applied
+// index and its own until it has caught up once.
+const catchUpPoll = 50 * time.Millisecond
+
+// watchCatchUp marks this node caught up once it has applied what the
+// leader had applied when this node first asked it, after its start: until
+// then its FSM may be the old state its own log replays, older than any
+// last contact says (a follower's commit index is bounded by its own log,
+// so it cannot tell from Raft alone). A node that leads is caught up. It
+// runs from NewServer until it is done or the server stops.
+func (s *Server) watchCatchUp() {
+	tick := time.NewTicker(catchUpPoll)
+	defer tick.Stop()
+	var target uint64 // the leader's applied index; 0 until known
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if s.isLeader() {
+			s.caughtUp.Store(true)
+			return
+		}
+		if target == 0 {
+			id, _, httpAddr := s.leaderInfo()
+			if httpAddr == "" {
+				continue
+			}
+			st, err := fetchStatus(s.ctx, s.peerClient(id, peerStatusTimeout), s.apiScheme()+"://"+httpAddr)
+			if err != nil || st.AppliedIndex == 0 {
+				continue
+			}
+			target = st.AppliedIndex
+		}
+		if s.raft.AppliedIndex() >= target {
+			s.logger.Info("caught up with the leader since the start; serving reads", "index", target)
+			s.caughtUp.Store(true)
+			return
+		}
+	}
 }
 
 // lastContactMS is lastContact in milliseconds, -1 for never.
@@ -240,6 +290,8 @@ func (s *Server) staleReason(c contactInfo) string {
 		return fmt.Sprintf("coordinator %s cannot apply the raft log (%s), so its state may be stale", s.cfg.ID, c.applyProblem)
 	case c.leader:
 		return ""
+	case c.catchingUp != "":
+		return fmt.Sprintf("coordinator %s is catching up since its start (%s), so its state may be stale", s.cfg.ID, c.catchingUp)
 	case c.lastContact < 0:
 		return fmt.Sprintf("coordinator %s has not heard from a raft leader since it started, so its state may be stale", s.cfg.ID)
 	case c.lastContact > s.cfg.MaxStale:

@@ -242,8 +242,11 @@ type Server struct {
 	raft    *raft.Raft
 	fsm     *fsm.FSM
 	applied *indexedFSM // fsm as Raft sees it, with the last index applied
-	members *memberlist.Memberlist
-	metrics *metrics
+	// caughtUp is set once this node, as a follower, has applied the
+	// commit index the leader told it after its start (http_guard.go).
+	caughtUp atomic.Bool
+	members  *memberlist.Memberlist
+	metrics  *metrics
 
 	// leader is the state of this node's current term of leadership, nil
 	// when it is not leader; sessions accepted by the Control service find it here.
@@ -375,6 +378,13 @@ func NewServer(cfg Config) (_ *Server, err error) {
 	s.wg.Go(func() { s.committer.run(s.ctx) })
 	s.wg.Go(s.joinLoop)
 	s.wg.Go(s.monitorLeadership)
+	if s.raftHadState {
+		// Only a node that restarts replays an old log into its FSM; a new
+		// one starts empty and lags like any follower.
+		s.wg.Go(s.watchCatchUp)
+	} else {
+		s.caughtUp.Store(true)
+	}
 	if !s.raftHadState && cfg.BootstrapExpect > 0 {
 		s.wg.Go(s.bootstrapLoop)
 	}

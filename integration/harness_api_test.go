@@ -172,6 +172,27 @@ func (c *cluster) call(method, addr, path string, body []byte, out any) error {
 // callWith is call with another client, such as one with a longer timeout
 // for a request that waits (a savepoint).
 func (c *cluster) callWith(client *http.Client, method, addr, path string, body []byte, out any) error {
+	// A coordinator that restarted refuses reads until it has caught up
+	// with the leader (503, "catching up"): a moment; ask again, as a
+	// client honouring Retry-After would.
+	deadline := time.Now().Add(catchUpWait)
+	for {
+		err := c.callOnce(client, method, addr, path, body, out)
+		var ae *apiError
+		if method != http.MethodGet || !errors.As(err, &ae) || ae.status != http.StatusServiceUnavailable ||
+			!strings.Contains(ae.message, "catching up") || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// catchUpWait bounds how long callWith waits for a restarted coordinator
+// to catch up before it returns the refusal.
+const catchUpWait = 15 * time.Second
+
+// callOnce is one request of callWith.
+func (c *cluster) callOnce(client *http.Client, method, addr, path string, body []byte, out any) error {
 	url := c.scheme() + addr + path
 	req, err := http.NewRequest(method, url, bytes.NewReader(body))
 	if err != nil {

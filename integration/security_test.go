@@ -163,6 +163,24 @@ func TestSecureClusterRefusesOutsiders(t *testing.T) {
 				t.Errorf("%s: %s %s answered %d, want %d", tc.name, tc.method, tc.path, resp.StatusCode, tc.want)
 			}
 		}
+		// A client certificate of another CA is refused at the handshake,
+		// with the operator token or without.
+		strangerCert, err := tls.LoadX509KeyPair(stranger.Files().Cert, stranger.Files().Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wrong := &http.Client{Timeout: httpTimeout, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+			RootCAs: c.sec.pool, Certificates: []tls.Certificate{strangerCert}, MinVersion: tls.VersionTLS12,
+		}}}
+		req, err := http.NewRequest("GET", url+"/v1/jobs", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+c.sec.tokens["operator"])
+		if resp, err := wrong.Do(req); err == nil {
+			resp.Body.Close()
+			t.Errorf("a client certificate of another CA got %d", resp.StatusCode)
+		}
 		resp, err := http.Get("http://" + leader.httpAddr + "/v1/jobs")
 		if err == nil {
 			resp.Body.Close()

@@ -188,6 +188,9 @@ func (c *Config) load(want Role) error {
 	return nil
 }
 
+// Files returns the files c was loaded from.
+func (c *Config) Files() Files { return c.files }
+
 // Identity returns the identity in this node's own certificate.
 func (c *Config) Identity() Identity {
 	c.mu.RLock()
