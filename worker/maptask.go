@@ -312,15 +312,21 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		flush = t.C
 	}
 	for {
+		events := m.events
+		if m.sink != nil && m.sink.full() {
+			// The sink cannot write and holds enough: the inputs wait, and
+			// their barriers with them, until a flush gets through.
+			events = nil
+		}
 		select {
 		case <-ctx.Done():
 			m.lastCompletions()
 			return ctx.Err()
 		case <-flush:
-			if err := m.sink.flush(); err != nil {
+			if err := m.sink.flush(); err != nil && !errors.Is(err, errSinkUnavailable) {
 				return err
 			}
-		case ev := <-m.events:
+		case ev := <-events:
 			if err := m.handle(ev); err != nil {
 				return err
 			}
@@ -588,12 +594,17 @@ func (m *mapTask) carry(step alignStep) error {
 // capture takes snapshot id at the barrier: flush the sink, take a view of
 // the backend, close the epoch of changed keys, and hand the rest to the
 // snapshot goroutine. lastCompleted is the job's newest completed checkpoint
-// as the barrier carried it: a delta builds only on that one's files.
+// as the barrier carried it: a delta builds only on that one's files. A sink
+// that cannot write its outputs yet (errSinkUnavailable) declines the
+// checkpoint and the task goes on, its outputs held for a later one.
 func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 	var txns []*transport.SinkTxn
 	if m.sink != nil {
 		if err := m.sink.flush(); err != nil {
 			m.decline(id, "sink: "+err.Error())
+			if errors.Is(err, errSinkUnavailable) {
+				return nil
+			}
 			return fmt.Errorf("flush sink: %w", err)
 		}
 		if m.sink.txn != nil {
@@ -605,7 +616,7 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 			}
 			var err error
 			txns, err = m.sink.txn.preCommit(id)
-			if errors.Is(err, errNoFreeTxn) {
+			if errors.Is(err, errNoFreeTxn) || errors.Is(err, errSinkUnavailable) {
 				m.decline(id, "sink: "+err.Error())
 				return nil
 			}

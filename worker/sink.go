@@ -17,6 +17,10 @@ import (
 // sinkBatch is how many outputs a sink buffers before it sends them.
 const sinkBatch = 500
 
+// sinkMaxHeld is how many outputs an exactly-once sink that cannot write
+// holds before its map task stops taking input (sink.full).
+const sinkMaxHeld = 100 * sinkBatch
+
 // kafkaConfig returns the sarama configuration every task uses: a protocol
 // version kfake and real brokers since 2.8 speak, and timeouts bounded by
 // cfg.KafkaTimeout so that a missing broker or topic fails a task rather than
@@ -49,12 +53,9 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 // unlike the sources' clients in kafkaPool) and checks that topic exists, so
 // that the task can fail with a reason an operator understands.
 func connectKafka(conf *sarama.Config, brokers []string, topic, role string) (sarama.Client, error) {
-	if len(brokers) == 0 {
-		return nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
-	}
-	client, err := sarama.NewClient(brokers, conf)
+	client, err := dialKafka(conf, brokers, topic, role)
 	if err != nil {
-		return nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
+		return nil, err
 	}
 	if _, err := topicPartitions(client, topic, role, brokers); err != nil {
 		client.Close()
@@ -63,12 +64,25 @@ func connectKafka(conf *sarama.Config, brokers []string, topic, role string) (sa
 	return client, nil
 }
 
+// dialKafka is connectKafka without the topic check.
+func dialKafka(conf *sarama.Config, brokers []string, topic, role string) (sarama.Client, error) {
+	if len(brokers) == 0 {
+		return nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
+	}
+	client, err := sarama.NewClient(brokers, conf)
+	if err != nil {
+		return nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
+	}
+	return client, nil
+}
+
 // sink writes a map task's outputs to the job's sink topic. Outputs are
 // buffered and sent synchronously in batches; flush returns only once the
 // broker has acknowledged everything added before it. At least once, that is
 // all: a map task flushes before it acks a checkpoint. Exactly once, the
-// records go into Kafka transactions that checkpoints commit (txnPool).
-// Only the map task loop calls it.
+// records go into Kafka transactions that checkpoints commit (txnPool);
+// while the sink cannot write (txnPool.send, errSinkUnavailable) it holds
+// them, and add goes on buffering. Only the map task loop calls it.
 type sink struct {
 	client   sarama.Client
 	producer sarama.SyncProducer // at least once
@@ -83,10 +97,14 @@ type sink struct {
 // sink's retries stop when it ends.
 func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
 	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)
+	connect := connectKafka
 	if spec.GetDelivery() != fsm.DeliveryAtLeastOnce {
 		conf.Version = txnKafkaVersion
+		// The topic is checked at the first write: a missing one is
+		// waited for, its outputs held and checkpoints declined.
+		connect = dialKafka
 	}
-	client, err := connectKafka(conf, spec.GetBrokers(), spec.GetTopic(), "sink")
+	client, err := connect(conf, spec.GetBrokers(), spec.GetTopic(), "sink")
 	if err != nil {
 		return nil, err
 	}
@@ -110,7 +128,8 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 	return s, nil
 }
 
-// add buffers out, sending the buffer when it is full.
+// add buffers out, sending the buffer when it is full. Outputs a sink
+// that cannot write holds are no error here.
 func (s *sink) add(out *operator.Output) error {
 	msg := &sarama.ProducerMessage{Topic: s.topic, Value: sarama.ByteEncoder(out.Value)}
 	if out.Key != nil {
@@ -118,21 +137,32 @@ func (s *sink) add(out *operator.Output) error {
 	}
 	s.buf = append(s.buf, msg)
 	if len(s.buf) >= sinkBatch {
-		return s.flush()
+		if err := s.flush(); err != nil && !errors.Is(err, errSinkUnavailable) {
+			return err
+		}
 	}
 	return nil
 }
 
-// flush sends the buffered outputs and waits for the broker's acks.
+// full reports whether the sink holds so many outputs it cannot write that
+// its task should take no more input until it can.
+func (s *sink) full() bool { return len(s.buf) >= sinkMaxHeld }
+
+// flush sends the buffered outputs and waits for the broker's acks. With
+// errSinkUnavailable the outputs stay buffered, to be sent again.
 func (s *sink) flush() error {
 	if len(s.buf) == 0 {
 		return nil
 	}
+	if s.txn != nil {
+		if err := s.txn.send(s.buf); err != nil {
+			return err
+		}
+		s.buf = nil
+		return nil
+	}
 	msgs := s.buf
 	s.buf = nil
-	if s.txn != nil {
-		return s.txn.send(msgs)
-	}
 	if err := s.producer.SendMessages(msgs); err != nil {
 		var perrs sarama.ProducerErrors
 		if errors.As(err, &perrs) && len(perrs) > 0 {

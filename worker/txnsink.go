@@ -59,6 +59,21 @@ var txnKafkaVersion = sarama.V3_0_0_0
 // its transactional id, so this task is a zombie.
 var errFenced = errors.New("fenced by a newer attempt of the task")
 
+// errSinkUnavailable is wrapped by the errors of send and preCommit when the
+// sink cannot write now (its topic is missing or was deleted, or a write
+// failed before the open transaction had any record): the caller keeps the
+// records, declines the checkpoint and goes on; send tries again after a
+// backoff. Nothing is lost: no transaction holds any of the held records.
+var errSinkUnavailable = errors.New("outputs are held and checkpoints declined until the sink can write them")
+
+// sinkRetryMin and sinkRetryMax bound the backoff between a txnPool's tries
+// to write again once it is unavailable. Each try is a metadata refresh of
+// the topic on the task loop.
+const (
+	sinkRetryMin = 200 * time.Millisecond
+	sinkRetryMax = 5 * time.Second
+)
+
 // errNoFreeTxn is returned by preCommit when every transactional id of the
 // task is still needed: the checkpoint is declined and the open transaction
 // goes on.
@@ -82,8 +97,8 @@ type txnSlot struct {
 	pid      int64
 	epoch    int16
 	state    slotState
-	wrote    bool      // the open transaction has records
-	began    time.Time // when its first record was sent
+	wrote    bool      // the open transaction has records: a write of it succeeded
+	began    time.Time // when its first successful write was sent
 	ckpt     uint64    // pending: the checkpoint whose barrier pre-committed it
 	// freeAfter (committed) is the first checkpoint whose snapshot does not
 	// list this transaction: once it completes no restore can ask for the
@@ -125,6 +140,14 @@ type txnPool struct {
 	counts *prometheus.CounterVec // outcome
 	fenced prometheus.Counter
 	now    func() time.Time
+	// seen: the topic existed at the last check; send checks it before the
+	// first write and after every failed one.
+	seen bool
+	// down is why the sink cannot write, nil while it can (errSinkUnavailable);
+	// send tries again at retryAt, then after twice backoff.
+	down    error
+	retryAt time.Time
+	backoff time.Duration
 }
 
 // txnID is the transactional id of slot i of task: the same in every attempt,
@@ -523,15 +546,94 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 }
 
 // send writes msgs in the open transaction and waits for the broker's acks.
+//
+// When the sink cannot write and the open transaction has no record yet
+// (the topic is missing: at the task's start, or deleted since its last
+// transaction), send fails with errSinkUnavailable and nothing is lost:
+// msgs are replaced by fresh copies (sarama keeps per-send state in
+// messages it failed) for the caller to hold and send again, and the open
+// transaction's producer gets a new epoch before the next write, which
+// aborts whatever part of msgs reached the broker. Until the next try, at a
+// backoff, send fails at once. A write that fails after the open
+// transaction has records cannot be made good without them, and fails the
+// task: the restore from the last completed checkpoint writes them again.
 func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
-	s := p.cur
-	if !s.wrote {
-		s.wrote, s.began = true, p.now()
+	if p.down != nil && p.now().Before(p.retryAt) {
+		return p.down
 	}
-	if err := s.producer.SendMessages(msgs); err != nil {
-		return p.producerErr(s, fmt.Sprintf("write %d records", len(msgs)), err)
+	if err := p.ready(); err != nil {
+		return p.unavailable(err)
+	}
+	s := p.cur
+	start := p.now()
+	err := s.producer.SendMessages(msgs)
+	if err == nil {
+		if !s.wrote {
+			s.wrote, s.began = true, start
+		}
+		if p.down != nil {
+			p.log.Info("sink writes again", "topic", p.topic, "was", p.down)
+			p.down = nil
+		}
+		return nil
+	}
+	what := fmt.Sprintf("write %d records", len(msgs))
+	if s.wrote || p.fencedOut(s, err) {
+		return p.producerErr(s, what, err)
+	}
+	s.stale, p.seen = true, false
+	for i, m := range msgs {
+		msgs[i] = &sarama.ProducerMessage{Topic: m.Topic, Key: m.Key, Value: m.Value}
+	}
+	var perrs sarama.ProducerErrors
+	if errors.As(err, &perrs) && len(perrs) > 0 {
+		err = perrs[0].Err
+	}
+	return p.unavailable(fmt.Errorf("sink topic %q: %s: %w", p.topic, what, err))
+}
+
+// ready prepares the next write after the sink was unavailable or before
+// its first: the topic must exist, and a producer a failed write left in
+// error gets a new epoch and a new transaction.
+func (p *txnPool) ready() error {
+	if !p.seen {
+		if _, err := topicPartitions(p.admin, p.topic, "sink", p.brokers); err != nil {
+			return err
+		}
+		p.seen = true
+	}
+	if s := p.cur; s.stale {
+		// Stale until the new transaction has begun: initSlot may fail
+		// after it replaced the producer.
+		if err := p.initSlot(s); err != nil {
+			s.stale = true
+			return err
+		}
+		if err := s.producer.BeginTxn(); err != nil {
+			s.stale = true
+			return p.producerErr(s, "begin transaction", err)
+		}
+		s.wrote, s.began = false, time.Time{}
 	}
 	return nil
+}
+
+// unavailable records cause as why the sink cannot write, schedules the
+// next try and returns the error send fails with. A fenced producer is not
+// a cause to wait out: it is returned as it is.
+func (p *txnPool) unavailable(cause error) error {
+	if errors.Is(cause, errFenced) {
+		return cause
+	}
+	if p.down == nil {
+		p.backoff = sinkRetryMin
+		p.log.Warn("sink cannot write: holding its outputs and declining checkpoints until it can", "topic", p.topic, "err", cause)
+	} else {
+		p.backoff = min(2*p.backoff, sinkRetryMax)
+	}
+	p.down = fmt.Errorf("%w: %w", cause, errSinkUnavailable)
+	p.retryAt = p.now().Add(p.backoff)
+	return p.down
 }
 
 // checkAge fails when the oldest transaction the next snapshot would list
@@ -553,8 +655,12 @@ func (p *txnPool) checkAge() error {
 // are flushed already) and opens the next one. It returns the transactions
 // the snapshot must list: every pre-committed one not yet committed. With
 // errNoFreeTxn the caller declines the checkpoint and the open transaction
-// goes on; any other error fails the task.
+// goes on; so it does with errSinkUnavailable, while the sink cannot
+// write; any other error fails the task.
 func (p *txnPool) preCommit(id uint64) ([]*transport.SinkTxn, error) {
+	if p.down != nil {
+		return nil, p.down
+	}
 	if err := p.checkAge(); err != nil {
 		return nil, err
 	}
