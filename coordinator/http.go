@@ -457,8 +457,8 @@ func (s *Server) handleRemovePeer(w http.ResponseWriter, r *http.Request) {
 	}
 	for _, m := range s.Members() {
 		if m.ID == id && m.Role == transport.RoleCoordinator && m.Status == StatusAlive {
-			writeError(w, http.StatusConflict, fmt.Sprintf("coordinator %s is alive in gossip, and the leader adds alive coordinators "+
-				"to the raft configuration: stop it first, then remove it", id))
+			writeError(w, http.StatusConflict, fmt.Sprintf("coordinator %s is alive in gossip: stop it first, then remove it "+
+				"(with TLS the leader would add it back as soon as it proves its certificate)", id))
 			return
 		}
 	}

@@ -799,21 +799,7 @@ func taskRef(js *jobState, t fsm.Task) *transport.TaskRef {
 // are shown to users as the job's reason.
 func kafkaPartitions(ctx context.Context, brokers []string, topic string) (int, error) {
 	addrs := strings.Join(brokers, ",")
-	cfg := sarama.NewConfig()
-	cfg.ClientID = "coordd"
-	cfg.Net.DialTimeout = 2 * time.Second
-	cfg.Net.ReadTimeout = 3 * time.Second
-	cfg.Net.WriteTimeout = 3 * time.Second
-	cfg.Metadata.Full = false
-	cfg.Metadata.AllowAutoTopicCreation = false
-	cfg.Metadata.RefreshFrequency = 0
-	cfg.Metadata.Retry.Max = 1
-	cfg.Metadata.Retry.Backoff = 100 * time.Millisecond
-	cfg.Metadata.Timeout = lookupTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		cfg.Metadata.Timeout = max(time.Until(dl), time.Millisecond)
-	}
-	client, err := sarama.NewClient(brokers, cfg)
+	client, err := sarama.NewClient(brokers, lookupConfig(ctx, sarama.DefaultVersion))
 	if err != nil {
 		return 0, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
 	}
