@@ -239,57 +239,12 @@ func TestACLTokensFile(t *testing.T) {
 	}
 }
 
-// apiPKI is a CA and certificates issued by it, in a temp dir.
-type apiPKI struct {
-	t   testing.TB
-	dir string
-}
-
-func newAPIPKI(t testing.TB) *apiPKI {
-	t.Helper()
-	dir := t.TempDir()
-	if _, _, err := tlsutil.CreateCA(dir, time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	return &apiPKI{t: t, dir: dir}
-}
-
-// config issues a certificate for ident and loads it.
-func (p *apiPKI) config(ident tlsutil.Identity) *tlsutil.Config {
-	p.t.Helper()
-	cert, key, err := tlsutil.CreateCert(tlsutil.CertRequest{Dir: p.dir, Identity: ident, Validity: time.Hour})
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	c, err := tlsutil.Load(tlsutil.Files{CA: filepath.Join(p.dir, tlsutil.CAFile), Cert: cert, Key: key}, ident.Role)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	return c
-}
-
-// client returns an HTTPS client that checks the coordinators against the
-// CA and presents a certificate for ident, or none if ident is empty.
-func (p *apiPKI) client(ident tlsutil.Identity) *http.Client {
-	p.t.Helper()
-	var tc *tls.Config
-	if ident.Role == "" {
-		// No certificate of its own: verify the server by the CA only.
-		cfg := p.config(tlsutil.Identity{Role: tlsutil.RoleClient, ID: fmt.Sprintf("anon%d", time.Now().UnixNano()), APIRole: "read"})
-		tc = cfg.ClientConfig(tlsutil.RoleCoordinator, "")
-		tc.GetClientCertificate = nil
-	} else {
-		tc = p.config(ident).ClientConfig(tlsutil.RoleCoordinator, "")
-	}
-	return &http.Client{Transport: &http.Transport{TLSClientConfig: tc}}
-}
-
 // TestACLOverTLS runs a cluster whose HTTP API is served over TLS, with API
 // tokens: client certificates authenticate with their role, tokens work over
 // TLS, and a follower forwards over TLS, presenting its coordinator
 // certificate. Without credentials only GET /v1/status answers.
 func TestACLOverTLS(t *testing.T) {
-	pki := newAPIPKI(t)
+	pki := newTestPKI(t)
 	tokens := writeTokensFile(t, t.TempDir())
 	servers := startClusterWith(t, 3, func(c *Config) {
 		c.TLS = pki.config(tlsutil.Identity{Role: tlsutil.RoleCoordinator, ID: c.ID})
@@ -341,7 +296,7 @@ func TestACLOverTLS(t *testing.T) {
 		resp.Body.Close()
 		t.Errorf("a worker certificate got %d, want a refused handshake", resp.StatusCode)
 	}
-	other := newAPIPKI(t)
+	other := newTestPKI(t)
 	otherClient := &http.Client{Transport: &http.Transport{TLSClientConfig: func() *tls.Config {
 		tc := other.config(tlsutil.Identity{Role: tlsutil.RoleClient, ID: "eve", APIRole: "operator"}).ClientConfig(tlsutil.RoleCoordinator, "")
 		tc.VerifyConnection = nil // eve does not care whom she talks to
@@ -356,7 +311,7 @@ func TestACLOverTLS(t *testing.T) {
 // TestTLSWithoutTokens runs the API over TLS without a tokens file: a
 // client certificate is the only credential, and GET /v1/status stays open.
 func TestTLSWithoutTokens(t *testing.T) {
-	pki := newAPIPKI(t)
+	pki := newTestPKI(t)
 	servers := startClusterWith(t, 1, func(c *Config) {
 		c.TLS = pki.config(tlsutil.Identity{Role: tlsutil.RoleCoordinator, ID: c.ID})
 	})

@@ -481,43 +481,6 @@ func TestPeerAddRequests(t *testing.T) {
 	}
 }
 
-// tlsMaterial is a CA and certificates made in a test's temp dir.
-type tlsMaterial struct {
-	t   *testing.T
-	dir string
-}
-
-func newTLSMaterial(t *testing.T) *tlsMaterial {
-	t.Helper()
-	dir := t.TempDir()
-	if _, _, err := tlsutil.CreateCA(dir, time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	return &tlsMaterial{t: t, dir: dir}
-}
-
-// config issues a certificate for role and id and loads it.
-func (m *tlsMaterial) config(role tlsutil.Role, id string) *tlsutil.Config {
-	m.t.Helper()
-	cert, key, err := tlsutil.CreateCert(tlsutil.CertRequest{Dir: m.dir, Identity: tlsutil.Identity{Role: role, ID: id}, Validity: time.Hour})
-	if err != nil {
-		m.t.Fatal(err)
-	}
-	tc, err := tlsutil.Load(tlsutil.Files{CA: m.dir + "/" + tlsutil.CAFile, Cert: cert, Key: key}, role)
-	if err != nil {
-		m.t.Fatal(err)
-	}
-	return tc
-}
-
-// apiClient returns an HTTPS client of the API holding an operator client
-// certificate.
-func (m *tlsMaterial) apiClient() *http.Client {
-	m.t.Helper()
-	tc := m.config(tlsutil.RoleClient, "operator").ClientConfig(tlsutil.RoleCoordinator, "")
-	return &http.Client{Transport: &http.Transport{TLSClientConfig: tc}, Timeout: 20 * time.Second}
-}
-
 // httpsCall is apiCall over HTTPS with client.
 func httpsCall(t *testing.T, client *http.Client, s *Server, method, path string, body, out any) int {
 	t.Helper()
@@ -586,10 +549,10 @@ func tlsListener(t *testing.T, tc *tlsutil.Config) string {
 // a real coordinator is added by the leader with no operator.
 func TestPeerAuthenticatedWithTLS(t *testing.T) {
 	logger, logs := captureLogger(t)
-	certs := newTLSMaterial(t)
+	certs := newTestPKI(t)
 	start := func(id string, expect int, join ...string) *Server {
 		cfg := testConfig(t, logger, id)
-		cfg.TLS = certs.config(tlsutil.RoleCoordinator, id)
+		cfg.TLS = certs.issue(tlsutil.RoleCoordinator, id)
 		// Slower Raft timeouts than the default's 300 ms: TLS handshakes
 		// under -race on a loaded machine made leaders step down, and
 		// this test is not about failover.
@@ -616,9 +579,9 @@ func TestPeerAuthenticatedWithTLS(t *testing.T) {
 		}
 	}()
 	fakes := map[string]string{
-		"c3": plain.Addr().String(),                                                   // no TLS at all
-		"c5": tlsListener(t, certs.config(tlsutil.RoleWorker, "c5")),                  // a worker's certificate
-		"c6": tlsListener(t, newTLSMaterial(t).config(tlsutil.RoleCoordinator, "c6")), // another CA
+		"c3": plain.Addr().String(),                                              // no TLS at all
+		"c5": tlsListener(t, certs.issue(tlsutil.RoleWorker, "c5")),              // a worker's certificate
+		"c6": tlsListener(t, newTestPKI(t).issue(tlsutil.RoleCoordinator, "c6")), // another CA
 	}
 	for id, addr := range fakes {
 		if m := startGossipMember(t, id, coordinatorMeta(t, addr), nil, c1.GossipAddr()); m.joinErr != nil {

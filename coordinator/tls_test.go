@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"math"
+	"net/http"
 	"path/filepath"
 	"testing"
 	"time"
@@ -38,16 +39,43 @@ func newTestPKI(t testing.TB) *testPKI {
 // issue creates and loads a certificate for role and id.
 func (p *testPKI) issue(role tlsutil.Role, id string) *tlsutil.Config {
 	p.t.Helper()
-	ident := tlsutil.Identity{Role: role, ID: id}
+	return p.config(tlsutil.Identity{Role: role, ID: id})
+}
+
+// config creates and loads a certificate for ident.
+func (p *testPKI) config(ident tlsutil.Identity) *tlsutil.Config {
+	p.t.Helper()
 	cert, key, err := tlsutil.CreateCert(tlsutil.CertRequest{Dir: p.dir, Identity: ident, Validity: time.Hour})
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	c, err := tlsutil.Load(tlsutil.Files{CA: filepath.Join(p.dir, tlsutil.CAFile), Cert: cert, Key: key}, role)
+	c, err := tlsutil.Load(tlsutil.Files{CA: filepath.Join(p.dir, tlsutil.CAFile), Cert: cert, Key: key}, ident.Role)
 	if err != nil {
 		p.t.Fatal(err)
 	}
 	return c
+}
+
+// client returns an HTTPS client that checks the coordinators against the
+// CA and presents a certificate for ident, or none if ident is empty.
+func (p *testPKI) client(ident tlsutil.Identity) *http.Client {
+	p.t.Helper()
+	var tc *tls.Config
+	if ident.Role == "" {
+		// No certificate of its own: verify the server by the CA only.
+		cfg := p.config(tlsutil.Identity{Role: tlsutil.RoleClient, ID: fmt.Sprintf("anon%d", time.Now().UnixNano()), APIRole: "read"})
+		tc = cfg.ClientConfig(tlsutil.RoleCoordinator, "")
+		tc.GetClientCertificate = nil
+	} else {
+		tc = p.config(ident).ClientConfig(tlsutil.RoleCoordinator, "")
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: tc}, Timeout: 20 * time.Second}
+}
+
+// apiClient returns an HTTPS client of the API holding an operator client
+// certificate.
+func (p *testPKI) apiClient() *http.Client {
+	return p.client(tlsutil.Identity{Role: tlsutil.RoleClient, ID: "operator", APIRole: "operator"})
 }
 
 // startTLSCluster is startCluster with mutual TLS on: each coordinator has a

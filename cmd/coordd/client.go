@@ -97,25 +97,11 @@ func cliTLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
 		tc.RootCAs = pool
 		tc.InsecureSkipVerify = true //nolint:gosec // verified in VerifyConnection, by chain and role
 		tc.VerifyConnection = func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return errors.New("the server sent no certificate")
-			}
-			inter := x509.NewCertPool()
-			for _, ic := range cs.PeerCertificates[1:] {
-				inter.AddCert(ic)
-			}
-			leaf := cs.PeerCertificates[0]
-			if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+			_, err := tlsutil.VerifyPeer(pool, cs, x509.ExtKeyUsageServerAuth, "", tlsutil.RoleCoordinator)
+			if errors.Is(err, tlsutil.ErrNotFromCA) {
 				return fmt.Errorf("server certificate is not from the CA in %s: %w", caFile, err)
 			}
-			ident, err := tlsutil.IdentityOf(leaf)
-			if err != nil {
-				return fmt.Errorf("server certificate: %w", err)
-			}
-			if ident.Role != tlsutil.RoleCoordinator {
-				return fmt.Errorf("the server is %s, not a coordinator", ident)
-			}
-			return nil
+			return err
 		}
 	}
 	if certFile != "" {

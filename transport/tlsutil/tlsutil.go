@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -256,34 +257,45 @@ func (c *Config) ClientConfig(want Role, wantID string) *tls.Config {
 	}
 }
 
-// verifyPeer verifies the peer's chain against the CA and that its identity
-// has one of the roles accept (and the id wantID, if set).
+// verifyPeer verifies the peer's chain against the CA of the moment; see
+// VerifyPeer.
 func (c *Config) verifyPeer(cs tls.ConnectionState, usage x509.ExtKeyUsage, accept []Role, wantID string) (Identity, error) {
-	if len(cs.PeerCertificates) == 0 {
-		return Identity{}, errors.New("tls: peer sent no certificate")
-	}
 	pool, _ := c.current()
+	ident, err := VerifyPeer(pool, cs, usage, wantID, accept...)
+	if err != nil {
+		return Identity{}, fmt.Errorf("tls: %w", err)
+	}
+	return ident, nil
+}
+
+// ErrNotFromCA says a peer's certificate does not chain to the trusted CA.
+var ErrNotFromCA = errors.New("peer certificate is not from the CA")
+
+// VerifyPeer checks the peer of an established connection against pool:
+// its chain (with usage), and that its identity has one of the roles accept
+// and, if wantID is set, that id. Dialers that skip host-name checks (see
+// the package comment) call it from tls.Config.VerifyConnection.
+func VerifyPeer(pool *x509.CertPool, cs tls.ConnectionState, usage x509.ExtKeyUsage, wantID string, accept ...Role) (Identity, error) {
+	if len(cs.PeerCertificates) == 0 {
+		return Identity{}, errors.New("peer sent no certificate")
+	}
 	leaf := cs.PeerCertificates[0]
 	inter := x509.NewCertPool()
 	for _, ic := range cs.PeerCertificates[1:] {
 		inter.AddCert(ic)
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
-		return Identity{}, fmt.Errorf("tls: peer certificate: %w", err)
+		return Identity{}, fmt.Errorf("%w: %w", ErrNotFromCA, err)
 	}
 	ident, err := IdentityOf(leaf)
 	if err != nil {
-		return Identity{}, fmt.Errorf("tls: peer certificate: %w", err)
+		return Identity{}, fmt.Errorf("peer certificate: %w", err)
 	}
-	ok := false
-	for _, r := range accept {
-		ok = ok || ident.Role == r
-	}
-	if !ok {
-		return Identity{}, fmt.Errorf("tls: peer is %s; only %v may connect here", ident, accept)
+	if !slices.Contains(accept, ident.Role) {
+		return Identity{}, fmt.Errorf("peer is %s; only %v may connect here", ident, accept)
 	}
 	if wantID != "" && ident.ID != wantID {
-		return Identity{}, fmt.Errorf("tls: peer is %s, not %s %s", ident, ident.Role, wantID)
+		return Identity{}, fmt.Errorf("peer is %s, not %s %s", ident, ident.Role, wantID)
 	}
 	return ident, nil
 }
