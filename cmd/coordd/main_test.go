@@ -2,40 +2,17 @@ package main
 
 import (
 	"bytes"
-	"context"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/coordflow/coordflow/coordinator"
 )
 
 // TestCLI runs the CLI commands against a real single-node coordinator.
 func TestCLI(t *testing.T) {
-	cfg := coordinator.DefaultConfig()
-	cfg.ID, cfg.DataDir, cfg.BootstrapExpect = "c1", t.TempDir(), 1
-	cfg.RaftAddr, cfg.RPCAddr, cfg.HTTPAddr, cfg.GossipAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
-	cfg.Operators = []string{"wordcount"}
-	cfg.Logger = slog.New(slog.DiscardHandler)
-	srv, err := coordinator.NewServer(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Error(err)
-		}
-	})
-	for deadline := time.Now().Add(10 * time.Second); !srv.IsLeader(); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("single coordinator did not become leader")
-		}
-	}
+	srv := startLeader(t, func(*coordinator.Config) {})
 	t.Setenv("COORD_ADDR", srv.HTTPAddr())
 
 	cli := func(args ...string) (code int, stdout, stderr string) {
