@@ -675,6 +675,9 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 		},
 		NumSources:   int32(spec.Source.Parallelism),
 		ChannelToken: job.ChannelToken,
+		// With a sink every update is an output someone reads: merging
+		// items would hide some, so only a job without one combines.
+		Combine: spec.Sink == nil,
 	}
 	if spec.Sink != nil {
 		d.Sink = deploySink(job.ID, &spec)

@@ -1319,7 +1319,11 @@ type DeployTask struct {
 	// channel_token is the attempt's data-channel credential: sources present
 	// it when they open a channel and map tasks accept only channels that do,
 	// so nothing but the attempt's own sources can feed its map tasks.
-	ChannelToken  string `protobuf:"bytes,15,opt,name=channel_token,json=channelToken,proto3" json:"channel_token,omitempty"`
+	ChannelToken string `protobuf:"bytes,15,opt,name=channel_token,json=channelToken,proto3" json:"channel_token,omitempty"`
+	// combine: a source merges the items of each key before it sends them,
+	// when the operator can (operator.Combiner). The leader sets it for jobs
+	// without a sink, whose outputs would otherwise lose intermediate updates.
+	Combine       bool `protobuf:"varint,16,opt,name=combine,proto3" json:"combine,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1457,6 +1461,13 @@ func (x *DeployTask) GetChannelToken() string {
 		return x.ChannelToken
 	}
 	return ""
+}
+
+func (x *DeployTask) GetCombine() bool {
+	if x != nil {
+		return x.Combine
+	}
+	return false
 }
 
 // StateSpec is how a map task keeps and checkpoints its keyed state.
@@ -2280,104 +2291,23 @@ func (x *ChannelHeader) GetChannelToken() string {
 	return ""
 }
 
-// Item is one keyed item produced by an operator's split step.
-type Item struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// key is any bytes: Kafka keys and words need not be UTF-8.
-	Key      []byte `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Num      int64  `protobuf:"varint,2,opt,name=num,proto3" json:"num,omitempty"`
-	Raw      []byte `protobuf:"bytes,3,opt,name=raw,proto3" json:"raw,omitempty"`
-	KeyGroup int32  `protobuf:"varint,4,opt,name=key_group,json=keyGroup,proto3" json:"key_group,omitempty"`
-	// partition and offset name the source record the item came from, so a
-	// map task can record what it applied (TaskState.applied).
-	Partition     int32 `protobuf:"varint,5,opt,name=partition,proto3" json:"partition,omitempty"`
-	Offset        int64 `protobuf:"varint,6,opt,name=offset,proto3" json:"offset,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *Item) Reset() {
-	*x = Item{}
-	mi := &file_coordflow_proto_msgTypes[24]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *Item) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*Item) ProtoMessage() {}
-
-func (x *Item) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[24]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use Item.ProtoReflect.Descriptor instead.
-func (*Item) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{24}
-}
-
-func (x *Item) GetKey() []byte {
-	if x != nil {
-		return x.Key
-	}
-	return nil
-}
-
-func (x *Item) GetNum() int64 {
-	if x != nil {
-		return x.Num
-	}
-	return 0
-}
-
-func (x *Item) GetRaw() []byte {
-	if x != nil {
-		return x.Raw
-	}
-	return nil
-}
-
-func (x *Item) GetKeyGroup() int32 {
-	if x != nil {
-		return x.KeyGroup
-	}
-	return 0
-}
-
-func (x *Item) GetPartition() int32 {
-	if x != nil {
-		return x.Partition
-	}
-	return 0
-}
-
-func (x *Item) GetOffset() int64 {
-	if x != nil {
-		return x.Offset
-	}
-	return 0
-}
-
+// ItemBatch is a run of items from one source task to one map task. The items
+// are packed (transport.BatchWriter, transport.ReadBatch): one buffer per batch,
+// written into reused memory and read without an allocation per item, where a
+// protobuf message per item cost an allocation on each side. The packing also
+// says which source records the items came from (record marks) or, for items a
+// combiner merged, up to which offset every record is in (through marks), so a
+// map task knows exactly what it has applied (TaskState.applied).
 type ItemBatch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Items         []*Item                `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	Packed        []byte                 `protobuf:"bytes,2,opt,name=packed,proto3" json:"packed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ItemBatch) Reset() {
 	*x = ItemBatch{}
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2389,7 +2319,7 @@ func (x *ItemBatch) String() string {
 func (*ItemBatch) ProtoMessage() {}
 
 func (x *ItemBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2402,12 +2332,12 @@ func (x *ItemBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemBatch.ProtoReflect.Descriptor instead.
 func (*ItemBatch) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{25}
+	return file_coordflow_proto_rawDescGZIP(), []int{24}
 }
 
-func (x *ItemBatch) GetItems() []*Item {
+func (x *ItemBatch) GetPacked() []byte {
 	if x != nil {
-		return x.Items
+		return x.Packed
 	}
 	return nil
 }
@@ -2427,7 +2357,7 @@ type Barrier struct {
 
 func (x *Barrier) Reset() {
 	*x = Barrier{}
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2439,7 +2369,7 @@ func (x *Barrier) String() string {
 func (*Barrier) ProtoMessage() {}
 
 func (x *Barrier) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2452,7 +2382,7 @@ func (x *Barrier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Barrier.ProtoReflect.Descriptor instead.
 func (*Barrier) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{26}
+	return file_coordflow_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Barrier) GetCheckpointId() uint64 {
@@ -2485,7 +2415,7 @@ type ChannelClosed struct {
 
 func (x *ChannelClosed) Reset() {
 	*x = ChannelClosed{}
-	mi := &file_coordflow_proto_msgTypes[27]
+	mi := &file_coordflow_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2497,7 +2427,7 @@ func (x *ChannelClosed) String() string {
 func (*ChannelClosed) ProtoMessage() {}
 
 func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[27]
+	mi := &file_coordflow_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2510,7 +2440,7 @@ func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelClosed.ProtoReflect.Descriptor instead.
 func (*ChannelClosed) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{27}
+	return file_coordflow_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ChannelClosed) GetReason() string {
@@ -2608,7 +2538,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\fheartbeat_ms\x18\x04 \x01(\x03R\vheartbeatMs\"P\n" +
 	"\tNotLeader\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12&\n" +
-	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\xef\x05\n" +
+	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\x89\x06\n" +
 	"\n" +
 	"DeployTask\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12*\n" +
@@ -2627,7 +2557,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x0frestore_offsets\x18\f \x03(\v2,.coordflow.v1.DeployTask.RestoreOffsetsEntryR\x0erestoreOffsets\x12<\n" +
 	"\rrestore_keyed\x18\r \x03(\v2\x17.coordflow.v1.KeyedBlobR\frestoreKeyed\x12-\n" +
 	"\x05state\x18\x0e \x01(\v2\x17.coordflow.v1.StateSpecR\x05state\x12#\n" +
-	"\rchannel_token\x18\x0f \x01(\tR\fchannelToken\x1aA\n" +
+	"\rchannel_token\x18\x0f \x01(\tR\fchannelToken\x12\x18\n" +
+	"\acombine\x18\x10 \x01(\bR\acombine\x1aA\n" +
 	"\x13RestoreOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x93\x01\n" +
@@ -2701,16 +2632,9 @@ const file_coordflow_proto_rawDesc = "" +
 	"\aattempt\x18\x02 \x01(\x04R\aattempt\x12!\n" +
 	"\fsource_index\x18\x03 \x01(\x05R\vsourceIndex\x12\x1e\n" +
 	"\vmap_task_id\x18\x04 \x01(\tR\tmapTaskId\x12#\n" +
-	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\"\x8f\x01\n" +
-	"\x04Item\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\fR\x03key\x12\x10\n" +
-	"\x03num\x18\x02 \x01(\x03R\x03num\x12\x10\n" +
-	"\x03raw\x18\x03 \x01(\fR\x03raw\x12\x1b\n" +
-	"\tkey_group\x18\x04 \x01(\x05R\bkeyGroup\x12\x1c\n" +
-	"\tpartition\x18\x05 \x01(\x05R\tpartition\x12\x16\n" +
-	"\x06offset\x18\x06 \x01(\x03R\x06offset\"5\n" +
-	"\tItemBatch\x12(\n" +
-	"\x05items\x18\x01 \x03(\v2\x12.coordflow.v1.ItemR\x05items\"s\n" +
+	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\")\n" +
+	"\tItemBatch\x12\x16\n" +
+	"\x06packed\x18\x02 \x01(\fR\x06packedJ\x04\b\x01\x10\x02\"s\n" +
 	"\aBarrier\x12#\n" +
 	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\x12%\n" +
 	"\x0elast_completed\x18\x02 \x01(\x04R\rlastCompleted\x12\x1c\n" +
@@ -2749,7 +2673,7 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 }
 
 var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
@@ -2778,15 +2702,14 @@ var file_coordflow_proto_goTypes = []any{
 	(*CheckpointComplete)(nil), // 24: coordflow.v1.CheckpointComplete
 	(*DataMessage)(nil),        // 25: coordflow.v1.DataMessage
 	(*ChannelHeader)(nil),      // 26: coordflow.v1.ChannelHeader
-	(*Item)(nil),               // 27: coordflow.v1.Item
-	(*ItemBatch)(nil),          // 28: coordflow.v1.ItemBatch
-	(*Barrier)(nil),            // 29: coordflow.v1.Barrier
-	(*ChannelClosed)(nil),      // 30: coordflow.v1.ChannelClosed
-	nil,                        // 31: coordflow.v1.TaskState.OffsetsEntry
-	nil,                        // 32: coordflow.v1.TaskState.AppliedEntry
-	nil,                        // 33: coordflow.v1.DeployTask.RestoreOffsetsEntry
-	nil,                        // 34: coordflow.v1.KeyedBlob.AppliedEntry
-	nil,                        // 35: coordflow.v1.CheckpointComplete.OffsetsEntry
+	(*ItemBatch)(nil),          // 27: coordflow.v1.ItemBatch
+	(*Barrier)(nil),            // 28: coordflow.v1.Barrier
+	(*ChannelClosed)(nil),      // 29: coordflow.v1.ChannelClosed
+	nil,                        // 30: coordflow.v1.TaskState.OffsetsEntry
+	nil,                        // 31: coordflow.v1.TaskState.AppliedEntry
+	nil,                        // 32: coordflow.v1.DeployTask.RestoreOffsetsEntry
+	nil,                        // 33: coordflow.v1.KeyedBlob.AppliedEntry
+	nil,                        // 34: coordflow.v1.CheckpointComplete.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
 	5,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
@@ -2803,9 +2726,9 @@ var file_coordflow_proto_depIdxs = []int32{
 	10, // 11: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
 	3,  // 12: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
 	0,  // 13: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
-	31, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
+	30, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
 	12, // 15: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
-	32, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
+	31, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
 	11, // 17: coordflow.v1.TaskState.sink_txns:type_name -> coordflow.v1.SinkTxn
 	14, // 18: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
 	15, // 19: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
@@ -2819,29 +2742,28 @@ var file_coordflow_proto_depIdxs = []int32{
 	18, // 27: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
 	19, // 28: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
 	20, // 29: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
-	33, // 30: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
+	32, // 30: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
 	21, // 31: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
 	17, // 32: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
 	12, // 33: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
-	34, // 34: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
+	33, // 34: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
 	11, // 35: coordflow.v1.KeyedBlob.sink_txns:type_name -> coordflow.v1.SinkTxn
 	3,  // 36: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
 	3,  // 37: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
 	3,  // 38: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
-	35, // 39: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
+	34, // 39: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
 	26, // 40: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
-	28, // 41: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
-	29, // 42: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	27, // 43: coordflow.v1.ItemBatch.items:type_name -> coordflow.v1.Item
-	4,  // 44: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	25, // 45: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	13, // 46: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	30, // 47: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	46, // [46:48] is the sub-list for method output_type
-	44, // [44:46] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	27, // 41: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
+	28, // 42: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
+	4,  // 43: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	25, // 44: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	13, // 45: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	29, // 46: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	45, // [45:47] is the sub-list for method output_type
+	43, // [43:45] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -2875,7 +2797,7 @@ func file_coordflow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   33,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

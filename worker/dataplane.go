@@ -188,7 +188,15 @@ func (p *connPool) close() {
 // source task loop uses it.
 type output interface {
 	send(ctx context.Context, msg *transport.DataMessage) error
+	// sendBatch sends w's packed batch and leaves w empty, ready for the
+	// next one.
+	sendBatch(ctx context.Context, w *transport.BatchWriter) error
 	close()
+}
+
+// batchMessage wraps a packed batch for sending.
+func batchMessage(packed []byte) *transport.DataMessage {
+	return &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Packed: packed}}}
 }
 
 // remoteOutput is a Data.Channel stream to another worker.
@@ -208,6 +216,14 @@ func (o *remoteOutput) send(_ context.Context, msg *transport.DataMessage) error
 		return err
 	}
 	return nil
+}
+
+// sendBatch reuses w's buffer for the next batch: gRPC has encoded the
+// message into its own buffers by the time Send returns.
+func (o *remoteOutput) sendBatch(ctx context.Context, w *transport.BatchWriter) error {
+	err := o.send(ctx, batchMessage(w.Bytes()))
+	w.Reset()
+	return err
 }
 
 func (o *remoteOutput) close() { o.cancel() }

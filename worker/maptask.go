@@ -79,6 +79,7 @@ type mapTask struct {
 	// Task loop only.
 	keyed    *keyedState
 	item     itemContext
+	batch    batchApplier
 	writer   *snapshotWriter
 	snaps    chan *snapshotJob    // to the snapshot goroutine
 	results  chan snapshotResult  // from it
@@ -128,13 +129,17 @@ const restoreReportEvery = 2 * time.Second
 type input struct {
 	idx     int
 	release chan struct{} // capacity 1; the loop releases a blocked input here
+	// recycle takes back the buffers of applied batches, for an in-process
+	// input whose source reuses them; nil for a remote one.
+	recycle chan<- []byte
 }
 
-// inputEvent is what an input goroutine forwards to the task loop: a batch, a
-// barrier (barrier != 0) or the end of the input (closed).
+// inputEvent is what an input goroutine forwards to the task loop: a packed
+// batch, a barrier (barrier != 0) or the end of the input (closed).
 type inputEvent struct {
 	input         int
-	items         []*transport.Item
+	batch         []byte
+	recycle       chan<- []byte // where batch goes once applied (input.recycle)
 	barrier       uint64
 	lastCompleted uint64 // with barrier
 	savepoint     bool   // with barrier
@@ -295,6 +300,7 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		}
 	}
 	m.item = itemContext{s: m.keyed, sink: m.sink != nil, emit: m.emit}
+	m.batch = batchApplier{m: m}
 
 	writers.Add(1)
 	go func() {
@@ -525,36 +531,73 @@ func (m *mapTask) handle(ev inputEvent) error {
 		}
 		return m.carry(m.align.barrier(ev.input, ev.barrier, time.Now()))
 	default:
-		return m.apply(ev.items)
+		err := m.apply(ev.batch)
+		if ev.recycle != nil {
+			select {
+			case ev.recycle <- ev.batch[:0]:
+			default:
+			}
+		}
+		return err
 	}
 }
 
-// apply runs the operator on every item of a batch.
-func (m *mapTask) apply(items []*transport.Item) error {
-	// Applied offsets are noted once per run of items of one partition, not
-	// per item: a batch comes from one source, in offset order per partition.
-	for i, it := range items {
-		kg := it.GetKeyGroup()
-		if kg < m.kgStart || kg >= m.kgEnd {
-			return fmt.Errorf("item with key %q has key group %d, outside this task's range [%d, %d): source and map task disagree on the assignment", it.GetKey(), kg, m.kgStart, m.kgEnd)
-		}
-		m.item.reset(kg, it.GetKey())
-		err := m.op.Process(&m.item, operator.Item{Key: it.GetKey(), Num: it.GetNum(), Raw: it.GetRaw()})
-		if err := m.item.takeEmitErr(); err != nil {
-			return err
-		}
-		if err != nil {
-			if isBackendError(err) {
-				return fmt.Errorf("state backend: %w", localError(err))
-			}
-			m.skipped.Inc()
-			m.log.Debug("operator rejected an item", "key_group", kg, "partition", it.GetPartition(), "offset", it.GetOffset(), "err", err)
-		}
-		if i+1 == len(items) || items[i+1].GetPartition() != it.GetPartition() {
-			m.keyed.applied[it.GetPartition()] = it.GetOffset()
-		}
+// apply runs the operator on every item of a packed batch.
+func (m *mapTask) apply(batch []byte) error {
+	m.batch.items = 0
+	err := transport.ReadBatch(batch, &m.batch)
+	m.in.Add(float64(m.batch.items))
+	return err
+}
+
+// batchApplier is the map task's transport.BatchVisitor: it applies items
+// and notes, per source partition, the last record applied. Its
+// methods run on the task loop only.
+type batchApplier struct {
+	m     *mapTask
+	items int // applied in the current batch
+	// part and off are the last record mark, for logs.
+	part int32
+	off  int64
+}
+
+// Record notes the record the next items come from: once the batch is
+// applied, so is the record (a record cut between two batches is applied
+// entirely before any barrier, which always follows whole records).
+func (a *batchApplier) Record(partition int32, offset int64) error {
+	a.part, a.off = partition, offset
+	a.m.keyed.applied[partition] = offset
+	return nil
+}
+
+// Through notes that every record of partition up to offset is applied.
+func (a *batchApplier) Through(partition int32, offset int64) error {
+	if cur, ok := a.m.keyed.applied[partition]; !ok || offset > cur {
+		a.m.keyed.applied[partition] = offset
 	}
-	m.in.Add(float64(len(items)))
+	return nil
+}
+
+// Item runs the operator on one item.
+func (a *batchApplier) Item(it *transport.BatchItem) error {
+	m := a.m
+	kg := it.KeyGroup
+	if kg < m.kgStart || kg >= m.kgEnd {
+		return fmt.Errorf("item with key %q has key group %d, outside this task's range [%d, %d): source and map task disagree on the assignment", it.Key, kg, m.kgStart, m.kgEnd)
+	}
+	a.items++
+	m.item.reset(kg, it.Key)
+	err := m.op.Process(&m.item, operator.Item{Key: it.Key, Num: it.Num, Raw: it.Raw})
+	if err := m.item.takeEmitErr(); err != nil {
+		return err
+	}
+	if err != nil {
+		if isBackendError(err) {
+			return fmt.Errorf("state backend: %w", localError(err))
+		}
+		m.skipped.Inc()
+		m.log.Debug("operator rejected an item", "key_group", kg, "partition", a.part, "offset", a.off, "err", err)
+	}
 	return nil
 }
 
@@ -835,7 +878,11 @@ func (m *mapTask) attachLocal(idx int) (*localChannel, error) {
 	if err != nil {
 		return nil, err
 	}
-	lc := &localChannel{ch: make(chan *transport.DataMessage, localChannelDepth), closed: make(chan struct{}), mapDone: m.ctx.Done()}
+	lc := &localChannel{
+		ch:   make(chan *transport.DataMessage, localChannelDepth),
+		free: make(chan []byte, localChannelDepth+2), closed: make(chan struct{}), mapDone: m.ctx.Done(),
+	}
+	in.recycle = lc.free
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
@@ -884,7 +931,7 @@ func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.Da
 			}
 			continue
 		}
-		if !m.forward(inputEvent{input: in.idx, items: msg.GetBatch().GetItems()}) {
+		if !m.forward(inputEvent{input: in.idx, batch: msg.GetBatch().GetPacked(), recycle: in.recycle}) {
 			return errMapStopped
 		}
 	}
@@ -902,12 +949,25 @@ func (m *mapTask) forward(ev inputEvent) bool {
 
 // localChannel is an in-process data channel from a source task to a map task
 // on the same worker: the same ordered messages as a gRPC stream, with a
-// bounded buffer for backpressure.
+// bounded buffer for backpressure. A batch's buffer goes to the map task with
+// it, and comes back on free once applied, for the source's next batch: the
+// channel's memory is bounded and reused.
 type localChannel struct {
 	ch      chan *transport.DataMessage
+	free    chan []byte
 	closed  chan struct{}
 	once    sync.Once
 	mapDone <-chan struct{}
+}
+
+// sendBatch hands w's buffer to the map task and gives w a free one.
+func (c *localChannel) sendBatch(ctx context.Context, w *transport.BatchWriter) error {
+	var next []byte
+	select {
+	case next = <-c.free:
+	default:
+	}
+	return c.send(ctx, batchMessage(w.Detach(next)))
 }
 
 // send is called by the source task only.

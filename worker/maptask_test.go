@@ -82,11 +82,16 @@ func mapDeploy(job string, attempt uint64, op string, numSources int32, maxPar i
 }
 
 func batchMsg(maxPar int, keys ...string) *transport.DataMessage {
-	items := make([]*transport.Item, len(keys))
-	for i, k := range keys {
-		items[i] = &transport.Item{Key: []byte(k), Num: 1, KeyGroup: operator.KeyGroup([]byte(k), maxPar)}
+	return batchMessage(packed(maxPar, keys...))
+}
+
+// packed packs one item of count 1 per key.
+func packed(maxPar int, keys ...string) []byte {
+	var w transport.BatchWriter
+	for _, k := range keys {
+		w.Item(operator.KeyGroup([]byte(k), maxPar), []byte(k), 1, nil)
 	}
-	return &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Items: items}}}
+	return w.Bytes()
 }
 
 func barrierMsg(id uint64) *transport.DataMessage {
@@ -319,7 +324,9 @@ func TestRestoreOtherParallelism(t *testing.T) {
 		}
 	}
 	// An item of a foreign key group fails the task instead of being applied.
-	if err := mt.apply([]*transport.Item{{Key: []byte("x"), KeyGroup: end}}); err == nil || !strings.Contains(err.Error(), "outside this task's range") {
+	var foreign transport.BatchWriter
+	foreign.Item(end, []byte("x"), 1, nil)
+	if err := mt.apply(foreign.Bytes()); err == nil || !strings.Contains(err.Error(), "outside this task's range") {
 		t.Fatalf("apply of a foreign key group: %v, want an error", err)
 	}
 }

@@ -18,14 +18,18 @@ import (
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
-// A batch is also sent once its items take about maxBatchBytes, so that a
-// message stays well below the data server's maxDataMessage whatever the
-// record sizes; itemOverhead approximates an item's encoding beyond its key
-// and raw bytes.
-const (
-	maxBatchBytes = 1 << 20
-	itemOverhead  = 24
-)
+// A batch is also sent once it packs maxBatchBytes, so that a message stays
+// well below the data server's maxDataMessage whatever the record sizes.
+const maxBatchBytes = 1 << 20
+
+// combineMaxKeys bounds the keys a source's combiner holds per map task
+// between two flushes: a table that reaches it is flushed at once, so memory
+// does not grow with the number of distinct keys.
+const combineMaxKeys = 4096
+
+// pumpBatch is the most records a partition pump hands the task loop at
+// once: one channel operation per run of records instead of one per record.
+const pumpBatch = 256
 
 // maxUnconfirmed bounds how many acked checkpoints a source remembers while
 // it waits for their completion (older ones are aborted or superseded).
@@ -62,13 +66,21 @@ type sourceTask struct {
 	numSources int32
 	discovery  time.Duration
 
+	// combine is set when the operator's items are merged before they are
+	// sent (an operator.Combiner, in a job without a sink).
+	combine  operator.Combiner
+	emitItem func(operator.Item) // s.collect, made once: Split is called per record
+
 	// Task loop only.
 	outputs     []output
-	batches     [][]*transport.Item
-	batchBytes  []int           // approximate encoded size of each batch
+	batches     []pending       // by output: what waits to be sent
 	batched     int             // items in all batches, so that the loop knows at once whether any waits
 	partitions  []int32         // read, sorted: the assignment, restored and discovered ones
 	offsets     map[int32]int64 // next offset to read, per own partition
+	// progress is, per partition read in this attempt, the offset of the
+	// last record whose items are all in the batches: what a through mark
+	// of a combined batch says.
+	progress map[int32]int64
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
 	halted      bool                       // stopped at a final savepoint: reads no more records
@@ -123,9 +135,9 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		control:     ctl,
 		numSources:  d.GetNumSources(),
 		discovery:   time.Duration(spec.GetPartitionDiscoveryMs()) * time.Millisecond,
-		batches:     make([][]*transport.Item, len(mapTasks)),
-		batchBytes:  make([]int, len(mapTasks)),
+		batches:     make([]pending, len(mapTasks)),
 		offsets:     make(map[int32]int64),
+		progress:    make(map[int32]int64),
 		unconfirmed: make(map[uint64]map[int32]int64),
 		in:          env.metrics.recordsIn.WithLabelValues(k.job, kindSource),
 		out:         env.metrics.recordsOut.WithLabelValues(k.job, kindSource),
@@ -135,7 +147,74 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 	if s.numSources <= 0 {
 		s.discovery = 0 // ownership unknown
 	}
+	s.emitItem = s.collect
+	if c, ok := op.(operator.Combiner); ok && d.GetCombine() {
+		s.combine = c
+		for o := range s.batches {
+			s.batches[o].table = newCombineTable()
+		}
+	}
 	return s, nil
+}
+
+// pending is what a source task holds for one output between two sends: the
+// packed batch, and with a combiner the table of merged items that the next
+// flush packs.
+type pending struct {
+	w transport.BatchWriter
+	// marked and markP/markOff are the last record mark written to w, so
+	// that a record's items carry one mark per batch.
+	marked  bool
+	markP   int32
+	markOff int64
+	table   *combineTable
+}
+
+// combineTable merges the items of each key between two flushes, in the
+// order the keys first came, so that a replay sends the same batches.
+type combineTable struct {
+	index map[string]int
+	items []combinedItem
+}
+
+type combinedItem struct {
+	kg       int32
+	key, raw []byte
+	num      int64
+}
+
+func newCombineTable() *combineTable { return &combineTable{index: make(map[string]int)} }
+
+// add merges it (of key group kg) into the table with c.
+func (t *combineTable) add(c operator.Combiner, kg int32, it operator.Item) {
+	if i, ok := t.index[string(it.Key)]; ok {
+		e := &t.items[i]
+		m := c.Combine(operator.Item{Key: it.Key, Num: e.num, Raw: e.raw}, it)
+		e.num = m.Num
+		if !bytesSame(m.Raw, e.raw) {
+			e.raw = append([]byte(nil), m.Raw...)
+		}
+		return
+	}
+	t.index[string(it.Key)] = len(t.items)
+	t.items = append(t.items, combinedItem{kg: kg, key: append([]byte(nil), it.Key...), num: it.Num, raw: append([]byte(nil), it.Raw...)})
+}
+
+// bytesSame reports whether a and b are the same bytes in memory, so that a
+// combiner returning the accumulated Raw unchanged costs no copy.
+func bytesSame(a, b []byte) bool {
+	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
+}
+
+// packInto writes the merged items to w and empties the table.
+func (t *combineTable) packInto(w *transport.BatchWriter) {
+	for i := range t.items {
+		e := &t.items[i]
+		w.Item(e.kg, e.key, e.num, e.raw)
+	}
+	clear(t.index)
+	clear(t.items) // drop the keys and raws for the collector
+	t.items = t.items[:0]
 }
 
 // routeTable sorts the map tasks by index and maps every key group to the
@@ -197,7 +276,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	loopCtx, stopLoop := context.WithCancel(ctx)
 	r := &partitionReaders{
 		ctx: loopCtx, lease: lease,
-		merged: make(chan *sarama.ConsumerMessage), failed: make(chan error, 1),
+		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
 	}
 	// Stop the pumps and the discovery, then the partition consumers, before
 	// the lease goes. A metadata refresh of the discovery in flight is
@@ -232,7 +311,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 type partitionReaders struct {
 	ctx     context.Context // ends the pumps and the discovery
 	lease   *kafkaLease
-	merged  chan *sarama.ConsumerMessage
+	merged  chan []*sarama.ConsumerMessage
 	failed  chan error // a pump or consumer that failed the task
 	wg      sync.WaitGroup
 	closers []func()
@@ -430,13 +509,14 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 	return oldest, newest, nil
 }
 
-// pump forwards one partition's records to the task loop until ctx ends. A
+// pump forwards one partition's records to the task loop, in runs of those
+// sarama has ready, until ctx ends. A
 // partition consumer that stops by itself fails the task, and so does one
 // that reports nothing but errors for KafkaTimeout (broker unreachable, topic
 // deleted): the leader then restarts the job with backoff and shows why,
 // instead of the job looking healthy while it reads nothing. Errors further
 // apart than KafkaTimeout are transient and only logged.
-func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- *sarama.ConsumerMessage, failed chan<- error) {
+func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
 	window := s.env.cfg.KafkaTimeout
 	var failingSince, lastErr time.Time // both zero while records flow
@@ -450,8 +530,23 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				return
 			}
 			failingSince, lastErr = time.Time{}, time.Time{}
+			// Hand over the records that are already there with this one.
+			run := make([]*sarama.ConsumerMessage, 1, pumpBatch)
+			run[0] = msg
+		drain:
+			for len(run) < pumpBatch {
+				select {
+				case m, ok := <-pc.Messages():
+					if !ok {
+						break drain // seen closed on the next receive
+					}
+					run = append(run, m)
+				default:
+					break drain
+				}
+			}
 			select {
-			case merged <- msg:
+			case merged <- run:
 			case <-ctx.Done():
 				return
 			}
@@ -512,10 +607,13 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 			if err := s.readDiscovered(r, batch); err != nil {
 				return err
 			}
-		case msg := <-records:
-			if err := s.process(ctx, msg); err != nil {
-				return err
+		case msgs := <-records:
+			for _, msg := range msgs {
+				if err := s.process(ctx, msg); err != nil {
+					return err
+				}
 			}
+			s.in.Add(float64(len(msgs)))
 		case <-flush.C:
 			armed = false
 			if err := s.flushAll(ctx); err != nil {
@@ -533,53 +631,90 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 	}
 }
 
-// process splits one record and routes its items.
+// collect is the emit function of Split: it gathers one record's items.
+func (s *sourceTask) collect(it operator.Item) { s.scratch = append(s.scratch, it) }
+
+// process splits one record and routes its items: packed into the batch of
+// the map task owning their key group, each batch's items after a mark of the
+// record they came from, or merged into the output's combiner table.
 func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) error {
-	s.in.Inc()
 	s.offsets[msg.Partition] = msg.Offset + 1
 	s.scratch = s.scratch[:0]
 	rec := operator.Record{Key: msg.Key, Value: msg.Value, Partition: msg.Partition, Offset: msg.Offset}
-	if err := s.op.Split(rec, func(it operator.Item) { s.scratch = append(s.scratch, it) }); err != nil {
+	if err := s.op.Split(rec, s.emitItem); err != nil {
 		s.skipped.Inc()
 		s.log.Debug("skipping malformed record", "partition", msg.Partition, "offset", msg.Offset, "err", err)
+		s.progress[msg.Partition] = msg.Offset
 		return nil
 	}
 	for _, it := range s.scratch {
 		kg := operator.KeyGroup(it.Key, s.maxPar)
 		o := s.route[kg]
-		// The record's bytes belong to sarama's message, which is not reused:
-		// the item may share them.
-		s.batches[o] = append(s.batches[o], &transport.Item{
-			Key: it.Key, Num: it.Num, Raw: it.Raw, KeyGroup: kg, Partition: msg.Partition, Offset: msg.Offset,
-		})
-		s.batchBytes[o] += len(it.Key) + len(it.Raw) + itemOverhead
+		b := &s.batches[o]
+		if b.table != nil {
+			if len(b.table.items) == 0 {
+				s.batched++
+			}
+			b.table.add(s.combine, kg, it)
+			continue
+		}
+		if !b.marked || b.markP != msg.Partition || b.markOff != msg.Offset {
+			b.w.Record(msg.Partition, msg.Offset)
+			b.marked, b.markP, b.markOff = true, msg.Partition, msg.Offset
+		}
+		b.w.Item(kg, it.Key, it.Num, it.Raw)
 		s.batched++
-		if len(s.batches[o]) >= s.env.cfg.BatchSize || s.batchBytes[o] >= maxBatchBytes {
+		if b.w.Items() >= s.env.cfg.BatchSize || b.w.Len() >= maxBatchBytes {
 			if err := s.flush(ctx, o); err != nil {
 				return err
+			}
+		}
+	}
+	s.progress[msg.Partition] = msg.Offset
+	if s.combine != nil {
+		// Full tables are flushed between records, so that a through mark
+		// never covers a record only in part.
+		for o := range s.batches {
+			if len(s.batches[o].table.items) >= combineMaxKeys {
+				if err := s.flush(ctx, o); err != nil {
+					return err
+				}
 			}
 		}
 	}
 	return nil
 }
 
-// flush sends output o's pending batch. The batch slice is handed over (an
-// in-process map task reads it later), never reused.
+// flush sends output o's pending batch. A combined batch is packed here, its
+// merged items followed by a through mark of every partition read: every
+// record up to the mark is in it or in an earlier batch.
 func (s *sourceTask) flush(ctx context.Context, o int) error {
-	items := s.batches[o]
-	if len(items) == 0 {
+	b := &s.batches[o]
+	if t := b.table; t != nil {
+		if len(t.items) == 0 {
+			return nil
+		}
+		s.batched--
+		t.packInto(&b.w)
+		for _, p := range s.partitions {
+			if off, ok := s.progress[p]; ok {
+				b.w.Through(p, off)
+			}
+		}
+	} else {
+		s.batched -= b.w.Items()
+	}
+	n := b.w.Items()
+	if n == 0 {
 		return nil
 	}
-	s.batches[o], s.batchBytes[o] = nil, 0
-	s.batched -= len(items)
-	msg := &transport.DataMessage{Payload: &transport.DataMessage_Batch{Batch: &transport.ItemBatch{Items: items}}}
-	if err := s.outputs[o].send(ctx, msg); err != nil {
+	b.marked = false
+	if err := s.outputs[o].sendBatch(ctx, &b.w); err != nil {
 		return fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err)
 	}
-	s.out.Add(float64(len(items)))
+	s.out.Add(float64(n))
 	return nil
 }
-
 func (s *sourceTask) flushAll(ctx context.Context) error {
 	for o := range s.outputs {
 		if err := s.flush(ctx, o); err != nil {

@@ -3,7 +3,10 @@ package operator
 import (
 	"bytes"
 	"fmt"
+	"iter"
 	"strconv"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Names of the built-in operators.
@@ -53,10 +56,14 @@ func addInt64(ctx Context, n int64) error {
 	return nil
 }
 
-// counting is embedded by the operators whose state is an int64.
+// counting is embedded by the operators whose state is an int64 sum of
+// their items' Num: their items combine by adding.
 type counting struct{}
 
 func (counting) StateEncoding() Encoding { return EncodingInt64 }
+
+// Combine adds the counts, wrapping on overflow as the state does.
+func (counting) Combine(acc, it Item) Item { return Item{Num: acc.Num + it.Num} }
 
 // wordCount counts words: one item per white-space separated word of the
 // record value, keyed by the word's bytes. Words are split on ASCII and
@@ -65,13 +72,14 @@ func (counting) StateEncoding() Encoding { return EncodingInt64 }
 type wordCount struct{ counting }
 
 func (wordCount) Split(r Record, emit func(Item)) error {
-	for _, w := range bytes.Fields(r.Value) {
+	for w := range fields(r.Value) {
 		emit(Item{Key: w, Num: 1})
 	}
 	return nil
 }
 
-func (wordCount) Process(ctx Context, it Item) error { return addInt64(ctx, 1) }
+// Process adds the item's count: 1 as Split makes it, more once combined.
+func (wordCount) Process(ctx Context, it Item) error { return addInt64(ctx, it.Num) }
 
 // count counts records per record key; a record without a key counts under
 // the empty key.
@@ -82,7 +90,7 @@ func (count) Split(r Record, emit func(Item)) error {
 	return nil
 }
 
-func (count) Process(ctx Context, it Item) error { return addInt64(ctx, 1) }
+func (count) Process(ctx Context, it Item) error { return addInt64(ctx, it.Num) }
 
 // sum sums record values, parsed as base-10 int64, per record key.
 type sum struct{ counting }
@@ -178,4 +186,41 @@ func truncate(b []byte, n int) string {
 		return string(b)
 	}
 	return string(b[:n]) + "..."
+}
+
+// asciiSpace marks the ASCII white space bytes, as bytes.Fields has them.
+var asciiSpace = [utf8.RuneSelf]bool{'\t': true, '\n': true, '\v': true, '\f': true, '\r': true, ' ': true}
+
+// fields yields the white-space separated words of b exactly as bytes.Fields
+// splits it, without building a slice of them: wordcount splits every
+// record, and a slice per record was one of its larger costs. Invalid UTF-8
+// is never space, so it stays part of a word.
+func fields(b []byte) iter.Seq[[]byte] {
+	return func(yield func([]byte) bool) {
+		start := -1 // start of the current word, -1 between words
+		for i := 0; i < len(b); {
+			c, size := b[i], 1
+			var space bool
+			if c < utf8.RuneSelf {
+				space = asciiSpace[c]
+			} else {
+				var r rune
+				r, size = utf8.DecodeRune(b[i:])
+				space = unicode.IsSpace(r)
+			}
+			switch {
+			case space && start >= 0:
+				if !yield(b[start:i:i]) {
+					return
+				}
+				start = -1
+			case !space && start < 0:
+				start = i
+			}
+			i += size
+		}
+		if start >= 0 {
+			yield(b[start:len(b):len(b)])
+		}
+	}
 }

@@ -64,7 +64,7 @@
 // event-time timer for the current key), and an operator that registers
 // timers implements an OnTimer(ctx Context, t Timer) error method, called
 // with the timer's key as the current key. StateEncoding below is such an
-// optional interface already.
+// optional interface already, and so is Combiner.
 //
 // # Error handling
 //
@@ -140,8 +140,27 @@ type Operator interface {
 	// discarded and the record is skipped.
 	Split(r Record, emit func(Item)) error
 	// Process handles one item in the map task that owns its key, reading
-	// and writing that key's state through ctx.
+	// and writing that key's state through ctx. The item's Key and Raw are
+	// only valid during the call (they point into the batch it came in):
+	// state and outputs are copied by the runtime, anything else the
+	// operator keeps it must copy.
 	Process(ctx Context, it Item) error
+}
+
+// Combiner is an optional interface for an operator whose items of one key
+// can be merged before they reach Process: the source task then merges the
+// items of each key between two flushes (always before a checkpoint barrier,
+// so every checkpoint stays exact) and sends one item per key instead of one
+// per occurrence, as Flink's local-global aggregation does. Merging must not
+// change the state: Process of Combine(a, b) must leave the key's state as
+// Process of a and then of b would. It does change what a sink sees, one
+// update for the merged items instead of one each, so the runtime combines
+// only for jobs without a sink.
+type Combiner interface {
+	// Combine merges it into acc, an earlier item of the same key (or a
+	// result of Combine), and returns the merged item. Its Key is ignored,
+	// and the runtime copies its Raw.
+	Combine(acc, it Item) Item
 }
 
 // Encoding says how an operator's state values are encoded, so that tools
