@@ -70,8 +70,16 @@ func checkpointUntil(t *testing.T, f *fakeCoord, first uint64, sources map[strin
 // one gRPC channel. Checkpoints are taken while records flow; each one must
 // hold exactly the fold of the records below its offsets (invariant 1), each
 // map task only its own key groups. Completing one commits its offsets to
-// Kafka.
+// Kafka. It runs with the sources' combiner off and on: a combined batch is
+// flushed before every barrier, so each checkpoint is exact all the same,
+// and the map tasks' applied offsets (through marks) reach the end.
 func TestSourceToMapEndToEnd(t *testing.T) {
+	for _, combine := range []bool{false, true} {
+		t.Run(fmt.Sprintf("combine=%v", combine), func(t *testing.T) { testSourceToMap(t, combine) })
+	}
+}
+
+func testSourceToMap(t *testing.T, combine bool) {
 	const n, parts = 4000, 4
 	brokers := newKafka(t, map[string]int32{"words": parts})
 	var recs []record
@@ -91,7 +99,9 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 		}
 		return state
 	}
-	produce(t, brokers, "words", recs)
+	// Half the records first: a checkpoint covering exactly them is a
+	// mid-stream one with state, whatever the timing.
+	produce(t, brokers, "words", recs[:n/2])
 
 	f := newFakeCoord(t, true, "")
 	w1 := startWorker(t, "w1", f, nil)
@@ -104,6 +114,7 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 	s1 := sourceDeploy("wc", 1, 1, operator.WordCount, brokers, "words", []int32{1, 3}, refs)
 	s0.Source.Group = "wc-group"
 	s1.Source.Group = "wc-group"
+	s0.Combine, s1.Combine = combine, combine
 	f.deploy(t, "w1", s0)
 	f.deploy(t, "w2", s1)
 	for _, r := range []*transport.TaskRef{m0, m1, s0.Task, s1.Task} {
@@ -141,8 +152,35 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 			}
 		}
 	}
-	id, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task}, []*transport.TaskRef{m0, m1}, end, verify(refs))
+	sources := map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task}
+	half := map[int32]int64{0: n / parts / 2, 1: n / parts / 2, 2: n / parts / 2, 3: n / parts / 2}
+	id, _ := checkpointUntil(t, f, 1, sources, []*transport.TaskRef{m0, m1}, half, verify(refs))
+	if restoreFrom == nil {
+		t.Fatalf("checkpoint %d covers half the records but holds no state", id)
+	}
+	produce(t, brokers, "words", recs[n/2:])
+	id, acks := checkpointUntil(t, f, id+1, sources, []*transport.TaskRef{m0, m1}, end, verify(refs))
 	t.Logf("checkpoint %d covers every record; %d checkpoints before it were taken mid-stream", id, partial)
+	words := 0
+	for _, r := range recs {
+		words += len(strings.Fields(r.value))
+	}
+	sent := metricValue(t, w1.Gatherer(), "coordflow_records_out_total", map[string]string{"job": "wc", "kind": kindSource}) +
+		metricValue(t, w2.Gatherer(), "coordflow_records_out_total", map[string]string{"job": "wc", "kind": kindSource})
+	switch {
+	case !combine && sent != float64(words):
+		t.Fatalf("the sources sent %v items for %d words without a combiner", sent, words)
+	case combine && sent >= float64(words)/2:
+		t.Fatalf("the sources sent %v items for %d words of 22 distinct ones: the combiner merged little or nothing", sent, words)
+	}
+	for _, m := range []*transport.TaskRef{m0, m1} {
+		applied := acks[m.GetTaskId()].GetState().GetApplied()
+		for p, off := range end {
+			if combine && applied[p] != off-1 || applied[p] > off-1 {
+				t.Fatalf("%s applied %v at the end, want every partition's last offset %v", m.GetTaskId(), applied, end)
+			}
+		}
+	}
 
 	// Completion commits the offsets under the job's group (monitoring only).
 	for w, r := range map[string]*transport.TaskRef{"w1": s0.Task, "w2": s1.Task} {
@@ -176,6 +214,7 @@ func TestSourceToMapEndToEnd(t *testing.T) {
 	sources2 := map[string]*transport.TaskRef{}
 	for i, w := range []string{"w1", "w2"} {
 		d := sourceDeploy("wc", 2, int32(i), operator.WordCount, brokers, "words", []int32{int32(i), int32(i + 2)}, refs2)
+		d.Combine = combine
 		d.RestoreCheckpointId = restoreID
 		d.RestoreOffsets = restoreFrom["source-"+fmt.Sprint(i)].GetState().GetOffsets()
 		f.deploy(t, w, d)

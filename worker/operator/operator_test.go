@@ -1,6 +1,7 @@
 package operator
 
 import (
+	"bytes"
 	"errors"
 	"hash/fnv"
 	"maps"
@@ -337,5 +338,89 @@ func TestKeyGroupStable(t *testing.T) {
 		if got, want := KeyGroup(key, 1000), int32(h.Sum64()%1000); got != want {
 			t.Fatalf("KeyGroup(%x) = %d, hash/fnv gives %d", key, got, want)
 		}
+	}
+}
+
+// TestCombiners: for every built-in that can combine, processing the merged
+// items of each key leaves the same state as processing every item; the
+// others say they cannot combine.
+func TestCombiners(t *testing.T) {
+	recs := []Record{
+		{Key: []byte("a"), Value: []byte("3 the fox\tthe\n")},
+		{Key: []byte("b"), Value: []byte("-7 fox")},
+		{Key: []byte("a"), Value: []byte("9223372036854775807")}, // sums wrap, in either order
+		{Key: nil, Value: []byte("1 \xff\xfe the")},
+	}
+	combinable := map[string]bool{WordCount: true, Count: true, Sum: true}
+	for _, name := range Builtins().Names() {
+		op := mustLookup(t, name)
+		c, ok := op.(Combiner)
+		if ok != combinable[name] {
+			t.Fatalf("%s: is a Combiner: %v, want %v", name, ok, combinable[name])
+		}
+		if !ok {
+			continue
+		}
+		one, merged := newMemContext(false), newMemContext(false)
+		acc := map[string]Item{}
+		var order []string
+		for _, r := range recs {
+			items, err := split(t, op, r)
+			if err != nil {
+				continue // sum: not a number
+			}
+			one.process(t, op, items)
+			for _, it := range items {
+				k := string(it.Key)
+				if a, seen := acc[k]; seen {
+					acc[k] = c.Combine(a, it)
+				} else {
+					acc[k] = it
+					order = append(order, k)
+				}
+			}
+		}
+		for _, k := range order {
+			it := acc[k]
+			it.Key = []byte(k)
+			merged.process(t, op, []Item{it})
+		}
+		if !reflect.DeepEqual(one.ints(t), merged.ints(t)) || len(one.state) == 0 {
+			t.Fatalf("%s: state item by item %v, combined %v", name, one.ints(t), merged.ints(t))
+		}
+	}
+}
+
+// FuzzFields: wordcount's split finds exactly the words bytes.Fields does,
+// for any bytes, valid UTF-8 or not.
+func FuzzFields(f *testing.F) {
+	for _, s := range []string{"", " ", "a", " a  b\tc\n", "\u00a0x\u2003y\u3000", "\xff \xfe\x80z", "tail "} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var got [][]byte
+		for w := range fields(b) {
+			got = append(got, w)
+		}
+		want := bytes.Fields(b)
+		if len(got) != len(want) {
+			t.Fatalf("fields(%q) = %q, bytes.Fields = %q", b, got, want)
+		}
+		for i := range got {
+			if !bytes.Equal(got[i], want[i]) || cap(got[i]) != len(got[i]) {
+				t.Fatalf("fields(%q) = %q, bytes.Fields = %q", b, got, want)
+			}
+		}
+	})
+}
+
+// TestWordCountSplitAllocates nothing per word.
+func TestWordCountSplitAllocates(t *testing.T) {
+	op := mustLookup(t, WordCount)
+	r := Record{Value: []byte("the quick brown fox jumps over the lazy dog")}
+	n := 0
+	emit := func(Item) { n++ }
+	if a := testing.AllocsPerRun(100, func() { _ = op.Split(r, emit) }); a > 0 {
+		t.Fatalf("wordcount's Split allocates %.0f times per record", a)
 	}
 }
