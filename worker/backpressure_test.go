@@ -1,0 +1,109 @@
+package worker
+
+import (
+	"fmt"
+	"reflect"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// stalling counts records per key, as count does, but every Process waits
+// until release is closed: a map task that cannot keep up.
+type stalling struct {
+	operator.Operator
+	release chan struct{}
+}
+
+func (s stalling) Process(ctx operator.Context, it operator.Item) error {
+	<-s.release
+	return s.Operator.Process(ctx, it)
+}
+
+// TestBackpressureBoundsBuffers: while both map tasks are stalled (one in
+// process with its source, one on another worker), the source reads only
+// what its bounded buffers hold (sarama's fetch and channel, a pump run, the
+// in-process channel's batches, gRPC's flow-control window), not the
+// topic: memory does not grow with input that has not been processed. Let
+// go, the job counts every record exactly once.
+func TestBackpressureBoundsBuffers(t *testing.T) {
+	const n, bound = 60_000, 25_000
+	brokers := newKafka(t, map[string]int32{"in": 1})
+	var recs []record
+	want := map[string]int64{}
+	pad := strings.Repeat("x", 150)
+	for i := range n {
+		k := "k" + strconv.Itoa(i%100)
+		recs = append(recs, record{partition: 0, key: k, value: pad})
+		want[k]++
+	}
+	produce(t, brokers, "in", recs)
+
+	release := make(chan struct{})
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+	count, _ := operator.Builtins().Lookup(operator.Count)
+	withStall := func(c *Config) {
+		c.Operators = operator.NewRegistry()
+		if err := c.Operators.Register("stall", stalling{count, release}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := newFakeCoord(t, true, "")
+	w1 := startWorker(t, "w1", f, withStall)
+	w2 := startWorker(t, "w2", f, withStall)
+	refs := mapRefs(128, w1, w2)
+	m0, m1 := mapDeploy("bp", 1, "stall", 1, 128, refs, 0), mapDeploy("bp", 1, "stall", 1, 128, refs, 1)
+	f.deploy(t, "w1", m0)
+	f.deploy(t, "w2", m1)
+	src := sourceDeploy("bp", 1, 0, "stall", brokers, "in", []int32{0}, refs)
+	f.deploy(t, "w1", src)
+	for _, r := range []*transport.TaskRef{m0.Task, m1.Task, src.Task} {
+		f.awaitStatus(t, r, transport.TaskPhase_TASK_PHASE_RUNNING)
+	}
+
+	read := func() float64 {
+		return metricValue(t, w1.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "bp", "kind": kindSource})
+	}
+	// The source reads until its buffers are full and then stops: wait
+	// until two reads 300 ms apart agree.
+	last := -1.0
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		now := read()
+		if now > 0 && now == last {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the source never stopped reading while its map tasks were stalled: %v of %d records read", now, n)
+		}
+		last = now
+		time.Sleep(300 * time.Millisecond) // a plateau is two equal samples apart in time
+	}
+	if last > bound {
+		t.Fatalf("the source read %v of %d records while its map tasks applied none: buffers hold more than %d", last, n, bound)
+	}
+	t.Logf("stalled: the source read %v of %d records and stopped", last, n)
+
+	close(release)
+	released = true
+	_, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": src.Task}, []*transport.TaskRef{m0.Task, m1.Task}, map[int32]int64{0: n}, nil)
+	got := map[string]int64{}
+	for _, m := range []string{"map-0", "map-1"} {
+		vals, _ := decodeKeyed(t, acks[m].GetState())
+		for k, v := range vals {
+			got[k] += v
+		}
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("after the stall the counts are %v, want %v", fmt.Sprint(got), fmt.Sprint(want))
+	}
+}
