@@ -102,6 +102,8 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 		ValueEncoding: st.GetValueEncoding(),
 		Keys:          st.GetKeys(),
 		StateBytes:    st.GetStateBytes(),
+		// The worker measures it; a negative one is clamped, not trusted.
+		AlignmentMicros: max(0, st.GetAlignmentUs()),
 	}
 	if t.Kind == fsm.TaskMap && t.KeyGroups != nil {
 		kg := *t.KeyGroups // the range the map task's snapshot covers

@@ -457,7 +457,7 @@ func TestJobViews(t *testing.T) {
 	apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 1, Time: sec(3), States: map[string]fsm.TaskState{
 		"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Worker: "w1", AckedAt: sec(2), Offsets: map[int32]int64{0: 10, 2: 20}},
 		"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Worker: "w2", AckedAt: sec(2), Offsets: map[int32]int64{1: 11}},
-		"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Worker: "w1", AckedAt: sec(3), Keyed: k0, KeyedSHA256: sum0,
+		"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Worker: "w1", AckedAt: sec(3), Keyed: k0, KeyedSHA256: sum0, AlignmentMicros: 2500,
 			ValueEncoding: "int64", Keys: 2, KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 64}},
 		"map-1": {TaskID: "map-1", Kind: fsm.TaskMap, Worker: "w2", AckedAt: sec(3), Keyed: k1, KeyedSHA256: sum1,
 			ValueEncoding: "int64", Keys: 2, KeyGroups: &fsm.KeyGroupRange{Start: 64, End: 128}},
@@ -515,7 +515,7 @@ func TestJobViews(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("checkpoints\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
-	if tv := cps[2].Tasks[0]; tv.ID != "map-0" || tv.StateSize != int64(len(k0)) || tv.AckTime != "2025-01-02T03:04:08Z" {
+	if tv := cps[2].Tasks[0]; tv.ID != "map-0" || tv.StateSize != int64(len(k0)) || tv.AckTime != "2025-01-02T03:04:08Z" || tv.AlignmentMS == nil || *tv.AlignmentMS != 2.5 {
 		t.Errorf("checkpoint task view %+v", tv)
 	}
 

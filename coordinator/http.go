@@ -344,6 +344,9 @@ type apiCheckpointTask struct {
 	// state files its snapshot references.
 	Keys  int64 `json:"keys,omitempty"`
 	Files int   `json:"files,omitempty"`
+	// AlignmentMS is a map task's barrier alignment: from the first to the
+	// last of the checkpoint's barriers at the task.
+	AlignmentMS *float64 `json:"alignment_ms,omitempty"`
 	// Offsets are a source task's next offsets, keyed "topic/partition".
 	Offsets map[string]int64 `json:"offsets,omitempty"`
 }
@@ -368,6 +371,10 @@ func newAPICheckpoint(topic string, cp fsm.Checkpoint) apiCheckpoint {
 			StateSize: st.StateBytes, Keys: st.Keys, Files: len(st.Files)}
 		if tv.StateSize == 0 {
 			tv.StateSize = int64(len(st.Keyed))
+		}
+		if st.Kind == fsm.TaskMap {
+			ms := float64(st.AlignmentMicros) / 1000
+			tv.AlignmentMS = &ms
 		}
 		if len(st.Offsets) > 0 {
 			tv.Offsets = make(map[string]int64, len(st.Offsets))

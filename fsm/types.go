@@ -237,6 +237,9 @@ type TaskState struct {
 	// checkpoint wrote for it (inline or new files).
 	Keys       int64 `json:"keys,omitempty"`
 	StateBytes int64 `json:"state_bytes,omitempty"`
+	// AlignmentMicros (map tasks) is the time from the first to the last of
+	// the checkpoint's barriers at the task, in microseconds.
+	AlignmentMicros int64 `json:"alignment_us,omitempty"`
 	// KeyGroups (map tasks) is the range the state covers, the task's range
 	// in its attempt. It makes a checkpoint self-describing: a restore with
 	// another parallelism sends each new map task only the state that

@@ -720,7 +720,10 @@ type TaskState struct {
 	// transactions the task had pre-committed and not yet committed when it
 	// took the snapshot, oldest first: a restore from this checkpoint commits
 	// them (docs/protocol.md, "Exactly-once sink").
-	SinkTxns      []*SinkTxn `protobuf:"bytes,10,rep,name=sink_txns,json=sinkTxns,proto3" json:"sink_txns,omitempty"`
+	SinkTxns []*SinkTxn `protobuf:"bytes,10,rep,name=sink_txns,json=sinkTxns,proto3" json:"sink_txns,omitempty"`
+	// alignment_us (map tasks): microseconds from the first to the last of the
+	// checkpoint's barriers at the task, the time its faster inputs waited.
+	AlignmentUs   int64 `protobuf:"varint,11,opt,name=alignment_us,json=alignmentUs,proto3" json:"alignment_us,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -823,6 +826,13 @@ func (x *TaskState) GetSinkTxns() []*SinkTxn {
 		return x.SinkTxns
 	}
 	return nil
+}
+
+func (x *TaskState) GetAlignmentUs() int64 {
+	if x != nil {
+		return x.AlignmentUs
+	}
+	return 0
 }
 
 // SinkTxn is one Kafka transaction a map task pre-committed at a barrier:
@@ -2487,7 +2497,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x11CheckpointDecline\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xa7\x04\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xca\x04\n" +
 	"\tTaskState\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12>\n" +
 	"\aoffsets\x18\x02 \x03(\v2$.coordflow.v1.TaskState.OffsetsEntryR\aoffsets\x12\x14\n" +
@@ -2500,7 +2510,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"\vstate_bytes\x18\t \x01(\x03R\n" +
 	"stateBytes\x122\n" +
 	"\tsink_txns\x18\n" +
-	" \x03(\v2\x15.coordflow.v1.SinkTxnR\bsinkTxns\x1a:\n" +
+	" \x03(\v2\x15.coordflow.v1.SinkTxnR\bsinkTxns\x12!\n" +
+	"\falignment_us\x18\v \x01(\x03R\valignmentUs\x1a:\n" +
 	"\fOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a:\n" +

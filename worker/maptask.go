@@ -615,7 +615,7 @@ func (m *mapTask) carry(step alignStep) error {
 		if m.barrierLast.id == id {
 			last, savepoint = m.barrierLast.last, m.barrierLast.savepoint
 		}
-		if err := m.capture(id, last, savepoint); err != nil {
+		if err := m.capture(id, last, savepoint, step.aligned); err != nil {
 			return fmt.Errorf("snapshot for checkpoint %d: %w", id, err)
 		}
 		m.aligned.Observe(step.aligned.Seconds())
@@ -640,7 +640,7 @@ func (m *mapTask) carry(step alignStep) error {
 // as the barrier carried it: a delta builds only on that one's files. A sink
 // that cannot write its outputs yet (errSinkUnavailable) declines the
 // checkpoint and the task goes on, its outputs held for a later one.
-func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
+func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool, aligned time.Duration) error {
 	var txns []*transport.SinkTxn
 	if m.sink != nil {
 		if err := m.sink.flush(); err != nil {
@@ -676,10 +676,11 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool) error {
 	}
 	job := &snapshotJob{
 		id: id, began: time.Now(), view: view, kgStart: m.kgStart, kgEnd: m.kgEnd,
-		applied:  maps.Clone(m.keyed.applied),
-		keys:     m.keyed.keys,
-		encoding: string(operator.EncodingOf(m.op)),
-		sinkTxns: txns,
+		applied:   maps.Clone(m.keyed.applied),
+		keys:      m.keyed.keys,
+		encoding:  string(operator.EncodingOf(m.op)),
+		sinkTxns:  txns,
+		alignment: aligned,
 	}
 	job.savepoint = savepoint
 	threshold := m.stateSpec.GetInlineThreshold()

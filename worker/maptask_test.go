@@ -169,6 +169,7 @@ func TestBarrierAlignment(t *testing.T) {
 	a, b, c := in[0], in[1], in[2]
 
 	send(t, a, batchMsg(128, "a", "a"))
+	firstBarrier := time.Now()
 	send(t, a, barrierMsg(1))
 	send(t, a, batchMsg(128, "a-post"))
 	send(t, b, batchMsg(128, "b"))
@@ -194,6 +195,10 @@ func TestBarrierAlignment(t *testing.T) {
 	ack := awaitSent(t, sent).GetAck()
 	if ack.GetCheckpointId() != 1 {
 		t.Fatalf("first message after alignment is %v, want ack of checkpoint 1", ack)
+	}
+	// The ack reports how long the first barrier waited for the last.
+	if us := ack.GetState().GetAlignmentUs(); us <= 0 || us > time.Since(firstBarrier).Microseconds() {
+		t.Fatalf("alignment %d µs, want more than 0 and at most the %s since A's barrier", us, time.Since(firstBarrier))
 	}
 	got, _ := decodeKeyed(t, ack.GetState())
 	if want := map[string]int64{"a": 2, "b": 1, "c": 3}; !reflect.DeepEqual(got, want) {

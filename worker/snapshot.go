@@ -74,6 +74,8 @@ type snapshotJob struct {
 	inlineLimit int64
 	// savepoint marks a savepoint's snapshot.
 	savepoint bool
+	// alignment is the time from the first to the last barrier.
+	alignment time.Duration
 }
 
 // snapshotResult is what the writer reports back to the task loop.
@@ -134,6 +136,7 @@ func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapsh
 		SinkTxns:      job.sinkTxns,
 		ValueEncoding: job.encoding,
 		Keys:          job.keys,
+		AlignmentUs:   job.alignment.Microseconds(),
 	}
 	mode := job.mode
 	if mode == modeInline {

@@ -72,15 +72,15 @@ type sourceTask struct {
 	emitItem func(operator.Item) // s.collect, made once: Split is called per record
 
 	// Task loop only.
-	outputs     []output
-	batches     []pending       // by output: what waits to be sent
-	batched     int             // items in all batches, so that the loop knows at once whether any waits
-	partitions  []int32         // read, sorted: the assignment, restored and discovered ones
-	offsets     map[int32]int64 // next offset to read, per own partition
+	outputs    []output
+	batches    []pending       // by output: what waits to be sent
+	batched    int             // items in all batches, so that the loop knows at once whether any waits
+	partitions []int32         // read, sorted: the assignment, restored and discovered ones
+	offsets    map[int32]int64 // next offset to read, per own partition
 	// progress is, per partition read in this attempt, the offset of the
 	// last record whose items are all in the batches: what a through mark
 	// of a combined batch says.
-	progress map[int32]int64
+	progress    map[int32]int64
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
 	halted      bool                       // stopped at a final savepoint: reads no more records
