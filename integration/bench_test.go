@@ -1,11 +1,13 @@
 package integration
 
-// Benchmarks with real processes: throughput of a checkpointed wordcount job
-// next to a plain sarama consumer, and failover times. docs/benchmarks.md has
-// the method and the figures; run them one at a time, with nothing else on
-// the machine:
+// Benchmarks with real processes: throughput of checkpointed jobs next to a
+// plain sarama consumer (bench_throughput_test.go), and failover times.
+// docs/benchmarks.md has the method and the figures; run them one at a time,
+// with nothing else on the machine:
 //
-//	flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench BenchmarkWordcountThroughput -benchtime 1x -count 3 -timeout 30m
+//	flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench 'BenchmarkThroughput/job=wordcount' -benchtime 1x -timeout 30m -v
+//	flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench 'BenchmarkThroughput/job=distinct' -benchtime 1x -timeout 30m -v
+//	flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench 'BenchmarkThroughput/job=passthrough' -benchtime 1x -timeout 30m -v
 //	flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench BenchmarkFailover -benchtime 1x -timeout 30m
 //
 // The harness works with *testing.T, so each benchmark runs its scenario in a
@@ -33,8 +35,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/IBM/sarama"
 )
 
 const (
@@ -43,9 +43,6 @@ const (
 	benchResultEnv = "COORDFLOW_BENCH_RESULT"
 	// benchScenarioTimeout bounds one scenario run (the child process).
 	benchScenarioTimeout = 15 * time.Minute
-	// benchThroughputRecords is the input of the throughput scenario: about
-	// 26 million words, 129 MB of values; a run takes about a minute.
-	benchThroughputRecords = 4_000_000
 	// benchKills is the number of kills each failover scenario measures.
 	benchKills = 7
 	// benchFailoverRate is the steady input of the failover scenarios, in
@@ -57,66 +54,6 @@ const (
 )
 
 // ---- the benchmarks ----
-
-// benchThroughputResult is what TestBenchScenarioThroughput measures.
-type benchThroughputResult struct {
-	Records         int64   `json:"records"`
-	Words           int64   `json:"words"`
-	ValueBytes      int64   `json:"value_bytes"`
-	ProduceSeconds  float64 `json:"produce_s"`
-	CountSeconds    float64 `json:"count_s"`    // strings.Fields and a map over the same lines, in the test process
-	ConsumerSeconds float64 `json:"consumer_s"` // plain sarama consumer, all partitions, oldest to end
-	// The job, from the POST that submitted it.
-	FirstRecordSeconds     float64 `json:"first_record_s"`     // a source has read a record (metrics poll)
-	AppliedSeconds         float64 `json:"applied_s"`          // map tasks have applied every word (metrics poll)
-	CheckpointedSeconds    float64 `json:"checkpointed_s"`     // end time of the first checkpoint covering every partition's end
-	FirstCheckpointSeconds float64 `json:"first_checkpoint_s"` // end time of the first completed checkpoint
-	FirstProgressSeconds   float64 `json:"first_progress_s"`   // end time of the first completed checkpoint that has read records
-	CheckpointMedianMS     float64 `json:"checkpoint_median_ms"`
-	CheckpointMaxMS        float64 `json:"checkpoint_max_ms"`
-	Checkpoints            int     `json:"checkpoints"` // completed until the covering one, inclusive
-	Aborted                int     `json:"aborted"`
-	StateBytes             int     `json:"state_bytes"` // keyed state of the covering checkpoint, all map tasks
-	LoadAvg                string  `json:"loadavg"`     // /proc/loadavg before the cluster started
-	// CPU seconds used during the plain consumer's read and during the
-	// job's run (submission until the covering checkpoint was seen), by
-	// process group (benchCPUSnapshot), and the wall time of each.
-	ConsumerCPU     map[string]float64 `json:"consumer_cpu"`
-	ConsumerCPUWall float64            `json:"consumer_cpu_wall_s"`
-	JobCPU          map[string]float64 `json:"job_cpu"`
-	JobCPUWall      float64            `json:"job_cpu_wall_s"`
-}
-
-// BenchmarkWordcountThroughput compares, in one run on one cluster (devkafka,
-// 3 coordd, 2 workerd), a plain sarama consumer reading a 4-partition topic of
-// 4,000,000 lines with a checkpointed wordcount job (source and map
-// parallelism 2, checkpoints every second) reading the same topic, and checks
-// the job's final state against the input word by word.
-func BenchmarkWordcountThroughput(b *testing.B) {
-	var runs []benchThroughputResult
-	for i := range b.N {
-		var r benchThroughputResult
-		benchRunScenario(b, "TestBenchScenarioThroughput", &r)
-		runs = append(runs, r)
-		n := float64(r.Records)
-		b.Logf("run %d: %d records (%d words, %.1f MB): produce %.1fs; plain consumer %.2fs = %.0f records/s; "+
-			"job: first record %.2fs, all applied %.2fs = %.0f records/s, covered by checkpoint %.2fs = %.0f records/s; "+
-			"first checkpoint %.2fs, first that has read records %.2fs; checkpoint duration median %.0f ms, max %.0f ms over %d (%d aborted); state %d bytes; "+
-			"in-process count %.2fs; load average before: %s",
-			i+1, r.Records, r.Words, float64(r.ValueBytes)/1e6, r.ProduceSeconds, r.ConsumerSeconds, n/r.ConsumerSeconds,
-			r.FirstRecordSeconds, r.AppliedSeconds, n/r.AppliedSeconds, r.CheckpointedSeconds, n/r.CheckpointedSeconds,
-			r.FirstCheckpointSeconds, r.FirstProgressSeconds, r.CheckpointMedianMS, r.CheckpointMaxMS, r.Checkpoints, r.Aborted, r.StateBytes, r.CountSeconds, r.LoadAvg)
-		b.Logf("run %d CPU seconds (2 cores): plain consumer phase %.1fs wall: %s; job phase %.1fs wall: %s",
-			i+1, r.ConsumerCPUWall, benchFormatCPU(r.ConsumerCPU), r.JobCPUWall, benchFormatCPU(r.JobCPU))
-	}
-	med := func(f func(benchThroughputResult) float64) float64 { return benchMedian(benchMap(runs, f)) }
-	b.ReportMetric(0, "ns/op")
-	b.ReportMetric(med(func(r benchThroughputResult) float64 { return float64(r.Records) / r.ConsumerSeconds }), "consumer-records/s")
-	b.ReportMetric(med(func(r benchThroughputResult) float64 { return float64(r.Records) / r.AppliedSeconds }), "job-applied-records/s")
-	b.ReportMetric(med(func(r benchThroughputResult) float64 { return float64(r.Records) / r.CheckpointedSeconds }), "job-checkpointed-records/s")
-	b.ReportMetric(med(func(r benchThroughputResult) float64 { return r.FirstCheckpointSeconds }), "first-checkpoint-s")
-	b.ReportMetric(med(func(r benchThroughputResult) float64 { return r.CheckpointMedianMS }), "checkpoint-median-ms")
-}
 
 // benchFailoverResult is what the failover scenarios measure, one entry per
 // kill.
@@ -287,201 +224,6 @@ func benchMap[T any](xs []T, f func(T) float64) []float64 {
 		out[i] = f(x)
 	}
 	return out
-}
-
-// ---- throughput scenario ----
-
-func TestBenchScenarioThroughput(t *testing.T) {
-	resultPath := benchScenario(t, "BenchmarkWordcountThroughput")
-	const partitions = 4
-	var res benchThroughputResult
-	res.LoadAvg = benchLoadAvg()
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions}})
-
-	corpus := newCorpus(20261128)
-	recs := make([]record, benchThroughputRecords)
-	for i := range recs {
-		recs[i] = record{value: corpus.line(), partition: int32(i % partitions)}
-		res.ValueBytes += int64(len(recs[i].value))
-	}
-	countStart := time.Now()
-	want := map[string]int64{}
-	for _, r := range recs {
-		for _, w := range strings.Fields(r.value) {
-			want[w]++
-		}
-	}
-	res.CountSeconds = time.Since(countStart).Seconds()
-	res.Records = int64(len(recs))
-	for _, n := range want {
-		res.Words += n
-	}
-
-	produceStart := time.Now()
-	produce(t, c.brokers(), "words", recs)
-	res.ProduceSeconds = time.Since(produceStart).Seconds()
-	end := topicEndOffsets(t, c.brokers(), "words")
-	if n := sumOffsets(end); n != res.Records {
-		t.Fatalf("words holds %d records after producing %d", n, res.Records)
-	}
-	t.Logf("produced %d records (%d words) in %.1fs", res.Records, res.Words, res.ProduceSeconds)
-
-	// (a) A plain consumer: every partition from the oldest offset to the end.
-	cpu0 := benchCPUSnapshot(t, c)
-	consumed, elapsed := benchConsumeAll(t, c.brokers(), "words", end)
-	if consumed != res.Records {
-		t.Fatalf("plain consumer read %d records, want %d", consumed, res.Records)
-	}
-	res.ConsumerCPU, res.ConsumerCPUWall = benchCPUSnapshot(t, c).since(cpu0)
-	res.ConsumerSeconds = elapsed.Seconds()
-	t.Logf("plain consumer: %d records in %.2fs; CPU seconds: %s", consumed, res.ConsumerSeconds, benchFormatCPU(res.ConsumerCPU))
-
-	// (b) The checkpointed job, from its submission until a completed
-	// checkpoint covers every partition's end.
-	spec := wordcountSpec(c.brokers(), "words")
-	spec.Source.Parallelism = 2
-	spec.Operator.Parallelism = 2
-	spec.Checkpoint.Interval = "1s"
-	cpu0 = benchCPUSnapshot(t, c)
-	submitted := time.Now()
-	job := c.submitJob(t, spec)
-	since := func(at time.Time) float64 { return at.Sub(submitted).Seconds() }
-
-	seen := map[uint64]benchCheckpoint{} // completed and aborted checkpoints, by id
-	var covering *benchCheckpoint
-	var firstRecord, applied time.Time
-	c.waitFor(t, 10*time.Minute, "a completed checkpoint covering the end of words", func() (bool, error) {
-		if firstRecord.IsZero() || applied.IsZero() {
-			src, mp, err := benchRecordsIn(c, job)
-			now := time.Now()
-			if err != nil {
-				return false, err
-			}
-			if src > 0 && firstRecord.IsZero() {
-				firstRecord = now
-			}
-			if mp >= float64(res.Words) && applied.IsZero() {
-				applied = now
-			}
-		}
-		cps, err := benchCheckpoints(c, c.api(t), job)
-		if err != nil {
-			return false, err
-		}
-		for _, cp := range cps {
-			if cp.Status != "pending" {
-				seen[cp.ID] = cp
-			}
-			if cp.Status == "completed" && cp.covers("words", end) && (covering == nil || cp.ID < covering.ID) {
-				covering = &cp
-			}
-		}
-		if covering == nil || applied.IsZero() {
-			return false, fmt.Errorf("%d checkpoints seen; all applied: %v", len(seen), !applied.IsZero())
-		}
-		return true, nil
-	})
-	res.JobCPU, res.JobCPUWall = benchCPUSnapshot(t, c).since(cpu0)
-	t.Logf("job: CPU seconds over %.1fs: %s", res.JobCPUWall, benchFormatCPU(res.JobCPU))
-	final := c.jobState(t, job)
-	if diff := diffCounts(final.Keyed, want); diff != "" {
-		t.Fatalf("checkpoint %d's state differs from the counts of the input:\n%s", final.CheckpointID, diff)
-	}
-	if final.CheckpointID != covering.ID {
-		// A later checkpoint read no more input (there is none): it holds the same state.
-		t.Logf("state read from checkpoint %d; the first covering the end was %d", final.CheckpointID, covering.ID)
-	}
-
-	res.FirstRecordSeconds = since(firstRecord)
-	res.AppliedSeconds = since(applied)
-	res.CheckpointedSeconds = since(covering.ended(t))
-	var durations []float64
-	for _, id := range slices.Sorted(maps.Keys(seen)) {
-		cp := seen[id]
-		if id > covering.ID {
-			continue
-		}
-		switch cp.Status {
-		case "completed":
-			durations = append(durations, cp.DurationMS)
-			if res.Checkpoints == 0 {
-				res.FirstCheckpointSeconds = since(cp.ended(t))
-			}
-			if res.FirstProgressSeconds == 0 && cp.offsetSum() > 0 {
-				res.FirstProgressSeconds = since(cp.ended(t))
-			}
-			res.Checkpoints++
-		case "aborted":
-			res.Aborted++
-			t.Logf("checkpoint %d aborted: %s", cp.ID, cp.Reason)
-		}
-	}
-	if _, ok := seen[1]; !ok || seen[1].Status != "completed" {
-		t.Logf("checkpoint 1 was not seen completed; the first completed one seen is the first counted")
-	}
-	res.CheckpointMedianMS = benchMedian(durations)
-	res.CheckpointMaxMS = slices.Max(durations)
-	for _, task := range covering.Tasks {
-		res.StateBytes += task.StateSize
-	}
-	t.Logf("job: first record %.2fs, all applied %.2fs, covered by checkpoint %d at %.2fs; first checkpoint %.2fs; durations (ms) %v",
-		res.FirstRecordSeconds, res.AppliedSeconds, covering.ID, res.CheckpointedSeconds, res.FirstCheckpointSeconds, durations)
-	benchWriteResult(t, resultPath, res)
-}
-
-// benchConsumeAll reads every partition of topic from the oldest offset up to
-// end, concurrently, with a plain sarama consumer, and returns the number of
-// records read and the time it took, from creating the consumer.
-func benchConsumeAll(t *testing.T, brokers []string, topic string, end map[int32]int64) (int64, time.Duration) {
-	t.Helper()
-	start := time.Now()
-	cons, err := sarama.NewConsumer(brokers, saramaConfig())
-	if err != nil {
-		t.Fatalf("consume %s: %v", topic, err)
-	}
-	defer cons.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	var mu sync.Mutex
-	var total int64
-	var errs []error
-	var wg sync.WaitGroup
-	for p, last := range end {
-		pc, err := cons.ConsumePartition(topic, p, sarama.OffsetOldest)
-		if err != nil {
-			t.Fatalf("consume %s/%d: %v", topic, p, err)
-		}
-		wg.Go(func() {
-			defer pc.Close()
-			var n, size int64
-			for n < last {
-				select {
-				case m := <-pc.Messages():
-					n++
-					size += int64(len(m.Value))
-				case err := <-pc.Errors():
-					mu.Lock()
-					errs = append(errs, fmt.Errorf("%s/%d: %w", topic, p, err))
-					mu.Unlock()
-					return
-				case <-ctx.Done():
-					mu.Lock()
-					errs = append(errs, fmt.Errorf("%s/%d: %d of %d records: %w", topic, p, n, last, ctx.Err()))
-					mu.Unlock()
-					return
-				}
-			}
-			mu.Lock()
-			total += n
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	if len(errs) > 0 {
-		t.Fatalf("consume %s: %v", topic, errs)
-	}
-	return total, elapsed
 }
 
 // benchCPU is the CPU time used so far by each group of processes: the
@@ -890,6 +632,9 @@ type benchCheckpoint struct {
 		Kind      string           `json:"kind"`
 		StateSize int              `json:"state_size"`
 		Offsets   map[string]int64 `json:"offsets"`
+		// AlignmentMS is a map task's barrier alignment, where the API
+		// reports it.
+		AlignmentMS *float64 `json:"alignment_ms"`
 	} `json:"tasks"`
 }
 
@@ -957,20 +702,6 @@ func benchFirstCompletedAfter(c *cluster, addr, job string, from time.Time) (*be
 		}
 	}
 	return first, nil
-}
-
-// benchRecordsIn returns the job's records read by source tasks and items
-// applied by map tasks, summed over the live workers.
-func benchRecordsIn(c *cluster, job string) (source, mapped float64, err error) {
-	for _, w := range c.workers {
-		text, err := c.workerMetrics(w)
-		if err != nil {
-			return 0, 0, err
-		}
-		source += benchMetric(text, "coordflow_records_in_total", `job="`+job+`"`, `kind="source"`)
-		mapped += benchMetric(text, "coordflow_records_in_total", `job="`+job+`"`, `kind="map"`)
-	}
-	return source, mapped, nil
 }
 
 // benchMetric adds up the samples of the named metric whose labels contain
