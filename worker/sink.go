@@ -131,9 +131,14 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 // add buffers out, sending the buffer when it is full. Outputs a sink
 // that cannot write holds are no error here.
 func (s *sink) add(out *operator.Output) error {
-	msg := &sarama.ProducerMessage{Topic: s.topic, Value: sarama.ByteEncoder(out.Value)}
+	// The output's bytes may point into the item's batch, which is reused
+	// once applied: the message gets a copy of both, in one allocation.
+	kv := make([]byte, len(out.Key)+len(out.Value))
+	copy(kv, out.Key)
+	copy(kv[len(out.Key):], out.Value)
+	msg := &sarama.ProducerMessage{Topic: s.topic, Value: sarama.ByteEncoder(kv[len(out.Key):])}
 	if out.Key != nil {
-		msg.Key = sarama.ByteEncoder(out.Key)
+		msg.Key = sarama.ByteEncoder(kv[:len(out.Key):len(out.Key)])
 	}
 	s.buf = append(s.buf, msg)
 	if len(s.buf) >= sinkBatch {
