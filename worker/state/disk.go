@@ -18,8 +18,12 @@ import (
 
 // Defaults of DiskOptions.
 const (
-	// DefaultMemTableSize is the default DiskOptions.MemTableSize.
-	DefaultMemTableSize = 64 << 20
+	// DefaultMemTableSize is the default DiskOptions.MemTableSize. Small
+	// memtables make reads fast: a Get searches each memtable's skiplist,
+	// and one of 64 MiB (about a million small keys) costs twice as much as
+	// one of 8 MiB, where the tables on disk answer through bloom filters
+	// and the block cache (BenchmarkGetOrPut; docs/benchmarks.md).
+	DefaultMemTableSize = 8 << 20
 	// DefaultCacheSize is the default DiskOptions.CacheSize.
 	DefaultCacheSize = 32 << 20
 )
@@ -29,7 +33,7 @@ const (
 // However many keys it holds, a Disk uses about 2*MemTableSize+CacheSize
 // bytes of memory (one memtable taking writes, one being flushed, and the
 // block cache, which also holds index and filter blocks), and at most about
-// 3*MemTableSize+CacheSize while flushes fall behind: 160 MiB and 224 MiB
+// 3*MemTableSize+CacheSize while flushes fall behind: 48 MiB and 56 MiB
 // with the defaults.
 type DiskOptions struct {
 	// MemTableSize is the size of one Pebble memtable, the in-memory write
