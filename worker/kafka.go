@@ -14,7 +14,16 @@ import (
 
 	"github.com/IBM/sarama"
 	"github.com/prometheus/client_golang/prometheus"
+	gometrics "github.com/rcrowley/go-metrics"
 )
+
+func init() {
+	// sarama keeps go-metrics histograms of every request and message,
+	// updated under locks on the hot path of sources and sinks; a worker
+	// reports its own metrics, so it turns them off. go-metrics has only a
+	// process-wide switch.
+	gometrics.UseNilMetrics = true
+}
 
 // kafkaPool shares Kafka clients among this worker's source tasks, so that a
 // thousand lightly loaded tasks cost about what one consumer of a thousand

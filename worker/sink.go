@@ -14,12 +14,19 @@ import (
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
-// sinkBatch is how many outputs a sink buffers before it sends them.
-const sinkBatch = 500
+// A sink sends its buffer once it holds sinkBatch outputs or
+// sinkBatchBytes of keys and values. Sends are synchronous and every message
+// crosses sarama's goroutines, so large sends are what make a sink fast:
+// 500 outputs a send cost about twice the CPU per record of 5,000, in the
+// workers and the broker alike (BenchmarkThroughput, docs/benchmarks.md).
+const (
+	sinkBatch      = 10_000
+	sinkBatchBytes = 4 << 20
+)
 
 // sinkMaxHeld is how many outputs an exactly-once sink that cannot write
 // holds before its map task stops taking input (sink.full).
-const sinkMaxHeld = 100 * sinkBatch
+const sinkMaxHeld = 50_000
 
 // kafkaConfig returns the sarama configuration every task uses: a protocol
 // version kfake and real brokers since 2.8 speak, and timeouts bounded by
@@ -89,6 +96,7 @@ type sink struct {
 	txn      *txnPool            // exactly once
 	topic    string
 	buf      []*sarama.ProducerMessage
+	bufBytes int // keys and values in buf
 }
 
 // openSink connects the sink of map task key. Exactly once, the caller
@@ -141,7 +149,8 @@ func (s *sink) add(out *operator.Output) error {
 		msg.Key = sarama.ByteEncoder(kv[:len(out.Key):len(out.Key)])
 	}
 	s.buf = append(s.buf, msg)
-	if len(s.buf) >= sinkBatch {
+	s.bufBytes += len(kv)
+	if len(s.buf) >= sinkBatch || s.bufBytes >= sinkBatchBytes {
 		if err := s.flush(); err != nil && !errors.Is(err, errSinkUnavailable) {
 			return err
 		}
@@ -163,11 +172,11 @@ func (s *sink) flush() error {
 		if err := s.txn.send(s.buf); err != nil {
 			return err
 		}
-		s.buf = nil
+		s.buf, s.bufBytes = nil, 0
 		return nil
 	}
 	msgs := s.buf
-	s.buf = nil
+	s.buf, s.bufBytes = nil, 0
 	if err := s.producer.SendMessages(msgs); err != nil {
 		var perrs sarama.ProducerErrors
 		if errors.As(err, &perrs) && len(perrs) > 0 {
