@@ -97,6 +97,7 @@ type sink struct {
 	topic    string
 	buf      []*sarama.ProducerMessage
 	bufBytes int // keys and values in buf
+	slab     outSlab
 }
 
 // openSink connects the sink of map task key. Exactly once, the caller
@@ -139,23 +140,63 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 // add buffers out, sending the buffer when it is full. Outputs a sink
 // that cannot write holds are no error here.
 func (s *sink) add(out *operator.Output) error {
-	// The output's bytes may point into the item's batch, which is reused
-	// once applied: the message gets a copy of both, in one allocation.
-	kv := make([]byte, len(out.Key)+len(out.Value))
-	copy(kv, out.Key)
-	copy(kv[len(out.Key):], out.Value)
-	msg := &sarama.ProducerMessage{Topic: s.topic, Value: sarama.ByteEncoder(kv[len(out.Key):])}
-	if out.Key != nil {
-		msg.Key = sarama.ByteEncoder(kv[:len(out.Key):len(out.Key)])
-	}
-	s.buf = append(s.buf, msg)
-	s.bufBytes += len(kv)
+	s.buf = append(s.buf, s.slab.message(s.topic, out))
+	s.bufBytes += len(out.Key) + len(out.Value)
 	if len(s.buf) >= sinkBatch || s.bufBytes >= sinkBatchBytes {
 		if err := s.flush(); err != nil && !errors.Is(err, errSinkUnavailable) {
 			return err
 		}
 	}
 	return nil
+}
+
+// outSlab is where a sink's messages come from: the outputs' bytes may point
+// into the item's batch, which is reused once applied, so each message gets
+// a copy; and sarama wants a message and an encoder per key and value. A
+// slab holds them for many outputs at once, one allocation instead of four
+// per output; sarama keeps a message (and so its slab) until it is sent.
+type outSlab struct {
+	msgs []sarama.ProducerMessage
+	encs []outBytes
+	data []byte
+}
+
+const (
+	slabMessages = 1024
+	slabBytes    = 256 << 10
+)
+
+// outBytes is a key or value as sarama encodes it. A pointer to one in a
+// slab makes the interface value free of allocation.
+type outBytes struct{ b []byte }
+
+func (o *outBytes) Encode() ([]byte, error) { return o.b, nil }
+func (o *outBytes) Length() int             { return len(o.b) }
+
+// message returns a message of topic holding a copy of out.
+func (sl *outSlab) message(topic string, out *operator.Output) *sarama.ProducerMessage {
+	n := len(out.Key) + len(out.Value)
+	if len(sl.msgs) == cap(sl.msgs) || cap(sl.data)-len(sl.data) < n {
+		sl.msgs = make([]sarama.ProducerMessage, 0, slabMessages)
+		sl.encs = make([]outBytes, 0, 2*slabMessages)
+		sl.data = make([]byte, 0, max(slabBytes, n))
+	}
+	sl.msgs = append(sl.msgs, sarama.ProducerMessage{Topic: topic})
+	msg := &sl.msgs[len(sl.msgs)-1]
+	sl.encs = append(sl.encs, outBytes{b: sl.copy(out.Value)})
+	msg.Value = &sl.encs[len(sl.encs)-1]
+	if out.Key != nil {
+		sl.encs = append(sl.encs, outBytes{b: sl.copy(out.Key)})
+		msg.Key = &sl.encs[len(sl.encs)-1]
+	}
+	return msg
+}
+
+// copy appends b to the slab's data, which has room for it.
+func (sl *outSlab) copy(b []byte) []byte {
+	start := len(sl.data)
+	sl.data = append(sl.data, b...)
+	return sl.data[start:len(sl.data):len(sl.data)]
 }
 
 // full reports whether the sink holds so many outputs it cannot write that
