@@ -510,12 +510,12 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 }
 
 // pump forwards one partition's records to the task loop, in runs of those
-// sarama has ready, until ctx ends. A
-// partition consumer that stops by itself fails the task, and so does one
-// that reports nothing but errors for KafkaTimeout (broker unreachable, topic
-// deleted): the leader then restarts the job with backoff and shows why,
-// instead of the job looking healthy while it reads nothing. Errors further
-// apart than KafkaTimeout are transient and only logged.
+// sarama has ready, until ctx ends. A partition consumer that stops by itself
+// fails the task, and so does one that reports nothing but errors for
+// KafkaTimeout (broker unreachable, topic deleted): the leader then restarts
+// the job with backoff and shows why, instead of the job looking healthy
+// while it reads nothing. Errors further apart than KafkaTimeout are
+// transient and only logged.
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
 	window := s.env.cfg.KafkaTimeout
