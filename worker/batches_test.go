@@ -126,13 +126,7 @@ func TestSinkOutputsOutliveTheirBatch(t *testing.T) {
 	f := newFakeCoord(t, true, "")
 	// Small batches: the sink holds the outputs of many of them at once.
 	w := startWorker(t, "w1", f, func(c *Config) { c.BatchSize = 7 })
-	refs := mapRefs(128, w)
-	md := mapDeploy("pt", 1, operator.Passthrough, 1, 128, refs, 0)
-	md.Sink = &transport.SinkSpec{Brokers: brokers, Topic: "out", Delivery: "at_least_once"}
-	f.deploy(t, "w1", md)
-	sd := sourceDeploy("pt", 1, 0, operator.Passthrough, brokers, "in", []int32{0, 1}, refs)
-	f.deploy(t, "w1", sd)
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	sd, md := deploySinkJob(t, f, w, "pt", operator.Passthrough, brokers, "in", "out")
 	checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: n / 2, 1: n / 2}, nil)
 
 	got := map[string]string{}

@@ -270,13 +270,7 @@ func TestSumSkipsMalformedAndSinks(t *testing.T) {
 	})
 	f := newFakeCoord(t, true, "")
 	w := startWorker(t, "w1", f, nil)
-	refs := mapRefs(128, w)
-	md := mapDeploy("sum", 1, operator.Sum, 1, 128, refs, 0)
-	md.Sink = &transport.SinkSpec{Brokers: brokers, Topic: "sums", Delivery: "at_least_once"}
-	f.deploy(t, "w1", md)
-	sd := sourceDeploy("sum", 1, 0, operator.Sum, brokers, "nums", []int32{0, 1}, refs)
-	f.deploy(t, "w1", sd)
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	sd, md := deploySinkJob(t, f, w, "sum", operator.Sum, brokers, "nums", "sums")
 
 	_, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 3, 1: 4}, nil)
 	got, _ := decodeKeyed(t, acks["map-0"].GetState())
@@ -295,6 +289,21 @@ func TestSumSkipsMalformedAndSinks(t *testing.T) {
 	if len(sunk) != 5 || !reflect.DeepEqual(last, map[string]string{"a": "3", "b": "15", "": "7"}) {
 		t.Fatalf("sink has %d records ending in %v, want 5 ending in a=3 b=15 \"\"=7", len(sunk), last)
 	}
+}
+
+// deploySinkJob deploys on w, worker w1, a job of op with one map task
+// writing at least once to topic out and one source reading partitions 0
+// and 1 of topic in, and waits until the source runs.
+func deploySinkJob(t *testing.T, f *fakeCoord, w *Worker, job, op string, brokers []string, in, out string) (source, mapTask *transport.DeployTask) {
+	t.Helper()
+	refs := mapRefs(128, w)
+	md := mapDeploy(job, 1, op, 1, 128, refs, 0)
+	md.Sink = &transport.SinkSpec{Brokers: brokers, Topic: out, Delivery: "at_least_once"}
+	f.deploy(t, "w1", md)
+	sd := sourceDeploy(job, 1, 0, op, brokers, in, []int32{0, 1}, refs)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	return sd, md
 }
 
 // readTopic reads what one partition of topic holds now.
