@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coordflow/coordflow/cmd/internal/config"
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/cmd/internal/reload"
 	"github.com/coordflow/coordflow/coordinator"
@@ -67,8 +68,9 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.WorkerHeartbeat, "worker-heartbeat", cfg.WorkerHeartbeat, "how often workers heartbeat to the leader")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", cfg.ReconcileInterval, "how often the leader re-reads every job as a safety net (events do the work as it comes)")
 	fs.DurationVar(&cfg.DeployTimeout, "deploy-timeout", cfg.DeployTimeout, "how long a deployed task may take to report RUNNING before the leader restarts its job")
+	configFile := config.Flag(fs)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n\nRuns one coordinator until SIGINT or SIGTERM. What every timing flag trades: docs/operations.md.\n\n")
+		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n       coordd agent -config agent.json [flags]\n\nRuns one coordinator until SIGINT or SIGTERM. What every timing flag trades: docs/operations.md.\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -76,6 +78,9 @@ func runAgent(args []string, stderr io.Writer) error {
 			return err
 		}
 		return errUsage
+	}
+	if err := config.Apply(fs, *configFile); err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
 		return usageError(fs, "unexpected argument %q", fs.Arg(0))

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/base64"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -74,4 +75,77 @@ func TestRaftAddPeerUsage(t *testing.T) {
 			t.Errorf("coordd %v = %d %q, want 2", args, code, errOut.String())
 		}
 	}
+}
+
+// TestAgentConfigFile: `coordd agent -config FILE` takes its options from the
+// file (here far enough for the gossip key check to fail on them), from the
+// environment where the file says so, lets flags override the file, and names
+// a bad option.
+func TestAgentConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	opts := fmt.Sprintf(`"id": "c1", "data-dir": %q, "raft-heartbeat-timeout": "250ms", "join": ["127.0.0.1:1", "127.0.0.1:2"]`, t.TempDir())
+	good := base64.StdEncoding.EncodeToString(make([]byte, 32))
+	t.Setenv("TEST_GOSSIP_KEY", "c2VjcmV0LXNob3J0")
+	for _, tc := range []struct {
+		file string
+		args []string
+		code int
+		want string
+	}{
+		{write("plain.json", `{`+opts+`, "encrypt": "not-base64!"}`), nil, 2, "-encrypt: gossip key 1 of 1: not base64"},
+		{write("env.json", `{`+opts+`, "encrypt": {"env": "TEST_GOSSIP_KEY"}}`), nil, 2, "-encrypt: gossip key 1 of 1: 12 bytes"},
+		{write("override.json", `{`+opts+`, "encrypt": "not-base64!"}`), []string{"-encrypt", good + ",c2VjcmV0LXNob3J0"}, 2, "gossip key 2 of 2: 12 bytes"},
+		{write("unknown.json", `{`+opts+`, "bootstrap": 3}`), nil, 1, `unknown option "bootstrap"`},
+		{write("badvalue.json", `{`+opts+`, "raft-election-timeout": 300}`), nil, 1, `option "raft-election-timeout": invalid value "300"`},
+		{write("noenv.json", `{`+opts+`, "encrypt": {"env": "TEST_UNSET_VARIABLE"}}`), nil, 1, "environment variable TEST_UNSET_VARIABLE is not set"},
+	} {
+		var errOut bytes.Buffer
+		args := append([]string{"agent", "-config", tc.file}, tc.args...)
+		code := run(args, &bytes.Buffer{}, &errOut)
+		if code != tc.code || !strings.Contains(errOut.String(), tc.want) || strings.Contains(errOut.String(), "c2VjcmV0") {
+			t.Errorf("coordd %v = %d %q, want %d and %q, without the key", args, code, errOut.String(), tc.code, tc.want)
+		}
+	}
+}
+
+// TestAgentOptionsDocumented: docs/operations.md's option reference lists
+// every flag of coordd agent, so a config file's every option is documented.
+func TestAgentOptionsDocumented(t *testing.T) {
+	var usage bytes.Buffer
+	run([]string{"agent", "-h"}, &bytes.Buffer{}, &usage)
+	docs, err := os.ReadFile("../../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := string(docs)
+	if i, j := strings.Index(ref, "#### coordd agent"), strings.Index(ref, "#### workerd"); i >= 0 && j > i {
+		ref = ref[i:j]
+	}
+	names := flagNames(usage.String())
+	if len(names) < 30 {
+		t.Fatalf("found %d flags in coordd agent -h: %q", len(names), usage.String())
+	}
+	for _, name := range names {
+		if name != "config" && !strings.Contains(ref, "| `"+name+"` |") {
+			t.Errorf("docs/operations.md (Config files) does not list option %q", name)
+		}
+	}
+}
+
+// flagNames returns the flag names a flag set's usage text lists.
+func flagNames(usage string) []string {
+	var names []string
+	for _, line := range strings.Split(usage, "\n") {
+		if rest, ok := strings.CutPrefix(line, "  -"); ok {
+			names = append(names, strings.Fields(rest)[0])
+		}
+	}
+	return names
 }

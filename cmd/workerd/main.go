@@ -63,6 +63,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coordflow/coordflow/cmd/internal/config"
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/cmd/internal/reload"
 	"github.com/coordflow/coordflow/transport"
@@ -115,7 +116,11 @@ func run(args []string) error {
 	fs.DurationVar(&cfg.OffsetCommitInterval, "offset-commit-interval", cfg.OffsetCommitInterval, "how often the offsets of completed checkpoints are committed to Kafka, one request per consumer group (monitoring only)")
 	fs.DurationVar(&cfg.SessionBackoffMin, "session-backoff-min", cfg.SessionBackoffMin, "first wait between attempts to open a control session")
 	fs.DurationVar(&cfg.SessionBackoffMax, "session-backoff-max", cfg.SessionBackoffMax, "longest wait between attempts to open a control session")
+	configFile := config.Flag(fs)
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := config.Apply(fs, *configFile); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {

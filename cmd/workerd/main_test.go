@@ -1,0 +1,78 @@
+package main
+
+import (
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestConfigFile: `workerd -config FILE` takes its options from the file
+// (here far enough for the -log-level check to fail on them), lets flags
+// override it, and names a bad option.
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-config", write("a.json", `{"id": "w1", "slots": 8, "batch-size": 1000, "log-level": "loud"}`)}, `-log-level`},
+		{[]string{"-config", write("b.json", `{"id": "w1", "log-level": "loud"}`), "-log-level", "shouty"}, `"shouty"`},
+		{[]string{"-config", write("c.json", `{"id": "w1", "slot": 8}`)}, `unknown option "slot"`},
+		{[]string{"-config", write("d.json", `{"id": "w1", "flush-interval": 10}`)}, `option "flush-interval": invalid value "10"`},
+		{[]string{"-config", filepath.Join(dir, "missing.json")}, "missing.json"},
+	} {
+		err := run(tc.args)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("workerd %v: %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// TestOptionsDocumented: docs/operations.md's option reference lists every
+// flag of workerd.
+func TestOptionsDocumented(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := os.Stderr
+	os.Stderr = w
+	_ = run([]string{"-h"})
+	os.Stderr = stderr
+	w.Close()
+	usage, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	docs, err := os.ReadFile("../../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := string(docs)
+	if i := strings.Index(ref, "#### workerd"); i >= 0 {
+		ref = ref[i:]
+	}
+	var names []string
+	for _, line := range strings.Split(string(usage), "\n") {
+		if rest, ok := strings.CutPrefix(line, "  -"); ok {
+			names = append(names, strings.Fields(rest)[0])
+		}
+	}
+	if len(names) < 20 {
+		t.Fatalf("found %d flags in workerd -h: %q", len(names), usage)
+	}
+	for _, name := range names {
+		if name != "config" && !strings.Contains(ref, "| `"+name+"` |") {
+			t.Errorf("docs/operations.md (Config files, workerd) does not list option %q", name)
+		}
+	}
+}
