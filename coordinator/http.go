@@ -81,6 +81,7 @@ func (s *Server) newHTTPServer() *http.Server {
 // apiStatus is GET /v1/status.
 type apiStatus struct {
 	ID             string `json:"id"`
+	Version        string `json:"version"`
 	State          string `json:"state"` // Leader, Follower, Candidate (Shutdown while stopping)
 	Term           uint64 `json:"term"`
 	LastIndex      uint64 `json:"last_index"`
@@ -108,6 +109,7 @@ func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
 	stale := s.staleReason(c)
 	writeJSON(w, http.StatusOK, apiStatus{
 		ID:             s.cfg.ID,
+		Version:        s.cfg.Version,
 		State:          s.raft.State().String(),
 		Term:           s.raft.CurrentTerm(),
 		LastIndex:      s.raft.LastIndex(),

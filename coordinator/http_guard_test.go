@@ -320,3 +320,23 @@ func TestHTTPRestartedFollowerCatchesUpBeforeReads(t *testing.T) {
 		t.Errorf("stale reason while catching up: %q", r)
 	}
 }
+
+// TestStatusReportsVersion: /v1/status names the build each coordinator
+// runs, so an operator sees a rolling upgrade's progress node by node.
+func TestStatusReportsVersion(t *testing.T) {
+	cfg := testConfig(t, testLogger(t), "c1")
+	cfg.Version = "v1.2.3 0123456789ab"
+	s := startServer(t, cfg)
+	resp, err := http.Get("http://" + s.HTTPAddr() + "/v1/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st apiStatus
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Version != cfg.Version || st.ID != "c1" {
+		t.Fatalf("status %+v, want version %q", st, cfg.Version)
+	}
+}

@@ -41,6 +41,8 @@ import (
 type Config struct {
 	ID      string
 	DataDir string
+	// Version is the build's version, as /v1/status reports it.
+	Version string
 	// RaftAddr, RPCAddr, HTTPAddr and GossipAddr are host:port to bind and
 	// advertise. Port 0 binds a free port (tests); the accessors of Server
 	// report the port actually bound.

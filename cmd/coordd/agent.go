@@ -15,6 +15,7 @@ import (
 	"github.com/coordflow/coordflow/cmd/internal/config"
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/cmd/internal/reload"
+	"github.com/coordflow/coordflow/cmd/internal/version"
 	"github.com/coordflow/coordflow/coordinator"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
@@ -28,6 +29,7 @@ const shutdownTimeout = 30 * time.Second
 // runAgent runs one coordinator until SIGINT or SIGTERM.
 func runAgent(args []string, stderr io.Writer) error {
 	cfg := coordinator.DefaultConfig()
+	cfg.Version = version.String()
 	fs := flag.NewFlagSet("coordd agent", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.ID, "id", "", "`ID` of this coordinator: its Raft server id and gossip name (required)")

@@ -21,6 +21,7 @@ import (
 	"github.com/IBM/sarama"
 
 	"github.com/coordflow/coordflow/cmd/internal/devbroker"
+	"github.com/coordflow/coordflow/cmd/internal/version"
 	"github.com/coordflow/coordflow/coordinator"
 	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker"
@@ -151,6 +152,7 @@ func dev(ctx context.Context, o devOptions) (err error) {
 	var join []string
 	for i := range 3 {
 		cfg := coordinator.DefaultConfig()
+		cfg.Version = version.String()
 		cfg.ID = fmt.Sprintf("c%d", i+1)
 		cfg.DataDir = filepath.Join(dir, cfg.ID)
 		cfg.RaftAddr, cfg.RPCAddr, cfg.HTTPAddr, cfg.GossipAddr = ports.raft[i], ports.rpc[i], ports.http[i], ports.gossip[i]

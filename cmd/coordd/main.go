@@ -14,6 +14,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/coordflow/coordflow/cmd/internal/version"
 )
 
 func main() {
@@ -61,6 +63,8 @@ Cluster:
                         offline, on a stopped coordinator: replace the Raft configuration
                         after a quorum loss (docs/operations.md "Recovering a node / a lost quorum")
 
+  version               print the version of this build (workerd version, devkafka version too)
+
 The job, members and raft commands (all but raft recover, which works offline)
 talk to the HTTP API of any coordinator, named by -addr (default $COORD_ADDR,
 else http://127.0.0.1:7201).
@@ -91,6 +95,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runTLS(rest, stdout, stderr)
 	case "keygen":
 		err = runKeygen(rest, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, version.Line("coordd"))
+		return 0
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)
 		return 0

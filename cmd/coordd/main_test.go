@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -88,5 +89,17 @@ func TestLastLine(t *testing.T) {
 	}
 	if string(l.line) != `{"error":"boom"}` || sink.String() != "{\"a\":1}\n{\"error\":\"boom\"}\n" {
 		t.Fatalf("last line %q, passed on %q", l.line, sink.String())
+	}
+}
+
+// TestVersion: `coordd version` prints the binary, its build and the Go
+// version.
+func TestVersion(t *testing.T) {
+	var out bytes.Buffer
+	if code := run([]string{"version"}, &out, &bytes.Buffer{}); code != 0 {
+		t.Fatalf("coordd version exited %d", code)
+	}
+	if s := out.String(); !strings.HasPrefix(s, "coordd ") || !strings.Contains(s, runtime.Version()) {
+		t.Fatalf("coordd version printed %q", s)
 	}
 }

@@ -66,6 +66,7 @@ import (
 	"github.com/coordflow/coordflow/cmd/internal/config"
 	"github.com/coordflow/coordflow/cmd/internal/failpoint"
 	"github.com/coordflow/coordflow/cmd/internal/reload"
+	"github.com/coordflow/coordflow/cmd/internal/version"
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
 	"github.com/coordflow/coordflow/worker"
@@ -81,6 +82,10 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) == 1 && (args[0] == "version" || args[0] == "-version") {
+		fmt.Println(version.Line("workerd"))
+		return nil
+	}
 	cfg := worker.DefaultConfig()
 	fs := flag.NewFlagSet("workerd", flag.ContinueOnError)
 	fs.StringVar(&cfg.ID, "id", "", "worker `ID`: gossip name and placement target (required)")
