@@ -138,12 +138,17 @@ func TestBadJobSpecs(t *testing.T) {
 		if err := os.WriteFile(file, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		id := strings.TrimSpace(c.cli(t, follower.httpAddr, "job", "run", file))
+		// -wait returns once the first checkpoint completed.
+		id := strings.TrimSpace(c.cli(t, follower.httpAddr, "job", "run", "-wait", file))
 		if id == "" || strings.ContainsAny(id, " \n") {
 			t.Fatalf("coordd job run printed %q, want the job id alone", id)
 		}
-		if _, err := c.getJob(t, id); err != nil {
+		var j0 jobView
+		if err := c.call("GET", follower.httpAddr, "/v1/jobs/"+id, nil, &j0); err != nil {
 			t.Fatalf("job %q printed by coordd job run: %v", id, err)
+		}
+		if j0.lastCheckpointID() == 0 {
+			t.Fatalf("coordd job run -wait returned before job %s had a completed checkpoint: %+v", id, j0)
 		}
 
 		final := c.waitCaughtUp(t, 2*time.Minute, id, "numbers", end)

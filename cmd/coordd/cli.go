@@ -23,8 +23,9 @@ import (
 
 const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
 
-  job run FILE [-from-savepoint ID_OR_URL]
-                        submit the job spec in FILE ("-" for stdin); prints the job id
+  job run FILE [-from-savepoint ID_OR_URL] [-wait [-wait-timeout 5m]]
+                        submit the job spec in FILE ("-" for stdin); prints the job id;
+                        -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
   job cancel ID [-savepoint]
@@ -53,6 +54,8 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	var (
 		fromSavepoint, key, keyB64, export string
 		withSavepoint, abortTxns, asJSON   bool
+		wait                               bool
+		waitTimeout                        time.Duration
 	)
 	flags := map[string]func(fs *flag.FlagSet){
 		"transactions": func(fs *flag.FlagSet) {
@@ -61,6 +64,8 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		},
 		"run": func(fs *flag.FlagSet) {
 			fs.StringVar(&fromSavepoint, "from-savepoint", "", "start the job from the savepoint with this `ID` or directory URL")
+			fs.BoolVar(&wait, "wait", false, "after submitting, wait until the job's first checkpoint completes (exit 0), or the job fails or is cancelled (exit 1, with the reason)")
+			fs.DurationVar(&waitTimeout, "wait-timeout", 5*time.Minute, "give up waiting (exit 1) after this long")
 		},
 		"cancel": func(fs *flag.FlagSet) {
 			fs.BoolVar(&withSavepoint, "savepoint", false, "stop the job with a final savepoint: nothing is processed after it")
@@ -73,7 +78,11 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	}
 	commands := map[string]command{
 		"run": {"FILE", func(ctx context.Context, c *apiClient, file string) error {
-			return jobRun(ctx, c, file, fromSavepoint, stdout)
+			id, err := jobRun(ctx, c, file, fromSavepoint, stdout)
+			if err != nil || !wait {
+				return err
+			}
+			return jobWait(ctx, c, id, waitTimeout, stderr)
 		}},
 		"list": {"", func(ctx context.Context, c *apiClient, _ string) error { return jobList(ctx, c, stdout) }},
 		"status": {"ID", func(ctx context.Context, c *apiClient, id string) error {
@@ -119,6 +128,9 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	timeout := requestTimeout
 	if sub == "savepoint" || withSavepoint || export != "" {
 		timeout = longRequestTimeout
+	}
+	if wait {
+		timeout = requestTimeout + waitTimeout
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -343,7 +355,7 @@ func defaultAPIAddr() string {
 // jobRun submits the spec in file ("-": stdin), from a savepoint if
 // fromSavepoint is set, and prints the new job's id alone on a line, so that
 // scripts can capture it.
-func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdout io.Writer) error {
+func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdout io.Writer) (string, error) {
 	var spec []byte
 	var err error
 	if file == "-" {
@@ -352,7 +364,7 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdou
 		spec, err = os.ReadFile(file)
 	}
 	if err != nil {
-		return fmt.Errorf("read job spec: %w", err)
+		return "", fmt.Errorf("read job spec: %w", err)
 	}
 	path := "/v1/jobs"
 	if fromSavepoint != "" {
@@ -360,16 +372,56 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdou
 	}
 	data, err := c.do(ctx, http.MethodPost, path, spec)
 	if err != nil {
-		return err
+		return "", err
 	}
 	var out struct {
 		ID string `json:"id"`
 	}
 	if err := json.Unmarshal(data, &out); err != nil || out.ID == "" {
-		return fmt.Errorf("POST /v1/jobs: unexpected answer %q", data)
+		return "", fmt.Errorf("POST /v1/jobs: unexpected answer %q", data)
 	}
 	fmt.Fprintln(stdout, out.ID)
-	return nil
+	return out.ID, nil
+}
+
+// jobWaitPoll is how often `job run -wait` looks at the job.
+const jobWaitPoll = 250 * time.Millisecond
+
+// jobWait waits, for up to timeout, for job id's first completed
+// checkpoint, and fails when the job cannot run (failing) or was cancelled.
+// It reports on stderr, leaving stdout to the job id.
+func jobWait(ctx context.Context, c *apiClient, id string, timeout time.Duration, stderr io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var last struct {
+		Status         string `json:"status"`
+		Reason         string `json:"reason"`
+		LastCheckpoint *struct {
+			ID uint64 `json:"id"`
+		} `json:"last_checkpoint"`
+	}
+	for {
+		err := c.getJSON(ctx, "/v1/jobs/"+url.PathEscape(id), &last)
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return fmt.Errorf("job %s: no checkpoint completed in time (last status %q %s): %w", id, last.Status, last.Reason, ctx.Err())
+		case err != nil:
+			return err
+		case last.LastCheckpoint != nil:
+			fmt.Fprintf(stderr, "job %s: checkpoint %d completed\n", id, last.LastCheckpoint.ID)
+			return nil
+		case last.Status == "failing" || last.Status == "cancelled":
+			if last.Status == "failing" {
+				return fmt.Errorf("job %s is failing: %s (the cluster retries it with backoff; coordd job cancel %s stops it)", id, last.Reason, id)
+			}
+			return fmt.Errorf("job %s was cancelled: %s", id, last.Reason)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("job %s: no checkpoint completed in time (status %q %s): %w", id, last.Status, last.Reason, ctx.Err())
+		case <-time.After(jobWaitPoll):
+		}
+	}
 }
 
 // jobList prints one line per job.

@@ -39,7 +39,8 @@ Security:
 
 Jobs:
   job run FILE          submit the job spec in FILE ("-" for stdin); prints the job id
-                        (-from-savepoint ID_OR_URL starts it from a savepoint)
+                        (-from-savepoint ID_OR_URL starts it from a savepoint; -wait waits for
+                        its first checkpoint, exit 1 if it fails or is cancelled first)
   job list              list jobs
   job status ID         show a job, its tasks and its last checkpoint
   job cancel ID         cancel a job (-savepoint: stop it with a final savepoint)

@@ -32,6 +32,15 @@ func TestCLI(t *testing.T) {
 	if code != 0 || !strings.HasPrefix(id, "wc-") || strings.Contains(id, "\n") {
 		t.Fatalf("job run = %d %q %q, want 0 and the job id alone", code, id, stderr)
 	}
+	// No worker runs here: -wait gives up at its timeout, naming the
+	// status, and still prints the id first.
+	code, waitID, stderr := cli("job", "run", "-wait", "-wait-timeout", "700ms", spec)
+	if code != 1 || !strings.HasPrefix(waitID, "wc-") || !strings.Contains(stderr, "no checkpoint completed in time") || !strings.Contains(stderr, `"pending"`) {
+		t.Fatalf("job run -wait = %d %q %q, want 1, the id, and a timeout naming status pending", code, waitID, stderr)
+	}
+	if code, _, stderr := cli("job", "cancel", strings.TrimSpace(waitID)); code != 0 {
+		t.Fatalf("cancel %s: %s", waitID, stderr)
+	}
 	for _, tc := range []struct {
 		args []string
 		want []string
