@@ -92,8 +92,12 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			if withSavepoint {
 				return jobStopWithSavepoint(ctx, c, id, stdout)
 			}
-			if _, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil); err != nil {
+			data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil)
+			if err != nil {
 				return err
+			}
+			if c.jsonOut {
+				return writeJSON(stdout, data)
 			}
 			fmt.Fprintf(stdout, "job %s cancelled\n", id)
 			return nil
@@ -113,7 +117,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		}},
 		"savepoint": {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobSavepoint(ctx, c, id, stdout) }},
 		"transactions": {"ID", func(ctx context.Context, c *apiClient, id string) error {
-			return jobTransactions(ctx, c, id, abortTxns, asJSON, stdout)
+			return jobTransactions(ctx, c, id, abortTxns, asJSON || c.jsonOut, stdout)
 		}},
 	}
 	cmd, ok := commands[sub]
@@ -145,6 +149,9 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
+	if c.jsonOut {
+		return printJSON(ctx, c, "/v1/members", stdout)
+	}
 	var members []struct {
 		ID         string `json:"id"`
 		Role       string `json:"role"`
@@ -239,8 +246,12 @@ func raftRemovePeer(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
-	if _, err := c.do(ctx, http.MethodDelete, "/v1/raft/peers/"+url.PathEscape(id), nil); err != nil {
+	data, err := c.do(ctx, http.MethodDelete, "/v1/raft/peers/"+url.PathEscape(id), nil)
+	if err != nil {
 		return err
+	}
+	if c.jsonOut {
+		return writeJSON(stdout, data)
 	}
 	fmt.Fprintf(stdout, "removed %s from the raft configuration\n", id)
 	return nil
@@ -254,6 +265,9 @@ func raftPeers(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
+	if c.jsonOut {
+		return printJSON(ctx, c, "/v1/raft/peers", stdout)
+	}
 	var peers struct {
 		Servers []struct {
 			ID       string `json:"id"`
@@ -294,6 +308,7 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 	fs.StringVar(&o.clientCert, "client-cert", "", "client certificate `FILE` (coordd tls cert create -client NAME), over https (default $COORD_CLIENT_CERT)")
 	fs.StringVar(&o.clientKey, "client-key", "", "the client certificate's key `FILE` (default $COORD_CLIENT_KEY)")
 	fs.BoolVar(&o.stale, "stale", false, "read from a coordinator even if it has lost touch with the Raft leader (?stale=true): the answer may be old")
+	fs.StringVar(&o.format, "format", "table", "output `FORMAT`: table (for people) or json (the API's JSON objects, stable fields, for scripts)")
 	if define != nil {
 		define(fs)
 	}
@@ -321,6 +336,9 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 	}
 	if len(pos) != want {
 		return nil, "", usageError(fs, "want %d argument(s), got %d", want, len(pos))
+	}
+	if o.format != "table" && o.format != "json" {
+		return nil, "", usageError(fs, "-format %q: want table or json", o.format)
 	}
 	fromEnv(&o.token, "COORD_TOKEN")
 	fromEnv(&o.caFile, "COORD_CACERT")
@@ -380,6 +398,9 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdou
 	if err := json.Unmarshal(data, &out); err != nil || out.ID == "" {
 		return "", fmt.Errorf("POST /v1/jobs: unexpected answer %q", data)
 	}
+	if c.jsonOut {
+		return out.ID, writeJSON(stdout, data)
+	}
 	fmt.Fprintln(stdout, out.ID)
 	return out.ID, nil
 }
@@ -426,6 +447,9 @@ func jobWait(ctx context.Context, c *apiClient, id string, timeout time.Duration
 
 // jobList prints one line per job.
 func jobList(ctx context.Context, c *apiClient, stdout io.Writer) error {
+	if c.jsonOut {
+		return printJSON(ctx, c, "/v1/jobs", stdout)
+	}
 	var jobs []struct {
 		ID             string     `json:"id"`
 		Name           string     `json:"name"`
@@ -500,6 +524,9 @@ func jobTransactions(ctx context.Context, c *apiClient, id string, abort, asJSON
 }
 
 func jobCheckpoints(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
+	if c.jsonOut {
+		return printJSON(ctx, c, "/v1/jobs/"+url.PathEscape(id)+"/checkpoints", stdout)
+	}
 	var cps []struct {
 		ID          uint64   `json:"id"`
 		Attempt     uint64   `json:"attempt"`
@@ -540,12 +567,20 @@ func printJSON(ctx context.Context, c *apiClient, path string, stdout io.Writer)
 	if err != nil {
 		return err
 	}
+	if err := writeJSON(stdout, data); err != nil {
+		return fmt.Errorf("GET %s: %w", path, err)
+	}
+	return nil
+}
+
+// writeJSON prints an API answer as indented JSON.
+func writeJSON(stdout io.Writer, data []byte) error {
 	var out bytes.Buffer
 	if err := json.Indent(&out, data, "", "  "); err != nil {
-		return fmt.Errorf("GET %s: answer is not JSON: %w", path, err)
+		return fmt.Errorf("answer is not JSON: %w", err)
 	}
 	out.WriteByte('\n')
-	_, err = out.WriteTo(stdout)
+	_, err := out.WriteTo(stdout)
 	return err
 }
 
@@ -589,6 +624,9 @@ func jobSavepoint(ctx context.Context, c *apiClient, id string, stdout io.Writer
 	if err := json.Unmarshal(data, &sp); err != nil || sp.ID == "" {
 		return fmt.Errorf("POST savepoint: unexpected answer %q", data)
 	}
+	if c.jsonOut {
+		return writeJSON(stdout, data)
+	}
 	printSavepoint(stdout, sp)
 	return nil
 }
@@ -604,6 +642,9 @@ func jobStopWithSavepoint(ctx context.Context, c *apiClient, id string, stdout i
 	}
 	if err := json.Unmarshal(data, &out); err != nil || out.Savepoint.ID == "" {
 		return fmt.Errorf("stop with savepoint: unexpected answer %q", data)
+	}
+	if c.jsonOut {
+		return writeJSON(stdout, data)
 	}
 	printSavepoint(stdout, out.Savepoint)
 	fmt.Fprintf(stdout, "job %s stopped\n", id)
@@ -659,6 +700,9 @@ func runSavepoint(args []string, stdout, stderr io.Writer) error {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 		defer cancel()
+		if c.jsonOut {
+			return printJSON(ctx, c, "/v1/savepoints", stdout)
+		}
 		var sps []savepointView
 		if err := c.getJSON(ctx, "/v1/savepoints", &sps); err != nil {
 			return err
@@ -676,8 +720,12 @@ func runSavepoint(args []string, stdout, stderr io.Writer) error {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 		defer cancel()
-		if _, err := c.do(ctx, http.MethodDelete, "/v1/savepoints/"+url.PathEscape(id), nil); err != nil {
+		data, err := c.do(ctx, http.MethodDelete, "/v1/savepoints/"+url.PathEscape(id), nil)
+		if err != nil {
 			return err
+		}
+		if c.jsonOut {
+			return writeJSON(stdout, data)
 		}
 		fmt.Fprintf(stdout, "savepoint %s deleted\n", id)
 		return nil

@@ -38,6 +38,9 @@ type apiClient struct {
 	stale bool
 	// clientCert says a client certificate is configured (for hints).
 	clientCert bool
+	// jsonOut is -format json: commands print the API's JSON, for scripts,
+	// instead of tables and sentences.
+	jsonOut bool
 }
 
 // clientOptions are the connection flags every API command takes.
@@ -47,6 +50,7 @@ type clientOptions struct {
 	caFile                string // CA of the cluster: verify the server against it, over https
 	clientCert, clientKey string // a client certificate (coordd tls cert create -client NAME)
 	stale                 bool
+	format                string // table or json
 }
 
 // newAPIClient returns a client for o.addr. With a CA or a client
@@ -64,7 +68,7 @@ func newAPIClient(o clientOptions) (*apiClient, error) {
 		return nil, errors.New("-client-cert and -client-key (COORD_CLIENT_CERT, COORD_CLIENT_KEY) go together")
 	}
 	// No client-wide timeout: each command's context bounds its requests.
-	c := &apiClient{hc: &http.Client{}, token: o.token, stale: o.stale, clientCert: o.clientCert != ""}
+	c := &apiClient{hc: &http.Client{}, token: o.token, stale: o.stale, clientCert: o.clientCert != "", jsonOut: o.format == "json"}
 	if o.caFile != "" || o.clientCert != "" || u.Scheme == "https" {
 		u.Scheme = "https"
 		tc, err := cliTLSConfig(o.caFile, o.clientCert, o.clientKey)

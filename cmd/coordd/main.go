@@ -68,7 +68,9 @@ Cluster:
 
 The job, members and raft commands (all but raft recover, which works offline)
 talk to the HTTP API of any coordinator, named by -addr (default $COORD_ADDR,
-else http://127.0.0.1:7201).
+else http://127.0.0.1:7201), and take -format json to print the API's JSON
+instead of tables. Exit status: 0 done, 1 failed (the reason on stderr),
+2 bad usage.
 Run 'coordd <command> -h' for the flags of a command.
 `
 

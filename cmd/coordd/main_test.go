@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -79,11 +80,67 @@ func TestCLI(t *testing.T) {
 		{[]string{"job", "frob"}, 2, "unknown command"},
 		{[]string{"frob"}, 2, "unknown command"},
 		{[]string{"agent", "-id", "c9"}, 2, "-data-dir are required"},
+		{[]string{"job", "list", "-format", "xml"}, 2, `-format "xml": want table or json`},
 	} {
 		code, _, stderr := cli(tc.args...)
 		if code != tc.code || !strings.Contains(stderr, tc.stderr) {
 			t.Errorf("%v = %d %q, want %d and %q", tc.args, code, stderr, tc.code, tc.stderr)
 		}
+	}
+
+	// -format json: every API command prints the API's JSON, which scripts
+	// decode; each answer names what the table shows.
+	asJSON := func(args ...string) any {
+		t.Helper()
+		code, out, stderr := cli(append(args, "-format", "json")...)
+		var v any
+		if err := json.Unmarshal([]byte(out), &v); code != 0 || err != nil {
+			t.Fatalf("%v -format json = %d %q %q: %v", args, code, out, stderr, err)
+		}
+		return v
+	}
+	field := func(v any, key string) any {
+		m, ok := v.(map[string]any)
+		if !ok {
+			t.Fatalf("%v is not a JSON object", v)
+		}
+		return m[key]
+	}
+	first := func(v any) any {
+		l, ok := v.([]any)
+		if !ok || len(l) == 0 {
+			t.Fatalf("%v is not a JSON list with elements", v)
+		}
+		return l[0]
+	}
+	jid, _ := field(asJSON("job", "run", spec), "id").(string)
+	if !strings.HasPrefix(jid, "wc-") {
+		t.Fatalf("job run -format json gave id %q", jid)
+	}
+	if field(asJSON("job", "status", jid), "id") != jid {
+		t.Error("job status -format json does not name the job")
+	}
+	found := false
+	for _, j := range asJSON("job", "list").([]any) {
+		found = found || field(j, "id") == jid
+	}
+	if !found {
+		t.Errorf("job list -format json does not list %s", jid)
+	}
+	if _, ok := asJSON("job", "checkpoints", jid).([]any); !ok {
+		t.Error("job checkpoints -format json is not a list")
+	}
+	if field(first(asJSON("members")), "id") != "c1" {
+		t.Error("members -format json does not list c1")
+	}
+	if field(first(field(asJSON("raft", "peers"), "servers")), "id") != "c1" {
+		t.Error("raft peers -format json does not list c1")
+	}
+	if _, ok := asJSON("savepoint", "list").([]any); !ok {
+		t.Error("savepoint list -format json is not a list")
+	}
+	if field(asJSON("job", "cancel", jid), "status") == nil {
+		t.Error("job cancel -format json has no status")
 	}
 }
 

@@ -63,6 +63,9 @@ func raftAddPeer(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if c.jsonOut {
+		return writeJSON(stdout, data)
+	}
 	var out struct {
 		Changed bool `json:"changed"`
 	}
