@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -135,6 +136,11 @@ func TestAgentOptionsDocumented(t *testing.T) {
 	for _, name := range names {
 		if name != "config" && !strings.Contains(ref, "| `"+name+"` |") {
 			t.Errorf("docs/operations.md (Config files) does not list option %q", name)
+		}
+	}
+	for _, name := range documentedOptions(t, "#### coordd agent") {
+		if !slices.Contains(names, name) {
+			t.Errorf("docs/operations.md (Config files) lists option %q, which coordd agent does not have", name)
 		}
 	}
 }

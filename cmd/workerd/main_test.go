@@ -4,6 +4,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -73,6 +75,14 @@ func TestOptionsDocumented(t *testing.T) {
 	for _, name := range names {
 		if name != "config" && !strings.Contains(ref, "| `"+name+"` |") {
 			t.Errorf("docs/operations.md (Config files, workerd) does not list option %q", name)
+		}
+	}
+	if i := strings.Index(ref, "\n#"); i >= 0 {
+		ref = ref[:i]
+	}
+	for _, m := range regexp.MustCompile("(?m)^\\| `([a-z0-9-]+)` \\|").FindAllStringSubmatch(ref, -1) {
+		if !slices.Contains(names, m[1]) {
+			t.Errorf("docs/operations.md (Config files, workerd) lists option %q, which workerd does not have", m[1])
 		}
 	}
 }
