@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/hashicorp/raft"
 	"go.etcd.io/bbolt"
 
@@ -389,6 +390,16 @@ func TestMemberStatus(t *testing.T) {
 	}
 	ev.NotifyJoin(node("w2", worker))
 	if err := memberStatusIs(s, "w2", StatusAlive); err != nil {
+		t.Error(err)
+	}
+	// The gossip health metric counts them by role and status.
+	wantMetric := `
+# HELP coordflow_gossip_members Gossip members this coordinator knows, by role and status (alive, suspect, dead, left).
+# TYPE coordflow_gossip_members gauge
+coordflow_gossip_members{role="worker",status="alive"} 1
+coordflow_gossip_members{role="worker",status="dead"} 1
+`
+	if err := testutil.CollectAndCompare(memberCollector{s.Members}, strings.NewReader(wantMetric)); err != nil {
 		t.Error(err)
 	}
 	// A leaving notice counts even when gossip delivers the leave before

@@ -87,6 +87,31 @@ func newMetrics() *metrics {
 }
 
 // registerRaft adds gauges read from the Raft node at scrape time.
+// registerMembers exports coordflow_gossip_members, counted from members at
+// each scrape: gossip health as this coordinator sees it.
+func (m *metrics) registerMembers(members func() []Member) {
+	m.registry.MustRegister(memberCollector{members})
+}
+
+// memberCollector counts gossip members by role and status.
+type memberCollector struct{ members func() []Member }
+
+var memberDesc = prometheus.NewDesc("coordflow_gossip_members",
+	"Gossip members this coordinator knows, by role and status (alive, suspect, dead, left).",
+	[]string{"role", "status"}, nil)
+
+func (c memberCollector) Describe(ch chan<- *prometheus.Desc) { ch <- memberDesc }
+
+func (c memberCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := make(map[[2]string]int)
+	for _, m := range c.members() {
+		counts[[2]string{m.Role, m.Status}]++
+	}
+	for k, n := range counts {
+		ch <- prometheus.MustNewConstMetric(memberDesc, prometheus.GaugeValue, float64(n), k[0], k[1])
+	}
+}
+
 func (m *metrics) registerRaft(r *raft.Raft) {
 	m.registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{

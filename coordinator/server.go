@@ -339,6 +339,7 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.metrics.registerRaft(s.raft)
+	s.metrics.registerMembers(s.Members)
 
 	rpcLis, err := net.Listen("tcp", cfg.RPCAddr)
 	if err != nil {

@@ -34,6 +34,7 @@ type metrics struct {
 	offsetCommits    *prometheus.CounterVec   // result: ok, failed
 	sinkTxns         *prometheus.CounterVec   // job, outcome: committed, recovered, ended_before, aborted_stale
 	sinkFenced       *prometheus.CounterVec   // job
+	lag              *prometheus.GaugeVec     // job, topic, partition
 }
 
 func newMetrics() *metrics {
@@ -49,6 +50,10 @@ func newMetrics() *metrics {
 		sinkFenced: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_sink_fenced_total", Help: "Exactly-once sink producers of this worker that Kafka fenced because a newer attempt took their transactional id: a zombie stopped.",
 		}, []string{"job"}),
+		lag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "coordflow_source_lag_records",
+			Help: "Per source partition, the records the job has yet to make exactly-once state: the partition's end offset (as the source last fetched it) minus the offset of the last completed checkpoint. Set at each completed checkpoint.",
+		}, []string{"job", "topic", "partition"}),
 		recordsIn: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map).",
 		}, []string{"job", "kind"}),
@@ -97,7 +102,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
 		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.lag, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

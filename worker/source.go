@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -83,12 +84,15 @@ type sourceTask struct {
 	progress    map[int32]int64
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
-	halted      bool                       // stopped at a final savepoint: reads no more records
-	scratch     []operator.Item
-	in          prometheus.Counter
-	out         prometheus.Counter
-	skipped     prometheus.Counter
-	acked       prometheus.Counter
+	// completedOffsets are the next offsets of the last completed
+	// checkpoint, per partition (the lag metric).
+	completedOffsets map[int32]int64
+	halted           bool // stopped at a final savepoint: reads no more records
+	scratch          []operator.Item
+	in               prometheus.Counter
+	out              prometheus.Counter
+	skipped          prometheus.Counter
+	acked            prometheus.Counter
 }
 
 func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, log *slog.Logger) (*sourceTask, error) {
@@ -118,36 +122,39 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		group = "coordflow-" + name
 	}
 	s := &sourceTask{
-		env:         env,
-		key:         k,
-		log:         log.With("kind", kindSource, "topic", spec.GetTopic(), "partitions", spec.GetPartitions()),
-		index:       d.GetIndex(),
-		opName:      d.GetOperator(),
-		op:          op,
-		spec:        spec,
-		token:       d.GetChannelToken(),
-		group:       group,
-		maxPar:      maxPar,
-		mapTasks:    mapTasks,
-		route:       route,
-		restore:     d.GetRestoreOffsets(),
-		restoreID:   d.GetRestoreCheckpointId(),
-		control:     ctl,
-		numSources:  d.GetNumSources(),
-		discovery:   time.Duration(spec.GetPartitionDiscoveryMs()) * time.Millisecond,
-		batches:     make([]pending, len(mapTasks)),
-		offsets:     make(map[int32]int64),
-		progress:    make(map[int32]int64),
-		unconfirmed: make(map[uint64]map[int32]int64),
-		in:          env.metrics.recordsIn.WithLabelValues(k.job, kindSource),
-		out:         env.metrics.recordsOut.WithLabelValues(k.job, kindSource),
-		skipped:     env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
-		acked:       env.metrics.checkpointsAcked.WithLabelValues(k.job, kindSource),
+		env:              env,
+		key:              k,
+		log:              log.With("kind", kindSource, "topic", spec.GetTopic(), "partitions", spec.GetPartitions()),
+		index:            d.GetIndex(),
+		opName:           d.GetOperator(),
+		op:               op,
+		spec:             spec,
+		token:            d.GetChannelToken(),
+		group:            group,
+		maxPar:           maxPar,
+		mapTasks:         mapTasks,
+		route:            route,
+		restore:          d.GetRestoreOffsets(),
+		restoreID:        d.GetRestoreCheckpointId(),
+		control:          ctl,
+		numSources:       d.GetNumSources(),
+		discovery:        time.Duration(spec.GetPartitionDiscoveryMs()) * time.Millisecond,
+		batches:          make([]pending, len(mapTasks)),
+		offsets:          make(map[int32]int64),
+		progress:         make(map[int32]int64),
+		unconfirmed:      make(map[uint64]map[int32]int64),
+		completedOffsets: make(map[int32]int64),
+		in:               env.metrics.recordsIn.WithLabelValues(k.job, kindSource),
+		out:              env.metrics.recordsOut.WithLabelValues(k.job, kindSource),
+		skipped:          env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
+		acked:            env.metrics.checkpointsAcked.WithLabelValues(k.job, kindSource),
 	}
 	if s.numSources <= 0 {
 		s.discovery = 0 // ownership unknown
 	}
 	s.emitItem = s.collect
+	// A restored checkpoint is the last completed one.
+	maps.Copy(s.completedOffsets, s.restore)
 	if c, ok := op.(operator.Combiner); ok && d.GetCombine() {
 		s.combine = c
 		for o := range s.batches {
@@ -255,6 +262,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		return err
 	}
 	defer lease.release()
+	defer s.forgetLag()
 	if err := s.resolveOffsets(lease.client, topicParts); err != nil {
 		return err
 	}
@@ -277,6 +285,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	r := &partitionReaders{
 		ctx: loopCtx, lease: lease,
 		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
+		consumers: make(map[int32]sarama.PartitionConsumer),
 	}
 	// Stop the pumps and the discovery, then the partition consumers, before
 	// the lease goes. A metadata refresh of the discovery in flight is
@@ -309,12 +318,15 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 // that forward their records to the task loop. Only the task goroutine adds
 // to them.
 type partitionReaders struct {
-	ctx     context.Context // ends the pumps and the discovery
-	lease   *kafkaLease
-	merged  chan []*sarama.ConsumerMessage
-	failed  chan error // a pump or consumer that failed the task
-	wg      sync.WaitGroup
-	closers []func()
+	ctx   context.Context // ends the pumps and the discovery
+	lease *kafkaLease
+	// consumers are the partition consumers by partition, for the end
+	// offsets they last fetched (the lag metric).
+	consumers map[int32]sarama.PartitionConsumer
+	merged    chan []*sarama.ConsumerMessage
+	failed    chan error // a pump or consumer that failed the task
+	wg        sync.WaitGroup
+	closers   []func()
 }
 
 // read starts reading partition p at s.offsets[p]. It may block up to
@@ -325,6 +337,7 @@ func (s *sourceTask) read(r *partitionReaders, p int32) error {
 		return fmt.Errorf("source: consume %s/%d from offset %d: %w", s.spec.GetTopic(), p, s.offsets[p], err)
 	}
 	r.closers = append(r.closers, closePC)
+	r.consumers[p] = pc
 	r.wg.Go(func() { s.pump(r.ctx, p, pc, r.merged, r.failed) })
 	return nil
 }
@@ -626,6 +639,7 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 				}
 			} else if c.complete != 0 {
 				s.completed(c.complete, c.offsets, r.lease)
+				s.reportLag(r)
 			}
 		}
 	}
@@ -768,6 +782,33 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	return nil
 }
 
+// reportLag sets the lag metric of every partition the task reads: the end
+// offset its consumer last fetched minus the offset of the last completed
+// checkpoint (records it has read since count as lag: they are not state
+// yet).
+func (s *sourceTask) reportLag(r *partitionReaders) {
+	topic := s.spec.GetTopic()
+	for p, pc := range r.consumers {
+		done, ok := s.completedOffsets[p]
+		if !ok {
+			continue
+		}
+		end := pc.HighWaterMarkOffset()
+		if end <= 0 {
+			continue // nothing fetched yet
+		}
+		s.env.metrics.lag.WithLabelValues(s.key.job, topic, strconv.Itoa(int(p))).Set(float64(max(0, end-done)))
+	}
+}
+
+// forgetLag removes the task's lag series when it stops, so that a job
+// that moved or ended leaves no stale values behind.
+func (s *sourceTask) forgetLag() {
+	for _, p := range s.partitions {
+		s.env.metrics.lag.DeleteLabelValues(s.key.job, s.spec.GetTopic(), strconv.Itoa(int(p)))
+	}
+}
+
 // completed queues the offsets of completed checkpoint id for the shared
 // client's next offset commit: those the leader sent for this task's
 // partitions (discovered ones included), else those it acked.
@@ -788,5 +829,6 @@ func (s *sourceTask) completed(id uint64, sent map[int32]int64, lease *kafkaLeas
 	}
 	if len(offsets) > 0 {
 		lease.commit(s.group, s.spec.GetTopic(), id, offsets)
+		maps.Copy(s.completedOffsets, offsets)
 	}
 }

@@ -158,8 +158,34 @@ func testSourceToMap(t *testing.T, combine bool) {
 	if restoreFrom == nil {
 		t.Fatalf("checkpoint %d covers half the records but holds no state", id)
 	}
+	halfID := id
 	produce(t, brokers, "words", recs[n/2:])
 	id, acks := checkpointUntil(t, f, id+1, sources, []*transport.TaskRef{m0, m1}, end, verify(refs))
+
+	// The lag metric: end offsets minus the last completed checkpoint's.
+	lagOf := func(w *Worker, p int32) float64 {
+		return metricValue(t, w.Gatherer(), "coordflow_source_lag_records", map[string]string{"job": "wc", "topic": "words", "partition": fmt.Sprint(p)})
+	}
+	lagIs := func(want func(p int32) float64) func() bool {
+		return func() bool {
+			for p := range int32(parts) {
+				w := w1
+				if p%2 == 1 {
+					w = w2
+				}
+				if lagOf(w, p) != want(p) {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	for w, r := range sources {
+		f.send(t, w, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
+			Task: r, CheckpointId: halfID, Offsets: half,
+		}}})
+	}
+	waitFor(t, "lag of every partition to be the records after the half checkpoint", lagIs(func(p int32) float64 { return float64(end[p] - half[p]) }))
 	t.Logf("checkpoint %d covers every record; %d checkpoints before it were taken mid-stream", id, partial)
 	words := 0
 	for _, r := range recs {
@@ -191,6 +217,7 @@ func testSourceToMap(t *testing.T, combine bool) {
 	waitFor(t, "offsets committed to Kafka", func() bool {
 		return reflect.DeepEqual(committedOffsets(t, brokers, "wc-group", "words", 4), end)
 	})
+	waitFor(t, "no lag once the last checkpoint completed", lagIs(func(int32) float64 { return 0 }))
 
 	// Attempt 2 restores a mid-stream checkpoint (the last one if none was)
 	// with three map tasks instead of two, and must end with every record

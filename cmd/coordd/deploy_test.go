@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -221,4 +222,65 @@ func argValue(args []string, name string) string {
 		}
 	}
 	return ""
+}
+
+// TestGrafanaDashboard: docs/grafana-dashboard.json is a dashboard whose
+// every query names metrics coordd or workerd export (a metric is a name the
+// coordinator or worker source registers; _bucket, _sum and _count are a
+// histogram's series).
+func TestGrafanaDashboard(t *testing.T) {
+	data, err := os.ReadFile("../../docs/grafana-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Title  string `json:"title"`
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal(data, &dash); err != nil || dash.Title == "" || len(dash.Panels) < 8 {
+		t.Fatalf("dashboard: %v, %d panels", err, len(dash.Panels))
+	}
+	exported := map[string]bool{}
+	for _, dir := range []string{"../../coordinator", "../../worker"} {
+		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			if strings.HasSuffix(f, "_test.go") {
+				continue
+			}
+			src, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range regexp.MustCompile(`"(coordflow_[a-z_]+)"`).FindAllStringSubmatch(string(src), -1) {
+				exported[m[1]] = true
+			}
+		}
+	}
+	metric := regexp.MustCompile(`coordflow_[a-z_]+`)
+	for _, p := range dash.Panels {
+		if len(p.Targets) == 0 {
+			t.Errorf("panel %q has no query", p.Title)
+		}
+		for _, q := range p.Targets {
+			for _, name := range metric.FindAllString(q.Expr, -1) {
+				base := name
+				for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+					if b, ok := strings.CutSuffix(name, suffix); ok && exported[b] {
+						base = b
+					}
+				}
+				if !exported[base] {
+					t.Errorf("panel %q queries %s, which no coordd or workerd exports", p.Title, name)
+				}
+			}
+		}
+	}
 }
