@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.etcd.io/bbolt"
 
 	"github.com/coordflow/coordflow/fsm"
