@@ -168,4 +168,10 @@ func TestVersion(t *testing.T) {
 	if s := out.String(); !strings.HasPrefix(s, "coordd ") || !strings.Contains(s, runtime.Version()) {
 		t.Fatalf("coordd version printed %q", s)
 	}
+	out.Reset()
+	var v struct{ Binary, Version, Go, Platform string }
+	if code := run([]string{"version", "-format", "json"}, &out, &bytes.Buffer{}); code != 0 || json.Unmarshal(out.Bytes(), &v) != nil ||
+		v.Binary != "coordd" || v.Version == "" || v.Go != runtime.Version() {
+		t.Fatalf("coordd version -format json = %d %q", code, out.String())
+	}
 }

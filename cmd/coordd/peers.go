@@ -16,11 +16,16 @@ import (
 func runKeygen(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("coordd keygen", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	format := fs.String("format", "table", "output `FORMAT`: table (the key alone) or json ({\"key\": ...})")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: coordd keygen\n\nPrints a new gossip encryption key (%d random bytes, base64) for coordd agent and workerd -encrypt or -encrypt-file.\n", transport.GossipKeySize)
+		fmt.Fprintf(fs.Output(), "Usage: coordd keygen [-format json]\n\nPrints a new gossip encryption key (%d random bytes, base64) for coordd agent and workerd -encrypt or -encrypt-file.\n\n", transport.GossipKeySize)
+		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *format != "table" && *format != "json" {
+		return usageError(fs, "-format %q: want table or json", *format)
 	}
 	if fs.NArg() > 0 {
 		return usageError(fs, "unexpected argument %q", fs.Arg(0))
@@ -28,6 +33,9 @@ func runKeygen(args []string, stdout, stderr io.Writer) error {
 	key, err := transport.NewGossipKey()
 	if err != nil {
 		return err
+	}
+	if *format == "json" {
+		return json.NewEncoder(stdout).Encode(map[string]string{"key": key})
 	}
 	_, err = fmt.Fprintln(stdout, key)
 	return err

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -35,6 +36,11 @@ func TestKeygen(t *testing.T) {
 	}
 	if code := run([]string{"keygen", "extra"}, &bytes.Buffer{}, &bytes.Buffer{}); code != 2 {
 		t.Errorf("coordd keygen extra = %d, want 2", code)
+	}
+	var out bytes.Buffer
+	var v struct{ Key string }
+	if code := run([]string{"keygen", "-format", "json"}, &out, &bytes.Buffer{}); code != 0 || json.Unmarshal(out.Bytes(), &v) != nil || len(v.Key) != 44 {
+		t.Errorf("coordd keygen -format json = %d %q", code, out.String())
 	}
 }
 
