@@ -26,7 +26,7 @@ func BenchmarkMapApply(b *testing.B) {
 			env, _ := unitEnv(b)
 			op, _ := env.operators.Lookup(operator.WordCount)
 			m := &mapTask{env: env, op: op, kgStart: 0, kgEnd: 128, keyed: newKeyedState(state.NewMemory(), track)}
-			m.in = env.metrics.recordsIn.WithLabelValues("bench", kindMap)
+			m.in = env.metrics.recordsIn.WithLabelValues("bench", kindMap, "map-0")
 			m.skipped = env.metrics.recordsSkipped.WithLabelValues("bench", "wordcount")
 			m.item = itemContext{s: m.keyed}
 			m.batch = batchApplier{m: m}

@@ -55,11 +55,11 @@ func newMetrics() *metrics {
 			Help: "Per source partition, the records the job has yet to make exactly-once state: the partition's end offset (as the source last fetched it) minus the offset of the last completed checkpoint. Set at each completed checkpoint.",
 		}, []string{"job", "topic", "partition"}),
 		recordsIn: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map).",
-		}, []string{"job", "kind"}),
+			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map), per task.",
+		}, []string{"job", "kind", "task"}),
 		recordsOut: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "coordflow_records_out_total", Help: "Items sent to map tasks by source tasks (kind=source) and records written to the sink by map tasks (kind=map).",
-		}, []string{"job", "kind"}),
+			Name: "coordflow_records_out_total", Help: "Items sent to map tasks by source tasks (kind=source) and records written to the sink by map tasks (kind=map), per task.",
+		}, []string{"job", "kind", "task"}),
 		recordsSkipped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_records_skipped_total", Help: "Malformed records the operator's split step rejected; they are skipped.",
 		}, []string{"job", "operator"}),

@@ -144,8 +144,8 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		progress:         make(map[int32]int64),
 		unconfirmed:      make(map[uint64]map[int32]int64),
 		completedOffsets: make(map[int32]int64),
-		in:               env.metrics.recordsIn.WithLabelValues(k.job, kindSource),
-		out:              env.metrics.recordsOut.WithLabelValues(k.job, kindSource),
+		in:               env.metrics.recordsIn.WithLabelValues(k.job, kindSource, k.id),
+		out:              env.metrics.recordsOut.WithLabelValues(k.job, kindSource, k.id),
 		skipped:          env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
 		acked:            env.metrics.checkpointsAcked.WithLabelValues(k.job, kindSource),
 	}

@@ -193,6 +193,10 @@ func testSourceToMap(t *testing.T, combine bool) {
 	}
 	sent := metricValue(t, w1.Gatherer(), "coordflow_records_out_total", map[string]string{"job": "wc", "kind": kindSource}) +
 		metricValue(t, w2.Gatherer(), "coordflow_records_out_total", map[string]string{"job": "wc", "kind": kindSource})
+	// Per task too: each source counts what it read.
+	if r0 := metricValue(t, w1.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "wc", "kind": kindSource, "task": "source-0"}); r0 != n/2 {
+		t.Errorf("source-0 read %v records, want its %d", r0, n/2)
+	}
 	switch {
 	case !combine && sent != float64(words):
 		t.Fatalf("the sources sent %v items for %d words without a combiner", sent, words)
