@@ -245,6 +245,9 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 	m.ctx = ctx
 	defer func() {
 		m.reg.unregisterMap(m)
+		// A task that stopped has no state here any more.
+		m.env.metrics.stateKeys.DeleteLabelValues(m.key.job, m.key.id)
+		m.env.metrics.stateSize.DeleteLabelValues(m.key.job, m.key.id)
 		cancel()
 		m.mu.Lock()
 		m.stopped = true
@@ -833,6 +836,15 @@ func (m *mapTask) sendAck(r snapshotResult) {
 	m.ackedN.Inc()
 	m.env.metrics.snapshotBytes.WithLabelValues(m.key.job, r.mode.String()).Add(float64(r.state.GetStateBytes()))
 	m.env.metrics.snapshotDuration.WithLabelValues(m.key.job).Observe(time.Since(r.began).Seconds())
+	if !r.savepoint {
+		size := int64(len(r.state.GetKeyed()))
+		if files := r.state.GetFiles(); len(files) > 0 {
+			c := chainOf(files)
+			size = c.fullBytes + c.deltaBytes
+		}
+		m.env.metrics.stateKeys.WithLabelValues(m.key.job, m.key.id).Set(float64(r.state.GetKeys()))
+		m.env.metrics.stateSize.WithLabelValues(m.key.job, m.key.id).Set(float64(size))
+	}
 	m.log.Debug("checkpoint acked", "checkpoint", r.id, "savepoint", r.savepoint, "bytes", r.state.GetStateBytes(),
 		"files", len(r.state.GetFiles()), "keys", r.state.GetKeys())
 	m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{

@@ -35,6 +35,8 @@ type metrics struct {
 	sinkTxns         *prometheus.CounterVec   // job, outcome: committed, recovered, ended_before, aborted_stale
 	sinkFenced       *prometheus.CounterVec   // job
 	lag              *prometheus.GaugeVec     // job, topic, partition
+	stateKeys        *prometheus.GaugeVec     // job, task
+	stateSize        *prometheus.GaugeVec     // job, task
 }
 
 func newMetrics() *metrics {
@@ -54,6 +56,13 @@ func newMetrics() *metrics {
 			Name: "coordflow_source_lag_records",
 			Help: "Per source partition, the records the job has yet to make exactly-once state: the partition's end offset (as the source last fetched it) minus the offset of the last completed checkpoint. Set at each completed checkpoint.",
 		}, []string{"job", "topic", "partition"}),
+		stateKeys: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "coordflow_state_keys", Help: "Keys in a map task's state at its last checkpoint.",
+		}, []string{"job", "task"}),
+		stateSize: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "coordflow_state_size_bytes",
+			Help: "Size of a map task's state at its last checkpoint: the inline state, or every file (full and deltas) the checkpoint references.",
+		}, []string{"job", "task"}),
 		recordsIn: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_records_in_total", Help: "Records read from Kafka by source tasks (kind=source) and items applied by map tasks (kind=map), per task.",
 		}, []string{"job", "kind", "task"}),
@@ -102,7 +111,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
 		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.lag, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.lag, m.stateKeys, m.stateSize, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

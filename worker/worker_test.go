@@ -193,6 +193,19 @@ func testSourceToMap(t *testing.T, combine bool) {
 	}
 	sent := metricValue(t, w1.Gatherer(), "coordflow_records_out_total", map[string]string{"job": "wc", "kind": kindSource}) +
 		metricValue(t, w2.Gatherer(), "coordflow_records_out_total", map[string]string{"job": "wc", "kind": kindSource})
+	// Each map task reports its state's keys and size at its last checkpoint.
+	for _, mt := range []struct {
+		w   *Worker
+		ref *transport.TaskRef
+	}{{w1, m0}, {w2, m1}} {
+		st := acks[mt.ref.GetTaskId()].GetState()
+		labels := map[string]string{"job": "wc", "task": mt.ref.GetTaskId()}
+		keys := metricValue(t, mt.w.Gatherer(), "coordflow_state_keys", labels)
+		size := metricValue(t, mt.w.Gatherer(), "coordflow_state_size_bytes", labels)
+		if keys != float64(st.GetKeys()) || size != float64(len(st.GetKeyed())) || size == 0 {
+			t.Errorf("%s: state metrics %v keys, %v bytes; its ack: %d keys, %d bytes", mt.ref.GetTaskId(), keys, size, st.GetKeys(), len(st.GetKeyed()))
+		}
+	}
 	// Per task too: each source counts what it read.
 	if r0 := metricValue(t, w1.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "wc", "kind": kindSource, "task": "source-0"}); r0 != n/2 {
 		t.Errorf("source-0 read %v records, want its %d", r0, n/2)
