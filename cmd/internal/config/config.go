@@ -50,6 +50,9 @@ func apply(fs *flag.FlagSet, path string, data []byte, env func(string) (string,
 	if opts == nil {
 		return fmt.Errorf("config file %s: want one JSON object of options, not null", path)
 	}
+	if dup := duplicateKey(data); dup != "" {
+		return fmt.Errorf("config file %s: option %q is given twice", path, dup)
+	}
 	given := make(map[string]bool)
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
 	for _, name := range slices.Sorted(maps.Keys(opts)) {
@@ -71,6 +74,33 @@ func apply(fs *flag.FlagSet, path string, data []byte, env func(string) (string,
 		}
 	}
 	return nil
+}
+
+// duplicateKey returns a key the top-level object of data (valid JSON)
+// holds twice, or "": encoding/json would keep the last silently, and a
+// repeated option is more likely a mistake than a choice.
+func duplicateKey(data []byte) string {
+	dec := json.NewDecoder(strings.NewReader(string(data)))
+	if _, err := dec.Token(); err != nil { // {
+		return ""
+	}
+	seen := make(map[string]bool)
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		key, _ := tok.(string)
+		if seen[key] {
+			return key
+		}
+		seen[key] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return ""
+		}
+	}
+	return ""
 }
 
 // value turns a JSON value into a flag's text.

@@ -72,6 +72,7 @@ func TestApplyNamesWhatIsWrong(t *testing.T) {
 		{`null`, "not null"},
 		{`{"id": "c1",}`, "want one JSON object"},
 		{`{"bootstrap": 3}`, `unknown option "bootstrap"`},
+		{`{"slots": 2, "id": "c1", "slots": 3}`, `option "slots" is given twice`},
 		{`{"config": "other.json"}`, `option "config": a config file cannot name another`},
 		{`{"slots": "many"}`, `option "slots": invalid value "many"`},
 		{`{"slots": 2.5}`, `option "slots": invalid value "2.5"`},
