@@ -104,6 +104,8 @@ func (p *pendingCheckpoint) add(ack *transport.CheckpointAck, worker string, tas
 		StateBytes:    st.GetStateBytes(),
 		// The worker measures it; a negative one is clamped, not trusted.
 		AlignmentMicros: max(0, st.GetAlignmentUs()),
+		RecordsIn:       max(0, st.GetRecordsIn()),
+		RecordsOut:      max(0, st.GetRecordsOut()),
 	}
 	if t.Kind == fsm.TaskMap && t.KeyGroups != nil {
 		kg := *t.KeyGroups // the range the map task's snapshot covers

@@ -48,11 +48,15 @@ func (s *Server) newHTTPServer() *http.Server {
 	}
 	s.handle(mux, "GET /v1/status", roleNone, routeOpts{}, http.HandlerFunc(s.handleStatus))
 	s.handle(mux, "GET /v1/members", roleRead, routeOpts{}, http.HandlerFunc(s.handleMembers))
+	s.handle(mux, "GET /v1/coordinators", roleRead, routeOpts{}, http.HandlerFunc(s.handleCoordinators))
+	s.handle(mux, "GET /v1/workers", roleRead, routeOpts{}, http.HandlerFunc(s.handleWorkers))
 	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes}, s.leaderOnly(s.handleSubmitJob))
 	s.handle(mux, "GET /v1/jobs", roleRead, read, http.HandlerFunc(s.handleListJobs))
 	s.handle(mux, "GET /v1/jobs/{id}", roleRead, read, http.HandlerFunc(s.handleGetJob))
 	s.handle(mux, "DELETE /v1/jobs/{id}", roleWrite, long, s.leaderOnly(s.handleCancelJob))
 	s.handle(mux, "GET /v1/jobs/{id}/checkpoints", roleRead, read, http.HandlerFunc(s.handleCheckpoints))
+	s.handle(mux, "GET /v1/jobs/{id}/checkpoints/history", roleRead, read, http.HandlerFunc(s.handleCheckpointHistory))
+	s.handle(mux, "GET /v1/jobs/{id}/lag", roleRead, read, http.HandlerFunc(s.handleLag))
 	s.handle(mux, "GET /v1/jobs/{id}/state", roleRead, routeOpts{fsmRead: true, writeFor: stateWriteTimeout}, http.HandlerFunc(s.handleState))
 	s.handle(mux, "GET /v1/jobs/{id}/state/export", roleRead, read, http.HandlerFunc(s.handleStateExport))
 	s.handle(mux, "POST /v1/jobs/{id}/savepoints", roleWrite, long, s.leaderOnly(s.handleTakeSavepoint))
@@ -104,10 +108,15 @@ type apiStatus struct {
 }
 
 func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, s.status())
+}
+
+// status is this node's GET /v1/status.
+func (s *Server) status() apiStatus {
 	id, _, httpAddr := s.leaderInfo()
 	c := s.contact()
 	stale := s.staleReason(c)
-	writeJSON(w, http.StatusOK, apiStatus{
+	return apiStatus{
 		ID:             s.cfg.ID,
 		Version:        s.cfg.Version,
 		State:          s.raft.State().String(),
@@ -122,7 +131,7 @@ func (s *Server) handleStatus(w http.ResponseWriter, _ *http.Request) {
 		ApplyError:     c.applyProblem,
 		ServesReads:    stale == "",
 		StaleReason:    stale,
-	})
+	}
 }
 
 func (s *Server) handleMembers(w http.ResponseWriter, _ *http.Request) {
@@ -255,6 +264,66 @@ type apiJob struct {
 	SubmittedAt    string            `json:"submitted_at"`
 	UpdatedAt      string            `json:"updated_at"`
 	Spec           fsm.JobSpec       `json:"spec"`
+	// AttemptStartedAt is when the current attempt was deployed ("" before
+	// the first deploy): the job's uptime starts there.
+	AttemptStartedAt string `json:"attempt_started_at"`
+	// Attempts are the most recent attempts, newest first, with the reason
+	// each was started (fsm.MaxAttemptHistory).
+	Attempts []apiAttempt `json:"attempts"`
+	// Throughput is the rate between the current attempt's last two
+	// completed checkpoints; null until it has two.
+	Throughput *apiThroughput `json:"throughput"`
+}
+
+// apiAttempt is one attempt of a job.
+type apiAttempt struct {
+	Attempt      uint64 `json:"attempt"`
+	StartedAt    string `json:"started_at"`
+	Reason       string `json:"reason"`
+	RestoredFrom uint64 `json:"restored_from,omitempty"`
+}
+
+// apiThroughput is a job's records per second between two checkpoints: in
+// is what its sources read from Kafka, out what its map tasks emitted.
+type apiThroughput struct {
+	RecordsInPerSecond  float64 `json:"records_in_per_second"`
+	RecordsOutPerSecond float64 `json:"records_out_per_second"`
+	FromCheckpoint      uint64  `json:"from_checkpoint"`
+	ToCheckpoint        uint64  `json:"to_checkpoint"`
+}
+
+// throughput computes the rate between the last two completed checkpoints
+// of j's current attempt from the record counts in their task states, which
+// count from each task's start in the attempt.
+func throughput(j fsm.Job) *apiThroughput {
+	n := len(j.Completed)
+	if n < 2 {
+		return nil
+	}
+	a, b := j.Completed[n-2], j.Completed[n-1]
+	secs := float64(b.TriggeredAt-a.TriggeredAt) / float64(time.Second)
+	if a.Attempt != j.Attempt || b.Attempt != j.Attempt || secs <= 0 {
+		return nil
+	}
+	count := func(cp fsm.Checkpoint) (in, out int64) {
+		for _, st := range cp.Tasks {
+			switch st.Kind {
+			case fsm.TaskSource:
+				in += st.RecordsIn
+			case fsm.TaskMap:
+				out += st.RecordsOut
+			}
+		}
+		return in, out
+	}
+	inA, outA := count(a)
+	inB, outB := count(b)
+	return &apiThroughput{
+		RecordsInPerSecond:  float64(max(0, inB-inA)) / secs,
+		RecordsOutPerSecond: float64(max(0, outB-outA)) / secs,
+		FromCheckpoint:      a.ID,
+		ToCheckpoint:        b.ID,
+	}
 }
 
 // apiTask is one task of a job's current attempt.
@@ -284,6 +353,14 @@ func newAPIJob(j fsm.Job) apiJob {
 		SubmittedAt: formatTime(j.SubmittedAt),
 		UpdatedAt:   formatTime(j.UpdatedAt),
 		Spec:        j.Spec,
+		Attempts:    make([]apiAttempt, 0, len(j.Attempts)),
+		Throughput:  throughput(j),
+	}
+	for _, a := range slices.Backward(j.Attempts) {
+		v.Attempts = append(v.Attempts, apiAttempt{Attempt: a.Attempt, StartedAt: formatTime(a.StartedAt), Reason: a.Reason, RestoredFrom: a.RestoredFrom})
+		if a.Attempt == j.Attempt {
+			v.AttemptStartedAt = formatTime(a.StartedAt)
+		}
 	}
 	for _, t := range j.Tasks {
 		v.Tasks = append(v.Tasks, apiTask{ID: t.ID, Kind: t.Kind, Worker: t.Worker, Partitions: t.Partitions, KeyGroups: t.KeyGroups})
@@ -351,6 +428,10 @@ type apiCheckpointTask struct {
 	AlignmentMS *float64 `json:"alignment_ms,omitempty"`
 	// Offsets are a source task's next offsets, keyed "topic/partition".
 	Offsets map[string]int64 `json:"offsets,omitempty"`
+	// RecordsIn and RecordsOut are what the task took in and sent on from
+	// its start in the attempt to this checkpoint.
+	RecordsIn  int64 `json:"records_in"`
+	RecordsOut int64 `json:"records_out"`
 }
 
 func newAPICheckpoint(topic string, cp fsm.Checkpoint) apiCheckpoint {
@@ -370,7 +451,7 @@ func newAPICheckpoint(topic string, cp fsm.Checkpoint) apiCheckpoint {
 	for _, id := range slices.Sorted(maps.Keys(cp.Tasks)) {
 		st := cp.Tasks[id]
 		tv := apiCheckpointTask{ID: id, Kind: st.Kind, Worker: st.Worker, AckTime: formatTime(st.AckedAt),
-			StateSize: st.StateBytes, Keys: st.Keys, Files: len(st.Files)}
+			StateSize: st.StateBytes, Keys: st.Keys, Files: len(st.Files), RecordsIn: st.RecordsIn, RecordsOut: st.RecordsOut}
 		if tv.StateSize == 0 {
 			tv.StateSize = int64(len(st.Keyed))
 		}

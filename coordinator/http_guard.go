@@ -80,10 +80,20 @@ type httpAPI struct {
 	// TLS, by leader id (forward.go).
 	forwardMu sync.Mutex
 	forward   map[string]*http.Transport
+	// coordinators and lag cache the dashboard's views that ask other
+	// processes; lagLookups admits maxLagLookups lag lookups at a time
+	// (http_dashboard.go).
+	coordinators viewCache[[]apiCoordinator]
+	lag          viewCache[apiLag]
+	lagLookups   chan struct{}
 }
 
 func newHTTPAPI() *httpAPI {
-	return &httpAPI{stateReads: make(chan struct{}, maxStateReads), forward: make(map[string]*http.Transport)}
+	return &httpAPI{
+		stateReads: make(chan struct{}, maxStateReads),
+		forward:    make(map[string]*http.Transport),
+		lagLookups: make(chan struct{}, maxLagLookups),
+	}
 }
 
 // routeOpts are an endpoint's bounds and rules.

@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -122,7 +123,28 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 	j.Reason = c.Reason
 	j.ConsecutiveAborts = 0
 	j.UpdatedAt = c.Time
+	j.Attempts = appendBounded(j.Attempts, MaxAttemptHistory,
+		AttemptRecord{Attempt: c.Attempt, StartedAt: c.Time, Reason: c.Reason, RestoredFrom: c.RestoreFrom})
 	return nil
+}
+
+// appendBounded appends v to s and drops the oldest elements beyond limit.
+func appendBounded[T any](s []T, limit int, v T) []T {
+	s = append(s, v)
+	if drop := len(s) - limit; drop > 0 {
+		s = slices.Delete(s, 0, drop)
+	}
+	return s
+}
+
+// recordHistory adds a finished checkpoint to j's History.
+func (j *Job) recordHistory(cp Checkpoint, states map[string]TaskState) {
+	sum := CheckpointSummary{ID: cp.ID, Attempt: cp.Attempt, Status: cp.Status, Savepoint: cp.Savepoint,
+		TriggeredAt: cp.TriggeredAt, EndedAt: cp.EndedAt, Reason: cp.Reason}
+	for _, st := range states {
+		sum.StateBytes += cmp.Or(st.StateBytes, int64(len(st.Keyed)))
+	}
+	j.History = appendBounded(j.History, MaxCheckpointHistory, sum)
 }
 
 // checkAssignment verifies that tasks are exactly the source and map tasks of
@@ -297,6 +319,7 @@ func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
 	done.Status = CheckpointCompleted
 	done.EndedAt = c.Time
 	done.Tasks = c.States
+	j.recordHistory(done, c.States)
 	j.Completed = append(j.Completed, done)
 	if drop := len(j.Completed) - max(j.Spec.Checkpoint.Retained, 1); drop > 0 {
 		j.Completed = slices.Delete(j.Completed, 0, drop)
@@ -345,6 +368,9 @@ func checkState(t Task, st TaskState) error {
 	}
 	if st.Worker != "" && st.Worker != t.Worker {
 		return fmt.Errorf("%w: state from worker %q, task runs on %q", ErrIncompleteStates, st.Worker, t.Worker)
+	}
+	if st.RecordsIn < 0 || st.RecordsOut < 0 {
+		return fmt.Errorf("%w: negative record counts (%d in, %d out)", ErrIncompleteStates, st.RecordsIn, st.RecordsOut)
 	}
 	switch t.Kind {
 	case TaskSource:
@@ -456,6 +482,9 @@ func (s *State) completeSavepoint(j *Job, c *CheckpointCompletedCmd) error {
 		Tasks:          c.States,
 	}
 	s.Savepoints[sp.ID] = sp
+	done := *j.Pending
+	done.Status, done.EndedAt = CheckpointCompleted, c.Time
+	j.recordHistory(done, c.States)
 	stop := j.Pending.Stop
 	j.Pending = nil
 	j.UpdatedAt = c.Time
@@ -500,10 +529,8 @@ func (j *Job) abortPending(reason string, at int64) {
 	cp.Status = CheckpointAborted
 	cp.Reason = reason
 	cp.EndedAt = at
-	j.Aborted = append(j.Aborted, cp)
-	if drop := len(j.Aborted) - MaxAbortedHistory; drop > 0 {
-		j.Aborted = slices.Delete(j.Aborted, 0, drop)
-	}
+	j.recordHistory(cp, nil)
+	j.Aborted = appendBounded(j.Aborted, MaxAbortedHistory, cp)
 	j.Pending = nil
 }
 

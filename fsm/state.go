@@ -118,6 +118,8 @@ func (j *Job) clone(shareBlobs bool) Job {
 	cloneCP := func(cp Checkpoint) Checkpoint { return cp.clone(shareBlobs) }
 	c.Completed = cloneSlice(j.Completed, cloneCP)
 	c.Aborted = cloneSlice(j.Aborted, cloneCP)
+	c.Attempts = slices.Clone(j.Attempts)
+	c.History = slices.Clone(j.History)
 	if j.FromSavepoint != nil {
 		sp := j.FromSavepoint.clone(shareBlobs)
 		c.FromSavepoint = &sp

@@ -240,6 +240,12 @@ type TaskState struct {
 	// AlignmentMicros (map tasks) is the time from the first to the last of
 	// the checkpoint's barriers at the task, in microseconds.
 	AlignmentMicros int64 `json:"alignment_us,omitempty"`
+	// RecordsIn and RecordsOut count what the task took in and sent on
+	// from its start in the attempt to the snapshot: a source's Kafka
+	// records and the items it sent, a map task's items and its output
+	// records. The difference between two checkpoints is a rate.
+	RecordsIn  int64 `json:"records_in,omitempty"`
+	RecordsOut int64 `json:"records_out,omitempty"`
 	// KeyGroups (map tasks) is the range the state covers, the task's range
 	// in its attempt. It makes a checkpoint self-describing: a restore with
 	// another parallelism sends each new map task only the state that
@@ -338,6 +344,39 @@ type Job struct {
 	// leader puts it in the attempt's deployments, and map tasks accept only
 	// data channels that present it. Never shown by the API.
 	ChannelToken string `json:"channel_token,omitempty"`
+	// Attempts are the job's most recent attempts, oldest first, bounded by
+	// MaxAttemptHistory: when each started and why.
+	Attempts []AttemptRecord `json:"attempts,omitempty"`
+	// History summarizes the job's most recent completed and aborted
+	// checkpoints and savepoints, oldest first, bounded by
+	// MaxCheckpointHistory: what a dashboard charts, kept beyond the
+	// retained checkpoints without their state.
+	History []CheckpointSummary `json:"history,omitempty"`
+}
+
+// AttemptRecord is one attempt of a job, as JobRestarted started it.
+type AttemptRecord struct {
+	Attempt   uint64 `json:"attempt"`
+	StartedAt int64  `json:"started_at"` // unix nanoseconds, from the command
+	// Reason is why the attempt was started: the first deploy, or the
+	// failure that ended the one before.
+	Reason string `json:"reason"`
+	// RestoredFrom is the completed checkpoint the attempt restored (0: it
+	// started fresh or from the job's savepoint).
+	RestoredFrom uint64 `json:"restored_from,omitempty"`
+}
+
+// CheckpointSummary is what a job's History keeps of one finished checkpoint.
+type CheckpointSummary struct {
+	ID          uint64           `json:"id"`
+	Attempt     uint64           `json:"attempt"`
+	Status      CheckpointStatus `json:"status"`
+	Savepoint   bool             `json:"savepoint,omitempty"`
+	TriggeredAt int64            `json:"triggered_at"`
+	EndedAt     int64            `json:"ended_at"`
+	// StateBytes sums the tasks' StateBytes (0 for an aborted checkpoint).
+	StateBytes int64  `json:"state_bytes,omitempty"`
+	Reason     string `json:"reason,omitempty"`
 }
 
 // MaxInlineStateBytes bounds one map task's inline keyed state in a
@@ -356,6 +395,13 @@ const MaxStateFiles = 1024
 
 // MaxAbortedHistory bounds how many aborted checkpoints a job remembers.
 const MaxAbortedHistory = 20
+
+// MaxAttemptHistory bounds a job's Attempts.
+const MaxAttemptHistory = 20
+
+// MaxCheckpointHistory bounds a job's History: at a few dozen bytes each,
+// it costs a job about as much as one retained checkpoint of a small job.
+const MaxCheckpointHistory = 100
 
 // RegisterJobCmd adds a new job in status pending.
 type RegisterJobCmd struct {

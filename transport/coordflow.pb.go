@@ -723,7 +723,13 @@ type TaskState struct {
 	SinkTxns []*SinkTxn `protobuf:"bytes,10,rep,name=sink_txns,json=sinkTxns,proto3" json:"sink_txns,omitempty"`
 	// alignment_us (map tasks): microseconds from the first to the last of the
 	// checkpoint's barriers at the task, the time its faster inputs waited.
-	AlignmentUs   int64 `protobuf:"varint,11,opt,name=alignment_us,json=alignmentUs,proto3" json:"alignment_us,omitempty"`
+	AlignmentUs int64 `protobuf:"varint,11,opt,name=alignment_us,json=alignmentUs,proto3" json:"alignment_us,omitempty"`
+	// records_in and records_out count what the task took in and sent on from
+	// its start in the attempt to the snapshot: a source's Kafka records and
+	// the items it sent, a map task's items and its output records. Their
+	// difference between two checkpoints is the task's rate.
+	RecordsIn     int64 `protobuf:"varint,12,opt,name=records_in,json=recordsIn,proto3" json:"records_in,omitempty"`
+	RecordsOut    int64 `protobuf:"varint,13,opt,name=records_out,json=recordsOut,proto3" json:"records_out,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -831,6 +837,20 @@ func (x *TaskState) GetSinkTxns() []*SinkTxn {
 func (x *TaskState) GetAlignmentUs() int64 {
 	if x != nil {
 		return x.AlignmentUs
+	}
+	return 0
+}
+
+func (x *TaskState) GetRecordsIn() int64 {
+	if x != nil {
+		return x.RecordsIn
+	}
+	return 0
+}
+
+func (x *TaskState) GetRecordsOut() int64 {
+	if x != nil {
+		return x.RecordsOut
 	}
 	return 0
 }
@@ -2497,7 +2517,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x11CheckpointDecline\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xca\x04\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x8a\x05\n" +
 	"\tTaskState\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12>\n" +
 	"\aoffsets\x18\x02 \x03(\v2$.coordflow.v1.TaskState.OffsetsEntryR\aoffsets\x12\x14\n" +
@@ -2511,7 +2531,11 @@ const file_coordflow_proto_rawDesc = "" +
 	"stateBytes\x122\n" +
 	"\tsink_txns\x18\n" +
 	" \x03(\v2\x15.coordflow.v1.SinkTxnR\bsinkTxns\x12!\n" +
-	"\falignment_us\x18\v \x01(\x03R\valignmentUs\x1a:\n" +
+	"\falignment_us\x18\v \x01(\x03R\valignmentUs\x12\x1d\n" +
+	"\n" +
+	"records_in\x18\f \x01(\x03R\trecordsIn\x12\x1f\n" +
+	"\vrecords_out\x18\r \x01(\x03R\n" +
+	"recordsOut\x1a:\n" +
 	"\fOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\x1a:\n" +

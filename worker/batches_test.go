@@ -127,7 +127,14 @@ func TestSinkOutputsOutliveTheirBatch(t *testing.T) {
 	// Small batches: the sink holds the outputs of many of them at once.
 	w := startWorker(t, "w1", f, func(c *Config) { c.BatchSize = 7 })
 	sd, md := deploySinkJob(t, f, w, "pt", operator.Passthrough, brokers, "in", "out")
-	checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: n / 2, 1: n / 2}, nil)
+	_, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: n / 2, 1: n / 2}, nil)
+	// The acks count the records each task took in and sent on: the
+	// dashboard's records per second.
+	src, mt := acks[sd.Task.GetTaskId()].GetState(), acks[md.Task.GetTaskId()].GetState()
+	if src.GetRecordsIn() != n || src.GetRecordsOut() != n || mt.GetRecordsIn() != n || mt.GetRecordsOut() != n {
+		t.Fatalf("acks count source %d in, %d out; map task %d in, %d out; want %d each",
+			src.GetRecordsIn(), src.GetRecordsOut(), mt.GetRecordsIn(), mt.GetRecordsOut(), n)
+	}
 
 	got := map[string]string{}
 	for _, m := range readTopic(t, brokers, "out", 0) {

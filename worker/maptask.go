@@ -97,14 +97,17 @@ type mapTask struct {
 		id, last  uint64
 		savepoint bool
 	}
-	align    *aligner
-	sink     *sink
-	in       prometheus.Counter
-	out      prometheus.Counter
-	skipped  prometheus.Counter
-	ackedN   prometheus.Counter
-	declined prometheus.Counter
-	aligned  prometheus.Observer
+	align *aligner
+	sink  *sink
+	in    prometheus.Counter
+	out   prometheus.Counter
+	// recordsIn and recordsOut count the items applied and the outputs
+	// emitted since the task started, for its acks (TaskState.records_in/out).
+	recordsIn, recordsOut int64
+	skipped               prometheus.Counter
+	ackedN                prometheus.Counter
+	declined              prometheus.Counter
+	aligned               prometheus.Observer
 }
 
 // chainInfo describes the state files of one snapshot: the chain a delta can
@@ -516,6 +519,7 @@ func (m *mapTask) emit(out operator.Output) {
 		return
 	}
 	m.out.Inc()
+	m.recordsOut++
 }
 
 // handle applies one input event on the task loop.
@@ -550,6 +554,7 @@ func (m *mapTask) apply(batch []byte) error {
 	m.batch.items = 0
 	err := transport.ReadBatch(batch, &m.batch)
 	m.in.Add(float64(m.batch.items))
+	m.recordsIn += int64(m.batch.items)
 	return err
 }
 
@@ -684,6 +689,7 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool, aligned time
 		encoding:  string(operator.EncodingOf(m.op)),
 		sinkTxns:  txns,
 		alignment: aligned,
+		records:   [2]int64{m.recordsIn, m.recordsOut},
 	}
 	job.savepoint = savepoint
 	threshold := m.stateSpec.GetInlineThreshold()

@@ -93,6 +93,9 @@ type sourceTask struct {
 	out              prometheus.Counter
 	skipped          prometheus.Counter
 	acked            prometheus.Counter
+	// recordsIn and recordsOut count the records read and the items sent
+	// since the task started, for its acks (TaskState.records_in/out).
+	recordsIn, recordsOut int64
 }
 
 func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, log *slog.Logger) (*sourceTask, error) {
@@ -627,6 +630,7 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 				}
 			}
 			s.in.Add(float64(len(msgs)))
+			s.recordsIn += int64(len(msgs))
 		case <-flush.C:
 			armed = false
 			if err := s.flushAll(ctx); err != nil {
@@ -727,6 +731,7 @@ func (s *sourceTask) flush(ctx context.Context, o int) error {
 		return fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err)
 	}
 	s.out.Add(float64(n))
+	s.recordsOut += int64(n)
 	return nil
 }
 func (s *sourceTask) flushAll(ctx context.Context) error {
@@ -777,7 +782,8 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	s.log.Debug("checkpoint acked", "checkpoint", id, "offsets", offsets)
 	s.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
 		Task: s.key.ref(), CheckpointId: id,
-		State: &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_SOURCE, Offsets: maps.Clone(offsets)},
+		State: &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_SOURCE, Offsets: maps.Clone(offsets),
+			RecordsIn: s.recordsIn, RecordsOut: s.recordsOut},
 	}}})
 	return nil
 }
