@@ -9,13 +9,11 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"runtime"
 
 	"github.com/coordflow/coordflow/cmd/internal/version"
 )
@@ -101,17 +99,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "keygen":
 		err = runKeygen(rest, stdout, stderr)
 	case "version":
-		switch {
-		case len(rest) == 0:
-			fmt.Fprintln(stdout, version.Line("coordd"))
-		case len(rest) == 2 && rest[0] == "-format" && rest[1] == "json":
-			err = json.NewEncoder(stdout).Encode(map[string]string{
-				"binary": "coordd", "version": version.String(), "go": runtime.Version(), "platform": runtime.GOOS + "/" + runtime.GOARCH,
-			})
-		default:
-			fmt.Fprintf(stderr, "Usage: coordd version [-format json]\n")
-			return 2
-		}
+		return version.Command("coordd", rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)
 		return 0

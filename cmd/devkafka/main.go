@@ -59,9 +59,8 @@ func (f topicsFlag) Set(s string) error {
 // run is main without the exit, so that its exit codes read in one place:
 // 0 after a clean stop, 1 when the broker fails, 2 on bad flags.
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 1 && (args[0] == "version" || args[0] == "-version") {
-		fmt.Fprintln(stdout, version.Line("devkafka"))
-		return 0
+	if len(args) > 0 && (args[0] == "version" || args[0] == "-version") {
+		return version.Command("devkafka", args[1:], stdout, stderr)
 	}
 	fs := flag.NewFlagSet("devkafka", flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -55,6 +55,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -73,7 +74,10 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:]); errors.Is(err, flag.ErrHelp) {
+	if args := os.Args[1:]; len(args) > 0 && (args[0] == "version" || args[0] == "-version") {
+		os.Exit(version.Command("workerd", args[1:], os.Stdout, os.Stderr))
+	}
+	if err := run(os.Args[1:], os.Stderr); errors.Is(err, flag.ErrHelp) {
 		os.Exit(2) // the usage is printed already
 	} else if err != nil {
 		fmt.Fprintln(os.Stderr, "workerd:", err)
@@ -81,13 +85,11 @@ func main() {
 	}
 }
 
-func run(args []string) error {
-	if len(args) == 1 && (args[0] == "version" || args[0] == "-version") {
-		fmt.Println(version.Line("workerd"))
-		return nil
-	}
+// run is main without the exit: flags, usage and logs go to stderr.
+func run(args []string, stderr io.Writer) error {
 	cfg := worker.DefaultConfig()
 	fs := flag.NewFlagSet("workerd", flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.ID, "id", "", "worker `ID`: gossip name and placement target (required)")
 	fs.StringVar(&cfg.DataAddr, "data-addr", "127.0.0.1:7401", "`host:port` of the data server that other workers dial")
 	fs.StringVar(&cfg.GossipAddr, "gossip-addr", "127.0.0.1:7501", "`ip:port` for gossip (memberlist, TCP and UDP)")
@@ -138,7 +140,7 @@ func run(args []string) error {
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		return fmt.Errorf("-log-level: %w", err)
 	}
-	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Join = splitList(*join)
 	cfg.Failpoint = failpoint.FromEnv()
 	if cfg.StateDir == "" && *dataDir != "" {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"io"
 	"os"
 	"path/filepath"
@@ -32,7 +33,7 @@ func TestConfigFile(t *testing.T) {
 		{[]string{"-config", write("d.json", `{"id": "w1", "flush-interval": 10}`)}, `option "flush-interval": invalid value "10"`},
 		{[]string{"-config", filepath.Join(dir, "missing.json")}, "missing.json"},
 	} {
-		err := run(tc.args)
+		err := run(tc.args, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("workerd %v: %v, want an error containing %q", tc.args, err, tc.want)
 		}
@@ -42,19 +43,8 @@ func TestConfigFile(t *testing.T) {
 // TestOptionsDocumented: docs/operations.md's option reference lists every
 // flag of workerd.
 func TestOptionsDocumented(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stderr := os.Stderr
-	os.Stderr = w
-	_ = run([]string{"-h"})
-	os.Stderr = stderr
-	w.Close()
-	usage, err := io.ReadAll(r)
-	if err != nil {
-		t.Fatal(err)
-	}
+	var usage bytes.Buffer
+	_ = run([]string{"-h"}, &usage)
 	docs, err := os.ReadFile("../../docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
@@ -64,13 +54,13 @@ func TestOptionsDocumented(t *testing.T) {
 		ref = ref[i:]
 	}
 	var names []string
-	for _, line := range strings.Split(string(usage), "\n") {
+	for _, line := range strings.Split(usage.String(), "\n") {
 		if rest, ok := strings.CutPrefix(line, "  -"); ok {
 			names = append(names, strings.Fields(rest)[0])
 		}
 	}
 	if len(names) < 20 {
-		t.Fatalf("found %d flags in workerd -h: %q", len(names), usage)
+		t.Fatalf("found %d flags in workerd -h: %q", len(names), usage.String())
 	}
 	for _, name := range names {
 		if name != "config" && !strings.Contains(ref, "| `"+name+"` |") {
