@@ -21,6 +21,7 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/coordflow/coordflow/coordinator/ui"
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 )
@@ -70,6 +71,10 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "DELETE /v1/raft/peers/{id}", roleOperator, routeOpts{}, s.leaderOnly(s.handleRemovePeer))
 	s.handle(mux, "GET /v1/fsm/digest", roleRead, read, http.HandlerFunc(s.handleDigest))
 	s.handle(mux, "GET /metrics", roleRead, routeOpts{}, promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
+	// The dashboard's files are public, as /v1/status is: the page asks for
+	// a token when the API needs one.
+	s.handle(mux, "GET /ui/", roleNone, routeOpts{}, ui.Handler())
+	s.handle(mux, "GET /{$}", roleNone, routeOpts{}, http.RedirectHandler("/ui/", http.StatusFound))
 	s.handle(mux, "/", roleRead, routeOpts{}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
 	}))

@@ -315,3 +315,23 @@ func TestCoordinatorsView(t *testing.T) {
 		return fmt.Errorf("stopped coordinator %s left out: %+v", gone.ID(), view)
 	})
 }
+
+// The root redirects to the dashboard, whose files need no token.
+func TestDashboardRoutes(t *testing.T) {
+	d := newDashboardFixture(t)
+	rec := httptest.NewRecorder()
+	d.h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
+	if rec.Code != http.StatusFound || rec.Header().Get("Location") != "/ui/" {
+		t.Fatalf("GET /: %d Location %q", rec.Code, rec.Header().Get("Location"))
+	}
+	rec = httptest.NewRecorder()
+	d.h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/ui/", nil))
+	if rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), "<html") {
+		t.Fatalf("GET /ui/: %d %.200q", rec.Code, rec.Body)
+	}
+	rec = httptest.NewRecorder()
+	d.h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/nothing", nil))
+	if rec.Code != http.StatusNotFound {
+		t.Fatalf("GET /nothing: %d", rec.Code)
+	}
+}

@@ -223,8 +223,8 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		}
 		api.base, api.token = "https://"+coords[0].HTTPAddr(), sec.token
 	}
-	fmt.Fprintf(o.out, "coordflow dev cluster\n  HTTP API:   %s (also %s, %s)\n  broker:     %s (topics words, counts)\n  data:       %s\n",
-		api.base, coords[1].HTTPAddr(), coords[2].HTTPAddr(), broker.Addr(), dir)
+	fmt.Fprintf(o.out, "coordflow dev cluster\n  HTTP API:   %s (also %s, %s)\n  dashboard:  %s/ui/\n  broker:     %s (topics words, counts)\n  data:       %s\n",
+		api.base, coords[1].HTTPAddr(), coords[2].HTTPAddr(), api.base, broker.Addr(), dir)
 	if sec != nil {
 		fmt.Fprintf(o.out, "  secure:     mutual TLS (CA %s), encrypted gossip, API token %q\n  CLI:        export COORD_ADDR=%s COORD_CACERT=%s COORD_TOKEN=%s\n",
 			sec.caFile(), devTokenName, api.base, sec.caFile(), sec.token)
