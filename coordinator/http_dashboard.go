@@ -252,6 +252,8 @@ func jobLag(ctx context.Context, j fsm.Job) (apiLag, error) {
 	switch {
 	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || (err == nil && len(parts) == 0):
 		return v, fmt.Errorf("source topic %q does not exist on %s", topic, addrs)
+	case errors.Is(err, sarama.ErrOutOfBrokers):
+		return v, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
 	case err != nil:
 		return v, fmt.Errorf("list partitions of source topic %q on %s: %w", topic, addrs, err)
 	}

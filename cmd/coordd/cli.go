@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -31,6 +32,8 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
   job cancel ID [-savepoint]
                         cancel a job; with -savepoint, stop it with a final savepoint
   job checkpoints ID    list a job's checkpoints, newest first
+  job lag ID            consumer lag per partition: the broker's end offset minus the
+                        last completed checkpoint's offset
   job state ID [-key K | -key-base64 B | -export FILE]
                         show the state of a job's last completed checkpoint
   job savepoint ID      take a savepoint of a running job
@@ -103,6 +106,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			return nil
 		}},
 		"checkpoints": {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobCheckpoints(ctx, c, id, stdout) }},
+		"lag":         {"ID", func(ctx context.Context, c *apiClient, id string) error { return jobLag(ctx, c, id, stdout) }},
 		"state": {"ID", func(ctx context.Context, c *apiClient, id string) error {
 			path := "/v1/jobs/" + url.PathEscape(id) + "/state"
 			switch {
@@ -559,6 +563,47 @@ func jobCheckpoints(ctx context.Context, c *apiClient, id string, stdout io.Writ
 		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%d\t%d\t%s\n", cp.ID, cp.Attempt, cp.Status, triggered, dur, len(cp.Tasks), size, cp.Reason)
 	}
 	return tw.Flush()
+}
+
+// jobLag prints GET /v1/jobs/{id}/lag.
+func jobLag(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
+	path := "/v1/jobs/" + url.PathEscape(id) + "/lag"
+	if c.jsonOut {
+		return printJSON(ctx, c, path, stdout)
+	}
+	var lag struct {
+		Topic        string `json:"topic"`
+		CheckpointID uint64 `json:"checkpoint_id"`
+		Total        int64  `json:"total"`
+		Partitions   []struct {
+			Partition        int32  `json:"partition"`
+			EndOffset        int64  `json:"end_offset"`
+			CheckpointOffset *int64 `json:"checkpoint_offset"`
+			Lag              *int64 `json:"lag"`
+		} `json:"partitions"`
+	}
+	if err := c.getJSON(ctx, path, &lag); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PARTITION\tEND OFFSET\tCHECKPOINT OFFSET\tLAG")
+	for _, p := range lag.Partitions {
+		done, behind := "-", "-"
+		if p.CheckpointOffset != nil && p.Lag != nil {
+			done, behind = strconv.FormatInt(*p.CheckpointOffset, 10), strconv.FormatInt(*p.Lag, 10)
+		}
+		fmt.Fprintf(tw, "%s/%d\t%d\t%s\t%s\n", lag.Topic, p.Partition, p.EndOffset, done, behind)
+	}
+	fmt.Fprintf(tw, "total\t\t\t%d\n", lag.Total)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if lag.CheckpointID == 0 {
+		fmt.Fprintln(stdout, "(no completed checkpoint yet)")
+	} else {
+		fmt.Fprintf(stdout, "as of checkpoint %d\n", lag.CheckpointID)
+	}
+	return nil
 }
 
 // printJSON GETs path and prints the answer as indented JSON.

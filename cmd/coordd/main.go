@@ -45,6 +45,7 @@ Jobs:
   job status ID         show a job, its tasks and its last checkpoint
   job cancel ID         cancel a job (-savepoint: stop it with a final savepoint)
   job checkpoints ID    list a job's checkpoints, newest first
+  job lag ID            consumer lag per partition: broker end offset minus the last checkpoint's
   job state ID          show the offsets and keyed state of a job's last completed checkpoint
                         (-key K: one key; -export FILE: every key as NDJSON)
   job savepoint ID      take a savepoint of a running job; prints its id and location

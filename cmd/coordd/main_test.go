@@ -70,6 +70,7 @@ func TestCLI(t *testing.T) {
 		stderr string
 	}{
 		{[]string{"job", "state", id}, 1, "no completed checkpoint"},
+		{[]string{"job", "lag", id}, 1, "source brokers 127.0.0.1:"},
 		{[]string{"job", "cancel", id}, 1, "already cancelled"},
 		{[]string{"job", "status", "nope"}, 1, `no job "nope"`},
 		{[]string{"job", "status"}, 2, "want 1 argument"},
