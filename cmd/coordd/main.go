@@ -69,8 +69,9 @@ Cluster:
 
 The job, members and raft commands (all but raft recover, which works offline)
 talk to the HTTP API of any coordinator, named by -addr (default $COORD_ADDR,
-else http://127.0.0.1:7201), and take -format json to print the API's JSON
-instead of tables. Exit status: 0 done, 1 failed (the reason on stderr),
+else http://127.0.0.1:7201). Every command but agent and dev takes -format
+json: the API's JSON (or, for tls, keygen, raft recover and version, an
+object of what they did) instead of tables. Exit status: 0 done, 1 failed (the reason on stderr),
 2 bad usage.
 Run 'coordd <command> -h' for the flags of a command.
 `

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,6 +25,7 @@ func raftRecover(args []string, stdout, stderr io.Writer) error {
 	dataDir := fs.String("data-dir", "", "`DIR`: the -data-dir of the stopped coordinator to recover")
 	peersFile := fs.String("peers", "", "`FILE`: JSON list of the coordinators of the new configuration, "+
 		`[{"id": "c1", "address": "10.0.0.1:7001", "non_voter": false}, ...]`)
+	format := fs.String("format", "table", "output `FORMAT`: table (sentences) or json ({\"data_dir\", \"index\", \"term\", \"jobs\", \"previous\", \"servers\"})")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: coordd raft recover -data-dir DIR -peers FILE
 
@@ -47,6 +49,8 @@ each one FILE lists, then start them. See docs/operations.md
 		return usageError(fs, "unexpected argument %q", fs.Arg(0))
 	case *dataDir == "" || *peersFile == "":
 		return usageError(fs, "-data-dir and -peers are required")
+	case *format != "table" && *format != "json":
+		return usageError(fs, "-format %q: want table or json", *format)
 	}
 	conf, err := raft.ReadConfigJSON(*peersFile)
 	if err != nil {
@@ -57,11 +61,27 @@ each one FILE lists, then start them. See docs/operations.md
 	if err != nil {
 		return err
 	}
+	if *format == "json" {
+		return json.NewEncoder(stdout).Encode(map[string]any{
+			"data_dir": *dataDir, "index": got.Index, "term": got.Term, "jobs": got.Jobs,
+			"previous": jsonServers(got.Previous), "servers": jsonServers(conf.Servers),
+		})
+	}
 	fmt.Fprintf(stdout, "recovered %s at raft index %d (term %d) with %d jobs\n", *dataDir, got.Index, got.Term, got.Jobs)
 	fmt.Fprintf(stdout, "raft configuration was: %s\n", describeServers(got.Previous))
 	fmt.Fprintf(stdout, "raft configuration now: %s\n", describeServers(conf.Servers))
 	fmt.Fprintln(stdout, "start each coordinator listed with its usual flags and the -raft-addr listed for it")
 	return nil
+}
+
+// jsonServers is servers as -format json prints them: the fields of the
+// peers file.
+func jsonServers(servers []raft.Server) []map[string]any {
+	out := make([]map[string]any, 0, len(servers))
+	for _, s := range servers {
+		out = append(out, map[string]any{"id": string(s.ID), "address": string(s.Address), "non_voter": s.Suffrage == raft.Nonvoter})
+	}
+	return out
 }
 
 // describeServers lists servers as "id (address, voter), ...".

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"os"
@@ -81,4 +82,17 @@ func TestRaftRecover(t *testing.T) {
 	}
 	srv = start()
 	stop(srv)
+	// Again, for a script: -format json names the new configuration.
+	code, stdout, stderr = cli("raft", "recover", "-data-dir", cfg.DataDir, "-peers", peers, "-format", "json")
+	var got struct {
+		DataDir string `json:"data_dir"`
+		Index   uint64 `json:"index"`
+		Servers []struct {
+			ID, Address string
+		} `json:"servers"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &got); code != 0 || err != nil || got.DataDir != cfg.DataDir || got.Index == 0 ||
+		len(got.Servers) != 1 || got.Servers[0].ID != "c1" || got.Servers[0].Address != cfg.RaftAddr {
+		t.Fatalf("coordd raft recover -format json = %d %q %q (%v): %+v", code, stdout, stderr, err, got)
+	}
 }

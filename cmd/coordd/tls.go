@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -30,6 +31,7 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 	fs.SetOutput(stderr)
 	dir := fs.String("dir", ".", "`DIR` that holds (or gets) ca.pem and ca-key.pem; new files are written there")
 	days := fs.Int("days", 0, "validity in `DAYS` (default: 1825 for a CA, 365 for a certificate; never beyond the CA's)")
+	format := fs.String("format", "table", "output `FORMAT`: table (sentences) or json ({\"identity\", \"cert\", \"key\"}: the files written)")
 	var coord, worker, client, role, addr string
 	if args[0] == "cert" {
 		fs.StringVar(&coord, "coordinator", "", "issue a coordinator certificate for coordd -id `ID`")
@@ -54,6 +56,16 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 	if *days < 0 {
 		return usageError(fs, "-days must be positive")
 	}
+	if *format != "table" && *format != "json" {
+		return usageError(fs, "-format %q: want table or json", *format)
+	}
+	printFiles := func(ident, cert, key, sentence string) error {
+		if *format == "json" {
+			return json.NewEncoder(stdout).Encode(map[string]string{"identity": ident, "cert": cert, "key": key})
+		}
+		_, err := fmt.Fprint(stdout, sentence)
+		return err
+	}
 	validity := time.Duration(*days) * 24 * time.Hour
 	if args[0] == "ca" {
 		if validity == 0 {
@@ -63,8 +75,7 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "==> CA certificate %s\n==> CA key %s (keep it offline)\n", cert, key)
-		return nil
+		return printFiles("ca", cert, key, fmt.Sprintf("==> CA certificate %s\n==> CA key %s (keep it offline)\n", cert, key))
 	}
 	var ident tlsutil.Identity
 	n := 0
@@ -89,6 +100,5 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "==> %s certificate %s\n==> key %s\n", ident, cert, key)
-	return nil
+	return printFiles(ident.String(), cert, key, fmt.Sprintf("==> %s certificate %s\n==> key %s\n", ident, cert, key))
 }
