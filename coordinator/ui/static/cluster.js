@@ -74,7 +74,8 @@ function renderWorkers(sec, workers) {
       attrs: {'data-testid': 'worker-row', 'data-id': w.id},
       cells: [
         h('span', {class: 'strong'}, w.id),
-        w.status ? badge(w.status, statusKind(w.status)) : DASH,
+        [w.status ? badge(w.status, statusKind(w.status)) : DASH,
+          w.problem ? h('div', {class: 'error-text small'}, w.problem) : null],
         [
           h('meter', {min: 0, max: w.slots || 0, value: w.slots_used || 0, title: `${w.slots_used} of ${w.slots} slots`}),
           ` ${int(w.slots_used)} / ${int(w.slots)}`,

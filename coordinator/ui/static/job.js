@@ -115,11 +115,14 @@ function renderTasks(sec, job) {
 }
 
 function renderLag(sec, lag) {
-  sec.note.textContent = lag.checkpoint_id ? `from checkpoint ${lag.checkpoint_id}` : 'no completed checkpoint yet';
+  const topic = lag.topic ? `${lag.topic}, ` : '';
+  sec.note.textContent = topic + (lag.checkpoint_id ? `from checkpoint ${lag.checkpoint_id}` : 'no completed checkpoint yet');
   const columns = [{label: 'Partition', num: true}, {label: 'End offset', num: true},
     {label: 'Checkpoint offset', num: true}, {label: 'Lag', num: true}];
   sec.show(table(columns, lag.partitions || [], p => ({
     attrs: {'data-testid': 'lag-row'},
+    // A partition the checkpoint does not cover (none yet, or added to the
+    // topic since) has no checkpoint offset and no lag.
     cells: [String(p.partition), int(p.end_offset), int(p.checkpoint_offset), int(p.lag)],
   }), 'No partitions.'), h('p', {class: 'muted small'}, `Total ${int(lag.total)}: the brokers' end offsets minus the offsets of the last completed checkpoint.`));
 }
@@ -233,7 +236,15 @@ function renderSavepoints(sec, sps) {
 // completed checkpoint's state when submitted, not on every refresh.
 function stateLookup(base) {
   const input = h('input', {id: 'state-key', type: 'text', placeholder: 'key', autocomplete: 'off', spellcheck: 'false', required: true});
-  const result = h('div', {class: 'lookup-result', 'data-testid': 'state-result'});
+  // data-seq counts the lookups answered and data-state says how the last
+  // one ended (found, not-found, error), for a reader that must tell a new
+  // answer from the last one.
+  const result = h('div', {class: 'lookup-result', 'data-testid': 'state-result', 'data-seq': '0'});
+  let seq = 0;
+  const answered = state => {
+    result.dataset.state = state;
+    result.dataset.seq = String(++seq);
+  };
   const form = h('form', {class: 'lookup', id: 'state-form'}, input, h('button', {type: 'submit', id: 'state-lookup'}, 'Look up'));
   form.addEventListener('submit', async ev => {
     ev.preventDefault();
@@ -242,15 +253,15 @@ function stateLookup(base) {
     result.replaceChildren('Looking up ', h('code', {}, key), '…');
     try {
       const v = await get(`${base}/state?key=${encodeURIComponent(key)}`);
-      result.dataset.state = v.found ? 'found' : 'not-found';
       result.replaceChildren(...(v.found
         ? [h('code', {}, key), ' = ', h('code', {class: 'strong', 'data-testid': 'state-value'}, valueText(v)),
           h('span', {class: 'muted'}, ` in checkpoint ${v.checkpoint_id}`)]
         : [h('code', {}, key), ` not found in checkpoint ${v.checkpoint_id}`]));
+      answered(v.found ? 'found' : 'not-found');
     } catch (e) {
-      result.dataset.state = 'error';
       const text = e instanceof ApiError && e.status === 404 ? `No completed checkpoint yet (${e.message})` : e.message;
       result.replaceChildren(h('span', {class: 'error-text'}, text));
+      answered('error');
     }
   });
   const sec = section('State lookup', {testid: 'state-lookup'});

@@ -55,7 +55,7 @@ function renderJobs(sec, jobs, lagByJob, now) {
       uptime(j, now),
       rate(j.throughput?.records_in_per_second),
       rate(j.throughput?.records_out_per_second),
-      lagCell(lagByJob.get(j.id)),
+      lagCell(lagByJob.get(j.id), `job-lag-${j.id}`),
       lastCheckpoint(j, now, `job-last-checkpoint-${j.id}`),
     ],
   }), 'No job has been submitted.'));
@@ -80,10 +80,10 @@ export function lastCheckpoint(job, now, testid) {
 
 // lagCell shows a job's total lag, its partitions in the tooltip, or why
 // it is unknown.
-function lagCell(result) {
+function lagCell(result, testid) {
   if (!result) return DASH; // not running, or beyond LAG_JOBS
-  if (result.error) return h('span', {class: 'error-text', title: result.error.message}, 'unknown');
+  if (result.error) return h('span', {class: 'error-text', title: result.error.message, 'data-testid': testid}, 'unknown');
   const lag = result.value;
   const parts = (lag.partitions || []).map(p => `partition ${p.partition}: ${int(p.lag)}`).join('\n');
-  return h('span', {title: parts || 'no partitions'}, int(lag.total));
+  return h('span', {title: parts || 'no partitions', 'data-testid': testid}, int(lag.total));
 }
