@@ -70,6 +70,9 @@ type leaderEnv struct {
 	// probe pings a gossip member once, directly, and returns the round
 	// trip; it blocks for at most the gossip probe timeout. Nil skips probes.
 	probe func(member string) (time.Duration, error)
+	// refused reports whether a member's process is gone from a host that
+	// is up: its ports refuse connections. Nil never finds one gone.
+	refused func(member string) bool
 	// leaderID and term describe this node for Welcome.
 	leaderID string
 	term     func() uint64
@@ -97,6 +100,7 @@ func serverEnv(s *Server) leaderEnv {
 		checkSink:    kafkaSinkCheck,
 		failpoint:    s.cfg.Failpoint,
 		probe:        s.probeMember,
+		refused:      s.portsRefused,
 		leaderID:     s.cfg.ID,
 		term:         s.raft.CurrentTerm,
 		now:          time.Now,
@@ -137,7 +141,11 @@ type leader struct {
 	// noSessionSince is when a worker's last session closed; a worker with no
 	// entry and no session has had none since started.
 	noSessionSince map[string]time.Time
-	jobs           map[string]*jobState
+	// gone holds the workers without a session whose process is known to
+	// have died (portsRefused): their tasks fail at once, without waiting
+	// for gossip or the lease. A new session clears it.
+	gone map[string]bool
+	jobs map[string]*jobState
 	// inherited holds, per job, the pending checkpoint this term found in the
 	// FSM when it started: it is aborted as "leader changed".
 	inherited map[string]uint64
@@ -223,6 +231,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		wake:           make(chan struct{}, 1),
 		sessions:       make(map[string]*session),
 		noSessionSince: make(map[string]time.Time),
+		gone:           make(map[string]bool),
 		jobs:           make(map[string]*jobState),
 		inherited:      make(map[string]uint64),
 		dirty:          make(map[string]struct{}),
@@ -293,6 +302,8 @@ func (l *leader) handle(ev leaderEvent) {
 		l.openSession(ev.sess, ev.hello)
 	case sessionClosed:
 		l.closeSession(ev.sess, ev.err)
+	case workerGone:
+		l.onWorkerGone(ev)
 	case workerMessage:
 		l.onWorkerMessage(ev.sess, ev.msg)
 	case partitionsResult:

@@ -34,7 +34,8 @@ type leaderHarness struct {
 	members    map[string]Member
 	partitions int
 	partErr    error
-	probed     []string // workers probed, in order
+	probed     []string        // workers probed, in order
+	refused    map[string]bool // workers whose ports refuse connections (env.refused)
 
 	sessions map[string]*session
 	// results are the write results the leader has yet to see, in order.
@@ -75,6 +76,11 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 				return time.Millisecond, nil
 			}
 			return 0, errors.New("no ack")
+		},
+		refused: func(member string) bool {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			return h.refused[member]
 		},
 		leaderID: "c1",
 		term:     func() uint64 { return 1 },

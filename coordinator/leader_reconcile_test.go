@@ -218,6 +218,51 @@ func TestLeaderProbesWorkerWhoseSessionBroke(t *testing.T) {
 	}
 }
 
+// TestLeaderRestartsAtOnceWhenWorkerProcessIsGone: a worker whose session
+// broke and whose ports refuse connections lost its process; its job
+// restarts at once, while gossip still shows it alive and the lease runs.
+// A worker that reconnects before the leader hears of the refusal is not
+// failed.
+func TestLeaderRestartsAtOnceWhenWorkerProcessIsGone(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	w := job.Tasks[0].Worker
+	h.mu.Lock()
+	h.refused = map[string]bool{w: true}
+	h.mu.Unlock()
+	sess := h.sessions[w]
+	sess.close(errors.New("receive from worker: EOF"))
+	h.handle(sessionClosed{sess: sess})
+	h.probes()
+	h.step() // takes the workerGone event
+	j := h.job("j1")
+	if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task") || !strings.Contains(j.Reason, "ports refuse connections") {
+		t.Fatalf("status %s reason %q, want restarting because %s's process is gone", j.Status, j.Reason, w)
+	}
+	var refused dto.Metric
+	if err := h.l.metrics.workerProbes.WithLabelValues("refused").Write(&refused); err != nil || refused.GetCounter().GetValue() != 1 {
+		t.Fatalf("refused probes = %v (%v), want 1", refused.GetCounter().GetValue(), err)
+	}
+}
+
+func TestLeaderIgnoresGoneWorkerThatReconnected(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	w := job.Tasks[0].Worker
+	sess := h.sessions[w]
+	sess.close(errors.New("receive from worker: EOF"))
+	h.handle(sessionClosed{sess: sess})
+	h.probes()
+	// The worker restarted and reconnected, running its task, before the
+	// refusal of its old process's ports reached the loop.
+	h.connect(w, 4, &transport.TaskStatus{Task: ref(job, job.Tasks[0]), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+	h.handle(workerGone{worker: w, cause: errors.New("receive from worker: EOF")})
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+		t.Fatalf("a worker that reconnected was failed: %s %q", j.Status, j.Reason)
+	}
+}
+
 // TestLeaderFencesMessagesOfAnOldAttempt: after a restart, an ack and a
 // status of the old attempt (a worker that comes back from a freeze) are
 // dropped and counted, and a task of the old attempt reported running is

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -226,6 +227,43 @@ func (s *Server) probeMember(id string) (time.Duration, error) {
 		return 0, fmt.Errorf("probe %s at %s: %w", id, addr, err)
 	}
 	return rtt, nil
+}
+
+// refusedTimeout bounds each connection attempt of portsRefused: a refusal
+// comes back in one round trip.
+const refusedTimeout = time.Second
+
+// portsRefused reports whether member id's process is gone while its host
+// is up: TCP connections to its gossip port and, for a worker, its data
+// port are refused (the host answers with a reset). A stopped process
+// (SIGSTOP) still accepts connections, and a lost or cut-off host answers
+// nothing: for those it reports false, and gossip decides.
+func (s *Server) portsRefused(id string) bool {
+	s.memberMu.Lock()
+	var addrs []string
+	if rec, ok := s.memberState[id]; ok {
+		for _, a := range []string{rec.GossipAddr, rec.DataAddr} {
+			if a != "" {
+				addrs = append(addrs, a)
+			}
+		}
+	}
+	s.memberMu.Unlock()
+	if len(addrs) == 0 {
+		return false
+	}
+	for _, addr := range addrs {
+		d := net.Dialer{Timeout: refusedTimeout}
+		c, err := d.DialContext(s.ctx, "tcp", addr)
+		if err == nil {
+			c.Close()
+			return false
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return false
+		}
+	}
+	return true
 }
 
 // Members returns every gossip member this node knows, including dead and left

@@ -254,6 +254,9 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 		case transport.TaskPhase_TASK_PHASE_CANCELLED:
 			return fmt.Sprintf("task %s was cancelled on worker %s", id, w), id
 		}
+		if l.gone[w] {
+			return fmt.Sprintf("worker %s of task %s is gone: its session broke and its ports refuse connections", w, id), id
+		}
 		switch st := members[w]; st {
 		case "":
 			return fmt.Sprintf("worker %s of task %s is not a gossip member", w, id), id

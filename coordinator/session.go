@@ -449,6 +449,7 @@ func (l *leader) openSession(sess *session, hello *transport.Hello) {
 	}
 	l.sessions[sess.worker] = sess
 	delete(l.noSessionSince, sess.worker)
+	delete(l.gone, sess.worker)
 	l.logger.Info("worker session opened", "worker", sess.worker, "data_addr", sess.dataAddr,
 		"slots", hello.GetSlots(), "running", len(hello.GetRunning()))
 
@@ -492,17 +493,25 @@ func (l *leader) closeSession(sess *session, err error) {
 	l.workerChanged(sess.worker)
 }
 
-// probeWorker pings a worker whose control session broke, at once and
+// probeWorker checks a worker whose control session broke, at once and
 // directly, instead of waiting for memberlist's next probe round to reach
-// it, and logs what it found. A broken session is an early hint, never a
-// failure on its own: a worker that answers is left to reconnect, and one
-// that does not is declared dead (or not) by gossip's indirect probes and
-// suspicion, which then restarts its jobs.
+// it. A worker whose ports refuse connections has lost its process while
+// its host is up (a crash, SIGKILL, OOM kill): it is gone, and its tasks
+// fail now (workerGone). Otherwise a broken session is an early hint, never
+// a failure on its own: a worker that answers a ping is left to reconnect,
+// and one that does not (a stopped process, a lost host, a partition) is
+// declared dead (or not) by gossip's indirect probes and suspicion, which
+// then restarts its jobs.
 func (l *leader) probeWorker(worker string, cause error) {
 	if l.env.probe == nil {
 		return
 	}
 	l.probes.Go(func() {
+		if l.env.refused != nil && l.env.refused(worker) {
+			l.metrics.workerProbes.WithLabelValues("refused").Inc()
+			l.post(l.ctx, workerGone{worker: worker, cause: cause})
+			return
+		}
 		rtt, err := l.env.probe(worker)
 		if err != nil {
 			l.metrics.workerProbes.WithLabelValues("failed").Inc()
@@ -514,6 +523,31 @@ func (l *leader) probeWorker(worker string, cause error) {
 		l.logger.Info("worker answered a direct probe after its session broke; waiting for it to reconnect",
 			"worker", worker, "rtt", rtt, "session_err", cause)
 	})
+}
+
+// workerGone reports a worker whose session broke and whose ports refuse
+// connections: its process is gone.
+type workerGone struct {
+	worker string
+	cause  error // why the session broke
+}
+
+func (workerGone) leaderEvent() {}
+
+// onWorkerGone fails the tasks of a worker whose process is gone, unless it
+// has reconnected since (a restarted process opens a new session, and its
+// Hello says which tasks it runs).
+func (l *leader) onWorkerGone(ev workerGone) {
+	if l.sessions[ev.worker] != nil {
+		return
+	}
+	if _, had := l.noSessionSince[ev.worker]; !had {
+		return // it runs no tasks
+	}
+	l.logger.Warn("worker process gone: its session broke and its ports refuse connections; failing its tasks without waiting for gossip",
+		"worker", ev.worker, "session_err", ev.cause)
+	l.gone[ev.worker] = true
+	l.workerChanged(ev.worker)
 }
 
 // fenced counts and logs a message of a job's other attempt that the leader

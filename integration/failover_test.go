@@ -229,7 +229,8 @@ func TestLeaderKillKeepsTasksRunning(t *testing.T) {
 
 // TestWorkerLossLeftAndDead: a worker stopped cleanly marks itself leaving
 // and shows as "left"; a worker killed shows as "dead", and the leader,
-// seeing its control session break, probes it at once and logs the result.
+// seeing its control session break and its ports refuse connections,
+// restarts the job at once, before gossip declares it dead.
 // Each loss restarts the job from its last checkpoint on the workers left,
 // and the final state is exact.
 func TestWorkerLossLeftAndDead(t *testing.T) {
@@ -258,23 +259,37 @@ func TestWorkerLossLeftAndDead(t *testing.T) {
 	leader := c.coordinator(t, c.leader(t))
 	killedAt := time.Now()
 	c.killWorker(t, "w1")
+	// Its session breaks and its ports refuse connections: the leader
+	// knows its process is gone and restarts the job at once, without
+	// waiting for gossip to declare it dead.
+	restarted := c.waitJob(t, 10*time.Second, job, "a new attempt after w1's SIGKILL", func(j jobView) error {
+		if j.Attempt <= second.Attempt {
+			return errors.New("not restarted yet")
+		}
+		return nil
+	})
+	t.Logf("job restarted %v after w1's SIGKILL", time.Since(killedAt).Round(time.Millisecond))
+	if len(restarted.Attempts) == 0 || restarted.Attempts[0].Attempt != restarted.Attempt ||
+		!strings.Contains(restarted.Attempts[0].Reason, "worker w1 of task") || !strings.Contains(restarted.Attempts[0].Reason, "ports refuse connections") {
+		t.Errorf("attempt %d started for %+v, want w1's refused ports as the reason", restarted.Attempt, restarted.Attempts)
+	}
 	c.waitFor(t, 10*time.Second, "w1 to show as dead", func() (bool, error) { return c.memberStatusIs("w1", "dead") })
-	t.Logf("w1 declared dead %v after its SIGKILL", time.Since(killedAt).Round(time.Millisecond))
-	c.waitFor(t, 10*time.Second, "the leader to log its direct probe of w1", func() (bool, error) {
+	t.Logf("w1 declared dead by gossip %v after its SIGKILL", time.Since(killedAt).Round(time.Millisecond))
+	c.waitFor(t, 10*time.Second, "the leader to log that w1's process is gone", func() (bool, error) {
 		log := c.coordLog(t, leader.id)
 		for line := range strings.Lines(log) {
-			if strings.Contains(line, "did not answer a direct probe") && strings.Contains(line, "worker=w1") {
+			if strings.Contains(line, "worker process gone") && strings.Contains(line, "worker=w1") {
 				return true, nil
 			}
 		}
-		return false, errors.New("no probe line for w1 in the leader's log")
+		return false, errors.New("no line for w1's refused ports in the leader's log")
 	})
 	text, err := c.coordMetrics(leader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := metricSum(text, `coordflow_worker_probes_total{result="failed"}`); n < 1 {
-		t.Errorf("coordflow_worker_probes_total{result=\"failed\"} = %v, want at least 1", n)
+	if n, _ := metricSum(text, `coordflow_worker_probes_total{result="refused"}`); n < 1 {
+		t.Errorf("coordflow_worker_probes_total{result=\"refused\"} = %v, want at least 1", n)
 	}
 	c.waitJob(t, time.Minute, job, "a new attempt on w2 alone, checkpointing", func(j jobView) error {
 		if j.Attempt <= second.Attempt || j.Status != "running" || j.lastCheckpointID() <= second.lastCheckpointID() {

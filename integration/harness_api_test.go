@@ -42,6 +42,11 @@ type (
 		LastCheckpoint *struct {
 			ID uint64 `json:"id"`
 		} `json:"last_checkpoint"`
+		// Attempts are the latest attempts, newest first.
+		Attempts []struct {
+			Attempt uint64 `json:"attempt"`
+			Reason  string `json:"reason"`
+		} `json:"attempts"`
 	}
 	taskView struct {
 		ID     string `json:"id"`
