@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/chromedp/chromedp"
 )
 
 // The dashboard's views of the API that the test compares the pages with.
@@ -165,6 +167,12 @@ func TestDashboard(t *testing.T) {
 	b.waitElement(c, 30*time.Second, "the jobs page to show the job's consumer lag", fmt.Sprintf(`[data-testid="job-lag-%s"]`, job), func(e element) error {
 		if _, err := strconv.ParseInt(strings.ReplaceAll(e.Text, ",", ""), 10, 64); err != nil {
 			return errors.New("not a number")
+		}
+		return nil
+	})
+	b.waitElement(c, 30*time.Second, "the jobs page to show the job's records in per second", fmt.Sprintf(`[data-testid="job-in-%s"]`, job), func(e element) error {
+		if !strings.HasSuffix(e.Text, "/s") {
+			return errors.New("no rate yet: two checkpoints of the attempt are needed")
 		}
 		return nil
 	})
@@ -383,4 +391,40 @@ func (b *browser) lookup(c *cluster, key, want string) element {
 		return true, nil
 	})
 	return result
+}
+
+// TestDashboardToken opens the dashboard of a cluster with API tokens: the
+// page asks for a token, reads the API with the one given, and asks again
+// once it is forgotten.
+func TestDashboardToken(t *testing.T) {
+	// The browser does not know the cluster's CA; the page's security is
+	// not what this test checks.
+	b := startBrowser(t, chromedp.IgnoreCertErrors)
+	c := startCluster(t, clusterOpts{coordinators: 3, secure: true})
+	page := c.follower(t)
+	b.open(c.scheme() + page.httpAddr + "/ui/#/jobs")
+	b.waitElement(c, 30*time.Second, "the page to ask for a token", "#token-form", func(e element) error {
+		if !e.Visible || !strings.Contains(e.Text, "needs a token") {
+			return fmt.Errorf("visible %v", e.Visible)
+		}
+		return nil
+	})
+	b.setValue("#token-input", c.sec.tokens["read"])
+	b.click(`#token-form button[type="submit"]`)
+	b.waitElement(c, 30*time.Second, "the jobs page to read the API with the token", `[data-testid="jobs"]`, func(e element) error {
+		if !strings.Contains(e.Text, "No job has been submitted") {
+			return errors.New("no answer yet")
+		}
+		return nil
+	})
+	if form, err := b.query("#token-form"); err != nil || form.Visible {
+		t.Fatalf("the token form is still shown with a valid token (err %v)", err)
+	}
+	b.click("#forget-token")
+	b.waitElement(c, 30*time.Second, "the page to ask for a token again once it is forgotten", "#token-form", func(e element) error {
+		if !e.Visible {
+			return errors.New("hidden")
+		}
+		return nil
+	})
 }

@@ -64,10 +64,11 @@ func findBrowser() string {
 	return ""
 }
 
-// startBrowser starts a headless Chromium for the test and stops it when
-// the test ends. Without one installed it skips the test, except on CI,
-// where .ci/run installs one and its absence is a failure.
-func startBrowser(t *testing.T) *browser {
+// startBrowser starts a headless Chromium for the test, with extra options
+// (such as chromedp.IgnoreCertErrors for a cluster's own CA), and stops it
+// when the test ends. Without one installed it skips the test, except on
+// CI, where .ci/run installs one and its absence is a failure.
+func startBrowser(t *testing.T, extra ...chromedp.ExecAllocatorOption) *browser {
 	t.Helper()
 	path := findBrowser()
 	if path == "" {
@@ -92,6 +93,7 @@ func startBrowser(t *testing.T) *browser {
 		chromedp.WindowSize(screenshotWidth, screenshotHeight),
 		chromedp.CombinedOutput(browserLog),
 	)
+	opts = append(opts, extra...)
 	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
 	ctx, cancelTab := chromedp.NewContext(allocCtx)
 	b.ctx = ctx

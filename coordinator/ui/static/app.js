@@ -146,9 +146,11 @@ function renderToken() {
   const form = el('token-form');
   form.hidden = !problem;
   if (problem) {
-    el('token-reason').textContent = problem.status === 401
-      ? `The API needs a token: ${problem.message}.`
-      : `The token has too little permission for this page (the read role is needed): ${problem.message}.`;
+    let reason = `The token has too little permission for this page (the read role is needed): ${problem.message}.`;
+    if (problem.status === 401) {
+      reason = token() ? `The API refused the token: ${problem.message}.` : `The API needs a token: ${problem.message}.`;
+    }
+    el('token-reason').textContent = reason;
   }
   el('forget-token').hidden = !token();
 }

@@ -8,24 +8,26 @@ const W = 520;
 const H = 190;
 const PAD = {left: 70, right: 14, top: 12, bottom: 30};
 
-// niceCeil rounds v up to 1, 2 or 5 times a power of ten, so that the top
-// gridline has a round label.
-function niceCeil(v) {
+// niceCeil rounds v up to 1, 2 or 5 times a power of ten, times a power of
+// base (1000 for plain numbers, 1024 for bytes), so that the top gridline
+// and the middle one have round labels: 20 ms and 10 ms, 20 KiB and 10 KiB.
+function niceCeil(v, base) {
   if (!(v > 0)) return 1;
-  const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
-  return 10 * p;
+  const unit = base ** Math.max(0, Math.floor(Math.log(v) / Math.log(base)));
+  const p = 10 ** Math.floor(Math.log10(v / unit));
+  for (const m of [1, 2, 5, 10]) if (m * p * unit >= v) return m * p * unit;
+  return 10 * p * unit;
 }
 
 // lineChart draws points ({x, y, title, mark}, ascending x) as a line with
-// dots; y is formatted with format on the axis, title is a dot's tooltip
-// and mark a class for it. With fewer than two points it returns the
-// sentence empty.
-export function lineChart({points, format, label, testid, empty}) {
+// dots; y is formatted with format on the axis (in units of base: 1000, or
+// 1024 for bytes), title is a dot's tooltip and mark a class for it. With
+// fewer than two points it returns the sentence empty.
+export function lineChart({points, format, base = 1000, label, testid, empty}) {
   if (points.length < 2) return h('p', {class: 'empty', 'data-testid': testid}, empty);
   const x0 = points[0].x;
   const x1 = points[points.length - 1].x === x0 ? x0 + 1 : points[points.length - 1].x;
-  const ymax = niceCeil(Math.max(...points.map(p => p.y)));
+  const ymax = niceCeil(Math.max(...points.map(p => p.y)), base);
   const px = x => PAD.left + ((x - x0) / (x1 - x0)) * (W - PAD.left - PAD.right);
   const py = y => PAD.top + (1 - y / ymax) * (H - PAD.top - PAD.bottom);
 

@@ -140,7 +140,7 @@ function renderCharts(sec, history) {
     h('figure', {}, h('figcaption', {}, 'Duration'),
       lineChart({points: duration, format: millis, label: 'checkpoint duration by checkpoint id', testid: 'chart-duration', empty})),
     h('figure', {}, h('figcaption', {}, 'State size'),
-      lineChart({points: size, format: bytes, label: 'checkpoint state size by checkpoint id', testid: 'chart-size', empty}))));
+      lineChart({points: size, format: bytes, base: 1024, label: 'checkpoint state size by checkpoint id', testid: 'chart-size', empty}))));
 }
 
 function renderHistory(sec, history, retained, selected, select) {

@@ -37,7 +37,7 @@ function renderJobs(sec, jobs, lagByJob, now) {
   const counts = {};
   for (const j of jobs) counts[j.status] = (counts[j.status] || 0) + 1;
   sec.note.textContent = jobs.length === 0 ? '' :
-    `${jobs.length} jobs: ` + Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(', ');
+    `${jobs.length} ${jobs.length === 1 ? 'job' : 'jobs'}: ` + Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(', ');
   const columns = [
     {label: 'Job'}, {label: 'Status'}, {label: 'Attempt', num: true}, {label: 'Uptime', num: true, title: 'of the current attempt'},
     {label: 'In', num: true, title: 'records read per second, between the last two checkpoints'},
@@ -53,7 +53,7 @@ function renderJobs(sec, jobs, lagByJob, now) {
         j.reason ? h('div', {class: 'reason'}, j.reason) : null],
       int(j.attempt),
       uptime(j, now),
-      rate(j.throughput?.records_in_per_second),
+      h('span', {'data-testid': `job-in-${j.id}`}, rate(j.throughput?.records_in_per_second)),
       rate(j.throughput?.records_out_per_second),
       lagCell(lagByJob.get(j.id), `job-lag-${j.id}`),
       lastCheckpoint(j, now, `job-last-checkpoint-${j.id}`),
