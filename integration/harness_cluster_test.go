@@ -36,6 +36,9 @@ type clusterOpts struct {
 	// process (harness_security_test.go); the harness's API calls then use
 	// https and the operator token.
 	secure bool
+	// image, when set, runs every process from the container image's files
+	// (buildImage, harness_image_test.go) instead of the harness's builds.
+	image *image
 }
 
 // cluster is one test's set of processes: one devkafka, coordd agents c1..cN
@@ -59,6 +62,10 @@ func startCluster(t *testing.T, opts clusterOpts) *cluster {
 		opts.slots = 4
 	}
 	c := &cluster{dir: t.TempDir(), opts: opts, client: &http.Client{Timeout: httpTimeout}}
+	if opts.image != nil {
+		c.dir = opts.image.dataDir(t) // where the image's user may write
+		c.opts.env = append(c.opts.env, opts.image.env()...)
+	}
 	if opts.secure {
 		c.sec = newClusterSecurity(t, c.dir)
 		c.client = c.sec.httpClient(httpTimeout)

@@ -79,6 +79,13 @@ func (c *cluster) addrs(t *testing.T, node string, n int) []string {
 func (c *cluster) command(t *testing.T, name string, args func() []string) (string, func() []string) {
 	t.Helper()
 	words := strings.Fields(name)
+	if img := c.opts.image; img != nil {
+		bin, _ := img.command(words[0], nil)
+		return bin, func() []string {
+			_, argv := img.command(words[0], args())
+			return argv
+		}
+	}
 	bin := binary(t, words[0])
 	if c.opts.net == nil {
 		return bin, args
