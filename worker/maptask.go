@@ -545,7 +545,10 @@ func (m *mapTask) handle(ev inputEvent) error {
 			default:
 			}
 		}
-		return err
+		if err != nil {
+			return fmt.Errorf("batch from source %d: %w", ev.input, err)
+		}
+		return nil
 	}
 }
 

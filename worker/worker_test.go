@@ -526,6 +526,40 @@ func TestFencing(t *testing.T) {
 	}
 }
 
+// TestMalformedBatchFailsMapTask: a packed batch that does not decode,
+// sent on an accepted data channel, fails the map task with a reason that
+// says so (the attempt restarts from its checkpoint), never a panic or a
+// batch silently skipped: skipping it would lose records.
+func TestMalformedBatchFailsMapTask(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	md := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	f.deploy(t, "w1", md)
+	f.awaitStatus(t, md.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	hdr := &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0"}
+	out, err := openRemote(context.Background(), transport.NewDataClient(conn), hdr, waitTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.close()
+	// A record mark, then an item cut off inside its key.
+	var bw transport.BatchWriter
+	bw.Record(0, 0)
+	bw.Item(3, []byte("key"), 1, nil)
+	packed := bw.Bytes()
+	_ = out.send(context.Background(), batchMessage(packed[:len(packed)-4]))
+	reason := f.awaitStatus(t, md.Task, transport.TaskPhase_TASK_PHASE_FAILED)
+	if !strings.Contains(reason, "batch from source 0: packed batch: ") || !strings.Contains(reason, "runs past the end") {
+		t.Fatalf("map task failed with reason %q, want one naming the malformed batch", reason)
+	}
+}
+
 // TestSlots fails a deploy beyond the worker's slots with a reason.
 func TestSlots(t *testing.T) {
 	f := newFakeCoord(t, true, "")
