@@ -33,8 +33,12 @@ const readYourWritesTimeout = 5 * time.Second
 // (at most defaultApplyTimeout) on the leader, a savepoint for the job's
 // checkpoint timeout (bounded by maxSavepointWait).
 var forwardTransport = &http.Transport{
-	Proxy:                 nil,
-	MaxIdleConnsPerHost:   4,
+	Proxy:               nil,
+	MaxIdleConnsPerHost: 4,
+	// Below the leader's per-client bound (Config.HTTPMaxConnsPerClient's
+	// default): a follower forwarding many writes at once queues them
+	// rather than having the leader refuse its connections.
+	MaxConnsPerHost:       64,
 	IdleConnTimeout:       30 * time.Second,
 	TLSHandshakeTimeout:   handshakeTimeout,
 	ResponseHeaderTimeout: max(defaultApplyTimeout, maxSavepointWait) + 5*time.Second,

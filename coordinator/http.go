@@ -78,7 +78,9 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "/", roleRead, routeOpts{}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s %s", r.Method, r.URL.Path))
 	}))
+	s.api.conns.max = s.cfg.HTTPMaxConnsPerClient
 	return &http.Server{
+		ConnState:         s.api.conns.track(s.metrics),
 		Handler:           mux,
 		ReadHeaderTimeout: headerTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,

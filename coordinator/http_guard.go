@@ -86,6 +86,8 @@ type httpAPI struct {
 	coordinators viewCache[[]apiCoordinator]
 	lag          viewCache[apiLag]
 	lagLookups   chan struct{}
+	// conns bounds the connections per client address.
+	conns connLimiter
 }
 
 func newHTTPAPI() *httpAPI {
@@ -519,4 +521,81 @@ func (s *Server) peerClient(id string, timeout time.Duration) *http.Client {
 		c.Transport = &http.Transport{Proxy: nil, DisableKeepAlives: true, TLSClientConfig: s.cfg.TLS.ClientConfig(tlsutil.RoleCoordinator, id)}
 	}
 	return c
+}
+
+// connLimiter bounds the HTTP connections each client IP address holds
+// open, through http.Server.ConnState: a connection past the bound is
+// answered 429 (over plain HTTP; a TLS one is closed) and closed before its
+// first request is read.
+type connLimiter struct {
+	max    int // 0: no bound
+	mu     sync.Mutex
+	byIP   map[string]int
+	counts map[net.Conn]string // the counted connections, by their client address
+}
+
+// tooManyConnsBody is the error a connection past the bound is answered.
+const tooManyConnsBody = `{"error": "too many connections from your address; retry later"}`
+
+// tooManyConns is the whole answer to a connection past the bound.
+var tooManyConns = fmt.Sprintf("HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s",
+	len(tooManyConnsBody), tooManyConnsBody)
+
+// track returns the ConnState hook.
+func (l *connLimiter) track(m *metrics) func(net.Conn, http.ConnState) {
+	return func(c net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			if l.admit(c) {
+				return
+			}
+			if m != nil {
+				m.httpConnsRefused.Inc()
+			}
+			if _, isTLS := c.(*tls.Conn); !isTLS {
+				_ = c.SetWriteDeadline(time.Now().Add(time.Second))
+				_, _ = io.WriteString(c, tooManyConns)
+			}
+			_ = c.Close()
+		case http.StateClosed, http.StateHijacked:
+			l.release(c)
+		}
+	}
+}
+
+// admit counts c against its client's bound, reporting false (and not
+// counting it) when the client is at the bound.
+func (l *connLimiter) admit(c net.Conn) bool {
+	if l.max <= 0 {
+		return true
+	}
+	ip := c.RemoteAddr().String()
+	if host, _, err := net.SplitHostPort(ip); err == nil {
+		ip = host
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.byIP[ip] >= l.max {
+		return false
+	}
+	if l.byIP == nil {
+		l.byIP, l.counts = make(map[string]int), make(map[net.Conn]string)
+	}
+	l.byIP[ip]++
+	l.counts[c] = ip
+	return true
+}
+
+// release uncounts c, if it was counted.
+func (l *connLimiter) release(c net.Conn) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ip, ok := l.counts[c]
+	if !ok {
+		return
+	}
+	delete(l.counts, c)
+	if l.byIP[ip]--; l.byIP[ip] <= 0 {
+		delete(l.byIP, ip)
+	}
 }

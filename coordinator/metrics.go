@@ -27,6 +27,7 @@ type metrics struct {
 	raftBatchCommands    prometheus.Histogram
 	checkpointPhase      *prometheus.HistogramVec // phase: trigger, acks, commit
 	httpUnauthorized     *prometheus.CounterVec   // code: 401, 403
+	httpConnsRefused     prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -76,11 +77,14 @@ func newMetrics() *metrics {
 		stateFilesDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them.",
 		}, []string{"job"}),
+		httpConnsRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coordflow_http_connections_refused_total", Help: "HTTP connections closed at once because their client IP address held -http-max-conns-per-client connections already.",
+		}),
 		httpUnauthorized: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_http_unauthorized_total", Help: "HTTP API requests refused: code 401 (no or unknown token or certificate), 403 (a role too small for the endpoint).",
 		}, []string{"code"}),
 	}
-	m.registry.MustRegister(m.httpUnauthorized, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
+	m.registry.MustRegister(m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

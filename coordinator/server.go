@@ -129,6 +129,11 @@ type Config struct {
 	// Raft leader and still answer reads of its FSM; past it, or when it
 	// cannot apply the log, reads need ?stale=true (Consul's convention).
 	MaxStale time.Duration
+	// HTTPMaxConnsPerClient bounds the HTTP connections one client IP
+	// address may hold open at once (0: no bound): one client cannot take
+	// every file descriptor or goroutine of the API, as Consul's
+	// http_max_conns_per_client.
+	HTTPMaxConnsPerClient int
 
 	// Logger receives every log line of this node, Raft's and memberlist's
 	// included; nil means slog.Default().
@@ -161,6 +166,7 @@ func DefaultConfig() Config {
 		ReconcileInterval:      30 * time.Second,
 		DeployTimeout:          defaultDeployTimeout,
 		MaxStale:               5 * time.Second,
+		HTTPMaxConnsPerClient:  200,
 	}
 }
 
@@ -185,6 +191,8 @@ func (c Config) validate() error {
 		return errors.New("reconcile intervals must be positive")
 	case c.MaxStale <= 0:
 		return errors.New("max stale must be positive")
+	case c.HTTPMaxConnsPerClient < 0:
+		return errors.New("http max conns per client must be 0 (no bound) or positive")
 	case c.DeployTimeout <= 0:
 		return errors.New("deploy timeout must be positive")
 	case c.ProbeInterval <= 0, c.ProbeTimeout <= 0, c.GossipInterval <= 0, c.SuspicionMult < 1:

@@ -40,6 +40,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.BoolVar(&cfg.EnableDebug, "enable-debug", false, "serve Go's profiler under /debug/pprof/ on the HTTP address (operator role)")
 	fs.StringVar(&cfg.ACLTokensFile, "acl-tokens-file", "", "API tokens `FILE`: JSON [{\"name\": \"ci\", \"token\": \"...\", \"role\": \"read|write|operator\"}]; requests then need a token (Authorization: Bearer) or a client certificate; reread on SIGHUP (docs/operations.md)")
 	fs.DurationVar(&cfg.MaxStale, "max-stale", cfg.MaxStale, "how long a follower may go without hearing from the Raft leader and still answer reads; past it reads need ?stale=true")
+	fs.IntVar(&cfg.HTTPMaxConnsPerClient, "http-max-conns-per-client", cfg.HTTPMaxConnsPerClient, "HTTP connections one client IP address may hold open at once; more are answered 429 and closed (0: no bound)")
 	fs.StringVar(&cfg.CheckpointStorage, "checkpoint-storage", "", "checkpoint storage `URL` for jobs whose spec names none: file:///dir or s3://bucket?endpoint=...&region=...&use_path_style=true&prefix=p/ (empty: state inline in Raft)")
 	fs.StringVar(&cfg.GossipAddr, "gossip-addr", "127.0.0.1:7301", "`ip:port` for gossip (memberlist, TCP and UDP)")
 	fs.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "bootstrap the Raft cluster once `N` voting coordinators are in gossip (0: never, join an existing one)")
