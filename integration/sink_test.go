@@ -6,6 +6,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"os/exec"
@@ -282,6 +283,28 @@ func TestExactlyOnceSinkTransactionTimeoutEndsOpenTransactions(t *testing.T) {
 		open = openOutput(t, c.brokers(), "counts")
 		return len(open) > 0, fmt.Errorf("read_committed end offsets equal the high watermarks")
 	})
+	// What an operator sees first: `coordd job transactions` lists the
+	// sink's open transactions from the broker, as JSON and as a table.
+	// Each lives one checkpoint interval: wait for the CLI to catch one.
+	var txns []struct {
+		TransactionalID string `json:"transactional_id"`
+		State           string `json:"state"`
+	}
+	c.waitFor(t, 20*time.Second, "coordd job transactions to list an open transaction", func() (bool, error) {
+		out := c.cli(t, c.api(t), "job", "transactions", "-format", "json", job)
+		if err := json.Unmarshal([]byte(out), &txns); err != nil {
+			return false, fmt.Errorf("coordd job transactions -format json printed %q: %w", out, err)
+		}
+		return len(txns) > 0, fmt.Errorf("no open transaction listed: %s", out)
+	})
+	for _, tx := range txns {
+		if !strings.Contains(tx.TransactionalID, "-map-") || tx.State == "" {
+			t.Errorf("transaction %+v: want a map task's transactional id and its state", tx)
+		}
+	}
+	if table := c.cli(t, c.api(t), "job", "transactions", job); !strings.Contains(table, "TRANSACTIONAL ID") && !strings.Contains(table, "has no open transactions") {
+		t.Errorf("coordd job transactions printed %q, want a table", table)
+	}
 	c.killWorker(t, "w1")
 	killedAt := time.Now()
 	defer producerDone()
