@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/IBM/sarama"
-	"github.com/hashicorp/raft"
 	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/coordflow/coordflow/fsm"
@@ -23,30 +22,16 @@ import (
 // dashboardFixture is a bare Server over an FSM that the test drives with
 // commands, as a leader would.
 type dashboardFixture struct {
-	t     *testing.T
-	f     *fsm.FSM
-	s     *Server
-	h     http.Handler
-	index uint64
+	*applier
+	s *Server
+	h http.Handler
 }
 
 func newDashboardFixture(t *testing.T) *dashboardFixture {
 	f := fsm.New()
 	s := &Server{cfg: Config{ID: "c1"}, logger: slog.New(slog.DiscardHandler), fsm: f, metrics: newMetrics(),
 		memberState: make(map[string]*memberRecord), ctx: t.Context()}
-	return &dashboardFixture{t: t, f: f, s: s, h: s.newHTTPServer().Handler}
-}
-
-func (d *dashboardFixture) apply(ct fsm.CommandType, cmd any) {
-	d.t.Helper()
-	data, err := fsm.Encode(ct, cmd)
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	d.index++
-	if _, err := fsm.Result(d.f.Apply(&raft.Log{Index: d.index, Type: raft.LogCommand, Data: data})); err != nil {
-		d.t.Fatalf("apply %v: %v", ct, err)
-	}
+	return &dashboardFixture{applier: &applier{t: t, f: f}, s: s, h: s.newHTTPServer().Handler}
 }
 
 func (d *dashboardFixture) get(path string, out any) int {
