@@ -460,17 +460,24 @@ func TestSourceResetsOffsetBeyondEnd(t *testing.T) {
 // status it ended with, or codes.OK when the server accepted it.
 func openChannel(t *testing.T, addr string, h *transport.ChannelHeader) codes.Code {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	out, err := openRemote(context.Background(), transport.NewDataClient(conn), h, waitTimeout)
+	out, err := dialChannel(t, addr, h)
 	if err != nil {
 		return status.Code(err)
 	}
 	out.close()
 	return codes.OK
+}
+
+// dialChannel opens a data channel to addr with header, as a source task
+// of another worker would; its connection closes when the test ends.
+func dialChannel(t *testing.T, addr string, h *transport.ChannelHeader) (*remoteOutput, error) {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return openRemote(context.Background(), transport.NewDataClient(conn), h, waitTimeout)
 }
 
 // TestFencing: a deploy of attempt 2 stops attempt 1's tasks; a late deploy
@@ -537,13 +544,7 @@ func TestMalformedBatchFailsMapTask(t *testing.T) {
 	f.deploy(t, "w1", md)
 	f.awaitStatus(t, md.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
 
-	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	hdr := &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0"}
-	out, err := openRemote(context.Background(), transport.NewDataClient(conn), hdr, waitTimeout)
+	out, err := dialChannel(t, w.DataAddr(), &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0"})
 	if err != nil {
 		t.Fatal(err)
 	}
