@@ -206,15 +206,16 @@ func (s *Server) handleLag(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	v, err := s.api.lag.get(r.Context(), j.ID, func() (apiLag, error) {
-		ctx := s.ctx
+		// Waiting for a turn counts toward the lookup's time, so that a
+		// pile of requests cannot hold handlers longer than lagTimeout.
+		ctx, cancel := context.WithTimeout(s.ctx, lagTimeout)
+		defer cancel()
 		select {
 		case s.api.lagLookups <- struct{}{}:
 			defer func() { <-s.api.lagLookups }()
 		case <-ctx.Done():
-			return apiLag{}, ctx.Err()
+			return apiLag{}, fmt.Errorf("lag of job %s: %d lookups of other jobs' brokers took the whole %v: %w", j.ID, maxLagLookups, lagTimeout, ctx.Err())
 		}
-		ctx, cancel := context.WithTimeout(ctx, lagTimeout)
-		defer cancel()
 		return jobLag(ctx, j)
 	})
 	if err != nil {
