@@ -233,6 +233,14 @@ func (s *Server) probeMember(id string) (time.Duration, error) {
 // comes back in one round trip.
 const refusedTimeout = time.Second
 
+// refusedRounds and refusedPause: a process being killed closes its
+// connections and its listeners one by one, so the session may break while
+// its ports still accept; portsRefused looks again before it gives up.
+const (
+	refusedRounds = 4
+	refusedPause  = 100 * time.Millisecond
+)
+
 // portsRefused reports whether member id's process is gone while its host
 // is up: TCP connections to its gossip port and, for a worker, its data
 // port are refused (the host answers with a reset). A stopped process
@@ -252,18 +260,32 @@ func (s *Server) portsRefused(id string) bool {
 	if len(addrs) == 0 {
 		return false
 	}
-	for _, addr := range addrs {
-		d := net.Dialer{Timeout: refusedTimeout}
-		c, err := d.DialContext(s.ctx, "tcp", addr)
-		if err == nil {
-			c.Close()
-			return false
+	for round := range refusedRounds {
+		if round > 0 {
+			select {
+			case <-time.After(refusedPause):
+			case <-s.ctx.Done():
+				return false
+			}
 		}
-		if !errors.Is(err, syscall.ECONNREFUSED) {
-			return false
+		refused := 0
+		for _, addr := range addrs {
+			d := net.Dialer{Timeout: refusedTimeout}
+			c, err := d.DialContext(s.ctx, "tcp", addr)
+			switch {
+			case err == nil:
+				c.Close()
+			case errors.Is(err, syscall.ECONNREFUSED):
+				refused++
+			default:
+				return false // no answer: the host, not the process, is the question
+			}
+		}
+		if refused == len(addrs) {
+			return true
 		}
 	}
-	return true
+	return false
 }
 
 // Members returns every gossip member this node knows, including dead and left

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"net"
 	"testing"
+	"time"
 
 	"github.com/coordflow/coordflow/transport"
 )
@@ -43,6 +44,14 @@ func TestPortsRefused(t *testing.T) {
 			c.Close()
 		}
 	}()
+	// A process being killed: its ports still accept for a moment after
+	// its session broke, then refuse.
+	dying := listen()
+	s.memberState["dying"] = &memberRecord{Member: Member{ID: "dying", Role: transport.RoleWorker, GossipAddr: dying.Addr().String(), DataAddr: closedAddr()}}
+	time.AfterFunc(refusedPause/2, func() { dying.Close() })
+	if !s.portsRefused("dying") {
+		t.Error("portsRefused(dying) = false: a process whose ports close just after its session broke is gone")
+	}
 	for id, want := range map[string]bool{"dead": true, "live": false, "stopped": false, "half": false, "unknown": false} {
 		if got := s.portsRefused(id); got != want {
 			t.Errorf("portsRefused(%s) = %v, want %v", id, got, want)

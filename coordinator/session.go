@@ -541,11 +541,12 @@ func (l *leader) onWorkerGone(ev workerGone) {
 	if l.sessions[ev.worker] != nil {
 		return
 	}
-	if _, had := l.noSessionSince[ev.worker]; !had {
-		return // it runs no tasks
-	}
+	_, hasTasks := l.noSessionSince[ev.worker]
 	l.logger.Warn("worker process gone: its session broke and its ports refuse connections; failing its tasks without waiting for gossip",
-		"worker", ev.worker, "session_err", ev.cause)
+		"worker", ev.worker, "tasks", hasTasks, "session_err", ev.cause)
+	if !hasTasks {
+		return // its jobs moved on already (a task of another worker failed sending to it)
+	}
 	l.gone[ev.worker] = true
 	l.workerChanged(ev.worker)
 }

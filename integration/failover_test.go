@@ -269,9 +269,12 @@ func TestWorkerLossLeftAndDead(t *testing.T) {
 		return nil
 	})
 	t.Logf("job restarted %v after w1's SIGKILL", time.Since(killedAt).Round(time.Millisecond))
+	// Whichever notices first names the reason: the leader finding w1's
+	// ports refused, or a task on w2 whose data channel to w1 broke.
 	if len(restarted.Attempts) == 0 || restarted.Attempts[0].Attempt != restarted.Attempt ||
-		!strings.Contains(restarted.Attempts[0].Reason, "worker w1 of task") || !strings.Contains(restarted.Attempts[0].Reason, "ports refuse connections") {
-		t.Errorf("attempt %d started for %+v, want w1's refused ports as the reason", restarted.Attempt, restarted.Attempts)
+		!(strings.Contains(restarted.Attempts[0].Reason, "worker w1 of task") && strings.Contains(restarted.Attempts[0].Reason, "ports refuse connections") ||
+			strings.Contains(restarted.Attempts[0].Reason, "failed on worker w2")) {
+		t.Errorf("attempt %d started for %+v, want w1's refused ports (or a task of w2 losing w1) as the reason", restarted.Attempt, restarted.Attempts)
 	}
 	c.waitFor(t, 10*time.Second, "w1 to show as dead", func() (bool, error) { return c.memberStatusIs("w1", "dead") })
 	t.Logf("w1 declared dead by gossip %v after its SIGKILL", time.Since(killedAt).Round(time.Millisecond))
