@@ -209,6 +209,10 @@ type contactInfo struct {
 	// since it started is from having applied what the leader committed:
 	// a restarted node replays the log after its first contact.
 	catchingUp string
+	// applyBehind is how long an entry this node knows committed has
+	// waited to be applied (0: none waits): a follower in contact with the
+	// leader whose FSM falls behind (a slow disk or CPU).
+	applyBehind time.Duration
 }
 
 // contact reads this node's contactInfo from Raft.
@@ -232,7 +236,56 @@ func (s *Server) contact() contactInfo {
 	if !c.leader && !s.caughtUp.Load() {
 		c.catchingUp = "it has not yet applied what the leader had when it asked"
 	}
+	if since := s.applyBehindSince.Load(); since != 0 {
+		c.applyBehind = time.Since(time.Unix(0, since))
+	}
 	return c
+}
+
+// applyPoll is how often watchApply compares the commit and applied indexes.
+const applyPoll = 100 * time.Millisecond
+
+// watchApply keeps applyBehindSince: a follower hears from the leader (its
+// last contact stays fresh) even while its FSM falls behind the entries it
+// has committed, and its reads must say so. It runs until the server stops.
+func (s *Server) watchApply() {
+	tick := time.NewTicker(applyPoll)
+	defer tick.Stop()
+	var lag applyLag
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case now := <-tick.C:
+			since := lag.observe(s.raft.CommitIndex(), s.raft.AppliedIndex(), now)
+			var ns int64
+			if !since.IsZero() {
+				ns = since.UnixNano()
+			}
+			s.applyBehindSince.Store(ns)
+		}
+	}
+}
+
+// applyLag follows one committed entry at a time: the commit index seen
+// while the applied index was below it, and when. Once applied reaches it,
+// the next look starts over, so under a steady load the time it reports
+// stays the apply latency, not the age of the load.
+type applyLag struct {
+	target uint64
+	since  time.Time
+}
+
+// observe records a look at the indexes at now and returns since when an
+// entry committed then has waited to be applied (zero: none waits).
+func (a *applyLag) observe(commit, applied uint64, now time.Time) time.Time {
+	if a.target != 0 && applied >= a.target {
+		a.target, a.since = 0, time.Time{}
+	}
+	if a.target == 0 && applied < commit {
+		a.target, a.since = commit, now
+	}
+	return a.since
 }
 
 // catchUpPoll is how often a starting node looks at the leader's applied
@@ -309,6 +362,9 @@ func (s *Server) staleReason(c contactInfo) string {
 	case c.lastContact > s.cfg.MaxStale:
 		return fmt.Sprintf("coordinator %s last heard from the raft leader %v ago (more than -max-stale %v), so its state may be stale",
 			s.cfg.ID, c.lastContact.Round(time.Millisecond), s.cfg.MaxStale)
+	case c.applyBehind > s.cfg.MaxStale:
+		return fmt.Sprintf("coordinator %s has not applied raft entries committed %v ago (more than -max-stale %v), so its state is behind",
+			s.cfg.ID, c.applyBehind.Round(time.Millisecond), s.cfg.MaxStale)
 	}
 	return ""
 }

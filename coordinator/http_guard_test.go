@@ -356,3 +356,39 @@ func TestStatusReportsVersion(t *testing.T) {
 		t.Fatalf("status %+v, want version %q", st, cfg.Version)
 	}
 }
+
+// applyLag follows one committed entry at a time, so a steady load shows
+// as its apply latency and a stuck FSM as a wait that grows.
+func TestApplyLag(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	var a applyLag
+	for _, step := range []struct {
+		commit, applied uint64
+		ms              int
+		want            time.Time // zero: nothing waits
+	}{
+		{10, 10, 0, time.Time{}},    // caught up
+		{12, 10, 100, at(100)},      // 11 and 12 wait
+		{15, 11, 200, at(100)},      // 12 still waits: since 100 ms
+		{18, 12, 300, at(300)},      // 12 applied: now 18 waits, since 300 ms
+		{18, 18, 400, time.Time{}},  // caught up
+		{30, 18, 500, at(500)},      // the FSM stops here...
+		{40, 18, 5600, at(500)},     // ...and the wait grows
+		{40, 40, 5700, time.Time{}}, // until it applies again
+	} {
+		if got := a.observe(step.commit, step.applied, at(step.ms)); !got.Equal(step.want) {
+			t.Fatalf("at %d ms (commit %d, applied %d): waiting since %v, want %v", step.ms, step.commit, step.applied, got, step.want)
+		}
+	}
+	// A follower in contact whose FSM waits longer than -max-stale refuses
+	// fresh reads, saying why.
+	s := &Server{cfg: Config{ID: "c2", MaxStale: 5 * time.Second}}
+	r := s.staleReason(contactInfo{lastContact: 10 * time.Millisecond, applyBehind: 6 * time.Second})
+	if !strings.Contains(r, "coordinator c2 has not applied raft entries committed 6s ago") {
+		t.Fatalf("stale reason with the FSM 6 s behind: %q", r)
+	}
+	if r := s.staleReason(contactInfo{lastContact: 10 * time.Millisecond, applyBehind: 50 * time.Millisecond}); r != "" {
+		t.Fatalf("stale reason with the FSM 50 ms behind: %q, want none", r)
+	}
+}

@@ -255,8 +255,12 @@ type Server struct {
 	// caughtUp is set once this node, as a follower, has applied the
 	// commit index the leader told it after its start (http_guard.go).
 	caughtUp atomic.Bool
-	members  *memberlist.Memberlist
-	metrics  *metrics
+	// applyBehindSince is, in unix nanoseconds, since when an entry this
+	// node knows committed has waited to be applied; 0 when none has
+	// waited since the last look (watchApply, http_guard.go).
+	applyBehindSince atomic.Int64
+	members          *memberlist.Memberlist
+	metrics          *metrics
 
 	// leader is the state of this node's current term of leadership, nil
 	// when it is not leader; sessions accepted by the Control service find it here.
@@ -389,6 +393,7 @@ func NewServer(cfg Config) (_ *Server, err error) {
 	s.wg.Go(func() { s.committer.run(s.ctx) })
 	s.wg.Go(s.joinLoop)
 	s.wg.Go(s.monitorLeadership)
+	s.wg.Go(s.watchApply)
 	if s.raftHadState {
 		// Only a node that restarts replays an old log into its FSM; a new
 		// one starts empty and lags like any follower.
