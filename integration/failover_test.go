@@ -470,6 +470,16 @@ func TestQuorumLossKeepsTasksRunning(t *testing.T) {
 		}
 		killed = append(killed, cp.id)
 	}
+	// The survivor learns that a checkpoint committed with the leader's
+	// next message: wait until it has applied one, or it may be left
+	// without any (seen in CI).
+	c.waitFor(t, 10*time.Second, survivor.id+" to have applied a completed checkpoint", func() (bool, error) {
+		var j jobView
+		if err := c.call("GET", survivor.httpAddr, "/v1/jobs/"+job, nil, &j); err != nil {
+			return false, err
+		}
+		return j.lastCheckpointID() >= before.lastCheckpointID(), fmt.Errorf("%s has applied checkpoint %d, not yet %d", survivor.id, j.lastCheckpointID(), before.lastCheckpointID())
+	})
 	for _, id := range killed {
 		c.killCoordinator(t, id)
 	}
