@@ -244,19 +244,14 @@ func jobLag(ctx context.Context, j fsm.Job) (apiLag, error) {
 			}
 		}
 	}
-	client, err := sarama.NewClient(brokers, lookupConfig(ctx, sarama.DefaultVersion))
+	client, err := sourceClient(ctx, brokers)
 	if err != nil {
-		return v, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
+		return v, err
 	}
 	defer client.Close()
-	parts, err := client.Partitions(topic)
-	switch {
-	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || (err == nil && len(parts) == 0):
-		return v, fmt.Errorf("source topic %q does not exist on %s", topic, addrs)
-	case errors.Is(err, sarama.ErrOutOfBrokers):
-		return v, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
-	case err != nil:
-		return v, fmt.Errorf("list partitions of source topic %q on %s: %w", topic, addrs, err)
+	parts, err := sourcePartitions(client, brokers, topic)
+	if err != nil {
+		return v, err
 	}
 	byLeader := make(map[*sarama.Broker][]int32)
 	for _, p := range parts {
@@ -351,34 +346,32 @@ type viewEntry[V any] struct {
 	err  error
 }
 
+// stale reports whether e holds an answer older than viewCacheTTL (one
+// still being computed is not stale).
+func (e *viewEntry[V]) stale() bool {
+	select {
+	case <-e.done:
+		return time.Since(e.at) >= viewCacheTTL
+	default:
+		return false
+	}
+}
+
 // get returns key's answer, computing it with compute when there is none
 // younger than viewCacheTTL. An error is cached like an answer, so that an
-// unreachable broker is not asked again by every refresh.
-// compute runs for every caller that waits, so it must not depend on the
-// first caller's context: a caller that leaves does not fail the others.
+// unreachable broker is not asked again by every refresh. compute's answer
+// goes to every caller that waits, so it must not depend on the first
+// caller's context: a caller that leaves does not fail the others.
 func (c *viewCache[V]) get(ctx context.Context, key string, compute func() (V, error)) (V, error) {
 	c.mu.Lock()
 	if c.entries == nil {
 		c.entries = make(map[string]*viewEntry[V])
 	}
 	e, ok := c.entries[key]
-	if ok {
-		select {
-		case <-e.done:
-			if time.Since(e.at) >= viewCacheTTL {
-				ok = false
-			}
-		default: // being computed
-		}
-	}
-	if !ok {
+	if !ok || e.stale() {
 		for k, old := range c.entries { // forget stale keys: jobs come and go
-			select {
-			case <-old.done:
-				if time.Since(old.at) >= viewCacheTTL {
-					delete(c.entries, k)
-				}
-			default:
+			if old.stale() {
+				delete(c.entries, k)
 			}
 		}
 		e = &viewEntry[V]{done: make(chan struct{})}

@@ -1,14 +1,18 @@
 package coordinator
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -318,5 +322,59 @@ func TestDashboardRoutes(t *testing.T) {
 	d.h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/nothing", nil))
 	if rec.Code != http.StatusNotFound {
 		t.Fatalf("GET /nothing: %d", rec.Code)
+	}
+}
+
+// viewCache computes a key's answer once for the callers that ask while it
+// is computed and for a second after; a caller that gives up waiting gets
+// its context's error, and the others still get the answer.
+func TestViewCache(t *testing.T) {
+	var c viewCache[int]
+	var calls atomic.Int32
+	release := make(chan struct{})
+	compute := func() (int, error) {
+		calls.Add(1)
+		<-release
+		return 42, nil
+	}
+	var wg sync.WaitGroup
+	results := make(chan int, 4)
+	for range 4 {
+		wg.Go(func() {
+			v, err := c.get(t.Context(), "job", compute)
+			if err != nil {
+				t.Error(err)
+			}
+			results <- v
+		})
+	}
+	// One more caller that leaves before the answer.
+	ctx, cancel := context.WithCancel(t.Context())
+	waitFor(t, 5*time.Second, func() error {
+		if calls.Load() != 1 {
+			return fmt.Errorf("%d computations started", calls.Load())
+		}
+		return nil
+	})
+	left := make(chan error, 1)
+	go func() { _, err := c.get(ctx, "job", compute); left <- err }()
+	cancel()
+	if err := <-left; !errors.Is(err, context.Canceled) {
+		t.Fatalf("a caller that left got %v, want context.Canceled", err)
+	}
+	close(release)
+	wg.Wait()
+	close(results)
+	for v := range results {
+		if v != 42 {
+			t.Fatalf("a waiting caller got %d, want 42", v)
+		}
+	}
+	if v, _ := c.get(t.Context(), "job", compute); v != 42 || calls.Load() != 1 {
+		t.Fatalf("within the TTL: %d after %d computations, want the cached 42 after 1", v, calls.Load())
+	}
+	// Another key is computed on its own.
+	if v, _ := c.get(t.Context(), "other", func() (int, error) { return 7, nil }); v != 7 {
+		t.Fatalf("another key got %d", v)
 	}
 }

@@ -804,20 +804,37 @@ func taskRef(js *jobState, t fsm.Task) *transport.TaskRef {
 // timeouts so that an unreachable broker fails the lookup quickly. Its errors
 // are shown to users as the job's reason.
 func kafkaPartitions(ctx context.Context, brokers []string, topic string) (int, error) {
-	addrs := strings.Join(brokers, ",")
-	client, err := sarama.NewClient(brokers, lookupConfig(ctx, sarama.DefaultVersion))
+	client, err := sourceClient(ctx, brokers)
 	if err != nil {
-		return 0, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
+		return 0, err
 	}
 	defer client.Close()
+	parts, err := sourcePartitions(client, brokers, topic)
+	return len(parts), err
+}
+
+// sourceClient connects to a job's source brokers for a lookup, failing
+// fast (lookupConfig) with an error that names them.
+func sourceClient(ctx context.Context, brokers []string) (sarama.Client, error) {
+	client, err := sarama.NewClient(brokers, lookupConfig(ctx, sarama.DefaultVersion))
+	if err != nil {
+		return nil, fmt.Errorf("source brokers %s unreachable: %w", strings.Join(brokers, ","), err)
+	}
+	return client, nil
+}
+
+// sourcePartitions lists topic's partitions, with the errors users see as
+// a job's reason: a topic that does not exist, brokers that do not answer.
+func sourcePartitions(client sarama.Client, brokers []string, topic string) ([]int32, error) {
+	addrs := strings.Join(brokers, ",")
 	parts, err := client.Partitions(topic)
 	switch {
 	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || (err == nil && len(parts) == 0):
-		return 0, fmt.Errorf("source topic %q does not exist on %s", topic, addrs)
+		return nil, fmt.Errorf("source topic %q does not exist on %s", topic, addrs)
 	case errors.Is(err, sarama.ErrOutOfBrokers):
-		return 0, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
+		return nil, fmt.Errorf("source brokers %s unreachable: %w", addrs, err)
 	case err != nil:
-		return 0, fmt.Errorf("list partitions of source topic %q on %s: %w", topic, addrs, err)
+		return nil, fmt.Errorf("list partitions of source topic %q on %s: %w", topic, addrs, err)
 	}
-	return len(parts), nil
+	return parts, nil
 }

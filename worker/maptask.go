@@ -518,8 +518,7 @@ func (m *mapTask) emit(out operator.Output) {
 		m.item.emitErr = err
 		return
 	}
-	m.out.Inc()
-	m.recordsOut++
+	m.recordsOut++ // apply adds it to the metric once per batch
 }
 
 // handle applies one input event on the task loop.
@@ -555,8 +554,10 @@ func (m *mapTask) handle(ev inputEvent) error {
 // apply runs the operator on every item of a packed batch.
 func (m *mapTask) apply(batch []byte) error {
 	m.batch.items = 0
+	outBefore := m.recordsOut
 	err := transport.ReadBatch(batch, &m.batch)
 	m.in.Add(float64(m.batch.items))
+	m.out.Add(float64(m.recordsOut - outBefore))
 	m.recordsIn += int64(m.batch.items)
 	return err
 }
@@ -687,12 +688,13 @@ func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool, aligned time
 	}
 	job := &snapshotJob{
 		id: id, began: time.Now(), view: view, kgStart: m.kgStart, kgEnd: m.kgEnd,
-		applied:   maps.Clone(m.keyed.applied),
-		keys:      m.keyed.keys,
-		encoding:  string(operator.EncodingOf(m.op)),
-		sinkTxns:  txns,
-		alignment: aligned,
-		records:   [2]int64{m.recordsIn, m.recordsOut},
+		applied:    maps.Clone(m.keyed.applied),
+		keys:       m.keyed.keys,
+		encoding:   string(operator.EncodingOf(m.op)),
+		sinkTxns:   txns,
+		alignment:  aligned,
+		recordsIn:  m.recordsIn,
+		recordsOut: m.recordsOut,
 	}
 	job.savepoint = savepoint
 	threshold := m.stateSpec.GetInlineThreshold()

@@ -76,8 +76,8 @@ type snapshotJob struct {
 	savepoint bool
 	// alignment is the time from the first to the last barrier.
 	alignment time.Duration
-	// records are the task's records in and out at the barrier.
-	records [2]int64
+	// recordsIn and recordsOut are the task's counts at the barrier.
+	recordsIn, recordsOut int64
 }
 
 // snapshotResult is what the writer reports back to the task loop.
@@ -139,8 +139,8 @@ func (w *snapshotWriter) writeMode(ctx context.Context, job *snapshotJob) snapsh
 		ValueEncoding: job.encoding,
 		Keys:          job.keys,
 		AlignmentUs:   job.alignment.Microseconds(),
-		RecordsIn:     job.records[0],
-		RecordsOut:    job.records[1],
+		RecordsIn:     job.recordsIn,
+		RecordsOut:    job.recordsOut,
 	}
 	mode := job.mode
 	if mode == modeInline {

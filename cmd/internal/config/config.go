@@ -11,6 +11,7 @@
 package config
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -80,7 +81,7 @@ func apply(fs *flag.FlagSet, path string, data []byte, env func(string) (string,
 // holds twice, or "": encoding/json would keep the last silently, and a
 // repeated option is more likely a mistake than a choice.
 func duplicateKey(data []byte) string {
-	dec := json.NewDecoder(strings.NewReader(string(data)))
+	dec := json.NewDecoder(bytes.NewReader(data))
 	if _, err := dec.Token(); err != nil { // {
 		return ""
 	}
