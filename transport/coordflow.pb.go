@@ -1038,6 +1038,7 @@ type CoordinatorMessage struct {
 	//	*CoordinatorMessage_Cancel
 	//	*CoordinatorMessage_Trigger
 	//	*CoordinatorMessage_Complete
+	//	*CoordinatorMessage_Retarget
 	Msg           isCoordinatorMessage_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1143,6 +1144,15 @@ func (x *CoordinatorMessage) GetComplete() *CheckpointComplete {
 	return nil
 }
 
+func (x *CoordinatorMessage) GetRetarget() *RetargetTasks {
+	if x != nil {
+		if x, ok := x.Msg.(*CoordinatorMessage_Retarget); ok {
+			return x.Retarget
+		}
+	}
+	return nil
+}
+
 type isCoordinatorMessage_Msg interface {
 	isCoordinatorMessage_Msg()
 }
@@ -1175,6 +1185,10 @@ type CoordinatorMessage_Complete struct {
 	Complete *CheckpointComplete `protobuf:"bytes,7,opt,name=complete,proto3,oneof"`
 }
 
+type CoordinatorMessage_Retarget struct {
+	Retarget *RetargetTasks `protobuf:"bytes,8,opt,name=retarget,proto3,oneof"`
+}
+
 func (*CoordinatorMessage_Welcome) isCoordinatorMessage_Msg() {}
 
 func (*CoordinatorMessage_NotLeader) isCoordinatorMessage_Msg() {}
@@ -1188,6 +1202,8 @@ func (*CoordinatorMessage_Cancel) isCoordinatorMessage_Msg() {}
 func (*CoordinatorMessage_Trigger) isCoordinatorMessage_Msg() {}
 
 func (*CoordinatorMessage_Complete) isCoordinatorMessage_Msg() {}
+
+func (*CoordinatorMessage_Retarget) isCoordinatorMessage_Msg() {}
 
 // Welcome accepts a session. lease_ms is how long the worker may run tasks
 // without hearing from a leader (or from a coordinator that knows no leader,
@@ -1319,7 +1335,9 @@ func (x *NotLeader) GetLeaderRpcAddr() string {
 }
 
 // DeployTask starts one task of one attempt. A worker stops every task of the
-// same job with a lower attempt when it gets one with a higher attempt.
+// same job with a lower attempt when it gets one with a higher attempt, unless
+// the deploy is partial (task-scoped recovery): then only an older task of the
+// same id is stopped, and the job's other tasks run on.
 type DeployTask struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Task           *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
@@ -1353,7 +1371,13 @@ type DeployTask struct {
 	// combine: a source merges the items of each key before it sends them,
 	// when the operator can (operator.Combiner). The leader sets it for jobs
 	// without a sink, whose outputs would otherwise lose intermediate updates.
-	Combine       bool `protobuf:"varint,16,opt,name=combine,proto3" json:"combine,omitempty"`
+	Combine bool `protobuf:"varint,16,opt,name=combine,proto3" json:"combine,omitempty"`
+	// partial marks a task restored by task-scoped recovery (docs/protocol.md
+	// "Task-scoped recovery"): the job's other tasks keep running in their own
+	// attempts. A partial source fails, rather than falling back to its start
+	// policy, when a restored offset is no longer in Kafka: the leader then
+	// restarts the whole job, which is exact again.
+	Partial       bool `protobuf:"varint,17,opt,name=partial,proto3" json:"partial,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1496,6 +1520,13 @@ func (x *DeployTask) GetChannelToken() string {
 func (x *DeployTask) GetCombine() bool {
 	if x != nil {
 		return x.Combine
+	}
+	return false
+}
+
+func (x *DeployTask) GetPartial() bool {
+	if x != nil {
+		return x.Partial
 	}
 	return false
 }
@@ -1764,6 +1795,10 @@ type MapTaskRef struct {
 	// key groups [key_group_start, key_group_end) belong to this task.
 	KeyGroupStart int32 `protobuf:"varint,5,opt,name=key_group_start,json=keyGroupStart,proto3" json:"key_group_start,omitempty"`
 	KeyGroupEnd   int32 `protobuf:"varint,6,opt,name=key_group_end,json=keyGroupEnd,proto3" json:"key_group_end,omitempty"`
+	// attempt is the attempt the map task runs in: its own, which after a
+	// task-scoped recovery may differ from the other tasks'. Sources name it
+	// in the channel header. 0 (an older leader) means the deploy's attempt.
+	Attempt       uint64 `protobuf:"varint,7,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1840,6 +1875,110 @@ func (x *MapTaskRef) GetKeyGroupEnd() int32 {
 	return 0
 }
 
+func (x *MapTaskRef) GetAttempt() uint64 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
+// RetargetTasks tells the workers running a job's surviving tasks that
+// task-scoped recovery restored some of its tasks elsewhere, from completed
+// checkpoint restore_checkpoint_id. A surviving source reopens its channel to
+// each map task whose place or attempt changed and, before the live stream,
+// replays to it the items of its key groups from restore_offsets up to where
+// the source is; map tasks drop what they applied already (TaskState.applied).
+type RetargetTasks struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	JobId string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	// attempt is the job's attempt after the recovery; the restored tasks run
+	// in it.
+	Attempt uint64 `protobuf:"varint,2,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	// map_tasks lists every map task of the job, where it runs now and in
+	// which attempt.
+	MapTasks []*MapTaskRef `protobuf:"bytes,3,rep,name=map_tasks,json=mapTasks,proto3" json:"map_tasks,omitempty"`
+	// restored lists the ids of the tasks that were restored.
+	Restored            []string `protobuf:"bytes,4,rep,name=restored,proto3" json:"restored,omitempty"`
+	RestoreCheckpointId uint64   `protobuf:"varint,5,opt,name=restore_checkpoint_id,json=restoreCheckpointId,proto3" json:"restore_checkpoint_id,omitempty"`
+	// restore_offsets are the checkpoint's next offsets of every source
+	// partition: where replays start.
+	RestoreOffsets map[int32]int64 `protobuf:"bytes,6,rep,name=restore_offsets,json=restoreOffsets,proto3" json:"restore_offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RetargetTasks) Reset() {
+	*x = RetargetTasks{}
+	mi := &file_coordflow_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetargetTasks) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetargetTasks) ProtoMessage() {}
+
+func (x *RetargetTasks) ProtoReflect() protoreflect.Message {
+	mi := &file_coordflow_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetargetTasks.ProtoReflect.Descriptor instead.
+func (*RetargetTasks) Descriptor() ([]byte, []int) {
+	return file_coordflow_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RetargetTasks) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *RetargetTasks) GetAttempt() uint64 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
+func (x *RetargetTasks) GetMapTasks() []*MapTaskRef {
+	if x != nil {
+		return x.MapTasks
+	}
+	return nil
+}
+
+func (x *RetargetTasks) GetRestored() []string {
+	if x != nil {
+		return x.Restored
+	}
+	return nil
+}
+
+func (x *RetargetTasks) GetRestoreCheckpointId() uint64 {
+	if x != nil {
+		return x.RestoreCheckpointId
+	}
+	return 0
+}
+
+func (x *RetargetTasks) GetRestoreOffsets() map[int32]int64 {
+	if x != nil {
+		return x.RestoreOffsets
+	}
+	return nil
+}
+
 // KeyedBlob is the keyed state one map task of a checkpoint acked: inline
 // data, or a chain of files, covering key groups [key_group_start,
 // key_group_end).
@@ -1861,7 +2000,7 @@ type KeyedBlob struct {
 
 func (x *KeyedBlob) Reset() {
 	*x = KeyedBlob{}
-	mi := &file_coordflow_proto_msgTypes[18]
+	mi := &file_coordflow_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1873,7 +2012,7 @@ func (x *KeyedBlob) String() string {
 func (*KeyedBlob) ProtoMessage() {}
 
 func (x *KeyedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[18]
+	mi := &file_coordflow_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1886,7 +2025,7 @@ func (x *KeyedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyedBlob.ProtoReflect.Descriptor instead.
 func (*KeyedBlob) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{18}
+	return file_coordflow_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *KeyedBlob) GetTaskId() string {
@@ -1955,7 +2094,7 @@ type CancelTask struct {
 
 func (x *CancelTask) Reset() {
 	*x = CancelTask{}
-	mi := &file_coordflow_proto_msgTypes[19]
+	mi := &file_coordflow_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2106,7 @@ func (x *CancelTask) String() string {
 func (*CancelTask) ProtoMessage() {}
 
 func (x *CancelTask) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[19]
+	mi := &file_coordflow_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2119,7 @@ func (x *CancelTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTask.ProtoReflect.Descriptor instead.
 func (*CancelTask) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{19}
+	return file_coordflow_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CancelTask) GetTask() *TaskRef {
@@ -2016,7 +2155,7 @@ type TriggerCheckpoint struct {
 
 func (x *TriggerCheckpoint) Reset() {
 	*x = TriggerCheckpoint{}
-	mi := &file_coordflow_proto_msgTypes[20]
+	mi := &file_coordflow_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2167,7 @@ func (x *TriggerCheckpoint) String() string {
 func (*TriggerCheckpoint) ProtoMessage() {}
 
 func (x *TriggerCheckpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[20]
+	mi := &file_coordflow_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2180,7 @@ func (x *TriggerCheckpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TriggerCheckpoint.ProtoReflect.Descriptor instead.
 func (*TriggerCheckpoint) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{20}
+	return file_coordflow_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *TriggerCheckpoint) GetTask() *TaskRef {
@@ -2097,7 +2236,7 @@ type CheckpointComplete struct {
 
 func (x *CheckpointComplete) Reset() {
 	*x = CheckpointComplete{}
-	mi := &file_coordflow_proto_msgTypes[21]
+	mi := &file_coordflow_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2109,7 +2248,7 @@ func (x *CheckpointComplete) String() string {
 func (*CheckpointComplete) ProtoMessage() {}
 
 func (x *CheckpointComplete) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[21]
+	mi := &file_coordflow_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2122,7 +2261,7 @@ func (x *CheckpointComplete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointComplete.ProtoReflect.Descriptor instead.
 func (*CheckpointComplete) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{21}
+	return file_coordflow_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CheckpointComplete) GetTask() *TaskRef {
@@ -2168,7 +2307,7 @@ type DataMessage struct {
 
 func (x *DataMessage) Reset() {
 	*x = DataMessage{}
-	mi := &file_coordflow_proto_msgTypes[22]
+	mi := &file_coordflow_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2319,7 @@ func (x *DataMessage) String() string {
 func (*DataMessage) ProtoMessage() {}
 
 func (x *DataMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[22]
+	mi := &file_coordflow_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2332,7 @@ func (x *DataMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DataMessage.ProtoReflect.Descriptor instead.
 func (*DataMessage) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{22}
+	return file_coordflow_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DataMessage) GetHeader() *ChannelHeader {
@@ -2245,20 +2384,27 @@ func (*DataMessage_Batch) isDataMessage_Payload() {}
 func (*DataMessage_Barrier) isDataMessage_Payload() {}
 
 type ChannelHeader struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	JobId       string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
-	Attempt     uint64                 `protobuf:"varint,2,opt,name=attempt,proto3" json:"attempt,omitempty"`
-	SourceIndex int32                  `protobuf:"varint,3,opt,name=source_index,json=sourceIndex,proto3" json:"source_index,omitempty"`
-	MapTaskId   string                 `protobuf:"bytes,4,opt,name=map_task_id,json=mapTaskId,proto3" json:"map_task_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	JobId string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	// attempt is the attempt of the map task the channel goes to
+	// (MapTaskRef.attempt).
+	Attempt     uint64 `protobuf:"varint,2,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	SourceIndex int32  `protobuf:"varint,3,opt,name=source_index,json=sourceIndex,proto3" json:"source_index,omitempty"`
+	MapTaskId   string `protobuf:"bytes,4,opt,name=map_task_id,json=mapTaskId,proto3" json:"map_task_id,omitempty"`
 	// channel_token is DeployTask.channel_token of the source's attempt.
-	ChannelToken  string `protobuf:"bytes,5,opt,name=channel_token,json=channelToken,proto3" json:"channel_token,omitempty"`
+	ChannelToken string `protobuf:"bytes,5,opt,name=channel_token,json=channelToken,proto3" json:"channel_token,omitempty"`
+	// source_attempt is the attempt of the sending source task. A map task
+	// lets a channel take the place of its source's earlier one only with an
+	// attempt at least as new: a reopened channel (after a broken stream or a
+	// task-scoped recovery) does, a zombie of an older attempt does not.
+	SourceAttempt uint64 `protobuf:"varint,6,opt,name=source_attempt,json=sourceAttempt,proto3" json:"source_attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChannelHeader) Reset() {
 	*x = ChannelHeader{}
-	mi := &file_coordflow_proto_msgTypes[23]
+	mi := &file_coordflow_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2270,7 +2416,7 @@ func (x *ChannelHeader) String() string {
 func (*ChannelHeader) ProtoMessage() {}
 
 func (x *ChannelHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[23]
+	mi := &file_coordflow_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2283,7 +2429,7 @@ func (x *ChannelHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelHeader.ProtoReflect.Descriptor instead.
 func (*ChannelHeader) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{23}
+	return file_coordflow_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ChannelHeader) GetJobId() string {
@@ -2321,6 +2467,13 @@ func (x *ChannelHeader) GetChannelToken() string {
 	return ""
 }
 
+func (x *ChannelHeader) GetSourceAttempt() uint64 {
+	if x != nil {
+		return x.SourceAttempt
+	}
+	return 0
+}
+
 // ItemBatch is a run of items from one source task to one map task. The items
 // are packed (transport.BatchWriter, transport.ReadBatch): one buffer per batch,
 // written into reused memory and read without an allocation per item, where a
@@ -2337,7 +2490,7 @@ type ItemBatch struct {
 
 func (x *ItemBatch) Reset() {
 	*x = ItemBatch{}
-	mi := &file_coordflow_proto_msgTypes[24]
+	mi := &file_coordflow_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2349,7 +2502,7 @@ func (x *ItemBatch) String() string {
 func (*ItemBatch) ProtoMessage() {}
 
 func (x *ItemBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[24]
+	mi := &file_coordflow_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2362,7 +2515,7 @@ func (x *ItemBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemBatch.ProtoReflect.Descriptor instead.
 func (*ItemBatch) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{24}
+	return file_coordflow_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ItemBatch) GetPacked() []byte {
@@ -2387,7 +2540,7 @@ type Barrier struct {
 
 func (x *Barrier) Reset() {
 	*x = Barrier{}
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2399,7 +2552,7 @@ func (x *Barrier) String() string {
 func (*Barrier) ProtoMessage() {}
 
 func (x *Barrier) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2412,7 +2565,7 @@ func (x *Barrier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Barrier.ProtoReflect.Descriptor instead.
 func (*Barrier) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{25}
+	return file_coordflow_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Barrier) GetCheckpointId() uint64 {
@@ -2445,7 +2598,7 @@ type ChannelClosed struct {
 
 func (x *ChannelClosed) Reset() {
 	*x = ChannelClosed{}
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2457,7 +2610,7 @@ func (x *ChannelClosed) String() string {
 func (*ChannelClosed) ProtoMessage() {}
 
 func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2470,7 +2623,7 @@ func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelClosed.ProtoReflect.Descriptor instead.
 func (*ChannelClosed) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{26}
+	return file_coordflow_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ChannelClosed) GetReason() string {
@@ -2555,7 +2708,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x06sha256\x18\x03 \x01(\tR\x06sha256\x12&\n" +
 	"\x0fkey_group_start\x18\x04 \x01(\x05R\rkeyGroupStart\x12\"\n" +
 	"\rkey_group_end\x18\x05 \x01(\x05R\vkeyGroupEnd\x12\x12\n" +
-	"\x04full\x18\x06 \x01(\bR\x04full\"\xa6\x03\n" +
+	"\x04full\x18\x06 \x01(\bR\x04full\"\xe1\x03\n" +
 	"\x12CoordinatorMessage\x121\n" +
 	"\awelcome\x18\x01 \x01(\v2\x15.coordflow.v1.WelcomeH\x00R\awelcome\x128\n" +
 	"\n" +
@@ -2564,7 +2717,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x06deploy\x18\x04 \x01(\v2\x18.coordflow.v1.DeployTaskH\x00R\x06deploy\x122\n" +
 	"\x06cancel\x18\x05 \x01(\v2\x18.coordflow.v1.CancelTaskH\x00R\x06cancel\x12;\n" +
 	"\atrigger\x18\x06 \x01(\v2\x1f.coordflow.v1.TriggerCheckpointH\x00R\atrigger\x12>\n" +
-	"\bcomplete\x18\a \x01(\v2 .coordflow.v1.CheckpointCompleteH\x00R\bcompleteB\x05\n" +
+	"\bcomplete\x18\a \x01(\v2 .coordflow.v1.CheckpointCompleteH\x00R\bcomplete\x129\n" +
+	"\bretarget\x18\b \x01(\v2\x1b.coordflow.v1.RetargetTasksH\x00R\bretargetB\x05\n" +
 	"\x03msg\"x\n" +
 	"\aWelcome\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12\x12\n" +
@@ -2573,7 +2727,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\fheartbeat_ms\x18\x04 \x01(\x03R\vheartbeatMs\"P\n" +
 	"\tNotLeader\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12&\n" +
-	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\x89\x06\n" +
+	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\xa3\x06\n" +
 	"\n" +
 	"DeployTask\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12*\n" +
@@ -2593,7 +2747,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"\rrestore_keyed\x18\r \x03(\v2\x17.coordflow.v1.KeyedBlobR\frestoreKeyed\x12-\n" +
 	"\x05state\x18\x0e \x01(\v2\x17.coordflow.v1.StateSpecR\x05state\x12#\n" +
 	"\rchannel_token\x18\x0f \x01(\tR\fchannelToken\x12\x18\n" +
-	"\acombine\x18\x10 \x01(\bR\acombine\x1aA\n" +
+	"\acombine\x18\x10 \x01(\bR\acombine\x12\x18\n" +
+	"\apartial\x18\x11 \x01(\bR\apartial\x1aA\n" +
 	"\x13RestoreOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x93\x01\n" +
@@ -2618,7 +2773,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\bdelivery\x18\x03 \x01(\tR\bdelivery\x124\n" +
 	"\x16transaction_timeout_ms\x18\x04 \x01(\x03R\x14transactionTimeoutMs\x126\n" +
 	"\x17transactional_id_prefix\x18\x05 \x01(\tR\x15transactionalIdPrefix\x122\n" +
-	"\x15checkpoint_timeout_ms\x18\x06 \x01(\x03R\x13checkpointTimeoutMs\"\xc1\x01\n" +
+	"\x15checkpoint_timeout_ms\x18\x06 \x01(\x03R\x13checkpointTimeoutMs\"\xdb\x01\n" +
 	"\n" +
 	"MapTaskRef\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x14\n" +
@@ -2626,7 +2781,18 @@ const file_coordflow_proto_rawDesc = "" +
 	"\tworker_id\x18\x03 \x01(\tR\bworkerId\x12\x1b\n" +
 	"\tdata_addr\x18\x04 \x01(\tR\bdataAddr\x12&\n" +
 	"\x0fkey_group_start\x18\x05 \x01(\x05R\rkeyGroupStart\x12\"\n" +
-	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\"\xfb\x02\n" +
+	"\rkey_group_end\x18\x06 \x01(\x05R\vkeyGroupEnd\x12\x18\n" +
+	"\aattempt\x18\a \x01(\x04R\aattempt\"\xe4\x02\n" +
+	"\rRetargetTasks\x12\x15\n" +
+	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x18\n" +
+	"\aattempt\x18\x02 \x01(\x04R\aattempt\x125\n" +
+	"\tmap_tasks\x18\x03 \x03(\v2\x18.coordflow.v1.MapTaskRefR\bmapTasks\x12\x1a\n" +
+	"\brestored\x18\x04 \x03(\tR\brestored\x122\n" +
+	"\x15restore_checkpoint_id\x18\x05 \x01(\x04R\x13restoreCheckpointId\x12X\n" +
+	"\x0frestore_offsets\x18\x06 \x03(\v2/.coordflow.v1.RetargetTasks.RestoreOffsetsEntryR\x0erestoreOffsets\x1aA\n" +
+	"\x13RestoreOffsetsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xfb\x02\n" +
 	"\tKeyedBlob\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x16\n" +
@@ -2661,13 +2827,14 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x06header\x18\x01 \x01(\v2\x1b.coordflow.v1.ChannelHeaderR\x06header\x12/\n" +
 	"\x05batch\x18\x02 \x01(\v2\x17.coordflow.v1.ItemBatchH\x00R\x05batch\x121\n" +
 	"\abarrier\x18\x03 \x01(\v2\x15.coordflow.v1.BarrierH\x00R\abarrierB\t\n" +
-	"\apayload\"\xa8\x01\n" +
+	"\apayload\"\xcf\x01\n" +
 	"\rChannelHeader\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x18\n" +
 	"\aattempt\x18\x02 \x01(\x04R\aattempt\x12!\n" +
 	"\fsource_index\x18\x03 \x01(\x05R\vsourceIndex\x12\x1e\n" +
 	"\vmap_task_id\x18\x04 \x01(\tR\tmapTaskId\x12#\n" +
-	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\")\n" +
+	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\x12%\n" +
+	"\x0esource_attempt\x18\x06 \x01(\x04R\rsourceAttempt\")\n" +
 	"\tItemBatch\x12\x16\n" +
 	"\x06packed\x18\x02 \x01(\fR\x06packedJ\x04\b\x01\x10\x02\"s\n" +
 	"\aBarrier\x12#\n" +
@@ -2708,7 +2875,7 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 }
 
 var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
@@ -2731,20 +2898,22 @@ var file_coordflow_proto_goTypes = []any{
 	(*SourceSpec)(nil),         // 18: coordflow.v1.SourceSpec
 	(*SinkSpec)(nil),           // 19: coordflow.v1.SinkSpec
 	(*MapTaskRef)(nil),         // 20: coordflow.v1.MapTaskRef
-	(*KeyedBlob)(nil),          // 21: coordflow.v1.KeyedBlob
-	(*CancelTask)(nil),         // 22: coordflow.v1.CancelTask
-	(*TriggerCheckpoint)(nil),  // 23: coordflow.v1.TriggerCheckpoint
-	(*CheckpointComplete)(nil), // 24: coordflow.v1.CheckpointComplete
-	(*DataMessage)(nil),        // 25: coordflow.v1.DataMessage
-	(*ChannelHeader)(nil),      // 26: coordflow.v1.ChannelHeader
-	(*ItemBatch)(nil),          // 27: coordflow.v1.ItemBatch
-	(*Barrier)(nil),            // 28: coordflow.v1.Barrier
-	(*ChannelClosed)(nil),      // 29: coordflow.v1.ChannelClosed
-	nil,                        // 30: coordflow.v1.TaskState.OffsetsEntry
-	nil,                        // 31: coordflow.v1.TaskState.AppliedEntry
-	nil,                        // 32: coordflow.v1.DeployTask.RestoreOffsetsEntry
-	nil,                        // 33: coordflow.v1.KeyedBlob.AppliedEntry
-	nil,                        // 34: coordflow.v1.CheckpointComplete.OffsetsEntry
+	(*RetargetTasks)(nil),      // 21: coordflow.v1.RetargetTasks
+	(*KeyedBlob)(nil),          // 22: coordflow.v1.KeyedBlob
+	(*CancelTask)(nil),         // 23: coordflow.v1.CancelTask
+	(*TriggerCheckpoint)(nil),  // 24: coordflow.v1.TriggerCheckpoint
+	(*CheckpointComplete)(nil), // 25: coordflow.v1.CheckpointComplete
+	(*DataMessage)(nil),        // 26: coordflow.v1.DataMessage
+	(*ChannelHeader)(nil),      // 27: coordflow.v1.ChannelHeader
+	(*ItemBatch)(nil),          // 28: coordflow.v1.ItemBatch
+	(*Barrier)(nil),            // 29: coordflow.v1.Barrier
+	(*ChannelClosed)(nil),      // 30: coordflow.v1.ChannelClosed
+	nil,                        // 31: coordflow.v1.TaskState.OffsetsEntry
+	nil,                        // 32: coordflow.v1.TaskState.AppliedEntry
+	nil,                        // 33: coordflow.v1.DeployTask.RestoreOffsetsEntry
+	nil,                        // 34: coordflow.v1.RetargetTasks.RestoreOffsetsEntry
+	nil,                        // 35: coordflow.v1.KeyedBlob.AppliedEntry
+	nil,                        // 36: coordflow.v1.CheckpointComplete.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
 	5,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
@@ -2761,44 +2930,47 @@ var file_coordflow_proto_depIdxs = []int32{
 	10, // 11: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
 	3,  // 12: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
 	0,  // 13: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
-	30, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
+	31, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
 	12, // 15: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
-	31, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
+	32, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
 	11, // 17: coordflow.v1.TaskState.sink_txns:type_name -> coordflow.v1.SinkTxn
 	14, // 18: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
 	15, // 19: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
 	6,  // 20: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
 	16, // 21: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
-	22, // 22: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
-	23, // 23: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
-	24, // 24: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
-	3,  // 25: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
-	0,  // 26: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
-	18, // 27: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
-	19, // 28: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
-	20, // 29: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
-	32, // 30: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
-	21, // 31: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
-	17, // 32: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
-	12, // 33: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
-	33, // 34: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
-	11, // 35: coordflow.v1.KeyedBlob.sink_txns:type_name -> coordflow.v1.SinkTxn
-	3,  // 36: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
-	3,  // 37: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
-	3,  // 38: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
-	34, // 39: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
-	26, // 40: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
-	27, // 41: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
-	28, // 42: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	4,  // 43: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	25, // 44: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	13, // 45: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	29, // 46: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	45, // [45:47] is the sub-list for method output_type
-	43, // [43:45] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	23, // 22: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
+	24, // 23: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
+	25, // 24: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
+	21, // 25: coordflow.v1.CoordinatorMessage.retarget:type_name -> coordflow.v1.RetargetTasks
+	3,  // 26: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
+	0,  // 27: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
+	18, // 28: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
+	19, // 29: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
+	20, // 30: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
+	33, // 31: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
+	22, // 32: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
+	17, // 33: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
+	20, // 34: coordflow.v1.RetargetTasks.map_tasks:type_name -> coordflow.v1.MapTaskRef
+	34, // 35: coordflow.v1.RetargetTasks.restore_offsets:type_name -> coordflow.v1.RetargetTasks.RestoreOffsetsEntry
+	12, // 36: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
+	35, // 37: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
+	11, // 38: coordflow.v1.KeyedBlob.sink_txns:type_name -> coordflow.v1.SinkTxn
+	3,  // 39: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
+	3,  // 40: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
+	3,  // 41: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
+	36, // 42: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
+	27, // 43: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
+	28, // 44: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
+	29, // 45: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
+	4,  // 46: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	26, // 47: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	13, // 48: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	30, // 49: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	48, // [48:50] is the sub-list for method output_type
+	46, // [46:48] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -2821,8 +2993,9 @@ func file_coordflow_proto_init() {
 		(*CoordinatorMessage_Cancel)(nil),
 		(*CoordinatorMessage_Trigger)(nil),
 		(*CoordinatorMessage_Complete)(nil),
+		(*CoordinatorMessage_Retarget)(nil),
 	}
-	file_coordflow_proto_msgTypes[22].OneofWrappers = []any{
+	file_coordflow_proto_msgTypes[23].OneofWrappers = []any{
 		(*DataMessage_Batch)(nil),
 		(*DataMessage_Barrier)(nil),
 	}
@@ -2832,7 +3005,7 @@ func file_coordflow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   32,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

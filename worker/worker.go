@@ -84,6 +84,15 @@ type Config struct {
 	// ChannelOpenTimeout bounds how long a source task keeps retrying to open
 	// a data channel while the map task it feeds deploys.
 	ChannelOpenTimeout time.Duration
+	// OutputLostTimeout bounds how long a source task goes on without one
+	// of its data channels (its stream broke, or its map task was lost)
+	// while it tries to reopen it, before it fails: long enough for the
+	// leader to detect a lost worker and restore its tasks elsewhere.
+	OutputLostTimeout time.Duration
+	// ReplayTimeout bounds one replay of a source's records to a reopened
+	// channel (task-scoped recovery): a replay that cannot finish in it
+	// fails the source, and the leader restarts the whole job instead.
+	ReplayTimeout time.Duration
 	// ChannelAcceptWait is how long the data server holds a channel whose map
 	// task is not (yet) running here before rejecting it.
 	ChannelAcceptWait time.Duration
@@ -120,6 +129,8 @@ func DefaultConfig() Config {
 		Logger:               slog.Default(),
 		ChannelOpenTimeout:   15 * time.Second,
 		ChannelAcceptWait:    5 * time.Second,
+		OutputLostTimeout:    15 * time.Second,
+		ReplayTimeout:        30 * time.Second,
 		KafkaTimeout:         5 * time.Second,
 		StopTimeout:          10 * time.Second,
 		BatchSize:            500,
@@ -152,6 +163,8 @@ func (cfg Config) withDefaults() (Config, error) {
 	setDur(&cfg.GossipInterval, d.GossipInterval)
 	setDur(&cfg.ChannelOpenTimeout, d.ChannelOpenTimeout)
 	setDur(&cfg.ChannelAcceptWait, d.ChannelAcceptWait)
+	setDur(&cfg.OutputLostTimeout, d.OutputLostTimeout)
+	setDur(&cfg.ReplayTimeout, d.ReplayTimeout)
 	setDur(&cfg.KafkaTimeout, d.KafkaTimeout)
 	setDur(&cfg.StopTimeout, d.StopTimeout)
 	setDur(&cfg.FlushInterval, d.FlushInterval)
