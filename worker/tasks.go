@@ -59,7 +59,10 @@ func (k taskKey) ref() *transport.TaskRef {
 }
 
 // control is a leader message for a running task: a trigger (trigger != 0,
-// sources only) or a completion (complete != 0, with a source's offsets).
+// sources only), a completion (complete != 0, with a source's offsets) or a
+// retarget (retarget != nil: task-scoped recovery restored some of the job's
+// tasks elsewhere; sources reopen their channels to them and replay, map
+// tasks only log it).
 type control struct {
 	trigger       uint64
 	lastCompleted uint64 // with trigger
@@ -67,6 +70,7 @@ type control struct {
 	stop          bool   // with trigger and savepoint
 	complete      uint64
 	offsets       map[int32]int64
+	retarget      *transport.RetargetTasks
 }
 
 // controlQueue is how many control messages may wait for a busy source task;
