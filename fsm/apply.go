@@ -116,7 +116,17 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 		j.Restarts++
 	}
 	j.Attempt = c.Attempt
-	j.Tasks = c.Tasks
+	j.Tasks = slices.Clone(c.Tasks)
+	for i := range j.Tasks {
+		// Every task starts anew in a job-scoped (re)start.
+		j.Tasks[i].Attempt, j.Tasks[i].StartedAt = c.Attempt, c.Time
+	}
+	if c.Attempt > 1 {
+		j.Recoveries = appendBounded(j.Recoveries, MaxRecoveryHistory, RecoveryRecord{
+			Attempt: c.Attempt, Scope: RecoveryScopeJob, Tasks: taskIDs(j.Tasks), Reason: c.Reason,
+			DetectedAt: c.DetectedAt, StartedAt: c.Time, RestoredFrom: c.RestoreFrom,
+		})
+	}
 	j.RestoredFrom = c.RestoreFrom
 	j.ChannelToken = c.ChannelToken
 	j.Status = JobRunning
@@ -126,6 +136,93 @@ func (s *State) applyJobRestarted(c *JobRestartedCmd) error {
 	j.Attempts = appendBounded(j.Attempts, MaxAttemptHistory,
 		AttemptRecord{Attempt: c.Attempt, StartedAt: c.Time, Reason: c.Reason, RestoredFrom: c.RestoreFrom})
 	return nil
+}
+
+// taskIDs lists the ids of tasks in order.
+func taskIDs(tasks []Task) []string {
+	ids := make([]string, len(tasks))
+	for i, t := range tasks {
+		ids[i] = t.ID
+	}
+	return ids
+}
+
+// applyTasksRestarted is a task-scoped recovery. Each restored task must be
+// one of the job's, with the same kind, index, partitions and key groups:
+// only its worker changes, so the job's assignment stays whole and the
+// surviving tasks route to it unchanged.
+func (s *State) applyTasksRestarted(c *TasksRestartedCmd) error {
+	fail := func(err error) error {
+		return fmt.Errorf("restore tasks of job %s as attempt %d: %w", c.JobID, c.Attempt, err)
+	}
+	j, err := s.liveJob(c.JobID)
+	if err != nil {
+		return fail(err)
+	}
+	if j.Status != JobRunning {
+		return fail(fmt.Errorf("%w: job is %s; only a running job recovers tasks alone", ErrInvalidAssignment, j.Status))
+	}
+	if c.Attempt != j.Attempt+1 {
+		return fail(fmt.Errorf("%w: job is at attempt %d, the next is %d", ErrStaleAttempt, j.Attempt, j.Attempt+1))
+	}
+	if len(c.Tasks) == 0 {
+		return fail(fmt.Errorf("%w: no tasks to restore", ErrInvalidAssignment))
+	}
+	if c.RestoreFrom == 0 || !slices.ContainsFunc(j.Completed, func(cp Checkpoint) bool { return cp.ID == c.RestoreFrom }) {
+		return fail(fmt.Errorf("%w: restore from checkpoint %d, which is not a retained completed checkpoint", ErrInvalidAssignment, c.RestoreFrom))
+	}
+	tasks := slices.Clone(j.Tasks)
+	seen := make(map[string]bool, len(c.Tasks))
+	for _, r := range c.Tasks {
+		if seen[r.ID] {
+			return fail(fmt.Errorf("%w: task %q restored twice", ErrInvalidAssignment, r.ID))
+		}
+		seen[r.ID] = true
+		i := slices.IndexFunc(tasks, func(t Task) bool { return t.ID == r.ID })
+		if i < 0 {
+			return fail(fmt.Errorf("%w: the job has no task %q", ErrInvalidAssignment, r.ID))
+		}
+		t := tasks[i]
+		if r.Kind != t.Kind || r.Index != t.Index || !slices.Equal(r.Partitions, t.Partitions) || !sameRange(r.KeyGroups, t.KeyGroups) {
+			return fail(fmt.Errorf("%w: task %s may change only its worker in a task-scoped recovery", ErrInvalidAssignment, r.ID))
+		}
+		t.Worker, t.DataAddr = r.Worker, r.DataAddr
+		t.Attempt, t.StartedAt = c.Attempt, c.Time
+		tasks[i] = t
+	}
+	if err := checkAssignment(j.Spec, tasks); err != nil {
+		return fail(err)
+	}
+	if j.Pending != nil {
+		j.abortPending("tasks restored: "+c.Reason, c.Time)
+	}
+	j.Restarts++
+	j.Attempt = c.Attempt
+	j.Tasks = tasks
+	j.RestoredFrom = c.RestoreFrom
+	j.ConsecutiveAborts = 0
+	j.UpdatedAt = c.Time
+	ids := make([]string, 0, len(c.Tasks))
+	for _, t := range tasks {
+		if seen[t.ID] {
+			ids = append(ids, t.ID)
+		}
+	}
+	j.Attempts = appendBounded(j.Attempts, MaxAttemptHistory,
+		AttemptRecord{Attempt: c.Attempt, StartedAt: c.Time, Reason: c.Reason, RestoredFrom: c.RestoreFrom})
+	j.Recoveries = appendBounded(j.Recoveries, MaxRecoveryHistory, RecoveryRecord{
+		Attempt: c.Attempt, Scope: RecoveryScopeTasks, Tasks: ids, Reason: c.Reason,
+		DetectedAt: c.DetectedAt, StartedAt: c.Time, RestoredFrom: c.RestoreFrom,
+	})
+	return nil
+}
+
+// sameRange reports whether two optional key-group ranges are equal.
+func sameRange(a, b *KeyGroupRange) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return *a == *b
 }
 
 // appendBounded appends v to s and drops the oldest elements beyond limit.
@@ -327,6 +424,10 @@ func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
 	j.Pending = nil
 	j.ConsecutiveAborts = 0
 	j.UpdatedAt = c.Time
+	if n := len(j.Recoveries); n > 0 && j.Recoveries[n-1].CheckpointedAt == 0 && j.Recoveries[n-1].Attempt == j.Attempt {
+		// The first checkpoint after a recovery covers every task again.
+		j.Recoveries[n-1].CheckpointID, j.Recoveries[n-1].CheckpointedAt = done.ID, c.Time
+	}
 	return nil
 }
 

@@ -47,6 +47,7 @@ func (c *CheckpointTriggeredCmd) job() string { return c.JobID }
 func (c *CheckpointCompletedCmd) job() string { return c.JobID }
 func (c *CheckpointAbortedCmd) job() string   { return c.JobID }
 func (c *JobCancelledCmd) job() string        { return c.JobID }
+func (c *TasksRestartedCmd) job() string      { return c.JobID }
 
 // errResult turns an applyX's error into Apply's response: the error, or
 // nil (an untyped nil, not a nil error in an interface).
@@ -79,6 +80,9 @@ var commands = map[CommandType]command{
 		return errResult(s.applyCheckpointAborted(c))
 	}),
 	CommandJobCancelled: def("JobCancelled", func(s *State, c *JobCancelledCmd) any { return errResult(s.applyJobCancelled(c)) }),
+	CommandTasksRestarted: def("TasksRestarted", func(s *State, c *TasksRestartedCmd) any {
+		return errResult(s.applyTasksRestarted(c))
+	}),
 	CommandSavepointDeleted: def("SavepointDeleted", func(s *State, c *SavepointDeletedCmd) any {
 		return errResult(s.applySavepointDeleted(c))
 	}),

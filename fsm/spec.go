@@ -365,6 +365,9 @@ func (s *JobSpec) applyDefaults(given specFields) {
 	if absent("restart.reset_after") {
 		setDefault(&r.ResetAfter, DefaultRestartResetAfter)
 	}
+	if absent("recovery.scope") {
+		setDefault(&s.Recovery.Scope, RecoveryScopeTasks)
+	}
 	if s.Sink != nil {
 		if absent("sink.delivery") {
 			setDefault(&s.Sink.Delivery, DeliveryExactlyOnce)
@@ -521,6 +524,10 @@ func (s JobSpec) validate(knownOperator func(string) bool, sub *submission) erro
 		if err := validateDelivery(*s.Sink, c, sub); err != nil {
 			return err
 		}
+	}
+	// Empty in specs stored before the field existed: the default.
+	if sc := s.Recovery.Scope; (sc != "" || sub.gives("recovery.scope")) && sc != RecoveryScopeTasks && sc != RecoveryScopeJob {
+		return fieldErr("recovery.scope", "must be %q or %q, not %s", RecoveryScopeTasks, RecoveryScopeJob, brief(sc))
 	}
 	r := s.Restart
 	if err := firstError(

@@ -47,8 +47,9 @@ func TestParseJobSpecDesignExample(t *testing.T) {
 			Interval: Duration(time.Second), Timeout: Duration(30 * time.Second), Retained: 3, TolerableFailures: 3,
 			InlineThreshold: DefaultInlineThreshold,
 		},
-		State:   StateSpec{Backend: "memory"},
-		Restart: RestartSpec{Initial: DefaultRestartInitial, Max: DefaultRestartMax, ResetAfter: DefaultRestartResetAfter},
+		State:    StateSpec{Backend: "memory"},
+		Restart:  RestartSpec{Initial: DefaultRestartInitial, Max: DefaultRestartMax, ResetAfter: DefaultRestartResetAfter},
+		Recovery: RecoverySpec{Scope: RecoveryScopeTasks},
 	}
 	if !reflect.DeepEqual(spec, want) {
 		t.Fatalf("got  %+v\nwant %+v", spec, want)
@@ -69,8 +70,9 @@ func TestParseJobSpecDefaults(t *testing.T) {
 			Retained: DefaultRetained, TolerableFailures: DefaultTolerableFailures,
 			InlineThreshold: DefaultInlineThreshold,
 		},
-		State:   StateSpec{Backend: DefaultStateBackend},
-		Restart: RestartSpec{Initial: DefaultRestartInitial, Max: DefaultRestartMax, ResetAfter: DefaultRestartResetAfter},
+		State:    StateSpec{Backend: DefaultStateBackend},
+		Restart:  RestartSpec{Initial: DefaultRestartInitial, Max: DefaultRestartMax, ResetAfter: DefaultRestartResetAfter},
+		Recovery: RecoverySpec{Scope: RecoveryScopeTasks},
 	}
 	if !reflect.DeepEqual(spec, want) {
 		t.Fatalf("got  %+v\nwant %+v", spec, want)

@@ -120,6 +120,10 @@ func (j *Job) clone(shareBlobs bool) Job {
 	c.Aborted = cloneSlice(j.Aborted, cloneCP)
 	c.Attempts = slices.Clone(j.Attempts)
 	c.History = slices.Clone(j.History)
+	c.Recoveries = cloneSlice(j.Recoveries, func(r RecoveryRecord) RecoveryRecord {
+		r.Tasks = slices.Clone(r.Tasks)
+		return r
+	})
 	if j.FromSavepoint != nil {
 		sp := j.FromSavepoint.clone(shareBlobs)
 		c.FromSavepoint = &sp

@@ -22,6 +22,8 @@ const (
 	CommandSavepointDeleted    CommandType = 8
 	// CommandBatch is a group commit of commands of other types (batch.go).
 	CommandBatch CommandType = 9
+	// CommandTasksRestarted is a task-scoped recovery (TasksRestartedCmd).
+	CommandTasksRestarted CommandType = 10
 )
 
 // JobStatus is the lifecycle state of a job as users see it.
@@ -96,7 +98,26 @@ type JobSpec struct {
 	State      StateSpec      `json:"state"`
 	Checkpoint CheckpointSpec `json:"checkpoint"`
 	Restart    RestartSpec    `json:"restart"`
+	Recovery   RecoverySpec   `json:"recovery"`
 }
+
+// RecoverySpec says what the leader restores when a worker is lost.
+type RecoverySpec struct {
+	// Scope is RecoveryScopeTasks (the default: only the lost worker's
+	// tasks are restored, the others run on) or RecoveryScopeJob (every
+	// task restarts from the last completed checkpoint, as Flink does).
+	Scope string `json:"scope"`
+}
+
+// Recovery scopes.
+const (
+	RecoveryScopeTasks = "tasks"
+	RecoveryScopeJob   = "job"
+)
+
+// TaskScoped reports whether a lost worker's tasks are restored alone. A
+// spec stored before the field existed (empty scope) gets the default.
+func (r RecoverySpec) TaskScoped() bool { return r.Scope != RecoveryScopeJob }
 
 // StateSpec says where map tasks keep their keyed state while they run.
 type StateSpec struct {
@@ -200,6 +221,13 @@ type Task struct {
 	Partitions []int32 `json:"partitions,omitempty"`
 	// KeyGroups is set for map tasks: the range [Start, End).
 	KeyGroups *KeyGroupRange `json:"key_groups,omitempty"`
+	// Attempt is the job attempt the task was last started in, and
+	// StartedAt when (unix nanoseconds, from the command). A job-scoped
+	// restart starts every task anew; a task-scoped recovery only the
+	// restored ones, and the others keep both. Zero in jobs stored before
+	// the fields existed: see Job.TaskAttempt.
+	Attempt   uint64 `json:"attempt,omitempty"`
+	StartedAt int64  `json:"started_at,omitempty"`
 }
 
 // KeyGroupRange is the half-open range [Start, End) of key groups a map task owns.
@@ -352,6 +380,39 @@ type Job struct {
 	// MaxCheckpointHistory: what a dashboard charts, kept beyond the
 	// retained checkpoints without their state.
 	History []CheckpointSummary `json:"history,omitempty"`
+	// Recoveries are the job's most recent recoveries from failures, task-
+	// or job-scoped, oldest first, bounded by MaxRecoveryHistory.
+	Recoveries []RecoveryRecord `json:"recoveries,omitempty"`
+}
+
+// TaskAttempt is the attempt task t runs in: its own, or the job's for a
+// task stored before tasks had their own.
+func (j *Job) TaskAttempt(t Task) uint64 {
+	if t.Attempt == 0 {
+		return j.Attempt
+	}
+	return t.Attempt
+}
+
+// RecoveryRecord is one recovery of a job after a failure: which tasks were
+// restored, why, and how long it took.
+type RecoveryRecord struct {
+	// Attempt is the job attempt the recovery started.
+	Attempt uint64 `json:"attempt"`
+	// Scope is RecoveryScopeTasks or RecoveryScopeJob.
+	Scope string `json:"scope"`
+	// Tasks are the ids of the tasks restored (every task for a job scope).
+	Tasks  []string `json:"tasks"`
+	Reason string   `json:"reason"`
+	// DetectedAt is when the leader saw the failure, StartedAt when the
+	// restored tasks were deployed, CheckpointedAt when the first
+	// checkpoint after the recovery completed (0 until then); unix
+	// nanoseconds from the leader's commands.
+	DetectedAt     int64  `json:"detected_at,omitempty"`
+	StartedAt      int64  `json:"started_at"`
+	RestoredFrom   uint64 `json:"restored_from,omitempty"`
+	CheckpointID   uint64 `json:"checkpoint_id,omitempty"`
+	CheckpointedAt int64  `json:"checkpointed_at,omitempty"`
 }
 
 // AttemptRecord is one attempt of a job, as JobRestarted started it.
@@ -399,6 +460,9 @@ const MaxAbortedHistory = 20
 // MaxAttemptHistory bounds a job's Attempts.
 const MaxAttemptHistory = 20
 
+// MaxRecoveryHistory bounds a job's Recoveries.
+const MaxRecoveryHistory = 20
+
 // MaxCheckpointHistory bounds a job's History: at a few dozen bytes each,
 // it costs a job about as much as one retained checkpoint of a small job.
 const MaxCheckpointHistory = 100
@@ -426,6 +490,25 @@ type JobRestartedCmd struct {
 	// ChannelToken is the new attempt's data-channel credential, chosen at
 	// random by the leader (docs/security.md).
 	ChannelToken string `json:"channel_token,omitempty"`
+	// DetectedAt is when the leader saw the failure that ends the previous
+	// attempt (0 for a first deploy or when not known).
+	DetectedAt int64 `json:"detected_at,omitempty"`
+}
+
+// TasksRestartedCmd is a task-scoped recovery: it starts attempt Attempt
+// (exactly the job's attempt + 1) for Tasks only, which replace the job's
+// tasks of the same ids on new workers and restore completed checkpoint
+// RestoreFrom; the job's other tasks keep running in their own attempts.
+// The pending checkpoint is aborted: it cannot complete without the lost
+// tasks.
+type TasksRestartedCmd struct {
+	JobID       string `json:"job_id"`
+	Attempt     uint64 `json:"attempt"`
+	Tasks       []Task `json:"tasks"`
+	RestoreFrom uint64 `json:"restore_from"`
+	Reason      string `json:"reason"`
+	DetectedAt  int64  `json:"detected_at,omitempty"`
+	Time        int64  `json:"time"`
 }
 
 // JobStatusCmd sets a job's status and reason (pending, restarting, failing,
