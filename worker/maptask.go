@@ -352,6 +352,12 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 					return err
 				}
 			}
+			if r := c.retarget; r != nil {
+				// The sources act on it; this task sees its effect as
+				// inputs replaced by reopened channels (attach).
+				m.log.Info("job retargeted by task-scoped recovery", "job_attempt", r.GetAttempt(),
+					"restored", r.GetRestored(), "restore_checkpoint", r.GetRestoreCheckpointId())
+			}
 		}
 	}
 }

@@ -1108,6 +1108,8 @@ func (s *session) dispatch(log *slog.Logger, m *transport.CoordinatorMessage) {
 		s.w.tasks.trigger(msg.Trigger)
 	case *transport.CoordinatorMessage_Complete:
 		s.w.tasks.complete(msg.Complete)
+	case *transport.CoordinatorMessage_Retarget:
+		s.w.tasks.retarget(msg.Retarget)
 	case *transport.CoordinatorMessage_Welcome:
 		log.Warn("ignoring a second welcome on an open session")
 	default:

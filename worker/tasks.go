@@ -15,7 +15,7 @@ import (
 )
 
 // errStaleAttempt marks a message for an attempt older than the one the
-// worker runs for that job (fencing).
+// worker runs for that job or task (fencing).
 var errStaleAttempt = errors.New("stale attempt")
 
 // taskEnv is what every task needs from its worker.
@@ -104,17 +104,25 @@ type taskManager struct {
 	ctx context.Context // parent of every task; set by start
 	wg  sync.WaitGroup
 
-	mu       sync.Mutex
-	tasks    map[taskKey]*taskHandle
-	attempts map[string]uint64 // highest attempt seen per job: the fence
-	maps     map[mapKey]*mapTask
+	mu    sync.Mutex
+	tasks map[taskKey]*taskHandle
+	// attempts is the job fence: per job, the highest attempt of a full
+	// (non-partial) deploy seen. Messages for attempts below it are dropped.
+	attempts map[string]uint64
+	// fences is the task fence: per task, the highest attempt of any deploy
+	// seen. After a task-scoped recovery the job's tasks run in different
+	// attempts, so the job fence cannot tell a restored task's superseded
+	// predecessor (dropped) from a surviving task of an older attempt (kept).
+	fences map[mapKey]uint64
+	maps   map[mapKey]*mapTask
 	// mapsChanged is closed and replaced whenever a map task registers, to
 	// wake awaitMap.
 	mapsChanged chan struct{}
 	closed      bool
 }
 
-// mapKey finds a map task for the data plane; the attempt is checked apart.
+// mapKey names a task of a job across its attempts: it finds a map task for
+// the data plane (the attempt is checked apart) and keys the task fence.
 type mapKey struct{ job, id string }
 
 func newTaskManager(env *taskEnv) *taskManager {
@@ -123,6 +131,7 @@ func newTaskManager(env *taskEnv) *taskManager {
 		ctx:         context.Background(),
 		tasks:       make(map[taskKey]*taskHandle),
 		attempts:    make(map[string]uint64),
+		fences:      make(map[mapKey]uint64),
 		maps:        make(map[mapKey]*mapTask),
 		mapsChanged: make(chan struct{}),
 	}
@@ -149,10 +158,26 @@ func kindLabel(k transport.TaskKind) string {
 	return kindMap
 }
 
+// fencedLocked reports the fence k is below, or 0: the job fence (a full
+// deploy of a newer attempt) or the task fence (a newer deploy of the same
+// task, e.g. a partial one restoring it). Callers hold m.mu.
+func (m *taskManager) fencedLocked(k taskKey) uint64 {
+	if cur := m.attempts[k.job]; k.attempt < cur {
+		return cur
+	}
+	if cur := m.fences[mapKey{k.job, k.id}]; k.attempt < cur {
+		return cur
+	}
+	return 0
+}
+
 // deploy starts the task d describes, after fencing: a deploy for an attempt
-// below the job's highest is ignored; one above it stops the job's older
-// tasks first. A deploy that finds every slot taken fails at once. It does
-// not block: the task starts in its own goroutine.
+// below the job's or the task's fence is ignored. A full deploy above the
+// job fence raises it and stops the job's older tasks first; a partial one
+// (task-scoped recovery) stops only an older attempt of the same task, and
+// the job's other tasks run on in their own attempts. A deploy that finds
+// every slot taken fails at once. It does not block: the task starts in its
+// own goroutine.
 func (m *taskManager) deploy(d *transport.DeployTask) {
 	k := keyOf(d.GetTask())
 	log := m.env.logger.With("job", k.job, "attempt", k.attempt, "task", k.id)
@@ -165,9 +190,9 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 		m.mu.Unlock()
 		return
 	}
-	if cur := m.attempts[k.job]; k.attempt < cur {
+	if cur := m.fencedLocked(k); cur != 0 {
 		m.mu.Unlock()
-		log.Info("ignoring deploy of a stale attempt", "current_attempt", cur)
+		log.Info("ignoring deploy of a stale attempt", "current_attempt", cur, "partial", d.GetPartial())
 		return
 	}
 	if h, ok := m.tasks[k]; ok {
@@ -178,7 +203,17 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 		return
 	}
 	var older []*taskHandle
-	if k.attempt > m.attempts[k.job] {
+	id := mapKey{k.job, k.id}
+	m.fences[id] = max(m.fences[id], k.attempt)
+	switch {
+	case d.GetPartial():
+		for _, h := range m.tasks {
+			if h.key.job == k.job && h.key.id == k.id && h.key.attempt < k.attempt {
+				m.stopLocked(h, fmt.Sprintf("superseded by attempt %d (task-scoped recovery)", k.attempt))
+				older = append(older, h)
+			}
+		}
+	case k.attempt > m.attempts[k.job]:
 		m.attempts[k.job] = k.attempt
 		for _, h := range m.tasks {
 			if h.key.job == k.job && h.key.attempt < k.attempt {
@@ -215,13 +250,14 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 	m.wg.Add(1)
 	m.mu.Unlock()
 
-	log.Info("deploying task", "kind", kindLabel(h.kind), "operator", d.GetOperator(), "restore_checkpoint", d.GetRestoreCheckpointId())
+	log.Info("deploying task", "kind", kindLabel(h.kind), "operator", d.GetOperator(), "restore_checkpoint", d.GetRestoreCheckpointId(),
+		"partial", d.GetPartial(), "superseding", len(older))
 	m.env.send(statusMsg(k, h.kind, h.phase, ""))
 	go m.runTask(ctx, h, d, older, log)
 }
 
-// runTask is the goroutine of one task: it waits for the job's older
-// attempts to stop (they may hold this worker's map inboxes or Kafka
+// runTask is the goroutine of one task: it waits for the tasks it
+// supersedes to stop (they may hold this worker's map inboxes or Kafka
 // clients), runs the task and reports how it ended.
 func (m *taskManager) runTask(ctx context.Context, h *taskHandle, d *transport.DeployTask, older []*taskHandle, log *slog.Logger) {
 	defer m.wg.Done()
@@ -351,9 +387,9 @@ func (m *taskManager) cancel(c *transport.CancelTask) {
 		reason += ": " + c.GetReason()
 	}
 	m.mu.Lock()
-	if k.attempt < m.attempts[k.job] {
+	if m.fencedLocked(k) != 0 {
 		m.mu.Unlock()
-		return // fenced: that attempt's tasks are stopped already
+		return // fenced: that attempt of the task is stopped already
 	}
 	h, ok := m.tasks[k]
 	if ok {
@@ -401,11 +437,12 @@ func (m *taskManager) toSource(k taskKey, c control) string {
 
 // toTask queues c for the running task k without blocking. It returns why
 // it could not, or "" (also for fenced messages, which are dropped
-// silently).
+// silently: below the job fence, or below the task's own fence; a surviving
+// task of an older attempt than the job's newest partial one is not fenced).
 func (m *taskManager) toTask(k taskKey, c control) string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if k.attempt < m.attempts[k.job] {
+	if m.fencedLocked(k) != 0 {
 		return ""
 	}
 	h, ok := m.tasks[k]
@@ -418,6 +455,36 @@ func (m *taskManager) toTask(k taskKey, c control) string {
 	default:
 		return fmt.Sprintf("task %s has %d control messages queued", k.id, controlQueue)
 	}
+}
+
+// retarget hands RetargetTasks to every live task of its job on this worker:
+// surviving sources reopen their channels to the restored map tasks and
+// replay to them; map tasks only log it. A retarget older than the job fence
+// (a full restart followed it) is dropped. It does not block: a task whose
+// control queue is full misses it, which the leader sees as a replay that
+// stalls (and falls back to a job-scoped restart).
+func (m *taskManager) retarget(r *transport.RetargetTasks) {
+	job := r.GetJobId()
+	log := m.env.logger.With("job", job, "attempt", r.GetAttempt())
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if cur := m.attempts[job]; r.GetAttempt() < cur {
+		log.Info("ignoring retarget of a stale attempt", "current_attempt", cur)
+		return
+	}
+	n := 0
+	for _, h := range m.tasks {
+		if h.key.job != job || h.stopReason != "" || m.fencedLocked(h.key) != 0 {
+			continue
+		}
+		select {
+		case h.control <- control{retarget: r}:
+			n++
+		default:
+			log.Warn("task missed a retarget: its control queue is full", "task", h.key.id, "task_attempt", h.key.attempt, "queued", controlQueue)
+		}
+	}
+	log.Info("retarget handed to the job's tasks", "tasks", n, "restored", r.GetRestored(), "restore_checkpoint", r.GetRestoreCheckpointId())
 }
 
 // running lists the tasks that are deploying or running, for Hello.
@@ -493,21 +560,24 @@ var errMapNotFound = errors.New("map task not running here")
 var errMapDeploying = errors.New("map task still deploying (restoring its state)")
 
 // awaitMap returns the map task (job, taskID) of attempt, waiting up to wait
-// while it deploys. It fails with errStaleAttempt when the worker runs a newer
-// attempt of the job, and errMapNotFound when the task does not show up.
+// while it deploys. It fails with errStaleAttempt when attempt is below the
+// job or the task fence or the registered task is newer, and errMapNotFound
+// when the task does not show up. Map tasks carry their own attempts: a
+// surviving map task of an older attempt than the job's restored tasks is
+// found under its own attempt.
 func (m *taskManager) awaitMap(ctx context.Context, job string, attempt uint64, taskID string, wait time.Duration) (*mapTask, error) {
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		m.mu.Lock()
 		mt := m.maps[mapKey{job, taskID}]
-		cur := m.attempts[job]
+		cur := m.fencedLocked(taskKey{job: job, attempt: attempt, id: taskID})
 		changed := m.mapsChanged
 		m.mu.Unlock()
 		switch {
 		case mt != nil && mt.key.attempt == attempt:
 			return mt, nil
-		case attempt < cur || (mt != nil && mt.key.attempt > attempt):
+		case cur != 0 || (mt != nil && mt.key.attempt > attempt):
 			return nil, fmt.Errorf("map task %s of job %s: attempt %d, worker runs attempt %d: %w", taskID, job, attempt, max(cur, attemptOf(mt)), errStaleAttempt)
 		}
 		select {
