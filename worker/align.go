@@ -7,17 +7,20 @@ import (
 
 // aligner is the barrier alignment state of one map task (docs/protocol.md
 // "Checkpoints", step 3). It is pure bookkeeping, owned by the task loop: the
-// loop feeds it every barrier and input closure and carries out what it
-// answers. The invariant it keeps: an input that delivered Barrier(N) stays
-// blocked (its goroutine reads nothing more) until snapshot N is taken or N
-// is abandoned, so no item behind Barrier(N) is applied before snapshot N.
+// loop feeds it every barrier, input closure and input replacement of the
+// live inputs (an input replaced by a newer channel of its source is no
+// longer live: the loop drops its events) and carries out what it answers.
+// The invariant it keeps: an input that delivered Barrier(N) stays blocked
+// (its goroutine reads nothing more) until snapshot N is taken or N is
+// abandoned, or it is replaced (it then never forwards again and N is
+// abandoned), so no item behind Barrier(N) is applied before snapshot N.
 //
-// Every barrier an input delivers is released exactly once, by exactly one
-// answer, because the input's goroutine waits for that release before it
-// reads on.
+// Every barrier a live input delivers is released exactly once, by exactly
+// one answer, because the input's goroutine waits for that release (or its
+// replacement) before it reads on.
 type aligner struct {
 	blocked []bool // input delivered Barrier(pending) and awaits release
-	closed  []bool // input ended; it will never deliver a barrier again
+	closed  []bool // input ended; no barrier until a new channel replaces it
 	pending uint64 // checkpoint being aligned; 0 when none
 	arrived int    // inputs blocked on pending
 	last    uint64 // highest checkpoint snapshotted or abandoned
@@ -92,6 +95,21 @@ func (a *aligner) inputClosed(input int) alignStep {
 	if a.pending != 0 {
 		a.abandon(&step, fmt.Sprintf("input from source %d closed", input))
 	}
+	return step
+}
+
+// replaced records that a new channel of input's source replaced the input
+// (open or closed): a source reconnected, or task-scoped recovery restored
+// it. A pending checkpoint was triggered before that and cannot align with
+// the new channel (the leader aborts it anyway): it is abandoned and the
+// blocked inputs, the replaced one too, are released. The input is open
+// again: later barriers align over every input.
+func (a *aligner) replaced(input int) alignStep {
+	var step alignStep
+	if a.pending != 0 {
+		a.abandon(&step, fmt.Sprintf("input from source %d replaced by a new channel", input))
+	}
+	a.closed[input] = false
 	return step
 }
 

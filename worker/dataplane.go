@@ -74,7 +74,8 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 	if h == nil {
 		return status.Error(codes.InvalidArgument, "first data message must carry the channel header")
 	}
-	log := s.logger.With("job", h.GetJobId(), "attempt", h.GetAttempt(), "task", h.GetMapTaskId(), "source", h.GetSourceIndex())
+	log := s.logger.With("job", h.GetJobId(), "attempt", h.GetAttempt(), "task", h.GetMapTaskId(), "source", h.GetSourceIndex(),
+		"source_attempt", h.GetSourceAttempt())
 	mt, err := s.tasks.awaitMap(stream.Context(), h.GetJobId(), h.GetAttempt(), h.GetMapTaskId(), s.acceptWait)
 	switch {
 	case errors.Is(err, errStaleAttempt):
@@ -95,14 +96,18 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 		log.Warn("refusing data channel without the attempt's credential", "peer", peerAddr(stream.Context()))
 		return status.Error(codes.PermissionDenied, "data channel: wrong or missing channel credential for this attempt")
 	}
-	in, err := mt.attach(int(h.GetSourceIndex()))
-	if errors.Is(err, errMapStopped) {
+	in, err := mt.attach(int(h.GetSourceIndex()), h.GetSourceAttempt())
+	switch {
+	case errors.Is(err, errMapStopped):
 		return status.Error(codes.Unavailable, err.Error())
-	} else if err != nil {
+	case errors.Is(err, errOlderSource):
+		log.Warn("refusing data channel of an older source attempt", "err", err)
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case err != nil:
 		return status.Error(codes.FailedPrecondition, err.Error())
 	}
 	if err := stream.SendHeader(metadata.Pairs(channelAcceptedKey, "accepted")); err != nil {
-		mt.forward(inputEvent{input: in.idx, closed: true, err: err})
+		mt.endInput(in, err)
 		return err
 	}
 	log.Debug("data channel accepted")
@@ -119,13 +124,18 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 		return stream.Recv()
 	}
 	// The handler goroutine is the input's goroutine. When the map task
-	// stops while it waits in Recv, it returns at the source's next message
-	// or when the source or the server closes the stream.
+	// stops, or a newer channel of the same source replaces this one, while
+	// it waits in Recv, it returns at the source's next message or when the
+	// source or the server closes the stream: Recv cannot be interrupted
+	// otherwise, and until then it forwards nothing (forward checks gone).
 	switch err := mt.readInput(in, recv); {
 	case err == nil:
 		return stream.SendAndClose(&transport.ChannelClosed{})
 	case errors.Is(err, errMapStopped):
 		return status.Error(codes.Aborted, "map task stopped")
+	case errors.Is(err, errInputReplaced):
+		log.Info("data channel replaced by a newer one of the same source")
+		return status.Error(codes.FailedPrecondition, err.Error())
 	default:
 		return err
 	}
@@ -243,7 +253,7 @@ func openOutput(ctx context.Context, env *taskEnv, header *transport.ChannelHead
 		if err != nil {
 			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
 		}
-		lc, err := t.attachLocal(int(header.GetSourceIndex()))
+		lc, err := t.attachLocal(int(header.GetSourceIndex()), header.GetSourceAttempt())
 		if err != nil {
 			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
 		}

@@ -35,6 +35,14 @@ const (
 // errMapStopped is returned to inputs of a map task that has stopped.
 var errMapStopped = errors.New("map task stopped")
 
+// errInputReplaced is returned to an input whose place a newer channel of the
+// same source took (a reopened channel, or a restored source's).
+var errInputReplaced = errors.New("input replaced by a newer channel of its source")
+
+// errOlderSource refuses a channel from an older attempt of a source than the
+// one the map task's input comes from: a zombie never feeds the task.
+var errOlderSource = errors.New("channel from an older source attempt")
+
 // mapRegistry is where a map task makes itself reachable for data channels
 // once its state is restored.
 type mapRegistry interface {
@@ -72,9 +80,15 @@ type mapTask struct {
 	events chan inputEvent
 
 	mu      sync.Mutex
-	inputs  []*input       // by source index; nil until connected
+	inputs  []*input       // by source index: the newest attached; nil until connected
+	gens    uint64         // inputs attached so far: the next input's generation
 	stopped bool           // no more inputs may attach
 	wg      sync.WaitGroup // in-process input goroutines
+
+	// live is, by source index, the input the task loop takes events from:
+	// the newest whose attachment the loop has seen. An event of any other
+	// input is stale and dropped. Task loop only.
+	live []*input
 
 	// Task loop only.
 	keyed    *keyedState
@@ -105,6 +119,7 @@ type mapTask struct {
 	// emitted since the task started, for its acks (TaskState.records_in/out).
 	recordsIn, recordsOut int64
 	skipped               prometheus.Counter
+	duplicates            prometheus.Counter
 	ackedN                prometheus.Counter
 	declined              prometheus.Counter
 	aligned               prometheus.Observer
@@ -128,19 +143,35 @@ const maxAcked = 16
 // stuck deploy.
 const restoreReportEvery = 2 * time.Second
 
-// input is one connected source of a map task.
+// input is one connected channel of a source of a map task. A source may
+// connect again (its stream broke, or task-scoped recovery restored it
+// elsewhere): the new channel's input takes the old one's place if its
+// source attempt is at least as new (attach).
 type input struct {
-	idx     int
+	idx int
+	// sourceAttempt is the attempt of the sending source task
+	// (ChannelHeader.source_attempt).
+	sourceAttempt uint64
+	// gen orders the inputs of a task by attachment: a newer input of the
+	// same source has a higher gen.
+	gen     uint64
 	release chan struct{} // capacity 1; the loop releases a blocked input here
+	// gone is closed when a newer input took this one's place: its goroutine
+	// forwards nothing more and returns errInputReplaced.
+	gone chan struct{}
 	// recycle takes back the buffers of applied batches, for an in-process
 	// input whose source reuses them; nil for a remote one.
 	recycle chan<- []byte
 }
 
-// inputEvent is what an input goroutine forwards to the task loop: a packed
-// batch, a barrier (barrier != 0) or the end of the input (closed).
+// inputEvent is what an input goroutine forwards to the task loop: its
+// attachment (attached, always its first event), a packed batch, a barrier
+// (barrier != 0) or the end of the input (closed). in says which input sent
+// it, so that the loop drops the events of an input that was replaced.
 type inputEvent struct {
 	input         int
+	in            *input
+	attached      bool
 	batch         []byte
 	recycle       chan<- []byte // where batch goes once applied (input.recycle)
 	barrier       uint64
@@ -206,6 +237,7 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, reg m
 		control:    ctl,
 		events:     make(chan inputEvent),
 		inputs:     make([]*input, d.GetNumSources()),
+		live:       make([]*input, d.GetNumSources()),
 		snaps:      make(chan *snapshotJob, 1),
 		results:    make(chan snapshotResult, 1),
 		acked:      make(map[uint64]chainInfo),
@@ -213,6 +245,7 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, reg m
 		in:         env.metrics.recordsIn.WithLabelValues(k.job, kindMap, k.id),
 		out:        env.metrics.recordsOut.WithLabelValues(k.job, kindMap, k.id),
 		skipped:    env.metrics.recordsSkipped.WithLabelValues(k.job, d.GetOperator()),
+		duplicates: env.metrics.duplicates.WithLabelValues(k.job),
 		ackedN:     env.metrics.checkpointsAcked.WithLabelValues(k.job, kindMap),
 		declined:   env.metrics.checkpointsDecl.WithLabelValues(k.job, kindMap),
 		aligned:    env.metrics.alignment.WithLabelValues(k.job),
@@ -527,8 +560,25 @@ func (m *mapTask) emit(out operator.Output) {
 	m.recordsOut++ // apply adds it to the metric once per batch
 }
 
-// handle applies one input event on the task loop.
+// handle applies one input event on the task loop. Events of an input that
+// a newer one replaced are dropped: the new channel's source sends again
+// whatever the old one may have lost (replay), and a replaced input's
+// barriers must not count in alignment.
 func (m *mapTask) handle(ev inputEvent) error {
+	if ev.attached {
+		return m.attached(ev.in)
+	}
+	if m.live[ev.input] != ev.in {
+		m.log.Debug("dropping an event of a replaced input", "source", ev.input, "source_attempt", ev.in.sourceAttempt,
+			"barrier", ev.barrier, "closed", ev.closed)
+		if ev.recycle != nil && ev.batch != nil {
+			select {
+			case ev.recycle <- ev.batch[:0]:
+			default:
+			}
+		}
+		return nil
+	}
 	switch {
 	case ev.closed:
 		if ev.err != nil && status.Code(ev.err) != codes.Canceled {
@@ -557,11 +607,38 @@ func (m *mapTask) handle(ev inputEvent) error {
 	}
 }
 
-// apply runs the operator on every item of a packed batch.
+// attached makes in the input the loop reads for its source, unless a newer
+// input of that source is live already (in was replaced before the loop
+// learnt of it). When in replaces a live input, the aligner abandons a
+// pending checkpoint (triggered before the recovery; the leader aborts it
+// anyway), releases the blocked inputs (the old one through its own release
+// channel: it is still live while carry runs) and counts the source's input
+// as open again.
+func (m *mapTask) attached(in *input) error {
+	old := m.live[in.idx]
+	switch {
+	case old == nil:
+		m.live[in.idx] = in
+		return nil
+	case in.gen < old.gen:
+		return nil
+	}
+	m.log.Info("source input replaced by a new channel", "source", in.idx, "source_attempt", in.sourceAttempt,
+		"previous_source_attempt", old.sourceAttempt)
+	err := m.carry(m.align.replaced(in.idx))
+	m.live[in.idx] = in
+	return err
+}
+
+// apply runs the operator on every item of a packed batch, but for the
+// items of records it applied already (batchApplier).
 func (m *mapTask) apply(batch []byte) error {
-	m.batch.items = 0
+	m.batch.items, m.batch.dropped, m.batch.skip = 0, 0, false
 	outBefore := m.recordsOut
 	err := transport.ReadBatch(batch, &m.batch)
+	if m.batch.dropped > 0 {
+		m.duplicates.Add(float64(m.batch.dropped))
+	}
 	m.in.Add(float64(m.batch.items))
 	m.out.Add(float64(m.recordsOut - outBefore))
 	m.recordsIn += int64(m.batch.items)
@@ -569,39 +646,66 @@ func (m *mapTask) apply(batch []byte) error {
 }
 
 // batchApplier is the map task's transport.BatchVisitor: it applies items
-// and notes, per source partition, the last record applied. Its
-// methods run on the task loop only.
+// and notes, per source partition, the last record applied. It drops the
+// items of a record at or below that offset (deduplication, issue 11): after
+// a task-scoped recovery a surviving source replays from the checkpoint's
+// offsets and a restored source re-reads from them, so this task receives
+// again records it applied. The rule is exact because a source's batches
+// hold whole records and a source partition's records reach a map task in
+// offset order on one channel at a time. Its methods run on the task loop
+// only.
 type batchApplier struct {
-	m     *mapTask
-	items int // applied in the current batch
+	m       *mapTask
+	items   int // applied in the current batch
+	dropped int // dropped as duplicates in the current batch
+	// skip is set by a record mark at or below the partition's applied
+	// offset: the items up to the next mark are dropped. apply clears it at
+	// the start of every batch (a batch begins with whole records, and
+	// batches of different inputs interleave).
+	skip bool
 	// part and off are the last record mark, for logs.
 	part int32
 	off  int64
 }
 
 // Record notes the record the next items come from: once the batch is
-// applied, so is the record (a record cut between two batches is applied
-// entirely before any barrier, which always follows whole records).
+// applied, so is the record (barriers always follow whole records). A record
+// at or below the last one applied from its partition is a duplicate: its
+// items are dropped and the applied offset stays.
 func (a *batchApplier) Record(partition int32, offset int64) error {
 	a.part, a.off = partition, offset
+	if cur, ok := a.m.keyed.applied[partition]; ok && offset <= cur {
+		a.skip = true
+		return nil
+	}
+	a.skip = false
 	a.m.keyed.applied[partition] = offset
 	return nil
 }
 
-// Through notes that every record of partition up to offset is applied.
+// Through notes that every record of partition up to offset is applied. It
+// ends a duplicate record's items: the items of a combined batch are never
+// duplicates (a restored source combines only past what any map task may
+// have applied).
 func (a *batchApplier) Through(partition int32, offset int64) error {
+	a.skip = false
 	if cur, ok := a.m.keyed.applied[partition]; !ok || offset > cur {
 		a.m.keyed.applied[partition] = offset
 	}
 	return nil
 }
 
-// Item runs the operator on one item.
+// Item runs the operator on one item, or drops it when its record was
+// applied already.
 func (a *batchApplier) Item(it *transport.BatchItem) error {
 	m := a.m
 	kg := it.KeyGroup
 	if kg < m.kgStart || kg >= m.kgEnd {
 		return fmt.Errorf("item with key %q has key group %d, outside this task's range [%d, %d): source and map task disagree on the assignment", it.Key, kg, m.kgStart, m.kgEnd)
+	}
+	if a.skip {
+		a.dropped++
+		return nil
 	}
 	a.items++
 	m.item.reset(kg, it.Key)
@@ -638,13 +742,12 @@ func (m *mapTask) carry(step alignStep) error {
 		}
 		m.aligned.Observe(step.aligned.Seconds())
 	}
-	m.mu.Lock()
-	inputs := m.inputs
-	m.mu.Unlock()
 	for _, i := range step.release {
+		// The release goes to the input that delivered the barrier: the
+		// live one (a barrier of any other is dropped before the aligner).
 		// Capacity 1 and one release per delivered barrier: never blocks.
 		select {
-		case inputs[i].release <- struct{}{}:
+		case m.live[i].release <- struct{}{}:
 		default:
 			m.log.Error("input released twice; alignment bookkeeping is broken", "source", i)
 		}
@@ -877,46 +980,65 @@ func (m *mapTask) decline(id uint64, reason string) {
 	}}})
 }
 
-// attach connects source idx; each source connects once per attempt.
-func (m *mapTask) attach(idx int) (*input, error) {
+// attach connects a channel of source idx, sent by the source's attempt
+// sourceAttempt. A source connects again when its stream broke or when
+// task-scoped recovery restored it: a channel whose source attempt is at
+// least the current input's replaces that input, open or closed (a broken
+// stream may not have been noticed yet here); one of an older attempt is
+// refused with errOlderSource. The caller then runs readInput on the input,
+// which tells the task loop of the attachment before anything else.
+func (m *mapTask) attach(idx int, sourceAttempt uint64) (*input, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.attachLocked(idx)
+	return m.attachLocked(idx, sourceAttempt)
 }
 
-func (m *mapTask) attachLocked(idx int) (*input, error) {
+func (m *mapTask) attachLocked(idx int, sourceAttempt uint64) (*input, error) {
 	if m.stopped || m.ctx.Err() != nil {
 		return nil, errMapStopped
 	}
 	if idx < 0 || idx >= m.numSources {
 		return nil, fmt.Errorf("source index %d outside [0, %d)", idx, m.numSources)
 	}
-	if m.inputs[idx] != nil {
-		return nil, fmt.Errorf("source %d is already connected", idx)
+	old := m.inputs[idx]
+	if old != nil && sourceAttempt < old.sourceAttempt {
+		return nil, fmt.Errorf("source %d: channel of source attempt %d refused, the input comes from source attempt %d: %w",
+			idx, sourceAttempt, old.sourceAttempt, errOlderSource)
 	}
-	in := &input{idx: idx, release: make(chan struct{}, 1)}
+	m.gens++
+	in := &input{idx: idx, sourceAttempt: sourceAttempt, gen: m.gens, release: make(chan struct{}, 1), gone: make(chan struct{})}
+	if old != nil {
+		close(old.gone)
+		m.log.Info("source reconnected: the new channel replaces its input", "source", idx,
+			"source_attempt", sourceAttempt, "previous_source_attempt", old.sourceAttempt)
+	}
 	m.inputs[idx] = in
 	return in, nil
 }
 
-// attachLocal connects source idx through an in-process channel, read by a
-// goroutine the map task owns.
-func (m *mapTask) attachLocal(idx int) (*localChannel, error) {
+// attachLocal connects a channel of source idx (of attempt sourceAttempt, see
+// attach) through an in-process channel, read by a goroutine the map task
+// owns.
+func (m *mapTask) attachLocal(idx int, sourceAttempt uint64) (*localChannel, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	in, err := m.attachLocked(idx)
+	in, err := m.attachLocked(idx, sourceAttempt)
 	if err != nil {
 		return nil, err
 	}
 	lc := &localChannel{
 		ch:   make(chan *transport.DataMessage, localChannelDepth),
 		free: make(chan []byte, localChannelDepth+2), closed: make(chan struct{}), mapDone: m.ctx.Done(),
+		gone: in.gone,
 	}
 	in.recycle = lc.free
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
-		if err := m.readInput(in, lc.recv); err != nil && !errors.Is(err, errMapStopped) {
+		switch err := m.readInput(in, lc.recv); {
+		case errors.Is(err, errInputReplaced):
+			m.log.Info("in-process input replaced", "source", idx, "source_attempt", sourceAttempt)
+		case err != nil && !errors.Is(err, errMapStopped):
 			m.log.Warn("in-process input ended", "source", idx, "err", err)
 		}
 	}()
@@ -926,8 +1048,12 @@ func (m *mapTask) attachLocal(idx int) (*localChannel, error) {
 // readInput reads one input until it ends, forwarding to the task loop; after
 // forwarding a barrier it reads nothing until the loop releases it. It
 // returns nil when the source closed the input, errMapStopped when the task
-// stopped first.
+// stopped first, errInputReplaced when a newer channel of the source took
+// its place (it then forwards nothing more: not even its end).
 func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.DataMessage, error)) error {
+	if err := m.forward(in, inputEvent{attached: true}); err != nil {
+		return err
+	}
 	for {
 		msg, err := recv(m.ctx)
 		if err == nil && msg.GetHeader() != nil {
@@ -940,40 +1066,69 @@ func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.Da
 			err = errors.New("protocol error: barrier for checkpoint 0")
 		}
 		if err != nil {
-			if m.ctx.Err() != nil {
+			switch {
+			case m.ctx.Err() != nil:
 				return errMapStopped
+			case errors.Is(err, errInputReplaced):
+				return err
 			}
-			ev := inputEvent{input: in.idx, closed: true}
+			ev := inputEvent{closed: true}
 			if !errors.Is(err, io.EOF) {
 				ev.err = err
 			}
-			m.forward(ev)
+			if ferr := m.forward(in, ev); ferr != nil {
+				return ferr
+			}
 			return ev.err
 		}
 		if b := msg.GetBarrier(); b != nil {
-			if !m.forward(inputEvent{input: in.idx, barrier: b.GetCheckpointId(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}) {
-				return errMapStopped
+			if err := m.forward(in, inputEvent{barrier: b.GetCheckpointId(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}); err != nil {
+				return err
 			}
+			// Released by the loop, or let go when replaced: the loop
+			// then releases the old input's channel or drops its barrier.
 			select {
 			case <-in.release:
+			case <-in.gone:
+				return errInputReplaced
 			case <-m.ctx.Done():
 				return errMapStopped
 			}
 			continue
 		}
-		if !m.forward(inputEvent{input: in.idx, batch: msg.GetBatch().GetPacked(), recycle: in.recycle}) {
-			return errMapStopped
+		if err := m.forward(in, inputEvent{batch: msg.GetBatch().GetPacked(), recycle: in.recycle}); err != nil {
+			return err
 		}
 	}
 }
 
-// forward hands ev to the task loop; false when the task has stopped.
-func (m *mapTask) forward(ev inputEvent) bool {
+// endInput tells the task loop that input in, attached but never read (its
+// channel failed at once), ended with err: its attachment first, so that
+// the input it replaced does not stay live with nothing reading it.
+func (m *mapTask) endInput(in *input, err error) {
+	if m.forward(in, inputEvent{attached: true}) == nil {
+		_ = m.forward(in, inputEvent{closed: true, err: err})
+	}
+}
+
+// forward hands ev, an event of input in, to the task loop. It fails with
+// errMapStopped when the task has stopped and errInputReplaced once a newer
+// input took in's place (an event that races with the replacement may still
+// get through: the loop drops it unless it comes before the replacement).
+func (m *mapTask) forward(in *input, ev inputEvent) error {
+	ev.input, ev.in = in.idx, in
+	select {
+	case <-in.gone:
+		return errInputReplaced
+	default:
+	}
 	select {
 	case m.events <- ev:
-		return true
+		return nil
 	case <-m.ctx.Done():
-		return false
+		return errMapStopped
+	case <-in.gone:
+		return errInputReplaced
 	}
 }
 
@@ -988,6 +1143,9 @@ type localChannel struct {
 	closed  chan struct{}
 	once    sync.Once
 	mapDone <-chan struct{}
+	// gone is the input's: closed when a newer channel of the source
+	// replaced this one, which then neither sends nor receives.
+	gone <-chan struct{}
 }
 
 // sendBatch hands w's buffer to the map task and gives w a free one.
@@ -1003,12 +1161,19 @@ func (c *localChannel) sendBatch(ctx context.Context, w *transport.BatchWriter) 
 // send is called by the source task only.
 func (c *localChannel) send(ctx context.Context, msg *transport.DataMessage) error {
 	select {
+	case <-c.gone:
+		return errInputReplaced
+	default:
+	}
+	select {
 	case c.ch <- msg:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-c.mapDone:
 		return errMapStopped
+	case <-c.gone:
+		return errInputReplaced
 	}
 }
 
@@ -1028,5 +1193,7 @@ func (c *localChannel) recv(ctx context.Context) (*transport.DataMessage, error)
 		}
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	case <-c.gone:
+		return nil, errInputReplaced
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"reflect"
 	"slices"
@@ -154,14 +155,14 @@ func TestBarrierAlignment(t *testing.T) {
 	mt := runMapTask(t, env, mapDeploy("job", 1, operator.Count, 3, 128, refs, 0))
 	in := make([]*localChannel, 3)
 	for i := range in {
-		lc, err := mt.attachLocal(i)
+		lc, err := mt.attachLocal(i, 1)
 		if err != nil {
 			t.Fatalf("attach input %d: %v", i, err)
 		}
 		in[i] = lc
 	}
-	if _, err := mt.attachLocal(1); err == nil {
-		t.Fatal("a source attached twice")
+	if _, err := mt.attachLocal(1, 0); !errors.Is(err, errOlderSource) {
+		t.Fatalf("a channel of an older source attempt attached: %v", err)
 	}
 	applied := func() float64 {
 		return metricValue(t, env.metrics.registry, "coordflow_records_in_total", map[string]string{"kind": kindMap})
@@ -314,7 +315,7 @@ func TestRestoreOtherParallelism(t *testing.T) {
 	d := mapDeploy("job", 2, operator.Count, 1, maxPar, refs, 1)
 	d.RestoreCheckpointId, d.RestoreKeyed = 7, blobs
 	mt := runMapTask(t, env, d)
-	lc, err := mt.attachLocal(0)
+	lc, err := mt.attachLocal(0, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

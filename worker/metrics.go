@@ -19,6 +19,7 @@ type metrics struct {
 	recordsIn        *prometheus.CounterVec   // job, kind: Kafka records read (source), items applied (map)
 	recordsOut       *prometheus.CounterVec   // job, kind: items sent to map tasks (source), records written to the sink (map)
 	recordsSkipped   *prometheus.CounterVec   // job, operator: records whose Split failed
+	duplicates       *prometheus.CounterVec   // job: items of records a map task had applied already, dropped
 	checkpointsAcked *prometheus.CounterVec   // job, kind
 	checkpointsDecl  *prometheus.CounterVec   // job, kind
 	taskFailures     *prometheus.CounterVec   // job, kind
@@ -72,6 +73,10 @@ func newMetrics() *metrics {
 		recordsSkipped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_records_skipped_total", Help: "Malformed records the operator's split step rejected; they are skipped.",
 		}, []string{"job", "operator"}),
+		duplicates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_duplicate_items_dropped_total",
+			Help: "Items map tasks dropped because their record was at or below the last record the task had applied from its partition: sent again by a surviving source's replay or a restored source re-reading from the checkpoint after a task-scoped recovery. Not counted in records in.",
+		}, []string{"job"}),
 		checkpointsAcked: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_checkpoints_acked_total", Help: "Checkpoint acks sent by this worker's tasks.",
 		}, []string{"job", "kind"}),
@@ -111,7 +116,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
 		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.lag, m.stateKeys, m.stateSize, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.lag, m.stateKeys, m.stateSize, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.duplicates, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -99,7 +99,7 @@ func TestIncrementalCheckpoints(t *testing.T) {
 			d.State = &transport.StateSpec{Backend: backend, Storage: url, InlineThreshold: 64}
 			ctl := make(chan control, 4)
 			mt := runMapTaskCtl(t, env, d, ctl)
-			lc, err := mt.attachLocal(0)
+			lc, err := mt.attachLocal(0, 1)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -166,7 +166,7 @@ func TestIncrementalCheckpoints(t *testing.T) {
 			d2.RestoreCheckpointId = 3
 			d2.RestoreKeyed = []*transport.KeyedBlob{{TaskId: "map-0", Files: st3.GetFiles(), KeyGroupStart: 0, KeyGroupEnd: 128}}
 			mt2 := runMapTaskCtl(t, env, d2, make(chan control, 1))
-			lc2, err := mt2.attachLocal(0)
+			lc2, err := mt2.attachLocal(0, 1)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -202,7 +202,7 @@ func TestSmallStateStaysInline(t *testing.T) {
 	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
 	d.State = &transport.StateSpec{Backend: "memory", Storage: url, InlineThreshold: 16 << 10}
 	mt := runMapTask(t, env, d)
-	lc, err := mt.attachLocal(0)
+	lc, err := mt.attachLocal(0, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,7 +249,7 @@ func TestStorageUnreachableDeclines(t *testing.T) {
 		}
 		return
 	}
-	lc, err := mt.attachLocal(0)
+	lc, err := mt.attachLocal(0, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +271,7 @@ func TestChainCompaction(t *testing.T) {
 	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
 	d.State = &transport.StateSpec{Backend: "memory", Storage: url, InlineThreshold: 1}
 	mt := runMapTask(t, env, d)
-	lc, err := mt.attachLocal(0)
+	lc, err := mt.attachLocal(0, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -324,7 +324,7 @@ func TestDeltaCompaction(t *testing.T) {
 	d := mapDeploy("job", 1, operator.Count, 1, 128, refs, 0)
 	d.State = &transport.StateSpec{Backend: "disk", Storage: url, InlineThreshold: 1}
 	mt := runMapTask(t, env, d)
-	lc, err := mt.attachLocal(0)
+	lc, err := mt.attachLocal(0, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
