@@ -57,16 +57,15 @@ func newPendingCheckpoint(id, attempt uint64, now time.Time, timeout time.Durati
 // worker, does not belong to p, or nil if it does: another attempt, another
 // checkpoint, a task not of the attempt, or a task placed on another worker.
 func (p *pendingCheckpoint) check(ref *transport.TaskRef, id uint64, worker string, tasks map[string]*trackedTask) error {
-	switch {
-	case ref.GetAttempt() != p.attempt:
-		return fmt.Errorf("attempt %d, pending checkpoint %d is of attempt %d", ref.GetAttempt(), p.id, p.attempt)
-	case id != p.id:
+	if id != p.id {
 		return fmt.Errorf("checkpoint %d, pending is %d", id, p.id)
 	}
 	tv := tasks[ref.GetTaskId()]
 	switch {
 	case tv == nil:
 		return fmt.Errorf("task %q is not in attempt %d", ref.GetTaskId(), p.attempt)
+	case ref.GetAttempt() != tv.task.Attempt:
+		return fmt.Errorf("attempt %d, task %s runs in attempt %d", ref.GetAttempt(), tv.task.ID, tv.task.Attempt)
 	case tv.task.Worker != worker:
 		return fmt.Errorf("from worker %s, task %s runs on %s", worker, tv.task.ID, tv.task.Worker)
 	}
@@ -316,7 +315,7 @@ func (l *leader) retrigger(worker string) {
 func (l *leader) onAck(worker string, ack *transport.CheckpointAck) {
 	ref := ack.GetTask()
 	js := l.jobs[ref.GetJobId()]
-	if js != nil && ref.GetAttempt() != js.attempt {
+	if js != nil && !js.currentTask(ref) {
 		l.fenced(js, "ack", worker, ref, "checkpoint", ack.GetCheckpointId())
 		return
 	}
@@ -341,7 +340,7 @@ func (l *leader) onAck(worker string, ack *transport.CheckpointAck) {
 func (l *leader) onDecline(worker string, d *transport.CheckpointDecline) {
 	ref := d.GetTask()
 	js := l.jobs[ref.GetJobId()]
-	if js != nil && ref.GetAttempt() != js.attempt {
+	if js != nil && !js.currentTask(ref) {
 		l.fenced(js, "decline", worker, ref, "checkpoint", d.GetCheckpointId())
 		return
 	}

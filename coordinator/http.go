@@ -280,6 +280,40 @@ type apiJob struct {
 	// Throughput is the rate between the current attempt's last two
 	// completed checkpoints; null until it has two.
 	Throughput *apiThroughput `json:"throughput"`
+	// Recoveries are the most recent recoveries from failures, newest
+	// first (fsm.MaxRecoveryHistory).
+	Recoveries []apiRecovery `json:"recoveries"`
+}
+
+// apiRecovery is one recovery of a job: task-scoped (only the lost
+// workers' tasks restored) or job-scoped (every task restarted).
+type apiRecovery struct {
+	Attempt      uint64   `json:"attempt"`
+	Scope        string   `json:"scope"`
+	Tasks        []string `json:"tasks"`
+	Reason       string   `json:"reason"`
+	DetectedAt   string   `json:"detected_at,omitempty"`
+	StartedAt    string   `json:"started_at"`
+	RestoredFrom uint64   `json:"restored_from,omitempty"`
+	// CheckpointID and CheckpointedAt are the first checkpoint completed
+	// after the recovery (absent until then); ToCheckpointMS is the time
+	// from the failure's detection (or the recovery's start) to it.
+	CheckpointID   uint64   `json:"checkpoint_id,omitempty"`
+	CheckpointedAt string   `json:"checkpointed_at,omitempty"`
+	ToCheckpointMS *float64 `json:"to_checkpoint_ms,omitempty"`
+}
+
+func newAPIRecovery(r fsm.RecoveryRecord) apiRecovery {
+	v := apiRecovery{
+		Attempt: r.Attempt, Scope: r.Scope, Tasks: slices.Clone(r.Tasks), Reason: r.Reason,
+		DetectedAt: formatTime(r.DetectedAt), StartedAt: formatTime(r.StartedAt), RestoredFrom: r.RestoredFrom,
+		CheckpointID: r.CheckpointID, CheckpointedAt: formatTime(r.CheckpointedAt),
+	}
+	if r.CheckpointedAt != 0 {
+		ms := float64(r.CheckpointedAt-cmp.Or(r.DetectedAt, r.StartedAt)) / float64(time.Millisecond)
+		v.ToCheckpointMS = &ms
+	}
+	return v
 }
 
 // apiAttempt is one attempt of a job.
@@ -333,13 +367,17 @@ func throughput(j fsm.Job) *apiThroughput {
 	}
 }
 
-// apiTask is one task of a job's current attempt.
+// apiTask is one task of a job's current attempt. Attempt and StartedAt
+// are the task's own: a task-scoped recovery changes them only for the
+// tasks it restored.
 type apiTask struct {
 	ID         string             `json:"id"`
 	Kind       fsm.TaskKind       `json:"kind"`
 	Worker     string             `json:"worker"`
 	Partitions []int32            `json:"partitions,omitempty"`
 	KeyGroups  *fsm.KeyGroupRange `json:"key_groups,omitempty"`
+	Attempt    uint64             `json:"attempt"`
+	StartedAt  string             `json:"started_at,omitempty"`
 }
 
 // apiCheckpointRef names a job's newest completed checkpoint.
@@ -370,7 +408,12 @@ func newAPIJob(j fsm.Job) apiJob {
 		}
 	}
 	for _, t := range j.Tasks {
-		v.Tasks = append(v.Tasks, apiTask{ID: t.ID, Kind: t.Kind, Worker: t.Worker, Partitions: t.Partitions, KeyGroups: t.KeyGroups})
+		v.Tasks = append(v.Tasks, apiTask{ID: t.ID, Kind: t.Kind, Worker: t.Worker, Partitions: t.Partitions, KeyGroups: t.KeyGroups,
+			Attempt: j.TaskAttempt(t), StartedAt: formatTime(t.StartedAt)})
+	}
+	v.Recoveries = make([]apiRecovery, 0, len(j.Recoveries))
+	for _, r := range slices.Backward(j.Recoveries) {
+		v.Recoveries = append(v.Recoveries, newAPIRecovery(r))
 	}
 	if n := len(j.Completed); n > 0 {
 		cp := j.Completed[n-1]

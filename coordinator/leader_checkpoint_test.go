@@ -11,8 +11,8 @@ import (
 
 func TestLeaderPendingCheckpointFencesAcks(t *testing.T) {
 	tasks := map[string]*trackedTask{
-		"source-0": {task: fsm.Task{ID: "source-0", Kind: fsm.TaskSource, Worker: "w1", Partitions: []int32{0}}},
-		"map-0":    {task: fsm.Task{ID: "map-0", Kind: fsm.TaskMap, Worker: "w2"}},
+		"source-0": {task: fsm.Task{ID: "source-0", Kind: fsm.TaskSource, Worker: "w1", Partitions: []int32{0}, Attempt: 3}},
+		"map-0":    {task: fsm.Task{ID: "map-0", Kind: fsm.TaskMap, Worker: "w2", Attempt: 3}},
 	}
 	order := []*trackedTask{tasks["source-0"], tasks["map-0"]}
 	now := time.Unix(1000, 0)

@@ -330,8 +330,9 @@ func (h *leaderHarness) runAll(jobID string) {
 	}
 }
 
+// ref names task t of job in the attempt it runs in.
 func ref(job fsm.Job, t fsm.Task) *transport.TaskRef {
-	return &transport.TaskRef{JobId: job.ID, Attempt: job.Attempt, TaskId: t.ID}
+	return &transport.TaskRef{JobId: job.ID, Attempt: job.TaskAttempt(t), TaskId: t.ID}
 }
 
 // ack sends worker's ack of checkpoint id for task t, with a valid state.

@@ -87,7 +87,9 @@ func TestLeaderMissingTopicFailsJobAndRecovers(t *testing.T) {
 func TestLeaderRestartsOnDeadWorkerFromLastCheckpoint(t *testing.T) {
 	h := newLeaderHarness(t)
 	h.connect("w3", 4)
-	job := h.startJob("j1", testJobSpec(2, 2))
+	spec := testJobSpec(2, 2)
+	spec.Recovery.Scope = fsm.RecoveryScopeJob
+	job := h.startJob("j1", spec)
 	h.drain("w3")
 	ck := h.completeCheckpoint("j1")
 	lost := job.Tasks[0].Worker
@@ -270,7 +272,9 @@ func TestLeaderIgnoresGoneWorkerThatReconnected(t *testing.T) {
 func TestLeaderFencesMessagesOfAnOldAttempt(t *testing.T) {
 	h := newLeaderHarness(t)
 	h.connect("w3", 4)
-	first := h.startJob("j1", testJobSpec(1, 1))
+	spec := testJobSpec(1, 1)
+	spec.Recovery.Scope = fsm.RecoveryScopeJob
+	first := h.startJob("j1", spec)
 	h.completeCheckpoint("j1")
 	zombie := first.Tasks[0].Worker
 	h.setMember(zombie, StatusDead, 4)

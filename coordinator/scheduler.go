@@ -47,6 +47,7 @@ type jobState struct {
 	bad map[uint64]string
 
 	failures   int       // consecutive failed attempts since the backoff last reset
+	detectedAt time.Time // when the failure that restarts the job was seen
 	retryAt    time.Time // no deploy before then
 	cause      string    // why the job is being restarted, for the next deploy's reason
 	lookup     bool      // a partition lookup is in flight
@@ -76,6 +77,13 @@ type trackedTask struct {
 	missing bool
 }
 
+// currentTask reports whether ref names a task of js in the attempt the
+// task runs in now (each task has its own since task-scoped recovery).
+func (js *jobState) currentTask(ref *transport.TaskRef) bool {
+	tv := js.tasks[ref.GetTaskId()]
+	return tv != nil && ref.GetAttempt() == tv.task.Attempt
+}
+
 // partitionsResult is the outcome of a partition lookup for a job's deploy.
 type partitionsResult struct {
 	jobID   string
@@ -100,10 +108,18 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	if js.tasks == nil || js.attempt != job.Attempt {
 		l.unindex(js)
 		js.attempt = job.Attempt
+		old := js.tasks
 		js.tasks = make(map[string]*trackedTask, len(job.Tasks))
 		js.order = make([]*trackedTask, 0, len(job.Tasks))
 		for _, t := range job.Tasks {
+			t.Attempt = job.TaskAttempt(t)
 			tv := &trackedTask{task: t}
+			if o := old[t.ID]; o != nil && o.task.Attempt == t.Attempt && o.task.Worker == t.Worker {
+				// A task-scoped recovery left this task running: what its
+				// worker said about it still holds.
+				o.task = t
+				tv = o
+			}
 			js.tasks[t.ID] = tv
 			js.order = append(js.order, tv)
 		}
@@ -217,6 +233,13 @@ func (l *leader) reconcileJob(job fsm.Job, members map[string]string, now time.T
 		l.tryDeploy(js, now)
 	default:
 		if reason, task := l.taskFailure(js, members, now); reason != "" {
+			recovering, why := l.recoverTasks(js, members, reason, now)
+			if recovering {
+				break
+			}
+			if why != "" {
+				reason += "; not recovered task by task: " + why
+			}
 			l.beginRestart(js, reason, "task", task)
 		}
 	}
@@ -254,22 +277,10 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 		case transport.TaskPhase_TASK_PHASE_CANCELLED:
 			return fmt.Sprintf("task %s was cancelled on worker %s", id, w), id
 		}
-		if l.gone[w] {
-			return fmt.Sprintf("worker %s of task %s is gone: its session broke and its ports refuse connections", w, id), id
+		if why := l.workerLost(js, w, members, now); why != "" {
+			return fmt.Sprintf("worker %s of task %s %s", w, id, why), id
 		}
-		switch st := members[w]; st {
-		case "":
-			return fmt.Sprintf("worker %s of task %s is not a gossip member", w, id), id
-		case StatusDead, StatusLeft:
-			return fmt.Sprintf("worker %s of task %s is %s", w, id, st), id
-		}
-		if since, none := l.sessionlessSince(w); none {
-			if gone := now.Sub(since); gone > l.lease {
-				return fmt.Sprintf("worker %s of task %s has had no control session for %v (lease %v)",
-					w, id, gone.Round(time.Millisecond), l.lease), id
-			}
-			l.scheduleJob(js, since.Add(l.lease+time.Millisecond))
-		} else if tv.missing {
+		if _, none := l.sessionlessSince(w); !none && tv.missing {
 			return fmt.Sprintf("worker %s does not run task %s", w, id), id
 		}
 		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
@@ -286,6 +297,30 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 	return "", ""
 }
 
+// workerLost says how worker w is lost for good (its tasks cannot go on
+// there), or "" if it is not: gone (its process died: session broken,
+// ports refusing), dead or left in gossip, or without a control session
+// for longer than the lease. A shorter loss of session is not: gossip
+// decides, and js is looked at again when the lease would run out.
+func (l *leader) workerLost(js *jobState, w string, members map[string]string, now time.Time) string {
+	if l.gone[w] {
+		return "is gone: its session broke and its ports refuse connections"
+	}
+	switch st := members[w]; st {
+	case "":
+		return "is not a gossip member"
+	case StatusDead, StatusLeft:
+		return "is " + st
+	}
+	if since, none := l.sessionlessSince(w); none {
+		if gone := now.Sub(since); gone > l.lease {
+			return fmt.Sprintf("has had no control session for %v (lease %v)", gone.Round(time.Millisecond), l.lease)
+		}
+		l.scheduleJob(js, since.Add(l.lease+time.Millisecond))
+	}
+	return ""
+}
+
 // beginRestart fails the current attempt of a running job: it aborts its
 // pending checkpoint, cancels its tasks, sets the job restarting and
 // schedules the next attempt after the backoff.
@@ -298,6 +333,7 @@ func (l *leader) beginRestart(js *jobState, reason string, attrs ...any) {
 	js.failures++
 	js.retryAt = now.Add(delay)
 	js.cause = reason
+	js.detectedAt = now
 	l.scheduleJob(js, js.retryAt)
 	l.jobLogger(js).With(attrs...).Warn("restarting job", "reason", reason, "retry_in", delay)
 
@@ -471,6 +507,7 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 		// Random, so that nobody can open data channels for an attempt
 		// before its deployments name it (docs/security.md).
 		ChannelToken: rand.Text(),
+		DetectedAt:   unixNano(js.detectedAt),
 	}, func(_ any, err error) {
 		if err != nil {
 			l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
@@ -493,7 +530,9 @@ func (l *leader) deployed(js *jobState, attempt uint64, now time.Time, numPartit
 	js.deployedAt, js.cause = now, ""
 	if attempt > 1 {
 		l.metrics.jobRestarts.WithLabelValues(js.id).Inc()
+		l.metrics.recoveries.WithLabelValues(js.id, fsm.RecoveryScopeJob).Inc()
 	}
+	js.detectedAt = time.Time{}
 	log := l.jobLogger(js)
 	if note != "" {
 		log.Warn("deploying from an older checkpoint", "note", note)
@@ -660,7 +699,7 @@ func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
 func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorage string) *transport.DeployTask {
 	spec := job.Spec
 	d := &transport.DeployTask{
-		Task:           &transport.TaskRef{JobId: job.ID, Attempt: job.Attempt, TaskId: t.ID},
+		Task:           &transport.TaskRef{JobId: job.ID, Attempt: job.TaskAttempt(t), TaskId: t.ID},
 		Kind:           protoKind(t.Kind),
 		Index:          int32(t.Index),
 		JobName:        spec.Name,
@@ -693,15 +732,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 			RestoreStorage:  restoreStorage,
 		}
 	}
-	for _, m := range job.Tasks {
-		if m.Kind != fsm.TaskMap || m.KeyGroups == nil {
-			continue
-		}
-		d.MapTasks = append(d.MapTasks, &transport.MapTaskRef{
-			TaskId: m.ID, Index: int32(m.Index), WorkerId: m.Worker, DataAddr: m.DataAddr,
-			KeyGroupStart: int32(m.KeyGroups.Start), KeyGroupEnd: int32(m.KeyGroups.End),
-		})
-	}
+	d.MapTasks = mapTaskRefs(job)
 	if restore == nil {
 		return d
 	}
@@ -713,6 +744,23 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 		d.RestoreKeyed = restoreKeyed(restore, t.KeyGroups)
 	}
 	return d
+}
+
+// mapTaskRefs lists job's map tasks, where they run and in which attempt,
+// for the sources that feed them.
+func mapTaskRefs(job fsm.Job) []*transport.MapTaskRef {
+	var refs []*transport.MapTaskRef
+	for _, m := range job.Tasks {
+		if m.Kind != fsm.TaskMap || m.KeyGroups == nil {
+			continue
+		}
+		refs = append(refs, &transport.MapTaskRef{
+			TaskId: m.ID, Index: int32(m.Index), WorkerId: m.Worker, DataAddr: m.DataAddr,
+			KeyGroupStart: int32(m.KeyGroups.Start), KeyGroupEnd: int32(m.KeyGroups.End),
+			Attempt: job.TaskAttempt(m),
+		})
+	}
+	return refs
 }
 
 // restoreOffsets returns the checkpointed next offset of each of partitions,
@@ -796,8 +844,10 @@ func protoKind(k fsm.TaskKind) transport.TaskKind {
 	return transport.TaskKind_TASK_KIND_UNSPECIFIED
 }
 
+// taskRef names task t in its own attempt: after a task-scoped recovery,
+// the job's tasks run in different attempts.
 func taskRef(js *jobState, t fsm.Task) *transport.TaskRef {
-	return &transport.TaskRef{JobId: js.id, Attempt: js.attempt, TaskId: t.ID}
+	return &transport.TaskRef{JobId: js.id, Attempt: cmp.Or(t.Attempt, js.attempt), TaskId: t.ID}
 }
 
 // kafkaPartitions asks the brokers how many partitions topic has, with short

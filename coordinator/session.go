@@ -581,7 +581,7 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 	ref := st.GetTask()
 	js, tv, stale := l.classify(sess.worker, ref)
 	if stale != "" {
-		if js != nil && ref.GetAttempt() != js.attempt {
+		if js != nil && !js.currentTask(ref) {
 			l.fenced(js, "status", sess.worker, ref, "phase", st.GetPhase().String())
 		}
 		if live(st.GetPhase()) {
@@ -631,13 +631,13 @@ func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *tr
 		return nil, nil, "unknown job"
 	case js.status == fsm.JobCancelled:
 		return nil, nil, "job cancelled"
-	case ref.GetAttempt() != js.attempt:
-		return js, nil, fmt.Sprintf("attempt %d is not the job's current attempt %d", ref.GetAttempt(), js.attempt)
 	}
 	tv := js.tasks[ref.GetTaskId()]
 	switch {
 	case tv == nil:
 		return nil, nil, fmt.Sprintf("attempt %d has no task %q", js.attempt, ref.GetTaskId())
+	case ref.GetAttempt() != tv.task.Attempt:
+		return js, nil, fmt.Sprintf("attempt %d is not task %s's current attempt %d", ref.GetAttempt(), tv.task.ID, tv.task.Attempt)
 	case tv.task.Worker != worker:
 		return nil, nil, fmt.Sprintf("task is assigned to worker %s", tv.task.Worker)
 	}

@@ -168,8 +168,11 @@ func (s *State) applyTasksRestarted(c *TasksRestartedCmd) error {
 	if len(c.Tasks) == 0 {
 		return fail(fmt.Errorf("%w: no tasks to restore", ErrInvalidAssignment))
 	}
-	if c.RestoreFrom == 0 || !slices.ContainsFunc(j.Completed, func(cp Checkpoint) bool { return cp.ID == c.RestoreFrom }) {
-		return fail(fmt.Errorf("%w: restore from checkpoint %d, which is not a retained completed checkpoint", ErrInvalidAssignment, c.RestoreFrom))
+	// The surviving tasks committed their sink output up to the newest
+	// completed checkpoint: a restored task restoring an older one would
+	// write some of its output again.
+	if n := len(j.Completed); n == 0 || j.Completed[n-1].ID != c.RestoreFrom {
+		return fail(fmt.Errorf("%w: restore from checkpoint %d, which is not the newest completed checkpoint", ErrInvalidAssignment, c.RestoreFrom))
 	}
 	tasks := slices.Clone(j.Tasks)
 	seen := make(map[string]bool, len(c.Tasks))

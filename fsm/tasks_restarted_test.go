@@ -78,6 +78,7 @@ func TestTasksRestartedKeepsSurvivors(t *testing.T) {
 func TestTasksRestartedRefusesBadCommands(t *testing.T) {
 	h := newHarness(t)
 	j := h.runningJob("j1")
+	older := h.checkpointed("j1")
 	restore := h.checkpointed("j1")
 	moved := j.Tasks[0]
 	moved.Worker = "w9"
@@ -87,6 +88,7 @@ func TestTasksRestartedRefusesBadCommands(t *testing.T) {
 		"skips an attempt":       {JobID: "j1", Attempt: 3, Tasks: []Task{moved}, RestoreFrom: restore},
 		"no checkpoint":          {JobID: "j1", Attempt: 2, Tasks: []Task{moved}},
 		"unknown checkpoint":     {JobID: "j1", Attempt: 2, Tasks: []Task{moved}, RestoreFrom: restore + 7},
+		"older checkpoint":       {JobID: "j1", Attempt: 2, Tasks: []Task{moved}, RestoreFrom: older},
 		"no tasks":               {JobID: "j1", Attempt: 2, RestoreFrom: restore},
 		"unknown task":           {JobID: "j1", Attempt: 2, Tasks: []Task{{ID: "map-9", Kind: TaskMap, Index: 9, Worker: "w9"}}, RestoreFrom: restore},
 		"task twice":             {JobID: "j1", Attempt: 2, Tasks: []Task{moved, moved}, RestoreFrom: restore},

@@ -1,0 +1,175 @@
+package coordinator
+
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// A lost worker's tasks are restored alone: partial deploys of just those
+// tasks on live workers, from the newest completed checkpoint, a retarget
+// for the workers of the others, which are not cancelled and whose acks
+// (in their own, older attempt) complete the next checkpoint with the
+// restored tasks'.
+func TestLeaderRecoversLostTasksAlone(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	job := h.startJob("j1", testJobSpec(2, 2))
+	h.drain("w3")
+	h.completeCheckpoint("j1")
+	ck := h.completeCheckpoint("j1")
+	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	if h.job("j1").Pending == nil {
+		t.Fatal("no checkpoint pending before the worker is lost")
+	}
+	lost := job.Tasks[0].Worker
+	var lostTasks []string
+	for _, task := range job.Tasks {
+		if task.Worker == lost {
+			lostTasks = append(lostTasks, task.ID)
+		}
+	}
+
+	h.setMember(lost, StatusDead, 4)
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobRunning || j.Attempt != 2 || j.Pending != nil {
+		t.Fatalf("status %s attempt %d pending %v reason %q, want running attempt 2 with the pending checkpoint aborted", j.Status, j.Attempt, j.Pending, j.Reason)
+	}
+	for _, task := range j.Tasks {
+		want := uint64(1)
+		if task.Worker == lost {
+			t.Fatalf("task %s left on the dead worker", task.ID)
+		}
+		if slices.Contains(lostTasks, task.ID) {
+			want = 2
+		}
+		if task.Attempt != want {
+			t.Fatalf("task %s in attempt %d, want %d", task.ID, task.Attempt, want)
+		}
+	}
+	var deployed []string
+	retargets := 0
+	for _, w := range []string{"w1", "w2", "w3"} {
+		msgs := h.drain(w)
+		if len(cancels(msgs)) > 0 {
+			t.Errorf("worker %s got cancels %v: surviving tasks must run on", w, cancels(msgs))
+		}
+		for id, d := range deploys(msgs) {
+			deployed = append(deployed, id)
+			if !d.GetPartial() || d.GetTask().GetAttempt() != 2 || d.GetRestoreCheckpointId() != ck {
+				t.Errorf("deploy %s: partial %v attempt %d restore %d, want partial, attempt 2, checkpoint %d",
+					id, d.GetPartial(), d.GetTask().GetAttempt(), d.GetRestoreCheckpointId(), ck)
+			}
+			for _, m := range d.GetMapTasks() {
+				if want := j.TaskAttempt(taskByID(j, m.GetTaskId())); m.GetAttempt() != want {
+					t.Errorf("deploy %s names map task %s in attempt %d, want %d", id, m.GetTaskId(), m.GetAttempt(), want)
+				}
+			}
+		}
+		for _, m := range msgs {
+			if r := m.GetRetarget(); r != nil {
+				retargets++
+				if w == lost || r.GetAttempt() != 2 || r.GetRestoreCheckpointId() != ck || len(r.GetRestoreOffsets()) == 0 ||
+					strings.Join(r.GetRestored(), ",") != strings.Join(lostTasks, ",") {
+					t.Errorf("retarget to %s: %v", w, r)
+				}
+			}
+		}
+	}
+	if !slices.Equal(slices.Sorted(slices.Values(deployed)), slices.Sorted(slices.Values(lostTasks))) {
+		t.Fatalf("deployed %v, want only the lost tasks %v", deployed, lostTasks)
+	}
+	if retargets == 0 {
+		t.Fatal("no retarget sent to the workers of the surviving tasks")
+	}
+
+	// The restored tasks come up; the next checkpoint covers every task.
+	h.runAll("j1")
+	next := h.completeCheckpoint("j1")
+	j = h.job("j1")
+	rec := j.Recoveries[len(j.Recoveries)-1]
+	if rec.Scope != fsm.RecoveryScopeTasks || rec.CheckpointID != next || rec.RestoredFrom != ck ||
+		!strings.Contains(rec.Reason, "worker "+lost) {
+		t.Fatalf("recovery record %+v, want scope tasks restored from %d, checkpointed at %d", rec, ck, next)
+	}
+	var m dto.Metric
+	if err := h.l.metrics.recoveries.WithLabelValues("j1", fsm.RecoveryScopeTasks).Write(&m); err != nil || m.GetCounter().GetValue() != 1 {
+		t.Fatalf("task-scoped recoveries metric = %v (%v), want 1", m.GetCounter().GetValue(), err)
+	}
+
+	// The lost worker comes back as a zombie: its old tasks' acks and
+	// statuses are fenced and its tasks cancelled.
+	h.setMember(lost, StatusAlive, 4)
+	h.drain(lost)
+	h.advance(time.Duration(j.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil {
+		t.Fatal("no checkpoint pending after the recovery")
+	}
+	old := taskByID(job, lostTasks[0])
+	h.ack(lost, ref(job, old), old, p.ID)
+	h.report(lost, ref(job, old), transport.TaskPhase_TASK_PHASE_RUNNING, "")
+	if got := cancels(h.drain(lost)); len(got) != 1 || got[0].GetAttempt() != 1 || got[0].GetTaskId() != old.ID {
+		t.Fatalf("cancels sent to %s: %v, want attempt 1's %s", lost, got, old.ID)
+	}
+	if acks := h.l.jobs["j1"].ckpt.pending.acks; len(acks) != 0 {
+		t.Fatalf("a zombie's ack was recorded: %v", acks)
+	}
+}
+
+// A task-scoped recovery that cannot keep exactly once falls back to a
+// job-scoped restart and says why.
+func TestLeaderTaskRecoveryFallsBack(t *testing.T) {
+	t.Run("no completed checkpoint", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		h.connect("w3", 4)
+		job := h.startJob("j1", testJobSpec(2, 2))
+		h.setMember(job.Tasks[0].Worker, StatusDead, 4)
+		h.step()
+		j := h.job("j1")
+		if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "not recovered task by task: the job has no completed checkpoint") {
+			t.Fatalf("status %s reason %q, want a restart saying there is no checkpoint", j.Status, j.Reason)
+		}
+	})
+	t.Run("no free slots", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		job := h.startJob("j1", testJobSpec(3, 3))
+		h.completeCheckpoint("j1")
+		h.setMember(job.Tasks[0].Worker, StatusDead, 4)
+		h.step()
+		j := h.job("j1")
+		if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "lost tasks cannot be placed") {
+			t.Fatalf("status %s reason %q, want a restart saying the tasks cannot be placed", j.Status, j.Reason)
+		}
+	})
+	t.Run("a task failed by itself", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		h.connect("w3", 4)
+		job := h.startJob("j1", testJobSpec(1, 1))
+		h.completeCheckpoint("j1")
+		m := job.Tasks[1]
+		h.report(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "operator panicked")
+		h.step()
+		if j := h.job("j1"); j.Status != fsm.JobRestarting || strings.Contains(j.Reason, "task by task") {
+			t.Fatalf("status %s reason %q, want a plain job restart", j.Status, j.Reason)
+		}
+	})
+}
+
+func taskByID(job fsm.Job, id string) fsm.Task {
+	for _, t := range job.Tasks {
+		if t.ID == id {
+			return t
+		}
+	}
+	return fsm.Task{}
+}

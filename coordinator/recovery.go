@@ -1,0 +1,180 @@
+package coordinator
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// recoverTasks tries a task-scoped recovery of a running job whose attempt
+// failed with reason (docs/protocol.md, "Task-scoped recovery"): when every
+// failure is a lost worker, only the tasks of the lost workers are restored
+// from the newest completed checkpoint, on live workers, and the others run
+// on. It reports whether the recovery is under way; when it is not, why
+// says why a task-scoped recovery could not keep exactly once ("" when the
+// job does not ask for one or the failure is not a lost worker), and the
+// caller restarts the whole job.
+func (l *leader) recoverTasks(js *jobState, members map[string]string, reason string, now time.Time) (recovering bool, why string) {
+	if !js.spec.Recovery.TaskScoped() {
+		return false, ""
+	}
+	lostWorkers := make(map[string]bool)
+	var lost []*trackedTask
+	for _, tv := range js.order {
+		if !live(tv.phase) {
+			return false, "" // a task failed by itself: the job restarts
+		}
+		if l.workerLost(js, tv.task.Worker, members, now) != "" {
+			lostWorkers[tv.task.Worker] = true
+			lost = append(lost, tv)
+			continue
+		}
+		if tv.missing {
+			return false, ""
+		}
+	}
+	if len(lost) == 0 {
+		return false, ""
+	}
+	if p := js.ckpt.pending; p != nil && p.stop {
+		return false, "a stop-with-savepoint was in progress"
+	}
+	job, ok := l.env.job(js.id)
+	if !ok || job.Status != fsm.JobRunning || job.Attempt != js.attempt {
+		return false, ""
+	}
+	if len(job.Completed) == 0 {
+		return false, "the job has no completed checkpoint to restore the lost tasks from"
+	}
+	// The surviving tasks have committed everything up to the newest
+	// completed checkpoint (sink transactions included): the lost ones
+	// must restore exactly that one, or their output would repeat.
+	restore := &job.Completed[len(job.Completed)-1]
+	if bad, isBad := js.bad[restore.ID]; isBad {
+		return false, fmt.Sprintf("the newest checkpoint %d failed verification (%s)", restore.ID, bad)
+	}
+	placed, err := placeLost(lost, l.placeable(""), lostWorkers)
+	if err != nil {
+		return false, err.Error()
+	}
+
+	attempt := js.attempt + 1
+	cmd := fsm.TasksRestartedCmd{
+		JobID: js.id, Attempt: attempt, Tasks: placed, RestoreFrom: restore.ID,
+		Reason: reason, DetectedAt: now.UnixNano(), Time: now.UnixNano(),
+	}
+	// The pending checkpoint cannot complete without the lost tasks; the
+	// command aborts it, and no completion may overtake it.
+	js.ckpt.pending = nil
+	ids := make([]string, len(placed))
+	for i, t := range placed {
+		ids[i] = t.ID
+	}
+	log := l.jobLogger(js).With("restore_checkpoint", restore.ID, "next_attempt", attempt)
+	log.Warn("recovering the lost tasks alone", "reason", reason, "tasks", ids)
+	l.write(js, fsm.CommandTasksRestarted, cmd, func(_ any, err error) {
+		if err != nil {
+			log.Error("commit task-scoped recovery; restarting the job instead", "err", err)
+			l.beginRestart(js, reason+"; task-scoped recovery failed: "+err.Error())
+			return
+		}
+		l.tasksRestarted(js, attempt, ids, restore.ID, now)
+	})
+	return true, ""
+}
+
+// placeLost places the lost tasks on the workers with free slots, most free
+// first, never on a lost worker. It returns copies of the tasks with their
+// new places.
+func placeLost(lost []*trackedTask, workers []workerSlots, lostWorkers map[string]bool) ([]fsm.Task, error) {
+	workers = slices.DeleteFunc(slices.Clone(workers), func(w workerSlots) bool { return lostWorkers[w.id] })
+	if free := totalFree(workers); free < len(lost) {
+		return nil, fmt.Errorf("the %d lost tasks cannot be placed: %d free slots on live workers", len(lost), free)
+	}
+	placed := make([]fsm.Task, 0, len(lost))
+	for _, tv := range lost {
+		slices.SortFunc(workers, func(a, b workerSlots) int {
+			return cmp.Or(cmp.Compare(b.free, a.free), strings.Compare(a.id, b.id))
+		})
+		w := &workers[0]
+		t := tv.task
+		t.Worker, t.DataAddr = w.id, w.dataAddr
+		w.free--
+		placed = append(placed, t)
+	}
+	return placed, nil
+}
+
+// tasksRestarted deploys the tasks a committed task-scoped recovery restored
+// and tells the workers of the surviving tasks where they run now, so that
+// surviving sources reopen their channels to restored map tasks and replay
+// to them what the checkpoint lacks.
+func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, restoreID uint64, detected time.Time) {
+	job, ok := l.env.job(js.id)
+	if !ok || job.Attempt != attempt {
+		return
+	}
+	js = l.observe(job)
+	now := l.env.now()
+	js.deployedAt, js.deployProgress = now, time.Time{}
+	l.metrics.jobRestarts.WithLabelValues(js.id).Inc()
+	l.metrics.recoveries.WithLabelValues(js.id, fsm.RecoveryScopeTasks).Inc()
+	var restore *fsm.Checkpoint
+	for i := range job.Completed {
+		if job.Completed[i].ID == restoreID {
+			restore = &job.Completed[i]
+		}
+	}
+	if restore == nil {
+		return // cannot be: the FSM checked it; the deploy timeout restarts the job
+	}
+	log := l.jobLogger(js)
+	restored := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		restored[id] = true
+	}
+	for _, t := range job.Tasks {
+		if !restored[t.ID] {
+			continue
+		}
+		d := buildDeploy(job, t, restore, "")
+		d.Partial = true
+		if !l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: d}}) {
+			log.Warn("no session to deploy restored task to", "task", t.ID, "worker", t.Worker)
+		}
+	}
+	offsets := make(map[int32]int64)
+	for _, st := range restore.Tasks {
+		if st.Kind == fsm.TaskSource {
+			maps.Copy(offsets, st.Offsets)
+		}
+	}
+	retarget := &transport.RetargetTasks{
+		JobId: js.id, Attempt: attempt, MapTasks: mapTaskRefs(job), Restored: ids,
+		RestoreCheckpointId: restore.ID, RestoreOffsets: offsets,
+	}
+	sent := make(map[string]bool)
+	for _, t := range job.Tasks {
+		if restored[t.ID] || sent[t.Worker] {
+			continue
+		}
+		sent[t.Worker] = true
+		l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Retarget{Retarget: retarget}})
+	}
+	log.Info("restored tasks deployed; surviving tasks retargeted", "tasks", ids, "restore_checkpoint", restore.ID,
+		"surviving_workers", slices.Sorted(maps.Keys(sent)), "since_detected", now.Sub(detected).Round(time.Millisecond))
+}
+
+// unixNano is t in unix nanoseconds, 0 for the zero time.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
