@@ -47,11 +47,28 @@ type (
 			Attempt uint64 `json:"attempt"`
 			Reason  string `json:"reason"`
 		} `json:"attempts"`
+		// Recoveries are the latest recoveries, newest first.
+		Recoveries []recoveryView `json:"recoveries"`
 	}
 	taskView struct {
 		ID     string `json:"id"`
 		Kind   string `json:"kind"`
 		Worker string `json:"worker"`
+		// Attempt and StartedAt are the task's own: a task-scoped
+		// recovery leaves them as they were for the tasks it kept.
+		Attempt   uint64 `json:"attempt"`
+		StartedAt string `json:"started_at"`
+	}
+	// recoveryView is one recovery of a job from a failure.
+	recoveryView struct {
+		Attempt        uint64   `json:"attempt"`
+		Scope          string   `json:"scope"` // tasks, job
+		Tasks          []string `json:"tasks"`
+		Reason         string   `json:"reason"`
+		DetectedAt     string   `json:"detected_at"`
+		StartedAt      string   `json:"started_at"`
+		CheckpointID   uint64   `json:"checkpoint_id"`
+		CheckpointedAt string   `json:"checkpointed_at"`
 	}
 	stateView struct {
 		CheckpointID uint64           `json:"checkpoint_id"`
@@ -91,6 +108,12 @@ type (
 		State      *stateSpec     `json:"state,omitempty"`
 		Checkpoint checkpointSpec `json:"checkpoint"`
 		Restart    *restartSpec   `json:"restart,omitempty"`
+		Recovery   *recoverySpec  `json:"recovery,omitempty"`
+	}
+	// recoverySpec says what is restored when a worker is lost: "tasks"
+	// (the default) or "job".
+	recoverySpec struct {
+		Scope string `json:"scope"`
 	}
 	restartSpec struct {
 		Initial    string `json:"initial,omitempty"`
