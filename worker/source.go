@@ -66,6 +66,12 @@ type sourceTask struct {
 	// topic (0: never; see discover).
 	numSources int32
 	discovery  time.Duration
+	// partial marks a task restored by task-scoped recovery
+	// (DeployTask.partial): the job's other tasks ran on, so a restored
+	// offset no longer in Kafka fails the task, and it combines only once
+	// it has read past what the surviving map tasks may have applied
+	// (catchUp).
+	partial bool
 
 	// combine is set when the operator's items are merged before they are
 	// sent (an operator.Combiner, in a job without a sink).
@@ -81,7 +87,26 @@ type sourceTask struct {
 	// progress is, per partition read in this attempt, the offset of the
 	// last record whose items are all in the batches: what a through mark
 	// of a combined batch says.
-	progress    map[int32]int64
+	progress map[int32]int64
+	// startOffsets are the offsets this attempt started reading each
+	// partition at: where a replay starts when nothing newer is known.
+	startOffsets map[int32]int64
+	// catchUp holds, for a partial source that combines, the end offset
+	// each partition had when the task started, until it has read past it;
+	// until then items go out record-marked, for the map tasks to drop the
+	// ones they applied already. nil once crossed (or never needed).
+	catchUp map[int32]int64
+	// due lists the outputs whose batch or table is full after the items
+	// of the record being processed: they are sent once the record is
+	// whole in them.
+	due []int
+	// lost is, by output, why and since when its channel is lost (nil:
+	// open); nLost counts the lost ones. See replay.go.
+	lost  []*lostOutput
+	nLost int
+	// dial makes one short attempt to open output o (dialOutput; tests
+	// replace it).
+	dial        func(ctx context.Context, o int) (output, error)
 	lastBarrier uint64
 	unconfirmed map[uint64]map[int32]int64 // offsets of acked checkpoints not yet completed
 	// completedOffsets are the next offsets of the last completed
@@ -142,8 +167,11 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		control:          ctl,
 		numSources:       d.GetNumSources(),
 		discovery:        time.Duration(spec.GetPartitionDiscoveryMs()) * time.Millisecond,
+		partial:          d.GetPartial(),
 		batches:          make([]pending, len(mapTasks)),
+		lost:             make([]*lostOutput, len(mapTasks)),
 		offsets:          make(map[int32]int64),
+		startOffsets:     make(map[int32]int64),
 		progress:         make(map[int32]int64),
 		unconfirmed:      make(map[uint64]map[int32]int64),
 		completedOffsets: make(map[int32]int64),
@@ -156,13 +184,16 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		s.discovery = 0 // ownership unknown
 	}
 	s.emitItem = s.collect
+	s.dial = s.dialOutput
 	// A restored checkpoint is the last completed one.
 	maps.Copy(s.completedOffsets, s.restore)
 	if c, ok := op.(operator.Combiner); ok && d.GetCombine() {
 		s.combine = c
-		for o := range s.batches {
-			s.batches[o].table = newCombineTable()
+		if !s.partial {
+			s.startCombining()
 		}
+		// A partial source starts combining in resolveOffsets or later,
+		// once it has caught up (catchUp).
 	}
 	return s, nil
 }
@@ -178,6 +209,8 @@ type pending struct {
 	markP   int32
 	markOff int64
 	table   *combineTable
+	// due is set while the output is listed in sourceTask.due.
+	due bool
 }
 
 // combineTable merges the items of each key between two flushes, in the
@@ -269,15 +302,17 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	if err := s.resolveOffsets(lease.client, topicParts); err != nil {
 		return err
 	}
+	maps.Copy(s.startOffsets, s.offsets)
 
 	defer func() {
 		for _, o := range s.outputs {
-			o.close()
+			if o != nil { // nil: lost, closed already
+				o.close()
+			}
 		}
 	}()
 	for _, mt := range s.mapTasks {
-		header := &transport.ChannelHeader{JobId: s.key.job, Attempt: s.key.attempt, SourceIndex: s.index, MapTaskId: mt.GetTaskId(), ChannelToken: s.token}
-		o, err := openOutput(ctx, s.env, header, mt)
+		o, err := openOutput(ctx, s.env, s.header(mt), mt)
 		if err != nil {
 			return err
 		}
@@ -343,6 +378,21 @@ func (s *sourceTask) read(r *partitionReaders, p int32) error {
 	r.consumers[p] = pc
 	r.wg.Go(func() { s.pump(r.ctx, p, pc, r.merged, r.failed) })
 	return nil
+}
+
+// header is the channel header of the output to map task mt: the map
+// task's own attempt (which after a task-scoped recovery may differ from the
+// source's), and the source's attempt, by which the map task tells a
+// reopened channel from a zombie's.
+func (s *sourceTask) header(mt *transport.MapTaskRef) *transport.ChannelHeader {
+	attempt := mt.GetAttempt()
+	if attempt == 0 {
+		attempt = s.key.attempt // a leader that predates per-task attempts
+	}
+	return &transport.ChannelHeader{
+		JobId: s.key.job, Attempt: attempt, SourceAttempt: s.key.attempt,
+		SourceIndex: s.index, MapTaskId: mt.GetTaskId(), ChannelToken: s.token,
+	}
 }
 
 // owns reports whether partition p is this task's: p mod S == index.
@@ -417,6 +467,7 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) err
 			continue
 		}
 		s.offsets[d.partition] = d.offset
+		s.startOffsets[d.partition] = d.offset
 		s.partitions = append(s.partitions, d.partition)
 		slices.Sort(s.partitions)
 		if err := s.read(r, d.partition); err != nil {
@@ -443,7 +494,14 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) err
 // earlier attempt may have read it, but no state restored has. A restored
 // offset outside the partition's records (the topic was deleted and
 // recreated, or records expired before they were read) is replaced by the
-// start policy, as Kafka's auto.offset.reset does, and logged.
+// start policy, as Kafka's auto.offset.reset does, and logged; except in a
+// partial source (task-scoped recovery), which fails instead: the surviving
+// tasks' state goes on from the checkpoint, so reading anything else would
+// lose or double records, and the leader falls back to a job-scoped restart.
+//
+// A partial source that combines also notes each partition's end offset
+// now (catchUp): records below it may be applied already by surviving map
+// tasks, which drop them only by record marks.
 func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) error {
 	topic := s.spec.GetTopic()
 	var policy int64
@@ -484,6 +542,10 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 		s.log.Info("reading partitions beyond the assignment (restored or added to the topic)", "read", parts)
 	}
 	s.partitions = parts
+	catchUp := s.partial && s.combine != nil
+	if catchUp {
+		s.catchUp = make(map[int32]int64)
+	}
 	for _, p := range parts {
 		at := policy
 		if off, ok := s.restore[p]; ok {
@@ -491,9 +553,16 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			if err != nil {
 				return err
 			}
+			if catchUp && off < newest {
+				s.catchUp[p] = newest
+			}
 			if off >= oldest && off <= newest {
 				s.offsets[p] = off
 				continue
+			}
+			if s.partial {
+				return fmt.Errorf("task-scoped recovery of source task %s: checkpoint %d's offset %d of %s/%d is no longer in Kafka (oldest %d, end %d)",
+					s.key.id, s.restoreID, off, topic, p, oldest, newest)
 			}
 			log := s.log.With("partition", p, "restored_offset", off, "oldest", oldest, "newest", newest, "start", s.spec.GetStart())
 			if off > newest {
@@ -509,6 +578,23 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			return fmt.Errorf("source: resolve %s offset of %s/%d: %w", s.spec.GetStart(), topic, p, err)
 		}
 		s.offsets[p] = off
+		if catchUp {
+			newest, err := client.GetOffset(topic, p, sarama.OffsetNewest)
+			if err != nil {
+				return fmt.Errorf("source: end offset of %s/%d: %w", topic, p, err)
+			}
+			if off < newest {
+				s.catchUp[p] = newest
+			}
+		}
+	}
+	if catchUp {
+		if len(s.catchUp) == 0 {
+			s.catchUp = nil
+			s.startCombining()
+		} else {
+			s.log.Info("restored partial source: sending record-marked items until it has read past the partitions' end offsets", "until", s.catchUp)
+		}
 	}
 	return nil
 }
@@ -596,19 +682,29 @@ func fail(ctx context.Context, failed chan<- error, err error) {
 }
 
 // loop is the task loop: records, flushes of batches that waited
-// FlushInterval, partitions discovered, and leader control messages, one at
-// a time. found is nil without discovery.
+// FlushInterval, partitions discovered, leader control messages, and tries
+// to reopen lost outputs (with their replays), one at a time. found is nil
+// without discovery.
 func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan []discovered) error {
 	// The flush timer runs only while items wait in a batch: an idle
-	// source costs nothing, however many there are on the worker.
+	// source costs nothing, however many there are on the worker. The
+	// reopen timer runs only while an output is lost.
 	flush := time.NewTimer(s.env.cfg.FlushInterval)
 	flush.Stop()
 	armed := false
 	defer flush.Stop()
+	reopen := time.NewTimer(reopenInterval)
+	reopen.Stop()
+	reopenArmed := false
+	defer reopen.Stop()
 	for {
 		if !armed && s.batched > 0 {
 			flush.Reset(s.env.cfg.FlushInterval)
 			armed = true
+		}
+		if !reopenArmed && s.nLost > 0 {
+			reopen.Reset(reopenInterval)
+			reopenArmed = true
 		}
 		records := r.merged
 		if s.halted {
@@ -636,8 +732,17 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 			if err := s.flushAll(ctx); err != nil {
 				return err
 			}
+		case <-reopen.C:
+			reopenArmed = false
+			if err := s.reopenLost(ctx); err != nil {
+				return err
+			}
 		case c := <-s.control:
-			if c.trigger != 0 {
+			if c.retarget != nil {
+				if err := s.retarget(ctx, c.retarget); err != nil {
+					return err
+				}
+			} else if c.trigger != 0 {
 				if err := s.checkpoint(ctx, c); err != nil {
 					return err
 				}
@@ -654,7 +759,14 @@ func (s *sourceTask) collect(it operator.Item) { s.scratch = append(s.scratch, i
 
 // process splits one record and routes its items: packed into the batch of
 // the map task owning their key group, each batch's items after a mark of the
-// record they came from, or merged into the output's combiner table.
+// record they came from, or merged into the output's combiner table. Items
+// for a lost output are dropped: its replay sends them once it is reopened.
+//
+// Full batches and tables are sent after the record, never in the middle of
+// its items, so that a batch holds whole records: a map task marks a record
+// applied (TaskState.applied) when it has applied a batch's items of it, and
+// a record cut across two batches would count as applied before its last
+// items came, which a replay after a failure in between would then drop.
 func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) error {
 	s.offsets[msg.Partition] = msg.Offset + 1
 	s.scratch = s.scratch[:0]
@@ -663,17 +775,24 @@ func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) e
 		s.skipped.Inc()
 		s.log.Debug("skipping malformed record", "partition", msg.Partition, "offset", msg.Offset, "err", err)
 		s.progress[msg.Partition] = msg.Offset
-		return nil
+		return s.caughtUp(ctx, msg)
 	}
 	for _, it := range s.scratch {
 		kg := operator.KeyGroup(it.Key, s.maxPar)
 		o := s.route[kg]
+		if s.lost[o] != nil {
+			continue
+		}
 		b := &s.batches[o]
 		if b.table != nil {
 			if len(b.table.items) == 0 {
 				s.batched++
 			}
 			b.table.add(s.combine, kg, it)
+			if len(b.table.items) >= combineMaxKeys && !b.due {
+				b.due = true
+				s.due = append(s.due, o)
+			}
 			continue
 		}
 		if !b.marked || b.markP != msg.Partition || b.markOff != msg.Offset {
@@ -682,31 +801,62 @@ func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) e
 		}
 		b.w.Item(kg, it.Key, it.Num, it.Raw)
 		s.batched++
-		if b.w.Items() >= s.env.cfg.BatchSize || b.w.Len() >= maxBatchBytes {
-			if err := s.flush(ctx, o); err != nil {
-				return err
-			}
+		if !b.due && (b.w.Items() >= s.env.cfg.BatchSize || b.w.Len() >= maxBatchBytes) {
+			b.due = true
+			s.due = append(s.due, o)
 		}
 	}
 	s.progress[msg.Partition] = msg.Offset
-	if s.combine != nil {
-		// Full tables are flushed between records, so that a through mark
-		// never covers a record only in part.
-		for o := range s.batches {
-			if len(s.batches[o].table.items) >= combineMaxKeys {
-				if err := s.flush(ctx, o); err != nil {
-					return err
-				}
-			}
+	for _, o := range s.due {
+		s.batches[o].due = false
+		if err := s.flush(ctx, o); err != nil {
+			return err
 		}
 	}
+	s.due = s.due[:0]
+	return s.caughtUp(ctx, msg)
+}
+
+// caughtUp ends the catch-up of a partial source once msg, just processed,
+// took every partition past the end offset it had at the start: the batches
+// so far (record-marked) are sent, and from here on items are combined.
+func (s *sourceTask) caughtUp(ctx context.Context, msg *sarama.ConsumerMessage) error {
+	if s.catchUp == nil {
+		return nil
+	}
+	if end, ok := s.catchUp[msg.Partition]; !ok || msg.Offset+1 < end {
+		return nil
+	}
+	delete(s.catchUp, msg.Partition)
+	if len(s.catchUp) > 0 {
+		return nil
+	}
+	s.catchUp = nil
+	if err := s.flushAll(ctx); err != nil {
+		return err
+	}
+	s.startCombining()
+	s.log.Info("restored partial source caught up: combining items from here on", "offsets", s.offsets)
 	return nil
+}
+
+// startCombining gives every output a combiner table: items are merged
+// from here on (see pending).
+func (s *sourceTask) startCombining() {
+	for o := range s.batches {
+		s.batches[o].table = newCombineTable()
+	}
 }
 
 // flush sends output o's pending batch. A combined batch is packed here, its
 // merged items followed by a through mark of every partition read: every
-// record up to the mark is in it or in an earlier batch.
+// record up to the mark is in it or in an earlier batch. A send that fails
+// marks the output lost (markLost) rather than failing the task; only a
+// cancelled ctx is returned.
 func (s *sourceTask) flush(ctx context.Context, o int) error {
+	if s.lost[o] != nil {
+		return nil // nothing pending: dropped when it was lost
+	}
 	b := &s.batches[o]
 	if t := b.table; t != nil {
 		if len(t.items) == 0 {
@@ -728,12 +878,18 @@ func (s *sourceTask) flush(ctx context.Context, o int) error {
 	}
 	b.marked = false
 	if err := s.outputs[o].sendBatch(ctx, &b.w); err != nil {
-		return fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.markLost(o, fmt.Errorf("send to map task %s: %w", s.mapTasks[o].GetTaskId(), err), nil)
+		return nil
 	}
 	s.out.Add(float64(n))
 	s.recordsOut += int64(n)
 	return nil
 }
+
+// flushAll sends every output's pending batch.
 func (s *sourceTask) flushAll(ctx context.Context) error {
 	for o := range s.outputs {
 		if err := s.flush(ctx, o); err != nil {
@@ -758,8 +914,17 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 		CheckpointId: id, LastCompleted: c.lastCompleted, Savepoint: c.savepoint,
 	}}}
 	for o, out := range s.outputs {
+		if s.lost[o] != nil {
+			// The checkpoint cannot complete without that map task's ack;
+			// the source acks all the same, as it does not know the leader
+			// will abort it.
+			continue
+		}
 		if err := out.send(ctx, barrier); err != nil {
-			return fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			s.markLost(o, fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err), nil)
 		}
 	}
 	s.lastBarrier = id

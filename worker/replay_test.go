@@ -1,0 +1,646 @@
+package worker
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/IBM/sarama"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// fakeOutput is an output that keeps a copy of every message sent on it, and
+// fails every send once broken is set.
+type fakeOutput struct {
+	mu     sync.Mutex
+	msgs   []*transport.DataMessage
+	broken error
+	closed bool
+}
+
+func (f *fakeOutput) send(_ context.Context, msg *transport.DataMessage) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.broken != nil {
+		return f.broken
+	}
+	f.msgs = append(f.msgs, msg)
+	return nil
+}
+
+func (f *fakeOutput) sendBatch(ctx context.Context, w *transport.BatchWriter) error {
+	packed := slices.Clone(w.Bytes())
+	w.Reset()
+	return f.send(ctx, batchMessage(packed))
+}
+
+func (f *fakeOutput) close() {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+}
+
+func (f *fakeOutput) breakWith(err error) {
+	f.mu.Lock()
+	f.broken = err
+	f.mu.Unlock()
+}
+
+// sentItem is one item decoded from a packed batch, with the record mark it
+// came after (p, off; -1 without one) and the batch it was in.
+type sentItem struct {
+	p     int32
+	off   int64
+	kg    int32
+	key   string
+	num   int64
+	batch int
+}
+
+// sentBatches decodes the batches sent on f: their items, their through marks
+// (partition -> offset, per batch) and the number of barriers.
+type sentBatches struct {
+	items    []sentItem
+	through  []map[int32]int64
+	marks    int // record marks seen
+	barriers int
+}
+
+// decoder is a transport.BatchVisitor that appends to a sentBatches.
+type decoder struct {
+	out   *sentBatches
+	batch int
+	p     int32
+	off   int64
+}
+
+func (d *decoder) Record(p int32, off int64) error {
+	d.p, d.off = p, off
+	d.out.marks++
+	return nil
+}
+
+func (d *decoder) Through(p int32, off int64) error {
+	d.out.through[d.batch][p] = off
+	return nil
+}
+
+func (d *decoder) Item(it *transport.BatchItem) error {
+	d.out.items = append(d.out.items, sentItem{p: d.p, off: d.off, kg: it.KeyGroup, key: string(it.Key), num: it.Num, batch: d.batch})
+	return nil
+}
+
+func (f *fakeOutput) decode(t *testing.T) sentBatches {
+	t.Helper()
+	f.mu.Lock()
+	msgs := slices.Clone(f.msgs)
+	f.mu.Unlock()
+	var out sentBatches
+	for _, m := range msgs {
+		if m.GetBarrier() != nil {
+			out.barriers++
+			continue
+		}
+		d := &decoder{out: &out, batch: len(out.through), p: -1, off: -1}
+		out.through = append(out.through, map[int32]int64{})
+		if err := transport.ReadBatch(m.GetBatch().GetPacked(), d); err != nil {
+			t.Fatalf("decode batch %d: %v", d.batch, err)
+		}
+	}
+	return out
+}
+
+// testMapRefs are n map tasks over maxPar key groups, all on worker "w9"
+// (none runs here: the tests give the source fake outputs).
+func testMapRefs(maxPar, n int) []*transport.MapTaskRef {
+	var refs []*transport.MapTaskRef
+	for i, r := range fsm.KeyGroupRanges(maxPar, n) {
+		refs = append(refs, &transport.MapTaskRef{
+			TaskId: fmt.Sprintf("map-%d", i), Index: int32(i), WorkerId: "w9", DataAddr: "127.0.0.1:1",
+			KeyGroupStart: int32(r.Start), KeyGroupEnd: int32(r.End),
+		})
+	}
+	return refs
+}
+
+// newTestSource builds a source task of job "job" attempt 1 on a worker
+// "w1" that has no map tasks, sending to fake outputs. It leases the Kafka
+// client of brokers (if any) and resolves its offsets as run does.
+func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tune func(*Config)) (*sourceTask, []*fakeOutput, *kafkaLease) {
+	t.Helper()
+	cfg := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour}
+	if tune != nil {
+		tune(&cfg)
+	}
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := testLogger(t)
+	m := newMetrics()
+	env := &taskEnv{
+		workerID: "w1", cfg: &cfg, logger: log, metrics: m, operators: operator.Builtins(),
+		send: func(*transport.WorkerMessage) {}, kafka: newKafkaPool(&cfg, "w1", log, m),
+	}
+	s, err := newSourceTask(env, d, ctl, log.With("task", d.GetTask().GetTaskId()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fakes []*fakeOutput
+	for range s.mapTasks {
+		f := &fakeOutput{}
+		fakes = append(fakes, f)
+		s.outputs = append(s.outputs, f)
+	}
+	if brokers := d.GetSource().GetBrokers(); len(brokers) > 0 {
+		lease, parts, err := env.kafka.acquire(brokers, d.GetSource().GetTopic(), "source")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(lease.release)
+		if err := s.resolveOffsets(lease.client, parts); err != nil {
+			t.Fatal(err)
+		}
+		maps.Copy(s.startOffsets, s.offsets)
+		return s, fakes, lease
+	}
+	return s, fakes, nil
+}
+
+// wordRecords are n records of 1 to 5 words out of 40, spread round robin
+// over parts partitions; byPartition returns their values by partition in
+// offset order.
+func wordRecords(n int, parts int32) (recs []record, byPartition map[int32][]string) {
+	byPartition = map[int32][]string{}
+	for i := range n {
+		var words []string
+		for j := range 1 + i%5 {
+			words = append(words, fmt.Sprintf("w%d", (i*7+j*13)%40))
+		}
+		p := int32(i) % parts
+		v := strings.Join(words, " ")
+		recs = append(recs, record{partition: p, value: v})
+		byPartition[p] = append(byPartition[p], v)
+	}
+	return recs, byPartition
+}
+
+// wantItems is what output o of s must get for the records of values (by
+// partition, offset order) in [from[p], to[p]): every word routed to o, after
+// the mark of its record.
+func wantItems(s *sourceTask, o int, values map[int32][]string, from, to map[int32]int64) []sentItem {
+	var want []sentItem
+	for _, p := range slices.Sorted(maps.Keys(values)) {
+		for off := from[p]; off < to[p]; off++ {
+			for _, w := range strings.Fields(values[p][off]) {
+				kg := operator.KeyGroup([]byte(w), s.maxPar)
+				if s.route[kg] == o {
+					want = append(want, sentItem{p: p, off: off, kg: kg, key: w, num: 1})
+				}
+			}
+		}
+	}
+	return want
+}
+
+// sameItems compares items without their batch numbers, and with the
+// partitions apart: each partition's items must come in its order, but a
+// replay reads the partitions at once and interleaves their records.
+func sameItems(got, want []sentItem) error {
+	if len(got) != len(want) {
+		return fmt.Errorf("%d items, want %d", len(got), len(want))
+	}
+	got = slices.Clone(got)
+	last := map[int32]int64{}
+	for i := range got {
+		g := &got[i]
+		if off, ok := last[g.p]; ok && g.off < off {
+			return fmt.Errorf("item %d, of record %d/%d, comes after one of record %d/%d", i, g.p, g.off, g.p, off)
+		}
+		last[g.p] = g.off
+		g.batch = 0
+	}
+	slices.SortStableFunc(got, func(a, b sentItem) int { return cmp.Compare(a.p, b.p) })
+	for i := range got {
+		if got[i] != want[i] {
+			return fmt.Errorf("item %d of the items sorted by partition is %+v, want %+v", i, got[i], want[i])
+		}
+	}
+	return nil
+}
+
+// checkWholeRecords fails unless every record's items are in one batch, and
+// every batch ends with whole records within size items (a record alone may
+// exceed it).
+func checkWholeRecords(t *testing.T, what string, items []sentItem, size int) {
+	t.Helper()
+	type rec struct {
+		p   int32
+		off int64
+	}
+	batchOf := map[rec]int{}
+	perBatch := map[int]int{}
+	recsPerBatch := map[int]int{}
+	for _, it := range items {
+		r := rec{it.p, it.off}
+		if b, ok := batchOf[r]; ok && b != it.batch {
+			t.Fatalf("%s: record %d/%d is cut across batches %d and %d", what, it.p, it.off, b, it.batch)
+		} else if !ok {
+			batchOf[r] = it.batch
+			recsPerBatch[it.batch]++
+		}
+		perBatch[it.batch]++
+	}
+	for b, n := range perBatch {
+		// A batch is sent once it holds size items: only its last record
+		// may take it past that.
+		if n > size+4 && recsPerBatch[b] > 1 {
+			t.Fatalf("%s: batch %d holds %d items of %d records, more than a record beyond the batch size %d", what, b, n, recsPerBatch[b], size)
+		}
+	}
+}
+
+func wordSourceDeploy(brokers []string, topic string, parts []int32, mapTasks int) *transport.DeployTask {
+	d := sourceDeploy("job", 1, 0, operator.WordCount, brokers, topic, parts, testMapRefs(128, mapTasks))
+	d.NumSources = 1
+	return d
+}
+
+// TestReplayFiltersByKeyGroup: replaying output o sends exactly the items of
+// the records in [start, end) of every partition whose key group is o's, each
+// after its record's mark, in whole records per batch, and nothing else: not
+// the other outputs' items, not the records before start or from end on
+// (written to the topic already). The start is the retarget's restore
+// offsets when given, else the last completed checkpoint's, else where the
+// attempt started.
+func TestReplayFiltersByKeyGroup(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 2})
+	recs, values := wordRecords(80, 2)
+	produce(t, brokers, "words", recs)
+	s, fakes, _ := newTestSource(t, wordSourceDeploy(brokers, "words", []int32{0, 1}, 3), nil, func(c *Config) { c.BatchSize = 6 })
+	// The source has read up to these offsets; the topic has 40 records in
+	// each partition.
+	s.offsets = map[int32]int64{0: 31, 1: 27}
+	ctx := context.Background()
+
+	from := map[int32]int64{0: 5, 1: 2}
+	if err := s.replay(ctx, 1, from); err != nil {
+		t.Fatal(err)
+	}
+	got := fakes[1].decode(t)
+	if err := sameItems(got.items, wantItems(s, 1, values, from, s.offsets)); err != nil {
+		t.Fatalf("replay from the restore offsets: %v", err)
+	}
+	checkWholeRecords(t, "replay", got.items, 6)
+	for _, th := range got.through {
+		if len(th) > 0 {
+			t.Fatalf("a replay sent through marks %v: its batches are record-marked only", th)
+		}
+	}
+	if got.marks != distinctRecords(got.items) {
+		t.Fatalf("%d record marks for the items of %d records: one per record and batch, none without items", got.marks, distinctRecords(got.items))
+	}
+	for _, o := range []int{0, 2} {
+		if n := len(fakes[o].decode(t).items); n != 0 {
+			t.Fatalf("replay to output 1 sent %d items to output %d", n, o)
+		}
+	}
+
+	// Without a retarget: partition 0 from the last completed checkpoint,
+	// partition 1 (none completed) from where the attempt started.
+	fakes[2].msgs = nil
+	s.completedOffsets = map[int32]int64{0: 12}
+	s.startOffsets = map[int32]int64{0: 0, 1: 9}
+	if err := s.replay(ctx, 2, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := sameItems(fakes[2].decode(t).items, wantItems(s, 2, values, map[int32]int64{0: 12, 1: 9}, s.offsets)); err != nil {
+		t.Fatalf("replay from the completed checkpoint and the start offsets: %v", err)
+	}
+
+	// Records no longer in Kafka: the replay fails, saying so.
+	deleteRecords(t, brokers, "words", map[int32]int64{0: 20})
+	err := s.replay(ctx, 0, map[int32]int64{0: 10, 1: 0})
+	if err == nil || !strings.Contains(err.Error(), "replay to map task map-0: records of words/0 from offset 10 are no longer in Kafka") {
+		t.Fatalf("replay from a deleted offset: %v, want an error saying the records are gone", err)
+	}
+}
+
+func distinctRecords(items []sentItem) int {
+	type rec struct {
+		p     int32
+		off   int64
+		batch int
+	}
+	seen := map[rec]bool{}
+	for _, it := range items {
+		seen[rec{it.p, it.off, it.batch}] = true
+	}
+	return len(seen)
+}
+
+// deleteRecords deletes the records of topic below offsets, as retention
+// does.
+func deleteRecords(t *testing.T, brokers []string, topic string, offsets map[int32]int64) {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V2_8_0_0
+	admin, err := sarama.NewClusterAdmin(brokers, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if err := admin.DeleteRecords(topic, offsets); err != nil {
+		t.Fatalf("delete records: %v", err)
+	}
+}
+
+// TestPartialSourceFailsWhenItsOffsetIsGone: a source restored by task-scoped
+// recovery whose checkpoint offset is no longer in Kafka (expired, or beyond
+// the end of a recreated topic) fails with a reason that says so, instead of
+// reading from its start policy as a whole-job restore does.
+func TestPartialSourceFailsWhenItsOffsetIsGone(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, _ := wordRecords(30, 1)
+	produce(t, brokers, "words", recs)
+	deleteRecords(t, brokers, "words", map[int32]int64{0: 10})
+	for _, tc := range []struct {
+		restored int64
+		want     string
+	}{
+		{4, "task-scoped recovery of source task source-0: checkpoint 7's offset 4 of words/0 is no longer in Kafka (oldest 10, end 30)"},
+		{45, "task-scoped recovery of source task source-0: checkpoint 7's offset 45 of words/0 is no longer in Kafka (oldest 10, end 30)"},
+	} {
+		d := wordSourceDeploy(nil, "words", []int32{0}, 2)
+		d.RestoreOffsets, d.RestoreCheckpointId, d.Partial = map[int32]int64{0: tc.restored}, 7, true
+		s, _, _ := newTestSource(t, d, nil, nil)
+		lease, parts, err := s.env.kafka.acquire(brokers, "words", "source")
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = s.resolveOffsets(lease.client, parts)
+		lease.release()
+		if err == nil || err.Error() != tc.want {
+			t.Fatalf("partial source restored at %d: %v, want %q", tc.restored, err, tc.want)
+		}
+
+		// Not partial: the start policy, as before.
+		d.Partial = false
+		s, _, _ = newTestSource(t, d, nil, nil)
+		lease, parts, err = s.env.kafka.acquire(brokers, "words", "source")
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = s.resolveOffsets(lease.client, parts)
+		lease.release()
+		if err != nil || s.offsets[0] != 10 {
+			t.Fatalf("whole-job restore at %d: %v, offset %d; want the earliest offset 10", tc.restored, err, s.offsets[0])
+		}
+	}
+}
+
+// consumerMessages are the records of values (one partition) as the pumps
+// hand them to process, from offset from.
+func consumerMessages(p int32, values []string, from int) []*sarama.ConsumerMessage {
+	var msgs []*sarama.ConsumerMessage
+	for off := from; off < len(values); off++ {
+		msgs = append(msgs, &sarama.ConsumerMessage{Topic: "words", Partition: p, Offset: int64(off), Value: []byte(values[off])})
+	}
+	return msgs
+}
+
+// TestBatchesHoldWholeRecords: a batch is sent once full, but only after the
+// last item of the record that filled it, so no record is cut across two
+// batches (a map task marks a record applied with its batch).
+func TestBatchesHoldWholeRecords(t *testing.T) {
+	_, values := wordRecords(200, 1)
+	s, fakes, _ := newTestSource(t, wordSourceDeploy(nil, "words", []int32{0}, 2), nil, func(c *Config) { c.BatchSize = 3 })
+	ctx := context.Background()
+	for _, msg := range consumerMessages(0, values[0], 0) {
+		if err := s.process(ctx, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.flushAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	all := map[int32]int64{0: int64(len(values[0]))}
+	for o, f := range fakes {
+		got := f.decode(t)
+		if err := sameItems(got.items, wantItems(s, o, values, map[int32]int64{}, all)); err != nil {
+			t.Fatalf("output %d: %v", o, err)
+		}
+		checkWholeRecords(t, fmt.Sprintf("output %d", o), got.items, 3)
+		if len(got.through) < 20 {
+			t.Fatalf("output %d got %d batches: the batch size was not applied", o, len(got.through))
+		}
+	}
+	if s.batched != 0 {
+		t.Fatalf("%d items counted as waiting after a flush of everything", s.batched)
+	}
+}
+
+// TestPartialSourceCombinesOnceCaughtUp: a restored partial source of a
+// combining job sends record-marked items (which surviving map tasks can
+// drop one by one) until it has read past the end offsets the partitions
+// had when it started; then it combines, with through marks.
+func TestPartialSourceCombinesOnceCaughtUp(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, values := wordRecords(30, 1)
+	produce(t, brokers, "words", recs)
+	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
+	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
+	s, fakes, _ := newTestSource(t, d, nil, nil)
+	if s.catchUp[0] != 30 || s.batches[0].table != nil {
+		t.Fatalf("partial source: catch-up %v, combining %v; want catch-up to 30, not combining", s.catchUp, s.batches[0].table != nil)
+	}
+	more, _ := wordRecords(40, 1) // offsets 30-39 come after the start
+	ctx := context.Background()
+	for _, msg := range consumerMessages(0, append(values[0], recordValues(more[30:])...), 4) {
+		if err := s.process(ctx, msg); err != nil {
+			t.Fatal(err)
+		}
+		if msg.Offset == 28 && s.batches[0].table != nil {
+			t.Fatal("combining before the end offset of the start was read")
+		}
+	}
+	if err := s.flushAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := fakes[0].decode(t)
+	if err := sameItems(marked(got.items), wantItems(s, 0, values, map[int32]int64{0: 4}, map[int32]int64{0: 30})); err != nil {
+		t.Fatalf("record-marked items of the catch-up: %v", err)
+	}
+	last := got.through[len(got.through)-1]
+	if last[0] != 39 {
+		t.Fatalf("last batch's through mark %v, want 0: 39 (combined after catching up)", last)
+	}
+	if n := len(got.items) - len(marked(got.items)); n == 0 {
+		t.Fatal("no combined items after catching up")
+	}
+
+	// Not partial: combining from the start.
+	d.Partial = false
+	s, _, _ = newTestSource(t, d, nil, nil)
+	if s.catchUp != nil || s.batches[0].table == nil {
+		t.Fatalf("whole-job restore: catch-up %v, combining %v; want none and combining", s.catchUp, s.batches[0].table != nil)
+	}
+}
+
+func recordValues(recs []record) []string {
+	var vs []string
+	for _, r := range recs {
+		vs = append(vs, r.value)
+	}
+	return vs
+}
+
+// marked returns the items that came after a record mark in their batch
+// (decoded with off >= 0 and in a batch without through marks).
+func marked(items []sentItem) []sentItem {
+	var out []sentItem
+	for _, it := range items {
+		if it.off >= 0 {
+			out = append(out, it)
+		}
+	}
+	return out
+}
+
+// runSourceLoop starts the task loop of s on its partitions as run does,
+// and returns a channel with its result.
+func runSourceLoop(t *testing.T, ctx context.Context, s *sourceTask, lease *kafkaLease) <-chan error {
+	t.Helper()
+	loopCtx, stop := context.WithCancel(ctx)
+	r := &partitionReaders{
+		ctx: loopCtx, lease: lease,
+		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
+		consumers: make(map[int32]sarama.PartitionConsumer),
+	}
+	for _, p := range s.partitions {
+		if err := s.read(r, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		err := s.loop(ctx, r, nil)
+		stop()
+		r.wg.Wait()
+		for _, c := range r.closers {
+			c()
+		}
+		done <- err
+	}()
+	return done
+}
+
+// TestLostOutputReopensAndReplays: a source whose channel to one map task
+// breaks keeps feeding the other; it reopens the lost channel and replays to
+// it, before the live stream, the items of its key groups it may have
+// missed, so that it gets every item exactly once; a retarget (the map task
+// restored elsewhere) reopens it again with a replay from the restore
+// offsets. An output not reopened within OutputLostTimeout fails the task.
+func TestLostOutputReopensAndReplays(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, values := wordRecords(150, 1)
+	produce(t, brokers, "words", recs[:50])
+	ctl := make(chan control, 4)
+	s, fakes, lease := newTestSource(t, wordSourceDeploy(brokers, "words", []int32{0}, 2), ctl, func(c *Config) {
+		c.BatchSize = 8
+		c.OutputLostTimeout = 20 * time.Second
+	})
+	var open atomic.Pointer[fakeOutput]
+	var dials atomic.Int64
+	s.dial = func(context.Context, int) (output, error) {
+		dials.Add(1)
+		if f := open.Load(); f != nil {
+			return f, nil
+		}
+		return nil, errors.New("map task not there yet")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := runSourceLoop(t, ctx, s, lease)
+
+	upTo := func(f *fakeOutput, o int, n int64, from int64) func() bool {
+		return func() bool {
+			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: from}, map[int32]int64{0: n})) == nil
+		}
+	}
+	waitFor(t, "both outputs to get the first 50 records", func() bool { return upTo(fakes[0], 0, 50, 0)() && upTo(fakes[1], 1, 50, 0)() })
+
+	// Output 1 breaks; output 0 goes on.
+	fakes[1].breakWith(errors.New("stream broken"))
+	produce(t, brokers, "words", recs[50:100])
+	waitFor(t, "output 0 to get 100 records while output 1 is lost", upTo(fakes[0], 0, 100, 0))
+	waitFor(t, "tries to reopen output 1", func() bool { return dials.Load() >= 2 })
+	f1 := fakes[1].decode(t)
+	if !fakes[1].isClosed() {
+		t.Fatal("the broken output was not closed")
+	}
+
+	// Reopened: the replay (from where the attempt started: no checkpoint
+	// completed) and then the live records, each item once.
+	reopened := &fakeOutput{}
+	open.Store(reopened)
+	produce(t, brokers, "words", recs[100:120])
+	waitFor(t, "the reopened output 1 to get every record up to 120", upTo(reopened, 1, 120, 0))
+	if len(f1.items) == 0 {
+		t.Fatal("output 1 got nothing before it broke")
+	}
+
+	// A retarget moves map-1 to another worker in attempt 2, restored from
+	// a checkpoint at offset 37: the new channel gets a replay from there.
+	restored := &fakeOutput{}
+	open.Store(restored)
+	refs := testMapRefs(128, 2)
+	refs[1].WorkerId, refs[1].DataAddr, refs[1].Attempt = "w7", "127.0.0.1:2", 2
+	ctl <- control{retarget: &transport.RetargetTasks{JobId: "job", Attempt: 2, MapTasks: refs, Restored: []string{"map-1"},
+		RestoreCheckpointId: 4, RestoreOffsets: map[int32]int64{0: 37}}}
+	produce(t, brokers, "words", recs[120:150])
+	waitFor(t, "the restored map-1 to get records 37 to 150", upTo(restored, 1, 150, 37))
+	waitFor(t, "output 0 to get all 150 records", upTo(fakes[0], 0, 150, 0))
+	if !reopened.isClosed() {
+		t.Fatal("the retargeted output's old channel was not closed")
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("loop ended with %v, want context canceled", err)
+	}
+	if got := s.header(s.mapTasks[1]); got.GetAttempt() != 2 || got.GetSourceAttempt() != 1 || got.GetMapTaskId() != "map-1" {
+		t.Fatalf("header after the retarget: %v; want map-1 in attempt 2 from source attempt 1", got)
+	}
+
+	// An output that stays lost fails the task, naming the map task.
+	s, fakes, lease = newTestSource(t, wordSourceDeploy(brokers, "words", []int32{0}, 2), nil, func(c *Config) { c.OutputLostTimeout = 300 * time.Millisecond })
+	s.dial = func(context.Context, int) (output, error) { return nil, errors.New("connection refused") }
+	fakes[0].breakWith(errors.New("stream broken"))
+	done = runSourceLoop(t, context.Background(), s, lease)
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "channel to map task map-0 on worker w9 lost for") ||
+			!strings.Contains(err.Error(), "stream broken") || !strings.Contains(err.Error(), "connection refused") {
+			t.Fatalf("task failed with %v, want the lost channel named, with its cause and the last try's error", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("a source whose output stays lost did not fail")
+	}
+}
+
+func (f *fakeOutput) isClosed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.closed
+}
