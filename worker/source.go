@@ -907,6 +907,26 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 		s.log.Info("ignoring trigger of an old checkpoint", "checkpoint", id, "last", s.lastBarrier)
 		return nil
 	}
+	if s.nLost > 0 {
+		// The leader triggers once every task runs, a restored map task
+		// included: a channel lost to it opens now, and is replayed to,
+		// before the barrier follows.
+		if err := s.reopenLost(ctx); err != nil {
+			return err
+		}
+	}
+	if s.nLost > 0 {
+		// A map task that gets no barrier from this source would wait for
+		// it until the checkpoint times out: decline, so that the leader
+		// aborts it now and triggers the next one.
+		for o, l := range s.lost {
+			if l != nil {
+				s.decline(id, fmt.Sprintf("channel to map task %s is lost (%v); reopening it", s.mapTasks[o].GetTaskId(), l.cause))
+				break
+			}
+		}
+		return nil
+	}
 	if err := s.flushAll(ctx); err != nil {
 		return err
 	}
@@ -915,9 +935,9 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	}}}
 	for o, out := range s.outputs {
 		if s.lost[o] != nil {
-			// The checkpoint cannot complete without that map task's ack;
-			// the source acks all the same, as it does not know the leader
-			// will abort it.
+			// Lost while this barrier was being sent: the checkpoint
+			// cannot complete without that map task's ack; the source
+			// acks all the same, and the map task declines.
 			continue
 		}
 		if err := out.send(ctx, barrier); err != nil {
@@ -951,6 +971,15 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 			RecordsIn: s.recordsIn, RecordsOut: s.recordsOut},
 	}}})
 	return nil
+}
+
+// decline tells the leader the source cannot take checkpoint id.
+func (s *sourceTask) decline(id uint64, reason string) {
+	s.log.Warn("declining checkpoint", "checkpoint", id, "reason", reason)
+	s.env.metrics.checkpointsDecl.WithLabelValues(s.key.job, kindSource).Inc()
+	s.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
+		Task: s.key.ref(), CheckpointId: id, Reason: reason,
+	}}})
 }
 
 // reportLag sets the lag metric of every partition the task reads: the end
