@@ -16,6 +16,7 @@ export function jobPage(id) {
   const history = section('Checkpoint history', {testid: 'checkpoint-history', wide: true});
   const details = section('Checkpoint details', {testid: 'checkpoint-details', wide: true});
   const attempts = section('Attempts', {testid: 'attempts'});
+  const recoveries = section('Recoveries', {testid: 'recoveries'});
   const savepoints = section('Savepoints', {testid: 'savepoints'});
   const lookup = stateLookup(base);
 
@@ -36,7 +37,7 @@ export function jobPage(id) {
     title: () => `Job ${id}`,
     el: h('div', {class: 'page grid'},
       h('p', {class: 'crumbs'}, h('a', {href: '#/jobs'}, 'Jobs'), ' / ', id),
-      summary.el, tasks.el, lag.el, charts.el, history.el, details.el, attempts.el, savepoints.el, lookup.el),
+      summary.el, tasks.el, lag.el, charts.el, history.el, details.el, attempts.el, recoveries.el, savepoints.el, lookup.el),
     async refresh({now}) {
       const [job, cps, hist, lg, sps] = await settle([
         get(base), list(`${base}/checkpoints`), list(`${base}/checkpoints/history`), get(`${base}/lag`), list('/v1/savepoints'),
@@ -45,11 +46,12 @@ export function jobPage(id) {
       if (job.error) {
         const e = job.error;
         const err = e instanceof ApiError && e.status === 404 ? new Error(`No job ${id}: ${e.message}`) : e;
-        for (const s of [summary, tasks, attempts]) s.fail(err);
+        for (const s of [summary, tasks, attempts, recoveries]) s.fail(err);
       } else {
         renderSummary(summary, job.value, lg.value, now);
         renderTasks(tasks, job.value);
         renderAttempts(attempts, job.value);
+        renderRecoveries(recoveries, job.value);
       }
       if (lg.error) lag.fail(lg.error);
       else renderLag(lag, lg.value);
@@ -102,14 +104,18 @@ function renderSummary(sec, job, lag, now) {
 
 function renderTasks(sec, job) {
   const placed = job.tasks || [];
-  sec.note.textContent = `attempt ${job.attempt}`;
-  const columns = [{label: 'Task'}, {label: 'Kind'}, {label: 'Worker'}, {label: 'Partitions / key groups'}];
+  sec.note.textContent = `job attempt ${job.attempt}`;
+  // Each task has its own attempt and start: a task-scoped recovery
+  // restarts only the tasks of a lost worker.
+  const columns = [{label: 'Task'}, {label: 'Kind'}, {label: 'Worker'}, {label: 'Partitions / key groups'},
+    {label: 'Attempt', num: true}, {label: 'Started'}];
   sec.show(table(columns, placed, t => ({
-    attrs: {'data-testid': 'task-row', 'data-id': t.id},
+    attrs: {'data-testid': 'task-row', 'data-id': t.id, 'data-attempt': String(t.attempt ?? '')},
     cells: [
       h('span', {class: 'strong'}, t.id), t.kind, t.worker || h('span', {class: 'muted'}, 'unplaced'),
       t.partitions ? `partitions ${t.partitions.join(', ')}`
         : t.key_groups ? `key groups ${t.key_groups.start} to ${t.key_groups.end - 1}` : DASH,
+      t.attempt ? String(t.attempt) : DASH, clock(t.started_at),
     ],
   }), 'The job has no tasks placed.'));
 }
@@ -220,6 +226,19 @@ function renderAttempts(sec, job) {
     cells: [String(a.attempt), clock(a.started_at), a.reason ? h('span', {class: 'reason'}, a.reason) : DASH,
       a.restored_from ? `checkpoint ${a.restored_from}` : 'fresh start'],
   }), 'The job has not been deployed yet.'));
+}
+
+function renderRecoveries(sec, job) {
+  const recs = job.recoveries || [];
+  sec.note.textContent = recs.length ? 'newest first' : '';
+  const columns = [{label: 'Attempt', num: true}, {label: 'Scope'}, {label: 'Tasks'}, {label: 'Detected'},
+    {label: 'To checkpoint', num: true, title: 'from the failure\'s detection to the first checkpoint after the recovery'}, {label: 'Reason'}];
+  sec.show(table(columns, recs, r => ({
+    attrs: {'data-testid': 'recovery-row', 'data-scope': r.scope},
+    cells: [String(r.attempt), r.scope, h('span', {class: 'small'}, (r.tasks || []).join(', ')), clock(r.detected_at || r.started_at),
+      r.to_checkpoint_ms != null ? millis(r.to_checkpoint_ms) : h('span', {class: 'muted'}, 'pending'),
+      r.reason ? h('span', {class: 'reason'}, r.reason) : DASH],
+  }), 'No failure so far.'));
 }
 
 function renderSavepoints(sec, sps) {
