@@ -111,6 +111,11 @@ func TestChaos(t *testing.T) {
 	}
 	t.Logf("final checkpoint %d holds the exact counts of %d records; job %s attempt %d; %d checkpoints checked during the chaos",
 		final.CheckpointID, stream.produced(), j.Status, j.Attempt, ch.checked)
+	scopes := map[string]int{}
+	for _, r := range j.Recoveries {
+		scopes[r.Scope]++
+	}
+	t.Logf("the job's last %d recoveries: %d task-scoped, %d job-scoped", len(j.Recoveries), scopes["tasks"], scopes["job"])
 
 	got := c.waitOutput(t, "counts", true, stream.wantAll())
 	if problems := exactlyOnceProblems(got, stream.wantAll()); len(problems) > 0 {
