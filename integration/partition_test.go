@@ -29,8 +29,8 @@ func partitionSpec(brokers []string) jobSpec {
 
 // TestPartitionWorkerFromCoordinators: a worker cut off from all three
 // coordinators, but not from Kafka nor from the other worker, stops its
-// tasks once its lease runs out; the leader restarts the job on the other
-// worker; no checkpoint completes with the cut worker's acks after the cut,
+// tasks once its lease runs out; the leader restores its tasks alone on the
+// other worker (task-scoped recovery), whose own tasks run on; no checkpoint completes with the cut worker's acks after the cut,
 // and the state is exact. After healing, the worker comes back without
 // tasks, nothing it sends is accepted, and the state stays exact with more
 // input.
@@ -107,6 +107,22 @@ func TestPartitionWorkerFromCoordinators(t *testing.T) {
 		return nil
 	})
 	t.Logf("attempt %d runs on w2 %v after the cut (reason of the restart: %q)", restarted.Attempt, time.Since(cutAt).Round(time.Millisecond), c.restartReason(t, job))
+	// Task-scoped recovery (the default): only w1's tasks were restored;
+	// w2's kept running in their attempt, fed by w1's zombie sources until
+	// w1's lease ran out and then by the restored ones, deduplicated.
+	if len(restarted.Recoveries) == 0 || restarted.Recoveries[0].Scope != "tasks" {
+		t.Errorf("recoveries %+v, want a task-scoped one first", restarted.Recoveries)
+	}
+	for _, task := range before.Tasks {
+		if task.Worker != "w2" {
+			continue
+		}
+		for _, now := range restarted.Tasks {
+			if now.ID == task.ID && (now.Attempt != task.Attempt || now.StartedAt != task.StartedAt) {
+				t.Errorf("task %s on w2 was restarted: attempt %d started %s, was %d started %s", task.ID, now.Attempt, now.StartedAt, task.Attempt, task.StartedAt)
+			}
+		}
+	}
 	c.logMember(t, "w1")
 	producerDone()
 	c.checkExact(t, job, countWords(in.recs[:40_000]))

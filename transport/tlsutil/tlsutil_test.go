@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -176,5 +177,38 @@ func TestLoadRejectsWrongRoleAndMissingFiles(t *testing.T) {
 	}
 	if _, err := IdentityOf(&x509.Certificate{}); !errors.Is(err, ErrNoIdentity) {
 		t.Fatalf("certificate without SAN: %v", err)
+	}
+}
+
+// A reload that finds broken files (a half-written certificate, a key that
+// does not match, a certificate of another role) fails and keeps the old
+// material in use: a bad SIGHUP never takes a node off the network.
+func TestReloadKeepsOldMaterialOnBrokenFiles(t *testing.T) {
+	dir := t.TempDir()
+	c1 := issue(t, dir, Identity{Role: RoleCoordinator, ID: "c1"})
+	peer := issue(t, dir, Identity{Role: RoleCoordinator, ID: "c2"})
+	worker := issue(t, dir, Identity{Role: RoleWorker, ID: "w1"})
+	addr := serve(t, c1.ServerConfig(RoleCoordinator))
+	good := c1.files
+	for name, broken := range map[string]func() Files{
+		"garbage certificate": func() Files {
+			f := good
+			f.Cert = filepath.Join(t.TempDir(), "cert.pem")
+			if err := os.WriteFile(f.Cert, []byte("-----BEGIN CERTIFICATE-----\nnot base64\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return f
+		},
+		"key of another certificate":  func() Files { f := good; f.Key = peer.files.Key; return f },
+		"certificate of another role": func() Files { f := good; f.Cert, f.Key = worker.files.Cert, worker.files.Key; return f },
+		"missing CA":                  func() Files { f := good; f.CA = filepath.Join(t.TempDir(), "none.pem"); return f },
+	} {
+		c1.files = broken()
+		if err := c1.Reload(); err == nil {
+			t.Errorf("%s: reload succeeded", name)
+		}
+		if err := roundTrip(addr, peer.ClientConfig(RoleCoordinator, "c1")); err != nil {
+			t.Errorf("%s: the old material is no longer served after the failed reload: %v", name, err)
+		}
 	}
 }
