@@ -401,14 +401,14 @@ func (c *cluster) checkNoTaskRestart(t *testing.T, before map[string][2]float64)
 	}
 }
 
-// restartReason returns the reason the leader logged for the job's last
-// restart, or "".
+// restartReason returns the line the leader logged for the job's last
+// restart or task-scoped recovery, or "".
 func (c *cluster) restartReason(t *testing.T, job string) string {
 	t.Helper()
 	reason := ""
 	for _, cp := range c.liveCoordinators() {
 		for line := range strings.Lines(c.coordLog(t, cp.id)) {
-			if strings.Contains(line, "restarting job") && strings.Contains(line, job) {
+			if (strings.Contains(line, "restarting job") || strings.Contains(line, "recovering the lost tasks alone")) && strings.Contains(line, job) {
 				reason = strings.TrimSpace(line)
 			}
 		}
