@@ -19,8 +19,9 @@ import (
 )
 
 // The chaos test: a wordcount job on a steady stream while a seeded random
-// schedule SIGKILLs and restarts coordinators and workers and SIGSTOPs and
-// SIGCONTs one process at a time. Every checkpoint seen during the chaos, and
+// schedule SIGKILLs and restarts coordinators and workers, SIGSTOPs and
+// SIGCONTs one process at a time, and (where network namespaces can be
+// made) cuts a worker off from the coordinators for a few seconds. Every checkpoint seen during the chaos, and
 // the final one, must hold exactly the counts of the records below its
 // offsets (invariant 1 of design.md), and the job's exactly-once sink, read
 // with kcat in read_committed mode, must show every word's counts 1, 2, ...,
@@ -57,7 +58,16 @@ func TestChaos(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed^0x5851f42d4c957f2d))
 
 	const partitions = 4
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions, "counts": partitions}})
+	// With network namespaces the schedule also cuts a worker off from
+	// the coordinators (a real partition: blackhole routes); without them
+	// it kills and freezes only.
+	var nw *testNet
+	if why := netnsUnavailable(); why == "" {
+		nw = newTestNet(t, "devkafka", "c1", "c2", "c3", "w1", "w2")
+	} else {
+		t.Logf("no network partitions in this run: %s", why)
+	}
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": partitions, "counts": partitions}, net: nw})
 	stream := chaosStartStream(t, c.brokers(), "words", partitions, seed, chaosRate)
 
 	spec := chaosJobSpec{jobSpec: wordcountSpec(c.brokers(), "words")}
@@ -78,6 +88,7 @@ func TestChaos(t *testing.T) {
 	})
 
 	ch := newChaos(t, c, seed, rng, job, stream)
+	ch.net = nw
 	ch.run(chaosDuration)
 	stream.stop(t)
 	ch.restoreAll()
@@ -161,6 +172,7 @@ const (
 	chaosUp     chaosState = iota
 	chaosKilled            // SIGKILLed; restarted at until
 	chaosFrozen            // SIGSTOPped; SIGCONT at until
+	chaosCut               // cut off from the coordinators; healed at until
 )
 
 // chaosTarget is one coordd or workerd the schedule disturbs.
@@ -189,6 +201,8 @@ type chaos struct {
 	stream  *chaosStream
 	start   time.Time
 	targets []*chaosTarget
+	net     *testNet // nil: no partitions
+	cuts    int      // workers cut off from the coordinators
 
 	kills, freezes map[string]int // by "coordd"/"workerd"
 	checked        int            // checkpoints checked against the input
@@ -292,6 +306,16 @@ func (ch *chaos) act() bool {
 			return false
 		}
 		ch.kill(workers[ch.rng.IntN(len(workers))], ch.between(300*time.Millisecond, 4*time.Second), false)
+	case r >= 18 && ch.net != nil: // cut a worker off from the coordinators
+		if !allUp(workers) || !allUp(coords) {
+			return false
+		}
+		tg := workers[ch.rng.IntN(len(workers))]
+		d := ch.between(time.Second, 4*time.Second)
+		ch.net.cutRoutes(ch.t, []string{tg.id}, []string{"c1", "c2", "c3"})
+		tg.state, tg.until = chaosCut, time.Now().Add(d)
+		ch.cuts++
+		ch.logf("cut %s off from the coordinators for %v", tg, d.Round(time.Millisecond))
 	default: // freeze any one coordinator or worker
 		tg := ch.targets[ch.rng.IntN(len(ch.targets))]
 		if tg.coordinator {
@@ -350,6 +374,9 @@ func (ch *chaos) bringBack(tg *chaosTarget) {
 			ch.t.Fatal(err)
 		}
 		ch.logf("SIGCONT %s", tg)
+	case chaosCut:
+		ch.net.healRoutes(ch.t) // at most one cut at a time
+		ch.logf("healed the network of %s", tg)
 	}
 	tg.state = chaosUp
 }
@@ -441,8 +468,8 @@ func (ch *chaos) checkNewestCheckpoint() {
 }
 
 func (ch *chaos) summary() string {
-	return fmt.Sprintf("coordd killed %d, frozen %d; workerd killed %d, frozen %d; %d checkpoints checked, %d wrong",
-		ch.kills["coordd"], ch.freezes["coordd"], ch.kills["workerd"], ch.freezes["workerd"], ch.checked, ch.mismatches)
+	return fmt.Sprintf("coordd killed %d, frozen %d; workerd killed %d, frozen %d, cut off %d; %d checkpoints checked, %d wrong",
+		ch.kills["coordd"], ch.freezes["coordd"], ch.kills["workerd"], ch.freezes["workerd"], ch.cuts, ch.checked, ch.mismatches)
 }
 
 // chaosSignalGroup sends sig to p's process group without marking p as
@@ -466,9 +493,10 @@ func (c *cluster) chaosRestartWorker(t *testing.T, id string) {
 	if !w.p.hasExited() {
 		t.Fatalf("restart workerd %s: it is still running", id)
 	}
-	args := slices.Clone(w.p.cmd.Args[1:])
+	// The same addresses and data dir; launch puts the command under the
+	// worker's network namespace when the cluster has a network.
 	w.p = c.launch(t, "workerd "+id, "workerd-"+id+".log", nil,
-		func() []string { return args },
+		func() []string { return c.workerArgs(w) },
 		func(*proc) (bool, error) {
 			_, err := c.workerMetrics(w)
 			return err == nil, err

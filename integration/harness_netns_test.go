@@ -123,6 +123,24 @@ type netNode struct {
 	ip   string
 }
 
+// netnsUnavailable says why network namespaces cannot be made here, or ""
+// when they can (as far as can be told without making one): for a test
+// that runs without partitions rather than skipping.
+func netnsUnavailable() string {
+	switch {
+	case os.Getenv("COORDFLOW_IT_REQUIRE_NETNS") == "1":
+		return "" // newTestNet fails the test with the reason
+	case runtime.GOOS != "linux":
+		return "not Linux (" + runtime.GOOS + ")"
+	case os.Geteuid() != 0:
+		return fmt.Sprintf("the test runs as uid %d, and ip netns, veth pairs and bridges need root", os.Geteuid())
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return fmt.Sprintf("no ip command (iproute2) in PATH: %v", err)
+	}
+	return ""
+}
+
 // newTestNet creates the hub, one namespace per node and the test's veth,
 // or skips the test when namespaces cannot be made here.
 func newTestNet(t *testing.T, nodes ...string) *testNet {
