@@ -191,6 +191,16 @@ func (l *leader) checkpointStep(js *jobState, now time.Time) {
 	if !allRunning(js) {
 		return // a task's RUNNING status touches the job again
 	}
+	for _, tv := range js.order {
+		if _, none := l.sessionlessSince(tv.task.Worker); none {
+			// The worker cannot ack, and while its session is broken and
+			// its fate undecided (gossip, the lease), the tasks that feed
+			// it or read from it decline: each of those aborts would count
+			// toward tolerable_failures. Its next session, or the
+			// recovery that follows its loss, touches the job again.
+			return
+		}
+	}
 	if want, stop := js.wantsSavepoint(); want {
 		l.triggerCheckpoint(js, now, true, stop)
 		return

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -172,4 +173,42 @@ func taskByID(job fsm.Job, id string) fsm.Task {
 		}
 	}
 	return fsm.Task{}
+}
+
+// While a worker of a job has no session, the leader triggers none of the
+// job's checkpoints: the worker cannot ack, and the tasks that talk to it
+// would decline each one, every abort counting toward tolerable_failures
+// before the worker's loss is even decided. Its next session resumes them.
+func TestLeaderHoldsCheckpointsWhileAWorkerHasNoSession(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+	w := job.Tasks[1].Worker
+	sess := h.sessions[w]
+	sess.close(errors.New("connection reset"))
+	h.handle(sessionClosed{sess: sess, err: errors.New("connection reset")})
+	// Intervals pass, all within the lease (after it the worker's tasks
+	// would be recovered elsewhere).
+	step := time.Duration(job.Spec.Checkpoint.Interval) / 2
+	for waited := step; waited < h.l.lease; waited += step {
+		h.advance(step)
+		h.checkpointPass()
+		if p := h.job("j1").Pending; p != nil {
+			t.Fatalf("checkpoint %d triggered %v after %s lost its session", p.ID, waited, w)
+		}
+	}
+	var running []*transport.TaskStatus
+	for _, task := range job.Tasks {
+		if task.Worker == w {
+			running = append(running, &transport.TaskStatus{Task: ref(job, task), Kind: protoKind(task.Kind), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+		}
+	}
+	h.connect(w, 4, running...)
+	h.step()
+	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	if h.job("j1").Pending == nil {
+		j := h.job("j1")
+		t.Fatalf("no checkpoint triggered once %s has a session again: job %s attempt %d %q, tasks %+v", w, j.Status, j.Attempt, j.Reason, j.Tasks)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -234,10 +235,13 @@ func (s *Server) probeMember(id string) (time.Duration, error) {
 const refusedTimeout = time.Second
 
 // refusedRounds and refusedPause: a process being killed closes its
-// connections and its listeners one by one, so the session may break while
-// its ports still accept; portsRefused looks again before it gives up.
+// connections and its listeners one by one, and on a loaded machine the
+// exiting process can be descheduled in between, so the session may break
+// while its ports still accept for a while; portsRefused looks again, for
+// about as long as gossip would take to declare the worker dead, before it
+// gives up.
 const (
-	refusedRounds = 4
+	refusedRounds = 10
 	refusedPause  = 100 * time.Millisecond
 )
 
@@ -260,6 +264,9 @@ func (s *Server) portsRefused(id string) bool {
 	if len(addrs) == 0 {
 		return false
 	}
+	// last is what the latest round saw of each address, for the log when
+	// the ports do not all refuse.
+	last := make([]string, len(addrs))
 	for round := range refusedRounds {
 		if round > 0 {
 			select {
@@ -269,22 +276,35 @@ func (s *Server) portsRefused(id string) bool {
 			}
 		}
 		refused := 0
-		for _, addr := range addrs {
+		for i, addr := range addrs {
 			d := net.Dialer{Timeout: refusedTimeout}
 			c, err := d.DialContext(s.ctx, "tcp", addr)
 			switch {
 			case err == nil:
 				c.Close()
+				last[i] = addr + " accepted"
 			case errors.Is(err, syscall.ECONNREFUSED):
 				refused++
+				last[i] = addr + " refused"
+			case s.ctx.Err() != nil:
+				return false
 			default:
-				return false // no answer: the host, not the process, is the question
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					// No answer: the host, not the process, is the
+					// question, and gossip answers it.
+					s.logger.Info("ports of a member whose session broke do not answer", "member", id, "round", round+1, "err", err)
+					return false
+				}
+				last[i] = fmt.Sprintf("%s: %v", addr, err) // a reset of a closing listener, say: look again
 			}
 		}
 		if refused == len(addrs) {
 			return true
 		}
 	}
+	s.logger.Info("ports of a member whose session broke do not all refuse connections", "member", id,
+		"rounds", refusedRounds, "last", strings.Join(last, "; "))
 	return false
 }
 

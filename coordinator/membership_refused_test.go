@@ -29,7 +29,7 @@ func TestPortsRefused(t *testing.T) {
 	// A listener that never accepts stands for a stopped process: the
 	// kernel completes the handshake all the same.
 	live, stopped := listen(), listen()
-	s := &Server{ctx: t.Context(), memberState: map[string]*memberRecord{
+	s := &Server{ctx: t.Context(), logger: testLogger(t), memberState: map[string]*memberRecord{
 		"dead":    {Member: Member{ID: "dead", Role: transport.RoleWorker, GossipAddr: closedAddr(), DataAddr: closedAddr()}},
 		"live":    {Member: Member{ID: "live", Role: transport.RoleWorker, GossipAddr: live.Addr().String(), DataAddr: live.Addr().String()}},
 		"stopped": {Member: Member{ID: "stopped", Role: transport.RoleWorker, GossipAddr: stopped.Addr().String(), DataAddr: stopped.Addr().String()}},
@@ -51,6 +51,14 @@ func TestPortsRefused(t *testing.T) {
 	time.AfterFunc(refusedPause/2, func() { dying.Close() })
 	if !s.portsRefused("dying") {
 		t.Error("portsRefused(dying) = false: a process whose ports close just after its session broke is gone")
+	}
+	// An exiting process descheduled on a loaded machine may take a few
+	// hundred milliseconds to close its listeners.
+	slow := listen()
+	s.memberState["slow"] = &memberRecord{Member: Member{ID: "slow", Role: transport.RoleWorker, GossipAddr: slow.Addr().String(), DataAddr: closedAddr()}}
+	time.AfterFunc(5*refusedPause, func() { slow.Close() })
+	if !s.portsRefused("slow") {
+		t.Error("portsRefused(slow) = false: a process whose ports close 500 ms after its session broke is gone")
 	}
 	for id, want := range map[string]bool{"dead": true, "live": false, "stopped": false, "half": false, "unknown": false} {
 		if got := s.portsRefused(id); got != want {
