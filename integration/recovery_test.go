@@ -115,3 +115,74 @@ func sinceKill(killedAt time.Time, at string) time.Duration {
 	}
 	return ts.Sub(killedAt).Round(time.Millisecond)
 }
+
+// TestTaskScopedRecoveryOfAFrozenWorker freezes (SIGSTOP) the worker running
+// the most tasks of the job until gossip declares it dead: its tasks are
+// restored alone on the other two, whose tasks run on. Woken up (SIGCONT),
+// the zombie's tasks are fenced: nothing they send is accepted and their
+// sink producers are fenced by Kafka. State and read_committed output stay
+// exact.
+func TestTaskScopedRecoveryOfAFrozenWorker(t *testing.T) {
+	if testing.Short() {
+		t.Skip("freezes real processes; skipped with -short")
+	}
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 3, topics: map[string]int32{"words": 4, "counts": 4}})
+	in := newWordInput(13, 30_000, 4)
+	produce(t, c.brokers(), "words", in.recs[:8_000])
+	job := c.submitJob(t, sinkJobSpec(c.brokers(), "200ms", "counts", ""))
+	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[8_000:], 3_000)
+	before := c.waitCheckpointed(t, job)
+
+	victim := busiestWorker(before)
+	frozenAt := time.Now()
+	c.pauseWorker(t, victim)
+	after := c.waitJob(t, time.Minute, job, "a task-scoped recovery without frozen "+victim+" and a checkpoint after it", func(j jobView) error {
+		if len(j.Recoveries) == 0 || j.Recoveries[0].Attempt <= before.Attempt || j.Recoveries[0].CheckpointID == 0 {
+			return errors.New("no recovery with a checkpoint after it yet")
+		}
+		if r := j.Recoveries[0]; r.Scope != "tasks" {
+			return fmt.Errorf("recovery of scope %q (%s), want tasks", r.Scope, r.Reason)
+		}
+		return nil
+	})
+	rec := after.Recoveries[0]
+	t.Logf("SIGSTOP of %s: recovery of %v started %v after, first checkpoint %d %v after (%s)", victim, rec.Tasks,
+		sinceKill(frozenAt, rec.StartedAt), rec.CheckpointID, sinceKill(frozenAt, rec.CheckpointedAt), rec.Reason)
+	for _, task := range after.Tasks {
+		var old taskView
+		for _, o := range before.Tasks {
+			if o.ID == task.ID {
+				old = o
+			}
+		}
+		if old.Worker != victim && (task.Attempt != old.Attempt || task.StartedAt != old.StartedAt) {
+			t.Errorf("task %s on %s was restarted: attempt %d started %s, was %d started %s", task.ID, old.Worker, task.Attempt, task.StartedAt, old.Attempt, old.StartedAt)
+		}
+		if task.Worker == victim {
+			t.Errorf("task %s still placed on the frozen %s", task.ID, victim)
+		}
+	}
+	c.resumeWorker(t, victim)
+	c.waitFor(t, time.Minute, "the woken "+victim+" to run no task", func() (bool, error) {
+		n, err := c.workerMetric(t, victim, "coordflow_worker_tasks")
+		if err != nil {
+			return false, err
+		}
+		return n == 0, fmt.Errorf("%s runs %v tasks", victim, n)
+	})
+
+	producerDone()
+	c.checkExact(t, job, in.want)
+	got := c.waitOutput(t, "counts", true, in.want)
+	if problems := exactlyOnceProblems(got, in.want); len(problems) > 0 {
+		t.Fatalf("read_committed output of %d words is not exactly once (%d problems):\n%s", len(in.want), len(problems),
+			strings.Join(problems[:min(20, len(problems))], "\n"))
+	}
+	final, err := c.getJob(t, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(final.Recoveries) != len(after.Recoveries) {
+		t.Errorf("recoveries after the zombie woke up: %+v", final.Recoveries[:len(final.Recoveries)-len(after.Recoveries)])
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -141,6 +142,15 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 	}
 }
 
+// dataKeepalive pings a data connection that has read nothing for Time and
+// closes it when the ping is not answered within Timeout. A send to a map
+// task whose process is frozen (SIGSTOP, a stalled VM) or whose host is cut
+// off blocks on gRPC's flow control once the socket buffers are full, and
+// TCP alone would hold it for many minutes. A retarget breaks such a send
+// off at once (sourceTask.interrupt); the ping bounds the rest, when no
+// recovery follows. 10 s is the shortest Time gRPC allows a client.
+var dataKeepalive = keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}
+
 // connPool shares one gRPC client connection per remote data address among
 // the worker's source tasks.
 type connPool struct {
@@ -177,7 +187,7 @@ func (p *connPool) get(addr string) (*grpc.ClientConn, error) {
 	if c, ok := p.conns[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(p.creds))
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(p.creds), grpc.WithKeepaliveParams(dataKeepalive))
 	if err != nil {
 		return nil, fmt.Errorf("data connection to %s: %w", addr, err)
 	}

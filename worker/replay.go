@@ -51,6 +51,7 @@ func (s *sourceTask) markLost(o int, cause error, from map[int32]int64) {
 	if out := s.outputs[o]; out != nil {
 		out.close()
 		s.outputs[o] = nil
+		s.publish(o)
 	}
 	b := &s.batches[o]
 	if t := b.table; t != nil {
@@ -104,6 +105,7 @@ func (s *sourceTask) reopenLost(ctx context.Context) error {
 			continue
 		}
 		s.outputs[o] = out
+		s.publish(o)
 		s.lost[o] = nil
 		s.nLost--
 		s.log.Info("reopened lost output", "map_task", mt.GetTaskId(), "map_worker", mt.GetWorkerId(),

@@ -78,6 +78,11 @@ type sourceTask struct {
 	combine  operator.Combiner
 	emitItem func(operator.Item) // s.collect, made once: Split is called per record
 
+	// shared mirrors outputs for other goroutines (interrupt): the task
+	// loop publishes an output whenever it opens or loses one.
+	sharedMu sync.Mutex
+	shared   []sharedOutput
+
 	// Task loop only.
 	outputs    []output
 	batches    []pending       // by output: what waits to be sent
@@ -317,6 +322,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 			return err
 		}
 		s.outputs = append(s.outputs, o)
+		s.publish(len(s.outputs) - 1)
 	}
 
 	loopCtx, stopLoop := context.WithCancel(ctx)
@@ -350,6 +356,50 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	s.log.Info("source running", "offsets", s.offsets, "outputs", len(s.outputs), "group", s.group, "partition_discovery", s.discovery)
 	running()
 	return s.loop(ctx, r, found)
+}
+
+// sharedOutput is one output as interrupt sees it: the channel and the map
+// task place it goes to.
+type sharedOutput struct {
+	out          output // nil while lost
+	task, worker string
+	attempt      uint64
+}
+
+// publish makes output o, as the task loop has it now, visible to
+// interrupt. Task loop only.
+func (s *sourceTask) publish(o int) {
+	mt := s.mapTasks[o]
+	s.sharedMu.Lock()
+	if len(s.shared) < len(s.mapTasks) {
+		s.shared = append(s.shared, make([]sharedOutput, len(s.mapTasks)-len(s.shared))...)
+	}
+	s.shared[o] = sharedOutput{out: s.outputs[o], task: mt.GetTaskId(), worker: mt.GetWorkerId(), attempt: s.header(mt).GetAttempt()}
+	s.sharedMu.Unlock()
+}
+
+// interrupt closes, from the worker's session goroutine, the outputs to map
+// tasks that r moves to another worker or attempt. A send to a map task
+// whose process is frozen or cut off blocks on gRPC's flow control once the
+// socket buffers are full, and the task loop would then never get to the
+// retarget in its control queue; closed, the send fails at once, the loop
+// marks the output lost and then follows the retarget. Closing an output is
+// safe from any goroutine.
+func (s *sourceTask) interrupt(r *transport.RetargetTasks) {
+	var stale []sharedOutput
+	s.sharedMu.Lock()
+	for _, ref := range r.GetMapTasks() {
+		for _, so := range s.shared {
+			if so.out != nil && so.task == ref.GetTaskId() && ref.GetAttempt() > so.attempt && ref.GetWorkerId() != so.worker {
+				stale = append(stale, so)
+			}
+		}
+	}
+	s.sharedMu.Unlock()
+	for _, so := range stale {
+		s.log.Info("breaking off the channel to a map task a retarget moved", "map_task", so.task, "map_worker", so.worker)
+		so.out.close()
+	}
 }
 
 // partitionReaders are a source task's partition consumers and the pumps

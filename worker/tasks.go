@@ -88,6 +88,15 @@ type taskHandle struct {
 	// Guarded by taskManager.mu.
 	phase      transport.TaskPhase
 	stopReason string // non-empty once stopped on purpose: the task ends CANCELLED
+	// interrupt, set once the task runs (sources), breaks off at once its
+	// sends to map tasks a retarget moves: the task loop may be blocked in
+	// one and would otherwise not get to the retarget.
+	interrupt func(*transport.RetargetTasks)
+}
+
+// interrupter is a runner whose blocked sends a retarget can break off.
+type interrupter interface {
+	interrupt(*transport.RetargetTasks)
 }
 
 // runner is one task's body. run returns when the task fails or ctx ends; it
@@ -346,6 +355,11 @@ func (m *taskManager) runBody(ctx context.Context, h *taskHandle, d *transport.D
 	if err != nil {
 		return err
 	}
+	if i, ok := r.(interrupter); ok {
+		m.mu.Lock()
+		h.interrupt = i.interrupt
+		m.mu.Unlock()
+	}
 	return r.run(ctx, func() {
 		note := ""
 		if n, ok := r.(interface{ runningNote() string }); ok {
@@ -467,15 +481,19 @@ func (m *taskManager) retarget(r *transport.RetargetTasks) {
 	job := r.GetJobId()
 	log := m.env.logger.With("job", job, "attempt", r.GetAttempt())
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if cur := m.attempts[job]; r.GetAttempt() < cur {
+		m.mu.Unlock()
 		log.Info("ignoring retarget of a stale attempt", "current_attempt", cur)
 		return
 	}
 	n := 0
+	var interrupts []func(*transport.RetargetTasks)
 	for _, h := range m.tasks {
 		if h.key.job != job || h.stopReason != "" || m.fencedLocked(h.key) != 0 {
 			continue
+		}
+		if h.interrupt != nil {
+			interrupts = append(interrupts, h.interrupt)
 		}
 		select {
 		case h.control <- control{retarget: r}:
@@ -483,6 +501,10 @@ func (m *taskManager) retarget(r *transport.RetargetTasks) {
 		default:
 			log.Warn("task missed a retarget: its control queue is full", "task", h.key.id, "task_attempt", h.key.attempt, "queued", controlQueue)
 		}
+	}
+	m.mu.Unlock()
+	for _, interrupt := range interrupts {
+		interrupt(r)
 	}
 	log.Info("retarget handed to the job's tasks", "tasks", n, "restored", r.GetRestored(), "restore_checkpoint", r.GetRestoreCheckpointId())
 }

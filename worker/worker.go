@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/storage"
@@ -281,6 +282,9 @@ func New(cfg Config) (*Worker, error) {
 		grpc.Creds(serverCredentials(cfg.TLS)),
 		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.MaxRecvMsgSize(maxDataMessage),
+		// Sources ping their data connections (dataKeepalive); a server
+		// that refused pings this often would close them.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: dataKeepalive.Time / 2}),
 	)
 	w.data = &dataService{
 		tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger,
