@@ -2533,7 +2533,13 @@ type Barrier struct {
 	// of that checkpoint, which the coordinator keeps (docs/state.md).
 	LastCompleted uint64 `protobuf:"varint,2,opt,name=last_completed,json=lastCompleted,proto3" json:"last_completed,omitempty"`
 	// savepoint marks the barrier of a savepoint (TriggerCheckpoint.savepoint).
-	Savepoint     bool `protobuf:"varint,3,opt,name=savepoint,proto3" json:"savepoint,omitempty"`
+	Savepoint bool `protobuf:"varint,3,opt,name=savepoint,proto3" json:"savepoint,omitempty"`
+	// offsets are the source's next offsets at the barrier, per partition: what
+	// its ack names. A map task that has applied a record at or past one of
+	// them (a restored source that has not caught up with what its
+	// predecessor sent) declines the checkpoint, whose state would hold records
+	// its offsets do not cover.
+	Offsets       map[int32]int64 `protobuf:"bytes,4,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2587,6 +2593,13 @@ func (x *Barrier) GetSavepoint() bool {
 		return x.Savepoint
 	}
 	return false
+}
+
+func (x *Barrier) GetOffsets() map[int32]int64 {
+	if x != nil {
+		return x.Offsets
+	}
+	return nil
 }
 
 type ChannelClosed struct {
@@ -2836,11 +2849,15 @@ const file_coordflow_proto_rawDesc = "" +
 	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\x12%\n" +
 	"\x0esource_attempt\x18\x06 \x01(\x04R\rsourceAttempt\")\n" +
 	"\tItemBatch\x12\x16\n" +
-	"\x06packed\x18\x02 \x01(\fR\x06packedJ\x04\b\x01\x10\x02\"s\n" +
+	"\x06packed\x18\x02 \x01(\fR\x06packedJ\x04\b\x01\x10\x02\"\xed\x01\n" +
 	"\aBarrier\x12#\n" +
 	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\x12%\n" +
 	"\x0elast_completed\x18\x02 \x01(\x04R\rlastCompleted\x12\x1c\n" +
-	"\tsavepoint\x18\x03 \x01(\bR\tsavepoint\"'\n" +
+	"\tsavepoint\x18\x03 \x01(\bR\tsavepoint\x12<\n" +
+	"\aoffsets\x18\x04 \x03(\v2\".coordflow.v1.Barrier.OffsetsEntryR\aoffsets\x1a:\n" +
+	"\fOffsetsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"'\n" +
 	"\rChannelClosed\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason*N\n" +
 	"\bTaskKind\x12\x19\n" +
@@ -2875,7 +2892,7 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 }
 
 var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
@@ -2914,6 +2931,7 @@ var file_coordflow_proto_goTypes = []any{
 	nil,                        // 34: coordflow.v1.RetargetTasks.RestoreOffsetsEntry
 	nil,                        // 35: coordflow.v1.KeyedBlob.AppliedEntry
 	nil,                        // 36: coordflow.v1.CheckpointComplete.OffsetsEntry
+	nil,                        // 37: coordflow.v1.Barrier.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
 	5,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
@@ -2962,15 +2980,16 @@ var file_coordflow_proto_depIdxs = []int32{
 	27, // 43: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
 	28, // 44: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
 	29, // 45: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	4,  // 46: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	26, // 47: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	13, // 48: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	30, // 49: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	48, // [48:50] is the sub-list for method output_type
-	46, // [46:48] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	37, // 46: coordflow.v1.Barrier.offsets:type_name -> coordflow.v1.Barrier.OffsetsEntry
+	4,  // 47: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	26, // 48: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	13, // 49: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	30, // 50: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	49, // [49:51] is the sub-list for method output_type
+	47, // [47:49] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -3005,7 +3024,7 @@ func file_coordflow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -110,6 +110,9 @@ type mapTask struct {
 	barrierLast struct {
 		id, last  uint64
 		savepoint bool
+		// ahead says why the task's state is ahead of a barrier's
+		// offsets ("" if it is not): the checkpoint is declined.
+		ahead string
 	}
 	align *aligner
 	sink  *sink
@@ -175,8 +178,9 @@ type inputEvent struct {
 	batch         []byte
 	recycle       chan<- []byte // where batch goes once applied (input.recycle)
 	barrier       uint64
-	lastCompleted uint64 // with barrier
-	savepoint     bool   // with barrier
+	offsets       map[int32]int64 // with barrier: the source's next offsets
+	lastCompleted uint64          // with barrier
+	savepoint     bool            // with barrier
 	closed        bool
 	err           error
 }
@@ -588,8 +592,14 @@ func (m *mapTask) handle(ev inputEvent) error {
 		}
 		return m.carry(m.align.inputClosed(ev.input))
 	case ev.barrier != 0:
-		if m.barrierLast.id != ev.barrier {
+		// A late barrier of an older checkpoint (released at once by the
+		// aligner) does not replace what the newest one said.
+		if ev.barrier > m.barrierLast.id {
 			m.barrierLast.id, m.barrierLast.last, m.barrierLast.savepoint = ev.barrier, ev.lastCompleted, ev.savepoint
+			m.barrierLast.ahead = ""
+		}
+		if ev.barrier == m.barrierLast.id && m.barrierLast.ahead == "" {
+			m.barrierLast.ahead = m.aheadOf(ev.input, ev.offsets)
 		}
 		return m.carry(m.align.barrier(ev.input, ev.barrier, time.Now()))
 	default:
@@ -605,6 +615,23 @@ func (m *mapTask) handle(ev inputEvent) error {
 		}
 		return nil
 	}
+}
+
+// aheadOf says why the task's state is ahead of the offsets a barrier of
+// source input carries, or "": it has applied a record at or past the next
+// offset of one of the source's partitions. That happens after a
+// task-scoped recovery, when a restored source re-reads records its
+// predecessor had sent and takes a barrier before it has caught up: a
+// snapshot now would hold records the checkpoint's offsets do not cover,
+// and invariant 1 (docs/architecture.md) would not hold for it.
+func (m *mapTask) aheadOf(input int, offsets map[int32]int64) string {
+	for _, p := range slices.Sorted(maps.Keys(offsets)) {
+		if applied, ok := m.keyed.applied[p]; ok && applied >= offsets[p] {
+			return fmt.Sprintf("state holds records of partition %d up to offset %d, past source %d's barrier at next offset %d (a restored source catching up)",
+				p, applied, input, offsets[p])
+		}
+	}
+	return ""
 }
 
 // attached makes in the input the loop reads for its source, unless a newer
@@ -729,7 +756,9 @@ func (m *mapTask) carry(step alignStep) error {
 	for _, a := range step.abandoned {
 		m.decline(a.id, a.reason)
 	}
-	if id := step.snapshot; id != 0 {
+	if id := step.snapshot; id != 0 && m.barrierLast.id == id && m.barrierLast.ahead != "" {
+		m.decline(id, m.barrierLast.ahead)
+	} else if id != 0 {
 		var (
 			last      uint64
 			savepoint bool
@@ -1082,7 +1111,7 @@ func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.Da
 			return ev.err
 		}
 		if b := msg.GetBarrier(); b != nil {
-			if err := m.forward(in, inputEvent{barrier: b.GetCheckpointId(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}); err != nil {
+			if err := m.forward(in, inputEvent{barrier: b.GetCheckpointId(), offsets: b.GetOffsets(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}); err != nil {
 				return err
 			}
 			// Released by the loop, or let go when replaced: the loop

@@ -490,8 +490,46 @@ func TestPartialSourceCombinesOnceCaughtUp(t *testing.T) {
 		t.Fatal("no combined items after catching up")
 	}
 
+	// Without combining too, a partial source catches up, and holds a
+	// checkpoint trigger until then: its barrier and ack name offsets past
+	// whatever its predecessor may have sent.
+	d.Combine = false
+	s, fakes, _ = newTestSource(t, d, nil, nil)
+	var acks []*transport.CheckpointAck
+	s.env.send = func(m *transport.WorkerMessage) {
+		if a := m.GetAck(); a != nil {
+			acks = append(acks, a)
+		}
+	}
+	if s.catchUp[0] != 30 {
+		t.Fatalf("partial source without combining: catch-up %v, want to 30", s.catchUp)
+	}
+	if err := s.trigger(ctx, control{trigger: 7}); err != nil {
+		t.Fatal(err)
+	}
+	for _, msg := range consumerMessages(0, values[0], 4) {
+		if msg.Offset == 29 && len(acks) > 0 {
+			t.Fatalf("checkpoint acked at offsets %v, before the source caught up", acks[0].GetState().GetOffsets())
+		}
+		if err := s.process(ctx, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(acks) != 1 || acks[0].GetCheckpointId() != 7 || acks[0].GetState().GetOffsets()[0] != 30 {
+		t.Fatalf("acks %v, want checkpoint 7 at offset 30 once caught up", acks)
+	}
+	var barrier *transport.Barrier
+	for _, m := range fakes[0].msgs {
+		if b := m.GetBarrier(); b != nil {
+			barrier = b
+		}
+	}
+	if barrier.GetCheckpointId() != 7 || barrier.GetOffsets()[0] != 30 {
+		t.Fatalf("barrier %v, want checkpoint 7 with next offset 30", barrier)
+	}
+
 	// Not partial: combining from the start.
-	d.Partial = false
+	d.Combine, d.Partial = true, false
 	s, _, _ = newTestSource(t, d, nil, nil)
 	if s.catchUp != nil || s.batches[0].table == nil {
 		t.Fatalf("whole-job restore: catch-up %v, combining %v; want none and combining", s.catchUp, s.batches[0].table != nil)

@@ -101,6 +101,9 @@ type sourceTask struct {
 	// until then items go out record-marked, for the map tasks to drop the
 	// ones they applied already. nil once crossed (or never needed).
 	catchUp map[int32]int64
+	// held is a checkpoint trigger that came while catching up, taken once
+	// caught up.
+	held *control
 	// due lists the outputs whose batch or table is full after the items
 	// of the record being processed: they are sent once the record is
 	// whole in them.
@@ -592,7 +595,13 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 		s.log.Info("reading partitions beyond the assignment (restored or added to the topic)", "read", parts)
 	}
 	s.partitions = parts
-	catchUp := s.partial && s.combine != nil
+	// A restored partial source catches up to the partitions' end offsets
+	// at its start: its predecessor may have sent surviving map tasks
+	// records up to there, which they applied. Until then it does not
+	// combine (surviving map tasks drop what they applied by record marks)
+	// and holds checkpoint triggers (a checkpoint taken behind them would
+	// name offsets below what their state holds).
+	catchUp := s.partial
 	if catchUp {
 		s.catchUp = make(map[int32]int64)
 	}
@@ -643,7 +652,7 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			s.catchUp = nil
 			s.startCombining()
 		} else {
-			s.log.Info("restored partial source: sending record-marked items until it has read past the partitions' end offsets", "until", s.catchUp)
+			s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint", "until", s.catchUp)
 		}
 	}
 	return nil
@@ -793,7 +802,7 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 					return err
 				}
 			} else if c.trigger != 0 {
-				if err := s.checkpoint(ctx, c); err != nil {
+				if err := s.trigger(ctx, c); err != nil {
 					return err
 				}
 			} else if c.complete != 0 {
@@ -802,6 +811,18 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 			}
 		}
 	}
+}
+
+// trigger takes the checkpoint c triggers, or holds it while a restored
+// source catches up (see resolveOffsets): a newer trigger replaces a held
+// one, which the leader has aborted or will time out.
+func (s *sourceTask) trigger(ctx context.Context, c control) error {
+	if s.catchUp != nil {
+		s.log.Info("holding a checkpoint trigger until the restored source has caught up", "checkpoint", c.trigger, "until", s.catchUp)
+		s.held = &c
+		return nil
+	}
+	return s.checkpoint(ctx, c)
 }
 
 // collect is the emit function of Split: it gathers one record's items.
@@ -886,13 +907,20 @@ func (s *sourceTask) caughtUp(ctx context.Context, msg *sarama.ConsumerMessage) 
 		return err
 	}
 	s.startCombining()
-	s.log.Info("restored partial source caught up: combining items from here on", "offsets", s.offsets)
+	s.log.Info("restored partial source caught up", "offsets", s.offsets, "combining", s.combine != nil, "held_trigger", s.held != nil)
+	if c := s.held; c != nil {
+		s.held = nil
+		return s.checkpoint(ctx, *c)
+	}
 	return nil
 }
 
-// startCombining gives every output a combiner table: items are merged
-// from here on (see pending).
+// startCombining gives every output a combiner table, if the source
+// combines: items are merged from here on (see pending).
 func (s *sourceTask) startCombining() {
+	if s.combine == nil {
+		return
+	}
 	for o := range s.batches {
 		s.batches[o].table = newCombineTable()
 	}
@@ -981,7 +1009,7 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 		return err
 	}
 	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{
-		CheckpointId: id, LastCompleted: c.lastCompleted, Savepoint: c.savepoint,
+		CheckpointId: id, LastCompleted: c.lastCompleted, Savepoint: c.savepoint, Offsets: maps.Clone(s.offsets),
 	}}}
 	for o, out := range s.outputs {
 		if s.lost[o] != nil {

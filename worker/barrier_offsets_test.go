@@ -1,0 +1,68 @@
+package worker
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// recordsMsg packs one record of partition p at each offset, with one item
+// of key k each.
+func recordsMsg(p int32, k string, offsets ...int64) *transport.DataMessage {
+	var w transport.BatchWriter
+	for _, off := range offsets {
+		w.Record(p, off)
+		w.Item(operator.KeyGroup([]byte(k), 128), []byte(k), 1, nil)
+	}
+	return batchMessage(w.Bytes())
+}
+
+// barrierAt is Barrier(id) of a source whose next offsets are offsets.
+func barrierAt(id uint64, offsets map[int32]int64) *transport.DataMessage {
+	return &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id, Offsets: offsets}}}
+}
+
+// A map task whose state holds records at or past a barrier's offsets (a
+// restored source that took a barrier before catching up with what its
+// predecessor sent) declines that checkpoint instead of snapshotting a state
+// its offsets do not cover; once the source's barrier is past what the task
+// applied, checkpoints are taken again.
+func TestMapTaskDeclinesBarrierBehindItsState(t *testing.T) {
+	env, sent := unitEnv(t)
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	mt := runMapTask(t, env, mapDeploy("job", 1, operator.Count, 1, 128, refs, 0))
+	old, err := mt.attachLocal(0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send(t, old, recordsMsg(0, "a", 10, 11, 12)) // the predecessor got to offset 12
+	waitFor(t, "the predecessor's records applied", func() bool {
+		return metricValue(t, env.metrics.registry, "coordflow_records_in_total", map[string]string{"kind": kindMap}) == 3
+	})
+	old.close()
+
+	restored, err := mt.attachLocal(0, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send(t, restored, recordsMsg(0, "a", 10, 11)) // re-read: dropped
+	send(t, restored, barrierAt(1, map[int32]int64{0: 12}))
+	dec := awaitSent(t, sent).GetDecline()
+	if dec.GetCheckpointId() != 1 || !strings.Contains(dec.GetReason(), "past source 0's barrier") {
+		t.Fatalf("got %v, want checkpoint 1 declined: the state holds offset 12, the barrier's next offset is 12", dec)
+	}
+	send(t, restored, recordsMsg(0, "a", 12, 13)) // 12 dropped, 13 applied
+	send(t, restored, barrierAt(2, map[int32]int64{0: 14}))
+	ack := awaitSent(t, sent).GetAck()
+	if ack.GetCheckpointId() != 2 {
+		t.Fatalf("got %v, want checkpoint 2 acked", ack)
+	}
+	if got, _ := decodeKeyed(t, ack.GetState()); got["a"] != 4 {
+		t.Fatalf("snapshot 2 counts a %d times, want 4 (offsets 10 to 13, each once)", got["a"])
+	}
+	if got := ack.GetState().GetApplied()[0]; got != 13 {
+		t.Fatalf("snapshot 2 applied offset %d of partition 0, want 13", got)
+	}
+}
