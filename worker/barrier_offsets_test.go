@@ -66,3 +66,53 @@ func TestMapTaskDeclinesBarrierBehindItsState(t *testing.T) {
 		t.Fatalf("snapshot 2 applied offset %d of partition 0, want 13", got)
 	}
 }
+
+// A map task restored by a whole-job restart starts without applied
+// offsets: every source starts over at the checkpoint's offsets, so nothing
+// comes twice, and after a topic was deleted and recreated its offsets start
+// again at 0, where the old applied offsets would drop every new record. A
+// task restored alone (partial) keeps them, to drop what surviving sources
+// send again.
+func TestWholeJobRestoreForgetsAppliedOffsets(t *testing.T) {
+	env, sent := unitEnv(t)
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	mt := runMapTask(t, env, mapDeploy("job", 1, operator.Count, 1, 128, refs, 0))
+	in, err := mt.attachLocal(0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send(t, in, recordsMsg(0, "a", 100, 101))
+	send(t, in, barrierAt(1, map[int32]int64{0: 102}))
+	st := awaitSent(t, sent).GetAck().GetState()
+	if st.GetApplied()[0] != 101 {
+		t.Fatalf("snapshot 1 applied %v, want 0: 101", st.GetApplied())
+	}
+	blob := &transport.KeyedBlob{TaskId: "map-0", Data: st.GetKeyed(), Sha256: st.GetKeyedSha256(), Applied: st.GetApplied(),
+		KeyGroupStart: 0, KeyGroupEnd: 128}
+
+	for _, partial := range []bool{false, true} {
+		env, sent := unitEnv(t)
+		d := mapDeploy("job", 2, operator.Count, 1, 128, refs, 0)
+		d.RestoreCheckpointId, d.RestoreKeyed, d.Partial = 1, []*transport.KeyedBlob{blob}, partial
+		mt := runMapTask(t, env, d)
+		in, err := mt.attachLocal(0, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		send(t, in, recordsMsg(0, "a", 0, 1)) // the topic was recreated
+		send(t, in, barrierAt(2, map[int32]int64{0: 2}))
+		msg := awaitSent(t, sent)
+		if !partial {
+			got, _ := decodeKeyed(t, msg.GetAck().GetState())
+			if got["a"] != 4 {
+				t.Fatalf("whole-job restore: a counted %d times (%v), want 4: the recreated topic's records are new", got["a"], msg)
+			}
+			continue
+		}
+		// Restored alone, offsets 0 and 1 are below what it applied: dropped,
+		// and a barrier behind its state is declined.
+		if msg.GetDecline().GetCheckpointId() != 2 {
+			t.Fatalf("partial restore: got %v, want checkpoint 2 declined", msg)
+		}
+	}
+}

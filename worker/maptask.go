@@ -68,6 +68,10 @@ type mapTask struct {
 	kgStart   int32
 	kgEnd     int32
 	restoreID uint64
+	// partial marks a task restored by task-scoped recovery: it keeps the
+	// restored checkpoint's applied offsets, to drop what surviving sources
+	// send again.
+	partial   bool
 	blobs     []*transport.KeyedBlob
 	sinkSpec  *transport.SinkSpec
 	stateSpec *transport.StateSpec
@@ -234,6 +238,7 @@ func newMapTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, reg m
 		kgStart:    start,
 		kgEnd:      end,
 		restoreID:  d.GetRestoreCheckpointId(),
+		partial:    d.GetPartial(),
 		blobs:      d.GetRestoreKeyed(),
 		sinkSpec:   sinkSpec,
 		stateSpec:  stateSpec,
@@ -469,6 +474,14 @@ func (m *mapTask) restore(ctx context.Context) error {
 		}
 		m.keyed.keys += n
 		loaded += n
+		if !m.partial {
+			// A whole-job restore: every source starts over at the
+			// checkpoint's offsets (or, for a topic deleted and recreated,
+			// at its start policy), so nothing can come twice, and the old
+			// applied offsets would only drop new records of a recreated
+			// topic. Deduplication is for task-scoped recovery.
+			continue
+		}
 		for p, off := range b.GetApplied() {
 			if cur, ok := m.keyed.applied[p]; !ok || off > cur {
 				m.keyed.applied[p] = off
