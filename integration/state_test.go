@@ -414,7 +414,11 @@ func TestStorageOutageDeclinesThenResumes(t *testing.T) {
 	s3.Stop()
 	stoppedAt := time.Now()
 	var declined []checkpointView
-	c.waitFor(t, time.Minute, "three checkpoints declined because their state files cannot be written", func() (bool, error) {
+	// The S3 client retries a write with backoff before it gives up (up to
+	// tens of seconds), and meanwhile the next checkpoints are declined for
+	// the snapshot still being written: three declined for the write itself
+	// can take a few of those rounds (seen in CI past one minute).
+	c.waitFor(t, 3*time.Minute, "three checkpoints declined because their state files cannot be written", func() (bool, error) {
 		j, err := c.getJob(t, job)
 		if err != nil {
 			return false, err
