@@ -149,15 +149,9 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 			log.Warn("no session to deploy restored task to", "task", t.ID, "worker", t.Worker)
 		}
 	}
-	offsets := make(map[int32]int64)
-	for _, st := range restore.Tasks {
-		if st.Kind == fsm.TaskSource {
-			maps.Copy(offsets, st.Offsets)
-		}
-	}
 	retarget := &transport.RetargetTasks{
 		JobId: js.id, Attempt: attempt, MapTasks: mapTaskRefs(job), Restored: ids,
-		RestoreCheckpointId: restore.ID, RestoreOffsets: offsets,
+		RestoreCheckpointId: restore.ID, RestoreOffsets: checkpointOffsets(restore),
 	}
 	sent := make(map[string]bool)
 	for _, t := range job.Tasks {

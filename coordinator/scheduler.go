@@ -767,12 +767,7 @@ func mapTaskRefs(job fsm.Job) []*transport.MapTaskRef {
 // gathered from every source state of ck: partitions move between source
 // tasks when the source parallelism changes.
 func restoreOffsets(ck *fsm.Checkpoint, partitions []int32) map[int32]int64 {
-	all := make(map[int32]int64)
-	for _, st := range ck.Tasks {
-		if st.Kind == fsm.TaskSource {
-			maps.Copy(all, st.Offsets)
-		}
-	}
+	all := checkpointOffsets(ck)
 	out := make(map[int32]int64, len(partitions))
 	for _, p := range partitions {
 		if off, ok := all[p]; ok {
@@ -780,6 +775,18 @@ func restoreOffsets(ck *fsm.Checkpoint, partitions []int32) map[int32]int64 {
 		}
 	}
 	return out
+}
+
+// checkpointOffsets returns ck's next offset of every source partition,
+// from all its source states.
+func checkpointOffsets(ck *fsm.Checkpoint) map[int32]int64 {
+	all := make(map[int32]int64)
+	for _, st := range ck.Tasks {
+		if st.Kind == fsm.TaskSource {
+			maps.Copy(all, st.Offsets)
+		}
+	}
+	return all
 }
 
 // restorePartitions returns the partitions source task t restores offsets

@@ -1017,9 +1017,7 @@ func (m *mapTask) sendAck(r snapshotResult) {
 func (m *mapTask) decline(id uint64, reason string) {
 	m.log.Warn("declining checkpoint", "checkpoint", id, "reason", reason)
 	m.declined.Inc()
-	m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
-		Task: m.key.ref(), CheckpointId: id, Reason: reason,
-	}}})
+	m.env.send(declineMsg(m.key.ref(), id, reason))
 }
 
 // attach connects a channel of source idx, sent by the source's attempt

@@ -1055,9 +1055,7 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 func (s *sourceTask) decline(id uint64, reason string) {
 	s.log.Warn("declining checkpoint", "checkpoint", id, "reason", reason)
 	s.env.metrics.checkpointsDecl.WithLabelValues(s.key.job, kindSource).Inc()
-	s.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
-		Task: s.key.ref(), CheckpointId: id, Reason: reason,
-	}}})
+	s.env.send(declineMsg(s.key.ref(), id, reason))
 }
 
 // reportLag sets the lag metric of every partition the task reads: the end

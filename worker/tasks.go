@@ -423,9 +423,7 @@ func (m *taskManager) trigger(t *transport.TriggerCheckpoint) {
 		trigger: t.GetCheckpointId(), lastCompleted: t.GetLastCompleted(), savepoint: t.GetSavepoint(), stop: t.GetStop(),
 	}); reason != "" {
 		m.env.metrics.checkpointsDecl.WithLabelValues(k.job, kindSource).Inc()
-		m.env.send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
-			Task: k.ref(), CheckpointId: t.GetCheckpointId(), Reason: reason,
-		}}})
+		m.env.send(declineMsg(k.ref(), t.GetCheckpointId(), reason))
 	}
 }
 
@@ -507,6 +505,13 @@ func (m *taskManager) retarget(r *transport.RetargetTasks) {
 		interrupt(r)
 	}
 	log.Info("retarget handed to the job's tasks", "tasks", n, "restored", r.GetRestored(), "restore_checkpoint", r.GetRestoreCheckpointId())
+}
+
+// declineMsg is a task's decline of checkpoint id, with why.
+func declineMsg(task *transport.TaskRef, id uint64, reason string) *transport.WorkerMessage {
+	return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
+		Task: task, CheckpointId: id, Reason: reason,
+	}}}
 }
 
 // running lists the tasks that are deploying or running, for Hello.
