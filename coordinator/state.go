@@ -136,7 +136,8 @@ func (c *collector) wait() { c.wg.Wait() }
 
 // run deletes the files under the job's checkpoint prefix that belong to a
 // checkpoint at or below the newest completed one, that no retained
-// completed checkpoint references, and that were found so gcGrace ago. Files of newer checkpoints may still be
+// completed checkpoint references, and that were found so gcGrace ago,
+// partial files of interrupted uploads included. Files of newer checkpoints may still be
 // being written; a pending checkpoint's chain only references files that the
 // newest completed checkpoint references too, so nothing a future
 // completion needs is deleted.
@@ -157,10 +158,10 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 	now := c.now()
 	still := make(map[string]time.Time) // unreferenced and kept, for the next run
 	var doomed []string
-	err = store.List(ctx, transport.CheckpointPrefix+jobID+"/", func(path string, _ int64, _ time.Time) error {
-		j, id, ok := transport.ParseCheckpointPath(path)
+	consider := func(path, final string) {
+		j, id, ok := transport.ParseCheckpointPath(final)
 		if !ok || j != jobID || id > newest || live[path] {
-			return nil
+			return
 		}
 		first, seen := since[path]
 		if !seen {
@@ -171,8 +172,20 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 		} else {
 			still[path] = first
 		}
+	}
+	prefix := transport.CheckpointPrefix + jobID + "/"
+	err = store.List(ctx, prefix, func(path string, _ int64, _ time.Time) error {
+		consider(path, path)
 		return nil
 	})
+	if err == nil {
+		// What a worker killed in the middle of an upload left: no
+		// checkpoint references it, and nobody else would delete it.
+		err = store.ListPartial(ctx, prefix, func(path, final string, _ int64, _ time.Time) error {
+			consider(path, final)
+			return nil
+		})
+	}
 	if err != nil {
 		return 0, err
 	}

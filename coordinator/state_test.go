@@ -12,6 +12,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -349,6 +351,28 @@ func TestGarbageCollection(t *testing.T) {
 	dead := put(dir(4) + "map-0-a0-full.cfs") // a dead attempt's upload
 	inFlight := put(dir(5) + "map-0-a1-delta.cfs")
 	foreign := put("checkpoints/other-job/chk-1/map-0-a1-full.cfs")
+	// What fileblob leaves of uploads a killed worker never finished: one
+	// of checkpoint 4, which completed without it, and one of the pending
+	// checkpoint 5, whose upload may still be going on.
+	partial := func(path string) string {
+		t.Helper()
+		p := path + ".18f3a2b4c5d6e7f8.tmp"
+		full := filepath.Join(strings.TrimPrefix(url, "file://"), filepath.FromSlash(p))
+		if err := os.WriteFile(full, []byte("part"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	partial4 := partial(dir(4) + "map-1-a1-full.cfs")
+	partial5 := partial(dir(5) + "map-1-a1-delta.cfs")
+	partials := func() []string {
+		var left []string
+		if err := store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(left)
+		return left
+	}
 
 	c := newCollector(storage.NewPool(), a.f.Job, slog.New(slog.DiscardHandler), newMetrics())
 	defer c.stores.Close()
@@ -380,7 +404,10 @@ func TestGarbageCollection(t *testing.T) {
 	left := listAll()
 	want := []string{foreign.Path, full1.Path, delta2.Path, full4.Path, inFlight.Path}
 	slices.Sort(want)
-	if n != 2 || !slices.Equal(left, want) {
-		t.Fatalf("deleted %d, left %v; want the orphan %s and the dead attempt's %s deleted, leaving %v", n, left, orphan3.Path, dead.Path, want)
+	if n != 3 || !slices.Equal(left, want) {
+		t.Fatalf("deleted %d, left %v; want the orphan %s, the dead attempt's %s and the partial %s deleted, leaving %v", n, left, orphan3.Path, dead.Path, partial4, want)
+	}
+	if got := partials(); !slices.Equal(got, []string{partial5}) {
+		t.Fatalf("partial files left: %v; want only the pending checkpoint's %s (%s collected)", got, partial5, partial4)
 	}
 }

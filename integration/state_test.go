@@ -712,3 +712,77 @@ func TestBinaryKeysExact(t *testing.T) {
 	}
 	t.Logf("wordcount: %d words, %d of them not UTF-8; latest: %d keys after %d records", len(wantWords), len(doc.KeyedBase64), len(wantLatest), len(kvs))
 }
+
+// TestWorkerKilledMidUpload: a worker SIGKILLs itself (a failpoint) after
+// the first bytes of a state file reached checkpoint storage and before the
+// upload completed. What it leaves is a partial file that no checkpoint
+// references: the checkpoint it was uploading for never completes, the
+// partial never becomes the file it was to be, the job recovers from the
+// last completed checkpoint, and its final state counts every word exactly
+// once. (The leader's collector deleting such partial files is
+// TestGarbageCollection's, in package coordinator: it waits minutes.)
+func TestWorkerKilledMidUpload(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills real processes; skipped with -short")
+	}
+	store := newFileStorage(t)
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": 4}})
+	in := newWordInput(303, 40_000, 4)
+	produce(t, c.brokers(), "words", in.recs[:10_000])
+	spec := stateJobSpec(c.brokers(), "words", "wordcount", "disk", "500ms")
+	spec.Checkpoint.Storage = store.URL()
+	spec.Checkpoint.InlineThreshold = 1 // every map task's state in files
+	job := c.submitJob(t, spec)
+	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[10_000:], 2_000)
+	c.waitCheckpointed(t, job)
+
+	victim := c.crashAt(t, "worker-mid-upload", time.Minute)
+	// What the upload left: fileblob writes a file as path.<hex>.tmp and
+	// renames it into place when the upload completes.
+	var partials []string
+	root := filepath.Join(store.dir, "checkpoints", job)
+	err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(path, ".tmp") {
+			partials = append(partials, path)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(partials) != 1 {
+		t.Fatalf("%s crashed in an upload, but storage holds %d partial files: %v", victim, len(partials), partials)
+	}
+	final := partials[0][:strings.LastIndex(partials[0][:len(partials[0])-len(".tmp")], ".")]
+	var interrupted uint64
+	if _, err := fmt.Sscanf(filepath.Base(filepath.Dir(final)), "chk-%d", &interrupted); err != nil {
+		t.Fatalf("partial file %s is not in a checkpoint's directory: %v", partials[0], err)
+	}
+	t.Logf("%s crashed uploading %s for checkpoint %d", victim, final, interrupted)
+
+	// The job recovers and checkpoints again, past the interrupted one.
+	c.waitFor(t, 2*time.Minute, fmt.Sprintf("a checkpoint after %d completed", interrupted), func() (bool, error) {
+		j, err := c.getJob(t, job)
+		if err != nil {
+			return false, err
+		}
+		if j.Status != "running" || j.lastCheckpointID() <= interrupted {
+			return false, fmt.Errorf("%s, last completed checkpoint %d", j.Status, j.lastCheckpointID())
+		}
+		return true, nil
+	})
+	cps, err := c.getCheckpoints(c.api(t), job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cp := range cps {
+		if cp.ID == interrupted && cp.Status == "completed" {
+			t.Fatalf("checkpoint %d completed although %s died in the middle of uploading %s for it", cp.ID, victim, final)
+		}
+	}
+	producerDone()
+	c.checkExact(t, job, in.want)
+	if _, err := os.Stat(final); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the interrupted upload's file %s exists (%v): only its partial file should", final, err)
+	}
+}

@@ -320,7 +320,7 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 			}
 		}
 	}()
-	m.writer = &snapshotWriter{job: m.key.job, task: m.key.id, attempt: m.key.attempt}
+	m.writer = &snapshotWriter{job: m.key.job, task: m.key.id, attempt: m.key.attempt, failpoint: m.env.cfg.Failpoint}
 	if url := m.stateSpec.GetStorage(); url != "" {
 		if m.writer.store, err = m.env.stores.Get(ctx, url); err != nil {
 			return fmt.Errorf("open checkpoint storage: %w", err)

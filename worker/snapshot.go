@@ -104,6 +104,40 @@ type snapshotWriter struct {
 	task  string
 	// attempt names files so that no other attempt can produce the same name.
 	attempt uint64
+	// failpoint is Config.Failpoint: failpointMidUpload is hit in every
+	// upload, once it has begun and before it is complete.
+	failpoint func(name string)
+}
+
+// failpointMidUpload is the failpoint (Config.Failpoint) a snapshot writer
+// hits after the first bytes of a state file reached storage and before the
+// file is complete: a crash there leaves a partial object, which no
+// checkpoint may reference and the leader's collector must delete.
+const failpointMidUpload = "worker-mid-upload"
+
+// upload returns out, wrapped to hit failpointMidUpload after its first write
+// when the writer has a failpoint hook.
+func (w *snapshotWriter) upload(out io.Writer) io.Writer {
+	if w.failpoint == nil {
+		return out
+	}
+	return &midUpload{w: out, hit: w.failpoint}
+}
+
+// midUpload hits failpointMidUpload once, after the first bytes written to w.
+type midUpload struct {
+	w   io.Writer
+	hit func(name string)
+	hot bool // hit already
+}
+
+func (m *midUpload) Write(p []byte) (int, error) {
+	n, err := m.w.Write(p)
+	if n > 0 && !m.hot {
+		m.hot = true
+		m.hit(failpointMidUpload)
+	}
+	return n, err
 }
 
 // write turns job into a task state, and releases its view.
@@ -338,7 +372,7 @@ func (w *snapshotWriter) file(ctx context.Context, job *snapshotJob, mode snapsh
 		h, err = w.viaCache(ctx, job, mode, path)
 	} else {
 		h, err = w.store.Create(ctx, path, func(out io.Writer) error {
-			_, err := writeState(ctx, out, job, mode)
+			_, err := writeState(ctx, w.upload(out), job, mode)
 			return err
 		})
 	}
@@ -379,7 +413,7 @@ func (w *snapshotWriter) viaCache(ctx context.Context, job *snapshotJob, mode sn
 			return err
 		}
 		defer in.Close()
-		_, err = io.Copy(out, in)
+		_, err = io.Copy(w.upload(out), in)
 		return err
 	})
 	if err != nil {

@@ -79,7 +79,7 @@ type Config struct {
 	Logger    *slog.Logger
 	// Failpoint, if set, is called at named points of the protocol so that
 	// tests can crash the process exactly there (cmd/internal/failpoint).
-	// Points: "worker-before-sink-commit".
+	// Points: "worker-before-sink-commit", "worker-mid-upload".
 	Failpoint func(name string)
 
 	// ChannelOpenTimeout bounds how long a source task keeps retrying to open

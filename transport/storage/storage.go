@@ -336,8 +336,41 @@ func (s *Store) Delete(ctx context.Context, path string) error {
 // fileblob in the order of a directory walk, where "a/b" comes before "a-b". An object
 // created or deleted during List may or may not be listed. In a file://
 // store, List skips fileblob's temporary files (path.<hex>.tmp) of writes in
-// progress, or left behind by a process killed while writing.
+// progress, or left behind by a process killed while writing: ListPartial
+// lists those.
 func (s *Store) List(ctx context.Context, prefix string, fn func(path string, size int64, modTime time.Time) error) error {
+	return s.list(ctx, prefix, func(o *blob.ListObject) error {
+		if s.scheme == "file" && tempFile.MatchString(o.Key) {
+			return nil
+		}
+		return fn(o.Key, o.Size, o.ModTime)
+	})
+}
+
+// ListPartial calls fn for every partial object under prefix: one being
+// written, or one a process killed in the middle of a write left behind,
+// which would otherwise stay forever. fn gets the partial object's own path
+// (for Delete) and the path it was to be written to. Only a file:// store
+// has partial objects (fileblob's temporary files, renamed into place when
+// a write completes); an S3 object appears whole or not at all, and the
+// parts of a multipart upload a killed process never completed are not
+// objects: a bucket lifecycle rule (AbortIncompleteMultipartUpload) ends
+// them.
+func (s *Store) ListPartial(ctx context.Context, prefix string, fn func(path, final string, size int64, modTime time.Time) error) error {
+	if s.scheme != "file" {
+		return nil
+	}
+	return s.list(ctx, prefix, func(o *blob.ListObject) error {
+		loc := tempFile.FindStringIndex(o.Key)
+		if loc == nil {
+			return nil
+		}
+		return fn(o.Key, o.Key[:loc[0]], o.Size, o.ModTime)
+	})
+}
+
+// list calls fn for every object under prefix, directories excluded.
+func (s *Store) list(ctx context.Context, prefix string, fn func(*blob.ListObject) error) error {
 	const pageSize = 1000
 	token := blob.FirstPageToken
 	for {
@@ -346,10 +379,10 @@ func (s *Store) List(ctx context.Context, prefix string, fn func(path string, si
 			return s.wrap("list", prefix, err)
 		}
 		for _, o := range objs {
-			if o.IsDir || s.scheme == "file" && tempFile.MatchString(o.Key) {
+			if o.IsDir {
 				continue
 			}
-			if err := fn(o.Key, o.Size, o.ModTime); err != nil {
+			if err := fn(o); err != nil {
 				return err
 			}
 		}

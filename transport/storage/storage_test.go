@@ -84,6 +84,32 @@ func TestFileLayout(t *testing.T) {
 	if fmt.Sprint(listed) != "[cp/7/map-0]" {
 		t.Errorf("List = %v, want [cp/7/map-0]", listed)
 	}
+	// ListPartial lists it, with the path it was to be written to, and
+	// Delete removes it.
+	var partial []string
+	if err := s.ListPartial(ctx, "cp/", func(path, final string, size int64, _ time.Time) error {
+		partial = append(partial, fmt.Sprintf("%s->%s:%d", path, final, size))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if want := "[cp/7/map-1.18f3a2b4c5d6e7f8.tmp->cp/7/map-1:7]"; fmt.Sprint(partial) != want {
+		t.Errorf("ListPartial = %v, want %s", partial, want)
+	}
+	if err := s.Delete(ctx, "cp/7/map-1.18f3a2b4c5d6e7f8.tmp"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tmp); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("partial file still there after Delete: %v", err)
+	}
+	partial = nil
+	s.ListPartial(ctx, "", func(path, _ string, _ int64, _ time.Time) error {
+		partial = append(partial, path)
+		return nil
+	})
+	if len(partial) != 0 {
+		t.Errorf("ListPartial after Delete = %v", partial)
+	}
 }
 
 func TestOpenErrors(t *testing.T) {
