@@ -11,9 +11,11 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -364,5 +366,54 @@ func corruptFile(t *testing.T, path string) {
 	}
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// smallDisk mounts a tmpfs of size bytes at dir (which must exist) for the
+// rest of the test, as a small local disk; the test is skipped, with the
+// reason, where mounts cannot be made (not root, no mount(8)). Anything
+// already in dir is hidden until the unmount.
+func smallDisk(t *testing.T, dir string, size int64) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skipf("a small disk is a tmpfs mount, which needs root; the test runs as uid %d", os.Geteuid())
+	}
+	out, err := exec.Command("mount", "-t", "tmpfs", "-o", fmt.Sprintf("size=%d,mode=0755", size), "tmpfs", dir).CombinedOutput()
+	if err != nil {
+		t.Skipf("cannot mount a tmpfs at %s here: %v: %s", dir, err, out)
+	}
+	t.Cleanup(func() {
+		// Lazily: a process of the cluster may still hold files in it.
+		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
+			t.Errorf("unmount %s: %v: %s", dir, err, out)
+		}
+	})
+}
+
+// fillDisk writes the file path until its file system is full and returns
+// a function that removes it again.
+func fillDisk(t *testing.T, path string) (free func()) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	for {
+		if _, err := f.Write(chunk); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("fill %s: %v", path, err)
+			}
+			break
+		}
+	}
+	if err := f.Close(); err != nil && !errors.Is(err, syscall.ENOSPC) {
+		t.Fatal(err)
+	}
+	return func() {
+		t.Helper()
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

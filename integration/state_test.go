@@ -786,3 +786,50 @@ func TestWorkerKilledMidUpload(t *testing.T) {
 		t.Fatalf("the interrupted upload's file %s exists (%v): only its partial file should", final, err)
 	}
 }
+
+// TestStateDirFull: the workers' -state-dir is a small disk that is full.
+// A map task of a job on the disk backend cannot create its database there:
+// it fails with the reason, which names the state directory and says that
+// it is full, and the job's restarts say so too; nothing is counted
+// meanwhile. Once there is room again the job runs by itself and its state
+// counts every word exactly once.
+func TestStateDirFull(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a real cluster; skipped with -short")
+	}
+	store := newFileStorage(t)
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": 4}})
+	var frees []func()
+	for _, w := range c.workers {
+		smallDisk(t, w.stateDir(), 8<<20)
+		frees = append(frees, fillDisk(t, filepath.Join(w.stateDir(), "filler")))
+	}
+	in := newWordInput(404, 20_000, 4)
+	produce(t, c.brokers(), "words", in.recs)
+	spec := stateJobSpec(c.brokers(), "words", "wordcount", "disk", "500ms")
+	spec.Checkpoint.Storage = store.URL()
+	job := c.submitJob(t, spec)
+
+	full := c.waitJob(t, time.Minute, job, "a restart whose reason is the full state directory", func(j jobView) error {
+		if j.Attempt < 2 {
+			return fmt.Errorf("attempt %d", j.Attempt)
+		}
+		if !strings.Contains(j.Reason, "no space left on device") {
+			return fmt.Errorf("reason %q does not say the disk is full", j.Reason)
+		}
+		return nil
+	})
+	if !slices.ContainsFunc(c.workers, func(w *workerProc) bool { return strings.Contains(full.Reason, w.stateDir()) }) {
+		t.Fatalf("reason %q does not name the state directory", full.Reason)
+	}
+	t.Logf("attempt %d: %s", full.Attempt, full.Reason)
+	if full.lastCheckpointID() != 0 {
+		t.Fatalf("checkpoint %d completed while no map task could keep its state", full.lastCheckpointID())
+	}
+
+	for _, free := range frees {
+		free()
+	}
+	c.waitCheckpointed(t, job)
+	c.checkExact(t, job, in.want)
+}
