@@ -783,3 +783,25 @@ func TestChannelCredential(t *testing.T) {
 		t.Fatalf("channel of the real source: %v, want accepted", c)
 	}
 }
+
+// TestChannelWithoutCredential: an attempt deployed by a leader of a version
+// before channel credentials has no token in its DeployTasks, and its
+// sources send none: during a rolling upgrade such a channel is accepted,
+// while one that brings a token the attempt was never given is refused.
+func TestChannelWithoutCredential(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelAcceptWait = 2 * time.Second })
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	d.ChannelToken = "" // as an older leader deploys
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	hdr := func(token string) *transport.ChannelHeader {
+		return &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0", ChannelToken: token}
+	}
+	if c := openChannel(t, w.DataAddr(), hdr("forged")); c != codes.PermissionDenied {
+		t.Fatalf("channel with a token the attempt was never given: %v, want PermissionDenied", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr("")); c != codes.OK {
+		t.Fatalf("channel of an attempt deployed without credentials: %v, want accepted", c)
+	}
+}
