@@ -8,8 +8,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -51,19 +53,82 @@ func contractPorts() devPorts {
 	return p
 }
 
-// freePorts binds every listener to port 0; used by tests and by -free-ports
-// when the contract's ports are taken.
-func freePorts() devPorts {
-	var p devPorts
-	any := "127.0.0.1:0"
-	p.broker = any
+// devPortsFile is where a data dir keeps the addresses -free-ports chose
+// for it: Raft remembers its peers by address, so a later run on the same
+// data dir must bind the same ones.
+const devPortsFile = "dev-ports.json"
+
+// devPortsJSON is devPorts as devPortsFile holds it.
+type devPortsJSON struct {
+	Broker       string    `json:"broker"`
+	Raft         [3]string `json:"raft"`
+	RPC          [3]string `json:"rpc"`
+	HTTP         [3]string `json:"http"`
+	Gossip       [3]string `json:"gossip"`
+	WorkerData   [2]string `json:"worker_data"`
+	WorkerGossip [2]string `json:"worker_gossip"`
+}
+
+// freePorts returns the addresses -free-ports uses in data dir dir: those
+// an earlier run chose, or free ports on 127.0.0.1 picked now. save writes
+// them to the data dir; call it once the cluster has bound them.
+func freePorts(dir string) (p devPorts, save func() error, err error) {
+	path := filepath.Join(dir, devPortsFile)
+	if b, err := os.ReadFile(path); err == nil {
+		var j devPortsJSON
+		if err := json.Unmarshal(b, &j); err != nil {
+			return p, nil, fmt.Errorf("read the ports of an earlier -free-ports run from %s: %w", path, err)
+		}
+		p = devPorts{broker: j.Broker, raft: j.Raft, rpc: j.RPC, http: j.HTTP, gossip: j.Gossip, workerData: j.WorkerData, workerGossip: j.WorkerGossip}
+		return p, func() error { return nil }, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return p, nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	// Every listener open until all are picked, so that no two are alike.
+	var open []net.Listener
+	defer func() {
+		for _, l := range open {
+			l.Close()
+		}
+	}()
+	pick := func(dst *string) {
+		if err != nil {
+			return
+		}
+		var l net.Listener
+		if l, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			err = fmt.Errorf("pick a free port: %w", err)
+			return
+		}
+		open = append(open, l)
+		*dst = l.Addr().String()
+	}
+	pick(&p.broker)
 	for i := range 3 {
-		p.raft[i], p.rpc[i], p.http[i], p.gossip[i] = any, any, any, any
+		pick(&p.raft[i])
+		pick(&p.rpc[i])
+		pick(&p.http[i])
+		pick(&p.gossip[i])
 	}
 	for i := range 2 {
-		p.workerData[i], p.workerGossip[i] = any, any
+		pick(&p.workerData[i])
+		pick(&p.workerGossip[i])
 	}
-	return p
+	if err != nil {
+		return p, nil, err
+	}
+	save = func() error {
+		j := devPortsJSON{Broker: p.broker, Raft: p.raft, RPC: p.rpc, HTTP: p.http, Gossip: p.gossip, WorkerData: p.workerData, WorkerGossip: p.workerGossip}
+		b, err := json.MarshalIndent(j, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
+			return fmt.Errorf("keep the ports of this -free-ports run: %w", err)
+		}
+		return nil
+	}
+	return p, save, nil
 }
 
 // devOptions are the flags of `coordd dev`.
@@ -82,7 +147,7 @@ type devOptions struct {
 
 func runDev(args []string) error {
 	fs := flag.NewFlagSet("coordd dev", flag.ContinueOnError)
-	dataDir := fs.String("data-dir", "", "directory for Raft and broker data (default: a new temporary directory, removed on exit)")
+	dataDir := fs.String("data-dir", "", "directory for Raft and broker data (default: a new temporary directory, removed on exit); with -free-ports it keeps the ports chosen, which later runs on it reuse")
 	logLevel := fs.String("log-level", "warn", "log level of the embedded nodes: debug, info, warn or error")
 	rate := fs.Int("rate", 200, "sample records produced per second")
 	free := fs.Bool("free-ports", false, "bind every listener to a free port instead of the default 7001-7503 and 9092")
@@ -116,9 +181,11 @@ func dev(ctx context.Context, o devOptions) (err error) {
 	if dir, err = filepath.Abs(dir); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	ports := contractPorts()
+	ports, savePorts := contractPorts(), func() error { return nil }
 	if o.freePorts {
-		ports = freePorts()
+		if ports, savePorts, err = freePorts(dir); err != nil {
+			return err
+		}
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: o.logLevel}))
 	var sec *devSecurity
@@ -216,6 +283,10 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		go func() { workersDone <- w.Run(workerCtx) }()
 	}
 
+	// Every listener is bound: a later run on this data dir may reuse them.
+	if err := savePorts(); err != nil {
+		return err
+	}
 	api := &devAPI{base: "http://" + coords[0].HTTPAddr(), client: http.DefaultClient}
 	if sec != nil {
 		if api.client, err = sec.httpClient(); err != nil {

@@ -45,7 +45,24 @@ func TestDevSecure(t *testing.T) {
 	}
 }
 
-func testDev(t *testing.T, secure bool) *devAPI {
+// TestDevSecureRestart runs `coordd dev -secure` twice on one data dir: the
+// second run reuses the CA, certificates, gossip key and operator token the
+// first generated (a CLI pointed at the first keeps working) and its cluster
+// runs its sample job with them as the first did.
+func TestDevSecureRestart(t *testing.T) {
+	dir := t.TempDir()
+	first := testDevIn(t, true, dir)
+	second := testDevIn(t, true, dir)
+	if second.token != first.token {
+		t.Errorf("second run's operator token %q, want the first's %q", second.token, first.token)
+	}
+}
+
+func testDev(t *testing.T, secure bool) *devAPI { return testDevIn(t, secure, t.TempDir()) }
+
+// testDevIn runs dev in dataDir until its sample job has a checkpoint whose
+// state counts the records it read, then stops it, and returns its API.
+func testDevIn(t *testing.T, secure bool, dataDir string) *devAPI {
 	if testing.Short() {
 		t.Skip("starts a whole cluster")
 	}
@@ -57,7 +74,7 @@ func testDev(t *testing.T, secure bool) *devAPI {
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out, secure: secure, dataDir: t.TempDir(),
+		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out, secure: secure, dataDir: dataDir,
 			ready: func(a *devAPI, id string) { api, jobID = a, id; close(ready) }})
 	}()
 	select {
