@@ -36,7 +36,10 @@ package integration
 // 10000000) and COORDFLOW_BENCH_STATE_BACKEND (memory, disk or both,
 // comma-separated) replace the default lists, and
 // COORDFLOW_BENCH_STATE_CHECKPOINTS the number of checkpoints the churn phase
-// measures (default 20):
+// measures (default 20), and COORDFLOW_BENCH_STATE_INTERVAL the checkpoint
+// interval (default 1s; the churn is 1% of the keys per interval, so a longer
+// interval is a slower churn, one a job that cannot update 1% of its keys a
+// second keeps up with):
 //
 //	COORDFLOW_BENCH_STATE_KEYS=200k flock /tmp/coordflow-it.lock go test ./integration -run '^$' -bench BenchmarkState -benchtime 1x -timeout 1h
 //
@@ -74,6 +77,7 @@ const (
 	benchStateKeysEnv        = "COORDFLOW_BENCH_STATE_KEYS"
 	benchStateBackendEnv     = "COORDFLOW_BENCH_STATE_BACKEND"
 	benchStateCheckpointsEnv = "COORDFLOW_BENCH_STATE_CHECKPOINTS"
+	benchStateIntervalEnv    = "COORDFLOW_BENCH_STATE_INTERVAL"
 	// benchStateScenarioTimeout bounds one scenario run (the child process):
 	// a 10M-key run produces 1.1 GB of input and exports as much.
 	benchStateScenarioTimeout = 90 * time.Minute
@@ -81,9 +85,9 @@ const (
 	benchStatePartitions      = 4
 	benchStateKeyBytes        = 10 // "k%09d"
 	benchStateValueBytes      = 100
-	// benchStateChurnPerSecond is the share of the keys the churn phase
-	// updates every second: with 1 s checkpoints, 1% per interval.
-	benchStateChurnPerSecond = 0.01
+	// benchStateChurnPerInterval is the share of the keys the churn phase
+	// updates per checkpoint interval.
+	benchStateChurnPerInterval = 0.01
 	// benchStateCheckpoints is how many checkpoints the churn phase
 	// measures, at least (COORDFLOW_BENCH_STATE_CHECKPOINTS overrides it).
 	benchStateCheckpoints = 20
@@ -97,10 +101,13 @@ const (
 // from the SIGKILL of the victim worker; sizes are bytes unless named MB
 // (10^6 bytes).
 type benchStateResult struct {
-	Keys       int    `json:"keys"`
-	Backend    string `json:"backend"`
-	ValueBytes int    `json:"value_bytes"`
-	LoadAvg    string `json:"loadavg"` // /proc/loadavg before the cluster started
+	Keys int `json:"keys"`
+	// IntervalSeconds is the checkpoint interval; the churn is 1% of the
+	// keys per interval.
+	IntervalSeconds float64 `json:"interval_s"`
+	Backend         string  `json:"backend"`
+	ValueBytes      int     `json:"value_bytes"`
+	LoadAvg         string  `json:"loadavg"` // /proc/loadavg before the cluster started
 
 	// Load: every key once, produced before the job starts.
 	ProduceSeconds       float64 `json:"produce_s"`
@@ -113,7 +120,7 @@ type benchStateResult struct {
 	LoadCoveringWritten  int64   `json:"load_covering_written"`
 	FullSnapshotBytesMax int64   `json:"full_snapshot_bytes_max"` // largest bytes written by a checkpoint in which every map task wrote a full file (whole state)
 
-	// Churn: 1% of the keys a second, random existing keys, new values.
+	// Churn: 1% of the keys per interval, random existing keys, new values.
 	ChurnSeconds    float64   `json:"churn_s"`
 	ChurnRecords    int64     `json:"churn_records"` // produced in the measured phase
 	ChurnRate       float64   `json:"churn_rate"`    // records a second achieved in the measured phase
@@ -252,13 +259,13 @@ func benchState(b *testing.B, n int, backend string) {
 
 // summary is the one-line account of a run.
 func (r benchStateResult) summary() string {
-	return fmt.Sprintf("%s keys, %s backend: load %.1fs (produce %.1fs); churn %.0f rec/s (lag %d) over %d checkpoints (%d aborted, %d full, %d restarts, %d elections): "+
+	return fmt.Sprintf("%s keys, %s backend, %gs interval: load %.1fs (produce %.1fs); churn %.0f rec/s (lag %d) over %d checkpoints (%d aborted, %d full, %d restarts, %d elections): "+
 		"duration p50 %.0f ms, p99 %.0f ms, max %.0f ms; written p50 %.2f MB, mean %.2f MB, max %.2f MB; files/task max %d; "+
 		"Raft %.0f B/checkpoint (completed %.0f, largest %.0f); storage %.1f MB (max %.1f MB) in %d files; "+
 		"peak RSS coordd %.0f MB, workerd %.0f MB, survivor after restore %.0f MB, devkafka %.0f MB; "+
 		"kill of %s: first record %.0f ms, checkpoint %.0f ms, with progress %.0f ms; "+
 		"export of checkpoint %d: %d keys in %.1fs, %d missing, %d extra, %d wrong, %d duplicated; coordd peak RSS after export %.0f MB; load average before: %s",
-		benchStateCountName(r.Keys), r.Backend, r.LoadSeconds, r.ProduceSeconds, r.ChurnRate, r.ChurnLag, r.Checkpoints, r.Aborted, r.FullCheckpoints, r.Restarts, r.Elections,
+		benchStateCountName(r.Keys), r.Backend, r.IntervalSeconds, r.LoadSeconds, r.ProduceSeconds, r.ChurnRate, r.ChurnLag, r.Checkpoints, r.Aborted, r.FullCheckpoints, r.Restarts, r.Elections,
 		r.DurationP50MS, r.DurationP99MS, r.DurationMaxMS, r.WrittenP50/1e6, r.WrittenMean/1e6, r.WrittenMax/1e6, r.FilesPerTaskMax,
 		r.RaftBytesPerCheckpoint, r.RaftCompletedPerCkpt, r.RaftCompletedMax, float64(r.StorageBytes)/1e6, float64(r.StorageMaxBytes)/1e6, r.StorageFiles,
 		r.CoorddPeakRSSMB, r.WorkerdPeakRSSMB, r.SurvivorPeakRSSMB, r.DevkafkaRSSMB,
@@ -317,7 +324,13 @@ func TestBenchScenarioState(t *testing.T) {
 			t.Fatalf("%s=%q: want a positive number", benchStateCheckpointsEnv, s)
 		}
 	}
-	res := benchStateResult{Keys: n, Backend: backend, ValueBytes: benchStateValueBytes, LoadAvg: benchLoadAvg()}
+	interval := time.Second
+	if s := os.Getenv(benchStateIntervalEnv); s != "" {
+		if interval, err = time.ParseDuration(s); err != nil || interval < 100*time.Millisecond {
+			t.Fatalf("%s=%q: want a duration of at least 100ms", benchStateIntervalEnv, s)
+		}
+	}
+	res := benchStateResult{Keys: n, Backend: backend, ValueBytes: benchStateValueBytes, LoadAvg: benchLoadAvg(), IntervalSeconds: interval.Seconds()}
 	// Deadlines grow with the state: at 10M keys a phase takes minutes.
 	scaled := func(base time.Duration, perMillion time.Duration) time.Duration {
 		return base + time.Duration(float64(perMillion)*float64(n)/1e6)
@@ -354,7 +367,7 @@ func TestBenchScenarioState(t *testing.T) {
 		Operator: operatorSpec{Name: "latest", Parallelism: 2, MaxParallelism: 128},
 		State:    &stateSpec{Backend: backend},
 		Checkpoint: checkpointSpec{
-			Interval: "1s", Timeout: "60s", MinPause: "0s", Retained: 3, TolerableFailures: 3,
+			Interval: interval.String(), Timeout: "60s", MinPause: "0s", Retained: 3, TolerableFailures: 3,
 			Storage: "file://" + storeDir, InlineThreshold: 16384,
 		},
 	}
@@ -392,9 +405,9 @@ func TestBenchScenarioState(t *testing.T) {
 	t.Logf("load: checkpoint %d covers it %.1fs after submission (%.0f records/s): %d keys, it wrote %d bytes; %d checkpoints completed up to it (%d aborted), longest %.0f ms",
 		covering.ID, res.LoadSeconds, float64(n)/res.LoadSeconds, res.LoadCoveringKeys, res.LoadCoveringWritten, res.LoadCheckpoints, res.LoadAborted, res.LoadCheckpointMaxMS)
 
-	// 3. Churn: 1% of the keys a second, until at least minCheckpoints
+	// 3. Churn: 1% of the keys per interval, until at least minCheckpoints
 	// checkpoints triggered since the churn began have completed.
-	res.ChurnTargetRate = float64(n) * benchStateChurnPerSecond
+	res.ChurnTargetRate = float64(n) * benchStateChurnPerInterval / interval.Seconds()
 	raftBefore, err := benchStateScrapeRaft(c, job)
 	if err != nil {
 		t.Fatal(err)
@@ -403,7 +416,7 @@ func TestBenchScenarioState(t *testing.T) {
 	churn := in.startChurn(c.brokers(), res.ChurnTargetRate, 20261202)
 	t.Cleanup(func() { _ = churn.stop() })
 	col.trackStorage(true)
-	c.waitFor(t, scaled(5*time.Minute, time.Minute), fmt.Sprintf("%d checkpoints completed under churn", minCheckpoints), func() (bool, error) {
+	c.waitFor(t, scaled(5*time.Minute, time.Minute)+time.Duration(minCheckpoints)*interval, fmt.Sprintf("%d checkpoints completed under churn", minCheckpoints), func() (bool, error) {
 		if err := churn.failed(); err != nil {
 			t.Fatal(err)
 		}
