@@ -13,6 +13,7 @@ import (
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
@@ -83,14 +84,25 @@ type DiskOptions struct {
 // default stall threshold, and returns the failure as soon as one is
 // recorded.
 //
+// # Bulk loading
+//
+// A restore fills empty key-group ranges with sorted entries. Load returns a
+// Loader that writes them into Pebble tables and ingests the tables, which
+// skips the memtable, its flushes and their compactions.
+//
 // Pebble treats a few failures as fatal, such as a failed write of its
 // MANIFEST; it reports those through its logger's Fatalf and expects Fatalf
 // not to return. Disk logs such a message at error level and then panics
 // with it (Pebble's default logger would exit the process).
 type Disk struct {
 	dir string
+	fs  vfs.FS
 	db  *pebble.DB
 	log *slog.Logger
+
+	// tableOpts are the options of the tables a Loader writes: those Pebble
+	// uses for its own tables.
+	tableOpts sstable.WriterOptions
 
 	// failure holds the first background error Pebble reported, wrapped.
 	// Pebble's goroutines store it; the writer loads it.
@@ -101,11 +113,13 @@ type Disk struct {
 	progress chan struct{}
 
 	// Used only by the writer goroutine.
-	keyBuf       []byte // the encoded key of the current call
-	getBuf       []byte // the value Get last returned
-	unchecked    int    // bytes written since admit last checked Pebble
-	checkEvery   int    // bytes written between checks in admit
-	memTableSize uint64 // DiskOptions.MemTableSize
+	keyBuf        []byte // the encoded key of the current call
+	getBuf        []byte // the value Get last returned
+	unchecked     int    // bytes written since admit last checked Pebble
+	checkEvery    int    // bytes written between checks in admit
+	memTableSize  uint64 // DiskOptions.MemTableSize
+	loadTableSize int    // key and value bytes per table of a Loader
+	loading       bool   // a Loader is neither finished nor aborted
 
 	// mu guards views and closed, which Release changes or reads from other
 	// goroutines. Only the writer changes closed, so it reads it without mu.
@@ -165,12 +179,14 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 	}
 	d := &Disk{
 		dir:      dir,
+		fs:       fs,
 		log:      logger.With("dir", dir),
 		progress: make(chan struct{}, 1),
 		// Checking 8 times per memtable bounds the overshoot past
 		// maxMemTables to an eighth of a memtable, and costs little.
-		checkEvery:   int(opts.MemTableSize / 8),
-		memTableSize: opts.MemTableSize,
+		checkEvery:    int(opts.MemTableSize / 8),
+		memTableSize:  opts.MemTableSize,
+		loadTableSize: defaultLoadTableSize,
 	}
 
 	if err := clearDir(fs, dir); err != nil {
@@ -204,6 +220,12 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		return nil, fmt.Errorf("state: open disk backend %s: %w", dir, err)
 	}
 	d.db = db
+	// A Loader writes tables as Pebble would (filters, compression, block
+	// sizes, the format this database reads), from the options with
+	// Pebble's defaults filled in.
+	wo := po.Clone()
+	wo.EnsureDefaults()
+	d.tableOpts = wo.MakeWriterOptions(0, db.TableFormat())
 	return d, nil
 }
 
