@@ -1,12 +1,15 @@
 package state
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,9 +94,15 @@ type DiskOptions struct {
 // skips the memtable, its flushes and their compactions.
 //
 // Pebble treats a few failures as fatal, such as a failed write of its
-// MANIFEST; it reports those through its logger's Fatalf and expects Fatalf
-// not to return. Disk logs such a message at error level and then panics
-// with it (Pebble's default logger would exit the process).
+// MANIFEST (on a full disk, say); it reports those through its logger's
+// Fatalf and expects Fatalf not to return. Pebble's default logger would exit
+// the process, which would stop every task of the worker. Disk instead fails
+// the backend with the error, as for a background error, and then ends the
+// goroutine that called Fatalf: with a panic on the goroutine that opened the
+// Disk (the task's, whose recover turns it into a task failure), with
+// runtime.Goexit on Pebble's own goroutines, which have no recover. The
+// database is then left open, never closed: its goroutines may have stopped
+// halfway, and Close would wait for them forever.
 type Disk struct {
 	dir string
 	fs  vfs.FS
@@ -107,6 +116,11 @@ type Disk struct {
 	// failure holds the first background error Pebble reported, wrapped.
 	// Pebble's goroutines store it; the writer loads it.
 	failure atomic.Pointer[error]
+	// fatal is set once Pebble called Fatalf: the database must not be
+	// used, or closed, again.
+	fatal atomic.Bool
+	// owner is the id of the goroutine that opened the Disk, the writer's.
+	owner uint64
 
 	// progress is signalled, without blocking, when a flush or compaction
 	// ends or the backend fails; a write waiting in admit wakes on it.
@@ -187,6 +201,7 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		checkEvery:    int(opts.MemTableSize / 8),
 		memTableSize:  opts.MemTableSize,
 		loadTableSize: defaultLoadTableSize,
+		owner:         goid(),
 	}
 
 	if err := clearDir(fs, dir); err != nil {
@@ -202,7 +217,7 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		MemTableStopWritesThreshold: 1000,
 		L0StopWritesThreshold:       1000,
 		CacheSize:                   opts.CacheSize,
-		Logger:                      pebbleLogger{log: d.log, dir: dir},
+		Logger:                      pebbleLogger{d: d},
 		EventListener: &pebble.EventListener{
 			BackgroundError: func(err error) { d.fail(fmt.Errorf("background error: %w", err)) },
 			DataCorruption:  func(info pebble.DataCorruptionInfo) { d.fail(errors.New(info.String())) },
@@ -215,7 +230,7 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 	for i := range po.Levels {
 		po.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 	}
-	db, err := pebble.Open(dir, po)
+	db, err := openPebble(dir, po)
 	if err != nil {
 		return nil, fmt.Errorf("state: open disk backend %s: %w", dir, err)
 	}
@@ -365,6 +380,10 @@ func (d *Disk) Close() error {
 // closeDB closes the database. It is called once, by Close or by the Release
 // of the last view after Close.
 func (d *Disk) closeDB() error {
+	if d.fatal.Load() {
+		d.log.Warn("disk state backend failed fatally: leaving its database open until the worker exits")
+		return nil
+	}
 	if err := d.db.Close(); err != nil {
 		return d.errorf("close", err)
 	}
@@ -559,28 +578,76 @@ func groupPrefix(kg int32) []byte {
 	return binary.BigEndian.AppendUint32(nil, uint32(kg))
 }
 
-// pebbleLogger passes Pebble's log messages to a slog.Logger.
-type pebbleLogger struct {
-	log *slog.Logger
-	dir string
-}
+// pebbleLogger passes Pebble's log messages to the Disk's logger.
+type pebbleLogger struct{ d *Disk }
 
 // Infof logs an informational message of Pebble.
 func (l pebbleLogger) Infof(format string, args ...any) {
-	l.log.Info("pebble: " + fmt.Sprintf(format, args...))
+	l.d.log.Info("pebble: " + fmt.Sprintf(format, args...))
 }
 
 // Errorf logs an error Pebble met and handled.
 func (l pebbleLogger) Errorf(format string, args ...any) {
-	l.log.Error("pebble: " + fmt.Sprintf(format, args...))
+	l.d.log.Error("pebble: " + fmt.Sprintf(format, args...))
 }
 
-// Fatalf logs an error Pebble cannot continue after, then panics with it.
-// Pebble expects Fatalf not to return. A panic, unlike the os.Exit of
-// Pebble's default logger, prints where the failure happened and runs the
-// deferred functions of the goroutine it happens on.
+// Fatalf fails the backend with an error Pebble cannot continue after and
+// ends the calling goroutine, which Pebble expects (see Disk).
 func (l pebbleLogger) Fatalf(format string, args ...any) {
-	msg := "pebble: fatal: " + fmt.Sprintf(format, args...)
-	l.log.Error(msg)
-	panic(fmt.Sprintf("state: disk backend %s: %s", l.dir, msg))
+	err := &fatalError{msg: "pebble: fatal: " + fmt.Sprintf(format, args...)}
+	for _, a := range args {
+		if e, ok := a.(error); ok {
+			err.cause = e // so that errors.Is finds ENOSPC
+		}
+	}
+	l.d.fatal.Store(true)
+	l.d.fail(err)
+	if goid() == l.d.owner {
+		panic(fmt.Errorf("state: disk backend %s: %w", l.d.dir, err))
+	}
+	runtime.Goexit()
+}
+
+// fatalError is what Pebble reported through Fatalf.
+type fatalError struct {
+	msg   string
+	cause error // the error among Fatalf's arguments, if any
+}
+
+func (e *fatalError) Error() string { return e.msg }
+func (e *fatalError) Unwrap() error { return e.cause }
+
+// openPebble is pebble.Open, turning a Fatalf during the open into its error.
+func openPebble(dir string, opts *pebble.Options) (db *pebble.DB, err error) {
+	defer recoverFatal(&err)
+	return pebble.Open(dir, opts)
+}
+
+// recoverFatal, deferred by a call into Pebble on the writer's goroutine,
+// turns the panic of a Fatalf during the call (pebbleLogger) into the call's
+// error *err. Any other panic goes on.
+func recoverFatal(err *error) {
+	p := recover()
+	if p == nil {
+		return
+	}
+	var fe *fatalError
+	if perr, ok := p.(error); !ok || !errors.As(perr, &fe) {
+		panic(p)
+	}
+	*err = fe
+}
+
+// goid returns the id of the calling goroutine, from its stack trace's
+// header ("goroutine 123 [running]:"). Go has no other way to tell a
+// Pebble goroutine from the writer's.
+func goid() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	if i := bytes.IndexByte(b, ' '); i > 0 {
+		b = b[:i]
+	}
+	id, _ := strconv.ParseUint(string(b), 10, 64)
+	return id
 }

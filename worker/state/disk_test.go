@@ -164,20 +164,45 @@ func TestDiskThrottlesWrites(t *testing.T) {
 	checkBackend(t, d, m)
 }
 
-func TestPebbleLoggerFatalfPanics(t *testing.T) {
-	var logs bytes.Buffer
-	l := pebbleLogger{log: slog.New(slog.NewTextHandler(&logs, nil)), dir: "/x"}
-	defer func() {
-		r := recover()
-		if msg, _ := r.(string); !strings.Contains(msg, "MANIFEST sync failed: boom") || !strings.Contains(msg, "/x") {
-			t.Errorf("Fatalf panicked with %v; want the message and the directory", r)
-		}
-		if !strings.Contains(logs.String(), "MANIFEST sync failed: boom") {
-			t.Errorf("Fatalf did not log the message; log:\n%s", logs.String())
-		}
+// TestPebbleLoggerFatalf: Pebble's Fatalf fails the backend with the
+// message and the directory, then ends the goroutine: with a panic on the
+// writer's goroutine (the task's recover makes it a task failure), with
+// runtime.Goexit on any other, which has no recover, so that the process
+// lives on.
+func TestPebbleLoggerFatalf(t *testing.T) {
+	var logs syncWriter
+	d := &Disk{dir: "/x", log: slog.New(slog.NewTextHandler(&logs, nil)), progress: make(chan struct{}, 1), owner: goid()}
+	l := pebbleLogger{d: d}
+	func() {
+		defer func() {
+			r := recover()
+			err, _ := r.(error)
+			if err == nil || !strings.Contains(err.Error(), "MANIFEST sync failed: boom") || !strings.Contains(err.Error(), "/x") {
+				t.Errorf("Fatalf on the writer's goroutine panicked with %v; want an error with the message and the directory", r)
+			}
+		}()
+		l.Fatalf("MANIFEST sync failed: %v", errors.New("boom"))
+		t.Error("Fatalf returned")
 	}()
-	l.Fatalf("MANIFEST sync failed: %v", "boom")
-	t.Error("Fatalf returned")
+	if err := d.usable(); err == nil || !strings.Contains(err.Error(), "MANIFEST sync failed: boom") {
+		t.Errorf("backend after Fatalf: %v; want it failed with the message", err)
+	}
+	if !d.fatal.Load() {
+		t.Error("backend not marked as failed fatally")
+	}
+
+	returned := make(chan bool, 1)
+	go func() {
+		defer func() { returned <- false }()
+		l.Fatalf("flush failed: %v", syscall.ENOSPC)
+		returned <- true
+	}()
+	if <-returned {
+		t.Error("Fatalf returned on another goroutine")
+	}
+	if !strings.Contains(logs.String(), "MANIFEST sync failed: boom") {
+		t.Errorf("Fatalf did not log the message; log:\n%s", logs.String())
+	}
 }
 
 // syncWriter is a log destination safe for Pebble's goroutines to write to.

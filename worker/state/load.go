@@ -262,8 +262,13 @@ func (l *Loader) ingestTable() error {
 		return err
 	}
 	// Pebble uses the context only for tracing: an ingestion is not
-	// abandoned halfway.
-	if err := l.d.db.Ingest(context.Background(), []string{l.path}); err != nil {
+	// abandoned halfway. Its MANIFEST write failing (a full disk) is a
+	// Fatalf: recoverFatal makes it the ingestion's error.
+	ingest := func() (err error) {
+		defer recoverFatal(&err)
+		return l.d.db.Ingest(context.Background(), []string{l.path})
+	}
+	if err := ingest(); err != nil {
 		return l.d.errorf("bulk load: ingest table "+l.name, err)
 	}
 	l.ingested = true
