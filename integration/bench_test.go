@@ -601,11 +601,17 @@ func benchPollUntil(t *testing.T, c *cluster, timeout time.Duration, what string
 
 // benchJob is GET /v1/jobs/{id} with the fields the benchmarks read.
 type benchJob struct {
-	Status         string     `json:"status"`
-	Reason         string     `json:"reason"`
-	Attempt        uint64     `json:"attempt"`
-	Restarts       int        `json:"restarts"`
-	Tasks          []taskView `json:"tasks"`
+	Status   string     `json:"status"`
+	Reason   string     `json:"reason"`
+	Attempt  uint64     `json:"attempt"`
+	Restarts int        `json:"restarts"`
+	Tasks    []taskView `json:"tasks"`
+	// Recoveries are the job's recoveries, oldest first: scope "tasks"
+	// restarted only the tasks a lost worker ran, "job" every task.
+	Recoveries []struct {
+		Scope string   `json:"scope"`
+		Tasks []string `json:"tasks"`
+	} `json:"recoveries"`
 	LastCheckpoint *struct {
 		ID          uint64 `json:"id"`
 		CompletedAt string `json:"completed_at"`
@@ -776,7 +782,8 @@ func benchLogTimes(log, msg, match string) []time.Time {
 }
 
 // benchSampler polls one worker's count of the job's items applied by map
-// tasks every benchPoll, with the time of each sample.
+// tasks (those whose labels match, when the sampler was given any) every
+// benchPoll, with the time of each sample.
 type benchSampler struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
@@ -789,7 +796,8 @@ type benchSample struct {
 	applied float64
 }
 
-func benchStartSampler(c *cluster, w *workerProc, job string) *benchSampler {
+func benchStartSampler(c *cluster, w *workerProc, job string, labels ...string) *benchSampler {
+	labels = append([]string{`job="` + job + `"`, `kind="map"`}, labels...)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &benchSampler{cancel: cancel, done: make(chan struct{})}
 	go func() {
@@ -798,7 +806,7 @@ func benchStartSampler(c *cluster, w *workerProc, job string) *benchSampler {
 		defer ticker.Stop()
 		for {
 			if text, err := c.workerMetrics(w); err == nil {
-				v := benchMetric(text, "coordflow_records_in_total", `job="`+job+`"`, `kind="map"`)
+				v := benchMetric(text, "coordflow_records_in_total", labels...)
 				s.mu.Lock()
 				s.samples = append(s.samples, benchSample{at: time.Now(), applied: v})
 				s.mu.Unlock()
