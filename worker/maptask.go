@@ -335,6 +335,9 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		return fmt.Errorf("restore checkpoint %d: %w", m.restoreID, err)
 	}
 	if m.sinkSpec != nil {
+		// Neither fails for want of the sink's brokers or topic: the sink
+		// then starts held, the task runs and declines checkpoints, and the
+		// sink recovers the restored transactions before its first write.
 		m.sink, err = openSink(ctx, m.env, m.key, m.sinkSpec, m.log)
 		if err != nil {
 			return err
@@ -801,8 +804,10 @@ func (m *mapTask) carry(step alignStep) error {
 // the backend, close the epoch of changed keys, and hand the rest to the
 // snapshot goroutine. lastCompleted is the job's newest completed checkpoint
 // as the barrier carried it: a delta builds only on that one's files. A sink
-// that cannot write its outputs yet (errSinkUnavailable) declines the
-// checkpoint and the task goes on, its outputs held for a later one.
+// that cannot write its outputs yet (errSinkUnavailable: its brokers cannot
+// be reached, its topic is missing, an exactly-once sink has not recovered
+// its restored transactions) declines the checkpoint and the task goes on,
+// its outputs held for a later one.
 func (m *mapTask) capture(id, lastCompleted uint64, savepoint bool, aligned time.Duration) error {
 	var txns []*transport.SinkTxn
 	if m.sink != nil {

@@ -24,9 +24,16 @@ const (
 	sinkBatchBytes = 4 << 20
 )
 
-// sinkMaxHeld is how many outputs an exactly-once sink that cannot write
-// holds before its map task stops taking input (sink.full).
+// sinkMaxHeld is how many outputs a sink that cannot write holds before
+// its map task stops taking input (sink.full).
 const sinkMaxHeld = 50_000
+
+// sinkRetryMin and sinkRetryMax bound the backoff between a held sink's
+// tries to write again (sinkHold).
+const (
+	sinkRetryMin = 200 * time.Millisecond
+	sinkRetryMax = 5 * time.Second
+)
 
 // kafkaConfig returns the sarama configuration every task uses: a protocol
 // version kfake and real brokers since 2.8 speak, and timeouts bounded by
@@ -56,85 +63,192 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 	return c
 }
 
-// connectKafka opens a client of its own (a sink's producer is not shared,
-// unlike the sources' clients in kafkaPool) and checks that topic exists, so
-// that the task can fail with a reason an operator understands.
-func connectKafka(conf *sarama.Config, brokers []string, topic, role string) (sarama.Client, error) {
-	client, err := dialKafka(conf, brokers, topic, role)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := topicPartitions(client, topic, role, brokers); err != nil {
-		client.Close()
-		return nil, err
-	}
-	return client, nil
-}
-
-// dialKafka is connectKafka without the topic check.
-func dialKafka(conf *sarama.Config, brokers []string, topic, role string) (sarama.Client, error) {
-	if len(brokers) == 0 {
-		return nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
-	}
-	client, err := sarama.NewClient(brokers, conf)
-	if err != nil {
-		return nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
-	}
-	return client, nil
-}
-
 // sink writes a map task's outputs to the job's sink topic. Outputs are
 // buffered and sent synchronously in batches; flush returns only once the
 // broker has acknowledged everything added before it. At least once, that is
 // all: a map task flushes before it acks a checkpoint. Exactly once, the
-// records go into Kafka transactions that checkpoints commit (txnPool);
-// while the sink cannot write (txnPool.send, errSinkUnavailable) it holds
-// them, and add goes on buffering. Only the map task loop calls it.
+// records go into Kafka transactions that checkpoints commit (txnPool).
+// While the sink cannot write (its brokers cannot be reached, its topic is
+// missing, a write failed: sinkHold) it holds its outputs, flush fails with
+// errSinkUnavailable, and add goes on buffering. Only the map task loop
+// calls it.
 type sink struct {
 	client   sarama.Client
-	producer sarama.SyncProducer // at least once
+	producer sarama.SyncProducer // at least once; nil after a failed write
 	txn      *txnPool            // exactly once
+	hold     *sinkHold
 	topic    string
 	buf      []*sarama.ProducerMessage
 	bufBytes int // keys and values in buf
 	slab     outSlab
 }
 
-// openSink connects the sink of map task key. Exactly once, the caller
-// must then recover the transactions of the restored checkpoint
-// (txnPool.recover) before it adds anything; ctx is the task's, and the
-// sink's retries stop when it ends.
+// openSink creates the sink of map task key. It fails only on a spec it
+// cannot run; it does not need the sink's brokers. It looks the sink topic
+// up once (sinkHold.look: a metadata request, which fails within the Kafka
+// timeouts when no broker answers), and if that fails the sink starts
+// held: the task runs, holds its outputs and declines checkpoints until a
+// later look passes. Exactly once, the caller must then call
+// txnPool.recover, which commits the restored checkpoint's transactions
+// and fences the task's other ids, before anything is added; when the sink
+// is held, before its first write instead. ctx is the task's: the sink's
+// retries stop when it ends.
 func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
+	topic, brokers := spec.GetTopic(), spec.GetBrokers()
 	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)
-	connect := connectKafka
-	if spec.GetDelivery() != fsm.DeliveryAtLeastOnce {
-		conf.Version = txnKafkaVersion
-		// The topic is checked at the first write: a missing one is
-		// waited for, its outputs held and checkpoints declined.
-		connect = dialKafka
-	}
-	client, err := connect(conf, spec.GetBrokers(), spec.GetTopic(), "sink")
-	if err != nil {
-		return nil, err
-	}
-	s := &sink{client: client, topic: spec.GetTopic()}
 	switch spec.GetDelivery() {
 	case fsm.DeliveryAtLeastOnce:
-		if s.producer, err = sarama.NewSyncProducerFromClient(client); err != nil {
-			client.Close()
-			return nil, fmt.Errorf("sink topic %q: create producer: %w", spec.GetTopic(), err)
-		}
 	case fsm.DeliveryExactlyOnce, "":
 		if spec.GetTransactionalIdPrefix() == "" || spec.GetTransactionTimeoutMs() <= 0 || spec.GetCheckpointTimeoutMs() <= 0 {
-			client.Close()
 			return nil, fmt.Errorf("deploy of map task %s: exactly-once sink without transactional_id_prefix, transaction_timeout_ms or checkpoint_timeout_ms", key.id)
 		}
-		s.txn = newTxnPool(ctx, env, key.job, key.id, spec, client, log)
+		conf.Version = txnKafkaVersion
 	default:
-		client.Close()
 		return nil, fmt.Errorf("deploy of map task %s: sink delivery %q: want %q or %q", key.id, spec.GetDelivery(), fsm.DeliveryExactlyOnce, fsm.DeliveryAtLeastOnce)
 	}
+	if len(brokers) == 0 {
+		return nil, fmt.Errorf("sink topic %q: no brokers given", topic)
+	}
+	// With Metadata.Full off (kafkaConfig), NewClient sends nothing: it
+	// fails on a bad configuration only, and each request connects itself.
+	client, err := sarama.NewClient(brokers, conf)
+	if err != nil {
+		return nil, fmt.Errorf("sink topic %q: Kafka client for brokers %v: %w", topic, brokers, err)
+	}
+	s := &sink{client: client, topic: topic, hold: &sinkHold{ctx: ctx, log: log, client: client, topic: topic, brokers: brokers}}
+	if err := s.hold.look(); err != nil {
+		_ = s.hold.fail(err, time.Now())
+	}
+	if spec.GetDelivery() == fsm.DeliveryAtLeastOnce {
+		return s, nil
+	}
+	s.txn = newTxnPool(ctx, env, key.job, key.id, spec, client, s.hold, log)
 	return s, nil
+}
+
+// sinkHold is how a sink that cannot write holds its outputs and tries
+// again. Before its first write, and before the first after a failed one,
+// a sink looks its topic up (look: a metadata request, which passes once a
+// broker answers and the topic exists); an exactly-once sink then starts
+// (txnPool.start: the restored transactions are recovered first) and makes
+// its producer ready again. While any of that fails, or a write did, the
+// sink is held: flush fails with errSinkUnavailable, which says why, and
+// tries again at a backoff from sinkRetryMin to sinkRetryMax.
+//
+// Only the task loop calls it. The first look, at the task's start, is
+// waited for; the ones of a held sink run in the background, so that a
+// broker that does not answer at all (each dial waits for -kafka-timeout,
+// and a metadata request tries three times) never blocks the task loop.
+type sinkHold struct {
+	ctx     context.Context
+	log     *slog.Logger
+	client  sarama.Client
+	topic   string
+	brokers []string
+	// seen: a look passed, and no write failed since.
+	seen bool
+	// looking has the answer of the look under way; nil if none.
+	looking chan error
+	// down is why the sink cannot write, wrapping errSinkUnavailable; nil
+	// while it can. The sink tries again at retryAt.
+	down    error
+	retryAt time.Time
+	backoff time.Duration
+}
+
+// due returns why the sink is held until its next try is due, and nil once
+// it is (or when the sink is not held).
+func (h *sinkHold) due(now time.Time) error {
+	if h.down != nil && now.Before(h.retryAt) {
+		return h.down
+	}
+	return nil
+}
+
+// look returns nil when the sink may write as far as its topic goes: a
+// look passed and no write failed since. Otherwise it looks the topic up:
+// a look of a held sink runs in the background, and until its answer is in
+// look returns h.down; the first look, of a sink that is not held, is
+// waited for. It returns why the look failed: the brokers did not answer,
+// or the topic does not exist.
+func (h *sinkHold) look() error {
+	if h.seen {
+		return nil
+	}
+	if h.looking == nil {
+		answer := make(chan error, 1)
+		h.looking = answer
+		client, topic, brokers := h.client, h.topic, h.brokers
+		go func() { answer <- lookTopic(client, topic, brokers) }()
+	}
+	var err error
+	if h.down == nil {
+		select {
+		case err = <-h.looking:
+		case <-h.ctx.Done():
+			return fmt.Errorf("sink topic %q: look-up: %w", h.topic, h.ctx.Err())
+		}
+	} else {
+		select {
+		case err = <-h.looking:
+		default:
+			return h.down
+		}
+	}
+	h.looking = nil
+	if err != nil {
+		return err
+	}
+	h.seen = true
+	return nil
+}
+
+// lookTopic asks the brokers of client for topic's partitions, which takes
+// a broker that answers and a topic that exists.
+func lookTopic(client sarama.Client, topic string, brokers []string) error {
+	err := client.RefreshMetadata(topic)
+	var parts []int32
+	if err == nil {
+		parts, err = client.Partitions(topic)
+	}
+	switch {
+	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || err == nil && len(parts) == 0:
+		return fmt.Errorf("sink topic %q does not exist", topic)
+	case err != nil && sinkUnreachable(err):
+		return fmt.Errorf("sink brokers %v unreachable: %w", brokers, err)
+	case err != nil:
+		return fmt.Errorf("sink topic %q: read partitions: %w", topic, err)
+	}
+	return nil
+}
+
+// lost says a write failed: the topic is looked up again before the next.
+func (h *sinkHold) lost() { h.seen = false }
+
+// fail holds the sink for cause, schedules its next try and returns the
+// error flush fails with: cause, wrapping errSinkUnavailable. An error that
+// says the sink is held already is returned as it is.
+func (h *sinkHold) fail(cause error, now time.Time) error {
+	if errors.Is(cause, errSinkUnavailable) {
+		return cause
+	}
+	if h.down == nil {
+		h.backoff = sinkRetryMin
+		h.log.Warn("sink cannot write: holding its outputs and declining checkpoints until it can", "topic", h.topic, "brokers", h.brokers, "err", cause)
+	} else {
+		h.backoff = min(2*h.backoff, sinkRetryMax)
+	}
+	h.down = fmt.Errorf("%w: %w", cause, errSinkUnavailable)
+	h.retryAt = now.Add(h.backoff)
+	return h.down
+}
+
+// ok says the sink wrote, or is ready to: it is held no more.
+func (h *sinkHold) ok() {
+	if h.down != nil {
+		h.log.Info("sink writes again", "topic", h.topic, "was", h.down)
+		h.down = nil
+	}
 }
 
 // add buffers out, sending the buffer when it is full. Outputs a sink
@@ -204,28 +318,67 @@ func (sl *outSlab) copy(b []byte) []byte {
 func (s *sink) full() bool { return len(s.buf) >= sinkMaxHeld }
 
 // flush sends the buffered outputs and waits for the broker's acks. With
-// errSinkUnavailable the outputs stay buffered, to be sent again.
+// errSinkUnavailable the outputs stay buffered, to be sent again; any other
+// error fails the task.
 func (s *sink) flush() error {
-	if len(s.buf) == 0 {
-		return nil
-	}
 	if s.txn != nil {
+		// With nothing buffered too: a held exactly-once sink tries again
+		// at the flush ticks, so that it gets ready, and checkpoints
+		// complete again, without new outputs (txnPool.send).
 		if err := s.txn.send(s.buf); err != nil {
 			return err
 		}
 		s.buf, s.bufBytes = nil, 0
 		return nil
 	}
+	if len(s.buf) == 0 {
+		return nil
+	}
+	now := time.Now()
+	if err := s.hold.due(now); err != nil {
+		return err
+	}
+	if err := s.hold.look(); err != nil {
+		return s.hold.fail(err, now)
+	}
+	if s.producer == nil {
+		p, err := sarama.NewSyncProducerFromClient(s.client)
+		if err != nil {
+			return fmt.Errorf("sink topic %q: create producer: %w", s.topic, err)
+		}
+		s.producer = p
+	}
 	msgs := s.buf
-	s.buf, s.bufBytes = nil, 0
-	if err := s.producer.SendMessages(msgs); err != nil {
-		var perrs sarama.ProducerErrors
-		if errors.As(err, &perrs) && len(perrs) > 0 {
-			return fmt.Errorf("sink topic %q: %d of %d records not written, first: %w", s.topic, len(perrs), len(msgs), perrs[0].Err)
+	err := s.producer.SendMessages(msgs)
+	if err == nil {
+		s.buf, s.bufBytes = nil, 0
+		s.hold.ok()
+		return nil
+	}
+	first := err
+	var perrs sarama.ProducerErrors
+	if errors.As(err, &perrs) && len(perrs) > 0 {
+		first = perrs[0].Err
+	}
+	if !sinkUnreachable(err) {
+		if len(perrs) > 0 {
+			return fmt.Errorf("sink topic %q: %d of %d records not written, first: %w", s.topic, len(perrs), len(msgs), first)
 		}
 		return fmt.Errorf("sink topic %q: %w", s.topic, err)
 	}
-	return nil
+	// Every record is held and sent again, also those written: at least
+	// once allows the duplicates, and a consumer still sees each key's
+	// outputs end with its last. The next write gets a new producer:
+	// sarama's keeps failing a partition for 10 s after three failed
+	// leader look-ups (its circuit breaker), however soon the broker is
+	// back.
+	for i, m := range msgs {
+		msgs[i] = &sarama.ProducerMessage{Topic: m.Topic, Key: m.Key, Value: m.Value}
+	}
+	_ = s.producer.Close()
+	s.producer = nil
+	s.hold.lost()
+	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(msgs), first), now)
 }
 
 // close drops unflushed outputs (they belong to no completed checkpoint and
@@ -233,8 +386,17 @@ func (s *sink) flush() error {
 func (s *sink) close() {
 	if s.txn != nil {
 		s.txn.close()
-	} else {
+	} else if s.producer != nil {
 		_ = s.producer.Close()
+	}
+	if answer := s.hold.looking; answer != nil {
+		// A look is under way on the client: it closes once the look has
+		// its answer (within the client's metadata timeout).
+		go func() {
+			<-answer
+			_ = s.client.Close()
+		}()
+		return
 	}
 	_ = s.client.Close()
 }

@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"time"
 
@@ -59,20 +61,14 @@ var txnKafkaVersion = sarama.V3_0_0_0
 // its transactional id, so this task is a zombie.
 var errFenced = errors.New("fenced by a newer attempt of the task")
 
-// errSinkUnavailable is wrapped by the errors of send and preCommit when the
-// sink cannot write now (its topic is missing or was deleted, or a write
-// failed before the open transaction had any record): the caller keeps the
-// records, declines the checkpoint and goes on; send tries again after a
-// backoff. Nothing is lost: no transaction holds any of the held records.
+// errSinkUnavailable is wrapped by the errors of a sink's flush (and of
+// txnPool's send and preCommit) when the sink cannot write now: its brokers
+// cannot be reached (at the task's start too), its topic is missing or was
+// deleted, or a write failed before the open transaction had any record
+// (sinkHold). The caller keeps the records, declines the checkpoint and
+// goes on; the sink tries again after a backoff. Nothing is lost: no
+// transaction holds any of the held records.
 var errSinkUnavailable = errors.New("outputs are held and checkpoints declined until the sink can write them")
-
-// sinkRetryMin and sinkRetryMax bound the backoff between a txnPool's tries
-// to write again once it is unavailable. Each try is a metadata refresh of
-// the topic on the task loop.
-const (
-	sinkRetryMin = 200 * time.Millisecond
-	sinkRetryMax = 5 * time.Second
-)
 
 // errNoFreeTxn is returned by preCommit when every transactional id of the
 // task is still needed: the checkpoint is declined and the open transaction
@@ -108,6 +104,10 @@ type txnSlot struct {
 	// it is initialised again (a new epoch) before the id is reused, so a
 	// late commit of the old transaction can never commit a new one.
 	stale bool
+	// checkFence: a write of the open transaction failed without an answer
+	// from Kafka; before its new epoch, ready asks the broker whether the
+	// id still has this one.
+	checkFence bool
 }
 
 // txnPool is the exactly-once part of a sink. Outputs go into the open
@@ -140,21 +140,35 @@ type txnPool struct {
 	counts *prometheus.CounterVec // outcome
 	fenced prometheus.Counter
 	now    func() time.Time
-	// seen: the topic existed at the last check; send checks it before the
-	// first write and after every failed one.
-	seen bool
-	// down is why the sink cannot write, nil while it can (errSinkUnavailable);
-	// send tries again at retryAt, then after twice backoff.
-	down    error
-	retryAt time.Time
-	backoff time.Duration
+	// hold is the sink's: whether it may write, and when it tries again.
+	hold *sinkHold
+	// restore is the recovery recover asked for and start has not finished
+	// yet (the brokers could not be reached); nil once done. Nothing is
+	// written before it is done.
+	restore *txnRecovery
+}
+
+// txnRecovery is what is left of a restore's recovery (txnPool.recover):
+// the transactions of the restored checkpoint to commit, then the ids to
+// fence. Each step done is dropped, so that a recovery the brokers broke
+// off goes on where it stopped; doing one again would be harmless anyway
+// (committing twice succeeds, fencing twice bumps the epoch once more).
+type txnRecovery struct {
+	commit []*transport.SinkTxn
+	fence  []string
+	// held are the ids of the listed transactions: left alone until a
+	// checkpoint of this attempt completes.
+	held map[string]bool
 }
 
 // txnID is the transactional id of slot i of task: the same in every attempt,
 // so that a new attempt fences the producers of the old one.
 func txnID(prefix, task string, i int) string { return fmt.Sprintf("%s-%s-%d", prefix, task, i) }
 
-func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *transport.SinkSpec, admin sarama.Client, log *slog.Logger) *txnPool {
+// newTxnPool returns the pool of map task task of job, which writes through
+// admin's brokers and holds its outputs by hold (the sink's). It connects
+// nothing: recover starts it.
+func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *transport.SinkSpec, admin sarama.Client, hold *sinkHold, log *slog.Logger) *txnPool {
 	p := &txnPool{
 		ctx:         ctx,
 		log:         log,
@@ -166,6 +180,7 @@ func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *trans
 		timeout:     time.Duration(spec.GetTransactionTimeoutMs()) * time.Millisecond,
 		ckptTimeout: time.Duration(spec.GetCheckpointTimeoutMs()) * time.Millisecond,
 		admin:       admin,
+		hold:        hold,
 		counts:      env.metrics.sinkTxns.MustCurryWith(prometheus.Labels{"job": job}),
 		fenced:      env.metrics.sinkFenced.WithLabelValues(job),
 		now:         time.Now,
@@ -182,32 +197,69 @@ func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *trans
 // whose state this task restored, which aborts their open transactions and
 // fences their producers. The ids of the committed transactions are left
 // alone until a checkpoint of this attempt completes, so that a restore
-// from the same checkpoint commits them again harmlessly.
+// from the same checkpoint commits them again harmlessly. Then it opens
+// the first transaction.
+//
+// The caller calls it once, before anything is added to the sink. When the
+// sink is held (its brokers cannot be reached, or its topic is missing),
+// recover returns nil and the recovery waits: start does it before the
+// first write, which waits for it, and every checkpoint is declined until
+// then, so that a checkpoint that does not list the restored transactions
+// never completes before they are committed. It fails for what waiting
+// would not change (sinkUnreachable): the task then fails with the reason.
 func (p *txnPool) recover(restored []*transport.SinkTxn, tasks []string) error {
-	held := make(map[string]bool)
+	r := &txnRecovery{commit: slices.Clone(restored), held: make(map[string]bool)}
 	for _, t := range restored {
-		if err := p.commitRestored(t); err != nil {
-			return err
-		}
-		held[t.GetTransactionalId()] = true
+		r.held[t.GetTransactionalId()] = true
 	}
 	for _, task := range tasks {
 		for i := range txnSlots {
-			id := txnID(p.prefix, task, i)
-			if held[id] {
-				continue
+			if id := txnID(p.prefix, task, i); !r.held[id] {
+				r.fence = append(r.fence, id)
 			}
-			if err := p.fence(id); err != nil {
+		}
+	}
+	p.restore = r
+	if p.hold.down != nil {
+		p.log.Warn("sink brokers or topic unavailable at the task's start: the restored checkpoint's transactions are recovered before the first write",
+			"checkpoint_transactions", len(restored), "brokers", p.brokers, "err", p.hold.down)
+		return nil
+	}
+	if err := p.ready(); err != nil && !errors.Is(err, errSinkUnavailable) {
+		return err
+	}
+	return nil
+}
+
+// start does what must precede the pool's first write once its brokers
+// answer: the recovery recover left (commit, then fence), then the first
+// open transaction. A step that fails is tried again at the next start;
+// one done is not done again.
+func (p *txnPool) start() error {
+	if r := p.restore; r != nil {
+		for len(r.commit) > 0 {
+			if err := p.commitRestored(r.commit[0]); err != nil {
 				return err
 			}
+			r.commit = r.commit[1:]
 		}
-	}
-	for _, s := range p.slots {
-		if held[s.id] {
-			s.state, s.stale = slotCommitted, true
+		for len(r.fence) > 0 {
+			if err := p.fence(r.fence[0]); err != nil {
+				return err
+			}
+			r.fence = r.fence[1:]
 		}
+		for _, s := range p.slots {
+			if r.held[s.id] {
+				s.state, s.stale = slotCommitted, true
+			}
+		}
+		p.restore = nil
 	}
-	return p.openNext()
+	if p.cur == nil {
+		return p.openNext()
+	}
+	return nil
 }
 
 // commitRestored commits a transaction a restored checkpoint lists, with
@@ -357,8 +409,9 @@ func (p *txnPool) fence(id string) error {
 
 // retry calls do until it answers with anything but a transport error or a
 // retriable Kafka error, backing off between calls, for up to twice
-// cfg.KafkaTimeout; it returns the last error then. It stops at once when
-// the task's context ends. do gets a context that ends with the retries.
+// cfg.KafkaTimeout; it returns the last error then, as a retriesExhausted.
+// It stops at once when the task's context ends. do gets a context that
+// ends with the retries.
 func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
 	ctx, cancel := context.WithTimeout(p.ctx, 2*p.cfg.KafkaTimeout)
 	defer cancel()
@@ -381,7 +434,7 @@ func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama
 			if p.ctx.Err() != nil {
 				return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", p.ctx.Err(), err)
 			}
-			return 0, err
+			return 0, &retriesExhausted{err: err}
 		case <-wait.C:
 		}
 		backoff = min(2*backoff, time.Second)
@@ -397,6 +450,70 @@ func retriableTxnErr(kerr sarama.KError) bool {
 		return true
 	}
 	return false
+}
+
+// retriesExhausted is how retry gives up: err, the last error of a request
+// that failed only in ways that waiting may cure (a transport error, a
+// Kafka error retriableTxnErr accepts) until its retries ran out. Its text
+// is err's.
+type retriesExhausted struct{ err error }
+
+func (e *retriesExhausted) Error() string { return e.err.Error() }
+func (e *retriesExhausted) Unwrap() error { return e.err }
+
+// sinkUnreachable reports whether err says that the sink's brokers could
+// not be reached or could not serve the request yet, which waiting may cure,
+// by the rules of retry: a request retry gave up on, a client that found no
+// broker, a broken connection, a Kafka error retriableTxnErr or Kafka
+// itself calls retriable, or a write whose every record failed so (for
+// records, only an answer says otherwise: sarama fails a record it could not
+// send with errors of its own, such as its circuit breaker's). Anything else
+// is an answer that waiting would not change: fencing, authorisation, a
+// protocol version this worker does not know, a transaction the broker
+// will not commit, a record too large; and a task that is stopping.
+func sinkUnreachable(err error) bool {
+	var exhausted *retriesExhausted
+	var perrs sarama.ProducerErrors
+	var kerr sarama.KError
+	var nerr net.Error
+	switch {
+	case err == nil, errors.Is(err, errFenced), errors.Is(err, context.Canceled):
+		return false
+	case errors.As(err, &exhausted):
+		return true
+	case errors.As(err, &perrs) && len(perrs) > 0:
+		return !slices.ContainsFunc(perrs, func(e *sarama.ProducerError) bool { return recordRefused(e.Err) })
+	case errors.Is(err, sarama.ErrOutOfBrokers), errors.Is(err, sarama.ErrNotConnected),
+		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &nerr):
+		return true
+	case errors.As(err, &kerr):
+		return retriableKafkaErr(kerr)
+	}
+	return false
+}
+
+// recordRefused reports whether a record failed with err for good: a
+// broker answered with a Kafka error that is not retriable, or sarama could
+// not encode it.
+func recordRefused(err error) bool {
+	var kerr sarama.KError
+	var enc sarama.PacketEncodingError
+	var conf sarama.ConfigurationError
+	switch {
+	case errors.As(err, &kerr):
+		return !retriableKafkaErr(kerr)
+	case errors.As(err, &enc), errors.As(err, &conf):
+		return true
+	}
+	return false
+}
+
+// retriableKafkaErr reports whether a request that failed with kerr may
+// succeed when sent again: retriableTxnErr's, and those Kafka documents as
+// retriable (a partition without leader, a topic the broker does not know
+// yet, a timeout, too few replicas in sync...).
+func retriableKafkaErr(kerr sarama.KError) bool {
+	return retriableTxnErr(kerr) || kerrors.IsRetriable(kafkaErr(kerr))
 }
 
 // atCoordinator turns a request to id's transaction coordinator into a
@@ -547,22 +664,33 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 
 // send writes msgs in the open transaction and waits for the broker's acks.
 //
-// When the sink cannot write and the open transaction has no record yet
-// (the topic is missing: at the task's start, or deleted since its last
-// transaction), send fails with errSinkUnavailable and nothing is lost:
-// msgs are replaced by fresh copies (sarama keeps per-send state in
-// messages it failed) for the caller to hold and send again, and the open
-// transaction's producer gets a new epoch before the next write, which
-// aborts whatever part of msgs reached the broker. Until the next try, at a
-// backoff, send fails at once. A write that fails after the open
-// transaction has records cannot be made good without them, and fails the
-// task: the restore from the last completed checkpoint writes them again.
+// While the sink is held (sinkHold: its brokers cannot be reached, at the
+// task's start too; its topic is missing; a write failed), send fails with
+// errSinkUnavailable and nothing is lost: the caller holds msgs and sends
+// them again. send tries again at the hold's backoff, with msgs empty too,
+// so that a held sink with nothing to write gets ready (start: the
+// restored transactions recovered first) and lets checkpoints complete.
+// A write fails that way only while the open transaction has no record
+// yet: msgs are then replaced by fresh copies (sarama keeps per-send state
+// in messages it failed), and the open transaction's producer gets a new
+// epoch before the next write, which aborts whatever part of msgs reached
+// the broker. A write that fails after the open transaction has records
+// cannot be made good without them, and fails the task: the restore from
+// the last completed checkpoint writes them again. So does an error that
+// waiting would not change (sinkUnreachable) on the way to the next write.
 func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
-	if p.down != nil && p.now().Before(p.retryAt) {
-		return p.down
+	if len(msgs) == 0 && p.hold.down == nil {
+		return nil
+	}
+	if err := p.hold.due(p.now()); err != nil {
+		return err
 	}
 	if err := p.ready(); err != nil {
-		return p.unavailable(err)
+		return err
+	}
+	if len(msgs) == 0 {
+		p.hold.ok()
+		return nil
 	}
 	s := p.cur
 	start := p.now()
@@ -571,17 +699,20 @@ func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
 		if !s.wrote {
 			s.wrote, s.began = true, start
 		}
-		if p.down != nil {
-			p.log.Info("sink writes again", "topic", p.topic, "was", p.down)
-			p.down = nil
-		}
+		p.hold.ok()
 		return nil
 	}
 	what := fmt.Sprintf("write %d records", len(msgs))
-	if s.wrote || p.fencedOut(s, err) {
+	// A write no broker answered says nothing of fencing, and asking now
+	// (describe) would block the task loop for the request's retries: ready
+	// asks once the brokers answer again, before the producer gets a new
+	// epoch.
+	unanswered := sinkUnreachable(err)
+	if s.wrote || isFenced(err) || !unanswered && p.fencedOut(s, err) {
 		return p.producerErr(s, what, err)
 	}
-	s.stale, p.seen = true, false
+	s.stale, s.checkFence = true, unanswered
+	p.hold.lost()
 	for i, m := range msgs {
 		msgs[i] = &sarama.ProducerMessage{Topic: m.Topic, Key: m.Key, Value: m.Value}
 	}
@@ -592,48 +723,70 @@ func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
 	return p.unavailable(fmt.Errorf("sink topic %q: %s: %w", p.topic, what, err))
 }
 
-// ready prepares the next write after the sink was unavailable or before
-// its first: the topic must exist, and a producer a failed write left in
-// error gets a new epoch and a new transaction.
+// ready prepares the next write after the sink was held or before its
+// first: the topic must answer (sinkHold.look), the pool must have started
+// (start: the restored transactions recovered, a transaction open), and a
+// producer a failed write left in error gets a new epoch and a new
+// transaction. It returns errSinkUnavailable while the sink must go on
+// holding, and any other error when the task must fail.
 func (p *txnPool) ready() error {
-	if !p.seen {
-		if _, err := topicPartitions(p.admin, p.topic, "sink", p.brokers); err != nil {
-			return err
-		}
-		p.seen = true
+	if err := p.hold.look(); err != nil {
+		return p.unavailable(err)
 	}
-	if s := p.cur; s.stale {
+	if err := p.start(); err != nil {
+		return p.heldFor(err)
+	}
+	s := p.cur
+	if s.checkFence {
+		// A write failed without an answer: the id may have moved on
+		// meanwhile. Initialising it again would fence whoever took it.
+		st, err := p.describe(s.id)
+		if err != nil {
+			return p.heldFor(err)
+		}
+		if st.ProducerID != s.pid || st.ProducerEpoch != s.epoch {
+			p.fenced.Inc()
+			return fmt.Errorf("sink transactional id %s: producer id %d epoch %d now, not %d epoch %d: %w, or the broker aborted its transaction at the transaction timeout, while the sink could not reach it",
+				s.id, st.ProducerID, st.ProducerEpoch, s.pid, s.epoch, errFenced)
+		}
+		s.checkFence = false
+	}
+	if s.stale {
 		// Stale until the new transaction has begun: initSlot may fail
 		// after it replaced the producer.
-		if err := p.initSlot(s); err != nil {
-			s.stale = true
-			return err
+		err := p.initSlot(s)
+		if err == nil {
+			if err = s.producer.BeginTxn(); err != nil {
+				err = p.producerErr(s, "begin transaction", err)
+			}
 		}
-		if err := s.producer.BeginTxn(); err != nil {
+		if err != nil {
 			s.stale = true
-			return p.producerErr(s, "begin transaction", err)
+			return p.heldFor(err)
 		}
 		s.wrote, s.began = false, time.Time{}
 	}
 	return nil
 }
 
-// unavailable records cause as why the sink cannot write, schedules the
-// next try and returns the error send fails with. A fenced producer is not
-// a cause to wait out: it is returned as it is.
+// heldFor is what ready returns when a step on the way to the next write
+// failed with err: the sink is held if waiting may cure err
+// (sinkUnreachable), and the task fails with err otherwise.
+func (p *txnPool) heldFor(err error) error {
+	if errors.Is(err, errSinkUnavailable) || !sinkUnreachable(err) {
+		return err
+	}
+	return p.hold.fail(fmt.Errorf("sink brokers %v unreachable: %w", p.brokers, err), p.now())
+}
+
+// unavailable holds the sink for cause (sinkHold.fail) and returns the
+// error send fails with. A fenced producer is not a cause to wait out: it
+// is returned as it is, and so is an error that says the sink is held.
 func (p *txnPool) unavailable(cause error) error {
-	if errors.Is(cause, errFenced) {
+	if errors.Is(cause, errFenced) || errors.Is(cause, errSinkUnavailable) {
 		return cause
 	}
-	if p.down == nil {
-		p.backoff = sinkRetryMin
-		p.log.Warn("sink cannot write: holding its outputs and declining checkpoints until it can", "topic", p.topic, "err", cause)
-	} else {
-		p.backoff = min(2*p.backoff, sinkRetryMax)
-	}
-	p.down = fmt.Errorf("%w: %w", cause, errSinkUnavailable)
-	p.retryAt = p.now().Add(p.backoff)
-	return p.down
+	return p.hold.fail(cause, p.now())
 }
 
 // checkAge fails when the oldest transaction the next snapshot would list
@@ -655,11 +808,12 @@ func (p *txnPool) checkAge() error {
 // are flushed already) and opens the next one. It returns the transactions
 // the snapshot must list: every pre-committed one not yet committed. With
 // errNoFreeTxn the caller declines the checkpoint and the open transaction
-// goes on; so it does with errSinkUnavailable, while the sink cannot
-// write; any other error fails the task.
+// goes on; so it does with errSinkUnavailable, while the sink is held
+// (which it is until it has started: a checkpoint must not complete before
+// the restored transactions are committed); any other error fails the task.
 func (p *txnPool) preCommit(id uint64) ([]*transport.SinkTxn, error) {
-	if p.down != nil {
-		return nil, p.down
+	if p.hold.down != nil {
+		return nil, p.hold.down
 	}
 	if err := p.checkAge(); err != nil {
 		return nil, err
@@ -720,9 +874,16 @@ func (p *txnPool) completed(id uint64) error {
 		if s.state == slotCommitted && s.freeAfter != 0 && s.freeAfter <= id {
 			s.state = slotFree
 			// A new epoch now, off the barrier's path: the next barrier
-			// opens a transaction on it at once.
+			// opens a transaction on it at once. Without brokers, later:
+			// openNext initialises a stale slot before it opens it, and
+			// a completion with nothing to commit is no reason to fail.
 			if err := p.initSlot(s); err != nil {
-				return err
+				if !sinkUnreachable(err) {
+					return err
+				}
+				s.stale = true
+				p.log.Warn("sink brokers unreachable: a free transactional id gets its new epoch when it is next used",
+					"transactional_id", s.id, "err", err)
 			}
 		}
 	}
