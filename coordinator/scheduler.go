@@ -429,6 +429,7 @@ func (l *leader) tryDeploy(js *jobState, now time.Time) {
 	}
 	js.lookup = true
 	src, sink, id, attempt := js.spec.Source, js.spec.Sink, js.id, js.attempt
+	log := l.jobLogger(js)
 	l.lookups.Add(1)
 	go func() {
 		defer l.lookups.Done()
@@ -436,7 +437,11 @@ func (l *leader) tryDeploy(js *jobState, now time.Time) {
 		defer cancel()
 		n, err := l.env.partitions(ctx, src.Brokers, src.Topic)
 		if err == nil && sink != nil && sink.Delivery != fsm.DeliveryAtLeastOnce && l.env.checkSink != nil {
-			err = l.env.checkSink(ctx, sink.Brokers)
+			if cerr := l.env.checkSink(ctx, sink.Brokers); errors.Is(cerr, errSinkUnreachable) {
+				log.Warn("deploying without knowing whether the sink brokers support transactions: its map tasks hold their outputs and decline checkpoints until the brokers answer", "err", cerr)
+			} else {
+				err = cerr
+			}
 		}
 		l.post(l.ctx, partitionsResult{jobID: id, attempt: attempt, n: n, err: err})
 	}()

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -74,6 +75,13 @@ func fsmSinkTxns(txns []*transport.SinkTxn) []fsm.SinkTxn {
 // producer id and epoch.
 var txnAPIs = map[int16]string{22: "InitProducerId", 24: "AddPartitionsToTxn", 26: "EndTxn", 65: "DescribeTransactions"}
 
+// errSinkUnreachable is wrapped by kafkaSinkCheck's error when no sink
+// broker answered: whether they support transactions is then unknown, and
+// the deploy goes on. Its map tasks hold their outputs and decline
+// checkpoints, naming the brokers, until the brokers answer (issue 7: a
+// broker down is a decline, not a job that cannot start).
+var errSinkUnreachable = errors.New("sink brokers unreachable")
+
 // kafkaSinkCheck asks an exactly-once sink's brokers which requests they
 // support, so that a broker without transactions fails the job at deploy
 // time with a reason rather than each map task at its first write.
@@ -81,16 +89,16 @@ func kafkaSinkCheck(ctx context.Context, brokers []string) error {
 	addrs := strings.Join(brokers, ",")
 	client, err := sarama.NewClient(brokers, lookupConfig(ctx, sarama.V2_8_0_0))
 	if err != nil {
-		return fmt.Errorf("sink brokers %s unreachable: %w", addrs, err)
+		return fmt.Errorf("%w: %s: %w", errSinkUnreachable, addrs, err)
 	}
 	defer client.Close()
 	b := client.LeastLoadedBroker()
 	if b == nil {
-		return fmt.Errorf("sink brokers %s unreachable: no broker connected", addrs)
+		return fmt.Errorf("%w: %s: no broker connected", errSinkUnreachable, addrs)
 	}
 	resp, err := b.ApiVersions(&sarama.ApiVersionsRequest{})
 	if err != nil {
-		return fmt.Errorf("sink brokers %s: ApiVersions: %w", addrs, err)
+		return fmt.Errorf("%w: %s: ApiVersions: %w", errSinkUnreachable, addrs, err)
 	}
 	have := make(map[int16]bool)
 	for _, k := range resp.ApiKeys {

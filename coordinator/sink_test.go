@@ -2,6 +2,9 @@ package coordinator
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -216,5 +219,55 @@ func TestSinkTransactionsAbortOnABrokerWithAnOlderInitProducerId(t *testing.T) {
 	}
 	if txns, err = sinkTransactions(ctx, job, false, time.Now()); err != nil || len(txns) != 0 {
 		t.Fatalf("after the abort: %+v, %v", txns, err)
+	}
+}
+
+// TestKafkaSinkCheckUnreachable: with no broker answering, the check says so
+// (errSinkUnreachable), naming the brokers, rather than that they lack
+// transactions.
+func TestKafkaSinkCheckUnreachable(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens there now
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err = kafkaSinkCheck(ctx, []string{addr})
+	if !errors.Is(err, errSinkUnreachable) || !strings.Contains(err.Error(), addr) {
+		t.Fatalf("check of %s with nothing listening: %v; want errSinkUnreachable naming it", addr, err)
+	}
+}
+
+// TestLeaderDeploysWhileSinkBrokersAreUnreachable: a deploy whose sink check
+// finds no broker goes on (the map tasks decline checkpoints until the
+// brokers answer), while one whose brokers answer without transactions
+// fails the job with that reason.
+func TestLeaderDeploysWhileSinkBrokersAreUnreachable(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		err     error
+		deploys bool
+	}{
+		{"unreachable", fmt.Errorf("%w: 127.0.0.1:9092: dial tcp: connection refused", errSinkUnreachable), true},
+		{"no transactions", errors.New(`sink brokers 127.0.0.1:9092 do not support Kafka transactions (no EndTxn)`), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newLeaderHarness(t)
+			h.env.checkSink = func(context.Context, []string) error { return tc.err }
+			h.newTerm()
+			h.register("j1", testJobSpec(1, 1)) // exactly-once sink by default
+			h.connect("w1", 4)
+			h.pastGrace()
+			h.step()
+			j := h.job("j1")
+			switch {
+			case tc.deploys && (j.Status != fsm.JobRunning || j.Attempt != 1):
+				t.Fatalf("status %s attempt %d reason %q; want deployed although the sink brokers were unreachable", j.Status, j.Attempt, j.Reason)
+			case !tc.deploys && (j.Status != fsm.JobFailing || !strings.Contains(j.Reason, "do not support Kafka transactions")):
+				t.Fatalf("status %s reason %q; want failing with the check's reason", j.Status, j.Reason)
+			}
+		})
 	}
 }
