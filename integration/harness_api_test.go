@@ -359,6 +359,48 @@ func (c *cluster) getCheckpoints(addr, id string) ([]checkpointView, error) {
 	return cps, err
 }
 
+// inAttempt returns nil when j runs in the attempt of was, and fails the
+// test when j restarted since: what (an outage, say) must not restart it.
+func inAttempt(t *testing.T, was, j jobView, what string) error {
+	t.Helper()
+	if j.Attempt != was.Attempt || j.Restarts != was.Restarts {
+		t.Fatalf("%s restarted the job: attempt %d (%d restarts), was %d (%d restarts); reason %q",
+			what, j.Attempt, j.Restarts, was.Attempt, was.Restarts, j.Reason)
+	}
+	if j.Status != "running" {
+		return fmt.Errorf("job is %s", j.Status)
+	}
+	return nil
+}
+
+// checkpointsSince returns the checkpoints of job triggered at since or
+// later, once job is seen running in the attempt of was (inAttempt).
+func (c *cluster) checkpointsSince(t *testing.T, job string, was jobView, since time.Time, what string) ([]checkpointView, error) {
+	t.Helper()
+	j, err := c.getJob(t, job)
+	if err != nil {
+		return nil, err
+	}
+	if err := inAttempt(t, was, j, what); err != nil {
+		return nil, err
+	}
+	cps, err := c.getCheckpoints(c.api(t), job)
+	if err != nil {
+		return nil, err
+	}
+	var out []checkpointView
+	for _, cp := range cps {
+		triggered, err := time.Parse(time.RFC3339Nano, cp.TriggerTime)
+		if err != nil {
+			return nil, fmt.Errorf("checkpoint %d: trigger time %q: %w", cp.ID, cp.TriggerTime, err)
+		}
+		if !triggered.Before(since) {
+			out = append(out, cp)
+		}
+	}
+	return out, nil
+}
+
 // waitJob polls GET /v1/jobs/{id} until cond returns nil and returns that
 // view; cond's error says why not yet.
 func (c *cluster) waitJob(t *testing.T, timeout time.Duration, id, what string, cond func(jobView) error) jobView {

@@ -68,16 +68,7 @@ func TestSinkOutageDeclinesThenResumes(t *testing.T) {
 	spec.Checkpoint.TolerableFailures = 1000
 	job := c.submitJob(t, spec)
 	start := c.waitCheckpointed(t, job)
-	sameAttempt := func(j jobView) error {
-		if j.Attempt != start.Attempt || j.Restarts != start.Restarts {
-			t.Fatalf("the sink outage restarted the job: attempt %d (%d restarts), was %d (%d restarts); reason %q",
-				j.Attempt, j.Restarts, start.Attempt, start.Restarts, j.Reason)
-		}
-		if j.Status != "running" {
-			return fmt.Errorf("job is %s", j.Status)
-		}
-		return nil
-	}
+	sameAttempt := func(j jobView) error { return inAttempt(t, start, j, "the sink outage") }
 
 	// Quiet: every output of the input so far committed.
 	soFar := countWords(before)
@@ -99,27 +90,13 @@ func TestSinkOutageDeclinesThenResumes(t *testing.T) {
 	var declined []checkpointView
 	var namesBrokers bool
 	c.waitFor(t, 2*time.Minute, "three checkpoints declined for the sink, one naming its brokers", func() (bool, error) {
-		j, err := c.getJob(t, job)
-		if err != nil {
-			return false, err
-		}
-		if err := sameAttempt(j); err != nil {
-			return false, err
-		}
-		cps, err := c.getCheckpoints(c.api(t), job)
+		cps, err := c.checkpointsSince(t, job, start, killedAt, "the sink outage")
 		if err != nil {
 			return false, err
 		}
 		declined, namesBrokers = declined[:0], false
 		var completed []uint64
 		for _, cp := range cps {
-			triggered, err := time.Parse(time.RFC3339Nano, cp.TriggerTime)
-			if err != nil {
-				return false, fmt.Errorf("checkpoint %d: trigger time %q: %w", cp.ID, cp.TriggerTime, err)
-			}
-			if triggered.Before(killedAt) {
-				continue
-			}
 			if cp.Status == "completed" {
 				completed = append(completed, cp.ID)
 			}

@@ -74,21 +74,44 @@ func TestOpenDiskEmptyName(t *testing.T) {
 	}
 }
 
-// TestDiskFullDisk fills the disk under a Disk and checks that writes then
-// fail with the file system's error and the directory.
-func TestDiskFullDisk(t *testing.T) {
-	dir := t.TempDir()
-	var full atomic.Bool
-	fs := errorfs.Wrap(vfs.Default, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if !full.Load() || !strings.HasSuffix(op.Path, ".sst") {
+// fullDisk returns a file system that, once full is set, fails with
+// ENOSPC every create, write and sync of the files whose name contains part.
+func fullDisk(part string) (fs vfs.FS, full *atomic.Bool) {
+	full = new(atomic.Bool)
+	fs = errorfs.Wrap(vfs.Default, errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if !full.Load() || !strings.Contains(filepath.Base(op.Path), part) {
 			return nil
 		}
 		switch op.Kind {
-		case errorfs.OpCreate, errorfs.OpFileWrite, errorfs.OpFileWriteAt:
+		case errorfs.OpCreate, errorfs.OpFileWrite, errorfs.OpFileWriteAt, errorfs.OpFileSync:
 			return syscall.ENOSPC
 		}
 		return nil
 	}))
+	return fs, full
+}
+
+// putUntilFail puts 4 KiB values into d until a Put fails, and returns
+// that error; it fails the test if Puts still succeed after 10 s.
+func putUntilFail(t *testing.T, d *Disk) error {
+	t.Helper()
+	value := make([]byte, 4<<10)
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; ; i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("Put still succeeds after %d writes to a full disk", i)
+		}
+		if err := d.Put(0, fmt.Appendf(nil, "key%d", i), value); err != nil {
+			return err
+		}
+	}
+}
+
+// TestDiskFullDisk fills the disk under a Disk and checks that writes then
+// fail with the file system's error and the directory.
+func TestDiskFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	fs, full := fullDisk(".sst")
 	var logs syncWriter
 	d, err := openDisk(dir, DiskOptions{
 		MemTableSize: 256 << 10,
@@ -100,15 +123,7 @@ func TestDiskFullDisk(t *testing.T) {
 	mustPut(t, d, 0, "before", "v")
 
 	full.Store(true)
-	value := make([]byte, 4<<10)
-	deadline := time.Now().Add(5 * time.Second)
-	var putErr error
-	for i := 0; putErr == nil; i++ {
-		if time.Now().After(deadline) {
-			t.Fatalf("Put still succeeds after %d writes to a full disk", i)
-		}
-		putErr = d.Put(0, fmt.Appendf(nil, "key%d", i), value)
-	}
+	putErr := putUntilFail(t, d)
 	if !errors.Is(putErr, syscall.ENOSPC) || !strings.Contains(putErr.Error(), dir) {
 		t.Errorf("Put on a full disk = %v; want ENOSPC naming %s", putErr, dir)
 	}

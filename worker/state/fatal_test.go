@@ -5,13 +5,9 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/cockroachdb/pebble/v2/vfs"
-	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 )
 
 // TestDiskFullManifest fills the disk under a Disk where Pebble cannot take
@@ -21,17 +17,7 @@ import (
 // directory and the full disk, and Close returns.
 func TestDiskFullManifest(t *testing.T) {
 	dir := t.TempDir()
-	var full atomic.Bool
-	fs := errorfs.Wrap(vfs.Default, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if !full.Load() || !strings.Contains(op.Path, "MANIFEST") {
-			return nil
-		}
-		switch op.Kind {
-		case errorfs.OpCreate, errorfs.OpFileWrite, errorfs.OpFileWriteAt, errorfs.OpFileSync:
-			return syscall.ENOSPC
-		}
-		return nil
-	}))
+	fs, full := fullDisk("MANIFEST")
 	var logs syncWriter
 	d, err := openDisk(dir, DiskOptions{
 		MemTableSize: 256 << 10,
@@ -43,15 +29,7 @@ func TestDiskFullManifest(t *testing.T) {
 	mustPut(t, d, 0, "before", "v")
 
 	full.Store(true)
-	value := make([]byte, 4<<10)
-	deadline := time.Now().Add(10 * time.Second)
-	var putErr error
-	for i := 0; putErr == nil; i++ {
-		if time.Now().After(deadline) {
-			t.Fatalf("Put still succeeds after %d writes with the MANIFEST on a full disk", i)
-		}
-		putErr = d.Put(0, fmt.Appendf(nil, "key%d", i), value)
-	}
+	putErr := putUntilFail(t, d)
 	if !errors.Is(putErr, syscall.ENOSPC) || !strings.Contains(putErr.Error(), dir) {
 		t.Errorf("Put after a fatal MANIFEST write = %v; want ENOSPC naming %s", putErr, dir)
 	}
@@ -75,16 +53,7 @@ func TestDiskFullManifest(t *testing.T) {
 // full disk as its error, naming the directory, instead of panicking.
 func TestLoadFullManifest(t *testing.T) {
 	dir := t.TempDir()
-	var full atomic.Bool
-	fs := errorfs.Wrap(vfs.Default, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if full.Load() && strings.Contains(op.Path, "MANIFEST") {
-			switch op.Kind {
-			case errorfs.OpCreate, errorfs.OpFileWrite, errorfs.OpFileWriteAt, errorfs.OpFileSync:
-				return syscall.ENOSPC
-			}
-		}
-		return nil
-	}))
+	fs, full := fullDisk("MANIFEST")
 	d, err := openDisk(dir, DiskOptions{}, fs)
 	if err != nil {
 		t.Fatal(err)
