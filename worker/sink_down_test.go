@@ -134,23 +134,24 @@ func namesBrokersOrTopic(brokers []string) func(string) bool {
 	}
 }
 
-// declineWhileDown triggers checkpoints from id+1 on until n in a row are
-// declined, each with a reason reasonOK accepts, and returns the last id.
-// A checkpoint may be acked only before the first decline, and only if its
-// source offset is at most written: every output below it is written.
-func (j *sinkJob) declineWhileDown(t *testing.T, id uint64, written int64, n int, reasonOK func(string) bool) uint64 {
+// declineWhile triggers checkpoints from id+1 on until n in a row are
+// declined, each with a reason reasonOK accepts, while the sink cannot
+// write (what says why), and returns the last id. A checkpoint may be acked
+// only before the first decline, and only if its source offset is at most
+// written: every output below it is written.
+func (j *sinkJob) declineWhile(t *testing.T, what string, id uint64, written int64, n int, reasonOK func(string) bool) uint64 {
 	t.Helper()
 	for declined := 0; declined < n; {
 		id++
 		offsets, ack, decl := j.checkpoint(t, id)
 		if ack != nil {
 			if declined > 0 || offsets[0] > written {
-				t.Fatalf("checkpoint %d acked (source offsets %v) while the sink's brokers are down", id, offsets)
+				t.Fatalf("checkpoint %d acked (source offsets %v) while %s", id, offsets, what)
 			}
 			continue
 		}
 		if !reasonOK(decl.GetReason()) {
-			t.Fatalf("checkpoint %d declined with reason %q, want one that names the sink's brokers (or topic)", id, decl.GetReason())
+			t.Fatalf("checkpoint %d declined with reason %q while %s", id, decl.GetReason(), what)
 		}
 		if declined == 0 {
 			t.Logf("checkpoint %d declined: %s", id, decl.GetReason())
@@ -158,6 +159,12 @@ func (j *sinkJob) declineWhileDown(t *testing.T, id uint64, written int64, n int
 		declined++
 	}
 	return id
+}
+
+// declineWhileDown is declineWhile while the sink's brokers are down.
+func (j *sinkJob) declineWhileDown(t *testing.T, id uint64, written int64, n int, reasonOK func(string) bool) uint64 {
+	t.Helper()
+	return j.declineWhile(t, "the sink's brokers are down", id, written, n, reasonOK)
 }
 
 // ackUntil triggers checkpoints from id+1 on until the map task acks one

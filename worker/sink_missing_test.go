@@ -61,29 +61,12 @@ func (j *sinkJob) complete(t *testing.T, id uint64) {
 	}}})
 }
 
-// declineWhileMissing triggers checkpoints from id+1 on until n in a row
-// are declined, each with a reason that names the sink topic, and returns
-// the last id. A checkpoint before the first decline may be acked only if
-// its barrier came before any new output reached the map task: its source
-// offset is at most written, below which every output is written already.
+// declineWhileMissing is declineWhile for a missing sink topic: every
+// decline names the topic.
 func (j *sinkJob) declineWhileMissing(t *testing.T, id uint64, written int64, n int) uint64 {
 	t.Helper()
-	for declined := 0; declined < n; {
-		id++
-		offsets, ack, decl := j.checkpoint(t, id)
-		if ack != nil {
-			if declined > 0 || offsets[0] > written {
-				t.Fatalf("checkpoint %d acked (source offsets %v) while the sink topic is missing", id, offsets)
-			}
-			continue
-		}
-		if reason := decl.GetReason(); !strings.Contains(reason, `sink topic "sums"`) {
-			t.Fatalf("checkpoint %d declined with reason %q, want one that names the sink topic", id, reason)
-		}
-		t.Logf("checkpoint %d declined: %s", id, decl.GetReason())
-		declined++
-	}
-	return id
+	return j.declineWhile(t, "the sink topic is missing", id, written, n,
+		func(reason string) bool { return strings.Contains(reason, `sink topic "sums"`) })
 }
 
 // checkpointUntilAcked triggers checkpoints from id+1 on until the map task

@@ -107,21 +107,29 @@ func putUntilFail(t *testing.T, d *Disk) error {
 	}
 }
 
-// TestDiskFullDisk fills the disk under a Disk and checks that writes then
-// fail with the file system's error and the directory.
-func TestDiskFullDisk(t *testing.T) {
-	dir := t.TempDir()
-	fs, full := fullDisk(".sst")
-	var logs syncWriter
+// openFilling opens a Disk with small memtables in a new directory whose
+// files named with part fail with ENOSPC once full is set (fullDisk), holding
+// the key "before" in key group 0. logs is what the Disk logged.
+func openFilling(t *testing.T, part string) (d *Disk, dir string, full *atomic.Bool, logs *syncWriter) {
+	t.Helper()
+	dir = t.TempDir()
+	fs, full := fullDisk(part)
+	logs = new(syncWriter)
 	d, err := openDisk(dir, DiskOptions{
 		MemTableSize: 256 << 10,
-		Logger:       slog.New(slog.NewTextHandler(&logs, nil)),
+		Logger:       slog.New(slog.NewTextHandler(logs, nil)),
 	}, fs)
 	if err != nil {
 		t.Fatal(err)
 	}
 	mustPut(t, d, 0, "before", "v")
+	return d, dir, full, logs
+}
 
+// TestDiskFullDisk fills the disk under a Disk and checks that writes then
+// fail with the file system's error and the directory.
+func TestDiskFullDisk(t *testing.T) {
+	d, dir, full, logs := openFilling(t, ".sst")
 	full.Store(true)
 	putErr := putUntilFail(t, d)
 	if !errors.Is(putErr, syscall.ENOSPC) || !strings.Contains(putErr.Error(), dir) {

@@ -3,7 +3,6 @@ package state
 import (
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"syscall"
 	"testing"
@@ -16,18 +15,7 @@ import (
 // survive: the backend fails, its methods return the failure naming the
 // directory and the full disk, and Close returns.
 func TestDiskFullManifest(t *testing.T) {
-	dir := t.TempDir()
-	fs, full := fullDisk("MANIFEST")
-	var logs syncWriter
-	d, err := openDisk(dir, DiskOptions{
-		MemTableSize: 256 << 10,
-		Logger:       slog.New(slog.NewTextHandler(&logs, nil)),
-	}, fs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustPut(t, d, 0, "before", "v")
-
+	d, dir, full, logs := openFilling(t, "MANIFEST")
 	full.Store(true)
 	putErr := putUntilFail(t, d)
 	if !errors.Is(putErr, syscall.ENOSPC) || !strings.Contains(putErr.Error(), dir) {
