@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
 // One client address holds at most HTTPMaxConnsPerClient connections: the
@@ -82,5 +85,69 @@ func TestHTTPMaxConnsPerClient(t *testing.T) {
 			return fmt.Errorf("after one connection closed: %q %v", st, err)
 		}
 		return nil
+	})
+}
+
+// With TLS, the bound holds too: a connection past it is closed before its
+// handshake (there is no plain-text way to answer 429 on it), and a
+// connection closed makes room for a new one.
+func TestHTTPMaxConnsPerClientTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	cfg := testConfig(t, testLogger(t), "c1")
+	cfg.BootstrapExpect = 1
+	cfg.HTTPMaxConnsPerClient = 2
+	cfg.TLS = pki.issue(tlsutil.RoleCoordinator, "c1")
+	s := startServer(t, cfg)
+	waitForLeader(t, s)
+	client := pki.config(tlsutil.Identity{Role: tlsutil.RoleClient, ID: "ops", APIRole: "operator"}).ClientConfig(tlsutil.RoleCoordinator, "")
+
+	// open makes a TLS connection and asks for the status on it; the
+	// connection stays open.
+	open := func() (*tls.Conn, error) {
+		d := &net.Dialer{Timeout: 10 * time.Second}
+		c, err := tls.DialWithDialer(d, "tcp", s.HTTPAddr(), client)
+		if err != nil {
+			return nil, err
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			c.Close()
+			return nil, err
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			c.Close()
+			return nil, fmt.Errorf("status %s", resp.Status)
+		}
+		return c, nil
+	}
+	var held []*tls.Conn
+	for i := range 2 {
+		c, err := open()
+		if err != nil {
+			t.Fatalf("connection %d: %v", i+1, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		held = append(held, c)
+	}
+	if c, err := open(); err == nil {
+		c.Close()
+		t.Fatal("a third TLS connection from one address was served; the bound is 2")
+	}
+	if n := testutil.ToFloat64(s.metrics.httpConnsRefused); n < 1 {
+		t.Fatalf("coordflow_http_connections_refused_total = %v, want at least 1", n)
+	}
+	held[0].Close()
+	waitFor(t, 10*time.Second, func() error {
+		c, err := open()
+		if err != nil {
+			return fmt.Errorf("after one connection closed: %v", err)
+		}
+		return c.Close()
 	})
 }

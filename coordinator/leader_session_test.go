@@ -142,6 +142,11 @@ type fakeWorker struct {
 	slots int
 	rpcs  []string
 
+	// blob, when set, is the size of the keyed state of each map ack: the
+	// worker sends it in state chunks, as a real worker does, when the
+	// leader takes them.
+	blob int
+
 	mu      sync.Mutex
 	running map[string]*transport.DeployTask // by task id
 	deploys int
@@ -149,8 +154,14 @@ type fakeWorker struct {
 }
 
 func startFakeWorker(t *testing.T, id string, slots int, join string, rpcs []string) *fakeWorker {
+	return startFakeWorkerBlob(t, id, slots, join, rpcs, 0)
+}
+
+// startFakeWorkerBlob starts a fake worker whose map acks carry blob bytes
+// of keyed state.
+func startFakeWorkerBlob(t *testing.T, id string, slots int, join string, rpcs []string, blob int) *fakeWorker {
 	t.Helper()
-	w := &fakeWorker{t: t, id: id, slots: slots, rpcs: rpcs, running: make(map[string]*transport.DeployTask)}
+	w := &fakeWorker{t: t, id: id, slots: slots, rpcs: rpcs, blob: blob, running: make(map[string]*transport.DeployTask)}
 
 	meta, err := transport.NodeMeta{Role: transport.RoleWorker, DataAddr: "127.0.0.1:1", Slots: slots}.Encode()
 	if err != nil {
@@ -257,14 +268,21 @@ func (w *fakeWorker) session(ctx context.Context, addr string) (string, error) {
 	if first.GetWelcome() == nil {
 		return "", fmt.Errorf("first answer %v", first)
 	}
+	chunks := first.GetWelcome().GetStateChunks()
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
 			return "", err
 		}
 		for _, out := range w.handle(msg) {
-			if err := stream.Send(out); err != nil {
-				return "", err
+			parts := []*transport.WorkerMessage{out}
+			if chunks {
+				parts = transport.SplitAck(out)
+			}
+			for _, p := range parts {
+				if err := stream.Send(p); err != nil {
+					return "", err
+				}
 			}
 		}
 	}
@@ -310,7 +328,7 @@ func (w *fakeWorker) handle(msg *transport.CoordinatorMessage) []*transport.Work
 			if ref.GetJobId() != tr.GetTask().GetJobId() || ref.GetAttempt() != tr.GetTask().GetAttempt() {
 				continue
 			}
-			out = append(out, ackMsg(ref, tr.GetCheckpointId(), fakeState(d, tr.GetCheckpointId())))
+			out = append(out, ackMsg(ref, tr.GetCheckpointId(), fakeState(d, tr.GetCheckpointId(), w.blob)))
 		}
 		return out
 	}
@@ -321,7 +339,7 @@ func ackMsg(ref *transport.TaskRef, id uint64, st *transport.TaskState) *transpo
 	return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{Task: ref, CheckpointId: id, State: st}}}
 }
 
-func fakeState(d *transport.DeployTask, id uint64) *transport.TaskState {
+func fakeState(d *transport.DeployTask, id uint64, size int) *transport.TaskState {
 	if d.GetKind() == transport.TaskKind_TASK_KIND_SOURCE {
 		offsets := make(map[int32]int64)
 		for _, p := range d.GetSource().GetPartitions() {
@@ -329,7 +347,11 @@ func fakeState(d *transport.DeployTask, id uint64) *transport.TaskState {
 		}
 		return &transport.TaskState{Kind: d.GetKind(), Offsets: offsets}
 	}
-	return keyedState(fmt.Appendf(nil, "%s@%d", d.GetTask().GetTaskId(), id))
+	blob := fmt.Appendf(nil, "%s@%d", d.GetTask().GetTaskId(), id)
+	if size > len(blob) {
+		blob = append(blob, bytes.Repeat([]byte{byte(id)}, size-len(blob))...)
+	}
+	return keyedState(blob)
 }
 
 func keyedState(blob []byte) *transport.TaskState {

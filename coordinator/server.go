@@ -203,9 +203,16 @@ func (c Config) validate() error {
 	return nil
 }
 
-// maxControlMessage bounds one control-session message (an ack with state, a
-// deployment with restore blobs). Larger state belongs in checkpoint storage.
-const maxControlMessage = 256 << 20
+// maxControlMessage bounds one message a coordinator reads from a control
+// stream, checked on its length prefix before anything is allocated for it:
+// gRPC's default, ample for a Hello of a full worker, and an ack's inline
+// state larger than a chunk comes in StateChunks (transport.SplitAck).
+const maxControlMessage = 4 << 20
+
+// maxDeployMessage bounds one message the leader sends: a deployment of a
+// map task carries every keyed blob of the checkpoint it restores.
+// Larger state belongs in checkpoint storage.
+const maxDeployMessage = 256 << 20
 
 // maxControlStreams bounds the concurrent streams of one client connection
 // to the Control service: a worker needs one session.
@@ -366,10 +373,10 @@ func NewServer(cfg Config) (_ *Server, err error) {
 		// open on one connection.
 		grpc.MaxConcurrentStreams(maxControlStreams),
 		grpc.ConnectionTimeout(handshakeTimeout),
-		// Acks carry a map task's keyed state and deployments carry every
-		// blob of a checkpoint: both can exceed gRPC's 4 MiB default.
+		// Whatever a client sends is small (acks chunk their state);
+		// deployments carry every blob of a checkpoint.
 		grpc.MaxRecvMsgSize(maxControlMessage),
-		grpc.MaxSendMsgSize(maxControlMessage),
+		grpc.MaxSendMsgSize(maxDeployMessage),
 		// Find worker connections that died without a FIN, and let workers
 		// ping to keep their session's connection alive.
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),

@@ -7,12 +7,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
@@ -37,6 +39,14 @@ const (
 	// at least: a trigger or completion and a deploy or cancel per task,
 	// with room to spare.
 	queuePerSlot = 4
+	// maxQueuedState bounds the inline state of the acks a session has read
+	// and the leader loop has not taken yet: with the inbox's bound on
+	// messages alone, a worker could queue a thousand acks of 64 MiB each.
+	maxQueuedState = 4 * fsm.MaxInlineStateBytes
+	// maxSmallMessage bounds a heartbeat, task status or decline once
+	// decoded: their only free text is a reason, which the leader logs and
+	// may keep in the job's status.
+	maxSmallMessage = 64 << 10
 )
 
 // Reasons a session ends, as its context's cause.
@@ -68,6 +78,9 @@ type session struct {
 	out      chan *transport.CoordinatorMessage
 	ctx      context.Context
 	close    context.CancelCauseFunc
+	// queued is the inline state, in bytes, of the acks between receive
+	// and the leader loop (maxQueuedState).
+	queued atomic.Int64
 }
 
 func newSession(parent context.Context, hello *transport.Hello) *session {
@@ -343,6 +356,7 @@ func welcome(l *leader) *transport.CoordinatorMessage {
 		Term:        l.env.term(),
 		LeaseMs:     l.lease.Milliseconds(),
 		HeartbeatMs: l.heartbeat.Milliseconds(),
+		StateChunks: true,
 	}}}
 }
 
@@ -375,6 +389,11 @@ func sessionError(cause error) error {
 	case errors.Is(cause, errProtocol):
 		return status.Error(codes.InvalidArgument, cause.Error())
 	}
+	// A stream gRPC broke keeps its code: ResourceExhausted for a message
+	// over maxControlMessage says what the worker did wrong.
+	if st, ok := status.FromError(cause); ok && st.Code() != codes.Unknown && st.Code() != codes.OK {
+		return status.Error(st.Code(), cause.Error())
+	}
 	return status.Error(codes.Unavailable, cause.Error())
 }
 
@@ -382,6 +401,9 @@ func sessionError(cause error) error {
 // Heartbeats are answered here, at once; everything else is queued for
 // forward, so that a leader loop stalled on a slow Raft write delays acks and
 // statuses but never the heartbeat answers that keep the worker's lease.
+// An ack's inline state larger than a chunk comes ahead of it in
+// StateChunks, which receive joins back into the ack; each message is
+// checked against its kind's bound (checkSize) before it is queued.
 func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 	inbox := make(chan leaderEvent, sess.inbox)
 	defer close(inbox)
@@ -391,6 +413,7 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 		sess.close(fmt.Errorf("%w: nothing from worker %s for %v", errSilent, sess.worker, silence))
 	})
 	defer watchdog.Stop()
+	joiner := transport.AckJoiner{Limit: fsm.MaxInlineStateBytes}
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
@@ -398,23 +421,65 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 			return
 		}
 		watchdog.Reset(silence)
-		switch m := msg.GetMsg().(type) {
-		case *transport.WorkerMessage_Heartbeat:
-			sess.send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{
-				Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()},
-			}})
-		case *transport.WorkerMessage_Status, *transport.WorkerMessage_Ack, *transport.WorkerMessage_Decline:
-			select {
-			case inbox <- workerMessage{sess: sess, msg: msg}:
-			default:
-				sess.close(fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sess.inbox))
-				return
-			}
-		default:
-			sess.close(fmt.Errorf("%w: worker %s sent %T on an open session", errProtocol, sess.worker, m))
+		if err := receiveOne(sess, &joiner, inbox, msg); err != nil {
+			sess.close(err)
 			return
 		}
 	}
+}
+
+// receiveOne handles one message of receive; an error ends the session.
+func receiveOne(sess *session, joiner *transport.AckJoiner, inbox chan<- leaderEvent, msg *transport.WorkerMessage) error {
+	if err := checkSize(msg); err != nil {
+		return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
+	}
+	switch m := msg.GetMsg().(type) {
+	case *transport.WorkerMessage_Chunk:
+		if err := joiner.Chunk(m.Chunk); err != nil {
+			return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
+		}
+		return nil
+	case *transport.WorkerMessage_Ack:
+		if err := joiner.Ack(m.Ack); err != nil {
+			return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
+		}
+	}
+	if joiner.Pending() {
+		return fmt.Errorf("%w: worker %s sent %T between an ack's state chunks", errProtocol, sess.worker, msg.GetMsg())
+	}
+	switch m := msg.GetMsg().(type) {
+	case *transport.WorkerMessage_Heartbeat:
+		sess.send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{
+			Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()},
+		}})
+		return nil
+	case *transport.WorkerMessage_Status, *transport.WorkerMessage_Ack, *transport.WorkerMessage_Decline:
+		state := int64(len(msg.GetAck().GetState().GetKeyed()))
+		if q := sess.queued.Add(state); q > maxQueuedState {
+			return fmt.Errorf("%w: worker %s has %d MiB of acked state waiting", errInboxFull, sess.worker, q>>20)
+		}
+		select {
+		case inbox <- workerMessage{sess: sess, msg: msg}:
+			return nil
+		default:
+			return fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sess.inbox)
+		}
+	default:
+		return fmt.Errorf("%w: worker %s sent %T on an open session", errProtocol, sess.worker, m)
+	}
+}
+
+// checkSize bounds each kind of worker message, past the gRPC cap that
+// every message meets before it is read (maxControlMessage): only an ack
+// carries much, and its inline state is bounded by the joiner.
+func checkSize(msg *transport.WorkerMessage) error {
+	switch msg.GetMsg().(type) {
+	case *transport.WorkerMessage_Heartbeat, *transport.WorkerMessage_Status, *transport.WorkerMessage_Decline:
+		if n := proto.Size(msg); n > maxSmallMessage {
+			return fmt.Errorf("a %T of %d bytes, over the %d bytes its kind may have", msg.GetMsg(), n, maxSmallMessage)
+		}
+	}
+	return nil
 }
 
 // silenceLimit is how long a session may go without a message from its
@@ -432,7 +497,11 @@ func (l *leader) silenceLimit() time.Duration {
 // is owned by receive and ends when receive closes inbox or the session ends.
 func forward(sess *session, l *leader, inbox <-chan leaderEvent) {
 	for ev := range inbox {
-		if !l.post(sess.ctx, ev) {
+		ok := l.post(sess.ctx, ev)
+		if wm, isMsg := ev.(workerMessage); isMsg {
+			sess.queued.Add(-int64(len(wm.msg.GetAck().GetState().GetKeyed())))
+		}
+		if !ok {
 			return
 		}
 	}

@@ -200,6 +200,15 @@ func TestSecureClusterRefusesOutsiders(t *testing.T) {
 				sendGarbage(addr, 200<<20)
 			}
 		}
+		// Past the handshake, with a real worker's certificate: a Hello of
+		// 200 MiB is refused from its length prefix, by the leader too
+		// (which would otherwise hand w1's session to it).
+		creds := credentials.NewTLS(w1.ClientConfig(tlsutil.RoleCoordinator, ""))
+		for _, cp := range []*coordProc{follower, leader} {
+			if err := helloPadded(cp.rpcAddr, creds, "w1", 200<<20); status.Code(err) != codes.ResourceExhausted {
+				t.Errorf("a Hello of 200 MiB to %s: %v, want ResourceExhausted", cp.id, err)
+			}
+		}
 		if after := rssOf(t, follower); after > before+64<<20 {
 			t.Errorf("follower %s grew from %d MiB to %d MiB after oversized messages", follower.id, before>>20, after>>20)
 		}
@@ -292,7 +301,12 @@ func tlsExchange(addr string, cfg *tls.Config) error {
 // hello opens a control session with creds and sends a Hello naming worker;
 // it returns nil when the coordinator answers.
 func hello(addr string, creds credentials.TransportCredentials, worker string) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	return helloPadded(addr, creds, worker, 0)
+}
+
+// helloPadded is hello with a Hello padded to more than pad bytes.
+func helloPadded(addr string, creds credentials.TransportCredentials, worker string, pad int) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds), grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(pad+1<<20)))
 	if err != nil {
 		return err
 	}
@@ -304,7 +318,11 @@ func hello(addr string, creds credentials.TransportCredentials, worker string) e
 		return err
 	}
 	h := &transport.Hello{WorkerId: worker, DataAddr: "127.0.0.1:1", Slots: 1}
-	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: h}}); err != nil {
+	if pad > 0 {
+		h.Running = []*transport.TaskStatus{{Reason: strings.Repeat("x", pad)}}
+	}
+	// io.EOF: the server ended the stream; Recv says why.
+	if err := stream.Send(&transport.WorkerMessage{Msg: &transport.WorkerMessage_Hello{Hello: h}}); err != nil && !errors.Is(err, io.EOF) {
 		return err
 	}
 	_, err = stream.Recv()

@@ -256,6 +256,7 @@ type WorkerMessage struct {
 	//	*WorkerMessage_Status
 	//	*WorkerMessage_Ack
 	//	*WorkerMessage_Decline
+	//	*WorkerMessage_Chunk
 	Msg           isWorkerMessage_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -343,6 +344,15 @@ func (x *WorkerMessage) GetDecline() *CheckpointDecline {
 	return nil
 }
 
+func (x *WorkerMessage) GetChunk() *StateChunk {
+	if x != nil {
+		if x, ok := x.Msg.(*WorkerMessage_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
 type isWorkerMessage_Msg interface {
 	isWorkerMessage_Msg()
 }
@@ -367,6 +377,10 @@ type WorkerMessage_Decline struct {
 	Decline *CheckpointDecline `protobuf:"bytes,5,opt,name=decline,proto3,oneof"`
 }
 
+type WorkerMessage_Chunk struct {
+	Chunk *StateChunk `protobuf:"bytes,6,opt,name=chunk,proto3,oneof"`
+}
+
 func (*WorkerMessage_Hello) isWorkerMessage_Msg() {}
 
 func (*WorkerMessage_Heartbeat) isWorkerMessage_Msg() {}
@@ -376,6 +390,8 @@ func (*WorkerMessage_Status) isWorkerMessage_Msg() {}
 func (*WorkerMessage_Ack) isWorkerMessage_Msg() {}
 
 func (*WorkerMessage_Decline) isWorkerMessage_Msg() {}
+
+func (*WorkerMessage_Chunk) isWorkerMessage_Msg() {}
 
 // Hello opens a session. running lists the tasks the worker runs now, so a new
 // leader can reconcile them against the FSM instead of restarting them.
@@ -570,10 +586,13 @@ func (x *TaskStatus) GetCause() FailureCause {
 
 // CheckpointAck reports that a task has taken its snapshot for checkpoint_id.
 type CheckpointAck struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Task          *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
-	CheckpointId  uint64                 `protobuf:"varint,2,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
-	State         *TaskState             `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Task         *TaskRef               `protobuf:"bytes,1,opt,name=task,proto3" json:"task,omitempty"`
+	CheckpointId uint64                 `protobuf:"varint,2,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	State        *TaskState             `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	// chunked_bytes, when set, is the size of state.keyed, which came ahead of
+	// the ack in StateChunk messages (Welcome.state_chunks) and is empty here.
+	ChunkedBytes  int64 `protobuf:"varint,4,opt,name=chunked_bytes,json=chunkedBytes,proto3" json:"chunked_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -629,6 +648,62 @@ func (x *CheckpointAck) GetState() *TaskState {
 	return nil
 }
 
+func (x *CheckpointAck) GetChunkedBytes() int64 {
+	if x != nil {
+		return x.ChunkedBytes
+	}
+	return 0
+}
+
+// StateChunk carries a piece of the inline keyed state of the CheckpointAck
+// that follows it on the stream: a session's messages stay small (the
+// leader refuses any message over 4 MiB before it allocates it), while a map
+// task's inline state may reach fsm.MaxInlineStateBytes. The chunks of one
+// ack are sent back to back, each up to transport.StateChunkSize bytes.
+type StateChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StateChunk) Reset() {
+	*x = StateChunk{}
+	mi := &file_coordflow_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateChunk) ProtoMessage() {}
+
+func (x *StateChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_coordflow_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateChunk.ProtoReflect.Descriptor instead.
+func (*StateChunk) Descriptor() ([]byte, []int) {
+	return file_coordflow_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *StateChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 // CheckpointDecline reports that a task cannot take checkpoint_id.
 type CheckpointDecline struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -641,7 +716,7 @@ type CheckpointDecline struct {
 
 func (x *CheckpointDecline) Reset() {
 	*x = CheckpointDecline{}
-	mi := &file_coordflow_proto_msgTypes[6]
+	mi := &file_coordflow_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -653,7 +728,7 @@ func (x *CheckpointDecline) String() string {
 func (*CheckpointDecline) ProtoMessage() {}
 
 func (x *CheckpointDecline) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[6]
+	mi := &file_coordflow_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -666,7 +741,7 @@ func (x *CheckpointDecline) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointDecline.ProtoReflect.Descriptor instead.
 func (*CheckpointDecline) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{6}
+	return file_coordflow_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CheckpointDecline) GetTask() *TaskRef {
@@ -736,7 +811,7 @@ type TaskState struct {
 
 func (x *TaskState) Reset() {
 	*x = TaskState{}
-	mi := &file_coordflow_proto_msgTypes[7]
+	mi := &file_coordflow_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -748,7 +823,7 @@ func (x *TaskState) String() string {
 func (*TaskState) ProtoMessage() {}
 
 func (x *TaskState) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[7]
+	mi := &file_coordflow_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -761,7 +836,7 @@ func (x *TaskState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskState.ProtoReflect.Descriptor instead.
 func (*TaskState) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{7}
+	return file_coordflow_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *TaskState) GetKind() TaskKind {
@@ -877,7 +952,7 @@ type SinkTxn struct {
 
 func (x *SinkTxn) Reset() {
 	*x = SinkTxn{}
-	mi := &file_coordflow_proto_msgTypes[8]
+	mi := &file_coordflow_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -889,7 +964,7 @@ func (x *SinkTxn) String() string {
 func (*SinkTxn) ProtoMessage() {}
 
 func (x *SinkTxn) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[8]
+	mi := &file_coordflow_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -902,7 +977,7 @@ func (x *SinkTxn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SinkTxn.ProtoReflect.Descriptor instead.
 func (*SinkTxn) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{8}
+	return file_coordflow_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SinkTxn) GetTransactionalId() string {
@@ -957,7 +1032,7 @@ type StateFile struct {
 
 func (x *StateFile) Reset() {
 	*x = StateFile{}
-	mi := &file_coordflow_proto_msgTypes[9]
+	mi := &file_coordflow_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1044,7 @@ func (x *StateFile) String() string {
 func (*StateFile) ProtoMessage() {}
 
 func (x *StateFile) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[9]
+	mi := &file_coordflow_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1057,7 @@ func (x *StateFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateFile.ProtoReflect.Descriptor instead.
 func (*StateFile) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{9}
+	return file_coordflow_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *StateFile) GetPath() string {
@@ -1046,7 +1121,7 @@ type CoordinatorMessage struct {
 
 func (x *CoordinatorMessage) Reset() {
 	*x = CoordinatorMessage{}
-	mi := &file_coordflow_proto_msgTypes[10]
+	mi := &file_coordflow_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1058,7 +1133,7 @@ func (x *CoordinatorMessage) String() string {
 func (*CoordinatorMessage) ProtoMessage() {}
 
 func (x *CoordinatorMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[10]
+	mi := &file_coordflow_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1071,7 +1146,7 @@ func (x *CoordinatorMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CoordinatorMessage.ProtoReflect.Descriptor instead.
 func (*CoordinatorMessage) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{10}
+	return file_coordflow_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CoordinatorMessage) GetMsg() isCoordinatorMessage_Msg {
@@ -1209,18 +1284,22 @@ func (*CoordinatorMessage_Retarget) isCoordinatorMessage_Msg() {}
 // without hearing from a leader (or from a coordinator that knows no leader,
 // see NotLeader) before it must stop them.
 type Welcome struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	LeaderId      string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
-	Term          uint64                 `protobuf:"varint,2,opt,name=term,proto3" json:"term,omitempty"`
-	LeaseMs       int64                  `protobuf:"varint,3,opt,name=lease_ms,json=leaseMs,proto3" json:"lease_ms,omitempty"`
-	HeartbeatMs   int64                  `protobuf:"varint,4,opt,name=heartbeat_ms,json=heartbeatMs,proto3" json:"heartbeat_ms,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	LeaderId    string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
+	Term        uint64                 `protobuf:"varint,2,opt,name=term,proto3" json:"term,omitempty"`
+	LeaseMs     int64                  `protobuf:"varint,3,opt,name=lease_ms,json=leaseMs,proto3" json:"lease_ms,omitempty"`
+	HeartbeatMs int64                  `protobuf:"varint,4,opt,name=heartbeat_ms,json=heartbeatMs,proto3" json:"heartbeat_ms,omitempty"`
+	// state_chunks: the leader takes an ack's inline state in StateChunk
+	// messages. A worker sends large inline state to a leader without it
+	// (an older version) in the ack itself.
+	StateChunks   bool `protobuf:"varint,5,opt,name=state_chunks,json=stateChunks,proto3" json:"state_chunks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_coordflow_proto_msgTypes[11]
+	mi := &file_coordflow_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1311,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[11]
+	mi := &file_coordflow_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1324,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{11}
+	return file_coordflow_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Welcome) GetLeaderId() string {
@@ -1276,6 +1355,13 @@ func (x *Welcome) GetHeartbeatMs() int64 {
 	return 0
 }
 
+func (x *Welcome) GetStateChunks() bool {
+	if x != nil {
+		return x.StateChunks
+	}
+	return false
+}
+
 // NotLeader redirects a worker to the leader. With leader_id empty the
 // coordinator knows no leader (lost quorum, election): it keeps the stream
 // open and answers each Heartbeat with another NotLeader, naming no leader,
@@ -1292,7 +1378,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_coordflow_proto_msgTypes[12]
+	mi := &file_coordflow_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1390,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[12]
+	mi := &file_coordflow_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1403,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{12}
+	return file_coordflow_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *NotLeader) GetLeaderId() string {
@@ -1384,7 +1470,7 @@ type DeployTask struct {
 
 func (x *DeployTask) Reset() {
 	*x = DeployTask{}
-	mi := &file_coordflow_proto_msgTypes[13]
+	mi := &file_coordflow_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1396,7 +1482,7 @@ func (x *DeployTask) String() string {
 func (*DeployTask) ProtoMessage() {}
 
 func (x *DeployTask) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[13]
+	mi := &file_coordflow_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1409,7 +1495,7 @@ func (x *DeployTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeployTask.ProtoReflect.Descriptor instead.
 func (*DeployTask) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{13}
+	return file_coordflow_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeployTask) GetTask() *TaskRef {
@@ -1550,7 +1636,7 @@ type StateSpec struct {
 
 func (x *StateSpec) Reset() {
 	*x = StateSpec{}
-	mi := &file_coordflow_proto_msgTypes[14]
+	mi := &file_coordflow_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1562,7 +1648,7 @@ func (x *StateSpec) String() string {
 func (*StateSpec) ProtoMessage() {}
 
 func (x *StateSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[14]
+	mi := &file_coordflow_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1575,7 +1661,7 @@ func (x *StateSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateSpec.ProtoReflect.Descriptor instead.
 func (*StateSpec) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{14}
+	return file_coordflow_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StateSpec) GetBackend() string {
@@ -1623,7 +1709,7 @@ type SourceSpec struct {
 
 func (x *SourceSpec) Reset() {
 	*x = SourceSpec{}
-	mi := &file_coordflow_proto_msgTypes[15]
+	mi := &file_coordflow_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1635,7 +1721,7 @@ func (x *SourceSpec) String() string {
 func (*SourceSpec) ProtoMessage() {}
 
 func (x *SourceSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[15]
+	mi := &file_coordflow_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1648,7 +1734,7 @@ func (x *SourceSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SourceSpec.ProtoReflect.Descriptor instead.
 func (*SourceSpec) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{15}
+	return file_coordflow_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SourceSpec) GetBrokers() []string {
@@ -1716,7 +1802,7 @@ type SinkSpec struct {
 
 func (x *SinkSpec) Reset() {
 	*x = SinkSpec{}
-	mi := &file_coordflow_proto_msgTypes[16]
+	mi := &file_coordflow_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1814,7 @@ func (x *SinkSpec) String() string {
 func (*SinkSpec) ProtoMessage() {}
 
 func (x *SinkSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[16]
+	mi := &file_coordflow_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1827,7 @@ func (x *SinkSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SinkSpec.ProtoReflect.Descriptor instead.
 func (*SinkSpec) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{16}
+	return file_coordflow_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SinkSpec) GetBrokers() []string {
@@ -1805,7 +1891,7 @@ type MapTaskRef struct {
 
 func (x *MapTaskRef) Reset() {
 	*x = MapTaskRef{}
-	mi := &file_coordflow_proto_msgTypes[17]
+	mi := &file_coordflow_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1817,7 +1903,7 @@ func (x *MapTaskRef) String() string {
 func (*MapTaskRef) ProtoMessage() {}
 
 func (x *MapTaskRef) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[17]
+	mi := &file_coordflow_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1830,7 +1916,7 @@ func (x *MapTaskRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MapTaskRef.ProtoReflect.Descriptor instead.
 func (*MapTaskRef) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{17}
+	return file_coordflow_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MapTaskRef) GetTaskId() string {
@@ -1909,7 +1995,7 @@ type RetargetTasks struct {
 
 func (x *RetargetTasks) Reset() {
 	*x = RetargetTasks{}
-	mi := &file_coordflow_proto_msgTypes[18]
+	mi := &file_coordflow_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1921,7 +2007,7 @@ func (x *RetargetTasks) String() string {
 func (*RetargetTasks) ProtoMessage() {}
 
 func (x *RetargetTasks) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[18]
+	mi := &file_coordflow_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1934,7 +2020,7 @@ func (x *RetargetTasks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetargetTasks.ProtoReflect.Descriptor instead.
 func (*RetargetTasks) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{18}
+	return file_coordflow_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RetargetTasks) GetJobId() string {
@@ -2000,7 +2086,7 @@ type KeyedBlob struct {
 
 func (x *KeyedBlob) Reset() {
 	*x = KeyedBlob{}
-	mi := &file_coordflow_proto_msgTypes[19]
+	mi := &file_coordflow_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2012,7 +2098,7 @@ func (x *KeyedBlob) String() string {
 func (*KeyedBlob) ProtoMessage() {}
 
 func (x *KeyedBlob) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[19]
+	mi := &file_coordflow_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2025,7 +2111,7 @@ func (x *KeyedBlob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyedBlob.ProtoReflect.Descriptor instead.
 func (*KeyedBlob) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{19}
+	return file_coordflow_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *KeyedBlob) GetTaskId() string {
@@ -2094,7 +2180,7 @@ type CancelTask struct {
 
 func (x *CancelTask) Reset() {
 	*x = CancelTask{}
-	mi := &file_coordflow_proto_msgTypes[20]
+	mi := &file_coordflow_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2106,7 +2192,7 @@ func (x *CancelTask) String() string {
 func (*CancelTask) ProtoMessage() {}
 
 func (x *CancelTask) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[20]
+	mi := &file_coordflow_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2119,7 +2205,7 @@ func (x *CancelTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTask.ProtoReflect.Descriptor instead.
 func (*CancelTask) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{20}
+	return file_coordflow_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelTask) GetTask() *TaskRef {
@@ -2155,7 +2241,7 @@ type TriggerCheckpoint struct {
 
 func (x *TriggerCheckpoint) Reset() {
 	*x = TriggerCheckpoint{}
-	mi := &file_coordflow_proto_msgTypes[21]
+	mi := &file_coordflow_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2167,7 +2253,7 @@ func (x *TriggerCheckpoint) String() string {
 func (*TriggerCheckpoint) ProtoMessage() {}
 
 func (x *TriggerCheckpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[21]
+	mi := &file_coordflow_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2180,7 +2266,7 @@ func (x *TriggerCheckpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TriggerCheckpoint.ProtoReflect.Descriptor instead.
 func (*TriggerCheckpoint) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{21}
+	return file_coordflow_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TriggerCheckpoint) GetTask() *TaskRef {
@@ -2236,7 +2322,7 @@ type CheckpointComplete struct {
 
 func (x *CheckpointComplete) Reset() {
 	*x = CheckpointComplete{}
-	mi := &file_coordflow_proto_msgTypes[22]
+	mi := &file_coordflow_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +2334,7 @@ func (x *CheckpointComplete) String() string {
 func (*CheckpointComplete) ProtoMessage() {}
 
 func (x *CheckpointComplete) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[22]
+	mi := &file_coordflow_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +2347,7 @@ func (x *CheckpointComplete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointComplete.ProtoReflect.Descriptor instead.
 func (*CheckpointComplete) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{22}
+	return file_coordflow_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CheckpointComplete) GetTask() *TaskRef {
@@ -2307,7 +2393,7 @@ type DataMessage struct {
 
 func (x *DataMessage) Reset() {
 	*x = DataMessage{}
-	mi := &file_coordflow_proto_msgTypes[23]
+	mi := &file_coordflow_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2319,7 +2405,7 @@ func (x *DataMessage) String() string {
 func (*DataMessage) ProtoMessage() {}
 
 func (x *DataMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[23]
+	mi := &file_coordflow_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2332,7 +2418,7 @@ func (x *DataMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DataMessage.ProtoReflect.Descriptor instead.
 func (*DataMessage) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{23}
+	return file_coordflow_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DataMessage) GetHeader() *ChannelHeader {
@@ -2404,7 +2490,7 @@ type ChannelHeader struct {
 
 func (x *ChannelHeader) Reset() {
 	*x = ChannelHeader{}
-	mi := &file_coordflow_proto_msgTypes[24]
+	mi := &file_coordflow_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2416,7 +2502,7 @@ func (x *ChannelHeader) String() string {
 func (*ChannelHeader) ProtoMessage() {}
 
 func (x *ChannelHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[24]
+	mi := &file_coordflow_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2429,7 +2515,7 @@ func (x *ChannelHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelHeader.ProtoReflect.Descriptor instead.
 func (*ChannelHeader) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{24}
+	return file_coordflow_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ChannelHeader) GetJobId() string {
@@ -2490,7 +2576,7 @@ type ItemBatch struct {
 
 func (x *ItemBatch) Reset() {
 	*x = ItemBatch{}
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2502,7 +2588,7 @@ func (x *ItemBatch) String() string {
 func (*ItemBatch) ProtoMessage() {}
 
 func (x *ItemBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[25]
+	mi := &file_coordflow_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2515,7 +2601,7 @@ func (x *ItemBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemBatch.ProtoReflect.Descriptor instead.
 func (*ItemBatch) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{25}
+	return file_coordflow_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ItemBatch) GetPacked() []byte {
@@ -2546,7 +2632,7 @@ type Barrier struct {
 
 func (x *Barrier) Reset() {
 	*x = Barrier{}
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2558,7 +2644,7 @@ func (x *Barrier) String() string {
 func (*Barrier) ProtoMessage() {}
 
 func (x *Barrier) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[26]
+	mi := &file_coordflow_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2571,7 +2657,7 @@ func (x *Barrier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Barrier.ProtoReflect.Descriptor instead.
 func (*Barrier) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{26}
+	return file_coordflow_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Barrier) GetCheckpointId() uint64 {
@@ -2611,7 +2697,7 @@ type ChannelClosed struct {
 
 func (x *ChannelClosed) Reset() {
 	*x = ChannelClosed{}
-	mi := &file_coordflow_proto_msgTypes[27]
+	mi := &file_coordflow_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2623,7 +2709,7 @@ func (x *ChannelClosed) String() string {
 func (*ChannelClosed) ProtoMessage() {}
 
 func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_coordflow_proto_msgTypes[27]
+	mi := &file_coordflow_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2636,7 +2722,7 @@ func (x *ChannelClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelClosed.ProtoReflect.Descriptor instead.
 func (*ChannelClosed) Descriptor() ([]byte, []int) {
-	return file_coordflow_proto_rawDescGZIP(), []int{27}
+	return file_coordflow_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ChannelClosed) GetReason() string {
@@ -2654,13 +2740,14 @@ const file_coordflow_proto_rawDesc = "" +
 	"\aTaskRef\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x18\n" +
 	"\aattempt\x18\x02 \x01(\x04R\aattempt\x12\x17\n" +
-	"\atask_id\x18\x03 \x01(\tR\x06taskId\"\x9e\x02\n" +
+	"\atask_id\x18\x03 \x01(\tR\x06taskId\"\xd0\x02\n" +
 	"\rWorkerMessage\x12+\n" +
 	"\x05hello\x18\x01 \x01(\v2\x13.coordflow.v1.HelloH\x00R\x05hello\x127\n" +
 	"\theartbeat\x18\x02 \x01(\v2\x17.coordflow.v1.HeartbeatH\x00R\theartbeat\x122\n" +
 	"\x06status\x18\x03 \x01(\v2\x18.coordflow.v1.TaskStatusH\x00R\x06status\x12/\n" +
 	"\x03ack\x18\x04 \x01(\v2\x1b.coordflow.v1.CheckpointAckH\x00R\x03ack\x12;\n" +
-	"\adecline\x18\x05 \x01(\v2\x1f.coordflow.v1.CheckpointDeclineH\x00R\adeclineB\x05\n" +
+	"\adecline\x18\x05 \x01(\v2\x1f.coordflow.v1.CheckpointDeclineH\x00R\adecline\x120\n" +
+	"\x05chunk\x18\x06 \x01(\v2\x18.coordflow.v1.StateChunkH\x00R\x05chunkB\x05\n" +
 	"\x03msg\"\x8b\x01\n" +
 	"\x05Hello\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x1b\n" +
@@ -2675,11 +2762,15 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x04kind\x18\x02 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12-\n" +
 	"\x05phase\x18\x03 \x01(\x0e2\x17.coordflow.v1.TaskPhaseR\x05phase\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x120\n" +
-	"\x05cause\x18\x05 \x01(\x0e2\x1a.coordflow.v1.FailureCauseR\x05cause\"\x8e\x01\n" +
+	"\x05cause\x18\x05 \x01(\x0e2\x1a.coordflow.v1.FailureCauseR\x05cause\"\xb3\x01\n" +
 	"\rCheckpointAck\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12-\n" +
-	"\x05state\x18\x03 \x01(\v2\x17.coordflow.v1.TaskStateR\x05state\"{\n" +
+	"\x05state\x18\x03 \x01(\v2\x17.coordflow.v1.TaskStateR\x05state\x12#\n" +
+	"\rchunked_bytes\x18\x04 \x01(\x03R\fchunkedBytes\" \n" +
+	"\n" +
+	"StateChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"{\n" +
 	"\x11CheckpointDecline\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12\x16\n" +
@@ -2732,12 +2823,13 @@ const file_coordflow_proto_rawDesc = "" +
 	"\atrigger\x18\x06 \x01(\v2\x1f.coordflow.v1.TriggerCheckpointH\x00R\atrigger\x12>\n" +
 	"\bcomplete\x18\a \x01(\v2 .coordflow.v1.CheckpointCompleteH\x00R\bcomplete\x129\n" +
 	"\bretarget\x18\b \x01(\v2\x1b.coordflow.v1.RetargetTasksH\x00R\bretargetB\x05\n" +
-	"\x03msg\"x\n" +
+	"\x03msg\"\x9b\x01\n" +
 	"\aWelcome\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12\x12\n" +
 	"\x04term\x18\x02 \x01(\x04R\x04term\x12\x19\n" +
 	"\blease_ms\x18\x03 \x01(\x03R\aleaseMs\x12!\n" +
-	"\fheartbeat_ms\x18\x04 \x01(\x03R\vheartbeatMs\"P\n" +
+	"\fheartbeat_ms\x18\x04 \x01(\x03R\vheartbeatMs\x12!\n" +
+	"\fstate_chunks\x18\x05 \x01(\bR\vstateChunks\"P\n" +
 	"\tNotLeader\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12&\n" +
 	"\x0fleader_rpc_addr\x18\x02 \x01(\tR\rleaderRpcAddr\"\xa3\x06\n" +
@@ -2892,7 +2984,7 @@ func file_coordflow_proto_rawDescGZIP() []byte {
 }
 
 var file_coordflow_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_coordflow_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_coordflow_proto_goTypes = []any{
 	(TaskKind)(0),              // 0: coordflow.v1.TaskKind
 	(TaskPhase)(0),             // 1: coordflow.v1.TaskPhase
@@ -2903,93 +2995,95 @@ var file_coordflow_proto_goTypes = []any{
 	(*Heartbeat)(nil),          // 6: coordflow.v1.Heartbeat
 	(*TaskStatus)(nil),         // 7: coordflow.v1.TaskStatus
 	(*CheckpointAck)(nil),      // 8: coordflow.v1.CheckpointAck
-	(*CheckpointDecline)(nil),  // 9: coordflow.v1.CheckpointDecline
-	(*TaskState)(nil),          // 10: coordflow.v1.TaskState
-	(*SinkTxn)(nil),            // 11: coordflow.v1.SinkTxn
-	(*StateFile)(nil),          // 12: coordflow.v1.StateFile
-	(*CoordinatorMessage)(nil), // 13: coordflow.v1.CoordinatorMessage
-	(*Welcome)(nil),            // 14: coordflow.v1.Welcome
-	(*NotLeader)(nil),          // 15: coordflow.v1.NotLeader
-	(*DeployTask)(nil),         // 16: coordflow.v1.DeployTask
-	(*StateSpec)(nil),          // 17: coordflow.v1.StateSpec
-	(*SourceSpec)(nil),         // 18: coordflow.v1.SourceSpec
-	(*SinkSpec)(nil),           // 19: coordflow.v1.SinkSpec
-	(*MapTaskRef)(nil),         // 20: coordflow.v1.MapTaskRef
-	(*RetargetTasks)(nil),      // 21: coordflow.v1.RetargetTasks
-	(*KeyedBlob)(nil),          // 22: coordflow.v1.KeyedBlob
-	(*CancelTask)(nil),         // 23: coordflow.v1.CancelTask
-	(*TriggerCheckpoint)(nil),  // 24: coordflow.v1.TriggerCheckpoint
-	(*CheckpointComplete)(nil), // 25: coordflow.v1.CheckpointComplete
-	(*DataMessage)(nil),        // 26: coordflow.v1.DataMessage
-	(*ChannelHeader)(nil),      // 27: coordflow.v1.ChannelHeader
-	(*ItemBatch)(nil),          // 28: coordflow.v1.ItemBatch
-	(*Barrier)(nil),            // 29: coordflow.v1.Barrier
-	(*ChannelClosed)(nil),      // 30: coordflow.v1.ChannelClosed
-	nil,                        // 31: coordflow.v1.TaskState.OffsetsEntry
-	nil,                        // 32: coordflow.v1.TaskState.AppliedEntry
-	nil,                        // 33: coordflow.v1.DeployTask.RestoreOffsetsEntry
-	nil,                        // 34: coordflow.v1.RetargetTasks.RestoreOffsetsEntry
-	nil,                        // 35: coordflow.v1.KeyedBlob.AppliedEntry
-	nil,                        // 36: coordflow.v1.CheckpointComplete.OffsetsEntry
-	nil,                        // 37: coordflow.v1.Barrier.OffsetsEntry
+	(*StateChunk)(nil),         // 9: coordflow.v1.StateChunk
+	(*CheckpointDecline)(nil),  // 10: coordflow.v1.CheckpointDecline
+	(*TaskState)(nil),          // 11: coordflow.v1.TaskState
+	(*SinkTxn)(nil),            // 12: coordflow.v1.SinkTxn
+	(*StateFile)(nil),          // 13: coordflow.v1.StateFile
+	(*CoordinatorMessage)(nil), // 14: coordflow.v1.CoordinatorMessage
+	(*Welcome)(nil),            // 15: coordflow.v1.Welcome
+	(*NotLeader)(nil),          // 16: coordflow.v1.NotLeader
+	(*DeployTask)(nil),         // 17: coordflow.v1.DeployTask
+	(*StateSpec)(nil),          // 18: coordflow.v1.StateSpec
+	(*SourceSpec)(nil),         // 19: coordflow.v1.SourceSpec
+	(*SinkSpec)(nil),           // 20: coordflow.v1.SinkSpec
+	(*MapTaskRef)(nil),         // 21: coordflow.v1.MapTaskRef
+	(*RetargetTasks)(nil),      // 22: coordflow.v1.RetargetTasks
+	(*KeyedBlob)(nil),          // 23: coordflow.v1.KeyedBlob
+	(*CancelTask)(nil),         // 24: coordflow.v1.CancelTask
+	(*TriggerCheckpoint)(nil),  // 25: coordflow.v1.TriggerCheckpoint
+	(*CheckpointComplete)(nil), // 26: coordflow.v1.CheckpointComplete
+	(*DataMessage)(nil),        // 27: coordflow.v1.DataMessage
+	(*ChannelHeader)(nil),      // 28: coordflow.v1.ChannelHeader
+	(*ItemBatch)(nil),          // 29: coordflow.v1.ItemBatch
+	(*Barrier)(nil),            // 30: coordflow.v1.Barrier
+	(*ChannelClosed)(nil),      // 31: coordflow.v1.ChannelClosed
+	nil,                        // 32: coordflow.v1.TaskState.OffsetsEntry
+	nil,                        // 33: coordflow.v1.TaskState.AppliedEntry
+	nil,                        // 34: coordflow.v1.DeployTask.RestoreOffsetsEntry
+	nil,                        // 35: coordflow.v1.RetargetTasks.RestoreOffsetsEntry
+	nil,                        // 36: coordflow.v1.KeyedBlob.AppliedEntry
+	nil,                        // 37: coordflow.v1.CheckpointComplete.OffsetsEntry
+	nil,                        // 38: coordflow.v1.Barrier.OffsetsEntry
 }
 var file_coordflow_proto_depIdxs = []int32{
 	5,  // 0: coordflow.v1.WorkerMessage.hello:type_name -> coordflow.v1.Hello
 	6,  // 1: coordflow.v1.WorkerMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
 	7,  // 2: coordflow.v1.WorkerMessage.status:type_name -> coordflow.v1.TaskStatus
 	8,  // 3: coordflow.v1.WorkerMessage.ack:type_name -> coordflow.v1.CheckpointAck
-	9,  // 4: coordflow.v1.WorkerMessage.decline:type_name -> coordflow.v1.CheckpointDecline
-	7,  // 5: coordflow.v1.Hello.running:type_name -> coordflow.v1.TaskStatus
-	3,  // 6: coordflow.v1.TaskStatus.task:type_name -> coordflow.v1.TaskRef
-	0,  // 7: coordflow.v1.TaskStatus.kind:type_name -> coordflow.v1.TaskKind
-	1,  // 8: coordflow.v1.TaskStatus.phase:type_name -> coordflow.v1.TaskPhase
-	2,  // 9: coordflow.v1.TaskStatus.cause:type_name -> coordflow.v1.FailureCause
-	3,  // 10: coordflow.v1.CheckpointAck.task:type_name -> coordflow.v1.TaskRef
-	10, // 11: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
-	3,  // 12: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
-	0,  // 13: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
-	31, // 14: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
-	12, // 15: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
-	32, // 16: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
-	11, // 17: coordflow.v1.TaskState.sink_txns:type_name -> coordflow.v1.SinkTxn
-	14, // 18: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
-	15, // 19: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
-	6,  // 20: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
-	16, // 21: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
-	23, // 22: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
-	24, // 23: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
-	25, // 24: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
-	21, // 25: coordflow.v1.CoordinatorMessage.retarget:type_name -> coordflow.v1.RetargetTasks
-	3,  // 26: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
-	0,  // 27: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
-	18, // 28: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
-	19, // 29: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
-	20, // 30: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
-	33, // 31: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
-	22, // 32: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
-	17, // 33: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
-	20, // 34: coordflow.v1.RetargetTasks.map_tasks:type_name -> coordflow.v1.MapTaskRef
-	34, // 35: coordflow.v1.RetargetTasks.restore_offsets:type_name -> coordflow.v1.RetargetTasks.RestoreOffsetsEntry
-	12, // 36: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
-	35, // 37: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
-	11, // 38: coordflow.v1.KeyedBlob.sink_txns:type_name -> coordflow.v1.SinkTxn
-	3,  // 39: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
-	3,  // 40: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
-	3,  // 41: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
-	36, // 42: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
-	27, // 43: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
-	28, // 44: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
-	29, // 45: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
-	37, // 46: coordflow.v1.Barrier.offsets:type_name -> coordflow.v1.Barrier.OffsetsEntry
-	4,  // 47: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
-	26, // 48: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
-	13, // 49: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
-	30, // 50: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
-	49, // [49:51] is the sub-list for method output_type
-	47, // [47:49] is the sub-list for method input_type
-	47, // [47:47] is the sub-list for extension type_name
-	47, // [47:47] is the sub-list for extension extendee
-	0,  // [0:47] is the sub-list for field type_name
+	10, // 4: coordflow.v1.WorkerMessage.decline:type_name -> coordflow.v1.CheckpointDecline
+	9,  // 5: coordflow.v1.WorkerMessage.chunk:type_name -> coordflow.v1.StateChunk
+	7,  // 6: coordflow.v1.Hello.running:type_name -> coordflow.v1.TaskStatus
+	3,  // 7: coordflow.v1.TaskStatus.task:type_name -> coordflow.v1.TaskRef
+	0,  // 8: coordflow.v1.TaskStatus.kind:type_name -> coordflow.v1.TaskKind
+	1,  // 9: coordflow.v1.TaskStatus.phase:type_name -> coordflow.v1.TaskPhase
+	2,  // 10: coordflow.v1.TaskStatus.cause:type_name -> coordflow.v1.FailureCause
+	3,  // 11: coordflow.v1.CheckpointAck.task:type_name -> coordflow.v1.TaskRef
+	11, // 12: coordflow.v1.CheckpointAck.state:type_name -> coordflow.v1.TaskState
+	3,  // 13: coordflow.v1.CheckpointDecline.task:type_name -> coordflow.v1.TaskRef
+	0,  // 14: coordflow.v1.TaskState.kind:type_name -> coordflow.v1.TaskKind
+	32, // 15: coordflow.v1.TaskState.offsets:type_name -> coordflow.v1.TaskState.OffsetsEntry
+	13, // 16: coordflow.v1.TaskState.files:type_name -> coordflow.v1.StateFile
+	33, // 17: coordflow.v1.TaskState.applied:type_name -> coordflow.v1.TaskState.AppliedEntry
+	12, // 18: coordflow.v1.TaskState.sink_txns:type_name -> coordflow.v1.SinkTxn
+	15, // 19: coordflow.v1.CoordinatorMessage.welcome:type_name -> coordflow.v1.Welcome
+	16, // 20: coordflow.v1.CoordinatorMessage.not_leader:type_name -> coordflow.v1.NotLeader
+	6,  // 21: coordflow.v1.CoordinatorMessage.heartbeat:type_name -> coordflow.v1.Heartbeat
+	17, // 22: coordflow.v1.CoordinatorMessage.deploy:type_name -> coordflow.v1.DeployTask
+	24, // 23: coordflow.v1.CoordinatorMessage.cancel:type_name -> coordflow.v1.CancelTask
+	25, // 24: coordflow.v1.CoordinatorMessage.trigger:type_name -> coordflow.v1.TriggerCheckpoint
+	26, // 25: coordflow.v1.CoordinatorMessage.complete:type_name -> coordflow.v1.CheckpointComplete
+	22, // 26: coordflow.v1.CoordinatorMessage.retarget:type_name -> coordflow.v1.RetargetTasks
+	3,  // 27: coordflow.v1.DeployTask.task:type_name -> coordflow.v1.TaskRef
+	0,  // 28: coordflow.v1.DeployTask.kind:type_name -> coordflow.v1.TaskKind
+	19, // 29: coordflow.v1.DeployTask.source:type_name -> coordflow.v1.SourceSpec
+	20, // 30: coordflow.v1.DeployTask.sink:type_name -> coordflow.v1.SinkSpec
+	21, // 31: coordflow.v1.DeployTask.map_tasks:type_name -> coordflow.v1.MapTaskRef
+	34, // 32: coordflow.v1.DeployTask.restore_offsets:type_name -> coordflow.v1.DeployTask.RestoreOffsetsEntry
+	23, // 33: coordflow.v1.DeployTask.restore_keyed:type_name -> coordflow.v1.KeyedBlob
+	18, // 34: coordflow.v1.DeployTask.state:type_name -> coordflow.v1.StateSpec
+	21, // 35: coordflow.v1.RetargetTasks.map_tasks:type_name -> coordflow.v1.MapTaskRef
+	35, // 36: coordflow.v1.RetargetTasks.restore_offsets:type_name -> coordflow.v1.RetargetTasks.RestoreOffsetsEntry
+	13, // 37: coordflow.v1.KeyedBlob.files:type_name -> coordflow.v1.StateFile
+	36, // 38: coordflow.v1.KeyedBlob.applied:type_name -> coordflow.v1.KeyedBlob.AppliedEntry
+	12, // 39: coordflow.v1.KeyedBlob.sink_txns:type_name -> coordflow.v1.SinkTxn
+	3,  // 40: coordflow.v1.CancelTask.task:type_name -> coordflow.v1.TaskRef
+	3,  // 41: coordflow.v1.TriggerCheckpoint.task:type_name -> coordflow.v1.TaskRef
+	3,  // 42: coordflow.v1.CheckpointComplete.task:type_name -> coordflow.v1.TaskRef
+	37, // 43: coordflow.v1.CheckpointComplete.offsets:type_name -> coordflow.v1.CheckpointComplete.OffsetsEntry
+	28, // 44: coordflow.v1.DataMessage.header:type_name -> coordflow.v1.ChannelHeader
+	29, // 45: coordflow.v1.DataMessage.batch:type_name -> coordflow.v1.ItemBatch
+	30, // 46: coordflow.v1.DataMessage.barrier:type_name -> coordflow.v1.Barrier
+	38, // 47: coordflow.v1.Barrier.offsets:type_name -> coordflow.v1.Barrier.OffsetsEntry
+	4,  // 48: coordflow.v1.Control.Session:input_type -> coordflow.v1.WorkerMessage
+	27, // 49: coordflow.v1.Data.Channel:input_type -> coordflow.v1.DataMessage
+	14, // 50: coordflow.v1.Control.Session:output_type -> coordflow.v1.CoordinatorMessage
+	31, // 51: coordflow.v1.Data.Channel:output_type -> coordflow.v1.ChannelClosed
+	50, // [50:52] is the sub-list for method output_type
+	48, // [48:50] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_coordflow_proto_init() }
@@ -3003,8 +3097,9 @@ func file_coordflow_proto_init() {
 		(*WorkerMessage_Status)(nil),
 		(*WorkerMessage_Ack)(nil),
 		(*WorkerMessage_Decline)(nil),
+		(*WorkerMessage_Chunk)(nil),
 	}
-	file_coordflow_proto_msgTypes[10].OneofWrappers = []any{
+	file_coordflow_proto_msgTypes[11].OneofWrappers = []any{
 		(*CoordinatorMessage_Welcome)(nil),
 		(*CoordinatorMessage_NotLeader)(nil),
 		(*CoordinatorMessage_Heartbeat)(nil),
@@ -3014,7 +3109,7 @@ func file_coordflow_proto_init() {
 		(*CoordinatorMessage_Complete)(nil),
 		(*CoordinatorMessage_Retarget)(nil),
 	}
-	file_coordflow_proto_msgTypes[23].OneofWrappers = []any{
+	file_coordflow_proto_msgTypes[24].OneofWrappers = []any{
 		(*DataMessage_Batch)(nil),
 		(*DataMessage_Barrier)(nil),
 	}
@@ -3024,7 +3119,7 @@ func file_coordflow_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordflow_proto_rawDesc), len(file_coordflow_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   35,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -135,6 +135,10 @@ type fakeCoord struct {
 	leaderless        atomic.Bool
 	elected           atomic.Pointer[string]
 	leaderlessAnswers atomic.Int64
+	// noChunks makes the fake an older leader, which does not take an
+	// ack's state in chunks (Welcome.state_chunks).
+	noChunks bool
+	chunks   atomic.Int64 // state chunks received
 
 	mu       sync.Mutex
 	log      []received
@@ -158,7 +162,9 @@ func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 		t.Fatal(err)
 	}
 	f.rpcAddr = lis.Addr().String()
-	srv := grpc.NewServer()
+	// Like a leader of the version before state chunks, the fake takes
+	// messages up to 256 MiB.
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(256 << 20))
 	transport.RegisterControlServer(srv, f)
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(srv.Stop)
@@ -201,7 +207,7 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 		return f.holdLeaderless(stream)
 	}
 	if err := stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Welcome{Welcome: &transport.Welcome{
-		LeaderId: "fake", Term: 1, LeaseMs: f.leaseMs, HeartbeatMs: f.hbMs,
+		LeaderId: "fake", Term: 1, LeaseMs: f.leaseMs, HeartbeatMs: f.hbMs, StateChunks: !f.noChunks,
 	}}}); err != nil {
 		return err
 	}
@@ -214,11 +220,27 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 
 	recvErr := make(chan error, 1)
 	go func() {
+		// Acks are logged whole, their state chunks joined back in.
+		joiner := transport.AckJoiner{Limit: 64 << 20}
 		for {
 			m, err := stream.Recv()
 			if err != nil {
 				recvErr <- err
 				return
+			}
+			if c := m.GetChunk(); c != nil {
+				f.chunks.Add(1)
+				if err := joiner.Chunk(c); err != nil {
+					recvErr <- err
+					return
+				}
+				continue
+			}
+			if a := m.GetAck(); a != nil {
+				if err := joiner.Ack(a); err != nil {
+					recvErr <- err
+					return
+				}
 			}
 			if m.GetHeartbeat() != nil {
 				if !f.silent.Load() {

@@ -463,11 +463,22 @@ func (s *session) serve(ctx context.Context, o *opened) (sessionEnd, error) {
 	}()
 	defer func() { o.cancel(); <-recvDone }()
 
+	// A leader that takes state chunks gets a large ack's inline state in
+	// them: it refuses any message over 4 MiB. An older leader takes the
+	// ack whole.
+	chunks := wel.GetStateChunks()
 	send := func(ms []*transport.WorkerMessage) error {
 		for i, m := range ms {
-			if err := stream.Send(m); err != nil {
-				s.w.outbox.requeue(ms[i:])
-				return fmt.Errorf("send: %w", err)
+			parts := []*transport.WorkerMessage{m}
+			if chunks {
+				parts = transport.SplitAck(m)
+			}
+			for _, p := range parts {
+				if err := stream.Send(p); err != nil {
+					// The whole message goes again, on the next session.
+					s.w.outbox.requeue(ms[i:])
+					return fmt.Errorf("send: %w", err)
+				}
 			}
 		}
 		return nil
