@@ -2,11 +2,16 @@ package worker
 
 import (
 	"fmt"
+	"log/slog"
 	"reflect"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
@@ -149,6 +154,93 @@ func TestSinkOutputsOutliveTheirBatch(t *testing.T) {
 	for k, v := range want {
 		if got[k] != v {
 			t.Fatalf("output of %q is %q, want %q", k, got[k], v)
+		}
+	}
+}
+
+// TestSlowSinkBoundsBuffers: while the sink's broker takes no writes (its
+// Produce requests go unanswered), the map task's loop waits on its sink,
+// then holds at most sinkMaxHeld outputs, and its source reads only what
+// the buffers between them hold, not the topic. Once the broker answers
+// again, every record reaches the sink.
+func TestSlowSinkBoundsBuffers(t *testing.T) {
+	const n = 150_000
+	// Held outputs, a send in flight and the buffers of the stalled
+	// TestBackpressureBoundsBuffers, with room to spare.
+	const bound = sinkMaxHeld + sinkBatch + 25_000
+	brokers := newKafka(t, map[string]int32{"in": 1})
+	sinkKafka, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "out"))
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	t.Cleanup(sinkKafka.Close)
+	var stalled atomic.Bool
+	stalled.Store(true)
+	sinkKafka.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		sinkKafka.KeepControl()
+		// Handled with neither answer nor error: the request goes
+		// unanswered, as on a broker that hangs.
+		return nil, nil, stalled.Load()
+	})
+
+	var recs []record
+	for i := range n {
+		recs = append(recs, record{partition: 0, key: fmt.Sprintf("key-%06d", i), value: fmt.Sprintf("value-%d", i)})
+	}
+	produce(t, brokers, "in", recs)
+
+	var held atomic.Bool
+	again, wroteAgain := writesAgain()
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) {
+		c.KafkaTimeout = time.Second
+		again(c)
+		c.Logger = slog.New(onLog{c.Logger.Handler(), func(msg string) {
+			if strings.HasPrefix(msg, "sink cannot write") {
+				held.Store(true)
+			}
+		}})
+	})
+	refs := mapRefs(128, w)
+	md := mapDeploy("slow", 1, operator.Passthrough, 1, 128, refs, 0)
+	md.Sink = &transport.SinkSpec{Brokers: sinkKafka.ListenAddrs(), Topic: "out", Delivery: "at_least_once"}
+	f.deploy(t, "w1", md)
+	sd := sourceDeploy("slow", 1, 0, operator.Passthrough, brokers, "in", []int32{0}, refs)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	waitFor(t, "the sink to give up a write and hold its outputs", held.Load)
+	read := func() float64 {
+		return metricValue(t, w.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "slow", "kind": kindSource})
+	}
+	last := -1.0
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		now := read()
+		if now == last {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the source never stopped reading while the sink took no writes: %v of %d records read", now, n)
+		}
+		last = now
+		time.Sleep(300 * time.Millisecond) // a plateau is two equal samples apart in time
+	}
+	if last > bound {
+		t.Fatalf("the source read %v of %d records while the sink took no writes: buffers hold more than %d", last, n, bound)
+	}
+	t.Logf("sink stalled: the source read %v of %d records and stopped", last, n)
+
+	stalled.Store(false)
+	waitFor(t, "the sink to write again", wroteAgain.Load)
+	checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: n}, nil)
+	got := map[string]string{}
+	for _, m := range readTopic(t, sinkKafka.ListenAddrs(), "out", 0) {
+		got[string(m.Key)] = string(m.Value)
+	}
+	for _, r := range recs {
+		if got[r.key] != r.value {
+			t.Fatalf("the sink holds %q for %s, want %q (%d of %d keys written)", got[r.key], r.key, r.value, len(got), n)
 		}
 	}
 }
