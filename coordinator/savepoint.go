@@ -237,6 +237,15 @@ func (s *Server) deleteSavepointFiles(sp fsm.Savepoint) {
 				paths = append(paths, p)
 				return nil
 			})
+			if err == nil {
+				// Partial files of an upload a killed worker never
+				// finished: the savepoint completed without them, and
+				// nothing else deletes them.
+				err = store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error {
+					paths = append(paths, p)
+					return nil
+				})
+			}
 			for _, p := range paths {
 				err = errors.Join(err, store.Delete(ctx, p))
 			}

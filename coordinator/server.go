@@ -339,7 +339,10 @@ func NewServer(cfg Config) (_ *Server, err error) {
 	s.fsm.OnJobChange(s.jobsChanged)
 	s.metrics.registerFSM(s.fsm)
 	s.state = &stateReader{stores: s.stores}
-	s.collector = newCollector(s.stores, s.fsm.Job, s.logger, s.metrics)
+	s.collector = newCollector(s.stores, s.fsm.Job, func(id string) bool {
+		_, ok := s.fsm.Savepoint(id)
+		return ok
+	}, s.logger, s.metrics)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {

@@ -82,6 +82,8 @@ const gcGrace = 2 * time.Minute
 type collector struct {
 	stores  *storage.Pool
 	job     func(id string) (fsm.Job, bool)
+	// kept reports whether the cluster keeps the savepoint of that id.
+	kept    func(savepoint string) bool
 	logger  *slog.Logger
 	metrics *metrics
 
@@ -96,8 +98,8 @@ type collector struct {
 	wg           sync.WaitGroup
 }
 
-func newCollector(stores *storage.Pool, job func(string) (fsm.Job, bool), logger *slog.Logger, m *metrics) *collector {
-	return &collector{stores: stores, job: job, logger: logger, metrics: m,
+func newCollector(stores *storage.Pool, job func(string) (fsm.Job, bool), kept func(string) bool, logger *slog.Logger, m *metrics) *collector {
+	return &collector{stores: stores, job: job, kept: kept, logger: logger, metrics: m,
 		running: make(map[string]bool), last: make(map[string]time.Time), unreferenced: make(map[string]map[string]time.Time),
 		now: time.Now}
 }
@@ -140,7 +142,10 @@ func (c *collector) wait() { c.wg.Wait() }
 // partial files of interrupted uploads included. Files of newer checkpoints may still be
 // being written; a pending checkpoint's chain only references files that the
 // newest completed checkpoint references too, so nothing a future
-// completion needs is deleted.
+// completion needs is deleted. Under the job's savepoint prefix it deletes,
+// by the same rules, the files of savepoints that never completed (aborted,
+// or refused): a savepoint the cluster keeps is deleted only with
+// `coordd savepoint delete`.
 func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 	job, ok := c.job(jobID)
 	if !ok || job.Spec.Checkpoint.Storage == "" || len(job.Completed) == 0 {
@@ -158,11 +163,7 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 	now := c.now()
 	still := make(map[string]time.Time) // unreferenced and kept, for the next run
 	var doomed []string
-	consider := func(path, final string) {
-		j, id, ok := transport.ParseCheckpointPath(final)
-		if !ok || j != jobID || id > newest || live[path] {
-			return
-		}
+	unreferenced := func(path string) {
 		first, seen := since[path]
 		if !seen {
 			first = now
@@ -173,21 +174,35 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 			still[path] = first
 		}
 	}
-	prefix := transport.CheckpointPrefix + jobID + "/"
-	err = store.List(ctx, prefix, func(path string, _ int64, _ time.Time) error {
-		consider(path, path)
-		return nil
-	})
-	if err == nil {
-		// What a worker killed in the middle of an upload left: no
-		// checkpoint references it, and nobody else would delete it.
-		err = store.ListPartial(ctx, prefix, func(path, final string, _ int64, _ time.Time) error {
-			consider(path, final)
+	checkpoint := func(path, final string) {
+		if j, id, ok := transport.ParseCheckpointPath(final); ok && j == jobID && id <= newest && !live[path] {
+			unreferenced(path)
+		}
+	}
+	savepoint := func(path, final string) {
+		if j, id, ok := transport.ParseSavepointPath(final); ok && j == jobID && id <= newest && !c.kept(fsm.SavepointID(jobID, id)) {
+			unreferenced(path)
+		}
+	}
+	for prefix, consider := range map[string]func(path, final string){
+		transport.CheckpointPrefix + jobID + "/": checkpoint,
+		transport.SavepointPrefix + jobID + "/":  savepoint,
+	} {
+		err = store.List(ctx, prefix, func(path string, _ int64, _ time.Time) error {
+			consider(path, path)
 			return nil
 		})
-	}
-	if err != nil {
-		return 0, err
+		if err == nil {
+			// What a worker killed in the middle of an upload left: no
+			// checkpoint references it, and nobody else would delete it.
+			err = store.ListPartial(ctx, prefix, func(path, final string, _ int64, _ time.Time) error {
+				consider(path, final)
+				return nil
+			})
+		}
+		if err != nil {
+			return 0, err
+		}
 	}
 	c.mu.Lock()
 	c.unreferenced[jobID] = still

@@ -374,7 +374,7 @@ func TestGarbageCollection(t *testing.T) {
 		return left
 	}
 
-	c := newCollector(storage.NewPool(), a.f.Job, slog.New(slog.DiscardHandler), newMetrics())
+	c := newCollector(storage.NewPool(), a.f.Job, func(string) bool { return false }, slog.New(slog.DiscardHandler), newMetrics())
 	defer c.stores.Close()
 	clock := time.Unix(1_700_000_000, 0)
 	c.now = func() time.Time { return clock }
@@ -409,5 +409,104 @@ func TestGarbageCollection(t *testing.T) {
 	}
 	if got := partials(); !slices.Equal(got, []string{partial5}) {
 		t.Fatalf("partial files left: %v; want only the pending checkpoint's %s (%s collected)", got, partial5, partial4)
+	}
+}
+
+// TestGarbageCollectionOfSavepoints: the collector deletes the files of a
+// savepoint that never completed (aborted after its upload, a partial file
+// included) once they have been unreferenced for gcGrace, and never those
+// of a savepoint the cluster keeps, of one still pending, or of another job.
+func TestGarbageCollectionOfSavepoints(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	url := "file://" + root
+	store, err := storage.Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	put := func(path string) fsm.StateFile {
+		t.Helper()
+		h, err := store.Create(ctx, path, func(w io.Writer) error { _, err := w.Write([]byte(path)); return err })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}, Full: true}
+	}
+	const job = "j"
+	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Checkpoint.Storage, spec.Checkpoint.Retained = url, 2
+	spec.Operator.Parallelism = 1
+	a := oneMapTaskJob(t, job, spec)
+	states := func(id uint64, files ...fsm.StateFile) map[string]fsm.TaskState {
+		return map[string]fsm.TaskState{
+			"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: int64(id)}},
+			"source-1": {TaskID: "source-1", Kind: fsm.TaskSource, Offsets: map[int32]int64{}},
+			"map-0": {TaskID: "map-0", Kind: fsm.TaskMap, Files: files, Keys: 3, ValueEncoding: "bytes",
+				KeyGroups: &fsm.KeyGroupRange{Start: 0, End: 128}},
+		}
+	}
+	now := time.Now().UnixNano()
+	savepoint := func() { // triggers the next id as a savepoint
+		a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now, Savepoint: true})
+	}
+
+	// Savepoint 1 completes and is kept.
+	savepoint()
+	kept := put(transport.SavepointDir(job, 1) + "map-0-a1-full.cfs")
+	rel := kept
+	rel.Path = strings.TrimPrefix(kept.Path, transport.SavepointDir(job, 1))
+	a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 1, Time: now,
+		States: states(1, rel), Location: url + "/" + transport.SavepointDir(job, 1)})
+	meta := put(transport.SavepointDir(job, 1) + transport.SavepointMetadata)
+	// Savepoint 2 is aborted after its upload, and after part of another.
+	savepoint()
+	aborted := put(transport.SavepointDir(job, 2) + "map-0-a1-full.cfs")
+	partial := transport.SavepointDir(job, 2) + "map-1-a1-full.cfs.0a1b2c3d4e5f.tmp"
+	if err := os.WriteFile(filepath.Join(root, filepath.FromSlash(partial)), []byte("part"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: 2, Reason: "timeout", Time: now})
+	a.completeWithFiles(job, 3, put(transport.CheckpointDir(job, 3)+"map-0-a1-full.cfs"))
+	// Savepoint 4 is pending: its files may still be being written.
+	savepoint()
+	pending := put(transport.SavepointDir(job, 4) + "map-0-a1-full.cfs")
+	foreign := put(transport.SavepointDir("other-job", 2) + "map-0-a1-full.cfs")
+
+	c := newCollector(storage.NewPool(), a.f.Job, func(id string) bool {
+		_, ok := a.f.Savepoint(id)
+		return ok
+	}, slog.New(slog.DiscardHandler), newMetrics())
+	defer c.stores.Close()
+	clock := time.Unix(1_700_000_000, 0)
+	c.now = func() time.Time { return clock }
+	files := func() []string {
+		var left []string
+		err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+		if err == nil {
+			err = store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(left)
+		return left
+	}
+	all := files()
+	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(files(), all) {
+		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
+	}
+	clock = clock.Add(gcGrace)
+	n, err := c.run(ctx, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{kept.Path, meta.Path, pending.Path, foreign.Path, transport.CheckpointDir(job, 3) + "map-0-a1-full.cfs"}
+	slices.Sort(want)
+	if left := files(); n != 2 || !slices.Equal(left, want) {
+		t.Fatalf("deleted %d, left %v; want the aborted savepoint's %s and %s deleted, leaving %v", n, left, aborted.Path, partial, want)
 	}
 }

@@ -270,8 +270,14 @@ func TestSavepointRescaleBackend(t *testing.T) {
 			t.Errorf("coordd savepoint list does not show %s:\n%s", sp.ID, list)
 		}
 	}
-	c.cli(t, c.api(t), "savepoint", "delete", first.ID)
 	firstDir := fileURLDir(t, first.Location)
+	// What a worker killed in the middle of an upload to the savepoint
+	// would have left: deleted with the rest.
+	partial := filepath.Join(firstDir, "map-0.state.1f2e3d.tmp")
+	if err := os.WriteFile(partial, []byte("half a file"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.cli(t, c.api(t), "savepoint", "delete", first.ID)
 	c.waitFor(t, 30*time.Second, "savepoint "+first.ID+"'s files to be deleted", func() (bool, error) {
 		entries, err := os.ReadDir(firstDir)
 		if errors.Is(err, os.ErrNotExist) {

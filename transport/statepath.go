@@ -34,7 +34,18 @@ const SavepointMetadata = "_metadata"
 // ParseCheckpointPath returns the job and checkpoint id of a state file path
 // under CheckpointPrefix; ok is false for any other path.
 func ParseCheckpointPath(path string) (job string, id uint64, ok bool) {
-	rest, ok := strings.CutPrefix(path, CheckpointPrefix)
+	return parseStatePath(path, CheckpointPrefix, "chk-")
+}
+
+// ParseSavepointPath returns the job and checkpoint id of a file path under
+// SavepointPrefix; ok is false for any other path.
+func ParseSavepointPath(path string) (job string, id uint64, ok bool) {
+	return parseStatePath(path, SavepointPrefix, "sp-")
+}
+
+// parseStatePath parses prefix + "<job>/<dir><id>/<file>".
+func parseStatePath(path, prefix, dir string) (job string, id uint64, ok bool) {
+	rest, ok := strings.CutPrefix(path, prefix)
 	if !ok {
 		return "", 0, false
 	}
@@ -42,7 +53,7 @@ func ParseCheckpointPath(path string) (job string, id uint64, ok bool) {
 	if len(parts) != 3 || parts[0] == "" || parts[2] == "" {
 		return "", 0, false
 	}
-	n, ok := strings.CutPrefix(parts[1], "chk-")
+	n, ok := strings.CutPrefix(parts[1], dir)
 	if !ok {
 		return "", 0, false
 	}
