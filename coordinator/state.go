@@ -80,8 +80,8 @@ const gcGrace = 2 * time.Minute
 // collection per job at a time, in the background, so the leader loop never
 // waits for storage.
 type collector struct {
-	stores  *storage.Pool
-	job     func(id string) (fsm.Job, bool)
+	stores *storage.Pool
+	job    func(id string) (fsm.Job, bool)
 	// kept reports whether the cluster keeps the savepoint of that id.
 	kept    func(savepoint string) bool
 	logger  *slog.Logger
