@@ -305,6 +305,9 @@ func (l *leader) handle(ev leaderEvent) {
 	case workerGone:
 		l.onWorkerGone(ev)
 	case workerMessage:
+		if ev.sess != nil {
+			ev.sess.queued.Add(-ev.size)
+		}
 		l.onWorkerMessage(ev.sess, ev.msg)
 	case partitionsResult:
 		l.onPartitions(ev)

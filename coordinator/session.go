@@ -39,14 +39,17 @@ const (
 	// at least: a trigger or completion and a deploy or cancel per task,
 	// with room to spare.
 	queuePerSlot = 4
-	// maxQueuedState bounds the inline state of the acks a session has read
-	// and the leader loop has not taken yet: with the inbox's bound on
-	// messages alone, a worker could queue a thousand acks of 64 MiB each.
+	// maxQueuedState bounds the bytes of the messages a session has read
+	// and the leader loop has not handled yet, in the session's inbox or
+	// the loop's event queue: with bounds on the number of messages alone,
+	// a worker could queue a thousand acks of 64 MiB each.
 	maxQueuedState = 4 * fsm.MaxInlineStateBytes
 	// maxSmallMessage bounds a heartbeat, task status or decline once
-	// decoded: their only free text is a reason, which the leader logs and
-	// may keep in the job's status.
+	// decoded, its reason cut to transport.MaxReasonBytes.
 	maxSmallMessage = 64 << 10
+	// maxAckFields bounds an ack without its inline state: offsets of a
+	// source's partitions, a chain of state files, sink transactions.
+	maxAckFields = 1 << 20
 )
 
 // Reasons a session ends, as its context's cause.
@@ -78,9 +81,10 @@ type session struct {
 	out      chan *transport.CoordinatorMessage
 	ctx      context.Context
 	close    context.CancelCauseFunc
-	// queued is the inline state, in bytes, of the acks between receive
-	// and the leader loop (maxQueuedState).
-	queued atomic.Int64
+	// queued is the size, in bytes, of the messages receive has read and
+	// the leader loop has not handled yet; maxQueued bounds it.
+	queued    atomic.Int64
+	maxQueued int64
 }
 
 func newSession(parent context.Context, hello *transport.Hello) *session {
@@ -91,8 +95,9 @@ func newSession(parent context.Context, hello *transport.Hello) *session {
 		dataAddr: hello.GetDataAddr(),
 		inbox:    max(sessionInbox, queuePerSlot*slots),
 		out:      make(chan *transport.CoordinatorMessage, max(sessionQueue, queuePerSlot*slots)),
-		ctx:      ctx,
-		close:    cancel,
+		ctx:       ctx,
+		close:     cancel,
+		maxQueued: maxQueuedState,
 	}
 }
 
@@ -137,6 +142,7 @@ type sessionClosed struct {
 type workerMessage struct {
 	sess *session
 	msg  *transport.WorkerMessage
+	size int64 // counted in sess.queued until the loop handles it
 }
 
 // Session serves one worker's control stream: Hello first, then on the leader
@@ -429,11 +435,21 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 }
 
 // receiveOne handles one message of receive; an error ends the session.
+// What it queues for the leader loop counts against the session's bound on
+// queued bytes (maxQueuedState) until the loop takes it (leader.handle).
 func receiveOne(sess *session, joiner *transport.AckJoiner, inbox chan<- leaderEvent, msg *transport.WorkerMessage) error {
+	clipReasons(msg)
 	if err := checkSize(msg); err != nil {
 		return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
 	}
 	switch m := msg.GetMsg().(type) {
+	case *transport.WorkerMessage_Heartbeat:
+		// Answered between an ack's chunks too: a large state on a slow
+		// link must not cost the worker its lease.
+		sess.send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{
+			Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()},
+		}})
+		return nil
 	case *transport.WorkerMessage_Chunk:
 		if err := joiner.Chunk(m.Chunk); err != nil {
 			return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
@@ -443,41 +459,53 @@ func receiveOne(sess *session, joiner *transport.AckJoiner, inbox chan<- leaderE
 		if err := joiner.Ack(m.Ack); err != nil {
 			return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
 		}
-	}
-	if joiner.Pending() {
-		return fmt.Errorf("%w: worker %s sent %T between an ack's state chunks", errProtocol, sess.worker, msg.GetMsg())
-	}
-	switch m := msg.GetMsg().(type) {
-	case *transport.WorkerMessage_Heartbeat:
-		sess.send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{
-			Heartbeat: &transport.Heartbeat{UnixNano: time.Now().UnixNano()},
-		}})
-		return nil
-	case *transport.WorkerMessage_Status, *transport.WorkerMessage_Ack, *transport.WorkerMessage_Decline:
-		state := int64(len(msg.GetAck().GetState().GetKeyed()))
-		if q := sess.queued.Add(state); q > maxQueuedState {
-			return fmt.Errorf("%w: worker %s has %d MiB of acked state waiting", errInboxFull, sess.worker, q>>20)
-		}
-		select {
-		case inbox <- workerMessage{sess: sess, msg: msg}:
-			return nil
-		default:
-			return fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sess.inbox)
+	case *transport.WorkerMessage_Status, *transport.WorkerMessage_Decline:
+		if joiner.Pending() {
+			return fmt.Errorf("%w: worker %s sent %T between an ack's state chunks", errProtocol, sess.worker, msg.GetMsg())
 		}
 	default:
 		return fmt.Errorf("%w: worker %s sent %T on an open session", errProtocol, sess.worker, m)
+	}
+	size := int64(proto.Size(msg))
+	if q := sess.queued.Add(size); q > sess.maxQueued {
+		return fmt.Errorf("%w: worker %s has %d MiB of messages waiting", errInboxFull, sess.worker, q>>20)
+	}
+	select {
+	case inbox <- workerMessage{sess: sess, msg: msg, size: size}:
+		return nil
+	default:
+		return fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sess.inbox)
+	}
+}
+
+// clipReasons cuts the free text of a status or decline to
+// transport.MaxReasonBytes: an error text has no bound of its own (a user
+// operator's panic value), and a long one is worth keeping, cut, rather
+// than ending the session that carries it.
+func clipReasons(msg *transport.WorkerMessage) {
+	if st := msg.GetStatus(); st != nil {
+		st.Reason = transport.ClipReason(st.GetReason())
+	}
+	if d := msg.GetDecline(); d != nil {
+		d.Reason = transport.ClipReason(d.GetReason())
 	}
 }
 
 // checkSize bounds each kind of worker message, past the gRPC cap that
 // every message meets before it is read (maxControlMessage): only an ack
-// carries much, and its inline state is bounded by the joiner.
+// carries much, its inline state, which the joiner bounds.
 func checkSize(msg *transport.WorkerMessage) error {
+	limit := maxSmallMessage
+	n := proto.Size(msg)
 	switch msg.GetMsg().(type) {
-	case *transport.WorkerMessage_Heartbeat, *transport.WorkerMessage_Status, *transport.WorkerMessage_Decline:
-		if n := proto.Size(msg); n > maxSmallMessage {
-			return fmt.Errorf("a %T of %d bytes, over the %d bytes its kind may have", msg.GetMsg(), n, maxSmallMessage)
-		}
+	case *transport.WorkerMessage_Ack:
+		limit = maxAckFields
+		n -= len(msg.GetAck().GetState().GetKeyed())
+	case *transport.WorkerMessage_Chunk:
+		return nil // the joiner checks it
+	}
+	if n > limit {
+		return fmt.Errorf("a %T of %d bytes, over the %d bytes its kind may have", msg.GetMsg(), n, limit)
 	}
 	return nil
 }
@@ -497,11 +525,7 @@ func (l *leader) silenceLimit() time.Duration {
 // is owned by receive and ends when receive closes inbox or the session ends.
 func forward(sess *session, l *leader, inbox <-chan leaderEvent) {
 	for ev := range inbox {
-		ok := l.post(sess.ctx, ev)
-		if wm, isMsg := ev.(workerMessage); isMsg {
-			sess.queued.Add(-int64(len(wm.msg.GetAck().GetState().GetKeyed())))
-		}
-		if !ok {
+		if !l.post(sess.ctx, ev) {
 			return
 		}
 	}

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -35,7 +36,7 @@ func TestLeaderTakesChunkedInlineState(t *testing.T) {
 	  "name": "big",
 	  "source": {"brokers": [%q], "topic": "words", "parallelism": 1},
 	  "operator": {"name": "wordcount", "parallelism": 1, "max_parallelism": 4},
-	  "checkpoint": {"interval": "200ms", "timeout": "20s", "retained": 3}
+	  "checkpoint": {"interval": "1s", "timeout": "20s", "retained": 3}
 	}`, kafka.ListenAddrs()[0]))
 
 	waitFor(t, 60*time.Second, func() error { return completedAtLeast(leader, id, 2) })
@@ -51,35 +52,43 @@ func TestLeaderTakesChunkedInlineState(t *testing.T) {
 
 // TestControlStreamBounds: what a client sends on a control session is
 // bounded per message and per kind, before the leader keeps it. A message
-// over the 4 MiB cap, a status larger than its kind may be, more state
-// chunks than one ack may carry, and a message between an ack's chunks
-// each end the session with a status naming what was wrong, and the
+// over the 4 MiB cap, an ack whose fields outside its state are over their
+// bound, chunks announcing more state than one ack may carry, a status
+// between an ack's chunks and chunks that fall short of their ack each end
+// the session with a status naming what was wrong. A long reason is cut
+// rather than refused, a heartbeat between chunks is answered, and the
 // leader goes on serving sessions.
 func TestControlStreamBounds(t *testing.T) {
 	servers := startCluster(t, 1)
 	leader := waitForLeader(t, servers...)
 	ref := &transport.TaskRef{JobId: "job", Attempt: 1, TaskId: "map-0"}
-	status1 := func(reason int) *transport.WorkerMessage {
+	failed := func(reason int) *transport.WorkerMessage {
 		return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{
 			Task: ref, Phase: transport.TaskPhase_TASK_PHASE_FAILED, Reason: strings.Repeat("x", reason),
 		}}}
 	}
-	chunk := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Chunk{Chunk: &transport.StateChunk{Data: make([]byte, transport.StateChunkSize)}}}
+	chunk := func(total int64) *transport.WorkerMessage {
+		return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Chunk{Chunk: &transport.StateChunk{
+			Data: make([]byte, transport.StateChunkSize), TotalBytes: total,
+		}}}
+	}
 	heartbeat := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Heartbeat{Heartbeat: &transport.Heartbeat{}}}
-	ack := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
-		Task: ref, CheckpointId: 1, State: &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_MAP}, ChunkedBytes: 5 << 20,
-	}}}
+	ack := func(chunked int64, sha string) *transport.WorkerMessage {
+		return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
+			Task: ref, CheckpointId: 1, State: &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_MAP, KeyedSha256: sha}, ChunkedBytes: chunked,
+		}}}
+	}
 	tests := []struct {
 		name string
 		send []*transport.WorkerMessage
 		code codes.Code
 		msg  string
 	}{
-		{"over the cap", []*transport.WorkerMessage{status1(5 << 20)}, codes.ResourceExhausted, "larger than max"},
-		{"status over its kind's bound", []*transport.WorkerMessage{status1(100 << 10)}, codes.InvalidArgument, "over the 65536 bytes"},
-		{"more chunks than an ack may carry", repeat(chunk, fsm.MaxInlineStateBytes/transport.StateChunkSize+1), codes.InvalidArgument, "more than 67108864 bytes"},
-		{"a heartbeat between chunks", []*transport.WorkerMessage{chunk, heartbeat}, codes.InvalidArgument, "between an ack's state chunks"},
-		{"an ack whose chunks did not all come", []*transport.WorkerMessage{chunk, ack}, codes.InvalidArgument, "announces 5242880 bytes, 1048576 came"},
+		{"over the cap", []*transport.WorkerMessage{failed(5 << 20)}, codes.ResourceExhausted, "larger than max"},
+		{"ack fields over their bound", []*transport.WorkerMessage{ack(0, strings.Repeat("0", 2<<20))}, codes.InvalidArgument, "over the 1048576 bytes"},
+		{"chunks of more state than an ack may carry", []*transport.WorkerMessage{chunk(fsm.MaxInlineStateBytes + 1)}, codes.InvalidArgument, "over the 67108864 bytes an ack may have"},
+		{"a status between chunks", []*transport.WorkerMessage{chunk(5 << 20), failed(10)}, codes.InvalidArgument, "between an ack's state chunks"},
+		{"an ack whose chunks did not all come", []*transport.WorkerMessage{chunk(5 << 20), ack(5<<20, "")}, codes.InvalidArgument, "announces 5242880 bytes, 1048576 came"},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -95,13 +104,72 @@ func TestControlStreamBounds(t *testing.T) {
 			}
 		})
 	}
-	// The leader still serves sessions and answers heartbeats.
+	// A reason of 100 KiB is cut, and a heartbeat between two chunks is
+	// answered: the session goes on.
 	stream := rawSession(t, leader.RPCAddr(), "after")
-	if err := stream.Send(heartbeat); err != nil {
-		t.Fatal(err)
+	for _, m := range []*transport.WorkerMessage{failed(100 << 10), chunk(3 << 20), heartbeat} {
+		if err := stream.Send(m); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if m, err := stream.Recv(); err != nil || m.GetHeartbeat() == nil {
-		t.Fatalf("after the refused sessions, a heartbeat got %v, %v", m, err)
+		t.Fatalf("a heartbeat after a long reason and between chunks got %v, %v", m, err)
+	}
+}
+
+// TestSessionQueueBoundedInBytes: while the leader loop takes no events, a
+// session queues the messages it reads only up to its bound in bytes,
+// whatever room its inbox and the loop's event queue have left, and ends
+// with a status saying so; what the loop handles leaves the count.
+func TestSessionQueueBoundedInBytes(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	l := &leader{ctx: ctx, events: make(chan leaderEvent, eventQueue), heartbeat: time.Second, lease: time.Minute} // nobody reads events
+	sess := newSession(ctx, &transport.Hello{WorkerId: "w1"})
+	sess.maxQueued = 10 << 20
+	stream := &scriptedStream{ctx: ctx, in: make(chan *transport.WorkerMessage)}
+	done := make(chan struct{})
+	go func() { defer close(done); receive(stream, sess, l) }()
+
+	state := bytes.Repeat([]byte{7}, 3<<20)
+	acks := 0
+	for sent := false; !sent || sess.ctx.Err() == nil; acks++ {
+		ack := &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{Ack: &transport.CheckpointAck{
+			Task:         &transport.TaskRef{JobId: "job", Attempt: 1, TaskId: "map-0"},
+			CheckpointId: uint64(acks + 1),
+			State:        &transport.TaskState{Kind: transport.TaskKind_TASK_KIND_MAP, Keyed: state},
+		}}}
+		for _, m := range transport.SplitAck(ack) {
+			select {
+			case stream.in <- m:
+			case <-sess.ctx.Done():
+			case <-time.After(10 * time.Second):
+				t.Fatal("receive stopped reading")
+			}
+		}
+		sent = true
+		if acks > 5 {
+			t.Fatalf("%d acks of 3 MiB read against a bound of 10 MiB", acks)
+		}
+	}
+	if err := sess.cause(); !errors.Is(err, errInboxFull) || !strings.Contains(err.Error(), "MiB of messages waiting") {
+		t.Fatalf("session ended with %v, want errInboxFull naming the bytes waiting", err)
+	}
+	if n := len(l.events); n > 3 {
+		t.Errorf("%d acks reached the event queue, want at most the 3 within 10 MiB", n)
+	}
+	cancel()
+	<-done
+
+	// The loop takes an event off the count when it handles it.
+	h := newLeaderHarness(t)
+	s := h.connect("w1", 1)
+	s.queued.Store(100)
+	h.handle(workerMessage{sess: s, size: 100, msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{
+		Task: &transport.TaskRef{JobId: "nope", Attempt: 1, TaskId: "map-0"}, Phase: transport.TaskPhase_TASK_PHASE_RUNNING,
+	}}}})
+	if q := s.queued.Load(); q != 0 {
+		t.Errorf("after the loop handled the message, %d bytes still counted", q)
 	}
 }
 

@@ -3,6 +3,7 @@ package transport
 import (
 	"errors"
 	"fmt"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
@@ -27,17 +28,18 @@ func SplitAck(m *WorkerMessage) []*WorkerMessage {
 	if len(keyed) <= StateChunkSize {
 		return []*WorkerMessage{m}
 	}
+	total := int64(len(keyed))
 	out := make([]*WorkerMessage, 0, len(keyed)/StateChunkSize+2)
 	for rest := keyed; len(rest) > 0; {
 		n := min(len(rest), StateChunkSize)
-		out = append(out, &WorkerMessage{Msg: &WorkerMessage_Chunk{Chunk: &StateChunk{Data: rest[:n:n]}}})
+		out = append(out, &WorkerMessage{Msg: &WorkerMessage_Chunk{Chunk: &StateChunk{Data: rest[:n:n], TotalBytes: total}}})
 		rest = rest[n:]
 	}
 	out = append(out, &WorkerMessage{Msg: &WorkerMessage_Ack{Ack: &CheckpointAck{
 		Task:         ack.GetTask(),
 		CheckpointId: ack.GetCheckpointId(),
 		State:        withoutKeyed(ack.GetState()),
-		ChunkedBytes: int64(len(keyed)),
+		ChunkedBytes: total,
 	}}})
 	return out
 }
@@ -63,9 +65,10 @@ func withoutKeyed(st *TaskState) *TaskState {
 const keyedField protoreflect.FieldNumber = 3
 
 // AckJoiner puts back together, on the receiving end of one session, the
-// inline state SplitAck took apart. It holds at most Limit bytes: a sender
-// cannot make the receiver buffer more than one ack's worth of state. The
-// zero value refuses every chunk; set Limit.
+// inline state SplitAck took apart. It holds the chunks of one ack at a
+// time, in one buffer of the size the first chunk announces, at most Limit
+// bytes: a sender cannot make the receiver buffer more than one ack's worth
+// of state. The zero value refuses every chunk; set Limit.
 type AckJoiner struct {
 	// Limit is the most inline state one ack may carry.
 	Limit int
@@ -74,17 +77,24 @@ type AckJoiner struct {
 
 // Chunk adds a chunk's data to the pending state.
 func (j *AckJoiner) Chunk(c *StateChunk) error {
-	if len(c.GetData()) == 0 {
+	data, total := c.GetData(), c.GetTotalBytes()
+	switch {
+	case len(data) == 0:
 		return fmt.Errorf("%w: an empty chunk", ErrChunks)
-	}
-	if len(j.buf)+len(c.GetData()) > j.Limit {
-		return fmt.Errorf("%w: more than %d bytes of inline state before an ack", ErrChunks, j.Limit)
+	case len(data) > StateChunkSize:
+		return fmt.Errorf("%w: a chunk of %d bytes, over %d", ErrChunks, len(data), StateChunkSize)
+	case total <= 0 || total > int64(j.Limit):
+		return fmt.Errorf("%w: chunks of %d bytes of inline state, over the %d bytes an ack may have", ErrChunks, total, j.Limit)
+	case j.buf != nil && total != int64(cap(j.buf)):
+		return fmt.Errorf("%w: a chunk of %d bytes of state among chunks of %d", ErrChunks, total, cap(j.buf))
 	}
 	if j.buf == nil {
-		// Grow with what arrives, not with what a sender announces.
-		j.buf = make([]byte, 0, min(j.Limit, 4*StateChunkSize))
+		j.buf = make([]byte, 0, total)
 	}
-	j.buf = append(j.buf, c.GetData()...)
+	if len(j.buf)+len(data) > cap(j.buf) {
+		return fmt.Errorf("%w: more than the %d bytes of state the chunks announce", ErrChunks, cap(j.buf))
+	}
+	j.buf = append(j.buf, data...)
 	return nil
 }
 
@@ -93,11 +103,11 @@ func (j *AckJoiner) Chunk(c *StateChunk) error {
 func (j *AckJoiner) Ack(ack *CheckpointAck) error {
 	want := ack.GetChunkedBytes()
 	switch {
-	case want == 0 && len(j.buf) > 0:
+	case want == 0 && j.buf != nil:
 		return fmt.Errorf("%w: %d bytes of chunks before an ack that has none", ErrChunks, len(j.buf))
 	case want == 0:
 		return nil
-	case want != int64(len(j.buf)):
+	case want != int64(len(j.buf)) || want != int64(cap(j.buf)):
 		return fmt.Errorf("%w: ack of checkpoint %d announces %d bytes, %d came", ErrChunks, ack.GetCheckpointId(), want, len(j.buf))
 	case ack.GetState() == nil || len(ack.GetState().GetKeyed()) > 0:
 		return fmt.Errorf("%w: ack of checkpoint %d has chunks and inline state", ErrChunks, ack.GetCheckpointId())
@@ -107,6 +117,24 @@ func (j *AckJoiner) Ack(ack *CheckpointAck) error {
 	return nil
 }
 
-// Pending reports whether chunks wait for their ack: any other message in
-// between is a protocol violation.
-func (j *AckJoiner) Pending() bool { return len(j.buf) > 0 }
+// Pending reports whether chunks wait for their ack: only heartbeats may
+// come in between.
+func (j *AckJoiner) Pending() bool { return j.buf != nil }
+
+// MaxReasonBytes bounds the reason of a task status or a checkpoint
+// decline: it is logged and may be kept in the job's status, and an error
+// text (a user operator's panic value, say) has no bound of its own.
+const MaxReasonBytes = 8 << 10
+
+// ClipReason returns reason cut to MaxReasonBytes, at a rune boundary, with
+// a note of how much was cut.
+func ClipReason(reason string) string {
+	if len(reason) <= MaxReasonBytes {
+		return reason
+	}
+	n := MaxReasonBytes - 64 // room for the note
+	for n > 0 && !utf8.RuneStart(reason[n]) {
+		n--
+	}
+	return fmt.Sprintf("%s... (%d more bytes)", reason[:n], len(reason)-n)
+}

@@ -3,8 +3,11 @@ package transport
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -81,32 +84,38 @@ func TestSplitAckRoundTrip(t *testing.T) {
 }
 
 // TestAckJoinerRefuses: the joiner refuses what a confused or hostile
-// sender does: more state than the limit, chunks without their ack, an ack
-// announcing chunks that did not come, and chunks next to inline state.
+// sender does: more state than the limit, chunks that disagree on the
+// total or exceed it, chunks without their ack, an ack announcing chunks
+// that did not come, and chunks next to inline state.
 func TestAckJoinerRefuses(t *testing.T) {
-	chunk := &StateChunk{Data: bytes.Repeat([]byte{1}, 1000)}
+	chunk := func(total int64) *StateChunk { return &StateChunk{Data: bytes.Repeat([]byte{1}, 1000), TotalBytes: total} }
 	ack := func(chunked int64, keyed []byte) *CheckpointAck {
 		return &CheckpointAck{CheckpointId: 4, State: &TaskState{Keyed: keyed}, ChunkedBytes: chunked}
 	}
 	tests := []struct {
 		name   string
-		chunks int
+		chunks []*StateChunk
 		ack    *CheckpointAck
 	}{
-		{"over the limit", 3, nil},
-		{"chunks before an ack without them", 1, ack(0, []byte("x"))},
-		{"fewer bytes than announced", 1, ack(2000, nil)},
-		{"more bytes than announced", 2, ack(1000, nil)},
-		{"chunks and inline state", 1, ack(1000, []byte("x"))},
-		{"chunks and no state", 1, &CheckpointAck{ChunkedBytes: 1000}},
-		{"announced chunks, none came", 0, ack(1000, nil)},
+		{"over the limit", []*StateChunk{chunk(2501)}, nil},
+		{"no total", []*StateChunk{chunk(0)}, nil},
+		{"totals that differ", []*StateChunk{chunk(2000), chunk(2500)}, nil},
+		{"more bytes than the total", []*StateChunk{chunk(1500), chunk(1500)}, nil},
+		{"a chunk over the chunk size", []*StateChunk{{Data: make([]byte, StateChunkSize+1), TotalBytes: 2000}}, nil},
+		{"an empty chunk", []*StateChunk{{TotalBytes: 2000}}, nil},
+		{"chunks before an ack without them", []*StateChunk{chunk(1000)}, ack(0, []byte("x"))},
+		{"fewer bytes than announced", []*StateChunk{chunk(2000)}, ack(2000, nil)},
+		{"an ack announcing other than the chunks", []*StateChunk{chunk(1000)}, ack(2000, nil)},
+		{"chunks and inline state", []*StateChunk{chunk(1000)}, ack(1000, []byte("x"))},
+		{"chunks and no state", []*StateChunk{chunk(1000)}, &CheckpointAck{ChunkedBytes: 1000}},
+		{"announced chunks, none came", nil, ack(1000, nil)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			j := AckJoiner{Limit: 2500}
 			var err error
-			for range tt.chunks {
-				if err = j.Chunk(chunk); err != nil {
+			for _, c := range tt.chunks {
+				if err = j.Chunk(c); err != nil {
 					break
 				}
 			}
@@ -119,11 +128,25 @@ func TestAckJoinerRefuses(t *testing.T) {
 		})
 	}
 	var j AckJoiner
-	if err := j.Chunk(chunk); !errors.Is(err, ErrChunks) {
+	if err := j.Chunk(chunk(1000)); !errors.Is(err, ErrChunks) {
 		t.Errorf("zero AckJoiner took a chunk: %v", err)
 	}
-	if err := (&AckJoiner{Limit: 10}).Chunk(&StateChunk{}); !errors.Is(err, ErrChunks) {
-		t.Errorf("empty chunk: %v", err)
+}
+
+// TestClipReason: a reason over MaxReasonBytes is cut at a rune boundary
+// and says how much was cut; a shorter one is left alone.
+func TestClipReason(t *testing.T) {
+	if got := ClipReason("short"); got != "short" {
+		t.Errorf("ClipReason(short) = %q", got)
+	}
+	long := strings.Repeat("é", MaxReasonBytes) // 2 bytes a rune
+	got := ClipReason(long)
+	if len(got) > MaxReasonBytes || !utf8.ValidString(got) || !strings.HasSuffix(got, " more bytes)") {
+		t.Fatalf("ClipReason of %d bytes = %d bytes, valid UTF-8 %v, ending %q", len(long), len(got), utf8.ValidString(got), got[len(got)-20:])
+	}
+	cut := strings.TrimSuffix(got[strings.LastIndex(got, "... ("):], " more bytes)")
+	if want := fmt.Sprintf("... (%d", len(long)-strings.Index(got, "... (")); cut != want {
+		t.Errorf("ClipReason notes %q, want %q", cut, want)
 	}
 }
 

@@ -659,10 +659,14 @@ func (x *CheckpointAck) GetChunkedBytes() int64 {
 // that follows it on the stream: a session's messages stay small (the
 // leader refuses any message over 4 MiB before it allocates it), while a map
 // task's inline state may reach fsm.MaxInlineStateBytes. The chunks of one
-// ack are sent back to back, each up to transport.StateChunkSize bytes.
+// ack come in order, each up to transport.StateChunkSize bytes, with only
+// heartbeats between them.
 type StateChunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Data  []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// total_bytes is the size of the whole state, the same in every chunk of
+	// an ack: the receiver allocates it once.
+	TotalBytes    int64 `protobuf:"varint,2,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -702,6 +706,13 @@ func (x *StateChunk) GetData() []byte {
 		return x.Data
 	}
 	return nil
+}
+
+func (x *StateChunk) GetTotalBytes() int64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
 }
 
 // CheckpointDecline reports that a task cannot take checkpoint_id.
@@ -2767,10 +2778,12 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12-\n" +
 	"\x05state\x18\x03 \x01(\v2\x17.coordflow.v1.TaskStateR\x05state\x12#\n" +
-	"\rchunked_bytes\x18\x04 \x01(\x03R\fchunkedBytes\" \n" +
+	"\rchunked_bytes\x18\x04 \x01(\x03R\fchunkedBytes\"A\n" +
 	"\n" +
 	"StateChunk\x12\x12\n" +
-	"\x04data\x18\x01 \x01(\fR\x04data\"{\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x1f\n" +
+	"\vtotal_bytes\x18\x02 \x01(\x03R\n" +
+	"totalBytes\"{\n" +
 	"\x11CheckpointDecline\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12\x16\n" +

@@ -159,10 +159,10 @@ func TestSinkOutputsOutliveTheirBatch(t *testing.T) {
 }
 
 // TestSlowSinkBoundsBuffers: while the sink's broker takes no writes (its
-// Produce requests go unanswered), the map task's loop waits on its sink,
-// then holds at most sinkMaxHeld outputs, and its source reads only what
-// the buffers between them hold, not the topic. Once the broker answers
-// again, every record reaches the sink.
+// Produce requests go unanswered), the map task's loop waits on its sink's
+// sends (between them it would hold at most sinkMaxHeld outputs), and its
+// source reads only what the buffers between them hold, not the topic.
+// Once the broker answers again, every record reaches the sink.
 func TestSlowSinkBoundsBuffers(t *testing.T) {
 	const n = 150_000
 	// Held outputs, a send in flight and the buffers of the stalled
@@ -213,18 +213,21 @@ func TestSlowSinkBoundsBuffers(t *testing.T) {
 	read := func() float64 {
 		return metricValue(t, w.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "slow", "kind": kindSource})
 	}
-	last := -1.0
+	// A plateau: five equal samples over 1.2 s, longer than a pause of a
+	// busy machine.
+	last, same := -1.0, 0
 	deadline := time.Now().Add(waitTimeout)
-	for {
+	for same < 4 {
 		now := read()
 		if now == last {
-			break
+			same++
+		} else {
+			last, same = now, 0
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the source never stopped reading while the sink took no writes: %v of %d records read", now, n)
 		}
-		last = now
-		time.Sleep(300 * time.Millisecond) // a plateau is two equal samples apart in time
+		time.Sleep(300 * time.Millisecond) // a plateau is equal samples apart in time
 	}
 	if last > bound {
 		t.Fatalf("the source read %v of %d records while the sink took no writes: buffers hold more than %d", last, n, bound)

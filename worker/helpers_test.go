@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
@@ -162,8 +163,9 @@ func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 		t.Fatal(err)
 	}
 	f.rpcAddr = lis.Addr().String()
-	// Like a leader of the version before state chunks, the fake takes
-	// messages up to 256 MiB.
+	// A leader of the version before state chunks (noChunks) took
+	// messages up to 256 MiB; one that takes chunks, 4 MiB, which the
+	// fake's receive loop checks.
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(256 << 20))
 	transport.RegisterControlServer(srv, f)
 	go func() { _ = srv.Serve(lis) }()
@@ -227,6 +229,9 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 			if err != nil {
 				recvErr <- err
 				return
+			}
+			if n := proto.Size(m); !f.noChunks && n > 4<<20 {
+				f.t.Errorf("fake coordinator: a %T of %d bytes, over a leader's 4 MiB", m.GetMsg(), n)
 			}
 			if c := m.GetChunk(); c != nil {
 				f.chunks.Add(1)

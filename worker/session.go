@@ -465,15 +465,24 @@ func (s *session) serve(ctx context.Context, o *opened) (sessionEnd, error) {
 
 	// A leader that takes state chunks gets a large ack's inline state in
 	// them: it refuses any message over 4 MiB. An older leader takes the
-	// ack whole.
+	// ack whole. Heartbeats go on between chunks, so that 64 MiB of state
+	// on a slow link does not look like a silent worker.
 	chunks := wel.GetStateChunks()
+	lastBeat := time.Now()
 	send := func(ms []*transport.WorkerMessage) error {
 		for i, m := range ms {
 			parts := []*transport.WorkerMessage{m}
 			if chunks {
 				parts = transport.SplitAck(m)
 			}
-			for _, p := range parts {
+			for j, p := range parts {
+				if j > 0 && time.Since(lastBeat) >= hb {
+					if err := stream.Send(heartbeatMsg()); err != nil {
+						s.w.outbox.requeue(ms[i:])
+						return fmt.Errorf("send heartbeat: %w", err)
+					}
+					lastBeat = time.Now()
+				}
 				if err := stream.Send(p); err != nil {
 					// The whole message goes again, on the next session.
 					s.w.outbox.requeue(ms[i:])
@@ -509,6 +518,7 @@ func (s *session) serve(ctx context.Context, o *opened) (sessionEnd, error) {
 			if err := stream.Send(heartbeatMsg()); err != nil {
 				return sessionEnd{welcomed: true}, fmt.Errorf("send heartbeat: %w", err)
 			}
+			lastBeat = time.Now()
 			// Keep the coordinators a later hold must account for current.
 			s.refreshSeen()
 			s.noteSeen(addr)

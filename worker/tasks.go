@@ -156,7 +156,7 @@ func (m *taskManager) start(ctx context.Context) {
 
 func statusMsg(k taskKey, kind transport.TaskKind, phase transport.TaskPhase, reason string) *transport.WorkerMessage {
 	return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{
-		Task: k.ref(), Kind: kind, Phase: phase, Reason: reason,
+		Task: k.ref(), Kind: kind, Phase: phase, Reason: transport.ClipReason(reason),
 	}}}
 }
 
@@ -510,7 +510,7 @@ func (m *taskManager) retarget(r *transport.RetargetTasks) {
 // declineMsg is a task's decline of checkpoint id, with why.
 func declineMsg(task *transport.TaskRef, id uint64, reason string) *transport.WorkerMessage {
 	return &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{Decline: &transport.CheckpointDecline{
-		Task: task, CheckpointId: id, Reason: reason,
+		Task: task, CheckpointId: id, Reason: transport.ClipReason(reason),
 	}}}
 }
 
