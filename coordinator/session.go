@@ -91,10 +91,10 @@ func newSession(parent context.Context, hello *transport.Hello) *session {
 	ctx, cancel := context.WithCancelCause(parent)
 	slots := int(min(max(hello.GetSlots(), 0), 1<<16))
 	return &session{
-		worker:   hello.GetWorkerId(),
-		dataAddr: hello.GetDataAddr(),
-		inbox:    max(sessionInbox, queuePerSlot*slots),
-		out:      make(chan *transport.CoordinatorMessage, max(sessionQueue, queuePerSlot*slots)),
+		worker:    hello.GetWorkerId(),
+		dataAddr:  hello.GetDataAddr(),
+		inbox:     max(sessionInbox, queuePerSlot*slots),
+		out:       make(chan *transport.CoordinatorMessage, max(sessionQueue, queuePerSlot*slots)),
 		ctx:       ctx,
 		close:     cancel,
 		maxQueued: maxQueuedState,

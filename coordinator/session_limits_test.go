@@ -173,14 +173,6 @@ func TestSessionQueueBoundedInBytes(t *testing.T) {
 	}
 }
 
-func repeat(m *transport.WorkerMessage, n int) []*transport.WorkerMessage {
-	out := make([]*transport.WorkerMessage, n)
-	for i := range out {
-		out[i] = m
-	}
-	return out
-}
-
 // rawSession opens a control session with the leader at addr as worker id,
 // past its Welcome, without TLS.
 func rawSession(t *testing.T, addr, id string) grpc.BidiStreamingClient[transport.WorkerMessage, transport.CoordinatorMessage] {

@@ -88,7 +88,9 @@ func TestSplitAckRoundTrip(t *testing.T) {
 // total or exceed it, chunks without their ack, an ack announcing chunks
 // that did not come, and chunks next to inline state.
 func TestAckJoinerRefuses(t *testing.T) {
-	chunk := func(total int64) *StateChunk { return &StateChunk{Data: bytes.Repeat([]byte{1}, 1000), TotalBytes: total} }
+	chunk := func(total int64) *StateChunk {
+		return &StateChunk{Data: bytes.Repeat([]byte{1}, 1000), TotalBytes: total}
+	}
 	ack := func(chunked int64, keyed []byte) *CheckpointAck {
 		return &CheckpointAck{CheckpointId: 4, State: &TaskState{Keyed: keyed}, ChunkedBytes: chunked}
 	}
