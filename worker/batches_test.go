@@ -247,3 +247,64 @@ func TestSlowSinkBoundsBuffers(t *testing.T) {
 		}
 	}
 }
+
+// TestStalledSourceDoesNotSlowItsNeighbours: the source tasks of a worker
+// share Kafka consumers, whose fetch loop hands each partition its records
+// and waits for them to be taken, up to sarama's MaxProcessingTime. While
+// one job's map task is stalled, its source takes no records; the fetch
+// loop then drops that partition until it is drained, so another job's
+// source on the same worker and broker reads its topic at full speed (a
+// slowed one would miss the deadline many times over), and counts it
+// exactly.
+func TestStalledSourceDoesNotSlowItsNeighbours(t *testing.T) {
+	const n = 300_000
+	brokers := newKafka(t, map[string]int32{"slow": 1, "fast": 1})
+	var slow, fast []record
+	want := map[string]int64{}
+	for i := range n {
+		k := "k" + strconv.Itoa(i%1000)
+		fast = append(fast, record{partition: 0, key: k, value: "v"})
+		want[k]++
+		if i < 50_000 {
+			slow = append(slow, record{partition: 0, key: k, value: "v"})
+		}
+	}
+	produce(t, brokers, "slow", slow)
+	produce(t, brokers, "fast", fast)
+
+	release := make(chan struct{})
+	defer close(release)
+	count, _ := operator.Builtins().Lookup(operator.Count)
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) {
+		c.Operators = operator.NewRegistry()
+		for name, op := range map[string]operator.Operator{"stall": stalling{count, release}, "count": count} {
+			if err := c.Operators.Register(name, op); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	refs := mapRefs(128, w)
+	deployJob := func(job, op, topic string) (*transport.DeployTask, *transport.DeployTask) {
+		md := mapDeploy(job, 1, op, 1, 128, refs, 0)
+		f.deploy(t, "w1", md)
+		sd := sourceDeploy(job, 1, 0, op, brokers, topic, []int32{0}, refs)
+		f.deploy(t, "w1", sd)
+		f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+		return sd, md
+	}
+	deployJob("stalled", "stall", "slow")
+	read := func(job string) float64 {
+		return metricValue(t, w.Gatherer(), "coordflow_records_in_total", map[string]string{"job": job, "kind": kindSource})
+	}
+	waitFor(t, "the stalled job's source to read", func() bool { return read("stalled") > 0 })
+	sd, md := deployJob("free", "count", "fast")
+	start := time.Now()
+	waitFor(t, "the free job's source to read its whole topic", func() bool { return read("free") == n })
+	t.Logf("the free job read %d records in %v while the other job's map task was stalled", n, time.Since(start).Round(time.Millisecond))
+	_, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: n}, nil)
+	got, _ := decodeKeyed(t, acks[md.Task.GetTaskId()].GetState())
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("the free job's counts are %v, want %v", fmt.Sprint(got), fmt.Sprint(want))
+	}
+}
