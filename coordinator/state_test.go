@@ -311,30 +311,11 @@ func TestRenderValue(t *testing.T) {
 // file of a newer checkpoint, which may still be being written.
 func TestGarbageCollection(t *testing.T) {
 	ctx := context.Background()
-	url := "file://" + t.TempDir()
-	store, err := storage.Open(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	put := func(path string) fsm.StateFile {
-		t.Helper()
-		h, err := store.Create(ctx, path, func(w io.Writer) error { _, err := w.Write([]byte(path)); return err })
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}}
-	}
-	const job = "j"
+	fx := newGCFixture(t)
+	store, url, put, a := fx.store, fx.url, fx.put, fx.a
+	const job = gcJob
 	dir := func(id uint64) string { return transport.CheckpointDir(job, id) }
 
-	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	spec.Checkpoint.Storage, spec.Checkpoint.Retained = url, 2
-	spec.Operator.Parallelism = 1
-	a := oneMapTaskJob(t, job, spec)
 	complete := func(id uint64, files ...fsm.StateFile) { a.completeWithFiles(job, id, files...) }
 	full1 := put(dir(1) + "map-0-a1-full.cfs")
 	full1.Full = true
@@ -418,29 +399,9 @@ func TestGarbageCollection(t *testing.T) {
 // of a savepoint the cluster keeps, of one still pending, or of another job.
 func TestGarbageCollectionOfSavepoints(t *testing.T) {
 	ctx := context.Background()
-	root := t.TempDir()
-	url := "file://" + root
-	store, err := storage.Open(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	put := func(path string) fsm.StateFile {
-		t.Helper()
-		h, err := store.Create(ctx, path, func(w io.Writer) error { _, err := w.Write([]byte(path)); return err })
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}, Full: true}
-	}
-	const job = "j"
-	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	spec.Checkpoint.Storage, spec.Checkpoint.Retained = url, 2
-	spec.Operator.Parallelism = 1
-	a := oneMapTaskJob(t, job, spec)
+	fx := newGCFixture(t)
+	store, url, put, a := fx.store, fx.url, fx.put, fx.a
+	const job = gcJob
 	states := func(id uint64, files ...fsm.StateFile) map[string]fsm.TaskState {
 		return map[string]fsm.TaskState{
 			"source-0": {TaskID: "source-0", Kind: fsm.TaskSource, Offsets: map[int32]int64{0: int64(id)}},
@@ -458,7 +419,7 @@ func TestGarbageCollectionOfSavepoints(t *testing.T) {
 	savepoint()
 	kept := put(transport.SavepointDir(job, 1) + "map-0-a1-full.cfs")
 	rel := kept
-	rel.Path = strings.TrimPrefix(kept.Path, transport.SavepointDir(job, 1))
+	rel.Path, rel.Full = strings.TrimPrefix(kept.Path, transport.SavepointDir(job, 1)), true
 	a.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 1, Time: now,
 		States: states(1, rel), Location: url + "/" + transport.SavepointDir(job, 1)})
 	meta := put(transport.SavepointDir(job, 1) + transport.SavepointMetadata)
@@ -466,11 +427,13 @@ func TestGarbageCollectionOfSavepoints(t *testing.T) {
 	savepoint()
 	aborted := put(transport.SavepointDir(job, 2) + "map-0-a1-full.cfs")
 	partial := transport.SavepointDir(job, 2) + "map-1-a1-full.cfs.0a1b2c3d4e5f.tmp"
-	if err := os.WriteFile(filepath.Join(root, filepath.FromSlash(partial)), []byte("part"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(fx.root, filepath.FromSlash(partial)), []byte("part"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	a.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: 2, Reason: "timeout", Time: now})
-	a.completeWithFiles(job, 3, put(transport.CheckpointDir(job, 3)+"map-0-a1-full.cfs"))
+	full3 := put(transport.CheckpointDir(job, 3) + "map-0-a1-full.cfs")
+	full3.Full = true
+	a.completeWithFiles(job, 3, full3)
 	// Savepoint 4 is pending: its files may still be being written.
 	savepoint()
 	pending := put(transport.SavepointDir(job, 4) + "map-0-a1-full.cfs")
@@ -509,4 +472,48 @@ func TestGarbageCollectionOfSavepoints(t *testing.T) {
 	if left := files(); n != 2 || !slices.Equal(left, want) {
 		t.Fatalf("deleted %d, left %v; want the aborted savepoint's %s and %s deleted, leaving %v", n, left, aborted.Path, partial, want)
 	}
+}
+
+// gcJob is the job of a gcFixture.
+const gcJob = "j"
+
+// gcFixture is a file:// checkpoint storage in a directory of the test's and
+// job gcJob, of one map task, keeping its state there and retaining two
+// checkpoints: what the collector's tests collect in.
+type gcFixture struct {
+	root, url string
+	store     *storage.Store
+	a         *applier
+	t         *testing.T
+}
+
+func newGCFixture(t *testing.T) *gcFixture {
+	t.Helper()
+	fx := &gcFixture{root: t.TempDir(), t: t}
+	fx.url = "file://" + fx.root
+	store, err := storage.Open(context.Background(), fx.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	fx.store = store
+	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Checkpoint.Storage, spec.Checkpoint.Retained = fx.url, 2
+	spec.Operator.Parallelism = 1
+	fx.a = oneMapTaskJob(t, gcJob, spec)
+	return fx
+}
+
+// put writes a file holding its own path at path and returns its handle, a
+// delta of every key group.
+func (fx *gcFixture) put(path string) fsm.StateFile {
+	fx.t.Helper()
+	h, err := fx.store.Create(context.Background(), path, func(w io.Writer) error { _, err := w.Write([]byte(path)); return err })
+	if err != nil {
+		fx.t.Fatal(err)
+	}
+	return fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}}
 }
