@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/transport/tlsutil"
@@ -42,12 +43,32 @@ type dataService struct {
 	logger     *slog.Logger
 	// waiting bounds the channels between their first message and being
 	// accepted or refused: each holds a goroutine and its first message.
+	// legacy bounds those of them whose header is not in their metadata.
 	waiting chan struct{}
+	legacy  chan struct{}
 }
 
 // maxOpeningChannels bounds the data channels a worker holds while they wait
 // for their map task; real attempts need sources x map tasks of them.
 const maxOpeningChannels = 1024
+
+// channelHeaderKey is the gRPC metadata key of a channel's header (binary:
+// the ChannelHeader encoded). With it, the data server checks a channel's
+// credential before it reads the channel's first message, which may be as
+// large as maxDataMessage: a peer without the credential costs it nothing
+// but the header. Sources send the header in the first message too, for
+// the data servers of older workers.
+const channelHeaderKey = "coordflow-channel-header-bin"
+
+// maxChannelHeader bounds the metadata of a data channel, the header
+// included, which gRPC reads before the handler runs.
+const maxChannelHeader = 64 << 10
+
+// maxLegacyOpening bounds the channels that open without the header in
+// their metadata (sources of older workers, during a rolling upgrade):
+// their first message, of up to maxDataMessage, is read before the
+// credential in it is checked.
+const maxLegacyOpening = 8
 
 // peerAddr is the remote address of a stream, for logs.
 func peerAddr(ctx context.Context) string {
@@ -58,22 +79,34 @@ func peerAddr(ctx context.Context) string {
 }
 
 // Channel reads the header, waits (up to acceptWait) for the named map task to
-// be running here, rejects stale attempts, and then feeds the stream to the
-// map task as one of its inputs until the source closes it.
+// be running here, rejects stale attempts and channels without the attempt's
+// credential, and then feeds the stream to the map task as one of its inputs
+// until the source closes it. The header comes in the stream's metadata,
+// checked before any message is read; from a source of an older worker, in
+// the first message (maxLegacyOpening).
 func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
-	select {
-	case s.waiting <- struct{}{}:
-		defer func() { <-s.waiting }()
-	default:
-		return status.Errorf(codes.ResourceExhausted, "data server: %d channels are already opening", cap(s.waiting))
-	}
-	first, err := stream.Recv()
+	h, err := metadataHeader(stream.Context())
 	if err != nil {
 		return err
 	}
-	h := first.GetHeader()
+	opening := s.waiting
 	if h == nil {
-		return status.Error(codes.InvalidArgument, "first data message must carry the channel header")
+		opening = s.legacy
+	}
+	select {
+	case opening <- struct{}{}:
+		defer func() { <-opening }()
+	default:
+		return status.Errorf(codes.ResourceExhausted, "data server: %d channels are already opening", cap(opening))
+	}
+	var first *transport.DataMessage
+	if h == nil {
+		if first, err = stream.Recv(); err != nil {
+			return err
+		}
+		if h = first.GetHeader(); h == nil {
+			return status.Error(codes.InvalidArgument, "first data message must carry the channel header")
+		}
 	}
 	log := s.logger.With("job", h.GetJobId(), "attempt", h.GetAttempt(), "task", h.GetMapTaskId(), "source", h.GetSourceIndex(),
 		"source_attempt", h.GetSourceAttempt())
@@ -96,6 +129,15 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 		// refused here, before attach, and the real source still gets in.
 		log.Warn("refusing data channel without the attempt's credential", "peer", peerAddr(stream.Context()))
 		return status.Error(codes.PermissionDenied, "data channel: wrong or missing channel credential for this attempt")
+	}
+	if first == nil {
+		// The source is who it says: its first message may be read now.
+		if first, err = stream.Recv(); err != nil {
+			return err
+		}
+		if fh := first.GetHeader(); fh != nil && !proto.Equal(fh, h) {
+			return status.Error(codes.InvalidArgument, "the first data message's channel header differs from the stream's")
+		}
 	}
 	in, err := mt.attach(int(h.GetSourceIndex()), h.GetSourceAttempt())
 	switch {
@@ -309,7 +351,11 @@ func openRemote(ctx context.Context, client transport.DataClient, header *transp
 	if limit <= 0 {
 		return nil, status.Error(codes.DeadlineExceeded, "channel open timeout reached")
 	}
-	sctx, cancel := context.WithCancel(ctx)
+	encoded, err := proto.Marshal(header)
+	if err != nil {
+		return nil, fmt.Errorf("encode channel header: %w", err)
+	}
+	sctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, channelHeaderKey, string(encoded)))
 	timer := time.AfterFunc(limit, cancel)
 	stream, err := client.Channel(sctx)
 	if err == nil {
@@ -327,4 +373,19 @@ func openRemote(ctx context.Context, client transport.DataClient, header *transp
 	timer.Stop()
 	cancel()
 	return nil, err
+}
+
+// metadataHeader returns the channel header of a stream's metadata, nil if
+// it has none (a source of an older worker).
+func metadataHeader(ctx context.Context) (*transport.ChannelHeader, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	vals := md.Get(channelHeaderKey)
+	if len(vals) == 0 {
+		return nil, nil
+	}
+	h := &transport.ChannelHeader{}
+	if len(vals) > 1 || proto.Unmarshal([]byte(vals[0]), h) != nil {
+		return nil, status.Error(codes.InvalidArgument, "data channel: malformed channel header in the stream's metadata")
+	}
+	return h, nil
 }

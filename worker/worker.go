@@ -282,6 +282,7 @@ func New(cfg Config) (*Worker, error) {
 		grpc.Creds(serverCredentials(cfg.TLS)),
 		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.MaxRecvMsgSize(maxDataMessage),
+		grpc.MaxHeaderListSize(maxChannelHeader),
 		// Sources ping their data connections (dataKeepalive); a server
 		// that refused pings this often would close them.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: dataKeepalive.Time / 2}),
@@ -289,6 +290,7 @@ func New(cfg Config) (*Worker, error) {
 	w.data = &dataService{
 		tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger,
 		waiting: make(chan struct{}, maxOpeningChannels),
+		legacy:  make(chan struct{}, maxLegacyOpening),
 	}
 	transport.RegisterDataServer(w.dataSrv, w.data)
 

@@ -1,0 +1,112 @@
+package worker
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// rawChannel opens a data channel stream on conn with h in its metadata
+// (none if h is nil), sending nothing on it.
+func rawChannel(ctx context.Context, conn *grpc.ClientConn, h *transport.ChannelHeader) (grpc.ClientStreamingClient[transport.DataMessage, transport.ChannelClosed], error) {
+	if h != nil {
+		encoded, err := proto.Marshal(h)
+		if err != nil {
+			return nil, err
+		}
+		ctx = metadata.AppendToOutgoingContext(ctx, channelHeaderKey, string(encoded))
+	}
+	return transport.NewDataClient(conn).Channel(ctx)
+}
+
+// TestChannelCheckedBeforeItsFirstMessage: a channel whose header, in its
+// metadata, lacks the attempt's credential is refused before the data
+// server reads a message of it (it sends none); one whose first message
+// names another header than its metadata is refused; and channels of
+// older sources, with the header in their first message only, open only
+// maxLegacyOpening at a time, while current ones still get in.
+func TestChannelCheckedBeforeItsFirstMessage(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelAcceptWait = 2 * time.Second })
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	d.ChannelToken = "the-token"
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	hdr := func(source int32, token string) *transport.ChannelHeader {
+		return &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: source, MapTaskId: "map-0", ChannelToken: token}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	open := func(ctx context.Context, h *transport.ChannelHeader) grpc.ClientStreamingClient[transport.DataMessage, transport.ChannelClosed] {
+		t.Helper()
+		stream, err := rawChannel(ctx, conn, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return stream
+	}
+
+	// Refused with nothing sent: the server did not wait for a message.
+	var closed transport.ChannelClosed
+	if err := open(ctx, hdr(0, "forged")).RecvMsg(&closed); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("a channel with a forged credential in its metadata: %v, want PermissionDenied before any message", err)
+	}
+
+	// The first message must not name another header.
+	stream := open(ctx, hdr(0, "the-token"))
+	if err := stream.Send(&transport.DataMessage{Header: hdr(3, "the-token")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.CloseAndRecv(); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("a first message whose header differs from the metadata's: %v, want InvalidArgument", err)
+	}
+
+	// Older sources' channels wait for their first message in at most
+	// maxLegacyOpening slots: with those taken, one more is refused.
+	for range maxLegacyOpening {
+		w.data.legacy <- struct{}{}
+	}
+	legacy, err := rawChannel(ctx, conn, nil)
+	if err == nil {
+		err = legacy.RecvMsg(&closed)
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a legacy channel with every legacy slot taken: %v, want ResourceExhausted", err)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr(0, "the-token")); c != codes.OK {
+		t.Fatalf("a current source's channel while the legacy slots are taken: %v, want accepted", c)
+	}
+	if c := openChannel(t, w.DataAddr(), hdr(0, "")); c != codes.PermissionDenied {
+		t.Fatalf("a channel without the credential: %v, want PermissionDenied", c)
+	}
+	for range maxLegacyOpening {
+		<-w.data.legacy
+	}
+	// An older source's channel, its header in its first message only,
+	// still gets in with the credential.
+	legacy, err = rawChannel(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := legacy.Send(&transport.DataMessage{Header: hdr(0, "the-token")}); err != nil {
+		t.Fatal(err)
+	}
+	if md, err := legacy.Header(); err != nil || len(md.Get(channelAcceptedKey)) == 0 {
+		t.Fatalf("an older source's channel: header %v, %v; want accepted", md, err)
+	}
+}
