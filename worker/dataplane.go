@@ -41,9 +41,10 @@ type dataService struct {
 	tasks      *taskManager
 	acceptWait time.Duration
 	logger     *slog.Logger
-	// waiting bounds the channels between their first message and being
-	// accepted or refused: each holds a goroutine and its first message.
-	// legacy bounds those of them whose header is not in their metadata.
+	// waiting bounds the channels between their header and being accepted
+	// or refused: each holds a goroutine and its first message. legacy
+	// bounds the channels whose first message is read to find their
+	// header, which is not in their metadata, while it is read.
 	waiting chan struct{}
 	legacy  chan struct{}
 }
@@ -54,20 +55,21 @@ const maxOpeningChannels = 1024
 
 // channelHeaderKey is the gRPC metadata key of a channel's header (binary:
 // the ChannelHeader encoded). With it, the data server checks a channel's
-// credential before it reads the channel's first message, which may be as
-// large as maxDataMessage: a peer without the credential costs it nothing
-// but the header. Sources send the header in the first message too, for
-// the data servers of older workers.
+// credential before it decodes the channel's first message, which may be as
+// large as maxDataMessage: a peer without the credential costs it the
+// header and what gRPC buffers of the stream (its flow-control window).
+// Sources send the header in the first message too, for the data servers
+// of older workers.
 const channelHeaderKey = "coordflow-channel-header-bin"
 
 // maxChannelHeader bounds the metadata of a data channel, the header
 // included, which gRPC reads before the handler runs.
 const maxChannelHeader = 64 << 10
 
-// maxLegacyOpening bounds the channels that open without the header in
-// their metadata (sources of older workers, during a rolling upgrade):
-// their first message, of up to maxDataMessage, is read before the
-// credential in it is checked.
+// maxLegacyOpening bounds the channels without the header in their
+// metadata (sources of older workers, during a rolling upgrade) whose first
+// message, of up to maxDataMessage, is being read before the credential in
+// it can be checked.
 const maxLegacyOpening = 8
 
 // peerAddr is the remote address of a stream, for logs.
@@ -89,25 +91,20 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 	if err != nil {
 		return err
 	}
-	opening := s.waiting
-	if h == nil {
-		opening = s.legacy
-	}
-	select {
-	case opening <- struct{}{}:
-		defer func() { <-opening }()
-	default:
-		return status.Errorf(codes.ResourceExhausted, "data server: %d channels are already opening", cap(opening))
-	}
 	var first *transport.DataMessage
 	if h == nil {
-		if first, err = stream.Recv(); err != nil {
+		if first, h, err = s.legacyHeader(stream); err != nil {
 			return err
 		}
-		if h = first.GetHeader(); h == nil {
-			return status.Error(codes.InvalidArgument, "first data message must carry the channel header")
-		}
 	}
+	// The slot is the channel's until it is accepted or refused.
+	select {
+	case s.waiting <- struct{}{}:
+	default:
+		return status.Errorf(codes.ResourceExhausted, "data server: %d channels are already opening", cap(s.waiting))
+	}
+	release := sync.OnceFunc(func() { <-s.waiting })
+	defer release()
 	log := s.logger.With("job", h.GetJobId(), "attempt", h.GetAttempt(), "task", h.GetMapTaskId(), "source", h.GetSourceIndex(),
 		"source_attempt", h.GetSourceAttempt())
 	mt, err := s.tasks.awaitMap(stream.Context(), h.GetJobId(), h.GetAttempt(), h.GetMapTaskId(), s.acceptWait)
@@ -132,7 +129,7 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 	}
 	if first == nil {
 		// The source is who it says: its first message may be read now.
-		if first, err = stream.Recv(); err != nil {
+		if first, err = recvFirst(stream); err != nil {
 			return err
 		}
 		if fh := first.GetHeader(); fh != nil && !proto.Equal(fh, h) {
@@ -153,6 +150,7 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 		mt.endInput(in, err)
 		return err
 	}
+	release()
 	log.Debug("data channel accepted")
 
 	var pending *transport.DataMessage
@@ -373,6 +371,57 @@ func openRemote(ctx context.Context, client transport.DataClient, header *transp
 	timer.Stop()
 	cancel()
 	return nil, err
+}
+
+// legacyHeader reads the header of a channel whose metadata has none (a
+// source of an older worker) from its first message, which is read before
+// the credential in it can be checked: in one of maxLegacyOpening slots, held
+// for that read alone, bounded by firstMessageWait.
+func (s *dataService) legacyHeader(stream transport.Data_ChannelServer) (*transport.DataMessage, *transport.ChannelHeader, error) {
+	select {
+	case s.legacy <- struct{}{}:
+		defer func() { <-s.legacy }()
+	default:
+		return nil, nil, status.Errorf(codes.ResourceExhausted, "data server: %d channels without a header in their metadata are already opening", cap(s.legacy))
+	}
+	first, err := recvFirst(stream)
+	if err != nil {
+		return nil, nil, err
+	}
+	h := first.GetHeader()
+	switch {
+	case h == nil:
+		return nil, nil, status.Error(codes.InvalidArgument, "first data message must carry the channel header")
+	case proto.Size(h) > maxChannelHeader:
+		return nil, nil, status.Errorf(codes.InvalidArgument, "channel header of %d bytes, over %d", proto.Size(h), maxChannelHeader)
+	}
+	return first, h, nil
+}
+
+// firstMessageWait bounds the wait for a channel's first message, which a
+// source sends as soon as it opens the channel.
+const firstMessageWait = 10 * time.Second
+
+// recvFirst reads a channel's first message, within firstMessageWait.
+func recvFirst(stream transport.Data_ChannelServer) (*transport.DataMessage, error) {
+	type result struct {
+		msg *transport.DataMessage
+		err error
+	}
+	got := make(chan result, 1)
+	// Returning on the timer ends the stream, and with it this Recv.
+	go func() {
+		m, err := stream.Recv()
+		got <- result{m, err}
+	}()
+	timer := time.NewTimer(firstMessageWait)
+	defer timer.Stop()
+	select {
+	case r := <-got:
+		return r.msg, r.err
+	case <-timer.C:
+		return nil, status.Errorf(codes.DeadlineExceeded, "data channel: no first message within %v", firstMessageWait)
+	}
 }
 
 // metadataHeader returns the channel header of a stream's metadata, nil if

@@ -32,13 +32,15 @@ func rawChannel(ctx context.Context, conn *grpc.ClientConn, h *transport.Channel
 // TestChannelCheckedBeforeItsFirstMessage: a channel whose header, in its
 // metadata, lacks the attempt's credential is refused before the data
 // server reads a message of it (it sends none); one whose first message
-// names another header than its metadata is refused; and channels of
-// older sources, with the header in their first message only, open only
-// maxLegacyOpening at a time, while current ones still get in.
+// names another header than its metadata is refused; channels of older
+// sources, with the header in their first message only, open only
+// maxLegacyOpening at a time, while current ones still get in; and more of
+// them than that run at once.
 func TestChannelCheckedBeforeItsFirstMessage(t *testing.T) {
 	f := newFakeCoord(t, true, "")
 	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelAcceptWait = 2 * time.Second })
-	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	const sources = 2*maxLegacyOpening + 1
+	d := mapDeploy("job", 1, operator.Count, sources, 128, mapRefs(128, w), 0)
 	d.ChannelToken = "the-token"
 	f.deploy(t, "w1", d)
 	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
@@ -97,16 +99,19 @@ func TestChannelCheckedBeforeItsFirstMessage(t *testing.T) {
 	for range maxLegacyOpening {
 		<-w.data.legacy
 	}
-	// An older source's channel, its header in its first message only,
-	// still gets in with the credential.
-	legacy, err = rawChannel(ctx, conn, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := legacy.Send(&transport.DataMessage{Header: hdr(0, "the-token")}); err != nil {
-		t.Fatal(err)
-	}
-	if md, err := legacy.Header(); err != nil || len(md.Get(channelAcceptedKey)) == 0 {
-		t.Fatalf("an older source's channel: header %v, %v; want accepted", md, err)
+	// Older sources' channels, their header in their first message only,
+	// still get in with the credential, more of them than the slots: a
+	// slot is held while a channel opens, not while it runs.
+	for i := range int32(sources) {
+		legacy, err := rawChannel(ctx, conn, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := legacy.Send(&transport.DataMessage{Header: hdr(i, "the-token")}); err != nil {
+			t.Fatal(err)
+		}
+		if md, err := legacy.Header(); err != nil || len(md.Get(channelAcceptedKey)) == 0 {
+			t.Fatalf("the channel of older source %d, with %d open: header %v, %v; want accepted", i, i, md, err)
+		}
 	}
 }
