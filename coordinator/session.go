@@ -207,31 +207,16 @@ func (c *controlService) authenticate(ctx context.Context, hello *transport.Hell
 // recvHello reads the first message of a stream, which must be a Hello with
 // a worker id, within helloTimeout.
 func recvHello(stream transport.Control_SessionServer) (*transport.Hello, error) {
-	type result struct {
-		msg *transport.WorkerMessage
-		err error
+	msg, err := transport.RecvFirst(stream.Context(), helloTimeout, "Hello", stream.Recv)
+	switch {
+	case status.Code(err) == codes.DeadlineExceeded:
+		return nil, err // no Hello in time: the status says so
+	case err != nil:
+		return nil, fmt.Errorf("receive hello: %w", err)
 	}
-	first := make(chan result, 1)
-	go func() {
-		m, err := stream.Recv()
-		first <- result{m, err}
-	}()
-	timer := time.NewTimer(helloTimeout)
-	defer timer.Stop()
-	var r result
-	select {
-	case r = <-first:
-	case <-timer.C:
-		return nil, status.Errorf(codes.DeadlineExceeded, "no Hello within %v", helloTimeout)
-	case <-stream.Context().Done():
-		return nil, status.FromContextError(stream.Context().Err()).Err()
-	}
-	if r.err != nil {
-		return nil, fmt.Errorf("receive hello: %w", r.err)
-	}
-	hello := r.msg.GetHello()
+	hello := msg.GetHello()
 	if hello == nil {
-		return nil, status.Errorf(codes.InvalidArgument, "the first message of a session must be Hello, not %T", r.msg.GetMsg())
+		return nil, status.Errorf(codes.InvalidArgument, "the first message of a session must be Hello, not %T", msg.GetMsg())
 	}
 	if err := validateHello(hello); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "Hello: %v", err)
@@ -439,7 +424,8 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 // queued bytes (maxQueuedState) until the loop takes it (leader.handle).
 func receiveOne(sess *session, joiner *transport.AckJoiner, inbox chan<- leaderEvent, msg *transport.WorkerMessage) error {
 	clipReasons(msg)
-	if err := checkSize(msg); err != nil {
+	size := proto.Size(msg)
+	if err := checkSize(msg, size); err != nil {
 		return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
 	}
 	switch m := msg.GetMsg().(type) {
@@ -456,9 +442,11 @@ func receiveOne(sess *session, joiner *transport.AckJoiner, inbox chan<- leaderE
 		}
 		return nil
 	case *transport.WorkerMessage_Ack:
+		chunked := m.Ack.GetChunkedBytes()
 		if err := joiner.Ack(m.Ack); err != nil {
 			return fmt.Errorf("%w: worker %s: %v", errProtocol, sess.worker, err)
 		}
+		size += int(chunked) // the joined state
 	case *transport.WorkerMessage_Status, *transport.WorkerMessage_Decline:
 		if joiner.Pending() {
 			return fmt.Errorf("%w: worker %s sent %T between an ack's state chunks", errProtocol, sess.worker, msg.GetMsg())
@@ -466,12 +454,11 @@ func receiveOne(sess *session, joiner *transport.AckJoiner, inbox chan<- leaderE
 	default:
 		return fmt.Errorf("%w: worker %s sent %T on an open session", errProtocol, sess.worker, m)
 	}
-	size := int64(proto.Size(msg))
-	if q := sess.queued.Add(size); q > sess.maxQueued {
+	if q := sess.queued.Add(int64(size)); q > sess.maxQueued {
 		return fmt.Errorf("%w: worker %s has %d MiB of messages waiting", errInboxFull, sess.worker, q>>20)
 	}
 	select {
-	case inbox <- workerMessage{sess: sess, msg: msg, size: size}:
+	case inbox <- workerMessage{sess: sess, msg: msg, size: int64(size)}:
 		return nil
 	default:
 		return fmt.Errorf("%w: worker %s has %d messages waiting", errInboxFull, sess.worker, sess.inbox)
@@ -491,12 +478,11 @@ func clipReasons(msg *transport.WorkerMessage) {
 	}
 }
 
-// checkSize bounds each kind of worker message, past the gRPC cap that
-// every message meets before it is read (maxControlMessage): only an ack
-// carries much, its inline state, which the joiner bounds.
-func checkSize(msg *transport.WorkerMessage) error {
+// checkSize bounds each kind of worker message, n bytes encoded, past the
+// gRPC cap that every message meets before it is read (maxControlMessage):
+// only an ack carries much, its inline state, which the joiner bounds.
+func checkSize(msg *transport.WorkerMessage, n int) error {
 	limit := maxSmallMessage
-	n := proto.Size(msg)
 	switch msg.GetMsg().(type) {
 	case *transport.WorkerMessage_Ack:
 		limit = maxAckFields

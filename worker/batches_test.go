@@ -75,24 +75,9 @@ func TestBackpressureBoundsBuffers(t *testing.T) {
 		f.awaitStatus(t, r, transport.TaskPhase_TASK_PHASE_RUNNING)
 	}
 
-	read := func() float64 {
-		return metricValue(t, w1.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "bp", "kind": kindSource})
-	}
 	// The source reads until its buffers are full and then stops: wait
 	// until two reads 300 ms apart agree.
-	last := -1.0
-	deadline := time.Now().Add(waitTimeout)
-	for {
-		now := read()
-		if now > 0 && now == last {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the source never stopped reading while its map tasks were stalled: %v of %d records read", now, n)
-		}
-		last = now
-		time.Sleep(300 * time.Millisecond) // a plateau is two equal samples apart in time
-	}
+	last := sourcePlateau(t, w1, "bp", 2, "its map tasks were stalled", n)
 	if last > bound {
 		t.Fatalf("the source read %v of %d records while its map tasks applied none: buffers hold more than %d", last, n, bound)
 	}
@@ -210,25 +195,9 @@ func TestSlowSinkBoundsBuffers(t *testing.T) {
 	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
 
 	waitFor(t, "the sink to give up a write and hold its outputs", held.Load)
-	read := func() float64 {
-		return metricValue(t, w.Gatherer(), "coordflow_records_in_total", map[string]string{"job": "slow", "kind": kindSource})
-	}
 	// A plateau: five equal samples over 1.2 s, longer than a pause of a
 	// busy machine.
-	last, same := -1.0, 0
-	deadline := time.Now().Add(waitTimeout)
-	for same < 4 {
-		now := read()
-		if now == last {
-			same++
-		} else {
-			last, same = now, 0
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the source never stopped reading while the sink took no writes: %v of %d records read", now, n)
-		}
-		time.Sleep(300 * time.Millisecond) // a plateau is equal samples apart in time
-	}
+	last := sourcePlateau(t, w, "slow", 5, "the sink took no writes", n)
 	if last > bound {
 		t.Fatalf("the source read %v of %d records while the sink took no writes: buffers hold more than %d", last, n, bound)
 	}
@@ -306,5 +275,32 @@ func TestStalledSourceDoesNotSlowItsNeighbours(t *testing.T) {
 	got, _ := decodeKeyed(t, acks[md.Task.GetTaskId()].GetState())
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("the free job's counts are %v, want %v", fmt.Sprint(got), fmt.Sprint(want))
+	}
+}
+
+// sourcePlateau waits until the records job's source on w has read stop
+// growing, that is samples equal readings (above zero) 300 ms apart, and
+// returns the count; n is the topic's size, for the failure message.
+func sourcePlateau(t *testing.T, w *Worker, job string, samples int, while string, n int) float64 {
+	t.Helper()
+	read := func() float64 {
+		return metricValue(t, w.Gatherer(), "coordflow_records_in_total", map[string]string{"job": job, "kind": kindSource})
+	}
+	last, same := -1.0, 0
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		now := read()
+		if now > 0 && now == last {
+			same++
+		} else {
+			last, same = now, 1
+		}
+		if same >= samples {
+			return last
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the source never stopped reading while %s: %v of %d records read", while, now, n)
+		}
+		time.Sleep(300 * time.Millisecond) // a plateau is equal samples apart in time
 	}
 }

@@ -404,24 +404,7 @@ const firstMessageWait = 10 * time.Second
 
 // recvFirst reads a channel's first message, within firstMessageWait.
 func recvFirst(stream transport.Data_ChannelServer) (*transport.DataMessage, error) {
-	type result struct {
-		msg *transport.DataMessage
-		err error
-	}
-	got := make(chan result, 1)
-	// Returning on the timer ends the stream, and with it this Recv.
-	go func() {
-		m, err := stream.Recv()
-		got <- result{m, err}
-	}()
-	timer := time.NewTimer(firstMessageWait)
-	defer timer.Stop()
-	select {
-	case r := <-got:
-		return r.msg, r.err
-	case <-timer.C:
-		return nil, status.Errorf(codes.DeadlineExceeded, "data channel: no first message within %v", firstMessageWait)
-	}
+	return transport.RecvFirst(stream.Context(), firstMessageWait, "first data message", stream.Recv)
 }
 
 // metadataHeader returns the channel header of a stream's metadata, nil if
