@@ -47,7 +47,8 @@ func (c *cluster) coordArgs(cp *coordProc) []string {
 	}, c.secFlags("coordinator", cp.id), c.opts.coordFlags, cp.flags)
 }
 
-// launchCoordinator starts cp and waits until its /v1/status answers.
+// launchCoordinator starts cp and waits until its /v1/status answers with
+// its id.
 // firstStart allows new ports if a picked one was taken meanwhile.
 func (c *cluster) launchCoordinator(t *testing.T, cp *coordProc, firstStart bool) {
 	t.Helper()
@@ -58,7 +59,13 @@ func (c *cluster) launchCoordinator(t *testing.T, cp *coordProc, firstStart bool
 	cp.p = c.launch(t, "coordd "+cp.id, "coordd-"+cp.id+".log", repick,
 		func() []string { return c.coordArgs(cp) },
 		func(*proc) (bool, error) {
-			_, err := c.status(cp)
+			st, err := c.status(cp)
+			if err == nil && st.ID != cp.id {
+				// Another process answers on cp's HTTP address, one
+				// that took the port first: cp cannot bind it and exits,
+				// which launch sees and retries on new ports.
+				return false, fmt.Errorf("%s answers on %s, not %s", st.ID, cp.httpAddr, cp.id)
+			}
 			return err == nil, err
 		})
 }
