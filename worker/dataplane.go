@@ -47,6 +47,9 @@ type dataService struct {
 	// header, which is not in their metadata, while it is read.
 	waiting chan struct{}
 	legacy  chan struct{}
+	// firstWait bounds the wait for a channel's first message
+	// (Config.ChannelFirstMessageWait).
+	firstWait time.Duration
 }
 
 // maxOpeningChannels bounds the data channels a worker holds while they wait
@@ -129,7 +132,7 @@ func (s *dataService) Channel(stream transport.Data_ChannelServer) error {
 	}
 	if first == nil {
 		// The source is who it says: its first message may be read now.
-		if first, err = recvFirst(stream); err != nil {
+		if first, err = s.recvFirst(stream); err != nil {
 			return err
 		}
 		if fh := first.GetHeader(); fh != nil && !proto.Equal(fh, h) {
@@ -376,7 +379,7 @@ func openRemote(ctx context.Context, client transport.DataClient, header *transp
 // legacyHeader reads the header of a channel whose metadata has none (a
 // source of an older worker) from its first message, which is read before
 // the credential in it can be checked: in one of maxLegacyOpening slots, held
-// for that read alone, bounded by firstMessageWait.
+// for that read alone, bounded by s.firstWait.
 func (s *dataService) legacyHeader(stream transport.Data_ChannelServer) (*transport.DataMessage, *transport.ChannelHeader, error) {
 	select {
 	case s.legacy <- struct{}{}:
@@ -384,7 +387,7 @@ func (s *dataService) legacyHeader(stream transport.Data_ChannelServer) (*transp
 	default:
 		return nil, nil, status.Errorf(codes.ResourceExhausted, "data server: %d channels without a header in their metadata are already opening", cap(s.legacy))
 	}
-	first, err := recvFirst(stream)
+	first, err := s.recvFirst(stream)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -398,13 +401,9 @@ func (s *dataService) legacyHeader(stream transport.Data_ChannelServer) (*transp
 	return first, h, nil
 }
 
-// firstMessageWait bounds the wait for a channel's first message, which a
-// source sends as soon as it opens the channel.
-const firstMessageWait = 10 * time.Second
-
-// recvFirst reads a channel's first message, within firstMessageWait.
-func recvFirst(stream transport.Data_ChannelServer) (*transport.DataMessage, error) {
-	return transport.RecvFirst(stream.Context(), firstMessageWait, "first data message", stream.Recv)
+// recvFirst reads a channel's first message, within s.firstWait.
+func (s *dataService) recvFirst(stream transport.Data_ChannelServer) (*transport.DataMessage, error) {
+	return transport.RecvFirst(stream.Context(), s.firstWait, "first data message", stream.Recv)
 }
 
 // metadataHeader returns the channel header of a stream's metadata, nil if

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -113,5 +114,67 @@ func TestChannelCheckedBeforeItsFirstMessage(t *testing.T) {
 		if md, err := legacy.Header(); err != nil || len(md.Get(channelAcceptedKey)) == 0 {
 			t.Fatalf("the channel of older source %d, with %d open: header %v, %v; want accepted", i, i, md, err)
 		}
+	}
+}
+
+// TestChannelThatSendsNothingIsClosed: a channel that opens and sends no
+// first message, a current one with the attempt's credential in its
+// metadata or an older source's without a header, is closed after
+// ChannelFirstMessageWait, and the legacy slot it held is free again; an
+// older source's header over maxChannelHeader is refused.
+func TestChannelThatSendsNothingIsClosed(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	const wait = 300 * time.Millisecond
+	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelFirstMessageWait = wait })
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	d.ChannelToken = "the-token"
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	hdr := &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0", ChannelToken: "the-token"}
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	for _, tc := range []struct {
+		name string
+		h    *transport.ChannelHeader
+	}{{"a channel with its credential in its metadata", hdr}, {"an older source's channel", nil}} {
+		stream, err := rawChannel(ctx, conn, tc.h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		var closed transport.ChannelClosed
+		err = stream.RecvMsg(&closed)
+		if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(err.Error(), "no first data message within") {
+			t.Fatalf("%s that sends nothing: %v, want DeadlineExceeded naming the first message", tc.name, err)
+		}
+		if took := time.Since(start); took < wait {
+			t.Fatalf("%s that sends nothing was closed after %v, before the %v wait", tc.name, took, wait)
+		}
+	}
+	if n := len(w.data.legacy); n != 0 {
+		t.Fatalf("%d legacy slots still held after the channel was closed", n)
+	}
+
+	big := proto.Clone(hdr).(*transport.ChannelHeader)
+	big.JobId = strings.Repeat("j", maxChannelHeader)
+	legacy, err := rawChannel(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := legacy.Send(&transport.DataMessage{Header: big}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := legacy.CloseAndRecv(); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "channel header of") {
+		t.Fatalf("an older source's header of %d bytes: %v, want InvalidArgument naming its size", proto.Size(big), err)
+	}
+	// The data server still takes the real source's channel.
+	if c := openChannel(t, w.DataAddr(), hdr); c != codes.OK {
+		t.Fatalf("the source's channel after those: %v, want accepted", c)
 	}
 }

@@ -97,6 +97,10 @@ type Config struct {
 	// ChannelAcceptWait is how long the data server holds a channel whose map
 	// task is not (yet) running here before rejecting it.
 	ChannelAcceptWait time.Duration
+	// ChannelFirstMessageWait bounds the data server's wait for a channel's
+	// first message, which a source sends as soon as the channel opens: a
+	// peer that opens channels and sends nothing holds each no longer.
+	ChannelFirstMessageWait time.Duration
 	// KafkaTimeout bounds each dial, request and metadata refresh to a broker,
 	// so a missing broker fails a task instead of hanging it.
 	KafkaTimeout time.Duration
@@ -121,24 +125,25 @@ type Config struct {
 // addresses are left for the caller.
 func DefaultConfig() Config {
 	return Config{
-		Slots:                4,
-		ProbeInterval:        200 * time.Millisecond,
-		ProbeTimeout:         100 * time.Millisecond,
-		SuspicionMult:        3,
-		GossipInterval:       50 * time.Millisecond,
-		Operators:            operator.Builtins(),
-		Logger:               slog.Default(),
-		ChannelOpenTimeout:   15 * time.Second,
-		ChannelAcceptWait:    5 * time.Second,
-		OutputLostTimeout:    15 * time.Second,
-		ReplayTimeout:        30 * time.Second,
-		KafkaTimeout:         5 * time.Second,
-		StopTimeout:          10 * time.Second,
-		BatchSize:            500,
-		FlushInterval:        10 * time.Millisecond,
-		OffsetCommitInterval: time.Second,
-		SessionBackoffMin:    50 * time.Millisecond,
-		SessionBackoffMax:    time.Second,
+		Slots:                   4,
+		ProbeInterval:           200 * time.Millisecond,
+		ProbeTimeout:            100 * time.Millisecond,
+		SuspicionMult:           3,
+		GossipInterval:          50 * time.Millisecond,
+		Operators:               operator.Builtins(),
+		Logger:                  slog.Default(),
+		ChannelOpenTimeout:      15 * time.Second,
+		ChannelAcceptWait:       5 * time.Second,
+		ChannelFirstMessageWait: 10 * time.Second,
+		OutputLostTimeout:       15 * time.Second,
+		ReplayTimeout:           30 * time.Second,
+		KafkaTimeout:            5 * time.Second,
+		StopTimeout:             10 * time.Second,
+		BatchSize:               500,
+		FlushInterval:           10 * time.Millisecond,
+		OffsetCommitInterval:    time.Second,
+		SessionBackoffMin:       50 * time.Millisecond,
+		SessionBackoffMax:       time.Second,
 	}
 }
 
@@ -164,6 +169,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	setDur(&cfg.GossipInterval, d.GossipInterval)
 	setDur(&cfg.ChannelOpenTimeout, d.ChannelOpenTimeout)
 	setDur(&cfg.ChannelAcceptWait, d.ChannelAcceptWait)
+	setDur(&cfg.ChannelFirstMessageWait, d.ChannelFirstMessageWait)
 	setDur(&cfg.OutputLostTimeout, d.OutputLostTimeout)
 	setDur(&cfg.ReplayTimeout, d.ReplayTimeout)
 	setDur(&cfg.KafkaTimeout, d.KafkaTimeout)
@@ -289,8 +295,9 @@ func New(cfg Config) (*Worker, error) {
 	)
 	w.data = &dataService{
 		tasks: w.tasks, acceptWait: cfg.ChannelAcceptWait, logger: logger,
-		waiting: make(chan struct{}, maxOpeningChannels),
-		legacy:  make(chan struct{}, maxLegacyOpening),
+		waiting:   make(chan struct{}, maxOpeningChannels),
+		legacy:    make(chan struct{}, maxLegacyOpening),
+		firstWait: cfg.ChannelFirstMessageWait,
 	}
 	transport.RegisterDataServer(w.dataSrv, w.data)
 
