@@ -140,6 +140,11 @@ type fakeCoord struct {
 	// ack's state in chunks (Welcome.state_chunks).
 	noChunks bool
 	chunks   atomic.Int64 // state chunks received
+	// chunkDelay makes the fake a leader on a slow link: it reads a state
+	// chunk this long after the one before. beatsInChunks counts the
+	// heartbeats received between a chunk and its ack.
+	chunkDelay    time.Duration
+	beatsInChunks atomic.Int64
 
 	mu       sync.Mutex
 	log      []received
@@ -166,7 +171,9 @@ func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 	// A leader of the version before state chunks (noChunks) took
 	// messages up to 256 MiB; one that takes chunks, 4 MiB, which the
 	// fake's receive loop checks.
-	srv := grpc.NewServer(grpc.MaxRecvMsgSize(256 << 20))
+	// Fixed flow-control windows, as on a link whose bandwidth and delay
+	// gRPC has not learnt: a sender then waits for the fake to read.
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(256<<20), grpc.InitialWindowSize(64<<10), grpc.InitialConnWindowSize(64<<10))
 	transport.RegisterControlServer(srv, f)
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(srv.Stop)
@@ -224,6 +231,7 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 	go func() {
 		// Acks are logged whole, their state chunks joined back in.
 		joiner := transport.AckJoiner{Limit: 64 << 20}
+		inChunks := false
 		for {
 			m, err := stream.Recv()
 			if err != nil {
@@ -239,6 +247,8 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 					recvErr <- err
 					return
 				}
+				inChunks = true
+				time.Sleep(f.chunkDelay)
 				continue
 			}
 			if a := m.GetAck(); a != nil {
@@ -246,8 +256,12 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 					recvErr <- err
 					return
 				}
+				inChunks = false
 			}
 			if m.GetHeartbeat() != nil {
+				if inChunks {
+					f.beatsInChunks.Add(1)
+				}
 				if !f.silent.Load() {
 					select {
 					case out <- &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Heartbeat{Heartbeat: &transport.Heartbeat{}}}:
