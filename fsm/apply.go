@@ -37,7 +37,7 @@ func (s *State) liveJob(id string) (*Job, error) {
 	// Copy on write: the job an apply changes is a copy that replaces the
 	// stored one, so that a snapshot may share every stored job instead of
 	// copying the whole state while Apply waits (FSM.Snapshot).
-	c := j.clone(true)
+	c := j.writableCopy()
 	s.Jobs[id] = &c
 	return &c, nil
 }
@@ -228,13 +228,13 @@ func sameRange(a, b *KeyGroupRange) bool {
 	return *a == *b
 }
 
-// appendBounded appends v to s and drops the oldest elements beyond limit.
+// appendBounded returns a new slice of the newest elements of s and v, at
+// most limit of them. It never writes to s: a job's histories are shared by
+// its copies (Job.writableCopy).
 func appendBounded[T any](s []T, limit int, v T) []T {
-	s = append(s, v)
-	if drop := len(s) - limit; drop > 0 {
-		s = slices.Delete(s, 0, drop)
-	}
-	return s
+	keep := s[max(0, len(s)+1-limit):]
+	out := make([]T, 0, len(keep)+1)
+	return append(append(out, keep...), v)
 }
 
 // recordHistory adds a finished checkpoint to j's History.
@@ -420,15 +420,14 @@ func (s *State) applyCheckpointCompleted(c *CheckpointCompletedCmd) error {
 	done.EndedAt = c.Time
 	done.Tasks = c.States
 	j.recordHistory(done, c.States)
-	j.Completed = append(j.Completed, done)
-	if drop := len(j.Completed) - max(j.Spec.Checkpoint.Retained, 1); drop > 0 {
-		j.Completed = slices.Delete(j.Completed, 0, drop)
-	}
+	j.Completed = appendBounded(j.Completed, max(j.Spec.Checkpoint.Retained, 1), done)
 	j.Pending = nil
 	j.ConsecutiveAborts = 0
 	j.UpdatedAt = c.Time
 	if n := len(j.Recoveries); n > 0 && j.Recoveries[n-1].CheckpointedAt == 0 && j.Recoveries[n-1].Attempt == j.Attempt {
 		// The first checkpoint after a recovery covers every task again.
+		// The record is changed in a copy: the slice is shared.
+		j.Recoveries = slices.Clone(j.Recoveries)
 		j.Recoveries[n-1].CheckpointID, j.Recoveries[n-1].CheckpointedAt = done.ID, c.Time
 	}
 	return nil

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/hashicorp/raft"
 )
 
 func readCloser(b []byte) io.ReadCloser { return io.NopCloser(bytes.NewReader(b)) }
@@ -279,5 +281,70 @@ func TestSnapshotPersistsWhileApplying(t *testing.T) {
 	}
 	if h.digest() == want {
 		t.Fatal("the commands after the snapshot changed nothing")
+	}
+}
+
+// A job's copies share its completed checkpoints and histories
+// (Job.writableCopy), so no command may change them in place: a snapshot
+// taken before a command must encode the same after it. The commands run
+// past every bound (retained checkpoints, MaxCheckpointHistory,
+// MaxAbortedHistory, MaxAttemptHistory, MaxRecoveryHistory) and through the
+// recovery record that the first checkpoint after a task-scoped recovery
+// updates.
+func TestSnapshotUnchangedByLaterCommands(t *testing.T) {
+	h := newHarness(t)
+	j := h.runningJob("j1")
+	persisted := func(s raft.FSMSnapshot) []byte {
+		var sink fakeSink
+		if err := s.Persist(&sink); err != nil {
+			t.Fatal(err)
+		}
+		return sink.Bytes()
+	}
+	attempt := j.Attempt
+	step := func(i int) {
+		switch {
+		case i%9 == 4: // a task-scoped recovery of the w2 tasks
+			restore := h.job("j1").Completed
+			var moved []Task
+			for _, task := range h.job("j1").Tasks {
+				if task.Worker == "w2" {
+					moved = append(moved, task)
+				}
+			}
+			attempt++
+			h.must(CommandTasksRestarted, TasksRestartedCmd{JobID: "j1", Attempt: attempt, Tasks: moved,
+				RestoreFrom: restore[len(restore)-1].ID, Reason: "lost", DetectedAt: h.tick(), Time: h.tick()})
+		case i%11 == 7: // a job-scoped restart
+			attempt++
+			h.must(CommandJobRestarted, h.restart("j1", attempt, assignment(testSpec(), "w1", "w2"), "restart"))
+		case i%5 == 2: // an aborted checkpoint
+			cp := h.triggered("j1")
+			h.must(CommandCheckpointAborted, h.abort("j1", cp, "timeout"))
+		default:
+			h.checkpointed("j1")
+		}
+	}
+	step(0)
+	for i := 1; i < 2*MaxCheckpointHistory; i++ {
+		snap, err := h.f.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := persisted(snap)
+		step(i)
+		if after := persisted(snap); !bytes.Equal(before, after) {
+			t.Fatalf("step %d changed a snapshot taken before it", i)
+		}
+		snap.Release()
+	}
+	got := h.job("j1")
+	if len(got.History) != MaxCheckpointHistory || len(got.Aborted) != MaxAbortedHistory ||
+		len(got.Attempts) != MaxAttemptHistory || len(got.Recoveries) != MaxRecoveryHistory {
+		t.Fatalf("histories of %d, %d aborted, %d attempts, %d recoveries: the commands did not reach every bound",
+			len(got.History), len(got.Aborted), len(got.Attempts), len(got.Recoveries))
+	}
+	if n := len(got.Completed); n != got.Spec.Checkpoint.Retained {
+		t.Fatalf("%d completed checkpoints, want the %d retained", n, got.Spec.Checkpoint.Retained)
 	}
 }

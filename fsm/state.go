@@ -107,6 +107,24 @@ func validJobStatus(s JobStatus) bool {
 	return false
 }
 
+// writableCopy returns the copy of j that an apply changes and stores in its
+// place. It copies what applies change in place (the tasks, the pending
+// checkpoint) and shares the rest with j: the completed and aborted
+// checkpoints and the histories are never written to once stored, only
+// replaced by new slices (appendBounded), so a snapshot that holds j keeps
+// seeing them as they were. Sharing them saves copying a hundred history
+// entries and every retained checkpoint's task states on each command.
+func (j *Job) writableCopy() Job {
+	c := *j
+	c.Spec = j.Spec.clone()
+	c.Tasks = cloneSlice(j.Tasks, Task.clone)
+	if j.Pending != nil {
+		p := j.Pending.clone(true)
+		c.Pending = &p
+	}
+	return c
+}
+
 func (j *Job) clone(shareBlobs bool) Job {
 	c := *j
 	c.Spec = j.Spec.clone()

@@ -27,6 +27,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -159,20 +160,34 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	}
 	s0 := take()
 	if dir := os.Getenv(benchJobsProfileEnv); dir != "" {
-		// A CPU profile of the leader over most of the window.
+		// CPU profiles of the leader and of a follower over most of the
+		// window, taken together.
 		secs := int(benchJobsWindow.Seconds()) - 5
-		resp, err := (&http.Client{Timeout: benchJobsWindow}).Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", leader.httpAddr, secs))
-		if err != nil {
-			t.Fatalf("profile the leader: %v", err)
+		targets := map[string]*coordProc{"leader": leader}
+		for _, cp := range c.coords {
+			if cp != leader {
+				targets["follower"] = cp
+			}
 		}
-		data, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if err != nil {
-			t.Fatal(err)
+		var wg sync.WaitGroup
+		for role, cp := range targets {
+			wg.Go(func() {
+				resp, err := (&http.Client{Timeout: benchJobsWindow}).Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", cp.httpAddr, secs))
+				if err != nil {
+					t.Errorf("profile %s %s: %v", role, cp.id, err)
+					return
+				}
+				data, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err == nil {
+					err = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%d-%s.pprof", role, n, input)), data, 0o644)
+				}
+				if err != nil {
+					t.Errorf("profile %s %s: %v", role, cp.id, err)
+				}
+			})
 		}
-		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("leader-%d-%s.pprof", n, input)), data, 0o644); err != nil {
-			t.Fatal(err)
-		}
+		wg.Wait()
 	}
 	time.Sleep(time.Until(s0.at.Add(benchJobsWindow)))
 	s1 := take()
