@@ -37,7 +37,7 @@ func (s *State) liveJob(id string) (*Job, error) {
 	// Copy on write: the job an apply changes is a copy that replaces the
 	// stored one, so that a snapshot may share every stored job instead of
 	// copying the whole state while Apply waits (FSM.Snapshot).
-	c := j.writableCopy()
+	c := j.sharedCopy()
 	s.Jobs[id] = &c
 	return &c, nil
 }
@@ -230,7 +230,7 @@ func sameRange(a, b *KeyGroupRange) bool {
 
 // appendBounded returns a new slice of the newest elements of s and v, at
 // most limit of them. It never writes to s: a job's histories are shared by
-// its copies (Job.writableCopy).
+// its copies (Job.sharedCopy).
 func appendBounded[T any](s []T, limit int, v T) []T {
 	keep := s[max(0, len(s)+1-limit):]
 	out := make([]T, 0, len(keep)+1)

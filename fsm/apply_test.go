@@ -637,7 +637,9 @@ func TestReplicasAgree(t *testing.T) {
 }
 
 // Reads return copies: changing what they return does not change the FSM.
-// Keyed-state blobs are the documented exception: they are shared, read-only.
+// Keyed-state blobs are the documented exception: they are shared, read-only;
+// and so are, in Job's copy for the leader loop, the completed and aborted
+// checkpoints and the histories, which the FSM itself never changes.
 func TestReadsReturnCopies(t *testing.T) {
 	h := newHarness(t)
 	h.runningJob("j1")
@@ -651,9 +653,10 @@ func TestReadsReturnCopies(t *testing.T) {
 	j.Tasks[0].Partitions[0] = 99
 	j.Tasks[2].KeyGroups.Start = 99
 	j.Pending.ID = 99
-	j.Completed[0].Tasks["source-0"].Offsets[0] = 99
-	delete(j.Completed[0].Tasks, "map-0")
+	j.Status = JobCancelled
 	jobs := h.f.Jobs()
+	jobs[0].Completed[0].Tasks["source-0"].Offsets[0] = 99
+	delete(jobs[0].Completed[0].Tasks, "map-0")
 	jobs[0].Completed[0].Tasks["source-1"].Offsets[1] = 99
 	cp, _ := h.f.LastCompleted("j1")
 	delete(cp.Tasks, "map-2")

@@ -120,7 +120,10 @@ func (f *FSM) Jobs() []Job {
 	return jobs
 }
 
-// Job returns a copy of one job; its keyed-state blobs are shared, as in Jobs.
+// Job returns a copy of one job for the leader loop, which reads a job on
+// every event of it. Its completed and aborted checkpoints and its histories
+// are shared with the FSM, which never changes them (Job.sharedCopy): read
+// them, and copy what is to be changed.
 func (f *FSM) Job(id string) (Job, bool) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
@@ -128,7 +131,7 @@ func (f *FSM) Job(id string) (Job, bool) {
 	if !ok {
 		return Job{}, false
 	}
-	return j.clone(true), true
+	return j.sharedCopy(), true
 }
 
 // LastCompleted returns a copy of the newest completed checkpoint of a job,

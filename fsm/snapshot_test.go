@@ -285,7 +285,7 @@ func TestSnapshotPersistsWhileApplying(t *testing.T) {
 }
 
 // A job's copies share its completed checkpoints and histories
-// (Job.writableCopy), so no command may change them in place: a snapshot
+// (Job.sharedCopy), so no command may change them in place: a snapshot
 // taken before a command must encode the same after it. The commands run
 // past every bound (retained checkpoints, MaxCheckpointHistory,
 // MaxAbortedHistory, MaxAttemptHistory, MaxRecoveryHistory) and through the

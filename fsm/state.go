@@ -107,14 +107,16 @@ func validJobStatus(s JobStatus) bool {
 	return false
 }
 
-// writableCopy returns the copy of j that an apply changes and stores in its
-// place. It copies what applies change in place (the tasks, the pending
-// checkpoint) and shares the rest with j: the completed and aborted
-// checkpoints and the histories are never written to once stored, only
-// replaced by new slices (appendBounded), so a snapshot that holds j keeps
-// seeing them as they were. Sharing them saves copying a hundred history
-// entries and every retained checkpoint's task states on each command.
-func (j *Job) writableCopy() Job {
+// sharedCopy returns a copy of j that shares with j what the FSM never
+// changes once stored: the completed and aborted checkpoints (task states
+// included) and the histories, which applies replace by new slices
+// (appendBounded) instead of writing to them. What applies do change in
+// place, the spec, the tasks and the pending checkpoint, is copied. An apply
+// changes such a copy and stores it in j's place, so a snapshot holding j
+// keeps seeing j as it was; the leader reads such copies. Sharing saves
+// copying a hundred history entries and every retained checkpoint's task
+// states per command and per read.
+func (j *Job) sharedCopy() Job {
 	c := *j
 	c.Spec = j.Spec.clone()
 	c.Tasks = cloneSlice(j.Tasks, Task.clone)
