@@ -655,3 +655,76 @@ func TestMergeSingleSources(t *testing.T) {
 		t.Errorf("Merge of nothing: %v", err)
 	}
 }
+
+// Writers share output buffers once closed: files written at the same time
+// and one after the other, reusing the buffers of closed Writers, each hold
+// exactly their own entries.
+func TestWritersReuseBuffers(t *testing.T) {
+	write := func(w *Writer, tag string) {
+		t.Helper()
+		for i := range 50 {
+			if err := w.Add(int32(i), []byte(tag), []byte(tag+fmt.Sprint(i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	check := func(b []byte, tag string) {
+		t.Helper()
+		got, err := readAll(b, 0, MaxKeyGroups)
+		if err != nil || len(got) != 50 {
+			t.Fatalf("file %s: %d entries, %v; want 50", tag, len(got), err)
+		}
+		for i, e := range got {
+			if e.key != tag || e.value != tag+fmt.Sprint(i) {
+				t.Fatalf("file %s holds entry %+v", tag, e)
+			}
+		}
+	}
+	for round := range 20 {
+		var a, b bytes.Buffer
+		wa, err := NewWriter(&a, Full)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wb, err := NewWriter(&b, Full)
+		if err != nil {
+			t.Fatal(err)
+		}
+		write(wa, "a")
+		write(wb, "b")
+		first, second := wa, wb
+		if round%2 == 1 {
+			first, second = wb, wa
+		}
+		if _, err := first.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := second.Close(); err != nil {
+			t.Fatal(err)
+		}
+		check(a.Bytes(), "a")
+		check(b.Bytes(), "b")
+	}
+}
+
+// BenchmarkSmallFile writes the state file of a map task with ten keys, as
+// a worker does per task and checkpoint for jobs with inline state.
+func BenchmarkSmallFile(b *testing.B) {
+	b.ReportAllocs()
+	var out bytes.Buffer
+	for b.Loop() {
+		out.Reset()
+		w, err := NewWriter(&out, Full)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for i := range 10 {
+			if err := w.Add(int32(i), []byte("k"), []byte("12345678")); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if _, err := w.Close(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

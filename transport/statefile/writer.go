@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"sync"
 )
 
 // Summary describes a state file that a Writer has written.
@@ -49,6 +50,15 @@ type Writer struct {
 // errClosed is returned by a Writer used after Close.
 var errClosed = errors.New("statefile: writer is closed")
 
+// bufferSize is the size of a Writer's output buffer.
+const bufferSize = 64 << 10
+
+// buffers holds the output buffers of closed Writers. A worker writes a
+// state file per map task per checkpoint, most of them a few hundred bytes
+// (inline state): a new 64 KiB buffer for each was most of what a worker
+// of a thousand small jobs allocated, and the garbage collector's work.
+var buffers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, bufferSize) }}
+
 // NewWriter returns a Writer of a file of the given kind to w, and writes
 // the file's header. The caller must call Close to complete the file.
 func NewWriter(w io.Writer, kind Kind) (*Writer, error) {
@@ -60,7 +70,8 @@ func NewWriter(w io.Writer, kind Kind) (*Writer, error) {
 		sec:  sha256.New(),
 		kind: kind,
 	}
-	fw.out = bufio.NewWriterSize(io.MultiWriter(w, fw.file), 64<<10)
+	fw.out = buffers.Get().(*bufio.Writer)
+	fw.out.Reset(io.MultiWriter(w, fw.file))
 	fw.write(magic[:])
 	fw.write([]byte{byte(kind)})
 	if err := fw.out.Flush(); err != nil {
@@ -151,6 +162,11 @@ func (w *Writer) Close() (Summary, error) {
 			w.err = fmt.Errorf("statefile: writing: %w", err)
 		}
 	}
+	// Every later call fails on closed before it could write: the buffer
+	// can serve another Writer.
+	w.out.Reset(nil)
+	buffers.Put(w.out)
+	w.out = nil
 	if w.err != nil {
 		return Summary{}, w.err
 	}
