@@ -40,6 +40,10 @@ type leaderHarness struct {
 	sessions map[string]*session
 	// results are the write results the leader has yet to see, in order.
 	results []func()
+	// applyLater holds each write back from the FSM until its result is
+	// handed to the leader, as Raft takes a while to apply it: the leader
+	// goes on meanwhile.
+	applyLater bool
 }
 
 func newLeaderHarness(t *testing.T) *leaderHarness {
@@ -55,6 +59,10 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 		// The write path applies at once, as Raft would, but the result
 		// waits in results until the test's loop takes it (flush).
 		submit: func(_ fsm.CommandType, data []byte, done func(any, error)) {
+			if h.applyLater {
+				h.results = append(h.results, func() { done(h.applyData(data)) })
+				return
+			}
 			res, err := h.applyData(data)
 			h.results = append(h.results, func() { done(res, err) })
 		},

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"net"
 	"slices"
@@ -27,10 +28,11 @@ func TestLeaderAssignSpreadsTasksOverFreeSlots(t *testing.T) {
 	if err != nil {
 		t.Fatalf("assign: %v", err)
 	}
-	// Most free first, then by id: w1, w2, w3, w1, w2.
+	// Most free first, then by id: sources on w1, w2, and maps from w1
+	// again, so that map-i shares source-i's worker.
 	want := []struct {
 		id, worker string
-	}{{"source-0", "w1"}, {"source-1", "w2"}, {"map-0", "w3"}, {"map-1", "w1"}, {"map-2", "w2"}}
+	}{{"source-0", "w1"}, {"source-1", "w2"}, {"map-0", "w1"}, {"map-1", "w2"}, {"map-2", "w3"}}
 	if len(tasks) != len(want) {
 		t.Fatalf("got %d tasks, want %d", len(tasks), len(want))
 	}
@@ -53,6 +55,78 @@ func TestLeaderAssignSpreadsTasksOverFreeSlots(t *testing.T) {
 	}
 	if workers[1].free != 4 {
 		t.Errorf("assign changed its input: w1 free = %d", workers[1].free)
+	}
+}
+
+// Map task i goes to source task i's worker while it has room: a job of one
+// source and one map task runs on one worker.
+func TestLeaderAssignKeepsPipelinesTogether(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		sources int
+		maps    int
+		workers []workerSlots
+		want    map[string]string // task id: worker
+	}{
+		{"one of each", 1, 1, []workerSlots{{id: "w1", free: 3}, {id: "w2", free: 3}},
+			map[string]string{"source-0": "w1", "map-0": "w1"}},
+		{"two of each on three workers", 2, 2, []workerSlots{{id: "w1", free: 2}, {id: "w2", free: 2}, {id: "w3", free: 2}},
+			map[string]string{"source-0": "w1", "source-1": "w2", "map-0": "w1", "map-1": "w2"}},
+		{"no room left beside the source", 1, 1, []workerSlots{{id: "w1", free: 1}, {id: "w2", free: 1}},
+			map[string]string{"source-0": "w1", "map-0": "w2"}},
+	} {
+		tasks, err := assign(testJobSpec(tc.sources, tc.maps), 4, tc.workers)
+		if err != nil {
+			t.Fatalf("%s: assign: %v", tc.name, err)
+		}
+		got := make(map[string]string, len(tasks))
+		for _, task := range tasks {
+			got[task.ID] = task.Worker
+		}
+		if !maps.Equal(got, tc.want) {
+			t.Errorf("%s: placed %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// Jobs placed one after the other before Raft applied the first one's
+// placement do not take the same slots: a deploy reserves its slots until
+// the job holds them.
+func TestLeaderPlacesJobsDeployedTogetherWithinSlots(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w1", 4)
+	h.connect("w2", 4)
+	h.pastGrace()
+	const jobs = 4 // of two tasks each: every slot
+	for i := range jobs {
+		h.register(fmt.Sprintf("j%d", i), testJobSpec(1, 1))
+	}
+	h.applyLater = true
+	h.l.reconcile() // asks for every job's partitions
+	for range jobs {
+		select {
+		case ev := <-h.l.events:
+			h.l.handle(ev) // places a job; its write waits for Raft
+		case <-time.After(10 * time.Second):
+			t.Fatal("partition lookups did not report within 10s")
+		}
+	}
+	h.flush()
+	tasks := make(map[string]int)
+	for i := range jobs {
+		j := h.job(fmt.Sprintf("j%d", i))
+		if j.Status != fsm.JobRunning {
+			t.Fatalf("job %s: %s %q, want running", j.ID, j.Status, j.Reason)
+		}
+		for _, task := range j.Tasks {
+			tasks[task.Worker]++
+		}
+	}
+	if tasks["w1"] != 4 || tasks["w2"] != 4 {
+		t.Fatalf("tasks per worker %v, want 4 on each worker of 4 slots", tasks)
+	}
+	if len(h.l.used) != 2 || h.l.used["w1"] != 4 || h.l.used["w2"] != 4 {
+		t.Fatalf("slots counted as used %v once every job runs, want 4 on each worker", h.l.used)
 	}
 }
 

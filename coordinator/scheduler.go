@@ -64,6 +64,11 @@ type jobState struct {
 	// holds lists the worker of each task while the job is running: the
 	// slots it counts in leader.used.
 	holds []string
+	// reserved lists the workers of the tasks a deploy placed, counted in
+	// leader.used from the placement until attempt reservedFor is applied
+	// and holds them instead, so that jobs placed meanwhile see them taken.
+	reserved    []string
+	reservedFor uint64
 }
 
 // trackedTask is one task of a job's current attempt: where the FSM placed it
@@ -158,11 +163,40 @@ func (l *leader) account(js *jobState) {
 	for _, w := range holds {
 		l.used[w]++
 	}
+	if js.status == fsm.JobRunning && js.attempt >= js.reservedFor {
+		l.unreserve(js) // held now
+	}
 	freed := len(holds) < len(js.holds)
 	js.holds = holds
 	if freed {
 		l.slotsChanged()
 	}
+}
+
+// reserve counts the slots of tasks, placed for attempt of js but not yet
+// committed, as used.
+func (l *leader) reserve(js *jobState, attempt uint64, tasks []fsm.Task) {
+	l.unreserve(js)
+	for _, t := range tasks {
+		l.used[t.Worker]++
+		js.reserved = append(js.reserved, t.Worker)
+	}
+	js.reservedFor = attempt
+}
+
+// unreserve gives back the slots js reserved, if any, and reports whether
+// there were some.
+func (l *leader) unreserve(js *jobState) bool {
+	if js.reserved == nil {
+		return false
+	}
+	for _, w := range js.reserved {
+		if l.used[w]--; l.used[w] <= 0 {
+			delete(l.used, w)
+		}
+	}
+	js.reserved = nil
+	return true
 }
 
 // index records the workers js's tasks run on, so that a worker's events
@@ -499,6 +533,10 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 		reason += "; " + note
 	}
 	attempt := js.attempt + 1
+	// The new attempt holds its slots once its command is applied
+	// (account); until then they are reserved, or the jobs placed
+	// meanwhile would be placed on the same free slots.
+	l.reserve(js, attempt, tasks)
 	var restoreFrom uint64
 	var restoreStorage string // where restored files are, if not in the job's storage
 	if restore != nil {
@@ -514,6 +552,9 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 		ChannelToken: rand.Text(),
 		DetectedAt:   unixNano(js.detectedAt),
 	}, func(_ any, err error) {
+		if l.unreserve(js) {
+			l.slotsChanged() // not applied: the reserved slots are free again
+		}
 		if err != nil {
 			l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
 			js.retryAt = l.env.now().Add(restartDelay(js.spec.Restart, js.failures, l.env.jitter()))
@@ -619,9 +660,14 @@ func slotsReason(need, free int) string {
 
 // assign places the source and map tasks of spec on workers: source task s
 // reads the partitions p with p mod S == s, map task i owns key-group range i
-// of max_parallelism, and tasks are dealt round robin over the workers sorted
-// by free slots (most first), then id. It returns a *slotsError when the
-// workers have fewer free slots than the job has tasks.
+// of max_parallelism. The source tasks are dealt round robin over the
+// workers sorted by free slots (most first), then id, and the map tasks are
+// dealt the same way from the same first worker, so that map task i runs
+// where source task i does while that worker has room. As Flink's slot
+// sharing does, this keeps a job of one source and one map task on one
+// worker, where its items go through memory instead of a data channel over
+// the network. It returns a *slotsError when the workers have fewer free
+// slots than the job has tasks.
 func assign(spec fsm.JobSpec, numPartitions int, workers []workerSlots) ([]fsm.Task, error) {
 	numSources, numMaps := spec.Source.Parallelism, spec.Operator.Parallelism
 	if need, free := numSources+numMaps, totalFree(workers); free < need {
@@ -653,6 +699,7 @@ func assign(spec fsm.JobSpec, numPartitions int, workers []workerSlots) ([]fsm.T
 			Partitions: fsm.SourcePartitions(numPartitions, numSources, i),
 		}))
 	}
+	next = 0
 	for i := range numMaps {
 		kg := ranges[i]
 		tasks = append(tasks, place(fsm.Task{
