@@ -234,10 +234,15 @@ func TestLeaderKillKeepsTasksRunning(t *testing.T) {
 // Each loss restarts the job from its last checkpoint on the workers left,
 // and the final state is exact.
 func TestWorkerLossLeftAndDead(t *testing.T) {
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 3, topics: map[string]int32{"words": 4}})
+	// Six slots each: the job's six tasks fit on the last worker left.
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 3, slots: 6, topics: map[string]int32{"words": 4}})
 	in := newWordInput(102, 60_000, 4)
 	produce(t, c.brokers(), "words", in.recs[:15_000])
-	job := c.submitJob(t, failoverSpec(c.brokers(), "300ms"))
+	// Three sources and three map tasks: source i and map task i share a
+	// worker, so the job needs three pairs to run on all three.
+	spec := failoverSpec(c.brokers(), "300ms")
+	spec.Source.Parallelism, spec.Operator.Parallelism = 3, 3
+	job := c.submitJob(t, spec)
 	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[15_000:], 10_000)
 	first := c.waitCheckpointed(t, job)
 	if got := workersOf(first); !slices.Equal(got, []string{"w1", "w2", "w3"}) {
