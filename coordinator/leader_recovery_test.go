@@ -212,3 +212,46 @@ func TestLeaderHoldsCheckpointsWhileAWorkerHasNoSession(t *testing.T) {
 		t.Fatalf("no checkpoint triggered once %s has a session again: job %s attempt %d %q, tasks %+v", w, j.Status, j.Attempt, j.Reason, j.Tasks)
 	}
 }
+
+// The jobs of a lost worker recover in one pass, each placing its lost tasks
+// before the others' commands are applied: each reserves the slots it takes,
+// so that no worker ends up with more tasks than slots.
+func TestLeaderRecoveriesTogetherStayWithinSlots(t *testing.T) {
+	h := newLeaderHarness(t)
+	slots := map[string]int{"w1": 4, "w2": 3, "w3": 1}
+	for _, w := range []string{"w1", "w2", "w3"} {
+		h.connect(w, slots[w])
+	}
+	// Slot sharing: j1 and j3 run on w1, j2 on w2; one slot each is left
+	// on w2 and w3.
+	ids := []string{"j1", "j2", "j3"}
+	for _, id := range ids {
+		h.startJob(id, testJobSpec(1, 1))
+		h.drain("w3")
+		h.completeCheckpoint(id)
+	}
+	h.setMember("w1", StatusDead, slots["w1"])
+	h.step()
+	h.flush()
+	used := make(map[string]int)
+	for _, id := range ids {
+		j := h.job(id)
+		if j.Status != fsm.JobRunning {
+			continue // waits for slots, as it should when there are none
+		}
+		for _, task := range j.Tasks {
+			if task.Worker == "w1" {
+				t.Fatalf("job %s attempt %d still places %s on the dead w1", id, j.Attempt, task.ID)
+			}
+			used[task.Worker]++
+		}
+	}
+	for w, n := range used {
+		if n > slots[w] {
+			t.Fatalf("%d tasks placed on %s of %d slots (%v)", n, w, slots[w], used)
+		}
+	}
+	if used["w2"] != 3 || used["w3"] != 1 {
+		t.Fatalf("tasks per worker %v, want the lost job that fits on the free slots of w2 and w3", used)
+	}
+}

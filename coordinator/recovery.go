@@ -78,8 +78,15 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	}
 	log := l.jobLogger(js).With("restore_checkpoint", restore.ID, "next_attempt", attempt)
 	log.Warn("recovering the lost tasks alone", "reason", reason, "tasks", ids)
+	// The jobs of a lost worker recover together, each before the others'
+	// commands are applied: each reserves the slots it takes (deploy).
+	l.reserve(js, attempt, placed)
 	l.write(js, fsm.CommandTasksRestarted, cmd, func(_ any, err error) {
+		freed := l.unreserve(js)
 		if err != nil {
+			if freed {
+				l.slotsChanged()
+			}
 			log.Error("commit task-scoped recovery; restarting the job instead", "err", err)
 			l.beginRestart(js, reason+"; task-scoped recovery failed: "+err.Error())
 			return

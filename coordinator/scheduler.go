@@ -552,10 +552,13 @@ func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 		ChannelToken: rand.Text(),
 		DetectedAt:   unixNano(js.detectedAt),
 	}, func(_ any, err error) {
-		if l.unreserve(js) {
-			l.slotsChanged() // not applied: the reserved slots are free again
-		}
+		// Applied, the job holds the slots from now on (deployed observes
+		// it); refused, they are free again for the jobs waiting.
+		freed := l.unreserve(js)
 		if err != nil {
+			if freed {
+				l.slotsChanged()
+			}
 			l.jobLogger(js).Error("commit new attempt", "next_attempt", attempt, "err", err)
 			js.retryAt = l.env.now().Add(restartDelay(js.spec.Restart, js.failures, l.env.jitter()))
 			l.scheduleJob(js, js.retryAt)

@@ -25,7 +25,9 @@ import (
 
 // FSM is the raft.FSM of coordd. Raft calls Apply, Snapshot and Restore from
 // its FSM goroutine; the read methods may be called from any goroutine at the
-// same time and always return deep copies that the caller owns.
+// same time and return copies that the caller owns, except for what their
+// documentation says is shared and read-only (keyed-state blobs; in Job, a
+// job's checkpoint lists and histories).
 type FSM struct {
 	mu    sync.RWMutex // guards state; Apply and Restore take it for writing
 	state *State

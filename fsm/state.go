@@ -118,6 +118,11 @@ func validJobStatus(s JobStatus) bool {
 // states per command and per read.
 func (j *Job) sharedCopy() Job {
 	c := *j
+	// Clipped, an append to a shared slice by whoever holds the copy
+	// allocates rather than writing past its end into the FSM's array
+	// (decoded and cloned slices may have room to spare).
+	c.Completed, c.Aborted = slices.Clip(j.Completed), slices.Clip(j.Aborted)
+	c.Attempts, c.History, c.Recoveries = slices.Clip(j.Attempts), slices.Clip(j.History), slices.Clip(j.Recoveries)
 	c.Spec = j.Spec.clone()
 	c.Tasks = cloneSlice(j.Tasks, Task.clone)
 	if j.Pending != nil {
