@@ -30,6 +30,26 @@ func rawChannel(ctx context.Context, conn *grpc.ClientConn, h *transport.Channel
 	return transport.NewDataClient(conn).Channel(ctx)
 }
 
+// tokenMapTask starts worker w1 (cfg changes its config) running map task
+// map-0 of job "job" attempt 1, fed by sources, whose channels need the
+// credential "the-token", and returns the worker and a connection to its
+// data server, closed when the test ends.
+func tokenMapTask(t *testing.T, sources int32, cfg func(*Config)) (*Worker, *grpc.ClientConn) {
+	t.Helper()
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, cfg)
+	d := mapDeploy("job", 1, operator.Count, sources, 128, mapRefs(128, w), 0)
+	d.ChannelToken = "the-token"
+	f.deploy(t, "w1", d)
+	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return w, conn
+}
+
 // TestChannelCheckedBeforeItsFirstMessage: a channel whose header, in its
 // metadata, lacks the attempt's credential is refused before the data
 // server reads a message of it (it sends none); one whose first message
@@ -38,23 +58,13 @@ func rawChannel(ctx context.Context, conn *grpc.ClientConn, h *transport.Channel
 // maxLegacyOpening at a time, while current ones still get in; and more of
 // them than that run at once.
 func TestChannelCheckedBeforeItsFirstMessage(t *testing.T) {
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelAcceptWait = 2 * time.Second })
 	const sources = 2*maxLegacyOpening + 1
-	d := mapDeploy("job", 1, operator.Count, sources, 128, mapRefs(128, w), 0)
-	d.ChannelToken = "the-token"
-	f.deploy(t, "w1", d)
-	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	w, conn := tokenMapTask(t, sources, func(c *Config) { c.ChannelAcceptWait = 2 * time.Second })
 	hdr := func(source int32, token string) *transport.ChannelHeader {
 		return &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: source, MapTaskId: "map-0", ChannelToken: token}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 	open := func(ctx context.Context, h *transport.ChannelHeader) grpc.ClientStreamingClient[transport.DataMessage, transport.ChannelClosed] {
 		t.Helper()
 		stream, err := rawChannel(ctx, conn, h)
@@ -123,21 +133,11 @@ func TestChannelCheckedBeforeItsFirstMessage(t *testing.T) {
 // ChannelFirstMessageWait, and the legacy slot it held is free again; an
 // older source's header over maxChannelHeader is refused.
 func TestChannelThatSendsNothingIsClosed(t *testing.T) {
-	f := newFakeCoord(t, true, "")
 	const wait = 300 * time.Millisecond
-	w := startWorker(t, "w1", f, func(c *Config) { c.ChannelFirstMessageWait = wait })
-	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
-	d.ChannelToken = "the-token"
-	f.deploy(t, "w1", d)
-	f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	w, conn := tokenMapTask(t, 1, func(c *Config) { c.ChannelFirstMessageWait = wait })
 	hdr := &transport.ChannelHeader{JobId: "job", Attempt: 1, SourceIndex: 0, MapTaskId: "map-0", ChannelToken: "the-token"}
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	conn, err := grpc.NewClient(w.DataAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 
 	for _, tc := range []struct {
 		name string
