@@ -132,12 +132,12 @@ func (j *Job) sharedCopy() Job {
 	return c
 }
 
+// clone returns a deep copy of j: sharedCopy, with the shared parts copied
+// too; keyed-state blobs are shared if shareBlobs.
 func (j *Job) clone(shareBlobs bool) Job {
-	c := *j
-	c.Spec = j.Spec.clone()
-	c.Tasks = cloneSlice(j.Tasks, Task.clone)
-	if j.Pending != nil {
-		p := j.Pending.clone(shareBlobs)
+	c := j.sharedCopy()
+	if j.Pending != nil && !shareBlobs {
+		p := j.Pending.clone(false)
 		c.Pending = &p
 	}
 	cloneCP := func(cp Checkpoint) Checkpoint { return cp.clone(shareBlobs) }
