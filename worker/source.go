@@ -101,6 +101,9 @@ type sourceTask struct {
 	// until then items go out record-marked, for the map tasks to drop the
 	// ones they applied already. nil once crossed (or never needed).
 	catchUp map[int32]int64
+	// caught is how the catch-up goes, for its progress logs; zero when
+	// there is none.
+	caught catchUpProgress
 	// held is a checkpoint trigger that came while catching up, taken once
 	// caught up.
 	held *control
@@ -652,7 +655,9 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			s.catchUp = nil
 			s.startCombining()
 		} else {
-			s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint", "until", s.catchUp)
+			s.caught = catchUpProgress{began: time.Now(), logged: time.Now(), behind: s.behind()}
+			s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint",
+				"until", s.catchUp, "records", s.caught.behind)
 		}
 	}
 	return nil
@@ -677,40 +682,57 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 // the job with backoff and shows why, instead of the job looking healthy
 // while it reads nothing. Errors further apart than KafkaTimeout are
 // transient and only logged.
+//
+// The pump reads ahead of the task loop into a pumpQueue, and stops reading
+// altogether while the queue is full, until the loop has taken half of it.
+// That is for the worker's other tasks: sarama fetches the partitions of
+// every task on a shared consumer (kafkaPool) in rounds, and starts the next
+// round only when each partition consumer has handed over its share of the
+// last one, or has not taken a record for Consumer.MaxProcessingTime (it is
+// then left out until it catches up). A task that read on slowly, a run
+// whenever its loop took one, would hold every other task's partitions to
+// its pace (sarama issue 1188, the "naughty neighbour"); one that stops
+// reading is left out of the rounds within MaxProcessingTime.
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
 	window := s.env.cfg.KafkaTimeout
 	var failingSince, lastErr time.Time // both zero while records flow
+	var q pumpQueue
 	for {
+		var in <-chan *sarama.ConsumerMessage
+		if !q.paused {
+			in = pc.Messages()
+		}
+		var out chan<- []*sarama.ConsumerMessage
+		head := q.head()
+		if head != nil {
+			out = merged
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case msg, ok := <-pc.Messages():
+		case msg, ok := <-in:
 			if !ok {
 				fail(ctx, failed, fmt.Errorf("source: consumer of %s/%d stopped", s.spec.GetTopic(), p))
 				return
 			}
 			failingSince, lastErr = time.Time{}, time.Time{}
-			// Hand over the records that are already there with this one.
-			run := make([]*sarama.ConsumerMessage, 1, pumpBatch)
-			run[0] = msg
+			q.add(msg)
+			// Take the records that are already there with this one.
 		drain:
-			for len(run) < pumpBatch {
+			for !q.paused {
 				select {
 				case m, ok := <-pc.Messages():
 					if !ok {
 						break drain // seen closed on the next receive
 					}
-					run = append(run, m)
+					q.add(m)
 				default:
 					break drain
 				}
 			}
-			select {
-			case merged <- run:
-			case <-ctx.Done():
-				return
-			}
+		case out <- head:
+			q.pop()
 		case err, ok := <-errs:
 			if !ok {
 				errs = nil
@@ -728,6 +750,68 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 			}
 			s.log.Warn("kafka consumer error", "partition", p, "err", err, "failing_for", now.Sub(failingSince).Round(time.Millisecond))
 		}
+	}
+}
+
+// pumpQueueBytes bounds the records a pump holds for its task loop, by the
+// estimate pumpQueue keeps: about one fetch of a partition (sarama's
+// Consumer.Fetch.Default), so that a pump takes a round's records at once
+// while its loop keeps up.
+const pumpQueueBytes = 1 << 20
+
+// recordOverhead estimates the memory of a consumed record beyond its key
+// and value: sarama's ConsumerMessage and the pointer to it.
+const recordOverhead = 128
+
+// pumpQueue is a pump's read-ahead: runs of up to pumpBatch records, the
+// head one next for the task loop. It pauses (the pump stops reading) once
+// it holds pumpQueueBytes, and resumes once the loop has taken it down to
+// half: a pause long enough for sarama to leave the partition out of its
+// fetch rounds, rather than one run read per run taken.
+type pumpQueue struct {
+	runs   [][]*sarama.ConsumerMessage
+	sizes  []int // bytes of each run
+	bytes  int
+	paused bool
+}
+
+// add appends msg to the last run, or to a new one if that is full.
+func (q *pumpQueue) add(msg *sarama.ConsumerMessage) {
+	n := len(msg.Key) + len(msg.Value) + recordOverhead
+	if last := len(q.runs) - 1; last >= 0 && len(q.runs[last]) < pumpBatch {
+		q.runs[last] = append(q.runs[last], msg)
+		q.sizes[last] += n
+	} else {
+		run := make([]*sarama.ConsumerMessage, 1, pumpBatch)
+		run[0] = msg
+		q.runs = append(q.runs, run)
+		q.sizes = append(q.sizes, n)
+	}
+	q.bytes += n
+	if q.bytes >= pumpQueueBytes {
+		q.paused = true
+	}
+}
+
+// head returns the next run for the task loop, nil if there is none. The
+// pump never appends to a run it has handed over: pop removes it first.
+func (q *pumpQueue) head() []*sarama.ConsumerMessage {
+	if len(q.runs) == 0 {
+		return nil
+	}
+	return q.runs[0]
+}
+
+// pop removes the head run, which the task loop took.
+func (q *pumpQueue) pop() {
+	q.bytes -= q.sizes[0]
+	q.runs[0] = nil
+	q.runs, q.sizes = q.runs[1:], q.sizes[1:]
+	if len(q.runs) == 0 {
+		q.runs, q.sizes = q.runs[:0], q.sizes[:0]
+	}
+	if q.paused && q.bytes <= pumpQueueBytes/2 {
+		q.paused = false
 	}
 }
 
@@ -809,6 +893,9 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 				s.completed(c.complete, c.offsets, r.lease)
 				s.reportLag(r)
 			}
+		}
+		if s.catchUp != nil && time.Since(s.caught.logged) >= catchUpLogEvery {
+			s.logCatchUp()
 		}
 	}
 }
@@ -907,12 +994,61 @@ func (s *sourceTask) caughtUp(ctx context.Context, msg *sarama.ConsumerMessage) 
 		return err
 	}
 	s.startCombining()
-	s.log.Info("restored partial source caught up", "offsets", s.offsets, "combining", s.combine != nil, "held_trigger", s.held != nil)
+	took := time.Since(s.caught.began)
+	s.log.Info("restored partial source caught up", "offsets", s.offsets, "combining", s.combine != nil, "held_trigger", s.held != nil,
+		"records", s.caught.behind, "took", took.Round(time.Millisecond), "records_per_second", perSecond(s.caught.behind, took),
+		"waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond))
+	s.caught = catchUpProgress{}
 	if c := s.held; c != nil {
 		s.held = nil
 		return s.checkpoint(ctx, *c)
 	}
 	return nil
+}
+
+// catchUpLogEvery is how often a restored source that is still catching up
+// says how far it is.
+const catchUpLogEvery = 10 * time.Second
+
+// catchUpProgress is how a restored partial source's catch-up goes: a
+// catch-up that takes long holds every checkpoint of the job meanwhile, so
+// its logs say how fast it reads and how much of that time it waited on map
+// tasks (sendBatch), which tells a slow Kafka read from slow map tasks.
+type catchUpProgress struct {
+	began, logged time.Time
+	behind        int64         // records to read at the start
+	sendWait      time.Duration // time spent in sendBatch since began
+}
+
+// behind returns the records left to read before the catch-up ends.
+func (s *sourceTask) behind() int64 {
+	var n int64
+	for p, end := range s.catchUp {
+		if off := s.offsets[p]; off < end {
+			n += end - off
+		}
+	}
+	return n
+}
+
+// logCatchUp logs the progress of the catch-up under way.
+func (s *sourceTask) logCatchUp() {
+	now := time.Now()
+	left := s.behind()
+	took := now.Sub(s.caught.began)
+	s.caught.logged = now
+	s.log.Info("restored partial source still catching up; the job's checkpoints wait for it",
+		"records_left", left, "records_read", s.caught.behind-left, "for", took.Round(time.Millisecond),
+		"records_per_second", perSecond(s.caught.behind-left, took), "waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond),
+		"offsets", s.offsets, "until", s.catchUp)
+}
+
+// perSecond returns n per d, rounded, 0 for no time.
+func perSecond(n int64, d time.Duration) int64 {
+	if d <= 0 {
+		return 0
+	}
+	return int64(float64(n) / d.Seconds())
 }
 
 // startCombining gives every output a combiner table, if the source
@@ -955,7 +1091,15 @@ func (s *sourceTask) flush(ctx context.Context, o int) error {
 		return nil
 	}
 	b.marked = false
-	if err := s.outputs[o].sendBatch(ctx, &b.w); err != nil {
+	var began time.Time
+	if s.catchUp != nil {
+		began = time.Now()
+	}
+	err := s.outputs[o].sendBatch(ctx, &b.w)
+	if !began.IsZero() {
+		s.caught.sendWait += time.Since(began)
+	}
+	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
