@@ -89,6 +89,70 @@ func TestLeaderAssignKeepsPipelinesTogether(t *testing.T) {
 	}
 }
 
+// Task-scoped recovery places a lost task beside its partner (source i and
+// map task i) as assign does, where the partner survived or was just placed,
+// while that worker has room; otherwise on the worker with the most free
+// slots. Never on a lost worker.
+func TestPlaceLostKeepsPipelinesTogether(t *testing.T) {
+	job := func(places map[string]string) []*trackedTask {
+		var all []*trackedTask
+		for _, id := range []string{"source-0", "source-1", "map-0", "map-1"} {
+			kind, index := fsm.TaskSource, 0
+			if strings.HasPrefix(id, "map-") {
+				kind = fsm.TaskMap
+			}
+			if strings.HasSuffix(id, "-1") {
+				index = 1
+			}
+			all = append(all, &trackedTask{task: fsm.Task{ID: id, Kind: kind, Index: index, Worker: places[id]}})
+		}
+		return all
+	}
+	for _, tc := range []struct {
+		name    string
+		places  map[string]string // task id: worker before the loss
+		lost    string            // the lost worker
+		workers []workerSlots
+		want    map[string]string // lost task id: new worker
+	}{
+		{"a lost pair stays together, though another worker has as many free slots",
+			map[string]string{"source-0": "w1", "map-0": "w1", "source-1": "w2", "map-1": "w2"}, "w1",
+			[]workerSlots{{id: "w2", free: 2}, {id: "w3", free: 2}},
+			map[string]string{"source-0": "w2", "map-0": "w2"}},
+		{"a lost map task goes beside its surviving source, not to the most free worker",
+			map[string]string{"source-0": "w1", "map-0": "w1", "source-1": "w2", "map-1": "w3"}, "w3",
+			[]workerSlots{{id: "w1", free: 1}, {id: "w2", free: 1}, {id: "w4", free: 4}},
+			map[string]string{"map-1": "w2"}},
+		{"no room beside the partner: the most free worker",
+			map[string]string{"source-0": "w1", "map-0": "w2", "source-1": "w1", "map-1": "w3"}, "w2",
+			[]workerSlots{{id: "w1", free: 0}, {id: "w3", free: 1}, {id: "w4", free: 2}},
+			map[string]string{"map-0": "w4"}},
+		{"never on the lost worker, though it is listed with free slots",
+			map[string]string{"source-0": "w1", "map-0": "w1", "source-1": "w2", "map-1": "w2"}, "w1",
+			[]workerSlots{{id: "w1", free: 4}, {id: "w2", free: 0}, {id: "w3", free: 2}},
+			map[string]string{"source-0": "w3", "map-0": "w3"}},
+	} {
+		all := job(tc.places)
+		var lost []*trackedTask
+		for _, tv := range all {
+			if tv.task.Worker == tc.lost {
+				lost = append(lost, tv)
+			}
+		}
+		placed, err := placeLost(lost, all, tc.workers, map[string]bool{tc.lost: true})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		got := make(map[string]string, len(placed))
+		for _, task := range placed {
+			got[task.ID] = task.Worker
+		}
+		if !maps.Equal(got, tc.want) {
+			t.Errorf("%s: placed %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
 // Jobs placed one after the other before Raft applied the first one's
 // placement do not take the same slots: a deploy reserves its slots until
 // the job holds them.

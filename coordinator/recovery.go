@@ -59,7 +59,7 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	if bad, isBad := js.bad[restore.ID]; isBad {
 		return false, fmt.Sprintf("the newest checkpoint %d failed verification (%s)", restore.ID, bad)
 	}
-	placed, err := placeLost(lost, l.placeable(""), lostWorkers)
+	placed, err := placeLost(lost, js.order, l.placeable(""), lostWorkers)
 	if err != nil {
 		return false, err.Error()
 	}
@@ -96,26 +96,62 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	return true, ""
 }
 
-// placeLost places the lost tasks on the workers with free slots, most free
-// first, never on a lost worker. It returns copies of the tasks with their
-// new places.
-func placeLost(lost []*trackedTask, workers []workerSlots, lostWorkers map[string]bool) ([]fsm.Task, error) {
+// placeLost places the lost tasks of a job whose tasks are all, never on a
+// lost worker. A task goes beside its partner (source i and map task i, as
+// assign pairs them for slot sharing: their items then go through memory)
+// where the partner runs or was just placed, if that worker has a free slot;
+// otherwise on the worker with the most free slots. It returns copies of the
+// lost tasks with their new places.
+func placeLost(lost, all []*trackedTask, workers []workerSlots, lostWorkers map[string]bool) ([]fsm.Task, error) {
 	workers = slices.DeleteFunc(slices.Clone(workers), func(w workerSlots) bool { return lostWorkers[w.id] })
 	if free := totalFree(workers); free < len(lost) {
 		return nil, fmt.Errorf("the %d lost tasks cannot be placed: %d free slots on live workers", len(lost), free)
 	}
+	// where is each task's worker: the new one of a lost task once placed.
+	where := make(map[string]string, len(all))
+	for _, tv := range all {
+		if !lostWorkers[tv.task.Worker] {
+			where[tv.task.ID] = tv.task.Worker
+		}
+	}
 	placed := make([]fsm.Task, 0, len(lost))
 	for _, tv := range lost {
-		slices.SortFunc(workers, func(a, b workerSlots) int {
-			return cmp.Or(cmp.Compare(b.free, a.free), strings.Compare(a.id, b.id))
-		})
-		w := &workers[0]
 		t := tv.task
+		w := beside(workers, where[partner(t)])
+		if w == nil {
+			slices.SortFunc(workers, func(a, b workerSlots) int {
+				return cmp.Or(cmp.Compare(b.free, a.free), strings.Compare(a.id, b.id))
+			})
+			w = &workers[0]
+		}
 		t.Worker, t.DataAddr = w.id, w.dataAddr
 		w.free--
+		where[t.ID] = w.id
 		placed = append(placed, t)
 	}
 	return placed, nil
+}
+
+// partner returns the id of the task slot sharing pairs with t: map task i
+// for source i and the other way round.
+func partner(t fsm.Task) string {
+	if t.Kind == fsm.TaskSource {
+		return fsm.TaskID(fsm.TaskMap, t.Index)
+	}
+	return fsm.TaskID(fsm.TaskSource, t.Index)
+}
+
+// beside returns worker id among workers if it has a free slot, else nil.
+func beside(workers []workerSlots, id string) *workerSlots {
+	if id == "" {
+		return nil
+	}
+	for i := range workers {
+		if workers[i].id == id && workers[i].free > 0 {
+			return &workers[i]
+		}
+	}
+	return nil
 }
 
 // tasksRestarted deploys the tasks a committed task-scoped recovery restored

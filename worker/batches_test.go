@@ -31,10 +31,10 @@ func (s stalling) Process(ctx operator.Context, it operator.Item) error {
 
 // TestBackpressureBoundsBuffers: while both map tasks are stalled (one in
 // process with its source, one on another worker), the source reads only
-// what its bounded buffers hold (sarama's fetch and channel, a pump run, the
-// in-process channel's batches, gRPC's flow-control window), not the
-// topic: memory does not grow with input that has not been processed. Let
-// go, the job counts every record exactly once.
+// what its bounded buffers hold (sarama's fetch and channel, the pumps'
+// queues of about 1 MiB each, the in-process channel's batches, gRPC's
+// flow-control window), not the topic: memory does not grow with input that
+// has not been processed. Let go, the job counts every record exactly once.
 func TestBackpressureBoundsBuffers(t *testing.T) {
 	const n, bound = 60_000, 25_000
 	brokers := newKafka(t, map[string]int32{"in": 1})
