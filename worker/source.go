@@ -698,13 +698,30 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 	window := s.env.cfg.KafkaTimeout
 	var failingSince, lastErr time.Time // both zero while records flow
 	var q pumpQueue
+	readAhead := time.NewTimer(pumpReadAhead)
+	readAhead.Stop()
+	defer readAhead.Stop()
+	armed := false
 	for {
+		// With nothing queued the pump waits for records, as the loop
+		// would. While the loop is busy with queued ones it reads ahead on
+		// a timer, in bulk: waking for each record sarama hands over would
+		// cost more than the loop spends on it.
 		var in <-chan *sarama.ConsumerMessage
-		if !q.paused {
+		var tick <-chan time.Time
+		head := q.head()
+		switch {
+		case q.paused:
+		case head == nil:
 			in = pc.Messages()
+		default:
+			if !armed {
+				readAhead.Reset(pumpReadAhead)
+				armed = true
+			}
+			tick = readAhead.C
 		}
 		var out chan<- []*sarama.ConsumerMessage
-		head := q.head()
 		if head != nil {
 			out = merged
 		}
@@ -718,18 +735,11 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 			}
 			failingSince, lastErr = time.Time{}, time.Time{}
 			q.add(msg)
-			// Take the records that are already there with this one.
-		drain:
-			for !q.paused {
-				select {
-				case m, ok := <-pc.Messages():
-					if !ok {
-						break drain // seen closed on the next receive
-					}
-					q.add(m)
-				default:
-					break drain
-				}
+			q.drain(pc.Messages())
+		case <-tick:
+			armed = false
+			if q.drain(pc.Messages()) {
+				failingSince, lastErr = time.Time{}, time.Time{}
 			}
 		case out <- head:
 			q.pop()
@@ -758,6 +768,11 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 // Consumer.Fetch.Default), so that a pump takes a round's records at once
 // while its loop keeps up.
 const pumpQueueBytes = 1 << 20
+
+// pumpReadAhead is how often a pump whose loop is busy takes what sarama has
+// ready: often enough to read ahead of a loop that takes tens of thousands
+// of records a second, and seldom enough to take them in bulk.
+const pumpReadAhead = 5 * time.Millisecond
 
 // recordOverhead estimates the memory of a consumed record beyond its key
 // and value: sarama's ConsumerMessage and the pointer to it.
@@ -791,6 +806,26 @@ func (q *pumpQueue) add(msg *sarama.ConsumerMessage) {
 	if q.bytes >= pumpQueueBytes {
 		q.paused = true
 	}
+}
+
+// drain adds the records msgs has ready, until there are none or the queue
+// pauses, and reports whether it added any. A closed msgs is left for the
+// pump's next receive to see.
+func (q *pumpQueue) drain(msgs <-chan *sarama.ConsumerMessage) bool {
+	added := false
+	for !q.paused {
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				return added
+			}
+			q.add(m)
+			added = true
+		default:
+			return added
+		}
+	}
+	return added
 }
 
 // head returns the next run for the task loop, nil if there is none. The
