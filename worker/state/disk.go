@@ -127,13 +127,16 @@ type Disk struct {
 	progress chan struct{}
 
 	// Used only by the writer goroutine.
-	keyBuf        []byte // the encoded key of the current call
-	getBuf        []byte // the value Get last returned
-	unchecked     int    // bytes written since admit last checked Pebble
-	checkEvery    int    // bytes written between checks in admit
-	memTableSize  uint64 // DiskOptions.MemTableSize
-	loadTableSize int    // key and value bytes per table of a Loader
-	loading       bool   // a Loader is neither finished nor aborted
+	keyBuf        []byte        // the encoded key of the current call
+	getBuf        []byte        // the value Get last returned
+	unchecked     int           // bytes written since admit last checked Pebble
+	checkEvery    int           // bytes written between checks in admit
+	memTableSize  uint64        // DiskOptions.MemTableSize
+	loadTableSize int           // key and value bytes per table of a Loader
+	loading       bool          // a Loader is neither finished nor aborted
+	stalled       time.Duration // writes' waits in admit since stallLogged
+	stalls        int           // waits in admit since stallLogged
+	stallLogged   time.Time     // when stalls were last logged (or the Disk opened)
 
 	// mu guards views and closed, which Release changes or reads from other
 	// goroutines. Only the writer changes closed, so it reads it without mu.
@@ -202,6 +205,7 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		memTableSize:  opts.MemTableSize,
 		loadTableSize: defaultLoadTableSize,
 		owner:         goid(),
+		stallLogged:   time.Now(),
 	}
 
 	if err := clearDir(fs, dir); err != nil {
@@ -439,10 +443,17 @@ func (d *Disk) admit(n int) error {
 		return nil
 	}
 	d.unchecked = 0
+	var began time.Time
 	for {
 		m := d.db.Metrics()
 		if m.MemTable.Size < maxMemTables*d.memTableSize && m.Levels[0].Sublevels < maxL0Sublevels {
+			if !began.IsZero() {
+				d.noteStall(time.Since(began), m)
+			}
 			return nil
+		}
+		if began.IsZero() {
+			began = time.Now()
 		}
 		select {
 		case <-d.progress:
@@ -452,6 +463,24 @@ func (d *Disk) admit(n int) error {
 			return err
 		}
 	}
+}
+
+// stallLogEvery is the least time between two logs of write stalls.
+const stallLogEvery = 10 * time.Second
+
+// noteStall records that a write waited d in admit, and logs the waits once
+// they add up to a second since the last log, at most every stallLogEvery:
+// a map task that applies slowly because Pebble is behind says so.
+func (d *Disk) noteStall(wait time.Duration, m *pebble.Metrics) {
+	d.stalled += wait
+	d.stalls++
+	if d.stalled < time.Second || time.Since(d.stallLogged) < stallLogEvery {
+		return
+	}
+	d.log.Warn("disk state backend: writes waited for Pebble's flushes and compactions",
+		"waited", d.stalled.Round(time.Millisecond), "stalls", d.stalls, "since", d.stallLogged.Format(time.RFC3339),
+		"memtables_bytes", m.MemTable.Size, "l0_sublevels", m.Levels[0].Sublevels, "compactions_in_progress", m.Compact.NumInProgress)
+	d.stalled, d.stalls, d.stallLogged = 0, 0, time.Now()
 }
 
 // signalProgress wakes a write waiting in admit, if any. Pebble calls it
