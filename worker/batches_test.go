@@ -194,7 +194,10 @@ func TestSlowSinkBoundsBuffers(t *testing.T) {
 	f.deploy(t, "w1", sd)
 	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
 
-	waitFor(t, "the sink to give up a write and hold its outputs", held.Load)
+	// The producer gives up after its retries, each waiting out a read
+	// timeout of 2 x KafkaTimeout: about 15 s here, over 20 s in a CI run
+	// of every package at once with -race.
+	waitForWithin(t, time.Minute, "the sink to give up a write and hold its outputs", held.Load)
 	// A plateau: five equal samples over 1.2 s, longer than a pause of a
 	// busy machine.
 	last := sourcePlateau(t, w, "slow", 5, "the sink took no writes", n)
