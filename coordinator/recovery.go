@@ -114,6 +114,20 @@ func placeLost(lost, all []*trackedTask, workers []workerSlots, lostWorkers map[
 			where[tv.task.ID] = tv.task.Worker
 		}
 	}
+	// Tasks whose partner survived go first, so that a lost pair placed
+	// most free first does not take the slot beside a survivor.
+	lost = slices.Clone(lost)
+	slices.SortStableFunc(lost, func(a, b *trackedTask) int {
+		_, as := where[partner(a.task)]
+		_, bs := where[partner(b.task)]
+		switch {
+		case as && !bs:
+			return -1
+		case bs && !as:
+			return 1
+		}
+		return 0
+	})
 	placed := make([]fsm.Task, 0, len(lost))
 	for _, tv := range lost {
 		t := tv.task

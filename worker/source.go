@@ -655,7 +655,7 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			s.catchUp = nil
 			s.startCombining()
 		} else {
-			s.caught = catchUpProgress{began: time.Now(), logged: time.Now(), behind: s.behind()}
+			s.caught = catchUpProgress{began: time.Now(), behind: s.behind()}
 			s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint",
 				"until", s.catchUp, "records", s.caught.behind)
 		}
@@ -688,11 +688,14 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 // That is for the worker's other tasks: sarama fetches the partitions of
 // every task on a shared consumer (kafkaPool) in rounds, and starts the next
 // round only when each partition consumer has handed over its share of the
-// last one, or has not taken a record for Consumer.MaxProcessingTime (it is
-// then left out until it catches up). A task that read on slowly, a run
-// whenever its loop took one, would hold every other task's partitions to
-// its pace (sarama issue 1188, the "naughty neighbour"); one that stops
-// reading is left out of the rounds within MaxProcessingTime.
+// last one, or has not taken a record for one to two
+// Consumer.MaxProcessingTime once its channel is full (it is then left out
+// until it catches up). A task that read on slowly, a run whenever its loop
+// took one, would hold every other task's partitions to its pace (sarama
+// issue 1188, the "naughty neighbour"). A pump whose loop takes half its
+// queue in longer than that, a loop slower than some 20,000 records a
+// second for small records, is now left out of the rounds; a faster one
+// still paces a round to its share of the fetch, as before.
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
 	window := s.env.cfg.KafkaTimeout
@@ -702,17 +705,20 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 	readAhead.Stop()
 	defer readAhead.Stop()
 	armed := false
+	// bulk is set while records come in faster than the loop takes them.
+	bulk := false
 	for {
-		// With nothing queued the pump waits for records, as the loop
-		// would. While the loop is busy with queued ones it reads ahead on
-		// a timer, in bulk: waking for each record sarama hands over would
+		// With nothing queued, or nothing read at the last look, the pump
+		// waits for records, as the loop would. While records come in
+		// and the loop is busy with queued ones, it reads ahead on a
+		// timer, in bulk: waking for each record sarama hands over would
 		// cost more than the loop spends on it.
 		var in <-chan *sarama.ConsumerMessage
 		var tick <-chan time.Time
 		head := q.head()
 		switch {
 		case q.paused:
-		case head == nil:
+		case head == nil || !bulk:
 			in = pc.Messages()
 		default:
 			if !armed {
@@ -736,16 +742,25 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 			failingSince, lastErr = time.Time{}, time.Time{}
 			q.add(msg)
 			q.drain(pc.Messages())
+			bulk = true
 		case <-tick:
 			armed = false
 			if q.drain(pc.Messages()) {
 				failingSince, lastErr = time.Time{}, time.Time{}
+			} else {
+				bulk = false
 			}
 		case out <- head:
 			q.pop()
 		case err, ok := <-errs:
 			if !ok {
 				errs = nil
+				continue
+			}
+			if q.head() != nil {
+				// Records wait for the loop: Kafka is not failing this
+				// partition throughout, whatever a later fetch says.
+				s.log.Warn("kafka consumer error", "partition", p, "err", err, "records_queued", true)
 				continue
 			}
 			now := time.Now()
@@ -764,9 +779,11 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 }
 
 // pumpQueueBytes bounds the records a pump holds for its task loop, by the
-// estimate pumpQueue keeps: about one fetch of a partition (sarama's
-// Consumer.Fetch.Default), so that a pump takes a round's records at once
-// while its loop keeps up.
+// estimate of their memory pumpQueue keeps: for records of a few tens of
+// bytes, some 7,000, a seventh of a 1 MiB fetch (sarama's
+// Consumer.Fetch.Default counts bytes on the wire). A larger queue would
+// leave faster loops out of the rounds too, at the cost of memory per
+// partition of every backpressured task.
 const pumpQueueBytes = 1 << 20
 
 // pumpReadAhead is how often a pump whose loop is busy takes what sarama has
@@ -875,6 +892,14 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 	reopen.Stop()
 	reopenArmed := false
 	defer reopen.Stop()
+	// A restored source catching up says how it goes, also while no
+	// records come.
+	var catchUpC <-chan time.Time
+	if s.catchUp != nil {
+		t := time.NewTicker(catchUpLogEvery)
+		defer t.Stop()
+		catchUpC = t.C
+	}
 	for {
 		if !armed && s.batched > 0 {
 			flush.Reset(s.env.cfg.FlushInterval)
@@ -915,6 +940,12 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 			if err := s.reopenLost(ctx); err != nil {
 				return err
 			}
+		case <-catchUpC:
+			if s.catchUp == nil {
+				catchUpC = nil
+			} else {
+				s.logCatchUp()
+			}
 		case c := <-s.control:
 			if c.retarget != nil {
 				if err := s.retarget(ctx, c.retarget); err != nil {
@@ -928,9 +959,6 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 				s.completed(c.complete, c.offsets, r.lease)
 				s.reportLag(r)
 			}
-		}
-		if s.catchUp != nil && time.Since(s.caught.logged) >= catchUpLogEvery {
-			s.logCatchUp()
 		}
 	}
 }
@@ -1050,9 +1078,9 @@ const catchUpLogEvery = 10 * time.Second
 // its logs say how fast it reads and how much of that time it waited on map
 // tasks (sendBatch), which tells a slow Kafka read from slow map tasks.
 type catchUpProgress struct {
-	began, logged time.Time
-	behind        int64         // records to read at the start
-	sendWait      time.Duration // time spent in sendBatch since began
+	began    time.Time
+	behind   int64         // records to read at the start
+	sendWait time.Duration // time spent in sendBatch since began
 }
 
 // behind returns the records left to read before the catch-up ends.
@@ -1071,14 +1099,13 @@ func (s *sourceTask) logCatchUp() {
 	now := time.Now()
 	left := s.behind()
 	took := now.Sub(s.caught.began)
-	s.caught.logged = now
 	s.log.Info("restored partial source still catching up; the job's checkpoints wait for it",
 		"records_left", left, "records_read", s.caught.behind-left, "for", took.Round(time.Millisecond),
 		"records_per_second", perSecond(s.caught.behind-left, took), "waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond),
 		"offsets", s.offsets, "until", s.catchUp)
 }
 
-// perSecond returns n per d, rounded, 0 for no time.
+// perSecond returns n per d, truncated, 0 for no time.
 func perSecond(n int64, d time.Duration) int64 {
 	if d <= 0 {
 		return 0

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -44,7 +45,8 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 	}
 	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	defer cancel() // before the cleanups: the pumps end, then their consumers close
+	var wg sync.WaitGroup
 	start := func(task string, p int32) chan []*sarama.ConsumerMessage {
 		t.Helper()
 		lease, _, err := pool.acquire(brokers, "ids", "source")
@@ -59,17 +61,18 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 		t.Cleanup(closePC)
 		s := &sourceTask{env: &taskEnv{cfg: &cfg}, spec: &transport.SourceSpec{Topic: "ids"}, log: testLogger(t).With("task", task)}
 		merged, failed := make(chan []*sarama.ConsumerMessage), make(chan error, 1)
-		go s.pump(ctx, p, pc, merged, failed)
-		go func() {
+		wg.Go(func() { s.pump(ctx, p, pc, merged, failed) })
+		wg.Go(func() {
 			select {
 			case err := <-failed:
 				t.Errorf("pump of %s: %v", task, err)
 			case <-ctx.Done():
 			}
-		}()
+		})
 		return merged
 	}
 	slow, fast := start("slow", 0), start("fast", 1)
+	t.Cleanup(wg.Wait) // runs before the consumers' and leases' cleanups
 	if len(pool.clients) != 1 {
 		t.Fatalf("%d clients for one broker set, want one shared", len(pool.clients))
 	}
@@ -91,7 +94,12 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 			select {
 			case run := <-slow:
 				slowRuns++
-				slowRecords += len(run)
+				for _, m := range run {
+					if m.Offset != int64(slowRecords) {
+						t.Fatalf("slow partition: offset %d after %d records", m.Offset, slowRecords)
+					}
+					slowRecords++
+				}
 			default:
 			}
 		case <-deadline:

@@ -134,9 +134,10 @@ type Disk struct {
 	memTableSize  uint64        // DiskOptions.MemTableSize
 	loadTableSize int           // key and value bytes per table of a Loader
 	loading       bool          // a Loader is neither finished nor aborted
-	stalled       time.Duration // writes' waits in admit since stallLogged
-	stalls        int           // waits in admit since stallLogged
-	stallLogged   time.Time     // when stalls were last logged (or the Disk opened)
+	stalled       time.Duration // writes' waits in admit since stallSince
+	stalls        int           // waits in admit since stallSince
+	stallSince    time.Time     // start of the window stalled counts in
+	stallLogged   time.Time     // when stalls were last logged
 
 	// mu guards views and closed, which Release changes or reads from other
 	// goroutines. Only the writer changes closed, so it reads it without mu.
@@ -205,7 +206,7 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		memTableSize:  opts.MemTableSize,
 		loadTableSize: defaultLoadTableSize,
 		owner:         goid(),
-		stallLogged:   time.Now(),
+		stallSince:    time.Now(),
 	}
 
 	if err := clearDir(fs, dir); err != nil {
@@ -443,17 +444,24 @@ func (d *Disk) admit(n int) error {
 		return nil
 	}
 	d.unchecked = 0
-	var began time.Time
+	var began, logged time.Time
+	var first *pebble.Metrics // of the first check that made the write wait
 	for {
 		m := d.db.Metrics()
 		if m.MemTable.Size < maxMemTables*d.memTableSize && m.Levels[0].Sublevels < maxL0Sublevels {
 			if !began.IsZero() {
-				d.noteStall(time.Since(began), m)
+				d.noteStall(time.Since(began), first)
 			}
 			return nil
 		}
 		if began.IsZero() {
-			began = time.Now()
+			began, logged, first = time.Now(), time.Now(), m
+		} else if time.Since(logged) >= stallLogEvery {
+			// A write that does not get in at all says so while it waits.
+			logged = time.Now()
+			d.log.Warn("disk state backend: a write is still waiting for Pebble's flushes and compactions",
+				"waiting", time.Since(began).Round(time.Millisecond), "memtables_bytes", m.MemTable.Size,
+				"l0_sublevels", m.Levels[0].Sublevels, "compactions_in_progress", m.Compact.NumInProgress)
 		}
 		select {
 		case <-d.progress:
@@ -468,19 +476,24 @@ func (d *Disk) admit(n int) error {
 // stallLogEvery is the least time between two logs of write stalls.
 const stallLogEvery = 10 * time.Second
 
-// noteStall records that a write waited d in admit, and logs the waits once
-// they add up to a second since the last log, at most every stallLogEvery:
-// a map task that applies slowly because Pebble is behind says so.
+// noteStall records that a write waited in admit, m being Pebble's metrics
+// when it began to wait, and logs the waits once they add up to a second
+// within a minute, at most every stallLogEvery: a map task that applies
+// slowly because Pebble is behind says so.
 func (d *Disk) noteStall(wait time.Duration, m *pebble.Metrics) {
+	now := time.Now()
+	if now.Sub(d.stallSince) > time.Minute {
+		d.stalled, d.stalls, d.stallSince = 0, 0, now
+	}
 	d.stalled += wait
 	d.stalls++
-	if d.stalled < time.Second || time.Since(d.stallLogged) < stallLogEvery {
+	if d.stalled < time.Second || now.Sub(d.stallLogged) < stallLogEvery {
 		return
 	}
 	d.log.Warn("disk state backend: writes waited for Pebble's flushes and compactions",
-		"waited", d.stalled.Round(time.Millisecond), "stalls", d.stalls, "since", d.stallLogged.Format(time.RFC3339),
-		"memtables_bytes", m.MemTable.Size, "l0_sublevels", m.Levels[0].Sublevels, "compactions_in_progress", m.Compact.NumInProgress)
-	d.stalled, d.stalls, d.stallLogged = 0, 0, time.Now()
+		"waited", d.stalled.Round(time.Millisecond), "stalls", d.stalls, "within", now.Sub(d.stallSince).Round(time.Millisecond),
+		"memtables_bytes_at_last_stall", m.MemTable.Size, "l0_sublevels_at_last_stall", m.Levels[0].Sublevels)
+	d.stalled, d.stalls, d.stallSince, d.stallLogged = 0, 0, now, now
 }
 
 // signalProgress wakes a write waiting in admit, if any. Pebble calls it
