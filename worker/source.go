@@ -655,7 +655,10 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			s.catchUp = nil
 			s.startCombining()
 		} else {
-			s.caught = catchUpProgress{began: time.Now(), behind: s.behind()}
+			s.caught = catchUpProgress{
+				began: time.Now(), logged: time.Now(), behind: s.behind(),
+				seen: maps.Clone(s.offsets), probed: make(chan catchUpProbe, 1),
+			}
 			s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint",
 				"until", s.catchUp, "records", s.caught.behind)
 		}
@@ -892,11 +895,12 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 	reopen.Stop()
 	reopenArmed := false
 	defer reopen.Stop()
-	// A restored source catching up says how it goes, also while no
-	// records come.
+	// A restored source catching up looks, every catchUpProbeEvery,
+	// whether a partition that sent nothing has records left below its
+	// end offset at all, and says how it goes.
 	var catchUpC <-chan time.Time
 	if s.catchUp != nil {
-		t := time.NewTicker(catchUpLogEvery)
+		t := time.NewTicker(catchUpProbeEvery)
 		defer t.Stop()
 		catchUpC = t.C
 	}
@@ -944,7 +948,11 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 			if s.catchUp == nil {
 				catchUpC = nil
 			} else {
-				s.logCatchUp()
+				s.catchUpTick(r)
+			}
+		case res := <-s.caught.probed:
+			if err := s.probed(ctx, res); err != nil {
+				return err
 			}
 		case c := <-s.control:
 			if c.retarget != nil {
@@ -1036,81 +1044,6 @@ func (s *sourceTask) process(ctx context.Context, msg *sarama.ConsumerMessage) e
 	}
 	s.due = s.due[:0]
 	return s.caughtUp(ctx, msg)
-}
-
-// caughtUp ends the catch-up of a partial source once msg, just processed,
-// took every partition past the end offset it had at the start: the batches
-// so far (record-marked) are sent, and from here on items are combined.
-func (s *sourceTask) caughtUp(ctx context.Context, msg *sarama.ConsumerMessage) error {
-	if s.catchUp == nil {
-		return nil
-	}
-	if end, ok := s.catchUp[msg.Partition]; !ok || msg.Offset+1 < end {
-		return nil
-	}
-	delete(s.catchUp, msg.Partition)
-	if len(s.catchUp) > 0 {
-		return nil
-	}
-	s.catchUp = nil
-	if err := s.flushAll(ctx); err != nil {
-		return err
-	}
-	s.startCombining()
-	took := time.Since(s.caught.began)
-	s.log.Info("restored partial source caught up", "offsets", s.offsets, "combining", s.combine != nil, "held_trigger", s.held != nil,
-		"records", s.caught.behind, "took", took.Round(time.Millisecond), "records_per_second", perSecond(s.caught.behind, took),
-		"waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond))
-	s.caught = catchUpProgress{}
-	if c := s.held; c != nil {
-		s.held = nil
-		return s.checkpoint(ctx, *c)
-	}
-	return nil
-}
-
-// catchUpLogEvery is how often a restored source that is still catching up
-// says how far it is.
-const catchUpLogEvery = 10 * time.Second
-
-// catchUpProgress is how a restored partial source's catch-up goes: a
-// catch-up that takes long holds every checkpoint of the job meanwhile, so
-// its logs say how fast it reads and how much of that time it waited on map
-// tasks (sendBatch), which tells a slow Kafka read from slow map tasks.
-type catchUpProgress struct {
-	began    time.Time
-	behind   int64         // records to read at the start
-	sendWait time.Duration // time spent in sendBatch since began
-}
-
-// behind returns the records left to read before the catch-up ends.
-func (s *sourceTask) behind() int64 {
-	var n int64
-	for p, end := range s.catchUp {
-		if off := s.offsets[p]; off < end {
-			n += end - off
-		}
-	}
-	return n
-}
-
-// logCatchUp logs the progress of the catch-up under way.
-func (s *sourceTask) logCatchUp() {
-	now := time.Now()
-	left := s.behind()
-	took := now.Sub(s.caught.began)
-	s.log.Info("restored partial source still catching up; the job's checkpoints wait for it",
-		"records_left", left, "records_read", s.caught.behind-left, "for", took.Round(time.Millisecond),
-		"records_per_second", perSecond(s.caught.behind-left, took), "waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond),
-		"offsets", s.offsets, "until", s.catchUp)
-}
-
-// perSecond returns n per d, truncated, 0 for no time.
-func perSecond(n int64, d time.Duration) int64 {
-	if d <= 0 {
-		return 0
-	}
-	return int64(float64(n) / d.Seconds())
 }
 
 // startCombining gives every output a combiner table, if the source

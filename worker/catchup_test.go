@@ -1,0 +1,99 @@
+package worker
+
+import (
+	"testing"
+	"time"
+
+	"github.com/IBM/sarama"
+
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// produceTxn writes values to partition 0 of topic in one committed Kafka
+// transaction: the partition then ends with a commit marker, a control
+// record that no consumer hands over.
+func produceTxn(t *testing.T, brokers []string, topic string, values ...string) {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V2_8_0_0
+	cfg.Producer.Return.Successes = true
+	cfg.Producer.RequiredAcks = sarama.WaitForAll
+	cfg.Producer.Idempotent = true
+	cfg.Producer.Transaction.ID = "catchup-test"
+	cfg.Producer.Partitioner = sarama.NewManualPartitioner
+	cfg.Net.MaxOpenRequests = 1
+	p, err := sarama.NewSyncProducer(brokers, cfg)
+	if err != nil {
+		t.Fatalf("transactional producer: %v", err)
+	}
+	defer p.Close()
+	if err := p.BeginTxn(); err != nil {
+		t.Fatalf("begin transaction: %v", err)
+	}
+	msgs := make([]*sarama.ProducerMessage, 0, len(values))
+	for _, v := range values {
+		msgs = append(msgs, &sarama.ProducerMessage{Topic: topic, Partition: 0, Key: sarama.StringEncoder(v), Value: sarama.StringEncoder(v)})
+	}
+	if err := p.SendMessages(msgs); err != nil {
+		t.Fatalf("produce in a transaction: %v", err)
+	}
+	if err := p.CommitTxn(); err != nil {
+		t.Fatalf("commit transaction: %v", err)
+	}
+}
+
+// TestRestoredSourceCatchesUpToTransactionMarkers: a restored partial source
+// catches up to the end offsets its partitions had at its start before it
+// takes a checkpoint. A topic written in Kafka transactions (another job's
+// exactly-once output, say) ends with a commit marker, which the consumer
+// never hands over: the catch-up, and the checkpoint trigger it holds, must
+// end without waiting for a record that may never come. Without the probe of
+// idle partitions the trigger is held until new input arrives.
+func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	brokers := newKafka(t, map[string]int32{"in": 1})
+	produceTxn(t, brokers, "in", "a", "b", "a") // offsets 0-2, the marker 3
+
+	own := []*transport.MapTaskRef{{TaskId: "map-0", WorkerId: w.ID(), DataAddr: w.DataAddr(), KeyGroupStart: 0, KeyGroupEnd: 128}}
+	m0 := mapDeploy("job", 2, operator.Count, 1, 128, own, 0)
+	s0 := sourceDeploy("job", 2, 0, operator.Count, brokers, "in", []int32{0}, own)
+	s0.Partial, s0.RestoreCheckpointId, s0.RestoreOffsets = true, 1, map[int32]int64{0: 1}
+	for _, d := range []*transport.DeployTask{m0, s0} {
+		f.deploy(t, "w1", d)
+		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	}
+	f.trigger(t, "w1", s0.Task, 2)
+	start := time.Now()
+	ack := f.awaitAck(t, s0.Task, 2)
+	if got := ack.GetState().GetOffsets()[0]; got != 3 {
+		t.Fatalf("checkpoint 2 acked at offset %d, want 3: the records at 1 and 2 read, the marker at 3 never handed over", got)
+	}
+	f.awaitAck(t, m0.Task, 2)
+	t.Logf("caught up and acked %v after the trigger", time.Since(start).Round(time.Millisecond))
+
+	// The probe does not end a catch-up early: records of data below the
+	// end keep it going until they are read (the second transaction's).
+	produceTxn(t, brokers, "in", "c", "d") // offsets 4-5, the marker 6
+	client, err := sarama.NewClient(brokers, kafkaConfig(&Config{KafkaTimeout: 5 * time.Second}, "probe-test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	for _, tc := range []struct {
+		from, end int64
+		none      bool
+	}{
+		{3, 7, false}, // the marker, then records at 4 and 5
+		{5, 6, false}, // the record at 5
+		{6, 7, true},  // the marker only
+		{3, 4, true},  // the first marker only
+		{1, 3, false}, // records at 1 and 2
+	} {
+		none, err := dataBelow(client, "in", 0, tc.from, tc.end)
+		if err != nil || none != tc.none {
+			t.Errorf("probe of [%d, %d): none %v, err %v; want none %v", tc.from, tc.end, none, err, tc.none)
+		}
+	}
+}
