@@ -60,6 +60,7 @@ const catchUpLogEvery = 10 * time.Second
 // tasks (sendBatch), which tells a slow Kafka read from slow map tasks.
 type catchUpProgress struct {
 	began, logged time.Time
+	warned        time.Time     // last warning of a failed probe
 	behind        int64         // records to read at the start
 	sendWait      time.Duration // time spent in sendBatch since began
 	// seen is each partition's offset at the last tick; probing is set
@@ -159,7 +160,12 @@ func (s *sourceTask) probed(ctx context.Context, res catchUpProbe) error {
 	case !ok || s.offsets[res.partition] != res.from:
 		return nil // caught up or read on meanwhile
 	case res.err != nil:
-		s.log.Warn("restored partial source: probe of a partition that sends nothing failed; trying again", "partition", res.partition, "offset", res.from, "err", res.err)
+		// Every tick otherwise: the progress log repeats it.
+		if time.Since(s.caught.warned) >= catchUpLogEvery {
+			s.caught.warned = time.Now()
+			s.log.Warn("restored partial source: a partition sends nothing and a look below its end offset found no answer; trying again",
+				"partition", res.partition, "offset", res.from, "end", end, "err", res.err)
+		}
 		return nil
 	case !res.none:
 		return nil
@@ -169,33 +175,75 @@ func (s *sourceTask) probed(ctx context.Context, res catchUpProbe) error {
 	return s.partitionCaughtUp(ctx, res.partition)
 }
 
-// dataBelow fetches topic/p from offset from and reports whether the
-// records before end hold none of data: only control records (transaction
-// markers), which consumers never hand over. It answers true only when the
-// fetch covered every offset up to end.
+// Bounds of a probe (dataBelow): its fetches, and the bytes of each. A
+// fetch returns records of one log segment at most, so crossing the end of a
+// segment takes another.
+const (
+	probeFetches    = 16
+	probeFetchBytes = 64 << 10
+)
+
+// errProbeShort says a probe could not see up to the end offset.
+var errProbeShort = errors.New("could not read up to the end offset")
+
+// dataBelow reports whether the records of topic/p in [from, end) hold none
+// of data, only control records (transaction markers), which consumers
+// never hand over. It fetches from from, and on from where each fetch
+// ended, until it finds a record of data (false), has seen every offset
+// below end (true), or cannot go on: a fetch that makes no progress (a
+// partition whose high watermark is below end, say, on a new leader),
+// probeFetches fetches, or batches sarama leaves out of its answers (batches
+// emptied by compaction) give an error wrapping errProbeShort, which the
+// caller retries later.
 func dataBelow(client sarama.Client, topic string, p int32, from, end int64) (none bool, err error) {
+	covered := from
+	for range probeFetches {
+		next, data, err := probeFetch(client, topic, p, covered, end)
+		switch {
+		case err != nil:
+			return false, err
+		case data:
+			return false, nil
+		case next >= end:
+			return true, nil
+		case next <= covered:
+			return false, fmt.Errorf("%w: a fetch of %s/%d from %d returned nothing below %d", errProbeShort, topic, p, covered, end)
+		}
+		covered = next
+	}
+	return false, fmt.Errorf("%w: %d fetches of %s/%d read from %d to %d, below %d", errProbeShort, probeFetches, topic, p, from, covered, end)
+}
+
+// probeFetch fetches topic/p from offset from and returns the offset after
+// the last whole batch it returned, and whether a record of data below end
+// is among them. A leader that is not one any more has the client refresh
+// the topic's metadata for the next try.
+func probeFetch(client sarama.Client, topic string, p int32, from, end int64) (next int64, data bool, err error) {
 	broker, err := client.Leader(topic, p)
 	if err != nil {
-		return false, fmt.Errorf("leader of %s/%d: %w", topic, p, err)
+		return 0, false, fmt.Errorf("leader of %s/%d: %w", topic, p, err)
 	}
-	req := &sarama.FetchRequest{Version: 4, MaxWaitTime: 0, MinBytes: 1, MaxBytes: 1 << 20, Isolation: sarama.ReadUncommitted}
-	req.AddBlock(topic, p, from, 1<<20, -1)
+	req := &sarama.FetchRequest{Version: 4, MaxWaitTime: 0, MinBytes: 1, MaxBytes: probeFetchBytes, Isolation: sarama.ReadUncommitted}
+	req.AddBlock(topic, p, from, probeFetchBytes, -1)
 	resp, err := broker.Fetch(req)
 	if err != nil {
-		return false, fmt.Errorf("fetch %s/%d from %d: %w", topic, p, from, err)
+		return 0, false, fmt.Errorf("fetch %s/%d from %d: %w", topic, p, from, err)
 	}
 	block := resp.GetBlock(topic, p)
 	if block == nil {
-		return false, fmt.Errorf("fetch %s/%d from %d: no answer for the partition", topic, p, from)
+		return 0, false, fmt.Errorf("fetch %s/%d from %d: no answer for the partition", topic, p, from)
 	}
 	if !errors.Is(block.Err, sarama.ErrNoError) {
-		return false, fmt.Errorf("fetch %s/%d from %d: %w", topic, p, from, block.Err)
+		if errors.Is(block.Err, sarama.ErrNotLeaderForPartition) || errors.Is(block.Err, sarama.ErrUnknownTopicOrPartition) {
+			_ = client.RefreshMetadata(topic)
+		}
+		return 0, false, fmt.Errorf("fetch %s/%d from %d: %w", topic, p, from, block.Err)
 	}
-	covered := from
+	next = from
 	for _, rs := range block.RecordsSet {
 		b := rs.RecordBatch
 		if b == nil {
-			return false, nil // a legacy message set: data
+			return next, true, nil // a legacy message set: data
 		}
 		if b.PartialTrailingRecord {
 			break
@@ -203,14 +251,14 @@ func dataBelow(client sarama.Client, topic string, p int32, from, end int64) (no
 		if !b.Control {
 			for _, rec := range b.Records {
 				if off := b.FirstOffset + rec.OffsetDelta; off >= from && off < end {
-					return false, nil
+					return next, true, nil
 				}
 			}
 		}
-		covered = max(covered, b.FirstOffset+int64(b.LastOffsetDelta)+1)
-		if covered >= end {
-			return true, nil
+		next = max(next, b.FirstOffset+int64(b.LastOffsetDelta)+1)
+		if next >= end {
+			break
 		}
 	}
-	return covered >= end, nil
+	return next, false, nil
 }

@@ -1,6 +1,9 @@
 package worker
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -73,8 +76,9 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 	f.awaitAck(t, m0.Task, 2)
 	t.Logf("caught up and acked %v after the trigger", time.Since(start).Round(time.Millisecond))
 
-	// The probe does not end a catch-up early: records of data below the
-	// end keep it going until they are read (the second transaction's).
+	// The probe finds records of data below the end, and only markers.
+	// (kfake writes a transaction's markers before EndTxn returns; Kafka
+	// writes them after, so there the end offsets would race.)
 	produceTxn(t, brokers, "in", "c", "d") // offsets 4-5, the marker 6
 	client, err := sarama.NewClient(brokers, kafkaConfig(&Config{KafkaTimeout: 5 * time.Second}, "probe-test"))
 	if err != nil {
@@ -95,5 +99,43 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 		if err != nil || none != tc.none {
 			t.Errorf("probe of [%d, %d): none %v, err %v; want none %v", tc.from, tc.end, none, err, tc.none)
 		}
+	}
+	// Beyond the high watermark it cannot say, and says so.
+	if none, err := dataBelow(client, "in", 0, 6, 9); !errors.Is(err, errProbeShort) || none {
+		t.Errorf("probe of [6, 9) past the end of the partition (7): none %v, err %v; want errProbeShort", none, err)
+	}
+}
+
+// A probe's answer ends a partition's catch-up only if it says no data is
+// left and the source has read nothing of the partition since the probe
+// began: a stale, failed or positive answer changes nothing.
+func TestCatchUpProbeAnswers(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, _ := wordRecords(30, 1)
+	produce(t, brokers, "words", recs)
+	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
+	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
+	s, _, _ := newTestSource(t, d, nil, nil)
+	ctx := context.Background()
+	for _, res := range []catchUpProbe{
+		{partition: 0, from: 3, none: true},                                 // the source read on since
+		{partition: 0, from: 4, err: fmt.Errorf("%w: test", errProbeShort)}, // no answer
+		{partition: 0, from: 4, none: false},                                // data left
+		{partition: 1, from: 4, none: true},                                 // not a partition catching up
+	} {
+		s.caught.probing = true
+		if err := s.probed(ctx, res); err != nil {
+			t.Fatal(err)
+		}
+		if s.catchUp[0] != 30 || s.batches[0].table != nil || s.caught.probing {
+			t.Fatalf("after %+v: catch-up %v, combining %v, probing %v; want the catch-up to 30 going on and no probe running",
+				res, s.catchUp, s.batches[0].table != nil, s.caught.probing)
+		}
+	}
+	if err := s.probed(ctx, catchUpProbe{partition: 0, from: 4, none: true}); err != nil {
+		t.Fatal(err)
+	}
+	if s.catchUp != nil || s.batches[0].table == nil {
+		t.Fatalf("after a probe found no data from the source's offset: catch-up %v, combining %v; want it over", s.catchUp, s.batches[0].table != nil)
 	}
 }

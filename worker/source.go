@@ -337,9 +337,10 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
 		consumers: make(map[int32]sarama.PartitionConsumer),
 	}
-	// Stop the pumps and the discovery, then the partition consumers, before
-	// the lease goes. A metadata refresh of the discovery in flight is
-	// waited for (at most the client's metadata timeout).
+	// Stop the pumps, the discovery and a catch-up probe, then the partition
+	// consumers, before the lease goes. A metadata refresh of the discovery
+	// or a probe's fetch in flight is waited for (at most the client's
+	// metadata and read timeouts).
 	defer func() {
 		stopLoop()
 		r.wg.Wait()
