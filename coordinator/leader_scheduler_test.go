@@ -79,14 +79,19 @@ func TestLeaderAssignKeepsPipelinesTogether(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: assign: %v", tc.name, err)
 		}
-		got := make(map[string]string, len(tasks))
-		for _, task := range tasks {
-			got[task.ID] = task.Worker
-		}
-		if !maps.Equal(got, tc.want) {
+		if got := workersOf(tasks); !maps.Equal(got, tc.want) {
 			t.Errorf("%s: placed %v, want %v", tc.name, got, tc.want)
 		}
 	}
+}
+
+// workersOf returns the worker of each task, by task id.
+func workersOf(tasks []fsm.Task) map[string]string {
+	got := make(map[string]string, len(tasks))
+	for _, task := range tasks {
+		got[task.ID] = task.Worker
+	}
+	return got
 }
 
 // Task-scoped recovery places a lost task beside its partner (source i and
@@ -147,11 +152,7 @@ func TestPlaceLostKeepsPipelinesTogether(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		got := make(map[string]string, len(placed))
-		for _, task := range placed {
-			got[task.ID] = task.Worker
-		}
-		if !maps.Equal(got, tc.want) {
+		if got := workersOf(placed); !maps.Equal(got, tc.want) {
 			t.Errorf("%s: placed %v, want %v", tc.name, got, tc.want)
 		}
 	}

@@ -110,12 +110,7 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 // left and the source has read nothing of the partition since the probe
 // began: a stale, failed or positive answer changes nothing.
 func TestCatchUpProbeAnswers(t *testing.T) {
-	brokers := newKafka(t, map[string]int32{"words": 1})
-	recs, _ := wordRecords(30, 1)
-	produce(t, brokers, "words", recs)
-	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
-	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
-	s, _, _ := newTestSource(t, d, nil, nil)
+	s, _, _, _ := restoredWordSource(t)
 	ctx := context.Background()
 	for _, res := range []catchUpProbe{
 		{partition: 0, from: 3, none: true},                                 // the source read on since

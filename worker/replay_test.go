@@ -456,12 +456,7 @@ func TestBatchesHoldWholeRecords(t *testing.T) {
 // drop one by one) until it has read past the end offsets the partitions
 // had when it started; then it combines, with through marks.
 func TestPartialSourceCombinesOnceCaughtUp(t *testing.T) {
-	brokers := newKafka(t, map[string]int32{"words": 1})
-	recs, values := wordRecords(30, 1)
-	produce(t, brokers, "words", recs)
-	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
-	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
-	s, fakes, _ := newTestSource(t, d, nil, nil)
+	s, fakes, d, values := restoredWordSource(t)
 	if s.catchUp[0] != 30 || s.batches[0].table != nil {
 		t.Fatalf("partial source: catch-up %v, combining %v; want catch-up to 30, not combining", s.catchUp, s.batches[0].table != nil)
 	}
@@ -534,6 +529,21 @@ func TestPartialSourceCombinesOnceCaughtUp(t *testing.T) {
 	if s.catchUp != nil || s.batches[0].table == nil {
 		t.Fatalf("whole-job restore: catch-up %v, combining %v; want none and combining", s.catchUp, s.batches[0].table != nil)
 	}
+}
+
+// restoredWordSource starts a restored partial source of a combining job
+// (task-scoped recovery) over 30 word records in one partition, at offset 4
+// of checkpoint 3: it has to catch up to offset 30. It returns the source,
+// its outputs, its deploy and the records' values by partition.
+func restoredWordSource(t *testing.T) (*sourceTask, []*fakeOutput, *transport.DeployTask, map[int32][]string) {
+	t.Helper()
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, values := wordRecords(30, 1)
+	produce(t, brokers, "words", recs)
+	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
+	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
+	s, fakes, _ := newTestSource(t, d, nil, nil)
+	return s, fakes, d, values
 }
 
 func recordValues(recs []record) []string {
