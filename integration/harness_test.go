@@ -78,11 +78,15 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
+// daemonsRace reports whether the daemons are built with the race detector
+// (COORDFLOW_IT_RACE=1), under which they run many times slower.
+func daemonsRace() bool { return os.Getenv("COORDFLOW_IT_RACE") == "1" }
+
 // buildCommands builds every command into dir, concurrently, and returns
 // each one's build error.
 func buildCommands(dir string) map[string]error {
 	args := []string{"build"}
-	if os.Getenv("COORDFLOW_IT_RACE") == "1" {
+	if daemonsRace() {
 		args = append(args, "-race")
 	}
 	errs := make(map[string]error, len(commands))
