@@ -863,9 +863,6 @@ func (q *pumpQueue) pop() {
 	q.bytes -= q.sizes[0]
 	q.runs[0] = nil
 	q.runs, q.sizes = q.runs[1:], q.sizes[1:]
-	if len(q.runs) == 0 {
-		q.runs, q.sizes = q.runs[:0], q.sizes[:0]
-	}
 	if q.paused && q.bytes <= pumpQueueBytes/2 {
 		q.paused = false
 	}
