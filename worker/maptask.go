@@ -641,13 +641,19 @@ func (m *mapTask) handle(ev inputEvent) error {
 // snapshot now would hold records the checkpoint's offsets do not cover,
 // and invariant 1 (docs/architecture.md) would not hold for it.
 func (m *mapTask) aheadOf(input int, offsets map[int32]int64) string {
-	for _, p := range slices.Sorted(maps.Keys(offsets)) {
-		if applied, ok := m.keyed.applied[p]; ok && applied >= offsets[p] {
-			return fmt.Sprintf("state holds records of partition %d up to offset %d, past source %d's barrier at next offset %d (a restored source catching up)",
-				p, applied, input, offsets[p])
+	// The lowest such partition is named; no sorted copy of the offsets,
+	// since this runs at every barrier.
+	ahead := int32(-1)
+	for p, off := range offsets {
+		if applied, ok := m.keyed.applied[p]; ok && applied >= off && (ahead < 0 || p < ahead) {
+			ahead = p
 		}
 	}
-	return ""
+	if ahead < 0 {
+		return ""
+	}
+	return fmt.Sprintf("state holds records of partition %d up to offset %d, past source %d's barrier at next offset %d (a restored source catching up)",
+		ahead, m.keyed.applied[ahead], input, offsets[ahead])
 }
 
 // attached makes in the input the loop reads for its source, unless a newer

@@ -744,7 +744,7 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				return
 			}
 			failingSince, lastErr = time.Time{}, time.Time{}
-			q.add(msg)
+			q.add(msg, len(pc.Messages()))
 			q.drain(pc.Messages())
 			bulk = true
 		case <-tick:
@@ -811,14 +811,19 @@ type pumpQueue struct {
 	paused bool
 }
 
-// add appends msg to the last run, or to a new one if that is full.
-func (q *pumpQueue) add(msg *sarama.ConsumerMessage) {
+// add appends msg to the last run, or to a new one if that is full; ready
+// is how many more records sarama has ready for the partition.
+func (q *pumpQueue) add(msg *sarama.ConsumerMessage, ready int) {
 	n := len(msg.Key) + len(msg.Value) + recordOverhead
 	if last := len(q.runs) - 1; last >= 0 && len(q.runs[last]) < pumpBatch {
 		q.runs[last] = append(q.runs[last], msg)
 		q.sizes[last] += n
 	} else {
-		run := make([]*sarama.ConsumerMessage, 1, pumpBatch)
+		// A run is sized for the records ready behind msg: a lightly
+		// loaded partition hands over a few records a fetch, and a run
+		// of pumpBatch for each was most of a worker's garbage with a
+		// thousand such tasks.
+		run := make([]*sarama.ConsumerMessage, 1, min(pumpBatch, 1+ready))
 		run[0] = msg
 		q.runs = append(q.runs, run)
 		q.sizes = append(q.sizes, n)
@@ -840,7 +845,7 @@ func (q *pumpQueue) drain(msgs <-chan *sarama.ConsumerMessage) bool {
 			if !ok {
 				return added
 			}
-			q.add(m)
+			q.add(m, len(msgs))
 			added = true
 		default:
 			return added

@@ -121,7 +121,7 @@ func TestPumpQueuePausesWithHysteresis(t *testing.T) {
 	per := len(value) + recordOverhead
 	n := 0
 	for !q.paused {
-		q.add(&sarama.ConsumerMessage{Offset: int64(n), Value: value})
+		q.add(&sarama.ConsumerMessage{Offset: int64(n), Value: value}, n%300)
 		n++
 	}
 	if n != pumpQueueBytes/per {
