@@ -795,9 +795,13 @@ const pumpQueueBytes = 1 << 20
 // of records a second, and seldom enough to take them in bulk.
 const pumpReadAhead = 5 * time.Millisecond
 
-// recordOverhead estimates the memory of a consumed record beyond its key
-// and value: sarama's ConsumerMessage and the pointer to it.
-const recordOverhead = 128
+// recordOverhead estimates the memory of a consumed record beyond its key,
+// value and headers: sarama's ConsumerMessage and the pointer to it.
+// headerOverhead is that of each header beyond its key and value.
+const (
+	recordOverhead = 128
+	headerOverhead = 64
+)
 
 // pumpQueue is a pump's read-ahead: runs of up to pumpBatch records, the
 // head one next for the task loop. It pauses (the pump stops reading) once
@@ -815,6 +819,9 @@ type pumpQueue struct {
 // is how many more records sarama has ready for the partition.
 func (q *pumpQueue) add(msg *sarama.ConsumerMessage, ready int) {
 	n := len(msg.Key) + len(msg.Value) + recordOverhead
+	for _, h := range msg.Headers {
+		n += len(h.Key) + len(h.Value) + headerOverhead
+	}
 	if last := len(q.runs) - 1; last >= 0 && len(q.runs[last]) < pumpBatch {
 		q.runs[last] = append(q.runs[last], msg)
 		q.sizes[last] += n

@@ -157,3 +157,18 @@ func TestPumpQueuePausesWithHysteresis(t *testing.T) {
 		t.Fatalf("handed out %d of %d records, %d bytes left", next, n, q.bytes)
 	}
 }
+
+// Headers count toward a pump's queue: records whose memory is mostly in
+// their headers pause it as soon as records of the same size in values do.
+func TestPumpQueueCountsHeaders(t *testing.T) {
+	var q pumpQueue
+	name, value := []byte("trace-id"), make([]byte, 1024-recordOverhead-headerOverhead-len("trace-id"))
+	n := 0
+	for !q.paused && n <= pumpQueueBytes {
+		q.add(&sarama.ConsumerMessage{Offset: int64(n), Headers: []*sarama.RecordHeader{{Key: name, Value: value}}}, 0)
+		n++
+	}
+	if want := pumpQueueBytes / 1024; n != want {
+		t.Fatalf("paused after %d records of 1 KiB, mostly header; want %d", n, want)
+	}
+}
