@@ -75,6 +75,7 @@ type benchJobsResult struct {
 	CPU                         map[string]float64 // cores, by process group
 	Restarts                    int                // job attempts beyond the first, at the end
 	RecordsPerS                 float64            // read by the source tasks in the window, all jobs
+	ProducedPerS                float64            // acknowledged to the producer in the window, all jobs
 	LoadAvg                     string
 }
 
@@ -86,10 +87,10 @@ func BenchmarkManyJobs(b *testing.B) {
 				for range b.N {
 					benchRunScenarioWith(b, "TestBenchScenarioManyJobs",
 						[]string{benchJobsEnv + "=" + strconv.Itoa(n), benchJobsInputEnv + "=" + input}, benchJobsTimeout, &r)
-					b.Logf("%d jobs, input %s (%.0f records/s): all checkpointed %.1fs after the first submission; over %v: "+
+					b.Logf("%d jobs, input %s (%.0f records/s read, %.0f produced): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
 						"phases p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
-						r.Jobs, r.Input, r.RecordsPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
+						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
 						r.HistP50MS, r.HistP99MS, r.Phases, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
@@ -124,8 +125,9 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	res.StartSeconds = time.Since(start).Seconds()
 	t.Logf("%d jobs checkpointed after %.1fs", n, res.StartSeconds)
 
+	var producer *steadyProducer
 	if input == "light" {
-		produceSteady(t, c.brokers(), n, benchJobsRate)
+		producer = produceSteady(t, c.brokers(), n, benchJobsRate)
 	}
 	time.Sleep(benchJobsWarmUp) // the only sleep: a warm-up before a measured window
 
@@ -137,6 +139,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		cpu       benchCPU
 		completed map[string]float64
 		read      float64 // records the source tasks read
+		produced  int64   // records the broker acknowledged to the producer
 	}
 	take := func() snap {
 		s := snap{cpu: benchCPUSnapshot(t, c), completed: make(map[string]float64, n)}
@@ -157,6 +160,9 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 				t.Fatal(err)
 			}
 			s.read += benchMetric(text, "coordflow_records_in_total", `kind="source"`)
+		}
+		if producer != nil {
+			s.produced = producer.acked.Load()
 		}
 		return s
 	}
@@ -199,6 +205,15 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	}
 	window := s1.at.Sub(s0.at).Seconds()
 	res.RecordsPerS = (s1.read - s0.read) / window
+	res.ProducedPerS = float64(s1.produced-s0.produced) / window
+	if producer != nil {
+		if err := producer.err(); err != nil {
+			t.Fatalf("steady producer: %v", err)
+		}
+		if want := float64(n * benchJobsRate); res.ProducedPerS < 0.95*want {
+			t.Logf("the producer wrote %.0f records a second, short of the %.0f the scenario names", res.ProducedPerS, want)
+		}
+	}
 
 	res.RateMin = math.Inf(1)
 	for _, id := range ids {
@@ -317,25 +332,52 @@ func benchSelect(text, sel string) string {
 	return b.String()
 }
 
+// steadyProducer writes the light input of the scenario (produceSteady).
+type steadyProducer struct {
+	acked  atomic.Int64          // records the broker acknowledged
+	failed atomic.Pointer[error] // the first record that failed, if any
+}
+
+// err returns the first failed record's error, or nil.
+func (p *steadyProducer) err() error {
+	if e := p.failed.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
 // produceSteady writes a steady rate records a second to each of the n
 // topics manyTopic(0..n-1), keys k0..k9, until the test ends. It uses
 // franz-go's producer and makes each record as it goes: the input is the
 // scenario's load, not what it measures, and the test process shares the
 // machine with the cluster. (A slice of every record to be written, given
 // to sarama's producer, took half a core at 1,000 jobs, most of it the
-// collector scanning 12 million records held for two minutes.)
-func produceSteady(t *testing.T, brokers []string, n, rate int) {
+// collector scanning 12 million records held for two minutes; and it
+// delivered a tenth of the rate.) What the broker acknowledged is counted,
+// so that a producer that falls behind shows.
+func produceSteady(t *testing.T, brokers []string, n, rate int) *steadyProducer {
 	t.Helper()
 	// Records of a partition wait up to a tick to go in one batch: 5 of
-	// them at 100 a second, instead of one request per record.
+	// them at 100 a second, instead of one request per record. The buffer
+	// holds four seconds of input, so that Produce blocks (and the pacing
+	// below falls behind, which the acked count shows) only when the
+	// broker does not keep up for that long.
 	const tick = 50 * time.Millisecond
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.RecordPartitioner(kgo.ManualPartitioner()),
 		kgo.ProducerLinger(tick), kgo.MaxBufferedRecords(4*n*rate))
 	if err != nil {
 		t.Fatalf("steady producer: %v", err)
 	}
+	p := &steadyProducer{}
 	ctx, cancel := context.WithCancel(context.Background())
-	var failed atomic.Pointer[error]
+	promise := func(_ *kgo.Record, err error) {
+		switch {
+		case err == nil:
+			p.acked.Add(1)
+		case ctx.Err() == nil:
+			p.failed.CompareAndSwap(nil, &err)
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -354,14 +396,9 @@ func produceSteady(t *testing.T, brokers []string, n, rate int) {
 		// tick is made up for by the next ones rather than lost.
 		start := time.Now()
 		for seq := 0; ; {
-			for ; seq < int(time.Since(start).Seconds()*float64(rate)); seq++ {
+			for ; seq < int(time.Since(start).Seconds()*float64(rate)) && ctx.Err() == nil; seq++ {
 				for _, topic := range topics {
-					r := &kgo.Record{Topic: topic, Partition: 0, Key: keys[seq%len(keys)], Value: value}
-					cl.Produce(ctx, r, func(_ *kgo.Record, err error) {
-						if err != nil && ctx.Err() == nil {
-							failed.CompareAndSwap(nil, &err)
-						}
-					})
+					cl.Produce(ctx, &kgo.Record{Topic: topic, Partition: 0, Key: keys[seq%len(keys)], Value: value}, promise)
 				}
 			}
 			select {
@@ -375,8 +412,6 @@ func produceSteady(t *testing.T, brokers []string, n, rate int) {
 		cancel()
 		<-done
 		cl.Close()
-		if err := failed.Load(); err != nil {
-			t.Errorf("steady producer: %v", *err)
-		}
 	})
+	return p
 }

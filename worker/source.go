@@ -684,8 +684,9 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 // fails the task, and so does one that reports nothing but errors for
 // KafkaTimeout (broker unreachable, topic deleted): the leader then restarts
 // the job with backoff and shows why, instead of the job looking healthy
-// while it reads nothing. Errors further apart than KafkaTimeout are
-// transient and only logged.
+// while it reads nothing. Errors further apart than errorCycle are
+// transient and only logged: sarama takes that long at most between two
+// errors of a partition whose broker takes requests but answers none.
 //
 // The pump reads ahead of the task loop into a pumpQueue, and stops reading
 // altogether while the queue is full, until the loop has taken half of it.
@@ -702,7 +703,7 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 // still paces a round to its share of the fetch, as before.
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
-	window := s.env.cfg.KafkaTimeout
+	window, cycle := s.env.cfg.KafkaTimeout, errorCycle(kafkaConfig(s.env.cfg, ""))
 	var failingSince, lastErr time.Time // both zero while records flow
 	var q pumpQueue
 	readAhead := time.NewTimer(pumpReadAhead)
@@ -768,7 +769,7 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				continue
 			}
 			now := time.Now()
-			if lastErr.IsZero() || now.Sub(lastErr) > window {
+			if lastErr.IsZero() || now.Sub(lastErr) > cycle {
 				failingSince = now
 			}
 			lastErr = now
@@ -780,6 +781,20 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 			s.log.Warn("kafka consumer error", "partition", p, "err", err, "failing_for", now.Sub(failingSince).Round(time.Millisecond))
 		}
 	}
+}
+
+// errorCycle is the longest sarama's consumer of a partition goes between two
+// errors while every request to its brokers times out: a fetch's read
+// timeout, then a metadata refresh of Metadata.Retry.Max+1 tries that each
+// wait for a read timeout and a backoff, then Consumer.Retry.Backoff; and
+// KafkaTimeout's worth of slack for a loaded machine. Errors closer than
+// that are one outage. A broker that refuses connections yields errors far
+// closer; one that answers nothing (a frozen host, a black-holed network)
+// yields them this far apart, and a window of KafkaTimeout alone never saw
+// two in a row (TestSourceFailsOnHungBroker).
+func errorCycle(c *sarama.Config) time.Duration {
+	tries := time.Duration(c.Metadata.Retry.Max + 1)
+	return c.Net.ReadTimeout + tries*(c.Net.ReadTimeout+c.Metadata.Retry.Backoff) + c.Consumer.Retry.Backoff + c.Net.WriteTimeout
 }
 
 // pumpQueueBytes bounds the records a pump holds for its task loop, by the
@@ -816,13 +831,20 @@ type pumpQueue struct {
 }
 
 // add appends msg to the last run, or to a new one if that is full; ready
-// is how many more records sarama has ready for the partition.
+// is how many more records sarama had ready for the partition when msg was
+// taken, a hint for the size of a new run.
 func (q *pumpQueue) add(msg *sarama.ConsumerMessage, ready int) {
 	n := len(msg.Key) + len(msg.Value) + recordOverhead
 	for _, h := range msg.Headers {
 		n += len(h.Key) + len(h.Value) + headerOverhead
 	}
 	if last := len(q.runs) - 1; last >= 0 && len(q.runs[last]) < pumpBatch {
+		if run := q.runs[last]; len(run) == cap(run) {
+			// More came than were ready when the run began: records
+			// are streaming in, so make room for a whole run at once
+			// rather than doubling up to it.
+			q.runs[last] = slices.Grow(run, pumpBatch-len(run))
+		}
 		q.runs[last] = append(q.runs[last], msg)
 		q.sizes[last] += n
 	} else {

@@ -172,3 +172,27 @@ func TestPumpQueueCountsHeaders(t *testing.T) {
 		t.Fatalf("paused after %d records of 1 KiB, mostly header; want %d", n, want)
 	}
 }
+
+// A run sized for a few ready records grows to a whole run in one step once
+// more stream in: at most two allocations per run, not one per doubling.
+func TestPumpQueueRunGrowsOnce(t *testing.T) {
+	msgs := make([]*sarama.ConsumerMessage, pumpBatch)
+	for i := range msgs {
+		msgs[i] = &sarama.ConsumerMessage{Offset: int64(i)}
+	}
+	allocs := testing.AllocsPerRun(20, func() {
+		var q pumpQueue
+		q.runs = make([][]*sarama.ConsumerMessage, 0, 1)
+		q.sizes = make([]int, 0, 1)
+		for _, m := range msgs {
+			q.add(m, 0)
+		}
+		if len(q.runs) != 1 || len(q.runs[0]) != pumpBatch {
+			t.Fatalf("%d runs, the first of %d records; want one of %d", len(q.runs), len(q.runs[0]), pumpBatch)
+		}
+	})
+	// The queue's own two slices, the run's first allocation, its growth.
+	if allocs > 4 {
+		t.Fatalf("%v allocations to queue a run of %d records; want at most 4", allocs, pumpBatch)
+	}
+}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/IBM/sarama"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -436,6 +437,38 @@ func TestSourceFailsOnKafkaOutage(t *testing.T) {
 	if reason := f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, "only errors from Kafka") {
 		t.Fatalf("failure reason %q does not say that Kafka answers only errors", reason)
 	}
+}
+
+// TestSourceFailsOnHungBroker: a broker that takes connections and requests
+// but answers none (a frozen host, a black-holed network) fails the source
+// as an absent one does, although sarama's errors then come further apart
+// than KafkaTimeout: each waits for a read timeout of its own.
+func TestSourceFailsOnHungBroker(t *testing.T) {
+	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	t.Cleanup(kc.Close)
+	brokers := kc.ListenAddrs()
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = time.Second })
+	refs := mapRefs(128, w)
+	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
+	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	f.deploy(t, "w1", md)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	kc.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
+		kc.KeepControl()
+		return nil, nil, true // read, never answered
+	})
+	began := time.Now()
+	reason := f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_FAILED)
+	if !strings.Contains(reason, "only errors from Kafka") {
+		t.Fatalf("failure reason %q does not say that Kafka answers only errors", reason)
+	}
+	t.Logf("failed %v after the broker stopped answering: %s", time.Since(began).Round(time.Millisecond), reason)
 }
 
 // TestSourceResetsOffsetBeyondEnd: a restored offset beyond the end of its
