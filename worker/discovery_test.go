@@ -1,6 +1,8 @@
 package worker
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"reflect"
@@ -233,7 +235,7 @@ func TestKafkaLeasePartitionsSharesRefreshes(t *testing.T) {
 	defer lease.release()
 	count := func(maxAge time.Duration) int {
 		t.Helper()
-		parts, err := lease.partitions("words", maxAge)
+		parts, err := lease.partitions(context.Background(), "words", maxAge)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -248,5 +250,47 @@ func TestKafkaLeasePartitionsSharesRefreshes(t *testing.T) {
 	}
 	if n := count(0); n != 3 {
 		t.Fatalf("%d partitions after a refresh, want 3", n)
+	}
+}
+
+// TestKafkaLeasePartitionsWaitsOnlyWhileItsContextLasts: a task that waits
+// behind another task's refresh (each can take the metadata timeout in an
+// outage) gives up when its context ends, so that stopping it is not held
+// up; and a refresh that failed while it waited answers it with that error
+// instead of a refresh of its own.
+func TestKafkaLeasePartitionsWaitsOnlyWhileItsContextLasts(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 2})
+	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
+	lease, _, err := pool.acquire(brokers, "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.release()
+	kc := lease.kc
+
+	kc.metaSem <- struct{}{} // another task's refresh, in progress
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := lease.partitions(ctx, "words", 0); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("partitions behind a refresh that does not end: %v, want the context's deadline", err)
+	}
+
+	// That refresh fails while a second task waits for its turn. Its end
+	// is set later than the task can have asked, so the outcome does not
+	// depend on when the goroutine runs.
+	outage := errors.New("source: cannot reach brokers")
+	got := make(chan error, 1)
+	go func() {
+		_, err := lease.partitions(context.Background(), "words", 0)
+		got <- err
+	}()
+	kc.refreshed["words"] = refreshResult{at: time.Now().Add(time.Hour), err: outage}
+	<-kc.metaSem
+	if err := <-got; !errors.Is(err, outage) {
+		t.Fatalf("a task that waited behind a failed refresh got %v, want that refresh's error", err)
 	}
 }

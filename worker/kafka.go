@@ -65,10 +65,11 @@ type kafkaClient struct {
 	consumers []*sharedConsumer
 	offsets   map[string]map[string]map[int32]pendingCommit // group -> topic -> partition
 
-	// metaMu serialises the metadata refreshes of partition discovery, so
-	// that the tasks looking at one topic at once share one refresh.
-	metaMu    sync.Mutex
-	refreshed map[string]time.Time // topic -> time of its last refresh, under metaMu
+	// metaSem (one slot) serialises the metadata refreshes of partition
+	// discovery, so that the tasks looking at one topic at once share one
+	// refresh; a task waits for it only while its context lasts.
+	metaSem   chan struct{}
+	refreshed map[string]refreshResult // topic -> its last refresh, held under metaSem
 
 	stop context.CancelFunc
 	done chan struct{}
@@ -150,7 +151,8 @@ func (p *kafkaPool) start(key string, client sarama.Client) *kafkaClient {
 	kc := &kafkaClient{
 		pool: p, key: key, client: client, refs: 1,
 		offsets:   make(map[string]map[string]map[int32]pendingCommit),
-		refreshed: make(map[string]time.Time),
+		metaSem:   make(chan struct{}, 1),
+		refreshed: make(map[string]refreshResult),
 		stop:      stop, done: make(chan struct{}),
 	}
 	p.clients[key] = kc
@@ -177,24 +179,36 @@ func topicPartitions(client sarama.Client, topic, role string, brokers []string)
 	return parts, nil
 }
 
+// refreshResult is the outcome of a topic's last metadata refresh.
+type refreshResult struct {
+	at    time.Time // when it ended
+	parts []int32
+	err   error
+}
+
 // partitions returns topic's partitions as of a metadata refresh at most
 // maxAge old, refreshing if the last one is older: the source tasks of this
 // client that discover partitions of one topic share a refresh per maxAge
-// instead of sending one each. It blocks for the refresh (up to the client's
-// metadata timeout); never call it on a task loop.
-func (l *kafkaLease) partitions(topic string, maxAge time.Duration) ([]int32, error) {
+// instead of sending one each. A refresh that ended while the caller waited
+// for its turn answers it too, failed or not, so that during an outage the
+// waiting tasks do not each wait out a refresh of their own. It blocks for
+// the refresh (up to the client's metadata timeout, and behind another
+// task's) unless ctx ends first; never call it on a task loop.
+func (l *kafkaLease) partitions(ctx context.Context, topic string, maxAge time.Duration) ([]int32, error) {
 	kc := l.kc
-	kc.metaMu.Lock()
-	defer kc.metaMu.Unlock()
-	if at, ok := kc.refreshed[topic]; ok && time.Since(at) < maxAge {
-		return kc.client.Partitions(topic)
+	asked := time.Now()
+	select {
+	case kc.metaSem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("partitions of %s: %w", topic, ctx.Err())
+	}
+	defer func() { <-kc.metaSem }()
+	if last, ok := kc.refreshed[topic]; ok && (last.at.After(asked) || (last.err == nil && time.Since(last.at) < maxAge)) {
+		return last.parts, last.err
 	}
 	parts, err := topicPartitions(kc.client, topic, "source", strings.Split(kc.key, ","))
-	if err != nil {
-		return nil, err
-	}
-	kc.refreshed[topic] = time.Now()
-	return parts, nil
+	kc.refreshed[topic] = refreshResult{at: time.Now(), parts: parts, err: err}
+	return parts, err
 }
 
 // consume starts consuming topic/partition at offset on a consumer of the

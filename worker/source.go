@@ -483,7 +483,10 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 			return
 		case <-tick.C:
 		}
-		parts, err := lease.partitions(topic, every)
+		parts, err := lease.partitions(ctx, topic, every)
+		if ctx.Err() != nil {
+			return
+		}
 		if err != nil {
 			s.log.Warn("partition discovery: reading the topic's partitions failed; retrying", "err", err)
 			continue
