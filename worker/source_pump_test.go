@@ -174,25 +174,25 @@ func TestPumpQueueCountsHeaders(t *testing.T) {
 }
 
 // A run sized for a few ready records grows to a whole run in one step once
-// more stream in: at most two allocations per run, not one per doubling.
+// more stream in: two allocations per run, not one per doubling.
 func TestPumpQueueRunGrowsOnce(t *testing.T) {
-	msgs := make([]*sarama.ConsumerMessage, pumpBatch)
-	for i := range msgs {
-		msgs[i] = &sarama.ConsumerMessage{Offset: int64(i)}
-	}
-	allocs := testing.AllocsPerRun(20, func() {
-		var q pumpQueue
-		q.runs = make([][]*sarama.ConsumerMessage, 0, 1)
-		q.sizes = make([]int, 0, 1)
-		for _, m := range msgs {
-			q.add(m, 0)
+	var q pumpQueue
+	grown := 0 // the run's capacity after its one growth
+	for i := range pumpBatch {
+		q.add(&sarama.ConsumerMessage{Offset: int64(i)}, 0)
+		if len(q.runs) != 1 {
+			t.Fatalf("after %d records: %d runs, want one", i+1, len(q.runs))
 		}
-		if len(q.runs) != 1 || len(q.runs[0]) != pumpBatch {
-			t.Fatalf("%d runs, the first of %d records; want one of %d", len(q.runs), len(q.runs[0]), pumpBatch)
+		c := cap(q.runs[0])
+		switch {
+		case i == 0 && c != 1:
+			t.Fatalf("first record: a run of capacity %d, want 1 (nothing more was ready)", c)
+		case i == 1 && c < pumpBatch:
+			t.Fatalf("second record: the run grew to capacity %d, want at least %d at once", c, pumpBatch)
+		case i == 1:
+			grown = c
+		case i > 1 && c != grown:
+			t.Fatalf("after %d records: the run grew again, to capacity %d from %d", i+1, c, grown)
 		}
-	})
-	// The queue's own two slices, the run's first allocation, its growth.
-	if allocs > 4 {
-		t.Fatalf("%v allocations to queue a run of %d records; want at most 4", allocs, pumpBatch)
 	}
 }
