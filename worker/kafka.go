@@ -45,6 +45,29 @@ type kafkaPool struct {
 
 	mu      sync.Mutex
 	clients map[string]*kafkaClient // by broker set
+	// closing holds a channel per client whose last lease was released,
+	// closed once its last offset commit and close, which run in the
+	// background (kafkaLease.release), are done.
+	closing []chan struct{}
+}
+
+// wait waits up to timeout for the clients being closed, so that a worker
+// that shuts down sends their last offset commits; it reports whether they
+// all closed.
+func (p *kafkaPool) wait(timeout time.Duration) bool {
+	p.mu.Lock()
+	closing := slices.Clone(p.closing)
+	p.mu.Unlock()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for _, done := range closing {
+		select {
+		case <-done:
+		case <-deadline.C:
+			return false
+		}
+	}
+	return true
 }
 
 func newKafkaPool(cfg *Config, workerID string, log *slog.Logger, m *metrics) *kafkaPool {
@@ -293,20 +316,40 @@ func (kc *kafkaClient) queue(group, topic string, id uint64, offsets map[int32]i
 }
 
 // release gives the lease back; the last one closes the client, after a
-// last offset commit.
+// last offset commit. That runs in the background: the commit is for
+// monitoring only, and in a Kafka outage it waits out the client's timeouts
+// (a coordinator lookup, then the request), which would hold up the stop of
+// the task releasing the lease well past its stop timeout.
 func (l *kafkaLease) release() {
 	kc := l.kc
 	p := kc.pool
 	p.mu.Lock()
 	kc.refs--
 	last := kc.refs == 0
+	var done chan struct{}
 	if last {
 		delete(p.clients, kc.key)
+		done = make(chan struct{})
+		p.closing = append(p.closing, done)
 	}
 	p.mu.Unlock()
 	if !last {
 		return
 	}
+	go func() {
+		defer func() {
+			p.mu.Lock()
+			p.closing = slices.DeleteFunc(p.closing, func(c chan struct{}) bool { return c == done })
+			p.mu.Unlock()
+			close(done)
+		}()
+		kc.close()
+	}()
+}
+
+// close ends the client's commit loop, which commits once more, and closes
+// its consumers and the client.
+func (kc *kafkaClient) close() {
 	kc.stop()
 	<-kc.done
 	kc.mu.Lock()

@@ -4,8 +4,12 @@ import (
 	"fmt"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // TestKafkaPoolSharesClients: source tasks of one worker share one client per
@@ -90,8 +94,58 @@ func TestKafkaPoolSharesClients(t *testing.T) {
 	if len(pool.clients) != 1 {
 		t.Fatal("client closed while a lease holds it")
 	}
+	b.commit("g3", "words", 6, map[int32]int64{0: 7})
 	b.release()
 	if len(pool.clients) != 0 {
 		t.Fatal("client kept after the last release")
+	}
+	// The last release's commit and close run in the background.
+	if !pool.wait(time.Minute) {
+		t.Fatal("the released client did not close within a minute")
+	}
+	if got, want := committedOffsets(t, brokers, "g3", "words", 2), map[int32]int64{0: 7}; !reflect.DeepEqual(got, want) {
+		t.Errorf("g3 committed %v at the last release, want %v", got, want)
+	}
+}
+
+// TestKafkaPoolReleaseDoesNotWaitForAHungBroker: the last release of a
+// client whose broker takes requests but answers none returns at once; its
+// last offset commit (monitoring only) waits out the client's timeouts in
+// the background, where a stopping task does not wait for it.
+func TestKafkaPoolReleaseDoesNotWaitForAHungBroker(t *testing.T) {
+	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	var closeOnce sync.Once
+	stopKafka := func() { closeOnce.Do(kc.Close) }
+	t.Cleanup(stopKafka)
+	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: time.Second, OffsetCommitInterval: time.Hour}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
+	lease, _, err := pool.acquire(kc.ListenAddrs(), "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease.commit("g", "words", 1, map[int32]int64{0: 1})
+	kc.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
+		kc.KeepControl()
+		return nil, nil, true // read, never answered
+	})
+	released := make(chan struct{})
+	go func() { lease.release(); close(released) }()
+	// The commit alone waits for a read timeout (2 s here) at least.
+	select {
+	case <-released:
+	case <-time.After(time.Second):
+		t.Fatal("the last release waited for its offset commit to a broker that does not answer")
+	}
+	// The broker goes away (its connections close), so the background
+	// commit fails now instead of waiting out every retry.
+	stopKafka()
+	if !pool.wait(time.Minute) {
+		t.Fatal("the released client did not close within a minute")
 	}
 }

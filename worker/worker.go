@@ -391,6 +391,11 @@ func (w *Worker) run(ctx context.Context) error {
 	// stops: it sends what is queued (for a bounded time) before it closes.
 	w.tasks.shutdown("worker shutting down")
 	stopSession()
+	// The tasks' Kafka clients close in the background after a last offset
+	// commit; give them a bounded time to send it.
+	if !w.tasks.env.kafka.wait(kafkaCloseTimeout) {
+		w.logger.Warn("Kafka clients still closing; their last offset commits may be lost (monitoring only)", "waited", kafkaCloseTimeout)
+	}
 
 	w.leaveGossip()
 	if err := w.members.Shutdown(); err != nil {
@@ -415,6 +420,10 @@ func (w *Worker) run(ctx context.Context) error {
 	w.logger.Info("worker stopped")
 	return nil
 }
+
+// kafkaCloseTimeout bounds how long a stopping worker waits for its Kafka
+// clients' last offset commits.
+const kafkaCloseTimeout = 5 * time.Second
 
 // gossipLeaveTimeout bounds each of the two broadcasts of a graceful leave.
 const gossipLeaveTimeout = time.Second
