@@ -223,15 +223,7 @@ func TestSourceDiscoversPartitions(t *testing.T) {
 // topic's metadata at most once per maxAge per shared client.
 func TestKafkaLeasePartitionsSharesRefreshes(t *testing.T) {
 	brokers := newKafka(t, map[string]int32{"words": 2})
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour}.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
-	lease, _, err := pool.acquire(brokers, "words", "source")
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, lease := testLease(t, brokers, "words", 2*time.Second)
 	defer lease.release()
 	count := func(maxAge time.Duration) int {
 		t.Helper()
@@ -260,15 +252,7 @@ func TestKafkaLeasePartitionsSharesRefreshes(t *testing.T) {
 // instead of a refresh of its own.
 func TestKafkaLeasePartitionsWaitsOnlyWhileItsContextLasts(t *testing.T) {
 	brokers := newKafka(t, map[string]int32{"words": 2})
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour}.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
-	lease, _, err := pool.acquire(brokers, "words", "source")
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, lease := testLease(t, brokers, "words", 2*time.Second)
 	defer lease.release()
 	kc := lease.kc
 

@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
 )
 
 // waitTimeout bounds every wait in these tests; generous for a loaded
@@ -517,4 +519,62 @@ func produce(t *testing.T, brokers []string, topic string, recs []record) {
 	if err := p.SendMessages(msgs); err != nil {
 		t.Fatalf("produce: %v", err)
 	}
+}
+
+// controlledKafka starts an in-process broker with topic words (one
+// partition) that the test can take away (stop; also at cleanup) or make
+// hang (hang: every request read and never answered, as a frozen host or a
+// black-holed network would).
+type controlledKafka struct {
+	brokers []string
+	stop    func()
+	hang    func()
+}
+
+func newControlledKafka(t *testing.T) controlledKafka {
+	t.Helper()
+	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	var closeOnce sync.Once
+	stop := func() { closeOnce.Do(kc.Close) }
+	t.Cleanup(stop)
+	return controlledKafka{brokers: kc.ListenAddrs(), stop: stop, hang: func() {
+		kc.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
+			kc.KeepControl()
+			return nil, nil, true // read, never answered
+		})
+	}}
+}
+
+// testLease returns a pool of worker w1's Kafka clients with kafkaTimeout
+// and a lease of it on topic of brokers; the test releases the lease.
+func testLease(t *testing.T, brokers []string, topic string, kafkaTimeout time.Duration) (*kafkaPool, *kafkaLease) {
+	t.Helper()
+	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: kafkaTimeout, OffsetCommitInterval: time.Hour}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
+	lease, _, err := pool.acquire(brokers, topic, "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pool, lease
+}
+
+// runningWordSource starts worker w1 with a KafkaTimeout of a second and
+// deploys a wordcount job reading words/0 of brokers on it, running.
+func runningWordSource(t *testing.T, brokers []string) (*fakeCoord, *transport.DeployTask) {
+	t.Helper()
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = time.Second })
+	refs := mapRefs(128, w)
+	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
+	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	f.deploy(t, "w1", md)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	return f, sd
 }

@@ -4,12 +4,8 @@ import (
 	"fmt"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kfake"
-	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // TestKafkaPoolSharesClients: source tasks of one worker share one client per
@@ -113,27 +109,10 @@ func TestKafkaPoolSharesClients(t *testing.T) {
 // last offset commit (monitoring only) waits out the client's timeouts in
 // the background, where a stopping task does not wait for it.
 func TestKafkaPoolReleaseDoesNotWaitForAHungBroker(t *testing.T) {
-	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
-	if err != nil {
-		t.Fatalf("start kfake: %v", err)
-	}
-	var closeOnce sync.Once
-	stopKafka := func() { closeOnce.Do(kc.Close) }
-	t.Cleanup(stopKafka)
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: time.Second, OffsetCommitInterval: time.Hour}.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
-	lease, _, err := pool.acquire(kc.ListenAddrs(), "words", "source")
-	if err != nil {
-		t.Fatal(err)
-	}
+	kafka := newControlledKafka(t)
+	pool, lease := testLease(t, kafka.brokers, "words", time.Second)
 	lease.commit("g", "words", 1, map[int32]int64{0: 1})
-	kc.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
-		kc.KeepControl()
-		return nil, nil, true // read, never answered
-	})
+	kafka.hang()
 	released := make(chan struct{})
 	go func() { lease.release(); close(released) }()
 	// The commit alone waits for a read timeout (2 s here) at least.
@@ -144,7 +123,7 @@ func TestKafkaPoolReleaseDoesNotWaitForAHungBroker(t *testing.T) {
 	}
 	// The broker goes away (its connections close), so the background
 	// commit fails now instead of waiting out every retry.
-	stopKafka()
+	kafka.stop()
 	if !pool.wait(time.Minute) {
 		t.Fatal("the released client did not close within a minute")
 	}

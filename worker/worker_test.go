@@ -8,13 +8,10 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/IBM/sarama"
-	"github.com/twmb/franz-go/pkg/kfake"
-	"github.com/twmb/franz-go/pkg/kmsg"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -416,24 +413,10 @@ func TestSourceMissingTopic(t *testing.T) {
 // reason, so that the leader restarts the job with backoff and shows why,
 // instead of the job looking healthy while it reads nothing.
 func TestSourceFailsOnKafkaOutage(t *testing.T) {
-	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
-	if err != nil {
-		t.Fatalf("start kfake: %v", err)
-	}
-	var closeOnce sync.Once
-	stopKafka := func() { closeOnce.Do(kc.Close) }
-	t.Cleanup(stopKafka)
-	brokers := kc.ListenAddrs()
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = time.Second })
-	refs := mapRefs(128, w)
-	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
-	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
-	f.deploy(t, "w1", md)
-	f.deploy(t, "w1", sd)
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	kafka := newControlledKafka(t)
+	f, sd := runningWordSource(t, kafka.brokers)
 
-	stopKafka()
+	kafka.stop()
 	if reason := f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_FAILED); !strings.Contains(reason, "only errors from Kafka") {
 		t.Fatalf("failure reason %q does not say that Kafka answers only errors", reason)
 	}
@@ -444,25 +427,10 @@ func TestSourceFailsOnKafkaOutage(t *testing.T) {
 // as an absent one does, although sarama's errors then come further apart
 // than KafkaTimeout: each waits for a read timeout of its own.
 func TestSourceFailsOnHungBroker(t *testing.T) {
-	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
-	if err != nil {
-		t.Fatalf("start kfake: %v", err)
-	}
-	t.Cleanup(kc.Close)
-	brokers := kc.ListenAddrs()
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = time.Second })
-	refs := mapRefs(128, w)
-	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
-	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
-	f.deploy(t, "w1", md)
-	f.deploy(t, "w1", sd)
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	kafka := newControlledKafka(t)
+	f, sd := runningWordSource(t, kafka.brokers)
 
-	kc.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
-		kc.KeepControl()
-		return nil, nil, true // read, never answered
-	})
+	kafka.hang()
 	began := time.Now()
 	reason := f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_FAILED)
 	if !strings.Contains(reason, "only errors from Kafka") {
