@@ -278,3 +278,29 @@ func TestKafkaLeasePartitionsWaitsOnlyWhileItsContextLasts(t *testing.T) {
 		t.Fatalf("a task that waited behind a failed refresh got %v, want that refresh's error", err)
 	}
 }
+
+// TestKafkaLeasePartitionsGivesUpOnItsOwnHungRefresh: a task whose own
+// refresh waits on a broker that answers nothing returns when its context
+// ends, not after the client's read timeouts.
+func TestKafkaLeasePartitionsGivesUpOnItsOwnHungRefresh(t *testing.T) {
+	kafka := newControlledKafka(t)
+	_, lease := testLease(t, kafka.brokers, "words", 2*time.Second)
+	defer lease.release()
+	kafka.hang()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	returned := make(chan error, 1)
+	go func() {
+		_, err := lease.partitions(ctx, "words", 0)
+		returned <- err
+	}()
+	select {
+	case err := <-returned:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("partitions with a hung broker: %v, want the context's deadline", err)
+		}
+	case <-time.After(3 * time.Second): // a read timeout is 4 s here
+		t.Fatal("partitions waited for a refresh on a broker that does not answer past its context")
+	}
+	kafka.stop() // ends the abandoned refresh
+}

@@ -216,7 +216,8 @@ type refreshResult struct {
 // for its turn answers it too, failed or not, so that during an outage the
 // waiting tasks do not each wait out a refresh of their own. It blocks for
 // the refresh (up to the client's metadata timeout, and behind another
-// task's) unless ctx ends first; never call it on a task loop.
+// task's) unless ctx ends first; never call it on a task loop. A refresh
+// the caller gave up on still ends, bounded by the client's timeouts.
 func (l *kafkaLease) partitions(ctx context.Context, topic string, maxAge time.Duration) ([]int32, error) {
 	kc := l.kc
 	asked := time.Now()
@@ -225,13 +226,27 @@ func (l *kafkaLease) partitions(ctx context.Context, topic string, maxAge time.D
 	case <-ctx.Done():
 		return nil, fmt.Errorf("partitions of %s: %w", topic, ctx.Err())
 	}
-	defer func() { <-kc.metaSem }()
 	if last, ok := kc.refreshed[topic]; ok && (last.at.After(asked) || (last.err == nil && time.Since(last.at) < maxAge)) {
+		<-kc.metaSem
 		return last.parts, last.err
 	}
-	parts, err := topicPartitions(kc.client, topic, "source", strings.Split(kc.key, ","))
-	kc.refreshed[topic] = refreshResult{at: time.Now(), parts: parts, err: err}
-	return parts, err
+	// The refresh holds the slot until it ends, but the caller waits for
+	// it only while ctx lasts: sarama's requests cannot be cancelled, and
+	// in an outage one takes read timeouts.
+	done := make(chan refreshResult, 1)
+	go func() {
+		defer func() { <-kc.metaSem }()
+		parts, err := topicPartitions(kc.client, topic, "source", strings.Split(kc.key, ","))
+		r := refreshResult{at: time.Now(), parts: parts, err: err}
+		kc.refreshed[topic] = r
+		done <- r
+	}()
+	select {
+	case r := <-done:
+		return r.parts, r.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("partitions of %s: %w", topic, ctx.Err())
+	}
 }
 
 // consume starts consuming topic/partition at offset on a consumer of the

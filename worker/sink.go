@@ -53,7 +53,7 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 	c.Metadata.AllowAutoTopicCreation = false
 	c.Consumer.Return.Errors = true
 	// Retry a failing partition often enough that a source sees an outage
-	// as a steady stream of errors within KafkaTimeout (see sourceTask.pump).
+	// as a steady stream of errors (see sourceTask.pump and errorCycle).
 	c.Consumer.Retry.Backoff = 500 * time.Millisecond
 	c.Consumer.MaxWaitTime = 250 * time.Millisecond
 	c.Producer.RequiredAcks = sarama.WaitForAll

@@ -2,9 +2,11 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -687,9 +689,10 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 // fails the task, and so does one that reports nothing but errors for
 // KafkaTimeout (broker unreachable, topic deleted): the leader then restarts
 // the job with backoff and shows why, instead of the job looking healthy
-// while it reads nothing. Errors further apart than errorCycle are
-// transient and only logged: sarama takes that long at most between two
-// errors of a partition whose broker takes requests but answers none.
+// while it reads nothing. Errors further apart than KafkaTimeout are
+// transient and only logged; timeouts, further apart than errorCycle:
+// sarama takes that long between two of them for a partition whose broker
+// takes requests but answers none.
 //
 // The pump reads ahead of the task loop into a pumpQueue, and stops reading
 // altogether while the queue is full, until the loop has taken half of it.
@@ -772,7 +775,16 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				continue
 			}
 			now := time.Now()
-			if lastErr.IsZero() || now.Sub(lastErr) > cycle {
+			// A timeout comes only after a read timeout or more: such
+			// errors are one outage while closer than the client's
+			// retry cycle. Others (refused, reset) come fast, and are
+			// one outage only while closer than KafkaTimeout, so that a
+			// broker restart is ridden out, also on a quiet partition.
+			gap := window
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				gap = cycle
+			}
+			if lastErr.IsZero() || now.Sub(lastErr) > gap {
 				failingSince = now
 			}
 			lastErr = now
@@ -786,18 +798,19 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 	}
 }
 
-// errorCycle is the longest sarama's consumer of a partition goes between two
-// errors while every request to its brokers times out: a fetch's read
-// timeout, then a metadata refresh of Metadata.Retry.Max+1 tries that each
-// wait for a read timeout and a backoff, then Consumer.Retry.Backoff; and
-// KafkaTimeout's worth of slack for a loaded machine. Errors closer than
-// that are one outage. A broker that refuses connections yields errors far
-// closer; one that answers nothing (a frozen host, a black-holed network)
-// yields them this far apart, and a window of KafkaTimeout alone never saw
-// two in a row (TestSourceFailsOnHungBroker).
+// errorCycle bounds how long sarama's consumer of a partition goes between
+// two errors while every request to its brokers times out: the fetch's read
+// timeout, then a metadata refresh, which on a connection it must open
+// waits for a read timeout for each of two ApiVersions requests and the
+// metadata request (the refresh is one try: Metadata.Timeout is the read
+// timeout), and may first wait for another topic's refresh on the shared
+// client; then Consumer.Retry.Backoff, and a read timeout of slack. Timeout
+// errors closer than that are one outage: a broker that answers nothing
+// (a frozen host, a black-holed network) yields them this far apart, and a
+// window of KafkaTimeout never saw two in a row (TestSourceFailsOnHungBroker).
 func errorCycle(c *sarama.Config) time.Duration {
-	tries := time.Duration(c.Metadata.Retry.Max + 1)
-	return c.Net.ReadTimeout + tries*(c.Net.ReadTimeout+c.Metadata.Retry.Backoff) + c.Consumer.Retry.Backoff + c.Net.WriteTimeout
+	refresh := 3*c.Net.ReadTimeout + c.Metadata.Retry.Backoff
+	return c.Net.ReadTimeout + 2*refresh + c.Consumer.Retry.Backoff + c.Net.ReadTimeout
 }
 
 // pumpQueueBytes bounds the records a pump holds for its task loop, by the
