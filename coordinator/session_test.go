@@ -37,7 +37,11 @@ func (s *scriptedStream) Recv() (*transport.WorkerMessage, error) {
 func TestHeartbeatAnsweredWhileLeaderLoopStalls(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	l := &leader{ctx: ctx, events: make(chan leaderEvent)} // nobody reads events
+	// Nobody reads events. A heartbeat interval and lease long enough that
+	// the silence watchdog (silenceLimit) does not close the session before
+	// receive reads the heartbeat: with none it is 1 ms, and a loaded CI
+	// run lost that race.
+	l := &leader{ctx: ctx, events: make(chan leaderEvent), heartbeat: time.Second, lease: time.Minute}
 	sess := newSession(ctx, &transport.Hello{WorkerId: "w1"})
 	stream := &scriptedStream{ctx: ctx, in: make(chan *transport.WorkerMessage, 2)}
 	r := &transport.TaskRef{JobId: "job", Attempt: 1, TaskId: "map-0"}
