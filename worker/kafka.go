@@ -43,6 +43,10 @@ type kafkaPool struct {
 	log      *slog.Logger
 	commits  *prometheus.CounterVec // result
 
+	// errorCycle is errorCycle of the clients' configuration, for the
+	// pumps, which compare the spacing of Kafka errors against it.
+	errorCycle time.Duration
+
 	mu      sync.Mutex
 	clients map[string]*kafkaClient // by broker set
 	// closing holds a channel per client whose last lease was released,
@@ -73,7 +77,7 @@ func (p *kafkaPool) wait(timeout time.Duration) bool {
 func newKafkaPool(cfg *Config, workerID string, log *slog.Logger, m *metrics) *kafkaPool {
 	return &kafkaPool{
 		cfg: cfg, clientID: "coordflow-" + workerID, log: log, commits: m.offsetCommits,
-		clients: make(map[string]*kafkaClient),
+		clients: make(map[string]*kafkaClient), errorCycle: errorCycle(kafkaConfig(cfg, "")),
 	}
 }
 

@@ -709,7 +709,7 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 // still paces a round to its share of the fetch, as before.
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
-	window, cycle := s.env.cfg.KafkaTimeout, errorCycle(kafkaConfig(s.env.cfg, ""))
+	window, cycle := s.env.cfg.KafkaTimeout, s.env.kafka.errorCycle
 	var failingSince, lastErr time.Time // both zero while records flow
 	var q pumpQueue
 	readAhead := time.NewTimer(pumpReadAhead)

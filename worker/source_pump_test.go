@@ -59,7 +59,7 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(closePC)
-		s := &sourceTask{env: &taskEnv{cfg: &cfg}, spec: &transport.SourceSpec{Topic: "ids"}, log: testLogger(t).With("task", task)}
+		s := &sourceTask{env: &taskEnv{cfg: &cfg, kafka: pool}, spec: &transport.SourceSpec{Topic: "ids"}, log: testLogger(t).With("task", task)}
 		merged, failed := make(chan []*sarama.ConsumerMessage), make(chan error, 1)
 		wg.Go(func() { s.pump(ctx, p, pc, merged, failed) })
 		wg.Go(func() {
