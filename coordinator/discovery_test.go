@@ -60,3 +60,30 @@ func TestLeaderDeployCarriesPartitionDiscovery(t *testing.T) {
 		}
 	}
 }
+
+// TestLeaderDeployCarriesIsolationLevel: a source's deployment says whether
+// it reads committed records only, as the job's spec says; left out, it
+// reads uncommitted, Kafka's default.
+func TestLeaderDeployCarriesIsolationLevel(t *testing.T) {
+	workers := []workerSlots{{id: "w1", dataAddr: "w1:7401", free: 4}}
+	for _, tc := range []struct {
+		level string
+		want  bool
+	}{{"", false}, {fsm.IsolationReadUncommitted, false}, {fsm.IsolationReadCommitted, true}} {
+		spec := testJobSpec(2, 1)
+		spec.Source.IsolationLevel = tc.level
+		tasks, err := assign(spec, 1, workers)
+		if err != nil {
+			t.Fatalf("assign: %v", err)
+		}
+		job := fsm.Job{ID: "j1", Spec: spec, Attempt: 1, Tasks: tasks}
+		for _, task := range tasks {
+			if task.Kind != fsm.TaskSource {
+				continue
+			}
+			if got := buildDeploy(job, task, nil, "").GetSource().GetReadCommitted(); got != tc.want {
+				t.Fatalf("isolation_level %q: %s deployed with read_committed %v, want %v", tc.level, task.ID, got, tc.want)
+			}
+		}
+	}
+}

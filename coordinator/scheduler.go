@@ -769,6 +769,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 			// The source reads partitions added to the topic after this
 			// assignment itself (docs/protocol.md, Partition discovery).
 			PartitionDiscoveryMs: spec.Source.PartitionDiscoveryInterval().Milliseconds(),
+			ReadCommitted:        spec.Source.ReadCommitted(),
 		},
 		NumSources:   int32(spec.Source.Parallelism),
 		ChannelToken: job.ChannelToken,

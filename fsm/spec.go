@@ -31,6 +31,11 @@ const (
 	// and worker, and a partition waits up to one interval to be read.
 	MinPartitionDiscovery = Duration(time.Second)
 	MaxPartitionDiscovery = Duration(time.Hour)
+	// IsolationReadUncommitted and IsolationReadCommitted are the values of
+	// source.isolation_level, named as Kafka's isolation.level names them.
+	// Read uncommitted, Kafka's default, is the default.
+	IsolationReadUncommitted = "read_uncommitted"
+	IsolationReadCommitted   = "read_committed"
 	// DefaultGroupPrefix prefixes the job name to form the default consumer group.
 	DefaultGroupPrefix = "coordflow-"
 	// DefaultMaxParallelism is the default number of key groups.
@@ -390,6 +395,11 @@ func (s SourceSpec) PartitionDiscoveryInterval() time.Duration {
 	return time.Duration(s.PartitionDiscovery)
 }
 
+// ReadCommitted reports whether the source reads only records of committed
+// transactions (source.isolation_level read_committed). Left out, in stored
+// specs too, it is read uncommitted, Kafka's default.
+func (s SourceSpec) ReadCommitted() bool { return s.IsolationLevel == IsolationReadCommitted }
+
 func setDefault[T comparable](field *T, def T) {
 	var zero T
 	if *field == zero {
@@ -467,6 +477,10 @@ func (s JobSpec) validate(knownOperator func(string) bool, sub *submission) erro
 		if err := inRange("source.partition_discovery", d, MinPartitionDiscovery, MaxPartitionDiscovery, MinPartitionDiscovery, strict); err != nil {
 			return err
 		}
+	}
+	// Left out is the default; given, it must be one of the two.
+	if l := s.Source.IsolationLevel; (l != "" || sub.gives("source.isolation_level")) && l != IsolationReadUncommitted && l != IsolationReadCommitted {
+		return fieldErr("source.isolation_level", "must be %q or %q, not %s", IsolationReadUncommitted, IsolationReadCommitted, brief(l))
 	}
 	op := s.Operator
 	if op.Name == "" {

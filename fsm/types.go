@@ -139,6 +139,12 @@ type SourceSpec struct {
 	// before it existed), means DefaultPartitionDiscovery: see
 	// PartitionDiscoveryInterval.
 	PartitionDiscovery Duration `json:"partition_discovery,omitempty"`
+	// IsolationLevel is Kafka's isolation.level for the source's reads:
+	// IsolationReadUncommitted (the default, left out) or
+	// IsolationReadCommitted, which hands over only records of committed
+	// transactions, as a job reading another job's exactly-once output
+	// needs.
+	IsolationLevel string `json:"isolation_level,omitempty"`
 }
 
 // OperatorSpec names the operator and its parallelism.

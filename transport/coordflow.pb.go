@@ -1714,8 +1714,12 @@ type SourceSpec struct {
 	// partition_discovery_ms is how often the source looks for partitions
 	// added to the topic (0: never).
 	PartitionDiscoveryMs int64 `protobuf:"varint,6,opt,name=partition_discovery_ms,json=partitionDiscoveryMs,proto3" json:"partition_discovery_ms,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// read_committed: the source reads only records of committed transactions
+	// (source.isolation_level read_committed); false, also from an older
+	// leader, reads uncommitted, Kafka's default.
+	ReadCommitted bool `protobuf:"varint,7,opt,name=read_committed,json=readCommitted,proto3" json:"read_committed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SourceSpec) Reset() {
@@ -1788,6 +1792,13 @@ func (x *SourceSpec) GetPartitionDiscoveryMs() int64 {
 		return x.PartitionDiscoveryMs
 	}
 	return 0
+}
+
+func (x *SourceSpec) GetReadCommitted() bool {
+	if x != nil {
+		return x.ReadCommitted
+	}
+	return false
 }
 
 type SinkSpec struct {
@@ -2874,7 +2885,7 @@ const file_coordflow_proto_rawDesc = "" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
 	"\astorage\x18\x02 \x01(\tR\astorage\x12)\n" +
 	"\x10inline_threshold\x18\x03 \x01(\x03R\x0finlineThreshold\x12'\n" +
-	"\x0frestore_storage\x18\x04 \x01(\tR\x0erestoreStorage\"\xbe\x01\n" +
+	"\x0frestore_storage\x18\x04 \x01(\tR\x0erestoreStorage\"\xe5\x01\n" +
 	"\n" +
 	"SourceSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
@@ -2884,7 +2895,8 @@ const file_coordflow_proto_rawDesc = "" +
 	"partitions\x12\x14\n" +
 	"\x05start\x18\x04 \x01(\tR\x05start\x12\x14\n" +
 	"\x05group\x18\x05 \x01(\tR\x05group\x124\n" +
-	"\x16partition_discovery_ms\x18\x06 \x01(\x03R\x14partitionDiscoveryMs\"\xf8\x01\n" +
+	"\x16partition_discovery_ms\x18\x06 \x01(\x03R\x14partitionDiscoveryMs\x12%\n" +
+	"\x0eread_committed\x18\a \x01(\bR\rreadCommitted\"\xf8\x01\n" +
 	"\bSinkSpec\x12\x18\n" +
 	"\abrokers\x18\x01 \x03(\tR\abrokers\x12\x14\n" +
 	"\x05topic\x18\x02 \x01(\tR\x05topic\x12\x1a\n" +

@@ -1,9 +1,11 @@
 package worker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/IBM/sarama"
@@ -135,9 +137,9 @@ func (s *sourceTask) catchUpTick(r *partitionReaders) {
 			continue
 		}
 		s.caught.probing = true
-		topic, client, results := s.spec.GetTopic(), r.lease.client, s.caught.probed
+		topic, client, results, isolation := s.spec.GetTopic(), r.lease.client, s.caught.probed, s.isolation()
 		r.wg.Go(func() {
-			none, err := dataBelow(client, topic, p, from, end)
+			none, err := dataBelow(client, topic, p, from, end, isolation)
 			select {
 			case results <- catchUpProbe{partition: p, from: from, none: none, err: err}:
 			case <-r.ctx.Done():
@@ -187,18 +189,19 @@ const (
 var errProbeShort = errors.New("could not read up to the end offset")
 
 // dataBelow reports whether the records of topic/p in [from, end) hold none
-// of data, only control records (transaction markers), which consumers
-// never hand over. It fetches from from, and on from where each fetch
+// of data a consumer at isolation hands over: only control records
+// (transaction markers), and reading committed, records of aborted
+// transactions. It fetches from from, and on from where each fetch
 // ended, until it finds a record of data (false), has seen every offset
 // below end (true), or cannot go on: a fetch that makes no progress (a
 // partition whose high watermark is below end, say, on a new leader),
 // probeFetches fetches, or batches sarama leaves out of its answers (batches
 // emptied by compaction) give an error wrapping errProbeShort, which the
 // caller retries later.
-func dataBelow(client sarama.Client, topic string, p int32, from, end int64) (none bool, err error) {
+func dataBelow(client sarama.Client, topic string, p int32, from, end int64, isolation sarama.IsolationLevel) (none bool, err error) {
 	covered := from
 	for range probeFetches {
-		next, data, err := probeFetch(client, topic, p, covered, end)
+		next, data, err := probeFetch(client, topic, p, covered, end, isolation)
 		switch {
 		case err != nil:
 			return false, err
@@ -214,16 +217,16 @@ func dataBelow(client sarama.Client, topic string, p int32, from, end int64) (no
 	return false, fmt.Errorf("%w: %d fetches of %s/%d read from %d to %d, below %d", errProbeShort, probeFetches, topic, p, from, covered, end)
 }
 
-// probeFetch fetches topic/p from offset from and returns the offset after
-// the last whole batch it returned, and whether a record of data below end
-// is among them. A leader that is not one any more has the client refresh
-// the topic's metadata for the next try.
-func probeFetch(client sarama.Client, topic string, p int32, from, end int64) (next int64, data bool, err error) {
+// probeFetch fetches topic/p from offset from at isolation and returns the
+// offset after the last whole batch it returned, and whether a record of
+// data below end is among them. A leader that is not one any more has the
+// client refresh the topic's metadata for the next try.
+func probeFetch(client sarama.Client, topic string, p int32, from, end int64, isolation sarama.IsolationLevel) (next int64, data bool, err error) {
 	broker, err := client.Leader(topic, p)
 	if err != nil {
 		return 0, false, fmt.Errorf("leader of %s/%d: %w", topic, p, err)
 	}
-	req := &sarama.FetchRequest{Version: 4, MaxWaitTime: 0, MinBytes: 1, MaxBytes: probeFetchBytes, Isolation: sarama.ReadUncommitted}
+	req := &sarama.FetchRequest{Version: 4, MaxWaitTime: 0, MinBytes: 1, MaxBytes: probeFetchBytes, Isolation: isolation}
 	req.AddBlock(topic, p, from, probeFetchBytes, -1)
 	resp, err := broker.Fetch(req)
 	if err != nil {
@@ -239,6 +242,14 @@ func probeFetch(client sarama.Client, topic string, p int32, from, end int64) (n
 		}
 		return 0, false, fmt.Errorf("fetch %s/%d from %d: %w", topic, p, from, block.Err)
 	}
+	// Reading committed, the broker lists the transactions it aborted that
+	// overlap the records it returns: a transactional batch of such a
+	// producer, from the transaction's first offset up to the producer's
+	// next marker, is not handed over, as Kafka's consumer does it.
+	abortedFrom := slices.SortedFunc(slices.Values(block.AbortedTransactions), func(a, b *sarama.AbortedTransaction) int {
+		return cmp.Compare(a.FirstOffset, b.FirstOffset)
+	})
+	aborted := make(map[int64]bool)
 	next = from
 	for _, rs := range block.RecordsSet {
 		b := rs.RecordBatch
@@ -248,7 +259,15 @@ func probeFetch(client sarama.Client, topic string, p int32, from, end int64) (n
 		if b.PartialTrailingRecord {
 			break
 		}
-		if !b.Control {
+		last := b.FirstOffset + int64(b.LastOffsetDelta)
+		for len(abortedFrom) > 0 && abortedFrom[0].FirstOffset <= last {
+			aborted[abortedFrom[0].ProducerID] = true
+			abortedFrom = abortedFrom[1:]
+		}
+		if b.Control {
+			delete(aborted, b.ProducerID) // the marker ends its transaction
+		}
+		if !b.Control && !(b.IsTransactional && aborted[b.ProducerID]) {
 			for _, rec := range b.Records {
 				if off := b.FirstOffset + rec.OffsetDelta; off >= from && off < end {
 					return next, true, nil

@@ -18,19 +18,31 @@ import (
 // record that no consumer hands over.
 func produceTxn(t *testing.T, brokers []string, topic string, values ...string) {
 	t.Helper()
+	p := beginTxn(t, brokers, topic, "catchup-test", values...)
+	if err := p.CommitTxn(); err != nil {
+		t.Fatalf("commit transaction: %v", err)
+	}
+}
+
+// beginTxn opens a Kafka transaction of transactional id id, writes values
+// to partition 0 of topic in it (as keys and values) and returns the
+// producer: the caller ends the transaction (CommitTxn, AbortTxn) or leaves
+// it open. The test closes the producer.
+func beginTxn(t *testing.T, brokers []string, topic, id string, values ...string) sarama.SyncProducer {
+	t.Helper()
 	cfg := sarama.NewConfig()
 	cfg.Version = sarama.V2_8_0_0
 	cfg.Producer.Return.Successes = true
 	cfg.Producer.RequiredAcks = sarama.WaitForAll
 	cfg.Producer.Idempotent = true
-	cfg.Producer.Transaction.ID = "catchup-test"
+	cfg.Producer.Transaction.ID = id
 	cfg.Producer.Partitioner = sarama.NewManualPartitioner
 	cfg.Net.MaxOpenRequests = 1
 	p, err := sarama.NewSyncProducer(brokers, cfg)
 	if err != nil {
 		t.Fatalf("transactional producer: %v", err)
 	}
-	defer p.Close()
+	t.Cleanup(func() { p.Close() })
 	if err := p.BeginTxn(); err != nil {
 		t.Fatalf("begin transaction: %v", err)
 	}
@@ -41,9 +53,7 @@ func produceTxn(t *testing.T, brokers []string, topic string, values ...string) 
 	if err := p.SendMessages(msgs); err != nil {
 		t.Fatalf("produce in a transaction: %v", err)
 	}
-	if err := p.CommitTxn(); err != nil {
-		t.Fatalf("commit transaction: %v", err)
-	}
+	return p
 }
 
 // TestRestoredSourceCatchesUpToTransactionMarkers: a restored partial source
@@ -95,13 +105,13 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 		{3, 4, true},  // the first marker only
 		{1, 3, false}, // records at 1 and 2
 	} {
-		none, err := dataBelow(client, "in", 0, tc.from, tc.end)
+		none, err := dataBelow(client, "in", 0, tc.from, tc.end, sarama.ReadUncommitted)
 		if err != nil || none != tc.none {
 			t.Errorf("probe of [%d, %d): none %v, err %v; want none %v", tc.from, tc.end, none, err, tc.none)
 		}
 	}
 	// Beyond the high watermark it cannot say, and says so.
-	if none, err := dataBelow(client, "in", 0, 6, 9); !errors.Is(err, errProbeShort) || none {
+	if none, err := dataBelow(client, "in", 0, 6, 9, sarama.ReadUncommitted); !errors.Is(err, errProbeShort) || none {
 		t.Errorf("probe of [6, 9) past the end of the partition (7): none %v, err %v; want errProbeShort", none, err)
 	}
 }

@@ -557,7 +557,7 @@ func testLease(t *testing.T, brokers []string, topic string, kafkaTimeout time.D
 		t.Fatal(err)
 	}
 	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
-	lease, _, err := pool.acquire(brokers, topic, "source")
+	lease, _, err := pool.acquire(brokers, sarama.ReadUncommitted, topic, "source")
 	if err != nil {
 		t.Fatal(err)
 	}

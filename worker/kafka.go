@@ -48,7 +48,7 @@ type kafkaPool struct {
 	errorCycle time.Duration
 
 	mu      sync.Mutex
-	clients map[string]*kafkaClient // by broker set
+	clients map[string]*kafkaClient // by clientKey: broker set and isolation level
 	// closing holds a channel per client whose last lease was released,
 	// closed once its last offset commit and close, which run in the
 	// background (kafkaLease.release), are done.
@@ -125,20 +125,29 @@ type kafkaLease struct {
 	client sarama.Client
 }
 
-func brokerSetKey(brokers []string) string {
+// clientKey names the shared client of a broker set and isolation level:
+// sarama's consumers take their isolation level from their client's
+// configuration, so sources reading committed records only have a client of
+// their own.
+func clientKey(brokers []string, isolation sarama.IsolationLevel) string {
 	s := slices.Clone(brokers)
 	sort.Strings(s)
-	return strings.Join(slices.Compact(s), ",")
+	key := strings.Join(slices.Compact(s), ",")
+	if isolation == sarama.ReadCommitted {
+		key += " read_committed"
+	}
+	return key
 }
 
-// acquire leases the shared client of brokers, creating it if needed, and
-// checks that topic exists, returning its partitions. Errors name the role
-// and what is wrong, as the job's reason shows them.
-func (p *kafkaPool) acquire(brokers []string, topic, role string) (*kafkaLease, []int32, error) {
+// acquire leases the shared client of brokers whose consumers read at
+// isolation, creating it if needed, and checks that topic exists, returning
+// its partitions. Errors name the role and what is wrong, as the job's
+// reason shows them.
+func (p *kafkaPool) acquire(brokers []string, isolation sarama.IsolationLevel, topic, role string) (*kafkaLease, []int32, error) {
 	if len(brokers) == 0 {
 		return nil, nil, fmt.Errorf("%s topic %q: no brokers given", role, topic)
 	}
-	key := brokerSetKey(brokers)
+	key := clientKey(brokers, isolation)
 	p.mu.Lock()
 	kc := p.clients[key]
 	if kc != nil {
@@ -148,7 +157,9 @@ func (p *kafkaPool) acquire(brokers []string, topic, role string) (*kafkaLease, 
 	if kc == nil {
 		// Dial without the pool's lock: an unreachable broker set must not
 		// hold up the tasks of another.
-		client, err := sarama.NewClient(brokers, kafkaConfig(p.cfg, p.clientID))
+		cfg := kafkaConfig(p.cfg, p.clientID)
+		cfg.Consumer.IsolationLevel = isolation
+		client, err := sarama.NewClient(brokers, cfg)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%s: connect to brokers %v: %w", role, brokers, err)
 		}

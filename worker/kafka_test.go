@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/IBM/sarama"
 )
 
 // TestKafkaPoolSharesClients: source tasks of one worker share one client per
@@ -26,24 +28,24 @@ func TestKafkaPoolSharesClients(t *testing.T) {
 	m := newMetrics()
 	pool := newKafkaPool(&cfg, "w1", testLogger(t), m)
 
-	a, parts, err := pool.acquire(brokers, "words", "source")
+	a, parts, err := pool.acquire(brokers, sarama.ReadUncommitted, "words", "source")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(parts) != 2 {
 		t.Fatalf("partitions %v, want 2", parts)
 	}
-	b, _, err := pool.acquire([]string{brokers[0], brokers[0]}, "words", "source") // same set, written otherwise
+	b, _, err := pool.acquire([]string{brokers[0], brokers[0]}, sarama.ReadUncommitted, "words", "source") // same set, written otherwise
 	if err != nil {
 		t.Fatal(err)
 	}
 	if a.client != b.client || len(pool.clients) != 1 {
 		t.Fatalf("two leases of one broker set got %d clients", len(pool.clients))
 	}
-	if _, _, err := pool.acquire(brokers, "nope", "source"); err == nil || !strings.Contains(err.Error(), `source topic "nope" does not exist`) {
+	if _, _, err := pool.acquire(brokers, sarama.ReadUncommitted, "nope", "source"); err == nil || !strings.Contains(err.Error(), `source topic "nope" does not exist`) {
 		t.Fatalf("missing topic: %v", err)
 	}
-	if refs := pool.clients[brokerSetKey(brokers)].refs; refs != 2 {
+	if refs := pool.clients[clientKey(brokers, sarama.ReadUncommitted)].refs; refs != 2 {
 		t.Fatalf("refs %d after a failed acquire, want 2", refs)
 	}
 

@@ -164,7 +164,7 @@ func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tu
 		s.outputs = append(s.outputs, f)
 	}
 	if brokers := d.GetSource().GetBrokers(); len(brokers) > 0 {
-		lease, parts, err := env.kafka.acquire(brokers, d.GetSource().GetTopic(), "source")
+		lease, parts, err := env.kafka.acquire(brokers, sarama.ReadUncommitted, d.GetSource().GetTopic(), "source")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -385,7 +385,7 @@ func TestPartialSourceFailsWhenItsOffsetIsGone(t *testing.T) {
 		d := wordSourceDeploy(nil, "words", []int32{0}, 2)
 		d.RestoreOffsets, d.RestoreCheckpointId, d.Partial = map[int32]int64{0: tc.restored}, 7, true
 		s, _, _ := newTestSource(t, d, nil, nil)
-		lease, parts, err := s.env.kafka.acquire(brokers, "words", "source")
+		lease, parts, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -398,7 +398,7 @@ func TestPartialSourceFailsWhenItsOffsetIsGone(t *testing.T) {
 		// Not partial: the start policy, as before.
 		d.Partial = false
 		s, _, _ = newTestSource(t, d, nil, nil)
-		lease, parts, err = s.env.kafka.acquire(brokers, "words", "source")
+		lease, parts, err = s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
 		if err != nil {
 			t.Fatal(err)
 		}

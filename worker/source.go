@@ -306,7 +306,7 @@ func routeTable(refs []*transport.MapTaskRef, maxPar int) ([]*transport.MapTaskR
 }
 
 func (s *sourceTask) run(ctx context.Context, running func()) error {
-	lease, topicParts, err := s.env.kafka.acquire(s.spec.GetBrokers(), s.spec.GetTopic(), "source")
+	lease, topicParts, err := s.env.kafka.acquire(s.spec.GetBrokers(), s.isolation(), s.spec.GetTopic(), "source")
 	if err != nil {
 		return err
 	}
@@ -621,8 +621,10 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			if err != nil {
 				return err
 			}
-			if catchUp && off < newest {
-				s.catchUp[p] = newest
+			if catchUp {
+				if err := s.noteCatchUp(client, p, off, newest); err != nil {
+					return err
+				}
 			}
 			if off >= oldest && off <= newest {
 				s.offsets[p] = off
@@ -641,18 +643,24 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 		} else if s.restoreID != 0 && s.discovery > 0 {
 			at = sarama.OffsetOldest // added after the checkpoint
 		}
-		off, err := client.GetOffset(topic, p, at)
+		var off int64
+		var err error
+		if at == sarama.OffsetNewest {
+			// Reading committed, that is where the records a consumer can
+			// read end now: records of transactions open then are read when
+			// they commit, as Kafka's consumer does with
+			// auto.offset.reset=latest.
+			off, err = readableEnd(client, topic, p, s.isolation())
+		} else {
+			off, err = client.GetOffset(topic, p, at)
+		}
 		if err != nil {
 			return fmt.Errorf("source: resolve %s offset of %s/%d: %w", s.spec.GetStart(), topic, p, err)
 		}
 		s.offsets[p] = off
 		if catchUp {
-			newest, err := client.GetOffset(topic, p, sarama.OffsetNewest)
-			if err != nil {
-				return fmt.Errorf("source: end offset of %s/%d: %w", topic, p, err)
-			}
-			if off < newest {
-				s.catchUp[p] = newest
+			if err := s.noteCatchUp(client, p, off, -1); err != nil {
+				return err
 			}
 		}
 	}
@@ -670,6 +678,70 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 		}
 	}
 	return nil
+}
+
+// noteCatchUp notes the offset partition p, to be read from off, must be
+// read up to before the catch-up ends: the records a consumer of the
+// source's isolation level can read now (readableEnd), which are all its
+// predecessor can have sent. hwm is the partition's end if the caller has
+// it (reading uncommitted, that is the answer), or -1.
+func (s *sourceTask) noteCatchUp(client sarama.Client, p int32, off, hwm int64) error {
+	end := hwm
+	if end < 0 || s.isolation() == sarama.ReadCommitted {
+		var err error
+		if end, err = readableEnd(client, s.spec.GetTopic(), p, s.isolation()); err != nil {
+			return fmt.Errorf("source: end offset of %s/%d: %w", s.spec.GetTopic(), p, err)
+		}
+	}
+	if off < end {
+		s.catchUp[p] = end
+	}
+	return nil
+}
+
+// isolation is the isolation level of the source's reads: reading
+// committed, records of aborted transactions are skipped and records of
+// open ones wait until their transaction ends.
+func (s *sourceTask) isolation() sarama.IsolationLevel {
+	if s.spec.GetReadCommitted() {
+		return sarama.ReadCommitted
+	}
+	return sarama.ReadUncommitted
+}
+
+// readableEnd returns the offset up to which a consumer at isolation can
+// read topic/p now: the end of the partition (its high watermark) reading
+// uncommitted; reading committed, the last stable offset, below the first
+// record of a transaction still open. sarama's GetOffset asks only for the
+// first.
+func readableEnd(client sarama.Client, topic string, p int32, isolation sarama.IsolationLevel) (int64, error) {
+	if isolation != sarama.ReadCommitted {
+		return client.GetOffset(topic, p, sarama.OffsetNewest)
+	}
+	broker, err := client.Leader(topic, p)
+	if err != nil {
+		return 0, fmt.Errorf("leader of %s/%d: %w", topic, p, err)
+	}
+	req := sarama.NewOffsetRequest(client.Config().Version)
+	req.IsolationLevel = sarama.ReadCommitted
+	req.AddBlock(topic, p, sarama.OffsetNewest, 1)
+	resp, err := broker.GetAvailableOffsets(req)
+	if err != nil {
+		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, err)
+	}
+	block := resp.GetBlock(topic, p)
+	switch {
+	case block == nil:
+		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, sarama.ErrIncompleteResponse)
+	case errors.Is(block.Err, sarama.ErrNotLeaderForPartition) || errors.Is(block.Err, sarama.ErrUnknownTopicOrPartition):
+		_ = client.RefreshMetadata(topic) // for the next try
+		fallthrough
+	case !errors.Is(block.Err, sarama.ErrNoError):
+		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, block.Err)
+	case len(block.Offsets) != 1:
+		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, sarama.ErrIncompleteResponse)
+	}
+	return block.Offsets[0], nil
 }
 
 // partitionBounds returns the oldest offset and the end offset (next to be

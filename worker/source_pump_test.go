@@ -49,7 +49,7 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 	var wg sync.WaitGroup
 	start := func(task string, p int32) chan []*sarama.ConsumerMessage {
 		t.Helper()
-		lease, _, err := pool.acquire(brokers, "ids", "source")
+		lease, _, err := pool.acquire(brokers, sarama.ReadUncommitted, "ids", "source")
 		if err != nil {
 			t.Fatal(err)
 		}
