@@ -126,6 +126,9 @@ type (
 		Start       string   `json:"start,omitempty"`
 		Parallelism int      `json:"parallelism"`
 		Group       string   `json:"group,omitempty"`
+		// IsolationLevel is "read_committed" or "read_uncommitted" (the
+		// default, left out).
+		IsolationLevel string `json:"isolation_level,omitempty"`
 	}
 	operatorSpec struct {
 		Name           string `json:"name"`

@@ -32,25 +32,8 @@ func sinkJobSpec(brokers []string, interval, topic, delivery string) jobSpec {
 // outputs go to one partition, in order).
 func kcatCounts(t *testing.T, brokers []string, topic string, readCommitted bool) map[string][]int64 {
 	t.Helper()
-	kcat, err := exec.LookPath("kcat")
-	if err != nil {
-		t.Fatal("kcat is not installed (apt-get install kcat; .ci/run installs it): the sink tests read the output with it")
-	}
-	args := []string{"-b", strings.Join(brokers, ","), "-C", "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%k\\t%s\\n"}
-	if readCommitted {
-		args = append(args, "-X", "isolation.level=read_committed")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, kcat, args...).Output()
-	if err != nil {
-		t.Fatalf("kcat %s: %v", strings.Join(args, " "), err)
-	}
 	counts := map[string][]int64{}
-	for _, line := range strings.Split(strings.TrimSuffix(string(out), "\n"), "\n") {
-		if line == "" {
-			continue
-		}
+	for _, line := range kcatRecords(t, brokers, topic, readCommitted) {
 		word, value, ok := strings.Cut(line, "\t")
 		n, err := strconv.ParseInt(value, 10, 64)
 		if !ok || err != nil {
@@ -59,6 +42,36 @@ func kcatCounts(t *testing.T, brokers []string, topic string, readCommitted bool
 		counts[word] = append(counts[word], n)
 	}
 	return counts
+}
+
+// kcatRecords reads all of topic with kcat, read_committed or not, and
+// returns its records as key<TAB>value, partition by partition.
+func kcatRecords(t *testing.T, brokers []string, topic string, readCommitted bool) []string {
+	t.Helper()
+	kcat, err := exec.LookPath("kcat")
+	if err != nil {
+		t.Fatal("kcat is not installed (apt-get install kcat; .ci/run installs it): the sink tests read the output with it")
+	}
+	args := []string{"-b", strings.Join(brokers, ","), "-C", "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%k\\t%s\\n"}
+	// librdkafka's default is read_committed: say which, always.
+	if readCommitted {
+		args = append(args, "-X", "isolation.level=read_committed")
+	} else {
+		args = append(args, "-X", "isolation.level=read_uncommitted")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, kcat, args...).Output()
+	if err != nil {
+		t.Fatalf("kcat %s: %v", strings.Join(args, " "), err)
+	}
+	var lines []string
+	for _, line := range strings.Split(strings.TrimSuffix(string(out), "\n"), "\n") {
+		if line != "" {
+			lines = append(lines, line)
+		}
+	}
+	return lines
 }
 
 // exactlyOnceProblems compares the counts a read_committed consumer saw with
