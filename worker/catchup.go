@@ -172,7 +172,7 @@ func (s *sourceTask) probed(ctx context.Context, res catchUpProbe) error {
 	case !res.none:
 		return nil
 	}
-	s.log.Info("restored partial source: no records of data left below the end offset of a partition (transaction markers only); it is caught up",
+	s.log.Info("restored partial source: no records of data left below the end offset of a partition (transaction markers, or reading committed records of aborted transactions); it is caught up",
 		"partition", res.partition, "offset", res.from, "end", end)
 	return s.partitionCaughtUp(ctx, res.partition)
 }
