@@ -1,7 +1,10 @@
 package worker
 
 import (
+	"context"
+	"fmt"
 	"maps"
+	"slices"
 	"testing"
 	"time"
 
@@ -160,5 +163,28 @@ func TestProbeReadingCommitted(t *testing.T) {
 		if got, err := readableEnd(client, "in", 0, tc.level); err != nil || got != tc.want {
 			t.Errorf("readable end at isolation %d: %d, %v; want %d", tc.level, got, err, tc.want)
 		}
+	}
+}
+
+// TestReplayReadsCommitted: a source reading committed replays to a moved
+// map task what it was handed itself: the records of committed
+// transactions, not those of the aborted one, which the map task would
+// otherwise apply (task-scoped recovery).
+func TestReplayReadsCommitted(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"in": 1})
+	transactionalInput(t, brokers)
+	d := wordSourceDeploy(brokers, "in", []int32{0}, 1)
+	d.Source.ReadCommitted = true
+	s, fakes, _ := newTestSource(t, d, nil, nil)
+	s.offsets = map[int32]int64{0: 7} // read up to c at 6
+	if err := s.replay(context.Background(), 0, map[int32]int64{0: 0}); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, it := range fakes[0].decode(t).items {
+		got = append(got, fmt.Sprintf("%s@%d", it.key, it.off))
+	}
+	if want := []string{"a@0", "b@1", "c@6"}; !slices.Equal(got, want) {
+		t.Fatalf("replayed %v, want %v: the committed records below the source's offset", got, want)
 	}
 }

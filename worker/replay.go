@@ -323,7 +323,11 @@ type replayed struct {
 func (r *replayer) run(ctx context.Context, ranges map[int32][2]int64) error {
 	s := r.s
 	topic := s.spec.GetTopic()
-	client, err := sarama.NewClient(s.spec.GetBrokers(), kafkaConfig(s.env.cfg, s.env.kafka.clientID+"-replay"))
+	conf := kafkaConfig(s.env.cfg, s.env.kafka.clientID+"-replay")
+	// The replay hands over what the source was handed: reading committed,
+	// not the records of aborted transactions.
+	conf.Consumer.IsolationLevel = s.isolation()
+	client, err := sarama.NewClient(s.spec.GetBrokers(), conf)
 	if err != nil {
 		return fmt.Errorf("connect to brokers %v: %w", s.spec.GetBrokers(), err)
 	}

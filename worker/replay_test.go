@@ -164,7 +164,7 @@ func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tu
 		s.outputs = append(s.outputs, f)
 	}
 	if brokers := d.GetSource().GetBrokers(); len(brokers) > 0 {
-		lease, parts, err := env.kafka.acquire(brokers, sarama.ReadUncommitted, d.GetSource().GetTopic(), "source")
+		lease, parts, err := env.kafka.acquire(brokers, s.isolation(), d.GetSource().GetTopic(), "source")
 		if err != nil {
 			t.Fatal(err)
 		}
