@@ -533,7 +533,14 @@ type controlledKafka struct {
 
 func newControlledKafka(t *testing.T) controlledKafka {
 	t.Helper()
-	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	return newControlledKafkaOf(t, 1)
+}
+
+// newControlledKafkaOf is newControlledKafka with partitions partitions of
+// words.
+func newControlledKafkaOf(t *testing.T, partitions int32) controlledKafka {
+	t.Helper()
+	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(partitions, "words"))
 	if err != nil {
 		t.Fatalf("start kfake: %v", err)
 	}

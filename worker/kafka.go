@@ -49,9 +49,11 @@ type kafkaPool struct {
 
 	mu      sync.Mutex
 	clients map[string]*kafkaClient // by clientKey: broker set and isolation level
-	// closing holds a channel per client whose last lease was released,
-	// closed once its last offset commit and close, which run in the
-	// background (kafkaLease.release), are done.
+	// closing holds a channel per close running in the background, closed
+	// once it is done: a client's last offset commit and close after its
+	// last lease was released (kafkaLease.release), or a stopped task's
+	// partition consumers' closes before its lease goes
+	// (kafkaLease.releaseAfter).
 	closing []chan struct{}
 }
 
@@ -354,27 +356,76 @@ func (l *kafkaLease) release() {
 	kc := l.kc
 	p := kc.pool
 	p.mu.Lock()
-	kc.refs--
-	last := kc.refs == 0
+	last := l.drop()
 	var done chan struct{}
 	if last {
-		delete(p.clients, kc.key)
-		done = make(chan struct{})
-		p.closing = append(p.closing, done)
+		done = p.closingOne()
 	}
 	p.mu.Unlock()
 	if !last {
 		return
 	}
 	go func() {
-		defer func() {
-			p.mu.Lock()
-			p.closing = slices.DeleteFunc(p.closing, func(c chan struct{}) bool { return c == done })
-			p.mu.Unlock()
-			close(done)
-		}()
+		defer p.closed(done)
 		kc.close()
 	}()
+}
+
+// releaseAfter runs closers (of the lease's partition consumers), then
+// releases the lease, in the background: a partition consumer's close can
+// wait out the client's timeouts in an outage. Until then the client stays
+// in the pool (a task acquiring it meanwhile shares it), and the pool's wait
+// waits for it.
+func (l *kafkaLease) releaseAfter(closers []func()) {
+	if len(closers) == 0 {
+		l.release()
+		return
+	}
+	kc := l.kc
+	p := kc.pool
+	p.mu.Lock()
+	done := p.closingOne()
+	p.mu.Unlock()
+	go func() {
+		defer p.closed(done)
+		for _, c := range closers {
+			c()
+		}
+		p.mu.Lock()
+		last := l.drop()
+		p.mu.Unlock()
+		if last {
+			kc.close()
+		}
+	}()
+}
+
+// drop gives the lease's reference back and reports whether it was the
+// last, which takes the client out of the pool; p.mu is held.
+func (l *kafkaLease) drop() (last bool) {
+	kc := l.kc
+	kc.refs--
+	if kc.refs > 0 {
+		return false
+	}
+	delete(kc.pool.clients, kc.key)
+	return true
+}
+
+// closingOne registers a close in the background, which wait waits for;
+// p.mu is held. The caller passes the channel to closed when it is done.
+func (p *kafkaPool) closingOne() chan struct{} {
+	done := make(chan struct{})
+	p.closing = append(p.closing, done)
+	return done
+}
+
+// closed ends a close registered by closingOne.
+func (p *kafkaPool) closed(done chan struct{}) {
+	p.mu.Lock()
+	p.closing = slices.DeleteFunc(p.closing, func(c chan struct{}) bool { return c == done })
+	p.mu.Unlock()
+	close(done)
 }
 
 // close ends the client's commit loop, which commits once more, and closes

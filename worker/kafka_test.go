@@ -130,3 +130,63 @@ func TestKafkaPoolReleaseDoesNotWaitForAHungBroker(t *testing.T) {
 		t.Fatal("the released client did not close within a minute")
 	}
 }
+
+// TestKafkaLeaseReleaseAfterClosers: a stopped source's partition consumers
+// close in the background, and its lease is released only then: meanwhile
+// the client stays in the pool, shared with any task that acquires it, and
+// the pool's wait (a stopping worker's) waits for them.
+func TestKafkaLeaseReleaseAfterClosers(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	pool, lease := testLease(t, brokers, "words", 2*time.Second)
+	unblock := make(chan struct{})
+	closed := 0
+	returned := make(chan struct{})
+	go func() {
+		lease.releaseAfter([]func(){func() { <-unblock; closed++ }, func() { closed++ }})
+		close(returned)
+	}()
+	select {
+	case <-returned:
+	case <-time.After(waitTimeout):
+		t.Fatal("releaseAfter waited for its closers")
+	}
+	if pool.wait(50 * time.Millisecond) {
+		t.Fatal("the pool's wait did not wait for a close in the background")
+	}
+	key := clientKey(brokers, sarama.ReadUncommitted)
+	pool.mu.Lock()
+	kc := pool.clients[key]
+	pool.mu.Unlock()
+	if kc == nil || kc.refs != 1 {
+		t.Fatalf("client %v before the closers ended: want it in the pool with the lease's reference", kc)
+	}
+	again, _, err := pool.acquire(brokers, sarama.ReadUncommitted, "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.kc != kc {
+		t.Fatal("a task acquiring meanwhile got another client, want the one still in the pool")
+	}
+	close(unblock)
+	if !pool.wait(waitTimeout) {
+		t.Fatal("the closers did not end")
+	}
+	if closed != 2 {
+		t.Fatalf("%d closers ran, want 2", closed)
+	}
+	pool.mu.Lock()
+	refs := kc.refs
+	pool.mu.Unlock()
+	if refs != 1 {
+		t.Fatalf("%d references after the release, want the other task's 1", refs)
+	}
+	again.release()
+	if !pool.wait(waitTimeout) {
+		t.Fatal("the last release did not close the client")
+	}
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	if _, ok := pool.clients[key]; ok {
+		t.Fatal("the client is still in the pool after its last release")
+	}
+}

@@ -36,6 +36,7 @@ type metrics struct {
 	sinkTxns         *prometheus.CounterVec   // job, outcome: committed, recovered, ended_before, aborted_stale
 	sinkFenced       *prometheus.CounterVec   // job
 	lag              *prometheus.GaugeVec     // job, topic, partition
+	kafkaErrors      *prometheus.CounterVec   // job, topic
 	stateKeys        *prometheus.GaugeVec     // job, task
 	stateSize        *prometheus.GaugeVec     // job, task
 }
@@ -57,6 +58,10 @@ func newMetrics() *metrics {
 			Name: "coordflow_source_lag_records",
 			Help: "Per source partition, the records the job has yet to make exactly-once state: the partition's end offset (as the source last fetched it) minus the offset of the last completed checkpoint. Set at each completed checkpoint.",
 		}, []string{"job", "topic", "partition"}),
+		kafkaErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_source_kafka_errors_total",
+			Help: "Errors source tasks' partition consumers got from Kafka (fetches, leader lookups). A steady rate means a broker or the topic cannot be read; a partition that gets nothing else for -kafka-timeout fails its task.",
+		}, []string{"job", "topic"}),
 		stateKeys: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "coordflow_state_keys", Help: "Keys in a map task's state at its last checkpoint.",
 		}, []string{"job", "task"}),
@@ -116,7 +121,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_state_restored_files_total", Help: "State files restored map tasks read, from their local copies (from=local) or checkpoint storage (from=storage).",
 		}, []string{"job", "from"}),
 	}
-	m.registry.MustRegister(m.lag, m.stateKeys, m.stateSize, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.duplicates, m.checkpointsAcked, m.checkpointsDecl,
+	m.registry.MustRegister(m.lag, m.kafkaErrors, m.stateKeys, m.stateSize, m.offsetCommits, m.sinkTxns, m.sinkFenced, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.recordsIn, m.recordsOut, m.recordsSkipped, m.duplicates, m.checkpointsAcked, m.checkpointsDecl,
 		m.taskFailures, m.alignment, m.tasks, m.sessionOpen, m.leaderless, m.leaseExpiries, m.outboxDropped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -310,7 +310,19 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	if err != nil {
 		return err
 	}
-	defer lease.release()
+	// The partition consumers close, and the lease goes, after the task
+	// has stopped: closing a partition consumer waits for sarama to let go
+	// of it, which in a Kafka outage is a metadata refresh or a fetch that
+	// runs to the client's timeouts, longer than a stop may take. A
+	// stopping worker waits for them (kafkaPool.wait).
+	var r *partitionReaders
+	defer func() {
+		var closers []func()
+		if r != nil {
+			closers = r.closers
+		}
+		lease.releaseAfter(closers)
+	}()
 	defer s.forgetLag()
 	if err := s.resolveOffsets(lease.client, topicParts); err != nil {
 		return err
@@ -334,21 +346,17 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	}
 
 	loopCtx, stopLoop := context.WithCancel(ctx)
-	r := &partitionReaders{
+	r = &partitionReaders{
 		ctx: loopCtx, lease: lease,
 		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
 		consumers: make(map[int32]sarama.PartitionConsumer),
 	}
-	// Stop the pumps, the discovery and a catch-up probe, then the partition
-	// consumers, before the lease goes. A metadata refresh of the discovery
-	// or a probe's fetch in flight is waited for (at most the client's
-	// metadata and read timeouts).
+	// Stop the pumps, the discovery and a catch-up probe before the
+	// partition consumers close. A probe's fetch in flight is waited for (at
+	// most the client's read timeout); the discovery gives up its refresh.
 	defer func() {
 		stopLoop()
 		r.wg.Wait()
-		for _, c := range r.closers {
-			c()
-		}
 	}()
 	for _, p := range s.partitions {
 		if err := s.read(r, p); err != nil {
@@ -782,6 +790,7 @@ func partitionBounds(client sarama.Client, topic string, p int32) (oldest, newes
 func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsumer, merged chan<- []*sarama.ConsumerMessage, failed chan<- error) {
 	errs := pc.Errors()
 	window, cycle := s.env.cfg.KafkaTimeout, s.env.kafka.errorCycle
+	kafkaErrors := s.env.metrics.kafkaErrors.WithLabelValues(s.key.job, s.spec.GetTopic())
 	var failingSince, lastErr time.Time // both zero while records flow
 	var q pumpQueue
 	readAhead := time.NewTimer(pumpReadAhead)
@@ -840,6 +849,7 @@ func (s *sourceTask) pump(ctx context.Context, p int32, pc sarama.PartitionConsu
 				errs = nil
 				continue
 			}
+			kafkaErrors.Inc()
 			if q.head() != nil {
 				// Records wait for the loop: Kafka is not failing this
 				// partition throughout, whatever a later fetch says.
