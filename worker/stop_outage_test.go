@@ -13,7 +13,7 @@ import (
 // TestSourceStopDoesNotWaitForKafka: a source task stops at once while its
 // broker hangs, although closing its partition consumers then waits for
 // sarama's metadata refresh, which runs to the client's timeouts (several
-// seconds here, up to 22 s with the default -kafka-timeout: more than a
+// seconds here, about 30 s with the default -kafka-timeout: more than a
 // stop may take). The closes and the lease's release go on in the
 // background.
 func TestSourceStopDoesNotWaitForKafka(t *testing.T) {
