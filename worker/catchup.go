@@ -138,7 +138,7 @@ func (s *sourceTask) catchUpTick(r *partitionReaders) {
 		}
 		s.caught.probing = true
 		topic, client, results, isolation := s.spec.GetTopic(), r.lease.client, s.caught.probed, s.isolation()
-		r.wg.Go(func() {
+		r.probes.Go(func() {
 			none, err := dataBelow(client, topic, p, from, end, isolation)
 			select {
 			case results <- catchUpProbe{partition: p, from: from, none: none, err: err}:

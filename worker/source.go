@@ -313,13 +313,14 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	// The partition consumers close, and the lease goes, after the task
 	// has stopped: closing a partition consumer waits for sarama to let go
 	// of it, which in a Kafka outage is a metadata refresh or a fetch that
-	// runs to the client's timeouts, longer than a stop may take. A
-	// stopping worker waits for them (kafkaPool.wait).
+	// runs to the client's timeouts, longer than a stop may take; so may a
+	// catch-up probe's fetch. A stopping worker waits for them
+	// (kafkaPool.wait).
 	var r *partitionReaders
 	defer func() {
 		var closers []func()
 		if r != nil {
-			closers = r.closers
+			closers = append([]func(){r.probes.Wait}, r.closers...)
 		}
 		lease.releaseAfter(closers)
 	}()
@@ -351,9 +352,8 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
 		consumers: make(map[int32]sarama.PartitionConsumer),
 	}
-	// Stop the pumps, the discovery and a catch-up probe before the
-	// partition consumers close. A probe's fetch in flight is waited for (at
-	// most the client's read timeout); the discovery gives up its refresh.
+	// Stop the pumps and the discovery (which gives up its refresh) before
+	// the partition consumers close.
 	defer func() {
 		stopLoop()
 		r.wg.Wait()
@@ -431,7 +431,11 @@ type partitionReaders struct {
 	merged    chan []*sarama.ConsumerMessage
 	failed    chan error // a pump or consumer that failed the task
 	wg        sync.WaitGroup
-	closers   []func()
+	// probes are the catch-up's probes (catchUpTick), whose fetches do not
+	// end with ctx: the lease is released once they and the closers are
+	// done, in the background.
+	probes  sync.WaitGroup
+	closers []func()
 }
 
 // read starts reading partition p at s.offsets[p]. It may block up to
