@@ -41,7 +41,10 @@ func TestChainedJobsReadCommitted(t *testing.T) {
 	countSpec.Source.IsolationLevel = "read_committed"
 	copyJob := c.submitJob(t, copySpec)
 	countJob := c.submitJob(t, countSpec)
-	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[6_000:], 2_000)
+	// 18 s of input: the failpoint fires at the first pre-commit with
+	// records after it is armed, which must come before the input ends
+	// however slowly the jobs start.
+	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[6_000:], 1_000)
 	copyBefore := c.waitCheckpointed(t, copyJob)
 	c.waitCheckpointed(t, countJob)
 

@@ -265,7 +265,12 @@ func probeFetch(client sarama.Client, topic string, p int32, from, end int64, is
 			abortedFrom = abortedFrom[1:]
 		}
 		if b.Control {
-			delete(aborted, b.ProducerID) // the marker ends its transaction
+			// The marker ends its producer's transaction. Kafka's
+			// consumer clears the producer at an abort marker only; a
+			// producer runs one transaction at a time, so no commit marker
+			// of it falls inside an aborted one, and clearing at any
+			// marker needs no parsing of the control record.
+			delete(aborted, b.ProducerID)
 		}
 		if !b.Control && !(b.IsTransactional && aborted[b.ProducerID]) {
 			for _, rec := range b.Records {

@@ -28,7 +28,8 @@ func init() {
 // kafkaPool shares Kafka clients among this worker's source tasks, so that a
 // thousand lightly loaded tasks cost about what one consumer of a thousand
 // partitions costs: one sarama client (broker connections, metadata) per
-// broker set, and on it consumers whose fetch loop per broker serves every
+// broker set and isolation level (sarama's consumers read at their client's),
+// and on it consumers whose fetch loop per broker serves every
 // partition consumed through them. A consumer serves a topic partition once,
 // so a second task reading the same partition (another job, or the next
 // attempt overlapping the last) gets another consumer on the same client.
@@ -85,10 +86,11 @@ func newKafkaPool(cfg *Config, workerID string, log *slog.Logger, m *metrics) *k
 
 // kafkaClient is one shared client and what hangs on it.
 type kafkaClient struct {
-	pool   *kafkaPool
-	key    string
-	client sarama.Client
-	refs   int // under pool.mu
+	pool    *kafkaPool
+	key     string
+	brokers []string // as the first task gave them, for errors
+	client  sarama.Client
+	refs    int // under pool.mu
 
 	mu        sync.Mutex
 	consumers []*sharedConsumer
@@ -171,7 +173,7 @@ func (p *kafkaPool) acquire(brokers []string, isolation sarama.IsolationLevel, t
 			p.mu.Unlock()
 			client.Close() // another task won the race
 		} else {
-			kc = p.start(key, client)
+			kc = p.start(key, brokers, client)
 			p.mu.Unlock()
 		}
 	}
@@ -186,10 +188,10 @@ func (p *kafkaPool) acquire(brokers []string, isolation sarama.IsolationLevel, t
 
 // start registers a new shared client with one reference and starts its
 // committer; p.mu is held.
-func (p *kafkaPool) start(key string, client sarama.Client) *kafkaClient {
+func (p *kafkaPool) start(key string, brokers []string, client sarama.Client) *kafkaClient {
 	ctx, stop := context.WithCancel(context.Background())
 	kc := &kafkaClient{
-		pool: p, key: key, client: client, refs: 1,
+		pool: p, key: key, brokers: slices.Clone(brokers), client: client, refs: 1,
 		offsets:   make(map[string]map[string]map[int32]pendingCommit),
 		metaSem:   make(chan struct{}, 1),
 		refreshed: make(map[string]refreshResult),
@@ -253,7 +255,7 @@ func (l *kafkaLease) partitions(ctx context.Context, topic string, maxAge time.D
 	done := make(chan refreshResult, 1)
 	go func() {
 		defer func() { <-kc.metaSem }()
-		parts, err := topicPartitions(kc.client, topic, "source", strings.Split(kc.key, ","))
+		parts, err := topicPartitions(kc.client, topic, "source", kc.brokers)
 		r := refreshResult{at: time.Now(), parts: parts, err: err}
 		kc.refreshed[topic] = r
 		done <- r

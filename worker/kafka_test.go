@@ -48,6 +48,25 @@ func TestKafkaPoolSharesClients(t *testing.T) {
 	if refs := pool.clients[clientKey(brokers, sarama.ReadUncommitted)].refs; refs != 2 {
 		t.Fatalf("refs %d after a failed acquire, want 2", refs)
 	}
+	// A source reading committed gets a client of its own: sarama's
+	// consumers read at their client's isolation level.
+	rc, _, err := pool.acquire(brokers, sarama.ReadCommitted, "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rc.client == a.client || len(pool.clients) != 2 {
+		t.Fatalf("a lease reading committed shares the client reading uncommitted (%d clients)", len(pool.clients))
+	}
+	if got := rc.client.Config().Consumer.IsolationLevel; got != sarama.ReadCommitted {
+		t.Fatalf("the client reading committed has isolation level %d", got)
+	}
+	if got := a.client.Config().Consumer.IsolationLevel; got != sarama.ReadUncommitted {
+		t.Fatalf("the client reading uncommitted has isolation level %d", got)
+	}
+	rc.release()
+	if !pool.wait(waitTimeout) || len(pool.clients) != 1 {
+		t.Fatalf("%d clients after the lease reading committed was released, want 1", len(pool.clients))
+	}
 
 	// Both leases read partition 0 from the start: two consumers, one client.
 	for _, l := range []*kafkaLease{a, b} {

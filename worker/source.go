@@ -730,6 +730,21 @@ func readableEnd(client sarama.Client, topic string, p int32, isolation sarama.I
 	if isolation != sarama.ReadCommitted {
 		return client.GetOffset(topic, p, sarama.OffsetNewest)
 	}
+	// As GetOffset does: a failure (a leader that moved, one that does not
+	// know its offsets yet) refreshes the topic's metadata and tries once
+	// more.
+	off, err := lastStableOffset(client, topic, p)
+	if err != nil {
+		if rerr := client.RefreshMetadata(topic); rerr != nil {
+			return 0, fmt.Errorf("%w (metadata refresh: %w)", err, rerr)
+		}
+		off, err = lastStableOffset(client, topic, p)
+	}
+	return off, err
+}
+
+// lastStableOffset asks topic/p's leader for its last stable offset.
+func lastStableOffset(client sarama.Client, topic string, p int32) (int64, error) {
 	broker, err := client.Leader(topic, p)
 	if err != nil {
 		return 0, fmt.Errorf("leader of %s/%d: %w", topic, p, err)
@@ -739,15 +754,13 @@ func readableEnd(client sarama.Client, topic string, p int32, isolation sarama.I
 	req.AddBlock(topic, p, sarama.OffsetNewest, 1)
 	resp, err := broker.GetAvailableOffsets(req)
 	if err != nil {
+		_ = broker.Close() // reconnect on the next request, as sarama does
 		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, err)
 	}
 	block := resp.GetBlock(topic, p)
 	switch {
 	case block == nil:
 		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, sarama.ErrIncompleteResponse)
-	case errors.Is(block.Err, sarama.ErrNotLeaderForPartition) || errors.Is(block.Err, sarama.ErrUnknownTopicOrPartition):
-		_ = client.RefreshMetadata(topic) // for the next try
-		fallthrough
 	case !errors.Is(block.Err, sarama.ErrNoError):
 		return 0, fmt.Errorf("last stable offset of %s/%d: %w", topic, p, block.Err)
 	case len(block.Offsets) != 1:
