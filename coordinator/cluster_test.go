@@ -80,7 +80,7 @@ func TestClusterAPI(t *testing.T) {
 		for i, m := range members {
 			s := servers[i]
 			want := Member{ID: s.ID(), Role: transport.RoleCoordinator, GossipAddr: s.GossipAddr(), Status: StatusAlive,
-				RaftAddr: s.RaftAddr(), RPCAddr: s.RPCAddr(), HTTPAddr: s.HTTPAddr(), Voter: true}
+				RaftAddr: s.RaftAddr(), RPCAddr: s.RPCAddr(), HTTPAddr: s.HTTPAddr(), Voter: true, FeatureLevel: transport.FeatureLevel}
 			if m != want {
 				t.Errorf("member %d = %+v, want %+v", i, m, want)
 			}

@@ -168,6 +168,10 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	if err := s.coordinatorsSupport(spec); err != nil {
+		writeError(w, http.StatusConflict, err.Error())
+		return
+	}
 	if spec.Checkpoint.Storage == "" {
 		// The cluster default, fixed into the spec now so that every later
 		// leader uses the storage the job started with.

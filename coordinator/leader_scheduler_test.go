@@ -234,7 +234,8 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 	job("b", fsm.JobRestarting, "w1")
 	job("c", fsm.JobCancelled, "w1")
 	job("self", fsm.JobRunning, "w2")
-	got := l.placeable("self")
+	spec := testJobSpec(1, 1)
+	got, _ := l.placeable(spec, "self")
 	want := []workerSlots{{id: "w1", dataAddr: "w1:1", free: 3}, {id: "w2", dataAddr: "w2:1", free: 1}}
 	if !slices.Equal(got, want) {
 		t.Fatalf("placeable = %+v, want %+v", got, want)
@@ -242,10 +243,53 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 	// Job a stops running: its slots are free again, and the count follows.
 	l.jobs["a"].status = fsm.JobRestarting
 	l.account(l.jobs["a"])
-	got = l.placeable("self")
+	got, _ = l.placeable(spec, "self")
 	want = []workerSlots{{id: "w1", dataAddr: "w1:1", free: 4}, {id: "w2", dataAddr: "w2:1", free: 2}, {id: "w3", dataAddr: "w3:1", free: 1}}
 	if !slices.Equal(got, want) {
 		t.Fatalf("after a stops: placeable = %+v, want %+v", got, want)
+	}
+}
+
+// TestLeaderPlacesByFeatureLevel: a job reading committed is placed only on
+// workers whose build implements it (transport.FeatureLevel 1); an older
+// worker ignores the field and would read uncommitted. Its pending reason
+// names the workers left out. Other jobs go anywhere.
+func TestLeaderPlacesByFeatureLevel(t *testing.T) {
+	workers := []Member{
+		{ID: "w1", Slots: 4, DataAddr: "w1:1", FeatureLevel: 1},
+		{ID: "w2", Slots: 4, DataAddr: "w2:1"}, // an older build
+	}
+	env := leaderEnv{aliveWorkers: func() []Member { return workers }, now: time.Now}
+	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics())
+	for _, w := range workers {
+		l.sessions[w.ID] = &session{worker: w.ID}
+	}
+	plain := testJobSpec(1, 1)
+	if got, old := l.placeable(plain, ""); len(got) != 2 || old != nil {
+		t.Fatalf("a job reading uncommitted: placeable %+v, left out %v; want both workers", got, old)
+	}
+	committed := testJobSpec(1, 1)
+	committed.Source.IsolationLevel = fsm.IsolationReadCommitted
+	got, old := l.placeable(committed, "")
+	if want := []workerSlots{{id: "w1", dataAddr: "w1:1", free: 4}}; !slices.Equal(got, want) || !slices.Equal(old, []string{"w2"}) {
+		t.Fatalf("a job reading committed: placeable %+v, left out %v; want only w1, w2 left out", got, old)
+	}
+	tasks, err := assign(committed, 2, got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		if task.Worker != "w1" {
+			t.Fatalf("task %s placed on %s, whose build does not read committed", task.ID, task.Worker)
+		}
+	}
+	workers[0].FeatureLevel = 0
+	got, old = l.placeable(committed, "")
+	if len(got) != 0 {
+		t.Fatalf("no worker at the level: placeable %+v, want none", got)
+	}
+	if note := tooOldNote(committed, old); note != "; workers w1, w2 run a build too old for source.isolation_level read_committed: upgrade them" {
+		t.Fatalf("pending note %q", note)
 	}
 }
 

@@ -352,6 +352,7 @@ func (s *Server) observeMember(n *memberlist.Node, leave bool) {
 		rec.Role = meta.Role
 		rec.RaftAddr, rec.RPCAddr, rec.HTTPAddr, rec.Voter = meta.RaftAddr, meta.RPCAddr, meta.HTTPAddr, meta.Voter
 		rec.DataAddr, rec.Slots = meta.DataAddr, meta.Slots
+		rec.FeatureLevel = meta.FeatureLevel
 		rec.Problem = ""
 		// A leave keeps a mark set by a LeavingNotice that gossip has
 		// not yet delivered; a join or update (a comeback) resets it.
@@ -413,6 +414,9 @@ func (d gossipDelegate) NodeMeta(limit int) []byte {
 		HTTPAddr: s.httpAddr,
 		Voter:    s.cfg.Voter,
 		Leaving:  s.leaving.Load(),
+		// What jobs this coordinator's state keeps whole
+		// (supportsSpec).
+		FeatureLevel: transport.FeatureLevel,
 	}.Encode()
 	if err == nil && len(b) > limit {
 		err = fmt.Errorf("%d bytes exceed memberlist's limit of %d", len(b), limit)

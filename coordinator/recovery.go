@@ -59,9 +59,10 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	if bad, isBad := js.bad[restore.ID]; isBad {
 		return false, fmt.Sprintf("the newest checkpoint %d failed verification (%s)", restore.ID, bad)
 	}
-	placed, err := placeLost(lost, js.order, l.placeable(""), lostWorkers)
+	workers, old := l.placeable(js.spec, "")
+	placed, err := placeLost(lost, js.order, workers, lostWorkers)
 	if err != nil {
-		return false, err.Error()
+		return false, err.Error() + tooOldNote(js.spec, old)
 	}
 
 	attempt := js.attempt + 1

@@ -456,9 +456,9 @@ func (l *leader) tryDeploy(js *jobState, now time.Time) {
 	if js.lookup {
 		return
 	}
-	workers := l.placeable(js.id)
+	workers, old := l.placeable(js.spec, js.id)
 	if need, free := numTasks(js.spec), totalFree(workers); free < need {
-		l.setStatus(js, fsm.JobPending, slotsReason(need, free))
+		l.setStatus(js, fsm.JobPending, slotsReason(need, free)+tooOldNote(js.spec, old))
 		return
 	}
 	js.lookup = true
@@ -510,10 +510,11 @@ func (l *leader) onPartitions(r partitionsResult) {
 // and sends the deployments.
 func (l *leader) deploy(js *jobState, job fsm.Job, numPartitions int) {
 	now := l.env.now()
-	tasks, err := assign(js.spec, numPartitions, l.placeable(js.id))
+	workers, old := l.placeable(js.spec, js.id)
+	tasks, err := assign(js.spec, numPartitions, workers)
 	var slots *slotsError
 	if errors.As(err, &slots) {
-		l.setStatus(js, fsm.JobPending, slots.Error())
+		l.setStatus(js, fsm.JobPending, slots.Error()+tooOldNote(js.spec, old))
 		return
 	}
 	if err != nil {
@@ -602,24 +603,37 @@ type workerSlots struct {
 	free     int
 }
 
-// placeable returns the workers that are alive in gossip and have an open
-// session, with their free slots, leaving out the tasks of job exclude (which
-// is being redeployed). Slots in use come from l.used, kept by account: the
-// cost is in the number of workers, not of jobs.
-func (l *leader) placeable(exclude string) []workerSlots {
+// placeable returns the workers that are alive in gossip, have an open
+// session and are at the feature level a job of spec needs, with their free
+// slots, leaving out the tasks of job exclude (which is being redeployed);
+// and the ids of the workers left out for their level. Slots in use come
+// from l.used, kept by account: the cost is in the number of workers, not
+// of jobs.
+func (l *leader) placeable(spec fsm.JobSpec, exclude string) (workers []workerSlots, old []string) {
 	var alive []Member
 	for _, m := range l.env.aliveWorkers() {
 		if l.sessions[m.ID] != nil {
 			alive = append(alive, m)
 		}
 	}
+	alive, old = capableWorkers(spec, alive)
 	used := maps.Clone(l.used)
 	if js := l.jobs[exclude]; js != nil {
 		for _, w := range js.holds {
 			used[w]--
 		}
 	}
-	return freeSlots(alive, used)
+	return freeSlots(alive, used), old
+}
+
+// tooOldNote is what a pending job's reason adds when workers were left out
+// of its placement for their feature level.
+func tooOldNote(spec fsm.JobSpec, old []string) string {
+	if len(old) == 0 {
+		return ""
+	}
+	_, what := specFeatureLevel(spec)
+	return fmt.Sprintf("; workers %s run a build too old for %s: upgrade them", strings.Join(old, ", "), what)
 }
 
 // freeSlots returns each worker's slots minus those used (one per task of a

@@ -239,6 +239,9 @@ type Member struct {
 	Voter      bool   `json:"voter,omitempty"`
 	DataAddr   string `json:"data_addr,omitempty"`
 	Slots      int    `json:"slots,omitempty"`
+	// FeatureLevel is the member's transport.FeatureLevel: which jobs it
+	// can take part in (0: a build older than the field).
+	FeatureLevel int `json:"feature_level"`
 	// Problem says why the member is ignored (its gossip meta is invalid);
 	// its role is then "unknown".
 	Problem string `json:"problem,omitempty"`

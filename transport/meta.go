@@ -33,7 +33,23 @@ type NodeMeta struct {
 	// alike to event delegates (memberlist.Node.State is never set), so this
 	// mark is how peers tell "left" from "dead".
 	Leaving bool `json:"leaving,omitempty"`
+	// FeatureLevel is the FeatureLevel of the member's build; 0 from a
+	// build older than the field.
+	FeatureLevel int `json:"feature_level,omitempty"`
 }
+
+// FeatureLevel numbers what this build implements of what the whole cluster
+// must implement before a job may use it; it only grows. A leader places a
+// job's tasks only on workers at the level the job needs, and accepts the
+// job only if every coordinator is at it too, since an older coordinator
+// would drop the spec field from its copy of the state. The levels:
+//
+//  1. source.isolation_level (SourceSpec.read_committed).
+const FeatureLevel = 1
+
+// maxFeatureLevel bounds what a member may advertise: levels far beyond
+// any build are a forged or corrupt meta.
+const maxFeatureLevel = 1 << 16
 
 // Bounds of gossip metadata. Gossip is not authenticated without an
 // encryption key, and even with one a member's meta is only what it says of
@@ -110,6 +126,9 @@ func (m NodeMeta) Validate() error {
 			return &MetaError{Field: field, Reason: "set on a " + m.Role}
 		}
 		return nil
+	}
+	if m.FeatureLevel < 0 || m.FeatureLevel > maxFeatureLevel {
+		return &MetaError{Field: "feature_level", Reason: fmt.Sprintf("%d is outside 0..%d", m.FeatureLevel, maxFeatureLevel)}
 	}
 	switch m.Role {
 	case RoleCoordinator:

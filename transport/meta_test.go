@@ -45,6 +45,10 @@ func TestNodeMetaValidate(t *testing.T) {
 		{"bad http addr", with(coord, func(m *NodeMeta) { m.HTTPAddr = "x:99999" }), "http_addr"},
 		{"coordinator with slots", with(coord, func(m *NodeMeta) { m.Slots = 4 }), "slots"},
 		{"coordinator with data addr", with(coord, func(m *NodeMeta) { m.DataAddr = "127.0.0.1:1" }), "data_addr"},
+		{"feature level", with(worker, func(m *NodeMeta) { m.FeatureLevel = FeatureLevel }), ""},
+		{"coordinator feature level", with(coord, func(m *NodeMeta) { m.FeatureLevel = FeatureLevel }), ""},
+		{"negative feature level", with(worker, func(m *NodeMeta) { m.FeatureLevel = -1 }), "feature_level"},
+		{"huge feature level", with(coord, func(m *NodeMeta) { m.FeatureLevel = math.MaxInt }), "feature_level"},
 	} {
 		err := tc.meta.Validate()
 		var me *MetaError

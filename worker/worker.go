@@ -301,7 +301,7 @@ func New(cfg Config) (*Worker, error) {
 	}
 	transport.RegisterDataServer(w.dataSrv, w.data)
 
-	w.nodeMeta = transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots}
+	w.nodeMeta = transport.NodeMeta{Role: transport.RoleWorker, DataAddr: w.dataLis.Addr().String(), Slots: cfg.Slots, FeatureLevel: transport.FeatureLevel}
 	w.coords = newCoordDirectory()
 	w.meta, err = newMetaDelegate(w.nodeMeta)
 	if err == nil {

@@ -1,0 +1,58 @@
+package coordinator
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// readCommittedSpec is wordcountSpec reading committed.
+var readCommittedSpec = strings.Replace(wordcountSpec, `"parallelism": 2}`, `"parallelism": 2, "isolation_level": "read_committed"}`, 1)
+
+// TestSubmitNeedsCoordinatorsAtFeatureLevel: a job reading committed is
+// accepted only while every coordinator of the Raft configuration runs a
+// build that keeps source.isolation_level (an older one would drop it from
+// its copy of the state); the answer names those that do not, or whose
+// build is unknown. Jobs that need no newer feature are accepted anyway.
+func TestSubmitNeedsCoordinatorsAtFeatureLevel(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	if !strings.Contains(readCommittedSpec, "read_committed") {
+		t.Fatal("readCommittedSpec does not read committed")
+	}
+	submitJob(t, s, readCommittedSpec)
+
+	refused := func(want string) {
+		t.Helper()
+		var out struct {
+			Error string `json:"error"`
+		}
+		code := apiCall(t, s, http.MethodPost, "/v1/jobs", readCommittedSpec, &out)
+		if code != http.StatusConflict || !strings.Contains(out.Error, "source.isolation_level read_committed needs every coordinator at feature level 1") || !strings.Contains(out.Error, want) {
+			t.Fatalf("POST /v1/jobs reading committed: %d %q, want 409 naming %q", code, out.Error, want)
+		}
+		submitJob(t, s, wordcountSpec)
+	}
+
+	// A coordinator in the configuration that gossip never showed.
+	if err := s.raft.AddNonvoter("c-unseen", "127.0.0.1:1", 0, 10*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	refused("c-unseen (not seen in gossip)")
+	if err := s.raft.RemoveServer("c-unseen", 0, 10*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+
+	// One that gossip shows running an older build.
+	old := startGossipMember(t, "c-old", coordinatorMeta(t, "127.0.0.1:2"), nil, s.GossipAddr())
+	if old.joinErr != nil {
+		t.Fatal(old.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
+	if err := s.raft.AddNonvoter("c-old", raft.ServerAddress("127.0.0.1:2"), 0, 10*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	refused("c-old (feature level 0)")
+}
