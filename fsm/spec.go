@@ -478,8 +478,9 @@ func (s JobSpec) validate(knownOperator func(string) bool, sub *submission) erro
 			return err
 		}
 	}
-	// Left out is the default; given, it must be one of the two.
-	if l := s.Source.IsolationLevel; (l != "" || sub.gives("source.isolation_level")) && l != IsolationReadUncommitted && l != IsolationReadCommitted {
+	// Left out is the default; given, it must be one of the two. A rule of
+	// submissions only (Validate).
+	if l := s.Source.IsolationLevel; strict && (l != "" || sub.gives("source.isolation_level")) && l != IsolationReadUncommitted && l != IsolationReadCommitted {
 		return fieldErr("source.isolation_level", "must be %q or %q, not %s", IsolationReadUncommitted, IsolationReadCommitted, brief(l))
 	}
 	op := s.Operator
