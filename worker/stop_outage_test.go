@@ -1,10 +1,13 @@
 package worker
 
 import (
+	"net"
+	"strconv"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
@@ -49,5 +52,56 @@ func TestSourceStopDoesNotWaitForKafka(t *testing.T) {
 	// that waited for a refresh takes longer.
 	if took >= 3*time.Second {
 		t.Fatalf("the source took %v to stop: it waited for Kafka", took.Round(time.Millisecond))
+	}
+}
+
+// TestSourceRidesOutBrokerRestart: a broker that goes away and is back
+// within -kafka-timeout (a restart, which refuses connections meanwhile) does
+// not fail a source, also on a partition that gets no records, and the
+// source reads what is written after it.
+func TestSourceRidesOutBrokerRestart(t *testing.T) {
+	first, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	brokers := first.ListenAddrs()
+	_, portText, err := net.SplitHostPort(brokers[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = 5 * time.Second })
+	refs := mapRefs(128, w)
+	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
+	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	f.deploy(t, "w1", md)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	first.Close()
+	var reg prometheus.Gatherer = w.metrics.registry
+	waitFor(t, "the source to see the broker gone", func() bool {
+		return metricValue(t, reg, "coordflow_source_kafka_errors_total", map[string]string{"job": "j", "topic": "words"}) > 0
+	})
+	time.Sleep(time.Second) // the restart takes a while: errors keep coming
+	second, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.Ports(port), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatalf("start the broker again on port %d: %v", port, err)
+	}
+	t.Cleanup(second.Close)
+	produce(t, brokers, "words", []record{{value: "back again"}, {value: "again"}})
+
+	_, acks := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 2}, nil)
+	if state, _ := decodeKeyed(t, acks["map-0"].GetState()); state["again"] != 2 || state["back"] != 1 {
+		t.Fatalf("state %v after the restart, want back 1, again 2", state)
+	}
+	for _, m := range f.messages() {
+		if st := m.msg.GetStatus(); st != nil && st.GetPhase() == transport.TaskPhase_TASK_PHASE_FAILED {
+			t.Fatalf("task %s failed during the restart: %s", st.GetTask().GetTaskId(), st.GetReason())
+		}
 	}
 }
