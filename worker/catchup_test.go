@@ -56,6 +56,18 @@ func beginTxn(t *testing.T, brokers []string, topic, id string, values ...string
 	return p
 }
 
+// probeClient is a Kafka client of brokers for probes (dataBelow), closed
+// at the end of the test.
+func probeClient(t *testing.T, brokers []string) sarama.Client {
+	t.Helper()
+	client, err := sarama.NewClient(brokers, kafkaConfig(&Config{KafkaTimeout: 5 * time.Second}, "probe-test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	return client
+}
+
 // TestRestoredSourceCatchesUpToTransactionMarkers: a restored partial source
 // catches up to the end offsets its partitions had at its start before it
 // takes a checkpoint. A topic written in Kafka transactions (another job's
@@ -90,11 +102,7 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 	// (kfake writes a transaction's markers before EndTxn returns; Kafka
 	// writes them after, so there the end offsets would race.)
 	produceTxn(t, brokers, "in", "c", "d") // offsets 4-5, the marker 6
-	client, err := sarama.NewClient(brokers, kafkaConfig(&Config{KafkaTimeout: 5 * time.Second}, "probe-test"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	client := probeClient(t, brokers)
 	for _, tc := range []struct {
 		from, end int64
 		none      bool

@@ -575,13 +575,31 @@ func testLease(t *testing.T, brokers []string, topic string, kafkaTimeout time.D
 // deploys a wordcount job reading words/0 of brokers on it, running.
 func runningWordSource(t *testing.T, brokers []string) (*fakeCoord, *transport.DeployTask) {
 	t.Helper()
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = time.Second })
+	f, _, _, sd := wordJobOn(t, brokers, []int32{0}, time.Second)
+	return f, sd
+}
+
+// wordJobOn starts worker w1 with kafkaTimeout and deploys on it a
+// wordcount job j of one map task and one source reading parts of words on
+// brokers, both running; it returns the map and source deployments.
+func wordJobOn(t *testing.T, brokers []string, parts []int32, kafkaTimeout time.Duration) (f *fakeCoord, w *Worker, md, sd *transport.DeployTask) {
+	t.Helper()
+	f = newFakeCoord(t, true, "")
+	w = startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = kafkaTimeout })
 	refs := mapRefs(128, w)
-	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
-	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	md = mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
+	sd = sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", parts, refs)
 	f.deploy(t, "w1", md)
 	f.deploy(t, "w1", sd)
 	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
-	return f, sd
+	return f, w, md, sd
+}
+
+// waitKafkaErrors waits until job j's sources on w have had an error from
+// Kafka: what says what that shows.
+func waitKafkaErrors(t *testing.T, w *Worker, what string) {
+	t.Helper()
+	waitFor(t, what, func() bool {
+		return metricValue(t, w.metrics.registry, "coordflow_source_kafka_errors_total", map[string]string{"job": "j", "topic": "words"}) > 0
+	})
 }

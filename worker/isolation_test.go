@@ -6,7 +6,6 @@ import (
 	"maps"
 	"slices"
 	"testing"
-	"time"
 
 	"github.com/IBM/sarama"
 
@@ -127,11 +126,7 @@ func TestRestoredSourceCatchesUpReadingCommitted(t *testing.T) {
 func TestProbeReadingCommitted(t *testing.T) {
 	brokers := newKafka(t, map[string]int32{"in": 1})
 	transactionalInput(t, brokers)
-	client, err := sarama.NewClient(brokers, kafkaConfig(&Config{KafkaTimeout: 5 * time.Second}, "probe-test"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	client := probeClient(t, brokers)
 	for _, tc := range []struct {
 		from, end              int64
 		committed, uncommitted bool // none: no data below end

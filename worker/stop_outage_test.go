@@ -6,11 +6,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/coordflow/coordflow/transport"
-	"github.com/coordflow/coordflow/worker/operator"
 )
 
 // TestSourceStopDoesNotWaitForKafka: a source task stops at once while its
@@ -22,23 +20,13 @@ import (
 func TestSourceStopDoesNotWaitForKafka(t *testing.T) {
 	const parts = 8
 	kafka := newControlledKafkaOf(t, parts)
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = 2 * time.Second })
-	refs := mapRefs(128, w)
 	var all []int32
 	for p := range int32(parts) {
 		all = append(all, p)
 	}
-	sd := sourceDeploy("j", 1, 0, operator.WordCount, kafka.brokers, "words", all, refs)
-	f.deploy(t, "w1", mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0))
-	f.deploy(t, "w1", sd)
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
-
+	f, w, _, sd := wordJobOn(t, kafka.brokers, all, 2*time.Second)
 	kafka.hang()
-	var reg prometheus.Gatherer = w.metrics.registry
-	waitFor(t, "a fetch to time out", func() bool {
-		return metricValue(t, reg, "coordflow_source_kafka_errors_total", map[string]string{"job": "j", "topic": "words"}) > 0
-	})
+	waitKafkaErrors(t, w, "a fetch to time out")
 	// The partition consumers now back off (500 ms) and look for their
 	// leader again, in a metadata refresh that hangs: timing makes the
 	// close wait likely, not the result.
@@ -73,20 +61,9 @@ func TestSourceRidesOutBrokerRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = 5 * time.Second })
-	refs := mapRefs(128, w)
-	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
-	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
-	f.deploy(t, "w1", md)
-	f.deploy(t, "w1", sd)
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
-
+	f, w, md, sd := wordJobOn(t, brokers, []int32{0}, 5*time.Second)
 	first.Close()
-	var reg prometheus.Gatherer = w.metrics.registry
-	waitFor(t, "the source to see the broker gone", func() bool {
-		return metricValue(t, reg, "coordflow_source_kafka_errors_total", map[string]string{"job": "j", "topic": "words"}) > 0
-	})
+	waitKafkaErrors(t, w, "the source to see the broker gone")
 	time.Sleep(time.Second) // the restart takes a while: errors keep coming
 	second, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.Ports(port), kfake.SeedTopics(1, "words"))
 	if err != nil {
