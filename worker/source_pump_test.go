@@ -43,7 +43,8 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
+	m := newMetrics()
+	pool := newKafkaPool(&cfg, "w1", testLogger(t), m)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel() // before the cleanups: the pumps end, then their consumers close
 	var wg sync.WaitGroup
@@ -59,7 +60,7 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(closePC)
-		s := &sourceTask{env: &taskEnv{cfg: &cfg, kafka: pool}, spec: &transport.SourceSpec{Topic: "ids"}, log: testLogger(t).With("task", task)}
+		s := &sourceTask{env: &taskEnv{cfg: &cfg, kafka: pool, metrics: m}, spec: &transport.SourceSpec{Topic: "ids"}, log: testLogger(t).With("task", task)}
 		merged, failed := make(chan []*sarama.ConsumerMessage), make(chan error, 1)
 		wg.Go(func() { s.pump(ctx, p, pc, merged, failed) })
 		wg.Go(func() {
