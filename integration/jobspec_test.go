@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/coordflow/coordflow/transport"
 )
 
 // TestBadJobSpecs: bad specs are refused with a 400 that names the field; a
@@ -196,6 +198,17 @@ func TestBadJobSpecs(t *testing.T) {
 		for _, want := range []string{"coordinator", "worker", "c1", "c2", "c3", "w1"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("coordd members does not show %q:\n%s", want, out)
+			}
+		}
+		// Every member runs this build: its feature level is the fourth
+		// column.
+		for line := range strings.Lines(out) {
+			f := strings.Fields(line)
+			if len(f) < 4 || f[0] == "ID" {
+				continue
+			}
+			if want := strconv.Itoa(transport.FeatureLevel); f[3] != want {
+				t.Errorf("coordd members shows feature level %q for %s, want %s:\n%s", f[3], f[0], want, out)
 			}
 		}
 	})

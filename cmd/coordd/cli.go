@@ -167,7 +167,10 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 		Voter      bool   `json:"voter"`
 		DataAddr   string `json:"data_addr"`
 		Slots      int    `json:"slots"`
-		Problem    string `json:"problem"`
+		// FeatureLevel: which jobs the member can take part in
+		// (docs/operations.md, Feature levels).
+		FeatureLevel int    `json:"feature_level"`
+		Problem      string `json:"problem"`
 	}
 	if err := c.getJSON(ctx, "/v1/members", &members); err != nil {
 		return err
@@ -187,7 +190,7 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tROLE\tSTATUS\tGOSSIP\tADDRESSES")
+	fmt.Fprintln(tw, "ID\tROLE\tSTATUS\tLEVEL\tGOSSIP\tADDRESSES")
 	for _, m := range members {
 		var addrs string
 		switch m.Role {
@@ -204,7 +207,7 @@ func runMembers(args []string, stdout, stderr io.Writer) error {
 		default:
 			addrs = "ignored: " + m.Problem
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.Role, m.Status, m.GossipAddr, addrs)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", m.ID, m.Role, m.Status, m.FeatureLevel, m.GossipAddr, addrs)
 	}
 	return tw.Flush()
 }
