@@ -48,6 +48,8 @@ func (s *Server) coordinatorsSupport(spec fsm.JobSpec) error {
 		switch {
 		case !ok:
 			old = append(old, id+" (not seen in gossip)")
+		case m.Problem != "":
+			old = append(old, id+" (its gossip meta is invalid)")
 		case m.FeatureLevel < level:
 			old = append(old, fmt.Sprintf("%s (feature level %d)", id, m.FeatureLevel))
 		}
@@ -56,8 +58,60 @@ func (s *Server) coordinatorsSupport(spec fsm.JobSpec) error {
 		return nil
 	}
 	slices.Sort(old)
-	return fmt.Errorf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s. upgrade them first (docs/operations.md, Feature levels)",
-		what, level, transport.FeatureLevel, strings.Join(old, ", "))
+	return fmt.Errorf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s; upgrade them first (docs/operations.md, Feature levels)",
+		what, level, transport.FeatureLevel, named(old))
+}
+
+// neededFeatureLevel returns the highest feature level a job that is not
+// cancelled needs, what needs it and that job's id; level 0 when none needs
+// any. A coordinator joins the Raft configuration only at that level: it
+// would drop the field from its copy of those jobs.
+func (s *Server) neededFeatureLevel() (level int, what, job string) {
+	s.fsm.LiveSpecs(func(id string, spec fsm.JobSpec) bool {
+		if l, w := specFeatureLevel(spec); l > level {
+			level, what, job = l, w, id
+		}
+		return true
+	})
+	return level, what, job
+}
+
+// peerSupports returns an error unless coordinator m, about to join the Raft
+// configuration, is at the feature level the jobs need.
+func (s *Server) peerSupports(m Member, known bool) error {
+	level, what, job := s.neededFeatureLevel()
+	switch {
+	case level == 0:
+		return nil
+	case !known:
+		return fmt.Errorf("coordinator %s is not seen in gossip, so its feature level is unknown, and job %s needs level %d of every coordinator (%s)", m.ID, job, level, what)
+	case m.FeatureLevel < level:
+		return fmt.Errorf("coordinator %s runs a build at feature level %d, and job %s needs level %d of every coordinator (%s): an older coordinator would drop the field from its state; upgrade it first (docs/operations.md, Feature levels)",
+			m.ID, m.FeatureLevel, job, level, what)
+	}
+	return nil
+}
+
+// member returns the gossip record of member id.
+func (s *Server) member(id string) (Member, bool) {
+	for _, m := range s.Members() {
+		if m.ID == id {
+			return m, true
+		}
+	}
+	return Member{}, false
+}
+
+// maxNamed is how many members a reason names before "and N more": a
+// pending job's reason is replicated.
+const maxNamed = 5
+
+// named lists ids, the first maxNamed of them and how many more.
+func named(ids []string) string {
+	if len(ids) <= maxNamed {
+		return strings.Join(ids, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(ids[:maxNamed], ", "), len(ids)-maxNamed)
 }
 
 // capableWorkers returns the workers at the feature level spec needs, and

@@ -55,4 +55,39 @@ func TestSubmitNeedsCoordinatorsAtFeatureLevel(t *testing.T) {
 		t.Fatal(err)
 	}
 	refused("c-old (feature level 0)")
+
+	// Nor does add-peer take a coordinator below the level a job needs
+	// (a read_committed job exists), or one whose level is unknown.
+	older := startGossipMember(t, "c-older", coordinatorMeta(t, "127.0.0.1:3"), nil, s.GossipAddr())
+	if older.joinErr != nil {
+		t.Fatal(older.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-older", StatusAlive) })
+	for id, want := range map[string]string{
+		"c-older":  "coordinator c-older runs a build at feature level 0, and job wordcount-",
+		"c-nobody": "coordinator c-nobody is not seen in gossip, so its feature level is unknown",
+	} {
+		var out struct {
+			Error string `json:"error"`
+		}
+		code := apiCall(t, s, http.MethodPost, "/v1/raft/peers", map[string]any{"id": id, "address": "127.0.0.1:3", "voter": false}, &out)
+		if code != http.StatusConflict || !strings.Contains(out.Error, want) {
+			t.Errorf("POST /v1/raft/peers %s: %d %q, want 409 with %q", id, code, out.Error, want)
+		}
+		if _, ok := inRaft(s, id); ok {
+			t.Errorf("%s added to the raft configuration", id)
+		}
+	}
+}
+
+// TestNamedCapsTheList: a reason names at most maxNamed members and counts
+// the rest, since pending reasons are replicated.
+func TestNamedCapsTheList(t *testing.T) {
+	if got := named([]string{"w1", "w2"}); got != "w1, w2" {
+		t.Errorf("named two = %q", got)
+	}
+	ids := []string{"w1", "w2", "w3", "w4", "w5", "w6", "w7"}
+	if got, want := named(ids), "w1, w2, w3, w4, w5 and 2 more"; got != want {
+		t.Errorf("named seven = %q, want %q", got, want)
+	}
 }

@@ -647,6 +647,25 @@ func TestPeerAuthenticatedWithTLS(t *testing.T) {
 			t.Errorf("POST /v1/raft/peers %s at %s = %d %q, want 422", id, addr, code, out.Error)
 		}
 	}
+
+	// An authenticated coordinator on a build older than a job needs is
+	// not added: it would drop the job's field from its state.
+	if code := httpsCall(t, api, leader, http.MethodPost, "/v1/jobs", readCommittedSpec, nil); code != http.StatusCreated {
+		t.Fatalf("POST /v1/jobs reading committed = %d", code)
+	}
+	oldAddr := tlsListener(t, certs.issue(tlsutil.RoleCoordinator, "c7"))
+	if m := startGossipMember(t, "c7", coordinatorMeta(t, oldAddr), nil, c1.GossipAddr()); m.joinErr != nil {
+		t.Fatal(m.joinErr)
+	}
+	waitFor(t, 15*time.Second, func() error {
+		if len(logs.lines("not adding an authenticated coordinator", "member=c7", "feature level 0")) == 0 {
+			return errors.New("no refusal of c7 logged")
+		}
+		return nil
+	})
+	if srv, ok := inRaft(leader, "c7"); ok {
+		t.Errorf("c7, at feature level 0, is in the raft configuration: %+v", srv)
+	}
 	if os.Getenv("COORDFLOW_TEST_LOG") == "debug" {
 		t.Log(strings.Join(logs.lines("authenticat"), ""))
 	}

@@ -415,7 +415,7 @@ func (d gossipDelegate) NodeMeta(limit int) []byte {
 		Voter:    s.cfg.Voter,
 		Leaving:  s.leaving.Load(),
 		// What jobs this coordinator's state keeps whole
-		// (supportsSpec).
+		// (coordinatorsSupport).
 		FeatureLevel: transport.FeatureLevel,
 	}.Encode()
 	if err == nil && len(b) > limit {

@@ -180,6 +180,12 @@ func (r *raftReconciler) once(ctx context.Context) error {
 		if err := r.auth.check(ctx, m.ID, m.RaftAddr); err != nil {
 			continue // logged by check; tried again after peerAuthRetry
 		}
+		if !known {
+			if err := s.peerSupports(m, true); err != nil {
+				r.refuse(m, err)
+				continue
+			}
+		}
 		var fut raft.IndexFuture
 		if m.Voter {
 			fut = s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
@@ -221,6 +227,20 @@ func (r *raftReconciler) tellOperator(m Member, change string, srv raft.Server) 
 		msg = "coordinator in gossip asks to vote but is a nonvoter; without TLS the leader promotes none from gossip: to promote it, run " + cmd
 	}
 	r.s.logger.Warn(msg, "member", m.ID, "raft_addr", m.RaftAddr, "voter", m.Voter, "configured_addr", string(srv.Address))
+}
+
+// refuse logs, once per coordinator, address and feature level, that the
+// leader does not add an authenticated coordinator for err.
+func (r *raftReconciler) refuse(m Member, err error) {
+	key := fmt.Sprintf("refused@%s@%d", m.RaftAddr, m.FeatureLevel)
+	if r.told[m.ID] == key {
+		return
+	}
+	if len(r.told) >= maxPeerMemory {
+		clear(r.told)
+	}
+	r.told[m.ID] = key
+	r.s.logger.Warn("not adding an authenticated coordinator to the raft configuration", "member", m.ID, "raft_addr", m.RaftAddr, "err", err)
 }
 
 // apiAddPeer is the body of POST /v1/raft/peers.
@@ -281,6 +301,12 @@ func (s *Server) handleAddPeer(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusConflict, fmt.Sprintf("raft peer %s has address %s already", srv.ID, req.Address))
 			return
 		}
+	}
+	m, known := s.member(req.ID)
+	m.ID = req.ID
+	if err := s.peerSupports(m, known && m.Role == transport.RoleCoordinator); err != nil {
+		writeError(w, http.StatusConflict, "add peer: "+err.Error())
+		return
 	}
 	if err := s.checkNewPeer(r.Context(), req.ID, req.Address); err != nil {
 		writeError(w, http.StatusUnprocessableEntity, err.Error())

@@ -633,7 +633,7 @@ func tooOldNote(spec fsm.JobSpec, old []string) string {
 		return ""
 	}
 	_, what := specFeatureLevel(spec)
-	return fmt.Sprintf("; workers %s run a build too old for %s: upgrade them", strings.Join(old, ", "), what)
+	return fmt.Sprintf("; workers %s run a build too old for %s: upgrade them", named(old), what)
 }
 
 // freeSlots returns each worker's slots minus those used (one per task of a

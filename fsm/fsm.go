@@ -122,6 +122,24 @@ func (f *FSM) Jobs() []Job {
 	return jobs
 }
 
+// LiveSpecs calls yield with the id and spec of every job that is not
+// cancelled, in no order, until it returns false. It holds the FSM's read
+// lock meanwhile, so yield must be quick, must not call into the FSM, and
+// must not keep or change the spec's slices; it copies no job, for checks
+// over every job (the feature levels they need) that Jobs would make costly.
+func (f *FSM) LiveSpecs(yield func(id string, spec JobSpec) bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	for id, j := range f.state.Jobs {
+		if j.Status == JobCancelled {
+			continue
+		}
+		if !yield(id, j.Spec) {
+			return
+		}
+	}
+}
+
 // Job returns a copy of one job for the leader loop, which reads a job on
 // every event of it. Its completed and aborted checkpoints and its histories
 // are shared with the FSM, which never changes them (Job.sharedCopy): read

@@ -357,6 +357,13 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	defer func() {
 		stopLoop()
 		r.wg.Wait()
+		// Tell every partition consumer to stop now; their closes, which
+		// wait for sarama to let go of them, run in the background
+		// (releaseAfter). Closed one after another without this, each
+		// partition would go on retrying until the ones before it closed.
+		for _, pc := range r.consumers {
+			pc.AsyncClose()
+		}
 	}()
 	for _, p := range s.partitions {
 		if err := s.read(r, p); err != nil {

@@ -3,6 +3,7 @@ package worker
 import (
 	"net"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -52,6 +53,8 @@ func TestSourceRidesOutBrokerRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var closeFirst sync.Once
+	t.Cleanup(func() { closeFirst.Do(first.Close) })
 	brokers := first.ListenAddrs()
 	_, portText, err := net.SplitHostPort(brokers[0])
 	if err != nil {
@@ -62,7 +65,7 @@ func TestSourceRidesOutBrokerRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	f, w, md, sd := wordJobOn(t, brokers, []int32{0}, 5*time.Second)
-	first.Close()
+	closeFirst.Do(first.Close)
 	waitKafkaErrors(t, w, "the source to see the broker gone")
 	time.Sleep(time.Second) // the restart takes a while: errors keep coming
 	second, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.Ports(port), kfake.SeedTopics(1, "words"))

@@ -391,13 +391,14 @@ func (w *Worker) run(ctx context.Context) error {
 	// stops: it sends what is queued (for a bounded time) before it closes.
 	w.tasks.shutdown("worker shutting down")
 	stopSession()
-	// The tasks' Kafka clients close in the background after a last offset
-	// commit; give them a bounded time to send it.
+	// Leave first: the tasks are gone, and the wait below can last.
+	w.leaveGossip()
+	// The tasks' partition consumers and Kafka clients close in the
+	// background, the clients after a last offset commit; give them a
+	// bounded time.
 	if !w.tasks.env.kafka.wait(kafkaCloseTimeout) {
 		w.logger.Warn("Kafka clients still closing; their last offset commits may be lost (monitoring only)", "waited", kafkaCloseTimeout)
 	}
-
-	w.leaveGossip()
 	if err := w.members.Shutdown(); err != nil {
 		w.logger.Warn("shut down gossip", "err", err)
 	}
