@@ -138,7 +138,7 @@ func (s *sourceTask) catchUpTick(r *partitionReaders) {
 		}
 		s.caught.probing = true
 		topic, client, results, isolation := s.spec.GetTopic(), r.lease.client, s.caught.probed, s.isolation()
-		r.probes.Go(func() {
+		r.lingering.Go(func() {
 			none, err := dataBelow(client, topic, p, from, end, isolation)
 			select {
 			case results <- catchUpProbe{partition: p, from: from, none: none, err: err}:

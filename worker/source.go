@@ -314,13 +314,14 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	// has stopped: closing a partition consumer waits for sarama to let go
 	// of it, which in a Kafka outage is a metadata refresh or a fetch that
 	// runs to the client's timeouts, longer than a stop may take; so may a
-	// catch-up probe's fetch. A stopping worker waits for them
+	// catch-up probe's fetch or the discovery's offset lookup
+	// (partitionReaders.lingering). A stopping worker waits for them
 	// (kafkaPool.wait).
 	var r *partitionReaders
 	defer func() {
 		var closers []func()
 		if r != nil {
-			closers = append([]func(){r.probes.Wait}, r.closers...)
+			closers = append([]func(){r.lingering.Wait}, r.closers...)
 		}
 		lease.releaseAfter(closers)
 	}()
@@ -352,8 +353,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		merged: make(chan []*sarama.ConsumerMessage), failed: make(chan error, 1),
 		consumers: make(map[int32]sarama.PartitionConsumer),
 	}
-	// Stop the pumps and the discovery (which gives up its refresh) before
-	// the partition consumers close.
+	// Stop the pumps before the partition consumers close.
 	defer func() {
 		stopLoop()
 		r.wg.Wait()
@@ -374,7 +374,7 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 	if s.discovery > 0 {
 		found = make(chan []discovered)
 		known := slices.Clone(s.partitions)
-		r.wg.Go(func() { s.discover(loopCtx, lease, known, found) })
+		r.lingering.Go(func() { s.discover(loopCtx, lease, known, found) })
 	}
 
 	s.log.Info("source running", "offsets", s.offsets, "outputs", len(s.outputs), "group", s.group, "partition_discovery", s.discovery)
@@ -438,11 +438,13 @@ type partitionReaders struct {
 	merged    chan []*sarama.ConsumerMessage
 	failed    chan error // a pump or consumer that failed the task
 	wg        sync.WaitGroup
-	// probes are the catch-up's probes (catchUpTick), whose fetches do not
-	// end with ctx: the lease is released once they and the closers are
+	// lingering are the goroutines whose Kafka requests do not end with
+	// ctx: the catch-up's probes (catchUpTick) and the partition discovery,
+	// which looks up a new partition's earliest offset. The stop does not
+	// wait for them: the lease is released once they and the closers are
 	// done, in the background.
-	probes  sync.WaitGroup
-	closers []func()
+	lingering sync.WaitGroup
+	closers   []func()
 }
 
 // read starts reading partition p at s.offsets[p]. It may block up to
