@@ -70,7 +70,15 @@ type catchUpProgress struct {
 	seen    map[int32]int64
 	probing bool
 	probed  chan catchUpProbe
+	// passed is, per partition, how far probes from the partition's
+	// current offset have found no data: the next probe goes on from there
+	// rather than fetch the same bytes again, so a stretch of markers or
+	// aborted records longer than one probe reads is passed in several.
+	passed map[int32]probePassed
 }
+
+// probePassed says probes from offset from saw no data below to.
+type probePassed struct{ from, to int64 }
 
 // behind returns the records left to read before the catch-up ends.
 func (s *sourceTask) behind() int64 {
@@ -107,11 +115,13 @@ func perSecond(n int64, d time.Duration) int64 {
 // that sent nothing since the last look.
 const catchUpProbeEvery = time.Second
 
-// catchUpProbe is what a probe found about partition p from offset from.
+// catchUpProbe is what a probe found about partition p when the source's
+// offset in it was from.
 type catchUpProbe struct {
 	partition int32
 	from      int64
-	none      bool // no record of data in [from, end)
+	none      bool  // no record of data in [from, end)
+	passed    int64 // no record of data in [from, passed), when not none
 	err       error
 }
 
@@ -137,11 +147,15 @@ func (s *sourceTask) catchUpTick(r *partitionReaders) {
 			continue
 		}
 		s.caught.probing = true
+		start := from
+		if done, ok := s.caught.passed[p]; ok && done.from == from {
+			start = done.to
+		}
 		topic, client, results, isolation := s.spec.GetTopic(), r.lease.client, s.caught.probed, s.isolation()
 		r.lingering.Go(func() {
-			none, err := dataBelow(client, topic, p, from, end, isolation)
+			none, passed, err := dataBelow(client, topic, p, start, end, isolation)
 			select {
-			case results <- catchUpProbe{partition: p, from: from, none: none, err: err}:
+			case results <- catchUpProbe{partition: p, from: from, none: none, passed: passed, err: err}:
 			case <-r.ctx.Done():
 			}
 		})
@@ -162,6 +176,14 @@ func (s *sourceTask) probed(ctx context.Context, res catchUpProbe) error {
 	case !ok || s.offsets[res.partition] != res.from:
 		return nil // caught up or read on meanwhile
 	case res.err != nil:
+		if prev := s.caught.passed[res.partition]; res.passed > res.from && (prev.from != res.from || res.passed > prev.to) {
+			// Progress: the next probe goes on from here.
+			if s.caught.passed == nil {
+				s.caught.passed = make(map[int32]probePassed)
+			}
+			s.caught.passed[res.partition] = probePassed{from: res.from, to: res.passed}
+			return nil
+		}
 		// Every tick otherwise: the progress log repeats it.
 		if time.Since(s.caught.warned) >= catchUpLogEvery {
 			s.caught.warned = time.Now()
@@ -197,24 +219,25 @@ var errProbeShort = errors.New("could not read up to the end offset")
 // partition whose high watermark is below end, say, on a new leader),
 // probeFetches fetches, or batches sarama leaves out of its answers (batches
 // emptied by compaction) give an error wrapping errProbeShort, which the
-// caller retries later.
-func dataBelow(client sarama.Client, topic string, p int32, from, end int64, isolation sarama.IsolationLevel) (none bool, err error) {
+// caller retries later. With that error, passed is the offset below which it
+// saw no data: a retry can start there.
+func dataBelow(client sarama.Client, topic string, p int32, from, end int64, isolation sarama.IsolationLevel) (none bool, passed int64, err error) {
 	covered := from
 	for range probeFetches {
 		next, data, err := probeFetch(client, topic, p, covered, end, isolation)
 		switch {
 		case err != nil:
-			return false, err
+			return false, covered, err
 		case data:
-			return false, nil
+			return false, covered, nil
 		case next >= end:
-			return true, nil
+			return true, end, nil
 		case next <= covered:
-			return false, fmt.Errorf("%w: a fetch of %s/%d from %d returned nothing below %d", errProbeShort, topic, p, covered, end)
+			return false, covered, fmt.Errorf("%w: a fetch of %s/%d from %d returned nothing below %d", errProbeShort, topic, p, covered, end)
 		}
 		covered = next
 	}
-	return false, fmt.Errorf("%w: %d fetches of %s/%d read from %d to %d, below %d", errProbeShort, probeFetches, topic, p, from, covered, end)
+	return false, covered, fmt.Errorf("%w: %d fetches of %s/%d read from %d to %d, below %d", errProbeShort, probeFetches, topic, p, from, covered, end)
 }
 
 // probeFetch fetches topic/p from offset from at isolation and returns the
@@ -226,7 +249,11 @@ func probeFetch(client sarama.Client, topic string, p int32, from, end int64, is
 	if err != nil {
 		return 0, false, fmt.Errorf("leader of %s/%d: %w", topic, p, err)
 	}
-	req := &sarama.FetchRequest{Version: 4, MaxWaitTime: 0, MinBytes: 1, MaxBytes: probeFetchBytes, Isolation: isolation}
+	// The partition's bound is the one that applies, as in Kafka's
+	// consumer (fetch.max.bytes above max.partition.fetch.bytes): kfake
+	// leaves out the aborted transactions of a partition cut short by the
+	// request's bound.
+	req := &sarama.FetchRequest{Version: 4, MaxWaitTime: 0, MinBytes: 1, MaxBytes: 2 * probeFetchBytes, Isolation: isolation}
 	req.AddBlock(topic, p, from, probeFetchBytes, -1)
 	resp, err := broker.Fetch(req)
 	if err != nil {

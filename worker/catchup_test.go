@@ -113,13 +113,13 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 		{3, 4, true},  // the first marker only
 		{1, 3, false}, // records at 1 and 2
 	} {
-		none, err := dataBelow(client, "in", 0, tc.from, tc.end, sarama.ReadUncommitted)
+		none, _, err := dataBelow(client, "in", 0, tc.from, tc.end, sarama.ReadUncommitted)
 		if err != nil || none != tc.none {
 			t.Errorf("probe of [%d, %d): none %v, err %v; want none %v", tc.from, tc.end, none, err, tc.none)
 		}
 	}
 	// Beyond the high watermark it cannot say, and says so.
-	if none, err := dataBelow(client, "in", 0, 6, 9, sarama.ReadUncommitted); !errors.Is(err, errProbeShort) || none {
+	if none, _, err := dataBelow(client, "in", 0, 6, 9, sarama.ReadUncommitted); !errors.Is(err, errProbeShort) || none {
 		t.Errorf("probe of [6, 9) past the end of the partition (7): none %v, err %v; want errProbeShort", none, err)
 	}
 }
@@ -143,6 +143,20 @@ func TestCatchUpProbeAnswers(t *testing.T) {
 		if s.catchUp[0] != 30 || s.batches[0].table != nil || s.caught.probing {
 			t.Fatalf("after %+v: catch-up %v, combining %v, probing %v; want the catch-up to 30 going on and no probe running",
 				res, s.catchUp, s.batches[0].table != nil, s.caught.probing)
+		}
+	}
+	// A probe that could not see the end but passed offsets without data
+	// leaves where the next one starts, for this offset of the source only.
+	short := fmt.Errorf("%w: test", errProbeShort)
+	for _, res := range []catchUpProbe{
+		{partition: 0, from: 4, passed: 12, err: short},
+		{partition: 0, from: 4, passed: 9, err: short}, // behind the last: kept
+	} {
+		if err := s.probed(ctx, res); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := s.caught.passed[0], (probePassed{from: 4, to: 12}); got != want {
+			t.Fatalf("after %+v: probes passed %+v, want %+v", res, got, want)
 		}
 	}
 	if err := s.probed(ctx, catchUpProbe{partition: 0, from: 4, none: true}); err != nil {

@@ -2,9 +2,11 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/IBM/sarama"
@@ -141,14 +143,14 @@ func TestProbeReadingCommitted(t *testing.T) {
 			level sarama.IsolationLevel
 			want  bool
 		}{{sarama.ReadCommitted, tc.committed}, {sarama.ReadUncommitted, tc.uncommitted}} {
-			none, err := dataBelow(client, "in", 0, tc.from, tc.end, iso.level)
+			none, _, err := dataBelow(client, "in", 0, tc.from, tc.end, iso.level)
 			if err != nil || none != iso.want {
 				t.Errorf("probe of [%d, %d) at isolation %d: none %v, err %v; want none %v", tc.from, tc.end, iso.level, none, err, iso.want)
 			}
 		}
 	}
 	// The open transaction's record is beyond what reading committed sees.
-	if _, err := dataBelow(client, "in", 0, 8, 9, sarama.ReadCommitted); err == nil {
+	if _, _, err := dataBelow(client, "in", 0, 8, 9, sarama.ReadCommitted); err == nil {
 		t.Error("probe of [8, 9) reading committed, at the open transaction: no error, want errProbeShort")
 	}
 	for _, tc := range []struct {
@@ -158,6 +160,60 @@ func TestProbeReadingCommitted(t *testing.T) {
 		if got, err := readableEnd(client, "in", 0, tc.level); err != nil || got != tc.want {
 			t.Errorf("readable end at isolation %d: %d, %v; want %d", tc.level, got, err, tc.want)
 		}
+	}
+}
+
+// TestCatchUpPassesLongAbortedTransaction: a restored source reading
+// committed whose partition holds, up to its end, an aborted transaction of
+// more records than one probe reads (probeFetches fetches of
+// probeFetchBytes) ends its catch-up: each probe goes on from where the last
+// one stopped. Before, every probe started again at the source's offset and
+// the catch-up, with the checkpoints it holds, never ended.
+func TestCatchUpPassesLongAbortedTransaction(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"in": 1})
+	if err := beginTxn(t, brokers, "in", "committed", "a").CommitTxn(); err != nil { // a at 0, its marker 1
+		t.Fatalf("commit: %v", err)
+	}
+	// One record a batch, as a producer that flushes often writes them, so
+	// that no fetch returns more than about probeFetchBytes.
+	value := strings.Repeat("x", 1<<10)
+	records := 2 * probeFetches * probeFetchBytes / len(value)
+	p := beginTxn(t, brokers, "in", "aborted")
+	for i := range records {
+		msg := &sarama.ProducerMessage{Topic: "in", Partition: 0, Key: sarama.StringEncoder(fmt.Sprint(i)), Value: sarama.StringEncoder(value)}
+		if _, _, err := p.SendMessage(msg); err != nil {
+			t.Fatalf("produce record %d in a transaction: %v", i, err)
+		}
+	}
+	if err := p.AbortTxn(); err != nil {
+		t.Fatalf("abort: %v", err)
+	}
+	end := int64(2 + records + 1) // the aborted records from 2, then the abort marker
+
+	// One probe from the source's offset cannot see the end; it says how
+	// far it saw no data.
+	none, passed, err := dataBelow(probeClient(t, brokers), "in", 0, 1, end, sarama.ReadCommitted)
+	if !errors.Is(err, errProbeShort) || none || passed <= 1 || passed >= end {
+		t.Fatalf("one probe of [1, %d): none %v, passed %d, err %v; want errProbeShort having passed some of the aborted records", end, none, passed, err)
+	}
+
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	own := []*transport.MapTaskRef{{TaskId: "map-0", WorkerId: w.ID(), DataAddr: w.DataAddr(), KeyGroupStart: 0, KeyGroupEnd: 128}}
+	m0 := mapDeploy("job", 2, operator.Count, 1, 128, own, 0)
+	s0 := sourceDeploy("job", 2, 0, operator.Count, brokers, "in", []int32{0}, own)
+	s0.Source.ReadCommitted = true
+	s0.Partial, s0.RestoreCheckpointId, s0.RestoreOffsets = true, 1, map[int32]int64{0: 1}
+	for _, d := range []*transport.DeployTask{m0, s0} {
+		f.deploy(t, "w1", d)
+		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	}
+	f.trigger(t, "w1", s0.Task, 2)
+	if got := f.awaitAck(t, s0.Task, 2).GetState().GetOffsets()[0]; got != 1 {
+		t.Fatalf("checkpoint 2 acked at offset %d, want 1: no record handed over after a", got)
+	}
+	if state, _ := decodeKeyed(t, f.awaitAck(t, m0.Task, 2).GetState()); len(state) != 0 {
+		t.Fatalf("checkpoint 2: state %v, want none (restored after a, and the rest aborted)", state)
 	}
 }
 
