@@ -1,12 +1,14 @@
 package coordinator
 
 import (
+	"errors"
 	"maps"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
 )
 
 // TestLeaderDeployCarriesPartitionDiscovery: a source's deployment names the
@@ -29,7 +31,7 @@ func TestLeaderDeployCarriesPartitionDiscovery(t *testing.T) {
 		"map-0":    {Kind: fsm.TaskMap, Keyed: []byte("a"), KeyedSHA256: "x"},
 	}}
 	for i, want := range []map[int32]int64{{0: 10, 2: 3, 4: 0}, {1: 11, 3: 5}} {
-		d := buildDeploy(job, tasks[i], ck, "")
+		d := buildDeploy(job, tasks[i], ck, "", true)
 		if got := d.GetSource().GetPartitionDiscoveryMs(); got != int64(fsm.DefaultPartitionDiscovery/fsm.Duration(time.Millisecond)) {
 			t.Fatalf("source-%d: partition_discovery_ms %d, want the default", i, got)
 		}
@@ -51,7 +53,7 @@ func TestLeaderDeployCarriesPartitionDiscovery(t *testing.T) {
 	}
 	job3 := fsm.Job{ID: "j1", Spec: spec3, Attempt: 3, Tasks: tasks3}
 	for i, want := range []map[int32]int64{{0: 10, 3: 5}, {1: 11, 4: 0}, {2: 3}} {
-		d := buildDeploy(job3, tasks3[i], ck, "")
+		d := buildDeploy(job3, tasks3[i], ck, "", true)
 		if got := d.GetRestoreOffsets(); !maps.Equal(got, want) {
 			t.Fatalf("3 sources: source-%d: restore offsets %v, want %v", i, got, want)
 		}
@@ -81,9 +83,59 @@ func TestLeaderDeployCarriesIsolationLevel(t *testing.T) {
 			if task.Kind != fsm.TaskSource {
 				continue
 			}
-			if got := buildDeploy(job, task, nil, "").GetSource().GetReadCommitted(); got != tc.want {
+			if got := buildDeploy(job, task, nil, "", true).GetSource().GetReadCommitted(); got != tc.want {
 				t.Fatalf("isolation_level %q: %s deployed with read_committed %v, want %v", tc.level, task.ID, got, tc.want)
 			}
 		}
+	}
+}
+
+// TestLeaderDeploysDiscoveryOnlyWithCoordinatorsAtLevel: the leader turns
+// partition discovery on in the sources it deploys only while every
+// coordinator is at discoveryLevel. A build older than discovery rejects, in
+// its FSM, the checkpoints of a source reading a partition it discovered,
+// which the others accept: the replicas would differ. A coordinator whose
+// level is unknown, or a configuration that cannot be read, counts as older.
+func TestLeaderDeploysDiscoveryOnlyWithCoordinatorsAtLevel(t *testing.T) {
+	on := int64(fsm.DefaultPartitionDiscovery / fsm.Duration(time.Millisecond))
+	for _, tc := range []struct {
+		name  string
+		below func(level int) ([]string, error)
+		want  int64
+	}{
+		{"every coordinator at the level", func(int) ([]string, error) { return nil, nil }, on},
+		{"one older", func(level int) ([]string, error) {
+			if level != discoveryLevel {
+				t.Errorf("asked for coordinators below level %d, want %d", level, discoveryLevel)
+			}
+			return []string{"c3 (feature level 0)"}, nil
+		}, 0},
+		{"configuration unreadable", func(int) ([]string, error) { return nil, errors.New("raft is already shutdown") }, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newLeaderHarness(t)
+			h.l.env.coordinatorsBelow = tc.below
+			h.register("j1", testJobSpec(2, 2))
+			h.connect("w1", 4)
+			h.connect("w2", 4)
+			h.pastGrace()
+			h.step()
+			sources := 0
+			for _, w := range []string{"w1", "w2"} {
+				for _, m := range h.drain(w) {
+					d := m.GetDeploy()
+					if d.GetKind() != transport.TaskKind_TASK_KIND_SOURCE {
+						continue
+					}
+					sources++
+					if got := d.GetSource().GetPartitionDiscoveryMs(); got != tc.want {
+						t.Errorf("%s deployed with partition_discovery_ms %d, want %d", d.GetTask().GetTaskId(), got, tc.want)
+					}
+				}
+			}
+			if sources != 2 {
+				t.Fatalf("%d sources deployed, want 2", sources)
+			}
+		})
 	}
 }

@@ -25,6 +25,14 @@ func specFeatureLevel(spec fsm.JobSpec) (level int, what string) {
 	return 0, ""
 }
 
+// discoveryLevel is the feature level every coordinator needs before the
+// leader turns partition discovery on in the sources it deploys: a build
+// older than discovery rejects, in its FSM, a completion whose source states
+// name partitions beyond the assignment, while the others accept it, and
+// the replicas would then differ. Every build at level 1 has discovery; one
+// at level 0 may not.
+const discoveryLevel = 1
+
 // coordinatorsSupport returns an error naming the coordinators of the Raft
 // configuration below the feature level spec needs, or never seen in
 // gossip (whose level is unknown), and nil when there are none.
@@ -33,9 +41,24 @@ func (s *Server) coordinatorsSupport(spec fsm.JobSpec) error {
 	if level == 0 {
 		return nil
 	}
+	old, err := s.coordinatorsBelow(level)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	if len(old) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s; upgrade them first (docs/operations.md, Feature levels)",
+		what, level, transport.FeatureLevel, named(old))
+}
+
+// coordinatorsBelow returns, sorted, the coordinators of the Raft
+// configuration below feature level level or never seen in gossip, each
+// with why.
+func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 	f := s.raft.GetConfiguration()
 	if err := f.Error(); err != nil {
-		return fmt.Errorf("%s: read the Raft configuration to check the coordinators' versions: %w", what, err)
+		return nil, fmt.Errorf("read the Raft configuration to check the coordinators' versions: %w", err)
 	}
 	seen := make(map[string]Member)
 	for _, m := range s.Members() {
@@ -54,21 +77,23 @@ func (s *Server) coordinatorsSupport(spec fsm.JobSpec) error {
 			old = append(old, fmt.Sprintf("%s (feature level %d)", id, m.FeatureLevel))
 		}
 	}
-	if len(old) == 0 {
-		return nil
-	}
 	slices.Sort(old)
-	return fmt.Errorf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s; upgrade them first (docs/operations.md, Feature levels)",
-		what, level, transport.FeatureLevel, named(old))
+	return old, nil
 }
 
 // neededFeatureLevel returns the highest feature level a job that is not
-// cancelled needs, what needs it and that job's id; level 0 when none needs
-// any. A coordinator joins the Raft configuration only at that level: it
-// would drop the field from its copy of those jobs.
+// cancelled needs of a coordinator joining the Raft configuration, what
+// needs it and that job's id; level 0 when none needs any. Below its spec's
+// level, the joining coordinator would drop the field from its copy of the
+// job; below discoveryLevel, it would reject the checkpoints of a source
+// reading a partition it discovered, which any live job may have.
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
 	s.fsm.LiveSpecs(func(id string, spec fsm.JobSpec) bool {
-		if l, w := specFeatureLevel(spec); l > level {
+		l, w := specFeatureLevel(spec)
+		if l < discoveryLevel {
+			l, w = discoveryLevel, "partition discovery"
+		}
+		if l > level {
 			level, what, job = l, w, id
 		}
 		return true
@@ -86,7 +111,7 @@ func (s *Server) peerSupports(m Member, known bool) error {
 	case !known:
 		return fmt.Errorf("coordinator %s is not seen in gossip, so its feature level is unknown, and job %s needs level %d of every coordinator (%s)", m.ID, job, level, what)
 	case m.FeatureLevel < level:
-		return fmt.Errorf("coordinator %s runs a build at feature level %d, and job %s needs level %d of every coordinator (%s): an older coordinator would drop the field from its state; upgrade it first (docs/operations.md, Feature levels)",
+		return fmt.Errorf("coordinator %s runs a build at feature level %d, and job %s needs level %d of every coordinator (%s): an older coordinator's state would differ from the others'; upgrade it first (docs/operations.md, Feature levels)",
 			m.ID, m.FeatureLevel, job, level, what)
 	}
 	return nil

@@ -80,6 +80,38 @@ func TestSubmitNeedsCoordinatorsAtFeatureLevel(t *testing.T) {
 	}
 }
 
+// TestAddPeerNeedsDiscoveryLevelWhileJobsLive: while any job is live, its
+// sources may read partitions they discovered, whose checkpoints a build
+// older than discovery rejects in its FSM: add-peer refuses a coordinator
+// below discoveryLevel, even for jobs that need no newer spec field. With no
+// job, the feature level is not what keeps it out.
+func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	old := startGossipMember(t, "c-old", coordinatorMeta(t, "127.0.0.1:3"), nil, s.GossipAddr())
+	if old.joinErr != nil {
+		t.Fatal(old.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
+	addPeer := func() (int, string) {
+		var out struct {
+			Error string `json:"error"`
+		}
+		code := apiCall(t, s, http.MethodPost, "/v1/raft/peers", map[string]any{"id": "c-old", "address": "127.0.0.1:1", "voter": false}, &out)
+		return code, out.Error
+	}
+	if code, msg := addPeer(); code == http.StatusConflict {
+		t.Fatalf("add-peer of a level 0 coordinator without jobs: %d %q, want no feature-level refusal", code, msg)
+	}
+	submitJob(t, s, wordcountSpec)
+	code, msg := addPeer()
+	if code != http.StatusConflict || !strings.Contains(msg, "needs level 1 of every coordinator (partition discovery)") {
+		t.Fatalf("add-peer of a level 0 coordinator with a job live: %d %q, want 409 naming partition discovery", code, msg)
+	}
+	if _, ok := inRaft(s, "c-old"); ok {
+		t.Fatal("c-old added to the raft configuration")
+	}
+}
+
 // TestNamedCapsTheList: a reason names at most maxNamed members and counts
 // the rest, since pending reasons are replicated.
 func TestNamedCapsTheList(t *testing.T) {

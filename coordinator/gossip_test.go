@@ -129,7 +129,13 @@ func workerMeta(t *testing.T, slots int) []byte {
 // raftAddr.
 func coordinatorMeta(t *testing.T, raftAddr string) []byte {
 	t.Helper()
-	b, err := transport.NodeMeta{Role: transport.RoleCoordinator, RaftAddr: raftAddr, RPCAddr: "127.0.0.1:7101", HTTPAddr: "127.0.0.1:7201", Voter: true}.Encode()
+	return coordinatorMetaAt(t, raftAddr, 0)
+}
+
+// coordinatorMetaAt is coordinatorMeta of a build at feature level level.
+func coordinatorMetaAt(t *testing.T, raftAddr string, level int) []byte {
+	t.Helper()
+	b, err := transport.NodeMeta{Role: transport.RoleCoordinator, RaftAddr: raftAddr, RPCAddr: "127.0.0.1:7101", HTTPAddr: "127.0.0.1:7201", Voter: true, FeatureLevel: level}.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -583,8 +589,10 @@ func TestPeerAuthenticatedWithTLS(t *testing.T) {
 		"c5": tlsListener(t, certs.issue(tlsutil.RoleWorker, "c5")),              // a worker's certificate
 		"c6": tlsListener(t, newTestPKI(t).issue(tlsutil.RoleCoordinator, "c6")), // another CA
 	}
+	// The fakes claim the current build, so that only their
+	// authentication keeps them out.
 	for id, addr := range fakes {
-		if m := startGossipMember(t, id, coordinatorMeta(t, addr), nil, c1.GossipAddr()); m.joinErr != nil {
+		if m := startGossipMember(t, id, coordinatorMetaAt(t, addr, transport.FeatureLevel), nil, c1.GossipAddr()); m.joinErr != nil {
 			t.Fatal(m.joinErr)
 		}
 	}
@@ -608,7 +616,7 @@ func TestPeerAuthenticatedWithTLS(t *testing.T) {
 	}
 
 	// A fake that names the real c2's Raft address under its own id.
-	if m := startGossipMember(t, "c9", coordinatorMeta(t, c2.RaftAddr()), nil, c1.GossipAddr()); m.joinErr != nil {
+	if m := startGossipMember(t, "c9", coordinatorMetaAt(t, c2.RaftAddr(), transport.FeatureLevel), nil, c1.GossipAddr()); m.joinErr != nil {
 		t.Fatal(m.joinErr)
 	}
 	fakes["c9"] = c2.RaftAddr()

@@ -65,6 +65,9 @@ type leaderEnv struct {
 	// checkSink asks an exactly-once sink's brokers whether they support
 	// transactions; nil checks nothing.
 	checkSink func(ctx context.Context, brokers []string) error
+	// coordinatorsBelow lists the coordinators of the Raft configuration
+	// below a feature level or of unknown level; nil finds none.
+	coordinatorsBelow func(level int) ([]string, error)
 	// failpoint is Config.Failpoint.
 	failpoint func(name string)
 	// probe pings a gossip member once, directly, and returns the round
@@ -92,21 +95,22 @@ func serverEnv(s *Server) leaderEnv {
 		submit: func(t fsm.CommandType, data []byte, done func(any, error)) {
 			s.committer.submit(t, data, func(res any, _ uint64, err error) { done(res, err) })
 		},
-		jobs:         s.fsm.Jobs,
-		job:          s.fsm.Job,
-		members:      s.Members,
-		aliveWorkers: s.aliveWorkers,
-		partitions:   kafkaPartitions,
-		checkSink:    kafkaSinkCheck,
-		failpoint:    s.cfg.Failpoint,
-		probe:        s.probeMember,
-		refused:      s.portsRefused,
-		leaderID:     s.cfg.ID,
-		term:         s.raft.CurrentTerm,
-		now:          time.Now,
-		jitter:       rand.Float64,
-		collect:      s.collector.collect,
-		savepoint:    s.fsm.Savepoint,
+		jobs:              s.fsm.Jobs,
+		job:               s.fsm.Job,
+		members:           s.Members,
+		aliveWorkers:      s.aliveWorkers,
+		partitions:        kafkaPartitions,
+		checkSink:         kafkaSinkCheck,
+		coordinatorsBelow: s.coordinatorsBelow,
+		failpoint:         s.cfg.Failpoint,
+		probe:             s.probeMember,
+		refused:           s.portsRefused,
+		leaderID:          s.cfg.ID,
+		term:              s.raft.CurrentTerm,
+		now:               time.Now,
+		jitter:            rand.Float64,
+		collect:           s.collector.collect,
+		savepoint:         s.fsm.Savepoint,
 	}
 }
 

@@ -327,7 +327,7 @@ func TestLeaderBuildDeployCarriesRestoreState(t *testing.T) {
 		"map-1":    {Kind: fsm.TaskMap, Keyed: []byte("b"), KeyedSHA256: "hb"},
 		"map-0":    {Kind: fsm.TaskMap, Keyed: []byte("a"), KeyedSHA256: "ha"},
 	}}
-	src := buildDeploy(job, tasks[1], ck, "")
+	src := buildDeploy(job, tasks[1], ck, "", true)
 	if src.GetTask().GetAttempt() != 3 || src.GetKind() != transport.TaskKind_TASK_KIND_SOURCE || src.GetIndex() != 1 {
 		t.Fatalf("source deploy header = %v", src)
 	}
@@ -340,7 +340,7 @@ func TestLeaderBuildDeployCarriesRestoreState(t *testing.T) {
 	if src.GetNumSources() != 2 || len(src.GetMapTasks()) != 2 || src.GetMapTasks()[1].GetDataAddr() != tasks[3].DataAddr {
 		t.Fatalf("source routing = %d sources, map tasks %v", src.GetNumSources(), src.GetMapTasks())
 	}
-	m := buildDeploy(job, tasks[2], ck, "")
+	m := buildDeploy(job, tasks[2], ck, "", true)
 	blobs := m.GetRestoreKeyed()
 	if len(blobs) != 2 || blobs[0].GetTaskId() != "map-0" || string(blobs[1].GetData()) != "b" || blobs[1].GetSha256() != "hb" {
 		t.Fatalf("map restore blobs = %v", blobs)
@@ -348,7 +348,7 @@ func TestLeaderBuildDeployCarriesRestoreState(t *testing.T) {
 	if len(m.GetRestoreOffsets()) != 0 || m.GetSink().GetTopic() != "counts" {
 		t.Fatalf("map deploy = %v", m)
 	}
-	if fresh := buildDeploy(job, tasks[0], nil, ""); fresh.GetRestoreCheckpointId() != 0 || len(fresh.GetRestoreOffsets()) != 0 {
+	if fresh := buildDeploy(job, tasks[0], nil, "", true); fresh.GetRestoreCheckpointId() != 0 || len(fresh.GetRestoreOffsets()) != 0 {
 		t.Fatalf("fresh deploy restores: %v", fresh)
 	}
 }

@@ -193,6 +193,7 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 		return // cannot be: the FSM checked it; the deploy timeout restarts the job
 	}
 	log := l.jobLogger(js)
+	discover := l.discovers(log)
 	restored := make(map[string]bool, len(ids))
 	for _, id := range ids {
 		restored[id] = true
@@ -201,7 +202,7 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 		if !restored[t.ID] {
 			continue
 		}
-		d := buildDeploy(job, t, restore, "")
+		d := buildDeploy(job, t, restore, "", discover)
 		d.Partial = true
 		if !l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: d}}) {
 			log.Warn("no session to deploy restored task to", "task", t.ID, "worker", t.Worker)

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"math"
 	"slices"
@@ -588,8 +589,9 @@ func (l *leader) deployed(js *jobState, attempt uint64, now time.Time, numPartit
 		log.Warn("deploying from an older checkpoint", "note", note)
 	}
 	log.Info("deploying job", "tasks", len(job.Tasks), "partitions", numPartitions, "restore_checkpoint", js.restoredFrom, "reason", reason)
+	discover := l.discovers(log)
 	for _, t := range job.Tasks {
-		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore, restoreStorage)}}
+		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore, restoreStorage, discover)}}
 		if !l.sendTo(t.Worker, msg) {
 			log.Warn("no session to deploy task to", "task", t.ID, "worker", t.Worker)
 		}
@@ -762,11 +764,32 @@ func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
 		"checkpoint", js.restoredFrom, "task", tv.task.ID, "reason", tv.reason)
 }
 
+// discovers reports whether the sources deployed now may read partitions
+// added to their topic: only while every coordinator is at discoveryLevel.
+// Otherwise it logs why not to log; the job's next deployment looks again.
+func (l *leader) discovers(log *slog.Logger) bool {
+	if l.env.coordinatorsBelow == nil {
+		return true
+	}
+	old, err := l.env.coordinatorsBelow(discoveryLevel)
+	if err == nil && len(old) == 0 {
+		return true
+	}
+	log.Warn("deploying without partition discovery: a coordinator older than it would reject the checkpoints of a source reading an added partition; partitions added meanwhile are read from the job's next deployment on",
+		"older_coordinators", named(old), "err", err)
+	return false
+}
+
 // buildDeploy returns the DeployTask of task t of job's current attempt,
 // restoring from checkpoint restore (nil: start fresh), whose files are in
-// restoreStorage when that is not empty (a savepoint's directory).
-func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorage string) *transport.DeployTask {
+// restoreStorage when that is not empty (a savepoint's directory). Its
+// sources read partitions added to the topic if discover is set (discovers).
+func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorage string, discover bool) *transport.DeployTask {
 	spec := job.Spec
+	var discovery time.Duration
+	if discover {
+		discovery = spec.Source.PartitionDiscoveryInterval()
+	}
 	d := &transport.DeployTask{
 		Task:           &transport.TaskRef{JobId: job.ID, Attempt: job.TaskAttempt(t), TaskId: t.ID},
 		Kind:           protoKind(t.Kind),
@@ -782,7 +805,7 @@ func buildDeploy(job fsm.Job, t fsm.Task, restore *fsm.Checkpoint, restoreStorag
 			Group:      cmp.Or(spec.Source.Group, fsm.DefaultGroupPrefix+spec.Name),
 			// The source reads partitions added to the topic after this
 			// assignment itself (docs/protocol.md, Partition discovery).
-			PartitionDiscoveryMs: spec.Source.PartitionDiscoveryInterval().Milliseconds(),
+			PartitionDiscoveryMs: discovery.Milliseconds(),
 			ReadCommitted:        spec.Source.ReadCommitted(),
 		},
 		NumSources:   int32(spec.Source.Parallelism),
