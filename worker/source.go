@@ -454,10 +454,16 @@ func (s *sourceTask) read(r *partitionReaders, p int32) error {
 	if err != nil {
 		return fmt.Errorf("source: consume %s/%d from offset %d: %w", s.spec.GetTopic(), p, s.offsets[p], err)
 	}
+	s.pumpFrom(r, p, pc, closePC)
+	return nil
+}
+
+// pumpFrom makes pc, which closePC closes, partition p's consumer, and
+// starts its pump.
+func (s *sourceTask) pumpFrom(r *partitionReaders, p int32, pc sarama.PartitionConsumer, closePC func()) {
 	r.closers = append(r.closers, closePC)
 	r.consumers[p] = pc
 	r.wg.Go(func() { s.pump(r.ctx, p, pc, r.merged, r.failed) })
-	return nil
 }
 
 // header is the channel header of the output to map task mt: the map
@@ -481,10 +487,13 @@ func (s *sourceTask) owns(p int32) bool {
 }
 
 // discovered is a partition added to the topic that the source owns, with
-// the earliest offset it starts reading at.
+// the earliest offset it starts reading at and a consumer reading from there,
+// which closePC closes.
 type discovered struct {
 	partition int32
 	offset    int64
+	pc        sarama.PartitionConsumer
+	closePC   func()
 }
 
 // discover runs beside the task loop until ctx ends. Every half discovery
@@ -493,8 +502,12 @@ type discovered struct {
 // partition is seen within one interval of its creation), and hands the
 // loop the partitions it owns that are not in known, each with its earliest
 // offset: everything written to a new partition is the job's input, also
-// what came before the source saw it. Errors are logged and the look is
-// retried: a topic that went away fails the task through its pumps.
+// what came before the source saw it. It also makes their partition
+// consumers, whose start asks Kafka for the partition's offsets: in an
+// outage that takes up to the client's timeouts, which must hold up
+// neither the task loop nor its stop (partitionReaders.lingering). Errors
+// are logged and the look is retried: a topic that went away fails the task
+// through its pumps.
 func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []int32, found chan<- []discovered) {
 	topic := s.spec.GetTopic()
 	every := s.discovery / 2
@@ -524,7 +537,12 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 				s.log.Warn("partition discovery: earliest offset of a new partition failed; retrying", "partition", p, "err", err)
 				continue
 			}
-			batch = append(batch, discovered{partition: p, offset: off})
+			pc, closePC, err := lease.consume(topic, p, off)
+			if err != nil {
+				s.log.Warn("partition discovery: reading a new partition failed; retrying", "partition", p, "offset", off, "err", err)
+				continue
+			}
+			batch = append(batch, discovered{partition: p, offset: off, pc: pc, closePC: closePC})
 		}
 		if len(batch) == 0 {
 			continue
@@ -532,6 +550,12 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 		select {
 		case found <- batch:
 		case <-ctx.Done():
+			for _, d := range batch {
+				d.pc.AsyncClose()
+			}
+			for _, d := range batch {
+				d.closePC()
+			}
 			return
 		}
 		for _, d := range batch {
@@ -544,21 +568,20 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 // every ack names their offsets; a checkpoint taken before has none, and a
 // restore from it starts them at their earliest offset again, before
 // anything of theirs is in the restored state.
-func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) error {
+func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) {
 	for _, d := range batch {
 		if _, ok := s.offsets[d.partition]; ok {
+			d.pc.AsyncClose()
+			r.closers = append(r.closers, d.closePC)
 			continue
 		}
 		s.offsets[d.partition] = d.offset
 		s.startOffsets[d.partition] = d.offset
 		s.partitions = append(s.partitions, d.partition)
 		slices.Sort(s.partitions)
-		if err := s.read(r, d.partition); err != nil {
-			return err
-		}
+		s.pumpFrom(r, d.partition, d.pc, d.closePC)
 		s.log.Info("reading a partition added to the topic", "partition", d.partition, "offset", d.offset)
 	}
-	return nil
 }
 
 // resolveOffsets chooses the partitions to read and sets the start offset
@@ -1079,9 +1102,7 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 		case err := <-r.failed:
 			return err
 		case batch := <-found:
-			if err := s.readDiscovered(r, batch); err != nil {
-				return err
-			}
+			s.readDiscovered(r, batch)
 		case msgs := <-records:
 			for _, msg := range msgs {
 				if err := s.process(ctx, msg); err != nil {

@@ -2,14 +2,18 @@ package worker
 
 import (
 	"net"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/worker/operator"
 )
 
 // TestSourceStopDoesNotWaitForKafka: a source task stops at once while its
@@ -83,5 +87,60 @@ func TestSourceRidesOutBrokerRestart(t *testing.T) {
 		if st := m.msg.GetStatus(); st != nil && st.GetPhase() == transport.TaskPhase_TASK_PHASE_FAILED {
 			t.Fatalf("task %s failed during the restart: %s", st.GetTask().GetTaskId(), st.GetReason())
 		}
+	}
+}
+
+// TestSourceStopDoesNotWaitForNewPartition: a source stops at once while
+// the partition consumer of a partition it just discovered is starting and
+// Kafka does not answer: sarama's start of a partition consumer asks for the
+// partition's offsets, which in an outage runs to the client's timeouts and
+// retries. It starts in the discovery's goroutine, not on the task loop.
+func TestSourceStopDoesNotWaitForNewPartition(t *testing.T) {
+	kc, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "words"))
+	if err != nil {
+		t.Fatalf("start kfake: %v", err)
+	}
+	t.Cleanup(kc.Close)
+	brokers := kc.ListenAddrs()
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, func(c *Config) { c.KafkaTimeout = 2 * time.Second })
+	refs := mapRefs(128, w)
+	md := mapDeploy("j", 1, operator.WordCount, 1, 128, refs, 0)
+	sd := sourceDeploy("j", 1, 0, operator.WordCount, brokers, "words", []int32{0}, refs)
+	sd.NumSources, sd.Source.PartitionDiscoveryMs = 1, 200
+	for _, d := range []*transport.DeployTask{md, sd} {
+		f.deploy(t, "w1", d)
+		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	}
+
+	// The discovery's lookup of the new partition's earliest offset is
+	// answered; every lookup of its offsets after that, the partition
+	// consumer's, is read and never answered.
+	var lookups atomic.Int32
+	kc.Control(func(req kmsg.Request) (kmsg.Response, error, bool) {
+		kc.KeepControl()
+		lo, ok := req.(*kmsg.ListOffsetsRequest)
+		if !ok || !slices.ContainsFunc(lo.Topics, func(rt kmsg.ListOffsetsRequestTopic) bool {
+			return slices.ContainsFunc(rt.Partitions, func(rp kmsg.ListOffsetsRequestTopicPartition) bool { return rp.Partition == 1 })
+		}) {
+			return nil, nil, false
+		}
+		if lookups.Add(1) == 1 {
+			return nil, nil, false
+		}
+		return nil, nil, true
+	})
+	addPartitions(t, brokers, "words", 2)
+	waitFor(t, "the new partition's consumer to ask for its offsets", func() bool { return lookups.Load() >= 2 })
+
+	began := time.Now()
+	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: sd.Task, Reason: "test"}}})
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_CANCELLED)
+	took := time.Since(began)
+	t.Logf("cancelled %v after the cancel", took.Round(time.Millisecond))
+	// A lookup times out after 2 s (-kafka-timeout) and sarama retries it:
+	// a stop that waited for the start takes longer.
+	if took >= 2*time.Second {
+		t.Fatalf("the source took %v to stop: it waited for the new partition's consumer to start", took.Round(time.Millisecond))
 	}
 }
