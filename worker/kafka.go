@@ -60,21 +60,26 @@ type kafkaPool struct {
 
 // wait waits up to timeout for the clients being closed, so that a worker
 // that shuts down sends their last offset commits; it reports whether they
-// all closed.
+// all closed. Closes that begin while it waits (a task that outlived its
+// stop timeout releasing its lease late) are waited for too.
 func (p *kafkaPool) wait(timeout time.Duration) bool {
-	p.mu.Lock()
-	closing := slices.Clone(p.closing)
-	p.mu.Unlock()
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
-	for _, done := range closing {
-		select {
-		case <-done:
-		case <-deadline.C:
-			return false
+	for {
+		p.mu.Lock()
+		closing := slices.Clone(p.closing)
+		p.mu.Unlock()
+		if len(closing) == 0 {
+			return true
+		}
+		for _, done := range closing {
+			select {
+			case <-done:
+			case <-deadline.C:
+				return false
+			}
 		}
 	}
-	return true
 }
 
 func newKafkaPool(cfg *Config, workerID string, log *slog.Logger, m *metrics) *kafkaPool {

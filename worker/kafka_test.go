@@ -209,3 +209,40 @@ func TestKafkaLeaseReleaseAfterClosers(t *testing.T) {
 		t.Fatal("the client is still in the pool after its last release")
 	}
 }
+
+// TestKafkaPoolWaitSeesLateCloses: a stopping worker's wait for the
+// background closes also waits for one that begins while it waits, as when a
+// task that outlived its stop timeout releases its lease late.
+func TestKafkaPoolWaitSeesLateCloses(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	pool, first := testLease(t, brokers, "words", 2*time.Second)
+	late, _, err := pool.acquire(brokers, sarama.ReadUncommitted, "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unblockFirst, unblockLate := make(chan struct{}), make(chan struct{})
+	// The late close begins just before the first one ends, after the
+	// wait below has begun.
+	first.releaseAfter([]func(){func() {
+		<-unblockFirst
+		late.releaseAfter([]func(){func() { <-unblockLate }})
+	}})
+	waited := make(chan bool, 1)
+	go func() { waited <- pool.wait(waitTimeout) }()
+	time.Sleep(50 * time.Millisecond) // lets the wait begin first; the checks below hold either way
+	close(unblockFirst)
+	select {
+	case ok := <-waited:
+		t.Fatalf("the wait returned (%v) while a close that began during it was still running", ok)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(unblockLate)
+	select {
+	case ok := <-waited:
+		if !ok {
+			t.Fatal("the wait timed out")
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("the wait did not return after every close ended")
+	}
+}
