@@ -152,6 +152,23 @@ func TestLeaderTaskRecoveryFallsBack(t *testing.T) {
 			t.Fatalf("status %s reason %q, want a restart saying the tasks cannot be placed", j.Status, j.Reason)
 		}
 	})
+	// A restored source must read the partitions the lost one may have
+	// discovered, which the surviving map tasks applied: without discovery
+	// (a coordinator below its level, or one not seen in gossip) they would
+	// be read again, from the earliest, once discovery is back.
+	t.Run("discovery cannot be on", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		h.connect("w3", 4)
+		job := h.startJob("j1", testJobSpec(2, 2))
+		h.completeCheckpoint("j1")
+		h.l.env.coordinatorsBelow = func(int) ([]string, error) { return []string{"c3 (not seen in gossip)"}, nil }
+		h.setMember(taskByID(job, "source-0").Worker, StatusDead, 4)
+		h.step()
+		j := h.job("j1")
+		if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "partition discovery cannot be on in a restored source (coordinators below feature level 1: c3 (not seen in gossip))") {
+			t.Fatalf("status %s reason %q, want a job restart saying discovery cannot be on", j.Status, j.Reason)
+		}
+	})
 	t.Run("a task failed by itself", func(t *testing.T) {
 		h := newLeaderHarness(t)
 		h.connect("w3", 4)

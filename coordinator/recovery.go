@@ -59,6 +59,19 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	if bad, isBad := js.bad[restore.ID]; isBad {
 		return false, fmt.Sprintf("the newest checkpoint %d failed verification (%s)", restore.ID, bad)
 	}
+	// A lost source may have read partitions it discovered, and the
+	// surviving map tasks applied their records: its successor must read
+	// them too, from the checkpoint's offsets or, added since, from the
+	// earliest, where they would otherwise be read again later.
+	for _, tv := range lost {
+		if tv.task.Kind != fsm.TaskSource {
+			continue
+		}
+		if why := l.discoveryBlocked(); why != "" {
+			return false, "partition discovery cannot be on in a restored source (" + why + "), and the lost one may have read partitions it discovered"
+		}
+		break
+	}
 	workers, old := l.placeable(js.spec, "")
 	placed, err := placeLost(lost, js.order, workers, lostWorkers)
 	if err != nil {
@@ -193,7 +206,6 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 		return // cannot be: the FSM checked it; the deploy timeout restarts the job
 	}
 	log := l.jobLogger(js)
-	discover := l.discovers(log)
 	restored := make(map[string]bool, len(ids))
 	for _, id := range ids {
 		restored[id] = true
@@ -202,7 +214,9 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 		if !restored[t.ID] {
 			continue
 		}
-		d := buildDeploy(job, t, restore, "", discover)
+		// recoverTasks checked that discovery may be on: a restored
+		// source needs it whenever the lost one may have had it.
+		d := buildDeploy(job, t, restore, "", true)
 		d.Partial = true
 		if !l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: d}}) {
 			log.Warn("no session to deploy restored task to", "task", t.ID, "worker", t.Worker)

@@ -765,19 +765,33 @@ func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
 }
 
 // discovers reports whether the sources deployed now may read partitions
-// added to their topic: only while every coordinator is at discoveryLevel.
-// Otherwise it logs why not to log; the job's next deployment looks again.
+// added to their topic (discoveryBlocked), and logs to log why not.
+// Otherwise the job's next deployment looks again.
 func (l *leader) discovers(log *slog.Logger) bool {
-	if l.env.coordinatorsBelow == nil {
-		return true
-	}
-	old, err := l.env.coordinatorsBelow(discoveryLevel)
-	if err == nil && len(old) == 0 {
+	why := l.discoveryBlocked()
+	if why == "" {
 		return true
 	}
 	log.Warn("deploying without partition discovery: a coordinator older than it would reject the checkpoints of a source reading an added partition; partitions added meanwhile are read from the job's next deployment on",
-		"older_coordinators", named(old), "err", err)
+		"why", why)
 	return false
+}
+
+// discoveryBlocked says why partition discovery may not be on in the
+// sources deployed now, "" when it may: only while every coordinator is at
+// discoveryLevel.
+func (l *leader) discoveryBlocked() string {
+	if l.env.coordinatorsBelow == nil {
+		return ""
+	}
+	old, err := l.env.coordinatorsBelow(discoveryLevel)
+	switch {
+	case err != nil:
+		return err.Error()
+	case len(old) > 0:
+		return fmt.Sprintf("coordinators below feature level %d: %s", discoveryLevel, named(old))
+	}
+	return ""
 }
 
 // buildDeploy returns the DeployTask of task t of job's current attempt,

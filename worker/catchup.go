@@ -75,6 +75,7 @@ type catchUpProgress struct {
 	// rather than fetch the same bytes again, so a stretch of markers or
 	// aborted records longer than one probe reads is passed in several.
 	passed map[int32]probePassed
+	goOn   bool // the last probe got further: probe on (probed)
 }
 
 // probePassed says probes from offset from saw no data below to.
@@ -100,7 +101,7 @@ func (s *sourceTask) logCatchUp() {
 	s.log.Info("restored partial source still catching up; the job's checkpoints wait for it",
 		"records_left", left, "records_read", s.caught.behind-left, "for", took.Round(time.Millisecond),
 		"records_per_second", perSecond(s.caught.behind-left, took), "waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond),
-		"offsets", s.offsets, "until", s.catchUp)
+		"offsets", s.offsets, "until", s.catchUp, "probes_passed", s.caught.passed)
 }
 
 // perSecond returns n per d, truncated, 0 for no time.
@@ -139,35 +140,46 @@ func (s *sourceTask) catchUpTick(r *partitionReaders) {
 	if s.caught.probing {
 		return
 	}
-	for p, end := range s.catchUp {
+	for p := range s.catchUp {
 		from := s.offsets[p]
 		idle := s.caught.seen[p] == from
 		s.caught.seen[p] = from
 		if !idle {
 			continue
 		}
-		s.caught.probing = true
-		start := from
-		if done, ok := s.caught.passed[p]; ok && done.from == from {
-			start = done.to
-		}
-		topic, client, results, isolation := s.spec.GetTopic(), r.lease.client, s.caught.probed, s.isolation()
-		r.lingering.Go(func() {
-			none, passed, err := dataBelow(client, topic, p, start, end, isolation)
-			select {
-			case results <- catchUpProbe{partition: p, from: from, none: none, passed: passed, err: err}:
-			case <-r.ctx.Done():
-			}
-		})
+		s.probe(r, p)
 		return
 	}
 }
 
+// probe starts a probe of partition p, which is catching up, from where
+// the last probes from its offset stopped (catchUpProgress.passed).
+func (s *sourceTask) probe(r *partitionReaders, p int32) {
+	from, end := s.offsets[p], s.catchUp[p]
+	start := from
+	if done, ok := s.caught.passed[p]; ok && done.from == from {
+		start = done.to
+	}
+	s.caught.probing = true
+	topic, client, results, isolation := s.spec.GetTopic(), r.lease.client, s.caught.probed, s.isolation()
+	r.lingering.Go(func() {
+		none, passed, err := dataBelow(client, topic, p, start, end, isolation)
+		select {
+		case results <- catchUpProbe{partition: p, from: from, none: none, passed: passed, err: err}:
+		case <-r.ctx.Done():
+		}
+	})
+}
+
 // probed ends partition res.partition's catch-up if the probe found no data
 // below its end offset and the partition has sent nothing since: every
-// record of data below the end is then processed.
+// record of data below the end is then processed. A probe that got further
+// than the last without seeing the end sets caught.goOn: the caller probes
+// on at once rather than at the next tick, so a long stretch without data
+// takes a probe's time per probeFetches fetches, not a tick's.
 func (s *sourceTask) probed(ctx context.Context, res catchUpProbe) error {
 	s.caught.probing = false
+	s.caught.goOn = false
 	if s.catchUp == nil {
 		return nil
 	}
@@ -182,6 +194,7 @@ func (s *sourceTask) probed(ctx context.Context, res catchUpProbe) error {
 				s.caught.passed = make(map[int32]probePassed)
 			}
 			s.caught.passed[res.partition] = probePassed{from: res.from, to: res.passed}
+			s.caught.goOn = true
 			return nil
 		}
 		// Every tick otherwise: the progress log repeats it.

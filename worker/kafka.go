@@ -56,20 +56,45 @@ type kafkaPool struct {
 	// partition consumers' closes before its lease goes
 	// (kafkaLease.releaseAfter).
 	closing []chan struct{}
+	// changed, when not nil, is closed at the next change of clients or
+	// closing, for wait.
+	changed chan struct{}
 }
 
-// wait waits up to timeout for the clients being closed, so that a worker
-// that shuts down sends their last offset commits; it reports whether they
-// all closed. Closes that begin while it waits (a task that outlived its
-// stop timeout releasing its lease late) are waited for too.
-func (p *kafkaPool) wait(timeout time.Duration) bool {
+// wait waits up to timeout for the closes running in the background, also
+// those that begin while it waits, and reports whether they all ended.
+func (p *kafkaPool) wait(timeout time.Duration) bool { return p.settle(timeout, false) }
+
+// drain is wait for a worker that shuts down, whose tasks have been told to
+// stop: it also waits for the leases still held, and the closes their
+// releases begin, so that their last offset commits are sent. A task that
+// outlived its stop timeout releases its lease late.
+func (p *kafkaPool) drain(timeout time.Duration) bool { return p.settle(timeout, true) }
+
+// settle waits, up to timeout, until no close runs in the background and,
+// with leases, no client is leased.
+func (p *kafkaPool) settle(timeout time.Duration, leases bool) bool {
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
 		p.mu.Lock()
 		closing := slices.Clone(p.closing)
+		var changed chan struct{}
+		if len(closing) == 0 && leases && len(p.clients) > 0 {
+			if p.changed == nil {
+				p.changed = make(chan struct{})
+			}
+			changed = p.changed
+		}
 		p.mu.Unlock()
-		if len(closing) == 0 {
+		switch {
+		case changed != nil:
+			select {
+			case <-changed:
+			case <-deadline.C:
+				return false
+			}
+		case len(closing) == 0:
 			return true
 		}
 		for _, done := range closing {
@@ -79,6 +104,14 @@ func (p *kafkaPool) wait(timeout time.Duration) bool {
 				return false
 			}
 		}
+	}
+}
+
+// noteChange wakes a wait; p.mu is held.
+func (p *kafkaPool) noteChange() {
+	if p.changed != nil {
+		close(p.changed)
+		p.changed = nil
 	}
 }
 
@@ -416,6 +449,7 @@ func (l *kafkaLease) drop() (last bool) {
 		return false
 	}
 	delete(kc.pool.clients, kc.key)
+	kc.pool.noteChange()
 	return true
 }
 
@@ -424,6 +458,7 @@ func (l *kafkaLease) drop() (last bool) {
 func (p *kafkaPool) closingOne() chan struct{} {
 	done := make(chan struct{})
 	p.closing = append(p.closing, done)
+	p.noteChange()
 	return done
 }
 

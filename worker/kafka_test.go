@@ -246,3 +246,35 @@ func TestKafkaPoolWaitSeesLateCloses(t *testing.T) {
 		t.Fatal("the wait did not return after every close ended")
 	}
 }
+
+// TestKafkaPoolDrainWaitsForLeases: a stopping worker's drain also waits for
+// a lease still held, as by a task that outlived its stop timeout, and for
+// the client's close its release begins; wait does not.
+func TestKafkaPoolDrainWaitsForLeases(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	pool, lease := testLease(t, brokers, "words", 2*time.Second)
+	if !pool.wait(waitTimeout) {
+		t.Fatal("wait, with a lease held and nothing closing: timed out")
+	}
+	drained := make(chan bool, 1)
+	go func() { drained <- pool.drain(waitTimeout) }()
+	select {
+	case ok := <-drained:
+		t.Fatalf("drain returned (%v) while a lease was held", ok)
+	case <-time.After(300 * time.Millisecond):
+	}
+	lease.release()
+	select {
+	case ok := <-drained:
+		if !ok {
+			t.Fatal("drain timed out")
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("drain did not return after the last lease was released")
+	}
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	if len(pool.clients) != 0 || len(pool.closing) != 0 {
+		t.Fatalf("after drain: %d clients, %d closes running; want none", len(pool.clients), len(pool.closing))
+	}
+}

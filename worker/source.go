@@ -543,6 +543,9 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 				continue
 			}
 			batch = append(batch, discovered{partition: p, offset: off, pc: pc, closePC: closePC})
+			if ctx.Err() != nil {
+				break // stopped: the rest would only wait on Kafka
+			}
 		}
 		if len(batch) == 0 {
 			continue
@@ -1130,6 +1133,9 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 		case res := <-s.caught.probed:
 			if err := s.probed(ctx, res); err != nil {
 				return err
+			}
+			if s.caught.goOn {
+				s.probe(r, res.partition)
 			}
 		case c := <-s.control:
 			if c.retarget != nil {

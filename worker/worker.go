@@ -394,9 +394,10 @@ func (w *Worker) run(ctx context.Context) error {
 	// Leave first: the tasks are gone, and the wait below can last.
 	w.leaveGossip()
 	// The tasks' partition consumers and Kafka clients close in the
-	// background, the clients after a last offset commit; give them a
+	// background, the clients after a last offset commit, and a task that
+	// outlived its stop timeout may still hold its lease; give them a
 	// bounded time.
-	if !w.tasks.env.kafka.wait(kafkaCloseTimeout) {
+	if !w.tasks.env.kafka.drain(kafkaCloseTimeout) {
 		w.logger.Warn("Kafka clients still closing; their last offset commits may be lost (monitoring only)", "waited", kafkaCloseTimeout)
 	}
 	if err := w.members.Shutdown(); err != nil {
