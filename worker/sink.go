@@ -74,8 +74,8 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 // calls it.
 type sink struct {
 	client   sarama.Client
-	producer sarama.SyncProducer // at least once; nil after a failed write
-	txn      *txnPool            // exactly once
+	producer sarama.AsyncProducer // at least once; nil after a failed write
+	txn      *txnPool             // exactly once
 	hold     *sinkHold
 	topic    string
 	buf      []*sarama.ProducerMessage
@@ -342,14 +342,14 @@ func (s *sink) flush() error {
 		return s.hold.fail(err, now)
 	}
 	if s.producer == nil {
-		p, err := sarama.NewSyncProducerFromClient(s.client)
+		p, err := sarama.NewAsyncProducerFromClient(s.client)
 		if err != nil {
 			return fmt.Errorf("sink topic %q: create producer: %w", s.topic, err)
 		}
 		s.producer = p
 	}
 	msgs := s.buf
-	err := s.producer.SendMessages(msgs)
+	err := sendAll(s.producer, msgs)
 	if err == nil {
 		s.buf, s.bufBytes = nil, 0
 		s.hold.ok()
@@ -379,6 +379,44 @@ func (s *sink) flush() error {
 	s.producer = nil
 	s.hold.lost()
 	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(msgs), first), now)
+}
+
+// sendAll writes msgs through p and waits for the broker's ack of each, as
+// sarama's SyncProducer.SendMessages does, and returns the failed ones as
+// sarama.ProducerErrors. The sync producer hands each message's result on
+// through a channel of its own, and its index through another: three more
+// channel operations a message than the async producer's pipeline takes,
+// in a sink whose profile is mostly sarama's hand-offs. p has nothing else
+// in flight: a sink's sends are one at a time, and nothing else reads p's
+// Successes and Errors.
+func sendAll(p sarama.AsyncProducer, msgs []*sarama.ProducerMessage) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	// sarama answers every message it took, with a success or an error,
+	// so the feeder never blocks for good.
+	fed := make(chan struct{})
+	go func() {
+		defer close(fed)
+		input := p.Input()
+		for _, m := range msgs {
+			input <- m
+		}
+	}()
+	var errs sarama.ProducerErrors
+	successes, failures := p.Successes(), p.Errors()
+	for range msgs {
+		select {
+		case <-successes:
+		case e := <-failures:
+			errs = append(errs, e)
+		}
+	}
+	<-fed
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
 }
 
 // close drops unflushed outputs (they belong to no completed checkpoint and

@@ -89,7 +89,7 @@ const (
 type txnSlot struct {
 	id       string
 	client   sarama.Client
-	producer sarama.SyncProducer
+	producer sarama.AsyncProducer
 	pid      int64
 	epoch    int16
 	state    slotState
@@ -626,7 +626,7 @@ func (p *txnPool) initSlot(s *txnSlot) error {
 		}
 		s.client = c
 	}
-	producer, err := sarama.NewSyncProducerFromClient(s.client)
+	producer, err := sarama.NewAsyncProducerFromClient(s.client)
 	if err != nil {
 		return p.producerErr(s, "initialise transactional producer", err)
 	}
@@ -694,7 +694,7 @@ func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
 	}
 	s := p.cur
 	start := p.now()
-	err := s.producer.SendMessages(msgs)
+	err := sendAll(s.producer, msgs)
 	if err == nil {
 		if !s.wrote {
 			s.wrote, s.began = true, start
