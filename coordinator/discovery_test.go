@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 )
@@ -135,6 +137,13 @@ func TestLeaderDeploysDiscoveryOnlyWithCoordinatorsAtLevel(t *testing.T) {
 			}
 			if sources != 2 {
 				t.Fatalf("%d sources deployed, want 2", sources)
+			}
+			off := 0.0
+			if tc.want == 0 {
+				off = 1
+			}
+			if n := testutil.ToFloat64(h.l.metrics.noDiscovery.WithLabelValues("j1")); n != off {
+				t.Errorf("coordflow_deploys_without_discovery_total %v, want %v", n, off)
 			}
 		})
 	}

@@ -17,6 +17,7 @@ type metrics struct {
 	checkpointsAborted   *prometheus.CounterVec   // job, reason
 	checkpointDuration   *prometheus.HistogramVec // job
 	jobRestarts          *prometheus.CounterVec   // job
+	noDiscovery          *prometheus.CounterVec   // job
 	recoveries           *prometheus.CounterVec   // job, scope: tasks, job
 	workerSessions       prometheus.Gauge
 	leaderlessStreams    prometheus.Gauge
@@ -46,6 +47,9 @@ func newMetrics() *metrics {
 		}, []string{"job"}),
 		jobRestarts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_job_restarts_total", Help: "Job attempts started after the first by this node as leader.",
+		}, []string{"job"}),
+		noDiscovery: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "coordflow_deploys_without_discovery_total", Help: "Job deployments by this node as leader whose sources read no partitions added to the topic: a coordinator was below feature level 1 or not seen in gossip.",
 		}, []string{"job"}),
 		recoveries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_recoveries_total", Help: "Recoveries from failures started by this node as leader, by scope: tasks (only the lost workers' tasks restored) or job (every task restarted).",
@@ -88,7 +92,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_http_unauthorized_total", Help: "HTTP API requests refused: code 401 (no or unknown token or certificate), 403 (a role too small for the endpoint).",
 		}, []string{"code"}),
 	}
-	m.registry.MustRegister(m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.recoveries, m.workerSessions,
+	m.registry.MustRegister(m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

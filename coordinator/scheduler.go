@@ -589,7 +589,7 @@ func (l *leader) deployed(js *jobState, attempt uint64, now time.Time, numPartit
 		log.Warn("deploying from an older checkpoint", "note", note)
 	}
 	log.Info("deploying job", "tasks", len(job.Tasks), "partitions", numPartitions, "restore_checkpoint", js.restoredFrom, "reason", reason)
-	discover := l.discovers(log)
+	discover := l.discovers(js, log)
 	for _, t := range job.Tasks {
 		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore, restoreStorage, discover)}}
 		if !l.sendTo(t.Worker, msg) {
@@ -764,14 +764,15 @@ func (l *leader) noteFailure(js *jobState, tv *trackedTask) {
 		"checkpoint", js.restoredFrom, "task", tv.task.ID, "reason", tv.reason)
 }
 
-// discovers reports whether the sources deployed now may read partitions
-// added to their topic (discoveryBlocked), and logs to log why not.
-// Otherwise the job's next deployment looks again.
-func (l *leader) discovers(log *slog.Logger) bool {
+// discovers reports whether the sources of job js deployed now may read
+// partitions added to their topic (discoveryBlocked), and logs to log and
+// counts why not. Otherwise the job's next deployment looks again.
+func (l *leader) discovers(js *jobState, log *slog.Logger) bool {
 	why := l.discoveryBlocked()
 	if why == "" {
 		return true
 	}
+	l.metrics.noDiscovery.WithLabelValues(js.id).Inc()
 	log.Warn("deploying without partition discovery: a coordinator older than it would reject the checkpoints of a source reading an added partition; partitions added meanwhile are read from the job's next deployment on",
 		"why", why)
 	return false
