@@ -91,6 +91,27 @@ func TestSourceReadsCommitted(t *testing.T) {
 	}
 }
 
+// restoreReadingCommitted runs, on a worker of its own, a count job's map
+// task and its source reading committed from partition 0 of topic in,
+// restored task by task (partial) from checkpoint 1 at offset 1, and
+// triggers checkpoint 2, which the source holds until it has caught up.
+func restoreReadingCommitted(t *testing.T, brokers []string) (f *fakeCoord, s0, m0 *transport.DeployTask) {
+	t.Helper()
+	f = newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	own := []*transport.MapTaskRef{{TaskId: "map-0", WorkerId: w.ID(), DataAddr: w.DataAddr(), KeyGroupStart: 0, KeyGroupEnd: 128}}
+	m0 = mapDeploy("job", 2, operator.Count, 1, 128, own, 0)
+	s0 = sourceDeploy("job", 2, 0, operator.Count, brokers, "in", []int32{0}, own)
+	s0.Source.ReadCommitted = true
+	s0.Partial, s0.RestoreCheckpointId, s0.RestoreOffsets = true, 1, map[int32]int64{0: 1}
+	for _, d := range []*transport.DeployTask{m0, s0} {
+		f.deploy(t, "w1", d)
+		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	}
+	f.trigger(t, "w1", s0.Task, 2)
+	return f, s0, m0
+}
+
 // TestRestoredSourceCatchesUpReadingCommitted: a restored partial source
 // reading committed catches up to the last stable offset its partitions had
 // at its start, not to their end: records of a transaction open then are
@@ -101,18 +122,7 @@ func TestSourceReadsCommitted(t *testing.T) {
 func TestRestoredSourceCatchesUpReadingCommitted(t *testing.T) {
 	brokers := newKafka(t, map[string]int32{"in": 1})
 	transactionalInput(t, brokers)
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, nil)
-	own := []*transport.MapTaskRef{{TaskId: "map-0", WorkerId: w.ID(), DataAddr: w.DataAddr(), KeyGroupStart: 0, KeyGroupEnd: 128}}
-	m0 := mapDeploy("job", 2, operator.Count, 1, 128, own, 0)
-	s0 := sourceDeploy("job", 2, 0, operator.Count, brokers, "in", []int32{0}, own)
-	s0.Source.ReadCommitted = true
-	s0.Partial, s0.RestoreCheckpointId, s0.RestoreOffsets = true, 1, map[int32]int64{0: 1}
-	for _, d := range []*transport.DeployTask{m0, s0} {
-		f.deploy(t, "w1", d)
-		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
-	}
-	f.trigger(t, "w1", s0.Task, 2)
+	f, s0, m0 := restoreReadingCommitted(t, brokers)
 	if got := f.awaitAck(t, s0.Task, 2).GetState().GetOffsets()[0]; got != 7 {
 		t.Fatalf("checkpoint 2 acked at offset %d, want 7: b and c read, the aborted x and y passed over, z still open", got)
 	}
@@ -197,18 +207,7 @@ func TestCatchUpPassesLongAbortedTransaction(t *testing.T) {
 		t.Fatalf("one probe of [1, %d): none %v, passed %d, err %v; want errProbeShort having passed some of the aborted records", end, none, passed, err)
 	}
 
-	f := newFakeCoord(t, true, "")
-	w := startWorker(t, "w1", f, nil)
-	own := []*transport.MapTaskRef{{TaskId: "map-0", WorkerId: w.ID(), DataAddr: w.DataAddr(), KeyGroupStart: 0, KeyGroupEnd: 128}}
-	m0 := mapDeploy("job", 2, operator.Count, 1, 128, own, 0)
-	s0 := sourceDeploy("job", 2, 0, operator.Count, brokers, "in", []int32{0}, own)
-	s0.Source.ReadCommitted = true
-	s0.Partial, s0.RestoreCheckpointId, s0.RestoreOffsets = true, 1, map[int32]int64{0: 1}
-	for _, d := range []*transport.DeployTask{m0, s0} {
-		f.deploy(t, "w1", d)
-		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
-	}
-	f.trigger(t, "w1", s0.Task, 2)
+	f, s0, m0 := restoreReadingCommitted(t, brokers)
 	if got := f.awaitAck(t, s0.Task, 2).GetState().GetOffsets()[0]; got != 1 {
 		t.Fatalf("checkpoint 2 acked at offset %d, want 1: no record handed over after a", got)
 	}

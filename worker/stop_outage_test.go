@@ -36,16 +36,24 @@ func TestSourceStopDoesNotWaitForKafka(t *testing.T) {
 	// leader again, in a metadata refresh that hangs: timing makes the
 	// close wait likely, not the result.
 	time.Sleep(time.Second)
-	began := time.Now()
-	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: sd.Task, Reason: "test"}}})
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_CANCELLED)
-	took := time.Since(began)
-	t.Logf("cancelled %v after the cancel", took.Round(time.Millisecond))
+	took := cancelTook(t, f, sd.Task)
 	// The client's metadata timeout is 4 s (2 x -kafka-timeout): a stop
 	// that waited for a refresh takes longer.
 	if took >= 3*time.Second {
 		t.Fatalf("the source took %v to stop: it waited for Kafka", took.Round(time.Millisecond))
 	}
+}
+
+// cancelTook cancels task r on worker w1 and returns how long it took to
+// report itself cancelled.
+func cancelTook(t *testing.T, f *fakeCoord, r *transport.TaskRef) time.Duration {
+	t.Helper()
+	began := time.Now()
+	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: r, Reason: "test"}}})
+	f.awaitStatus(t, r, transport.TaskPhase_TASK_PHASE_CANCELLED)
+	took := time.Since(began)
+	t.Logf("cancelled %v after the cancel", took.Round(time.Millisecond))
+	return took
 }
 
 // TestSourceRidesOutBrokerRestart: a broker that goes away and is back
@@ -137,11 +145,7 @@ func TestSourceStopDoesNotWaitForNewPartition(t *testing.T) {
 	addPartitions(t, brokers, "words", 2)
 	waitFor(t, "the new partition's consumer to ask for its offsets", func() bool { return lookups.Load() >= 2 })
 
-	began := time.Now()
-	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: sd.Task, Reason: "test"}}})
-	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_CANCELLED)
-	took := time.Since(began)
-	t.Logf("cancelled %v after the cancel", took.Round(time.Millisecond))
+	took := cancelTook(t, f, sd.Task)
 	// A lookup times out after 2 s (-kafka-timeout) and sarama retries it:
 	// a stop that waited for the start takes longer.
 	if took >= 2*time.Second {
