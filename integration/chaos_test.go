@@ -23,7 +23,7 @@ import (
 // SIGCONTs one process at a time, and (where network namespaces can be
 // made) cuts a worker off from the coordinators for a few seconds. Every checkpoint seen during the chaos, and
 // the final one, must hold exactly the counts of the records below its
-// offsets (invariant 1 of design.md), and the job's exactly-once sink, read
+// offsets (exactly once in state; docs/protocol.md, Checkpoints), and the job's exactly-once sink, read
 // with kcat in read_committed mode, must show every word's counts 1, 2, ...,
 // n once and in order.
 //
@@ -156,7 +156,7 @@ type chaosJobSpec struct {
 	Restart *chaosRestartSpec `json:"restart,omitempty"`
 }
 
-// chaosRestartSpec is the job spec's restart backoff ("restart" in design.md).
+// chaosRestartSpec is the job spec's restart backoff (restart.* in docs/operations.md, Job spec).
 type chaosRestartSpec struct {
 	Initial    string `json:"initial"`
 	Max        string `json:"max"`

@@ -14,7 +14,7 @@ import (
 	"time"
 )
 
-// The answers of the HTTP API, as the contract in design.md shows them. Only
+// The answers of the HTTP API, as README.md and docs/operations.md show them. Only
 // the fields the tests read are declared; the API may return more.
 type (
 	statusView struct {
@@ -97,7 +97,7 @@ type (
 	}
 )
 
-// jobSpec is the job spec of the user contract (design.md), declared here
+// jobSpec is the job spec of the user contract (docs/operations.md, Job spec), declared here
 // rather than imported so that the tests check the JSON users write.
 type (
 	jobSpec struct {
@@ -161,7 +161,7 @@ type (
 	}
 )
 
-// wordcountSpec is the job spec of design.md without its sink: wordcount
+// wordcountSpec is the README's job spec without its sink: wordcount
 // over topic from the earliest offset, parallelism 2 and 2, checkpoints every
 // second.
 func wordcountSpec(brokers []string, topic string) jobSpec {
