@@ -548,6 +548,10 @@ func newControlledKafkaOf(t *testing.T, partitions int32) controlledKafka {
 	stop := func() { closeOnce.Do(kc.Close) }
 	t.Cleanup(stop)
 	return controlledKafka{brokers: kc.ListenAddrs(), stop: stop, hang: func() {
+		// At the end of the test, the broker goes before what was started
+		// since (a worker, whose stop would otherwise wait out its Kafka
+		// closes against a broker that answers nothing).
+		t.Cleanup(stop)
 		kc.Control(func(kmsg.Request) (kmsg.Response, error, bool) {
 			kc.KeepControl()
 			return nil, nil, true // read, never answered
