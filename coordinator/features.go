@@ -86,8 +86,14 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // needs it and that job's id; level 0 when none needs any. Below its spec's
 // level, the joining coordinator would drop the field from its copy of the
 // job; below discoveryLevel, it would reject the checkpoints of a source
-// reading a partition it discovered, which any live job may have.
+// reading a partition it discovered, which any live job may have. Once a job
+// has been purged, the log it replays may hold a JobPurged, which a
+// coordinator below jobGCLevel would reject: then it needs that level
+// whatever the jobs (job is then "").
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
+	if s.fsm.Purged() > 0 {
+		level, what = jobGCLevel, "purged jobs in the Raft log"
+	}
 	s.fsm.LiveSpecs(func(id string, spec fsm.JobSpec) bool {
 		l, w := specFeatureLevel(spec)
 		if l < discoveryLevel {
@@ -105,14 +111,19 @@ func (s *Server) neededFeatureLevel() (level int, what, job string) {
 // configuration, is at the feature level the jobs need.
 func (s *Server) peerSupports(m Member, known bool) error {
 	level, what, job := s.neededFeatureLevel()
-	switch {
-	case level == 0:
+	if level == 0 {
 		return nil
+	}
+	needs := "the cluster needs"
+	if job != "" {
+		needs = "job " + job + " needs"
+	}
+	switch {
 	case !known:
-		return fmt.Errorf("coordinator %s is not seen in gossip, so its feature level is unknown, and job %s needs level %d of every coordinator (%s)", m.ID, job, level, what)
+		return fmt.Errorf("coordinator %s is not seen in gossip, so its feature level is unknown, and %s level %d of every coordinator (%s)", m.ID, needs, level, what)
 	case m.FeatureLevel < level:
-		return fmt.Errorf("coordinator %s runs a build at feature level %d, and job %s needs level %d of every coordinator (%s): an older coordinator's state would differ from the others'; upgrade it first (docs/operations.md, Feature levels)",
-			m.ID, m.FeatureLevel, job, level, what)
+		return fmt.Errorf("coordinator %s runs a build at feature level %d, and %s level %d of every coordinator (%s): an older coordinator's state would differ from the others'; upgrade it first (docs/operations.md, Feature levels)",
+			m.ID, m.FeatureLevel, needs, level, what)
 	}
 	return nil
 }

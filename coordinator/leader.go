@@ -85,6 +85,9 @@ type leaderEnv struct {
 	// collect starts, in the background, a garbage collection of a job's
 	// checkpoint files; nil never collects.
 	collect func(ctx context.Context, jobID string)
+	// purgeFiles deletes every checkpoint file of a cancelled job before
+	// its purge and returns how many; nil deletes nothing.
+	purgeFiles func(ctx context.Context, jobID string) (int, error)
 	// savepoint reads one savepoint of the local FSM.
 	savepoint func(id string) (fsm.Savepoint, bool)
 }
@@ -110,6 +113,7 @@ func serverEnv(s *Server) leaderEnv {
 		now:               time.Now,
 		jitter:            rand.Float64,
 		collect:           s.collector.collect,
+		purgeFiles:        s.collector.purge,
 		savepoint:         s.fsm.Savepoint,
 	}
 }
@@ -127,14 +131,15 @@ type leader struct {
 	heartbeat      time.Duration // worker heartbeat interval, sent in Welcome
 	reconcileEvery time.Duration
 	deployTimeout  time.Duration // see Config.DeployTimeout
+	jobGC          time.Duration // see Config.JobGCThreshold
 
 	// events carries what sessions and lookups report; wake asks for a
 	// reconcile pass (buffered 1, sends never block).
 	events chan leaderEvent
 	wake   chan struct{}
-	// lookups tracks the partition lookups in flight, and probes the direct
-	// probes of workers whose session broke, so that run returns only after
-	// they have.
+	// lookups tracks the partition lookups and purges' file deletions in
+	// flight, and probes the direct probes of workers whose session broke,
+	// so that run returns only after they have.
 	lookups sync.WaitGroup
 	probes  sync.WaitGroup
 
@@ -212,6 +217,12 @@ func (s *Server) jobsChanged(ids []string) {
 	if l := s.currentLeader(); l != nil {
 		l.noteJobs(ids)
 	}
+	for _, id := range ids {
+		if !s.fsm.HasJob(id) { // purged
+			s.metrics.forgetJob(id)
+			s.collector.forget(id)
+		}
+	}
 }
 
 // newControlService returns the gRPC Control service registered on -rpc-addr
@@ -231,6 +242,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		heartbeat:      orDefault(cfg.WorkerHeartbeat, orDefault(cfg.WorkerLease, defaultLease)/4),
 		reconcileEvery: orDefault(cfg.ReconcileInterval, defaultReconcile),
 		deployTimeout:  orDefault(cfg.DeployTimeout, defaultDeployTimeout),
+		jobGC:          cfg.JobGCThreshold,
 		events:         make(chan leaderEvent, eventQueue),
 		wake:           make(chan struct{}, 1),
 		sessions:       make(map[string]*session),
@@ -315,6 +327,8 @@ func (l *leader) handle(ev leaderEvent) {
 		l.onWorkerMessage(ev.sess, ev.msg)
 	case partitionsResult:
 		l.onPartitions(ev)
+	case purgeFilesResult:
+		l.onPurgeFiles(ev)
 	case savepointRequest:
 		l.onSavepointRequest(ev)
 	case writeResult:

@@ -44,6 +44,8 @@ type leaderHarness struct {
 	// handed to the leader, as Raft takes a while to apply it: the leader
 	// goes on meanwhile.
 	applyLater bool
+	// jobGC is Config.JobGCThreshold of the terms newTerm starts.
+	jobGC time.Duration
 }
 
 func newLeaderHarness(t *testing.T) *leaderHarness {
@@ -164,7 +166,7 @@ func (h *leaderHarness) newTerm() {
 	if h.l != nil {
 		h.endTerm()
 	}
-	cfg := Config{WorkerLease: 2 * time.Second, WorkerHeartbeat: 500 * time.Millisecond, ReconcileInterval: time.Second}
+	cfg := Config{WorkerLease: 2 * time.Second, WorkerHeartbeat: 500 * time.Millisecond, ReconcileInterval: time.Second, JobGCThreshold: h.jobGC}
 	var ctx context.Context
 	ctx, h.cancel = context.WithCancel(context.Background())
 	h.l = newLeader(ctx, h.env, cfg, testLogger(h.t), newMetrics())

@@ -194,6 +194,9 @@ func (l *leader) settle() {
 			}
 			job, ok := l.env.job(id)
 			if !ok {
+				if js := l.jobs[id]; js != nil {
+					l.forget(js) // purged
+				}
 				continue
 			}
 			l.reconcileJob(job, members, now)

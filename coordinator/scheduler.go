@@ -53,6 +53,11 @@ type jobState struct {
 	cause      string    // why the job is being restarted, for the next deploy's reason
 	lookup     bool      // a partition lookup is in flight
 	cancelSent bool      // CancelTask sent for the tasks of a cancelled job
+	// purging: the job's purge is under way (jobgc.go); purgeHeld: a
+	// coordinator below jobGCLevel holds it, logged once; purgeRetryAt:
+	// no purge is tried before then.
+	purging, purgeHeld bool
+	purgeRetryAt       time.Time
 
 	ckpt checkpointState
 	// savepoints are the savepoint requests waiting for the job's next
@@ -242,11 +247,7 @@ func (l *leader) reconcile() {
 	}
 	for id, js := range l.jobs {
 		if !seen[id] {
-			l.unindex(js)
-			js.status = ""
-			l.account(js)
-			delete(l.jobs, id)
-			delete(l.waiting, id)
+			l.forget(js)
 		}
 	}
 }
@@ -263,6 +264,7 @@ func (l *leader) reconcileJob(job fsm.Job, members map[string]string, now time.T
 	switch {
 	case js.status == fsm.JobCancelled:
 		l.cancelJob(js)
+		l.collectJob(js, job, now)
 	case !graceOver:
 	case needsDeploy(js):
 		l.tryDeploy(js, now)

@@ -104,6 +104,10 @@ type Config struct {
 	// ever. The default, 45 s, covers the worker's wait for its data
 	// channels and for the previous attempt's tasks to stop, with a margin.
 	DeployTimeout time.Duration
+	// JobGCThreshold is how long a cancelled job stays, with its retained
+	// checkpoints and their files, before the leader purges it (jobgc.go);
+	// 0 keeps cancelled jobs for ever. Savepoints stay either way.
+	JobGCThreshold time.Duration
 
 	// Operators are the operator names job specs may use; empty accepts any
 	// name (the workers then fail the tasks of an unknown operator).
@@ -165,6 +169,7 @@ func DefaultConfig() Config {
 		WorkerHeartbeat:        500 * time.Millisecond,
 		ReconcileInterval:      30 * time.Second,
 		DeployTimeout:          defaultDeployTimeout,
+		JobGCThreshold:         4 * time.Hour,
 		MaxStale:               5 * time.Second,
 		HTTPMaxConnsPerClient:  200,
 	}
@@ -195,6 +200,8 @@ func (c Config) validate() error {
 		return errors.New("http max conns per client must be 0 (no bound) or positive")
 	case c.DeployTimeout <= 0:
 		return errors.New("deploy timeout must be positive")
+	case c.JobGCThreshold < 0:
+		return errors.New("job gc threshold must be 0 (keep cancelled jobs) or positive")
 	case c.ProbeInterval <= 0, c.ProbeTimeout <= 0, c.GossipInterval <= 0, c.SuspicionMult < 1:
 		return errors.New("memberlist timings must be positive")
 	case c.WorkerLease <= 0, c.WorkerHeartbeat <= 0 || c.WorkerHeartbeat >= c.WorkerLease:

@@ -650,3 +650,20 @@ func (s *State) applyJobCancelled(c *JobCancelledCmd) error {
 	j.UpdatedAt = c.Time
 	return nil
 }
+
+// applyJobPurged forgets a cancelled job. Only a cancelled job goes: its
+// attempts can no longer write, so nothing but the leader's collection
+// refers to it. Purged counts it, for the feature level a coordinator
+// replaying the log needs.
+func (s *State) applyJobPurged(c *JobPurgedCmd) error {
+	j, ok := s.Jobs[c.JobID]
+	if !ok {
+		return fmt.Errorf("purge job %q: %w", c.JobID, ErrNoSuchJob)
+	}
+	if j.Status != JobCancelled {
+		return fmt.Errorf("purge job %s: %w: it is %s", c.JobID, ErrJobNotCancelled, j.Status)
+	}
+	delete(s.Jobs, c.JobID)
+	s.Purged++
+	return nil
+}

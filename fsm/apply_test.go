@@ -198,6 +198,57 @@ func TestJobCancelled(t *testing.T) {
 	}
 }
 
+// A purged job is gone from every read, its savepoint stays, the count of
+// purged jobs survives a snapshot, and nothing can address the job again.
+func TestJobPurged(t *testing.T) {
+	h := newHarness(t)
+	h.runningJob("j1")
+	h.runningJob("j2")
+	h.checkpointed("j1")
+	sp := h.savepointed("j1", true) // stops j1: cancelled
+	if j := h.job("j1"); j.Status != JobCancelled {
+		t.Fatalf("j1 after stop with savepoint: %s", j.Status)
+	}
+	var changed []string
+	h.f.OnJobChange(func(ids []string) { changed = append(changed, ids...) })
+
+	h.must(CommandJobPurged, JobPurgedCmd{JobID: "j1", Time: h.tick()})
+
+	if _, ok := h.f.Job("j1"); ok {
+		t.Fatal("purged job j1 still readable")
+	}
+	if _, ok := h.f.LastCompleted("j1"); ok {
+		t.Fatal("purged job j1 still has a completed checkpoint")
+	}
+	if jobs := h.f.Jobs(); len(jobs) != 1 || jobs[0].ID != "j2" {
+		t.Fatalf("jobs after purging j1: %+v, want j2 alone", jobs)
+	}
+	if _, ok := h.f.Savepoint(sp.ID); !ok {
+		t.Fatalf("savepoint %s of the purged job dropped: savepoints go only when deleted", sp.ID)
+	}
+	if len(changed) != 1 || changed[0] != "j1" {
+		t.Fatalf("OnJobChange after the purge reported %v, want [j1]", changed)
+	}
+	if got := h.f.Purged(); got != 1 {
+		t.Fatalf("Purged() = %d, want 1", got)
+	}
+	_, err := h.apply(CommandJobPurged, JobPurgedCmd{JobID: "j1", Time: h.tick()})
+	wantErr(t, err, ErrNoSuchJob)
+	_, err = h.apply(CommandCheckpointTriggered, h.trigger("j1", 1))
+	wantErr(t, err, ErrNoSuchJob)
+
+	restored := New()
+	if err := restored.Restore(readCloser(persist(t, h.f))); err != nil {
+		t.Fatal(err)
+	}
+	if got := restored.Purged(); got != 1 {
+		t.Fatalf("Purged() after a restore = %d, want 1", got)
+	}
+	if mustDigest(t, restored) != h.digest() {
+		t.Fatal("restored state differs from the state it was taken of")
+	}
+}
+
 // Checkpoint ids only grow: across aborts, restarts and a snapshot/restore.
 func TestCheckpointIDsOnlyGrow(t *testing.T) {
 	h := newHarness(t)
@@ -463,6 +514,17 @@ func TestRejections(t *testing.T) {
 		{"cancel twice", "cancelled", func(h *harness) (CommandType, any) {
 			return CommandJobCancelled, JobCancelledCmd{JobID: "j1"}
 		}, []error{ErrJobCancelled}, ""},
+
+		// JobPurged
+		{"purge unknown job", "", func(h *harness) (CommandType, any) {
+			return CommandJobPurged, JobPurgedCmd{JobID: "nope"}
+		}, []error{ErrNoSuchJob}, "nope"},
+		{"purge running job", "running", func(h *harness) (CommandType, any) {
+			return CommandJobPurged, JobPurgedCmd{JobID: "j1"}
+		}, []error{ErrJobNotCancelled}, "running"},
+		{"purge registered job", "registered", func(h *harness) (CommandType, any) {
+			return CommandJobPurged, JobPurgedCmd{JobID: "j1"}
+		}, []error{ErrJobNotCancelled}, "pending"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

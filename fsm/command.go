@@ -48,6 +48,7 @@ func (c *CheckpointCompletedCmd) job() string { return c.JobID }
 func (c *CheckpointAbortedCmd) job() string   { return c.JobID }
 func (c *JobCancelledCmd) job() string        { return c.JobID }
 func (c *TasksRestartedCmd) job() string      { return c.JobID }
+func (c *JobPurgedCmd) job() string           { return c.JobID }
 
 // errResult turns an applyX's error into Apply's response: the error, or
 // nil (an untyped nil, not a nil error in an interface).
@@ -86,6 +87,7 @@ var commands = map[CommandType]command{
 	CommandSavepointDeleted: def("SavepointDeleted", func(s *State, c *SavepointDeletedCmd) any {
 		return errResult(s.applySavepointDeleted(c))
 	}),
+	CommandJobPurged: def("JobPurged", func(s *State, c *JobPurgedCmd) any { return errResult(s.applyJobPurged(c)) }),
 }
 
 // The batch command applies commands from the table, so it joins the table

@@ -54,6 +54,8 @@ var (
 	ErrTooManySavepoints = errors.New("too many savepoints")
 	// ErrJobCancelled: any command for a job that was cancelled.
 	ErrJobCancelled = errors.New("job cancelled")
+	// ErrJobNotCancelled: JobPurged for a job that is not cancelled.
+	ErrJobNotCancelled = errors.New("job not cancelled")
 	// ErrCorruptSnapshot: Restore read a snapshot it cannot decode or whose
 	// state breaks an invariant; the state in place is kept.
 	ErrCorruptSnapshot = errors.New("corrupt snapshot")

@@ -189,6 +189,21 @@ func (f *FSM) Digest() (string, error) {
 	return hex.EncodeToString(sum[:]), nil
 }
 
+// HasJob reports whether the state holds job id, without copying it.
+func (f *FSM) HasJob(id string) bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	_, ok := f.state.Jobs[id]
+	return ok
+}
+
+// Purged returns how many jobs JobPurged has removed from the state.
+func (f *FSM) Purged() uint64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.Purged
+}
+
 // Savepoints returns a copy of every savepoint, sorted by id.
 func (f *FSM) Savepoints() []Savepoint {
 	f.mu.RLock()

@@ -24,6 +24,8 @@ const (
 	CommandBatch CommandType = 9
 	// CommandTasksRestarted is a task-scoped recovery (TasksRestartedCmd).
 	CommandTasksRestarted CommandType = 10
+	// CommandJobPurged removes a cancelled job from the state (JobPurgedCmd).
+	CommandJobPurged CommandType = 11
 )
 
 // JobStatus is the lifecycle state of a job as users see it.
@@ -572,4 +574,13 @@ type JobCancelledCmd struct {
 	JobID  string `json:"job_id"`
 	Reason string `json:"reason"`
 	Time   int64  `json:"time"`
+}
+
+// JobPurgedCmd removes a cancelled job, with its checkpoints and histories,
+// from the state: the leader's garbage collection of jobs cancelled longer
+// ago than coordd's -job-gc-threshold, whose checkpoint files it has
+// deleted already. Savepoints of the job stay.
+type JobPurgedCmd struct {
+	JobID string `json:"job_id"`
+	Time  int64  `json:"time"`
 }

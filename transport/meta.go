@@ -44,8 +44,9 @@ type NodeMeta struct {
 // job only if every coordinator is at it too, since an older coordinator
 // would drop the spec field from its copy of the state. The levels:
 //
-//  1. source.isolation_level (SourceSpec.read_committed).
-const FeatureLevel = 1
+//  1. source.isolation_level (SourceSpec.read_committed); partition discovery.
+//  2. job garbage collection: the JobPurged command in the Raft log.
+const FeatureLevel = 2
 
 // maxFeatureLevel bounds what a member may advertise: levels far beyond
 // any build are a forged or corrupt meta.

@@ -126,3 +126,18 @@ func newMetrics() *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
+
+// forgetJob deletes every metric series of a job, once none of its tasks has
+// run on this worker for Config.MetricsLinger.
+func (m *metrics) forgetJob(job string) {
+	labels := prometheus.Labels{"job": job}
+	for _, v := range []interface {
+		DeletePartialMatch(prometheus.Labels) int
+	}{
+		m.recordsIn, m.recordsOut, m.recordsSkipped, m.duplicates, m.checkpointsAcked, m.checkpointsDecl,
+		m.taskFailures, m.alignment, m.snapshotBytes, m.snapshotDuration, m.restoredFiles, m.sinkTxns,
+		m.sinkFenced, m.lag, m.kafkaErrors, m.stateKeys, m.stateSize,
+	} {
+		v.DeletePartialMatch(labels)
+	}
+}

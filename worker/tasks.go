@@ -127,7 +127,10 @@ type taskManager struct {
 	// mapsChanged is closed and replaced whenever a map task registers, to
 	// wake awaitMap.
 	mapsChanged chan struct{}
-	closed      bool
+	// idle holds, per job none of whose tasks is here any more, the timer
+	// that drops the job's metric series after Config.MetricsLinger.
+	idle   map[string]*time.Timer
+	closed bool
 }
 
 // mapKey names a task of a job across its attempts: it finds a map task for
@@ -143,7 +146,34 @@ func newTaskManager(env *taskEnv) *taskManager {
 		fences:      make(map[mapKey]uint64),
 		maps:        make(map[mapKey]*mapTask),
 		mapsChanged: make(chan struct{}),
+		idle:        make(map[string]*time.Timer),
 	}
+}
+
+// jobIdleLocked starts, if job has no task here, the timer that drops the
+// job's metric series unless one of its tasks comes back first.
+func (m *taskManager) jobIdleLocked(job string) {
+	if m.closed || m.idle[job] != nil {
+		return
+	}
+	for k := range m.tasks {
+		if k.job == job {
+			return
+		}
+	}
+	var t *time.Timer
+	t = time.AfterFunc(m.env.cfg.MetricsLinger, func() {
+		m.mu.Lock()
+		forget := m.idle[job] == t
+		if forget {
+			delete(m.idle, job)
+		}
+		m.mu.Unlock()
+		if forget {
+			m.env.metrics.forgetJob(job)
+		}
+	})
+	m.idle[job] = t
 }
 
 // start sets the context every task runs under; call it before the first
@@ -238,10 +268,11 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 		}
 	}
 	if busy >= m.env.cfg.Slots {
+		m.env.metrics.taskFailures.WithLabelValues(k.job, kindLabel(d.GetKind())).Inc()
+		m.jobIdleLocked(k.job)
 		m.mu.Unlock()
 		reason := fmt.Sprintf("no free slot on worker %s: %d of %d slots in use", m.env.workerID, busy, m.env.cfg.Slots)
 		log.Warn("deploy refused", "reason", reason)
-		m.env.metrics.taskFailures.WithLabelValues(k.job, kindLabel(d.GetKind())).Inc()
 		m.env.send(statusMsg(k, d.GetKind(), transport.TaskPhase_TASK_PHASE_FAILED, reason))
 		return
 	}
@@ -255,6 +286,10 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 	}
 	h.control = make(chan control, controlQueue)
 	m.tasks[k] = h
+	if t := m.idle[k.job]; t != nil {
+		t.Stop()
+		delete(m.idle, k.job)
+	}
 	m.env.metrics.tasks.Inc()
 	m.wg.Add(1)
 	m.mu.Unlock()
@@ -290,11 +325,14 @@ func (m *taskManager) runTask(ctx context.Context, h *taskHandle, d *transport.D
 		cause = failureCause(err)
 	}
 	h.phase = phase
+	if phase == transport.TaskPhase_TASK_PHASE_FAILED {
+		m.env.metrics.taskFailures.WithLabelValues(h.key.job, kindLabel(h.kind)).Inc()
+	}
+	m.jobIdleLocked(h.key.job)
 	m.mu.Unlock()
 
 	m.env.metrics.tasks.Dec()
 	if phase == transport.TaskPhase_TASK_PHASE_FAILED {
-		m.env.metrics.taskFailures.WithLabelValues(h.key.job, kindLabel(h.kind)).Inc()
 		log.Error("task failed", "reason", reason)
 	} else {
 		log.Info("task cancelled", "reason", reason)
@@ -547,6 +585,10 @@ func (m *taskManager) stopLive(reason string) int {
 func (m *taskManager) shutdown(reason string) {
 	m.mu.Lock()
 	m.closed = true
+	for job, t := range m.idle {
+		t.Stop()
+		delete(m.idle, job)
+	}
 	m.mu.Unlock()
 	m.stopLive(reason)
 	done := make(chan struct{})

@@ -119,6 +119,12 @@ type Config struct {
 	// to open a control session.
 	SessionBackoffMin time.Duration
 	SessionBackoffMax time.Duration
+	// MetricsLinger is how long the worker keeps exporting a job's metric
+	// series after the job's last task here ended: long enough for every
+	// scrape to see the final values and for a restart that brings the job
+	// back to carry on its counters, short enough that a worker which ran
+	// thousands of jobs does not export them all.
+	MetricsLinger time.Duration
 }
 
 // DefaultConfig returns the defaults for every tunable; identity and
@@ -144,6 +150,7 @@ func DefaultConfig() Config {
 		OffsetCommitInterval:    time.Second,
 		SessionBackoffMin:       50 * time.Millisecond,
 		SessionBackoffMax:       time.Second,
+		MetricsLinger:           10 * time.Minute,
 	}
 }
 
@@ -178,6 +185,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	setDur(&cfg.OffsetCommitInterval, d.OffsetCommitInterval)
 	setDur(&cfg.SessionBackoffMin, d.SessionBackoffMin)
 	setDur(&cfg.SessionBackoffMax, d.SessionBackoffMax)
+	setDur(&cfg.MetricsLinger, d.MetricsLinger)
 	if cfg.Slots == 0 {
 		cfg.Slots = d.Slots
 	}

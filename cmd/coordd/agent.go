@@ -71,6 +71,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	fs.DurationVar(&cfg.WorkerHeartbeat, "worker-heartbeat", cfg.WorkerHeartbeat, "how often workers heartbeat to the leader")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", cfg.ReconcileInterval, "how often the leader re-reads every job as a safety net (events do the work as it comes)")
 	fs.DurationVar(&cfg.DeployTimeout, "deploy-timeout", cfg.DeployTimeout, "how long a deployed task may take to report RUNNING before the leader restarts its job")
+	fs.DurationVar(&cfg.JobGCThreshold, "job-gc-threshold", cfg.JobGCThreshold, "how long a cancelled job, its retained checkpoints and their files stay before the leader purges them (0: keep cancelled jobs; savepoints stay either way)")
 	configFile := config.Flag(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: coordd agent -id c1 -data-dir DIR [-bootstrap-expect 3] [-join ip:port,...] [flags]\n       coordd agent -config agent.json [flags]\n\nRuns one coordinator until SIGINT or SIGTERM. What every timing flag trades: docs/operations.md.\n\n")

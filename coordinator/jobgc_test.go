@@ -1,0 +1,225 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+	"github.com/coordflow/coordflow/transport/storage"
+)
+
+// gcEnv is what a job garbage collection test controls of the leader's
+// environment: the coordinators below a level, and the file deletions.
+type gcEnv struct {
+	mu      sync.Mutex
+	below   []string
+	fail    error
+	deleted []string // jobs whose files were deleted, in order
+}
+
+func (e *gcEnv) install(h *leaderHarness, threshold time.Duration) {
+	h.jobGC = threshold
+	h.env.coordinatorsBelow = func(level int) ([]string, error) {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if level != jobGCLevel {
+			return nil, nil
+		}
+		return e.below, nil
+	}
+	h.env.purgeFiles = func(_ context.Context, job string) (int, error) {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if e.fail != nil {
+			return 0, e.fail
+		}
+		e.deleted = append(e.deleted, job)
+		return 3, nil
+	}
+	h.newTerm()
+}
+
+func (e *gcEnv) set(below []string, fail error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.below, e.fail = below, fail
+}
+
+func (e *gcEnv) deletions() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]string(nil), e.deleted...)
+}
+
+// gcStep fires the leader's due timers and waits for the file deletions
+// they start, handing their results to the loop.
+func (h *leaderHarness) gcStep() {
+	h.t.Helper()
+	h.l.settle()
+	h.flush()
+	h.l.lookups.Wait()
+	h.flush()
+}
+
+// A cancelled job is purged once it has been cancelled for the threshold:
+// its files first, then the job, from the FSM and from the leader's memory.
+// A running job is never purged, and nothing is purged while a coordinator
+// is below the level that knows the command, or while its files cannot be
+// deleted.
+func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
+	h := newLeaderHarness(t)
+	var env gcEnv
+	env.install(h, time.Hour)
+	h.startJob("gone", testJobSpec(1, 1))
+	h.startJob("kept", testJobSpec(1, 1))
+	h.completeCheckpoint("gone")
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "gone", Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+
+	h.advance(59 * time.Minute)
+	h.step()
+	h.gcStep()
+	if got := env.deletions(); len(got) != 0 {
+		t.Fatalf("files of %v deleted before the job was cancelled for the threshold", got)
+	}
+	h.job("gone")
+
+	// Due, but a coordinator cannot apply JobPurged.
+	env.set([]string{"c3 (feature level 1)"}, nil)
+	h.advance(2 * time.Minute)
+	h.gcStep()
+	if got := env.deletions(); len(got) != 0 {
+		t.Fatalf("files of %v deleted while a coordinator is below level %d", got, jobGCLevel)
+	}
+	h.job("gone")
+
+	// The coordinator is upgraded; the files cannot be deleted.
+	env.set(nil, errors.New("storage down"))
+	h.advance(jobGCRetry)
+	h.gcStep()
+	h.job("gone")
+	if h.l.jobs["gone"] == nil || h.l.jobs["gone"].purging {
+		t.Fatal("after a failed deletion the leader forgot the job or still counts its purge as under way")
+	}
+
+	// Storage is back: the purge goes through at the next retry.
+	env.set(nil, nil)
+	h.advance(jobGCRetry)
+	h.gcStep()
+	if got := env.deletions(); len(got) != 1 || got[0] != "gone" {
+		t.Fatalf("file deletions %v, want [gone]", got)
+	}
+	if _, ok := h.f.Job("gone"); ok {
+		t.Fatal("job gone still in the FSM after its purge")
+	}
+	if h.l.jobs["gone"] != nil {
+		t.Fatal("the leader still tracks the purged job")
+	}
+	if h.f.Purged() != 1 {
+		t.Fatalf("FSM counts %d purged jobs, want 1", h.f.Purged())
+	}
+
+	// The running job stays, however old; a new term finds nothing to purge.
+	h.advance(48 * time.Hour)
+	h.step()
+	h.gcStep()
+	if _, ok := h.f.Job("kept"); !ok {
+		t.Fatal("job kept, never cancelled, was purged")
+	}
+	h.newTerm()
+	h.pastGrace()
+	h.step()
+	h.gcStep()
+	if got := env.deletions(); len(got) != 1 {
+		t.Fatalf("file deletions %v after a new term, want only the first", got)
+	}
+}
+
+// With the threshold 0, cancelled jobs stay for ever.
+func TestLeaderKeepsCancelledJobsWithoutThreshold(t *testing.T) {
+	h := newLeaderHarness(t)
+	var env gcEnv
+	env.install(h, 0)
+	h.startJob("j1", testJobSpec(1, 1))
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	h.advance(1000 * time.Hour)
+	h.step()
+	h.gcStep()
+	if got := env.deletions(); len(got) != 0 {
+		t.Fatalf("files of %v deleted with job garbage collection off", got)
+	}
+	if j := h.job("j1"); j.Status != fsm.JobCancelled {
+		t.Fatalf("job j1: %s", j.Status)
+	}
+}
+
+// The purge of a job's files deletes everything under its checkpoint prefix,
+// partial uploads included, and the files of its savepoints the cluster does
+// not keep; a kept savepoint and other jobs' files stay.
+func TestCollectorPurgesJobFiles(t *testing.T) {
+	ctx := context.Background()
+	fx := newGCFixture(t)
+	store, put, a := fx.store, fx.put, fx.a
+	const job = gcJob
+	full1 := put(transport.CheckpointDir(job, 1) + "map-0-a1-full.cfs")
+	full1.Full = true
+	a.completeWithFiles(job, 1, full1)
+	orphan := put(transport.CheckpointDir(job, 2) + "map-0-a1-delta.cfs")
+	partial := transport.CheckpointDir(job, 2) + "map-1-a1-full.cfs.0a1b2c3d4e5f.tmp"
+	if err := os.WriteFile(filepath.Join(fx.root, filepath.FromSlash(partial)), []byte("part"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	keptSP := put(transport.SavepointDir(job, 7) + "map-0-a1-full.cfs")
+	droppedSP := put(transport.SavepointDir(job, 8) + "map-0-a1-full.cfs")
+	foreign := put(transport.CheckpointDir("other-job", 1) + "map-0-a1-full.cfs")
+
+	m := newMetrics()
+	c := newCollector(storage.NewPool(), a.f.Job, func(id string) bool { return id == fsm.SavepointID(job, 7) },
+		slog.New(slog.DiscardHandler), m)
+	defer c.stores.Close()
+	n, err := c.purge(ctx, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	err = store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+	if err == nil {
+		err = store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(left)
+	want := []string{foreign.Path, keptSP.Path}
+	slices.Sort(want)
+	if n != 4 || !slices.Equal(left, want) {
+		t.Fatalf("purge deleted %d, left %v; want %s, %s, %s and %s deleted, leaving %v",
+			n, left, full1.Path, orphan.Path, partial, droppedSP.Path, want)
+	}
+	if n, err := c.purge(ctx, job); err != nil || n != 0 {
+		t.Fatalf("second purge: deleted %d, err %v; want nothing left to delete", n, err)
+	}
+
+	// Once the job is gone from the FSM its metric series go too.
+	m.checkpointsCompleted.WithLabelValues(job).Inc()
+	m.checkpointsCompleted.WithLabelValues("other-job").Inc()
+	m.checkpointsAborted.WithLabelValues(job, "timeout").Inc()
+	m.forgetJob(job)
+	if got := testutil.CollectAndCount(m.checkpointsCompleted); got != 1 {
+		t.Fatalf("%d completed-checkpoint series after forgetting %s, want other-job's alone", got, job)
+	}
+	if got := testutil.CollectAndCount(m.checkpointsAborted) + testutil.CollectAndCount(m.stateFilesDeleted); got != 0 {
+		t.Fatalf("%d series of %s left after forgetting it", got, job)
+	}
+}
