@@ -1,12 +1,15 @@
 package coordinator
 
 import (
+	"context"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/fsm"
 )
 
 // readCommittedSpec is wordcountSpec reading committed.
@@ -109,6 +112,40 @@ func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 	}
 	if _, ok := inRaft(s, "c-old"); ok {
 		t.Fatal("c-old added to the raft configuration")
+	}
+}
+
+// TestAddPeerNeedsJobGCLevelOncePurged: once a job has been purged, the log
+// a joining coordinator replays may hold a JobPurged, so a coordinator below
+// jobGCLevel is refused even with no job left at all.
+func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", jobGCLevel-1), nil, s.GossipAddr())
+	if old.joinErr != nil {
+		t.Fatal(old.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
+	addPeer := func() (int, string) {
+		var out struct {
+			Error string `json:"error"`
+		}
+		code := apiCall(t, s, http.MethodPost, "/v1/raft/peers", map[string]any{"id": "c-old", "address": "127.0.0.1:1", "voter": false}, &out)
+		return code, out.Error
+	}
+	id := submitJob(t, s, wordcountSpec)
+	ctx := context.Background()
+	if _, _, err := s.raftApplyAt(ctx, fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: id, Reason: "test", Time: time.Now().UnixNano()}); err != nil {
+		t.Fatal(err)
+	}
+	if code, msg := addPeer(); code == http.StatusConflict {
+		t.Fatalf("add-peer of a level %d coordinator with only a cancelled job: %d %q, want no feature-level refusal", jobGCLevel-1, code, msg)
+	}
+	if _, _, err := s.raftApplyAt(ctx, fsm.CommandJobPurged, fsm.JobPurgedCmd{JobID: id, Time: time.Now().UnixNano()}); err != nil {
+		t.Fatal(err)
+	}
+	code, msg := addPeer()
+	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 2 of every coordinator (purged jobs in the Raft log)") {
+		t.Fatalf("add-peer of a level %d coordinator after a purge: %d %q, want 409 naming the purged jobs", jobGCLevel-1, code, msg)
 	}
 }
 
