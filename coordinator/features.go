@@ -88,11 +88,15 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // job; below discoveryLevel, it would reject the checkpoints of a source
 // reading a partition it discovered, which any live job may have. Once a job
 // has been purged, the log it replays may hold a JobPurged, which a
-// coordinator below jobGCLevel would reject: then it needs that level
-// whatever the jobs (job is then "").
+// coordinator below jobGCLevel would reject, and while job garbage
+// collection may purge a cancelled job it may commit one: then it needs
+// that level whatever the jobs (job is then "").
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
-	if s.fsm.Purged() > 0 {
+	switch {
+	case s.fsm.Purged() > 0:
 		level, what = jobGCLevel, "purged jobs in the Raft log"
+	case s.cfg.JobGCThreshold > 0 && s.fsm.HasCancelledJob():
+		level, what = jobGCLevel, "cancelled jobs that -job-gc-threshold purges"
 	}
 	s.fsm.LiveSpecs(func(id string, spec fsm.JobSpec) bool {
 		l, w := specFeatureLevel(spec)

@@ -115,11 +115,12 @@ func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 	}
 }
 
-// TestAddPeerNeedsJobGCLevelOncePurged: once a job has been purged, the log
-// a joining coordinator replays may hold a JobPurged, so a coordinator below
-// jobGCLevel is refused even with no job left at all.
+// TestAddPeerNeedsJobGCLevelOncePurged: a coordinator below jobGCLevel
+// cannot join while job garbage collection may purge a cancelled job, nor,
+// with no job left at all, once a job has been purged: the log it would
+// replay may hold a JobPurged, which it would reject.
 func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
-	s := startSingle(t, testLogger(t), "c1", nil)
+	s := startSingle(t, testLogger(t), "c1", nil) // -job-gc-threshold 4h
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", jobGCLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
@@ -137,15 +138,19 @@ func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 	if _, _, err := s.raftApplyAt(ctx, fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: id, Reason: "test", Time: time.Now().UnixNano()}); err != nil {
 		t.Fatal(err)
 	}
-	if code, msg := addPeer(); code == http.StatusConflict {
-		t.Fatalf("add-peer of a level %d coordinator with only a cancelled job: %d %q, want no feature-level refusal", jobGCLevel-1, code, msg)
+	code, msg := addPeer()
+	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 2 of every coordinator (cancelled jobs that -job-gc-threshold purges)") {
+		t.Fatalf("add-peer of a level %d coordinator with a cancelled job to purge: %d %q, want 409 naming it", jobGCLevel-1, code, msg)
 	}
 	if _, _, err := s.raftApplyAt(ctx, fsm.CommandJobPurged, fsm.JobPurgedCmd{JobID: id, Time: time.Now().UnixNano()}); err != nil {
 		t.Fatal(err)
 	}
-	code, msg := addPeer()
+	code, msg = addPeer()
 	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 2 of every coordinator (purged jobs in the Raft log)") {
 		t.Fatalf("add-peer of a level %d coordinator after a purge: %d %q, want 409 naming the purged jobs", jobGCLevel-1, code, msg)
+	}
+	if _, ok := inRaft(s, "c-old"); ok {
+		t.Fatal("c-old added to the raft configuration")
 	}
 }
 

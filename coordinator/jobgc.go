@@ -33,6 +33,11 @@ const jobGCRetry = time.Minute
 // jobGCFileTimeout bounds one deletion of a job's checkpoint files.
 const jobGCFileTimeout = 5 * time.Minute
 
+// maxPurges bounds the purges whose files are being deleted at once, so that
+// a backlog (after an upgrade turns collection on, or a long-held gate)
+// does not send every job's deletions to the storage together.
+const maxPurges = 4
+
 // purgeFilesResult reports the deletion of a job's checkpoint files, the
 // first step of its purge, to the leader loop.
 type purgeFilesResult struct {
@@ -44,13 +49,15 @@ type purgeFilesResult struct {
 func (purgeFilesResult) leaderEvent() {}
 
 // collectJob purges cancelled job js once it has been cancelled for the
-// threshold: first its files, in the background (onPurgeFiles goes on),
-// then JobPurged. Before that it only sets a timer for the time it is due.
+// threshold and every task of it has stopped: first its files, in the
+// background (onPurgeFiles goes on), then JobPurged. Before that it only
+// sets a timer for the time it is due.
 func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 	if l.jobGC <= 0 || js.purging {
 		return
 	}
-	if due := time.Unix(0, job.UpdatedAt).Add(l.jobGC); now.Before(due) {
+	js.cancelledAt = time.Unix(0, job.UpdatedAt)
+	if due := js.cancelledAt.Add(l.jobGC); now.Before(due) {
 		l.scheduleJob(js, due)
 		return
 	}
@@ -58,17 +65,26 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 		l.scheduleJob(js, js.purgeRetryAt)
 		return
 	}
-	if below := l.coordinatorsBelow(jobGCLevel); len(below) > 0 {
-		if !js.purgeHeld {
-			l.jobLogger(js).Info("not purging a cancelled job: a coordinator cannot apply the purge",
-				"needs_feature_level", jobGCLevel, "coordinators", below)
-			js.purgeHeld = true
-		}
-		l.retryPurge(js, now)
+	if !l.purgeAllowed(js, now) {
 		return
 	}
-	js.purgeHeld = false
+	if task := l.runningTask(js, now); task != "" {
+		// A task still stopping may still upload a file under the job's
+		// prefix after the deletion listed it. Its stop (a status, a
+		// session or gossip change) marks the job dirty; the lease bounds
+		// the wait for a worker that went quiet.
+		l.scheduleJob(js, now.Add(l.lease))
+		return
+	}
+	if l.purges >= maxPurges {
+		if !js.purgeQueued {
+			js.purgeQueued = true
+			l.purgeQueue = append(l.purgeQueue, js.id)
+		}
+		return
+	}
 	js.purging = true
+	l.purges++
 	id := js.id
 	l.lookups.Add(1)
 	go func() {
@@ -83,10 +99,59 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 	}()
 }
 
+// purgeAllowed reports whether every coordinator can apply JobPurged, and
+// has js tried again later when not.
+func (l *leader) purgeAllowed(js *jobState, now time.Time) bool {
+	below := l.coordinatorsBelow(jobGCLevel)
+	if len(below) == 0 {
+		js.purgeHeld = false
+		return true
+	}
+	if !js.purgeHeld {
+		l.jobLogger(js).Info("not purging a cancelled job: a coordinator cannot apply the purge",
+			"needs_feature_level", jobGCLevel, "coordinators", below)
+		js.purgeHeld = true
+	}
+	l.retryPurge(js, now)
+	return false
+}
+
+// runningTask returns a task of js that may still run, or "": one whose
+// last phase is live, unless its worker said it does not run it, or gossip
+// has the worker dead or gone, or the worker has been without a session for
+// its lease (it stops every task then).
+func (l *leader) runningTask(js *jobState, now time.Time) string {
+	members := memberStatus(l.env.members())
+	for _, tv := range js.order {
+		if !live(tv.phase) || tv.missing {
+			continue
+		}
+		w := tv.task.Worker
+		if st := members[w]; st == "" || st == StatusDead || st == StatusLeft {
+			continue
+		}
+		if since, ok := l.sessionlessSince(w); ok && now.Sub(since) >= l.lease {
+			continue
+		}
+		return tv.task.ID
+	}
+	return ""
+}
+
 // onPurgeFiles commits JobPurged once the job's files are gone. Deleting the
 // files first means a leader that dies in between leaves a job whose next
 // purge finds nothing to delete, never files that nothing names.
 func (l *leader) onPurgeFiles(r purgeFilesResult) {
+	l.purges--
+	for len(l.purgeQueue) > 0 && l.purges < maxPurges {
+		next := l.purgeQueue[0]
+		l.purgeQueue = l.purgeQueue[1:]
+		if q := l.jobs[next]; q != nil {
+			q.purgeQueued = false
+			l.dirty[next] = struct{}{}
+			break
+		}
+	}
 	js := l.jobs[r.job]
 	if js == nil {
 		return
@@ -97,6 +162,13 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 		js.purging = false
 		log.Warn("purge cancelled job: delete its checkpoint files; trying again later", "deleted", r.deleted, "err", r.err, "retry_in", jobGCRetry)
 		l.retryPurge(js, now)
+		return
+	}
+	// Checked again: a coordinator below the level may have joined while
+	// the files were being deleted. The job then stays, without its files,
+	// until every coordinator can apply the purge.
+	if !l.purgeAllowed(js, now) {
+		js.purging = false
 		return
 	}
 	cmd := fsm.JobPurgedCmd{JobID: js.id, Time: now.UnixNano()}
@@ -110,14 +182,15 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 			l.retryPurge(js, l.env.now())
 			return
 		}
-		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.jobGC)
+		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.env.now().Sub(js.cancelledAt).Round(time.Second))
 		l.forget(js)
 	})
 }
 
-// retryPurge has js looked at again after jobGCRetry.
+// retryPurge has js looked at again after about jobGCRetry, with ±20%
+// jitter so that purges that failed together do not retry together.
 func (l *leader) retryPurge(js *jobState, now time.Time) {
-	js.purgeRetryAt = now.Add(jobGCRetry)
+	js.purgeRetryAt = now.Add(time.Duration(float64(jobGCRetry) * (0.8 + 0.4*l.env.jitter())))
 	l.scheduleJob(js, js.purgeRetryAt)
 }
 

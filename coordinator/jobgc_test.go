@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -25,6 +26,9 @@ type gcEnv struct {
 	below   []string
 	fail    error
 	deleted []string // jobs whose files were deleted, in order
+	// joinDuring, if set, becomes below during the next file deletion: a
+	// coordinator below the level joined meanwhile.
+	joinDuring []string
 }
 
 func (e *gcEnv) install(h *leaderHarness, threshold time.Duration) {
@@ -44,6 +48,9 @@ func (e *gcEnv) install(h *leaderHarness, threshold time.Duration) {
 			return 0, e.fail
 		}
 		e.deleted = append(e.deleted, job)
+		if e.joinDuring != nil {
+			e.below, e.joinDuring = e.joinDuring, nil
+		}
 		return 3, nil
 	}
 	h.newTerm()
@@ -94,9 +101,21 @@ func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
 	}
 	h.job("gone")
 
-	// Due, but a coordinator cannot apply JobPurged.
-	env.set([]string{"c3 (feature level 1)"}, nil)
+	// Due, but its tasks never said they stopped, and their workers are
+	// connected: one may still upload a file under the job's prefix.
 	h.advance(2 * time.Minute)
+	h.gcStep()
+	if got := env.deletions(); len(got) != 0 {
+		t.Fatalf("files of %v deleted while the job's tasks still run", got)
+	}
+
+	// The tasks stop (each stop has the job looked at again), but a
+	// coordinator cannot apply JobPurged.
+	env.set([]string{"c3 (feature level 1)"}, nil)
+	job := h.job("gone")
+	for _, task := range job.Tasks {
+		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
+	}
 	h.gcStep()
 	if got := env.deletions(); len(got) != 0 {
 		t.Fatalf("files of %v deleted while a coordinator is below level %d", got, jobGCLevel)
@@ -112,12 +131,23 @@ func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
 		t.Fatal("after a failed deletion the leader forgot the job or still counts its purge as under way")
 	}
 
-	// Storage is back: the purge goes through at the next retry.
+	// Storage is back, but a coordinator below the level joins while the
+	// files are being deleted: the purge is not committed.
 	env.set(nil, nil)
-	h.advance(jobGCRetry)
+	env.joinDuring = []string{"c4 (feature level 1)"}
+	h.advance(2 * jobGCRetry)
 	h.gcStep()
-	if got := env.deletions(); len(got) != 1 || got[0] != "gone" {
-		t.Fatalf("file deletions %v, want [gone]", got)
+	if got := env.deletions(); len(got) != 1 {
+		t.Fatalf("file deletions %v, want one", got)
+	}
+	h.job("gone")
+
+	// It is upgraded: the purge goes through at the next retry.
+	env.set(nil, nil)
+	h.advance(2 * jobGCRetry)
+	h.gcStep()
+	if got := env.deletions(); len(got) != 2 || got[1] != "gone" {
+		t.Fatalf("file deletions %v, want [gone gone]", got)
 	}
 	if _, ok := h.f.Job("gone"); ok {
 		t.Fatal("job gone still in the FSM after its purge")
@@ -140,8 +170,8 @@ func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
 	h.pastGrace()
 	h.step()
 	h.gcStep()
-	if got := env.deletions(); len(got) != 1 {
-		t.Fatalf("file deletions %v after a new term, want only the first", got)
+	if got := env.deletions(); len(got) != 2 {
+		t.Fatalf("file deletions %v after a new term, want only the first two", got)
 	}
 }
 
@@ -221,5 +251,62 @@ func TestCollectorPurgesJobFiles(t *testing.T) {
 	}
 	if got := testutil.CollectAndCount(m.checkpointsAborted) + testutil.CollectAndCount(m.stateFilesDeleted); got != 0 {
 		t.Fatalf("%d series of %s left after forgetting it", got, job)
+	}
+}
+
+// At most maxPurges purges delete files at once; the others wait their
+// turn and all are purged in the end.
+func TestLeaderBoundsPurgesInFlight(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.jobGC = time.Hour
+	var (
+		mu             sync.Mutex
+		inFlight, most int
+		release        = make(chan struct{})
+		deleted        []string
+	)
+	h.env.purgeFiles = func(_ context.Context, job string) (int, error) {
+		mu.Lock()
+		inFlight++
+		most = max(most, inFlight)
+		mu.Unlock()
+		<-release
+		mu.Lock()
+		inFlight--
+		deleted = append(deleted, job)
+		mu.Unlock()
+		return 0, nil
+	}
+	h.newTerm()
+	const n = maxPurges + 3
+	for i := range n {
+		id := fmt.Sprintf("j%d", i)
+		h.register(id, testJobSpec(1, 1)) // never deployed: no task to wait for
+		h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: id, Reason: "user", Time: h.clock.UnixNano()})
+	}
+	h.pastGrace()
+	h.step()
+	h.advance(2 * time.Hour)
+	h.reconcile()
+	waitFor(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if inFlight != maxPurges {
+			return fmt.Errorf("%d purges deleting files, want %d", inFlight, maxPurges)
+		}
+		return nil
+	})
+	close(release)
+	for range n {
+		h.l.lookups.Wait()
+		h.flush()
+	}
+	if jobs := h.f.Jobs(); len(jobs) != 0 {
+		t.Fatalf("%d jobs left after every purge could go on, want none", len(jobs))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if most != maxPurges || len(deleted) != n {
+		t.Fatalf("at most %d purges at once and %d done, want %d and %d", most, len(deleted), maxPurges, n)
 	}
 }

@@ -170,6 +170,10 @@ type leader struct {
 	waiting  map[string]struct{}
 	used     map[string]int // slots in use per worker (account)
 	writes   map[string][]*write
+	// purges counts the purges whose files are being deleted; purgeQueue
+	// holds the jobs due for a purge that wait for one of them to end.
+	purges     int
+	purgeQueue []string
 
 	// notedJobs and notedWorkers are what other goroutines (the FSM,
 	// gossip) report, under notesMu, until the loop takes them.

@@ -83,7 +83,7 @@ func newMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
 		}),
 		stateFilesDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them.",
+			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them, or because their cancelled job is being purged.",
 		}, []string{"job"}),
 		httpConnsRefused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "coordflow_http_connections_refused_total", Help: "HTTP connections closed at once because their client IP address held -http-max-conns-per-client connections already.",

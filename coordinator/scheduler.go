@@ -54,10 +54,11 @@ type jobState struct {
 	lookup     bool      // a partition lookup is in flight
 	cancelSent bool      // CancelTask sent for the tasks of a cancelled job
 	// purging: the job's purge is under way (jobgc.go); purgeHeld: a
-	// coordinator below jobGCLevel holds it, logged once; purgeRetryAt:
-	// no purge is tried before then.
-	purging, purgeHeld bool
-	purgeRetryAt       time.Time
+	// coordinator below jobGCLevel holds it, logged once; purgeQueued: it
+	// waits in leader.purgeQueue; purgeRetryAt: no purge is tried before
+	// then; cancelledAt: when the job was cancelled.
+	purging, purgeHeld, purgeQueued bool
+	purgeRetryAt, cancelledAt       time.Time
 
 	ckpt checkpointState
 	// savepoints are the savepoint requests waiting for the job's next

@@ -655,12 +655,13 @@ func (l *leader) onWorkerMessage(sess *session, msg *transport.WorkerMessage) {
 
 // onTaskStatus records a task's phase if the task belongs to its job's
 // current attempt on this worker, and returns its view. A task that does not
-// and still runs is cancelled.
+// and still runs is cancelled, and so is a task of a cancelled job, whose
+// phase is recorded too.
 func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedTask {
 	ref := st.GetTask()
 	js, tv, stale := l.classify(sess.worker, ref)
 	if stale != "" {
-		if js != nil && !js.currentTask(ref) {
+		if js != nil && js.status != fsm.JobCancelled && !js.currentTask(ref) {
 			l.fenced(js, "status", sess.worker, ref, "phase", st.GetPhase().String())
 		}
 		if live(st.GetPhase()) {
@@ -668,7 +669,13 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 				"task", ref.GetTaskId(), "worker", sess.worker, "reason", stale)
 			sess.send(cancelMsg(ref, stale))
 		}
-		return nil
+		if tv != nil { // of a cancelled job
+			tv.phase, tv.missing = st.GetPhase(), false
+			if !live(tv.phase) {
+				l.dirty[js.id] = struct{}{}
+			}
+		}
+		return tv
 	}
 	if tv.phase != st.GetPhase() {
 		log := l.jobLogger(js)
@@ -709,7 +716,13 @@ func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *tr
 	case js == nil:
 		return nil, nil, "unknown job"
 	case js.status == fsm.JobCancelled:
-		return nil, nil, "job cancelled"
+		// The view of a task of the cancelled attempt comes back so that
+		// its phase is recorded: a purge waits for every task to stop.
+		tv := js.tasks[ref.GetTaskId()]
+		if tv == nil || !js.currentTask(ref) || tv.task.Worker != worker {
+			tv = nil
+		}
+		return js, tv, "job cancelled"
 	}
 	tv := js.tasks[ref.GetTaskId()]
 	switch {

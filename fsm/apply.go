@@ -49,6 +49,13 @@ func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
 	if _, ok := s.Jobs[c.ID]; ok {
 		return fmt.Errorf("register job %s: %w", c.ID, ErrJobExists)
 	}
+	// A purged job's id stays taken while a savepoint of it is kept: a new
+	// job of that id would write its savepoints under the same ids and paths.
+	for _, sp := range s.Savepoints {
+		if sp.JobID == c.ID {
+			return fmt.Errorf("register job %s: %w: savepoint %s of a purged job of that id is kept", c.ID, ErrJobExists, sp.ID)
+		}
+	}
 	if err := c.Spec.Validate(nil); err != nil {
 		return fmt.Errorf("register job %s: %w: %w", c.ID, ErrInvalidSpec, err)
 	}
@@ -570,6 +577,9 @@ func isSHA256Hex(s string) bool {
 func (s *State) completeSavepoint(j *Job, c *CheckpointCompletedCmd) error {
 	if len(s.Savepoints) >= MaxSavepoints {
 		return fmt.Errorf("complete savepoint %d of job %s: %w: %d kept; delete some", c.CheckpointID, j.ID, ErrTooManySavepoints, len(s.Savepoints))
+	}
+	if id := SavepointID(j.ID, c.CheckpointID); s.Savepoints[id] != nil {
+		return fmt.Errorf("complete savepoint %d of job %s: savepoint %s exists already", c.CheckpointID, j.ID, id)
 	}
 	sp := &Savepoint{
 		ID:             SavepointID(j.ID, c.CheckpointID),

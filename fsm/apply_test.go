@@ -211,6 +211,7 @@ func TestJobPurged(t *testing.T) {
 	}
 	var changed []string
 	h.f.OnJobChange(func(ids []string) { changed = append(changed, ids...) })
+	before := persist(t, h.f)
 
 	h.must(CommandJobPurged, JobPurgedCmd{JobID: "j1", Time: h.tick()})
 
@@ -247,6 +248,28 @@ func TestJobPurged(t *testing.T) {
 	if mustDigest(t, restored) != h.digest() {
 		t.Fatal("restored state differs from the state it was taken of")
 	}
+
+	// A replica that catches up by a snapshot taken after the purge hears
+	// of the job gone, as Apply of the purge would have told it.
+	lagging := New()
+	if err := lagging.Restore(readCloser(before)); err != nil {
+		t.Fatal(err)
+	}
+	var gone []string
+	lagging.OnJobChange(func(ids []string) { gone = append(gone, ids...) })
+	if err := lagging.Restore(readCloser(persist(t, h.f))); err != nil {
+		t.Fatal(err)
+	}
+	if len(gone) != 1 || gone[0] != "j1" {
+		t.Fatalf("Restore of a state without j1 reported %v, want [j1]", gone)
+	}
+
+	// The id stays taken while the purged job's savepoint is kept: a new
+	// job of that id would take the savepoint's ids and paths.
+	_, err = h.apply(CommandRegisterJob, h.register("j1", testSpec()))
+	wantErr(t, err, ErrJobExists)
+	h.must(CommandSavepointDeleted, SavepointDeletedCmd{ID: sp.ID, Time: h.tick()})
+	h.must(CommandRegisterJob, h.register("j1", testSpec()))
 }
 
 // Checkpoint ids only grow: across aborts, restarts and a snapshot/restore.

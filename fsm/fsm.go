@@ -88,7 +88,8 @@ func (f *FSM) Apply(l *raft.Log) any {
 
 // OnJobChange sets fn to be called, from Raft's FSM goroutine after each
 // applied entry, with the ids of the jobs its commands changed (a job may
-// repeat). It is a notification, not state: the leader uses it to look at
+// repeat), and after a Restore with the jobs the restored state no longer
+// holds. It is a notification, not state: the leader uses it to look at
 // only the jobs that changed instead of every job. fn must not block. Call it
 // before Raft starts.
 func (f *FSM) OnJobChange(fn func(jobs []string)) { f.onChange = fn }
@@ -195,6 +196,19 @@ func (f *FSM) HasJob(id string) bool {
 	defer f.mu.RUnlock()
 	_, ok := f.state.Jobs[id]
 	return ok
+}
+
+// HasCancelledJob reports whether the state holds a cancelled job: one the
+// leader may purge.
+func (f *FSM) HasCancelledJob() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	for _, j := range f.state.Jobs {
+		if j.Status == JobCancelled {
+			return true
+		}
+	}
+	return false
 }
 
 // Purged returns how many jobs JobPurged has removed from the state.

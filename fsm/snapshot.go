@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/hashicorp/raft"
 )
@@ -67,8 +68,20 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		return fmt.Errorf("restore fsm snapshot: %w", err)
 	}
 	f.mu.Lock()
+	var gone []string
+	for id := range f.state.Jobs {
+		if _, ok := state.Jobs[id]; !ok {
+			gone = append(gone, id)
+		}
+	}
 	f.state = state
 	f.mu.Unlock()
+	// A snapshot of a later state may lack jobs purged since: tell the
+	// watchers, as Apply of the purges would have.
+	if len(gone) > 0 && f.onChange != nil {
+		slices.Sort(gone)
+		f.onChange(gone)
+	}
 	return nil
 }
 

@@ -163,13 +163,12 @@ func (m *taskManager) jobIdleLocked(job string) {
 	}
 	var t *time.Timer
 	t = time.AfterFunc(m.env.cfg.MetricsLinger, func() {
+		// Under the lock, so that a task of the job deployed meanwhile
+		// makes its metric handles after the series are gone, not before.
 		m.mu.Lock()
-		forget := m.idle[job] == t
-		if forget {
+		defer m.mu.Unlock()
+		if m.idle[job] == t {
 			delete(m.idle, job)
-		}
-		m.mu.Unlock()
-		if forget {
 			m.env.metrics.forgetJob(job)
 		}
 	})
