@@ -13,6 +13,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -104,15 +105,21 @@ func TestSecureClusterRefusesOutsiders(t *testing.T) {
 		// A real worker's certificate, but no deployment names the attempt:
 		// the next attempts' channels are refused, and do not lock out the
 		// real sources when those attempts come.
+		// Each is held for the worker's accept wait (5 s) before it is
+		// refused, so they are opened together.
 		valid := credentials.NewTLS(w1.ClientConfig(tlsutil.RoleWorker, ""))
+		var wg sync.WaitGroup
 		for next := j.Attempt + 1; next <= j.Attempt+3; next++ {
 			for m := range 2 {
 				h := &transport.ChannelHeader{JobId: job, Attempt: next, MapTaskId: fmt.Sprintf("map-%d", m), ChannelToken: "guessed"}
-				if err := openDataChannel(w2.dataAddr, valid, h); err == nil {
-					t.Errorf("data channel for undeployed attempt %d accepted", next)
-				}
+				wg.Go(func() {
+					if err := openDataChannel(w2.dataAddr, valid, h); err == nil {
+						t.Errorf("data channel for undeployed attempt %d accepted", h.Attempt)
+					}
+				})
 			}
 		}
+		wg.Wait()
 	})
 
 	t.Run("gossip", func(t *testing.T) {
