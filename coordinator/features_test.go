@@ -95,13 +95,7 @@ func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 		t.Fatal(old.joinErr)
 	}
 	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
-	addPeer := func() (int, string) {
-		var out struct {
-			Error string `json:"error"`
-		}
-		code := apiCall(t, s, http.MethodPost, "/v1/raft/peers", map[string]any{"id": "c-old", "address": "127.0.0.1:1", "voter": false}, &out)
-		return code, out.Error
-	}
+	addPeer := func() (int, string) { return addNonvoter(t, s, "c-old") }
 	if code, msg := addPeer(); code == http.StatusConflict {
 		t.Fatalf("add-peer of a level 0 coordinator without jobs: %d %q, want no feature-level refusal", code, msg)
 	}
@@ -126,13 +120,7 @@ func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 		t.Fatal(old.joinErr)
 	}
 	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
-	addPeer := func() (int, string) {
-		var out struct {
-			Error string `json:"error"`
-		}
-		code := apiCall(t, s, http.MethodPost, "/v1/raft/peers", map[string]any{"id": "c-old", "address": "127.0.0.1:1", "voter": false}, &out)
-		return code, out.Error
-	}
+	addPeer := func() (int, string) { return addNonvoter(t, s, "c-old") }
 	id := submitJob(t, s, wordcountSpec)
 	ctx := context.Background()
 	if _, _, err := s.raftApplyAt(ctx, fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: id, Reason: "test", Time: time.Now().UnixNano()}); err != nil {
@@ -152,6 +140,17 @@ func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 	if _, ok := inRaft(s, "c-old"); ok {
 		t.Fatal("c-old added to the raft configuration")
 	}
+}
+
+// addNonvoter asks s, through the API, to add coordinator id as a nonvoter
+// and returns the answer's code and error.
+func addNonvoter(t *testing.T, s *Server, id string) (int, string) {
+	t.Helper()
+	var out struct {
+		Error string `json:"error"`
+	}
+	code := apiCall(t, s, http.MethodPost, "/v1/raft/peers", map[string]any{"id": id, "address": "127.0.0.1:1", "voter": false}, &out)
+	return code, out.Error
 }
 
 // TestNamedCapsTheList: a reason names at most maxNamed members and counts

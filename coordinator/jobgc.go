@@ -235,35 +235,10 @@ func (c *collector) purge(ctx context.Context, jobID string) (int, error) {
 			doomed = append(doomed, path)
 		}
 	}
-	for prefix, consider := range map[string]func(path, final string){
-		transport.CheckpointPrefix + jobID + "/": checkpoint,
-		transport.SavepointPrefix + jobID + "/":  savepoint,
-	} {
-		err := store.List(ctx, prefix, func(path string, _ int64, _ time.Time) error {
-			consider(path, path)
-			return nil
-		})
-		if err == nil {
-			err = store.ListPartial(ctx, prefix, func(path, final string, _ int64, _ time.Time) error {
-				consider(path, final)
-				return nil
-			})
-		}
-		if err != nil {
-			return 0, fmt.Errorf("list %s: %w", prefix, err)
-		}
+	if err := listJobFiles(ctx, store, jobID, checkpoint, savepoint); err != nil {
+		return 0, err
 	}
-	deleted := 0
-	var errs []error
-	for _, p := range doomed {
-		if err := store.Delete(ctx, p); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		deleted++
-	}
-	c.metrics.stateFilesDeleted.WithLabelValues(jobID).Add(float64(deleted))
-	return deleted, errors.Join(errs...)
+	return c.deleteFiles(ctx, store, jobID, doomed)
 }
 
 // forget drops what the collector remembers of a purged job.

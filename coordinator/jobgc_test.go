@@ -78,6 +78,16 @@ func (h *leaderHarness) gcStep() {
 	h.flush()
 }
 
+// cancelFor cancels job id and lets the leader run for d after it.
+func (h *leaderHarness) cancelFor(id string, d time.Duration) {
+	h.t.Helper()
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: id, Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	h.advance(d)
+	h.step()
+	h.gcStep()
+}
+
 // A cancelled job is purged once it has been cancelled for the threshold:
 // its files first, then the job, from the FSM and from the leader's memory.
 // A running job is never purged, and nothing is purged while a coordinator
@@ -90,12 +100,7 @@ func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
 	h.startJob("gone", testJobSpec(1, 1))
 	h.startJob("kept", testJobSpec(1, 1))
 	h.completeCheckpoint("gone")
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "gone", Reason: "user", Time: h.clock.UnixNano()})
-	h.step()
-
-	h.advance(59 * time.Minute)
-	h.step()
-	h.gcStep()
+	h.cancelFor("gone", 59*time.Minute)
 	if got := env.deletions(); len(got) != 0 {
 		t.Fatalf("files of %v deleted before the job was cancelled for the threshold", got)
 	}
@@ -181,11 +186,7 @@ func TestLeaderKeepsCancelledJobsWithoutThreshold(t *testing.T) {
 	var env gcEnv
 	env.install(h, 0)
 	h.startJob("j1", testJobSpec(1, 1))
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
-	h.step()
-	h.advance(1000 * time.Hour)
-	h.step()
-	h.gcStep()
+	h.cancelFor("j1", 1000*time.Hour)
 	if got := env.deletions(); len(got) != 0 {
 		t.Fatalf("files of %v deleted with job garbage collection off", got)
 	}

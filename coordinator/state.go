@@ -184,11 +184,25 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 			unreferenced(path)
 		}
 	}
+	if err := listJobFiles(ctx, store, jobID, checkpoint, savepoint); err != nil {
+		return 0, err
+	}
+	c.mu.Lock()
+	c.unreferenced[jobID] = still
+	c.mu.Unlock()
+	return c.deleteFiles(ctx, store, jobID, doomed)
+}
+
+// listJobFiles calls checkpoint for every file under the job's checkpoint
+// prefix and savepoint for every file under its savepoint prefix, each with
+// its path and the path it is written to (the same, but for a partial
+// upload, whose final path names its checkpoint).
+func listJobFiles(ctx context.Context, store *storage.Store, jobID string, checkpoint, savepoint func(path, final string)) error {
 	for prefix, consider := range map[string]func(path, final string){
 		transport.CheckpointPrefix + jobID + "/": checkpoint,
 		transport.SavepointPrefix + jobID + "/":  savepoint,
 	} {
-		err = store.List(ctx, prefix, func(path string, _ int64, _ time.Time) error {
+		err := store.List(ctx, prefix, func(path string, _ int64, _ time.Time) error {
 			consider(path, path)
 			return nil
 		})
@@ -201,15 +215,18 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 			})
 		}
 		if err != nil {
-			return 0, err
+			return fmt.Errorf("list %s: %w", prefix, err)
 		}
 	}
-	c.mu.Lock()
-	c.unreferenced[jobID] = still
-	c.mu.Unlock()
+	return nil
+}
+
+// deleteFiles deletes the files of job at paths, counts them in the job's
+// metric and returns how many went; it goes on past a failed deletion.
+func (c *collector) deleteFiles(ctx context.Context, store *storage.Store, jobID string, paths []string) (int, error) {
 	deleted := 0
 	var errs []error
-	for _, p := range doomed {
+	for _, p := range paths {
 		if err := store.Delete(ctx, p); err != nil {
 			errs = append(errs, err)
 			continue
