@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -68,11 +69,16 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 	if !l.purgeAllowed(js, now) {
 		return
 	}
-	if task := l.runningTask(js, now); task != "" {
+	if tv := l.runningTask(js, now); tv != nil {
 		// A task still stopping may still upload a file under the job's
 		// prefix after the deletion listed it. Its stop (a status, a
 		// session or gossip change) marks the job dirty; the lease bounds
-		// the wait for a worker that went quiet.
+		// the wait for a worker that went quiet. The cancel goes again, in
+		// case the worker's answer to the first was lost: a worker answers
+		// a cancel of a task it does not run with its end.
+		if sess := l.sessions[tv.task.Worker]; sess != nil {
+			sess.send(cancelMsg(taskRef(js, tv.task), "job cancelled"))
+		}
 		l.scheduleJob(js, now.Add(l.lease))
 		return
 	}
@@ -82,6 +88,10 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 			l.purgeQueue = append(l.purgeQueue, js.id)
 		}
 		return
+	}
+	if js.purgeQueued { // its turn came by another way (a timer, a reconcile)
+		js.purgeQueued = false
+		l.purgeQueue = slices.DeleteFunc(l.purgeQueue, func(id string) bool { return id == js.id })
 	}
 	js.purging = true
 	l.purges++
@@ -116,26 +126,29 @@ func (l *leader) purgeAllowed(js *jobState, now time.Time) bool {
 	return false
 }
 
-// runningTask returns a task of js that may still run, or "": one whose
-// last phase is live, unless its worker said it does not run it, or gossip
-// has the worker dead or gone, or the worker has been without a session for
-// its lease (it stops every task then).
-func (l *leader) runningTask(js *jobState, now time.Time) string {
+// runningTask returns a task of js that may still run, or nil: one whose
+// last phase is live, unless its worker said it does not run it, or the
+// worker has no session and gossip has it dead or gone or it has been
+// without one for its lease (it stops every task then).
+func (l *leader) runningTask(js *jobState, now time.Time) *trackedTask {
 	members := memberStatus(l.env.members())
 	for _, tv := range js.order {
 		if !live(tv.phase) || tv.missing {
 			continue
 		}
 		w := tv.task.Worker
+		if l.sessions[w] != nil {
+			return tv
+		}
 		if st := members[w]; st == "" || st == StatusDead || st == StatusLeft {
 			continue
 		}
 		if since, ok := l.sessionlessSince(w); ok && now.Sub(since) >= l.lease {
 			continue
 		}
-		return tv.task.ID
+		return tv
 	}
-	return ""
+	return nil
 }
 
 // onPurgeFiles commits JobPurged once the job's files are gone. Deleting the
@@ -143,13 +156,15 @@ func (l *leader) runningTask(js *jobState, now time.Time) string {
 // purge finds nothing to delete, never files that nothing names.
 func (l *leader) onPurgeFiles(r purgeFilesResult) {
 	l.purges--
-	for len(l.purgeQueue) > 0 && l.purges < maxPurges {
+	// Hand the free slots to the jobs that waited longest; one that cannot
+	// start now (held, or waiting to retry) queues again or has a timer.
+	for free := maxPurges - l.purges; free > 0 && len(l.purgeQueue) > 0; {
 		next := l.purgeQueue[0]
 		l.purgeQueue = l.purgeQueue[1:]
 		if q := l.jobs[next]; q != nil {
 			q.purgeQueued = false
 			l.dirty[next] = struct{}{}
-			break
+			free--
 		}
 	}
 	js := l.jobs[r.job]
@@ -184,6 +199,9 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 		}
 		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.env.now().Sub(js.cancelledAt).Round(time.Second))
 		l.forget(js)
+		// A new job of the same id registered meanwhile waited for this
+		// write, whose result would have had it looked at.
+		l.dirty[js.id] = struct{}{}
 	})
 }
 

@@ -107,11 +107,17 @@ func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
 	h.job("gone")
 
 	// Due, but its tasks never said they stopped, and their workers are
-	// connected: one may still upload a file under the job's prefix.
+	// connected: one may still upload a file under the job's prefix. The
+	// cancel goes again, in case the answer to the first was lost.
+	h.drain("w1")
+	h.drain("w2")
 	h.advance(2 * time.Minute)
 	h.gcStep()
 	if got := env.deletions(); len(got) != 0 {
 		t.Fatalf("files of %v deleted while the job's tasks still run", got)
+	}
+	if got := append(cancels(h.drain("w1")), cancels(h.drain("w2"))...); len(got) == 0 || got[0].GetJobId() != "gone" {
+		t.Fatalf("cancels sent while the purge waits for the tasks: %v, want the job's tasks cancelled again", got)
 	}
 
 	// The tasks stop (each stop has the job looked at again), but a
@@ -304,6 +310,9 @@ func TestLeaderBoundsPurgesInFlight(t *testing.T) {
 	}
 	if jobs := h.f.Jobs(); len(jobs) != 0 {
 		t.Fatalf("%d jobs left after every purge could go on, want none", len(jobs))
+	}
+	if len(h.l.purgeQueue) != 0 || h.l.purges != 0 {
+		t.Fatalf("after every purge: %d queued, %d counted in flight; want none", len(h.l.purgeQueue), h.l.purges)
 	}
 	mu.Lock()
 	defer mu.Unlock()

@@ -227,6 +227,10 @@ func (c *collector) deleteFiles(ctx context.Context, store *storage.Store, jobID
 	deleted := 0
 	var errs []error
 	for _, p := range paths {
+		if err := ctx.Err(); err != nil { // the term ended: stop, whatever the storage does
+			errs = append(errs, err)
+			break
+		}
 		if err := store.Delete(ctx, p); err != nil {
 			errs = append(errs, err)
 			continue

@@ -579,7 +579,7 @@ func (s *State) completeSavepoint(j *Job, c *CheckpointCompletedCmd) error {
 		return fmt.Errorf("complete savepoint %d of job %s: %w: %d kept; delete some", c.CheckpointID, j.ID, ErrTooManySavepoints, len(s.Savepoints))
 	}
 	if id := SavepointID(j.ID, c.CheckpointID); s.Savepoints[id] != nil {
-		return fmt.Errorf("complete savepoint %d of job %s: savepoint %s exists already", c.CheckpointID, j.ID, id)
+		return fmt.Errorf("complete savepoint %d of job %s: %w: %s", c.CheckpointID, j.ID, ErrSavepointExists, id)
 	}
 	sp := &Savepoint{
 		ID:             SavepointID(j.ID, c.CheckpointID),

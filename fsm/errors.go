@@ -54,6 +54,8 @@ var (
 	ErrTooManySavepoints = errors.New("too many savepoints")
 	// ErrJobCancelled: any command for a job that was cancelled.
 	ErrJobCancelled = errors.New("job cancelled")
+	// ErrSavepointExists: a savepoint would replace one of the same id.
+	ErrSavepointExists = errors.New("savepoint exists already")
 	// ErrJobNotCancelled: JobPurged for a job that is not cancelled.
 	ErrJobNotCancelled = errors.New("job not cancelled")
 	// ErrCorruptSnapshot: Restore read a snapshot it cannot decode or whose
