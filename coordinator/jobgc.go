@@ -7,8 +7,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 )
@@ -112,14 +110,13 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 // purgeAllowed reports whether every coordinator can apply JobPurged, and
 // has js tried again later when not.
 func (l *leader) purgeAllowed(js *jobState, now time.Time) bool {
-	below := l.coordinatorsBelow(jobGCLevel)
-	if len(below) == 0 {
+	why := l.belowLevel(jobGCLevel)
+	if why == "" {
 		js.purgeHeld = false
 		return true
 	}
 	if !js.purgeHeld {
-		l.jobLogger(js).Info("not purging a cancelled job: a coordinator cannot apply the purge",
-			"needs_feature_level", jobGCLevel, "coordinators", below)
+		l.jobLogger(js).Info("not purging a cancelled job: a coordinator cannot apply the purge", "why", why)
 		js.purgeHeld = true
 	}
 	l.retryPurge(js, now)
@@ -212,19 +209,6 @@ func (l *leader) retryPurge(js *jobState, now time.Time) {
 	l.scheduleJob(js, js.purgeRetryAt)
 }
 
-// coordinatorsBelow lists the coordinators below level, or one line saying
-// why they cannot be listed.
-func (l *leader) coordinatorsBelow(level int) []string {
-	if l.env.coordinatorsBelow == nil {
-		return nil
-	}
-	below, err := l.env.coordinatorsBelow(level)
-	if err != nil {
-		return []string{err.Error()}
-	}
-	return below
-}
-
 // forget drops the leader's memory of a job the FSM no longer holds.
 func (l *leader) forget(js *jobState) {
 	l.unindex(js)
@@ -265,19 +249,4 @@ func (c *collector) forget(jobID string) {
 	defer c.mu.Unlock()
 	delete(c.last, jobID)
 	delete(c.unreferenced, jobID)
-}
-
-// forgetJob deletes every metric series of a purged job, so that a
-// coordinator that runs jobs for months does not export each job it ever
-// led.
-func (m *metrics) forgetJob(jobID string) {
-	labels := prometheus.Labels{"job": jobID}
-	for _, v := range []interface {
-		DeletePartialMatch(prometheus.Labels) int
-	}{
-		m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts,
-		m.noDiscovery, m.recoveries, m.fencedMessages, m.stateFilesDeleted,
-	} {
-		v.DeletePartialMatch(labels)
-	}
 }

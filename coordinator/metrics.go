@@ -148,3 +148,18 @@ func (m *metrics) registerFSM(f *fsm.FSM) {
 		Help: "Raft log entries of a command type this coordd does not know, rejected: a newer coordd is leading; upgrade this one.",
 	}, func() float64 { return float64(f.UnknownCommands()) }))
 }
+
+// forgetJob deletes every metric series of a purged job, so that a
+// coordinator that runs jobs for months does not export each job it ever
+// led.
+func (m *metrics) forgetJob(jobID string) {
+	labels := prometheus.Labels{"job": jobID}
+	for _, v := range []interface {
+		DeletePartialMatch(prometheus.Labels) int
+	}{
+		m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts,
+		m.noDiscovery, m.recoveries, m.fencedMessages, m.stateFilesDeleted,
+	} {
+		v.DeletePartialMatch(labels)
+	}
+}

@@ -784,16 +784,20 @@ func (l *leader) discovers(js *jobState, log *slog.Logger) bool {
 // discoveryBlocked says why partition discovery may not be on in the
 // sources deployed now, "" when it may: only while every coordinator is at
 // discoveryLevel.
-func (l *leader) discoveryBlocked() string {
+func (l *leader) discoveryBlocked() string { return l.belowLevel(discoveryLevel) }
+
+// belowLevel says why not every coordinator of the Raft configuration is
+// known to be at feature level level, "" when every one is.
+func (l *leader) belowLevel(level int) string {
 	if l.env.coordinatorsBelow == nil {
 		return ""
 	}
-	old, err := l.env.coordinatorsBelow(discoveryLevel)
+	old, err := l.env.coordinatorsBelow(level)
 	switch {
 	case err != nil:
 		return err.Error()
 	case len(old) > 0:
-		return fmt.Sprintf("coordinators below feature level %d: %s", discoveryLevel, named(old))
+		return fmt.Sprintf("coordinators below feature level %d: %s", level, named(old))
 	}
 	return ""
 }
