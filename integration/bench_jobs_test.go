@@ -43,8 +43,9 @@ const (
 	benchJobsWarmUp   = 10 * time.Second
 	benchJobsRate     = 100 // records a second per job with input=light
 	benchJobsTimeout  = 40 * time.Minute
-	// benchJobsProfileEnv, if set, names a directory for a CPU profile of
-	// the leader taken during the window.
+	// benchJobsProfileEnv, if set, names a directory for CPU profiles of
+	// the leader, a follower and a worker, and an allocation profile of the
+	// worker, taken during the window.
 	benchJobsProfileEnv = "COORDFLOW_BENCH_PROFILE"
 )
 
@@ -113,7 +114,8 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		t.Fatalf("%s=%q: want idle or light", benchJobsInputEnv, input)
 	}
 	res := benchJobsResult{Jobs: n, Input: input, LoadAvg: benchLoadAvg()}
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, slots: n + 2, topics: manyTopics(n, 1), coordFlags: []string{"-enable-debug"}})
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, slots: n + 2, topics: manyTopics(n, 1),
+		coordFlags: []string{"-enable-debug"}, workerFlags: []string{"-enable-debug"}})
 
 	specs := make([]jobSpec, n)
 	for i := range specs {
@@ -171,27 +173,35 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		// CPU profiles of the leader and of a follower over most of the
 		// window, taken together.
 		secs := int(benchJobsWindow.Seconds()) - 5
-		targets := map[string]*coordProc{"leader": leader}
+		targets := map[string]string{ // file name: profile URL
+			"leader": fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", leader.httpAddr, secs),
+			"worker": fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.workers[0].metricsAddr, secs),
+			// A delta: what the worker allocated during the window.
+			"worker-allocs": fmt.Sprintf("http://%s/debug/pprof/allocs?seconds=%d", c.workers[0].metricsAddr, secs),
+		}
 		for _, cp := range c.coords {
 			if cp != leader {
-				targets["follower"] = cp
+				targets["follower"] = fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", cp.httpAddr, secs)
 			}
 		}
 		var wg sync.WaitGroup
-		for role, cp := range targets {
+		for role, url := range targets {
 			wg.Go(func() {
-				resp, err := (&http.Client{Timeout: benchJobsWindow}).Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", cp.httpAddr, secs))
+				resp, err := (&http.Client{Timeout: benchJobsWindow}).Get(url)
 				if err != nil {
-					t.Errorf("profile %s %s: %v", role, cp.id, err)
+					t.Errorf("profile %s: %v", role, err)
 					return
 				}
 				data, err := io.ReadAll(resp.Body)
 				resp.Body.Close()
+				if err == nil && resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("%s: %s", resp.Status, data)
+				}
 				if err == nil {
 					err = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%d-%s.pprof", role, n, input)), data, 0o644)
 				}
 				if err != nil {
-					t.Errorf("profile %s %s: %v", role, cp.id, err)
+					t.Errorf("profile %s: %v", role, err)
 				}
 			})
 		}

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"sync"
@@ -58,6 +59,10 @@ type Config struct {
 	Slots int
 	// MetricsAddr, if set, serves Prometheus metrics on /metrics.
 	MetricsAddr string
+	// EnableDebug also serves Go's profiler under /debug/pprof/ on
+	// MetricsAddr, as coordd's -enable-debug does on its HTTP address: the
+	// way to see where a worker's CPU and allocations go under load.
+	EnableDebug bool
 	// StateDir is where map tasks keep local state: the databases of the
 	// disk backend (db/) and copies of the state files they wrote (cache/),
 	// for local recovery. Both are emptied when the worker starts. Empty: a
@@ -164,6 +169,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.Slots < 0 {
 		return cfg, fmt.Errorf("worker config: Slots must not be negative, got %d", cfg.Slots)
+	}
+	if cfg.EnableDebug && cfg.MetricsAddr == "" {
+		return cfg, errors.New("worker config: EnableDebug serves the profiler on the metrics address; set MetricsAddr too")
 	}
 	d := DefaultConfig()
 	setDur := func(v *time.Duration, def time.Duration) {
@@ -379,6 +387,13 @@ func (w *Worker) run(ctx context.Context) error {
 	if w.metricsLis != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(w.metrics.registry, promhttp.HandlerOpts{Registry: w.metrics.registry}))
+		if w.cfg.EnableDebug {
+			// Index also serves the named profiles (heap, allocs,
+			// goroutine, ...), with ?seconds=N for a delta.
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
 		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		goFn(func() {
 			if err := httpSrv.Serve(w.metricsLis); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -725,6 +725,41 @@ func TestShutdownReportsCancelled(t *testing.T) {
 	}
 }
 
+// TestDebugProfiler: EnableDebug serves Go's profiler next to the metrics,
+// a worker without it does not, and EnableDebug without a metrics address
+// is refused rather than silently serving nothing.
+func TestDebugProfiler(t *testing.T) {
+	f := newFakeCoord(t, true, "")
+	get := func(w *Worker, path string) int {
+		t.Helper()
+		resp, err := http.Get("http://" + w.MetricsAddr() + path)
+		if err != nil {
+			t.Fatalf("get %s: %v", path, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	on := startWorker(t, "w1", f, func(c *Config) { c.MetricsAddr = "127.0.0.1:0"; c.EnableDebug = true })
+	for _, path := range []string{"/debug/pprof/", "/debug/pprof/allocs?debug=1", "/debug/pprof/goroutine?debug=1"} {
+		if code := get(on, path); code != http.StatusOK {
+			t.Errorf("with EnableDebug, %s answered %d, want 200", path, code)
+		}
+	}
+	off := startWorker(t, "w2", f, func(c *Config) { c.MetricsAddr = "127.0.0.1:0" })
+	if code := get(off, "/debug/pprof/"); code != http.StatusNotFound {
+		t.Errorf("without EnableDebug, /debug/pprof/ answered %d, want 404", code)
+	}
+	if code := get(off, "/metrics"); code != http.StatusOK {
+		t.Errorf("/metrics answered %d, want 200", code)
+	}
+
+	_, err := New(Config{ID: "w3", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", EnableDebug: true})
+	if err == nil || !strings.Contains(err.Error(), "MetricsAddr") {
+		t.Fatalf("EnableDebug without MetricsAddr: err %v, want one naming MetricsAddr", err)
+	}
+}
+
 // TestCarriedAcrossSessions: a new session keeps terminal statuses, keeps
 // acks and declines only with the same leader and term, and drops
 // non-terminal statuses, which Hello supersedes.

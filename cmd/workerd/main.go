@@ -98,6 +98,7 @@ func run(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "`DIR` for local state: disk-backend databases and local copies of checkpoint files (default: <data-dir>/state)")
 	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: a new coordflow-worker-<id>-* directory under the system's temporary directory)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this `host:port` at /metrics (off when empty)")
+	fs.BoolVar(&cfg.EnableDebug, "enable-debug", false, "serve Go's profiler under /debug/pprof/ on the metrics address (needs -metrics-addr)")
 	var tlsFiles tlsutil.Files
 	fs.StringVar(&tlsFiles.CA, "tls-ca", "", "CA certificate `FILE` (PEM): with -tls-cert and -tls-key, the control session and data channels use mutual TLS (docs/security.md)")
 	fs.StringVar(&tlsFiles.Cert, "tls-cert", "", "this worker's certificate `FILE` (coordd tls cert create -worker ID); reread on SIGHUP")
