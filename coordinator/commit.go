@@ -18,7 +18,8 @@ import (
 //   - submit never blocks: it queues the command and returns;
 //   - the committer's loop takes every command that waits (up to
 //     maxBatchCommands and maxBatchBytes) into one Raft entry, a batch when
-//     there are several (group commit: fsm.CommandBatch);
+//     there are several (group commit: fsm.CommandFramedBatch once every
+//     coordinator knows it, fsm.CommandBatch before);
 //   - up to maxEntriesInFlight entries are in Raft's pipeline at once; while
 //     they are, new commands accumulate into the next batch, so the batch
 //     size follows the load and an idle group still commits one command with
@@ -76,10 +77,16 @@ type committer struct {
 	// those entries, in order, to report.
 	slots    chan struct{}
 	inflight chan entry
+
+	// framed says whether the next batch may use the framed envelope;
+	// asked once per batch entry. nil: never.
+	framed func() bool
 }
 
-func newCommitter(r raftApplier, m *metrics) *committer {
-	return &committer{raft: r, metrics: m, ready: make(chan struct{}, 1),
+// newCommitter returns the write path to r; framed (may be nil) says when
+// batches may be framed.
+func newCommitter(r raftApplier, m *metrics, framed func() bool) *committer {
+	return &committer{raft: r, metrics: m, ready: make(chan struct{}, 1), framed: framed,
 		slots: make(chan struct{}, maxEntriesInFlight), inflight: make(chan entry, maxEntriesInFlight)}
 }
 
@@ -163,7 +170,11 @@ func (c *committer) run(ctx context.Context) {
 			payloads[i] = p.data
 			bytes += len(p.data)
 		}
-		data, err := fsm.EncodeBatch(payloads)
+		encode := fsm.EncodeBatch
+		if len(payloads) > 1 && c.framed != nil && c.framed() {
+			encode = fsm.EncodeFramedBatch
+		}
+		data, err := encode(payloads)
 		e := entry{proposals: batch, start: time.Now(), bytes: bytes}
 		if err != nil {
 			e.future = errFuture{err}

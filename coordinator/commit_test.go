@@ -65,8 +65,17 @@ func (r *gatedRaft) Apply(data []byte, _ time.Duration) raft.ApplyFuture {
 // one batch entry; every command gets its own result, in submission order,
 // the FSM's rejections included.
 func TestCommitterBatchesWhileEntriesAreInFlight(t *testing.T) {
+	t.Run("json", func(t *testing.T) { testCommitterBatches(t, nil, fsm.CommandBatch) })
+	t.Run("framed", func(t *testing.T) { testCommitterBatches(t, func() bool { return true }, fsm.CommandFramedBatch) })
+	t.Run("gate closed", func(t *testing.T) { testCommitterBatches(t, func() bool { return false }, fsm.CommandBatch) })
+}
+
+// testCommitterBatches runs TestCommitterBatchesWhileEntriesAreInFlight
+// with the committer's framed gate framed; the batch entry must be of type
+// batchType.
+func testCommitterBatches(t *testing.T, framed func() bool, batchType fsm.CommandType) {
 	r := newGatedRaft()
-	c := newCommitter(r, newMetrics())
+	c := newCommitter(r, newMetrics(), framed)
 	ctx := t.Context()
 	done := make(chan struct{})
 	go func() { c.run(ctx); close(done) }()
@@ -137,6 +146,18 @@ func TestCommitterBatchesWhileEntriesAreInFlight(t *testing.T) {
 		t.Errorf("%d Raft entries for %d commands, want %d (the %d waiting commands in one batch)",
 			n, total, maxEntriesInFlight+1, waiting)
 	}
+	r.mu.Lock()
+	for i, e := range r.entries {
+		if want := fsm.CommandRegisterJob; i == len(r.entries)-1 {
+			want = batchType
+			if fsm.CommandType(e[0]) != want {
+				t.Errorf("entry %d is a %v, want a %v", i, fsm.CommandType(e[0]), want)
+			}
+		} else if fsm.CommandType(e[0]) != want {
+			t.Errorf("entry %d is a %v, want a lone %v", i, fsm.CommandType(e[0]), want)
+		}
+	}
+	r.mu.Unlock()
 	if got[total-1].index != got[maxEntriesInFlight].index {
 		t.Errorf("batched commands at indexes %d and %d, want one entry", got[maxEntriesInFlight].index, got[total-1].index)
 	}
@@ -229,7 +250,7 @@ func TestLeaderWritesInOrderPerJob(t *testing.T) {
 // TestCommitterStopped: once the node shuts down, what waits and what is
 // submitted later is answered with an error at once, never left hanging.
 func TestCommitterStopped(t *testing.T) {
-	c := newCommitter(newGatedRaft(), newMetrics())
+	c := newCommitter(newGatedRaft(), newMetrics(), nil)
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	c.run(ctx) // returns at once: its context has ended

@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
@@ -32,6 +35,46 @@ func specFeatureLevel(spec fsm.JobSpec) (level int, what string) {
 // the replicas would then differ. Every build at level 1 has discovery; one
 // at level 0 may not.
 const discoveryLevel = 1
+
+// framedBatchLevel is the feature level every coordinator needs before the
+// leader writes group commits in the framed envelope
+// (fsm.CommandFramedBatch): an older build cannot apply such an entry, and
+// would keep a state without the commands in it.
+const framedBatchLevel = 3
+
+// framedRecheck is how often the leader's write path looks again whether
+// every coordinator is at framedBatchLevel.
+const framedRecheck = time.Second
+
+// framedGate decides whether the leader's group commits may use the framed
+// envelope, and keeps that decision and the admission of coordinators to
+// the Raft configuration apart: a coordinator below framedBatchLevel that
+// joined between the gate's look at the configuration and the framed entry
+// would fail to apply it. Joins hold mu from their feature level check to
+// their configuration change; the gate looks again only when it gets mu,
+// and the check refuses such a coordinator while the gate is open.
+type framedGate struct {
+	mu      sync.Mutex
+	open    atomic.Bool
+	checked time.Time // under mu
+	// below lists the coordinators below framedBatchLevel, "" when none;
+	// for a test or an operator that wonders why batches are not framed.
+	below func() ([]string, error)
+}
+
+// allow reports whether the next batch may be framed.
+func (g *framedGate) allow() bool {
+	if !g.mu.TryLock() {
+		return g.open.Load() // a join is being decided: keep the last answer
+	}
+	defer g.mu.Unlock()
+	if now := time.Now(); now.Sub(g.checked) >= framedRecheck {
+		old, err := g.below()
+		g.open.Store(err == nil && len(old) == 0)
+		g.checked = now
+	}
+	return g.open.Load()
+}
 
 // coordinatorsSupport returns an error naming the coordinators of the Raft
 // configuration below the feature level spec needs, or never seen in
@@ -91,8 +134,14 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // coordinator below jobGCLevel would reject, and while job garbage
 // collection may purge a cancelled job it may commit one: then it needs
 // that level whatever the jobs (job is then "").
+//
+// Framed batches need framedBatchLevel once the log may hold one: once one
+// was applied, or while this leader's write path frames them (the caller
+// holds framed.mu, so that the gate does not open before the join is done).
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
 	switch {
+	case s.fsm.FramedBatches() || s.framed.open.Load():
+		level, what = framedBatchLevel, "framed batches in the Raft log"
 	case s.fsm.Purged() > 0:
 		level, what = jobGCLevel, "purged jobs in the Raft log"
 	case s.cfg.JobGCThreshold > 0 && s.fsm.HasCancelledJob():
@@ -112,7 +161,8 @@ func (s *Server) neededFeatureLevel() (level int, what, job string) {
 }
 
 // peerSupports returns an error unless coordinator m, about to join the Raft
-// configuration, is at the feature level the jobs need.
+// configuration, is at the feature level the jobs and the log need. The
+// caller holds s.framed.mu until the configuration change is done.
 func (s *Server) peerSupports(m Member, known bool) error {
 	level, what, job := s.neededFeatureLevel()
 	if level == 0 {

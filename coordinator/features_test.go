@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -115,6 +117,7 @@ func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 // replay may hold a JobPurged, which it would reject.
 func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil) // -job-gc-threshold 4h
+	keepUnframed(s)                               // or framed batches would need a higher level still
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", jobGCLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
@@ -139,6 +142,94 @@ func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 	}
 	if _, ok := inRaft(s, "c-old"); ok {
 		t.Fatal("c-old added to the raft configuration")
+	}
+}
+
+// keepUnframed closes s's framed gate for good, as a coordinator below
+// framedBatchLevel in the configuration would: s writes JSON batches only,
+// so that a test can see the lower levels' rules.
+func keepUnframed(s *Server) {
+	s.framed.mu.Lock()
+	defer s.framed.mu.Unlock()
+	s.framed.below = func() ([]string, error) { return []string{"c-test (feature level 2)"}, nil }
+	s.framed.checked = time.Time{}
+	s.framed.open.Store(false)
+}
+
+// TestAddPeerNeedsFramedLevelOnceFramed: once the leader has written a
+// framed batch, a coordinator below framedBatchLevel may not join (it could
+// not apply the log); before, nothing about batches stops it.
+func TestAddPeerNeedsFramedLevelOnceFramed(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", framedBatchLevel-1), nil, s.GossipAddr())
+	if old.joinErr != nil {
+		t.Fatal(old.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
+	if level, what, _ := s.neededFeatureLevel(); level >= framedBatchLevel {
+		t.Fatalf("an empty cluster needs level %d (%s), want below %d", level, what, framedBatchLevel)
+	}
+
+	// Commands that arrive together go in batches, framed: every
+	// coordinator of the configuration (c1) is at the level.
+	const n = 64
+	errs := make(chan error, n)
+	for i := range n {
+		data, err := fsm.Encode(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: fmt.Sprintf("j%d", i), Spec: testJobSpec(1, 1), Time: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.committer.submit(fsm.CommandRegisterJob, data, func(_ any, _ uint64, err error) { errs <- err })
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !s.fsm.FramedBatches() {
+		t.Fatalf("%d commands submitted together, and no framed batch applied", n)
+	}
+	code, msg := addNonvoter(t, s, "c-old")
+	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 3 of every coordinator (framed batches in the Raft log)") {
+		t.Fatalf("add-peer of a level %d coordinator after framed batches: %d %q, want 409 naming them", framedBatchLevel-1, code, msg)
+	}
+	if _, ok := inRaft(s, "c-old"); ok {
+		t.Fatal("c-old added to the raft configuration")
+	}
+}
+
+// TestFramedGate: the gate opens when no coordinator is below the level,
+// looks again only every framedRecheck, and while a join holds it keeps
+// its last answer instead of looking.
+func TestFramedGate(t *testing.T) {
+	var below []string
+	looks := 0
+	g := &framedGate{below: func() ([]string, error) { looks++; return below, nil }}
+	if !g.allow() || looks != 1 {
+		t.Fatalf("no coordinator below: allow false or %d looks, want true after 1", looks)
+	}
+	below = []string{"c2 (feature level 2)"}
+	if !g.allow() || looks != 1 {
+		t.Fatalf("within framedRecheck: the gate looked again (%d looks) or closed", looks)
+	}
+	g.checked = time.Time{} // framedRecheck has passed
+	if g.allow() || looks != 2 {
+		t.Fatalf("c2 below the level: allow true or %d looks, want false after 2", looks)
+	}
+	g.mu.Lock() // a join is being decided
+	below = nil
+	g.checked = time.Time{}
+	if g.allow() || looks != 2 {
+		t.Fatalf("during a join: allow true or %d looks, want the last answer (false) and no look", looks)
+	}
+	g.mu.Unlock()
+	if !g.allow() || looks != 3 {
+		t.Fatalf("after the join: allow false or %d looks, want true after 3", looks)
+	}
+	g.below = func() ([]string, error) { return nil, errors.New("no configuration") }
+	g.checked = time.Time{}
+	if g.allow() {
+		t.Fatal("the gate opened although the configuration could not be read")
 	}
 }
 

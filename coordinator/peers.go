@@ -180,19 +180,17 @@ func (r *raftReconciler) once(ctx context.Context) error {
 		if err := r.auth.check(ctx, m.ID, m.RaftAddr); err != nil {
 			continue // logged by check; tried again after peerAuthRetry
 		}
-		if !known {
-			if err := s.peerSupports(m, true); err != nil {
-				r.refuse(m, err)
-				continue
+		fut, err := s.admitPeer(m, !known, true, func() raft.IndexFuture {
+			if m.Voter {
+				return s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
 			}
+			return s.raft.AddNonvoter(id, addr, index, membershipChangeTimeout)
+		})
+		if fut == nil {
+			r.refuse(m, err)
+			continue
 		}
-		var fut raft.IndexFuture
-		if m.Voter {
-			fut = s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
-		} else {
-			fut = s.raft.AddNonvoter(id, addr, index, membershipChangeTimeout)
-		}
-		if err := fut.Error(); err != nil {
+		if err != nil {
 			return fmt.Errorf("add coordinator %s (%s, voter %t) to raft configuration: %w", m.ID, m.RaftAddr, m.Voter, err)
 		}
 		index = fut.Index()
@@ -304,7 +302,8 @@ func (s *Server) handleAddPeer(w http.ResponseWriter, r *http.Request) {
 	}
 	m, known := s.member(req.ID)
 	m.ID = req.ID
-	if err := s.peerSupports(m, known && m.Role == transport.RoleCoordinator); err != nil {
+	known = known && m.Role == transport.RoleCoordinator
+	if err := s.peerSupports(m, known); err != nil {
 		writeError(w, http.StatusConflict, "add peer: "+err.Error())
 		return
 	}
@@ -313,13 +312,19 @@ func (s *Server) handleAddPeer(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id, addr := raft.ServerID(req.ID), raft.ServerAddress(req.Address)
-	var fut raft.IndexFuture
-	if voter {
-		fut = s.raft.AddVoter(id, addr, f.Index(), membershipChangeTimeout)
-	} else {
-		fut = s.raft.AddNonvoter(id, addr, f.Index(), membershipChangeTimeout)
+	// Checked again in admitPeer, with the framed gate held: the checks
+	// above may take a while.
+	fut, err := s.admitPeer(m, true, known, func() raft.IndexFuture {
+		if voter {
+			return s.raft.AddVoter(id, addr, f.Index(), membershipChangeTimeout)
+		}
+		return s.raft.AddNonvoter(id, addr, f.Index(), membershipChangeTimeout)
+	})
+	if fut == nil {
+		writeError(w, http.StatusConflict, "add peer: "+err.Error())
+		return
 	}
-	if err := fut.Error(); err != nil {
+	if err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
 			err = fmt.Errorf("%w: %w", ErrNotLeader, err)
 		}
@@ -377,4 +382,22 @@ func (s *Server) checkNewPeer(ctx context.Context, id, addr string) error {
 		return fmt.Errorf("coordinator %s: nothing accepts connections at raft address %s (start it first): %w", id, addr, err)
 	}
 	return c.Close()
+}
+
+// admitPeer changes the Raft configuration with add, for coordinator m
+// (known: seen in gossip as a coordinator). With check, it first checks that
+// m is at the feature level the cluster needs (peerSupports), and returns a
+// nil future and the refusal if not. It holds the framed gate from the check
+// to the end of the change, so that the leader does not start framing
+// batches for a configuration that is about to hold an older build.
+func (s *Server) admitPeer(m Member, check, known bool, add func() raft.IndexFuture) (raft.IndexFuture, error) {
+	s.framed.mu.Lock()
+	defer s.framed.mu.Unlock()
+	if check {
+		if err := s.peerSupports(m, known); err != nil {
+			return nil, err
+		}
+	}
+	fut := add()
+	return fut, fut.Error()
 }

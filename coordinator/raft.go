@@ -114,7 +114,8 @@ func (s *Server) setupRaft() error {
 		return fmt.Errorf("start raft: %w", err)
 	}
 	s.raft = r
-	s.committer = newCommitter(r, s.metrics)
+	s.framed.below = func() ([]string, error) { return s.coordinatorsBelow(framedBatchLevel) }
+	s.committer = newCommitter(r, s.metrics, s.framed.allow)
 	return nil
 }
 

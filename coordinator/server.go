@@ -304,7 +304,10 @@ type Server struct {
 	state     *stateReader
 	collector *collector
 	committer *committer // the write path of this node as leader (commit.go)
-	api       *httpAPI   // what the HTTP API keeps: tokens, caches (http_guard.go)
+	// framed decides whether the committer's batches use the framed
+	// envelope; joins hold its mu (features.go).
+	framed framedGate
+	api    *httpAPI // what the HTTP API keeps: tokens, caches (http_guard.go)
 
 	grpc     *grpc.Server
 	http     *http.Server

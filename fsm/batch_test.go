@@ -1,8 +1,12 @@
 package fsm
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -25,6 +29,21 @@ func encodeAll(t *testing.T, cmds ...any) [][]byte {
 // ones change nothing, and the state equals that of the same commands applied
 // one entry at a time.
 func TestBatchMixedCommands(t *testing.T) {
+	for _, enc := range batchEncoders {
+		t.Run(enc.name, func(t *testing.T) { testBatchMixedCommands(t, enc.encode) })
+	}
+}
+
+// batchEncoders are the two envelopes of a group commit.
+var batchEncoders = []struct {
+	name   string
+	encode func([][]byte) ([]byte, error)
+}{
+	{"json", EncodeBatch},
+	{"framed", EncodeFramedBatch},
+}
+
+func testBatchMixedCommands(t *testing.T, encodeBatch func([][]byte) ([]byte, error)) {
 	h := newHarness(t)
 	a, b := h.runningJob("a"), h.runningJob("b")
 	spec := testSpec()
@@ -40,7 +59,7 @@ func TestBatchMixedCommands(t *testing.T) {
 		CommandJobStatus, JobStatusCmd{JobID: "nope", Status: JobRunning, Time: h.tick()}, // rejected: no job
 	}
 	payloads := encodeAll(t, cmds...)
-	data, err := EncodeBatch(payloads)
+	data, err := encodeBatch(payloads)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,6 +68,18 @@ func TestBatchMixedCommands(t *testing.T) {
 	single := newHarness(t)
 	single.runningJob("a")
 	single.runningJob("b")
+	if data[0] == byte(CommandFramedBatch) {
+		// The batch also marks the state as having applied a framed
+		// batch: so does this one, whose commands all fail.
+		nothing := encodeAll(t, CommandJobCancelled, JobCancelledCmd{JobID: "nope"}, CommandJobCancelled, JobCancelledCmd{JobID: "nope"})
+		mark, err := EncodeFramedBatch(nothing)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := single.applyRaw(mark); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var want []any
 	for _, p := range payloads {
 		res, err := single.applyRaw(p)
@@ -155,13 +186,185 @@ func TestBatchRejectsBadEntries(t *testing.T) {
 	if h.digest() != before {
 		t.Error("an oversized batch changed the state")
 	}
-	if _, err := EncodeBatch(nil); !errors.Is(err, ErrMalformedCommand) {
-		t.Errorf("empty batch: %v", err)
-	}
-	if one := encodeAll(t, CommandJobCancelled, JobCancelledCmd{JobID: "a"}); true {
-		got, err := EncodeBatch(one)
-		if err != nil || string(got) != string(one[0]) {
-			t.Errorf("a batch of one is the command itself: %q, %v", got, err)
+	for _, enc := range batchEncoders {
+		if _, err := enc.encode(nil); !errors.Is(err, ErrMalformedCommand) {
+			t.Errorf("%s: empty batch: %v", enc.name, err)
 		}
+		one := encodeAll(t, CommandJobCancelled, JobCancelledCmd{JobID: "a"})
+		if got, err := enc.encode(one); err != nil || string(got) != string(one[0]) {
+			t.Errorf("%s: a batch of one is the command itself: %q, %v", enc.name, got, err)
+		}
+		if _, err := enc.encode([][]byte{one[0], inner}); !errors.Is(err, ErrMalformedCommand) {
+			t.Errorf("%s: a batch inside a batch encoded: %v", enc.name, err)
+		}
+		if _, err := enc.encode([][]byte{one[0], nil}); !errors.Is(err, ErrMalformedCommand) {
+			t.Errorf("%s: an empty command encoded: %v", enc.name, err)
+		}
+	}
+}
+
+// TestFramedBatchRejectsGarbledFrames: a framed batch whose framing is
+// wrong anywhere is refused whole, with ErrMalformedCommand and the state
+// untouched; inside good framing, bad commands fail alone, as in a JSON
+// batch.
+func TestFramedBatchRejectsGarbledFrames(t *testing.T) {
+	h := newHarness(t)
+	h.runningJob("a")
+	status := encodeAll(t,
+		CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobFailing, Reason: "x", Time: h.tick()},
+		CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobRunning, Time: h.tick()})
+	good, err := EncodeFramedBatch(status)
+	if err != nil {
+		t.Fatal(err)
+	}
+	frame := func(count uint64, cmds ...[]byte) []byte {
+		out := binary.AppendUvarint([]byte{byte(CommandFramedBatch)}, count)
+		for _, c := range cmds {
+			out = binary.AppendUvarint(out, uint64(len(c)))
+			out = append(out, c...)
+		}
+		return out
+	}
+	garbled := map[string][]byte{
+		"no count":             {byte(CommandFramedBatch)},
+		"count of one":         frame(1, status[0]),
+		"count above MaxBatch": frame(MaxBatch+1, status...),
+		"fewer than counted":   frame(3, status...),
+		"truncated command":    good[:len(good)-1],
+		"bytes after the last": append(slices.Clone(good), 0),
+		"length past the end":  append(frame(2, status[0]), 0xff, 0x01),
+		"empty command":        frame(2, status[0], nil),
+		"count overflows":      append([]byte{byte(CommandFramedBatch)}, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01),
+	}
+	before := h.digest()
+	for name, data := range garbled {
+		if _, err := h.applyRaw(data); !errors.Is(err, ErrMalformedCommand) {
+			t.Errorf("%s: %v, want ErrMalformedCommand", name, err)
+		}
+	}
+	if h.digest() != before || h.f.FramedBatches() {
+		t.Fatal("a garbled framed batch changed the state")
+	}
+
+	// Good framing around a nested batch and an unknown type.
+	nested := frame(3, status[0], good, []byte{200, '{', '}'})
+	res, err := h.applyRaw(nested)
+	if err != nil {
+		t.Fatalf("framed batch with bad commands: %v", err)
+	}
+	got := res.(BatchResult)
+	if got[0] != nil {
+		t.Errorf("valid command: %v", got[0])
+	}
+	wantErr(t, got[1].(error), ErrMalformedCommand)
+	wantErr(t, got[2].(error), ErrUnknownCommand)
+	if j := h.job("a"); j.Status != JobFailing {
+		t.Errorf("job a is %s, want failing", j.Status)
+	}
+}
+
+// TestFramedBatchIsRemembered: once a framed batch is applied, the state
+// says so, and so does every snapshot after it: a coordinator joining later
+// replays a log that may hold one (the leader's feature level gate).
+func TestFramedBatchIsRemembered(t *testing.T) {
+	h := newHarness(t)
+	h.runningJob("a")
+	if h.f.FramedBatches() {
+		t.Fatal("a fresh state says framed batches were applied")
+	}
+	plain, err := EncodeBatch(encodeAll(t,
+		CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobFailing, Reason: "x", Time: h.tick()},
+		CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobRunning, Time: h.tick()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applyRaw(plain); err != nil || h.f.FramedBatches() {
+		t.Fatalf("after a JSON batch (err %v): framed %v, want false", err, h.f.FramedBatches())
+	}
+	framed, err := EncodeFramedBatch(encodeAll(t,
+		CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobFailing, Reason: "y", Time: h.tick()},
+		CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobRunning, Time: h.tick()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applyRaw(framed); err != nil || !h.f.FramedBatches() {
+		t.Fatalf("after a framed batch (err %v): framed %v, want true", err, h.f.FramedBatches())
+	}
+	restored := New()
+	if err := restored.Restore(readCloser(persist(t, h.f))); err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if !restored.FramedBatches() {
+		t.Error("a snapshot forgot that framed batches were applied")
+	}
+}
+
+// benchBatch is a group commit as the leader writes it at 1,000 jobs of one
+// source and one map task with inline state: 18 triggers and 18 completions.
+func benchBatch(b *testing.B) [][]byte {
+	var payloads [][]byte
+	for i := range 18 {
+		job := fmt.Sprintf("job-%04d", i)
+		trigger, err := Encode(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: 1764866000000000000})
+		if err != nil {
+			b.Fatal(err)
+		}
+		complete, err := Encode(CommandCheckpointCompleted, CheckpointCompletedCmd{JobID: job, Attempt: 1, CheckpointID: 12345, Time: 1764866000000000000,
+			States: map[string]TaskState{
+				"source-0": {TaskID: "source-0", Kind: TaskSource, Worker: "w1", AckedAt: 1764866000000000000, Offsets: map[int32]int64{0: 123456}, RecordsIn: 123456, RecordsOut: 123456},
+				"map-0": {TaskID: "map-0", Kind: TaskMap, Worker: "w1", AckedAt: 1764866000000000000, Keyed: bytes.Repeat([]byte{7}, 300),
+					KeyedSHA256: strings.Repeat("ab", 32), Applied: map[int32]int64{0: 123455}, ValueEncoding: "int64", Keys: 10, StateBytes: 300,
+					AlignmentMicros: 12, RecordsIn: 123456, KeyGroups: &KeyGroupRange{Start: 0, End: 128}},
+			}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		payloads = append(payloads, trigger, complete)
+	}
+	return payloads
+}
+
+// BenchmarkBatchEnvelope times what a group commit's envelope costs: the
+// leader's encoding of it, and every replica's decoding of the entry into
+// its commands (the commands' own decoding included, as Apply does it).
+func BenchmarkBatchEnvelope(b *testing.B) {
+	payloads := benchBatch(b)
+	for _, enc := range batchEncoders {
+		b.Run("encode/"+enc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := enc.encode(payloads); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("decode/"+enc.name, func(b *testing.B) {
+			data, err := enc.encode(payloads)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(int64(len(data)))
+			b.ReportAllocs()
+			for b.Loop() {
+				t, cmd, err := Decode(data)
+				if err != nil {
+					b.Fatal(err)
+				}
+				var entries []BatchEntry
+				switch c := cmd.(type) {
+				case BatchCmd:
+					entries = c.Commands
+				case framedBatch:
+					entries = c.Commands
+				default:
+					b.Fatalf("%v decoded as %T", t, cmd)
+				}
+				for _, e := range entries {
+					if _, err := commands[e.Type].decode(e.Type, e.Body); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
 	}
 }

@@ -94,6 +94,16 @@ var commands = map[CommandType]command{
 // at init, which Go's initialization order otherwise calls a cycle.
 func init() {
 	commands[CommandBatch] = def("Batch", func(s *State, c *BatchCmd) any { return s.applyBatch(c) })
+	commands[CommandFramedBatch] = command{
+		name:   "FramedBatch",
+		body:   reflect.TypeFor[framedBatch](),
+		decode: decodeFramedBatch,
+		apply: func(s *State, cmd any) any {
+			c := BatchCmd(cmd.(framedBatch))
+			s.FramedBatches = true
+			return s.applyBatch(&c)
+		},
+	}
 	for t, c := range commands {
 		commandTypes[c.body] = t
 	}

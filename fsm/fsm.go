@@ -218,6 +218,14 @@ func (f *FSM) Purged() uint64 {
 	return f.state.Purged
 }
 
+// FramedBatches reports whether a CommandFramedBatch has been applied: the
+// Raft log may hold one.
+func (f *FSM) FramedBatches() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.FramedBatches
+}
+
 // Savepoints returns a copy of every savepoint, sorted by id.
 func (f *FSM) Savepoints() []Savepoint {
 	f.mu.RLock()

@@ -40,6 +40,13 @@ func fuzzSeeds(t testing.TB) [][]byte {
 		}
 		seeds = append(seeds, data)
 	}
+	for _, enc := range []func([][]byte) ([]byte, error){EncodeBatch, EncodeFramedBatch} {
+		batch, err := enc(seeds[2:4])
+		if err != nil {
+			t.Fatal(err)
+		}
+		seeds = append(seeds, batch)
+	}
 	return append(seeds, nil, []byte{0}, []byte{255, '{'}, []byte{byte(CommandJobStatus), 'n', 'u', 'l', 'l'})
 }
 

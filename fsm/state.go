@@ -17,6 +17,11 @@ type State struct {
 	// above 0 every coordinator joining needs the feature level of job
 	// garbage collection.
 	Purged uint64 `json:"purged,omitempty"`
+	// FramedBatches is set once a CommandFramedBatch was applied. A
+	// coordinator that does not know that command must not replay a log
+	// that may hold one, so from then on every coordinator joining needs
+	// the feature level of framed batches.
+	FramedBatches bool `json:"framed_batches,omitempty"`
 
 	// touched lists the jobs the commands of the current Apply changed, for
 	// FSM.OnJobChange. It is scratch, not state: never encoded, never cloned.
@@ -33,7 +38,7 @@ func newState() *State {
 // snapshot may share them, while copies handed to callers (who may mutate
 // what they get) must not.
 func (s *State) clone(shareBlobs bool) *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged}
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches}
 	for id, j := range s.Jobs {
 		cj := j.clone(shareBlobs)
 		c.Jobs[id] = &cj
@@ -49,7 +54,7 @@ func (s *State) clone(shareBlobs bool) *State {
 // is a consistent view as long as s is only changed by Apply, which never
 // changes a stored job or savepoint in place (liveJob copies on write).
 func (s *State) share() *State {
-	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged}
+	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches}
 }
 
 // check verifies the invariants a restored state must hold, so that a

@@ -26,6 +26,9 @@ const (
 	CommandTasksRestarted CommandType = 10
 	// CommandJobPurged removes a cancelled job from the state (JobPurgedCmd).
 	CommandJobPurged CommandType = 11
+	// CommandFramedBatch is a group commit like CommandBatch, its commands
+	// framed by their lengths instead of wrapped in JSON (batch.go).
+	CommandFramedBatch CommandType = 12
 )
 
 // JobStatus is the lifecycle state of a job as users see it.

@@ -46,7 +46,9 @@ type NodeMeta struct {
 //
 //  1. source.isolation_level (SourceSpec.read_committed); partition discovery.
 //  2. job garbage collection: the JobPurged command in the Raft log.
-const FeatureLevel = 2
+//  3. group commits in the framed envelope: the FramedBatch command in the
+//     Raft log.
+const FeatureLevel = 3
 
 // maxFeatureLevel bounds what a member may advertise: levels far beyond
 // any build are a forged or corrupt meta.
