@@ -375,7 +375,6 @@ func (l *leader) completeCheckpoint(js *jobState) {
 		l.completeSavepoint(js, p)
 		return
 	}
-	log := l.jobLogger(js).With("checkpoint", p.id)
 	l.write(js, fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
 		JobID: js.id, Attempt: p.attempt, CheckpointID: p.id, States: p.acks, Time: l.env.now().UnixNano(),
 	}, func(_ any, err error) {
@@ -383,7 +382,7 @@ func (l *leader) completeCheckpoint(js *jobState) {
 			return // the job moved on (cancelled, restarted) while the commit was in flight
 		}
 		if err != nil {
-			log.Error("commit checkpoint", "err", err)
+			l.jobLogger(js).Error("commit checkpoint", "checkpoint", p.id, "err", err)
 			// States the FSM rejects come from the tasks and count as a failed
 			// checkpoint; a Raft failure does not.
 			l.abortCheckpoint(js, "commit failed: "+err.Error(), "commit_failed", errors.Is(err, fsm.ErrIncompleteStates))
@@ -396,7 +395,6 @@ func (l *leader) completeCheckpoint(js *jobState) {
 // checkpointCompleted records that p committed and tells every task.
 func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	now := l.env.now()
-	log := l.jobLogger(js).With("checkpoint", p.id)
 	js.ckpt.pending = nil
 	js.ckpt.lastCompletion = now
 	js.lastCompleted = p.id
@@ -414,7 +412,7 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	if took > time.Duration(js.spec.Checkpoint.Interval) || js.ckpt.aborts > 0 {
 		level = slog.LevelInfo
 	}
-	log.Log(l.ctx, level, "checkpoint completed", "duration", took, "aborts_before", js.ckpt.aborts)
+	l.jobLogger(js).Log(l.ctx, level, "checkpoint completed", "checkpoint", p.id, "duration", took, "aborts_before", js.ckpt.aborts)
 	js.ckpt.aborts = 0
 	if l.env.failpoint != nil {
 		l.env.failpoint("leader-before-complete-notice")

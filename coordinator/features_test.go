@@ -117,7 +117,8 @@ func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 // replay may hold a JobPurged, which it would reject.
 func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil) // -job-gc-threshold 4h
-	keepUnframed(s)                               // or framed batches would need a higher level still
+	// Or framed batches would need a higher level still.
+	keepUnframed(s)
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", jobGCLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)

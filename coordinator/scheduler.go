@@ -60,6 +60,10 @@ type jobState struct {
 	purging, purgeHeld, purgeQueued bool
 	purgeRetryAt, cancelledAt       time.Time
 
+	// log is the job's logger for attempt logAttempt (leader.jobLogger).
+	log        *slog.Logger
+	logAttempt uint64
+
 	ckpt checkpointState
 	// savepoints are the savepoint requests waiting for the job's next
 	// checkpoint slot.

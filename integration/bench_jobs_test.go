@@ -114,7 +114,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		t.Fatalf("%s=%q: want idle or light", benchJobsInputEnv, input)
 	}
 	res := benchJobsResult{Jobs: n, Input: input, LoadAvg: benchLoadAvg()}
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, slots: n + 2, topics: manyTopics(n, 1),
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, workers: 2, slots: n + 2, topics: manyTopics(n, 1),
 		coordFlags: []string{"-enable-debug"}, workerFlags: []string{"-enable-debug"}})
 
 	specs := make([]jobSpec, n)

@@ -158,7 +158,7 @@ func TestBenchScenarioRecovery(t *testing.T) {
 		t.Fatalf("%s=%q: want one of %v", benchRecoveryScopeEnv, scope, benchRecoveryScopes)
 	}
 	res := benchRecoveryResult{Scope: scope, LoadAvg: benchLoadAvg()}
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 3, topics: map[string]int32{"words": 4, "counts": 4}})
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, workers: 3, topics: map[string]int32{"words": 4, "counts": 4}})
 	outputs := benchStartOutputs(t, c.brokers(), "counts", benchRecoveryMaxParallelism, 2)
 	stream := chaosStartStream(t, c.brokers(), "words", 4, 20261204, benchRecoveryRate)
 	spec := sinkJobSpec(c.brokers(), "200ms", "counts", "at_least_once")

@@ -77,7 +77,7 @@ func TestBenchScenarioSinkThroughput(t *testing.T) {
 	for _, v := range benchSinkVariants {
 		topics["out-"+v] = partitions
 	}
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: topics})
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, workers: 2, topics: topics})
 	in := newWordInput(20261202, benchSinkRecords, partitions)
 	res.Records = int64(len(in.recs))
 	for _, n := range in.want {
@@ -184,7 +184,7 @@ func TestBenchScenarioSinkLatency(t *testing.T) {
 		topics["in-"+iv] = 2
 		topics["out-"+iv] = 2
 	}
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: topics})
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, workers: 2, topics: topics})
 	for _, iv := range intervals {
 		spec := wordcountSpec(c.brokers(), "in-"+iv)
 		spec.Name = "latency-" + iv

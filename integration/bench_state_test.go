@@ -341,7 +341,7 @@ func TestBenchScenarioState(t *testing.T) {
 
 	// 1. The cluster. Each worker gets its own -state-dir, to measure it;
 	// 4 slots each, so that either one can run every task of the job.
-	c := startCluster(t, clusterOpts{coordinators: 3, topics: map[string]int32{benchStateTopic: benchStatePartitions}})
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, topics: map[string]int32{benchStateTopic: benchStatePartitions}})
 	stateDirs := map[string]string{}
 	for _, id := range []string{"w1", "w2"} {
 		stateDirs[id] = filepath.Join(t.TempDir(), "state-"+id)

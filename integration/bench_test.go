@@ -312,7 +312,7 @@ func (s benchCPU) since(from benchCPU) (map[string]float64, float64) {
 // job has completed a checkpoint that read records.
 func benchFailoverCluster(t *testing.T, restart *chaosRestartSpec) (*cluster, *chaosStream, string) {
 	t.Helper()
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": 4}})
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, workers: 2, topics: map[string]int32{"words": 4}})
 	stream := chaosStartStream(t, c.brokers(), "words", 4, 20261128, benchFailoverRate)
 	spec := chaosJobSpec{jobSpec: wordcountSpec(c.brokers(), "words"), Restart: restart}
 	spec.Checkpoint.Interval = "200ms"

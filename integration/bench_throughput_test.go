@@ -309,7 +309,7 @@ func TestBenchScenarioThroughput(t *testing.T) {
 	if job == "passthrough" {
 		topics[benchTPOutTopic] = benchTPPartitions
 	}
-	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: topics})
+	c := startCluster(t, clusterOpts{noFailpoints: true, coordinators: 3, workers: 2, topics: topics})
 	switch job {
 	case "wordcount":
 		benchTPWordcount(t, c, &res)

@@ -39,6 +39,10 @@ type clusterOpts struct {
 	// image, when set, runs every process from the container image's files
 	// (buildImage, harness_image_test.go) instead of the harness's builds.
 	image *image
+	// noFailpoints starts the processes without a failpoint directory, as
+	// in production: benchmarks, which crash nothing at a failpoint and
+	// should not pay a file lookup at each point.
+	noFailpoints bool
 }
 
 // cluster is one test's set of processes: one devkafka, coordd agents c1..cN
@@ -70,7 +74,9 @@ func startCluster(t *testing.T, opts clusterOpts) *cluster {
 		c.sec = newClusterSecurity(t, c.dir)
 		c.client = c.sec.httpClient(httpTimeout)
 	}
-	c.armFailpoints(t)
+	if !opts.noFailpoints {
+		c.armFailpoints(t)
+	}
 	// Cleanups run last-registered first: processes are killed, their logs
 	// checked for data races, then printed if the test failed.
 	t.Cleanup(func() { c.printLogsIfFailed(t) })
