@@ -39,33 +39,38 @@ const MaxBatch = 4096
 // encoded by Encode. A batch of one command is that command's own payload,
 // so that nothing changes for a lone command.
 func EncodeBatch(payloads [][]byte) ([]byte, error) {
-	switch n := len(payloads); {
-	case n == 0:
-		return nil, fmt.Errorf("encode batch: %w: no commands", ErrMalformedCommand)
-	case n == 1:
-		return payloads[0], nil
-	case n > MaxBatch:
-		return nil, fmt.Errorf("encode batch: %w: %d commands, at most %d", ErrMalformedCommand, n, MaxBatch)
+	if lone, err := checkBatch(payloads); lone != nil || err != nil {
+		return lone, err
 	}
 	b := BatchCmd{Commands: make([]BatchEntry, len(payloads))}
 	for i, p := range payloads {
-		if err := checkBatched(i, p); err != nil {
-			return nil, err
-		}
 		b.Commands[i] = BatchEntry{Type: CommandType(p[0]), Body: p[1:]}
 	}
 	return Encode(CommandBatch, b)
 }
 
-// checkBatched checks command i of a batch to encode, as Encode wrote it.
-func checkBatched(i int, p []byte) error {
-	switch {
-	case len(p) == 0:
-		return fmt.Errorf("encode batch: %w: command %d is empty", ErrMalformedCommand, i)
-	case isBatch(CommandType(p[0])):
-		return fmt.Errorf("encode batch: %w: command %d is a batch", ErrMalformedCommand, i)
+// checkBatch checks the commands of a batch to encode, as Encode wrote
+// them: 1 to MaxBatch of them, none empty, none a batch. A lone command
+// is returned as it is, the whole entry.
+func checkBatch(payloads [][]byte) (lone []byte, err error) {
+	switch n := len(payloads); {
+	case n == 0:
+		return nil, fmt.Errorf("encode batch: %w: no commands", ErrMalformedCommand)
+	case n > MaxBatch:
+		return nil, fmt.Errorf("encode batch: %w: %d commands, at most %d", ErrMalformedCommand, n, MaxBatch)
 	}
-	return nil
+	for i, p := range payloads {
+		switch {
+		case len(p) == 0:
+			return nil, fmt.Errorf("encode batch: %w: command %d is empty", ErrMalformedCommand, i)
+		case isBatch(CommandType(p[0])):
+			return nil, fmt.Errorf("encode batch: %w: command %d is a batch", ErrMalformedCommand, i)
+		}
+	}
+	if len(payloads) == 1 {
+		return payloads[0], nil
+	}
+	return nil, nil
 }
 
 // isBatch says whether t is one of the batch types, which never nest.
@@ -79,19 +84,11 @@ func isBatch(t CommandType) bool { return t == CommandBatch || t == CommandFrame
 // second encoding of every command on the leader and a second parse on
 // every replica, as much as decoding the commands themselves.
 func EncodeFramedBatch(payloads [][]byte) ([]byte, error) {
-	switch n := len(payloads); {
-	case n == 0:
-		return nil, fmt.Errorf("encode batch: %w: no commands", ErrMalformedCommand)
-	case n == 1:
-		return payloads[0], nil
-	case n > MaxBatch:
-		return nil, fmt.Errorf("encode batch: %w: %d commands, at most %d", ErrMalformedCommand, n, MaxBatch)
+	if lone, err := checkBatch(payloads); lone != nil || err != nil {
+		return lone, err
 	}
 	size := 1 + binary.MaxVarintLen64
-	for i, p := range payloads {
-		if err := checkBatched(i, p); err != nil {
-			return nil, err
-		}
+	for _, p := range payloads {
 		size += binary.MaxVarintLen64 + len(p)
 	}
 	out := make([]byte, 0, size)

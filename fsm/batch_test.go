@@ -200,6 +200,9 @@ func TestBatchRejectsBadEntries(t *testing.T) {
 		if _, err := enc.encode([][]byte{one[0], nil}); !errors.Is(err, ErrMalformedCommand) {
 			t.Errorf("%s: an empty command encoded: %v", enc.name, err)
 		}
+		if _, err := enc.encode([][]byte{nil}); !errors.Is(err, ErrMalformedCommand) {
+			t.Errorf("%s: a lone empty command encoded: %v", enc.name, err)
+		}
 	}
 }
 
