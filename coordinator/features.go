@@ -57,9 +57,11 @@ type framedGate struct {
 	mu      sync.Mutex
 	open    atomic.Bool
 	checked time.Time // under mu
-	// below lists the coordinators below framedBatchLevel, "" when none;
-	// for a test or an operator that wonders why batches are not framed.
+	// below lists the coordinators of the Raft configuration below
+	// framedBatchLevel (coordinatorsBelow).
 	below func() ([]string, error)
+	// now is the clock of the rechecks; nil: time.Now.
+	now func() time.Time
 }
 
 // allow reports whether the next batch may be framed.
@@ -68,7 +70,11 @@ func (g *framedGate) allow() bool {
 		return g.open.Load() // a join is being decided: keep the last answer
 	}
 	defer g.mu.Unlock()
-	if now := time.Now(); now.Sub(g.checked) >= framedRecheck {
+	now := time.Now
+	if g.now != nil {
+		now = g.now
+	}
+	if now := now(); now.Sub(g.checked) >= framedRecheck {
 		old, err := g.below()
 		g.open.Store(err == nil && len(old) == 0)
 		g.checked = now

@@ -170,28 +170,52 @@ func TestAddPeerNeedsFramedLevelOnceFramed(t *testing.T) {
 	if level, what, _ := s.neededFeatureLevel(); level >= framedBatchLevel {
 		t.Fatalf("an empty cluster needs level %d (%s), want below %d", level, what, framedBatchLevel)
 	}
+	const wantMsg = "the cluster needs level 3 of every coordinator (framed batches in the Raft log)"
+
+	// An open gate alone refuses it: the leader may be framing a batch
+	// that no replica has applied yet.
+	s.framed.mu.Lock()
+	s.framed.open.Store(true)
+	s.framed.mu.Unlock()
+	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
+		t.Fatalf("add-peer of a level %d coordinator while the gate is open: %d %q, want 409 naming framed batches", framedBatchLevel-1, code, msg)
+	}
+	if s.fsm.FramedBatches() {
+		t.Fatal("a framed batch was applied before any command was submitted")
+	}
 
 	// Commands that arrive together go in batches, framed: every
-	// coordinator of the configuration (c1) is at the level.
+	// coordinator of the configuration (c1) is at the level. Rounds of
+	// them until one was framed.
 	const n = 64
-	errs := make(chan error, n)
-	for i := range n {
-		data, err := fsm.Encode(fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: fmt.Sprintf("j%d", i), Spec: testJobSpec(1, 1), Time: 1})
+	payloads := make([][]byte, n)
+	for i := range payloads {
+		data, err := fsm.Encode(fsm.CommandJobStatus, fsm.JobStatusCmd{JobID: "nope", Status: fsm.JobRunning, Time: 1})
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.committer.submit(fsm.CommandRegisterJob, data, func(_ any, _ uint64, err error) { errs <- err })
+		payloads[i] = data
 	}
-	for range n {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
+	waitFor(t, 10*time.Second, func() error {
+		errs := make(chan error, n)
+		for _, data := range payloads {
+			s.committer.submit(fsm.CommandJobStatus, data, func(_ any, _ uint64, err error) { errs <- err })
 		}
-	}
-	if !s.fsm.FramedBatches() {
-		t.Fatalf("%d commands submitted together, and no framed batch applied", n)
-	}
+		for range n {
+			if err := <-errs; !errors.Is(err, fsm.ErrNoSuchJob) {
+				t.Fatalf("status of a job that does not exist: %v, want ErrNoSuchJob", err)
+			}
+		}
+		if !s.fsm.FramedBatches() {
+			return fmt.Errorf("%d commands submitted together, and no framed batch applied", n)
+		}
+		return nil
+	})
+	// Closed again (a coordinator below the level appeared), the gate no
+	// longer counts: the log does.
+	keepUnframed(s)
 	code, msg := addNonvoter(t, s, "c-old")
-	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 3 of every coordinator (framed batches in the Raft log)") {
+	if code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
 		t.Fatalf("add-peer of a level %d coordinator after framed batches: %d %q, want 409 naming them", framedBatchLevel-1, code, msg)
 	}
 	if _, ok := inRaft(s, "c-old"); ok {
@@ -205,21 +229,23 @@ func TestAddPeerNeedsFramedLevelOnceFramed(t *testing.T) {
 func TestFramedGate(t *testing.T) {
 	var below []string
 	looks := 0
-	g := &framedGate{below: func() ([]string, error) { looks++; return below, nil }}
+	clock := time.Unix(1000, 0)
+	g := &framedGate{below: func() ([]string, error) { looks++; return below, nil }, now: func() time.Time { return clock }}
 	if !g.allow() || looks != 1 {
 		t.Fatalf("no coordinator below: allow false or %d looks, want true after 1", looks)
 	}
 	below = []string{"c2 (feature level 2)"}
+	clock = clock.Add(framedRecheck - time.Millisecond)
 	if !g.allow() || looks != 1 {
 		t.Fatalf("within framedRecheck: the gate looked again (%d looks) or closed", looks)
 	}
-	g.checked = time.Time{} // framedRecheck has passed
+	clock = clock.Add(time.Millisecond)
 	if g.allow() || looks != 2 {
 		t.Fatalf("c2 below the level: allow true or %d looks, want false after 2", looks)
 	}
 	g.mu.Lock() // a join is being decided
 	below = nil
-	g.checked = time.Time{}
+	clock = clock.Add(framedRecheck)
 	if g.allow() || looks != 2 {
 		t.Fatalf("during a join: allow true or %d looks, want the last answer (false) and no look", looks)
 	}
@@ -228,7 +254,7 @@ func TestFramedGate(t *testing.T) {
 		t.Fatalf("after the join: allow false or %d looks, want true after 3", looks)
 	}
 	g.below = func() ([]string, error) { return nil, errors.New("no configuration") }
-	g.checked = time.Time{}
+	clock = clock.Add(framedRecheck)
 	if g.allow() {
 		t.Fatal("the gate opened although the configuration could not be read")
 	}

@@ -180,7 +180,10 @@ func (r *raftReconciler) once(ctx context.Context) error {
 		if err := r.auth.check(ctx, m.ID, m.RaftAddr); err != nil {
 			continue // logged by check; tried again after peerAuthRetry
 		}
-		fut, err := s.admitPeer(m, !known, true, func() raft.IndexFuture {
+		// A coordinator at a new address may be a new install of an
+		// older build: only a promotion keeps the node that is already
+		// replicating the log.
+		fut, err := s.admitPeer(m, change != "promote", true, func() raft.IndexFuture {
 			if m.Voter {
 				return s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
 			}
@@ -389,11 +392,18 @@ func (s *Server) checkNewPeer(ctx context.Context, id, addr string) error {
 // m is at the feature level the cluster needs (peerSupports), and returns a
 // nil future and the refusal if not. It holds the framed gate from the check
 // to the end of the change, so that the leader does not start framing
-// batches for a configuration that is about to hold an older build.
+// batches for a configuration that is about to hold an older build. Before
+// the check it waits until every entry in the log is applied: a new leader,
+// or one whose gate closed, may have framed batches (or purges) committed
+// or in flight that its FSM does not show yet, and the joining coordinator
+// would replay them.
 func (s *Server) admitPeer(m Member, check, known bool, add func() raft.IndexFuture) (raft.IndexFuture, error) {
 	s.framed.mu.Lock()
 	defer s.framed.mu.Unlock()
 	if check {
+		if err := s.raft.Barrier(membershipChangeTimeout).Error(); err != nil {
+			return nil, fmt.Errorf("apply the raft log before checking coordinator %s's feature level: %w", m.ID, err)
+		}
 		if err := s.peerSupports(m, known); err != nil {
 			return nil, err
 		}

@@ -120,6 +120,10 @@ func decodeFramedBatch(t CommandType, body []byte) (any, error) {
 		return nil, bad("no command count")
 	case n < 2 || n > MaxBatch:
 		return nil, bad("%d commands, want 2 to %d", n, MaxBatch)
+	case n > uint64(len(body)-k)/2:
+		// Each command takes a length and a type byte at least: a short
+		// entry cannot make Apply allocate for MaxBatch commands.
+		return nil, bad("%d commands in %d bytes", n, len(body)-k)
 	}
 	body = body[k:]
 	b := framedBatch{Commands: make([]BatchEntry, n)}

@@ -229,15 +229,16 @@ func TestFramedBatchRejectsGarbledFrames(t *testing.T) {
 		return out
 	}
 	garbled := map[string][]byte{
-		"no count":             {byte(CommandFramedBatch)},
-		"count of one":         frame(1, status[0]),
-		"count above MaxBatch": frame(MaxBatch+1, status...),
-		"fewer than counted":   frame(3, status...),
-		"truncated command":    good[:len(good)-1],
-		"bytes after the last": append(slices.Clone(good), 0),
-		"length past the end":  append(frame(2, status[0]), 0xff, 0x01),
-		"empty command":        frame(2, status[0], nil),
-		"count overflows":      append([]byte{byte(CommandFramedBatch)}, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01),
+		"no count":               {byte(CommandFramedBatch)},
+		"count of one":           frame(1, status[0]),
+		"count above MaxBatch":   frame(MaxBatch+1, status...),
+		"fewer than counted":     frame(3, status...),
+		"truncated command":      good[:len(good)-1],
+		"bytes after the last":   append(slices.Clone(good), 0),
+		"length past the end":    append(frame(2, status[0]), 0xff, 0x01),
+		"empty command":          frame(2, status[0], nil),
+		"count beyond the bytes": frame(1000, status[0]),
+		"count overflows":        append([]byte{byte(CommandFramedBatch)}, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01),
 	}
 	before := h.digest()
 	for name, data := range garbled {
@@ -247,6 +248,10 @@ func TestFramedBatchRejectsGarbledFrames(t *testing.T) {
 	}
 	if h.digest() != before || h.f.FramedBatches() {
 		t.Fatal("a garbled framed batch changed the state")
+	}
+	// Refused before anything is allocated for the commands it names.
+	if _, err := h.applyRaw(garbled["count beyond the bytes"]); err == nil || !strings.Contains(err.Error(), "1000 commands in") {
+		t.Errorf("a count beyond the entry's bytes: %v, want it refused for that", err)
 	}
 
 	// Good framing around a nested batch and an unknown type.

@@ -105,7 +105,9 @@ func init() {
 		},
 	}
 	for t, c := range commands {
-		commandTypes[c.body] = t
+		if t != CommandFramedBatch { // built by EncodeFramedBatch, never Encode
+			commandTypes[c.body] = t
+		}
 	}
 }
 
