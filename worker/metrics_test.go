@@ -31,8 +31,9 @@ func jobSeries(t *testing.T, g prometheus.Gatherer, job string) int {
 }
 
 // A job's metric series stay while any of its tasks runs on the worker, and
-// go MetricsLinger after its last task here ended, so that a worker that
-// ran many jobs does not export every one of them for ever.
+// go MetricsLinger after its last task here ended, with the job's attempt
+// fences, so that a worker that ran many jobs does not export every one of
+// them, nor keep their fences, for ever.
 func TestJobMetricsGoAfterLastTask(t *testing.T) {
 	const linger = 300 * time.Millisecond
 	brokers := newKafka(t, map[string]int32{"words": 1})
@@ -67,11 +68,36 @@ func TestJobMetricsGoAfterLastTask(t *testing.T) {
 	if n := jobSeries(t, w.metrics.registry, "j"); n == 0 {
 		t.Fatal("job j's series went at once: a scrape would miss their last values")
 	}
+	if n := jobFences(w, "j"); n != 3 { // the job fence and one per task
+		t.Fatalf("job j has %d fences right after its last task ended, want 3", n)
+	}
 	waitFor(t, "job j's metric series to go", func() bool { return jobSeries(t, w.metrics.registry, "j") == 0 })
+	// Its fences went with them: a worker that runs job after job keeps
+	// none of the ended ones.
+	if n := jobFences(w, "j"); n != 0 {
+		t.Errorf("job j still has %d fences after the linger", n)
+	}
 	if took := time.Since(cancelled); took < linger {
 		t.Errorf("job j's series went %v after its last task was cancelled, before the %v linger", took, linger)
 	}
 	if got := metricValue(t, w.metrics.registry, "coordflow_worker_session_open", nil); got != 1 {
 		t.Errorf("coordflow_worker_session_open is %v after job j's series went, want 1", got)
 	}
+}
+
+// jobFences counts the job fence and the task fences w's task manager holds
+// for job.
+func jobFences(w *Worker, job string) int {
+	w.tasks.mu.Lock()
+	defer w.tasks.mu.Unlock()
+	n := 0
+	if _, ok := w.tasks.attempts[job]; ok {
+		n++
+	}
+	for k := range w.tasks.fences {
+		if k.job == job {
+			n++
+		}
+	}
+	return n
 }

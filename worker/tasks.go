@@ -128,7 +128,8 @@ type taskManager struct {
 	// wake awaitMap.
 	mapsChanged chan struct{}
 	// idle holds, per job none of whose tasks is here any more, the timer
-	// that drops the job's metric series after Config.MetricsLinger.
+	// that drops the job's metric series and fences after
+	// Config.MetricsLinger.
 	idle   map[string]*time.Timer
 	closed bool
 }
@@ -151,7 +152,13 @@ func newTaskManager(env *taskEnv) *taskManager {
 }
 
 // jobIdleLocked starts, if job has no task here, the timer that drops the
-// job's metric series unless one of its tasks comes back first.
+// job's metric series and its fences unless one of its tasks comes back
+// first. Without it a worker would keep a fence per job and task it ever
+// ran. A fence only has to outlast the deploys of older attempts still on
+// their way, and those come only from a leader that has not learned yet
+// that it was deposed, for about a leader lease; the linger is minutes. A
+// task of the job deployed later is fenced from then on, as on a worker
+// that never ran the job.
 func (m *taskManager) jobIdleLocked(job string) {
 	if m.closed || m.idle[job] != nil {
 		return
@@ -170,6 +177,12 @@ func (m *taskManager) jobIdleLocked(job string) {
 		if m.idle[job] == t {
 			delete(m.idle, job)
 			m.env.metrics.forgetJob(job)
+			delete(m.attempts, job)
+			for k := range m.fences {
+				if k.job == job {
+					delete(m.fences, k)
+				}
+			}
 		}
 	})
 	m.idle[job] = t

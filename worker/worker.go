@@ -128,7 +128,9 @@ type Config struct {
 	// series after the job's last task here ended: long enough for every
 	// scrape to see the final values and for a restart that brings the job
 	// back to carry on its counters, short enough that a worker which ran
-	// thousands of jobs does not export them all.
+	// thousands of jobs does not export them all. The job's attempt fences
+	// go with its series: far longer than any stale deploy can be on its
+	// way, and a worker does not keep one for every job it ever ran.
 	MetricsLinger time.Duration
 }
 
