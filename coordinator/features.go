@@ -167,8 +167,9 @@ func (s *Server) neededFeatureLevel() (level int, what, job string) {
 }
 
 // peerSupports returns an error unless coordinator m, about to join the Raft
-// configuration, is at the feature level the jobs and the log need. The
-// caller holds s.framed.mu until the configuration change is done.
+// configuration, is at the feature level the jobs and the log need. Only a
+// check under s.framed.mu, held until the configuration change is done
+// (admitPeer), is binding; one without it is an early answer.
 func (s *Server) peerSupports(m Member, known bool) error {
 	level, what, job := s.neededFeatureLevel()
 	if level == 0 {

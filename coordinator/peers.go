@@ -183,17 +183,17 @@ func (r *raftReconciler) once(ctx context.Context) error {
 		// A coordinator at a new address may be a new install of an
 		// older build: only a promotion keeps the node that is already
 		// replicating the log.
-		fut, err := s.admitPeer(m, change != "promote", true, func() raft.IndexFuture {
+		fut, refused := s.admitPeer(m, change != "promote", true, func() raft.IndexFuture {
 			if m.Voter {
 				return s.raft.AddVoter(id, addr, index, membershipChangeTimeout)
 			}
 			return s.raft.AddNonvoter(id, addr, index, membershipChangeTimeout)
 		})
-		if fut == nil {
-			r.refuse(m, err)
+		if refused != nil {
+			r.refuse(m, refused)
 			continue
 		}
-		if err != nil {
+		if err := fut.Error(); err != nil {
 			return fmt.Errorf("add coordinator %s (%s, voter %t) to raft configuration: %w", m.ID, m.RaftAddr, m.Voter, err)
 		}
 		index = fut.Index()
@@ -317,17 +317,17 @@ func (s *Server) handleAddPeer(w http.ResponseWriter, r *http.Request) {
 	id, addr := raft.ServerID(req.ID), raft.ServerAddress(req.Address)
 	// Checked again in admitPeer, with the framed gate held: the checks
 	// above may take a while.
-	fut, err := s.admitPeer(m, true, known, func() raft.IndexFuture {
+	fut, refused := s.admitPeer(m, true, known, func() raft.IndexFuture {
 		if voter {
 			return s.raft.AddVoter(id, addr, f.Index(), membershipChangeTimeout)
 		}
 		return s.raft.AddNonvoter(id, addr, f.Index(), membershipChangeTimeout)
 	})
-	if fut == nil {
-		writeError(w, http.StatusConflict, "add peer: "+err.Error())
+	if refused != nil {
+		writeError(w, http.StatusConflict, "add peer: "+refused.Error())
 		return
 	}
-	if err != nil {
+	if err := fut.Error(); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
 			err = fmt.Errorf("%w: %w", ErrNotLeader, err)
 		}
@@ -388,26 +388,29 @@ func (s *Server) checkNewPeer(ctx context.Context, id, addr string) error {
 }
 
 // admitPeer changes the Raft configuration with add, for coordinator m
-// (known: seen in gossip as a coordinator). With check, it first checks that
-// m is at the feature level the cluster needs (peerSupports), and returns a
-// nil future and the refusal if not. It holds the framed gate from the check
-// to the end of the change, so that the leader does not start framing
-// batches for a configuration that is about to hold an older build. Before
-// the check it waits until every entry in the log is applied: a new leader,
-// or one whose gate closed, may have framed batches (or purges) committed
-// or in flight that its FSM does not show yet, and the joining coordinator
-// would replay them.
-func (s *Server) admitPeer(m Member, check, known bool, add func() raft.IndexFuture) (raft.IndexFuture, error) {
+// (known: seen in gossip as a coordinator), and returns the change's
+// future. With check, it first checks that m is at the feature level the
+// cluster needs (peerSupports), and returns the refusal instead if not; a
+// failure to apply the log before the check (a lost leadership, a timeout)
+// is the future's error, as the change's own would be. It holds the framed
+// gate from the check to the end of the change, so that the leader does not
+// start framing batches for a configuration that is about to hold an older
+// build. Before the check it waits until every entry in the log is applied:
+// a new leader, or one whose gate closed, may have framed batches (or
+// purges) committed or in flight that its FSM does not show yet, and the
+// joining coordinator would replay them.
+func (s *Server) admitPeer(m Member, check, known bool, add func() raft.IndexFuture) (fut raft.IndexFuture, refused error) {
 	s.framed.mu.Lock()
 	defer s.framed.mu.Unlock()
 	if check {
 		if err := s.raft.Barrier(membershipChangeTimeout).Error(); err != nil {
-			return nil, fmt.Errorf("apply the raft log before checking coordinator %s's feature level: %w", m.ID, err)
+			return errFuture{fmt.Errorf("apply the raft log before checking coordinator %s's feature level: %w", m.ID, err)}, nil
 		}
 		if err := s.peerSupports(m, known); err != nil {
 			return nil, err
 		}
 	}
-	fut := add()
-	return fut, fut.Error()
+	fut = add()
+	_ = fut.Error() // wait: the change is done before the gate may open
+	return fut, nil
 }
