@@ -66,7 +66,8 @@ type Config struct {
 	// StateDir is where map tasks keep local state: the databases of the
 	// disk backend (db/) and copies of the state files they wrote (cache/),
 	// for local recovery. Both are emptied when the worker starts. Empty: a
-	// new directory under the system's temporary directory.
+	// new directory under the system's temporary directory, removed when
+	// the worker stops.
 	StateDir string
 
 	// Gossip failure detection; see docs/operations.md "Timing settings".
@@ -244,6 +245,7 @@ type Worker struct {
 	dataSrv    *grpc.Server
 	data       *dataService
 	metricsLis net.Listener
+	tempDir    string // made by New for StateDir, removed by Run; "" if given
 	members    *memberlist.Memberlist
 	meta       *metaDelegate
 	coords     *coordDirectory
@@ -262,13 +264,25 @@ type Worker struct {
 // New validates cfg, binds the data, metrics and gossip listeners and returns
 // a worker ready to Run. On error nothing is left open. A worker that is never
 // Run must still be released by calling Run with a cancelled context.
-func New(cfg Config) (*Worker, error) {
-	cfg, err := cfg.withDefaults()
+func New(cfg Config) (_ *Worker, err error) {
+	ownDir := cfg.StateDir == ""
+	cfg, err = cfg.withDefaults()
 	if err != nil {
 		return nil, err
 	}
 	logger := cfg.Logger.With("worker", cfg.ID)
 	w := &Worker{cfg: cfg, logger: logger, metrics: newMetrics()}
+	if ownDir {
+		// The directory withDefaults made is this process's alone and
+		// useless to any later one (a start empties it), so it goes when
+		// the worker does.
+		w.tempDir = filepath.Dir(cfg.StateDir)
+		defer func() {
+			if err != nil {
+				os.RemoveAll(w.tempDir)
+			}
+		}()
+	}
 
 	if host, _, err := net.SplitHostPort(cfg.DataAddr); err != nil {
 		return nil, fmt.Errorf("worker config: data addr %q: %w", cfg.DataAddr, err)
@@ -443,6 +457,11 @@ func (w *Worker) run(ctx context.Context) error {
 	w.conns.close()
 	if err := w.stores.Close(); err != nil {
 		w.logger.Warn("close checkpoint storage", "err", err)
+	}
+	if w.tempDir != "" {
+		if err := os.RemoveAll(w.tempDir); err != nil {
+			w.logger.Warn("remove state dir", "dir", w.tempDir, "err", err)
+		}
 	}
 	w.logger.Info("worker stopped")
 	return nil

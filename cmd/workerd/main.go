@@ -96,7 +96,7 @@ func run(args []string, stderr io.Writer) error {
 	join := fs.String("join", "", "comma-separated gossip `addresses` of existing members, retried until one answers")
 	fs.IntVar(&cfg.Slots, "slots", cfg.Slots, "number of tasks this worker runs at once")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "`DIR` for local state: disk-backend databases and local copies of checkpoint files (default: <data-dir>/state)")
-	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: a new coordflow-worker-<id>-* directory under the system's temporary directory)")
+	dataDir := fs.String("data-dir", "", "`DIR` of the worker's own files (default: a new coordflow-worker-<id>-* directory under the system's temporary directory, removed on exit)")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this `host:port` at /metrics (off when empty)")
 	fs.BoolVar(&cfg.EnableDebug, "enable-debug", false, "serve Go's profiler under /debug/pprof/ on the metrics address (needs -metrics-addr)")
 	var tlsFiles tlsutil.Files
