@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/coordflow/coordflow/transport/tlsutil"
 )
@@ -388,19 +389,31 @@ func (s *Server) applyProblem() string {
 // plus the error of the last write if it failed. Raft only logs a follower's
 // failed append and goes on answering heartbeats, so without this a
 // follower whose disk is full would look current while it falls behind.
+// It also times every write: an append holds up every commit behind it, and
+// a compaction after a snapshot holds the store's only write transaction.
 // (It forwards only raft.LogStore: the bolt store implements none of Raft's
 // optional log store interfaces.)
 type logStoreHealth struct {
 	raft.LogStore
+	appendDuration, deleteDuration prometheus.Observer
 
 	mu  sync.Mutex
 	err error // of the last write; nil once one succeeds
 	at  time.Time
 }
 
+// newLogStoreHealth wraps store, timing its writes into m.
+func newLogStoreHealth(store raft.LogStore, m *metrics) *logStoreHealth {
+	return &logStoreHealth{
+		LogStore:       store,
+		appendDuration: m.raftLogStoreDuration.WithLabelValues("append"),
+		deleteDuration: m.raftLogStoreDuration.WithLabelValues("delete"),
+	}
+}
+
 // watchLogStore wraps store into the logStoreHealth the API reports.
 func (s *Server) watchLogStore(store raft.LogStore) raft.LogStore {
-	l := &logStoreHealth{LogStore: store}
+	l := newLogStoreHealth(store, s.metrics)
 	s.api.logs = l
 	return l
 }
@@ -427,15 +440,23 @@ func (l *logStoreHealth) lastError() (since time.Time, err error) {
 }
 
 func (l *logStoreHealth) StoreLog(log *raft.Log) error {
+	defer observeSince(l.appendDuration, time.Now())
 	return l.record(l.LogStore.StoreLog(log))
 }
 
 func (l *logStoreHealth) StoreLogs(logs []*raft.Log) error {
+	defer observeSince(l.appendDuration, time.Now())
 	return l.record(l.LogStore.StoreLogs(logs))
 }
 
 func (l *logStoreHealth) DeleteRange(lo, hi uint64) error {
+	defer observeSince(l.deleteDuration, time.Now())
 	return l.record(l.LogStore.DeleteRange(lo, hi))
+}
+
+// observeSince records the time since start in o.
+func observeSince(o prometheus.Observer, start time.Time) {
+	o.Observe(time.Since(start).Seconds())
 }
 
 // digestCache computes the FSM digest at most once per applied index, and

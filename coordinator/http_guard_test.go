@@ -234,7 +234,7 @@ func (f *failingLogStore) StoreLogs(logs []*raft.Log) error {
 // write succeeds again.
 func TestHTTPCannotApply(t *testing.T) {
 	store := &failingLogStore{LogStore: raft.NewInmemStore()}
-	health := &logStoreHealth{LogStore: store}
+	health := newLogStoreHealth(store, newMetrics())
 	logs := []*raft.Log{{Index: 1, Term: 1, Data: []byte("x")}}
 	store.fail = errors.New("write raft.db: no space left on device")
 	if err := health.StoreLogs(logs); err == nil {

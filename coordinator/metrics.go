@@ -27,6 +27,9 @@ type metrics struct {
 	stateFilesDeleted    *prometheus.CounterVec   // job
 	raftApplyBytes       *prometheus.CounterVec   // command
 	raftBatchCommands    prometheus.Histogram
+	raftLogStoreDuration *prometheus.HistogramVec // op: append, delete
+	raftSnapshotDuration prometheus.Histogram
+	raftSnapshotBytes    prometheus.Gauge
 	checkpointPhase      *prometheus.HistogramVec // phase: trigger, acks, commit
 	httpUnauthorized     *prometheus.CounterVec   // code: 401, 403
 	httpConnsRefused     prometheus.Counter
@@ -82,6 +85,17 @@ func newMetrics() *metrics {
 			Name: "coordflow_raft_batch_commands", Help: "Commands per Raft entry committed by this node as leader (group commit).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
 		}),
+		raftLogStoreDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "coordflow_raft_log_store_duration_seconds", Help: "Writes to this node's Raft log store, by op: append (entries written and synced; commits wait on it) and delete (the compaction after a snapshot).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}, []string{"op"}),
+		raftSnapshotDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "coordflow_raft_snapshot_persist_duration_seconds", Help: "Time to encode and write each Raft snapshot of the FSM this node took.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}),
+		raftSnapshotBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "coordflow_raft_snapshot_bytes", Help: "Size of the last Raft snapshot of the FSM this node wrote.",
+		}),
 		stateFilesDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_state_files_deleted_total", Help: "Checkpoint state files deleted by the garbage collector because no retained checkpoint references them, or because their cancelled job is being purged.",
 		}, []string{"job"}),
@@ -92,7 +106,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_http_unauthorized_total", Help: "HTTP API requests refused: code 401 (no or unknown token or certificate), 403 (a role too small for the endpoint).",
 		}, []string{"code"}),
 	}
-	m.registry.MustRegister(m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
+	m.registry.MustRegister(m.raftLogStoreDuration, m.raftSnapshotDuration, m.raftSnapshotBytes, m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

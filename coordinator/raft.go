@@ -108,7 +108,7 @@ func (s *Server) setupRaft() error {
 	if err := checkRaftData(s.cfg.DataDir, store, snaps, s.logger); err != nil {
 		return err
 	}
-	s.applied = &indexedFSM{FSM: s.fsm}
+	s.applied = &indexedFSM{FSM: s.fsm, metrics: s.metrics}
 	r, err := newRaft(s.cfg.DataDir, rc, s.applied, s.watchLogStore(store), store, snaps, trans)
 	if err != nil {
 		return fmt.Errorf("start raft: %w", err)
@@ -178,6 +178,7 @@ func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (r
 // this index instead.
 type indexedFSM struct {
 	*fsm.FSM
+	metrics *metrics // times and sizes the snapshots
 	applied atomic.Uint64
 }
 
@@ -187,6 +188,45 @@ func (f *indexedFSM) Apply(l *raft.Log) any {
 	res := f.FSM.Apply(l)
 	f.applied.Store(l.Index)
 	return res
+}
+
+// Snapshot takes the FSM's snapshot and times its Persist.
+func (f *indexedFSM) Snapshot() (raft.FSMSnapshot, error) {
+	snap, err := f.FSM.Snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return &timedSnapshot{FSMSnapshot: snap, metrics: f.metrics}, nil
+}
+
+// timedSnapshot records how long Persist takes and how many bytes it
+// writes: a snapshot competes with the log for the disk and the CPU.
+type timedSnapshot struct {
+	raft.FSMSnapshot
+	metrics *metrics
+}
+
+func (s *timedSnapshot) Persist(sink raft.SnapshotSink) error {
+	start := time.Now()
+	counted := &countingSink{SnapshotSink: sink}
+	if err := s.FSMSnapshot.Persist(counted); err != nil {
+		return err
+	}
+	observeSince(s.metrics.raftSnapshotDuration, start)
+	s.metrics.raftSnapshotBytes.Set(float64(counted.n))
+	return nil
+}
+
+// countingSink counts the bytes written through it.
+type countingSink struct {
+	raft.SnapshotSink
+	n int64
+}
+
+func (c *countingSink) Write(p []byte) (int, error) {
+	n, err := c.SnapshotSink.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // hasApplied reports whether this node's FSM reflects log index, the index of

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.etcd.io/bbolt"
 )
 
@@ -40,6 +41,24 @@ func snapshottedNode(t *testing.T, trailing uint64) (Config, []string) {
 				t.Fatalf("snapshot: %v", err)
 			}
 		}
+	}
+	// Both snapshots were timed, and the last one sized as the file the
+	// snapshot store holds.
+	var persisted uint64
+	if mfs, err := s.metrics.registry.Gather(); err == nil {
+		for _, mf := range mfs {
+			if mf.GetName() == "coordflow_raft_snapshot_persist_duration_seconds" {
+				persisted = mf.GetMetric()[0].GetHistogram().GetSampleCount()
+			}
+		}
+	}
+	if persisted != 2 {
+		t.Errorf("coordflow_raft_snapshot_persist_duration_seconds counts %d snapshots, want 2", persisted)
+	}
+	if fi, err := os.Stat(filepath.Join(snapshotDirs(t, cfg.DataDir)[0], "state.bin")); err != nil {
+		t.Error(err)
+	} else if got := testutil.ToFloat64(s.metrics.raftSnapshotBytes); got != float64(fi.Size()) {
+		t.Errorf("coordflow_raft_snapshot_bytes = %v, want the last snapshot's %d bytes", got, fi.Size())
 	}
 	stopServer(t, s)
 	return restartConfig(s), jobs

@@ -348,3 +348,26 @@ func TestSnapshotUnchangedByLaterCommands(t *testing.T) {
 		t.Fatalf("%d completed checkpoints, want the %d retained", n, got.Spec.Checkpoint.Retained)
 	}
 }
+
+// BenchmarkSnapshotPersist times the encoding of a snapshot of 1,000 running
+// jobs of one source and one map task, each with its retained checkpoints:
+// what every coordinator of such a cluster pays per Raft snapshot.
+func BenchmarkSnapshotPersist(b *testing.B) {
+	h := newHarness(b)
+	spec := testSpec()
+	spec.Source.Parallelism, spec.Operator.Parallelism = 1, 1
+	spec.Sink = nil
+	for i := range 1000 {
+		id := fmt.Sprintf("job-%04d", i)
+		h.must(CommandRegisterJob, h.register(id, spec))
+		h.must(CommandJobRestarted, h.restart(id, 1, assignment(spec, "w1", "w2"), "deploy"))
+		for range 5 {
+			h.checkpointed(id)
+		}
+	}
+	b.SetBytes(int64(len(persist(b, h.f))))
+	b.ReportAllocs()
+	for b.Loop() {
+		persist(b, h.f)
+	}
+}

@@ -75,9 +75,15 @@ type benchJobsResult struct {
 	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
 	CPU                         map[string]float64 // cores, by process group
 	Restarts                    int                // job attempts beyond the first, at the end
-	RecordsPerS                 float64            // read by the source tasks in the window, all jobs
-	ProducedPerS                float64            // acknowledged to the producer in the window, all jobs
-	LoadAvg                     string
+	// The leader's Raft snapshots in the window: how many, their mean
+	// persist time and the last one's size; and its log store's appends
+	// (p99) and compactions (mean).
+	Snapshots                       int
+	SnapshotMeanMS, SnapshotMB      float64
+	LogAppendP99MS, LogDeleteMeanMS float64
+	RecordsPerS                     float64 // read by the source tasks in the window, all jobs
+	ProducedPerS                    float64 // acknowledged to the producer in the window, all jobs
+	LoadAvg                         string
 }
 
 func BenchmarkManyJobs(b *testing.B) {
@@ -90,9 +96,11 @@ func BenchmarkManyJobs(b *testing.B) {
 						[]string{benchJobsEnv + "=" + strconv.Itoa(n), benchJobsInputEnv + "=" + input}, benchJobsTimeout, &r)
 					b.Logf("%d jobs, input %s (%.0f records/s read, %.0f produced): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
-						"phases p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
+						"phases p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; "+
+						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms, compaction mean %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
-						r.HistP50MS, r.HistP99MS, r.Phases, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+						r.HistP50MS, r.HistP99MS, r.Phases, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
+						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.LogDeleteMeanMS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
@@ -144,7 +152,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		produced  int64   // records the broker acknowledged to the producer
 	}
 	take := func() snap {
-		s := snap{cpu: benchCPUSnapshot(t, c), completed: make(map[string]float64, n)}
+		s := snap{cpu: benchCPUSnapshot(t, c)}
 		var err error
 		if s.status, err = c.status(leader); err != nil {
 			t.Fatal(err)
@@ -153,9 +161,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 			t.Fatal(err)
 		}
 		s.at = time.Now()
-		for _, id := range ids {
-			s.completed[id] = benchMetric(s.metrics, "coordflow_checkpoints_completed_total", `job="`+id+`"`)
-		}
+		s.completed = benchMetricBy(s.metrics, "coordflow_checkpoints_completed_total", "job")
 		for _, w := range c.workers {
 			text, err := c.workerMetrics(w)
 			if err != nil {
@@ -256,6 +262,18 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		res.CommandsPerEntry = commands / entries
 	}
 	res.BytesPerS = (benchMetric(s1.metrics, "coordflow_raft_apply_bytes_total") - benchMetric(s0.metrics, "coordflow_raft_apply_bytes_total")) / window
+	delta := func(name string) float64 { return unlabeled(s1.metrics, name) - unlabeled(s0.metrics, name) }
+	res.Snapshots = int(delta("coordflow_raft_snapshot_persist_duration_seconds_count"))
+	if res.Snapshots > 0 {
+		res.SnapshotMeanMS = 1000 * delta("coordflow_raft_snapshot_persist_duration_seconds_sum") / float64(res.Snapshots)
+	}
+	res.SnapshotMB = unlabeled(s1.metrics, "coordflow_raft_snapshot_bytes") / 1e6
+	appends := func(text string) string { return benchSelect(text, `op="append"`) }
+	res.LogAppendP99MS = 1000 * histogramQuantile(0.99, appends(s0.metrics), appends(s1.metrics), "coordflow_raft_log_store_duration_seconds")
+	deletes := func(text string) string { return benchSelect(text, `op="delete"`) }
+	if n := benchGrowth(deletes, s0.metrics, s1.metrics, "coordflow_raft_log_store_duration_seconds_count"); n > 0 {
+		res.LogDeleteMeanMS = 1000 * benchGrowth(deletes, s0.metrics, s1.metrics, "coordflow_raft_log_store_duration_seconds_sum") / n
+	}
 	res.LeaderCPU = (unlabeled(s1.metrics, "process_cpu_seconds_total") - unlabeled(s0.metrics, "process_cpu_seconds_total")) / window
 	cpu, wall := s1.cpu.since(s0.cpu)
 	res.CPU = make(map[string]float64, len(cpu))
@@ -273,6 +291,14 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		c.keepLogs(t) // to see why
 	}
 	benchWriteResult(t, resultPath, res)
+}
+
+// benchGrowth is how much the metric name, in the lines sel keeps, grew from
+// before to after.
+func benchGrowth(sel func(string) string, before, after, name string) float64 {
+	a, _ := metricSum(sel(after), name)
+	b, _ := metricSum(sel(before), name)
+	return a - b
 }
 
 // histogramQuantile estimates quantile q of the observations the histogram

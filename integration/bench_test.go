@@ -732,6 +732,35 @@ func benchMetric(text, name string, labels ...string) float64 {
 	return sum
 }
 
+// benchMetricBy adds up the samples of the named metric by the value of
+// their label, in one pass over text: the scenarios read one counter of
+// every job from a leader's metrics, and a pass per job over text that
+// holds every job's series would cost the test process seconds of CPU
+// inside the window it measures.
+func benchMetricBy(text, name, label string) map[string]float64 {
+	out := make(map[string]float64)
+	prefix := label + `="`
+	for line := range strings.Lines(text) {
+		rest, ok := strings.CutPrefix(line, name+"{")
+		if !ok {
+			continue
+		}
+		set, value, ok := strings.Cut(rest, "} ")
+		if !ok {
+			continue
+		}
+		_, key, found := strings.Cut(set, prefix)
+		if !found {
+			continue
+		}
+		key, _, _ = strings.Cut(key, `"`)
+		if v, err := strconv.ParseFloat(strings.Fields(value)[0], 64); err == nil {
+			out[key] += v
+		}
+	}
+	return out
+}
+
 // benchJobRestartsMetric sums coordflow_job_restarts_total over coords.
 func benchJobRestartsMetric(t *testing.T, c *cluster, coords []*coordProc) float64 {
 	t.Helper()
