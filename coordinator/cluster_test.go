@@ -192,6 +192,33 @@ func TestClusterAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("purge through a follower", func(t *testing.T) {
+		var out struct {
+			ID, Status, Error string
+			FilesDeleted      int `json:"files_deleted"`
+		}
+		second := submitJob(t, follower, wordcountSpec)
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?purge=true&savepoint=true", nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, "savepoint first") {
+			t.Errorf("DELETE ?purge=true&savepoint=true = %d %+v, want 400 saying to stop with a savepoint first", code, out)
+		}
+		// The cancelled job of the subtest above, and a running one that
+		// the same request cancels: neither has tasks, and the threshold
+		// (4 h) does not hold them.
+		for _, id := range []string{jobID, second} {
+			if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+id+"?purge=true", nil, &out); code != http.StatusOK || out.Status != "purged" {
+				t.Fatalf("DELETE /v1/jobs/%s?purge=true = %d %+v, want 200 purged", id, code, out)
+			}
+			// Read your writes: the follower has applied the purge.
+			if code := apiCall(t, follower, http.MethodGet, "/v1/jobs/"+id, nil, &out); code != http.StatusNotFound {
+				t.Errorf("GET /v1/jobs/%s on %s after its purge = %d, want 404", id, follower.ID(), code)
+			}
+		}
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+jobID+"?purge=true", nil, &out); code != http.StatusNotFound {
+			t.Errorf("DELETE ?purge=true of a purged job = %d %+v, want 404", code, out)
+		}
+		waitForEqualDigests(t, servers...)
+	})
+
 	t.Run("metrics", func(t *testing.T) {
 		resp, err := http.Get("http://" + leader.HTTPAddr() + "/metrics")
 		if err != nil {
@@ -199,7 +226,8 @@ func TestClusterAPI(t *testing.T) {
 		}
 		defer resp.Body.Close()
 		body, _ := io.ReadAll(resp.Body)
-		for _, want := range []string{"coordflow_raft_state 2", "coordflow_raft_term ", "coordflow_raft_last_index ", "coordflow_raft_apply_duration_seconds"} {
+		for _, want := range []string{"coordflow_raft_state 2", "coordflow_raft_term ", "coordflow_raft_last_index ", "coordflow_raft_apply_duration_seconds",
+			`coordflow_raft_log_store_duration_seconds_count{op="append"}`} {
 			if !strings.Contains(string(body), want) {
 				t.Errorf("GET /metrics on the leader lacks %q", want)
 			}

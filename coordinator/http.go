@@ -212,23 +212,82 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
 		return
 	}
-	if job.Status == fsm.JobCancelled {
+	purge := r.URL.Query().Get("purge") == "true"
+	switch {
+	case job.Status == fsm.JobCancelled && !purge:
 		writeError(w, http.StatusConflict, fmt.Sprintf("job %s is already cancelled", id))
 		return
-	}
-	if r.URL.Query().Get("savepoint") == "true" {
+	case r.URL.Query().Get("savepoint") == "true" && purge:
+		writeError(w, http.StatusBadRequest, "savepoint=true and purge=true together: stop the job with a savepoint first, then purge it (its savepoints stay)")
+		return
+	case r.URL.Query().Get("savepoint") == "true":
 		s.stopWithSavepoint(w, r, job)
 		return
 	}
-	cmd := fsm.JobCancelledCmd{JobID: id, Reason: "cancelled by user", Time: time.Now().UnixNano()}
-	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandJobCancelled, cmd)
-	setIndexHeader(w, index)
-	if err != nil {
-		s.writeApplyError(w, err)
+	if job.Status != fsm.JobCancelled {
+		cmd := fsm.JobCancelledCmd{JobID: id, Reason: "cancelled by user", Time: time.Now().UnixNano()}
+		_, index, err := s.raftApplyAt(r.Context(), fsm.CommandJobCancelled, cmd)
+		setIndexHeader(w, index)
+		if err != nil {
+			s.writeApplyError(w, err)
+			return
+		}
+		s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
+	}
+	if purge {
+		s.purgeJob(w, r, id)
 		return
 	}
-	s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
 	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": string(fsm.JobCancelled)})
+}
+
+// purgeWait bounds how long DELETE /v1/jobs/{id}?purge=true waits for the
+// purge before it answers that the purge is pending: the job's tasks may
+// take their stop timeout, or a lost worker its lease, to stop.
+const purgeWait = 30 * time.Second
+
+// purgeJob asks the leader loop to purge cancelled job id now and answers
+// with the outcome: 200 once purged, 202 while it waits (for the job's
+// tasks to stop, the storage, a coordinator that cannot apply the purge),
+// 409 if the job cannot be purged.
+func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string) {
+	l := s.currentLeader()
+	if l == nil {
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: %v", id, ErrNotLeader))
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), purgeWait)
+	defer cancel()
+	req := purgeRequest{jobID: id, reply: make(chan purgeReply, 1)}
+	if !l.post(ctx, req) {
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: the leader loop did not take the request", id))
+		return
+	}
+	pending := func(why string) {
+		writeJSON(w, http.StatusAccepted, map[string]string{"id": id, "status": string(fsm.JobCancelled), "purge": "pending", "reason": why})
+	}
+	select {
+	case rep := <-req.reply:
+		switch {
+		case errors.Is(rep.err, fsm.ErrNoSuchJob):
+			writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
+		case errors.Is(rep.err, errPurgeState):
+			writeError(w, http.StatusConflict, rep.err.Error())
+		case rep.err != nil:
+			pending(rep.err.Error() + "; the leader tries again")
+		default:
+			s.logger.Info("job purged on request", "job", id, "files_deleted", rep.filesDeleted)
+			s.setAppliedIndexHeader(w) // covers JobPurged: a forwarding follower waits for it
+			writeJSON(w, http.StatusOK, map[string]any{"id": id, "status": "purged", "files_deleted": rep.filesDeleted})
+		}
+	case <-l.ctx.Done():
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again", id))
+	case <-ctx.Done():
+		if r.Context().Err() != nil {
+			return // the client went away; the purge goes on
+		}
+		pending(fmt.Sprintf("not purged within %v: its tasks are still stopping", purgeWait))
+	}
 }
 
 // setIndexHeader tells a forwarding follower which Raft index to wait for

@@ -47,16 +47,73 @@ type purgeFilesResult struct {
 
 func (purgeFilesResult) leaderEvent() {}
 
+// purgeRequest asks the leader to purge a cancelled job as soon as its
+// tasks have stopped, whatever Config.JobGCThreshold says (DELETE
+// /v1/jobs/{id}?purge=true), as Nomad's job stop -purge does. It lasts for
+// the leader's term: a new leader purges the job at the threshold only.
+type purgeRequest struct {
+	jobID string
+	// reply gets the request's first outcome: the purge done, or why it
+	// is not done yet (the purge stays asked for, and is tried again).
+	reply chan purgeReply
+}
+
+func (purgeRequest) leaderEvent() {}
+
+// purgeReply answers a purgeRequest: err is nil once the job is purged.
+type purgeReply struct {
+	filesDeleted int
+	err          error
+}
+
+// errPurgeState is a purge request the job's state refuses.
+var errPurgeState = errors.New("job cannot be purged")
+
+// onPurgeRequest marks a cancelled job to be purged now and has it looked
+// at; the request is answered when the purge is done or held up.
+func (l *leader) onPurgeRequest(r purgeRequest) {
+	// Read from the FSM, not from js: the cancel the request follows is
+	// committed, but the loop may not have looked at the job since.
+	job, ok := l.env.job(r.jobID)
+	switch {
+	case !ok:
+		r.reply <- purgeReply{err: fmt.Errorf("%w: %w: %s", errPurgeState, fsm.ErrNoSuchJob, r.jobID)}
+		return
+	case job.Status != fsm.JobCancelled:
+		r.reply <- purgeReply{err: fmt.Errorf("%w: job %s is %s: cancel it first", errPurgeState, r.jobID, job.Status)}
+		return
+	}
+	l.purgeNow[r.jobID] = append(l.purgeNow[r.jobID], r)
+	if js := l.jobs[r.jobID]; js != nil {
+		js.purgeRetryAt = time.Time{} // asked for now: no backoff
+	}
+	l.dirty[r.jobID] = struct{}{}
+}
+
+// answerPurge answers the requests waiting for job's purge; done says the
+// job is gone, which also ends the request.
+func (l *leader) answerPurge(job string, rep purgeReply, done bool) {
+	for _, r := range l.purgeNow[job] {
+		r.reply <- rep
+	}
+	if done {
+		delete(l.purgeNow, job)
+	} else if _, asked := l.purgeNow[job]; asked {
+		l.purgeNow[job] = nil
+	}
+}
+
 // collectJob purges cancelled job js once it has been cancelled for the
-// threshold and every task of it has stopped: first its files, in the
-// background (onPurgeFiles goes on), then JobPurged. Before that it only
-// sets a timer for the time it is due.
+// threshold, or a user asked for it, and every task of it has stopped:
+// first its files, in the background (onPurgeFiles goes on), then
+// JobPurged. Before that it only sets a timer for the time it is due.
 func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
-	if l.jobGC <= 0 || js.purging {
+	_, asked := l.purgeNow[js.id]
+	if (l.jobGC <= 0 && !asked) || js.purging {
 		return
 	}
 	js.cancelledAt = time.Unix(0, job.UpdatedAt)
-	if due := js.cancelledAt.Add(l.jobGC); now.Before(due) {
+	if due := js.cancelledAt.Add(l.jobGC); !asked && now.Before(due) {
 		l.scheduleJob(js, due)
 		return
 	}
@@ -119,6 +176,7 @@ func (l *leader) purgeAllowed(js *jobState, now time.Time) bool {
 		l.jobLogger(js).Info("not purging a cancelled job: a coordinator cannot apply the purge", "why", why)
 		js.purgeHeld = true
 	}
+	l.answerPurge(js.id, purgeReply{err: fmt.Errorf("a coordinator cannot apply the purge: %s", why)}, false)
 	l.retryPurge(js, now)
 	return false
 }
@@ -173,6 +231,7 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 	if r.err != nil {
 		js.purging = false
 		log.Warn("purge cancelled job: delete its checkpoint files; trying again later", "deleted", r.deleted, "err", r.err, "retry_in", jobGCRetry)
+		l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted, err: fmt.Errorf("delete its checkpoint files: %w", r.err)}, false)
 		l.retryPurge(js, now)
 		return
 	}
@@ -191,10 +250,12 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 				return // purged already, by an earlier term's write
 			}
 			log.Warn("purge cancelled job; trying again later", "err", err, "retry_in", jobGCRetry)
+			l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted, err: fmt.Errorf("commit the purge: %w", err)}, false)
 			l.retryPurge(js, l.env.now())
 			return
 		}
 		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.env.now().Sub(js.cancelledAt).Round(time.Second))
+		l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted}, true)
 		l.forget(js)
 		// A new job of the same id registered meanwhile waited for this
 		// write, whose result would have had it looked at.
@@ -211,6 +272,7 @@ func (l *leader) retryPurge(js *jobState, now time.Time) {
 
 // forget drops the leader's memory of a job the FSM no longer holds.
 func (l *leader) forget(js *jobState) {
+	l.answerPurge(js.id, purgeReply{}, true) // purged in an earlier term
 	l.unindex(js)
 	js.status = ""
 	l.account(js)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -318,5 +319,106 @@ func TestLeaderBoundsPurgesInFlight(t *testing.T) {
 	defer mu.Unlock()
 	if most != maxPurges || len(deleted) != n {
 		t.Fatalf("at most %d purges at once and %d done, want %d and %d", most, len(deleted), maxPurges, n)
+	}
+}
+
+// requestPurge hands a purge request to the leader loop and returns the
+// channel its answer comes on.
+func (h *leaderHarness) requestPurge(job string) chan purgeReply {
+	r := purgeRequest{jobID: job, reply: make(chan purgeReply, 1)}
+	h.handle(r)
+	return r.reply
+}
+
+// answered returns the answer waiting on c, or false if none came yet.
+func answered(c chan purgeReply) (purgeReply, bool) {
+	select {
+	case rep := <-c:
+		return rep, true
+	default:
+		return purgeReply{}, false
+	}
+}
+
+// A purge asked for goes ahead without waiting for the threshold, even with
+// collection off, once the job's tasks have stopped; it is answered when
+// done or held up, and refused for a job that is not cancelled.
+func TestLeaderPurgesOnRequest(t *testing.T) {
+	h := newLeaderHarness(t)
+	var env gcEnv
+	env.install(h, 0) // collection off: only requests purge
+	h.startJob("j1", testJobSpec(1, 1))
+	h.startJob("j2", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+
+	if rep, ok := answered(h.requestPurge("j1")); !ok || !errors.Is(rep.err, errPurgeState) || !strings.Contains(rep.err.Error(), "cancel it first") {
+		t.Fatalf("purge of a running job: %+v (answered %v), want refused: cancel it first", rep, ok)
+	}
+	if rep, ok := answered(h.requestPurge("nope")); !ok || !errors.Is(rep.err, fsm.ErrNoSuchJob) {
+		t.Fatalf("purge of an unknown job: %+v (answered %v), want no such job", rep, ok)
+	}
+
+	// Asked for right after the cancel, before the loop has looked at the
+	// job again: the tasks still run, so the request waits for them.
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	reply := h.requestPurge("j1")
+	h.gcStep()
+	if rep, ok := answered(reply); ok {
+		t.Fatalf("purge answered %+v while the job's tasks run", rep)
+	}
+	if got := env.deletions(); len(got) != 0 {
+		t.Fatalf("files of %v deleted while the job's tasks run", got)
+	}
+
+	// The storage fails: the request hears why, and the purge stays asked
+	// for: the next try, a retry later, goes through.
+	env.set(nil, errors.New("storage down"))
+	job := h.job("j1")
+	for _, task := range job.Tasks {
+		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
+	}
+	h.gcStep()
+	if rep, ok := answered(reply); !ok || rep.err == nil || !strings.Contains(rep.err.Error(), "storage down") {
+		t.Fatalf("purge answered %+v (answered %v), want the storage's error", rep, ok)
+	}
+	h.job("j1")
+
+	// A second request skips the retry's backoff and is answered once
+	// the job is gone.
+	env.set(nil, nil)
+	reply = h.requestPurge("j1")
+	h.gcStep()
+	if rep, ok := answered(reply); !ok || rep.err != nil || rep.filesDeleted != 3 {
+		t.Fatalf("purge answered %+v (answered %v), want done with 3 files deleted", rep, ok)
+	}
+	if _, ok := h.f.Job("j1"); ok {
+		t.Fatal("job j1 still in the FSM after its purge")
+	}
+	if got := env.deletions(); !slices.Equal(got, []string{"j1"}) {
+		t.Fatalf("file deletions %v, want [j1]", got)
+	}
+	if len(h.l.purgeNow) != 0 {
+		t.Fatalf("the leader still holds purge requests %v", h.l.purgeNow)
+	}
+
+	// A purge asked for while a coordinator cannot apply it is answered
+	// with why, and happens when it can.
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j2", Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	job = h.job("j2")
+	for _, task := range job.Tasks {
+		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
+	}
+	env.set([]string{"c3 (feature level 1)"}, nil)
+	reply = h.requestPurge("j2")
+	h.gcStep()
+	if rep, ok := answered(reply); !ok || rep.err == nil || !strings.Contains(rep.err.Error(), "c3 (feature level 1)") {
+		t.Fatalf("purge answered %+v (answered %v), want held by c3", rep, ok)
+	}
+	env.set(nil, nil)
+	h.advance(2 * jobGCRetry)
+	h.gcStep()
+	if _, ok := h.f.Job("j2"); ok {
+		t.Fatal("job j2 not purged once every coordinator can apply the purge")
 	}
 }

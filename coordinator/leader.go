@@ -174,6 +174,10 @@ type leader struct {
 	// holds the jobs due for a purge that wait for one of them to end.
 	purges     int
 	purgeQueue []string
+	// purgeNow holds the cancelled jobs a user asked to purge without
+	// waiting for the threshold, each with the requests still waiting for
+	// an answer (jobgc.go).
+	purgeNow map[string][]purgeRequest
 
 	// notedJobs and notedWorkers are what other goroutines (the FSM,
 	// gossip) report, under notesMu, until the loop takes them.
@@ -259,6 +263,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		waiting:        make(map[string]struct{}),
 		used:           make(map[string]int),
 		writes:         make(map[string][]*write),
+		purgeNow:       make(map[string][]purgeRequest),
 		notedJobs:      make(map[string]struct{}),
 		notedWorkers:   make(map[string]struct{}),
 	}
@@ -335,6 +340,8 @@ func (l *leader) handle(ev leaderEvent) {
 		l.onPurgeFiles(ev)
 	case savepointRequest:
 		l.onSavepointRequest(ev)
+	case purgeRequest:
+		l.onPurgeRequest(ev)
 	case writeResult:
 		l.onWriteResult(ev)
 	}

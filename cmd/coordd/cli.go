@@ -29,8 +29,10 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
                         -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
-  job cancel ID [-savepoint]
-                        cancel a job; with -savepoint, stop it with a final savepoint
+  job cancel ID [-savepoint | -purge]
+                        cancel a job; with -savepoint, stop it with a final savepoint;
+                        with -purge (also of a cancelled job), remove it and its checkpoint
+                        files once its tasks have stopped, without waiting for -job-gc-threshold
   job checkpoints ID    list a job's checkpoints, newest first
   job lag ID            consumer lag per partition: the broker's end offset minus the
                         last completed checkpoint's offset
@@ -57,6 +59,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	var (
 		fromSavepoint, key, keyB64, export string
 		withSavepoint, abortTxns, asJSON   bool
+		purge                              bool
 		wait                               bool
 		waitTimeout                        time.Duration
 	)
@@ -72,6 +75,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		},
 		"cancel": func(fs *flag.FlagSet) {
 			fs.BoolVar(&withSavepoint, "savepoint", false, "stop the job with a final savepoint: nothing is processed after it")
+			fs.BoolVar(&purge, "purge", false, "also purge the job (a cancelled one too): remove it, its checkpoints and their files once its tasks have stopped, without waiting for -job-gc-threshold; its savepoints stay")
 		},
 		"state": func(fs *flag.FlagSet) {
 			fs.StringVar(&key, "key", "", "show only this `key`")
@@ -92,8 +96,13 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			return printJSON(ctx, c, "/v1/jobs/"+url.PathEscape(id), stdout)
 		}},
 		"cancel": {"ID", func(ctx context.Context, c *apiClient, id string) error {
-			if withSavepoint {
+			switch {
+			case withSavepoint && purge:
+				return fmt.Errorf("-savepoint and -purge together: stop the job with a savepoint first, then purge it (its savepoints stay)")
+			case withSavepoint:
 				return jobStopWithSavepoint(ctx, c, id, stdout)
+			case purge:
+				return jobPurge(ctx, c, id, stdout)
 			}
 			data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil)
 			if err != nil {
@@ -134,7 +143,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	timeout := requestTimeout
-	if sub == "savepoint" || withSavepoint || export != "" {
+	if sub == "savepoint" || withSavepoint || purge || export != "" {
 		timeout = longRequestTimeout
 	}
 	if wait {
@@ -696,6 +705,32 @@ func jobStopWithSavepoint(ctx context.Context, c *apiClient, id string, stdout i
 	}
 	printSavepoint(stdout, out.Savepoint)
 	fmt.Fprintf(stdout, "job %s stopped\n", id)
+	return nil
+}
+
+// jobPurge cancels job id if it runs and purges it: done, or pending while
+// its tasks stop (the leader goes on with it).
+func jobPurge(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
+	data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id)+"?purge=true", nil)
+	if err != nil {
+		return err
+	}
+	if c.jsonOut {
+		return writeJSON(stdout, data)
+	}
+	var out struct {
+		Status       string `json:"status"`
+		FilesDeleted int    `json:"files_deleted"`
+		Reason       string `json:"reason"`
+	}
+	if err := json.Unmarshal(data, &out); err != nil {
+		return fmt.Errorf("purge: unexpected answer %q", data)
+	}
+	if out.Status == "purged" {
+		fmt.Fprintf(stdout, "job %s purged (%d checkpoint files deleted)\n", id, out.FilesDeleted)
+		return nil
+	}
+	fmt.Fprintf(stdout, "job %s cancelled; purge pending: %s\n", id, out.Reason)
 	return nil
 }
 

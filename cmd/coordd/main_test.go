@@ -89,6 +89,18 @@ func TestCLI(t *testing.T) {
 		}
 	}
 
+	// -purge: a cancelled job without tasks goes at once, and is then
+	// unknown; -purge does not go with -savepoint.
+	if code, out, stderr := cli("job", "cancel", "-purge", id); code != 0 || !strings.Contains(out, "job "+id+" purged (0 checkpoint files deleted)") {
+		t.Errorf("job cancel -purge %s = %d %q %q, want it purged", id, code, out, stderr)
+	}
+	if code, _, stderr := cli("job", "status", id); code != 1 || !strings.Contains(stderr, "no job") {
+		t.Errorf("job status of a purged job = %d %q, want 1 and no job", code, stderr)
+	}
+	if code, _, stderr := cli("job", "cancel", "-purge", "-savepoint", strings.TrimSpace(waitID)); code != 1 || !strings.Contains(stderr, "savepoint first") {
+		t.Errorf("job cancel -purge -savepoint = %d %q, want 1 saying to stop with a savepoint first", code, stderr)
+	}
+
 	// -format json: every API command prints the API's JSON, which scripts
 	// decode; each answer names what the table shows.
 	asJSON := func(args ...string) any {
@@ -142,6 +154,9 @@ func TestCLI(t *testing.T) {
 	}
 	if field(asJSON("job", "cancel", jid), "status") == nil {
 		t.Error("job cancel -format json has no status")
+	}
+	if got := field(asJSON("job", "cancel", "-purge", jid), "status"); got != "purged" {
+		t.Errorf("job cancel -purge -format json: status %v, want purged", got)
 	}
 }
 
