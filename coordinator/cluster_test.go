@@ -201,6 +201,9 @@ func TestClusterAPI(t *testing.T) {
 		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?purge=true&savepoint=true", nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, "savepoint first") {
 			t.Errorf("DELETE ?purge=true&savepoint=true = %d %+v, want 400 saying to stop with a savepoint first", code, out)
 		}
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?force=true", nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, "purge=true only") {
+			t.Errorf("DELETE ?force=true = %d %+v, want 400 saying it goes with purge=true", code, out)
+		}
 		// The cancelled job of the subtest above, and a running one that
 		// the same request cancels: neither has tasks, and the threshold
 		// (4 h) does not hold them.

@@ -212,8 +212,11 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
 		return
 	}
-	purge := r.URL.Query().Get("purge") == "true"
+	purge, force := r.URL.Query().Get("purge") == "true", r.URL.Query().Get("force") == "true"
 	switch {
+	case force && !purge:
+		writeError(w, http.StatusBadRequest, "force=true goes with purge=true only")
+		return
 	case job.Status == fsm.JobCancelled && !purge:
 		writeError(w, http.StatusConflict, fmt.Sprintf("job %s is already cancelled", id))
 		return
@@ -235,7 +238,7 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
 	}
 	if purge {
-		s.purgeJob(w, r, id)
+		s.purgeJob(w, r, id, force)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": string(fsm.JobCancelled)})
@@ -249,8 +252,9 @@ const purgeWait = 30 * time.Second
 // purgeJob asks the leader loop to purge cancelled job id now and answers
 // with the outcome: 200 once purged, 202 while it waits (for the job's
 // tasks to stop, the storage, a coordinator that cannot apply the purge),
-// 409 if the job cannot be purged.
-func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string) {
+// 409 if the job cannot be purged. With force, files that cannot be
+// deleted do not hold the purge up.
+func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, force bool) {
 	l := s.currentLeader()
 	if l == nil {
 		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: %v", id, ErrNotLeader))
@@ -258,7 +262,7 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), purgeWait)
 	defer cancel()
-	req := purgeRequest{jobID: id, reply: make(chan purgeReply, 1)}
+	req := purgeRequest{jobID: id, force: force, reply: make(chan purgeReply, 1)}
 	if !l.post(ctx, req) {
 		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: the leader loop did not take the request", id))
 		return
@@ -276,9 +280,13 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string) {
 		case rep.err != nil:
 			pending(rep.err.Error() + "; the leader tries again")
 		default:
-			s.logger.Info("job purged on request", "job", id, "files_deleted", rep.filesDeleted)
+			s.logger.Info("job purged on request", "job", id, "files_deleted", rep.filesDeleted, "forced", force)
 			s.setAppliedIndexHeader(w) // covers JobPurged: a forwarding follower waits for it
-			writeJSON(w, http.StatusOK, map[string]any{"id": id, "status": "purged", "files_deleted": rep.filesDeleted})
+			out := map[string]any{"id": id, "status": "purged", "files_deleted": rep.filesDeleted}
+			if rep.filesLeft != nil {
+				out["files_left"] = "some of the job's checkpoint files could not be deleted and stay in its storage: " + rep.filesLeft.Error()
+			}
+			writeJSON(w, http.StatusOK, out)
 		}
 	case <-l.ctx.Done():
 		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again", id))

@@ -53,6 +53,9 @@ func (purgeFilesResult) leaderEvent() {}
 // the leader's term: a new leader purges the job at the threshold only.
 type purgeRequest struct {
 	jobID string
+	// force purges the job even if its files cannot be deleted (storage
+	// gone for good): they stay where they are, named in the answer.
+	force bool
 	// reply gets the request's first outcome: the purge done, or why it
 	// is not done yet (the purge stays asked for, and is tried again).
 	reply chan purgeReply
@@ -60,10 +63,19 @@ type purgeRequest struct {
 
 func (purgeRequest) leaderEvent() {}
 
-// purgeReply answers a purgeRequest: err is nil once the job is purged.
+// purgeReply answers a purgeRequest: err is nil once the job is purged;
+// filesLeft, of a forced purge, is why some of its files are still there.
 type purgeReply struct {
 	filesDeleted int
+	filesLeft    error
 	err          error
+}
+
+// purgeAsk is the purge asked for of one job: forced if any request was,
+// with the requests still waiting for an answer.
+type purgeAsk struct {
+	force   bool
+	waiters []purgeRequest
 }
 
 // errPurgeState is a purge request the job's state refuses.
@@ -83,7 +95,13 @@ func (l *leader) onPurgeRequest(r purgeRequest) {
 		r.reply <- purgeReply{err: fmt.Errorf("%w: job %s is %s: cancel it first", errPurgeState, r.jobID, job.Status)}
 		return
 	}
-	l.purgeNow[r.jobID] = append(l.purgeNow[r.jobID], r)
+	ask := l.purgeNow[r.jobID]
+	if ask == nil {
+		ask = &purgeAsk{}
+		l.purgeNow[r.jobID] = ask
+	}
+	ask.force = ask.force || r.force
+	ask.waiters = append(ask.waiters, r)
 	if js := l.jobs[r.jobID]; js != nil {
 		js.purgeRetryAt = time.Time{} // asked for now: no backoff
 	}
@@ -93,13 +111,16 @@ func (l *leader) onPurgeRequest(r purgeRequest) {
 // answerPurge answers the requests waiting for job's purge; done says the
 // job is gone, which also ends the request.
 func (l *leader) answerPurge(job string, rep purgeReply, done bool) {
-	for _, r := range l.purgeNow[job] {
+	ask := l.purgeNow[job]
+	if ask == nil {
+		return
+	}
+	for _, r := range ask.waiters {
 		r.reply <- rep
 	}
+	ask.waiters = nil
 	if done {
 		delete(l.purgeNow, job)
-	} else if _, asked := l.purgeNow[job]; asked {
-		l.purgeNow[job] = nil
 	}
 }
 
@@ -228,7 +249,13 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 	}
 	log := l.jobLogger(js)
 	now := l.env.now()
-	if r.err != nil {
+	var filesLeft error
+	switch ask := l.purgeNow[js.id]; {
+	case r.err != nil && ask != nil && ask.force:
+		log.Warn("purge cancelled job without deleting all its checkpoint files: forced; delete what is left under its prefix yourself",
+			"deleted", r.deleted, "err", r.err)
+		filesLeft = r.err
+	case r.err != nil:
 		js.purging = false
 		log.Warn("purge cancelled job: delete its checkpoint files; trying again later", "deleted", r.deleted, "err", r.err, "retry_in", jobGCRetry)
 		l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted, err: fmt.Errorf("delete its checkpoint files: %w", r.err)}, false)
@@ -255,7 +282,7 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 			return
 		}
 		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.env.now().Sub(js.cancelledAt).Round(time.Second))
-		l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted}, true)
+		l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted, filesLeft: filesLeft}, true)
 		l.forget(js)
 		// A new job of the same id registered meanwhile waited for this
 		// write, whose result would have had it looked at.

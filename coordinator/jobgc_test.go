@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -324,8 +325,8 @@ func TestLeaderBoundsPurgesInFlight(t *testing.T) {
 
 // requestPurge hands a purge request to the leader loop and returns the
 // channel its answer comes on.
-func (h *leaderHarness) requestPurge(job string) chan purgeReply {
-	r := purgeRequest{jobID: job, reply: make(chan purgeReply, 1)}
+func (h *leaderHarness) requestPurge(job string, force bool) chan purgeReply {
+	r := purgeRequest{jobID: job, force: force, reply: make(chan purgeReply, 1)}
 	h.handle(r)
 	return r.reply
 }
@@ -351,17 +352,17 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	h.startJob("j2", testJobSpec(1, 1))
 	h.completeCheckpoint("j1")
 
-	if rep, ok := answered(h.requestPurge("j1")); !ok || !errors.Is(rep.err, errPurgeState) || !strings.Contains(rep.err.Error(), "cancel it first") {
+	if rep, ok := answered(h.requestPurge("j1", false)); !ok || !errors.Is(rep.err, errPurgeState) || !strings.Contains(rep.err.Error(), "cancel it first") {
 		t.Fatalf("purge of a running job: %+v (answered %v), want refused: cancel it first", rep, ok)
 	}
-	if rep, ok := answered(h.requestPurge("nope")); !ok || !errors.Is(rep.err, fsm.ErrNoSuchJob) {
+	if rep, ok := answered(h.requestPurge("nope", false)); !ok || !errors.Is(rep.err, fsm.ErrNoSuchJob) {
 		t.Fatalf("purge of an unknown job: %+v (answered %v), want no such job", rep, ok)
 	}
 
 	// Asked for right after the cancel, before the loop has looked at the
 	// job again: the tasks still run, so the request waits for them.
 	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
-	reply := h.requestPurge("j1")
+	reply := h.requestPurge("j1", false)
 	h.gcStep()
 	if rep, ok := answered(reply); ok {
 		t.Fatalf("purge answered %+v while the job's tasks run", rep)
@@ -386,7 +387,7 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	// A second request skips the retry's backoff and is answered once
 	// the job is gone.
 	env.set(nil, nil)
-	reply = h.requestPurge("j1")
+	reply = h.requestPurge("j1", false)
 	h.gcStep()
 	if rep, ok := answered(reply); !ok || rep.err != nil || rep.filesDeleted != 3 {
 		t.Fatalf("purge answered %+v (answered %v), want done with 3 files deleted", rep, ok)
@@ -410,7 +411,7 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
 	}
 	env.set([]string{"c3 (feature level 1)"}, nil)
-	reply = h.requestPurge("j2")
+	reply = h.requestPurge("j2", false)
 	h.gcStep()
 	if rep, ok := answered(reply); !ok || rep.err == nil || !strings.Contains(rep.err.Error(), "c3 (feature level 1)") {
 		t.Fatalf("purge answered %+v (answered %v), want held by c3", rep, ok)
@@ -420,5 +421,79 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	h.gcStep()
 	if _, ok := h.f.Job("j2"); ok {
 		t.Fatal("job j2 not purged once every coordinator can apply the purge")
+	}
+
+	// Forced: files that cannot be deleted do not hold the purge up; the
+	// answer says why they are left.
+	h.startJob("j3", testJobSpec(1, 1))
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j3", Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	job = h.job("j3")
+	for _, task := range job.Tasks {
+		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
+	}
+	env.set(nil, errors.New("bucket gone"))
+	reply = h.requestPurge("j3", true)
+	h.gcStep()
+	rep, ok := answered(reply)
+	if !ok || rep.err != nil || rep.filesLeft == nil || !strings.Contains(rep.filesLeft.Error(), "bucket gone") {
+		t.Fatalf("forced purge answered %+v (answered %v), want done, with the files left for the storage's error", rep, ok)
+	}
+	if _, ok := h.f.Job("j3"); ok {
+		t.Fatal("job j3 still in the FSM after a forced purge")
+	}
+}
+
+// A collection that runs while its job is purged leaves nothing of the job
+// behind: the purge forgets the job's series and the collector's memory of
+// it when it commits, and what the collection records after that goes too.
+func TestCollectorForgetsJobPurgedMidRun(t *testing.T) {
+	ctx := context.Background()
+	fx := newGCFixture(t)
+	const job = gcJob
+	full1 := fx.put(transport.CheckpointDir(job, 1) + "map-0-a1-full.cfs")
+	full1.Full = true
+	fx.a.completeWithFiles(job, 1, full1)
+	orphan := fx.put(transport.CheckpointDir(job, 1) + "map-0-a1-delta.cfs")
+
+	// lookups is how many more reads find the job: then it is purged.
+	var lookups atomic.Int32
+	lookups.Store(1 << 20)
+	m := newMetrics()
+	c := newCollector(storage.NewPool(), func(id string) (fsm.Job, bool) {
+		if lookups.Add(-1) < 0 {
+			return fsm.Job{}, false
+		}
+		return fx.a.f.Job(id)
+	}, func(string) bool { return false }, slog.New(slog.DiscardHandler), m)
+	defer c.stores.Close()
+	t0 := time.Now()
+	c.now = func() time.Time { return t0 }
+	c.collect(ctx, job) // finds the orphan unreferenced; its grace starts
+	c.wait()
+
+	// The next collection reads the job, deletes the orphan, and the job
+	// is purged before it ends.
+	c.now = func() time.Time { return t0.Add(gcGrace) }
+	c.mu.Lock()
+	c.last[job] = time.Time{}
+	c.mu.Unlock()
+	lookups.Store(1)
+	c.collect(ctx, job)
+	c.wait()
+	if r, err := fx.store.Open(ctx, orphan.Path); err == nil {
+		r.Close()
+		t.Fatalf("%s still there: the collection did not delete it", orphan.Path)
+	}
+	if got := testutil.CollectAndCount(m.stateFilesDeleted); got != 0 {
+		t.Errorf("%d coordflow_state_files_deleted_total series after the job's purge, want none", got)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.unreferenced[job]; ok {
+		t.Error("the collector still remembers unreferenced files of the purged job")
+	}
+	if _, ok := c.last[job]; ok {
+		t.Error("the collector still remembers when it last collected the purged job")
 	}
 }

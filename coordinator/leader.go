@@ -175,9 +175,8 @@ type leader struct {
 	purges     int
 	purgeQueue []string
 	// purgeNow holds the cancelled jobs a user asked to purge without
-	// waiting for the threshold, each with the requests still waiting for
-	// an answer (jobgc.go).
-	purgeNow map[string][]purgeRequest
+	// waiting for the threshold (jobgc.go).
+	purgeNow map[string]*purgeAsk
 
 	// notedJobs and notedWorkers are what other goroutines (the FSM,
 	// gossip) report, under notesMu, until the loop takes them.
@@ -263,7 +262,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		waiting:        make(map[string]struct{}),
 		used:           make(map[string]int),
 		writes:         make(map[string][]*write),
-		purgeNow:       make(map[string][]purgeRequest),
+		purgeNow:       make(map[string]*purgeAsk),
 		notedJobs:      make(map[string]struct{}),
 		notedWorkers:   make(map[string]struct{}),
 	}

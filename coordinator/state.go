@@ -130,6 +130,13 @@ func (c *collector) collect(ctx context.Context, jobID string) {
 		c.mu.Lock()
 		delete(c.running, jobID)
 		c.mu.Unlock()
+		// A purge committed while this collection ran has had the job
+		// forgotten already (Server.jobsChanged): forget what this run
+		// recorded after that, or it would stay for good.
+		if _, ok := c.job(jobID); !ok {
+			c.forget(jobID)
+			c.metrics.stateFilesDeleted.DeleteLabelValues(jobID)
+		}
 	}()
 }
 
@@ -237,7 +244,9 @@ func (c *collector) deleteFiles(ctx context.Context, store *storage.Store, jobID
 		}
 		deleted++
 	}
-	c.metrics.stateFilesDeleted.WithLabelValues(jobID).Add(float64(deleted))
+	if deleted > 0 { // a series per job only once it has deleted something
+		c.metrics.stateFilesDeleted.WithLabelValues(jobID).Add(float64(deleted))
+	}
 	return deleted, errors.Join(errs...)
 }
 

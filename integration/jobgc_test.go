@@ -20,7 +20,8 @@ import (
 // coordinator answers 404 for it, its checkpoint files are gone, no
 // coordinator exports a metric series of it, and its savepoint is still
 // listed with its files; a job started from the savepoint then counts the
-// whole input exactly.
+// whole input exactly; `coordd job cancel -purge` then purges that job at
+// once, with its files.
 func TestCancelledJobPurged(t *testing.T) {
 	const partitions = 2
 	store := newFileStorage(t)
@@ -42,37 +43,9 @@ func TestCancelledJobPurged(t *testing.T) {
 	stopping := time.Now() // the job is cancelled after this, when its savepoint completes
 	sp := c.stopWithSavepoint(t, c.api(t), job)
 
-	for _, cp := range c.liveCoordinators() {
-		c.waitFor(t, time.Minute, "coordinator "+cp.id+" to answer 404 for purged job "+job, func() (bool, error) {
-			var j jobView
-			err := c.call("GET", cp.httpAddr, "/v1/jobs/"+job, nil, &j)
-			var apiErr *apiError
-			if errors.As(err, &apiErr) && apiErr.status == http.StatusNotFound {
-				return true, nil
-			}
-			if err == nil {
-				return false, errors.New("job " + job + " is still " + j.Status)
-			}
-			return false, err
-		})
-	}
+	c.waitPurged(t, job, checkpointDir)
 	if took := time.Since(stopping); took < 3*time.Second {
 		t.Errorf("job %s purged %v after its cancellation, before the 3s threshold", job, took)
-	}
-	if n := countFiles(t, checkpointDir); n != 0 {
-		t.Errorf("%d files left under %s after the purge of job %s", n, checkpointDir, job)
-	}
-	for _, cp := range c.liveCoordinators() {
-		text, err := c.coordMetrics(cp)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(text, "\n") {
-			if strings.Contains(line, `job="`+job+`"`) {
-				t.Errorf("coordinator %s still exports a series of purged job %s: %s", cp.id, job, line)
-				break
-			}
-		}
 	}
 	if n := countFiles(t, fileURLDir(t, sp.Location)); n == 0 {
 		t.Fatalf("the files of savepoint %s went with its job", sp.ID)
@@ -91,6 +64,54 @@ func TestCancelledJobPurged(t *testing.T) {
 		t.Fatalf("submit a job from savepoint %s of purged job %s: %v", sp.ID, job, err)
 	}
 	c.checkExact(t, again, in.want)
+
+	// Purged on request, through the CLI: the running job is cancelled and
+	// goes as soon as its tasks have stopped, with its checkpoint files.
+	againDir := filepath.Join(store.dir, "checkpoints", again)
+	if n := countFiles(t, againDir); n == 0 {
+		t.Fatalf("job %s has no checkpoint files under %s", again, againDir)
+	}
+	out := c.cli(t, c.api(t), "job", "cancel", "-purge", again)
+	if !strings.Contains(out, "job "+again+" purged (") || strings.Contains(out, "(0 checkpoint files") {
+		t.Errorf("coordd job cancel -purge %s printed %q, want it purged with its files deleted", again, out)
+	}
+	c.waitPurged(t, again, againDir)
+}
+
+// waitPurged waits until every live coordinator answers 404 for job, and
+// then checks that no file is left under its checkpoint dir and that no
+// coordinator exports a metric series of it.
+func (c *cluster) waitPurged(t *testing.T, job, checkpointDir string) {
+	t.Helper()
+	for _, cp := range c.liveCoordinators() {
+		c.waitFor(t, time.Minute, "coordinator "+cp.id+" to answer 404 for purged job "+job, func() (bool, error) {
+			var j jobView
+			err := c.call("GET", cp.httpAddr, "/v1/jobs/"+job, nil, &j)
+			var apiErr *apiError
+			if errors.As(err, &apiErr) && apiErr.status == http.StatusNotFound {
+				return true, nil
+			}
+			if err == nil {
+				return false, errors.New("job " + job + " is still " + j.Status)
+			}
+			return false, err
+		})
+	}
+	if n := countFiles(t, checkpointDir); n != 0 {
+		t.Errorf("%d files left under %s after the purge of job %s", n, checkpointDir, job)
+	}
+	for _, cp := range c.liveCoordinators() {
+		text, err := c.coordMetrics(cp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(text, "\n") {
+			if strings.Contains(line, `job="`+job+`"`) {
+				t.Errorf("coordinator %s still exports a series of purged job %s: %s", cp.id, job, line)
+				break
+			}
+		}
+	}
 }
 
 // countFiles returns the number of regular files under dir, 0 if it does

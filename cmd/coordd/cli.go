@@ -29,10 +29,11 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
                         -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
-  job cancel ID [-savepoint | -purge]
+  job cancel ID [-savepoint | -purge [-force]]
                         cancel a job; with -savepoint, stop it with a final savepoint;
                         with -purge (also of a cancelled job), remove it and its checkpoint
-                        files once its tasks have stopped, without waiting for -job-gc-threshold
+                        files once its tasks have stopped, without waiting for -job-gc-threshold;
+                        -force: even if its files cannot be deleted
   job checkpoints ID    list a job's checkpoints, newest first
   job lag ID            consumer lag per partition: the broker's end offset minus the
                         last completed checkpoint's offset
@@ -59,7 +60,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	var (
 		fromSavepoint, key, keyB64, export string
 		withSavepoint, abortTxns, asJSON   bool
-		purge                              bool
+		purge, force                       bool
 		wait                               bool
 		waitTimeout                        time.Duration
 	)
@@ -76,6 +77,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		"cancel": func(fs *flag.FlagSet) {
 			fs.BoolVar(&withSavepoint, "savepoint", false, "stop the job with a final savepoint: nothing is processed after it")
 			fs.BoolVar(&purge, "purge", false, "also purge the job (a cancelled one too): remove it, its checkpoints and their files once its tasks have stopped, without waiting for -job-gc-threshold; its savepoints stay")
+			fs.BoolVar(&force, "force", false, "with -purge: purge the job even if its checkpoint files cannot be deleted (its storage is gone for good); what is left stays in the storage")
 		},
 		"state": func(fs *flag.FlagSet) {
 			fs.StringVar(&key, "key", "", "show only this `key`")
@@ -99,10 +101,12 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			switch {
 			case withSavepoint && purge:
 				return fmt.Errorf("-savepoint and -purge together: stop the job with a savepoint first, then purge it (its savepoints stay)")
+			case force && !purge:
+				return fmt.Errorf("-force goes with -purge only")
 			case withSavepoint:
 				return jobStopWithSavepoint(ctx, c, id, stdout)
 			case purge:
-				return jobPurge(ctx, c, id, stdout)
+				return jobPurge(ctx, c, id, force, stdout)
 			}
 			data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil)
 			if err != nil {
@@ -710,8 +714,12 @@ func jobStopWithSavepoint(ctx context.Context, c *apiClient, id string, stdout i
 
 // jobPurge cancels job id if it runs and purges it: done, or pending while
 // its tasks stop (the leader goes on with it).
-func jobPurge(ctx context.Context, c *apiClient, id string, stdout io.Writer) error {
-	data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id)+"?purge=true", nil)
+func jobPurge(ctx context.Context, c *apiClient, id string, force bool, stdout io.Writer) error {
+	path := "/v1/jobs/" + url.PathEscape(id) + "?purge=true"
+	if force {
+		path += "&force=true"
+	}
+	data, err := c.do(ctx, http.MethodDelete, path, nil)
 	if err != nil {
 		return err
 	}
@@ -721,6 +729,7 @@ func jobPurge(ctx context.Context, c *apiClient, id string, stdout io.Writer) er
 	var out struct {
 		Status       string `json:"status"`
 		FilesDeleted int    `json:"files_deleted"`
+		FilesLeft    string `json:"files_left"`
 		Reason       string `json:"reason"`
 	}
 	if err := json.Unmarshal(data, &out); err != nil {
@@ -728,6 +737,9 @@ func jobPurge(ctx context.Context, c *apiClient, id string, stdout io.Writer) er
 	}
 	if out.Status == "purged" {
 		fmt.Fprintf(stdout, "job %s purged (%d checkpoint files deleted)\n", id, out.FilesDeleted)
+		if out.FilesLeft != "" {
+			fmt.Fprintf(stdout, "warning: %s\n", out.FilesLeft)
+		}
 		return nil
 	}
 	fmt.Fprintf(stdout, "job %s cancelled; purge pending: %s\n", id, out.Reason)

@@ -100,6 +100,9 @@ func TestCLI(t *testing.T) {
 	if code, _, stderr := cli("job", "cancel", "-purge", "-savepoint", strings.TrimSpace(waitID)); code != 1 || !strings.Contains(stderr, "savepoint first") {
 		t.Errorf("job cancel -purge -savepoint = %d %q, want 1 saying to stop with a savepoint first", code, stderr)
 	}
+	if code, _, stderr := cli("job", "cancel", "-force", strings.TrimSpace(waitID)); code != 1 || !strings.Contains(stderr, "-force goes with -purge") {
+		t.Errorf("job cancel -force = %d %q, want 1 saying it goes with -purge", code, stderr)
+	}
 
 	// -format json: every API command prints the API's JSON, which scripts
 	// decode; each answer names what the table shows.
