@@ -231,11 +231,16 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		cmd := fsm.JobCancelledCmd{JobID: id, Reason: "cancelled by user", Time: time.Now().UnixNano()}
 		_, index, err := s.raftApplyAt(r.Context(), fsm.CommandJobCancelled, cmd)
 		setIndexHeader(w, index)
-		if err != nil {
+		switch {
+		case purge && errors.Is(err, fsm.ErrJobCancelled):
+			// Cancelled meanwhile (another cancel, a final savepoint):
+			// what this request asks for is still to purge it.
+		case err != nil:
 			s.writeApplyError(w, err)
 			return
+		default:
+			s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
 		}
-		s.logger.Info("job cancelled", "job", id, "attempt", job.Attempt)
 	}
 	if purge {
 		s.purgeJob(w, r, id, force)
@@ -250,10 +255,12 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 const purgeWait = 30 * time.Second
 
 // purgeJob asks the leader loop to purge cancelled job id now and answers
-// with the outcome: 200 once purged, 202 while it waits (for the job's
-// tasks to stop, the storage, a coordinator that cannot apply the purge),
-// 409 if the job cannot be purged. With force, files that cannot be
-// deleted do not hold the purge up.
+// with the outcome: 200 once purged; 202 while it waits (for the job's
+// tasks to stop, its files to be deleted, a coordinator that cannot apply
+// the purge), the leader going on with it; 404 for a job gone already; 409
+// for a job that cannot be purged; 503 when leadership was lost, which
+// ends the request. With force, files that cannot be deleted do not hold
+// the purge up.
 func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, force bool) {
 	l := s.currentLeader()
 	if l == nil {
@@ -267,18 +274,16 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: the leader loop did not take the request", id))
 		return
 	}
-	pending := func(why string) {
-		writeJSON(w, http.StatusAccepted, map[string]string{"id": id, "status": string(fsm.JobCancelled), "purge": "pending", "reason": why})
-	}
-	select {
-	case rep := <-req.reply:
+	answer := func(rep purgeReply) {
 		switch {
 		case errors.Is(rep.err, fsm.ErrNoSuchJob):
 			writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
 		case errors.Is(rep.err, errPurgeState):
 			writeError(w, http.StatusConflict, rep.err.Error())
+		case errors.Is(rep.err, ErrNotLeader), errors.Is(rep.err, raft.ErrLeadershipLost), errors.Is(rep.err, raft.ErrRaftShutdown):
+			writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again: %v", id, rep.err))
 		case rep.err != nil:
-			pending(rep.err.Error() + "; the leader tries again")
+			writePurgePending(w, id, rep.err.Error()+"; the leader tries again")
 		default:
 			s.logger.Info("job purged on request", "job", id, "files_deleted", rep.filesDeleted, "forced", force)
 			s.setAppliedIndexHeader(w) // covers JobPurged: a forwarding follower waits for it
@@ -288,14 +293,33 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 			}
 			writeJSON(w, http.StatusOK, out)
 		}
-	case <-l.ctx.Done():
-		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again", id))
-	case <-ctx.Done():
-		if r.Context().Err() != nil {
-			return // the client went away; the purge goes on
-		}
-		pending(fmt.Sprintf("not purged within %v: its tasks are still stopping", purgeWait))
 	}
+	select {
+	case rep := <-req.reply:
+		answer(rep)
+		return
+	case <-l.ctx.Done():
+	case <-ctx.Done():
+	}
+	// An answer that came with the term's end or the deadline wins.
+	select {
+	case rep := <-req.reply:
+		answer(rep)
+	default:
+		switch {
+		case l.ctx.Err() != nil:
+			writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again", id))
+		case r.Context().Err() != nil:
+			// The client went away; the purge goes on.
+		default:
+			writePurgePending(w, id, fmt.Sprintf("not purged within %v: waiting for its tasks to stop or its files to be deleted", purgeWait))
+		}
+	}
+}
+
+// writePurgePending answers a purge request the leader goes on with: 202.
+func writePurgePending(w http.ResponseWriter, id, why string) {
+	writeJSON(w, http.StatusAccepted, map[string]string{"id": id, "status": string(fsm.JobCancelled), "purge": "pending", "reason": why})
 }
 
 // setIndexHeader tells a forwarding follower which Raft index to wait for

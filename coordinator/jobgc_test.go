@@ -384,10 +384,16 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	}
 	h.job("j1")
 
-	// A second request skips the retry's backoff and is answered once
+	// Asked again, it does not try before the retry (a client repeating
+	// itself must not list the storage each time); it is answered once
 	// the job is gone.
 	env.set(nil, nil)
 	reply = h.requestPurge("j1", false)
+	h.gcStep()
+	if rep, ok := answered(reply); ok {
+		t.Fatalf("purge asked again answered %+v before the retry", rep)
+	}
+	h.advance(2 * jobGCRetry)
 	h.gcStep()
 	if rep, ok := answered(reply); !ok || rep.err != nil || rep.filesDeleted != 3 {
 		t.Fatalf("purge answered %+v (answered %v), want done with 3 files deleted", rep, ok)

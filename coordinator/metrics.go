@@ -90,7 +90,7 @@ func newMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}, []string{"op"}),
 		raftSnapshotDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "coordflow_raft_snapshot_persist_duration_seconds", Help: "Time to encode and write each Raft snapshot of the FSM this node took.",
+			Name: "coordflow_raft_snapshot_persist_duration_seconds", Help: "Time to encode and write each Raft snapshot of the FSM this node completed (failed ones are in the log).",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
 		}),
 		raftSnapshotBytes: prometheus.NewGauge(prometheus.GaugeOpts{

@@ -244,9 +244,7 @@ func (c *collector) deleteFiles(ctx context.Context, store *storage.Store, jobID
 		}
 		deleted++
 	}
-	if deleted > 0 { // a series per job only once it has deleted something
-		c.metrics.stateFilesDeleted.WithLabelValues(jobID).Add(float64(deleted))
-	}
+	c.metrics.stateFilesDeleted.WithLabelValues(jobID).Add(float64(deleted))
 	return deleted, errors.Join(errs...)
 }
 

@@ -72,7 +72,9 @@ func TestCancelledJobPurged(t *testing.T) {
 		t.Fatalf("job %s has no checkpoint files under %s", again, againDir)
 	}
 	out := c.cli(t, c.api(t), "job", "cancel", "-purge", again)
-	if !strings.Contains(out, "job "+again+" purged (") || strings.Contains(out, "(0 checkpoint files") {
+	// Its tasks stop within the 30 s the answer waits for, but a slow
+	// machine may make it say "purge pending": the leader goes on.
+	if !strings.Contains(out, "purge pending") && (!strings.Contains(out, "job "+again+" purged (") || strings.Contains(out, "(0 checkpoint files")) {
 		t.Errorf("coordd job cancel -purge %s printed %q, want it purged with its files deleted", again, out)
 	}
 	c.waitPurged(t, again, againDir)

@@ -593,8 +593,9 @@ func (m *taskManager) stopLive(reason string) int {
 }
 
 // shutdown stops every task, refuses further deploys and waits (up to
-// StopTimeout) for the task goroutines to return.
-func (m *taskManager) shutdown(reason string) {
+// StopTimeout) for the task goroutines to return; it reports whether they
+// all did.
+func (m *taskManager) shutdown(reason string) (stopped bool) {
 	m.mu.Lock()
 	m.closed = true
 	for job, t := range m.idle {
@@ -609,8 +610,10 @@ func (m *taskManager) shutdown(reason string) {
 	defer t.Stop()
 	select {
 	case <-done:
+		return true
 	case <-t.C:
 		m.env.logger.Error("tasks did not stop in time; abandoning them", "timeout", m.env.cfg.StopTimeout)
+		return false
 	}
 }
 

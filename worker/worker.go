@@ -267,22 +267,23 @@ type Worker struct {
 func New(cfg Config) (_ *Worker, err error) {
 	ownDir := cfg.StateDir == ""
 	cfg, err = cfg.withDefaults()
+	var tempDir string
+	if ownDir && cfg.StateDir != "" {
+		// The directory withDefaults made is this process's alone and
+		// useless to any later one (a start empties it), so it goes when
+		// the worker does, or now if New fails.
+		tempDir = filepath.Dir(cfg.StateDir)
+		defer func() {
+			if err != nil {
+				os.RemoveAll(tempDir)
+			}
+		}()
+	}
 	if err != nil {
 		return nil, err
 	}
 	logger := cfg.Logger.With("worker", cfg.ID)
-	w := &Worker{cfg: cfg, logger: logger, metrics: newMetrics()}
-	if ownDir {
-		// The directory withDefaults made is this process's alone and
-		// useless to any later one (a start empties it), so it goes when
-		// the worker does.
-		w.tempDir = filepath.Dir(cfg.StateDir)
-		defer func() {
-			if err != nil {
-				os.RemoveAll(w.tempDir)
-			}
-		}()
-	}
+	w := &Worker{cfg: cfg, logger: logger, metrics: newMetrics(), tempDir: tempDir}
 
 	if host, _, err := net.SplitHostPort(cfg.DataAddr); err != nil {
 		return nil, fmt.Errorf("worker config: data addr %q: %w", cfg.DataAddr, err)
@@ -428,7 +429,7 @@ func (w *Worker) run(ctx context.Context) error {
 
 	// Tasks first, so their CANCELLED statuses are queued before the session
 	// stops: it sends what is queued (for a bounded time) before it closes.
-	w.tasks.shutdown("worker shutting down")
+	stopped := w.tasks.shutdown("worker shutting down")
 	stopSession()
 	// Leave first: the tasks are gone, and the wait below can last.
 	w.leaveGossip()
@@ -458,7 +459,12 @@ func (w *Worker) run(ctx context.Context) error {
 	if err := w.stores.Close(); err != nil {
 		w.logger.Warn("close checkpoint storage", "err", err)
 	}
-	if w.tempDir != "" {
+	switch {
+	case w.tempDir != "" && !stopped:
+		// An abandoned task may still write its database or a local copy
+		// of a state file there.
+		w.logger.Warn("state dir left: tasks did not stop in time", "dir", w.tempDir)
+	case w.tempDir != "":
 		if err := os.RemoveAll(w.tempDir); err != nil {
 			w.logger.Warn("remove state dir", "dir", w.tempDir, "err", err)
 		}
