@@ -461,8 +461,8 @@ func observeSince(o prometheus.Observer, start time.Time) {
 
 // digestCache computes the FSM digest at most once per applied index, and
 // never twice at once: concurrent callers wait for the one computation
-// running (encoding the whole state under the FSM's read lock costs memory
-// and holds off Apply, so a burst of digest calls must not multiply it).
+// running (encoding the whole state costs memory and CPU, so a burst of
+// digest calls must not multiply it).
 type digestCache struct {
 	mu       sync.Mutex
 	valid    bool

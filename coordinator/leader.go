@@ -53,8 +53,9 @@ type leaderEnv struct {
 	// submit hands an encoded command to the write path without blocking;
 	// done is called, from another goroutine, with the FSM's result.
 	submit func(t fsm.CommandType, data []byte, done func(res any, err error))
-	// jobs and job read the local FSM (deep copies); the loop reads every
-	// job only when a term starts.
+	// jobs and job read the local FSM: copies whose checkpoints and
+	// histories are shared, to be read only (fsm.FSM.Job). The loop reads
+	// every job only when a term starts and on its safety-net pass.
 	jobs func() []fsm.Job
 	job  func(id string) (fsm.Job, bool)
 	// members is every gossip member; aliveWorkers the workers that are alive.
@@ -98,7 +99,7 @@ func serverEnv(s *Server) leaderEnv {
 		submit: func(t fsm.CommandType, data []byte, done func(any, error)) {
 			s.committer.submit(t, data, func(res any, _ uint64, err error) { done(res, err) })
 		},
-		jobs:              s.fsm.Jobs,
+		jobs:              s.fsm.SharedJobs,
 		job:               s.fsm.Job,
 		members:           s.Members,
 		aliveWorkers:      s.aliveWorkers,

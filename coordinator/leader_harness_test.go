@@ -68,7 +68,7 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 			res, err := h.applyData(data)
 			h.results = append(h.results, func() { done(res, err) })
 		},
-		jobs:         h.f.Jobs,
+		jobs:         h.f.SharedJobs,
 		job:          h.f.Job,
 		savepoint:    h.f.Savepoint,
 		members:      h.memberList,

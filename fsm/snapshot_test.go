@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -349,25 +350,75 @@ func TestSnapshotUnchangedByLaterCommands(t *testing.T) {
 	}
 }
 
-// BenchmarkSnapshotPersist times the encoding of a snapshot of 1,000 running
-// jobs of one source and one map task, each with its retained checkpoints:
-// what every coordinator of such a cluster pays per Raft snapshot.
-func BenchmarkSnapshotPersist(b *testing.B) {
+// manyJobs applies n running jobs of one source and one map task, each with
+// checkpoints completed: what a coordinator of many small jobs holds.
+func manyJobs(b *testing.B, n, checkpoints int) *harness {
 	h := newHarness(b)
 	spec := testSpec()
 	spec.Source.Parallelism, spec.Operator.Parallelism = 1, 1
 	spec.Sink = nil
-	for i := range 1000 {
+	for i := range n {
 		id := fmt.Sprintf("job-%04d", i)
 		h.must(CommandRegisterJob, h.register(id, spec))
 		h.must(CommandJobRestarted, h.restart(id, 1, assignment(spec, "w1", "w2"), "deploy"))
-		for range 5 {
+		for range checkpoints {
 			h.checkpointed(id)
 		}
 	}
+	return h
+}
+
+// BenchmarkJobs times a read of every job of 1,000, each with a full
+// checkpoint history: the leader's safety-net pass, deep or shared.
+func BenchmarkJobs(b *testing.B) {
+	h := manyJobs(b, 1000, MaxCheckpointHistory)
+	for _, read := range []struct {
+		name string
+		jobs func() []Job
+	}{{"deep", h.f.Jobs}, {"shared", h.f.SharedJobs}} {
+		b.Run(read.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if n := len(read.jobs()); n != 1000 {
+					b.Fatalf("%d jobs", n)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkSnapshotPersist times the encoding of a snapshot of 1,000 running
+// jobs of one source and one map task, each with its retained checkpoints:
+// what every coordinator of such a cluster pays per Raft snapshot.
+func BenchmarkSnapshotPersist(b *testing.B) {
+	h := manyJobs(b, 1000, 5)
 	b.SetBytes(int64(len(persist(b, h.f))))
 	b.ReportAllocs()
 	for b.Loop() {
 		persist(b, h.f)
+	}
+}
+
+// SharedJobs reads what Jobs reads, and what it returned stays as it was
+// while Apply goes on: copying the jobs after the read lock is released
+// relies on Apply replacing a job it changes rather than changing it.
+func TestSharedJobsArePointInTime(t *testing.T) {
+	h := newHarness(t)
+	h.runningJob("a")
+	h.runningJob("b")
+	h.checkpointed("a")
+	shared, deep := h.f.SharedJobs(), h.f.Jobs()
+	if !reflect.DeepEqual(shared, deep) {
+		t.Fatalf("SharedJobs %+v\nJobs %+v", shared, deep)
+	}
+	for range 3 { // past the 2 retained: the completed checkpoints shift
+		h.checkpointed("a")
+	}
+	h.must(CommandJobCancelled, JobCancelledCmd{JobID: "b", Reason: "user", Time: h.tick()})
+	if !reflect.DeepEqual(shared, deep) {
+		t.Fatalf("jobs read before later applies changed with them:\nnow %+v\nread %+v", shared, deep)
+	}
+	if got := h.f.SharedJobs(); reflect.DeepEqual(got, shared) {
+		t.Fatal("SharedJobs after the applies reads what it read before them")
 	}
 }
