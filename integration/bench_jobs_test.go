@@ -44,8 +44,9 @@ const (
 	benchJobsRate     = 100 // records a second per job with input=light
 	benchJobsTimeout  = 40 * time.Minute
 	// benchJobsProfileEnv, if set, names a directory for CPU profiles of
-	// the leader, a follower and a worker, and an allocation profile of the
-	// worker, taken during the window.
+	// the leader, a follower and a worker, an allocation profile of the
+	// worker and 5 s of the leader's execution trace, taken during the
+	// window.
 	benchJobsProfileEnv = "COORDFLOW_BENCH_PROFILE"
 )
 
@@ -184,6 +185,9 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 			"worker": fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", c.workers[0].metricsAddr, secs),
 			// A delta: what the worker allocated during the window.
 			"worker-allocs": fmt.Sprintf("http://%s/debug/pprof/allocs?seconds=%d", c.workers[0].metricsAddr, secs),
+			// An execution trace of the leader's first seconds: where its
+			// goroutines wait to run (go tool trace -pprof=sched).
+			"leader-trace": fmt.Sprintf("http://%s/debug/pprof/trace?seconds=5", leader.httpAddr),
 		}
 		for _, cp := range c.coords {
 			if cp != leader {
