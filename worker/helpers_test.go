@@ -563,7 +563,7 @@ func newControlledKafkaOf(t *testing.T, partitions int32) controlledKafka {
 // and a lease of it on topic of brokers; the test releases the lease.
 func testLease(t *testing.T, brokers []string, topic string, kafkaTimeout time.Duration) (*kafkaPool, *kafkaLease) {
 	t.Helper()
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: kafkaTimeout, OffsetCommitInterval: time.Hour}.withDefaults()
+	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: kafkaTimeout, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()}.withDefaults()
 	if err != nil {
 		t.Fatal(err)
 	}

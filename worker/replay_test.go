@@ -139,7 +139,7 @@ func testMapRefs(maxPar, n int) []*transport.MapTaskRef {
 // client of brokers (if any) and resolves its offsets as run does.
 func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tune func(*Config)) (*sourceTask, []*fakeOutput, *kafkaLease) {
 	t.Helper()
-	cfg := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour}
+	cfg := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()}
 	if tune != nil {
 		tune(&cfg)
 	}
