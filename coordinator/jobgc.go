@@ -96,14 +96,14 @@ func (l *leader) onPurgeRequest(r purgeRequest) {
 		return
 	}
 	ask := l.purgeNow[r.jobID]
-	news := ask == nil || (r.force && !ask.force)
+	fresh := ask == nil || (r.force && !ask.force)
 	if ask == nil {
 		ask = &purgeAsk{}
 		l.purgeNow[r.jobID] = ask
 	}
 	ask.force = ask.force || r.force
 	ask.waiters = append(ask.waiters, r)
-	if js := l.jobs[r.jobID]; js != nil && news {
+	if js := l.jobs[r.jobID]; js != nil && fresh {
 		// A first request, or the first forced one, tries at once; one
 		// asked again only waits for the next try, so that a client
 		// that repeats itself does not list the storage each time.
