@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -218,6 +219,31 @@ func TestClusterAPI(t *testing.T) {
 		}
 		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+jobID+"?purge=true", nil, &out); code != http.StatusNotFound {
 			t.Errorf("DELETE ?purge=true of a purged job = %d %+v, want 404", code, out)
+		}
+
+		// A job whose checkpoint storage cannot be opened (a file where
+		// its directory should be): the purge is pending with the
+		// storage's error; forced, it goes, and says what is left.
+		notADir := filepath.Join(t.TempDir(), "not-a-dir")
+		if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		stuck := submitJob(t, follower, strings.Replace(wordcountSpec, `"retained": 3`, `"retained": 3, "storage": "file://`+notADir+`"`, 1))
+		var pending struct{ Status, Purge, Reason string }
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+stuck+"?purge=true", nil, &pending); code != http.StatusAccepted ||
+			pending.Purge != "pending" || !strings.Contains(pending.Reason, "checkpoint files") {
+			t.Fatalf("DELETE ?purge=true of a job whose storage fails = %d %+v, want 202 pending naming its files", code, pending)
+		}
+		var forced struct {
+			Status    string
+			FilesLeft string `json:"files_left"`
+		}
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+stuck+"?purge=true&force=true", nil, &forced); code != http.StatusOK ||
+			forced.Status != "purged" || !strings.Contains(forced.FilesLeft, "could not be deleted") {
+			t.Fatalf("DELETE ?purge=true&force=true = %d %+v, want 200 purged, naming the files left", code, forced)
+		}
+		if code := apiCall(t, follower, http.MethodGet, "/v1/jobs/"+stuck, nil, &out); code != http.StatusNotFound {
+			t.Errorf("GET /v1/jobs/%s after its forced purge = %d, want 404", stuck, code)
 		}
 		waitForEqualDigests(t, servers...)
 	})
