@@ -275,24 +275,12 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 		return
 	}
 	answer := func(rep purgeReply) {
-		switch {
-		case errors.Is(rep.err, fsm.ErrNoSuchJob):
-			writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
-		case errors.Is(rep.err, errPurgeState):
-			writeError(w, http.StatusConflict, rep.err.Error())
-		case errors.Is(rep.err, ErrNotLeader), errors.Is(rep.err, raft.ErrLeadershipLost), errors.Is(rep.err, raft.ErrRaftShutdown):
-			writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again: %v", id, rep.err))
-		case rep.err != nil:
-			writePurgePending(w, id, rep.err.Error()+"; the leader tries again")
-		default:
+		code, body := purgeAnswer(id, rep)
+		if code == http.StatusOK {
 			s.logger.Info("job purged on request", "job", id, "files_deleted", rep.filesDeleted, "forced", force)
 			s.setAppliedIndexHeader(w) // covers JobPurged: a forwarding follower waits for it
-			out := map[string]any{"id": id, "status": "purged", "files_deleted": rep.filesDeleted}
-			if rep.filesLeft != nil {
-				out["files_left"] = "some of the job's checkpoint files could not be deleted and stay in its storage: " + rep.filesLeft.Error()
-			}
-			writeJSON(w, http.StatusOK, out)
 		}
+		writeJSON(w, code, body)
 	}
 	select {
 	case rep := <-req.reply:
@@ -317,9 +305,38 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 	}
 }
 
-// writePurgePending answers a purge request the leader goes on with: 202.
+// purgeAnswer is the HTTP status and body that answer a purge request with
+// the leader's reply.
+func purgeAnswer(id string, rep purgeReply) (int, any) {
+	fail := func(code int, msg string) (int, any) { return code, map[string]string{"error": msg} }
+	switch {
+	case errors.Is(rep.err, fsm.ErrNoSuchJob):
+		return fail(http.StatusNotFound, fmt.Sprintf("no job %q", id))
+	case errors.Is(rep.err, errPurgeState):
+		return fail(http.StatusConflict, rep.err.Error())
+	case errors.Is(rep.err, ErrNotLeader), errors.Is(rep.err, raft.ErrLeadershipLost), errors.Is(rep.err, raft.ErrRaftShutdown):
+		// The request ended with the term: nobody goes on with it.
+		return fail(http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again: %v", id, rep.err))
+	case rep.err != nil:
+		return purgePending(id, rep.err.Error()+"; the leader tries again")
+	}
+	out := map[string]any{"id": id, "status": "purged", "files_deleted": rep.filesDeleted}
+	if rep.filesLeft != nil {
+		out["files_left"] = "some of the job's checkpoint files could not be deleted and stay in its storage: " + rep.filesLeft.Error()
+	}
+	return http.StatusOK, out
+}
+
+// writePurgePending answers a purge request the leader goes on with.
 func writePurgePending(w http.ResponseWriter, id, why string) {
-	writeJSON(w, http.StatusAccepted, map[string]string{"id": id, "status": string(fsm.JobCancelled), "purge": "pending", "reason": why})
+	code, body := purgePending(id, why)
+	writeJSON(w, code, body)
+}
+
+// purgePending is the answer to a purge request the leader goes on with:
+// 202, and why the job is not purged yet.
+func purgePending(id, why string) (int, any) {
+	return http.StatusAccepted, map[string]string{"id": id, "status": string(fsm.JobCancelled), "purge": "pending", "reason": why}
 }
 
 // setIndexHeader tells a forwarding follower which Raft index to wait for

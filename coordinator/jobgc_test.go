@@ -2,9 +2,11 @@ package coordinator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/coordflow/coordflow/fsm"
@@ -447,6 +450,60 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	}
 	if _, ok := h.f.Job("j3"); ok {
 		t.Fatal("job j3 still in the FSM after a forced purge")
+	}
+
+	// The purge's write fails as leadership is lost: the request hears it
+	// (the handler answers 503: ask again).
+	h.startJob("j4", testJobSpec(1, 1))
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j4", Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	job = h.job("j4")
+	for _, task := range job.Tasks {
+		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
+	}
+	env.set(nil, nil)
+	submit := h.l.env.submit
+	h.l.env.submit = func(ct fsm.CommandType, data []byte, done func(any, error)) {
+		if ct == fsm.CommandJobPurged {
+			h.results = append(h.results, func() { done(nil, raft.ErrLeadershipLost) })
+			return
+		}
+		submit(ct, data, done)
+	}
+	reply = h.requestPurge("j4", false)
+	h.gcStep()
+	h.l.env.submit = submit
+	if rep, ok = answered(reply); !ok || !errors.Is(rep.err, raft.ErrLeadershipLost) {
+		t.Fatalf("purge answered %+v (answered %v), want leadership lost", rep, ok)
+	}
+	if code, _ := purgeAnswer("j4", rep); code != http.StatusServiceUnavailable {
+		t.Errorf("leadership lost answered %d, want 503", code)
+	}
+}
+
+// The HTTP answer to each outcome of a purge request.
+func TestPurgeAnswer(t *testing.T) {
+	for _, tc := range []struct {
+		rep  purgeReply
+		code int
+		want string
+	}{
+		{purgeReply{filesDeleted: 3}, http.StatusOK, `"status":"purged"`},
+		{purgeReply{filesDeleted: 1, filesLeft: errors.New("bucket gone")}, http.StatusOK, `could not be deleted and stay in its storage: bucket gone`},
+		{purgeReply{err: fmt.Errorf("%w: %w: j", errPurgeState, fsm.ErrNoSuchJob)}, http.StatusNotFound, `no job \"j\"`},
+		{purgeReply{err: fmt.Errorf("%w: job j is running: cancel it first", errPurgeState)}, http.StatusConflict, "cancel it first"},
+		{purgeReply{err: fmt.Errorf("commit the purge: %w", raft.ErrLeadershipLost)}, http.StatusServiceUnavailable, "ask again"},
+		{purgeReply{err: fmt.Errorf("commit the purge: %w", ErrNotLeader)}, http.StatusServiceUnavailable, "ask again"},
+		{purgeReply{err: errors.New("delete its checkpoint files: storage down")}, http.StatusAccepted, `"purge":"pending"`},
+	} {
+		code, body := purgeAnswer("j", tc.rep)
+		b, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.code || !strings.Contains(string(b), tc.want) {
+			t.Errorf("%+v answered %d %s, want %d with %s", tc.rep, code, b, tc.code, tc.want)
+		}
 	}
 }
 
