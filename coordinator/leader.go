@@ -55,7 +55,8 @@ type leaderEnv struct {
 	submit func(t fsm.CommandType, data []byte, done func(res any, err error))
 	// jobs and job read the local FSM: copies whose checkpoints and
 	// histories are shared, to be read only (fsm.FSM.Job). The loop reads
-	// every job only when a term starts and on its safety-net pass.
+	// every job only when a term starts, when its reconnect grace ends and
+	// on its safety-net pass.
 	jobs func() []fsm.Job
 	job  func(id string) (fsm.Job, bool)
 	// members is every gossip member; aliveWorkers the workers that are alive.

@@ -27,8 +27,8 @@ import (
 // FSM is the raft.FSM of coordd. Raft calls Apply, Snapshot and Restore from
 // its FSM goroutine; the read methods may be called from any goroutine at the
 // same time and return copies that the caller owns, except for what their
-// documentation says is shared and read-only (keyed-state blobs; in Job, a
-// job's checkpoint lists and histories).
+// documentation says is shared and read-only (keyed-state blobs; in Job and
+// SharedJobs, a job's checkpoint lists, histories and savepoint origin).
 type FSM struct {
 	mu    sync.RWMutex // guards state; Apply and Restore take it for writing
 	state *State
@@ -116,7 +116,8 @@ func (f *FSM) Jobs() []Job {
 }
 
 // SharedJobs returns every job, sorted by id, as Job returns one: its
-// checkpoints and histories are shared with the FSM, to be read only. It is
+// checkpoints, histories and FromSavepoint are shared with the FSM, to be
+// read only. It is
 // for a pass over every job (the leader's safety-net reconcile) that only
 // reads them: at a thousand jobs, Jobs's deep copies of their checkpoints
 // and histories cost the leader loop tens of milliseconds on a busy machine.
@@ -163,9 +164,9 @@ func (f *FSM) LiveSpecs(yield func(id string, spec JobSpec) bool) {
 }
 
 // Job returns a copy of one job for the leader loop, which reads a job on
-// every event of it. Its completed and aborted checkpoints and its histories
-// are shared with the FSM, which never changes them (Job.sharedCopy): read
-// them, and copy what is to be changed.
+// every event of it. Its completed and aborted checkpoints, its histories
+// and its FromSavepoint are shared with the FSM, which never changes them
+// (Job.sharedCopy): read them, and copy what is to be changed.
 func (f *FSM) Job(id string) (Job, bool) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()

@@ -120,7 +120,8 @@ func validJobStatus(s JobStatus) bool {
 // sharedCopy returns a copy of j that shares with j what the FSM never
 // changes once stored: the completed and aborted checkpoints (task states
 // included) and the histories, which applies replace by new slices
-// (appendBounded) instead of writing to them. What applies do change in
+// (appendBounded) instead of writing to them, and FromSavepoint, set only
+// when the job is registered. What applies do change in
 // place, the spec, the tasks and the pending checkpoint, is copied. An apply
 // changes such a copy and stores it in j's place, so a snapshot holding j
 // keeps seeing j as it was; the leader reads such copies. Sharing saves
