@@ -212,7 +212,8 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no job %q", id))
 		return
 	}
-	purge, force := r.URL.Query().Get("purge") == "true", r.URL.Query().Get("force") == "true"
+	q := r.URL.Query()
+	purge, force, savepoint := q.Get("purge") == "true", q.Get("force") == "true", q.Get("savepoint") == "true"
 	switch {
 	case force && !purge:
 		writeError(w, http.StatusBadRequest, "force=true goes with purge=true only")
@@ -220,10 +221,10 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 	case job.Status == fsm.JobCancelled && !purge:
 		writeError(w, http.StatusConflict, fmt.Sprintf("job %s is already cancelled", id))
 		return
-	case r.URL.Query().Get("savepoint") == "true" && purge:
+	case savepoint && purge:
 		writeError(w, http.StatusBadRequest, "savepoint=true and purge=true together: stop the job with a savepoint first, then purge it (its savepoints stay)")
 		return
-	case r.URL.Query().Get("savepoint") == "true":
+	case savepoint:
 		s.stopWithSavepoint(w, r, job)
 		return
 	}
@@ -277,7 +278,6 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 	answer := func(rep purgeReply) {
 		code, body := purgeAnswer(id, rep)
 		if code == http.StatusOK {
-			s.logger.Info("job purged on request", "job", id, "files_deleted", rep.filesDeleted, "forced", force)
 			s.setAppliedIndexHeader(w) // covers JobPurged: a forwarding follower waits for it
 		}
 		writeJSON(w, code, body)
@@ -296,11 +296,12 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 	default:
 		switch {
 		case l.ctx.Err() != nil:
-			writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("job %s is cancelled, but leadership was lost before its purge; ask again", id))
+			answer(purgeReply{err: raft.ErrLeadershipLost})
 		case r.Context().Err() != nil:
 			// The client went away; the purge goes on.
 		default:
-			writePurgePending(w, id, fmt.Sprintf("not purged within %v: waiting for its tasks to stop or its files to be deleted", purgeWait))
+			code, body := purgePending(id, fmt.Sprintf("not purged within %v: waiting for its tasks to stop or its files to be deleted", purgeWait))
+			writeJSON(w, code, body)
 		}
 	}
 }
@@ -325,12 +326,6 @@ func purgeAnswer(id string, rep purgeReply) (int, any) {
 		out["files_left"] = "some of the job's checkpoint files could not be deleted and stay in its storage: " + rep.filesLeft.Error()
 	}
 	return http.StatusOK, out
-}
-
-// writePurgePending answers a purge request the leader goes on with.
-func writePurgePending(w http.ResponseWriter, id, why string) {
-	code, body := purgePending(id, why)
-	writeJSON(w, code, body)
 }
 
 // purgePending is the answer to a purge request the leader goes on with:

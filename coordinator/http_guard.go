@@ -440,23 +440,18 @@ func (l *logStoreHealth) lastError() (since time.Time, err error) {
 }
 
 func (l *logStoreHealth) StoreLog(log *raft.Log) error {
-	defer observeSince(l.appendDuration, time.Now())
+	defer prometheus.NewTimer(l.appendDuration).ObserveDuration()
 	return l.record(l.LogStore.StoreLog(log))
 }
 
 func (l *logStoreHealth) StoreLogs(logs []*raft.Log) error {
-	defer observeSince(l.appendDuration, time.Now())
+	defer prometheus.NewTimer(l.appendDuration).ObserveDuration()
 	return l.record(l.LogStore.StoreLogs(logs))
 }
 
 func (l *logStoreHealth) DeleteRange(lo, hi uint64) error {
-	defer observeSince(l.deleteDuration, time.Now())
+	defer prometheus.NewTimer(l.deleteDuration).ObserveDuration()
 	return l.record(l.LogStore.DeleteRange(lo, hi))
-}
-
-// observeSince records the time since start in o.
-func observeSince(o prometheus.Observer, start time.Time) {
-	o.Observe(time.Since(start).Seconds())
 }
 
 // digestCache computes the FSM digest at most once per applied index, and

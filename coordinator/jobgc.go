@@ -254,7 +254,8 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 	log := l.jobLogger(js)
 	now := l.env.now()
 	var filesLeft error
-	switch ask := l.purgeNow[js.id]; {
+	ask := l.purgeNow[js.id]
+	switch {
 	case r.err != nil && ask != nil && ask.force:
 		log.Warn("purge cancelled job without deleting all its checkpoint files: forced; delete what is left under its prefix yourself",
 			"deleted", r.deleted, "err", r.err)
@@ -285,7 +286,8 @@ func (l *leader) onPurgeFiles(r purgeFilesResult) {
 			l.retryPurge(js, l.env.now())
 			return
 		}
-		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.env.now().Sub(js.cancelledAt).Round(time.Second))
+		log.Info("cancelled job purged", "files_deleted", r.deleted, "cancelled_for", l.env.now().Sub(js.cancelledAt).Round(time.Second),
+			"asked", ask != nil, "forced", ask != nil && ask.force)
 		l.answerPurge(js.id, purgeReply{filesDeleted: r.deleted, filesLeft: filesLeft}, true)
 		l.forget(js)
 		// A new job of the same id registered meanwhile waited for this

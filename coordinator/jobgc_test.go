@@ -83,6 +83,23 @@ func (h *leaderHarness) gcStep() {
 	h.flush()
 }
 
+// tasksStopped reports every task of job id cancelled by its worker.
+func (h *leaderHarness) tasksStopped(id string) {
+	h.t.Helper()
+	job := h.job(id)
+	for _, task := range job.Tasks {
+		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
+	}
+}
+
+// cancelStopped cancels job id and reports its tasks stopped.
+func (h *leaderHarness) cancelStopped(id string) {
+	h.t.Helper()
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: id, Reason: "user", Time: h.clock.UnixNano()})
+	h.step()
+	h.tasksStopped(id)
+}
+
 // cancelFor cancels job id and lets the leader run for d after it.
 func (h *leaderHarness) cancelFor(id string, d time.Duration) {
 	h.t.Helper()
@@ -128,10 +145,7 @@ func TestLeaderPurgesCancelledJobsAfterThreshold(t *testing.T) {
 	// The tasks stop (each stop has the job looked at again), but a
 	// coordinator cannot apply JobPurged.
 	env.set([]string{"c3 (feature level 1)"}, nil)
-	job := h.job("gone")
-	for _, task := range job.Tasks {
-		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
-	}
+	h.tasksStopped("gone")
 	h.gcStep()
 	if got := env.deletions(); len(got) != 0 {
 		t.Fatalf("files of %v deleted while a coordinator is below level %d", got, jobGCLevel)
@@ -377,10 +391,7 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	// The storage fails: the request hears why, and the purge stays asked
 	// for: the next try, a retry later, goes through.
 	env.set(nil, errors.New("storage down"))
-	job := h.job("j1")
-	for _, task := range job.Tasks {
-		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
-	}
+	h.tasksStopped("j1")
 	h.gcStep()
 	if rep, ok := answered(reply); !ok || rep.err == nil || !strings.Contains(rep.err.Error(), "storage down") {
 		t.Fatalf("purge answered %+v (answered %v), want the storage's error", rep, ok)
@@ -413,12 +424,7 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 
 	// A purge asked for while a coordinator cannot apply it is answered
 	// with why, and happens when it can.
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j2", Reason: "user", Time: h.clock.UnixNano()})
-	h.step()
-	job = h.job("j2")
-	for _, task := range job.Tasks {
-		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
-	}
+	h.cancelStopped("j2")
 	env.set([]string{"c3 (feature level 1)"}, nil)
 	reply = h.requestPurge("j2", false)
 	h.gcStep()
@@ -435,12 +441,7 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	// Forced: files that cannot be deleted do not hold the purge up; the
 	// answer says why they are left.
 	h.startJob("j3", testJobSpec(1, 1))
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j3", Reason: "user", Time: h.clock.UnixNano()})
-	h.step()
-	job = h.job("j3")
-	for _, task := range job.Tasks {
-		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
-	}
+	h.cancelStopped("j3")
 	env.set(nil, errors.New("bucket gone"))
 	reply = h.requestPurge("j3", true)
 	h.gcStep()
@@ -455,12 +456,7 @@ func TestLeaderPurgesOnRequest(t *testing.T) {
 	// The purge's write fails as leadership is lost: the request hears it
 	// (the handler answers 503: ask again).
 	h.startJob("j4", testJobSpec(1, 1))
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j4", Reason: "user", Time: h.clock.UnixNano()})
-	h.step()
-	job = h.job("j4")
-	for _, task := range job.Tasks {
-		h.report(task.Worker, ref(job, task), transport.TaskPhase_TASK_PHASE_CANCELLED, "job cancelled")
-	}
+	h.cancelStopped("j4")
 	env.set(nil, nil)
 	submit := h.l.env.submit
 	h.l.env.submit = func(ct fsm.CommandType, data []byte, done func(any, error)) {

@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 
@@ -207,12 +208,12 @@ type timedSnapshot struct {
 }
 
 func (s *timedSnapshot) Persist(sink raft.SnapshotSink) error {
-	start := time.Now()
+	timer := prometheus.NewTimer(s.metrics.raftSnapshotDuration)
 	counted := &countingSink{SnapshotSink: sink}
 	if err := s.FSMSnapshot.Persist(counted); err != nil {
 		return err
 	}
-	observeSince(s.metrics.raftSnapshotDuration, start)
+	timer.ObserveDuration()
 	s.metrics.raftSnapshotBytes.Set(float64(counted.n))
 	return nil
 }

@@ -117,10 +117,9 @@ func (f *FSM) Jobs() []Job {
 
 // SharedJobs returns every job, sorted by id, as Job returns one: its
 // checkpoints, histories and FromSavepoint are shared with the FSM, to be
-// read only. It is
-// for a pass over every job (the leader's safety-net reconcile) that only
-// reads them: at a thousand jobs, Jobs's deep copies of their checkpoints
-// and histories cost the leader loop tens of milliseconds on a busy machine.
+// read only. It is for a pass over every job that only reads them (the
+// leader's safety-net reconcile): at a thousand jobs, Jobs's deep copies of
+// their checkpoints and histories cost tens of milliseconds.
 func (f *FSM) SharedJobs() []Job {
 	return copyJobs(f.storedJobs(), (*Job).sharedCopy)
 }

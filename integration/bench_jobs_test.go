@@ -260,13 +260,13 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	}
 	entries := float64(s1.status.LastIndex - s0.status.LastIndex)
 	unlabeled := func(text, name string) float64 { v, _ := metricSum(text, name); return v }
-	commands := unlabeled(s1.metrics, "coordflow_raft_batch_commands_sum") - unlabeled(s0.metrics, "coordflow_raft_batch_commands_sum")
+	delta := func(name string) float64 { return unlabeled(s1.metrics, name) - unlabeled(s0.metrics, name) }
+	commands := delta("coordflow_raft_batch_commands_sum")
 	res.EntriesPerS, res.CommandsPerS = entries/window, commands/window
 	if entries > 0 {
 		res.CommandsPerEntry = commands / entries
 	}
 	res.BytesPerS = (benchMetric(s1.metrics, "coordflow_raft_apply_bytes_total") - benchMetric(s0.metrics, "coordflow_raft_apply_bytes_total")) / window
-	delta := func(name string) float64 { return unlabeled(s1.metrics, name) - unlabeled(s0.metrics, name) }
 	res.Snapshots = int(delta("coordflow_raft_snapshot_persist_duration_seconds_count"))
 	if res.Snapshots > 0 {
 		res.SnapshotMeanMS = 1000 * delta("coordflow_raft_snapshot_persist_duration_seconds_sum") / float64(res.Snapshots)
@@ -274,11 +274,13 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	res.SnapshotMB = unlabeled(s1.metrics, "coordflow_raft_snapshot_bytes") / 1e6
 	appends := func(text string) string { return benchSelect(text, `op="append"`) }
 	res.LogAppendP99MS = 1000 * histogramQuantile(0.99, appends(s0.metrics), appends(s1.metrics), "coordflow_raft_log_store_duration_seconds")
-	deletes := func(text string) string { return benchSelect(text, `op="delete"`) }
-	if n := benchGrowth(deletes, s0.metrics, s1.metrics, "coordflow_raft_log_store_duration_seconds_count"); n > 0 {
-		res.LogDeleteMeanMS = 1000 * benchGrowth(deletes, s0.metrics, s1.metrics, "coordflow_raft_log_store_duration_seconds_sum") / n
+	deletes := func(name string) float64 {
+		return benchMetric(s1.metrics, name, `op="delete"`) - benchMetric(s0.metrics, name, `op="delete"`)
 	}
-	res.LeaderCPU = (unlabeled(s1.metrics, "process_cpu_seconds_total") - unlabeled(s0.metrics, "process_cpu_seconds_total")) / window
+	if n := deletes("coordflow_raft_log_store_duration_seconds_count"); n > 0 {
+		res.LogDeleteMeanMS = 1000 * deletes("coordflow_raft_log_store_duration_seconds_sum") / n
+	}
+	res.LeaderCPU = delta("process_cpu_seconds_total") / window
 	cpu, wall := s1.cpu.since(s0.cpu)
 	res.CPU = make(map[string]float64, len(cpu))
 	for k, v := range cpu {
@@ -295,14 +297,6 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		c.keepLogs(t) // to see why
 	}
 	benchWriteResult(t, resultPath, res)
-}
-
-// benchGrowth is how much the metric name, in the lines sel keeps, grew from
-// before to after.
-func benchGrowth(sel func(string) string, before, after, name string) float64 {
-	a, _ := metricSum(sel(after), name)
-	b, _ := metricSum(sel(before), name)
-	return a - b
 }
 
 // histogramQuantile estimates quantile q of the observations the histogram
