@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -213,7 +214,19 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
-	purge, force, savepoint := q.Get("purge") == "true", q.Get("force") == "true", q.Get("savepoint") == "true"
+	var purge, force, savepoint bool
+	for _, p := range []struct {
+		name string
+		v    *bool
+	}{{"purge", &purge}, {"force", &force}, {"savepoint", &savepoint}} {
+		var err error
+		if *p.v, err = queryBool(q, p.name); err != nil {
+			// A cancel that ignored savepoint=yes would stop the job
+			// without the savepoint its user asked for.
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+	}
 	switch {
 	case force && !purge:
 		writeError(w, http.StatusBadRequest, "force=true goes with purge=true only")
@@ -773,4 +786,22 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // writeError answers {"error": msg} with the given status.
 func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
+}
+
+// queryBool reads the boolean query parameter name: absent is false, a bare
+// ?name is true (Consul's convention), and any other value must be one
+// strconv.ParseBool takes.
+func queryBool(q url.Values, name string) (bool, error) {
+	if !q.Has(name) {
+		return false, nil
+	}
+	v := q.Get(name)
+	if v == "" {
+		return true, nil
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("query parameter %s=%q: want true or false", name, v)
+	}
+	return b, nil
 }

@@ -5,9 +5,33 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 )
+
+// TestLeaderWriteStages: the trigger and the completion of a checkpoint are
+// each observed in every stage of coordflow_leader_write_stage_seconds, the
+// metric that says whether a slow checkpoint waited behind its job's
+// writes, on Raft, or for the leader loop.
+func TestLeaderWriteStages(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 1))
+	if id := h.completeCheckpoint("j1"); id != 1 {
+		t.Fatalf("checkpoint id = %d, want 1", id)
+	}
+	for _, command := range []fsm.CommandType{fsm.CommandCheckpointTriggered, fsm.CommandCheckpointCompleted} {
+		for _, stage := range []string{"queued", "commit", "loop"} {
+			var m dto.Metric
+			hist := h.l.metrics.leaderWriteStage.WithLabelValues(command.String(), stage).(prometheus.Metric)
+			if err := hist.Write(&m); err != nil || m.GetHistogram().GetSampleCount() != 1 {
+				t.Errorf("%s, stage %s: %d observations (%v) after one checkpoint, want 1", command, stage, m.GetHistogram().GetSampleCount(), err)
+			}
+		}
+	}
+}
 
 func TestLeaderPendingCheckpointFencesAcks(t *testing.T) {
 	tasks := map[string]*trackedTask{

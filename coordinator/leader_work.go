@@ -211,6 +211,9 @@ type write struct {
 	t    fsm.CommandType
 	data []byte
 	then func(res any, err error)
+	// queued and submitted are when the loop decided the write and when it
+	// handed it to the committer (coordflow_leader_write_stage_seconds).
+	queued, submitted time.Time
 }
 
 // writeResult reports a write's outcome to the loop.
@@ -218,6 +221,7 @@ type writeResult struct {
 	w   *write
 	res any
 	err error
+	at  time.Time // when the committer answered
 }
 
 func (writeResult) leaderEvent() {}
@@ -235,7 +239,7 @@ func (l *leader) write(js *jobState, t fsm.CommandType, cmd any, then func(res a
 		then(nil, fmt.Errorf("raft apply: %w", err))
 		return
 	}
-	w := &write{job: js.id, t: t, data: data, then: then}
+	w := &write{job: js.id, t: t, data: data, then: then, queued: time.Now()}
 	q := append(l.writes[js.id], w)
 	l.writes[js.id] = q
 	if len(q) == 1 {
@@ -245,8 +249,9 @@ func (l *leader) write(js *jobState, t fsm.CommandType, cmd any, then func(res a
 
 // submit hands w to the write path; its result comes back as an event.
 func (l *leader) submit(w *write) {
+	w.submitted = time.Now()
 	l.env.submit(w.t, w.data, func(res any, err error) {
-		l.post(l.ctx, writeResult{w: w, res: res, err: err})
+		l.post(l.ctx, writeResult{w: w, res: res, err: err, at: time.Now()})
 	})
 }
 
@@ -258,6 +263,12 @@ func (l *leader) onWriteResult(r writeResult) {
 		l.logger.Error("write result out of order; dropped", "job", r.w.job, "command", r.w.t)
 		return
 	}
+	// Wall-clock stages, not l.env.now: a test's clock does not move while
+	// a write is in flight.
+	command := r.w.t.String()
+	l.metrics.leaderWriteStage.WithLabelValues(command, "queued").Observe(r.w.submitted.Sub(r.w.queued).Seconds())
+	l.metrics.leaderWriteStage.WithLabelValues(command, "commit").Observe(r.at.Sub(r.w.submitted).Seconds())
+	l.metrics.leaderWriteStage.WithLabelValues(command, "loop").Observe(time.Since(r.at).Seconds())
 	if q = q[1:]; len(q) == 0 {
 		delete(l.writes, r.w.job)
 	} else {

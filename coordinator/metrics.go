@@ -31,6 +31,7 @@ type metrics struct {
 	raftSnapshotDuration prometheus.Histogram
 	raftSnapshotBytes    prometheus.Gauge
 	checkpointPhase      *prometheus.HistogramVec // phase: trigger, acks, commit
+	leaderWriteStage     *prometheus.HistogramVec // command, stage: queued, commit, loop
 	httpUnauthorized     *prometheus.CounterVec   // code: 401, 403
 	httpConnsRefused     prometheus.Counter
 }
@@ -81,6 +82,11 @@ func newMetrics() *metrics {
 			Help:    "Phases of completed checkpoints, all jobs: trigger (Raft commit of the trigger), acks (trigger sent to the last task's ack), commit (Raft commit of the completion).",
 			Buckets: prometheus.ExponentialBuckets(0.001, 1.5, 26),
 		}, []string{"phase"}),
+		leaderWriteStage: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "coordflow_leader_write_stage_seconds",
+			Help:    "Where the leader loop's Raft writes spend their time, by command and stage: queued (behind the same job's earlier writes), commit (submitted to the committer until its result: batching, Raft, the FSM) and loop (the result waiting for the leader loop).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, []string{"command", "stage"}),
 		raftBatchCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "coordflow_raft_batch_commands", Help: "Commands per Raft entry committed by this node as leader (group commit).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
@@ -106,7 +112,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_http_unauthorized_total", Help: "HTTP API requests refused: code 401 (no or unknown token or certificate), 403 (a role too small for the endpoint).",
 		}, []string{"code"}),
 	}
-	m.registry.MustRegister(m.raftLogStoreDuration, m.raftSnapshotDuration, m.raftSnapshotBytes, m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
+	m.registry.MustRegister(m.raftLogStoreDuration, m.raftSnapshotDuration, m.raftSnapshotBytes, m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.leaderWriteStage, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -71,7 +71,8 @@ type benchJobsResult struct {
 	// Quantiles of each phase of a checkpoint: the trigger's commit, the
 	// tasks' acks, the completion's commit.
 	Phases                      map[string][2]float64
-	EntriesPerS, CommandsPerS   float64 // the leader's Raft log
+	WriteStages                 map[string][2]float64 // the leader loop's trigger writes, p50 and p99 ms
+	EntriesPerS, CommandsPerS   float64               // the leader's Raft log
 	CommandsPerEntry, BytesPerS float64
 	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
 	CPU                         map[string]float64 // cores, by process group
@@ -82,9 +83,12 @@ type benchJobsResult struct {
 	Snapshots                       int
 	SnapshotMeanMS, SnapshotMB      float64
 	LogAppendP99MS, LogDeleteMeanMS float64
-	RecordsPerS                     float64 // read by the source tasks in the window, all jobs
-	ProducedPerS                    float64 // acknowledged to the producer in the window, all jobs
-	LoadAvg                         string
+	// SlowAppends is how many of the leader's log appends (fsyncs) took
+	// over 128 ms in the window: a stalled disk, which holds every commit.
+	SlowAppends  int
+	RecordsPerS  float64 // read by the source tasks in the window, all jobs
+	ProducedPerS float64 // acknowledged to the producer in the window, all jobs
+	LoadAvg      string
 }
 
 func BenchmarkManyJobs(b *testing.B) {
@@ -97,11 +101,11 @@ func BenchmarkManyJobs(b *testing.B) {
 						[]string{benchJobsEnv + "=" + strconv.Itoa(n), benchJobsInputEnv + "=" + input}, benchJobsTimeout, &r)
 					b.Logf("%d jobs, input %s (%.0f records/s read, %.0f produced): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
-						"phases p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; "+
-						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms, compaction mean %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
+						"phases p50/p99 ms: %v; trigger write stages p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; "+
+						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
-						r.HistP50MS, r.HistP99MS, r.Phases, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
-						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.LogDeleteMeanMS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+						r.HistP50MS, r.HistP99MS, r.Phases, r.WriteStages, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
+						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
@@ -250,14 +254,23 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	res.HistP99MS = 1000 * histogramQuantile(0.99, s0.metrics, s1.metrics, "coordflow_checkpoint_duration_seconds")
 	res.RaftP50MS = 1000 * histogramQuantile(0.5, s0.metrics, s1.metrics, "coordflow_raft_apply_duration_seconds")
 	res.RaftP99MS = 1000 * histogramQuantile(0.99, s0.metrics, s1.metrics, "coordflow_raft_apply_duration_seconds")
-	res.Phases = make(map[string][2]float64)
-	for _, phase := range []string{"trigger", "acks", "commit"} {
-		sel := func(text string) string { return benchSelect(text, `phase="`+phase+`"`) }
-		res.Phases[phase] = [2]float64{
-			1000 * histogramQuantile(0.5, sel(s0.metrics), sel(s1.metrics), "coordflow_checkpoint_phase_seconds"),
-			1000 * histogramQuantile(0.99, sel(s0.metrics), sel(s1.metrics), "coordflow_checkpoint_phase_seconds"),
+	// p50 and p99 in ms of each label value's histogram among the series
+	// that have also, over the window.
+	quantiles := func(name, also, label string, values ...string) map[string][2]float64 {
+		q := make(map[string][2]float64, len(values))
+		for _, v := range values {
+			sel := func(text string) string { return benchSelect(benchSelect(text, also), label+`="`+v+`"`) }
+			q[v] = [2]float64{
+				1000 * histogramQuantile(0.5, sel(s0.metrics), sel(s1.metrics), name),
+				1000 * histogramQuantile(0.99, sel(s0.metrics), sel(s1.metrics), name),
+			}
 		}
+		return q
 	}
+	res.Phases = quantiles("coordflow_checkpoint_phase_seconds", "", "phase", "trigger", "acks", "commit")
+	res.WriteStages = quantiles("coordflow_leader_write_stage_seconds", `command="CheckpointTriggered"`, "stage", "queued", "commit", "loop")
+	// Of the commit stage, the part from the entry's raft.Apply on.
+	res.WriteStages["raft"] = quantiles("coordflow_raft_apply_duration_seconds", "", "command", "CheckpointTriggered")["CheckpointTriggered"]
 	entries := float64(s1.status.LastIndex - s0.status.LastIndex)
 	unlabeled := func(text, name string) float64 { v, _ := metricSum(text, name); return v }
 	delta := func(name string) float64 { return unlabeled(s1.metrics, name) - unlabeled(s0.metrics, name) }
@@ -274,6 +287,11 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	res.SnapshotMB = unlabeled(s1.metrics, "coordflow_raft_snapshot_bytes") / 1e6
 	appends := func(text string) string { return benchSelect(text, `op="append"`) }
 	res.LogAppendP99MS = 1000 * histogramQuantile(0.99, appends(s0.metrics), appends(s1.metrics), "coordflow_raft_log_store_duration_seconds")
+	appended := func(labels ...string) float64 {
+		name := "coordflow_raft_log_store_duration_seconds_bucket"
+		return benchMetric(s1.metrics, name, labels...) - benchMetric(s0.metrics, name, labels...)
+	}
+	res.SlowAppends = int(appended(`op="append"`, `le="+Inf"`) - appended(`op="append"`, `le="0.128"`))
 	deletes := func(name string) float64 {
 		return benchMetric(s1.metrics, name, `op="delete"`) - benchMetric(s0.metrics, name, `op="delete"`)
 	}
