@@ -205,6 +205,18 @@ func TestClusterAPI(t *testing.T) {
 		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?force=true", nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, "purge=true only") {
 			t.Errorf("DELETE ?force=true = %d %+v, want 400 saying it goes with purge=true", code, out)
 		}
+		// A value that is not a boolean is refused, not read as false: a
+		// cancel without the savepoint asked for would lose it.
+		for _, q := range []string{"savepoint=yes", "purge=please", "purge=true&force=always"} {
+			out.Error = ""
+			name := q[strings.LastIndex(q, "&")+1 : strings.LastIndex(q, "=")]
+			if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?"+q, nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, name+"=") {
+				t.Errorf("DELETE ?%s = %d %+v, want 400 naming %s", q, code, out, name)
+			}
+		}
+		if code := apiCall(t, follower, http.MethodGet, "/v1/jobs/"+second, nil, &out); code != http.StatusOK || out.Status == "cancelled" {
+			t.Fatalf("GET /v1/jobs/%s after refused cancels = %d, status %q, want it not cancelled", second, code, out.Status)
+		}
 		// The cancelled job of the subtest above, and a running one that
 		// the same request cancels: neither has tasks, and the threshold
 		// (4 h) does not hold them.
