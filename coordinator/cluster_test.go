@@ -207,12 +207,15 @@ func TestClusterAPI(t *testing.T) {
 		}
 		// A value that is not a boolean is refused, not read as false: a
 		// cancel without the savepoint asked for would lose it.
-		for _, q := range []string{"savepoint=yes", "purge=please", "purge=true&force=always"} {
+		for _, q := range []string{"savepoint=yes", "purge=please", "purge=true&force=always", "purge=true&wait=forever", "purge=true&wait=0s", "purge=true&wait=11m"} {
 			out.Error = ""
 			name := q[strings.LastIndex(q, "&")+1 : strings.LastIndex(q, "=")]
 			if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?"+q, nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, name+"=") {
 				t.Errorf("DELETE ?%s = %d %+v, want 400 naming %s", q, code, out, name)
 			}
+		}
+		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?wait=5s", nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, "purge=true only") {
+			t.Errorf("DELETE ?wait=5s = %d %+v, want 400 saying it goes with purge=true", code, out)
 		}
 		if code := apiCall(t, follower, http.MethodGet, "/v1/jobs/"+second, nil, &out); code != http.StatusOK || out.Status == "cancelled" {
 			t.Fatalf("GET /v1/jobs/%s after refused cancels = %d, status %q, want it not cancelled", second, code, out.Status)

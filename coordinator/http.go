@@ -227,9 +227,17 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	wait, err := purgeWaitParam(q)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
 	switch {
 	case force && !purge:
 		writeError(w, http.StatusBadRequest, "force=true goes with purge=true only")
+		return
+	case q.Has("wait") && !purge:
+		writeError(w, http.StatusBadRequest, "wait goes with purge=true only")
 		return
 	case job.Status == fsm.JobCancelled && !purge:
 		writeError(w, http.StatusConflict, fmt.Sprintf("job %s is already cancelled", id))
@@ -257,7 +265,7 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if purge {
-		s.purgeJob(w, r, id, force)
+		s.purgeJob(w, r, id, force, wait)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": string(fsm.JobCancelled)})
@@ -265,23 +273,42 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 
 // purgeWait bounds how long DELETE /v1/jobs/{id}?purge=true waits for the
 // purge before it answers that the purge is pending: the job's tasks may
-// take their stop timeout, or a lost worker its lease, to stop.
-const purgeWait = 30 * time.Second
+// take their stop timeout, or a lost worker its lease, to stop. ?wait=D
+// (Consul's blocking-query parameter) sets another bound, up to
+// maxPurgeWait, which stays under the request's write deadline.
+const (
+	purgeWait    = 30 * time.Second
+	maxPurgeWait = 10 * time.Minute
+)
+
+// purgeWaitParam returns the purge's wait bound: purgeWait, or the wait
+// query parameter, a Go duration from 1ms to maxPurgeWait.
+func purgeWaitParam(q url.Values) (time.Duration, error) {
+	if !q.Has("wait") {
+		return purgeWait, nil
+	}
+	v := q.Get("wait")
+	d, err := time.ParseDuration(v)
+	if err != nil || d < time.Millisecond || d > maxPurgeWait {
+		return 0, fmt.Errorf("query parameter wait=%q: want a duration from 1ms to %v, such as 30s or 2m", v, maxPurgeWait)
+	}
+	return d, nil
+}
 
 // purgeJob asks the leader loop to purge cancelled job id now and answers
 // with the outcome: 200 once purged; 202 while it waits (for the job's
 // tasks to stop, its files to be deleted, a coordinator that cannot apply
-// the purge), the leader going on with it; 404 for a job gone already; 409
-// for a job that cannot be purged; 503 when leadership was lost, which
-// ends the request. With force, files that cannot be deleted do not hold
-// the purge up.
-func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, force bool) {
+// the purge, or longer than wait), the leader going on with it; 404 for a
+// job gone already; 409 for a job that cannot be purged; 503 when
+// leadership was lost, which ends the request. With force, files that
+// cannot be deleted do not hold the purge up.
+func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, force bool, wait time.Duration) {
 	l := s.currentLeader()
 	if l == nil {
 		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: %v", id, ErrNotLeader))
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), purgeWait)
+	ctx, cancel := context.WithTimeout(r.Context(), wait)
 	defer cancel()
 	req := purgeRequest{jobID: id, force: force, reply: make(chan purgeReply, 1)}
 	if !l.post(ctx, req) {
@@ -313,7 +340,7 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 		case r.Context().Err() != nil:
 			// The client went away; the purge goes on.
 		default:
-			code, body := purgePending(id, fmt.Sprintf("not purged within %v: waiting for its tasks to stop or its files to be deleted", purgeWait))
+			code, body := purgePending(id, fmt.Sprintf("not purged within %v: waiting for its tasks to stop or its files to be deleted", wait))
 			writeJSON(w, code, body)
 		}
 	}

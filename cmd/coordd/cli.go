@@ -29,11 +29,12 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
                         -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
-  job cancel ID [-savepoint | -purge [-force]]
+  job cancel ID [-savepoint | -purge [-force] [-wait-timeout 30s]]
                         cancel a job; with -savepoint, stop it with a final savepoint;
                         with -purge (also of a cancelled job), remove it and its checkpoint
                         files once its tasks have stopped, without waiting for -job-gc-threshold;
-                        -force: even if its files cannot be deleted
+                        -force: even if its files cannot be deleted; -wait-timeout: how long
+                        to wait for the purge before saying it is pending (at most 10m)
   job checkpoints ID    list a job's checkpoints, newest first
   job lag ID            consumer lag per partition: the broker's end offset minus the
                         last completed checkpoint's offset
@@ -78,6 +79,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			fs.BoolVar(&withSavepoint, "savepoint", false, "stop the job with a final savepoint: nothing is processed after it")
 			fs.BoolVar(&purge, "purge", false, "also purge the job (a cancelled one too): remove it, its checkpoints and their files once its tasks have stopped, without waiting for -job-gc-threshold; its savepoints stay")
 			fs.BoolVar(&force, "force", false, "with -purge: purge the job even if its checkpoint files cannot be deleted (its storage is gone for good); what is left stays in the storage")
+			fs.DurationVar(&waitTimeout, "wait-timeout", 0, "with -purge: how long to wait for the purge (at most 10m) before saying it is pending, the leader going on with it (default: the API's, 30s)")
 		},
 		"state": func(fs *flag.FlagSet) {
 			fs.StringVar(&key, "key", "", "show only this `key`")
@@ -103,10 +105,12 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 				return fmt.Errorf("-savepoint and -purge together: stop the job with a savepoint first, then purge it (its savepoints stay)")
 			case force && !purge:
 				return fmt.Errorf("-force goes with -purge only")
+			case waitTimeout != 0 && !purge:
+				return fmt.Errorf("-wait-timeout goes with -purge only")
 			case withSavepoint:
 				return jobStopWithSavepoint(ctx, c, id, stdout)
 			case purge:
-				return jobPurge(ctx, c, id, force, stdout)
+				return jobPurge(ctx, c, id, force, waitTimeout, stdout)
 			}
 			data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil)
 			if err != nil {
@@ -713,11 +717,15 @@ func jobStopWithSavepoint(ctx context.Context, c *apiClient, id string, stdout i
 }
 
 // jobPurge cancels job id if it runs and purges it: done, or pending while
-// its tasks stop (the leader goes on with it).
-func jobPurge(ctx context.Context, c *apiClient, id string, force bool, stdout io.Writer) error {
+// its tasks stop (the leader goes on with it); wait, if not 0, bounds how
+// long the API waits before it says so.
+func jobPurge(ctx context.Context, c *apiClient, id string, force bool, wait time.Duration, stdout io.Writer) error {
 	path := "/v1/jobs/" + url.PathEscape(id) + "?purge=true"
 	if force {
 		path += "&force=true"
+	}
+	if wait != 0 {
+		path += "&wait=" + url.QueryEscape(wait.String())
 	}
 	data, err := c.do(ctx, http.MethodDelete, path, nil)
 	if err != nil {
