@@ -85,7 +85,10 @@ type benchJobsResult struct {
 	LogAppendP99MS, LogDeleteMeanMS float64
 	// SlowAppends is how many of the leader's log appends (fsyncs) took
 	// over 128 ms in the window: a stalled disk, which holds every commit.
-	SlowAppends  int
+	SlowAppends int
+	// WrittenMBps is what each group of daemons had written to storage, MB
+	// a second: the coordinators' Raft logs and snapshots above all.
+	WrittenMBps  map[string]float64
 	RecordsPerS  float64 // read by the source tasks in the window, all jobs
 	ProducedPerS float64 // acknowledged to the producer in the window, all jobs
 	LoadAvg      string
@@ -102,10 +105,10 @@ func BenchmarkManyJobs(b *testing.B) {
 					b.Logf("%d jobs, input %s (%.0f records/s read, %.0f produced): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
 						"phases p50/p99 ms: %v; trigger write stages p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; "+
-						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
+						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; written MB/s: %s; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
 						r.HistP50MS, r.HistP99MS, r.Phases, r.WriteStages, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
-						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, benchFormatWritten(r.WrittenMBps), r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
@@ -299,6 +302,10 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		res.LogDeleteMeanMS = 1000 * deletes("coordflow_raft_log_store_duration_seconds_sum") / n
 	}
 	res.LeaderCPU = delta("process_cpu_seconds_total") / window
+	res.WrittenMBps = make(map[string]float64)
+	for k, v := range s1.cpu.writtenSince(s0.cpu) {
+		res.WrittenMBps[k] = v / 1e6
+	}
 	cpu, wall := s1.cpu.since(s0.cpu)
 	res.CPU = make(map[string]float64, len(cpu))
 	for k, v := range cpu {
@@ -466,4 +473,13 @@ func produceSteady(t *testing.T, brokers []string, n, rate int) *steadyProducer 
 		cl.Close()
 	})
 	return p
+}
+
+// benchFormatWritten lists MB written a second by group of daemons.
+func benchFormatWritten(m map[string]float64) string {
+	var parts []string
+	for _, k := range []string{"coordd", "workerd", "devkafka"} {
+		parts = append(parts, fmt.Sprintf("%s %.1f", k, m[k]))
+	}
+	return strings.Join(parts, ", ")
 }

@@ -232,6 +232,9 @@ func benchMap[T any](xs []T, f func(T) float64) []float64 {
 type benchCPU struct {
 	at      time.Time
 	seconds map[string]float64
+	// written is the bytes each group of the cluster's daemons has had
+	// written to storage (/proc/PID/io write_bytes).
+	written map[string]float64
 }
 
 // benchClockTick is USER_HZ, the unit of /proc/stat and /proc/PID/stat
@@ -242,7 +245,7 @@ const benchClockTick = 100
 // the cluster, this process and the machine.
 func benchCPUSnapshot(t *testing.T, c *cluster) benchCPU {
 	t.Helper()
-	snap := benchCPU{at: time.Now(), seconds: map[string]float64{}}
+	snap := benchCPU{at: time.Now(), seconds: map[string]float64{}, written: map[string]float64{}}
 	procTime := func(pid string) float64 {
 		b, err := os.ReadFile("/proc/" + pid + "/stat")
 		if err != nil {
@@ -255,9 +258,24 @@ func benchCPUSnapshot(t *testing.T, c *cluster) benchCPU {
 		st, _ := strconv.ParseFloat(f[12], 64)
 		return (ut + st) / benchClockTick
 	}
+	procWritten := func(pid string) float64 {
+		b, err := os.ReadFile("/proc/" + pid + "/io")
+		if err != nil {
+			t.Fatalf("bytes written by %s: %v", pid, err)
+		}
+		for line := range strings.Lines(string(b)) {
+			if v, ok := strings.CutPrefix(line, "write_bytes:"); ok {
+				n, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+				return n
+			}
+		}
+		return 0
+	}
 	for _, p := range c.current() {
 		if !p.hasExited() {
-			snap.seconds[strings.Fields(p.name)[0]] += procTime(strconv.Itoa(p.cmd.Process.Pid))
+			pid, group := strconv.Itoa(p.cmd.Process.Pid), strings.Fields(p.name)[0]
+			snap.seconds[group] += procTime(pid)
+			snap.written[group] += procWritten(pid)
 		}
 	}
 	snap.seconds["test"] = procTime("self")
@@ -302,6 +320,17 @@ func (s benchCPU) since(from benchCPU) (map[string]float64, float64) {
 	}
 	d["other"] = d["machine"] - ours
 	return d, s.at.Sub(from.at).Seconds()
+}
+
+// writtenSince returns the bytes a second each group of daemons had written
+// to storage between from and s.
+func (s benchCPU) writtenSince(from benchCPU) map[string]float64 {
+	wall := s.at.Sub(from.at).Seconds()
+	d := make(map[string]float64, len(s.written))
+	for k, v := range s.written {
+		d[k] = (v - from.written[k]) / wall
+	}
+	return d
 }
 
 // ---- failover scenarios ----
