@@ -205,9 +205,15 @@ func TestClusterAPI(t *testing.T) {
 		if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?force=true", nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, "purge=true only") {
 			t.Errorf("DELETE ?force=true = %d %+v, want 400 saying it goes with purge=true", code, out)
 		}
-		// A value that is not a boolean is refused, not read as false: a
-		// cancel without the savepoint asked for would lose it.
-		for _, q := range []string{"savepoint=yes", "purge=please", "purge=true&force=always", "purge=true&wait=forever", "purge=true&wait=0s", "purge=true&wait=11m"} {
+		// A value that is not a boolean is refused, not read as false (a
+		// cancel without the savepoint asked for would lose it), and an
+		// empty one is not read as true. The longest wait, with the cancel's
+		// Raft write before it, fits in a forwarding follower's wait for
+		// the leader's answer.
+		if maxPurgeWait+defaultApplyTimeout >= forwardTransport.ResponseHeaderTimeout {
+			t.Errorf("a purge may wait %v after a write of up to %v, a forwarding follower waits %v", maxPurgeWait, defaultApplyTimeout, forwardTransport.ResponseHeaderTimeout)
+		}
+		for _, q := range []string{"savepoint=yes", "purge=please", "purge=true&force=always", "purge=", "purge=true&force=", "purge=true&wait=forever", "purge=true&wait=0s", "purge=true&wait=6m"} {
 			out.Error = ""
 			name := q[strings.LastIndex(q, "&")+1 : strings.LastIndex(q, "=")]
 			if code := apiCall(t, follower, http.MethodDelete, "/v1/jobs/"+second+"?"+q, nil, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, name+"=") {

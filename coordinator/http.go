@@ -275,10 +275,12 @@ func (s *Server) handleCancelJob(w http.ResponseWriter, r *http.Request) {
 // purge before it answers that the purge is pending: the job's tasks may
 // take their stop timeout, or a lost worker its lease, to stop. ?wait=D
 // (Consul's blocking-query parameter) sets another bound, up to
-// maxPurgeWait, which stays under the request's write deadline.
+// maxPurgeWait: with the cancel's Raft write before it, that stays under
+// how long a follower forwarding the request waits for the leader's answer
+// (forwardTransport), and under the route's write deadline.
 const (
 	purgeWait    = 30 * time.Second
-	maxPurgeWait = 10 * time.Minute
+	maxPurgeWait = 5 * time.Minute
 )
 
 // purgeWaitParam returns the purge's wait bound: purgeWait, or the wait
@@ -312,7 +314,7 @@ func (s *Server) purgeJob(w http.ResponseWriter, r *http.Request, id string, for
 	defer cancel()
 	req := purgeRequest{jobID: id, force: force, reply: make(chan purgeReply, 1)}
 	if !l.post(ctx, req) {
-		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: the leader loop did not take the request", id))
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("purge job %s: the leader loop did not take the request within the wait of %v", id, wait))
 		return
 	}
 	answer := func(rep purgeReply) {
@@ -815,17 +817,15 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
 }
 
-// queryBool reads the boolean query parameter name: absent is false, a bare
-// ?name is true (Consul's convention), and any other value must be one
-// strconv.ParseBool takes.
+// queryBool reads the boolean query parameter name: absent is false, and a
+// value must be one strconv.ParseBool takes. An empty one is refused rather
+// than read as true (Consul's bare ?stale): these parameters purge and
+// force, and a script's ?purge=$X with X unset must not purge.
 func queryBool(q url.Values, name string) (bool, error) {
 	if !q.Has(name) {
 		return false, nil
 	}
 	v := q.Get(name)
-	if v == "" {
-		return true, nil
-	}
 	b, err := strconv.ParseBool(v)
 	if err != nil {
 		return false, fmt.Errorf("query parameter %s=%q: want true or false", name, v)

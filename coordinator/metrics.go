@@ -84,7 +84,7 @@ func newMetrics() *metrics {
 		}, []string{"phase"}),
 		leaderWriteStage: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "coordflow_leader_write_stage_seconds",
-			Help:    "Where the leader loop's Raft writes spend their time, by command and stage: queued (behind the same job's earlier writes), commit (submitted to the committer until its result: batching, Raft, the FSM) and loop (the result waiting for the leader loop).",
+			Help:    "Where the leader loop's Raft writes spend their time, by command and stage: queued (behind the same job's earlier writes), commit (submitted to the committer until its result: batching, Raft, the FSM; and, while the loop's event queue is full, handing the result over) and loop (the result waiting in that queue). Failed writes included.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 		}, []string{"command", "stage"}),
 		raftBatchCommands: prometheus.NewHistogram(prometheus.HistogramOpts{

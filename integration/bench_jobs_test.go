@@ -87,7 +87,8 @@ type benchJobsResult struct {
 	// over 128 ms in the window: a stalled disk, which holds every commit.
 	SlowAppends int
 	// WrittenMBps is what each group of daemons had written to storage, MB
-	// a second: the coordinators' Raft logs and snapshots above all.
+	// a second: the coordinators' Raft logs and snapshots above all (0 on
+	// tmpfs, which writes to no device).
 	WrittenMBps  map[string]float64
 	RecordsPerS  float64 // read by the source tasks in the window, all jobs
 	ProducedPerS float64 // acknowledged to the producer in the window, all jobs
@@ -108,7 +109,7 @@ func BenchmarkManyJobs(b *testing.B) {
 						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; written MB/s: %s; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
 						r.HistP50MS, r.HistP99MS, r.Phases, r.WriteStages, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
-						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, benchFormatWritten(r.WrittenMBps), r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, benchFormat(r.WrittenMBps, "coordd", "workerd", "devkafka"), r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
@@ -251,8 +252,13 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 			res.JobsBelow09++
 		}
 	}
-	res.Aborted = int(benchMetric(s1.metrics, "coordflow_checkpoints_aborted_total") - benchMetric(s0.metrics, "coordflow_checkpoints_aborted_total"))
-	res.Checkpoints = int(benchMetric(s1.metrics, "coordflow_checkpoints_completed_total") - benchMetric(s0.metrics, "coordflow_checkpoints_completed_total"))
+	// grown is how much the samples of name with all of labels grew in
+	// the window.
+	grown := func(name string, labels ...string) float64 {
+		return benchMetric(s1.metrics, name, labels...) - benchMetric(s0.metrics, name, labels...)
+	}
+	res.Aborted = int(grown("coordflow_checkpoints_aborted_total"))
+	res.Checkpoints = int(grown("coordflow_checkpoints_completed_total"))
 	res.HistP50MS = 1000 * histogramQuantile(0.5, s0.metrics, s1.metrics, "coordflow_checkpoint_duration_seconds")
 	res.HistP99MS = 1000 * histogramQuantile(0.99, s0.metrics, s1.metrics, "coordflow_checkpoint_duration_seconds")
 	res.RaftP50MS = 1000 * histogramQuantile(0.5, s0.metrics, s1.metrics, "coordflow_raft_apply_duration_seconds")
@@ -282,7 +288,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	if entries > 0 {
 		res.CommandsPerEntry = commands / entries
 	}
-	res.BytesPerS = (benchMetric(s1.metrics, "coordflow_raft_apply_bytes_total") - benchMetric(s0.metrics, "coordflow_raft_apply_bytes_total")) / window
+	res.BytesPerS = grown("coordflow_raft_apply_bytes_total") / window
 	res.Snapshots = int(delta("coordflow_raft_snapshot_persist_duration_seconds_count"))
 	if res.Snapshots > 0 {
 		res.SnapshotMeanMS = 1000 * delta("coordflow_raft_snapshot_persist_duration_seconds_sum") / float64(res.Snapshots)
@@ -290,16 +296,10 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	res.SnapshotMB = unlabeled(s1.metrics, "coordflow_raft_snapshot_bytes") / 1e6
 	appends := func(text string) string { return benchSelect(text, `op="append"`) }
 	res.LogAppendP99MS = 1000 * histogramQuantile(0.99, appends(s0.metrics), appends(s1.metrics), "coordflow_raft_log_store_duration_seconds")
-	appended := func(labels ...string) float64 {
-		name := "coordflow_raft_log_store_duration_seconds_bucket"
-		return benchMetric(s1.metrics, name, labels...) - benchMetric(s0.metrics, name, labels...)
-	}
-	res.SlowAppends = int(appended(`op="append"`, `le="+Inf"`) - appended(`op="append"`, `le="0.128"`))
-	deletes := func(name string) float64 {
-		return benchMetric(s1.metrics, name, `op="delete"`) - benchMetric(s0.metrics, name, `op="delete"`)
-	}
-	if n := deletes("coordflow_raft_log_store_duration_seconds_count"); n > 0 {
-		res.LogDeleteMeanMS = 1000 * deletes("coordflow_raft_log_store_duration_seconds_sum") / n
+	const logStore = "coordflow_raft_log_store_duration_seconds"
+	res.SlowAppends = int(grown(logStore+"_bucket", `op="append"`, `le="+Inf"`) - grown(logStore+"_bucket", `op="append"`, `le="0.128"`))
+	if n := grown(logStore+"_count", `op="delete"`); n > 0 {
+		res.LogDeleteMeanMS = 1000 * grown(logStore+"_sum", `op="delete"`) / n
 	}
 	res.LeaderCPU = delta("process_cpu_seconds_total") / window
 	res.WrittenMBps = make(map[string]float64)
@@ -473,13 +473,4 @@ func produceSteady(t *testing.T, brokers []string, n, rate int) *steadyProducer 
 		cl.Close()
 	})
 	return p
-}
-
-// benchFormatWritten lists MB written a second by group of daemons.
-func benchFormatWritten(m map[string]float64) string {
-	var parts []string
-	for _, k := range []string{"coordd", "workerd", "devkafka"} {
-		parts = append(parts, fmt.Sprintf("%s %.1f", k, m[k]))
-	}
-	return strings.Join(parts, ", ")
 }

@@ -299,8 +299,13 @@ func benchCPUSnapshot(t *testing.T, c *cluster) benchCPU {
 
 // benchFormatCPU lists CPU seconds by group, in a fixed order.
 func benchFormatCPU(m map[string]float64) string {
+	return benchFormat(m, "workerd", "devkafka", "coordd", "test", "other", "machine")
+}
+
+// benchFormat lists the values of m under keys, in their order.
+func benchFormat(m map[string]float64, keys ...string) string {
 	var parts []string
-	for _, k := range []string{"workerd", "devkafka", "coordd", "test", "other", "machine"} {
+	for _, k := range keys {
 		parts = append(parts, fmt.Sprintf("%s %.1f", k, m[k]))
 	}
 	return strings.Join(parts, ", ")

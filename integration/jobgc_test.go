@@ -78,10 +78,10 @@ func TestCancelledJobPurged(t *testing.T) {
 	// lease, 5 s, is far from running out); the leader goes on with it once
 	// the worker is back and has stopped them.
 	c.pauseWorker(t, "w1")
-	out := c.cli(t, c.api(t), "job", "cancel", "-purge", "-wait-timeout", "300ms", again)
+	out := c.cli(t, c.api(t), "job", "cancel", "-purge", "-purge-wait", "300ms", again)
 	c.resumeWorker(t, "w1")
 	if want := "job " + again + " cancelled; purge pending: not purged within 300ms"; !strings.Contains(out, want) {
-		t.Errorf("coordd job cancel -purge -wait-timeout 300ms %s with its worker frozen printed %q, want %q", again, out, want)
+		t.Errorf("coordd job cancel -purge -purge-wait 300ms %s with its worker frozen printed %q, want %q", again, out, want)
 	}
 	c.waitPurged(t, again, againDir)
 }

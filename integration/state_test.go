@@ -208,8 +208,8 @@ func TestDistinctMillionKeysDiskS3(t *testing.T) {
 	c.startWorker(t, "w3")
 	// The restored source catches up about half the input before the
 	// next checkpoint: 500,000 records in 3 to 6 s with the daemons built
-	// as released; with the race detector (a quarter of the input) the job
-	// reads some 4,500 records a second (docs/benchmarks.md). The deadline
+	// as released; with the race detector (120,000 keys) the job reads
+	// some 4,500 records a second (docs/benchmarks.md). The deadline
 	// leaves room for that; this test is about what the state holds, not
 	// how soon.
 	restarted := c.waitJob(t, 5*time.Minute, job, "a new attempt, without "+victim+", with a completed checkpoint", func(j jobView) error {

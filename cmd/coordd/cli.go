@@ -29,12 +29,12 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
                         -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
-  job cancel ID [-savepoint | -purge [-force] [-wait-timeout 30s]]
+  job cancel ID [-savepoint | -purge [-force] [-purge-wait 30s]]
                         cancel a job; with -savepoint, stop it with a final savepoint;
                         with -purge (also of a cancelled job), remove it and its checkpoint
                         files once its tasks have stopped, without waiting for -job-gc-threshold;
-                        -force: even if its files cannot be deleted; -wait-timeout: how long
-                        to wait for the purge before saying it is pending (at most 10m)
+                        -force: even if its files cannot be deleted; -purge-wait: how long
+                        to wait for the purge before saying it is pending (at most 5m)
   job checkpoints ID    list a job's checkpoints, newest first
   job lag ID            consumer lag per partition: the broker's end offset minus the
                         last completed checkpoint's offset
@@ -63,7 +63,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		withSavepoint, abortTxns, asJSON   bool
 		purge, force                       bool
 		wait                               bool
-		waitTimeout                        time.Duration
+		waitTimeout, purgeWait             time.Duration
 	)
 	flags := map[string]func(fs *flag.FlagSet){
 		"transactions": func(fs *flag.FlagSet) {
@@ -79,7 +79,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			fs.BoolVar(&withSavepoint, "savepoint", false, "stop the job with a final savepoint: nothing is processed after it")
 			fs.BoolVar(&purge, "purge", false, "also purge the job (a cancelled one too): remove it, its checkpoints and their files once its tasks have stopped, without waiting for -job-gc-threshold; its savepoints stay")
 			fs.BoolVar(&force, "force", false, "with -purge: purge the job even if its checkpoint files cannot be deleted (its storage is gone for good); what is left stays in the storage")
-			fs.DurationVar(&waitTimeout, "wait-timeout", 0, "with -purge: how long to wait for the purge (at most 10m) before saying it is pending, the leader going on with it (default: the API's, 30s)")
+			fs.DurationVar(&purgeWait, "purge-wait", 0, "with -purge: how long to wait for the purge (at most 5m) before saying it is pending, the leader going on with it (default: the API's, 30s)")
 		},
 		"state": func(fs *flag.FlagSet) {
 			fs.StringVar(&key, "key", "", "show only this `key`")
@@ -105,12 +105,12 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 				return fmt.Errorf("-savepoint and -purge together: stop the job with a savepoint first, then purge it (its savepoints stay)")
 			case force && !purge:
 				return fmt.Errorf("-force goes with -purge only")
-			case waitTimeout != 0 && !purge:
-				return fmt.Errorf("-wait-timeout goes with -purge only")
+			case purgeWait != 0 && !purge:
+				return fmt.Errorf("-purge-wait goes with -purge only")
 			case withSavepoint:
 				return jobStopWithSavepoint(ctx, c, id, stdout)
 			case purge:
-				return jobPurge(ctx, c, id, force, waitTimeout, stdout)
+				return jobPurge(ctx, c, id, force, purgeWait, stdout)
 			}
 			data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil)
 			if err != nil {

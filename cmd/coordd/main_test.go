@@ -90,16 +90,16 @@ func TestCLI(t *testing.T) {
 	}
 
 	// -purge: a cancelled job without tasks goes at once, and is then
-	// unknown; -purge does not go with -savepoint. -wait-timeout goes to
-	// the API, which refuses one past its 10 minutes.
-	if code, _, stderr := cli("job", "cancel", "-purge", "-wait-timeout", "11m", id); code != 1 || !strings.Contains(stderr, `wait="11m0s"`) {
-		t.Errorf("job cancel -purge -wait-timeout 11m = %d %q, want 1 naming the wait", code, stderr)
+	// unknown; -purge does not go with -savepoint. -purge-wait goes to
+	// the API, which refuses one past its 5 minutes.
+	if code, _, stderr := cli("job", "cancel", "-purge", "-purge-wait", "6m", id); code != 1 || !strings.Contains(stderr, `wait="6m0s"`) {
+		t.Errorf("job cancel -purge -purge-wait 6m = %d %q, want 1 naming the wait", code, stderr)
 	}
-	if code, out, stderr := cli("job", "cancel", "-purge", "-wait-timeout", "20s", id); code != 0 || !strings.Contains(out, "job "+id+" purged (0 checkpoint files deleted)") {
+	if code, out, stderr := cli("job", "cancel", "-purge", "-purge-wait", "20s", id); code != 0 || !strings.Contains(out, "job "+id+" purged (0 checkpoint files deleted)") {
 		t.Errorf("job cancel -purge %s = %d %q %q, want it purged", id, code, out, stderr)
 	}
-	if code, _, stderr := cli("job", "cancel", "-wait-timeout", "1s", strings.TrimSpace(waitID)); code != 1 || !strings.Contains(stderr, "-wait-timeout goes with -purge") {
-		t.Errorf("job cancel -wait-timeout without -purge = %d %q, want 1 saying it goes with -purge", code, stderr)
+	if code, _, stderr := cli("job", "cancel", "-purge-wait", "1s", strings.TrimSpace(waitID)); code != 1 || !strings.Contains(stderr, "-purge-wait goes with -purge") {
+		t.Errorf("job cancel -purge-wait without -purge = %d %q, want 1 saying it goes with -purge", code, stderr)
 	}
 	if code, _, stderr := cli("job", "status", id); code != 1 || !strings.Contains(stderr, "no job") {
 		t.Errorf("job status of a purged job = %d %q, want 1 and no job", code, stderr)
