@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -396,26 +397,76 @@ func (s *Server) applyProblem() string {
 type logStoreHealth struct {
 	raft.LogStore
 	appendDuration, deleteDuration prometheus.Observer
+	// logger, if not nil, is told of appends slower than slowAfter, at
+	// most once per slowAppendLogEvery (now's clock; nil: time.Now).
+	logger    *slog.Logger
+	slowAfter time.Duration
+	now       func() time.Time
 
 	mu  sync.Mutex
 	err error // of the last write; nil once one succeeds
 	at  time.Time
+	// slow counts the appends over slowAfter since the last warning, and
+	// slowest is the longest of them.
+	slow       int
+	slowest    time.Duration
+	slowLogged time.Time
 }
 
-// newLogStoreHealth wraps store, timing its writes into m.
-func newLogStoreHealth(store raft.LogStore, m *metrics) *logStoreHealth {
+// slowAppend is how long a Raft log append may take before coordd warns:
+// hashicorp/raft writes the leader's log from its main loop, so every
+// commit of every job waits for a stalled append, and a checkpoint that
+// waits a quarter of a second for its trigger or completion is late.
+// slowAppendLogEvery keeps a disk that stalls all the time from filling
+// the log.
+const (
+	slowAppend         = 250 * time.Millisecond
+	slowAppendLogEvery = time.Minute
+)
+
+// newLogStoreHealth wraps store, timing its writes into m and warning in
+// logger (may be nil) of slow appends.
+func newLogStoreHealth(store raft.LogStore, m *metrics, logger *slog.Logger) *logStoreHealth {
 	return &logStoreHealth{
 		LogStore:       store,
 		appendDuration: m.raftLogStoreDuration.WithLabelValues("append"),
 		deleteDuration: m.raftLogStoreDuration.WithLabelValues("delete"),
+		logger:         logger,
+		slowAfter:      slowAppend,
 	}
 }
 
 // watchLogStore wraps store into the logStoreHealth the API reports.
 func (s *Server) watchLogStore(store raft.LogStore) raft.LogStore {
-	l := newLogStoreHealth(store, s.metrics)
+	l := newLogStoreHealth(store, s.metrics, s.logger.With("component", "raft-log"))
 	s.api.logs = l
 	return l
+}
+
+// timeAppend records an append of entries log entries that began at start.
+func (l *logStoreHealth) timeAppend(start time.Time, entries int) {
+	took := time.Since(start)
+	l.appendDuration.Observe(took.Seconds())
+	if l.logger == nil || took < l.slowAfter {
+		return
+	}
+	now := time.Now
+	if l.now != nil {
+		now = l.now
+	}
+	l.mu.Lock()
+	l.slow++
+	l.slowest = max(l.slowest, took)
+	at := now()
+	if !l.slowLogged.IsZero() && at.Sub(l.slowLogged) < slowAppendLogEvery {
+		l.mu.Unlock()
+		return
+	}
+	slow, slowest := l.slow, l.slowest
+	l.slow, l.slowest, l.slowLogged = 0, 0, at
+	l.mu.Unlock()
+	l.logger.Warn("raft log appends are slow: every commit waits for them (on the leader, every checkpoint of every job); give -data-dir a disk of its own with a short fsync tail",
+		"slow_appends", slow, "slowest", slowest.Round(time.Millisecond), "threshold", l.slowAfter, "last_entries", entries)
 }
 
 func (l *logStoreHealth) record(err error) error {
@@ -440,12 +491,12 @@ func (l *logStoreHealth) lastError() (since time.Time, err error) {
 }
 
 func (l *logStoreHealth) StoreLog(log *raft.Log) error {
-	defer prometheus.NewTimer(l.appendDuration).ObserveDuration()
+	defer l.timeAppend(time.Now(), 1)
 	return l.record(l.LogStore.StoreLog(log))
 }
 
 func (l *logStoreHealth) StoreLogs(logs []*raft.Log) error {
-	defer prometheus.NewTimer(l.appendDuration).ObserveDuration()
+	defer l.timeAppend(time.Now(), len(logs))
 	return l.record(l.LogStore.StoreLogs(logs))
 }
 

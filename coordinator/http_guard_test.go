@@ -2,11 +2,13 @@ package coordinator
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -234,7 +236,7 @@ func (f *failingLogStore) StoreLogs(logs []*raft.Log) error {
 // write succeeds again.
 func TestHTTPCannotApply(t *testing.T) {
 	store := &failingLogStore{LogStore: raft.NewInmemStore()}
-	health := newLogStoreHealth(store, newMetrics())
+	health := newLogStoreHealth(store, newMetrics(), nil)
 	logs := []*raft.Log{{Index: 1, Term: 1, Data: []byte("x")}}
 	store.fail = errors.New("write raft.db: no space left on device")
 	if err := health.StoreLogs(logs); err == nil {
@@ -390,5 +392,53 @@ func TestApplyLag(t *testing.T) {
 	}
 	if r := s.staleReason(contactInfo{lastContact: 10 * time.Millisecond, applyBehind: 50 * time.Millisecond}); r != "" {
 		t.Fatalf("stale reason with the FSM 50 ms behind: %q, want none", r)
+	}
+}
+
+// TestSlowLogAppendsWarned: appends over the threshold are logged with how
+// many there were and the slowest, at most once per slowAppendLogEvery;
+// appends under it are not.
+func TestSlowLogAppendsWarned(t *testing.T) {
+	var out bytes.Buffer
+	health := newLogStoreHealth(raft.NewInmemStore(), newMetrics(), slog.New(slog.NewTextHandler(&out, nil)))
+	clock := time.Unix(1_800_000_000, 0)
+	health.now = func() time.Time { return clock }
+	index := uint64(0)
+	appendOne := func() {
+		t.Helper()
+		index++
+		if err := health.StoreLogs([]*raft.Log{{Index: index, Term: 1, Data: []byte("x")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	warnings := func() []string {
+		var lines []string
+		for line := range strings.Lines(out.String()) {
+			if strings.Contains(line, "raft log appends are slow") {
+				lines = append(lines, line)
+			}
+		}
+		return lines
+	}
+
+	health.slowAfter = time.Hour
+	appendOne()
+	if w := warnings(); len(w) != 0 {
+		t.Fatalf("an append under the threshold was warned of: %q", w)
+	}
+	health.slowAfter = time.Nanosecond // every append is slow from here
+	appendOne()
+	if w := warnings(); len(w) != 1 || !strings.Contains(w[0], "slow_appends=1 ") {
+		t.Fatalf("after the first slow append: %q, want one warning of 1", w)
+	}
+	appendOne()
+	appendOne()
+	if w := warnings(); len(w) != 1 {
+		t.Fatalf("two more slow appends within %v: %d warnings, want still 1", slowAppendLogEvery, len(w))
+	}
+	clock = clock.Add(slowAppendLogEvery)
+	appendOne()
+	if w := warnings(); len(w) != 2 || !strings.Contains(w[1], "slow_appends=3 ") {
+		t.Fatalf("a slow append %v later: %q, want a second warning counting the 3 since the first", slowAppendLogEvery, w)
 	}
 }
