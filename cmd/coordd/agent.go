@@ -92,7 +92,7 @@ func runAgent(args []string, stderr io.Writer) error {
 	if cfg.ID == "" || cfg.DataDir == "" {
 		return usageError(fs, "-id and -data-dir are required")
 	}
-	cfg.Join = splitList(*join)
+	cfg.Join = config.SplitList(*join)
 	cfg.Failpoint = failpoint.FromEnv()
 	if tlsFiles.Enabled() {
 		tc, err := loadTLS(tlsFiles, tlsutil.RoleCoordinator, cfg.ID)
@@ -106,7 +106,7 @@ func runAgent(args []string, stderr io.Writer) error {
 		return usageError(fs, "%v", err)
 	}
 	cfg.GossipKeys = gossipKeys
-	cfg.Operators = splitList(*operators)
+	cfg.Operators = config.SplitList(*operators)
 	logger, err := newLogger(stderr, *logLevel, *logFormat)
 	if err != nil {
 		return usageError(fs, "%v", err)
@@ -156,17 +156,6 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return nil, fmt.Errorf("-log-format %q: want text or json", format)
-}
-
-// splitList splits a comma-separated flag value, dropping empty items.
-func splitList(s string) []string {
-	var out []string
-	for _, item := range strings.Split(s, ",") {
-		if item = strings.TrimSpace(item); item != "" {
-			out = append(out, item)
-		}
-	}
-	return out
 }
 
 // loadTLS loads the TLS files of a daemon whose certificate must be of role

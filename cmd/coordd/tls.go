@@ -8,6 +8,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/coordflow/coordflow/cmd/internal/config"
 	"github.com/coordflow/coordflow/transport/tlsutil"
 )
 
@@ -96,7 +97,7 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 	if validity == 0 {
 		validity = tlsutil.DefaultCertValidity
 	}
-	cert, key, err := tlsutil.CreateCert(tlsutil.CertRequest{Dir: *dir, Identity: ident, Hosts: splitList(addr), Validity: validity})
+	cert, key, err := tlsutil.CreateCert(tlsutil.CertRequest{Dir: *dir, Identity: ident, Hosts: config.SplitList(addr), Validity: validity})
 	if err != nil {
 		return err
 	}

@@ -60,7 +60,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -142,7 +141,7 @@ func run(args []string, stderr io.Writer) error {
 		return fmt.Errorf("-log-level: %w", err)
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	cfg.Join = splitList(*join)
+	cfg.Join = config.SplitList(*join)
 	cfg.Failpoint = failpoint.FromEnv()
 	if cfg.StateDir == "" && *dataDir != "" {
 		cfg.StateDir = filepath.Join(*dataDir, "state")
@@ -183,15 +182,4 @@ func durationFlag(fs *flag.FlagSet, v *time.Duration, name, alias, usage string)
 	if alias != "" {
 		fs.DurationVar(v, alias, *v, "alias of -"+name)
 	}
-}
-
-// splitList splits a comma-separated flag value, dropping empty entries.
-func splitList(s string) []string {
-	var out []string
-	for _, part := range strings.Split(s, ",") {
-		if part = strings.TrimSpace(part); part != "" {
-			out = append(out, part)
-		}
-	}
-	return out
 }

@@ -22,6 +22,18 @@ import (
 	"strings"
 )
 
+// SplitList splits a comma-separated flag value (a list flag such as -join,
+// or a list the config file joined with commas), dropping empty items.
+func SplitList(s string) []string {
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}
+
 // Flag defines the -config flag on fs and returns its value, for Apply.
 func Flag(fs *flag.FlagSet) *string {
 	return fs.String("config", "", "options from a JSON `FILE`: {\"flag-name\": value, ...}; flags on the command line override it (docs/operations.md, Config files)")

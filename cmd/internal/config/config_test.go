@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -107,5 +108,23 @@ func TestApplyReadsTheFile(t *testing.T) {
 	}
 	if err := Apply(f.fs, ""); err != nil {
 		t.Fatalf("no file: %v", err)
+	}
+}
+
+// TestSplitList: a list flag's value, as given or as the file joins it,
+// splits on commas with blanks and empty items dropped.
+func TestSplitList(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want []string
+	}{
+		{"", nil},
+		{"a", []string{"a"}},
+		{"127.0.0.1:7946, 127.0.0.1:7947,,", []string{"127.0.0.1:7946", "127.0.0.1:7947"}},
+		{" , ", nil},
+	} {
+		if got := SplitList(tc.in); !slices.Equal(got, tc.want) {
+			t.Errorf("SplitList(%q) = %q, want %q", tc.in, got, tc.want)
+		}
 	}
 }
