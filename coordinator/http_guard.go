@@ -398,7 +398,8 @@ type logStoreHealth struct {
 	raft.LogStore
 	appendDuration, deleteDuration prometheus.Observer
 	// logger, if not nil, is told of appends slower than slowAfter, at
-	// most once per slowAppendLogEvery (now's clock; nil: time.Now).
+	// most once per slowAppendLogEvery. now is the clock appends are timed
+	// and warnings spaced with (nil: time.Now).
 	logger    *slog.Logger
 	slowAfter time.Duration
 	now       func() time.Time
@@ -406,11 +407,13 @@ type logStoreHealth struct {
 	mu  sync.Mutex
 	err error // of the last write; nil once one succeeds
 	at  time.Time
-	// slow counts the appends over slowAfter since the last warning, and
-	// slowest is the longest of them.
-	slow       int
-	slowest    time.Duration
-	slowLogged time.Time
+	// slow counts the appends over slowAfter not yet reported; slowest is
+	// the longest of them, of slowestEntries entries. slowLogged is when
+	// they were last reported.
+	slow           int
+	slowest        time.Duration
+	slowestEntries int
+	slowLogged     time.Time
 }
 
 // slowAppend is how long a Raft log append may take before coordd warns:
@@ -443,30 +446,43 @@ func (s *Server) watchLogStore(store raft.LogStore) raft.LogStore {
 	return l
 }
 
-// timeAppend records an append of entries log entries that began at start.
+// clock returns the time of l's clock.
+func (l *logStoreHealth) clock() time.Time {
+	if l.now != nil {
+		return l.now()
+	}
+	return time.Now()
+}
+
+// timeAppend observes an append of entries log entries that began at start,
+// counts it if it was slow, and reports the slow ones not yet reported once
+// slowAppendLogEvery has passed since the last report: at the next append,
+// fast or slow, so that a burst is reported even if the disk then recovers.
 func (l *logStoreHealth) timeAppend(start time.Time, entries int) {
-	took := time.Since(start)
+	now := l.clock()
+	took := now.Sub(start)
 	l.appendDuration.Observe(took.Seconds())
-	if l.logger == nil || took < l.slowAfter {
+	if l.logger == nil {
 		return
 	}
-	now := time.Now
-	if l.now != nil {
-		now = l.now
-	}
 	l.mu.Lock()
-	l.slow++
-	l.slowest = max(l.slowest, took)
-	at := now()
-	if !l.slowLogged.IsZero() && at.Sub(l.slowLogged) < slowAppendLogEvery {
+	if took >= l.slowAfter {
+		l.slow++
+		if took > l.slowest {
+			l.slowest, l.slowestEntries = took, entries
+		}
+	}
+	if l.slow == 0 || !l.slowLogged.IsZero() && now.Sub(l.slowLogged) < slowAppendLogEvery {
 		l.mu.Unlock()
 		return
 	}
-	slow, slowest := l.slow, l.slowest
-	l.slow, l.slowest, l.slowLogged = 0, 0, at
+	attrs := []any{"slow_appends", l.slow, "slowest", l.slowest.Round(time.Millisecond), "slowest_entries", l.slowestEntries, "threshold", l.slowAfter}
+	if !l.slowLogged.IsZero() {
+		attrs = append(attrs, "since", l.slowLogged.UTC().Format(time.RFC3339))
+	}
+	l.slow, l.slowest, l.slowestEntries, l.slowLogged = 0, 0, 0, now
 	l.mu.Unlock()
-	l.logger.Warn("raft log appends are slow: every commit waits for them (on the leader, every checkpoint of every job); give -data-dir a disk of its own with a short fsync tail",
-		"slow_appends", slow, "slowest", slowest.Round(time.Millisecond), "threshold", l.slowAfter, "last_entries", entries)
+	l.logger.Warn("raft log appends are slow: the disk of -data-dir stalls; on the leader every commit waits for it", attrs...)
 }
 
 func (l *logStoreHealth) record(err error) error {
@@ -491,12 +507,12 @@ func (l *logStoreHealth) lastError() (since time.Time, err error) {
 }
 
 func (l *logStoreHealth) StoreLog(log *raft.Log) error {
-	defer l.timeAppend(time.Now(), 1)
+	defer l.timeAppend(l.clock(), 1)
 	return l.record(l.LogStore.StoreLog(log))
 }
 
 func (l *logStoreHealth) StoreLogs(logs []*raft.Log) error {
-	defer l.timeAppend(time.Now(), len(logs))
+	defer l.timeAppend(l.clock(), len(logs))
 	return l.record(l.LogStore.StoreLogs(logs))
 }
 

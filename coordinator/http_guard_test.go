@@ -395,19 +395,38 @@ func TestApplyLag(t *testing.T) {
 	}
 }
 
+// slowLogStore is a log store whose appends take takes on clock.
+type slowLogStore struct {
+	raft.LogStore
+	clock *time.Time
+	takes time.Duration
+}
+
+func (s *slowLogStore) StoreLogs(logs []*raft.Log) error {
+	*s.clock = s.clock.Add(s.takes)
+	return s.LogStore.StoreLogs(logs)
+}
+
 // TestSlowLogAppendsWarned: appends over the threshold are logged with how
-// many there were and the slowest, at most once per slowAppendLogEvery;
-// appends under it are not.
+// many there were, the slowest and its size, at most once per
+// slowAppendLogEvery, and those held back are reported by the first append
+// after it, a fast one too; appends under the threshold are not.
 func TestSlowLogAppendsWarned(t *testing.T) {
 	var out bytes.Buffer
-	health := newLogStoreHealth(raft.NewInmemStore(), newMetrics(), slog.New(slog.NewTextHandler(&out, nil)))
 	clock := time.Unix(1_800_000_000, 0)
+	store := &slowLogStore{LogStore: raft.NewInmemStore(), clock: &clock}
+	health := newLogStoreHealth(store, newMetrics(), slog.New(slog.NewTextHandler(&out, nil)))
 	health.now = func() time.Time { return clock }
 	index := uint64(0)
-	appendOne := func() {
+	appendTaking := func(d time.Duration, entries int) {
 		t.Helper()
-		index++
-		if err := health.StoreLogs([]*raft.Log{{Index: index, Term: 1, Data: []byte("x")}}); err != nil {
+		store.takes = d
+		var logs []*raft.Log
+		for range entries {
+			index++
+			logs = append(logs, &raft.Log{Index: index, Term: 1, Data: []byte("x")})
+		}
+		if err := health.StoreLogs(logs); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -421,24 +440,27 @@ func TestSlowLogAppendsWarned(t *testing.T) {
 		return lines
 	}
 
-	health.slowAfter = time.Hour
-	appendOne()
+	appendTaking(slowAppend-time.Millisecond, 1)
 	if w := warnings(); len(w) != 0 {
 		t.Fatalf("an append under the threshold was warned of: %q", w)
 	}
-	health.slowAfter = time.Nanosecond // every append is slow from here
-	appendOne()
-	if w := warnings(); len(w) != 1 || !strings.Contains(w[0], "slow_appends=1 ") {
-		t.Fatalf("after the first slow append: %q, want one warning of 1", w)
+	appendTaking(300*time.Millisecond, 2)
+	if w := warnings(); len(w) != 1 || !strings.Contains(w[0], "slow_appends=1 slowest=300ms slowest_entries=2 ") {
+		t.Fatalf("after the first slow append: %q, want one warning of it", w)
 	}
-	appendOne()
-	appendOne()
+	appendTaking(400*time.Millisecond, 5)
+	appendTaking(time.Second, 1)
 	if w := warnings(); len(w) != 1 {
 		t.Fatalf("two more slow appends within %v: %d warnings, want still 1", slowAppendLogEvery, len(w))
 	}
 	clock = clock.Add(slowAppendLogEvery)
-	appendOne()
-	if w := warnings(); len(w) != 2 || !strings.Contains(w[1], "slow_appends=3 ") {
-		t.Fatalf("a slow append %v later: %q, want a second warning counting the 3 since the first", slowAppendLogEvery, w)
+	appendTaking(time.Millisecond, 1) // fast: it reports the two held back
+	if w := warnings(); len(w) != 2 || !strings.Contains(w[1], "slow_appends=2 slowest=1s slowest_entries=1 ") || !strings.Contains(w[1], "since=") {
+		t.Fatalf("a fast append %v later: %q, want a second warning of the 2 held back", slowAppendLogEvery, w)
+	}
+	clock = clock.Add(slowAppendLogEvery)
+	appendTaking(time.Millisecond, 1)
+	if w := warnings(); len(w) != 2 {
+		t.Fatalf("a fast append with nothing held back: %d warnings, want still 2", len(w))
 	}
 }
