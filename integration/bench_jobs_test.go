@@ -269,9 +269,10 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		q := make(map[string][2]float64, len(values))
 		for _, v := range values {
 			sel := func(text string) string { return benchSelect(benchSelect(text, also), label+`="`+v+`"`) }
+			before, after := sel(s0.metrics), sel(s1.metrics)
 			q[v] = [2]float64{
-				1000 * histogramQuantile(0.5, sel(s0.metrics), sel(s1.metrics), name),
-				1000 * histogramQuantile(0.99, sel(s0.metrics), sel(s1.metrics), name),
+				1000 * histogramQuantile(0.5, before, after, name),
+				1000 * histogramQuantile(0.99, before, after, name),
 			}
 		}
 		return q
@@ -302,10 +303,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		res.LogDeleteMeanMS = 1000 * grown(logStore+"_sum", `op="delete"`) / n
 	}
 	res.LeaderCPU = delta("process_cpu_seconds_total") / window
-	res.WrittenMBps = make(map[string]float64)
-	for k, v := range s1.cpu.writtenSince(s0.cpu) {
-		res.WrittenMBps[k] = v / 1e6
-	}
+	res.WrittenMBps = s1.cpu.writtenSince(s0.cpu)
 	cpu, wall := s1.cpu.since(s0.cpu)
 	res.CPU = make(map[string]float64, len(cpu))
 	for k, v := range cpu {

@@ -228,7 +228,8 @@ func benchMap[T any](xs []T, f func(T) float64) []float64 {
 
 // benchCPU is the CPU time used so far by each group of processes: the
 // cluster's daemons by kind, this test process ("test": the plain consumer,
-// the producer and the polling), and the machine as a whole ("machine").
+// the producer and the polling), and the machine as a whole ("machine");
+// and the bytes each group of daemons has written to storage.
 type benchCPU struct {
 	at      time.Time
 	seconds map[string]float64
@@ -327,13 +328,13 @@ func (s benchCPU) since(from benchCPU) (map[string]float64, float64) {
 	return d, s.at.Sub(from.at).Seconds()
 }
 
-// writtenSince returns the bytes a second each group of daemons had written
-// to storage between from and s.
+// writtenSince returns the MB a second each group of daemons had written to
+// storage between from and s.
 func (s benchCPU) writtenSince(from benchCPU) map[string]float64 {
 	wall := s.at.Sub(from.at).Seconds()
 	d := make(map[string]float64, len(s.written))
 	for k, v := range s.written {
-		d[k] = (v - from.written[k]) / wall
+		d[k] = (v - from.written[k]) / wall / 1e6
 	}
 	return d
 }
