@@ -28,17 +28,21 @@ const (
 	// one of 8 MiB, where the tables on disk answer through bloom filters
 	// and the block cache (BenchmarkGetOrPut; docs/benchmarks.md).
 	DefaultMemTableSize = 8 << 20
-	// DefaultCacheSize is the default DiskOptions.CacheSize.
-	DefaultCacheSize = 32 << 20
+	// DefaultCacheSize is the default DiskOptions.CacheSize. Pebble
+	// reserves the memtables' memory in the cache, so with two or three
+	// memtables of 8 MiB about 24 to 32 MiB are left for blocks: the
+	// distinct job's half a million keys per task fit, where with 32 MiB a
+	// Get read a block from the file every few calls (BenchmarkGetOrPut).
+	DefaultCacheSize = 48 << 20
 )
 
 // DiskOptions configures a Disk backend. The zero value is ready to use.
 //
-// However many keys it holds, a Disk uses about 2*MemTableSize+CacheSize
-// bytes of memory (one memtable taking writes, one being flushed, and the
-// block cache, which also holds index and filter blocks), and at most about
-// 3*MemTableSize+CacheSize while flushes fall behind: 48 MiB and 56 MiB
-// with the defaults.
+// However many keys it holds, a Disk uses about CacheSize bytes of memory:
+// Pebble reserves its memtables' memory (one taking writes, one or two being
+// flushed) in the block cache, which holds data, index and filter blocks in
+// the rest. To that come the fast read path's bloom filters, a few
+// 1/16 MemTableSize each: 48 MiB and about 1.5 MiB with the defaults.
 type DiskOptions struct {
 	// MemTableSize is the size of one Pebble memtable, the in-memory write
 	// buffer that is flushed to a table on disk when full. Larger memtables
@@ -125,6 +129,14 @@ type Disk struct {
 	// progress is signalled, without blocking, when a flush or compaction
 	// ends or the backend fails; a write waiting in admit wakes on it.
 	progress chan struct{}
+	// tableChanges counts the changes to the set of tables (flushes,
+	// compactions, ingestions): the fast read path's iterator is made
+	// anew when it moved.
+	tableChanges atomic.Uint64
+
+	// reads is the fast path of Get, for keys not written since the last
+	// flush (flushedReads). Only the writer uses it.
+	reads flushedReads
 
 	// Used only by the writer goroutine.
 	keyBuf        []byte        // the encoded key of the current call
@@ -207,6 +219,7 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		loadTableSize: defaultLoadTableSize,
 		owner:         goid(),
 		stallSince:    time.Now(),
+		reads:         newFlushedReads(opts.MemTableSize),
 	}
 
 	if err := clearDir(fs, dir); err != nil {
@@ -226,8 +239,9 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 		EventListener: &pebble.EventListener{
 			BackgroundError: func(err error) { d.fail(fmt.Errorf("background error: %w", err)) },
 			DataCorruption:  func(info pebble.DataCorruptionInfo) { d.fail(errors.New(info.String())) },
-			FlushEnd:        func(pebble.FlushInfo) { d.signalProgress() },
-			CompactionEnd:   func(pebble.CompactionInfo) { d.signalProgress() },
+			FlushEnd:        func(pebble.FlushInfo) { d.tablesChanged(); d.signalProgress() },
+			CompactionEnd:   func(pebble.CompactionInfo) { d.tablesChanged(); d.signalProgress() },
+			TableIngested:   func(pebble.TableIngestInfo) { d.tablesChanged() },
 		},
 	}
 	// Bloom filters let Get of a missing key, the first Get of every new
@@ -287,6 +301,20 @@ func (d *Disk) Get(kg int32, key []byte) ([]byte, bool, error) {
 		return nil, false, err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	if !d.reads.unflushed(d.reads.hash(d.keyBuf)) {
+		d.reads.fast++
+		var found bool
+		var err error
+		d.getBuf, found, err = d.reads.get(d.db, d.tableChanges.Load(), d.keyBuf, d.getBuf)
+		if err != nil {
+			return nil, false, d.errorf("get", err)
+		}
+		if !found {
+			return nil, false, nil
+		}
+		return slices.Clip(d.getBuf), true, nil
+	}
+	d.reads.slow++
 	val, closer, err := d.db.Get(d.keyBuf)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, false, nil
@@ -311,10 +339,11 @@ func (d *Disk) Put(kg int32, key, value []byte) error {
 		return err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	full := d.reads.wrote(d.reads.hash(d.keyBuf), len(key)+len(value)+entryOverhead)
 	if err := d.db.Set(d.keyBuf, value, pebble.NoSync); err != nil {
 		return d.errorf("put", err)
 	}
-	return nil
+	return d.endGeneration(full)
 }
 
 // Delete removes key from key group kg.
@@ -326,10 +355,11 @@ func (d *Disk) Delete(kg int32, key []byte) error {
 		return err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	full := d.reads.wrote(d.reads.hash(d.keyBuf), len(key)+entryOverhead)
 	if err := d.db.Delete(d.keyBuf, pebble.NoSync); err != nil {
 		return d.errorf("delete", err)
 	}
-	return nil
+	return d.endGeneration(full)
 }
 
 // DropRange removes every key of the key groups [start, end) with one Pebble
@@ -344,11 +374,31 @@ func (d *Disk) DropRange(start, end int32) error {
 	if start == end {
 		return nil
 	}
+	full := d.reads.wroteRange(entryOverhead)
 	if err := d.db.DeleteRange(groupPrefix(start), groupPrefix(end), pebble.NoSync); err != nil {
 		return d.errorf("drop key groups", err)
 	}
+	return d.endGeneration(full)
+}
+
+// endGeneration, if full, ends the generation of writes of the fast read
+// path and has Pebble flush the memtable that holds its last write
+// (flushedReads).
+func (d *Disk) endGeneration(full bool) error {
+	if !full {
+		return nil
+	}
+	done, err := d.db.AsyncFlush()
+	if err != nil {
+		return d.errorf("flush", err)
+	}
+	d.reads.seal(done)
 	return nil
 }
+
+// tablesChanged records a change to the set of Pebble's tables. Pebble
+// calls it from its own goroutines.
+func (d *Disk) tablesChanged() { d.tableChanges.Add(1) }
 
 // Snapshot returns a view of the state as of the call, backed by a Pebble
 // snapshot. An open view keeps Pebble from discarding the versions of keys
@@ -375,6 +425,9 @@ func (d *Disk) Close() error {
 	d.closed = true
 	open := d.views
 	d.mu.Unlock()
+	if !d.fatal.Load() { // see closeDB
+		d.reads.closeIter()
+	}
 	if open > 0 {
 		d.log.Warn("disk state backend closed with views open; the last view released closes it", "views", open)
 		return nil
@@ -444,6 +497,7 @@ func (d *Disk) admit(n int) error {
 		return nil
 	}
 	d.unchecked = 0
+	d.reads.releaseStale(d.tableChanges.Load())
 	var began, logged time.Time
 	var first *pebble.Metrics // of the first check that made the write wait
 	for {

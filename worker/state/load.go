@@ -268,7 +268,11 @@ func (l *Loader) ingestTable() error {
 		defer recoverFatal(&err)
 		return l.d.db.Ingest(context.Background(), []string{l.path})
 	}
-	if err := ingest(); err != nil {
+	err := ingest()
+	// The fast read path must not read from tables made before the
+	// ingestion, failed or not.
+	l.d.tablesChanged()
+	if err != nil {
 		return l.d.errorf("bulk load: ingest table "+l.name, err)
 	}
 	l.ingested = true
