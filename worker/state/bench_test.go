@@ -119,6 +119,7 @@ func BenchmarkGetOrPut(b *testing.B) {
 					}
 				}
 			}
+			b.ReportMetric(float64(d.db.Metrics().Flush.Count), "flushes")
 			m := d.db.Metrics()
 			b.ReportMetric(float64(m.Flush.Count), "flushes")
 			b.ReportMetric(float64(m.Levels[0].Sublevels), "l0-sublevels")
