@@ -146,7 +146,12 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 		if r.Method == http.MethodGet || r.Method == http.MethodHead {
 			c := s.contact()
 			c.setHeaders(w)
-			if o.fsmRead && !staleAllowed(r) {
+			stale, err := staleAllowed(r)
+			if o.fsmRead && err != nil {
+				writeError(w, http.StatusBadRequest, err.Error())
+				return
+			}
+			if o.fsmRead && !stale {
 				if reason := s.staleReason(c); reason != "" {
 					w.Header().Set("Retry-After", "1")
 					writeError(w, http.StatusServiceUnavailable, reason+": read another coordinator, or add ?stale=true to read this one anyway")
@@ -188,14 +193,14 @@ func extendWrite(w http.ResponseWriter, d time.Duration) {
 }
 
 // staleAllowed reports whether the request asks for a read whatever this
-// node's staleness: ?stale or ?stale=true (Consul's convention).
-func staleAllowed(r *http.Request) bool {
+// node's staleness: ?stale (Consul's convention) or ?stale=true. Any value
+// queryBool refuses is an error, not a quiet "no".
+func staleAllowed(r *http.Request) (bool, error) {
 	q := r.URL.Query()
-	if !q.Has("stale") {
-		return false
+	if q.Has("stale") && q.Get("stale") == "" {
+		return true, nil
 	}
-	v := q.Get("stale")
-	return v == "" || v == "true" || v == "1"
+	return queryBool(q, "stale")
 }
 
 // contactInfo is how current this node's FSM is.

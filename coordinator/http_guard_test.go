@@ -198,6 +198,13 @@ func TestHTTPStaleReads(t *testing.T) {
 	if code := apiCall(t, f, "GET", "/v1/jobs?stale=true", nil, &jobs); code != http.StatusOK || len(jobs) != 1 {
 		t.Errorf("GET /v1/jobs?stale=true on the cut-off follower: %d %+v, want 200 and the job", code, jobs)
 	}
+	if code := apiCall(t, f, "GET", "/v1/jobs?stale=false", nil, nil); code != http.StatusServiceUnavailable {
+		t.Errorf("GET /v1/jobs?stale=false on the cut-off follower: %d, want 503", code)
+	}
+	var bad struct{ Error string }
+	if code := apiCall(t, f, "GET", "/v1/jobs?stale=yes", nil, &bad); code != http.StatusBadRequest || !strings.Contains(bad.Error, `stale="yes"`) {
+		t.Errorf("GET /v1/jobs?stale=yes: %d %q, want 400 naming the parameter and its value", code, bad.Error)
+	}
 	a = request(t, http.DefaultClient, base, "GET", "/v1/jobs/"+jobs[0].ID+"?stale", "", "")
 	ms, _ = strconv.ParseInt(a.header.Get(lastContactHeader), 10, 64)
 	if a.code != http.StatusOK || ms <= maxStale.Milliseconds() {

@@ -244,6 +244,10 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 			TableIngested:   func(pebble.TableIngestInfo) { d.tablesChanged() },
 		},
 	}
+	// A table ingested over keys still in a memtable would otherwise be
+	// queued behind it, unseen by the fast read path's iterator until
+	// flushed (flushedReads); Ingest flushes and waits instead.
+	po.Experimental.DisableIngestAsFlushable = func() bool { return true }
 	// Bloom filters let Get of a missing key, the first Get of every new
 	// key, skip reading most tables.
 	for i := range po.Levels {
@@ -339,7 +343,7 @@ func (d *Disk) Put(kg int32, key, value []byte) error {
 		return err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
-	full := d.reads.wrote(d.reads.hash(d.keyBuf), len(key)+len(value)+entryOverhead)
+	full := d.reads.wrote(d.reads.hash(d.keyBuf), entryBytes(len(d.keyBuf), len(value)))
 	if err := d.db.Set(d.keyBuf, value, pebble.NoSync); err != nil {
 		return d.errorf("put", err)
 	}
@@ -355,7 +359,7 @@ func (d *Disk) Delete(kg int32, key []byte) error {
 		return err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
-	full := d.reads.wrote(d.reads.hash(d.keyBuf), len(key)+entryOverhead)
+	full := d.reads.wrote(d.reads.hash(d.keyBuf), entryBytes(len(d.keyBuf), 0))
 	if err := d.db.Delete(d.keyBuf, pebble.NoSync); err != nil {
 		return d.errorf("delete", err)
 	}
@@ -374,7 +378,7 @@ func (d *Disk) DropRange(start, end int32) error {
 	if start == end {
 		return nil
 	}
-	full := d.reads.wroteRange(entryOverhead)
+	full := d.reads.wroteRange(entryBytes(8, 4))
 	if err := d.db.DeleteRange(groupPrefix(start), groupPrefix(end), pebble.NoSync); err != nil {
 		return d.errorf("drop key groups", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"hash/maphash"
 	"math/bits"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -18,12 +19,12 @@ import (
 // docs/benchmarks.md). So the Disk remembers which keys were written since
 // the last flush it knows complete, in a bloom filter per generation of
 // writes, and sends only those keys, and the rare false positives, through
-// Pebble's Get. A generation ends once about three quarters of a memtable
-// of writes were made in it: the Disk then asks Pebble to flush
-// (DB.AsyncFlush, which also starts a new memtable), and drops the
-// generation's filter when that flush is done. Pebble's own flushes, when a
-// memtable fills up first, only make writes durable earlier than the Disk
-// assumes.
+// Pebble's Get. A generation ends once about seven eighths of a memtable of
+// writes were made in it, by an estimate that errs on the high side: the
+// Disk then asks Pebble to flush (DB.AsyncFlush, which also starts a new
+// memtable), and drops the generation's filter when that flush is done.
+// Pebble's own flushes, when a memtable fills up first, only make writes
+// durable earlier than the Disk assumes.
 //
 // The iterator is a Pebble iterator with OnlyReadGuaranteedDurable: a view of
 // the tables as of its creation. It is made again after every change to the
@@ -32,6 +33,9 @@ import (
 // wrote, and so that it does not keep compacted tables on disk. While a
 // range deletion is not yet flushed, every Get takes Pebble's path: the
 // deletion covers keys the filters do not name.
+// A bulk load's tables are in the tables as soon as Ingest returns: the Disk
+// turns off Pebble's ingestion as a flushable (a table queued behind the
+// memtables, which this iterator would not see until flushed).
 //
 // Only the writer goroutine uses it.
 type flushedReads struct {
@@ -71,7 +75,13 @@ const (
 	// genFill is the share of a memtable a generation takes before it
 	// ends: less than all of it, so that the Disk's flush, not Pebble's,
 	// usually ends a memtable, and flushes are not made twice as often.
-	genFillNum, genFillDen = 3, 4
+	genFillNum, genFillDen = 7, 8
+	// genEntryOverhead estimates the memtable bytes of a write beyond its
+	// encoded key and value, on the high side: Pebble's skiplist node is
+	// 24 bytes and 8 per level of its tower (1.6 on average), plus the
+	// key's 8-byte trailer and up to 3 bytes of alignment
+	// (arenaskl.MaxNodeSize).
+	genEntryOverhead = 48
 	// filterBitsPerKey and filterProbes size the bloom filters: at 16 bits
 	// a key and 4 probes, under 0.3 % of the keys a full generation does
 	// not hold take Pebble's path.
@@ -81,9 +91,9 @@ const (
 
 func newFlushedReads(memTableSize uint64) flushedReads {
 	sealAt := int(memTableSize * genFillNum / genFillDen)
-	// Every write costs at least entryOverhead bytes in the estimate, so a
-	// generation holds at most sealAt/entryOverhead keys.
-	maxKeys := uint64(sealAt/entryOverhead) + 1
+	// Every write costs at least genEntryOverhead bytes and a 4-byte key
+	// group in the estimate, which bounds a generation's keys.
+	maxKeys := uint64(sealAt/(genEntryOverhead+4)) + 1
 	return flushedReads{
 		seed:       maphash.MakeSeed(),
 		sealAt:     sealAt,
@@ -95,11 +105,13 @@ func newFlushedReads(memTableSize uint64) flushedReads {
 func (r *flushedReads) hash(k []byte) uint64 { return maphash.Bytes(r.seed, k) }
 
 // current returns the generation that takes writes, starting one if
-// needed.
+// needed. A Disk that only writes for a while drops the flushed
+// generations here, so that their filters do not pile up.
 func (r *flushedReads) current() *writeGen {
 	if n := len(r.gens); n > 0 && r.gens[n-1].done == nil {
 		return r.gens[n-1]
 	}
+	r.dropFlushed()
 	f := r.spare
 	r.spare = nil
 	if f == nil {
@@ -110,8 +122,12 @@ func (r *flushedReads) current() *writeGen {
 	return g
 }
 
-// wrote records a write of the key with hash h and about n memtable bytes.
-// It reports whether the generation is full and should end.
+// entryBytes estimates the memtable bytes of a write of an encoded key of
+// k bytes and a value of v bytes.
+func entryBytes(k, v int) int { return k + v + genEntryOverhead }
+
+// wrote records a write of the key with hash h and about n memtable bytes
+// (entryBytes). It reports whether the generation is full and should end.
 func (r *flushedReads) wrote(h uint64, n int) (full bool) {
 	g := r.current()
 	mask := r.filterBits - 1
@@ -124,7 +140,9 @@ func (r *flushedReads) wrote(h uint64, n int) (full bool) {
 	return g.bytes >= r.sealAt
 }
 
-// wroteRange records a range deletion.
+// wroteRange records a range deletion of about n memtable bytes: until its
+// generation is flushed, no Get takes the fast path. (Ending the generation
+// at once would force a flush that a briefly full disk fails for good.)
 func (r *flushedReads) wroteRange(n int) (full bool) {
 	g := r.current()
 	g.rangeDel = true
@@ -166,7 +184,7 @@ out:
 			r.spare = g.filter
 		}
 	}
-	r.gens = append(r.gens[:0], r.gens[dropped:]...)
+	r.gens = slices.Delete(r.gens, 0, dropped)
 	r.closeIter()
 }
 
