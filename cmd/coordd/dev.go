@@ -143,6 +143,18 @@ type devOptions struct {
 	// ready, if set, is called once the sample job runs, with a client of
 	// c1's HTTP API and the job id (tests).
 	ready func(api *devAPI, jobID string)
+	// slowGossip gives every node memberlist's LAN timings (1 s probes,
+	// 500 ms probe timeout) instead of coordflow's fast ones: tests built
+	// with the race detector run the whole cluster in one process, slowly
+	// enough that 100 ms probes declare live workers dead.
+	slowGossip bool
+}
+
+// applyGossipTimings sets memberlist's LAN timings if o asks for them.
+func (o devOptions) applyGossipTimings(interval, timeout *time.Duration) {
+	if o.slowGossip {
+		*interval, *timeout = time.Second, 500*time.Millisecond
+	}
 }
 
 func runDev(args []string) error {
@@ -225,6 +237,7 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		cfg.RaftAddr, cfg.RPCAddr, cfg.HTTPAddr, cfg.GossipAddr = ports.raft[i], ports.rpc[i], ports.http[i], ports.gossip[i]
 		cfg.BootstrapExpect = 3
 		cfg.Join = join
+		o.applyGossipTimings(&cfg.ProbeInterval, &cfg.ProbeTimeout)
 		// Checkpoint files go to a directory every node of this process sees,
 		// as a shared file system or an object store would in production.
 		cfg.CheckpointStorage = "file://" + filepath.Join(dir, "checkpoints")
@@ -260,6 +273,7 @@ func dev(ctx context.Context, o devOptions) (err error) {
 		cfg.DataAddr, cfg.GossipAddr = ports.workerData[i], ports.workerGossip[i]
 		cfg.Join = join
 		cfg.Slots = 4
+		o.applyGossipTimings(&cfg.ProbeInterval, &cfg.ProbeTimeout)
 		cfg.StateDir = filepath.Join(dir, cfg.ID, "state")
 		cfg.Logger = logger.With("component", "workerd")
 		if sec != nil {

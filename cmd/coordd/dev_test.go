@@ -74,7 +74,7 @@ func testDevIn(t *testing.T, secure bool, dataDir string) *devAPI {
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out, secure: secure, dataDir: dataDir,
+		done <- dev(ctx, devOptions{rate: 500, freePorts: true, logLevel: 8, out: out, secure: secure, dataDir: dataDir, slowGossip: raceEnabled,
 			ready: func(a *devAPI, id string) { api, jobID = a, id; close(ready) }})
 	}()
 	select {
