@@ -249,13 +249,16 @@ func TestOutboxMark(t *testing.T) {
 func TestLeaderlessEverywhereRenewsLease(t *testing.T) {
 	a := newFakeCoord(t, true, "")
 	b := newFakeCoord(t, false, "")
+	// A lease of 1 s, not 300 ms: under the race detector on a loaded
+	// 2-vCPU machine the worker's loop has stalled for more than 300 ms,
+	// which expired the lease with no fault of the hold's.
 	for _, f := range []*fakeCoord{a, b} {
-		f.leaseMs, f.hbMs = 300, 30
+		f.leaseMs, f.hbMs = 1000, 100
 	}
 	b.leaderless.Store(true)
 	w, _ := leaderlessSetup(t, a, b.rpcAddr, refusedAddr(t))
 
-	// 40 answers at the 30 ms heartbeat span four 300 ms leases.
+	// 40 answers at the 100 ms heartbeat span four 1 s leases.
 	start := a.leaderlessAnswers.Load()
 	waitFor(t, "40 answers of the holding coordinator", func() bool { return a.leaderlessAnswers.Load() >= start+40 })
 	asked := b.leaderlessAnswers.Load()
