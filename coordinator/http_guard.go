@@ -146,17 +146,8 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 		if r.Method == http.MethodGet || r.Method == http.MethodHead {
 			c := s.contact()
 			c.setHeaders(w)
-			stale, err := staleAllowed(r)
-			if o.fsmRead && err != nil {
-				writeError(w, http.StatusBadRequest, err.Error())
+			if o.fsmRead && !s.readAllowed(w, r, c) {
 				return
-			}
-			if o.fsmRead && !stale {
-				if reason := s.staleReason(c); reason != "" {
-					w.Header().Set("Retry-After", "1")
-					writeError(w, http.StatusServiceUnavailable, reason+": read another coordinator, or add ?stale=true to read this one anyway")
-					return
-				}
 			}
 		}
 		h.ServeHTTP(w, r)
@@ -190,6 +181,26 @@ func isTimeout(err error) bool {
 // written long after the request (a savepoint) or streamed.
 func extendWrite(w http.ResponseWriter, d time.Duration) {
 	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+}
+
+// readAllowed reports whether a read of this node's FSM may be answered,
+// having written the refusal if not: 400 for a malformed ?stale, 503 with
+// the reason if this node may be stale and the request does not accept it.
+func (s *Server) readAllowed(w http.ResponseWriter, r *http.Request, c contactInfo) bool {
+	stale, err := staleAllowed(r)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return false
+	}
+	if stale {
+		return true
+	}
+	if reason := s.staleReason(c); reason != "" {
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, reason+": read another coordinator, or add ?stale=true to read this one anyway")
+		return false
+	}
+	return true
 }
 
 // staleAllowed reports whether the request asks for a read whatever this

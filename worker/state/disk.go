@@ -241,7 +241,6 @@ func openDisk(dir string, opts DiskOptions, fs vfs.FS) (*Disk, error) {
 			DataCorruption:  func(info pebble.DataCorruptionInfo) { d.fail(errors.New(info.String())) },
 			FlushEnd:        func(pebble.FlushInfo) { d.tablesChanged(); d.signalProgress() },
 			CompactionEnd:   func(pebble.CompactionInfo) { d.tablesChanged(); d.signalProgress() },
-			TableIngested:   func(pebble.TableIngestInfo) { d.tablesChanged() },
 		},
 	}
 	// A table ingested over keys still in a memtable would otherwise be
@@ -378,8 +377,9 @@ func (d *Disk) DropRange(start, end int32) error {
 	if start == end {
 		return nil
 	}
-	full := d.reads.wroteRange(entryBytes(8, 4))
-	if err := d.db.DeleteRange(groupPrefix(start), groupPrefix(end), pebble.NoSync); err != nil {
+	from, to := groupPrefix(start), groupPrefix(end)
+	full := d.reads.wroteRange(entryBytes(len(from), len(to)))
+	if err := d.db.DeleteRange(from, to, pebble.NoSync); err != nil {
 		return d.errorf("drop key groups", err)
 	}
 	return d.endGeneration(full)
@@ -400,8 +400,9 @@ func (d *Disk) endGeneration(full bool) error {
 	return nil
 }
 
-// tablesChanged records a change to the set of Pebble's tables. Pebble
-// calls it from its own goroutines.
+// tablesChanged records a change to the set of Pebble's tables: Pebble
+// calls it from its own goroutines at the end of a flush or compaction, and
+// a Loader after each ingestion.
 func (d *Disk) tablesChanged() { d.tableChanges.Add(1) }
 
 // Snapshot returns a view of the state as of the call, backed by a Pebble

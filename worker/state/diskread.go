@@ -60,6 +60,19 @@ type flushedReads struct {
 	off        bool
 }
 
+// flushed reports whether the flush that ended g is done.
+func (g *writeGen) flushed() bool {
+	if g.done == nil {
+		return false
+	}
+	select {
+	case <-g.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // writeGen is one generation of writes: a bloom filter of the keys written.
 type writeGen struct {
 	filter   []uint64
@@ -130,14 +143,36 @@ func entryBytes(k, v int) int { return k + v + genEntryOverhead }
 // (entryBytes). It reports whether the generation is full and should end.
 func (r *flushedReads) wrote(h uint64, n int) (full bool) {
 	g := r.current()
-	mask := r.filterBits - 1
-	step := h>>32 | 1
-	for range filterProbes {
-		g.filter[(h&mask)/64] |= 1 << (h & 63)
-		h += step
-	}
+	g.add(h)
 	g.bytes += n
 	return g.bytes >= r.sealAt
+}
+
+// probe returns the filter word and bit of probe i of the key with hash h:
+// double hashing over the filter's bits, whose number is a power of two.
+func (g *writeGen) probe(h uint64, i int) (word int, bit uint64) {
+	h += uint64(i) * (h>>32 | 1)
+	mask := uint64(len(g.filter))*64 - 1
+	return int((h & mask) / 64), 1 << (h & 63)
+}
+
+// add sets the filter bits of the key with hash h.
+func (g *writeGen) add(h uint64) {
+	for i := range filterProbes {
+		w, b := g.probe(h, i)
+		g.filter[w] |= b
+	}
+}
+
+// mayContain reports whether the key with hash h may have been written in
+// g: false only if it was not.
+func (g *writeGen) mayContain(h uint64) bool {
+	for i := range filterProbes {
+		if w, b := g.probe(h, i); g.filter[w]&b == 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // wroteRange records a range deletion of about n memtable bytes: until its
@@ -163,18 +198,9 @@ func (r *flushedReads) seal(done <-chan struct{}) {
 // dropped any: the keys they name are read from the new tables from now on.
 func (r *flushedReads) dropFlushed() {
 	dropped := 0
-	for _, g := range r.gens {
-		if g.done == nil {
-			break
-		}
-		select {
-		case <-g.done:
-		default:
-			goto out
-		}
+	for dropped < len(r.gens) && r.gens[dropped].flushed() {
 		dropped++
 	}
-out:
 	if dropped == 0 {
 		return
 	}
@@ -196,21 +222,8 @@ func (r *flushedReads) unflushed(h uint64) bool {
 	if r.off {
 		return true
 	}
-	mask := r.filterBits - 1
-	step := h>>32 | 1
 	for _, g := range r.gens {
-		if g.rangeDel {
-			return true
-		}
-		p, in := h, true
-		for range filterProbes {
-			if g.filter[(p&mask)/64]&(1<<(p&63)) == 0 {
-				in = false
-				break
-			}
-			p += step
-		}
-		if in {
+		if g.rangeDel || g.mayContain(h) {
 			return true
 		}
 	}
