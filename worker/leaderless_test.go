@@ -249,18 +249,19 @@ func TestOutboxMark(t *testing.T) {
 func TestLeaderlessEverywhereRenewsLease(t *testing.T) {
 	a := newFakeCoord(t, true, "")
 	b := newFakeCoord(t, false, "")
-	// A lease of 1 s, not 300 ms: under the race detector on a loaded
+	// A lease of 2 s, not 300 ms: under the race detector on a loaded
 	// 2-vCPU machine the worker's loop has stalled for more than 300 ms,
-	// which expired the lease with no fault of the hold's.
+	// and b's answers to the probes have taken over 600 ms (CI, twice with
+	// 1 s), which expired the lease with no fault of the hold's.
 	for _, f := range []*fakeCoord{a, b} {
-		f.leaseMs, f.hbMs = 1000, 100
+		f.leaseMs, f.hbMs = 2000, 100
 	}
 	b.leaderless.Store(true)
 	w, _ := leaderlessSetup(t, a, b.rpcAddr, refusedAddr(t))
 
-	// 40 answers at the 100 ms heartbeat span four 1 s leases.
+	// 60 answers at the 100 ms heartbeat span three 2 s leases.
 	start := a.leaderlessAnswers.Load()
-	waitFor(t, "40 answers of the holding coordinator", func() bool { return a.leaderlessAnswers.Load() >= start+40 })
+	waitFor(t, "60 answers of the holding coordinator", func() bool { return a.leaderlessAnswers.Load() >= start+60 })
 	asked := b.leaderlessAnswers.Load()
 	waitFor(t, "b asked again", func() bool { return b.leaderlessAnswers.Load() > asked })
 	noTaskEnded(t, a, b)

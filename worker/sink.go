@@ -15,8 +15,9 @@ import (
 )
 
 // A sink sends its buffer once it holds sinkBatch outputs or
-// sinkBatchBytes of keys and values. Sends are synchronous and every message
-// crosses sarama's goroutines, so large sends are what make a sink fast:
+// sinkBatchBytes of keys and values. Sends are synchronous, and each costs
+// requests and acks whatever its size (and, at least once, every message
+// crosses sarama's goroutines), so large sends are what make a sink fast:
 // 500 outputs a send cost about twice the CPU per record of 5,000, in the
 // workers and the broker alike (BenchmarkThroughput, docs/benchmarks.md).
 const (

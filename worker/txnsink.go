@@ -33,7 +33,7 @@ const txnSlots = 5
 // rules of the version that wrote it: the same EndTxn means different
 // things under each (docs/protocol.md, "Exactly-once sink").
 const (
-	// txnProtocolV1 is what sarama's producer speaks (EndTxn up to v3,
+	// txnProtocolV1 is what sarama's request types speak (EndTxn up to v3,
 	// Produce up to v10): a producer keeps its epoch across transactions;
 	// the broker bumps it only at InitProducerId or when it aborts a
 	// transaction at its timeout. A second commit with the same epoch is a
@@ -53,8 +53,9 @@ const (
 const txnProtocolVersion = txnProtocolV1
 
 // txnKafkaVersion is the Kafka version an exactly-once sink assumes: 3.0
-// brought DescribeTransactions (KIP-664), from which a task learns the
-// producer id and epoch of its transactions (sarama does not expose them).
+// brought DescribeTransactions (KIP-664), from which a task learns whether
+// another producer took one of its ids (fencedOut) and how a restored
+// transaction ended (explainEnded).
 var txnKafkaVersion = sarama.V3_0_0_0
 
 // errFenced says Kafka fenced a producer of the task: a newer attempt owns
@@ -85,17 +86,24 @@ const (
 	slotCommitted                  // committed; reusable once freeAfter completes
 )
 
-// txnSlot is one transactional id of a map task and the producer that holds it.
+// txnSlot is one transactional id of a map task and the producer id and
+// epoch the task holds it with.
 type txnSlot struct {
-	id       string
-	client   sarama.Client
-	producer sarama.AsyncProducer
-	pid      int64
-	epoch    int16
-	state    slotState
-	wrote    bool      // the open transaction has records: a write of it succeeded
-	began    time.Time // when its first successful write was sent
-	ckpt     uint64    // pending: the checkpoint whose barrier pre-committed it
+	id string
+	// inited: the slot has a producer id and epoch of this attempt's
+	// (InitProducerID); seq is the next sequence number of each partition
+	// under that epoch.
+	inited bool
+	pid    int64
+	epoch  int16
+	seq    map[int32]int32
+	// added are the partitions the open transaction has written to
+	// (AddPartitionsToTxn).
+	added map[int32]bool
+	state slotState
+	wrote bool      // the open transaction has records: a write of it succeeded
+	began time.Time // when its first successful write was sent
+	ckpt  uint64    // pending: the checkpoint whose barrier pre-committed it
 	// freeAfter (committed) is the first checkpoint whose snapshot does not
 	// list this transaction: once it completes no restore can ask for the
 	// transaction again and the id can be reused. 0 until that barrier.
@@ -129,9 +137,9 @@ type txnPool struct {
 	task        string // the map task id
 	timeout     time.Duration
 	ckptTimeout time.Duration
-	// admin is a plain client for the requests the producers cannot make:
-	// committing a restored transaction, fencing ids nobody produces with.
+	// admin is the sink's client, through which every request goes.
 	admin sarama.Client
+	w     *txnWriter
 	// tv2 sends what sarama cannot: EndTxn v5 for a restored transaction
 	// of protocol version 2. Opened at the first such transaction.
 	tv2    *kgo.Client
@@ -180,6 +188,7 @@ func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *trans
 		timeout:     time.Duration(spec.GetTransactionTimeoutMs()) * time.Millisecond,
 		ckptTimeout: time.Duration(spec.GetCheckpointTimeoutMs()) * time.Millisecond,
 		admin:       admin,
+		w:           newTxnWriter(admin, spec.GetTopic()),
 		hold:        hold,
 		counts:      env.metrics.sinkTxns.MustCurryWith(prometheus.Labels{"job": job}),
 		fenced:      env.metrics.sinkFenced.WithLabelValues(job),
@@ -387,6 +396,19 @@ func (p *txnPool) endTxnV2(id string, pid int64, epoch int16) (sarama.KError, er
 // broker aborts its open transaction, if any, and bumps its epoch, fencing
 // whoever held it.
 func (p *txnPool) fence(id string) error {
+	if _, _, err := p.initProducerID(id); err != nil {
+		return fmt.Errorf("fence transactional id %s: %w", id, err)
+	}
+	p.counts.WithLabelValues("aborted_stale").Inc()
+	return nil
+}
+
+// initProducerID initialises transactional id id (InitProducerID): the
+// broker aborts the id's open transaction, if any, bumps its epoch, which
+// fences every earlier holder, and returns the producer id and new epoch.
+func (p *txnPool) initProducerID(id string) (int64, int16, error) {
+	var pid int64
+	var epoch int16
 	kerr, err := p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
 			Version: initProducerIDVersion(p.admin), TransactionalID: &id, TransactionTimeout: p.timeout,
@@ -395,16 +417,13 @@ func (p *txnPool) fence(id string) error {
 		if err != nil {
 			return 0, err
 		}
+		pid, epoch = resp.ProducerID, resp.ProducerEpoch
 		return resp.Err, nil
 	}))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
-	if err != nil {
-		return fmt.Errorf("fence transactional id %s: %w", id, err)
-	}
-	p.counts.WithLabelValues("aborted_stale").Inc()
-	return nil
+	return pid, epoch, err
 }
 
 // retry calls do until it answers with anything but a transport error or a
@@ -591,53 +610,32 @@ func (p *txnPool) openNext() error {
 	if s == nil {
 		return errNoFreeTxn
 	}
-	if s.producer == nil || s.stale {
+	if !s.inited || s.stale {
 		if err := p.initSlot(s); err != nil {
 			return err
 		}
 	}
-	if err := s.producer.BeginTxn(); err != nil {
-		return p.producerErr(s, "begin transaction", err)
-	}
+	s.begin()
 	s.state, s.wrote, s.began = slotOpen, false, time.Time{}
 	p.cur = s
 	return nil
 }
 
-// initSlot gives slot s a producer with a new epoch, and learns the
-// producer id and epoch (sarama does not expose them) from the broker.
+// initSlot gives slot s a new epoch (initProducerID), which ends
+// whatever transaction the id had open.
 func (p *txnPool) initSlot(s *txnSlot) error {
-	if s.producer != nil {
-		_ = s.producer.Close()
-		s.producer = nil
-	}
-	if s.client == nil {
-		conf := kafkaConfig(p.cfg, "coordflow-"+s.id)
-		conf.Version = txnKafkaVersion
-		conf.Producer.Idempotent = true
-		conf.Net.MaxOpenRequests = 1
-		conf.Producer.Transaction.ID = s.id
-		conf.Producer.Transaction.Timeout = p.timeout
-		conf.Producer.Transaction.Retry.Max = 10
-		conf.Producer.Transaction.Retry.Backoff = 100 * time.Millisecond
-		c, err := sarama.NewClient(p.brokers, conf)
-		if err != nil {
-			return fmt.Errorf("sink topic %q: connect transactional producer %s: %w", p.topic, s.id, err)
-		}
-		s.client = c
-	}
-	producer, err := sarama.NewAsyncProducerFromClient(s.client)
+	pid, epoch, err := p.initProducerID(s.id)
 	if err != nil {
-		return p.producerErr(s, "initialise transactional producer", err)
+		return fmt.Errorf("sink topic %q: initialise transactional id %s: %w", p.topic, s.id, err)
 	}
-	s.producer, s.stale = producer, false
-	resp, err := p.describe(s.id)
-	if err != nil {
-		return err
-	}
-	s.pid, s.epoch = resp.ProducerID, resp.ProducerEpoch
+	s.inited, s.stale, s.pid, s.epoch = true, false, pid, epoch
+	s.seq = make(map[int32]int32)
 	return nil
 }
+
+// begin makes s's next transaction the open one. It sends nothing: the
+// partitions it writes to are added as it writes.
+func (s *txnSlot) begin() { s.added = make(map[int32]bool) }
 
 // describe asks id's transaction coordinator for its state.
 func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
@@ -694,7 +692,7 @@ func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
 	}
 	s := p.cur
 	start := p.now()
-	err := sendAll(s.producer, msgs)
+	err := p.write(s, msgs)
 	if err == nil {
 		if !s.wrote {
 			s.wrote, s.began = true, start
@@ -705,21 +703,17 @@ func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
 	what := fmt.Sprintf("write %d records", len(msgs))
 	// A write no broker answered says nothing of fencing, and asking now
 	// (describe) would block the task loop for the request's retries: ready
-	// asks once the brokers answer again, before the producer gets a new
+	// asks once the brokers answer again, before the slot gets a new
 	// epoch.
 	unanswered := sinkUnreachable(err)
 	if s.wrote || isFenced(err) || !unanswered && p.fencedOut(s, err) {
 		return p.producerErr(s, what, err)
 	}
+	// The write's records may be in the transaction in part: the new
+	// epoch the slot gets before the next write aborts it, and they are
+	// all written again.
 	s.stale, s.checkFence = true, unanswered
 	p.hold.lost()
-	for i, m := range msgs {
-		msgs[i] = &sarama.ProducerMessage{Topic: m.Topic, Key: m.Key, Value: m.Value}
-	}
-	var perrs sarama.ProducerErrors
-	if errors.As(err, &perrs) && len(perrs) > 0 {
-		err = perrs[0].Err
-	}
 	return p.unavailable(fmt.Errorf("sink topic %q: %s: %w", p.topic, what, err))
 }
 
@@ -752,18 +746,10 @@ func (p *txnPool) ready() error {
 		s.checkFence = false
 	}
 	if s.stale {
-		// Stale until the new transaction has begun: initSlot may fail
-		// after it replaced the producer.
-		err := p.initSlot(s)
-		if err == nil {
-			if err = s.producer.BeginTxn(); err != nil {
-				err = p.producerErr(s, "begin transaction", err)
-			}
-		}
-		if err != nil {
-			s.stale = true
+		if err := p.initSlot(s); err != nil {
 			return p.heldFor(err)
 		}
+		s.begin()
 		s.wrote, s.began = false, time.Time{}
 	}
 	return nil
@@ -866,10 +852,8 @@ func (p *txnPool) completed(id uint64) error {
 		if p.cfg.Failpoint != nil {
 			p.cfg.Failpoint("worker-before-sink-commit")
 		}
-		if err := s.producer.CommitTxn(); err != nil {
-			if err := p.commitAgain(s, err); err != nil {
-				return err
-			}
+		if err := p.commit(s); err != nil {
+			return err
 		}
 		p.counts.WithLabelValues("committed").Inc()
 		p.log.Debug("committed sink transaction", "checkpoint", s.ckpt, "transactional_id", s.id)
@@ -895,28 +879,18 @@ func (p *txnPool) completed(id uint64) error {
 	return nil
 }
 
-// commitAgain finishes the commit of pending slot s after its producer's
-// CommitTxn failed with err (sarama's transaction manager retried it for a
-// while): unless Kafka fenced the producer, it sends EndTxn with the
-// transaction's producer id and epoch from the admin client, as a restore
-// would, retrying while the broker is unreachable (retry). The producer is
-// not used again: a committed slot gets a new one before reuse. If the
-// broker stays away the task fails, and the restore from the last completed
-// checkpoint, which lists the transaction, commits it.
-func (p *txnPool) commitAgain(s *txnSlot, err error) error {
+// commit commits pending slot s's transaction (EndTxn with its producer
+// id and epoch), retrying while the broker is unreachable (retry). If the
+// broker stays away the task fails, and the restore from the last
+// completed checkpoint, which lists the transaction, commits it.
+func (p *txnPool) commit(s *txnSlot) error {
 	what := fmt.Sprintf("commit the transaction of checkpoint %d", s.ckpt)
-	if isFenced(err) {
-		return p.producerErr(s, what, err)
-	}
-	p.log.Warn("sink commit failed; committing again with the transaction's producer id and epoch",
-		"checkpoint", s.ckpt, "transactional_id", s.id, "err", err)
-	kerr, rerr := p.endTxn(s.id, s.pid, s.epoch)
+	kerr, err := p.endTxn(s.id, s.pid, s.epoch)
 	switch {
-	case rerr != nil:
-		return fmt.Errorf("sink topic %q, transactional id %s: %s: %w (and again from the admin client: %w); "+
-			"the task restarts from the last completed checkpoint, whose restore commits it", p.topic, s.id, what, err, rerr)
+	case err != nil:
+		return fmt.Errorf("sink topic %q, transactional id %s: %s: %w; "+
+			"the task restarts from the last completed checkpoint, whose restore commits it", p.topic, s.id, what, err)
 	case kerr == sarama.ErrNoError:
-		p.log.Info("committed sink transaction on a second try", "checkpoint", s.ckpt, "transactional_id", s.id)
 		return nil
 	case kerr == sarama.ErrProducerFenced || kerr == sarama.ErrInvalidProducerEpoch || kerr == sarama.ErrInvalidProducerIDMapping:
 		return p.producerErr(s, what, kerr)
@@ -944,7 +918,7 @@ func (p *txnPool) fencedOut(s *txnSlot, err error) bool {
 	if isFenced(err) {
 		return true
 	}
-	if s.producer == nil {
+	if !s.inited {
 		return false
 	}
 	st, derr := p.describe(s.id)
@@ -967,18 +941,11 @@ func isFenced(err error) bool {
 	return false
 }
 
-// close releases the producers. Their open transactions are left to the
-// next attempt, which aborts them, or to the broker's timeout.
+// close releases the client of version 2's commits; the sink closes its
+// own. The open transactions are left to the next attempt, which aborts
+// them, or to the broker's timeout.
 func (p *txnPool) close() {
 	if p.tv2 != nil {
 		p.tv2.Close()
-	}
-	for _, s := range p.slots {
-		if s.producer != nil {
-			_ = s.producer.Close()
-		}
-		if s.client != nil {
-			_ = s.client.Close()
-		}
 	}
 }

@@ -607,9 +607,10 @@ func newKafkaCluster(t *testing.T, topic string) *kfake.Cluster {
 
 // TestExactlyOnceSinkCommitThroughABrokerOutage: the broker goes away as
 // a checkpoint's completion commits its transaction. Back within the
-// sink's retries, the commit completes and the task goes on; away for
-// longer, the task fails with a reason, and the restore from the
-// checkpoint commits the transaction once the broker is back.
+// sink's retries, the commit completes and the task goes on, its ids
+// reused with new epochs; away for longer, the task fails with a reason,
+// and the restore from the checkpoint commits the transaction once the
+// broker is back.
 func TestExactlyOnceSinkCommitThroughABrokerOutage(t *testing.T) {
 	t.Run("back within the retries", func(t *testing.T) {
 		c := newKafkaCluster(t, "out")
@@ -641,37 +642,9 @@ func TestExactlyOnceSinkCommitThroughABrokerOutage(t *testing.T) {
 		if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
 			t.Fatalf("after the next checkpoint: read_committed saw %v", got)
 		}
-	})
-	t.Run("back when the sink commits again", func(t *testing.T) {
-		// The outage outlasts the retries of sarama's producer and ends
-		// as the sink sends EndTxn itself.
-		c := newKafkaCluster(t, "out")
-		brokers := c.ListenAddrs()
-		o := newOutage(c)
-		var again atomic.Bool
-		log := slog.New(onLog{testLogger(t).Handler(), func(msg string) {
-			switch msg {
-			case "sink commit failed; committing again with the transaction's producer id and epoch":
-				o.down.Store(false)
-			case "committed sink transaction on a second try":
-				again.Store(true)
-			}
-		}})
-		env := &taskEnv{workerID: "w1", cfg: &Config{KafkaTimeout: 500 * time.Millisecond}, metrics: newMetrics()}
-		s := txnTestSinkLog(t, env, brokers, "map-0", nil, time.Minute, 10*time.Second, log)
-		write(t, s, "a", 3)
-		if _, err := s.txn.preCommit(1); err != nil {
-			t.Fatal(err)
-		}
-		o.down.Store(true)
-		if err := s.txn.completed(1); err != nil || !again.Load() {
-			t.Fatalf("commit when the broker is back: %v (committed on the second try: %v)", err, again.Load())
-		}
-		if got := readCommitted(t, brokers, "out", 3); !slices.Equal(got, seq("a", 3)) {
-			t.Fatalf("read_committed saw %v, want %v", got, seq("a", 3))
-		}
-		// The slot's producer is replaced before its id is used again.
-		for id := uint64(2); id <= txnSlots+2; id++ {
+		// Every slot, the one committed through the outage too, gets a
+		// new epoch before its id is used again.
+		for id := uint64(3); id <= txnSlots+3; id++ {
 			write(t, s, fmt.Sprintf("c%d-", id), 1)
 			if _, err := s.txn.preCommit(id); err != nil {
 				t.Fatal(err)
@@ -680,7 +653,7 @@ func TestExactlyOnceSinkCommitThroughABrokerOutage(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if got := readCommitted(t, brokers, "out", 3+txnSlots+1); len(got) != 3+txnSlots+1 {
+		if got := readCommitted(t, brokers, "out", 4+txnSlots+1); len(got) != 4+txnSlots+1 {
 			t.Fatalf("after %d more checkpoints: read_committed saw %v", txnSlots+1, got)
 		}
 	})

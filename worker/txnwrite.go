@@ -1,0 +1,363 @@
+package worker
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/IBM/sarama"
+)
+
+// sinkRecordOverhead bounds what a record adds to a batch besides its key and
+// value (length, attributes, timestamp and offset deltas, key and value
+// lengths, header count: varints), and sinkBatchOverhead a batch's header; as
+// sarama's producer counts them.
+const (
+	sinkRecordOverhead = 5*5 + 10 + 1
+	sinkBatchOverhead  = 61
+)
+
+// txnWriter is how an exactly-once sink writes its transactions' records:
+// itself, with sarama's request types, rather than through sarama's
+// producer. That producer hands every record through four goroutines
+// (dispatcher, topic, partition, broker) and back, which was about half
+// of a passthrough job's CPU (docs/benchmarks.md); a sink's writes are
+// synchronous and one at a time anyway. So a write adds the partitions new
+// to the transaction (AddPartitionsToTxn), then sends each partition's
+// leader one Produce request (acks=all) holding one record batch per
+// partition, numbered by the slot's per-partition sequence so that the
+// broker drops a batch sent again after a lost answer (idempotence).
+// Only the map task's goroutine uses it; its buffers are reused by every
+// write.
+type txnWriter struct {
+	client sarama.Client
+	topic  string
+	part   sarama.Partitioner
+	// produceVersion and addVersion are the Produce and AddPartitionsToTxn
+	// versions sarama's producer would send with the client's Kafka version.
+	produceVersion int16
+	addVersion     int16
+	// ackTimeout is how long a leader may wait for its replicas.
+	ackTimeout time.Duration
+	maxBatch   int // bytes of one record batch, as the client's producer limits it
+
+	byPart  [][]*sarama.ProducerMessage // the write's records by partition
+	acked   []int                       // how many of byPart's are acknowledged
+	parts   []int32                     // the partitions byPart has records for
+	records []sarama.Record
+	ptrs    []*sarama.Record
+}
+
+func newTxnWriter(client sarama.Client, topic string) *txnWriter {
+	conf := client.Config()
+	return &txnWriter{
+		client:         client,
+		topic:          topic,
+		part:           sarama.NewHashPartitioner(topic),
+		produceVersion: produceVersion(conf.Version),
+		addVersion:     addPartitionsVersion(conf.Version),
+		ackTimeout:     conf.Producer.Timeout,
+		maxBatch:       conf.Producer.MaxMessageBytes,
+	}
+}
+
+// produceVersion and addPartitionsVersion are the request versions
+// sarama's producer and transaction manager send with Kafka version v
+// (record batches, so 3 at least).
+func produceVersion(v sarama.KafkaVersion) int16 {
+	switch {
+	case v.IsAtLeast(sarama.V3_7_0_0):
+		return 10
+	case v.IsAtLeast(sarama.V2_8_0_0):
+		return 9
+	case v.IsAtLeast(sarama.V2_4_0_0):
+		return 8
+	case v.IsAtLeast(sarama.V2_1_0_0):
+		return 7
+	case v.IsAtLeast(sarama.V2_0_0_0):
+		return 6
+	case v.IsAtLeast(sarama.V1_0_0_0):
+		return 5
+	}
+	return 3
+}
+
+func addPartitionsVersion(v sarama.KafkaVersion) int16 {
+	switch {
+	case v.IsAtLeast(sarama.V2_8_0_0):
+		return 3
+	case v.IsAtLeast(sarama.V2_7_0_0):
+		return 2
+	case v.IsAtLeast(sarama.V2_0_0_0):
+		return 1
+	}
+	return 0
+}
+
+// write adds msgs to slot s's open transaction and returns once every
+// record is acknowledged by all in-sync replicas, or the error that
+// stopped it: fenced (isFenced), refused for good (a Kafka error that is
+// not retriable), or one that waiting may cure after p.retry gave up on
+// it (sinkUnreachable). After an error some records may be in the
+// transaction and others not: the caller must not commit it.
+func (p *txnPool) write(s *txnSlot, msgs []*sarama.ProducerMessage) error {
+	w := p.w
+	if err := w.partition(msgs); err != nil {
+		return err
+	}
+	defer w.reset()
+	if err := p.addPartitions(s); err != nil {
+		return err
+	}
+	for w.pending() {
+		kerr, err := p.retry(func(context.Context) (sarama.KError, error) { return w.produce(s) })
+		if err == nil && kerr != sarama.ErrNoError {
+			err = kerr
+		}
+		if err != nil {
+			return fmt.Errorf("write to sink topic %q in transaction %s: %w", p.topic, s.id, err)
+		}
+	}
+	return nil
+}
+
+// partition sorts msgs into w.byPart by the partitioner sarama's producer
+// uses by default (a hash of the key), so that a key's outputs land where
+// they always did.
+func (w *txnWriter) partition(msgs []*sarama.ProducerMessage) error {
+	ids, err := w.client.Partitions(w.topic)
+	if err != nil {
+		return fmt.Errorf("partitions of sink topic %q: %w", w.topic, err)
+	}
+	if len(ids) == 0 {
+		return fmt.Errorf("sink topic %q: %w", w.topic, sarama.ErrUnknownTopicOrPartition)
+	}
+	n := int32(len(ids))
+	if cap(w.byPart) < len(ids) {
+		w.byPart = make([][]*sarama.ProducerMessage, len(ids))
+		w.acked = make([]int, len(ids))
+	}
+	w.byPart, w.acked = w.byPart[:len(ids)], w.acked[:len(ids)]
+	for _, m := range msgs {
+		pt, err := w.part.Partition(m, n)
+		if err != nil {
+			return fmt.Errorf("sink topic %q: partition a record: %w", w.topic, err)
+		}
+		if len(w.byPart[pt]) == 0 {
+			w.parts = append(w.parts, pt)
+		}
+		w.byPart[pt] = append(w.byPart[pt], m)
+	}
+	return nil
+}
+
+// reset empties the buffers of the last write, keeping their memory.
+func (w *txnWriter) reset() {
+	for i := range w.byPart {
+		clear(w.byPart[i])
+		w.byPart[i], w.acked[i] = w.byPart[i][:0], 0
+	}
+	w.parts = w.parts[:0]
+	clear(w.records)
+	clear(w.ptrs)
+}
+
+// pending reports whether any record of the write is unacknowledged.
+func (w *txnWriter) pending() bool {
+	for _, pt := range w.parts {
+		if w.acked[pt] < len(w.byPart[pt]) {
+			return true
+		}
+	}
+	return false
+}
+
+// addPartitions adds the partitions of the write that slot s's open
+// transaction has not written to yet, at its transaction coordinator.
+func (p *txnPool) addPartitions(s *txnSlot) error {
+	var add []int32
+	for _, pt := range p.w.parts {
+		if !s.added[pt] {
+			add = append(add, pt)
+		}
+	}
+	if len(add) == 0 {
+		return nil
+	}
+	kerr, err := p.retry(p.atCoordinator(s.id, func(b *sarama.Broker) (sarama.KError, error) {
+		resp, err := b.AddPartitionsToTxn(&sarama.AddPartitionsToTxnRequest{
+			Version: p.w.addVersion, TransactionalID: s.id, ProducerID: s.pid, ProducerEpoch: s.epoch,
+			TopicPartitions: map[string][]int32{p.topic: add},
+		})
+		if err != nil {
+			return 0, err
+		}
+		// One partition's error fails the others with
+		// OPERATION_NOT_ATTEMPTED: the first is the one to report.
+		kerr := sarama.ErrNoError
+		for _, pe := range resp.Errors[p.topic] {
+			if pe.Err != sarama.ErrNoError && (kerr == sarama.ErrNoError || kerr == sarama.ErrOperationNotAttempted) {
+				kerr = pe.Err
+			}
+		}
+		return kerr, nil
+	}))
+	if err == nil && kerr != sarama.ErrNoError {
+		err = kerr
+	}
+	if err != nil {
+		return fmt.Errorf("add partitions %v of sink topic %q to transaction %s: %w", add, p.topic, s.id, err)
+	}
+	for _, pt := range add {
+		s.added[pt] = true
+	}
+	return nil
+}
+
+// leaderRequest is one Produce request of a round and what it carries.
+type leaderRequest struct {
+	broker *sarama.Broker
+	req    *sarama.ProduceRequest
+	parts  []int32
+	counts []int // records per partition, in parts' order
+	resp   *sarama.ProduceResponse
+	err    error
+}
+
+// produce sends one round: the next batch of every partition with
+// unacknowledged records, one request per leader, all leaders at once. It
+// counts what was acknowledged in w.acked and advances s's sequences. It
+// returns a Kafka error the write must fail with, or an error waiting may
+// cure (a lost connection, a leader that moved: the metadata is refreshed),
+// for p.retry to send the rest again.
+func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
+	now := time.Now().Truncate(time.Millisecond)
+	var reqs []*leaderRequest
+	n := 0
+	for _, pt := range w.parts {
+		n += len(w.byPart[pt]) - w.acked[pt]
+	}
+	if cap(w.records) < n {
+		w.records = make([]sarama.Record, n)
+		w.ptrs = make([]*sarama.Record, n)
+	}
+	records, ptrs := w.records[:n], w.ptrs[:n]
+	for _, pt := range w.parts {
+		msgs := w.byPart[pt][w.acked[pt]:]
+		if len(msgs) == 0 {
+			continue
+		}
+		leader, err := w.client.Leader(w.topic, pt)
+		if err != nil {
+			return 0, fmt.Errorf("leader of sink partition %d: %w", pt, err)
+		}
+		// One batch per partition and request (Produce v3 and later):
+		// records up to the producer's batch limit, one at least.
+		size, k := sinkBatchOverhead, 0
+		for k < len(msgs) {
+			m := msgs[k]
+			key, err := encoded(m.Key)
+			if err != nil {
+				return 0, fmt.Errorf("encode a key: %w", err)
+			}
+			value, err := encoded(m.Value)
+			if err != nil {
+				return 0, fmt.Errorf("encode a value: %w", err)
+			}
+			size += len(key) + len(value) + sinkRecordOverhead
+			if k > 0 && size > w.maxBatch {
+				break
+			}
+			records[k] = sarama.Record{Key: key, Value: value, OffsetDelta: int64(k)}
+			ptrs[k] = &records[k]
+			k++
+		}
+		batch := &sarama.RecordBatch{
+			Version: 2, FirstTimestamp: now, MaxTimestamp: now,
+			ProducerID: s.pid, ProducerEpoch: s.epoch, FirstSequence: s.seq[pt], IsTransactional: true,
+			LastOffsetDelta: int32(k - 1), Records: ptrs[:k:k],
+		}
+		records, ptrs = records[k:], ptrs[k:]
+		var lr *leaderRequest
+		for _, r := range reqs {
+			if r.broker == leader {
+				lr = r
+			}
+		}
+		if lr == nil {
+			id := s.id
+			lr = &leaderRequest{broker: leader, req: &sarama.ProduceRequest{
+				TransactionalID: &id, RequiredAcks: sarama.WaitForAll,
+				Timeout: int32(w.ackTimeout.Milliseconds()), Version: w.produceVersion,
+			}}
+			reqs = append(reqs, lr)
+		}
+		lr.req.AddBatch(w.topic, pt, batch)
+		lr.parts = append(lr.parts, pt)
+		lr.counts = append(lr.counts, k)
+	}
+	if len(reqs) == 1 {
+		reqs[0].send()
+	} else {
+		var wg sync.WaitGroup
+		for _, r := range reqs {
+			wg.Go(r.send)
+		}
+		wg.Wait()
+	}
+	var retry error
+	fail := sarama.ErrNoError
+	for _, r := range reqs {
+		if r.err != nil {
+			// The request may have been written: sent again, its batches
+			// carry the same sequences, and the broker drops the copies.
+			_ = r.broker.Close()
+			retry = cmp.Or(retry, fmt.Errorf("produce to broker %s: %w", r.broker.Addr(), r.err))
+			continue
+		}
+		for i, pt := range r.parts {
+			block := r.resp.GetBlock(w.topic, pt)
+			switch {
+			case block == nil:
+				retry = cmp.Or(retry, fmt.Errorf("broker %s did not answer for sink partition %d", r.broker.Addr(), pt))
+			case block.Err == sarama.ErrNoError || block.Err == sarama.ErrDuplicateSequenceNumber:
+				w.acked[pt] += r.counts[i]
+				s.seq[pt] += int32(r.counts[i])
+			case retriableKafkaErr(block.Err):
+				retry = cmp.Or(retry, fmt.Errorf("sink partition %d: %w", pt, block.Err))
+			default:
+				fail = cmp.Or(fail, block.Err)
+			}
+		}
+	}
+	if fail != sarama.ErrNoError {
+		return fail, nil
+	}
+	if retry != nil {
+		if err := w.client.RefreshMetadata(w.topic); err != nil {
+			retry = fmt.Errorf("%w (and refreshing the metadata: %w)", retry, err)
+		}
+		return 0, retry
+	}
+	return sarama.ErrNoError, nil
+}
+
+// send sends r's request and keeps the answer.
+func (r *leaderRequest) send() { r.resp, r.err = r.broker.Produce(r.req) }
+
+// encoded returns e's bytes, nil for no e.
+func encoded(e sarama.Encoder) ([]byte, error) {
+	if e == nil {
+		return nil, nil
+	}
+	if b, ok := e.(*outBytes); ok {
+		return b.b, nil
+	}
+	b, err := e.Encode()
+	if err != nil {
+		return nil, sarama.PacketEncodingError{Info: fmt.Sprintf("encode a sink record: %v", err)}
+	}
+	return b, nil
+}
