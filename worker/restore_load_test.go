@@ -258,7 +258,7 @@ func TestRestoreBlobDisk(t *testing.T) {
 }
 
 // firstDiff returns the index of the first entry where a and b differ.
-func firstDiff(a, b []restoreEntry) int {
+func firstDiff[T comparable](a, b []T) int {
 	for i := range min(len(a), len(b)) {
 		if a[i] != b[i] {
 			return i

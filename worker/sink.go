@@ -269,12 +269,29 @@ func (s *sink) add(out *operator.Output) error {
 // into the item's batch, which is reused once applied, so each message gets
 // a copy; and sarama wants a message and an encoder per key and value. A
 // slab holds them for many outputs at once, one allocation instead of four
-// per output; sarama keeps a message (and so its slab) until it is sent.
+// per output. Once the messages of its slabs are written (reuse), the slabs
+// serve the next ones: nothing refers to them any more, and fresh memory
+// costs a page fault per page and the collector's work.
 type outSlab struct {
 	msgs []sarama.ProducerMessage
 	encs []outBytes
 	data []byte
+	// filled are the slabs filled since the last reuse; spare those
+	// ready for new messages.
+	filled, spare []slabBufs
 }
+
+// slabBufs is the memory of one slab.
+type slabBufs struct {
+	msgs []sarama.ProducerMessage
+	encs []outBytes
+	data []byte
+}
+
+// slabsKept bounds the spare slabs a sink keeps: a batch's worth
+// (sinkBatchBytes over slabBytes, or sinkBatch over slabMessages), not what
+// a long hold of up to sinkMaxHeld outputs once needed.
+const slabsKept = 16
 
 const (
 	slabMessages = 1024
@@ -292,9 +309,7 @@ func (o *outBytes) Length() int             { return len(o.b) }
 func (sl *outSlab) message(topic string, out *operator.Output) *sarama.ProducerMessage {
 	n := len(out.Key) + len(out.Value)
 	if len(sl.msgs) == cap(sl.msgs) || cap(sl.data)-len(sl.data) < n {
-		sl.msgs = make([]sarama.ProducerMessage, 0, slabMessages)
-		sl.encs = make([]outBytes, 0, 2*slabMessages)
-		sl.data = make([]byte, 0, max(slabBytes, n))
+		sl.next(n)
 	}
 	sl.msgs = append(sl.msgs, sarama.ProducerMessage{Topic: topic})
 	msg := &sl.msgs[len(sl.msgs)-1]
@@ -305,6 +320,45 @@ func (sl *outSlab) message(topic string, out *operator.Output) *sarama.ProducerM
 		msg.Key = &sl.encs[len(sl.encs)-1]
 	}
 	return msg
+}
+
+// next starts a slab with room for a message of n bytes: a spare one if
+// it has the room, else a new one.
+func (sl *outSlab) next(n int) {
+	if sl.msgs != nil {
+		sl.filled = append(sl.filled, slabBufs{sl.msgs, sl.encs, sl.data})
+	}
+	if k := len(sl.spare); k > 0 && cap(sl.spare[k-1].data) >= n {
+		b := sl.spare[k-1]
+		sl.spare = sl.spare[:k-1]
+		sl.msgs, sl.encs, sl.data = b.msgs, b.encs, b.data
+		return
+	}
+	sl.msgs = make([]sarama.ProducerMessage, 0, slabMessages)
+	sl.encs = make([]outBytes, 0, 2*slabMessages)
+	sl.data = make([]byte, 0, max(slabBytes, n))
+}
+
+// reuse makes every slab spare: the caller has written all their messages
+// and keeps none (sarama neither: it has answered for each).
+func (sl *outSlab) reuse() {
+	if sl.msgs != nil {
+		sl.filled = append(sl.filled, slabBufs{sl.msgs, sl.encs, sl.data})
+		sl.msgs, sl.encs, sl.data = nil, nil, nil
+	}
+	for _, b := range sl.filled {
+		if len(sl.spare) == slabsKept {
+			break
+		}
+		// Cleared: sarama's fields of a written message (its retries,
+		// its partition) must not carry over, and old encoders must not
+		// keep other memory alive.
+		clear(b.msgs)
+		clear(b.encs)
+		sl.spare = append(sl.spare, slabBufs{b.msgs[:0], b.encs[:0], b.data[:0]})
+	}
+	clear(sl.filled)
+	sl.filled = sl.filled[:0]
 }
 
 // copy appends b to the slab's data, which has room for it.
@@ -329,7 +383,7 @@ func (s *sink) flush() error {
 		if err := s.txn.send(s.buf); err != nil {
 			return err
 		}
-		s.buf, s.bufBytes = nil, 0
+		s.written()
 		return nil
 	}
 	if len(s.buf) == 0 {
@@ -352,7 +406,7 @@ func (s *sink) flush() error {
 	msgs := s.buf
 	err := sendAll(s.producer, msgs)
 	if err == nil {
-		s.buf, s.bufBytes = nil, 0
+		s.written()
 		s.hold.ok()
 		return nil
 	}
@@ -380,6 +434,14 @@ func (s *sink) flush() error {
 	s.producer = nil
 	s.hold.lost()
 	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(msgs), first), now)
+}
+
+// written empties the buffer, which is written, and makes its memory
+// ready for the next outputs.
+func (s *sink) written() {
+	clear(s.buf)
+	s.buf, s.bufBytes = s.buf[:0], 0
+	s.slab.reuse()
 }
 
 // sendAll writes msgs through p and waits for the broker's ack of each, as

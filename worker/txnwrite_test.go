@@ -84,8 +84,10 @@ func TestExactlyOnceSinkWriteWhoseAnswerIsLost(t *testing.T) {
 // partitions puts each record where sarama's hash partitioner does (where
 // the sink's records always went), and a write larger than a record batch
 // may be goes out as several batches in turn, each in order, none twice.
+// The writes span several slabs of the sink's memory, reused from one
+// write to the next: every record arrives as it was written.
 func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
-	const parts, n = 3, 300
+	const parts = 3
 	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(parts, "out"))
 	if err != nil {
 		t.Fatal(err)
@@ -93,8 +95,22 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 	t.Cleanup(c.Close)
 	brokers := c.ListenAddrs()
 	s := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
-	s.txn.w.maxBatch = 400 // a few records a batch
-	write(t, s, "k", n)
+	s.txn.w.maxBatch = 4000 // a few dozen records a batch
+	hash := sarama.NewHashPartitioner("out")
+	var want [parts][]string // each partition's records, in the order written
+	for _, prefix := range []string{"a", "b", "c"} {
+		write(t, s, prefix, 2*slabMessages+100)
+		for _, k := range seq(prefix, 2*slabMessages+100) {
+			pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(k)}, parts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want[pt] = append(want[pt], k)
+		}
+	}
+	if len(s.slab.spare) == 0 {
+		t.Fatal("no slab is spare after three writes")
+	}
 	if _, err := s.txn.preCommit(1); err != nil {
 		t.Fatal(err)
 	}
@@ -102,41 +118,18 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	got := readCommittedAll(t, brokers, "out", n)
-	hash := sarama.NewHashPartitioner("out")
-	var next [parts]int // index of the next record expected in each partition
-	for _, r := range got {
-		want, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.ByteEncoder(r.Key)}, parts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if r.Partition != want {
-			t.Fatalf("record %s in partition %d, want %d (sarama's hash partitioner)", r.Key, r.Partition, want)
-		}
+	total := 3 * (2*slabMessages + 100)
+	var got [parts][]string
+	for _, r := range readCommittedAll(t, brokers, "out", total) {
 		if string(r.Key) != string(r.Value) {
 			t.Fatalf("record with key %s has value %s", r.Key, r.Value)
 		}
-		// Records of a partition come in the order written: k0, k1, ...
-		// skipping those of the other partitions.
-		var i int
-		if _, err := fmt.Sscanf(string(r.Key), "k%d", &i); err != nil {
-			t.Fatal(err)
-		}
-		if i < next[r.Partition] {
-			t.Fatalf("partition %d: %s after k%d: out of order or twice", r.Partition, r.Key, next[r.Partition]-1)
-		}
-		next[r.Partition] = i + 1
+		got[r.Partition] = append(got[r.Partition], string(r.Key))
 	}
-	if len(got) != n {
-		t.Fatalf("read_committed saw %d records, want %d", len(got), n)
-	}
-	seen := map[string]bool{}
-	for _, r := range got {
-		seen[string(r.Key)] = true
-	}
-	for i := range n {
-		if !seen[fmt.Sprintf("k%d", i)] {
-			t.Fatalf("k%d is missing", i)
+	for pt := range parts {
+		if !slices.Equal(got[pt], want[pt]) {
+			t.Fatalf("partition %d holds %d records, want %d in the order written (sarama's hash partitioner): first difference at %d",
+				pt, len(got[pt]), len(want[pt]), firstDiff(got[pt], want[pt]))
 		}
 	}
 }
