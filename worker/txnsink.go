@@ -427,8 +427,9 @@ func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 }
 
 // retry calls do until it answers with anything but a transport error or a
-// retriable Kafka error, backing off between calls, for up to twice
-// cfg.KafkaTimeout; it returns the last error then, as a retriesExhausted.
+// retriable Kafka error (an error recordRefused calls final ends it too),
+// backing off between calls, for up to twice cfg.KafkaTimeout; it returns
+// the last error then, as a retriesExhausted.
 // It stops at once when the task's context ends. do gets a context that
 // ends with the retries.
 func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
@@ -439,6 +440,9 @@ func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama
 		kerr, err := do(ctx)
 		if err == nil && !retriableTxnErr(kerr) {
 			return kerr, nil
+		}
+		if err != nil && recordRefused(err) {
+			return 0, err // sent again, it would fail again (an encoding error, a final Kafka error)
 		}
 		if err == nil {
 			err = kerr
@@ -484,9 +488,10 @@ func (e *retriesExhausted) Unwrap() error { return e.err }
 // not be reached or could not serve the request yet, which waiting may cure,
 // by the rules of retry: a request retry gave up on, a client that found no
 // broker, a broken connection, a Kafka error retriableTxnErr or Kafka
-// itself calls retriable, or a write whose every record failed so (for
-// records, only an answer says otherwise: sarama fails a record it could not
-// send with errors of its own, such as its circuit breaker's). Anything else
+// itself calls retriable, or (at least once, through sarama's producer) a
+// write whose every record failed so (for records, only an answer says
+// otherwise: sarama fails a record it could not send with errors of its
+// own, such as its circuit breaker's). Anything else
 // is an answer that waiting would not change: fencing, authorisation, a
 // protocol version this worker does not know, a transaction the broker
 // will not commit, a record too large; and a task that is stopping.
@@ -669,10 +674,8 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 // so that a held sink with nothing to write gets ready (start: the
 // restored transactions recovered first) and lets checkpoints complete.
 // A write fails that way only while the open transaction has no record
-// yet: msgs are then replaced by fresh copies (sarama keeps per-send state
-// in messages it failed), and the open transaction's producer gets a new
-// epoch before the next write, which aborts whatever part of msgs reached
-// the broker. A write that fails after the open transaction has records
+// yet: its id then gets a new epoch before the next write, which aborts
+// whatever part of msgs reached the broker. A write that fails after the open transaction has records
 // cannot be made good without them, and fails the task: the restore from
 // the last completed checkpoint writes them again. So does an error that
 // waiting would not change (sinkUnreachable) on the way to the next write.
@@ -743,12 +746,15 @@ func (p *txnPool) ready() error {
 			return fmt.Errorf("sink transactional id %s: producer id %d epoch %d now, not %d epoch %d: %w, or the broker aborted its transaction at the transaction timeout, while the sink could not reach it",
 				s.id, st.ProducerID, st.ProducerEpoch, s.pid, s.epoch, errFenced)
 		}
-		s.checkFence = false
 	}
 	if s.stale {
+		// Checked again until the new epoch is there: a hold after this
+		// check could outlast a newer attempt's start, which this
+		// initialisation would then fence.
 		if err := p.initSlot(s); err != nil {
 			return p.heldFor(err)
 		}
+		s.checkFence = false
 		s.begin()
 		s.wrote, s.began = false, time.Time{}
 	}

@@ -39,9 +39,12 @@ type txnWriter struct {
 	// versions sarama's producer would send with the client's Kafka version.
 	produceVersion int16
 	addVersion     int16
-	// ackTimeout is how long a leader may wait for its replicas.
+	// ackTimeout is how long a leader may wait for its replicas: shorter
+	// than the client's read timeout, so that a slow write is answered
+	// (REQUEST_TIMED_OUT) and sent again within txnPool.retry's time.
 	ackTimeout time.Duration
 	maxBatch   int // bytes of one record batch, as the client's producer limits it
+	maxRequest int // bytes of one Produce request
 
 	byPart  [][]*sarama.ProducerMessage // the write's records by partition
 	acked   []int                       // how many of byPart's are acknowledged
@@ -58,10 +61,17 @@ func newTxnWriter(client sarama.Client, topic string) *txnWriter {
 		part:           sarama.NewHashPartitioner(topic),
 		produceVersion: produceVersion(conf.Version),
 		addVersion:     addPartitionsVersion(conf.Version),
-		ackTimeout:     conf.Producer.Timeout,
+		ackTimeout:     conf.Net.ReadTimeout / 2,
 		maxBatch:       conf.Producer.MaxMessageBytes,
+		maxRequest:     maxProduceRequest,
 	}
 }
+
+// maxProduceRequest bounds a Produce request's batches: a leader of many
+// partitions gets the rest in the next round. Brokers refuse requests over
+// socket.request.max.bytes (100 MiB by default), and sarama will not
+// encode them; a held sink's buffer may be far larger than one batch.
+const maxProduceRequest = 16 << 20
 
 // produceVersion and addPartitionsVersion are the request versions
 // sarama's producer and transaction manager send with Kafka version v
@@ -104,10 +114,10 @@ func addPartitionsVersion(v sarama.KafkaVersion) int16 {
 // transaction and others not: the caller must not commit it.
 func (p *txnPool) write(s *txnSlot, msgs []*sarama.ProducerMessage) error {
 	w := p.w
+	defer w.reset()
 	if err := w.partition(msgs); err != nil {
 		return err
 	}
-	defer w.reset()
 	if err := p.addPartitions(s); err != nil {
 		return err
 	}
@@ -194,6 +204,9 @@ func (p *txnPool) addPartitions(s *txnSlot) error {
 		if err != nil {
 			return 0, err
 		}
+		if n := len(resp.Errors[p.topic]); n != len(add) {
+			return 0, fmt.Errorf("AddPartitionsToTxn answered for %d of %d partitions", n, len(add))
+		}
 		// One partition's error fails the others with
 		// OPERATION_NOT_ATTEMPTED: the first is the one to report.
 		kerr := sarama.ErrNoError
@@ -222,6 +235,7 @@ type leaderRequest struct {
 	req    *sarama.ProduceRequest
 	parts  []int32
 	counts []int // records per partition, in parts' order
+	bytes  int   // of the batches, estimated
 	resp   *sarama.ProduceResponse
 	err    error
 }
@@ -253,8 +267,19 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 		if err != nil {
 			return 0, fmt.Errorf("leader of sink partition %d: %w", pt, err)
 		}
+		var lr *leaderRequest
+		for _, r := range reqs {
+			if r.broker == leader {
+				lr = r
+			}
+		}
 		// One batch per partition and request (Produce v3 and later):
-		// records up to the producer's batch limit, one at least.
+		// records up to the producer's batch limit and what is left of the
+		// request's; one at least in a request of its own.
+		limit := w.maxBatch
+		if lr != nil {
+			limit = min(limit, w.maxRequest-lr.bytes)
+		}
 		size, k := sinkBatchOverhead, 0
 		for k < len(msgs) {
 			m := msgs[k]
@@ -266,13 +291,17 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 			if err != nil {
 				return 0, fmt.Errorf("encode a value: %w", err)
 			}
-			size += len(key) + len(value) + sinkRecordOverhead
-			if k > 0 && size > w.maxBatch {
+			more := len(key) + len(value) + sinkRecordOverhead
+			if size+more > limit && (k > 0 || lr != nil) {
 				break
 			}
+			size += more
 			records[k] = sarama.Record{Key: key, Value: value, OffsetDelta: int64(k)}
 			ptrs[k] = &records[k]
 			k++
+		}
+		if k == 0 {
+			continue // no room left in the leader's request: the next round
 		}
 		batch := &sarama.RecordBatch{
 			Version: 2, FirstTimestamp: now, MaxTimestamp: now,
@@ -280,12 +309,6 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 			LastOffsetDelta: int32(k - 1), Records: ptrs[:k:k],
 		}
 		records, ptrs = records[k:], ptrs[k:]
-		var lr *leaderRequest
-		for _, r := range reqs {
-			if r.broker == leader {
-				lr = r
-			}
-		}
 		if lr == nil {
 			id := s.id
 			lr = &leaderRequest{broker: leader, req: &sarama.ProduceRequest{
@@ -294,6 +317,7 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 			}}
 			reqs = append(reqs, lr)
 		}
+		lr.bytes += size
 		lr.req.AddBatch(w.topic, pt, batch)
 		lr.parts = append(lr.parts, pt)
 		lr.counts = append(lr.counts, k)
@@ -327,6 +351,8 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 				s.seq[pt] += int32(r.counts[i])
 			case retriableKafkaErr(block.Err):
 				retry = cmp.Or(retry, fmt.Errorf("sink partition %d: %w", pt, block.Err))
+			case isFenced(block.Err):
+				fail = block.Err // what the task must hear above all
 			default:
 				fail = cmp.Or(fail, block.Err)
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -13,6 +14,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 	"github.com/twmb/franz-go/pkg/kversion"
+
+	"github.com/coordflow/coordflow/worker/operator"
 )
 
 // TestExactlyOnceSinkWriteWhoseAnswerIsLost: the broker writes a Produce
@@ -83,9 +86,10 @@ func TestExactlyOnceSinkWriteWhoseAnswerIsLost(t *testing.T) {
 // TestExactlyOnceSinkPartitionsAndBatches: a write to a topic of several
 // partitions puts each record where sarama's hash partitioner does (where
 // the sink's records always went), and a write larger than a record batch
-// may be goes out as several batches in turn, each in order, none twice.
-// The writes span several slabs of the sink's memory, reused from one
-// write to the next: every record arrives as it was written.
+// may be, or than a request to one leader may carry, goes out as several
+// requests in turn, each within the limits, every batch in order, none
+// twice. The writes span several slabs of the sink's memory, reused from
+// one write to the next: every record arrives as it was written.
 func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 	const parts = 3
 	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(parts, "out"))
@@ -93,13 +97,40 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
+	var largest atomic.Int64 // the largest Produce request's record batches, bytes
+	c.Control(func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if produce, ok := req.(*kmsg.ProduceRequest); ok {
+			n := 0
+			for _, tp := range produce.Topics {
+				for _, pp := range tp.Partitions {
+					n += len(pp.Records)
+				}
+			}
+			if int64(n) > largest.Load() {
+				largest.Store(int64(n))
+			}
+		}
+		return nil, nil, false
+	})
 	brokers := c.ListenAddrs()
 	s := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
-	s.txn.w.maxBatch = 4000 // a few dozen records a batch
+	// A few dozen records a batch, and less than two batches a request
+	// (the one broker leads every partition).
+	const maxRequest = 6000
+	s.txn.w.maxBatch, s.txn.w.maxRequest = 4000, maxRequest
+	pad := strings.Repeat("v", 100) // values much larger than a record's overhead
 	hash := sarama.NewHashPartitioner("out")
 	var want [parts][]string // each partition's records, in the order written
 	for _, prefix := range []string{"a", "b", "c"} {
-		write(t, s, prefix, 2*slabMessages+100)
+		for _, k := range seq(prefix, 2*slabMessages+100) {
+			if err := s.add(&operator.Output{Key: []byte(k), Value: []byte(k + pad)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.flush(); err != nil {
+			t.Fatal(err)
+		}
 		for _, k := range seq(prefix, 2*slabMessages+100) {
 			pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(k)}, parts)
 			if err != nil {
@@ -111,6 +142,9 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 	if len(s.slab.spare) == 0 {
 		t.Fatal("no slab is spare after three writes")
 	}
+	if n := largest.Load(); n > maxRequest {
+		t.Fatalf("the largest Produce request carried %d bytes of batches, want at most the %d of the limit", n, maxRequest)
+	}
 	if _, err := s.txn.preCommit(1); err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +155,7 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 	total := 3 * (2*slabMessages + 100)
 	var got [parts][]string
 	for _, r := range readCommittedAll(t, brokers, "out", total) {
-		if string(r.Key) != string(r.Value) {
+		if string(r.Value) != string(r.Key)+pad {
 			t.Fatalf("record with key %s has value %s", r.Key, r.Value)
 		}
 		got[r.Partition] = append(got[r.Partition], string(r.Key))
