@@ -353,7 +353,7 @@ func kafkaErr(k sarama.KError) error { return kerrors.ErrorForCode(int16(k)) }
 func (p *txnPool) endTxn(id string, pid int64, epoch int16) (sarama.KError, error) {
 	return p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.EndTxn(&sarama.EndTxnRequest{
-			Version: endTxnVersion(p.admin), TransactionalID: id,
+			Version: requestVersion(p.admin.Config().Version, txnRequestVersions), TransactionalID: id,
 			ProducerID: pid, ProducerEpoch: epoch, TransactionResult: true,
 		})
 		if err != nil {
@@ -411,7 +411,7 @@ func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 	var epoch int16
 	kerr, err := p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
-			Version: initProducerIDVersion(p.admin), TransactionalID: &id, TransactionTimeout: p.timeout,
+			Version: requestVersion(p.admin.Config().Version, initProducerIDVersions), TransactionalID: &id, TransactionTimeout: p.timeout,
 			ProducerID: -1, ProducerEpoch: -1,
 		})
 		if err != nil {
@@ -561,31 +561,35 @@ func (p *txnPool) atCoordinator(id string, req func(*sarama.Broker) (sarama.KErr
 	}
 }
 
-// endTxnVersion and initProducerIDVersion are the request versions the
-// client's Kafka version allows, as sarama's own transaction manager
-// picks them.
-func endTxnVersion(c sarama.Client) int16 {
-	switch v := c.Config().Version; {
-	case v.IsAtLeast(sarama.V2_8_0_0):
-		return 3
-	case v.IsAtLeast(sarama.V2_7_0_0):
-		return 2
-	case v.IsAtLeast(sarama.V2_0_0_0):
-		return 1
-	}
-	return 0
+// versionSince is a request version and the Kafka version that brought it.
+type versionSince struct {
+	kafka   sarama.KafkaVersion
+	version int16
 }
 
-func initProducerIDVersion(c sarama.Client) int16 {
-	switch v := c.Config().Version; {
-	case v.IsAtLeast(sarama.V2_7_0_0):
-		return 4
-	case v.IsAtLeast(sarama.V2_5_0_0):
-		return 3
-	case v.IsAtLeast(sarama.V2_4_0_0):
-		return 2
-	case v.IsAtLeast(sarama.V2_0_0_0):
-		return 1
+// The versions of the requests a sink sends, newest first, as sarama's own
+// producer and transaction manager pick them for the client's Kafka
+// version (requestVersion). sarama's transaction manager sends EndTxn and
+// AddPartitionsToTxn at the same versions.
+var (
+	txnRequestVersions     = []versionSince{{sarama.V2_8_0_0, 3}, {sarama.V2_7_0_0, 2}, {sarama.V2_0_0_0, 1}}
+	initProducerIDVersions = []versionSince{
+		{sarama.V2_7_0_0, 4}, {sarama.V2_5_0_0, 3}, {sarama.V2_4_0_0, 2}, {sarama.V2_0_0_0, 1},
+	}
+	// Record batches need Produce v3 at least.
+	produceVersions = []versionSince{
+		{sarama.V3_7_0_0, 10}, {sarama.V2_8_0_0, 9}, {sarama.V2_4_0_0, 8}, {sarama.V2_1_0_0, 7},
+		{sarama.V2_0_0_0, 6}, {sarama.V1_0_0_0, 5}, {sarama.V0_11_0_0, 3},
+	}
+)
+
+// requestVersion returns the version of versions (newest first) that
+// Kafka version v knows, 0 if none.
+func requestVersion(v sarama.KafkaVersion, versions []versionSince) int16 {
+	for _, vs := range versions {
+		if v.IsAtLeast(vs.kafka) {
+			return vs.version
+		}
 	}
 	return 0
 }

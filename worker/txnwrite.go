@@ -59,8 +59,8 @@ func newTxnWriter(client sarama.Client, topic string) *txnWriter {
 		client:         client,
 		topic:          topic,
 		part:           sarama.NewHashPartitioner(topic),
-		produceVersion: produceVersion(conf.Version),
-		addVersion:     addPartitionsVersion(conf.Version),
+		produceVersion: requestVersion(conf.Version, produceVersions),
+		addVersion:     requestVersion(conf.Version, txnRequestVersions),
 		ackTimeout:     conf.Net.ReadTimeout / 2,
 		maxBatch:       conf.Producer.MaxMessageBytes,
 		maxRequest:     maxProduceRequest,
@@ -72,39 +72,6 @@ func newTxnWriter(client sarama.Client, topic string) *txnWriter {
 // socket.request.max.bytes (100 MiB by default), and sarama will not
 // encode them; a held sink's buffer may be far larger than one batch.
 const maxProduceRequest = 16 << 20
-
-// produceVersion and addPartitionsVersion are the request versions
-// sarama's producer and transaction manager send with Kafka version v
-// (record batches, so 3 at least).
-func produceVersion(v sarama.KafkaVersion) int16 {
-	switch {
-	case v.IsAtLeast(sarama.V3_7_0_0):
-		return 10
-	case v.IsAtLeast(sarama.V2_8_0_0):
-		return 9
-	case v.IsAtLeast(sarama.V2_4_0_0):
-		return 8
-	case v.IsAtLeast(sarama.V2_1_0_0):
-		return 7
-	case v.IsAtLeast(sarama.V2_0_0_0):
-		return 6
-	case v.IsAtLeast(sarama.V1_0_0_0):
-		return 5
-	}
-	return 3
-}
-
-func addPartitionsVersion(v sarama.KafkaVersion) int16 {
-	switch {
-	case v.IsAtLeast(sarama.V2_8_0_0):
-		return 3
-	case v.IsAtLeast(sarama.V2_7_0_0):
-		return 2
-	case v.IsAtLeast(sarama.V2_0_0_0):
-		return 1
-	}
-	return 0
-}
 
 // write adds msgs to slot s's open transaction and returns once every
 // record is acknowledged by all in-sync replicas, or the error that

@@ -199,3 +199,28 @@ func readCommittedAll(t *testing.T, brokers []string, topic string, want int) []
 		fs.EachRecord(func(r *kgo.Record) { out = append(out, r) })
 	}
 }
+
+// TestRequestVersions: the sink sends each request at the version sarama's
+// producer and transaction manager would send with the client's Kafka
+// version.
+func TestRequestVersions(t *testing.T) {
+	for _, c := range []struct {
+		kafka                     sarama.KafkaVersion
+		produce, txn, initProduce int16
+	}{
+		{sarama.V3_7_0_0, 10, 3, 4},
+		{txnKafkaVersion, 9, 3, 4},
+		{sarama.V2_7_0_0, 8, 2, 4},
+		{sarama.V2_1_0_0, 7, 1, 1},
+		{sarama.V0_11_0_0, 3, 0, 0},
+	} {
+		got := [3]int16{
+			requestVersion(c.kafka, produceVersions),
+			requestVersion(c.kafka, txnRequestVersions),
+			requestVersion(c.kafka, initProducerIDVersions),
+		}
+		if want := [3]int16{c.produce, c.txn, c.initProduce}; got != want {
+			t.Errorf("Kafka %v: Produce, EndTxn/AddPartitionsToTxn, InitProducerID versions %v, want %v", c.kafka, got, want)
+		}
+	}
+}
