@@ -310,7 +310,7 @@ func (a *applyLag) observe(commit, applied uint64, now time.Time) time.Time {
 // index and its own until it has caught up once.
 const catchUpPoll = 50 * time.Millisecond
 
-// watchCatchUp marks this node caught up once it has applied what the
+// watchCatchUp marks this node caught up once its FSM reflects what the
 // leader had applied when this node first asked it, after its start: until
 // then its FSM may be the old state its own log replays, older than any
 // last contact says (a follower's commit index is bounded by its own log,
@@ -341,7 +341,7 @@ func (s *Server) watchCatchUp() {
 			}
 			target = st.AppliedIndex
 		}
-		if s.raft.AppliedIndex() >= target {
+		if s.fsmReflects(target) {
 			s.logger.Info("caught up with the leader since the start; serving reads", "index", target)
 			s.caughtUp.Store(true)
 			return

@@ -245,6 +245,49 @@ func (s *Server) hasApplied(index uint64) bool {
 	return err == nil && snap >= index
 }
 
+// fsmReflects reports whether this node's FSM reflects the log up to index,
+// whatever the type of the entry there: Raft has handed the entries over
+// to the FSM goroutine (raft.AppliedIndex, which runs ahead of the FSM),
+// and the FSM has applied the last command among them or restored a
+// snapshot that covers it. No-ops and configuration entries never reach
+// the FSM, so waiting for index itself could wait for good.
+func (s *Server) fsmReflects(index uint64) bool {
+	if s.raft.AppliedIndex() < index {
+		return false
+	}
+	cmd, found := lastCommand(s.api.logs, index)
+	switch {
+	case !found:
+		return s.hasApplied(index) // compacted: a snapshot covers it
+	case cmd == 0:
+		return true // no command at all up to index
+	}
+	return s.hasApplied(cmd)
+}
+
+// lastCommandScan bounds lastCommand's walk back over entries that are not
+// commands: a leader's no-op per term and membership changes, never many
+// in a row.
+const lastCommandScan = 256
+
+// lastCommand returns the index of the last FSM command at or before index
+// in logs (0 if there is none down to the log's start), and false if it
+// cannot tell: the log no longer holds the entries (a snapshot does), or
+// more than lastCommandScan in a row are not commands.
+func lastCommand(logs raft.LogStore, index uint64) (uint64, bool) {
+	i := index
+	for ; i > 0 && index-i < lastCommandScan; i-- {
+		var l raft.Log
+		if err := logs.GetLog(i, &l); err != nil {
+			return 0, false
+		}
+		if l.Type == raft.LogCommand {
+			return i, true
+		}
+	}
+	return 0, i == 0
+}
+
 // inRaftConfiguration reports whether this node is in the latest Raft
 // configuration it knows, as a voter or a nonvoter.
 func (s *Server) inRaftConfiguration() bool {
