@@ -143,6 +143,13 @@ type benchTPResult struct {
 	CheckpointP50MS        float64 `json:"checkpoint_p50_ms"`
 	CheckpointP99MS        float64 `json:"checkpoint_p99_ms"`
 	CheckpointMaxMS        float64 `json:"checkpoint_max_ms"`
+	// Phases are the p50 and p99 (ms) of the leader's checkpoint phases
+	// (coordflow_checkpoint_phase_seconds: trigger, acks, commit) over the
+	// job phase; RaftAppendP99MS and SlowAppends are its log appends'
+	// p99 and those over 128 ms: where a checkpoint's tail went.
+	Phases          map[string][2]float64 `json:"phases_ms"`
+	RaftAppendP99MS float64               `json:"raft_append_p99_ms"`
+	SlowAppends     int                   `json:"slow_appends"`
 	StateBytes             int64   `json:"state_bytes"` // the map tasks' state_size in the covering checkpoint: what they wrote for it (a delta on the disk backend)
 	StateKeys              int64   `json:"state_keys"`  // keys of the last completed checkpoint at the end
 	Attempt                uint64  `json:"attempt"`     // the job's attempt at the end (1: never restarted)
@@ -245,6 +252,11 @@ func (r benchTPResult) summary() []string {
 		fmt.Sprintf("ratio job/consumer: applied %.3f, checkpointed %.3f", r.ConsumerSeconds/r.AppliedSeconds, r.ConsumerSeconds/r.CheckpointedSeconds),
 		fmt.Sprintf("checkpoints: %d completed up to the covering one (%d aborted, %d not seen by the poll), first completed %.2fs; duration p50 %.0f ms, p99 %.0f ms, max %.0f ms; the covering one wrote %d bytes of state; %d keys at the end; attempt %d",
 			r.Checkpoints, r.Aborted, r.Unseen, r.FirstCheckpointSeconds, r.CheckpointP50MS, r.CheckpointP99MS, r.CheckpointMaxMS, r.StateBytes, r.StateKeys, r.Attempt),
+	}
+	if r.Phases != nil {
+		lines = append(lines, fmt.Sprintf("the leader's checkpoint phases, p50 / p99: trigger %.0f / %.0f ms, acks %.0f / %.0f ms, commit %.0f / %.0f ms; its Raft log appends p99 %.0f ms, %d over 128 ms",
+			r.Phases["trigger"][0], r.Phases["trigger"][1], r.Phases["acks"][0], r.Phases["acks"][1],
+			r.Phases["commit"][0], r.Phases["commit"][1], r.RaftAppendP99MS, r.SlowAppends))
 	}
 	var align []string
 	for _, a := range r.Alignment {
@@ -758,6 +770,11 @@ func benchTPScrape(c *cluster, job string) (benchTPCounters, map[string]string, 
 func benchTPJobPhase(t *testing.T, c *cluster, res *benchTPResult, spec jobSpec, end map[int32]int64) string {
 	t.Helper()
 	runtime.GC() // the consumer's garbage is not the job's
+	leader := c.coordinator(t, c.leader(t))
+	leader0, err := c.coordMetrics(leader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cpu0 := benchCPUSnapshot(t, c)
 	submitted := time.Now()
 	job := c.submitJob(t, spec)
@@ -805,6 +822,11 @@ func benchTPJobPhase(t *testing.T, c *cluster, res *benchTPResult, spec jobSpec,
 		return true, nil
 	})
 	res.JobCPU, res.JobCPUWall = benchCPUSnapshot(t, c).since(cpu0)
+	if leader1, err := c.coordMetrics(leader); err != nil {
+		t.Logf("the leader's metrics after the job phase: %v", err)
+	} else {
+		benchTPLeaderPhases(res, leader0, leader1)
+	}
 
 	// Peak RSS of every process, before the checks read state or output.
 	res.PeakRSSMB = map[string]float64{}
@@ -903,6 +925,26 @@ func benchTPJobPhase(t *testing.T, c *cluster, res *benchTPResult, spec jobSpec,
 	t.Logf("job %s: first record %.2fs, all applied %.2fs (%s), covered by checkpoint %d at %.2fs; durations (ms) %v",
 		job, res.FirstRecordSeconds, res.AppliedSeconds, res.AppliedRule, covering.ID, res.CheckpointedSeconds, durations)
 	return job
+}
+
+// benchTPLeaderPhases puts into res where the leader's checkpoints spent
+// their time between its scrapes before and after.
+func benchTPLeaderPhases(res *benchTPResult, before, after string) {
+	res.Phases = make(map[string][2]float64)
+	for _, phase := range []string{"trigger", "acks", "commit"} {
+		sel := func(text string) string { return benchSelect(text, `phase="`+phase+`"`) }
+		res.Phases[phase] = [2]float64{
+			1000 * histogramQuantile(0.5, sel(before), sel(after), "coordflow_checkpoint_phase_seconds"),
+			1000 * histogramQuantile(0.99, sel(before), sel(after), "coordflow_checkpoint_phase_seconds"),
+		}
+	}
+	const logStore = "coordflow_raft_log_store_duration_seconds"
+	appends := func(text string) string { return benchSelect(text, `op="append"`) }
+	res.RaftAppendP99MS = 1000 * histogramQuantile(0.99, appends(before), appends(after), logStore)
+	grown := func(labels ...string) float64 {
+		return benchMetric(after, logStore+"_bucket", labels...) - benchMetric(before, logStore+"_bucket", labels...)
+	}
+	res.SlowAppends = int(grown(`op="append"`, `le="+Inf"`) - grown(`op="append"`, `le="0.128"`))
 }
 
 // benchSelfPeakRSSMB returns this process's VmHWM in MB.
