@@ -150,9 +150,9 @@ type benchTPResult struct {
 	Phases          map[string][2]float64 `json:"phases_ms"`
 	RaftAppendP99MS float64               `json:"raft_append_p99_ms"`
 	SlowAppends     int                   `json:"slow_appends"`
-	StateBytes             int64   `json:"state_bytes"` // the map tasks' state_size in the covering checkpoint: what they wrote for it (a delta on the disk backend)
-	StateKeys              int64   `json:"state_keys"`  // keys of the last completed checkpoint at the end
-	Attempt                uint64  `json:"attempt"`     // the job's attempt at the end (1: never restarted)
+	StateBytes      int64                 `json:"state_bytes"` // the map tasks' state_size in the covering checkpoint: what they wrote for it (a delta on the disk backend)
+	StateKeys       int64                 `json:"state_keys"`  // keys of the last completed checkpoint at the end
+	Attempt         uint64                `json:"attempt"`     // the job's attempt at the end (1: never restarted)
 	// The workers' counters at the end, summed: records read and items sent
 	// by sources, items applied and sink records written by map tasks.
 	SourceIn  float64 `json:"source_in"`
