@@ -71,8 +71,9 @@ func fsmSinkTxns(txns []*transport.SinkTxn) []fsm.SinkTxn {
 }
 
 // Kafka API keys an exactly-once sink needs: the transactions of Kafka 0.11,
-// and DescribeTransactions (Kafka 3.0), from which a map task learns its
-// producer id and epoch.
+// and DescribeTransactions (Kafka 3.0), from which a map task learns whether
+// another producer took one of its transactional ids and how a restored
+// transaction ended.
 var txnAPIs = map[int16]string{22: "InitProducerId", 24: "AddPartitionsToTxn", 26: "EndTxn", 65: "DescribeTransactions"}
 
 // errSinkUnreachable is wrapped by kafkaSinkCheck's error when no sink
