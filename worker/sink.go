@@ -273,9 +273,7 @@ func (s *sink) add(out *operator.Output) error {
 // serve the next ones: nothing refers to them any more, and fresh memory
 // costs a page fault per page and the collector's work.
 type outSlab struct {
-	msgs []sarama.ProducerMessage
-	encs []outBytes
-	data []byte
+	slabBufs // the slab being filled; nil before the first message
 	// filled are the slabs filled since the last reuse; spare those
 	// ready for new messages.
 	filled, spare []slabBufs
@@ -326,12 +324,11 @@ func (sl *outSlab) message(topic string, out *operator.Output) *sarama.ProducerM
 // it has the room, else a new one.
 func (sl *outSlab) next(n int) {
 	if sl.msgs != nil {
-		sl.filled = append(sl.filled, slabBufs{sl.msgs, sl.encs, sl.data})
+		sl.filled = append(sl.filled, sl.slabBufs)
 	}
 	if k := len(sl.spare); k > 0 && cap(sl.spare[k-1].data) >= n {
-		b := sl.spare[k-1]
+		sl.slabBufs = sl.spare[k-1]
 		sl.spare = sl.spare[:k-1]
-		sl.msgs, sl.encs, sl.data = b.msgs, b.encs, b.data
 		return
 	}
 	sl.msgs = make([]sarama.ProducerMessage, 0, slabMessages)
@@ -343,8 +340,8 @@ func (sl *outSlab) next(n int) {
 // and keeps none (sarama neither: it has answered for each).
 func (sl *outSlab) reuse() {
 	if sl.msgs != nil {
-		sl.filled = append(sl.filled, slabBufs{sl.msgs, sl.encs, sl.data})
-		sl.msgs, sl.encs, sl.data = nil, nil, nil
+		sl.filled = append(sl.filled, sl.slabBufs)
+		sl.slabBufs = slabBufs{}
 	}
 	for _, b := range sl.filled {
 		if len(sl.spare) == slabsKept {
