@@ -255,7 +255,7 @@ func (s *Server) fsmReflects(index uint64) bool {
 	if s.raft.AppliedIndex() < index {
 		return false
 	}
-	cmd, found := lastCommand(s.api.logs, index)
+	cmd, found := lastCommand(s.store, index)
 	switch {
 	case !found:
 		return s.hasApplied(index) // compacted: a snapshot covers it
