@@ -3,8 +3,10 @@ package worker
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -222,5 +224,207 @@ func TestRequestVersions(t *testing.T) {
 		if want := [3]int16{c.produce, c.txn, c.initProduce}; got != want {
 			t.Errorf("Kafka %v: Produce, EndTxn/AddPartitionsToTxn, InitProducerID versions %v, want %v", c.kafka, got, want)
 		}
+	}
+}
+
+// TestExactlyOnceSinkLeadersOnSeveralBrokers: a write whose partitions
+// are led by three brokers sends each leader its own request, all at once.
+// When one leader's request is lost (its connection breaks before the
+// broker reads it), the next round goes to that leader alone, with the
+// same batches: what the others acknowledged is not sent again. When a
+// partition's leader moves, the old one refuses the batch
+// (NOT_LEADER_FOR_PARTITION) and the sink sends it to the new one. Every
+// partition holds its records once, in the order written.
+func TestExactlyOnceSinkLeadersOnSeveralBrokers(t *testing.T) {
+	const (
+		parts   = 6
+		brokers = 3
+		perKey  = 300 // records of each write
+	)
+	c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(parts, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	for pt := range int32(parts) {
+		if err := c.MoveTopicPartition("out", pt, pt%brokers); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	type produced struct {
+		node  int32
+		parts []int32
+	}
+	var (
+		mu       sync.Mutex
+		requests []produced // the sink's Produce requests, as each broker got them
+	)
+	var loseAt atomic.Int32 // the node whose next Produce request is lost; -1 for none
+	loseAt.Store(-1)
+	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		node := c.CurrentNode()
+		r := produced{node: node}
+		for _, tp := range req.(*kmsg.ProduceRequest).Topics {
+			for _, pp := range tp.Partitions {
+				r.parts = append(r.parts, pp.Partition)
+			}
+		}
+		slices.Sort(r.parts)
+		mu.Lock()
+		requests = append(requests, r)
+		mu.Unlock()
+		if loseAt.CompareAndSwap(node, -1) {
+			return nil, fmt.Errorf("the request is lost"), true
+		}
+		return nil, nil, false
+	})
+	// taken returns the requests seen since the last call.
+	taken := func() []produced {
+		mu.Lock()
+		defer mu.Unlock()
+		r := requests
+		requests = nil
+		return r
+	}
+
+	addrs := c.ListenAddrs()
+	s := txnTestSink(t, txnTestEnv(), addrs, "map-0", nil)
+	hash := sarama.NewHashPartitioner("out")
+	var want [parts][]string
+	writeAll := func(prefix string) {
+		t.Helper()
+		write(t, s, prefix, perKey)
+		for _, v := range seq(prefix, perKey) {
+			pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want[pt] = append(want[pt], v)
+		}
+	}
+	led := func(node int32) []int32 { // the partitions node leads
+		var out []int32
+		for pt := range int32(parts) {
+			if c.LeaderFor("out", pt) == node {
+				out = append(out, pt)
+			}
+		}
+		return out
+	}
+
+	writeAll("a")
+	got := taken()
+	if len(got) != brokers {
+		t.Fatalf("a write to partitions on %d leaders sent %d requests (%v), want one per leader", brokers, len(got), got)
+	}
+	for _, r := range got {
+		if !slices.Equal(r.parts, led(r.node)) {
+			t.Fatalf("broker %d got partitions %v, want the ones it leads, %v", r.node, r.parts, led(r.node))
+		}
+	}
+
+	loseAt.Store(1)
+	writeAll("b")
+	if loseAt.Load() != -1 {
+		t.Fatal("no request to broker 1 was lost")
+	}
+	perNode := map[int32]int{}
+	for _, r := range taken() {
+		perNode[r.node]++
+		if !slices.Equal(r.parts, led(r.node)) {
+			t.Fatalf("broker %d got partitions %v, want the ones it leads, %v", r.node, r.parts, led(r.node))
+		}
+	}
+	if want := map[int32]int{0: 1, 1: 2, 2: 1}; !maps.Equal(perNode, want) {
+		t.Fatalf("requests per broker after broker 1's was lost: %v, want %v (broker 1's sent again, no other)", perNode, want)
+	}
+
+	// Partition 2 moves from broker 2 to broker 0; the sink's metadata
+	// still names broker 2.
+	if err := c.MoveTopicPartition("out", 2, 0); err != nil {
+		t.Fatal(err)
+	}
+	writeAll("c")
+	var to0 bool
+	for _, r := range taken() {
+		to0 = to0 || (r.node == 0 && slices.Contains(r.parts, 2))
+	}
+	if !to0 {
+		t.Fatal("partition 2's records never went to its new leader, broker 0")
+	}
+
+	if _, err := s.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.txn.completed(1); err != nil {
+		t.Fatal(err)
+	}
+	var out [parts][]string
+	for _, r := range readCommittedAll(t, addrs, "out", 3*perKey) {
+		out[r.Partition] = append(out[r.Partition], string(r.Value))
+	}
+	for pt := range parts {
+		if !slices.Equal(out[pt], want[pt]) {
+			t.Fatalf("partition %d holds %d records, want %d, each once in the order written: first difference at %d",
+				pt, len(out[pt]), len(want[pt]), firstDiff(out[pt], want[pt]))
+		}
+	}
+}
+
+// TestExactlyOnceSinkAddPartitionsAnswerShort: an AddPartitionsToTxn
+// answer that names fewer partitions than were asked for adds none the
+// sink can count on: it asks again, and writes only once every partition
+// is in the transaction (a broker refuses a transactional batch for a
+// partition that is not).
+func TestExactlyOnceSinkAddPartitionsAnswerShort(t *testing.T) {
+	const parts = 3
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(parts, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	var short, asked atomic.Int32
+	short.Store(1)
+	c.ControlKey(int16(kmsg.AddPartitionsToTxn), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		asked.Add(1)
+		if short.Add(-1) != 0 {
+			return nil, nil, false
+		}
+		add := req.(*kmsg.AddPartitionsToTxnRequest)
+		resp := add.ResponseKind().(*kmsg.AddPartitionsToTxnResponse)
+		for _, rt := range add.Topics {
+			st := kmsg.NewAddPartitionsToTxnResponseTopic()
+			st.Topic = rt.Topic
+			sp := kmsg.NewAddPartitionsToTxnResponseTopicPartition()
+			sp.Partition = rt.Partitions[0] // the others left out, without an error
+			st.Partitions = append(st.Partitions, sp)
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp, nil, true
+	})
+	addrs := c.ListenAddrs()
+	s := txnTestSink(t, txnTestEnv(), addrs, "map-0", nil)
+	write(t, s, "a", 50) // enough keys for every partition
+	if n := asked.Load(); n != 2 {
+		t.Fatalf("AddPartitionsToTxn asked %d times, want 2: the short answer, then again", n)
+	}
+	if _, err := s.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.txn.completed(1); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range readCommittedAll(t, addrs, "out", 50) {
+		got = append(got, string(r.Value))
+	}
+	slices.Sort(got)
+	want := seq("a", 50)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("read_committed saw %d records, want each of the %d written once", len(got), len(want))
 	}
 }
