@@ -143,11 +143,13 @@ func TestChannelThatSendsNothingIsClosed(t *testing.T) {
 		name string
 		h    *transport.ChannelHeader
 	}{{"a channel with its credential in its metadata", hdr}, {"an older source's channel", nil}} {
+		// The worker's wait starts once it has the stream, which may be
+		// before rawChannel returns here: start is taken before.
+		start := time.Now()
 		stream, err := rawChannel(ctx, conn, tc.h)
 		if err != nil {
 			t.Fatal(err)
 		}
-		start := time.Now()
 		var closed transport.ChannelClosed
 		err = stream.RecvMsg(&closed)
 		if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(err.Error(), "no first data message within") {

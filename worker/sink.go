@@ -57,10 +57,6 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 	// as a steady stream of errors (see sourceTask.pump and errorCycle).
 	c.Consumer.Retry.Backoff = 500 * time.Millisecond
 	c.Consumer.MaxWaitTime = 250 * time.Millisecond
-	c.Producer.RequiredAcks = sarama.WaitForAll
-	c.Producer.Return.Successes = true
-	c.Producer.Retry.Max = 3
-	c.Producer.Timeout = 2 * cfg.KafkaTimeout
 	return c
 }
 
@@ -74,14 +70,17 @@ func kafkaConfig(cfg *Config, clientID string) *sarama.Config {
 // errSinkUnavailable, and add goes on buffering. Only the map task loop
 // calls it.
 type sink struct {
-	client   sarama.Client
-	producer sarama.AsyncProducer // at least once; nil after a failed write
-	txn      *txnPool             // exactly once
-	hold     *sinkHold
-	topic    string
-	buf      []*sarama.ProducerMessage
-	bufBytes int // keys and values in buf
-	slab     outSlab
+	client sarama.Client
+	w      *sinkWriter
+	txn    *txnPool // exactly once
+	hold   *sinkHold
+	topic  string
+	// retryWindow is how long an at-least-once write tries again
+	// before the sink is held: as long as the pool's requests.
+	retryWindow time.Duration
+	buf         []*sarama.ProducerMessage
+	bufBytes    int // keys and values in buf
+	slab        outSlab
 }
 
 // openSink creates the sink of map task key. It fails only on a spec it
@@ -116,14 +115,17 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 	if err != nil {
 		return nil, fmt.Errorf("sink topic %q: Kafka client for brokers %v: %w", topic, brokers, err)
 	}
-	s := &sink{client: client, topic: topic, hold: &sinkHold{ctx: ctx, log: log, client: client, topic: topic, brokers: brokers}}
+	s := &sink{
+		client: client, w: newSinkWriter(client, topic), topic: topic, retryWindow: 2 * env.cfg.KafkaTimeout,
+		hold: &sinkHold{ctx: ctx, log: log, client: client, topic: topic, brokers: brokers},
+	}
 	if err := s.hold.look(); err != nil {
 		_ = s.hold.fail(err, time.Now())
 	}
 	if spec.GetDelivery() == fsm.DeliveryAtLeastOnce {
 		return s, nil
 	}
-	s.txn = newTxnPool(ctx, env, key.job, key.id, spec, client, s.hold, log)
+	s.txn = newTxnPool(ctx, env, key.job, key.id, spec, client, s.w, s.hold, log)
 	return s, nil
 }
 
@@ -393,44 +395,23 @@ func (s *sink) flush() error {
 	if err := s.hold.look(); err != nil {
 		return s.hold.fail(err, now)
 	}
-	if s.producer == nil {
-		p, err := sarama.NewAsyncProducerFromClient(s.client)
-		if err != nil {
-			return fmt.Errorf("sink topic %q: create producer: %w", s.topic, err)
-		}
-		s.producer = p
+	retry := func(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
+		return retryKafka(s.hold.ctx, s.retryWindow, do)
 	}
-	msgs := s.buf
-	err := sendAll(s.producer, msgs)
+	err := s.w.write(nil, s.buf, retry, nil)
 	if err == nil {
 		s.written()
 		s.hold.ok()
 		return nil
 	}
-	first := err
-	var perrs sarama.ProducerErrors
-	if errors.As(err, &perrs) && len(perrs) > 0 {
-		first = perrs[0].Err
-	}
 	if !sinkUnreachable(err) {
-		if len(perrs) > 0 {
-			return fmt.Errorf("sink topic %q: %d of %d records not written, first: %w", s.topic, len(perrs), len(msgs), first)
-		}
-		return fmt.Errorf("sink topic %q: %w", s.topic, err)
+		return fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(s.buf), err)
 	}
 	// Every record is held and sent again, also those written: at least
 	// once allows the duplicates, and a consumer still sees each key's
-	// outputs end with its last. The next write gets a new producer:
-	// sarama's keeps failing a partition for 10 s after three failed
-	// leader look-ups (its circuit breaker), however soon the broker is
-	// back.
-	for i, m := range msgs {
-		msgs[i] = &sarama.ProducerMessage{Topic: m.Topic, Key: m.Key, Value: m.Value}
-	}
-	_ = s.producer.Close()
-	s.producer = nil
+	// outputs end with its last.
 	s.hold.lost()
-	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(msgs), first), now)
+	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(s.buf), err), now)
 }
 
 // written empties the buffer, which is written, and makes its memory
@@ -441,51 +422,11 @@ func (s *sink) written() {
 	s.slab.reuse()
 }
 
-// sendAll writes msgs through p and waits for the broker's ack of each, as
-// sarama's SyncProducer.SendMessages does, and returns the failed ones as
-// sarama.ProducerErrors. The sync producer hands each message's result on
-// through a channel of its own, and its index through another: three more
-// channel operations a message than the async producer's pipeline takes,
-// in a sink whose profile is mostly sarama's hand-offs. p has nothing else
-// in flight: a sink's sends are one at a time, and nothing else reads p's
-// Successes and Errors.
-func sendAll(p sarama.AsyncProducer, msgs []*sarama.ProducerMessage) error {
-	if len(msgs) == 0 {
-		return nil
-	}
-	// sarama answers every message it took, with a success or an error,
-	// so the feeder never blocks for good.
-	fed := make(chan struct{})
-	go func() {
-		defer close(fed)
-		input := p.Input()
-		for _, m := range msgs {
-			input <- m
-		}
-	}()
-	var errs sarama.ProducerErrors
-	successes, failures := p.Successes(), p.Errors()
-	for range msgs {
-		select {
-		case <-successes:
-		case e := <-failures:
-			errs = append(errs, e)
-		}
-	}
-	<-fed
-	if len(errs) > 0 {
-		return errs
-	}
-	return nil
-}
-
 // close drops unflushed outputs (they belong to no completed checkpoint and
 // are produced again after a restore) and releases the producers and client.
 func (s *sink) close() {
 	if s.txn != nil {
 		s.txn.close()
-	} else if s.producer != nil {
-		_ = s.producer.Close()
 	}
 	if answer := s.hold.looking; answer != nil {
 		// A look is under way on the client: it closes once the look has

@@ -139,7 +139,7 @@ type txnPool struct {
 	ckptTimeout time.Duration
 	// admin is the sink's client, through which every request goes.
 	admin sarama.Client
-	w     *txnWriter
+	w     *sinkWriter
 	// tv2 sends what sarama cannot: EndTxn v5 for a restored transaction
 	// of protocol version 2. Opened at the first such transaction.
 	tv2    *kgo.Client
@@ -176,7 +176,7 @@ func txnID(prefix, task string, i int) string { return fmt.Sprintf("%s-%s-%d", p
 // newTxnPool returns the pool of map task task of job, which writes through
 // admin's brokers and holds its outputs by hold (the sink's). It connects
 // nothing: recover starts it.
-func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *transport.SinkSpec, admin sarama.Client, hold *sinkHold, log *slog.Logger) *txnPool {
+func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *transport.SinkSpec, admin sarama.Client, w *sinkWriter, hold *sinkHold, log *slog.Logger) *txnPool {
 	p := &txnPool{
 		ctx:         ctx,
 		log:         log,
@@ -188,7 +188,7 @@ func newTxnPool(ctx context.Context, env *taskEnv, job, task string, spec *trans
 		timeout:     time.Duration(spec.GetTransactionTimeoutMs()) * time.Millisecond,
 		ckptTimeout: time.Duration(spec.GetCheckpointTimeoutMs()) * time.Millisecond,
 		admin:       admin,
-		w:           newTxnWriter(admin, spec.GetTopic()),
+		w:           w,
 		hold:        hold,
 		counts:      env.metrics.sinkTxns.MustCurryWith(prometheus.Labels{"job": job}),
 		fenced:      env.metrics.sinkFenced.WithLabelValues(job),
@@ -426,18 +426,23 @@ func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 	return pid, epoch, err
 }
 
-// retry calls do until it answers with anything but a transport error or a
-// retriable Kafka error (an error recordRefused calls final ends it too),
-// backing off between calls, for up to twice cfg.KafkaTimeout; it returns
-// the last error then, as a retriesExhausted.
-// It stops at once when the task's context ends. do gets a context that
-// ends with the retries.
+// retry is retryKafka within twice cfg.KafkaTimeout, stopped at once
+// when the task's context ends.
 func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
-	ctx, cancel := context.WithTimeout(p.ctx, 2*p.cfg.KafkaTimeout)
+	return retryKafka(p.ctx, 2*p.cfg.KafkaTimeout, do)
+}
+
+// retryKafka calls do until it answers with anything but a transport error
+// or a retriable Kafka error (an error recordRefused calls final ends it
+// too), backing off between calls, for up to window; it returns the last
+// error then, as a retriesExhausted. It stops at once when ctx ends. do
+// gets a context that ends with the retries.
+func retryKafka(ctx context.Context, window time.Duration, do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
+	rctx, cancel := context.WithTimeout(ctx, window)
 	defer cancel()
 	backoff := 50 * time.Millisecond
 	for {
-		kerr, err := do(ctx)
+		kerr, err := do(rctx)
 		if err == nil && !retriableTxnErr(kerr) {
 			return kerr, nil
 		}
@@ -447,15 +452,15 @@ func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama
 		if err == nil {
 			err = kerr
 		}
-		if p.ctx.Err() != nil {
-			return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", p.ctx.Err(), err)
+		if ctx.Err() != nil {
+			return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", ctx.Err(), err)
 		}
 		wait := time.NewTimer(backoff)
 		select {
-		case <-ctx.Done():
+		case <-rctx.Done():
 			wait.Stop()
-			if p.ctx.Err() != nil {
-				return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", p.ctx.Err(), err)
+			if ctx.Err() != nil {
+				return 0, fmt.Errorf("%w (the task is stopping; last error: %v)", ctx.Err(), err)
 			}
 			return 0, &retriesExhausted{err: err}
 		case <-wait.C:
@@ -486,18 +491,14 @@ func (e *retriesExhausted) Unwrap() error { return e.err }
 
 // sinkUnreachable reports whether err says that the sink's brokers could
 // not be reached or could not serve the request yet, which waiting may cure,
-// by the rules of retry: a request retry gave up on, a client that found no
-// broker, a broken connection, a Kafka error retriableTxnErr or Kafka
-// itself calls retriable, or (at least once, through sarama's producer) a
-// write whose every record failed so (for records, only an answer says
-// otherwise: sarama fails a record it could not send with errors of its
-// own, such as its circuit breaker's). Anything else
+// by the rules of retryKafka: a request it gave up on, a client that found
+// no broker, a broken connection, a Kafka error retriableTxnErr or Kafka
+// itself calls retriable. Anything else
 // is an answer that waiting would not change: fencing, authorisation, a
 // protocol version this worker does not know, a transaction the broker
 // will not commit, a record too large; and a task that is stopping.
 func sinkUnreachable(err error) bool {
 	var exhausted *retriesExhausted
-	var perrs sarama.ProducerErrors
 	var kerr sarama.KError
 	var nerr net.Error
 	switch {
@@ -505,8 +506,6 @@ func sinkUnreachable(err error) bool {
 		return false
 	case errors.As(err, &exhausted):
 		return true
-	case errors.As(err, &perrs) && len(perrs) > 0:
-		return !slices.ContainsFunc(perrs, func(e *sarama.ProducerError) bool { return recordRefused(e.Err) })
 	case errors.Is(err, sarama.ErrOutOfBrokers), errors.Is(err, sarama.ErrNotConnected),
 		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.As(err, &nerr):
 		return true
@@ -937,18 +936,7 @@ func (p *txnPool) fencedOut(s *txnSlot, err error) bool {
 
 // isFenced reports whether err says a newer producer took the id.
 func isFenced(err error) bool {
-	if errors.Is(err, sarama.ErrProducerFenced) || errors.Is(err, sarama.ErrInvalidProducerEpoch) {
-		return true
-	}
-	var perrs sarama.ProducerErrors
-	if errors.As(err, &perrs) {
-		for _, e := range perrs {
-			if isFenced(e.Err) {
-				return true
-			}
-		}
-	}
-	return false
+	return errors.Is(err, sarama.ErrProducerFenced) || errors.Is(err, sarama.ErrInvalidProducerEpoch)
 }
 
 // close releases the client of version 2's commits; the sink closes its

@@ -17,6 +17,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 	"github.com/twmb/franz-go/pkg/kversion"
 
+	"github.com/coordflow/coordflow/transport"
 	"github.com/coordflow/coordflow/worker/operator"
 )
 
@@ -426,5 +427,79 @@ func TestExactlyOnceSinkAddPartitionsAnswerShort(t *testing.T) {
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Fatalf("read_committed saw %d records, want each of the %d written once", len(got), len(want))
+	}
+}
+
+// TestAtLeastOnceSinkWritesWithoutATransaction: an at-least-once sink's
+// records go out in batches with no producer id and in no transaction, so
+// a read_committed consumer sees them as soon as flush returns, each
+// partition's in the order written and where sarama's hash partitioner
+// puts them.
+func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
+	const parts = 3
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(parts, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	var produced, inTxn atomic.Int32
+	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		produced.Add(1)
+		produce := req.(*kmsg.ProduceRequest)
+		if produce.TransactionID != nil {
+			inTxn.Add(1)
+		}
+		for _, tp := range produce.Topics {
+			for _, pp := range tp.Partitions {
+				var b kmsg.RecordBatch
+				if err := b.ReadFrom(pp.Records); err != nil {
+					t.Errorf("partition %d: read the record batch: %v", pp.Partition, err)
+					continue
+				}
+				if b.ProducerID != -1 || b.FirstSequence != -1 || b.Attributes&0x10 != 0 {
+					t.Errorf("partition %d: a batch with producer id %d, sequence %d, attributes %#x: want none, none, not transactional",
+						pp.Partition, b.ProducerID, b.FirstSequence, b.Attributes)
+				}
+			}
+		}
+		return nil, nil, false
+	})
+	addrs := c.ListenAddrs()
+	spec := &transport.SinkSpec{Brokers: addrs, Topic: "out", Delivery: "at_least_once"}
+	s, err := openSink(t.Context(), txnTestEnv(), taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.close)
+	if s.txn != nil {
+		t.Fatal("an at-least-once sink has a transaction pool")
+	}
+	const n = 500
+	write(t, s, "a", n)
+	if produced.Load() == 0 {
+		t.Fatal("flush returned without a Produce request")
+	}
+	if k := inTxn.Load(); k != 0 {
+		t.Fatalf("%d Produce requests named a transactional id", k)
+	}
+	hash := sarama.NewHashPartitioner("out")
+	var want [parts][]string
+	for _, v := range seq("a", n) {
+		pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[pt] = append(want[pt], v)
+	}
+	var got [parts][]string
+	for _, r := range readCommittedAll(t, addrs, "out", n) {
+		got[r.Partition] = append(got[r.Partition], string(r.Value))
+	}
+	for pt := range parts {
+		if !slices.Equal(got[pt], want[pt]) {
+			t.Fatalf("partition %d holds %d records, want %d in the order written: first difference at %d",
+				pt, len(got[pt]), len(want[pt]), firstDiff(got[pt], want[pt]))
+		}
 	}
 }

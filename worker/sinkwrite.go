@@ -19,19 +19,21 @@ const (
 	sinkBatchOverhead  = 61
 )
 
-// txnWriter is how an exactly-once sink writes its transactions' records:
-// itself, with sarama's request types, rather than through sarama's
-// producer. That producer hands every record through four goroutines
-// (dispatcher, topic, partition, broker) and back, which was about half
-// of a passthrough job's CPU (docs/benchmarks.md); a sink's writes are
-// synchronous and one at a time anyway. So a write adds the partitions new
-// to the transaction (AddPartitionsToTxn), then sends each partition's
-// leader one Produce request (acks=all) holding one record batch per
-// partition, numbered by the slot's per-partition sequence so that the
-// broker drops a batch sent again after a lost answer (idempotence).
-// Only the map task's goroutine uses it; its buffers are reused by every
-// write.
-type txnWriter struct {
+// sinkWriter is how a sink writes its records: itself, with sarama's
+// request types, rather than through sarama's producer. That producer
+// hands every record through four goroutines (dispatcher, topic,
+// partition, broker) and back, which was about half of a passthrough
+// job's CPU (docs/benchmarks.md); a sink's writes are synchronous and one
+// at a time anyway. So a write sends each partition's leader one Produce
+// request (acks=all) holding one record batch per partition. Exactly once,
+// the write first adds the partitions new to the transaction
+// (AddPartitionsToTxn), and the batches carry the transaction's producer
+// id, epoch and per-partition sequences, so that the broker drops a batch
+// sent again after a lost answer (idempotence). At least once, they carry
+// no producer id: a batch sent again may be written twice, which at least
+// once allows. Only the map task's goroutine uses it; its buffers are
+// reused by every write.
+type sinkWriter struct {
 	client sarama.Client
 	topic  string
 	part   sarama.Partitioner
@@ -53,9 +55,9 @@ type txnWriter struct {
 	ptrs    []*sarama.Record
 }
 
-func newTxnWriter(client sarama.Client, topic string) *txnWriter {
+func newSinkWriter(client sarama.Client, topic string) *sinkWriter {
 	conf := client.Config()
-	return &txnWriter{
+	return &sinkWriter{
 		client:         client,
 		topic:          topic,
 		part:           sarama.NewHashPartitioner(topic),
@@ -80,21 +82,36 @@ const maxProduceRequest = 16 << 20
 // it (sinkUnreachable). After an error some records may be in the
 // transaction and others not: the caller must not commit it.
 func (p *txnPool) write(s *txnSlot, msgs []*sarama.ProducerMessage) error {
-	w := p.w
+	err := p.w.write(s, msgs, p.retry, func() error { return p.addPartitions(s) })
+	if err != nil {
+		return fmt.Errorf("write to sink topic %q in transaction %s: %w", p.topic, s.id, err)
+	}
+	return nil
+}
+
+// write sends msgs in rounds (produce) through retry until every record
+// is acknowledged by all in-sync replicas, or returns the error that
+// stopped it; after an error some of msgs may be written and others not.
+// s is the transaction the records go into, nil for none (at least once);
+// add, if not nil, is called once the records are partitioned and before
+// anything is sent, to add the partitions new to the transaction.
+func (w *sinkWriter) write(s *txnSlot, msgs []*sarama.ProducerMessage, retry func(func(context.Context) (sarama.KError, error)) (sarama.KError, error), add func() error) error {
 	defer w.reset()
 	if err := w.partition(msgs); err != nil {
 		return err
 	}
-	if err := p.addPartitions(s); err != nil {
-		return err
+	if add != nil {
+		if err := add(); err != nil {
+			return err
+		}
 	}
 	for w.pending() {
-		kerr, err := p.retry(func(context.Context) (sarama.KError, error) { return w.produce(s) })
+		kerr, err := retry(func(context.Context) (sarama.KError, error) { return w.produce(s) })
 		if err == nil && kerr != sarama.ErrNoError {
 			err = kerr
 		}
 		if err != nil {
-			return fmt.Errorf("write to sink topic %q in transaction %s: %w", p.topic, s.id, err)
+			return err
 		}
 	}
 	return nil
@@ -103,7 +120,7 @@ func (p *txnPool) write(s *txnSlot, msgs []*sarama.ProducerMessage) error {
 // partition sorts msgs into w.byPart by the partitioner sarama's producer
 // uses by default (a hash of the key), so that a key's outputs land where
 // they always did.
-func (w *txnWriter) partition(msgs []*sarama.ProducerMessage) error {
+func (w *sinkWriter) partition(msgs []*sarama.ProducerMessage) error {
 	ids, err := w.client.Partitions(w.topic)
 	if err != nil {
 		return fmt.Errorf("partitions of sink topic %q: %w", w.topic, err)
@@ -131,7 +148,7 @@ func (w *txnWriter) partition(msgs []*sarama.ProducerMessage) error {
 }
 
 // reset empties the buffers of the last write, keeping their memory.
-func (w *txnWriter) reset() {
+func (w *sinkWriter) reset() {
 	for i := range w.byPart {
 		clear(w.byPart[i])
 		w.byPart[i], w.acked[i] = w.byPart[i][:0], 0
@@ -142,7 +159,7 @@ func (w *txnWriter) reset() {
 }
 
 // pending reports whether any record of the write is unacknowledged.
-func (w *txnWriter) pending() bool {
+func (w *sinkWriter) pending() bool {
 	for _, pt := range w.parts {
 		if w.acked[pt] < len(w.byPart[pt]) {
 			return true
@@ -208,12 +225,13 @@ type leaderRequest struct {
 }
 
 // produce sends one round: the next batch of every partition with
-// unacknowledged records, one request per leader, all leaders at once. It
-// counts what was acknowledged in w.acked and advances s's sequences. It
+// unacknowledged records, one request per leader, all leaders at once, in
+// slot s's transaction (nil: in none, at least once). It counts what was
+// acknowledged in w.acked and advances s's sequences. It
 // returns a Kafka error the write must fail with, or an error waiting may
 // cure (a lost connection, a leader that moved: the metadata is refreshed),
 // for p.retry to send the rest again.
-func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
+func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 	now := time.Now().Truncate(time.Millisecond)
 	var reqs []*leaderRequest
 	n := 0
@@ -272,16 +290,21 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 		}
 		batch := &sarama.RecordBatch{
 			Version: 2, FirstTimestamp: now, MaxTimestamp: now,
-			ProducerID: s.pid, ProducerEpoch: s.epoch, FirstSequence: s.seq[pt], IsTransactional: true,
+			ProducerID: -1, ProducerEpoch: -1, FirstSequence: -1,
 			LastOffsetDelta: int32(k - 1), Records: ptrs[:k:k],
+		}
+		if s != nil {
+			batch.ProducerID, batch.ProducerEpoch, batch.FirstSequence, batch.IsTransactional = s.pid, s.epoch, s.seq[pt], true
 		}
 		records, ptrs = records[k:], ptrs[k:]
 		if lr == nil {
-			id := s.id
 			lr = &leaderRequest{broker: leader, req: &sarama.ProduceRequest{
-				TransactionalID: &id, RequiredAcks: sarama.WaitForAll,
-				Timeout: int32(w.ackTimeout.Milliseconds()), Version: w.produceVersion,
+				RequiredAcks: sarama.WaitForAll, Timeout: int32(w.ackTimeout.Milliseconds()), Version: w.produceVersion,
 			}}
+			if s != nil {
+				id := s.id
+				lr.req.TransactionalID = &id
+			}
 			reqs = append(reqs, lr)
 		}
 		lr.bytes += size
@@ -315,7 +338,9 @@ func (w *txnWriter) produce(s *txnSlot) (sarama.KError, error) {
 				retry = cmp.Or(retry, fmt.Errorf("broker %s did not answer for sink partition %d", r.broker.Addr(), pt))
 			case block.Err == sarama.ErrNoError || block.Err == sarama.ErrDuplicateSequenceNumber:
 				w.acked[pt] += r.counts[i]
-				s.seq[pt] += int32(r.counts[i])
+				if s != nil {
+					s.seq[pt] += int32(r.counts[i])
+				}
 			case retriableKafkaErr(block.Err):
 				retry = cmp.Or(retry, fmt.Errorf("sink partition %d: %w", pt, block.Err))
 			case isFenced(block.Err):
