@@ -16,8 +16,8 @@ import (
 
 // A sink sends its buffer once it holds sinkBatch outputs or
 // sinkBatchBytes of keys and values. Sends are synchronous, and each costs
-// requests and acks whatever its size (and, at least once, every message
-// crosses sarama's goroutines), so large sends are what make a sink fast:
+// requests and acks whatever its size, so large sends are what make a
+// sink fast:
 // 500 outputs a send cost about twice the CPU per record of 5,000, in the
 // workers and the broker alike (BenchmarkThroughput, docs/benchmarks.md).
 const (
@@ -78,7 +78,7 @@ type sink struct {
 	// retryWindow is how long an at-least-once write tries again
 	// before the sink is held: as long as the pool's requests.
 	retryWindow time.Duration
-	buf         []*sarama.ProducerMessage
+	buf         []sinkRecord
 	bufBytes    int // keys and values in buf
 	slab        outSlab
 }
@@ -257,7 +257,7 @@ func (h *sinkHold) ok() {
 // add buffers out, sending the buffer when it is full. Outputs a sink
 // that cannot write holds are no error here.
 func (s *sink) add(out *operator.Output) error {
-	s.buf = append(s.buf, s.slab.message(s.topic, out))
+	s.buf = append(s.buf, s.slab.record(out))
 	s.bufBytes += len(out.Key) + len(out.Value)
 	if len(s.buf) >= sinkBatch || s.bufBytes >= sinkBatchBytes {
 		if err := s.flush(); err != nil && !errors.Is(err, errSinkUnavailable) {
@@ -267,94 +267,71 @@ func (s *sink) add(out *operator.Output) error {
 	return nil
 }
 
-// outSlab is where a sink's messages come from: the outputs' bytes may point
-// into the item's batch, which is reused once applied, so each message gets
-// a copy; and sarama wants a message and an encoder per key and value. A
-// slab holds them for many outputs at once, one allocation instead of four
-// per output. Once the messages of its slabs are written (reuse), the slabs
+// sinkRecord is an output the sink holds until it is written: copies of
+// its key (nil for none) and value, in the sink's slabs.
+type sinkRecord struct{ key, value []byte }
+
+// outSlab is where the bytes of a sink's records are copied: an output's
+// may point into the item's batch, which is reused once applied. A slab
+// holds the bytes of many outputs, one allocation instead of two per
+// output. Once the records of its slabs are written (reuse), the slabs
 // serve the next ones: nothing refers to them any more, and fresh memory
 // costs a page fault per page and the collector's work.
 type outSlab struct {
-	slabBufs // the slab being filled; nil before the first message
+	data []byte // the slab being filled; nil before the first record
 	// filled are the slabs filled since the last reuse; spare those
-	// ready for new messages.
-	filled, spare []slabBufs
-}
-
-// slabBufs is the memory of one slab.
-type slabBufs struct {
-	msgs []sarama.ProducerMessage
-	encs []outBytes
-	data []byte
+	// ready for new records.
+	filled, spare [][]byte
 }
 
 // slabsKept bounds the spare slabs a sink keeps: a batch's worth
-// (sinkBatchBytes over slabBytes, or sinkBatch over slabMessages), not what
-// a long hold of up to sinkMaxHeld outputs once needed.
+// (sinkBatchBytes over slabBytes), not what a long hold of up to
+// sinkMaxHeld outputs once needed.
 const slabsKept = 16
 
-const (
-	slabMessages = 1024
-	slabBytes    = 256 << 10
-)
+const slabBytes = 256 << 10
 
-// outBytes is a key or value as sarama encodes it. A pointer to one in a
-// slab makes the interface value free of allocation.
-type outBytes struct{ b []byte }
-
-func (o *outBytes) Encode() ([]byte, error) { return o.b, nil }
-func (o *outBytes) Length() int             { return len(o.b) }
-
-// message returns a message of topic holding a copy of out.
-func (sl *outSlab) message(topic string, out *operator.Output) *sarama.ProducerMessage {
+// record returns a record holding a copy of out.
+func (sl *outSlab) record(out *operator.Output) sinkRecord {
 	n := len(out.Key) + len(out.Value)
-	if len(sl.msgs) == cap(sl.msgs) || cap(sl.data)-len(sl.data) < n {
+	if sl.data == nil || cap(sl.data)-len(sl.data) < n {
 		sl.next(n)
 	}
-	sl.msgs = append(sl.msgs, sarama.ProducerMessage{Topic: topic})
-	msg := &sl.msgs[len(sl.msgs)-1]
-	sl.encs = append(sl.encs, outBytes{b: sl.copy(out.Value)})
-	msg.Value = &sl.encs[len(sl.encs)-1]
+	// A value is never nil, even when empty: nil would be written as a
+	// null value, a tombstone to a compacted topic.
+	r := sinkRecord{value: sl.copy(out.Value)}
 	if out.Key != nil {
-		sl.encs = append(sl.encs, outBytes{b: sl.copy(out.Key)})
-		msg.Key = &sl.encs[len(sl.encs)-1]
+		r.key = sl.copy(out.Key)
 	}
-	return msg
+	return r
 }
 
-// next starts a slab with room for a message of n bytes: a spare one if
-// it has the room, else a new one.
+// next starts a slab with room for n bytes: a spare one if it has the
+// room, else a new one.
 func (sl *outSlab) next(n int) {
-	if sl.msgs != nil {
-		sl.filled = append(sl.filled, sl.slabBufs)
+	if sl.data != nil {
+		sl.filled = append(sl.filled, sl.data)
 	}
-	if k := len(sl.spare); k > 0 && cap(sl.spare[k-1].data) >= n {
-		sl.slabBufs = sl.spare[k-1]
+	if k := len(sl.spare); k > 0 && cap(sl.spare[k-1]) >= n {
+		sl.data = sl.spare[k-1]
 		sl.spare = sl.spare[:k-1]
 		return
 	}
-	sl.msgs = make([]sarama.ProducerMessage, 0, slabMessages)
-	sl.encs = make([]outBytes, 0, 2*slabMessages)
 	sl.data = make([]byte, 0, max(slabBytes, n))
 }
 
-// reuse makes every slab spare: the caller has written all their messages
-// and keeps none (sarama neither: it has answered for each).
+// reuse makes every slab spare: the caller has written all their records
+// and keeps none.
 func (sl *outSlab) reuse() {
-	if sl.msgs != nil {
-		sl.filled = append(sl.filled, sl.slabBufs)
-		sl.slabBufs = slabBufs{}
+	if sl.data != nil {
+		sl.filled = append(sl.filled, sl.data)
+		sl.data = nil
 	}
 	for _, b := range sl.filled {
 		if len(sl.spare) == slabsKept {
 			break
 		}
-		// Cleared: sarama's fields of a written message (its retries,
-		// its partition) must not carry over, and old encoders must not
-		// keep other memory alive.
-		clear(b.msgs)
-		clear(b.encs)
-		sl.spare = append(sl.spare, slabBufs{b.msgs[:0], b.encs[:0], b.data[:0]})
+		sl.spare = append(sl.spare, b[:0])
 	}
 	clear(sl.filled)
 	sl.filled = sl.filled[:0]

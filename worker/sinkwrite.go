@@ -48,11 +48,15 @@ type sinkWriter struct {
 	maxBatch   int // bytes of one record batch, as the client's producer limits it
 	maxRequest int // bytes of one Produce request
 
-	byPart  [][]*sarama.ProducerMessage // the write's records by partition
-	acked   []int                       // how many of byPart's are acknowledged
-	parts   []int32                     // the partitions byPart has records for
+	byPart  [][]sinkRecord // the write's records by partition
+	acked   []int          // how many of byPart's are acknowledged
+	parts   []int32        // the partitions byPart has records for
 	records []sarama.Record
 	ptrs    []*sarama.Record
+	// msg and key are what the partitioner is asked about: one record's
+	// key at a time.
+	msg sarama.ProducerMessage
+	key keyBytes
 }
 
 func newSinkWriter(client sarama.Client, topic string) *sinkWriter {
@@ -81,7 +85,7 @@ const maxProduceRequest = 16 << 20
 // not retriable), or one that waiting may cure after p.retry gave up on
 // it (sinkUnreachable). After an error some records may be in the
 // transaction and others not: the caller must not commit it.
-func (p *txnPool) write(s *txnSlot, msgs []*sarama.ProducerMessage) error {
+func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
 	err := p.w.write(s, msgs, p.retry, func() error { return p.addPartitions(s) })
 	if err != nil {
 		return fmt.Errorf("write to sink topic %q in transaction %s: %w", p.topic, s.id, err)
@@ -95,7 +99,7 @@ func (p *txnPool) write(s *txnSlot, msgs []*sarama.ProducerMessage) error {
 // s is the transaction the records go into, nil for none (at least once);
 // add, if not nil, is called once the records are partitioned and before
 // anything is sent, to add the partitions new to the transaction.
-func (w *sinkWriter) write(s *txnSlot, msgs []*sarama.ProducerMessage, retry func(func(context.Context) (sarama.KError, error)) (sarama.KError, error), add func() error) error {
+func (w *sinkWriter) write(s *txnSlot, msgs []sinkRecord, retry func(func(context.Context) (sarama.KError, error)) (sarama.KError, error), add func() error) error {
 	defer w.reset()
 	if err := w.partition(msgs); err != nil {
 		return err
@@ -118,9 +122,9 @@ func (w *sinkWriter) write(s *txnSlot, msgs []*sarama.ProducerMessage, retry fun
 }
 
 // partition sorts msgs into w.byPart by the partitioner sarama's producer
-// uses by default (a hash of the key), so that a key's outputs land where
-// they always did.
-func (w *sinkWriter) partition(msgs []*sarama.ProducerMessage) error {
+// uses by default (a hash of the key; a record without a key goes to a
+// random partition), so that a key's outputs land where they always did.
+func (w *sinkWriter) partition(msgs []sinkRecord) error {
 	ids, err := w.client.Partitions(w.topic)
 	if err != nil {
 		return fmt.Errorf("partitions of sink topic %q: %w", w.topic, err)
@@ -130,12 +134,17 @@ func (w *sinkWriter) partition(msgs []*sarama.ProducerMessage) error {
 	}
 	n := int32(len(ids))
 	if cap(w.byPart) < len(ids) {
-		w.byPart = make([][]*sarama.ProducerMessage, len(ids))
+		w.byPart = make([][]sinkRecord, len(ids))
 		w.acked = make([]int, len(ids))
 	}
 	w.byPart, w.acked = w.byPart[:len(ids)], w.acked[:len(ids)]
 	for _, m := range msgs {
-		pt, err := w.part.Partition(m, n)
+		w.msg.Key = nil
+		if m.key != nil {
+			w.key.b = m.key
+			w.msg.Key = &w.key
+		}
+		pt, err := w.part.Partition(&w.msg, n)
 		if err != nil {
 			return fmt.Errorf("sink topic %q: partition a record: %w", w.topic, err)
 		}
@@ -144,8 +153,16 @@ func (w *sinkWriter) partition(msgs []*sarama.ProducerMessage) error {
 		}
 		w.byPart[pt] = append(w.byPart[pt], m)
 	}
+	w.msg.Key, w.key.b = nil, nil
 	return nil
 }
+
+// keyBytes is a key as sarama's partitioner reads it. A pointer to the
+// writer's one makes the interface value free of allocation.
+type keyBytes struct{ b []byte }
+
+func (k *keyBytes) Encode() ([]byte, error) { return k.b, nil }
+func (k *keyBytes) Length() int             { return len(k.b) }
 
 // reset empties the buffers of the last write, keeping their memory.
 func (w *sinkWriter) reset() {
@@ -267,15 +284,7 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 		}
 		size, k := sinkBatchOverhead, 0
 		for k < len(msgs) {
-			m := msgs[k]
-			key, err := encoded(m.Key)
-			if err != nil {
-				return 0, fmt.Errorf("encode a key: %w", err)
-			}
-			value, err := encoded(m.Value)
-			if err != nil {
-				return 0, fmt.Errorf("encode a value: %w", err)
-			}
+			key, value := msgs[k].key, msgs[k].value
 			more := len(key) + len(value) + sinkRecordOverhead
 			if size+more > limit && (k > 0 || lr != nil) {
 				break
@@ -364,18 +373,3 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 
 // send sends r's request and keeps the answer.
 func (r *leaderRequest) send() { r.resp, r.err = r.broker.Produce(r.req) }
-
-// encoded returns e's bytes, nil for no e.
-func encoded(e sarama.Encoder) ([]byte, error) {
-	if e == nil {
-		return nil, nil
-	}
-	if b, ok := e.(*outBytes); ok {
-		return b.b, nil
-	}
-	b, err := e.Encode()
-	if err != nil {
-		return nil, sarama.PacketEncodingError{Info: fmt.Sprintf("encode a sink record: %v", err)}
-	}
-	return b, nil
-}

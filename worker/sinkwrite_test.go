@@ -124,9 +124,10 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 	s.txn.w.maxBatch, s.txn.w.maxRequest = 4000, maxRequest
 	pad := strings.Repeat("v", 100) // values much larger than a record's overhead
 	hash := sarama.NewHashPartitioner("out")
-	var want [parts][]string // each partition's records, in the order written
+	var want [parts][]string               // each partition's records, in the order written
+	perWrite := 2*slabBytes/len(pad) + 100 // over two slabs' worth
 	for _, prefix := range []string{"a", "b", "c"} {
-		for _, k := range seq(prefix, 2*slabMessages+100) {
+		for _, k := range seq(prefix, perWrite) {
 			if err := s.add(&operator.Output{Key: []byte(k), Value: []byte(k + pad)}); err != nil {
 				t.Fatal(err)
 			}
@@ -134,7 +135,7 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 		if err := s.flush(); err != nil {
 			t.Fatal(err)
 		}
-		for _, k := range seq(prefix, 2*slabMessages+100) {
+		for _, k := range seq(prefix, perWrite) {
 			pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(k)}, parts)
 			if err != nil {
 				t.Fatal(err)
@@ -155,7 +156,7 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	total := 3 * (2*slabMessages + 100)
+	total := 3 * perWrite
 	var got [parts][]string
 	for _, r := range readCommittedAll(t, brokers, "out", total) {
 		if string(r.Value) != string(r.Key)+pad {

@@ -682,7 +682,7 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 // cannot be made good without them, and fails the task: the restore from
 // the last completed checkpoint writes them again. So does an error that
 // waiting would not change (sinkUnreachable) on the way to the next write.
-func (p *txnPool) send(msgs []*sarama.ProducerMessage) error {
+func (p *txnPool) send(msgs []sinkRecord) error {
 	if len(msgs) == 0 && p.hold.down == nil {
 		return nil
 	}

@@ -1,0 +1,42 @@
+package worker
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/coordflow/coordflow/worker/operator"
+)
+
+// TestOutSlabRecord: a record copies its output's bytes, so the output's
+// memory may be reused at once; a missing key stays missing (null, and a
+// random partition), while an empty value is an empty value, never null,
+// which a compacted topic would take for a tombstone.
+func TestOutSlabRecord(t *testing.T) {
+	var sl outSlab
+	key, value := []byte("k"), []byte("v")
+	r := sl.record(&operator.Output{Key: key, Value: value})
+	key[0], value[0] = 'x', 'x'
+	if string(r.key) != "k" || string(r.value) != "v" {
+		t.Fatalf("record holds %q=%q after the output's bytes changed, want k=v", r.key, r.value)
+	}
+	for _, c := range []struct {
+		name     string
+		out      operator.Output
+		nilKey   bool
+		keyBytes []byte
+	}{
+		{"no key, no value", operator.Output{}, true, nil},
+		{"an empty key, an empty value", operator.Output{Key: []byte{}, Value: []byte{}}, false, []byte{}},
+	} {
+		var fresh outSlab // the first record of a slab too
+		for _, s := range []*outSlab{&fresh, &sl} {
+			r := s.record(&c.out)
+			if (r.key == nil) != c.nilKey || !bytes.Equal(r.key, c.keyBytes) {
+				t.Errorf("%s: key %q (nil %v), want nil %v", c.name, r.key, r.key == nil, c.nilKey)
+			}
+			if r.value == nil || len(r.value) != 0 {
+				t.Errorf("%s: value %q (nil %v), want empty, not nil", c.name, r.value, r.value == nil)
+			}
+		}
+	}
+}
