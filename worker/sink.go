@@ -75,8 +75,11 @@ type sink struct {
 	txn    *txnPool // exactly once
 	hold   *sinkHold
 	topic  string
-	// retryWindow is how long an at-least-once write tries again
-	// before the sink is held: as long as the pool's requests.
+	// retryWindow is how long an at-least-once write tries again before
+	// the sink is held: -kafka-timeout, not the twice that an exactly-once
+	// request gets, since the task loop waits meanwhile and a held sink
+	// tries again anyway (sarama's producer, which the sink used before,
+	// gave up after three retries 100 ms apart).
 	retryWindow time.Duration
 	buf         []sinkRecord
 	bufBytes    int // keys and values in buf
@@ -116,7 +119,7 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 		return nil, fmt.Errorf("sink topic %q: Kafka client for brokers %v: %w", topic, brokers, err)
 	}
 	s := &sink{
-		client: client, w: newSinkWriter(client, topic), topic: topic, retryWindow: 2 * env.cfg.KafkaTimeout,
+		client: client, w: newSinkWriter(client, topic), topic: topic, retryWindow: env.cfg.KafkaTimeout,
 		hold: &sinkHold{ctx: ctx, log: log, client: client, topic: topic, brokers: brokers},
 	}
 	if err := s.hold.look(); err != nil {
@@ -400,7 +403,7 @@ func (s *sink) written() {
 }
 
 // close drops unflushed outputs (they belong to no completed checkpoint and
-// are produced again after a restore) and releases the producers and client.
+// are produced again after a restore) and releases the client.
 func (s *sink) close() {
 	if s.txn != nil {
 		s.txn.close()

@@ -13,7 +13,7 @@ import (
 // sinkRecordOverhead bounds what a record adds to a batch besides its key and
 // value (length, attributes, timestamp and offset deltas, key and value
 // lengths, header count: varints), and sinkBatchOverhead a batch's header; as
-// sarama's producer counts them.
+// sarama's producer counted them when the sink wrote through it.
 const (
 	sinkRecordOverhead = 5*5 + 10 + 1
 	sinkBatchOverhead  = 61
@@ -43,9 +43,9 @@ type sinkWriter struct {
 	addVersion     int16
 	// ackTimeout is how long a leader may wait for its replicas: shorter
 	// than the client's read timeout, so that a slow write is answered
-	// (REQUEST_TIMED_OUT) and sent again within txnPool.retry's time.
+	// (REQUEST_TIMED_OUT) and sent again within the caller's retry window.
 	ackTimeout time.Duration
-	maxBatch   int // bytes of one record batch, as the client's producer limits it
+	maxBatch   int // bytes of one record batch (sinkMaxBatch)
 	maxRequest int // bytes of one Produce request
 
 	byPart  [][]sinkRecord // the write's records by partition
@@ -68,10 +68,17 @@ func newSinkWriter(client sarama.Client, topic string) *sinkWriter {
 		produceVersion: requestVersion(conf.Version, produceVersions),
 		addVersion:     requestVersion(conf.Version, txnRequestVersions),
 		ackTimeout:     conf.Net.ReadTimeout / 2,
-		maxBatch:       conf.Producer.MaxMessageBytes,
+		maxBatch:       sinkMaxBatch,
 		maxRequest:     maxProduceRequest,
 	}
 }
+
+// sinkMaxBatch bounds a record batch: sarama's producer's default
+// (Producer.MaxMessageBytes), what the sink's batches were when it wrote
+// through that producer, and under the 1,048,588 bytes a broker takes by
+// default (message.max.bytes). A record larger than that goes alone, and
+// the broker decides.
+const sinkMaxBatch = 1_000_000
 
 // maxProduceRequest bounds a Produce request's batches: a leader of many
 // partitions gets the rest in the next round. Brokers refuse requests over
@@ -247,7 +254,7 @@ type leaderRequest struct {
 // acknowledged in w.acked and advances s's sequences. It
 // returns a Kafka error the write must fail with, or an error waiting may
 // cure (a lost connection, a leader that moved: the metadata is refreshed),
-// for p.retry to send the rest again.
+// for the caller's retry to send the rest again.
 func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 	now := time.Now().Truncate(time.Millisecond)
 	var reqs []*leaderRequest
@@ -276,7 +283,7 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 			}
 		}
 		// One batch per partition and request (Produce v3 and later):
-		// records up to the producer's batch limit and what is left of the
+		// records up to the batch limit and what is left of the
 		// request's; one at least in a request of its own.
 		limit := w.maxBatch
 		if lr != nil {
@@ -330,12 +337,19 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 		}
 		wg.Wait()
 	}
-	var retry error
+	var retry, refused error
 	fail := sarama.ErrNoError
 	for _, r := range reqs {
+		if r.err != nil && recordRefused(r.err) {
+			// Never sent (sarama could not encode it): it would fail again.
+			refused = cmp.Or(refused, fmt.Errorf("produce to broker %s: %w", r.broker.Addr(), r.err))
+			continue
+		}
 		if r.err != nil {
-			// The request may have been written: sent again, its batches
-			// carry the same sequences, and the broker drops the copies.
+			// The request may have been written. Sent again, exactly
+			// once, its batches carry the same sequences and the broker
+			// drops the copies; at least once (no producer id) they may
+			// be written twice.
 			_ = r.broker.Close()
 			retry = cmp.Or(retry, fmt.Errorf("produce to broker %s: %w", r.broker.Addr(), r.err))
 			continue
@@ -361,6 +375,9 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 	}
 	if fail != sarama.ErrNoError {
 		return fail, nil
+	}
+	if refused != nil {
+		return 0, refused
 	}
 	if retry != nil {
 		if err := w.client.RefreshMetadata(w.topic); err != nil {

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -174,7 +175,7 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 
 // readCommittedAll reads topic's every partition with read_committed until
 // it has want records, and then for a moment longer (duplicates would
-// follow); it fails the test if want do not come within a few seconds.
+// follow); it fails the test if want do not come within waitTimeout.
 func readCommittedAll(t *testing.T, brokers []string, topic string, want int) []*kgo.Record {
 	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.ConsumeTopics(topic),
@@ -184,7 +185,7 @@ func readCommittedAll(t *testing.T, brokers []string, topic string, want int) []
 	}
 	defer cl.Close()
 	var out []*kgo.Record
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(waitTimeout)
 	extra := time.Time{}
 	for {
 		now := time.Now()
@@ -195,7 +196,7 @@ func readCommittedAll(t *testing.T, brokers []string, topic string, want int) []
 			return out
 		}
 		if now.After(deadline) {
-			t.Fatalf("read %d of %d records of %s within 5s", len(out), want, topic)
+			t.Fatalf("read %d of %d records of %s within %v", len(out), want, topic, waitTimeout)
 		}
 		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 		fs := cl.PollFetches(ctx)
@@ -433,7 +434,7 @@ func TestExactlyOnceSinkAddPartitionsAnswerShort(t *testing.T) {
 
 // TestAtLeastOnceSinkWritesWithoutATransaction: an at-least-once sink's
 // records go out in batches with no producer id and in no transaction, so
-// a read_committed consumer sees them as soon as flush returns, each
+// a read_committed consumer sees them with nothing committed, each
 // partition's in the order written and where sarama's hash partitioner
 // puts them.
 func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
@@ -451,6 +452,9 @@ func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
 		if produce.TransactionID != nil {
 			inTxn.Add(1)
 		}
+		if produce.Acks != -1 {
+			t.Errorf("a Produce request with acks %d, want -1 (all in-sync replicas)", produce.Acks)
+		}
 		for _, tp := range produce.Topics {
 			for _, pp := range tp.Partitions {
 				var b kmsg.RecordBatch
@@ -458,9 +462,9 @@ func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
 					t.Errorf("partition %d: read the record batch: %v", pp.Partition, err)
 					continue
 				}
-				if b.ProducerID != -1 || b.FirstSequence != -1 || b.Attributes&0x10 != 0 {
-					t.Errorf("partition %d: a batch with producer id %d, sequence %d, attributes %#x: want none, none, not transactional",
-						pp.Partition, b.ProducerID, b.FirstSequence, b.Attributes)
+				if b.ProducerID != -1 || b.ProducerEpoch != -1 || b.FirstSequence != -1 || b.Attributes&0x10 != 0 {
+					t.Errorf("partition %d: a batch with producer id %d, epoch %d, sequence %d, attributes %#x: want none, none, none, not transactional",
+						pp.Partition, b.ProducerID, b.ProducerEpoch, b.FirstSequence, b.Attributes)
 				}
 			}
 		}
@@ -503,4 +507,73 @@ func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
 				pt, len(got[pt]), len(want[pt]), firstDiff(got[pt], want[pt]))
 		}
 	}
+}
+
+// TestAtLeastOnceSinkRetriesAndRefusals: at least once, a Produce request
+// that is lost (its connection breaks before the broker reads it) is sent
+// again within the write's retry window, and the flush succeeds with every
+// record written and the sink not held; a record the broker refuses for
+// good (MESSAGE_TOO_LARGE) fails the flush, and the task, rather than
+// holding the sink.
+func TestAtLeastOnceSinkRetriesAndRefusals(t *testing.T) {
+	open := func(t *testing.T, c *kfake.Cluster) *sink {
+		t.Helper()
+		spec := &transport.SinkSpec{Brokers: c.ListenAddrs(), Topic: "out", Delivery: "at_least_once"}
+		s, err := openSink(t.Context(), txnTestEnv(), taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(s.close)
+		return s
+	}
+	t.Run("a lost request", func(t *testing.T) {
+		c := newKafkaCluster(t, "out")
+		var lost atomic.Int32
+		c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+			c.KeepControl()
+			if lost.Add(1) == 1 {
+				return nil, fmt.Errorf("the request is lost"), true
+			}
+			return nil, nil, false
+		})
+		s := open(t, c)
+		write(t, s, "a", 20)
+		if n := lost.Load(); n < 2 {
+			t.Fatalf("%d Produce requests, want the lost one and another", n)
+		}
+		if s.hold.down != nil {
+			t.Fatalf("the sink is held after a write that succeeded: %v", s.hold.down)
+		}
+		if got, want := readCommitted(t, c.ListenAddrs(), "out", 20), seq("a", 20); !slices.Equal(got, want) {
+			t.Fatalf("the sink topic holds %v, want %v", got, want)
+		}
+	})
+	t.Run("a record refused", func(t *testing.T) {
+		c := newKafkaCluster(t, "out")
+		c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+			c.KeepControl()
+			produce := req.(*kmsg.ProduceRequest)
+			resp := produce.ResponseKind().(*kmsg.ProduceResponse)
+			for _, rt := range produce.Topics {
+				st := kmsg.NewProduceResponseTopic()
+				st.Topic = rt.Topic
+				for _, rp := range rt.Partitions {
+					sp := kmsg.NewProduceResponseTopicPartition()
+					sp.Partition = rp.Partition
+					sp.ErrorCode = int16(sarama.ErrMessageSizeTooLarge)
+					st.Partitions = append(st.Partitions, sp)
+				}
+				resp.Topics = append(resp.Topics, st)
+			}
+			return resp, nil, true
+		})
+		s := open(t, c)
+		if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
+			t.Fatal(err)
+		}
+		err := s.flush()
+		if err == nil || errors.Is(err, errSinkUnavailable) || !errors.Is(err, sarama.ErrMessageSizeTooLarge) {
+			t.Fatalf("flush of a record the broker refuses: %v; want MESSAGE_TOO_LARGE, not a held sink", err)
+		}
+	})
 }

@@ -480,7 +480,7 @@ func retriableTxnErr(kerr sarama.KError) bool {
 	return false
 }
 
-// retriesExhausted is how retry gives up: err, the last error of a request
+// retriesExhausted is how retryKafka gives up: err, the last error of a request
 // that failed only in ways that waiting may cure (a transport error, a
 // Kafka error retriableTxnErr accepts) until its retries ran out. Its text
 // is err's.
@@ -515,9 +515,9 @@ func sinkUnreachable(err error) bool {
 	return false
 }
 
-// recordRefused reports whether a record failed with err for good: a
-// broker answered with a Kafka error that is not retriable, or sarama could
-// not encode it.
+// recordRefused reports whether a request failed with err for good, so
+// that sending it again would fail again: a broker answered with a Kafka
+// error that is not retriable, or sarama could not encode it.
 func recordRefused(err error) bool {
 	var kerr sarama.KError
 	var enc sarama.PacketEncodingError
