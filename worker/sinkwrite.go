@@ -340,7 +340,7 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 	var retry, refused error
 	fail := sarama.ErrNoError
 	for _, r := range reqs {
-		if r.err != nil && recordRefused(r.err) {
+		if r.err != nil && requestRefused(r.err) {
 			// Never sent (sarama could not encode it): it would fail again.
 			refused = cmp.Or(refused, fmt.Errorf("produce to broker %s: %w", r.broker.Addr(), r.err))
 			continue

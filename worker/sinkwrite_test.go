@@ -471,12 +471,7 @@ func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
 		return nil, nil, false
 	})
 	addrs := c.ListenAddrs()
-	spec := &transport.SinkSpec{Brokers: addrs, Topic: "out", Delivery: "at_least_once"}
-	s, err := openSink(t.Context(), txnTestEnv(), taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.close)
+	s := atLeastOnceTestSink(t, addrs)
 	if s.txn != nil {
 		t.Fatal("an at-least-once sink has a transaction pool")
 	}
@@ -509,71 +504,84 @@ func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
 	}
 }
 
-// TestAtLeastOnceSinkRetriesAndRefusals: at least once, a Produce request
-// that is lost (its connection breaks before the broker reads it) is sent
-// again within the write's retry window, and the flush succeeds with every
-// record written and the sink not held; a record the broker refuses for
-// good (MESSAGE_TOO_LARGE) fails the flush, and the task, rather than
-// holding the sink.
-func TestAtLeastOnceSinkRetriesAndRefusals(t *testing.T) {
-	open := func(t *testing.T, c *kfake.Cluster) *sink {
-		t.Helper()
-		spec := &transport.SinkSpec{Brokers: c.ListenAddrs(), Topic: "out", Delivery: "at_least_once"}
-		s, err := openSink(t.Context(), txnTestEnv(), taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
-		if err != nil {
-			t.Fatal(err)
+// TestAtLeastOnceSinkSendsALostRequestAgain: at least once, a Produce
+// request that is lost (its connection breaks before the broker reads it)
+// is sent again within the write's retry window, and the flush succeeds
+// with every record written and the sink not held.
+func TestAtLeastOnceSinkSendsALostRequestAgain(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	var lost atomic.Int32
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if lost.Add(1) == 1 {
+			return nil, fmt.Errorf("the request is lost"), true
 		}
-		t.Cleanup(s.close)
-		return s
+		return nil, nil, false
+	})
+	s := atLeastOnceTestSink(t, c.ListenAddrs())
+	write(t, s, "a", 20)
+	if n := lost.Load(); n < 2 {
+		t.Fatalf("%d Produce requests, want the lost one and another", n)
 	}
-	t.Run("a lost request", func(t *testing.T) {
-		c := newKafkaCluster(t, "out")
-		var lost atomic.Int32
-		c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
-			c.KeepControl()
-			if lost.Add(1) == 1 {
-				return nil, fmt.Errorf("the request is lost"), true
-			}
-			return nil, nil, false
-		})
-		s := open(t, c)
-		write(t, s, "a", 20)
-		if n := lost.Load(); n < 2 {
-			t.Fatalf("%d Produce requests, want the lost one and another", n)
-		}
-		if s.hold.down != nil {
-			t.Fatalf("the sink is held after a write that succeeded: %v", s.hold.down)
-		}
-		if got, want := readCommitted(t, c.ListenAddrs(), "out", 20), seq("a", 20); !slices.Equal(got, want) {
-			t.Fatalf("the sink topic holds %v, want %v", got, want)
-		}
-	})
-	t.Run("a record refused", func(t *testing.T) {
-		c := newKafkaCluster(t, "out")
-		c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
-			c.KeepControl()
-			produce := req.(*kmsg.ProduceRequest)
-			resp := produce.ResponseKind().(*kmsg.ProduceResponse)
-			for _, rt := range produce.Topics {
-				st := kmsg.NewProduceResponseTopic()
-				st.Topic = rt.Topic
-				for _, rp := range rt.Partitions {
-					sp := kmsg.NewProduceResponseTopicPartition()
-					sp.Partition = rp.Partition
-					sp.ErrorCode = int16(sarama.ErrMessageSizeTooLarge)
-					st.Partitions = append(st.Partitions, sp)
+	if s.hold.down != nil {
+		t.Fatalf("the sink is held after a write that succeeded: %v", s.hold.down)
+	}
+	if got, want := readCommitted(t, c.ListenAddrs(), "out", 20), seq("a", 20); !slices.Equal(got, want) {
+		t.Fatalf("the sink topic holds %v, want %v", got, want)
+	}
+}
+
+// atLeastOnceTestSink opens an at-least-once sink of map task map-0 to
+// topic out on brokers.
+func atLeastOnceTestSink(t *testing.T, brokers []string) *sink {
+	t.Helper()
+	spec := &transport.SinkSpec{Brokers: brokers, Topic: "out", Delivery: "at_least_once"}
+	s, err := openSink(t.Context(), txnTestEnv(), taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.close)
+	return s
+}
+
+// TestSinkFailsOnARefusedRecord: a record the broker refuses for good
+// (MESSAGE_TOO_LARGE) fails the flush, and with it the task, rather than
+// holding the sink: sent again, at least once, or exactly once under a new
+// epoch, it would be refused again, and the job would decline checkpoints
+// for ever.
+func TestSinkFailsOnARefusedRecord(t *testing.T) {
+	for _, delivery := range []string{"at_least_once", "exactly_once"} {
+		t.Run(delivery, func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+				c.KeepControl()
+				produce := req.(*kmsg.ProduceRequest)
+				resp := produce.ResponseKind().(*kmsg.ProduceResponse)
+				for _, rt := range produce.Topics {
+					st := kmsg.NewProduceResponseTopic()
+					st.Topic = rt.Topic
+					for _, rp := range rt.Partitions {
+						sp := kmsg.NewProduceResponseTopicPartition()
+						sp.Partition = rp.Partition
+						sp.ErrorCode = int16(sarama.ErrMessageSizeTooLarge)
+						st.Partitions = append(st.Partitions, sp)
+					}
+					resp.Topics = append(resp.Topics, st)
 				}
-				resp.Topics = append(resp.Topics, st)
+				return resp, nil, true
+			})
+			s := atLeastOnceTestSink
+			if delivery == "exactly_once" {
+				s = func(t *testing.T, brokers []string) *sink { return txnTestSink(t, txnTestEnv(), brokers, "map-0", nil) }
 			}
-			return resp, nil, true
+			sk := s(t, c.ListenAddrs())
+			if err := sk.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
+				t.Fatal(err)
+			}
+			err := sk.flush()
+			if err == nil || errors.Is(err, errSinkUnavailable) || !errors.Is(err, sarama.ErrMessageSizeTooLarge) {
+				t.Fatalf("flush of a record the broker refuses: %v; want MESSAGE_TOO_LARGE, not a held sink", err)
+			}
 		})
-		s := open(t, c)
-		if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
-			t.Fatal(err)
-		}
-		err := s.flush()
-		if err == nil || errors.Is(err, errSinkUnavailable) || !errors.Is(err, sarama.ErrMessageSizeTooLarge) {
-			t.Fatalf("flush of a record the broker refuses: %v; want MESSAGE_TOO_LARGE, not a held sink", err)
-		}
-	})
+	}
 }

@@ -433,7 +433,7 @@ func (p *txnPool) retry(do func(context.Context) (sarama.KError, error)) (sarama
 }
 
 // retryKafka calls do until it answers with anything but a transport error
-// or a retriable Kafka error (an error recordRefused calls final ends it
+// or a retriable Kafka error (an error requestRefused calls final ends it
 // too), backing off between calls, for up to window; it returns the last
 // error then, as a retriesExhausted. It stops at once when ctx ends. do
 // gets a context that ends with the retries.
@@ -446,7 +446,7 @@ func retryKafka(ctx context.Context, window time.Duration, do func(context.Conte
 		if err == nil && !retriableTxnErr(kerr) {
 			return kerr, nil
 		}
-		if err != nil && recordRefused(err) {
+		if err != nil && requestRefused(err) {
 			return 0, err // sent again, it would fail again (an encoding error, a final Kafka error)
 		}
 		if err == nil {
@@ -515,10 +515,28 @@ func sinkUnreachable(err error) bool {
 	return false
 }
 
-// recordRefused reports whether a request failed with err for good, so
+// recordsRefused reports whether err is a broker's refusal of the records
+// themselves (too large, corrupt, against the topic's policy) or of the
+// right to write them: the same records under a new epoch would meet it
+// again, so a sink must fail its task rather than hold them.
+func recordsRefused(err error) bool {
+	var kerr sarama.KError
+	if !errors.As(err, &kerr) {
+		return false
+	}
+	switch kerr {
+	case sarama.ErrInvalidMessage, sarama.ErrMessageSizeTooLarge, sarama.ErrMessageSetSizeTooLarge,
+		sarama.ErrInvalidTimestamp, sarama.ErrUnsupportedForMessageFormat, sarama.ErrPolicyViolation, sarama.ErrInvalidRecord,
+		sarama.ErrTopicAuthorizationFailed, sarama.ErrClusterAuthorizationFailed, sarama.ErrTransactionalIDAuthorizationFailed:
+		return true
+	}
+	return false
+}
+
+// requestRefused reports whether a request failed with err for good, so
 // that sending it again would fail again: a broker answered with a Kafka
 // error that is not retriable, or sarama could not encode it.
-func recordRefused(err error) bool {
+func requestRefused(err error) bool {
 	var kerr sarama.KError
 	var enc sarama.PacketEncodingError
 	var conf sarama.ConfigurationError
@@ -678,10 +696,13 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 // restored transactions recovered first) and lets checkpoints complete.
 // A write fails that way only while the open transaction has no record
 // yet: its id then gets a new epoch before the next write, which aborts
-// whatever part of msgs reached the broker. A write that fails after the open transaction has records
-// cannot be made good without them, and fails the task: the restore from
-// the last completed checkpoint writes them again. So does an error that
-// waiting would not change (sinkUnreachable) on the way to the next write.
+// whatever part of msgs reached the broker. A write that fails after the
+// open transaction has records cannot be made good without them, and
+// fails the task: the restore from the last completed checkpoint writes
+// them again. So does a write whose records the broker refuses
+// (recordsRefused), which the same records would meet again, and an error
+// that waiting would not change (sinkUnreachable) on the way to the next
+// write.
 func (p *txnPool) send(msgs []sinkRecord) error {
 	if len(msgs) == 0 && p.hold.down == nil {
 		return nil
@@ -712,7 +733,7 @@ func (p *txnPool) send(msgs []sinkRecord) error {
 	// asks once the brokers answer again, before the slot gets a new
 	// epoch.
 	unanswered := sinkUnreachable(err)
-	if s.wrote || isFenced(err) || !unanswered && p.fencedOut(s, err) {
+	if s.wrote || isFenced(err) || recordsRefused(err) || !unanswered && p.fencedOut(s, err) {
 		return p.producerErr(s, what, err)
 	}
 	// The write's records may be in the transaction in part: the new
