@@ -378,6 +378,7 @@ func (s *sink) flush() error {
 	retry := func(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
 		return retryKafka(s.hold.ctx, s.retryWindow, do)
 	}
+	n := len(s.buf)
 	err := s.w.write(nil, s.buf, retry, nil)
 	if err == nil {
 		s.written()
@@ -385,13 +386,21 @@ func (s *sink) flush() error {
 		return nil
 	}
 	if !sinkUnreachable(err) {
-		return fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(s.buf), err)
+		return fmt.Errorf("sink topic %q: write %d records: %w", s.topic, n, err)
 	}
-	// Every record is held and sent again, also those written: at least
-	// once allows the duplicates, and a consumer still sees each key's
-	// outputs end with its last.
+	// The records not acknowledged are held and sent again, those of a
+	// request whose answer was lost too: at least once allows the
+	// duplicates, and a consumer still sees each key's outputs end with
+	// its last (a key's records keep their order within its partition).
+	if unacked, ok := s.w.unacked(s.buf[:0]); ok {
+		clear(s.buf[len(unacked):])
+		s.buf, s.bufBytes = unacked, 0
+		for _, r := range s.buf {
+			s.bufBytes += len(r.key) + len(r.value)
+		}
+	}
 	s.hold.lost()
-	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records: %w", s.topic, len(s.buf), err), now)
+	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records, %d not acknowledged: %w", s.topic, n, len(s.buf), err), now)
 }
 
 // written empties the buffer, which is written, and makes its memory

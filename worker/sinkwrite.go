@@ -53,6 +53,8 @@ type sinkWriter struct {
 	parts   []int32        // the partitions byPart has records for
 	records []sarama.Record
 	ptrs    []*sarama.Record
+	// sending says the last write got as far as sending its records.
+	sending bool
 	// msg and key are what the partitioner is asked about: one record's
 	// key at a time.
 	msg sarama.ProducerMessage
@@ -93,6 +95,8 @@ const maxProduceRequest = 16 << 20
 // it (sinkUnreachable). After an error some records may be in the
 // transaction and others not: the caller must not commit it.
 func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
+	// A failed write is sent again whole, acknowledged records too: the
+	// slot's new epoch aborts them.
 	err := p.w.write(s, msgs, p.retry, func() error { return p.addPartitions(s) })
 	if err != nil {
 		return fmt.Errorf("write to sink topic %q in transaction %s: %w", p.topic, s.id, err)
@@ -102,12 +106,13 @@ func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
 
 // write sends msgs in rounds (produce) through retry until every record
 // is acknowledged by all in-sync replicas, or returns the error that
-// stopped it; after an error some of msgs may be written and others not.
-// s is the transaction the records go into, nil for none (at least once);
-// add, if not nil, is called once the records are partitioned and before
-// anything is sent, to add the partitions new to the transaction.
+// stopped it; after an error some of msgs may be written and others not
+// (unacked tells which). s is the transaction the records go into, nil for
+// none (at least once); add, if not nil, is called once the records are
+// partitioned and before anything is sent, to add the partitions new to
+// the transaction. msgs is left as it is.
 func (w *sinkWriter) write(s *txnSlot, msgs []sinkRecord, retry func(func(context.Context) (sarama.KError, error)) (sarama.KError, error), add func() error) error {
-	defer w.reset()
+	w.reset() // what the last write left for unacked
 	if err := w.partition(msgs); err != nil {
 		return err
 	}
@@ -116,6 +121,7 @@ func (w *sinkWriter) write(s *txnSlot, msgs []sinkRecord, retry func(func(contex
 			return err
 		}
 	}
+	w.sending = true
 	for w.pending() {
 		kerr, err := retry(func(context.Context) (sarama.KError, error) { return w.produce(s) })
 		if err == nil && kerr != sarama.ErrNoError {
@@ -125,7 +131,23 @@ func (w *sinkWriter) write(s *txnSlot, msgs []sinkRecord, retry func(func(contex
 			return err
 		}
 	}
+	w.reset()
 	return nil
+}
+
+// unacked appends to dst the records of the last write, which failed, that
+// no broker acknowledged, each partition's in their order, and reports
+// true; it reports false if that write failed before it sent anything
+// (every record is unacknowledged). dst may share memory with the write's
+// msgs: w.byPart holds copies of them. Valid until the next write.
+func (w *sinkWriter) unacked(dst []sinkRecord) ([]sinkRecord, bool) {
+	if !w.sending {
+		return dst, false
+	}
+	for _, pt := range w.parts {
+		dst = append(dst, w.byPart[pt][w.acked[pt]:]...)
+	}
+	return dst, true
 }
 
 // partition sorts msgs into w.byPart by the partitioner sarama's producer
@@ -173,6 +195,7 @@ func (k *keyBytes) Length() int             { return len(k.b) }
 
 // reset empties the buffers of the last write, keeping their memory.
 func (w *sinkWriter) reset() {
+	w.sending = false
 	for i := range w.byPart {
 		clear(w.byPart[i])
 		w.byPart[i], w.acked[i] = w.byPart[i][:0], 0

@@ -585,3 +585,66 @@ func TestSinkFailsOnARefusedRecord(t *testing.T) {
 		})
 	}
 }
+
+// TestAtLeastOnceSinkHoldsOnlyWhatWasNotWritten: at least once, a write
+// whose requests to one of three leaders are lost until its retries give
+// up holds the sink; once that broker answers again, the next write sends
+// only the records it did not acknowledge, so the others are not written
+// twice.
+func TestAtLeastOnceSinkHoldsOnlyWhatWasNotWritten(t *testing.T) {
+	const parts, brokers, n = 6, 3, 300
+	c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(parts, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	for pt := range int32(parts) {
+		if err := c.MoveTopicPartition("out", pt, pt%brokers); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var down atomic.Bool // broker 1 loses every Produce request
+	down.Store(true)
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if c.CurrentNode() == 1 && down.Load() {
+			return nil, fmt.Errorf("the request is lost"), true
+		}
+		return nil, nil, false
+	})
+	addrs := c.ListenAddrs()
+	s := atLeastOnceTestSink(t, addrs)
+	for _, v := range seq("a", n) {
+		if err := s.add(&operator.Output{Key: []byte(v), Value: []byte(v)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.flush(); !errors.Is(err, errSinkUnavailable) {
+		t.Fatalf("flush with broker 1 losing every request: %v, want the sink held", err)
+	}
+	var onBroker1 int
+	for _, v := range seq("a", n) {
+		pt, err := sarama.NewHashPartitioner("out").Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pt%brokers == 1 {
+			onBroker1++
+		}
+	}
+	if len(s.buf) != onBroker1 {
+		t.Fatalf("the held sink holds %d records, want the %d of broker 1's partitions", len(s.buf), onBroker1)
+	}
+
+	down.Store(false)
+	waitFor(t, "the held sink to write", func() bool { return s.flush() == nil })
+	got := map[string]int{}
+	for _, r := range readCommittedAll(t, addrs, "out", n) {
+		got[string(r.Value)]++
+	}
+	for _, v := range seq("a", n) {
+		if got[v] != 1 {
+			t.Fatalf("record %s is in the sink topic %d times, want once: %d records in all", v, got[v], len(got))
+		}
+	}
+}
