@@ -334,6 +334,9 @@ func (sl *outSlab) reuse() {
 		if len(sl.spare) == slabsKept {
 			break
 		}
+		if cap(b) > slabBytes {
+			continue // made for one large output: not kept for the sink's life
+		}
 		sl.spare = append(sl.spare, b[:0])
 	}
 	clear(sl.filled)
@@ -352,8 +355,9 @@ func (sl *outSlab) copy(b []byte) []byte {
 func (s *sink) full() bool { return len(s.buf) >= sinkMaxHeld }
 
 // flush sends the buffered outputs and waits for the broker's acks. With
-// errSinkUnavailable the outputs stay buffered, to be sent again; any other
-// error fails the task.
+// errSinkUnavailable the outputs stay buffered, to be sent again (at least
+// once, only those no broker acknowledged; exactly once, all of them); any
+// other error fails the task.
 func (s *sink) flush() error {
 	if s.txn != nil {
 		// With nothing buffered too: a held exactly-once sink tries again

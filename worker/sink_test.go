@@ -40,3 +40,28 @@ func TestOutSlabRecord(t *testing.T) {
 		}
 	}
 }
+
+// TestOutSlabReuse: once written, the slabs serve the next records, but a
+// slab made for one output larger than a slab is let go, lest one large
+// output pin its memory for the sink's life.
+func TestOutSlabReuse(t *testing.T) {
+	var sl outSlab
+	small := make([]byte, slabBytes/2)
+	sl.record(&operator.Output{Value: small})
+	sl.record(&operator.Output{Value: small})
+	sl.record(&operator.Output{Value: small}) // a second slab
+	sl.record(&operator.Output{Value: make([]byte, 2*slabBytes)})
+	sl.reuse()
+	if len(sl.spare) != 2 {
+		t.Fatalf("%d spare slabs after a reuse, want the 2 of slabBytes", len(sl.spare))
+	}
+	for _, b := range sl.spare {
+		if cap(b) != slabBytes || len(b) != 0 {
+			t.Fatalf("a spare slab of %d bytes holding %d, want %d, empty", cap(b), len(b), slabBytes)
+		}
+	}
+	r := sl.record(&operator.Output{Value: []byte("v")})
+	if string(r.value) != "v" || len(sl.spare) != 1 {
+		t.Fatalf("the next record %q, %d spare slabs; want v from a spare slab, 1 left", r.value, len(sl.spare))
+	}
+}

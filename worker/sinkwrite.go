@@ -53,7 +53,8 @@ type sinkWriter struct {
 	parts   []int32        // the partitions byPart has records for
 	records []sarama.Record
 	ptrs    []*sarama.Record
-	// sending says the last write got as far as sending its records.
+	// sending says the last write got past partitioning its records (and
+	// adding the partitions): w.acked counts what it wrote.
 	sending bool
 	// msg and key are what the partitioner is asked about: one record's
 	// key at a time.

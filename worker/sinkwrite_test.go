@@ -586,65 +586,103 @@ func TestSinkFailsOnARefusedRecord(t *testing.T) {
 	}
 }
 
-// TestAtLeastOnceSinkHoldsOnlyWhatWasNotWritten: at least once, a write
-// whose requests to one of three leaders are lost until its retries give
-// up holds the sink; once that broker answers again, the next write sends
-// only the records it did not acknowledge, so the others are not written
-// twice.
-func TestAtLeastOnceSinkHoldsOnlyWhatWasNotWritten(t *testing.T) {
-	const parts, brokers, n = 6, 3, 300
-	c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(parts, "out"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	for pt := range int32(parts) {
-		if err := c.MoveTopicPartition("out", pt, pt%brokers); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var down atomic.Bool // broker 1 loses every Produce request
-	down.Store(true)
-	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
-		if c.CurrentNode() == 1 && down.Load() {
-			return nil, fmt.Errorf("the request is lost"), true
-		}
-		return nil, nil, false
-	})
-	addrs := c.ListenAddrs()
-	s := atLeastOnceTestSink(t, addrs)
-	for _, v := range seq("a", n) {
-		if err := s.add(&operator.Output{Key: []byte(v), Value: []byte(v)}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := s.flush(); !errors.Is(err, errSinkUnavailable) {
-		t.Fatalf("flush with broker 1 losing every request: %v, want the sink held", err)
-	}
-	var onBroker1 int
-	for _, v := range seq("a", n) {
-		pt, err := sarama.NewHashPartitioner("out").Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if pt%brokers == 1 {
-			onBroker1++
-		}
-	}
-	if len(s.buf) != onBroker1 {
-		t.Fatalf("the held sink holds %d records, want the %d of broker 1's partitions", len(s.buf), onBroker1)
-	}
+// TestSinkHoldsWhatAFailedWriteLeft: a write whose requests to one of three
+// leaders are lost until its retries give up holds the sink. At least once
+// it holds only the records that leader did not acknowledge, so once the
+// broker answers again the others are not written twice; exactly once it
+// holds them all, since the slot's new epoch aborts what the failed write
+// left in its transaction. Outputs added while the sink is held follow
+// them. Either way every partition ends with each record once, in the
+// order added.
+func TestSinkHoldsWhatAFailedWriteLeft(t *testing.T) {
+	for _, delivery := range []string{"at_least_once", "exactly_once"} {
+		t.Run(delivery, func(t *testing.T) {
+			const parts, brokers, n = 6, 3, 300
+			c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(parts, "out"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(c.Close)
+			for pt := range int32(parts) {
+				if err := c.MoveTopicPartition("out", pt, pt%brokers); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var down atomic.Bool // broker 1 loses every Produce request
+			down.Store(true)
+			c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+				c.KeepControl()
+				if c.CurrentNode() == 1 && down.Load() {
+					return nil, fmt.Errorf("the request is lost"), true
+				}
+				return nil, nil, false
+			})
+			addrs := c.ListenAddrs()
+			var s *sink
+			if delivery == "exactly_once" {
+				s = txnTestSink(t, txnTestEnv(), addrs, "map-0", nil)
+			} else {
+				s = atLeastOnceTestSink(t, addrs)
+			}
+			add := func(values []string) {
+				t.Helper()
+				for _, v := range values {
+					if err := s.add(&operator.Output{Key: []byte(v), Value: []byte(v)}); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			hash := sarama.NewHashPartitioner("out")
+			partitionOf := func(v string) int32 {
+				t.Helper()
+				pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return pt
+			}
 
-	down.Store(false)
-	waitFor(t, "the held sink to write", func() bool { return s.flush() == nil })
-	got := map[string]int{}
-	for _, r := range readCommittedAll(t, addrs, "out", n) {
-		got[string(r.Value)]++
-	}
-	for _, v := range seq("a", n) {
-		if got[v] != 1 {
-			t.Fatalf("record %s is in the sink topic %d times, want once: %d records in all", v, got[v], len(got))
-		}
+			add(seq("a", n))
+			if err := s.flush(); !errors.Is(err, errSinkUnavailable) {
+				t.Fatalf("flush with broker 1 losing every request: %v, want the sink held", err)
+			}
+			want := n // exactly once: the whole write is held
+			if delivery == "at_least_once" {
+				want = 0
+				for _, v := range seq("a", n) {
+					if partitionOf(v)%brokers == 1 {
+						want++
+					}
+				}
+			}
+			if len(s.buf) != want {
+				t.Fatalf("the held sink holds %d records, want %d", len(s.buf), want)
+			}
+			add(seq("b", 50)) // while held
+
+			down.Store(false)
+			waitFor(t, "the held sink to write", func() bool { return s.flush() == nil })
+			if s.txn != nil {
+				if _, err := s.txn.preCommit(1); err != nil {
+					t.Fatal(err)
+				}
+				if err := s.txn.completed(1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var wantParts, gotParts [parts][]string
+			for _, v := range append(seq("a", n), seq("b", 50)...) {
+				wantParts[partitionOf(v)] = append(wantParts[partitionOf(v)], v)
+			}
+			for _, r := range readCommittedAll(t, addrs, "out", n+50) {
+				gotParts[r.Partition] = append(gotParts[r.Partition], string(r.Value))
+			}
+			for pt := range parts {
+				if !slices.Equal(gotParts[pt], wantParts[pt]) {
+					t.Fatalf("partition %d holds %d records, want %d, each once in the order added: first difference at %d",
+						pt, len(gotParts[pt]), len(wantParts[pt]), firstDiff(gotParts[pt], wantParts[pt]))
+				}
+			}
+		})
 	}
 }

@@ -516,16 +516,19 @@ func sinkUnreachable(err error) bool {
 }
 
 // recordsRefused reports whether err is a broker's refusal of the records
-// themselves (too large, corrupt, against the topic's policy) or of the
+// themselves (too large, against the topic's policy) or of the
 // right to write them: the same records under a new epoch would meet it
 // again, so a sink must fail its task rather than hold them.
 func recordsRefused(err error) bool {
+	var exhausted *retriesExhausted
 	var kerr sarama.KError
-	if !errors.As(err, &kerr) {
-		return false
+	if errors.As(err, &exhausted) || !errors.As(err, &kerr) {
+		return false // retried in vain: not an answer about the records
 	}
+	// Not CORRUPT_MESSAGE: Kafka calls it retriable (a batch damaged on
+	// the way), and it is retried as such.
 	switch kerr {
-	case sarama.ErrInvalidMessage, sarama.ErrMessageSizeTooLarge, sarama.ErrMessageSetSizeTooLarge,
+	case sarama.ErrMessageSizeTooLarge, sarama.ErrMessageSetSizeTooLarge,
 		sarama.ErrInvalidTimestamp, sarama.ErrUnsupportedForMessageFormat, sarama.ErrPolicyViolation, sarama.ErrInvalidRecord,
 		sarama.ErrTopicAuthorizationFailed, sarama.ErrClusterAuthorizationFailed, sarama.ErrTransactionalIDAuthorizationFailed:
 		return true
