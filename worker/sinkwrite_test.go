@@ -75,12 +75,7 @@ func TestExactlyOnceSinkWriteWhoseAnswerIsLost(t *testing.T) {
 		t.Fatal("no Produce request of the sink was intercepted")
 	}
 	write(t, s, "c", 1)
-	if _, err := s.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.txn.completed(1); err != nil {
-		t.Fatal(err)
-	}
+	commitCheckpoint(t, s, 1)
 	want := append(append(seq("a", 2), seq("b", 3)...), "c0")
 	if got := readCommitted(t, brokers, "out", len(want)); !slices.Equal(got, want) {
 		t.Fatalf("read_committed saw %v, want %v: each record once", got, want)
@@ -150,12 +145,7 @@ func TestExactlyOnceSinkPartitionsAndBatches(t *testing.T) {
 	if n := largest.Load(); n > maxRequest {
 		t.Fatalf("the largest Produce request carried %d bytes of batches, want at most the %d of the limit", n, maxRequest)
 	}
-	if _, err := s.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.txn.completed(1); err != nil {
-		t.Fatal(err)
-	}
+	commitCheckpoint(t, s, 1)
 
 	total := 3 * perWrite
 	var got [parts][]string
@@ -244,16 +234,7 @@ func TestExactlyOnceSinkLeadersOnSeveralBrokers(t *testing.T) {
 		brokers = 3
 		perKey  = 300 // records of each write
 	)
-	c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(parts, "out"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	for pt := range int32(parts) {
-		if err := c.MoveTopicPartition("out", pt, pt%brokers); err != nil {
-			t.Fatal(err)
-		}
-	}
+	c := spreadCluster(t, parts, brokers)
 
 	type produced struct {
 		node  int32
@@ -294,18 +275,11 @@ func TestExactlyOnceSinkLeadersOnSeveralBrokers(t *testing.T) {
 
 	addrs := c.ListenAddrs()
 	s := txnTestSink(t, txnTestEnv(), addrs, "map-0", nil)
-	hash := sarama.NewHashPartitioner("out")
-	var want [parts][]string
+	var written []string
 	writeAll := func(prefix string) {
 		t.Helper()
 		write(t, s, prefix, perKey)
-		for _, v := range seq(prefix, perKey) {
-			pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
-			if err != nil {
-				t.Fatal(err)
-			}
-			want[pt] = append(want[pt], v)
-		}
+		written = append(written, seq(prefix, perKey)...)
 	}
 	led := func(node int32) []int32 { // the partitions node leads
 		var out []int32
@@ -358,22 +332,8 @@ func TestExactlyOnceSinkLeadersOnSeveralBrokers(t *testing.T) {
 		t.Fatal("partition 2's records never went to its new leader, broker 0")
 	}
 
-	if _, err := s.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.txn.completed(1); err != nil {
-		t.Fatal(err)
-	}
-	var out [parts][]string
-	for _, r := range readCommittedAll(t, addrs, "out", 3*perKey) {
-		out[r.Partition] = append(out[r.Partition], string(r.Value))
-	}
-	for pt := range parts {
-		if !slices.Equal(out[pt], want[pt]) {
-			t.Fatalf("partition %d holds %d records, want %d, each once in the order written: first difference at %d",
-				pt, len(out[pt]), len(want[pt]), firstDiff(out[pt], want[pt]))
-		}
-	}
+	commitCheckpoint(t, s, 1)
+	checkPartitions(t, addrs, byPartition(t, parts, written))
 }
 
 // TestExactlyOnceSinkAddPartitionsAnswerShort: an AddPartitionsToTxn
@@ -414,12 +374,7 @@ func TestExactlyOnceSinkAddPartitionsAnswerShort(t *testing.T) {
 	if n := asked.Load(); n != 2 {
 		t.Fatalf("AddPartitionsToTxn asked %d times, want 2: the short answer, then again", n)
 	}
-	if _, err := s.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.txn.completed(1); err != nil {
-		t.Fatal(err)
-	}
+	commitCheckpoint(t, s, 1)
 	var got []string
 	for _, r := range readCommittedAll(t, addrs, "out", 50) {
 		got = append(got, string(r.Value))
@@ -483,25 +438,7 @@ func TestAtLeastOnceSinkWritesWithoutATransaction(t *testing.T) {
 	if k := inTxn.Load(); k != 0 {
 		t.Fatalf("%d Produce requests named a transactional id", k)
 	}
-	hash := sarama.NewHashPartitioner("out")
-	var want [parts][]string
-	for _, v := range seq("a", n) {
-		pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want[pt] = append(want[pt], v)
-	}
-	var got [parts][]string
-	for _, r := range readCommittedAll(t, addrs, "out", n) {
-		got[r.Partition] = append(got[r.Partition], string(r.Value))
-	}
-	for pt := range parts {
-		if !slices.Equal(got[pt], want[pt]) {
-			t.Fatalf("partition %d holds %d records, want %d in the order written: first difference at %d",
-				pt, len(got[pt]), len(want[pt]), firstDiff(got[pt], want[pt]))
-		}
-	}
+	checkPartitions(t, addrs, byPartition(t, parts, seq("a", n)))
 }
 
 // TestAtLeastOnceSinkSendsALostRequestAgain: at least once, a Produce
@@ -598,16 +535,7 @@ func TestSinkHoldsWhatAFailedWriteLeft(t *testing.T) {
 	for _, delivery := range []string{"at_least_once", "exactly_once"} {
 		t.Run(delivery, func(t *testing.T) {
 			const parts, brokers, n = 6, 3, 300
-			c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(parts, "out"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(c.Close)
-			for pt := range int32(parts) {
-				if err := c.MoveTopicPartition("out", pt, pt%brokers); err != nil {
-					t.Fatal(err)
-				}
-			}
+			c := spreadCluster(t, parts, brokers)
 			var down atomic.Bool // broker 1 loses every Produce request
 			down.Store(true)
 			c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
@@ -632,16 +560,6 @@ func TestSinkHoldsWhatAFailedWriteLeft(t *testing.T) {
 					}
 				}
 			}
-			hash := sarama.NewHashPartitioner("out")
-			partitionOf := func(v string) int32 {
-				t.Helper()
-				pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, parts)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return pt
-			}
-
 			add(seq("a", n))
 			if err := s.flush(); !errors.Is(err, errSinkUnavailable) {
 				t.Fatalf("flush with broker 1 losing every request: %v, want the sink held", err)
@@ -649,9 +567,9 @@ func TestSinkHoldsWhatAFailedWriteLeft(t *testing.T) {
 			want := n // exactly once: the whole write is held
 			if delivery == "at_least_once" {
 				want = 0
-				for _, v := range seq("a", n) {
-					if partitionOf(v)%brokers == 1 {
-						want++
+				for pt, values := range byPartition(t, parts, seq("a", n)) {
+					if pt%brokers == 1 {
+						want += len(values)
 					}
 				}
 			}
@@ -663,26 +581,79 @@ func TestSinkHoldsWhatAFailedWriteLeft(t *testing.T) {
 			down.Store(false)
 			waitFor(t, "the held sink to write", func() bool { return s.flush() == nil })
 			if s.txn != nil {
-				if _, err := s.txn.preCommit(1); err != nil {
-					t.Fatal(err)
-				}
-				if err := s.txn.completed(1); err != nil {
-					t.Fatal(err)
-				}
+				commitCheckpoint(t, s, 1)
 			}
-			var wantParts, gotParts [parts][]string
-			for _, v := range append(seq("a", n), seq("b", 50)...) {
-				wantParts[partitionOf(v)] = append(wantParts[partitionOf(v)], v)
-			}
-			for _, r := range readCommittedAll(t, addrs, "out", n+50) {
-				gotParts[r.Partition] = append(gotParts[r.Partition], string(r.Value))
-			}
-			for pt := range parts {
-				if !slices.Equal(gotParts[pt], wantParts[pt]) {
-					t.Fatalf("partition %d holds %d records, want %d, each once in the order added: first difference at %d",
-						pt, len(gotParts[pt]), len(wantParts[pt]), firstDiff(gotParts[pt], wantParts[pt]))
-				}
-			}
+			checkPartitions(t, addrs, byPartition(t, parts, append(seq("a", n), seq("b", 50)...)))
 		})
+	}
+}
+
+// spreadCluster starts a kfake cluster of brokers brokers whose topic
+// "out" has parts partitions, partition p led by broker p % brokers.
+func spreadCluster(t *testing.T, parts, brokers int) *kfake.Cluster {
+	t.Helper()
+	c, err := kfake.NewCluster(kfake.NumBrokers(brokers), kfake.SeedTopics(int32(parts), "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	for pt := range int32(parts) {
+		if err := c.MoveTopicPartition("out", pt, pt%int32(brokers)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+// commitCheckpoint has exactly-once sink s pre-commit for checkpoint id
+// and then learn that it completed: its open transaction is committed.
+func commitCheckpoint(t *testing.T, s *sink, id uint64) {
+	t.Helper()
+	if _, err := s.txn.preCommit(id); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.txn.completed(id); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// byPartition sorts values, each a record's key and value, into the
+// partitions of a topic of parts partitions that sarama's hash partitioner
+// (the sink's) puts them in, each partition's in the order given.
+func byPartition(t *testing.T, parts int, values []string) [][]string {
+	t.Helper()
+	hash := sarama.NewHashPartitioner("out")
+	out := make([][]string, parts)
+	for _, v := range values {
+		pt, err := hash.Partition(&sarama.ProducerMessage{Key: sarama.StringEncoder(v)}, int32(parts))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[pt] = append(out[pt], v)
+	}
+	return out
+}
+
+// checkPartitions reads topic "out" with read_committed and fails the test
+// unless each partition holds the values want names for it, each once, in
+// that order.
+func checkPartitions(t *testing.T, brokers []string, want [][]string) {
+	t.Helper()
+	n := 0
+	for _, values := range want {
+		n += len(values)
+	}
+	got := make([][]string, len(want))
+	for _, r := range readCommittedAll(t, brokers, "out", n) {
+		if int(r.Partition) >= len(got) {
+			t.Fatalf("a record in partition %d of %d", r.Partition, len(got))
+		}
+		got[r.Partition] = append(got[r.Partition], string(r.Value))
+	}
+	for pt := range want {
+		if !slices.Equal(got[pt], want[pt]) {
+			t.Fatalf("partition %d holds %d records, want %d, each once in the order written: first difference at %d",
+				pt, len(got[pt]), len(want[pt]), firstDiff(got[pt], want[pt]))
+		}
 	}
 }
