@@ -379,11 +379,8 @@ func (s *sink) flush() error {
 	if err := s.hold.look(); err != nil {
 		return s.hold.fail(err, now)
 	}
-	retry := func(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
-		return retryKafka(s.hold.ctx, s.retryWindow, do)
-	}
 	n := len(s.buf)
-	err := s.w.write(nil, s.buf, retry, nil)
+	err := s.w.write(nil, s.buf, s.retry, nil)
 	if err == nil {
 		s.written()
 		s.hold.ok()
@@ -405,6 +402,12 @@ func (s *sink) flush() error {
 	}
 	s.hold.lost()
 	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records, %d not acknowledged: %w", s.topic, n, len(s.buf), err), now)
+}
+
+// retry is an at-least-once write's retryFunc: retryKafka within
+// retryWindow, stopped when the task's context ends.
+func (s *sink) retry(do func(context.Context) (sarama.KError, error)) (sarama.KError, error) {
+	return retryKafka(s.hold.ctx, s.retryWindow, do)
 }
 
 // written empties the buffer, which is written, and makes its memory

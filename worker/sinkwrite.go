@@ -105,6 +105,11 @@ func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
 	return nil
 }
 
+// retryFunc sends a request (do) again while it fails with an error that
+// waiting may cure, within a window of its own: txnPool.retry, or an
+// at-least-once sink's retryKafka.
+type retryFunc func(do func(context.Context) (sarama.KError, error)) (sarama.KError, error)
+
 // write sends msgs in rounds (produce) through retry until every record
 // is acknowledged by all in-sync replicas, or returns the error that
 // stopped it; after an error some of msgs may be written and others not
@@ -112,7 +117,7 @@ func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
 // none (at least once); add, if not nil, is called once the records are
 // partitioned and before anything is sent, to add the partitions new to
 // the transaction. msgs is left as it is.
-func (w *sinkWriter) write(s *txnSlot, msgs []sinkRecord, retry func(func(context.Context) (sarama.KError, error)) (sarama.KError, error), add func() error) error {
+func (w *sinkWriter) write(s *txnSlot, msgs []sinkRecord, retry retryFunc, add func() error) error {
 	w.reset() // what the last write left for unacked
 	if err := w.partition(msgs); err != nil {
 		return err
