@@ -277,7 +277,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		}
 		return q
 	}
-	res.Phases = quantiles("coordflow_checkpoint_phase_seconds", "", "phase", "trigger", "acks", "commit")
+	res.Phases = checkpointPhases(s0.metrics, s1.metrics)
 	res.WriteStages = quantiles("coordflow_leader_write_stage_seconds", `command="CheckpointTriggered"`, "stage", "queued", "commit", "loop")
 	// Of the commit stage, the part from the entry's raft.Apply on.
 	res.WriteStages["raft"] = quantiles("coordflow_raft_apply_duration_seconds", "", "command", "CheckpointTriggered")["CheckpointTriggered"]
@@ -295,10 +295,8 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		res.SnapshotMeanMS = 1000 * delta("coordflow_raft_snapshot_persist_duration_seconds_sum") / float64(res.Snapshots)
 	}
 	res.SnapshotMB = unlabeled(s1.metrics, "coordflow_raft_snapshot_bytes") / 1e6
-	appends := func(text string) string { return benchSelect(text, `op="append"`) }
-	res.LogAppendP99MS = 1000 * histogramQuantile(0.99, appends(s0.metrics), appends(s1.metrics), "coordflow_raft_log_store_duration_seconds")
+	res.LogAppendP99MS, res.SlowAppends = logAppends(s0.metrics, s1.metrics)
 	const logStore = "coordflow_raft_log_store_duration_seconds"
-	res.SlowAppends = int(grown(logStore+"_bucket", `op="append"`, `le="+Inf"`) - grown(logStore+"_bucket", `op="append"`, `le="0.128"`))
 	if n := grown(logStore+"_count", `op="delete"`); n > 0 {
 		res.LogDeleteMeanMS = 1000 * grown(logStore+"_sum", `op="delete"`) / n
 	}
@@ -320,6 +318,34 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		c.keepLogs(t) // to see why
 	}
 	benchWriteResult(t, resultPath, res)
+}
+
+// checkpointPhases returns the p50 and p99, in ms, of each phase of the
+// checkpoints a coordinator led between its scrapes before and after
+// (coordflow_checkpoint_phase_seconds: trigger, acks, commit).
+func checkpointPhases(before, after string) map[string][2]float64 {
+	const name = "coordflow_checkpoint_phase_seconds"
+	q := make(map[string][2]float64, 3)
+	for _, phase := range []string{"trigger", "acks", "commit"} {
+		sel := func(text string) string { return benchSelect(text, `phase="`+phase+`"`) }
+		q[phase] = [2]float64{
+			1000 * histogramQuantile(0.5, sel(before), sel(after), name),
+			1000 * histogramQuantile(0.99, sel(before), sel(after), name),
+		}
+	}
+	return q
+}
+
+// logAppends returns the p99, in ms, of a coordinator's Raft log appends
+// between its scrapes before and after, and how many took over 128 ms.
+func logAppends(before, after string) (p99MS float64, slow int) {
+	const name = "coordflow_raft_log_store_duration_seconds"
+	appends := func(text string) string { return benchSelect(text, `op="append"`) }
+	p99MS = 1000 * histogramQuantile(0.99, appends(before), appends(after), name)
+	grown := func(le string) float64 {
+		return benchMetric(after, name+"_bucket", `op="append"`, le) - benchMetric(before, name+"_bucket", `op="append"`, le)
+	}
+	return p99MS, int(grown(`le="+Inf"`) - grown(`le="0.128"`))
 }
 
 // histogramQuantile estimates quantile q of the observations the histogram

@@ -825,7 +825,8 @@ func benchTPJobPhase(t *testing.T, c *cluster, res *benchTPResult, spec jobSpec,
 	if leader1, err := c.coordMetrics(leader); err != nil {
 		t.Logf("the leader's metrics after the job phase: %v", err)
 	} else {
-		benchTPLeaderPhases(res, leader0, leader1)
+		res.Phases = checkpointPhases(leader0, leader1)
+		res.RaftAppendP99MS, res.SlowAppends = logAppends(leader0, leader1)
 	}
 
 	// Peak RSS of every process, before the checks read state or output.
@@ -925,26 +926,6 @@ func benchTPJobPhase(t *testing.T, c *cluster, res *benchTPResult, spec jobSpec,
 	t.Logf("job %s: first record %.2fs, all applied %.2fs (%s), covered by checkpoint %d at %.2fs; durations (ms) %v",
 		job, res.FirstRecordSeconds, res.AppliedSeconds, res.AppliedRule, covering.ID, res.CheckpointedSeconds, durations)
 	return job
-}
-
-// benchTPLeaderPhases puts into res where the leader's checkpoints spent
-// their time between its scrapes before and after.
-func benchTPLeaderPhases(res *benchTPResult, before, after string) {
-	res.Phases = make(map[string][2]float64)
-	for _, phase := range []string{"trigger", "acks", "commit"} {
-		sel := func(text string) string { return benchSelect(text, `phase="`+phase+`"`) }
-		res.Phases[phase] = [2]float64{
-			1000 * histogramQuantile(0.5, sel(before), sel(after), "coordflow_checkpoint_phase_seconds"),
-			1000 * histogramQuantile(0.99, sel(before), sel(after), "coordflow_checkpoint_phase_seconds"),
-		}
-	}
-	const logStore = "coordflow_raft_log_store_duration_seconds"
-	appends := func(text string) string { return benchSelect(text, `op="append"`) }
-	res.RaftAppendP99MS = 1000 * histogramQuantile(0.99, appends(before), appends(after), logStore)
-	grown := func(labels ...string) float64 {
-		return benchMetric(after, logStore+"_bucket", labels...) - benchMetric(before, logStore+"_bucket", labels...)
-	}
-	res.SlowAppends = int(grown(`op="append"`, `le="+Inf"`) - grown(`op="append"`, `le="0.128"`))
 }
 
 // benchSelfPeakRSSMB returns this process's VmHWM in MB.
