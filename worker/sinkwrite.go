@@ -105,11 +105,6 @@ func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
 	return nil
 }
 
-// retryFunc sends a request (do) again while it fails with an error that
-// waiting may cure, within a window of its own: txnPool.retry, or an
-// at-least-once sink's retryKafka.
-type retryFunc func(do func(context.Context) (sarama.KError, error)) (sarama.KError, error)
-
 // write sends msgs in rounds (produce) through retry until every record
 // is acknowledged by all in-sync replicas, or returns the error that
 // stopped it; after an error some of msgs may be written and others not
