@@ -657,3 +657,35 @@ func checkPartitions(t *testing.T, brokers []string, want [][]string) {
 		}
 	}
 }
+
+// TestAtLeastOnceSinkRetriesStopWithTheTask: while an at-least-once write
+// is retried (every Produce request lost), the task stopping ends the
+// flush at once, with the task's context error rather than a held sink.
+func TestAtLeastOnceSinkRetriesStopWithTheTask(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		return nil, fmt.Errorf("the request is lost"), true
+	})
+	env := &taskEnv{workerID: "w1", cfg: &Config{KafkaTimeout: 5 * time.Second}, metrics: newMetrics()}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	spec := &transport.SinkSpec{Brokers: c.ListenAddrs(), Topic: "out", Delivery: "at_least_once"}
+	s, err := openSink(ctx, env, taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.close)
+	if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(200*time.Millisecond, cancel)
+	start := time.Now()
+	err = s.flush()
+	if !errors.Is(err, context.Canceled) || errors.Is(err, errSinkUnavailable) {
+		t.Fatalf("flush while every request is lost and the task stops: %v, want context.Canceled, not a held sink", err)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("flush returned %v after the task stopped; its retries run for %v", d, env.cfg.KafkaTimeout)
+	}
+}
