@@ -103,22 +103,25 @@ func sinkUnreachable(err error) bool {
 	return false
 }
 
-// recordsRefused reports whether err is a broker's refusal of the records
-// themselves (too large, against the topic's policy) or of the
-// right to write them: the same records under a new epoch would meet it
-// again, so a sink must fail its task rather than hold them.
-func recordsRefused(err error) bool {
+// epochCures reports whether err, a broker's answer to an exactly-once
+// write, is about the transactional producer's own state, not the records
+// or the right to write them: the broker lost or mixed up the epoch's
+// sequences, does not know the producer id, or holds the transaction in a
+// state it cannot write in. A new epoch of the id, which aborts the
+// transaction, starts that state afresh, and the same records may then be
+// written. Any other answer (too large, against the topic's policy, not
+// authorised, an invalid topic, a version the broker does not support)
+// would meet the same records again, under every new epoch, and must fail
+// the task rather than hold the sink and decline checkpoints for ever.
+func epochCures(err error) bool {
 	var exhausted *retriesExhausted
 	var kerr sarama.KError
 	if errors.As(err, &exhausted) || !errors.As(err, &kerr) {
-		return false // retried in vain: not an answer about the records
+		return false
 	}
-	// Not CORRUPT_MESSAGE: Kafka calls it retriable (a batch damaged on
-	// the way), and it is retried as such.
 	switch kerr {
-	case sarama.ErrMessageSizeTooLarge, sarama.ErrMessageSetSizeTooLarge,
-		sarama.ErrInvalidTimestamp, sarama.ErrUnsupportedForMessageFormat, sarama.ErrPolicyViolation, sarama.ErrInvalidRecord,
-		sarama.ErrTopicAuthorizationFailed, sarama.ErrClusterAuthorizationFailed, sarama.ErrTransactionalIDAuthorizationFailed:
+	case sarama.ErrOutOfOrderSequenceNumber, sarama.ErrUnknownProducerID,
+		sarama.ErrInvalidTxnState, sarama.ErrInvalidProducerIDMapping:
 		return true
 	}
 	return false

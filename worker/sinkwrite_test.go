@@ -490,23 +490,7 @@ func TestSinkFailsOnARefusedRecord(t *testing.T) {
 	for _, delivery := range []string{"at_least_once", "exactly_once"} {
 		t.Run(delivery, func(t *testing.T) {
 			c := newKafkaCluster(t, "out")
-			c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
-				c.KeepControl()
-				produce := req.(*kmsg.ProduceRequest)
-				resp := produce.ResponseKind().(*kmsg.ProduceResponse)
-				for _, rt := range produce.Topics {
-					st := kmsg.NewProduceResponseTopic()
-					st.Topic = rt.Topic
-					for _, rp := range rt.Partitions {
-						sp := kmsg.NewProduceResponseTopicPartition()
-						sp.Partition = rp.Partition
-						sp.ErrorCode = int16(sarama.ErrMessageSizeTooLarge)
-						st.Partitions = append(st.Partitions, sp)
-					}
-					resp.Topics = append(resp.Topics, st)
-				}
-				return resp, nil, true
-			})
+			answerProduce(c, sarama.ErrMessageSizeTooLarge, -1)
 			s := atLeastOnceTestSink
 			if delivery == "exactly_once" {
 				s = func(t *testing.T, brokers []string) *sink { return txnTestSink(t, txnTestEnv(), brokers, "map-0", nil) }
@@ -521,6 +505,81 @@ func TestSinkFailsOnARefusedRecord(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestExactlyOnceSinkHoldsOnlyForWhatANewEpochCures: an exactly-once write
+// into an empty transaction that a broker answers with an error about the
+// producer's own state (lost sequences, an unknown producer id) holds the
+// sink, and the write goes through under the id's new epoch, each record
+// committed once. Any other answer, which the same records would meet
+// under every new epoch (an invalid topic, a version the broker does not
+// support), fails the task instead of declining checkpoints for ever.
+func TestExactlyOnceSinkHoldsOnlyForWhatANewEpochCures(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		kerr  sarama.KError
+		cured bool
+	}{
+		{"OUT_OF_ORDER_SEQUENCE_NUMBER", sarama.ErrOutOfOrderSequenceNumber, true},
+		{"UNKNOWN_PRODUCER_ID", sarama.ErrUnknownProducerID, true},
+		{"INVALID_TOPIC_EXCEPTION", sarama.ErrInvalidTopic, false},
+		{"UNSUPPORTED_VERSION", sarama.ErrUnsupportedVersion, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			answerProduce(c, tc.kerr, 1)
+			s := txnTestSink(t, txnTestEnv(), c.ListenAddrs(), "map-0", nil)
+			for _, v := range seq("a", 20) {
+				if err := s.add(&operator.Output{Key: []byte(v), Value: []byte(v)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := s.flush()
+			if !tc.cured {
+				if err == nil || errors.Is(err, errSinkUnavailable) || !errors.Is(err, tc.kerr) {
+					t.Fatalf("flush answered %v: %v; want the task failed with that error, not a held sink", tc.kerr, err)
+				}
+				return
+			}
+			if !errors.Is(err, errSinkUnavailable) {
+				t.Fatalf("flush answered %v: %v; want the sink held until the id's new epoch", tc.kerr, err)
+			}
+			epoch := s.txn.cur.epoch
+			waitFor(t, "the held sink to write under a new epoch", func() bool { return s.flush() == nil })
+			if s.txn.cur.epoch == epoch {
+				t.Fatalf("the held write went through under epoch %d, the one the broker answered %v", epoch, tc.kerr)
+			}
+			commitCheckpoint(t, s, 1)
+			checkPartitions(t, c.ListenAddrs(), [][]string{seq("a", 20)})
+		})
+	}
+}
+
+// answerProduce has cluster c answer the next n Produce requests (every
+// one for n < 0) with kerr for each partition, writing nothing.
+func answerProduce(c *kfake.Cluster, kerr sarama.KError, n int) {
+	var answered atomic.Int64
+	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if n >= 0 && answered.Load() >= int64(n) {
+			return nil, nil, false
+		}
+		answered.Add(1)
+		produce := req.(*kmsg.ProduceRequest)
+		resp := produce.ResponseKind().(*kmsg.ProduceResponse)
+		for _, rt := range produce.Topics {
+			st := kmsg.NewProduceResponseTopic()
+			st.Topic = rt.Topic
+			for _, rp := range rt.Partitions {
+				sp := kmsg.NewProduceResponseTopicPartition()
+				sp.Partition = rp.Partition
+				sp.ErrorCode = int16(kerr)
+				st.Partitions = append(st.Partitions, sp)
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp, nil, true
+	})
 }
 
 // TestSinkHoldsWhatAFailedWriteLeft: a write whose requests to one of three

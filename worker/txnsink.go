@@ -572,10 +572,10 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 // whatever part of msgs reached the broker. A write that fails after the
 // open transaction has records cannot be made good without them, and
 // fails the task: the restore from the last completed checkpoint writes
-// them again. So does a write whose records the broker refuses
-// (recordsRefused), which the same records would meet again, and an error
-// that waiting would not change (sinkUnreachable) on the way to the next
-// write.
+// them again. So does a write the broker answered with an error that no new
+// epoch cures (epochCures: the records are too large, not authorised...),
+// which the same records would meet again, and an error that waiting would
+// not change (sinkUnreachable) on the way to the next write.
 func (p *txnPool) send(msgs []sinkRecord) error {
 	if len(msgs) == 0 && p.hold.down == nil {
 		return nil
@@ -606,7 +606,7 @@ func (p *txnPool) send(msgs []sinkRecord) error {
 	// asks once the brokers answer again, before the slot gets a new
 	// epoch.
 	unanswered := sinkUnreachable(err)
-	if s.wrote || isFenced(err) || recordsRefused(err) || !unanswered && p.fencedOut(s, err) {
+	if s.wrote || isFenced(err) || !unanswered && (!epochCures(err) || p.fencedOut(s, err)) {
 		return p.producerErr(s, what, err)
 	}
 	// The write's records may be in the transaction in part: the new
