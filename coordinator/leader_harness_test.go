@@ -214,6 +214,13 @@ func (h *leaderHarness) setMember(id, status string, slots int) {
 	h.members[id] = Member{ID: id, Role: transport.RoleWorker, Status: status, Slots: slots, DataAddr: id + ":7401"}
 }
 
+// lose has worker die as the leader sees a machine lost: gossip calls it
+// dead, and its session closes once it has heard nothing from it.
+func (h *leaderHarness) lose(worker string, slots int) {
+	h.setMember(worker, StatusDead, slots)
+	h.handle(sessionClosed{sess: h.sessions[worker], err: errors.New("no message from the worker within the silence limit")})
+}
+
 func (h *leaderHarness) setPartitions(n int, err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

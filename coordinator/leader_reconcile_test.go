@@ -84,6 +84,40 @@ func TestLeaderMissingTopicFailsJobAndRecovers(t *testing.T) {
 	}
 }
 
+// TestLeaderOverrulesGossipDeathWhileTheSessionHears: gossip calling a
+// worker dead while its control session is open does not fail its tasks
+// (memberlist's probes can miss a live worker on a saturated machine; the
+// session closes once the worker goes silent). The verdict is counted and
+// logged once per session, and the session's close fails the tasks then.
+func TestLeaderOverrulesGossipDeathWhileTheSessionHears(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	spec := testJobSpec(2, 2)
+	spec.Recovery.Scope = fsm.RecoveryScopeJob
+	job := h.startJob("j1", spec)
+	h.completeCheckpoint("j1")
+	w := job.Tasks[0].Worker
+
+	h.setMember(w, StatusDead, 4)
+	h.l.workerChanged(w)
+	for range 3 {
+		h.step()
+		if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+			t.Fatalf("status %s attempt %d reason %q, want attempt 1 running on: %s's session is open", j.Status, j.Attempt, j.Reason, w)
+		}
+	}
+	var m dto.Metric
+	if err := h.l.metrics.deadOverruled.Write(&m); err != nil || m.GetCounter().GetValue() != 1 {
+		t.Fatalf("overruled gossip deaths = %v (%v), want 1: counted once per session", m.GetCounter().GetValue(), err)
+	}
+
+	h.handle(sessionClosed{sess: h.sessions[w], err: errors.New("no message from the worker within the silence limit")})
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task source-0 is dead") {
+		t.Fatalf("after the session closed: status %s reason %q, want restarting because %s is dead", j.Status, j.Reason, w)
+	}
+}
+
 func TestLeaderRestartsOnDeadWorkerFromLastCheckpoint(t *testing.T) {
 	h := newLeaderHarness(t)
 	h.connect("w3", 4)
@@ -94,7 +128,7 @@ func TestLeaderRestartsOnDeadWorkerFromLastCheckpoint(t *testing.T) {
 	ck := h.completeCheckpoint("j1")
 	lost := job.Tasks[0].Worker
 
-	h.setMember(lost, StatusDead, 4)
+	h.lose(lost, 4)
 	h.step()
 	j := h.job("j1")
 	if j.Status != fsm.JobRestarting || j.Attempt != 1 || !strings.Contains(j.Reason, "worker "+lost+" of task source-0 is dead") {
@@ -283,7 +317,7 @@ func TestLeaderFencesMessagesOfAnOldAttempt(t *testing.T) {
 	first := h.startJob("j1", spec)
 	h.completeCheckpoint("j1")
 	zombie := first.Tasks[0].Worker
-	h.setMember(zombie, StatusDead, 4)
+	h.lose(zombie, 4)
 	h.step()
 	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
 	h.step()
@@ -299,9 +333,8 @@ func TestLeaderFencesMessagesOfAnOldAttempt(t *testing.T) {
 		t.Fatalf("no checkpoint pending for attempt 2")
 	}
 
-	// The zombie is back: alive in gossip, with its old session.
-	h.setMember(zombie, StatusAlive, 4)
-	h.drain(zombie)
+	// The zombie is back: alive in gossip, with a new session.
+	h.connect(zombie, 4)
 	old := first.Tasks[0]
 	h.ack(zombie, ref(first, old), old, pending.ID)
 	h.report(zombie, ref(first, old), transport.TaskPhase_TASK_PHASE_RUNNING, "")

@@ -38,7 +38,7 @@ func TestLeaderRecoversLostTasksAlone(t *testing.T) {
 		}
 	}
 
-	h.setMember(lost, StatusDead, 4)
+	h.lose(lost, 4)
 	h.step()
 	j := h.job("j1")
 	if j.Status != fsm.JobRunning || j.Attempt != 2 || j.Pending != nil {
@@ -106,10 +106,9 @@ func TestLeaderRecoversLostTasksAlone(t *testing.T) {
 		t.Fatalf("task-scoped recoveries metric = %v (%v), want 1", m.GetCounter().GetValue(), err)
 	}
 
-	// The lost worker comes back as a zombie: its old tasks' acks and
-	// statuses are fenced and its tasks cancelled.
-	h.setMember(lost, StatusAlive, 4)
-	h.drain(lost)
+	// The lost worker comes back as a zombie, with a new session: its old
+	// tasks' acks and statuses are fenced and its tasks cancelled.
+	h.connect(lost, 4)
 	h.advance(time.Duration(j.Spec.Checkpoint.Interval))
 	h.checkpointPass()
 	p := h.job("j1").Pending
@@ -134,7 +133,7 @@ func TestLeaderTaskRecoveryFallsBack(t *testing.T) {
 		h := newLeaderHarness(t)
 		h.connect("w3", 4)
 		job := h.startJob("j1", testJobSpec(2, 2))
-		h.setMember(job.Tasks[0].Worker, StatusDead, 4)
+		h.lose(job.Tasks[0].Worker, 4)
 		h.step()
 		j := h.job("j1")
 		if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "not recovered task by task: the job has no completed checkpoint") {
@@ -145,7 +144,7 @@ func TestLeaderTaskRecoveryFallsBack(t *testing.T) {
 		h := newLeaderHarness(t)
 		job := h.startJob("j1", testJobSpec(3, 3))
 		h.completeCheckpoint("j1")
-		h.setMember(job.Tasks[0].Worker, StatusDead, 4)
+		h.lose(job.Tasks[0].Worker, 4)
 		h.step()
 		j := h.job("j1")
 		if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "lost tasks cannot be placed") {
@@ -162,7 +161,7 @@ func TestLeaderTaskRecoveryFallsBack(t *testing.T) {
 		job := h.startJob("j1", testJobSpec(2, 2))
 		h.completeCheckpoint("j1")
 		h.l.env.coordinatorsBelow = func(int) ([]string, error) { return []string{"c3 (not seen in gossip)"}, nil }
-		h.setMember(taskByID(job, "source-0").Worker, StatusDead, 4)
+		h.lose(taskByID(job, "source-0").Worker, 4)
 		h.step()
 		j := h.job("j1")
 		if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "partition discovery cannot be on in a restored source (coordinators below feature level 1: c3 (not seen in gossip))") {
@@ -247,7 +246,7 @@ func TestLeaderRecoveriesTogetherStayWithinSlots(t *testing.T) {
 		h.drain("w3")
 		h.completeCheckpoint(id)
 	}
-	h.setMember("w1", StatusDead, slots["w1"])
+	h.lose("w1", slots["w1"])
 	h.step()
 	h.flush()
 	used := make(map[string]int)

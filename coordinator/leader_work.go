@@ -158,6 +158,7 @@ func (l *leader) takeNotes() {
 // workerChanged marks dirty the jobs with tasks on worker w and, since its
 // slots may have come or gone, the jobs waiting to be deployed.
 func (l *leader) workerChanged(w string) {
+	delete(l.overruled, w) // gossip or the session changed: tell again
 	for id := range l.byWorker[w] {
 		l.dirty[id] = struct{}{}
 	}

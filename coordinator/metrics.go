@@ -21,7 +21,8 @@ type metrics struct {
 	recoveries           *prometheus.CounterVec   // job, scope: tasks, job
 	workerSessions       prometheus.Gauge
 	leaderlessStreams    prometheus.Gauge
-	workerProbes         *prometheus.CounterVec   // result: answered, failed
+	workerProbes         *prometheus.CounterVec // result: answered, failed
+	deadOverruled        prometheus.Counter
 	fencedMessages       *prometheus.CounterVec   // job, message: ack, decline, status
 	raftApplyDuration    *prometheus.HistogramVec // command
 	stateFilesDeleted    *prometheus.CounterVec   // job
@@ -67,6 +68,10 @@ func newMetrics() *metrics {
 		workerProbes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_worker_probes_total", Help: "Direct gossip probes of workers whose control session broke, by result.",
 		}, []string{"result"}),
+		deadOverruled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coordflow_worker_dead_overruled_total",
+			Help: "Times gossip called a worker dead while its control session was open, so that its tasks went on (logged once per session).",
+		}),
 		fencedMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_fenced_messages_total", Help: "Acks, declines and task statuses dropped by the leader because they came from another attempt than the job's current one.",
 		}, []string{"job", "message"}),
@@ -113,7 +118,7 @@ func newMetrics() *metrics {
 		}, []string{"code"}),
 	}
 	m.registry.MustRegister(m.raftLogStoreDuration, m.raftSnapshotDuration, m.raftSnapshotBytes, m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.leaderWriteStage, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
-		m.leaderlessStreams, m.workerProbes, m.fencedMessages, m.raftApplyDuration,
+		m.leaderlessStreams, m.workerProbes, m.deadOverruled, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

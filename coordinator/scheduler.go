@@ -341,9 +341,12 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 
 // workerLost says how worker w is lost for good (its tasks cannot go on
 // there), or "" if it is not: gone (its process died: session broken,
-// ports refusing), dead or left in gossip, or without a control session
-// for longer than the lease. A shorter loss of session is not: gossip
-// decides, and js is looked at again when the lease would run out.
+// ports refusing), left in gossip, dead in gossip with no control session,
+// or without a control session for longer than the lease. A shorter loss of
+// session is not: gossip decides, and js is looked at again when the lease
+// would run out. Nor is a gossip death while the worker's session is open
+// (overruleDead): the session closes, and js is looked at again, once it
+// hears nothing for silenceLimit.
 func (l *leader) workerLost(js *jobState, w string, members map[string]string, now time.Time) string {
 	if l.gone[w] {
 		return "is gone: its session broke and its ports refuse connections"
@@ -351,8 +354,13 @@ func (l *leader) workerLost(js *jobState, w string, members map[string]string, n
 	switch st := members[w]; st {
 	case "":
 		return "is not a gossip member"
-	case StatusDead, StatusLeft:
+	case StatusLeft:
 		return "is " + st
+	case StatusDead:
+		if l.sessions[w] == nil {
+			return "is " + st
+		}
+		l.overruleDead(w)
 	}
 	if since, none := l.sessionlessSince(w); none {
 		if gone := now.Sub(since); gone > l.lease {
@@ -361,6 +369,26 @@ func (l *leader) workerLost(js *jobState, w string, members map[string]string, n
 		l.scheduleJob(js, since.Add(l.lease+time.Millisecond))
 	}
 	return ""
+}
+
+// overruleDead records that gossip calls worker w dead while its control
+// session is open, and logs it once per session. The session is the surer
+// sign: it closes when the worker has sent nothing for silenceLimit (2 s by
+// default), and a crashed worker's breaks at once (portsRefused), while
+// memberlist's probes, tuned to notice a death in about a second, can miss
+// a live worker whose machine is saturated: once that restarted every job
+// of a worker that went on running and talking to the leader. Its tasks go
+// on; the session's close fails them. It gets no new tasks meanwhile
+// (placeable takes the workers alive in gossip).
+func (l *leader) overruleDead(w string) {
+	sess := l.sessions[w]
+	if l.overruled[w] == sess {
+		return
+	}
+	l.overruled[w] = sess
+	l.metrics.deadOverruled.Inc()
+	l.logger.Warn("gossip says the worker is dead, but its control session still hears from it: its tasks go on, and fail if the session closes",
+		"worker", w, "silence_limit", l.silenceLimit())
 }
 
 // beginRestart fails the current attempt of a running job: it aborts its
