@@ -122,10 +122,22 @@ func (s *Server) setupRaft() error {
 
 // openBoltStore opens the Raft log and stable store, failing after
 // boltOpenTimeout with a clear error when another process holds its lock.
+//
+// bbolt's free list is kept out of the file (NoFreelistSync, as Consul's and
+// Nomad's no_freelist_sync): Raft compacts its log after every snapshot, and
+// the pages the compacted entries leave free would otherwise be written
+// again with every commit, on every node, a few hundred KB per log append
+// with a thousand jobs (docs/benchmarks.md). Open rebuilds the list by
+// walking the file's pages instead; checkBoltFile walks them first, where a
+// garbled page is an error rather than a crash.
 func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
 	store, err := raftboltdb.New(raftboltdb.Options{
-		Path:        path,
-		BoltOptions: &bbolt.Options{Timeout: boltOpenTimeout},
+		Path: path,
+		BoltOptions: &bbolt.Options{
+			Timeout:        boltOpenTimeout,
+			NoFreelistSync: true,
+			FreelistType:   bbolt.FreelistMapType,
+		},
 	})
 	if errors.Is(err, bolterrors.ErrTimeout) {
 		return nil, fmt.Errorf("open raft store %s: locked by another process (is another coordd running with this data dir?): gave up after %v: %w",

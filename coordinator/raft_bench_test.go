@@ -15,8 +15,8 @@ import (
 // 1,000 jobs takes, after Raft has compacted 10,000 such entries away: the
 // free pages they leave are written with every commit unless the free list
 // is kept out of the file (bbolt's NoFreelistSync, Consul's and Nomad's
-// no_freelist_sync). openBoltStore keeps it in the file: docs/benchmarks.md
-// has the figures and the reason.
+// no_freelist_sync), as openBoltStore does: docs/benchmarks.md has the
+// figures.
 func BenchmarkBoltStoreLogs(b *testing.B) {
 	for _, tc := range []struct {
 		name string
