@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/IBM/sarama"
@@ -387,7 +388,7 @@ func (s *sink) flush() error {
 		return nil
 	}
 	if !sinkUnreachable(err) {
-		return fmt.Errorf("sink topic %q: write %d records: %w", s.topic, n, err)
+		return fmt.Errorf("sink topic %q: write %s: %w", s.topic, countRecords(n), err)
 	}
 	// The records not acknowledged are held and sent again, those of a
 	// request whose answer was lost too: at least once allows the
@@ -401,7 +402,15 @@ func (s *sink) flush() error {
 		}
 	}
 	s.hold.lost()
-	return s.hold.fail(fmt.Errorf("sink topic %q: write %d records, %d not acknowledged: %w", s.topic, n, len(s.buf), err), now)
+	return s.hold.fail(fmt.Errorf("sink topic %q: write %s, %d not acknowledged: %w", s.topic, countRecords(n), len(s.buf), err), now)
+}
+
+// countRecords says "1 record" or "n records", for error messages.
+func countRecords(n int) string {
+	if n == 1 {
+		return "1 record"
+	}
+	return strconv.Itoa(n) + " records"
 }
 
 // retry is an at-least-once write's retryFunc: retryKafka within

@@ -114,9 +114,8 @@ func sinkUnreachable(err error) bool {
 // would meet the same records again, under every new epoch, and must fail
 // the task rather than hold the sink and decline checkpoints for ever.
 func epochCures(err error) bool {
-	var exhausted *retriesExhausted
 	var kerr sarama.KError
-	if errors.As(err, &exhausted) || !errors.As(err, &kerr) {
+	if !errors.As(err, &kerr) {
 		return false
 	}
 	switch kerr {

@@ -98,11 +98,8 @@ const maxProduceRequest = 16 << 20
 func (p *txnPool) write(s *txnSlot, msgs []sinkRecord) error {
 	// A failed write is sent again whole, acknowledged records too: the
 	// slot's new epoch aborts them.
-	err := p.w.write(s, msgs, p.retry, func() error { return p.addPartitions(s) })
-	if err != nil {
-		return fmt.Errorf("write to sink topic %q in transaction %s: %w", p.topic, s.id, err)
-	}
-	return nil
+	// The caller's error names the topic and the transaction.
+	return p.w.write(s, msgs, p.retry, func() error { return p.addPartitions(s) })
 }
 
 // write sends msgs in rounds (produce) through retry until every record

@@ -508,26 +508,36 @@ func TestSinkFailsOnARefusedRecord(t *testing.T) {
 }
 
 // TestExactlyOnceSinkHoldsOnlyForWhatANewEpochCures: an exactly-once write
-// into an empty transaction that a broker answers with an error about the
-// producer's own state (lost sequences, an unknown producer id) holds the
-// sink, and the write goes through under the id's new epoch, each record
-// committed once. Any other answer, which the same records would meet
-// under every new epoch (an invalid topic, a version the broker does not
-// support), fails the task instead of declining checkpoints for ever.
+// into an empty transaction that a broker answers, in Produce or in
+// AddPartitionsToTxn, with an error about the producer's own state (lost
+// sequences, an unknown producer id, a transaction in the wrong state)
+// holds the sink, and the write goes through under the id's new epoch, each
+// record committed once. Any other answer, which the same records would
+// meet under every new epoch (an invalid topic, a version the broker does
+// not support, an id it does not authorise), fails the task instead of
+// declining checkpoints for ever.
 func TestExactlyOnceSinkHoldsOnlyForWhatANewEpochCures(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		kerr  sarama.KError
 		cured bool
+		add   bool // the answer is AddPartitionsToTxn's, not Produce's
 	}{
-		{"OUT_OF_ORDER_SEQUENCE_NUMBER", sarama.ErrOutOfOrderSequenceNumber, true},
-		{"UNKNOWN_PRODUCER_ID", sarama.ErrUnknownProducerID, true},
-		{"INVALID_TOPIC_EXCEPTION", sarama.ErrInvalidTopic, false},
-		{"UNSUPPORTED_VERSION", sarama.ErrUnsupportedVersion, false},
+		{"OUT_OF_ORDER_SEQUENCE_NUMBER", sarama.ErrOutOfOrderSequenceNumber, true, false},
+		{"UNKNOWN_PRODUCER_ID", sarama.ErrUnknownProducerID, true, false},
+		{"INVALID_PRODUCER_ID_MAPPING", sarama.ErrInvalidProducerIDMapping, true, false},
+		{"INVALID_TXN_STATE from AddPartitionsToTxn", sarama.ErrInvalidTxnState, true, true},
+		{"INVALID_TOPIC_EXCEPTION", sarama.ErrInvalidTopic, false, false},
+		{"UNSUPPORTED_VERSION", sarama.ErrUnsupportedVersion, false, false},
+		{"TRANSACTIONAL_ID_AUTHORIZATION_FAILED from AddPartitionsToTxn", sarama.ErrTransactionalIDAuthorizationFailed, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newKafkaCluster(t, "out")
-			answerProduce(c, tc.kerr, 1)
+			if tc.add {
+				answerAddPartitions(c, tc.kerr, 1)
+			} else {
+				answerProduce(c, tc.kerr, 1)
+			}
 			s := txnTestSink(t, txnTestEnv(), c.ListenAddrs(), "map-0", nil)
 			for _, v := range seq("a", 20) {
 				if err := s.add(&operator.Output{Key: []byte(v), Value: []byte(v)}); err != nil {
@@ -553,6 +563,33 @@ func TestExactlyOnceSinkHoldsOnlyForWhatANewEpochCures(t *testing.T) {
 			checkPartitions(t, c.ListenAddrs(), [][]string{seq("a", 20)})
 		})
 	}
+}
+
+// answerAddPartitions has cluster c answer the next n AddPartitionsToTxn
+// requests with kerr for each partition, adding none.
+func answerAddPartitions(c *kfake.Cluster, kerr sarama.KError, n int) {
+	var answered atomic.Int64
+	c.ControlKey(int16(kmsg.AddPartitionsToTxn), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if answered.Load() >= int64(n) {
+			return nil, nil, false
+		}
+		answered.Add(1)
+		add := req.(*kmsg.AddPartitionsToTxnRequest)
+		resp := add.ResponseKind().(*kmsg.AddPartitionsToTxnResponse)
+		for _, rt := range add.Topics {
+			st := kmsg.NewAddPartitionsToTxnResponseTopic()
+			st.Topic = rt.Topic
+			for _, pt := range rt.Partitions {
+				sp := kmsg.NewAddPartitionsToTxnResponseTopicPartition()
+				sp.Partition = pt
+				sp.ErrorCode = int16(kerr)
+				st.Partitions = append(st.Partitions, sp)
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp, nil, true
+	})
 }
 
 // answerProduce has cluster c answer the next n Produce requests (every

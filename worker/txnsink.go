@@ -600,7 +600,7 @@ func (p *txnPool) send(msgs []sinkRecord) error {
 		p.hold.ok()
 		return nil
 	}
-	what := fmt.Sprintf("write %d records", len(msgs))
+	what := "write " + countRecords(len(msgs))
 	// A write no broker answered says nothing of fencing, and asking now
 	// (describe) would block the task loop for the request's retries: ready
 	// asks once the brokers answer again, before the slot gets a new
@@ -614,7 +614,7 @@ func (p *txnPool) send(msgs []sinkRecord) error {
 	// all written again.
 	s.stale, s.checkFence = true, unanswered
 	p.hold.lost()
-	return p.unavailable(fmt.Errorf("sink topic %q: %s: %w", p.topic, what, err))
+	return p.unavailable(fmt.Errorf("sink topic %q, transactional id %s: %s: %w", p.topic, s.id, what, err))
 }
 
 // ready prepares the next write after the sink was held or before its
