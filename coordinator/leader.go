@@ -157,9 +157,9 @@ type leader struct {
 	// for gossip or the lease. A new session clears it.
 	gone map[string]bool
 	// overruled holds the workers gossip calls dead whose session was still
-	// open when their jobs were looked at, with that session: the verdict
-	// is logged once per session (overruleDead).
-	overruled map[string]*session
+	// live when their jobs were looked at: the verdict is logged once until
+	// gossip or the session changes (overruleDead).
+	overruled map[string]bool
 	jobs      map[string]*jobState
 	// inherited holds, per job, the pending checkpoint this term found in the
 	// FSM when it started: it is aborted as "leader changed".
@@ -261,7 +261,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		sessions:       make(map[string]*session),
 		noSessionSince: make(map[string]time.Time),
 		gone:           make(map[string]bool),
-		overruled:      make(map[string]*session),
+		overruled:      make(map[string]bool),
 		jobs:           make(map[string]*jobState),
 		inherited:      make(map[string]uint64),
 		dirty:          make(map[string]struct{}),

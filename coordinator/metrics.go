@@ -70,7 +70,7 @@ func newMetrics() *metrics {
 		}, []string{"result"}),
 		deadOverruled: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "coordflow_worker_dead_overruled_total",
-			Help: "Times gossip called a worker dead while its control session was open, so that its tasks went on (logged once per session).",
+			Help: "Gossip deaths of workers whose control session was still live, so that their tasks went on (counted once until gossip or the session changes).",
 		}),
 		fencedMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "coordflow_fenced_messages_total", Help: "Acks, declines and task statuses dropped by the leader because they came from another attempt than the job's current one.",

@@ -128,8 +128,8 @@ func (s *Server) setupRaft() error {
 // the pages the compacted entries leave free would otherwise be written
 // again with every commit, on every node, a few hundred KB per log append
 // with a thousand jobs (docs/benchmarks.md). Open rebuilds the list by
-// walking the file's pages instead; checkBoltFile walks them first, where a
-// garbled page is an error rather than a crash.
+// walking the file's pages instead; checkBoltFile reads them first, where
+// a garbled page is an error rather than a crash.
 func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
 	store, err := raftboltdb.New(raftboltdb.Options{
 		Path: path,

@@ -140,10 +140,10 @@ func catchPanic(f func() error) (err error) {
 
 // checkBoltFile opens the bbolt file at path, of size bytes, read-only and
 // checks it: the file reaches as far as its pages do (a truncated file would
-// fault on the first page beyond its end), every page of its tree can be
-// read (walkBolt), and bbolt's consistency check (Tx.Check: every page
-// reachable, none freed twice) passes. A file another process holds is
-// reported as openBoltStore reports it.
+// fault on the first page beyond its end), every page of its tree is whole
+// (checkBoltPages), and bbolt's consistency check (Tx.Check: every page
+// reachable, none freed twice, keys in order) passes. A file another
+// process holds is reported as openBoltStore reports it.
 func checkBoltFile(path string, size int64) error {
 	corrupt := func(problem string) error {
 		return &raftDataError{what: "raft store", file: path, problem: problem, cost: "this node cannot read its raft log"}
@@ -160,8 +160,17 @@ func checkBoltFile(path string, size int64) error {
 				problems = append(problems, fmt.Sprintf("truncated: %d bytes, its pages reach %d", size, need))
 				return nil
 			}
-			if err := walkBolt(tx); err != nil {
+			// Every page bbolt's checks will read, checked first where
+			// a garbled one is an error, not a crash.
+			f, err := os.Open(path)
+			if err != nil {
 				return err
+			}
+			defer f.Close()
+			pageSize := db.Info().PageSize
+			if err := checkBoltPages(f, pageSize, uint64(tx.Size())/uint64(pageSize), uint64(tx.Cursor().Bucket().Root())); err != nil {
+				problems = append(problems, err.Error())
+				return nil
 			}
 			for err := range tx.Check() {
 				if len(problems) < 3 {
@@ -184,32 +193,6 @@ func checkBoltFile(path string, size int64) error {
 		return corrupt(err.Error())
 	case len(problems) > 0:
 		return corrupt(strings.Join(problems, "; "))
-	}
-	return nil
-}
-
-// walkBolt reads every page of tx's tree, bucket by bucket, through
-// cursors in the calling goroutine, where catchPanic turns a garbled page
-// (bbolt panics on a page whose header names another page) or a fault into
-// an error. bbolt's own walk of the same pages, which rebuilds the free list
-// of a file written without one (NoFreelistSync) in Tx.Check and in Open,
-// runs in a goroutine of its own, where that panic would crash coordd.
-func walkBolt(tx *bbolt.Tx) error {
-	return tx.ForEach(func(_ []byte, b *bbolt.Bucket) error { return walkBucket(b) })
-}
-
-// walkBucket reads every page of bucket b and of the buckets nested in it.
-func walkBucket(b *bbolt.Bucket) error {
-	c := b.Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		if v != nil {
-			continue
-		}
-		if nested := b.Bucket(k); nested != nil {
-			if err := walkBucket(nested); err != nil {
-				return err
-			}
-		}
 	}
 	return nil
 }

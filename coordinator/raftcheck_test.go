@@ -3,6 +3,7 @@ package coordinator
 import (
 	"bytes"
 	"cmp"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -138,6 +139,21 @@ func boltHighWater(t *testing.T, path string) int64 {
 	return size
 }
 
+// boltRoot returns the root page of the bbolt file at path's root bucket,
+// and its page size.
+func boltRoot(t *testing.T, path string) (root, pageSize int64) {
+	t.Helper()
+	db, err := bbolt.Open(path, 0o600, &bbolt.Options{ReadOnly: true, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.View(func(tx *bbolt.Tx) error { root = int64(tx.Cursor().Bucket().Root()); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return root, int64(db.Info().PageSize)
+}
+
 // editFile applies edit to the contents of path.
 func editFile(t *testing.T, path string, edit func([]byte) []byte) {
 	t.Helper()
@@ -215,6 +231,19 @@ func TestCorruptRaftDataFailsStart(t *testing.T) {
 				for i := 8192; i < len(b); i++ {
 					b[i] ^= 0x5a
 				}
+				return b
+			})
+			return p
+		}},
+		{"raft.db element offsets garbled", func(t *testing.T, dataDir string) string {
+			// The root bucket's page keeps its header; the key of its
+			// first element is said to run far past the page. bbolt would
+			// read it through its memory map, in a goroutine of its own.
+			p := filepath.Join(dataDir, "raft.db")
+			root, pageSize := boltRoot(t, p)
+			editFile(t, p, func(b []byte) []byte {
+				ksize := root*pageSize + boltPageHeader + 8 // first leaf element: flags, pos, ksize
+				binary.NativeEndian.PutUint32(b[ksize:], 1<<30)
 				return b
 			})
 			return p

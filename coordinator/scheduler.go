@@ -341,26 +341,28 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 
 // workerLost says how worker w is lost for good (its tasks cannot go on
 // there), or "" if it is not: gone (its process died: session broken,
-// ports refusing), left in gossip, dead in gossip with no control session,
-// or without a control session for longer than the lease. A shorter loss of
-// session is not: gossip decides, and js is looked at again when the lease
-// would run out. Nor is a gossip death while the worker's session is open
-// (overruleDead): the session closes, and js is looked at again, once it
-// hears nothing for silenceLimit.
+// ports refusing), left in gossip, dead in gossip (or unknown to it) with no
+// live control session, or without a control session for longer than the
+// lease. A shorter loss of session is not: gossip decides, and js is looked
+// at again when the lease would run out. Nor is a gossip death while the
+// worker's session is live: that is overruled (overruleDead, which logs it),
+// and js is looked at again when the session ends, at the latest once it
+// has heard nothing for silenceLimit.
 func (l *leader) workerLost(js *jobState, w string, members map[string]string, now time.Time) string {
 	if l.gone[w] {
 		return "is gone: its session broke and its ports refuse connections"
 	}
 	switch st := members[w]; st {
-	case "":
-		return "is not a gossip member"
 	case StatusLeft:
 		return "is " + st
-	case StatusDead:
-		if l.sessions[w] == nil {
+	case "", StatusDead:
+		if l.liveSession(w) == nil {
+			if st == "" {
+				return "is not a gossip member"
+			}
 			return "is " + st
 		}
-		l.overruleDead(w)
+		l.overruleDead(w, st)
 	}
 	if since, none := l.sessionlessSince(w); none {
 		if gone := now.Sub(since); gone > l.lease {
@@ -371,23 +373,36 @@ func (l *leader) workerLost(js *jobState, w string, members map[string]string, n
 	return ""
 }
 
-// overruleDead records that gossip calls worker w dead while its control
-// session is open, and logs it once per session. The session is the surer
-// sign: it closes when the worker has sent nothing for silenceLimit (2 s by
-// default), and a crashed worker's breaks at once (portsRefused), while
-// memberlist's probes, tuned to notice a death in about a second, can miss
-// a live worker whose machine is saturated: once that restarted every job
-// of a worker that went on running and talking to the leader. Its tasks go
-// on; the session's close fails them. It gets no new tasks meanwhile
-// (placeable takes the workers alive in gossip).
-func (l *leader) overruleDead(w string) {
-	sess := l.sessions[w]
-	if l.overruled[w] == sess {
+// liveSession returns worker w's control session if it is open and has not
+// ended: a session ended by its watchdog (silence) or its receiver can wait
+// in a blocked send before the loop hears of its close.
+func (l *leader) liveSession(w string) *session {
+	if sess := l.sessions[w]; sess != nil && sess.ctx.Err() == nil {
+		return sess
+	}
+	return nil
+}
+
+// overruleDead records that gossip calls worker w dead (status dead), or
+// does not know it (""), while its control session is live, and logs and
+// counts it once until gossip or the session changes (workerChanged). The
+// session is the surer sign: it ends when the worker has sent nothing for
+// silenceLimit (2 s by default), and a crashed worker's breaks at once
+// (portsRefused), while memberlist's probes, tuned to notice a death in
+// about a second, can miss a live worker whose machine is saturated
+// (docs/benchmarks.md). The worker's tasks go on; it gets no new ones
+// meanwhile (placeable takes the workers alive in gossip). Only the leader
+// loop calls it.
+func (l *leader) overruleDead(w, status string) {
+	if l.overruled[w] {
 		return
 	}
-	l.overruled[w] = sess
+	l.overruled[w] = true
 	l.metrics.deadOverruled.Inc()
-	l.logger.Warn("gossip says the worker is dead, but its control session still hears from it: its tasks go on, and fail if the session closes",
+	if status == "" {
+		status = "not a member"
+	}
+	l.logger.Warn("gossip says the worker is "+status+", but its control session still hears from it: its tasks go on, and fail if the session ends",
 		"worker", w, "silence_limit", l.silenceLimit())
 }
 

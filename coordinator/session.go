@@ -402,6 +402,9 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 	silence := l.silenceLimit()
 	watchdog := time.AfterFunc(silence, func() {
 		sess.close(fmt.Errorf("%w: nothing from worker %s for %v", errSilent, sess.worker, silence))
+		// Its jobs are looked at now, not when the handler's send,
+		// which may be blocked on the silent worker, returns.
+		l.noteWorker(sess.worker)
 	})
 	defer watchdog.Stop()
 	joiner := transport.AckJoiner{Limit: fsm.MaxInlineStateBytes}
