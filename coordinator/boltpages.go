@@ -17,23 +17,34 @@ const (
 	boltLeafPage     = 0x02
 	boltBucketLeaf   = 0x01 // a leaf element whose value is a bucket
 	boltBucketHeader = 16   // root pgid u64, sequence u64; an inline bucket's page follows
+	boltFreelistPage = 0x10
+	// A meta page's fields, from the page's start: its free list's page
+	// (none: boltNoFreelist) and its transaction id.
+	boltMetaFreelist = boltPageHeader + 32
+	boltMetaTxid     = boltPageHeader + 48
+	boltNoFreelist   = 1<<64 - 1
 )
 
-// checkBoltPages reads every page of a bbolt file's tree from r, from the
-// root bucket's root page (root) down through every nested bucket, with
-// ReadAt, and checks what bbolt would otherwise trust: a page says it is
-// the page it is read as and lies below the high-water mark (hwm, in pages
-// of pageSize bytes), is a branch or a leaf, and every element's key and
-// value lie within the page; a branch's children are pages of the file,
-// each reached once. bbolt reads pages through its memory map with none of
-// these checks, and some of its walks (Tx.Check's; the one that rebuilds a
-// free list not kept in the file, NoFreelistSync) run in goroutines of
-// their own, where a garbled offset faults or panics beyond any recover and
-// crashes coordd. A file that passes gives them nothing out of bounds to
-// read; what is left (keys out of order, pages unreachable or freed twice)
-// they report as errors.
-func checkBoltPages(r io.ReaderAt, pageSize int, hwm, root uint64) error {
+// checkBoltPages reads the pages of a bbolt file that bbolt's checks read,
+// from r with ReadAt, and checks what bbolt would otherwise trust. The free
+// list of transaction txid's meta page, if the file keeps one, lies within
+// its page. Every page of the tree, from the root bucket's root page (root)
+// down through every nested bucket, says it is the page it is read as and
+// lies below the high-water mark (hwm, in pages of pageSize bytes), is a
+// branch with elements or a leaf, and every element's key and value lie
+// within the page; a branch's children are pages of the file, each reached
+// once. bbolt reads pages through its memory map with none of these checks,
+// and some of its walks (Tx.Check's; the one that rebuilds a free list not
+// kept in the file, NoFreelistSync) run in goroutines of their own, where a
+// garbled offset faults or panics beyond any recover and crashes coordd. A
+// file that passes gives them nothing out of bounds to read; what is left
+// (keys out of order, pages unreachable or freed twice) they report as
+// errors.
+func checkBoltPages(r io.ReaderAt, pageSize int, hwm, root, txid uint64) error {
 	w := &boltWalk{r: r, pageSize: uint64(pageSize), hwm: hwm, seen: make(map[uint64]bool)}
+	if err := w.freelist(txid); err != nil {
+		return err
+	}
 	return w.tree(root)
 }
 
@@ -65,6 +76,11 @@ func (w *boltWalk) tree(id uint64) error {
 	flags, count := ne.Uint16(page[8:]), uint64(ne.Uint16(page[10:]))
 	switch flags {
 	case boltBranchPage:
+		if count == 0 {
+			// bbolt never writes one, and its cursor would follow
+			// element 0 all the same.
+			return fmt.Errorf("branch page %d: no elements", id)
+		}
 		if err := checkElements(page, count, false); err != nil {
 			return fmt.Errorf("branch page %d: %w", id, err)
 		}
@@ -119,6 +135,52 @@ func (w *boltWalk) bucket(page []byte, i uint64) error {
 		if err := w.bucket(inline, j); err != nil {
 			return fmt.Errorf("element %d's inline bucket: %w", i, err)
 		}
+	}
+	return nil
+}
+
+// freelist checks the free-list page that the meta page of transaction
+// txid names, if any: bbolt reads its ids, as many as its count says,
+// through the memory map.
+func (w *boltWalk) freelist(txid uint64) error {
+	ne := binary.NativeEndian
+	list := uint64(0)
+	found := false
+	for meta := range uint64(2) {
+		b := make([]byte, boltMetaTxid+8)
+		if _, err := w.r.ReadAt(b, int64(meta*w.pageSize)); err != nil {
+			return fmt.Errorf("meta page %d: %w", meta, err)
+		}
+		if ne.Uint64(b[boltMetaTxid:]) == txid {
+			list, found = ne.Uint64(b[boltMetaFreelist:]), true
+			break
+		}
+	}
+	switch {
+	case !found:
+		return fmt.Errorf("no meta page of transaction %d", txid)
+	case list == boltNoFreelist:
+		return nil
+	case list < 2 || list >= w.hwm:
+		return fmt.Errorf("free list page %d: outside the file's pages 2 to %d", list, w.hwm-1)
+	}
+	page, err := w.read(list)
+	if err != nil {
+		return fmt.Errorf("free list: %w", err)
+	}
+	if got := ne.Uint64(page); got != list {
+		return fmt.Errorf("free list page %d: its header says page %d", list, got)
+	}
+	if flags := ne.Uint16(page[8:]); flags != boltFreelistPage {
+		return fmt.Errorf("free list page %d: flags %#x, not a free list", list, flags)
+	}
+	// A count of 0xFFFF or more is kept in the first id's place.
+	count, first := uint64(ne.Uint16(page[10:])), uint64(0)
+	if count == 0xFFFF {
+		count, first = ne.Uint64(page[boltPageHeader:]), 1
+	}
+	if room := (uint64(len(page))-boltPageHeader)/8 - first; count > room {
+		return fmt.Errorf("free list page %d: %d ids, room for %d", list, count, room)
 	}
 	return nil
 }

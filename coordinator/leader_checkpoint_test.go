@@ -320,8 +320,8 @@ func TestLeaderRetriggersOnReconnect(t *testing.T) {
 // hold a message per task and more, so that a checkpoint of every job at
 // once does not overflow its session.
 func TestSessionQueuesGrowWithSlots(t *testing.T) {
-	small := newSession(t.Context(), &transport.Hello{WorkerId: "w1", Slots: 4})
-	big := newSession(t.Context(), &transport.Hello{WorkerId: "w2", Slots: 1000})
+	small := newSession(t.Context(), &transport.Hello{WorkerId: "w1", Slots: 4}, nil)
+	big := newSession(t.Context(), &transport.Hello{WorkerId: "w2", Slots: 1000}, nil)
 	if cap(small.out) != sessionQueue || small.inbox != sessionInbox {
 		t.Errorf("4 slots: queue %d inbox %d, want the minimums %d and %d", cap(small.out), small.inbox, sessionQueue, sessionInbox)
 	}

@@ -263,7 +263,7 @@ func (h *leaderHarness) connect(worker string, slots int, running ...*transport.
 	h.t.Helper()
 	h.setMember(worker, StatusAlive, slots)
 	hello := &transport.Hello{WorkerId: worker, DataAddr: worker + ":7401", Slots: int32(slots), Running: running}
-	sess := newSession(h.l.ctx, hello)
+	sess := newSession(h.l.ctx, hello, h.l.noteWorker)
 	h.sessions[worker] = sess
 	h.handle(sessionOpened{sess: sess, hello: hello})
 	return sess

@@ -112,7 +112,14 @@ func TestLeaderOverrulesGossipDeathWhileTheSessionHears(t *testing.T) {
 		t.Fatalf("overruled gossip deaths = %v (%v), want 1: counted once until gossip or the session changes", m.GetCounter().GetValue(), err)
 	}
 
+	if _, ok := h.l.dirty["j1"]; ok {
+		t.Fatal("j1 is to be looked at before the session ends")
+	}
 	h.sessions[w].close(errSilent) // the watchdog's end; sessionClosed is not in yet
+	h.l.takeNotes()
+	if _, ok := h.l.dirty["j1"]; !ok {
+		t.Fatalf("the session's end did not have j1, a job of %s, looked at", w)
+	}
 	h.step()
 	if j := h.job("j1"); j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task source-0 is dead") {
 		t.Fatalf("after the session ended: status %s reason %q, want restarting because %s is dead", j.Status, j.Reason, w)

@@ -168,7 +168,7 @@ func checkBoltFile(path string, size int64) error {
 			}
 			defer f.Close()
 			pageSize := db.Info().PageSize
-			if err := checkBoltPages(f, pageSize, uint64(tx.Size())/uint64(pageSize), uint64(tx.Cursor().Bucket().Root())); err != nil {
+			if err := checkBoltPages(f, pageSize, uint64(tx.Size())/uint64(pageSize), uint64(tx.Cursor().Bucket().Root()), uint64(tx.ID())); err != nil {
 				problems = append(problems, err.Error())
 				return nil
 			}

@@ -248,6 +248,35 @@ func TestCorruptRaftDataFailsStart(t *testing.T) {
 			})
 			return p
 		}},
+		{"raft.db free list garbled", func(t *testing.T, dataDir string) string {
+			// A raft.db of a coordd from before NoFreelistSync keeps its
+			// free list in the file: bbolt reads as many ids as the
+			// list's count says.
+			p := filepath.Join(dataDir, "raft.db")
+			db, err := bbolt.Open(p, 0o600, &bbolt.Options{Timeout: time.Second}) // writes the list back
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+			_, pageSize := boltRoot(t, p)
+			editFile(t, p, func(b []byte) []byte {
+				ne := binary.NativeEndian
+				meta := int64(0)
+				if ne.Uint64(b[pageSize+boltMetaTxid:]) > ne.Uint64(b[boltMetaTxid:]) {
+					meta = pageSize
+				}
+				list := int64(ne.Uint64(b[meta+boltMetaFreelist:]))
+				if list == -1 {
+					t.Fatal("raft.db has no free list in the file")
+				}
+				ne.PutUint16(b[list*pageSize+10:], 0xFFFF)            // the count is in the first id's place
+				ne.PutUint64(b[list*pageSize+boltPageHeader:], 1<<40) // and it is far too large
+				return b
+			})
+			return p
+		}},
 		{"raft.db log entries undecodable", func(t *testing.T, dataDir string) string {
 			p := filepath.Join(dataDir, "raft.db")
 			editFile(t, p, func(b []byte) []byte {

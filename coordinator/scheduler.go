@@ -655,7 +655,7 @@ type workerSlots struct {
 	free     int
 }
 
-// placeable returns the workers that are alive in gossip, have an open
+// placeable returns the workers that are alive in gossip, have a live
 // session and are at the feature level a job of spec needs, with their free
 // slots, leaving out the tasks of job exclude (which is being redeployed);
 // and the ids of the workers left out for their level. Slots in use come
@@ -664,7 +664,7 @@ type workerSlots struct {
 func (l *leader) placeable(spec fsm.JobSpec, exclude string) (workers []workerSlots, old []string) {
 	var alive []Member
 	for _, m := range l.env.aliveWorkers() {
-		if l.sessions[m.ID] != nil {
+		if l.liveSession(m.ID) != nil {
 			alive = append(alive, m)
 		}
 	}

@@ -80,25 +80,38 @@ type session struct {
 	inbox    int // capacity of receive's queue
 	out      chan *transport.CoordinatorMessage
 	ctx      context.Context
-	close    context.CancelCauseFunc
+	// close ends the session with a cause, and calls ended if set.
+	close func(cause error)
 	// queued is the size, in bytes, of the messages receive has read and
 	// the leader loop has not handled yet; maxQueued bounds it.
 	queued    atomic.Int64
 	maxQueued int64
 }
 
-func newSession(parent context.Context, hello *transport.Hello) *session {
+// newSession returns the session of the worker hello names, ended with
+// parent. Each close of it calls ended, if not nil, with the worker's id:
+// the Session handler passes the leader's noteWorker, so that the loop
+// looks at the worker's jobs as soon as the session ends, not when the
+// handler's send, which may be blocked on the worker, returns and the
+// close reaches the loop (liveSession).
+func newSession(parent context.Context, hello *transport.Hello, ended func(worker string)) *session {
 	ctx, cancel := context.WithCancelCause(parent)
 	slots := int(min(max(hello.GetSlots(), 0), 1<<16))
-	return &session{
+	s := &session{
 		worker:    hello.GetWorkerId(),
 		dataAddr:  hello.GetDataAddr(),
 		inbox:     max(sessionInbox, queuePerSlot*slots),
 		out:       make(chan *transport.CoordinatorMessage, max(sessionQueue, queuePerSlot*slots)),
 		ctx:       ctx,
-		close:     cancel,
 		maxQueued: maxQueuedState,
 	}
+	s.close = func(cause error) {
+		cancel(cause)
+		if ended != nil {
+			ended(s.worker)
+		}
+	}
+	return s
 }
 
 // send enqueues msg without blocking. A full queue closes the session; send
@@ -163,7 +176,7 @@ func (c *controlService) Session(stream transport.Control_SessionServer) error {
 	if l == nil || !c.s.isLeader() {
 		return c.redirect(stream, hello.GetWorkerId())
 	}
-	sess := newSession(l.ctx, hello)
+	sess := newSession(l.ctx, hello, l.noteWorker)
 	sess.send(welcome(l))
 	if !l.post(sess.ctx, sessionOpened{sess: sess, hello: hello}) {
 		return c.redirect(stream, hello.GetWorkerId())
@@ -402,9 +415,6 @@ func receive(stream transport.Control_SessionServer, sess *session, l *leader) {
 	silence := l.silenceLimit()
 	watchdog := time.AfterFunc(silence, func() {
 		sess.close(fmt.Errorf("%w: nothing from worker %s for %v", errSilent, sess.worker, silence))
-		// Its jobs are looked at now, not when the handler's send,
-		// which may be blocked on the silent worker, returns.
-		l.noteWorker(sess.worker)
 	})
 	defer watchdog.Stop()
 	joiner := transport.AckJoiner{Limit: fsm.MaxInlineStateBytes}

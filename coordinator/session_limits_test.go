@@ -125,7 +125,7 @@ func TestSessionQueueBoundedInBytes(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	l := &leader{ctx: ctx, events: make(chan leaderEvent, eventQueue), heartbeat: time.Second, lease: time.Minute} // nobody reads events
-	sess := newSession(ctx, &transport.Hello{WorkerId: "w1"})
+	sess := newSession(ctx, &transport.Hello{WorkerId: "w1"}, nil)
 	sess.maxQueued = 10 << 20
 	stream := &scriptedStream{ctx: ctx, in: make(chan *transport.WorkerMessage)}
 	done := make(chan struct{})

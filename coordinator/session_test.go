@@ -42,7 +42,7 @@ func TestHeartbeatAnsweredWhileLeaderLoopStalls(t *testing.T) {
 	// receive reads the heartbeat: with none it is 1 ms, and a loaded CI
 	// run lost that race.
 	l := &leader{ctx: ctx, events: make(chan leaderEvent), heartbeat: time.Second, lease: time.Minute}
-	sess := newSession(ctx, &transport.Hello{WorkerId: "w1"})
+	sess := newSession(ctx, &transport.Hello{WorkerId: "w1"}, nil)
 	stream := &scriptedStream{ctx: ctx, in: make(chan *transport.WorkerMessage, 2)}
 	r := &transport.TaskRef{JobId: "job", Attempt: 1, TaskId: "map-0"}
 	stream.in <- &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{Status: &transport.TaskStatus{Task: r, Phase: transport.TaskPhase_TASK_PHASE_RUNNING}}}

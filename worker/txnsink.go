@@ -809,7 +809,7 @@ func (p *txnPool) producerErr(s *txnSlot, what string, err error) error {
 	if p.fencedOut(s, err) {
 		p.fenced.Inc()
 		p.log.Warn("sink producer fenced: a newer attempt of the task took its transactional id; stopping", "transactional_id", s.id, "err", err)
-		return fmt.Errorf("sink transactional id %s: %w (%w)", s.id, errFenced, err)
+		return fmt.Errorf("sink topic %q, transactional id %s: %s: %w (%w)", p.topic, s.id, what, errFenced, err)
 	}
 	return fmt.Errorf("sink topic %q, transactional id %s: %s: %w", p.topic, s.id, what, err)
 }
