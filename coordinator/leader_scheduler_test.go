@@ -220,7 +220,7 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 	env := leaderEnv{aliveWorkers: func() []Member { return workers }, now: time.Now}
 	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics())
 	for _, w := range []string{"w1", "w2", "w3"} {
-		l.sessions[w] = &session{worker: w}
+		l.sessions[w] = newSession(t.Context(), &transport.Hello{WorkerId: w}, nil)
 	}
 	job := func(id string, status fsm.JobStatus, on ...string) {
 		js := &jobState{id: id, status: status}
@@ -262,7 +262,7 @@ func TestLeaderPlacesByFeatureLevel(t *testing.T) {
 	env := leaderEnv{aliveWorkers: func() []Member { return workers }, now: time.Now}
 	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics())
 	for _, w := range workers {
-		l.sessions[w.ID] = &session{worker: w.ID}
+		l.sessions[w.ID] = newSession(t.Context(), &transport.Hello{WorkerId: w.ID}, nil)
 	}
 	plain := testJobSpec(1, 1)
 	if got, old := l.placeable(plain, ""); len(got) != 2 || old != nil {

@@ -77,6 +77,9 @@ type benchJobsResult struct {
 	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
 	CPU                         map[string]float64 // cores, by process group
 	Restarts                    int                // job attempts beyond the first, at the end
+	// DeadOverruled is how many times the leader, since it took over,
+	// overruled gossip calling a worker dead while its session was live.
+	DeadOverruled int
 	// The leader's Raft snapshots in the window: how many, their mean
 	// persist time and the last one's size; and its log store's appends
 	// (p99) and compactions (mean).
@@ -106,10 +109,10 @@ func BenchmarkManyJobs(b *testing.B) {
 					b.Logf("%d jobs, input %s (%.0f records/s read, %.0f produced): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
 						"phases p50/p99 ms: %v; trigger write stages p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; "+
-						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; written MB/s: %s; leader coordd %.2f cores; cores by group: %s; restarts %d; load average before: %s",
+						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; written MB/s: %s; leader coordd %.2f cores; cores by group: %s; restarts %d, gossip deaths overruled %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
 						r.HistP50MS, r.HistP99MS, r.Phases, r.WriteStages, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
-						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, benchFormat(r.WrittenMBps, "coordd", "workerd", "devkafka"), r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.LoadAvg)
+						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, benchFormat(r.WrittenMBps, "coordd", "workerd", "devkafka"), r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.DeadOverruled, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.RateMin, "min-checkpoints/s/job")
@@ -295,6 +298,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		res.SnapshotMeanMS = 1000 * delta("coordflow_raft_snapshot_persist_duration_seconds_sum") / float64(res.Snapshots)
 	}
 	res.SnapshotMB = unlabeled(s1.metrics, "coordflow_raft_snapshot_bytes") / 1e6
+	res.DeadOverruled = int(unlabeled(s1.metrics, "coordflow_worker_dead_overruled_total"))
 	res.LogAppendP99MS, res.SlowAppends = logAppends(s0.metrics, s1.metrics)
 	const logStore = "coordflow_raft_log_store_duration_seconds"
 	if n := grown(logStore+"_count", `op="delete"`); n > 0 {
@@ -314,7 +318,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 	for _, id := range ids {
 		res.Restarts += int(jobs[id].Attempt) - 1
 	}
-	if res.Restarts > 0 || res.Aborted > 0 {
+	if res.Restarts > 0 || res.Aborted > 0 || res.DeadOverruled > 0 {
 		c.keepLogs(t) // to see why
 	}
 	benchWriteResult(t, resultPath, res)

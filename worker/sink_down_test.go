@@ -130,7 +130,7 @@ func namesBrokers(brokers []string) func(string) bool {
 func namesBrokersOrTopic(brokers []string) func(string) bool {
 	return func(reason string) bool {
 		return namesBrokers(brokers)(reason) ||
-			strings.HasPrefix(reason, `sink: sink topic "sums": write `) && strings.HasSuffix(reason, errSinkUnavailable.Error())
+			strings.HasPrefix(reason, `sink: sink topic "sums"`) && strings.Contains(reason, ": write ") && strings.HasSuffix(reason, errSinkUnavailable.Error())
 	}
 }
 

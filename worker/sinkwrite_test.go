@@ -568,13 +568,7 @@ func TestExactlyOnceSinkHoldsOnlyForWhatANewEpochCures(t *testing.T) {
 // answerAddPartitions has cluster c answer the next n AddPartitionsToTxn
 // requests with kerr for each partition, adding none.
 func answerAddPartitions(c *kfake.Cluster, kerr sarama.KError, n int) {
-	var answered atomic.Int64
-	c.ControlKey(int16(kmsg.AddPartitionsToTxn), func(req kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
-		if answered.Load() >= int64(n) {
-			return nil, nil, false
-		}
-		answered.Add(1)
+	answerNext(c, kmsg.AddPartitionsToTxn, n, func(req kmsg.Request) kmsg.Response {
 		add := req.(*kmsg.AddPartitionsToTxnRequest)
 		resp := add.ResponseKind().(*kmsg.AddPartitionsToTxnResponse)
 		for _, rt := range add.Topics {
@@ -588,20 +582,14 @@ func answerAddPartitions(c *kfake.Cluster, kerr sarama.KError, n int) {
 			}
 			resp.Topics = append(resp.Topics, st)
 		}
-		return resp, nil, true
+		return resp
 	})
 }
 
 // answerProduce has cluster c answer the next n Produce requests (every
 // one for n < 0) with kerr for each partition, writing nothing.
 func answerProduce(c *kfake.Cluster, kerr sarama.KError, n int) {
-	var answered atomic.Int64
-	c.ControlKey(int16(kmsg.Produce), func(req kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
-		if n >= 0 && answered.Load() >= int64(n) {
-			return nil, nil, false
-		}
-		answered.Add(1)
+	answerNext(c, kmsg.Produce, n, func(req kmsg.Request) kmsg.Response {
 		produce := req.(*kmsg.ProduceRequest)
 		resp := produce.ResponseKind().(*kmsg.ProduceResponse)
 		for _, rt := range produce.Topics {
@@ -615,7 +603,21 @@ func answerProduce(c *kfake.Cluster, kerr sarama.KError, n int) {
 			}
 			resp.Topics = append(resp.Topics, st)
 		}
-		return resp, nil, true
+		return resp
+	})
+}
+
+// answerNext has cluster c answer the next n requests of kind key (every
+// one for n < 0) with what answer makes of each, in place of the broker.
+func answerNext(c *kfake.Cluster, key kmsg.Key, n int, answer func(kmsg.Request) kmsg.Response) {
+	var answered atomic.Int64
+	c.ControlKey(int16(key), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if n >= 0 && answered.Load() >= int64(n) {
+			return nil, nil, false
+		}
+		answered.Add(1)
+		return answer(req), nil, true
 	})
 }
 
