@@ -396,6 +396,71 @@ func TestFrozenWorkerIsFenced(t *testing.T) {
 	}
 }
 
+// TestWorkerGossipCallsDeadWhileItsSessionHolds: a worker frozen (SIGSTOP)
+// until gossip declares it dead, and resumed well within its control
+// session's silence limit, keeps its tasks: the leader overrules gossip
+// while the session is live, so the job neither restarts nor loses or
+// doubles a record, and the leader logs and counts the overruled verdict.
+// memberlist's probes (100 ms timeouts) miss live workers on a saturated
+// machine; before, each miss restarted every job of the worker.
+func TestWorkerGossipCallsDeadWhileItsSessionHolds(t *testing.T) {
+	// Heartbeats every 3 s: the leader ends a session after 4 missed ones
+	// (12 s), far past the second or so gossip takes to declare a frozen
+	// worker dead; the workers' lease (30 s) is longer still.
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": 4},
+		coordFlags: []string{"-worker-lease", "30s", "-worker-heartbeat", "3s"}})
+	in := newWordInput(105, 40_000, 4)
+	produce(t, c.brokers(), "words", in.recs[:15_000])
+	job := c.submitJob(t, failoverSpec(c.brokers(), "300ms"))
+	first := c.waitCheckpointed(t, job)
+	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[15_000:], 10_000)
+
+	w := workersOf(first)[0]
+	leader := c.coordinator(t, c.leader(t))
+	c.pauseWorker(t, w)
+	pausedAt := time.Now()
+	c.waitFor(t, 10*time.Second, "gossip to declare the frozen "+w+" dead", func() (bool, error) { return c.memberStatusIs(w, "dead") })
+	c.resumeWorker(t, w)
+	t.Logf("%s frozen for %v, until gossip declared it dead", w, time.Since(pausedAt).Round(time.Millisecond))
+
+	resumed, err := c.getJob(t, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.waitFor(t, 15*time.Second, w+" to be alive in gossip again", func() (bool, error) { return c.memberStatusIs(w, "alive") })
+	c.waitJob(t, time.Minute, job, "a checkpoint of the same attempt after the freeze", func(j jobView) error {
+		if j.Attempt != first.Attempt {
+			return fmt.Errorf("attempt %d, not %d: %+v", j.Attempt, first.Attempt, j.Attempts)
+		}
+		if j.lastCheckpointID() <= resumed.lastCheckpointID() {
+			return errors.New("no checkpoint completed since the freeze")
+		}
+		return nil
+	})
+	producerDone()
+	c.checkExact(t, job, in.want)
+
+	j, err := c.getJob(t, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Attempt != first.Attempt || !slices.Equal(workersOf(j), workersOf(first)) {
+		t.Errorf("the job is at attempt %d on %v, want attempt %d on %v: gossip's verdict restarted it", j.Attempt, workersOf(j), first.Attempt, workersOf(first))
+	}
+	if c.leader(t) == leader.id {
+		text, err := c.coordMetrics(leader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, _ := metricSum(text, "coordflow_worker_dead_overruled_total"); n < 1 {
+			t.Errorf("the leader counted %v overruled gossip deaths, want at least 1", n)
+		}
+		if !strings.Contains(c.coordLog(t, leader.id), "gossip says the worker is dead, but its control session still hears from it") {
+			t.Errorf("the leader did not log the overruled gossip death of %s", w)
+		}
+	}
+}
+
 // TestWorkersStopTasksWithoutCoordinators: with every coordinator frozen,
 // no worker reaches a coordinator, and each stops its tasks once its lease
 // has run out, not before. When the coordinators are back the job restarts
