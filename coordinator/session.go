@@ -80,7 +80,8 @@ type session struct {
 	inbox    int // capacity of receive's queue
 	out      chan *transport.CoordinatorMessage
 	ctx      context.Context
-	// close ends the session with a cause, and calls ended if set.
+	// close ends the session with a cause, and calls the ended func that
+	// newSession was given, if any.
 	close func(cause error)
 	// queued is the size, in bytes, of the messages receive has read and
 	// the leader loop has not handled yet; maxQueued bounds it.
