@@ -621,6 +621,63 @@ func answerNext(c *kfake.Cluster, key kmsg.Key, n int, answer func(kmsg.Request)
 	})
 }
 
+// TestSinkWritesNullKeysAndEmptyValues: under either delivery, an output
+// without a key reaches the topic with a null key (and is spread over the
+// partitions), an empty key as an empty one, and an empty value or none as
+// an empty value, never a null one: a null value is a tombstone to a
+// compacted topic, which would delete the key.
+func TestSinkWritesNullKeysAndEmptyValues(t *testing.T) {
+	for _, delivery := range []string{"at_least_once", "exactly_once"} {
+		t.Run(delivery, func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			var s *sink
+			if delivery == "exactly_once" {
+				s = txnTestSink(t, txnTestEnv(), c.ListenAddrs(), "map-0", nil)
+			} else {
+				s = atLeastOnceTestSink(t, c.ListenAddrs())
+			}
+			for _, out := range []operator.Output{
+				{},                               // no key, no value
+				{Key: []byte{}, Value: []byte{}}, // both empty
+				{Key: []byte("k"), Value: []byte("v")},
+			} {
+				if err := s.add(&out); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.flush(); err != nil {
+				t.Fatal(err)
+			}
+			if s.txn != nil {
+				commitCheckpoint(t, s, 1)
+			}
+			recs := readCommittedAll(t, c.ListenAddrs(), "out", 3)
+			if len(recs) != 3 {
+				t.Fatalf("read %d records, want 3", len(recs))
+			}
+			var nullKey, emptyKey, kv int
+			for _, r := range recs {
+				if r.Value == nil {
+					t.Errorf("a record with key %q has a null value (a tombstone)", r.Key)
+				}
+				switch {
+				case r.Key == nil && len(r.Value) == 0:
+					nullKey++
+				case r.Key != nil && len(r.Key) == 0 && len(r.Value) == 0:
+					emptyKey++
+				case string(r.Key) == "k" && string(r.Value) == "v":
+					kv++
+				default:
+					t.Errorf("unexpected record: key %q (nil %v), value %q", r.Key, r.Key == nil, r.Value)
+				}
+			}
+			if nullKey != 1 || emptyKey != 1 || kv != 1 {
+				t.Fatalf("read %d records with a null key, %d with an empty one, %d k=v; want one of each", nullKey, emptyKey, kv)
+			}
+		})
+	}
+}
+
 // TestSinkHoldsWhatAFailedWriteLeft: a write whose requests to one of three
 // leaders are lost until its retries give up holds the sink. At least once
 // it holds only the records that leader did not acknowledge, so once the
