@@ -127,11 +127,12 @@ func (w *boltWalk) bucket(page []byte, i uint64) error {
 	if flags := ne.Uint16(inline[8:]); flags != boltLeafPage {
 		return fmt.Errorf("element %d: an inline bucket page with flags %#x, not a leaf", i, flags)
 	}
-	if err := checkElements(inline, uint64(ne.Uint16(inline[10:])), true); err != nil {
+	count := uint64(ne.Uint16(inline[10:]))
+	if err := checkElements(inline, count, true); err != nil {
 		return fmt.Errorf("element %d's inline bucket: %w", i, err)
 	}
 	// bbolt reads the buckets nested in an inline bucket too.
-	for j := range uint64(ne.Uint16(inline[10:])) {
+	for j := range count {
 		if err := w.bucket(inline, j); err != nil {
 			return fmt.Errorf("element %d's inline bucket: %w", i, err)
 		}
