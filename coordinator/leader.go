@@ -375,16 +375,31 @@ func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
 	return sess.send(msg)
 }
 
-// sessionlessSince returns since when worker has had no open session, and false
-// if it has one.
+// sessionlessSince returns since when worker has had no live session, and
+// false if it has one. A session that has ended but whose close has not
+// reached the loop yet (its handler blocked in a send to the worker) counts
+// from its end: the worker's tasks must not be given longer than the lease.
 func (l *leader) sessionlessSince(worker string) (time.Time, bool) {
-	if l.sessions[worker] != nil {
-		return time.Time{}, false
+	if sess := l.sessions[worker]; sess != nil {
+		if sess.ctx.Err() == nil {
+			return time.Time{}, false
+		}
+		return l.sessionEnded(sess), true
 	}
 	if t, ok := l.noSessionSince[worker]; ok {
 		return t, true
 	}
 	return l.started, true
+}
+
+// sessionEnded returns when the loop first saw sess ended. Every end of a
+// session notes its worker (newSession's ended func), which wakes the loop,
+// so that is within a loop iteration of the end itself.
+func (l *leader) sessionEnded(sess *session) time.Time {
+	if sess.endedAt.IsZero() {
+		sess.endedAt = l.env.now()
+	}
+	return sess.endedAt
 }
 
 // jobLogger returns a logger with the job and attempt attributes. It is

@@ -87,11 +87,12 @@ type sink struct {
 	slab        outSlab
 }
 
-// openSink creates the sink of map task key. It fails only on a spec it
-// cannot run; it does not need the sink's brokers. It looks the sink topic
-// up once (sinkHold.look: a metadata request, which fails within the Kafka
-// timeouts when no broker answers), and if that fails the sink starts
-// held: the task runs, holds its outputs and declines checkpoints until a
+// openSink creates the sink of map task key. It fails on a spec it cannot
+// run, and on a broker's refusal of the topic (lookRefused); it does not
+// need the sink's brokers to answer. It looks the sink topic up once
+// (sinkHold.look: a metadata request, which fails within the Kafka
+// timeouts when no broker answers), and if that fails otherwise the sink
+// starts held: the task runs, holds its outputs and declines checkpoints until a
 // later look passes. Exactly once, the caller must then call
 // txnPool.recover, which commits the restored checkpoint's transactions
 // and fences the task's other ids, before anything is added; when the sink
@@ -124,6 +125,10 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 		hold: &sinkHold{ctx: ctx, log: log, client: client, topic: topic, brokers: brokers},
 	}
 	if err := s.hold.look(); err != nil {
+		if refused(err) {
+			client.Close()
+			return nil, err
+		}
 		_ = s.hold.fail(err, time.Now())
 	}
 	if spec.GetDelivery() == fsm.DeliveryAtLeastOnce {
@@ -177,7 +182,7 @@ func (h *sinkHold) due(now time.Time) error {
 // a look of a held sink runs in the background, and until its answer is in
 // look returns h.down; the first look, of a sink that is not held, is
 // waited for. It returns why the look failed: the brokers did not answer,
-// or the topic does not exist.
+// the topic does not exist, or a broker refused the look (lookRefused).
 func (h *sinkHold) look() error {
 	if h.seen {
 		return nil
@@ -211,22 +216,45 @@ func (h *sinkHold) look() error {
 }
 
 // lookTopic asks the brokers of client for topic's partitions, which takes
-// a broker that answers and a topic that exists.
+// a broker that answers and a topic that exists. A broker's answer that
+// waiting does not cure (not authorised to see the topic, an invalid topic
+// name) is returned as a lookRefused.
 func lookTopic(client sarama.Client, topic string, brokers []string) error {
 	err := client.RefreshMetadata(topic)
 	var parts []int32
 	if err == nil {
 		parts, err = client.Partitions(topic)
 	}
+	var kerr sarama.KError
 	switch {
 	case errors.Is(err, sarama.ErrUnknownTopicOrPartition) || err == nil && len(parts) == 0:
 		return fmt.Errorf("sink topic %q does not exist", topic)
 	case err != nil && sinkUnreachable(err):
 		return fmt.Errorf("sink brokers %v unreachable: %w", brokers, err)
+	case errors.As(err, &kerr):
+		return &lookRefused{fmt.Errorf("sink topic %q: a broker refused its look-up: %w", topic, err)}
 	case err != nil:
 		return fmt.Errorf("sink topic %q: read partitions: %w", topic, err)
 	}
 	return nil
+}
+
+// lookRefused is a topic look-up's error that a broker answered and that
+// waiting does not cure, such as TOPIC_AUTHORIZATION_FAILED. The task fails
+// on it, as it does on the same answer to a write, instead of holding its
+// outputs and declining checkpoints until the operator notices: the job
+// restarts with the broker's answer as its reason. A missing topic and
+// unreachable brokers are held instead: creating the topic, or the brokers
+// coming back, cures them without a restart.
+type lookRefused struct{ err error }
+
+func (e *lookRefused) Error() string { return e.err.Error() }
+func (e *lookRefused) Unwrap() error { return e.err }
+
+// refused reports whether err is a look-up's refusal (lookRefused).
+func refused(err error) bool {
+	var r *lookRefused
+	return errors.As(err, &r)
 }
 
 // lost says a write failed: the topic is looked up again before the next.
@@ -234,9 +262,10 @@ func (h *sinkHold) lost() { h.seen = false }
 
 // fail holds the sink for cause, schedules its next try and returns the
 // error flush fails with: cause, wrapping errSinkUnavailable. An error that
-// says the sink is held already is returned as it is.
+// says the sink is held already, and a look-up's refusal, which fails the
+// task (lookRefused), are returned as they are.
 func (h *sinkHold) fail(cause error, now time.Time) error {
-	if errors.Is(cause, errSinkUnavailable) {
+	if errors.Is(cause, errSinkUnavailable) || refused(cause) {
 		return cause
 	}
 	if h.down == nil {
