@@ -101,6 +101,9 @@ type sink struct {
 func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
 	topic, brokers := spec.GetTopic(), spec.GetBrokers()
 	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)
+	// A stopping task must not wait for a broker that does not answer.
+	conf.Net.Proxy.Enable = true
+	conf.Net.Proxy.Dialer = newTaskDialer(ctx, conf.Net.DialTimeout)
 	switch spec.GetDelivery() {
 	case fsm.DeliveryAtLeastOnce:
 	case fsm.DeliveryExactlyOnce, "":

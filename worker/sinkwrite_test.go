@@ -24,61 +24,82 @@ import (
 
 // TestExactlyOnceSinkWriteWhoseAnswerIsLost: the broker writes a Produce
 // request of the sink but its answer never arrives (the connection
-// breaks). The sink sends the same batch again, with the same sequence,
-// and the broker drops the copy: each record is in the output once.
+// breaks), or says REQUEST_TIMED_OUT (the followers did not acknowledge
+// within the request's ack timeout, while the leader has the records). The
+// sink sends the same batch again, with the same sequence, and the broker
+// drops the copy: each record is in the output once.
 func TestExactlyOnceSinkWriteWhoseAnswerIsLost(t *testing.T) {
-	c := newKafkaCluster(t, "out")
-	brokers := c.ListenAddrs()
-	// Produce before v13, which names topics, not topic ids, as sarama's does.
-	replayer, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.MaxVersions(kversion.V3_7_0()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer replayer.Close()
-	var armed, lost atomic.Bool
-	c.Control(func(req kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
-		produce, ok := req.(*kmsg.ProduceRequest)
-		if !ok || !armed.CompareAndSwap(true, false) {
-			return nil, nil, false
-		}
-		// The broker writes the request (sent again by another client
-		// while this one waits), and this client's connection breaks
-		// before the answer.
-		done := make(chan error, 1)
-		go func() {
-			resp, err := produce.RequestWith(context.Background(), replayer)
-			if err == nil {
-				for _, tp := range resp.Topics {
-					for _, pp := range tp.Partitions {
-						if pp.ErrorCode != 0 {
-							err = fmt.Errorf("partition %d: error code %d", pp.Partition, pp.ErrorCode)
+	for _, answer := range []string{"lost", "REQUEST_TIMED_OUT"} {
+		t.Run(answer, func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			brokers := c.ListenAddrs()
+			// Produce before v13, which names topics, not topic ids, as sarama's does.
+			replayer, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.MaxVersions(kversion.V3_7_0()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer replayer.Close()
+			var armed, answered atomic.Bool
+			c.Control(func(req kmsg.Request) (kmsg.Response, error, bool) {
+				c.KeepControl()
+				produce, ok := req.(*kmsg.ProduceRequest)
+				if !ok || !armed.CompareAndSwap(true, false) {
+					return nil, nil, false
+				}
+				// The broker writes the request (sent again by another
+				// client while this one waits), and this client gets no
+				// answer, or a timeout's.
+				done := make(chan error, 1)
+				go func() {
+					resp, err := produce.RequestWith(context.Background(), replayer)
+					if err == nil {
+						for _, tp := range resp.Topics {
+							for _, pp := range tp.Partitions {
+								if pp.ErrorCode != 0 {
+									err = fmt.Errorf("partition %d: error code %d", pp.Partition, pp.ErrorCode)
+								}
+							}
 						}
 					}
+					done <- err
+				}()
+				var replayErr error
+				c.SleepControl(func() { replayErr = <-done })
+				if replayErr != nil {
+					t.Errorf("replaying the sink's request: %v", replayErr)
 				}
+				answered.Store(true)
+				if answer == "lost" {
+					return nil, fmt.Errorf("the answer is lost"), true
+				}
+				resp := produce.ResponseKind().(*kmsg.ProduceResponse)
+				for _, rt := range produce.Topics {
+					st := kmsg.NewProduceResponseTopic()
+					st.Topic = rt.Topic
+					for _, rp := range rt.Partitions {
+						sp := kmsg.NewProduceResponseTopicPartition()
+						sp.Partition = rp.Partition
+						sp.ErrorCode = int16(sarama.ErrRequestTimedOut)
+						st.Partitions = append(st.Partitions, sp)
+					}
+					resp.Topics = append(resp.Topics, st)
+				}
+				return resp, nil, true
+			})
+			s := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
+			write(t, s, "a", 2)
+			armed.Store(true)
+			write(t, s, "b", 3)
+			if !answered.Load() {
+				t.Fatal("no Produce request of the sink was intercepted")
 			}
-			done <- err
-		}()
-		var replayErr error
-		c.SleepControl(func() { replayErr = <-done })
-		if replayErr != nil {
-			t.Errorf("replaying the sink's request: %v", replayErr)
-		}
-		lost.Store(true)
-		return nil, fmt.Errorf("the answer is lost"), true
-	})
-	s := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
-	write(t, s, "a", 2)
-	armed.Store(true)
-	write(t, s, "b", 3)
-	if !lost.Load() {
-		t.Fatal("no Produce request of the sink was intercepted")
-	}
-	write(t, s, "c", 1)
-	commitCheckpoint(t, s, 1)
-	want := append(append(seq("a", 2), seq("b", 3)...), "c0")
-	if got := readCommitted(t, brokers, "out", len(want)); !slices.Equal(got, want) {
-		t.Fatalf("read_committed saw %v, want %v: each record once", got, want)
+			write(t, s, "c", 1)
+			commitCheckpoint(t, s, 1)
+			want := append(append(seq("a", 2), seq("b", 3)...), "c0")
+			if got := readCommitted(t, brokers, "out", len(want)); !slices.Equal(got, want) {
+				t.Fatalf("read_committed saw %v, want %v: each record once", got, want)
+			}
+		})
 	}
 }
 

@@ -1,10 +1,14 @@
 package worker
 
 import (
+	"context"
+	"errors"
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/IBM/sarama"
 	"github.com/twmb/franz-go/pkg/kfake"
@@ -90,6 +94,75 @@ func TestMapTaskFailsWhenTheBrokerRefusesItsSinkTopic(t *testing.T) {
 			}
 			if testing.Verbose() {
 				t.Log(reason)
+			}
+		})
+	}
+}
+
+// TestSinkStopsMidProduceWithoutWaitingForTheBroker: a task that stops
+// while its sink waits for a broker's answer to a Produce (the broker took
+// the request and says nothing) stops at once, under either delivery: it
+// does not wait out the read timeout, here 20 minutes, and the sink closes.
+func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
+	for _, delivery := range []string{"at_least_once", "exactly_once"} {
+		t.Run(delivery, func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			asleep, release := make(chan struct{}), make(chan struct{})
+			t.Cleanup(func() { close(release) }) // before the cluster closes
+			var slept atomic.Bool
+			c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+				c.KeepControl()
+				if slept.CompareAndSwap(false, true) {
+					close(asleep)
+					c.SleepControl(func() { <-release })
+				}
+				return nil, nil, false
+			})
+
+			ctx, stop := context.WithCancel(t.Context())
+			env := txnTestEnv()
+			env.cfg.KafkaTimeout = 10 * time.Minute
+			spec := &transport.SinkSpec{Brokers: c.ListenAddrs(), Topic: "out", Delivery: delivery}
+			if delivery == "exactly_once" {
+				spec.TransactionTimeoutMs, spec.CheckpointTimeoutMs, spec.TransactionalIdPrefix = 60_000, 10_000, "coordflow-j"
+			}
+			s, err := openSink(ctx, env, taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.txn != nil {
+				if err := s.txn.recover(nil, []string{"map-0"}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
+				t.Fatal(err)
+			}
+			flushed := make(chan error, 1)
+			go func() { flushed <- s.flush() }()
+			select {
+			case <-asleep:
+			case err := <-flushed:
+				t.Fatalf("flush returned %v before the broker took its Produce", err)
+			case <-time.After(waitTimeout):
+				t.Fatal("no Produce reached the broker")
+			}
+
+			stop()
+			select {
+			case err := <-flushed:
+				if !errors.Is(err, context.Canceled) {
+					t.Fatalf("flush of a stopped task: %v, want the task's end", err)
+				}
+			case <-time.After(waitTimeout):
+				t.Fatalf("flush still waits for the broker's answer %v after the task stopped", waitTimeout)
+			}
+			closed := make(chan struct{})
+			go func() { s.close(); close(closed) }()
+			select {
+			case <-closed:
+			case <-time.After(waitTimeout):
+				t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
 			}
 		})
 	}
