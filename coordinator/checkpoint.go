@@ -14,14 +14,28 @@ import (
 
 // The checkpoint coordinator, in the vocabulary of Flink's
 // CheckpointCoordinator: per running job at most one pending checkpoint,
-// triggered through Raft (which allocates its id) and sent to the source
-// tasks; every task acks (or declines) it; once all have acked it is
-// completed through Raft and the sources are notified. Acks are fenced by
-// attempt, checkpoint id, task and worker.
+// triggered through Raft and sent to the source tasks; every task acks (or
+// declines) it; once all have acked it is completed through Raft and the
+// sources are notified. Acks are fenced by attempt, checkpoint id, task and
+// worker.
+//
+// Once every coordinator can apply it (chosenIDLevel), the leader chooses
+// the id and sends the trigger at once, while CheckpointTriggered commits
+// (a pipelined trigger): the commit's latency overlaps the barrier's round
+// trip instead of adding to it. The job's writes commit in order, so the
+// completion still follows the trigger in the log. Ids stay unique: a job
+// triggers only when none of its writes is in flight, so at most its next
+// id can have been sent without being committed, and a new leader skips
+// that id (observe).
 
 // checkpointState is the leader's checkpoint bookkeeping for one job.
 type checkpointState struct {
-	pending        *pendingCheckpoint
+	pending *pendingCheckpoint
+	// issued is the highest checkpoint id that may have been sent for the
+	// job: the FSM's last issued id, the ids this term chose, and at the
+	// start of the term the one after the FSM's, which a predecessor may
+	// have sent without committing it.
+	issued         uint64
 	lastTrigger    time.Time // when this term last triggered (or tried to)
 	lastCompletion time.Time // when this term last completed one
 	aborts         int       // aborted since the last completion, in this term
@@ -44,6 +58,9 @@ type pendingCheckpoint struct {
 	savepoint, stop  bool
 	lastCompleted    uint64
 	savepointWaiters []savepointRequest
+	// uncommitted: the trigger was sent before its CheckpointTriggered
+	// committed, which it has not yet; the FSM does not show p meanwhile.
+	uncommitted bool
 }
 
 func newPendingCheckpoint(id, attempt uint64, now time.Time, timeout time.Duration) *pendingCheckpoint {
@@ -242,8 +259,11 @@ func allRunning(js *jobState) bool {
 }
 
 // triggerCheckpoint takes the next checkpoint id through Raft and sends
-// TriggerCheckpoint to every source task. A savepoint takes the job's
-// waiting savepoint requests along, and answers them if it cannot start.
+// TriggerCheckpoint to every source task: at once, with an id the leader
+// chose, where every coordinator can apply that (pipelined); after the
+// commit otherwise, and always for a savepoint, whose trigger may stop the
+// job's sources. A savepoint takes the job's waiting savepoint requests
+// along, and answers them if it cannot start.
 func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop bool) {
 	js.ckpt.lastTrigger = now
 	log := l.jobLogger(js)
@@ -257,9 +277,31 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		}
 	}
 	attempt := js.attempt
-	l.write(js, fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{
-		JobID: js.id, Attempt: attempt, Time: now.UnixNano(), Savepoint: savepoint, Stop: stop,
-	}, func(res any, err error) {
+	cmd := fsm.CheckpointTriggeredCmd{JobID: js.id, Attempt: attempt, Time: now.UnixNano(), Savepoint: savepoint, Stop: stop}
+	if l.env.chosenIDs != nil && l.env.chosenIDs() {
+		js.ckpt.issued++
+		cmd.ID = js.ckpt.issued
+	}
+	if cmd.ID != 0 && !savepoint {
+		p := l.startCheckpoint(js, cmd.ID, now, false, false, nil)
+		p.uncommitted = true
+		l.write(js, fsm.CommandCheckpointTriggered, cmd, func(_ any, err error) {
+			if js.ckpt.pending != p {
+				return // aborted or restarted meanwhile; the abort's write follows this one
+			}
+			if err != nil {
+				// The sources may have taken the barrier: their acks are
+				// dropped from now on, and the id is never used again.
+				log.Warn("trigger checkpoint: the commit failed after the trigger was sent", "checkpoint", p.id, "err", err)
+				js.ckpt.pending = nil
+				l.checkpointAt(js, l.env.now())
+				return
+			}
+			p.uncommitted = false
+		})
+		return
+	}
+	l.write(js, fsm.CommandCheckpointTriggered, cmd, func(res any, err error) {
 		if err != nil {
 			log.Warn("trigger checkpoint", "savepoint", savepoint, "err", err)
 			fail(err)
@@ -271,26 +313,35 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 			fail(errors.New("the FSM returned no checkpoint id"))
 			return
 		}
+		js.ckpt.issued = max(js.ckpt.issued, id)
 		if js.attempt != attempt || l.jobs[js.id] != js {
 			fail(fmt.Errorf("attempt %d ended", attempt)) // the next reconcile aborts it as untracked
 			return
 		}
-		p := newPendingCheckpoint(id, attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
-		p.savepoint, p.stop, p.savepointWaiters = savepoint, stop, waiters
-		p.sentAt = l.env.now()
-		js.ckpt.pending = p
-		l.checkpointAt(js, p.deadline)
-		p.lastCompleted = js.lastCompleted
-		for _, tv := range js.order {
-			if tv.task.Kind != fsm.TaskSource {
-				continue
-			}
-			if !l.sendTo(tv.task.Worker, triggerMsg(js, tv, p)) {
-				log.Warn("no session to trigger checkpoint on; sent when the worker reconnects", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
-			}
-		}
-		log.Debug("checkpoint triggered", "checkpoint", id)
+		l.startCheckpoint(js, id, now, savepoint, stop, waiters)
 	})
+}
+
+// startCheckpoint makes checkpoint id, triggered at now, js's pending
+// checkpoint and sends its trigger to every source task.
+func (l *leader) startCheckpoint(js *jobState, id uint64, now time.Time, savepoint, stop bool, waiters []savepointRequest) *pendingCheckpoint {
+	p := newPendingCheckpoint(id, js.attempt, now, time.Duration(js.spec.Checkpoint.Timeout))
+	p.savepoint, p.stop, p.savepointWaiters = savepoint, stop, waiters
+	p.sentAt = l.env.now()
+	js.ckpt.pending = p
+	l.checkpointAt(js, p.deadline)
+	p.lastCompleted = js.lastCompleted
+	log := l.jobLogger(js)
+	for _, tv := range js.order {
+		if tv.task.Kind != fsm.TaskSource {
+			continue
+		}
+		if !l.sendTo(tv.task.Worker, triggerMsg(js, tv, p)) {
+			log.Warn("no session to trigger checkpoint on; sent when the worker reconnects", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
+		}
+	}
+	log.Debug("checkpoint triggered", "checkpoint", id)
+	return p
 }
 
 // triggerMsg is the TriggerCheckpoint of p for source task tv of js.

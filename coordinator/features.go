@@ -42,30 +42,38 @@ const discoveryLevel = 1
 // would keep a state without the commands in it.
 const framedBatchLevel = 3
 
-// framedRecheck is how often the leader's write path looks again whether
-// every coordinator is at framedBatchLevel.
-const framedRecheck = time.Second
+// chosenIDLevel is the feature level every coordinator needs before the
+// leader chooses checkpoint ids itself (fsm.CheckpointTriggeredCmd.ID),
+// which lets it send a trigger before the command commits: an older build
+// ignores the id, takes the next one itself, and would keep another state.
+const chosenIDLevel = 4
 
-// framedGate decides whether the leader's group commits may use the framed
-// envelope, and keeps that decision and the admission of coordinators to
-// the Raft configuration apart: a coordinator below framedBatchLevel that
-// joined between the gate's look at the configuration and the framed entry
-// would fail to apply it. Joins hold mu from their feature level check to
-// their configuration change; the gate looks again only when it gets mu,
-// and the check refuses such a coordinator while the gate is open.
-type framedGate struct {
+// gateRecheck is how often a writeGate looks again whether every
+// coordinator is at its level.
+const gateRecheck = time.Second
+
+// writeGate decides whether the leader's writes may use a feature that
+// every coordinator must know to apply them (the framed envelope of group
+// commits, chosen checkpoint ids), and keeps that decision and the
+// admission of coordinators to the Raft configuration apart: a coordinator
+// below the gate's level that joined between the gate's look at the
+// configuration and the entry would fail to apply it, or apply it
+// otherwise. Joins hold mu from their feature level check to their
+// configuration change (admitPeer); the gate looks again only when it gets
+// mu, and the check refuses such a coordinator while the gate is open.
+type writeGate struct {
 	mu      sync.Mutex
 	open    atomic.Bool
 	checked time.Time // under mu
-	// below lists the coordinators of the Raft configuration below
-	// framedBatchLevel (coordinatorsBelow).
+	// below lists the coordinators of the Raft configuration below the
+	// gate's level (coordinatorsBelow).
 	below func() ([]string, error)
 	// now is the clock of the rechecks; nil: time.Now.
 	now func() time.Time
 }
 
-// allow reports whether the next batch may be framed.
-func (g *framedGate) allow() bool {
+// allow reports whether the next write may use the gate's feature.
+func (g *writeGate) allow() bool {
 	if !g.mu.TryLock() {
 		return g.open.Load() // a join is being decided: keep the last answer
 	}
@@ -74,7 +82,7 @@ func (g *framedGate) allow() bool {
 	if g.now != nil {
 		now = g.now
 	}
-	if now := now(); now.Sub(g.checked) >= framedRecheck {
+	if now := now(); now.Sub(g.checked) >= gateRecheck {
 		old, err := g.below()
 		g.open.Store(err == nil && len(old) == 0)
 		g.checked = now
@@ -143,9 +151,12 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 //
 // Framed batches need framedBatchLevel once the log may hold one: once one
 // was applied, or while this leader's write path frames them (the caller
-// holds framed.mu, so that the gate does not open before the join is done).
+// holds framed.mu, so that the gate does not open before the join is done);
+// chosen checkpoint ids likewise need chosenIDLevel (chosenIDs.mu).
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
 	switch {
+	case s.fsm.ChosenCheckpointIDs() || s.chosenIDs.open.Load():
+		level, what = chosenIDLevel, "checkpoint ids chosen by the leader in the Raft log"
 	case s.fsm.FramedBatches() || s.framed.open.Load():
 		level, what = framedBatchLevel, "framed batches in the Raft log"
 	case s.fsm.Purged() > 0:

@@ -224,20 +224,20 @@ func TestAddPeerNeedsFramedLevelOnceFramed(t *testing.T) {
 }
 
 // TestFramedGate: the gate opens when no coordinator is below the level,
-// looks again only every framedRecheck, and while a join holds it keeps
+// looks again only every gateRecheck, and while a join holds it keeps
 // its last answer instead of looking.
 func TestFramedGate(t *testing.T) {
 	var below []string
 	looks := 0
 	clock := time.Unix(1000, 0)
-	g := &framedGate{below: func() ([]string, error) { looks++; return below, nil }, now: func() time.Time { return clock }}
+	g := &writeGate{below: func() ([]string, error) { looks++; return below, nil }, now: func() time.Time { return clock }}
 	if !g.allow() || looks != 1 {
 		t.Fatalf("no coordinator below: allow false or %d looks, want true after 1", looks)
 	}
 	below = []string{"c2 (feature level 2)"}
-	clock = clock.Add(framedRecheck - time.Millisecond)
+	clock = clock.Add(gateRecheck - time.Millisecond)
 	if !g.allow() || looks != 1 {
-		t.Fatalf("within framedRecheck: the gate looked again (%d looks) or closed", looks)
+		t.Fatalf("within gateRecheck: the gate looked again (%d looks) or closed", looks)
 	}
 	clock = clock.Add(time.Millisecond)
 	if g.allow() || looks != 2 {
@@ -245,7 +245,7 @@ func TestFramedGate(t *testing.T) {
 	}
 	g.mu.Lock() // a join is being decided
 	below = nil
-	clock = clock.Add(framedRecheck)
+	clock = clock.Add(gateRecheck)
 	if g.allow() || looks != 2 {
 		t.Fatalf("during a join: allow true or %d looks, want the last answer (false) and no look", looks)
 	}
@@ -254,7 +254,7 @@ func TestFramedGate(t *testing.T) {
 		t.Fatalf("after the join: allow false or %d looks, want true after 3", looks)
 	}
 	g.below = func() ([]string, error) { return nil, errors.New("no configuration") }
-	clock = clock.Add(framedRecheck)
+	clock = clock.Add(gateRecheck)
 	if g.allow() {
 		t.Fatal("the gate opened although the configuration could not be read")
 	}
@@ -280,5 +280,70 @@ func TestNamedCapsTheList(t *testing.T) {
 	ids := []string{"w1", "w2", "w3", "w4", "w5", "w6", "w7"}
 	if got, want := named(ids), "w1, w2, w3, w4, w5 and 2 more"; got != want {
 		t.Errorf("named seven = %q, want %q", got, want)
+	}
+}
+
+// TestAddPeerNeedsChosenIDLevelOnceChosen: once the leader may choose
+// checkpoint ids (its gate is open) or the log holds a trigger with a
+// chosen id, a coordinator below chosenIDLevel may not join: it would take
+// the next id itself and keep another state.
+func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", chosenIDLevel-1), nil, s.GossipAddr())
+	if old.joinErr != nil {
+		t.Fatal(old.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
+	if level, what, _ := s.neededFeatureLevel(); level >= chosenIDLevel {
+		t.Fatalf("an empty cluster needs level %d (%s), want below %d", level, what, chosenIDLevel)
+	}
+	const wantMsg = "the cluster needs level 4 of every coordinator (checkpoint ids chosen by the leader in the Raft log)"
+
+	s.chosenIDs.mu.Lock()
+	s.chosenIDs.open.Store(true)
+	s.chosenIDs.mu.Unlock()
+	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
+		t.Fatalf("add-peer of a level %d coordinator while the gate is open: %d %q, want 409 naming chosen ids", chosenIDLevel-1, code, msg)
+	}
+
+	// The gate closed again, the log holds one: a job's trigger with the
+	// id the leader chose.
+	s.chosenIDs.mu.Lock()
+	s.chosenIDs.below = func() ([]string, error) { return []string{"c-test (feature level 3)"}, nil }
+	s.chosenIDs.checked = time.Time{}
+	s.chosenIDs.open.Store(false)
+	s.chosenIDs.mu.Unlock()
+	spec := testJobSpec(1, 1)
+	kg := fsm.KeyGroupRanges(spec.Operator.MaxParallelism, 1)[0]
+	tasks := []fsm.Task{
+		{ID: fsm.TaskID(fsm.TaskSource, 0), Kind: fsm.TaskSource, Worker: "w1", Partitions: []int32{0}},
+		{ID: fsm.TaskID(fsm.TaskMap, 0), Kind: fsm.TaskMap, Worker: "w1", DataAddr: "w1:7401", KeyGroups: &kg},
+	}
+	for _, c := range []struct {
+		t   fsm.CommandType
+		cmd any
+	}{
+		{fsm.CommandRegisterJob, fsm.RegisterJobCmd{ID: "j1", Spec: spec, Time: 1}},
+		{fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: "j1", Attempt: 1, Tasks: tasks, Reason: "deployed", Time: 2}},
+		{fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: 3, ID: 7}},
+	} {
+		data, err := fsm.Encode(c.t, c.cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		s.committer.submit(c.t, data, func(_ any, _ uint64, err error) { done <- err })
+		if err := <-done; err != nil {
+			t.Fatalf("apply %v: %v", c.t, err)
+		}
+	}
+	if !s.fsm.ChosenCheckpointIDs() {
+		t.Fatal("the FSM does not mark the chosen id")
+	}
+	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
+		t.Fatalf("add-peer of a level %d coordinator after a chosen id: %d %q, want 409 naming chosen ids", chosenIDLevel-1, code, msg)
+	}
+	if _, ok := inRaft(s, "c-old"); ok {
+		t.Fatal("c-old added to the raft configuration")
 	}
 }

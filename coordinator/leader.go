@@ -92,6 +92,10 @@ type leaderEnv struct {
 	purgeFiles func(ctx context.Context, jobID string) (int, error)
 	// savepoint reads one savepoint of the local FSM.
 	savepoint func(id string) (fsm.Savepoint, bool)
+	// chosenIDs reports whether the leader may choose checkpoint ids, and
+	// so send triggers before they commit: every coordinator is at
+	// chosenIDLevel. Nil: it may not.
+	chosenIDs func() bool
 }
 
 // serverEnv returns the leaderEnv of a running Server.
@@ -117,6 +121,7 @@ func serverEnv(s *Server) leaderEnv {
 		collect:           s.collector.collect,
 		purgeFiles:        s.collector.purge,
 		savepoint:         s.fsm.Savepoint,
+		chosenIDs:         s.chosenIDs.allow,
 	}
 }
 

@@ -46,6 +46,10 @@ type leaderHarness struct {
 	applyLater bool
 	// jobGC is Config.JobGCThreshold of the terms newTerm starts.
 	jobGC time.Duration
+	// fsmIDs has the leader leave checkpoint ids to the FSM, as it does
+	// while a coordinator below chosenIDLevel is in the cluster: triggers
+	// are sent after their commit.
+	fsmIDs bool
 }
 
 func newLeaderHarness(t *testing.T) *leaderHarness {
@@ -92,10 +96,11 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 			defer h.mu.Unlock()
 			return h.refused[member]
 		},
-		leaderID: "c1",
-		term:     func() uint64 { return 1 },
-		now:      func() time.Time { return h.clock },
-		jitter:   func() float64 { return 0.5 }, // no jitter: delays are exact
+		leaderID:  "c1",
+		term:      func() uint64 { return 1 },
+		now:       func() time.Time { return h.clock },
+		jitter:    func() float64 { return 0.5 }, // no jitter: delays are exact
+		chosenIDs: func() bool { return !h.fsmIDs },
 	}
 	h.f.OnJobChange(func(ids []string) {
 		if h.l != nil {

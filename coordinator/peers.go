@@ -392,16 +392,18 @@ func (s *Server) checkNewPeer(ctx context.Context, id, addr string) error {
 // future. With check, it first checks that m is at the feature level the
 // cluster needs (peerSupports), and returns the refusal instead if not; a
 // failure to apply the log before the check (a lost leadership, a timeout)
-// is the future's error, as the change's own would be. It holds the framed
-// gate from the check to the end of the change, so that the leader does not
-// start framing batches for a configuration that is about to hold an older
-// build. Before the check it waits until every entry in the log is applied:
+// is the future's error, as the change's own would be. It holds the write
+// gates from the check to the end of the change, so that the leader does
+// not start framing batches, or choosing checkpoint ids, for a
+// configuration that is about to hold an older build. Before the check it waits until every entry in the log is applied:
 // a new leader, or one whose gate closed, may have framed batches (or
 // purges) committed or in flight that its FSM does not show yet, and the
 // joining coordinator would replay them.
 func (s *Server) admitPeer(m Member, check, known bool, add func() raft.IndexFuture) (fut raft.IndexFuture, refused error) {
 	s.framed.mu.Lock()
 	defer s.framed.mu.Unlock()
+	s.chosenIDs.mu.Lock()
+	defer s.chosenIDs.mu.Unlock()
 	if check {
 		if err := s.raft.Barrier(membershipChangeTimeout).Error(); err != nil {
 			return errFuture{fmt.Errorf("apply the raft log before checking coordinator %s's feature level: %w", m.ID, err)}, nil

@@ -116,6 +116,7 @@ func (s *Server) setupRaft() error {
 	}
 	s.raft = r
 	s.framed.below = func() ([]string, error) { return s.coordinatorsBelow(framedBatchLevel) }
+	s.chosenIDs.below = func() ([]string, error) { return s.coordinatorsBelow(chosenIDLevel) }
 	s.committer = newCommitter(r, s.metrics, s.framed.allow)
 	return nil
 }

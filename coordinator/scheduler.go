@@ -115,7 +115,16 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	if js == nil {
 		js = &jobState{id: job.ID, bad: make(map[uint64]string)}
 		l.jobs[job.ID] = js
+		if job.Status == fsm.JobRunning && job.Pending == nil {
+			// A predecessor may have sent the trigger of the next id
+			// without committing it (pipelined triggers): never reuse it.
+			// Not while its pending checkpoint is in the FSM: it
+			// triggered nothing after that one, whose end never
+			// committed.
+			js.ckpt.issued = job.LastCheckpointID + 1
+		}
 	}
+	js.ckpt.issued = max(js.ckpt.issued, job.LastCheckpointID)
 	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
 	js.restoredFrom = job.RestoredFrom
 	if n := len(job.Completed); n > 0 {
@@ -150,7 +159,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		delete(l.waiting, js.id)
 	}
 	l.account(js)
-	if p := js.ckpt.pending; p != nil && (job.Pending == nil || job.Pending.ID != p.id) {
+	if p := js.ckpt.pending; p != nil && !p.uncommitted && (job.Pending == nil || job.Pending.ID != p.id) {
 		js.ckpt.pending = nil // aborted or completed behind this loop's back (job restarted or cancelled)
 	}
 	return js

@@ -305,9 +305,11 @@ type Server struct {
 	collector *collector
 	committer *committer // the write path of this node as leader (commit.go)
 	// framed decides whether the committer's batches use the framed
-	// envelope; joins hold its mu (features.go).
-	framed framedGate
-	api    *httpAPI // what the HTTP API keeps: tokens, caches (http_guard.go)
+	// envelope, chosenIDs whether the leader chooses checkpoint ids (and
+	// pipelines triggers); joins hold both mus (features.go).
+	framed    writeGate
+	chosenIDs writeGate
+	api       *httpAPI // what the HTTP API keeps: tokens, caches (http_guard.go)
 
 	grpc     *grpc.Server
 	http     *http.Server

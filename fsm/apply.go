@@ -380,7 +380,16 @@ func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, err
 	if c.Stop && !c.Savepoint {
 		return 0, fail(fmt.Errorf("%w: stop without savepoint", ErrMalformedCommand))
 	}
-	j.LastCheckpointID++
+	switch {
+	case c.ID == 0:
+		j.LastCheckpointID++
+	case c.ID <= j.LastCheckpointID:
+		return 0, fail(fmt.Errorf("%w: id %d, last issued %d", ErrCheckpointIDUsed, c.ID, j.LastCheckpointID))
+	default:
+		j.skipIDs(c.ID, c.Time)
+		j.LastCheckpointID = c.ID
+		s.ChosenCheckpointIDs = true
+	}
 	j.Pending = &Checkpoint{
 		ID:          j.LastCheckpointID,
 		Attempt:     j.Attempt,
@@ -633,6 +642,26 @@ func (s *State) applyCheckpointAborted(c *CheckpointAbortedCmd) error {
 	}
 	j.UpdatedAt = c.Time
 	return nil
+}
+
+// SkippedReason is the reason of an id that a leader skipped, recorded as
+// an aborted checkpoint: its trigger may have been sent without being
+// committed.
+const SkippedReason = "id skipped: a leader may have sent its trigger without committing it (a leader change, or a failed commit)"
+
+// skipIDs records the ids from j's last issued one to below next as
+// aborted with SkippedReason, so that every id of the history is accounted
+// for; at most MaxAbortedHistory of them, the newest, since no more are kept.
+func (j *Job) skipIDs(next uint64, at int64) {
+	from := j.LastCheckpointID + 1
+	if next-from > MaxAbortedHistory {
+		from = next - MaxAbortedHistory
+	}
+	for id := from; id < next; id++ {
+		cp := Checkpoint{ID: id, Attempt: j.Attempt, Status: CheckpointAborted, TriggeredAt: at, EndedAt: at, Reason: SkippedReason}
+		j.recordHistory(cp, nil)
+		j.Aborted = appendBounded(j.Aborted, MaxAbortedHistory, cp)
+	}
 }
 
 // abortPending moves j's pending checkpoint to the aborted history, keeping

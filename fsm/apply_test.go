@@ -2,6 +2,7 @@ package fsm
 
 import (
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -299,6 +300,67 @@ func TestCheckpointIDsOnlyGrow(t *testing.T) {
 	}
 	h.f = restored
 	next("after restore", h.triggered("j1"))
+}
+
+// TestCheckpointTriggeredWithChosenID: a trigger may carry the id the
+// leader chose (so that it can send the trigger before the command
+// commits): an id above every one issued is taken, the ids it skipped are
+// never issued after it, and one not above them is refused without a
+// change. The state says from then on that the log holds chosen ids, across
+// a snapshot, and replicas that apply the same commands agree.
+func TestCheckpointTriggeredWithChosenID(t *testing.T) {
+	h := newHarness(t)
+	h.runningJob("j1")
+	first := h.checkpointed("j1")
+	if h.f.ChosenCheckpointIDs() {
+		t.Fatal("the state says chosen ids before any was applied")
+	}
+	chosen := CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: first + 2}
+	if res := h.must(CommandCheckpointTriggered, chosen); res != first+2 {
+		t.Fatalf("trigger with id %d returned %v", first+2, res)
+	}
+	if j := h.job("j1"); j.Pending == nil || j.Pending.ID != first+2 || j.LastCheckpointID != first+2 {
+		t.Fatalf("after the chosen id %d: pending %+v, last issued %d", first+2, j.Pending, j.LastCheckpointID)
+	}
+	if !h.f.ChosenCheckpointIDs() {
+		t.Fatal("the state does not say chosen ids after one was applied")
+	}
+	if j := h.job("j1"); len(j.Aborted) != 1 || j.Aborted[0].ID != first+1 || j.Aborted[0].Reason != SkippedReason {
+		t.Fatalf("the skipped id %d is not in the aborted history: %+v", first+1, j.Aborted)
+	}
+	h.must(CommandCheckpointAborted, h.abort("j1", first+2, "timeout"))
+
+	// A far jump records only the newest skipped ids, as many as the
+	// history keeps.
+	far := first + 3 + 10*MaxAbortedHistory
+	h.must(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: far})
+	if j := h.job("j1"); len(j.Aborted) != MaxAbortedHistory || j.Aborted[0].ID != far-MaxAbortedHistory || j.Aborted[len(j.Aborted)-1].ID != far-1 {
+		t.Fatalf("after a jump to %d: %d aborted, %d..%d", far, len(j.Aborted), j.Aborted[0].ID, j.Aborted[len(j.Aborted)-1].ID)
+	}
+	h.must(CommandCheckpointAborted, h.abort("j1", far, "timeout"))
+
+	before := h.digest()
+	for _, id := range []uint64{first + 1, far - 1, far} {
+		_, err := h.apply(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: id})
+		wantErr(t, err, ErrCheckpointIDUsed)
+		if !strings.Contains(err.Error(), fmt.Sprintf("id %d, last issued %d", id, far)) {
+			t.Fatalf("refusal of id %d: %v; want the id and the last issued named", id, err)
+		}
+	}
+	if h.digest() != before {
+		t.Fatal("a refused trigger changed the state")
+	}
+	if next := h.triggered("j1"); next != far+1 {
+		t.Fatalf("the next id the FSM takes is %d, want %d", next, far+1)
+	}
+
+	restored := New()
+	if err := restored.Restore(readCloser(persist(t, h.f))); err != nil {
+		t.Fatal(err)
+	}
+	if !restored.ChosenCheckpointIDs() || mustDigest(t, restored) != h.digest() {
+		t.Fatal("a restored state lost the chosen ids' mark or differs")
+	}
 }
 
 func TestNonCommandEntriesSkipped(t *testing.T) {

@@ -35,6 +35,9 @@ var (
 	ErrNotDeployed = errors.New("job has no deployed attempt")
 	// ErrCheckpointPending: CheckpointTriggered while another checkpoint is in flight.
 	ErrCheckpointPending = errors.New("a checkpoint is already pending")
+	// ErrCheckpointIDUsed: CheckpointTriggered with an id that is not above
+	// every id issued for the job; ids only grow.
+	ErrCheckpointIDUsed = errors.New("checkpoint id not above the last issued")
 	// ErrNoPendingCheckpoint: complete or abort with no checkpoint in flight.
 	ErrNoPendingCheckpoint = errors.New("no pending checkpoint")
 	// ErrCheckpointMismatch: complete or abort naming another checkpoint than the pending one.

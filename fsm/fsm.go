@@ -251,6 +251,14 @@ func (f *FSM) FramedBatches() bool {
 	return f.state.FramedBatches
 }
 
+// ChosenCheckpointIDs reports whether a CheckpointTriggered with the id the
+// leader chose has been applied: the Raft log may hold one.
+func (f *FSM) ChosenCheckpointIDs() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.ChosenCheckpointIDs
+}
+
 // Savepoints returns a copy of every savepoint, sorted by id.
 func (f *FSM) Savepoints() []Savepoint {
 	f.mu.RLock()

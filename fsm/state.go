@@ -22,6 +22,12 @@ type State struct {
 	// that may hold one, so from then on every coordinator joining needs
 	// the feature level of framed batches.
 	FramedBatches bool `json:"framed_batches,omitempty"`
+	// ChosenCheckpointIDs is set once a CheckpointTriggered with the id
+	// the leader chose was applied. A coordinator that does not know that
+	// field would take the next id itself and keep another state, so from
+	// then on every coordinator joining needs the feature level of chosen
+	// checkpoint ids.
+	ChosenCheckpointIDs bool `json:"chosen_checkpoint_ids,omitempty"`
 
 	// touched lists the jobs the commands of the current Apply changed, for
 	// FSM.OnJobChange. It is scratch, not state: never encoded, never cloned.
@@ -38,7 +44,7 @@ func newState() *State {
 // snapshot may share them, while copies handed to callers (who may mutate
 // what they get) must not.
 func (s *State) clone(shareBlobs bool) *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches}
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs}
 	for id, j := range s.Jobs {
 		cj := j.clone(shareBlobs)
 		c.Jobs[id] = &cj
@@ -54,7 +60,7 @@ func (s *State) clone(shareBlobs bool) *State {
 // is a consistent view as long as s is only changed by Apply, which never
 // changes a stored job or savepoint in place (liveJob copies on write).
 func (s *State) share() *State {
-	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches}
+	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs}
 }
 
 // check verifies the invariants a restored state must hold, so that a

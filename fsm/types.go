@@ -537,6 +537,12 @@ type CheckpointTriggeredCmd struct {
 	JobID   string `json:"job_id"`
 	Attempt uint64 `json:"attempt"`
 	Time    int64  `json:"time"`
+	// ID, if not zero, is the id the leader chose, which must be above
+	// every id issued for the job; zero takes the next one. A leader that
+	// chooses the id can send the trigger before the command commits (the
+	// coordinator's pipelined trigger), and skips the id its predecessor
+	// may have sent without committing it.
+	ID uint64 `json:"id,omitempty"`
 	// Savepoint takes a savepoint instead of a checkpoint; Stop (with
 	// Savepoint) cancels the job when it completes.
 	Savepoint bool `json:"savepoint,omitempty"`

@@ -48,7 +48,9 @@ type NodeMeta struct {
 //  2. job garbage collection: the JobPurged command in the Raft log.
 //  3. group commits in the framed envelope: the FramedBatch command in the
 //     Raft log.
-const FeatureLevel = 3
+//  4. checkpoint ids chosen by the leader (CheckpointTriggered's id), which
+//     lets it send a trigger before the command commits.
+const FeatureLevel = 4
 
 // maxFeatureLevel bounds what a member may advertise: levels far beyond
 // any build are a forged or corrupt meta.

@@ -1,0 +1,168 @@
+package coordinator
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/coordflow/coordflow/fsm"
+	"github.com/coordflow/coordflow/transport"
+)
+
+// holdWrites has the harness's FSM apply each write only when its result is
+// handed to the leader (flush), as Raft takes a while to commit it.
+func (h *leaderHarness) holdWrites() { h.applyLater = true }
+
+// sourceTriggers drains every worker's queue and returns the trigger ids
+// sent to source tasks, by task.
+func (h *leaderHarness) sourceTriggers() map[string]uint64 {
+	return triggers(append(h.drain("w1"), h.drain("w2")...))
+}
+
+// ackUnflushed hands the leader every task's ack of checkpoint id without
+// playing the loop on: writes it makes wait.
+func (h *leaderHarness) ackUnflushed(jobID string, id uint64) {
+	job := h.job(jobID)
+	for _, tk := range job.Tasks {
+		h.l.handle(workerMessage{sess: h.sessions[tk.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
+			Ack: &transport.CheckpointAck{Task: ref(job, tk), CheckpointId: id, State: validState(tk, id)},
+		}}})
+	}
+}
+
+// TestLeaderSendsTriggersBeforeTheyCommit: with every coordinator able to
+// apply an id the leader chose, the trigger goes to the sources while its
+// CheckpointTriggered commits, not after; acks that come before the commit
+// complete the checkpoint once it is in, in the log's order (trigger, then
+// completion).
+func TestLeaderSendsTriggersBeforeTheyCommit(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 1))
+	first := h.completeCheckpoint("j1")
+
+	h.holdWrites()
+	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	sent := h.sourceTriggers()
+	if sent["source-0"] != first+1 {
+		t.Fatalf("triggers sent before the commit: %v, want checkpoint %d to source-0", sent, first+1)
+	}
+	if j := h.job("j1"); j.Pending != nil || j.LastCheckpointID != first {
+		t.Fatalf("the FSM has pending %+v, last issued %d, before the trigger committed", j.Pending, j.LastCheckpointID)
+	}
+
+	// A look at the FSM, which does not show the checkpoint yet, keeps it
+	// (a worker reporting a newer attempt makes one while writes wait).
+	h.l.observe(h.job("j1"))
+	if p := h.l.jobs["j1"].ckpt.pending; p == nil || p.id != first+1 {
+		t.Fatalf("a look at the FSM before the commit dropped checkpoint %d: %+v", first+1, p)
+	}
+	h.ackUnflushed("j1", first+1)
+	if last, _ := h.f.LastCompleted("j1"); last.ID != first {
+		t.Fatalf("checkpoint %d completed before its trigger committed", last.ID)
+	}
+	h.flush()
+	if last, ok := h.f.LastCompleted("j1"); !ok || last.ID != first+1 {
+		t.Fatalf("checkpoint %d did not complete once its trigger committed: last %+v", first+1, last)
+	}
+	if !h.f.ChosenCheckpointIDs() {
+		t.Fatal("the FSM does not mark chosen checkpoint ids")
+	}
+}
+
+// TestLeaderLeavesIdsToTheFSMBelowChosenIDLevel: while a coordinator cannot
+// apply a chosen id, the FSM takes the next id and the trigger is sent only
+// once it is committed, as before.
+func TestLeaderLeavesIdsToTheFSMBelowChosenIDLevel(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.fsmIDs = true
+	h.startJob("j1", testJobSpec(1, 1))
+	first := h.completeCheckpoint("j1")
+
+	h.holdWrites()
+	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	if sent := h.sourceTriggers(); len(sent) != 0 {
+		t.Fatalf("triggers sent before the FSM gave the id: %v", sent)
+	}
+	h.flush()
+	if sent := h.sourceTriggers(); sent["source-0"] != first+1 {
+		t.Fatalf("triggers after the commit: %v, want checkpoint %d", sent, first+1)
+	}
+	if h.f.ChosenCheckpointIDs() {
+		t.Fatal("the FSM marks chosen checkpoint ids; none was chosen")
+	}
+}
+
+// TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent: a predecessor may have
+// sent the trigger of the id after the FSM's last without committing it, so
+// a new leader skips that id; unless the FSM still has the predecessor's
+// pending checkpoint, after which it triggered nothing.
+func TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	first := h.completeCheckpoint("j1") // nothing pending
+
+	h.newTerm()
+	for _, w := range []string{"w1", "w2"} {
+		var running []*transport.TaskStatus
+		for _, tk := range job.Tasks {
+			if tk.Worker == w {
+				running = append(running, &transport.TaskStatus{Task: ref(job, tk), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+			}
+		}
+		h.connect(w, 4, running...)
+	}
+	h.pastGrace()
+	h.step()
+	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	if sent := h.sourceTriggers(); sent["source-0"] != first+2 {
+		t.Fatalf("the new leader's first trigger: %v, want checkpoint %d (%d skipped)", sent, first+2, first+1)
+	}
+	if id := h.completeCheckpoint("j1"); id != first+2 {
+		t.Fatalf("completed checkpoint %d, want %d", id, first+2)
+	}
+	if j := h.job("j1"); len(j.Aborted) != 1 || j.Aborted[0].ID != first+1 || j.Aborted[0].Reason != fsm.SkippedReason {
+		t.Fatalf("the skipped id %d is not in the aborted history: %+v", first+1, j.Aborted)
+	}
+}
+
+// TestLeaderDropsATriggerWhoseCommitFailed: a trigger sent before its commit,
+// which then fails, is dropped: the acks of its id are not taken, and the
+// next checkpoint takes a new id, never that one.
+func TestLeaderDropsATriggerWhoseCommitFailed(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 1))
+	first := h.completeCheckpoint("j1")
+
+	submit := h.l.env.submit
+	failed := false
+	h.l.env.submit = func(ct fsm.CommandType, data []byte, done func(any, error)) {
+		if ct == fsm.CommandCheckpointTriggered && !failed {
+			failed = true
+			h.results = append(h.results, func() { done(nil, errors.New("raft apply: leadership lost")) })
+			return
+		}
+		submit(ct, data, done)
+	}
+	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	if sent := h.sourceTriggers(); sent["source-0"] != first+1 {
+		t.Fatalf("triggers: %v, want checkpoint %d sent before its commit", sent, first+1)
+	}
+	h.flush() // the commit fails
+	if p := h.l.jobs["j1"].ckpt.pending; p != nil {
+		t.Fatalf("the leader still tracks checkpoint %d, whose trigger failed", p.id)
+	}
+	h.ackAll("j1", first+1)
+	if last, _ := h.f.LastCompleted("j1"); last.ID != first {
+		t.Fatalf("checkpoint %d completed, whose trigger never committed", last.ID)
+	}
+	if p := h.l.jobs["j1"].ckpt.pending; p != nil {
+		t.Fatalf("the leader still tracks checkpoint %d, whose trigger failed", p.id)
+	}
+	if id := h.completeCheckpoint("j1"); id != first+2 {
+		t.Fatalf("next checkpoint %d, want %d: the failed trigger's id is never reused", id, first+2)
+	}
+}
