@@ -34,11 +34,13 @@ type checkpointState struct {
 	// issued is the highest checkpoint id that may have been sent for the
 	// job: the FSM's last issued id, the ids this term chose, and at the
 	// start of the term the one after the FSM's, which a predecessor may
-	// have sent without committing it.
-	issued         uint64
-	lastTrigger    time.Time // when this term last triggered (or tried to)
-	lastCompletion time.Time // when this term last completed one
-	aborts         int       // aborted since the last completion, in this term
+	// have sent without committing it (leader.inherit). committed is the
+	// FSM's last issued id as this term knows it; a trigger is pipelined
+	// only while the two are equal.
+	issued, committed uint64
+	lastTrigger       time.Time // when this term last triggered (or tried to)
+	lastCompletion    time.Time // when this term last completed one
+	aborts            int       // aborted since the last completion, in this term
 }
 
 // pendingCheckpoint is a checkpoint in flight and the acks it has collected.
@@ -46,8 +48,8 @@ type pendingCheckpoint struct {
 	id          uint64
 	attempt     uint64
 	triggeredAt time.Time
-	// sentAt is when the trigger was committed and sent to the sources;
-	// ackedAt when the last task acked. With triggeredAt and the commit
+	// sentAt is when the trigger was sent to the sources (after its commit,
+	// or at once when pipelined); ackedAt when the last task acked. With triggeredAt and the commit
 	// they split a checkpoint's duration into its phases (metrics).
 	sentAt, ackedAt time.Time
 	deadline        time.Time
@@ -259,8 +261,9 @@ func allRunning(js *jobState) bool {
 }
 
 // triggerCheckpoint takes the next checkpoint id through Raft and sends
-// TriggerCheckpoint to every source task: at once, with an id the leader
-// chose, where every coordinator can apply that (pipelined); after the
+// TriggerCheckpoint to every source task. Where every coordinator can apply
+// an id the leader chose, the trigger carries one; it is sent at once
+// (pipelined) when every id issued before it is committed, and after the
 // commit otherwise, and always for a savepoint, whose trigger may stop the
 // job's sources. A savepoint takes the job's waiting savepoint requests
 // along, and answers them if it cannot start.
@@ -278,20 +281,27 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 	}
 	attempt := js.attempt
 	cmd := fsm.CheckpointTriggeredCmd{JobID: js.id, Attempt: attempt, Time: now.UnixNano(), Savepoint: savepoint, Stop: stop}
+	mayBeSent := js.ckpt.issued // every id up to it may have reached a source
 	if l.env.chosenIDs != nil && l.env.chosenIDs() {
 		js.ckpt.issued++
 		cmd.ID = js.ckpt.issued
 	}
-	if cmd.ID != 0 && !savepoint {
+	// Pipelined only with no sent id uncommitted, so that a new leader,
+	// which skips one id, never reuses one (observe).
+	if cmd.ID != 0 && !savepoint && mayBeSent == js.ckpt.committed {
 		p := l.startCheckpoint(js, cmd.ID, now, false, false, nil)
 		p.uncommitted = true
 		l.write(js, fsm.CommandCheckpointTriggered, cmd, func(_ any, err error) {
+			if err == nil {
+				js.ckpt.committed = max(js.ckpt.committed, cmd.ID)
+			}
 			if js.ckpt.pending != p {
 				return // aborted or restarted meanwhile; the abort's write follows this one
 			}
 			if err != nil {
 				// The sources may have taken the barrier: their acks are
-				// dropped from now on, and the id is never used again.
+				// dropped from now on, the id is never used again, and the
+				// next trigger waits for its commit.
 				log.Warn("trigger checkpoint: the commit failed after the trigger was sent", "checkpoint", p.id, "err", err)
 				js.ckpt.pending = nil
 				l.checkpointAt(js, l.env.now())
@@ -314,6 +324,17 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 			return
 		}
 		js.ckpt.issued = max(js.ckpt.issued, id)
+		js.ckpt.committed = max(js.ckpt.committed, id)
+		if id <= mayBeSent {
+			// The FSM took the id (a coordinator below chosenIDLevel)
+			// that a trigger sent before its commit may have used: it is
+			// never sent again, and the savepoint requests wait for the
+			// next trigger.
+			log.Warn("checkpoint id taken by the FSM may have been sent before; skipping it", "checkpoint", id)
+			js.savepoints = append(waiters, js.savepoints...)
+			l.commitAbort(js, id, fsm.SkippedReason, "skipped", false, func(error) {})
+			return
+		}
 		if js.attempt != attempt || l.jobs[js.id] != js {
 			fail(fmt.Errorf("attempt %d ended", attempt)) // the next reconcile aborts it as untracked
 			return
@@ -546,13 +567,18 @@ func (l *leader) abortUntracked(js *jobState, pending *fsm.Checkpoint) {
 	})
 }
 
-// abortInherited notes the pending checkpoints of the predecessor, which the
-// first reconcile pass aborts as "leader changed".
-func (l *leader) abortInherited() {
+// inherit reads what this term takes over from its predecessors, once at
+// its start, after the Barrier that applied every entry of earlier terms:
+// the pending checkpoints, which the first reconcile pass aborts as "leader
+// changed", and for every job the id after the FSM's last issued one,
+// which a predecessor may have sent in a pipelined trigger without
+// committing it, so that this term never issues it (observe).
+func (l *leader) inherit() {
 	for _, job := range l.env.jobs() {
 		if job.Pending != nil {
 			l.inherited[job.ID] = job.Pending.ID
 		}
+		l.maybeSent[job.ID] = job.LastCheckpointID + 1
 	}
 }
 

@@ -62,8 +62,12 @@ const gateRecheck = time.Second
 // configuration change (admitPeer); the gate looks again only when it gets
 // mu, and the check refuses such a coordinator while the gate is open.
 type writeGate struct {
-	mu      sync.Mutex
-	open    atomic.Bool
+	mu   sync.Mutex
+	open atomic.Bool
+	// opened is set, under mu, when the gate first opens, and stays set:
+	// an entry the gate allowed may wait in the write path after it
+	// closes again, where the Barrier of a join does not see it.
+	opened  atomic.Bool
 	checked time.Time // under mu
 	// below lists the coordinators of the Raft configuration below the
 	// gate's level (coordinatorsBelow).
@@ -85,6 +89,9 @@ func (g *writeGate) allow() bool {
 	if now := now(); now.Sub(g.checked) >= gateRecheck {
 		old, err := g.below()
 		g.open.Store(err == nil && len(old) == 0)
+		if g.open.Load() {
+			g.opened.Store(true)
+		}
 		g.checked = now
 	}
 	return g.open.Load()
@@ -152,10 +159,13 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // Framed batches need framedBatchLevel once the log may hold one: once one
 // was applied, or while this leader's write path frames them (the caller
 // holds framed.mu, so that the gate does not open before the join is done);
-// chosen checkpoint ids likewise need chosenIDLevel (chosenIDs.mu).
+// chosen checkpoint ids likewise need chosenIDLevel, once the gate has
+// opened in this process at all: the leader loop decides on a chosen id
+// before the entry reaches Raft, so one may wait in the write path after
+// the gate closed.
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
 	switch {
-	case s.fsm.ChosenCheckpointIDs() || s.chosenIDs.open.Load():
+	case s.fsm.ChosenCheckpointIDs() || s.chosenIDs.opened.Load():
 		level, what = chosenIDLevel, "checkpoint ids chosen by the leader in the Raft log"
 	case s.fsm.FramedBatches() || s.framed.open.Load():
 		level, what = framedBatchLevel, "framed batches in the Raft log"
@@ -179,8 +189,8 @@ func (s *Server) neededFeatureLevel() (level int, what, job string) {
 
 // peerSupports returns an error unless coordinator m, about to join the Raft
 // configuration, is at the feature level the jobs and the log need. Only a
-// check under s.framed.mu, held until the configuration change is done
-// (admitPeer), is binding; one without it is an early answer.
+// check under the write gates' mus, held until the configuration change is
+// done (admitPeer), is binding; one without it is an early answer.
 func (s *Server) peerSupports(m Member, known bool) error {
 	level, what, job := s.neededFeatureLevel()
 	if level == 0 {

@@ -299,26 +299,43 @@ func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
 	}
 	const wantMsg = "the cluster needs level 4 of every coordinator (checkpoint ids chosen by the leader in the Raft log)"
 
-	s.chosenIDs.mu.Lock()
-	s.chosenIDs.open.Store(true)
-	s.chosenIDs.mu.Unlock()
+	// A gate that opened once refuses it for good, even closed again: an
+	// entry it allowed may still wait in the write path.
+	setGate := func(open bool) {
+		s.chosenIDs.mu.Lock()
+		defer s.chosenIDs.mu.Unlock()
+		s.chosenIDs.below = func() ([]string, error) {
+			if open {
+				return nil, nil
+			}
+			return []string{"c-test (feature level 3)"}, nil
+		}
+		s.chosenIDs.checked = time.Time{}
+	}
+	setGate(true)
+	if !s.chosenIDs.allow() {
+		t.Fatal("the gate did not open with every coordinator at the level")
+	}
+	setGate(false)
+	if s.chosenIDs.allow() {
+		t.Fatal("the gate did not close with a coordinator below the level")
+	}
 	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
-		t.Fatalf("add-peer of a level %d coordinator while the gate is open: %d %q, want 409 naming chosen ids", chosenIDLevel-1, code, msg)
+		t.Fatalf("add-peer of a level %d coordinator after the gate opened: %d %q, want 409 naming chosen ids", chosenIDLevel-1, code, msg)
 	}
 
-	// The gate closed again, the log holds one: a job's trigger with the
-	// id the leader chose.
-	s.chosenIDs.mu.Lock()
-	s.chosenIDs.below = func() ([]string, error) { return []string{"c-test (feature level 3)"}, nil }
-	s.chosenIDs.checked = time.Time{}
-	s.chosenIDs.open.Store(false)
-	s.chosenIDs.mu.Unlock()
+	// On a coordinator whose gate never opened (a new leader), the log
+	// holding a chosen id refuses it: a job's trigger with the id the
+	// leader chose, applied in one entry with the job, so that this
+	// leader's own loop cannot act on the job in between.
+	s.chosenIDs.opened.Store(false)
 	spec := testJobSpec(1, 1)
 	kg := fsm.KeyGroupRanges(spec.Operator.MaxParallelism, 1)[0]
 	tasks := []fsm.Task{
 		{ID: fsm.TaskID(fsm.TaskSource, 0), Kind: fsm.TaskSource, Worker: "w1", Partitions: []int32{0}},
 		{ID: fsm.TaskID(fsm.TaskMap, 0), Kind: fsm.TaskMap, Worker: "w1", DataAddr: "w1:7401", KeyGroups: &kg},
 	}
+	var payloads [][]byte
 	for _, c := range []struct {
 		t   fsm.CommandType
 		cmd any
@@ -331,11 +348,18 @@ func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		done := make(chan error, 1)
-		s.committer.submit(c.t, data, func(_ any, _ uint64, err error) { done <- err })
-		if err := <-done; err != nil {
-			t.Fatalf("apply %v: %v", c.t, err)
-		}
+		payloads = append(payloads, data)
+	}
+	entry, err := fsm.EncodeBatch(payloads)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := s.raft.Apply(entry, 10*time.Second)
+	if err := f.Error(); err != nil {
+		t.Fatal(err)
+	}
+	if res, ok := f.Response().(fsm.BatchResult); !ok || len(res) != 3 || res[2] != uint64(7) {
+		t.Fatalf("the batch's results: %#v, want the job registered, deployed and checkpoint 7 triggered", f.Response())
 	}
 	if !s.fsm.ChosenCheckpointIDs() {
 		t.Fatal("the FSM does not mark the chosen id")

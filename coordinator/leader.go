@@ -169,6 +169,10 @@ type leader struct {
 	// inherited holds, per job, the pending checkpoint this term found in the
 	// FSM when it started: it is aborted as "leader changed".
 	inherited map[string]uint64
+	// maybeSent holds, per job this term found in the FSM, the id after its
+	// last issued one, which a predecessor may have sent; observe takes it
+	// into the job's checkpoint state.
+	maybeSent map[string]uint64
 
 	// timers holds every job's next deadline; dirty the jobs to reconcile
 	// in this iteration; byWorker the jobs with tasks on each worker;
@@ -269,6 +273,7 @@ func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logg
 		overruled:      make(map[string]bool),
 		jobs:           make(map[string]*jobState),
 		inherited:      make(map[string]uint64),
+		maybeSent:      make(map[string]uint64),
 		dirty:          make(map[string]struct{}),
 		byWorker:       make(map[string]map[string]struct{}),
 		waiting:        make(map[string]struct{}),
@@ -299,7 +304,7 @@ func (l *leader) run() {
 	l.logger.Info("leader loop started", "grace", l.graceEnd.Sub(l.started))
 	defer l.logger.Info("leader loop stopped")
 
-	l.abortInherited()
+	l.inherit()
 	l.reconcile()
 
 	sweep := time.NewTicker(l.reconcileEvery)

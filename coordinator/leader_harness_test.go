@@ -175,6 +175,7 @@ func (h *leaderHarness) newTerm() {
 	var ctx context.Context
 	ctx, h.cancel = context.WithCancel(context.Background())
 	h.l = newLeader(ctx, h.env, cfg, testLogger(h.t), newMetrics())
+	h.l.inherit() // as run does first
 	h.sessions = make(map[string]*session)
 }
 

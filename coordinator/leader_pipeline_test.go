@@ -58,8 +58,8 @@ func TestLeaderSendsTriggersBeforeTheyCommit(t *testing.T) {
 		t.Fatalf("a look at the FSM before the commit dropped checkpoint %d: %+v", first+1, p)
 	}
 	h.ackUnflushed("j1", first+1)
-	if last, _ := h.f.LastCompleted("j1"); last.ID != first {
-		t.Fatalf("checkpoint %d completed before its trigger committed", last.ID)
+	if q := h.l.writes["j1"]; len(q) != 2 || q[0].t != fsm.CommandCheckpointTriggered || q[1].t != fsm.CommandCheckpointCompleted {
+		t.Fatalf("the job's writes after every ack: %d, want the trigger's, then the completion queued behind it", len(q))
 	}
 	h.flush()
 	if last, ok := h.f.LastCompleted("j1"); !ok || last.ID != first+1 {
@@ -94,15 +94,11 @@ func TestLeaderLeavesIdsToTheFSMBelowChosenIDLevel(t *testing.T) {
 	}
 }
 
-// TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent: a predecessor may have
-// sent the trigger of the id after the FSM's last without committing it, so
-// a new leader skips that id; unless the FSM still has the predecessor's
-// pending checkpoint, after which it triggered nothing.
-func TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent(t *testing.T) {
-	h := newLeaderHarness(t)
-	job := h.startJob("j1", testJobSpec(1, 1))
-	first := h.completeCheckpoint("j1") // nothing pending
-
+// reconnectAll starts a new term whose workers reconnect reporting every
+// task of job running, and moves the clock past its grace period and the
+// job's first checkpoint interval; the loop has not run yet.
+func (h *leaderHarness) reconnectAll(job fsm.Job) {
+	h.t.Helper()
 	h.newTerm()
 	for _, w := range []string{"w1", "w2"} {
 		var running []*transport.TaskStatus
@@ -114,17 +110,87 @@ func TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent(t *testing.T) {
 		h.connect(w, 4, running...)
 	}
 	h.pastGrace()
-	h.step()
-	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
-	h.checkpointPass()
-	if sent := h.sourceTriggers(); sent["source-0"] != first+2 {
-		t.Fatalf("the new leader's first trigger: %v, want checkpoint %d (%d skipped)", sent, first+2, first+1)
-	}
-	if id := h.completeCheckpoint("j1"); id != first+2 {
-		t.Fatalf("completed checkpoint %d, want %d", id, first+2)
-	}
-	if j := h.job("j1"); len(j.Aborted) != 1 || j.Aborted[0].ID != first+1 || j.Aborted[0].Reason != fsm.SkippedReason {
-		t.Fatalf("the skipped id %d is not in the aborted history: %+v", first+1, j.Aborted)
+	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+}
+
+// TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent: a leader sends a
+// trigger before its commit and dies before the commit. The next leader
+// cannot know, so it skips the id after the FSM's last for every job it
+// takes over, records it as skipped, and sends its first trigger only once
+// that trigger is committed; later ones are pipelined again. With a
+// coordinator below chosenIDLevel the FSM takes the ids: one the
+// predecessor may have sent is aborted as skipped, never sent.
+func TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent(t *testing.T) {
+	for _, fsmIDs := range []bool{false, true} {
+		name := "chosen ids"
+		if fsmIDs {
+			name = "ids taken by the FSM in the new term"
+		}
+		t.Run(name, func(t *testing.T) {
+			h := newLeaderHarness(t)
+			job := h.startJob("j1", testJobSpec(1, 1))
+			first := h.completeCheckpoint("j1")
+
+			// The predecessor sends first+1 and dies before its commit.
+			h.holdWrites()
+			h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+			h.l.checkpointPass()
+			if sent := h.sourceTriggers(); sent["source-0"] != first+1 {
+				t.Fatalf("the predecessor's trigger: %v, want checkpoint %d", sent, first+1)
+			}
+			h.results = nil // lost with the leader
+			h.applyLater = false
+
+			h.fsmIDs = fsmIDs
+			h.reconnectAll(job)
+			h.holdWrites()
+			h.l.reconcile()
+			h.l.checkpointPass()
+			if sent := h.sourceTriggers(); len(sent) != 0 {
+				t.Fatalf("the new leader's first trigger went out before its commit: %v", sent)
+			}
+			h.flush()
+			sent := h.sourceTriggers()
+			if sent["source-0"] == first+1 {
+				t.Fatalf("the new leader sent checkpoint %d, which its predecessor may have sent", first+1)
+			}
+			if fsmIDs {
+				// The FSM took first+1: aborted as skipped; the next
+				// trigger takes first+2, sent after its commit.
+				if len(sent) != 0 {
+					t.Fatalf("triggers %v, want none for the skipped id", sent)
+				}
+				h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+				h.l.checkpointPass()
+				if sent := h.sourceTriggers(); len(sent) != 0 {
+					t.Fatalf("a trigger went out before the FSM gave its id: %v", sent)
+				}
+				h.flush()
+				sent = h.sourceTriggers()
+			}
+			if sent["source-0"] != first+2 {
+				t.Fatalf("the new leader's first trigger: %v, want checkpoint %d (%d skipped)", sent, first+2, first+1)
+			}
+			h.applyLater = false
+			h.ackAll("j1", first+2)
+			if last, _ := h.f.LastCompleted("j1"); last.ID != first+2 {
+				t.Fatalf("completed checkpoint %d, want %d", last.ID, first+2)
+			}
+			if j := h.job("j1"); len(j.Aborted) != 1 || j.Aborted[0].ID != first+1 || j.Aborted[0].Reason != fsm.SkippedReason {
+				t.Fatalf("the skipped id %d is not in the aborted history: %+v", first+1, j.Aborted)
+			}
+			if fsmIDs {
+				return
+			}
+			// Every id issued is committed again: the next is pipelined.
+			h.holdWrites()
+			h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+			h.l.checkpointPass()
+			if sent := h.sourceTriggers(); sent["source-0"] != first+3 {
+				t.Fatalf("the next trigger before its commit: %v, want checkpoint %d", sent, first+3)
+			}
+			h.flush()
+		})
 	}
 }
 
@@ -162,7 +228,21 @@ func TestLeaderDropsATriggerWhoseCommitFailed(t *testing.T) {
 	if p := h.l.jobs["j1"].ckpt.pending; p != nil {
 		t.Fatalf("the leader still tracks checkpoint %d, whose trigger failed", p.id)
 	}
-	if id := h.completeCheckpoint("j1"); id != first+2 {
-		t.Fatalf("next checkpoint %d, want %d: the failed trigger's id is never reused", id, first+2)
+	// The next trigger waits for its commit: were it sent at once and its
+	// leader died, a new leader, which skips one id, would issue it again.
+	h.holdWrites()
+	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	if sent := h.sourceTriggers(); len(sent) != 0 {
+		t.Fatalf("the trigger after a failed one went out before its commit: %v", sent)
+	}
+	h.flush()
+	if sent := h.sourceTriggers(); sent["source-0"] != first+2 {
+		t.Fatalf("the trigger after a failed one: %v, want checkpoint %d: the failed trigger's id is never reused", sent, first+2)
+	}
+	h.applyLater = false
+	h.ackAll("j1", first+2)
+	if last, _ := h.f.LastCompleted("j1"); last.ID != first+2 {
+		t.Fatalf("completed checkpoint %d, want %d", last.ID, first+2)
 	}
 }

@@ -115,16 +115,13 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	if js == nil {
 		js = &jobState{id: job.ID, bad: make(map[uint64]string)}
 		l.jobs[job.ID] = js
-		if job.Status == fsm.JobRunning && job.Pending == nil {
-			// A predecessor may have sent the trigger of the next id
-			// without committing it (pipelined triggers): never reuse it.
-			// Not while its pending checkpoint is in the FSM: it
-			// triggered nothing after that one, whose end never
-			// committed.
-			js.ckpt.issued = job.LastCheckpointID + 1
-		}
+		// A predecessor may have sent the trigger of the next id without
+		// committing it (pipelined triggers): never issue it again.
+		js.ckpt.issued = l.maybeSent[job.ID]
+		delete(l.maybeSent, job.ID)
 	}
 	js.ckpt.issued = max(js.ckpt.issued, job.LastCheckpointID)
+	js.ckpt.committed = max(js.ckpt.committed, job.LastCheckpointID)
 	js.spec, js.status, js.reason = job.Spec, job.Status, job.Reason
 	js.restoredFrom = job.RestoredFrom
 	if n := len(job.Completed); n > 0 {
