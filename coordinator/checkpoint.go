@@ -24,9 +24,10 @@ import (
 // (a pipelined trigger): the commit's latency overlaps the barrier's round
 // trip instead of adding to it. The job's writes commit in order, so the
 // completion still follows the trigger in the log. Ids stay unique: a job
-// triggers only when none of its writes is in flight, so at most its next
-// id can have been sent without being committed, and a new leader skips
-// that id (observe).
+// triggers only when none of its writes is in flight, and pipelines a
+// trigger only when every id issued before it is committed, so at most its
+// next id can have been sent without being committed; a new leader skips
+// that id (inherit).
 
 // checkpointState is the leader's checkpoint bookkeeping for one job.
 type checkpointState struct {
@@ -36,8 +37,12 @@ type checkpointState struct {
 	// start of the term the one after the FSM's, which a predecessor may
 	// have sent without committing it (leader.inherit). committed is the
 	// FSM's last issued id as this term knows it; a trigger is pipelined
-	// only while the two are equal.
+	// only while the two are equal, and unsure is not set: a write that
+	// aborted or completed a checkpoint failed, so the FSM may still hold
+	// a pending checkpoint this loop no longer tracks, which would refuse a
+	// trigger sent ahead of its commit. A committed trigger clears it.
 	issued, committed uint64
+	unsure            bool
 	lastTrigger       time.Time // when this term last triggered (or tried to)
 	lastCompletion    time.Time // when this term last completed one
 	aborts            int       // aborted since the last completion, in this term
@@ -287,13 +292,14 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		cmd.ID = js.ckpt.issued
 	}
 	// Pipelined only with no sent id uncommitted, so that a new leader,
-	// which skips one id, never reuses one (observe).
-	if cmd.ID != 0 && !savepoint && mayBeSent == js.ckpt.committed {
+	// which skips one id, never reuses one (inherit).
+	if cmd.ID != 0 && !savepoint && mayBeSent == js.ckpt.committed && !js.ckpt.unsure {
 		p := l.startCheckpoint(js, cmd.ID, now, false, false, nil)
 		p.uncommitted = true
 		l.write(js, fsm.CommandCheckpointTriggered, cmd, func(_ any, err error) {
 			if err == nil {
 				js.ckpt.committed = max(js.ckpt.committed, cmd.ID)
+				js.ckpt.unsure = false
 			}
 			if js.ckpt.pending != p {
 				return // aborted or restarted meanwhile; the abort's write follows this one
@@ -325,13 +331,16 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		}
 		js.ckpt.issued = max(js.ckpt.issued, id)
 		js.ckpt.committed = max(js.ckpt.committed, id)
+		js.ckpt.unsure = false
 		if id <= mayBeSent {
 			// The FSM took the id (a coordinator below chosenIDLevel)
 			// that a trigger sent before its commit may have used: it is
-			// never sent again, and the savepoint requests wait for the
-			// next trigger.
+			// never sent again, the savepoint requests wait for the next
+			// trigger, and that comes as soon as the abort is in, not an
+			// interval later.
 			log.Warn("checkpoint id taken by the FSM may have been sent before; skipping it", "checkpoint", id)
 			js.savepoints = append(waiters, js.savepoints...)
+			js.ckpt.lastTrigger = l.env.now().Add(-time.Duration(js.spec.Checkpoint.Interval))
 			l.commitAbort(js, id, fsm.SkippedReason, "skipped", false, func(error) {})
 			return
 		}
@@ -572,7 +581,7 @@ func (l *leader) abortUntracked(js *jobState, pending *fsm.Checkpoint) {
 // the pending checkpoints, which the first reconcile pass aborts as "leader
 // changed", and for every job the id after the FSM's last issued one,
 // which a predecessor may have sent in a pipelined trigger without
-// committing it, so that this term never issues it (observe).
+// committing it, so that this term never issues it (observe takes it).
 func (l *leader) inherit() {
 	for _, job := range l.env.jobs() {
 		if job.Pending != nil {
@@ -593,6 +602,7 @@ func (l *leader) commitAbort(js *jobState, id uint64, reason, class string, coun
 	}, func(_ any, err error) {
 		if err != nil {
 			log.Warn("abort checkpoint", "reason", reason, "err", err)
+			js.ckpt.unsure = true // the FSM may still hold it pending
 		} else {
 			js.ckpt.aborts++
 			l.metrics.checkpointsAborted.WithLabelValues(js.id, class).Inc()

@@ -154,20 +154,9 @@ func TestLeaderNeverReusesAnIdItsPredecessorMayHaveSent(t *testing.T) {
 			if sent["source-0"] == first+1 {
 				t.Fatalf("the new leader sent checkpoint %d, which its predecessor may have sent", first+1)
 			}
-			if fsmIDs {
-				// The FSM took first+1: aborted as skipped; the next
-				// trigger takes first+2, sent after its commit.
-				if len(sent) != 0 {
-					t.Fatalf("triggers %v, want none for the skipped id", sent)
-				}
-				h.advance(time.Duration(job.Spec.Checkpoint.Interval))
-				h.l.checkpointPass()
-				if sent := h.sourceTriggers(); len(sent) != 0 {
-					t.Fatalf("a trigger went out before the FSM gave its id: %v", sent)
-				}
-				h.flush()
-				sent = h.sourceTriggers()
-			}
+			// With ids taken by the FSM, it took first+1, which was
+			// aborted as skipped, and the next trigger followed at once
+			// (the clock did not move), sent after its commit.
 			if sent["source-0"] != first+2 {
 				t.Fatalf("the new leader's first trigger: %v, want checkpoint %d (%d skipped)", sent, first+2, first+1)
 			}
@@ -244,5 +233,52 @@ func TestLeaderDropsATriggerWhoseCommitFailed(t *testing.T) {
 	h.ackAll("j1", first+2)
 	if last, _ := h.f.LastCompleted("j1"); last.ID != first+2 {
 		t.Fatalf("completed checkpoint %d, want %d", last.ID, first+2)
+	}
+}
+
+// TestLeaderWaitsForTheCommitAfterAFailedAbort: a timed-out checkpoint
+// whose abort fails to commit stays pending in the FSM, which refuses the
+// next trigger (due at once: the timeout is longer than the interval).
+// That trigger is not sent ahead of its commit, so the sources do no
+// checkpoint for nothing; the reconcile aborts the stale one, and
+// checkpoints go on.
+func TestLeaderWaitsForTheCommitAfterAFailedAbort(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	first := h.completeCheckpoint("j1")
+	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	if sent := h.sourceTriggers(); sent["source-0"] != first+1 {
+		t.Fatalf("triggers: %v, want checkpoint %d", sent, first+1)
+	}
+
+	submit := h.l.env.submit
+	failed, refused := false, 0
+	h.l.env.submit = func(ct fsm.CommandType, data []byte, done func(any, error)) {
+		switch {
+		case ct == fsm.CommandCheckpointAborted && !failed:
+			failed = true
+			h.results = append(h.results, func() { done(nil, errors.New("raft apply: timed out enqueuing operation")) })
+		case ct == fsm.CommandCheckpointTriggered && failed:
+			submit(ct, data, func(res any, err error) {
+				if errors.Is(err, fsm.ErrCheckpointPending) {
+					refused++
+				}
+				done(res, err)
+			})
+		default:
+			submit(ct, data, done)
+		}
+	}
+	h.advance(time.Duration(job.Spec.Checkpoint.Timeout)) // times out; its abort fails
+	h.checkpointPass()
+	if !failed || refused == 0 {
+		t.Fatalf("abort failed %v, triggers the FSM refused %d: want the abort to fail and the next trigger refused", failed, refused)
+	}
+	if sent := h.sourceTriggers(); len(sent) != 0 {
+		t.Fatalf("a trigger the FSM refused went out ahead of its commit: %v", sent)
+	}
+	if id := h.completeCheckpoint("j1"); id <= first+1 {
+		t.Fatalf("completed checkpoint %d, want one above %d", id, first+1)
 	}
 }

@@ -370,6 +370,11 @@ func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, err
 	fail := func(err error) error {
 		return fmt.Errorf("trigger checkpoint of job %s attempt %d: %w", c.JobID, c.Attempt, err)
 	}
+	if c.ID != 0 {
+		// The log holds a chosen id, applied or refused: a build that
+		// ignores the field would have applied it otherwise.
+		s.ChosenCheckpointIDs = true
+	}
 	j, err := s.runningAttempt(c.JobID, c.Attempt)
 	if err != nil {
 		return 0, fail(err)
@@ -388,7 +393,6 @@ func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, err
 	default:
 		j.skipIDs(c.ID, c.Time)
 		j.LastCheckpointID = c.ID
-		s.ChosenCheckpointIDs = true
 	}
 	j.Pending = &Checkpoint{
 		ID:          j.LastCheckpointID,

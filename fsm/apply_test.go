@@ -315,6 +315,12 @@ func TestCheckpointTriggeredWithChosenID(t *testing.T) {
 	if h.f.ChosenCheckpointIDs() {
 		t.Fatal("the state says chosen ids before any was applied")
 	}
+	// A refused one marks the log too: an older build would have taken it.
+	_, err := h.apply(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: first})
+	wantErr(t, err, ErrCheckpointIDUsed)
+	if !h.f.ChosenCheckpointIDs() {
+		t.Fatal("the state does not say chosen ids after one was refused")
+	}
 	chosen := CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: first + 2}
 	if res := h.must(CommandCheckpointTriggered, chosen); res != first+2 {
 		t.Fatalf("trigger with id %d returned %v", first+2, res)

@@ -23,7 +23,7 @@ type State struct {
 	// the feature level of framed batches.
 	FramedBatches bool `json:"framed_batches,omitempty"`
 	// ChosenCheckpointIDs is set once a CheckpointTriggered with the id
-	// the leader chose was applied. A coordinator that does not know that
+	// the leader chose was applied, whether the FSM took or refused it. A coordinator that does not know that
 	// field would take the next id itself and keep another state, so from
 	// then on every coordinator joining needs the feature level of chosen
 	// checkpoint ids.
