@@ -101,9 +101,11 @@ type sink struct {
 func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
 	topic, brokers := spec.GetTopic(), spec.GetBrokers()
 	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)
-	// A stopping task must not wait for a broker that does not answer.
+	// A stopping task must not wait for a broker that does not answer a
+	// Produce (sinkConns).
+	conns := newSinkConns(conf.Net.DialTimeout)
 	conf.Net.Proxy.Enable = true
-	conf.Net.Proxy.Dialer = newTaskDialer(ctx, conf.Net.DialTimeout)
+	conf.Net.Proxy.Dialer = conns
 	switch spec.GetDelivery() {
 	case fsm.DeliveryAtLeastOnce:
 	case fsm.DeliveryExactlyOnce, "":
@@ -124,7 +126,7 @@ func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.Si
 		return nil, fmt.Errorf("sink topic %q: Kafka client for brokers %v: %w", topic, brokers, err)
 	}
 	s := &sink{
-		client: client, w: newSinkWriter(client, topic), topic: topic, retryWindow: env.cfg.KafkaTimeout,
+		client: client, w: newSinkWriter(ctx, client, topic, conns), topic: topic, retryWindow: env.cfg.KafkaTimeout,
 		hold: &sinkHold{ctx: ctx, log: log, client: client, topic: topic, brokers: brokers},
 	}
 	if err := s.hold.look(); err != nil {

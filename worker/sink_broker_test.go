@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -122,19 +123,7 @@ func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
 			ctx, stop := context.WithCancel(t.Context())
 			env := txnTestEnv()
 			env.cfg.KafkaTimeout = 10 * time.Minute
-			spec := &transport.SinkSpec{Brokers: c.ListenAddrs(), Topic: "out", Delivery: delivery}
-			if delivery == "exactly_once" {
-				spec.TransactionTimeoutMs, spec.CheckpointTimeoutMs, spec.TransactionalIdPrefix = 60_000, 10_000, "coordflow-j"
-			}
-			s, err := openSink(ctx, env, taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if s.txn != nil {
-				if err := s.txn.recover(nil, []string{"map-0"}); err != nil {
-					t.Fatal(err)
-				}
-			}
+			s := openTaskSink(t, ctx, env, c.ListenAddrs(), delivery)
 			if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
 				t.Fatal(err)
 			}
@@ -165,5 +154,49 @@ func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
 				t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
 			}
 		})
+	}
+}
+
+// openTaskSink opens the sink of map task map-0 to topic out with delivery,
+// as a task whose context is ctx would; exactly once, with no restored
+// transactions. The caller closes it.
+func openTaskSink(t *testing.T, ctx context.Context, env *taskEnv, brokers []string, delivery string) *sink {
+	t.Helper()
+	spec := &transport.SinkSpec{Brokers: brokers, Topic: "out", Delivery: delivery}
+	if delivery == "exactly_once" {
+		spec.TransactionTimeoutMs, spec.CheckpointTimeoutMs, spec.TransactionalIdPrefix = 60_000, 10_000, "coordflow-j"
+	}
+	s, err := openSink(ctx, env, taskKey{job: "j", attempt: 1, id: "map-0"}, spec, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.txn != nil {
+		if err := s.txn.recover(nil, []string{"map-0"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s
+}
+
+// TestExactlyOnceSinkCommitsAfterTheTaskStopped: the completion notice of
+// a stop-with-savepoint comes just before the stop, and the map task
+// handles it after its context ended (mapTask.lastCompletions): the
+// commit still goes through, and read_committed sees the savepoint's
+// output. (Cutting every connection of a stopped task broke this once.)
+func TestExactlyOnceSinkCommitsAfterTheTaskStopped(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	ctx, stop := context.WithCancel(t.Context())
+	s := openTaskSink(t, ctx, txnTestEnv(), c.ListenAddrs(), "exactly_once")
+	t.Cleanup(s.close)
+	write(t, s, "a", 5)
+	if _, err := s.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	if err := s.txn.completed(1); err != nil {
+		t.Fatalf("commit after the task stopped: %v", err)
+	}
+	if got := readCommitted(t, c.ListenAddrs(), "out", 5); !slices.Equal(got, seq("a", 5)) {
+		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
 	}
 }

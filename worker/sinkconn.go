@@ -3,69 +3,76 @@ package worker
 import (
 	"context"
 	"net"
+	"slices"
 	"sync"
 	"time"
 )
 
-// taskDialer dials a task's Kafka connections and closes them all as soon as
-// the task's context ends. sarama holds a broker's lock while it waits for
-// an answer, up to its read timeout (2 x -kafka-timeout), and neither
-// Broker.Close nor Client.Close can cut that wait short: a map task stopping
-// in the middle of a Produce to a broker that does not answer would wait that
-// long, and so would whatever waits for the task (a restart on this worker,
-// the worker's shutdown). A closed connection ends the read at once; the
-// sink's retries then see the task stopping and give up.
-type taskDialer struct {
-	ctx    context.Context
+// sinkConns dials a sink's Kafka connections and can close those to given
+// brokers: sarama holds a broker's lock while it waits for an answer, up to
+// its read timeout (2 x -kafka-timeout), and neither Broker.Close nor
+// Client.Close can cut that wait short. A map task stopping in the middle
+// of a Produce to a broker that does not answer would wait that long, and
+// so would whatever waits for the task (a restart on this worker, the
+// worker's shutdown). sinkWriter.produce closes the connections its
+// requests use when the task stops (cutAt); a closed connection ends the
+// read at once, and the sink's retries then see the task stopping.
+//
+// Only a Produce is cut. A commit is not: the commit of a
+// stop-with-savepoint comes right before the stop and is made after it
+// (mapTask.lastCompletions), and new connections are dialled for it then.
+type sinkConns struct {
 	dialer net.Dialer
 	mu     sync.Mutex
-	conns  map[*taskConn]struct{}
+	conns  map[*sinkConn]struct{}
 }
 
-// newTaskDialer returns a dialer for sarama's Net.Proxy.Dialer whose
-// connections end with ctx; timeout bounds each dial.
-func newTaskDialer(ctx context.Context, timeout time.Duration) *taskDialer {
-	d := &taskDialer{ctx: ctx, dialer: net.Dialer{Timeout: timeout}, conns: make(map[*taskConn]struct{})}
-	context.AfterFunc(ctx, d.closeAll)
-	return d
+// newSinkConns returns the dialer of a sink's client (sarama's
+// Net.Proxy.Dialer); timeout bounds each dial.
+func newSinkConns(timeout time.Duration) *sinkConns {
+	return &sinkConns{dialer: net.Dialer{Timeout: timeout}, conns: make(map[*sinkConn]struct{})}
 }
 
-// Dial connects to addr, unless the task has stopped.
-func (d *taskDialer) Dial(network, addr string) (net.Conn, error) {
-	conn, err := d.dialer.DialContext(d.ctx, network, addr)
+// Dial connects to addr.
+func (d *sinkConns) Dial(network, addr string) (net.Conn, error) {
+	conn, err := d.dialer.Dial(network, addr)
 	if err != nil {
 		return nil, err
 	}
-	c := &taskConn{Conn: conn, d: d}
+	c := &sinkConn{Conn: conn, d: d, addr: addr}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err := d.ctx.Err(); err != nil {
-		conn.Close()
-		return nil, err // closeAll ran between the dial and now
-	}
 	d.conns[c] = struct{}{}
+	d.mu.Unlock()
 	return c, nil
 }
 
-// closeAll closes every open connection; the task has stopped.
-func (d *taskDialer) closeAll() {
-	d.mu.Lock()
-	conns := d.conns
-	d.conns = make(map[*taskConn]struct{})
-	d.mu.Unlock()
-	for c := range conns {
-		c.Conn.Close()
-	}
+// cutAt closes the connections to addrs as soon as ctx ends, until the
+// returned stop is called.
+func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() bool) {
+	return context.AfterFunc(ctx, func() {
+		d.mu.Lock()
+		var cut []*sinkConn
+		for c := range d.conns {
+			if slices.Contains(addrs, c.addr) {
+				cut = append(cut, c)
+			}
+		}
+		d.mu.Unlock()
+		for _, c := range cut {
+			c.Close()
+		}
+	})
 }
 
-// taskConn is a connection of a taskDialer; closing it forgets it.
-type taskConn struct {
+// sinkConn is a connection of a sinkConns; closing it forgets it.
+type sinkConn struct {
 	net.Conn
-	d *taskDialer
+	d    *sinkConns
+	addr string // as dialled: the broker's address in sarama
 }
 
 // Close closes the connection and forgets it.
-func (c *taskConn) Close() error {
+func (c *sinkConn) Close() error {
 	c.d.mu.Lock()
 	delete(c.d.conns, c)
 	c.d.mu.Unlock()

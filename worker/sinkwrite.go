@@ -36,7 +36,11 @@ const (
 type sinkWriter struct {
 	client sarama.Client
 	topic  string
-	part   sarama.Partitioner
+	// ctx is the task's; when it ends, conns cuts the Produce requests
+	// in flight (sinkConns). conns is nil in tests that write without it.
+	ctx   context.Context
+	conns *sinkConns
+	part  sarama.Partitioner
 	// produceVersion and addVersion are the Produce and AddPartitionsToTxn
 	// versions sarama's producer would send with the client's Kafka version.
 	produceVersion int16
@@ -62,11 +66,13 @@ type sinkWriter struct {
 	key keyBytes
 }
 
-func newSinkWriter(client sarama.Client, topic string) *sinkWriter {
+func newSinkWriter(ctx context.Context, client sarama.Client, topic string, conns *sinkConns) *sinkWriter {
 	conf := client.Config()
 	return &sinkWriter{
 		client:         client,
 		topic:          topic,
+		ctx:            ctx,
+		conns:          conns,
 		part:           sarama.NewHashPartitioner(topic),
 		produceVersion: requestVersion(conf.Version, produceVersions),
 		addVersion:     requestVersion(conf.Version, txnRequestVersions),
@@ -348,6 +354,13 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 		lr.req.AddBatch(w.topic, pt, batch)
 		lr.parts = append(lr.parts, pt)
 		lr.counts = append(lr.counts, k)
+	}
+	if w.conns != nil {
+		addrs := make([]string, len(reqs))
+		for i, r := range reqs {
+			addrs[i] = r.broker.Addr()
+		}
+		defer w.conns.cutAt(w.ctx, addrs)()
 	}
 	if len(reqs) == 1 {
 		reqs[0].send()
