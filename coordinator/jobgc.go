@@ -208,7 +208,7 @@ func (l *leader) purgeAllowed(js *jobState, now time.Time) bool {
 
 // runningTask returns a task of js that may still run, or nil: one whose
 // last phase is live, unless its worker said it does not run it, or the
-// worker has no live session and gossip has it dead or gone or it has been
+// worker has no session and gossip has it dead or gone or it has been
 // without one for its lease (it stops every task then).
 func (l *leader) runningTask(js *jobState, now time.Time) *trackedTask {
 	members := memberStatus(l.env.members())
@@ -217,7 +217,7 @@ func (l *leader) runningTask(js *jobState, now time.Time) *trackedTask {
 			continue
 		}
 		w := tv.task.Worker
-		if l.liveSession(w) != nil {
+		if l.sessions[w] != nil {
 			return tv
 		}
 		if st := members[w]; st == "" || st == StatusDead || st == StatusLeft {

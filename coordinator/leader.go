@@ -385,31 +385,19 @@ func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
 	return sess.send(msg)
 }
 
-// sessionlessSince returns since when worker has had no live session, and
-// false if it has one. A session that has ended but whose close has not
-// reached the loop yet (its handler blocked in a send to the worker) counts
-// from its end: the worker's tasks must not be given longer than the lease.
+// sessionlessSince returns since when worker has had no open session, and false
+// if it has one. A session that has ended but whose close has not reached
+// the loop (its handler blocked in a send to the worker) still counts: that
+// send may yet get through and renew the worker's lease, so the leader's
+// lease clock starts only at the close, which bounds the send.
 func (l *leader) sessionlessSince(worker string) (time.Time, bool) {
-	if sess := l.sessions[worker]; sess != nil {
-		if sess.ctx.Err() == nil {
-			return time.Time{}, false
-		}
-		return l.sessionEnded(sess), true
+	if l.sessions[worker] != nil {
+		return time.Time{}, false
 	}
 	if t, ok := l.noSessionSince[worker]; ok {
 		return t, true
 	}
 	return l.started, true
-}
-
-// sessionEnded returns when the loop first saw sess ended. Every end of a
-// session notes its worker (newSession's ended func), which wakes the loop,
-// so that is within a loop iteration of the end itself.
-func (l *leader) sessionEnded(sess *session) time.Time {
-	if sess.endedAt.IsZero() {
-		sess.endedAt = l.env.now()
-	}
-	return sess.endedAt
 }
 
 // jobLogger returns a logger with the job and attempt attributes. It is

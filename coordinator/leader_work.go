@@ -159,9 +159,6 @@ func (l *leader) takeNotes() {
 // slots may have come or gone, the jobs waiting to be deployed.
 func (l *leader) workerChanged(w string) {
 	delete(l.overruled, w) // gossip or the session changed: tell again
-	if sess := l.sessions[w]; sess != nil && sess.ctx.Err() != nil {
-		l.sessionEnded(sess) // its lease runs from now, not from its close
-	}
 	for id := range l.byWorker[w] {
 		l.dirty[id] = struct{}{}
 	}

@@ -87,10 +87,6 @@ type session struct {
 	// the leader loop has not handled yet; maxQueued bounds it.
 	queued    atomic.Int64
 	maxQueued int64
-	// endedAt is when the leader loop first saw ctx ended (sessionlessSince):
-	// a worker's lease runs from its session's end, not from the close that
-	// a handler blocked in a send may post much later. Only the loop uses it.
-	endedAt time.Time
 }
 
 // newSession returns the session of the worker hello names, ended with
@@ -577,7 +573,7 @@ func (l *leader) closeSession(sess *session, err error) {
 	// wait for it. Recording every id would let Hellos with made-up ids
 	// grow the map without bound.
 	if len(l.byWorker[sess.worker]) > 0 {
-		l.noSessionSince[sess.worker] = l.sessionEnded(sess)
+		l.noSessionSince[sess.worker] = l.env.now()
 	}
 	cause := sess.cause()
 	if cause == nil {

@@ -368,6 +368,14 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		defer t.Stop()
 		flush = t.C
 	}
+	// However the loop ends while the task is stopping (a write cut short
+	// by the stop returns its error), the completion notices queued by
+	// then still get their commits, before the sink closes.
+	defer func() {
+		if ctx.Err() != nil {
+			m.lastCompletions()
+		}
+	}()
 	for {
 		events := m.events
 		if m.sink != nil && m.sink.full() {
@@ -377,7 +385,6 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		}
 		select {
 		case <-ctx.Done():
-			m.lastCompletions()
 			return ctx.Err()
 		case <-flush:
 			if err := m.sink.flush(); err != nil && !errors.Is(err, errSinkUnavailable) {

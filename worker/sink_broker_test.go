@@ -200,3 +200,59 @@ func TestExactlyOnceSinkCommitsAfterTheTaskStopped(t *testing.T) {
 		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
 	}
 }
+
+// TestExactlyOnceSinkCommitsAfterAProduceCutByTheStop: the task stops
+// while a Produce of its open transaction waits for a broker that took it
+// and says nothing; the Produce is cut, and the commit of the checkpoint
+// pre-committed before (a completion notice handled after the stop) still
+// goes through, on a new connection to the same broker.
+func TestExactlyOnceSinkCommitsAfterAProduceCutByTheStop(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	asleep, release := make(chan struct{}), make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	var armed, slept atomic.Bool
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if armed.Load() && slept.CompareAndSwap(false, true) {
+			close(asleep)
+			c.SleepControl(func() { <-release })
+		}
+		return nil, nil, false
+	})
+	ctx, stop := context.WithCancel(t.Context())
+	env := txnTestEnv()
+	env.cfg.KafkaTimeout = 10 * time.Minute
+	s := openTaskSink(t, ctx, env, c.ListenAddrs(), "exactly_once")
+	t.Cleanup(s.close)
+	write(t, s, "a", 5)
+	if _, err := s.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+
+	armed.Store(true)
+	if err := s.add(&operator.Output{Key: []byte("b"), Value: []byte("b")}); err != nil {
+		t.Fatal(err)
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- s.flush() }()
+	select {
+	case <-asleep:
+	case <-time.After(waitTimeout):
+		t.Fatal("no Produce of checkpoint 2's transaction reached the broker")
+	}
+	stop()
+	select {
+	case err := <-flushed:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("flush of a stopped task: %v, want the task's end", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatalf("flush still waits for the broker %v after the task stopped", waitTimeout)
+	}
+	if err := s.txn.completed(1); err != nil {
+		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
+	}
+	if got := readCommitted(t, c.ListenAddrs(), "out", 5); !slices.Equal(got, seq("a", 5)) {
+		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
+	}
+}

@@ -47,9 +47,14 @@ func (d *sinkConns) Dial(network, addr string) (net.Conn, error) {
 }
 
 // cutAt closes the connections to addrs as soon as ctx ends, until the
-// returned stop is called.
-func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() bool) {
-	return context.AfterFunc(ctx, func() {
+// returned stop is called. A cut that has started when stop is called is
+// waited for: it lists the connections only when it runs, and must not
+// close one dialled afterwards for the next request (the commit that
+// follows a stop).
+func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func()) {
+	done := make(chan struct{})
+	stopCut := context.AfterFunc(ctx, func() {
+		defer close(done)
 		d.mu.Lock()
 		var cut []*sinkConn
 		for c := range d.conns {
@@ -62,6 +67,11 @@ func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() bool
 			c.Close()
 		}
 	})
+	return func() {
+		if !stopCut() {
+			<-done
+		}
+	}
 }
 
 // sinkConn is a connection of a sinkConns; closing it forgets it.

@@ -821,8 +821,8 @@ func (p *txnPool) fencedOut(s *txnSlot, err error) bool {
 	if isFenced(err) {
 		return true
 	}
-	if !s.inited {
-		return false
+	if !s.inited || p.ctx.Err() != nil {
+		return false // a stopping task need not know, nor wait for the answer
 	}
 	st, derr := p.describe(s.id)
 	return derr == nil && (st.ProducerID != s.pid || st.ProducerEpoch != s.epoch)
