@@ -108,44 +108,11 @@ func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
 	for _, delivery := range []string{"at_least_once", "exactly_once"} {
 		t.Run(delivery, func(t *testing.T) {
 			c := newKafkaCluster(t, "out")
-			asleep, release := make(chan struct{}), make(chan struct{})
-			t.Cleanup(func() { close(release) }) // before the cluster closes
-			var slept atomic.Bool
-			c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
-				c.KeepControl()
-				if slept.CompareAndSwap(false, true) {
-					close(asleep)
-					c.SleepControl(func() { <-release })
-				}
-				return nil, nil, false
-			})
-
+			stall := stallProduce(t, c)
+			stall.arm()
 			ctx, stop := context.WithCancel(t.Context())
-			env := txnTestEnv()
-			env.cfg.KafkaTimeout = 10 * time.Minute
-			s := openTaskSink(t, ctx, env, c.ListenAddrs(), delivery)
-			if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
-				t.Fatal(err)
-			}
-			flushed := make(chan error, 1)
-			go func() { flushed <- s.flush() }()
-			select {
-			case <-asleep:
-			case err := <-flushed:
-				t.Fatalf("flush returned %v before the broker took its Produce", err)
-			case <-time.After(waitTimeout):
-				t.Fatal("no Produce reached the broker")
-			}
-
-			stop()
-			select {
-			case err := <-flushed:
-				if !errors.Is(err, context.Canceled) {
-					t.Fatalf("flush of a stopped task: %v, want the task's end", err)
-				}
-			case <-time.After(waitTimeout):
-				t.Fatalf("flush still waits for the broker's answer %v after the task stopped", waitTimeout)
-			}
+			s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), delivery)
+			stall.stopMidFlush(t, s, stop)
 			closed := make(chan struct{})
 			go func() { s.close(); close(closed) }()
 			select {
@@ -155,6 +122,67 @@ func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
 			}
 		})
 	}
+}
+
+// produceStall has a broker take the first Produce request after arm and
+// say nothing until the test ends.
+type produceStall struct {
+	armed, slept atomic.Bool
+	asleep       chan struct{}
+}
+
+// stallProduce sets up a produceStall on cluster c.
+func stallProduce(t *testing.T, c *kfake.Cluster) *produceStall {
+	st := &produceStall{asleep: make(chan struct{})}
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) }) // before the cluster closes
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		if st.armed.Load() && st.slept.CompareAndSwap(false, true) {
+			close(st.asleep)
+			c.SleepControl(func() { <-release })
+		}
+		return nil, nil, false
+	})
+	return st
+}
+
+func (st *produceStall) arm() { st.armed.Store(true) }
+
+// stopMidFlush adds an output to s and flushes it; once the broker has
+// taken the Produce, it stops the task (stop) and checks that the flush
+// returns the task's end at once, not after the read timeout.
+func (st *produceStall) stopMidFlush(t *testing.T, s *sink, stop func()) {
+	t.Helper()
+	if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
+		t.Fatal(err)
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- s.flush() }()
+	select {
+	case <-st.asleep:
+	case err := <-flushed:
+		t.Fatalf("flush returned %v before the broker took its Produce", err)
+	case <-time.After(waitTimeout):
+		t.Fatal("no Produce reached the broker")
+	}
+	stop()
+	select {
+	case err := <-flushed:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("flush of a stopped task: %v, want the task's end", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatalf("flush still waits for the broker's answer %v after the task stopped", waitTimeout)
+	}
+}
+
+// slowKafkaEnv is a task environment whose Kafka requests wait 20 minutes
+// for an answer (the read timeout, 2 x -kafka-timeout).
+func slowKafkaEnv() *taskEnv {
+	env := txnTestEnv()
+	env.cfg.KafkaTimeout = 10 * time.Minute
+	return env
 }
 
 // openTaskSink opens the sink of map task map-0 to topic out with delivery,
@@ -208,47 +236,16 @@ func TestExactlyOnceSinkCommitsAfterTheTaskStopped(t *testing.T) {
 // goes through, on a new connection to the same broker.
 func TestExactlyOnceSinkCommitsAfterAProduceCutByTheStop(t *testing.T) {
 	c := newKafkaCluster(t, "out")
-	asleep, release := make(chan struct{}), make(chan struct{})
-	t.Cleanup(func() { close(release) })
-	var armed, slept atomic.Bool
-	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
-		c.KeepControl()
-		if armed.Load() && slept.CompareAndSwap(false, true) {
-			close(asleep)
-			c.SleepControl(func() { <-release })
-		}
-		return nil, nil, false
-	})
+	stall := stallProduce(t, c)
 	ctx, stop := context.WithCancel(t.Context())
-	env := txnTestEnv()
-	env.cfg.KafkaTimeout = 10 * time.Minute
-	s := openTaskSink(t, ctx, env, c.ListenAddrs(), "exactly_once")
+	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
 	t.Cleanup(s.close)
 	write(t, s, "a", 5)
 	if _, err := s.txn.preCommit(1); err != nil {
 		t.Fatal(err)
 	}
-
-	armed.Store(true)
-	if err := s.add(&operator.Output{Key: []byte("b"), Value: []byte("b")}); err != nil {
-		t.Fatal(err)
-	}
-	flushed := make(chan error, 1)
-	go func() { flushed <- s.flush() }()
-	select {
-	case <-asleep:
-	case <-time.After(waitTimeout):
-		t.Fatal("no Produce of checkpoint 2's transaction reached the broker")
-	}
-	stop()
-	select {
-	case err := <-flushed:
-		if !errors.Is(err, context.Canceled) {
-			t.Fatalf("flush of a stopped task: %v, want the task's end", err)
-		}
-	case <-time.After(waitTimeout):
-		t.Fatalf("flush still waits for the broker %v after the task stopped", waitTimeout)
-	}
+	stall.arm()
+	stall.stopMidFlush(t, s, stop)
 	if err := s.txn.completed(1); err != nil {
 		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
 	}

@@ -72,19 +72,7 @@ func TestExactlyOnceSinkWriteWhoseAnswerIsLost(t *testing.T) {
 				if answer == "lost" {
 					return nil, fmt.Errorf("the answer is lost"), true
 				}
-				resp := produce.ResponseKind().(*kmsg.ProduceResponse)
-				for _, rt := range produce.Topics {
-					st := kmsg.NewProduceResponseTopic()
-					st.Topic = rt.Topic
-					for _, rp := range rt.Partitions {
-						sp := kmsg.NewProduceResponseTopicPartition()
-						sp.Partition = rp.Partition
-						sp.ErrorCode = int16(sarama.ErrRequestTimedOut)
-						st.Partitions = append(st.Partitions, sp)
-					}
-					resp.Topics = append(resp.Topics, st)
-				}
-				return resp, nil, true
+				return produceAnswer(produce, sarama.ErrRequestTimedOut), nil, true
 			})
 			s := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
 			write(t, s, "a", 2)
@@ -611,21 +599,26 @@ func answerAddPartitions(c *kfake.Cluster, kerr sarama.KError, n int) {
 // one for n < 0) with kerr for each partition, writing nothing.
 func answerProduce(c *kfake.Cluster, kerr sarama.KError, n int) {
 	answerNext(c, kmsg.Produce, n, func(req kmsg.Request) kmsg.Response {
-		produce := req.(*kmsg.ProduceRequest)
-		resp := produce.ResponseKind().(*kmsg.ProduceResponse)
-		for _, rt := range produce.Topics {
-			st := kmsg.NewProduceResponseTopic()
-			st.Topic = rt.Topic
-			for _, rp := range rt.Partitions {
-				sp := kmsg.NewProduceResponseTopicPartition()
-				sp.Partition = rp.Partition
-				sp.ErrorCode = int16(kerr)
-				st.Partitions = append(st.Partitions, sp)
-			}
-			resp.Topics = append(resp.Topics, st)
-		}
-		return resp
+		return produceAnswer(req.(*kmsg.ProduceRequest), kerr)
 	})
+}
+
+// produceAnswer is the answer to produce that gives kerr for each of its
+// partitions.
+func produceAnswer(produce *kmsg.ProduceRequest, kerr sarama.KError) *kmsg.ProduceResponse {
+	resp := produce.ResponseKind().(*kmsg.ProduceResponse)
+	for _, rt := range produce.Topics {
+		st := kmsg.NewProduceResponseTopic()
+		st.Topic = rt.Topic
+		for _, rp := range rt.Partitions {
+			sp := kmsg.NewProduceResponseTopicPartition()
+			sp.Partition = rp.Partition
+			sp.ErrorCode = int16(kerr)
+			st.Partitions = append(st.Partitions, sp)
+		}
+		resp.Topics = append(resp.Topics, st)
+	}
+	return resp
 }
 
 // answerNext has cluster c answer the next n requests of kind key (every
