@@ -53,9 +53,10 @@ type pendingCheckpoint struct {
 	id          uint64
 	attempt     uint64
 	triggeredAt time.Time
-	// sentAt is when the trigger was sent to the sources (after its commit,
-	// or at once when pipelined); ackedAt when the last task acked. With triggeredAt and the commit
-	// they split a checkpoint's duration into its phases (metrics).
+	// sentAt is when the trigger was sent to the sources (after its
+	// commit, or at once when pipelined); ackedAt when the last task acked.
+	// With triggeredAt and the commit they split a checkpoint's duration
+	// into its phases (metrics).
 	sentAt, ackedAt time.Time
 	deadline        time.Time
 	acks            map[string]fsm.TaskState // by task id
@@ -65,9 +66,13 @@ type pendingCheckpoint struct {
 	savepoint, stop  bool
 	lastCompleted    uint64
 	savepointWaiters []savepointRequest
-	// uncommitted: the trigger was sent before its CheckpointTriggered
-	// committed, which it has not yet; the FSM does not show p meanwhile.
-	uncommitted bool
+}
+
+// triggerCommitted reports whether the CheckpointTriggered of js's pending
+// checkpoint p is committed: a pipelined trigger is sent before, and the
+// FSM does not show p meanwhile.
+func (js *jobState) triggerCommitted(p *pendingCheckpoint) bool {
+	return p.id <= js.ckpt.committed
 }
 
 func newPendingCheckpoint(id, attempt uint64, now time.Time, timeout time.Duration) *pendingCheckpoint {
@@ -295,7 +300,6 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 	// which skips one id, never reuses one (inherit).
 	if cmd.ID != 0 && !savepoint && mayBeSent == js.ckpt.committed && !js.ckpt.unsure {
 		p := l.startCheckpoint(js, cmd.ID, now, false, false, nil)
-		p.uncommitted = true
 		l.write(js, fsm.CommandCheckpointTriggered, cmd, func(_ any, err error) {
 			if err == nil {
 				js.ckpt.committed = max(js.ckpt.committed, cmd.ID)
@@ -311,9 +315,7 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 				log.Warn("trigger checkpoint: the commit failed after the trigger was sent", "checkpoint", p.id, "err", err)
 				js.ckpt.pending = nil
 				l.checkpointAt(js, l.env.now())
-				return
 			}
-			p.uncommitted = false
 		})
 		return
 	}

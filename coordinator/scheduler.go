@@ -156,7 +156,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		delete(l.waiting, js.id)
 	}
 	l.account(js)
-	if p := js.ckpt.pending; p != nil && !p.uncommitted && (job.Pending == nil || job.Pending.ID != p.id) {
+	if p := js.ckpt.pending; p != nil && js.triggerCommitted(p) && (job.Pending == nil || job.Pending.ID != p.id) {
 		js.ckpt.pending = nil // aborted or completed behind this loop's back (job restarted or cancelled)
 	}
 	return js
