@@ -92,12 +92,12 @@ type sink struct {
 // need the sink's brokers to answer. It looks the sink topic up once
 // (sinkHold.look: a metadata request, which fails within the Kafka
 // timeouts when no broker answers), and if that fails otherwise the sink
-// starts held: the task runs, holds its outputs and declines checkpoints until a
-// later look passes. Exactly once, the caller must then call
+// starts held: the task runs, holds its outputs and declines checkpoints
+// until a later look passes. Exactly once, the caller must then call
 // txnPool.recover, which commits the restored checkpoint's transactions
 // and fences the task's other ids, before anything is added; when the sink
 // is held, before its first write instead. ctx is the task's: the sink's
-// retries stop when it ends.
+// retries, and a Produce in flight, stop when it ends.
 func openSink(ctx context.Context, env *taskEnv, key taskKey, spec *transport.SinkSpec, log *slog.Logger) (*sink, error) {
 	topic, brokers := spec.GetTopic(), spec.GetBrokers()
 	conf := kafkaConfig(env.cfg, "coordflow-"+env.workerID)

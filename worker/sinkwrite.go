@@ -37,7 +37,7 @@ type sinkWriter struct {
 	client sarama.Client
 	topic  string
 	// ctx is the task's; when it ends, conns cuts the Produce requests
-	// in flight (sinkConns). conns is nil in tests that write without it.
+	// in flight (sinkConns).
 	ctx   context.Context
 	conns *sinkConns
 	part  sarama.Partitioner
@@ -355,13 +355,11 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 		lr.parts = append(lr.parts, pt)
 		lr.counts = append(lr.counts, k)
 	}
-	if w.conns != nil {
-		addrs := make([]string, len(reqs))
-		for i, r := range reqs {
-			addrs[i] = r.broker.Addr()
-		}
-		defer w.conns.cutAt(w.ctx, addrs)()
+	addrs := make([]string, len(reqs))
+	for i, r := range reqs {
+		addrs[i] = r.broker.Addr()
 	}
+	defer w.conns.cutAt(w.ctx, addrs)()
 	if len(reqs) == 1 {
 		reqs[0].send()
 	} else {
