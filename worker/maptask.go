@@ -95,16 +95,20 @@ type mapTask struct {
 	live []*input
 
 	// Task loop only.
-	keyed    *keyedState
-	item     itemContext
-	batch    batchApplier
-	writer   *snapshotWriter
-	snaps    chan *snapshotJob    // to the snapshot goroutine
-	results  chan snapshotResult  // from it
-	acked    map[uint64]chainInfo // acked snapshots not known complete
-	baseID   uint64               // the completed checkpoint base describes
-	base     chainInfo            // what the next delta builds on
-	fullSize int64                // bytes of the last full snapshot
+	keyed *keyedState
+	item  itemContext
+	batch batchApplier
+	// prefetch is the backend if it reads a batch's keys ahead (the disk
+	// backend), else nil; batchKeys gathers those keys.
+	prefetch  prefetcher
+	batchKeys batchKeys
+	writer    *snapshotWriter
+	snaps     chan *snapshotJob    // to the snapshot goroutine
+	results   chan snapshotResult  // from it
+	acked     map[uint64]chainInfo // acked snapshots not known complete
+	baseID    uint64               // the completed checkpoint base describes
+	base      chainInfo            // what the next delta builds on
+	fullSize  int64                // bytes of the last full snapshot
 	// cached lists the local copies of state files this task wrote.
 	cached []string
 	// restoredLocal and restoredRemote count the state files the restore
@@ -352,6 +356,7 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 	}
 	m.item = itemContext{s: m.keyed, sink: m.sink != nil, emit: m.emit}
 	m.batch = batchApplier{m: m}
+	m.prefetch, _ = backend.(prefetcher)
 
 	writers.Add(1)
 	go func() {
@@ -686,9 +691,25 @@ func (m *mapTask) attached(in *input) error {
 	return err
 }
 
+// prefetcher is a state backend that reads the keys of a batch of items
+// faster together, in key order, than one by one (state.Disk.Prefetch).
+type prefetcher interface {
+	Prefetch(keys []state.GroupKey) error
+}
+
 // apply runs the operator on every item of a packed batch, but for the
 // items of records it applied already (batchApplier).
 func (m *mapTask) apply(batch []byte) error {
+	if m.prefetch != nil {
+		// A malformed batch fails in the pass below, with the items
+		// before the fault applied as without the read-ahead.
+		_ = transport.ReadBatch(batch, &m.batchKeys)
+		err := m.prefetch.Prefetch(m.batchKeys.keys)
+		m.batchKeys.reset()
+		if err != nil {
+			return fmt.Errorf("state backend: %w", localError(err))
+		}
+	}
 	m.batch.items, m.batch.dropped, m.batch.skip = 0, 0, false
 	outBefore := m.recordsOut
 	err := transport.ReadBatch(batch, &m.batch)
@@ -699,6 +720,23 @@ func (m *mapTask) apply(batch []byte) error {
 	m.out.Add(float64(m.recordsOut - outBefore))
 	m.recordsIn += int64(m.batch.items)
 	return err
+}
+
+// batchKeys is a transport.BatchVisitor that gathers the keys of a batch's
+// items, for the backend to read ahead. The keys are slices of the batch.
+type batchKeys struct{ keys []state.GroupKey }
+
+func (b *batchKeys) Record(int32, int64) error  { return nil }
+func (b *batchKeys) Through(int32, int64) error { return nil }
+func (b *batchKeys) Item(it *transport.BatchItem) error {
+	b.keys = append(b.keys, state.GroupKey{Group: it.KeyGroup, Key: it.Key})
+	return nil
+}
+
+// reset forgets the keys, and the batch they are slices of.
+func (b *batchKeys) reset() {
+	clear(b.keys)
+	b.keys = b.keys[:0]
 }
 
 // batchApplier is the map task's transport.BatchVisitor: it applies items

@@ -79,22 +79,26 @@ func BenchmarkGet(b *testing.B) {
 // BenchmarkGetOrPut is the access of the distinct operator, and of most
 // operators on new keys: Get, and Put when the key is absent, over a million
 // keys drawn at random (each seen about four times in 4M operations), on the
-// disk backend with the defaults, with every Get through Pebble's Get
-// instead of the fast read path (flushedReads), and as it was before the
-// fast path: 64 MiB memtables and a 32 MiB cache (BenchmarkThroughput found
-// Gets to dominate with those, docs/benchmarks.md), then 8 MiB memtables
-// and a 32 MiB cache. Run with -benchtime 4000000x to reach the steady
-// state.
+// disk backend with the defaults: with a Prefetch of every 500 keys before
+// their Gets, as a map task makes for a batch of items (the default batch
+// size), and without; with every Get through Pebble's Get instead of the
+// fast read path (flushedReads); and as it was before the fast path: 64 MiB
+// memtables and a 32 MiB cache (BenchmarkThroughput found Gets to dominate
+// with those, docs/benchmarks.md), then 8 MiB memtables and a 32 MiB cache.
+// Run with -benchtime 4000000x to reach the steady state.
 func BenchmarkGetOrPut(b *testing.B) {
+	const batch = 500
 	for _, c := range []struct {
-		name string
-		opts DiskOptions
-		slow bool
+		name     string
+		opts     DiskOptions
+		slow     bool
+		prefetch bool
 	}{
-		{"defaults", DiskOptions{}, false},
-		{"defaults,pebble-get", DiskOptions{}, true},
-		{"memtable=8MiB,cache=32MiB,pebble-get", DiskOptions{CacheSize: 32 << 20}, true},
-		{"memtable=64MiB,cache=32MiB,pebble-get", DiskOptions{MemTableSize: 64 << 20, CacheSize: 32 << 20}, true},
+		{"defaults,prefetch", DiskOptions{}, false, true},
+		{"defaults", DiskOptions{}, false, false},
+		{"defaults,pebble-get", DiskOptions{}, true, false},
+		{"memtable=8MiB,cache=32MiB,pebble-get", DiskOptions{CacheSize: 32 << 20}, true, false},
+		{"memtable=64MiB,cache=32MiB,pebble-get", DiskOptions{MemTableSize: 64 << 20, CacheSize: 32 << 20}, true, false},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			d, err := OpenDisk(b.TempDir(), c.opts)
@@ -104,22 +108,33 @@ func BenchmarkGetOrPut(b *testing.B) {
 			defer d.Close()
 			d.reads.off = c.slow
 			r := rand.New(rand.NewPCG(1, 2))
-			var key []byte
+			keys := make([]GroupKey, 0, batch)
 			b.ReportAllocs()
-			for b.Loop() {
-				var kg int32
-				key, kg = benchKey(key, r.IntN(1_000_000))
-				_, ok, err := d.Get(kg, key)
+			for i := 0; b.Loop(); i++ {
+				if i%batch == 0 {
+					// The next batch's keys, drawn as the loop draws them.
+					keys = keys[:0]
+					for range batch {
+						key, kg := benchKey(nil, r.IntN(1_000_000))
+						keys = append(keys, GroupKey{kg, key})
+					}
+					if c.prefetch {
+						if err := d.Prefetch(keys); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				k := keys[i%batch]
+				_, ok, err := d.Get(k.Group, k.Key)
 				if err != nil {
 					b.Fatal(err)
 				}
 				if !ok {
-					if err := d.Put(kg, key, []byte{1}); err != nil {
+					if err := d.Put(k.Group, k.Key, []byte{1}); err != nil {
 						b.Fatal(err)
 					}
 				}
 			}
-			b.ReportMetric(float64(d.db.Metrics().Flush.Count), "flushes")
 			m := d.db.Metrics()
 			b.ReportMetric(float64(m.Flush.Count), "flushes")
 			b.ReportMetric(float64(m.Levels[0].Sublevels), "l0-sublevels")

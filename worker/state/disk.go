@@ -137,6 +137,9 @@ type Disk struct {
 	// reads is the fast path of Get, for keys not written since the last
 	// flush (flushedReads). Only the writer uses it.
 	reads flushedReads
+	// ahead holds the keys of the last Prefetch and their writes. Only the
+	// writer uses it.
+	ahead readAhead
 
 	// Used only by the writer goroutine.
 	keyBuf        []byte        // the encoded key of the current call
@@ -304,11 +307,21 @@ func (d *Disk) Get(kg int32, key []byte) ([]byte, bool, error) {
 		return nil, false, err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
-	if !d.reads.unflushed(d.reads.hash(d.keyBuf)) {
+	if e := d.ahead.find(d.keyBuf); e != nil {
+		return e.val, e.found, nil
+	}
+	return d.read(d.keyBuf, d.reads.hash(d.keyBuf))
+}
+
+// read returns the value of the encoded key k, whose hash is h, from Pebble:
+// through the fast read path if no write of k may be in a memtable, else
+// through Pebble's Get. The value is in d.getBuf.
+func (d *Disk) read(k []byte, h uint64) ([]byte, bool, error) {
+	if !d.reads.unflushed(h) {
 		d.reads.fast++
 		var found bool
 		var err error
-		d.getBuf, found, err = d.reads.get(d.db, d.tableChanges.Load(), d.keyBuf, d.getBuf)
+		d.getBuf, found, err = d.reads.get(d.db, d.tableChanges.Load(), k, d.getBuf)
 		if err != nil {
 			return nil, false, d.errorf("get", err)
 		}
@@ -318,7 +331,7 @@ func (d *Disk) Get(kg int32, key []byte) ([]byte, bool, error) {
 		return slices.Clip(d.getBuf), true, nil
 	}
 	d.reads.slow++
-	val, closer, err := d.db.Get(d.keyBuf)
+	val, closer, err := d.db.Get(k)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, false, nil
 	}
@@ -333,15 +346,23 @@ func (d *Disk) Get(kg int32, key []byte) ([]byte, bool, error) {
 }
 
 // Put sets the value of key in key group kg. Pebble copies key and value.
-// The write is not synced: see the type's documentation.
+// The write is not synced: see the type's documentation. The write of a key
+// the last Prefetch read is kept until the next one (Prefetch).
 func (d *Disk) Put(kg int32, key, value []byte) error {
 	if err := checkKeyGroup(kg); err != nil {
 		return err
 	}
-	if err := d.admit(len(key) + len(value)); err != nil {
+	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	if e := d.ahead.find(d.keyBuf); e != nil {
+		if err := d.usable(); err != nil {
+			return err
+		}
+		d.ahead.write(e, value, true)
+		return nil
+	}
+	if err := d.admit(len(key)+len(value), 1); err != nil {
 		return err
 	}
-	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
 	full := d.reads.wrote(d.reads.hash(d.keyBuf), entryBytes(len(d.keyBuf), len(value)))
 	if err := d.db.Set(d.keyBuf, value, pebble.NoSync); err != nil {
 		return d.errorf("put", err)
@@ -349,15 +370,23 @@ func (d *Disk) Put(kg int32, key, value []byte) error {
 	return d.endGeneration(full)
 }
 
-// Delete removes key from key group kg.
+// Delete removes key from key group kg. The deletion of a key the last
+// Prefetch read is kept until the next one, as Put's write.
 func (d *Disk) Delete(kg int32, key []byte) error {
 	if err := checkKeyGroup(kg); err != nil {
 		return err
 	}
-	if err := d.admit(len(key)); err != nil {
+	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
+	if e := d.ahead.find(d.keyBuf); e != nil {
+		if err := d.usable(); err != nil {
+			return err
+		}
+		d.ahead.write(e, nil, false)
+		return nil
+	}
+	if err := d.admit(len(key), 1); err != nil {
 		return err
 	}
-	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
 	full := d.reads.wrote(d.reads.hash(d.keyBuf), entryBytes(len(d.keyBuf), 0))
 	if err := d.db.Delete(d.keyBuf, pebble.NoSync); err != nil {
 		return d.errorf("delete", err)
@@ -371,7 +400,11 @@ func (d *Disk) DropRange(start, end int32) error {
 	if err := checkRange(start, end); err != nil {
 		return err
 	}
-	if err := d.admit(0); err != nil {
+	// The kept writes go first, and the range's deletion over them.
+	if err := d.flushAhead(); err != nil {
+		return err
+	}
+	if err := d.admit(0, 1); err != nil {
 		return err
 	}
 	if start == end {
@@ -409,6 +442,9 @@ func (d *Disk) tablesChanged() { d.tableChanges.Add(1) }
 // snapshot. An open view keeps Pebble from discarding the versions of keys
 // it can see, so views should be short-lived.
 func (d *Disk) Snapshot() (View, error) {
+	if err := d.flushAhead(); err != nil {
+		return nil, err
+	}
 	if err := d.usable(); err != nil {
 		return nil, err
 	}
@@ -430,6 +466,7 @@ func (d *Disk) Close() error {
 	d.closed = true
 	open := d.views
 	d.mu.Unlock()
+	d.ahead.reset()      // scratch space: the kept writes go with the rest
 	if !d.fatal.Load() { // see closeDB
 		d.reads.closeIter()
 	}
@@ -488,16 +525,16 @@ func (d *Disk) usable() error {
 	return nil
 }
 
-// admit returns nil when a write of about n bytes of keys and values may go
-// to Pebble. Every checkEvery bytes it checks whether Pebble is behind with
+// admit returns nil when writes of about n bytes of keys and values may go
+// to Pebble, in the given number of entries. Every checkEvery bytes it checks whether Pebble is behind with
 // flushes or level-0 compactions and if so waits until it catches up. It
 // returns ErrClosed after Close and the failure of the backend, if any, as
 // soon as it is recorded, waiting or not.
-func (d *Disk) admit(n int) error {
+func (d *Disk) admit(n, entries int) error {
 	if err := d.usable(); err != nil {
 		return err
 	}
-	d.unchecked += n + entryOverhead
+	d.unchecked += n + entries*entryOverhead
 	if d.unchecked < d.checkEvery {
 		return nil
 	}

@@ -59,6 +59,11 @@ const (
 // until it is finished or aborted the writer must not write into [start,
 // end): such a write could be shadowed by a table ingested after it.
 func (d *Disk) Load(start, end int32) (*Loader, error) {
+	// The kept writes of a Prefetch count for the emptiness check, and
+	// none are kept during the load (Prefetch refuses to run then).
+	if err := d.flushAhead(); err != nil {
+		return nil, err
+	}
 	if err := d.usable(); err != nil {
 		return nil, err
 	}

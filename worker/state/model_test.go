@@ -5,6 +5,8 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 // TestRandomOpsAgainstModel applies random operations to a backend and to a
@@ -15,8 +17,24 @@ func TestRandomOpsAgainstModel(t *testing.T) {
 	for _, seed := range []uint64{1, 2, 3} {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
 			forEachBackend(t, func(t *testing.T, b Backend) {
-				runModel(t, b, rand.New(rand.NewPCG(seed, seed)), 2000)
+				runModel(t, b, rand.New(rand.NewPCG(seed, seed)), 2000, nil)
 			})
+		})
+	}
+}
+
+// TestRandomOpsAgainstModelWithPrefetch is TestRandomOpsAgainstModel on the
+// disk backend with a Prefetch of a few random keys before one operation in
+// four: the operations then hit kept writes, values read ahead, and keys
+// the Prefetch did not read.
+func TestRandomOpsAgainstModelWithPrefetch(t *testing.T) {
+	for _, seed := range []uint64{1, 2, 3, 4, 5} {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			d := openTestDisk(t, vfs.Default, 0)
+			runModel(t, d, rand.New(rand.NewPCG(seed, seed)), 4000, d.Prefetch)
+			if d.reads.fast+d.reads.slow == 0 {
+				t.Error("no Prefetch or Get read from Pebble")
+			}
 		})
 	}
 }
@@ -28,7 +46,9 @@ type snapshotCase struct {
 }
 
 // runModel applies ops random operations to b and checks b against a model.
-func runModel(t *testing.T, b Backend, rng *rand.Rand, ops int) {
+// If prefetch is not nil, it is called with a few random keys (and, at
+// times, an invalid key group) before one operation in four.
+func runModel(t *testing.T, b Backend, rng *rand.Rand, ops int, prefetch func([]GroupKey) error) {
 	kgs := []int32{0, 1, 2, 3, 100, MaxKeyGroups - 2, MaxKeyGroups - 1}
 	randKG := func() int32 { return kgs[rng.IntN(len(kgs))] }
 	// Keys of up to 3 bytes over a 3-letter binary alphabet: 40 keys per key
@@ -69,6 +89,18 @@ func runModel(t *testing.T, b Backend, rng *rand.Rand, ops int) {
 	}
 
 	for op := range ops {
+		if prefetch != nil && rng.IntN(4) == 0 {
+			keys := make([]GroupKey, rng.IntN(12))
+			for i := range keys {
+				keys[i] = GroupKey{randKG(), []byte(randKey())}
+				if rng.IntN(20) == 0 {
+					keys[i].Group = MaxKeyGroups
+				}
+			}
+			if err := prefetch(keys); err != nil {
+				t.Fatalf("op %d: Prefetch(%v): %v", op, keys, err)
+			}
+		}
 		switch r := rng.IntN(100); {
 		case r < 45:
 			kg, k, v := randKG(), randKey(), randValue()
