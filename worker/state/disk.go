@@ -624,11 +624,17 @@ type diskView struct {
 	released atomic.Bool
 	keyBuf   []byte // the encoded key of the current Get
 	valBuf   []byte // the value Get last returned
+	// iter serves Get: nil until the first, and after an error.
+	iter *pebble.Iterator
 }
 
 // Get returns the value of key in key group kg as of the snapshot. The
 // returned slice is a buffer of the view, valid until the next call of a
 // method of the view.
+//
+// Get seeks one iterator of the snapshot rather than calling Pebble's Get,
+// which builds one per call: a delta's changed keys are read in key order,
+// and a seek to a later key goes on from where the last one stands.
 func (v *diskView) Get(kg int32, key []byte) ([]byte, bool, error) {
 	if v.released.Load() {
 		return nil, false, ErrReleased
@@ -636,19 +642,37 @@ func (v *diskView) Get(kg int32, key []byte) ([]byte, bool, error) {
 	if err := checkKeyGroup(kg); err != nil {
 		return nil, false, err
 	}
+	if v.iter == nil {
+		it, err := v.snap.NewIter(nil)
+		if err != nil {
+			return nil, false, v.d.errorf("snapshot get", err)
+		}
+		v.iter = it
+	}
 	v.keyBuf = appendKey(v.keyBuf[:0], kg, key)
-	val, closer, err := v.snap.Get(v.keyBuf)
-	if errors.Is(err, pebble.ErrNotFound) {
+	if !v.iter.SeekPrefixGE(v.keyBuf) || !bytes.Equal(v.iter.Key(), v.keyBuf) {
+		if err := v.iter.Error(); err != nil {
+			v.closeIter() // the next Get starts over with a new one
+			return nil, false, v.d.errorf("snapshot get", err)
+		}
 		return nil, false, nil
 	}
+	val, err := v.iter.ValueAndErr()
 	if err != nil {
+		v.closeIter()
 		return nil, false, v.d.errorf("snapshot get", err)
 	}
 	v.valBuf = append(v.valBuf[:0], val...)
-	if err := closer.Close(); err != nil {
-		return nil, false, v.d.errorf("snapshot get", err)
-	}
 	return slices.Clip(v.valBuf), true, nil
+}
+
+// closeIter closes Get's iterator, if any. Its error, if any, was returned
+// by the Get that met it.
+func (v *diskView) closeIter() {
+	if v.iter != nil {
+		_ = v.iter.Close()
+		v.iter = nil
+	}
 }
 
 // Range calls fn for every key of the key groups [start, end), iterating the
@@ -697,6 +721,7 @@ func (v *diskView) Release() {
 	if !v.released.CompareAndSwap(false, true) {
 		return
 	}
+	v.closeIter()
 	if err := v.snap.Close(); err != nil {
 		v.d.log.Error("release disk state view", "err", err)
 	}
