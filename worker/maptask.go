@@ -723,7 +723,9 @@ func (m *mapTask) apply(batch []byte) error {
 }
 
 // batchKeys is a transport.BatchVisitor that gathers the keys of a batch's
-// items, for the backend to read ahead. The keys are slices of the batch.
+// items, for the backend to read ahead. It keeps the items' keys, not the
+// items: a key is a slice of the batch (transport.BatchItem), valid while
+// apply runs.
 type batchKeys struct{ keys []state.GroupKey }
 
 func (b *batchKeys) Record(int32, int64) error  { return nil }

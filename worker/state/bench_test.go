@@ -111,15 +111,13 @@ func BenchmarkGetOrPut(b *testing.B) {
 			defer d.Close()
 			d.reads.off = c.slow
 			r := rand.New(rand.NewPCG(1, 2))
-			keys := make([]GroupKey, 0, batch)
+			keys := make([]GroupKey, batch)
 			b.ReportAllocs()
 			for i := 0; b.Loop(); i++ {
 				if i%batch == 0 {
-					// The next batch's keys, drawn as the loop draws them.
-					keys = keys[:0]
-					for range batch {
-						key, kg := benchKey(nil, r.IntN(1_000_000))
-						keys = append(keys, GroupKey{kg, key})
+					// The next batch's keys, in buffers reused.
+					for j := range keys {
+						keys[j].Key, keys[j].Group = benchKey(keys[j].Key, r.IntN(1_000_000))
 					}
 					if c.prefetch {
 						if err := d.Prefetch(keys); err != nil {

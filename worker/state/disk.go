@@ -42,7 +42,9 @@ const (
 // Pebble reserves its memtables' memory (one taking writes, one or two being
 // flushed) in the block cache, which holds data, index and filter blocks in
 // the rest. To that come the fast read path's bloom filters, a few
-// 1/16 MemTableSize each: 48 MiB and about 1.5 MiB with the defaults.
+// 1/16 MemTableSize each (48 MiB and about 1.5 MiB with the defaults), and
+// the keys and values of the last Prefetch: one batch of items, whose
+// buffers are kept for the next batch up to about a MiB each.
 type DiskOptions struct {
 	// MemTableSize is the size of one Pebble memtable, the in-memory write
 	// buffer that is flushed to a table on disk when full. Larger memtables
@@ -79,7 +81,7 @@ type DiskOptions struct {
 // or compaction in one of Pebble's goroutines. Such a failure, or data
 // corruption detected by Pebble, does not stop the process: the first one is
 // logged and then returned, wrapped with the directory, by every later call
-// of Get, Put, Delete, DropRange and Snapshot, so the task fails with that
+// of Get, Put, Delete, DropRange, Snapshot and Prefetch, so the task fails with that
 // reason and restarts from its checkpoint.
 //
 // Writes must also wait while flushes or compactions fall behind, lest
@@ -308,7 +310,7 @@ func (d *Disk) Get(kg int32, key []byte) ([]byte, bool, error) {
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
 	if e := d.ahead.find(d.keyBuf); e != nil {
-		return e.val, e.found, nil
+		return d.getEntry(e)
 	}
 	return d.read(d.keyBuf, d.reads.hash(d.keyBuf))
 }
@@ -347,7 +349,8 @@ func (d *Disk) read(k []byte, h uint64) ([]byte, bool, error) {
 
 // Put sets the value of key in key group kg. Pebble copies key and value.
 // The write is not synced: see the type's documentation. The write of a key
-// the last Prefetch read is kept until the next one (Prefetch).
+// given to the last Prefetch is kept until the next Prefetch, Snapshot,
+// DropRange or Load makes it.
 func (d *Disk) Put(kg int32, key, value []byte) error {
 	if err := checkKeyGroup(kg); err != nil {
 		return err
@@ -370,8 +373,8 @@ func (d *Disk) Put(kg int32, key, value []byte) error {
 	return d.endGeneration(full)
 }
 
-// Delete removes key from key group kg. The deletion of a key the last
-// Prefetch read is kept until the next one, as Put's write.
+// Delete removes key from key group kg. The deletion of a key given to the
+// last Prefetch is kept, as Put's write is.
 func (d *Disk) Delete(kg int32, key []byte) error {
 	if err := checkKeyGroup(kg); err != nil {
 		return err
@@ -401,7 +404,7 @@ func (d *Disk) DropRange(start, end int32) error {
 		return err
 	}
 	// The kept writes go first, and the range's deletion over them.
-	if err := d.flushAhead(); err != nil {
+	if err := d.commitKept(); err != nil {
 		return err
 	}
 	if err := d.admit(0, 1); err != nil {
@@ -442,7 +445,7 @@ func (d *Disk) tablesChanged() { d.tableChanges.Add(1) }
 // snapshot. An open view keeps Pebble from discarding the versions of keys
 // it can see, so views should be short-lived.
 func (d *Disk) Snapshot() (View, error) {
-	if err := d.flushAhead(); err != nil {
+	if err := d.commitKept(); err != nil {
 		return nil, err
 	}
 	if err := d.usable(); err != nil {
@@ -525,9 +528,10 @@ func (d *Disk) usable() error {
 	return nil
 }
 
-// admit returns nil when writes of about n bytes of keys and values may go
-// to Pebble, in the given number of entries. Every checkEvery bytes it checks whether Pebble is behind with
-// flushes or level-0 compactions and if so waits until it catches up. It
+// admit returns nil when writes of about n bytes of keys and values, in the
+// given number of entries, may go to Pebble. Every checkEvery bytes it
+// checks whether Pebble is behind with flushes or level-0 compactions and if
+// so waits until it catches up. It
 // returns ErrClosed after Close and the failure of the backend, if any, as
 // soon as it is recorded, waiting or not.
 func (d *Disk) admit(n, entries int) error {

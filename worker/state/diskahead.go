@@ -15,24 +15,30 @@ type GroupKey struct {
 	Key   []byte
 }
 
-// Prefetch reads the values of keys ahead of the Gets, Puts and Deletes that
-// follow, and keeps the writes of those keys until the next Prefetch, which
-// makes them in one batch. A map task calls it with the keys of a batch of
-// items before it applies them.
+// Prefetch prepares the Gets, Puts and Deletes of keys that follow: it reads
+// the keys' values in key order, and keeps the writes of those keys until
+// the next Prefetch, Snapshot, DropRange or Load, which makes them in one
+// Pebble batch in key order. A map task calls it with the keys of a batch of
+// items before it applies them. Prefetch copies keys; the caller may reuse
+// them once it returns.
 //
 // A Pebble read or write costs less when it follows one of a nearby key:
 // Pebble's iterator seeks on from where it stands, and its skiplist inserts
 // from where the last insert spliced. Keys in item order are scattered;
-// Prefetch sorts them, reads them in key order, and writes the ones written
-// in key order too (BenchmarkGetOrPut; docs/benchmarks.md).
+// sorted, they are not (BenchmarkGetOrPut; docs/benchmarks.md).
 //
-// Gets, Puts and Deletes of other keys go to Pebble as before. The writes
-// kept are made before the next Snapshot, DropRange or Load, so views and
-// range drops see them. An invalid key group is skipped: Get and Put report
-// it. A failed write of the kept writes fails the backend, as Pebble's
-// background errors do: the writes of acknowledged Puts would be lost.
+// Prefetch reads ahead only while Gets use what it reads: if fewer than half
+// the keys of the last Prefetch were read by a Get (an operator that only
+// writes, items dropped as duplicates), it leaves the values to be read by
+// the Gets that ask for them, and only sorts the writes.
+//
+// Gets, Puts and Deletes of other keys go to Pebble as before. A write kept
+// waits for Pebble's flushes (admit) only when it is made, so a slow disk
+// can make the next Snapshot wait. An invalid key group is skipped: Get and
+// Put report it. A failed write of the kept writes fails the backend, as
+// Pebble's background errors do: acknowledged writes would be lost.
 func (d *Disk) Prefetch(keys []GroupKey) error {
-	if err := d.flushAhead(); err != nil {
+	if err := d.commitKept(); err != nil {
 		return err
 	}
 	if err := d.usable(); err != nil {
@@ -42,11 +48,14 @@ func (d *Disk) Prefetch(keys []GroupKey) error {
 		return fmt.Errorf("state: disk backend %s: prefetch: a bulk load is under way", d.dir)
 	}
 	a := &d.ahead
+	readAll := a.gets*2 >= a.last
+	a.gets = 0
 	n := 0
 	for _, k := range keys {
 		n += 4 + len(k.Key)
 	}
-	// The entries' keys are slices of a.keys: it must not grow below them.
+	// The entries' keys are slices of a.keys, sized once so that they all
+	// share one array.
 	a.keys = slices.Grow(a.keys[:0], n)
 	for _, k := range keys {
 		if checkKeyGroup(k.Group) != nil {
@@ -58,28 +67,34 @@ func (d *Disk) Prefetch(keys []GroupKey) error {
 	}
 	slices.SortFunc(a.entries, func(x, y aheadEntry) int { return bytes.Compare(x.key, y.key) })
 	a.entries = slices.CompactFunc(a.entries, func(x, y aheadEntry) bool { return bytes.Equal(x.key, y.key) })
+	a.last = len(a.entries)
 	for i := range a.entries {
 		e := &a.entries[i]
 		e.hash = d.reads.hash(e.key)
-		val, found, err := d.read(e.key, e.hash)
-		if err != nil {
+		if !readAll {
+			continue
+		}
+		if err := d.readEntry(e); err != nil {
 			a.reset()
 			return err
-		}
-		if found {
-			e.val, e.found = a.value(val), true
 		}
 	}
 	return nil
 }
 
 // readAhead holds the keys of the last Prefetch with their values: as read,
-// or as written since, in which case the write is not yet in Pebble.
+// or as written since, in which case the write is kept, not yet in Pebble.
 type readAhead struct {
 	entries []aheadEntry // sorted by key, no two equal
 	keys    []byte       // the entries' encoded keys
 	vals    []byte       // the entries' values
-	dirty   int          // entries written since the Prefetch
+	kept    int          // entries written since the Prefetch
+	// gets counts the Gets of the entries since the Prefetch; last is the
+	// number of entries it made.
+	gets, last int
+	// hits and committed count the Gets answered from entries and the
+	// writes kept and then made, for tests.
+	hits, committed int64
 }
 
 // aheadEntry is one key of a Prefetch.
@@ -87,12 +102,21 @@ type aheadEntry struct {
 	key   []byte // encoded (appendKey)
 	hash  uint64 // flushedReads.hash of key
 	val   []byte
-	found bool // the key is set, to val
-	dirty bool // written since the Prefetch, not in Pebble
+	found bool // the key is set, to val (if read or kept)
+	read  bool // val and found are known: read from Pebble, or written
+	kept  bool // written since the Prefetch, not yet in Pebble
 }
 
+// Bounds of the buffers a readAhead keeps from one Prefetch to the next:
+// past them, a batch of large keys or values does not hold on to its
+// memory.
+const (
+	maxKeptEntries = 1 << 14
+	maxKeptBytes   = 1 << 20
+)
+
 // find returns the entry of the encoded key k, or nil if the last Prefetch
-// did not read k.
+// was not given k.
 func (a *readAhead) find(k []byte) *aheadEntry {
 	if len(a.entries) == 0 {
 		return nil
@@ -104,39 +128,88 @@ func (a *readAhead) find(k []byte) *aheadEntry {
 	return &a.entries[i]
 }
 
-// value returns a copy of v in a.vals. A copy made earlier stays as it was,
-// in the array it was made in, even when a.vals grows.
-func (a *readAhead) value(v []byte) []byte {
+// readEntry reads e's value from Pebble, unless it is known.
+func (d *Disk) readEntry(e *aheadEntry) error {
+	if e.read {
+		return nil
+	}
+	val, found, err := d.read(e.key, e.hash)
+	if err != nil {
+		return err
+	}
+	e.read, e.found, e.val = true, found, nil
+	if found {
+		e.val = d.ahead.value(nil, val)
+	}
+	return nil
+}
+
+// getEntry is Get of e's key.
+func (d *Disk) getEntry(e *aheadEntry) ([]byte, bool, error) {
+	a := &d.ahead
+	a.gets++
+	a.hits++
+	if err := d.readEntry(e); err != nil {
+		return nil, false, err
+	}
+	if !e.found {
+		return nil, false, nil
+	}
+	return e.val, true, nil
+}
+
+// value returns a copy of v: in dst if it fits (a value Get returned is
+// valid only until the next call of a Disk method, such as the Put that
+// overwrites it), else appended to a.vals. A copy in a.vals stays where it
+// is, in the array it was made in, when a.vals grows.
+func (a *readAhead) value(dst, v []byte) []byte {
+	if len(v) <= cap(dst) {
+		dst = dst[:len(v)]
+		copy(dst, v)
+		return dst
+	}
 	start := len(a.vals)
 	a.vals = append(a.vals, v...)
 	return a.vals[start:len(a.vals):len(a.vals)]
 }
 
-// write records a Put (found) or a Delete of e's key.
+// write records a Put (found) or a Delete of e's key, to be made by
+// commitKept.
 func (a *readAhead) write(e *aheadEntry, value []byte, found bool) {
-	e.val, e.found = nil, found
 	if found {
-		e.val = a.value(value)
+		e.val = a.value(e.val, value)
+	} else {
+		e.val = e.val[:0]
 	}
-	if !e.dirty {
-		e.dirty = true
-		a.dirty++
+	e.found, e.read = found, true
+	if !e.kept {
+		e.kept = true
+		a.kept++
 	}
 }
 
-// reset forgets the entries, keeping the buffers for the next Prefetch: a
-// value Get returned is valid only until the next call of a Disk method.
+// reset forgets the entries. It keeps the buffers for the next Prefetch
+// unless a large batch grew them past maxKeptEntries or maxKeptBytes.
 func (a *readAhead) reset() {
 	clear(a.entries) // drop the slices' references for the collector
-	a.entries, a.dirty = a.entries[:0], 0
-	a.vals = a.vals[:0]
+	a.entries, a.kept = a.entries[:0], 0
+	a.keys, a.vals = a.keys[:0], a.vals[:0]
+	if cap(a.entries) > maxKeptEntries {
+		a.entries = nil
+	}
+	if cap(a.keys) > maxKeptBytes {
+		a.keys = nil
+	}
+	if cap(a.vals) > maxKeptBytes {
+		a.vals = nil
+	}
 }
 
-// flushAhead writes the entries written since the last Prefetch to Pebble in
-// one batch, in key order, and forgets the entries.
-func (d *Disk) flushAhead() error {
+// commitKept makes the writes kept since the last Prefetch in one Pebble
+// batch, in key order, and forgets the entries.
+func (d *Disk) commitKept() error {
 	a := &d.ahead
-	if a.dirty == 0 {
+	if a.kept == 0 {
 		a.reset()
 		return nil
 	}
@@ -146,11 +219,11 @@ func (d *Disk) flushAhead() error {
 	}
 	n := 0
 	for i := range a.entries {
-		if e := &a.entries[i]; e.dirty {
+		if e := &a.entries[i]; e.kept {
 			n += len(e.key) + len(e.val)
 		}
 	}
-	if err := d.admit(n, a.dirty); err != nil {
+	if err := d.admit(n, a.kept); err != nil {
 		return err
 	}
 	b := d.db.NewBatch()
@@ -158,7 +231,7 @@ func (d *Disk) flushAhead() error {
 	full := false
 	for i := range a.entries {
 		e := &a.entries[i]
-		if !e.dirty {
+		if !e.kept {
 			continue
 		}
 		var err error
@@ -177,13 +250,14 @@ func (d *Disk) flushAhead() error {
 	if err := b.Commit(pebble.NoSync); err != nil {
 		return d.failWrite(err)
 	}
+	a.committed += int64(a.kept)
 	return d.endGeneration(full)
 }
 
-// failWrite fails the backend with err, a failed write of Prefetch's kept
-// writes, and returns the failure: those writes were acknowledged and are
-// lost, so no later call may succeed.
+// failWrite fails the backend with err, a failed write of the kept writes,
+// and returns the failure: those writes were acknowledged and are lost, so
+// no later call may succeed.
 func (d *Disk) failWrite(err error) error {
-	d.fail(fmt.Errorf("write prefetched keys: %w", err))
+	d.fail(fmt.Errorf("write kept writes: %w", err))
 	return *d.failure.Load()
 }

@@ -61,7 +61,7 @@ const (
 func (d *Disk) Load(start, end int32) (*Loader, error) {
 	// The kept writes of a Prefetch count for the emptiness check, and
 	// none are kept during the load (Prefetch refuses to run then).
-	if err := d.flushAhead(); err != nil {
+	if err := d.commitKept(); err != nil {
 		return nil, err
 	}
 	if err := d.usable(); err != nil {

@@ -22,9 +22,10 @@
 // # Concurrency
 //
 // A Backend has one writer: the map task loop. Only that goroutine may call
-// Get, Put, Delete, DropRange, Snapshot and Close. A View may be handed to one
-// other goroutine, which may call its methods concurrently with writes to the
-// Backend. Release may be called from any goroutine.
+// Get, Put, Delete, DropRange, Snapshot and Close, and a Disk's Prefetch and
+// Load. A View may be handed to one other goroutine, which may call its
+// methods concurrently with writes to the Backend. Release may be called from
+// any goroutine.
 //
 // # Key groups
 //
