@@ -28,9 +28,9 @@ type GroupKey struct {
 // sorted, they are not (BenchmarkGetOrPut; docs/benchmarks.md).
 //
 // Prefetch reads ahead only while Gets use what it reads: if fewer than half
-// the keys of the last Prefetch were read by a Get (an operator that only
-// writes, items dropped as duplicates), it leaves the values to be read by
-// the Gets that ask for them, and only sorts the writes.
+// the keys of the last Prefetch were read by a Get (items of an operator
+// that keeps no state, or dropped as duplicates), it leaves the values to
+// be read by the Gets that ask for them, and only sorts the writes.
 //
 // Gets, Puts and Deletes of other keys go to Pebble as before. A write kept
 // waits for Pebble's flushes (admit) only when it is made, so a slow disk
