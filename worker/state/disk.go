@@ -356,12 +356,8 @@ func (d *Disk) Put(kg int32, key, value []byte) error {
 		return err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
-	if e := d.ahead.find(d.keyBuf); e != nil {
-		if err := d.usable(); err != nil {
-			return err
-		}
-		d.ahead.write(e, value, true)
-		return nil
+	if kept, err := d.keep(value, true); kept {
+		return err
 	}
 	if err := d.admit(len(key)+len(value), 1); err != nil {
 		return err
@@ -380,12 +376,8 @@ func (d *Disk) Delete(kg int32, key []byte) error {
 		return err
 	}
 	d.keyBuf = appendKey(d.keyBuf[:0], kg, key)
-	if e := d.ahead.find(d.keyBuf); e != nil {
-		if err := d.usable(); err != nil {
-			return err
-		}
-		d.ahead.write(e, nil, false)
-		return nil
+	if kept, err := d.keep(nil, false); kept {
+		return err
 	}
 	if err := d.admit(len(key), 1); err != nil {
 		return err

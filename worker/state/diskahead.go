@@ -173,6 +173,21 @@ func (a *readAhead) value(dst, v []byte) []byte {
 	return a.vals[start:len(a.vals):len(a.vals)]
 }
 
+// keep keeps a Put of value (found) or a Delete of the encoded key in
+// d.keyBuf, if the last Prefetch was given the key, and reports whether it
+// was.
+func (d *Disk) keep(value []byte, found bool) (bool, error) {
+	e := d.ahead.find(d.keyBuf)
+	if e == nil {
+		return false, nil
+	}
+	if err := d.usable(); err != nil {
+		return true, err
+	}
+	d.ahead.write(e, value, found)
+	return true, nil
+}
+
 // write records a Put (found) or a Delete of e's key, to be made by
 // commitKept.
 func (a *readAhead) write(e *aheadEntry, value []byte, found bool) {
