@@ -253,3 +253,49 @@ func TestExactlyOnceSinkCommitsAfterAProduceCutByTheStop(t *testing.T) {
 		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
 	}
 }
+
+// TestMapTaskCommitsACompletionQueuedBehindACutProduce: a map task's loop is
+// in a sink write the broker took and does not answer when checkpoint 1's
+// completion arrives, and then the task is stopped. The stop cuts the write,
+// whose error ends the loop; the completion queued meanwhile still commits
+// checkpoint 1's transaction before the sink closes (mapTask.lastCompletions),
+// rather than waiting for the next restore.
+func TestMapTaskCommitsACompletionQueuedBehindACutProduce(t *testing.T) {
+	src := newKafka(t, map[string]int32{"nums": 1})
+	out := newKafkaCluster(t, "sums")
+	stall := stallProduce(t, out)
+	f := newFakeCoord(t, true, "")
+	w := startWorker(t, "w1", f, nil)
+	refs := mapRefs(128, w)
+	md := mapDeploy("sum", 1, operator.Sum, 1, 128, refs, 0)
+	md.Sink = &transport.SinkSpec{Brokers: out.ListenAddrs(), Topic: "sums", Delivery: "exactly_once",
+		TransactionTimeoutMs: 60_000, CheckpointTimeoutMs: 10_000, TransactionalIdPrefix: "coordflow-sum"}
+	sd := sourceDeploy("sum", 1, 0, operator.Sum, src, "nums", []int32{0}, refs)
+
+	produce(t, src, "nums", []record{{0, "a", "1"}, {0, "b", "10"}, {0, "a", "2"}})
+	f.deploy(t, "w1", md)
+	f.deploy(t, "w1", sd)
+	f.awaitStatus(t, sd.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	id, _ := checkpointUntil(t, f, 1, map[string]*transport.TaskRef{"w1": sd.Task}, []*transport.TaskRef{md.Task}, map[int32]int64{0: 3}, nil)
+
+	// The next write's Produce stalls at the broker, with the loop in it.
+	stall.arm()
+	produce(t, src, "nums", []record{{0, "c", "7"}})
+	select {
+	case <-stall.asleep:
+	case <-time.After(waitTimeout):
+		t.Fatal("the map task wrote no output after checkpoint 1")
+	}
+	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
+		Task: md.Task, CheckpointId: id,
+	}}})
+	f.send(t, "w1", &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Cancel{Cancel: &transport.CancelTask{Task: md.Task, Reason: "test"}}})
+
+	var got []string
+	for _, m := range readCommittedMessages(t, out.ListenAddrs(), "sums", 3) {
+		got = append(got, string(m.Key)+"="+string(m.Value))
+	}
+	if want := []string{"a=1", "b=10", "a=3"}; !slices.Equal(got, want) {
+		t.Fatalf("read_committed after the stop saw %v, want checkpoint %d's outputs %v", got, id, want)
+	}
+}
