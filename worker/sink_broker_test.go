@@ -298,4 +298,9 @@ func TestMapTaskCommitsACompletionQueuedBehindACutProduce(t *testing.T) {
 	if want := []string{"a=1", "b=10", "a=3"}; !slices.Equal(got, want) {
 		t.Fatalf("read_committed after the stop saw %v, want checkpoint %d's outputs %v", got, id, want)
 	}
+	// The cut write's transaction (c=7) belongs to no checkpoint: it must
+	// not be committed with them.
+	if more := readCommittedFor(t, out.ListenAddrs(), "sums", 4, time.Second); len(more) != 3 {
+		t.Fatalf("read_committed saw %d outputs after the stop, want checkpoint %d's 3", len(more), id)
+	}
 }

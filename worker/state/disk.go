@@ -620,8 +620,10 @@ type diskView struct {
 	released atomic.Bool
 	keyBuf   []byte // the encoded key of the current Get
 	valBuf   []byte // the value Get last returned
-	// iter serves Get: nil until the first, and after an error.
-	iter *pebble.Iterator
+	// iter serves Get: nil until the first, after an error, and once the
+	// tables changed since it was made (iterAt, Disk.tableChanges then).
+	iter   *pebble.Iterator
+	iterAt uint64
 }
 
 // Get returns the value of key in key group kg as of the snapshot. The
@@ -630,7 +632,12 @@ type diskView struct {
 //
 // Get seeks one iterator of the snapshot rather than calling Pebble's Get,
 // which builds one per call: a delta's changed keys are read in key order,
-// and a seek to a later key goes on from where the last one stands.
+// and a seek to a later key than the last goes on from where that one
+// stands. The iterator holds on to the memtables and tables of its time, so
+// Get makes it anew once a flush or compaction changed them, as the fast
+// read path does (flushedReads): a view read while the task writes on
+// would otherwise keep retired memtables in memory and compacted tables on
+// disk until it is released.
 func (v *diskView) Get(kg int32, key []byte) ([]byte, bool, error) {
 	if v.released.Load() {
 		return nil, false, ErrReleased
@@ -638,12 +645,13 @@ func (v *diskView) Get(kg int32, key []byte) ([]byte, bool, error) {
 	if err := checkKeyGroup(kg); err != nil {
 		return nil, false, err
 	}
-	if v.iter == nil {
+	if tables := v.d.tableChanges.Load(); v.iter == nil || v.iterAt != tables {
+		v.closeIter()
 		it, err := v.snap.NewIter(nil)
 		if err != nil {
 			return nil, false, v.d.errorf("snapshot get", err)
 		}
-		v.iter = it
+		v.iter, v.iterAt = it, tables
 	}
 	v.keyBuf = appendKey(v.keyBuf[:0], kg, key)
 	if !v.iter.SeekPrefixGE(v.keyBuf) || !bytes.Equal(v.iter.Key(), v.keyBuf) {

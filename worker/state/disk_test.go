@@ -245,3 +245,33 @@ func (s *syncWriter) String() string {
 	defer s.mu.Unlock()
 	return s.buf.String()
 }
+
+// TestViewGetLetsGoOfFlushedMemtables checks that a view read while the
+// task writes on does not keep the memtables its Get read in memory once
+// they are flushed: its Get makes its iterator anew after a flush. (Pebble
+// itself may hold a flushed memtable a while: the count to reach is the
+// one once the view is released.)
+func TestViewGetLetsGoOfFlushedMemtables(t *testing.T) {
+	d := openTestDisk(t, vfs.Default, 0)
+	mustPut(t, d, 0, "k", "v")
+	v := mustSnapshot(t, d)
+	defer v.Release()
+	checkGet(t, v, 0, "k", "v", true)
+	for i := range 2000 { // 256 KB memtables: a few flushes
+		mustPut(t, d, 1, fmt.Sprintf("key-%05d", i), fmt.Sprintf("%0200d", i))
+	}
+	if err := d.db.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	zombies := func() int64 { return d.db.Metrics().MemTable.ZombieCount }
+	held := zombies()
+	checkGet(t, v, 0, "k", "v", true)
+	checkGet(t, v, 1, "key-00001", "", false)
+	afterGet := zombies()
+	v.Release()
+	if released := zombies(); held <= released {
+		t.Fatalf("%d flushed memtables held with the view's first Get, %d once released: the test shows nothing", held, released)
+	} else if afterGet != released {
+		t.Fatalf("%d flushed memtables held after the view's next Get, %d once it is released", afterGet, released)
+	}
+}

@@ -16,7 +16,7 @@ type GroupKey struct {
 }
 
 // Prefetch prepares the Gets, Puts and Deletes of keys that follow: it reads
-// the keys' values in key order, and keeps the writes of those keys until
+// the keys' values in key order (while Gets use them: see below), and keeps the writes of those keys until
 // the next Prefetch, Snapshot, DropRange or Load, which makes them in one
 // Pebble batch in key order. A map task calls it with the keys of a batch of
 // items before it applies them. Prefetch copies keys; the caller may reuse
@@ -27,10 +27,11 @@ type GroupKey struct {
 // from where the last insert spliced. Keys in item order are scattered;
 // sorted, they are not (BenchmarkGetOrPut; docs/benchmarks.md).
 //
-// Prefetch reads ahead only while Gets use what it reads: if fewer than half
-// the keys of the last Prefetch were read by a Get (items of an operator
-// that keeps no state, or dropped as duplicates), it leaves the values to
-// be read by the Gets that ask for them, and only sorts the writes.
+// Prefetch reads ahead only while Gets use what it reads: if there were
+// fewer Gets of the keys of the last Prefetch than half its keys (items of
+// an operator that keeps no state, or dropped as duplicates), it leaves the
+// values to be read by the Gets that ask for them, and only sorts the
+// writes.
 //
 // Gets, Puts and Deletes of other keys go to Pebble as before. A write kept
 // waits for Pebble's flushes (admit) only when it is made, so a slow disk
@@ -102,7 +103,7 @@ type aheadEntry struct {
 	key   []byte // encoded (appendKey)
 	hash  uint64 // flushedReads.hash of key
 	val   []byte
-	found bool // the key is set, to val (if read or kept)
+	found bool // the key is set, to val (if read)
 	read  bool // val and found are known: read from Pebble, or written
 	kept  bool // written since the Prefetch, not yet in Pebble
 }
@@ -155,7 +156,9 @@ func (d *Disk) getEntry(e *aheadEntry) ([]byte, bool, error) {
 	if !e.found {
 		return nil, false, nil
 	}
-	return e.val, true, nil
+	// Clipped, as every Get's value: an append by the caller must not
+	// write into the entry's spare capacity.
+	return slices.Clip(e.val), true, nil
 }
 
 // value returns a copy of v: in dst if it fits (a value Get returned is

@@ -127,6 +127,27 @@ func runModel(t *testing.T, b Backend, rng *rand.Rand, ops int, prefetch func([]
 		case r < 45:
 			kg, k := randGK()
 			v := randValue()
+			if prefetch != nil && rng.IntN(4) == 0 {
+				// The value Get returned for a key (this one or
+				// another), whole or in part: Put must copy it
+				// before it changes anything it may share memory
+				// with.
+				kg2, k2 := randGK()
+				got, ok, err := b.Get(kg2, []byte(k2))
+				if err != nil {
+					t.Fatalf("op %d: Get(%d, %q): %v", op, kg2, k2, err)
+				}
+				if ok {
+					if len(got) > 1 && rng.IntN(2) == 0 {
+						got = got[1:]
+					}
+					m.put(kg, k, string(got))
+					if err := b.Put(kg, []byte(k), got); err != nil {
+						t.Fatalf("op %d: Put(%d, %q) of a value Get returned: %v", op, kg, k, err)
+					}
+					break
+				}
+			}
 			mustPut(t, b, kg, k, v)
 			m.put(kg, k, v)
 		case r < 63:
