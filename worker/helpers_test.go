@@ -137,8 +137,11 @@ type fakeCoord struct {
 	gossipAddr string
 	leaseMs    int64
 	hbMs       int64
-	redirect   string      // if set: answer NotLeader naming this leader
-	silent     atomic.Bool // stop answering heartbeats
+	redirect   atomic.Pointer[string] // if set: answer NotLeader naming this leader
+	// stop stops the fake's server, as a kill would: its connections end
+	// and new ones are refused.
+	stop   func()
+	silent atomic.Bool // stop answering heartbeats
 	// leaderless makes the fake a coordinator that knows no leader: it
 	// answers Hello and heartbeats with an empty NotLeader (counted in
 	// leaderlessAnswers) until elected names a leader's address.
@@ -170,8 +173,10 @@ type fakeSession struct {
 // member advertising it, for workers to join.
 func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 	t.Helper()
-	f := &fakeCoord{t: t, leaseMs: 5000, hbMs: 50, redirect: redirect,
-		sessions: make(map[string]*fakeSession)}
+	f := &fakeCoord{t: t, leaseMs: 5000, hbMs: 50, sessions: make(map[string]*fakeSession)}
+	if redirect != "" {
+		f.redirect.Store(&redirect)
+	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -185,6 +190,7 @@ func newFakeCoord(t *testing.T, withGossip bool, redirect string) *fakeCoord {
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(256<<20), grpc.InitialWindowSize(64<<10), grpc.InitialConnWindowSize(64<<10))
 	transport.RegisterControlServer(srv, f)
 	go func() { _ = srv.Serve(lis) }()
+	f.stop = srv.Stop
 	t.Cleanup(srv.Stop)
 	if !withGossip {
 		return f
@@ -218,8 +224,8 @@ func (f *fakeCoord) Session(stream transport.Control_SessionServer) error {
 		f.t.Errorf("fake coordinator: first message %v is not hello", first)
 		return nil
 	}
-	if f.redirect != "" {
-		return stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{NotLeader: &transport.NotLeader{LeaderId: "leader", LeaderRpcAddr: f.redirect}}})
+	if r := f.redirect.Load(); r != nil {
+		return stream.Send(&transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_NotLeader{NotLeader: &transport.NotLeader{LeaderId: "leader", LeaderRpcAddr: *r}}})
 	}
 	if f.leaderless.Load() {
 		return f.holdLeaderless(stream)

@@ -347,3 +347,38 @@ func TestProbeVerdicts(t *testing.T) {
 		t.Errorf("leader: verdict %v (%v), want welcome", r.verdict, r.err)
 	}
 }
+
+// TestSessionAsksAgainTheFollowerThatNamesTheDeadLeader: the leader a is
+// killed; the live coordinator b goes on naming a until it has seen the
+// election (as a Raft follower does for an election timeout), then leads;
+// the other coordinators are dead too. w1 asks b again and again rather than
+// the dead leader it names, whose refusals would grow its backoff past the
+// moment b leads, and reaches b within its lease: its task runs on.
+func TestSessionAsksAgainTheFollowerThatNamesTheDeadLeader(t *testing.T) {
+	a := newFakeCoord(t, true, "")
+	b := newFakeCoord(t, false, a.rpcAddr)
+	for _, f := range []*fakeCoord{a, b} {
+		f.leaseMs, f.hbMs = 3000, 50
+	}
+	w := startWorker(t, "w1", a, nil)
+	a.awaitSession(t, "w1")
+	others := []string{b.rpcAddr, refusedAddr(t), refusedAddr(t), refusedAddr(t), refusedAddr(t), refusedAddr(t)}
+	for _, addr := range others {
+		advertise(t, addr, a.gossipAddr)
+	}
+	waitFor(t, "w1 to know every coordinator", func() bool { return len(w.coordinators()) == 1+len(others) })
+	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
+	a.deploy(t, "w1", d)
+	a.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+
+	a.stop()
+	time.Sleep(1800 * time.Millisecond) // b has not seen the election yet
+	b.redirect.Store(nil)
+	elected := time.Now()
+	hello := b.await(t, "hello at the new leader b", func(r received) bool { return r.msg.GetHello() != nil }).GetHello()
+	t.Logf("w1 reached the new leader %v after its election", time.Since(elected).Round(time.Millisecond))
+	if len(hello.GetRunning()) != 1 || !sameTask(hello.GetRunning()[0].GetTask(), d.Task) {
+		t.Fatalf("hello at b lists %v, want the running map task: the lease expired first", hello.GetRunning())
+	}
+	noTaskEnded(t, b)
+}

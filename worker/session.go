@@ -207,13 +207,20 @@ func newSession(w *Worker) *session {
 // maxRedirectHops in a row, so that coordinators with stale views cannot
 // make it spin), unless it is the leader whose session just failed; a
 // coordinator that names that one has not seen the election yet, and is asked
-// again after the shortest wait. A leaderless hold that found the leader
-// hands over the session it opened, which run goes on with at once. Tasks
-// keep running while it looks, until the lease expires.
+// again after the shortest wait, rather than the leader it names, for up to a
+// lease after that failure. A leaderless hold that found the leader hands
+// over the session it opened, which run goes on with at once. Tasks keep
+// running while it looks, until the lease expires, so the backoff grows only
+// once every coordinator gossip knows was tried (a dead one refuses at once,
+// and must not delay asking a live one), and no wait is longer than a
+// quarter of the lease.
 func (s *session) run(ctx context.Context) {
 	bo := newBackoff(s.w.cfg.SessionBackoffMin, s.w.cfg.SessionBackoffMax)
 	var redirect, lastLeader, failed string
-	var next *opened // a session with the leader that a hold handed over
+	var failedAt time.Time // when failed's session failed
+	misses := 0            // attempts that failed since the backoff last grew
+	lastEnded := ""        // the coordinator and redirect of the last session logged
+	var next *opened       // a session with the leader that a hold handed over
 	defer func() {
 		if next != nil {
 			next.close()
@@ -257,16 +264,16 @@ func (s *session) run(ctx context.Context) {
 		}
 		if end.welcomed || end.held {
 			bo.reset()
-			hops = 0
+			hops, misses = 0, 0
 		}
 		switch {
 		case end.welcomed:
 			lastLeader = addr
-			failed = addr // its session ended: do not rush back to it
+			failed, failedAt = addr, time.Now() // its session ended: do not rush back to it
 		case end.next != nil:
 			// The hold ended because a probe found the leader.
 		case end.redirect == "":
-			failed = addr
+			failed, failedAt = addr, time.Now()
 		}
 		if end.redirect != "" && end.redirect != addr {
 			redirect = end.redirect
@@ -277,7 +284,16 @@ func (s *session) run(ctx context.Context) {
 			}
 			return
 		}
-		s.logger.Info("control session ended", "coordinator", addr, "redirect", end.redirect, "err", err)
+		// A follower that has not seen the election yet is asked again
+		// every few tens of milliseconds: its repeated answer is logged
+		// once.
+		level := slog.LevelInfo
+		if ended := addr + " " + end.redirect; end.redirect != "" && ended == lastEnded {
+			level = slog.LevelDebug
+		} else {
+			lastEnded = ended
+		}
+		s.logger.Log(ctx, level, "control session ended", "coordinator", addr, "redirect", end.redirect, "err", err)
 		if end.next != nil {
 			next, redirect = end.next, ""
 			continue
@@ -287,13 +303,24 @@ func (s *session) run(ctx context.Context) {
 			continue
 		}
 		hops = 0
+		lease := orDefault(time.Duration(s.lease.Load()), defaultLease)
 		wait := bo.next
+		if misses++; misses < len(s.w.coordinators()) {
+			wait = bo.first // others not tried yet in this round
+		} else {
+			misses = 0
+		}
 		if end.redirect != "" {
 			// A live coordinator answered, naming a leader that just failed:
-			// it will know the new one within an election, so retry soon.
+			// it will know the new one, or that there is none and hold the
+			// worker, within an election, so ask it again soon. The leader
+			// it names would fail again, and grow the backoff.
 			wait = bo.first
+			if end.redirect == failed && time.Since(failedAt) < lease {
+				redirect = addr
+			}
 		}
-		if !sleepCtx(ctx, wait()) {
+		if !sleepCtx(ctx, min(wait(), lease/4)) {
 			return
 		}
 	}
