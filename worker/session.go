@@ -206,9 +206,9 @@ func newSession(w *Worker) *session {
 // Welcome, except that a leader a coordinator names is dialled at once (up to
 // maxRedirectHops in a row, so that coordinators with stale views cannot
 // make it spin), unless it is the leader whose session just failed; a
-// coordinator that names that one has not seen the election yet, and is asked
-// again after the shortest wait, rather than the leader it names, for up to a
-// lease after that failure. A leaderless hold that found the leader hands
+// coordinator that names that one may not have seen the election yet, and is
+// asked again after the shortest wait, before the leader it names is, for up
+// to a lease after that failure. A leaderless hold that found the leader hands
 // over the session it opened, which run goes on with at once. Tasks keep
 // running while it looks, until the lease expires, so the backoff grows only
 // once every coordinator gossip knows was tried (a dead one refuses at once,
@@ -220,6 +220,7 @@ func (s *session) run(ctx context.Context) {
 	var failedAt time.Time // when failed's session failed
 	misses := 0            // attempts that failed since the backoff last grew
 	lastEnded := ""        // the coordinator and redirect of the last session logged
+	askedAgain := false    // the last attempt asked a coordinator again instead of the leader it named
 	var next *opened       // a session with the leader that a hold handed over
 	defer func() {
 		if next != nil {
@@ -313,11 +314,15 @@ func (s *session) run(ctx context.Context) {
 		if end.redirect != "" {
 			// A live coordinator answered, naming a leader that just failed:
 			// it will know the new one, or that there is none and hold the
-			// worker, within an election, so ask it again soon. The leader
-			// it names would fail again, and grow the backoff.
+			// worker, within an election, so ask it again soon, before the
+			// leader it names, which is dialled every other time: it may
+			// be dead, or only have ended the session (a hold it ended on
+			// becoming leader).
 			wait = bo.first
-			if end.redirect == failed && time.Since(failedAt) < lease {
-				redirect = addr
+			if end.redirect == failed && time.Since(failedAt) < lease && !askedAgain {
+				redirect, askedAgain = addr, true
+			} else {
+				askedAgain = false
 			}
 		}
 		if !sleepCtx(ctx, min(wait(), lease/4)) {
