@@ -351,9 +351,10 @@ func TestProbeVerdicts(t *testing.T) {
 // TestSessionAsksAgainTheFollowerThatNamesTheDeadLeader: the leader a is
 // killed; the live coordinator b goes on naming a until it has seen the
 // election (as a Raft follower does for an election timeout), then leads;
-// the other coordinators are dead too. w1 asks b again and again rather than
-// the dead leader it names, whose refusals would grow its backoff past the
-// moment b leads, and reaches b within its lease: its task runs on.
+// the other coordinators are dead too. w1 asks b again before it dials the
+// dead leader b names, and the refusals of the dead do not grow its backoff
+// before each was tried once, so it asks b often enough to reach it within
+// its lease once b leads: its task runs on.
 func TestSessionAsksAgainTheFollowerThatNamesTheDeadLeader(t *testing.T) {
 	a := newFakeCoord(t, true, "")
 	b := newFakeCoord(t, false, a.rpcAddr)
