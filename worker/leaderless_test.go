@@ -92,7 +92,21 @@ func silentAddr(t *testing.T) string {
 // held by a. It returns the worker and the task.
 func leaderlessSetup(t *testing.T, a *fakeCoord, others ...string) (*Worker, *transport.TaskRef) {
 	t.Helper()
-	w := startWorker(t, "w1", a, func(c *Config) { c.MetricsAddr = "127.0.0.1:0" })
+	w, task := runningWith(t, a, func(c *Config) { c.MetricsAddr = "127.0.0.1:0" }, others...)
+	if n := metricValue(t, w.Gatherer(), "coordflow_worker_session_open", nil); n != 1 {
+		t.Fatalf("session open = %v, want 1 with the leader", n)
+	}
+	a.leaderless.Store(true)
+	a.kick("w1")
+	return w, task
+}
+
+// runningWith runs w1 (tuned by tune) with a fake leader a (gossip),
+// advertises the coordinators at others beside it, and deploys a map task
+// through a. It returns the worker and the task, running.
+func runningWith(t *testing.T, a *fakeCoord, tune func(*Config), others ...string) (*Worker, *transport.TaskRef) {
+	t.Helper()
+	w := startWorker(t, "w1", a, tune)
 	a.awaitSession(t, "w1")
 	for _, addr := range others {
 		advertise(t, addr, a.gossipAddr)
@@ -101,11 +115,6 @@ func leaderlessSetup(t *testing.T, a *fakeCoord, others ...string) (*Worker, *tr
 	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
 	a.deploy(t, "w1", d)
 	a.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
-	if n := metricValue(t, w.Gatherer(), "coordflow_worker_session_open", nil); n != 1 {
-		t.Fatalf("session open = %v, want 1 with the leader", n)
-	}
-	a.leaderless.Store(true)
-	a.kick("w1")
 	return w, d.Task
 }
 
@@ -361,16 +370,7 @@ func TestSessionAsksAgainTheFollowerThatNamesTheDeadLeader(t *testing.T) {
 	for _, f := range []*fakeCoord{a, b} {
 		f.leaseMs, f.hbMs = 3000, 50
 	}
-	w := startWorker(t, "w1", a, nil)
-	a.awaitSession(t, "w1")
-	others := []string{b.rpcAddr, refusedAddr(t), refusedAddr(t), refusedAddr(t), refusedAddr(t), refusedAddr(t)}
-	for _, addr := range others {
-		advertise(t, addr, a.gossipAddr)
-	}
-	waitFor(t, "w1 to know every coordinator", func() bool { return len(w.coordinators()) == 1+len(others) })
-	d := mapDeploy("job", 1, operator.Count, 1, 128, mapRefs(128, w), 0)
-	a.deploy(t, "w1", d)
-	a.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
+	_, task := runningWith(t, a, nil, b.rpcAddr, refusedAddr(t), refusedAddr(t), refusedAddr(t), refusedAddr(t), refusedAddr(t))
 
 	a.stop()
 	time.Sleep(1800 * time.Millisecond) // b has not seen the election yet
@@ -378,7 +378,7 @@ func TestSessionAsksAgainTheFollowerThatNamesTheDeadLeader(t *testing.T) {
 	elected := time.Now()
 	hello := b.await(t, "hello at the new leader b", func(r received) bool { return r.msg.GetHello() != nil }).GetHello()
 	t.Logf("w1 reached the new leader %v after its election", time.Since(elected).Round(time.Millisecond))
-	if len(hello.GetRunning()) != 1 || !sameTask(hello.GetRunning()[0].GetTask(), d.Task) {
+	if len(hello.GetRunning()) != 1 || !sameTask(hello.GetRunning()[0].GetTask(), task) {
 		t.Fatalf("hello at b lists %v, want the running map task: the lease expired first", hello.GetRunning())
 	}
 	noTaskEnded(t, b)
