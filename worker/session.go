@@ -286,8 +286,10 @@ func (s *session) run(ctx context.Context) {
 			return
 		}
 		// A follower that has not seen the election yet is asked again
-		// every few tens of milliseconds: its repeated answer is logged
-		// once.
+		// every few tens of milliseconds: the same answer twice in a row
+		// is logged once. (The re-asks alternate with dials of the leader
+		// it names, so during an election about every other attempt is
+		// logged.)
 		level := slog.LevelInfo
 		if ended := addr + " " + end.redirect; end.redirect != "" && ended == lastEnded {
 			level = slog.LevelDebug
