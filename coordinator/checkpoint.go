@@ -297,8 +297,11 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		cmd.ID = js.ckpt.issued
 	}
 	// Pipelined only with no sent id uncommitted, so that a new leader,
-	// which skips one id, never reuses one (inherit).
-	if cmd.ID != 0 && !savepoint && mayBeSent == js.ckpt.committed && !js.ckpt.unsure {
+	// which skips one id, never reuses one (inherit), and only while this
+	// loop's term is Raft's: a deposed leader's FSM may apply its
+	// successor's entries before the loop stops, and the ids committed
+	// there are the successor's to follow, not this loop's.
+	if cmd.ID != 0 && !savepoint && mayBeSent == js.ckpt.committed && !js.ckpt.unsure && l.leadsTerm() {
 		p := l.startCheckpoint(js, cmd.ID, now, false, false, nil)
 		l.write(js, fsm.CommandCheckpointTriggered, cmd, func(_ any, err error) {
 			if err == nil {
@@ -375,6 +378,12 @@ func (l *leader) startCheckpoint(js *jobState, id uint64, now time.Time, savepoi
 	log.Debug("checkpoint triggered", "checkpoint", id)
 	return p
 }
+
+// leadsTerm reports whether Raft's current term is still the one this loop
+// leads. Raft moves its term before it takes a newer leader's entries, so
+// while this holds, the local FSM holds only entries of this term and
+// earlier ones.
+func (l *leader) leadsTerm() bool { return l.env.term() == l.term }
 
 // triggerMsg is the TriggerCheckpoint of p for source task tv of js.
 func triggerMsg(js *jobState, tv *trackedTask, p *pendingCheckpoint) *transport.CoordinatorMessage {

@@ -184,7 +184,7 @@ func TestLeaderWritesInOrderPerJob(t *testing.T) {
 		},
 		now: time.Now,
 	}
-	l := newLeader(t.Context(), env, Config{}, testLogger(t), newMetrics())
+	l := newLeader(t.Context(), env, Config{}, testLogger(t), newMetrics(), 1)
 	const jobs, writes = 6, 5
 	var order = make(map[string][]int) // continuation order per job
 	for j := range jobs {

@@ -150,6 +150,11 @@ type leader struct {
 	lookups sync.WaitGroup
 	probes  sync.WaitGroup
 
+	// term is the Raft term this loop leads, read before the Barrier that
+	// started it. Once Raft's current term has moved past it, the local FSM
+	// may hold a successor's entries, so the loop sends nothing ahead of a
+	// commit (leadsTerm).
+	term     uint64
 	started  time.Time // when this term's loop started
 	graceEnd time.Time // before it, tasks are not judged missing and nothing is deployed
 
@@ -217,8 +222,8 @@ func (s *Server) currentLeader() *leader { return s.leader.Load() }
 // in its own goroutine after a raft Barrier on gaining leadership, and waits
 // for it to return before leadership can be gained again. Every session of
 // the term ends with it, so that workers reconnect to the next leader.
-func (s *Server) runLeader(ctx context.Context) {
-	l := newLeader(ctx, serverEnv(s), s.cfg, s.logger, s.metrics)
+func (s *Server) runLeader(ctx context.Context, term uint64) {
+	l := newLeader(ctx, serverEnv(s), s.cfg, s.logger, s.metrics, term)
 	s.leader.Store(l)
 	defer s.leader.CompareAndSwap(l, nil)
 	l.run()
@@ -253,10 +258,12 @@ func newControlService(s *Server) transport.ControlServer {
 	return &controlService{s: s}
 }
 
-// newLeader returns the state of a new term of leadership; call run to start it.
-func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logger, m *metrics) *leader {
+// newLeader returns the state of a new term of leadership, the Raft term
+// given; call run to start it.
+func newLeader(ctx context.Context, env leaderEnv, cfg Config, logger *slog.Logger, m *metrics, term uint64) *leader {
 	l := &leader{
 		env:            env,
+		term:           term,
 		ctx:            ctx,
 		logger:         logger.With("leader", env.leaderID),
 		metrics:        m,

@@ -50,6 +50,9 @@ type leaderHarness struct {
 	// while a coordinator below chosenIDLevel is in the cluster: triggers
 	// are sent after their commit.
 	fsmIDs bool
+	// raftTerm is Raft's current term as the leader reads it (env.term);
+	// newTerm moves it on.
+	raftTerm uint64
 }
 
 func newLeaderHarness(t *testing.T) *leaderHarness {
@@ -97,7 +100,7 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 			return h.refused[member]
 		},
 		leaderID:  "c1",
-		term:      func() uint64 { return 1 },
+		term:      func() uint64 { return h.raftTerm },
 		now:       func() time.Time { return h.clock },
 		jitter:    func() float64 { return 0.5 }, // no jitter: delays are exact
 		chosenIDs: func() bool { return !h.fsmIDs },
@@ -115,7 +118,7 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 // applyData applies an encoded command as the next log entry.
 func (h *leaderHarness) applyData(data []byte) (any, error) {
 	h.index++
-	return fsm.Result(h.f.Apply(&raft.Log{Index: h.index, Term: 1, Type: raft.LogCommand, Data: data}))
+	return fsm.Result(h.f.Apply(&raft.Log{Index: h.index, Term: h.raftTerm, Type: raft.LogCommand, Data: data}))
 }
 
 // flush plays the leader loop until it has nothing left to do: it hands the
@@ -174,7 +177,8 @@ func (h *leaderHarness) newTerm() {
 	cfg := Config{WorkerLease: 2 * time.Second, WorkerHeartbeat: 500 * time.Millisecond, ReconcileInterval: time.Second, JobGCThreshold: h.jobGC}
 	var ctx context.Context
 	ctx, h.cancel = context.WithCancel(context.Background())
-	h.l = newLeader(ctx, h.env, cfg, testLogger(h.t), newMetrics())
+	h.raftTerm++
+	h.l = newLeader(ctx, h.env, cfg, testLogger(h.t), newMetrics(), h.raftTerm)
 	h.l.inherit() // as run does first
 	h.sessions = make(map[string]*session)
 }

@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/raft"
+
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
 )
@@ -280,5 +282,70 @@ func TestLeaderWaitsForTheCommitAfterAFailedAbort(t *testing.T) {
 	}
 	if id := h.completeCheckpoint("j1"); id <= first+1 {
 		t.Fatalf("completed checkpoint %d, want one above %d", id, first+1)
+	}
+}
+
+// successorCompletes commits checkpoint id of job's current attempt as a
+// successor's entries reach a deposed leader's FSM: its trigger, then its
+// completion with every task's ack.
+func (h *leaderHarness) successorCompletes(jobID string, id uint64) {
+	h.t.Helper()
+	job := h.job(jobID)
+	h.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: jobID, Attempt: job.Attempt, ID: id, Time: h.clock.UnixNano()})
+	p := newPendingCheckpoint(id, job.Attempt, h.clock, time.Minute)
+	tasks := make(map[string]*trackedTask, len(job.Tasks))
+	for _, tk := range job.Tasks {
+		tk.Attempt = job.TaskAttempt(tk)
+		tasks[tk.ID] = &trackedTask{task: tk}
+	}
+	for _, tk := range job.Tasks {
+		ack := &transport.CheckpointAck{Task: ref(job, tk), CheckpointId: id, State: validState(tk, id)}
+		if err := p.add(ack, tk.Worker, tasks, h.clock); err != nil {
+			h.t.Fatalf("ack of checkpoint %d from %s: %v", id, tk.ID, err)
+		}
+	}
+	h.apply(fsm.CommandCheckpointCompleted, fsm.CheckpointCompletedCmd{
+		JobID: jobID, Attempt: job.Attempt, CheckpointID: id, States: p.acks, Time: h.clock.UnixNano(),
+	})
+}
+
+// TestDeposedLeaderSendsNoTriggerAheadOfItsCommit: a leader is deposed and
+// its FSM applies the successor's checkpoint before its loop stops. The
+// loop reads that checkpoint as committed, but its next trigger must not go
+// out ahead of a commit: its id, the one after the successor's, is the
+// successor's next, and two triggers of one id from two leaders would reach
+// the sources. Once Raft's term has moved on, the loop waits for the commit,
+// which fails.
+func TestDeposedLeaderSendsNoTriggerAheadOfItsCommit(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	first := h.completeCheckpoint("j1")
+
+	// A successor is elected in the next term (the new leader skips
+	// first+1) and completes first+2; this node's writes fail from now on.
+	h.raftTerm++
+	h.l.env.submit = func(_ fsm.CommandType, _ []byte, done func(any, error)) {
+		h.results = append(h.results, func() { done(nil, raft.ErrNotLeader) })
+	}
+	h.successorCompletes("j1", first+2)
+	h.flush() // the loop looks at the job the FSM changed
+	if js := h.l.jobs["j1"]; js.ckpt.committed != first+2 {
+		t.Fatalf("the loop read checkpoint %d as the last committed, want the successor's %d", js.ckpt.committed, first+2)
+	}
+
+	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+	h.l.checkpointPass()
+	if sent := h.sourceTriggers(); len(sent) != 0 {
+		t.Fatalf("a deposed leader sent triggers ahead of their commit: %v (the successor's next id is %d)", sent, first+3)
+	}
+	if q := h.l.writes["j1"]; len(q) != 1 || q[0].t != fsm.CommandCheckpointTriggered {
+		t.Fatalf("the job's writes: %d, want the trigger's, waiting for its commit", len(q))
+	}
+	h.flush() // the commit fails: this node is no longer the leader
+	if sent := h.sourceTriggers(); len(sent) != 0 {
+		t.Fatalf("a deposed leader sent triggers whose commit failed: %v", sent)
+	}
+	if p := h.l.jobs["j1"].ckpt.pending; p != nil {
+		t.Fatalf("a deposed leader tracks checkpoint %d", p.id)
 	}
 }

@@ -218,7 +218,7 @@ func TestLeaderFreeSlotsCountsOnlyRunningJobs(t *testing.T) {
 		{ID: "w4", Slots: 8, DataAddr: "w4:1"}, // no session: not placeable
 	}
 	env := leaderEnv{aliveWorkers: func() []Member { return workers }, now: time.Now}
-	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics())
+	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics(), 1)
 	for _, w := range []string{"w1", "w2", "w3"} {
 		l.sessions[w] = newSession(t.Context(), &transport.Hello{WorkerId: w}, nil)
 	}
@@ -260,7 +260,7 @@ func TestLeaderPlacesByFeatureLevel(t *testing.T) {
 		{ID: "w2", Slots: 4, DataAddr: "w2:1"}, // an older build
 	}
 	env := leaderEnv{aliveWorkers: func() []Member { return workers }, now: time.Now}
-	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics())
+	l := newLeader(context.Background(), env, Config{}, testLogger(t), newMetrics(), 1)
 	for _, w := range workers {
 		l.sessions[w.ID] = newSession(t.Context(), &transport.Hello{WorkerId: w.ID}, nil)
 	}

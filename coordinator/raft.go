@@ -394,6 +394,10 @@ func (s *Server) waitLeaderLoops(done <-chan struct{}) {
 // entry of earlier terms, then the Raft membership reconciliation and C2's
 // runLeader until ctx is cancelled.
 func (s *Server) leaderLoop(ctx context.Context) {
+	// The term is read before the Barrier: read after it, it could be a
+	// successor's term, were this node deposed in between, and the loop
+	// would take the successor's entries for its own (leader.leadsTerm).
+	term := s.raft.CurrentTerm()
 	for {
 		err := s.raft.Barrier(barrierTimeout).Error()
 		if err == nil {
@@ -413,7 +417,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 		defer close(reconciled)
 		s.reconcileRaftMembers(ctx)
 	}()
-	s.runLeader(ctx)
+	s.runLeader(ctx, term)
 	if ctx.Err() == nil {
 		s.logger.Error("leader loop returned while still leader; leader duties stop until the next term")
 	}
