@@ -124,19 +124,24 @@ func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
 	}
 }
 
-// produceStall has a broker take the first Produce request after arm and
-// say nothing until the test ends.
-type produceStall struct {
+// requestStall has a broker take the first request of one kind after arm
+// and say nothing until the test ends.
+type requestStall struct {
 	armed, slept atomic.Bool
 	asleep       chan struct{}
 }
 
-// stallProduce sets up a produceStall on cluster c.
-func stallProduce(t *testing.T, c *kfake.Cluster) *produceStall {
-	st := &produceStall{asleep: make(chan struct{})}
+// stallProduce sets up a requestStall of Produce requests on cluster c.
+func stallProduce(t *testing.T, c *kfake.Cluster) *requestStall {
+	return stallRequest(t, c, kmsg.Produce)
+}
+
+// stallRequest sets up a requestStall of requests of key on cluster c.
+func stallRequest(t *testing.T, c *kfake.Cluster, key kmsg.Key) *requestStall {
+	st := &requestStall{asleep: make(chan struct{})}
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) }) // before the cluster closes
-	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+	c.ControlKey(int16(key), func(kmsg.Request) (kmsg.Response, error, bool) {
 		c.KeepControl()
 		if st.armed.Load() && st.slept.CompareAndSwap(false, true) {
 			close(st.asleep)
@@ -147,33 +152,143 @@ func stallProduce(t *testing.T, c *kfake.Cluster) *produceStall {
 	return st
 }
 
-func (st *produceStall) arm() { st.armed.Store(true) }
+func (st *requestStall) arm() { st.armed.Store(true) }
 
 // stopMidFlush adds an output to s and flushes it; once the broker has
-// taken the Produce, it stops the task (stop) and checks that the flush
-// returns the task's end at once, not after the read timeout.
-func (st *produceStall) stopMidFlush(t *testing.T, s *sink, stop func()) {
+// taken the stalled request, it stops the task (stop) and checks that the
+// flush returns the task's end at once, not after the read timeout.
+func (st *requestStall) stopMidFlush(t *testing.T, s *sink, stop func()) {
 	t.Helper()
 	if err := s.add(&operator.Output{Key: []byte("k"), Value: []byte("v")}); err != nil {
 		t.Fatal(err)
 	}
-	flushed := make(chan error, 1)
-	go func() { flushed <- s.flush() }()
+	st.stopMidCall(t, "flush", s.flush, stop)
+}
+
+// stopMidCall calls call (named what) in a goroutine; once the broker has
+// taken the stalled request, it stops the task (stop) and checks that call
+// returns the task's end at once, not after the read timeout.
+func (st *requestStall) stopMidCall(t *testing.T, what string, call func() error, stop func()) {
+	t.Helper()
+	returned := make(chan error, 1)
+	go func() { returned <- call() }()
 	select {
 	case <-st.asleep:
-	case err := <-flushed:
-		t.Fatalf("flush returned %v before the broker took its Produce", err)
+	case err := <-returned:
+		t.Fatalf("%s returned %v before the broker took the stalled request", what, err)
 	case <-time.After(waitTimeout):
-		t.Fatal("no Produce reached the broker")
+		t.Fatal("the stalled request never reached the broker")
 	}
 	stop()
 	select {
-	case err := <-flushed:
+	case err := <-returned:
 		if !errors.Is(err, context.Canceled) {
-			t.Fatalf("flush of a stopped task: %v, want the task's end", err)
+			t.Fatalf("%s of a stopped task: %v, want the task's end", what, err)
 		}
 	case <-time.After(waitTimeout):
-		t.Fatalf("flush still waits for the broker's answer %v after the task stopped", waitTimeout)
+		t.Fatalf("%s still waits for the broker's answer %v after the task stopped", what, waitTimeout)
+	}
+}
+
+// TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker: besides
+// its Produce requests, an exactly-once sink sends its transaction
+// coordinator AddPartitionsToTxn in a write (the partitions a transaction
+// writes to first) and InitProducerID at a barrier (the epoch of the next
+// transaction, which opens there). A task that stops while the coordinator
+// took one of them and says nothing stops at once, as it does in a
+// Produce: it does not wait out the read timeout, here 20 minutes.
+func TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker(t *testing.T) {
+	for _, key := range []kmsg.Key{kmsg.AddPartitionsToTxn, kmsg.InitProducerID} {
+		t.Run(key.Name(), func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			stall := stallRequest(t, c, key)
+			ctx, stop := context.WithCancel(t.Context())
+			s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
+			stall.arm()
+			if key == kmsg.AddPartitionsToTxn {
+				stall.stopMidFlush(t, s, stop)
+			} else {
+				write(t, s, "a", 5)
+				stall.stopMidCall(t, "preCommit", func() error { _, err := s.txn.preCommit(1); return err }, stop)
+			}
+			closed := make(chan struct{})
+			go func() { s.close(); close(closed) }()
+			select {
+			case <-closed:
+			case <-time.After(waitTimeout):
+				t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
+			}
+		})
+	}
+}
+
+// TestExactlyOnceSinkCommitsAfterATransactionRequestCutByTheStop: the task
+// stops while its next transaction's AddPartitionsToTxn waits for a
+// coordinator that took it and says nothing; the request is cut, and the
+// commit of the checkpoint pre-committed before (a completion notice
+// handled after the stop) still goes through, on a new connection to the
+// same coordinator.
+func TestExactlyOnceSinkCommitsAfterATransactionRequestCutByTheStop(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	stall := stallRequest(t, c, kmsg.AddPartitionsToTxn)
+	ctx, stop := context.WithCancel(t.Context())
+	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
+	t.Cleanup(s.close)
+	write(t, s, "a", 5)
+	if _, err := s.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+	stall.arm()
+	stall.stopMidFlush(t, s, stop)
+	if err := s.txn.completed(1); err != nil {
+		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
+	}
+	if got := readCommitted(t, c.ListenAddrs(), "out", 5); !slices.Equal(got, seq("a", 5)) {
+		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
+	}
+}
+
+// TestExactlyOnceSinkFreesIdsWithoutInitAfterTheStop: a completion frees
+// the transactional ids no restore can ask for any more, and a running
+// task gives each at once the epoch of its next use (InitProducerID). A
+// completion handled after the task stopped commits, and leaves the freed
+// ids to the restore, which fences them: it sends no InitProducerID, which
+// nothing could cut and which a coordinator that says nothing would hold
+// for the read timeout.
+func TestExactlyOnceSinkFreesIdsWithoutInitAfterTheStop(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	stall := stallRequest(t, c, kmsg.InitProducerID)
+	ctx, stop := context.WithCancel(t.Context())
+	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
+	t.Cleanup(s.close)
+	write(t, s, "a", 5)
+	if _, err := s.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.txn.completed(1); err != nil {
+		t.Fatal(err)
+	}
+	write(t, s, "b", 5)
+	if _, err := s.txn.preCommit(2); err != nil { // frees checkpoint 1's id once 2 completes
+		t.Fatal(err)
+	}
+	stop()
+	stall.arm()
+	done := make(chan error, 1)
+	go func() { done <- s.txn.completed(2) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("completion of checkpoint 2 after the stop: %v", err)
+		}
+	case <-stall.asleep:
+		t.Fatal("a completion after the stop initialised a freed transactional id")
+	case <-time.After(waitTimeout):
+		t.Fatalf("completion of checkpoint 2 after the stop did not return within %v", waitTimeout)
+	}
+	want := append(seq("a", 5), seq("b", 5)...)
+	if got := readCommitted(t, c.ListenAddrs(), "out", 10); !slices.Equal(got, want) {
+		t.Fatalf("read_committed saw %v, want %v", got, want)
 	}
 }
 

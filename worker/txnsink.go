@@ -407,7 +407,7 @@ func (p *txnPool) fence(id string) error {
 func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 	var pid int64
 	var epoch int16
-	kerr, err := p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.atCoordinator(id, p.cutOnStop(func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
 			Version: requestVersion(p.admin.Config().Version, initProducerIDVersions), TransactionalID: &id, TransactionTimeout: p.timeout,
 			ProducerID: -1, ProducerEpoch: -1,
@@ -417,7 +417,7 @@ func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 		}
 		pid, epoch = resp.ProducerID, resp.ProducerEpoch
 		return resp.Err, nil
-	}))
+	})))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
@@ -448,6 +448,25 @@ func (p *txnPool) atCoordinator(id string, req func(*sarama.Broker) (sarama.KErr
 			_ = p.admin.RefreshTransactionCoordinator(id)
 		}
 		return kerr, err
+	}
+}
+
+// cutOnStop has req, made while the task runs, cut when the task stops,
+// as a Produce is (sinkConns): a coordinator that took an
+// AddPartitionsToTxn or an InitProducerID and says nothing would hold the
+// stop for the read timeout. What such a request was for, the restore
+// after the stop does again: it fences the task's ids and commits what
+// its checkpoint lists. A commit (EndTxn) is never cut: the one of a
+// stop-with-savepoint may be in flight when the stop comes, and no restore
+// may follow to make it. A request made after the stop (a completion
+// handled then, mapTask.lastCompletions) is not cut either, and goes out
+// on a new connection.
+func (p *txnPool) cutOnStop(req func(*sarama.Broker) (sarama.KError, error)) func(*sarama.Broker) (sarama.KError, error) {
+	return func(b *sarama.Broker) (sarama.KError, error) {
+		if p.ctx.Err() == nil {
+			defer p.w.conns.cutAt(p.ctx, []string{b.Addr()})()
+		}
+		return req(b)
 	}
 }
 
@@ -539,7 +558,7 @@ func (s *txnSlot) begin() { s.added = make(map[int32]bool) }
 // describe asks id's transaction coordinator for its state.
 func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 	var st sarama.TransactionState
-	kerr, err := p.retry(p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.atCoordinator(id, p.cutOnStop(func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.DescribeTransactions(&sarama.DescribeTransactionsRequest{TransactionalIDs: []string{id}})
 		if err != nil {
 			return 0, err
@@ -549,7 +568,7 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 		}
 		st = resp.TransactionStates[0]
 		return st.ErrorCode, nil
-	}))
+	})))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
@@ -765,11 +784,22 @@ func (p *txnPool) completed(id uint64) error {
 	for _, s := range p.slots {
 		if s.state == slotCommitted && s.freeAfter != 0 && s.freeAfter <= id {
 			s.state = slotFree
+			if p.ctx.Err() != nil {
+				// The task stopped: the id is fenced by the restore
+				// that follows, not used by this pool again.
+				s.stale = true
+				continue
+			}
 			// A new epoch now, off the barrier's path: the next barrier
 			// opens a transaction on it at once. Without brokers, later:
 			// openNext initialises a stale slot before it opens it, and
-			// a completion with nothing to commit is no reason to fail.
+			// a completion with nothing to commit is no reason to fail,
+			// nor is a stop that cut the request.
 			if err := p.initSlot(s); err != nil {
+				if p.ctx.Err() != nil {
+					s.stale = true
+					continue
+				}
 				if !sinkUnreachable(err) {
 					return err
 				}
