@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strconv"
@@ -138,12 +139,18 @@ func stallProduce(t *testing.T, c *kfake.Cluster) *requestStall {
 
 // stallRequest sets up a requestStall of requests of key on cluster c.
 func stallRequest(t *testing.T, c *kfake.Cluster, key kmsg.Key) *requestStall {
+	return stallRequestOn(t, c, key, -1)
+}
+
+// stallRequestOn sets up a requestStall of requests of key to broker node
+// of cluster c, or to any broker if node is -1.
+func stallRequestOn(t *testing.T, c *kfake.Cluster, key kmsg.Key, node int32) *requestStall {
 	st := &requestStall{asleep: make(chan struct{})}
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) }) // before the cluster closes
 	c.ControlKey(int16(key), func(kmsg.Request) (kmsg.Response, error, bool) {
 		c.KeepControl()
-		if st.armed.Load() && st.slept.CompareAndSwap(false, true) {
+		if (node == -1 || c.CurrentNode() == node) && st.armed.Load() && st.slept.CompareAndSwap(false, true) {
 			close(st.asleep)
 			c.SleepControl(func() { <-release })
 		}
@@ -219,6 +226,159 @@ func TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker(t *testing.T) 
 				t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
 			}
 		})
+	}
+}
+
+// TestSinkStopsWithoutALookupAfterTheCut: a request cut by the stop fails
+// as a lost connection would, after which a running task looks up where to
+// send it again (the partition leaders' metadata, the transaction
+// coordinator). A stopped task does not: that lookup, to a broker that
+// says nothing to it either, would hold the stop for the read timeout.
+func TestSinkStopsWithoutALookupAfterTheCut(t *testing.T) {
+	for _, tc := range []struct {
+		delivery    string
+		cut, lookup kmsg.Key
+	}{
+		{"at_least_once", kmsg.Produce, kmsg.Metadata},
+		{"exactly_once", kmsg.Produce, kmsg.Metadata},
+		{"exactly_once", kmsg.AddPartitionsToTxn, kmsg.FindCoordinator},
+	} {
+		t.Run(tc.delivery+"/"+tc.cut.Name(), func(t *testing.T) {
+			c := newKafkaCluster(t, "out")
+			stall, lookup := stallRequest(t, c, tc.cut), stallRequest(t, c, tc.lookup)
+			ctx, stop := context.WithCancel(t.Context())
+			s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), tc.delivery)
+			t.Cleanup(s.close)
+			stall.arm()
+			lookup.arm()
+			stall.stopMidFlush(t, s, stop)
+		})
+	}
+}
+
+// TestExactlyOnceSinkCommitsAfterTheCutOfAnIdleConnection: a write's
+// Produce requests go to every partition leader at once. The stop comes
+// while one leader has answered and another says nothing, and the cut
+// closes the connections to both, the answered one idle by then. The
+// commit of the checkpoint pre-committed before (a completion handled
+// after the stop) goes to the answered broker, the transaction's
+// coordinator: it must not be sent on the connection closed under sarama,
+// which would fail it, with no retry after a stop.
+func TestExactlyOnceSinkCommitsAfterTheCutOfAnIdleConnection(t *testing.T) {
+	c, err := kfake.NewCluster(kfake.NumBrokers(2), kfake.SeedTopics(4, "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	for p := range int32(4) { // two partitions led by each broker
+		if err := c.MoveTopicPartition("out", p, p/2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
+	t.Cleanup(s.close)
+	write(t, s, "a", 40)
+	txns, err := s.txn.preCommit(1)
+	if err != nil || len(txns) != 1 {
+		t.Fatalf("pre-commit of checkpoint 1: %v, %v", txns, err)
+	}
+	coord, err := s.txn.admin.TransactionCoordinator(txns[0].GetTransactionalId())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stall := stallRequestOn(t, c, kmsg.Produce, 1-coord.ID()) // the other broker
+	stall.arm()
+	// The coordinator leads partitions 2c and 2c+1; their newest offsets
+	// tell when its Produce is in, and its connection idle.
+	client, err := sarama.NewClient(c.ListenAddrs(), sarama.NewConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	written := func() int64 {
+		var n int64
+		for _, p := range []int32{2 * coord.ID(), 2*coord.ID() + 1} {
+			off, err := client.GetOffset("out", p, sarama.OffsetNewest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n += off
+		}
+		return n
+	}
+	before := written()
+	for i := range 40 {
+		v := []byte(fmt.Sprintf("b%d", i))
+		if err := s.add(&operator.Output{Key: v, Value: v}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stall.stopMidCall(t, "flush", s.flush, func() {
+		waitFor(t, "the coordinator to take its share of the write", func() bool { return written() > before })
+		stop()
+	})
+	if err := s.txn.completed(1); err != nil {
+		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
+	}
+	got := readCommittedPartitions(t, c.ListenAddrs(), "out", 4, 40)
+	want := seq("a", 40)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("read_committed saw %v, want %v", got, want)
+	}
+}
+
+// readCommittedPartitions reads the values of partitions 0 to n-1 of topic
+// as a read_committed consumer, until it has want of them (or 5 s passed)
+// and no more come for 300 ms, and returns them sorted.
+func readCommittedPartitions(t *testing.T, brokers []string, topic string, n int32, want int) []string {
+	t.Helper()
+	cfg := sarama.NewConfig()
+	cfg.Version = sarama.V2_8_0_0
+	cfg.Consumer.IsolationLevel = sarama.ReadCommitted
+	cfg.Consumer.MaxWaitTime = 50 * time.Millisecond
+	c, err := sarama.NewConsumer(brokers, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msgs := make(chan *sarama.ConsumerMessage)
+	for p := range n {
+		pc, err := c.ConsumePartition(topic, p, sarama.OffsetOldest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pc.Close()
+		go func() {
+			for m := range pc.Messages() {
+				select {
+				case msgs <- m:
+				case <-t.Context().Done():
+					return
+				}
+			}
+		}()
+	}
+	var got []string
+	deadline := time.After(5 * time.Second)
+	for len(got) < want {
+		select {
+		case m := <-msgs:
+			got = append(got, string(m.Value))
+		case <-deadline:
+			slices.Sort(got)
+			return got
+		}
+	}
+	for quiet := time.After(300 * time.Millisecond); ; {
+		select {
+		case m := <-msgs:
+			got = append(got, string(m.Value))
+		case <-quiet:
+			slices.Sort(got)
+			return got
+		}
 	}
 }
 

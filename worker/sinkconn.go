@@ -19,8 +19,8 @@ import (
 // read at once, and the sink's retries then see the task stopping.
 //
 // The transaction requests of a running task's writes and barriers
-// (AddPartitionsToTxn, InitProducerID) are cut the same way
-// (txnPool.cutOnStop). A commit is not: the commit of a
+// (AddPartitionsToTxn, InitProducerID, DescribeTransactions) are cut the
+// same way (txnPool.cutOnStop). A commit is not: the commit of a
 // stop-with-savepoint comes right before the stop and is made after it
 // (mapTask.lastCompletions), and new connections are dialled for it then.
 type sinkConns struct {
@@ -52,8 +52,10 @@ func (d *sinkConns) Dial(network, addr string) (net.Conn, error) {
 // returned stop is called. A cut that has started when stop is called is
 // waited for: it lists the connections only when it runs, and must not
 // close one dialled afterwards for the next request (the commit that
-// follows a stop).
-func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func()) {
+// follows a stop). stop reports whether the cut ran: the caller then
+// closes its sarama brokers, which do not know that a connection idle at
+// the cut was closed under them and would fail their next request on it.
+func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() (cut bool)) {
 	done := make(chan struct{})
 	stopCut := context.AfterFunc(ctx, func() {
 		defer close(done)
@@ -69,10 +71,12 @@ func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func()) {
 			c.Close()
 		}
 	})
-	return func() {
-		if !stopCut() {
-			<-done
+	return func() bool {
+		if stopCut() {
+			return false
 		}
+		<-done
+		return true
 	}
 }
 

@@ -359,7 +359,7 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 	for i, r := range reqs {
 		addrs[i] = r.broker.Addr()
 	}
-	defer w.conns.cutAt(w.ctx, addrs)()
+	stopCut := w.conns.cutAt(w.ctx, addrs)
 	if len(reqs) == 1 {
 		reqs[0].send()
 	} else {
@@ -368,6 +368,11 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 			wg.Go(r.send)
 		}
 		wg.Wait()
+	}
+	if stopCut() {
+		for _, r := range reqs {
+			_ = r.broker.Close()
+		}
 	}
 	var retry, refused error
 	fail := sarama.ErrNoError
@@ -412,6 +417,11 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 		return 0, refused
 	}
 	if retry != nil {
+		if w.ctx.Err() != nil {
+			// The task stopped: its retries end, and a refresh from a
+			// broker that says nothing would hold the stop.
+			return 0, retry
+		}
 		if err := w.client.RefreshMetadata(w.topic); err != nil {
 			retry = fmt.Errorf("%w (and refreshing the metadata: %w)", retry, err)
 		}

@@ -444,29 +444,36 @@ func (p *txnPool) atCoordinator(id string, req func(*sarama.Broker) (sarama.KErr
 		if err != nil {
 			_ = b.Close()
 		}
-		if err != nil || kerr == sarama.ErrNotCoordinatorForConsumer || kerr == sarama.ErrConsumerCoordinatorNotAvailable {
+		// Once the task stopped, no retry follows, and a lookup from a
+		// broker that says nothing would hold the stop: none is made.
+		if p.ctx.Err() == nil && (err != nil || kerr == sarama.ErrNotCoordinatorForConsumer || kerr == sarama.ErrConsumerCoordinatorNotAvailable) {
 			_ = p.admin.RefreshTransactionCoordinator(id)
 		}
 		return kerr, err
 	}
 }
 
-// cutOnStop has req, made while the task runs, cut when the task stops,
+// cutOnStop has req, a request of a running task, cut when the task stops,
 // as a Produce is (sinkConns): a coordinator that took an
-// AddPartitionsToTxn or an InitProducerID and says nothing would hold the
-// stop for the read timeout. What such a request was for, the restore
-// after the stop does again: it fences the task's ids and commits what
-// its checkpoint lists. A commit (EndTxn) is never cut: the one of a
+// AddPartitionsToTxn, an InitProducerID or a DescribeTransactions and says
+// nothing would hold the stop for the read timeout. Once the task has
+// stopped, req is not sent at all. What such a request was for, the
+// restore after the stop does again: it fences the task's ids and commits
+// what its checkpoint lists. A commit (EndTxn) is never cut: the one of a
 // stop-with-savepoint may be in flight when the stop comes, and no restore
-// may follow to make it. A request made after the stop (a completion
-// handled then, mapTask.lastCompletions) is not cut either, and goes out
-// on a new connection.
+// may follow to make it; one made after the stop (a completion handled
+// then, mapTask.lastCompletions) goes out on a new connection.
 func (p *txnPool) cutOnStop(req func(*sarama.Broker) (sarama.KError, error)) func(*sarama.Broker) (sarama.KError, error) {
 	return func(b *sarama.Broker) (sarama.KError, error) {
-		if p.ctx.Err() == nil {
-			defer p.w.conns.cutAt(p.ctx, []string{b.Addr()})()
+		if err := p.ctx.Err(); err != nil {
+			return 0, err
 		}
-		return req(b)
+		stop := p.w.conns.cutAt(p.ctx, []string{b.Addr()})
+		kerr, err := req(b)
+		if stop() {
+			_ = b.Close() // sarama dials anew for the commit that may follow
+		}
+		return kerr, err
 	}
 }
 
