@@ -78,7 +78,8 @@ type leaderEnv struct {
 	// refused reports whether a member's process is gone from a host that
 	// is up: its ports refuse connections. Nil never finds one gone.
 	refused func(member string) bool
-	// leaderID and term describe this node for Welcome.
+	// leaderID names this node for Welcome; term is Raft's current term
+	// (leader.leadsTerm).
 	leaderID string
 	term     func() uint64
 	now      func() time.Time
@@ -311,6 +312,9 @@ func (l *leader) run() {
 	l.logger.Info("leader loop started", "grace", l.graceEnd.Sub(l.started))
 	defer l.logger.Info("leader loop stopped")
 
+	if l.termOver() {
+		return
+	}
 	l.inherit()
 	l.reconcile()
 
@@ -319,6 +323,9 @@ func (l *leader) run() {
 	timer := time.NewTimer(l.untilDue())
 	defer timer.Stop()
 	for {
+		if l.termOver() {
+			return
+		}
 		l.settle()
 		timer.Reset(l.untilDue())
 		select {
@@ -332,6 +339,20 @@ func (l *leader) run() {
 			l.reconcile()
 		}
 	}
+}
+
+// termOver reports whether Raft's term has moved past the loop's, and then
+// returns only once the loop's context has ended. This node was deposed:
+// its FSM may apply the successor's entries before the loss of leadership
+// ends the loop, within moments, and the loop must not act on them as if
+// they were its own term's.
+func (l *leader) termOver() bool {
+	if l.leadsTerm() {
+		return false
+	}
+	l.logger.Warn("raft term moved on: this leader loop acts on nothing more and waits for its end", "term", l.term, "raft_term", l.env.term())
+	<-l.ctx.Done()
+	return true
 }
 
 // poke asks the loop for a reconcile pass without blocking; it may be called

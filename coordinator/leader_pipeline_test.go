@@ -2,6 +2,9 @@ package coordinator
 
 import (
 	"errors"
+	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -347,5 +350,41 @@ func TestDeposedLeaderSendsNoTriggerAheadOfItsCommit(t *testing.T) {
 	}
 	if p := h.l.jobs["j1"].ckpt.pending; p != nil {
 		t.Fatalf("a deposed leader tracks checkpoint %d", p.id)
+	}
+}
+
+// TestLeaderLoopOfAnEndedTermActsOnNothing: once Raft's term has moved past
+// the loop's, what the FSM shows may be a successor's doing (here the job's
+// cancel), and the loop must not act on it as if it were its own term's:
+// it sends nothing, says why, and returns when its context ends.
+func TestLeaderLoopOfAnEndedTermActsOnNothing(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+
+	h.raftTerm++
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	parked := make(chan struct{})
+	var once sync.Once
+	h.l.logger = slog.New(onLog{h.l.logger.Handler(), func(msg string) {
+		if strings.HasPrefix(msg, "raft term moved on") {
+			once.Do(func() { close(parked) })
+		}
+	}})
+	done := make(chan struct{})
+	go func() { defer close(done); h.l.run() }()
+	select {
+	case <-parked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loop of an ended term did not say it waits for its end")
+	}
+	h.cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loop of an ended term did not return when its context ended")
+	}
+	if msgs := append(h.drain("w1"), h.drain("w2")...); len(msgs) != 0 {
+		t.Fatalf("the loop of an ended term sent %d messages, the first %v", len(msgs), msgs[0])
 	}
 }

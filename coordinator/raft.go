@@ -410,7 +410,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 		case <-time.After(barrierRetry):
 		}
 	}
-	s.logger.Info("gained raft leadership", "term", s.raft.CurrentTerm(), "applied_index", s.raft.AppliedIndex())
+	s.logger.Info("gained raft leadership", "term", term, "applied_index", s.raft.AppliedIndex())
 
 	reconciled := make(chan struct{})
 	go func() {

@@ -358,7 +358,7 @@ func (c *controlService) holdLeaderless(stream transport.Control_SessionServer, 
 func welcome(l *leader) *transport.CoordinatorMessage {
 	return &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Welcome{Welcome: &transport.Welcome{
 		LeaderId:    l.env.leaderID,
-		Term:        l.env.term(),
+		Term:        l.term,
 		LeaseMs:     l.lease.Milliseconds(),
 		HeartbeatMs: l.heartbeat.Milliseconds(),
 		StateChunks: true,
