@@ -295,52 +295,66 @@ func writeState(ctx context.Context, out io.Writer, job *snapshotJob, mode snaps
 // writeDelta writes the changed keys of job with their values as of its
 // view, and tombstones for those deleted. A key group where many keys
 // changed is read in one ordered scan merged with its changed keys; one
-// where few did, by a lookup per key: on the disk backend a lookup costs a
-// few microseconds, a scan a fraction of that per key.
+// where few did, by a lookup per key (deltaByLookups).
 func writeDelta(ctx context.Context, fw *statefile.Writer, job *snapshotJob) error {
 	perGroup := job.keys / int64(max(1, job.kgEnd-job.kgStart))
 	for _, g := range changedGroups(job.changed) {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		kg, keys := g.kg, g.keys
-		if int64(len(keys))*8 < perGroup {
-			for _, k := range keys {
-				v, ok, err := job.view.Get(kg, []byte(k))
-				switch {
-				case err != nil:
-					return fmt.Errorf("read key group %d: %w", kg, err)
-				case ok:
-					err = fw.Add(kg, []byte(k), v)
-				default:
-					err = fw.Delete(kg, []byte(k))
-				}
-				if err != nil {
-					return err
-				}
-			}
-			continue
+		write := deltaByScan
+		if int64(len(g.keys))*8 < perGroup {
+			write = deltaByLookups
 		}
-		i := 0
-		err := job.view.Range(kg, kg+1, func(_ int32, key, value []byte) error {
-			for ; i < len(keys) && keys[i] < string(key); i++ {
-				if err := fw.Delete(kg, []byte(keys[i])); err != nil {
-					return err
-				}
-			}
-			if i < len(keys) && keys[i] == string(key) {
-				i++
-				return fw.Add(kg, key, value)
-			}
-			return nil
-		})
-		if err != nil {
+		if err := write(fw, job.view, g.kg, g.keys); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deltaByLookups writes the delta of key group kg, whose changed keys are
+// keys (sorted), by a lookup of each in view.
+func deltaByLookups(fw *statefile.Writer, view state.View, kg int32, keys []string) error {
+	for _, k := range keys {
+		v, ok, err := view.Get(kg, []byte(k))
+		switch {
+		case err != nil:
 			return fmt.Errorf("read key group %d: %w", kg, err)
+		case ok:
+			err = fw.Add(kg, []byte(k), v)
+		default:
+			err = fw.Delete(kg, []byte(k))
 		}
-		for ; i < len(keys); i++ {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deltaByScan writes the delta of key group kg, whose changed keys are keys
+// (sorted), by a scan of the key group in view merged with keys.
+func deltaByScan(fw *statefile.Writer, view state.View, kg int32, keys []string) error {
+	i := 0
+	err := view.Range(kg, kg+1, func(_ int32, key, value []byte) error {
+		for ; i < len(keys) && keys[i] < string(key); i++ {
 			if err := fw.Delete(kg, []byte(keys[i])); err != nil {
 				return err
 			}
+		}
+		if i < len(keys) && keys[i] == string(key) {
+			i++
+			return fw.Add(kg, key, value)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("read key group %d: %w", kg, err)
+	}
+	for ; i < len(keys); i++ {
+		if err := fw.Delete(kg, []byte(keys[i])); err != nil {
+			return err
 		}
 	}
 	return nil
