@@ -345,7 +345,9 @@ func (l *leader) run() {
 // returns only once the loop's context has ended. This node was deposed:
 // its FSM may apply the successor's entries before the loss of leadership
 // ends the loop, within moments, and the loop must not act on them as if
-// they were its own term's.
+// they were its own term's. The loop checks between iterations; what an
+// iteration decides after the term moved is never sent (sendTo) and its
+// writes fail.
 func (l *leader) termOver() bool {
 	if l.leadsTerm() {
 		return false
@@ -404,10 +406,13 @@ func (l *leader) post(ctx context.Context, ev leaderEvent) bool {
 }
 
 // sendTo enqueues msg on worker's session. It returns false when the worker
-// has no open session or its queue overflowed (which closes the session).
+// has no open session or its queue overflowed (which closes the session),
+// and when Raft's term has moved past the loop's: what the loop decided may
+// rest on a successor's entries it read from the FSM, and the check after
+// the read proves it did not (leadsTerm).
 func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
 	sess := l.sessions[worker]
-	if sess == nil {
+	if sess == nil || !l.leadsTerm() {
 		return false
 	}
 	return sess.send(msg)

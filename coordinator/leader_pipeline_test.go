@@ -388,3 +388,23 @@ func TestLeaderLoopOfAnEndedTermActsOnNothing(t *testing.T) {
 		t.Fatalf("the loop of an ended term sent %d messages, the first %v", len(msgs), msgs[0])
 	}
 }
+
+// TestDeposedLeaderSendsNothing: the term moves on and the successor's
+// cancel of the job reaches this node's FSM while its loop is in an
+// iteration (past termOver's check): the loop reads the cancel, but the
+// CancelTask messages it decides are not sent.
+func TestDeposedLeaderSendsNothing(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+
+	h.raftTerm++
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	h.flush() // the loop reconciles the job the FSM changed
+	if js := h.l.jobs["j1"]; js == nil || js.status != fsm.JobCancelled {
+		t.Fatal("the loop did not read the successor's cancel: the test shows nothing")
+	}
+	if msgs := append(h.drain("w1"), h.drain("w2")...); len(msgs) != 0 {
+		t.Fatalf("a deposed leader sent %d messages, the first %v", len(msgs), msgs[0])
+	}
+}

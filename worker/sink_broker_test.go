@@ -290,7 +290,11 @@ func TestExactlyOnceSinkCommitsAfterTheCutOfAnIdleConnection(t *testing.T) {
 	stall := stallRequestOn(t, c, kmsg.Produce, 1-coord.ID()) // the other broker
 	stall.arm()
 	// The coordinator leads partitions 2c and 2c+1; their newest offsets
-	// tell when its Produce is in, and its connection idle.
+	// tell when it has taken its Produce, and its connection is all but
+	// certainly idle by the time the test has read them. Were sarama's
+	// read of the answer still under way, the cut would end it and sarama
+	// would close the broker itself: the test would then pass without the
+	// close after the cut, but never fail for want of it.
 	client, err := sarama.NewClient(c.ListenAddrs(), sarama.NewConfig())
 	if err != nil {
 		t.Fatal(err)

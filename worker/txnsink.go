@@ -335,6 +335,12 @@ func (p *txnPool) explainEnded(log *slog.Logger, t *transport.SinkTxn, kerr sara
 	case derr == nil && st.TransactionState == sarama.TransactionStateCompleteAbort && st.ProducerID == pid && st.ProducerEpoch == epoch+1:
 		log.Error("a transaction of the restored checkpoint was aborted by the broker, most likely at its timeout: "+lost,
 			"transaction_timeout", p.timeout)
+	case derr != nil:
+		// The description could not be had (a broker away, or the task
+		// stopping, which sends no more requests): the answer alone.
+		log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
+			"or aborted by the broker after the transaction timeout, in which case "+lost,
+			"err", kafkaErr(kerr), "describe_err", derr, "transaction_timeout", p.timeout)
 	default:
 		log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
 			"or aborted by the broker after the transaction timeout, in which case "+lost,
