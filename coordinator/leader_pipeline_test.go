@@ -353,17 +353,24 @@ func TestDeposedLeaderSendsNoTriggerAheadOfItsCommit(t *testing.T) {
 	}
 }
 
+// successorCancels runs job with a completed checkpoint, then deposes the
+// leader: Raft's term moves on, and the successor's cancel of the job
+// reaches the FSM. The loop has not run since.
+func (h *leaderHarness) successorCancels(job string) {
+	h.t.Helper()
+	h.startJob(job, testJobSpec(1, 1))
+	h.completeCheckpoint(job)
+	h.raftTerm++
+	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: job, Reason: "user", Time: h.clock.UnixNano()})
+}
+
 // TestLeaderLoopOfAnEndedTermActsOnNothing: once Raft's term has moved past
 // the loop's, what the FSM shows may be a successor's doing (here the job's
 // cancel), and the loop must not act on it as if it were its own term's:
 // it sends nothing, says why, and returns when its context ends.
 func TestLeaderLoopOfAnEndedTermActsOnNothing(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.startJob("j1", testJobSpec(1, 1))
-	h.completeCheckpoint("j1")
-
-	h.raftTerm++
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	h.successorCancels("j1")
 	parked := make(chan struct{})
 	var once sync.Once
 	h.l.logger = slog.New(onLog{h.l.logger.Handler(), func(msg string) {
@@ -395,11 +402,7 @@ func TestLeaderLoopOfAnEndedTermActsOnNothing(t *testing.T) {
 // CancelTask messages it decides are not sent.
 func TestDeposedLeaderSendsNothing(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.startJob("j1", testJobSpec(1, 1))
-	h.completeCheckpoint("j1")
-
-	h.raftTerm++
-	h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+	h.successorCancels("j1")
 	h.flush() // the loop reconciles the job the FSM changed
 	if js := h.l.jobs["j1"]; js == nil || js.status != fsm.JobCancelled {
 		t.Fatal("the loop did not read the successor's cancel: the test shows nothing")

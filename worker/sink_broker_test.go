@@ -108,20 +108,24 @@ func TestMapTaskFailsWhenTheBrokerRefusesItsSinkTopic(t *testing.T) {
 func TestSinkStopsMidProduceWithoutWaitingForTheBroker(t *testing.T) {
 	for _, delivery := range []string{"at_least_once", "exactly_once"} {
 		t.Run(delivery, func(t *testing.T) {
-			c := newKafkaCluster(t, "out")
-			stall := stallProduce(t, c)
+			_, stall, s, stop := stalledSink(t, kmsg.Produce, delivery)
 			stall.arm()
-			ctx, stop := context.WithCancel(t.Context())
-			s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), delivery)
 			stall.stopMidFlush(t, s, stop)
-			closed := make(chan struct{})
-			go func() { s.close(); close(closed) }()
-			select {
-			case <-closed:
-			case <-time.After(waitTimeout):
-				t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
-			}
+			closesPromptly(t, s)
 		})
+	}
+}
+
+// closesPromptly closes s, the sink of a stopped task, and fails the test
+// unless the close returns within waitTimeout.
+func closesPromptly(t *testing.T, s *sink) {
+	t.Helper()
+	closed := make(chan struct{})
+	go func() { s.close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(waitTimeout):
+		t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
 	}
 }
 
@@ -207,10 +211,7 @@ func (st *requestStall) stopMidCall(t *testing.T, what string, call func() error
 func TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker(t *testing.T) {
 	for _, key := range []kmsg.Key{kmsg.AddPartitionsToTxn, kmsg.InitProducerID} {
 		t.Run(key.Name(), func(t *testing.T) {
-			c := newKafkaCluster(t, "out")
-			stall := stallRequest(t, c, key)
-			ctx, stop := context.WithCancel(t.Context())
-			s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
+			_, stall, s, stop := stalledSink(t, key, "exactly_once")
 			stall.arm()
 			if key == kmsg.AddPartitionsToTxn {
 				stall.stopMidFlush(t, s, stop)
@@ -218,13 +219,7 @@ func TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker(t *testing.T) 
 				write(t, s, "a", 5)
 				stall.stopMidCall(t, "preCommit", func() error { _, err := s.txn.preCommit(1); return err }, stop)
 			}
-			closed := make(chan struct{})
-			go func() { s.close(); close(closed) }()
-			select {
-			case <-closed:
-			case <-time.After(waitTimeout):
-				t.Fatalf("the sink of a stopped task did not close within %v", waitTimeout)
-			}
+			closesPromptly(t, s)
 		})
 	}
 }
@@ -244,11 +239,9 @@ func TestSinkStopsWithoutALookupAfterTheCut(t *testing.T) {
 		{"exactly_once", kmsg.AddPartitionsToTxn, kmsg.FindCoordinator},
 	} {
 		t.Run(tc.delivery+"/"+tc.cut.Name(), func(t *testing.T) {
-			c := newKafkaCluster(t, "out")
-			stall, lookup := stallRequest(t, c, tc.cut), stallRequest(t, c, tc.lookup)
-			ctx, stop := context.WithCancel(t.Context())
-			s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), tc.delivery)
+			c, stall, s, stop := stalledSink(t, tc.cut, tc.delivery)
 			t.Cleanup(s.close)
+			lookup := stallRequest(t, c, tc.lookup)
 			stall.arm()
 			lookup.arm()
 			stall.stopMidFlush(t, s, stop)
@@ -325,90 +318,15 @@ func TestExactlyOnceSinkCommitsAfterTheCutOfAnIdleConnection(t *testing.T) {
 	if err := s.txn.completed(1); err != nil {
 		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
 	}
-	got := readCommittedPartitions(t, c.ListenAddrs(), "out", 4, 40)
+	var got []string
+	for _, m := range readCommittedFrom(t, c.ListenAddrs(), "out", []int32{0, 1, 2, 3}, 40, 5*time.Second) {
+		got = append(got, string(m.Value))
+	}
+	slices.Sort(got)
 	want := seq("a", 40)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Fatalf("read_committed saw %v, want %v", got, want)
-	}
-}
-
-// readCommittedPartitions reads the values of partitions 0 to n-1 of topic
-// as a read_committed consumer, until it has want of them (or 5 s passed)
-// and no more come for 300 ms, and returns them sorted.
-func readCommittedPartitions(t *testing.T, brokers []string, topic string, n int32, want int) []string {
-	t.Helper()
-	cfg := sarama.NewConfig()
-	cfg.Version = sarama.V2_8_0_0
-	cfg.Consumer.IsolationLevel = sarama.ReadCommitted
-	cfg.Consumer.MaxWaitTime = 50 * time.Millisecond
-	c, err := sarama.NewConsumer(brokers, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	msgs := make(chan *sarama.ConsumerMessage)
-	for p := range n {
-		pc, err := c.ConsumePartition(topic, p, sarama.OffsetOldest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		go func() {
-			for m := range pc.Messages() {
-				select {
-				case msgs <- m:
-				case <-t.Context().Done():
-					return
-				}
-			}
-		}()
-	}
-	var got []string
-	deadline := time.After(5 * time.Second)
-	for len(got) < want {
-		select {
-		case m := <-msgs:
-			got = append(got, string(m.Value))
-		case <-deadline:
-			slices.Sort(got)
-			return got
-		}
-	}
-	for quiet := time.After(300 * time.Millisecond); ; {
-		select {
-		case m := <-msgs:
-			got = append(got, string(m.Value))
-		case <-quiet:
-			slices.Sort(got)
-			return got
-		}
-	}
-}
-
-// TestExactlyOnceSinkCommitsAfterATransactionRequestCutByTheStop: the task
-// stops while its next transaction's AddPartitionsToTxn waits for a
-// coordinator that took it and says nothing; the request is cut, and the
-// commit of the checkpoint pre-committed before (a completion notice
-// handled after the stop) still goes through, on a new connection to the
-// same coordinator.
-func TestExactlyOnceSinkCommitsAfterATransactionRequestCutByTheStop(t *testing.T) {
-	c := newKafkaCluster(t, "out")
-	stall := stallRequest(t, c, kmsg.AddPartitionsToTxn)
-	ctx, stop := context.WithCancel(t.Context())
-	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
-	t.Cleanup(s.close)
-	write(t, s, "a", 5)
-	if _, err := s.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	stall.arm()
-	stall.stopMidFlush(t, s, stop)
-	if err := s.txn.completed(1); err != nil {
-		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
-	}
-	if got := readCommitted(t, c.ListenAddrs(), "out", 5); !slices.Equal(got, seq("a", 5)) {
-		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
 	}
 }
 
@@ -420,10 +338,7 @@ func TestExactlyOnceSinkCommitsAfterATransactionRequestCutByTheStop(t *testing.T
 // nothing could cut and which a coordinator that says nothing would hold
 // for the read timeout.
 func TestExactlyOnceSinkFreesIdsWithoutInitAfterTheStop(t *testing.T) {
-	c := newKafkaCluster(t, "out")
-	stall := stallRequest(t, c, kmsg.InitProducerID)
-	ctx, stop := context.WithCancel(t.Context())
-	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
+	c, stall, s, stop := stalledSink(t, kmsg.InitProducerID, "exactly_once")
 	t.Cleanup(s.close)
 	write(t, s, "a", 5)
 	if _, err := s.txn.preCommit(1); err != nil {
@@ -485,6 +400,19 @@ func openTaskSink(t *testing.T, ctx context.Context, env *taskEnv, brokers []str
 	return s
 }
 
+// stalledSink is a task's sink (openTaskSink, with delivery) on a new
+// one-broker cluster that takes the first request of key after stall.arm
+// and never answers it, and whose Kafka requests otherwise wait 20
+// minutes for an answer; stop stops the task. The caller closes the sink.
+func stalledSink(t *testing.T, key kmsg.Key, delivery string) (c *kfake.Cluster, stall *requestStall, s *sink, stop func()) {
+	t.Helper()
+	c = newKafkaCluster(t, "out")
+	stall = stallRequest(t, c, key)
+	ctx, stop := context.WithCancel(t.Context())
+	s = openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), delivery)
+	return c, stall, s, stop
+}
+
 // TestExactlyOnceSinkCommitsAfterTheTaskStopped: the completion notice of
 // a stop-with-savepoint comes just before the stop, and the map task
 // handles it after its context ended (mapTask.lastCompletions): the
@@ -508,28 +436,31 @@ func TestExactlyOnceSinkCommitsAfterTheTaskStopped(t *testing.T) {
 	}
 }
 
-// TestExactlyOnceSinkCommitsAfterAProduceCutByTheStop: the task stops
-// while a Produce of its open transaction waits for a broker that took it
-// and says nothing; the Produce is cut, and the commit of the checkpoint
-// pre-committed before (a completion notice handled after the stop) still
-// goes through, on a new connection to the same broker.
-func TestExactlyOnceSinkCommitsAfterAProduceCutByTheStop(t *testing.T) {
-	c := newKafkaCluster(t, "out")
-	stall := stallProduce(t, c)
-	ctx, stop := context.WithCancel(t.Context())
-	s := openTaskSink(t, ctx, slowKafkaEnv(), c.ListenAddrs(), "exactly_once")
-	t.Cleanup(s.close)
-	write(t, s, "a", 5)
-	if _, err := s.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	stall.arm()
-	stall.stopMidFlush(t, s, stop)
-	if err := s.txn.completed(1); err != nil {
-		t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
-	}
-	if got := readCommitted(t, c.ListenAddrs(), "out", 5); !slices.Equal(got, seq("a", 5)) {
-		t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
+// TestExactlyOnceSinkCommitsAfterARequestCutByTheStop: the task stops
+// while its open transaction's write waits for a broker that took the
+// request and says nothing: a Produce, or the AddPartitionsToTxn sent to
+// the transaction's coordinator before it. The request is cut, and the
+// commit of the checkpoint pre-committed before (a completion notice
+// handled after the stop) still goes through, on a new connection to the
+// same broker.
+func TestExactlyOnceSinkCommitsAfterARequestCutByTheStop(t *testing.T) {
+	for _, key := range []kmsg.Key{kmsg.Produce, kmsg.AddPartitionsToTxn} {
+		t.Run(key.Name(), func(t *testing.T) {
+			c, stall, s, stop := stalledSink(t, key, "exactly_once")
+			t.Cleanup(s.close)
+			write(t, s, "a", 5)
+			if _, err := s.txn.preCommit(1); err != nil {
+				t.Fatal(err)
+			}
+			stall.arm()
+			stall.stopMidFlush(t, s, stop)
+			if err := s.txn.completed(1); err != nil {
+				t.Fatalf("commit of checkpoint 1 after the cut: %v", err)
+			}
+			if got := readCommitted(t, c.ListenAddrs(), "out", 5); !slices.Equal(got, seq("a", 5)) {
+				t.Fatalf("read_committed saw %v, want %v", got, seq("a", 5))
+			}
+		})
 	}
 }
 
