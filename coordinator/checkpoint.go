@@ -27,7 +27,8 @@ import (
 // triggers only when none of its writes is in flight, and pipelines a
 // trigger only when every id issued before it is committed, so at most its
 // next id can have been sent without being committed; a new leader skips
-// that id (inherit).
+// that id (inherit). Only a loop whose term is still Raft's pipelines
+// (leadsTerm): a deposed one may read its successor's ids as committed.
 
 // checkpointState is the leader's checkpoint bookkeeping for one job.
 type checkpointState struct {
@@ -273,9 +274,9 @@ func allRunning(js *jobState) bool {
 // triggerCheckpoint takes the next checkpoint id through Raft and sends
 // TriggerCheckpoint to every source task. Where every coordinator can apply
 // an id the leader chose, the trigger carries one; it is sent at once
-// (pipelined) when every id issued before it is committed, and after the
-// commit otherwise, and always for a savepoint, whose trigger may stop the
-// job's sources. A savepoint takes the job's waiting savepoint requests
+// (pipelined) when every id issued before it is committed and the loop's
+// term is still Raft's, and after the commit otherwise, and always for a
+// savepoint, whose trigger may stop the job's sources. A savepoint takes the job's waiting savepoint requests
 // along, and answers them if it cannot start.
 func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop bool) {
 	js.ckpt.lastTrigger = now

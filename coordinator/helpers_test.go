@@ -286,18 +286,3 @@ func submitJob(t testing.TB, s *Server, spec string) string {
 	}
 	return out.ID
 }
-
-// onLog is a slog.Handler that calls fn with the message of each record it
-// passes on to the Handler it wraps.
-type onLog struct {
-	slog.Handler
-	fn func(msg string)
-}
-
-func (h onLog) Handle(ctx context.Context, r slog.Record) error {
-	h.fn(r.Message)
-	return h.Handler.Handle(ctx, r)
-}
-
-func (h onLog) WithAttrs(as []slog.Attr) slog.Handler { return onLog{h.Handler.WithAttrs(as), h.fn} }
-func (h onLog) WithGroup(name string) slog.Handler    { return onLog{h.Handler.WithGroup(name), h.fn} }

@@ -156,9 +156,7 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 		// the wait for a worker that went quiet. The cancel goes again, in
 		// case the worker's answer to the first was lost: a worker answers
 		// a cancel of a task it does not run with its end.
-		if sess := l.sessions[tv.task.Worker]; sess != nil {
-			sess.send(cancelMsg(taskRef(js, tv.task), "job cancelled"))
-		}
+		l.sendTo(tv.task.Worker, cancelMsg(taskRef(js, tv.task), "job cancelled"))
 		l.scheduleJob(js, now.Add(l.lease))
 		return
 	}

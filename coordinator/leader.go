@@ -405,14 +405,24 @@ func (l *leader) post(ctx context.Context, ev leaderEvent) bool {
 	}
 }
 
-// sendTo enqueues msg on worker's session. It returns false when the worker
-// has no open session or its queue overflowed (which closes the session),
-// and when Raft's term has moved past the loop's: what the loop decided may
-// rest on a successor's entries it read from the FSM, and the check after
-// the read proves it did not (leadsTerm).
+// sendTo enqueues msg on worker's session (sendOn). It returns false when
+// the worker has no open session, and as sendOn does.
 func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
 	sess := l.sessions[worker]
-	if sess == nil || !l.leadsTerm() {
+	if sess == nil {
+		return false
+	}
+	return l.sendOn(sess, msg)
+}
+
+// sendOn enqueues msg, a decision of the loop, on sess. It returns false
+// when the session's queue overflowed (which closes it), and when Raft's
+// term has moved past the loop's: the decision may rest on a successor's
+// entries the loop read from the FSM, and the check after the read proves
+// it did not (leadsTerm). Only the session's own answers (Welcome, a
+// heartbeat's echo) go out without it: they rest on no FSM read.
+func (l *leader) sendOn(sess *session, msg *transport.CoordinatorMessage) bool {
+	if !l.leadsTerm() {
 		return false
 	}
 	return sess.send(msg)

@@ -2,9 +2,7 @@ package coordinator
 
 import (
 	"errors"
-	"log/slog"
-	"strings"
-	"sync"
+	"fmt"
 	"testing"
 	"time"
 
@@ -338,6 +336,9 @@ func TestDeposedLeaderSendsNoTriggerAheadOfItsCommit(t *testing.T) {
 
 	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
 	h.l.checkpointPass()
+	if p := h.l.jobs["j1"].ckpt.pending; p != nil {
+		t.Fatalf("a deposed leader started checkpoint %d ahead of its commit (the successor's next id is %d)", p.id, first+3)
+	}
 	if sent := h.sourceTriggers(); len(sent) != 0 {
 		t.Fatalf("a deposed leader sent triggers ahead of their commit: %v (the successor's next id is %d)", sent, first+3)
 	}
@@ -371,20 +372,16 @@ func (h *leaderHarness) successorCancels(job string) {
 func TestLeaderLoopOfAnEndedTermActsOnNothing(t *testing.T) {
 	h := newLeaderHarness(t)
 	h.successorCancels("j1")
-	parked := make(chan struct{})
-	var once sync.Once
-	h.l.logger = slog.New(onLog{h.l.logger.Handler(), func(msg string) {
-		if strings.HasPrefix(msg, "raft term moved on") {
-			once.Do(func() { close(parked) })
-		}
-	}})
+	logger, logs := captureLogger(t)
+	h.l.logger = logger
 	done := make(chan struct{})
 	go func() { defer close(done); h.l.run() }()
-	select {
-	case <-parked:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the loop of an ended term did not say it waits for its end")
-	}
+	waitFor(t, 10*time.Second, func() error {
+		if len(logs.lines("raft term moved on")) == 0 {
+			return errors.New("the loop of an ended term has not said it waits for its end")
+		}
+		return nil
+	})
 	h.cancel()
 	select {
 	case <-done:
@@ -396,18 +393,37 @@ func TestLeaderLoopOfAnEndedTermActsOnNothing(t *testing.T) {
 	}
 }
 
-// TestDeposedLeaderSendsNothing: the term moves on and the successor's
-// cancel of the job reaches this node's FSM while its loop is in an
-// iteration (past termOver's check): the loop reads the cancel, but the
-// CancelTask messages it decides are not sent.
+// TestDeposedLeaderSendsNothing: the successor's cancel of the job reaches
+// this node's FSM while its loop is in an iteration (past termOver's
+// check), and a worker reports a task of an attempt before the current one
+// as running. The loop reads the cancel and classifies the stale task, but
+// once Raft's term has moved, the CancelTask messages it decides are not
+// sent; in its own term (the control) they are.
 func TestDeposedLeaderSendsNothing(t *testing.T) {
-	h := newLeaderHarness(t)
-	h.successorCancels("j1")
-	h.flush() // the loop reconciles the job the FSM changed
-	if js := h.l.jobs["j1"]; js == nil || js.status != fsm.JobCancelled {
-		t.Fatal("the loop did not read the successor's cancel: the test shows nothing")
-	}
-	if msgs := append(h.drain("w1"), h.drain("w2")...); len(msgs) != 0 {
-		t.Fatalf("a deposed leader sent %d messages, the first %v", len(msgs), msgs[0])
+	for _, deposed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("deposed=%v", deposed), func(t *testing.T) {
+			h := newLeaderHarness(t)
+			h.startJob("j1", testJobSpec(1, 1))
+			h.completeCheckpoint("j1")
+			if deposed {
+				h.raftTerm++
+			}
+			h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+			h.flush() // the loop reconciles the job the FSM changed
+			if js := h.l.jobs["j1"]; js == nil || js.status != fsm.JobCancelled {
+				t.Fatal("the loop did not read the cancel: the test shows nothing")
+			}
+			job := h.job("j1")
+			stale := ref(job, job.Tasks[0])
+			stale.Attempt-- // of an attempt before the current one, still running
+			h.report(job.Tasks[0].Worker, stale, transport.TaskPhase_TASK_PHASE_RUNNING, "")
+			msgs := append(h.drain("w1"), h.drain("w2")...)
+			if deposed && len(msgs) != 0 {
+				t.Fatalf("a deposed leader sent %d messages, the first %v", len(msgs), msgs[0])
+			}
+			if n := len(cancels(msgs)); !deposed && n < len(job.Tasks)+1 {
+				t.Fatalf("a leader in its term sent %d cancels, want one per task of the cancelled job and one for the stale task", n)
+			}
+		})
 	}
 }

@@ -681,7 +681,7 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 		if live(st.GetPhase()) {
 			l.logger.Info("cancelling stale task", "job", ref.GetJobId(), "attempt", ref.GetAttempt(),
 				"task", ref.GetTaskId(), "worker", sess.worker, "reason", stale)
-			sess.send(cancelMsg(ref, stale))
+			l.sendOn(sess, cancelMsg(ref, stale))
 		}
 		if tv != nil { // of a cancelled job
 			tv.phase, tv.missing = st.GetPhase(), false

@@ -18,9 +18,9 @@ import (
 // requests use when the task stops (cutAt); a closed connection ends the
 // read at once, and the sink's retries then see the task stopping.
 //
-// The transaction requests of a running task's writes and barriers
+// A running task's requests to its transaction coordinator
 // (AddPartitionsToTxn, InitProducerID, DescribeTransactions) are cut the
-// same way (txnPool.cutOnStop). A commit is not: the commit of a
+// same way (txnPool.cutAtCoordinator). A commit is not: the commit of a
 // stop-with-savepoint comes right before the stop and is made after it
 // (mapTask.lastCompletions), and new connections are dialled for it then.
 type sinkConns struct {

@@ -231,7 +231,7 @@ func (p *txnPool) addPartitions(s *txnSlot) error {
 	if len(add) == 0 {
 		return nil
 	}
-	kerr, err := p.retry(p.atCoordinator(s.id, p.cutOnStop(func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.cutAtCoordinator(s.id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.AddPartitionsToTxn(&sarama.AddPartitionsToTxnRequest{
 			Version: p.w.addVersion, TransactionalID: s.id, ProducerID: s.pid, ProducerEpoch: s.epoch,
 			TopicPartitions: map[string][]int32{p.topic: add},
@@ -251,7 +251,7 @@ func (p *txnPool) addPartitions(s *txnSlot) error {
 			}
 		}
 		return kerr, nil
-	})))
+	}))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}

@@ -292,10 +292,17 @@ func writeState(ctx context.Context, out io.Writer, job *snapshotJob, mode snaps
 	return fw.Close()
 }
 
+// deltaScanShare is the share of a key group's keys changed (one in
+// deltaScanShare) from which writeDelta reads the group by a scan rather
+// than a lookup per changed key: about where the two cost the same on the
+// disk backend (BenchmarkDeltaKeyGroup, docs/benchmarks.md "A delta's
+// reads: lookups or a scan").
+const deltaScanShare = 8
+
 // writeDelta writes the changed keys of job with their values as of its
 // view, and tombstones for those deleted. A key group where many keys
 // changed is read in one ordered scan merged with its changed keys; one
-// where few did, by a lookup per key (deltaByLookups).
+// where few did, by a lookup per key (deltaScanShare).
 func writeDelta(ctx context.Context, fw *statefile.Writer, job *snapshotJob) error {
 	perGroup := job.keys / int64(max(1, job.kgEnd-job.kgStart))
 	for _, g := range changedGroups(job.changed) {
@@ -303,7 +310,7 @@ func writeDelta(ctx context.Context, fw *statefile.Writer, job *snapshotJob) err
 			return err
 		}
 		write := deltaByScan
-		if int64(len(g.keys))*8 < perGroup {
+		if int64(len(g.keys))*deltaScanShare < perGroup {
 			write = deltaByLookups
 		}
 		if err := write(fw, job.view, g.kg, g.keys); err != nil {

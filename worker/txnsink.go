@@ -335,16 +335,17 @@ func (p *txnPool) explainEnded(log *slog.Logger, t *transport.SinkTxn, kerr sara
 	case derr == nil && st.TransactionState == sarama.TransactionStateCompleteAbort && st.ProducerID == pid && st.ProducerEpoch == epoch+1:
 		log.Error("a transaction of the restored checkpoint was aborted by the broker, most likely at its timeout: "+lost,
 			"transaction_timeout", p.timeout)
-	case derr != nil:
-		// The description could not be had (a broker away, or the task
-		// stopping, which sends no more requests): the answer alone.
-		log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
-			"or aborted by the broker after the transaction timeout, in which case "+lost,
-			"err", kafkaErr(kerr), "describe_err", derr, "transaction_timeout", p.timeout)
 	default:
+		attrs := []any{"err", kafkaErr(kerr), "transaction_timeout", p.timeout}
+		if derr != nil {
+			// Not described (a broker away, or the task stopping, which
+			// sends no more requests): the answer alone.
+			attrs = append(attrs, "describe_err", derr)
+		} else {
+			attrs = append(attrs, "state_now", st.TransactionState, "epoch_now", st.ProducerEpoch)
+		}
 		log.Error("a transaction of the restored checkpoint has already ended with another epoch: committed by an earlier attempt that reused its id, "+
-			"or aborted by the broker after the transaction timeout, in which case "+lost,
-			"err", kafkaErr(kerr), "state_now", st.TransactionState, "epoch_now", st.ProducerEpoch, "transaction_timeout", p.timeout)
+			"or aborted by the broker after the transaction timeout, in which case "+lost, attrs...)
 	}
 }
 
@@ -413,7 +414,7 @@ func (p *txnPool) fence(id string) error {
 func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 	var pid int64
 	var epoch int16
-	kerr, err := p.retry(p.atCoordinator(id, p.cutOnStop(func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.cutAtCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
 			Version: requestVersion(p.admin.Config().Version, initProducerIDVersions), TransactionalID: &id, TransactionTimeout: p.timeout,
 			ProducerID: -1, ProducerEpoch: -1,
@@ -423,7 +424,7 @@ func (p *txnPool) initProducerID(id string) (int64, int16, error) {
 		}
 		pid, epoch = resp.ProducerID, resp.ProducerEpoch
 		return resp.Err, nil
-	})))
+	}))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
@@ -459,27 +460,32 @@ func (p *txnPool) atCoordinator(id string, req func(*sarama.Broker) (sarama.KErr
 	}
 }
 
-// cutOnStop has req, a request of a running task, cut when the task stops,
-// as a Produce is (sinkConns): a coordinator that took an
-// AddPartitionsToTxn, an InitProducerID or a DescribeTransactions and says
-// nothing would hold the stop for the read timeout. Once the task has
-// stopped, req is not sent at all. What such a request was for, the
-// restore after the stop does again: it fences the task's ids and commits
-// what its checkpoint lists. A commit (EndTxn) is never cut: the one of a
-// stop-with-savepoint may be in flight when the stop comes, and no restore
-// may follow to make it; one made after the stop (a completion handled
-// then, mapTask.lastCompletions) goes out on a new connection.
-func (p *txnPool) cutOnStop(req func(*sarama.Broker) (sarama.KError, error)) func(*sarama.Broker) (sarama.KError, error) {
-	return func(b *sarama.Broker) (sarama.KError, error) {
-		if err := p.ctx.Err(); err != nil {
-			return 0, err
-		}
+// cutAtCoordinator is atCoordinator for a request of a running task that
+// the task's stop cuts, as it cuts a Produce (sinkConns): a coordinator
+// that took an AddPartitionsToTxn (in a write), an InitProducerID (at a
+// barrier) or a DescribeTransactions (before a write, at a restore) and
+// says nothing would hold the stop for the read timeout. Once the task has
+// stopped, neither the request nor the lookup of the coordinator is sent.
+// What such a request was for, the restore after the stop does again: it
+// fences the task's ids and commits what its checkpoint lists. A commit
+// (EndTxn) is never cut: the one of a stop-with-savepoint may be in flight
+// when the stop comes, and no restore may follow to make it; one made
+// after the stop (a completion handled then, mapTask.lastCompletions) goes
+// out on a new connection.
+func (p *txnPool) cutAtCoordinator(id string, req func(*sarama.Broker) (sarama.KError, error)) func(context.Context) (sarama.KError, error) {
+	step := p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		stop := p.w.conns.cutAt(p.ctx, []string{b.Addr()})
 		kerr, err := req(b)
 		if stop() {
 			_ = b.Close() // sarama dials anew for the commit that may follow
 		}
 		return kerr, err
+	})
+	return func(ctx context.Context) (sarama.KError, error) {
+		if err := p.ctx.Err(); err != nil {
+			return 0, err
+		}
+		return step(ctx)
 	}
 }
 
@@ -571,7 +577,7 @@ func (s *txnSlot) begin() { s.added = make(map[int32]bool) }
 // describe asks id's transaction coordinator for its state.
 func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 	var st sarama.TransactionState
-	kerr, err := p.retry(p.atCoordinator(id, p.cutOnStop(func(b *sarama.Broker) (sarama.KError, error) {
+	kerr, err := p.retry(p.cutAtCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.DescribeTransactions(&sarama.DescribeTransactionsRequest{TransactionalIDs: []string{id}})
 		if err != nil {
 			return 0, err
@@ -581,7 +587,7 @@ func (p *txnPool) describe(id string) (sarama.TransactionState, error) {
 		}
 		st = resp.TransactionStates[0]
 		return st.ErrorCode, nil
-	})))
+	}))
 	if err == nil && kerr != sarama.ErrNoError {
 		err = kerr
 	}
@@ -797,21 +803,15 @@ func (p *txnPool) completed(id uint64) error {
 	for _, s := range p.slots {
 		if s.state == slotCommitted && s.freeAfter != 0 && s.freeAfter <= id {
 			s.state = slotFree
-			if p.ctx.Err() != nil {
-				// The task stopped: the id is fenced by the restore
-				// that follows, not used by this pool again.
-				s.stale = true
-				continue
-			}
 			// A new epoch now, off the barrier's path: the next barrier
 			// opens a transaction on it at once. Without brokers, later:
 			// openNext initialises a stale slot before it opens it, and
 			// a completion with nothing to commit is no reason to fail,
-			// nor is a stop that cut the request.
+			// nor is the task's stop, after which nothing is sent: the
+			// restore that follows fences the id.
 			if err := p.initSlot(s); err != nil {
 				if p.ctx.Err() != nil {
-					s.stale = true
-					continue
+					continue // stale since its commit
 				}
 				if !sinkUnreachable(err) {
 					return err

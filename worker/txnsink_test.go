@@ -371,13 +371,6 @@ func readCommittedMessages(t *testing.T, brokers []string, topic string, want in
 
 // readCommittedFor is readCommittedMessages waiting up to wait for want.
 func readCommittedFor(t *testing.T, brokers []string, topic string, want int, wait time.Duration) []*sarama.ConsumerMessage {
-	return readCommittedFrom(t, brokers, topic, []int32{0}, want, wait)
-}
-
-// readCommittedFrom reads partitions of topic as a read_committed consumer
-// until it has want messages (or wait passed) and no more come for 300
-// ms. The messages of one partition keep their order.
-func readCommittedFrom(t *testing.T, brokers []string, topic string, partitions []int32, want int, wait time.Duration) []*sarama.ConsumerMessage {
 	t.Helper()
 	cfg := sarama.NewConfig()
 	cfg.Version = sarama.V2_8_0_0
@@ -388,30 +381,16 @@ func readCommittedFrom(t *testing.T, brokers []string, topic string, partitions 
 		t.Fatal(err)
 	}
 	defer c.Close()
-	msgs := make(chan *sarama.ConsumerMessage)
-	done := make(chan struct{})
-	for _, p := range partitions {
-		pc, err := c.ConsumePartition(topic, p, sarama.OffsetOldest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		go func() {
-			for m := range pc.Messages() {
-				select {
-				case msgs <- m:
-				case <-done:
-					return
-				}
-			}
-		}()
+	pc, err := c.ConsumePartition(topic, 0, sarama.OffsetOldest)
+	if err != nil {
+		t.Fatal(err)
 	}
-	defer close(done) // first of the defers: a forwarder blocked in a send returns
+	defer pc.Close()
 	var got []*sarama.ConsumerMessage
 	deadline := time.After(wait)
 	for len(got) < want {
 		select {
-		case m := <-msgs:
+		case m := <-pc.Messages():
 			got = append(got, m)
 		case <-deadline:
 			return got
@@ -420,7 +399,7 @@ func readCommittedFrom(t *testing.T, brokers []string, topic string, partitions 
 	quiet := time.After(300 * time.Millisecond)
 	for {
 		select {
-		case m := <-msgs:
+		case m := <-pc.Messages():
 			got = append(got, m)
 		case <-quiet:
 			return got
