@@ -202,20 +202,31 @@ func (st *requestStall) stopMidCall(t *testing.T, what string, call func() error
 // TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker: besides
 // its Produce requests, an exactly-once sink sends its transaction
 // coordinator AddPartitionsToTxn in a write (the partitions a transaction
-// writes to first) and InitProducerID at a barrier (the epoch of the next
-// transaction, which opens there). A task that stops while the coordinator
-// took one of them and says nothing stops at once, as it does in a
-// Produce: it does not wait out the read timeout, here 20 minutes.
+// writes to first), InitProducerID at a barrier (the epoch of the next
+// transaction, which opens there) and DescribeTransactions before the
+// write after one that failed without an answer. A task that stops while
+// the coordinator took one of them and says nothing stops at once, as it
+// does in a Produce: it does not wait out the read timeout, here 20
+// minutes.
 func TestSinkStopsMidTransactionRequestWithoutWaitingForTheBroker(t *testing.T) {
-	for _, key := range []kmsg.Key{kmsg.AddPartitionsToTxn, kmsg.InitProducerID} {
+	for _, key := range []kmsg.Key{kmsg.AddPartitionsToTxn, kmsg.InitProducerID, kmsg.DescribeTransactions} {
 		t.Run(key.Name(), func(t *testing.T) {
 			_, stall, s, stop := stalledSink(t, key, "exactly_once")
-			stall.arm()
-			if key == kmsg.AddPartitionsToTxn {
+			switch key {
+			case kmsg.AddPartitionsToTxn:
+				stall.arm()
 				stall.stopMidFlush(t, s, stop)
-			} else {
+			case kmsg.InitProducerID:
 				write(t, s, "a", 5)
+				stall.arm()
 				stall.stopMidCall(t, "preCommit", func() error { _, err := s.txn.preCommit(1); return err }, stop)
+			case kmsg.DescribeTransactions:
+				// A write failed without an answer (txnPool.send): before
+				// the next, the sink asks whether the id moved on.
+				write(t, s, "a", 5)
+				s.txn.cur.stale, s.txn.cur.checkFence = true, true
+				stall.arm()
+				stall.stopMidFlush(t, s, stop)
 			}
 			closesPromptly(t, s)
 		})

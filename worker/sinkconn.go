@@ -6,6 +6,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/IBM/sarama"
 )
 
 // sinkConns dials a sink's Kafka connections and can close those to given
@@ -15,7 +17,7 @@ import (
 // of a Produce to a broker that does not answer would wait that long, and
 // so would whatever waits for the task (a restart on this worker, the
 // worker's shutdown). sinkWriter.produce closes the connections its
-// requests use when the task stops (cutAt); a closed connection ends the
+// requests use when the task stops (cutDuring); a closed connection ends the
 // read at once, and the sink's retries then see the task stopping.
 //
 // A running task's requests to its transaction coordinator
@@ -48,13 +50,30 @@ func (d *sinkConns) Dial(network, addr string) (net.Conn, error) {
 	return c, nil
 }
 
+// cutDuring runs do, requests to brokers, and closes the brokers'
+// connections as soon as ctx ends meanwhile (cutAt). If it did, it closes
+// the brokers as well: sarama does not know that a connection idle at the
+// cut (a broker that had answered) was closed under it, and would fail its
+// next request on it, such as the commit that follows a stop.
+func (d *sinkConns) cutDuring(ctx context.Context, brokers []*sarama.Broker, do func()) {
+	addrs := make([]string, len(brokers))
+	for i, b := range brokers {
+		addrs[i] = b.Addr()
+	}
+	stop := d.cutAt(ctx, addrs)
+	do()
+	if stop() {
+		for _, b := range brokers {
+			_ = b.Close()
+		}
+	}
+}
+
 // cutAt closes the connections to addrs as soon as ctx ends, until the
 // returned stop is called. A cut that has started when stop is called is
 // waited for: it lists the connections only when it runs, and must not
 // close one dialled afterwards for the next request (the commit that
-// follows a stop). stop reports whether the cut ran: the caller then
-// closes its sarama brokers, which do not know that a connection idle at
-// the cut was closed under them and would fail their next request on it.
+// follows a stop). stop reports whether the cut ran.
 func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() (cut bool)) {
 	done := make(chan struct{})
 	stopCut := context.AfterFunc(ctx, func() {

@@ -355,25 +355,21 @@ func (w *sinkWriter) produce(s *txnSlot) (sarama.KError, error) {
 		lr.parts = append(lr.parts, pt)
 		lr.counts = append(lr.counts, k)
 	}
-	addrs := make([]string, len(reqs))
+	brokers := make([]*sarama.Broker, len(reqs))
 	for i, r := range reqs {
-		addrs[i] = r.broker.Addr()
+		brokers[i] = r.broker
 	}
-	stopCut := w.conns.cutAt(w.ctx, addrs)
-	if len(reqs) == 1 {
-		reqs[0].send()
-	} else {
+	w.conns.cutDuring(w.ctx, brokers, func() {
+		if len(reqs) == 1 {
+			reqs[0].send()
+			return
+		}
 		var wg sync.WaitGroup
 		for _, r := range reqs {
 			wg.Go(r.send)
 		}
 		wg.Wait()
-	}
-	if stopCut() {
-		for _, r := range reqs {
-			_ = r.broker.Close()
-		}
-	}
+	})
 	var retry, refused error
 	fail := sarama.ErrNoError
 	for _, r := range reqs {

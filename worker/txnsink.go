@@ -473,12 +473,8 @@ func (p *txnPool) atCoordinator(id string, req func(*sarama.Broker) (sarama.KErr
 // after the stop (a completion handled then, mapTask.lastCompletions) goes
 // out on a new connection.
 func (p *txnPool) cutAtCoordinator(id string, req func(*sarama.Broker) (sarama.KError, error)) func(context.Context) (sarama.KError, error) {
-	step := p.atCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
-		stop := p.w.conns.cutAt(p.ctx, []string{b.Addr()})
-		kerr, err := req(b)
-		if stop() {
-			_ = b.Close() // sarama dials anew for the commit that may follow
-		}
+	step := p.atCoordinator(id, func(b *sarama.Broker) (kerr sarama.KError, err error) {
+		p.w.conns.cutDuring(p.ctx, []*sarama.Broker{b}, func() { kerr, err = req(b) })
 		return kerr, err
 	})
 	return func(ctx context.Context) (sarama.KError, error) {
