@@ -51,30 +51,18 @@ func (d *sinkConns) Dial(network, addr string) (net.Conn, error) {
 }
 
 // cutDuring runs do, requests to brokers, and closes the brokers'
-// connections as soon as ctx ends meanwhile (cutAt). If it did, it closes
-// the brokers as well: sarama does not know that a connection idle at the
-// cut (a broker that had answered) was closed under it, and would fail its
-// next request on it, such as the commit that follows a stop.
+// connections as soon as ctx ends meanwhile. A cut that has started when do
+// returns is waited for: it lists the connections only when it runs, and
+// must not close one dialled afterwards for the next request (the commit
+// that follows a stop). If the cut ran, the brokers are closed as well:
+// sarama does not know that a connection idle at the cut (a broker that had
+// answered) was closed under it, and would fail its next request on it,
+// such as that commit.
 func (d *sinkConns) cutDuring(ctx context.Context, brokers []*sarama.Broker, do func()) {
 	addrs := make([]string, len(brokers))
 	for i, b := range brokers {
 		addrs[i] = b.Addr()
 	}
-	stop := d.cutAt(ctx, addrs)
-	do()
-	if stop() {
-		for _, b := range brokers {
-			_ = b.Close()
-		}
-	}
-}
-
-// cutAt closes the connections to addrs as soon as ctx ends, until the
-// returned stop is called. A cut that has started when stop is called is
-// waited for: it lists the connections only when it runs, and must not
-// close one dialled afterwards for the next request (the commit that
-// follows a stop). stop reports whether the cut ran.
-func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() (cut bool)) {
 	done := make(chan struct{})
 	stopCut := context.AfterFunc(ctx, func() {
 		defer close(done)
@@ -90,12 +78,13 @@ func (d *sinkConns) cutAt(ctx context.Context, addrs []string) (stop func() (cut
 			c.Close()
 		}
 	})
-	return func() bool {
-		if stopCut() {
-			return false
-		}
-		<-done
-		return true
+	do()
+	if stopCut() {
+		return // ctx did not end during do
+	}
+	<-done
+	for _, b := range brokers {
+		_ = b.Close()
 	}
 }
 
