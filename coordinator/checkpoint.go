@@ -372,8 +372,9 @@ func (l *leader) startCheckpoint(js *jobState, id uint64, now time.Time, savepoi
 		if tv.task.Kind != fsm.TaskSource {
 			continue
 		}
-		if !l.sendTo(tv.task.Worker, triggerMsg(js, tv, p)) {
-			log.Warn("no session to trigger checkpoint on; sent when the worker reconnects", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker)
+		if err := l.sendTo(tv.task.Worker, triggerMsg(js, tv, p)); err != nil {
+			// A worker whose session comes back gets it then (retrigger).
+			log.Warn("checkpoint trigger not sent", "checkpoint", id, "task", tv.task.ID, "worker", tv.task.Worker, "err", err)
 		}
 	}
 	log.Debug("checkpoint triggered", "checkpoint", id)

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"container/heap"
 	"context"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"sync"
@@ -405,27 +406,31 @@ func (l *leader) post(ctx context.Context, ev leaderEvent) bool {
 	}
 }
 
-// sendTo enqueues msg on worker's session (sendOn). It returns false when
-// the worker has no open session, and as sendOn does.
-func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) bool {
+// sendTo enqueues msg on worker's session (sendOn). It fails with
+// errNoSession when the worker has no open session, and as sendOn does.
+func (l *leader) sendTo(worker string, msg *transport.CoordinatorMessage) error {
 	sess := l.sessions[worker]
 	if sess == nil {
-		return false
+		return errNoSession
 	}
 	return l.sendOn(sess, msg)
 }
 
-// sendOn enqueues msg, a decision of the loop, on sess. It returns false
-// when the session's queue overflowed (which closes it), and when Raft's
-// term has moved past the loop's: the decision may rest on a successor's
-// entries the loop read from the FSM, and the check after the read proves
-// it did not (leadsTerm). Only the session's own answers (Welcome, a
-// heartbeat's echo) go out without it: they rest on no FSM read.
-func (l *leader) sendOn(sess *session, msg *transport.CoordinatorMessage) bool {
+// sendOn enqueues msg, a decision of the loop, on sess. It fails when the
+// session has ended or its queue overflowed (which closes it), and with
+// errTermMoved when Raft's term has moved past the loop's: the decision may
+// rest on a successor's entries the loop read from the FSM, and the check
+// after the read proves it did not (leadsTerm). Only the session's own
+// answers (Welcome, a heartbeat's echo) go out without it: they rest on no
+// FSM read.
+func (l *leader) sendOn(sess *session, msg *transport.CoordinatorMessage) error {
 	if !l.leadsTerm() {
-		return false
+		return errTermMoved
 	}
-	return sess.send(msg)
+	if !sess.send(msg) {
+		return fmt.Errorf("session closed: %w", sess.cause())
+	}
+	return nil
 }
 
 // sessionlessSince returns since when worker has had no open session, and false

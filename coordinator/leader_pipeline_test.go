@@ -427,3 +427,30 @@ func TestDeposedLeaderSendsNothing(t *testing.T) {
 		})
 	}
 }
+
+// TestSendToSaysWhyNothingWasSent: the loop's warning about a message it
+// did not send names the cause, so that a deposed loop's last moments do not
+// read as a worker without a session.
+func TestSendToSaysWhyNothingWasSent(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w1", 4)
+	msg := cancelMsg(&transport.TaskRef{JobId: "j1", Attempt: 1, TaskId: "t1"}, "test")
+	if err := h.l.sendTo("w1", msg); err != nil {
+		t.Fatalf("send on an open session: %v", err)
+	}
+	if n := len(h.drain("w1")); n != 1 {
+		t.Fatalf("the open session got %d messages, want 1", n)
+	}
+	if err := h.l.sendTo("w9", msg); !errors.Is(err, errNoSession) {
+		t.Errorf("send to a worker without a session: %v, want %v", err, errNoSession)
+	}
+	h.raftTerm++
+	if err := h.l.sendTo("w1", msg); !errors.Is(err, errTermMoved) {
+		t.Errorf("send after the term moved: %v, want %v", err, errTermMoved)
+	}
+	h.raftTerm--
+	h.sessions["w1"].close(errQueueFull)
+	if err := h.l.sendTo("w1", msg); !errors.Is(err, errQueueFull) {
+		t.Errorf("send on a session closed by its overflow: %v, want %v", err, errQueueFull)
+	}
+}

@@ -218,8 +218,8 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 		// source needs it whenever the lost one may have had it.
 		d := buildDeploy(job, t, restore, "", true)
 		d.Partial = true
-		if !l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: d}}) {
-			log.Warn("no session to deploy restored task to", "task", t.ID, "worker", t.Worker)
+		if err := l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: d}}); err != nil {
+			log.Warn("restored task's deploy not sent", "task", t.ID, "worker", t.Worker, "err", err)
 		}
 	}
 	retarget := &transport.RetargetTasks{

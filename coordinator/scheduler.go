@@ -648,8 +648,8 @@ func (l *leader) deployed(js *jobState, attempt uint64, now time.Time, numPartit
 	discover := l.discovers(js, log)
 	for _, t := range job.Tasks {
 		msg := &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Deploy{Deploy: buildDeploy(job, t, restore, restoreStorage, discover)}}
-		if !l.sendTo(t.Worker, msg) {
-			log.Warn("no session to deploy task to", "task", t.ID, "worker", t.Worker)
+		if err := l.sendTo(t.Worker, msg); err != nil {
+			log.Warn("task's deploy not sent", "task", t.ID, "worker", t.Worker, "err", err)
 		}
 	}
 }

@@ -62,6 +62,13 @@ var (
 	errSilent          = errors.New("worker silent")
 )
 
+// Why the leader loop did not send a message (leader.sendTo), besides the
+// session's own end.
+var (
+	errNoSession = errors.New("the worker has no open session")
+	errTermMoved = errors.New("raft term moved on: a deposed leader loop sends nothing")
+)
+
 // controlService is the Control gRPC service. Every coordd serves it; only
 // the leader keeps sessions.
 type controlService struct {
