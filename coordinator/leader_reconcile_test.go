@@ -584,3 +584,63 @@ func TestSessionsOfMadeUpWorkersLeaveNothing(t *testing.T) {
 		t.Fatalf("leader keeps %d sessions and %d session-less records of workers that never ran a task", len(h.l.sessions), len(h.l.noSessionSince))
 	}
 }
+
+// TestLeaderCancelsARestartedAttemptsTasksOnReconnect: a worker whose
+// session was down when its job restarted never got the cancels of its
+// tasks. When it reconnects reporting them running, before the restart's
+// status write is in and after, it is told again: adopted, they would run
+// on untracked once the next attempt is placed elsewhere.
+func TestLeaderCancelsARestartedAttemptsTasksOnReconnect(t *testing.T) {
+	for _, statusIn := range []bool{false, true} {
+		t.Run(fmt.Sprintf("status_written=%v", statusIn), func(t *testing.T) {
+			h := newLeaderHarness(t)
+			job := h.startJob("j1", testJobSpec(2, 2))
+			var away []*transport.TaskStatus
+			var failing *fsm.Task
+			for _, task := range job.Tasks {
+				if task.Worker == "w2" {
+					away = append(away, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+				} else {
+					failing = &task
+				}
+			}
+			if len(away) == 0 || failing == nil {
+				t.Fatalf("tasks %v: want some on w2 and some elsewhere", job.Tasks)
+			}
+			sess := h.sessions["w2"]
+			sess.close(errors.New("network blip"))
+			h.handle(sessionClosed{sess: sess, err: errors.New("network blip")})
+
+			// A task elsewhere fails: the job restarts; w2's cancels have
+			// no session to go on.
+			fail := workerMessage{sess: h.sessions[failing.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{
+				Status: &transport.TaskStatus{Task: ref(job, *failing), Phase: transport.TaskPhase_TASK_PHASE_FAILED, Reason: "boom"},
+			}}}
+			if statusIn {
+				h.handle(fail)
+				if j := h.job("j1"); j.Status != fsm.JobRestarting || j.Attempt != 1 {
+					t.Fatalf("status %s attempt %d, want restarting attempt 1", j.Status, j.Attempt)
+				}
+			} else {
+				h.l.handle(fail)
+				h.l.settle() // the status write's result waits
+				if js := h.l.jobs["j1"]; js.status != fsm.JobRunning || !h.l.busy("j1") {
+					t.Fatalf("loop's status %s, busy %v: want the restart's status write in flight", js.status, h.l.busy("j1"))
+				}
+			}
+
+			h.connect("w2", 4, away...)
+			got := cancels(h.drain("w2"))
+			for _, st := range away {
+				if !slices.ContainsFunc(got, func(r *transport.TaskRef) bool { return sameTask(r, st.GetTask()) }) {
+					t.Errorf("task %s of the restarted attempt, reported running on reconnect, not cancelled; cancels %v", st.GetTask().GetTaskId(), got)
+				}
+			}
+		})
+	}
+}
+
+// sameTask reports whether a and b name the same task of the same attempt.
+func sameTask(a, b *transport.TaskRef) bool {
+	return a.GetJobId() == b.GetJobId() && a.GetAttempt() == b.GetAttempt() && a.GetTaskId() == b.GetTaskId()
+}

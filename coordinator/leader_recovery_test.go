@@ -271,3 +271,42 @@ func TestLeaderRecoveriesTogetherStayWithinSlots(t *testing.T) {
 		t.Fatalf("tasks per worker %v, want the lost job that fits on the free slots of w2 and w3", used)
 	}
 }
+
+// TestLeaderCancelsALostWorkersTasksWhileTheirRecoveryCommits: a worker the
+// leader counts lost comes back while the task-scoped recovery that places
+// its tasks elsewhere commits, reporting them running. It is told to stop
+// them: adopted, they would run on untracked once the recovery is in.
+func TestLeaderCancelsALostWorkersTasksWhileTheirRecoveryCommits(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	job := h.startJob("j1", testJobSpec(2, 2))
+	h.drain("w3")
+	h.completeCheckpoint("j1")
+	lost := job.Tasks[0].Worker
+	var running []*transport.TaskStatus
+	for _, task := range job.Tasks {
+		if task.Worker == lost {
+			running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+		}
+	}
+
+	h.holdWrites()
+	h.setMember(lost, StatusDead, 4)
+	h.l.handle(sessionClosed{sess: h.sessions[lost], err: errors.New("no message from the worker within the silence limit")})
+	h.l.settle() // the recovery's write waits
+	if !h.l.busy("j1") || h.job("j1").Attempt != 1 {
+		t.Fatalf("busy %v attempt %d: want the task-scoped recovery in flight", h.l.busy("j1"), h.job("j1").Attempt)
+	}
+
+	h.setMember(lost, StatusAlive, 4)
+	h.connect(lost, 4, running...) // plays the loop on: the recovery commits
+	if j := h.job("j1"); j.Attempt != 2 || j.Status != fsm.JobRunning {
+		t.Fatalf("attempt %d status %s: want the task-scoped recovery committed", j.Attempt, j.Status)
+	}
+	got := cancels(h.drain(lost))
+	for _, st := range running {
+		if !slices.ContainsFunc(got, func(r *transport.TaskRef) bool { return sameTask(r, st.GetTask()) }) {
+			t.Errorf("task %s, restored elsewhere, reported running by its old worker: not cancelled; cancels %v", st.GetTask().GetTaskId(), got)
+		}
+	}
+}

@@ -86,6 +86,9 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	// The pending checkpoint cannot complete without the lost tasks; the
 	// command aborts it, and no completion may overtake it.
 	js.ckpt.pending = nil
+	for _, tv := range lost {
+		tv.replaced = true
+	}
 	ids := make([]string, len(placed))
 	for i, t := range placed {
 		ids[i] = t.ID

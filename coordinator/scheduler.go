@@ -53,6 +53,9 @@ type jobState struct {
 	cause      string    // why the job is being restarted, for the next deploy's reason
 	lookup     bool      // a partition lookup is in flight
 	cancelSent bool      // CancelTask sent for the tasks of a cancelled job
+	// restarting is the attempt whose tasks beginRestart cancelled, from
+	// the cancel on: its tasks are stale before the JobStatus write says so.
+	restarting uint64
 	// purging: the job's purge is under way (jobgc.go); purgeHeld: a
 	// coordinator below jobGCLevel holds it, logged once; purgeQueued: it
 	// waits in leader.purgeQueue; purgeRetryAt: no purge is tried before
@@ -91,6 +94,9 @@ type trackedTask struct {
 	cause  transport.FailureCause // of a failure
 	// missing is set when the worker opened a session without listing the task.
 	missing bool
+	// replaced is set while a task-scoped recovery that restores the task
+	// on another worker commits: the task is stale on its old worker.
+	replaced bool
 }
 
 // currentTask reports whether ref names a task of js in the attempt the
@@ -427,6 +433,7 @@ func (l *leader) beginRestart(js *jobState, reason string, attrs ...any) {
 	js.detectedAt = now
 	l.scheduleJob(js, js.retryAt)
 	l.jobLogger(js).With(attrs...).Warn("restarting job", "reason", reason, "retry_in", delay)
+	js.restarting = js.attempt
 
 	if js.ckpt.pending != nil {
 		l.abortCheckpoint(js, "job restarting: "+reason, "restart", false)

@@ -676,8 +676,9 @@ func (l *leader) onWorkerMessage(sess *session, msg *transport.WorkerMessage) {
 
 // onTaskStatus records a task's phase if the task belongs to its job's
 // current attempt on this worker, and returns its view. A task that does not
-// and still runs is cancelled, and so is a task of a cancelled job, whose
-// phase is recorded too.
+// and still runs is cancelled, and so is a task the leader has stopped (of
+// a cancelled or restarting job, or one restored elsewhere), whose phase is
+// recorded too.
 func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedTask {
 	ref := st.GetTask()
 	js, tv, stale := l.classify(sess.worker, ref)
@@ -690,7 +691,7 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 				"task", ref.GetTaskId(), "worker", sess.worker, "reason", stale)
 			l.sendOn(sess, cancelMsg(ref, stale))
 		}
-		if tv != nil { // of a cancelled job
+		if tv != nil { // a task the leader has stopped
 			tv.phase, tv.missing = st.GetPhase(), false
 			if !live(tv.phase) {
 				l.dirty[js.id] = struct{}{}
@@ -723,8 +724,9 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 
 // classify finds the view of the task ref names as reported by worker. It
 // returns a non-empty reason when the task is not a task of its job's
-// current attempt placed on worker; the job's state is returned with it when
-// the attempt is what differs.
+// current attempt placed on worker, or is one the leader has stopped; the
+// job's state is returned with it when the attempt is what differs, and the
+// task's view too when the leader stopped it.
 func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *trackedTask, string) {
 	js := l.jobs[ref.GetJobId()]
 	if js == nil || js.attempt < ref.GetAttempt() {
@@ -753,6 +755,13 @@ func (l *leader) classify(worker string, ref *transport.TaskRef) (*jobState, *tr
 		return js, nil, fmt.Sprintf("attempt %d is not task %s's current attempt %d", ref.GetAttempt(), tv.task.ID, tv.task.Attempt)
 	case tv.task.Worker != worker:
 		return nil, nil, fmt.Sprintf("task is assigned to worker %s", tv.task.Worker)
+	case js.status != fsm.JobRunning || js.restarting == js.attempt:
+		// The restart cancelled the attempt's tasks; a worker without a
+		// session then, reporting them now, is told again. Adopted, they
+		// would run on untracked once the next attempt is committed.
+		return js, tv, "job restarting"
+	case tv.replaced:
+		return js, tv, "task restored on another worker"
 	}
 	return js, tv, ""
 }
