@@ -258,7 +258,15 @@ func (s *sourceTask) replay(ctx context.Context, o int, from map[int32]int64) er
 	topic := s.spec.GetTopic()
 	ranges := make(map[int32][2]int64)
 	for _, p := range s.partitions {
-		if start, end := s.replayStart(p, from), s.offsets[p]; start < end {
+		start, end := s.replayStart(p, from), s.offsets[p]
+		if start > end {
+			// The restored map task's state holds records this attempt
+			// never read (its offsets were reset: a topic recreated, records
+			// expired): no replay can make its state and the stream agree.
+			return fmt.Errorf("replay of %s/%d to map task %s: the replay would start at offset %d, past the %d this attempt has read (the restored checkpoint's offsets are not where this attempt started reading); the job restarts whole",
+				topic, p, mt.GetTaskId(), start, end)
+		}
+		if start < end {
 			ranges[p] = [2]int64{start, end}
 		}
 	}

@@ -692,3 +692,74 @@ func (f *fakeOutput) isClosed() bool {
 	defer f.mu.Unlock()
 	return f.closed
 }
+
+// TestLostOutputReplaysFromAResetOffset: a whole-job restore whose offset is
+// gone from Kafka (beyond the end of a recreated topic here) starts reading
+// at the start policy. A channel lost before this attempt completes a
+// checkpoint is replayed from there, not from the restored offset, which
+// this attempt never read: every record reaches the reopened map task once.
+func TestLostOutputReplaysFromAResetOffset(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, values := wordRecords(100, 1)
+	produce(t, brokers, "words", recs[:50])
+	d := wordSourceDeploy(brokers, "words", []int32{0}, 2)
+	d.RestoreCheckpointId, d.RestoreOffsets = 9, map[int32]int64{0: 5000}
+	s, fakes, lease := newTestSource(t, d, nil, func(c *Config) {
+		c.BatchSize = 8
+		c.OutputLostTimeout = 20 * time.Second
+	})
+	if got := s.offsets[0]; got != 0 {
+		t.Fatalf("restored offset beyond the end reset to %d, want 0 (earliest)", got)
+	}
+	var open atomic.Pointer[fakeOutput]
+	s.dial = func(context.Context, int) (output, error) {
+		if f := open.Load(); f != nil {
+			return f, nil
+		}
+		return nil, errors.New("map task not there yet")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := runSourceLoop(t, ctx, s, lease)
+	upTo := func(f *fakeOutput, o int, n int64) func() bool {
+		return func() bool {
+			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: 0}, map[int32]int64{0: n})) == nil
+		}
+	}
+	waitFor(t, "both outputs to get the first 50 records", func() bool { return upTo(fakes[0], 0, 50)() && upTo(fakes[1], 1, 50)() })
+
+	fakes[1].breakWith(errors.New("stream broken"))
+	produce(t, brokers, "words", recs[50:80])
+	waitFor(t, "output 0 to get 80 records while output 1 is lost", upTo(fakes[0], 0, 80))
+	reopened := &fakeOutput{}
+	open.Store(reopened)
+	produce(t, brokers, "words", recs[80:100])
+	waitFor(t, "the reopened output 1 to get every record from the reset offset on", func() bool {
+		select {
+		case err := <-done:
+			t.Fatalf("the source ended: %v", err)
+		default:
+		}
+		return upTo(reopened, 1, 100)()
+	})
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("loop ended with %v, want context canceled", err)
+	}
+}
+
+// TestReplayPastWhatTheAttemptReadFails: a retarget whose restore offsets lie
+// beyond what the surviving source has read names a state this attempt's
+// stream cannot match; the replay fails the task, saying so, instead of
+// replaying nothing.
+func TestReplayPastWhatTheAttemptReadFails(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, _ := wordRecords(40, 1)
+	produce(t, brokers, "words", recs)
+	s, _, _ := newTestSource(t, wordSourceDeploy(brokers, "words", []int32{0}, 2), nil, nil)
+	s.offsets = map[int32]int64{0: 31}
+	err := s.replay(context.Background(), 1, map[int32]int64{0: 5000})
+	if err == nil || !strings.Contains(err.Error(), "start at offset 5000, past the 31 this attempt has read") {
+		t.Fatalf("replay from past what was read: %v, want a failure naming both offsets", err)
+	}
+}

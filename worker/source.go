@@ -687,6 +687,10 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			} else {
 				log.Error("restored offset is below the oldest record (records expired before they were read): reading from the start policy")
 			}
+			// The restored offset is no longer where this attempt's map
+			// tasks took p up from: a replay to a map task that lost a
+			// batch starts where this attempt starts reading (replayStart).
+			delete(s.completedOffsets, p)
 		} else if s.restoreID != 0 && s.discovery > 0 {
 			at = sarama.OffsetOldest // added after the checkpoint
 		}
