@@ -128,3 +128,70 @@ func TestLeaderSavepoint(t *testing.T) {
 		t.Fatal("savepoint of an unknown job accepted")
 	}
 }
+
+// TestLeaderRestartsAJobWhoseStopALeaderChangeAborted: a stop-with-savepoint
+// whose barrier stopped the sources, cut short by a leader change (pending
+// at the change, or aborted by the predecessor before it wrote the restart),
+// restarts the job: a source stopped at a stop's barrier reads nothing more
+// until a new attempt replaces it. An ordinary savepoint cut short the same
+// way leaves the job running.
+func TestLeaderRestartsAJobWhoseStopALeaderChangeAborted(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		stop        bool
+		abortedOnce bool // the predecessor committed the abort, not the restart
+	}{
+		{name: "stop pending", stop: true},
+		{name: "stop aborted", stop: true, abortedOnce: true},
+		{name: "savepoint pending", stop: false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newLeaderHarness(t)
+			job := h.startJob("j1", testJobSpec(1, 1))
+			h.completeCheckpoint("j1")
+			h.requestSavepoint("j1", tc.stop)
+			h.checkpointPass()
+			p := h.job("j1").Pending
+			if p == nil || !p.Savepoint || p.Stop != tc.stop {
+				t.Fatalf("pending %+v, want a savepoint with stop %v", p, tc.stop)
+			}
+			if tc.abortedOnce {
+				h.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: "j1", CheckpointID: p.ID, Reason: "timed out", Time: h.clock.UnixNano(), NotCounted: true})
+			}
+
+			h.newTerm()
+			var running []*transport.TaskStatus
+			for _, task := range job.Tasks {
+				running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+			}
+			for _, w := range []string{"w1", "w2"} {
+				h.connect(w, 4, running...)
+			}
+			h.pastGrace()
+			h.step()
+			j := h.job("j1")
+			if j.Pending != nil && j.Pending.ID == p.ID {
+				t.Fatalf("savepoint %d still pending after the leader change", p.ID)
+			}
+			restarted := j.Status == fsm.JobRestarting && strings.Contains(j.Reason, "stop with savepoint")
+			if tc.stop && !restarted {
+				t.Fatalf("job %s (%q) at attempt %d after an aborted stop: want it restarting", j.Status, j.Reason, j.Attempt)
+			}
+			if !tc.stop && j.Status != fsm.JobRunning {
+				t.Fatalf("job %s (%q) after an aborted savepoint: want it running on", j.Status, j.Reason)
+			}
+			if tc.stop {
+				h.advance(time.Minute)
+				h.step()
+				if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 2 {
+					t.Fatalf("job %s at attempt %d after the backoff: want attempt 2 running", j.Status, j.Attempt)
+				}
+				h.runAll("j1")
+				h.step()
+				if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 2 {
+					t.Fatalf("job %s (%q) at attempt %d: the new attempt restarted again", j.Status, j.Reason, j.Attempt)
+				}
+			}
+		})
+	}
+}

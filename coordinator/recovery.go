@@ -49,6 +49,11 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	if !ok || job.Status != fsm.JobRunning || job.Attempt != js.attempt {
 		return false, ""
 	}
+	if (job.Pending != nil && job.Pending.Stop) || stopAborted(job) != nil {
+		// A predecessor's stop (the abort of an untracked one may be on its
+		// way): its barrier may have stopped sources that would survive.
+		return false, "a stop-with-savepoint was in progress"
+	}
 	if len(job.Completed) == 0 {
 		return false, "the job has no completed checkpoint to restore the lost tasks from"
 	}

@@ -150,6 +150,30 @@ func (l *leader) abortedSavepoint(js *jobState, p *pendingCheckpoint, reason str
 	}
 }
 
+// stopAborted returns the aborted stop-with-savepoint of running job whose
+// barrier may have stopped sources that still run, or nil. A source stops
+// reading at a stop's barrier and waits for the job's end; when the stop is
+// aborted instead, only a restart of the whole job (every task in a later
+// attempt than the stop's) moves its sources again. The leader that aborts
+// it restarts the job at once (abortedSavepoint); this catches what a
+// leader change left behind: a stop its predecessor started (aborted as
+// untracked), or aborted without writing the restart.
+func stopAborted(job fsm.Job) *fsm.Checkpoint {
+	for i := len(job.Aborted) - 1; i >= 0; i-- {
+		cp := &job.Aborted[i]
+		if !cp.Stop {
+			continue
+		}
+		for _, t := range job.Tasks {
+			if t.Kind == fsm.TaskSource && job.TaskAttempt(t) <= cp.Attempt {
+				return cp
+			}
+		}
+		return nil // every source started after the newest aborted stop
+	}
+	return nil
+}
+
 // savepointMetadata is the document at a savepoint's SavepointMetadata.
 type savepointMetadata struct {
 	Format    string        `json:"format"`

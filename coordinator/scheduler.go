@@ -286,6 +286,10 @@ func (l *leader) reconcileJob(job fsm.Job, members map[string]string, now time.T
 	case needsDeploy(js):
 		l.tryDeploy(js, now)
 	default:
+		if cp := stopAborted(job); cp != nil {
+			l.beginRestart(js, fmt.Sprintf("stop with savepoint %d was aborted (%s), and its barrier may have stopped the sources: restarting from the last checkpoint", cp.ID, cp.Reason), "checkpoint", cp.ID)
+			break
+		}
 		if reason, task := l.taskFailure(js, members, now); reason != "" {
 			recovering, why := l.recoverTasks(js, members, reason, now)
 			if recovering {
