@@ -156,7 +156,9 @@ func (l *leader) collectJob(js *jobState, job fsm.Job, now time.Time) {
 		// the wait for a worker that went quiet. The cancel goes again, in
 		// case the worker's answer to the first was lost: a worker answers
 		// a cancel of a task it does not run with its end.
-		l.sendTo(tv.task.Worker, cancelMsg(taskRef(js, tv.task), "job cancelled"))
+		for _, msg := range finalMsgs(js, tv, newestCompleted(job)) {
+			l.sendTo(tv.task.Worker, msg)
+		}
 		l.scheduleJob(js, now.Add(l.lease))
 		return
 	}

@@ -195,3 +195,82 @@ func TestLeaderRestartsAJobWhoseStopALeaderChangeAborted(t *testing.T) {
 		})
 	}
 }
+
+// TestLeaderNoticesBeforeItCancels: the map tasks of a cancelled job are
+// told of its newest completed checkpoint or savepoint before their
+// cancel, for the notice its commit sent may have been lost, and a
+// cancelled job has no next barrier to make up for it: the sink
+// transactions it covers would never be committed. Sources get the cancel
+// alone.
+func TestLeaderNoticesBeforeItCancels(t *testing.T) {
+	t.Run("stop with savepoint, notices lost in a leader change", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		job := h.startJob("j1", testJobSpec(1, 2))
+		h.completeCheckpoint("j1")
+		h.requestSavepoint("j1", true)
+		h.checkpointPass()
+		p := h.job("j1").Pending
+		if p == nil || !p.Stop {
+			t.Fatalf("pending %+v, want a stop-with-savepoint", p)
+		}
+		h.ackAll("j1", p.ID)
+		if j := h.job("j1"); j.Status != fsm.JobCancelled {
+			t.Fatalf("job %s after its stop-with-savepoint completed, want cancelled", j.Status)
+		}
+		h.drain("w1") // lost with the leader
+		h.drain("w2")
+
+		h.newTerm()
+		var running []*transport.TaskStatus
+		for _, task := range job.Tasks {
+			running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+		}
+		msgs := map[string][]*transport.CoordinatorMessage{}
+		for _, w := range []string{"w1", "w2"} {
+			h.connect(w, 4, running...)
+			msgs[w] = h.drain(w)
+		}
+		checkNoticedBeforeCancel(t, job, msgs, p.ID, true)
+	})
+	t.Run("cancel after a checkpoint whose notice was lost", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		job := h.startJob("j1", testJobSpec(1, 2))
+		h.completeCheckpoint("j1")
+		last := h.completeCheckpoint("j1")
+		h.drain("w1")
+		h.drain("w2")
+		h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+		h.flush()
+		checkNoticedBeforeCancel(t, job, map[string][]*transport.CoordinatorMessage{"w1": h.drain("w1"), "w2": h.drain("w2")}, last, false)
+	})
+}
+
+// checkNoticedBeforeCancel checks that msgs, the messages to each worker,
+// cancel every task of job, and that each map task's first cancel comes
+// after a notice that checkpoint id completed (savepoint says whether it
+// is one), and a source's with none.
+func checkNoticedBeforeCancel(t *testing.T, job fsm.Job, msgs map[string][]*transport.CoordinatorMessage, id uint64, savepoint bool) {
+	t.Helper()
+	for _, task := range job.Tasks {
+		noticed, cancelled := false, false
+		for _, m := range msgs[task.Worker] {
+			if c := m.GetComplete(); c != nil && c.GetTask().GetTaskId() == task.ID && !cancelled {
+				if c.GetCheckpointId() != id || c.GetSavepoint() != savepoint {
+					t.Errorf("task %s told %d (savepoint %v) completed, want %d (savepoint %v)", task.ID, c.GetCheckpointId(), c.GetSavepoint(), id, savepoint)
+				}
+				noticed = true
+			}
+			if c := m.GetCancel(); c != nil && c.GetTask().GetTaskId() == task.ID {
+				cancelled = true
+			}
+		}
+		switch {
+		case !cancelled:
+			t.Errorf("task %s of the cancelled job not cancelled", task.ID)
+		case task.Kind == fsm.TaskMap && !noticed:
+			t.Errorf("map task %s cancelled without the notice that %d completed", task.ID, id)
+		case task.Kind == fsm.TaskSource && noticed:
+			t.Errorf("source task %s told of a completion at its cancel", task.ID)
+		}
+	}
+}

@@ -280,7 +280,7 @@ func (l *leader) reconcileJob(job fsm.Job, members map[string]string, now time.T
 	l.abortUntracked(js, job.Pending)
 	switch {
 	case js.status == fsm.JobCancelled:
-		l.cancelJob(js)
+		l.cancelJob(js, job)
 		l.collectJob(js, job, now)
 	case !graceOver:
 	case needsDeploy(js):
@@ -496,20 +496,58 @@ func (l *leader) setStatus(js *jobState, status fsm.JobStatus, reason string) {
 	})
 }
 
-// cancelJob sends CancelTask for every task of a cancelled job, once per
-// term; workers that reconnect later are reconciled by their Hello.
-func (l *leader) cancelJob(js *jobState) {
+// cancelJob sends CancelTask for every task of cancelled job (js of job),
+// once per term; workers that reconnect later are reconciled by their
+// Hello.
+func (l *leader) cancelJob(js *jobState, job fsm.Job) {
 	if js.cancelSent {
 		return
 	}
 	js.cancelSent = true
 	js.ckpt.pending = nil
+	last := newestCompleted(job)
 	for _, tv := range js.order {
 		if live(tv.phase) {
-			l.sendTo(tv.task.Worker, cancelMsg(taskRef(js, tv.task), "job cancelled"))
+			for _, msg := range finalMsgs(js, tv, last) {
+				l.sendTo(tv.task.Worker, msg)
+			}
 		}
 	}
 	l.jobLogger(js).Info("job cancelled; tasks stopped", "tasks", len(js.order))
+}
+
+// newestCompleted returns job's newest completed checkpoint or savepoint
+// (ID 0: none).
+func newestCompleted(job fsm.Job) (last fsm.CheckpointSummary) {
+	for i := len(job.History) - 1; i >= 0; i-- {
+		if job.History[i].Status == fsm.CheckpointCompleted {
+			return job.History[i]
+		}
+	}
+	if n := len(job.Completed); n > 0 {
+		return fsm.CheckpointSummary{ID: job.Completed[n-1].ID}
+	}
+	return last
+}
+
+// finalMsgs are the messages that stop task tv of cancelled job js: its
+// cancel, preceded for a map task by the notice that last, the job's newest
+// completed checkpoint or savepoint, completed. The notice its commit sent
+// may have been lost (a leader change between the two, a worker without a
+// session then), and a cancelled job has no next barrier to make up for it:
+// the sink transactions it covers, a stop-with-savepoint's above all, would
+// never be committed. A map task commits them once (txnPool.completed), so
+// a second notice changes nothing, and one still queued when the cancel
+// stops the task is handled first (mapTask.lastCompletions).
+func finalMsgs(js *jobState, tv *trackedTask, last fsm.CheckpointSummary) []*transport.CoordinatorMessage {
+	ref := taskRef(js, tv.task)
+	cancel := cancelMsg(ref, "job cancelled")
+	if tv.task.Kind != fsm.TaskMap || last.ID == 0 {
+		return []*transport.CoordinatorMessage{cancel}
+	}
+	return []*transport.CoordinatorMessage{{Msg: &transport.CoordinatorMessage_Complete{Complete: &transport.CheckpointComplete{
+		Task: ref, CheckpointId: last.ID, Savepoint: last.Savepoint,
+	}}}, cancel}
 }
 
 // tryDeploy starts deploying a job that waits for an attempt, once its

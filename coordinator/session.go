@@ -689,7 +689,15 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 		if live(st.GetPhase()) {
 			l.logger.Info("cancelling stale task", "job", ref.GetJobId(), "attempt", ref.GetAttempt(),
 				"task", ref.GetTaskId(), "worker", sess.worker, "reason", stale)
-			l.sendOn(sess, cancelMsg(ref, stale))
+			msgs := []*transport.CoordinatorMessage{cancelMsg(ref, stale)}
+			if tv != nil && js.status == fsm.JobCancelled {
+				if job, ok := l.env.job(js.id); ok {
+					msgs = finalMsgs(js, tv, newestCompleted(job))
+				}
+			}
+			for _, msg := range msgs {
+				l.sendOn(sess, msg)
+			}
 		}
 		if tv != nil { // a task the leader has stopped
 			tv.phase, tv.missing = st.GetPhase(), false
