@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -308,5 +309,44 @@ func TestLeaderCancelsALostWorkersTasksWhileTheirRecoveryCommits(t *testing.T) {
 		if !slices.ContainsFunc(got, func(r *transport.TaskRef) bool { return sameTask(r, st.GetTask()) }) {
 			t.Errorf("task %s, restored elsewhere, reported running by its old worker: not cancelled; cancels %v", st.GetTask().GetTaskId(), got)
 		}
+	}
+}
+
+// TestLeaderRecoversNoTaskFromACheckpointTheRestartFellBackPast: a restart
+// that fell back past the newest checkpoint (a map task found it bad)
+// leaves tasks whose state descends from an older one. A new leader, which
+// does not know the newest was bad, must not restore a lost task from it:
+// its offsets and the running tasks' state do not meet, and the records
+// between them would be lost. It restarts the whole job instead.
+func TestLeaderRecoversNoTaskFromACheckpointTheRestartFellBackPast(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	job := h.startJob("j1", testJobSpec(2, 2))
+	h.drain("w3")
+	older := h.completeCheckpoint("j1")
+	newest := h.completeCheckpoint("j1")
+	// The predecessor's restart from the older checkpoint, the newest
+	// having failed a map task's verification.
+	h.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: "j1", Attempt: 2, Tasks: job.Tasks, RestoreFrom: older,
+		Reason: fmt.Sprintf("checkpoint %d failed verification", newest), Time: h.clock.UnixNano(), ChannelToken: "t"})
+
+	h.newTerm()
+	job = h.job("j1")
+	for _, w := range []string{"w1", "w2", "w3"} {
+		var running []*transport.TaskStatus
+		for _, task := range job.Tasks {
+			if task.Worker == w {
+				running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+			}
+		}
+		h.connect(w, 4, running...)
+	}
+	h.pastGrace()
+	h.step()
+	h.lose(job.Tasks[0].Worker, 4)
+	h.step()
+	j := h.job("j1")
+	if j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, fmt.Sprintf("the newest checkpoint %d is not one the running tasks took or restored", newest)) {
+		t.Fatalf("job %s at attempt %d (%q): want a whole-job restart, saying why no task-scoped recovery", j.Status, j.Attempt, j.Reason)
 	}
 }

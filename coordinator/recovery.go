@@ -64,6 +64,12 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	if bad, isBad := js.bad[restore.ID]; isBad {
 		return false, fmt.Sprintf("the newest checkpoint %d failed verification (%s)", restore.ID, bad)
 	}
+	if !ofLineage(job, restore) {
+		// The running tasks descend from an older checkpoint (a restart
+		// fell back past this one, which a predecessor found bad): their
+		// state and this one's offsets do not meet.
+		return false, fmt.Sprintf("the newest checkpoint %d is not one the running tasks took or restored (they restored %d)", restore.ID, job.RestoredFrom)
+	}
 	// A lost source may have read partitions it discovered, and the
 	// surviving map tasks applied their records: its successor must read
 	// them too, from the checkpoint's offsets or, added since, from the
@@ -116,6 +122,21 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 		l.tasksRestarted(js, attempt, ids, restore.ID, now)
 	})
 	return true, ""
+}
+
+// ofLineage reports whether completed checkpoint cp of job is one its
+// running tasks took or restored: cp is what the oldest running task's
+// attempt restored, or was taken by that attempt or a later one. A
+// checkpoint that a restart fell back past is neither.
+func ofLineage(job fsm.Job, cp *fsm.Checkpoint) bool {
+	if cp.ID == job.RestoredFrom {
+		return true
+	}
+	oldest := job.Attempt
+	for _, t := range job.Tasks {
+		oldest = min(oldest, job.TaskAttempt(t))
+	}
+	return cp.Attempt >= oldest && cp.ID > job.RestoredFrom
 }
 
 // placeLost places the lost tasks of a job whose tasks are all, never on a
