@@ -350,3 +350,26 @@ func TestLeaderRecoversNoTaskFromACheckpointTheRestartFellBackPast(t *testing.T)
 		t.Fatalf("job %s at attempt %d (%q): want a whole-job restart, saying why no task-scoped recovery", j.Status, j.Attempt, j.Reason)
 	}
 }
+
+// TestLeaderRecoversNoTaskBesideOneThatNeverCameUp: a task past its deploy
+// timeout on a live worker is a failure of its own; a worker lost at the
+// same time does not make it a survivor of a task-scoped recovery, which
+// would give it the new attempt's deploy timeout anew. The job restarts
+// whole.
+func TestLeaderRecoversNoTaskBesideOneThatNeverCameUp(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	job := h.startJob("j1", testJobSpec(2, 2))
+	h.drain("w3")
+	h.completeCheckpoint("j1")
+	lost := job.Tasks[0].Worker
+	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Worker != lost })
+	stuck := job.Tasks[i]
+	h.report(stuck.Worker, ref(job, stuck), transport.TaskPhase_TASK_PHASE_DEPLOYING, "")
+	h.advance(h.l.deployTimeout + time.Second)
+	h.lose(lost, 4)
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRestarting || j.Attempt != 1 {
+		t.Fatalf("job %s at attempt %d (%q): want a whole-job restart, task %s never having come up", j.Status, j.Attempt, j.Reason, stuck.ID)
+	}
+}

@@ -38,6 +38,11 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 		if tv.missing {
 			return false, ""
 		}
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING && now.After(later(js.deployedAt, js.deployProgress).Add(l.deployTimeout)) {
+			// It never came up (taskFailure's deploy timeout): kept as a
+			// survivor, it would get the new attempt's deploy timeout anew.
+			return false, ""
+		}
 	}
 	if len(lost) == 0 {
 		return false, ""
