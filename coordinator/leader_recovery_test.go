@@ -373,3 +373,49 @@ func TestLeaderRecoversNoTaskBesideOneThatNeverCameUp(t *testing.T) {
 		t.Fatalf("job %s at attempt %d (%q): want a whole-job restart, task %s never having come up", j.Status, j.Attempt, j.Reason, stuck.ID)
 	}
 }
+
+// TestLeaderRetargetsASurvivorWhoseSessionWasDown: a worker of surviving
+// tasks without a session when the task-scoped recovery was committed gets
+// the retarget when its session opens again: without it, its sources would
+// go on sending to the lost worker until they fail, and the job would
+// restart whole.
+func TestLeaderRetargetsASurvivorWhoseSessionWasDown(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	job := h.startJob("j1", testJobSpec(2, 2))
+	h.drain("w3")
+	ck := h.completeCheckpoint("j1")
+	lost := job.Tasks[0].Worker
+	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Worker != lost })
+	survivor := job.Tasks[i].Worker
+	var running []*transport.TaskStatus
+	for _, task := range job.Tasks {
+		if task.Worker == survivor {
+			running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+		}
+	}
+	h.sessions[survivor].close(errors.New("network blip"))
+	h.handle(sessionClosed{sess: h.sessions[survivor], err: errors.New("network blip")})
+
+	h.lose(lost, 4)
+	h.step()
+	j := h.job("j1")
+	if j.Attempt != 2 || j.Status != fsm.JobRunning {
+		t.Fatalf("job %s at attempt %d (%q): want the task-scoped recovery committed", j.Status, j.Attempt, j.Reason)
+	}
+	h.connect(survivor, 4, running...)
+	var got *transport.RetargetTasks
+	for _, m := range h.drain(survivor) {
+		if r := m.GetRetarget(); r != nil {
+			got = r
+		}
+	}
+	if got == nil || got.GetAttempt() != 2 || got.GetRestoreCheckpointId() != ck || len(got.GetRestored()) == 0 || len(got.GetMapTasks()) != 2 {
+		t.Fatalf("retarget on reconnect: %v; want attempt 2's, restoring checkpoint %d", got, ck)
+	}
+	for _, m := range got.GetMapTasks() {
+		if want := j.TaskAttempt(taskByID(j, m.GetTaskId())); m.GetAttempt() != want || m.GetWorkerId() == lost {
+			t.Errorf("retarget names map task %s on %s in attempt %d, want attempt %d off the lost worker", m.GetTaskId(), m.GetWorkerId(), m.GetAttempt(), want)
+		}
+	}
+}

@@ -266,10 +266,33 @@ func (l *leader) tasksRestarted(js *jobState, attempt uint64, ids []string, rest
 			continue
 		}
 		sent[t.Worker] = true
-		l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Retarget{Retarget: retarget}})
+		if err := l.sendTo(t.Worker, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Retarget{Retarget: retarget}}); err != nil {
+			log.Warn("retarget not sent; sent again when the worker's session opens", "worker", t.Worker, "err", err)
+		}
 	}
 	log.Info("restored tasks deployed; surviving tasks retargeted", "tasks", ids, "restore_checkpoint", restore.ID,
 		"surviving_workers", slices.Sorted(maps.Keys(sent)), "since_detected", now.Sub(detected).Round(time.Millisecond))
+}
+
+// retargetOf returns the RetargetTasks of job's current attempt if a
+// task-scoped recovery started it, and nil otherwise. A worker whose session
+// was down when it was sent, or whose leader died before sending it, gets it
+// when its session opens (openSession); a source that has it already finds
+// nothing to move.
+func retargetOf(job fsm.Job) *transport.RetargetTasks {
+	n := len(job.Recoveries)
+	if n == 0 || job.Recoveries[n-1].Attempt != job.Attempt || job.Recoveries[n-1].Scope != fsm.RecoveryScopeTasks {
+		return nil
+	}
+	rec := job.Recoveries[n-1]
+	i := slices.IndexFunc(job.Completed, func(cp fsm.Checkpoint) bool { return cp.ID == rec.RestoredFrom })
+	if i < 0 {
+		return nil
+	}
+	return &transport.RetargetTasks{
+		JobId: job.ID, Attempt: job.Attempt, MapTasks: mapTaskRefs(job), Restored: rec.Tasks,
+		RestoreCheckpointId: rec.RestoredFrom, RestoreOffsets: checkpointOffsets(&job.Completed[i]),
+	}
 }
 
 // unixNano is t in unix nanoseconds, 0 for the zero time.

@@ -566,8 +566,40 @@ func (l *leader) openSession(sess *session, hello *transport.Hello) {
 			}
 		}
 	}
+	l.retarget(sess)
 	l.retrigger(sess.worker)
 	l.workerChanged(sess.worker)
+}
+
+// retarget sends a newly opened session the RetargetTasks of each job whose
+// current attempt a task-scoped recovery started and which has surviving
+// tasks on the worker (retargetOf): tasks of an older attempt than the
+// job's.
+func (l *leader) retarget(sess *session) {
+	for id := range l.byWorker[sess.worker] {
+		js := l.jobs[id]
+		if js.status != fsm.JobRunning || !js.survivorOn(sess.worker) {
+			continue
+		}
+		job, ok := l.env.job(id)
+		if !ok || job.Attempt != js.attempt {
+			continue
+		}
+		if rt := retargetOf(job); rt != nil {
+			l.sendOn(sess, &transport.CoordinatorMessage{Msg: &transport.CoordinatorMessage_Retarget{Retarget: rt}})
+		}
+	}
+}
+
+// survivorOn reports whether worker runs a task of js that a task-scoped
+// recovery left running: one of an older attempt than the job's.
+func (js *jobState) survivorOn(worker string) bool {
+	for _, tv := range js.order {
+		if tv.task.Worker == worker && tv.task.Attempt < js.attempt {
+			return true
+		}
+	}
+	return false
 }
 
 // closeSession forgets a session that ended, unless a newer one replaced it.
