@@ -298,19 +298,7 @@ func (o *remoteOutput) close() { o.cancel() }
 func openOutput(ctx context.Context, env *taskEnv, header *transport.ChannelHeader, mt *transport.MapTaskRef) (output, error) {
 	timeout := env.cfg.ChannelOpenTimeout
 	if mt.GetWorkerId() == env.workerID {
-		t, err := env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), timeout)
-		for errors.Is(err, errMapDeploying) {
-			// Restoring: wait on; the leader's deploy timeout bounds it.
-			t, err = env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), timeout)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
-		}
-		lc, err := t.attachLocal(int(header.GetSourceIndex()), header.GetSourceAttempt())
-		if err != nil {
-			return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
-		}
-		return lc, nil
+		return openLocal(ctx, env, header, mt, timeout, true)
 	}
 	if mt.GetDataAddr() == "" {
 		return nil, fmt.Errorf("map task %s on worker %s has no data address", mt.GetTaskId(), mt.GetWorkerId())
@@ -344,6 +332,32 @@ func openOutput(ctx context.Context, env *taskEnv, header *transport.ChannelHead
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// openLocal opens the in-process channel to map task mt of this worker,
+// waiting up to wait for it to show up; with untilRestored, it waits on
+// while the task restores its state (the leader's deploy timeout bounds
+// that), else it fails with errMapDeploying.
+func openLocal(ctx context.Context, env *taskEnv, header *transport.ChannelHeader, mt *transport.MapTaskRef, wait time.Duration, untilRestored bool) (output, error) {
+	t, err := env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), wait)
+	for untilRestored && errors.Is(err, errMapDeploying) {
+		t, err = env.maps.awaitMap(ctx, header.GetJobId(), header.GetAttempt(), mt.GetTaskId(), wait)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
+	}
+	lc, err := t.attachLocal(int(header.GetSourceIndex()), header.GetSourceAttempt())
+	if err != nil {
+		return nil, fmt.Errorf("open in-process channel to %s: %w", mt.GetTaskId(), err)
+	}
+	return lc, nil
+}
+
+// mapRestoring reports whether err, a failed open of a data channel, says
+// the map task is there but still restoring its state: in process
+// (errMapDeploying) or over gRPC (Aborted).
+func mapRestoring(err error) bool {
+	return errors.Is(err, errMapDeploying) || status.Code(err) == codes.Aborted
 }
 
 // openRemote makes one attempt: open the stream, send the header, wait (up to

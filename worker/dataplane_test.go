@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -178,5 +179,24 @@ func TestChannelThatSendsNothingIsClosed(t *testing.T) {
 	// The data server still takes the real source's channel.
 	if c := openChannel(t, w.DataAddr(), hdr); c != codes.OK {
 		t.Fatalf("the source's channel after those: %v, want accepted", c)
+	}
+}
+
+// TestMapRestoringReadsBothChannels: a map task still restoring says so in
+// process (errMapDeploying) and over gRPC (Aborted), each wrapped by the
+// open that failed; nothing else reads as restoring.
+func TestMapRestoringReadsBothChannels(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{fmt.Errorf("open in-process channel to map-1: %w", errMapDeploying), true},
+		{fmt.Errorf("open data channel to map-1 at 127.0.0.1:1: %w", status.Error(codes.Aborted, errMapDeploying.Error())), true},
+		{fmt.Errorf("open data channel to map-1 at 127.0.0.1:1: %w", status.Error(codes.NotFound, "map task not running here")), false},
+		{fmt.Errorf("open in-process channel to map-1: %w", errMapNotFound), false},
+	} {
+		if got := mapRestoring(tc.err); got != tc.want {
+			t.Errorf("mapRestoring(%v) = %v, want %v", tc.err, got, tc.want)
+		}
 	}
 }

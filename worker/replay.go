@@ -31,6 +31,11 @@ const (
 // since when, why, and where its replay starts.
 type lostOutput struct {
 	since time.Time
+	// restoring is when a try to reopen it last found the map task still
+	// restoring its state: the loss is timed from then, since a restore
+	// takes as long as the state is large (the leader's deploy timeout
+	// bounds it), as openOutput's open timeout starts over.
+	restoring time.Time
 	// cause is why the channel was lost; last is the latest failed try to
 	// reopen it. Both go into the task's error if it is not reopened within
 	// OutputLostTimeout.
@@ -97,7 +102,10 @@ func (s *sourceTask) reopenLost(ctx context.Context) error {
 				return ctx.Err()
 			}
 			l.last = err
-			if lost := time.Since(l.since); lost >= s.env.cfg.OutputLostTimeout {
+			if mapRestoring(err) {
+				l.restoring = time.Now()
+			}
+			if lost := time.Since(l.since); lost >= s.env.cfg.OutputLostTimeout && time.Since(l.restoring) >= s.env.cfg.OutputLostTimeout {
 				return fmt.Errorf("channel to map task %s on worker %s lost for %s (output lost timeout %s): %v; last try to reopen it: %w",
 					mt.GetTaskId(), mt.GetWorkerId(), lost.Round(time.Millisecond), s.env.cfg.OutputLostTimeout, l.cause, err)
 			}
@@ -124,11 +132,7 @@ func (s *sourceTask) dialOutput(ctx context.Context, o int) (output, error) {
 	mt := s.mapTasks[o]
 	header := s.header(mt)
 	if mt.GetWorkerId() == s.env.workerID {
-		// An in-process channel does not keep the ctx it was opened with,
-		// so openOutput may be bounded by a short one.
-		tctx, cancel := context.WithTimeout(ctx, reopenTry)
-		defer cancel()
-		return openOutput(tctx, s.env, header, mt)
+		return openLocal(ctx, s.env, header, mt, reopenTry, false)
 	}
 	// A remote stream lives as long as the ctx it was opened with: one
 	// openRemote try, bounded by its limit instead.

@@ -763,3 +763,57 @@ func TestReplayPastWhatTheAttemptReadFails(t *testing.T) {
 		t.Fatalf("replay from past what was read: %v, want a failure naming both offsets", err)
 	}
 }
+
+// TestLostOutputWaitsForAMapTaskThatRestores: a lost output whose map task
+// answers that it is still restoring its state (a task-scoped recovery of a
+// large state) is not timed out by OutputLostTimeout while it does: the
+// loss is timed from its last answer (the leader's deploy timeout bounds
+// the restore). Once restored, the output is reopened and replayed to.
+func TestLostOutputWaitsForAMapTaskThatRestores(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, values := wordRecords(60, 1)
+	produce(t, brokers, "words", recs[:30])
+	s, fakes, lease := newTestSource(t, wordSourceDeploy(brokers, "words", []int32{0}, 2), nil, func(c *Config) {
+		c.BatchSize = 8
+		c.OutputLostTimeout = 300 * time.Millisecond
+	})
+	var restoring atomic.Int64 // tries answered "restoring"
+	var open atomic.Pointer[fakeOutput]
+	s.dial = func(context.Context, int) (output, error) {
+		if f := open.Load(); f != nil {
+			return f, nil
+		}
+		restoring.Add(1)
+		return nil, fmt.Errorf("open in-process channel to map-1: %w", errMapDeploying)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := runSourceLoop(t, ctx, s, lease)
+	upTo := func(f *fakeOutput, o int, n int64) func() bool {
+		return func() bool {
+			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: 0}, map[int32]int64{0: n})) == nil
+		}
+	}
+	waitFor(t, "both outputs to get the first 30 records", func() bool { return upTo(fakes[0], 0, 30)() && upTo(fakes[1], 1, 30)() })
+
+	fakes[1].breakWith(errors.New("stream broken"))
+	produce(t, brokers, "words", recs[30:45])
+	waitFor(t, "the loss to be found", func() bool { return restoring.Load() > 0 })
+	lostAt := time.Now()
+	waitFor(t, "the map task to answer that it restores for three times the lost timeout", func() bool {
+		select {
+		case err := <-done:
+			t.Fatalf("the source failed while its map task restored: %v", err)
+		default:
+		}
+		return time.Since(lostAt) > 900*time.Millisecond && restoring.Load() > 3
+	})
+	reopened := &fakeOutput{}
+	open.Store(reopened)
+	produce(t, brokers, "words", recs[45:60])
+	waitFor(t, "the reopened output 1 to get every record", upTo(reopened, 1, 60))
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("loop ended with %v, want context canceled", err)
+	}
+}
