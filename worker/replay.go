@@ -77,6 +77,13 @@ func (s *sourceTask) markLost(o int, cause error, from map[int32]int64) {
 		s.nLost++
 	}
 	l.since, l.cause, l.last = time.Now(), cause, nil
+	if _, open := s.unconfirmed[s.lastBarrier]; open && from == nil {
+		// The last barrier, sent, may not have reached the map task, which
+		// would then align it over its other inputs and hold them until it
+		// times out: the checkpoint is declined, in case it still waits.
+		// (A retarget's loss follows a recovery that aborted it.)
+		s.decline(s.lastBarrier, fmt.Sprintf("channel to map task %s lost before checkpoint %d completed (%v): its barrier may not have reached it", s.mapTasks[o].GetTaskId(), s.lastBarrier, cause))
+	}
 	if from != nil {
 		l.from = from
 	}

@@ -817,3 +817,84 @@ func TestLostOutputWaitsForAMapTaskThatRestores(t *testing.T) {
 		t.Fatalf("loop ended with %v, want context canceled", err)
 	}
 }
+
+// TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried: a channel lost
+// while a checkpoint's barrier is sent, or after it was sent and before the
+// checkpoint completed, may not have carried the barrier, and the reopened
+// channel will not: the source declines the checkpoint, or its map task
+// would align it over its other inputs and hold them until it times out.
+func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, values := wordRecords(70, 1)
+	produce(t, brokers, "words", recs[:30])
+	ctl := make(chan control, 4)
+	s, fakes, lease := newTestSource(t, wordSourceDeploy(brokers, "words", []int32{0}, 2), ctl, func(c *Config) {
+		c.BatchSize = 8
+		c.OutputLostTimeout = 20 * time.Second
+	})
+	sent := make(chan *transport.WorkerMessage, 64)
+	s.env.send = func(m *transport.WorkerMessage) { sent <- m }
+	var open atomic.Pointer[fakeOutput]
+	s.dial = func(context.Context, int) (output, error) {
+		if f := open.Load(); f != nil {
+			return f, nil
+		}
+		return nil, errors.New("map task not there yet")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := runSourceLoop(t, ctx, s, lease)
+	upTo := func(f *fakeOutput, o int, n int64) func() bool {
+		return func() bool {
+			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: 0}, map[int32]int64{0: n})) == nil
+		}
+	}
+	waitFor(t, "both outputs to get the first 30 records", func() bool { return upTo(fakes[0], 0, 30)() && upTo(fakes[1], 1, 30)() })
+	// next returns the source's next decline or ack.
+	next := func() *transport.WorkerMessage {
+		t.Helper()
+		for {
+			select {
+			case m := <-sent:
+				if m.GetDecline() != nil || m.GetAck() != nil {
+					return m
+				}
+			case err := <-done:
+				t.Fatalf("the source ended: %v", err)
+			case <-time.After(waitTimeout):
+				t.Fatal("no ack or decline from the source")
+			}
+		}
+	}
+
+	// Lost while the barrier is sent: declined, and acked all the same.
+	fakes[1].breakWith(errors.New("stream broken"))
+	ctl <- control{trigger: 1}
+	if m := next(); m.GetDecline().GetCheckpointId() != 1 || !strings.Contains(m.GetDecline().GetReason(), "lost while the barrier was sent") {
+		t.Fatalf("first message after the barrier's loss: %v, want the decline of checkpoint 1", m)
+	}
+	if m := next(); m.GetAck().GetCheckpointId() != 1 {
+		t.Fatalf("then %v, want the ack of checkpoint 1", m)
+	}
+
+	// Lost after the barrier, before the checkpoint completed: declined.
+	reopened := &fakeOutput{}
+	open.Store(reopened)
+	produce(t, brokers, "words", recs[30:50])
+	waitFor(t, "the reopened output 1 to get 50 records", upTo(reopened, 1, 50))
+	ctl <- control{trigger: 2}
+	if m := next(); m.GetAck().GetCheckpointId() != 2 {
+		t.Fatalf("%v, want the ack of checkpoint 2", m)
+	}
+	open.Store(nil)
+	reopened.breakWith(errors.New("stream broken"))
+	produce(t, brokers, "words", recs[50:70])
+	if m := next(); m.GetDecline().GetCheckpointId() != 2 || !strings.Contains(m.GetDecline().GetReason(), "before checkpoint 2 completed") {
+		t.Fatalf("%v, want the decline of checkpoint 2, whose barrier the lost channel may not have carried", m)
+	}
+
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("loop ended with %v, want context canceled", err)
+	}
+}

@@ -1339,16 +1339,26 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	}}}
 	for o, out := range s.outputs {
 		if s.lost[o] != nil {
-			// Lost while this barrier was being sent: the checkpoint
-			// cannot complete without that map task's ack; the source
-			// acks all the same, and the map task declines.
-			continue
+			continue // lost while the batches were flushed
 		}
 		if err := out.send(ctx, barrier); err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			s.markLost(o, fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err), nil)
+		}
+	}
+	if s.nLost > 0 {
+		// A channel lost while the batches or the barrier were sent: the
+		// barrier did not reach that map task, and the reopened channel
+		// will not carry it. Unless the checkpoint is aborted, the map task
+		// would align it over its other inputs and hold them until it
+		// times out. The source acks all the same.
+		for o, l := range s.lost {
+			if l != nil {
+				s.decline(id, fmt.Sprintf("channel to map task %s lost while the barrier was sent (%v); reopening it", s.mapTasks[o].GetTaskId(), l.cause))
+				break
+			}
 		}
 	}
 	s.lastBarrier = id
