@@ -12,7 +12,8 @@ import (
 )
 
 // A restored partial source catches up to the end offsets its partitions had
-// when it started (resolveOffsets) before it combines or takes a checkpoint.
+// once its outputs were open (beginCatchUp) before it combines or takes a
+// checkpoint.
 // This file holds how the catch-up ends and how it reports itself.
 
 // caughtUp ends the catch-up of a partial source once msg, just processed,

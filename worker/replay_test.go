@@ -172,6 +172,9 @@ func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tu
 		if err := s.resolveOffsets(lease.client, parts); err != nil {
 			t.Fatal(err)
 		}
+		if err := s.beginCatchUp(lease.client); err != nil {
+			t.Fatal(err)
+		}
 		maps.Copy(s.startOffsets, s.offsets)
 		return s, fakes, lease
 	}
@@ -896,5 +899,43 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("loop ended with %v, want context canceled", err)
+	}
+}
+
+// TestPartialSourceCatchesUpToTheEndsOnceItsOutputsAreOpen: the catch-up's
+// end offsets are read when the catch-up begins (run begins it once every
+// output is open, which replaces the predecessor's channels), not when the
+// offsets are resolved: records a predecessor still running sent meanwhile
+// are below them, and so read again record-marked, never combined.
+func TestPartialSourceCatchesUpToTheEndsOnceItsOutputsAreOpen(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 1})
+	recs, _ := wordRecords(50, 1)
+	produce(t, brokers, "words", recs[:30])
+	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
+	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
+	cfg, err := (&Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, StateDir: t.TempDir()}).withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	log, m := testLogger(t), newMetrics()
+	env := &taskEnv{workerID: "w1", cfg: &cfg, logger: log, metrics: m, operators: operator.Builtins(), kafka: newKafkaPool(&cfg, "w1", log, m)}
+	s, err := newSourceTask(env, d, nil, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lease, parts, err := s.env.kafka.acquire(brokers, s.isolation(), "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(lease.release)
+	if err := s.resolveOffsets(lease.client, parts); err != nil {
+		t.Fatal(err)
+	}
+	produce(t, brokers, "words", recs[30:50]) // sent by a predecessor while the outputs opened
+	if err := s.beginCatchUp(lease.client); err != nil {
+		t.Fatal(err)
+	}
+	if s.catchUp[0] != 50 || s.batches[0].table != nil {
+		t.Fatalf("catch-up %v, combining %v: want to catch up to 50, the end when it began, before combining", s.catchUp, s.batches[0].table != nil)
 	}
 }

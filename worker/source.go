@@ -205,7 +205,7 @@ func newSourceTask(env *taskEnv, d *transport.DeployTask, ctl <-chan control, lo
 		if !s.partial {
 			s.startCombining()
 		}
-		// A partial source starts combining in resolveOffsets or later,
+		// A partial source starts combining in beginCatchUp or later,
 		// once it has caught up (catchUp).
 	}
 	return s, nil
@@ -345,6 +345,9 @@ func (s *sourceTask) run(ctx context.Context, running func()) error {
 		}
 		s.outputs = append(s.outputs, o)
 		s.publish(len(s.outputs) - 1)
+	}
+	if err := s.beginCatchUp(lease.client); err != nil {
+		return err
 	}
 
 	loopCtx, stopLoop := context.WithCancel(ctx)
@@ -651,27 +654,12 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 		s.log.Info("reading partitions beyond the assignment (restored or added to the topic)", "read", parts)
 	}
 	s.partitions = parts
-	// A restored partial source catches up to the partitions' end offsets
-	// at its start: its predecessor may have sent surviving map tasks
-	// records up to there, which they applied. Until then it does not
-	// combine (surviving map tasks drop what they applied by record marks)
-	// and holds checkpoint triggers (a checkpoint taken behind them would
-	// name offsets below what their state holds).
-	catchUp := s.partial
-	if catchUp {
-		s.catchUp = make(map[int32]int64)
-	}
 	for _, p := range parts {
 		at := policy
 		if off, ok := s.restore[p]; ok {
 			oldest, newest, err := partitionBounds(client, topic, p)
 			if err != nil {
 				return err
-			}
-			if catchUp {
-				if err := s.noteCatchUp(client, p, off, newest); err != nil {
-					return err
-				}
 			}
 			if off >= oldest && off <= newest {
 				s.offsets[p] = off
@@ -709,40 +697,52 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			return fmt.Errorf("source: resolve %s offset of %s/%d: %w", s.spec.GetStart(), topic, p, err)
 		}
 		s.offsets[p] = off
-		if catchUp {
-			if err := s.noteCatchUp(client, p, off, -1); err != nil {
-				return err
-			}
+	}
+	return nil
+}
+
+// beginCatchUp starts a restored partial source's catch-up to its
+// partitions' end offsets: its predecessor may have sent surviving map tasks
+// records up to there, which they applied. Until then it does not combine
+// (surviving map tasks drop what they applied by record marks) and holds
+// checkpoint triggers (a checkpoint taken behind them would name offsets
+// below what their state holds). The ends are read once every output is
+// open: opening a channel to a map task replaces the predecessor's, so a
+// predecessor still running (its worker cut off from the coordinators, not
+// from the map tasks) can send them no record past these ends, which would
+// come again from this source, combined, and count twice.
+func (s *sourceTask) beginCatchUp(client sarama.Client) error {
+	if !s.partial {
+		return nil
+	}
+	s.catchUp = make(map[int32]int64)
+	for _, p := range s.partitions {
+		if err := s.noteCatchUp(client, p, s.offsets[p]); err != nil {
+			return err
 		}
 	}
-	if catchUp {
-		if len(s.catchUp) == 0 {
-			s.catchUp = nil
-			s.startCombining()
-		} else {
-			s.caught = catchUpProgress{
-				began: time.Now(), logged: time.Now(), behind: s.behind(),
-				seen: maps.Clone(s.offsets), probed: make(chan catchUpProbe, 1),
-			}
-			s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint",
-				"until", s.catchUp, "records", s.caught.behind)
-		}
+	if len(s.catchUp) == 0 {
+		s.catchUp = nil
+		s.startCombining()
+		return nil
 	}
+	s.caught = catchUpProgress{
+		began: time.Now(), logged: time.Now(), behind: s.behind(),
+		seen: maps.Clone(s.offsets), probed: make(chan catchUpProbe, 1),
+	}
+	s.log.Info("restored partial source: catching up to the partitions' end offsets before it combines or takes a checkpoint",
+		"until", s.catchUp, "records", s.caught.behind)
 	return nil
 }
 
 // noteCatchUp notes the offset partition p, to be read from off, must be
 // read up to before the catch-up ends: the records a consumer of the
 // source's isolation level can read now (readableEnd), which are all its
-// predecessor can have sent. hwm is the partition's end if the caller has
-// it (reading uncommitted, that is the answer), or -1.
-func (s *sourceTask) noteCatchUp(client sarama.Client, p int32, off, hwm int64) error {
-	end := hwm
-	if end < 0 || s.isolation() == sarama.ReadCommitted {
-		var err error
-		if end, err = readableEnd(client, s.spec.GetTopic(), p, s.isolation()); err != nil {
-			return fmt.Errorf("source: end offset of %s/%d: %w", s.spec.GetTopic(), p, err)
-		}
+// predecessor can have sent.
+func (s *sourceTask) noteCatchUp(client sarama.Client, p int32, off int64) error {
+	end, err := readableEnd(client, s.spec.GetTopic(), p, s.isolation())
+	if err != nil {
+		return fmt.Errorf("source: end offset of %s/%d: %w", s.spec.GetTopic(), p, err)
 	}
 	if off < end {
 		s.catchUp[p] = end
@@ -1159,7 +1159,7 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 }
 
 // trigger takes the checkpoint c triggers, or holds it while a restored
-// source catches up (see resolveOffsets): a newer trigger replaces a held
+// source catches up (see beginCatchUp): a newer trigger replaces a held
 // one, which the leader has aborted or will time out.
 func (s *sourceTask) trigger(ctx context.Context, c control) error {
 	if s.catchUp != nil {
