@@ -152,9 +152,9 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // job; below discoveryLevel, it would reject the checkpoints of a source
 // reading a partition it discovered, which any live job may have. Once a job
 // has been purged, the log it replays may hold a JobPurged, which a
-// coordinator below jobGCLevel would reject, and while job garbage
-// collection may purge a cancelled job it may commit one: then it needs
-// that level whatever the jobs (job is then "").
+// coordinator below jobGCLevel would reject, and while a cancelled job may
+// be purged (by job garbage collection or on request) one may be committed:
+// then it needs that level whatever the jobs (job is then "").
 //
 // Framed batches need framedBatchLevel once the log may hold one: once one
 // was applied, or while this leader's write path frames them (the caller
@@ -171,8 +171,10 @@ func (s *Server) neededFeatureLevel() (level int, what, job string) {
 		level, what = framedBatchLevel, "framed batches in the Raft log"
 	case s.fsm.Purged() > 0:
 		level, what = jobGCLevel, "purged jobs in the Raft log"
-	case s.cfg.JobGCThreshold > 0 && s.fsm.HasCancelledJob():
-		level, what = jobGCLevel, "cancelled jobs that -job-gc-threshold purges"
+	case s.fsm.HasCancelledJob():
+		// Purged by -job-gc-threshold or on request (DELETE ...?purge=true),
+		// whose JobPurged may wait in the write path while the peer joins.
+		level, what = jobGCLevel, "cancelled jobs, which may be purged"
 	}
 	s.fsm.LiveSpecs(func(id string, spec fsm.JobSpec) bool {
 		l, w := specFeatureLevel(spec)

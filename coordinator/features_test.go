@@ -112,11 +112,20 @@ func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 }
 
 // TestAddPeerNeedsJobGCLevelOncePurged: a coordinator below jobGCLevel
-// cannot join while job garbage collection may purge a cancelled job, nor,
-// with no job left at all, once a job has been purged: the log it would
-// replay may hold a JobPurged, which it would reject.
+// cannot join while a cancelled job may be purged, by job garbage
+// collection or on request (so with -job-gc-threshold 0 too), nor, with no
+// job left at all, once a job has been purged: the log it would replay may
+// hold a JobPurged, which it would reject.
 func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
-	s := startSingle(t, testLogger(t), "c1", nil) // -job-gc-threshold 4h
+	for _, threshold := range []time.Duration{4 * time.Hour, 0} {
+		t.Run(fmt.Sprintf("job-gc-threshold=%v", threshold), func(t *testing.T) {
+			addPeerNeedsJobGCLevelOncePurged(t, threshold)
+		})
+	}
+}
+
+func addPeerNeedsJobGCLevelOncePurged(t *testing.T, threshold time.Duration) {
+	s := startSingle(t, testLogger(t), "c1", func(c *Config) { c.JobGCThreshold = threshold })
 	// Or framed batches would need a higher level still.
 	keepUnframed(s)
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", jobGCLevel-1), nil, s.GossipAddr())
@@ -131,7 +140,7 @@ func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 		t.Fatal(err)
 	}
 	code, msg := addPeer()
-	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 2 of every coordinator (cancelled jobs that -job-gc-threshold purges)") {
+	if code != http.StatusConflict || !strings.Contains(msg, "the cluster needs level 2 of every coordinator (cancelled jobs, which may be purged)") {
 		t.Fatalf("add-peer of a level %d coordinator with a cancelled job to purge: %d %q, want 409 naming it", jobGCLevel-1, code, msg)
 	}
 	if _, _, err := s.raftApplyAt(ctx, fsm.CommandJobPurged, fsm.JobPurgedCmd{JobID: id, Time: time.Now().UnixNano()}); err != nil {
