@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"maps"
+	"math"
 	"regexp"
 	"slices"
 )
@@ -51,8 +52,9 @@ func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
 	}
 	// A purged job's id stays taken while a savepoint of it is kept: a new
 	// job of that id would write its savepoints under the same ids and paths.
-	for _, sp := range s.Savepoints {
-		if sp.JobID == c.ID {
+	// In id order: the error names the same savepoint on every replica.
+	for _, id := range slices.Sorted(maps.Keys(s.Savepoints)) {
+		if sp := s.Savepoints[id]; sp.JobID == c.ID {
 			return fmt.Errorf("register job %s: %w: savepoint %s of a purged job of that id is kept", c.ID, ErrJobExists, sp.ID)
 		}
 	}
@@ -384,6 +386,10 @@ func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, err
 	}
 	if c.Stop && !c.Savepoint {
 		return 0, fail(fmt.Errorf("%w: stop without savepoint", ErrMalformedCommand))
+	}
+	if c.ID == math.MaxUint64 {
+		// No id would be left after it: the next would wrap to 0.
+		return 0, fail(fmt.Errorf("%w: checkpoint id %d is the last there is", ErrMalformedCommand, c.ID))
 	}
 	switch {
 	case c.ID == 0:

@@ -3,6 +3,7 @@ package fsm
 import (
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strings"
 	"testing"
@@ -353,6 +354,8 @@ func TestCheckpointTriggeredWithChosenID(t *testing.T) {
 			t.Fatalf("refusal of id %d: %v; want the id and the last issued named", id, err)
 		}
 	}
+	_, err = h.apply(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: math.MaxUint64})
+	wantErr(t, err, ErrMalformedCommand)
 	if h.digest() != before {
 		t.Fatal("a refused trigger changed the state")
 	}
