@@ -520,14 +520,14 @@ func checkState(t Task, st TaskState) error {
 		if len(st.Offsets) > 0 {
 			return fmt.Errorf("%w: map state has offsets", ErrIncompleteStates)
 		}
+		if st.KeyGroups != nil && (t.KeyGroups == nil || *st.KeyGroups != *t.KeyGroups) {
+			return fmt.Errorf("%w: state covers key groups %v, task owns %v", ErrIncompleteStates, *st.KeyGroups, t.KeyGroups)
+		}
 		if len(st.Files) > 0 {
 			return checkFiles(t, st)
 		}
 		if len(st.Keyed) > MaxInlineStateBytes {
 			return fmt.Errorf("%w: %d bytes of keyed state exceed the inline limit of %d bytes per task", ErrStateTooLarge, len(st.Keyed), MaxInlineStateBytes)
-		}
-		if st.KeyGroups != nil && (t.KeyGroups == nil || *st.KeyGroups != *t.KeyGroups) {
-			return fmt.Errorf("%w: state covers key groups %v, task owns %v", ErrIncompleteStates, *st.KeyGroups, t.KeyGroups)
 		}
 		want, err := hex.DecodeString(st.KeyedSHA256)
 		if err != nil || len(want) != sha256.Size {

@@ -80,6 +80,11 @@ func TestFileStates(t *testing.T) {
 		"bad sha256":        func(st *TaskState) { st.Files[0].SHA256 = "abc" },
 		"empty key groups":  func(st *TaskState) { st.Files[0].KeyGroups = KeyGroupRange{Start: 3, End: 3} },
 		"foreign key group": func(st *TaskState) { st.Files[1].KeyGroups = KeyGroupRange{Start: 100, End: 101} },
+		"state of other key groups": func(st *TaskState) {
+			kg := *st.KeyGroups
+			kg.End++
+			st.KeyGroups = &kg
+		},
 		"too many files": func(st *TaskState) {
 			for len(st.Files) <= MaxStateFiles {
 				st.Files = append(st.Files, st.Files[1])
