@@ -362,10 +362,16 @@ func (r *replayer) run(ctx context.Context, ranges map[int32][2]int64) error {
 		// The readers go first, then the consumers, in the background:
 		// closing a partition consumer waits for its fetch in flight, a
 		// long poll of up to Consumer.MaxWaitTime after the last records,
-		// which the task loop need not wait for.
+		// which the task loop need not wait for; a stopping worker waits
+		// for it with the pool's other closes (kafkaPool.wait).
 		stop()
 		wg.Wait()
+		p := s.env.kafka
+		p.mu.Lock()
+		done := p.closingOne()
+		p.mu.Unlock()
 		go func() {
+			defer p.closed(done)
 			for _, pc := range pcs {
 				_ = pc.Close()
 			}
