@@ -636,7 +636,7 @@ func (s *Server) startHTTP() error {
 	if err != nil {
 		return fmt.Errorf("listen http %s: %w", s.cfg.HTTPAddr, err)
 	}
-	s.httpAddr = lis.Addr().String()
+	s.httpAddr = s.advertised(lis.Addr().String())
 	s.warnOpenAPI()
 	s.http = s.newHTTPServer()
 	if s.cfg.TLS != nil {

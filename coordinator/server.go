@@ -382,7 +382,7 @@ func NewServer(cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen rpc %s: %w", cfg.RPCAddr, err)
 	}
-	s.rpcAddr = rpcLis.Addr().String()
+	s.rpcAddr = s.advertised(rpcLis.Addr().String())
 	s.grpc = grpc.NewServer(
 		// Only workers open control sessions; with TLS they prove it, and
 		// the id they claim in Hello, with their certificate.
@@ -536,11 +536,33 @@ func (s *Server) stopGRPC(ctx context.Context) {
 // ID returns this node's id: its Raft server id and gossip name.
 func (s *Server) ID() string { return s.cfg.ID }
 
-// HTTPAddr returns the bound address of the HTTP API (host:port).
+// HTTPAddr returns the advertised address of the HTTP API (host:port; see
+// advertised).
 func (s *Server) HTTPAddr() string { return s.httpAddr }
 
-// RPCAddr returns the bound address of the gRPC Control service.
+// RPCAddr returns the advertised address of the gRPC Control service (see
+// advertised).
 func (s *Server) RPCAddr() string { return s.rpcAddr }
+
+// advertised is the address the other coordinators and clients reach bound
+// by: bound itself, or, bound on every interface (0.0.0.0, [::]), the
+// advertised Raft address's host with bound's port. Gossip carries it to the
+// other coordinators, which forward writes to it and read its status: a
+// wildcard there would have them dial themselves.
+func (s *Server) advertised(bound string) string {
+	host, port, err := net.SplitHostPort(bound)
+	if err != nil {
+		return bound
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsUnspecified() {
+		return bound
+	}
+	raftHost, _, err := net.SplitHostPort(s.RaftAddr())
+	if err != nil || raftHost == "" {
+		return bound
+	}
+	return net.JoinHostPort(raftHost, port)
+}
 
 // RaftAddr returns the bound and advertised Raft address.
 func (s *Server) RaftAddr() string {
