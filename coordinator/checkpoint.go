@@ -456,6 +456,16 @@ func (l *leader) onDecline(worker string, d *transport.CheckpointDecline) {
 			"worker", worker, "why", err)
 		return
 	}
+	if p := js.ckpt.pending; !p.ackedAt.IsZero() {
+		// Every task acked, and the completion is being committed: a
+		// source declining after its ack (a channel lost and reopened)
+		// feared its map task missed the barrier, which that task's ack
+		// disproves. Aborting now would only keep the commit's notices
+		// from going out.
+		l.jobLogger(js).Info("dropping decline of a checkpoint every task acked", "checkpoint", p.id,
+			"task", ref.GetTaskId(), "worker", worker, "reason", d.GetReason())
+		return
+	}
 	reason := fmt.Sprintf("declined by task %s on worker %s: %s", ref.GetTaskId(), worker, d.GetReason())
 	l.abortCheckpoint(js, reason, "declined", true)
 }

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -452,5 +453,50 @@ func TestSendToSaysWhyNothingWasSent(t *testing.T) {
 	h.sessions["w1"].close(errQueueFull)
 	if err := h.l.sendTo("w1", msg); !errors.Is(err, errQueueFull) {
 		t.Errorf("send on a session closed by its overflow: %v, want %v", err, errQueueFull)
+	}
+}
+
+// TestLeaderDropsADeclineOfACheckpointEveryTaskAcked: a source that lost
+// and reopened a channel after its ack declines the checkpoint, fearing
+// its map task missed the barrier. Once every task has acked, the map
+// task's own ack disproves it: the completion being committed goes on, and
+// its notices go out.
+func TestLeaderDropsADeclineOfACheckpointEveryTaskAcked(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil {
+		t.Fatal("no checkpoint pending")
+	}
+	h.drain("w1")
+	h.drain("w2")
+	h.holdWrites()
+	for _, task := range job.Tasks {
+		h.l.handle(workerMessage{sess: h.sessions[task.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Ack{
+			Ack: &transport.CheckpointAck{Task: ref(job, task), CheckpointId: p.ID, State: validState(task, p.ID)},
+		}}})
+	}
+	src := job.Tasks[slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskSource })]
+	h.l.handle(workerMessage{sess: h.sessions[src.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{
+		Decline: &transport.CheckpointDecline{Task: ref(job, src), CheckpointId: p.ID, Reason: "channel to map task map-0 was lost before checkpoint completed"},
+	}}})
+	h.flush()
+	last, ok := h.f.LastCompleted("j1")
+	if !ok || last.ID != p.ID {
+		t.Fatalf("newest completed %d, want %d: the decline after every ack aborted it", last.ID, p.ID)
+	}
+	notices := 0
+	for _, w := range []string{"w1", "w2"} {
+		for _, m := range h.drain(w) {
+			if c := m.GetComplete(); c != nil && c.GetCheckpointId() == p.ID {
+				notices++
+			}
+		}
+	}
+	if notices != len(job.Tasks) {
+		t.Fatalf("%d notices that checkpoint %d completed, want one per task (%d)", notices, p.ID, len(job.Tasks))
 	}
 }

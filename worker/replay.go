@@ -77,13 +77,6 @@ func (s *sourceTask) markLost(o int, cause error, from map[int32]int64) {
 		s.nLost++
 	}
 	l.since, l.cause, l.last = time.Now(), cause, nil
-	if _, open := s.unconfirmed[s.lastBarrier]; open && from == nil {
-		// The last barrier, sent, may not have reached the map task, which
-		// would then align it over its other inputs and hold them until it
-		// times out: the checkpoint is declined, in case it still waits.
-		// (A retarget's loss follows a recovery that aborted it.)
-		s.decline(s.lastBarrier, fmt.Sprintf("channel to map task %s lost before checkpoint %d completed (%v): its barrier may not have reached it", s.mapTasks[o].GetTaskId(), s.lastBarrier, cause))
-	}
 	if from != nil {
 		l.from = from
 	}
@@ -125,6 +118,16 @@ func (s *sourceTask) reopenLost(ctx context.Context) error {
 		s.nLost--
 		s.log.Info("reopened lost output", "map_task", mt.GetTaskId(), "map_worker", mt.GetWorkerId(),
 			"map_attempt", mt.GetAttempt(), "lost_for", time.Since(l.since).Round(time.Millisecond))
+		if _, open := s.unconfirmed[s.lastBarrier]; open && l.from == nil {
+			// The map task lives on (a blip, not a recovery, whose
+			// retarget carries replay offsets and follows an abort), and
+			// the last barrier, sent before the loss, may not have reached
+			// it: the reopened channel does not carry it, and the map task
+			// would align it over its other inputs and hold them until it
+			// timed out. Declined; a decline the map task's ack disproves
+			// is dropped by the leader.
+			s.decline(s.lastBarrier, fmt.Sprintf("channel to map task %s was lost before checkpoint %d completed (%v): its barrier may not have reached it", mt.GetTaskId(), s.lastBarrier, l.cause))
+		}
 		if err := s.replay(ctx, o, l.from); err != nil {
 			return err
 		}

@@ -824,8 +824,11 @@ func TestLostOutputWaitsForAMapTaskThatRestores(t *testing.T) {
 // TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried: a channel lost
 // while a checkpoint's barrier is sent, or after it was sent and before the
 // checkpoint completed, may not have carried the barrier, and the reopened
-// channel will not: the source declines the checkpoint, or its map task
-// would align it over its other inputs and hold them until it times out.
+// channel does not: once it is reopened, the source declines the
+// checkpoint, or its map task would align it over its other inputs and
+// hold them until it timed out. While the channel stays lost (its worker
+// may be gone, and a task-scoped recovery abort the checkpoint itself),
+// nothing is declined.
 func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	brokers := newKafka(t, map[string]int32{"words": 1})
 	recs, values := wordRecords(70, 1)
@@ -838,7 +841,9 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	sent := make(chan *transport.WorkerMessage, 64)
 	s.env.send = func(m *transport.WorkerMessage) { sent <- m }
 	var open atomic.Pointer[fakeOutput]
+	var dials atomic.Int64
 	s.dial = func(context.Context, int) (output, error) {
+		dials.Add(1)
 		if f := open.Load(); f != nil {
 			return f, nil
 		}
@@ -869,20 +874,36 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 			}
 		}
 	}
+	none := func(what string) {
+		t.Helper()
+		select {
+		case m := <-sent:
+			if m.GetDecline() != nil {
+				t.Fatalf("%s: declined %v", what, m.GetDecline())
+			}
+		default:
+		}
+	}
 
-	// Lost while the barrier is sent: declined, and acked all the same.
+	// Lost while the barrier is sent: acked, and nothing declined while
+	// the channel stays lost.
 	fakes[1].breakWith(errors.New("stream broken"))
 	ctl <- control{trigger: 1}
-	if m := next(); m.GetDecline().GetCheckpointId() != 1 || !strings.Contains(m.GetDecline().GetReason(), "lost while the barrier was sent") {
-		t.Fatalf("first message after the barrier's loss: %v, want the decline of checkpoint 1", m)
-	}
 	if m := next(); m.GetAck().GetCheckpointId() != 1 {
-		t.Fatalf("then %v, want the ack of checkpoint 1", m)
+		t.Fatalf("first message after the barrier's loss: %v, want the ack of checkpoint 1", m)
 	}
-
-	// Lost after the barrier, before the checkpoint completed: declined.
+	tries := dials.Load()
+	waitFor(t, "two more tries to reopen the lost channel", func() bool { return dials.Load() >= tries+2 })
+	none("the channel lost, not reopened")
+	// Reopened: declined.
 	reopened := &fakeOutput{}
 	open.Store(reopened)
+	if m := next(); m.GetDecline().GetCheckpointId() != 1 || !strings.Contains(m.GetDecline().GetReason(), "before checkpoint 1 completed") {
+		t.Fatalf("%v, want the decline of checkpoint 1 once the channel is reopened", m)
+	}
+
+	// Lost after the barrier, before the checkpoint completed: declined
+	// once reopened.
 	produce(t, brokers, "words", recs[30:50])
 	waitFor(t, "the reopened output 1 to get 50 records", upTo(reopened, 1, 50))
 	ctl <- control{trigger: 2}
@@ -892,10 +913,13 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	open.Store(nil)
 	reopened.breakWith(errors.New("stream broken"))
 	produce(t, brokers, "words", recs[50:70])
+	tries = dials.Load()
+	waitFor(t, "the loss to be found and reopening tried", func() bool { return dials.Load() >= tries+2 })
+	none("the channel lost after the barrier, not reopened")
+	open.Store(&fakeOutput{})
 	if m := next(); m.GetDecline().GetCheckpointId() != 2 || !strings.Contains(m.GetDecline().GetReason(), "before checkpoint 2 completed") {
 		t.Fatalf("%v, want the decline of checkpoint 2, whose barrier the lost channel may not have carried", m)
 	}
-
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("loop ended with %v, want context canceled", err)

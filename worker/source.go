@@ -1348,19 +1348,9 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 			s.markLost(o, fmt.Errorf("send barrier %d to map task %s: %w", id, s.mapTasks[o].GetTaskId(), err), nil)
 		}
 	}
-	if s.nLost > 0 {
-		// A channel lost while the batches or the barrier were sent: the
-		// barrier did not reach that map task, and the reopened channel
-		// will not carry it. Unless the checkpoint is aborted, the map task
-		// would align it over its other inputs and hold them until it
-		// times out. The source acks all the same.
-		for o, l := range s.lost {
-			if l != nil {
-				s.decline(id, fmt.Sprintf("channel to map task %s lost while the barrier was sent (%v); reopening it", s.mapTasks[o].GetTaskId(), l.cause))
-				break
-			}
-		}
-	}
+	// A channel lost while the batches or the barrier were sent did not
+	// carry the barrier: the source acks all the same, and declines the
+	// checkpoint when it reopens the channel (reopenLost).
 	s.lastBarrier = id
 	if c.stop {
 		// Stop with a savepoint: nothing after the barrier is read, so the
