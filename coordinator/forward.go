@@ -140,7 +140,8 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			s.logger.Warn("forward to leader failed", "leader", id, "leader_http_addr", httpAddr, "method", r.Method, "path", r.URL.Path, "err", err)
-			writeError(w, http.StatusBadGateway, fmt.Sprintf("forward to leader %s at %s: %v", id, httpAddr, err))
+			// The leader may have had the request, and applied it.
+			writeError(w, http.StatusBadGateway, fmt.Sprintf("outcome unknown: forward to leader %s at %s: %v; read the state before sending it again", id, httpAddr, err))
 		},
 	}
 	s.logger.Debug("forwarding write to leader", "leader", id, "method", r.Method, "path", r.URL.Path)

@@ -1,8 +1,17 @@
 package coordinator
 
 import (
+	"context"
+	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/fsm"
 )
 
 // TestFollowerForwardsToALeaderBoundOnEveryInterface: coordinators whose
@@ -27,6 +36,30 @@ func TestFollowerForwardsToALeaderBoundOnEveryInterface(t *testing.T) {
 		id := submitJob(t, s, wordcountSpec) // forwarded to the leader
 		if _, ok := leader.fsm.Job(id); !ok {
 			t.Fatalf("job %s submitted through follower %s is not in the leader's state", id, s.ID())
+		}
+	}
+}
+
+// TestWriteErrorsSayWhetherToSendAgain: a write refused before it reached
+// the log answers 503 (safe to send again); one whose outcome is unknown
+// answers 504 saying so, since sending it again may apply it twice.
+func TestWriteErrorsSayWhetherToSendAgain(t *testing.T) {
+	s := &Server{logger: testLogger(t)}
+	for _, tc := range []struct {
+		err     error
+		code    int
+		unknown bool
+	}{
+		{fmt.Errorf("raft apply %v: %w: %w", fsm.CommandRegisterJob, ErrNotLeader, raft.ErrNotLeader), http.StatusServiceUnavailable, false},
+		{fmt.Errorf("raft apply %v: %w", fsm.CommandRegisterJob, raft.ErrEnqueueTimeout), http.StatusServiceUnavailable, false},
+		{fmt.Errorf("raft apply %v: %w", fsm.CommandRegisterJob, errCommitterStopped), http.StatusServiceUnavailable, false},
+		{fmt.Errorf("raft apply %v: %w", fsm.CommandRegisterJob, raft.ErrLeadershipLost), http.StatusGatewayTimeout, true},
+		{fmt.Errorf("raft apply %v: %w", fsm.CommandRegisterJob, context.DeadlineExceeded), http.StatusGatewayTimeout, true},
+	} {
+		rec := httptest.NewRecorder()
+		s.writeApplyError(rec, tc.err)
+		if rec.Code != tc.code || strings.Contains(rec.Body.String(), "outcome unknown") != tc.unknown {
+			t.Errorf("%v: %d %s, want %d (outcome unknown said: %v)", tc.err, rec.Code, rec.Body.String(), tc.code, tc.unknown)
 		}
 	}
 }

@@ -384,9 +384,15 @@ func setIndexHeader(w http.ResponseWriter, index uint64) {
 	}
 }
 
-// writeApplyError answers a failed raftApplyAt with the status its cause calls for.
+// writeApplyError answers a failed raftApplyAt with the status its cause
+// calls for. A write that was not appended (no leader, a full queue, a
+// shutdown) is 503: sending it again is safe. One whose outcome is unknown
+// (leadership lost after it was appended, no result within the wait) is
+// 504, saying so: it may still commit, and a client that sends it again
+// may, say, register the job twice.
 func (s *Server) writeApplyError(w http.ResponseWriter, err error) {
 	status := http.StatusInternalServerError
+	msg := err.Error()
 	switch {
 	case errors.Is(err, fsm.ErrNoSuchJob), errors.Is(err, fsm.ErrNoSuchSavepoint):
 		status = http.StatusNotFound
@@ -394,17 +400,19 @@ func (s *Server) writeApplyError(w http.ResponseWriter, err error) {
 		status = http.StatusConflict
 	case errors.Is(err, fsm.ErrInvalidSpec), errors.Is(err, fsm.ErrMalformedCommand):
 		status = http.StatusBadRequest
-	case errors.Is(err, ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
-		errors.Is(err, raft.ErrEnqueueTimeout), errors.Is(err, raft.ErrRaftShutdown),
-		errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, context.DeadlineExceeded):
+		status = http.StatusGatewayTimeout
+		msg = "outcome unknown: the write may still be applied; read the state (GET /v1/jobs) before sending it again: " + msg
+	case errors.Is(err, ErrNotLeader), errors.Is(err, raft.ErrEnqueueTimeout), errors.Is(err, raft.ErrRaftShutdown),
+		errors.Is(err, errCommitterStopped):
 		status = http.StatusServiceUnavailable
 	case errors.Is(err, context.Canceled):
 		return // the client went away
 	}
-	if status == http.StatusInternalServerError || status == http.StatusServiceUnavailable {
+	if status >= http.StatusInternalServerError {
 		s.logger.Warn("write request failed", "err", err)
 	}
-	writeError(w, status, err.Error())
+	writeError(w, status, msg)
 }
 
 // apiJob is one job as GET /v1/jobs and /v1/jobs/{id} show it.
