@@ -644,3 +644,35 @@ func TestLeaderCancelsARestartedAttemptsTasksOnReconnect(t *testing.T) {
 func sameTask(a, b *transport.TaskRef) bool {
 	return a.GetJobId() == b.GetJobId() && a.GetAttempt() == b.GetAttempt() && a.GetTaskId() == b.GetTaskId()
 }
+
+// TestLeaderRemembersACorruptCheckpointReportedDuringTheRestart: a map task
+// whose restored state failed verification may report it after another
+// task's failure has begun the restart; the checkpoint is not restored
+// again all the same.
+func TestLeaderRemembersACorruptCheckpointReportedDuringTheRestart(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 2))
+	first := h.completeCheckpoint("j1")
+	second := h.completeCheckpoint("j1")
+	job := h.job("j1")
+	h.report(job.Tasks[0].Worker, ref(job, job.Tasks[0]), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone")
+	h.step()
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.step()
+	job = h.job("j1")
+	if job.Attempt != 2 || h.l.jobs["j1"].restoredFrom != second {
+		t.Fatalf("attempt %d restored from %d, want 2 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, second)
+	}
+	src, m := job.Tasks[0], job.Tasks[1]
+	h.report(src.Worker, ref(job, src), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone again")
+	if j := h.job("j1"); j.Status != fsm.JobRestarting {
+		t.Fatalf("job %s after its source failed, want restarting", j.Status)
+	}
+	h.reportCause(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "restore: blob map-1: checksum mismatch",
+		transport.FailureCause_FAILURE_CAUSE_STATE_CORRUPT)
+	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
+	h.step()
+	if job := h.job("j1"); job.Attempt != 3 || h.l.jobs["j1"].restoredFrom != first {
+		t.Fatalf("attempt %d restored from %d, want 3 from %d: checkpoint %d failed verification", job.Attempt, h.l.jobs["j1"].restoredFrom, first, second)
+	}
+}

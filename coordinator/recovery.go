@@ -38,10 +38,12 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 		if tv.missing {
 			return false, ""
 		}
-		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING && now.After(later(js.deployedAt, js.deployProgress).Add(l.deployTimeout)) {
-			// It never came up (taskFailure's deploy timeout): kept as a
-			// survivor, it would get the new attempt's deploy timeout anew.
-			return false, ""
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
+			// Kept as a survivor, a task not up yet would get the new
+			// attempt's deploy timeout anew (the job has one), and a
+			// worker lost every so often would keep it from ever timing
+			// out.
+			return false, fmt.Sprintf("task %s on worker %s is not running yet (phase %s)", tv.task.ID, tv.task.Worker, tv.phase)
 		}
 	}
 	if len(lost) == 0 {

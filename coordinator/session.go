@@ -733,6 +733,12 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 		}
 		if tv != nil { // a task the leader has stopped
 			tv.phase, tv.missing = st.GetPhase(), false
+			if tv.phase == transport.TaskPhase_TASK_PHASE_FAILED {
+				// Why it failed still counts: a state that failed
+				// verification is not restored again.
+				tv.reason, tv.cause = st.GetReason(), st.GetCause()
+				l.noteFailure(js, tv)
+			}
 			if !live(tv.phase) {
 				l.dirty[js.id] = struct{}{}
 			}

@@ -387,9 +387,9 @@ func (s *State) applyCheckpointTriggered(c *CheckpointTriggeredCmd) (uint64, err
 	if c.Stop && !c.Savepoint {
 		return 0, fail(fmt.Errorf("%w: stop without savepoint", ErrMalformedCommand))
 	}
-	if c.ID == math.MaxUint64 {
+	if c.ID == math.MaxUint64 || (c.ID == 0 && j.LastCheckpointID >= math.MaxUint64-1) {
 		// No id would be left after it: the next would wrap to 0.
-		return 0, fail(fmt.Errorf("%w: checkpoint id %d is the last there is", ErrMalformedCommand, c.ID))
+		return 0, fail(fmt.Errorf("%w: checkpoint id %d is the last there is", ErrMalformedCommand, max(c.ID, j.LastCheckpointID+1)))
 	}
 	switch {
 	case c.ID == 0:

@@ -844,3 +844,21 @@ func TestJobsSortedAndMissing(t *testing.T) {
 		t.Fatal("LastCompleted of an unknown job found")
 	}
 }
+
+// TestCheckpointIDsNeverWrap: the largest id is never issued, chosen or
+// taken by the FSM after the one below it: the next would wrap to 0, and
+// ids must only grow.
+func TestCheckpointIDsNeverWrap(t *testing.T) {
+	h := newHarness(t)
+	h.runningJob("j1")
+	h.must(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: math.MaxUint64 - 1})
+	h.must(CommandCheckpointAborted, h.abort("j1", math.MaxUint64-1, "timeout"))
+	before := h.digest()
+	for _, id := range []uint64{0, math.MaxUint64} {
+		_, err := h.apply(CommandCheckpointTriggered, CheckpointTriggeredCmd{JobID: "j1", Attempt: 1, Time: h.tick(), ID: id})
+		wantErr(t, err, ErrMalformedCommand)
+	}
+	if h.digest() != before {
+		t.Fatal("a refused trigger changed the state")
+	}
+}
