@@ -46,16 +46,18 @@ func newAPISavepoint(sp fsm.Savepoint) apiSavepoint {
 }
 
 // takeSavepoint asks this node's leader loop for a savepoint of job and
-// waits for it, at most the job's checkpoint timeout plus a margin.
+// waits for it: for the checkpoint in flight to end and the savepoint to
+// complete, each within the job's checkpoint timeout, plus a margin, and
+// at most maxSavepointWait.
 func (s *Server) takeSavepoint(ctx context.Context, job fsm.Job, stop bool) (fsm.Savepoint, int, error) {
 	l := s.currentLeader()
 	if l == nil {
 		return fsm.Savepoint{}, http.StatusServiceUnavailable, ErrNotLeader
 	}
-	wait := min(time.Duration(job.Spec.Checkpoint.Timeout)+10*time.Second, maxSavepointWait)
+	wait := min(2*time.Duration(job.Spec.Checkpoint.Timeout)+10*time.Second, maxSavepointWait)
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	req := savepointRequest{jobID: job.ID, stop: stop, reply: make(chan savepointReply, 1)}
+	req := savepointRequest{jobID: job.ID, stop: stop, reply: make(chan savepointReply, 1), ctx: ctx}
 	if !l.post(ctx, req) {
 		return fsm.Savepoint{}, http.StatusServiceUnavailable, fmt.Errorf("savepoint of job %s: the leader loop did not take the request", job.ID)
 	}
@@ -78,7 +80,7 @@ func (s *Server) takeSavepoint(ctx context.Context, job fsm.Job, stop bool) (fsm
 	case <-l.ctx.Done():
 		return fsm.Savepoint{}, http.StatusServiceUnavailable, fmt.Errorf("savepoint of job %s: leadership lost; ask again", job.ID)
 	case <-ctx.Done():
-		return fsm.Savepoint{}, http.StatusGatewayTimeout, fmt.Errorf("savepoint of job %s: not completed within %v", job.ID, wait)
+		return fsm.Savepoint{}, http.StatusGatewayTimeout, fmt.Errorf("savepoint of job %s: not completed within %v; one not started yet is dropped, one started goes on (and, to stop the job, stops it once it completes): see GET /v1/savepoints and the job's status", job.ID, wait)
 	}
 }
 

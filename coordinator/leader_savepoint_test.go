@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
@@ -272,5 +273,36 @@ func checkNoticedBeforeCancel(t *testing.T, job fsm.Job, msgs map[string][]*tran
 		case task.Kind == fsm.TaskSource && noticed:
 			t.Errorf("source task %s told of a completion at its cancel", task.ID)
 		}
+	}
+}
+
+// TestLeaderDropsASavepointRequestItsClientGaveUp: a stop-with-savepoint
+// waiting for the job's checkpoint slot whose client has given up (timed
+// out, gone) is dropped, not triggered: the client was told it did not
+// complete, and must not find its job stopped later.
+func TestLeaderDropsASavepointRequestItsClientGaveUp(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.startJob("j1", testJobSpec(1, 1))
+	h.completeCheckpoint("j1")
+	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil || p.Savepoint {
+		t.Fatalf("pending %+v, want a checkpoint in flight", p)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	h.handle(savepointRequest{jobID: "j1", stop: true, reply: make(chan savepointReply, 1), ctx: ctx})
+	cancel() // the client's wait ended
+	h.ackAll("j1", p.ID)
+	h.checkpointPass()
+	j := h.job("j1")
+	if j.Status != fsm.JobRunning || (j.Pending != nil && j.Pending.Savepoint) {
+		t.Fatalf("job %s, pending %+v: the abandoned stop-with-savepoint was triggered", j.Status, j.Pending)
+	}
+	// A request whose client still waits is triggered.
+	h.requestSavepoint("j1", false)
+	h.checkpointPass()
+	if p := h.job("j1").Pending; p == nil || !p.Savepoint {
+		t.Fatalf("pending %+v, want the savepoint of the request still waited for", p)
 	}
 }

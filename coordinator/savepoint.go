@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -28,7 +29,14 @@ type savepointRequest struct {
 	jobID string
 	stop  bool
 	reply chan savepointReply // buffered 1
+	// ctx is the request's: once it has ended (the client gave up or went
+	// away), a request still waiting for its job's checkpoint slot is
+	// dropped rather than triggered. nil: it never ends.
+	ctx context.Context
 }
+
+// abandoned reports whether r's client no longer waits for it.
+func (r savepointRequest) abandoned() bool { return r.ctx != nil && r.ctx.Err() != nil }
 
 // savepointReply is the outcome of a savepoint request.
 type savepointReply struct {
@@ -57,8 +65,11 @@ func (l *leader) onSavepointRequest(r savepointRequest) {
 }
 
 // wantsSavepoint reports whether js has savepoint requests waiting, and
-// whether one of them stops the job.
+// whether one of them stops the job. Requests whose clients have given up
+// are dropped first: a client told that its stop-with-savepoint did not
+// complete must not find its job stopped later.
 func (js *jobState) wantsSavepoint() (want, stop bool) {
+	js.savepoints = slices.DeleteFunc(js.savepoints, savepointRequest.abandoned)
 	for _, r := range js.savepoints {
 		stop = stop || r.stop
 	}
