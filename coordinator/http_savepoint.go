@@ -137,6 +137,18 @@ func (s *Server) handleGetSavepoint(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, newAPISavepoint(sp))
 }
 
+// savepointInUse says which of jobs still needs savepoint id, or nil: a live
+// job started from it restores it, at every restart, until it has a
+// completed checkpoint of its own.
+func savepointInUse(jobs []fsm.Job, id string) error {
+	for _, j := range jobs {
+		if j.Status != fsm.JobCancelled && j.FromSavepoint != nil && j.FromSavepoint.ID == id && len(j.Completed) == 0 {
+			return fmt.Errorf("savepoint %s is the state job %s restores until it has completed a checkpoint of its own: delete it after that, or cancel the job", id, j.ID)
+		}
+	}
+	return nil
+}
+
 // handleDeleteSavepoint forgets a savepoint through Raft, then deletes its
 // files in the background.
 func (s *Server) handleDeleteSavepoint(w http.ResponseWriter, r *http.Request) {
@@ -144,6 +156,10 @@ func (s *Server) handleDeleteSavepoint(w http.ResponseWriter, r *http.Request) {
 	sp, ok := s.fsm.Savepoint(id)
 	if !ok {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no savepoint %q", id))
+		return
+	}
+	if err := savepointInUse(s.fsm.SharedJobs(), id); err != nil {
+		writeError(w, http.StatusConflict, err.Error())
 		return
 	}
 	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandSavepointDeleted, fsm.SavepointDeletedCmd{ID: id, Time: time.Now().UnixNano()})

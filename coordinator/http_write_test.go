@@ -63,3 +63,27 @@ func TestWriteErrorsSayWhetherToSendAgain(t *testing.T) {
 		}
 	}
 }
+
+// TestSavepointInUse: a savepoint a live job was started from, and still
+// restores at every restart because it has no completed checkpoint of its
+// own, may not be deleted; once the job has one, or is cancelled, it may.
+func TestSavepointInUse(t *testing.T) {
+	sp := &fsm.Savepoint{ID: "wc-1-sp-7"}
+	for _, tc := range []struct {
+		name  string
+		job   fsm.Job
+		inUse bool
+	}{
+		{"restored until its first checkpoint", fsm.Job{ID: "j", Status: fsm.JobRunning, FromSavepoint: sp}, true},
+		{"restarting, restores it again", fsm.Job{ID: "j", Status: fsm.JobRestarting, FromSavepoint: sp}, true},
+		{"a checkpoint of its own", fsm.Job{ID: "j", Status: fsm.JobRunning, FromSavepoint: sp, Completed: []fsm.Checkpoint{{ID: 1}}}, false},
+		{"cancelled", fsm.Job{ID: "j", Status: fsm.JobCancelled, FromSavepoint: sp}, false},
+		{"started from another", fsm.Job{ID: "j", Status: fsm.JobRunning, FromSavepoint: &fsm.Savepoint{ID: "other"}}, false},
+		{"started fresh", fsm.Job{ID: "j", Status: fsm.JobRunning}, false},
+	} {
+		err := savepointInUse([]fsm.Job{tc.job}, sp.ID)
+		if (err != nil) != tc.inUse || (err != nil && !strings.Contains(err.Error(), "job j restores")) {
+			t.Errorf("%s: %v, want in use: %v (naming the job)", tc.name, err, tc.inUse)
+		}
+	}
+}
