@@ -41,7 +41,8 @@ func (s *Server) newHTTPServer() *http.Server {
 	}
 	mux := http.NewServeMux()
 	read := routeOpts{fsmRead: true}
-	long := routeOpts{writeFor: maxSavepointWait + time.Minute}
+	write := routeOpts{write: true}
+	long := routeOpts{writeFor: maxSavepointWait + time.Minute, write: true}
 	if s.cfg.EnableDebug {
 		debug := routeOpts{writeFor: debugWriteTimeout}
 		s.handle(mux, "/debug/pprof/", roleOperator, debug, http.HandlerFunc(pprof.Index))
@@ -52,10 +53,10 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "GET /v1/members", roleRead, routeOpts{}, http.HandlerFunc(s.handleMembers))
 	s.handle(mux, "GET /v1/coordinators", roleRead, routeOpts{}, http.HandlerFunc(s.handleCoordinators))
 	s.handle(mux, "GET /v1/workers", roleRead, routeOpts{}, http.HandlerFunc(s.handleWorkers))
-	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes}, s.leaderOnly(s.handleSubmitJob))
+	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes, write: true, params: []string{"from_savepoint"}}, s.leaderOnly(s.handleSubmitJob))
 	s.handle(mux, "GET /v1/jobs", roleRead, read, http.HandlerFunc(s.handleListJobs))
 	s.handle(mux, "GET /v1/jobs/{id}", roleRead, read, http.HandlerFunc(s.handleGetJob))
-	s.handle(mux, "DELETE /v1/jobs/{id}", roleWrite, long, s.leaderOnly(s.handleCancelJob))
+	s.handle(mux, "DELETE /v1/jobs/{id}", roleWrite, long.with("purge", "force", "savepoint", "wait"), s.leaderOnly(s.handleCancelJob))
 	s.handle(mux, "GET /v1/jobs/{id}/checkpoints", roleRead, read, http.HandlerFunc(s.handleCheckpoints))
 	s.handle(mux, "GET /v1/jobs/{id}/checkpoints/history", roleRead, read, http.HandlerFunc(s.handleCheckpointHistory))
 	s.handle(mux, "GET /v1/jobs/{id}/lag", roleRead, read, http.HandlerFunc(s.handleLag))
@@ -63,13 +64,13 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "GET /v1/jobs/{id}/state/export", roleRead, read, http.HandlerFunc(s.handleStateExport))
 	s.handle(mux, "POST /v1/jobs/{id}/savepoints", roleWrite, long, s.leaderOnly(s.handleTakeSavepoint))
 	s.handle(mux, "GET /v1/jobs/{id}/transactions", roleRead, read, http.HandlerFunc(s.handleTransactions))
-	s.handle(mux, "POST /v1/jobs/{id}/transactions/abort", roleWrite, routeOpts{}, s.leaderOnly(s.handleTransactions))
+	s.handle(mux, "POST /v1/jobs/{id}/transactions/abort", roleWrite, write, s.leaderOnly(s.handleTransactions))
 	s.handle(mux, "GET /v1/savepoints", roleRead, read, http.HandlerFunc(s.handleListSavepoints))
 	s.handle(mux, "GET /v1/savepoints/{id}", roleRead, read, http.HandlerFunc(s.handleGetSavepoint))
-	s.handle(mux, "DELETE /v1/savepoints/{id}", roleWrite, routeOpts{}, s.leaderOnly(s.handleDeleteSavepoint))
+	s.handle(mux, "DELETE /v1/savepoints/{id}", roleWrite, write, s.leaderOnly(s.handleDeleteSavepoint))
 	s.handle(mux, "GET /v1/raft/peers", roleRead, routeOpts{}, http.HandlerFunc(s.handleRaftPeers))
-	s.handle(mux, "POST /v1/raft/peers", roleOperator, routeOpts{maxBody: maxAddPeerBody}, s.leaderOnly(s.handleAddPeer))
-	s.handle(mux, "DELETE /v1/raft/peers/{id}", roleOperator, routeOpts{}, s.leaderOnly(s.handleRemovePeer))
+	s.handle(mux, "POST /v1/raft/peers", roleOperator, routeOpts{maxBody: maxAddPeerBody, write: true}, s.leaderOnly(s.handleAddPeer))
+	s.handle(mux, "DELETE /v1/raft/peers/{id}", roleOperator, write, s.leaderOnly(s.handleRemovePeer))
 	s.handle(mux, "GET /v1/fsm/digest", roleRead, read, http.HandlerFunc(s.handleDigest))
 	s.handle(mux, "GET /metrics", roleRead, routeOpts{}, promhttp.HandlerFor(s.metrics.registry, promhttp.HandlerOpts{}))
 	// The dashboard's files are public, as /v1/status is: the page asks for

@@ -8,10 +8,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,6 +112,13 @@ type routeOpts struct {
 	fsmRead bool
 	// writeFor is the write deadline (0: defaultWriteTimeout).
 	writeFor time.Duration
+	// write marks a write: it takes only the query parameters in params,
+	// and a parameter given empty is refused. A misspelled or empty one
+	// would otherwise be ignored, and the write done without what it asked
+	// for: a cancel without the savepoint, a job started afresh instead of
+	// from a savepoint.
+	write  bool
+	params []string
 }
 
 // handle registers h for pattern behind guard.
@@ -143,6 +154,12 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body of %d bytes: %s %s takes at most %d", r.ContentLength, r.Method, r.URL.Path, limit))
 			return
 		}
+		if o.write {
+			if err := checkParams(r.URL.Query(), o.params); err != nil {
+				writeError(w, http.StatusBadRequest, fmt.Sprintf("%s %s: %v", r.Method, r.URL.Path, err))
+				return
+			}
+		}
 		if r.Method == http.MethodGet || r.Method == http.MethodHead {
 			c := s.contact()
 			c.setHeaders(w)
@@ -152,6 +169,30 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// with returns o, a write's options, taking the query parameters params.
+func (o routeOpts) with(params ...string) routeOpts {
+	o.params = params
+	return o
+}
+
+// checkParams refuses query parameters not in params, and any given empty
+// or more than once.
+func checkParams(q url.Values, params []string) error {
+	for _, name := range slices.Sorted(maps.Keys(q)) {
+		switch {
+		case !slices.Contains(params, name) && len(params) == 0:
+			return fmt.Errorf("query parameter %s=%q: unknown; this endpoint takes none", name, q.Get(name))
+		case !slices.Contains(params, name):
+			return fmt.Errorf("query parameter %s=%q: unknown; this endpoint takes %s", name, q.Get(name), strings.Join(params, ", "))
+		case len(q[name]) != 1:
+			return fmt.Errorf("query parameter %s= given %d times", name, len(q[name]))
+		case q.Get(name) == "":
+			return fmt.Errorf("query parameter %s=%q: empty", name, q.Get(name))
+		}
+	}
+	return nil
 }
 
 // deadlineBody is a request body read under bodyTimeout; the deadline is

@@ -87,3 +87,31 @@ func TestSavepointInUse(t *testing.T) {
 		}
 	}
 }
+
+// TestWritesRefuseQueryParametersTheyDoNotTake: a write refuses a query
+// parameter it does not take (misspelled, it would be ignored and the write
+// done without it: a cancel without its savepoint) and one given empty (a
+// script's ?from_savepoint=$SP with SP unset would start the job afresh).
+func TestWritesRefuseQueryParametersTheyDoNotTake(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	id := submitJob(t, s, wordcountSpec)
+	for _, tc := range []struct{ method, path, name string }{
+		{http.MethodDelete, "/v1/jobs/" + id + "?save_point=true", "save_point="},
+		{http.MethodDelete, "/v1/jobs/" + id + "?savepoint=true&savepoint=false", "savepoint= given 2 times"},
+		{http.MethodPost, "/v1/jobs?from_savepoint=", `from_savepoint="": empty`},
+		{http.MethodPost, "/v1/jobs?from_save_point=sp-1", "from_save_point="},
+		{http.MethodPost, "/v1/jobs/" + id + "/savepoints?stop=true", "this endpoint takes none"},
+		{http.MethodDelete, "/v1/savepoints/x?force=true", "force="},
+	} {
+		var out struct{ Error string }
+		if code := apiCall(t, s, tc.method, tc.path, wordcountSpec, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, tc.name) {
+			t.Errorf("%s %s = %d %q, want 400 naming %s", tc.method, tc.path, code, out.Error, tc.name)
+		}
+	}
+	if j, ok := s.fsm.Job(id); !ok || j.Status == fsm.JobCancelled {
+		t.Fatalf("job %s after refused writes: %+v", id, j.Status)
+	}
+	if jobs := s.fsm.Jobs(); len(jobs) != 1 {
+		t.Fatalf("%d jobs after refused submits, want 1", len(jobs))
+	}
+}
