@@ -292,7 +292,10 @@ func (s *Server) contact() contactInfo {
 	default:
 		c.lastContact = time.Since(last)
 	}
-	if !c.leader && !s.caughtUp.Load() {
+	switch {
+	case c.leader && s.barrierTerm.Load() != s.raft.CurrentTerm():
+		c.catchingUp = "it has just become the leader and has not yet applied every entry of earlier terms"
+	case !c.leader && !s.caughtUp.Load():
 		c.catchingUp = "it has not yet applied what the leader had when it asked"
 	}
 	if since := s.applyBehindSince.Load(); since != 0 {
@@ -412,18 +415,18 @@ func (s *Server) staleReason(c contactInfo) string {
 	switch {
 	case c.applyProblem != "":
 		return fmt.Sprintf("coordinator %s cannot apply the raft log (%s), so its state may be stale", s.cfg.ID, c.applyProblem)
-	case c.leader:
-		return ""
 	case c.catchingUp != "":
-		return fmt.Sprintf("coordinator %s is catching up since its start (%s), so its state may be stale", s.cfg.ID, c.catchingUp)
+		return fmt.Sprintf("coordinator %s is catching up (%s), so its state may be stale", s.cfg.ID, c.catchingUp)
+	case c.applyBehind > s.cfg.MaxStale:
+		return fmt.Sprintf("coordinator %s has not applied raft entries committed %v ago (more than -max-stale %v), so its state is behind",
+			s.cfg.ID, c.applyBehind.Round(time.Millisecond), s.cfg.MaxStale)
+	case c.leader:
+		return "" // it has heard from itself
 	case c.lastContact < 0:
 		return fmt.Sprintf("coordinator %s has not heard from a raft leader since it started, so its state may be stale", s.cfg.ID)
 	case c.lastContact > s.cfg.MaxStale:
 		return fmt.Sprintf("coordinator %s last heard from the raft leader %v ago (more than -max-stale %v), so its state may be stale",
 			s.cfg.ID, c.lastContact.Round(time.Millisecond), s.cfg.MaxStale)
-	case c.applyBehind > s.cfg.MaxStale:
-		return fmt.Sprintf("coordinator %s has not applied raft entries committed %v ago (more than -max-stale %v), so its state is behind",
-			s.cfg.ID, c.applyBehind.Round(time.Millisecond), s.cfg.MaxStale)
 	}
 	return ""
 }

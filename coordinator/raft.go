@@ -411,6 +411,7 @@ func (s *Server) leaderLoop(ctx context.Context) {
 		}
 	}
 	s.logger.Info("gained raft leadership", "term", term, "applied_index", s.raft.AppliedIndex())
+	s.barrierTerm.Store(term)
 
 	reconciled := make(chan struct{})
 	go func() {

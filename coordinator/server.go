@@ -272,6 +272,10 @@ type Server struct {
 	// caughtUp is set once this node, as a follower, has applied the
 	// commit index the leader told it after its start (http_guard.go).
 	caughtUp atomic.Bool
+	// barrierTerm is the last Raft term whose leader loop, on this node,
+	// has passed its Barrier: until then a new leader's FSM may lack
+	// entries of earlier terms, and its reads say so.
+	barrierTerm atomic.Uint64
 	// applyBehindSince is, in unix nanoseconds, since when an entry this
 	// node knows committed has waited to be applied; 0 when none has
 	// waited since the last look (watchApply, http_guard.go).
