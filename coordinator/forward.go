@@ -124,6 +124,10 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 			pr.SetURL(target)
 			pr.SetXForwarded()
 			pr.Out.Header.Set(forwardedHeader, s.cfg.ID)
+			// Checked here (guard's crossOrigin): the leader is another
+			// host, and a page of this one's origin is not another's.
+			pr.Out.Header.Del("Origin")
+			pr.Out.Header.Del("Sec-Fetch-Site")
 		},
 		Transport: s.leaderTransport(id),
 		ModifyResponse: func(resp *http.Response) error {

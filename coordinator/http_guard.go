@@ -104,6 +104,11 @@ func newHTTPAPI() *httpAPI {
 	}
 }
 
+// crossOrigin refuses writes a browser sends from a page of another origin
+// (cross-site request forgery); requests of other clients, which send no
+// Origin or Sec-Fetch-Site, and reads pass.
+var crossOrigin = http.NewCrossOriginProtection()
+
 // routeOpts are an endpoint's bounds and rules.
 type routeOpts struct {
 	// maxBody caps the request body (0: maxSmallBody).
@@ -143,6 +148,14 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 			// write), so the deadline covers the body only.
 			_ = rc.SetReadDeadline(time.Now().Add(bodyTimeout))
 			r.Body = &deadlineBody{ReadCloser: http.MaxBytesReader(w, r.Body, limit), rc: rc}
+		}
+		if err := crossOrigin.Check(r); err != nil {
+			// A page of another site in the browser of someone who can
+			// reach the API (open, or with a client certificate the
+			// browser presents) must not write through it.
+			writeError(w, http.StatusForbidden, fmt.Sprintf("%s %s from a page of another origin (%s): refused; the API takes writes from clients and its own dashboard",
+				r.Method, r.URL.Path, cmp.Or(r.Header.Get("Origin"), r.Header.Get("Sec-Fetch-Site"))))
+			return
 		}
 		p, aerr := s.authorize(r, need)
 		if aerr != nil {

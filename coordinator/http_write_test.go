@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -36,6 +37,22 @@ func TestFollowerForwardsToALeaderBoundOnEveryInterface(t *testing.T) {
 		id := submitJob(t, s, wordcountSpec) // forwarded to the leader
 		if _, ok := leader.fsm.Job(id); !ok {
 			t.Fatalf("job %s submitted through follower %s is not in the leader's state", id, s.ID())
+		}
+		// A write of the follower's own origin (its dashboard) is not of
+		// another origin on the leader either.
+		base := "http://" + s.HTTPAddr()
+		req, err := http.NewRequest("POST", base+"/v1/jobs", strings.NewReader(wordcountSpec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Origin", base)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusCreated {
+			t.Fatalf("POST /v1/jobs of %s's own origin, forwarded: %d, want 201", s.ID(), resp.StatusCode)
 		}
 	}
 }
@@ -113,5 +130,56 @@ func TestWritesRefuseQueryParametersTheyDoNotTake(t *testing.T) {
 	}
 	if jobs := s.fsm.Jobs(); len(jobs) != 1 {
 		t.Fatalf("%d jobs after refused submits, want 1", len(jobs))
+	}
+}
+
+// TestWritesFromAnotherSiteRefused: a write a browser sends from a page of
+// another site (an open API on 127.0.0.1 reached by any page its user opens)
+// is refused; the same write from a client that sends no Origin, or from the
+// API's own origin, is not, and reads are never.
+func TestWritesFromAnotherSiteRefused(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	base := "http://" + s.HTTPAddr()
+	post := func(hdr map[string]string) httpAnswer {
+		req, err := http.NewRequest("POST", base+"/v1/jobs", strings.NewReader(wordcountSpec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range hdr {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return httpAnswer{code: resp.StatusCode, header: resp.Header, body: body}
+	}
+	for _, hdr := range []map[string]string{
+		{"Origin": "https://evil.example"},
+		{"Sec-Fetch-Site": "cross-site"},
+	} {
+		if a := post(hdr); a.code != http.StatusForbidden || !strings.Contains(a.errorText(), "another origin") {
+			t.Errorf("POST /v1/jobs with %v: %d %s, want 403", hdr, a.code, a.body)
+		}
+	}
+	if jobs := s.fsm.Jobs(); len(jobs) != 0 {
+		t.Fatalf("%d jobs registered by refused writes", len(jobs))
+	}
+	for _, hdr := range []map[string]string{nil, {"Origin": base}, {"Sec-Fetch-Site": "same-origin"}} {
+		if a := post(hdr); a.code != http.StatusCreated {
+			t.Errorf("POST /v1/jobs with %v: %d %s, want 201", hdr, a.code, a.body)
+		}
+	}
+	req, _ := http.NewRequest("GET", base+"/v1/jobs", nil)
+	req.Header.Set("Sec-Fetch-Site", "cross-site")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("a cross-site read: %d, want 200", resp.StatusCode)
 	}
 }
