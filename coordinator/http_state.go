@@ -36,8 +36,9 @@ type apiState struct {
 	// Keyed is every key's value (see renderValue), merged over the map
 	// tasks; keys that are not valid UTF-8 are in KeyedBase64 instead, by
 	// their base64. Both are left out when the state has more than
-	// maxStateKeys keys, and KeyedOmitted says where to look instead.
-	Keyed        map[string]any `json:"keyed,omitempty"`
+	// maxStateKeys keys, and KeyedOmitted says where to look instead; an
+	// empty state has "keyed": {} (the contract shows it always).
+	Keyed        map[string]any `json:"keyed,omitzero"`
 	KeyedBase64  map[string]any `json:"keyed_base64,omitempty"`
 	KeyedOmitted string         `json:"keyed_omitted,omitempty"`
 }

@@ -517,3 +517,26 @@ func (fx *gcFixture) put(path string) fsm.StateFile {
 	}
 	return fsm.StateFile{Path: h.Path, Size: h.Size, SHA256: h.SHA256, KeyGroups: fsm.KeyGroupRange{Start: 0, End: 128}}
 }
+
+// TestStateDocumentAlwaysHasKeyed: GET /v1/jobs/{id}/state has "keyed"
+// (design.md's contract), {} for a state without keys, unless the keys
+// are too many for one document and keyed_omitted says so.
+func TestStateDocumentAlwaysHasKeyed(t *testing.T) {
+	for _, tc := range []struct {
+		v    apiState
+		want string
+		not  string
+	}{
+		{apiState{Keyed: map[string]any{}}, `"keyed":{}`, "keyed_omitted"},
+		{apiState{Keyed: map[string]any{"a": 1}}, `"keyed":{"a":1}`, "keyed_omitted"},
+		{apiState{KeyedOmitted: "too many"}, `"keyed_omitted":"too many"`, `"keyed":`},
+	} {
+		b, err := json.Marshal(tc.v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(b), tc.want) || strings.Contains(string(b), tc.not) {
+			t.Errorf("%s: want %s and no %s", b, tc.want, tc.not)
+		}
+	}
+}
