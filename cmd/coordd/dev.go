@@ -366,6 +366,17 @@ func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, e
 				return body.ID, nil
 			case resp.StatusCode < 500:
 				return "", fmt.Errorf("submit sample job: %s: %s", resp.Status, body.Error)
+			case resp.StatusCode == http.StatusGatewayTimeout || resp.StatusCode == http.StatusBadGateway:
+				// Outcome unknown: the job may be registered, and a
+				// second submission would run it twice.
+				var jobs []struct{ ID, Name string }
+				if lerr := api.getJSON(ctx, "/v1/jobs?stale=true", &jobs); lerr == nil {
+					for _, j := range jobs {
+						if j.Name == "wordcount" {
+							return j.ID, nil
+						}
+					}
+				}
 			}
 			err = fmt.Errorf("%s: %s", resp.Status, body.Error)
 		}
