@@ -202,11 +202,12 @@ func (s *Server) ReloadACL() error {
 	return nil
 }
 
-// warnOpenAPI says at start how open the API is.
-func (s *Server) warnOpenAPI() {
+// warnOpenAPI says at start how open the API is, bound at bound (the
+// listener's address: on every interface, every one reaches it).
+func (s *Server) warnOpenAPI(bound string) {
 	switch {
 	case s.cfg.ACLTokensFile == "" && s.cfg.TLS == nil:
-		s.logger.Warn("the HTTP API is open: no -acl-tokens-file and no TLS, so anyone who reaches " + s.httpAddr +
+		s.logger.Warn("the HTTP API is open: no -acl-tokens-file and no TLS, so anyone who reaches " + bound +
 			" can submit and cancel jobs, remove raft peers and read all job state (docs/operations.md, API tokens)")
 	case s.cfg.TLS == nil:
 		s.logger.Warn("API tokens travel in clear text: the HTTP API has no TLS (-tls-ca, -tls-cert, -tls-key)")

@@ -123,8 +123,9 @@ func restartConfig(s *Server, join ...string) Config {
 	return cfg
 }
 
-// waitForLeader waits until exactly one of servers leads and every other one
-// names it as leader, and returns it.
+// waitForLeader waits until exactly one of servers leads, has passed its
+// Barrier (it serves reads) and every other one names it as leader, and
+// returns it.
 func waitForLeader(t testing.TB, servers ...*Server) *Server {
 	t.Helper()
 	var leader *Server
@@ -140,6 +141,10 @@ func waitForLeader(t testing.TB, servers ...*Server) *Server {
 		}
 		if leader == nil {
 			return errors.New("no leader")
+		}
+		if leader.barrierTerm.Load() != leader.raft.CurrentTerm() {
+			// Until then it refuses reads of its state.
+			return fmt.Errorf("leader %s has not passed its barrier", leader.ID())
 		}
 		for _, s := range servers {
 			if id, _, httpAddr := s.leaderInfo(); id != leader.ID() || httpAddr != leader.HTTPAddr() {

@@ -168,7 +168,13 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 			return
 		}
 		if o.write {
-			if err := checkParams(r.URL.Query(), o.params); err != nil {
+			// Parsed strictly: r.URL.Query drops what it cannot parse (a
+			// bad escape, a ';'), and the write would go on without it.
+			q, err := url.ParseQuery(r.URL.RawQuery)
+			if err == nil {
+				err = checkParams(q, o.params)
+			}
+			if err != nil {
 				writeError(w, http.StatusBadRequest, fmt.Sprintf("%s %s: %v", r.Method, r.URL.Path, err))
 				return
 			}
@@ -694,7 +700,7 @@ func (s *Server) startHTTP() error {
 		return fmt.Errorf("listen http %s: %w", s.cfg.HTTPAddr, err)
 	}
 	s.httpAddr = s.advertised(lis.Addr().String())
-	s.warnOpenAPI()
+	s.warnOpenAPI(lis.Addr().String())
 	s.http = s.newHTTPServer()
 	if s.cfg.TLS != nil {
 		// A client certificate is optional (tokens also authenticate);

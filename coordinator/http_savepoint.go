@@ -78,7 +78,9 @@ func (s *Server) takeSavepoint(ctx context.Context, job fsm.Job, stop bool) (fsm
 		}
 		return rep.sp, http.StatusOK, nil
 	case <-l.ctx.Done():
-		return fsm.Savepoint{}, http.StatusServiceUnavailable, fmt.Errorf("savepoint of job %s: leadership lost; ask again", job.ID)
+		// The request reached the leader loop: its savepoint (a stop) may
+		// have been triggered, and may yet complete.
+		return fsm.Savepoint{}, http.StatusGatewayTimeout, fmt.Errorf("outcome unknown: savepoint of job %s: leadership lost while it was asked for; see GET /v1/savepoints and the job's status before asking again", job.ID)
 	case <-ctx.Done():
 		return fsm.Savepoint{}, http.StatusGatewayTimeout, fmt.Errorf("savepoint of job %s: not completed within %v; one not started yet is dropped, one started goes on (and, to stop the job, stops it once it completes): see GET /v1/savepoints and the job's status", job.ID, wait)
 	}

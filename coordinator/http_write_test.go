@@ -119,6 +119,8 @@ func TestWritesRefuseQueryParametersTheyDoNotTake(t *testing.T) {
 		{http.MethodPost, "/v1/jobs?from_save_point=sp-1", "from_save_point="},
 		{http.MethodPost, "/v1/jobs/" + id + "/savepoints?stop=true", "this endpoint takes none"},
 		{http.MethodDelete, "/v1/savepoints/x?force=true", "force="},
+		{http.MethodDelete, "/v1/jobs/" + id + "?savepoint=true;", "invalid semicolon"},
+		{http.MethodPost, "/v1/jobs?from_savepoint=file:///sp/50%zz", "invalid URL escape"},
 	} {
 		var out struct{ Error string }
 		if code := apiCall(t, s, tc.method, tc.path, wordcountSpec, &out); code != http.StatusBadRequest || !strings.Contains(out.Error, tc.name) {

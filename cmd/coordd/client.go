@@ -187,6 +187,33 @@ func (c *apiClient) answerError(status int, body []byte) *apiError {
 // do sends one request and returns the body of a 2xx answer, or an
 // *apiError for any other.
 func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([]byte, error) {
+	// A coordinator catching up (restarted, or just elected) refuses reads
+	// for a moment with 503 and Retry-After: a read asks again, for a while.
+	deadline := time.Now().Add(catchUpWait)
+	for {
+		data, err := c.doOnce(ctx, method, path, body)
+		var ae *apiError
+		if method != http.MethodGet || !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable ||
+			!strings.Contains(ae.Message, "catching up") || time.Now().After(deadline) {
+			return data, err
+		}
+		select {
+		case <-ctx.Done():
+			return data, err
+		case <-time.After(catchUpRetry):
+		}
+	}
+}
+
+// catchUpWait bounds how long a read waits for a coordinator that is
+// catching up, asking again every catchUpRetry.
+const (
+	catchUpWait  = 10 * time.Second
+	catchUpRetry = 100 * time.Millisecond
+)
+
+// doOnce is one request of do.
+func (c *apiClient) doOnce(ctx context.Context, method, path string, body []byte) ([]byte, error) {
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
