@@ -26,7 +26,6 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	}
 	lostWorkers := make(map[string]bool)
 	var lost []*trackedTask
-	var notUp *trackedTask // a surviving task not running yet
 	for _, tv := range js.order {
 		if !live(tv.phase) {
 			return false, "" // a task failed by itself: the job restarts
@@ -39,18 +38,9 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 		if tv.missing {
 			return false, ""
 		}
-		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING && notUp == nil {
-			notUp = tv
-		}
 	}
 	if len(lost) == 0 {
 		return false, ""
-	}
-	if notUp != nil {
-		// Kept as a survivor, a task not up yet would get the new
-		// attempt's deploy timeout anew (the job has one), and a worker
-		// lost every so often would keep it from ever timing out.
-		return false, fmt.Sprintf("task %s on worker %s is not running yet (phase %s)", notUp.task.ID, notUp.task.Worker, notUp.phase)
 	}
 	if p := js.ckpt.pending; p != nil && p.stop {
 		return false, "a stop-with-savepoint was in progress"

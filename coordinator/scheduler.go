@@ -97,6 +97,10 @@ type trackedTask struct {
 	// replaced is set while a task-scoped recovery that restores the task
 	// on another worker commits: the task is stale on its old worker.
 	replaced bool
+	// deployedAt is when this task was deployed (or first seen by this
+	// term): its deploy timeout runs from then, so that a task-scoped
+	// recovery of other tasks does not start it over.
+	deployedAt time.Time
 }
 
 // currentTask reports whether ref names a task of js in the attempt the
@@ -141,7 +145,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		js.order = make([]*trackedTask, 0, len(job.Tasks))
 		for _, t := range job.Tasks {
 			t.Attempt = job.TaskAttempt(t)
-			tv := &trackedTask{task: t}
+			tv := &trackedTask{task: t, deployedAt: l.env.now()}
 			if o := old[t.ID]; o != nil && o.task.Attempt == t.Attempt && o.task.Worker == t.Worker {
 				// A task-scoped recovery left this task running: what its
 				// worker said about it still holds.
@@ -344,7 +348,7 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
 			// A task restoring a large state reports its progress; the
 			// deploy times out only once the attempt stops progressing.
-			deadline := later(js.deployedAt, js.deployProgress).Add(l.deployTimeout)
+			deadline := later(tv.deployedAt, js.deployProgress).Add(l.deployTimeout)
 			if now.After(deadline) {
 				return fmt.Sprintf("task %s on worker %s has not reported RUNNING within %v of its deploy or its last progress (phase %s)",
 					id, w, l.deployTimeout, tv.phase), id
