@@ -221,15 +221,13 @@ func (l *leader) checkpointStep(js *jobState, now time.Time) {
 	if !allRunning(js) {
 		return // a task's RUNNING status touches the job again
 	}
-	for _, tv := range js.order {
-		if _, none := l.sessionlessSince(tv.task.Worker); none {
-			// The worker cannot ack, and while its session is broken and
-			// its fate undecided (gossip, the lease), the tasks that feed
-			// it or read from it decline: each of those aborts would count
-			// toward tolerable_failures. Its next session, or the
-			// recovery that follows its loss, touches the job again.
-			return
-		}
+	if l.workerInDoubt(js) != "" {
+		// The worker cannot ack, and while its session is broken and its
+		// fate undecided (gossip, the lease), the tasks that feed it or
+		// read from it decline: each of those aborts would count toward
+		// tolerable_failures. Its next session, or the recovery that
+		// follows its loss, touches the job again.
+		return
 	}
 	if want, stop := js.wantsSavepoint(); want {
 		l.triggerCheckpoint(js, now, true, stop)
@@ -572,10 +570,31 @@ func (l *leader) abortCheckpoint(js *jobState, reason, class string, counted boo
 			return
 		}
 		if tolerable := job.Spec.Checkpoint.TolerableFailures; job.ConsecutiveAborts > tolerable {
+			if w := l.workerInDoubt(js); w != "" {
+				// The abort may be the loss of that worker seen from the
+				// other side (a map task declines when a source's input
+				// closes): its fate decides, and a task-scoped recovery
+				// resets the count.
+				l.jobLogger(js).Info("not restarting for the aborts while a worker of the job has no session", "worker", w,
+					"consecutive_aborts", job.ConsecutiveAborts, "tolerable_failures", tolerable)
+				return
+			}
 			l.beginRestart(js, fmt.Sprintf("%d consecutive checkpoint aborts exceed tolerable_failures %d; last: %s",
 				job.ConsecutiveAborts, tolerable, reason), "checkpoint", p.id)
 		}
 	})
+}
+
+// workerInDoubt returns a worker of js's tasks that has no open session, or
+// "": its tasks cannot ack, and whether it is lost is for gossip and the
+// lease to say.
+func (l *leader) workerInDoubt(js *jobState) string {
+	for _, tv := range js.order {
+		if _, none := l.sessionlessSince(tv.task.Worker); none {
+			return tv.task.Worker
+		}
+	}
+	return ""
 }
 
 // abortUntracked aborts a pending checkpoint of the FSM that this term does

@@ -431,3 +431,43 @@ func TestLeaderRetargetsASurvivorWhoseSessionWasDown(t *testing.T) {
 		}
 	}
 }
+
+// TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint: a worker's
+// crash during a checkpoint is seen from the other side too: a map task
+// whose input from a source there closes declines the checkpoint, which
+// counts. With tolerable_failures 0 that abort alone would restart the
+// whole job; while a worker of the job has no session, its fate decides
+// instead, and its tasks are recovered alone.
+func TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.connect("w3", 4)
+	spec := testJobSpec(2, 2)
+	spec.Checkpoint.TolerableFailures = 0
+	job := h.startJob("j1", spec)
+	h.drain("w3")
+	h.completeCheckpoint("j1")
+	h.advance(time.Duration(spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil {
+		t.Fatal("no checkpoint pending")
+	}
+	lost := job.Tasks[0].Worker
+	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskMap && t.Worker != lost })
+	if i < 0 {
+		t.Fatalf("tasks %v: want a map task off worker %s", job.Tasks, lost)
+	}
+	m := job.Tasks[i]
+	h.handle(sessionClosed{sess: h.sessions[lost], err: errors.New("connection reset")})
+	h.handle(workerMessage{sess: h.sessions[m.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{
+		Decline: &transport.CheckpointDecline{Task: ref(job, m), CheckpointId: p.ID, Reason: "input from source 0 closed"},
+	}}})
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 || j.ConsecutiveAborts != 1 {
+		t.Fatalf("job %s at attempt %d with %d aborts (%q): want it running on, the abort counted", j.Status, j.Attempt, j.ConsecutiveAborts, j.Reason)
+	}
+	h.lose(lost, 4)
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 2 || len(j.Recoveries) == 0 || j.Recoveries[len(j.Recoveries)-1].Scope != fsm.RecoveryScopeTasks {
+		t.Fatalf("job %s at attempt %d (%q): want the lost tasks recovered alone", j.Status, j.Attempt, j.Reason)
+	}
+}
