@@ -471,19 +471,7 @@ func TestLeaderCancelsWhatTheFSMDoesNotPlace(t *testing.T) {
 
 func TestLeaderFallsBackFromCorruptCheckpoint(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.startJob("j1", testJobSpec(1, 2))
-	first := h.completeCheckpoint("j1")
-	second := h.completeCheckpoint("j1")
-
-	job := h.job("j1")
-	h.report(job.Tasks[0].Worker, ref(job, job.Tasks[0]), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone")
-	h.step()
-	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
-	h.step()
-	job = h.job("j1")
-	if job.Attempt != 2 || h.l.jobs["j1"].restoredFrom != second {
-		t.Fatalf("attempt %d restored from %d, want 2 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, second)
-	}
+	job, first, second := h.restoredFromNewest("j1")
 	m := job.Tasks[1]
 	// The reason's text does not matter; the cause does.
 	h.report(m.Worker, ref(job, m), transport.TaskPhase_TASK_PHASE_FAILED, "restore: blob map-1: checksum mismatch")
@@ -651,18 +639,7 @@ func sameTask(a, b *transport.TaskRef) bool {
 // again all the same.
 func TestLeaderRemembersACorruptCheckpointReportedDuringTheRestart(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.startJob("j1", testJobSpec(1, 2))
-	first := h.completeCheckpoint("j1")
-	second := h.completeCheckpoint("j1")
-	job := h.job("j1")
-	h.report(job.Tasks[0].Worker, ref(job, job.Tasks[0]), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone")
-	h.step()
-	h.advance(h.l.jobs["j1"].retryAt.Sub(h.clock))
-	h.step()
-	job = h.job("j1")
-	if job.Attempt != 2 || h.l.jobs["j1"].restoredFrom != second {
-		t.Fatalf("attempt %d restored from %d, want 2 from %d", job.Attempt, h.l.jobs["j1"].restoredFrom, second)
-	}
+	job, first, second := h.restoredFromNewest("j1")
 	src, m := job.Tasks[0], job.Tasks[1]
 	h.report(src.Worker, ref(job, src), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone again")
 	if j := h.job("j1"); j.Status != fsm.JobRestarting {
@@ -675,4 +652,24 @@ func TestLeaderRemembersACorruptCheckpointReportedDuringTheRestart(t *testing.T)
 	if job := h.job("j1"); job.Attempt != 3 || h.l.jobs["j1"].restoredFrom != first {
 		t.Fatalf("attempt %d restored from %d, want 3 from %d: checkpoint %d failed verification", job.Attempt, h.l.jobs["j1"].restoredFrom, first, second)
 	}
+}
+
+// restoredFromNewest starts job id (a source and two map tasks), completes
+// two checkpoints, fails the source and returns the job's second attempt,
+// which restored the newer checkpoint (second), and both ids.
+func (h *leaderHarness) restoredFromNewest(id string) (job fsm.Job, first, second uint64) {
+	h.t.Helper()
+	h.startJob(id, testJobSpec(1, 2))
+	first = h.completeCheckpoint(id)
+	second = h.completeCheckpoint(id)
+	job = h.job(id)
+	h.report(job.Tasks[0].Worker, ref(job, job.Tasks[0]), transport.TaskPhase_TASK_PHASE_FAILED, "broker gone")
+	h.step()
+	h.advance(h.l.jobs[id].retryAt.Sub(h.clock))
+	h.step()
+	job = h.job(id)
+	if job.Attempt != 2 || h.l.jobs[id].restoredFrom != second {
+		h.t.Fatalf("attempt %d restored from %d, want 2 from %d", job.Attempt, h.l.jobs[id].restoredFrom, second)
+	}
+	return job, first, second
 }

@@ -21,10 +21,7 @@ import (
 // restored tasks'.
 func TestLeaderRecoversLostTasksAlone(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.connect("w3", 4)
-	job := h.startJob("j1", testJobSpec(2, 2))
-	h.drain("w3")
-	h.completeCheckpoint("j1")
+	job := h.jobOnThreeWorkers("j1", testJobSpec(2, 2))
 	ck := h.completeCheckpoint("j1")
 	h.advance(time.Duration(h.job("j1").Spec.Checkpoint.Interval))
 	h.checkpointPass()
@@ -279,17 +276,9 @@ func TestLeaderRecoveriesTogetherStayWithinSlots(t *testing.T) {
 // them: adopted, they would run on untracked once the recovery is in.
 func TestLeaderCancelsALostWorkersTasksWhileTheirRecoveryCommits(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.connect("w3", 4)
-	job := h.startJob("j1", testJobSpec(2, 2))
-	h.drain("w3")
-	h.completeCheckpoint("j1")
+	job := h.jobOnThreeWorkers("j1", testJobSpec(2, 2))
 	lost := job.Tasks[0].Worker
-	var running []*transport.TaskStatus
-	for _, task := range job.Tasks {
-		if task.Worker == lost {
-			running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-		}
-	}
+	running := runningOn(job, lost)
 
 	h.holdWrites()
 	h.setMember(lost, StatusDead, 4)
@@ -333,13 +322,7 @@ func TestLeaderRecoversNoTaskFromACheckpointTheRestartFellBackPast(t *testing.T)
 	h.newTerm()
 	job = h.job("j1")
 	for _, w := range []string{"w1", "w2", "w3"} {
-		var running []*transport.TaskStatus
-		for _, task := range job.Tasks {
-			if task.Worker == w {
-				running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-			}
-		}
-		h.connect(w, 4, running...)
+		h.connect(w, 4, runningOn(job, w)...)
 	}
 	h.pastGrace()
 	h.step()
@@ -358,10 +341,7 @@ func TestLeaderRecoversNoTaskFromACheckpointTheRestartFellBackPast(t *testing.T)
 // timing out. Past its own, the job restarts whole.
 func TestLeaderKeepsASurvivorsDeployTimeoutThroughARecovery(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.connect("w3", 4)
-	job := h.startJob("j1", testJobSpec(2, 2))
-	h.drain("w3")
-	h.completeCheckpoint("j1")
+	job := h.jobOnThreeWorkers("j1", testJobSpec(2, 2))
 	lost := job.Tasks[0].Worker
 	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Worker != lost })
 	stuck := job.Tasks[i]
@@ -400,12 +380,7 @@ func TestLeaderRetargetsASurvivorWhoseSessionWasDown(t *testing.T) {
 	lost := job.Tasks[0].Worker
 	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Worker != lost })
 	survivor := job.Tasks[i].Worker
-	var running []*transport.TaskStatus
-	for _, task := range job.Tasks {
-		if task.Worker == survivor {
-			running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-		}
-	}
+	running := runningOn(job, survivor)
 	h.sessions[survivor].close(errors.New("network blip"))
 	h.handle(sessionClosed{sess: h.sessions[survivor], err: errors.New("network blip")})
 
@@ -440,12 +415,9 @@ func TestLeaderRetargetsASurvivorWhoseSessionWasDown(t *testing.T) {
 // instead, and its tasks are recovered alone.
 func TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint(t *testing.T) {
 	h := newLeaderHarness(t)
-	h.connect("w3", 4)
 	spec := testJobSpec(2, 2)
 	spec.Checkpoint.TolerableFailures = 0
-	job := h.startJob("j1", spec)
-	h.drain("w3")
-	h.completeCheckpoint("j1")
+	job := h.jobOnThreeWorkers("j1", spec)
 	h.advance(time.Duration(spec.Checkpoint.Interval))
 	h.checkpointPass()
 	p := h.job("j1").Pending
@@ -470,4 +442,28 @@ func TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint(t *testing.T) {
 	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 2 || len(j.Recoveries) == 0 || j.Recoveries[len(j.Recoveries)-1].Scope != fsm.RecoveryScopeTasks {
 		t.Fatalf("job %s at attempt %d (%q): want the lost tasks recovered alone", j.Status, j.Attempt, j.Reason)
 	}
+}
+
+// jobOnThreeWorkers starts job id with spec on workers w1, w2 and w3 (4
+// slots each) and completes a checkpoint of it: a lost worker's tasks can
+// then be restored alone on the others.
+func (h *leaderHarness) jobOnThreeWorkers(id string, spec fsm.JobSpec) fsm.Job {
+	h.t.Helper()
+	h.connect("w3", 4)
+	job := h.startJob(id, spec)
+	h.drain("w3")
+	h.completeCheckpoint(id)
+	return job
+}
+
+// runningOn is what worker reports of job's tasks placed on it: each
+// running.
+func runningOn(job fsm.Job, worker string) []*transport.TaskStatus {
+	var out []*transport.TaskStatus
+	for _, task := range job.Tasks {
+		if task.Worker == worker {
+			out = append(out, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+		}
+	}
+	return out
 }

@@ -161,12 +161,8 @@ func TestLeaderRestartsAJobWhoseStopALeaderChangeAborted(t *testing.T) {
 			}
 
 			h.newTerm()
-			var running []*transport.TaskStatus
-			for _, task := range job.Tasks {
-				running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-			}
 			for _, w := range []string{"w1", "w2"} {
-				h.connect(w, 4, running...)
+				h.connect(w, 4, runningOn(job, w)...)
 			}
 			h.pastGrace()
 			h.step()
@@ -222,13 +218,9 @@ func TestLeaderNoticesBeforeItCancels(t *testing.T) {
 		h.drain("w2")
 
 		h.newTerm()
-		var running []*transport.TaskStatus
-		for _, task := range job.Tasks {
-			running = append(running, &transport.TaskStatus{Task: ref(job, task), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-		}
 		msgs := map[string][]*transport.CoordinatorMessage{}
 		for _, w := range []string{"w1", "w2"} {
-			h.connect(w, 4, running...)
+			h.connect(w, 4, runningOn(job, w)...)
 			msgs[w] = h.drain(w)
 		}
 		checkNoticedBeforeCancel(t, job, msgs, p.ID, true)

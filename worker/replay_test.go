@@ -136,8 +136,22 @@ func testMapRefs(maxPar, n int) []*transport.MapTaskRef {
 
 // newTestSource builds a source task of job "job" attempt 1 on a worker
 // "w1" that has no map tasks, sending to fake outputs. It leases the Kafka
-// client of brokers (if any) and resolves its offsets as run does.
+// client of brokers (if any), resolves its offsets and begins the catch-up
+// as run does.
 func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tune func(*Config)) (*sourceTask, []*fakeOutput, *kafkaLease) {
+	t.Helper()
+	s, fakes, lease := newResolvedSource(t, d, ctl, tune)
+	if lease != nil {
+		if err := s.beginCatchUp(lease.client); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s, fakes, lease
+}
+
+// newResolvedSource is newTestSource up to the catch-up, which run begins
+// once the outputs are open (beginCatchUp).
+func newResolvedSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tune func(*Config)) (*sourceTask, []*fakeOutput, *kafkaLease) {
 	t.Helper()
 	cfg := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()}
 	if tune != nil {
@@ -170,9 +184,6 @@ func newTestSource(t *testing.T, d *transport.DeployTask, ctl <-chan control, tu
 		}
 		t.Cleanup(lease.release)
 		if err := s.resolveOffsets(lease.client, parts); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.beginCatchUp(lease.client); err != nil {
 			t.Fatal(err)
 		}
 		maps.Copy(s.startOffsets, s.offsets)
@@ -612,23 +623,14 @@ func TestLostOutputReopensAndReplays(t *testing.T) {
 		c.BatchSize = 8
 		c.OutputLostTimeout = 20 * time.Second
 	})
-	var open atomic.Pointer[fakeOutput]
-	var dials atomic.Int64
-	s.dial = func(context.Context, int) (output, error) {
-		dials.Add(1)
-		if f := open.Load(); f != nil {
-			return f, nil
-		}
-		return nil, errors.New("map task not there yet")
-	}
+	rig := &reopenRig{refuse: errors.New("map task not there yet")}
+	s.dial = rig.dial
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := runSourceLoop(t, ctx, s, lease)
 
 	upTo := func(f *fakeOutput, o int, n int64, from int64) func() bool {
-		return func() bool {
-			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: from}, map[int32]int64{0: n})) == nil
-		}
+		return hasItems(t, s, values, f, o, from, n)
 	}
 	waitFor(t, "both outputs to get the first 50 records", func() bool { return upTo(fakes[0], 0, 50, 0)() && upTo(fakes[1], 1, 50, 0)() })
 
@@ -636,7 +638,7 @@ func TestLostOutputReopensAndReplays(t *testing.T) {
 	fakes[1].breakWith(errors.New("stream broken"))
 	produce(t, brokers, "words", recs[50:100])
 	waitFor(t, "output 0 to get 100 records while output 1 is lost", upTo(fakes[0], 0, 100, 0))
-	waitFor(t, "tries to reopen output 1", func() bool { return dials.Load() >= 2 })
+	waitFor(t, "tries to reopen output 1", func() bool { return rig.dials.Load() >= 2 })
 	f1 := fakes[1].decode(t)
 	if !fakes[1].isClosed() {
 		t.Fatal("the broken output was not closed")
@@ -645,7 +647,7 @@ func TestLostOutputReopensAndReplays(t *testing.T) {
 	// Reopened: the replay (from where the attempt started: no checkpoint
 	// completed) and then the live records, each item once.
 	reopened := &fakeOutput{}
-	open.Store(reopened)
+	rig.open.Store(reopened)
 	produce(t, brokers, "words", recs[100:120])
 	waitFor(t, "the reopened output 1 to get every record up to 120", upTo(reopened, 1, 120, 0))
 	if len(f1.items) == 0 {
@@ -655,7 +657,7 @@ func TestLostOutputReopensAndReplays(t *testing.T) {
 	// A retarget moves map-1 to another worker in attempt 2, restored from
 	// a checkpoint at offset 37: the new channel gets a replay from there.
 	restored := &fakeOutput{}
-	open.Store(restored)
+	rig.open.Store(restored)
 	refs := testMapRefs(128, 2)
 	refs[1].WorkerId, refs[1].DataAddr, refs[1].Attempt = "w7", "127.0.0.1:2", 2
 	ctl <- control{retarget: &transport.RetargetTasks{JobId: "job", Attempt: 2, MapTasks: refs, Restored: []string{"map-1"},
@@ -666,10 +668,7 @@ func TestLostOutputReopensAndReplays(t *testing.T) {
 	if !reopened.isClosed() {
 		t.Fatal("the retargeted output's old channel was not closed")
 	}
-	cancel()
-	if err := <-done; !errors.Is(err, context.Canceled) {
-		t.Fatalf("loop ended with %v, want context canceled", err)
-	}
+	stopLoop(t, cancel, done)
 	if got := s.header(s.mapTasks[1]); got.GetAttempt() != 2 || got.GetSourceAttempt() != 1 || got.GetMapTaskId() != "map-1" {
 		t.Fatalf("header after the retarget: %v; want map-1 in attempt 2 from source attempt 1", got)
 	}
@@ -714,28 +713,19 @@ func TestLostOutputReplaysFromAResetOffset(t *testing.T) {
 	if got := s.offsets[0]; got != 0 {
 		t.Fatalf("restored offset beyond the end reset to %d, want 0 (earliest)", got)
 	}
-	var open atomic.Pointer[fakeOutput]
-	s.dial = func(context.Context, int) (output, error) {
-		if f := open.Load(); f != nil {
-			return f, nil
-		}
-		return nil, errors.New("map task not there yet")
-	}
+	rig := &reopenRig{refuse: errors.New("map task not there yet")}
+	s.dial = rig.dial
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := runSourceLoop(t, ctx, s, lease)
-	upTo := func(f *fakeOutput, o int, n int64) func() bool {
-		return func() bool {
-			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: 0}, map[int32]int64{0: n})) == nil
-		}
-	}
+	upTo := func(f *fakeOutput, o int, n int64) func() bool { return hasItems(t, s, values, f, o, 0, n) }
 	waitFor(t, "both outputs to get the first 50 records", func() bool { return upTo(fakes[0], 0, 50)() && upTo(fakes[1], 1, 50)() })
 
 	fakes[1].breakWith(errors.New("stream broken"))
 	produce(t, brokers, "words", recs[50:80])
 	waitFor(t, "output 0 to get 80 records while output 1 is lost", upTo(fakes[0], 0, 80))
 	reopened := &fakeOutput{}
-	open.Store(reopened)
+	rig.open.Store(reopened)
 	produce(t, brokers, "words", recs[80:100])
 	waitFor(t, "the reopened output 1 to get every record from the reset offset on", func() bool {
 		select {
@@ -745,10 +735,7 @@ func TestLostOutputReplaysFromAResetOffset(t *testing.T) {
 		}
 		return upTo(reopened, 1, 100)()
 	})
-	cancel()
-	if err := <-done; !errors.Is(err, context.Canceled) {
-		t.Fatalf("loop ended with %v, want context canceled", err)
-	}
+	stopLoop(t, cancel, done)
 }
 
 // TestReplayPastWhatTheAttemptReadFails: a retarget whose restore offsets lie
@@ -780,28 +767,17 @@ func TestLostOutputWaitsForAMapTaskThatRestores(t *testing.T) {
 		c.BatchSize = 8
 		c.OutputLostTimeout = 300 * time.Millisecond
 	})
-	var restoring atomic.Int64 // tries answered "restoring"
-	var open atomic.Pointer[fakeOutput]
-	s.dial = func(context.Context, int) (output, error) {
-		if f := open.Load(); f != nil {
-			return f, nil
-		}
-		restoring.Add(1)
-		return nil, fmt.Errorf("open in-process channel to map-1: %w", errMapDeploying)
-	}
+	rig := &reopenRig{refuse: fmt.Errorf("open in-process channel to map-1: %w", errMapDeploying)}
+	s.dial = rig.dial
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := runSourceLoop(t, ctx, s, lease)
-	upTo := func(f *fakeOutput, o int, n int64) func() bool {
-		return func() bool {
-			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: 0}, map[int32]int64{0: n})) == nil
-		}
-	}
+	upTo := func(f *fakeOutput, o int, n int64) func() bool { return hasItems(t, s, values, f, o, 0, n) }
 	waitFor(t, "both outputs to get the first 30 records", func() bool { return upTo(fakes[0], 0, 30)() && upTo(fakes[1], 1, 30)() })
 
 	fakes[1].breakWith(errors.New("stream broken"))
 	produce(t, brokers, "words", recs[30:45])
-	waitFor(t, "the loss to be found", func() bool { return restoring.Load() > 0 })
+	waitFor(t, "the loss to be found", func() bool { return rig.dials.Load() > 0 })
 	lostAt := time.Now()
 	waitFor(t, "the map task to answer that it restores for three times the lost timeout", func() bool {
 		select {
@@ -809,16 +785,13 @@ func TestLostOutputWaitsForAMapTaskThatRestores(t *testing.T) {
 			t.Fatalf("the source failed while its map task restored: %v", err)
 		default:
 		}
-		return time.Since(lostAt) > 900*time.Millisecond && restoring.Load() > 3
+		return time.Since(lostAt) > 900*time.Millisecond && rig.dials.Load() > 3
 	})
 	reopened := &fakeOutput{}
-	open.Store(reopened)
+	rig.open.Store(reopened)
 	produce(t, brokers, "words", recs[45:60])
 	waitFor(t, "the reopened output 1 to get every record", upTo(reopened, 1, 60))
-	cancel()
-	if err := <-done; !errors.Is(err, context.Canceled) {
-		t.Fatalf("loop ended with %v, want context canceled", err)
-	}
+	stopLoop(t, cancel, done)
 }
 
 // TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried: a channel lost
@@ -840,23 +813,12 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	})
 	sent := make(chan *transport.WorkerMessage, 64)
 	s.env.send = func(m *transport.WorkerMessage) { sent <- m }
-	var open atomic.Pointer[fakeOutput]
-	var dials atomic.Int64
-	s.dial = func(context.Context, int) (output, error) {
-		dials.Add(1)
-		if f := open.Load(); f != nil {
-			return f, nil
-		}
-		return nil, errors.New("map task not there yet")
-	}
+	rig := &reopenRig{refuse: errors.New("map task not there yet")}
+	s.dial = rig.dial
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := runSourceLoop(t, ctx, s, lease)
-	upTo := func(f *fakeOutput, o int, n int64) func() bool {
-		return func() bool {
-			return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: 0}, map[int32]int64{0: n})) == nil
-		}
-	}
+	upTo := func(f *fakeOutput, o int, n int64) func() bool { return hasItems(t, s, values, f, o, 0, n) }
 	waitFor(t, "both outputs to get the first 30 records", func() bool { return upTo(fakes[0], 0, 30)() && upTo(fakes[1], 1, 30)() })
 	// next returns the source's next decline or ack.
 	next := func() *transport.WorkerMessage {
@@ -892,12 +854,12 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	if m := next(); m.GetAck().GetCheckpointId() != 1 {
 		t.Fatalf("first message after the barrier's loss: %v, want the ack of checkpoint 1", m)
 	}
-	tries := dials.Load()
-	waitFor(t, "two more tries to reopen the lost channel", func() bool { return dials.Load() >= tries+2 })
+	tries := rig.dials.Load()
+	waitFor(t, "two more tries to reopen the lost channel", func() bool { return rig.dials.Load() >= tries+2 })
 	none("the channel lost, not reopened")
 	// Reopened: declined.
 	reopened := &fakeOutput{}
-	open.Store(reopened)
+	rig.open.Store(reopened)
 	if m := next(); m.GetDecline().GetCheckpointId() != 1 || !strings.Contains(m.GetDecline().GetReason(), "before checkpoint 1 completed") {
 		t.Fatalf("%v, want the decline of checkpoint 1 once the channel is reopened", m)
 	}
@@ -910,20 +872,17 @@ func TestSourceDeclinesABarrierItsLostChannelMayNotHaveCarried(t *testing.T) {
 	if m := next(); m.GetAck().GetCheckpointId() != 2 {
 		t.Fatalf("%v, want the ack of checkpoint 2", m)
 	}
-	open.Store(nil)
+	rig.open.Store(nil)
 	reopened.breakWith(errors.New("stream broken"))
 	produce(t, brokers, "words", recs[50:70])
-	tries = dials.Load()
-	waitFor(t, "the loss to be found and reopening tried", func() bool { return dials.Load() >= tries+2 })
+	tries = rig.dials.Load()
+	waitFor(t, "the loss to be found and reopening tried", func() bool { return rig.dials.Load() >= tries+2 })
 	none("the channel lost after the barrier, not reopened")
-	open.Store(&fakeOutput{})
+	rig.open.Store(&fakeOutput{})
 	if m := next(); m.GetDecline().GetCheckpointId() != 2 || !strings.Contains(m.GetDecline().GetReason(), "before checkpoint 2 completed") {
 		t.Fatalf("%v, want the decline of checkpoint 2, whose barrier the lost channel may not have carried", m)
 	}
-	cancel()
-	if err := <-done; !errors.Is(err, context.Canceled) {
-		t.Fatalf("loop ended with %v, want context canceled", err)
-	}
+	stopLoop(t, cancel, done)
 }
 
 // TestPartialSourceCatchesUpToTheEndsOnceItsOutputsAreOpen: the catch-up's
@@ -937,29 +896,47 @@ func TestPartialSourceCatchesUpToTheEndsOnceItsOutputsAreOpen(t *testing.T) {
 	produce(t, brokers, "words", recs[:30])
 	d := wordSourceDeploy(brokers, "words", []int32{0}, 1)
 	d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = true, true, map[int32]int64{0: 4}, 3
-	cfg, err := (&Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, StateDir: t.TempDir()}).withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
-	log, m := testLogger(t), newMetrics()
-	env := &taskEnv{workerID: "w1", cfg: &cfg, logger: log, metrics: m, operators: operator.Builtins(), kafka: newKafkaPool(&cfg, "w1", log, m)}
-	s, err := newSourceTask(env, d, nil, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lease, parts, err := s.env.kafka.acquire(brokers, s.isolation(), "words", "source")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(lease.release)
-	if err := s.resolveOffsets(lease.client, parts); err != nil {
-		t.Fatal(err)
-	}
+	s, _, lease := newResolvedSource(t, d, nil, nil)
 	produce(t, brokers, "words", recs[30:50]) // sent by a predecessor while the outputs opened
 	if err := s.beginCatchUp(lease.client); err != nil {
 		t.Fatal(err)
 	}
 	if s.catchUp[0] != 50 || s.batches[0].table != nil {
 		t.Fatalf("catch-up %v, combining %v: want to catch up to 50, the end when it began, before combining", s.catchUp, s.batches[0].table != nil)
+	}
+}
+
+// reopenRig is the dial of a source whose lost outputs reopen only once the
+// test hands them an output (open); until then each try fails with refuse.
+type reopenRig struct {
+	open   atomic.Pointer[fakeOutput]
+	dials  atomic.Int64 // tries, answered or not
+	refuse error
+}
+
+// dial is the source's dial (sourceTask.dial).
+func (r *reopenRig) dial(context.Context, int) (output, error) {
+	r.dials.Add(1)
+	if f := r.open.Load(); f != nil {
+		return f, nil
+	}
+	return nil, r.refuse
+}
+
+// hasItems is the condition that f holds exactly the items of output o of
+// s from the records [from, n) of partition 0 (values).
+func hasItems(t *testing.T, s *sourceTask, values map[int32][]string, f *fakeOutput, o int, from, n int64) func() bool {
+	return func() bool {
+		return sameItems(f.decode(t).items, wantItems(s, o, values, map[int32]int64{0: from}, map[int32]int64{0: n})) == nil
+	}
+}
+
+// stopLoop cancels a source loop (runSourceLoop) and checks that it ended
+// with the cancel.
+func stopLoop(t *testing.T, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("loop ended with %v, want context canceled", err)
 	}
 }
