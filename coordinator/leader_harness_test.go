@@ -475,3 +475,16 @@ func (h *leaderHarness) completeCheckpoint(id string) uint64 {
 	h.drain("w2")
 	return p.ID
 }
+
+// nextCheckpoint moves the clock through job id's interval, which triggers
+// its next checkpoint, and returns that checkpoint, pending.
+func (h *leaderHarness) nextCheckpoint(id string) *fsm.Checkpoint {
+	h.t.Helper()
+	h.advance(time.Duration(h.job(id).Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job(id).Pending
+	if p == nil || p.Savepoint {
+		h.t.Fatalf("pending %+v after job %s's interval, want its next checkpoint", p, id)
+	}
+	return p
+}

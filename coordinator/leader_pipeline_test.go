@@ -465,12 +465,7 @@ func TestLeaderDropsADeclineOfACheckpointEveryTaskAcked(t *testing.T) {
 	h := newLeaderHarness(t)
 	job := h.startJob("j1", testJobSpec(1, 1))
 	h.completeCheckpoint("j1")
-	h.advance(time.Duration(job.Spec.Checkpoint.Interval))
-	h.checkpointPass()
-	p := h.job("j1").Pending
-	if p == nil {
-		t.Fatal("no checkpoint pending")
-	}
+	p := h.nextCheckpoint("j1")
 	h.drain("w1")
 	h.drain("w2")
 	h.holdWrites()

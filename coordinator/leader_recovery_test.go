@@ -418,12 +418,7 @@ func TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint(t *testing.T) {
 	spec := testJobSpec(2, 2)
 	spec.Checkpoint.TolerableFailures = 0
 	job := h.jobOnThreeWorkers("j1", spec)
-	h.advance(time.Duration(spec.Checkpoint.Interval))
-	h.checkpointPass()
-	p := h.job("j1").Pending
-	if p == nil {
-		t.Fatal("no checkpoint pending")
-	}
+	p := h.nextCheckpoint("j1")
 	lost := job.Tasks[0].Worker
 	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskMap && t.Worker != lost })
 	if i < 0 {
