@@ -114,10 +114,15 @@ func startCluster(t testing.TB, n int) []*Server {
 }
 
 // restartConfig returns the config to start s again after it stopped: the
-// same id, data dir and (bound) addresses, joining through join.
+// same id, data dir, Raft and gossip addresses, joining through join.
 func restartConfig(s *Server, join ...string) Config {
 	cfg := s.cfg
-	cfg.RaftAddr, cfg.RPCAddr, cfg.HTTPAddr, cfg.GossipAddr = s.RaftAddr(), s.RPCAddr(), s.HTTPAddr(), s.GossipAddr()
+	// The Raft address is in the others' configuration, and gossip knows
+	// the node by it; the API's ports may change, as a restarted process's
+	// may, and are not held meanwhile (another test's listener may take
+	// them).
+	cfg.RaftAddr, cfg.GossipAddr = s.RaftAddr(), s.GossipAddr()
+	cfg.RPCAddr, cfg.HTTPAddr = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.Join = join
 	cfg.BootstrapExpect = 0
 	return cfg
