@@ -26,6 +26,7 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	}
 	lostWorkers := make(map[string]bool)
 	var lost []*trackedTask
+	var notUp *trackedTask // a surviving task not running yet
 	for _, tv := range js.order {
 		if !live(tv.phase) {
 			return false, "" // a task failed by itself: the job restarts
@@ -38,9 +39,22 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 		if tv.missing {
 			return false, ""
 		}
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING && notUp == nil {
+			notUp = tv
+		}
 	}
 	if len(lost) == 0 {
 		return false, ""
+	}
+	if notUp != nil {
+		// A task not up yet cannot survive the recovery: it would get the
+		// new attempt's deploy timeout anew (the job has one, and its
+		// restore's progress starts over), so losses every so often
+		// would keep it from timing out; and a source still opening its
+		// channels dials the lost worker's map task, the retarget queued
+		// behind, until it fails. A second loss during a large restore
+		// costs a whole-job restart.
+		return false, fmt.Sprintf("task %s on worker %s is not running yet (phase %s)", notUp.task.ID, notUp.task.Worker, notUp.phase)
 	}
 	if p := js.ckpt.pending; p != nil && p.stop {
 		return false, "a stop-with-savepoint was in progress"

@@ -97,10 +97,6 @@ type trackedTask struct {
 	// replaced is set while a task-scoped recovery that restores the task
 	// on another worker commits: the task is stale on its old worker.
 	replaced bool
-	// deployedAt is when this task was deployed (or first seen by this
-	// term): its deploy timeout runs from then, so that a task-scoped
-	// recovery of other tasks does not start it over.
-	deployedAt time.Time
 }
 
 // currentTask reports whether ref names a task of js in the attempt the
@@ -145,7 +141,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		js.order = make([]*trackedTask, 0, len(job.Tasks))
 		for _, t := range job.Tasks {
 			t.Attempt = job.TaskAttempt(t)
-			tv := &trackedTask{task: t, deployedAt: l.env.now()}
+			tv := &trackedTask{task: t}
 			if o := old[t.ID]; o != nil && o.task.Attempt == t.Attempt && o.task.Worker == t.Worker {
 				// A task-scoped recovery left this task running: what its
 				// worker said about it still holds.
@@ -294,6 +290,12 @@ func (l *leader) reconcileJob(job fsm.Job, members map[string]string, now time.T
 			l.beginRestart(js, fmt.Sprintf("stop with savepoint %d was aborted (%s), and its barrier may have stopped the sources: restarting from the last checkpoint", cp.ID, cp.Reason), "checkpoint", cp.ID)
 			break
 		}
+		if tolerable := job.Spec.Checkpoint.TolerableFailures; job.ConsecutiveAborts > tolerable && l.workerInDoubt(js) == "" {
+			// Held while a worker of the job had no session (abortCheckpoint):
+			// it is back, and the aborts stand.
+			l.beginRestart(js, fmt.Sprintf("%d consecutive checkpoint aborts exceed tolerable_failures %d", job.ConsecutiveAborts, tolerable))
+			break
+		}
 		if reason, task := l.taskFailure(js, members, now); reason != "" {
 			recovering, why := l.recoverTasks(js, members, reason, now)
 			if recovering {
@@ -348,7 +350,7 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
 			// A task restoring a large state reports its progress; the
 			// deploy times out only once the attempt stops progressing.
-			deadline := later(tv.deployedAt, js.deployProgress).Add(l.deployTimeout)
+			deadline := later(js.deployedAt, js.deployProgress).Add(l.deployTimeout)
 			if now.After(deadline) {
 				return fmt.Sprintf("task %s on worker %s has not reported RUNNING within %v of its deploy or its last progress (phase %s)",
 					id, w, l.deployTimeout, tv.phase), id
