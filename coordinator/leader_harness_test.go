@@ -369,6 +369,14 @@ func (h *leaderHarness) ack(worker string, r *transport.TaskRef, t fsm.Task, id 
 	}}})
 }
 
+// decline sends the decline of checkpoint id by task t of job, from its
+// worker, with reason.
+func (h *leaderHarness) decline(job fsm.Job, t fsm.Task, id uint64, reason string) {
+	h.handle(workerMessage{sess: h.sessions[t.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{
+		Decline: &transport.CheckpointDecline{Task: ref(job, t), CheckpointId: id, Reason: reason},
+	}}})
+}
+
 // ackAll acks checkpoint id for every task of job's current attempt.
 func (h *leaderHarness) ackAll(jobID string, id uint64) {
 	job := h.job(jobID)

@@ -408,15 +408,9 @@ func TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint(t *testing.T) {
 	job := h.jobOnThreeWorkers("j1", spec)
 	p := h.nextCheckpoint("j1")
 	lost := job.Tasks[0].Worker
-	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskMap && t.Worker != lost })
-	if i < 0 {
-		t.Fatalf("tasks %v: want a map task off worker %s", job.Tasks, lost)
-	}
-	m := job.Tasks[i]
+	m := mapTaskOff(t, job, lost)
 	h.handle(sessionClosed{sess: h.sessions[lost], err: errors.New("connection reset")})
-	h.handle(workerMessage{sess: h.sessions[m.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{
-		Decline: &transport.CheckpointDecline{Task: ref(job, m), CheckpointId: p.ID, Reason: "input from source 0 closed"},
-	}}})
+	h.decline(job, m, p.ID, "input from source 0 closed")
 	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 || j.ConsecutiveAborts != 1 {
 		t.Fatalf("job %s at attempt %d with %d aborts (%q): want it running on, the abort counted", j.Status, j.Attempt, j.ConsecutiveAborts, j.Reason)
 	}
@@ -461,12 +455,9 @@ func TestLeaderRestartsForAbortsHeldWhileAWorkerWasAway(t *testing.T) {
 	job := h.jobOnThreeWorkers("j1", spec)
 	p := h.nextCheckpoint("j1")
 	away := job.Tasks[0].Worker
-	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskMap && t.Worker != away })
-	m := job.Tasks[i]
+	m := mapTaskOff(t, job, away)
 	h.handle(sessionClosed{sess: h.sessions[away], err: errors.New("connection reset")})
-	h.handle(workerMessage{sess: h.sessions[m.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Decline{
-		Decline: &transport.CheckpointDecline{Task: ref(job, m), CheckpointId: p.ID, Reason: "snapshot failed"},
-	}}})
+	h.decline(job, m, p.ID, "snapshot failed")
 	if j := h.job("j1"); j.Status != fsm.JobRunning {
 		t.Fatalf("job %s (%q) while worker %s has no session: want the restart held", j.Status, j.Reason, away)
 	}
@@ -474,4 +465,14 @@ func TestLeaderRestartsForAbortsHeldWhileAWorkerWasAway(t *testing.T) {
 	if j := h.job("j1"); j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "1 consecutive checkpoint aborts exceed tolerable_failures 0") {
 		t.Fatalf("job %s (%q) once worker %s is back: want the held restart", j.Status, j.Reason, away)
 	}
+}
+
+// mapTaskOff returns a map task of job placed off worker.
+func mapTaskOff(t *testing.T, job fsm.Job, worker string) fsm.Task {
+	t.Helper()
+	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskMap && t.Worker != worker })
+	if i < 0 {
+		t.Fatalf("tasks %v: want a map task off worker %s", job.Tasks, worker)
+	}
+	return job.Tasks[i]
 }
