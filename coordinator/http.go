@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -53,7 +54,7 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "GET /v1/members", roleRead, routeOpts{}, http.HandlerFunc(s.handleMembers))
 	s.handle(mux, "GET /v1/coordinators", roleRead, routeOpts{}, http.HandlerFunc(s.handleCoordinators))
 	s.handle(mux, "GET /v1/workers", roleRead, routeOpts{}, http.HandlerFunc(s.handleWorkers))
-	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes, write: true, params: []string{"from_savepoint"}}, s.leaderOnly(s.handleSubmitJob))
+	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes, write: true, params: []string{"from_savepoint", "id"}}, s.leaderOnly(s.handleSubmitJob))
 	s.handle(mux, "GET /v1/jobs", roleRead, read, http.HandlerFunc(s.handleListJobs))
 	s.handle(mux, "GET /v1/jobs/{id}", roleRead, read, http.HandlerFunc(s.handleGetJob))
 	s.handle(mux, "DELETE /v1/jobs/{id}", roleWrite, long.with("purge", "force", "savepoint", "wait"), s.leaderOnly(s.handleCancelJob))
@@ -150,6 +151,13 @@ func (s *Server) handleMembers(w http.ResponseWriter, _ *http.Request) {
 // handleSubmitJob registers a job: the spec is parsed and validated here,
 // with this node's operator list, and the id and time are chosen here, so
 // the FSM stays deterministic.
+//
+// The client may choose the id (?id=), which makes a submission safe to send
+// again after an unknown outcome (504, 502, a broken connection), as a
+// client token makes a create call idempotent: the id can be registered once
+// only (the FSM refuses a second RegisterJob of it), and a submission of an
+// id whose job has the same spec and savepoint is answered 200 with that
+// job, however many times it is sent.
 func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxSpecBytes))
 	if err != nil {
@@ -179,23 +187,131 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		// leader uses the storage the job started with.
 		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
 	}
+	q := r.URL.Query()
+	ref := q.Get("from_savepoint")
+	id := q.Get("id")
+	if q.Has("id") {
+		if err := fsm.CheckJobID(id); err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("id %q: %v", id, err))
+			return
+		}
+		// Both checks below read this leader's FSM, which must hold every
+		// job registered so far: one an earlier leader registered may
+		// already have written files, which would be taken for an earlier
+		// job's. Refused before the log, the submission is safe to send again.
+		if reason := s.staleReason(s.contact()); reason != "" {
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, reason+": send the submission again")
+			return
+		}
+		if s.answerResubmission(w, id, spec, ref) {
+			return
+		}
+		if err := s.checkNoFilesOf(r.Context(), id, spec.Checkpoint.Storage); err != nil {
+			writeError(w, http.StatusConflict, err.Error())
+			return
+		}
+	} else {
+		id = fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
+	}
 	var from *fsm.Savepoint
-	if ref := r.URL.Query().Get("from_savepoint"); ref != "" {
+	if ref != "" {
 		if from, err = s.resolveSavepoint(r.Context(), ref); err != nil {
 			writeError(w, http.StatusBadRequest, "from_savepoint: "+err.Error())
 			return
 		}
 	}
-	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
 	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano(), FromSavepoint: from}
 	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandRegisterJob, cmd)
 	setIndexHeader(w, index)
 	if err != nil {
+		// The same submission sent twice at once, or again before this
+		// leader had applied the first: the FSM refused the second, which
+		// is still answered as the first.
+		if errors.Is(err, fsm.ErrJobExists) && q.Has("id") && s.answerResubmission(w, id, spec, ref) {
+			return
+		}
 		s.writeApplyError(w, err)
 		return
 	}
 	s.logger.Info("job submitted", "job", id, "operator", spec.Operator.Name, "topic", spec.Source.Topic)
 	writeJSON(w, http.StatusCreated, map[string]string{"id": id})
+}
+
+// answerResubmission answers a submission of a chosen id that is already a
+// job's, and reports whether it did: 200 with the job's id if the job has
+// the same spec and savepoint (the same submission sent again), 409 if it is
+// another job's. It does nothing if no job has the id.
+func (s *Server) answerResubmission(w http.ResponseWriter, id string, spec fsm.JobSpec, ref string) bool {
+	j, ok := s.fsm.Job(id)
+	if !ok {
+		return false
+	}
+	if err := sameSubmission(j, spec, ref); err != nil {
+		writeError(w, http.StatusConflict, fmt.Sprintf("id %q is taken: job %s was submitted with %v; choose another id, or purge the job first (DELETE /v1/jobs/%s?purge=true)", id, id, err, id))
+		return true
+	}
+	s.logger.Info("job submitted again: answered with the job", "job", id, "status", j.Status)
+	writeJSON(w, http.StatusOK, map[string]string{"id": id})
+	return true
+}
+
+// sameSubmission returns nil if job j was submitted with spec (its storage
+// default filled in) and the savepoint ref names (an id or a URL, "" for
+// none), and otherwise what differs.
+func sameSubmission(j fsm.Job, spec fsm.JobSpec, ref string) error {
+	was, err := json.Marshal(j.Spec)
+	if err != nil {
+		return fmt.Errorf("a spec that cannot be compared: %w", err)
+	}
+	now, err := json.Marshal(spec)
+	if err != nil {
+		return fmt.Errorf("a spec that cannot be compared: %w", err)
+	}
+	if !bytes.Equal(was, now) {
+		return errors.New("another spec")
+	}
+	switch sp := j.FromSavepoint; {
+	case sp == nil && ref != "":
+		return errors.New("no savepoint")
+	case sp != nil && ref == "":
+		return fmt.Errorf("savepoint %s", sp.ID)
+	case sp != nil && ref != sp.ID && (sp.Location == "" || ref != sp.Location):
+		return fmt.Errorf("savepoint %s", sp.ID)
+	}
+	return nil
+}
+
+// checkNoFilesOf returns an error if the checkpoint storage named by
+// storageURL holds checkpoint or savepoint files of an earlier job of id:
+// one purged with force=true while its storage was out of reach, or whose
+// deleted savepoint's files are still there. A new job of that id would
+// write its checkpoints under the same paths, and the collector would take
+// the earlier job's files for its own. Random ids never meet them; a chosen
+// one may.
+func (s *Server) checkNoFilesOf(ctx context.Context, id, storageURL string) error {
+	if storageURL == "" {
+		return nil // state inline in Raft: no files
+	}
+	store, err := s.stores.Get(ctx, storageURL)
+	if err != nil {
+		return fmt.Errorf("id %q: look for files of an earlier job of that id: %w", id, err)
+	}
+	errFound := errors.New("found")
+	for _, prefix := range []string{transport.CheckpointPrefix, transport.SavepointPrefix} {
+		var found string
+		err := store.List(ctx, prefix+id+"/", func(path string, _ int64, _ time.Time) error {
+			found = path
+			return errFound
+		})
+		switch {
+		case errors.Is(err, errFound):
+			return fmt.Errorf("id %q: checkpoint storage %s holds files of an earlier job of that id (%s): delete them, or choose another id", id, store.URL(), found)
+		case err != nil:
+			return fmt.Errorf("id %q: look for files of an earlier job of that id in %s: %w", id, store.URL(), err)
+		}
+	}
+	return nil
 }
 
 // knownOperator returns the check ParseJobSpec applies to operator names:

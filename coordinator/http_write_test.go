@@ -7,7 +7,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/hashicorp/raft"
@@ -183,5 +186,124 @@ func TestWritesFromAnotherSiteRefused(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("a cross-site read: %d, want 200", resp.StatusCode)
+	}
+}
+
+// TestSubmissionWithAChosenIDIsIdempotent: a submission that names its job's
+// id (?id=) may be sent again after an unknown outcome, or twice at once,
+// and registers one job: the same spec again is answered 200 with the job,
+// another spec 409, an id that is no job id's 400, and an id whose earlier
+// job left files in the checkpoint storage 409, naming them.
+func TestSubmissionWithAChosenIDIsIdempotent(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	post := func(path, spec string) (int, string) {
+		var out struct{ ID, Error string }
+		code := apiCall(t, s, http.MethodPost, path, spec, &out)
+		return code, out.ID + out.Error
+	}
+	if code, got := post("/v1/jobs?id=wc-prod", wordcountSpec); code != http.StatusCreated || got != "wc-prod" {
+		t.Fatalf("first submission: %d %q, want 201 wc-prod", code, got)
+	}
+	if code, got := post("/v1/jobs?id=wc-prod", wordcountSpec); code != http.StatusOK || got != "wc-prod" {
+		t.Fatalf("the same submission again: %d %q, want 200 wc-prod", code, got)
+	}
+	other := strings.Replace(wordcountSpec, `"retained": 3`, `"retained": 4`, 1)
+	if code, got := post("/v1/jobs?id=wc-prod", other); code != http.StatusConflict || !strings.Contains(got, "another spec") {
+		t.Fatalf("another spec under the id: %d %q, want 409 naming another spec", code, got)
+	}
+	if code, got := post("/v1/jobs?id=wc-prod&from_savepoint=wc-1-sp-3", wordcountSpec); code != http.StatusConflict || !strings.Contains(got, "no savepoint") {
+		t.Fatalf("the id again from a savepoint: %d %q, want 409", code, got)
+	}
+	if code, got := post("/v1/jobs?id=wc/prod", wordcountSpec); code != http.StatusBadRequest || !strings.Contains(got, `id "wc/prod"`) {
+		t.Fatalf("an id with a slash: %d %q, want 400 naming it", code, got)
+	}
+
+	// Sent several times at once: whichever reaches the FSM first registers
+	// the job; the others are answered as resubmissions.
+	var wg sync.WaitGroup
+	codes := make([]int, 8)
+	ids := make([]string, 8)
+	for i := range codes {
+		wg.Go(func() { codes[i], ids[i] = post("/v1/jobs?id=wc-burst", wordcountSpec) })
+	}
+	wg.Wait()
+	created := 0
+	for i := range codes {
+		switch {
+		case codes[i] == http.StatusCreated && ids[i] == "wc-burst":
+			created++
+		case codes[i] == http.StatusOK && ids[i] == "wc-burst":
+		default:
+			t.Errorf("submission %d of wc-burst: %d %q, want 201 or 200 with the id", i, codes[i], ids[i])
+		}
+	}
+	if created != 1 {
+		t.Errorf("%d of the concurrent submissions created the job, want 1", created)
+	}
+	if n := len(s.fsm.Jobs()); n != 2 {
+		t.Errorf("%d jobs, want 2 (wc-prod and wc-burst)", n)
+	}
+
+	// A purged job's files left in storage (a forced purge): its id is not
+	// given to a new job, which would write under the same paths.
+	dir := t.TempDir()
+	left := filepath.Join(dir, "checkpoints", "wc-old", "chk-7", "map-0.state")
+	if err := os.MkdirAll(filepath.Dir(left), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(left, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stored := strings.Replace(wordcountSpec, `"retained": 3`, `"retained": 3, "storage": "file://`+dir+`"`, 1)
+	if code, got := post("/v1/jobs?id=wc-old", stored); code != http.StatusConflict || !strings.Contains(got, "checkpoints/wc-old/chk-7/map-0.state") {
+		t.Fatalf("an id with files left: %d %q, want 409 naming the file", code, got)
+	}
+	if code, got := post("/v1/jobs?id=wc-new", stored); code != http.StatusCreated || got != "wc-new" {
+		t.Fatalf("an id without files in the same storage: %d %q, want 201", code, got)
+	}
+	// A job's own files are no earlier job's: sent again once it has
+	// checkpointed, the submission is still answered with it.
+	own := filepath.Join(dir, "checkpoints", "wc-new", "chk-1", "map-0.state")
+	if err := os.MkdirAll(filepath.Dir(own), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(own, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, got := post("/v1/jobs?id=wc-new", stored); code != http.StatusOK || got != "wc-new" {
+		t.Fatalf("sent again after its first checkpoint: %d %q, want 200 wc-new", code, got)
+	}
+}
+
+// TestSameSubmission: a resubmission matches its job when the spec and the
+// savepoint, by id or by URL, are the same.
+func TestSameSubmission(t *testing.T) {
+	spec, err := fsm.ParseJobSpec([]byte(wordcountSpec), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := spec
+	other.Checkpoint.Retained++
+	sp := &fsm.Savepoint{ID: "wc-1-sp-3", Location: "s3://b/savepoints/wc-1/sp-3/"}
+	for _, tc := range []struct {
+		name string
+		job  fsm.Job
+		spec fsm.JobSpec
+		ref  string
+		want string // "" for the same
+	}{
+		{"same spec", fsm.Job{Spec: spec}, spec, "", ""},
+		{"another spec", fsm.Job{Spec: spec}, other, "", "another spec"},
+		{"savepoint by id", fsm.Job{Spec: spec, FromSavepoint: sp}, spec, sp.ID, ""},
+		{"savepoint by URL", fsm.Job{Spec: spec, FromSavepoint: sp}, spec, sp.Location, ""},
+		{"another savepoint", fsm.Job{Spec: spec, FromSavepoint: sp}, spec, "wc-1-sp-4", "savepoint wc-1-sp-3"},
+		{"without the savepoint", fsm.Job{Spec: spec, FromSavepoint: sp}, spec, "", "savepoint wc-1-sp-3"},
+		{"with a savepoint the job had not", fsm.Job{Spec: spec}, spec, sp.ID, "no savepoint"},
+		{"an inline savepoint's empty location", fsm.Job{Spec: spec, FromSavepoint: &fsm.Savepoint{ID: "x"}}, spec, "", "savepoint x"},
+	} {
+		err := sameSubmission(tc.job, tc.spec, tc.ref)
+		if (err == nil) != (tc.want == "") || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"maps"
 	"math"
@@ -19,6 +20,15 @@ import (
 // jobIDPattern is what job ids may look like: they appear in URL paths and
 // in Kafka consumer-group names.
 var jobIDPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
+
+// CheckJobID returns an error unless id may be a job's id, so that the API
+// can refuse a client's chosen id with the reason RegisterJob would give.
+func CheckJobID(id string) error {
+	if !jobIDPattern.MatchString(id) {
+		return errors.New("a job id is 1-128 characters of A-Z a-z 0-9 . _ -")
+	}
+	return nil
+}
 
 // TaskID is the canonical id of task index of the given kind ("source-0",
 // "map-1"); JobRestarted accepts no other.
@@ -44,8 +54,8 @@ func (s *State) liveJob(id string) (*Job, error) {
 }
 
 func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
-	if !jobIDPattern.MatchString(c.ID) {
-		return fmt.Errorf("register job %q: %w: id must be 1-128 characters of A-Z a-z 0-9 . _ -", c.ID, ErrMalformedCommand)
+	if err := CheckJobID(c.ID); err != nil {
+		return fmt.Errorf("register job %q: %w: %w", c.ID, ErrMalformedCommand, err)
 	}
 	if _, ok := s.Jobs[c.ID]; ok {
 		return fmt.Errorf("register job %s: %w", c.ID, ErrJobExists)

@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
@@ -24,8 +25,9 @@ import (
 
 const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
 
-  job run FILE [-from-savepoint ID_OR_URL] [-wait [-wait-timeout 5m]]
+  job run FILE [-id ID] [-from-savepoint ID_OR_URL] [-wait [-wait-timeout 5m]]
                         submit the job spec in FILE ("-" for stdin); prints the job id;
+                        sent again with the same id while the outcome is unknown;
                         -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
@@ -60,6 +62,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	}
 	var (
 		fromSavepoint, key, keyB64, export string
+		jobID                              string
 		withSavepoint, abortTxns, asJSON   bool
 		purge, force                       bool
 		wait                               bool
@@ -72,6 +75,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		},
 		"run": func(fs *flag.FlagSet) {
 			fs.StringVar(&fromSavepoint, "from-savepoint", "", "start the job from the savepoint with this `ID` or directory URL")
+			fs.StringVar(&jobID, "id", "", "the job's `ID` (default: the spec's name and 8 random hex digits); a job with this id and the same spec is answered as this submission, whatever its status")
 			fs.BoolVar(&wait, "wait", false, "after submitting, wait until the job's first checkpoint completes (exit 0), or the job fails or is cancelled (exit 1, with the reason)")
 			fs.DurationVar(&waitTimeout, "wait-timeout", 5*time.Minute, "give up waiting (exit 1) after this long")
 		},
@@ -89,7 +93,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	}
 	commands := map[string]command{
 		"run": {"FILE", func(ctx context.Context, c *apiClient, file string) error {
-			id, err := jobRun(ctx, c, file, fromSavepoint, stdout)
+			id, err := jobRun(ctx, c, file, fromSavepoint, jobID, stdout, stderr)
 			if err != nil || !wait {
 				return err
 			}
@@ -154,8 +158,11 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	if sub == "savepoint" || withSavepoint || purge || export != "" {
 		timeout = longRequestTimeout
 	}
+	if sub == "run" {
+		timeout = resendWindow + requestTimeout // sent again after an unknown outcome
+	}
 	if wait {
-		timeout = requestTimeout + waitTimeout
+		timeout += waitTimeout
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -397,7 +404,13 @@ func defaultAPIAddr() string {
 // jobRun submits the spec in file ("-": stdin), from a savepoint if
 // fromSavepoint is set, and prints the new job's id alone on a line, so that
 // scripts can capture it.
-func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdout io.Writer) (string, error) {
+//
+// The job's id is chosen here (id, else the spec's name and eight random hex
+// digits, as the coordinators choose one), so that a submission whose
+// outcome is unknown (a leader change, a lost connection) can be sent again:
+// the coordinators register an id once, and answer the same submission sent
+// again with its job. Warnings about sending again go to stderr.
+func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, id string, stdout, stderr io.Writer) (string, error) {
 	var spec []byte
 	var err error
 	if file == "-" {
@@ -408,11 +421,33 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint string, stdou
 	if err != nil {
 		return "", fmt.Errorf("read job spec: %w", err)
 	}
-	path := "/v1/jobs"
-	if fromSavepoint != "" {
-		path += "?from_savepoint=" + url.QueryEscape(fromSavepoint)
+	if id == "" {
+		var named struct {
+			Name string `json:"name"`
+		}
+		if json.Unmarshal(spec, &named) == nil && named.Name != "" {
+			id = fmt.Sprintf("%s-%08x", named.Name, rand.Uint32())
+		}
 	}
-	data, err := c.do(ctx, http.MethodPost, path, spec)
+	q := url.Values{}
+	if fromSavepoint != "" {
+		q.Set("from_savepoint", fromSavepoint)
+	}
+	path := "/v1/jobs"
+	if id != "" {
+		q.Set("id", id)
+	}
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var data []byte
+	if id != "" {
+		data, err = c.doAgain(ctx, http.MethodPost, path, spec, stderr)
+	} else {
+		// A spec without a name, which the coordinator refuses: no id to
+		// make sending again safe, and nothing to send again.
+		data, err = c.do(ctx, http.MethodPost, path, spec)
+	}
 	if err != nil {
 		return "", err
 	}

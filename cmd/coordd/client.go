@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -124,6 +125,8 @@ type apiError struct {
 	Message string
 	// Hint says what to change, for 401 answers.
 	Hint string
+	// RetryAfter is the answer's Retry-After, in whole seconds; 0 if none.
+	RetryAfter time.Duration
 }
 
 func (e *apiError) Error() string {
@@ -235,9 +238,70 @@ func (c *apiClient) doOnce(ctx context.Context, method, path string, body []byte
 		return nil, fmt.Errorf("%s %s: read answer: %w", method, c.base+path, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		return nil, c.answerError(resp.StatusCode, data)
+		ae := c.answerError(resp.StatusCode, data)
+		if secs, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && secs > 0 {
+			ae.RetryAfter = time.Duration(secs) * time.Second
+		}
+		return nil, ae
 	}
 	return data, nil
+}
+
+// Sending a write again: the window from the first attempt, the bound of
+// each attempt, and the pause between attempts when the answer names none
+// (Retry-After), and the most a Retry-After is followed.
+const (
+	resendWindow  = 30 * time.Second
+	resendAttempt = requestTimeout
+	resendPause   = 500 * time.Millisecond
+	resendMaxWait = 5 * time.Second
+)
+
+// doAgain sends a write that is safe to send more than once (a submission
+// with a chosen job id) until an answer settles it: it sends again, for up
+// to resendWindow, after an answer that says the write was not done (503:
+// no leader, an election, a coordinator catching up), one that says its
+// outcome is unknown (502, 504) and a request that got no answer at all (a
+// coordinator restarting, a broken connection), saying so on warn. The
+// other answers, and a certificate the client does not trust, end it.
+func (c *apiClient) doAgain(ctx context.Context, method, path string, body []byte, warn io.Writer) ([]byte, error) {
+	deadline := time.Now().Add(resendWindow)
+	for {
+		actx, cancel := context.WithTimeout(ctx, resendAttempt)
+		data, err := c.doOnce(actx, method, path, body)
+		cancel()
+		pause, again := resendPauseFor(err)
+		if !again || ctx.Err() != nil || time.Now().Add(pause).After(deadline) {
+			return data, err
+		}
+		fmt.Fprintf(warn, "coordd: %v; sending it again in %v\n", err, pause)
+		select {
+		case <-ctx.Done():
+			return data, err
+		case <-time.After(pause):
+		}
+	}
+}
+
+// resendPauseFor says whether doAgain sends again after err, and after how
+// long.
+func resendPauseFor(err error) (time.Duration, bool) {
+	var ae *apiError
+	var verr *tls.CertificateVerificationError
+	switch {
+	case err == nil, errors.As(err, &verr):
+		return 0, false
+	case errors.As(err, &ae):
+		switch ae.Status {
+		case http.StatusServiceUnavailable, http.StatusBadGateway, http.StatusGatewayTimeout:
+			if ae.RetryAfter > 0 {
+				return min(ae.RetryAfter, resendMaxWait), true
+			}
+			return resendPause, true
+		}
+		return 0, false
+	}
+	return resendPause, true // no answer
 }
 
 // newAPIError reads an error answer: its {"error"} text, else the body.

@@ -1,10 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 )
@@ -46,5 +51,68 @@ func TestClientReadsAgainWhileTheCoordinatorCatchesUp(t *testing.T) {
 	}
 	if _, err := c.do(ctx, http.MethodGet, "/v1/other", nil); !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable {
 		t.Fatalf("a read refused for another reason: %v, want the 503 at once", err)
+	}
+}
+
+// TestJobRunSendsAgainWithTheSameID: `job run` chooses the job's id and
+// sends the submission again with it while the outcome is unknown (504,
+// 502), no coordinator could take it (503) or no answer came, and stops at
+// an answer that settles it: the coordinators answer the same submission
+// sent again with its job, so it is registered once.
+func TestJobRunSendsAgainWithTheSameID(t *testing.T) {
+	spec := filepath.Join(t.TempDir(), "job.json")
+	if err := os.WriteFile(spec, []byte(`{"name": "wc", "source": {}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var ids []string
+	answers := []int{http.StatusGatewayTimeout, http.StatusServiceUnavailable, 0, http.StatusBadGateway, http.StatusOK}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		code := answers[min(len(ids), len(answers)-1)]
+		ids = append(ids, r.URL.Query().Get("id"))
+		mu.Unlock()
+		switch code {
+		case 0: // no answer: the connection breaks
+			panic(http.ErrAbortHandler)
+		case http.StatusOK:
+			_, _ = w.Write([]byte(`{"id": "` + r.URL.Query().Get("id") + `"}`))
+		default:
+			w.WriteHeader(code)
+			_, _ = w.Write([]byte(`{"error": "outcome unknown"}`))
+		}
+	}))
+	defer srv.Close()
+	c, err := newAPIClient(clientOptions{addr: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out, warn bytes.Buffer
+	id, err := jobRun(context.Background(), c, spec, "", "", &out, &warn)
+	if err != nil {
+		t.Fatalf("job run: %v (warnings %q)", err, warn.String())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ids) != 5 || !strings.HasPrefix(id, "wc-") || len(id) != len("wc-")+8 {
+		t.Fatalf("job run: id %q after %d requests, want wc- and 8 hex digits after 5", id, len(ids))
+	}
+	for i, sent := range ids {
+		if sent != id {
+			t.Errorf("request %d sent id %q, want %q every time", i, sent, id)
+		}
+	}
+	if out.String() != id+"\n" || strings.Count(warn.String(), "sending it again") != 4 {
+		t.Errorf("stdout %q, stderr %q: want the id alone, and a warning per resend", out.String(), warn.String())
+	}
+
+	// An answer that settles it is not sent again; -id is sent as given.
+	ids, answers = nil, []int{http.StatusConflict}
+	mu.Unlock()
+	var ae *apiError
+	_, err = jobRun(context.Background(), c, spec, "", "wc-prod", &out, &warn)
+	mu.Lock()
+	if !errors.As(err, &ae) || ae.Status != http.StatusConflict || len(ids) != 1 || ids[0] != "wc-prod" {
+		t.Fatalf("job run -id wc-prod answered 409: %v after ids %q, want the 409 after one request with wc-prod", err, ids)
 	}
 }

@@ -338,8 +338,10 @@ func dev(ctx context.Context, o devOptions) (err error) {
 	return nil
 }
 
-// submitSampleJob posts the sample wordcount job, retrying until the cluster
-// has elected a leader.
+// submitSampleJob posts the sample wordcount job, sending it again until the
+// cluster has elected a leader. Its id is chosen once, here: a submission
+// whose outcome was unknown (504, 502) and is sent again registers no
+// second job.
 func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, error) {
 	spec := fmt.Sprintf(`{
   "name": "wordcount",
@@ -348,10 +350,11 @@ func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, e
   "sink": {"brokers": [%q], "topic": "counts"},
   "checkpoint": {"interval": "1s", "timeout": "30s", "min_pause": "0s", "retained": 3, "tolerable_failures": 3}
 }`, broker, broker)
+	id := fmt.Sprintf("wordcount-%08x", rand.Uint32())
 	deadline := time.Now().Add(30 * time.Second)
 	var lastErr error
 	for time.Now().Before(deadline) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api.base+"/v1/jobs", strings.NewReader(spec))
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api.base+"/v1/jobs?id="+id, strings.NewReader(spec))
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := api.do(req)
 		if err == nil {
@@ -362,21 +365,10 @@ func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, e
 			derr := json.NewDecoder(resp.Body).Decode(&body)
 			resp.Body.Close()
 			switch {
-			case resp.StatusCode == http.StatusCreated && derr == nil && body.ID != "":
-				return body.ID, nil
+			case (resp.StatusCode == http.StatusCreated || resp.StatusCode == http.StatusOK) && derr == nil && body.ID == id:
+				return id, nil
 			case resp.StatusCode < 500:
 				return "", fmt.Errorf("submit sample job: %s: %s", resp.Status, body.Error)
-			case resp.StatusCode == http.StatusGatewayTimeout || resp.StatusCode == http.StatusBadGateway:
-				// Outcome unknown: the job may be registered, and a
-				// second submission would run it twice.
-				var jobs []struct{ ID, Name string }
-				if lerr := api.getJSON(ctx, "/v1/jobs?stale=true", &jobs); lerr == nil {
-					for _, j := range jobs {
-						if j.Name == "wordcount" {
-							return j.ID, nil
-						}
-					}
-				}
 			}
 			err = fmt.Errorf("%s: %s", resp.Status, body.Error)
 		}
