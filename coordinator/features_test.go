@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -378,5 +379,64 @@ func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
 	}
 	if _, ok := inRaft(s, "c-old"); ok {
 		t.Fatal("c-old added to the raft configuration")
+	}
+}
+
+// TestSubmissionKeysNeedLevel: a submission with an Idempotency-Key is
+// refused (409, naming the older coordinator) while a coordinator below
+// submissionKeyLevel is in the Raft configuration, which would register a
+// second job of the key where the others refuse it; once the log holds a
+// key, no such coordinator may join.
+func TestSubmissionKeysNeedLevel(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", submissionKeyLevel-1), nil, s.GossipAddr())
+	if old.joinErr != nil {
+		t.Fatal(old.joinErr)
+	}
+	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
+	if err := s.raft.AddNonvoter("c-old", raft.ServerAddress("127.0.0.1:3"), 0, 10*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	recheck := func() {
+		s.keys.mu.Lock()
+		s.keys.checked = time.Time{}
+		s.keys.mu.Unlock()
+	}
+	recheck()
+	keyed := func() (int, string) {
+		req, err := http.NewRequest(http.MethodPost, "http://"+s.HTTPAddr()+"/v1/jobs", strings.NewReader(wordcountSpec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Idempotency-Key", "k1")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	if code, body := keyed(); code != http.StatusConflict || !strings.Contains(body, fmt.Sprintf("feature level %d", submissionKeyLevel)) || !strings.Contains(body, "c-old (feature level 4)") {
+		t.Fatalf("keyed submission beside a level %d coordinator: %d %s, want 409 naming it", submissionKeyLevel-1, code, body)
+	}
+	if s.fsm.SubmissionKeys() || len(s.fsm.Jobs()) != 0 {
+		t.Fatal("the refused keyed submission reached the log")
+	}
+	submitJob(t, s, wordcountSpec) // without a key: accepted
+
+	if err := s.raft.RemoveServer("c-old", 0, 10*time.Second).Error(); err != nil {
+		t.Fatal(err)
+	}
+	recheck()
+	if code, body := keyed(); code != http.StatusCreated {
+		t.Fatalf("keyed submission with every coordinator at the level: %d %s", code, body)
+	}
+	s.keys.opened.Store(false) // as on a new leader: the log's mark alone refuses
+	if !s.fsm.SubmissionKeys() {
+		t.Fatal("the FSM does not mark the key")
+	}
+	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, "submission keys in the Raft log") {
+		t.Fatalf("add-peer of a level %d coordinator once the log holds a key: %d %q, want 409 naming submission keys", submissionKeyLevel-1, code, msg)
 	}
 }

@@ -54,7 +54,7 @@ func (s *Server) newHTTPServer() *http.Server {
 	s.handle(mux, "GET /v1/members", roleRead, routeOpts{}, http.HandlerFunc(s.handleMembers))
 	s.handle(mux, "GET /v1/coordinators", roleRead, routeOpts{}, http.HandlerFunc(s.handleCoordinators))
 	s.handle(mux, "GET /v1/workers", roleRead, routeOpts{}, http.HandlerFunc(s.handleWorkers))
-	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes, write: true, params: []string{"from_savepoint", "id"}}, s.leaderOnly(s.handleSubmitJob))
+	s.handle(mux, "POST /v1/jobs", roleWrite, routeOpts{maxBody: maxSpecBytes, write: true, params: []string{"from_savepoint"}}, s.leaderOnly(s.handleSubmitJob))
 	s.handle(mux, "GET /v1/jobs", roleRead, read, http.HandlerFunc(s.handleListJobs))
 	s.handle(mux, "GET /v1/jobs/{id}", roleRead, read, http.HandlerFunc(s.handleGetJob))
 	s.handle(mux, "DELETE /v1/jobs/{id}", roleWrite, long.with("purge", "force", "savepoint", "wait"), s.leaderOnly(s.handleCancelJob))
@@ -152,12 +152,12 @@ func (s *Server) handleMembers(w http.ResponseWriter, _ *http.Request) {
 // with this node's operator list, and the id and time are chosen here, so
 // the FSM stays deterministic.
 //
-// The client may choose the id (?id=), which makes a submission safe to send
-// again after an unknown outcome (504, 502, a broken connection), as a
-// client token makes a create call idempotent: the id can be registered once
-// only (the FSM refuses a second RegisterJob of it), and a submission of an
-// id whose job has the same spec and savepoint is answered 200 with that
-// job, however many times it is sent.
+// A submission with an Idempotency-Key header (as IETF's draft of that name,
+// and Stripe's API) may be sent again after an unknown outcome (504, 502, a
+// broken connection): the FSM registers one job per key while that job is
+// kept, and a submission whose key is a job's is answered 200 with that job
+// if it has the same spec and savepoint, 409 if not. The job's id stays the
+// coordinator's choice, so no id is ever used twice.
 func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxSpecBytes))
 	if err != nil {
@@ -182,37 +182,30 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, err.Error())
 		return
 	}
+	submitted := spec
 	if spec.Checkpoint.Storage == "" {
 		// The cluster default, fixed into the spec now so that every later
 		// leader uses the storage the job started with.
 		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
 	}
-	q := r.URL.Query()
-	ref := q.Get("from_savepoint")
-	id := q.Get("id")
-	if q.Has("id") {
-		if err := fsm.CheckJobID(id); err != nil {
-			writeError(w, http.StatusBadRequest, fmt.Sprintf("id %q: %v", id, err))
+	ref := r.URL.Query().Get("from_savepoint")
+	key, err := submissionKey(r)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if key != "" {
+		if j, ok := s.fsm.JobBySubmissionKey(key); ok {
+			setIndexHeader(w, s.raft.AppliedIndex()) // a follower's answer waits for it
+			s.answerResubmission(w, j, submitted, ref)
 			return
 		}
-		// Both checks below read this leader's FSM, which must hold every
-		// job registered so far: one an earlier leader registered may
-		// already have written files, which would be taken for an earlier
-		// job's. Refused before the log, the submission is safe to send again.
-		if reason := s.staleReason(s.contact()); reason != "" {
-			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, reason+": send the submission again")
+		if !s.keys.allow() {
+			old, _ := s.coordinatorsBelow(submissionKeyLevel)
+			writeError(w, http.StatusConflict, fmt.Sprintf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s; upgrade them first, or submit without the header (docs/operations.md, Feature levels)",
+				submissionKeyHeader, submissionKeyLevel, transport.FeatureLevel, named(old)))
 			return
 		}
-		if s.answerResubmission(w, id, spec, ref) {
-			return
-		}
-		if err := s.checkNoFilesOf(r.Context(), id, spec.Checkpoint.Storage); err != nil {
-			writeError(w, http.StatusConflict, err.Error())
-			return
-		}
-	} else {
-		id = fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
 	}
 	var from *fsm.Savepoint
 	if ref != "" {
@@ -221,15 +214,19 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano(), FromSavepoint: from}
+	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
+	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano(), FromSavepoint: from, SubmissionKey: key}
 	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandRegisterJob, cmd)
 	setIndexHeader(w, index)
 	if err != nil {
-		// The same submission sent twice at once, or again before this
-		// leader had applied the first: the FSM refused the second, which
-		// is still answered as the first.
-		if errors.Is(err, fsm.ErrJobExists) && q.Has("id") && s.answerResubmission(w, id, spec, ref) {
-			return
+		// The same submission sent twice at once, or again to a leader
+		// that had not applied the first yet: the log registered the
+		// first, and the FSM refused this one.
+		if key != "" && errors.Is(err, fsm.ErrDuplicateSubmission) {
+			if j, ok := s.fsm.JobBySubmissionKey(key); ok {
+				s.answerResubmission(w, j, submitted, ref)
+				return
+			}
 		}
 		s.writeApplyError(w, err)
 		return
@@ -238,28 +235,46 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusCreated, map[string]string{"id": id})
 }
 
-// answerResubmission answers a submission of a chosen id that is already a
-// job's, and reports whether it did: 200 with the job's id if the job has
-// the same spec and savepoint (the same submission sent again), 409 if it is
-// another job's. It does nothing if no job has the id.
-func (s *Server) answerResubmission(w http.ResponseWriter, id string, spec fsm.JobSpec, ref string) bool {
-	j, ok := s.fsm.Job(id)
-	if !ok {
-		return false
+// submissionKeyHeader carries a job submission's idempotency key.
+const submissionKeyHeader = "Idempotency-Key"
+
+// submissionKey returns the request's Idempotency-Key ("" if none), or an
+// error naming what is wrong with it.
+func submissionKey(r *http.Request) (string, error) {
+	vals := r.Header.Values(submissionKeyHeader)
+	switch {
+	case len(vals) == 0:
+		return "", nil
+	case len(vals) > 1:
+		return "", fmt.Errorf("%s given %d times: want one", submissionKeyHeader, len(vals))
 	}
-	if err := sameSubmission(j, spec, ref); err != nil {
-		writeError(w, http.StatusConflict, fmt.Sprintf("id %q is taken: job %s was submitted with %v; choose another id, or purge the job first (DELETE /v1/jobs/%s?purge=true)", id, id, err, id))
-		return true
+	if err := fsm.ValidSubmissionKey(vals[0]); err != nil {
+		return "", fmt.Errorf("%s: %w", submissionKeyHeader, err)
 	}
-	s.logger.Info("job submitted again: answered with the job", "job", id, "status", j.Status)
-	writeJSON(w, http.StatusOK, map[string]string{"id": id})
-	return true
+	return vals[0], nil
 }
 
-// sameSubmission returns nil if job j was submitted with spec (its storage
-// default filled in) and the savepoint ref names (an id or a URL, "" for
-// none), and otherwise what differs.
+// answerResubmission answers a submission whose key job j was registered
+// with: 200 with the job's id and status if j was submitted with the same
+// spec and savepoint (the same submission, sent again), 409 otherwise.
+func (s *Server) answerResubmission(w http.ResponseWriter, j fsm.Job, spec fsm.JobSpec, ref string) {
+	if err := sameSubmission(j, spec, ref); err != nil {
+		writeError(w, http.StatusConflict, fmt.Sprintf("%s %q is job %s's, which was submitted with %v: a key names one submission; send this one with a new key", submissionKeyHeader, j.SubmissionKey, j.ID, err))
+		return
+	}
+	s.logger.Info("job submission sent again: answered with its job", "job", j.ID, "status", j.Status)
+	writeJSON(w, http.StatusOK, map[string]string{"id": j.ID, "status": string(j.Status)})
+}
+
+// sameSubmission returns nil if job j was submitted with spec, as the
+// client sent it, and the savepoint ref names (an id or a URL, "" for
+// none), and otherwise what differs. A spec without a storage takes the
+// job's: it was given the default of the leader that registered it, which
+// may not be this one's.
 func sameSubmission(j fsm.Job, spec fsm.JobSpec, ref string) error {
+	if spec.Checkpoint.Storage == "" {
+		spec.Checkpoint.Storage = j.Spec.Checkpoint.Storage
+	}
 	was, err := json.Marshal(j.Spec)
 	if err != nil {
 		return fmt.Errorf("a spec that cannot be compared: %w", err)
@@ -278,38 +293,6 @@ func sameSubmission(j fsm.Job, spec fsm.JobSpec, ref string) error {
 		return fmt.Errorf("savepoint %s", sp.ID)
 	case sp != nil && ref != sp.ID && (sp.Location == "" || ref != sp.Location):
 		return fmt.Errorf("savepoint %s", sp.ID)
-	}
-	return nil
-}
-
-// checkNoFilesOf returns an error if the checkpoint storage named by
-// storageURL holds checkpoint or savepoint files of an earlier job of id:
-// one purged with force=true while its storage was out of reach, or whose
-// deleted savepoint's files are still there. A new job of that id would
-// write its checkpoints under the same paths, and the collector would take
-// the earlier job's files for its own. Random ids never meet them; a chosen
-// one may.
-func (s *Server) checkNoFilesOf(ctx context.Context, id, storageURL string) error {
-	if storageURL == "" {
-		return nil // state inline in Raft: no files
-	}
-	store, err := s.stores.Get(ctx, storageURL)
-	if err != nil {
-		return fmt.Errorf("id %q: look for files of an earlier job of that id: %w", id, err)
-	}
-	errFound := errors.New("found")
-	for _, prefix := range []string{transport.CheckpointPrefix, transport.SavepointPrefix} {
-		var found string
-		err := store.List(ctx, prefix+id+"/", func(path string, _ int64, _ time.Time) error {
-			found = path
-			return errFound
-		})
-		switch {
-		case errors.Is(err, errFound):
-			return fmt.Errorf("id %q: checkpoint storage %s holds files of an earlier job of that id (%s): delete them, or choose another id", id, store.URL(), found)
-		case err != nil:
-			return fmt.Errorf("id %q: look for files of an earlier job of that id in %s: %w", id, store.URL(), err)
-		}
 	}
 	return nil
 }
@@ -513,7 +496,7 @@ func (s *Server) writeApplyError(w http.ResponseWriter, err error) {
 	switch {
 	case errors.Is(err, fsm.ErrNoSuchJob), errors.Is(err, fsm.ErrNoSuchSavepoint):
 		status = http.StatusNotFound
-	case errors.Is(err, fsm.ErrJobCancelled), errors.Is(err, fsm.ErrJobExists):
+	case errors.Is(err, fsm.ErrJobCancelled), errors.Is(err, fsm.ErrJobExists), errors.Is(err, fsm.ErrDuplicateSubmission):
 		status = http.StatusConflict
 	case errors.Is(err, fsm.ErrInvalidSpec), errors.Is(err, fsm.ErrMalformedCommand):
 		status = http.StatusBadRequest

@@ -2,16 +2,16 @@ package coordinator
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -189,89 +189,91 @@ func TestWritesFromAnotherSiteRefused(t *testing.T) {
 	}
 }
 
-// TestSubmissionWithAChosenIDIsIdempotent: a submission that names its job's
-// id (?id=) may be sent again after an unknown outcome, or twice at once,
-// and registers one job: the same spec again is answered 200 with the job,
-// another spec 409, an id that is no job id's 400, and an id whose earlier
-// job left files in the checkpoint storage 409, naming them.
-func TestSubmissionWithAChosenIDIsIdempotent(t *testing.T) {
+// TestSubmissionWithAKeyIsRegisteredOnce: a submission with an
+// Idempotency-Key may be sent again after an unknown outcome, or several
+// times at once, and registers one job: the same spec again is answered 200
+// with the job and its status, another spec or savepoint 409, a malformed
+// key 400; without a key every submission registers a job.
+func TestSubmissionWithAKeyIsRegisteredOnce(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
-	post := func(path, spec string) (int, string) {
-		var out struct{ ID, Error string }
-		code := apiCall(t, s, http.MethodPost, path, spec, &out)
-		return code, out.ID + out.Error
+	post := func(key, path, spec string) (int, string, string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+s.HTTPAddr()+path, strings.NewReader(spec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if key != "" {
+			req.Header.Set("Idempotency-Key", key)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Errorf("POST %s: %v", path, err)
+			return 0, "", ""
+		}
+		defer resp.Body.Close()
+		var out struct{ ID, Status, Error string }
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+			t.Errorf("POST %s: answer %d: %v", path, resp.StatusCode, err)
+		}
+		return resp.StatusCode, out.ID + out.Error, out.Status
 	}
-	if code, got := post("/v1/jobs?id=wc-prod", wordcountSpec); code != http.StatusCreated || got != "wc-prod" {
-		t.Fatalf("first submission: %d %q, want 201 wc-prod", code, got)
+	code, id, _ := post("run-7f3a", "/v1/jobs", wordcountSpec)
+	if code != http.StatusCreated || !strings.HasPrefix(id, "wordcount-") {
+		t.Fatalf("first submission: %d %q, want 201 and a new id", code, id)
 	}
-	if code, got := post("/v1/jobs?id=wc-prod", wordcountSpec); code != http.StatusOK || got != "wc-prod" {
-		t.Fatalf("the same submission again: %d %q, want 200 wc-prod", code, got)
+	if code, got, status := post("run-7f3a", "/v1/jobs", wordcountSpec); code != http.StatusOK || got != id || status != string(fsm.JobPending) && status != string(fsm.JobRunning) {
+		t.Fatalf("the same submission again: %d %q %q, want 200 %s with its status", code, got, status, id)
 	}
 	other := strings.Replace(wordcountSpec, `"retained": 3`, `"retained": 4`, 1)
-	if code, got := post("/v1/jobs?id=wc-prod", other); code != http.StatusConflict || !strings.Contains(got, "another spec") {
-		t.Fatalf("another spec under the id: %d %q, want 409 naming another spec", code, got)
+	if code, got, _ := post("run-7f3a", "/v1/jobs", other); code != http.StatusConflict || !strings.Contains(got, "another spec") || !strings.Contains(got, id) {
+		t.Fatalf("another spec under the key: %d %q, want 409 naming the job and another spec", code, got)
 	}
-	if code, got := post("/v1/jobs?id=wc-prod&from_savepoint=wc-1-sp-3", wordcountSpec); code != http.StatusConflict || !strings.Contains(got, "no savepoint") {
-		t.Fatalf("the id again from a savepoint: %d %q, want 409", code, got)
+	if code, got, _ := post("run-7f3a", "/v1/jobs?from_savepoint=wc-1-sp-3", wordcountSpec); code != http.StatusConflict || !strings.Contains(got, "no savepoint") {
+		t.Fatalf("the key again from a savepoint: %d %q, want 409", code, got)
 	}
-	if code, got := post("/v1/jobs?id=wc/prod", wordcountSpec); code != http.StatusBadRequest || !strings.Contains(got, `id "wc/prod"`) {
-		t.Fatalf("an id with a slash: %d %q, want 400 naming it", code, got)
+	if code, got, _ := post("run 7f3a", "/v1/jobs", wordcountSpec); code != http.StatusBadRequest || !strings.Contains(got, "Idempotency-Key") {
+		t.Fatalf("a key with a space: %d %q, want 400 naming the header", code, got)
+	}
+	if a, b := submitJob(t, s, wordcountSpec), submitJob(t, s, wordcountSpec); a == b {
+		t.Fatalf("two submissions without a key both answered %s, want two jobs", a)
 	}
 
-	// Sent several times at once: whichever reaches the FSM first registers
-	// the job; the others are answered as resubmissions.
+	// Sent several times at once: the first to reach the log registers
+	// the job, and the FSM refuses the others, which are answered as the
+	// same submission sent again.
 	var wg sync.WaitGroup
 	codes := make([]int, 8)
 	ids := make([]string, 8)
 	for i := range codes {
-		wg.Go(func() { codes[i], ids[i] = post("/v1/jobs?id=wc-burst", wordcountSpec) })
+		wg.Go(func() { codes[i], ids[i], _ = post("burst-1", "/v1/jobs", wordcountSpec) })
 	}
 	wg.Wait()
 	created := 0
 	for i := range codes {
 		switch {
-		case codes[i] == http.StatusCreated && ids[i] == "wc-burst":
+		case codes[i] == http.StatusCreated && ids[i] == ids[0]:
 			created++
-		case codes[i] == http.StatusOK && ids[i] == "wc-burst":
+		case codes[i] == http.StatusOK && ids[i] == ids[0]:
 		default:
-			t.Errorf("submission %d of wc-burst: %d %q, want 201 or 200 with the id", i, codes[i], ids[i])
+			t.Errorf("submission %d of burst-1: %d %q, want 201 or 200 with the id %s", i, codes[i], ids[i], ids[0])
 		}
 	}
 	if created != 1 {
 		t.Errorf("%d of the concurrent submissions created the job, want 1", created)
 	}
-	if n := len(s.fsm.Jobs()); n != 2 {
-		t.Errorf("%d jobs, want 2 (wc-prod and wc-burst)", n)
+	if n := len(s.fsm.Jobs()); n != 4 {
+		t.Errorf("%d jobs, want 4 (run-7f3a's, two without a key, burst-1's)", n)
 	}
 
-	// A purged job's files left in storage (a forced purge): its id is not
-	// given to a new job, which would write under the same paths.
-	dir := t.TempDir()
-	left := filepath.Join(dir, "checkpoints", "wc-old", "chk-7", "map-0.state")
-	if err := os.MkdirAll(filepath.Dir(left), 0o755); err != nil {
-		t.Fatal(err)
+	// Cancelled, the job still answers its key; purged, the key registers
+	// a new job, of a new id.
+	if code := apiCall(t, s, http.MethodDelete, "/v1/jobs/"+id+"?purge=true", nil, nil); code != http.StatusOK {
+		t.Fatalf("purge %s: %d", id, code)
 	}
-	if err := os.WriteFile(left, []byte("x"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	stored := strings.Replace(wordcountSpec, `"retained": 3`, `"retained": 3, "storage": "file://`+dir+`"`, 1)
-	if code, got := post("/v1/jobs?id=wc-old", stored); code != http.StatusConflict || !strings.Contains(got, "checkpoints/wc-old/chk-7/map-0.state") {
-		t.Fatalf("an id with files left: %d %q, want 409 naming the file", code, got)
-	}
-	if code, got := post("/v1/jobs?id=wc-new", stored); code != http.StatusCreated || got != "wc-new" {
-		t.Fatalf("an id without files in the same storage: %d %q, want 201", code, got)
-	}
-	// A job's own files are no earlier job's: sent again once it has
-	// checkpointed, the submission is still answered with it.
-	own := filepath.Join(dir, "checkpoints", "wc-new", "chk-1", "map-0.state")
-	if err := os.MkdirAll(filepath.Dir(own), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(own, []byte("x"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if code, got := post("/v1/jobs?id=wc-new", stored); code != http.StatusOK || got != "wc-new" {
-		t.Fatalf("sent again after its first checkpoint: %d %q, want 200 wc-new", code, got)
+	if code, got, _ := post("run-7f3a", "/v1/jobs", wordcountSpec); code != http.StatusCreated || got == id {
+		t.Fatalf("the key after its job was purged: %d %q, want 201 and an id other than %s", code, got, id)
 	}
 }
 
@@ -285,6 +287,9 @@ func TestSameSubmission(t *testing.T) {
 	other := spec
 	other.Checkpoint.Retained++
 	sp := &fsm.Savepoint{ID: "wc-1-sp-3", Location: "s3://b/savepoints/wc-1/sp-3/"}
+	stored, elsewhere := spec, spec
+	stored.Checkpoint.Storage = "s3://b/"
+	elsewhere.Checkpoint.Storage = "s3://c/"
 	for _, tc := range []struct {
 		name string
 		job  fsm.Job
@@ -300,6 +305,8 @@ func TestSameSubmission(t *testing.T) {
 		{"without the savepoint", fsm.Job{Spec: spec, FromSavepoint: sp}, spec, "", "savepoint wc-1-sp-3"},
 		{"with a savepoint the job had not", fsm.Job{Spec: spec}, spec, sp.ID, "no savepoint"},
 		{"an inline savepoint's empty location", fsm.Job{Spec: spec, FromSavepoint: &fsm.Savepoint{ID: "x"}}, spec, "", "savepoint x"},
+		{"the storage another leader's default gave", fsm.Job{Spec: stored}, spec, "", ""},
+		{"another storage named", fsm.Job{Spec: stored}, elsewhere, "", "another spec"},
 	} {
 		err := sameSubmission(tc.job, tc.spec, tc.ref)
 		if (err == nil) != (tc.want == "") || (err != nil && !strings.Contains(err.Error(), tc.want)) {

@@ -310,9 +310,11 @@ type Server struct {
 	committer *committer // the write path of this node as leader (commit.go)
 	// framed decides whether the committer's batches use the framed
 	// envelope, chosenIDs whether the leader chooses checkpoint ids (and
-	// pipelines triggers); joins hold both mus (features.go).
+	// pipelines triggers), keys whether a submission's key may go into the
+	// log; joins hold every gate's mu (features.go).
 	framed    writeGate
 	chosenIDs writeGate
+	keys      writeGate
 	api       *httpAPI // what the HTTP API keeps: tokens, caches (http_guard.go)
 
 	grpc     *grpc.Server

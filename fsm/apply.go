@@ -5,7 +5,6 @@ import (
 	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"maps"
 	"math"
@@ -20,15 +19,6 @@ import (
 // jobIDPattern is what job ids may look like: they appear in URL paths and
 // in Kafka consumer-group names.
 var jobIDPattern = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
-
-// CheckJobID returns an error unless id may be a job's id, so that the API
-// can refuse a client's chosen id with the reason RegisterJob would give.
-func CheckJobID(id string) error {
-	if !jobIDPattern.MatchString(id) {
-		return errors.New("a job id is 1-128 characters of A-Z a-z 0-9 . _ -")
-	}
-	return nil
-}
 
 // TaskID is the canonical id of task index of the given kind ("source-0",
 // "map-1"); JobRestarted accepts no other.
@@ -53,9 +43,43 @@ func (s *State) liveJob(id string) (*Job, error) {
 	return &c, nil
 }
 
+// MaxSubmissionKeyLength bounds a submission key.
+const MaxSubmissionKeyLength = 128
+
+// ValidSubmissionKey returns an error unless key may be a submission key:
+// 1 to MaxSubmissionKeyLength printable ASCII characters, no space (a UUID,
+// say).
+func ValidSubmissionKey(key string) error {
+	if len(key) == 0 || len(key) > MaxSubmissionKeyLength {
+		return fmt.Errorf("submission key of %d characters: want 1 to %d", len(key), MaxSubmissionKeyLength)
+	}
+	for _, c := range []byte(key) {
+		if c < 0x21 || c > 0x7e {
+			return fmt.Errorf("submission key: character %q: want printable ASCII without spaces", c)
+		}
+	}
+	return nil
+}
+
+// jobBySubmissionKey returns the job submitted with key, or nil. It looks
+// at every job: it runs for submissions that carry a key, at the rate
+// people and deploy scripts submit jobs, where an index kept through every
+// copy of the state would cost more than it saves.
+func (s *State) jobBySubmissionKey(key string) *Job {
+	for _, j := range s.Jobs {
+		if j.SubmissionKey == key {
+			return j
+		}
+	}
+	return nil
+}
+
 func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
-	if err := CheckJobID(c.ID); err != nil {
-		return fmt.Errorf("register job %q: %w: %w", c.ID, ErrMalformedCommand, err)
+	if c.SubmissionKey != "" {
+		s.SubmissionKeys = true // taken or refused: the log holds one
+	}
+	if !jobIDPattern.MatchString(c.ID) {
+		return fmt.Errorf("register job %q: %w: id must be 1-128 characters of A-Z a-z 0-9 . _ -", c.ID, ErrMalformedCommand)
 	}
 	if _, ok := s.Jobs[c.ID]; ok {
 		return fmt.Errorf("register job %s: %w", c.ID, ErrJobExists)
@@ -68,6 +92,14 @@ func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
 			return fmt.Errorf("register job %s: %w: savepoint %s of a purged job of that id is kept", c.ID, ErrJobExists, sp.ID)
 		}
 	}
+	if c.SubmissionKey != "" {
+		if err := ValidSubmissionKey(c.SubmissionKey); err != nil {
+			return fmt.Errorf("register job %s: %w: %w", c.ID, ErrMalformedCommand, err)
+		}
+		if j := s.jobBySubmissionKey(c.SubmissionKey); j != nil {
+			return fmt.Errorf("register job %s: %w: job %s was submitted with it", c.ID, ErrDuplicateSubmission, j.ID)
+		}
+	}
 	if err := c.Spec.Validate(nil); err != nil {
 		return fmt.Errorf("register job %s: %w: %w", c.ID, ErrInvalidSpec, err)
 	}
@@ -77,14 +109,15 @@ func (s *State) applyRegisterJob(c *RegisterJobCmd) error {
 		}
 	}
 	s.Jobs[c.ID] = &Job{
-		ID:          c.ID,
-		Spec:        c.Spec,
-		Status:      JobPending,
-		Tasks:       []Task{},
-		SubmittedAt: c.Time,
-		UpdatedAt:   c.Time,
-		Completed:   []Checkpoint{},
-		Aborted:     []Checkpoint{},
+		ID:            c.ID,
+		SubmissionKey: c.SubmissionKey,
+		Spec:          c.Spec,
+		Status:        JobPending,
+		Tasks:         []Task{},
+		SubmittedAt:   c.Time,
+		UpdatedAt:     c.Time,
+		Completed:     []Checkpoint{},
+		Aborted:       []Checkpoint{},
 	}
 	if c.FromSavepoint != nil {
 		sp := c.FromSavepoint.clone(false)

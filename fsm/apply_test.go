@@ -29,6 +29,61 @@ func TestRegisterJob(t *testing.T) {
 	}
 }
 
+// TestRegisterJobOncePerSubmissionKey: a submission key registers one job
+// while that job is kept, whatever its status, on every replica and after a
+// snapshot; a refused second job leaves the state as it was, but for the
+// mark that the log holds keys; a purge frees the key.
+func TestRegisterJobOncePerSubmissionKey(t *testing.T) {
+	h := newHarness(t)
+	first := h.register("j1", testSpec())
+	first.SubmissionKey = "6f1c2a9e-run-1"
+	h.must(CommandRegisterJob, first)
+	if j, ok := h.f.JobBySubmissionKey(first.SubmissionKey); !ok || j.ID != "j1" || j.SubmissionKey != first.SubmissionKey {
+		t.Fatalf("JobBySubmissionKey = %+v %v, want j1", j, ok)
+	}
+	if !h.f.SubmissionKeys() {
+		t.Fatal("SubmissionKeys() false after a keyed RegisterJob")
+	}
+	before := h.digest()
+	again := h.register("j2", testSpec())
+	again.SubmissionKey = first.SubmissionKey
+	_, err := h.apply(CommandRegisterJob, again)
+	wantErr(t, err, ErrDuplicateSubmission)
+	if !strings.Contains(err.Error(), "job j1") {
+		t.Fatalf("refusal %q does not name the job of the key", err)
+	}
+	if h.digest() != before {
+		t.Fatal("a refused RegisterJob changed the state")
+	}
+	for _, bad := range []string{"", "has space", strings.Repeat("k", MaxSubmissionKeyLength+1), "tab\t", "é"} {
+		cmd := h.register("j3", testSpec())
+		cmd.SubmissionKey = bad
+		if bad == "" {
+			continue // no key: registered as always, checked below
+		}
+		_, err := h.apply(CommandRegisterJob, cmd)
+		wantErr(t, err, ErrMalformedCommand)
+	}
+	h.must(CommandRegisterJob, h.register("j3", testSpec())) // no key, no check
+
+	restored := New()
+	if err := restored.Restore(readCloser(persist(t, h.f))); err != nil {
+		t.Fatal(err)
+	}
+	if j, ok := restored.JobBySubmissionKey(first.SubmissionKey); !ok || j.ID != "j1" || !restored.SubmissionKeys() {
+		t.Fatalf("after a restore: JobBySubmissionKey = %+v %v, SubmissionKeys %v", j, ok, restored.SubmissionKeys())
+	}
+
+	h.must(CommandJobCancelled, JobCancelledCmd{JobID: "j1", Reason: "user request", Time: h.tick()})
+	_, err = h.apply(CommandRegisterJob, again)
+	wantErr(t, err, ErrDuplicateSubmission)
+	h.must(CommandJobPurged, JobPurgedCmd{JobID: "j1", Time: h.tick()})
+	h.must(CommandRegisterJob, again)
+	if j, ok := h.f.JobBySubmissionKey(first.SubmissionKey); !ok || j.ID != "j2" {
+		t.Fatalf("after the purge of j1: JobBySubmissionKey = %+v %v, want j2", j, ok)
+	}
+}
+
 func TestJobRestarted(t *testing.T) {
 	h := newHarness(t)
 	j := h.runningJob("j1")

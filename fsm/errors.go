@@ -18,6 +18,9 @@ var (
 	ErrNoSuchJob = errors.New("no such job")
 	// ErrJobExists: RegisterJob for an id that is already taken.
 	ErrJobExists = errors.New("job already exists")
+	// ErrDuplicateSubmission: RegisterJob with a submission key a kept
+	// job was registered with.
+	ErrDuplicateSubmission = errors.New("submission key already used")
 	// ErrInvalidSpec: RegisterJob with a spec that fails Validate; the
 	// *FieldError is wrapped too.
 	ErrInvalidSpec = errors.New("invalid job spec")

@@ -176,6 +176,18 @@ func (f *FSM) Job(id string) (Job, bool) {
 	return j.sharedCopy(), true
 }
 
+// JobBySubmissionKey returns a copy of the job submitted with key (shared
+// blobs, as in Job), if one is kept.
+func (f *FSM) JobBySubmissionKey(key string) (Job, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	j := f.state.jobBySubmissionKey(key)
+	if j == nil {
+		return Job{}, false
+	}
+	return j.sharedCopy(), true
+}
+
 // LastCompleted returns a copy of the newest completed checkpoint of a job,
 // the one a restart restores from; its keyed-state blobs are shared, as in Jobs.
 func (f *FSM) LastCompleted(jobID string) (Checkpoint, bool) {
@@ -257,6 +269,14 @@ func (f *FSM) ChosenCheckpointIDs() bool {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return f.state.ChosenCheckpointIDs
+}
+
+// SubmissionKeys reports whether a RegisterJob with a submission key has
+// been applied: the Raft log may hold one.
+func (f *FSM) SubmissionKeys() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.SubmissionKeys
 }
 
 // Savepoints returns a copy of every savepoint, sorted by id.

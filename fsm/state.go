@@ -28,6 +28,12 @@ type State struct {
 	// then on every coordinator joining needs the feature level of chosen
 	// checkpoint ids.
 	ChosenCheckpointIDs bool `json:"chosen_checkpoint_ids,omitempty"`
+	// SubmissionKeys is set once a RegisterJob with a submission key was
+	// applied, whether the FSM took or refused it. A coordinator that does
+	// not know that field would register a second job of the key, so from
+	// then on every coordinator joining needs the feature level of
+	// submission keys.
+	SubmissionKeys bool `json:"submission_keys,omitempty"`
 
 	// touched lists the jobs the commands of the current Apply changed, for
 	// FSM.OnJobChange. It is scratch, not state: never encoded, never cloned.
@@ -44,7 +50,7 @@ func newState() *State {
 // snapshot may share them, while copies handed to callers (who may mutate
 // what they get) must not.
 func (s *State) clone(shareBlobs bool) *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs}
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs, SubmissionKeys: s.SubmissionKeys}
 	for id, j := range s.Jobs {
 		cj := j.clone(shareBlobs)
 		c.Jobs[id] = &cj
@@ -60,7 +66,7 @@ func (s *State) clone(shareBlobs bool) *State {
 // is a consistent view as long as s is only changed by Apply, which never
 // changes a stored job or savepoint in place (liveJob copies on write).
 func (s *State) share() *State {
-	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs}
+	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs, SubmissionKeys: s.SubmissionKeys}
 }
 
 // check verifies the invariants a restored state must hold, so that a

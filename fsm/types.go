@@ -379,6 +379,10 @@ type Job struct {
 	// FromSavepoint is the savepoint the job was started from: attempts
 	// restore from it until the job has a completed checkpoint of its own.
 	FromSavepoint *Savepoint `json:"from_savepoint,omitempty"`
+	// SubmissionKey is the idempotency key the job was submitted with, if
+	// any: the same submission sent again names it, and is answered with
+	// this job.
+	SubmissionKey string `json:"submission_key,omitempty"`
 	// ChannelToken is the current attempt's data-channel credential: every
 	// leader puts it in the attempt's deployments, and map tasks accept only
 	// data channels that present it. Never shown by the API.
@@ -485,6 +489,10 @@ type RegisterJobCmd struct {
 	Time int64   `json:"time"`
 	// FromSavepoint, if set, is the savepoint the job starts from.
 	FromSavepoint *Savepoint `json:"from_savepoint,omitempty"`
+	// SubmissionKey, if set, is the client's idempotency key for this
+	// submission (ValidSubmissionKey): RegisterJob refuses a second job of
+	// a key while one is kept, with ErrDuplicateSubmission.
+	SubmissionKey string `json:"submission_key,omitempty"`
 }
 
 // JobRestartedCmd starts attempt Attempt (exactly the job's attempt + 1) with a

@@ -141,7 +141,7 @@ func TestBadJobSpecs(t *testing.T) {
 			t.Fatal(err)
 		}
 		// -wait returns once the first checkpoint completed.
-		id := strings.TrimSpace(c.cli(t, follower.httpAddr, "job", "run", "-wait", file))
+		id := strings.TrimSpace(c.cli(t, follower.httpAddr, "job", "run", "-wait", "-idempotency-key", "sum-it-deploy-1", file))
 		if id == "" || strings.ContainsAny(id, " \n") {
 			t.Fatalf("coordd job run printed %q, want the job id alone", id)
 		}
@@ -151,6 +151,25 @@ func TestBadJobSpecs(t *testing.T) {
 		}
 		if j0.lastCheckpointID() == 0 {
 			t.Fatalf("coordd job run -wait returned before job %s had a completed checkpoint: %+v", id, j0)
+		}
+		// The same submission sent again with its key (as after an unknown
+		// outcome) is answered with the job, through the follower too, and
+		// registers none.
+		if again := strings.TrimSpace(c.cli(t, follower.httpAddr, "job", "run", "-idempotency-key", "sum-it-deploy-1", file)); again != id {
+			t.Fatalf("coordd job run sent again with its key printed %q, want the job %s", again, id)
+		}
+		var all []jobView
+		if err := c.call("GET", follower.httpAddr, "/v1/jobs", nil, &all); err != nil {
+			t.Fatal(err)
+		}
+		named := 0
+		for _, j := range all {
+			if j.Name == "sum-it" {
+				named++
+			}
+		}
+		if named != 1 {
+			t.Fatalf("%d jobs named sum-it after the submission was sent again, want 1", named)
 		}
 
 		final := c.waitCaughtUp(t, 2*time.Minute, id, "numbers", end)

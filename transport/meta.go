@@ -50,7 +50,9 @@ type NodeMeta struct {
 //     Raft log.
 //  4. checkpoint ids chosen by the leader (CheckpointTriggered's id), which
 //     lets it send a trigger before the command commits.
-const FeatureLevel = 4
+//  5. submission keys (RegisterJob's submission_key): a job submission
+//     that may be sent again, registered once.
+const FeatureLevel = 5
 
 // maxFeatureLevel bounds what a member may advertise: levels far beyond
 // any build are a forged or corrupt meta.

@@ -4,12 +4,12 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
@@ -25,9 +25,9 @@ import (
 
 const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
 
-  job run FILE [-id ID] [-from-savepoint ID_OR_URL] [-wait [-wait-timeout 5m]]
+  job run FILE [-idempotency-key KEY] [-from-savepoint ID_OR_URL] [-wait [-wait-timeout 5m]]
                         submit the job spec in FILE ("-" for stdin); prints the job id;
-                        sent again with the same id while the outcome is unknown;
+                        sent again, with the same key, while the outcome is unknown;
                         -wait: until its first checkpoint completes (exit 0) or it fails (exit 1)
   job list              list jobs
   job status ID         show a job
@@ -62,7 +62,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	}
 	var (
 		fromSavepoint, key, keyB64, export string
-		jobID                              string
+		submitKey                          string
 		withSavepoint, abortTxns, asJSON   bool
 		purge, force                       bool
 		wait                               bool
@@ -75,7 +75,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 		},
 		"run": func(fs *flag.FlagSet) {
 			fs.StringVar(&fromSavepoint, "from-savepoint", "", "start the job from the savepoint with this `ID` or directory URL")
-			fs.StringVar(&jobID, "id", "", "the job's `ID` (default: the spec's name and 8 random hex digits); a job with this id and the same spec is answered as this submission, whatever its status")
+			fs.StringVar(&submitKey, "idempotency-key", "", "the submission's idempotency `KEY` (default: a random one): while a job submitted with it is kept, the same submission is answered with that job")
 			fs.BoolVar(&wait, "wait", false, "after submitting, wait until the job's first checkpoint completes (exit 0), or the job fails or is cancelled (exit 1, with the reason)")
 			fs.DurationVar(&waitTimeout, "wait-timeout", 5*time.Minute, "give up waiting (exit 1) after this long")
 		},
@@ -93,7 +93,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	}
 	commands := map[string]command{
 		"run": {"FILE", func(ctx context.Context, c *apiClient, file string) error {
-			id, err := jobRun(ctx, c, file, fromSavepoint, jobID, stdout, stderr)
+			id, err := jobRun(ctx, c, file, fromSavepoint, submitKey, stdout, stderr)
 			if err != nil || !wait {
 				return err
 			}
@@ -405,12 +405,12 @@ func defaultAPIAddr() string {
 // fromSavepoint is set, and prints the new job's id alone on a line, so that
 // scripts can capture it.
 //
-// The job's id is chosen here (id, else the spec's name and eight random hex
-// digits, as the coordinators choose one), so that a submission whose
-// outcome is unknown (a leader change, a lost connection) can be sent again:
-// the coordinators register an id once, and answer the same submission sent
-// again with its job. Warnings about sending again go to stderr.
-func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, id string, stdout, stderr io.Writer) (string, error) {
+// The submission carries an idempotency key (key, else a random one chosen
+// here), so that one whose outcome is unknown (a leader change, a lost
+// connection) can be sent again: the coordinators register one job per key,
+// and answer the same submission sent again with its job. Warnings go to
+// stderr.
+func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, key string, stdout, stderr io.Writer) (string, error) {
 	var spec []byte
 	var err error
 	if file == "-" {
@@ -421,41 +421,34 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, id string, s
 	if err != nil {
 		return "", fmt.Errorf("read job spec: %w", err)
 	}
-	if id == "" {
-		var named struct {
-			Name string `json:"name"`
-		}
-		if json.Unmarshal(spec, &named) == nil && named.Name != "" {
-			id = fmt.Sprintf("%s-%08x", named.Name, rand.Uint32())
-		}
-	}
-	q := url.Values{}
-	if fromSavepoint != "" {
-		q.Set("from_savepoint", fromSavepoint)
-	}
 	path := "/v1/jobs"
-	if id != "" {
-		q.Set("id", id)
+	if fromSavepoint != "" {
+		path += "?from_savepoint=" + url.QueryEscape(fromSavepoint)
 	}
-	if len(q) > 0 {
-		path += "?" + q.Encode()
+	chosen := key != ""
+	if !chosen {
+		key = rand.Text() // 128 bits
 	}
-	var data []byte
-	if id != "" {
-		data, err = c.doAgain(ctx, http.MethodPost, path, spec, stderr)
-	} else {
-		// A spec without a name, which the coordinator refuses: no id to
-		// make sending again safe, and nothing to send again.
+	data, err := c.doAgain(ctx, http.MethodPost, path, spec, http.Header{"Idempotency-Key": {key}}, stderr)
+	var ae *apiError
+	if !chosen && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "Idempotency-Key needs every coordinator") {
+		// A cluster in the middle of an upgrade: submitted once, without
+		// the key, and so not sent again.
+		fmt.Fprintf(stderr, "coordd: %v; submitting without a key, once\n", err)
 		data, err = c.do(ctx, http.MethodPost, path, spec)
 	}
 	if err != nil {
 		return "", err
 	}
 	var out struct {
-		ID string `json:"id"`
+		ID     string `json:"id"`
+		Status string `json:"status"` // of a job the key had registered before
 	}
 	if err := json.Unmarshal(data, &out); err != nil || out.ID == "" {
 		return "", fmt.Errorf("POST /v1/jobs: unexpected answer %q", data)
+	}
+	if out.Status == "cancelled" || out.Status == "failing" {
+		fmt.Fprintf(stderr, "coordd: job %s was submitted before with key %s and is %s; submit with another key to run it again\n", out.ID, key, out.Status)
 	}
 	if c.jsonOut {
 		return out.ID, writeJSON(stdout, data)

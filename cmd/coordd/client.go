@@ -194,7 +194,7 @@ func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([
 	// for a moment with 503 and Retry-After: a read asks again, for a while.
 	deadline := time.Now().Add(catchUpWait)
 	for {
-		data, err := c.doOnce(ctx, method, path, body)
+		data, err := c.doOnce(ctx, method, path, body, nil)
 		var ae *apiError
 		if method != http.MethodGet || !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable ||
 			!strings.Contains(ae.Message, "catching up") || time.Now().After(deadline) {
@@ -215,8 +215,8 @@ const (
 	catchUpRetry = 100 * time.Millisecond
 )
 
-// doOnce is one request of do.
-func (c *apiClient) doOnce(ctx context.Context, method, path string, body []byte) ([]byte, error) {
+// doOnce is one request of do, with the headers in hdr (may be nil).
+func (c *apiClient) doOnce(ctx context.Context, method, path string, body []byte, hdr http.Header) ([]byte, error) {
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
@@ -227,6 +227,9 @@ func (c *apiClient) doOnce(ctx context.Context, method, path string, body []byte
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	for name, vals := range hdr {
+		req.Header[name] = vals
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
@@ -258,17 +261,17 @@ const (
 )
 
 // doAgain sends a write that is safe to send more than once (a submission
-// with a chosen job id) until an answer settles it: it sends again, for up
+// with an Idempotency-Key, in hdr) until an answer settles it: it sends again, for up
 // to resendWindow, after an answer that says the write was not done (503:
 // no leader, an election, a coordinator catching up), one that says its
 // outcome is unknown (502, 504) and a request that got no answer at all (a
 // coordinator restarting, a broken connection), saying so on warn. The
 // other answers, and a certificate the client does not trust, end it.
-func (c *apiClient) doAgain(ctx context.Context, method, path string, body []byte, warn io.Writer) ([]byte, error) {
+func (c *apiClient) doAgain(ctx context.Context, method, path string, body []byte, hdr http.Header, warn io.Writer) ([]byte, error) {
 	deadline := time.Now().Add(resendWindow)
 	for {
 		actx, cancel := context.WithTimeout(ctx, resendAttempt)
-		data, err := c.doOnce(actx, method, path, body)
+		data, err := c.doOnce(actx, method, path, body, hdr)
 		cancel()
 		pause, again := resendPauseFor(err)
 		if !again || ctx.Err() != nil || time.Now().Add(pause).After(deadline) {

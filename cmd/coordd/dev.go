@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -339,9 +340,9 @@ func dev(ctx context.Context, o devOptions) (err error) {
 }
 
 // submitSampleJob posts the sample wordcount job, sending it again until the
-// cluster has elected a leader. Its id is chosen once, here: a submission
-// whose outcome was unknown (504, 502) and is sent again registers no
-// second job.
+// cluster has elected a leader. Every attempt carries the same idempotency
+// key: one whose outcome was unknown (504, 502) and is sent again registers
+// no second job.
 func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, error) {
 	spec := fmt.Sprintf(`{
   "name": "wordcount",
@@ -350,12 +351,13 @@ func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, e
   "sink": {"brokers": [%q], "topic": "counts"},
   "checkpoint": {"interval": "1s", "timeout": "30s", "min_pause": "0s", "retained": 3, "tolerable_failures": 3}
 }`, broker, broker)
-	id := fmt.Sprintf("wordcount-%08x", rand.Uint32())
+	key := crand.Text()
 	deadline := time.Now().Add(30 * time.Second)
 	var lastErr error
 	for time.Now().Before(deadline) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api.base+"/v1/jobs?id="+id, strings.NewReader(spec))
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api.base+"/v1/jobs", strings.NewReader(spec))
 		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", key)
 		resp, err := api.do(req)
 		if err == nil {
 			var body struct {
@@ -365,8 +367,8 @@ func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, e
 			derr := json.NewDecoder(resp.Body).Decode(&body)
 			resp.Body.Close()
 			switch {
-			case (resp.StatusCode == http.StatusCreated || resp.StatusCode == http.StatusOK) && derr == nil && body.ID == id:
-				return id, nil
+			case (resp.StatusCode == http.StatusCreated || resp.StatusCode == http.StatusOK) && derr == nil && body.ID != "":
+				return body.ID, nil
 			case resp.StatusCode < 500:
 				return "", fmt.Errorf("submit sample job: %s: %s", resp.Status, body.Error)
 			}
