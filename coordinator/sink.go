@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -205,7 +206,7 @@ func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Tim
 	}
 	var ids []string
 	for _, l := range listed {
-		if strings.HasPrefix(l.TransactionalID, prefix) {
+		if isJobTxnID(prefix, l.TransactionalID) {
 			ids = append(ids, l.TransactionalID)
 		}
 	}
@@ -271,6 +272,21 @@ func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Tim
 		out[i].Aborted = true
 	}
 	return out, nil
+}
+
+// jobTxnSuffix is what follows a job's transactional id prefix and "-" in
+// the ids of its map tasks' producers: the task and the producer's index in
+// the task's pool (worker's txnID).
+var jobTxnSuffix = regexp.MustCompile(`^map-[0-9]+-[0-9]+$`)
+
+// isJobTxnID reports whether transactional id id is one of the job's whose
+// ids start with prefix (its prefix and "-"). The prefix alone is not
+// enough: the ids of a job named after another's id, "etl-0a1b2c3d", say,
+// start with that job's prefix too, and aborting them would lose output a
+// completed checkpoint of the other job promised.
+func isJobTxnID(prefix, id string) bool {
+	rest, ok := strings.CutPrefix(id, prefix)
+	return ok && jobTxnSuffix.MatchString(rest)
 }
 
 // poolOwner returns the map task of job's current attempt whose

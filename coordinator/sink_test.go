@@ -95,7 +95,8 @@ func openTxnAt(t *testing.T, brokers []string, id string, v sarama.KafkaVersion)
 
 // TestSinkTransactions lists a job's open transactions with who needs each,
 // and aborts only those nobody needs: not the one its last completed
-// checkpoint promises, not those of its running map tasks.
+// checkpoint promises, not those of its running map tasks; another job's,
+// whose prefix starts with j1's, is not j1's.
 func TestSinkTransactions(t *testing.T) {
 	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "out"))
 	if err != nil {
@@ -107,6 +108,7 @@ func TestSinkTransactions(t *testing.T) {
 	openTxn(t, brokers, "coordflow-j1-map-0-1")               // map-0's open transaction
 	openTxn(t, brokers, "coordflow-j1-map-3-0")               // a task of a larger parallelism, gone
 	openTxn(t, brokers, "coordflow-j2-map-0-0")               // another job's
+	openTxn(t, brokers, "coordflow-j1-0a1b2c3d-map-0-0")      // a job named j1 (id j1-0a1b2c3d): its ids start with j1's prefix
 
 	job := fsm.Job{
 		ID: "j1", Status: fsm.JobRunning, Attempt: 4,
