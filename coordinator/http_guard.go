@@ -11,6 +11,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"slices"
@@ -109,6 +110,54 @@ func newHTTPAPI() *httpAPI {
 // Origin or Sec-Fetch-Site, and reads pass.
 var crossOrigin = http.NewCrossOriginProtection()
 
+// checkRebinding refuses a request to an open API (no tokens, no TLS) that
+// came over loopback naming a host other than a loopback one: a page of
+// another site, whose name its DNS then points at 127.0.0.1 (DNS
+// rebinding), is the API's own origin to the browser, so neither
+// crossOrigin nor the browser's same-origin rule keep it from reading the
+// jobs' state or submitting jobs from the machine of whoever opened the
+// page. Clients on the machine name it by an IP address, localhost, or its
+// host name; a request over the network is not a browser's on this
+// machine, and an API with tokens or TLS needs what the page lacks.
+func (s *Server) checkRebinding(r *http.Request) error {
+	if !s.openAPI() {
+		return nil
+	}
+	local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if !ok {
+		return nil // no connection: a handler test
+	}
+	if ap, err := netip.ParseAddrPort(local.String()); err != nil || !ap.Addr().Unmap().IsLoopback() {
+		return nil
+	}
+	host := r.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
+		return nil
+	}
+	if host == "localhost" || strings.HasSuffix(host, ".localhost") || slices.Contains(s.ownHostNames(), host) {
+		return nil
+	}
+	return fmt.Errorf("host %q: refused on an API without tokens or TLS reached over loopback, as a page of another site would reach it by DNS rebinding; name it by 127.0.0.1, localhost or this machine's host name, or give it API tokens (-acl-tokens-file)", r.Host)
+}
+
+// ownHostNames returns the names of this coordinator a client on its
+// machine may use: the machine's host name and the host of the advertised
+// HTTP address, lower case.
+func (s *Server) ownHostNames() []string {
+	var names []string
+	if h, err := os.Hostname(); err == nil {
+		names = append(names, strings.ToLower(h))
+	}
+	if h, _, err := net.SplitHostPort(s.httpAddr); err == nil {
+		names = append(names, strings.ToLower(h))
+	}
+	return names
+}
+
 // routeOpts are an endpoint's bounds and rules.
 type routeOpts struct {
 	// maxBody caps the request body (0: maxSmallBody).
@@ -148,6 +197,10 @@ func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 			// write), so the deadline covers the body only.
 			_ = rc.SetReadDeadline(time.Now().Add(bodyTimeout))
 			r.Body = &deadlineBody{ReadCloser: http.MaxBytesReader(w, r.Body, limit), rc: rc}
+		}
+		if err := s.checkRebinding(r); err != nil {
+			writeError(w, http.StatusForbidden, err.Error())
+			return
 		}
 		if err := crossOrigin.Check(r); err != nil {
 			// A page of another site in the browser of someone who can

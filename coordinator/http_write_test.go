@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -312,5 +313,63 @@ func TestSameSubmission(t *testing.T) {
 		if (err == nil) != (tc.want == "") || (err != nil && !strings.Contains(err.Error(), tc.want)) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// TestOpenAPIRefusesRebindingHosts: an open API (no tokens, no TLS) reached
+// over loopback answers only requests that name it by an IP address,
+// localhost or this machine's names. A page of another site whose DNS name
+// turns to 127.0.0.1 (DNS rebinding) is same-origin to the browser, which
+// would let it read the API and write through it; such a request names the
+// site's host. An API with tokens leaves it to the tokens.
+func TestOpenAPIRefusesRebindingHosts(t *testing.T) {
+	s := startSingle(t, testLogger(t), "c1", nil)
+	_, port, err := net.SplitHostPort(s.HTTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(s *Server, method, path, host string, body string) (int, string) {
+		t.Helper()
+		req, err := http.NewRequest(method, "http://"+s.HTTPAddr()+path, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		if body == "" {
+			req.Body = http.NoBody
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(data)
+	}
+	for _, host := range []string{"rebind.example:" + port, "rebind.example", "127.0.0.1.nip.example:" + port} {
+		if code, body := send(s, http.MethodGet, "/v1/jobs", host, ""); code != http.StatusForbidden || !strings.Contains(body, "DNS rebinding") {
+			t.Errorf("GET /v1/jobs with Host %s: %d %s, want 403 saying why", host, code, body)
+		}
+		if code, body := send(s, http.MethodPost, "/v1/jobs", host, wordcountSpec); code != http.StatusForbidden {
+			t.Errorf("POST /v1/jobs with Host %s: %d %s, want 403", host, code, body)
+		}
+	}
+	if n := len(s.fsm.Jobs()); n != 0 {
+		t.Fatalf("%d jobs registered through a rebinding host", n)
+	}
+	hostname, err := os.Hostname()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{"127.0.0.1:" + port, "localhost:" + port, "LocalHost.", "app.localhost:" + port, "[::1]:" + port, hostname + ":" + port} {
+		if code, body := send(s, http.MethodGet, "/v1/jobs", host, ""); code != http.StatusOK {
+			t.Errorf("GET /v1/jobs with Host %s: %d %s, want 200", host, code, body)
+		}
+	}
+
+	tokens := writeTokensFile(t, t.TempDir())
+	guarded := startSingle(t, testLogger(t), "c2", func(c *Config) { c.ACLTokensFile = tokens })
+	if code, body := send(guarded, http.MethodGet, "/v1/jobs", "rebind.example", ""); code != http.StatusUnauthorized {
+		t.Errorf("GET /v1/jobs with Host rebind.example of an API with tokens: %d %s, want 401: the tokens decide", code, body)
 	}
 }
