@@ -178,29 +178,37 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if err := s.coordinatorsSupport(spec); err != nil {
-		writeError(w, http.StatusConflict, err.Error())
-		return
-	}
 	submitted := spec
-	if spec.Checkpoint.Storage == "" {
-		// The cluster default, fixed into the spec now so that every later
-		// leader uses the storage the job started with.
-		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
-	}
 	ref := r.URL.Query().Get("from_savepoint")
 	key, err := submissionKey(r)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	// A submission sent again is answered before the checks of a new one:
+	// what they look at (the coordinators' levels, the savepoint) may have
+	// changed since its job was registered.
 	if key != "" {
 		if j, ok := s.fsm.JobBySubmissionKey(key); ok {
 			setIndexHeader(w, s.raft.AppliedIndex()) // a follower's answer waits for it
 			s.answerResubmission(w, j, submitted, ref)
 			return
 		}
-		if !s.keys.allow() {
+	}
+	if err := s.coordinatorsSupport(spec); err != nil {
+		writeError(w, http.StatusConflict, err.Error())
+		return
+	}
+	if spec.Checkpoint.Storage == "" {
+		// The cluster default, fixed into the spec now so that every later
+		// leader uses the storage the job started with.
+		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
+	}
+	if key != "" {
+		// Once the log holds a key, no coordinator below the level joins
+		// (neededFeatureLevel): the mark alone opens the way, also while
+		// the gate is closed for a coordinator gossip does not show.
+		if !s.fsm.SubmissionKeys() && !s.keys.allow() {
 			old, _ := s.coordinatorsBelow(submissionKeyLevel)
 			writeError(w, http.StatusConflict, fmt.Sprintf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s; upgrade them first, or submit without the header (docs/operations.md, Feature levels)",
 				submissionKeyHeader, submissionKeyLevel, transport.FeatureLevel, named(old)))

@@ -30,7 +30,7 @@ func TestHTTPMaxConnsPerClient(t *testing.T) {
 	// line; the connection stays open.
 	get := func(c net.Conn, r *bufio.Reader) (string, error) {
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		if _, err := io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
 			return "", err
 		}
 		resp, err := http.ReadResponse(r, nil)
@@ -110,7 +110,7 @@ func TestHTTPMaxConnsPerClientTLS(t *testing.T) {
 			return nil, err
 		}
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		if _, err := io.WriteString(c, "GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
 			c.Close()
 			return nil, err
 		}

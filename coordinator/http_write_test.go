@@ -270,6 +270,12 @@ func TestSubmissionWithAKeyIsRegisteredOnce(t *testing.T) {
 
 	// Cancelled, the job still answers its key; purged, the key registers
 	// a new job, of a new id.
+	if code := apiCall(t, s, http.MethodDelete, "/v1/jobs/"+id, nil, nil); code != http.StatusOK {
+		t.Fatalf("cancel %s: %d", id, code)
+	}
+	if code, got, status := post("run-7f3a", "/v1/jobs", wordcountSpec); code != http.StatusOK || got != id || status != string(fsm.JobCancelled) {
+		t.Fatalf("the submission again once its job is cancelled: %d %q %q, want 200 %s cancelled", code, got, status, id)
+	}
 	if code := apiCall(t, s, http.MethodDelete, "/v1/jobs/"+id+"?purge=true", nil, nil); code != http.StatusOK {
 		t.Fatalf("purge %s: %d", id, code)
 	}

@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -30,9 +31,10 @@ func TestRegisterJob(t *testing.T) {
 }
 
 // TestRegisterJobOncePerSubmissionKey: a submission key registers one job
-// while that job is kept, whatever its status, on every replica and after a
-// snapshot; a refused second job leaves the state as it was, but for the
-// mark that the log holds keys; a purge frees the key.
+// while that job is kept, whatever its status, and after a snapshot; a
+// refused second job leaves the state as it was, but for the mark that the
+// log holds keys; a purge frees the key; a snapshot with two jobs of a key
+// is refused.
 func TestRegisterJobOncePerSubmissionKey(t *testing.T) {
 	h := newHarness(t)
 	first := h.register("j1", testSpec())
@@ -55,14 +57,21 @@ func TestRegisterJobOncePerSubmissionKey(t *testing.T) {
 	if h.digest() != before {
 		t.Fatal("a refused RegisterJob changed the state")
 	}
-	for _, bad := range []string{"", "has space", strings.Repeat("k", MaxSubmissionKeyLength+1), "tab\t", "é"} {
+	for _, bad := range []string{"has space", strings.Repeat("k", MaxSubmissionKeyLength+1), "tab\t", "é"} {
 		cmd := h.register("j3", testSpec())
 		cmd.SubmissionKey = bad
-		if bad == "" {
-			continue // no key: registered as always, checked below
-		}
 		_, err := h.apply(CommandRegisterJob, cmd)
 		wantErr(t, err, ErrMalformedCommand)
+	}
+	// Refused, a keyed RegisterJob still marks the log as holding keys,
+	// on a state that had none.
+	fresh := newHarness(t)
+	bad := fresh.register("j1", testSpec())
+	bad.SubmissionKey = "has space"
+	_, err = fresh.apply(CommandRegisterJob, bad)
+	wantErr(t, err, ErrMalformedCommand)
+	if !fresh.f.SubmissionKeys() || len(fresh.f.Jobs()) != 0 {
+		t.Fatalf("after a refused keyed RegisterJob: SubmissionKeys %v, %d jobs; want the mark and no job", fresh.f.SubmissionKeys(), len(fresh.f.Jobs()))
 	}
 	h.must(CommandRegisterJob, h.register("j3", testSpec())) // no key, no check
 
@@ -72,6 +81,17 @@ func TestRegisterJobOncePerSubmissionKey(t *testing.T) {
 	}
 	if j, ok := restored.JobBySubmissionKey(first.SubmissionKey); !ok || j.ID != "j1" || !restored.SubmissionKeys() {
 		t.Fatalf("after a restore: JobBySubmissionKey = %+v %v, SubmissionKeys %v", j, ok, restored.SubmissionKeys())
+	}
+
+	dup := newHarness(t)
+	for id, key := range map[string]string{"a": "key-a", "b": "key-b"} {
+		cmd := dup.register(id, testSpec())
+		cmd.SubmissionKey = key
+		dup.must(CommandRegisterJob, cmd)
+	}
+	data := bytes.ReplaceAll(persist(t, dup.f), []byte(`"key-b"`), []byte(`"key-a"`))
+	if err := New().Restore(readCloser(data)); !errors.Is(err, ErrCorruptSnapshot) || !strings.Contains(err.Error(), "same submission key") {
+		t.Fatalf("restore of a snapshot with two jobs of a key: %v, want ErrCorruptSnapshot naming it", err)
 	}
 
 	h.must(CommandJobCancelled, JobCancelledCmd{JobID: "j1", Reason: "user request", Time: h.tick()})

@@ -83,9 +83,21 @@ func (s *State) check() error {
 			return fmt.Errorf("%w: savepoint %q is null or holds another id", ErrCorruptSnapshot, id)
 		}
 	}
+	keyOf := make(map[string]string) // submission key -> job
 	for _, id := range slices.Sorted(maps.Keys(s.Jobs)) {
 		if err := s.Jobs[id].check(id); err != nil {
 			return fmt.Errorf("%w: job %q: %v", ErrCorruptSnapshot, id, err)
+		}
+		// One job per key is what RegisterJob keeps, and what the lookup
+		// of a key relies on to answer the same on every replica.
+		if k := s.Jobs[id].SubmissionKey; k != "" {
+			if err := ValidSubmissionKey(k); err != nil {
+				return fmt.Errorf("%w: job %q: %v", ErrCorruptSnapshot, id, err)
+			}
+			if other, ok := keyOf[k]; ok {
+				return fmt.Errorf("%w: jobs %q and %q have the same submission key", ErrCorruptSnapshot, other, id)
+			}
+			keyOf[k] = id
 		}
 	}
 	return nil

@@ -425,17 +425,34 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, key string, 
 	if fromSavepoint != "" {
 		path += "?from_savepoint=" + url.QueryEscape(fromSavepoint)
 	}
-	chosen := key != ""
-	if !chosen {
-		key = rand.Text() // 128 bits
+	// A coordinator older than keys ignores the header: as the leader, it
+	// would register the job again each time it is sent.
+	older, err := coordinatorsBelowKeys(ctx, c, stderr)
+	if err != nil {
+		return "", err
 	}
-	data, err := c.doAgain(ctx, http.MethodPost, path, spec, http.Header{"Idempotency-Key": {key}}, stderr)
-	var ae *apiError
-	if !chosen && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "Idempotency-Key needs every coordinator") {
-		// A cluster in the middle of an upgrade: submitted once, without
-		// the key, and so not sent again.
-		fmt.Fprintf(stderr, "coordd: %v; submitting without a key, once\n", err)
+	chosen := key != ""
+	var data []byte
+	switch {
+	case older != "" && chosen:
+		return "", fmt.Errorf("-idempotency-key: coordinators %s are older than submission keys (feature level %d), and would ignore it; upgrade them first", older, submissionKeyLevel)
+	case older != "":
+		fmt.Fprintf(stderr, "coordd: coordinators %s are older than submission keys (feature level %d): submitting once, without a key, and not again if the outcome is unknown\n", older, submissionKeyLevel)
 		data, err = c.do(ctx, http.MethodPost, path, spec)
+	default:
+		if !chosen {
+			key = rand.Text() // 128 bits
+		}
+		var uncertain bool
+		data, uncertain, err = c.doAgain(ctx, http.MethodPost, path, spec, http.Header{"Idempotency-Key": {key}}, stderr)
+		var ae *apiError
+		if !chosen && !uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "Idempotency-Key needs every coordinator") {
+			// The leader knows of an older coordinator that gossip did
+			// not show here, and nothing was registered: once, without
+			// the key.
+			fmt.Fprintf(stderr, "coordd: %v; submitting once, without a key\n", err)
+			data, err = c.do(ctx, http.MethodPost, path, spec)
+		}
 	}
 	if err != nil {
 		return "", err
@@ -455,6 +472,35 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, key string, 
 	}
 	fmt.Fprintln(stdout, out.ID)
 	return out.ID, nil
+}
+
+// submissionKeyLevel is the feature level of coordinators that keep
+// submission keys (coordinator's submissionKeyLevel).
+const submissionKeyLevel = 5
+
+// coordinatorsBelowKeys returns the coordinators gossip shows (any not
+// left) below submissionKeyLevel, as a list for a message; "" if none.
+func coordinatorsBelowKeys(ctx context.Context, c *apiClient, warn io.Writer) (string, error) {
+	data, _, err := c.doAgain(ctx, http.MethodGet, "/v1/members", nil, nil, warn)
+	if err != nil {
+		return "", err
+	}
+	var members []struct {
+		ID           string `json:"id"`
+		Role         string `json:"role"`
+		Status       string `json:"status"`
+		FeatureLevel int    `json:"feature_level"`
+	}
+	if err := json.Unmarshal(data, &members); err != nil {
+		return "", fmt.Errorf("GET /v1/members: %w", err)
+	}
+	var older []string
+	for _, m := range members {
+		if m.Role == "coordinator" && m.Status != "left" && m.FeatureLevel < submissionKeyLevel {
+			older = append(older, fmt.Sprintf("%s (feature level %d)", m.ID, m.FeatureLevel))
+		}
+	}
+	return strings.Join(older, ", "), nil
 }
 
 // jobWaitPoll is how often `job run -wait` looks at the job.

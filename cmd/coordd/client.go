@@ -267,20 +267,27 @@ const (
 // outcome is unknown (502, 504) and a request that got no answer at all (a
 // coordinator restarting, a broken connection), saying so on warn. The
 // other answers, and a certificate the client does not trust, end it.
-func (c *apiClient) doAgain(ctx context.Context, method, path string, body []byte, hdr http.Header, warn io.Writer) ([]byte, error) {
+//
+// uncertain reports whether an attempt before the last may have been done:
+// one whose outcome was unknown, or that got no answer.
+func (c *apiClient) doAgain(ctx context.Context, method, path string, body []byte, hdr http.Header, warn io.Writer) (data []byte, uncertain bool, err error) {
 	deadline := time.Now().Add(resendWindow)
 	for {
 		actx, cancel := context.WithTimeout(ctx, resendAttempt)
-		data, err := c.doOnce(actx, method, path, body, hdr)
+		data, err = c.doOnce(actx, method, path, body, hdr)
 		cancel()
 		pause, again := resendPauseFor(err)
 		if !again || ctx.Err() != nil || time.Now().Add(pause).After(deadline) {
-			return data, err
+			return data, uncertain, err
+		}
+		var ae *apiError
+		if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable {
+			uncertain = true // 503 is a write refused before the log
 		}
 		fmt.Fprintf(warn, "coordd: %v; sending it again in %v\n", err, pause)
 		select {
 		case <-ctx.Done():
-			return data, err
+			return data, uncertain, err
 		case <-time.After(pause):
 		}
 	}

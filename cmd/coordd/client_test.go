@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -58,21 +60,32 @@ func TestClientReadsAgainWhileTheCoordinatorCatchesUp(t *testing.T) {
 // an idempotency key, and sends it again with that key while the outcome is
 // unknown (504, 502), no coordinator could take it (503) or no answer came,
 // and stops at an answer that settles it: the coordinators answer the same
-// submission sent again with its job, so it is registered once.
+// submission sent again with its job, so it is registered once. Where a
+// coordinator is older than keys, and would ignore the header, it submits
+// once without one, and not again.
 func TestJobRunSendsAgainWithTheSameKey(t *testing.T) {
 	spec := filepath.Join(t.TempDir(), "job.json")
 	if err := os.WriteFile(spec, []byte(`{"name": "wc", "source": {}}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	var mu sync.Mutex
-	var keys []string
-	answers := []int{http.StatusGatewayTimeout, http.StatusServiceUnavailable, 0, http.StatusBadGateway, http.StatusOK}
-	answer409 := `{"error": "outcome unknown"}`
+	var keys []string // of each POST: its Idempotency-Key
+	var answers []int
+	var oldLevel int // c3's feature level
+	const levelRefusal = `{"error": "Idempotency-Key needs every coordinator at feature level 5 or newer (this build: 5); older: c9 (not seen in gossip)"}`
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
+		if r.Method == http.MethodGet {
+			level := oldLevel
+			mu.Unlock()
+			fmt.Fprintf(w, `[{"id": "c1", "role": "coordinator", "status": "alive", "feature_level": 5},
+				{"id": "c2", "role": "coordinator", "status": "left", "feature_level": 3},
+				{"id": "w1", "role": "worker", "status": "alive", "feature_level": 4},
+				{"id": "c3", "role": "coordinator", "status": "dead", "feature_level": %d}]`, level)
+			return
+		}
 		code := answers[min(len(keys), len(answers)-1)]
 		keys = append(keys, strings.Join(r.Header.Values("Idempotency-Key"), ","))
-		body409 := answer409
 		mu.Unlock()
 		switch code {
 		case 0: // no answer: the connection breaks
@@ -84,7 +97,7 @@ func TestJobRunSendsAgainWithTheSameKey(t *testing.T) {
 			_, _ = w.Write([]byte(`{"id": "wc-0000abcd"}`))
 		case http.StatusConflict:
 			w.WriteHeader(code)
-			_, _ = w.Write([]byte(body409))
+			_, _ = w.Write([]byte(levelRefusal))
 		default:
 			w.WriteHeader(code)
 			_, _ = w.Write([]byte(`{"error": "outcome unknown"}`))
@@ -96,18 +109,26 @@ func TestJobRunSendsAgainWithTheSameKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	var out, warn bytes.Buffer
-	id, err := jobRun(context.Background(), c, spec, "", "", &out, &warn)
-	if err != nil {
-		t.Fatalf("job run: %v (warnings %q)", err, warn.String())
+	run := func(key string, level int, codes ...int) (string, []string, error) {
+		t.Helper()
+		mu.Lock()
+		keys, answers, oldLevel = nil, codes, level
+		mu.Unlock()
+		out.Reset()
+		warn.Reset()
+		id, err := jobRun(context.Background(), c, spec, "", key, &out, &warn)
+		mu.Lock()
+		defer mu.Unlock()
+		return id, slices.Clone(keys), err
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if id != "wc-0000abcd" || len(keys) != 5 || len(keys[0]) < 16 || strings.Contains(keys[0], ",") {
-		t.Fatalf("job run: id %q after requests with keys %q, want the job after 5 requests with one key each", id, keys)
+
+	id, sent, err := run("", 5, http.StatusGatewayTimeout, http.StatusServiceUnavailable, 0, http.StatusBadGateway, http.StatusOK)
+	if err != nil || id != "wc-0000abcd" || len(sent) != 5 || len(sent[0]) < 16 || strings.Contains(sent[0], ",") {
+		t.Fatalf("job run: %q, %v after requests with keys %q, want the job after 5 requests with one key each", id, err, sent)
 	}
-	for i, sent := range keys {
-		if sent != keys[0] {
-			t.Errorf("request %d sent key %q, want %q every time", i, sent, keys[0])
+	for i, k := range sent {
+		if k != sent[0] {
+			t.Errorf("request %d sent key %q, want %q every time", i, k, sent[0])
 		}
 	}
 	// net/http sends a request with an Idempotency-Key again itself when
@@ -117,24 +138,28 @@ func TestJobRunSendsAgainWithTheSameKey(t *testing.T) {
 	}
 
 	// An answer that settles it is not sent again; -idempotency-key is
-	// sent as given.
-	keys, answers, answer409 = nil, []int{http.StatusConflict}, `{"error": "Idempotency-Key \"k\" is job wc-1's, which was submitted with another spec"}`
-	mu.Unlock()
+	// sent as given, and never dropped.
 	var ae *apiError
-	_, err = jobRun(context.Background(), c, spec, "", "deploy-42", &out, &warn)
-	mu.Lock()
-	if !errors.As(err, &ae) || ae.Status != http.StatusConflict || len(keys) != 1 || keys[0] != "deploy-42" {
-		t.Fatalf("job run -idempotency-key deploy-42 answered 409: %v after keys %q, want the 409 after one request with deploy-42", err, keys)
+	if _, sent, err := run("deploy-42", 5, http.StatusConflict); !errors.As(err, &ae) || ae.Status != http.StatusConflict || len(sent) != 1 || sent[0] != "deploy-42" {
+		t.Fatalf("job run -idempotency-key deploy-42 answered 409: %v after keys %q, want the 409 after one request with deploy-42", err, sent)
 	}
 
-	// A cluster whose coordinators are not all at the level of keys yet:
-	// submitted once more, without a key.
-	keys, answers, answer409 = nil, []int{http.StatusConflict, http.StatusCreated}, `{"error": "Idempotency-Key needs every coordinator at feature level 5 or newer"}`
-	warn.Reset()
-	mu.Unlock()
-	id, err = jobRun(context.Background(), c, spec, "", "", &out, &warn)
-	mu.Lock()
-	if err != nil || id != "wc-0000abcd" || len(keys) != 2 || keys[0] == "" || keys[1] != "" || !strings.Contains(warn.String(), "without a key") {
-		t.Fatalf("job run on an older cluster: %q, %v after keys %q (stderr %q), want the job after a keyed request and one without", id, err, keys, warn.String())
+	// The leader refuses keys for a coordinator gossip did not show here:
+	// as the first answer, submitted once more without a key; after an
+	// unknown outcome, not, since the first may have registered the job.
+	if id, sent, err := run("", 5, http.StatusConflict, http.StatusCreated); err != nil || id != "wc-0000abcd" || len(sent) != 2 || sent[0] == "" || sent[1] != "" {
+		t.Fatalf("job run refused keys at once: %q, %v after keys %q (stderr %q), want the job after a keyed request and one without", id, err, sent, warn.String())
+	}
+	if _, sent, err := run("", 5, http.StatusGatewayTimeout, http.StatusConflict, http.StatusCreated); !errors.As(err, &ae) || ae.Status != http.StatusConflict || len(sent) != 2 {
+		t.Fatalf("job run refused keys after an unknown outcome: %v after keys %q, want the 409 after the two keyed requests", err, sent)
+	}
+
+	// Gossip shows an older coordinator (c3, dead for now, may come back
+	// as the leader): once, without a key, and not again after a 504.
+	if _, sent, err := run("", 4, http.StatusGatewayTimeout, http.StatusCreated); !errors.As(err, &ae) || ae.Status != http.StatusGatewayTimeout || len(sent) != 1 || sent[0] != "" || !strings.Contains(warn.String(), "c3 (feature level 4)") {
+		t.Fatalf("job run beside an older coordinator: %v after keys %q (stderr %q), want the 504 after one request without a key, naming c3", err, sent, warn.String())
+	}
+	if _, sent, err := run("deploy-43", 4, http.StatusCreated); err == nil || !strings.Contains(err.Error(), "c3 (feature level 4)") || len(sent) != 0 {
+		t.Fatalf("job run -idempotency-key beside an older coordinator: %v after keys %q, want an error naming c3 before any submission", err, sent)
 	}
 }
