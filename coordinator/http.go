@@ -239,6 +239,9 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		s.writeApplyError(w, err)
 		return
 	}
+	if s.cfg.Failpoint != nil {
+		s.cfg.Failpoint("leader-after-register-job") // registered, not answered
+	}
 	s.logger.Info("job submitted", "job", id, "operator", spec.Operator.Name, "topic", spec.Source.Topic)
 	writeJSON(w, http.StatusCreated, map[string]string{"id": id})
 }

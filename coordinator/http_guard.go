@@ -117,8 +117,10 @@ var crossOrigin = http.NewCrossOriginProtection()
 // crossOrigin nor the browser's same-origin rule keep it from reading the
 // jobs' state or submitting jobs from the machine of whoever opened the
 // page. Clients on the machine name it by an IP address, localhost, or its
-// host name; a request over the network is not a browser's on this
-// machine, and an API with tokens or TLS needs what the page lacks.
+// host name (or send no Host: HTTP/1.0 health checks; browsers always send
+// one). An API with tokens or TLS needs what the page lacks. An open API
+// reached over the network is open to whoever reaches it, a page rebound to
+// its address too: that takes tokens (docs/security.md).
 func (s *Server) checkRebinding(r *http.Request) error {
 	if !s.openAPI() {
 		return nil
@@ -135,27 +137,18 @@ func (s *Server) checkRebinding(r *http.Request) error {
 		host = h
 	}
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil {
+	if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err == nil || host == "" {
 		return nil
 	}
-	if host == "localhost" || strings.HasSuffix(host, ".localhost") || slices.Contains(s.ownHostNames(), host) {
+	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
 		return nil
 	}
-	return fmt.Errorf("host %q: refused on an API without tokens or TLS reached over loopback, as a page of another site would reach it by DNS rebinding; name it by 127.0.0.1, localhost or this machine's host name, or give it API tokens (-acl-tokens-file)", r.Host)
-}
-
-// ownHostNames returns the names of this coordinator a client on its
-// machine may use: the machine's host name and the host of the advertised
-// HTTP address, lower case.
-func (s *Server) ownHostNames() []string {
-	var names []string
-	if h, err := os.Hostname(); err == nil {
-		names = append(names, strings.ToLower(h))
+	// Debian and others map the machine's name to 127.0.1.1.
+	if name, err := os.Hostname(); err == nil && name != "" && host == strings.ToLower(name) {
+		return nil
 	}
-	if h, _, err := net.SplitHostPort(s.httpAddr); err == nil {
-		names = append(names, strings.ToLower(h))
-	}
-	return names
+	s.logger.Warn("refused a request over loopback naming another host (DNS rebinding?)", "host", r.Host, "method", r.Method, "path", r.URL.Path, "remote", r.RemoteAddr)
+	return fmt.Errorf("host %q: refused on an API without tokens or TLS reached over loopback, as a page of another site would reach it by DNS rebinding; name it by 127.0.0.1, localhost or this machine's host name, or give it API tokens (-acl-tokens-file) or TLS", r.Host)
 }
 
 // routeOpts are an endpoint's bounds and rules.

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -371,6 +372,19 @@ func TestOpenAPIRefusesRebindingHosts(t *testing.T) {
 		if code, body := send(s, http.MethodGet, "/v1/jobs", host, ""); code != http.StatusOK {
 			t.Errorf("GET /v1/jobs with Host %s: %d %s, want 200", host, code, body)
 		}
+	}
+
+	// An HTTP/1.0 health check sends no Host; a browser always does.
+	conn, err := net.Dial("tcp", s.HTTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "GET /v1/status HTTP/1.0\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := http.ReadResponse(bufio.NewReader(conn), nil); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("HTTP/1.0 GET /v1/status without a Host: %v, %v; want 200", resp, err)
 	}
 
 	tokens := writeTokensFile(t, t.TempDir())

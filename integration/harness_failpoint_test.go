@@ -28,10 +28,24 @@ func (c *cluster) armFailpoints(t *testing.T) {
 // coordinator or worker id; the exit is expected from then on.
 func (c *cluster) crashAt(t *testing.T, name string, timeout time.Duration) string {
 	t.Helper()
-	path := filepath.Join(c.dir, "failpoints", name)
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
+	c.armFailpoint(t, name)
+	return c.crashedAt(t, name, timeout)
+}
+
+// armFailpoint arms failpoint name: the first process of the cluster to
+// reach it SIGKILLs itself there.
+func (c *cluster) armFailpoint(t *testing.T, name string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(c.dir, "failpoints", name), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// crashedAt waits until a process of the cluster reached the armed
+// failpoint name and died there, and returns its id, as crashAt does.
+func (c *cluster) crashedAt(t *testing.T, name string, timeout time.Duration) string {
+	t.Helper()
+	path := filepath.Join(c.dir, "failpoints", name)
 	deadline := time.Now().Add(timeout)
 	for {
 		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
