@@ -2,7 +2,9 @@ package coordinator
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -99,6 +101,19 @@ func (s *Server) noLeaderError() string {
 		s.cfg.ID, s.raft.State(), s.raft.CurrentTerm(), voters/2+1, voters)
 }
 
+// forwardFailure says how a follower answers a forward that failed: a
+// connection to the leader that could not be opened carried no request,
+// which is safe to send again (503, as with no leader); any other failure
+// may have come after the leader had the request, and applied it (502,
+// outcome unknown).
+func forwardFailure(err error) (status int, msg string) {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return http.StatusServiceUnavailable, "no leader reachable, nothing sent: send it again"
+	}
+	return http.StatusBadGateway, "outcome unknown: read the state before sending it again (a job submission with an Idempotency-Key may be sent again as it is)"
+}
+
 // forwardToLeader proxies r to the leader's HTTP API: one hop only. This
 // node has authorized r already (guard); the Authorization header goes along,
 // and with TLS the leader sees this node's coordinator certificate, which it
@@ -144,8 +159,8 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			s.logger.Warn("forward to leader failed", "leader", id, "leader_http_addr", httpAddr, "method", r.Method, "path", r.URL.Path, "err", err)
-			// The leader may have had the request, and applied it.
-			writeError(w, http.StatusBadGateway, fmt.Sprintf("outcome unknown: forward to leader %s at %s: %v; read the state before sending it again", id, httpAddr, err))
+			status, msg := forwardFailure(err)
+			writeError(w, status, fmt.Sprintf("%s: forward to leader %s at %s: %v", msg, id, httpAddr, err))
 		},
 	}
 	s.logger.Debug("forwarding write to leader", "leader", id, "method", r.Method, "path", r.URL.Path)

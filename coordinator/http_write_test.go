@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -391,5 +392,21 @@ func TestOpenAPIRefusesRebindingHosts(t *testing.T) {
 	guarded := startSingle(t, testLogger(t), "c2", func(c *Config) { c.ACLTokensFile = tokens })
 	if code, body := send(guarded, http.MethodGet, "/v1/jobs", "rebind.example", ""); code != http.StatusUnauthorized {
 		t.Errorf("GET /v1/jobs with Host rebind.example of an API with tokens: %d %s, want 401: the tokens decide", code, body)
+	}
+}
+
+// TestForwardFailureSaysWhetherToSendAgain: a follower that could not open
+// a connection to the leader sent nothing (503: send it again); any other
+// failure may have come after the leader had the write (502, outcome
+// unknown).
+func TestForwardFailureSaysWhetherToSendAgain(t *testing.T) {
+	refused := &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connect: connection refused")}
+	if code, msg := forwardFailure(fmt.Errorf("proxy: %w", refused)); code != http.StatusServiceUnavailable || strings.Contains(msg, "outcome unknown") {
+		t.Errorf("dial refused: %d %q, want 503 without outcome unknown", code, msg)
+	}
+	for _, err := range []error{io.EOF, &net.OpError{Op: "read", Net: "tcp", Err: errors.New("connection reset by peer")}, context.DeadlineExceeded} {
+		if code, msg := forwardFailure(err); code != http.StatusBadGateway || !strings.Contains(msg, "outcome unknown") {
+			t.Errorf("%v: %d %q, want 502 outcome unknown", err, code, msg)
+		}
 	}
 }
