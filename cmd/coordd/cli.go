@@ -116,7 +116,13 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			case purge:
 				return jobPurge(ctx, c, id, force, purgeWait, stdout)
 			}
-			data, err := c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil)
+			// Sent again after an unknown outcome, a cancel that finds the
+			// job cancelled (409) may be finding its own first attempt's.
+			data, uncertain, err := c.doAgain(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil, nil, stderr)
+			var ae *apiError
+			if uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "already cancelled") {
+				data, err = []byte(fmt.Sprintf(`{"id": %q, "status": "cancelled"}`, id)), nil
+			}
 			if err != nil {
 				return err
 			}
@@ -158,7 +164,7 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 	if sub == "savepoint" || withSavepoint || purge || export != "" {
 		timeout = longRequestTimeout
 	}
-	if sub == "run" {
+	if sub == "run" || (sub == "cancel" && timeout == requestTimeout) {
 		timeout = resendWindow + requestTimeout // sent again after an unknown outcome
 	}
 	if wait {

@@ -163,3 +163,42 @@ func TestJobRunSendsAgainWithTheSameKey(t *testing.T) {
 		t.Fatalf("job run -idempotency-key beside an older coordinator: %v after keys %q, want an error naming c3 before any submission", err, sent)
 	}
 }
+
+// TestJobCancelSentAgain: `job cancel` sends the cancel again while its
+// outcome is unknown, and a 409 "already cancelled" after such an attempt
+// is its own first attempt's doing: success. The same 409 as the first
+// answer is the user's error.
+func TestJobCancelSentAgain(t *testing.T) {
+	var mu sync.Mutex
+	var answers []int
+	sent := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		code := answers[min(sent, len(answers)-1)]
+		sent++
+		mu.Unlock()
+		w.WriteHeader(code)
+		if code == http.StatusConflict {
+			_, _ = w.Write([]byte(`{"error": "job j1 is already cancelled"}`))
+			return
+		}
+		_, _ = w.Write([]byte(`{"error": "outcome unknown"}`))
+	}))
+	defer srv.Close()
+	cancel := func(codes ...int) (int, string, error) {
+		mu.Lock()
+		answers, sent = codes, 0
+		mu.Unlock()
+		var out, errOut bytes.Buffer
+		err := runJob([]string{"cancel", "-addr", srv.URL, "j1"}, &out, &errOut)
+		mu.Lock()
+		defer mu.Unlock()
+		return sent, out.String(), err
+	}
+	if n, out, err := cancel(http.StatusGatewayTimeout, http.StatusConflict); err != nil || n != 2 || !strings.Contains(out, "job j1 cancelled") {
+		t.Fatalf("cancel answered 504, then 409 already cancelled: %v after %d requests, stdout %q; want success after 2", err, n, out)
+	}
+	if n, _, err := cancel(http.StatusConflict); err == nil || n != 1 {
+		t.Fatalf("cancel answered 409 already cancelled at once: %v after %d requests, want the error after 1", err, n)
+	}
+}
