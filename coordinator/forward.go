@@ -105,13 +105,29 @@ func (s *Server) noLeaderError() string {
 // connection to the leader that could not be opened carried no request,
 // which is safe to send again (503, as with no leader); any other failure
 // may have come after the leader had the request, and applied it (502,
-// outcome unknown).
-func forwardFailure(err error) (status int, msg string) {
+// outcome unknown). A replayable request (replayable) is the exception:
+// net/http sends it again on a new connection after a reused one failed,
+// so a failed dial may follow a request the leader had.
+func forwardFailure(err error, replayable bool) (status int, msg string) {
 	var op *net.OpError
-	if errors.As(err, &op) && op.Op == "dial" {
+	if errors.As(err, &op) && op.Op == "dial" && !replayable {
 		return http.StatusServiceUnavailable, "no leader reachable, nothing sent: send it again"
 	}
 	return http.StatusBadGateway, "outcome unknown: read the state before sending it again (a job submission with an Idempotency-Key may be sent again as it is)"
+}
+
+// replayable reports whether net/http's transport may send the forward of r
+// again on a new connection (Request.isReplayable): without a body, with an
+// idempotent method or an idempotency key.
+func replayable(r *http.Request) bool {
+	if r.ContentLength != 0 {
+		return false // the proxy's outgoing body cannot be rewound
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return r.Header.Get("Idempotency-Key") != "" || r.Header.Get("X-Idempotency-Key") != ""
 }
 
 // forwardToLeader proxies r to the leader's HTTP API: one hop only. This
@@ -159,7 +175,7 @@ func (s *Server) forwardToLeader(w http.ResponseWriter, r *http.Request) {
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			s.logger.Warn("forward to leader failed", "leader", id, "leader_http_addr", httpAddr, "method", r.Method, "path", r.URL.Path, "err", err)
-			status, msg := forwardFailure(err)
+			status, msg := forwardFailure(err, replayable(r))
 			writeError(w, status, fmt.Sprintf("%s: forward to leader %s at %s: %v", msg, id, httpAddr, err))
 		},
 	}

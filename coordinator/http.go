@@ -203,6 +203,10 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		// The cluster default, fixed into the spec now so that every later
 		// leader uses the storage the job started with.
 		spec.Checkpoint.Storage = s.cfg.CheckpointStorage
+		if err := fsm.StoragePrefixProblem(spec.Checkpoint.Storage); err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("checkpoint.storage is left out, and the cluster default (coordd's -checkpoint-storage) will not do for a new job: %v; name a storage in the spec", err))
+			return
+		}
 	}
 	if key != "" {
 		// Once the log holds a key, no coordinator below the level joins

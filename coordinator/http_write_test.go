@@ -401,11 +401,24 @@ func TestOpenAPIRefusesRebindingHosts(t *testing.T) {
 // unknown).
 func TestForwardFailureSaysWhetherToSendAgain(t *testing.T) {
 	refused := &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connect: connection refused")}
-	if code, msg := forwardFailure(fmt.Errorf("proxy: %w", refused)); code != http.StatusServiceUnavailable || strings.Contains(msg, "outcome unknown") {
+	if code, msg := forwardFailure(fmt.Errorf("proxy: %w", refused), false); code != http.StatusServiceUnavailable || strings.Contains(msg, "outcome unknown") {
 		t.Errorf("dial refused: %d %q, want 503 without outcome unknown", code, msg)
 	}
+	// net/http may have sent a replayable request on a reused connection
+	// before the dial of its second try failed.
+	if code, _ := forwardFailure(refused, true); code != http.StatusBadGateway {
+		t.Errorf("dial refused for a replayable request: %d, want 502", code)
+	}
+	del := httptest.NewRequest(http.MethodDelete, "/v1/jobs/j1", nil)
+	post := httptest.NewRequest(http.MethodPost, "/v1/jobs", strings.NewReader("{}"))
+	post.Header.Set("Idempotency-Key", "k")
+	keyedDel := httptest.NewRequest(http.MethodDelete, "/v1/jobs/j1", nil)
+	keyedDel.Header.Set("Idempotency-Key", "k")
+	if replayable(del) || replayable(post) || !replayable(keyedDel) {
+		t.Errorf("replayable: DELETE %v, POST with a body and a key %v, DELETE with a key %v; want false, false, true", replayable(del), replayable(post), replayable(keyedDel))
+	}
 	for _, err := range []error{io.EOF, &net.OpError{Op: "read", Net: "tcp", Err: errors.New("connection reset by peer")}, context.DeadlineExceeded} {
-		if code, msg := forwardFailure(err); code != http.StatusBadGateway || !strings.Contains(msg, "outcome unknown") {
+		if code, msg := forwardFailure(err, false); code != http.StatusBadGateway || !strings.Contains(msg, "outcome unknown") {
 			t.Errorf("%v: %d %q, want 502 outcome unknown", err, code, msg)
 		}
 	}

@@ -231,6 +231,9 @@ func (s *Server) resolveSavepoint(ctx context.Context, ref string) (*fsm.Savepoi
 	if err := fsm.ValidateStorageURL(ref); err != nil {
 		return nil, fmt.Errorf("savepoint URL: %w", err)
 	}
+	if err := fsm.StoragePrefixProblem(ref); err != nil {
+		return nil, fmt.Errorf("savepoint URL: %w", err)
+	}
 	store, err := storage.Open(ctx, ref)
 	if err != nil {
 		return nil, fmt.Errorf("open savepoint %s: %w", ref, err)

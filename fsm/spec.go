@@ -521,6 +521,9 @@ func (s JobSpec) validate(knownOperator func(string) bool, sub *submission) erro
 	if err := ValidateStorageURL(c.Storage); err != nil {
 		return fieldErr("checkpoint.storage", "%v", err)
 	}
+	if err := StoragePrefixProblem(c.Storage); strict && err != nil {
+		return fieldErr("checkpoint.storage", "%v", err)
+	}
 	if c.InlineThreshold < 0 || c.InlineThreshold > MaxInlineThreshold {
 		return fieldErr("checkpoint.inline_threshold", "must be between 0 and %d bytes, not %d", MaxInlineThreshold, c.InlineThreshold)
 	}
@@ -735,6 +738,24 @@ func cutString(s string, n int) string {
 		n--
 	}
 	return s[:n]
+}
+
+// StoragePrefixProblem returns an error if storage URL raw has a prefix
+// option that does not end in "/". The store puts the prefix before every
+// path as it is, so that checkpoints/ would be written under "pcheckpoints/",
+// while a savepoint's own URL (storage.SubURL) takes the prefix as a
+// directory, "p/": such a savepoint would not restore. Only new jobs are
+// held to it (ParseJobSpec, and the API for a savepoint's URL): jobs
+// registered with such a URL keep their files where they are.
+func StoragePrefixProblem(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil // ValidateStorageURL says what is wrong
+	}
+	if p := u.Query().Get("prefix"); p != "" && !strings.HasSuffix(p, "/") {
+		return fmt.Errorf("%q: prefix=%s must end in \"/\" (prefix=%s/): it names a directory", raw, p, p)
+	}
+	return nil
 }
 
 // ValidateStorageURL checks the form of a checkpoint storage URL: empty (no

@@ -156,6 +156,7 @@ func TestParseJobSpecErrors(t *testing.T) {
 		{"transaction timeout too long", edit(`"topic": "counts"`, `"topic": "counts", "transaction_timeout": "1h"`), "sink.transaction_timeout: must not exceed 15m0s (Kafka's default transaction.max.timeout.ms), not 1h0m0s; with checkpoint.timeout 30s the default would be 1m31s: lower checkpoint.timeout", "sink.transaction_timeout"},
 		{"default transaction timeout too long", edit(`"timeout": "30s"`, `"timeout": "10m"`), "sink.transaction_timeout: must exceed checkpoint.interval + 2 x checkpoint.timeout (20m1s), longer than Kafka allows a transaction by default (15m0s): lower checkpoint.timeout, or use at_least_once", "sink.transaction_timeout"},
 		{"transaction settings at least once", edit(`"topic": "counts"`, `"topic": "counts", "delivery": "at_least_once", "transaction_timeout": "2m"`), "sink.delivery: an at_least_once sink writes no transactions: remove transaction_timeout and transactional_id_prefix, or use exactly_once", "sink.delivery"},
+		{"storage prefix not a directory", edit(`"retained": 3`, `"retained": 3, "storage": "s3://b?prefix=team-a"`), `checkpoint.storage: "s3://b?prefix=team-a": prefix=team-a must end in "/" (prefix=team-a/): it names a directory`, "checkpoint.storage"},
 		{"bad transactional id prefix", edit(`"topic": "counts"`, `"topic": "counts", "transactional_id_prefix": "a b"`), "sink.transactional_id_prefix: must be 1-128 characters of A-Z a-z 0-9 . _ -", "sink.transactional_id_prefix"},
 		{"interval too short", edit(`"interval": "1s"`, `"interval": "5ms"`), "checkpoint.interval: must be between 10ms and 1h, not 5ms", "checkpoint.interval"},
 		{"negative timeout", edit(`"timeout": "30s"`, `"timeout": "-1s"`), "checkpoint.timeout: must be between 100ms and 1h, not -1s", "checkpoint.timeout"},
@@ -475,6 +476,7 @@ func TestValidateKeepsAcceptingStoredSpecs(t *testing.T) {
 	spec.Checkpoint.TolerableFailures = 1 << 30
 	spec.Source.Group = strings.Repeat("g", 900<<10)
 	spec.Restart = RestartSpec{Initial: 1, Max: Duration(1000 * time.Hour), ResetAfter: 1}
+	spec.Checkpoint.Storage = "s3://b?prefix=team-a" // refused for new jobs only
 	if err := spec.Validate(nil); err != nil {
 		t.Fatalf("Validate: %v", err)
 	}

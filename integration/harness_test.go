@@ -48,7 +48,7 @@ const (
 	stopTimeout    = 15 * time.Second // a process exits after SIGTERM
 	leaderTimeout  = 60 * time.Second // the coordinators agree on a leader
 	httpTimeout    = 5 * time.Second  // one HTTP request
-	cliTimeout     = 30 * time.Second // one CLI command
+	cliTimeout     = 90 * time.Second // one CLI command, which may send a write again for 30 s
 	pollInterval   = 100 * time.Millisecond
 	progressPeriod = 15 * time.Second // how often a long wait logs why it still waits
 	logTailLines   = 60

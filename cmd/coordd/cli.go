@@ -32,7 +32,8 @@ const jobUsage = `Usage: coordd job <command> [-addr URL] [flags] [arguments]
   job list              list jobs
   job status ID         show a job
   job cancel ID [-savepoint | -purge [-force] [-purge-wait 30s]]
-                        cancel a job; with -savepoint, stop it with a final savepoint;
+                        cancel a job (sent again while the outcome is unknown);
+                        with -savepoint, stop it with a final savepoint;
                         with -purge (also of a cancelled job), remove it and its checkpoint
                         files once its tasks have stopped, without waiting for -job-gc-threshold;
                         -force: even if its files cannot be deleted; -purge-wait: how long
@@ -116,12 +117,19 @@ func runJob(args []string, stdout, stderr io.Writer) error {
 			case purge:
 				return jobPurge(ctx, c, id, force, purgeWait, stdout)
 			}
-			// Sent again after an unknown outcome, a cancel that finds the
-			// job cancelled (409) may be finding its own first attempt's.
+			// Sent again after an unknown outcome, a cancel refused (409)
+			// because the job is cancelled, before the request or in the
+			// log behind the first attempt, may be refused for that
+			// attempt's doing: the job's status says whether it is done.
 			data, uncertain, err := c.doAgain(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(id), nil, nil, stderr)
 			var ae *apiError
-			if uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "already cancelled") {
-				data, err = []byte(fmt.Sprintf(`{"id": %q, "status": "cancelled"}`, id)), nil
+			if uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict {
+				var job struct {
+					Status string `json:"status"`
+				}
+				if c.getJSON(ctx, "/v1/jobs/"+url.PathEscape(id), &job) == nil && job.Status == "cancelled" {
+					data, err = []byte(fmt.Sprintf(`{"id": %q, "status": "cancelled"}`, id)), nil
+				}
 			}
 			if err != nil {
 				return err

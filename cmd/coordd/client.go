@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -281,8 +282,14 @@ func (c *apiClient) doAgain(ctx context.Context, method, path string, body []byt
 			return data, uncertain, err
 		}
 		var ae *apiError
-		if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable {
-			uncertain = true // 503 is a write refused before the log
+		var op *net.OpError
+		switch {
+		case errors.As(err, &ae) && ae.Status == http.StatusServiceUnavailable:
+			// a write refused before the log
+		case !errors.As(err, &ae) && errors.As(err, &op) && op.Op == "dial":
+			// no connection: nothing sent
+		default:
+			uncertain = true
 		}
 		fmt.Fprintf(warn, "coordd: %v; sending it again in %v\n", err, pause)
 		select {

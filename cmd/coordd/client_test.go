@@ -165,21 +165,27 @@ func TestJobRunSendsAgainWithTheSameKey(t *testing.T) {
 }
 
 // TestJobCancelSentAgain: `job cancel` sends the cancel again while its
-// outcome is unknown, and a 409 "already cancelled" after such an attempt
-// is its own first attempt's doing: success. The same 409 as the first
-// answer is the user's error.
+// outcome is unknown, and a 409 after such an attempt, with the job
+// cancelled, is its own first attempt's doing: success. The same 409 as the
+// first answer is the user's error, and so is one with the job running.
 func TestJobCancelSentAgain(t *testing.T) {
 	var mu sync.Mutex
 	var answers []int
 	sent := 0
+	status := "cancelled"
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
+		defer mu.Unlock()
+		if r.Method == http.MethodGet {
+			fmt.Fprintf(w, `{"id": "j1", "status": %q}`, status)
+			return
+		}
 		code := answers[min(sent, len(answers)-1)]
 		sent++
-		mu.Unlock()
 		w.WriteHeader(code)
 		if code == http.StatusConflict {
-			_, _ = w.Write([]byte(`{"error": "job j1 is already cancelled"}`))
+			// As the FSM words a cancel in the log behind another.
+			_, _ = w.Write([]byte(`{"error": "raft apply JobCancelled at index 9: cancel job j1: job cancelled"}`))
 			return
 		}
 		_, _ = w.Write([]byte(`{"error": "outcome unknown"}`))
@@ -200,5 +206,11 @@ func TestJobCancelSentAgain(t *testing.T) {
 	}
 	if n, _, err := cancel(http.StatusConflict); err == nil || n != 1 {
 		t.Fatalf("cancel answered 409 already cancelled at once: %v after %d requests, want the error after 1", err, n)
+	}
+	mu.Lock()
+	status = "running" // refused for another reason
+	mu.Unlock()
+	if n, _, err := cancel(http.StatusGatewayTimeout, http.StatusConflict); err == nil || n != 2 {
+		t.Fatalf("cancel answered 504, then 409 with the job running: %v after %d requests, want the error", err, n)
 	}
 }

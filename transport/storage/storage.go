@@ -23,6 +23,8 @@ import (
 	"hash"
 	"io"
 	"net/url"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"time"
@@ -39,6 +41,10 @@ type Store struct {
 	bucket *blob.Bucket
 	url    string // as given, credentials redacted
 	scheme string
+	// root and prefix, of a file:// store, are its directory and the
+	// prefix option its paths are put under: Delete removes the
+	// directories it leaves empty below root.
+	root, prefix string
 }
 
 // A Handle names a complete object and what it must contain.
@@ -89,6 +95,7 @@ func Open(ctx context.Context, rawURL string) (*Store, error) {
 			}
 		}
 		u.RawQuery = q.Encode()
+		s.root, s.prefix = filepath.Clean(filepath.FromSlash(u.Path)), q.Get("prefix")
 	case "s3":
 		if u.Host == "" {
 			return nil, fmt.Errorf("storage: store URL %s names no bucket (want s3://bucket)", s.url)
@@ -323,12 +330,35 @@ func (s *Store) ReadVerified(ctx context.Context, h Handle) ([]byte, error) {
 	return b, nil
 }
 
-// Delete deletes the object at path. A missing object is not an error.
+// Delete deletes the object at path. A missing object is not an error. In
+// a file:// store it also removes the directories the deletion left empty,
+// up to the store's own: every checkpoint writes a directory of its own,
+// and a file tree of empty ones would grow without end, and be walked by
+// every listing.
 func (s *Store) Delete(ctx context.Context, path string) error {
 	if err := s.bucket.Delete(ctx, path); err != nil && gcerrors.Code(err) != gcerrors.NotFound {
 		return s.wrap("delete", path, err)
 	}
+	if s.scheme == "file" {
+		s.removeEmptyDirs(path)
+	}
 	return nil
+}
+
+// removeEmptyDirs removes the directories of the file of object path from
+// the deepest up, stopping at the first that is not empty (os.Remove fails
+// on it) or at the store's directory. A writer that made such a directory
+// for a file of its own a moment before can lose it, and fail that write;
+// writers write only into the directory of the checkpoint in flight, which
+// holds no file Delete is asked to delete.
+func (s *Store) removeEmptyDirs(path string) {
+	dir := filepath.Dir(filepath.Join(s.root, filepath.FromSlash(s.prefix+path)))
+	for strings.HasPrefix(dir, s.root+string(filepath.Separator)) {
+		if os.Remove(dir) != nil {
+			return
+		}
+		dir = filepath.Dir(dir)
+	}
 }
 
 // List calls fn for every object whose path starts with prefix, and stops at

@@ -257,3 +257,52 @@ func TestSubURL(t *testing.T) {
 	}
 	rc.Close()
 }
+
+// TestFileDeleteRemovesEmptyDirectories: in a file:// store, a Delete removes
+// the directories it left empty, up to the store's own directory (and its
+// prefix's), and no directory that still holds anything.
+func TestFileDeleteRemovesEmptyDirectories(t *testing.T) {
+	ctx := context.Background()
+	s, dir := openTemp(t)
+	write := func(s *Store, path string) {
+		t.Helper()
+		if _, err := s.Create(ctx, path, func(w io.Writer) error {
+			_, err := io.WriteString(w, "x")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exists := func(rel string) bool {
+		_, err := os.Stat(filepath.Join(dir, filepath.FromSlash(rel)))
+		return err == nil
+	}
+	write(s, "checkpoints/j1/chk-1/map-0")
+	write(s, "checkpoints/j1/chk-2/map-0")
+	if err := s.Delete(ctx, "checkpoints/j1/chk-1/map-0"); err != nil {
+		t.Fatal(err)
+	}
+	if exists("checkpoints/j1/chk-1") || !exists("checkpoints/j1/chk-2/map-0") {
+		t.Fatalf("after deleting chk-1's file: chk-1 there %v, chk-2's file there %v; want the empty chk-1 gone, chk-2 kept", exists("checkpoints/j1/chk-1"), exists("checkpoints/j1/chk-2/map-0"))
+	}
+	if err := s.Delete(ctx, "checkpoints/j1/chk-2/map-0"); err != nil {
+		t.Fatal(err)
+	}
+	if exists("checkpoints") || !exists("") {
+		t.Fatalf("after deleting the last file: checkpoints/ there %v, the store's directory there %v; want it gone, the store kept", exists("checkpoints"), exists(""))
+	}
+
+	sub, err := Open(ctx, "file://"+dir+"?prefix=team-a/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	write(sub, "savepoints/j2/sp-3/_metadata")
+	write(s, "team-a/keep")
+	if err := sub.Delete(ctx, "savepoints/j2/sp-3/_metadata"); err != nil {
+		t.Fatal(err)
+	}
+	if exists("team-a/savepoints") || !exists("team-a/keep") {
+		t.Fatalf("through prefix=team-a/: savepoints/ there %v, team-a/keep there %v; want it gone and the sibling kept", exists("team-a/savepoints"), exists("team-a/keep"))
+	}
+}
