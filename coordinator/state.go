@@ -91,8 +91,11 @@ type collector struct {
 	running map[string]bool
 	last    map[string]time.Time
 	// unreferenced holds, per job, when each unreferenced file was first
-	// found so; it is forgotten with leadership (the next leader waits the
-	// grace again: later, never sooner).
+	// found so. It outlives this node's leadership (it is cleared only
+	// when the job is purged): an entry from an earlier term only shortens
+	// the wait of a file that was unreferenced then and still is, and no
+	// checkpoint takes up such a file again, as a new one builds only on
+	// the newest completed one's. Another leader waits the grace anew.
 	unreferenced map[string]map[string]time.Time
 	now          func() time.Time
 	wg           sync.WaitGroup
