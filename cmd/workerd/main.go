@@ -169,9 +169,11 @@ func run(args []string, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	var reloads []reload.Func
 	if cfg.TLS != nil {
-		go reload.OnSIGHUP(ctx, cfg.Logger, reload.Func{What: "tls certificates", Reload: cfg.TLS.Reload})
+		reloads = append(reloads, reload.Func{What: "tls certificates", Reload: cfg.TLS.Reload})
 	}
+	go reload.OnSIGHUP(ctx, cfg.Logger, reloads...)
 	return w.Run(ctx)
 }
 

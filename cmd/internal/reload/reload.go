@@ -18,11 +18,10 @@ type Func struct {
 
 // OnSIGHUP calls every f on each SIGHUP until ctx ends, logging each result.
 // A failed reload keeps what was loaded before: the callee must only swap
-// in new material once it has all of it.
+// in new material once it has all of it. With nothing to reload it still
+// takes the signal, and says so: SIGHUP's default action ends the process,
+// without its graceful stop, and `systemctl reload` sends one.
 func OnSIGHUP(ctx context.Context, logger *slog.Logger, fs ...Func) {
-	if len(fs) == 0 {
-		return
-	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -31,6 +30,9 @@ func OnSIGHUP(ctx context.Context, logger *slog.Logger, fs ...Func) {
 		case <-ctx.Done():
 			return
 		case <-hup:
+			if len(fs) == 0 {
+				logger.Info("SIGHUP: nothing to reload (no TLS files, no API tokens file)")
+			}
 			for _, f := range fs {
 				if err := f.Reload(); err != nil {
 					logger.Error("reload failed; keeping the old "+f.What, "err", err)

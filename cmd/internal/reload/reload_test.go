@@ -1,12 +1,15 @@
 package reload
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -56,4 +59,52 @@ func TestOnSIGHUP(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("OnSIGHUP did not return when its context ended")
 	}
+}
+
+// TestOnSIGHUPWithNothingToReload: a daemon with nothing to reload still
+// takes SIGHUP, which would otherwise end it without its graceful stop.
+func TestOnSIGHUPWithNothingToReload(t *testing.T) {
+	// As in TestOnSIGHUP: the test binary must outlive a signal sent
+	// before OnSIGHUP listens. The log line says OnSIGHUP took one.
+	guard := make(chan os.Signal, 16)
+	signal.Notify(guard, syscall.SIGHUP)
+	defer signal.Stop(guard)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var logged syncBuffer
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		OnSIGHUP(ctx, slog.New(slog.NewTextHandler(&logged, nil)))
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(logged.String(), "nothing to reload") {
+		if time.Now().After(deadline) {
+			t.Fatal("SIGHUP not taken within 10s")
+		}
+		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	<-done
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a reader at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
