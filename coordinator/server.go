@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -175,6 +176,18 @@ func DefaultConfig() Config {
 	}
 }
 
+// badJoinAddr returns the first of addrs that is not host:port, or "".
+func badJoinAddr(addrs []string) string {
+	for _, a := range addrs {
+		if _, port, err := net.SplitHostPort(a); err != nil {
+			return a
+		} else if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+			return a
+		}
+	}
+	return ""
+}
+
 // validate reports the first unusable field of c.
 func (c Config) validate() error {
 	switch {
@@ -186,6 +199,10 @@ func (c Config) validate() error {
 		return fmt.Errorf("checkpoint storage: %w", fsm.ValidateStorageURL(c.CheckpointStorage))
 	case c.RaftAddr == "", c.RPCAddr == "", c.HTTPAddr == "", c.GossipAddr == "":
 		return errors.New("raft, rpc, http and gossip addresses are required")
+	case badJoinAddr(c.Join) != "":
+		// Joins are tried again and again, and a bootstrap waits for
+		// them: a typo would wait for ever.
+		return fmt.Errorf("join address %q is not host:port", badJoinAddr(c.Join))
 	case c.BootstrapExpect < 0:
 		return fmt.Errorf("bootstrap-expect must not be negative, not %d", c.BootstrapExpect)
 	case c.BootstrapExpect > 0 && !c.Voter:

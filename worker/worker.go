@@ -20,6 +20,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -162,10 +163,29 @@ func DefaultConfig() Config {
 	}
 }
 
+// validPort reports whether port is a port number.
+func validPort(port string) bool {
+	n, err := strconv.ParseUint(port, 10, 16)
+	return err == nil && n > 0
+}
+
 // withDefaults validates cfg and fills zero tunables from DefaultConfig.
 func (cfg Config) withDefaults() (Config, error) {
 	if cfg.ID == "" {
 		return cfg, errors.New("worker config: ID is required")
+	}
+	// What every coordinator's Hello check refuses: a worker with such a
+	// config would ask for a session again and again, and never get one.
+	if !tlsutil.ValidID(cfg.ID) {
+		return cfg, fmt.Errorf("worker config: ID %.64q: use 1 to 128 letters, digits, '.', '_' or '-'", cfg.ID)
+	}
+	if cfg.Slots > transport.MaxWorkerSlots {
+		return cfg, fmt.Errorf("worker config: Slots %d: at most %d", cfg.Slots, transport.MaxWorkerSlots)
+	}
+	for _, addr := range cfg.Join {
+		if _, port, err := net.SplitHostPort(addr); err != nil || !validPort(port) {
+			return cfg, fmt.Errorf("worker config: join address %q is not host:port", addr)
+		}
 	}
 	if cfg.DataAddr == "" || cfg.GossipAddr == "" {
 		return cfg, errors.New("worker config: DataAddr and GossipAddr are required")

@@ -54,8 +54,12 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return usageError(fs, "unexpected argument %q", fs.Arg(0))
 	}
-	if *days < 0 {
-		return usageError(fs, "-days must be positive")
+	// 100 years is far beyond any sane certificate, and far from where
+	// days as a time.Duration overflow (about 106,751) into one that ended
+	// before it began.
+	const maxDays = 36500
+	if *days < 0 || *days > maxDays {
+		return usageError(fs, "-days %d: want 1 to %d", *days, maxDays)
 	}
 	if *format != "table" && *format != "json" {
 		return usageError(fs, "-format %q: want table or json", *format)

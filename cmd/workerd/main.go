@@ -142,6 +142,9 @@ func run(args []string, stderr io.Writer) error {
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Join = config.SplitList(*join)
+	if len(cfg.Join) == 0 {
+		cfg.Logger.Warn("no -join: this worker finds no coordinator until one joins its gossip address", "gossip_addr", cfg.GossipAddr)
+	}
 	cfg.Failpoint = failpoint.FromEnv()
 	if cfg.StateDir == "" && *dataDir != "" {
 		cfg.StateDir = filepath.Join(*dataDir, "state")

@@ -15,8 +15,25 @@ const REFRESH_MS = 2000;
 const routes = [
   [/^#\/cluster$/, () => clusterPage()],
   [/^#\/jobs$/, () => jobsPage()],
-  [/^#\/jobs\/([^/]+)$/, m => jobPage(decodeURIComponent(m[1]))],
+  [/^#\/jobs\/([^/]+)$/, m => {
+    const id = jobID(m[1]);
+    return id === null ? null : jobPage(id);
+  }],
 ];
+
+// jobID decodes the job id of a #/jobs/<id> route, or returns null for one
+// that is no job id: a malformed escape (decodeURIComponent throws), or
+// "." and "..", which the browser would resolve in the API's paths
+// (/v1/jobs/.. is /v1/), as a crafted link could ask.
+function jobID(raw) {
+  let id;
+  try {
+    id = decodeURIComponent(raw);
+  } catch {
+    return null;
+  }
+  return /^[A-Za-z0-9._-]{1,128}$/.test(id) && id !== '.' && id !== '..' ? id : null;
+}
 
 const el = id => document.getElementById(id);
 
@@ -28,8 +45,9 @@ function showRoute() {
   const hash = location.hash || '#/cluster';
   for (const [re, make] of routes) {
     const m = hash.match(re);
-    if (m) {
-      page = make(m);
+    const made = m && make(m);
+    if (made) {
+      page = made;
       el('main').replaceChildren(page.el);
       for (const a of document.querySelectorAll('[data-nav]')) {
         a.classList.toggle('active', a.dataset.nav === page.nav);
