@@ -824,7 +824,7 @@ func cancelMsg(ref *transport.TaskRef, reason string) *transport.CoordinatorMess
 }
 
 // maxHelloSlots bounds the slots and running tasks a Hello may report.
-const maxHelloSlots = transport.MaxWorkerSlots
+const maxHelloSlots = transport.MaxSlots
 
 // validateHello checks what a worker claims about itself, so that nothing
 // from the network reaches placement unchecked.

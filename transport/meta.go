@@ -54,11 +54,6 @@ type NodeMeta struct {
 //     that may be sent again, registered once.
 const FeatureLevel = 5
 
-// MaxWorkerSlots bounds the task slots a worker may offer: coordinators
-// refuse a session that offers more, and a worker refuses to start with
-// more.
-const MaxWorkerSlots = 1024
-
 // maxFeatureLevel bounds what a member may advertise: levels far beyond
 // any build are a forged or corrupt meta.
 const maxFeatureLevel = 1 << 16

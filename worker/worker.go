@@ -179,8 +179,8 @@ func (cfg Config) withDefaults() (Config, error) {
 	if !tlsutil.ValidID(cfg.ID) {
 		return cfg, fmt.Errorf("worker config: ID %.64q: use 1 to 128 letters, digits, '.', '_' or '-'", cfg.ID)
 	}
-	if cfg.Slots > transport.MaxWorkerSlots {
-		return cfg, fmt.Errorf("worker config: Slots %d: at most %d", cfg.Slots, transport.MaxWorkerSlots)
+	if cfg.Slots > transport.MaxSlots {
+		return cfg, fmt.Errorf("worker config: %d slots: at most %d", cfg.Slots, transport.MaxSlots)
 	}
 	for _, addr := range cfg.Join {
 		if _, port, err := net.SplitHostPort(addr); err != nil || !validPort(port) {

@@ -16,7 +16,7 @@ func TestConfigRefusesWhatCoordinatorsRefuse(t *testing.T) {
 		want string
 	}{
 		{"id with a space", func(c *Config) { c.ID = "w 1" }, `ID "w 1"`},
-		{"too many slots", func(c *Config) { c.Slots = 2000 }, "Slots 2000: at most 1024"},
+		{"too many slots", func(c *Config) { c.Slots = 2000 }, "2000 slots: at most 1024"},
 		{"join without a port", func(c *Config) { c.Join = []string{"10.0.0.1"} }, `join address "10.0.0.1"`},
 		{"join with a letter in the port", func(c *Config) { c.Join = []string{"10.0.0.1:73O1"} }, `join address "10.0.0.1:73O1"`},
 	} {
