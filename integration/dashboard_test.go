@@ -434,19 +434,4 @@ func TestDashboardToken(t *testing.T) {
 		}
 		return nil
 	})
-
-	// A link to no job id (a malformed escape, which decodeURIComponent
-	// throws on; "..", which the browser would resolve in the API's paths)
-	// shows the cluster page, and no script error (checkPage).
-	for _, hash := range []string{"#/jobs/%E0", "#/jobs/.."} {
-		b.open("about:blank")
-		b.open(c.scheme() + page.httpAddr + "/ui/" + hash)
-		c.waitFor(t, 30*time.Second, "the dashboard to show the cluster page for "+hash, func() (bool, error) {
-			raw, err := b.eval("location.hash")
-			if err != nil {
-				return false, err
-			}
-			return string(raw) == `"#/cluster"`, fmt.Errorf("location.hash %s", raw)
-		})
-	}
 }
