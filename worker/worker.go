@@ -66,7 +66,9 @@ type Config struct {
 	EnableDebug bool
 	// StateDir is where map tasks keep local state: the databases of the
 	// disk backend (db/) and copies of the state files they wrote (cache/),
-	// for local recovery. Both are emptied when the worker starts. Empty: a
+	// for local recovery. Both are emptied when the worker starts; a
+	// directory that holds anything else and no mark of a worker's
+	// (stateDirMark) is refused. Empty: a
 	// new directory under the system's temporary directory, removed when
 	// the worker stops.
 	StateDir string
@@ -163,6 +165,34 @@ func DefaultConfig() Config {
 	}
 }
 
+// stateDirMark is the file that marks a directory as a worker's state
+// directory, whose cache/ and db/ a worker may delete.
+const stateDirMark = ".coordflow-worker-state"
+
+// claimStateDir makes sure dir is a worker's state directory before the
+// worker empties its cache/ and db/: one that holds the mark, or nothing
+// but what a worker keeps there (older builds wrote no mark) and a file
+// system's lost+found, and marks it.
+// A -state-dir given by mistake (a home directory, say) is refused rather
+// than have its cache/ and db/ deleted.
+func claimStateDir(dir string) error {
+	mark := filepath.Join(dir, stateDirMark)
+	if _, err := os.Stat(mark); err == nil {
+		return nil
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		// lost+found: the root of a file system made for the worker.
+		if n := e.Name(); n != "cache" && n != "db" && n != "lost+found" {
+			return fmt.Errorf("%s holds %s and no %s: it is not a worker's state directory (a worker deletes cache/ and db/ in it at start); give an empty or new directory", dir, n, stateDirMark)
+		}
+	}
+	return os.WriteFile(mark, []byte("coordflow workerd: cache/ and db/ here are emptied at every start\n"), 0o644)
+}
+
 // validPort reports whether port is a port number.
 func validPort(port string) bool {
 	n, err := strconv.ParseUint(port, 10, 16)
@@ -236,6 +266,9 @@ func (cfg Config) withDefaults() (Config, error) {
 		cfg.StateDir = filepath.Join(dir, "state")
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o755); err != nil {
+		return cfg, fmt.Errorf("worker config: state dir: %w", err)
+	}
+	if err := claimStateDir(cfg.StateDir); err != nil {
 		return cfg, fmt.Errorf("worker config: state dir: %w", err)
 	}
 	// Local copies of state files serve the recovery of tasks this process

@@ -1,6 +1,8 @@
 package worker
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -30,5 +32,52 @@ func TestConfigRefusesWhatCoordinatorsRefuse(t *testing.T) {
 	ok.Slots, ok.Join = 1024, []string{"coordd-0.coordd:7301", "[::1]:7301"}
 	if _, err := ok.withDefaults(); err != nil {
 		t.Errorf("1024 slots and host:port joins: %v", err)
+	}
+}
+
+// TestStateDirMustBeAWorkers: a state directory that holds anything but a
+// worker's cache/ and db/, and no worker's mark, is refused before anything
+// in it is deleted; an empty one, or an older worker's, is claimed and
+// marked, and its cache/ and db/ emptied.
+func TestStateDirMustBeAWorkers(t *testing.T) {
+	home := t.TempDir()
+	for _, p := range []string{"notes.txt", "cache/keep", "db/keep"} {
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(home, p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(home, p), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", StateDir: home}
+	if _, err := cfg.withDefaults(); err == nil || !strings.Contains(err.Error(), "notes.txt") {
+		t.Fatalf("a directory with other files: %v, want a refusal naming one", err)
+	}
+	if _, err := os.Stat(filepath.Join(home, "cache", "keep")); err != nil {
+		t.Fatalf("the refused directory's cache/ was touched: %v", err)
+	}
+
+	old := t.TempDir() // what an older worker left: cache/ and db/ only
+	for _, sub := range []string{"cache", "db"} {
+		if err := os.MkdirAll(filepath.Join(old, sub, "x"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg.StateDir = old
+	if _, err := cfg.withDefaults(); err != nil {
+		t.Fatalf("an older worker's state directory: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(old, stateDirMark)); err != nil {
+		t.Fatalf("the claimed directory has no mark: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(old, "cache", "x")); !os.IsNotExist(err) {
+		t.Fatalf("cache/ of the claimed directory not emptied: %v", err)
+	}
+	// Marked, it is a worker's whatever else it holds.
+	if err := os.WriteFile(filepath.Join(old, "notes.txt"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cfg.withDefaults(); err != nil {
+		t.Fatalf("a marked state directory: %v", err)
 	}
 }
