@@ -424,21 +424,22 @@ func TestForwardFailureSaysWhetherToSendAgain(t *testing.T) {
 	}
 }
 
-// TestConfigRefusesABadJoinAddress: a -join entry that is not host:port
-// stops coordd at start; retried for ever, it would hold a bootstrap.
+// TestConfigRefusesABadJoinAddress: a -join entry whose port is not a port
+// number stops coordd at start; retried for ever, it would hold a
+// bootstrap. One without a port joins on coordd's own gossip port.
 func TestConfigRefusesABadJoinAddress(t *testing.T) {
 	c := testConfig(t, testLogger(t), "c1")
 	if err := c.validate(); err != nil {
 		t.Fatalf("the test config: %v", err)
 	}
-	for _, bad := range []string{"10.0.0.1", "10.0.0.1:73O1", "10.0.0.1:0"} {
+	for _, bad := range []string{"10.0.0.1:73O1", "10.0.0.1:0", "c1:"} {
 		c.Join = []string{"127.0.0.1:7301", bad}
 		if err := c.validate(); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("join address %q", bad)) {
 			t.Errorf("join %q: %v, want an error naming it", bad, err)
 		}
 	}
-	c.Join = []string{"coordd-0.coordd:7301", "[::1]:7301"}
+	c.Join = []string{"coordd-0.coordd:7301", "[::1]:7301", "c2", "fd00::1", "[fd00::1]"}
 	if err := c.validate(); err != nil {
-		t.Errorf("host:port joins: %v", err)
+		t.Errorf("joins with and without a port: %v", err)
 	}
 }

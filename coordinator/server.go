@@ -176,13 +176,15 @@ func DefaultConfig() Config {
 	}
 }
 
-// badJoinAddr returns the first of addrs that is not host:port, or "".
+// badJoinAddr returns the first of addrs whose port is not a port number,
+// or "". An address without a port (c1, fd00::1) is memberlist's to take:
+// it joins on this node's own gossip port, which coordinators share.
 func badJoinAddr(addrs []string) string {
 	for _, a := range addrs {
-		if _, port, err := net.SplitHostPort(a); err != nil {
-			return a
-		} else if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-			return a
+		if _, port, err := net.SplitHostPort(a); err == nil {
+			if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+				return a
+			}
 		}
 	}
 	return ""
@@ -202,7 +204,7 @@ func (c Config) validate() error {
 	case badJoinAddr(c.Join) != "":
 		// Joins are tried again and again, and a bootstrap waits for
 		// them: a typo would wait for ever.
-		return fmt.Errorf("join address %q is not host:port", badJoinAddr(c.Join))
+		return fmt.Errorf("join address %q: its port is not a port number", badJoinAddr(c.Join))
 	case c.BootstrapExpect < 0:
 		return fmt.Errorf("bootstrap-expect must not be negative, not %d", c.BootstrapExpect)
 	case c.BootstrapExpect > 0 && !c.Voter:

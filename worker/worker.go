@@ -214,7 +214,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	for _, addr := range cfg.Join {
 		if _, port, err := net.SplitHostPort(addr); err != nil || !validPort(port) {
-			return cfg, fmt.Errorf("worker config: join address %q is not host:port", addr)
+			return cfg, fmt.Errorf("worker config: join address %q is not host:port (a coordinator's gossip address, as 10.0.0.1:7301)", addr)
 		}
 	}
 	if cfg.DataAddr == "" || cfg.GossipAddr == "" {

@@ -28,6 +28,7 @@ const shutdownTimeout = 30 * time.Second
 
 // runAgent runs one coordinator until SIGINT or SIGTERM.
 func runAgent(args []string, stderr io.Writer) error {
+	reload.Hold()
 	cfg := coordinator.DefaultConfig()
 	cfg.Version = version.String()
 	fs := flag.NewFlagSet("coordd agent", flag.ContinueOnError)

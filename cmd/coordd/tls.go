@@ -59,7 +59,7 @@ func runTLS(args []string, stdout, stderr io.Writer) error {
 	// before it began.
 	const maxDays = 36500
 	if *days < 0 || *days > maxDays {
-		return usageError(fs, "-days %d: want 1 to %d", *days, maxDays)
+		return usageError(fs, "-days %d: want 1 to %d (0: the default)", *days, maxDays)
 	}
 	if *format != "table" && *format != "json" {
 		return usageError(fs, "-format %q: want table or json", *format)

@@ -35,7 +35,7 @@ func TestTLSCreate(t *testing.T) {
 		{[]string{"tls", "cert", "create", "-dir", dir}, "give exactly one of -coordinator, -worker and -client"},
 		// As a duration, 200,000 days wrap around to a certificate that
 		// expired before it was made.
-		{[]string{"tls", "ca", "create", "-dir", t.TempDir(), "-days", "200000"}, "-days 200000: want 1 to 36500"},
+		{[]string{"tls", "ca", "create", "-dir", t.TempDir(), "-days", "200000"}, "-days 200000: want 1 to 36500 (0: the default)"},
 	} {
 		if code, _, stderr := runCLI(tc.args...); code != 2 || !strings.Contains(stderr, tc.want) {
 			t.Errorf("coordd %v = %d %q, want 2 and %q", tc.args, code, stderr, tc.want)

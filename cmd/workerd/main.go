@@ -86,6 +86,7 @@ func main() {
 
 // run is main without the exit: flags, usage and logs go to stderr.
 func run(args []string, stderr io.Writer) error {
+	reload.Hold()
 	cfg := worker.DefaultConfig()
 	fs := flag.NewFlagSet("workerd", flag.ContinueOnError)
 	fs.SetOutput(stderr)

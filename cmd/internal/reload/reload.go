@@ -16,6 +16,14 @@ type Func struct {
 	Reload func() error
 }
 
+// Hold keeps SIGHUP from ending the process for the rest of its life: its
+// default action would, without the graceful stop. Daemons call it first
+// thing, so that a SIGHUP during start-up or during the drain after
+// SIGTERM, when OnSIGHUP does not listen, is dropped.
+func Hold() {
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGHUP)
+}
+
 // OnSIGHUP calls every f on each SIGHUP until ctx ends, logging each result.
 // A failed reload keeps what was loaded before: the callee must only swap
 // in new material once it has all of it. With nothing to reload it still
