@@ -48,11 +48,12 @@ const framedBatchLevel = 3
 // ignores the id, takes the next one itself, and would keep another state.
 const chosenIDLevel = 4
 
-// submissionKeyLevel is the feature level every coordinator needs before
+// SubmissionKeyLevel is the feature level every coordinator needs before
 // the leader registers a job with a submission key (Idempotency-Key): an
 // older build ignores the key and would register a second job of it where
-// the others refuse it.
-const submissionKeyLevel = 5
+// the others refuse it. Clients check it too (coordd job run), since an
+// older leader would ignore the key and register every copy sent again.
+const SubmissionKeyLevel = 5
 
 // gateRecheck is how often a writeGate looks again whether every
 // coordinator is at its level.
@@ -168,12 +169,12 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // chosen checkpoint ids likewise need chosenIDLevel, once the gate has
 // opened in this process at all: the leader loop decides on a chosen id
 // before the entry reaches Raft, so one may wait in the write path after
-// the gate closed. Submission keys need submissionKeyLevel on the same
+// the gate closed. Submission keys need SubmissionKeyLevel on the same
 // terms.
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
 	switch {
 	case s.fsm.SubmissionKeys() || s.keys.opened.Load():
-		level, what = submissionKeyLevel, "submission keys in the Raft log"
+		level, what = SubmissionKeyLevel, "submission keys in the Raft log"
 	case s.fsm.ChosenCheckpointIDs() || s.chosenIDs.opened.Load():
 		level, what = chosenIDLevel, "checkpoint ids chosen by the leader in the Raft log"
 	case s.fsm.FramedBatches() || s.framed.open.Load():

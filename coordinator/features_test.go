@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -384,12 +383,12 @@ func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
 
 // TestSubmissionKeysNeedLevel: a submission with an Idempotency-Key is
 // refused (409, naming the older coordinator) while a coordinator below
-// submissionKeyLevel is in the Raft configuration, which would register a
+// SubmissionKeyLevel is in the Raft configuration, which would register a
 // second job of the key where the others refuse it; once the log holds a
 // key, no such coordinator may join.
 func TestSubmissionKeysNeedLevel(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
-	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", submissionKeyLevel-1), nil, s.GossipAddr())
+	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", SubmissionKeyLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
 	}
@@ -404,21 +403,11 @@ func TestSubmissionKeysNeedLevel(t *testing.T) {
 	}
 	recheck()
 	keyed := func() (int, string) {
-		req, err := http.NewRequest(http.MethodPost, "http://"+s.HTTPAddr()+"/v1/jobs", strings.NewReader(wordcountSpec))
-		if err != nil {
-			t.Fatal(err)
-		}
-		req.Header.Set("Idempotency-Key", "k1")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(body)
+		code, body := postKeyed(t, s, "k1", "/v1/jobs", wordcountSpec)
+		return code, string(body)
 	}
-	if code, body := keyed(); code != http.StatusConflict || !strings.Contains(body, fmt.Sprintf("feature level %d", submissionKeyLevel)) || !strings.Contains(body, "c-old (feature level 4)") {
-		t.Fatalf("keyed submission beside a level %d coordinator: %d %s, want 409 naming it", submissionKeyLevel-1, code, body)
+	if code, body := keyed(); code != http.StatusConflict || !strings.Contains(body, fmt.Sprintf("feature level %d", SubmissionKeyLevel)) || !strings.Contains(body, "c-old (feature level 4)") {
+		t.Fatalf("keyed submission beside a level %d coordinator: %d %s, want 409 naming it", SubmissionKeyLevel-1, code, body)
 	}
 	if s.fsm.SubmissionKeys() || len(s.fsm.Jobs()) != 0 {
 		t.Fatal("the refused keyed submission reached the log")
@@ -437,6 +426,6 @@ func TestSubmissionKeysNeedLevel(t *testing.T) {
 		t.Fatal("the FSM does not mark the key")
 	}
 	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, "submission keys in the Raft log") {
-		t.Fatalf("add-peer of a level %d coordinator once the log holds a key: %d %q, want 409 naming submission keys", submissionKeyLevel-1, code, msg)
+		t.Fatalf("add-peer of a level %d coordinator once the log holds a key: %d %q, want 409 naming submission keys", SubmissionKeyLevel-1, code, msg)
 	}
 }

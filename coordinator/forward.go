@@ -127,7 +127,7 @@ func replayable(r *http.Request) bool {
 	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
 		return true
 	}
-	return r.Header.Get("Idempotency-Key") != "" || r.Header.Get("X-Idempotency-Key") != ""
+	return r.Header.Get(SubmissionKeyHeader) != "" || r.Header.Get("X-Idempotency-Key") != ""
 }
 
 // forwardToLeader proxies r to the leader's HTTP API: one hop only. This

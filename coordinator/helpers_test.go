@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -273,6 +274,35 @@ func apiCall(t testing.TB, s *Server, method, path string, body, out any) int {
 		}
 	}
 	return resp.StatusCode
+}
+
+// postKeyed posts spec to path on s's HTTP API with an Idempotency-Key
+// (none if key is "") and returns the status and the answer's body. A
+// request that fails is an error of the test, answered with status 0, not
+// a fatal one: callers send submissions from several goroutines at once.
+func postKeyed(t testing.TB, s *Server, key, path, spec string) (int, []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+s.HTTPAddr()+path, strings.NewReader(spec))
+	if err != nil {
+		t.Errorf("POST %s: %v", path, err)
+		return 0, nil
+	}
+	if key != "" {
+		req.Header.Set(SubmissionKeyHeader, key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Errorf("POST %s on %s: %v", path, s.ID(), err)
+		return 0, nil
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Errorf("POST %s on %s: read answer: %v", path, s.ID(), err)
+	}
+	return resp.StatusCode, body
 }
 
 // wordcountSpec is a valid job spec as users submit it.

@@ -213,9 +213,9 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		// (neededFeatureLevel): the mark alone opens the way, also while
 		// the gate is closed for a coordinator gossip does not show.
 		if !s.fsm.SubmissionKeys() && !s.keys.allow() {
-			old, _ := s.coordinatorsBelow(submissionKeyLevel)
+			old, _ := s.coordinatorsBelow(SubmissionKeyLevel)
 			writeError(w, http.StatusConflict, fmt.Sprintf("%s needs every coordinator at feature level %d or newer (this build: %d); older: %s; upgrade them first, or submit without the header (docs/operations.md, Feature levels)",
-				submissionKeyHeader, submissionKeyLevel, transport.FeatureLevel, named(old)))
+				SubmissionKeyHeader, SubmissionKeyLevel, transport.FeatureLevel, named(old)))
 			return
 		}
 	}
@@ -250,21 +250,21 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusCreated, map[string]string{"id": id})
 }
 
-// submissionKeyHeader carries a job submission's idempotency key.
-const submissionKeyHeader = "Idempotency-Key"
+// SubmissionKeyHeader carries a job submission's idempotency key.
+const SubmissionKeyHeader = "Idempotency-Key"
 
 // submissionKey returns the request's Idempotency-Key ("" if none), or an
 // error naming what is wrong with it.
 func submissionKey(r *http.Request) (string, error) {
-	vals := r.Header.Values(submissionKeyHeader)
+	vals := r.Header.Values(SubmissionKeyHeader)
 	switch {
 	case len(vals) == 0:
 		return "", nil
 	case len(vals) > 1:
-		return "", fmt.Errorf("%s given %d times: want one", submissionKeyHeader, len(vals))
+		return "", fmt.Errorf("%s given %d times: want one", SubmissionKeyHeader, len(vals))
 	}
 	if err := fsm.ValidSubmissionKey(vals[0]); err != nil {
-		return "", fmt.Errorf("%s: %w", submissionKeyHeader, err)
+		return "", fmt.Errorf("%s: %w", SubmissionKeyHeader, err)
 	}
 	return vals[0], nil
 }
@@ -274,7 +274,7 @@ func submissionKey(r *http.Request) (string, error) {
 // spec and savepoint (the same submission, sent again), 409 otherwise.
 func (s *Server) answerResubmission(w http.ResponseWriter, j fsm.Job, spec fsm.JobSpec, ref string) {
 	if err := sameSubmission(j, spec, ref); err != nil {
-		writeError(w, http.StatusConflict, fmt.Sprintf("%s %q is job %s's, which was submitted with %v: a key names one submission; send this one with a new key", submissionKeyHeader, j.SubmissionKey, j.ID, err))
+		writeError(w, http.StatusConflict, fmt.Sprintf("%s %q is job %s's, which was submitted with %v: a key names one submission; send this one with a new key", SubmissionKeyHeader, j.SubmissionKey, j.ID, err))
 		return
 	}
 	s.logger.Info("job submission sent again: answered with its job", "job", j.ID, "status", j.Status)

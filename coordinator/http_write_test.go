@@ -14,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -201,26 +200,15 @@ func TestSubmissionWithAKeyIsRegisteredOnce(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
 	post := func(key, path, spec string) (int, string, string) {
 		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+s.HTTPAddr()+path, strings.NewReader(spec))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if key != "" {
-			req.Header.Set("Idempotency-Key", key)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Errorf("POST %s: %v", path, err)
+		code, body := postKeyed(t, s, key, path, spec)
+		if code == 0 {
 			return 0, "", ""
 		}
-		defer resp.Body.Close()
 		var out struct{ ID, Status, Error string }
-		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-			t.Errorf("POST %s: answer %d: %v", path, resp.StatusCode, err)
+		if err := json.Unmarshal(body, &out); err != nil {
+			t.Errorf("POST %s: answer %d: %v", path, code, err)
 		}
-		return resp.StatusCode, out.ID + out.Error, out.Status
+		return code, out.ID + out.Error, out.Status
 	}
 	code, id, _ := post("run-7f3a", "/v1/jobs", wordcountSpec)
 	if code != http.StatusCreated || !strings.HasPrefix(id, "wordcount-") {

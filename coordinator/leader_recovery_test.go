@@ -403,14 +403,7 @@ func TestLeaderRetargetsASurvivorWhoseSessionWasDown(t *testing.T) {
 // instead, and its tasks are recovered alone.
 func TestLeaderRecoversTasksAloneThoughTheLossAbortedACheckpoint(t *testing.T) {
 	h := newLeaderHarness(t)
-	spec := testJobSpec(2, 2)
-	spec.Checkpoint.TolerableFailures = 0
-	job := h.jobOnThreeWorkers("j1", spec)
-	p := h.nextCheckpoint("j1")
-	lost := job.Tasks[0].Worker
-	m := mapTaskOff(t, job, lost)
-	h.handle(sessionClosed{sess: h.sessions[lost], err: errors.New("connection reset")})
-	h.decline(job, m, p.ID, "input from source 0 closed")
+	_, lost := h.declineWhileAWorkerIsAway("input from source 0 closed")
 	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 || j.ConsecutiveAborts != 1 {
 		t.Fatalf("job %s at attempt %d with %d aborts (%q): want it running on, the abort counted", j.Status, j.Attempt, j.ConsecutiveAborts, j.Reason)
 	}
@@ -450,14 +443,7 @@ func runningOn(job fsm.Job, worker string) []*transport.TaskStatus {
 // job once that worker is back, when it was not lost after all.
 func TestLeaderRestartsForAbortsHeldWhileAWorkerWasAway(t *testing.T) {
 	h := newLeaderHarness(t)
-	spec := testJobSpec(2, 2)
-	spec.Checkpoint.TolerableFailures = 0
-	job := h.jobOnThreeWorkers("j1", spec)
-	p := h.nextCheckpoint("j1")
-	away := job.Tasks[0].Worker
-	m := mapTaskOff(t, job, away)
-	h.handle(sessionClosed{sess: h.sessions[away], err: errors.New("connection reset")})
-	h.decline(job, m, p.ID, "snapshot failed")
+	job, away := h.declineWhileAWorkerIsAway("snapshot failed")
 	if j := h.job("j1"); j.Status != fsm.JobRunning {
 		t.Fatalf("job %s (%q) while worker %s has no session: want the restart held", j.Status, j.Reason, away)
 	}
@@ -467,8 +453,26 @@ func TestLeaderRestartsForAbortsHeldWhileAWorkerWasAway(t *testing.T) {
 	}
 }
 
+// declineWhileAWorkerIsAway sets up what a lost worker's abort looks like
+// from the leader: job j1 (tolerable_failures 0) on three workers, its next
+// checkpoint pending, the session of its first task's worker closed, and a
+// map task on another worker declining the checkpoint for reason. It
+// returns the job and the worker without a session.
+func (h *leaderHarness) declineWhileAWorkerIsAway(reason string) (fsm.Job, string) {
+	h.t.Helper()
+	spec := testJobSpec(2, 2)
+	spec.Checkpoint.TolerableFailures = 0
+	job := h.jobOnThreeWorkers("j1", spec)
+	p := h.nextCheckpoint("j1")
+	away := job.Tasks[0].Worker
+	m := mapTaskOff(h.t, job, away)
+	h.handle(sessionClosed{sess: h.sessions[away], err: errors.New("connection reset")})
+	h.decline(job, m, p.ID, reason)
+	return job, away
+}
+
 // mapTaskOff returns a map task of job placed off worker.
-func mapTaskOff(t *testing.T, job fsm.Job, worker string) fsm.Task {
+func mapTaskOff(t testing.TB, job fsm.Job, worker string) fsm.Task {
 	t.Helper()
 	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Kind == fsm.TaskMap && t.Worker != worker })
 	if i < 0 {

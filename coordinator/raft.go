@@ -117,7 +117,7 @@ func (s *Server) setupRaft() error {
 	s.raft = r
 	s.framed.below = func() ([]string, error) { return s.coordinatorsBelow(framedBatchLevel) }
 	s.chosenIDs.below = func() ([]string, error) { return s.coordinatorsBelow(chosenIDLevel) }
-	s.keys.below = func() ([]string, error) { return s.coordinatorsBelow(submissionKeyLevel) }
+	s.keys.below = func() ([]string, error) { return s.coordinatorsBelow(SubmissionKeyLevel) }
 	s.committer = newCommitter(r, s.metrics, s.framed.allow)
 	return nil
 }

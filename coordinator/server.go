@@ -18,7 +18,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -181,10 +180,8 @@ func DefaultConfig() Config {
 // it joins on this node's own gossip port, which coordinators share.
 func badJoinAddr(addrs []string) string {
 	for _, a := range addrs {
-		if _, port, err := net.SplitHostPort(a); err == nil {
-			if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-				return a
-			}
+		if _, port, err := net.SplitHostPort(a); err == nil && !transport.ValidPort(port) {
+			return a
 		}
 	}
 	return ""

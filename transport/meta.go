@@ -97,10 +97,17 @@ func ValidateHostPort(addr string) error {
 	if host == "" || len(host) > maxHostLen || strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
 		return fmt.Errorf("%.300q: bad host", addr)
 	}
-	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+	if !ValidPort(port) {
 		return fmt.Errorf("%.300q: port must be 1 to 65535", addr)
 	}
 	return nil
+}
+
+// ValidPort reports whether port, as net.SplitHostPort returns it, is a
+// port number from 1 to 65535.
+func ValidPort(port string) bool {
+	p, err := strconv.Atoi(port)
+	return err == nil && p >= 1 && p <= 65535
 }
 
 // MetaError says which field of a member's gossip metadata is unusable.

@@ -20,7 +20,6 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
@@ -193,12 +192,6 @@ func claimStateDir(dir string) error {
 	return os.WriteFile(mark, []byte("coordflow workerd: cache/ and db/ here are emptied at every start\n"), 0o644)
 }
 
-// validPort reports whether port is a port number.
-func validPort(port string) bool {
-	n, err := strconv.ParseUint(port, 10, 16)
-	return err == nil && n > 0
-}
-
 // withDefaults validates cfg and fills zero tunables from DefaultConfig.
 func (cfg Config) withDefaults() (Config, error) {
 	if cfg.ID == "" {
@@ -213,7 +206,7 @@ func (cfg Config) withDefaults() (Config, error) {
 		return cfg, fmt.Errorf("worker config: %d slots: at most %d", cfg.Slots, transport.MaxSlots)
 	}
 	for _, addr := range cfg.Join {
-		if _, port, err := net.SplitHostPort(addr); err != nil || !validPort(port) {
+		if _, port, err := net.SplitHostPort(addr); err != nil || !transport.ValidPort(port) {
 			return cfg, fmt.Errorf("worker config: join address %q is not host:port (a coordinator's gossip address, as 10.0.0.1:7301)", addr)
 		}
 	}

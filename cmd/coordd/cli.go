@@ -17,6 +17,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/coordflow/coordflow/coordinator"
 )
 
 // The CLI commands: each parses its flags (-addr) and arguments, makes one
@@ -449,16 +451,16 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, key string, 
 	var data []byte
 	switch {
 	case older != "" && chosen:
-		return "", fmt.Errorf("-idempotency-key: coordinators %s are older than submission keys (feature level %d), and would ignore it; upgrade them first", older, submissionKeyLevel)
+		return "", fmt.Errorf("-idempotency-key: coordinators %s are older than submission keys (feature level %d), and would ignore it; upgrade them first", older, coordinator.SubmissionKeyLevel)
 	case older != "":
-		fmt.Fprintf(stderr, "coordd: coordinators %s are older than submission keys (feature level %d): submitting once, without a key, and not again if the outcome is unknown\n", older, submissionKeyLevel)
+		fmt.Fprintf(stderr, "coordd: coordinators %s are older than submission keys (feature level %d): submitting once, without a key, and not again if the outcome is unknown\n", older, coordinator.SubmissionKeyLevel)
 		data, err = c.do(ctx, http.MethodPost, path, spec)
 	default:
 		if !chosen {
 			key = rand.Text() // 128 bits
 		}
 		var uncertain bool
-		data, uncertain, err = c.doAgain(ctx, http.MethodPost, path, spec, http.Header{"Idempotency-Key": {key}}, stderr)
+		data, uncertain, err = c.doAgain(ctx, http.MethodPost, path, spec, http.Header{coordinator.SubmissionKeyHeader: {key}}, stderr)
 		var ae *apiError
 		if !chosen && !uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "Idempotency-Key needs every coordinator") {
 			// The leader knows of an older coordinator that gossip did
@@ -488,12 +490,8 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, key string, 
 	return out.ID, nil
 }
 
-// submissionKeyLevel is the feature level of coordinators that keep
-// submission keys (coordinator's submissionKeyLevel).
-const submissionKeyLevel = 5
-
 // coordinatorsBelowKeys returns the coordinators gossip shows (any not
-// left) below submissionKeyLevel, as a list for a message; "" if none.
+// left) below coordinator.SubmissionKeyLevel, as a list for a message; "" if none.
 func coordinatorsBelowKeys(ctx context.Context, c *apiClient, warn io.Writer) (string, error) {
 	data, _, err := c.doAgain(ctx, http.MethodGet, "/v1/members", nil, nil, warn)
 	if err != nil {
@@ -510,7 +508,7 @@ func coordinatorsBelowKeys(ctx context.Context, c *apiClient, warn io.Writer) (s
 	}
 	var older []string
 	for _, m := range members {
-		if m.Role == "coordinator" && m.Status != "left" && m.FeatureLevel < submissionKeyLevel {
+		if m.Role == "coordinator" && m.Status != "left" && m.FeatureLevel < coordinator.SubmissionKeyLevel {
 			older = append(older, fmt.Sprintf("%s (feature level %d)", m.ID, m.FeatureLevel))
 		}
 	}

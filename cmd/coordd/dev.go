@@ -357,7 +357,7 @@ func submitSampleJob(ctx context.Context, api *devAPI, broker string) (string, e
 	for time.Now().Before(deadline) {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, api.base+"/v1/jobs", strings.NewReader(spec))
 		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Idempotency-Key", key)
+		req.Header.Set(coordinator.SubmissionKeyHeader, key)
 		resp, err := api.do(req)
 		if err == nil {
 			var body struct {
