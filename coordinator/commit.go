@@ -24,6 +24,10 @@ import (
 //     they are, new commands accumulate into the next batch, so the batch
 //     size follows the load and an idle group still commits one command with
 //     one entry's latency;
+//   - an entry of minCompressBytes or more is compressed
+//     (fsm.CommandCompressed) once every coordinator knows that type, when
+//     that makes it smaller: Raft's log store rewrites whole pages per
+//     append and followers receive every byte;
 //   - results come back in the order of submission, each to its own
 //     callback, from one goroutine.
 //
@@ -41,6 +45,10 @@ const (
 	maxEntriesInFlight = 4
 	// enqueueTimeout bounds raft.Apply's wait to enqueue an entry.
 	enqueueTimeout = 10 * time.Second
+	// minCompressBytes is the smallest entry worth compressing: a lone
+	// trigger (about 100 bytes) saves too little for a zstd frame's
+	// header and checksum.
+	minCompressBytes = 512
 )
 
 // raftApplier is the part of *raft.Raft the committer uses.
@@ -60,7 +68,10 @@ type entry struct {
 	future    raft.ApplyFuture
 	proposals []proposal
 	start     time.Time
-	bytes     int
+	bytes     int // the commands', as encoded
+	// entryBytes is the entry's, as given to Raft: after the envelope of a
+	// batch and any compression.
+	entryBytes int
 }
 
 // committer groups commands into Raft entries and reports their results.
@@ -78,15 +89,16 @@ type committer struct {
 	slots    chan struct{}
 	inflight chan entry
 
-	// framed says whether the next batch may use the framed envelope;
-	// asked once per batch entry. nil: never.
-	framed func() bool
+	// framed says whether the next batch may use the framed envelope, and
+	// compressed whether the next entry may be compressed; asked once per
+	// entry that could. nil: never.
+	framed, compressed func() bool
 }
 
-// newCommitter returns the write path to r; framed (may be nil) says when
-// batches may be framed.
-func newCommitter(r raftApplier, m *metrics, framed func() bool) *committer {
-	return &committer{raft: r, metrics: m, ready: make(chan struct{}, 1), framed: framed,
+// newCommitter returns the write path to r; framed and compressed (either
+// may be nil) say when batches may be framed and entries compressed.
+func newCommitter(r raftApplier, m *metrics, framed, compressed func() bool) *committer {
+	return &committer{raft: r, metrics: m, ready: make(chan struct{}, 1), framed: framed, compressed: compressed,
 		slots: make(chan struct{}, maxEntriesInFlight), inflight: make(chan entry, maxEntriesInFlight)}
 }
 
@@ -175,7 +187,10 @@ func (c *committer) run(ctx context.Context) {
 			encode = fsm.EncodeFramedBatch
 		}
 		data, err := encode(payloads)
-		e := entry{proposals: batch, start: time.Now(), bytes: bytes}
+		if err == nil {
+			data = c.compress(data)
+		}
+		e := entry{proposals: batch, start: time.Now(), bytes: bytes, entryBytes: len(data)}
 		if err != nil {
 			e.future = errFuture{err}
 		} else {
@@ -183,6 +198,19 @@ func (c *committer) run(ctx context.Context) {
 		}
 		c.inflight <- e
 	}
+}
+
+// compress returns the compressed form of entry data when the gate allows
+// it and it is smaller, and data itself otherwise.
+func (c *committer) compress(data []byte) []byte {
+	if len(data) < minCompressBytes || len(data) > fsm.MaxCompressedPayload || c.compressed == nil || !c.compressed() {
+		return data
+	}
+	z, err := fsm.EncodeCompressed(data)
+	if err != nil || len(z) >= len(data) {
+		return data // cannot happen for what the batch encoders write, or not worth it
+	}
+	return z
 }
 
 // stop fails what waits and every later submit.
@@ -203,6 +231,7 @@ func (c *committer) report() {
 		err := e.future.Error()
 		if err == nil {
 			c.metrics.raftBatchCommands.Observe(float64(len(e.proposals)))
+			c.metrics.raftEntryBytes.Add(float64(e.entryBytes))
 			took := time.Since(e.start).Seconds()
 			for _, p := range e.proposals {
 				c.metrics.raftApplyDuration.WithLabelValues(p.t.String()).Observe(took)

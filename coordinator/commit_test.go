@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/klauspost/compress/zstd"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/coordflow/coordflow/fsm"
 )
@@ -65,17 +68,22 @@ func (r *gatedRaft) Apply(data []byte, _ time.Duration) raft.ApplyFuture {
 // one batch entry; every command gets its own result, in submission order,
 // the FSM's rejections included.
 func TestCommitterBatchesWhileEntriesAreInFlight(t *testing.T) {
-	t.Run("json", func(t *testing.T) { testCommitterBatches(t, nil, fsm.CommandBatch) })
-	t.Run("framed", func(t *testing.T) { testCommitterBatches(t, func() bool { return true }, fsm.CommandFramedBatch) })
-	t.Run("gate closed", func(t *testing.T) { testCommitterBatches(t, func() bool { return false }, fsm.CommandBatch) })
+	open, closed := func() bool { return true }, func() bool { return false }
+	t.Run("json", func(t *testing.T) { testCommitterBatches(t, nil, nil, fsm.CommandBatch) })
+	t.Run("framed", func(t *testing.T) { testCommitterBatches(t, open, nil, fsm.CommandFramedBatch) })
+	t.Run("gate closed", func(t *testing.T) { testCommitterBatches(t, closed, closed, fsm.CommandBatch) })
+	t.Run("framed and compressed", func(t *testing.T) { testCommitterBatches(t, open, open, fsm.CommandFramedBatch) })
+	t.Run("compressed", func(t *testing.T) { testCommitterBatches(t, closed, open, fsm.CommandBatch) })
 }
 
 // testCommitterBatches runs TestCommitterBatchesWhileEntriesAreInFlight
-// with the committer's framed gate framed; the batch entry must be of type
-// batchType.
-func testCommitterBatches(t *testing.T, framed func() bool, batchType fsm.CommandType) {
+// with the committer's gates framed and compressed; the batch entry must be
+// of type batchType, compressed if compressed is open, and so must every
+// lone command of minCompressBytes or more.
+func testCommitterBatches(t *testing.T, framed, compressed func() bool, batchType fsm.CommandType) {
 	r := newGatedRaft()
-	c := newCommitter(r, newMetrics(), framed)
+	m := newMetrics()
+	c := newCommitter(r, m, framed, compressed)
 	ctx := t.Context()
 	done := make(chan struct{})
 	go func() { c.run(ctx); close(done) }()
@@ -146,24 +154,58 @@ func testCommitterBatches(t *testing.T, framed func() bool, batchType fsm.Comman
 		t.Errorf("%d Raft entries for %d commands, want %d (the %d waiting commands in one batch)",
 			n, total, maxEntriesInFlight+1, waiting)
 	}
+	compressing := compressed != nil && compressed()
 	r.mu.Lock()
+	written := 0
 	for i, e := range r.entries {
-		if want := fsm.CommandRegisterJob; i == len(r.entries)-1 {
+		written += len(e)
+		want := fsm.CommandRegisterJob
+		if i == len(r.entries)-1 {
 			want = batchType
-			if fsm.CommandType(e[0]) != want {
-				t.Errorf("entry %d is a %v, want a %v", i, fsm.CommandType(e[0]), want)
-			}
-		} else if fsm.CommandType(e[0]) != want {
-			t.Errorf("entry %d is a %v, want a lone %v", i, fsm.CommandType(e[0]), want)
+		}
+		payload, wasCompressed := uncompressed(t, e)
+		switch {
+		case fsm.CommandType(payload[0]) != want:
+			t.Errorf("entry %d is a %v, want a %v", i, fsm.CommandType(payload[0]), want)
+		case wasCompressed != (compressing && len(payload) >= minCompressBytes):
+			t.Errorf("entry %d of %d bytes: compressed %v, with the gate open %v", i, len(payload), wasCompressed, compressing)
+		case wasCompressed && len(e) >= len(payload):
+			t.Errorf("entry %d: %d bytes compressed, %d plain", i, len(e), len(payload))
 		}
 	}
 	r.mu.Unlock()
+	if got := testutil.ToFloat64(m.raftEntryBytes); got != float64(written) {
+		t.Errorf("coordflow_raft_entry_bytes_total %v, want the %d bytes given to Raft", got, written)
+	}
+	if r.f.CompressedEntries() != compressing {
+		t.Errorf("the FSM applied compressed entries: %v, want %v", r.f.CompressedEntries(), compressing)
+	}
 	if got[total-1].index != got[maxEntriesInFlight].index {
 		t.Errorf("batched commands at indexes %d and %d, want one entry", got[maxEntriesInFlight].index, got[total-1].index)
 	}
 	if jobs := r.f.Jobs(); len(jobs) != maxEntriesInFlight+waiting/2 {
 		t.Errorf("%d jobs registered, want %d", len(jobs), maxEntriesInFlight+waiting/2)
 	}
+}
+
+// uncompressed returns the entry a CommandCompressed entry carries, and
+// whether e was one; any other entry is returned as it is.
+func uncompressed(t *testing.T, e []byte) ([]byte, bool) {
+	t.Helper()
+	if fsm.CommandType(e[0]) != fsm.CommandCompressed {
+		return e, false
+	}
+	_, k := binary.Uvarint(e[1:])
+	d, err := zstd.NewReader(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	payload, err := d.DecodeAll(e[1+k:], nil)
+	if err != nil {
+		t.Fatalf("decompress entry: %v", err)
+	}
+	return payload, true
 }
 
 // TestLeaderWritesInOrderPerJob: a job's writes reach Raft one at a time and
@@ -250,7 +292,7 @@ func TestLeaderWritesInOrderPerJob(t *testing.T) {
 // TestCommitterStopped: once the node shuts down, what waits and what is
 // submitted later is answered with an error at once, never left hanging.
 func TestCommitterStopped(t *testing.T) {
-	c := newCommitter(newGatedRaft(), newMetrics(), nil)
+	c := newCommitter(newGatedRaft(), newMetrics(), nil, nil)
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	c.run(ctx) // returns at once: its context has ended

@@ -55,6 +55,12 @@ const chosenIDLevel = 4
 // older leader would ignore the key and register every copy sent again.
 const SubmissionKeyLevel = 5
 
+// compressedLevel is the feature level every coordinator needs before the
+// leader compresses Raft entries (fsm.CommandCompressed): an older build
+// cannot apply such an entry, and would keep a state without the commands
+// in it.
+const compressedLevel = 6
+
 // gateRecheck is how often a writeGate looks again whether every
 // coordinator is at its level.
 const gateRecheck = time.Second
@@ -170,9 +176,12 @@ func (s *Server) coordinatorsBelow(level int) ([]string, error) {
 // opened in this process at all: the leader loop decides on a chosen id
 // before the entry reaches Raft, so one may wait in the write path after
 // the gate closed. Submission keys need SubmissionKeyLevel on the same
-// terms.
+// terms, and compressed entries compressedLevel on the terms of framed
+// batches.
 func (s *Server) neededFeatureLevel() (level int, what, job string) {
 	switch {
+	case s.fsm.CompressedEntries() || s.compressed.open.Load():
+		level, what = compressedLevel, "compressed entries in the Raft log"
 	case s.fsm.SubmissionKeys() || s.keys.opened.Load():
 		level, what = SubmissionKeyLevel, "submission keys in the Raft log"
 	case s.fsm.ChosenCheckpointIDs() || s.chosenIDs.opened.Load():

@@ -24,6 +24,7 @@ var readCommittedSpec = strings.Replace(wordcountSpec, `"parallelism": 2}`, `"pa
 // build is unknown. Jobs that need no newer feature are accepted anyway.
 func TestSubmitNeedsCoordinatorsAtFeatureLevel(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
+	keepClosed(&s.compressed) // or compressed entries would need a higher level
 	if !strings.Contains(readCommittedSpec, "read_committed") {
 		t.Fatal("readCommittedSpec does not read committed")
 	}
@@ -92,6 +93,7 @@ func TestSubmitNeedsCoordinatorsAtFeatureLevel(t *testing.T) {
 // job, the feature level is not what keeps it out.
 func TestAddPeerNeedsDiscoveryLevelWhileJobsLive(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
+	keepClosed(&s.compressed) // or compressed entries would need a higher level
 	old := startGossipMember(t, "c-old", coordinatorMeta(t, "127.0.0.1:3"), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
@@ -126,8 +128,9 @@ func TestAddPeerNeedsJobGCLevelOncePurged(t *testing.T) {
 
 func addPeerNeedsJobGCLevelOncePurged(t *testing.T, threshold time.Duration) {
 	s := startSingle(t, testLogger(t), "c1", func(c *Config) { c.JobGCThreshold = threshold })
-	// Or framed batches would need a higher level still.
-	keepUnframed(s)
+	// Or framed batches and compressed entries would need a higher level
+	// still.
+	keepClosed(&s.framed, &s.compressed)
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", jobGCLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
@@ -155,47 +158,68 @@ func addPeerNeedsJobGCLevelOncePurged(t *testing.T, threshold time.Duration) {
 	}
 }
 
-// keepUnframed closes s's framed gate for good, as a coordinator below
-// framedBatchLevel in the configuration would: s writes JSON batches only,
-// so that a test can see the lower levels' rules.
-func keepUnframed(s *Server) {
-	s.framed.mu.Lock()
-	defer s.framed.mu.Unlock()
-	s.framed.below = func() ([]string, error) { return []string{"c-test (feature level 2)"}, nil }
-	s.framed.checked = time.Time{}
-	s.framed.open.Store(false)
+// keepClosed closes gates for good, as a coordinator below their level in
+// the configuration would (s writes JSON batches only, say), so that a test
+// can see the lower levels' rules.
+func keepClosed(gates ...*writeGate) {
+	for _, g := range gates {
+		g.mu.Lock()
+		g.below = func() ([]string, error) { return []string{"c-test (feature level 0)"}, nil }
+		g.checked = time.Time{}
+		g.open.Store(false)
+		g.mu.Unlock()
+	}
 }
 
-// TestAddPeerNeedsFramedLevelOnceFramed: once the leader has written a
-// framed batch, a coordinator below framedBatchLevel may not join (it could
-// not apply the log); before, nothing about batches stops it.
-func TestAddPeerNeedsFramedLevelOnceFramed(t *testing.T) {
+// TestAddPeerNeedsLevelOnceWritten: once the leader has written a framed
+// batch, or a compressed entry, a coordinator below that feature's level
+// may not join (it could not apply the log); nor while the leader's gate
+// for it is open; before, nothing about them stops it.
+func TestAddPeerNeedsLevelOnceWritten(t *testing.T) {
+	t.Run("framed", func(t *testing.T) {
+		addPeerNeedsLevelOnceWritten(t, framedBatchLevel, "framed batches in the Raft log",
+			func(s *Server) *writeGate { return &s.framed }, (*fsm.FSM).FramedBatches)
+	})
+	t.Run("compressed", func(t *testing.T) {
+		addPeerNeedsLevelOnceWritten(t, compressedLevel, "compressed entries in the Raft log",
+			func(s *Server) *writeGate { return &s.compressed }, (*fsm.FSM).CompressedEntries)
+	})
+}
+
+// addPeerNeedsLevelOnceWritten runs TestAddPeerNeedsLevelOnceWritten for
+// the feature of gate at level, which applied reports in the FSM; every
+// other gate of a higher level stays closed.
+func addPeerNeedsLevelOnceWritten(t *testing.T, level int, what string, gate func(*Server) *writeGate, applied func(*fsm.FSM) bool) {
 	s := startSingle(t, testLogger(t), "c1", nil)
-	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", framedBatchLevel-1), nil, s.GossipAddr())
+	if level < compressedLevel {
+		keepClosed(&s.compressed)
+	}
+	g := gate(s)
+	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", level-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
 	}
 	waitFor(t, 10*time.Second, func() error { return memberStatusIs(s, "c-old", StatusAlive) })
-	if level, what, _ := s.neededFeatureLevel(); level >= framedBatchLevel {
-		t.Fatalf("an empty cluster needs level %d (%s), want below %d", level, what, framedBatchLevel)
+	if got, what, _ := s.neededFeatureLevel(); got >= level {
+		t.Fatalf("an empty cluster needs level %d (%s), want below %d", got, what, level)
 	}
-	const wantMsg = "the cluster needs level 3 of every coordinator (framed batches in the Raft log)"
+	wantMsg := fmt.Sprintf("the cluster needs level %d of every coordinator (%s)", level, what)
 
-	// An open gate alone refuses it: the leader may be framing a batch
+	// An open gate alone refuses it: the leader may be writing an entry
 	// that no replica has applied yet.
-	s.framed.mu.Lock()
-	s.framed.open.Store(true)
-	s.framed.mu.Unlock()
+	g.mu.Lock()
+	g.open.Store(true)
+	g.mu.Unlock()
 	if code, msg := addNonvoter(t, s, "c-old"); code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
-		t.Fatalf("add-peer of a level %d coordinator while the gate is open: %d %q, want 409 naming framed batches", framedBatchLevel-1, code, msg)
+		t.Fatalf("add-peer of a level %d coordinator while the gate is open: %d %q, want 409 naming %s", level-1, code, msg, what)
 	}
-	if s.fsm.FramedBatches() {
-		t.Fatal("a framed batch was applied before any command was submitted")
+	if applied(s.fsm) {
+		t.Fatalf("%s before any command was submitted", what)
 	}
 
-	// Commands that arrive together go in batches, framed: every
-	// coordinator of the configuration (c1) is at the level. Rounds of
-	// them until one was framed.
+	// Commands that arrive together go in batches, framed and compressed:
+	// every coordinator of the configuration (c1) is at the level. Rounds
+	// of them until one entry used the feature.
 	const n = 64
 	payloads := make([][]byte, n)
 	for i := range payloads {
@@ -215,17 +239,17 @@ func TestAddPeerNeedsFramedLevelOnceFramed(t *testing.T) {
 				t.Fatalf("status of a job that does not exist: %v, want ErrNoSuchJob", err)
 			}
 		}
-		if !s.fsm.FramedBatches() {
-			return fmt.Errorf("%d commands submitted together, and no framed batch applied", n)
+		if !applied(s.fsm) {
+			return fmt.Errorf("%d commands submitted together, and no entry with %s applied", n, what)
 		}
 		return nil
 	})
 	// Closed again (a coordinator below the level appeared), the gate no
 	// longer counts: the log does.
-	keepUnframed(s)
+	keepClosed(g)
 	code, msg := addNonvoter(t, s, "c-old")
 	if code != http.StatusConflict || !strings.Contains(msg, wantMsg) {
-		t.Fatalf("add-peer of a level %d coordinator after framed batches: %d %q, want 409 naming them", framedBatchLevel-1, code, msg)
+		t.Fatalf("add-peer of a level %d coordinator after %s: %d %q, want 409 naming them", level-1, what, code, msg)
 	}
 	if _, ok := inRaft(s, "c-old"); ok {
 		t.Fatal("c-old added to the raft configuration")

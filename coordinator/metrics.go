@@ -28,6 +28,7 @@ type metrics struct {
 	stateFilesDeleted    *prometheus.CounterVec   // job
 	raftApplyBytes       *prometheus.CounterVec   // command
 	raftBatchCommands    prometheus.Histogram
+	raftEntryBytes       prometheus.Counter
 	raftLogStoreDuration *prometheus.HistogramVec // op: append, delete
 	raftSnapshotDuration prometheus.Histogram
 	raftSnapshotBytes    prometheus.Gauge
@@ -92,6 +93,9 @@ func newMetrics() *metrics {
 			Help:    "Where the leader loop's Raft writes spend their time, by command and stage: queued (behind the same job's earlier writes), commit (submitted to the committer until its result: batching, Raft, the FSM; and, while the loop's event queue is full, handing the result over) and loop (the result waiting in that queue). Failed writes included.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 		}, []string{"command", "stage"}),
+		raftEntryBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "coordflow_raft_entry_bytes_total", Help: "Bytes of the Raft entries this node as leader committed, as written to the log: the commands of coordflow_raft_apply_bytes_total after batching and compression.",
+		}),
 		raftBatchCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "coordflow_raft_batch_commands", Help: "Commands per Raft entry committed by this node as leader (group commit).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11),
@@ -117,7 +121,7 @@ func newMetrics() *metrics {
 			Name: "coordflow_http_unauthorized_total", Help: "HTTP API requests refused: code 401 (no or unknown token or certificate), 403 (a role too small for the endpoint).",
 		}, []string{"code"}),
 	}
-	m.registry.MustRegister(m.raftLogStoreDuration, m.raftSnapshotDuration, m.raftSnapshotBytes, m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftBatchCommands, m.checkpointPhase, m.leaderWriteStage, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
+	m.registry.MustRegister(m.raftLogStoreDuration, m.raftSnapshotDuration, m.raftSnapshotBytes, m.httpUnauthorized, m.httpConnsRefused, m.raftApplyBytes, m.raftEntryBytes, m.raftBatchCommands, m.checkpointPhase, m.leaderWriteStage, m.stateFilesDeleted, m.checkpointsCompleted, m.checkpointsAborted, m.checkpointDuration, m.jobRestarts, m.noDiscovery, m.recoveries, m.workerSessions,
 		m.leaderlessStreams, m.workerProbes, m.deadOverruled, m.fencedMessages, m.raftApplyDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -394,8 +394,8 @@ func (s *Server) checkNewPeer(ctx context.Context, id, addr string) error {
 // failure to apply the log before the check (a lost leadership, a timeout)
 // is the future's error, as the change's own would be. It holds the write
 // gates from the check to the end of the change, so that the leader does
-// not start framing batches, choosing checkpoint ids or registering keyed
-// submissions, for a
+// not start framing batches, choosing checkpoint ids, registering keyed
+// submissions or compressing entries, for a
 // configuration that is about to hold an older build. Before the check it waits until every entry in the log is applied:
 // a new leader, or one whose gate closed, may have framed batches (or
 // purges) committed or in flight that its FSM does not show yet, and the
@@ -407,6 +407,8 @@ func (s *Server) admitPeer(m Member, check, known bool, add func() raft.IndexFut
 	defer s.chosenIDs.mu.Unlock()
 	s.keys.mu.Lock()
 	defer s.keys.mu.Unlock()
+	s.compressed.mu.Lock()
+	defer s.compressed.mu.Unlock()
 	if check {
 		if err := s.raft.Barrier(membershipChangeTimeout).Error(); err != nil {
 			return errFuture{fmt.Errorf("apply the raft log before checking coordinator %s's feature level: %w", m.ID, err)}, nil

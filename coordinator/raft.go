@@ -118,7 +118,8 @@ func (s *Server) setupRaft() error {
 	s.framed.below = func() ([]string, error) { return s.coordinatorsBelow(framedBatchLevel) }
 	s.chosenIDs.below = func() ([]string, error) { return s.coordinatorsBelow(chosenIDLevel) }
 	s.keys.below = func() ([]string, error) { return s.coordinatorsBelow(SubmissionKeyLevel) }
-	s.committer = newCommitter(r, s.metrics, s.framed.allow)
+	s.compressed.below = func() ([]string, error) { return s.coordinatorsBelow(compressedLevel) }
+	s.committer = newCommitter(r, s.metrics, s.framed.allow, s.compressed.allow)
 	return nil
 }
 

@@ -327,11 +327,13 @@ type Server struct {
 	// framed decides whether the committer's batches use the framed
 	// envelope, chosenIDs whether the leader chooses checkpoint ids (and
 	// pipelines triggers), keys whether a submission's key may go into the
-	// log; joins hold every gate's mu (features.go).
-	framed    writeGate
-	chosenIDs writeGate
-	keys      writeGate
-	api       *httpAPI // what the HTTP API keeps: tokens, caches (http_guard.go)
+	// log, compressed whether the committer compresses entries; joins hold
+	// every gate's mu (features.go).
+	framed     writeGate
+	chosenIDs  writeGate
+	keys       writeGate
+	compressed writeGate
+	api        *httpAPI // what the HTTP API keeps: tokens, caches (http_guard.go)
 
 	grpc     *grpc.Server
 	http     *http.Server

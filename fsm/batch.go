@@ -65,6 +65,8 @@ func checkBatch(payloads [][]byte) (lone []byte, err error) {
 			return nil, fmt.Errorf("encode batch: %w: command %d is empty", ErrMalformedCommand, i)
 		case isBatch(CommandType(p[0])):
 			return nil, fmt.Errorf("encode batch: %w: command %d is a batch", ErrMalformedCommand, i)
+		case CommandType(p[0]) == CommandCompressed:
+			return nil, fmt.Errorf("encode batch: %w: command %d is compressed", ErrMalformedCommand, i)
 		}
 	}
 	if len(payloads) == 1 {
@@ -163,6 +165,9 @@ func (s *State) applyBatch(c *BatchCmd) any {
 			continue
 		case isBatch(e.Type):
 			results[i] = fmt.Errorf("batch command %d: %w: a batch inside a batch", i, ErrMalformedCommand)
+			continue
+		case e.Type == CommandCompressed: // batches go inside compressed entries, not around them
+			results[i] = fmt.Errorf("batch command %d: %w: a compressed entry inside a batch", i, ErrMalformedCommand)
 			continue
 		}
 		body, err := cmd.decode(e.Type, e.Body)

@@ -104,8 +104,9 @@ func init() {
 			return s.applyBatch(&c)
 		},
 	}
+	commands[CommandCompressed] = compressedCommand()
 	for t, c := range commands {
-		if t != CommandFramedBatch { // built by EncodeFramedBatch, never Encode
+		if t != CommandFramedBatch && t != CommandCompressed { // built by their own encoders, never Encode
 			commandTypes[c.body] = t
 		}
 	}

@@ -68,7 +68,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 		// loudly, since a rolling upgrade must not skip one silently.
 		if errors.Is(err, ErrUnknownCommand) {
 			f.unknown.Add(1)
-			f.logger.Error("raft log entry of an unknown command type: is a newer coordd leading?", "index", l.Index, "type", uint8(t))
+			f.logger.Error("raft log entry of an unknown command type: is a newer coordd leading?", "index", l.Index, "type", uint8(t), "err", err)
 		}
 		return fmt.Errorf("apply log index %d: %w", l.Index, err)
 	}
@@ -261,6 +261,14 @@ func (f *FSM) FramedBatches() bool {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return f.state.FramedBatches
+}
+
+// CompressedEntries reports whether a CommandCompressed has been applied:
+// the Raft log may hold one.
+func (f *FSM) CompressedEntries() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.CompressedEntries
 }
 
 // ChosenCheckpointIDs reports whether a CheckpointTriggered with the id the

@@ -50,6 +50,18 @@ func fuzzSeeds(t testing.TB) [][]byte {
 			t.Fatal(err)
 		}
 		seeds = append(seeds, batch)
+		z, err := EncodeCompressed(batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seeds = append(seeds, z)
+	}
+	for _, lone := range seeds[:len(cmds)] { // refused ones included: they set the mark
+		z, err := EncodeCompressed(lone)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seeds = append(seeds, z)
 	}
 	return append(seeds, nil, []byte{0}, []byte{255, '{'}, []byte{byte(CommandJobStatus), 'n', 'u', 'l', 'l'})
 }
@@ -121,17 +133,17 @@ func FuzzParseJobSpec(f *testing.F) {
 }
 
 // stateMarks are the marks a refused command may set: that the log holds a
-// chosen checkpoint id, or a submission key.
-type stateMarks struct{ chosenIDs, keys bool }
+// chosen checkpoint id, a submission key, or a compressed entry.
+type stateMarks struct{ chosenIDs, keys, compressed bool }
 
 func (h *harness) marks() stateMarks {
 	h.f.mu.RLock()
 	defer h.f.mu.RUnlock()
-	return stateMarks{h.f.state.ChosenCheckpointIDs, h.f.state.SubmissionKeys}
+	return stateMarks{h.f.state.ChosenCheckpointIDs, h.f.state.SubmissionKeys, h.f.state.CompressedEntries}
 }
 
 func (h *harness) setMarks(m stateMarks) {
 	h.f.mu.Lock()
 	defer h.f.mu.Unlock()
-	h.f.state.ChosenCheckpointIDs, h.f.state.SubmissionKeys = m.chosenIDs, m.keys
+	h.f.state.ChosenCheckpointIDs, h.f.state.SubmissionKeys, h.f.state.CompressedEntries = m.chosenIDs, m.keys, m.compressed
 }

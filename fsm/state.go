@@ -34,6 +34,10 @@ type State struct {
 	// then on every coordinator joining needs the feature level of
 	// submission keys.
 	SubmissionKeys bool `json:"submission_keys,omitempty"`
+	// CompressedEntries is set once a CommandCompressed was applied,
+	// whatever the result of the entry it carried: from then on every
+	// coordinator joining needs the feature level of compressed entries.
+	CompressedEntries bool `json:"compressed_entries,omitempty"`
 
 	// touched lists the jobs the commands of the current Apply changed, for
 	// FSM.OnJobChange. It is scratch, not state: never encoded, never cloned.
@@ -50,7 +54,7 @@ func newState() *State {
 // snapshot may share them, while copies handed to callers (who may mutate
 // what they get) must not.
 func (s *State) clone(shareBlobs bool) *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs, SubmissionKeys: s.SubmissionKeys}
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), Savepoints: make(map[string]*Savepoint, len(s.Savepoints)), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs, SubmissionKeys: s.SubmissionKeys, CompressedEntries: s.CompressedEntries}
 	for id, j := range s.Jobs {
 		cj := j.clone(shareBlobs)
 		c.Jobs[id] = &cj
@@ -66,7 +70,7 @@ func (s *State) clone(shareBlobs bool) *State {
 // is a consistent view as long as s is only changed by Apply, which never
 // changes a stored job or savepoint in place (liveJob copies on write).
 func (s *State) share() *State {
-	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs, SubmissionKeys: s.SubmissionKeys}
+	return &State{Jobs: maps.Clone(s.Jobs), Savepoints: maps.Clone(s.Savepoints), Purged: s.Purged, FramedBatches: s.FramedBatches, ChosenCheckpointIDs: s.ChosenCheckpointIDs, SubmissionKeys: s.SubmissionKeys, CompressedEntries: s.CompressedEntries}
 }
 
 // check verifies the invariants a restored state must hold, so that a

@@ -29,6 +29,9 @@ const (
 	// CommandFramedBatch is a group commit like CommandBatch, its commands
 	// framed by their lengths instead of wrapped in JSON (batch.go).
 	CommandFramedBatch CommandType = 12
+	// CommandCompressed carries another entry, a lone command or a batch,
+	// compressed (compress.go).
+	CommandCompressed CommandType = 13
 )
 
 // JobStatus is the lifecycle state of a job as users see it.

@@ -52,7 +52,8 @@ type NodeMeta struct {
 //     lets it send a trigger before the command commits.
 //  5. submission keys (RegisterJob's submission_key): a job submission
 //     that may be sent again, registered once.
-const FeatureLevel = 5
+//  6. compressed entries: the Compressed command in the Raft log.
+const FeatureLevel = 6
 
 // maxFeatureLevel bounds what a member may advertise: levels far beyond
 // any build are a forged or corrupt meta.
