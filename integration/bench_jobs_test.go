@@ -74,6 +74,9 @@ type benchJobsResult struct {
 	WriteStages                 map[string][2]float64 // the leader loop's trigger writes, p50 and p99 ms
 	EntriesPerS, CommandsPerS   float64               // the leader's Raft log
 	CommandsPerEntry, BytesPerS float64
+	// EntryBytesPerS is what the entries took in the log: BytesPerS after
+	// batching and compression.
+	EntryBytesPerS float64
 	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
 	CPU                         map[string]float64 // cores, by process group
 	Restarts                    int                // job attempts beyond the first, at the end
@@ -108,10 +111,10 @@ func BenchmarkManyJobs(b *testing.B) {
 						[]string{benchJobsEnv + "=" + strconv.Itoa(n), benchJobsInputEnv + "=" + input}, benchJobsTimeout, &r)
 					b.Logf("%d jobs, input %s (%.0f records/s read, %.0f produced): all checkpointed %.1fs after the first submission; over %v: "+
 						"checkpoints/s per job min %.2f mean %.2f (%d jobs below 0.9); %d checkpoints completed, %d aborted, duration p50 %.0f ms p99 %.0f ms; "+
-						"phases p50/p99 ms: %v; trigger write stages p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s, write p50 %.1f ms p99 %.1f ms; "+
+						"phases p50/p99 ms: %v; trigger write stages p50/p99 ms: %v; Raft %.0f entries/s, %.0f commands/s (%.1f per entry), %.0f KB/s (%.0f KB/s in entries), write p50 %.1f ms p99 %.1f ms; "+
 						"leader: %d snapshots (persist mean %.0f ms, %.1f MB), log append p99 %.1f ms (%d over 128 ms), compaction mean %.1f ms; written MB/s: %s; leader coordd %.2f cores; cores by group: %s; restarts %d, gossip deaths overruled %d; load average before: %s",
 						r.Jobs, r.Input, r.RecordsPerS, r.ProducedPerS, r.StartSeconds, benchJobsWindow, r.RateMin, r.RateMean, r.JobsBelow09, r.Checkpoints, r.Aborted,
-						r.HistP50MS, r.HistP99MS, r.Phases, r.WriteStages, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
+						r.HistP50MS, r.HistP99MS, r.Phases, r.WriteStages, r.EntriesPerS, r.CommandsPerS, r.CommandsPerEntry, r.BytesPerS/1e3, r.EntryBytesPerS/1e3, r.RaftP50MS, r.RaftP99MS,
 						r.Snapshots, r.SnapshotMeanMS, r.SnapshotMB, r.LogAppendP99MS, r.SlowAppends, r.LogDeleteMeanMS, benchFormat(r.WrittenMBps, "coordd", "workerd", "devkafka"), r.LeaderCPU, benchFormatCPU(r.CPU), r.Restarts, r.DeadOverruled, r.LoadAvg)
 				}
 				b.ReportMetric(0, "ns/op")
@@ -293,6 +296,7 @@ func TestBenchScenarioManyJobs(t *testing.T) {
 		res.CommandsPerEntry = commands / entries
 	}
 	res.BytesPerS = grown("coordflow_raft_apply_bytes_total") / window
+	res.EntryBytesPerS = delta("coordflow_raft_entry_bytes_total") / window
 	res.Snapshots = int(delta("coordflow_raft_snapshot_persist_duration_seconds_count"))
 	if res.Snapshots > 0 {
 		res.SnapshotMeanMS = 1000 * delta("coordflow_raft_snapshot_persist_duration_seconds_sum") / float64(res.Snapshots)
