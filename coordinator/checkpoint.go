@@ -649,6 +649,9 @@ func (l *leader) commitAbort(js *jobState, id uint64, reason, class string, coun
 			js.ckpt.aborts++
 			l.metrics.checkpointsAborted.WithLabelValues(js.id, class).Inc()
 			log.Warn("checkpoint aborted", "reason", reason)
+			// Its files are garbage now: a job whose checkpoints keep
+			// aborting must not fill its storage waiting for a completion.
+			l.collectGarbage(js)
 		}
 		then(err)
 	})

@@ -147,21 +147,27 @@ func (c *collector) collect(ctx context.Context, jobID string) {
 func (c *collector) wait() { c.wg.Wait() }
 
 // run deletes the files under the job's checkpoint prefix that belong to a
-// checkpoint at or below the newest completed one, that no retained
-// completed checkpoint references, and that were found so gcGrace ago,
-// partial files of interrupted uploads included. Files of newer checkpoints may still be
-// being written; a pending checkpoint's chain only references files that the
-// newest completed checkpoint references too, so nothing a future
-// completion needs is deleted. Under the job's savepoint prefix it deletes,
-// by the same rules, the files of savepoints that never completed (aborted,
-// or refused): a savepoint the cluster keeps is deleted only with
-// `coordd savepoint delete`.
+// checkpoint that is over (an id issued, not the pending one), that no
+// retained completed checkpoint references, and that were found so gcGrace
+// ago, partial files of interrupted uploads included: files of dropped and
+// aborted checkpoints and of dead attempts. Files of the pending checkpoint,
+// and of ids not issued yet (a leader sends a trigger while its command
+// commits), may still be being written; a pending checkpoint's chain only
+// references files that the newest completed checkpoint references too, so
+// nothing a future completion needs is deleted. Under the job's savepoint
+// prefix it deletes, by the same rules, the files of savepoints that never
+// completed (aborted, or refused): a savepoint the cluster keeps is deleted
+// only with `coordd savepoint delete`.
 func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 	job, ok := c.job(jobID)
-	if !ok || job.Spec.Checkpoint.Storage == "" || len(job.Completed) == 0 {
+	if !ok || job.Spec.Checkpoint.Storage == "" || job.LastCheckpointID == 0 {
 		return 0, nil
 	}
-	newest := job.Completed[len(job.Completed)-1].ID
+	var pending uint64 // 0: none, and no checkpoint has id 0
+	if job.Pending != nil {
+		pending = job.Pending.ID
+	}
+	over := func(id uint64) bool { return id <= job.LastCheckpointID && id != pending }
 	live := referencedFiles(job)
 	store, err := c.stores.Get(ctx, job.Spec.Checkpoint.Storage)
 	if err != nil {
@@ -185,12 +191,12 @@ func (c *collector) run(ctx context.Context, jobID string) (int, error) {
 		}
 	}
 	checkpoint := func(path, final string) {
-		if j, id, ok := transport.ParseCheckpointPath(final); ok && j == jobID && id <= newest && !live[path] {
+		if j, id, ok := transport.ParseCheckpointPath(final); ok && j == jobID && over(id) && !live[path] {
 			unreferenced(path)
 		}
 	}
 	savepoint := func(path, final string) {
-		if j, id, ok := transport.ParseSavepointPath(final); ok && j == jobID && id <= newest && !c.kept(fsm.SavepointID(jobID, id)) {
+		if j, id, ok := transport.ParseSavepointPath(final); ok && j == jobID && over(id) && !c.kept(fsm.SavepointID(jobID, id)) {
 			unreferenced(path)
 		}
 	}

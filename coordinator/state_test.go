@@ -393,6 +393,78 @@ func TestGarbageCollection(t *testing.T) {
 	}
 }
 
+// TestGarbageCollectionOfAbortedCheckpoints: a job whose checkpoints keep
+// aborting, none completed, does not keep their files: the collector
+// deletes those of every checkpoint and savepoint that is over (issued and
+// not pending), partial files included, once unreferenced for gcGrace, and
+// keeps the pending checkpoint's and those of an id not issued yet, which a
+// leader's pipelined trigger may be writing.
+func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
+	ctx := context.Background()
+	fx := newGCFixture(t)
+	store, put, a := fx.store, fx.put, fx.a
+	const job = gcJob
+	dir := func(id uint64) string { return transport.CheckpointDir(job, id) }
+	now := time.Now().UnixNano()
+	trigger := func(savepoint bool) {
+		a.apply(fsm.CommandCheckpointTriggered, fsm.CheckpointTriggeredCmd{JobID: job, Attempt: 1, Time: now, Savepoint: savepoint})
+	}
+	abort := func(id uint64) {
+		a.apply(fsm.CommandCheckpointAborted, fsm.CheckpointAbortedCmd{JobID: job, CheckpointID: id, Reason: "timeout", Time: now})
+	}
+	trigger(false)
+	aborted1 := put(dir(1) + "map-0-a1-full.cfs")
+	abort(1)
+	trigger(false)
+	aborted2 := put(dir(2) + "map-0-a1-full.cfs")
+	partial2 := dir(2) + "map-1-a1-full.cfs.0a1b2c3d4e5f.tmp"
+	if err := os.WriteFile(filepath.Join(fx.root, filepath.FromSlash(partial2)), []byte("part"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	abort(2)
+	trigger(true)
+	abortedSavepoint := put(transport.SavepointDir(job, 3) + "map-0-a1-full.cfs")
+	abort(3)
+	trigger(false)
+	pending := put(dir(4) + "map-0-a1-full.cfs")
+	notIssued := put(dir(5) + "map-0-a1-full.cfs")
+	if j, _ := a.f.Job(job); len(j.Completed) != 0 || j.Pending == nil || j.Pending.ID != 4 {
+		t.Fatalf("job has %d completed checkpoints and pending %v, want none and 4", len(j.Completed), j.Pending)
+	}
+
+	c := newCollector(storage.NewPool(), a.f.Job, func(string) bool { return false }, slog.New(slog.DiscardHandler), newMetrics())
+	defer c.stores.Close()
+	clock := time.Unix(1_700_000_000, 0)
+	c.now = func() time.Time { return clock }
+	files := func() []string {
+		var left []string
+		err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+		if err == nil {
+			err = store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(left)
+		return left
+	}
+	all := files()
+	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(files(), all) {
+		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
+	}
+	clock = clock.Add(gcGrace)
+	n, err := c.run(ctx, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{pending.Path, notIssued.Path}
+	slices.Sort(want)
+	if left := files(); n != 4 || !slices.Equal(left, want) {
+		t.Fatalf("deleted %d, left %v; want %s, %s, %s and %s deleted, leaving %v",
+			n, left, aborted1.Path, aborted2.Path, partial2, abortedSavepoint.Path, want)
+	}
+}
+
 // TestGarbageCollectionOfSavepoints: the collector deletes the files of a
 // savepoint that never completed (aborted after its upload, a partial file
 // included) once they have been unreferenced for gcGrace, and never those

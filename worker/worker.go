@@ -135,6 +135,10 @@ type Config struct {
 	// go with its series: far longer than any stale deploy can be on its
 	// way, and a worker does not keep one for every job it ever ran.
 	MetricsLinger time.Duration
+
+	// stateLock holds StateDir's lock (lockStateDir) from withDefaults on:
+	// closed by Run at its end, by New if it fails.
+	stateLock *os.File
 }
 
 // DefaultConfig returns the defaults for every tunable; identity and
@@ -175,7 +179,7 @@ const stateDirMark = ".coordflow-worker-state"
 // A -state-dir given by mistake (a home directory, say) is refused rather
 // than have its cache/ and db/ deleted.
 func claimStateDir(dir string) error {
-	mark := filepath.Join(dir, stateDirMark)
+	mark := stateDirMarkPath(dir)
 	if _, err := os.Stat(mark); err == nil {
 		return nil
 	}
@@ -192,7 +196,12 @@ func claimStateDir(dir string) error {
 	return os.WriteFile(mark, []byte("coordflow workerd: cache/ and db/ here are emptied at every start\n"), 0o644)
 }
 
-// withDefaults validates cfg and fills zero tunables from DefaultConfig.
+// stateDirMarkPath is the path of dir's mark.
+func stateDirMarkPath(dir string) string { return filepath.Join(dir, stateDirMark) }
+
+// withDefaults validates cfg and fills zero tunables from DefaultConfig. It
+// claims and locks the state directory and empties its cache/ and db/; the
+// lock stays with the returned Config (stateLock).
 func (cfg Config) withDefaults() (Config, error) {
 	if cfg.ID == "" {
 		return cfg, errors.New("worker config: ID is required")
@@ -264,10 +273,16 @@ func (cfg Config) withDefaults() (Config, error) {
 	if err := claimStateDir(cfg.StateDir); err != nil {
 		return cfg, fmt.Errorf("worker config: state dir: %w", err)
 	}
+	lock, err := lockStateDir(cfg.StateDir)
+	if err != nil {
+		return cfg, fmt.Errorf("worker config: state dir: %w", err)
+	}
+	cfg.stateLock = lock
 	// Local copies of state files serve the recovery of tasks this process
 	// ran; what an earlier process left is no use and would only grow.
 	for _, sub := range []string{"cache", "db"} {
 		if err := os.RemoveAll(filepath.Join(cfg.StateDir, sub)); err != nil {
+			lock.Close()
 			return cfg, fmt.Errorf("worker config: clean state dir: %w", err)
 		}
 	}
@@ -328,6 +343,11 @@ func New(cfg Config) (_ *Worker, err error) {
 	if err != nil {
 		return nil, err
 	}
+	defer func() {
+		if err != nil {
+			cfg.stateLock.Close()
+		}
+	}()
 	logger := cfg.Logger.With("worker", cfg.ID)
 	w := &Worker{cfg: cfg, logger: logger, metrics: newMetrics(), tempDir: tempDir}
 
@@ -506,14 +526,20 @@ func (w *Worker) run(ctx context.Context) error {
 		w.logger.Warn("close checkpoint storage", "err", err)
 	}
 	switch {
-	case w.tempDir != "" && !stopped:
+	case !stopped:
 		// An abandoned task may still write its database or a local copy
-		// of a state file there.
-		w.logger.Warn("state dir left: tasks did not stop in time", "dir", w.tempDir)
+		// of a state file there: the directory stays locked until the
+		// process exits, and a directory of New's own stays.
+		if w.tempDir != "" {
+			w.logger.Warn("state dir left: tasks did not stop in time", "dir", w.tempDir)
+		}
 	case w.tempDir != "":
+		w.cfg.stateLock.Close()
 		if err := os.RemoveAll(w.tempDir); err != nil {
 			w.logger.Warn("remove state dir", "dir", w.tempDir, "err", err)
 		}
+	default:
+		w.cfg.stateLock.Close()
 	}
 	w.logger.Info("worker stopped")
 	return nil

@@ -64,9 +64,11 @@ func TestStateDirMustBeAWorkers(t *testing.T) {
 		}
 	}
 	cfg.StateDir = old
-	if _, err := cfg.withDefaults(); err != nil {
+	claimed, err := cfg.withDefaults()
+	if err != nil {
 		t.Fatalf("an older worker's state directory: %v", err)
 	}
+	claimed.stateLock.Close()
 	if _, err := os.Stat(filepath.Join(old, stateDirMark)); err != nil {
 		t.Fatalf("the claimed directory has no mark: %v", err)
 	}
@@ -77,7 +79,40 @@ func TestStateDirMustBeAWorkers(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(old, "notes.txt"), []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cfg.withDefaults(); err != nil {
+	if marked, err := cfg.withDefaults(); err != nil {
 		t.Fatalf("a marked state directory: %v", err)
+	} else {
+		marked.stateLock.Close()
 	}
+}
+
+// TestStateDirIsOneWorkers: a second worker given a state directory in use
+// is refused before it touches the first one's cache/ and db/; once the
+// first lets go (or dies), the directory can be taken again.
+func TestStateDirIsOneWorkers(t *testing.T) {
+	cfg := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", StateDir: t.TempDir()}
+	first, err := cfg.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	inUse := filepath.Join(cfg.StateDir, "cache", "in-use")
+	if err := os.MkdirAll(filepath.Dir(inUse), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(inUse, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg.ID = "w2"
+	if _, err := cfg.withDefaults(); err == nil || !strings.Contains(err.Error(), "in use by another worker") {
+		t.Fatalf("a state directory in use: %v, want a refusal saying so", err)
+	}
+	if _, err := os.Stat(inUse); err != nil {
+		t.Fatalf("the refused worker emptied the first one's cache/: %v", err)
+	}
+	first.stateLock.Close()
+	second, err := cfg.withDefaults()
+	if err != nil {
+		t.Fatalf("a state directory let go: %v", err)
+	}
+	second.stateLock.Close()
 }
