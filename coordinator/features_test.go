@@ -322,6 +322,7 @@ func TestNamedCapsTheList(t *testing.T) {
 // the next id itself and keep another state.
 func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
+	keepClosed(&s.compressed) // or compressed entries would need a higher level
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", chosenIDLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)
@@ -412,6 +413,7 @@ func TestAddPeerNeedsChosenIDLevelOnceChosen(t *testing.T) {
 // key, no such coordinator may join.
 func TestSubmissionKeysNeedLevel(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
+	keepClosed(&s.compressed) // or compressed entries would need a higher level
 	old := startGossipMember(t, "c-old", coordinatorMetaAt(t, "127.0.0.1:3", SubmissionKeyLevel-1), nil, s.GossipAddr())
 	if old.joinErr != nil {
 		t.Fatal(old.joinErr)

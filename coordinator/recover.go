@@ -34,7 +34,9 @@ type Recovered struct {
 // coordinator listed, each stopped, then start them.
 //
 // It refuses a data dir another process holds (a running coordd), one with no
-// Raft state, and corrupt Raft data (ErrCorruptRaftData).
+// Raft state, corrupt Raft data (ErrCorruptRaftData), and a log that holds
+// commands this build does not know (written by a newer coordd), which the
+// replay would drop and the compaction lose for good.
 func RecoverCluster(dataDir string, peers []raft.Server, logger *slog.Logger) (Recovered, error) {
 	var out Recovered
 	if logger == nil {
@@ -64,6 +66,9 @@ func RecoverCluster(dataDir string, peers []raft.Server, logger *slog.Logger) (R
 	if err := checkRaftData(dataDir, store, snaps, logger); err != nil {
 		return out, err
 	}
+	if err := checkLogKnown(store); err != nil {
+		return out, fmt.Errorf("recover raft cluster in %s: %w", dataDir, err)
+	}
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = "coordd-raft-recover" // RecoverCluster needs one; nothing stores it
@@ -91,6 +96,32 @@ func RecoverCluster(dataDir string, peers []raft.Server, logger *slog.Logger) (R
 	out.Index, out.Term = listed[0].Index, listed[0].Term
 	out.Jobs = len(state.Jobs())
 	return out, nil
+}
+
+// checkLogKnown returns an error naming the first entry of the log that
+// holds a command this build does not know.
+func checkLogKnown(logs raft.LogStore) error {
+	first, err := logs.FirstIndex()
+	if err != nil {
+		return fmt.Errorf("read the raft log: %w", err)
+	}
+	last, err := logs.LastIndex()
+	if err != nil {
+		return fmt.Errorf("read the raft log: %w", err)
+	}
+	for i := first; i > 0 && i <= last; i++ {
+		var l raft.Log
+		if err := logs.GetLog(i, &l); err != nil {
+			return fmt.Errorf("read raft log entry %d: %w", i, err)
+		}
+		if l.Type != raft.LogCommand {
+			continue
+		}
+		if unknown := fsm.UnknownCommands(l.Data); len(unknown) > 0 {
+			return fmt.Errorf("raft log entry %d holds commands of types %v, which this coordd does not know: a newer coordd wrote them; recover with a coordd at least as new as the cluster's newest", i, unknown)
+		}
+	}
+	return nil
 }
 
 // newScratchFSM returns an FSM that is not a node's: it only replays.

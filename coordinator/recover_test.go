@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -10,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/coordflow/coordflow/fsm"
 )
 
 // TestRecoverClusterFromOneSurvivor loses the quorum of a 3-node cluster for
@@ -60,7 +63,8 @@ func TestRecoverClusterFromOneSurvivor(t *testing.T) {
 }
 
 // TestRecoverClusterRefuses: RecoverCluster leaves alone a data dir a running
-// coordinator holds, one with no Raft state, and one with corrupt Raft data.
+// coordinator holds, one with no Raft state, one with corrupt Raft data, and
+// one whose log holds commands a newer coordd wrote.
 func TestRecoverClusterRefuses(t *testing.T) {
 	peers := []raft.Server{{ID: "c1", Address: "127.0.0.1:7001", Suffrage: raft.Voter}}
 	logger := testLogger(t)
@@ -86,6 +90,52 @@ func TestRecoverClusterRefuses(t *testing.T) {
 		_, err := RecoverCluster(cfg.DataDir, []raft.Server{{ID: "c1", Address: "127.0.0.1:7001", Suffrage: raft.Nonvoter}}, logger)
 		if err == nil || !strings.Contains(err.Error(), "voter") {
 			t.Errorf("RecoverCluster with no voter: %v, want an error naming the missing voter", err)
+		}
+	})
+	t.Run("a newer coordd's log", func(t *testing.T) {
+		cfg, _ := snapshottedNode(t, 1)
+		// A batch of a known command and one of a type from the future,
+		// compressed, as a newer leader would write it.
+		known, err := fsm.Encode(fsm.CommandJobStatus, fsm.JobStatusCmd{JobID: "nope", Status: fsm.JobRunning, Time: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		batch, err := fsm.EncodeFramedBatch([][]byte{known, append([]byte{200}, known[1:]...)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		entry, err := fsm.EncodeCompressed(batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(cfg.DataDir, raftDBFile)
+		store, err := openCheckedBoltStore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last, err := store.LastIndex()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var prev raft.Log
+		if err := store.GetLog(last, &prev); err != nil {
+			t.Fatal(err)
+		}
+		if err := store.StoreLog(&raft.Log{Index: last + 1, Term: prev.Term, Type: raft.LogCommand, Data: entry}); err != nil {
+			t.Fatal(err)
+		}
+		store.Close()
+		_, err = RecoverCluster(cfg.DataDir, peers, logger)
+		if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("raft log entry %d holds commands of types [CommandType(200)]", last+1)) {
+			t.Fatalf("RecoverCluster on a newer coordd's log: %v, want a refusal naming the entry and its type", err)
+		}
+		store, err = openCheckedBoltStore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer store.Close()
+		if err := store.GetLog(last+1, &prev); err != nil {
+			t.Fatalf("the refused recovery compacted the log: %v", err)
 		}
 	})
 	t.Run("corrupt snapshot", func(t *testing.T) {

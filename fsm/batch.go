@@ -180,6 +180,49 @@ func (s *State) applyBatch(c *BatchCmd) any {
 	return results
 }
 
+// UnknownCommands returns the command types in the log entry data that this
+// build does not know: the entry's own, or those of the commands a batch or
+// a compressed entry carries; none for a malformed entry. A tool that
+// replays a log and then compacts it (coordd raft recover) refuses a log
+// that holds any, since the replay would drop those commands for good.
+func UnknownCommands(data []byte) []CommandType {
+	if len(data) == 0 {
+		return nil
+	}
+	t, body := CommandType(data[0]), data[1:]
+	if _, ok := commands[t]; !ok {
+		return []CommandType{t}
+	}
+	switch t {
+	case CommandCompressed:
+		payload, err := decompress(t, body)
+		if err != nil {
+			return nil
+		}
+		return UnknownCommands(payload)
+	case CommandBatch, CommandFramedBatch:
+		_, cmd, err := Decode(data)
+		if err != nil {
+			return nil
+		}
+		var b BatchCmd
+		switch c := cmd.(type) {
+		case BatchCmd:
+			b = c
+		case framedBatch:
+			b = BatchCmd(c)
+		}
+		var unknown []CommandType
+		for _, e := range b.Commands {
+			if _, ok := commands[e.Type]; !ok {
+				unknown = append(unknown, e.Type)
+			}
+		}
+		return unknown
+	}
+	return nil
+}
+
 // unknownIn counts the commands of unknown type in a batch result.
 func unknownIn(res any) int {
 	br, ok := res.(BatchResult)

@@ -77,6 +77,19 @@ func EncodeCompressed(payload []byte) ([]byte, error) {
 // allocated for it, and the frame must decode to exactly that many bytes,
 // its checksum right, so a garbled entry is an error on every replica.
 func decodeCompressed(t CommandType, body []byte) (any, error) {
+	payload, err := decompress(t, body)
+	if err != nil {
+		return nil, err
+	}
+	inner, cmd, err := Decode(payload)
+	if err != nil {
+		return nil, fmt.Errorf("decode %v command: %w", t, err)
+	}
+	return compressedCmd{t: inner, cmd: cmd}, nil
+}
+
+// decompress returns the entry the body of a CommandCompressed carries.
+func decompress(t CommandType, body []byte) ([]byte, error) {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("decode %v command: %w: %s", t, ErrMalformedCommand, fmt.Sprintf(format, args...))
 	}
@@ -96,11 +109,7 @@ func decodeCompressed(t CommandType, body []byte) (any, error) {
 	case CommandType(payload[0]) == CommandCompressed:
 		return nil, bad("a compressed entry inside another")
 	}
-	inner, cmd, err := Decode(payload)
-	if err != nil {
-		return nil, fmt.Errorf("decode %v command: %w", t, err)
-	}
-	return compressedCmd{t: inner, cmd: cmd}, nil
+	return payload, nil
 }
 
 // compressedCommand is the command table's entry of CommandCompressed.

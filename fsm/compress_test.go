@@ -198,3 +198,37 @@ func BenchmarkCompressedBatch(b *testing.B) {
 		}
 	})
 }
+
+// TestUnknownCommands: the types this build does not know are found in a
+// lone entry, in batches and in compressed entries, and none in what it
+// knows or cannot decode.
+func TestUnknownCommands(t *testing.T) {
+	known := encodeAll(t, CommandJobStatus, JobStatusCmd{JobID: "a", Status: JobRunning, Time: 1})[0]
+	future := append([]byte{200}, known[1:]...)
+	framed, err := EncodeFramedBatch([][]byte{known, future})
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := EncodeBatch([][]byte{future, known})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range map[string]struct {
+		data []byte
+		want []CommandType
+	}{
+		"known":                   {known, nil},
+		"unknown":                 {future, []CommandType{200}},
+		"framed batch":            {framed, []CommandType{200}},
+		"json batch":              {plain, []CommandType{200}},
+		"compressed framed batch": {compressed(t, framed), []CommandType{200}},
+		"compressed unknown":      {compressed(t, future), []CommandType{200}},
+		"compressed known":        {compressed(t, known), nil},
+		"garbled compressed":      {[]byte{byte(CommandCompressed), 5, 1, 2}, nil},
+		"empty":                   {nil, nil},
+	} {
+		if got := UnknownCommands(tc.data); !slices.Equal(got, tc.want) {
+			t.Errorf("%s: %v, want %v", name, got, tc.want)
+		}
+	}
+}

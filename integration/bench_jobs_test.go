@@ -77,9 +77,9 @@ type benchJobsResult struct {
 	// EntryBytesPerS is what the entries took in the log: BytesPerS after
 	// batching and compression.
 	EntryBytesPerS float64
-	LeaderCPU                   float64            // cores (CPU seconds per second) of the leader coordd
-	CPU                         map[string]float64 // cores, by process group
-	Restarts                    int                // job attempts beyond the first, at the end
+	LeaderCPU      float64            // cores (CPU seconds per second) of the leader coordd
+	CPU            map[string]float64 // cores, by process group
+	Restarts       int                // job attempts beyond the first, at the end
 	// DeadOverruled is how many times the leader, since it took over,
 	// overruled gossip calling a worker dead while its session was live.
 	DeadOverruled int

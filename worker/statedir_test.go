@@ -67,4 +67,7 @@ func TestOwnStateDirGoesWithWorker(t *testing.T) {
 	if _, err := os.Stat(given); err != nil {
 		t.Fatalf("given state dir after the worker stopped: %v, want it kept", err)
 	}
+	// The stopped worker let go of its lock: a new one takes the directory.
+	_, stop = startStoppableWorker(t, "w4", f, func(c *Config) { c.StateDir = given })
+	stop()
 }

@@ -137,7 +137,8 @@ type Config struct {
 	MetricsLinger time.Duration
 
 	// stateLock holds StateDir's lock (lockStateDir) from withDefaults on:
-	// closed by Run at its end, by New if it fails.
+	// closed by Run at its end, by New if it fails; nil where the file
+	// system takes no locks.
 	stateLock *os.File
 }
 
@@ -282,7 +283,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	// ran; what an earlier process left is no use and would only grow.
 	for _, sub := range []string{"cache", "db"} {
 		if err := os.RemoveAll(filepath.Join(cfg.StateDir, sub)); err != nil {
-			lock.Close()
+			if lock != nil {
+				lock.Close()
+			}
 			return cfg, fmt.Errorf("worker config: clean state dir: %w", err)
 		}
 	}
@@ -349,6 +352,9 @@ func New(cfg Config) (_ *Worker, err error) {
 		}
 	}()
 	logger := cfg.Logger.With("worker", cfg.ID)
+	if cfg.stateLock == nil {
+		logger.Warn("state dir not locked: its file system takes no locks; make sure no other worker uses it", "dir", cfg.StateDir)
+	}
 	w := &Worker{cfg: cfg, logger: logger, metrics: newMetrics(), tempDir: tempDir}
 
 	if host, _, err := net.SplitHostPort(cfg.DataAddr); err != nil {
