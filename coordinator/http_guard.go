@@ -178,6 +178,10 @@ func (s *Server) handle(mux *http.ServeMux, pattern string, need apiRole, o rout
 func (s *Server) guard(need apiRole, o routeOpts, h http.Handler) http.Handler {
 	limit := cmp.Or(o.maxBody, maxSmallBody)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Answers carry what producers wrote (keys and values of the
+		// state API, job names): a browser must read them as the type
+		// they declare, never guess markup in them.
+		w.Header().Set("X-Content-Type-Options", "nosniff")
 		rc := http.NewResponseController(w)
 		// Errors are ignored: only a ResponseWriter without a connection
 		// (handler tests) cannot set deadlines.

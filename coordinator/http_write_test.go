@@ -317,7 +317,8 @@ func TestSameSubmission(t *testing.T) {
 // localhost or this machine's names. A page of another site whose DNS name
 // turns to 127.0.0.1 (DNS rebinding) is same-origin to the browser, which
 // would let it read the API and write through it; such a request names the
-// site's host. An API with tokens leaves it to the tokens.
+// site's host. An API with tokens leaves it to the tokens. Every answer,
+// refused or not, tells the browser not to sniff its type.
 func TestOpenAPIRefusesRebindingHosts(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
 	_, port, err := net.SplitHostPort(s.HTTPAddr())
@@ -339,6 +340,10 @@ func TestOpenAPIRefusesRebindingHosts(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer resp.Body.Close()
+		// Refused or answered, no answer may be sniffed into markup.
+		if got := resp.Header.Get("X-Content-Type-Options"); got != "nosniff" {
+			t.Errorf("%s %s with Host %s: X-Content-Type-Options %q, want nosniff", method, path, host, got)
+		}
 		data, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(data)
 	}
