@@ -402,7 +402,7 @@ func TestGarbageCollection(t *testing.T) {
 func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
 	ctx := context.Background()
 	fx := newGCFixture(t)
-	store, put, a := fx.store, fx.put, fx.a
+	put, a := fx.put, fx.a
 	const job = gcJob
 	dir := func(id uint64) string { return transport.CheckpointDir(job, id) }
 	now := time.Now().UnixNano()
@@ -432,27 +432,13 @@ func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
 		t.Fatalf("job has %d completed checkpoints and pending %v, want none and 4", len(j.Completed), j.Pending)
 	}
 
-	c := newCollector(storage.NewPool(), a.f.Job, func(string) bool { return false }, slog.New(slog.DiscardHandler), newMetrics())
-	defer c.stores.Close()
-	clock := time.Unix(1_700_000_000, 0)
-	c.now = func() time.Time { return clock }
-	files := func() []string {
-		var left []string
-		err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil })
-		if err == nil {
-			err = store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil })
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		slices.Sort(left)
-		return left
-	}
+	c, clock := fx.collector(func(string) bool { return false })
+	files := fx.files
 	all := files()
 	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(files(), all) {
 		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
 	}
-	clock = clock.Add(gcGrace)
+	*clock = clock.Add(gcGrace)
 	n, err := c.run(ctx, job)
 	if err != nil {
 		t.Fatal(err)
@@ -472,7 +458,7 @@ func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
 func TestGarbageCollectionOfSavepoints(t *testing.T) {
 	ctx := context.Background()
 	fx := newGCFixture(t)
-	store, url, put, a := fx.store, fx.url, fx.put, fx.a
+	url, put, a := fx.url, fx.put, fx.a
 	const job = gcJob
 	states := func(id uint64, files ...fsm.StateFile) map[string]fsm.TaskState {
 		return map[string]fsm.TaskState{
@@ -511,30 +497,16 @@ func TestGarbageCollectionOfSavepoints(t *testing.T) {
 	pending := put(transport.SavepointDir(job, 4) + "map-0-a1-full.cfs")
 	foreign := put(transport.SavepointDir("other-job", 2) + "map-0-a1-full.cfs")
 
-	c := newCollector(storage.NewPool(), a.f.Job, func(id string) bool {
+	c, clock := fx.collector(func(id string) bool {
 		_, ok := a.f.Savepoint(id)
 		return ok
-	}, slog.New(slog.DiscardHandler), newMetrics())
-	defer c.stores.Close()
-	clock := time.Unix(1_700_000_000, 0)
-	c.now = func() time.Time { return clock }
-	files := func() []string {
-		var left []string
-		err := store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil })
-		if err == nil {
-			err = store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil })
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		slices.Sort(left)
-		return left
-	}
+	})
+	files := fx.files
 	all := files()
 	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(files(), all) {
 		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
 	}
-	clock = clock.Add(gcGrace)
+	*clock = clock.Add(gcGrace)
 	n, err := c.run(ctx, job)
 	if err != nil {
 		t.Fatal(err)
@@ -552,6 +524,33 @@ const gcJob = "j"
 // gcFixture is a file:// checkpoint storage in a directory of the test's and
 // job gcJob, of one map task, keeping its state there and retaining two
 // checkpoints: what the collector's tests collect in.
+// collector returns a collector of the fixture's job, kept telling which
+// savepoints the cluster keeps, and the clock it reads, for the test to
+// move.
+func (fx *gcFixture) collector(kept func(string) bool) (*collector, *time.Time) {
+	c := newCollector(storage.NewPool(), fx.a.f.Job, kept, slog.New(slog.DiscardHandler), newMetrics())
+	fx.t.Cleanup(func() { c.stores.Close() })
+	clock := time.Unix(1_700_000_000, 0)
+	c.now = func() time.Time { return clock }
+	return c, &clock
+}
+
+// files lists every file of the store, partial uploads included, sorted.
+func (fx *gcFixture) files() []string {
+	fx.t.Helper()
+	ctx := context.Background()
+	var left []string
+	err := fx.store.List(ctx, "", func(p string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+	if err == nil {
+		err = fx.store.ListPartial(ctx, "", func(p, _ string, _ int64, _ time.Time) error { left = append(left, p); return nil })
+	}
+	if err != nil {
+		fx.t.Fatal(err)
+	}
+	slices.Sort(left)
+	return left
+}
+
 type gcFixture struct {
 	root, url string
 	store     *storage.Store
