@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -840,16 +841,26 @@ func jobPurge(ctx context.Context, c *apiClient, id string, force bool, wait tim
 	return nil
 }
 
-// jobExport streams the NDJSON export at path to file ("-": stdout).
-func jobExport(ctx context.Context, c *apiClient, path, file string, stdout io.Writer) error {
+// jobExport streams the NDJSON export at path to file ("-": stdout). A
+// file is written beside its name and renamed into place only once the
+// export is complete and on disk, so an export that fails (the coordinator
+// lost, the state unreadable, a full disk) leaves no partial file and an
+// earlier export of that name as it was.
+func jobExport(ctx context.Context, c *apiClient, path, file string, stdout io.Writer) (err error) {
 	out := stdout
+	var tmp *os.File
 	if file != "-" {
-		f, err := os.Create(file)
+		tmp, err = os.CreateTemp(filepath.Dir(file), "."+filepath.Base(file)+".*.tmp")
 		if err != nil {
 			return fmt.Errorf("export: %w", err)
 		}
-		defer f.Close()
-		out = f
+		defer func() {
+			if err != nil {
+				tmp.Close()
+				os.Remove(tmp.Name())
+			}
+		}()
+		out = tmp
 	}
 	last := &lastLine{w: out}
 	n, err := c.stream(ctx, path, last)
@@ -863,9 +874,28 @@ func jobExport(ctx context.Context, c *apiClient, path, file string, stdout io.W
 	if json.Unmarshal(last.line, &tail) == nil && tail.Error != "" {
 		return fmt.Errorf("export incomplete after %d bytes: %s", n, tail.Error)
 	}
-	if file != "-" {
-		fmt.Fprintf(stdout, "wrote %d bytes to %s\n", n, file)
+	if tmp == nil {
+		return nil
 	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("export: write %s: %w", file, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("export: write %s: %w", file, err)
+	}
+	// CreateTemp makes the file 0600: give it the mode of the file it
+	// replaces, or what os.Create gives under the usual umask.
+	mode := os.FileMode(0o644)
+	if fi, err := os.Stat(file); err == nil {
+		mode = fi.Mode().Perm()
+	}
+	if err := os.Chmod(tmp.Name(), mode); err != nil {
+		return fmt.Errorf("export: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), file); err != nil {
+		return fmt.Errorf("export: %w", err)
+	}
+	fmt.Fprintf(stdout, "wrote %d bytes to %s\n", n, file)
 	return nil
 }
 

@@ -214,3 +214,66 @@ func TestJobCancelSentAgain(t *testing.T) {
 		t.Fatalf("cancel answered 504, then 409 with the job running: %v after %d requests, want the error", err, n)
 	}
 }
+
+// TestJobExportReplacesTheFileOnlyWhenComplete: an export the server could
+// not finish leaves an earlier export of that name as it was and no
+// partial file; a complete one replaces it, keeping its mode.
+func TestJobExportReplacesTheFileOnlyWhenComplete(t *testing.T) {
+	var complete atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, `{"key": "a", "value": 1}`)
+		if !complete.Load() {
+			fmt.Fprintln(w, `{"error": "read state file: connection reset"}`)
+			return
+		}
+		fmt.Fprintln(w, `{"key": "b", "value": 2}`)
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	file := filepath.Join(dir, "state.ndjson")
+	const earlier = "an earlier export\n"
+	if err := os.WriteFile(file, []byte(earlier), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	export := func() error {
+		var out, errOut bytes.Buffer
+		return runJob([]string{"state", "-addr", srv.URL, "-export", file, "j1"}, &out, &errOut)
+	}
+	entries := func() []string {
+		des, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, de := range des {
+			names = append(names, de.Name())
+		}
+		return names
+	}
+
+	complete.Store(false)
+	if err := export(); err == nil || !strings.Contains(err.Error(), "export incomplete") {
+		t.Fatalf("an export the server could not finish: %v, want it incomplete", err)
+	}
+	if data, err := os.ReadFile(file); err != nil || string(data) != earlier {
+		t.Fatalf("after a failed export the file holds %q (%v), want the earlier export", data, err)
+	}
+	if names := entries(); len(names) != 1 {
+		t.Fatalf("after a failed export the directory holds %v, want the earlier export alone", names)
+	}
+
+	complete.Store(true)
+	if err := export(); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(file)
+	if err != nil || string(data) != "{\"key\": \"a\", \"value\": 1}\n{\"key\": \"b\", \"value\": 2}\n" {
+		t.Fatalf("after a complete export the file holds %q (%v)", data, err)
+	}
+	if fi, err := os.Stat(file); err != nil || fi.Mode().Perm() != 0o640 {
+		t.Fatalf("the replaced export's mode: %v (%v), want 0640 as before", fi.Mode().Perm(), err)
+	}
+	if names := entries(); len(names) != 1 {
+		t.Fatalf("after a complete export the directory holds %v", names)
+	}
+}
