@@ -204,11 +204,20 @@ func writeNew(path string, data []byte, mode os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
+	// A file cut short (a full disk) would be refused as existing by the
+	// next attempt, and read as a broken key or certificate: remove it.
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		_ = os.Remove(path)
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	return f.Close()
+	return nil
 }
 
 // newKey returns a new P-256 key and a random serial for its certificate.
