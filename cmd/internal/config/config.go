@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 )
@@ -66,16 +67,25 @@ func apply(fs *flag.FlagSet, path string, data []byte, env func(string) (string,
 	if dup := duplicateKey(data); dup != "" {
 		return fmt.Errorf("config file %s: option %q is given twice", path, dup)
 	}
-	given := make(map[string]bool)
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	// A flag and its aliases (workerd's -probe-interval for
+	// -gossip-probe-interval, say) set one variable: the command line's
+	// value of any of them wins over the file's of any other.
+	given := make(map[any]bool)
+	fs.Visit(func(f *flag.Flag) { given[target(f)] = true })
+	inFile := make(map[any]string)
 	for _, name := range slices.Sorted(maps.Keys(opts)) {
 		if name == "config" {
 			return fmt.Errorf("config file %s: option %q: a config file cannot name another", path, name)
 		}
-		if fs.Lookup(name) == nil {
+		f := fs.Lookup(name)
+		if f == nil {
 			return fmt.Errorf("config file %s: unknown option %q (the options are the flags %s -h lists, without the dash)", path, name, fs.Name())
 		}
-		if given[name] {
+		if other, ok := inFile[target(f)]; ok {
+			return fmt.Errorf("config file %s: options %q and %q set the same flag: give one", path, other, name)
+		}
+		inFile[target(f)] = name
+		if given[target(f)] {
 			continue // the command line wins
 		}
 		v, err := value(opts[name], env)
@@ -87,6 +97,16 @@ func apply(fs *flag.FlagSet, path string, data []byte, env func(string) (string,
 		}
 	}
 	return nil
+}
+
+// target identifies the variable flag f sets: the pointer its Value is,
+// the same for a flag and its aliases (defined with the same variable), or
+// the flag's name for a Value that is not a pointer.
+func target(f *flag.Flag) any {
+	if v := reflect.ValueOf(f.Value); v.Kind() == reflect.Pointer {
+		return v.Pointer()
+	}
+	return f.Name
 }
 
 // duplicateKey returns a key the top-level object of data (valid JSON)

@@ -93,6 +93,43 @@ func TestApplyNamesWhatIsWrong(t *testing.T) {
 	}
 }
 
+// TestApplyTakesAliasesForTheirFlag: a flag given on the command line wins
+// over the file's value of its alias, and the other way round; a file that
+// gives a flag and its alias is refused.
+func TestApplyTakesAliasesForTheirFlag(t *testing.T) {
+	newAliased := func() (*flag.FlagSet, *time.Duration) {
+		fs := flag.NewFlagSet("workerd", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		d := new(time.Duration)
+		fs.DurationVar(d, "gossip-probe-interval", time.Second, "")
+		fs.DurationVar(d, "probe-interval", time.Second, "alias of -gossip-probe-interval")
+		fs.String("id", "", "")
+		return fs, d
+	}
+	for _, tc := range []struct{ arg, file string }{
+		{"-gossip-probe-interval", `{"probe-interval": "5s", "id": "w1"}`},
+		{"-probe-interval", `{"gossip-probe-interval": "5s", "id": "w1"}`},
+	} {
+		fs, d := newAliased()
+		if err := fs.Parse([]string{tc.arg, "2s"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := apply(fs, "w.json", []byte(tc.file), env(nil)); err != nil {
+			t.Fatal(err)
+		}
+		if *d != 2*time.Second || fs.Lookup("id").Value.String() != "w1" {
+			t.Errorf("%s 2s on the command line, %s in the file: %v and id %q, want the command line's 2s and the file's id",
+				tc.arg, tc.file, *d, fs.Lookup("id").Value.String())
+		}
+	}
+	fs, _ := newAliased()
+	_ = fs.Parse(nil)
+	err := apply(fs, "w.json", []byte(`{"probe-interval": "5s", "gossip-probe-interval": "3s"}`), env(nil))
+	if err == nil || !strings.Contains(err.Error(), `options "gossip-probe-interval" and "probe-interval" set the same flag`) {
+		t.Errorf("a file giving a flag and its alias: %v, want a refusal naming both", err)
+	}
+}
+
 func TestApplyReadsTheFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "workerd.json")
 	if err := os.WriteFile(path, []byte(`{"id": "w1"}`), 0o600); err != nil {
