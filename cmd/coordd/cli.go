@@ -348,7 +348,7 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 	fs := flag.NewFlagSet("coordd "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o clientOptions
-	fs.StringVar(&o.addr, "addr", defaultAPIAddr(), "`URL` of any coordinator's HTTP API; defaults to $COORD_ADDR, else "+defaultAddr)
+	fs.StringVar(&o.addr, "addr", defaultAPIAddr(), "`URL` of any coordinator's HTTP API (a host without a scheme or port goes to port "+defaultAPIPort+"); defaults to $COORD_ADDR, else "+defaultAddr)
 	// The defaults come from the environment after parsing, so that -h
 	// never prints a token.
 	fs.StringVar(&o.token, "token", "", "API `TOKEN`, sent as Authorization: Bearer (default $COORD_TOKEN)")

@@ -21,7 +21,11 @@ import (
 )
 
 // defaultAddr is the coordinator the CLI talks to without -addr or COORD_ADDR.
-const defaultAddr = "http://127.0.0.1:7201"
+const defaultAddr = "http://127.0.0.1:" + defaultAPIPort
+
+// defaultAPIPort is the port of coordd's default -http-addr, which a bare
+// -addr host goes to.
+const defaultAPIPort = "7201"
 
 // requestTimeout bounds one CLI request; a write waits for a Raft apply.
 const requestTimeout = 30 * time.Second
@@ -59,12 +63,19 @@ type clientOptions struct {
 // certificate it speaks https, whatever scheme the address names.
 func newAPIClient(o clientOptions) (*apiClient, error) {
 	addr := o.addr
-	if !strings.Contains(addr, "://") {
+	bare := !strings.Contains(addr, "://")
+	if bare {
 		addr = "http://" + addr
 	}
 	u, err := url.Parse(addr)
 	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 		return nil, fmt.Errorf("-addr %q: want http://host:port or https://host:port", o.addr)
+	}
+	if bare && u.Port() == "" {
+		// A bare host (-addr c1) names a coordinator, whose API listens on
+		// coordd's -http-addr port, not HTTP's 80; a URL's scheme says
+		// otherwise (https://coordflow.example behind a proxy).
+		u.Host = net.JoinHostPort(u.Hostname(), defaultAPIPort)
 	}
 	if (o.clientCert == "") != (o.clientKey == "") {
 		return nil, errors.New("-client-cert and -client-key (COORD_CLIENT_CERT, COORD_CLIENT_KEY) go together")

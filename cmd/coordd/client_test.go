@@ -277,3 +277,26 @@ func TestJobExportReplacesTheFileOnlyWhenComplete(t *testing.T) {
 		t.Fatalf("after a complete export the directory holds %v", names)
 	}
 }
+
+// TestAddrWithoutAPort: a bare host goes to coordd's API port, as the
+// default address does; a URL keeps its scheme's port.
+func TestAddrWithoutAPort(t *testing.T) {
+	for addr, want := range map[string]string{
+		"c1":                      "http://c1:7201",
+		"10.0.0.1":                "http://10.0.0.1:7201",
+		"[fd00::1]":               "http://[fd00::1]:7201",
+		"c1:9000":                 "http://c1:9000",
+		"http://c1":               "http://c1",
+		"https://coordflow.test/": "https://coordflow.test",
+		defaultAddr:               "http://127.0.0.1:7201",
+	} {
+		c, err := newAPIClient(clientOptions{addr: addr, format: "table"})
+		if err != nil {
+			t.Errorf("-addr %s: %v", addr, err)
+			continue
+		}
+		if c.base != want {
+			t.Errorf("-addr %s: requests go to %s, want %s", addr, c.base, want)
+		}
+	}
+}
