@@ -388,10 +388,19 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 	if o.format != "table" && o.format != "json" {
 		return nil, "", usageError(fs, "-format %q: want table or json", o.format)
 	}
-	fromEnv(&o.token, "COORD_TOKEN")
-	fromEnv(&o.caFile, "COORD_CACERT")
-	fromEnv(&o.clientCert, "COORD_CLIENT_CERT")
-	fromEnv(&o.clientKey, "COORD_CLIENT_KEY")
+	// A flag given, even empty (-token ""), overrides its variable: it is
+	// how to send no token from a shell that exports one.
+	given := make(map[string]bool)
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	fromEnv := func(v *string, flagName, name string) {
+		if !given[flagName] {
+			*v = os.Getenv(name)
+		}
+	}
+	fromEnv(&o.token, "token", "COORD_TOKEN")
+	fromEnv(&o.caFile, "ca-file", "COORD_CACERT")
+	fromEnv(&o.clientCert, "client-cert", "COORD_CLIENT_CERT")
+	fromEnv(&o.clientKey, "client-key", "COORD_CLIENT_KEY")
 	c, err := newAPIClient(o)
 	if err != nil {
 		return nil, "", usageError(fs, "%v", err)
@@ -401,13 +410,6 @@ func parseCLI(name, argName string, args []string, stderr io.Writer, define func
 		arg = pos[0]
 	}
 	return c, arg, nil
-}
-
-// fromEnv sets *v to $name when no flag set it.
-func fromEnv(v *string, name string) {
-	if *v == "" {
-		*v = os.Getenv(name)
-	}
 }
 
 // defaultAPIAddr is $COORD_ADDR, else defaultAddr.

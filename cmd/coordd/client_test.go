@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -297,6 +298,28 @@ func TestAddrWithoutAPort(t *testing.T) {
 		}
 		if c.base != want {
 			t.Errorf("-addr %s: requests go to %s, want %s", addr, c.base, want)
+		}
+	}
+}
+
+// TestFlagOverridesEnvEvenEmpty: -token "" sends no token from a shell
+// that exports COORD_TOKEN; without the flag the variable is taken.
+func TestFlagOverridesEnvEvenEmpty(t *testing.T) {
+	t.Setenv("COORD_TOKEN", "from-the-environment")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "from-the-environment"},
+		{[]string{"-token", ""}, ""},
+		{[]string{"-token", "from-the-flag"}, "from-the-flag"},
+	} {
+		c, _, err := parseCLI("job list", "", tc.args, io.Discard, nil)
+		if err != nil {
+			t.Fatalf("%q: %v", tc.args, err)
+		}
+		if c.token != tc.want {
+			t.Errorf("%q with COORD_TOKEN set: token %q, want %q", tc.args, c.token, tc.want)
 		}
 	}
 }
