@@ -528,7 +528,18 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 // and take the checkpoint's files as the base of their next incremental
 // snapshot. A notice that is lost (a leader dies first) is made up for by
 // the next barrier, which names the newest completed checkpoint.
+//
+// A savepoint that does not stop the job commits nothing, as in Flink
+// since 1.15: a recovery restores the newest completed checkpoint, never a
+// savepoint, and replays what followed it, so output a savepoint's
+// transactions committed would be written again. Its transactions stay
+// pre-committed, listed in the next checkpoint's state, and are committed
+// with it; a job started from the savepoint commits them when it restores.
+// A stop-with-savepoint's are committed: the job ends there.
 func (l *leader) notifyCompleted(js *jobState, p *pendingCheckpoint) {
+	if p.savepoint && !p.stop {
+		return
+	}
 	for _, tv := range js.order {
 		if p.savepoint && tv.task.Kind != fsm.TaskMap {
 			continue // a savepoint's offsets are not the group's: sources commit a checkpoint's

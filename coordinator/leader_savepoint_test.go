@@ -86,21 +86,20 @@ func TestLeaderSavepoint(t *testing.T) {
 	if got, _ := h.f.LastCompleted("j1"); got.ID != last {
 		t.Fatalf("newest completed checkpoint %d, want %d: a savepoint is not a checkpoint", got.ID, last)
 	}
-	// CheckpointComplete goes to map tasks only, marked as a savepoint: they
-	// commit its sink transactions; sources commit no offsets for it.
-	var toMaps int
+	// No task is told: a savepoint that does not stop the job commits no
+	// sink transaction (a recovery restores the last checkpoint and would
+	// write its output again), and sources commit no offsets for it.
 	for _, m := range append(h.drain("w1"), h.drain("w2")...) {
-		c := m.GetComplete()
-		switch {
-		case c == nil:
-		case !strings.HasPrefix(c.GetTask().GetTaskId(), "map-") || !c.GetSavepoint() || c.GetCheckpointId() != id:
-			t.Fatalf("savepoint completion %v, want one marked savepoint %d to a map task", c, id)
-		default:
-			toMaps++
+		if c := m.GetComplete(); c != nil {
+			t.Fatalf("completion %v sent for a savepoint that does not stop the job", c)
 		}
 	}
-	if toMaps != 2 {
-		t.Fatalf("savepoint completions sent to %d map tasks, want 2", toMaps)
+	// The next checkpoint's barrier still names the last checkpoint, and
+	// its completion is told as usual: map tasks commit the savepoint's
+	// transactions with its own.
+	next := h.completeCheckpoint("j1")
+	if next <= id {
+		t.Fatalf("checkpoint %d after savepoint %d", next, id)
 	}
 
 	// A stop-with-savepoint that times out restarts the job.
@@ -194,11 +193,12 @@ func TestLeaderRestartsAJobWhoseStopALeaderChangeAborted(t *testing.T) {
 }
 
 // TestLeaderNoticesBeforeItCancels: the map tasks of a cancelled job are
-// told of its newest completed checkpoint or savepoint before their
-// cancel, for the notice its commit sent may have been lost, and a
-// cancelled job has no next barrier to make up for it: the sink
-// transactions it covers would never be committed. Sources get the cancel
-// alone.
+// told of its newest completed checkpoint, or the savepoint that stopped
+// it, before their cancel, for the notice its commit sent may have been
+// lost, and a cancelled job has no next barrier to make up for it: the
+// sink transactions it covers would never be committed. A savepoint that
+// did not stop the job is not told: it commits nothing. Sources get the
+// cancel alone.
 func TestLeaderNoticesBeforeItCancels(t *testing.T) {
 	t.Run("stop with savepoint, notices lost in a leader change", func(t *testing.T) {
 		h := newLeaderHarness(t)
@@ -230,6 +230,23 @@ func TestLeaderNoticesBeforeItCancels(t *testing.T) {
 		job := h.startJob("j1", testJobSpec(1, 2))
 		h.completeCheckpoint("j1")
 		last := h.completeCheckpoint("j1")
+		h.drain("w1")
+		h.drain("w2")
+		h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+		h.flush()
+		checkNoticedBeforeCancel(t, job, map[string][]*transport.CoordinatorMessage{"w1": h.drain("w1"), "w2": h.drain("w2")}, last, false)
+	})
+	t.Run("cancel after a savepoint that did not stop the job", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		job := h.startJob("j1", testJobSpec(1, 2))
+		last := h.completeCheckpoint("j1")
+		h.requestSavepoint("j1", false)
+		h.checkpointPass()
+		p := h.job("j1").Pending
+		if p == nil || !p.Savepoint || p.Stop {
+			t.Fatalf("pending %+v, want a savepoint", p)
+		}
+		h.ackAll("j1", p.ID)
 		h.drain("w1")
 		h.drain("w2")
 		h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})

@@ -144,8 +144,9 @@ func (l *leader) completeSavepoint(js *jobState, p *pendingCheckpoint) {
 			answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d committed but not found", p.id)})
 			return
 		}
-		// Map tasks commit the sink transactions the savepoint covers; with
-		// stop, before the job stops (the stream to each worker is ordered).
+		// A stop's map tasks commit the sink transactions it covers before
+		// the job stops (the stream to each worker is ordered); another
+		// savepoint's wait for the next checkpoint (notifyCompleted).
 		l.notifyCompleted(js, p)
 		log.Info("savepoint completed", "savepoint", sp.ID, "stop", p.stop, "location", sp.Location)
 		answerSavepoint(p, savepointReply{sp: sp})

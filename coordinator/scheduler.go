@@ -522,12 +522,15 @@ func (l *leader) cancelJob(js *jobState, job fsm.Job) {
 	l.jobLogger(js).Info("job cancelled; tasks stopped", "tasks", len(js.order))
 }
 
-// newestCompleted returns job's newest completed checkpoint or savepoint
-// (ID 0: none).
+// newestCompleted returns job's newest completed checkpoint, or the
+// savepoint that stopped it (ID 0: none): what its map tasks' sink
+// transactions may be committed up to. Another savepoint commits nothing
+// (notifyCompleted).
 func newestCompleted(job fsm.Job) (last fsm.CheckpointSummary) {
 	for i := len(job.History) - 1; i >= 0; i-- {
-		if job.History[i].Status == fsm.CheckpointCompleted {
-			return job.History[i]
+		h := job.History[i]
+		if h.Status == fsm.CheckpointCompleted && (!h.Savepoint || job.StoppedWith(h.ID)) {
+			return h
 		}
 	}
 	if n := len(job.Completed); n > 0 {

@@ -665,9 +665,21 @@ func (s *State) completeSavepoint(j *Job, c *CheckpointCompletedCmd) error {
 	j.UpdatedAt = c.Time
 	if stop {
 		j.Status = JobCancelled
-		j.Reason = "stopped with savepoint " + sp.ID
+		j.Reason = stoppedWithReason + sp.ID
 	}
 	return nil
+}
+
+// stoppedWithReason begins the reason of a job a stop-with-savepoint
+// cancelled, followed by the savepoint's id. Snapshots and replicas keep
+// reasons as written: it must never change.
+const stoppedWithReason = "stopped with savepoint "
+
+// StoppedWith reports whether the job was stopped with its savepoint of
+// checkpoint id: a stop-with-savepoint, whose sink transactions are
+// committed, unlike another savepoint's.
+func (j *Job) StoppedWith(id uint64) bool {
+	return j.Status == JobCancelled && j.Reason == stoppedWithReason+SavepointID(j.ID, id)
 }
 
 func (s *State) applySavepointDeleted(c *SavepointDeletedCmd) error {

@@ -373,3 +373,76 @@ func openOutput(t *testing.T, brokers []string, topic string) map[int32]int64 {
 	}
 	return open
 }
+
+// TestSavepointCommitsNoSinkOutput: a savepoint that does not stop the job
+// commits none of its sink transactions. The job (no periodic checkpoint
+// within the test: a 14 minute interval) has written every count in an open
+// transaction when a savepoint is taken; a worker of its map tasks is then
+// SIGKILLed, and the job, with no completed checkpoint to restore, starts
+// over from the earliest offsets and writes every count again. Had the
+// savepoint committed its transactions, read_committed would see those
+// counts twice; the stop-with-savepoint at the end, once the new attempt
+// has read everything, commits the new ones, and kcat sees each count once.
+func TestSavepointCommitsNoSinkOutput(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills real processes; skipped with -short")
+	}
+	c := startCluster(t, clusterOpts{coordinators: 3, workers: 2, topics: map[string]int32{"words": 4, "counts": 4}})
+	in := newWordInput(11, 3_000, 4)
+	produce(t, c.brokers(), "words", in.recs)
+	// No periodic checkpoint in the test's seconds (the first comes at a
+	// random point of the first interval), within the 15 minutes Kafka
+	// gives a transaction.
+	spec := sinkJobSpec(c.brokers(), "14m", "counts", "")
+	spec.Checkpoint.Timeout = "5s"
+	job := c.submitJob(t, spec)
+	c.waitOutput(t, "counts", false, in.want) // written, in open transactions
+
+	out := c.cli(t, c.api(t), "job", "savepoint", job)
+	t.Logf("savepoint: %s", strings.TrimSpace(out))
+	before, err := c.getJob(t, job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before.LastCheckpoint != nil {
+		t.Skipf("a periodic checkpoint (%d) completed before the savepoint: the recovery would restore it", before.LastCheckpoint.ID)
+	}
+	var victim string
+	for _, task := range before.Tasks {
+		if task.Kind == "map" {
+			victim = task.Worker
+			break
+		}
+	}
+	c.killWorker(t, victim)
+	c.startWorker(t, "w3")
+	c.waitJob(t, time.Minute, job, "the job running again after "+victim+" was killed", func(j jobView) error {
+		if j.Attempt <= before.Attempt || j.Status != "running" || slices.Contains(workersOf(j), victim) {
+			return fmt.Errorf("attempt %d %s on %v", j.Attempt, j.Status, workersOf(j))
+		}
+		return nil
+	})
+	// A word of its own at the end of every partition: once the new
+	// attempt has written each, it has written everything before it.
+	var markers []record
+	for p := range int32(4) {
+		w := fmt.Sprintf("zzend%d", p)
+		markers = append(markers, record{key: w, value: w, partition: p})
+		in.want[w] = 1
+	}
+	produce(t, c.brokers(), "words", markers)
+	c.waitFor(t, 2*time.Minute, "the new attempt to write every partition's last word", func() (bool, error) {
+		got := kcatCounts(t, c.brokers(), "counts", false)
+		for _, m := range markers {
+			if len(got[m.value]) == 0 {
+				return false, fmt.Errorf("no output of %s yet", m.value)
+			}
+		}
+		return true, nil
+	})
+	c.stopWithSavepoint(t, c.api(t), job)
+	got := c.waitOutput(t, "counts", true, in.want)
+	if problems := exactlyOnceProblems(got, in.want); len(problems) > 0 {
+		t.Fatalf("read_committed output is not exactly once after a savepoint and a restart (%d problems):\n%s", len(problems), strings.Join(problems[:min(20, len(problems))], "\n"))
+	}
+}

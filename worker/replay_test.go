@@ -940,3 +940,64 @@ func stopLoop(t *testing.T, cancel context.CancelFunc, done <-chan error) {
 		t.Fatalf("loop ended with %v, want context canceled", err)
 	}
 }
+
+// TestSourceRestoresAPartitionTheMetadataDidNotList: a restored checkpoint
+// has an offset of a partition the metadata read at the start did not list
+// (a broker's stale cache). A whole-job restore does not read it at first,
+// and when partition discovery finds it, reads it from the restored offset,
+// not from its earliest (the state holds its records below that offset:
+// read again, they would be counted twice); from its earliest only if that
+// offset is no longer in Kafka. A task-scoped recovery fails instead, so
+// that the whole job restarts.
+func TestSourceRestoresAPartitionTheMetadataDidNotList(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 2})
+	recs, _ := wordRecords(40, 2)
+	produce(t, brokers, "words", recs)
+	deleteRecords(t, brokers, "words", map[int32]int64{1: 5})
+	stale := []int32{0} // what a broker that has not heard of partition 1 lists
+
+	d := wordSourceDeploy(nil, "words", []int32{0}, 2)
+	d.NumSources = 1
+	d.RestoreCheckpointId = 7
+	d.Source.PartitionDiscoveryMs = 200
+	for _, tc := range []struct {
+		restored, want int64
+	}{
+		{12, 12}, // in Kafka: where the restored state ends
+		{3, 5},   // expired: the earliest there is
+	} {
+		d.RestoreOffsets = map[int32]int64{0: 4, 1: tc.restored}
+		s, _, _ := newTestSource(t, d, nil, nil)
+		lease, _, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = s.resolveOffsets(lease.client, stale)
+		if err != nil {
+			lease.release()
+			t.Fatalf("whole-job restore with stale metadata: %v", err)
+		}
+		if _, read := s.offsets[1]; read || slices.Contains(s.partitions, 1) {
+			lease.release()
+			t.Fatalf("partition 1 read at %d before the metadata listed it", s.offsets[1])
+		}
+		got, err := s.discoveredStart(lease.client, "words", 1)
+		lease.release()
+		if err != nil || got != tc.want {
+			t.Fatalf("partition 1 restored at %d, found by discovery: starts at %d (%v), want %d", tc.restored, got, err, tc.want)
+		}
+	}
+
+	d.Partial = true
+	d.RestoreOffsets = map[int32]int64{0: 4, 1: 12}
+	s, _, _ := newTestSource(t, d, nil, nil)
+	lease, _, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = s.resolveOffsets(lease.client, stale)
+	lease.release()
+	if err == nil || !strings.Contains(err.Error(), "which the topic's metadata does not list") {
+		t.Fatalf("task-scoped recovery with stale metadata: %v, want a failure that restarts the whole job", err)
+	}
+}

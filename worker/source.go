@@ -535,9 +535,9 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 			if !s.owns(p) || slices.Contains(known, p) {
 				continue
 			}
-			off, err := lease.client.GetOffset(topic, p, sarama.OffsetOldest)
+			off, err := s.discoveredStart(lease.client, topic, p)
 			if err != nil {
-				s.log.Warn("partition discovery: earliest offset of a new partition failed; retrying", "partition", p, "err", err)
+				s.log.Warn("partition discovery: the start offset of a new partition failed; retrying", "partition", p, "err", err)
 				continue
 			}
 			pc, closePC, err := lease.consume(topic, p, off)
@@ -570,16 +570,45 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 	}
 }
 
+// discoveredStart returns the offset a partition discovery found starts
+// at: its earliest, since a checkpoint holds nothing of a partition added
+// after it, unless the restored checkpoint has an offset for it (the
+// metadata resolveOffsets read did not list it yet) that is still in
+// Kafka.
+func (s *sourceTask) discoveredStart(client sarama.Client, topic string, p int32) (int64, error) {
+	off, restored := s.restore[p] // read only once the task started
+	if !restored {
+		return client.GetOffset(topic, p, sarama.OffsetOldest)
+	}
+	oldest, newest, err := partitionBounds(client, topic, p)
+	if err != nil {
+		return 0, err
+	}
+	if off < oldest || off > newest {
+		s.log.Error("a discovered partition's restored offset is no longer in Kafka: reading it from its earliest offset",
+			"partition", p, "restored_offset", off, "oldest", oldest, "newest", newest)
+		return oldest, nil
+	}
+	return off, nil
+}
+
 // readDiscovered starts reading partitions discover found. From here on
 // every ack names their offsets; a checkpoint taken before has none, and a
 // restore from it starts them at their earliest offset again, before
-// anything of theirs is in the restored state.
+// anything of theirs is in the restored state. A restored partition the
+// metadata did not list at the start starts at its restored offset
+// (discoveredStart).
 func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) {
 	for _, d := range batch {
 		if _, ok := s.offsets[d.partition]; ok {
 			d.pc.AsyncClose()
 			r.closers = append(r.closers, d.closePC)
 			continue
+		}
+		if off, restored := s.restore[d.partition]; restored && off != d.offset {
+			// As resolveOffsets does for a restored offset Kafka no
+			// longer has (replayStart).
+			delete(s.completedOffsets, d.partition)
 		}
 		s.offsets[d.partition] = d.offset
 		s.startOffsets[d.partition] = d.offset
@@ -636,7 +665,15 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 			continue
 		}
 		if !slices.Contains(topicParts, p) {
-			s.log.Warn("the restored checkpoint has an offset of a partition the topic does not have (topic recreated with fewer partitions?): not reading it",
+			// Stale metadata (a broker that has not heard of the partition
+			// yet) or a topic recreated with fewer partitions. The state
+			// holds p's records below the restored offset: read later from
+			// the earliest offset, they would be counted twice.
+			if s.partial {
+				return fmt.Errorf("task-scoped recovery of source task %s: checkpoint %d has an offset of %s/%d, which the topic's metadata does not list (%d partitions): the whole job must restart",
+					s.key.id, s.restoreID, s.spec.GetTopic(), p, len(topicParts))
+			}
+			s.log.Warn("the restored checkpoint has an offset of a partition the topic's metadata does not list (stale metadata, or the topic recreated with fewer partitions?): reading it from the restored offset once partition discovery finds it",
 				"partition", p, "restored_offset", s.restore[p], "topic_partitions", len(topicParts))
 			continue
 		}
