@@ -315,7 +315,7 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 				// dropped from now on, the id is never used again, and the
 				// next trigger waits for its commit.
 				log.Warn("trigger checkpoint: the commit failed after the trigger was sent", "checkpoint", p.id, "err", err)
-				js.ckpt.pending = nil
+				l.dropPending(js, "its trigger's commit failed: "+err.Error())
 				l.checkpointAt(js, l.env.now())
 			}
 		})
@@ -570,7 +570,7 @@ func (l *leader) abortCheckpoint(js *jobState, reason, class string, counted boo
 	js.ckpt.pending = nil
 	l.commitAbort(js, p.id, reason, class, counted, func(err error) {
 		if p.savepoint {
-			l.abortedSavepoint(js, p, reason)
+			l.abortedSavepoint(js, p, reason, err)
 			return
 		}
 		if err != nil || !counted {

@@ -66,6 +66,8 @@ func (s *Server) takeSavepoint(ctx context.Context, job fsm.Job, stop bool) (fsm
 		switch {
 		case errors.Is(rep.err, errSavepointState):
 			return rep.sp, http.StatusConflict, rep.err
+		case errors.Is(rep.err, errSavepointUnknown):
+			return rep.sp, http.StatusGatewayTimeout, rep.err
 		case rep.err != nil:
 			return rep.sp, http.StatusInternalServerError, rep.err
 		}

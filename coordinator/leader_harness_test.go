@@ -53,6 +53,9 @@ type leaderHarness struct {
 	// raftTerm is Raft's current term as the leader reads it (env.term);
 	// newTerm moves it on.
 	raftTerm uint64
+	// failWrite, if set, fails the writes of the command types it returns
+	// an error for, without applying them (a lost leadership, say).
+	failWrite func(fsm.CommandType) error
 }
 
 func newLeaderHarness(t *testing.T) *leaderHarness {
@@ -67,7 +70,13 @@ func newLeaderHarness(t *testing.T) *leaderHarness {
 	h.env = leaderEnv{
 		// The write path applies at once, as Raft would, but the result
 		// waits in results until the test's loop takes it (flush).
-		submit: func(_ fsm.CommandType, data []byte, done func(any, error)) {
+		submit: func(ct fsm.CommandType, data []byte, done func(any, error)) {
+			if h.failWrite != nil {
+				if err := h.failWrite(ct); err != nil {
+					h.results = append(h.results, func() { done(nil, err) })
+					return
+				}
+			}
 			if h.applyLater {
 				h.results = append(h.results, func() { done(h.applyData(data)) })
 				return

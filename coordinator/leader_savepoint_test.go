@@ -2,9 +2,12 @@ package coordinator
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/raft"
 
 	"github.com/coordflow/coordflow/fsm"
 	"github.com/coordflow/coordflow/transport"
@@ -308,5 +311,100 @@ func TestLeaderDropsASavepointRequestItsClientGaveUp(t *testing.T) {
 	h.checkpointPass()
 	if p := h.job("j1").Pending; p == nil || !p.Savepoint {
 		t.Fatalf("pending %+v, want the savepoint of the request still waited for", p)
+	}
+}
+
+// TestLeaderAnswersASavepointTheJobMovedPast: a savepoint pending when the
+// job restarts, or is cancelled, behind the loop's back (another term's
+// writes) is answered at once, as of unknown outcome, and requests queued
+// behind it are refused when the job is cancelled: none waits out its
+// timeout for an answer that never comes.
+func TestLeaderAnswersASavepointTheJobMovedPast(t *testing.T) {
+	pendingSavepoint := func(h *leaderHarness) chan savepointReply {
+		h.t.Helper()
+		h.completeCheckpoint("j1")
+		reply := h.requestSavepoint("j1", false)
+		h.checkpointPass()
+		if p := h.job("j1").Pending; p == nil || !p.Savepoint {
+			h.t.Fatalf("pending %+v, want a savepoint", p)
+		}
+		return reply
+	}
+	answered := func(t *testing.T, reply chan savepointReply, want error, what string) {
+		t.Helper()
+		select {
+		case rep := <-reply:
+			if !errors.Is(rep.err, want) {
+				t.Fatalf("%s: answered %v, want %v", what, rep.err, want)
+			}
+		default:
+			t.Fatalf("%s: not answered", what)
+		}
+	}
+	t.Run("restarted", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		job := h.startJob("j1", testJobSpec(1, 2))
+		reply := pendingSavepoint(h)
+		h.apply(fsm.CommandJobRestarted, fsm.JobRestartedCmd{JobID: "j1", Attempt: job.Attempt + 1, Tasks: job.Tasks,
+			Reason: "another term's restart", Time: h.clock.UnixNano(), ChannelToken: "t"})
+		h.flush()
+		answered(t, reply, errSavepointUnknown, "the pending savepoint of a restarted job")
+	})
+	t.Run("cancelled", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		h.startJob("j1", testJobSpec(1, 2))
+		reply := pendingSavepoint(h)
+		queued := h.requestSavepoint("j1", true)
+		h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+		h.flush()
+		answered(t, reply, errSavepointUnknown, "the pending savepoint of a cancelled job")
+		answered(t, queued, errSavepointState, "a savepoint queued behind it")
+	})
+}
+
+// TestLeaderLeavesAStopWhoseAbortDidNotCommit: a stop-with-savepoint that
+// times out while its abort cannot commit (leadership lost, say) is
+// answered as of unknown outcome, not as aborted: its completion may yet
+// commit behind a leader change. The job is restarted only once an abort
+// has committed (here the loop's next one; after a leader change, the
+// successor's: stopAborted), so its stopped sources do not wait for ever.
+func TestLeaderLeavesAStopWhoseAbortDidNotCommit(t *testing.T) {
+	h := newLeaderHarness(t)
+	h.startJob("j1", testJobSpec(1, 2))
+	h.completeCheckpoint("j1")
+	reply := h.requestSavepoint("j1", true)
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil || !p.Stop {
+		t.Fatalf("pending %+v, want a stop-with-savepoint", p)
+	}
+	failed := 0
+	h.failWrite = func(ct fsm.CommandType) error {
+		if ct == fsm.CommandCheckpointAborted && failed == 0 {
+			failed++
+			return raft.ErrLeadershipLost
+		}
+		return nil
+	}
+	h.advance(10*time.Second + time.Millisecond)
+	h.checkpointPass()
+	select {
+	case rep := <-reply:
+		if !errors.Is(rep.err, errSavepointUnknown) {
+			t.Fatalf("stop whose abort did not commit: answered %v, want outcome unknown", rep.err)
+		}
+	default:
+		t.Fatal("stop whose abort did not commit: not answered")
+	}
+	if failed != 1 {
+		t.Fatalf("%d aborts failed, want 1", failed)
+	}
+	h.reconcile()
+	j := h.job("j1")
+	if j.Pending != nil || (j.Status != fsm.JobRestarting && j.Attempt < 2) {
+		t.Fatalf("job %s attempt %d, pending %+v: want the stop aborted and the job restarted", j.Status, j.Attempt, j.Pending)
+	}
+	if len(j.Aborted) == 0 || j.Aborted[len(j.Aborted)-1].ID != p.ID {
+		t.Fatalf("aborted %+v, want the stop %d aborted before the restart", j.Aborted, p.ID)
 	}
 }

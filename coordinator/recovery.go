@@ -110,7 +110,7 @@ func (l *leader) recoverTasks(js *jobState, members map[string]string, reason st
 	}
 	// The pending checkpoint cannot complete without the lost tasks; the
 	// command aborts it, and no completion may overtake it.
-	js.ckpt.pending = nil
+	l.dropPending(js, "a recovery of lost tasks aborts it: "+reason)
 	for _, tv := range lost {
 		tv.replaced = true
 	}

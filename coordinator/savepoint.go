@@ -49,6 +49,24 @@ func (savepointRequest) leaderEvent() {}
 // errSavepointState is a savepoint request the job's state refuses.
 var errSavepointState = errors.New("job cannot take a savepoint")
 
+// errSavepointUnknown answers a savepoint whose outcome this leader cannot
+// tell: the job moved on while it was pending, or its abort did not
+// commit (a stop's completion may yet commit behind a leader change).
+var errSavepointUnknown = errors.New("outcome unknown")
+
+// dropPending forgets js's pending checkpoint, which this loop no longer
+// tracks (the job restarted or was cancelled, a recovery aborts it, its
+// trigger's commit failed), and answers a savepoint's requests with why:
+// they would otherwise wait out their timeout for an answer that never
+// comes.
+func (l *leader) dropPending(js *jobState, why string) {
+	p := js.ckpt.pending
+	js.ckpt.pending = nil
+	if p != nil && p.savepoint {
+		answerSavepoint(p, savepointReply{err: fmt.Errorf("%w: savepoint %d of job %s: %s; see GET /v1/savepoints and the job's status", errSavepointUnknown, p.id, js.id, why)})
+	}
+}
+
 // onSavepointRequest queues a request until the job's next checkpoint slot.
 func (l *leader) onSavepointRequest(r savepointRequest) {
 	js := l.jobs[r.jobID]
@@ -155,7 +173,15 @@ func (l *leader) completeSavepoint(js *jobState, p *pendingCheckpoint) {
 
 // abortedSavepoint answers the requests of an aborted savepoint; a failed
 // stop-with-savepoint restarts the job, whose sources stopped at the barrier.
-func (l *leader) abortedSavepoint(js *jobState, p *pendingCheckpoint, reason string) {
+// err is the abort's write: one that did not commit leaves the savepoint's
+// outcome to the log (a stop's completion may commit behind a leader
+// change), and a failed stop's restart to whoever aborts it (stopAborted).
+func (l *leader) abortedSavepoint(js *jobState, p *pendingCheckpoint, reason string, err error) {
+	if err != nil {
+		answerSavepoint(p, savepointReply{err: fmt.Errorf("%w: savepoint %d of job %s: %s, and its abort did not commit: %v; see GET /v1/savepoints and the job's status",
+			errSavepointUnknown, p.id, js.id, reason, err)})
+		return
+	}
 	answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d aborted: %s", p.id, reason)})
 	if p.stop {
 		l.beginRestart(js, "stop with savepoint failed, restarting from the last checkpoint: "+reason, "checkpoint", p.id)

@@ -153,7 +153,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		}
 		js.deployedAt, js.deployProgress = l.env.now(), time.Time{}
 		js.cancelSent = false
-		js.ckpt.pending = nil
+		l.dropPending(js, "the job restarted")
 		l.index(js)
 	}
 	if needsDeploy(js) && js.status != fsm.JobCancelled {
@@ -163,7 +163,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 	}
 	l.account(js)
 	if p := js.ckpt.pending; p != nil && js.triggerCommitted(p) && (job.Pending == nil || job.Pending.ID != p.id) {
-		js.ckpt.pending = nil // aborted or completed behind this loop's back (job restarted or cancelled)
+		l.dropPending(js, "aborted or completed by a write of another term") // behind this loop's back (job restarted or cancelled)
 	}
 	return js
 }
@@ -510,7 +510,11 @@ func (l *leader) cancelJob(js *jobState, job fsm.Job) {
 		return
 	}
 	js.cancelSent = true
-	js.ckpt.pending = nil
+	l.dropPending(js, "the job was cancelled")
+	for _, r := range js.savepoints { // queued for the next checkpoint slot
+		r.reply <- savepointReply{err: fmt.Errorf("%w: job %s was cancelled", errSavepointState, js.id)}
+	}
+	js.savepoints = nil
 	last := newestCompleted(job)
 	for _, tv := range js.order {
 		if live(tv.phase) {
