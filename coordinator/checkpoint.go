@@ -47,6 +47,11 @@ type checkpointState struct {
 	lastTrigger       time.Time // when this term last triggered (or tried to)
 	lastCompletion    time.Time // when this term last completed one
 	aborts            int       // aborted since the last completion, in this term
+	// afterSavepoint is set once a savepoint that did not stop the job
+	// completed, until the checkpoint that follows it is triggered: its
+	// sink transactions wait for a checkpoint to commit them
+	// (notifyCompleted).
+	afterSavepoint bool
 }
 
 // pendingCheckpoint is a checkpoint in flight and the acks it has collected.
@@ -229,11 +234,26 @@ func (l *leader) checkpointStep(js *jobState, now time.Time) {
 		// follows its loss, touches the job again.
 		return
 	}
+	c := js.spec.Checkpoint
+	if js.ckpt.afterSavepoint && exactlyOnceSink(js.spec) {
+		// A checkpoint at once (min_pause allowing), before another
+		// savepoint: it commits the savepoint's sink transactions while
+		// they are as young as the checkpoints' own (they are aborted by
+		// the broker at the transaction timeout), and each savepoint
+		// holds one of the map tasks' few transactional ids until then.
+		// Once: a checkpoint that aborts is tried again at the interval.
+		if due := js.ckpt.lastCompletion.Add(time.Duration(c.MinPause)); now.Before(due) {
+			l.checkpointAt(js, due)
+			return
+		}
+		js.ckpt.afterSavepoint = false
+		l.triggerCheckpoint(js, now, false, false)
+		return
+	}
 	if want, stop := js.wantsSavepoint(); want {
 		l.triggerCheckpoint(js, now, true, stop)
 		return
 	}
-	c := js.spec.Checkpoint
 	if js.ckpt.lastTrigger.IsZero() {
 		// The first checkpoint of this term: at a random point of the
 		// first interval, so that jobs started (or inherited) together do
@@ -246,6 +266,12 @@ func (l *leader) checkpointStep(js *jobState, now time.Time) {
 		return
 	}
 	l.triggerCheckpoint(js, now, false, false)
+}
+
+// exactlyOnceSink reports whether spec's job writes an exactly-once sink,
+// whose map tasks commit transactions when checkpoints complete.
+func exactlyOnceSink(spec fsm.JobSpec) bool {
+	return spec.Sink != nil && spec.Sink.Delivery != fsm.DeliveryAtLeastOnce
 }
 
 func later(a, b time.Time) time.Time {
@@ -499,6 +525,7 @@ func (l *leader) checkpointCompleted(js *jobState, p *pendingCheckpoint) {
 	now := l.env.now()
 	js.ckpt.pending = nil
 	js.ckpt.lastCompletion = now
+	js.ckpt.afterSavepoint = false
 	js.lastCompleted = p.id
 	took := now.Sub(p.triggeredAt)
 	l.metrics.checkpointDuration.WithLabelValues(js.id).Observe(took.Seconds())

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -406,5 +407,68 @@ func TestLeaderLeavesAStopWhoseAbortDidNotCommit(t *testing.T) {
 	}
 	if len(j.Aborted) == 0 || j.Aborted[len(j.Aborted)-1].ID != p.ID {
 		t.Fatalf("aborted %+v, want the stop %d aborted before the restart", j.Aborted, p.ID)
+	}
+}
+
+// TestLeaderChecksPointsRightAfterASavepoint: with an exactly-once sink, a
+// savepoint that does not stop the job is followed at once by a checkpoint,
+// before a savepoint asked for meanwhile, since only a checkpoint commits
+// the savepoint's sink transactions (they age towards the broker's
+// transaction timeout, and hold one of the map tasks' transactional ids
+// until then); that checkpoint's completion is told to the map tasks.
+// Without such a sink the queued savepoint goes first, as it always did.
+func TestLeaderChecksPointsRightAfterASavepoint(t *testing.T) {
+	for _, sink := range []bool{true, false} {
+		t.Run(fmt.Sprintf("exactly-once sink %v", sink), func(t *testing.T) {
+			h := newLeaderHarness(t)
+			spec := testJobSpec(1, 2)
+			spec.Sink = nil
+			if sink {
+				spec.Sink = &fsm.SinkSpec{Brokers: []string{"127.0.0.1:9092"}, Topic: "out", Delivery: fsm.DeliveryExactlyOnce,
+					TransactionTimeout: fsm.DefaultTransactionTimeout(spec.Checkpoint)}
+			}
+			h.startJob("j1", spec)
+			h.completeCheckpoint("j1")
+			h.requestSavepoint("j1", false)
+			h.checkpointPass()
+			sp := h.job("j1").Pending
+			if sp == nil || !sp.Savepoint {
+				t.Fatalf("pending %+v, want a savepoint", sp)
+			}
+			queued := h.requestSavepoint("j1", false)
+			h.ackAll("j1", sp.ID)
+			h.drain("w1")
+			h.drain("w2")
+			h.checkpointPass() // no time passes
+			next := h.job("j1").Pending
+			if !sink {
+				if next == nil || !next.Savepoint {
+					t.Fatalf("pending %+v right after the savepoint, want the queued savepoint, as before sinks waited for checkpoints", next)
+				}
+				return
+			}
+			if next == nil || next.Savepoint {
+				t.Fatalf("pending %+v right after the savepoint, want a checkpoint before the queued savepoint", next)
+			}
+			h.ackAll("j1", next.ID)
+			toMaps := 0
+			for _, m := range append(h.drain("w1"), h.drain("w2")...) {
+				if c := m.GetComplete(); c != nil && c.GetCheckpointId() == next.ID && strings.HasPrefix(c.GetTask().GetTaskId(), "map-") {
+					toMaps++
+				}
+			}
+			if toMaps != 2 {
+				t.Fatalf("checkpoint %d's completion told to %d map tasks, want 2: it commits the savepoint's transactions", next.ID, toMaps)
+			}
+			h.checkpointPass()
+			if p := h.job("j1").Pending; p == nil || !p.Savepoint {
+				t.Fatalf("pending %+v after the checkpoint, want the queued savepoint", p)
+			}
+			select {
+			case rep := <-queued:
+				t.Fatalf("queued savepoint answered before it was taken: %+v", rep)
+			default:
+			}
+		})
 	}
 }

@@ -157,6 +157,7 @@ func (l *leader) completeSavepoint(js *jobState, p *pendingCheckpoint) {
 		}
 		js.ckpt.pending = nil
 		js.ckpt.lastCompletion = l.env.now()
+		js.ckpt.afterSavepoint = !p.stop
 		sp, ok := l.env.savepoint(fsm.SavepointID(js.id, p.id))
 		if !ok {
 			answerSavepoint(p, savepointReply{err: fmt.Errorf("savepoint %d committed but not found", p.id)})

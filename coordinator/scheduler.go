@@ -125,6 +125,7 @@ func (l *leader) observe(job fsm.Job) *jobState {
 		// committing it (pipelined triggers): never issue it again.
 		js.ckpt.issued = l.maybeSent[job.ID]
 		delete(l.maybeSent, job.ID)
+		js.ckpt.afterSavepoint = newestIsSavepoint(job)
 	}
 	js.ckpt.issued = max(js.ckpt.issued, job.LastCheckpointID)
 	js.ckpt.committed = max(js.ckpt.committed, job.LastCheckpointID)
@@ -524,6 +525,19 @@ func (l *leader) cancelJob(js *jobState, job fsm.Job) {
 		}
 	}
 	l.jobLogger(js).Info("job cancelled; tasks stopped", "tasks", len(js.order))
+}
+
+// newestIsSavepoint reports whether job's newest completed checkpoint or
+// savepoint is a savepoint: for a running job, one whose sink transactions
+// wait for a checkpoint (checkpointState.afterSavepoint), which a new term
+// learns here.
+func newestIsSavepoint(job fsm.Job) bool {
+	for i := len(job.History) - 1; i >= 0; i-- {
+		if h := job.History[i]; h.Status == fsm.CheckpointCompleted {
+			return h.Savepoint
+		}
+	}
+	return false
 }
 
 // newestCompleted returns job's newest completed checkpoint, or the

@@ -981,6 +981,22 @@ func TestSourceRestoresAPartitionTheMetadataDidNotList(t *testing.T) {
 			lease.release()
 			t.Fatalf("partition 1 read at %d before the metadata listed it", s.offsets[1])
 		}
+		// A checkpoint meanwhile keeps the partition's restored offset:
+		// a restore from it must not read the partition from its start.
+		var acks []*transport.CheckpointAck
+		s.env.send = func(m *transport.WorkerMessage) {
+			if a := m.GetAck(); a != nil {
+				acks = append(acks, a)
+			}
+		}
+		if err := s.checkpoint(t.Context(), control{trigger: 8, lastCompleted: 7}); err != nil {
+			lease.release()
+			t.Fatal(err)
+		}
+		if len(acks) != 1 || !maps.Equal(acks[0].GetState().GetOffsets(), map[int32]int64{0: 4, 1: tc.restored}) {
+			lease.release()
+			t.Fatalf("checkpoint 8 acked %v before the partition was read, want both restored offsets", acks)
+		}
 		got, err := s.discoveredStart(lease.client, "words", 1)
 		lease.release()
 		if err != nil || got != tc.want {

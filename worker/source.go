@@ -61,7 +61,12 @@ type sourceTask struct {
 	route     []int                   // key group -> output
 	restore   map[int32]int64
 	restoreID uint64
-	control   <-chan control
+	// unread holds the restored offsets of partitions the topic's metadata
+	// did not list at the start, until the task reads them: every ack
+	// carries them, so that a restore from a checkpoint taken meanwhile
+	// does not read them from their earliest offset again.
+	unread  map[int32]int64
+	control <-chan control
 	// numSources is the job's source parallelism: the task owns the
 	// partitions p with p mod numSources == index (0: unknown, so only those
 	// of spec). discovery is how often it looks for partitions added to the
@@ -585,9 +590,14 @@ func (s *sourceTask) discoveredStart(client sarama.Client, topic string, p int32
 		return 0, err
 	}
 	if off < oldest || off > newest {
-		s.log.Error("a discovered partition's restored offset is no longer in Kafka: reading it from its earliest offset",
-			"partition", p, "restored_offset", off, "oldest", oldest, "newest", newest)
-		return oldest, nil
+		// As resolveOffsets does: the start policy.
+		start := oldest
+		if s.spec.GetStart() == "latest" {
+			start = newest
+		}
+		s.log.Error("a discovered partition's restored offset is no longer in Kafka: reading it from the start policy",
+			"partition", p, "restored_offset", off, "oldest", oldest, "newest", newest, "start", s.spec.GetStart(), "offset", start)
+		return start, nil
 	}
 	return off, nil
 }
@@ -610,6 +620,7 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) {
 			// longer has (replayStart).
 			delete(s.completedOffsets, d.partition)
 		}
+		delete(s.unread, d.partition)
 		s.offsets[d.partition] = d.offset
 		s.startOffsets[d.partition] = d.offset
 		s.partitions = append(s.partitions, d.partition)
@@ -673,8 +684,16 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 				return fmt.Errorf("task-scoped recovery of source task %s: checkpoint %d has an offset of %s/%d, which the topic's metadata does not list (%d partitions): the whole job must restart",
 					s.key.id, s.restoreID, s.spec.GetTopic(), p, len(topicParts))
 			}
-			s.log.Warn("the restored checkpoint has an offset of a partition the topic's metadata does not list (stale metadata, or the topic recreated with fewer partitions?): reading it from the restored offset once partition discovery finds it",
+			what := "reading it from the restored offset once partition discovery finds it"
+			if s.discovery == 0 {
+				what = "partition discovery is off, so this attempt does not read it; its restored offset stays in every checkpoint"
+			}
+			s.log.Warn("the restored checkpoint has an offset of a partition the topic's metadata does not list (stale metadata, or the topic recreated with fewer partitions?): "+what,
 				"partition", p, "restored_offset", s.restore[p], "topic_partitions", len(topicParts))
+			if s.unread == nil {
+				s.unread = make(map[int32]int64)
+			}
+			s.unread[p] = s.restore[p]
 			continue
 		}
 		parts = append(parts, p)
@@ -1399,6 +1418,9 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	offsets := maps.Clone(s.offsets)
 	if offsets == nil {
 		offsets = map[int32]int64{}
+	}
+	for p, off := range s.unread {
+		offsets[p] = off // nothing read since the restored checkpoint
 	}
 	s.unconfirmed[id] = offsets
 	if len(s.unconfirmed) > maxUnconfirmed {
