@@ -400,7 +400,6 @@ func TestGarbageCollection(t *testing.T) {
 // keeps the pending checkpoint's and those of an id not issued yet, which a
 // leader's pipelined trigger may be writing.
 func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
-	ctx := context.Background()
 	fx := newGCFixture(t)
 	put, a := fx.put, fx.a
 	const job = gcJob
@@ -434,15 +433,7 @@ func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
 
 	c, clock := fx.collector(func(string) bool { return false })
 	files := fx.files
-	all := files()
-	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(files(), all) {
-		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
-	}
-	*clock = clock.Add(gcGrace)
-	n, err := c.run(ctx, job)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := fx.collectPastGrace(c, clock, job)
 	want := []string{pending.Path, notIssued.Path}
 	slices.Sort(want)
 	if left := files(); n != 4 || !slices.Equal(left, want) {
@@ -456,7 +447,6 @@ func TestGarbageCollectionOfAbortedCheckpoints(t *testing.T) {
 // included) once they have been unreferenced for gcGrace, and never those
 // of a savepoint the cluster keeps, of one still pending, or of another job.
 func TestGarbageCollectionOfSavepoints(t *testing.T) {
-	ctx := context.Background()
 	fx := newGCFixture(t)
 	url, put, a := fx.url, fx.put, fx.a
 	const job = gcJob
@@ -502,15 +492,7 @@ func TestGarbageCollectionOfSavepoints(t *testing.T) {
 		return ok
 	})
 	files := fx.files
-	all := files()
-	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(files(), all) {
-		t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
-	}
-	*clock = clock.Add(gcGrace)
-	n, err := c.run(ctx, job)
-	if err != nil {
-		t.Fatal(err)
-	}
+	n := fx.collectPastGrace(c, clock, job)
 	want := []string{kept.Path, meta.Path, pending.Path, foreign.Path, transport.CheckpointDir(job, 3) + "map-0-a1-full.cfs"}
 	slices.Sort(want)
 	if left := files(); n != 2 || !slices.Equal(left, want) {
@@ -533,6 +515,24 @@ func (fx *gcFixture) collector(kept func(string) bool) (*collector, *time.Time) 
 	clock := time.Unix(1_700_000_000, 0)
 	c.now = func() time.Time { return clock }
 	return c, &clock
+}
+
+// collectPastGrace runs c on job twice: first, which must delete nothing
+// (unreferenced files are kept for gcGrace), and after gcGrace, whose
+// deletions it returns.
+func (fx *gcFixture) collectPastGrace(c *collector, clock *time.Time, job string) int {
+	fx.t.Helper()
+	ctx := context.Background()
+	all := fx.files()
+	if n, err := c.run(ctx, job); err != nil || n != 0 || !slices.Equal(fx.files(), all) {
+		fx.t.Fatalf("first run deleted %d (%v), want none within the grace", n, err)
+	}
+	*clock = clock.Add(gcGrace)
+	n, err := c.run(ctx, job)
+	if err != nil {
+		fx.t.Fatal(err)
+	}
+	return n
 }
 
 // files lists every file of the store, partial uploads included, sorted.
