@@ -310,6 +310,11 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 		waiters, js.savepoints = js.savepoints, nil
 	}
 	fail := func(err error) {
+		if errors.Is(err, fsm.ErrJobCancelled) || errors.Is(err, fsm.ErrJobNotRunning) || errors.Is(err, fsm.ErrStaleAttempt) {
+			// The job moved on before the trigger committed: no savepoint
+			// was started, and the job's state is why (409).
+			err = fmt.Errorf("%w: %w", errSavepointState, err)
+		}
 		for _, r := range waiters {
 			r.reply <- savepointReply{err: fmt.Errorf("trigger savepoint: %w", err)}
 		}

@@ -351,6 +351,25 @@ func TestLeaderAnswersASavepointTheJobMovedPast(t *testing.T) {
 		h.flush()
 		answered(t, reply, errSavepointUnknown, "the pending savepoint of a restarted job")
 	})
+	t.Run("cancelled before its trigger committed", func(t *testing.T) {
+		h := newLeaderHarness(t)
+		h.startJob("j1", testJobSpec(1, 2))
+		h.completeCheckpoint("j1")
+		// The loop takes the request and submits the trigger, whose
+		// write reaches the FSM only after the cancel.
+		h.applyLater = true
+		req := savepointRequest{jobID: "j1", reply: make(chan savepointReply, 1)}
+		h.l.handle(req)
+		h.l.settle()
+		if len(h.results) == 0 {
+			t.Fatal("no trigger submitted for the savepoint")
+		}
+		h.applyLater = false
+		h.apply(fsm.CommandJobCancelled, fsm.JobCancelledCmd{JobID: "j1", Reason: "user", Time: h.clock.UnixNano()})
+		h.flush()
+		reply := req.reply
+		answered(t, reply, errSavepointState, "a savepoint whose trigger the FSM refused: the job was cancelled")
+	})
 	t.Run("cancelled", func(t *testing.T) {
 		h := newLeaderHarness(t)
 		h.startJob("j1", testJobSpec(1, 2))
