@@ -346,7 +346,7 @@ func (l *leader) triggerCheckpoint(js *jobState, now time.Time, savepoint, stop 
 				// dropped from now on, the id is never used again, and the
 				// next trigger waits for its commit.
 				log.Warn("trigger checkpoint: the commit failed after the trigger was sent", "checkpoint", p.id, "err", err)
-				l.dropPending(js, "its trigger's commit failed: "+err.Error())
+				js.ckpt.pending = nil // a pipelined trigger is never a savepoint's
 				l.checkpointAt(js, l.env.now())
 			}
 		})

@@ -203,12 +203,12 @@ func (c *committer) run(ctx context.Context) {
 // compress returns the compressed form of entry data when the gate allows
 // it and it is smaller, and data itself otherwise.
 func (c *committer) compress(data []byte) []byte {
-	if len(data) < minCompressBytes || len(data) > fsm.MaxCompressedPayload || c.compressed == nil || !c.compressed() {
+	if len(data) < minCompressBytes || c.compressed == nil || !c.compressed() {
 		return data
 	}
 	z, err := fsm.EncodeCompressed(data)
 	if err != nil || len(z) >= len(data) {
-		return data // cannot happen for what the batch encoders write, or not worth it
+		return data // larger than fsm.MaxCompressedPayload, or not worth it
 	}
 	return z
 }

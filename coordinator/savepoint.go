@@ -55,8 +55,8 @@ var errSavepointState = errors.New("job cannot take a savepoint")
 var errSavepointUnknown = errors.New("outcome unknown")
 
 // dropPending forgets js's pending checkpoint, which this loop no longer
-// tracks (the job restarted or was cancelled, a recovery aborts it, its
-// trigger's commit failed), and answers a savepoint's requests with why:
+// tracks (the job restarted or was cancelled, a recovery aborts it), and
+// answers a savepoint's requests with why:
 // they would otherwise wait out their timeout for an answer that never
 // comes.
 func (l *leader) dropPending(js *jobState, why string) {

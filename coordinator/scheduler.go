@@ -532,34 +532,38 @@ func (l *leader) cancelJob(js *jobState, job fsm.Job) {
 // wait for a checkpoint (checkpointState.afterSavepoint), which a new term
 // learns here.
 func newestIsSavepoint(job fsm.Job) bool {
+	h, ok := newestInHistory(job, func(fsm.CheckpointSummary) bool { return true })
+	return ok && h.Savepoint
+}
+
+// newestInHistory returns the newest completed checkpoint or savepoint of
+// job's history that keep accepts.
+func newestInHistory(job fsm.Job, keep func(fsm.CheckpointSummary) bool) (fsm.CheckpointSummary, bool) {
 	for i := len(job.History) - 1; i >= 0; i-- {
-		if h := job.History[i]; h.Status == fsm.CheckpointCompleted {
-			return h.Savepoint
+		if h := job.History[i]; h.Status == fsm.CheckpointCompleted && keep(h) {
+			return h, true
 		}
 	}
-	return false
+	return fsm.CheckpointSummary{}, false
 }
 
 // newestCompleted returns job's newest completed checkpoint, or the
 // savepoint that stopped it (ID 0: none): what its map tasks' sink
 // transactions may be committed up to. Another savepoint commits nothing
 // (notifyCompleted).
-func newestCompleted(job fsm.Job) (last fsm.CheckpointSummary) {
-	for i := len(job.History) - 1; i >= 0; i-- {
-		h := job.History[i]
-		if h.Status == fsm.CheckpointCompleted && (!h.Savepoint || job.StoppedWith(h.ID)) {
-			return h
-		}
+func newestCompleted(job fsm.Job) fsm.CheckpointSummary {
+	if h, ok := newestInHistory(job, func(h fsm.CheckpointSummary) bool { return !h.Savepoint || job.StoppedWith(h.ID) }); ok {
+		return h
 	}
 	if n := len(job.Completed); n > 0 {
 		return fsm.CheckpointSummary{ID: job.Completed[n-1].ID}
 	}
-	return last
+	return fsm.CheckpointSummary{}
 }
 
 // finalMsgs are the messages that stop task tv of cancelled job js: its
 // cancel, preceded for a map task by the notice that last, the job's newest
-// completed checkpoint or savepoint, completed. The notice its commit sent
+// completed checkpoint or the savepoint that stopped it, completed. The notice its commit sent
 // may have been lost (a leader change between the two, a worker without a
 // session then), and a cancelled job has no next barrier to make up for it:
 // the sink transactions it covers, a stop-with-savepoint's above all, would

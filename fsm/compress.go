@@ -68,7 +68,10 @@ func EncodeCompressed(payload []byte) ([]byte, error) {
 	case CommandType(payload[0]) == CommandCompressed:
 		return nil, fmt.Errorf("encode compressed entry: %w: payload is compressed already", ErrMalformedCommand)
 	}
-	out := binary.AppendUvarint([]byte{byte(CommandCompressed)}, uint64(len(payload)))
+	// Room for the frame, which is at most about the payload's size: zstd
+	// grows a destination that holds the header by repeated appends.
+	out := make([]byte, 0, 1+binary.MaxVarintLen64+len(payload)+len(payload)/64+64)
+	out = binary.AppendUvarint(append(out, byte(CommandCompressed)), uint64(len(payload)))
 	return zstdEncoder().EncodeAll(payload, out), nil
 }
 

@@ -569,10 +569,7 @@ func newControlledKafkaOf(t *testing.T, partitions int32) controlledKafka {
 // and a lease of it on topic of brokers; the test releases the lease.
 func testLease(t *testing.T, brokers []string, topic string, kafkaTimeout time.Duration) (*kafkaPool, *kafkaLease) {
 	t.Helper()
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: kafkaTimeout, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()}.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := defaultedConfig(t, Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: kafkaTimeout, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()})
 	pool := newKafkaPool(&cfg, "w1", testLogger(t), newMetrics())
 	lease, _, err := pool.acquire(brokers, sarama.ReadUncommitted, topic, "source")
 	if err != nil {
@@ -612,4 +609,17 @@ func waitKafkaErrors(t *testing.T, w *Worker, what string) {
 	waitFor(t, what, func() bool {
 		return metricValue(t, w.metrics.registry, "coordflow_source_kafka_errors_total", map[string]string{"job": "j", "topic": "words"}) > 0
 	})
+}
+
+// defaultedConfig returns cfg with its defaults filled in (withDefaults,
+// which claims and locks its state dir), and lets go of the lock when the
+// test ends.
+func defaultedConfig(t testing.TB, cfg Config) Config {
+	t.Helper()
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cfg.stateLock.Close() })
+	return cfg
 }

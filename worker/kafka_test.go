@@ -21,10 +21,7 @@ func TestKafkaPoolSharesClients(t *testing.T) {
 		recs = append(recs, record{partition: int32(i % 2), value: fmt.Sprint(i)})
 	}
 	produce(t, brokers, "words", recs)
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()}.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := defaultedConfig(t, Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 2 * time.Second, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()})
 	m := newMetrics()
 	pool := newKafkaPool(&cfg, "w1", testLogger(t), m)
 

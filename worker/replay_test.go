@@ -157,10 +157,7 @@ func newResolvedSource(t *testing.T, d *transport.DeployTask, ctl <-chan control
 	if tune != nil {
 		tune(&cfg)
 	}
-	cfg, err := cfg.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg = defaultedConfig(t, cfg)
 	log := testLogger(t)
 	m := newMetrics()
 	env := &taskEnv{

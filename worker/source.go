@@ -578,28 +578,15 @@ func (s *sourceTask) discover(ctx context.Context, lease *kafkaLease, known []in
 // discoveredStart returns the offset a partition discovery found starts
 // at: its earliest, since a checkpoint holds nothing of a partition added
 // after it, unless the restored checkpoint has an offset for it (the
-// metadata resolveOffsets read did not list it yet) that is still in
-// Kafka.
+// metadata resolveOffsets read did not list it yet): that offset while
+// Kafka has it, else the start policy's (restoredStart).
 func (s *sourceTask) discoveredStart(client sarama.Client, topic string, p int32) (int64, error) {
 	off, restored := s.restore[p] // read only once the task started
 	if !restored {
 		return client.GetOffset(topic, p, sarama.OffsetOldest)
 	}
-	oldest, newest, err := partitionBounds(client, topic, p)
-	if err != nil {
-		return 0, err
-	}
-	if off < oldest || off > newest {
-		// As resolveOffsets does: the start policy.
-		start := oldest
-		if s.spec.GetStart() == "latest" {
-			start = newest
-		}
-		s.log.Error("a discovered partition's restored offset is no longer in Kafka: reading it from the start policy",
-			"partition", p, "restored_offset", off, "oldest", oldest, "newest", newest, "start", s.spec.GetStart(), "offset", start)
-		return start, nil
-	}
-	return off, nil
+	start, _, err := s.restoredStart(client, topic, p, off) // readDiscovered sees a reset
+	return start, err
 }
 
 // readDiscovered starts reading partitions discover found. From here on
@@ -711,50 +698,81 @@ func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) er
 	}
 	s.partitions = parts
 	for _, p := range parts {
-		at := policy
 		if off, ok := s.restore[p]; ok {
-			oldest, newest, err := partitionBounds(client, topic, p)
+			start, reset, err := s.restoredStart(client, topic, p, off)
 			if err != nil {
 				return err
 			}
-			if off >= oldest && off <= newest {
-				s.offsets[p] = off
-				continue
+			if reset {
+				// The restored offset is no longer where this attempt's
+				// map tasks took p up from: a replay to a map task that
+				// lost a batch starts where this attempt starts reading
+				// (replayStart).
+				delete(s.completedOffsets, p)
 			}
-			if s.partial {
-				return fmt.Errorf("task-scoped recovery of source task %s: checkpoint %d's offset %d of %s/%d is no longer in Kafka (oldest %d, end %d)",
-					s.key.id, s.restoreID, off, topic, p, oldest, newest)
-			}
-			log := s.log.With("partition", p, "restored_offset", off, "oldest", oldest, "newest", newest, "start", s.spec.GetStart())
-			if off > newest {
-				log.Warn("restored offset is beyond the end of the partition (topic deleted and recreated?): reading from the start policy")
-			} else {
-				log.Error("restored offset is below the oldest record (records expired before they were read): reading from the start policy")
-			}
-			// The restored offset is no longer where this attempt's map
-			// tasks took p up from: a replay to a map task that lost a
-			// batch starts where this attempt starts reading (replayStart).
-			delete(s.completedOffsets, p)
-		} else if s.restoreID != 0 && s.discovery > 0 {
+			s.offsets[p] = start
+			continue
+		}
+		at := policy
+		if s.restoreID != 0 && s.discovery > 0 {
 			at = sarama.OffsetOldest // added after the checkpoint
 		}
-		var off int64
-		var err error
-		if at == sarama.OffsetNewest {
-			// Reading committed, that is where the records a consumer can
-			// read end now: records of transactions open then are read when
-			// they commit, as Kafka's consumer does with
-			// auto.offset.reset=latest.
-			off, err = readableEnd(client, topic, p, s.isolation())
-		} else {
-			off, err = client.GetOffset(topic, p, at)
-		}
+		off, err := s.policyOffset(client, topic, p, at)
 		if err != nil {
-			return fmt.Errorf("source: resolve %s offset of %s/%d: %w", s.spec.GetStart(), topic, p, err)
+			return err
 		}
 		s.offsets[p] = off
 	}
 	return nil
+}
+
+// restoredStart returns where to read partition p, restored at off: off
+// while Kafka still has it; otherwise, in a whole-job restore, the start
+// policy's offset (reset), and in a task-scoped recovery an error, since the
+// surviving map tasks hold state up to off.
+func (s *sourceTask) restoredStart(client sarama.Client, topic string, p int32, off int64) (start int64, reset bool, err error) {
+	oldest, newest, err := partitionBounds(client, topic, p)
+	if err != nil {
+		return 0, false, err
+	}
+	if off >= oldest && off <= newest {
+		return off, false, nil
+	}
+	if s.partial {
+		return 0, false, fmt.Errorf("task-scoped recovery of source task %s: checkpoint %d's offset %d of %s/%d is no longer in Kafka (oldest %d, end %d)",
+			s.key.id, s.restoreID, off, topic, p, oldest, newest)
+	}
+	log := s.log.With("partition", p, "restored_offset", off, "oldest", oldest, "newest", newest, "start", s.spec.GetStart())
+	if off > newest {
+		log.Warn("restored offset is beyond the end of the partition (topic deleted and recreated?): reading from the start policy")
+	} else {
+		log.Error("restored offset is below the oldest record (records expired before they were read): reading from the start policy")
+	}
+	at := sarama.OffsetOldest
+	if s.spec.GetStart() == "latest" {
+		at = sarama.OffsetNewest
+	}
+	start, err = s.policyOffset(client, topic, p, at)
+	return start, true, err
+}
+
+// policyOffset resolves at (sarama.OffsetOldest or OffsetNewest) to an
+// offset of partition p.
+func (s *sourceTask) policyOffset(client sarama.Client, topic string, p int32, at int64) (int64, error) {
+	var off int64
+	var err error
+	if at == sarama.OffsetNewest {
+		// Reading committed, that is where the records a consumer can read
+		// end now: records of transactions open then are read when they
+		// commit, as Kafka's consumer does with auto.offset.reset=latest.
+		off, err = readableEnd(client, topic, p, s.isolation())
+	} else {
+		off, err = client.GetOffset(topic, p, at)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("source: resolve %s offset of %s/%d: %w", s.spec.GetStart(), topic, p, err)
+	}
+	return off, nil
 }
 
 // beginCatchUp starts a restored partial source's catch-up to its

@@ -39,10 +39,7 @@ func TestSlowSourceDoesNotHoldUpOthers(t *testing.T) {
 	for i := 0; i < len(recs); i += 50_000 {
 		produce(t, brokers, "ids", recs[i:min(i+50_000, len(recs))])
 	}
-	cfg, err := Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 5 * time.Second, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()}.withDefaults()
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := defaultedConfig(t, Config{ID: "w1", DataAddr: "127.0.0.1:0", GossipAddr: "127.0.0.1:0", KafkaTimeout: 5 * time.Second, OffsetCommitInterval: time.Hour, StateDir: t.TempDir()})
 	m := newMetrics()
 	pool := newKafkaPool(&cfg, "w1", testLogger(t), m)
 	ctx, cancel := context.WithCancel(context.Background())

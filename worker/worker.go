@@ -283,9 +283,7 @@ func (cfg Config) withDefaults() (Config, error) {
 	// ran; what an earlier process left is no use and would only grow.
 	for _, sub := range []string{"cache", "db"} {
 		if err := os.RemoveAll(filepath.Join(cfg.StateDir, sub)); err != nil {
-			if lock != nil {
-				lock.Close()
-			}
+			lock.Close() // nil-safe
 			return cfg, fmt.Errorf("worker config: clean state dir: %w", err)
 		}
 	}
@@ -531,21 +529,19 @@ func (w *Worker) run(ctx context.Context) error {
 	if err := w.stores.Close(); err != nil {
 		w.logger.Warn("close checkpoint storage", "err", err)
 	}
+	// An abandoned task may still write its database or a local copy of a
+	// state file: then the directory stays locked until the process exits,
+	// and a directory of New's own stays.
+	if stopped {
+		w.cfg.stateLock.Close() // nil (no locks there): a no-op
+	}
 	switch {
-	case !stopped:
-		// An abandoned task may still write its database or a local copy
-		// of a state file there: the directory stays locked until the
-		// process exits, and a directory of New's own stays.
-		if w.tempDir != "" {
-			w.logger.Warn("state dir left: tasks did not stop in time", "dir", w.tempDir)
-		}
+	case w.tempDir != "" && !stopped:
+		w.logger.Warn("state dir left: tasks did not stop in time", "dir", w.tempDir)
 	case w.tempDir != "":
-		w.cfg.stateLock.Close()
 		if err := os.RemoveAll(w.tempDir); err != nil {
 			w.logger.Warn("remove state dir", "dir", w.tempDir, "err", err)
 		}
-	default:
-		w.cfg.stateLock.Close()
 	}
 	w.logger.Info("worker stopped")
 	return nil

@@ -465,7 +465,7 @@ func jobRun(ctx context.Context, c *apiClient, file, fromSavepoint, key string, 
 		var uncertain bool
 		data, uncertain, err = c.doAgain(ctx, http.MethodPost, path, spec, http.Header{coordinator.SubmissionKeyHeader: {key}}, stderr)
 		var ae *apiError
-		if !chosen && !uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, "Idempotency-Key needs every coordinator") {
+		if !chosen && !uncertain && errors.As(err, &ae) && ae.Status == http.StatusConflict && strings.Contains(ae.Message, coordinator.SubmissionKeyHeader+" needs every coordinator") {
 			// The leader knows of an older coordinator that gossip did
 			// not show here, and nothing was registered: once, without
 			// the key.
