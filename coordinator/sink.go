@@ -175,8 +175,11 @@ var openTxnStates = []string{sarama.TransactionStateOngoing, sarama.TransactionS
 // sinkTransactions lists the open transactions of job's exactly-once sink
 // from its brokers (ListTransactions and DescribeTransactions, KIP-664),
 // and with abort ends those nobody needs by initialising their
-// transactional ids, which aborts them.
-func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Time) ([]apiSinkTxn, error) {
+// transactional ids, which aborts them. savepoints are the cluster's: a
+// savepoint that did not stop its job leaves its transactions open for a
+// job started from it to commit, so the transactions one lists are needed
+// for as long as it is kept.
+func sinkTransactions(ctx context.Context, job fsm.Job, savepoints []fsm.Savepoint, abort bool, now time.Time) ([]apiSinkTxn, error) {
 	sink := job.Spec.Sink
 	if sink == nil || sink.Delivery == fsm.DeliveryAtLeastOnce {
 		return nil, fmt.Errorf("job %s has no exactly-once sink", job.ID)
@@ -218,17 +221,25 @@ func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Tim
 	if err != nil {
 		return nil, fmt.Errorf("describe transactions on %s: %w", addrs, err)
 	}
-	promised := make(map[string]fsm.SinkTxn)
-	if n := len(job.Completed); n > 0 {
-		for _, st := range job.Completed[n-1].Tasks {
-			for _, t := range st.SinkTxns {
-				promised[t.TransactionalID] = t
+	// promised holds who commits each transaction a completed checkpoint
+	// or a kept savepoint lists, the checkpoint first: it commits it sooner.
+	type promise struct {
+		txn fsm.SinkTxn
+		by  string
+	}
+	promised := make(map[string][]promise)
+	addPromises := func(states map[string]fsm.TaskState, by string) {
+		for _, task := range slices.Sorted(maps.Keys(states)) {
+			for _, t := range states[task].SinkTxns {
+				promised[t.TransactionalID] = append(promised[t.TransactionalID], promise{t, by})
 			}
 		}
 	}
-	var lastCompleted uint64
 	if n := len(job.Completed); n > 0 {
-		lastCompleted = job.Completed[n-1].ID
+		addPromises(job.Completed[n-1].Tasks, fmt.Sprintf("checkpoint %d (completed; a restore commits it)", job.Completed[n-1].ID))
+	}
+	for _, sp := range savepoints {
+		addPromises(sp.Tasks, fmt.Sprintf("savepoint %s (a job started from it commits it)", sp.ID))
 	}
 	out := make([]apiSinkTxn, 0, len(ids))
 	for _, id := range ids {
@@ -249,9 +260,13 @@ func sinkTransactions(ctx context.Context, job fsm.Job, abort bool, now time.Tim
 				v.Partitions = append(v.Partitions, fmt.Sprintf("%s/%d", tp.Topic, p))
 			}
 		}
-		if t, ok := promised[id]; ok && t.ProducerID == st.ProducerID && t.ProducerEpoch == st.ProducerEpoch {
-			v.NeededBy = fmt.Sprintf("checkpoint %d (completed; a restore commits it)", lastCompleted)
-		} else if task := poolOwner(job, prefix, id); task != "" {
+		for _, p := range promised[id] {
+			if p.txn.ProducerID == st.ProducerID && p.txn.ProducerEpoch == st.ProducerEpoch {
+				v.NeededBy = p.by
+				break
+			}
+		}
+		if task := poolOwner(job, prefix, id); v.NeededBy == "" && task != "" {
 			v.NeededBy = fmt.Sprintf("task %s of attempt %d", task, job.Attempt)
 		}
 		out = append(out, v)
@@ -352,7 +367,7 @@ func (s *Server) handleTransactions(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), txnRequestTimeout)
 	defer cancel()
-	txns, err := sinkTransactions(ctx, j, r.Method == http.MethodPost, time.Now())
+	txns, err := sinkTransactions(ctx, j, s.fsm.Savepoints(), r.Method == http.MethodPost, time.Now())
 	if err != nil {
 		writeError(w, http.StatusBadGateway, err.Error())
 		return

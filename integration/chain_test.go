@@ -132,8 +132,8 @@ func TestChainedJobsReadCommitted(t *testing.T) {
 // runs a newer attempt with no task on that worker and has completed a
 // checkpoint since.
 func restoredAway(j, before jobView, worker string) error {
-	if j.Attempt <= before.Attempt || j.Status != "running" || j.lastCheckpointID() <= before.lastCheckpointID() {
-		return fmt.Errorf("attempt %d (was %d), last checkpoint %d (was %d)", j.Attempt, before.Attempt, j.lastCheckpointID(), before.lastCheckpointID())
+	if err := j.recoveredSince(before); err != nil {
+		return err
 	}
 	for _, task := range j.Tasks {
 		if task.Worker == worker {

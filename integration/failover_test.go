@@ -505,10 +505,7 @@ func TestWorkersStopTasksWithoutCoordinators(t *testing.T) {
 	}
 	producerDone := produceInBackground(t, c.brokers(), "words", in.recs[20_000:], 10_000)
 	c.waitJob(t, time.Minute, job, "a new attempt after the lease expiries, checkpointing", func(j jobView) error {
-		if j.Attempt <= before.Attempt || j.Status != "running" || j.lastCheckpointID() <= before.lastCheckpointID() {
-			return errors.New("no new attempt with a checkpoint yet")
-		}
-		return nil
+		return j.recoveredSince(before)
 	})
 	producerDone()
 	c.checkExact(t, job, in.want)
@@ -712,10 +709,7 @@ func TestBrokerLossFailsAndRecovers(t *testing.T) {
 	c.restartBroker(t)
 	produce(t, c.brokers(), "words", in.recs[20_000:])
 	c.waitJob(t, time.Minute, job, "the job to recover by itself", func(j jobView) error {
-		if j.Attempt <= before.Attempt || j.Status != "running" || j.lastCheckpointID() <= before.lastCheckpointID() {
-			return errors.New("no new attempt with a checkpoint yet")
-		}
-		return nil
+		return j.recoveredSince(before)
 	})
 	c.checkExact(t, job, in.want)
 }
@@ -747,10 +741,7 @@ func TestSourceTopicDeletedFailsAndRecovers(t *testing.T) {
 	})
 	createTopic(t, c.brokers(), "words", 4)
 	c.waitJob(t, time.Minute, job, "the job to recover on the recreated topic", func(j jobView) error {
-		if j.Attempt <= before.Attempt || j.Status != "running" || j.lastCheckpointID() <= before.lastCheckpointID() {
-			return errors.New("no new attempt with a checkpoint yet")
-		}
-		return nil
+		return j.recoveredSince(before)
 	})
 	fresh := newWordInput(109, 20_000, 4)
 	produce(t, c.brokers(), "words", fresh.recs)

@@ -175,6 +175,23 @@ func wordcountSpec(brokers []string, topic string) jobSpec {
 	}
 }
 
+// recoveredSince returns nil once the job runs a newer attempt than before's
+// and that attempt has completed a checkpoint. A checkpoint newer than
+// before's is not enough: the failing attempt can complete one before it is
+// restarted, and its offsets can equal the ends a test waits for (a
+// recreated topic given as many records as the deleted one had).
+func (j jobView) recoveredSince(before jobView) error {
+	if j.Attempt <= before.Attempt || j.Status != "running" {
+		return fmt.Errorf("attempt %d %s (was %d)", j.Attempt, j.Status, before.Attempt)
+	}
+	for _, r := range j.Recoveries {
+		if r.Attempt == j.Attempt && r.CheckpointID != 0 {
+			return nil
+		}
+	}
+	return fmt.Errorf("attempt %d has no completed checkpoint yet (last checkpoint %d)", j.Attempt, j.lastCheckpointID())
+}
+
 // lastCheckpointID is 0 until the job has a completed checkpoint.
 func (j jobView) lastCheckpointID() uint64 {
 	if j.LastCheckpoint == nil {

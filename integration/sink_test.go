@@ -142,10 +142,7 @@ func TestExactlyOnceSinkThroughCrashes(t *testing.T) {
 	victim := c.crashAt(t, "worker-before-sink-commit", time.Minute)
 	c.startWorker(t, "w4")
 	restarted := c.waitJob(t, time.Minute, job, "the job restarted after "+victim+" crashed", func(j jobView) error {
-		if j.Attempt <= before.Attempt || j.Status != "running" || j.lastCheckpointID() <= before.lastCheckpointID() {
-			return fmt.Errorf("attempt %d %s, last checkpoint %d", j.Attempt, j.Status, j.lastCheckpointID())
-		}
-		return nil
+		return j.recoveredSince(before)
 	})
 
 	// 2. The leader dies after it committed a checkpoint and before it
