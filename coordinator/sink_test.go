@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"strings"
 	"testing"
@@ -95,7 +96,8 @@ func openTxnAt(t *testing.T, brokers []string, id string, v sarama.KafkaVersion)
 
 // TestSinkTransactions lists a job's open transactions with who needs each,
 // and aborts only those nobody needs: not the one its last completed
-// checkpoint promises, not those of its running map tasks; another job's,
+// checkpoint promises, not one a kept savepoint lists (a job started from
+// it commits it), not those of its running map tasks; another job's,
 // whose prefix starts with j1's, is not j1's.
 func TestSinkTransactions(t *testing.T) {
 	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "out"))
@@ -104,11 +106,13 @@ func TestSinkTransactions(t *testing.T) {
 	}
 	defer c.Close()
 	brokers := c.ListenAddrs()
-	pid, epoch := openTxn(t, brokers, "coordflow-j1-map-0-0") // promised by checkpoint 7
-	openTxn(t, brokers, "coordflow-j1-map-0-1")               // map-0's open transaction
-	openTxn(t, brokers, "coordflow-j1-map-3-0")               // a task of a larger parallelism, gone
-	openTxn(t, brokers, "coordflow-j2-map-0-0")               // another job's
-	openTxn(t, brokers, "coordflow-j1-0a1b2c3d-map-0-0")      // a job named j1 (id j1-0a1b2c3d): its ids start with j1's prefix
+	pid, epoch := openTxn(t, brokers, "coordflow-j1-map-0-0")     // promised by checkpoint 7
+	openTxn(t, brokers, "coordflow-j1-map-0-1")                   // map-0's open transaction
+	openTxn(t, brokers, "coordflow-j1-map-3-0")                   // a task of a larger parallelism, gone
+	spPID, spEpoch := openTxn(t, brokers, "coordflow-j1-map-2-0") // listed by savepoint j1-sp-5, of a larger parallelism
+	openTxn(t, brokers, "coordflow-j1-map-2-1")                   // map-2's too, listed by no savepoint
+	openTxn(t, brokers, "coordflow-j2-map-0-0")                   // another job's
+	openTxn(t, brokers, "coordflow-j1-0a1b2c3d-map-0-0")          // a job named j1 (id j1-0a1b2c3d): its ids start with j1's prefix
 
 	job := fsm.Job{
 		ID: "j1", Status: fsm.JobRunning, Attempt: 4,
@@ -118,6 +122,11 @@ func TestSinkTransactions(t *testing.T) {
 			{TransactionalID: "coordflow-j1-map-0-0", ProducerID: pid, ProducerEpoch: epoch, CheckpointID: 7},
 		}}}}},
 	}
+	savepoints := []fsm.Savepoint{{ID: fsm.SavepointID("j1", 5), JobID: "j1", CheckpointID: 5,
+		Tasks: map[string]fsm.TaskState{"map-2": {SinkTxns: []fsm.SinkTxn{
+			{TransactionalID: "coordflow-j1-map-2-0", ProducerID: spPID, ProducerEpoch: spEpoch, CheckpointID: 5},
+			{TransactionalID: "coordflow-j1-map-2-1", ProducerID: spPID, ProducerEpoch: spEpoch, CheckpointID: 5}, // another producer's
+		}}}}}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	neededBy := func(txns []apiSinkTxn) map[string]string {
@@ -130,39 +139,56 @@ func TestSinkTransactions(t *testing.T) {
 		}
 		return out
 	}
-	txns, err := sinkTransactions(ctx, job, false, time.Now())
+	txns, err := sinkTransactions(ctx, job, savepoints, false, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := map[string]string{
 		"coordflow-j1-map-0-0": "checkpoint 7 (completed; a restore commits it)",
 		"coordflow-j1-map-0-1": "task map-0 of attempt 4",
+		"coordflow-j1-map-2-0": "savepoint j1-sp-5 (a job started from it commits it)",
+		"coordflow-j1-map-2-1": "",
 		"coordflow-j1-map-3-0": "",
 	}
-	if got := neededBy(txns); len(got) != 3 || got["coordflow-j1-map-0-0"] != want["coordflow-j1-map-0-0"] ||
-		got["coordflow-j1-map-0-1"] != want["coordflow-j1-map-0-1"] || got["coordflow-j1-map-3-0"] != "" {
+	if got := neededBy(txns); !maps.Equal(got, want) {
 		t.Fatalf("transactions of j1: %v, want %v", got, want)
 	}
 
-	aborted, err := sinkTransactions(ctx, job, true, time.Now())
+	aborted, err := sinkTransactions(ctx, job, savepoints, true, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, tx := range aborted {
-		if tx.Aborted != (tx.TransactionalID == "coordflow-j1-map-3-0") {
+		if tx.Aborted != (want[tx.TransactionalID] == "") {
 			t.Errorf("abort: %s aborted=%v", tx.TransactionalID, tx.Aborted)
 		}
 	}
-	txns, err = sinkTransactions(ctx, job, false, time.Now())
+	txns, err = sinkTransactions(ctx, job, savepoints, false, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := neededBy(txns); len(got) != 2 {
-		t.Fatalf("after -abort: %v, want the two needed transactions left", got)
+	if got := neededBy(txns); len(got) != 3 {
+		t.Fatalf("after -abort: %v, want the three needed transactions left", got)
+	}
+
+	// Cancelled, the job's tasks need nothing; the savepoint still does.
+	job.Status = fsm.JobCancelled
+	aborted, err = sinkTransactions(ctx, job, savepoints, true, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := neededBy(aborted); len(got) != 3 || got["coordflow-j1-map-2-0"] != want["coordflow-j1-map-2-0"] ||
+		got["coordflow-j1-map-0-0"] != want["coordflow-j1-map-0-0"] || got["coordflow-j1-map-0-1"] != "" {
+		t.Fatalf("cancelled job's -abort: %v", got)
+	}
+	for _, tx := range aborted {
+		if tx.Aborted != (tx.TransactionalID == "coordflow-j1-map-0-1") {
+			t.Errorf("cancelled job's abort: %s aborted=%v", tx.TransactionalID, tx.Aborted)
+		}
 	}
 
 	job.Spec.Sink.Delivery = fsm.DeliveryAtLeastOnce
-	if _, err := sinkTransactions(ctx, job, false, time.Now()); err == nil || !strings.Contains(err.Error(), "no exactly-once sink") {
+	if _, err := sinkTransactions(ctx, job, nil, false, time.Now()); err == nil || !strings.Contains(err.Error(), "no exactly-once sink") {
 		t.Fatalf("at-least-once job: %v", err)
 	}
 }
@@ -212,14 +238,14 @@ func TestSinkTransactionsAbortOnABrokerWithAnOlderInitProducerId(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	txns, err := sinkTransactions(ctx, job, true, time.Now())
+	txns, err := sinkTransactions(ctx, job, nil, true, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(txns) != 1 || !txns[0].Aborted {
 		t.Fatalf("abort: %+v, want the one transaction aborted", txns)
 	}
-	if txns, err = sinkTransactions(ctx, job, false, time.Now()); err != nil || len(txns) != 0 {
+	if txns, err = sinkTransactions(ctx, job, nil, false, time.Now()); err != nil || len(txns) != 0 {
 		t.Fatalf("after the abort: %+v, %v", txns, err)
 	}
 }
