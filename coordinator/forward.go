@@ -71,14 +71,25 @@ func (s *Server) leaderTransport(id string) http.RoundTripper {
 }
 
 // leaderOnly serves h on the leader and forwards the request to the leader
-// from any other node.
+// from any other node. A leader that has not yet applied every entry of
+// earlier terms refuses it with 503 and Retry-After, nothing done: the
+// handlers decide from the FSM (a savepoint in use, the transactions a
+// checkpoint promises, a job's status), and a new leader's FSM can lack a
+// completion its predecessor committed.
 func (s *Server) leaderOnly(h http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if s.isLeader() {
-			h(w, r)
+		if !s.isLeader() {
+			s.forwardToLeader(w, r)
 			return
 		}
-		s.forwardToLeader(w, r)
+		if term := s.raft.CurrentTerm(); s.barrierTerm.Load() != term {
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, fmt.Sprintf(
+				"coordinator %s is catching up (it has just become the leader, in term %d, and has not yet applied every entry of earlier terms): nothing done; send it again",
+				s.cfg.ID, term))
+			return
+		}
+		h(w, r)
 	})
 }
 

@@ -221,6 +221,8 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 	}
 	var from *fsm.Savepoint
 	if ref != "" {
+		s.api.savepointUse.Lock()
+		defer s.api.savepointUse.Unlock()
 		if from, err = s.resolveSavepoint(r.Context(), ref); err != nil {
 			writeError(w, http.StatusBadRequest, "from_savepoint: "+err.Error())
 			return

@@ -477,7 +477,8 @@ func TestSlowLogAppendsWarned(t *testing.T) {
 // TestNewLeaderServesReadsOnceItsBarrierPassed: a coordinator that has just
 // become the leader may have been elected with entries of earlier terms it
 // has not applied; until its Barrier has passed, its reads say so (503
-// unless ?stale), as a follower's do while it catches up.
+// unless ?stale), as a follower's do while it catches up, and it refuses
+// writes whose handlers decide from its FSM, nothing done.
 func TestNewLeaderServesReadsOnceItsBarrierPassed(t *testing.T) {
 	s := startSingle(t, testLogger(t), "c1", nil)
 	waitFor(t, 10*time.Second, func() error {
@@ -496,5 +497,15 @@ func TestNewLeaderServesReadsOnceItsBarrierPassed(t *testing.T) {
 	}
 	if code := apiCall(t, s, "GET", "/v1/jobs?stale=true", nil, nil); code != http.StatusOK {
 		t.Fatalf("GET /v1/jobs?stale=true on a leader before its barrier: %d, want 200", code)
+	}
+	// A savepoint a job started from it still needs could be deleted on a
+	// leader that has not applied the job's registration.
+	if code := apiCall(t, s, "DELETE", "/v1/savepoints/j1-sp-3", nil, &out); code != http.StatusServiceUnavailable ||
+		!strings.Contains(out.Error, "catching up") || !strings.Contains(out.Error, "nothing done") {
+		t.Fatalf("DELETE /v1/savepoints/j1-sp-3 on a leader before its barrier: %d %q, want 503, catching up, nothing done", code, out.Error)
+	}
+	s.barrierTerm.Store(s.raft.CurrentTerm())
+	if code := apiCall(t, s, "DELETE", "/v1/savepoints/j1-sp-3", nil, &out); code != http.StatusNotFound {
+		t.Fatalf("DELETE /v1/savepoints/j1-sp-3 on the leader past its barrier: %d %q, want 404 (no such savepoint)", code, out.Error)
 	}
 }

@@ -157,6 +157,8 @@ func savepointInUse(jobs []fsm.Job, id string) error {
 // files in the background.
 func (s *Server) handleDeleteSavepoint(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
+	s.api.savepointUse.Lock()
+	defer s.api.savepointUse.Unlock()
 	sp, ok := s.fsm.Savepoint(id)
 	if !ok {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no savepoint %q", id))

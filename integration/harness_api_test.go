@@ -221,14 +221,15 @@ func (c *cluster) call(method, addr, path string, body []byte, out any) error {
 // for a request that waits (a savepoint).
 func (c *cluster) callWith(client *http.Client, method, addr, path string, body []byte, out any) error {
 	// A coordinator that restarted refuses reads until it has caught up
-	// with the leader (503, "catching up"): a moment; ask again, as a
-	// client honouring Retry-After would.
+	// with the leader, and a just elected leader writes until it has
+	// applied its predecessors' entries (503, "catching up"): a moment;
+	// ask again, as a client honouring Retry-After would.
 	deadline := time.Now().Add(catchUpWait)
 	for {
 		err := c.callOnce(client, method, addr, path, body, out)
 		var ae *apiError
-		if method != http.MethodGet || !errors.As(err, &ae) || ae.status != http.StatusServiceUnavailable ||
-			!strings.Contains(ae.message, "catching up") || time.Now().After(deadline) {
+		if !errors.As(err, &ae) || ae.status != http.StatusServiceUnavailable || !strings.Contains(ae.message, "catching up") ||
+			(method != http.MethodGet && !strings.Contains(ae.message, "nothing done")) || time.Now().After(deadline) {
 			return err
 		}
 		time.Sleep(50 * time.Millisecond)

@@ -202,14 +202,16 @@ func (c *apiClient) answerError(status int, body []byte) *apiError {
 // do sends one request and returns the body of a 2xx answer, or an
 // *apiError for any other.
 func (c *apiClient) do(ctx context.Context, method, path string, body []byte) ([]byte, error) {
-	// A coordinator catching up (restarted, or just elected) refuses reads
-	// for a moment with 503 and Retry-After: a read asks again, for a while.
+	// A coordinator catching up (restarted, or just elected) refuses reads,
+	// and a just elected leader writes, for a moment with 503 and
+	// Retry-After, having done nothing: the request is sent again, for a
+	// while.
 	deadline := time.Now().Add(catchUpWait)
 	for {
 		data, err := c.doOnce(ctx, method, path, body, nil)
 		var ae *apiError
-		if method != http.MethodGet || !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable ||
-			!strings.Contains(ae.Message, "catching up") || time.Now().After(deadline) {
+		if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || !strings.Contains(ae.Message, "catching up") ||
+			(method != http.MethodGet && !strings.Contains(ae.Message, "nothing done")) || time.Now().After(deadline) {
 			return data, err
 		}
 		select {

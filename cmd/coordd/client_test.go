@@ -19,7 +19,8 @@ import (
 
 // TestClientReadsAgainWhileTheCoordinatorCatchesUp: a read refused with 503
 // because the coordinator is catching up (restarted, or just elected) is
-// asked again until it is served; a write, or another 503, is not.
+// asked again until it is served, and so is a write a just elected leader
+// refused with nothing done; another write, or another 503, is not.
 func TestClientReadsAgainWhileTheCoordinatorCatchesUp(t *testing.T) {
 	var refusals atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -27,8 +28,11 @@ func TestClientReadsAgainWhileTheCoordinatorCatchesUp(t *testing.T) {
 			w.Header().Set("Retry-After", "1")
 			w.WriteHeader(http.StatusServiceUnavailable)
 			msg := `{"error": "coordinator c1 is catching up (it has just become the leader), so its state may be stale"}`
-			if r.URL.Path == "/v1/other" {
+			switch {
+			case r.URL.Path == "/v1/other":
 				msg = `{"error": "no leader"}`
+			case r.URL.Path == "/v1/savepoints/sp1":
+				msg = `{"error": "coordinator c1 is catching up (it has just become the leader, in term 3, and has not yet applied every entry of earlier terms): nothing done; send it again"}`
 			}
 			_, _ = w.Write([]byte(msg))
 			return
@@ -51,6 +55,13 @@ func TestClientReadsAgainWhileTheCoordinatorCatchesUp(t *testing.T) {
 	var ae *apiError
 	if _, err := c.do(ctx, http.MethodPost, "/v1/jobs", []byte(`{}`)); !errors.As(err, &ae) || refusals.Load() != 1 {
 		t.Fatalf("a write refused while catching up: %v after %d requests, want the refusal after one", err, refusals.Load())
+	}
+	refusals.Store(0)
+	if data, err := c.do(ctx, http.MethodDelete, "/v1/savepoints/sp1", nil); err != nil || string(data) != "[]" {
+		t.Fatalf("a write the new leader refused with nothing done, then served: %q, %v", data, err)
+	}
+	if n := refusals.Load(); n != 4 {
+		t.Fatalf("%d requests of the write, want 3 refused and the one served", n)
 	}
 	if _, err := c.do(ctx, http.MethodGet, "/v1/other", nil); !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable {
 		t.Fatalf("a read refused for another reason: %v, want the 503 at once", err)
