@@ -220,17 +220,29 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	var from *fsm.Savepoint
+	var settled func(error)
 	if ref != "" {
-		s.api.savepointUse.Lock()
-		defer s.api.savepointUse.Unlock()
 		if from, err = s.resolveSavepoint(r.Context(), ref); err != nil {
 			writeError(w, http.StatusBadRequest, "from_savepoint: "+err.Error())
 			return
 		}
+		var exists func() bool
+		if from.ID == ref {
+			exists = func() bool {
+				_, ok := s.fsm.Savepoint(from.ID)
+				return ok
+			}
+		}
+		end, err := s.api.savepoints.beginRestore(from.ID, exists)
+		if err != nil {
+			writeError(w, http.StatusConflict, "from_savepoint: "+err.Error())
+			return
+		}
+		settled = func(error) { end() }
 	}
 	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())
 	cmd := fsm.RegisterJobCmd{ID: id, Spec: spec, Time: time.Now().UnixNano(), FromSavepoint: from, SubmissionKey: key}
-	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandRegisterJob, cmd)
+	_, index, err := s.raftApplySettled(r.Context(), fsm.CommandRegisterJob, cmd, settled)
 	setIndexHeader(w, index)
 	if err != nil {
 		// The same submission sent twice at once, or again to a leader

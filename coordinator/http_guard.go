@@ -87,11 +87,9 @@ type httpAPI struct {
 	// TLS, by leader id (forward.go).
 	forwardMu sync.Mutex
 	forward   map[string]*http.Transport
-	// savepointUse orders, on this leader, a savepoint's deletion (its
-	// in-use check, read from the FSM, and its commit) against the
-	// registration of a job started from a savepoint: a registration
-	// committed in between would restore files the deletion removes.
-	savepointUse sync.Mutex
+	// savepoints tracks the savepoint writes in flight on this leader
+	// (http_savepoint.go).
+	savepoints savepointUses
 	// coordinators and lag cache the dashboard's views that ask other
 	// processes; lagLookups admits maxLagLookups lag lookups at a time
 	// (http_dashboard.go).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/coordflow/coordflow/fsm"
@@ -157,23 +158,95 @@ func savepointInUse(jobs []fsm.Job, id string) error {
 // files in the background.
 func (s *Server) handleDeleteSavepoint(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	s.api.savepointUse.Lock()
-	defer s.api.savepointUse.Unlock()
 	sp, ok := s.fsm.Savepoint(id)
 	if !ok {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no savepoint %q", id))
 		return
 	}
-	if err := savepointInUse(s.fsm.SharedJobs(), id); err != nil {
+	end, err := s.api.savepoints.beginDelete(id, func() error { return savepointInUse(s.fsm.SharedJobs(), id) })
+	if err != nil {
 		writeError(w, http.StatusConflict, err.Error())
 		return
 	}
-	_, index, err := s.raftApplyAt(r.Context(), fsm.CommandSavepointDeleted, fsm.SavepointDeletedCmd{ID: id, Time: time.Now().UnixNano()})
+	// The files go once the deletion has committed, also if this client
+	// gave up before: the FSM no longer lists them, and nothing else would.
+	_, index, err := s.raftApplySettled(r.Context(), fsm.CommandSavepointDeleted, fsm.SavepointDeletedCmd{ID: id, Time: time.Now().UnixNano()}, func(err error) {
+		if err != nil {
+			end()
+			return
+		}
+		s.deleteSavepointFiles(sp, end)
+	})
 	setIndexHeader(w, index)
 	if err != nil {
 		s.writeApplyError(w, err)
 		return
 	}
-	s.deleteSavepointFiles(sp)
 	writeJSON(w, http.StatusOK, map[string]string{"id": id, "status": "deleted"})
+}
+
+// savepointUses tracks the savepoint writes in flight on this leader, which
+// the FSM does not show yet: registrations of jobs started from a
+// savepoint, and deletions until their files are gone. A deletion checks
+// from the FSM that no job needs the savepoint, and a registration resolves
+// its savepoint before its command commits; a command in flight (one whose
+// client gave up stays in the committer, and may commit) escapes the
+// other's check, and a job would restore files that are being deleted.
+// A new leader starts empty: what its predecessor had in flight is in its
+// FSM once its Barrier has passed, before it takes a write (leaderOnly).
+type savepointUses struct {
+	mu       sync.Mutex
+	restores map[string]int      // registrations in flight, by savepoint id
+	deletes  map[string]struct{} // deletions in flight, by savepoint id
+}
+
+// beginRestore records a registration from savepoint id in flight until
+// end is called, unless the savepoint is being deleted or, when it was
+// named by its id (exists not nil; nil: by its URL), exists no more.
+func (u *savepointUses) beginRestore(id string, exists func() bool) (end func(), err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if _, ok := u.deletes[id]; ok {
+		return nil, fmt.Errorf("savepoint %s is being deleted", id)
+	}
+	if exists != nil && !exists() {
+		return nil, fmt.Errorf("savepoint %s was deleted", id)
+	}
+	if u.restores == nil {
+		u.restores = make(map[string]int)
+	}
+	u.restores[id]++
+	return func() {
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		if u.restores[id]--; u.restores[id] <= 0 {
+			delete(u.restores, id)
+		}
+	}, nil
+}
+
+// beginDelete records the deletion of savepoint id in flight until end is
+// called, unless a job needs it: a registration in flight, or one of the
+// FSM's jobs (inUse, read under the same lock as the registrations).
+func (u *savepointUses) beginDelete(id string, inUse func() error) (end func(), err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if n := u.restores[id]; n > 0 {
+		return nil, fmt.Errorf("savepoint %s is the state of %d job registrations in flight: delete it once the jobs have completed checkpoints of their own", id, n)
+	}
+	if _, ok := u.deletes[id]; ok {
+		return nil, fmt.Errorf("savepoint %s is being deleted already", id)
+	}
+	if err := inUse(); err != nil {
+		return nil, err
+	}
+	if u.deletes == nil {
+		u.deletes = make(map[string]struct{})
+	}
+	u.deletes[id] = struct{}{}
+	return func() {
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		delete(u.deletes, id)
+	}, nil
 }

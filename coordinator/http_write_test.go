@@ -110,6 +110,52 @@ func TestSavepointInUse(t *testing.T) {
 	}
 }
 
+// TestSavepointUsesOrderDeletionsAndRestores: on the leader, a savepoint
+// is not deleted while a job registration from it is in flight (the FSM
+// does not show it yet), and no job is registered from a savepoint whose
+// deletion is in flight (its command, or its files) or that is gone.
+func TestSavepointUsesOrderDeletionsAndRestores(t *testing.T) {
+	var u savepointUses
+	unused := func() error { return nil }
+	there := func() bool { return true }
+	endRestore, err := u.beginRestore("sp-1", there)
+	if err != nil {
+		t.Fatalf("a restore of a kept savepoint: %v", err)
+	}
+	endRestore2, err := u.beginRestore("sp-1", nil) // a second job, by the savepoint's URL
+	if err != nil {
+		t.Fatalf("a second restore: %v", err)
+	}
+	if _, err := u.beginDelete("sp-1", unused); err == nil || !strings.Contains(err.Error(), "2 job registrations in flight") {
+		t.Fatalf("a deletion while two registrations are in flight: %v, want refused naming them", err)
+	}
+	endRestore()
+	if _, err := u.beginDelete("sp-1", unused); err == nil {
+		t.Fatal("a deletion while one registration is still in flight was allowed")
+	}
+	endRestore2()
+	if _, err := u.beginDelete("sp-1", func() error { return errors.New("job j restores it") }); err == nil || err.Error() != "job j restores it" {
+		t.Fatalf("a deletion of a savepoint a registered job needs: %v, want the in-use error", err)
+	}
+	endDelete, err := u.beginDelete("sp-1", unused)
+	if err != nil {
+		t.Fatalf("a deletion once the registrations settled: %v", err)
+	}
+	if _, err := u.beginRestore("sp-1", nil); err == nil || !strings.Contains(err.Error(), "being deleted") {
+		t.Fatalf("a restore by URL while the deletion is in flight: %v, want refused", err)
+	}
+	if _, err := u.beginDelete("sp-1", unused); err == nil {
+		t.Fatal("a second deletion of the same savepoint in flight was allowed")
+	}
+	endDelete()
+	if _, err := u.beginRestore("sp-1", func() bool { return false }); err == nil || !strings.Contains(err.Error(), "was deleted") {
+		t.Fatalf("a restore by id of a deleted savepoint: %v, want refused", err)
+	}
+	if _, err := u.beginRestore("sp-2", there); err != nil {
+		t.Fatalf("a restore of another savepoint: %v", err)
+	}
+}
+
 // TestWritesRefuseQueryParametersTheyDoNotTake: a write refuses a query
 // parameter it does not take (misspelled, it would be ignored and the write
 // done without it: a cancel without its savepoint) and one given empty (a

@@ -161,8 +161,21 @@ func openBoltStore(path string) (*raftboltdb.BoltStore, error) {
 // wrapping ErrNotLeader means the command was not appended;
 // raft.ErrLeadershipLost means it may or may not commit. [C1]
 func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (res any, index uint64, err error) {
+	return s.raftApplySettled(ctx, t, cmd, nil)
+}
+
+// raftApplySettled is raftApplyAt that also calls settled (if not nil) once
+// with the command's outcome (nil: committed and applied without error),
+// when it is known: after raftApplySettled returned if ctx ended first. Its
+// callers keep what the FSM does not show yet, a write in flight, until
+// then. settled runs on the committer's goroutine and must not block.
+func (s *Server) raftApplySettled(ctx context.Context, t fsm.CommandType, cmd any, settled func(error)) (res any, index uint64, err error) {
+	if settled == nil {
+		settled = func(error) {}
+	}
 	data, err := fsm.Encode(t, cmd)
 	if err != nil {
+		settled(err)
 		return nil, 0, fmt.Errorf("raft apply: %w", err)
 	}
 	if _, ok := ctx.Deadline(); !ok {
@@ -171,6 +184,7 @@ func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (r
 		defer cancel()
 	}
 	if err := ctx.Err(); err != nil {
+		settled(err)
 		return nil, 0, fmt.Errorf("raft apply %v: %w", t, context.Cause(ctx))
 	}
 	type result struct {
@@ -179,7 +193,10 @@ func (s *Server) raftApplyAt(ctx context.Context, t fsm.CommandType, cmd any) (r
 		err   error
 	}
 	out := make(chan result, 1)
-	s.committer.submit(t, data, func(res any, index uint64, err error) { out <- result{res, index, err} })
+	s.committer.submit(t, data, func(res any, index uint64, err error) {
+		settled(err)
+		out <- result{res, index, err}
+	})
 	select {
 	case r := <-out:
 		return r.res, r.index, r.err

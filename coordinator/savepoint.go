@@ -285,14 +285,16 @@ func (s *Server) resolveSavepoint(ctx context.Context, ref string) (*fsm.Savepoi
 }
 
 // deleteSavepointFiles deletes the files of a deleted savepoint, in the
-// background.
-func (s *Server) deleteSavepointFiles(sp fsm.Savepoint) {
+// background, and then calls done.
+func (s *Server) deleteSavepointFiles(sp fsm.Savepoint, done func()) {
 	if sp.Location == "" {
+		done()
 		return
 	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		defer done()
 		ctx, cancel := context.WithTimeout(s.ctx, time.Minute)
 		defer cancel()
 		store, err := storage.Open(ctx, sp.Location)

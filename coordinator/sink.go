@@ -222,7 +222,9 @@ func sinkTransactions(ctx context.Context, job fsm.Job, savepoints []fsm.Savepoi
 		return nil, fmt.Errorf("describe transactions on %s: %w", addrs, err)
 	}
 	// promised holds who commits each transaction a completed checkpoint
-	// or a kept savepoint lists, the checkpoint first: it commits it sooner.
+	// or a kept savepoint lists. A transaction is named by who commits it
+	// first: the checkpoint's restore, else the running task (its next
+	// checkpoint), else a job started from the savepoint.
 	type promise struct {
 		txn fsm.SinkTxn
 		by  string
@@ -266,7 +268,7 @@ func sinkTransactions(ctx context.Context, job fsm.Job, savepoints []fsm.Savepoi
 				break
 			}
 		}
-		if task := poolOwner(job, prefix, id); v.NeededBy == "" && task != "" {
+		if task := poolOwner(job, prefix, id); task != "" && !strings.HasPrefix(v.NeededBy, "checkpoint ") {
 			v.NeededBy = fmt.Sprintf("task %s of attempt %d", task, job.Attempt)
 		}
 		out = append(out, v)

@@ -106,13 +106,14 @@ func TestSinkTransactions(t *testing.T) {
 	}
 	defer c.Close()
 	brokers := c.ListenAddrs()
-	pid, epoch := openTxn(t, brokers, "coordflow-j1-map-0-0")     // promised by checkpoint 7
-	openTxn(t, brokers, "coordflow-j1-map-0-1")                   // map-0's open transaction
-	openTxn(t, brokers, "coordflow-j1-map-3-0")                   // a task of a larger parallelism, gone
-	spPID, spEpoch := openTxn(t, brokers, "coordflow-j1-map-2-0") // listed by savepoint j1-sp-5, of a larger parallelism
-	openTxn(t, brokers, "coordflow-j1-map-2-1")                   // map-2's too, listed by no savepoint
-	openTxn(t, brokers, "coordflow-j2-map-0-0")                   // another job's
-	openTxn(t, brokers, "coordflow-j1-0a1b2c3d-map-0-0")          // a job named j1 (id j1-0a1b2c3d): its ids start with j1's prefix
+	pid, epoch := openTxn(t, brokers, "coordflow-j1-map-0-0")              // promised by checkpoint 7
+	openTxn(t, brokers, "coordflow-j1-map-0-1")                            // map-0's open transaction
+	openTxn(t, brokers, "coordflow-j1-map-3-0")                            // a task of a larger parallelism, gone
+	spPID, spEpoch := openTxn(t, brokers, "coordflow-j1-map-2-0")          // listed by savepoint j1-sp-5, of a larger parallelism
+	oldPID, oldEpoch := openTxn(t, brokers, "coordflow-j1-map-2-1")        // map-2's too; the savepoint lists an earlier epoch of it
+	spOnTask, spOnTaskEpoch := openTxn(t, brokers, "coordflow-j1-map-0-2") // map-0's, listed by the savepoint too
+	openTxn(t, brokers, "coordflow-j2-map-0-0")                            // another job's
+	openTxn(t, brokers, "coordflow-j1-0a1b2c3d-map-0-0")                   // a job named j1 (id j1-0a1b2c3d): its ids start with j1's prefix
 
 	job := fsm.Job{
 		ID: "j1", Status: fsm.JobRunning, Attempt: 4,
@@ -125,7 +126,9 @@ func TestSinkTransactions(t *testing.T) {
 	savepoints := []fsm.Savepoint{{ID: fsm.SavepointID("j1", 5), JobID: "j1", CheckpointID: 5,
 		Tasks: map[string]fsm.TaskState{"map-2": {SinkTxns: []fsm.SinkTxn{
 			{TransactionalID: "coordflow-j1-map-2-0", ProducerID: spPID, ProducerEpoch: spEpoch, CheckpointID: 5},
-			{TransactionalID: "coordflow-j1-map-2-1", ProducerID: spPID, ProducerEpoch: spEpoch, CheckpointID: 5}, // another producer's
+			{TransactionalID: "coordflow-j1-map-2-1", ProducerID: oldPID, ProducerEpoch: oldEpoch - 1, CheckpointID: 5}, // a transaction that ended
+		}}, "map-0": {SinkTxns: []fsm.SinkTxn{
+			{TransactionalID: "coordflow-j1-map-0-2", ProducerID: spOnTask, ProducerEpoch: spOnTaskEpoch, CheckpointID: 5},
 		}}}}}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -146,6 +149,7 @@ func TestSinkTransactions(t *testing.T) {
 	want := map[string]string{
 		"coordflow-j1-map-0-0": "checkpoint 7 (completed; a restore commits it)",
 		"coordflow-j1-map-0-1": "task map-0 of attempt 4",
+		"coordflow-j1-map-0-2": "task map-0 of attempt 4", // its next checkpoint commits it first
 		"coordflow-j1-map-2-0": "savepoint j1-sp-5 (a job started from it commits it)",
 		"coordflow-j1-map-2-1": "",
 		"coordflow-j1-map-3-0": "",
@@ -167,8 +171,8 @@ func TestSinkTransactions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := neededBy(txns); len(got) != 3 {
-		t.Fatalf("after -abort: %v, want the three needed transactions left", got)
+	if got := neededBy(txns); len(got) != 4 {
+		t.Fatalf("after -abort: %v, want the four needed transactions left", got)
 	}
 
 	// Cancelled, the job's tasks need nothing; the savepoint still does.
@@ -177,8 +181,9 @@ func TestSinkTransactions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := neededBy(aborted); len(got) != 3 || got["coordflow-j1-map-2-0"] != want["coordflow-j1-map-2-0"] ||
-		got["coordflow-j1-map-0-0"] != want["coordflow-j1-map-0-0"] || got["coordflow-j1-map-0-1"] != "" {
+	if got := neededBy(aborted); len(got) != 4 || got["coordflow-j1-map-2-0"] != want["coordflow-j1-map-2-0"] ||
+		got["coordflow-j1-map-0-0"] != want["coordflow-j1-map-0-0"] || got["coordflow-j1-map-0-1"] != "" ||
+		got["coordflow-j1-map-0-2"] != "savepoint j1-sp-5 (a job started from it commits it)" {
 		t.Fatalf("cancelled job's -abort: %v", got)
 	}
 	for _, tx := range aborted {

@@ -77,6 +77,66 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 	}
 }
 
+// TestSnapshotCompressedOnceEntriesAre: a snapshot is plain JSON until the
+// log holds a compressed entry (every coordinator reads zstd then), and a
+// zstd stream after; both restore to the same state, and a damaged
+// compressed snapshot is refused like a damaged plain one.
+func TestSnapshotCompressedOnceEntriesAre(t *testing.T) {
+	h := richState(t)
+	plain := persist(t, h.f)
+	if plain[0] != '{' {
+		t.Fatalf("snapshot before any compressed entry begins %q, want plain JSON", plain[:4])
+	}
+	// Any compressed command sets the mark; this one changes nothing else.
+	cmd, err := Encode(CommandRegisterJob, h.register("running", testSpec()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.applyRaw(compressed(t, cmd)); err == nil {
+		t.Fatal("registering a job id twice was accepted")
+	}
+	packed := persist(t, h.f)
+	if !bytes.HasPrefix(packed, zstdMagic) {
+		t.Fatalf("snapshot after a compressed entry begins %q, want a zstd frame", packed[:4])
+	}
+	if len(packed)*3 > len(plain) {
+		t.Fatalf("compressed snapshot %d bytes, plain %d: want under a third", len(packed), len(plain))
+	}
+	want := h.digest()
+	restored := New()
+	if err := restored.Restore(readCloser(packed)); err != nil {
+		t.Fatalf("restore the compressed snapshot: %v", err)
+	}
+	if got := mustDigest(t, restored); got != want || !restored.CompressedEntries() {
+		t.Fatalf("restored from the compressed snapshot: digest %s (want %s), mark %v", got, want, restored.CompressedEntries())
+	}
+	if err := New().Restore(readCloser(plain)); err != nil {
+		t.Fatalf("restore the plain snapshot: %v", err)
+	}
+
+	flipped := bytes.Clone(packed)
+	flipped[len(flipped)/2] ^= 0x40
+	for name, data := range map[string][]byte{
+		"truncated":     packed[:len(packed)/2],
+		"no checksum":   packed[:len(packed)-4],
+		"flipped byte":  flipped,
+		"trailing data": append(bytes.Clone(packed), 0x01, 0x02),
+		"magic only":    zstdMagic,
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := New()
+			if err := f.Restore(readCloser(plain)); err != nil {
+				t.Fatal(err)
+			}
+			before := mustDigest(t, f)
+			wantErr(t, f.Restore(readCloser(data)), ErrCorruptSnapshot)
+			if mustDigest(t, f) != before {
+				t.Fatal("a failed restore changed the state")
+			}
+		})
+	}
+}
+
 // A snapshot is a point-in-time copy: commands applied after Snapshot (while
 // Persist runs) do not leak into it.
 func TestSnapshotIsPointInTime(t *testing.T) {
@@ -389,13 +449,23 @@ func BenchmarkJobs(b *testing.B) {
 
 // BenchmarkSnapshotPersist times the encoding of a snapshot of 1,000 running
 // jobs of one source and one map task, each with its retained checkpoints:
-// what every coordinator of such a cluster pays per Raft snapshot.
+// what every coordinator of such a cluster pays per Raft snapshot, plain
+// and compressed (once the log holds a compressed entry). bytes/op is the
+// snapshot's size; MB/s is of the plain JSON in both.
 func BenchmarkSnapshotPersist(b *testing.B) {
 	h := manyJobs(b, 1000, 5)
-	b.SetBytes(int64(len(persist(b, h.f))))
-	b.ReportAllocs()
-	for b.Loop() {
-		persist(b, h.f)
+	plain := len(persist(b, h.f))
+	for _, packed := range []bool{false, true} {
+		b.Run(fmt.Sprintf("compressed=%v", packed), func(b *testing.B) {
+			h.f.state.CompressedEntries = packed
+			b.SetBytes(int64(plain))
+			b.ReportAllocs()
+			size := 0
+			for b.Loop() {
+				size = len(persist(b, h.f))
+			}
+			b.ReportMetric(float64(size), "snapshot-bytes")
+		})
 	}
 }
 

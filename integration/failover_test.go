@@ -252,8 +252,8 @@ func TestWorkerLossLeftAndDead(t *testing.T) {
 	c.stopWorker(t, "w3")
 	c.waitFor(t, 10*time.Second, "w3 to show as left", func() (bool, error) { return c.memberStatusIs("w3", "left") })
 	second := c.waitJob(t, time.Minute, job, "a new attempt without w3, checkpointing", func(j jobView) error {
-		if j.Attempt <= first.Attempt || j.Status != "running" || j.lastCheckpointID() <= first.lastCheckpointID() {
-			return errors.New("no new attempt with a checkpoint yet")
+		if err := j.recoveredSince(first); err != nil {
+			return err
 		}
 		if slices.Contains(workersOf(j), "w3") {
 			return fmt.Errorf("attempt %d places tasks on w3, which left", j.Attempt)
@@ -300,8 +300,8 @@ func TestWorkerLossLeftAndDead(t *testing.T) {
 		t.Errorf("coordflow_worker_probes_total{result=\"refused\"} = %v, want at least 1", n)
 	}
 	c.waitJob(t, time.Minute, job, "a new attempt on w2 alone, checkpointing", func(j jobView) error {
-		if j.Attempt <= second.Attempt || j.Status != "running" || j.lastCheckpointID() <= second.lastCheckpointID() {
-			return errors.New("no new attempt with a checkpoint yet")
+		if err := j.recoveredSince(second); err != nil {
+			return err
 		}
 		if got := workersOf(j); !slices.Equal(got, []string{"w2"}) {
 			return fmt.Errorf("attempt %d runs on %v", j.Attempt, got)
@@ -336,8 +336,8 @@ func TestFrozenWorkerIsFenced(t *testing.T) {
 	pausedAt := time.Now()
 	c.waitFor(t, 15*time.Second, "the frozen w1 to be declared dead", func() (bool, error) { return c.memberStatusIs("w1", "dead") })
 	restarted := c.waitJob(t, time.Minute, job, "a new attempt on w2, checkpointing", func(j jobView) error {
-		if j.Attempt <= first.Attempt || j.Status != "running" || j.lastCheckpointID() <= first.lastCheckpointID() {
-			return errors.New("no new attempt with a checkpoint yet")
+		if err := j.recoveredSince(first); err != nil {
+			return err
 		}
 		if got := workersOf(j); !slices.Equal(got, []string{"w2"}) {
 			return fmt.Errorf("attempt %d runs on %v", j.Attempt, got)

@@ -165,10 +165,7 @@ func TestExactlyOnceSinkThroughCrashes(t *testing.T) {
 	c.killWorker(t, killed)
 	c.startWorker(t, "w5")
 	afterKill := c.waitJob(t, time.Minute, job, "the job restarted after "+killed+" was killed", func(j jobView) error {
-		if j.Attempt <= afterLeader.Attempt || j.Status != "running" || j.lastCheckpointID() <= afterLeader.lastCheckpointID() {
-			return fmt.Errorf("attempt %d %s", j.Attempt, j.Status)
-		}
-		return nil
+		return j.recoveredSince(afterLeader)
 	})
 
 	// 4. A worker frozen past its lease becomes a zombie: its tasks run
