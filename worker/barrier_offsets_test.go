@@ -67,6 +67,61 @@ func TestMapTaskDeclinesBarrierBehindItsState(t *testing.T) {
 	}
 }
 
+// A map task whose state holds records of a partition of a source that the
+// source's barrier does not name (a restored source whose first metadata,
+// stale, lacked a partition its predecessor had discovered and read)
+// declines: the checkpoint would hold those records without an offset, and
+// a restore from it would read them again. Once the source names the
+// partition, past what was applied, checkpoints are taken again.
+func TestMapTaskDeclinesBarrierWithoutAPartitionItHolds(t *testing.T) {
+	env, sent := unitEnv(t)
+	refs := []*transport.MapTaskRef{{TaskId: "map-0", KeyGroupStart: 0, KeyGroupEnd: 128}}
+	mt := runMapTask(t, env, mapDeploy("job", 1, operator.Count, 2, 128, refs, 0))
+	src0, err := mt.attachLocal(0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := mt.attachLocal(1, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send(t, src0, recordsMsg(0, "a", 0))
+	send(t, old, recordsMsg(1, "b", 0))
+	send(t, old, recordsMsg(3, "c", 0, 1)) // partition 3 (source 1's: 3 mod 2), discovered
+	waitFor(t, "the records applied", func() bool {
+		return metricValue(t, env.metrics.registry, "coordflow_records_in_total", map[string]string{"kind": kindMap}) == 4
+	})
+	old.close()
+
+	restored, err := mt.attachLocal(1, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The restored source re-reads partition 1 (0 dropped, 1 applied)
+	// before any barrier: the map task replaces the input at its first
+	// message, which abandons a checkpoint pending then.
+	send(t, restored, recordsMsg(1, "b", 0, 1))
+	waitFor(t, "the restored source's new record applied", func() bool {
+		return metricValue(t, env.metrics.registry, "coordflow_records_in_total", map[string]string{"kind": kindMap}) == 5
+	})
+	send(t, restored, barrierAt(1, map[int32]int64{1: 2})) // partition 3 not found yet
+	send(t, src0, barrierAt(1, map[int32]int64{0: 1}))
+	dec := awaitSent(t, sent).GetDecline()
+	if dec.GetCheckpointId() != 1 || !strings.Contains(dec.GetReason(), "partition 3 up to offset 1, which source 1's barrier does not name") {
+		t.Fatalf("got %v, want checkpoint 1 declined, naming partition 3", dec)
+	}
+	send(t, restored, recordsMsg(3, "c", 0, 1, 2)) // found: 0 and 1 dropped, 2 applied
+	send(t, src0, barrierAt(2, map[int32]int64{0: 1}))
+	send(t, restored, barrierAt(2, map[int32]int64{1: 2, 3: 3}))
+	ack := awaitSent(t, sent).GetAck()
+	if ack.GetCheckpointId() != 2 {
+		t.Fatalf("got %v, want checkpoint 2 acked", ack)
+	}
+	if got, _ := decodeKeyed(t, ack.GetState()); got["c"] != 3 || got["a"] != 1 || got["b"] != 2 {
+		t.Fatalf("snapshot 2: %v, want a 1, b 2, c 3 (partition 3's offsets 0 to 2, each once)", got)
+	}
+}
+
 // A map task restored by a whole-job restart starts without applied
 // offsets: every source starts over at the checkpoint's offsets, so nothing
 // comes twice, and after a topic was deleted and recreated its offsets start

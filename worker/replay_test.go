@@ -421,6 +421,57 @@ func TestPartialSourceFailsWhenItsOffsetIsGone(t *testing.T) {
 	}
 }
 
+// TestPartialCombiningSourceFailsOnAPartitionItsCheckpointLacks: a source
+// restored by task-scoped recovery that finds a partition its checkpoint
+// does not name (its predecessor may have found it, and surviving map tasks
+// applied its records) fails when it combines, whose batches carry no
+// record marks to drop those records by; without combining, or restored
+// with the whole job, it reads the partition from its start.
+func TestPartialCombiningSourceFailsOnAPartitionItsCheckpointLacks(t *testing.T) {
+	brokers := newKafka(t, map[string]int32{"words": 2})
+	recs, _ := wordRecords(30, 2)
+	produce(t, brokers, "words", recs)
+	for _, tc := range []struct {
+		name             string
+		combine, partial bool
+		fails            bool
+	}{
+		{"partial, combining", true, true, true},
+		{"partial, not combining", false, true, false},
+		{"whole-job restore, combining", true, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := wordSourceDeploy(brokers, "words", []int32{0}, 1) // S = 1: it owns partition 1 too
+			d.Combine, d.Partial, d.RestoreOffsets, d.RestoreCheckpointId = tc.combine, tc.partial, map[int32]int64{0: 4}, 3
+			s, _, lease := newTestSource(t, d, nil, nil)
+			if slices.Contains(s.partitions, 1) {
+				t.Fatalf("partitions at the start %v: without discovery, want 0 alone", s.partitions)
+			}
+			ctx, stop := context.WithCancel(context.Background())
+			r := &partitionReaders{ctx: ctx, lease: lease, merged: make(chan []*sarama.ConsumerMessage, 16),
+				failed: make(chan error, 1), consumers: make(map[int32]sarama.PartitionConsumer)}
+			defer func() {
+				stop()
+				r.wg.Wait()
+				for _, c := range r.closers {
+					c()
+				}
+			}()
+			pc, closePC, err := lease.consume("words", 1, sarama.OffsetOldest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = s.readDiscovered(r, []discovered{{partition: 1, offset: 0, pc: pc, closePC: closePC}})
+			switch {
+			case tc.fails && (err == nil || !strings.Contains(err.Error(), "found partition 1 of words, which the checkpoint this source was restored from (task-scoped recovery) does not name")):
+				t.Fatalf("readDiscovered: %v, want the task failed naming partition 1", err)
+			case !tc.fails && (err != nil || s.offsets[1] != 0):
+				t.Fatalf("readDiscovered: %v, offsets %v; want partition 1 read from 0", err, s.offsets)
+			}
+		})
+	}
+}
+
 // consumerMessages are the records of values (one partition) as the pumps
 // hand them to process, from offset from.
 func consumerMessages(p int32, values []string, from int) []*sarama.ConsumerMessage {

@@ -594,13 +594,26 @@ func (s *sourceTask) discoveredStart(client sarama.Client, topic string, p int32
 // restore from it starts them at their earliest offset again, before
 // anything of theirs is in the restored state. A restored partition the
 // metadata did not list at the start starts at its restored offset
-// (discoveredStart).
-func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) {
-	for _, d := range batch {
+// (discoveredStart). A partition the restored checkpoint does not name
+// fails a partial source that combines (the error says why).
+func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) error {
+	for i, d := range batch {
 		if _, ok := s.offsets[d.partition]; ok {
 			d.pc.AsyncClose()
 			r.closers = append(r.closers, d.closePC)
 			continue
+		}
+		if _, restored := s.restore[d.partition]; s.partial && s.combine != nil && !restored {
+			// The predecessor may have found it and sent records of it that
+			// surviving map tasks applied; combined, they would apply them
+			// again, having no record marks to drop them by. A whole-job
+			// restart restores every map task from the checkpoint instead.
+			for _, d := range batch[i:] {
+				d.pc.AsyncClose()
+				r.closers = append(r.closers, d.closePC)
+			}
+			return fmt.Errorf("source: found partition %d of %s, which the checkpoint this source was restored from (task-scoped recovery) does not name: its predecessor may have read it, and a combining source cannot resend its records for the surviving map tasks to drop those they applied; the whole job restarts",
+				d.partition, s.spec.GetTopic())
 		}
 		if off, restored := s.restore[d.partition]; restored && off != d.offset {
 			// As resolveOffsets does for a restored offset Kafka no
@@ -615,6 +628,7 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) {
 		s.pumpFrom(r, d.partition, d.pc, d.closePC)
 		s.log.Info("reading a partition added to the topic", "partition", d.partition, "offset", d.offset)
 	}
+	return nil
 }
 
 // resolveOffsets chooses the partitions to read and sets the start offset
@@ -1183,7 +1197,9 @@ func (s *sourceTask) loop(ctx context.Context, r *partitionReaders, found <-chan
 		case err := <-r.failed:
 			return err
 		case batch := <-found:
-			s.readDiscovered(r, batch)
+			if err := s.readDiscovered(r, batch); err != nil {
+				return err
+			}
 		case msgs := <-records:
 			for _, msg := range msgs {
 				if err := s.process(ctx, msg); err != nil {
