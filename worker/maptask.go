@@ -659,6 +659,11 @@ func (m *mapTask) handle(ev inputEvent) error {
 // predecessor had discovered and read. The checkpoint would hold those
 // records without an offset, and a restore from it read them again.
 func (m *mapTask) aheadOf(input int, offsets map[int32]int64) string {
+	if len(offsets) == 0 {
+		// A barrier without offsets (a source of no partition) says
+		// nothing of them.
+		return ""
+	}
 	// The lowest such partition is named; no sorted copy of the offsets,
 	// since this runs at every barrier.
 	ahead, unnamed := int32(-1), int32(-1)
@@ -668,9 +673,7 @@ func (m *mapTask) aheadOf(input int, offsets map[int32]int64) string {
 		}
 	}
 	for p := range m.keyed.applied {
-		if len(offsets) == 0 || int(p)%m.numSources != input {
-			// A barrier without offsets (a test's, or a source of no
-			// partition) says nothing of them.
+		if int(p)%m.numSources != input {
 			continue
 		}
 		if _, ok := offsets[p]; !ok && (unnamed < 0 || p < unnamed) {
