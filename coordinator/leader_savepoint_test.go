@@ -491,3 +491,52 @@ func TestLeaderChecksPointsRightAfterASavepoint(t *testing.T) {
 		})
 	}
 }
+
+// TestNewLeaderChecksPointsRightAfterASavepoint: a leader that takes over
+// right after a savepoint that did not stop its job (the newest entry of
+// the job's history), of a job with an exactly-once sink, takes a
+// checkpoint as soon as the workers are back, without waiting out the
+// interval: the savepoint's sink transactions are committed only with the
+// next checkpoint, and age towards the broker's timeout until then.
+func TestNewLeaderChecksPointsRightAfterASavepoint(t *testing.T) {
+	h := newLeaderHarness(t)
+	spec := testJobSpec(1, 2)
+	spec.Checkpoint.Interval = fsm.Duration(5 * time.Minute) // only the savepoint's follow-up can be due
+	spec.Sink = &fsm.SinkSpec{Brokers: []string{"127.0.0.1:9092"}, Topic: "out", Delivery: fsm.DeliveryExactlyOnce,
+		TransactionTimeout: fsm.DefaultTransactionTimeout(spec.Checkpoint)}
+	job := h.startJob("j1", spec)
+	h.completeCheckpoint("j1")
+	h.requestSavepoint("j1", false)
+	h.checkpointPass()
+	sp := h.job("j1").Pending
+	if sp == nil || !sp.Savepoint {
+		t.Fatalf("pending %+v, want a savepoint", sp)
+	}
+	h.ackAll("j1", sp.ID)
+	if _, ok := h.f.Savepoint(fsm.SavepointID("j1", sp.ID)); !ok {
+		t.Fatalf("savepoint %d not completed", sp.ID)
+	}
+
+	h.newTerm()
+	running := func(w string) []*transport.TaskStatus {
+		var out []*transport.TaskStatus
+		for _, tk := range job.Tasks {
+			if tk.Worker == w {
+				out = append(out, &transport.TaskStatus{Task: ref(job, tk), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
+			}
+		}
+		return out
+	}
+	h.connect("w1", 4, running("w1")...)
+	h.connect("w2", 4, running("w2")...)
+	h.pastGrace()
+	h.step()
+	next := h.job("j1").Pending
+	if next == nil || next.Savepoint || next.ID <= sp.ID {
+		t.Fatalf("pending %+v under the new leader, want a checkpoint after savepoint %d at once", next, sp.ID)
+	}
+	h.ackAll("j1", next.ID)
+	if last, ok := h.f.LastCompleted("j1"); !ok || last.ID != next.ID {
+		t.Fatalf("checkpoint %d not completed: last %+v", next.ID, last)
+	}
+}
