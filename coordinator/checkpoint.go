@@ -282,13 +282,16 @@ func later(a, b time.Time) time.Time {
 }
 
 // allRunning reports whether a job is running and every task of its current
-// attempt has reported RUNNING: only then can a checkpoint be taken.
+// attempt has reported RUNNING, none of them catching up: only then can a
+// checkpoint be taken.
 func allRunning(js *jobState) bool {
 	if js.status != fsm.JobRunning || js.attempt == 0 || len(js.order) == 0 {
 		return false
 	}
 	for _, tv := range js.order {
-		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING || tv.catchingUp {
+			// A source catching up would hold the trigger, and the
+			// surviving sources' barriers the map tasks' inputs from them.
 			return false
 		}
 	}

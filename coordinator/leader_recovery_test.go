@@ -426,6 +426,88 @@ func (h *leaderHarness) jobOnThreeWorkers(id string, spec fsm.JobSpec) fsm.Job {
 	return job
 }
 
+// TestLeaderTriggersNoCheckpointWhileARestoredSourceCatchesUp: after a
+// task-scoped recovery, a restored source that reports RUNNING while it
+// catches up (TaskStatus.catching_up) holds back the job's checkpoints: the
+// surviving sources' barriers would hold the map tasks' inputs from them for
+// the whole catch-up. Once it reports it has caught up, checkpoints go on;
+// a worker that reconnects while its source catches up says so again.
+func TestLeaderTriggersNoCheckpointWhileARestoredSourceCatchesUp(t *testing.T) {
+	h := newLeaderHarness(t)
+	job := h.jobOnThreeWorkers("j1", testJobSpec(2, 2))
+	var lost string
+	for _, task := range job.Tasks {
+		if task.Kind == fsm.TaskSource {
+			lost = task.Worker
+			break
+		}
+	}
+	h.lose(lost, 4)
+	h.step()
+	j := h.job("j1")
+	if j.Attempt != 2 || j.Recoveries[len(j.Recoveries)-1].Scope != fsm.RecoveryScopeTasks {
+		t.Fatalf("attempt %d, recoveries %+v: want a task-scoped recovery", j.Attempt, j.Recoveries)
+	}
+	var restored fsm.Task
+	for _, task := range j.Tasks {
+		if task.Kind == fsm.TaskSource && task.Attempt == 2 {
+			restored = task
+		}
+	}
+	if restored.ID == "" {
+		t.Fatalf("no source restored in attempt 2: %+v", j.Tasks)
+	}
+	catchingUp := func(on bool) {
+		h.handle(workerMessage{sess: h.sessions[restored.Worker], msg: &transport.WorkerMessage{Msg: &transport.WorkerMessage_Status{
+			Status: &transport.TaskStatus{Task: ref(j, restored), Phase: transport.TaskPhase_TASK_PHASE_RUNNING, CatchingUp: on},
+		}}})
+	}
+	for _, task := range j.Tasks {
+		if task.ID != restored.ID {
+			h.report(task.Worker, ref(j, task), transport.TaskPhase_TASK_PHASE_RUNNING, "")
+		}
+	}
+	catchingUp(true)
+	h.advance(3 * time.Duration(j.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	if p := h.job("j1").Pending; p != nil {
+		t.Fatalf("checkpoint %d triggered while the restored source catches up", p.ID)
+	}
+
+	// A new leader hears it from the worker's session.
+	h.newTerm()
+	for _, w := range []string{"w1", "w2", "w3"} {
+		if w == lost {
+			continue
+		}
+		statuses := runningOn(j, w)
+		for _, st := range statuses {
+			st.CatchingUp = st.GetTask().GetTaskId() == restored.ID
+		}
+		h.connect(w, 4, statuses...)
+	}
+	h.pastGrace()
+	h.step()
+	h.advance(3 * time.Duration(j.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	if p := h.job("j1").Pending; p != nil {
+		t.Fatalf("checkpoint %d triggered by the new leader while the restored source catches up", p.ID)
+	}
+
+	catchingUp(false)
+	// The new term's first checkpoint comes within an interval (jittered).
+	h.advance(time.Duration(j.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p := h.job("j1").Pending
+	if p == nil {
+		t.Fatal("no checkpoint triggered once the restored source caught up")
+	}
+	h.ackAll("j1", p.ID)
+	if last, ok := h.f.LastCompleted("j1"); !ok || last.ID != p.ID {
+		t.Fatalf("checkpoint %d not completed after the catch-up", p.ID)
+	}
+}
+
 // runningOn is what worker reports of job's tasks placed on it: each
 // running.
 func runningOn(job fsm.Job, worker string) []*transport.TaskStatus {

@@ -97,6 +97,9 @@ type trackedTask struct {
 	// replaced is set while a task-scoped recovery that restores the task
 	// on another worker commits: the task is stale on its old worker.
 	replaced bool
+	// catchingUp is set while a running source restored by task-scoped
+	// recovery catches up (TaskStatus.catching_up): no trigger meanwhile.
+	catchingUp bool
 }
 
 // currentTask reports whether ref names a task of js in the attempt the

@@ -514,7 +514,15 @@ type TaskStatus struct {
 	Phase  TaskPhase              `protobuf:"varint,3,opt,name=phase,proto3,enum=coordflow.v1.TaskPhase" json:"phase,omitempty"`
 	Reason string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
 	// cause classifies a failure, so the leader need not read reason's text.
-	Cause         FailureCause `protobuf:"varint,5,opt,name=cause,proto3,enum=coordflow.v1.FailureCause" json:"cause,omitempty"`
+	Cause FailureCause `protobuf:"varint,5,opt,name=cause,proto3,enum=coordflow.v1.FailureCause" json:"cause,omitempty"`
+	// catching_up marks a RUNNING source restored by task-scoped recovery
+	// that is still re-reading what its predecessor may have sent to the
+	// surviving map tasks; it holds checkpoint triggers until it has caught
+	// up, and says so again, false, then. The leader triggers no checkpoint
+	// of the job meanwhile: the surviving sources' barriers would block the
+	// map tasks' inputs from them for the whole catch-up. A leader that does
+	// not know the field triggers as before.
+	CatchingUp    bool `protobuf:"varint,6,opt,name=catching_up,json=catchingUp,proto3" json:"catching_up,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -582,6 +590,13 @@ func (x *TaskStatus) GetCause() FailureCause {
 		return x.Cause
 	}
 	return FailureCause_FAILURE_CAUSE_UNSPECIFIED
+}
+
+func (x *TaskStatus) GetCatchingUp() bool {
+	if x != nil {
+		return x.CatchingUp
+	}
+	return false
 }
 
 // CheckpointAck reports that a task has taken its snapshot for checkpoint_id.
@@ -2647,7 +2662,14 @@ type Barrier struct {
 	// them (a restored source that has not caught up with what its
 	// predecessor sent) declines the checkpoint, whose state would hold records
 	// its offsets do not cover.
-	Offsets       map[int32]int64 `protobuf:"bytes,4,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Offsets map[int32]int64 `protobuf:"bytes,4,rep,name=offsets,proto3" json:"offsets,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// names_all says that offsets name every partition the source reads or
+	// restored, so that an empty map means it has none: a map task then also
+	// declines a barrier that does not name a partition of the source (p mod
+	// S) whose records it applied (a restored source whose first metadata
+	// lacked a partition its predecessor had discovered). Sources of builds
+	// before the field leave it unset, and their barriers are not checked so.
+	NamesAll      bool `protobuf:"varint,5,opt,name=names_all,json=namesAll,proto3" json:"names_all,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2708,6 +2730,13 @@ func (x *Barrier) GetOffsets() map[int32]int64 {
 		return x.Offsets
 	}
 	return nil
+}
+
+func (x *Barrier) GetNamesAll() bool {
+	if x != nil {
+		return x.NamesAll
+	}
+	return false
 }
 
 type ChannelClosed struct {
@@ -2777,14 +2806,16 @@ const file_coordflow_proto_rawDesc = "" +
 	"\x05slots\x18\x03 \x01(\x05R\x05slots\x122\n" +
 	"\arunning\x18\x04 \x03(\v2\x18.coordflow.v1.TaskStatusR\arunning\"(\n" +
 	"\tHeartbeat\x12\x1b\n" +
-	"\tunix_nano\x18\x01 \x01(\x03R\bunixNano\"\xdc\x01\n" +
+	"\tunix_nano\x18\x01 \x01(\x03R\bunixNano\"\xfd\x01\n" +
 	"\n" +
 	"TaskStatus\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12*\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x16.coordflow.v1.TaskKindR\x04kind\x12-\n" +
 	"\x05phase\x18\x03 \x01(\x0e2\x17.coordflow.v1.TaskPhaseR\x05phase\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x120\n" +
-	"\x05cause\x18\x05 \x01(\x0e2\x1a.coordflow.v1.FailureCauseR\x05cause\"\xb3\x01\n" +
+	"\x05cause\x18\x05 \x01(\x0e2\x1a.coordflow.v1.FailureCauseR\x05cause\x12\x1f\n" +
+	"\vcatching_up\x18\x06 \x01(\bR\n" +
+	"catchingUp\"\xb3\x01\n" +
 	"\rCheckpointAck\x12)\n" +
 	"\x04task\x18\x01 \x01(\v2\x15.coordflow.v1.TaskRefR\x04task\x12#\n" +
 	"\rcheckpoint_id\x18\x02 \x01(\x04R\fcheckpointId\x12-\n" +
@@ -2966,12 +2997,13 @@ const file_coordflow_proto_rawDesc = "" +
 	"\rchannel_token\x18\x05 \x01(\tR\fchannelToken\x12%\n" +
 	"\x0esource_attempt\x18\x06 \x01(\x04R\rsourceAttempt\")\n" +
 	"\tItemBatch\x12\x16\n" +
-	"\x06packed\x18\x02 \x01(\fR\x06packedJ\x04\b\x01\x10\x02\"\xed\x01\n" +
+	"\x06packed\x18\x02 \x01(\fR\x06packedJ\x04\b\x01\x10\x02\"\x8a\x02\n" +
 	"\aBarrier\x12#\n" +
 	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\x12%\n" +
 	"\x0elast_completed\x18\x02 \x01(\x04R\rlastCompleted\x12\x1c\n" +
 	"\tsavepoint\x18\x03 \x01(\bR\tsavepoint\x12<\n" +
-	"\aoffsets\x18\x04 \x03(\v2\".coordflow.v1.Barrier.OffsetsEntryR\aoffsets\x1a:\n" +
+	"\aoffsets\x18\x04 \x03(\v2\".coordflow.v1.Barrier.OffsetsEntryR\aoffsets\x12\x1b\n" +
+	"\tnames_all\x18\x05 \x01(\bR\bnamesAll\x1a:\n" +
 	"\fOffsetsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"'\n" +

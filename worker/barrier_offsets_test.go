@@ -19,9 +19,10 @@ func recordsMsg(p int32, k string, offsets ...int64) *transport.DataMessage {
 	return batchMessage(w.Bytes())
 }
 
-// barrierAt is Barrier(id) of a source whose next offsets are offsets.
+// barrierAt is Barrier(id) of a source whose next offsets are offsets, every
+// partition it reads named, as sources send them.
 func barrierAt(id uint64, offsets map[int32]int64) *transport.DataMessage {
-	return &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id, Offsets: offsets}}}
+	return &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: id, Offsets: offsets, NamesAll: true}}}
 }
 
 // A map task whose state holds records at or past a barrier's offsets (a
@@ -110,15 +111,28 @@ func TestMapTaskDeclinesBarrierWithoutAPartitionItHolds(t *testing.T) {
 	if dec.GetCheckpointId() != 1 || !strings.Contains(dec.GetReason(), "partition 3 up to offset 1, which source 1's barrier does not name") {
 		t.Fatalf("got %v, want checkpoint 1 declined, naming partition 3", dec)
 	}
-	send(t, restored, recordsMsg(3, "c", 0, 1, 2)) // found: 0 and 1 dropped, 2 applied
+	// A barrier of an older source, which names no partition and does not
+	// say it names all, is not checked for them; one that names none and
+	// says so (a source left without partitions) is.
+	send(t, restored, &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{CheckpointId: 2}}})
 	send(t, src0, barrierAt(2, map[int32]int64{0: 1}))
-	send(t, restored, barrierAt(2, map[int32]int64{1: 2, 3: 3}))
+	if ack := awaitSent(t, sent).GetAck(); ack.GetCheckpointId() != 2 {
+		t.Fatalf("got %v, want checkpoint 2 acked: an older source's barrier says nothing of its partitions", ack)
+	}
+	send(t, restored, barrierAt(3, map[int32]int64{}))
+	send(t, src0, barrierAt(3, map[int32]int64{0: 1}))
+	if dec := awaitSent(t, sent).GetDecline(); dec.GetCheckpointId() != 3 || !strings.Contains(dec.GetReason(), "partition 1 up to offset 1, which source 1's barrier does not name") {
+		t.Fatalf("got %v, want checkpoint 3 declined: the barrier names no partition", dec)
+	}
+	send(t, restored, recordsMsg(3, "c", 0, 1, 2)) // found: 0 and 1 dropped, 2 applied
+	send(t, src0, barrierAt(4, map[int32]int64{0: 1}))
+	send(t, restored, barrierAt(4, map[int32]int64{1: 2, 3: 3}))
 	ack := awaitSent(t, sent).GetAck()
-	if ack.GetCheckpointId() != 2 {
-		t.Fatalf("got %v, want checkpoint 2 acked", ack)
+	if ack.GetCheckpointId() != 4 {
+		t.Fatalf("got %v, want checkpoint 4 acked", ack)
 	}
 	if got, _ := decodeKeyed(t, ack.GetState()); got["c"] != 3 || got["a"] != 1 || got["b"] != 2 {
-		t.Fatalf("snapshot 2: %v, want a 1, b 2, c 3 (partition 3's offsets 0 to 2, each once)", got)
+		t.Fatalf("snapshot 4: %v, want a 1, b 2, c 3 (partition 3's offsets 0 to 2, each once)", got)
 	}
 }
 

@@ -46,12 +46,23 @@ func (s *sourceTask) partitionCaughtUp(ctx context.Context, p int32) error {
 		"records", s.caught.behind, "took", took.Round(time.Millisecond), "records_per_second", perSecond(s.caught.behind, took),
 		"waiting_on_map_tasks", s.caught.sendWait.Round(time.Millisecond))
 	s.caught = catchUpProgress{}
+	if s.reportCaughtUp != nil {
+		s.reportCaughtUp()
+	}
 	if c := s.held; c != nil {
 		s.held = nil
 		return s.checkpoint(ctx, *c)
 	}
 	return nil
 }
+
+// catchingUp reports whether the source is catching up (catchUpReporter):
+// asked when it calls running, from its goroutine, after beginCatchUp.
+func (s *sourceTask) catchingUp() bool { return s.catchUp != nil }
+
+// onCaughtUp sets what partitionCaughtUp calls once the catch-up is over
+// (catchUpReporter). It is called before run.
+func (s *sourceTask) onCaughtUp(f func()) { s.reportCaughtUp = f }
 
 // catchUpLogEvery is how often a restored source that is still catching up
 // says how far it is.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -89,6 +90,20 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 		f.deploy(t, "w1", d)
 		f.awaitStatus(t, d.Task, transport.TaskPhase_TASK_PHASE_RUNNING)
 	}
+	// The source tells the leader it is catching up when it runs, and
+	// when it has caught up, so that no checkpoint is triggered meanwhile.
+	runningStatuses := func() []bool {
+		var out []bool
+		for _, r := range f.messages() {
+			if st := r.msg.GetStatus(); st != nil && sameTask(st.GetTask(), s0.Task) && st.GetPhase() == transport.TaskPhase_TASK_PHASE_RUNNING {
+				out = append(out, st.GetCatchingUp())
+			}
+		}
+		return out
+	}
+	if got := runningStatuses(); len(got) == 0 || !got[0] {
+		t.Fatalf("the restored source's RUNNING statuses say catching up %v, want true first", got)
+	}
 	f.trigger(t, "w1", s0.Task, 2)
 	start := time.Now()
 	ack := f.awaitAck(t, s0.Task, 2)
@@ -97,6 +112,14 @@ func TestRestoredSourceCatchesUpToTransactionMarkers(t *testing.T) {
 	}
 	f.awaitAck(t, m0.Task, 2)
 	t.Logf("caught up and acked %v after the trigger", time.Since(start).Round(time.Millisecond))
+	if got := runningStatuses(); !slices.Equal(got, []bool{true, false}) {
+		t.Fatalf("the restored source's RUNNING statuses say catching up %v, want true, then false once caught up", got)
+	}
+	for _, r := range w.tasks.running() {
+		if sameTask(r.GetTask(), s0.Task) && r.GetCatchingUp() {
+			t.Fatal("a new session would be told the source still catches up")
+		}
+	}
 
 	// The probe finds records of data below the end, and only markers.
 	// (kfake writes a transaction's markers before EndTxn returns; Kafka

@@ -187,6 +187,7 @@ type inputEvent struct {
 	recycle       chan<- []byte // where batch goes once applied (input.recycle)
 	barrier       uint64
 	offsets       map[int32]int64 // with barrier: the source's next offsets
+	namesAll      bool            // with barrier: offsets name every partition (Barrier.names_all)
 	lastCompleted uint64          // with barrier
 	savepoint     bool            // with barrier
 	closed        bool
@@ -627,7 +628,7 @@ func (m *mapTask) handle(ev inputEvent) error {
 			m.barrierLast.ahead = ""
 		}
 		if ev.barrier == m.barrierLast.id && m.barrierLast.ahead == "" {
-			m.barrierLast.ahead = m.aheadOf(ev.input, ev.offsets)
+			m.barrierLast.ahead = m.aheadOf(ev.input, ev.offsets, ev.namesAll)
 		}
 		return m.carry(m.align.barrier(ev.input, ev.barrier, time.Now()))
 	default:
@@ -653,15 +654,15 @@ func (m *mapTask) handle(ev inputEvent) error {
 // snapshot now would hold records the checkpoint's offsets do not cover,
 // and invariant 1 (docs/architecture.md) would not hold for it.
 //
-// It is as ahead when it has applied records of a partition of the source
-// (p mod S == input) that the barrier does not name: a restored source whose
-// first look at the topic (a broker's stale metadata) missed a partition its
+// When the barrier names every partition of the source (namesAll), it is as
+// ahead when it has applied records of a partition of the source (p mod S ==
+// input) that the barrier does not name: a restored source whose first look
+// at the topic (a broker's stale metadata) missed a partition its
 // predecessor had discovered and read. The checkpoint would hold those
 // records without an offset, and a restore from it read them again.
-func (m *mapTask) aheadOf(input int, offsets map[int32]int64) string {
-	if len(offsets) == 0 {
-		// A barrier without offsets (a source of no partition) says
-		// nothing of them.
+func (m *mapTask) aheadOf(input int, offsets map[int32]int64, namesAll bool) string {
+	if len(offsets) == 0 && !namesAll {
+		// An older source's barrier without offsets says nothing of them.
 		return ""
 	}
 	// The lowest such partition is named; no sorted copy of the offsets,
@@ -673,7 +674,7 @@ func (m *mapTask) aheadOf(input int, offsets map[int32]int64) string {
 		}
 	}
 	for p := range m.keyed.applied {
-		if int(p)%m.numSources != input {
+		if !namesAll || int(p)%m.numSources != input {
 			continue
 		}
 		if _, ok := offsets[p]; !ok && (unnamed < 0 || p < unnamed) {
@@ -1203,7 +1204,7 @@ func (m *mapTask) readInput(in *input, recv func(context.Context) (*transport.Da
 			return ev.err
 		}
 		if b := msg.GetBarrier(); b != nil {
-			if err := m.forward(in, inputEvent{barrier: b.GetCheckpointId(), offsets: b.GetOffsets(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}); err != nil {
+			if err := m.forward(in, inputEvent{barrier: b.GetCheckpointId(), offsets: b.GetOffsets(), namesAll: b.GetNamesAll(), lastCompleted: b.GetLastCompleted(), savepoint: b.GetSavepoint()}); err != nil {
 				return err
 			}
 			// Released by the loop, or let go when replaced: the loop

@@ -1015,7 +1015,7 @@ func TestSourceRestoresAPartitionTheMetadataDidNotList(t *testing.T) {
 		{3, 5},   // expired: the earliest there is
 	} {
 		d.RestoreOffsets = map[int32]int64{0: 4, 1: tc.restored}
-		s, _, _ := newTestSource(t, d, nil, nil)
+		s, fakes, _ := newTestSource(t, d, nil, nil)
 		lease, _, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
 		if err != nil {
 			t.Fatal(err)
@@ -1044,6 +1044,18 @@ func TestSourceRestoresAPartitionTheMetadataDidNotList(t *testing.T) {
 		if len(acks) != 1 || !maps.Equal(acks[0].GetState().GetOffsets(), map[int32]int64{0: 4, 1: tc.restored}) {
 			lease.release()
 			t.Fatalf("checkpoint 8 acked %v before the partition was read, want both restored offsets", acks)
+		}
+		// Its barrier names what the ack names, and says it names all: a
+		// map task checks it for partitions it holds records of.
+		var barrier *transport.Barrier
+		for _, m := range fakes[0].msgs {
+			if b := m.GetBarrier(); b != nil {
+				barrier = b
+			}
+		}
+		if !barrier.GetNamesAll() || !maps.Equal(barrier.GetOffsets(), acks[0].GetState().GetOffsets()) {
+			lease.release()
+			t.Fatalf("barrier of checkpoint 8: %v, want the ack's offsets, all named", barrier)
 		}
 		got, err := s.discoveredStart(lease.client, "words", 1)
 		lease.release()

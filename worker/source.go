@@ -114,6 +114,9 @@ type sourceTask struct {
 	// held is a checkpoint trigger that came while catching up, taken once
 	// caught up.
 	held *control
+	// reportCaughtUp tells the task manager, and through it the leader,
+	// that the catch-up is over (catchUpReporter); nil in tests.
+	reportCaughtUp func()
 	// due lists the outputs whose batch or table is full after the items
 	// of the record being processed: they are sent once the record is
 	// whole in them.
@@ -1424,8 +1427,17 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 	if err := s.flushAll(ctx); err != nil {
 		return err
 	}
+	// The barrier names what the ack names: the partitions read, and those
+	// restored but not read yet (unread).
+	offsets := maps.Clone(s.offsets)
+	if offsets == nil {
+		offsets = map[int32]int64{}
+	}
+	for p, off := range s.unread {
+		offsets[p] = off // nothing read since the restored checkpoint
+	}
 	barrier := &transport.DataMessage{Payload: &transport.DataMessage_Barrier{Barrier: &transport.Barrier{
-		CheckpointId: id, LastCompleted: c.lastCompleted, Savepoint: c.savepoint, Offsets: maps.Clone(s.offsets),
+		CheckpointId: id, LastCompleted: c.lastCompleted, Savepoint: c.savepoint, Offsets: maps.Clone(offsets), NamesAll: true,
 	}}}
 	for o, out := range s.outputs {
 		if s.lost[o] != nil {
@@ -1448,13 +1460,6 @@ func (s *sourceTask) checkpoint(ctx context.Context, c control) error {
 		// it completes, or restarts it from its last checkpoint if it fails.
 		s.halted = true
 		s.log.Info("source stopped at savepoint barrier", "checkpoint", id)
-	}
-	offsets := maps.Clone(s.offsets)
-	if offsets == nil {
-		offsets = map[int32]int64{}
-	}
-	for p, off := range s.unread {
-		offsets[p] = off // nothing read since the restored checkpoint
 	}
 	s.unconfirmed[id] = offsets
 	if len(s.unconfirmed) > maxUnconfirmed {

@@ -88,6 +88,11 @@ type taskHandle struct {
 	// Guarded by taskManager.mu.
 	phase      transport.TaskPhase
 	stopReason string // non-empty once stopped on purpose: the task ends CANCELLED
+	// catchingUp is set while a running source restored by task-scoped
+	// recovery catches up (catchUpReporter); statuses carry it, and the
+	// RUNNING note with it.
+	catchingUp bool
+	note       string
 	// interrupt, set once the task runs (sources), breaks off at once its
 	// sends to map tasks a retarget moves: the task loop may be blocked in
 	// one and would otherwise not get to the retarget.
@@ -103,6 +108,15 @@ type interrupter interface {
 // calls running once it is ready (docs/protocol.md "Tasks").
 type runner interface {
 	run(ctx context.Context, running func()) error
+}
+
+// catchUpReporter is a runner that may be RUNNING while it catches up (a
+// source restored by task-scoped recovery): catchingUp, asked when it calls
+// running, says whether it is, and it calls the func given to
+// onCaughtUp, from its own goroutine, once it has caught up.
+type catchUpReporter interface {
+	catchingUp() bool
+	onCaughtUp(func())
 }
 
 // taskManager owns the worker's tasks: it starts them on DeployTask with
@@ -410,26 +424,49 @@ func (m *taskManager) runBody(ctx context.Context, h *taskHandle, d *transport.D
 		h.interrupt = i.interrupt
 		m.mu.Unlock()
 	}
+	c, reportsCatchUp := r.(catchUpReporter)
+	if reportsCatchUp {
+		c.onCaughtUp(func() { m.caughtUp(h) })
+	}
 	return r.run(ctx, func() {
 		note := ""
 		if n, ok := r.(interface{ runningNote() string }); ok {
 			note = n.runningNote()
 		}
-		m.setRunning(h, note)
+		m.setRunning(h, note, reportsCatchUp && c.catchingUp())
 	})
 }
 
-// setRunning moves a deploying task to RUNNING and reports it.
-func (m *taskManager) setRunning(h *taskHandle, note string) {
+// setRunning moves a deploying task to RUNNING and reports it, and whether
+// it is catching up.
+func (m *taskManager) setRunning(h *taskHandle, note string, catchingUp bool) {
 	m.mu.Lock()
 	if h.stopReason != "" || h.phase != transport.TaskPhase_TASK_PHASE_DEPLOYING {
 		m.mu.Unlock()
 		return
 	}
-	h.phase = transport.TaskPhase_TASK_PHASE_RUNNING
+	h.phase, h.catchingUp, h.note = transport.TaskPhase_TASK_PHASE_RUNNING, catchingUp, note
 	m.mu.Unlock()
-	m.env.logger.Info("task running", "job", h.key.job, "attempt", h.key.attempt, "task", h.key.id, "note", note)
-	m.env.send(statusMsg(h.key, h.kind, h.phase, note))
+	m.env.logger.Info("task running", "job", h.key.job, "attempt", h.key.attempt, "task", h.key.id, "note", note, "catching_up", catchingUp)
+	msg := statusMsg(h.key, h.kind, h.phase, note)
+	msg.GetStatus().CatchingUp = catchingUp
+	m.env.send(msg)
+}
+
+// caughtUp reports that running task h, which was catching up, has caught
+// up: the leader may trigger the job's checkpoints again.
+func (m *taskManager) caughtUp(h *taskHandle) {
+	m.mu.Lock()
+	if !h.catchingUp || h.stopReason != "" || h.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
+		h.catchingUp = false
+		m.mu.Unlock()
+		return
+	}
+	h.catchingUp = false
+	note := h.note
+	m.mu.Unlock()
+	m.env.logger.Info("task caught up", "job", h.key.job, "attempt", h.key.attempt, "task", h.key.id)
+	m.env.send(statusMsg(h.key, h.kind, transport.TaskPhase_TASK_PHASE_RUNNING, note))
 }
 
 // stopLocked cancels h with reason; its goroutine reports CANCELLED when it
@@ -571,7 +608,7 @@ func (m *taskManager) running() []*transport.TaskStatus {
 	out := make([]*transport.TaskStatus, 0, len(m.tasks))
 	for _, h := range m.tasks {
 		if h.stopReason == "" {
-			out = append(out, &transport.TaskStatus{Task: h.key.ref(), Kind: h.kind, Phase: h.phase})
+			out = append(out, &transport.TaskStatus{Task: h.key.ref(), Kind: h.kind, Phase: h.phase, CatchingUp: h.catchingUp})
 		}
 	}
 	return out
