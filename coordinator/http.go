@@ -238,6 +238,16 @@ func (s *Server) handleSubmitJob(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusConflict, "from_savepoint: "+err.Error())
 			return
 		}
+		if exists == nil {
+			// By its URL: a deletion may have run whole between the first
+			// read and beginRestore; none can start now, so a second read
+			// that finds the savepoint finds it kept.
+			if _, err := s.resolveSavepoint(r.Context(), ref); err != nil {
+				end()
+				writeError(w, http.StatusBadRequest, "from_savepoint: "+err.Error())
+				return
+			}
+		}
 		settled = func(error) { end() }
 	}
 	id := fmt.Sprintf("%s-%08x", spec.Name, rand.Uint32())

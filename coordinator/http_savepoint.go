@@ -192,8 +192,11 @@ func (s *Server) handleDeleteSavepoint(w http.ResponseWriter, r *http.Request) {
 // its savepoint before its command commits; a command in flight (one whose
 // client gave up stays in the committer, and may commit) escapes the
 // other's check, and a job would restore files that are being deleted.
-// A new leader starts empty: what its predecessor had in flight is in its
-// FSM once its Barrier has passed, before it takes a write (leaderOnly).
+// A new leader starts empty: its predecessor's commands are in its FSM once
+// its Barrier has passed, before it takes a write (leaderOnly). Not so the
+// predecessor's deletion of files, which may go on for a while: a job
+// started then from the savepoint's URL (by id, the FSM no longer has it)
+// is not refused, and would find files missing.
 type savepointUses struct {
 	mu       sync.Mutex
 	restores map[string]int      // registrations in flight, by savepoint id

@@ -119,7 +119,9 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 func readSnapshot(r io.Reader) (*State, error) {
 	br := bufio.NewReader(r)
 	if head, _ := br.Peek(len(zstdMagic)); bytes.Equal(head, zstdMagic) {
-		z, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		// Persist's encoder uses a window of a few MB; a larger one is a
+		// damaged stream, refused before it is allocated.
+		z, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(MaxCompressedPayload))
 		if err != nil {
 			return nil, fmt.Errorf("%w: zstd: %v", ErrCorruptSnapshot, err)
 		}
