@@ -226,6 +226,10 @@ func (l *leader) checkpointStep(js *jobState, now time.Time) {
 	if !allRunning(js) {
 		return // a task's RUNNING status touches the job again
 	}
+	if until := l.catchUpHold(js, now); !until.IsZero() {
+		l.checkpointAt(js, until) // its caught-up status touches the job sooner
+		return
+	}
 	if l.workerInDoubt(js) != "" {
 		// The worker cannot ack, and while its session is broken and its
 		// fate undecided (gossip, the lease), the tasks that feed it or
@@ -282,20 +286,55 @@ func later(a, b time.Time) time.Time {
 }
 
 // allRunning reports whether a job is running and every task of its current
-// attempt has reported RUNNING, none of them catching up: only then can a
-// checkpoint be taken.
+// attempt has reported RUNNING: only then can a checkpoint be taken.
 func allRunning(js *jobState) bool {
 	if js.status != fsm.JobRunning || js.attempt == 0 || len(js.order) == 0 {
 		return false
 	}
 	for _, tv := range js.order {
-		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING || tv.catchingUp {
-			// A source catching up would hold the trigger, and the
-			// surviving sources' barriers the map tasks' inputs from them.
+		if tv.phase != transport.TaskPhase_TASK_PHASE_RUNNING {
 			return false
 		}
 	}
 	return true
+}
+
+// catchUpHold returns until when js's checkpoints wait for its restored
+// sources that are catching up, or zero if they need not. A source catching
+// up would hold the trigger, and the surviving sources' barriers would
+// block the map tasks' inputs from them for the whole catch-up. The wait is
+// bounded (catchUpHoldLimit): a catch-up that does not end (a partition
+// whose last records Kafka no longer hands over, say) must not stop the
+// job's checkpoints for good; past it, checkpoints are triggered as before
+// the wait existed, time out if the catch-up goes on, and the job restarts
+// whole past tolerable_failures, which needs no catch-up.
+func (l *leader) catchUpHold(js *jobState, now time.Time) time.Time {
+	limit := catchUpHoldLimit(js.spec.Checkpoint)
+	var until time.Time
+	for _, tv := range js.order {
+		if !tv.catchingUp {
+			continue
+		}
+		end := tv.catchingUpSince.Add(limit)
+		if now.Before(end) {
+			until = later(until, end)
+			continue
+		}
+		if !tv.heldTooLong {
+			tv.heldTooLong = true
+			l.jobLogger(js).Warn("restored source still catching up: checkpoints are triggered again, and wait for it",
+				"task", tv.task.ID, "worker", tv.task.Worker, "since", tv.catchingUpSince, "limit", limit)
+		}
+	}
+	return until
+}
+
+// catchUpHoldLimit bounds how long a job's checkpoints wait for a restored
+// source to catch up: as long as the checkpoints that would have waited for
+// it could time out before the job restarted, tolerable_failures + 1 of
+// them.
+func catchUpHoldLimit(c fsm.CheckpointSpec) time.Duration {
+	return time.Duration(c.Timeout) * time.Duration(c.TolerableFailures+1)
 }
 
 // triggerCheckpoint takes the next checkpoint id through Raft and sends

@@ -431,7 +431,8 @@ func (h *leaderHarness) jobOnThreeWorkers(id string, spec fsm.JobSpec) fsm.Job {
 // catches up (TaskStatus.catching_up) holds back the job's checkpoints: the
 // surviving sources' barriers would hold the map tasks' inputs from them for
 // the whole catch-up. Once it reports it has caught up, checkpoints go on;
-// a worker that reconnects while its source catches up says so again.
+// a worker that reconnects while its source catches up says so again; and
+// a catch-up that goes on past catchUpHoldLimit holds them no longer.
 func TestLeaderTriggersNoCheckpointWhileARestoredSourceCatchesUp(t *testing.T) {
 	h := newLeaderHarness(t)
 	job := h.jobOnThreeWorkers("j1", testJobSpec(2, 2))
@@ -494,11 +495,24 @@ func TestLeaderTriggersNoCheckpointWhileARestoredSourceCatchesUp(t *testing.T) {
 		t.Fatalf("checkpoint %d triggered by the new leader while the restored source catches up", p.ID)
 	}
 
-	catchingUp(false)
+	// Not for ever: a catch-up that does not end must not stop the job's
+	// checkpoints. Past the bound they are triggered again (and wait for
+	// the source, as before the wait existed).
+	h.advance(catchUpHoldLimit(j.Spec.Checkpoint))
+	h.checkpointPass()
 	// The new term's first checkpoint comes within an interval (jittered).
 	h.advance(time.Duration(j.Spec.Checkpoint.Interval))
 	h.checkpointPass()
 	p := h.job("j1").Pending
+	if p == nil {
+		t.Fatalf("no checkpoint triggered %v into the catch-up", catchUpHoldLimit(j.Spec.Checkpoint))
+	}
+	h.ackAll("j1", p.ID)
+
+	catchingUp(false)
+	h.advance(time.Duration(j.Spec.Checkpoint.Interval))
+	h.checkpointPass()
+	p = h.job("j1").Pending
 	if p == nil {
 		t.Fatal("no checkpoint triggered once the restored source caught up")
 	}

@@ -98,8 +98,12 @@ type trackedTask struct {
 	// on another worker commits: the task is stale on its old worker.
 	replaced bool
 	// catchingUp is set while a running source restored by task-scoped
-	// recovery catches up (TaskStatus.catching_up): no trigger meanwhile.
-	catchingUp bool
+	// recovery catches up (TaskStatus.catching_up), since catchingUpSince:
+	// no trigger meanwhile, within catchUpHoldLimit; heldTooLong once the
+	// limit has been logged.
+	catchingUp      bool
+	catchingUpSince time.Time
+	heldTooLong     bool
 }
 
 // currentTask reports whether ref names a task of js in the attempt the

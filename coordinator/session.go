@@ -754,11 +754,13 @@ func (l *leader) onTaskStatus(sess *session, st *transport.TaskStatus) *trackedT
 		log.Log(l.ctx, level, "task phase", "task", ref.GetTaskId(), "worker", sess.worker,
 			"phase", st.GetPhase().String(), "reason", st.GetReason())
 	}
-	if tv.catchingUp != st.GetCatchingUp() && st.GetPhase() == transport.TaskPhase_TASK_PHASE_RUNNING {
-		l.jobLogger(js).Info("restored source catching up", "task", ref.GetTaskId(), "worker", sess.worker, "catching_up", st.GetCatchingUp())
+	catchingUp := st.GetCatchingUp() && st.GetPhase() == transport.TaskPhase_TASK_PHASE_RUNNING
+	if catchingUp != tv.catchingUp {
+		l.jobLogger(js).Info("restored source catching up", "task", ref.GetTaskId(), "worker", sess.worker, "catching_up", catchingUp)
+		tv.catchingUpSince, tv.heldTooLong = l.env.now(), false
 	}
 	tv.phase, tv.reason, tv.cause, tv.missing = st.GetPhase(), st.GetReason(), st.GetCause(), false
-	tv.catchingUp = st.GetCatchingUp() && st.GetPhase() == transport.TaskPhase_TASK_PHASE_RUNNING
+	tv.catchingUp = catchingUp
 	if st.GetPhase() == transport.TaskPhase_TASK_PHASE_DEPLOYING && st.GetReason() != "" {
 		js.deployProgress = l.env.now()
 	}

@@ -598,7 +598,7 @@ func (s *sourceTask) discoveredStart(client sarama.Client, topic string, p int32
 // anything of theirs is in the restored state. A restored partition the
 // metadata did not list at the start starts at its restored offset
 // (discoveredStart). A partition the restored checkpoint does not name
-// fails a partial source that combines (the error says why).
+// fails a partial source (the error says why).
 func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) error {
 	for i, d := range batch {
 		if _, ok := s.offsets[d.partition]; ok {
@@ -606,16 +606,18 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) err
 			r.closers = append(r.closers, d.closePC)
 			continue
 		}
-		if _, restored := s.restore[d.partition]; s.partial && s.combine != nil && !restored {
+		if _, restored := s.restore[d.partition]; s.partial && !restored {
 			// The predecessor may have found it and sent records of it that
-			// surviving map tasks applied; combined, they would apply them
-			// again, having no record marks to drop them by. A whole-job
-			// restart restores every map task from the checkpoint instead.
+			// surviving map tasks applied. Combined, they would be applied
+			// again, having no record marks to drop them by; marked, the
+			// map tasks would decline checkpoints (counted) until the
+			// source had read past them. A whole-job restart restores
+			// every map task from the checkpoint instead.
 			for _, d := range batch[i:] {
 				d.pc.AsyncClose()
 				r.closers = append(r.closers, d.closePC)
 			}
-			return fmt.Errorf("source: found partition %d of %s, which the checkpoint this source was restored from (task-scoped recovery) does not name: its predecessor may have read it, and a combining source cannot resend its records for the surviving map tasks to drop those they applied; the whole job restarts",
+			return fmt.Errorf("source: found partition %d of %s, which the checkpoint this source was restored from (task-scoped recovery) does not name: its predecessor may have read it, and surviving map tasks applied its records; the whole job restarts",
 				d.partition, s.spec.GetTopic())
 		}
 		if off, restored := s.restore[d.partition]; restored && off != d.offset {

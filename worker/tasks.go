@@ -262,7 +262,8 @@ func (m *taskManager) deploy(d *transport.DeployTask) {
 	}
 	if h, ok := m.tasks[k]; ok {
 		// The leader repeats a deploy it is unsure of; report where it is.
-		msg := statusMsg(k, h.kind, h.phase, "")
+		msg := statusMsg(k, h.kind, h.phase, h.note)
+		msg.GetStatus().CatchingUp = h.catchingUp
 		m.mu.Unlock()
 		m.env.send(msg)
 		return
