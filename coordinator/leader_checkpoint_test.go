@@ -236,17 +236,8 @@ func TestLeaderAbortsPredecessorsCheckpointWithoutRestarting(t *testing.T) {
 	if j.Pending != nil || len(j.Aborted) != 1 || j.Aborted[0].Reason != "leader changed" || j.Aborted[0].ID != 1 {
 		t.Fatalf("predecessor's checkpoint not aborted as leader changed: pending %+v aborted %+v", j.Pending, j.Aborted)
 	}
-	running := func(w string) []*transport.TaskStatus {
-		var out []*transport.TaskStatus
-		for _, tk := range job.Tasks {
-			if tk.Worker == w {
-				out = append(out, &transport.TaskStatus{Task: ref(job, tk), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-			}
-		}
-		return out
-	}
-	h.connect("w1", 4, running("w1")...)
-	h.connect("w2", 4, running("w2")...)
+	h.connect("w1", 4, runningOn(job, "w1")...)
+	h.connect("w2", 4, runningOn(job, "w2")...)
 	h.pastGrace()
 	h.step()
 	j = h.job("j1")

@@ -518,17 +518,8 @@ func TestNewLeaderChecksPointsRightAfterASavepoint(t *testing.T) {
 	}
 
 	h.newTerm()
-	running := func(w string) []*transport.TaskStatus {
-		var out []*transport.TaskStatus
-		for _, tk := range job.Tasks {
-			if tk.Worker == w {
-				out = append(out, &transport.TaskStatus{Task: ref(job, tk), Phase: transport.TaskPhase_TASK_PHASE_RUNNING})
-			}
-		}
-		return out
-	}
-	h.connect("w1", 4, running("w1")...)
-	h.connect("w2", 4, running("w2")...)
+	h.connect("w1", 4, runningOn(job, "w1")...)
+	h.connect("w2", 4, runningOn(job, "w2")...)
 	h.pastGrace()
 	h.step()
 	next := h.job("j1").Pending
