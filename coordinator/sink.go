@@ -226,22 +226,23 @@ func sinkTransactions(ctx context.Context, job fsm.Job, savepoints []fsm.Savepoi
 	// first: the checkpoint's restore, else the running task (its next
 	// checkpoint), else a job started from the savepoint.
 	type promise struct {
-		txn fsm.SinkTxn
-		by  string
+		txn        fsm.SinkTxn
+		by         string
+		checkpoint bool // the last completed checkpoint's, not a savepoint's
 	}
 	promised := make(map[string][]promise)
-	addPromises := func(states map[string]fsm.TaskState, by string) {
+	addPromises := func(states map[string]fsm.TaskState, by string, checkpoint bool) {
 		for _, task := range slices.Sorted(maps.Keys(states)) {
 			for _, t := range states[task].SinkTxns {
-				promised[t.TransactionalID] = append(promised[t.TransactionalID], promise{t, by})
+				promised[t.TransactionalID] = append(promised[t.TransactionalID], promise{t, by, checkpoint})
 			}
 		}
 	}
 	if n := len(job.Completed); n > 0 {
-		addPromises(job.Completed[n-1].Tasks, fmt.Sprintf("checkpoint %d (completed; a restore commits it)", job.Completed[n-1].ID))
+		addPromises(job.Completed[n-1].Tasks, fmt.Sprintf("checkpoint %d (completed; a restore commits it)", job.Completed[n-1].ID), true)
 	}
 	for _, sp := range savepoints {
-		addPromises(sp.Tasks, fmt.Sprintf("savepoint %s (a job started from it commits it)", sp.ID))
+		addPromises(sp.Tasks, fmt.Sprintf("savepoint %s (a job started from it commits it)", sp.ID), false)
 	}
 	out := make([]apiSinkTxn, 0, len(ids))
 	for _, id := range ids {
@@ -262,13 +263,14 @@ func sinkTransactions(ctx context.Context, job fsm.Job, savepoints []fsm.Savepoi
 				v.Partitions = append(v.Partitions, fmt.Sprintf("%s/%d", tp.Topic, p))
 			}
 		}
+		byCheckpoint := false
 		for _, p := range promised[id] {
 			if p.txn.ProducerID == st.ProducerID && p.txn.ProducerEpoch == st.ProducerEpoch {
-				v.NeededBy = p.by
+				v.NeededBy, byCheckpoint = p.by, p.checkpoint
 				break
 			}
 		}
-		if task := poolOwner(job, prefix, id); task != "" && !strings.HasPrefix(v.NeededBy, "checkpoint ") {
+		if task := poolOwner(job, prefix, id); task != "" && !byCheckpoint {
 			v.NeededBy = fmt.Sprintf("task %s of attempt %d", task, job.Attempt)
 		}
 		out = append(out, v)

@@ -49,8 +49,8 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 // compressed entry (State.CompressedEntries), the document is written as a
 // zstd stream: every coordinator then reads CommandCompressed, and with it
 // such snapshots (feature level 6), and the JSON, whose keys repeat in
-// every job, shrinks about tenfold on disk and on its way to a follower
-// that needs it.
+// every job, shrinks several times (the Raft entries, the same JSON, eight
+// times) on disk and on its way to a follower that needs it.
 func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
 	fail := func(err error) error {
 		return errors.Join(fmt.Errorf("persist fsm snapshot %s: %w", sink.ID(), err), sink.Cancel())
