@@ -401,7 +401,7 @@ func (p *txnPool) endTxnV2(id string, pid int64, epoch int16) (sarama.KError, er
 // broker aborts its open transaction, if any, and bumps its epoch, fencing
 // whoever held it.
 func (p *txnPool) fence(id string) error {
-	if _, _, err := p.initProducerID(id); err != nil {
+	if _, _, err := p.initProducerID(id, -1, -1); err != nil {
 		return fmt.Errorf("fence transactional id %s: %w", id, err)
 	}
 	p.counts.WithLabelValues("aborted_stale").Inc()
@@ -411,13 +411,21 @@ func (p *txnPool) fence(id string) error {
 // initProducerID initialises transactional id id (InitProducerID): the
 // broker aborts the id's open transaction, if any, bumps its epoch, which
 // fences every earlier holder, and returns the producer id and new epoch.
-func (p *txnPool) initProducerID(id string) (int64, int16, error) {
+// With holderPID and holderEpoch (not -1; KIP-360, InitProducerId v3 and
+// Kafka 2.5 on) it does so only if the id still has that producer and
+// epoch, and answers PRODUCER_FENCED if another holder has initialised it
+// since.
+func (p *txnPool) initProducerID(id string, holderPID int64, holderEpoch int16) (int64, int16, error) {
 	var pid int64
 	var epoch int16
+	version := requestVersion(p.admin.Config().Version, initProducerIDVersions)
+	if version < 3 {
+		holderPID, holderEpoch = -1, -1
+	}
 	kerr, err := p.retry(p.cutAtCoordinator(id, func(b *sarama.Broker) (sarama.KError, error) {
 		resp, err := b.InitProducerID(&sarama.InitProducerIDRequest{
-			Version: requestVersion(p.admin.Config().Version, initProducerIDVersions), TransactionalID: &id, TransactionTimeout: p.timeout,
-			ProducerID: -1, ProducerEpoch: -1,
+			Version: version, TransactionalID: &id, TransactionTimeout: p.timeout,
+			ProducerID: holderPID, ProducerEpoch: holderEpoch,
 		})
 		if err != nil {
 			return 0, err
@@ -544,7 +552,8 @@ func (p *txnPool) openNext() error {
 		return errNoFreeTxn
 	}
 	if !s.inited || s.stale {
-		if err := p.initSlot(s); err != nil {
+		// Free or committed: its transaction ended with a commit.
+		if err := p.initSlot(s, true); err != nil {
 			return err
 		}
 	}
@@ -556,8 +565,24 @@ func (p *txnPool) openNext() error {
 
 // initSlot gives slot s a new epoch (initProducerID), which ends
 // whatever transaction the id had open.
-func (p *txnPool) initSlot(s *txnSlot) error {
-	pid, epoch, err := p.initProducerID(s.id)
+//
+// With asHolder, a slot this attempt initialised before, whose last
+// transaction it committed, is initialised as its producer (initProducerID
+// with the slot's producer id and epoch): a task a recovery replaced (a
+// zombie: its worker frozen past its lease, say) that learns late of a
+// completion would otherwise take the id from its successor, aborting the
+// transaction the successor's next checkpoint lists. The broker refuses it
+// then (PRODUCER_FENCED) and the zombie fails. The slot of a failed write
+// (ready) is initialised as before: its transaction may still be open,
+// which a broker answers an initialisation as holder with
+// CONCURRENT_TRANSACTIONS and then refuses, and ready has asked the
+// broker whether the id is still the slot's.
+func (p *txnPool) initSlot(s *txnSlot, asHolder bool) error {
+	holderPID, holderEpoch := int64(-1), int16(-1)
+	if asHolder && s.inited {
+		holderPID, holderEpoch = s.pid, s.epoch
+	}
+	pid, epoch, err := p.initProducerID(s.id, holderPID, holderEpoch)
 	if err != nil {
 		return fmt.Errorf("sink topic %q: initialise transactional id %s: %w", p.topic, s.id, err)
 	}
@@ -682,7 +707,7 @@ func (p *txnPool) ready() error {
 		// Checked again until the new epoch is there: a hold after this
 		// check could outlast a newer attempt's start, which this
 		// initialisation would then fence.
-		if err := p.initSlot(s); err != nil {
+		if err := p.initSlot(s, false); err != nil {
 			return p.heldFor(err)
 		}
 		s.checkFence = false
@@ -805,7 +830,7 @@ func (p *txnPool) completed(id uint64) error {
 			// a completion with nothing to commit is no reason to fail,
 			// nor is the task's stop, after which nothing is sent: the
 			// restore that follows fences the id.
-			if err := p.initSlot(s); err != nil {
+			if err := p.initSlot(s, true); err != nil {
 				if p.ctx.Err() != nil {
 					continue // stale since its commit
 				}

@@ -8,11 +8,13 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/IBM/sarama"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
@@ -219,6 +221,93 @@ func TestExactlyOnceSinkRecoveryCommitsAndFences(t *testing.T) {
 		t.Fatalf("after a second restore: read_committed saw %v", got)
 	}
 	_ = restored
+}
+
+// TestExactlyOnceSinkZombieLeavesItsSuccessorsIds: a task a recovery
+// replaced (its worker frozen past its lease, say) that learns late that a
+// checkpoint completed frees a transactional id it had committed on, and
+// gives it a new epoch. It does so as the id's holder (KIP-360): the broker
+// refuses that once the restored task has taken the id, and the zombie
+// fails instead of aborting the transaction the successor opened on it.
+// kfake takes any epoch up to its own, so the test refuses what Kafka
+// refuses: an initialisation as holder with an epoch below the one the id
+// has now.
+func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
+	c := newKafkaCluster(t, "out")
+	brokers := c.ListenAddrs()
+	var mu sync.Mutex
+	current := map[string]int16{} // epochs of the ids the restored task holds
+	var asHolder []string          // initialisations as holder: id@epoch
+	c.ControlKey(int16(kmsg.InitProducerID), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		r := req.(*kmsg.InitProducerIDRequest)
+		if r.TransactionalID == nil || r.ProducerID < 0 {
+			return nil, nil, false
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		asHolder = append(asHolder, fmt.Sprintf("%s@%d", *r.TransactionalID, r.ProducerEpoch))
+		if e, ok := current[*r.TransactionalID]; ok && r.ProducerEpoch < e {
+			resp := r.ResponseKind().(*kmsg.InitProducerIDResponse)
+			resp.ErrorCode = kerr.ProducerFenced.Code
+			return resp, nil, true
+		}
+		return nil, nil, false
+	})
+
+	old := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
+	write(t, old, "a", 2)
+	if _, err := old.txn.preCommit(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.txn.completed(1); err != nil {
+		t.Fatal(err)
+	}
+	first := old.txn.slots[0] // committed at 1, free once 2 completes
+	zombieEpoch := first.epoch
+	write(t, old, "b", 2)
+	txns, err := old.txn.preCommit(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Checkpoint 2 completes while old's worker is frozen; its task is
+	// restored elsewhere from 2 and writes on.
+	restored := txnTestSink(t, txnTestEnv(), brokers, "map-0", txns)
+	mu.Lock()
+	for _, s := range restored.txn.slots {
+		if s.inited {
+			current[s.id] = s.epoch
+		}
+	}
+	mu.Unlock()
+	if cur := restored.txn.cur; cur == nil || cur.id != first.id {
+		t.Fatalf("the restored task writes on %v, want %s, the id the zombie frees", cur, first.id)
+	}
+	write(t, restored, "c", 2)
+
+	// The zombie resumes and hears that 2 completed.
+	err = old.txn.completed(2)
+	if !isFenced(err) {
+		t.Fatalf("the zombie's completion of 2: %v, want it fenced", err)
+	}
+	mu.Lock()
+	sent := slices.Clone(asHolder)
+	mu.Unlock()
+	if want := fmt.Sprintf("%s@%d", first.id, zombieEpoch); !slices.Contains(sent, want) {
+		t.Fatalf("initialisations as holder %v, want the zombie's %s", sent, want)
+	}
+
+	if _, err := restored.txn.preCommit(3); err != nil {
+		t.Fatalf("the restored task's barrier after the zombie's try: %v", err)
+	}
+	if err := restored.txn.completed(3); err != nil {
+		t.Fatalf("the restored task's commit after the zombie's try: %v", err)
+	}
+	want := append(append(seq("a", 2), seq("b", 2)...), seq("c", 2)...)
+	if got := readCommitted(t, brokers, "out", len(want)); !slices.Equal(got, want) {
+		t.Fatalf("read_committed saw %v, want %v", got, want)
+	}
 }
 
 // TestExactlyOnceSinkRestoreReportsATimedOutTransaction: a transaction the
