@@ -492,7 +492,15 @@ func (r *restoreSource) open(ctx context.Context, f *transport.StateFile) (*stat
 	rd, err := statefile.NewReader(ra, f.GetSize())
 	if err != nil {
 		_ = ra.Close()
-		return nil, nil, fmt.Errorf("%w: state file %s: %w", errStateCorrupt, f.GetPath(), err)
+		// Only what the file says, or its absence, condemns the
+		// checkpoint: a storage that failed to answer (a timeout, a 503)
+		// fails the restore as any error does, and the next restore tries
+		// the same checkpoint, rather than fall back to an older one whose
+		// sink output after it the sink has committed already.
+		if errors.Is(err, statefile.ErrCorrupt) || errors.Is(err, storage.ErrNotExist) {
+			return nil, nil, fmt.Errorf("%w: state file %s: %w", errStateCorrupt, f.GetPath(), err)
+		}
+		return nil, nil, fmt.Errorf("open state file %s: %w", f.GetPath(), err)
 	}
 	r.remote++
 	return rd, func() { _ = ra.Close() }, nil

@@ -1,7 +1,9 @@
 package worker
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -369,5 +371,48 @@ func TestDeltaCompaction(t *testing.T) {
 	}
 	if got := deltaKeys(t, url, st.GetFiles()[1]); !reflect.DeepEqual(got, sortedKeys(changed...)) {
 		t.Fatalf("compacted delta holds %v, want %v", got, sortedKeys(changed...))
+	}
+}
+
+// TestRestoreSourceCondemnsOnlyWhatTheFileSays: opening a state file for a
+// restore is a corrupt-state failure (the leader falls back to an older
+// checkpoint) when the file is missing or its content is wrong, and an
+// ordinary failure (the same checkpoint is tried again) when the storage
+// fails to answer: a fallback then would have the sink write again output
+// it committed after the older checkpoint.
+func TestRestoreSourceCondemnsOnlyWhatTheFileSays(t *testing.T) {
+	if _, err := os.Stat("/proc/self/mem"); err != nil {
+		t.Skipf("no /proc/self/mem to fail reads with: %v", err)
+	}
+	dir := t.TempDir()
+	store, err := storage.Open(context.Background(), "file://"+dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	if err := os.WriteFile(filepath.Join(dir, "garbage"), bytes.Repeat([]byte{7}, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A file whose reads fail (EIO), as those of a storage that does not
+	// answer do, whatever the process may read.
+	if err := os.Symlink("/proc/self/mem", filepath.Join(dir, "unreadable")); err != nil {
+		t.Fatal(err)
+	}
+	src := &restoreSource{store: store}
+	for _, tc := range []struct {
+		path    string
+		corrupt bool
+	}{
+		{"missing", true},
+		{"garbage", true},
+		{"unreadable", false},
+	} {
+		_, _, err := src.open(context.Background(), &transport.StateFile{Path: tc.path, Size: 4096})
+		if err == nil {
+			t.Fatalf("open %s: no error", tc.path)
+		}
+		if errors.Is(err, errStateCorrupt) != tc.corrupt {
+			t.Errorf("open %s: %v; corrupt %v, want %v", tc.path, err, errors.Is(err, errStateCorrupt), tc.corrupt)
+		}
 	}
 }
