@@ -237,7 +237,7 @@ func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
 	brokers := c.ListenAddrs()
 	var mu sync.Mutex
 	current := map[string]int16{} // epochs of the ids the restored task holds
-	var asHolder []string          // initialisations as holder: id@epoch
+	var asHolder []string         // initialisations as holder: id@epoch
 	c.ControlKey(int16(kmsg.InitProducerID), func(req kmsg.Request) (kmsg.Response, error, bool) {
 		c.KeepControl()
 		r := req.(*kmsg.InitProducerIDRequest)
