@@ -23,12 +23,25 @@ func newFakeLeaseClock() *fakeLeaseClock {
 func (c *fakeLeaseClock) now() time.Duration      { return time.Duration(c.t.Load()) }
 func (c *fakeLeaseClock) advance(d time.Duration) { c.t.Add(int64(d)) }
 
+// leaseSession is a session on clock c with a 5 s lease, whose worker runs
+// one task; stopped reports whether the task was stopped, and why.
+func leaseSession(t *testing.T, c *fakeLeaseClock) (s *session, stopped func() string) {
+	k := taskKey{job: "j", attempt: 1, id: "map-0"}
+	m := &taskManager{tasks: map[taskKey]*taskHandle{k: {key: k, cancel: func() {}}}}
+	s = &session{now: c.now, w: &Worker{tasks: m, metrics: newMetrics()}, logger: testLogger(t)}
+	s.lease.Store(int64(5 * time.Second))
+	return s, func() string {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.tasks[k].stopReason
+	}
+}
+
 // TestLeaseExpiresOnTheLeaseClock: the lease is silence measured on the
 // session's lease clock alone, from the last renewal.
 func TestLeaseExpiresOnTheLeaseClock(t *testing.T) {
 	c := newFakeLeaseClock()
-	s := &session{now: c.now}
-	s.lease.Store(int64(5 * time.Second))
+	s, _ := leaseSession(t, c)
 	if _, _, expired := s.leaseExpired(); expired {
 		t.Fatal("lease expired before any leader was heard")
 	}
@@ -44,6 +57,40 @@ func TestLeaseExpiresOnTheLeaseClock(t *testing.T) {
 	s.renew()
 	if _, _, expired := s.leaseExpired(); expired {
 		t.Fatal("lease expired right after a renewal")
+	}
+}
+
+// TestLeaseEndsBeforeALateRenewal: a renewal that comes after the lease has
+// run out (a message read once the process resumed from a freeze longer
+// than the lease, sent by the leader before it) stops the tasks first, as
+// watchLease's next tick would have: the leader has restarted them
+// elsewhere. One within the lease stops nothing.
+func TestLeaseEndsBeforeALateRenewal(t *testing.T) {
+	for _, renew := range []struct {
+		name string
+		do   func(s *session, c *fakeLeaseClock)
+	}{
+		{"a message", func(s *session, _ *fakeLeaseClock) { s.renew() }},
+		{"a leaderless hold", func(s *session, c *fakeLeaseClock) { s.renewTo(c.now()) }},
+	} {
+		t.Run(renew.name, func(t *testing.T) {
+			c := newFakeLeaseClock()
+			s, stopped := leaseSession(t, c)
+			s.renew()
+			c.advance(4 * time.Second)
+			renew.do(s, c)
+			if why := stopped(); why != "" {
+				t.Fatalf("a renewal within the lease stopped the task: %s", why)
+			}
+			c.advance(6 * time.Second) // frozen past the lease
+			renew.do(s, c)
+			if why := stopped(); !strings.Contains(why, "lease expired") {
+				t.Fatalf("a renewal past the lease left the task running (stop reason %q)", why)
+			}
+			if _, _, expired := s.leaseExpired(); expired {
+				t.Fatal("the late renewal did not renew the lease")
+			}
+		})
 	}
 }
 

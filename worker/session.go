@@ -464,6 +464,7 @@ func (s *session) serve(ctx context.Context, o *opened) (sessionEnd, error) {
 	}
 	s.lease.Store(int64(lease))
 	s.heartbeat.Store(int64(hb))
+	s.expireLease()
 	now := int64(s.now())
 	s.lastHeard.Store(now)
 	var lastRecv atomic.Int64 // a reading of s.now
@@ -489,9 +490,10 @@ func (s *session) serve(ctx context.Context, o *opened) (sessionEnd, error) {
 				recvErr <- &notLeaderError{id: nl.GetLeaderId(), addr: nl.GetLeaderRpcAddr()}
 				return
 			}
-			t := int64(s.now())
-			s.lastHeard.Store(t)
-			lastRecv.Store(t)
+			// Read after a freeze longer than the lease, a message the
+			// leader sent before it must not revive the tasks it has
+			// restarted elsewhere since: renew ends the lease first.
+			lastRecv.Store(s.renew())
 			s.dispatch(log, m)
 		}
 	}()
@@ -1015,12 +1017,19 @@ func (p *prober) stop() []probeResult {
 	return p.take()
 }
 
-// renew renews the lease: a leader answered.
-func (s *session) renew() { s.lastHeard.Store(int64(s.now())) }
+// renew renews the lease, a leader having answered, and returns when (a
+// reading of s.now). An expired lease ends first (expireLease).
+func (s *session) renew() int64 {
+	s.expireLease()
+	t := int64(s.now())
+	s.lastHeard.Store(t)
+	return t
+}
 
 // renewTo renews the lease as of t (a reading of s.now), unless it was
 // renewed later already.
 func (s *session) renewTo(t time.Duration) {
+	s.expireLease()
 	for {
 		cur := s.lastHeard.Load()
 		if int64(t) <= cur || s.lastHeard.CompareAndSwap(cur, int64(t)) {
@@ -1197,13 +1206,21 @@ func (s *session) watchLease(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		silent, lease, expired := s.leaseExpired()
-		if !expired {
-			continue
-		}
-		if n := s.w.tasks.stopLive(fmt.Sprintf("lease expired: no leader heard for %s", silent.Round(time.Millisecond))); n > 0 {
-			s.w.metrics.leaseExpiries.Inc()
-			s.logger.Error("LEASE EXPIRED: no leader heard within the lease; stopped all tasks", "silent", silent, "lease", lease, "tasks", n)
-		}
+		s.expireLease()
+	}
+}
+
+// expireLease stops every task if the lease has expired. watchLease calls
+// it every leaseCheckInterval, and every renewal first: after a freeze (a
+// SIGSTOP, a stalled VM) longer than the lease, the renewal that a message
+// read then would make must not come before the tick that ends the lease.
+func (s *session) expireLease() {
+	silent, lease, expired := s.leaseExpired()
+	if !expired {
+		return
+	}
+	if n := s.w.tasks.stopLive(fmt.Sprintf("lease expired: no leader heard for %s", silent.Round(time.Millisecond))); n > 0 {
+		s.w.metrics.leaseExpiries.Inc()
+		s.logger.Error("LEASE EXPIRED: no leader heard within the lease; stopped all tasks", "silent", silent, "lease", lease, "tasks", n)
 	}
 }
