@@ -238,6 +238,9 @@ func (h *leaderHarness) setMember(id, status string, slots int) {
 func (h *leaderHarness) lose(worker string, slots int) {
 	h.setMember(worker, StatusDead, slots)
 	h.handle(sessionClosed{sess: h.sessions[worker], err: errors.New("no message from the worker within the silence limit")})
+	// Its tasks are restarted elsewhere once its lease has run out: it may
+	// be frozen, not dead.
+	h.advance(h.l.lease + time.Millisecond)
 }
 
 func (h *leaderHarness) setPartitions(n int, err error) {

@@ -121,8 +121,14 @@ func TestLeaderOverrulesGossipDeathWhileTheSessionHears(t *testing.T) {
 		t.Fatalf("the session's end did not have j1, a job of %s, looked at", w)
 	}
 	h.step()
-	if j := h.job("j1"); j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task source-0 is dead") {
-		t.Fatalf("after the session ended: status %s reason %q, want restarting because %s is dead", j.Status, j.Reason, w)
+	if j := h.job("j1"); j.Status != fsm.JobRunning || j.Attempt != 1 {
+		t.Fatalf("right after the session ended: status %s reason %q, want attempt 1 running on until %s's lease has run out: it may be frozen", j.Status, j.Reason, w)
+	}
+	h.handle(sessionClosed{sess: h.sessions[w], err: errSilent})
+	h.advance(h.l.lease + time.Millisecond)
+	h.step()
+	if j := h.job("j1"); j.Status != fsm.JobRestarting || !strings.Contains(j.Reason, "worker "+w+" of task source-0 is dead, and has had no control session for") {
+		t.Fatalf("after the session ended and the lease ran out: status %s reason %q, want restarting because %s is dead", j.Status, j.Reason, w)
 	}
 }
 

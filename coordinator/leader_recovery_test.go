@@ -283,7 +283,9 @@ func TestLeaderCancelsALostWorkersTasksWhileTheirRecoveryCommits(t *testing.T) {
 	h.holdWrites()
 	h.setMember(lost, StatusDead, 4)
 	h.l.handle(sessionClosed{sess: h.sessions[lost], err: errors.New("no message from the worker within the silence limit")})
-	h.l.settle() // the recovery's write waits
+	h.l.settle()
+	h.advance(h.l.lease + time.Millisecond) // it may be frozen: its lease first
+	h.l.settle()                            // the recovery's write waits
 	if !h.l.busy("j1") || h.job("j1").Attempt != 1 {
 		t.Fatalf("busy %v attempt %d: want the task-scoped recovery in flight", h.l.busy("j1"), h.job("j1").Attempt)
 	}
@@ -369,10 +371,10 @@ func TestLeaderRetargetsASurvivorWhoseSessionWasDown(t *testing.T) {
 	i := slices.IndexFunc(job.Tasks, func(t fsm.Task) bool { return t.Worker != lost })
 	survivor := job.Tasks[i].Worker
 	running := runningOn(job, survivor)
-	h.sessions[survivor].close(errors.New("network blip"))
-	h.handle(sessionClosed{sess: h.sessions[survivor], err: errors.New("network blip")})
 
 	h.lose(lost, 4)
+	h.sessions[survivor].close(errors.New("network blip"))
+	h.handle(sessionClosed{sess: h.sessions[survivor], err: errors.New("network blip")})
 	h.step()
 	j := h.job("j1")
 	if j.Attempt != 2 || j.Status != fsm.JobRunning {

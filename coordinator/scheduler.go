@@ -371,32 +371,39 @@ func (l *leader) taskFailure(js *jobState, members map[string]string, now time.T
 
 // workerLost says how worker w is lost for good (its tasks cannot go on
 // there), or "" if it is not: gone (its process died: session broken,
-// ports refusing), left in gossip, dead in gossip (or unknown to it) with no
-// live control session, or without a control session for longer than the
-// lease. A shorter loss of session is not: gossip decides, and js is looked
-// at again when the lease would run out. Nor is a gossip death while the
-// worker's session is live: that is overruled (overruleDead, which logs it),
-// and js is looked at again when the session ends, at the latest once it
-// has heard nothing for silenceLimit.
+// ports refusing), left in gossip, or without a control session for longer
+// than the lease, dead in gossip (or unknown to it) or not. A shorter loss
+// of session is not, even with gossip calling the worker dead: a frozen
+// worker (SIGSTOP, a stalled VM) looks so too, and its tasks run on until
+// its lease ends, counted from no later than the session's end; restarted
+// elsewhere before, they would overlap their successors, and a zombie that
+// acts on a late completion can abort a successor's open sink transaction,
+// which Kafka's fencing does not prevent. js is looked at again when the
+// lease would run out. Nor is a gossip death while the worker's session is
+// live: that is overruled (overruleDead, which logs it), and js is looked
+// at again when the session ends, at the latest once it has heard nothing
+// for silenceLimit.
 func (l *leader) workerLost(js *jobState, w string, members map[string]string, now time.Time) string {
 	if l.gone[w] {
 		return "is gone: its session broke and its ports refuse connections"
 	}
+	gossip := ""
 	switch st := members[w]; st {
 	case StatusLeft:
 		return "is " + st
 	case "", StatusDead:
 		if l.liveSession(w) == nil {
+			gossip = "is " + st + ", and "
 			if st == "" {
-				return "is not a gossip member"
+				gossip = "is not a gossip member, and "
 			}
-			return "is " + st
+		} else {
+			l.overruleDead(w, st)
 		}
-		l.overruleDead(w, st)
 	}
 	if since, none := l.sessionlessSince(w); none {
 		if gone := now.Sub(since); gone > l.lease {
-			return fmt.Sprintf("has had no control session for %v (lease %v)", gone.Round(time.Millisecond), l.lease)
+			return fmt.Sprintf("%shas had no control session for %v (lease %v)", gossip, gone.Round(time.Millisecond), l.lease)
 		}
 		l.scheduleJob(js, since.Add(l.lease+time.Millisecond))
 	}
