@@ -227,11 +227,13 @@ func TestExactlyOnceSinkRecoveryCommitsAndFences(t *testing.T) {
 // replaced (its worker frozen past its lease, say) that learns late that a
 // checkpoint completed frees a transactional id it had committed on, and
 // gives it a new epoch. It does so as the id's holder (KIP-360): the broker
-// refuses that once the restored task has taken the id, and the zombie
-// fails instead of aborting the transaction the successor opened on it.
-// kfake takes any epoch up to its own, so the test refuses what Kafka
-// refuses: an initialisation as holder with an epoch below the one the id
-// has now.
+// refuses that once the restored task has initialised the id, and the
+// zombie fails instead of taking the id back from its successor. Kafka
+// refuses so only while the id has no open transaction (an open one it
+// aborts whatever epoch is named): the successor has taken the id but not
+// written on it yet. kfake takes any epoch up to its own, so the test
+// refuses what Kafka refuses: an initialisation as holder with an epoch
+// below the one the id has now.
 func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
 	c := newKafkaCluster(t, "out")
 	brokers := c.ListenAddrs()
@@ -284,7 +286,6 @@ func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
 	if cur := restored.txn.cur; cur == nil || cur.id != first.id {
 		t.Fatalf("the restored task writes on %v, want %s, the id the zombie frees", cur, first.id)
 	}
-	write(t, restored, "c", 2)
 
 	// The zombie resumes and hears that 2 completed.
 	err = old.txn.completed(2)
@@ -297,6 +298,8 @@ func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
 	if want := fmt.Sprintf("%s@%d", first.id, zombieEpoch); !slices.Contains(sent, want) {
 		t.Fatalf("initialisations as holder %v, want the zombie's %s", sent, want)
 	}
+
+	write(t, restored, "c", 2) // on the id the zombie failed to take back
 
 	if _, err := restored.txn.preCommit(3); err != nil {
 		t.Fatalf("the restored task's barrier after the zombie's try: %v", err)
