@@ -497,7 +497,7 @@ func (r *restoreSource) open(ctx context.Context, f *transport.StateFile) (*stat
 		// fails the restore as any error does, and the next restore tries
 		// the same checkpoint, rather than fall back to an older one whose
 		// sink output after it the sink has committed already.
-		if errors.Is(err, statefile.ErrCorrupt) || errors.Is(err, storage.ErrNotExist) {
+		if condemns(err) {
 			return nil, nil, fmt.Errorf("%w: state file %s: %w", errStateCorrupt, f.GetPath(), err)
 		}
 		return nil, nil, fmt.Errorf("open state file %s: %w", f.GetPath(), err)
@@ -611,10 +611,17 @@ func (r *restoreSource) restoreBlob(ctx context.Context, blob *transport.KeyedBl
 			err = fmt.Errorf("%w; undoing the partial bulk load: %w", err, aerr)
 		}
 	}
-	if err != nil && errors.Is(err, statefile.ErrCorrupt) {
+	if err != nil && condemns(err) {
 		return 0, fmt.Errorf("%w: state of task %q: %w", errStateCorrupt, blob.GetTaskId(), err)
 	}
 	return keys, err
+}
+
+// condemns reports whether err, from reading a checkpoint's state file,
+// says the checkpoint is bad: the file's content is wrong, it is shorter
+// than recorded, or it is gone. A storage that failed to answer does not.
+func condemns(err error) bool {
+	return errors.Is(err, statefile.ErrCorrupt) || errors.Is(err, storage.ErrCorrupt) || errors.Is(err, storage.ErrNotExist)
 }
 
 // entriesIn returns how many entries (values and tombstones) sources hold in

@@ -376,7 +376,8 @@ func TestDeltaCompaction(t *testing.T) {
 
 // TestRestoreSourceCondemnsOnlyWhatTheFileSays: opening a state file for a
 // restore is a corrupt-state failure (the leader falls back to an older
-// checkpoint) when the file is missing or its content is wrong, and an
+// checkpoint) when the file is missing, shorter than recorded or its
+// content is wrong, and an
 // ordinary failure (the same checkpoint is tried again) when the storage
 // fails to answer: a fallback then would have the sink write again output
 // it committed after the older checkpoint.
@@ -398,21 +399,25 @@ func TestRestoreSourceCondemnsOnlyWhatTheFileSays(t *testing.T) {
 	if err := os.Symlink("/proc/self/mem", filepath.Join(dir, "unreadable")); err != nil {
 		t.Fatal(err)
 	}
+	// A file shorter than recorded (truncated): a 4096-byte one read as
+	// 8192 bytes.
 	src := &restoreSource{store: store}
 	for _, tc := range []struct {
 		path    string
+		size    int64
 		corrupt bool
 	}{
-		{"missing", true},
-		{"garbage", true},
-		{"unreadable", false},
+		{"missing", 4096, true},
+		{"garbage", 4096, true},
+		{"garbage", 8192, true},
+		{"unreadable", 4096, false},
 	} {
-		_, _, err := src.open(context.Background(), &transport.StateFile{Path: tc.path, Size: 4096})
+		_, _, err := src.open(context.Background(), &transport.StateFile{Path: tc.path, Size: tc.size})
 		if err == nil {
-			t.Fatalf("open %s: no error", tc.path)
+			t.Fatalf("open %s of %d bytes: no error", tc.path, tc.size)
 		}
 		if errors.Is(err, errStateCorrupt) != tc.corrupt {
-			t.Errorf("open %s: %v; corrupt %v, want %v", tc.path, err, errors.Is(err, errStateCorrupt), tc.corrupt)
+			t.Errorf("open %s of %d bytes: %v; corrupt %v, want %v", tc.path, tc.size, err, errors.Is(err, errStateCorrupt), tc.corrupt)
 		}
 	}
 }

@@ -289,7 +289,7 @@ func (r *readerAt) ReadAt(p []byte, off int64) (int, error) {
 	defer br.Close()
 	m, err := io.ReadFull(br, p[:n])
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		return m, r.s.wrap("read", r.path, fmt.Errorf("object shorter than its expected size %d: got %d bytes at offset %d", r.size, m, off))
+		return m, r.s.wrap("read", r.path, fmt.Errorf("%w: object shorter than its expected size %d: got %d bytes at offset %d", ErrCorrupt, r.size, m, off))
 	}
 	if err != nil {
 		return m, r.s.wrap("read", r.path, err)
