@@ -584,6 +584,13 @@ func (p *txnPool) initSlot(s *txnSlot, asHolder bool) error {
 	}
 	pid, epoch, err := p.initProducerID(s.id, holderPID, holderEpoch)
 	if err != nil {
+		if holderPID >= 0 && isFenced(err) {
+			// Another producer initialised the id since: this task's
+			// attempt has been superseded.
+			p.fenced.Inc()
+			p.log.Warn("sink producer fenced: a newer attempt of the task took its transactional id; stopping", "transactional_id", s.id, "err", err)
+			return fmt.Errorf("sink topic %q: initialise transactional id %s as producer id %d epoch %d: %w: %w", p.topic, s.id, holderPID, holderEpoch, errFenced, err)
+		}
 		return fmt.Errorf("sink topic %q: initialise transactional id %s: %w", p.topic, s.id, err)
 	}
 	s.inited, s.stale, s.pid, s.epoch = true, false, pid, epoch

@@ -289,7 +289,7 @@ func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
 
 	// The zombie resumes and hears that 2 completed.
 	err = old.txn.completed(2)
-	if !isFenced(err) {
+	if !isFenced(err) || !errors.Is(err, errFenced) {
 		t.Fatalf("the zombie's completion of 2: %v, want it fenced", err)
 	}
 	mu.Lock()
