@@ -414,7 +414,8 @@ func (p *txnPool) fence(id string) error {
 // With holderPID and holderEpoch (not -1; KIP-360, InitProducerId v3 and
 // Kafka 2.5 on) it does so only if the id still has that producer and
 // epoch, and answers PRODUCER_FENCED if another holder has initialised it
-// since.
+// since; but an open transaction on the id Kafka aborts whatever epoch is
+// named.
 func (p *txnPool) initProducerID(id string, holderPID int64, holderEpoch int16) (int64, int16, error) {
 	var pid int64
 	var epoch int16
@@ -570,9 +571,11 @@ func (p *txnPool) openNext() error {
 // transaction it committed, is initialised as its producer (initProducerID
 // with the slot's producer id and epoch): a task a recovery replaced (a
 // zombie: its worker frozen past its lease, say) that learns late of a
-// completion would otherwise take the id from its successor, aborting the
-// transaction the successor's next checkpoint lists. The broker refuses it
-// then (PRODUCER_FENCED) and the zombie fails. The slot of a failed write
+// completion would otherwise take the id back from its successor. The
+// broker refuses it (PRODUCER_FENCED) and the zombie fails, as long as the
+// successor has no transaction open on the id; one open the broker would
+// abort, which is why a task's attempts must not overlap (the worker's
+// lease, which the leader waits out). The slot of a failed write
 // (ready) is initialised as before: its transaction may still be open,
 // which a broker answers an initialisation as holder with
 // CONCURRENT_TRANSACTIONS and then refuses, and ready has asked the

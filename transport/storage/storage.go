@@ -301,7 +301,8 @@ func (r *readerAt) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // ErrCorrupt is matched by the errors of ReadVerified for an object whose
-// size or SHA-256 is not that of its handle.
+// size or SHA-256 is not that of its handle, and of a ReaderAt's reads of
+// an object shorter than the size it was opened with.
 var ErrCorrupt = errors.New("object does not match its handle")
 
 // ReadVerified reads the whole object of h into memory, and checks its size
