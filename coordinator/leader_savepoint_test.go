@@ -22,6 +22,19 @@ func (h *leaderHarness) requestSavepoint(job string, stop bool) chan savepointRe
 	return r.reply
 }
 
+// triggerSavepoint asks for a savepoint of job (a stop-with-savepoint with
+// stop), has the leader trigger it and returns it, pending.
+func (h *leaderHarness) triggerSavepoint(job string, stop bool) *fsm.Checkpoint {
+	h.t.Helper()
+	h.requestSavepoint(job, stop)
+	h.checkpointPass() // no interval wait for a savepoint
+	p := h.job(job).Pending
+	if p == nil || !p.Savepoint || p.Stop != stop {
+		h.t.Fatalf("pending %+v, want a savepoint (stop %v)", p, stop)
+	}
+	return p
+}
+
 // savepointTriggers returns the savepoint triggers among msgs, by task.
 func savepointTriggers(msgs []*transport.CoordinatorMessage) map[string]*transport.TriggerCheckpoint {
 	out := make(map[string]*transport.TriggerCheckpoint)
@@ -448,12 +461,7 @@ func TestLeaderChecksPointsRightAfterASavepoint(t *testing.T) {
 			}
 			h.startJob("j1", spec)
 			h.completeCheckpoint("j1")
-			h.requestSavepoint("j1", false)
-			h.checkpointPass()
-			sp := h.job("j1").Pending
-			if sp == nil || !sp.Savepoint {
-				t.Fatalf("pending %+v, want a savepoint", sp)
-			}
+			sp := h.triggerSavepoint("j1", false)
 			queued := h.requestSavepoint("j1", false)
 			h.ackAll("j1", sp.ID)
 			h.drain("w1")
@@ -506,12 +514,7 @@ func TestNewLeaderChecksPointsRightAfterASavepoint(t *testing.T) {
 		TransactionTimeout: fsm.DefaultTransactionTimeout(spec.Checkpoint)}
 	job := h.startJob("j1", spec)
 	h.completeCheckpoint("j1")
-	h.requestSavepoint("j1", false)
-	h.checkpointPass()
-	sp := h.job("j1").Pending
-	if sp == nil || !sp.Savepoint {
-		t.Fatalf("pending %+v, want a savepoint", sp)
-	}
+	sp := h.triggerSavepoint("j1", false)
 	h.ackAll("j1", sp.ID)
 	if _, ok := h.f.Savepoint(fsm.SavepointID("j1", sp.ID)); !ok {
 		t.Fatalf("savepoint %d not completed", sp.ID)
