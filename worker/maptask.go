@@ -303,6 +303,9 @@ func (m *mapTask) run(ctx context.Context, running func()) error {
 		m.stopped = true
 		m.mu.Unlock()
 		m.wg.Wait()
+		// Its local copies stay a while, for a restart here; then the
+		// worker's cache sweeps them away.
+		m.env.cache.release(m.key)
 	}()
 
 	backend, closeBackend, err := m.openBackend()
@@ -515,6 +518,7 @@ func (m *mapTask) restore(ctx context.Context) error {
 				for _, f := range files {
 					m.cached = append(m.cached, f.GetPath())
 				}
+				m.env.cache.hold(m.key, m.cached)
 			}
 		}
 	}
@@ -1028,6 +1032,7 @@ func (m *mapTask) pruneCache() {
 		}
 	}
 	m.cached = kept
+	m.env.cache.hold(m.key, m.cached)
 }
 
 // completed handles the leader's notice that checkpoint (or savepoint) id
@@ -1067,6 +1072,7 @@ func (m *mapTask) snapshotDone(r snapshotResult) error {
 	}
 	if m.writer.cache != "" && len(c.files) > 0 {
 		m.cached = append(m.cached, c.files[len(c.files)-1].GetPath())
+		m.env.cache.hold(m.key, m.cached)
 	}
 	m.acked[r.id] = c
 	if len(m.acked) > maxAcked {

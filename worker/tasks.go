@@ -35,6 +35,9 @@ type taskEnv struct {
 	stores *storage.Pool
 	// kafka holds the Kafka clients source tasks share.
 	kafka *kafkaPool
+	// cache tracks the local copies of state files map tasks hold (nil in
+	// tests: nothing is swept).
+	cache *localCache
 }
 
 // mapLocator finds a running map task of this worker; see

@@ -385,6 +385,7 @@ func New(cfg Config) (_ *Worker, err error) {
 		send:      w.outbox.push,
 		conns:     w.conns,
 		kafka:     newKafkaPool(&w.cfg, cfg.ID, logger, w.metrics),
+		cache:     newLocalCache(filepath.Join(w.cfg.StateDir, "cache")),
 	})
 	w.tasks.env.maps = w.tasks
 	w.dataSrv = grpc.NewServer(
@@ -493,6 +494,7 @@ func (w *Worker) run(ctx context.Context) error {
 	goFn(func() { w.joinLoop(sessCtx) })
 	goFn(func() { w.session.run(sessCtx) })
 	goFn(func() { w.session.watchLease(sessCtx) })
+	goFn(func() { w.tasks.env.cache.run(sessCtx, w.logger) })
 
 	<-ctx.Done()
 	w.logger.Info("worker stopping")
