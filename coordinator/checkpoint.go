@@ -671,8 +671,8 @@ func (l *leader) abortCheckpoint(js *jobState, reason, class string, counted boo
 }
 
 // workerInDoubt returns a worker of js's tasks that has no open session, or
-// "": its tasks cannot ack, and whether it is lost is for gossip and the
-// lease to say.
+// "": its tasks cannot ack, and whether it is lost is for the lease to say
+// (workerLost).
 func (l *leader) workerInDoubt(js *jobState) string {
 	for _, tv := range js.order {
 		if _, none := l.sessionlessSince(tv.task.Worker); none {

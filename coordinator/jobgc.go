@@ -208,8 +208,10 @@ func (l *leader) purgeAllowed(js *jobState, now time.Time) bool {
 
 // runningTask returns a task of js that may still run, or nil: one whose
 // last phase is live, unless its worker said it does not run it, or the
-// worker has no session and gossip has it dead or gone or it has been
-// without one for its lease (it stops every task then).
+// worker has no session and has left, or its process is gone, or it has
+// been without one for its lease (it stops every task then). Gossip's
+// "dead" is not enough, as in workerLost: a frozen worker looks dead, and
+// may upload a file under the job's prefix as it resumes.
 func (l *leader) runningTask(js *jobState, now time.Time) *trackedTask {
 	members := memberStatus(l.env.members())
 	for _, tv := range js.order {
@@ -220,7 +222,7 @@ func (l *leader) runningTask(js *jobState, now time.Time) *trackedTask {
 		if l.sessions[w] != nil {
 			return tv
 		}
-		if st := members[w]; st == "" || st == StatusDead || st == StatusLeft {
+		if members[w] == StatusLeft || l.gone[w] {
 			continue
 		}
 		if since, ok := l.sessionlessSince(w); ok && now.Sub(since) >= l.lease {

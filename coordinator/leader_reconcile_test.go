@@ -88,8 +88,10 @@ func TestLeaderMissingTopicFailsJobAndRecovers(t *testing.T) {
 // worker dead while its control session is live does not fail its tasks
 // (memberlist's probes can miss a live worker on a saturated machine; the
 // session ends once the worker goes silent). The verdict is counted and
-// logged once, and the session's end fails the tasks then: as soon as its
-// watchdog ends it, before the handler's close reaches the loop.
+// logged once; the session's end, as soon as its watchdog ends it (before
+// the handler's close reaches the loop), has the job looked at, and the
+// tasks fail once the lease has run out from the close: a worker gossip
+// calls dead may be frozen, and run its tasks until then.
 func TestLeaderOverrulesGossipDeathWhileTheSessionHears(t *testing.T) {
 	h := newLeaderHarness(t)
 	h.connect("w3", 4)

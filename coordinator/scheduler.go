@@ -334,12 +334,13 @@ func memberStatus(members []Member) map[string]string {
 }
 
 // taskFailure returns why the current attempt of a running job cannot go
-// on, and the task concerned, or "" if it can. A worker that is dead or
-// left in gossip, a task reported failed or cancelled, a worker without a
-// session for longer than the lease, a task its worker does not report
-// running, and a task that has not reported RUNNING within the deploy timeout
-// all fail the attempt. A session lost for less than the lease is not a
-// failure: gossip decides, and the worker stops its tasks by lease.
+// on, and the task concerned, or "" if it can. A lost worker (workerLost:
+// left in gossip, its process gone, or without a session for longer than
+// the lease), a task reported failed or cancelled, a task its worker does
+// not report running, and a task that has not reported RUNNING within the
+// deploy timeout all fail the attempt. A session lost for less than the
+// lease is not a failure, dead in gossip or not: the worker stops its
+// tasks by lease.
 func (l *leader) taskFailure(js *jobState, members map[string]string, now time.Time) (reason, task string) {
 	for _, tv := range js.order {
 		id, w := tv.task.ID, tv.task.Worker

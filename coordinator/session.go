@@ -632,8 +632,8 @@ func (l *leader) closeSession(sess *session, err error) {
 // fail now (workerGone). Otherwise a broken session is an early hint, never
 // a failure on its own: a worker that answers a ping is left to reconnect,
 // and one that does not (a stopped process, a lost host, a partition) is
-// declared dead (or not) by gossip's indirect probes and suspicion, which
-// then restarts its jobs.
+// lost once its lease has run out, whatever gossip's indirect probes and
+// suspicion say of it meanwhile (workerLost).
 func (l *leader) probeWorker(worker string, cause error) {
 	if l.env.probe == nil {
 		return

@@ -117,8 +117,9 @@ func sinceKill(killedAt time.Time, at string) time.Duration {
 }
 
 // TestTaskScopedRecoveryOfAFrozenWorker freezes (SIGSTOP) the worker running
-// the most tasks of the job until gossip declares it dead: its tasks are
-// restored alone on the other two, whose tasks run on. Woken up (SIGCONT),
+// the most tasks of the job until gossip declares it dead and its lease has
+// run out: its tasks are restored alone on the other two, whose tasks run
+// on. Woken up (SIGCONT),
 // the zombie's tasks are fenced: nothing they send is accepted and their
 // sink producers are fenced by Kafka. State and read_committed output stay
 // exact.

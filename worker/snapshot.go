@@ -445,6 +445,11 @@ func (w *snapshotWriter) viaCache(ctx context.Context, job *snapshotJob, mode sn
 		_ = os.Remove(local)
 		return h, fmt.Errorf("uploaded %s hashes to %s, the local file to %s", path, h.SHA256, want)
 	}
+	// The worker's cache sweeps copies nothing wrote lately until the task
+	// holds them, which it does once it has this result: a long upload
+	// must not age the copy meanwhile.
+	now := time.Now()
+	_ = os.Chtimes(local, now, now)
 	return h, nil
 }
 
