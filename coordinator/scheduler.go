@@ -615,6 +615,7 @@ func (l *leader) tryDeploy(js *jobState, now time.Time) {
 	}
 	js.lookup = true
 	src, sink, id, attempt := js.spec.Source, js.spec.Sink, js.id, js.attempt
+	checkSink := exactlyOnceSink(js.spec) && l.env.checkSink != nil
 	log := l.jobLogger(js)
 	l.lookups.Add(1)
 	go func() {
@@ -622,7 +623,7 @@ func (l *leader) tryDeploy(js *jobState, now time.Time) {
 		ctx, cancel := context.WithTimeout(l.ctx, lookupTimeout)
 		defer cancel()
 		n, err := l.env.partitions(ctx, src.Brokers, src.Topic)
-		if err == nil && sink != nil && sink.Delivery != fsm.DeliveryAtLeastOnce && l.env.checkSink != nil {
+		if err == nil && checkSink {
 			if cerr := l.env.checkSink(ctx, sink.Brokers); errors.Is(cerr, errSinkUnreachable) {
 				log.Warn("deploying without knowing whether the sink brokers support transactions: its map tasks hold their outputs and decline checkpoints until the brokers answer", "err", cerr)
 			} else {

@@ -180,10 +180,10 @@ var openTxnStates = []string{sarama.TransactionStateOngoing, sarama.TransactionS
 // job started from it to commit, so the transactions one lists are needed
 // for as long as it is kept.
 func sinkTransactions(ctx context.Context, job fsm.Job, savepoints []fsm.Savepoint, abort bool, now time.Time) ([]apiSinkTxn, error) {
-	sink := job.Spec.Sink
-	if sink == nil || sink.Delivery == fsm.DeliveryAtLeastOnce {
+	if !exactlyOnceSink(job.Spec) {
 		return nil, fmt.Errorf("job %s has no exactly-once sink", job.ID)
 	}
+	sink := job.Spec.Sink
 	prefix := cmp.Or(sink.TransactionalIDPrefix, sinkTxnPrefix(job.ID)) + "-"
 	addrs := strings.Join(sink.Brokers, ",")
 	// Kafka 3.0: ListTransactions and DescribeTransactions (KIP-664).
@@ -365,7 +365,7 @@ func (s *Server) handleTransactions(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if j.Spec.Sink == nil || j.Spec.Sink.Delivery == fsm.DeliveryAtLeastOnce {
+	if !exactlyOnceSink(j.Spec) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("job %s has no exactly-once sink: it writes no transactions", j.ID))
 		return
 	}

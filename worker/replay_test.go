@@ -396,12 +396,7 @@ func TestPartialSourceFailsWhenItsOffsetIsGone(t *testing.T) {
 		d := wordSourceDeploy(nil, "words", []int32{0}, 2)
 		d.RestoreOffsets, d.RestoreCheckpointId, d.Partial = map[int32]int64{0: tc.restored}, 7, true
 		s, _, _ := newTestSource(t, d, nil, nil)
-		lease, parts, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = s.resolveOffsets(lease.client, parts)
-		lease.release()
+		err := resolveOn(t, s, brokers, nil)
 		if err == nil || err.Error() != tc.want {
 			t.Fatalf("partial source restored at %d: %v, want %q", tc.restored, err, tc.want)
 		}
@@ -409,13 +404,7 @@ func TestPartialSourceFailsWhenItsOffsetIsGone(t *testing.T) {
 		// Not partial: the start policy, as before.
 		d.Partial = false
 		s, _, _ = newTestSource(t, d, nil, nil)
-		lease, parts, err = s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = s.resolveOffsets(lease.client, parts)
-		lease.release()
-		if err != nil || s.offsets[0] != 10 {
+		if err := resolveOn(t, s, brokers, nil); err != nil || s.offsets[0] != 10 {
 			t.Fatalf("whole-job restore at %d: %v, offset %d; want the earliest offset 10", tc.restored, err, s.offsets[0])
 		}
 	}
@@ -471,6 +460,22 @@ func TestPartialSourceFailsOnAPartitionItsCheckpointLacks(t *testing.T) {
 			}
 		})
 	}
+}
+
+// resolveOn resolves s's offsets with a Kafka client of brokers, as the
+// task's start does, the topic listing partitions parts (nil: what the
+// brokers list).
+func resolveOn(t *testing.T, s *sourceTask, brokers []string, parts []int32) error {
+	t.Helper()
+	lease, listed, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, s.spec.GetTopic(), "source")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.release()
+	if parts == nil {
+		parts = listed
+	}
+	return s.resolveOffsets(lease.client, parts)
 }
 
 // consumerMessages are the records of values (one partition) as the pumps
@@ -1068,13 +1073,7 @@ func TestSourceRestoresAPartitionTheMetadataDidNotList(t *testing.T) {
 	d.Partial = true
 	d.RestoreOffsets = map[int32]int64{0: 4, 1: 12}
 	s, _, _ := newTestSource(t, d, nil, nil)
-	lease, _, err := s.env.kafka.acquire(brokers, sarama.ReadUncommitted, "words", "source")
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = s.resolveOffsets(lease.client, stale)
-	lease.release()
-	if err == nil || !strings.Contains(err.Error(), "which the topic's metadata does not list") {
+	if err := resolveOn(t, s, brokers, stale); err == nil || !strings.Contains(err.Error(), "which the topic's metadata does not list") {
 		t.Fatalf("task-scoped recovery with stale metadata: %v, want a failure that restarts the whole job", err)
 	}
 }

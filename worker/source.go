@@ -606,7 +606,8 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) err
 			r.closers = append(r.closers, d.closePC)
 			continue
 		}
-		if _, restored := s.restore[d.partition]; s.partial && !restored {
+		off, restored := s.restore[d.partition]
+		if s.partial && !restored {
 			// The predecessor may have found it and sent records of it that
 			// surviving map tasks applied. Combined, they would be applied
 			// again, having no record marks to drop them by; marked, the
@@ -620,7 +621,7 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) err
 			return fmt.Errorf("source: found partition %d of %s, which the checkpoint this source was restored from (task-scoped recovery) does not name: its predecessor may have read it, and surviving map tasks applied its records; the whole job restarts",
 				d.partition, s.spec.GetTopic())
 		}
-		if off, restored := s.restore[d.partition]; restored && off != d.offset {
+		if restored && off != d.offset {
 			// As resolveOffsets does for a restored offset Kafka no
 			// longer has (replayStart).
 			delete(s.completedOffsets, d.partition)
@@ -662,14 +663,9 @@ func (s *sourceTask) readDiscovered(r *partitionReaders, batch []discovered) err
 // tasks, which drop them only by record marks.
 func (s *sourceTask) resolveOffsets(client sarama.Client, topicParts []int32) error {
 	topic := s.spec.GetTopic()
-	var policy int64
-	switch s.spec.GetStart() {
-	case "", "earliest":
-		policy = sarama.OffsetOldest
-	case "latest":
-		policy = sarama.OffsetNewest
-	default:
-		return fmt.Errorf("source start %q: want \"earliest\" or \"latest\"", s.spec.GetStart())
+	policy, err := s.startPolicy()
+	if err != nil {
+		return err
 	}
 	parts := slices.Clone(s.spec.GetPartitions())
 	for _, p := range parts {
@@ -767,12 +763,23 @@ func (s *sourceTask) restoredStart(client sarama.Client, topic string, p int32, 
 	} else {
 		log.Error("restored offset is below the oldest record (records expired before they were read): reading from the start policy")
 	}
-	at := sarama.OffsetOldest
-	if s.spec.GetStart() == "latest" {
-		at = sarama.OffsetNewest
+	at, err := s.startPolicy()
+	if err != nil {
+		return 0, false, err
 	}
 	start, err = s.policyOffset(client, topic, p, at)
 	return start, true, err
+}
+
+// startPolicy is the spec's start as sarama.OffsetOldest or OffsetNewest.
+func (s *sourceTask) startPolicy() (int64, error) {
+	switch s.spec.GetStart() {
+	case "", "earliest":
+		return sarama.OffsetOldest, nil
+	case "latest":
+		return sarama.OffsetNewest, nil
+	}
+	return 0, fmt.Errorf("source start %q: want \"earliest\" or \"latest\"", s.spec.GetStart())
 }
 
 // policyOffset resolves at (sarama.OffsetOldest or OffsetNewest) to an

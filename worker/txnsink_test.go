@@ -58,6 +58,18 @@ func txnTestEnv() *taskEnv {
 	return &taskEnv{workerID: "w1", cfg: &Config{KafkaTimeout: 2 * time.Second}, metrics: newMetrics()}
 }
 
+// commitThrough pre-commits s's open transaction at checkpoint id's
+// barrier and commits it as id completes.
+func commitThrough(t *testing.T, s *sink, id uint64) {
+	t.Helper()
+	if _, err := s.txn.preCommit(id); err != nil {
+		t.Fatalf("barrier %d: %v", id, err)
+	}
+	if err := s.txn.completed(id); err != nil {
+		t.Fatalf("completion of %d: %v", id, err)
+	}
+}
+
 // write adds outputs "<prefix>0".."<prefix>n-1" and flushes them.
 func write(t *testing.T, s *sink, prefix string, n int) {
 	t.Helper()
@@ -158,12 +170,7 @@ func TestExactlyOnceSinkReusesIdsOnlyWhenNoRestoreNeedsThem(t *testing.T) {
 		}
 	}
 	// 12 was aborted: the next completed checkpoint commits its records.
-	if _, err := s.txn.preCommit(13); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.txn.completed(13); err != nil {
-		t.Fatal(err)
-	}
+	commitThrough(t, s, 13)
 	if got := readCommitted(t, brokers, "out", len(want)); !slices.Equal(got, want) {
 		t.Fatalf("read_committed saw %v\nwant %v", got, want)
 	}
@@ -211,12 +218,7 @@ func TestExactlyOnceSinkRecoveryCommitsAndFences(t *testing.T) {
 	// A second restore from the same checkpoint commits again, harmlessly.
 	again := txnTestSink(t, txnTestEnv(), brokers, "map-0", txns)
 	write(t, again, "b", 1)
-	if _, err := again.txn.preCommit(2); err != nil {
-		t.Fatal(err)
-	}
-	if err := again.txn.completed(2); err != nil {
-		t.Fatal(err)
-	}
+	commitThrough(t, again, 2)
 	if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
 		t.Fatalf("after a second restore: read_committed saw %v", got)
 	}
@@ -259,12 +261,7 @@ func TestExactlyOnceSinkZombieLeavesItsSuccessorsIds(t *testing.T) {
 
 	old := txnTestSink(t, txnTestEnv(), brokers, "map-0", nil)
 	write(t, old, "a", 2)
-	if _, err := old.txn.preCommit(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := old.txn.completed(1); err != nil {
-		t.Fatal(err)
-	}
+	commitThrough(t, old, 1)
 	first := old.txn.slots[0] // committed at 1, free once 2 completes
 	zombieEpoch := first.epoch
 	write(t, old, "b", 2)
@@ -595,12 +592,7 @@ func TestExactlyOnceSinkRestoresTV2Transactions(t *testing.T) {
 				if restore == 2 {
 					// The restored task goes on writing.
 					write(t, s, "b", 1)
-					if _, err := s.txn.preCommit(2); err != nil {
-						t.Fatal(err)
-					}
-					if err := s.txn.completed(2); err != nil {
-						t.Fatal(err)
-					}
+					commitThrough(t, s, 2)
 					if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
 						t.Fatalf("after the restored task's checkpoint: read_committed saw %v", got)
 					}
@@ -642,12 +634,7 @@ func TestExactlyOnceSinkRestoresTV2TransactionsThatMovedOn(t *testing.T) {
 			t.Fatalf("the zombie's transaction is still open after the restore: %+v", st)
 		}
 		write(t, s, "b", 1)
-		if _, err := s.txn.preCommit(2); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.txn.completed(2); err != nil {
-			t.Fatal(err)
-		}
+		commitThrough(t, s, 2)
 		if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
 			t.Fatalf("read_committed saw %v, want a0 a1 a2 b0", got)
 		}
@@ -725,12 +712,7 @@ func TestExactlyOnceSinkCommitThroughABrokerOutage(t *testing.T) {
 			t.Fatalf("read_committed saw %v, want %v", got, seq("a", 3))
 		}
 		write(t, s, "b", 1)
-		if _, err := s.txn.preCommit(2); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.txn.completed(2); err != nil {
-			t.Fatal(err)
-		}
+		commitThrough(t, s, 2)
 		if got := readCommitted(t, brokers, "out", 4); !slices.Equal(got, append(seq("a", 3), "b0")) {
 			t.Fatalf("after the next checkpoint: read_committed saw %v", got)
 		}
@@ -738,12 +720,7 @@ func TestExactlyOnceSinkCommitThroughABrokerOutage(t *testing.T) {
 		// new epoch before its id is used again.
 		for id := uint64(3); id <= txnSlots+3; id++ {
 			write(t, s, fmt.Sprintf("c%d-", id), 1)
-			if _, err := s.txn.preCommit(id); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.txn.completed(id); err != nil {
-				t.Fatal(err)
-			}
+			commitThrough(t, s, id)
 		}
 		if got := readCommitted(t, brokers, "out", 4+txnSlots+1); len(got) != 4+txnSlots+1 {
 			t.Fatalf("after %d more checkpoints: read_committed saw %v", txnSlots+1, got)
